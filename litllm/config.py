@@ -1,0 +1,229 @@
+"""One `Config` dataclass describes every supported architecture.
+
+Named presets live as data in `presets.yaml` (one entry per model, with an optional
+`base:` key to inherit from another entry); this module only knows how to read them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from litllm.errors import LitLLMError
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+@dataclass
+class Config:
+    name: str = ""
+    """Preset name (e.g. `Llama-3.2-1B`)."""
+    hf_repo: str = ""
+    """Hugging Face repo id the preset comes from (`org/name`)."""
+    hf_model_type: str = ""
+    """HF `model_type` whose weight layout and config.json this model maps to (e.g. `llama`, `gemma2`)."""
+    block_size: int = 4096
+    """Maximum context length (positions)."""
+    vocab_size: int = 50254
+    """Tokenizer vocabulary size."""
+    padded_vocab_size: Optional[int] = None
+    """Rows of the embedding/head; defaults to `vocab_size` rounded up to `padding_multiple`."""
+    padding_multiple: int = 512
+    n_layer: int = 16
+    n_embd: int = 4096
+    n_head: int = 32
+    n_query_groups: Optional[int] = None
+    """Number of key/value heads: `n_head` for MHA, 1 for MQA, in between for GQA."""
+    head_size: Optional[int] = None
+    """Defaults to `n_embd // n_head`."""
+    intermediate_size: Optional[int] = None
+    """Hidden size of the MLP; defaults to 4 * n_embd."""
+
+    # --- positions ---
+    rotary_percentage: float = 1.0
+    """Fraction of each head's dimensions that RoPE rotates (Pythia 0.25, Phi-2 0.4)."""
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    """HF-style rope scaling: `{"rope_type": "linear"|"llama3"|"yarn"|"longrope", ...}`."""
+    rope_local_base: Optional[float] = None
+    """RoPE base of sliding-window layers when it differs (Gemma-3)."""
+
+    # --- attention ---
+    attn_bias: bool = False
+    """Bias on the query/key/value projections."""
+    attn_out_bias: bool = False
+    """Bias on the attention output projection."""
+    norm_qk: Literal[None, "head", "full"] = None
+    """Normalize queries and keys per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2)."""
+    attention_scores_scalar: Optional[float] = None
+    """Scale scores by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma-2 `query_pre_attn_scalar`)."""
+    attention_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    sliding_window_size: Optional[int] = None
+    sliding_window_period: Optional[int] = None
+    """None: every layer uses the sliding window. k: layer i is global when (i + 1) % k == 0."""
+
+    # --- block layout ---
+    norm_class_name: Literal["RMSNorm", "LayerNorm"] = "LayerNorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    """LayerNorm has a bias (ignored for RMSNorm)."""
+    norm_unit_offset: bool = False
+    """RMSNorm multiplies by (1 + weight) (Gemma)."""
+    pre_norm: bool = True
+    """Normalize the block input before attention/MLP (False for OLMo-2's post-norm blocks)."""
+    post_attention_norm: bool = False
+    post_mlp_norm: bool = False
+    parallel_residual: bool = False
+    """x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX, Falcon, Phi-2)."""
+    shared_attention_norm: bool = False
+    """Parallel residual with one norm feeding both branches (Falcon-7B, Phi-2)."""
+
+    # --- MLP ---
+    mlp_class_name: Literal["GatedMLP", "GeluMLP", "MoE"] = "GeluMLP"
+    """GatedMLP: act(gate) * up (SwiGLU/GeGLU); GeluMLP: act(fc); MoE: top-k of GatedMLP experts."""
+    activation: Literal["silu", "gelu", "gelu_tanh"] = "gelu"
+    mlp_bias: bool = False
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_normalize_topk: bool = True
+
+    # --- embeddings / head ---
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(n_embd) (Gemma)."""
+    tie_embeddings: bool = False
+    lm_head_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise LitLLMError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) when head_size is not set")
+            self.head_size = self.n_embd // self.n_head
+        if self.n_head % self.n_query_groups:
+            raise LitLLMError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
+        if self.intermediate_size is None:
+            if self.mlp_class_name != "GeluMLP":
+                raise LitLLMError(f"{self.mlp_class_name} needs intermediate_size")
+            self.intermediate_size = 4 * self.n_embd
+        if self.mlp_class_name == "MoE" and not (0 < self.n_expert_per_token <= self.n_expert):
+            raise LitLLMError("MoE needs 0 < n_expert_per_token <= n_expert")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def rope_n_elem(self) -> int:
+        """How many dimensions of each head RoPE rotates (always even)."""
+        return int(self.rotary_percentage * self.head_size) // 2 * 2
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        if self.sliding_window_size is None:
+            return False
+        if self.sliding_window_period is None:
+            return True
+        return (layer_idx + 1) % self.sliding_window_period != 0
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        """Build a preset by name, e.g. `Config.from_name("Llama-3.2-1B", n_layer=2)`."""
+        presets = _presets()
+        if name not in presets:
+            # allow "org/name" and case-insensitive names
+            by_lower = {k.lower(): k for k in presets}
+            key = by_lower.get(name.split("/")[-1].lower()) or _name_by_repo().get(name.lower())
+            if key is None:
+                close = difflib.get_close_matches(name.split("/")[-1], list(presets), n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise LitLLMError(f"Unknown model name {name!r}.{hint} Run `litllm list_models` for all names.")
+            name = key
+        values = dict(presets[name])
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise LitLLMError(f"{path}: config file not found")
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise LitLLMError(f"{path}: expected a mapping of Config fields")
+        values.update(overrides)
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LitLLMError(f"{source}: unknown Config field(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> "Config":
+        """Read `model_config.yaml` of a converted folder (or fall back to its HF `config.json`)."""
+        checkpoint_dir = Path(checkpoint_dir)
+        if (checkpoint_dir / "model_config.yaml").is_file():
+            return cls.from_file(checkpoint_dir / "model_config.yaml", **overrides)
+        if (checkpoint_dir / "config.json").is_file():
+            from litllm.hf.config import config_from_hf
+
+            return config_from_hf(checkpoint_dir / "config.json", **overrides)
+        raise LitLLMError(f"{checkpoint_dir}: no model_config.yaml or config.json found")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from litllm.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@lru_cache(maxsize=1)
+def _presets() -> dict[str, dict[str, Any]]:
+    """Load `presets.yaml`, resolving `base:` inheritance."""
+    with open(PRESETS_FILE, encoding="utf-8") as f:
+        raw: dict[str, dict[str, Any]] = yaml.safe_load(f)
+    resolved: dict[str, dict[str, Any]] = {}
+
+    def resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+        if name in resolved:
+            return resolved[name]
+        if name in seen:
+            raise LitLLMError(f"{PRESETS_FILE}: cyclic base for {name!r}")
+        entry = dict(raw[name])
+        base = entry.pop("base", None)
+        values = dict(resolve(base, seen + (name,))) if base else {}
+        values.pop("name", None)
+        values.pop("hf_repo", None)
+        values.update(entry)
+        values["name"] = name
+        resolved[name] = values
+        return values
+
+    for name in raw:
+        if not name.startswith("_"):
+            resolve(name)
+    return {k: v for k, v in resolved.items()}
+
+
+@lru_cache(maxsize=1)
+def _name_by_repo() -> dict[str, str]:
+    return {v["hf_repo"].lower(): k for k, v in _presets().items() if v.get("hf_repo")}
+
+
+def preset_names() -> list[str]:
+    return sorted(_presets())

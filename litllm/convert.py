@@ -1,0 +1,242 @@
+"""`litllm convert_to_litllm` and `litllm convert_from_litllm`: move checkpoints between HF and litllm.
+
+Both stream tensor by tensor, so peak memory stays near the largest single tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from litllm.checkpoint import HFWeights, SafetensorsWriter, model_state_dict, parse_dtype
+from litllm.config import Config
+from litllm.errors import LitLLMError
+from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
+from litllm.hf.weights import (
+    IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
+)
+from litllm.utils import atomic_path, check_model_dir
+
+# files of a HF folder that travel with the model (tokenizer, generation and prompt settings)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "prompt_style.yaml",
+)
+
+
+def convert_to_litllm(
+    checkpoint_dir: Path,
+    dtype: Optional[str] = None,
+    model_name: Optional[str] = None,
+) -> None:
+    """Convert a Hugging Face checkpoint folder into litllm's format, in place.
+
+    Reads `config.json` and `*.safetensors` (or `*.bin`, sharded or not) and writes
+    `lit_model.safetensors` and `model_config.yaml` beside them.
+
+    Args:
+        checkpoint_dir: The HF folder (as written by `save_pretrained` or downloaded from the Hub).
+        dtype: Cast weights to `float32`, `float16` or `bfloat16` (default: keep the checkpoint's dtype).
+        model_name: A preset name to use when the folder has no `config.json`.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
+    target_dtype = parse_dtype(dtype)
+    if (checkpoint_dir / "config.json").is_file():
+        config = config_from_hf(checkpoint_dir / "config.json")
+        config.name = model_name or config.name or checkpoint_dir.name
+    elif model_name:
+        config = Config.from_name(model_name)
+    else:
+        raise LitLLMError(f"{checkpoint_dir}: no config.json (pass --model_name to use a preset)")
+    if not config.hf_model_type:
+        raise LitLLMError(f"model {config.name!r}: preset has no hf_model_type, can't map HF weight names")
+    hf = HFWeights(checkpoint_dir)
+    mapping = weight_map(config, config.hf_model_type)
+
+    from litllm.model import GPT
+
+    with torch.device("meta"):
+        expected = model_state_dict(GPT(config))
+
+    used: set[str] = set()
+
+    def build(lit_name: str) -> torch.Tensor:
+        try:
+            source = hf_sources(lit_name, mapping)
+        except KeyError:
+            raise LitLLMError(f"{checkpoint_dir}: no HF weight mapping for {lit_name}") from None
+        names = [source[1]] if isinstance(source, tuple) else [source] if isinstance(source, str) else source
+        missing = [n for n in names if n not in hf]
+        if missing:
+            raise LitLLMError(
+                f"{checkpoint_dir}: weight {missing[0]} is missing but config.json ({config.hf_model_type}) needs it"
+            )
+        used.update(names)
+        tensors = [hf.get(n) for n in names]
+        tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        if isinstance(source, tuple) and tensor.shape[0] == expected[lit_name].shape[0]:
+            tensor = qkv_from_interleaved(tensor, source[0], config)
+        if tuple(tensor.shape) != tuple(expected[lit_name].shape):
+            raise LitLLMError(
+                f"{checkpoint_dir}: config.json does not match the weights: {', '.join(names)} "
+                f"give shape {tuple(tensor.shape)}, config implies {tuple(expected[lit_name].shape)} for {lit_name}"
+            )
+        return tensor.to(target_dtype) if target_dtype is not None else tensor
+
+    names = list(expected)
+    first = build(names[0])  # its dtype is the output dtype unless --dtype says otherwise
+    out_dtype = target_dtype or first.dtype
+    specs = {name: (t.shape, out_dtype) for name, t in expected.items()}
+    with atomic_path(checkpoint_dir / "lit_model.safetensors") as tmp:
+        with SafetensorsWriter(tmp, specs) as writer:
+            for name in tqdm(names, desc="convert_to_litllm", unit="tensor"):
+                writer.write(name, (first if name == names[0] else build(name)).to(out_dtype))
+        leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n))
+        if config.tie_embeddings:
+            leftover = [n for n in leftover if not n.startswith("lm_head.")]
+        if leftover:
+            raise LitLLMError(
+                f"{checkpoint_dir}: {len(leftover)} weight(s) have no place in a {config.hf_model_type} model "
+                f"(e.g. {leftover[0]}): config.json and weights disagree"
+            )
+        config.save(checkpoint_dir / "model_config.yaml")
+    print(f"Wrote {checkpoint_dir / 'lit_model.safetensors'} and model_config.yaml")
+
+
+def convert_from_litllm(
+    checkpoint_dir: Path,
+    output_dir: Path,
+    dtype: Optional[str] = None,
+    max_shard_size: str = "5GB",
+) -> None:
+    """Export a litllm model folder as a complete Hugging Face folder.
+
+    Writes `config.json`, `model.safetensors` (or shards with `model.safetensors.index.json`),
+    `generation_config.json` and copies the tokenizer files, so that
+    `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads it.
+
+    Args:
+        checkpoint_dir: A litllm model folder (`lit_model.safetensors` + `model_config.yaml`).
+        output_dir: Where to write the HF folder (must not exist or be empty).
+        dtype: Cast weights to `float32`, `float16` or `bfloat16` (default: keep).
+        max_shard_size: Largest shard, e.g. `5GB`, `500MB`.
+    """
+    checkpoint_dir, output_dir = check_model_dir(checkpoint_dir), Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise LitLLMError(f"{output_dir}: output folder exists and is not empty")
+    target_dtype = parse_dtype(dtype)
+    shard_bytes = _parse_size(max_shard_size)
+    config = Config.from_checkpoint(checkpoint_dir)
+    model_type = infer_model_type(config)
+    mapping = weight_map(config, model_type)
+
+    from safetensors import safe_open
+
+    lit = safe_open(str(checkpoint_dir / "lit_model.safetensors"), framework="pt")
+    # plan: (hf name, lit name, how to cut it out) in file order, with shapes for the headers
+    plan: list[tuple[str, str, tuple]] = []
+    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    for lit_name in lit.keys():
+        sl = lit.get_slice(lit_name)
+        shape, st_dtype = sl.get_shape(), sl.get_dtype()
+        out_dtype = target_dtype or _ST_TO_DTYPE[st_dtype]
+        source = hf_sources(lit_name, mapping)
+        if isinstance(source, str):
+            plan.append((source, lit_name, ("whole",)))
+            specs[source] = (torch.Size(shape), out_dtype)
+        elif isinstance(source, tuple):
+            plan.append((source[1], lit_name, ("interleave", source[0])))
+            specs[source[1]] = (torch.Size(shape), out_dtype)
+        else:
+            sizes = split_sizes(lit_name, config, len(source))
+            start = 0
+            for hf_name, size in zip(source, sizes):
+                plan.append((hf_name, lit_name, ("rows", start, size)))
+                specs[hf_name] = (torch.Size([size, *shape[1:]]), out_dtype)
+                start += size
+
+    shards = _shard(plan, specs, shard_bytes)
+    with atomic_path(output_dir) as tmp:
+        tmp.mkdir(parents=True)
+        weight_index: dict[str, str] = {}
+        total = 0
+        bar = tqdm(total=len(plan), desc="convert_from_litllm", unit="tensor")
+        cache: dict[str, torch.Tensor] = {}
+        for k, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            shard_specs = {hf_name: specs[hf_name] for hf_name, _, _ in shard}
+            with SafetensorsWriter(tmp / fname, shard_specs) as writer:
+                for hf_name, lit_name, how in shard:
+                    if lit_name not in cache:
+                        cache.clear()  # a fused tensor's parts are consecutive in the plan
+                        cache[lit_name] = lit.get_tensor(lit_name)
+                    tensor = cache[lit_name]
+                    if how[0] == "rows":
+                        tensor = tensor[how[1]: how[1] + how[2]]
+                    elif how[0] == "interleave":
+                        tensor = qkv_to_interleaved(tensor, how[1], config)
+                    writer.write(hf_name, tensor.to(specs[hf_name][1]))
+                    weight_index[hf_name] = fname
+                    total += specs[hf_name][1].itemsize * specs[hf_name][0].numel()
+                    bar.update()
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_index}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config = config_to_hf(config)
+        hf_config["torch_dtype"] = str(next(iter(specs.values()))[1]).removeprefix("torch.")
+        generation = _generation_config(checkpoint_dir)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in generation:
+                hf_config[key] = generation[key]
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, tmp / name)
+        if not (tmp / "generation_config.json").is_file():
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    print(f"Wrote a Hugging Face checkpoint to {output_dir}")
+
+
+_ST_TO_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _generation_config(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / "generation_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"_from_model_config": True}
+
+
+def _parse_size(text: str) -> int:
+    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    text = text.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise LitLLMError(f"--max_shard_size: expected a size like 5GB or 500MB, got {text!r}")
+
+
+def _shard(plan, specs, shard_bytes: int) -> list[list[tuple]]:
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for item in plan:
+        spec = specs[item[0]]
+        n = spec[1].itemsize * spec[0].numel()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards

@@ -1,0 +1,495 @@
+"""The GPT model: one decoder-only transformer that every supported family maps onto.
+
+Reads top to bottom: GPT -> Block -> CausalSelfAttention / MLPs -> norms -> RoPE -> KV cache.
+Shape notes: B batch, T query length, L key length, nh query heads, nkv key/value heads,
+hs head size, C = n_embd.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from litllm.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = build_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self._max_seq_length = config.block_size
+        self.build_rope_cache()
+
+    # ------------------------------------------------------------------ RoPE cache
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """Shrink (or grow, up to block_size) the positions the RoPE cache covers."""
+        if value > self.config.block_size:
+            raise ValueError(f"max_seq_length {value} exceeds the model's block_size {self.config.block_size}")
+        self._max_seq_length = value
+        self.build_rope_cache()
+
+    def build_rope_cache(self, device: Optional[torch.device] = None) -> None:
+        c = self.config
+        # on the meta device these are placeholders: loading calls this again on the real device
+        device = device or self.wte.weight.device
+        caches = {"": (c.rope_base, c.rope_scaling)}
+        if c.rope_local_base is not None:  # Gemma-3's sliding-window layers: own base, no scaling
+            caches["_local"] = (c.rope_local_base, None)
+        if c.rope_scaling and c.rope_scaling.get("rope_type") == "longrope":
+            # LongRoPE: short factors while a sequence fits the original context, long ones beyond it
+            caches["_short"] = (c.rope_base, dict(c.rope_scaling, long_factor=c.rope_scaling["short_factor"]))
+        for suffix, (base, scaling) in caches.items():
+            cos, sin = rope_cache(self._max_seq_length, c.rope_n_elem, base, scaling, device)
+            self.register_buffer(f"rope_cos{suffix}", cos, persistent=False)
+            self.register_buffer(f"rope_sin{suffix}", sin, persistent=False)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Return logits `(B, T, padded_vocab)`, or the mean cross-entropy when `targets` is given.
+
+        idx: (B, T) token ids.
+        input_pos: (T,) cache slots of these tokens when decoding with a KV cache (see `set_kv_cache`).
+        position_ids: (B, T) RoPE positions per row (left-padded batches); defaults to input_pos or arange(T).
+        key_padding_mask: (B, L) True where a key may be attended to (False on padding).
+        """
+        B, T = idx.shape
+        c = self.config
+        if input_pos is None and T > self._max_seq_length:
+            raise ValueError(f"sequence of length {T} exceeds max_seq_length {self._max_seq_length}")
+        if position_ids is None:
+            position_ids = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        cos, sin = self.rope_cos, self.rope_sin
+        if c.rope_scaling and c.rope_scaling.get("rope_type") == "longrope":
+            if int(position_ids.max()) < c.rope_scaling["original_max_position_embeddings"]:
+                cos, sin = self.rope_cos_short, self.rope_sin_short
+        rope = (cos[position_ids], sin[position_ids])  # (T, n) or (B, T, n)
+        rope_local = rope
+        if c.rope_local_base is not None:
+            rope_local = (self.rope_cos_local[position_ids], self.rope_sin_local[position_ids])
+
+        masks = self._attention_masks(T, idx.device, input_pos, key_padding_mask)
+
+        x = self.wte(idx)  # (B, T, C)
+        if c.scale_embeddings:
+            x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
+        for i, block in enumerate(self.blocks):
+            sliding = c.is_sliding(i)
+            x = block(x, rope_local if sliding else rope, masks[sliding], input_pos)
+        x = self.norm_f(x)
+        if targets is None:
+            return self.head(x)
+        return chunked_cross_entropy(self.head, x, targets, ignore_index)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        if self.config.final_logit_softcapping is not None:
+            logits = softcap(logits, self.config.final_logit_softcapping)
+        return logits
+
+    def _attention_masks(
+        self,
+        T: int,
+        device: torch.device,
+        input_pos: Optional[torch.Tensor],
+        key_padding_mask: Optional[torch.Tensor],
+    ) -> dict[bool, Optional[torch.Tensor]]:
+        """Boolean masks (B|1, 1, T, L), True = attend, keyed by "is this a sliding-window layer".
+
+        None stands for a plain causal mask, which SDPA applies itself (`is_causal=True`).
+        """
+        window = self.config.sliding_window_size
+        plain = input_pos is None and key_padding_mask is None
+        if plain and window is None:
+            return {False: None, True: None}
+        q_pos = torch.arange(T, device=device) if input_pos is None else input_pos
+        # with a KV cache, keys beyond the newest written slot are never needed
+        L = T if input_pos is None else int(input_pos[-1]) + 1
+        k_pos = torch.arange(L, device=device)
+        causal = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, L)
+        if key_padding_mask is not None:
+            causal = causal & key_padding_mask[:, None, None, :L]
+        masks: dict[bool, Optional[torch.Tensor]] = {False: None if plain else causal, True: causal}
+        if window is not None:
+            masks[True] = causal & ((q_pos[:, None] - k_pos[None, :]) < window)[None, None]
+        return masks
+
+    # ------------------------------------------------------------------ KV cache
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Preallocate a KV cache per block for `batch_size` rows and `max_seq_length` positions."""
+        max_seq_length = max_seq_length or self._max_seq_length
+        if max_seq_length > self._max_seq_length:
+            raise ValueError(f"KV cache length {max_seq_length} exceeds max_seq_length {self._max_seq_length}")
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        c = self.config
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    # ------------------------------------------------------------------ init / loading
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-NeoX/TinyLlama initialization for training from scratch."""
+        c = self.config
+        std = math.sqrt(2.0 / (5 * c.n_embd))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # output projections are scaled down with depth (GPT-NeoX "small_init" + "wang_init")
+                out_proj = name.endswith(".proj")
+                nn.init.normal_(module.weight, mean=0.0, std=(1 / math.sqrt(c.n_embd) / c.n_layer) if out_proj else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+        self.build_rope_cache()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        **config_overrides,
+    ) -> "GPT":
+        """Load a converted model folder (`lit_model.safetensors` + `model_config.yaml`)."""
+        from litllm.checkpoint import load_model_weights
+        from litllm.utils import check_model_dir
+
+        checkpoint_dir = check_model_dir(checkpoint_dir)
+        config = Config.from_checkpoint(checkpoint_dir, **config_overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        load_model_weights(model, checkpoint_dir / "lit_model.safetensors", device=device, dtype=dtype)
+        return model
+
+
+def chunked_cross_entropy(
+    head, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Mean next-token loss, computing the (B, chunk, vocab) logits one sequence chunk at a time.
+
+    Large-vocabulary logits dominate activation memory; chunking keeps only one slice in fp32 at once.
+    """
+    total = x.new_zeros((), dtype=torch.float32)
+    for x_chunk, t_chunk in zip(x.split(chunk_size, dim=1), targets.split(chunk_size, dim=1)):
+        logits = head(x_chunk).float()
+        total = total + F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), t_chunk.reshape(-1), ignore_index=ignore_index, reduction="sum"
+        )
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return total / count
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.norm_1 = build_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
+        self.attn = CausalSelfAttention(c, layer_idx)
+        self.post_attn_norm = build_norm(c, c.n_embd) if c.post_attention_norm else nn.Identity()
+        needs_norm_2 = c.pre_norm and not (c.parallel_residual and c.shared_attention_norm)
+        self.norm_2 = build_norm(c, c.n_embd) if needs_norm_2 else nn.Identity()
+        self.mlp = build_mlp(c)
+        self.post_mlp_norm = build_norm(c, c.n_embd) if c.post_mlp_norm else nn.Identity()
+
+    def forward(self, x, rope, mask, input_pos):
+        x_normed = self.norm_1(x)
+        h = self.post_attn_norm(self.attn(x_normed, rope, mask, input_pos))
+        if self.config.parallel_residual:
+            mlp_in = x_normed if self.config.shared_attention_norm else self.norm_2(x)
+            return x + h + self.post_mlp_norm(self.mlp(mlp_in))
+        x = x + h
+        return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.layer_idx = layer_idx
+        q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
+        self.qkv_sizes = (q_size, kv_size, kv_size)
+        # one fused projection: rows are [all query heads | all key heads | all value heads]
+        self.qkv = nn.Linear(c.n_embd, q_size + 2 * kv_size, bias=c.attn_bias)
+        self.proj = nn.Linear(q_size, c.n_embd, bias=c.attn_out_bias)
+        if c.norm_qk == "head":
+            self.q_norm, self.k_norm = build_norm(c, c.head_size), build_norm(c, c.head_size)
+        elif c.norm_qk == "full":
+            self.q_norm, self.k_norm = build_norm(c, q_size), build_norm(c, kv_size)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, rope, mask, input_pos):
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
+        if c.norm_qk == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        if c.norm_qk == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.rope_n_elem > 0:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.kv_cache is not None:
+            if input_pos is None:
+                raise ValueError("a KV cache is set: pass input_pos")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, L, hs)
+        elif input_pos is not None:
+            raise ValueError("input_pos given but no KV cache is set: call model.set_kv_cache(...)")
+
+        scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        y = attention(q, k, v, mask, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
+        return self.proj(y)
+
+
+def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
+    """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal)."""
+    n_rep = q.size(1) // k.size(1)
+    if logit_softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=n_rep > 1
+        )
+    # SDPA can't softcap scores (Gemma-2): compute them explicitly
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = softcap((q @ k.transpose(-2, -1)) * scale, logit_softcap)  # (B, nh, T, L)
+    if mask is None:
+        T, L = scores.shape[-2:]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+# ---------------------------------------------------------------------- MLPs
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU / GeGLU: proj(act(gate(x)) * up(x)), with gate and up fused into `fc`."""
+
+    def __init__(self, config: Config, intermediate_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size or config.intermediate_size
+        self.fc = nn.Linear(config.n_embd, 2 * self.intermediate_size, bias=config.mlp_bias)  # rows [gate | up]
+        self.proj = nn.Linear(self.intermediate_size, config.n_embd, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(self.act(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class MoE(nn.Module):
+    """Mixture of gated-MLP experts; each token goes to its top-k experts (Mixtral)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(-1, C)  # (B*T, C)
+        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (B*T, n_expert)
+        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
+        if self.config.moe_normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(chosen == e)
+            if token_idx.numel():
+                y.index_add_(0, token_idx, expert(x[token_idx]) * weights[token_idx, slot, None])
+        return y.view(B, T, C)
+
+
+def build_mlp(config: Config) -> nn.Module:
+    return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE}[config.mlp_class_name](config)
+
+
+# ---------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32; `unit_offset` scales by (1 + weight) as Gemma does."""
+
+    def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = (1 + self.weight.float()) if self.unit_offset else self.weight.float()
+        return (x * weight).to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+
+
+def build_norm(config: Config, size: int) -> nn.Module:
+    if config.norm_class_name == "RMSNorm":
+        return RMSNorm(size, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
+    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.norm_bias)
+
+
+# ---------------------------------------------------------------------- RoPE
+def rope_inv_freq(n_elem: int, base: float, scaling: Optional[dict]) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (n_elem/2,) and the cos/sin scale, following the HF rope_type definitions."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.int64).float() / n_elem))
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        factor = scaling["factor"]
+        old_len = scaling["original_max_position_embeddings"]
+
+        def mscale(s: float, m: float = 1.0) -> float:
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        attn_factor = scaling.get("attention_factor")
+        if attn_factor is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn_factor = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return n_elem * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, n_elem - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(n_elem // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        return inv_freq, float(attn_factor)
+    if kind == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or scaling.get("max_position_embeddings", old_len) / old_len
+        attn_factor = scaling.get("attention_factor")
+        if attn_factor is None:
+            attn_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+        return inv_freq / torch.tensor(scaling["long_factor"], dtype=torch.float32), float(attn_factor)
+    raise ValueError(f"unsupported rope_type {kind!r} (expected linear, llama3, yarn or longrope)")
+
+
+def rope_cache(
+    seq_len: int, n_elem: int, base: float, scaling: Optional[dict], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, n_elem), fp32, laid out as [freqs | freqs] for rotate-half RoPE."""
+    if n_elem == 0:
+        return torch.empty(seq_len, 0, device=device), torch.empty(seq_len, 0, device=device)
+    inv_freq, attn_factor = rope_inv_freq(n_elem, base, scaling)
+    positions = torch.arange(seq_len, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (seq_len, n_elem/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attn_factor).to(device), (emb.sin() * attn_factor).to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first n_elem dims of x (B, nh, T, hs); cos/sin are (T, n_elem) or (B, T, n_elem)."""
+    n = cos.size(-1)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, n)
+    x_rope, x_pass = x[..., :n], x[..., n:]
+    half = n // 2
+    rotated = torch.cat((-x_rope[..., half:], x_rope[..., :half]), dim=-1)
+    out = (x_rope * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+    return torch.cat((out, x_pass), dim=-1) if x_pass.size(-1) else out
+
+
+# ---------------------------------------------------------------------- KV cache
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, nkv, max_seq_length, hs), written at `input_pos`."""
+
+    def __init__(self, batch_size, n_kv, max_seq_length, head_size, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v (B, nkv, T, hs) at positions input_pos (T,); return keys/values up to the newest one."""
+        B = k.size(0)
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        L = int(input_pos[-1]) + 1
+        return self.k[:B, :, :L], self.v[:B, :, :L]

@@ -1,0 +1,84 @@
+"""Small helpers shared by commands: atomic writes and checkpoint-folder checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from litllm.errors import LitLLMError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A crash (or SIGKILL) inside the block leaves `path` untouched: either the old file or nothing.
+    Works for files and for folders.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            # rename() can't replace a non-empty folder: move the old one aside first
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_model_dir(checkpoint_dir: str | Path) -> Path:
+    """Fail clearly unless `checkpoint_dir` holds a converted litllm model."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
+    if not (checkpoint_dir / "lit_model.safetensors").is_file():
+        if (checkpoint_dir / "config.json").is_file():
+            raise LitLLMError(
+                f"{checkpoint_dir}: not converted yet (no lit_model.safetensors); "
+                f"run `litllm convert_to_litllm {checkpoint_dir}` first"
+            )
+        raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm model folder?)")
+    return checkpoint_dir
+
+
+def num_parameters(module, requires_grad: bool | None = None) -> int:
+    return sum(
+        p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad
+    )

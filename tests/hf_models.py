@@ -1,0 +1,86 @@
+"""Tiny random-weight `transformers` models of every supported family: the numerical oracle.
+
+Each entry has the family's real structure (GQA ratio, biases, tying, rope scaling, sliding
+window, softcapping, MoE) at toy sizes, so CPU tests run in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+
+# family id -> (transformers config class name, model class name, config kwargs)
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, num_key_value_heads=2, intermediate_size=112)),
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(
+        COMMON, num_key_value_heads=4, intermediate_size=112,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32))),
+    "llama-linear-mqa": ("LlamaConfig", "LlamaForCausalLM", dict(
+        COMMON, num_key_value_heads=1, intermediate_size=112, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, sliding_window=8)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, head_dim=32)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        COMMON, num_key_value_heads=1, intermediate_size=112, head_dim=24)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, head_dim=16, sliding_window=6,
+        query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        COMMON, num_hidden_layers=3, num_key_value_heads=2, intermediate_size=112, head_dim=16, sliding_window=6,
+        query_pre_attn_scalar=16, sliding_window_pattern=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON, num_key_value_heads=4, intermediate_size=112)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(COMMON, num_key_value_heads=2, intermediate_size=112, pad_token_id=0)),
+    "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        COMMON, num_key_value_heads=4, intermediate_size=112, original_max_position_embeddings=32, pad_token_id=0,
+        rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                          long_factor=[2.0 + 0.2 * i for i in range(8)]))),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(
+        COMMON, intermediate_size=112, partial_rotary_factor=0.5, hidden_act="gelu_new")),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        COMMON, intermediate_size=112, rotary_pct=0.25, use_parallel_residual=True)),
+    "falcon-7b": ("FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False)),
+    "falcon-40b": ("FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, bias=False, alibi=False)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
+        COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0):
+    import transformers
+
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    # random init leaves norms at 1/0: perturb every parameter so the test sees each one
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def save_hf_checkpoint(family: str, folder: Path, seed: int = 0, **save_kwargs):
+    model = make_hf_model(family, seed)
+    model.save_pretrained(folder, **save_kwargs)
+    return model
