@@ -14,8 +14,24 @@ from importlib import import_module
 # command name -> "module:function"
 COMMANDS: dict[str, str] = {
     "list_models": "litllm.cli_utils:list_models",
+    "download": "litllm.download:download",
     "convert_to_litllm": "litllm.convert:convert_to_litllm",
     "convert_from_litllm": "litllm.convert:convert_from_litllm",
+    "convert_pretrained_checkpoint": "litllm.train.checkpoints:convert_pretrained_checkpoint",
+    "generate": "litllm.generate:generate",
+    "chat": "litllm.chat:chat",
+    "train_tokenizer": "litllm.data.train_tokenizer:train_tokenizer",
+    "prepare_slimpajama": "litllm.data.prepare_slimpajama:prepare",
+    "prepare_starcoder": "litllm.data.prepare_starcoder:prepare",
+    "pretrain": "litllm.pretrain:setup",
+    "finetune": "litllm.finetune:finetune_lora",
+    "finetune_lora": "litllm.finetune:finetune_lora",
+    "finetune_full": "litllm.finetune:finetune_full",
+    "finetune_adapter": "litllm.finetune:finetune_adapter",
+    "finetune_adapter_v2": "litllm.finetune:finetune_adapter_v2",
+    "merge_lora": "litllm.lora:merge_lora",
+    "evaluate": "litllm.evaluate:evaluate",
+    "evaluate_perplexity": "litllm.evaluate:evaluate_perplexity",
 }
 
 
@@ -34,7 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     # only the chosen command's module is imported; `--help` with no command needs them all
     chosen = next((a for a in argv if not a.startswith("-")), None)
     names = [chosen] if chosen in COMMANDS else list(COMMANDS)
-    components = {name: _load(COMMANDS[name]) for name in names}
+    components = {}
+    for name in names:
+        try:
+            components[name] = _load(COMMANDS[name])
+        except (ImportError, AttributeError):
+            if name == chosen:
+                raise
+            # a command whose module is not built yet stays out of the listing
+    
     try:
         CLI(components, args=argv, as_positional=True)
     except LitLLMError as e:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Lean CPU install of litllm with every extra and the test dependencies.
+#
+# litdata declares torchvision (used only for image data), which would pull a multi-GB CUDA
+# build of torch. On CPU-only machines we install the CPU torch wheel, litdata without its
+# declared dependencies, and litdata's remaining dependencies explicitly. Everything else comes
+# from pyproject.toml. On GPU machines just run `pip install -e ".[all]"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
+LITDATA=$(python - <<'PY'
+import tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(d for d in deps if d.startswith("litdata")))
+PY
+)
+python -m pip install -q --no-deps "$LITDATA"
+python -m pip install -q lightning-utilities filelock numpy boto3 requests "urllib3>=1.26" tifffile obstore
+# pyproject's dependencies and extras, minus litdata (already installed above)
+python - <<'PY' > /tmp/litllm-reqs.txt
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+reqs = list(project["dependencies"])
+for name in ("quant", "eval", "loggers", "plot", "test"):
+    reqs += [r for r in extras[name] if not r.startswith("litllm[")]
+print("\n".join(r for r in reqs if not r.startswith("litdata")))
+PY
+python -m pip install -q -r /tmp/litllm-reqs.txt
+python -m pip install -q --no-deps -e .

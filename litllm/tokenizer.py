@@ -1,0 +1,99 @@
+"""`Tokenizer`: the `tokenizers` library's `tokenizer.json`, with special tokens read the way
+transformers reads them (`tokenizer_config.json`, `special_tokens_map.json`, `generation_config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from litllm.errors import LitLLMError
+
+
+def _token_content(value) -> Optional[str]:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LitLLMError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    return data if isinstance(data, dict) else {}
+
+
+class Tokenizer:
+    def __init__(self, checkpoint_dir: Union[str, Path]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.checkpoint_dir = Path(checkpoint_dir)
+        path = self.checkpoint_dir / "tokenizer.json"
+        if not path.is_file():
+            raise LitLLMError(f"{self.checkpoint_dir}: tokenizer.json not found (a tokenizer is needed here)")
+        self.processor = HFTokenizer.from_file(str(path))
+        config = _read_json(self.checkpoint_dir / "tokenizer_config.json")
+        special = _read_json(self.checkpoint_dir / "special_tokens_map.json")
+        generation = _read_json(self.checkpoint_dir / "generation_config.json")
+        self.config = config
+
+        def token_id(key: str) -> Optional[int]:
+            content = _token_content(config.get(key)) or _token_content(special.get(key))
+            return self.processor.token_to_id(content) if content is not None else None
+
+        self.bos_id = token_id("bos_token")
+        self.eos_id = token_id("eos_token")
+        self.pad_id = token_id("pad_token")
+        if self.bos_id is None and generation.get("bos_token_id") is not None:
+            self.bos_id = generation["bos_token_id"]
+        gen_eos = generation.get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        if self.eos_id is None and gen_eos:
+            self.eos_id = gen_eos[0]
+        # every id that ends a generated turn (Llama-3 instruct ends turns with <|eot_id|>)
+        self.stop_ids = sorted({i for i in [self.eos_id, *gen_eos] if i is not None})
+        self.add_bos = bool(config.get("add_bos_token", False))
+        self.add_eos = bool(config.get("add_eos_token", False))
+        # does tokenizer.json's post-processor already add BOS?
+        probe = self.processor.encode("a", add_special_tokens=True).ids
+        self._post_processor_adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+        self.chat_template = config.get("chat_template")
+        if self.chat_template is None and (self.checkpoint_dir / "chat_template.jinja").is_file():
+            self.chat_template = (self.checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self.processor.token_to_id(token)
+
+    def encode(
+        self,
+        text: str,
+        bos: Optional[bool] = None,
+        eos: bool = False,
+        device: Optional[torch.device] = None,
+        max_length: int = -1,
+    ) -> torch.Tensor:
+        """Token ids of `text` (1-D long tensor). `bos=None` follows the tokenizer's own default."""
+        ids = self.processor.encode(text, add_special_tokens=False).ids
+        want_bos = (self.add_bos or self._post_processor_adds_bos) if bos is None else bos
+        if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if (eos or (bos is None and self.add_eos)) and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        if max_length > 0:
+            ids = ids[:max_length]
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def decode(self, ids: Union[torch.Tensor, list[int]], skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return self.processor.decode(ids, skip_special_tokens=skip_special_tokens)
