@@ -215,9 +215,8 @@ def _presets() -> dict[str, dict[str, Any]]:
         return values
 
     for name in raw:
-        if not name.startswith("_"):
-            resolve(name)
-    return {k: v for k, v in resolved.items()}
+        resolve(name)
+    return {k: v for k, v in resolved.items() if not k.startswith("_")}  # "_family" entries are bases
 
 
 @lru_cache(maxsize=1)

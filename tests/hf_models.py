@@ -46,7 +46,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON, num_key_value_heads=4, intermediate_size=112)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(COMMON, num_key_value_heads=2, intermediate_size=112, pad_token_id=0)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, pad_token_id=0, sliding_window=10)),
     "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, original_max_position_embeddings=32, pad_token_id=0,
         rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],

@@ -142,7 +142,7 @@ def config_from_hf(path_or_dict: str | Path | dict[str, Any], **overrides: Any) 
 
 
 def _family_specifics(model_type: str, hf: dict, values: dict, get) -> None:
-    if model_type in ("mistral", "mixtral", "qwen2") and hf.get("sliding_window"):
+    if model_type in ("mistral", "mixtral", "qwen2", "phi3") and hf.get("sliding_window"):
         if model_type != "qwen2" or hf.get("use_sliding_window"):
             values["sliding_window_size"] = hf["sliding_window"]
     if model_type == "mixtral":
@@ -259,7 +259,7 @@ def config_to_hf(config: Config) -> dict[str, Any]:
     if model_type in ("llama", "mistral", "mixtral", "olmo2", "qwen3"):
         hf["attention_bias"] = c.attn_bias
         hf["mlp_bias"] = c.mlp_bias
-    if model_type in ("mistral", "mixtral"):
+    if model_type in ("mistral", "mixtral", "phi3"):
         hf["sliding_window"] = c.sliding_window_size
     if model_type == "qwen2":
         hf["use_sliding_window"] = c.sliding_window_size is not None
@@ -295,6 +295,7 @@ def config_to_hf(config: Config) -> dict[str, Any]:
         hf.update(rotary_pct=c.rotary_percentage, rotary_emb_base=c.rope_base,
                   use_parallel_residual=c.parallel_residual, attention_bias=c.attn_bias)
     if model_type == "falcon":
+        del hf["head_dim"]  # FalconConfig derives it and refuses the key
         new_arch = c.n_query_groups not in (1, c.n_head) or not c.shared_attention_norm
         hf.update(
             new_decoder_architecture=new_arch, multi_query=c.n_query_groups == 1, num_kv_heads=c.n_query_groups,
