@@ -1,0 +1,85 @@
+"""Presets: every one builds, has the parameter count transformers gives its HF config, and round-trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from litllm.config import Config, preset_names
+from litllm.errors import LitLLMError
+from litllm.hf.config import config_from_hf, config_to_hf
+from litllm.model import GPT
+from litllm.utils import num_parameters
+
+FAMILIES_REQUIRED = [
+    "Llama-2-7b-hf", "Llama-2-13b-chat-hf", "Llama-2-70b-hf", "Meta-Llama-3-8B-Instruct", "Llama-3.1-70B",
+    "Llama-3.2-1B", "Llama-3.2-3B-Instruct", "Llama-3.3-70B-Instruct", "CodeLlama-7b-hf",
+    "TinyLlama-1.1B-intermediate-step-1431k-3T", "Mistral-7B-v0.1", "Mistral-7B-Instruct-v0.3",
+    "Mixtral-8x7B-v0.1", "gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-1b-it",
+    "gemma-3-4b-it", "Qwen2.5-0.5B", "Qwen2.5-72B", "Qwen2.5-Coder-7B", "Qwen3-0.6B", "Qwen3-32B", "phi-2",
+    "Phi-3-mini-4k-instruct", "Phi-3.5-mini-instruct", "phi-4", "pythia-14m", "pythia-12b", "falcon-7b",
+    "falcon-40b", "SmolLM2-135M", "SmolLM2-1.7B", "OLMo-2-1124-7B", "stablelm-2-1_6b",
+]
+
+
+def test_required_presets_exist():
+    missing = [n for n in FAMILIES_REQUIRED if n not in preset_names()]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_parameter_count_matches_transformers(name):
+    import transformers
+
+    config = Config.from_name(name)
+    with torch.device("meta"):
+        ours = num_parameters(GPT(config))
+        hf_config = config_to_hf(config)
+        auto = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        theirs = num_parameters(transformers.AutoModelForCausalLM.from_config(auto))
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("name", ["Llama-3.1-8B", "gemma-2-9b", "gemma-3-4b-it", "Phi-3.5-mini-instruct",
+                                  "falcon-40b", "pythia-160m", "Mixtral-8x7B-v0.1", "OLMo-2-1124-7B", "phi-2",
+                                  "Qwen2.5-7B", "Qwen3-8B", "stablelm-2-1_6b", "Mistral-7B-v0.1"])
+def test_hf_config_round_trip(name):
+    # HF knows only the embedding rows, not the tokenizer's own vocabulary size
+    IGNORED = ("name", "hf_repo", "vocab_size", "padding_multiple")
+    config = Config.from_name(name)
+    back = config_from_hf(config_to_hf(config))
+    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in IGNORED}
+    theirs = {k: v for k, v in dataclasses.asdict(back).items() if k not in IGNORED}
+    assert theirs == mine
+
+
+def test_from_name_overrides_and_lookup_forms():
+    config = Config.from_name("Llama-3.2-1B", n_layer=2)
+    assert config.n_layer == 2 and config.n_embd == 2048
+    assert Config.from_name("meta-llama/Llama-3.2-1B").name == "Llama-3.2-1B"
+    assert Config.from_name("llama-3.2-1b").name == "Llama-3.2-1B"
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(LitLLMError, match="Did you mean .*Llama-3.2-1B"):
+        Config.from_name("Llama-3.2-1")
+
+
+def test_from_file_rejects_unknown_fields(tmp_path):
+    path = tmp_path / "model_config.yaml"
+    path.write_text("n_layer: 2\nn_head: 4\nn_embd: 64\nnum_layers: 3\n")
+    with pytest.raises(LitLLMError, match=r"model_config.yaml: unknown Config field\(s\) \['num_layers'\]"):
+        Config.from_file(path)
+
+
+def test_save_and_load(tmp_path):
+    config = Config.from_name("gemma-2-2b")
+    config.save(tmp_path / "model_config.yaml")
+    assert Config.from_file(tmp_path / "model_config.yaml") == config
+
+
+def test_inconsistent_heads_are_rejected():
+    with pytest.raises(LitLLMError, match="divisible by n_query_groups"):
+        Config(n_embd=64, n_head=4, n_query_groups=3)
