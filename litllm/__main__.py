@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             # a command whose module is not built yet stays out of the listing
     
     try:
-        CLI(components, args=argv, as_positional=True)
+        CLI(components, args=argv, as_positional=True, prog="litllm")
     except LitLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

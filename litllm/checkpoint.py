@@ -194,9 +194,20 @@ class HFWeights:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self._open(self._where[name])
-        raw = self._names[name]
-        return handle.get_tensor(raw) if hasattr(handle, "get_tensor") else handle[raw]
+        file, raw = self._where[name], self._names[name]
+        if file.suffix == ".safetensors":
+            return read_tensor(file, raw)
+        return self._open(file)[raw]
+
+
+def read_tensor(file: str | Path, name: str) -> torch.Tensor:
+    """Read one tensor from a safetensors file, unmapping the file right after.
+
+    A long-lived handle keeps every page it touched mapped (and counted in RSS), so streaming
+    conversion opens the file per tensor: header parsing is cheap next to the copy.
+    """
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _normalize(name: str) -> str:

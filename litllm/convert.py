@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from litllm.checkpoint import HFWeights, SafetensorsWriter, model_state_dict, parse_dtype
+from litllm.checkpoint import HFWeights, SafetensorsWriter, model_state_dict, parse_dtype, read_tensor
 from litllm.config import Config
 from litllm.errors import LitLLMError
 from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
@@ -98,7 +98,10 @@ def convert_to_litllm(
     with atomic_path(checkpoint_dir / "lit_model.safetensors") as tmp:
         with SafetensorsWriter(tmp, specs) as writer:
             for name in tqdm(names, desc="convert_to_litllm", unit="tensor"):
-                writer.write(name, (first if name == names[0] else build(name)).to(out_dtype))
+                tensor = first if name == names[0] else build(name)
+                first = None  # hold at most one tensor at a time
+                writer.write(name, tensor.to(out_dtype))
+                del tensor
         leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n))
         if config.tie_embeddings:
             leftover = [n for n in leftover if not n.startswith("lm_head.")]
@@ -177,7 +180,7 @@ def convert_from_litllm(
                 for hf_name, lit_name, how in shard:
                     if lit_name not in cache:
                         cache.clear()  # a fused tensor's parts are consecutive in the plan
-                        cache[lit_name] = lit.get_tensor(lit_name)
+                        cache[lit_name] = read_tensor(checkpoint_dir / "lit_model.safetensors", lit_name)
                     tensor = cache[lit_name]
                     if how[0] == "rows":
                         tensor = tensor[how[1]: how[1] + how[2]]
