@@ -54,6 +54,12 @@ def train_bpe_tokenizer(folder: Path, vocab_size: int = 320, byte_fallback: bool
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
     tok.save(str(folder / "tokenizer.json"))
+    if byte_fallback:
+        # as in Llama-2's tokenizer.json, the <0xNN> byte pieces are ordinary vocabulary entries, not
+        # added special tokens (which decode(skip_special_tokens=True) would drop)
+        raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] not in byte_tokens]
+        (folder / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
         "model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast",

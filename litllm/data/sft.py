@@ -1,0 +1,355 @@
+"""Supervised fine-tuning data: records -> token ids and loss masks -> padded batches.
+
+Two record shapes are accepted (after each data set's own fields are renamed to these):
+
+- instruction: `{"instruction": str, "input": str (optional), "output": str}`. The prompt is
+  `PromptStyle.apply(instruction, input=input)`; the sample is `prompt + output + <eos>`.
+- conversation: `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}`,
+  rendered with the prompt style (a checkpoint's chat template, usually). Assistant turns are found by
+  rendering the chat prefix by prefix; each turn's text, through the template's end-of-turn marker,
+  is a target. A turn whose text holds no stop token (templates without one, like Alpaca's) gets the
+  tokenizer's EOS appended, so the model learns to stop.
+
+Prompt and reply are tokenized separately and concatenated, exactly as at inference, where the
+rendered prompt is encoded and the reply is generated token by token.
+
+With `mask_prompt` (the default), every label whose target is a prompt token is `ignore_index`, so
+the loss covers replies only. Samples are `input_ids = tokens[:-1]`, `labels = tokens[1:]`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from litllm.data.base import DataModule
+from litllm.errors import LitLLMError
+
+ROLES = ("system", "user", "assistant")
+LongRecords = Literal["truncate", "skip", "error"]
+
+
+# ---------------------------------------------------------------------- records
+@dataclass
+class Record:
+    """One validated fine-tuning example and where it came from (for messages)."""
+
+    origin: str  # "<file> record <index>"
+    instruction: Optional[str] = None
+    input: str = ""
+    output: Optional[str] = None
+    messages: Optional[list[dict[str, str]]] = None
+
+
+def parse_record(raw: Any, origin: str) -> Record:
+    """Validate one raw record (instruction or conversation shape); errors name `origin` and the field."""
+    if not isinstance(raw, dict):
+        raise LitLLMError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
+    if "messages" in raw:
+        return Record(origin, messages=_parse_messages(raw["messages"], origin))
+    for key in ("instruction", "output"):
+        if key not in raw:
+            raise LitLLMError(
+                f"{origin}: missing key '{key}' (expected 'instruction', 'output' and optionally 'input',"
+                f" or 'messages'; found {sorted(raw)})"
+            )
+    for key in ("instruction", "input", "output"):
+        value = raw.get(key)
+        if key == "input" and value is None:
+            continue
+        if not isinstance(value, str):
+            raise LitLLMError(f"{origin}: '{key}' must be a string, got {type(value).__name__}")
+    return Record(origin, instruction=raw["instruction"], input=raw.get("input") or "", output=raw["output"])
+
+
+def _parse_messages(messages: Any, origin: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise LitLLMError(f"{origin}: 'messages' must be a non-empty list")
+    parsed = []
+    for i, m in enumerate(messages):
+        where = f"{origin}: messages[{i}]"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise LitLLMError(f"{where}: expected an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise LitLLMError(f"{where}: role must be one of {', '.join(ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise LitLLMError(f"{where}: 'content' must be a string, got {type(m['content']).__name__}")
+        parsed.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in parsed):
+        raise LitLLMError(f"{origin}: 'messages' has no assistant turn (nothing to learn from)")
+    return parsed
+
+
+def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded random split; at least one validation record when `val_fraction > 0`."""
+    if not 0 <= val_fraction < 1:
+        raise LitLLMError(f"val_split_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return records, []
+    if len(records) < 2:
+        raise LitLLMError(f"{len(records)} record(s): too few to split off a validation set (set val_split_fraction 0)")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(records) * val_fraction))
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+
+
+# ---------------------------------------------------------------------- tokenization
+def encode_record(record: Record, tokenizer, style) -> tuple[list[int], list[bool]]:
+    """Token ids of a record and, per token, whether it is reply text (a training target)."""
+    if record.messages is None:
+        prompt = style.encode(tokenizer, instruction_prompt(style, record.instruction, record.input)).tolist()
+        reply = tokenizer.encode(record.output, bos=False).tolist() + _eos(tokenizer, record)
+        return prompt + reply, [False] * len(prompt) + [True] * len(reply)
+    stops = style.stop_tokens(tokenizer)  # token sequences that end a turn
+    ids: list[int] = []
+    is_reply: list[bool] = []
+    done = ""  # the text rendered and tokenized so far
+    for i, message in enumerate(record.messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = style.render_messages(record.messages[:i], add_generation_prompt=True)
+        full = style.render_messages(record.messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise LitLLMError(
+                f"{record.origin}: the prompt style '{style.name}' does not render this chat prefix by prefix"
+                " (an earlier turn changes when a later one is added), so assistant turns cannot be located"
+            )
+        ids += _encode_piece(tokenizer, style, prompt[len(done) :], first=not ids)
+        reply = _encode_piece(tokenizer, style, full[len(prompt) :], first=not ids)
+        if not any(_contains(reply, stop) for stop in stops):
+            reply += _eos(tokenizer, record)
+        is_reply += [False] * (len(ids) - len(is_reply)) + [True] * len(reply)
+        ids += reply
+        done = full
+    return ids, is_reply
+
+
+def instruction_prompt(style, instruction: str, input: str = "") -> str:
+    """The prompt of an instruction record. A style whose template has no place for `input` (all but
+    Alpaca's) gets it appended to the instruction after a blank line, instead of silently dropping it."""
+    prompt = style.apply(instruction, input=input)
+    if input and prompt == style.apply(instruction):
+        prompt = style.apply(f"{instruction}\n\n{input}")
+    return prompt
+
+
+def _encode_piece(tokenizer, style, text: str, first: bool) -> list[int]:
+    if first:
+        return style.encode(tokenizer, text).tolist()  # BOS unless the template wrote it
+    return tokenizer.encode(text, bos=False).tolist() if text else []
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    n = len(sub)
+    return n > 0 and any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def _eos(tokenizer, record: Record) -> list[int]:
+    if tokenizer.eos_id is None:
+        raise LitLLMError(f"{record.origin}: the tokenizer has no EOS token to end the reply with")
+    return [tokenizer.eos_id]
+
+
+@dataclass
+class TokenizeStats:
+    total: int = 0
+    too_long: int = 0
+    truncated: int = 0  # kept, cut to the limit
+    skipped: int = 0  # dropped by long_records=skip
+    empty: int = 0  # dropped: truncation left no reply token
+
+    def summary(self, name: str, limit: int) -> Optional[str]:
+        if not self.too_long:
+            return None
+        parts = [
+            f"{n} {what}"
+            for n, what in (
+                (self.truncated, "truncated"),
+                (self.skipped, "skipped"),
+                (self.empty, "dropped (no reply token fit)"),
+            )
+            if n
+        ]
+        return (
+            f"{name}: {self.too_long} of {self.total} records are longer than max_seq_length + 1 = {limit} tokens:"
+            f" {', '.join(parts)}"
+        )
+
+
+def tokenize_records(
+    records: Sequence[Record],
+    tokenizer,
+    style,
+    max_seq_length: int,
+    mask_prompt: bool,
+    ignore_index: int,
+    long_records: LongRecords = "truncate",
+    name: str = "data",
+) -> list[dict[str, torch.Tensor]]:
+    """Samples `{"input_ids", "labels"}` (1-D int64, already shifted) of every record that fits the policy."""
+    if long_records not in ("truncate", "skip", "error"):
+        raise LitLLMError(f"long_records must be truncate, skip or error, got {long_records!r}")
+    limit = max_seq_length + 1 if max_seq_length and max_seq_length > 0 else None
+    stats = TokenizeStats(total=len(records))
+    samples = []
+    for record in _progress(records, name):
+        ids, is_reply = encode_record(record, tokenizer, style)
+        if limit is not None and len(ids) > limit:
+            if long_records == "error":
+                raise LitLLMError(
+                    f"{record.origin}: {len(ids)} tokens, longer than max_seq_length + 1 = {limit}"
+                    " (use --data.long_records truncate or skip, or a larger max_seq_length)"
+                )
+            stats.too_long += 1
+            if long_records == "skip":
+                stats.skipped += 1
+                continue
+            ids, is_reply = ids[:limit], is_reply[:limit]
+            if mask_prompt and not any(is_reply[1:]):
+                stats.empty += 1
+                continue
+            stats.truncated += 1
+        tokens = torch.tensor(ids, dtype=torch.long)
+        labels = tokens[1:].clone()
+        if mask_prompt:
+            labels[~torch.tensor(is_reply[1:], dtype=torch.bool)] = ignore_index
+        samples.append({"input_ids": tokens[:-1], "labels": labels})
+    message = stats.summary(name, limit or 0)
+    if message:
+        print(message)
+    return samples
+
+
+def _progress(records: Sequence[Record], name: str):
+    if len(records) < 2000:
+        return records
+    from tqdm import tqdm
+
+    return tqdm(records, desc=f"Tokenizing {name}", unit="record")
+
+
+class SFTDataset(Dataset):
+    """Tokenized samples (map-style): `dataset[i] -> {"input_ids": (T,), "labels": (T,)}`."""
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.samples[index]
+
+
+@dataclass
+class PadCollate:
+    """Pad a list of samples to the longest one: `input_ids` with `pad_id`, `labels` with `ignore_index`."""
+
+    pad_id: int = 0
+    ignore_index: int = -100
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(samples), length), self.ignore_index, dtype=torch.long)  # (B, T)
+        for i, s in enumerate(samples):
+            input_ids[i, : len(s["input_ids"])] = s["input_ids"]
+            labels[i, : len(s["labels"])] = s["labels"]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------- the shared data module
+def resolve_prompt_style(name: Optional[str], tokenizer):
+    """`name` if given; else the checkpoint's own style (prompt_style.yaml or chat template); else Alpaca."""
+    from litllm.prompts import PROMPT_STYLE_FILE, PromptStyle
+
+    if name:
+        return PromptStyle.from_name(name)
+    checkpoint_dir = getattr(tokenizer, "checkpoint_dir", None)
+    if checkpoint_dir is not None:
+        style = PromptStyle.from_checkpoint(checkpoint_dir)
+        if style.name != "default" or (Path(checkpoint_dir) / PROMPT_STYLE_FILE).is_file():
+            return style
+    return PromptStyle.from_name("alpaca")
+
+
+@dataclass(kw_only=True)
+class SFTDataModule(DataModule):
+    """Fields and loaders shared by every fine-tuning data module; a subclass only loads its records."""
+
+    mask_prompt: bool = True
+    """Compute the loss on replies only (labels are `ignore_index` wherever the target is a prompt token)."""
+    prompt_style: Optional[str] = None
+    """How instructions and chats are laid out (`litllm.prompts.style_names()`). Unset: the checkpoint's own
+    style (prompt_style.yaml or chat template), else `alpaca`."""
+    val_split_fraction: float = 0.05
+    """Fraction of the records held out for validation (seeded) when the data has no validation split."""
+    long_records: LongRecords = "truncate"
+    """Records longer than max_seq_length + 1 tokens: `truncate` (cut the end), `skip`, or `error`."""
+    ignore_index: int = -100
+    """Label of positions without a loss. litllm's model loss ignores -100; change it only for your own loss."""
+    seed: int = 42
+    """Seed of the train/validation split and of the shuffle (the training loop reseeds each epoch with its seed)."""
+    num_workers: int = 0
+    """DataLoader worker processes (samples are tokenized up front, so 0 is usually enough)."""
+
+    train_dataset: Optional[SFTDataset] = field(default=None, init=False, repr=False)
+    val_dataset: Optional[SFTDataset] = field(default=None, init=False, repr=False)
+
+    def load_records(self) -> tuple[list[Record], list[Record]]:
+        """(train, validation) records of this data set. Subclasses implement this."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        tokenizer = self._require_tokenizer()
+        style = resolve_prompt_style(self.prompt_style, tokenizer)
+        self.style = style
+        train, val = self.load_records()
+        if not train:
+            raise LitLLMError(f"{type(self).__name__}: no training records")
+        common = dict(
+            tokenizer=tokenizer,
+            style=style,
+            max_seq_length=self.max_seq_length,
+            mask_prompt=self.mask_prompt,
+            ignore_index=self.ignore_index,
+            long_records=self.long_records,
+        )
+        self.train_dataset = SFTDataset(tokenize_records(train, name=f"{type(self).__name__} train", **common))
+        self.val_dataset = (
+            SFTDataset(tokenize_records(val, name=f"{type(self).__name__} val", **common)) if val else None
+        )
+        if len(self.train_dataset) == 0:
+            raise LitLLMError(f"{type(self).__name__}: every training record was dropped (see the counts above)")
+
+    def _collate(self) -> PadCollate:
+        pad_id = getattr(self.tokenizer, "pad_id", None)
+        return PadCollate(pad_id=pad_id if pad_id is not None else 0, ignore_index=self.ignore_index)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+        )
+
+    def val_dataloader(self) -> Optional[DataLoader]:
+        if not self.val_dataset:
+            return None
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(),
+        )
