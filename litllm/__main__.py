@@ -40,6 +40,17 @@ def _load(target: str):
     return getattr(import_module(module), fn)
 
 
+def _fill_bare_flags(argv: list[str], flags) -> list[str]:
+    """`--flag` given with no value (last, or followed by another flag) -> `--flag=` (an empty value).
+
+    A command lists such flags in its function's `flags_without_value` (`litllm evaluate --tasks`).
+    """
+    return [
+        f"{a}=" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
+        for i, a in enumerate(argv)
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI, set_parsing_settings
 
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             if name == chosen:
                 raise
             # a command whose module is not built yet stays out of the listing
+    if chosen in components:
+        argv = _fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
     
     try:
         CLI(components, args=argv, as_positional=True, prog="litllm")
