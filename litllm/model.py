@@ -253,6 +253,9 @@ class CausalSelfAttention(nn.Module):
         elif c.norm_qk == "full":
             self.q_norm, self.k_norm = build_norm(c, q_size), build_norm(c, kv_size)
         self.kv_cache: Optional[KVCache] = None
+        # optional extra attention branch, e.g. LLaMA-Adapter's gated prefix (set by litllm/adapter.py):
+        # called as adapter(q, self) and returns a (B, nh, T, hs) term added to the attention output
+        self.adapter: Optional[nn.Module] = None
 
     def forward(self, x, rope, mask, input_pos):
         c = self.config
@@ -278,6 +281,8 @@ class CausalSelfAttention(nn.Module):
 
         scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
+        if self.adapter is not None:
+            y = y + self.adapter(q, self)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
 
@@ -285,6 +290,8 @@ class CausalSelfAttention(nn.Module):
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
     """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal)."""
     n_rep = q.size(1) // k.size(1)
+    if q.size(2) == 1 and q.device.type == "cpu":
+        return single_query_attention(q, k, v, mask, scale, logit_softcap)
     if logit_softcap is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=n_rep > 1
@@ -298,6 +305,25 @@ def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]):
+    """Attention of one new token (T = 1, KV-cache decoding) on the CPU, as two small matmuls.
+
+    SDPA's CPU kernel always opens a parallel region; for a single query its fork/join costs more
+    than the product itself, and stalls for a scheduler tick when the cores are busy. Query heads
+    that share a key/value head are stacked as rows, so grouped-query attention needs no copy of k/v.
+    """
+    B, nh, _, hs = q.shape
+    nkv, L = k.size(1), k.size(2)
+    q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, n_rep, hs): head h reads kv head h // n_rep
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nkv, n_rep, L)
+    if logit_softcap is not None:
+        scores = softcap(scores, logit_softcap)
+    if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v).reshape(B, nh, 1, hs)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:

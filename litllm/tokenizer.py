@@ -37,7 +37,10 @@ class Tokenizer:
         path = self.checkpoint_dir / "tokenizer.json"
         if not path.is_file():
             raise LitLLMError(f"{self.checkpoint_dir}: tokenizer.json not found (a tokenizer is needed here)")
-        self.processor = HFTokenizer.from_file(str(path))
+        try:
+            self.processor = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+            raise LitLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
         config = _read_json(self.checkpoint_dir / "tokenizer_config.json")
         special = _read_json(self.checkpoint_dir / "special_tokens_map.json")
         generation = _read_json(self.checkpoint_dir / "generation_config.json")
@@ -58,11 +61,12 @@ class Tokenizer:
             self.eos_id = gen_eos[0]
         # every id that ends a generated turn (Llama-3 instruct ends turns with <|eot_id|>)
         self.stop_ids = sorted({i for i in [self.eos_id, *gen_eos] if i is not None})
-        self.add_bos = bool(config.get("add_bos_token", False))
-        self.add_eos = bool(config.get("add_eos_token", False))
-        # does tokenizer.json's post-processor already add BOS?
+        # which special tokens the tokenizer adds by itself: transformers (5.x) follows tokenizer.json's
+        # post-processor, whatever `add_bos_token`/`add_eos_token` in tokenizer_config.json say
+        plain = self.processor.encode("a", add_special_tokens=False).ids
         probe = self.processor.encode("a", add_special_tokens=True).ids
-        self._post_processor_adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+        self.add_bos = self.bos_id is not None and len(probe) > len(plain) and probe[0] == self.bos_id
+        self.add_eos = self.eos_id is not None and len(probe) > len(plain) and probe[-1] == self.eos_id
         self.chat_template = config.get("chat_template")
         if self.chat_template is None and (self.checkpoint_dir / "chat_template.jinja").is_file():
             self.chat_template = (self.checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
@@ -82,13 +86,21 @@ class Tokenizer:
         device: Optional[torch.device] = None,
         max_length: int = -1,
     ) -> torch.Tensor:
-        """Token ids of `text` (1-D long tensor). `bos=None` follows the tokenizer's own default."""
-        ids = self.processor.encode(text, add_special_tokens=False).ids
-        want_bos = (self.add_bos or self._post_processor_adds_bos) if bos is None else bos
-        if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id] + ids
-        if (eos or (bos is None and self.add_eos)) and self.eos_id is not None:
-            ids = ids + [self.eos_id]
+        """Token ids of `text` (1-D long tensor).
+
+        bos=None adds the special tokens the tokenizer itself adds (as transformers' `tokenizer(text)`
+        does; `add_bos`/`add_eos` say which); bos=True/False forces BOS on/off. eos=True appends EOS.
+        """
+        if bos is None:
+            ids = self.processor.encode(text, add_special_tokens=True).ids
+            if eos and not self.add_eos and self.eos_id is not None:
+                ids.append(self.eos_id)
+        else:
+            ids = self.processor.encode(text, add_special_tokens=False).ids
+            if bos and self.bos_id is not None:
+                ids.insert(0, self.bos_id)
+            if eos and self.eos_id is not None:
+                ids.append(self.eos_id)
         if max_length > 0:
             ids = ids[:max_length]
         return torch.tensor(ids, dtype=torch.long, device=device)

@@ -1,0 +1,147 @@
+"""Greedy decoding speed: litllm vs transformers `generate`, side by side, and the memory-bandwidth bound.
+
+Both run the same converted model (a ~125M-parameter Llama with random weights, fp32, batch 1, KV
+cache), the same prompt and the same number of new tokens. Decoding one token reads every weight
+once (the embedding only reads one row), so tokens/s can't exceed
+    measured read bandwidth / bytes of weights read per token;
+the script measures this machine's read bandwidth itself and prints each side's fraction of that bound.
+
+    python benchmarks/generate.py                      # defaults: 32-token prompt, 128 new tokens
+    python benchmarks/generate.py --threads 1          # both sides on one thread
+    python benchmarks/generate.py --n_layer 4 --new_tokens 32   # a quick run
+
+litllm runs as `litllm generate` does: it picks the faster CPU weight layout and thread count for
+decoding (`optimize_for_decoding`, `pick_decode_threads`); transformers runs with torch's defaults.
+Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
+are shown, and tokens per CPU-second (less sensitive to other processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Bytes/s at which this machine reads memory with torch's threads (a sum over a tensor larger than
+    caches); the median of `repeats` timings, so one lucky or disturbed run doesn't decide it."""
+    x = torch.rand(n_bytes // 4, dtype=torch.float32)
+    x.sum()  # touch the pages
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return n_bytes / statistics.median(times)
+
+
+def build_checkpoint(folder: Path, args) -> int:
+    """Save a random HF Llama and convert it; return the bytes of weights one decode step reads."""
+    import transformers
+
+    from litllm.convert import convert_to_litllm
+
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.n_embd, num_hidden_layers=args.n_layer,
+        num_attention_heads=args.n_head, num_key_value_heads=args.n_head, intermediate_size=args.intermediate_size,
+        max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    convert_to_litllm(folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    per_token = n_params - model.model.embed_tokens.weight.numel()  # the embedding lookup reads one row
+    print(f"model: Llama, {n_params / 1e6:.1f}M parameters, {args.n_layer} layers, n_embd {args.n_embd}, fp32")
+    return per_token * 4
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_layer", type=int, default=12)
+    parser.add_argument("--n_embd", type=int, default=768)
+    parser.add_argument("--n_head", type=int, default=12)
+    parser.add_argument("--intermediate_size", type=int, default=2048)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both (default: torch's choice; litllm may pick fewer, as its commands do)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from litllm.generate import (
+        generate_tokens, load_for_inference, optimize_for_decoding, pick_decode_threads, threads_for,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        weight_bytes = build_checkpoint(folder, args)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
+        lit = load_for_inference(folder, device="cpu", precision="32-true")
+        layout = optimize_for_decoding(lit)
+        lit_threads = pick_decode_threads(lit)
+
+    prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
+    n = args.new_tokens
+
+    def run_litllm():
+        with threads_for(lit_threads):
+            return list(generate_tokens(lit, prompt, n))
+
+    @torch.inference_mode()
+    def run_hf():
+        out = hf.generate(
+            prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )
+        return out[0, prompt.numel():].tolist()
+
+    same = run_litllm() == run_hf()  # also the warm-up of both
+    bandwidth = read_bandwidth()
+    bound = bandwidth / weight_bytes
+    # alternate the two so that load from other users of the machine hits both alike
+    runs: dict[str, list[tuple[float, float]]] = {"transformers": [], "litllm": []}
+    for _ in range(args.repeats):
+        runs["transformers"].append(timed(run_hf))
+        runs["litllm"].append(timed(run_litllm))
+    bandwidth = statistics.median([bandwidth, read_bandwidth(), read_bandwidth()])
+    bound = bandwidth / weight_bytes
+
+    print(f"threads: {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, {n} new tokens, greedy, batch 1,"
+          f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"same tokens: {same}; litllm: {layout} weights, {lit_threads} thread(s) chosen for decoding"
+          f" (transformers: torch's {torch.get_num_threads()})")
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights read per token: {weight_bytes / 1e6:.0f} MB"
+          f" -> bound {bound:.1f} tokens/s")
+    # best: the run least disturbed by other processes; per CPU-second: work efficiency, less sensitive to load
+    print(f"{'':14s}{'tokens/s best':>14s}{'median':>8s}{'of bound':>10s}{'tokens/CPU-s':>14s}")
+    best = {}
+    for name, times in runs.items():
+        walls = [w for w, _ in times]
+        best[name] = n / min(walls)
+        per_cpu = n / min(c for _, c in times)
+        print(f"{name:14s}{best[name]:14.1f}{n / statistics.median(walls):8.1f}{best[name] / bound:10.0%}{per_cpu:14.1f}")
+    print(f"litllm / transformers: {best['litllm'] / best['transformers']:.2f}x (best runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""`litllm chat`: an interactive multi-turn chat with a model in the terminal.
+
+Input: type a message and press Enter. To write several lines, end a line with `\\` to continue on
+the next one, or open a block with a line holding only `\"\"\"` and close it the same way.
+Commands: `/reset` forgets the conversation (the system prompt stays), `/exit` (or Ctrl-D) quits.
+Ctrl-C while the model is answering stops the answer and returns to the prompt.
+
+The whole conversation is re-rendered with the prompt style each turn. When it no longer fits in
+the context window (leaving room for `max_new_tokens`), the oldest turns are dropped, never the
+system prompt or the newest message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, TextIO
+
+import torch
+
+from litllm.errors import LitLLMError
+from litllm.generate import (
+    check_sampling_args, default_device, generate_tokens, load_for_inference, optimize_for_decoding,
+    pick_decode_threads, stream_text, threads_for,
+)
+
+EXIT, RESET = "/exit", "/reset"
+BLOCK = '"""'
+
+
+def _readline(stdin: TextIO, stdout: TextIO, prompt: str) -> Optional[str]:
+    """One line without its newline; None at end of input. A terminal gets `input()` (line editing)."""
+    if stdin is sys.stdin and stdin.isatty():
+        try:
+            import readline  # noqa: F401  (arrow keys and history for input())
+        except ImportError:
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    stdout.write(prompt)
+    stdout.flush()
+    line = stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def read_message(stdin: TextIO, stdout: TextIO, prompt: str = ">> You: ") -> Optional[str]:
+    """Read one message (see the module docstring for multiline input); None at end of input."""
+    line = _readline(stdin, stdout, prompt)
+    if line is None:
+        return None
+    if line.strip() == BLOCK:
+        lines = []
+        while (more := _readline(stdin, stdout, "")) is not None and more.strip() != BLOCK:
+            lines.append(more)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = _readline(stdin, stdout, "")
+        if line is None:
+            line = ""
+            break
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def fit_history(style, tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], torch.Tensor]:
+    """Drop the oldest turns (keeping a leading system message) until the rendered prompt has at most
+    `budget` tokens; returns the kept messages and the prompt ids. Raises if the newest message alone
+    doesn't fit."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        kept = system + turns
+        ids = style.encode(tokenizer, style.render_messages(kept, add_generation_prompt=True))
+        if ids.numel() <= budget:
+            return kept, ids
+        if len(turns) <= 1:
+            raise LitLLMError(
+                f"the message needs {ids.numel()} tokens with the prompt format, but only {budget} fit in the "
+                "context window (after reserving --max_new_tokens): write a shorter message or lower --max_new_tokens"
+            )
+        # drop the oldest exchange: a user message and the reply that follows it
+        turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
+
+
+def chat(
+    checkpoint_dir: Path,
+    *,
+    sys_prompt: Optional[str] = None,
+    prompt_style: Optional[str] = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    compile: bool = False,
+    seed: int = 1234,
+    device: Optional[str] = None,
+) -> None:
+    """Chat with a model in the terminal (multi-turn, streamed answers).
+
+    Type a message and press Enter. End a line with `\\` to continue on the next line, or enclose
+    several lines between two lines holding only `\"\"\"`. `/reset` starts a new conversation,
+    `/exit` or Ctrl-D quits, Ctrl-C stops an answer.
+
+    Args:
+        checkpoint_dir: A converted model folder.
+        sys_prompt: A system prompt kept at the start of the conversation.
+        prompt_style: A prompt style name (default: the checkpoint's style or chat template).
+        max_new_tokens: Most tokens per answer; this much room is kept free in the context window.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only among the k most likely tokens (null: no limit).
+        top_p: Nucleus sampling threshold in (0, 1]; 1 disables it.
+        precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
+        quantize: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8` to quantize the weights with bitsandbytes.
+        compile: Compile the model with `torch.compile`.
+        seed: Random seed for sampling.
+        device: `cpu`, `cuda`, ... (default: cuda when available).
+    """
+    from litllm.prompts import PromptStyle
+    from litllm.tokenizer import Tokenizer
+    from litllm.utils import check_model_dir
+
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    checkpoint_dir = check_model_dir(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
+    device = device or default_device()
+    model = load_for_inference(checkpoint_dir, device, precision, quantize)
+    optimize_for_decoding(model)
+    threads = pick_decode_threads(model)
+    if max_new_tokens >= model.max_seq_length:
+        raise LitLLMError(
+            f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the "
+            f"{model.max_seq_length}-token context window"
+        )
+    runner = torch.compile(model, dynamic=True) if compile else model
+    stops = style.stop_tokens(tokenizer)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    budget = model.max_seq_length - max_new_tokens
+    system = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+    history: list[dict] = list(system)
+    stdin, stdout = sys.stdin, sys.stdout
+    print(f"Chatting with {checkpoint_dir} ({style.name} prompt style). "
+          f"End a line with \\ or use {BLOCK} blocks for several lines; {RESET} clears, {EXIT} quits.", file=sys.stderr)
+
+    while True:
+        message = read_message(stdin, stdout)
+        if message is None or message.strip() == EXIT:
+            stdout.write("\n" if message is None else "")
+            return
+        if message.strip() == RESET:
+            history = list(system)
+            stdout.write("(conversation cleared)\n")
+            continue
+        if not message.strip():
+            continue
+        try:
+            history, prompt_ids = fit_history(style, tokenizer, history + [{"role": "user", "content": message}], budget)
+        except LitLLMError as e:
+            stdout.write(f"error: {e}\n")
+            continue
+        stdout.write(">> Model: ")
+        stdout.flush()
+        reply = []
+        tokens = generate_tokens(runner, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                                 stop_sequences=stops, generator=generator)
+        try:
+            with threads_for(threads):
+                for chunk in stream_text(tokenizer, tokens):
+                    reply.append(chunk)
+                    stdout.write(chunk)
+                    stdout.flush()
+        except KeyboardInterrupt:
+            tokens.close()  # frees the KV cache
+            stdout.write(" [stopped]")
+        stdout.write("\n\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})

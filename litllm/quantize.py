@@ -1,0 +1,194 @@
+"""Weight quantization with bitsandbytes: replace a built model's `nn.Linear` layers in place.
+
+Modes (`--quantize`):
+- `bnb.nf4`     4-bit NormalFloat weights (QLoRA's data type), blockwise absmax scales.
+- `bnb.nf4-dq`  nf4 with "double quantization": the scales themselves are quantized to 8 bits.
+- `bnb.fp4`     4-bit floating-point weights.
+- `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
+
+Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
+weights are stored quantized. The output head (`lm_head`) stays unquantized by default: it is
+small next to the blocks and most sensitive to error.
+
+For QLoRA: `quantize_model(model, mode, device, frozen_only=True)` quantizes only frozen Linears
+(the base weights), never trainable ones (LoRA matrices), and a LoRA wrapper holding its base
+layer as a child module keeps working because only that child is swapped.
+`quantize_linear(linear, mode, device)` quantizes a single layer. New modes register a builder in
+`QUANT_BUILDERS` (mode -> function(linear, device, compute_dtype) -> module).
+
+bitsandbytes 0.50 runs all four modes on CPU (slowly) and on CUDA; `check_quantize_mode` probes the
+combination once with a tiny layer and turns a failure into one clear error. One exception: its CPU
+4-bit kernel dequantizes a layer whose `in_features` is not a multiple of the block size (64) with
+the wrong scales (it blocks per row, while quantization blocks the flattened weight), so on CPU
+`quantize_model` leaves such layers in full precision (with a warning) and `quantize_linear`
+refuses them. Real models' widths are multiples of 64; only toy models hit this.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import lru_cache
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from litllm.errors import LitLLMError
+
+DeviceLike = Union[str, torch.device]
+
+
+def _bnb():
+    # bitsandbytes logs a note about optional CPU kernels on import; keep the CLI output clean
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LitLLMError("--quantize needs bitsandbytes: pip install bitsandbytes (or the `quant` extra)") from None
+    return bnb
+
+
+def _linear4bit(quant_type: str, double_quant: bool) -> Callable:
+    def build(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+        bnb = _bnb()
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type, device="meta",
+        )
+        # quantization happens when the Params4bit moves to its device
+        q.weight = bnb.nn.Params4bit(
+            linear.weight.data.to("cpu", compute_dtype), requires_grad=False,
+            compress_statistics=double_quant, quant_type=quant_type,
+        ).to(device)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=linear.bias.requires_grad)
+        return q
+
+    return build
+
+
+def _linear8bit(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    bnb = _bnb()
+    q = bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        has_fp16_weights=False, threshold=6.0, device="meta",
+    )
+    q.weight = bnb.nn.Int8Params(
+        linear.weight.data.to("cpu", compute_dtype), requires_grad=False, has_fp16_weights=False
+    ).to(device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=linear.bias.requires_grad)
+    return q
+
+
+# mode -> builder(linear, device, compute_dtype) -> quantized module (other modules may add modes)
+QUANT_BUILDERS: dict[str, Callable[[nn.Linear, torch.device, torch.dtype], nn.Module]] = {
+    "bnb.nf4": _linear4bit("nf4", double_quant=False),
+    "bnb.nf4-dq": _linear4bit("nf4", double_quant=True),
+    "bnb.fp4": _linear4bit("fp4", double_quant=False),
+    "bnb.int8": _linear8bit,
+}
+
+
+FOUR_BIT_BLOCKSIZE = 64  # bitsandbytes' default for Params4bit
+
+
+def cpu_kernel_mishandles(linear: nn.Linear, mode: str, device: DeviceLike) -> bool:
+    """True where bitsandbytes' CPU 4-bit kernel would compute this layer wrong (see module docstring)."""
+    four_bit = mode in ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
+    return four_bit and torch.device(device).type == "cpu" and linear.in_features % FOUR_BIT_BLOCKSIZE != 0
+
+
+def quantize_modes() -> list[str]:
+    return list(QUANT_BUILDERS)
+
+
+def check_quantize_mode(mode: str, device: DeviceLike, compute_dtype: torch.dtype = torch.float32) -> None:
+    """Fail with one clear line unless `mode` can run on `device` with this bitsandbytes."""
+    if mode not in QUANT_BUILDERS:
+        raise LitLLMError(f"--quantize: unknown mode {mode!r}; expected one of {', '.join(QUANT_BUILDERS)}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LitLLMError(f"--quantize {mode}: device {device} requested but CUDA is not available")
+    error = _probe(mode, str(device), compute_dtype)
+    if error:
+        raise LitLLMError(f"--quantize {mode} can't run on {device.type} with this bitsandbytes: {error}")
+
+
+@lru_cache(maxsize=None)
+def _probe(mode: str, device: str, compute_dtype: torch.dtype) -> Optional[str]:
+    """Quantize and run a tiny layer; the error text if that fails, else None."""
+    _bnb()
+    try:
+        with torch.no_grad():
+            layer = QUANT_BUILDERS[mode](nn.Linear(64, 64), torch.device(device), compute_dtype)
+            out = layer(torch.randn(2, 64, device=device, dtype=compute_dtype))
+            if not torch.isfinite(out).all():
+                return "non-finite outputs from a test layer"
+    except Exception as e:  # bitsandbytes raises many kinds (NotImplementedError, RuntimeError, ...)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+    return None
+
+
+def quantize_linear(
+    linear: nn.Linear, mode: str, device: DeviceLike, compute_dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """A quantized copy of one `nn.Linear` on `device` (weights frozen; a bias keeps its requires_grad)."""
+    if mode not in QUANT_BUILDERS:
+        raise LitLLMError(f"--quantize: unknown mode {mode!r}; expected one of {', '.join(QUANT_BUILDERS)}")
+    if cpu_kernel_mishandles(linear, mode, device):
+        raise LitLLMError(
+            f"--quantize {mode} on cpu: bitsandbytes computes layers with in_features={linear.in_features} "
+            f"(not a multiple of {FOUR_BIT_BLOCKSIZE}) incorrectly on CPU; use bnb.int8 or a GPU"
+        )
+    compute_dtype = compute_dtype or linear.weight.dtype
+    return QUANT_BUILDERS[mode](linear, torch.device(device), compute_dtype)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    mode: str,
+    device: DeviceLike,
+    skip: Iterable[str] = ("lm_head",),
+    frozen_only: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Replace the model's `nn.Linear` layers with quantized ones on `device`, in place; returns `model`.
+
+    skip: module names (or their last component) left unquantized; `lm_head` by default.
+    frozen_only: quantize only Linears whose weight does not require grad (QLoRA's frozen base).
+    compute_dtype: dtype of activations and matmuls; defaults to each layer's weight dtype.
+    The rest of the model (embeddings, norms) is not moved: call `model.to(device)` afterwards.
+    """
+    skip = set(skip)
+    dtype = compute_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    check_quantize_mode(mode, device, dtype)
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and name not in skip and name.rsplit(".", 1)[-1] not in skip
+        and not (frozen_only and module.weight.requires_grad)
+    ]
+    kept = [name for name, linear in targets if cpu_kernel_mishandles(linear, mode, device)]
+    if kept:
+        warnings.warn(
+            f"--quantize {mode} on cpu: {len(kept)} layer(s) with in_features not a multiple of "
+            f"{FOUR_BIT_BLOCKSIZE} (e.g. {kept[0]}) stay unquantized: bitsandbytes' CPU kernel computes them wrong",
+            stacklevel=3,  # the caller of quantize_model (torch.no_grad adds a frame)
+        )
+        targets = [(name, linear) for name, linear in targets if name not in kept]
+    from tqdm import tqdm
+
+    for name, linear in tqdm(targets, desc=f"quantize {mode}", unit="layer", disable=len(targets) < 50):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantize_linear(linear, mode, device, compute_dtype or linear.weight.dtype))
+    return model
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether a layer holds bitsandbytes-quantized weights."""
+    weight = getattr(module, "weight", None)
+    return type(weight).__name__ in ("Params4bit", "Int8Params")

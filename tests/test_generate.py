@@ -1,0 +1,279 @@
+"""Generation: greedy decoding equals transformers' `generate(do_sample=False)` token for token on
+converted tiny models of several families; batches equal one-by-one; sampling, stops, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_converted_checkpoint, train_bpe_tokenizer
+
+from litllm.errors import LitLLMError
+from litllm.generate import (
+    generate, generate_batch, generate_tokens, sample, stream_text, truncate_at_stop,
+)
+from litllm.model import GPT
+from litllm.tokenizer import Tokenizer
+
+PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Numbers: 12345 67.89 and a much longer prompt than the others"]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory):
+    cache = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = make_converted_checkpoint(tmp_path_factory.mktemp(family), family=family, seed=3)
+        return cache[family]
+
+    return get
+
+
+def _hf_greedy(folder: Path, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = hf.generate(
+        ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long), max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=hf.config.vocab_size - 1,
+    )
+    return out[0, ids.numel():].tolist()
+
+
+# gemma2: sliding window 6 + attention/final softcapping; phi3: sliding window 10; mistral: window 8;
+# mixtral: MoE; gpt_neox: partial rotary + parallel residual. Prompt + 24 new tokens cross every window.
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "phi3", "gpt_neox", "mistral", "qwen3"])
+def test_greedy_matches_transformers(family_checkpoints, family):
+    folder = family_checkpoints(family)
+    model = GPT.from_checkpoint(folder).eval()
+    tok = Tokenizer(folder)
+    for prompt in PROMPTS[:2]:
+        ids = tok.encode(prompt)
+        ours = list(generate_tokens(model, ids, 24))
+        assert ours == _hf_greedy(folder, ids, 24), prompt
+    # the cache the generator allocated is gone: the model runs plain forwards again
+    assert all(b.attn.kv_cache is None for b in model.blocks)
+    model(ids[None])
+
+
+@pytest.mark.parametrize("layout", ["column-major", "onednn-packed"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "llama-linear-mqa"])
+def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layout):
+    """The CPU layout switch changes only how weights sit in memory: greedy tokens still equal transformers'."""
+    from litllm.generate import PackedLinear, optimize_for_decoding
+
+    folder = family_checkpoints(family)
+    model = GPT.from_checkpoint(folder).eval()
+    assert optimize_for_decoding(model, min_gain=float("inf")) == "row-major"  # never worth it: untouched
+    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear and model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert optimize_for_decoding(model, layout=layout) == layout
+    qkv = model.blocks[0].attn.qkv
+    if layout == "column-major":
+        assert type(qkv) is torch.nn.Linear and qkv.weight.t().is_contiguous() and not qkv.weight.is_contiguous()
+    else:
+        assert isinstance(qkv, PackedLinear)
+    if model.config.tie_embeddings:  # a head shared with the embedding keeps its layout
+        assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.wte.weight
+        assert model.wte.weight.is_contiguous()
+    assert optimize_for_decoding(model) == layout  # idempotent
+    ids = Tokenizer(folder).encode(PROMPTS[0])
+    assert list(generate_tokens(model, ids, 20)) == _hf_greedy(folder, ids, 20)
+    with pytest.raises(LitLLMError, match="not available"):
+        optimize_for_decoding(GPT.from_checkpoint(folder), layout="diagonal")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_batch_equals_one_by_one(family_checkpoints, family):
+    folder = family_checkpoints(family)
+    model = GPT.from_checkpoint(folder).eval()
+    tok = Tokenizer(folder)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert len({p.numel() for p in prompts}) == len(prompts)  # real left padding
+    singles = [list(generate_tokens(model, p, 16)) for p in prompts]
+    batch = generate_batch(model, prompts, 16, pad_id=tok.eos_id)
+    assert [b.tolist() for b in batch] == singles
+    # stops are applied per row; the other rows keep going
+    stop = singles[1][5]
+    singles_stopped = [list(generate_tokens(model, p, 16, stop_ids=[stop])) for p in prompts]
+    batch = generate_batch(model, prompts, 16, stop_ids=[stop], pad_id=0)
+    assert [b.tolist() for b in batch] == singles_stopped
+    assert len(singles_stopped[1]) <= 5
+
+
+def test_stop_ids_and_sequences(tiny_checkpoint):
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    ids = Tokenizer(tiny_checkpoint).encode("The quick brown fox")
+    full = list(generate_tokens(model, ids, 20))
+    k = next(i for i in range(3, 18) if full[i] not in full[:i])  # a token first seen at k
+    assert list(generate_tokens(model, ids, 20, stop_ids=[full[k]])) == full[:k]
+    # a two-token stop sequence starting at k: neither of its tokens is emitted
+    assert list(generate_tokens(model, ids, 20, stop_sequences=[full[k: k + 2]])) == full[:k]
+    # a sequence whose first token appears but which never completes: nothing is lost
+    never = [full[k], max(full) + 1]
+    assert list(generate_tokens(model, ids, 20, stop_sequences=[never])) == full
+    assert truncate_at_stop([1, 2, 3, 4, 5], [[9], [3, 4]]) == [1, 2]
+    # streaming: tokens come out one by one as soon as they are safe
+    stream = generate_tokens(model, ids, 20, stop_sequences=[never])
+    assert [next(stream) for _ in range(k)] == full[:k]
+
+
+def test_context_window(tiny_checkpoint):
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    limit = model.max_seq_length
+    with pytest.raises(LitLLMError, match="context window"):
+        list(generate_tokens(model, torch.ones(limit, dtype=torch.long), 5))
+    # new tokens are clipped to what fits
+    assert len(list(generate_tokens(model, torch.ones(limit - 3, dtype=torch.long), 50))) == 3
+    with pytest.raises(LitLLMError, match="top_p"):
+        list(generate_tokens(model, torch.ones(3, dtype=torch.long), 5, top_p=0.0))
+
+
+def test_sample():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_p=1e-6), logits.argmax(-1))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(sample(logits, 1.0, generator=g1), sample(logits, 1.0, generator=g2))
+
+    # frequencies follow softmax(logits / T) restricted to top-k / the nucleus
+    row = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    n = 20000
+    draws = sample(row.expand(n, -1), temperature=0.7, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert torch.allclose(freq, torch.softmax(row / 0.7, -1), atol=0.015)
+
+    draws = sample(row.expand(n, -1), temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(2))
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert torch.allclose(freq, torch.cat([torch.softmax(row[:3], -1), torch.zeros(3)]), atol=0.015)
+
+    probs = torch.softmax(row, -1)  # [0.43, 0.26, 0.16, ...]: top_p 0.6 keeps the first two (0.69 >= 0.6)
+    draws = sample(row.expand(n, -1), temperature=1.0, top_p=0.6, generator=torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert torch.allclose(freq, torch.cat([probs[:2] / probs[:2].sum(), torch.zeros(4)]), atol=0.015)
+
+
+def test_stream_text_matches_decode(tmp_path):
+    """Chunks never split a character, and concatenate to the full decode (SentencePiece spaces, bytes)."""
+    for byte_fallback in (False, True):
+        tok = Tokenizer(train_bpe_tokenizer(tmp_path / str(byte_fallback), byte_fallback=byte_fallback))
+        text = "Hello  world, café 東京 🙂 end.\n  indented"
+        ids = tok.encode(text, bos=False).tolist()
+        chunks = list(stream_text(tok, ids))
+        assert "".join(chunks) == tok.decode(ids) == text
+        assert all("\ufffd" not in c for c in chunks)
+        assert len(chunks) > 5  # it really streams
+
+
+def test_generate_command_greedy(family_checkpoints, capsys):
+    folder = family_checkpoints("llama")
+    tok = Tokenizer(folder)
+    expected = tok.decode(_hf_greedy(folder, tok.encode("The quick brown fox"), 12))
+    capsys.readouterr()  # drop what building the checkpoint printed
+    generate(folder, "The quick brown fox", max_new_tokens=12, temperature=0.0, num_samples=2, prompt_style="default")
+    out = capsys.readouterr()
+    assert out.out == f"{expected}\n{expected}\n"
+    assert "tokens/s" in out.err
+
+
+def test_generate_command_stops_at_eos(tiny_checkpoint, tmp_path, capsys):
+    """An id listed as EOS in generation_config.json ends the output (and is not printed)."""
+    import json
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    tok = Tokenizer(folder)
+    model = GPT.from_checkpoint(folder).eval()
+    full = list(generate_tokens(model, tok.encode("The quick brown fox"), 20))
+    k = next(i for i in range(3, 18) if full[i] not in full[:i])
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [tok.eos_id, full[k]]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    generate(folder, "The quick brown fox", max_new_tokens=20, temperature=0.0, prompt_style="default")
+    assert capsys.readouterr().out == tok.decode(full[:k]) + "\n"
+
+
+def test_generate_command_sampling_seeded(tiny_checkpoint, capsys):
+    kwargs = dict(prompt="Hello", max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9)
+    generate(tiny_checkpoint, seed=5, **kwargs)
+    first = capsys.readouterr().out
+    generate(tiny_checkpoint, seed=5, **kwargs)
+    assert capsys.readouterr().out == first
+    generate(tiny_checkpoint, seed=6, num_samples=3, **kwargs)
+    samples = capsys.readouterr().out
+    assert len(set(samples.splitlines())) > 1
+
+
+def test_generate_command_precision_bf16(tiny_checkpoint, capsys):
+    generate(tiny_checkpoint, "Hello", max_new_tokens=5, temperature=0.0, precision="bf16-true")
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(LitLLMError, match="--precision"):
+        generate(tiny_checkpoint, "Hello", precision="64-true")
+
+
+def test_generate_command_errors(tiny_checkpoint, tmp_path):
+    with pytest.raises(LitLLMError, match="top_p"):
+        generate(tiny_checkpoint, top_p=1.5)
+    with pytest.raises(LitLLMError, match="context window"):
+        generate(tiny_checkpoint, prompt="word " * 200, max_new_tokens=5)
+    with pytest.raises(LitLLMError, match="unknown prompt style"):
+        generate(tiny_checkpoint, prompt_style="nope")
+    with pytest.raises(LitLLMError, match="unknown mode"):
+        generate(tiny_checkpoint, quantize="bnb.int3")
+    # a downloaded but not converted folder: the error offers the command
+    hf_only = tmp_path / "hf"
+    shutil.copytree(tiny_checkpoint, hf_only)
+    (hf_only / "lit_model.safetensors").unlink()
+    with pytest.raises(LitLLMError, match="convert_to_litllm"):
+        generate(hf_only)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{missing}"], "checkpoint folder not found"),
+    (["{ckpt}", "--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["{ckpt}", "--quantize", "bnb.nf4", "--device", "cuda"], "CUDA is not available"),
+])
+def test_generate_cli_errors(tiny_checkpoint, tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    args = [a.format(missing=tmp_path / "missing", ckpt=tiny_checkpoint) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "litllm", "generate", *args], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_generate_compiled_equals_eager(tiny_checkpoint, capsys):
+    generate(tiny_checkpoint, "Hello", max_new_tokens=8, temperature=0.0)
+    eager = capsys.readouterr().out
+    generate(tiny_checkpoint, "Hello", max_new_tokens=8, temperature=0.0, compile=True)
+    assert capsys.readouterr().out == eager
+
+
+def test_decode_threads(tiny_checkpoint):
+    from litllm.generate import pick_decode_threads, threads_for
+
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert pick_decode_threads(model, min_gain=float("inf")) == 2  # fewer threads never good enough
+        assert pick_decode_threads(model, min_gain=0.0) == 1  # fewer threads always good enough
+        assert torch.get_num_threads() == 2  # timing leaves the setting alone
+        assert all(b.attn.kv_cache is None for b in model.blocks)
+        with threads_for(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert pick_decode_threads(model) == 1
+    finally:
+        torch.set_num_threads(before)
