@@ -1,0 +1,244 @@
+"""LLaMA-Adapter and LLaMA-Adapter v2 as transforms of a built `GPT`.
+
+LLaMA-Adapter (Zhang et al., 2023): in every layer from `adapter_start_layer` on, each query also
+attends to `prefix_length` learned prefix tokens, with their own softmax, and the result is added
+to the attention output times a per-head gate that starts at zero. At init the model is exactly
+the base model; only the prefixes and gates train. The hook is `CausalSelfAttention.adapter` in
+`litllm/model.py`.
+
+Adapter v2 (Gao et al., 2023) adds a trainable per-output scale and bias to every Linear
+(`scale * (W x + b + bias)`, starting at scale 1, bias 0) and also trains the norms.
+
+An adapter model can't be merged into a plain `GPT`, so its model folder carries `adapter.yaml`
+(which transform to apply before loading `lit_model.safetensors`); `load_adapter_model` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import yaml
+
+from litllm.errors import LitLLMError
+
+ADAPTER_SPEC = "adapter.yaml"
+
+
+@dataclass
+class AdapterSettings:
+    """The structure an adapter model adds (written to `adapter.yaml`)."""
+
+    version: Literal[1, 2] = 1
+    start_layer: int = 2
+    """First block (0-based) whose attention gets a learned prefix."""
+    prefix_length: int = 10
+    """Number of learned prefix tokens per adapted block."""
+
+
+class PrefixAdapter(nn.Module):
+    """Gated attention of every query to `prefix_length` learned tokens (no causal mask, no RoPE)."""
+
+    def __init__(self, n_embd: int, n_head: int, prefix_length: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.prefix = nn.Parameter(torch.empty(prefix_length, n_embd, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.empty(1, n_head, 1, 1, device=device, dtype=dtype))
+        if self.prefix.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.prefix)  # the scale of the normed hidden states qkv usually sees
+        nn.init.zeros_(self.gate)  # zero-init gating: training starts from the base model
+
+    def forward(self, q: torch.Tensor, attn: nn.Module) -> torch.Tensor:
+        """q: (B, nh, T, hs) queries of `attn` (a CausalSelfAttention) -> (B, nh, T, hs)."""
+        from litllm.model import attention
+
+        c = attn.config
+        B, _, T, _ = q.shape
+        P = self.prefix.size(0)
+        _, k, v = attn.qkv(self.prefix.to(q.dtype)[None]).split(attn.qkv_sizes, dim=-1)  # (1, P, nkv*hs)
+        if c.norm_qk == "full":
+            k = attn.k_norm(k)
+        k = k.view(1, P, c.n_query_groups, c.head_size).transpose(1, 2)  # (1, nkv, P, hs)
+        v = v.view(1, P, c.n_query_groups, c.head_size).transpose(1, 2)  # (1, nkv, P, hs)
+        if c.norm_qk == "head":
+            k = attn.k_norm(k)
+        k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        every = torch.ones(1, 1, T, P, dtype=torch.bool, device=q.device)  # each query sees all of the prefix
+        scale = 1.0 / (c.attention_scores_scalar or c.head_size) ** 0.5
+        y = attention(q, k, v, every, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
+        return self.gate.to(y.dtype) * y
+
+
+class AdapterV2Linear(nn.Module):
+    """`scale * (base(x) + bias)` with per-output `adapter_scale` (init 1) and `adapter_bias` (init 0)."""
+
+    def __init__(self, base: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        weight = base.weight
+        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.get_default_dtype())
+        self.adapter_scale = nn.Parameter(torch.empty(self.out_features, device=weight.device, dtype=dtype))
+        self.adapter_bias = nn.Parameter(torch.empty(self.out_features, device=weight.device, dtype=dtype))
+        if weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.adapter_scale)
+        nn.init.zeros_(self.adapter_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return (self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype)))
+
+
+# ---------------------------------------------------------------------- transforms of a GPT
+def add_adapter(
+    model: nn.Module, adapter_start_layer: int = 2, prefix_length: int = 10, dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """Give the attention of blocks `adapter_start_layer..` a gated learned prefix, in place.
+
+    dtype: of the new weights (default: the embedding's).
+    """
+    n_layer = len(model.blocks)
+    if not 0 <= adapter_start_layer < n_layer:
+        raise LitLLMError(f"--adapter_start_layer: expected 0..{n_layer - 1} for this {n_layer}-layer model, "
+                          f"got {adapter_start_layer}")
+    if prefix_length < 1:
+        raise LitLLMError(f"--adapter_prefix_length: expected a positive length, got {prefix_length}")
+    c = model.config
+    weight = model.wte.weight
+    for block in model.blocks[adapter_start_layer:]:
+        if block.attn.adapter is not None:
+            raise ValueError("the model already has an adapter")
+        block.attn.adapter = PrefixAdapter(c.n_embd, c.n_head, prefix_length, weight.device, dtype or weight.dtype)
+    return model
+
+
+def add_adapter_v2(
+    model: nn.Module, adapter_start_layer: int = 2, prefix_length: int = 10, dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """LLaMA-Adapter v2: the prefixes of `add_adapter` plus a scale and bias on every Linear, in place."""
+    add_adapter(model, adapter_start_layer, prefix_length, dtype)
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and not p.endswith(".router")]
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, name, AdapterV2Linear(getattr(owner, name), dtype))
+    return model
+
+
+def apply_adapter(model: nn.Module, settings: AdapterSettings, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    transform = add_adapter if settings.version == 1 else add_adapter_v2
+    return transform(model, settings.start_layer, settings.prefix_length, dtype)
+
+
+def adapter_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters an adapter (v1 or v2) trains: prefixes, gates, v2 scales/biases and norms."""
+    from litllm.model import RMSNorm
+
+    v2 = any(isinstance(m, AdapterV2Linear) for m in model.modules())
+    names = {n for n, _ in model.named_parameters() if ".adapter." in n or ".adapter_" in n}
+    if v2:
+        for path, module in model.named_modules():
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                names.update(f"{path}.{n}" for n, _ in module.named_parameters())
+    return names
+
+
+def mark_only_adapter_as_trainable(model: nn.Module) -> None:
+    """Freeze everything except the adapter's parameters (for v2 also the scales/biases and norms)."""
+    trainable = adapter_parameter_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad = name in trainable
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable adapter weights alone."""
+    names = adapter_parameter_names(model)
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+# ---------------------------------------------------------------------- model folders
+def read_adapter_settings(checkpoint_dir: Path) -> Optional[AdapterSettings]:
+    """The `adapter.yaml` of a model folder, or None for a plain model."""
+    path = Path(checkpoint_dir) / ADAPTER_SPEC
+    if not path.is_file():
+        return None
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        settings = AdapterSettings(**values)
+    except TypeError:
+        raise LitLLMError(f"{path}: expected keys version, start_layer, prefix_length") from None
+    if settings.version not in (1, 2):
+        raise LitLLMError(f"{path}: version must be 1 or 2, got {settings.version!r}")
+    return settings
+
+
+def save_adapter_settings(checkpoint_dir: Path, settings: AdapterSettings) -> None:
+    from litllm.utils import atomic_write_text
+
+    atomic_write_text(Path(checkpoint_dir) / ADAPTER_SPEC, yaml.safe_dump(asdict(settings), sort_keys=False))
+
+
+def adapter_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of an adapter model, as its folder stores them (a tied head stored once, as `wte`)."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        sd.pop("lm_head.base.weight", None)
+    return sd
+
+
+def load_adapter_model(
+    checkpoint_dir: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """Load a model folder, applying the adapter structure its `adapter.yaml` describes (if any)."""
+    from safetensors.torch import load_file
+
+    from litllm.config import Config
+    from litllm.model import GPT
+    from litllm.utils import check_model_dir
+
+    checkpoint_dir = check_model_dir(checkpoint_dir)
+    settings = read_adapter_settings(checkpoint_dir)
+    if settings is None:
+        return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = apply_adapter(GPT(Config.from_checkpoint(checkpoint_dir)), settings)
+    path = checkpoint_dir / "lit_model.safetensors"
+    state = load_file(str(path), device=str(device))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    expected = adapter_model_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LitLLMError(f"{path}: weights don't match {ADAPTER_SPEC} and model_config.yaml: "
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        head = model.lm_head.base if isinstance(model.lm_head, AdapterV2Linear) else model.lm_head
+        head.weight = model.wte.weight
+    model.build_rope_cache(torch.device(device))
+    return model
+
+
+def save_adapter_model(model: nn.Module, out_dir: Path, settings: AdapterSettings, *file_sources: Path) -> None:
+    """Write an adapter model folder: config, `adapter.yaml`, tokenizer files, then the weights (last)."""
+    from litllm.checkpoint import save_model_weights
+    from litllm.lora import copy_tokenizer_files
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save(out_dir / "model_config.yaml")
+    save_adapter_settings(out_dir, settings)
+    copy_tokenizer_files(out_dir, *file_sources)
+    state = {k: v.detach().contiguous() for k, v in adapter_model_state_dict(model).items()}
+    save_model_weights(state, out_dir / "lit_model.safetensors")

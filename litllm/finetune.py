@@ -1,0 +1,609 @@
+"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`.
+
+    litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
+    litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
+
+Every method runs the one shared training loop (`litllm.train.loop.run`); a method is only a
+`Method`: how the loaded model is transformed (LoRA / adapters / quantized base), which
+parameters train, and what the final model folder holds. Outputs in `out_dir`:
+
+- `step-XXXXXXXX/`: resumable training checkpoints (only the trained parameters for LoRA/adapters);
+- `final/`: a model folder (`lit_model.safetensors`, `model_config.yaml`, tokenizer files,
+  `prompt_style.yaml`) for `generate`, `chat`, `evaluate` and `convert_from_litllm`. LoRA merges its
+  update into the base weights there and also leaves `lit_lora.safetensors` + `hyperparameters.yaml`
+  (re-merge or export to PEFT with `litllm merge_lora`). Adapter models keep their extra structure
+  and carry `adapter.yaml` (load them with `litllm.adapter.load_adapter_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from litllm.data.base import DataModule
+from litllm.errors import LitLLMError
+from litllm.train.args import EvalArgs, TrainArgs
+from litllm.train.loop import TrainResult
+
+# DataModule classes must be imported for `--data <ClassName>` to resolve them
+try:
+    import litllm.data  # noqa: F401  (its __init__ imports every data module)
+except ImportError:  # pragma: no cover - a data module under construction must not break the command
+    pass
+
+QuantizeMode = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8-training"]
+# the frozen base only needs gradients with respect to its inputs, which bnb's int8 layer computes
+_BNB_MODE = {"bnb.nf4": "bnb.nf4", "bnb.nf4-dq": "bnb.nf4-dq", "bnb.fp4": "bnb.fp4", "bnb.int8-training": "bnb.int8"}
+
+FINETUNE_TRAIN = TrainArgs(
+    save_interval=1000, log_interval=1, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=100, epochs=5,
+    max_seq_length=None,
+)
+FINETUNE_EVAL = EvalArgs(interval=100, max_new_tokens=100, max_iters=100)
+PEFT_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
+FULL_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-5, "weight_decay": 0.02}}
+
+
+# ---------------------------------------------------------------------- the commands
+def finetune_lora(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/lora"),
+    precision: Optional[str] = None,
+    quantize: Optional[QuantizeMode] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
+    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    data: Optional[DataModule] = None,
+    train: TrainArgs = FINETUNE_TRAIN,
+    eval: EvalArgs = FINETUNE_EVAL,
+    optimizer: Union[str, dict] = PEFT_OPTIMIZER,
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> TrainResult:
+    """Finetune a model with LoRA (QLoRA with `--quantize`): train low-rank updates of frozen weights.
+
+    Args:
+        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
+        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
+        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
+        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
+            `bnb.fp4`, `bnb.int8-training`); the LoRA weights train in `precision`.
+        devices: Devices per node (`auto`: every visible GPU).
+        num_nodes: Number of nodes (with SLURM, launch with `srun`).
+        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`. With `--quantize`,
+            FSDP shards everything but the packed quantized base, which every device holds whole.
+        accelerator: `auto`, `cuda` or `cpu`.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
+        lora_dropout: Dropout on the LoRA branch's input.
+        lora_query: Apply LoRA to the query rows of the attention projection.
+        lora_key: Apply LoRA to the key rows of the attention projection.
+        lora_value: Apply LoRA to the value rows of the attention projection.
+        lora_projection: Apply LoRA to the attention output projection.
+        lora_mlp: Apply LoRA to the MLP (every expert's, for MoE models).
+        lora_head: Apply LoRA to the output head.
+        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
+        train: Training settings (batch sizes, budget, schedule, saving).
+        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
+        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
+        logger_name: `csv`, `tensorboard` or `wandb`.
+        seed: Random seed (LoRA init, data order, dropout).
+        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
+            a checkpoint path; false: start fresh.
+        compile: Compile each transformer block with `torch.compile`.
+        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
+    """
+    args = dict(locals())
+    from litllm.lora import LoRASettings
+
+    settings = LoRASettings(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
+                            lora_mlp, lora_head)
+    return _launch("lora", args, lora=settings)
+
+
+def finetune_full(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/full"),
+    precision: Optional[str] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
+    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
+    data: Optional[DataModule] = None,
+    train: TrainArgs = FINETUNE_TRAIN,
+    eval: EvalArgs = FINETUNE_EVAL,
+    optimizer: Union[str, dict] = FULL_OPTIMIZER,
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> TrainResult:
+    """Finetune every weight of a model.
+
+    Args:
+        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
+        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
+        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
+        devices: Devices per node (`auto`: every visible GPU).
+        num_nodes: Number of nodes (with SLURM, launch with `srun`).
+        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`.
+        accelerator: `auto`, `cuda` or `cpu`.
+        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
+        train: Training settings (batch sizes, budget, schedule, saving).
+        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
+        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-5`) or {class_path, init_args}.
+        logger_name: `csv`, `tensorboard` or `wandb`.
+        seed: Random seed (data order, dropout).
+        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
+            a checkpoint path; false: start fresh.
+        compile: Compile each transformer block with `torch.compile`.
+        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
+    """
+    return _launch("full", dict(locals()))
+
+
+def finetune_adapter(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/adapter"),
+    precision: Optional[str] = None,
+    quantize: Optional[QuantizeMode] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
+    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
+    adapter_start_layer: int = 2,
+    adapter_prefix_length: int = 10,
+    data: Optional[DataModule] = None,
+    train: TrainArgs = FINETUNE_TRAIN,
+    eval: EvalArgs = FINETUNE_EVAL,
+    optimizer: Union[str, dict] = PEFT_OPTIMIZER,
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> TrainResult:
+    """Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.
+
+    Args:
+        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
+        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
+        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
+        quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
+            `bnb.int8-training`).
+        devices: Devices per node (`auto`: every visible GPU).
+        num_nodes: Number of nodes (with SLURM, launch with `srun`).
+        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`.
+        accelerator: `auto`, `cuda` or `cpu`.
+        adapter_start_layer: First block (0-based) that gets a learned prefix.
+        adapter_prefix_length: Learned prefix tokens per adapted block.
+        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
+        train: Training settings (batch sizes, budget, schedule, saving).
+        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
+        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
+        logger_name: `csv`, `tensorboard` or `wandb`.
+        seed: Random seed (prefix init, data order).
+        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
+            a checkpoint path; false: start fresh.
+        compile: Compile each transformer block with `torch.compile`.
+        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
+    """
+    args = dict(locals())
+    from litllm.adapter import AdapterSettings
+
+    return _launch("adapter", args, adapter=AdapterSettings(1, adapter_start_layer, adapter_prefix_length))
+
+
+def finetune_adapter_v2(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/adapter-v2"),
+    precision: Optional[str] = None,
+    quantize: Optional[QuantizeMode] = None,
+    devices: Union[int, str] = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
+    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
+    adapter_start_layer: int = 2,
+    adapter_prefix_length: int = 10,
+    data: Optional[DataModule] = None,
+    train: TrainArgs = FINETUNE_TRAIN,
+    eval: EvalArgs = FINETUNE_EVAL,
+    optimizer: Union[str, dict] = PEFT_OPTIMIZER,
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> TrainResult:
+    """Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.
+
+    Args:
+        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
+        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
+        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
+        quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
+            `bnb.int8-training`).
+        devices: Devices per node (`auto`: every visible GPU).
+        num_nodes: Number of nodes (with SLURM, launch with `srun`).
+        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`.
+        accelerator: `auto`, `cuda` or `cpu`.
+        adapter_start_layer: First block (0-based) that gets a learned prefix.
+        adapter_prefix_length: Learned prefix tokens per adapted block.
+        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
+        train: Training settings (batch sizes, budget, schedule, saving).
+        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
+        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
+        logger_name: `csv`, `tensorboard` or `wandb`.
+        seed: Random seed (prefix init, data order).
+        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
+            a checkpoint path; false: start fresh.
+        compile: Compile each transformer block with `torch.compile`.
+        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
+    """
+    args = dict(locals())
+    from litllm.adapter import AdapterSettings
+
+    return _launch("adapter_v2", args, adapter=AdapterSettings(2, adapter_start_layer, adapter_prefix_length))
+
+
+# ---------------------------------------------------------------------- shared setup
+def _launch(method_name: str, args: dict[str, Any], **settings: Any) -> Any:
+    """Validate the arguments (before any process starts or anything is written), then launch `main`."""
+    from litllm.config import Config
+    from litllm.train.fabric import make_fabric
+    from litllm.train.loggers import check_logger_name
+    from litllm.utils import check_model_dir
+
+    default = FULL_OPTIMIZER if method_name == "full" else PEFT_OPTIMIZER
+    args["optimizer"] = _optimizer_spec(args["optimizer"], default)
+    hparams = dict(args)
+    checkpoint_dir = check_model_dir(args["checkpoint_dir"])
+    config = Config.from_checkpoint(checkpoint_dir)
+    check_logger_name(args["logger_name"])
+    quantize = args.get("quantize")
+    if quantize is not None and quantize not in _BNB_MODE:
+        raise LitLLMError(f"--quantize: expected one of {', '.join(_BNB_MODE)}, got {quantize!r}")
+    adapter = settings.get("adapter")
+    if adapter is not None and not 0 <= adapter.start_layer < config.n_layer:
+        raise LitLLMError(
+            f"--adapter_start_layer: expected 0..{config.n_layer - 1} for {checkpoint_dir} ({config.n_layer} layers), "
+            f"got {adapter.start_layer}"
+        )
+    lora = settings.get("lora")
+    if lora is not None and lora.head and config.tie_embeddings:
+        raise LitLLMError(
+            f"--lora_head: {checkpoint_dir} ties its output head to the input embedding, so the head can't get "
+            "its own LoRA update; train without --lora_head"
+        )
+    fabric = make_fabric(args["devices"], args["num_nodes"], args["strategy"], args["precision"], args["accelerator"])
+    args["train"].gradient_accumulation_iters(fabric.world_size)  # clear error before any process starts
+    if quantize is not None:
+        from litllm.quantize import check_quantize_mode
+
+        check_quantize_mode(_BNB_MODE[quantize], fabric.device.type, _dtypes(fabric)[1])
+    return fabric.launch(
+        main, method_name=method_name, checkpoint_dir=checkpoint_dir, config=config, args=args,
+        hparams=hparams, **settings,
+    )
+
+
+def _optimizer_spec(spec: Union[str, dict], default: dict[str, Any]) -> Union[str, dict]:
+    """Normalize `--optimizer`: jsonargparse turns `--optimizer.lr 1e-3` into keys beside (or instead of)
+    `class_path`/`init_args`; those keys become init_args over the command's default optimizer."""
+    if not isinstance(spec, dict):
+        return spec
+    class_path = spec.get("class_path") or default["class_path"]
+    init_args = dict(default["init_args"]) if class_path == default["class_path"] else {}
+    init_args.update(spec.get("init_args") or {})
+    init_args.update({k: v for k, v in spec.items() if k not in ("class_path", "init_args")})
+    # values given on the command line arrive as strings ("1e-3")
+    init_args = {k: _scalar(v) if isinstance(v, str) else v for k, v in init_args.items()}
+    return {"class_path": class_path, "init_args": init_args}
+
+
+def _scalar(text: str) -> Any:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _dtypes(fabric) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of trainable weights, dtype of the computation) for the run's precision."""
+    precision = str(getattr(fabric.strategy.precision, "precision", "32-true"))
+    half = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+    if half is None:
+        return torch.float32, torch.float32
+    return (torch.float32 if precision.endswith("mixed") else half), half
+
+
+def main(
+    fabric,
+    method_name: str,
+    checkpoint_dir: Path,
+    config,
+    args: dict[str, Any],
+    hparams: dict[str, Any],
+    lora=None,
+    adapter=None,
+):
+    """Runs on every rank after launch: tokenizer, data, model, method, then the shared loop."""
+    from litllm.model import GPT
+    from litllm.tokenizer import Tokenizer
+    from litllm.train import checkpoints as ckpt
+    from litllm.train.loggers import build_logger
+    from litllm.train.loop import run
+
+    out_dir = Path(args["out_dir"])
+    resume_dir = ckpt.resolve_resume(args["resume"], out_dir, config)  # clear errors before anything is written
+    tokenizer = Tokenizer(checkpoint_dir)
+    data = args["data"]
+    if data is None:
+        from litllm.data import Alpaca
+
+        data = Alpaca()
+    style = _prompt_style(data, tokenizer)
+    base_weights = checkpoint_dir / "lit_model.safetensors"
+    quantize = args.get("quantize")
+    fabric.seed_everything(args["seed"])
+
+    param_dtype, compute_dtype = _dtypes(fabric)
+    if quantize is not None:
+        # QLoRA: load on the CPU and quantize layer by layer onto the device, so the full-precision
+        # base never has to fit in device memory
+        model = GPT.from_checkpoint(checkpoint_dir, device="cpu", dtype=compute_dtype)
+        initial_weights = None
+    else:
+        # weights are loaded by the loop: before the transform on one device, after sharding under FSDP
+        with fabric.init_module(empty_init=True):
+            model = GPT(config)
+        initial_weights = base_weights
+    method, write_outputs = build_method(
+        method_name, lora=lora, adapter=adapter, base_weights=base_weights,
+        quantize=_BNB_MODE[quantize] if quantize else None, device=fabric.device, param_dtype=param_dtype,
+        compute_dtype=compute_dtype,
+    )
+    extra_files = {"prompt_style.yaml": _prompt_style_yaml(style)}
+    if adapter is not None:
+        import yaml
+
+        extra_files["adapter.yaml"] = yaml.safe_dump(asdict(adapter), sort_keys=False)
+    logger = None
+    if fabric.global_rank == 0:
+        logger = build_logger(args["logger_name"], out_dir, run_name=out_dir.name, resume=resume_dir is not None)
+    result = run(
+        fabric, model, method, data, tokenizer, args["train"], args["eval"], args["optimizer"], out_dir,
+        resume_dir or False, hparams=hparams, initial_weights=initial_weights, model_files_from=checkpoint_dir,
+        extra_files=extra_files, logger=logger, seed=args["seed"], compile=args["compile"],
+        activation_checkpointing=args["activation_checkpointing"],
+        after_validation=_sample_reply(data, tokenizer, style, args["eval"].max_new_tokens),
+    )
+    if fabric.global_rank == 0 and result.final_dir is not None:
+        write_outputs(result.final_dir)
+    fabric.barrier()
+    if adapter is None:
+        fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
+    else:
+        fabric.print(f"Load it with litllm.adapter.load_adapter_model({str(result.final_dir)!r})")
+    return result
+
+
+# ---------------------------------------------------------------------- methods
+def build_method(
+    name: str,
+    lora=None,
+    adapter=None,
+    base_weights: Optional[Path] = None,
+    quantize: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+    param_dtype: Optional[torch.dtype] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[Any, Callable[[Path], None]]:
+    """The `Method` (transform, trainable, export) of a finetuning method, and a function that writes
+    the method's extra files into `final/` once the loop is done.
+
+    LoRA and adapters export from the full-precision base weights in `base_weights` plus the trained
+    tensors, so a quantized (QLoRA) or sharded run still yields an exact, dense model folder.
+    param_dtype: dtype of the new trainable weights (fp32 under mixed precision);
+    compute_dtype: dtype a quantized base computes in.
+    """
+    from litllm.train.loop import Method
+
+    if name == "full":
+        if quantize is not None:
+            raise LitLLMError("--quantize needs a method that freezes the base (LoRA or adapters)")
+        return Method(name="full"), lambda final_dir: None
+    if name == "lora":
+        return _lora_method(lora, base_weights, quantize, device, param_dtype, compute_dtype)
+    if name in ("adapter", "adapter_v2"):
+        return _adapter_method(adapter, base_weights, quantize, device, param_dtype, compute_dtype)
+    raise ValueError(f"unknown finetuning method {name!r}")
+
+
+def _quantize_frozen(model: nn.Module, quantize: Optional[str], device, compute_dtype) -> None:
+    """QLoRA: every frozen Linear (the base weights) becomes a bitsandbytes layer on `device`."""
+    if quantize is None:
+        return
+    from litllm.quantize import quantize_model
+
+    quantize_model(model, quantize, device, frozen_only=True, compute_dtype=compute_dtype)
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for CPU inference whenever a layer runs in eval mode
+        # (validation), which fails for inputs narrower than a quantization block: training keeps one layout
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model.to(device)
+    for module in model.modules():
+        # the loop gathers state dicts with torch.distributed.checkpoint, which looks every key up as an
+        # attribute; bitsandbytes' int8 layer saves `SCB` and `weight_format` keys it has no attributes for
+        if type(module).__name__ == "Linear8bitLt" and getattr(module.weight, "SCB", None) is not None:
+            module.SCB = module.weight.SCB
+            module.weight_format = torch.tensor(0, dtype=torch.uint8)
+
+
+def _wrapped_key(wrapped: set[str]) -> Callable[[str], str]:
+    """Base-checkpoint name -> name in a model whose Linears at `wrapped` paths moved to `<path>.base`."""
+
+    def base_key(name: str) -> str:
+        module, _, param = name.rpartition(".")
+        return f"{module}.base.{param}" if module in wrapped else name
+
+    return base_key
+
+
+def _lora_method(lora, base_weights: Path, quantize, device, param_dtype, compute_dtype):
+    from litllm.lora import LORA_WEIGHTS, LoRALinear, add_lora, is_lora_parameter
+    from litllm.train.loop import Method
+
+    layout: dict[str, tuple[list, list, float]] = {}  # LoRA module path -> (parts, enabled, scaling)
+    wrapped: set[str] = set()
+    trained: dict[str, torch.Tensor] = {}  # the LoRA tensors `export` saw, for final/lit_lora.safetensors
+
+    def transform(model: nn.Module) -> nn.Module:
+        on_meta = model.wte.weight.is_meta
+        add_lora(model, **asdict(lora), dtype=None if on_meta else param_dtype)
+        for path, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                layout[path] = (module.parts, module.enabled, module.scaling)
+                wrapped.add(path)
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_lora_parameter(name))
+        _quantize_frozen(model, quantize, device, compute_dtype)
+        return model
+
+    def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        trained.clear()
+        trained.update({k: v for k, v in state_dict.items() if is_lora_parameter(k)})
+        return merge_lora_state_dict(_read_weights(base_weights), trained, layout)
+
+    def write_outputs(final_dir: Path) -> None:
+        from litllm.checkpoint import save_model_weights
+
+        save_model_weights({k: v.contiguous() for k, v in trained.items()}, final_dir / LORA_WEIGHTS)
+
+    method = Method(name="lora", transform=transform, trainable=lambda name, _: is_lora_parameter(name),
+                    export=export, base_key=_wrapped_key(wrapped))  # `wrapped` is filled by transform
+    return method, write_outputs
+
+
+def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, compute_dtype):
+    from litllm.adapter import AdapterV2Linear, adapter_parameter_names, apply_adapter
+    from litllm.train.loop import Method
+
+    names: set[str] = set()  # the trained parameters
+    wrapped: set[str] = set()  # adapter v2's wrapped Linears
+    base_key = _wrapped_key(wrapped)
+
+    def transform(model: nn.Module) -> nn.Module:
+        apply_adapter(model, adapter, dtype=None if model.wte.weight.is_meta else param_dtype)
+        names.update(adapter_parameter_names(model))
+        wrapped.update(p for p, m in model.named_modules() if isinstance(m, AdapterV2Linear))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in names)
+        _quantize_frozen(model, quantize, device, compute_dtype)
+        return model
+
+    def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # the frozen base from its file (dense even if the run quantized it) + the trained tensors,
+        # in the base's dtype; a tied head stays stored once (as wte.weight)
+        base = {base_key(k): v for k, v in _read_weights(base_weights).items()}
+        dtype = base["wte.weight"].dtype
+        base.update({k: state_dict[k].to(dtype) for k in names})
+        return base
+
+    method = Method(name=f"adapter_v{adapter.version}", transform=transform,
+                    trainable=lambda name, _: name in names, export=export, base_key=base_key)
+    return method, lambda final_dir: None
+
+
+def merge_lora_state_dict(
+    base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], layout: dict[str, tuple[list, list, float]]
+) -> dict[str, torch.Tensor]:
+    """Base weights (plain GPT names) + LoRA tensors -> merged weights: W += scaling * B @ A per part."""
+    merged = dict(base)
+    for path, (parts, enabled, scaling) in layout.items():
+        name = f"{path}.weight"
+        weight = merged[name]
+        delta = torch.zeros(weight.shape, dtype=torch.float32)
+        row = 0
+        for part, rows in parts:
+            if part in enabled:
+                a = lora[f"{path}.lora_A.{part}"].float().cpu()
+                b = lora[f"{path}.lora_B.{part}"].float().cpu()
+                delta[row: row + rows] = b @ a * scaling
+            row += rows
+        merged[name] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+# ---------------------------------------------------------------------- prompt style and samples
+def _prompt_style(data, tokenizer):
+    from litllm.data.sft import resolve_prompt_style
+
+    return resolve_prompt_style(getattr(data, "prompt_style", None), tokenizer)
+
+
+def _prompt_style_yaml(style) -> str:
+    import tempfile
+
+    from litllm.prompts import PROMPT_STYLE_FILE, save_prompt_style
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_prompt_style(style, tmp)
+        return (Path(tmp) / PROMPT_STYLE_FILE).read_text(encoding="utf-8")
+
+
+def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
+    """`after_validation` hook: greedily continue the first validation prompt and print the reply."""
+    if not max_new_tokens:
+        return None
+
+    def after_validation(fabric, model, step: int) -> None:
+        from litllm.generate import generate_tokens
+        from litllm.train.fabric import unwrap
+
+        dataset = getattr(data, "val_dataset", None)
+        if not dataset:
+            return
+        sample = dataset[0]
+        reply_at = (sample["labels"] != getattr(data, "ignore_index", -100)).nonzero()
+        if not len(reply_at):
+            return
+        prompt = sample["input_ids"][: int(reply_at[0]) + 1]  # labels[t] is the target of input_ids[t]
+        module = unwrap(model)
+        was_training = module.training
+        module.eval()
+        tokens = list(generate_tokens(module, prompt, max_new_tokens, temperature=0.0,
+                                      stop_sequences=style.stop_tokens(tokenizer)))
+        module.train(was_training)
+        fabric.print(f"Step {step} sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(torch.tensor(tokens))!r}")
+
+    return after_validation

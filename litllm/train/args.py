@@ -1,0 +1,122 @@
+"""Training and evaluation settings shared by `litllm pretrain` and every `litllm finetune_*`.
+
+Both are plain dataclasses: jsonargparse turns their fields into dotted flags
+(`--train.micro_batch_size 2`, `--eval.interval 100`) and the attribute docstrings into help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from litllm.errors import LitLLMError
+
+
+@dataclass
+class TrainArgs:
+    """How long and how to train: batch sizes, budget, learning-rate schedule, clipping, saving."""
+
+    save_interval: Optional[int] = 1000
+    """Save a training checkpoint `out_dir/step-XXXXXXXX/` every this many optimizer steps (None: only at the end)."""
+    log_interval: int = 1
+    """Log metrics every this many optimizer steps."""
+    global_batch_size: int = 64
+    """Samples per optimizer step, summed over every device and node and every accumulation micro-step."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward pass on one device."""
+    lr_warmup_steps: Optional[int] = 100
+    """Optimizer steps of linear warmup from 0 to the optimizer's lr (capped at the run's length)."""
+    lr_warmup_fraction: Optional[float] = None
+    """Warmup as a fraction of the run's optimizer steps (use instead of lr_warmup_steps)."""
+    epochs: Optional[int] = None
+    """Passes over the training data (the budget is the smallest of epochs, max_tokens and max_steps that are set)."""
+    max_tokens: Optional[int] = None
+    """Stop after this many training tokens (global_batch_size x max_seq_length per step)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps."""
+    max_seq_length: Optional[int] = None
+    """Tokens per training sample (longer samples are cut; None: the model's block_size)."""
+    min_lr: float = 0.0
+    """The cosine schedule decays the learning rate to this value at the last step."""
+    max_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for MFU (None: looked up for known GPUs; on CPU only achieved FLOP/s is logged)."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise LitLLMError(f"--train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_interval", "epochs", "max_tokens", "max_steps", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LitLLMError(f"--train.{name} must be >= 1 (or unset), got {value}")
+        if self.lr_warmup_fraction is not None:
+            if not 0 <= self.lr_warmup_fraction <= 1:
+                raise LitLLMError(f"--train.lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}")
+            if self.lr_warmup_steps:
+                raise LitLLMError("set only one of --train.lr_warmup_steps and --train.lr_warmup_fraction")
+
+    def per_device_batch_size(self, world_size: int) -> int:
+        """Samples each device processes per optimizer step."""
+        if self.global_batch_size % world_size:
+            raise LitLLMError(
+                f"--train.global_batch_size ({self.global_batch_size}) must be divisible by the number of "
+                f"devices x nodes ({world_size})"
+            )
+        return self.global_batch_size // world_size
+
+    def gradient_accumulation_iters(self, world_size: int) -> int:
+        """Micro-batches each device accumulates before an optimizer step."""
+        per_device = self.per_device_batch_size(world_size)
+        if per_device % self.micro_batch_size:
+            raise LitLLMError(
+                f"--train.global_batch_size ({self.global_batch_size}) must be divisible by devices x nodes "
+                f"({world_size}) x --train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return per_device // self.micro_batch_size
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup length in optimizer steps for a run of `total_steps`."""
+        if self.lr_warmup_fraction is not None:
+            return int(self.lr_warmup_fraction * total_steps)
+        return min(self.lr_warmup_steps or 0, total_steps)
+
+    def total_steps(self, seq_length: int, batches_per_epoch: Optional[int], accumulation: int) -> int:
+        """The run's length in optimizer steps: the smallest budget that is set (one epoch if none is).
+
+        `batches_per_epoch` is the number of micro-batches one device sees per epoch (None: unknown).
+        """
+        budgets = []
+        if self.max_steps is not None:
+            budgets.append(self.max_steps)
+        if self.max_tokens is not None:
+            budgets.append(self.max_tokens // (self.global_batch_size * seq_length))
+        epochs = self.epochs if (self.epochs is not None or budgets) else 1
+        if epochs is not None:
+            if batches_per_epoch is None:
+                raise LitLLMError(
+                    "--train.epochs needs a training set of known length; set --train.max_tokens or --train.max_steps"
+                )
+            budgets.append(epochs * batches_per_epoch // accumulation)
+        return max(1, min(budgets))
+
+
+@dataclass
+class EvalArgs:
+    """When and how much to validate."""
+
+    interval: int = 600
+    """Validate every this many optimizer steps."""
+    max_iters: int = 100
+    """Validation batches per device (the whole validation set when it is shorter)."""
+    initial_validation: bool = False
+    """Validate before the first step."""
+    final_validation: bool = True
+    """Validate after the last step."""
+    max_new_tokens: Optional[int] = None
+    """Tokens to generate from a validation prompt at each validation (finetuning; None: no sample)."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 1 or self.max_iters < 1:
+            raise LitLLMError("--eval.interval and --eval.max_iters must be >= 1")

@@ -1,0 +1,315 @@
+"""Training checkpoints: save, find, resume, and turn into model folders.
+
+A training checkpoint `out_dir/step-XXXXXXXX/` holds:
+  lit_model.safetensors    the model (when every parameter trains), or
+  trainable.safetensors    only the trained parameters (LoRA, adapters: the frozen base is re-read)
+  optimizer.pt             the optimizer state, keyed by parameter name (any device count can resume it)
+  training_state.pt        step/token/epoch counters, RNG states, the data loader's position
+  model_config.yaml, hyperparameters.yaml, tokenizer files
+With every parameter trained, the folder is also a model folder (generate, finetune, convert take it).
+
+Saving is atomic: the folder is written under a hidden temporary name and renamed when complete,
+so a crash (even SIGKILL) mid-save never leaves a checkpoint that looks complete. Full state dicts
+are gathered to global rank 0 (`torch.distributed.checkpoint.state_dict`, which handles single
+device, DDP and FSDP2 alike), which alone writes. Tensors are read back with safetensors or
+`torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import yaml
+
+from litllm.config import Config
+from litllm.errors import LitLLMError
+from litllm.utils import atomic_path
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "training_state.pt"
+FORMAT_VERSION = 1
+# Config fields that don't change the model's computation (a checkpoint may differ in them)
+_COSMETIC_FIELDS = {"name", "hf_repo"}
+
+
+# ---------------------------------------------------------------------- finding checkpoints
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The complete training checkpoint with the highest step in `out_dir` (temporaries are hidden)."""
+    if not out_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(step, p) for step, p in found if (p / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config) -> Optional[Path]:
+    """The checkpoint to resume from (None: start fresh), checked against `config` before any write."""
+    if resume is False or resume is None or resume == "false":
+        return None
+    if resume is True or resume == "auto":
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise LitLLMError(f"--resume {path}: not a training checkpoint (no {STATE_FILE}); expected out_dir/step-XXXXXXXX")
+    saved = Config.from_file(path / "model_config.yaml").to_dict()
+    current = config.to_dict()
+    differing = sorted(k for k in current if k not in _COSMETIC_FIELDS and saved.get(k) != current[k])
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {current[k]!r}" for k in differing[:4])
+        raise LitLLMError(f"--resume {path}: the checkpoint is of another model shape ({details})")
+    return path
+
+
+# ---------------------------------------------------------------------- RNG
+def get_rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------- saving
+def _trainable_names(module: nn.Module) -> set[str]:
+    from litllm.train.fabric import clean_name
+
+    return {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full state dict on global rank 0 (CPU), empty elsewhere; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    config = getattr(module, "config", None)
+    if config is not None and config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # stored once, as wte.weight
+    return sd
+
+
+def _copy_model_files(source: Optional[Path], folder: Path) -> None:
+    from litllm.convert import TOKENIZER_FILES
+
+    if source is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, folder / name)
+
+
+def to_plain(value: Any) -> Any:
+    """Arguments -> YAML-safe data (dataclasses, paths and DataModule objects included)."""
+    import dataclasses
+
+    is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if hasattr(value, "connect") and not isinstance(value, type):  # a DataModule: as jsonargparse writes it
+        names = [f.name for f in dataclasses.fields(value)] if is_dataclass else [k for k in vars(value) if not k.startswith("_")]
+        init_args = {name: to_plain(getattr(value, name)) for name in names}
+        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": init_args}
+    if is_dataclass:
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return repr(value)
+
+
+class CheckpointWriter:
+    """Writes `step-XXXXXXXX/` training checkpoints and the `final/` model folder of one run."""
+
+    def __init__(
+        self,
+        fabric,
+        out_dir: Path,
+        model: nn.Module,
+        config: Config,
+        method,
+        tokenizer_dir: Optional[Path],
+        hparams: dict[str, Any],
+        extra_files: dict[str, str],
+    ) -> None:
+        from litllm.train.fabric import unwrap
+
+        self.fabric = fabric
+        self.out_dir = Path(out_dir)
+        self.module = unwrap(model)
+        self.config = config
+        self.method = method
+        self.tokenizer_dir = tokenizer_dir
+        self.hparams = hparams
+        self.extra_files = extra_files
+        self.trainable = _trainable_names(self.module)
+        all_params = {n for n in _all_param_names(self.module)}
+        self.trains_everything = self.trainable >= all_params
+        if fabric.global_rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.out_dir.glob(".step-*.tmp-*"):  # left behind by a killed save
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _write_model_files(self, folder: Path) -> None:
+        self.config.save(folder / "model_config.yaml")
+        _copy_model_files(self.tokenizer_dir, folder)
+        for name, text in self.extra_files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(to_plain(self.hparams), sort_keys=False))
+
+    def save_step(self, optimizer, counters: dict[str, Any], data_state: dict[str, Any]) -> Path:
+        """Save a resumable checkpoint for the current step (collective: call on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from litllm.checkpoint import save_model_weights
+        from litllm.train.fabric import unwrap
+
+        sd = _full_model_state(self.module)
+        if not self.trains_everything:
+            sd = {k: v for k, v in sd.items() if k in self.trainable}
+        opt_sd = get_optimizer_state_dict(
+            self.module, unwrap(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        path = self.out_dir / step_dir_name(counters["step"])
+        if self.fabric.global_rank == 0:
+            state = {
+                "format": FORMAT_VERSION,
+                "counters": dict(counters),
+                "data": data_state,
+                "rng": get_rng_state(),
+                "world_size": self.fabric.world_size,
+            }
+            with atomic_path(path) as tmp:
+                tmp.mkdir()
+                weights = "lit_model.safetensors" if self.trains_everything else "trainable.safetensors"
+                save_model_weights(sd, tmp / weights)
+                torch.save(opt_sd, tmp / "optimizer.pt")
+                self._write_model_files(tmp)
+                torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete folder
+        self.fabric.barrier()
+        return path
+
+    def save_final(self) -> Path:
+        """Write `final/`: a model folder with the method's exported weights (collective)."""
+        from litllm.checkpoint import save_model_weights
+
+        sd = _full_model_state(self.module)
+        path = self.out_dir / "final"
+        if self.fabric.global_rank == 0:
+            exported = self.method.export(sd)
+            with atomic_path(path) as tmp:
+                tmp.mkdir()
+                save_model_weights(exported, tmp / "lit_model.safetensors")
+                self._write_model_files(tmp)
+        self.fabric.barrier()
+        return path
+
+
+def _all_param_names(module: nn.Module) -> set[str]:
+    from litllm.train.fabric import clean_name
+
+    return {clean_name(n) for n, _ in module.named_parameters()}
+
+
+# ---------------------------------------------------------------------- loading
+def load_training_checkpoint(fabric, path: Path, model: nn.Module, optimizer, method) -> dict[str, Any]:
+    """Restore model and optimizer from `path` (every rank reads it); returns counters, data and RNG state."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from litllm.train.fabric import load_full_state_dict, unwrap
+
+    module = unwrap(model)
+    if (path / "lit_model.safetensors").is_file():
+        load_full_state_dict(module, load_file(str(path / "lit_model.safetensors")), source=path)
+    elif (path / "trainable.safetensors").is_file():
+        sd = load_file(str(path / "trainable.safetensors"))
+        load_full_state_dict(module, sd, required=_trainable_names(module), source=path)
+    else:
+        raise LitLLMError(f"{path}: no lit_model.safetensors or trainable.safetensors")
+    opt_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    try:
+        set_optimizer_state_dict(
+            module, unwrap(optimizer), opt_sd, options=StateDictOptions(full_state_dict=True)
+        )
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise LitLLMError(f"{path / 'optimizer.pt'}: does not match this run's optimizer/parameters ({e})") from None
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT_VERSION:
+        raise LitLLMError(f"{path / STATE_FILE}: unknown checkpoint format {state.get('format')!r}")
+    return state
+
+
+# ---------------------------------------------------------------------- command
+def convert_pretrained_checkpoint(checkpoint_dir: Path, output_dir: Path) -> None:
+    """Turn a training checkpoint (`out_dir/step-XXXXXXXX` or `final`) into a model folder.
+
+    The model folder (`lit_model.safetensors`, `model_config.yaml`, tokenizer files) is what
+    `litllm generate`, `litllm finetune_*` and `litllm convert_from_litllm` take. Optimizer and
+    training state are left out.
+
+    Args:
+        checkpoint_dir: the training checkpoint folder.
+        output_dir: where to write the model folder (must not exist yet, or be empty).
+    """
+    from litllm.convert import TOKENIZER_FILES
+
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if not checkpoint_dir.is_dir():
+        raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
+    weights = checkpoint_dir / "lit_model.safetensors"
+    if not weights.is_file():
+        if (checkpoint_dir / "trainable.safetensors").is_file():
+            raise LitLLMError(
+                f"{checkpoint_dir}: holds only the trained parameters of a finetuning method (trainable.safetensors); "
+                f"use the run's final/ folder, which has the merged model"
+            )
+        raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm training checkpoint?)")
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise LitLLMError(f"{checkpoint_dir}: no model_config.yaml")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise LitLLMError(f"{output_dir}: exists and is not empty; choose a new output folder")
+    Config.from_file(checkpoint_dir / "model_config.yaml")  # fails clearly if unreadable
+    with atomic_path(output_dir) as tmp:
+        tmp.mkdir()
+        for name in ("lit_model.safetensors", "model_config.yaml", *TOKENIZER_FILES):
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, tmp / name)
+    print(f"Wrote the model folder {output_dir}")

@@ -1,0 +1,240 @@
+"""Fabric setup shared by pretraining and finetuning: devices, strategy, precision, model preparation.
+
+Strategies (`--strategy`):
+  auto    one device -> single-device; more -> fsdp
+  single  one device, no process group
+  ddp     replicate the model, all-reduce gradients
+  fsdp    FSDP2 (`torch.distributed.fsdp.fully_shard`) through Fabric's `ModelParallelStrategy`, one
+          shard unit per transformer Block plus the root (embedding, final norm, head). It runs on
+          GPUs with NCCL and on CPUs with gloo, so the code tested here is the code that runs on nodes.
+
+Multi-node: `--num_nodes N`; under SLURM (`srun`) Fabric reads the rank layout from the environment
+and the processes are created by srun, not by Fabric. `import lightning` is slow: it happens here,
+inside functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from litllm.errors import LitLLMError
+
+Strategy = Literal["auto", "single", "ddp", "fsdp"]
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision on GPUs that support it, fp32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def make_fabric(
+    devices: Union[int, str] = "auto",
+    num_nodes: int = 1,
+    strategy: Strategy = "auto",
+    precision: Optional[str] = None,
+    accelerator: str = "auto",
+    loggers=None,
+):
+    """A `lightning.Fabric` for these settings (not launched yet: call `fabric.launch()`)."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu":
+        accelerator = "cuda"
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise LitLLMError("--accelerator cuda: no GPU is visible (check CUDA_VISIBLE_DEVICES)")
+    if devices == "auto":
+        devices = torch.cuda.device_count() if accelerator == "cuda" else 1
+    devices = int(devices)
+    if devices < 1 or num_nodes < 1:
+        raise LitLLMError(f"--devices and --num_nodes must be >= 1, got {devices} and {num_nodes}")
+    if accelerator == "cuda" and devices > torch.cuda.device_count():
+        raise LitLLMError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
+    if accelerator == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    precision = precision or default_precision(accelerator)
+    if precision not in PRECISIONS:
+        raise LitLLMError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    world_size = devices * num_nodes
+    if strategy == "auto":
+        strategy = "single" if world_size == 1 else "fsdp"
+    if strategy == "single":
+        if world_size != 1:
+            raise LitLLMError(f"--strategy single runs on one device, not {devices} x {num_nodes} nodes")
+        device = torch.device("cuda", 0) if accelerator == "cuda" else torch.device("cpu")
+        strat = SingleDeviceStrategy(device=device)
+    elif strategy == "ddp":
+        strat = DDPStrategy(process_group_backend="nccl" if accelerator == "cuda" else "gloo")
+    elif strategy == "fsdp":
+        strat = ModelParallelStrategy(
+            parallelize_fn=_fsdp_parallelize(precision),
+            data_parallel_size=world_size,
+            tensor_parallel_size=1,
+        )
+    else:
+        raise LitLLMError(f"--strategy: expected auto, single, ddp or fsdp, got {strategy!r}")
+    return Fabric(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strat, precision=precision,
+        loggers=loggers,
+    )
+
+
+def uses_fsdp(fabric) -> bool:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return isinstance(fabric.strategy, ModelParallelStrategy)
+
+
+def _fsdp_parallelize(precision: str):
+    def parallelize(model: nn.Module, device_mesh) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = device_mesh["data_parallel"]
+        kwargs = {"mesh": mesh}
+        if precision == "bf16-mixed":
+            # all-gather and compute in bf16, reduce gradients in fp32 (the optimizer keeps fp32 weights)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # packed integer weights (a bitsandbytes-quantized frozen base, QLoRA) can't be sharded as
+        # DTensors: every rank keeps them whole, FSDP shards everything else
+        packed = {p for p in model.parameters() if not p.is_floating_point()}
+        if packed:
+            kwargs["ignored_params"] = packed
+        for block in model.blocks:  # one shard unit per transformer block
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            device = _local_device(mesh)
+            if device.type == "cuda":  # DTensor's RNG tracker gives every shard its own slice of the stream
+                materialize(model, device)
+            else:  # on CPU meshes each rank draws locally: offset the seed so shards differ
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(torch.initial_seed() + mesh.get_local_rank())
+                    materialize(model, device)
+        return model
+
+    return parallelize
+
+
+def _local_device(mesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model on `device` and initialise it.
+
+    Modules added by a method (LoRA, adapters) initialise themselves (`reset_parameters()`, children
+    first); the GPT's own `reset_parameters()` then gives the GPT-NeoX/TinyLlama init to its layers.
+    """
+    model.to_empty(device=device)
+    root_reset = getattr(model, "reset_parameters", None)
+    for module in reversed(list(model.modules())):
+        if module is model or isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            continue  # the root's reset covers these
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    if callable(root_reset):
+        root_reset()
+
+
+def prepare_model(
+    fabric,
+    model: nn.Module,
+    method,
+    initial_weights: Optional[Path] = None,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Load initial weights, apply the method's transform, freeze, wrap, and set up with Fabric.
+
+    Returns the Fabric-wrapped model; `unwrap(model)` gives the module whose state dict is saved.
+    """
+    from litllm.checkpoint import model_state_dict
+
+    base_keys = set(model_state_dict(model))
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not uses_fsdp(fabric):  # only FSDP materialises after sharding
+        materialize(model, fabric.device)
+        on_meta = False
+    if initial_weights is not None and not on_meta:
+        from litllm.checkpoint import load_model_weights
+
+        dtype = next(model.parameters()).dtype
+        load_model_weights(model, initial_weights, device=fabric.device, dtype=dtype)
+    model = method.transform(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(method.trainable(name, param)))
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    model = fabric.setup_module(model)
+    if initial_weights is not None and on_meta:
+        weights = {method.base_key(k): v for k, v in read_safetensors(initial_weights).items()}
+        required = {method.base_key(k) for k in base_keys}
+        load_full_state_dict(unwrap(model), weights, required=required, source=initial_weights)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's wrapper (sharded in place under FSDP2)."""
+    from lightning.fabric.wrappers import _unwrap_objects
+
+    return _unwrap_objects(model)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def load_full_state_dict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], required: Optional[set] = None, source=""
+) -> None:
+    """Load a full (unsharded) state dict into a plain, DDP or FSDP2-sharded module.
+
+    `required`: the keys the file must hold (None: every key of the module). A base checkpoint
+    lacks the parameters a method added (LoRA factors); a LoRA checkpoint holds only those.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    expected = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
+    config = getattr(module, "config", None)
+    if config is not None and config.tie_embeddings and "wte.weight" in state_dict:
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+        state_dict["lm_head.weight"] = state_dict["wte.weight"]  # the tied head is stored once
+    required = set(expected) if required is None else required
+    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(k for k in required if k not in state_dict and not (k == "lm_head.weight" and config.tie_embeddings))
+    if unexpected or missing:
+        raise LitLLMError(f"{source}: weights don't match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LitLLMError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+    set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as its state dict spells it (without wrapper prefixes)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
