@@ -7,7 +7,6 @@ bitsandbytes) inside their functions, so `litllm --help` stays fast.
 
 from __future__ import annotations
 
-import os
 import sys
 from importlib import import_module
 
@@ -61,17 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     # only the chosen command's module is imported; `--help` with no command needs them all
     chosen = next((a for a in argv if not a.startswith("-")), None)
     names = [chosen] if chosen in COMMANDS else list(COMMANDS)
-    components = {}
-    for name in names:
-        try:
-            components[name] = _load(COMMANDS[name])
-        except (ImportError, AttributeError):
-            if name == chosen:
-                raise
-            # a command whose module is not built yet stays out of the listing
+    components = {name: _load(COMMANDS[name]) for name in names}
     if chosen in components:
         argv = _fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
-    
+
     try:
         CLI(components, args=argv, as_positional=True, prog="litllm")
     except LitLLMError as e:

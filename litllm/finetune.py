@@ -28,6 +28,7 @@ from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.train.args import EvalArgs, TrainArgs
 from litllm.train.loop import TrainResult
+from litllm.train.optimizer import OptimizerSpec
 
 # DataModule classes must be imported for `--data <ClassName>` to resolve them
 try:
@@ -70,7 +71,7 @@ def finetune_lora(
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: Union[str, dict] = PEFT_OPTIMIZER,
+    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
     logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
@@ -129,7 +130,7 @@ def finetune_full(
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: Union[str, dict] = FULL_OPTIMIZER,
+    optimizer: OptimizerSpec = FULL_OPTIMIZER,
     logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
@@ -174,7 +175,7 @@ def finetune_adapter(
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: Union[str, dict] = PEFT_OPTIMIZER,
+    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
     logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
@@ -226,7 +227,7 @@ def finetune_adapter_v2(
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: Union[str, dict] = PEFT_OPTIMIZER,
+    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
     logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
@@ -272,8 +273,6 @@ def _launch(method_name: str, args: dict[str, Any], **settings: Any) -> Any:
     from litllm.train.loggers import check_logger_name
     from litllm.utils import check_model_dir
 
-    default = FULL_OPTIMIZER if method_name == "full" else PEFT_OPTIMIZER
-    args["optimizer"] = _optimizer_spec(args["optimizer"], default)
     hparams = dict(args)
     checkpoint_dir = check_model_dir(args["checkpoint_dir"])
     config = Config.from_checkpoint(checkpoint_dir)
@@ -303,31 +302,6 @@ def _launch(method_name: str, args: dict[str, Any], **settings: Any) -> Any:
         main, method_name=method_name, checkpoint_dir=checkpoint_dir, config=config, args=args,
         hparams=hparams, **settings,
     )
-
-
-def _optimizer_spec(spec: Union[str, dict], default: dict[str, Any]) -> Union[str, dict]:
-    """Normalize `--optimizer`: jsonargparse turns `--optimizer.lr 1e-3` into keys beside (or instead of)
-    `class_path`/`init_args`; those keys become init_args over the command's default optimizer."""
-    if not isinstance(spec, dict):
-        return spec
-    class_path = spec.get("class_path") or default["class_path"]
-    init_args = dict(default["init_args"]) if class_path == default["class_path"] else {}
-    init_args.update(spec.get("init_args") or {})
-    init_args.update({k: v for k, v in spec.items() if k not in ("class_path", "init_args")})
-    # values given on the command line arrive as strings ("1e-3")
-    init_args = {k: _scalar(v) if isinstance(v, str) else v for k, v in init_args.items()}
-    return {"class_path": class_path, "init_args": init_args}
-
-
-def _scalar(text: str) -> Any:
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def _dtypes(fabric) -> tuple[torch.dtype, torch.dtype]:

@@ -454,8 +454,11 @@ def load_for_inference(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
 ):
-    """Load a converted model folder for generation: dtype, optional bitsandbytes quantization, eval mode."""
-    from litllm.model import GPT
+    """Load a converted model folder for generation: dtype, optional bitsandbytes quantization, eval mode.
+
+    Folders written by `finetune_adapter(_v2)` (with an `adapter.yaml`) load with their adapter modules.
+    """
+    from litllm.adapter import load_adapter_model
     from litllm.utils import check_model_dir
 
     checkpoint_dir = check_model_dir(checkpoint_dir)
@@ -464,13 +467,13 @@ def load_for_inference(
         raise LitLLMError(f"--device {device}: CUDA is not available on this machine")
     dtype = resolve_precision(precision, device)
     if quantize is None:
-        return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+        return load_adapter_model(checkpoint_dir, device=device, dtype=dtype).eval()
     from litllm.quantize import check_quantize_mode, quantize_model
 
     check_quantize_mode(quantize, device, dtype)  # fail before loading anything big
     # load on the CPU and quantize layer by layer onto the device: the full-precision model never
     # has to fit in device memory
-    model = GPT.from_checkpoint(checkpoint_dir, device="cpu", dtype=dtype)
+    model = load_adapter_model(checkpoint_dir, device="cpu", dtype=dtype)
     quantize_model(model, quantize, device, compute_dtype=dtype)
     return model.to(device).eval()
 

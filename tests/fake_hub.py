@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 import threading
@@ -63,9 +64,24 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+        # the suite runs offline (conftest sets HF_HUB_OFFLINE=1); talking to this local Hub is the exception,
+        # in this process (huggingface_hub read the variable at import) and in subprocesses
+        import huggingface_hub.constants
+
+        self._saved_offline = (os.environ.get("HF_HUB_OFFLINE"), huggingface_hub.constants.HF_HUB_OFFLINE)
+        os.environ["HF_HUB_OFFLINE"] = "0"
+        huggingface_hub.constants.HF_HUB_OFFLINE = False
         return self
 
     def __exit__(self, *exc) -> None:
+        import huggingface_hub.constants
+
+        env, const = self._saved_offline
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+        huggingface_hub.constants.HF_HUB_OFFLINE = const
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)

@@ -156,6 +156,19 @@ def test_full_and_adapter_final_folders(runs, base):
             assert (model(x) - GPT.from_checkpoint(base).eval()(x)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("name", ["adapter", "adapter_v2"])
+def test_adapter_final_folder_generates(runs, name):
+    """generate/chat/LLM load an adapter folder with its adapter modules (it can't be merged away)."""
+    from litllm.adapter import load_adapter_model
+    from litllm.generate import load_for_inference
+
+    _, result = runs[name]
+    model = load_for_inference(result.final_dir, device="cpu", precision="32-true")
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), load_adapter_model(result.final_dir).eval()(x), atol=0, rtol=0)
+
+
 def test_merged_folder_generates_and_converts_to_hf(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     from litllm.convert import convert_from_litllm
