@@ -315,7 +315,7 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     that share a key/value head are stacked as rows, so grouped-query attention needs no copy of k/v.
     """
     B, nh, _, hs = q.shape
-    nkv, L = k.size(1), k.size(2)
+    nkv = k.size(1)
     q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, n_rep, hs): head h reads kv head h // n_rep
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, nkv, n_rep, L)
     if logit_softcap is not None:

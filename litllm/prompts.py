@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import yaml
 
 from litllm.errors import LitLLMError
+from litllm.utils import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -363,7 +364,7 @@ def save_prompt_style(style: Union[str, PromptStyle], checkpoint_dir: Union[str,
 # ---------------------------------------------------------------------- checkpoint helpers
 def checkpoint_chat_template(checkpoint_dir: Path) -> Optional[str]:
     """The chat template of a folder (tokenizer_config.json's `chat_template`, or chat_template.jinja)."""
-    config = _read_json(checkpoint_dir / "tokenizer_config.json")
+    config = read_json_object(checkpoint_dir / "tokenizer_config.json")
     template = config.get("chat_template")
     if isinstance(template, list):
         # several named templates: transformers uses the one named "default"
@@ -376,8 +377,8 @@ def checkpoint_chat_template(checkpoint_dir: Path) -> Optional[str]:
 
 def template_variables(checkpoint_dir: Path) -> dict[str, str]:
     """The special-token strings transformers passes to a chat template (its `special_tokens_map`)."""
-    config = _read_json(checkpoint_dir / "tokenizer_config.json")
-    special = _read_json(checkpoint_dir / "special_tokens_map.json")
+    config = read_json_object(checkpoint_dir / "tokenizer_config.json")
+    special = read_json_object(checkpoint_dir / "special_tokens_map.json")
     variables = {}
     for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
         value = config.get(key, special.get(key))
@@ -437,11 +438,3 @@ def _model_name(checkpoint_dir: Path) -> str:
     return checkpoint_dir.name
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LitLLMError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    return data if isinstance(data, dict) else {}

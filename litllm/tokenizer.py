@@ -4,29 +4,19 @@ transformers reads them (`tokenizer_config.json`, `special_tokens_map.json`, `ge
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from litllm.errors import LitLLMError
+from litllm.utils import read_json_object
 
 
 def _token_content(value) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LitLLMError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    return data if isinstance(data, dict) else {}
 
 
 class Tokenizer:
@@ -41,9 +31,9 @@ class Tokenizer:
             self.processor = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on bad files
             raise LitLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
-        config = _read_json(self.checkpoint_dir / "tokenizer_config.json")
-        special = _read_json(self.checkpoint_dir / "special_tokens_map.json")
-        generation = _read_json(self.checkpoint_dir / "generation_config.json")
+        config = read_json_object(self.checkpoint_dir / "tokenizer_config.json")
+        special = read_json_object(self.checkpoint_dir / "special_tokens_map.json")
+        generation = read_json_object(self.checkpoint_dir / "generation_config.json")
         self.config = config
 
         def token_id(key: str) -> Optional[int]:

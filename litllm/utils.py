@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -76,6 +76,18 @@ def check_model_dir(checkpoint_dir: str | Path) -> Path:
             )
         raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm model folder?)")
     return checkpoint_dir
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object file as a dict ({} when the file is absent); invalid JSON is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LitLLMError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    return data if isinstance(data, dict) else {}
 
 
 def num_parameters(module, requires_grad: bool | None = None) -> int:
