@@ -174,7 +174,8 @@ def plot_loss_curve(series: dict[str, list[tuple[int, float]]], out_png: Path) -
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         points = series.get(key) or []
         if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+            few = key == "val_loss" or len(points) < 20  # short runs: mark the points so they show
+            ax.plot(*zip(*points), label=label, marker="o" if few else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
     ax.legend()
