@@ -7,7 +7,7 @@ Both are plain dataclasses: jsonargparse turns their fields into dotted flags
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from litllm.errors import LitLLMError
 
@@ -42,6 +42,11 @@ class TrainArgs:
     """Clip the global gradient norm to this value (None: no clipping)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU (None: looked up for known GPUs; on CPU only achieved FLOP/s is logged)."""
+    state_dict_type: Literal["full", "sharded"] = "full"
+    """Step checkpoints under FSDP: "full" gathers weights and optimizer state to rank 0 (one file each);
+    "sharded" has every rank write its own shards without gathering (faster, no rank-0 memory peak;
+    resumable with the same device count, or converted by `litllm convert_pretrained_checkpoint`).
+    `final/` is always a full model folder."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "log_interval"):

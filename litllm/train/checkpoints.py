@@ -7,6 +7,8 @@ A training checkpoint `out_dir/step-XXXXXXXX/` holds:
   training_state.pt        step/token/epoch counters, RNG states, the data loader's position
   model_config.yaml, hyperparameters.yaml, tokenizer files
 With every parameter trained, the folder is also a model folder (generate, finetune, convert take it).
+With `--train.state_dict_type sharded` under FSDP, the weights and optimizer state are per-rank
+shards instead (see `litllm.train.sharded_checkpoint`); `convert_pretrained_checkpoint` joins them.
 
 Saving is atomic: the folder is written under a hidden temporary name and renamed when complete,
 so a crash (even SIGKILL) mid-save never leaves a checkpoint that looks complete. Full state dicts
@@ -168,8 +170,9 @@ class CheckpointWriter:
         tokenizer_dir: Optional[Path],
         hparams: dict[str, Any],
         extra_files: dict[str, str],
+        state_dict_type: str = "full",
     ) -> None:
-        from litllm.train.fabric import unwrap
+        from litllm.train.fabric import unwrap, uses_fsdp
 
         self.fabric = fabric
         self.out_dir = Path(out_dir)
@@ -182,6 +185,8 @@ class CheckpointWriter:
         self.trainable = _trainable_names(self.module)
         all_params = {n for n in _all_param_names(self.module)}
         self.trains_everything = self.trainable >= all_params
+        # only FSDP has shards to keep apart; one device and DDP hold every weight whole anyway
+        self.sharded = state_dict_type == "sharded" and fabric.world_size > 1 and uses_fsdp(fabric)
         if fabric.global_rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.out_dir.glob(".step-*.tmp-*"):  # left behind by a killed save
@@ -201,6 +206,8 @@ class CheckpointWriter:
         from litllm.checkpoint import save_model_weights
         from litllm.train.fabric import unwrap
 
+        if self.sharded:
+            return self._save_sharded_step(optimizer, counters, data_state)
         sd = _full_model_state(self.module)
         if not self.trains_everything:
             sd = {k: v for k, v in sd.items() if k in self.trainable}
@@ -209,13 +216,7 @@ class CheckpointWriter:
         )
         path = self.out_dir / step_dir_name(counters["step"])
         if self.fabric.global_rank == 0:
-            state = {
-                "format": FORMAT_VERSION,
-                "counters": dict(counters),
-                "data": data_state,
-                "rng": get_rng_state(),
-                "world_size": self.fabric.world_size,
-            }
+            state = self._training_state(counters, data_state)
             with atomic_path(path) as tmp:
                 tmp.mkdir()
                 weights = "lit_model.safetensors" if self.trains_everything else "trainable.safetensors"
@@ -223,6 +224,48 @@ class CheckpointWriter:
                 torch.save(opt_sd, tmp / "optimizer.pt")
                 self._write_model_files(tmp)
                 torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete folder
+        self.fabric.barrier()
+        return path
+
+    def _training_state(self, counters: dict[str, Any], data_state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "counters": dict(counters),
+            "data": data_state,
+            "rng": get_rng_state(),
+            "world_size": self.fabric.world_size,
+        }
+
+    def _save_sharded_step(self, optimizer, counters: dict[str, Any], data_state: dict[str, Any]) -> Path:
+        """Every rank writes its own shards into rank 0's temporary folder; rank 0 renames it when all are done."""
+        import contextlib
+        import json
+
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        from litllm.train import sharded_checkpoint as sharded
+        from litllm.train.fabric import unwrap
+
+        options = StateDictOptions(full_state_dict=False)
+        sd = get_model_state_dict(self.module, options=options)
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)  # stored once, as wte.weight
+        if not self.trains_everything:
+            sd = {k: v for k, v in sd.items() if k in self.trainable}
+        opt_sd = get_optimizer_state_dict(self.module, unwrap(optimizer), options=options)
+        path = self.out_dir / step_dir_name(counters["step"])
+        rank0 = self.fabric.global_rank == 0
+        with atomic_path(path) if rank0 else contextlib.nullcontext() as tmp:
+            if rank0:
+                tmp.mkdir()
+            tmp = Path(self.fabric.broadcast(str(tmp) if rank0 else None, src=0))
+            prefix = "lit_model" if self.trains_everything else "trainable"
+            index = sharded.write_local_shards(self.fabric, tmp, sd, opt_sd, prefix)
+            self.fabric.barrier()  # every shard is on disk
+            if rank0:
+                (tmp / sharded.INDEX_FILE).write_text(json.dumps(index, indent=1))
+                self._write_model_files(tmp)
+                torch.save(self._training_state(counters, data_state), tmp / STATE_FILE)  # last: marks it complete
         self.fabric.barrier()
         return path
 
@@ -252,11 +295,22 @@ def _all_param_names(module: nn.Module) -> set[str]:
 def load_training_checkpoint(fabric, path: Path, model: nn.Module, optimizer, method) -> dict[str, Any]:
     """Restore model and optimizer from `path` (every rank reads it); returns counters, data and RNG state."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from litllm.train.fabric import load_full_state_dict, unwrap
+    from litllm.train import sharded_checkpoint
+    from litllm.train.fabric import load_full_state_dict, unwrap, uses_fsdp
 
     module = unwrap(model)
+    if sharded_checkpoint.is_sharded(path):
+        index = sharded_checkpoint.read_index(path)
+        if index["world_size"] == fabric.world_size and uses_fsdp(fabric):
+            sharded_checkpoint.load_local_shards(fabric, path, index, module, unwrap(optimizer))
+        else:  # another layout: join the row blocks into full state dicts
+            required = None if index["prefix"] == "lit_model" else _trainable_names(module)
+            load_full_state_dict(module, sharded_checkpoint.full_model_state(path, index), required=required, source=path)
+            _set_full_optimizer_state(
+                module, optimizer, sharded_checkpoint.full_optimizer_state(path, index), path / sharded_checkpoint.INDEX_FILE
+            )
+        return _read_training_state(path)
     if (path / "lit_model.safetensors").is_file():
         load_full_state_dict(module, load_file(str(path / "lit_model.safetensors")), source=path)
     elif (path / "trainable.safetensors").is_file():
@@ -265,12 +319,24 @@ def load_training_checkpoint(fabric, path: Path, model: nn.Module, optimizer, me
     else:
         raise LitLLMError(f"{path}: no lit_model.safetensors or trainable.safetensors")
     opt_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    _set_full_optimizer_state(module, optimizer, opt_sd, path / "optimizer.pt")
+    return _read_training_state(path)
+
+
+def _set_full_optimizer_state(module: nn.Module, optimizer, opt_sd: dict, source: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from litllm.train.fabric import unwrap
+
     try:
         set_optimizer_state_dict(
             module, unwrap(optimizer), opt_sd, options=StateDictOptions(full_state_dict=True)
         )
     except (KeyError, ValueError, RuntimeError) as e:
-        raise LitLLMError(f"{path / 'optimizer.pt'}: does not match this run's optimizer/parameters ({e})") from None
+        raise LitLLMError(f"{source}: does not match this run's optimizer/parameters ({e})") from None
+
+
+def _read_training_state(path: Path) -> dict[str, Any]:
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT_VERSION:
         raise LitLLMError(f"{path / STATE_FILE}: unknown checkpoint format {state.get('format')!r}")
@@ -294,21 +360,29 @@ def convert_pretrained_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Non
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not checkpoint_dir.is_dir():
         raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
+    from litllm.checkpoint import save_model_weights
+    from litllm.train import sharded_checkpoint
+
     weights = checkpoint_dir / "lit_model.safetensors"
+    index = sharded_checkpoint.read_index(checkpoint_dir) if sharded_checkpoint.is_sharded(checkpoint_dir) else None
     if not weights.is_file():
-        if (checkpoint_dir / "trainable.safetensors").is_file():
+        if (checkpoint_dir / "trainable.safetensors").is_file() or (index is not None and index["prefix"] != "lit_model"):
             raise LitLLMError(
                 f"{checkpoint_dir}: holds only the trained parameters of a finetuning method (trainable.safetensors); "
                 f"use the run's final/ folder, which has the merged model"
             )
-        raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm training checkpoint?)")
+        if index is None:
+            raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm training checkpoint?)")
     if not (checkpoint_dir / "model_config.yaml").is_file():
         raise LitLLMError(f"{checkpoint_dir}: no model_config.yaml")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LitLLMError(f"{output_dir}: exists and is not empty; choose a new output folder")
     Config.from_file(checkpoint_dir / "model_config.yaml")  # fails clearly if unreadable
+    full = sharded_checkpoint.full_model_state(checkpoint_dir, index) if index is not None else None
     with atomic_path(output_dir) as tmp:
         tmp.mkdir()
+        if full is not None:  # a sharded step: the row blocks joined in rank order
+            save_model_weights(full, tmp / "lit_model.safetensors")
         for name in ("lit_model.safetensors", "model_config.yaml", *TOKENIZER_FILES):
             if (checkpoint_dir / name).is_file():
                 shutil.copy2(checkpoint_dir / name, tmp / name)

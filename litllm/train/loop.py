@@ -198,7 +198,7 @@ def run(
 
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
-        hparams=hparams or {}, extra_files=extra_files or {},
+        hparams=hparams or {}, extra_files=extra_files or {}, state_dict_type=train.state_dict_type,
     )
     if logger is not None and fabric.global_rank == 0:
         logger.log_hyperparams(ckpt.to_plain(hparams or {}))
