@@ -27,6 +27,7 @@ import torch.nn as nn
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.train.args import EvalArgs, TrainArgs
+from litllm.train.fabric import read_safetensors
 from litllm.train.loop import TrainResult
 from litllm.train.optimizer import OptimizerSpec
 
@@ -470,7 +471,7 @@ def _lora_method(lora, base_weights: Path, quantize, device, param_dtype, comput
     def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         trained.clear()
         trained.update({k: v for k, v in state_dict.items() if is_lora_parameter(k)})
-        return merge_lora_state_dict(_read_weights(base_weights), trained, layout)
+        return merge_lora_state_dict(read_safetensors(base_weights), trained, layout)
 
     def write_outputs(final_dir: Path) -> None:
         from litllm.checkpoint import save_model_weights
@@ -502,7 +503,7 @@ def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, 
     def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # the frozen base from its file (dense even if the run quantized it) + the trained tensors,
         # in the base's dtype; a tied head stays stored once (as wte.weight)
-        base = {base_key(k): v for k, v in _read_weights(base_weights).items()}
+        base = {base_key(k): v for k, v in read_safetensors(base_weights).items()}
         dtype = base["wte.weight"].dtype
         base.update({k: state_dict[k].to(dtype) for k in names})
         return base
@@ -530,12 +531,6 @@ def merge_lora_state_dict(
             row += rows
         merged[name] = (weight.float() + delta).to(weight.dtype)
     return merged
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
 
 
 # ---------------------------------------------------------------------- prompt style and samples
