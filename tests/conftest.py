@@ -99,6 +99,15 @@ def make_converted_checkpoint(folder: Path, family: str = "llama", seed: int = 0
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread (and far faster when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A converted tiny Llama with its tokenizer (read-only: copy it before changing anything)."""

@@ -19,13 +19,7 @@ TESTS = Path(__file__).resolve().parent
 RECIPES = sorted((REPO / "config_hub" / "pretrain").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and far faster when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_losses(out_dir: Path, column: str = "loss") -> dict[int, float]:
