@@ -143,13 +143,13 @@ class HFWeights:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, Path] = {}  # normalized name -> file
+        self._names: dict[str, str] = {}  # normalized name -> name in the file
         self._handles: dict[Path, object] = {}
-        files = self._weight_files()
-        for file in files:
+        for file in self._weight_files():
             for name in self._open(file).keys():
                 self._where[_normalize(name)] = file
-        self._names = {_normalize(n): n for file in files for n in self._open(file).keys()}
+                self._names[_normalize(name)] = name
 
     def _weight_files(self) -> list[Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

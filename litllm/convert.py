@@ -20,7 +20,7 @@ from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
 from litllm.hf.weights import (
     IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
 )
-from litllm.utils import atomic_path, check_model_dir
+from litllm.utils import atomic_path, check_model_dir, read_json_object
 
 # files of a HF folder that travel with the model (tokenizer, generation and prompt settings)
 TOKENIZER_FILES = (
@@ -213,10 +213,7 @@ _ST_TO_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 
 
 def _generation_config(checkpoint_dir: Path) -> dict:
-    path = checkpoint_dir / "generation_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"_from_model_config": True}
+    return read_json_object(checkpoint_dir / "generation_config.json") or {"_from_model_config": True}
 
 
 def _parse_size(text: str) -> int:
