@@ -173,15 +173,16 @@ class Config:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> "Config":
-        """Read `model_config.yaml` of a converted folder (or fall back to its HF `config.json`)."""
+        """Read `model_config.yaml` of a converted folder.
+
+        A Hugging Face folder's `config.json` is read by `litllm.hf.config.config_from_hf` (the hf layer
+        sits above this module: `Config` knows nothing of HF names).
+        """
         checkpoint_dir = Path(checkpoint_dir)
         if (checkpoint_dir / "model_config.yaml").is_file():
             return cls.from_file(checkpoint_dir / "model_config.yaml", **overrides)
-        if (checkpoint_dir / "config.json").is_file():
-            from litllm.hf.config import config_from_hf
-
-            return config_from_hf(checkpoint_dir / "config.json", **overrides)
-        raise LitLLMError(f"{checkpoint_dir}: no model_config.yaml or config.json found")
+        hint = f"; run `litllm convert_to_litllm {checkpoint_dir}` first" if (checkpoint_dir / "config.json").is_file() else ""
+        raise LitLLMError(f"{checkpoint_dir}: no model_config.yaml (not a converted litllm model folder){hint}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -36,10 +36,10 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from litllm.errors import LitLLMError
-from litllm.evaluate import score_tokens
 from litllm.generate import kv_cache_for, sample
 from litllm.model import GPT
 from litllm.prompts import checkpoint_chat_template, render_chat_template, template_variables
+from litllm.scoring import score_tokens
 from litllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
