@@ -62,6 +62,14 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "falcon-40b": ("FalconConfig", "FalconForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
         new_decoder_architecture=True, bias=False, alibi=False)),
+    # Falcon2-11B: the new decoder architecture (grouped qkv) with ONE layer norm feeding both branches
+    "falcon2-11b": ("FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, num_ln_in_parallel_attn=1, parallel_attn=True, bias=False, alibi=False)),
+    # the old architecture without multi-query: per-head [q, k, v] rows, a sequential (non-parallel) block
+    "falcon-mha-sequential": ("FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+        parallel_attn=False, new_decoder_architecture=False, bias=True, alibi=False)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

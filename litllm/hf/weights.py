@@ -84,8 +84,9 @@ _GPT_NEOX = {
 _FALCON = {
     "wte": "transformer.word_embeddings",
     "blocks.{i}.norm_1": "transformer.h.{i}.input_layernorm",
-    "blocks.{i}.attn.qkv": ("falcon_qkv", "transformer.h.{i}.self_attention.query_key_value"),
+    "blocks.{i}.attn.qkv": ("falcon_qkv", "transformer.h.{i}.self_attention.query_key_value"),  # _FALCON_QKV
     "blocks.{i}.attn.proj": "transformer.h.{i}.self_attention.dense",
+    "blocks.{i}.norm_2": "transformer.h.{i}.post_attention_layernorm",  # sequential blocks (parallel_attn: false)
     "blocks.{i}.mlp.fc": "transformer.h.{i}.mlp.dense_h_to_4h",
     "blocks.{i}.mlp.proj": "transformer.h.{i}.mlp.dense_4h_to_h",
     "norm_f": "transformer.ln_f",
@@ -106,6 +107,14 @@ WEIGHT_MAPS: dict[str, dict[str, Source]] = {
 # HF buffers that are not weights (recomputed by every implementation) and parts litllm doesn't run
 IGNORED_HF = re.compile(r"(rotary_emb\.inv_freq|attention\.bias$|attention\.masked_bias$|^vision_tower\.|"
                         r"^multi_modal_projector\.|^model\.vision_tower\.|^model\.multi_modal_projector\.)")
+
+
+# _FALCON_QKV: Falcon's fused query_key_value has one layout in every variant transformers runs: per kv group,
+# the group's query heads then its key and value head. The new decoder architecture (40B, 180B,
+# Falcon2-11B) has n_query_groups groups; the old one is that layout with 1 group (multi_query:
+# [q heads, k, v]) or n_head groups (multi-head: [q_h, k_h, v_h] per head). So the regrouping depends
+# on the head counts only, never on the number of layer norms (Falcon2-11B: new architecture, one norm).
+# The norms decide the names: two norms are ln_attn/ln_mlp, one is input_layernorm.
 
 
 def weight_map(config: Config, model_type: str) -> dict[str, Source]:
@@ -154,9 +163,7 @@ def qkv_from_interleaved(fused: torch.Tensor, layout: str, config: Config) -> to
     if layout == "neox_qkv":  # per head: [q_h, k_h, v_h]
         t = fused.reshape(nh, 3, hs, *rest)
         q, k, v = t[:, 0], t[:, 1], t[:, 2]
-    elif layout == "falcon_qkv" and not _falcon_grouped(config):  # [q heads, k, v]
-        return fused
-    else:  # Falcon new architecture: per group [q heads of the group..., k, v]
+    else:  # Falcon: per kv group [q heads of the group..., k, v] (see _FALCON_QKV)
         t = fused.reshape(nkv, nh // nkv + 2, hs, *rest)
         q, k, v = t[:, :-2], t[:, -2], t[:, -1]
     return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)])
@@ -169,15 +176,9 @@ def qkv_to_interleaved(qkv: torch.Tensor, layout: str, config: Config) -> torch.
     if layout == "neox_qkv":
         t = torch.stack([q.reshape(nh, hs, *rest), k.reshape(nh, hs, *rest), v.reshape(nh, hs, *rest)], dim=1)
         return t.reshape(-1, *rest)
-    if layout == "falcon_qkv" and not _falcon_grouped(config):
-        return qkv
     q = q.reshape(nkv, nh // nkv, hs, *rest)
     t = torch.cat([q, k.reshape(nkv, 1, hs, *rest), v.reshape(nkv, 1, hs, *rest)], dim=1)
     return t.reshape(-1, *rest)
-
-
-def _falcon_grouped(config: Config) -> bool:
-    return not config.shared_attention_norm  # Falcon's "new decoder architecture" (40B/180B)
 
 
 def split_sizes(lit_param: str, config: Config, n_parts: int) -> list[int]:
