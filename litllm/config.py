@@ -19,6 +19,31 @@ from litllm.errors import LitLLMError
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
+# rope_scaling types the model implements (litllm.model.rope_inv_freq) and the keys each one reads
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("original_max_position_embeddings", "short_factor", "long_factor"),
+}
+
+
+def check_rope_scaling(scaling: Optional[dict[str, Any]], where: str = "rope_scaling") -> None:
+    """Fail now, naming the field, on a rope_scaling the model can't run (rather than at the first forward)."""
+    if not scaling:
+        return
+    if not isinstance(scaling, dict):
+        raise LitLLMError(f"{where}: expected a mapping with a rope_type, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise LitLLMError(
+            f"{where}.rope_type: unsupported {kind!r} (supported: {', '.join(ROPE_SCALING_KEYS)})"
+        )
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if scaling.get(k) is None]
+    if missing:
+        raise LitLLMError(f"{where}: rope_type {kind!r} needs {', '.join(missing)}")
+
 
 @dataclass
 class Config:
@@ -117,6 +142,7 @@ class Config:
             self.intermediate_size = 4 * self.n_embd
         if self.mlp_class_name == "MoE" and not (0 < self.n_expert_per_token <= self.n_expert):
             raise LitLLMError("MoE needs 0 < n_expert_per_token <= n_expert")
+        check_rope_scaling(self.rope_scaling)
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
 

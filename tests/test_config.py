@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,6 @@ from litllm.config import Config, preset_names
 from litllm.errors import LitLLMError
 from litllm.hf.config import config_from_hf, config_to_hf
 from litllm.model import GPT
-from litllm.utils import num_parameters
 
 FAMILIES_REQUIRED = [
     "Llama-2-7b-hf", "Llama-2-13b-chat-hf", "Llama-2-70b-hf", "Meta-Llama-3-8B-Instruct", "Llama-3.1-70B",
@@ -22,6 +24,10 @@ FAMILIES_REQUIRED = [
     "Phi-3-mini-4k-instruct", "Phi-3.5-mini-instruct", "phi-4", "pythia-14m", "pythia-12b", "falcon-7b",
     "falcon-40b", "SmolLM2-135M", "SmolLM2-1.7B", "OLMo-2-1124-7B", "stablelm-2-1_6b",
 ]
+
+
+def num_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def test_required_presets_exist():
@@ -83,3 +89,31 @@ def test_save_and_load(tmp_path):
 def test_inconsistent_heads_are_rejected():
     with pytest.raises(LitLLMError, match="divisible by n_query_groups"):
         Config(n_embd=64, n_head=4, n_query_groups=3)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type: unsupported 'dynamic'"),
+    ({"type": "ntk-by-parts", "factor": 2.0}, "rope_scaling.rope_type: unsupported 'ntk-by-parts'"),
+    ({"rope_type": "llama3", "factor": 8.0}, "rope_type 'llama3' needs low_freq_factor, high_freq_factor"),
+])
+def test_unsupported_rope_scaling_is_rejected_at_conversion(tmp_path, scaling, message):
+    """The CLI names config.json's field and exits; nothing is written (it used to fail at the first forward)."""
+    from hf_models import save_hf_checkpoint
+
+    save_hf_checkpoint("llama", tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.pop("rope_parameters", None)
+    hf["rope_scaling"] = scaling
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = subprocess.run([sys.executable, "-m", "litllm", "convert_to_litllm", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert f"{tmp_path / 'config.json'}: " in result.stderr and message in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no lit_model.safetensors, no model_config.yaml
+
+
+def test_config_rejects_unsupported_rope_scaling():
+    with pytest.raises(LitLLMError, match=r"rope_scaling.rope_type: unsupported 'dynamic'"):
+        Config(n_embd=64, n_head=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0})

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from litllm.config import Config
+from litllm.config import Config, check_rope_scaling
 from litllm.errors import LitLLMError
 
 # Structural flags per HF model_type (everything that is not a size).
@@ -135,6 +135,8 @@ def config_from_hf(path_or_dict: str | Path | dict[str, Any], **overrides: Any) 
         if model_type == "gemma":  # Gemma-1 configs say "gelu" but the reference runs tanh-approximated GeLU
             values["activation"] = "gelu_tanh"
         _family_specifics(model_type, hf, values, get)
+        field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        check_rope_scaling(values.get("rope_scaling"), f"{source}: {field}")
     except KeyError as e:
         raise LitLLMError(f"{source}: missing key {e.args[0]!r}") from None
     values.update(overrides)
