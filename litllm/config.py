@@ -249,7 +249,3 @@ def _presets() -> dict[str, dict[str, Any]]:
 @lru_cache(maxsize=1)
 def _name_by_repo() -> dict[str, str]:
     return {v["hf_repo"].lower(): k for k, v in _presets().items() if v.get("hf_repo")}
-
-
-def preset_names() -> list[str]:
-    return sorted(_presets())

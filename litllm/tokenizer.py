@@ -34,7 +34,6 @@ class Tokenizer:
         config = read_json_object(self.checkpoint_dir / "tokenizer_config.json")
         special = read_json_object(self.checkpoint_dir / "special_tokens_map.json")
         generation = read_json_object(self.checkpoint_dir / "generation_config.json")
-        self.config = config
 
         def token_id(key: str) -> Optional[int]:
             content = _token_content(config.get(key)) or _token_content(special.get(key))
@@ -57,9 +56,6 @@ class Tokenizer:
         probe = self.processor.encode("a", add_special_tokens=True).ids
         self.add_bos = self.bos_id is not None and len(probe) > len(plain) and probe[0] == self.bos_id
         self.add_eos = self.eos_id is not None and len(probe) > len(plain) and probe[-1] == self.eos_id
-        self.chat_template = config.get("chat_template")
-        if self.chat_template is None and (self.checkpoint_dir / "chat_template.jinja").is_file():
-            self.chat_template = (self.checkpoint_dir / "chat_template.jinja").read_text(encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:

@@ -89,8 +89,3 @@ def read_json_object(path: str | Path) -> dict:
         raise LitLLMError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
     return data if isinstance(data, dict) else {}
 
-
-def num_parameters(module, requires_grad: bool | None = None) -> int:
-    return sum(
-        p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad
-    )

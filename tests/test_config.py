@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from litllm.config import Config, preset_names
+from litllm.config import Config, _presets
 from litllm.errors import LitLLMError
 from litllm.hf.config import config_from_hf, config_to_hf
 from litllm.model import GPT
@@ -31,11 +31,11 @@ def num_parameters(module) -> int:
 
 
 def test_required_presets_exist():
-    missing = [n for n in FAMILIES_REQUIRED if n not in preset_names()]
+    missing = [n for n in FAMILIES_REQUIRED if n not in sorted(_presets())]
     assert not missing
 
 
-@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("name", sorted(_presets()))
 def test_preset_parameter_count_matches_transformers(name):
     import transformers
 

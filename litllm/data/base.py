@@ -13,7 +13,7 @@ module's `ignore_index`) marks positions without a loss. `T <= max_seq_length`.
 
 Pretraining loaders are litdata `StreamingDataLoader`s (`state_dict()` / `load_state_dict()` give an
 exact resume). Fine-tuning loaders are map-style torch `DataLoader`s whose order is a pure function
-of `(seed, epoch)`; see `litllm.data.sft.EpochShuffleSampler`.
+of `(seed, epoch)`: the training loop reseeds their shuffle each epoch (`litllm.train.loop`).
 """
 
 from __future__ import annotations
