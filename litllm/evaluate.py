@@ -96,21 +96,24 @@ def evaluate(
     lm = LitLLMLM(model, tokenizer, batch_size=batch_size, max_length=max_length, checkpoint_dir=checkpoint_dir)
     if apply_chat_template:
         lm.chat_template(True)  # fail now if there is no template
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=task_list,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=str(lm.device),
-        limit=limit,
-        task_manager=task_manager(include_path),
-        log_samples=log_samples,
-        apply_chat_template=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_list,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=str(lm.device),
+            limit=limit,
+            task_manager=task_manager(include_path),
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except OSError as e:  # the datasets library's ConnectionError / DatasetNotFoundError / FileNotFoundError
+        raise task_data_error(names, e) from None
     samples = results.pop("samples", None)
     results["config"]["model"] = str(checkpoint_dir)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=handle_non_serializable))
@@ -154,6 +157,20 @@ def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
             raise LitLLMError(f"--tasks: unknown task {name!r}{hint}")
         resolved.extend(m for m in matches if m not in resolved)
     return resolved
+
+
+def task_data_error(names: Sequence[str], error: OSError) -> LitLLMError:
+    """One line for a task whose data set can't be loaded (offline, unknown to the Hub, a missing local file).
+
+    lm-eval builds the tasks, and the `datasets` library loads their data, inside `simple_evaluate`: every
+    such failure is an OSError there (ConnectionError, FileNotFoundError, DatasetNotFoundError).
+    """
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    which = f"--tasks {names[0]}: the task's data" if len(names) == 1 else f"--tasks {','.join(names)}: a task's data"
+    return LitLLMError(
+        f"{which} could not be loaded ({reason}); connect to the internet once (the datasets library caches "
+        "it), or give --include_path a folder of task YAMLs whose data is local"
+    )
 
 
 def _check_limit(limit: Optional[float]) -> Optional[Union[int, float]]:
@@ -319,9 +336,9 @@ def read_records(path: Path) -> list[tuple[str, Union[str, dict]]]:
     records: list[tuple[str, Union[str, dict]]] = []
     for file in files:
         if file.suffix == ".txt":
-            records.append((str(file), file.read_text(encoding="utf-8")))
+            records.append((str(file), _read_text(file)))
         elif file.suffix == ".jsonl":
-            for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            for n, line in enumerate(_read_text(file).splitlines(), start=1):
                 if line.strip():
                     try:
                         records.append((str(file), json.loads(line)))
@@ -329,7 +346,7 @@ def read_records(path: Path) -> list[tuple[str, Union[str, dict]]]:
                         raise LitLLMError(f"{file}: line {n} is not valid JSON ({e.msg})") from None
         elif file.suffix == ".json":
             try:
-                content = json.loads(file.read_text(encoding="utf-8"))
+                content = json.loads(_read_text(file))
             except json.JSONDecodeError as e:
                 raise LitLLMError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(content, dict) and "text" in content:
@@ -342,6 +359,15 @@ def read_records(path: Path) -> list[tuple[str, Union[str, dict]]]:
     if not records:
         raise LitLLMError(f"--data {path}: no documents found")
     return records
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LitLLMError(f"--data {file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise LitLLMError(f"--data {file}: can't read it ({e.strerror or e})") from None
 
 
 def tokenize_records(

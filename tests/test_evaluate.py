@@ -307,6 +307,35 @@ def test_bad_input_exits_nonzero_with_one_line(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_task_data_that_cannot_be_fetched_is_one_line(tiny_checkpoint, tmp_path):
+    """Offline, hellaswag's data set can't be downloaded: one line naming the task and both remedies."""
+    proc = _cli("evaluate", tiny_checkpoint, "--tasks", "hellaswag", "--device", "cpu", "--out_dir", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, proc.stderr
+    assert error[0].startswith("error: --tasks hellaswag: ") and "could not be loaded" in error[0]
+    assert "--include_path" in error[0] and "internet" in error[0]
+    assert not (tmp_path / "out").exists()  # no results.json
+
+
+def test_perplexity_data_that_cannot_be_read_is_one_line(tiny_checkpoint, tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    unreadable = tmp_path / "locked.jsonl"
+    unreadable.write_text('{"text": "hello"}\n')
+    cases = [(tmp_path / "missing.jsonl", "file or folder not found"), (tmp_path / "binary.txt", "not UTF-8 text")]
+    if os.geteuid() != 0:  # root reads anything
+        unreadable.chmod(0)
+        cases.append((unreadable, "can't read it"))
+    for data, expected in cases:
+        proc = _cli("evaluate_perplexity", tiny_checkpoint, "--data", data, "--out_dir", tmp_path / "out")
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert proc.stderr.startswith(f"error: --data {data}: ") and expected in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_rejects_bad_arguments(tiny_checkpoint, tasks_dir, tmp_path):
     from litllm.evaluate import evaluate
 
