@@ -236,8 +236,8 @@ def evaluate_perplexity(
         checkpoint_dir: A converted litllm model folder.
         data: A .txt file (one document), a .json file (a list of records) or .jsonl file (one record
             per line), or a folder of such files. A record is a string, {"text": ...}, or an
-            instruction record {"instruction", "input" (optional), "output"}, whose output is scored
-            after the prompt written in the model's prompt style (with EOS appended).
+            instruction record {"instruction", "input" (optional), "output"}, tokenized exactly as
+            finetuning tokenizes it (prompt in the model's prompt style, reply + EOS), the reply scored.
         max_length: Window length in tokens (default: the model's context).
         stride: Tokens between window starts (default: max_length // 2; max_length gives disjoint windows).
         batch_size: Windows per forward pass.
@@ -373,7 +373,10 @@ def _read_text(file: Path) -> str:
 def tokenize_records(
     records: Sequence[tuple[str, Union[str, dict]]], tokenizer: "Tokenizer", checkpoint_dir: Path
 ) -> list[Document]:
-    """Plain texts after the prefix token (BOS, else EOS); instruction records as prompt + output + EOS."""
+    """Plain texts after the prefix token (BOS, else EOS); instruction records encoded as finetuning encodes
+    them (`litllm.data.sft.encode_record`), the reply and EOS scored after the prompt."""
+    from litllm.data.sft import encode_record, parse_record
+
     prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     style = None
     documents = []
@@ -394,18 +397,12 @@ def tokenize_records(
             from litllm.prompts import PromptStyle
 
             style = PromptStyle.from_checkpoint(checkpoint_dir)
-        fields = {"input": record["input"]} if record.get("input") else {}
-        prompt = style.apply(str(record["instruction"]), **fields)
-        output = str(record["output"])
-        # encode prompt and prompt + output together, then split: the boundary tokenizes as in training
-        prompt_ids = style.encode(tokenizer, prompt).tolist()
-        whole = style.encode(tokenizer, prompt + output).tolist()
-        if tokenizer.eos_id is not None:
-            whole.append(tokenizer.eos_id)
-        if not prompt_ids:
+        # exactly the tokens finetuning trains on: prompt (input placed as training places it) + reply + EOS
+        tokens, is_reply = encode_record(parse_record(record, where), tokenizer, style)
+        first_scored = is_reply.index(True)
+        if first_scored == 0:
             raise LitLLMError(f"{where}: the prompt is empty and the tokenizer adds no BOS (nothing to condition on)")
-        if len(whole) > len(prompt_ids):
-            documents.append(Document(source, whole, len(prompt_ids), len(output.encode("utf-8"))))
+        documents.append(Document(source, tokens, first_scored, len(record["output"].encode("utf-8"))))
     if not documents:
         raise LitLLMError("--data: every document is empty")
     return documents

@@ -435,14 +435,44 @@ def test_perplexity_of_instruction_records_scores_the_response(tiny_checkpoint, 
     style, tokenizer = PromptStyle.from_checkpoint(tiny_checkpoint), Tokenizer(tiny_checkpoint)
     expected_nll, n_tokens = 0.0, 0
     for r in records:
-        prompt = style.apply(r["instruction"], **({"input": r["input"]} if r["input"] else {}))
+        # what finetuning trains on: the prompt (input after the instruction: this style has no input slot)
+        # encoded on its own, then the reply and EOS
+        prompt = style.apply(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""))
         prompt_ids = style.encode(tokenizer, prompt).tolist()
-        tokens = style.encode(tokenizer, prompt + r["output"]).tolist() + [tokenizer.eos_id]
+        tokens = prompt_ids + tokenizer.encode(r["output"], bos=False).tolist() + [tokenizer.eos_id]
         expected_nll -= _hf_token_logprobs(tiny_checkpoint, tokens, {t: 0 for t in range(len(prompt_ids), len(tokens))})
         n_tokens += len(tokens) - len(prompt_ids)
     assert report["tokens"] == n_tokens
     assert report["bytes"] == sum(len(r["output"].encode()) for r in records)
     assert report["nll"] == pytest.approx(expected_nll, abs=1e-3)
+
+
+@pytest.mark.parametrize("style_name", [None, "alpaca"])  # the checkpoint's own style (no input slot), Alpaca's
+def test_perplexity_scores_exactly_the_tokens_finetuning_trains_on(tiny_checkpoint, tmp_path, style_name):
+    from litllm.data.sft import parse_record
+    from litllm.data.sft import tokenize_records as sft_tokenize
+    from litllm.evaluate import sliding_windows, tokenize_records
+    from litllm.prompts import PromptStyle, save_prompt_style
+    from litllm.tokenizer import Tokenizer
+
+    checkpoint = tiny_checkpoint
+    if style_name is not None:
+        checkpoint = tmp_path / "ckpt"
+        shutil.copytree(tiny_checkpoint, checkpoint)
+        save_prompt_style(style_name, checkpoint)
+    tokenizer, style = Tokenizer(checkpoint), PromptStyle.from_checkpoint(checkpoint)
+    records = [{"instruction": "Add the numbers.", "input": "1 + 2", "output": " 3, said the fox."},
+               {"instruction": "Name a fox.", "output": "Reynard"}]
+    (doc_with_input, doc_plain) = tokenize_records([("data.json", r) for r in records], tokenizer, checkpoint)
+    for record, doc in zip(records, (doc_with_input, doc_plain)):
+        (sample,) = sft_tokenize([parse_record(record, "data.json")], tokenizer, style, max_seq_length=0,
+                                 mask_prompt=True, ignore_index=-100)
+        trained = sample["labels"][sample["labels"] != -100].tolist()  # the tokens training takes a loss on
+        scored = [t for _, continuation in sliding_windows(doc.tokens, doc.first_scored, 8, 4) for t in continuation]
+        assert scored == trained == doc.tokens[doc.first_scored:]
+        # and the context is the same prompt: training's inputs are the document's tokens
+        assert sample["input_ids"].tolist() == doc.tokens[:-1]
+    assert "1 + 2" in tokenizer.decode(doc_with_input.tokens[: doc_with_input.first_scored])  # input not dropped
 
 
 def test_perplexity_rejects_bad_data(tiny_checkpoint, tmp_path):
