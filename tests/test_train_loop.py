@@ -277,7 +277,7 @@ def test_tensorboard_and_unknown_logger(tmp_path):
     logger = build_logger("tensorboard", tmp_path, "run")
     assert not (tmp_path / "logs").exists()  # nothing until the first metrics
     logger.log_metrics({"loss": 1.0}, 1)
-    logger.finalize()
+    logger.finalize("success")
     assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     with pytest.raises(LitLLMError, match="logger_name"):
         build_logger("mlflow", tmp_path, "run")

@@ -1,13 +1,24 @@
 """Metric loggers: `--logger_name csv | tensorboard | wandb` (the last two imported lazily).
 
-Each logger has `log_metrics(metrics, step)`, `log_hyperparams(params)` and `finalize()`; only
-global rank 0 creates one. Logs live in `out_dir/logs/`; a resumed run appends to them.
+Each logger has Fabric's logger interface: `log_metrics(metrics, step)`, `log_hyperparams(params)` and
+`finalize(status)`; only global rank 0 creates one. Logs live in `out_dir/logs/<name>/`; a resumed run
+continues them.
+
+- tensorboard: Lightning's own `lightning.fabric.loggers.TensorBoardLogger`.
+- csv: ours, because Fabric's `CSVLogger` (2.6) cannot continue a resumed run's log: reusing its
+  folder deletes the existing metrics.csv (a new version_N folder splits the history instead); it
+  keeps up to 100 rows in memory (a killed run loses rows its resume does not replay: those before the
+  checkpoint); it writes a step's val_loss as a second row; and it refuses `log_hyperparams`.
+- wandb: ours, a few lines over `wandb.init` / `run.log`: wandb's Fabric `WandbLogger` warns that it is
+  tested only with Fabric 2.1.3, and its `finalize` leaves the run unfinished.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,18 +28,21 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 
 
 class CSVLogger:
-    """`metrics.csv`: one row per logged step, one column per metric (columns grow as metrics appear)."""
+    """`metrics.csv`: one row per logged step, one column per metric, written as it comes.
 
-    def __init__(self, log_dir: Path) -> None:
+    A step's row is appended (and flushed) when logged, so the cost of a step does not grow with the
+    rows before it. A later metric of the step just written (e.g. its val_loss) rewrites that one row.
+    Only two things rewrite the file: a metric never seen before (a new column changes the header: once
+    per column) and a run's first row: a resumed run drops the rows of the steps it replays, a fresh one
+    starts over.
+    """
+
+    def __init__(self, log_dir: Path, resume: Optional[bool] = None) -> None:
         self.path = Path(log_dir) / "metrics.csv"  # nothing is written before the first metrics
-        self.rows: Optional[list[dict[str, Any]]] = None
-
-    def _load(self, first_step: int) -> list[dict[str, Any]]:
-        # a resumed run keeps the history before its first step; a fresh run (step 1) starts over
-        if not self.path.is_file():
-            return []
-        with open(self.path, newline="") as f:
-            return [r for r in csv.DictReader(f) if int(r["step"]) < first_step]
+        self.resume = resume  # None: a first step > 1 means a resumed run
+        self.columns: Optional[list[str]] = None  # None until the first row: the file isn't read before
+        self._last: dict[str, Any] = {}  # the last row written, and the byte offset where it starts
+        self._last_offset: Optional[int] = None
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,59 +50,80 @@ class CSVLogger:
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **metrics}
-        if self.rows is None:
-            self.rows = self._load(step)
-        if self.rows and int(self.rows[-1]["step"]) == step:
-            self.rows[-1].update(row)  # e.g. val_loss of the step just logged
+        if self.columns is None:
+            self._start(step)
+        if self._last and int(self._last["step"]) == step:
+            row = {**self._last, **row}  # e.g. val_loss of the step just logged: rewrite that row
         else:
-            self.rows.append(row)
-        self._write()
+            self._last, self._last_offset = {}, None
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._rewrite(read_csv_rows(self.path)[: None if self._last_offset is None else -1] + [row])
+        else:
+            self._write_last(row)
 
-    def _write(self) -> None:
-        columns: list[str] = []
-        for row in self.rows or []:
-            columns += [k for k in row if k not in columns]
+    def _start(self, first_step: int) -> None:
+        """Keep the history before `first_step` (a resumed run); start over for a fresh run."""
+        resumed = self.resume if self.resume is not None else first_step > 1
+        rows = [r for r in read_csv_rows(self.path) if int(r["step"]) < first_step] if resumed else []
+        self.columns = ["step"]
+        for r in rows:
+            self.columns += [k for k in r if k not in self.columns]
+        self._rewrite(rows)
+        self._last, self._last_offset = {}, None
+
+    def _line(self, row: dict[str, Any]) -> str:
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=self.columns).writerow(row)
+        return buffer.getvalue()
+
+    def _write_last(self, row: dict[str, Any]) -> None:
+        with open(self.path, "r+", newline="", encoding="utf-8") as f:
+            offset = f.seek(0, os.SEEK_END) if self._last_offset is None else self._last_offset
+            f.seek(offset)
+            f.truncate()
+            f.write(self._line(row))
+        self._last, self._last_offset = row, offset
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns or ["step"])
-            writer.writeheader()
-            writer.writerows(self.rows or [])
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(self.columns)
+            for r in rows[:-1]:
+                f.write(self._line(r))
+            offset = f.tell()
+            if rows:
+                f.write(self._line(rows[-1]))
         tmp.replace(self.path)
+        self._last, self._last_offset = (rows[-1], offset) if rows else ({}, None)
 
-    def finalize(self) -> None:
+    def finalize(self, status: str = "success") -> None:
         pass
 
 
-class TensorBoardLogger:
-    """TensorBoard event files (`tensorboard --logdir out_dir/logs`); created at the first metrics."""
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv ([] when absent); a last line cut short by a crash is dropped."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [{k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(io.StringIO(text, newline=""))]
 
-    def __init__(self, log_dir: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise LitLLMError("--logger_name tensorboard needs the tensorboard package: pip install tensorboard") from None
-        self.log_dir = log_dir
-        self._writer = None
 
-    @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+def tensorboard_logger(log_dir: Path):
+    """Lightning's TensorBoard logger writing event files into `log_dir` itself (created at the first metrics)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise LitLLMError("--logger_name tensorboard needs the tensorboard package: pip install tensorboard") from None
+    from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
 
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
-        return self._writer
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        self.writer.add_text("hyperparameters", "```\n" + json.dumps(params, indent=2, default=str) + "\n```")
-
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
-
-    def finalize(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+    # version "" puts the events in log_dir itself, the same folder on every resume (no version_N split)
+    return FabricTensorBoardLogger(root_dir=Path(log_dir).parent, name=Path(log_dir).name, version="",
+                                   default_hp_metric=False)
 
 
 class WandbLogger:
@@ -127,7 +162,7 @@ class WandbLogger:
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def finalize(self) -> None:
+    def finalize(self, status: str = "success") -> None:
         if self._run is not None:
             self._run.finish()
 
@@ -142,9 +177,9 @@ def build_logger(name: str, out_dir: Path, run_name: str, resume: bool = False):
     check_logger_name(name)
     log_dir = Path(out_dir) / "logs" / name
     if name == "csv":
-        return CSVLogger(log_dir)
+        return CSVLogger(log_dir, resume=resume)
     if name == "tensorboard":
-        return TensorBoardLogger(log_dir)
+        return tensorboard_logger(log_dir)
     return WandbLogger(log_dir, run_name, resume=resume)
 
 
@@ -152,9 +187,9 @@ def loss_history(logger, losses: dict[int, float], val_losses: dict[int, float])
     """Loss series for the plot: the CSV log's full history when there is one (it spans resumes)."""
     if isinstance(logger, CSVLogger):
         series: dict[str, list[tuple[int, float]]] = {"loss": [], "val_loss": []}
-        for row in logger.rows or []:
+        for row in read_csv_rows(logger.path):
             for key in series:
-                if row.get(key) not in (None, ""):
+                if key in row:
                     series[key].append((int(row["step"]), float(row[key])))
         return series
     return {"loss": sorted(losses.items()), "val_loss": sorted(val_losses.items())}

@@ -284,7 +284,7 @@ def run(
         if png is not None:
             fabric.print(f"Loss curve: {png}")
         if logger is not None:
-            logger.finalize()
+            logger.finalize("success")
     return result
 
 
