@@ -45,6 +45,7 @@ STATE_FILE = "training_state.pt"
 FORMAT_VERSION = 1
 # Config fields that don't change the model's computation (a checkpoint may differ in them)
 _COSMETIC_FIELDS = {"name", "hf_repo"}
+_warned: set[Path] = set()  # damaged checkpoints `--resume auto` has already warned about
 
 
 # ---------------------------------------------------------------------- finding checkpoints
@@ -98,7 +99,9 @@ def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config
             try:
                 check_training_checkpoint(candidate)
             except LitLLMError as e:
-                print(f"warning: --resume auto skips a damaged checkpoint: {e}", file=sys.stderr)
+                if candidate not in _warned:  # once per process (the command and the loop both resolve it)
+                    _warned.add(candidate)
+                    print(f"warning: --resume auto skips a damaged checkpoint: {e}", file=sys.stderr)
                 continue
             path = candidate
             break
