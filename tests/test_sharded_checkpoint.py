@@ -57,6 +57,18 @@ def test_sharded_checkpoints_resume_exactly_and_convert(initial_model, tmp_path)
     sizes = [(step2 / "sharded" / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
     assert max(sizes) < 0.75 * sum(sizes)
 
+    # a truncated shard is found before anything loads (so `--resume auto` passes over it)
+    from litllm.errors import LitLLMError
+    from litllm.train.checkpoints import check_training_checkpoint
+
+    check_training_checkpoint(step2)
+    damaged = tmp_path / "damaged" / step2.name
+    shutil.copytree(step2, damaged)
+    shard = damaged / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(LitLLMError, match="__1_0.distcp: truncated"):
+        check_training_checkpoint(damaged)
+
     # 2 steps + resume (same world size, shard for shard) + 2 steps == 4 steps straight
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -88,6 +100,7 @@ def test_sharded_checkpoints_resume_exactly_and_convert(initial_model, tmp_path)
 
 def test_sharded_lora_checkpoint_holds_only_lora_and_resumes(tmp_path):
     """Qwen2 ties its head to the embedding: the tied weight goes through DCP once."""
+    from litllm.errors import LitLLMError
     from litllm.lora import is_lora_parameter
 
     base = make_converted_checkpoint(tmp_path / "base", family="qwen2")
@@ -128,7 +141,6 @@ def test_sharded_lora_checkpoint_holds_only_lora_and_resumes(tmp_path):
 
     cli(args(tmp_path / "single", 1, "--resume", str(step2)))  # one process reads the LoRA shards
     assert sorted(read_losses(tmp_path / "single")) == [3, 4]
-    from litllm.errors import LitLLMError
     from litllm.train.checkpoints import convert_pretrained_checkpoint
 
     with pytest.raises(LitLLMError, match="only the trained parameters"):

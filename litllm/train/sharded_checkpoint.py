@@ -75,13 +75,23 @@ def _reader(folder: Path):
 
 
 def saved_key(path: Path) -> str:
-    """`model` or `trainable`: what a sharded checkpoint holds (clear error if `.metadata` is damaged)."""
+    """`model` or `trainable`: what a sharded checkpoint holds. Fails clearly if `.metadata` is damaged
+    or a shard file is missing or shorter than `.metadata` says (reads no tensor data)."""
     folder = Path(path) / SHARDED_DIR
     try:
-        names = _reader(folder).read_metadata().state_dict_metadata
+        metadata = _reader(folder).read_metadata()
     except Exception as e:
         raise LitLLMError(f"{folder / '.metadata'}: not a readable sharded-checkpoint index ({_first_line(e)})") from None
-    return "model" if any(n.startswith("model.") for n in names) else "trainable"
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < end:
+            raise LitLLMError(f"{file}: {'missing' if size is None else f'truncated ({size} of {end} bytes)'}: "
+                              "a shard of this sharded checkpoint")
+    return "model" if any(n.startswith("model.") for n in metadata.state_dict_metadata) else "trainable"
 
 
 def _split(optimizer_sd: dict) -> tuple[dict, dict]:
