@@ -124,24 +124,26 @@ def check_safetensors(path: str | Path) -> None:
         )
 
 
+def _read(path: Path, kind: str, read):
+    """`read()`, with any error of a damaged file (SafetensorError, pickle, zip) as one clear line."""
+    try:
+        return read()
+    except Exception as e:
+        raise LitLLMError(f"{path}: not a readable {kind} file ({str(e).strip().splitlines()[0][:200]})") from None
+
+
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (one clear error if it is damaged or truncated)."""
     from safetensors.torch import load_file
 
     check_safetensors(path)
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises its own error type (SafetensorError) for damaged files
-        raise LitLLMError(f"{path}: not a readable safetensors file ({e})") from None
+    return _read(path, "safetensors", lambda: load_file(str(path), device=str(device)))
 
 
 def open_safetensors(path: str | Path):
     """A lazy `safe_open` handle (keys, slices) on a checked file."""
     check_safetensors(path)
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:
-        raise LitLLMError(f"{path}: not a readable safetensors file ({e})") from None
+    return _read(path, "safetensors", lambda: safe_open(str(path), framework="pt"))
 
 
 def check_torch_file(path: str | Path) -> None:
@@ -159,10 +161,7 @@ def check_torch_file(path: str | Path) -> None:
 def read_torch_file(path: str | Path) -> Any:
     """A `torch.save` file, read with `weights_only=True` (one clear error if it is damaged)."""
     check_torch_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and unpickler errors of a damaged file
-        raise LitLLMError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from None
+    return _read(path, "PyTorch", lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
 def check_model_folder(folder: str | Path) -> Path:
@@ -410,15 +409,11 @@ class HFWeights:
     def _open(self, file: Path):
         if file not in self._handles:
             if file.suffix == ".safetensors":
-                try:
-                    self._handles[file] = safe_open(str(file), framework="pt")
-                except Exception as e:  # safetensors raises its own error type for corrupt files
-                    raise LitLLMError(f"{file}: not a readable safetensors file ({e})") from None
+                self._handles[file] = open_safetensors(file)
             else:
-                try:
-                    self._handles[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-                except Exception as e:
-                    raise LitLLMError(f"{file}: could not be read as a weights-only PyTorch file ({e})") from None
+                self._handles[file] = _read(
+                    file, "weights-only PyTorch", lambda: torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                )
         return self._handles[file]
 
     def keys(self) -> Iterator[str]:
@@ -440,11 +435,11 @@ def read_tensor(file: str | Path, name: str) -> torch.Tensor:
     A long-lived handle keeps every page it touched mapped (and counted in RSS), so streaming
     conversion opens the file per tensor: header parsing is cheap next to the copy.
     """
-    try:
+    def read() -> torch.Tensor:
         with safe_open(str(file), framework="pt") as f:
             return f.get_tensor(name)
-    except Exception as e:  # SafetensorError of a damaged file
-        raise LitLLMError(f"{file}: not a readable safetensors file ({e})") from None
+
+    return _read(file, "safetensors", read)
 
 
 def _normalize(name: str) -> str:
