@@ -38,7 +38,7 @@ def main() -> None:
     back = hf_config.config_from_hf(hf)
     assert back.hf_model_type == "my_llama" and back.n_query_groups == 2
     with tempfile.TemporaryDirectory() as tmp:
-        from litllm.checkpoint import model_state_dict, save_model_weights
+        from litllm.model_folder import model_state_dict, save_model_weights
 
         save_model_weights(model_state_dict(model), Path(tmp) / "lit_model.safetensors")
         config.save(Path(tmp) / "model_config.yaml")

@@ -15,28 +15,14 @@ An adapter model can't be merged into a plain `GPT`, so its model folder carries
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
-import yaml
 
 from litllm.errors import LitLLMError
-
-ADAPTER_SPEC = "adapter.yaml"
-
-
-@dataclass
-class AdapterSettings:
-    """The structure an adapter model adds (written to `adapter.yaml`)."""
-
-    version: Literal[1, 2] = 1
-    start_layer: int = 2
-    """First block (0-based) whose attention gets a learned prefix."""
-    prefix_length: int = 10
-    """Number of learned prefix tokens per adapted block."""
+from litllm.model_folder import ADAPTER_SPEC, AdapterSettings, read_adapter_settings  # noqa: F401 (the folder's files)
 
 
 class PrefixAdapter(nn.Module):
@@ -167,78 +153,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- model folders
-def read_adapter_settings(checkpoint_dir: Path) -> Optional[AdapterSettings]:
-    """The `adapter.yaml` of a model folder, or None for a plain model."""
-    path = Path(checkpoint_dir) / ADAPTER_SPEC
-    if not path.is_file():
-        return None
-    values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    try:
-        settings = AdapterSettings(**values)
-    except TypeError:
-        raise LitLLMError(f"{path}: expected keys version, start_layer, prefix_length") from None
-    if settings.version not in (1, 2):
-        raise LitLLMError(f"{path}: version must be 1 or 2, got {settings.version!r}")
-    return settings
-
-
-def save_adapter_settings(checkpoint_dir: Path, settings: AdapterSettings) -> None:
-    from litllm.utils import atomic_write_text
-
-    atomic_write_text(Path(checkpoint_dir) / ADAPTER_SPEC, yaml.safe_dump(asdict(settings), sort_keys=False))
-
-
-def adapter_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of an adapter model, as its folder stores them (a tied head stored once, as `wte`)."""
-    sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-        sd.pop("lm_head.base.weight", None)
-    return sd
-
-
 def load_adapter_model(
     checkpoint_dir: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None
 ) -> nn.Module:
     """Load a model folder, applying the adapter structure its `adapter.yaml` describes (if any)."""
-    from safetensors.torch import load_file
-
-    from litllm.config import Config
     from litllm.model import GPT
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import WEIGHTS_FILE, check_model_folder, load_model_weights, read_config
 
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     settings = read_adapter_settings(checkpoint_dir)
     if settings is None:
         return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype)
     with torch.device("meta"):
-        model = apply_adapter(GPT(Config.from_checkpoint(checkpoint_dir)), settings)
-    path = checkpoint_dir / "lit_model.safetensors"
-    state = load_file(str(path), device=str(device))
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    expected = adapter_model_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise LitLLMError(f"{path}: weights don't match {ADAPTER_SPEC} and model_config.yaml: "
-                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
-        head = model.lm_head.base if isinstance(model.lm_head, AdapterV2Linear) else model.lm_head
-        head.weight = model.wte.weight
-    model.build_rope_cache(torch.device(device))
+        model = apply_adapter(GPT(read_config(checkpoint_dir)), settings)
+    load_model_weights(model, checkpoint_dir / WEIGHTS_FILE, device=device, dtype=dtype)
     return model
 
 
 def save_adapter_model(model: nn.Module, out_dir: Path, settings: AdapterSettings, *file_sources: Path) -> None:
     """Write an adapter model folder: config, `adapter.yaml`, tokenizer files, then the weights (last)."""
-    from litllm.checkpoint import save_model_weights
-    from litllm.lora import copy_tokenizer_files
+    from litllm.model_folder import save_model_folder
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save(out_dir / "model_config.yaml")
-    save_adapter_settings(out_dir, settings)
-    copy_tokenizer_files(out_dir, *file_sources)
-    state = {k: v.detach().contiguous() for k, v in adapter_model_state_dict(model).items()}
-    save_model_weights(state, out_dir / "lit_model.safetensors")
+    save_model_folder(model, out_dir, *file_sources, adapter=settings)

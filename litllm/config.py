@@ -182,8 +182,11 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise LitLLMError(f"{path}: config file not found")
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+            raise LitLLMError(f"{path}: not a readable YAML file, damaged or truncated? ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise LitLLMError(f"{path}: expected a mapping of Config fields")
         values.update(overrides)

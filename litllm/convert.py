@@ -6,28 +6,23 @@ Both stream tensor by tensor, so peak memory stays near the largest single tenso
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from litllm.checkpoint import HFWeights, SafetensorsWriter, model_state_dict, parse_dtype, read_tensor
 from litllm.config import Config
 from litllm.errors import LitLLMError
 from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
 from litllm.hf.weights import (
     IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
 )
-from litllm.utils import atomic_path, check_model_dir, read_json_object
-
-# files of a HF folder that travel with the model (tokenizer, generation and prompt settings)
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "prompt_style.yaml",
+from litllm.model_folder import (  # noqa: F401 (TOKENIZER_FILES: importable from here until callers move)
+    CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
+    model_state_dict, open_safetensors, parse_dtype, read_config, read_tensor,
 )
+from litllm.utils import atomic_path, read_json_object
 
 
 def convert_to_litllm(
@@ -95,7 +90,7 @@ def convert_to_litllm(
     first = build(names[0])  # its dtype is the output dtype unless --dtype says otherwise
     out_dtype = target_dtype or first.dtype
     specs = {name: (t.shape, out_dtype) for name, t in expected.items()}
-    with atomic_path(checkpoint_dir / "lit_model.safetensors") as tmp:
+    with atomic_path(checkpoint_dir / WEIGHTS_FILE) as tmp:
         with SafetensorsWriter(tmp, specs) as writer:
             for name in tqdm(names, desc="convert_to_litllm", unit="tensor"):
                 tensor = first if name == names[0] else build(name)
@@ -110,8 +105,8 @@ def convert_to_litllm(
                 f"{checkpoint_dir}: {len(leftover)} weight(s) have no place in a {config.hf_model_type} model "
                 f"(e.g. {leftover[0]}): config.json and weights disagree"
             )
-        config.save(checkpoint_dir / "model_config.yaml")
-    print(f"Wrote {checkpoint_dir / 'lit_model.safetensors'} and model_config.yaml")
+        config.save(checkpoint_dir / CONFIG_FILE)
+    print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} and {CONFIG_FILE}")
 
 
 def convert_from_litllm(
@@ -132,18 +127,16 @@ def convert_from_litllm(
         dtype: Cast weights to `float32`, `float16` or `bfloat16` (default: keep).
         max_shard_size: Largest shard, e.g. `5GB`, `500MB`.
     """
-    checkpoint_dir, output_dir = check_model_dir(checkpoint_dir), Path(output_dir)
+    checkpoint_dir, output_dir = check_model_folder(checkpoint_dir), Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LitLLMError(f"{output_dir}: output folder exists and is not empty")
     target_dtype = parse_dtype(dtype)
     shard_bytes = _parse_size(max_shard_size)
-    config = Config.from_checkpoint(checkpoint_dir)
+    config = read_config(checkpoint_dir)
     model_type = infer_model_type(config)
     mapping = weight_map(config, model_type)
-
-    from safetensors import safe_open
-
-    lit = safe_open(str(checkpoint_dir / "lit_model.safetensors"), framework="pt")
+    lit_file = checkpoint_dir / WEIGHTS_FILE
+    lit = open_safetensors(lit_file)
     # plan: (hf name, lit name, how to cut it out) in file order, with shapes for the headers
     plan: list[tuple[str, str, tuple]] = []
     specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
@@ -180,7 +173,7 @@ def convert_from_litllm(
                 for hf_name, lit_name, how in shard:
                     if lit_name not in cache:
                         cache.clear()  # a fused tensor's parts are consecutive in the plan
-                        cache[lit_name] = read_tensor(checkpoint_dir / "lit_model.safetensors", lit_name)
+                        cache[lit_name] = read_tensor(lit_file, lit_name)
                     tensor = cache[lit_name]
                     if how[0] == "rows":
                         tensor = tensor[how[1]: how[1] + how[2]]
@@ -201,9 +194,7 @@ def convert_from_litllm(
             if key in generation:
                 hf_config[key] = generation[key]
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        for name in TOKENIZER_FILES:
-            if (checkpoint_dir / name).is_file():
-                shutil.copy2(checkpoint_dir / name, tmp / name)
+        copy_model_files(tmp, checkpoint_dir)
         if not (tmp / "generation_config.json").is_file():
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     print(f"Wrote a Hugging Face checkpoint to {output_dir}")

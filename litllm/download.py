@@ -54,7 +54,7 @@ def download(
         return
     if not REPO_ID.match(repo_id):
         raise LitLLMError(f"repo_id: expected `org/name` (e.g. meta-llama/Llama-3.2-1B), got {repo_id!r}")
-    from litllm.checkpoint import parse_dtype
+    from litllm.model_folder import parse_dtype
 
     parse_dtype(dtype)  # a bad --dtype fails before downloading gigabytes
     folder = Path(checkpoint_dir) / repo_id
@@ -88,7 +88,7 @@ def _preset_for(repo_id: str) -> Optional[str]:
 
 
 def _tokenizer_files(files: list[str]) -> list[str]:
-    from litllm.convert import TOKENIZER_FILES
+    from litllm.model_folder import TOKENIZER_FILES
 
     return [f for f in TOKENIZER_FILES if f in files]
 

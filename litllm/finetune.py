@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
+from litllm.model_folder import read_safetensors
 from litllm.train.args import EvalArgs, TrainArgs
-from litllm.train.fabric import read_safetensors
 from litllm.train.loop import TrainResult
 from litllm.train.optimizer import OptimizerSpec
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -30,10 +29,9 @@ import torch.nn.functional as F
 import yaml
 
 from litllm.errors import LitLLMError
+from litllm.model_folder import LORA_WEIGHTS, lora_weights_file  # noqa: F401 (the folder's files)
+from litllm.model_folder import TRAINABLE_WEIGHTS as STEP_WEIGHTS
 
-LORA_WEIGHTS = "lit_lora.safetensors"
-# a training checkpoint (`out_dir/step-XXXXXXXX/`) of a LoRA run stores the same tensors under this name
-STEP_WEIGHTS = "trainable.safetensors"
 HYPERPARAMETERS = "hyperparameters.yaml"
 
 
@@ -291,7 +289,7 @@ def dense_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor
 # ---------------------------------------------------------------------- LoRA checkpoint folders
 def save_lora_checkpoint(model: nn.Module, folder: Path, hyperparameters: dict[str, Any]) -> None:
     """Write `lit_lora.safetensors` and `hyperparameters.yaml` (which must record `checkpoint_dir`)."""
-    from litllm.checkpoint import save_model_weights
+    from litllm.model_folder import save_model_weights
     from litllm.utils import atomic_write_text
 
     folder = Path(folder)
@@ -317,14 +315,6 @@ def read_lora_checkpoint(folder: Path) -> tuple[dict[str, Any], LoRASettings]:
     return hparams, LoRASettings.from_flags(hparams)
 
 
-def lora_weights_file(folder: Path) -> Path:
-    """`lit_lora.safetensors` of a final folder, or `trainable.safetensors` of a step checkpoint."""
-    for name in (LORA_WEIGHTS, STEP_WEIGHTS):
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
-    raise LitLLMError(f"{folder}: no {LORA_WEIGHTS} (is this the output of `litllm finetune_lora`?)")
-
-
 def load_lora_model(
     folder: Path,
     pretrained_checkpoint_dir: Optional[Path] = None,
@@ -332,43 +322,16 @@ def load_lora_model(
     dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Build the base model recorded in a LoRA checkpoint folder, wrap it, and load the LoRA weights."""
-    from safetensors.torch import load_file
-
     from litllm.model import GPT
+    from litllm.model_folder import read_safetensors
 
     hparams, settings = read_lora_checkpoint(folder)
     base_dir = Path(pretrained_checkpoint_dir or hparams["checkpoint_dir"])
     model = GPT.from_checkpoint(base_dir, device=device, dtype=dtype)
     add_lora(model, **asdict(settings))
     weights = lora_weights_file(folder)
-    load_lora_state_dict(model, load_file(str(weights), device=str(device)), str(weights))
+    load_lora_state_dict(model, read_safetensors(weights, device=device), str(weights))
     return model
-
-
-def save_model_folder(model: nn.Module, out_dir: Path, *file_sources: Path) -> None:
-    """Write a plain (merged) model as a model folder: config, tokenizer files, then the weights last.
-
-    Tokenizer/prompt files are taken from the first of `file_sources` that has each one. The weights
-    file goes last and atomically, so a folder with `lit_model.safetensors` is always complete.
-    """
-    from litllm.checkpoint import model_state_dict, save_model_weights
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save(out_dir / "model_config.yaml")
-    copy_tokenizer_files(out_dir, *file_sources)
-    state = {k: v.detach().contiguous() for k, v in model_state_dict(model).items()}
-    save_model_weights(state, out_dir / "lit_model.safetensors")
-
-
-def copy_tokenizer_files(out_dir: Path, *file_sources: Path) -> None:
-    """Copy tokenizer/generation/prompt-style files into `out_dir`, each from the first source that has it."""
-    from litllm.convert import TOKENIZER_FILES
-
-    for name in TOKENIZER_FILES:
-        source = next((Path(d) / name for d in file_sources if (Path(d) / name).is_file()), None)
-        if source is not None and source.resolve() != (Path(out_dir) / name).resolve():
-            shutil.copy2(source, Path(out_dir) / name)
 
 
 def merge_lora(
@@ -394,7 +357,7 @@ def merge_lora(
         peft_dir: Also export the (unmerged) LoRA weights here as a Hugging Face PEFT adapter folder
             (`adapter_config.json` + `adapter_model.safetensors`).
     """
-    from litllm.checkpoint import parse_dtype
+    from litllm.model_folder import WEIGHTS_FILE, check_model_folder, parse_dtype, save_model_folder
 
     checkpoint_dir = Path(checkpoint_dir)
     dtype = parse_dtype(precision)
@@ -404,18 +367,19 @@ def merge_lora(
             f"{checkpoint_dir}: a training checkpoint; pass --out_dir (a model written into it would stop it resuming)"
         )
     base_dir = Path(pretrained_checkpoint_dir or hparams["checkpoint_dir"])
-    if not (base_dir / "lit_model.safetensors").is_file():
+    if not (base_dir / WEIGHTS_FILE).is_file():
         raise LitLLMError(
             f"{checkpoint_dir / HYPERPARAMETERS}: base model {base_dir} not found "
             "(pass --pretrained_checkpoint_dir if it moved)"
         )
+    check_model_folder(base_dir)  # a damaged base fails before anything is written
     model = load_lora_model(checkpoint_dir, base_dir, dtype=dtype)
     if peft_dir is not None:
         save_peft_adapter(model, peft_dir, base_model_name_or_path=str(base_dir))
     merge_lora_weights(model)
     out_dir = Path(out_dir or checkpoint_dir)
     save_model_folder(model, out_dir, checkpoint_dir, base_dir)
-    print(f"Merged LoRA weights into {out_dir / 'lit_model.safetensors'}")
+    print(f"Merged LoRA weights into {out_dir / WEIGHTS_FILE}")
 
 
 # ---------------------------------------------------------------------- PEFT export

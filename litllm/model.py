@@ -186,7 +186,7 @@ class GPT(nn.Module):
         **config_overrides,
     ) -> "GPT":
         """Load a converted model folder (`lit_model.safetensors` + `model_config.yaml`)."""
-        from litllm.checkpoint import load_model_weights
+        from litllm.model_folder import load_model_weights
         from litllm.utils import check_model_dir
 
         checkpoint_dir = check_model_dir(checkpoint_dir)

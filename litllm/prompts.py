@@ -431,7 +431,7 @@ def _model_name(checkpoint_dir: Path) -> str:
     if path.is_file():
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):  # the model's own loader reports a damaged file
             data = {}
         if isinstance(data, dict) and data.get("name"):
             return str(data["name"])

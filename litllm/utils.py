@@ -1,4 +1,4 @@
-"""Small helpers shared by commands: atomic writes and checkpoint-folder checks."""
+"""Small helpers shared by commands: atomic writes, JSON files."""
 
 from __future__ import annotations
 
@@ -64,18 +64,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def check_model_dir(checkpoint_dir: str | Path) -> Path:
-    """Fail clearly unless `checkpoint_dir` holds a converted litllm model."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
-    if not (checkpoint_dir / "lit_model.safetensors").is_file():
-        if (checkpoint_dir / "config.json").is_file():
-            raise LitLLMError(
-                f"{checkpoint_dir}: not converted yet (no lit_model.safetensors); "
-                f"run `litllm convert_to_litllm {checkpoint_dir}` first"
-            )
-        raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm model folder?)")
-    return checkpoint_dir
+    """Moved to `litllm.model_folder.check_model_folder` (which also checks the weights file is complete)."""
+    from litllm.model_folder import check_model_folder
+
+    return check_model_folder(checkpoint_dir)
 
 
 def read_json_object(path: str | Path) -> dict:

@@ -107,7 +107,7 @@ def test_merging_a_lora_head_unties_a_tied_embedding(families, tmp_path):
     assert not model.config.tie_embeddings
     assert torch.equal(model.wte.weight, embedding)  # the embedding keeps the base weight
     assert (model(x) - unmerged).abs().max() <= 1e-5
-    from litllm.lora import save_model_folder
+    from litllm.model_folder import save_model_folder
 
     save_model_folder(model, tmp_path / "merged", families["qwen2"])
     reloaded = GPT.from_checkpoint(tmp_path / "merged").eval()

@@ -207,7 +207,7 @@ def test_cli_exit_code(tmp_path):
 # ---------------------------------------------------------------------- crash-safe, exact resume
 KILL_DURING_SAVE = """
 import sys, time
-import litllm.checkpoint as checkpoint
+import litllm.model_folder as checkpoint
 
 write = checkpoint.save_model_weights
 def slow_write(state_dict, path):
@@ -265,8 +265,8 @@ def initial_model(tmp_path_factory) -> Path:
     from conftest import train_bpe_tokenizer
     from test_train_loop import tiny_config
 
-    from litllm.checkpoint import model_state_dict, save_model_weights
     from litllm.model import GPT
+    from litllm.model_folder import model_state_dict, save_model_weights
 
     folder = tmp_path_factory.mktemp("initial")
     train_bpe_tokenizer(folder, vocab_size=300)
@@ -327,67 +327,3 @@ def test_two_processes_match_one(strategy, initial_model, single_process_run, tm
     args = fixed_tokens_args(initial_model, resumed, 1, "auto", micro_batch_size=8)
     cli(args + ["--resume", str(out / "step-00000002")])
     assert sorted(read_losses(resumed)) == [3, 4]
-
-
-@pytest.mark.slow
-def test_sharded_checkpoints_resume_exactly_and_convert(initial_model, tmp_path):
-    """FSDP with --train.state_dict_type sharded: per-rank files, exact same-size resume, joined on convert."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    def run_two(out: Path, *extra: str) -> None:
-        args = fixed_tokens_args(initial_model, out, 2, "fsdp", micro_batch_size=2)
-        proc = subprocess.run(
-            [sys.executable, "-m", "litllm", *args, "--train.state_dict_type", "sharded", *extra],
-            capture_output=True, text=True, timeout=300, env=env_with_tests(), cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    straight = tmp_path / "straight"
-    run_two(straight)
-    step2 = straight / "step-00000002"
-    names = {p.name for p in step2.iterdir()}
-    assert {"lit_model.rank-00000-of-00002.safetensors", "lit_model.rank-00001-of-00002.safetensors",
-            "optimizer.rank-00000-of-00002.pt", "optimizer.rank-00001-of-00002.pt", "sharded_index.json"} <= names
-    assert "lit_model.safetensors" not in names and "optimizer.pt" not in names
-    rank0 = load_file(str(step2 / "lit_model.rank-00000-of-00002.safetensors"))
-    rank1 = load_file(str(step2 / "lit_model.rank-00001-of-00002.safetensors"))
-    import json
-
-    index = json.loads((step2 / "sharded_index.json").read_text())
-    assert index["world_size"] == 2
-    wte = index["tensors"]["wte.weight"]
-    assert wte["rows"] == [[0, rank0["wte.weight"].shape[0]], [rank0["wte.weight"].shape[0], wte["shape"][0]]]
-    assert rank0["wte.weight"].shape[0] + rank1["wte.weight"].shape[0] == wte["shape"][0]
-    assert not torch.equal(rank0["wte.weight"], rank1["wte.weight"])  # each rank holds its own rows
-
-    # 2 steps + resume (same world size, shard for shard) + 2 steps == 4 steps straight
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(step2, resumed / step2.name)
-    run_two(resumed, "--resume", "auto")
-    expected, got = read_losses(straight), read_losses(resumed)
-    assert sorted(got) == [3, 4]
-    for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], abs=1e-6)
-
-    # a sharded step joins into the model folder the full (gathered) final/ of the same weights
-    cli(["convert_pretrained_checkpoint", str(straight / "step-00000004"), str(tmp_path / "model")])
-    joined = load_file(str(tmp_path / "model" / "lit_model.safetensors"))
-    final = load_file(str(straight / "final" / "lit_model.safetensors"))
-    assert joined.keys() == final.keys()
-    for name in final:
-        assert torch.equal(joined[name], final[name]), name
-    assert not any((straight / "final").glob("*.rank-*"))
-
-    # another world size: one process resumes by joining the shards (weights and optimizer state)
-    single = tmp_path / "single"
-    cli(fixed_tokens_args(initial_model, single, 1, "auto", micro_batch_size=8) + ["--resume", str(step2)])
-    assert sorted(read_losses(single)) == [3, 4]  # (its data order restarts: another rank layout)
-    from litllm.train import sharded_checkpoint
-
-    optimizer = sharded_checkpoint.full_optimizer_state(step2, index)
-    assert set(optimizer["state"]) == set(final)  # every weight trains (tied heads are stored once either way)
-    for name, entries in optimizer["state"].items():
-        assert entries["exp_avg"].shape == entries["exp_avg_sq"].shape == final[name].shape, name

@@ -44,8 +44,8 @@ class TrainArgs:
     """Peak FLOP/s of one device for MFU (None: looked up for known GPUs; on CPU only achieved FLOP/s is logged)."""
     state_dict_type: Literal["full", "sharded"] = "full"
     """Step checkpoints under FSDP: "full" gathers weights and optimizer state to rank 0 (one file each);
-    "sharded" has every rank write its own shards without gathering (faster, no rank-0 memory peak;
-    resumable with the same device count, or converted by `litllm convert_pretrained_checkpoint`).
+    "sharded" has every rank write its own shards with torch.distributed.checkpoint (faster, no rank-0
+    memory peak; resumable on any device count, converted by `litllm convert_pretrained_checkpoint`).
     `final/` is always a full model folder."""
 
     def __post_init__(self) -> None:

@@ -7,14 +7,16 @@ A training checkpoint `out_dir/step-XXXXXXXX/` holds:
   training_state.pt        step/token/epoch counters, RNG states, the data loader's position
   model_config.yaml, hyperparameters.yaml, tokenizer files
 With every parameter trained, the folder is also a model folder (generate, finetune, convert take it).
-With `--train.state_dict_type sharded` under FSDP, the weights and optimizer state are per-rank
-shards instead (see `litllm.train.sharded_checkpoint`); `convert_pretrained_checkpoint` joins them.
+With `--train.state_dict_type sharded` under FSDP, the weights and optimizer state are instead a
+`torch.distributed.checkpoint` folder `sharded/` (see `litllm.train.sharded_checkpoint`), which any
+device count resumes; `convert_pretrained_checkpoint` joins it into a model folder.
 
 Saving is atomic: the folder is written under a hidden temporary name and renamed when complete,
 so a crash (even SIGKILL) mid-save never leaves a checkpoint that looks complete. Full state dicts
 are gathered to global rank 0 (`torch.distributed.checkpoint.state_dict`, which handles single
-device, DDP and FSDP2 alike), which alone writes. Tensors are read back with safetensors or
-`torch.load(weights_only=True)` only.
+device, DDP and FSDP2 alike), which alone writes. Files are read back through `litllm.model_folder`
+(safetensors or `torch.load(weights_only=True)`; a damaged file is one clear error naming it), and
+`--resume auto` passes over a damaged newest checkpoint, with a warning, to the newest intact one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,6 +34,10 @@ import yaml
 
 from litllm.config import Config
 from litllm.errors import LitLLMError
+from litllm.model_folder import (
+    CONFIG_FILE, TRAINABLE_WEIGHTS, WEIGHTS_FILE, check_safetensors, check_torch_file, copy_model_files,
+    read_safetensors, read_torch_file, stored_state_dict,
+)
 from litllm.utils import atomic_path
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -38,6 +45,7 @@ STATE_FILE = "training_state.pt"
 FORMAT_VERSION = 1
 # Config fields that don't change the model's computation (a checkpoint may differ in them)
 _COSMETIC_FIELDS = {"name", "hf_repo"}
+_warned: set[Path] = set()  # damaged checkpoints `--resume auto` has already warned about
 
 
 # ---------------------------------------------------------------------- finding checkpoints
@@ -45,28 +53,69 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The complete training checkpoint with the highest step in `out_dir` (temporaries are hidden)."""
+def _step_dirs(out_dir: Path) -> list[Path]:
+    """Complete training checkpoints in `out_dir`, newest first (temporaries are hidden)."""
     if not out_dir.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    found = [(step, p) for step, p in found if (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True) if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The complete training checkpoint with the highest step in `out_dir`."""
+    found = _step_dirs(out_dir)
+    return found[0] if found else None
+
+
+def check_training_checkpoint(path: Path) -> None:
+    """Fail clearly unless every file of a training checkpoint is there and complete (reads headers only)."""
+    from litllm.train import sharded_checkpoint
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise LitLLMError(f"{path}: not a training checkpoint (no {STATE_FILE}); expected out_dir/step-XXXXXXXX")
+    check_torch_file(path / STATE_FILE)
+    Config.from_file(path / CONFIG_FILE)
+    if sharded_checkpoint.is_sharded(path):
+        sharded_checkpoint.saved_key(path)
+        return
+    weights = next((path / n for n in (WEIGHTS_FILE, TRAINABLE_WEIGHTS) if (path / n).is_file()), None)
+    if weights is None:
+        raise LitLLMError(f"{path}: no {WEIGHTS_FILE} or {TRAINABLE_WEIGHTS}")
+    check_safetensors(weights)
+    check_torch_file(path / "optimizer.pt")
 
 
 def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config) -> Optional[Path]:
-    """The checkpoint to resume from (None: start fresh), checked against `config` before any write."""
+    """The checkpoint to resume from (None: start fresh), checked against `config` before any write.
+
+    `auto` takes the newest checkpoint whose files are intact, warning about each damaged one it skips.
+    """
     if resume is False or resume is None or resume == "false":
         return None
     if resume is True or resume == "auto":
-        path = latest_checkpoint(out_dir)
+        path = None
+        for candidate in _step_dirs(Path(out_dir)):
+            try:
+                check_training_checkpoint(candidate)
+            except LitLLMError as e:
+                if candidate not in _warned:  # once per process (the command and the loop both resolve it)
+                    _warned.add(candidate)
+                    print(f"warning: --resume auto skips a damaged checkpoint: {e}", file=sys.stderr)
+                continue
+            path = candidate
+            break
         if path is None:
             return None
     else:
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise LitLLMError(f"--resume {path}: not a training checkpoint (no {STATE_FILE}); expected out_dir/step-XXXXXXXX")
-    saved = Config.from_file(path / "model_config.yaml").to_dict()
+        try:
+            check_training_checkpoint(path)
+        except LitLLMError as e:
+            raise LitLLMError(f"--resume {path}: {e}") from None
+    saved = Config.from_file(path / CONFIG_FILE).to_dict()
     current = config.to_dict()
     differing = sorted(k for k in current if k not in _COSMETIC_FIELDS and saved.get(k) != current[k])
     if differing:
@@ -116,21 +165,10 @@ def _full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Full state dict on global rank 0 (CPU), empty elsewhere; every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from litllm.model_folder import has_tied_head
+
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    config = getattr(module, "config", None)
-    if config is not None and config.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # stored once, as wte.weight
-    return sd
-
-
-def _copy_model_files(source: Optional[Path], folder: Path) -> None:
-    from litllm.convert import TOKENIZER_FILES
-
-    if source is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, folder / name)
+    return stored_state_dict(sd, has_tied_head(module))
 
 
 def to_plain(value: Any) -> Any:
@@ -193,8 +231,8 @@ class CheckpointWriter:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _write_model_files(self, folder: Path) -> None:
-        self.config.save(folder / "model_config.yaml")
-        _copy_model_files(self.tokenizer_dir, folder)
+        self.config.save(folder / CONFIG_FILE)
+        copy_model_files(folder, self.tokenizer_dir)
         for name, text in self.extra_files.items():
             (folder / name).write_text(text, encoding="utf-8")
         (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(to_plain(self.hparams), sort_keys=False))
@@ -203,7 +241,7 @@ class CheckpointWriter:
         """Save a resumable checkpoint for the current step (collective: call on every rank)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        from litllm.checkpoint import save_model_weights
+        from litllm.model_folder import save_model_weights  # looked up per call (tests slow it down)
         from litllm.train.fabric import unwrap
 
         if self.sharded:
@@ -219,7 +257,7 @@ class CheckpointWriter:
             state = self._training_state(counters, data_state)
             with atomic_path(path) as tmp:
                 tmp.mkdir()
-                weights = "lit_model.safetensors" if self.trains_everything else "trainable.safetensors"
+                weights = WEIGHTS_FILE if self.trains_everything else TRAINABLE_WEIGHTS
                 save_model_weights(sd, tmp / weights)
                 torch.save(opt_sd, tmp / "optimizer.pt")
                 self._write_model_files(tmp)
@@ -237,33 +275,22 @@ class CheckpointWriter:
         }
 
     def _save_sharded_step(self, optimizer, counters: dict[str, Any], data_state: dict[str, Any]) -> Path:
-        """Every rank writes its own shards into rank 0's temporary folder; rank 0 renames it when all are done."""
+        """Every rank writes its shards (DCP) into rank 0's temporary folder; rank 0 renames it when all are done."""
         import contextlib
-        import json
 
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-        from litllm.train import sharded_checkpoint as sharded
+        from litllm.train import sharded_checkpoint
         from litllm.train.fabric import unwrap
 
-        options = StateDictOptions(full_state_dict=False)
-        sd = get_model_state_dict(self.module, options=options)
-        if self.config.tie_embeddings:
-            sd.pop("lm_head.weight", None)  # stored once, as wte.weight
-        if not self.trains_everything:
-            sd = {k: v for k, v in sd.items() if k in self.trainable}
-        opt_sd = get_optimizer_state_dict(self.module, unwrap(optimizer), options=options)
         path = self.out_dir / step_dir_name(counters["step"])
         rank0 = self.fabric.global_rank == 0
+        names = None if self.trains_everything else self.trainable
         with atomic_path(path) if rank0 else contextlib.nullcontext() as tmp:
             if rank0:
                 tmp.mkdir()
             tmp = Path(self.fabric.broadcast(str(tmp) if rank0 else None, src=0))
-            prefix = "lit_model" if self.trains_everything else "trainable"
-            index = sharded.write_local_shards(self.fabric, tmp, sd, opt_sd, prefix)
+            sharded_checkpoint.save(tmp, self.module, unwrap(optimizer), names, self.fabric.global_rank)
             self.fabric.barrier()  # every shard is on disk
             if rank0:
-                (tmp / sharded.INDEX_FILE).write_text(json.dumps(index, indent=1))
                 self._write_model_files(tmp)
                 torch.save(self._training_state(counters, data_state), tmp / STATE_FILE)  # last: marks it complete
         self.fabric.barrier()
@@ -271,15 +298,14 @@ class CheckpointWriter:
 
     def save_final(self) -> Path:
         """Write `final/`: a model folder with the method's exported weights (collective)."""
-        from litllm.checkpoint import save_model_weights
-
+        from litllm.model_folder import save_model_weights
         sd = _full_model_state(self.module)
         path = self.out_dir / "final"
         if self.fabric.global_rank == 0:
             exported = self.method.export(sd)
             with atomic_path(path) as tmp:
                 tmp.mkdir()
-                save_model_weights(exported, tmp / "lit_model.safetensors")
+                save_model_weights(exported, tmp / WEIGHTS_FILE)
                 self._write_model_files(tmp)
         self.fabric.barrier()
         return path
@@ -294,31 +320,29 @@ def _all_param_names(module: nn.Module) -> set[str]:
 # ---------------------------------------------------------------------- loading
 def load_training_checkpoint(fabric, path: Path, model: nn.Module, optimizer, method) -> dict[str, Any]:
     """Restore model and optimizer from `path` (every rank reads it); returns counters, data and RNG state."""
-    from safetensors.torch import load_file
-
+    from litllm.model_folder import load_full_state_dict
     from litllm.train import sharded_checkpoint
-    from litllm.train.fabric import load_full_state_dict, unwrap, uses_fsdp
+    from litllm.train.fabric import unwrap
 
     module = unwrap(model)
-    if sharded_checkpoint.is_sharded(path):
-        index = sharded_checkpoint.read_index(path)
-        if index["world_size"] == fabric.world_size and uses_fsdp(fabric):
-            sharded_checkpoint.load_local_shards(fabric, path, index, module, unwrap(optimizer))
-        else:  # another layout: join the row blocks into full state dicts
-            required = None if index["prefix"] == "lit_model" else _trainable_names(module)
-            load_full_state_dict(module, sharded_checkpoint.full_model_state(path, index), required=required, source=path)
-            _set_full_optimizer_state(
-                module, optimizer, sharded_checkpoint.full_optimizer_state(path, index), path / sharded_checkpoint.INDEX_FILE
-            )
+    trainable = _trainable_names(module)
+    trains_everything = trainable >= _all_param_names(module)
+    if sharded_checkpoint.is_sharded(path):  # DCP reshards onto this run's layout, whatever its device count
+        sharded_checkpoint.load(path, module, unwrap(optimizer), None if trains_everything else trainable)
         return _read_training_state(path)
-    if (path / "lit_model.safetensors").is_file():
-        load_full_state_dict(module, load_file(str(path / "lit_model.safetensors")), source=path)
-    elif (path / "trainable.safetensors").is_file():
-        sd = load_file(str(path / "trainable.safetensors"))
-        load_full_state_dict(module, sd, required=_trainable_names(module), source=path)
+    if (path / "sharded_index.json").is_file():
+        raise LitLLMError(
+            f"{path}: a sharded checkpoint in the per-rank format of earlier litllm versions, which this one no "
+            "longer reads; resume it with the litllm that wrote it, or start from its final/ folder"
+        )
+    if (path / WEIGHTS_FILE).is_file():
+        load_full_state_dict(module, read_safetensors(path / WEIGHTS_FILE), source=path)
+    elif (path / TRAINABLE_WEIGHTS).is_file():
+        sd = read_safetensors(path / TRAINABLE_WEIGHTS)
+        load_full_state_dict(module, sd, required=trainable, source=path)
     else:
-        raise LitLLMError(f"{path}: no lit_model.safetensors or trainable.safetensors")
-    opt_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        raise LitLLMError(f"{path}: no {WEIGHTS_FILE} or {TRAINABLE_WEIGHTS}")
+    opt_sd = read_torch_file(path / "optimizer.pt")
     _set_full_optimizer_state(module, optimizer, opt_sd, path / "optimizer.pt")
     return _read_training_state(path)
 
@@ -337,7 +361,7 @@ def _set_full_optimizer_state(module: nn.Module, optimizer, opt_sd: dict, source
 
 
 def _read_training_state(path: Path) -> dict[str, Any]:
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    state = read_torch_file(path / STATE_FILE)
     if state.get("format") != FORMAT_VERSION:
         raise LitLLMError(f"{path / STATE_FILE}: unknown checkpoint format {state.get('format')!r}")
     return state
@@ -355,35 +379,38 @@ def convert_pretrained_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Non
         checkpoint_dir: the training checkpoint folder.
         output_dir: where to write the model folder (must not exist yet, or be empty).
     """
-    from litllm.convert import TOKENIZER_FILES
+    from litllm.train import sharded_checkpoint
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not checkpoint_dir.is_dir():
         raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
-    from litllm.checkpoint import save_model_weights
-    from litllm.train import sharded_checkpoint
-
-    weights = checkpoint_dir / "lit_model.safetensors"
-    index = sharded_checkpoint.read_index(checkpoint_dir) if sharded_checkpoint.is_sharded(checkpoint_dir) else None
+    weights = checkpoint_dir / WEIGHTS_FILE
+    sharded = sharded_checkpoint.is_sharded(checkpoint_dir)
     if not weights.is_file():
-        if (checkpoint_dir / "trainable.safetensors").is_file() or (index is not None and index["prefix"] != "lit_model"):
+        if (checkpoint_dir / TRAINABLE_WEIGHTS).is_file() or (sharded and sharded_checkpoint.saved_key(checkpoint_dir) != "model"):
             raise LitLLMError(
-                f"{checkpoint_dir}: holds only the trained parameters of a finetuning method (trainable.safetensors); "
+                f"{checkpoint_dir}: holds only the trained parameters of a finetuning method "
+                f"({TRAINABLE_WEIGHTS if not sharded else sharded_checkpoint.SHARDED_DIR + '/'}); "
                 f"use the run's final/ folder, which has the merged model"
             )
-        if index is None:
-            raise LitLLMError(f"{checkpoint_dir}: no lit_model.safetensors (is this a litllm training checkpoint?)")
-    if not (checkpoint_dir / "model_config.yaml").is_file():
-        raise LitLLMError(f"{checkpoint_dir}: no model_config.yaml")
+        if not sharded:
+            raise LitLLMError(f"{checkpoint_dir}: no {WEIGHTS_FILE} (is this a litllm training checkpoint?)")
+    else:
+        check_safetensors(weights)
+    if not (checkpoint_dir / CONFIG_FILE).is_file():
+        raise LitLLMError(f"{checkpoint_dir}: no {CONFIG_FILE}")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LitLLMError(f"{output_dir}: exists and is not empty; choose a new output folder")
-    Config.from_file(checkpoint_dir / "model_config.yaml")  # fails clearly if unreadable
-    full = sharded_checkpoint.full_model_state(checkpoint_dir, index) if index is not None else None
+    Config.from_file(checkpoint_dir / CONFIG_FILE)  # fails clearly if unreadable
+    from litllm.model_folder import save_model_weights
+
+    full = sharded_checkpoint.full_weights(checkpoint_dir) if sharded and not weights.is_file() else None
     with atomic_path(output_dir) as tmp:
         tmp.mkdir()
-        if full is not None:  # a sharded step: the row blocks joined in rank order
-            save_model_weights(full, tmp / "lit_model.safetensors")
-        for name in ("lit_model.safetensors", "model_config.yaml", *TOKENIZER_FILES):
+        if full is not None:  # a sharded step: DCP joins the shards
+            save_model_weights(full, tmp / WEIGHTS_FILE)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
             if (checkpoint_dir / name).is_file():
                 shutil.copy2(checkpoint_dir / name, tmp / name)
+        copy_model_files(tmp, checkpoint_dir)
     print(f"Wrote the model folder {output_dir}")

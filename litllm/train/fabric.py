@@ -161,7 +161,7 @@ def prepare_model(
 
     Returns the Fabric-wrapped model; `unwrap(model)` gives the module whose state dict is saved.
     """
-    from litllm.checkpoint import model_state_dict
+    from litllm.model_folder import load_full_state_dict, load_model_weights, model_state_dict, read_safetensors
 
     base_keys = set(model_state_dict(model))
     on_meta = any(p.is_meta for p in model.parameters())
@@ -169,8 +169,6 @@ def prepare_model(
         materialize(model, fabric.device)
         on_meta = False
     if initial_weights is not None and not on_meta:
-        from litllm.checkpoint import load_model_weights
-
         dtype = next(model.parameters()).dtype
         load_model_weights(model, initial_weights, device=fabric.device, dtype=dtype)
     model = method.transform(model)
@@ -197,40 +195,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     from lightning.fabric.wrappers import _unwrap_objects
 
     return _unwrap_objects(model)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
-
-
-def load_full_state_dict(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], required: Optional[set] = None, source=""
-) -> None:
-    """Load a full (unsharded) state dict into a plain, DDP or FSDP2-sharded module.
-
-    `required`: the keys the file must hold (None: every key of the module). A base checkpoint
-    lacks the parameters a method added (LoRA factors); a LoRA checkpoint holds only those.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    expected = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
-    config = getattr(module, "config", None)
-    if config is not None and config.tie_embeddings and "wte.weight" in state_dict:
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-        state_dict["lm_head.weight"] = state_dict["wte.weight"]  # the tied head is stored once
-    required = set(expected) if required is None else required
-    unexpected = sorted(set(state_dict) - set(expected))
-    missing = sorted(k for k in required if k not in state_dict and not (k == "lm_head.weight" and config.tie_embeddings))
-    if unexpected or missing:
-        raise LitLLMError(f"{source}: weights don't match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise LitLLMError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
-            )
-    set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def clean_name(name: str) -> str:
