@@ -27,14 +27,13 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from litllm.errors import LitLLMError
+from litllm.hparams import HYPERPARAMETERS_FILE as HYPERPARAMETERS
 
 LORA_WEIGHTS = "lit_lora.safetensors"
 # a training checkpoint (`out_dir/step-XXXXXXXX/`) of a LoRA run stores the same tensors under this name
 STEP_WEIGHTS = "trainable.safetensors"
-HYPERPARAMETERS = "hyperparameters.yaml"
 
 
 @dataclass
@@ -292,13 +291,12 @@ def dense_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor
 def save_lora_checkpoint(model: nn.Module, folder: Path, hyperparameters: dict[str, Any]) -> None:
     """Write `lit_lora.safetensors` and `hyperparameters.yaml` (which must record `checkpoint_dir`)."""
     from litllm.checkpoint import save_model_weights
-    from litllm.utils import atomic_write_text
+    from litllm.hparams import write_hyperparameters
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    plain = {k: str(v) if isinstance(v, Path) else v for k, v in hyperparameters.items()}
-    atomic_write_text(folder / HYPERPARAMETERS, yaml.safe_dump(plain, sort_keys=False))
+    write_hyperparameters(folder, hyperparameters)
     save_model_weights(state, folder / LORA_WEIGHTS)
 
 
@@ -307,13 +305,10 @@ def read_lora_checkpoint(folder: Path) -> tuple[dict[str, Any], LoRASettings]:
     folder = Path(folder)
     if not folder.is_dir():
         raise LitLLMError(f"{folder}: LoRA checkpoint folder not found")
+    from litllm.hparams import read_hyperparameters
+
     lora_weights_file(folder)
-    path = folder / HYPERPARAMETERS
-    if not path.is_file():
-        raise LitLLMError(f"{path}: not found (it records the base checkpoint_dir and the lora_* settings)")
-    hparams = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(hparams, dict) or "checkpoint_dir" not in hparams:
-        raise LitLLMError(f"{path}: expected a mapping with the base model's `checkpoint_dir`")
+    hparams = read_hyperparameters(folder, required=("checkpoint_dir",))  # the base model it was trained on
     return hparams, LoRASettings.from_flags(hparams)
 
 

@@ -294,7 +294,7 @@ class SFTDataModule(DataModule):
     long_records: LongRecords = "truncate"
     """Records longer than max_seq_length + 1 tokens: `truncate` (cut the end), `skip`, or `error`."""
     ignore_index: int = -100
-    """Label of positions without a loss. litllm's model loss ignores -100; change it only for your own loss."""
+    """Label of positions without a loss (padding, masked prompts); the training loop and its loss read it from here."""
     seed: int = 42
     """Seed of the train/validation split and of the shuffle (the training loop reseeds each epoch with its seed)."""
     num_workers: int = 0
@@ -328,6 +328,10 @@ class SFTDataModule(DataModule):
         )
         if len(self.train_dataset) == 0:
             raise LitLLMError(f"{type(self).__name__}: every training record was dropped (see the counts above)")
+
+    def longest_sample(self) -> Optional[int]:
+        datasets = [d for d in (self.train_dataset, self.val_dataset) if d]
+        return max((len(s["input_ids"]) for d in datasets for s in d.samples), default=None)
 
     def _collate(self) -> PadCollate:
         pad_id = getattr(self.tokenizer, "pad_id", None)
