@@ -22,7 +22,8 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -121,10 +122,13 @@ class LoRALinear(nn.Module):
         for b in self.lora_B.values():
             nn.init.zeros_(b)
 
+    adapter_disabled = False
+    """True inside `disable_adapters(model)`: the layer computes `base(x)` only."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         names = self.enabled
-        if not names:
+        if not names or self.adapter_disabled:
             return y
         # one matmul for every part's A: (..., in) -> (..., n_parts * r)
         a = self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[n] for n in names])
@@ -152,6 +156,25 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, parts={[n for n, _ in self.parts if n in self.lora_A]}"
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its base model inside the block: LoRA updates and (v1 and v2) adapters are off.
+
+    No second copy of the weights: each LoRA/adapter module (any module with an `adapter_disabled`
+    attribute) is switched off in place and back on at exit, exceptions included. This is the
+    reference model of preference tuning with LoRA/adapters. Works on a Fabric-wrapped or sharded model.
+    Adapter v2 also trains the base's norm weights; those stay as trained (freeze them for an exact base).
+    """
+    switched = [m for m in model.modules() if hasattr(m, "adapter_disabled") and not m.adapter_disabled]
+    for module in switched:
+        module.adapter_disabled = True
+    try:
+        yield model
+    finally:
+        for module in switched:
+            module.adapter_disabled = False
 
 
 # ---------------------------------------------------------------------- transforms of a GPT

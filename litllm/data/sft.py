@@ -86,13 +86,14 @@ def _parse_messages(messages: Any, origin: str) -> list[dict[str, str]]:
 
 
 def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """A seeded random split; at least one validation record when `val_fraction > 0`."""
+    """A seeded random split; at least one validation record when `val_fraction > 0` (none for a single record)."""
     if not 0 <= val_fraction < 1:
         raise LitLLMError(f"val_split_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return records, []
-    if len(records) < 2:
-        raise LitLLMError(f"{len(records)} record(s): too few to split off a validation set (set val_split_fraction 0)")
+    if len(records) < 2:  # a default fraction must not fail a tiny data set: train on it, say so once
+        print(f"{len(records)} record(s): too few to split off a validation set; training without validation")
+        return records, []
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(records) * val_fraction))
