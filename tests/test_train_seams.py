@@ -210,7 +210,7 @@ def test_train_model_builds_and_steps_under_fake_tensors(fabric, name, checkpoin
         opt = fabric.setup_optimizers(torch.optim.AdamW(trainable, lr=1e-3))
         batches = [{"input_ids": torch.randint(0, 320, (2, 16)), "labels": torch.randint(0, 320, (2, 16))}
                    for _ in range(2)]
-        sums, grad_norm = train_step(fabric, wrapped, opt, batches, max_norm=1.0)
+        sums, grad_norm = train_step(fabric, wrapped, opt, batches, max_norm=1.0, ignore_index=-100)
         assert isinstance(sums["loss"], FakeTensor) and isinstance(grad_norm, FakeTensor)
         assert set(sums) == {"loss", "count", "input_tokens"}
         assert all(p.grad is None for p in trainable)  # the step ran to zero_grad
@@ -261,7 +261,7 @@ def test_tiny_validation_set(fabric, tmp_path):
     data.connect(None, batch_size=4, max_seq_length=32)
     data.setup()
     model = fresh_model(tiny_config())
-    metrics = validate(fabric, model, data.val_dataloader(), max_iters=100)
+    metrics = validate(fabric, model, data.val_dataloader(), max_iters=100, ignore_index=data.ignore_index)
     expected = model(data.samples[-1]["input_ids"][None], targets=data.samples[-1]["labels"][None])
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-6)
     assert result.step == 2

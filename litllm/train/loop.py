@@ -350,7 +350,7 @@ def fit(t: Trainer) -> TrainResult:
     )
 
     def validate_and_log(after: bool) -> None:
-        metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.method.loss, t.ignore_index)
+        metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
         result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
         _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
         if after and t.method.after_validation is not None:
@@ -387,7 +387,7 @@ def fit(t: Trainer) -> TrainResult:
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * base / base_lrs[0] if base_lrs[0] else base
 
-        sums, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm, t.method.loss, t.ignore_index)
+        sums, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss)
         for name, value in sums.items():
             running[name] = running[name] + value if name in running else value
         state["step"] += 1  # ---- optimizer step boundary: the step's state is complete here
@@ -464,8 +464,8 @@ def train_step(
     optimizer,
     micro_batches: list[Batch],
     max_norm: Optional[float],
+    ignore_index: int,
     loss_fn: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy,
-    ignore_index: int = -100,
 ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
     """Forward/backward every micro-batch, then normalise, clip and step. No host sync.
 
@@ -491,9 +491,11 @@ def train_step(
     sums["input_tokens"] = torch.tensor(float(positions), dtype=torch.float64, device=sums["loss"].device)
     global_count = fabric.all_reduce(sums["count"].clone(), reduce_op="sum").clamp(min=1)
     scale = fabric.world_size * positions / global_count
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
+    scales = {}  # one cast per gradient dtype
+    for param in model.parameters():
+        if param.grad is not None:
+            dtype = param.grad.dtype
+            param.grad.mul_(scales[dtype] if dtype in scales else scales.setdefault(dtype, scale.to(dtype)))
     grad_norm = None
     if max_norm is not None:
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
@@ -510,8 +512,8 @@ def validate(
     model,
     val_loader,
     max_iters: int,
+    ignore_index: int,
     loss_fn: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy,
-    ignore_index: int = -100,
 ) -> dict[str, float]:
     """Global means over up to `max_iters` batches per rank: {"loss": ..., **metrics} (loss nan: nothing counted)."""
     was_training = model.training
@@ -525,8 +527,8 @@ def validate(
         for name, value in (("loss", loss_sum), ("count", count), *metrics.items()):
             sums[name] = sums.get(name, 0) + value.double()
     model.train(was_training)
-    if not sums:
-        sums = {"loss": torch.zeros((), dtype=torch.float64, device=fabric.device), "count": torch.zeros((), dtype=torch.float64, device=fabric.device)}
+    if not sums:  # no batch on this rank
+        sums = {name: torch.zeros((), dtype=torch.float64, device=fabric.device) for name in ("loss", "count")}
     names = list(sums)
     totals = dict(zip(names, fabric.all_reduce(torch.stack([sums[n] for n in names]), reduce_op="sum").tolist()))
     count = totals.pop("count")
