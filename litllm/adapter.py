@@ -40,9 +40,15 @@ class PrefixAdapter(nn.Module):
         nn.init.normal_(self.prefix)  # the scale of the normed hidden states qkv usually sees
         nn.init.zeros_(self.gate)  # zero-init gating: training starts from the base model
 
+    adapter_disabled = False
+    """True inside `litllm.lora.disable_adapters(model)`: the branch adds nothing."""
+
     def forward(self, q: torch.Tensor, attn: nn.Module) -> torch.Tensor:
         """q: (B, nh, T, hs) queries of `attn` (a CausalSelfAttention) -> (B, nh, T, hs)."""
         from litllm.model import attention
+
+        if self.adapter_disabled:
+            return torch.zeros_like(q)  # y + 0 == y exactly
 
         c = attn.config
         B, _, T, _ = q.shape
@@ -80,8 +86,13 @@ class AdapterV2Linear(nn.Module):
         nn.init.ones_(self.adapter_scale)
         nn.init.zeros_(self.adapter_bias)
 
+    adapter_disabled = False
+    """True inside `litllm.lora.disable_adapters(model)`: the layer computes `base(x)` only."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.adapter_disabled:
+            return y
         return (self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype)))
 
 

@@ -3,7 +3,7 @@
     litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
     litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
 
-Every method runs the one shared training loop (`litllm.train.loop.run`); a method is only a
+Every method runs the one shared training loop (`litllm.train.loop.setup` + `fit`); a method is only a
 `Method`: how the loaded model is transformed (LoRA / adapters / quantized base), which
 parameters train, and what the final model folder holds. Outputs in `out_dir`:
 
@@ -17,7 +17,7 @@ parameters train, and what the final model folder holds. Outputs in `out_dir`:
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -27,15 +27,11 @@ import torch.nn as nn
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.model_folder import read_safetensors
-from litllm.train.args import EvalArgs, TrainArgs
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_run_args
 from litllm.train.loop import TrainResult
 from litllm.train.optimizer import OptimizerSpec
 
-# DataModule classes must be imported for `--data <ClassName>` to resolve them
-try:
-    import litllm.data  # noqa: F401  (its __init__ imports every data module)
-except ImportError:  # pragma: no cover - a data module under construction must not break the command
-    pass
+import litllm.data  # noqa: F401  (imports every DataModule class, so `--data <ClassName>` resolves)
 
 QuantizeMode = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8-training"]
 # the frozen base only needs gradients with respect to its inputs, which bnb's int8 layer computes
@@ -51,15 +47,11 @@ FULL_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args"
 
 
 # ---------------------------------------------------------------------- the commands
+@with_run_args(seed=1337)
 def finetune_lora(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/lora"),
-    precision: Optional[str] = None,
     quantize: Optional[QuantizeMode] = None,
-    devices: Union[int, str] = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
-    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
     lora_r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
@@ -73,25 +65,17 @@ def finetune_lora(
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
     optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
-    seed: int = 1337,
-    resume: Union[bool, Literal["auto"], Path] = False,
-    compile: bool = False,
-    activation_checkpointing: bool = False,
+    *,
+    run: RunArgs,
+    hparams: dict[str, Any],
 ) -> TrainResult:
     """Finetune a model with LoRA (QLoRA with `--quantize`): train low-rank updates of frozen weights.
 
     Args:
         checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
         out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
         quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
             `bnb.fp4`, `bnb.int8-training`); the LoRA weights train in `precision`.
-        devices: Devices per node (`auto`: every visible GPU).
-        num_nodes: Number of nodes (with SLURM, launch with `srun`).
-        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`. With `--quantize`,
-            FSDP shards everything but the packed quantized base, which every device holds whole.
-        accelerator: `auto`, `cuda` or `cpu`.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha; the update is scaled by alpha / r.
         lora_dropout: Dropout on the LoRA branch's input.
@@ -105,204 +89,166 @@ def finetune_lora(
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
         optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
-        logger_name: `csv`, `tensorboard` or `wandb`.
-        seed: Random seed (LoRA init, data order, dropout).
-        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
-            a checkpoint path; false: start fresh.
-        compile: Compile each transformer block with `torch.compile`.
-        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
     """
-    args = dict(locals())
     from litllm.lora import LoRASettings
 
     settings = LoRASettings(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
                             lora_mlp, lora_head)
-    return _launch("lora", args, lora=settings)
+    return _launch(FinetuneJob("lora", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
+                               quantize=quantize, lora=settings))
 
 
+@with_run_args(seed=1337)
 def finetune_full(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/full"),
-    precision: Optional[str] = None,
-    devices: Union[int, str] = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
-    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
     optimizer: OptimizerSpec = FULL_OPTIMIZER,
-    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
-    seed: int = 1337,
-    resume: Union[bool, Literal["auto"], Path] = False,
-    compile: bool = False,
-    activation_checkpointing: bool = False,
+    *,
+    run: RunArgs,
+    hparams: dict[str, Any],
 ) -> TrainResult:
     """Finetune every weight of a model.
 
     Args:
         checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
         out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
-        devices: Devices per node (`auto`: every visible GPU).
-        num_nodes: Number of nodes (with SLURM, launch with `srun`).
-        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`.
-        accelerator: `auto`, `cuda` or `cpu`.
         data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
         optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-5`) or {class_path, init_args}.
-        logger_name: `csv`, `tensorboard` or `wandb`.
-        seed: Random seed (data order, dropout).
-        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
-            a checkpoint path; false: start fresh.
-        compile: Compile each transformer block with `torch.compile`.
-        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
     """
-    return _launch("full", dict(locals()))
+    return _launch(FinetuneJob("full", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams))
 
 
+@with_run_args(seed=1337)
 def finetune_adapter(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/adapter"),
-    precision: Optional[str] = None,
     quantize: Optional[QuantizeMode] = None,
-    devices: Union[int, str] = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
-    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
     adapter_start_layer: int = 2,
     adapter_prefix_length: int = 10,
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
     optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
-    seed: int = 1337,
-    resume: Union[bool, Literal["auto"], Path] = False,
-    compile: bool = False,
-    activation_checkpointing: bool = False,
+    *,
+    run: RunArgs,
+    hparams: dict[str, Any],
 ) -> TrainResult:
     """Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.
 
     Args:
         checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
         out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
         quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
             `bnb.int8-training`).
-        devices: Devices per node (`auto`: every visible GPU).
-        num_nodes: Number of nodes (with SLURM, launch with `srun`).
-        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`.
-        accelerator: `auto`, `cuda` or `cpu`.
         adapter_start_layer: First block (0-based) that gets a learned prefix.
         adapter_prefix_length: Learned prefix tokens per adapted block.
         data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
         optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
-        logger_name: `csv`, `tensorboard` or `wandb`.
-        seed: Random seed (prefix init, data order).
-        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
-            a checkpoint path; false: start fresh.
-        compile: Compile each transformer block with `torch.compile`.
-        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
     """
-    args = dict(locals())
     from litllm.adapter import AdapterSettings
 
-    return _launch("adapter", args, adapter=AdapterSettings(1, adapter_start_layer, adapter_prefix_length))
+    adapter = AdapterSettings(1, adapter_start_layer, adapter_prefix_length)
+    return _launch(FinetuneJob("adapter", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
+                               quantize=quantize, adapter=adapter))
 
 
+@with_run_args(seed=1337)
 def finetune_adapter_v2(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/adapter-v2"),
-    precision: Optional[str] = None,
     quantize: Optional[QuantizeMode] = None,
-    devices: Union[int, str] = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
-    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto",
     adapter_start_layer: int = 2,
     adapter_prefix_length: int = 10,
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
     optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv",
-    seed: int = 1337,
-    resume: Union[bool, Literal["auto"], Path] = False,
-    compile: bool = False,
-    activation_checkpointing: bool = False,
+    *,
+    run: RunArgs,
+    hparams: dict[str, Any],
 ) -> TrainResult:
     """Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.
 
     Args:
         checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
         out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        precision: `bf16-true`, `bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `16-mixed`.
         quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
             `bnb.int8-training`).
-        devices: Devices per node (`auto`: every visible GPU).
-        num_nodes: Number of nodes (with SLURM, launch with `srun`).
-        strategy: `auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp`.
-        accelerator: `auto`, `cuda` or `cpu`.
         adapter_start_layer: First block (0-based) that gets a learned prefix.
         adapter_prefix_length: Learned prefix tokens per adapted block.
         data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
         optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
-        logger_name: `csv`, `tensorboard` or `wandb`.
-        seed: Random seed (prefix init, data order).
-        resume: `auto`: continue from the newest complete checkpoint in out_dir (or start fresh);
-            a checkpoint path; false: start fresh.
-        compile: Compile each transformer block with `torch.compile`.
-        activation_checkpointing: Recompute each block's activations in the backward pass (saves memory).
     """
-    args = dict(locals())
     from litllm.adapter import AdapterSettings
 
-    return _launch("adapter_v2", args, adapter=AdapterSettings(2, adapter_start_layer, adapter_prefix_length))
+    adapter = AdapterSettings(2, adapter_start_layer, adapter_prefix_length)
+    return _launch(FinetuneJob("adapter_v2", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
+                               quantize=quantize, adapter=adapter))
 
 
 # ---------------------------------------------------------------------- shared setup
-def _launch(method_name: str, args: dict[str, Any], **settings: Any) -> Any:
+@dataclass
+class FinetuneJob:
+    """One finetuning command's arguments, typed, as they travel from the CLI into every process."""
+
+    method: str
+    """"full", "lora", "adapter" or "adapter_v2"."""
+    checkpoint_dir: Path
+    out_dir: Path
+    data: Optional[DataModule]
+    train: TrainArgs
+    eval: EvalArgs
+    optimizer: OptimizerSpec
+    run: RunArgs
+    hparams: dict[str, Any]
+    """The command's flat arguments, saved as hyperparameters.yaml."""
+    quantize: Optional[QuantizeMode] = None
+    lora: Any = None
+    """`litllm.lora.LoRASettings` (LoRA only)."""
+    adapter: Any = None
+    """`litllm.adapter.AdapterSettings` (adapters only)."""
+
+
+def _launch(job: FinetuneJob) -> Any:
     """Validate the arguments (before any process starts or anything is written), then launch `main`."""
     from litllm.config import Config
     from litllm.train.fabric import make_fabric
     from litllm.train.loggers import check_logger_name
     from litllm.utils import check_model_dir
 
-    hparams = dict(args)
-    checkpoint_dir = check_model_dir(args["checkpoint_dir"])
-    config = Config.from_checkpoint(checkpoint_dir)
-    check_logger_name(args["logger_name"])
-    quantize = args.get("quantize")
-    if quantize is not None and quantize not in _BNB_MODE:
-        raise LitLLMError(f"--quantize: expected one of {', '.join(_BNB_MODE)}, got {quantize!r}")
-    adapter = settings.get("adapter")
-    if adapter is not None and not 0 <= adapter.start_layer < config.n_layer:
+    run = job.run
+    job.checkpoint_dir = check_model_dir(job.checkpoint_dir)
+    job.out_dir = Path(job.out_dir)
+    config = Config.from_checkpoint(job.checkpoint_dir)
+    check_logger_name(run.logger_name)
+    if job.quantize is not None and job.quantize not in _BNB_MODE:
+        raise LitLLMError(f"--quantize: expected one of {', '.join(_BNB_MODE)}, got {job.quantize!r}")
+    if job.adapter is not None and not 0 <= job.adapter.start_layer < config.n_layer:
         raise LitLLMError(
-            f"--adapter_start_layer: expected 0..{config.n_layer - 1} for {checkpoint_dir} ({config.n_layer} layers), "
-            f"got {adapter.start_layer}"
+            f"--adapter_start_layer: expected 0..{config.n_layer - 1} for {job.checkpoint_dir} ({config.n_layer} "
+            f"layers), got {job.adapter.start_layer}"
         )
-    lora = settings.get("lora")
-    if lora is not None and lora.head and config.tie_embeddings:
+    if job.lora is not None and job.lora.head and config.tie_embeddings:
         raise LitLLMError(
-            f"--lora_head: {checkpoint_dir} ties its output head to the input embedding, so the head can't get "
+            f"--lora_head: {job.checkpoint_dir} ties its output head to the input embedding, so the head can't get "
             "its own LoRA update; train without --lora_head"
         )
-    fabric = make_fabric(args["devices"], args["num_nodes"], args["strategy"], args["precision"], args["accelerator"])
-    args["train"].gradient_accumulation_iters(fabric.world_size)  # clear error before any process starts
-    if quantize is not None:
+    fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
+    job.train.gradient_accumulation_iters(fabric.world_size)  # clear error before any process starts
+    if job.quantize is not None:
         from litllm.quantize import check_quantize_mode
 
-        check_quantize_mode(_BNB_MODE[quantize], fabric.device.type, _dtypes(fabric)[1])
-    return fabric.launch(
-        main, method_name=method_name, checkpoint_dir=checkpoint_dir, config=config, args=args,
-        hparams=hparams, **settings,
-    )
+        check_quantize_mode(_BNB_MODE[job.quantize], fabric.device.type, _dtypes(fabric)[1])
+    return fabric.launch(main, job, config)
 
 
 def _dtypes(fabric) -> tuple[torch.dtype, torch.dtype]:
@@ -314,38 +260,28 @@ def _dtypes(fabric) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float32 if precision.endswith("mixed") else half), half
 
 
-def main(
-    fabric,
-    method_name: str,
-    checkpoint_dir: Path,
-    config,
-    args: dict[str, Any],
-    hparams: dict[str, Any],
-    lora=None,
-    adapter=None,
-):
+def main(fabric, job: FinetuneJob, config) -> TrainResult:
     """Runs on every rank after launch: tokenizer, data, model, method, then the shared loop."""
     from litllm.model import GPT
     from litllm.tokenizer import Tokenizer
     from litllm.train import checkpoints as ckpt
     from litllm.train.loggers import build_logger
-    from litllm.train.loop import run
+    from litllm.train.loop import fit, setup
 
-    out_dir = Path(args["out_dir"])
-    resume_dir = ckpt.resolve_resume(args["resume"], out_dir, config)  # clear errors before anything is written
+    checkpoint_dir, out_dir = job.checkpoint_dir, job.out_dir
+    resume_dir = ckpt.resolve_resume(job.run.resume, out_dir, config)  # clear errors before anything is written
     tokenizer = Tokenizer(checkpoint_dir)
-    data = args["data"]
+    data = job.data
     if data is None:
         from litllm.data import Alpaca
 
         data = Alpaca()
     style = _prompt_style(data, tokenizer)
     base_weights = checkpoint_dir / "lit_model.safetensors"
-    quantize = args.get("quantize")
-    fabric.seed_everything(args["seed"])
+    fabric.seed_everything(job.run.seed)
 
     param_dtype, compute_dtype = _dtypes(fabric)
-    if quantize is not None:
+    if job.quantize is not None:
         # QLoRA: load on the CPU and quantize layer by layer onto the device, so the full-precision
         # base never has to fit in device memory
         model = GPT.from_checkpoint(checkpoint_dir, device="cpu", dtype=compute_dtype)
@@ -355,30 +291,22 @@ def main(
         with fabric.init_module(empty_init=True):
             model = GPT(config)
         initial_weights = base_weights
-    method, write_outputs = build_method(
-        method_name, lora=lora, adapter=adapter, base_weights=base_weights,
-        quantize=_BNB_MODE[quantize] if quantize else None, device=fabric.device, param_dtype=param_dtype,
+    method = build_method(
+        job.method, lora=job.lora, adapter=job.adapter, base_weights=base_weights,
+        quantize=_BNB_MODE[job.quantize] if job.quantize else None, device=fabric.device, param_dtype=param_dtype,
         compute_dtype=compute_dtype,
     )
-    extra_files = {"prompt_style.yaml": _prompt_style_yaml(style)}
-    if adapter is not None:
-        import yaml
-
-        extra_files["adapter.yaml"] = yaml.safe_dump(asdict(adapter), sort_keys=False)
+    method.extra_files["prompt_style.yaml"] = _prompt_style_yaml(style)
+    method.after_validation = _sample_reply(data, tokenizer, style, job.eval.max_new_tokens)
     logger = None
     if fabric.global_rank == 0:
-        logger = build_logger(args["logger_name"], out_dir, run_name=out_dir.name, resume=resume_dir is not None)
-    result = run(
-        fabric, model, method, data, tokenizer, args["train"], args["eval"], args["optimizer"], out_dir,
-        resume_dir or False, hparams=hparams, initial_weights=initial_weights, model_files_from=checkpoint_dir,
-        extra_files=extra_files, logger=logger, seed=args["seed"], compile=args["compile"],
-        activation_checkpointing=args["activation_checkpointing"],
-        after_validation=_sample_reply(data, tokenizer, style, args["eval"].max_new_tokens),
+        logger = build_logger(job.run.logger_name, out_dir, run_name=out_dir.name, resume=resume_dir is not None)
+    trainer = setup(
+        fabric, model, method, data, tokenizer, job.train, job.eval, job.optimizer, out_dir, job.run,
+        initial_weights=initial_weights, model_files_from=checkpoint_dir, hparams=job.hparams, logger=logger,
     )
-    if fabric.global_rank == 0 and result.final_dir is not None:
-        write_outputs(result.final_dir)
-    fabric.barrier()
-    if adapter is None:
+    result = fit(trainer)
+    if job.adapter is None:
         fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
     else:
         fabric.print(f"Load it with litllm.adapter.load_adapter_model({str(result.final_dir)!r})")
@@ -395,9 +323,9 @@ def build_method(
     device: Union[str, torch.device] = "cpu",
     param_dtype: Optional[torch.dtype] = None,
     compute_dtype: Optional[torch.dtype] = None,
-) -> tuple[Any, Callable[[Path], None]]:
-    """The `Method` (transform, trainable, export) of a finetuning method, and a function that writes
-    the method's extra files into `final/` once the loop is done.
+) -> Any:
+    """The `litllm.train.loop.Method` of a finetuning method (transform, trainable, export, and the
+    extra files of its folders: LoRA's lit_lora.safetensors, the adapters' adapter.yaml).
 
     LoRA and adapters export from the full-precision base weights in `base_weights` plus the trained
     tensors, so a quantized (QLoRA) or sharded run still yields an exact, dense model folder.
@@ -409,7 +337,7 @@ def build_method(
     if name == "full":
         if quantize is not None:
             raise LitLLMError("--quantize needs a method that freezes the base (LoRA or adapters)")
-        return Method(name="full"), lambda final_dir: None
+        return Method(name="full")
     if name == "lora":
         return _lora_method(lora, base_weights, quantize, device, param_dtype, compute_dtype)
     if name in ("adapter", "adapter_v2"):
@@ -474,13 +402,13 @@ def _lora_method(lora, base_weights: Path, quantize, device, param_dtype, comput
         return merge_lora_state_dict(read_safetensors(base_weights), trained, layout)
 
     def write_outputs(final_dir: Path) -> None:
-        from litllm.checkpoint import save_model_weights
+        from litllm.model_folder import save_model_weights
 
         save_model_weights({k: v.contiguous() for k, v in trained.items()}, final_dir / LORA_WEIGHTS)
 
-    method = Method(name="lora", transform=transform, trainable=lambda name, _: is_lora_parameter(name),
-                    export=export, base_key=_wrapped_key(wrapped))  # `wrapped` is filled by transform
-    return method, write_outputs
+    return Method(name="lora", transform=transform, trainable=lambda name, _: is_lora_parameter(name),
+                  export=export, base_key=_wrapped_key(wrapped),  # `wrapped` is filled by transform
+                  write_outputs=write_outputs)
 
 
 def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, compute_dtype):
@@ -508,9 +436,11 @@ def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, 
         base.update({k: state_dict[k].to(dtype) for k in names})
         return base
 
-    method = Method(name=f"adapter_v{adapter.version}", transform=transform,
-                    trainable=lambda name, _: name in names, export=export, base_key=base_key)
-    return method, lambda final_dir: None
+    import yaml
+
+    return Method(name=f"adapter_v{adapter.version}", transform=transform,
+                  trainable=lambda name, _: name in names, export=export, base_key=base_key,
+                  extra_files={"adapter.yaml": yaml.safe_dump(asdict(adapter), sort_keys=False)})
 
 
 def merge_lora_state_dict(

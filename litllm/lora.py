@@ -21,18 +21,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from litllm.errors import LitLLMError
+from litllm.hparams import HYPERPARAMETERS_FILE as HYPERPARAMETERS
 from litllm.model_folder import LORA_WEIGHTS, lora_weights_file  # noqa: F401 (the folder's files)
 from litllm.model_folder import TRAINABLE_WEIGHTS as STEP_WEIGHTS
-
-HYPERPARAMETERS = "hyperparameters.yaml"
 
 
 @dataclass
@@ -120,10 +119,13 @@ class LoRALinear(nn.Module):
         for b in self.lora_B.values():
             nn.init.zeros_(b)
 
+    adapter_disabled = False
+    """True inside `disable_adapters(model)`: the layer computes `base(x)` only."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         names = self.enabled
-        if not names:
+        if not names or self.adapter_disabled:
             return y
         # one matmul for every part's A: (..., in) -> (..., n_parts * r)
         a = self.lora_A[names[0]] if len(names) == 1 else torch.cat([self.lora_A[n] for n in names])
@@ -151,6 +153,25 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, parts={[n for n, _ in self.parts if n in self.lora_A]}"
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its base model inside the block: LoRA updates and (v1 and v2) adapters are off.
+
+    No second copy of the weights: each LoRA/adapter module (any module with an `adapter_disabled`
+    attribute) is switched off in place and back on at exit, exceptions included. This is the
+    reference model of preference tuning with LoRA/adapters. Works on a Fabric-wrapped or sharded model.
+    Adapter v2 also trains the base's norm weights; those stay as trained (freeze them for an exact base).
+    """
+    switched = [m for m in model.modules() if hasattr(m, "adapter_disabled") and not m.adapter_disabled]
+    for module in switched:
+        module.adapter_disabled = True
+    try:
+        yield model
+    finally:
+        for module in switched:
+            module.adapter_disabled = False
 
 
 # ---------------------------------------------------------------------- transforms of a GPT
@@ -289,14 +310,13 @@ def dense_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor
 # ---------------------------------------------------------------------- LoRA checkpoint folders
 def save_lora_checkpoint(model: nn.Module, folder: Path, hyperparameters: dict[str, Any]) -> None:
     """Write `lit_lora.safetensors` and `hyperparameters.yaml` (which must record `checkpoint_dir`)."""
+    from litllm.hparams import write_hyperparameters
     from litllm.model_folder import save_model_weights
-    from litllm.utils import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    plain = {k: str(v) if isinstance(v, Path) else v for k, v in hyperparameters.items()}
-    atomic_write_text(folder / HYPERPARAMETERS, yaml.safe_dump(plain, sort_keys=False))
+    write_hyperparameters(folder, hyperparameters)
     save_model_weights(state, folder / LORA_WEIGHTS)
 
 
@@ -305,13 +325,10 @@ def read_lora_checkpoint(folder: Path) -> tuple[dict[str, Any], LoRASettings]:
     folder = Path(folder)
     if not folder.is_dir():
         raise LitLLMError(f"{folder}: LoRA checkpoint folder not found")
+    from litllm.hparams import read_hyperparameters
+
     lora_weights_file(folder)
-    path = folder / HYPERPARAMETERS
-    if not path.is_file():
-        raise LitLLMError(f"{path}: not found (it records the base checkpoint_dir and the lora_* settings)")
-    hparams = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(hparams, dict) or "checkpoint_dir" not in hparams:
-        raise LitLLMError(f"{path}: expected a mapping with the base model's `checkpoint_dir`")
+    hparams = read_hyperparameters(folder, required=("checkpoint_dir",))  # the base model it was trained on
     return hparams, LoRASettings.from_flags(hparams)
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litllm.config import Config
+from litllm.losses import chunked_cross_entropy
 
 
 class GPT(nn.Module):
@@ -195,23 +196,6 @@ class GPT(nn.Module):
             model = cls(config)
         load_model_weights(model, checkpoint_dir / "lit_model.safetensors", device=device, dtype=dtype)
         return model
-
-
-def chunked_cross_entropy(
-    head, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk_size: int = 1024
-) -> torch.Tensor:
-    """Mean next-token loss, computing the (B, chunk, vocab) logits one sequence chunk at a time.
-
-    Large-vocabulary logits dominate activation memory; chunking keeps only one slice in fp32 at once.
-    """
-    total = x.new_zeros((), dtype=torch.float32)
-    for x_chunk, t_chunk in zip(x.split(chunk_size, dim=1), targets.split(chunk_size, dim=1)):
-        logits = head(x_chunk).float()
-        total = total + F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), t_chunk.reshape(-1), ignore_index=ignore_index, reduction="sum"
-        )
-    count = (targets != ignore_index).sum().clamp(min=1)
-    return total / count
 
 
 class Block(nn.Module):

@@ -270,8 +270,6 @@ def test_path_errors(tmp_path, tokenizer):
     with pytest.raises(LitLLMError, match="folder: no train.json or train.jsonl"):
         setup_json(tokenizer, tmp_path / "folder")
     write_json(tmp_path / "one.json", RECORDS[:1])
-    with pytest.raises(LitLLMError, match="too few to split off a validation set"):
-        setup_json(tokenizer, tmp_path / "one.json", val_split_fraction=0.5)
     with pytest.raises(LitLLMError, match="long_records must be truncate, skip or error"):
         setup_json(tokenizer, tmp_path / "one.json", val_split_fraction=0, long_records="cut")
     with pytest.raises(LitLLMError, match="unknown prompt style 'nope'"):
@@ -281,6 +279,16 @@ def test_path_errors(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------- splits, order, collation
+def test_a_single_record_trains_without_validation(tmp_path, tokenizer, capsys):
+    """A validation fraction (the default 0.05 too) can't split one record: train on it, say so in one line."""
+    write_json(tmp_path / "one.json", RECORDS[:1])
+    dm = setup_json(tokenizer, tmp_path / "one.json", val_split_fraction=0.5)
+    assert len(dm.train_dataset) == 1 and dm.val_dataset is None and dm.val_dataloader() is None
+    out = capsys.readouterr().out
+    assert out.count("too few to split off a validation set; training without validation") == 1
+    assert dm.longest_sample() == len(dm.train_dataset[0]["input_ids"])
+
+
 def test_folder_with_train_and_val_files(tmp_path, tokenizer):
     write_json(tmp_path / "d" / "train.jsonl", RECORDS)
     write_json(tmp_path / "d" / "val.json", RECORDS[:1])

@@ -13,7 +13,7 @@ from litllm.config import Config
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.model import GPT
-from litllm.train.args import EvalArgs, TrainArgs
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs
 from litllm.train.loop import Method, run
 
 VOCAB = 320
@@ -97,7 +97,7 @@ def train_once(fabric, out_dir, *, data=None, method=None, resume=False, config=
     return run(
         fabric, fresh_model(config), method or Method(), data or FixedTokens(), None, TrainArgs(**defaults),
         EvalArgs(interval=100, max_iters=2, final_validation=False), {"class_path": "AdamW", "init_args": {"lr": 3e-3}},
-        out_dir, resume, seed=7, **(run_kwargs or {}),
+        out_dir, RunArgs(seed=7, resume=resume, **(run_kwargs or {})),
     )
 
 

@@ -12,8 +12,10 @@ are already shifted: `labels[:, t]` is the target for `input_ids[:, t]`, and `-1
 module's `ignore_index`) marks positions without a loss. `T <= max_seq_length`.
 
 Pretraining loaders are litdata `StreamingDataLoader`s (`state_dict()` / `load_state_dict()` give an
-exact resume). Fine-tuning loaders are map-style torch `DataLoader`s whose order is a pure function
-of `(seed, epoch)`: the training loop reseeds their shuffle each epoch (`litllm.train.loop`).
+exact resume). Fine-tuning loaders are map-style torch `DataLoader`s shuffled by a `RandomSampler`; the training
+loop reseeds it with `seed + epoch` at each epoch, so the order is a pure function of both.
+A batch may carry more keys (e.g. `position_ids`); the loop moves them to the device and the
+method's loss passes them to the model.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class DataModule:
     tokenizer: Any = None
     batch_size: int = 1
     max_seq_length: int = -1
+    ignore_index: int = -100
+    """The label of positions without a loss (the loop and the losses read it from here)."""
 
     def connect(self, tokenizer: Any = None, batch_size: int = 1, max_seq_length: Optional[int] = None) -> None:
         """Hand over the tokenizer (`litllm.tokenizer.Tokenizer`), micro-batch size and context length.
@@ -55,6 +59,13 @@ class DataModule:
 
     def val_dataloader(self):
         """The validation loader, or `None` when the module has no validation data."""
+        return None
+
+    def longest_sample(self) -> Optional[int]:
+        """Tokens in the longest sample after `setup()` (None: unknown, or every sample is max_seq_length).
+
+        With `--train.max_seq_length` unset, the loop sizes the run for this rather than for the
+        model's whole context window."""
         return None
 
     # helpers for subclasses -------------------------------------------------------------------

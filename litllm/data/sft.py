@@ -86,13 +86,14 @@ def _parse_messages(messages: Any, origin: str) -> list[dict[str, str]]:
 
 
 def split_records(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """A seeded random split; at least one validation record when `val_fraction > 0`."""
+    """A seeded random split; at least one validation record when `val_fraction > 0` (none for a single record)."""
     if not 0 <= val_fraction < 1:
         raise LitLLMError(f"val_split_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return records, []
-    if len(records) < 2:
-        raise LitLLMError(f"{len(records)} record(s): too few to split off a validation set (set val_split_fraction 0)")
+    if len(records) < 2:  # a default fraction must not fail a tiny data set: train on it, say so once
+        print(f"{len(records)} record(s): too few to split off a validation set; training without validation")
+        return records, []
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(records) * val_fraction))
@@ -294,7 +295,7 @@ class SFTDataModule(DataModule):
     long_records: LongRecords = "truncate"
     """Records longer than max_seq_length + 1 tokens: `truncate` (cut the end), `skip`, or `error`."""
     ignore_index: int = -100
-    """Label of positions without a loss. litllm's model loss ignores -100; change it only for your own loss."""
+    """Label of positions without a loss (padding, masked prompts); the training loop and its loss read it from here."""
     seed: int = 42
     """Seed of the train/validation split and of the shuffle (the training loop reseeds each epoch with its seed)."""
     num_workers: int = 0
@@ -328,6 +329,10 @@ class SFTDataModule(DataModule):
         )
         if len(self.train_dataset) == 0:
             raise LitLLMError(f"{type(self).__name__}: every training record was dropped (see the counts above)")
+
+    def longest_sample(self) -> Optional[int]:
+        datasets = [d for d in (self.train_dataset, self.val_dataset) if d]
+        return max((len(s["input_ids"]) for d in datasets for s in d.samples), default=None)
 
     def _collate(self) -> PadCollate:
         pad_id = getattr(self.tokenizer, "pad_id", None)

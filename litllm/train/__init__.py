@@ -1,8 +1,8 @@
-"""The shared training machinery: one loop (`loop.run`) for pretraining and every finetuning method.
+"""The shared training machinery: one loop (`loop.setup` + `loop.fit`) for pretraining and every finetuning method.
 
-args.py         TrainArgs, EvalArgs (the `--train.*` / `--eval.*` flags)
-loop.py         Method (transform / trainable / export) and run(): the training loop
-fabric.py       Fabric, strategy (single / DDP / FSDP2) and precision setup; model preparation
+args.py         TrainArgs, EvalArgs (the `--train.*` / `--eval.*` flags), RunArgs (the shared flat flags)
+loop.py         Method (transform / trainable / export / loss / outputs), build_train_model, setup, fit
+fabric.py       Fabric, strategy (single / DDP / FSDP2) and precision setup
 schedule.py     linear warmup + cosine decay
 optimizer.py    any torch.optim class from `--optimizer`
 checkpoints.py  atomic step-XXXXXXXX/ checkpoints, resume, `convert_pretrained_checkpoint`
@@ -10,7 +10,7 @@ flops.py        FLOPs per token, device peaks, throughput and MFU
 loggers.py      csv / tensorboard / wandb loggers, the loss-curve PNG
 """
 
-from litllm.train.args import EvalArgs, TrainArgs
-from litllm.train.loop import Method, TrainResult, run
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs
+from litllm.train.loop import Method, Trainer, TrainResult, build_train_model, fit, run, setup
 
-__all__ = ["EvalArgs", "Method", "TrainArgs", "TrainResult", "run"]
+__all__ = ["EvalArgs", "Method", "RunArgs", "TrainArgs", "TrainResult", "Trainer", "build_train_model", "fit", "run", "setup"]

@@ -1,13 +1,19 @@
-"""Training and evaluation settings shared by `litllm pretrain` and every `litllm finetune_*`.
+"""Settings shared by `litllm pretrain` and every `litllm finetune_*`.
 
-Both are plain dataclasses: jsonargparse turns their fields into dotted flags
+`TrainArgs` and `EvalArgs` are plain dataclasses: jsonargparse turns their fields into dotted flags
 (`--train.micro_batch_size 2`, `--eval.interval 100`) and the attribute docstrings into help.
+`RunArgs` holds the flags every training command shares (`--devices 8`, `--seed`, `--resume`, ...);
+`@with_run_args(...)` gives a command those flags flat, documented here once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
 
 from litllm.errors import LitLLMError
 
@@ -125,3 +131,89 @@ class EvalArgs:
     def __post_init__(self) -> None:
         if self.interval < 1 or self.max_iters < 1:
             raise LitLLMError("--eval.interval and --eval.max_iters must be >= 1")
+
+
+@dataclass
+class RunArgs:
+    """Where and how a training command runs: the flags `pretrain` and every `finetune_*` share."""
+
+    devices: Union[int, str] = 1
+    """Devices per node (`auto`: every visible GPU, or 1 CPU process)."""
+    num_nodes: int = 1
+    """Number of nodes (with SLURM, launch with `srun`)."""
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    """`auto` (one device: single; more: fsdp), `single`, `ddp` or `fsdp` (FSDP2, Block-wise shards; with
+    `--quantize`, everything but the packed quantized base, which every device holds whole)."""
+    accelerator: Literal["auto", "cpu", "cuda", "gpu"] = "auto"
+    """`auto`, `cuda` or `cpu` (e.g. `--accelerator cpu --devices 2` runs 2 CPU processes)."""
+    precision: Optional[str] = None
+    """`bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `bf16-true`, `16-mixed`."""
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
+    """`csv`, `tensorboard` or `wandb` (WANDB_MODE=offline works without a network)."""
+    seed: int = 42
+    """Random seed (model or method init, data order, dropout); restored exactly on resume."""
+    resume: Union[bool, Literal["auto"], Path] = False
+    """`auto`: continue from the newest complete checkpoint in out_dir (or start fresh); a checkpoint
+    path; false: start fresh."""
+    compile: bool = False
+    """Compile each transformer block with `torch.compile`."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (saves memory)."""
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """{field: its attribute docstring}, joined into one line."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
+    """Give a command every `RunArgs` field as a flat flag (`--devices 8`, YAML `devices: 8`), after its own.
+
+    The command declares keyword-only `run: RunArgs` and `hparams: dict` instead; it receives the
+    flags packed into `run`, and in `hparams` all its arguments as given (flat, defaults applied), which
+    is what `hyperparameters.yaml` records. `defaults` overrides a field's default for this command.
+    Help texts come from `RunArgs`'s attribute docstrings, appended to the command's `Args:`.
+    """
+    fields = dataclasses.fields(RunArgs)
+    unknown = set(defaults) - {f.name for f in fields}
+    if unknown:
+        raise TypeError(f"not RunArgs fields: {sorted(unknown)}")
+    docs = _attribute_docs(RunArgs)
+    hints = {name: hint for name, hint in inspect.get_annotations(RunArgs, eval_str=True).items()}
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in ("run", "hparams")]
+        shared = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default),
+                              annotation=hints[f.name])
+            for f in fields
+        ]
+        public = signature.replace(parameters=own + shared, return_annotation=signature.return_annotation)
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = public.bind(*args, **kwargs)
+            bound.apply_defaults()
+            hparams = dict(bound.arguments)
+            run = RunArgs(**{f.name: bound.arguments.pop(f.name) for f in fields})
+            return command(**bound.arguments, run=run, hparams=hparams)
+
+        del wrapper.__wrapped__  # jsonargparse and help() read the public signature, not the command's
+        wrapper.__signature__ = public
+        indent = " " * 8
+        wrapper.__doc__ = (command.__doc__ or "").rstrip() + "\n" + "".join(
+            f"{indent}{f.name}: {docs.get(f.name, '')}\n" for f in fields
+        )
+        return wrapper
+
+    return decorate

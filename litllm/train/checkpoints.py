@@ -30,7 +30,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
-import yaml
 
 from litllm.config import Config
 from litllm.errors import LitLLMError
@@ -38,6 +37,7 @@ from litllm.model_folder import (
     CONFIG_FILE, TRAINABLE_WEIGHTS, WEIGHTS_FILE, check_safetensors, check_torch_file, copy_model_files,
     read_safetensors, read_torch_file, stored_state_dict,
 )
+from litllm.hparams import to_plain, write_hyperparameters  # noqa: F401  (to_plain: re-exported)
 from litllm.utils import atomic_path
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -171,30 +171,6 @@ def _full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return stored_state_dict(sd, has_tied_head(module))
 
 
-def to_plain(value: Any) -> Any:
-    """Arguments -> YAML-safe data (dataclasses, paths and DataModule objects included)."""
-    import dataclasses
-
-    is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
-    if hasattr(value, "connect") and not isinstance(value, type):  # a DataModule: as jsonargparse writes it
-        names = [f.name for f in dataclasses.fields(value)] if is_dataclass else [k for k in vars(value) if not k.startswith("_")]
-        init_args = {name: to_plain(getattr(value, name)) for name in names}
-        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": init_args}
-    if is_dataclass:
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return repr(value)
-
-
 class CheckpointWriter:
     """Writes `step-XXXXXXXX/` training checkpoints and the `final/` model folder of one run."""
 
@@ -235,7 +211,7 @@ class CheckpointWriter:
         copy_model_files(folder, self.tokenizer_dir)
         for name, text in self.extra_files.items():
             (folder / name).write_text(text, encoding="utf-8")
-        (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(to_plain(self.hparams), sort_keys=False))
+        write_hyperparameters(folder, self.hparams)
 
     def save_step(self, optimizer, counters: dict[str, Any], data_state: dict[str, Any]) -> Path:
         """Save a resumable checkpoint for the current step (collective: call on every rank)."""

@@ -149,47 +149,6 @@ def materialize(model: nn.Module, device: torch.device) -> None:
         root_reset()
 
 
-def prepare_model(
-    fabric,
-    model: nn.Module,
-    method,
-    initial_weights: Optional[Path] = None,
-    compile: bool = False,
-    activation_checkpointing: bool = False,
-) -> nn.Module:
-    """Load initial weights, apply the method's transform, freeze, wrap, and set up with Fabric.
-
-    Returns the Fabric-wrapped model; `unwrap(model)` gives the module whose state dict is saved.
-    """
-    from litllm.model_folder import load_full_state_dict, load_model_weights, model_state_dict, read_safetensors
-
-    base_keys = set(model_state_dict(model))
-    on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and not uses_fsdp(fabric):  # only FSDP materialises after sharding
-        materialize(model, fabric.device)
-        on_meta = False
-    if initial_weights is not None and not on_meta:
-        dtype = next(model.parameters()).dtype
-        load_model_weights(model, initial_weights, device=fabric.device, dtype=dtype)
-    model = method.transform(model)
-    for name, param in model.named_parameters():
-        param.requires_grad_(bool(method.trainable(name, param)))
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
-    if compile:
-        for block in model.blocks:
-            block.compile()
-    model = fabric.setup_module(model)
-    if initial_weights is not None and on_meta:
-        weights = {method.base_key(k): v for k, v in read_safetensors(initial_weights).items()}
-        required = {method.base_key(k) for k in base_keys}
-        load_full_state_dict(unwrap(model), weights, required=required, source=initial_weights)
-    return model
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside Fabric's wrapper (sharded in place under FSDP2)."""
     from lightning.fabric.wrappers import _unwrap_objects

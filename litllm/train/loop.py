@@ -2,13 +2,18 @@
 
 forward -> loss -> accumulate -> clip -> step -> schedule -> log -> validate -> checkpoint.
 
-A training *method* (pretraining, full finetuning, LoRA, QLoRA, adapters) differs only in three
-things, passed in as a `Method`: how the model is transformed before setup, which parameters
-train, and what the final model folder holds. Nothing here knows which method runs.
+    trainer = setup(fabric, model, method, data, tokenizer, train, eval, optimizer, out_dir, run)
+    result = fit(trainer)
 
-Loss normalisation: every optimizer step minimises the mean cross-entropy over all label tokens
-of the *global* batch (every device, every micro-batch), so a run gives the same gradients
-whatever its split into devices x micro-batches x accumulation steps, padded batches included.
+A training *method* (pretraining, full finetuning, LoRA, QLoRA, adapters, later DPO) is a `Method`:
+how the model is transformed before setup, which parameters train, the loss, and what the final
+model folder holds. Nothing here knows which method runs.
+
+Loss normalisation: `Method.loss` returns a *sum* and the count it is summed over (label tokens by
+default). Every optimizer step minimises the global sum divided by the global count (every device,
+every micro-batch), so a run gives the same gradients whatever its split into devices x
+micro-batches x accumulation steps, padded batches included. The division happens once per step,
+on the accumulated gradients, so no count has to be known (or synced to the host) before backward.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
-from litllm.train.args import EvalArgs, TrainArgs
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs
 
 Resume = Union[bool, Literal["auto"], Path, str]
+Batch = dict[str, torch.Tensor]
+LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+"""(loss sum, count, metrics): every metric is a sum over the same items as the count."""
 
 
 def _keep_model(model: nn.Module) -> nn.Module:
@@ -42,12 +50,29 @@ def _export_as_is(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return state_dict
 
 
+def _no_outputs(final_dir: Path) -> None:
+    return None
+
+
+def token_cross_entropy(model: nn.Module, batch: Batch, ignore_index: int) -> LossOutput:
+    """The default loss: next-token cross-entropy summed over the label tokens, and their count.
+
+    Every batch key besides `input_ids` and `labels` (e.g. `position_ids`) is passed to the model.
+    """
+    labels = batch["labels"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    mean = model(batch["input_ids"], targets=labels, ignore_index=ignore_index, **extra)
+    count = (labels != ignore_index).sum()  # stays on the device: no host sync
+    return mean * count, count, {}
+
+
 @dataclass
 class Method:
     """What distinguishes one way of training from another. The loop is the same for all.
 
     Pretraining and full finetuning use the defaults. LoRA: `transform` adds the low-rank
-    factors, `trainable` selects them, `export` merges them into the base weights.
+    factors, `trainable` selects them, `export` merges them into the base weights, and
+    `write_outputs` adds `lit_lora.safetensors` to `final/`.
     """
 
     name: str = "full"
@@ -62,11 +87,77 @@ class Method:
     base_key: Callable[[str], str] = _same_key
     """Name of a base-checkpoint weight in the transformed model (LoRA/adapter-v2 wrap `attn.qkv` as
     `attn.qkv.base`); used when the initial weights are loaded after `transform` (meta-device init)."""
+    loss: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy
+    """`loss(model, batch, ignore_index) -> (loss_sum, count, metrics)`, tensors on the batch's device.
+    The step minimises sum(loss_sum) / sum(count) over the global batch; `metrics` ({name: sum over
+    the counted items}) are logged as their global mean, in training and validation (`val_<name>`)."""
+    extra_files: dict[str, str] = field(default_factory=dict)
+    """{file name: text} written into every checkpoint and `final/` (e.g. prompt_style.yaml)."""
+    write_outputs: Callable[[Path], None] = _no_outputs
+    """Called on global rank 0 with `final/` once it is written (LoRA adds lit_lora.safetensors)."""
+    after_validation: Optional[Callable[[Any, nn.Module, int], None]] = None
+    """Called as `after_validation(fabric, model, step)` after each validation (finetuning prints a sample reply)."""
+
+
+def build_train_model(
+    config, method: Method, activation_checkpointing: bool = False, model: Optional[nn.Module] = None
+) -> nn.Module:
+    """The model a run trains: GPT(config) (or `model`), the method's transform, frozen parameters,
+    activation checkpointing. Pure (no Fabric, no files), so it also runs on the meta device and
+    under `torch._subclasses.FakeTensorMode` (memory estimates)."""
+    if model is None:
+        from litllm.model import GPT
+
+        model = GPT(config)
+    model = method.transform(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(method.trainable(name, param)))
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    return model
+
+
+def prepare_model(
+    fabric,
+    model: nn.Module,
+    method: Method,
+    initial_weights: Optional[Path] = None,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Load initial weights, build the train model (`build_train_model`), and set it up with Fabric.
+
+    Returns the Fabric-wrapped model; `unwrap(model)` gives the module whose state dict is saved.
+    """
+    from litllm.model_folder import load_full_state_dict, load_model_weights, model_state_dict, read_safetensors
+    from litllm.train.fabric import materialize, unwrap, uses_fsdp
+
+    base_keys = set(model_state_dict(model))
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not uses_fsdp(fabric):  # only FSDP materialises after sharding
+        materialize(model, fabric.device)
+        on_meta = False
+    if initial_weights is not None and not on_meta:
+        dtype = next(model.parameters()).dtype
+        load_model_weights(model, initial_weights, device=fabric.device, dtype=dtype)
+    model = build_train_model(model.config, method, activation_checkpointing, model=model)
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    model = fabric.setup_module(model)
+    if initial_weights is not None and on_meta:
+        weights = {method.base_key(k): v for k, v in read_safetensors(initial_weights).items()}
+        required = {method.base_key(k) for k in base_keys}
+        load_full_state_dict(unwrap(model), weights, required=required, source=initial_weights)
+    return model
 
 
 @dataclass
 class TrainResult:
-    """What a finished `run` reports (on every rank)."""
+    """What a finished `fit` reports (on every rank)."""
 
     step: int
     """Optimizer steps done in total (including those before a resume)."""
@@ -80,7 +171,37 @@ class TrainResult:
     final_dir: Optional[Path] = None
 
 
-def run(
+@dataclass
+class Trainer:
+    """Everything `fit` needs, as `setup` built it (on every rank)."""
+
+    fabric: Any
+    model: nn.Module
+    """Set up with Fabric (wrapped); `litllm.train.fabric.unwrap(model)` is the GPT."""
+    method: Method
+    optimizer: Any
+    stream: "BatchStream"
+    val_loader: Optional[Any]
+    writer: Any
+    """The run's `litllm.train.checkpoints.CheckpointWriter`."""
+    train: TrainArgs
+    eval: EvalArgs
+    out_dir: Path
+    seq_length: int
+    """Tokens per sample the run is sized for (FLOPs, token budget, RoPE cache)."""
+    accumulation: int
+    """Micro-batches per device per optimizer step."""
+    total_steps: int
+    warmup_steps: int
+    ignore_index: int
+    """The data module's label of positions without a loss."""
+    state: dict[str, int]
+    """step, tokens, epoch, batches_in_epoch: saved in checkpoints, restored on resume."""
+    base_lrs: list[float]
+    logger: Any = None
+
+
+def setup(
     fabric,
     model: nn.Module,
     method: Method,
@@ -90,19 +211,14 @@ def run(
     eval: EvalArgs,
     optimizer: Any,
     out_dir: Path,
-    resume: Resume = False,
+    run: Optional[RunArgs] = None,
     *,
-    hparams: Optional[dict[str, Any]] = None,
     initial_weights: Optional[Path] = None,
     model_files_from: Optional[Path] = None,
-    extra_files: Optional[dict[str, str]] = None,
+    hparams: Optional[dict[str, Any]] = None,
     logger=None,
-    seed: int = 42,
-    compile: bool = False,
-    activation_checkpointing: bool = False,
-    after_validation: Optional[Callable[[Any, nn.Module, int], None]] = None,
-) -> TrainResult:
-    """Train `model` with `method` on `data` and write checkpoints into `out_dir`.
+) -> Trainer:
+    """Prepare data, model, optimizer and checkpoint writer for `fit` (resuming if asked).
 
     Call it on every rank after `fabric.launch()` (see `litllm.train.fabric.make_fabric`).
 
@@ -110,40 +226,31 @@ def run(
         fabric: a launched `lightning.Fabric`.
         model: a `GPT`, not set up yet: built on `fabric.device`, or on the meta device under FSDP
             (then materialised at setup with `reset_parameters()`).
-        method: the three method-specific inputs (transform, trainable, export).
-        data: a DataModule (`connect`, `prepare_data`, `setup`, `train_dataloader`, `val_dataloader`);
-            batches are {"input_ids": (B, T), "labels": (B, T)} with labels already shifted (-100 = ignore).
-            `run` connects it (micro_batch_size, max_seq_length), prepares it on global rank 0 and sets it up.
+        method: the method-specific inputs (see `Method`).
+        data: a DataModule (`litllm.data.base`); batches are dicts with `input_ids` and `labels` (B, T),
+            labels already shifted (`data.ignore_index` = no loss), and optionally more keys, which
+            reach `method.loss` (and, by default, the model). Connected here (micro_batch_size,
+            max_seq_length), prepared on global rank 0 and set up on every rank.
         tokenizer: a `litllm.tokenizer.Tokenizer`; its files are saved with every checkpoint.
         train: batch sizes, budget, schedule, clipping, saving.
         eval: validation interval and size.
         optimizer: a torch.optim class name ("AdamW"), {"class_path": ..., "init_args": {...}}, or the
             value jsonargparse gives for the CLI type `litllm.train.optimizer.OptimizerSpec`.
         out_dir: where `step-XXXXXXXX/` checkpoints, `final/`, logs and the loss curve go.
-        resume: False; "auto" (newest complete checkpoint in out_dir, or a fresh start); a checkpoint path.
-        hparams: the command's arguments, saved as `hyperparameters.yaml` in every checkpoint.
+        run: the shared command flags; setup uses `seed` (model init, data order, dropout; restored
+            exactly on resume), `resume` (False, "auto" or a checkpoint path), `compile` (each block) and
+            `activation_checkpointing`. The process flags (devices, ...) went into `fabric`.
         initial_weights: a `lit_model.safetensors` to start from (finetuning, continued pretraining).
             Loaded before `method.transform` when the model is materialised, after setup when it is on meta.
         model_files_from: a folder whose tokenizer/prompt files are copied into every checkpoint
             (default: `tokenizer.checkpoint_dir`).
-        extra_files: {file name: text} written into every checkpoint and `final/` (e.g. prompt_style.yaml).
+        hparams: the command's arguments, saved as `hyperparameters.yaml` in every checkpoint.
         logger: a `litllm.train.loggers` logger (rank 0 logs); None: no metric logging.
-        seed: seeds model init, data order and dropout; restored exactly on resume.
-        compile: `torch.compile` each transformer block.
-        activation_checkpointing: recompute each block's activations in the backward pass.
-        after_validation: called as `after_validation(fabric, model, step)` after each validation
-            (finetuning uses it to print a sample generation).
-
-    Returns:
-        A `TrainResult`. `final/` in out_dir is a model folder (`lit_model.safetensors`,
-        `model_config.yaml`, tokenizer files) that generate, finetune and convert_from_litllm take.
     """
     from litllm.train import checkpoints as ckpt
-    from litllm.train.fabric import prepare_model
-    from litllm.train.flops import Throughput
     from litllm.train.optimizer import build_optimizer
-    from litllm.train.schedule import lr_at
 
+    run = run or RunArgs()
     out_dir = Path(out_dir)
     config = model.config
     world_size = fabric.world_size
@@ -157,7 +264,7 @@ def run(
             f"model's embedding table ({config.padded_vocab_size} rows): use a model with vocab_size >= "
             f"{tokenizer.vocab_size} or a smaller tokenizer"
         )
-    resume_dir = ckpt.resolve_resume(resume, out_dir, config)  # validates before anything is written
+    resume_dir = ckpt.resolve_resume(run.resume, out_dir, config)  # validates before anything is written
 
     # ---- data (prepared once on global rank 0, set up everywhere)
     data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_length)
@@ -165,21 +272,32 @@ def run(
         data.prepare_data()
     fabric.barrier()
     data.setup()
-    stream = BatchStream(fabric, data.train_dataloader(), seed)
+    if train.max_seq_length is None:
+        # unset: size the run for the data, not for the model's window (131072 for Llama 3.1)
+        longest = data.longest_sample()
+        if longest is not None and longest < seq_length:
+            seq_length = longest
+            fabric.print(f"--train.max_seq_length unset: using {seq_length}, the longest sample in the data")
+    stream = BatchStream(fabric, data.train_dataloader(), run.seed)
     val_loader = _setup_val_loader(fabric, data.val_dataloader())
+    accumulation = _fit_accumulation(fabric, train, stream.batches_per_epoch, accumulation)
     total_steps = train.total_steps(seq_length, stream.batches_per_epoch, accumulation)
     warmup_steps = train.warmup_steps(total_steps)
+    # the RoPE cache covers the training length plus a validation sample's reply, not the whole window
+    rope_length = min(config.block_size, seq_length + (eval.max_new_tokens or 0))
+    if hasattr(model, "max_seq_length") and rope_length < model.max_seq_length:
+        model.max_seq_length = rope_length
 
     # ---- model and optimizer
-    fabric.seed_everything(seed)
+    fabric.seed_everything(run.seed)
     model = prepare_model(
-        fabric, model, method, initial_weights, compile=compile, activation_checkpointing=activation_checkpointing
+        fabric, model, method, initial_weights, compile=run.compile, activation_checkpointing=run.activation_checkpointing
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LitLLMError(f"method {method.name!r} leaves no parameter to train")
     opt = fabric.setup_optimizers(build_optimizer(optimizer, trainable))
-    base_lrs = [group["lr"] for group in opt.param_groups]
+    base_lrs = [group["lr"] for group in opt.param_groups]  # before a resume overwrites them with scheduled ones
     state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
     if resume_dir is not None:
         restored = ckpt.load_training_checkpoint(fabric, resume_dir, model, opt, method)
@@ -198,124 +316,186 @@ def run(
 
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
-        hparams=hparams or {}, extra_files=extra_files or {}, state_dict_type=train.state_dict_type,
+        hparams=hparams or {}, extra_files=method.extra_files, state_dict_type=train.state_dict_type,
     )
     if logger is not None and fabric.global_rank == 0:
         logger.log_hyperparams(ckpt.to_plain(hparams or {}))
-    throughput = Throughput(fabric, config, seq_length, train.peak_flops, trainable_fraction=_trainable_fraction(model))
-    result = TrainResult(step=state["step"])
-    fabric.print(
-        f"Training {total_steps} steps ({accumulation} accumulation x {train.micro_batch_size} micro-batch x "
-        f"{world_size} devices = {train.global_batch_size} samples of {seq_length} tokens per step), "
-        f"warmup {warmup_steps}, {sum(p.numel() for p in trainable):,} trainable parameters"
+    return Trainer(
+        fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
+        writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
+        total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index, state=state,
+        base_lrs=base_lrs, logger=logger,
     )
 
-    if eval.initial_validation and state["step"] == 0 and val_loader is not None:
-        result.val_loss = result.val_losses[state["step"]] = validate(fabric, model, val_loader, eval.max_iters)
-        _log(fabric, logger, {"val_loss": result.val_loss}, state["step"])
 
-    progress = _progress_bar(fabric, total_steps, state["step"])
-    running = torch.zeros(3, device=fabric.device, dtype=torch.float64)  # loss sum, label tokens, input tokens
+def fit(t: Trainer) -> TrainResult:
+    """Train until the step budget is spent; checkpoint, validate and log on the way; write `final/`.
 
-    def flush() -> Optional[float]:
-        """Sum the counters since the last flush over every rank; returns the global-batch loss."""
-        totals = fabric.all_reduce(running.clone(), reduce_op="sum")
-        running.zero_()
-        state["tokens"] += int(totals[2].item())
-        return float(totals[0] / totals[1]) if totals[1] > 0 else None
+    Returns a `TrainResult`. `final/` in out_dir is a model folder (`lit_model.safetensors`,
+    `model_config.yaml`, tokenizer files) that generate, finetune and convert_from_litllm take.
+    """
+    from litllm.train.flops import Throughput
+    from litllm.train.schedule import lr_at
+
+    fabric, model, opt, state, train = t.fabric, t.model, t.optimizer, t.state, t.train
+    config = model.config
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    throughput = Throughput(fabric, config, t.seq_length, train.peak_flops, trainable_fraction=_trainable_fraction(model))
+    result = TrainResult(step=state["step"])
+    global_batch = t.accumulation * train.micro_batch_size * fabric.world_size
+    fabric.print(
+        f"Training {t.total_steps} steps ({t.accumulation} accumulation x {train.micro_batch_size} micro-batch x "
+        f"{fabric.world_size} devices = {global_batch} samples of up to {t.seq_length} tokens per step), "
+        f"warmup {t.warmup_steps}, {sum(p.numel() for p in trainable):,} trainable parameters"
+    )
+
+    def validate_and_log(after: bool) -> None:
+        metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
+        result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
+        _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
+        if after and t.method.after_validation is not None:
+            t.method.after_validation(fabric, model, state["step"])
+
+    if t.eval.initial_validation and state["step"] == 0 and t.val_loader is not None:
+        validate_and_log(after=False)
+
+    progress = _progress_bar(fabric, t.total_steps, state["step"])
+    # summed on the device since the last flush (no host sync per step): loss sum, count, input tokens, metrics
+    running: dict[str, torch.Tensor] = {}
+
+    def flush() -> Optional[dict[str, float]]:
+        """Sum the counters since the last flush over every rank; returns the global means (None: no step)."""
+        if not running:
+            return None
+        names = list(running)
+        totals = fabric.all_reduce(torch.stack([running[n] for n in names]), reduce_op="sum").tolist()  # one sync
+        running.clear()
+        sums = dict(zip(names, totals))
+        state["tokens"] += int(sums.pop("input_tokens"))
+        count = sums.pop("count")
+        return {name: value / count for name, value in sums.items()} if count > 0 else None
 
     saved_at = state["step"]
     throughput.start(state)
-    while state["step"] < total_steps:
-        micro_batches = stream.next_window(accumulation)
+    while state["step"] < t.total_steps:
+        micro_batches = t.stream.next_window(t.accumulation)
         if not micro_batches:
             break  # the data ran out (only with a finite loader and an unset budget)
         # every param group follows the first group's schedule, keeping its own lr ratio
-        lr = lr_at(state["step"], base_lrs[0], min(train.min_lr, base_lrs[0]), warmup_steps, total_steps)
+        base_lrs = t.base_lrs
+        lr = lr_at(state["step"], base_lrs[0], min(train.min_lr, base_lrs[0]), t.warmup_steps, t.total_steps)
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * base / base_lrs[0] if base_lrs[0] else base
 
-        step_counts, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm)
-        running += step_counts
-        state["step"] += 1
-        stream.update_counters(state)
+        sums, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss)
+        for name, value in sums.items():
+            running[name] = running[name] + value if name in running else value
+        state["step"] += 1  # ---- optimizer step boundary: the step's state is complete here
+        t.stream.update_counters(state)
 
-        if state["step"] % train.log_interval == 0 or state["step"] == total_steps:
-            loss = flush()
+        if state["step"] % train.log_interval == 0 or state["step"] == t.total_steps:
+            means = flush() or {}
+            loss = means.pop("loss", None)
             result.losses[state["step"]] = loss
             metrics = {"loss": loss, "lr": opt.param_groups[0]["lr"], "tokens": state["tokens"], "epoch": state["epoch"]}
+            metrics.update(means)
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)  # before clipping, of this step
             metrics.update(throughput.update(state))
-            _log(fabric, logger, metrics, state["step"])
+            _log(fabric, t.logger, metrics, state["step"])
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics.get('tokens_per_sec', 0):.0f}")
         progress.update(1)
 
-        if val_loader is not None and state["step"] % eval.interval == 0 and state["step"] < total_steps:
-            result.val_loss = result.val_losses[state["step"]] = validate(fabric, model, val_loader, eval.max_iters)
-            _log(fabric, logger, {"val_loss": result.val_loss}, state["step"])
-            if after_validation is not None:
-                after_validation(fabric, model, state["step"])
+        if t.val_loader is not None and state["step"] % t.eval.interval == 0 and state["step"] < t.total_steps:
+            validate_and_log(after=True)
             throughput.start(state)  # validation time isn't training throughput
         if train.save_interval is not None and state["step"] % train.save_interval == 0:
-            flush_loss = flush()  # the checkpoint's token count must be exact
-            if flush_loss is not None:
-                result.losses.setdefault(state["step"], flush_loss)
-            writer.save_step(opt, state, stream.state_dict())
+            means = flush()  # the checkpoint's token count must be exact
+            if means is not None:
+                result.losses.setdefault(state["step"], means["loss"])
+            t.writer.save_step(opt, state, t.stream.state_dict())
             saved_at = state["step"]
             throughput.start(state)
     progress.close()
     flush()
     result.step, result.tokens_seen = state["step"], state["tokens"]
 
-    if eval.final_validation and val_loader is not None:
-        result.val_loss = result.val_losses[state["step"]] = validate(fabric, model, val_loader, eval.max_iters)
-        _log(fabric, logger, {"val_loss": result.val_loss}, state["step"])
-        if after_validation is not None:
-            after_validation(fabric, model, state["step"])
+    if t.eval.final_validation and t.val_loader is not None:
+        validate_and_log(after=True)
     if train.save_interval is not None and saved_at != state["step"]:
-        writer.save_step(opt, state, stream.state_dict())
-    result.final_dir = writer.save_final()
+        t.writer.save_step(opt, state, t.stream.state_dict())
+    result.final_dir = t.writer.save_final()
+    if fabric.global_rank == 0:
+        t.method.write_outputs(result.final_dir)
+    fabric.barrier()
     fabric.print(f"Saved the final model to {result.final_dir}")
     if fabric.global_rank == 0:
         from litllm.train.loggers import loss_history, plot_loss_curve
 
-        png = plot_loss_curve(loss_history(logger, result.losses, result.val_losses), out_dir / "loss_curve.png")
+        png = plot_loss_curve(loss_history(t.logger, result.losses, result.val_losses), t.out_dir / "loss_curve.png")
         if png is not None:
             fabric.print(f"Loss curve: {png}")
-        if logger is not None:
-            logger.finalize("success")
+        if t.logger is not None:
+            t.logger.finalize("success")
     return result
+
+
+def run(*args: Any, **kwargs: Any) -> TrainResult:
+    """`fit(setup(...))`: the whole run in one call (same arguments as `setup`)."""
+    return fit(setup(*args, **kwargs))
+
+
+def _fit_accumulation(fabric, train: TrainArgs, batches_per_epoch: Optional[int], accumulation: int) -> int:
+    """A global batch larger than the training set would repeat samples within one step: shrink it to one epoch."""
+    if batches_per_epoch is None or batches_per_epoch >= accumulation:
+        return accumulation
+    fabric.print(
+        f"Note: --train.global_batch_size {train.global_batch_size} exceeds the training set ({batches_per_epoch} "
+        f"micro-batches of {train.micro_batch_size} per device): each step takes the whole set once instead "
+        f"({batches_per_epoch} accumulation steps)"
+    )
+    return batches_per_epoch
 
 
 # ---------------------------------------------------------------------- one optimizer step
 def train_step(
-    fabric, model, optimizer, micro_batches: list[dict], max_norm: Optional[float]
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Forward/backward every micro-batch, then clip and step.
+    fabric,
+    model,
+    optimizer,
+    micro_batches: list[Batch],
+    max_norm: Optional[float],
+    ignore_index: int,
+    loss_fn: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy,
+) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Forward/backward every micro-batch, then normalise, clip and step. No host sync.
 
-    Returns this rank's (loss sum, label tokens, input tokens) and the global gradient norm before
-    clipping (None without clipping).
+    Returns this rank's sums as 0-dim float64 device tensors ({"loss", "count", "input_tokens",
+    *metrics}) and the global gradient norm before clipping (None without clipping).
 
-    Each micro-batch's mean loss is reweighted by its share of the global batch's label tokens, so
-    the accumulated gradient is the gradient of the global token-mean loss (the all-reduce of DDP
-    and FSDP averages over ranks, hence the x world_size).
+    Each micro-batch's loss *sum* is backpropagated (pre-scaled by 1 / this rank's input positions,
+    a shape, to keep gradients at mean-loss magnitude in low precision); once every micro-batch is in,
+    the gradients are multiplied by world_size x positions / global count, which makes them the
+    gradient of the global mean (the all-reduce of DDP and FSDP averages over ranks, hence the world_size).
     """
-    counts = torch.tensor(
-        [[int((b["labels"] != -100).sum()), b["input_ids"].numel()] for b in micro_batches], dtype=torch.float64
-    )  # (n_micro, [label tokens, input tokens])
-    local = counts.sum(0)
-    global_labels = fabric.all_reduce(local[0].clone().to(fabric.device), reduce_op="sum").clamp(min=1)
-    loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    positions = sum(b["input_ids"].numel() for b in micro_batches)  # a shape: no sync
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         is_last = i == len(micro_batches) - 1
-        input_ids = batch["input_ids"].to(fabric.device, non_blocking=True)
-        labels = batch["labels"].to(fabric.device, non_blocking=True)
+        batch = {k: v.to(fabric.device, non_blocking=True) for k, v in batch.items()}
         with fabric.no_backward_sync(model, enabled=not is_last):
-            mean_loss = model(input_ids, targets=labels)
-            weight = (counts[i, 0].item() * fabric.world_size / global_labels).to(mean_loss.dtype)
-            fabric.backward(mean_loss * weight)
-        loss_sum += mean_loss.detach().double() * counts[i, 0].item()
+            loss_sum, count, metrics = loss_fn(model, batch, ignore_index)
+            fabric.backward(loss_sum / positions)
+        for name, value in (("loss", loss_sum), ("count", count), *metrics.items()):
+            value = value.detach().double()
+            sums[name] = sums[name] + value if name in sums else value
+    sums["input_tokens"] = torch.tensor(float(positions), dtype=torch.float64, device=sums["loss"].device)
+    global_count = fabric.all_reduce(sums["count"].clone(), reduce_op="sum").clamp(min=1)
+    scale = fabric.world_size * positions / global_count
+    scales = {}  # one cast per gradient dtype
+    for param in model.parameters():
+        if param.grad is not None:
+            dtype = param.grad.dtype
+            param.grad.mul_(scales[dtype] if dtype in scales else scales.setdefault(dtype, scale.to(dtype)))
     grad_norm = None
     if max_norm is not None:
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
@@ -323,27 +503,38 @@ def train_step(
             grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack([loss_sum, local[0].to(loss_sum.device), local[1].to(loss_sum.device)]), grad_norm
+    return sums, grad_norm
 
 
 @torch.no_grad()
-def validate(fabric, model, val_loader, max_iters: int) -> float:
-    """Token-mean validation loss over up to `max_iters` batches per rank, averaged across ranks."""
+def validate(
+    fabric,
+    model,
+    val_loader,
+    max_iters: int,
+    ignore_index: int,
+    loss_fn: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy,
+) -> dict[str, float]:
+    """Global means over up to `max_iters` batches per rank: {"loss": ..., **metrics} (loss nan: nothing counted)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(val_loader):
         if i >= max_iters:
             break
-        labels = batch["labels"].to(fabric.device)
-        n = (labels != -100).sum()
-        loss = model(batch["input_ids"].to(fabric.device), targets=labels)
-        totals += torch.stack([loss.double() * n, n.double()])
-    totals = fabric.all_reduce(totals, reduce_op="sum")
+        batch = {k: v.to(fabric.device) for k, v in batch.items()}
+        loss_sum, count, metrics = loss_fn(model, batch, ignore_index)
+        for name, value in (("loss", loss_sum), ("count", count), *metrics.items()):
+            sums[name] = sums.get(name, 0) + value.double()
     model.train(was_training)
-    if totals[1] == 0:
-        return float("nan")
-    return float(totals[0] / totals[1])
+    if not sums:  # no batch on this rank
+        sums = {name: torch.zeros((), dtype=torch.float64, device=fabric.device) for name in ("loss", "count")}
+    names = list(sums)
+    totals = dict(zip(names, fabric.all_reduce(torch.stack([sums[n] for n in names]), reduce_op="sum").tolist()))
+    count = totals.pop("count")
+    if count == 0:
+        return {name: float("nan") for name in totals}
+    return {name: value / count for name, value in totals.items()}
 
 
 # ---------------------------------------------------------------------- data order
