@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from litllm.errors import LitLLMError
 from litllm.train.args import EvalArgs, TrainArgs
+from litllm.train.preemption import StopOnSignal
 
 Resume = Union[bool, Literal["auto"], Path, str]
 
@@ -226,6 +227,7 @@ def run(
 
     saved_at = state["step"]
     throughput.start(state)
+    stop = StopOnSignal()  # preemption hook: SIGUSR1/SIGTERM -> checkpoint at the next step boundary
     while state["step"] < total_steps:
         micro_batches = stream.next_window(accumulation)
         if not micro_batches:
@@ -264,6 +266,11 @@ def run(
             writer.save_step(opt, state, stream.state_dict())
             saved_at = state["step"]
             throughput.start(state)
+        if stop.agreed(fabric):  # preemption hook (collective): every rank stops after this same step
+            if saved_at != state["step"]:
+                flush()  # the checkpoint's token count must be exact
+                writer.save_step(opt, state, stream.state_dict())
+            stop.exit(fabric, state["step"])  # raises SystemExit(REQUEUE_EXIT_CODE)
     progress.close()
     flush()
     result.step, result.tokens_seen = state["step"], state["tokens"]
@@ -276,6 +283,7 @@ def run(
     if train.save_interval is not None and saved_at != state["step"]:
         writer.save_step(opt, state, stream.state_dict())
     result.final_dir = writer.save_final()
+    stop.restore()  # preemption hook: a signal after the last step needs no requeue
     fabric.print(f"Saved the final model to {result.final_dir}")
     if fabric.global_rank == 0:
         from litllm.train.loggers import loss_history, plot_loss_curve
