@@ -30,7 +30,7 @@ TEMPLATE = REPO / "config_hub" / "slurm" / "litllm.sbatch"
 CLUSTER = REPO / ".ci" / "slurm_cluster.sh"
 # CPU nodes: one task per "device", one thread each, no GPUs (the template's defaults are for 8-GPU nodes)
 CPU_TASKS = ["--cpus-per-task", "1", "--gpus-per-node", "0", "--time", "10"]
-STEPS = 30
+STEPS = 40
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -87,7 +87,7 @@ def test_two_nodes_match_one_process(two_node_run, initial_model, tmp_path):
     out, log = two_node_run
     assert "2 nodes x 1 tasks, MASTER_ADDR=127.0.0.1" in log
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # world size 2
-    for status in ("Training 30 steps", "Saved the final model", "Done: 30 steps"):
+    for status in (f"Training {STEPS} steps", "Saved the final model", f"Done: {STEPS} steps"):
         assert log.count(status) == 1, status  # once per job, not once per node
     reference = tmp_path / "one"
     single = fixed_tokens_args(initial_model, reference, 1, "auto", micro_batch_size=8)
