@@ -112,10 +112,12 @@ def test_preempted_job_is_requeued_and_ends_bit_identical(two_node_run, slurm, i
             time.sleep(0.05)
         subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True, timeout=30)
         # Slurm holds a requeued job for ~2 minutes before it may start again: let it start now
-        while "Reason=BeginTime" not in _job_info(slurm, job_id):
-            assert time.monotonic() < deadline and job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+        while job.poll() is None and "(restart 1)" not in (tmp_path / "job.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+            if "Reason=BeginTime" in _job_info(slurm, job_id):
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+                break
             time.sleep(0.2)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True, timeout=30)
         assert job.wait(timeout=240) == 0, (tmp_path / "job.log").read_text()[-3000:]
     finally:
         job.kill()

@@ -9,7 +9,9 @@ Strategies (`--strategy`):
           GPUs with NCCL and on CPUs with gloo, so the code tested here is the code that runs on nodes.
 
 Multi-node: `--num_nodes N`; under SLURM (`srun`) Fabric reads the rank layout from the environment
-and the processes are created by srun, not by Fabric. `import lightning` is slow: it happens here,
+and the processes are created by srun, not by Fabric; `--devices`/`--num_nodes` must then match the
+allocation (checked here; `config_hub/slurm/litllm.sbatch` fills them). `fabric.print` prints on
+global rank 0 only, so a multi-node log reads as one job. `import lightning` is slow: it happens here,
 inside functions.
 """
 
