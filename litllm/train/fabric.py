@@ -9,12 +9,15 @@ Strategies (`--strategy`):
           GPUs with NCCL and on CPUs with gloo, so the code tested here is the code that runs on nodes.
 
 Multi-node: `--num_nodes N`; under SLURM (`srun`) Fabric reads the rank layout from the environment
-and the processes are created by srun, not by Fabric. `import lightning` is slow: it happens here,
+and the processes are created by srun, not by Fabric; `--devices`/`--num_nodes` must then match the
+allocation (checked here; `config_hub/slurm/litllm.sbatch` fills them). `fabric.print` prints on
+global rank 0 only, so a multi-node log reads as one job. `import lightning` is slow: it happens here,
 inside functions.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -52,9 +55,16 @@ def make_fabric(
         accelerator = "cuda"
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise LitLLMError("--accelerator cuda: no GPU is visible (check CUDA_VISIBLE_DEVICES)")
+    slurm_tasks = slurm_layout()  # under srun: (tasks per node, nodes); the allocation decides
     if devices == "auto":
-        devices = torch.cuda.device_count() if accelerator == "cuda" else 1
+        devices = slurm_tasks[0] if slurm_tasks else torch.cuda.device_count() if accelerator == "cuda" else 1
     devices = int(devices)
+    if slurm_tasks and (devices, num_nodes) != slurm_tasks:
+        raise LitLLMError(
+            f"--devices {devices} --num_nodes {num_nodes} disagree with the Slurm allocation ({slurm_tasks[0]} tasks "
+            f"per node x {slurm_tasks[1]} nodes): under srun, --devices is the tasks per node and --num_nodes the "
+            f"node count (config_hub/slurm/litllm.sbatch fills both)"
+        )
     if devices < 1 or num_nodes < 1:
         raise LitLLMError(f"--devices and --num_nodes must be >= 1, got {devices} and {num_nodes}")
     if accelerator == "cuda" and devices > torch.cuda.device_count():
@@ -82,10 +92,46 @@ def make_fabric(
         )
     else:
         raise LitLLMError(f"--strategy: expected auto, single, ddp or fsdp, got {strategy!r}")
-    return Fabric(
+    fabric = Fabric(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strat, precision=precision,
         loggers=loggers,
     )
+    fabric.print = functools.partial(print_once, fabric)  # status lines once per job, not once per node
+    return fabric
+
+
+def print_once(fabric, *args, **kwargs) -> None:
+    """`print` on global rank 0 only (Fabric's own `print` runs on every node's local rank 0)."""
+    if fabric.global_rank == 0:
+        print(*args, **kwargs)
+
+
+def slurm_layout() -> Optional[tuple[int, int]]:
+    """(tasks per node, nodes) when this process is a Slurm task that Fabric will detect, else None.
+
+    Fabric takes ranks from Slurm's environment when SLURM_NTASKS is set and the job isn't named
+    `bash` or `interactive`. `srun -n N` without --ntasks-per-node leaves SLURM_NTASKS_PER_NODE
+    unset (Lightning then raises): with the same count on every node it is derived and set here.
+    """
+    import os
+
+    env = os.environ
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    tasks = int(env["SLURM_NTASKS"])
+    nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+    per_node = env.get("SLURM_NTASKS_PER_NODE")
+    if per_node is None:
+        if tasks % nodes:
+            raise LitLLMError(
+                f"Slurm started {tasks} tasks on {nodes} nodes, not the same number on each: "
+                f"use srun/sbatch --ntasks-per-node"
+            )
+        per_node = str(tasks // nodes)
+        env["SLURM_NTASKS_PER_NODE"] = per_node
+    if not per_node.isdigit():
+        raise LitLLMError(f"SLURM_NTASKS_PER_NODE={per_node!r}: expected one number (use --ntasks-per-node)")
+    return int(per_node), nodes
 
 
 def uses_fsdp(fabric) -> bool:

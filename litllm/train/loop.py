@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from litllm.errors import LitLLMError
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs
+from litllm.train.preemption import StopOnSignal
 
 Resume = Union[bool, Literal["auto"], Path, str]
 Batch = dict[str, torch.Tensor]
@@ -377,6 +378,7 @@ def fit(t: Trainer) -> TrainResult:
 
     saved_at = state["step"]
     throughput.start(state)
+    stop = StopOnSignal()  # preemption hook: SIGUSR1/SIGTERM -> checkpoint at the next step boundary
     while state["step"] < t.total_steps:
         micro_batches = t.stream.next_window(t.accumulation)
         if not micro_batches:
@@ -416,6 +418,11 @@ def fit(t: Trainer) -> TrainResult:
             t.writer.save_step(opt, state, t.stream.state_dict())
             saved_at = state["step"]
             throughput.start(state)
+        if stop.agreed(fabric):  # preemption hook (collective): every rank stops after this same step
+            if saved_at != state["step"]:
+                flush()  # the checkpoint's token count must be exact
+                t.writer.save_step(opt, state, t.stream.state_dict())
+            stop.exit(fabric, state["step"])  # raises SystemExit(REQUEUE_EXIT_CODE)
     progress.close()
     flush()
     result.step, result.tokens_seen = state["step"], state["tokens"]
@@ -425,6 +432,7 @@ def fit(t: Trainer) -> TrainResult:
     if train.save_interval is not None and saved_at != state["step"]:
         t.writer.save_step(opt, state, t.stream.state_dict())
     result.final_dir = t.writer.save_final()
+    stop.restore()  # preemption hook: a signal after the last step needs no requeue
     if fabric.global_rank == 0:
         t.method.write_outputs(result.final_dir)
     fabric.barrier()
