@@ -5,6 +5,8 @@ Routes: `GET /health` (200 once the model is loaded; also the engine's counters)
 (messages rendered with the checkpoint's prompt style or chat template, as `litllm chat` renders
 them). Each generation request becomes one engine `Request`; the handler then waits on its queue
 (see bridge.py). A client that disconnects has its request aborted, which frees its KV-cache slot.
+Server-sent events are two lines of framing (`protocol.sse`) over Starlette's StreamingResponse,
+which also notices disconnects; sse-starlette would add nothing we use.
 """
 
 from __future__ import annotations
