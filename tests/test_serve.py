@@ -277,6 +277,21 @@ def test_aborted_streams_leave_nothing_behind(server, model_id):
     assert r.usage.completion_tokens >= 1
 
 
+def test_disconnected_non_streaming_client_is_aborted(server):
+    before = server.get("/health").json()["num_aborted"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 110 tokens are generated
+        httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"prompt": "The quick brown fox", "max_tokens": 110, "temperature": 0},
+                   timeout=httpx.Timeout(30, read=0.005))
+    for _ in range(100):
+        health = server.get("/health").json()
+        if health["num_in_flight"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["num_in_flight"] == 0 and health["num_running"] == 0
+    assert health["num_aborted"] == before + 1
+
+
 # ---------------------------------------------------------------------- bad input: OpenAI-style errors
 def _error(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
