@@ -556,7 +556,7 @@ def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
         return None
 
     def after_validation(fabric, model, step: int) -> None:
-        from litllm.generate import generate_tokens
+        from litllm.engine import generate_ids
         from litllm.train.fabric import unwrap
 
         dataset = getattr(data, "val_dataset", None)
@@ -570,8 +570,9 @@ def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
         module = unwrap(model)
         was_training = module.training
         module.eval()
-        tokens = list(generate_tokens(module, prompt, max_new_tokens, temperature=0.0,
-                                      stop_sequences=style.stop_tokens(tokenizer)))
+        room = module.max_seq_length - len(prompt)
+        tokens = generate_ids(module, prompt.tolist(), min(max_new_tokens, room), stop_token_ids=tokenizer.stop_ids,
+                              tokenizer=tokenizer, stop_strings=style.stop_strings) if room > 0 else []
         module.train(was_training)
         fabric.print(f"Step {step} sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(torch.tensor(tokens))!r}")
 
