@@ -378,12 +378,25 @@ def test_port_in_use_fails_in_one_line(checkpoint):
 
 # ---------------------------------------------------------------------- full queue and shutdown
 def test_full_queue_503_and_sigterm_exits_0(checkpoint, tmp_path, model_id):
-    """One slot, no waiting room: a second request gets 503 + Retry-After; SIGTERM with a request in flight
-    lets it finish (or cancels it) and exits 0."""
+    """One slot, no waiting room: of 8 requests sent at once, those that find the slot taken get 503 +
+    Retry-After; SIGTERM with a request in flight lets it finish (or cancels it) and exits 0."""
     s = Server(checkpoint, tmp_path / "server.log", "--max_batch_size", "1", "--max_queue", "0", "--api_key", KEY)
     try:
+        start = threading.Barrier(8)
+
+        def ask(_):
+            start.wait()
+            return s.post("/v1/completions", {"prompt": "The quick brown fox", "max_tokens": 110, "temperature": 0})
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        assert {r.status_code for r in answers} == {200, 503}
+        for busy in (r for r in answers if r.status_code == 503):
+            error = _error(busy, 503)
+            assert int(busy.headers["Retry-After"]) >= 1 and "capacity" in error["message"]
+
         first_chunk = threading.Event()
-        texts: list[str] = []
+        lines: list[str] = []
 
         def long_stream():
             with httpx.stream("POST", s.url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
@@ -391,21 +404,18 @@ def test_full_queue_503_and_sigterm_exits_0(checkpoint, tmp_path, model_id):
                                     "stream": True}) as r:
                 for line in r.iter_lines():
                     if line:
-                        texts.append(line)
+                        lines.append(line)
                         first_chunk.set()
 
         reader = threading.Thread(target=long_stream)
         reader.start()
         assert first_chunk.wait(60)
-        busy = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
-        error = _error(busy, 503)
-        assert int(busy.headers["Retry-After"]) >= 1 and "capacity" in error["message"]
         code = s.stop(signal.SIGTERM)
         reader.join(60)
     finally:
         s.stop(signal.SIGKILL)
     assert code == 0, s.log.read_text()[-3000:]
-    assert texts[-1] == "data: [DONE]" or any('"error"' in t for t in texts)
+    assert lines[-1] == "data: [DONE]" or any('"error"' in t for t in lines)
     assert "Traceback" not in s.log.read_text()
 
 

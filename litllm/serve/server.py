@@ -53,7 +53,7 @@ def serve(
         prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
         device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda when available).
     """
-    from litllm.generate import default_device, load_for_inference, optimize_for_decoding, pick_decode_threads
+    from litllm.generate import default_device, load_for_decoding
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
     from litllm.utils import check_model_dir
@@ -79,9 +79,7 @@ def serve(
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
     device = device or default_device()
-    model = load_for_inference(checkpoint_dir, device, precision, quantize)
-    optimize_for_decoding(model)
-    threads = pick_decode_threads(model)
+    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)  # as `generate` loads
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads)
     per_slot = kv_cache_bytes(model, max_seq_length)
