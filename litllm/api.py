@@ -175,11 +175,11 @@ class LLM:
 def _resolve(model: Union[str, Path], checkpoint_root: Path, access_token: Optional[str]) -> Path:
     """A model folder for `model`: an existing folder, or `<root>/<repo id>` (downloaded if needed)."""
     from litllm.download import REPO_ID
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     path = Path(model)
     if path.is_dir():
-        return check_model_dir(path)
+        return check_model_folder(path)
     text = str(model)
     if not REPO_ID.match(text):
         raise LitLLMError(f"{text}: not a model folder, nor a Hub repo id (`org/name`)")
@@ -188,4 +188,4 @@ def _resolve(model: Union[str, Path], checkpoint_root: Path, access_token: Optio
         from litllm.download import download
 
         download(text, checkpoint_dir=checkpoint_root, access_token=access_token)
-    return check_model_dir(local)
+    return check_model_folder(local)

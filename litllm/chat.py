@@ -122,10 +122,10 @@ def chat(
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
     device = device or default_device()

@@ -223,10 +223,10 @@ def _launch(job: FinetuneJob) -> Any:
     from litllm.config import Config
     from litllm.train.fabric import make_fabric
     from litllm.train.loggers import check_logger_name
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     run = job.run
-    job.checkpoint_dir = check_model_dir(job.checkpoint_dir)
+    job.checkpoint_dir = check_model_folder(job.checkpoint_dir)
     job.out_dir = Path(job.out_dir)
     config = Config.from_checkpoint(job.checkpoint_dir)
     check_logger_name(run.logger_name)
@@ -473,7 +473,8 @@ def _prompt_style(data, tokenizer):
 def _prompt_style_yaml(style) -> str:
     import tempfile
 
-    from litllm.prompts import PROMPT_STYLE_FILE, save_prompt_style
+    from litllm.model_folder import PROMPT_STYLE_FILE
+    from litllm.prompts import save_prompt_style
 
     with tempfile.TemporaryDirectory() as tmp:
         save_prompt_style(style, tmp)

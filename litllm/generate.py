@@ -231,9 +231,9 @@ def load_for_inference(
     Folders written by `finetune_adapter(_v2)` (with an `adapter.yaml`) load with their adapter modules.
     """
     from litllm.adapter import load_adapter_model
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise LitLLMError(f"--device {device}: CUDA is not available on this machine")
@@ -304,12 +304,12 @@ def generate(
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if num_samples < 1:
         raise LitLLMError(f"--num_samples must be >= 1, got {num_samples}")
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
     device = device or default_device()

@@ -206,9 +206,9 @@ class GPT(nn.Module):
     ) -> "GPT":
         """Load a converted model folder (`lit_model.safetensors` + `model_config.yaml`)."""
         from litllm.model_folder import load_model_weights
-        from litllm.utils import check_model_dir
+        from litllm.model_folder import check_model_folder
 
-        checkpoint_dir = check_model_dir(checkpoint_dir)
+        checkpoint_dir = check_model_folder(checkpoint_dir)
         config = Config.from_checkpoint(checkpoint_dir, **config_overrides)
         with torch.device("meta"):
             model = cls(config)

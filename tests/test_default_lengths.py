@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import train_bpe_tokenizer
 
-from litllm.checkpoint import save_model_weights
+from litllm.model_folder import save_model_weights
 from litllm.config import Config
 from litllm.model import GPT
 

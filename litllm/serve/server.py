@@ -56,7 +56,7 @@ def serve(
     from litllm.generate import default_device, load_for_decoding
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     if max_batch_size < 1:
         raise LitLLMError(f"--max_batch_size must be >= 1, got {max_batch_size}")
@@ -65,7 +65,7 @@ def serve(
     if max_seq_length is not None and max_seq_length < 2:
         raise LitLLMError(f"--max_seq_length must be >= 2, got {max_seq_length}")
     api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     try:
         import fastapi  # noqa: F401
         import uvicorn
