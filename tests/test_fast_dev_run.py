@@ -160,6 +160,51 @@ def test_a_broken_recipe_fails_in_the_dev_run_as_in_the_real_run(broken, base, d
     assert not list((tmp_path / "tmp").glob("litllm-fast-dev-run-*"))
 
 
+def test_a_model_that_does_not_fit_fails_in_the_dev_run_as_in_the_real_run(tmp_path):
+    """CPU form of "doesn't fit": the embedding alone needs ~400 TB, beyond any address space, so the
+    allocation fails at once (nothing is touched); both runs print the same out-of-memory line."""
+    huge = ["--model_config.n_embd", str(2**38), "--model_config.intermediate_size", "64"]
+
+    def last_line(out: Path, *extra: str) -> str:
+        proc = litllm(tmp_path, *pretrain_args(tmp_path, out, *huge, *extra))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    dev = last_line(tmp_path / "dev", "--fast_dev_run", "true")
+    assert dev.startswith("error: out of memory while setting up the run: lower --train.micro_batch_size")
+    assert not (tmp_path / "dev").exists()
+    assert not list((tmp_path / "tmp").glob("litllm-fast-dev-run-*"))
+    assert last_line(tmp_path / "real") == dev
+
+
+def test_out_of_memory_in_a_step_is_one_line_naming_it(base, data_file, tmp_path, monkeypatch):
+    """A device OOM inside a training step (raised here by a stand-in train_step) reads the same in both runs."""
+    import torch
+
+    from litllm.data import JSON
+    from litllm.errors import LitLLMError
+    from litllm.finetune import finetune_lora
+    from litllm.train import loop
+    from litllm.train.args import TrainArgs
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    messages = []
+    for dev in (False, True):
+        with pytest.raises(LitLLMError) as e:
+            finetune_lora(base, out_dir=tmp_path / "out", accelerator="cpu", precision="32-true",
+                          data=JSON(json_path=data_file, val_split_fraction=0.2, prompt_style="default"),
+                          train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_seq_length=32), fast_dev_run=dev)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] == (
+        "out of memory on cpu while training step 1 (1 device(s), precision 32-true, micro-batch 2 x 32 tokens): "
+        "lower --train.micro_batch_size or --train.max_seq_length, or use --activation_checkpointing, --strategy "
+        "fsdp on more devices, or --quantize (finetuning)"
+    )
+
+
 def test_fast_dev_run_value_is_checked(base, data_file, tmp_path):
     proc = litllm(tmp_path, *finetune_args("finetune_lora", base, data_file, tmp_path / "out", "--fast_dev_run", "1"))
     assert proc.returncode == 1

@@ -214,12 +214,15 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
             bound.apply_defaults()
             hparams = dict(bound.arguments)
             run = RunArgs(**{f.name: bound.arguments.pop(f.name) for f in fields})
+            from litllm.train.fabric import clear_out_of_memory
             from litllm.train.fast_dev_run import dev_run_steps, temporary_out_dir
 
-            if dev_run_steps(run.fast_dev_run) is None:
-                return command(**bound.arguments, run=run, hparams=hparams)
-            with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
-                return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
+            # the loop names the step and sizes; this covers building the model and the data before it
+            with clear_out_of_memory("while setting up the run"):
+                if dev_run_steps(run.fast_dev_run) is None:
+                    return command(**bound.arguments, run=run, hparams=hparams)
+                with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
+                    return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
 
         del wrapper.__wrapped__  # jsonargparse and help() read the public signature, not the command's
         wrapper.__signature__ = public

@@ -18,7 +18,6 @@ on the accumulated gradients, so no count has to be known (or synced to the host
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Union
@@ -350,18 +349,15 @@ def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, strea
     fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
 
 
-@contextlib.contextmanager
-def clear_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str) -> Iterator[None]:
-    """A device out of memory -> one clear line naming the sizes and the knobs that lower memory."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        precision = getattr(fabric.strategy.precision, "precision", "?")
-        raise LitLLMError(
-            f"out of memory on {fabric.device} while {doing} ({fabric.world_size} device(s), precision {precision}, "
-            f"micro-batch {train.micro_batch_size} x {seq_length} tokens): lower --train.micro_batch_size or "
-            f"--train.max_seq_length, or use --activation_checkpointing, --strategy fsdp on more devices or --quantize"
-        ) from None
+def clear_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str):
+    """`litllm.train.fabric.clear_out_of_memory`, naming this run's sizes."""
+    from litllm.train.fabric import clear_out_of_memory as clear
+
+    precision = getattr(fabric.strategy.precision, "precision", "?")
+    return clear(
+        f"on {fabric.device} while {doing} ({fabric.world_size} device(s), precision {precision}, "
+        f"micro-batch {train.micro_batch_size} x {seq_length} tokens)"
+    )
 
 
 def fit(t: Trainer) -> TrainResult:
