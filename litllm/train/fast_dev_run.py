@@ -149,7 +149,6 @@ class DevRun:
         """Resume from the checkpoint just written at step k, as `--resume <path>` would, and check it
         restored this rank's trained weights and optimizer state exactly (collective)."""
         from litllm.train import checkpoints as ckpt
-        from litllm.train.loop import restore_checkpoint
 
         trained = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
         saved_params = {n: _local(p).detach().clone() for n, p in trained.items()}
@@ -161,7 +160,7 @@ class DevRun:
             for s in _optimizer_tensors(t.optimizer):
                 _local(s).add_(1.0)
         resume_dir = ckpt.resolve_resume(path, t.out_dir, t.model.config)  # the checks of `--resume <path>`
-        restore_checkpoint(t.fabric, resume_dir, t.model, t.optimizer, t.method, t.stream, t.state)
+        ckpt.restore_checkpoint(t.fabric, resume_dir, t.model, t.optimizer, t.method, t.stream, t.state)
         wrong = [n for n, p in trained.items() if not torch.equal(_local(p), saved_params[n])]
         restored_opt = [_local(s) for s in _optimizer_tensors(t.optimizer)]
         if len(restored_opt) != len(saved_opt) or not all(map(torch.equal, restored_opt, saved_opt)):

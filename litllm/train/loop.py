@@ -313,7 +313,7 @@ def setup(
     base_lrs = [group["lr"] for group in opt.param_groups]  # before a resume overwrites them with scheduled ones
     state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
     if resume_dir is not None:
-        restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
+        ckpt.restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
 
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
@@ -327,26 +327,6 @@ def setup(
         total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index, state=state,
         base_lrs=base_lrs, logger=logger, dev_run=dev_run,
     )
-
-
-def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, stream: "BatchStream", state: dict) -> None:
-    """Load a training checkpoint into the set-up model and optimizer, and restore the counters (`state`,
-    in place), the data position and the RNG states: what `--resume` does (and `--fast_dev_run` checks)."""
-    from litllm.train import checkpoints as ckpt
-
-    restored = ckpt.load_training_checkpoint(fabric, resume_dir, model, optimizer, method)
-    state.update(restored["counters"])
-    saved_world = restored.get("world_size", fabric.world_size)
-    if saved_world == fabric.world_size:
-        stream.load_state_dict(restored["data"], state)
-    else:  # weights and optimizer reshard freely; a data position is per rank layout
-        stream.epoch = state["epoch"]
-        fabric.print(
-            f"Warning: {resume_dir} was saved by {saved_world} processes, this run has {fabric.world_size}: the "
-            f"data order restarts at the beginning of epoch {state['epoch']} (some samples repeat)"
-        )
-    ckpt.set_rng_state(restored["rng"])
-    fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
 
 
 def clear_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str):
