@@ -79,7 +79,8 @@ def pretrain_args(tmp_path: Path, out_dir: Path, *extra: str) -> list[str]:
 # ---------------------------------------------------------------------- passing runs
 def test_pretrain_fast_dev_run(tmp_path):
     out = tmp_path / "out" / "debug"
-    proc = litllm(tmp_path, *pretrain_args(tmp_path, out, "--fast_dev_run", "true"))
+    # --resume auto (the sbatch template adds it) starts fresh: the dev run's out_dir has no checkpoints
+    proc = litllm(tmp_path, *pretrain_args(tmp_path, out, "--fast_dev_run", "true", "--resume", "auto"))
     assert_dev_run_passed(proc, tmp_path, out)
     assert "training: 4 optimizer steps" in proc.stdout and "checkpoint: saved step-00000002" in proc.stdout
     assert "Resuming from " in proc.stdout and "step-00000002 at step 2" in proc.stdout

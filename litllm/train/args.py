@@ -221,6 +221,8 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
             with clear_out_of_memory("while setting up the run"):
                 if dev_run_steps(run.fast_dev_run) is None:
                     return command(**bound.arguments, run=run, hparams=hparams)
+                if run.resume is True or run.resume == "auto":  # "auto" means this out_dir's checkpoints: none
+                    run = dataclasses.replace(run, resume=False)
                 with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
                     return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
 
