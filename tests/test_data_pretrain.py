@@ -246,45 +246,61 @@ def test_lit_data_errors(tmp_path, prepared):
     LitData(data_path="s3://bucket/tokens").prepare_data()  # remote folders are litdata's to check
 
 
-def test_prepare_scripts_and_tinyllama(tmp_path, tokenizer):
-    """SlimPajama .jsonl.zst and StarCoder .parquet laid out like the real downloads, then the mix."""
+def make_raw_downloads(root: Path, code_files: int = 1) -> tuple[Path, Path, dict[str, list[list[str]]], list[list[str]]]:
+    """SlimPajama .jsonl.zst (2 chunk folders per split) and StarCoder .parquet laid out like the real downloads.
+
+    Returns (slimpajama dir, starcoder dir, {split: the kept documents of each file}, sources of each parquet file).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
 
-    from litllm.data.prepare_slimpajama import prepare as prepare_slimpajama
-    from litllm.data.prepare_starcoder import prepare as prepare_starcoder
-
-    raw = tmp_path / "SlimPajama-627B"
-    docs = {}
+    raw = root / "SlimPajama-627B"
+    docs: dict[str, list[list[str]]] = {}
     for split in ("train", "validation"):
         for chunk in (1, 2):
             rows = [
                 {"text": f"{split} chunk {chunk} document {i}.", "meta": {"redpajama_set_name": name}}
                 for i, name in enumerate(["RedPajamaC4", "RedPajamaGithub", "RedPajamaWikipedia"])
             ]
-            docs.setdefault(split, []).extend(
-                r["text"] for r in rows if "Github" not in r["meta"]["redpajama_set_name"]
+            docs.setdefault(split, []).append(
+                [r["text"] for r in rows if "Github" not in r["meta"]["redpajama_set_name"]]
             )
             path = raw / split / f"chunk{chunk}" / f"example_{split}_0.jsonl.zst"
             path.parent.mkdir(parents=True)
             path.write_bytes(zstandard.ZstdCompressor().compress("\n".join(json.dumps(r) for r in rows).encode()))
-    code = raw.parent / "starcoderdata"
+    code = root / "starcoderdata"
     (code / "python").mkdir(parents=True)
-    sources = [f"def f{i}():\n    return {i}\n" for i in range(6)]
-    pq.write_table(
-        pa.table({"content": sources, "max_stars_count": list(range(6))}),
-        code / "python" / "train-00000-of-00001.parquet",
-    )
+    sources = []
+    for f in range(code_files):
+        sources.append([f"def f{f}_{i}():\n    return {i}\n" for i in range(6)])
+        pq.write_table(
+            pa.table({"content": sources[-1], "max_stars_count": list(range(6))}),
+            code / "python" / f"train-{f:05d}-of-{code_files:05d}.parquet",
+        )
+    return raw, code, docs, sources
 
+
+def optimized_documents(tokenizer, folder: Path) -> list[str]:
+    text = tokenizer.decode(all_tokens(folder), skip_special_tokens=False)
+    return [d.removeprefix("<s>") for d in text.split("</s>") if d]
+
+
+def test_prepare_scripts_and_tinyllama(tmp_path, tokenizer):
+    """SlimPajama .jsonl.zst and StarCoder .parquet laid out like the real downloads, then the mix."""
+    from litllm.data.prepare_slimpajama import prepare as prepare_slimpajama
+    from litllm.data.prepare_starcoder import prepare as prepare_starcoder
+
+    raw, code, docs_of_file, sources_of_file = make_raw_downloads(tmp_path)
+    docs = {split: [d for file in files for d in file] for split, files in docs_of_file.items()}
+    sources = sources_of_file[0]
     out = tmp_path / "data"
     tokenizer_dir = tokenizer.checkpoint_dir
     prepare_slimpajama(raw, out / "slimpajama", tokenizer_dir, num_workers=1)
     prepare_starcoder(code, out / "starcoder", tokenizer_dir, languages=["python"])
 
     def documents(folder: Path) -> list[str]:
-        text = tokenizer.decode(all_tokens(folder), skip_special_tokens=False)
-        return [d.removeprefix("<s>") for d in text.split("</s>") if d]
+        return optimized_documents(tokenizer, folder)
 
     assert sorted(documents(out / "slimpajama" / "train")) == sorted(docs["train"])  # no GitHub documents
     assert sorted(documents(out / "slimpajama" / "val")) == sorted(docs["validation"])
@@ -311,3 +327,40 @@ def test_prepare_scripts_and_tinyllama(tmp_path, tokenizer):
         prepare_starcoder(tmp_path / "SlimPajama-627B", out / "y", tokenizer_dir)
     with pytest.raises(LitLLMError, match="rust: language folder not found"):
         prepare_starcoder(code, out / "y", tokenizer_dir, languages=["rust"])
+
+
+def test_prepare_scripts_fast_dev_run(tmp_path, tokenizer, capsys):
+    """`--fast_dev_run 1`: one input file per split through litdata's fast dev run, into the real layout,
+    marked so that the full run that follows replaces it instead of skipping it."""
+    from litllm.data.prepare_slimpajama import prepare as prepare_slimpajama
+    from litllm.data.prepare_starcoder import prepare as prepare_starcoder
+    from litllm.data.streaming import FAST_DEV_RUN_MARKER
+
+    raw, code, docs_of_file, sources_of_file = make_raw_downloads(tmp_path, code_files=3)
+    out = tmp_path / "data"
+    tokenizer_dir = tokenizer.checkpoint_dir
+    prepare_slimpajama(raw, out / "slimpajama", tokenizer_dir, fast_dev_run=1)
+    prepare_starcoder(code, out / "starcoder", tokenizer_dir, fast_dev_run=True)  # true: 2 files
+    printed = capsys.readouterr().out
+    assert "Tokenizing 1 of 2 train file(s)" in printed and "Tokenizing 2 of 3 file(s)" in printed
+    for folder in (out / "slimpajama" / "train", out / "slimpajama" / "val", out / "starcoder"):
+        assert (folder / "index.json").is_file() and (folder / FAST_DEV_RUN_MARKER).is_file()
+        assert f"fast_dev_run: {folder}: index.json + 1 chunk file(s), " in printed
+    for split, name in (("train", "train"), ("validation", "val")):  # exactly one file's documents
+        assert sorted(optimized_documents(tokenizer, out / "slimpajama" / name)) in [sorted(d) for d in docs_of_file[split]]
+    got = sorted(optimized_documents(tokenizer, out / "starcoder"))
+    assert got in [sorted(a + b) for i, a in enumerate(sources_of_file) for b in sources_of_file[i + 1:]]
+
+    # the full run replaces the dev run's folders (a complete full output would be skipped)
+    prepare_slimpajama(raw, out / "slimpajama", tokenizer_dir, splits=["train"], num_workers=1)
+    prepare_starcoder(code, out / "starcoder", tokenizer_dir)
+    assert not (out / "slimpajama" / "train" / FAST_DEV_RUN_MARKER).exists()
+    assert sorted(optimized_documents(tokenizer, out / "slimpajama" / "train")) == sorted(
+        d for file in docs_of_file["train"] for d in file
+    )
+    assert sorted(optimized_documents(tokenizer, out / "starcoder")) == sorted(s for f in sources_of_file for s in f)
+    capsys.readouterr()
+    prepare_starcoder(code, out / "starcoder", tokenizer_dir, fast_dev_run=True)
+    assert "already holds tokenized data" in capsys.readouterr().out
+    with pytest.raises(LitLLMError, match=r"^--fast_dev_run: expected true, false or a number of input files >= 1, got -1$"):
+        prepare_starcoder(code, out / "other", tokenizer_dir, fast_dev_run=-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from litllm.errors import LitLLMError
 
@@ -51,6 +51,7 @@ def prepare(
     chunk_size: int = 2049 * 8192,
     num_workers: Optional[int] = None,
     max_files: Optional[int] = None,
+    fast_dev_run: Union[bool, int] = False,
 ) -> None:
     """Tokenize SlimPajama's `.jsonl.zst` files into `<output_dir>/train` and `<output_dir>/val`.
 
@@ -65,11 +66,15 @@ def prepare(
         chunk_size: The most tokens per chunk file.
         num_workers: Tokenizing processes (default: min(CPU count, number of files)).
         max_files: Tokenize only the first N files of each split (a quick smoke test).
+        fast_dev_run: Check the pipeline in seconds: `true` (2 files per split) or N files per split go through
+            litdata's `optimize(fast_dev_run=N)` on one worker into the real output folders, marked with
+            `fast_dev_run.txt` (a later full run replaces them); prints each folder's layout.
     """
-    from litllm.data.streaming import TokenizeDocuments, optimize_tokens
+    from litllm.data.streaming import TokenizeDocuments, describe_optimized, fast_dev_run_files, is_prepared, optimize_tokens
     from litllm.tokenizer import Tokenizer
 
     _require_zstandard()
+    dev_files = fast_dev_run_files(fast_dev_run)
     unknown = [s for s in splits if s not in SPLIT_OUTPUT_NAMES]
     if unknown:
         raise LitLLMError(f"--splits: unknown split(s) {unknown}; choose from {list(SPLIT_OUTPUT_NAMES)}")
@@ -87,13 +92,17 @@ def prepare(
     tokenizer = Tokenizer(tokenizer_path)
     for split, files in files_of.items():
         out = Path(output_dir) / SPLIT_OUTPUT_NAMES[split]
-        if (out / "index.json").is_file():
+        if is_prepared(out):
             print(f"{out} already holds tokenized data: skipping the {split} split")
             continue
-        print(f"Tokenizing {len(files)} {split} file(s) into {out}")
+        count = f"{min(dev_files, len(files))} of {len(files)}" if dev_files else f"{len(files)}"
+        print(f"Tokenizing {count} {split} file(s) into {out}")
         optimize_tokens(
-            TokenizeDocuments(tokenizer, read_slimpajama), files, out, num_workers=num_workers, chunk_tokens=chunk_size
+            TokenizeDocuments(tokenizer, read_slimpajama), files, out, num_workers=num_workers, chunk_tokens=chunk_size,
+            fast_dev_run=fast_dev_run,
         )
+        if dev_files:
+            print(f"fast_dev_run: {describe_optimized(out)}")
 
 
 def _require_zstandard() -> None:

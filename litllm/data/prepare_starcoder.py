@@ -11,7 +11,7 @@ a Llama-2 tokenizer, 1.1 TB with a larger vocabulary.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from litllm.errors import LitLLMError
 
@@ -35,6 +35,7 @@ def prepare(
     chunk_size: int = 2049 * 8192,
     num_workers: Optional[int] = None,
     max_files: Optional[int] = None,
+    fast_dev_run: Union[bool, int] = False,
 ) -> None:
     """Tokenize StarCoder's parquet files into `output_dir`.
 
@@ -49,9 +50,14 @@ def prepare(
         chunk_size: The most tokens per chunk file.
         num_workers: Tokenizing processes (default: min(CPU count, number of files)).
         max_files: Tokenize only the first N files (a quick smoke test).
+        fast_dev_run: Check the pipeline in seconds: `true` (2 files) or N files go through litdata's
+            `optimize(fast_dev_run=N)` on one worker into output_dir, marked with `fast_dev_run.txt` (a later
+            full run replaces it); prints the folder's layout.
     """
-    from litllm.data.streaming import TokenizeDocuments, optimize_tokens
+    from litllm.data.streaming import TokenizeDocuments, describe_optimized, fast_dev_run_files, is_prepared, optimize_tokens
     from litllm.tokenizer import Tokenizer
+
+    dev_files = fast_dev_run_files(fast_dev_run)
 
     try:
         import pyarrow.parquet  # noqa: F401
@@ -69,11 +75,15 @@ def prepare(
         raise LitLLMError(f"{input_dir}: no .parquet files found (expected <language>/train-*.parquet)")
     files = files[:max_files] if max_files else files
     out = Path(output_dir)
-    if (out / "index.json").is_file():
+    if is_prepared(out):
         print(f"{out} already holds tokenized data: nothing to do")
         return
     tokenizer = Tokenizer(tokenizer_path)
-    print(f"Tokenizing {len(files)} file(s) into {out}")
+    count = f"{min(dev_files, len(files))} of {len(files)}" if dev_files else f"{len(files)}"
+    print(f"Tokenizing {count} file(s) into {out}")
     optimize_tokens(
-        TokenizeDocuments(tokenizer, read_starcoder), files, out, num_workers=num_workers, chunk_tokens=chunk_size
+        TokenizeDocuments(tokenizer, read_starcoder), files, out, num_workers=num_workers, chunk_tokens=chunk_size,
+        fast_dev_run=fast_dev_run,
     )
+    if dev_files:
+        print(f"fast_dev_run: {describe_optimized(out)}")

@@ -23,6 +23,10 @@ from litllm.errors import LitLLMError
 # ends at a document (piece) boundary, so a block size that divides it would not avoid the tail loss;
 # keeping it independent of the block size lets one optimized folder serve every context length.
 CHUNK_TOKENS = 1 << 23
+FAST_DEV_RUN_FILES = 2
+"""Input files a `prepare_* --fast_dev_run true` tokenizes (per split)."""
+FAST_DEV_RUN_MARKER = "fast_dev_run.txt"
+"""Written into an output folder made by `--fast_dev_run`: a later full run replaces that folder."""
 
 PathLike = Union[str, Path]
 
@@ -115,6 +119,32 @@ def default_workers(n_inputs: int) -> int:
     return max(1, min(os.cpu_count() or 1, n_inputs))
 
 
+def fast_dev_run_files(value: Union[bool, int, None]) -> Optional[int]:
+    """`prepare_* --fast_dev_run` -> input files to tokenize per split (None: all of them)."""
+    if value is None or value is False or (value is not True and value == 0):
+        return None
+    if value is True:
+        return FAST_DEV_RUN_FILES
+    if not isinstance(value, int) or value < 1:
+        raise LitLLMError(f"--fast_dev_run: expected true, false or a number of input files >= 1, got {value!r}")
+    return value
+
+
+def is_prepared(folder: PathLike) -> bool:
+    """Whether `folder` holds a complete optimized output of a full run (not of a `--fast_dev_run`)."""
+    folder = Path(folder)
+    return (folder / "index.json").is_file() and not (folder / FAST_DEV_RUN_MARKER).is_file()
+
+
+def describe_optimized(folder: PathLike) -> str:
+    """One line on an optimized folder's layout: its chunk files and tokens."""
+    folder = Path(folder)
+    chunks = json.loads((folder / "index.json").read_text()).get("chunks", [])
+    tokens = sum(int(c.get("dim") or 0) for c in chunks)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return f"{folder}: index.json + {len(chunks)} chunk file(s), {tokens:,} tokens, {size / 2**20:.2f} MiB"
+
+
 def optimize_tokens(
     fn: Callable[[Any], Any],
     inputs: Sequence[Any],
@@ -122,12 +152,15 @@ def optimize_tokens(
     num_workers: Optional[int] = None,
     chunk_tokens: int = CHUNK_TOKENS,
     keep_order: bool = False,
+    fast_dev_run: Union[bool, int] = False,
 ) -> None:
     """Run litdata `optimize` over `inputs` (each `fn(input)` yields 1-D token arrays) into `output_dir`.
 
     Local outputs are written to a temporary folder and renamed when complete, so an interrupted run
     leaves nothing behind. With `keep_order=True`, inputs are not reordered by size (token order
-    follows `inputs` when one worker is used).
+    follows `inputs` when one worker is used). `fast_dev_run` (true or N): litdata's fast dev run on
+    one worker, so only the first N inputs (`FAST_DEV_RUN_FILES` for true) are tokenized; the folder
+    is marked (`FAST_DEV_RUN_MARKER`) so a full run replaces it.
     """
     from litdata import TokensLoader, optimize
 
@@ -135,7 +168,10 @@ def optimize_tokens(
 
     if not inputs:
         raise LitLLMError(f"{output_dir}: nothing to optimize (no input files)")
+    dev_files = fast_dev_run_files(fast_dev_run)
     num_workers = default_workers(len(inputs)) if num_workers is None else max(1, min(num_workers, len(inputs)))
+    if dev_files is not None:
+        num_workers = 1  # litdata keeps N items per worker: one worker makes it N files
     kwargs = dict(
         fn=fn,
         inputs=list(inputs),
@@ -144,6 +180,8 @@ def optimize_tokens(
         item_loader=TokensLoader(),
         reorder_files=not keep_order,
     )
+    if dev_files is not None:
+        kwargs["fast_dev_run"] = dev_files
     # litdata switches the process-wide start method to "spawn"; put the caller's back afterwards
     start_method = multiprocessing.get_start_method(allow_none=True)
     try:
@@ -157,6 +195,11 @@ def optimize_tokens(
                 _optimize(optimize, output_dir=str(tmp), **kwargs)
                 if not _has_chunks(tmp):
                     raise LitLLMError(f"{output_dir}: no tokens were produced (are the input files empty?)")
+                if dev_files is not None:
+                    (tmp / FAST_DEV_RUN_MARKER).write_text(
+                        f"made by --fast_dev_run from the first {dev_files} of {len(inputs)} input file(s); "
+                        "a full run replaces this folder\n"
+                    )
         except BaseException:
             if not parent_existed and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()

@@ -159,6 +159,10 @@ class RunArgs:
     """Compile each transformer block with `torch.compile`."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory)."""
+    fast_dev_run: Union[bool, int] = False
+    """Check the recipe before a long job: `true` (4 optimizer steps) or N steps (>= 2) of the real data, model
+    and strategy, with a checkpoint saved halfway and resumed from, 1 validation batch and the final folder,
+    all in a temporary folder (out_dir is never written); prints the checks, tokens/s and peak memory per device."""
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -182,6 +186,8 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
     flags packed into `run`, and in `hparams` all its arguments as given (flat, defaults applied), which
     is what `hyperparameters.yaml` records. `defaults` overrides a field's default for this command.
     Help texts come from `RunArgs`'s attribute docstrings, appended to the command's `Args:`.
+    With `--fast_dev_run`, the command runs with its `out_dir` replaced by a temporary folder that is
+    removed afterwards (`litllm.train.fast_dev_run`); `setup` shortens the run.
     """
     fields = dataclasses.fields(RunArgs)
     unknown = set(defaults) - {f.name for f in fields}
@@ -193,6 +199,8 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name not in ("run", "hparams")]
+        if "out_dir" not in signature.parameters:
+            raise TypeError(f"{command.__name__}: a training command needs an `out_dir` argument (--fast_dev_run replaces it)")
         shared = [
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default),
                               annotation=hints[f.name])
@@ -206,7 +214,17 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
             bound.apply_defaults()
             hparams = dict(bound.arguments)
             run = RunArgs(**{f.name: bound.arguments.pop(f.name) for f in fields})
-            return command(**bound.arguments, run=run, hparams=hparams)
+            from litllm.train.fabric import clear_out_of_memory
+            from litllm.train.fast_dev_run import dev_run_steps, temporary_out_dir
+
+            # the loop names the step and sizes; this covers building the model and the data before it
+            with clear_out_of_memory("while setting up the run"):
+                if dev_run_steps(run.fast_dev_run) is None:
+                    return command(**bound.arguments, run=run, hparams=hparams)
+                if run.resume is True or run.resume == "auto":  # "auto" means this out_dir's checkpoints: none
+                    run = dataclasses.replace(run, resume=False)
+                with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
+                    return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
 
         del wrapper.__wrapped__  # jsonargparse and help() read the public signature, not the command's
         wrapper.__signature__ = public

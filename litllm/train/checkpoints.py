@@ -323,6 +323,25 @@ def load_training_checkpoint(fabric, path: Path, model: nn.Module, optimizer, me
     return _read_training_state(path)
 
 
+def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, stream, state: dict) -> None:
+    """Load a training checkpoint into the set-up model and optimizer, and restore the counters (`state`,
+    in place), the data position (`stream`: the loop's `BatchStream`) and the RNG states: what `--resume`
+    does (and `--fast_dev_run` checks)."""
+    restored = load_training_checkpoint(fabric, resume_dir, model, optimizer, method)
+    state.update(restored["counters"])
+    saved_world = restored.get("world_size", fabric.world_size)
+    if saved_world == fabric.world_size:
+        stream.load_state_dict(restored["data"], state)
+    else:  # weights and optimizer reshard freely; a data position is per rank layout
+        stream.epoch = state["epoch"]
+        fabric.print(
+            f"Warning: {resume_dir} was saved by {saved_world} processes, this run has {fabric.world_size}: the "
+            f"data order restarts at the beginning of epoch {state['epoch']} (some samples repeat)"
+        )
+    set_rng_state(restored["rng"])
+    fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
+
+
 def _set_full_optimizer_state(module: nn.Module, optimizer, opt_sd: dict, source: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -17,9 +17,10 @@ inside functions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -98,6 +99,20 @@ def make_fabric(
     )
     fabric.print = functools.partial(print_once, fabric)  # status lines once per job, not once per node
     return fabric
+
+
+@contextlib.contextmanager
+def clear_out_of_memory(where: str) -> Iterator[None]:
+    """Out of device (or CPU) memory -> one clear line saying `where` and the knobs that lower memory."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise LitLLMError(
+            f"out of memory {where}: lower --train.micro_batch_size or --train.max_seq_length, or use "
+            f"--activation_checkpointing, --strategy fsdp on more devices, or --quantize (finetuning)"
+        ) from None
 
 
 def print_once(fabric, *args, **kwargs) -> None:

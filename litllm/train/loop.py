@@ -200,6 +200,8 @@ class Trainer:
     """step, tokens, epoch, batches_in_epoch: saved in checkpoints, restored on resume."""
     base_lrs: list[float]
     logger: Any = None
+    dev_run: Any = None
+    """A `litllm.train.fast_dev_run.DevRun` with `--fast_dev_run` (None: a normal run)."""
 
 
 def setup(
@@ -239,8 +241,10 @@ def setup(
             value jsonargparse gives for the CLI type `litllm.train.optimizer.OptimizerSpec`.
         out_dir: where `step-XXXXXXXX/` checkpoints, `final/`, logs and the loss curve go.
         run: the shared command flags; setup uses `seed` (model init, data order, dropout; restored
-            exactly on resume), `resume` (False, "auto" or a checkpoint path), `compile` (each block) and
-            `activation_checkpointing`. The process flags (devices, ...) went into `fabric`.
+            exactly on resume), `resume` (False, "auto" or a checkpoint path), `compile` (each block),
+            `activation_checkpointing` and `fast_dev_run` (only the budget changes: a few steps, a checkpoint
+            halfway that is resumed from at once, one validation batch; see `litllm.train.fast_dev_run`).
+            The process flags (devices, ...) went into `fabric`.
         initial_weights: a `lit_model.safetensors` to start from (finetuning, continued pretraining).
             Loaded before `method.transform` when the model is materialised, after setup when it is on meta.
         model_files_from: a folder whose tokenizer/prompt files are copied into every checkpoint
@@ -249,10 +253,16 @@ def setup(
         logger: a `litllm.train.loggers` logger (rank 0 logs); None: no metric logging.
     """
     from litllm.train import checkpoints as ckpt
+    from litllm.train.fast_dev_run import DevRun, dev_run_steps, shorten
     from litllm.train.optimizer import build_optimizer
 
     run = run or RunArgs()
     out_dir = Path(out_dir)
+    dev_steps = dev_run_steps(run.fast_dev_run)
+    dev_run = None
+    if dev_steps is not None:  # the recipe as given, for a few steps (out_dir is already a temporary folder)
+        train, eval = shorten(train, eval, dev_steps)
+        dev_run = DevRun(dev_steps, user_out_dir=Path((hparams or {}).get("out_dir", out_dir)))
     config = model.config
     world_size = fabric.world_size
     accumulation = train.gradient_accumulation_iters(world_size)
@@ -291,9 +301,11 @@ def setup(
 
     # ---- model and optimizer
     fabric.seed_everything(run.seed)
-    model = prepare_model(
-        fabric, model, method, initial_weights, compile=run.compile, activation_checkpointing=run.activation_checkpointing
-    )
+    with clear_out_of_memory(fabric, train, seq_length, "setting up the model"):
+        model = prepare_model(
+            fabric, model, method, initial_weights, compile=run.compile,
+            activation_checkpointing=run.activation_checkpointing,
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LitLLMError(f"method {method.name!r} leaves no parameter to train")
@@ -301,19 +313,7 @@ def setup(
     base_lrs = [group["lr"] for group in opt.param_groups]  # before a resume overwrites them with scheduled ones
     state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
     if resume_dir is not None:
-        restored = ckpt.load_training_checkpoint(fabric, resume_dir, model, opt, method)
-        state.update(restored["counters"])
-        saved_world = restored.get("world_size", world_size)
-        if saved_world == world_size:
-            stream.load_state_dict(restored["data"], state)
-        else:  # weights and optimizer reshard freely; a data position is per rank layout
-            stream.epoch = state["epoch"]
-            fabric.print(
-                f"Warning: {resume_dir} was saved by {saved_world} processes, this run has {world_size}: the "
-                f"data order restarts at the beginning of epoch {state['epoch']} (some samples repeat)"
-            )
-        ckpt.set_rng_state(restored["rng"])
-        fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
+        ckpt.restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
 
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
@@ -325,7 +325,18 @@ def setup(
         fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
         writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
         total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index, state=state,
-        base_lrs=base_lrs, logger=logger,
+        base_lrs=base_lrs, logger=logger, dev_run=dev_run,
+    )
+
+
+def clear_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str):
+    """`litllm.train.fabric.clear_out_of_memory`, naming this run's sizes."""
+    from litllm.train.fabric import clear_out_of_memory as clear
+
+    precision = getattr(fabric.strategy.precision, "precision", "?")
+    return clear(
+        f"on {fabric.device} while {doing} ({fabric.world_size} device(s), precision {precision}, "
+        f"micro-batch {train.micro_batch_size} x {seq_length} tokens)"
     )
 
 
@@ -351,7 +362,8 @@ def fit(t: Trainer) -> TrainResult:
     )
 
     def validate_and_log(after: bool) -> None:
-        metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
+        with clear_out_of_memory(fabric, train, t.seq_length, "validating"):
+            metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
         result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
         _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
         if after and t.method.after_validation is not None:
@@ -389,11 +401,16 @@ def fit(t: Trainer) -> TrainResult:
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * base / base_lrs[0] if base_lrs[0] else base
 
-        sums, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss)
+        if t.dev_run is not None:
+            t.dev_run.start_step(fabric)
+        with clear_out_of_memory(fabric, train, t.seq_length, f"training step {state['step'] + 1}"):
+            sums, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss)
         for name, value in sums.items():
             running[name] = running[name] + value if name in running else value
         state["step"] += 1  # ---- optimizer step boundary: the step's state is complete here
         t.stream.update_counters(state)
+        if t.dev_run is not None:
+            t.dev_run.end_step(fabric, state["step"], micro_batches)
 
         if state["step"] % train.log_interval == 0 or state["step"] == t.total_steps:
             means = flush() or {}
@@ -415,8 +432,10 @@ def fit(t: Trainer) -> TrainResult:
             means = flush()  # the checkpoint's token count must be exact
             if means is not None:
                 result.losses.setdefault(state["step"], means["loss"])
-            t.writer.save_step(opt, state, t.stream.state_dict())
+            saved = t.writer.save_step(opt, state, t.stream.state_dict())
             saved_at = state["step"]
+            if t.dev_run is not None and state["step"] == t.dev_run.resume_step:
+                t.dev_run.round_trip(t, saved)
             throughput.start(state)
         if stop.agreed(fabric):  # preemption hook (collective): every rank stops after this same step
             if saved_at != state["step"]:
@@ -445,6 +464,8 @@ def fit(t: Trainer) -> TrainResult:
             fabric.print(f"Loss curve: {png}")
         if t.logger is not None:
             t.logger.finalize("success")
+    if t.dev_run is not None:
+        t.dev_run.report(t, result)
     return result
 
 
@@ -615,6 +636,7 @@ class BatchStream:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, data_state: dict, counters: dict) -> None:
+        self._iter = None  # the next window starts iterating from the restored position
         self.epoch = data_state.get("epoch", counters.get("epoch", 0))
         if self.streaming:
             self.loader.load_state_dict(data_state["loader"])
