@@ -20,6 +20,7 @@ no second copy), a frozen copy (full finetuning), or log-probs precomputed once 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -109,8 +110,10 @@ def adapters_off_reference(model: nn.Module, batch: dict[str, torch.Tensor], ign
         return reply_logps(model, batch, ignore_index)[0]
 
 
-def frozen_reference(reference: nn.Module, autocast: Callable = torch.autocast) -> Reference:
-    """Log-probs of a frozen copy of the initial model (full finetuning without precomputed log-probs)."""
+def frozen_reference(reference: nn.Module, autocast: Callable = contextlib.nullcontext) -> Reference:
+    """Log-probs of a frozen copy of the initial model (full finetuning without precomputed log-probs).
+
+    autocast: the run's precision context (`fabric.autocast`), which a module outside Fabric's wrapper needs."""
 
     def ref_logps(model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int) -> torch.Tensor:
         with torch.no_grad(), autocast():
