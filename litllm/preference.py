@@ -55,13 +55,39 @@ class PreferenceSettings:
 
 
 def reply_logps(model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of reply-token log-probs (2B,) fp32, reply tokens per row (2B,)) of a pair batch."""
+    """(sum of reply-token log-probs (2B,) fp32, reply tokens per row (2B,)) of a pair batch.
+
+    The output head runs only where a reply token is the target (`head_only_at`): prompt and padding
+    positions never become (V,)-wide logits, which saves the head's compute and memory there.
+    """
     from litllm.losses import token_logprobs
 
     labels = batch["labels"]  # (2B, T)
-    logits = model(batch["input_ids"])  # (2B, T, V)
-    per_token = token_logprobs(nn.Identity(), logits, labels, ignore_index)  # (2B, T), 0 off the replies
-    return per_token.sum(dim=1), (labels != ignore_index).sum(dim=1)
+    keep = labels != ignore_index  # (2B, T)
+    with head_only_at(model, keep):
+        logits = model(batch["input_ids"])  # (1, N, V): the N kept positions, row after row
+    picked = token_logprobs(nn.Identity(), logits, labels[keep].unsqueeze(0), ignore_index)[0]  # (N,) fp32
+    per_token = torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+    return per_token.sum(dim=1), keep.sum(dim=1)  # a plain row sum: deterministic, unlike a scatter-add
+
+
+@contextlib.contextmanager
+def head_only_at(model: nn.Module, keep: torch.Tensor):
+    """Inside the block, `model(idx)` returns the logits (1, N, V) of the positions where `keep` (B, T) is True.
+
+    A forward hook on the final norm hands the head only those hidden states; everything before the
+    head (and under FSDP, Fabric's wrapper and the root module's hooks) runs as usual.
+    """
+    from litllm.train.fabric import unwrap
+
+    def select(module, args, output):  # (B, T, C) -> (1, N, C)
+        return output[keep].unsqueeze(0)
+
+    handle = unwrap(model).norm_f.register_forward_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def pair_losses(
