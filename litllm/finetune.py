@@ -46,7 +46,7 @@ PEFT_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args"
 FULL_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-5, "weight_decay": 0.02}}
 DPO_TRAIN = TrainArgs(
     save_interval=1000, log_interval=1, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=10, epochs=1,
-    max_seq_length=1024,
+    max_seq_length=None,
 )
 DPO_EVAL = EvalArgs(interval=100, max_iters=100)
 DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
