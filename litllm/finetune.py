@@ -1,4 +1,4 @@
-"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`.
+"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`.
 
     litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
     litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
@@ -17,7 +17,7 @@ parameters train, and what the final model folder holds. Outputs in `out_dir`:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -44,6 +44,12 @@ FINETUNE_TRAIN = TrainArgs(
 FINETUNE_EVAL = EvalArgs(interval=100, max_new_tokens=100, max_iters=100)
 PEFT_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
 FULL_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-5, "weight_decay": 0.02}}
+DPO_TRAIN = TrainArgs(
+    save_interval=1000, log_interval=1, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=10, epochs=1,
+    max_seq_length=None,
+)
+DPO_EVAL = EvalArgs(interval=100, max_iters=100)
+DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
 
 
 # ---------------------------------------------------------------------- the commands
@@ -195,6 +201,87 @@ def finetune_adapter_v2(
                                quantize=quantize, adapter=adapter))
 
 
+@with_run_args(seed=1337)
+def finetune_dpo(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/dpo"),
+    method: Literal["lora", "full"] = "lora",
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    precompute_reference: bool = False,
+    quantize: Optional[QuantizeMode] = None,
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    data: Optional[DataModule] = None,
+    train: TrainArgs = DPO_TRAIN,
+    eval: EvalArgs = DPO_EVAL,
+    optimizer: OptimizerSpec = DPO_OPTIMIZER,
+    *,
+    run: RunArgs,
+    hparams: dict[str, Any],
+) -> TrainResult:
+    """Preference-tune a model (DPO, IPO or SimPO) on chosen/rejected reply pairs: `--data Preference --data.json_path FILE`.
+
+    Args:
+        checkpoint_dir: The converted model folder to start from (usually an instruction-tuned one).
+        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
+        method: `lora` (QLoRA with `--quantize`): the reference model is the same model with its LoRA
+            switched off, no second copy. `full`: every weight trains; the reference is a frozen copy of the
+            initial model, or none with `--precompute_reference true`.
+        loss: `dpo` (sigmoid; `--label_smoothing` gives cDPO), `ipo`, or `simpo` (reference-free,
+            length-normalised, margin `--gamma`).
+        beta: The loss temperature (TRL's default 0.1; SimPO's paper uses 2.0-2.5).
+        label_smoothing: Probability that a pair's preference is flipped (dpo, simpo); 0: plain DPO.
+        gamma: SimPO's target reward margin (TRL's default 0.5).
+        precompute_reference: Score every pair with the initial model once before training (cached as
+            `out_dir/reference_logps.safetensors`, reused on resume), instead of a reference forward per step.
+        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
+            `bnb.fp4`, `bnb.int8-training`); LoRA only.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
+        lora_dropout: Dropout on the LoRA branch's input.
+        lora_query: Apply LoRA to the query rows of the attention projection.
+        lora_key: Apply LoRA to the key rows of the attention projection.
+        lora_value: Apply LoRA to the value rows of the attention projection.
+        lora_projection: Apply LoRA to the attention output projection.
+        lora_mlp: Apply LoRA to the MLP (every expert's, for MoE models).
+        lora_head: Apply LoRA to the output head.
+        data: The preference pairs: `--data Preference --data.json_path pairs.json` (see `litllm.data.preference`).
+        train: Training settings (batch sizes count pairs; `max_seq_length` bounds prompt + the longer reply).
+        eval: Validation settings; validation reports `val_rewards/accuracies`, the held-out reward accuracy.
+        optimizer: A torch.optim class name or {class_path, init_args}; full finetuning usually wants a lower
+            lr (5e-7 .. 5e-6) than LoRA.
+    """
+    from litllm.data.preference import Preference
+    from litllm.lora import LoRASettings
+    from litllm.preference import PreferenceSettings
+
+    if not isinstance(data, Preference):
+        raise LitLLMError("--data: finetune_dpo needs preference pairs: --data Preference --data.json_path FILE")
+    if method not in ("lora", "full"):
+        raise LitLLMError(f"--method: expected lora or full, got {method!r}")
+    settings = PreferenceSettings(loss, beta, label_smoothing, gamma)
+    settings.validate()
+    lora = None
+    if method == "lora":
+        lora = LoRASettings(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
+                            lora_mlp, lora_head)
+    elif quantize is not None:
+        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
+    return _launch(FinetuneJob(method, checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
+                               quantize=quantize, lora=lora, preference=settings,
+                               precompute_reference=precompute_reference))
+
+
 # ---------------------------------------------------------------------- shared setup
 @dataclass
 class FinetuneJob:
@@ -216,6 +303,9 @@ class FinetuneJob:
     """`litllm.lora.LoRASettings` (LoRA only)."""
     adapter: Any = None
     """`litllm.adapter.AdapterSettings` (adapters only)."""
+    preference: Any = None
+    """`litllm.preference.PreferenceSettings` (finetune_dpo only): the method's loss becomes a preference loss."""
+    precompute_reference: bool = False
 
 
 def _launch(job: FinetuneJob) -> Any:
@@ -297,7 +387,10 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
         compute_dtype=compute_dtype,
     )
     method.extra_files["prompt_style.yaml"] = _prompt_style_yaml(style)
-    method.after_validation = _sample_reply(data, tokenizer, style, job.eval.max_new_tokens)
+    if job.preference is not None:
+        method = _preference_method(fabric, job, method, config, data, tokenizer, compute_dtype)
+    else:
+        method.after_validation = _sample_reply(data, tokenizer, style, job.eval.max_new_tokens)
     logger = None
     if fabric.global_rank == 0:
         logger = build_logger(job.run.logger_name, out_dir, run_name=out_dir.name, resume=resume_dir is not None)
@@ -311,6 +404,29 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
     else:
         fabric.print(f"Load it with litllm.adapter.load_adapter_model({str(result.final_dir)!r})")
     return result
+
+
+def _preference_method(fabric, job: FinetuneJob, method, config, data, tokenizer, compute_dtype):
+    """The finetuning method with a preference loss, and its reference model (see `litllm.preference`)."""
+    from litllm import preference as pref
+
+    def initial_model() -> nn.Module:
+        from litllm.model import GPT
+
+        reference = GPT.from_checkpoint(job.checkpoint_dir, device=fabric.device, dtype=compute_dtype).eval()
+        return reference.requires_grad_(False)
+
+    if job.preference.loss == "simpo":
+        reference = None  # reference-free
+    elif job.precompute_reference:
+        pref.precompute_reference(fabric, data, tokenizer, initial_model, job.out_dir, job.train.micro_batch_size,
+                                  job.train.max_seq_length or config.block_size)
+        reference = pref.precomputed_reference
+    elif job.method == "lora":
+        reference = pref.adapters_off_reference
+    else:
+        reference = pref.frozen_reference(initial_model(), fabric.autocast)
+    return replace(method, name=f"{job.preference.loss}_{method.name}", loss=pref.preference_loss(job.preference, reference))
 
 
 # ---------------------------------------------------------------------- methods

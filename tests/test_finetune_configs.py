@@ -12,22 +12,23 @@ from pathlib import Path
 import pytest
 
 from litllm.config import Config
-from litllm.finetune import _BNB_MODE, finetune_full, finetune_lora
+from litllm.finetune import _BNB_MODE, finetune_dpo, finetune_full, finetune_lora
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "config_hub" / "finetune").glob("*/*.yaml"))
 MODELS = {"llama-3.2-1b", "llama-3.1-8b", "mistral-7b", "gemma-2-2b", "qwen2.5-1.5b", "phi-3-mini-4k-instruct", "tinyllama"}
+DPO_MODELS = {"llama-3.2-1b", "qwen2.5-1.5b"}  # preference tuning (finetune_dpo)
 
 
 def test_every_model_has_lora_qlora_and_full():
     found = {(p.parent.name, p.stem) for p in CONFIGS}
-    assert found == {(m, kind) for m in MODELS for kind in ("lora", "qlora", "full")}
+    assert found == {(m, kind) for m in MODELS for kind in ("lora", "qlora", "full")} | {(m, "dpo") for m in DPO_MODELS}
 
 
 def _parse(path: Path):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    command = finetune_full if path.stem == "full" else finetune_lora
+    command = {"full": finetune_full, "dpo": finetune_dpo}.get(path.stem, finetune_lora)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(command, as_positional=True)
@@ -52,6 +53,12 @@ def test_config_parses_and_is_consistent(path):
     if path.stem == "full":
         assert "lora_r" not in init
         return
+    if path.stem == "dpo":
+        from litllm.data.preference import Preference
+        from litllm.preference import PreferenceSettings
+
+        assert isinstance(init.data, Preference) and init.method in ("lora", "full")
+        PreferenceSettings(init.loss, init.beta, init.label_smoothing, init.gamma).validate()
     settings = LoRASettings.from_flags(dict(init))
     assert not (settings.head and config.tie_embeddings)
     if path.stem == "qlora":

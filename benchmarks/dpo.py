@@ -1,0 +1,194 @@
+"""DPO with LoRA: `litllm finetune_dpo` vs TRL's `DPOTrainer` + PEFT LoRA, same model, batch and precision.
+
+Builds a random Llama-style checkpoint (`--layers`, `--width`, `--vocab`) with a BPE tokenizer trained
+on the spot, and preference pairs of random words (prompt ~ seq/4 words, replies ~ seq/2 and seq/3
+words; `--seq` bounds prompt + reply for both). Each side runs in a fresh process, for `--steps`
+optimizer steps of `--micro` pairs (LoRA r=8 on q and v, no dropout, DPO beta 0.1, AdamW lr 5e-5,
+no activation checkpointing, the reference = the model with its adapter off on both sides):
+
+- step time: median seconds per optimizer step after the first two (litllm: around `train_step`;
+  TRL: `on_step_begin` -> `on_step_end`, a `TrainerCallback`);
+- peak memory: `torch.cuda.max_memory_allocated` on a GPU; on CPU the process's RSS high-water mark at
+  the end of training, and the same above the RSS measured before the model was loaded.
+
+    python benchmarks/dpo.py [--device cuda] [--steps 10] [--seq 256] [--micro 2] [--layers 4] [--width 256]
+        [--vocab 8000] [--sides litllm,trl] [--workdir /tmp/dpo-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MAKE = """
+import json, random, sys
+from pathlib import Path
+import torch, transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+folder, n_pairs, seq, layers, width, vocab = Path(sys.argv[1]), *map(int, sys.argv[2:7])
+rng = random.Random(0)
+words = ["model", "data", "train", "token", "layer", "weight", "loss", "batch", "memory", "speed", "the", "a",
+         "of", "and", "to", "in", "is", "for", "with", "on", "learning", "rate", "gradient", "update"]
+def text(n):
+    return " ".join(rng.choice(words) for _ in range(n))
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train_from_iterator([text(400) for _ in range(64)], trainers.BpeTrainer(
+    vocab_size=500, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+folder.mkdir(parents=True, exist_ok=True)
+tok.save(str(folder / "tokenizer.json"))
+(folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                                                          "pad_token": "</s>"}))
+config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 11 // 4,
+                                  num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+                                  num_key_value_heads=max(1, width // 256), max_position_embeddings=max(2048, seq),
+                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+torch.manual_seed(0)
+with torch.no_grad():
+    model = transformers.LlamaForCausalLM(config)
+model.save_pretrained(folder)
+from litllm.convert import convert_to_litllm
+convert_to_litllm(folder)
+pairs = [{"prompt": text(seq // 4), "chosen": text(seq // 2), "rejected": text(seq // 3)} for _ in range(n_pairs)]
+(folder.parent / "pairs.json").write_text(json.dumps(pairs))
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+WORKER = """
+import json, resource, statistics, sys, time
+from pathlib import Path
+import torch
+side, folder, out, device, steps, seq, micro = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], \\
+    *map(int, sys.argv[5:8])
+
+def rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+times = []
+if side == "trl":
+    import peft, transformers, trl
+    from datasets import Dataset
+    baseline = rss_mib()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync(); self.t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(); times.append(time.perf_counter() - self.t0)
+
+    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=1,
+                         max_steps=steps, learning_rate=5e-5, weight_decay=0.0, lr_scheduler_type="constant",
+                         logging_steps=1, report_to=[], save_strategy="no", use_cpu=device == "cpu",
+                         bf16=device == "cuda", gradient_checkpointing=False, max_length=seq, beta=0.1,
+                         dataloader_num_workers=0, disable_dropout=True)
+    pairs = json.loads((folder.parent / "pairs.json").read_text())
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                             peft_config=lora, callbacks=[Timer()])
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+else:
+    import lightning.fabric  # noqa: F401  (imports count in the baseline)
+    from litllm import finetune
+    from litllm.data import Preference
+    from litllm.train import loop
+    from litllm.train.args import EvalArgs, TrainArgs
+    baseline = rss_mib()
+    real_step = loop.train_step
+
+    def timed_step(*args, **kwargs):
+        sync(); t0 = time.perf_counter()
+        result = real_step(*args, **kwargs)
+        sync(); times.append(time.perf_counter() - t0)
+        return result
+
+    loop.train_step = timed_step
+    finetune.finetune_dpo(
+        folder, out_dir=out, accelerator=device, precision="bf16-true" if device == "cuda" else "32-true", devices=1,
+        lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_query=True, lora_value=True, beta=0.1,
+        data=Preference(json_path=folder.parent / "pairs.json", prompt_style="default", val_split_fraction=0.0),
+        train=TrainArgs(global_batch_size=micro, micro_batch_size=micro, max_steps=steps, lr_warmup_steps=0,
+                        save_interval=None, max_seq_length=seq, log_interval=1),
+        eval=EvalArgs(interval=10**9, final_validation=False), logger_name="csv",
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}},
+    )
+peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mib()
+print(json.dumps({"step_s": statistics.median(times[2:] or times), "peak": peak,
+                  "above_baseline": peak if device == "cuda" else peak - baseline, "steps": len(times)}))
+"""
+
+LABELS = {"litllm": "litllm finetune_dpo (LoRA r=8 q,v)", "trl": "TRL DPOTrainer + PEFT LoRA (r=8 q,v)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--micro", type=int, default=2, help="pairs per step (2x rows: chosen + rejected)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--sides", default="litllm,trl")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    sides = [s.strip() for s in args.sides.split(",")]
+    if set(sides) - set(LABELS):
+        parser.error(f"unknown sides {sorted(set(sides) - set(LABELS))}; expected some of {', '.join(LABELS)}")
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    folder = workdir / "model"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+    if not (folder / "lit_model.safetensors").is_file():
+        print(f"Building a random Llama-style model in {folder} ...", file=sys.stderr)
+        made = subprocess.run([sys.executable, "-c", MAKE, str(folder), str(max(32, args.steps * args.micro * 2)),
+                               str(args.seq), str(args.layers), str(args.width), str(args.vocab)],
+                              capture_output=True, text=True, env=env)
+        if made.returncode:
+            sys.exit(made.stderr[-3000:])
+        print(f"  {int(made.stdout.split()[-1]):,} parameters", file=sys.stderr)
+    results = {}
+    for side in sides:
+        out = workdir / f"out-{side}"
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"Running {LABELS[side]} ...", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-c", WORKER, side, str(folder), str(out), args.device, str(args.steps),
+                               str(args.seq), str(args.micro)], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    unit = "GPU MiB (max allocated)" if args.device == "cuda" else "MiB (peak RSS; above: minus RSS before the model)"
+    print(f"\n{args.steps} steps x {args.micro} pairs, prompt + reply <= {args.seq} tokens, {args.layers} layers x "
+          f"{args.width} wide, vocab {args.vocab}, device {args.device}, "
+          f"{'bf16' if args.device == 'cuda' else 'fp32'}; memory in {unit}")
+    header = f"{'':40s} {'step s':>8s} {'speedup':>8s} {'peak':>9s} {'above':>9s}"
+    print(header)
+    print("-" * len(header))
+    ref = results.get("trl")
+    for side, r in results.items():
+        speedup = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+        print(f"{LABELS[side]:40s} {r['step_s']:8.3f} {speedup:>8s} {r['peak']:9.0f} {r['above_baseline']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
