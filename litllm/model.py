@@ -68,6 +68,7 @@ class GPT(nn.Module):
         targets: Optional[torch.Tensor] = None,
         *,
         key_padding_mask: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
@@ -78,6 +79,9 @@ class GPT(nn.Module):
             `set_kv_cache`), the cache slot it is written to, so every row may sit at its own length.
             Default arange(T). With a cache, a query attends to the cached keys at positions <= its own.
         key_padding_mask: (B, T) True where a key may be attended to (False on left padding; no cache).
+        document_ids: (B, T) which sample of a packed row each token belongs to (no cache): a token attends
+            only to earlier tokens of its own document (block-diagonal causal attention). Pass `input_pos`
+            restarting at each document with it, and the row computes what each sample computes alone.
         kv_len: with a KV cache, attend only to its first `kv_len` positions: a bound on every row's
             newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
             tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
@@ -102,7 +106,9 @@ class GPT(nn.Module):
         if c.rope_local_base is not None:
             rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions])
 
-        masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len)
+        if cached and document_ids is not None:
+            raise ValueError("document_ids (packed rows) are for training and scoring, not for a KV cache")
+        masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len, document_ids)
 
         x = self.wte(idx)  # (B, T, C)
         if c.scale_embeddings:
@@ -128,16 +134,19 @@ class GPT(nn.Module):
         cache_pos: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor],
         kv_len: Optional[int],
+        document_ids: Optional[torch.Tensor] = None,
     ) -> dict[bool, Optional[torch.Tensor]]:
         """Boolean masks (B|1, 1, T, L), True = attend, keyed by "is this a sliding-window layer".
 
         Without a cache, causality is by index in the sequence; with one (`cache_pos` (B, T) or (T,)),
         by position: a query sees the cache slots at positions <= its own, at a size fixed by the cache
         (or `kv_len`), never by a length read back from the device. None stands for a plain causal
-        mask, which SDPA applies itself (`is_causal=True`).
+        mask, which SDPA applies itself (`is_causal=True`). `document_ids` (B, T) make it block-diagonal:
+        a query sees only keys of its own document. Sliding windows count positions in the row, which
+        within one document are its positions.
         """
         window = self.config.sliding_window_size
-        plain = cache_pos is None and key_padding_mask is None
+        plain = cache_pos is None and key_padding_mask is None and document_ids is None
         if plain and window is None:
             return {False: None, True: None}
         if cache_pos is None:
@@ -152,6 +161,8 @@ class GPT(nn.Module):
         causal = distance >= 0
         if key_padding_mask is not None:
             causal = causal & key_padding_mask[:, None, None, :L]
+        if document_ids is not None:
+            causal = causal & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # (B, 1, T, T)
         masks: dict[bool, Optional[torch.Tensor]] = {False: None if plain else causal, True: causal}
         if window is not None:
             masks[True] = causal & (distance < window)
