@@ -143,9 +143,11 @@ class GPT(nn.Module):
         (or `kv_len`), never by a length read back from the device. None stands for a plain causal
         mask, which SDPA applies itself (`is_causal=True`). `document_ids` (B, T) make it block-diagonal:
         a query sees only keys of its own document. Sliding windows count positions in the row, which
-        within one document are its positions.
+        within one document are its positions. On CUDA, packed rows get FlexAttention BlockMasks instead.
         """
         window = self.config.sliding_window_size
+        if document_ids is not None and key_padding_mask is None and use_flex_attention(device):
+            return {sliding: document_block_mask(document_ids, window if sliding else None) for sliding in (False, True)}
         plain = cache_pos is None and key_padding_mask is None and document_ids is None
         if plain and window is None:
             return {False: None, True: None}
@@ -297,8 +299,11 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
-    """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal)."""
+    """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal), or a
+    FlexAttention BlockMask (packed rows on CUDA, see `document_block_mask`)."""
     n_rep = q.size(1) // k.size(1)
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
+        return flex_attention(q, k, v, mask, scale, logit_softcap)
     if q.size(2) == 1 and q.device.type == "cpu":
         return single_query_attention(q, k, v, mask, scale, logit_softcap)
     if logit_softcap is None:
@@ -314,6 +319,48 @@ def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def use_flex_attention(device: torch.device) -> bool:
+    """Packed rows attend through FlexAttention on CUDA (it skips the blocks between documents); elsewhere
+    through SDPA with a boolean (B, 1, T, T) mask."""
+    return device.type == "cuda"
+
+
+def document_block_mask(document_ids: torch.Tensor, window: Optional[int] = None):
+    """FlexAttention BlockMask of causal attention within each document of `document_ids` (B, T), and
+    within `window` positions when given."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):
+        keep = (document_ids[b, q] == document_ids[b, k]) & (q >= k)
+        return keep & (q - k < window) if window is not None else keep
+
+    B, T = document_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask, scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
+    """FlexAttention of q (B, nh, T, hs) on k/v (B, nkv, T, hs) under `block_mask`, scores softcapped if asked.
+    Compiled on first use on CUDA (its fused kernel); eager elsewhere (a reference, used by the CPU tests)."""
+    global _compiled_flex
+    from torch.nn.attention import flex_attention as flex
+
+    fn = flex.flex_attention
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
+        fn = _compiled_flex
+    score_mod = None
+    if logit_softcap is not None:
+
+        def score_mod(score, b, h, q_idx, k_idx):
+            return torch.tanh(score / logit_softcap) * logit_softcap
+
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
 
 
 def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]):

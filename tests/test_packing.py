@@ -273,3 +273,24 @@ def test_unset_max_seq_length_packs_rows_of_the_longest_sample(base, data_file, 
     out = capsys.readouterr().out
     longest = int(out.split("--train.max_seq_length unset: using ")[1].split(",")[0])
     assert f"into {int(out.split('JSON train: packed 32 samples into ')[1].split()[0])} rows of {longest} tokens" in out
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_flex_attention_path_matches_the_masked_path(config_name, monkeypatch):
+    """The CUDA path (FlexAttention BlockMask), run eagerly on the CPU (forward only: FlexAttention has no
+    CPU backward), against the boolean-mask SDPA path: windows, softcapping and GQA included."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import litllm.model
+
+    model = make_model("full", tiny_config(**CONFIGS[config_name]))
+    dataset = PackedDataset(random_samples(), 40)
+    batch = PadCollate()([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        want = model(batch["input_ids"], input_pos=batch["input_pos"], document_ids=batch["document_ids"])
+        monkeypatch.setattr(litllm.model, "use_flex_attention", lambda device: True)
+        masks = model._attention_masks(batch["input_ids"].size(1), torch.device("cpu"), None, None, None,
+                                       batch["document_ids"])
+        assert not isinstance(masks[False], torch.Tensor)  # the BlockMask path really runs
+        got = model(batch["input_ids"], input_pos=batch["input_pos"], document_ids=batch["document_ids"])
+    real = batch["document_ids"] >= 0
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
