@@ -294,3 +294,13 @@ def test_flex_attention_path_matches_the_masked_path(config_name, monkeypatch):
         got = model(batch["input_ids"], input_pos=batch["input_pos"], document_ids=batch["document_ids"])
     real = batch["document_ids"] >= 0
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
+def test_every_sft_data_module_takes_the_packing_flag():
+    import dataclasses
+
+    from litllm.data import LIMA, Alpaca, Alpaca2k, AlpacaGPT4, Dolly
+
+    for module in (JSON, Alpaca, Alpaca2k, AlpacaGPT4, Dolly, LIMA):
+        field = {f.name: f for f in dataclasses.fields(module)}["packing"]
+        assert field.default is False and field.init, module
