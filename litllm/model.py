@@ -68,6 +68,7 @@ class GPT(nn.Module):
         targets: Optional[torch.Tensor] = None,
         *,
         key_padding_mask: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
@@ -78,6 +79,9 @@ class GPT(nn.Module):
             `set_kv_cache`), the cache slot it is written to, so every row may sit at its own length.
             Default arange(T). With a cache, a query attends to the cached keys at positions <= its own.
         key_padding_mask: (B, T) True where a key may be attended to (False on left padding; no cache).
+        document_ids: (B, T) which sample of a packed row each token belongs to (no cache): a token attends
+            only to earlier tokens of its own document (block-diagonal causal attention). Pass `input_pos`
+            restarting at each document with it, and the row computes what each sample computes alone.
         kv_len: with a KV cache, attend only to its first `kv_len` positions: a bound on every row's
             newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
             tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
@@ -102,7 +106,9 @@ class GPT(nn.Module):
         if c.rope_local_base is not None:
             rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions])
 
-        masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len)
+        if cached and document_ids is not None:
+            raise ValueError("document_ids (packed rows) are for training and scoring, not for a KV cache")
+        masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len, document_ids)
 
         x = self.wte(idx)  # (B, T, C)
         if c.scale_embeddings:
@@ -128,16 +134,21 @@ class GPT(nn.Module):
         cache_pos: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor],
         kv_len: Optional[int],
+        document_ids: Optional[torch.Tensor] = None,
     ) -> dict[bool, Optional[torch.Tensor]]:
         """Boolean masks (B|1, 1, T, L), True = attend, keyed by "is this a sliding-window layer".
 
         Without a cache, causality is by index in the sequence; with one (`cache_pos` (B, T) or (T,)),
         by position: a query sees the cache slots at positions <= its own, at a size fixed by the cache
         (or `kv_len`), never by a length read back from the device. None stands for a plain causal
-        mask, which SDPA applies itself (`is_causal=True`).
+        mask, which SDPA applies itself (`is_causal=True`). `document_ids` (B, T) make it block-diagonal:
+        a query sees only keys of its own document. Sliding windows count positions in the row, which
+        within one document are its positions. On CUDA, packed rows get FlexAttention BlockMasks instead.
         """
         window = self.config.sliding_window_size
-        plain = cache_pos is None and key_padding_mask is None
+        if document_ids is not None and key_padding_mask is None and use_flex_attention(device):
+            return {sliding: document_block_mask(document_ids, window if sliding else None) for sliding in (False, True)}
+        plain = cache_pos is None and key_padding_mask is None and document_ids is None
         if plain and window is None:
             return {False: None, True: None}
         if cache_pos is None:
@@ -152,6 +163,8 @@ class GPT(nn.Module):
         causal = distance >= 0
         if key_padding_mask is not None:
             causal = causal & key_padding_mask[:, None, None, :L]
+        if document_ids is not None:
+            causal = causal & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # (B, 1, T, T)
         masks: dict[bool, Optional[torch.Tensor]] = {False: None if plain else causal, True: causal}
         if window is not None:
             masks[True] = causal & (distance < window)
@@ -286,8 +299,11 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
-    """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal)."""
+    """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal), or a
+    FlexAttention BlockMask (packed rows on CUDA, see `document_block_mask`)."""
     n_rep = q.size(1) // k.size(1)
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
+        return flex_attention(q, k, v, mask, scale, logit_softcap)
     if q.size(2) == 1 and q.device.type == "cpu":
         return single_query_attention(q, k, v, mask, scale, logit_softcap)
     if logit_softcap is None:
@@ -303,6 +319,48 @@ def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def use_flex_attention(device: torch.device) -> bool:
+    """Packed rows attend through FlexAttention on CUDA (it skips the blocks between documents); elsewhere
+    through SDPA with a boolean (B, 1, T, T) mask."""
+    return device.type == "cuda"
+
+
+def document_block_mask(document_ids: torch.Tensor, window: Optional[int] = None):
+    """FlexAttention BlockMask of causal attention within each document of `document_ids` (B, T), and
+    within `window` positions when given."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):
+        keep = (document_ids[b, q] == document_ids[b, k]) & (q >= k)
+        return keep & (q - k < window) if window is not None else keep
+
+    B, T = document_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask, scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
+    """FlexAttention of q (B, nh, T, hs) on k/v (B, nkv, T, hs) under `block_mask`, scores softcapped if asked.
+    Compiled on first use on CUDA (its fused kernel); eager elsewhere (a reference, used by the CPU tests)."""
+    global _compiled_flex
+    from torch.nn.attention import flex_attention as flex
+
+    fn = flex.flex_attention
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
+        fn = _compiled_flex
+    score_mod = None
+    if logit_softcap is not None:
+
+        def score_mod(score, b, h, q_idx, k_idx):
+            return torch.tanh(score / logit_softcap) * logit_softcap
+
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
 
 
 def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]):

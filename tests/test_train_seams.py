@@ -60,7 +60,7 @@ def test_default_loss_is_a_token_sum_and_passes_extra_batch_keys():
     torch.testing.assert_close(same, loss_sum)
     assert not torch.allclose(shifted, loss_sum)
     with pytest.raises(TypeError):  # a key the model doesn't take is an error, not silently dropped
-        token_cross_entropy(model, {"input_ids": input_ids, "labels": labels, "document_ids": positions}, -7)
+        token_cross_entropy(model, {"input_ids": input_ids, "labels": labels, "not_a_model_argument": positions}, -7)
 
 
 class OtherIgnoreIndex(FixedTokens):

@@ -7,6 +7,9 @@ The loop calls, in this order:
 3. `setup()`: on every rank (read what `prepare_data` produced).
 4. `train_dataloader()` / `val_dataloader()`.
 
+With `--train.max_seq_length` unset, the loop calls `connect` again between 3 and 4 with the length
+it sized the run for (`longest_sample()`), so loaders built afterwards (packed rows) use it.
+
 Every batch is a dict `{"input_ids": LongTensor (B, T), "labels": LongTensor (B, T)}` whose labels
 are already shifted: `labels[:, t]` is the target for `input_ids[:, t]`, and `-100` (or the data
 module's `ignore_index`) marks positions without a loss. `T <= max_seq_length`.
@@ -14,8 +17,8 @@ module's `ignore_index`) marks positions without a loss. `T <= max_seq_length`.
 Pretraining loaders are litdata `StreamingDataLoader`s (`state_dict()` / `load_state_dict()` give an
 exact resume). Fine-tuning loaders are map-style torch `DataLoader`s shuffled by a `RandomSampler`; the training
 loop reseeds it with `seed + epoch` at each epoch, so the order is a pure function of both.
-A batch may carry more keys (e.g. `input_pos`, RoPE positions per row); the loop moves them to the device and the
-method's loss passes them to the model.
+A batch may carry more keys (e.g. `input_pos`, RoPE positions per row, and `document_ids` of packed rows); the loop
+moves them to the device and the method's loss passes them to the model.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ rendered prompt is encoded and the reply is generated token by token.
 
 With `mask_prompt` (the default), every label whose target is a prompt token is `ignore_index`, so
 the loss covers replies only. Samples are `input_ids = tokens[:-1]`, `labels = tokens[1:]`.
+
+With `packing`, the loaders serve rows of several samples (`PackedDataset`): `input_pos` restarts at
+each sample and `document_ids` tells the model which tokens may attend to which (block-diagonal causal
+attention), so each label token's loss equals its unpacked loss.
 """
 
 from __future__ import annotations
@@ -251,19 +255,114 @@ class SFTDataset(Dataset):
 
 @dataclass
 class PadCollate:
-    """Pad a list of samples to the longest one: `input_ids` with `pad_id`, `labels` with `ignore_index`."""
+    """Pad a list of samples to the longest one: `input_ids` with `pad_id`, `labels` with `ignore_index`.
+
+    Packed rows also carry `input_pos` (padded with 0) and `document_ids` (padded with -1: the padding
+    is one document of its own, so every pad query still sees a key and attention stays finite).
+    """
 
     pad_id: int = 0
     ignore_index: int = -100
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(samples), length), self.ignore_index, dtype=torch.long)  # (B, T)
-        for i, s in enumerate(samples):
-            input_ids[i, : len(s["input_ids"])] = s["input_ids"]
-            labels[i, : len(s["labels"])] = s["labels"]
-        return {"input_ids": input_ids, "labels": labels}
+        fill = {"input_ids": self.pad_id, "labels": self.ignore_index, "input_pos": 0, "document_ids": -1}
+        batch = {}
+        for key in samples[0]:
+            padded = torch.full((len(samples), length), fill[key], dtype=torch.long)  # (B, T)
+            for i, s in enumerate(samples):
+                padded[i, : len(s[key])] = s[key]
+            batch[key] = padded
+        return batch
+
+
+# ---------------------------------------------------------------------- packing
+def pack_samples(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Sample indices of each packed row: best-fit decreasing, every row holding <= `row_length` tokens.
+
+    Samples are placed longest first (ties in index order), each into the open row it fills most
+    tightly, else into a new row. Deterministic: it depends on the lengths only, not on a seed (the
+    loader shuffles the rows each epoch). O(n log n): open rows are kept by their free space.
+    """
+    import bisect
+
+    rows: list[list[int]] = []
+    free_sizes: list[int] = []  # sorted distinct free spaces that some open row has
+    rows_by_free: dict[int, list[int]] = {}  # free space -> indices of the rows with it
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[index]
+        if n > row_length:
+            raise ValueError(f"sample {index} has {n} tokens, more than the row length {row_length}")
+        at = bisect.bisect_left(free_sizes, n)
+        if at < len(free_sizes):  # the tightest open row it fits in
+            free = free_sizes[at]
+            row = rows_by_free[free].pop()
+            if not rows_by_free[free]:
+                del rows_by_free[free], free_sizes[at]
+        else:
+            free, row = row_length, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        left = free - n
+        if left > 0:
+            if left not in rows_by_free:
+                bisect.insort(free_sizes, left)
+                rows_by_free[left] = []
+            rows_by_free[left].append(row)
+    return rows
+
+
+class PackedDataset(Dataset):
+    """Rows of several samples each: `dataset[i] -> {"input_ids", "labels", "input_pos", "document_ids"}`.
+
+    `input_pos` restarts at 0 at each sample (its RoPE positions) and `document_ids` numbers the samples
+    of the row (0, 1, ...), from which the model builds block-diagonal causal attention. Labels stay
+    each sample's own (already shifted), so no token learns to predict the next sample.
+    """
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]], row_length: int) -> None:
+        self.samples = samples
+        self.row_length = row_length
+        self.rows = pack_samples([len(s["input_ids"]) for s in samples], row_length)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        parts = [self.samples[i] for i in self.rows[index]]
+        return {
+            "input_ids": torch.cat([s["input_ids"] for s in parts]),
+            "labels": torch.cat([s["labels"] for s in parts]),
+            "input_pos": torch.cat([torch.arange(len(s["input_ids"])) for s in parts]),
+            "document_ids": torch.cat([torch.full((len(s["input_ids"]),), d) for d, s in enumerate(parts)]),
+        }
+
+    def fill(self) -> float:
+        """Fraction of the rows' `row_length` positions that hold a sample token."""
+        return sum(len(s["input_ids"]) for s in self.samples) / max(1, len(self.rows) * self.row_length)
+
+
+def padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
+    """Fraction of the positions of batches of `batch_size` consecutive lengths, each padded to its longest, that are padding."""
+    positions = sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    )
+    return 1 - sum(lengths) / max(1, positions)
+
+
+def packing_summary(name: str, dataset: PackedDataset, batch_size: int, seed: int) -> str:
+    """One line of packing statistics: rows, fill, and the padding saved versus padded batches (seeded order)."""
+    lengths = [len(s["input_ids"]) for s in dataset.samples]
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    padded = padding_fraction([lengths[i] for i in order], batch_size)
+    rows = [sum(lengths[i] for i in row) for row in dataset.rows]
+    packed = padding_fraction(rows, batch_size)
+    return (
+        f"{name}: packed {len(lengths)} samples into {len(rows)} rows of {dataset.row_length} tokens, fill"
+        f" {dataset.fill():.1%}; padding {packed:.1%} of the positions of batches of {batch_size} rows, versus"
+        f" {padded:.1%} for padded batches of {batch_size} samples (saves {padded - packed:.1%} of the positions)"
+    )
 
 
 # ---------------------------------------------------------------------- the shared data module
@@ -301,9 +400,15 @@ class SFTDataModule(DataModule):
     """Seed of the train/validation split and of the shuffle (the training loop reseeds each epoch with its seed)."""
     num_workers: int = 0
     """DataLoader worker processes (samples are tokenized up front, so 0 is usually enough)."""
+    packing: bool = False
+    """Pack several samples into each row of max_seq_length tokens (best-fit decreasing) instead of padding
+    every sample to the longest of its batch. Positions restart and attention stays within each sample, so
+    every label token gets the loss it has unpacked; a micro-batch is `micro_batch_size` rows, and an epoch
+    (every sample once) is the rows once."""
 
     train_dataset: Optional[SFTDataset] = field(default=None, init=False, repr=False)
     val_dataset: Optional[SFTDataset] = field(default=None, init=False, repr=False)
+    _packed: dict = field(default_factory=dict, init=False, repr=False)  # (split, row length) -> PackedDataset
 
     def load_records(self) -> tuple[list[Record], list[Record]]:
         """(train, validation) records of this data set. Subclasses implement this."""
@@ -313,6 +418,7 @@ class SFTDataModule(DataModule):
         tokenizer = self._require_tokenizer()
         style = resolve_prompt_style(self.prompt_style, tokenizer)
         self.style = style
+        self._packed = {}
         train, val = self.load_records()
         if not train:
             raise LitLLMError(f"{type(self).__name__}: no training records")
@@ -339,9 +445,24 @@ class SFTDataModule(DataModule):
         pad_id = getattr(self.tokenizer, "pad_id", None)
         return PadCollate(pad_id=pad_id if pad_id is not None else 0, ignore_index=self.ignore_index)
 
+    def _dataset(self, split: str) -> Dataset:
+        """The samples of `split`, or with `packing` their rows of max_seq_length tokens (built once per length).
+
+        max_seq_length is read here, not at setup: with --train.max_seq_length unset, the loop sizes the run
+        for the longest sample after setup and connects that length before asking for the loaders."""
+        samples = self.train_dataset if split == "train" else self.val_dataset
+        if not self.packing:
+            return samples
+        row_length = self.max_seq_length if self.max_seq_length > 0 else self.longest_sample()
+        key = (split, row_length)
+        if key not in self._packed:
+            self._packed[key] = PackedDataset(samples.samples, row_length)
+            print(packing_summary(f"{type(self).__name__} {split}", self._packed[key], self.batch_size, self.seed))
+        return self._packed[key]
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_dataset,
+            self._dataset("train"),
             batch_size=self.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(self.seed),
@@ -353,7 +474,7 @@ class SFTDataModule(DataModule):
         if not self.val_dataset:
             return None
         return DataLoader(
-            self.val_dataset,
+            self._dataset("val"),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,

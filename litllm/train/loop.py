@@ -289,6 +289,8 @@ def setup(
         if longest is not None and longest < seq_length:
             seq_length = longest
             fabric.print(f"--train.max_seq_length unset: using {seq_length}, the longest sample in the data")
+            # the loaders follow (packed rows are this long)
+            data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_length)
     stream = BatchStream(fabric, data.train_dataloader(), run.seed)
     val_loader = _setup_val_loader(fabric, data.val_dataloader())
     accumulation = _fit_accumulation(fabric, train, stream.batches_per_epoch, accumulation)
