@@ -107,9 +107,30 @@ class Output:
 
 
 def default_stops(tokenizer, prompt_style=None) -> dict:
-    """`stop_token_ids` and `stop_strings` for a Request: the tokenizer's EOS/stop ids and the style's stop strings."""
+    """`stop_token_ids` and `stop_strings` for a Request: the tokenizer's EOS/stop ids and the style's stop
+    strings, those that are one special token (`<|im_end|>`, `<|eot_id|>`, ...) as their token id."""
     strings = list(prompt_style.stop_strings) if prompt_style is not None else []
-    return {"stop_token_ids": list(tokenizer.stop_ids), "stop_strings": strings}
+    ids, strings = split_special_stops(tokenizer, strings)
+    return {"stop_token_ids": list(dict.fromkeys([*tokenizer.stop_ids, *ids])), "stop_strings": strings}
+
+
+def split_special_stops(tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(ids, strings): each stop string that is exactly one special token becomes that token's id.
+
+    Stop strings are matched on text decoded with special tokens skipped, where a special token
+    never shows up: `<|im_end|>` as text would never stop. Other strings stay text stops (a plain
+    one-token string like "\n" may also appear inside other tokens, which only text matching catches).
+    """
+    ids, strings = [], []
+    for text in stop_strings:
+        if tokenizer is not None and text:
+            encoded = tokenizer.encode(text, bos=False).tolist()
+            if (len(encoded) == 1 and tokenizer.decode(encoded) == ""
+                    and tokenizer.decode(encoded, skip_special_tokens=False) == text):
+                ids.append(encoded[0])
+                continue
+        strings.append(text)
+    return ids, strings
 
 
 # ---------------------------------------------------------------------- stops + detokenization
@@ -119,13 +140,15 @@ class StopMatcher:
     `push(token)` returns the text that is now safe to emit and sets `stopped` at a stop. Text is
     decoded over a short window of recent tokens (never the whole sequence), emitted only once a
     character is complete (no trailing U+FFFD), and held back while its end could be the start of
-    a stop string. A stop token id ends the request without being decoded.
+    a stop string. A stop token id ends the request without being decoded; so does a stop string that
+    is one special token (see `split_special_stops`).
     """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), stop_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        special_ids, stop_strings = split_special_stops(tokenizer, stop_strings)  # e.g. a client's "<|im_end|>"
         self.stop_strings = [s for s in stop_strings if s]
-        self.stop_ids = frozenset(int(i) for i in stop_token_ids)
+        self.stop_ids = frozenset(int(i) for i in [*stop_token_ids, *special_ids])
         self.stopped = False
         self._ids: list[int] = []
         self._prefix = self._read = 0  # decode window start; end of the already-decoded tokens

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_converted_checkpoint, train_bpe_tokenizer
+from conftest import make_converted_checkpoint, make_im_end_checkpoint, train_bpe_tokenizer
 
-from litllm.engine import Engine, Request, Sampling, StopMatcher, generate_ids, sample
+from litllm.engine import Engine, Request, Sampling, StopMatcher, default_stops, generate_ids, sample
 from litllm.errors import LitLLMError
 from litllm.generate import fit_max_new_tokens, generate
 from litllm.model import GPT
@@ -151,6 +151,32 @@ def test_stop_ids(tiny_checkpoint):
     full = generate_ids(model, ids, 20)
     k = next(i for i in range(3, 18) if full[i] not in full[:i])  # a token first seen at k
     assert generate_ids(model, ids, 20, stop_token_ids=[full[k]]) == full[:k]
+
+
+def test_special_token_stop_strings_stop(tiny_checkpoint, tmp_path):
+    """A stop string that is one special token (chatml's `<|im_end|>`) ends the reply: the text matcher
+    decodes with special tokens skipped, so it must stop on the token id -- whether the string comes
+    from the prompt style (`default_stops`) or from a caller's stop strings (the server's `stop`)."""
+    from litllm.prompts import PromptStyle
+
+    folder = tmp_path / "im_end"
+    reply = make_im_end_checkpoint(tiny_checkpoint, folder, "Hello there")
+    model, tok, style = GPT.from_checkpoint(folder).eval(), Tokenizer(folder), PromptStyle.from_name("chatml")
+    im_end = tok.token_to_id("<|im_end|>")
+    stops = default_stops(tok, style)
+    assert im_end in stops["stop_token_ids"] and "<|im_end|>" not in stops["stop_strings"]
+    ids = style.encode(tok, style.render_messages([{"role": "user", "content": "Hello there"}])).tolist()
+    with Engine(model, tok, max_batch_size=2, max_seq_length=96) as engine:
+        by_style = engine.add(Request(ids, 20, **stops))
+        by_caller = engine.add(Request(ids, 20, stop_strings=["<|im_end|>"], stop_token_ids=tok.stop_ids))
+        outs = {by_style: [], by_caller: []}
+        while engine.has_unfinished:
+            for out in engine.step():
+                outs[out.request_id].append(out)
+    for got in outs.values():
+        assert [t for o in got for t in o.token_ids] == reply + [im_end]
+        assert "".join(o.text for o in got) == tok.decode(reply)
+        assert got[-1].finish_reason == "stop"
 
 
 def test_stop_strings_are_held_back_and_never_emitted(tmp_path):
