@@ -125,6 +125,38 @@ def test_continuous_batch_equals_one_by_one(family_checkpoints, family):
     assert len(singles[1]) <= 5
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_chunked_prefill_joins_mid_decode(family_checkpoints, family):
+    """A prompt longer than the prefill chunk, joining mid-decode, is prefilled over several steps
+    while the running row keeps producing one token per step; a prompt queued behind it starts in the
+    step the long one's prefill ends. Each still gets exactly the tokens it gets alone (one-pass prefill)."""
+    folder = family_checkpoints(family)
+    model = GPT.from_checkpoint(folder).eval()
+    tok = Tokenizer(folder)
+    chunk = 8
+    long_prompt = tok.encode(" ".join(PROMPTS)).tolist()
+    assert len(long_prompt) > 3 * chunk and len(long_prompt) % chunk
+    requests = [Request(tok.encode("Hello").tolist(), 24), Request(long_prompt, 8), Request([5, 6, 7], 8)]
+    assert len(requests[0].prompt_ids) <= chunk
+    singles = [generate_ids(model, r.prompt_ids, r.max_new_tokens) for r in requests]
+    with Engine(model, tok, max_batch_size=3, max_seq_length=96, prefill_chunk=chunk) as engine:
+        ids = [engine.add(requests[0])]
+        steps = [engine.step(), engine.step()]
+        ids += [engine.add(r) for r in requests[1:]]
+        while engine.has_unfinished:
+            steps.append(engine.step())
+    got = {i: [t for outs in steps for o in outs if o.request_id == i for t in o.token_ids] for i in ids}
+    assert [got[i] for i in ids] == singles
+    produced = [{o.request_id: len(o.token_ids) for o in outs} for outs in steps]
+    joined = next(n for n, p in enumerate(produced) if ids[1] in p)  # the long prompt's first tokens
+    assert joined == 2 + len(long_prompt) // chunk  # ceil(len / chunk) steps of prefill
+    assert produced[0] == {ids[0]: 2}  # prefilled, then decoded, in one step
+    assert all(p.get(ids[0]) == 1 for p in produced[1:joined])  # the running row never waited
+    assert all(ids[2] not in p for p in produced[:joined]) and ids[2] in produced[joined]
+    with pytest.raises(LitLLMError, match="prefill_chunk"):
+        Engine(model, tok, prefill_chunk=0)
+
+
 def test_engine_abort_and_errors(tiny_checkpoint):
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
     tok = Tokenizer(tiny_checkpoint)
