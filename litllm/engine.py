@@ -7,10 +7,16 @@ the server) runs here.
         for out in engine.step():          # Output(request_id, text, token_ids, finished, ...)
             print(out.text, end="")
 
-- Slots (continuous batching): the KV cache has `max_batch_size` rows. A request is prefilled into a
+- Slots (continuous batching): the KV cache has `max_batch_size` rows. A request is admitted into a
   free row at a token boundary, while the other rows are mid-decode, and leaves when it finishes.
   Each row sits at its own length: the model gets a (B, 1) position tensor that is both the cache
   slot and the RoPE position, so no padding is needed and a row's output equals running it alone.
+- Chunked prefill: each `step()` prefills at most `prefill_chunk` prompt tokens (admission order; a
+  long prompt goes on over several steps), then decodes one token for every row whose prompt is in.
+  So a long prompt stalls the running rows for one chunk's forward at a time, and a short prompt
+  behind a long one gets its first token without waiting for the whole queue. A request's first
+  token is sampled as soon as its own last chunk is in. A prompt that fits one chunk (any prompt of
+  `litllm generate`, unless long) is one forward, as without chunking.
 - The decode step (`model(tokens, input_pos=positions)` for all rows) reads no value back from the
   device; with `compile=True` it is `torch.compile`d at static shapes (the whole cache, `kv_len=None`).
   In eager mode the engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips
@@ -107,9 +113,30 @@ class Output:
 
 
 def default_stops(tokenizer, prompt_style=None) -> dict:
-    """`stop_token_ids` and `stop_strings` for a Request: the tokenizer's EOS/stop ids and the style's stop strings."""
+    """`stop_token_ids` and `stop_strings` for a Request: the tokenizer's EOS/stop ids and the style's stop
+    strings, those that are one special token (`<|im_end|>`, `<|eot_id|>`, ...) as their token id."""
     strings = list(prompt_style.stop_strings) if prompt_style is not None else []
-    return {"stop_token_ids": list(tokenizer.stop_ids), "stop_strings": strings}
+    ids, strings = split_special_stops(tokenizer, strings)
+    return {"stop_token_ids": list(dict.fromkeys([*tokenizer.stop_ids, *ids])), "stop_strings": strings}
+
+
+def split_special_stops(tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(ids, strings): each stop string that is exactly one special token becomes that token's id.
+
+    Stop strings are matched on text decoded with special tokens skipped, where a special token
+    never shows up: `<|im_end|>` as text would never stop. Other strings stay text stops (a plain
+    one-token string like "\n" may also appear inside other tokens, which only text matching catches).
+    """
+    ids, strings = [], []
+    for text in stop_strings:
+        if tokenizer is not None and text:
+            encoded = tokenizer.encode(text, bos=False).tolist()
+            if (len(encoded) == 1 and tokenizer.decode(encoded) == ""
+                    and tokenizer.decode(encoded, skip_special_tokens=False) == text):
+                ids.append(encoded[0])
+                continue
+        strings.append(text)
+    return ids, strings
 
 
 # ---------------------------------------------------------------------- stops + detokenization
@@ -119,13 +146,15 @@ class StopMatcher:
     `push(token)` returns the text that is now safe to emit and sets `stopped` at a stop. Text is
     decoded over a short window of recent tokens (never the whole sequence), emitted only once a
     character is complete (no trailing U+FFFD), and held back while its end could be the start of
-    a stop string. A stop token id ends the request without being decoded.
+    a stop string. A stop token id ends the request without being decoded; so does a stop string that
+    is one special token (see `split_special_stops`).
     """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), stop_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        special_ids, stop_strings = split_special_stops(tokenizer, stop_strings)  # e.g. a client's "<|im_end|>"
         self.stop_strings = [s for s in stop_strings if s]
-        self.stop_ids = frozenset(int(i) for i in stop_token_ids)
+        self.stop_ids = frozenset(int(i) for i in [*stop_token_ids, *special_ids])
         self.stopped = False
         self._ids: list[int] = []
         self._prefix = self._read = 0  # decode window start; end of the already-decoded tokens
@@ -204,8 +233,13 @@ class _Row:
     request: Request
     matcher: StopMatcher
     generator: Optional[torch.Generator]
-    pos: int  # position of the newest token (sampled, not yet written to the cache)
+    pos: int  # position of the newest token (sampled, not yet written to the cache); set once prefilled
     generated: int = 0
+    prefilled: int = 0  # prompt tokens written to the cache so far
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
 
 
 class Engine:
@@ -213,7 +247,8 @@ class Engine:
 
     The engine sets the model's KV cache for its lifetime; `close()` (or leaving a `with` block)
     removes it, so plain `model(idx)` calls work again. `add()` and `abort()` may be called from
-    another thread than `step()`; `step()` runs in one thread.
+    another thread than `step()`; `step()` runs in one thread. `prefill_chunk`: the most prompt tokens
+    one `step()` prefills (a bound on how long the running rows wait for new prompts).
     """
 
     def __init__(
@@ -225,9 +260,13 @@ class Engine:
         *,
         threads: Optional[int] = None,
         compile: bool = False,
+        prefill_chunk: int = 512,
     ) -> None:
         if max_batch_size < 1:
             raise LitLLMError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk < 1:
+            raise LitLLMError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.max_seq_length = max_seq_length or model.max_seq_length
         if self.max_seq_length > model.max_seq_length:
             raise LitLLMError(
@@ -243,12 +282,14 @@ class Engine:
         self._caches = [block.attn.kv_cache for block in model.blocks]  # this engine's; step() puts them back
         # on the model when another engine of the same model has set its own meanwhile
         self._slot_caches = [[c.rows(i, i + 1) for c in self._caches] for i in range(max_batch_size)]
-        # decode inputs, one row per slot; a free slot decodes a dummy token at position 0 (its
-        # garbage key is overwritten by the next prefill of that slot before anything reads it)
+        # decode inputs, one row per slot; a free slot decodes a dummy token at position 0, a slot
+        # being prefilled one at its next prompt position (either garbage key is overwritten by that
+        # slot's next prefill chunk before anything reads it)
         self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self._active = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)  # 1 = running
         self._rows: list[Optional[_Row]] = [None] * max_batch_size
+        self._prefilling: deque[int] = deque()  # slots whose prompt is not all in the cache, in admission order
         self._compiled = compile
         self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
         self._lock = threading.Lock()
@@ -305,20 +346,18 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        """Admit waiting requests into free rows (prefill), then one decode step for every running row."""
+        """Admit waiting requests into free rows, prefill up to `prefill_chunk` of their prompt tokens,
+        then one decode step for every row whose prompt is in."""
         outputs: list[Output] = []
         if self.model.blocks[0].attn.kv_cache is not self._caches[0]:
             self._set_caches(self._caches)
         with threads_for(self.threads):
             self._handle_aborts(outputs)
-            for slot in range(self.max_batch_size):
-                if self._rows[slot] is None and self._waiting:
-                    with self._lock:
-                        request_id, request = self._waiting.popleft()
-                    self._prefill(slot, request_id, request, outputs)
-            running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None]
+            self._admit()
+            self._prefill(outputs)
+            running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
             if not running:
-                return outputs
+                return _merge(outputs)
             kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
             logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
             tokens = self._pick(logits, running)
@@ -332,26 +371,48 @@ class Engine:
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
 
-    def _prefill(self, slot: int, request_id: int, request: Request, outputs: list[Output]) -> None:
-        s = request.sampling
-        generator = None
-        if s.seed is not None and s.temperature > 0:
-            generator = torch.Generator(device=self.device).manual_seed(s.seed)
-        row = _Row(request_id, request, StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids),
-                   generator, pos=len(request.prompt_ids))
-        ids = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-        self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
-        try:
-            logits = self.model(ids[None], input_pos=torch.arange(ids.numel(), device=self.device),
-                                kv_len=ids.numel())[:, -1, : self.vocab_size]
-        finally:
-            self._set_caches(self._caches)
-        token = self._sample(logits, row)
-        self._rows[slot] = row
-        self._tokens[slot] = token
-        self._pos[slot] = row.pos
-        self._active[slot] = 1
-        self._advance(slot, row, token, outputs)
+    def _admit(self) -> None:
+        """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`)."""
+        for slot in range(self.max_batch_size):
+            if self._rows[slot] is not None or not self._waiting:
+                continue
+            with self._lock:
+                request_id, request = self._waiting.popleft()
+            s = request.sampling
+            generator = None
+            if s.seed is not None and s.temperature > 0:
+                generator = torch.Generator(device=self.device).manual_seed(s.seed)
+            matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+            self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
+            self._prefilling.append(slot)
+
+    def _prefill(self, outputs: list[Output]) -> None:
+        """Write up to `prefill_chunk` prompt tokens to the cache, first admitted first; a row whose
+        prompt is then all in samples its first token (and decodes with the others in this step)."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            slot = self._prefilling[0]
+            row = self._rows[slot]
+            prompt = row.request.prompt_ids
+            start, stop = row.prefilled, min(len(prompt), row.prefilled + budget)
+            budget -= stop - start
+            ids = torch.tensor(prompt[start:stop], dtype=torch.long, device=self.device)
+            self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
+            try:
+                logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device),
+                                    kv_len=stop)[:, -1, : self.vocab_size]
+            finally:
+                self._set_caches(self._caches)
+            row.prefilled = stop
+            if not row.decoding:
+                self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
+                continue
+            self._prefilling.popleft()
+            token = self._sample(logits, row)
+            self._tokens[slot] = token
+            self._pos[slot] = row.pos
+            self._active[slot] = 1
+            self._advance(slot, row, token, outputs)
 
     def _set_caches(self, caches) -> None:
         for block, cache in zip(self.model.blocks, caches):
@@ -390,6 +451,8 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         self._rows[slot] = None
+        if slot in self._prefilling:
+            self._prefilling.remove(slot)
         self._pos[slot] = 0
         self._active[slot] = 0
 

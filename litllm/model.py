@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
 from litllm.config import Config
 from litllm.losses import chunked_cross_entropy
@@ -421,7 +422,18 @@ class GeluMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of gated-MLP experts; each token goes to its top-k experts (Mixtral)."""
+    """Mixture of gated-MLP experts; each token goes to its top-k experts (Mixtral).
+
+    Two ways to run the experts, with equal results (experts summed in index order, as transformers does):
+    - sparse (eager, many tokens: training, prefill): each expert runs on the tokens routed to it only,
+      `index_add_` back into place -- k / n_expert of the dense FLOPs (1/4 for Mixtral). Which tokens go
+      where is read back from the device (`torch.where`): a host sync and data-dependent shapes.
+    - dense (decode-sized inputs, torch.compile, fake tensors): every expert on every token, weighted 0
+      where not chosen. No shape depends on the routing, so no host sync, static shapes for
+      torch.compile and FakeTensorMode (`litllm estimate`). For at most `n_expert` tokens the wasted
+      FLOPs are small beside reading the expert weights, which both paths do.
+    The choice is made on the shape and the tracing mode, never on data.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -436,15 +448,31 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        # (B*T, n_expert): each token's weight for every expert, 0 for the ones it did not choose
-        dense = torch.zeros_like(probs).scatter_(1, chosen, weights).to(x.dtype)
-        # every expert runs on every token (n_expert / k times the FLOPs of sparse dispatch) so that no
-        # shape depends on the routing: no host sync, static shapes for torch.compile and fake tensors.
-        # Unchosen experts add exactly 0; experts are summed in index order, as transformers does.
+        if self.use_dense(x):
+            y = self.dense_experts(x, probs, weights, chosen)
+        else:
+            y = self.sparse_experts(x, weights.to(x.dtype), chosen)
+        return y.view(B, T, C)
+
+    def use_dense(self, x: torch.Tensor) -> bool:
+        """x: (N, C). Dense for at most n_expert tokens, under torch.compile and on fake tensors."""
+        return x.size(0) <= self.config.n_expert or torch.compiler.is_compiling() or is_fake(x)
+
+    def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            y = y + expert(x) * dense[:, e, None]
-        return y.view(B, T, C)
+            token_idx, slot = torch.where(chosen == e)  # host sync: the number of tokens routed to e
+            if token_idx.numel():
+                y.index_add_(0, token_idx, expert(x[token_idx]) * weights[token_idx, slot, None])
+        return y
+
+    def dense_experts(self, x, probs, weights, chosen) -> torch.Tensor:
+        # (N, n_expert): each token's weight for every expert, 0 for the ones it did not choose
+        dense = torch.zeros_like(probs).scatter_(1, chosen, weights).to(x.dtype)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            y = y + expert(x) * dense[:, e, None]  # unchosen experts add exactly 0
+        return y
 
 
 def build_mlp(config: Config) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -129,8 +130,34 @@ def reference_reply(model, tokenizer, prompt_ids, max_new_tokens: int, prompt_st
 
     tokens = generate_ids(model, [int(i) for i in prompt_ids], max_new_tokens)
     stops = set(tokenizer.stop_ids)
+    if prompt_style is not None:  # stop strings that are one special token stop as that token
+        stops |= {ids[0] for ids in prompt_style.stop_tokens(tokenizer) if len(ids) == 1}
     tokens = tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
     text = tokenizer.decode(tokens)
     for s in (prompt_style.stop_strings if prompt_style is not None else ()):
         text = text.split(s)[0] if s else text
     return text
+
+
+def make_im_end_checkpoint(source: Path, folder: Path, message: str, max_new_tokens: int = 20) -> list[int]:
+    """A copy of the model folder `source` whose greedy chatml reply to `message` ends with the special
+    token `<|im_end|>` (the output rows of `<|im_end|>` and of a token the reply first emits at k >= 2
+    are swapped; nothing before it changes). Returns the reply's token ids before `<|im_end|>`."""
+    from litllm.engine import generate_ids
+    from litllm.model import GPT
+    from litllm.model_folder import WEIGHTS_FILE, model_state_dict, save_model_weights
+    from litllm.prompts import PromptStyle
+    from litllm.tokenizer import Tokenizer
+
+    shutil.copytree(source, folder)
+    model, tok, style = GPT.from_checkpoint(folder).eval(), Tokenizer(folder), PromptStyle.from_name("chatml")
+    im_end = tok.token_to_id("<|im_end|>")
+    ids = style.encode(tok, style.render_messages([{"role": "user", "content": message}])).tolist()
+    full = generate_ids(model, ids, max_new_tokens)
+    assert im_end not in full and model.lm_head.weight is not model.wte.weight
+    k = next(i for i in range(2, max_new_tokens) if full[i] not in full[:i])
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[[full[k], im_end]] = w[[im_end, full[k]]]
+    save_model_weights(model_state_dict(model), folder / WEIGHTS_FILE)
+    return full[:k]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import reference_reply
+from conftest import make_im_end_checkpoint, reference_reply
 
 from litllm.chat import chat, fit_history, read_message
 from litllm.errors import LitLLMError
@@ -48,6 +48,15 @@ def test_multi_turn_reset_and_exit(tiny_checkpoint, monkeypatch, capsys):
     assert replies == [expected[0], expected[1], fresh]
     assert expected[1] != fresh
     assert "(conversation cleared)" in out
+
+
+def test_reply_ends_at_the_special_stop_token(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """chatml's `<|im_end|>` is a special token: the reply ends there (not at max_new_tokens)."""
+    folder = tmp_path / "im_end"
+    reply = make_im_end_checkpoint(tiny_checkpoint, folder, "Hello there")
+    assert _expected_replies(folder, ["Hello there"], "chatml", 20) == [Tokenizer(folder).decode(reply)]
+    out = _run(monkeypatch, capsys, folder, "Hello there\n", prompt_style="chatml", max_new_tokens=20)
+    assert out.split(">> Model: ")[1].split("\n\n")[0] == Tokenizer(folder).decode(reply)
 
 
 def test_multiline_input():

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_converted_checkpoint, train_bpe_tokenizer
+from conftest import make_converted_checkpoint, make_im_end_checkpoint, train_bpe_tokenizer
 
-from litllm.engine import Engine, Request, Sampling, StopMatcher, generate_ids, sample
+from litllm.engine import Engine, Request, Sampling, StopMatcher, default_stops, generate_ids, sample
 from litllm.errors import LitLLMError
 from litllm.generate import fit_max_new_tokens, generate
 from litllm.model import GPT
@@ -125,6 +125,38 @@ def test_continuous_batch_equals_one_by_one(family_checkpoints, family):
     assert len(singles[1]) <= 5
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_chunked_prefill_joins_mid_decode(family_checkpoints, family):
+    """A prompt longer than the prefill chunk, joining mid-decode, is prefilled over several steps
+    while the running row keeps producing one token per step; a prompt queued behind it starts in the
+    step the long one's prefill ends. Each still gets exactly the tokens it gets alone (one-pass prefill)."""
+    folder = family_checkpoints(family)
+    model = GPT.from_checkpoint(folder).eval()
+    tok = Tokenizer(folder)
+    chunk = 8
+    long_prompt = tok.encode(" ".join(PROMPTS)).tolist()
+    assert len(long_prompt) > 3 * chunk and len(long_prompt) % chunk
+    requests = [Request(tok.encode("Hello").tolist(), 24), Request(long_prompt, 8), Request([5, 6, 7], 8)]
+    assert len(requests[0].prompt_ids) <= chunk
+    singles = [generate_ids(model, r.prompt_ids, r.max_new_tokens) for r in requests]
+    with Engine(model, tok, max_batch_size=3, max_seq_length=96, prefill_chunk=chunk) as engine:
+        ids = [engine.add(requests[0])]
+        steps = [engine.step(), engine.step()]
+        ids += [engine.add(r) for r in requests[1:]]
+        while engine.has_unfinished:
+            steps.append(engine.step())
+    got = {i: [t for outs in steps for o in outs if o.request_id == i for t in o.token_ids] for i in ids}
+    assert [got[i] for i in ids] == singles
+    produced = [{o.request_id: len(o.token_ids) for o in outs} for outs in steps]
+    joined = next(n for n, p in enumerate(produced) if ids[1] in p)  # the long prompt's first tokens
+    assert joined == 2 + len(long_prompt) // chunk  # ceil(len / chunk) steps of prefill
+    assert produced[0] == {ids[0]: 2}  # prefilled, then decoded, in one step
+    assert all(p.get(ids[0]) == 1 for p in produced[1:joined])  # the running row never waited
+    assert all(ids[2] not in p for p in produced[:joined]) and ids[2] in produced[joined]
+    with pytest.raises(LitLLMError, match="prefill_chunk"):
+        Engine(model, tok, prefill_chunk=0)
+
+
 def test_engine_abort_and_errors(tiny_checkpoint):
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
     tok = Tokenizer(tiny_checkpoint)
@@ -151,6 +183,32 @@ def test_stop_ids(tiny_checkpoint):
     full = generate_ids(model, ids, 20)
     k = next(i for i in range(3, 18) if full[i] not in full[:i])  # a token first seen at k
     assert generate_ids(model, ids, 20, stop_token_ids=[full[k]]) == full[:k]
+
+
+def test_special_token_stop_strings_stop(tiny_checkpoint, tmp_path):
+    """A stop string that is one special token (chatml's `<|im_end|>`) ends the reply: the text matcher
+    decodes with special tokens skipped, so it must stop on the token id -- whether the string comes
+    from the prompt style (`default_stops`) or from a caller's stop strings (the server's `stop`)."""
+    from litllm.prompts import PromptStyle
+
+    folder = tmp_path / "im_end"
+    reply = make_im_end_checkpoint(tiny_checkpoint, folder, "Hello there")
+    model, tok, style = GPT.from_checkpoint(folder).eval(), Tokenizer(folder), PromptStyle.from_name("chatml")
+    im_end = tok.token_to_id("<|im_end|>")
+    stops = default_stops(tok, style)
+    assert im_end in stops["stop_token_ids"] and "<|im_end|>" not in stops["stop_strings"]
+    ids = style.encode(tok, style.render_messages([{"role": "user", "content": "Hello there"}])).tolist()
+    with Engine(model, tok, max_batch_size=2, max_seq_length=96) as engine:
+        by_style = engine.add(Request(ids, 20, **stops))
+        by_caller = engine.add(Request(ids, 20, stop_strings=["<|im_end|>"], stop_token_ids=tok.stop_ids))
+        outs = {by_style: [], by_caller: []}
+        while engine.has_unfinished:
+            for out in engine.step():
+                outs[out.request_id].append(out)
+    for got in outs.values():
+        assert [t for o in got for t in o.token_ids] == reply + [im_end]
+        assert "".join(o.text for o in got) == tok.decode(reply)
+        assert got[-1].finish_reason == "stop"
 
 
 def test_stop_strings_are_held_back_and_never_emitted(tmp_path):

@@ -104,3 +104,45 @@ def test_loss_equals_cross_entropy_of_logits(converted):
 def test_tied_embeddings_share_storage(converted):
     _, model = converted("qwen2")
     assert model.lm_head.weight is model.wte.weight
+
+
+# ---------------------------------------------------------------------- MoE: sparse and dense dispatch
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_moe_both_dispatch_paths_match_transformers(path, converted, monkeypatch):
+    from litllm.model import MoE
+
+    hf, model = converted("mixtral")
+    monkeypatch.setattr(MoE, "use_dense", lambda self, x: path == "dense")
+    idx = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[..., :VOCAB], hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_moe_sparse_for_many_tokens_dense_for_decode_and_equal(converted):
+    """Many tokens run each expert on its routed tokens only (k/n_expert of the dense FLOPs); a
+    decode-sized input runs every expert on every token; the two agree to 1e-6."""
+    _, model = converted("mixtral")
+    moe = model.blocks[0].mlp
+    k, n_expert = moe.config.n_expert_per_token, moe.config.n_expert
+    seen = []
+    hooks = [e.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])) for e in moe.experts]
+    try:
+        torch.manual_seed(4)
+        for tokens, expected in [(2 * 40, 2 * 40 * k), (n_expert, n_expert * n_expert), (1, n_expert)]:
+            seen.clear()
+            x = torch.randn(1, tokens, moe.config.n_embd)
+            with torch.no_grad():
+                out = moe(x)
+                x2 = x.reshape(-1, x.size(-1))
+                probs = torch.softmax(moe.router(x2), dim=-1, dtype=torch.float32)
+                weights, chosen = probs.topk(k, dim=-1)
+                if moe.config.moe_normalize_topk:
+                    weights = weights / weights.sum(dim=-1, keepdim=True)
+                dense = moe.dense_experts(x2, probs, weights, chosen)
+                sparse = moe.sparse_experts(x2, weights, chosen)
+            assert sum(seen[:n_expert]) == expected, tokens  # expert token counts of moe(x)
+            torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=0)
+            torch.testing.assert_close(out.reshape(-1, x.size(-1)), dense, atol=1e-6, rtol=0)
+    finally:
+        for h in hooks:
+            h.remove()

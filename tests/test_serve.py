@@ -194,6 +194,23 @@ def test_stop_sequences(server, model_id):
     assert "".join(c.choices[0].text for c in streamed) == expected
 
 
+def test_chat_stops_at_the_special_end_of_turn_token(checkpoint, tmp_path):
+    """A prompt style whose end of turn is one special token (chatml's `<|im_end|>`) stops there."""
+    from conftest import make_im_end_checkpoint
+    from litllm.tokenizer import Tokenizer
+
+    folder = tmp_path / "im_end"
+    reply = make_im_end_checkpoint(checkpoint, folder, "Hello there")
+    s = Server(folder, tmp_path / "server.log", "--prompt_style", "chatml")
+    try:
+        r = s.client().chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "Hello there"}],
+                                               max_tokens=20, temperature=0)
+    finally:
+        s.stop()
+    assert r.choices[0].message.content == Tokenizer(folder).decode(reply)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == len(reply) + 1
+
+
 def test_seed_makes_sampling_reproducible(server, model_id):
     client = server.client()
 

@@ -191,13 +191,17 @@ def _methods():
     }
 
 
-@pytest.mark.parametrize("name", ["full", "lora", "adapter_v2"])
+@pytest.mark.parametrize("name", ["full", "lora", "adapter_v2", "moe"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_train_model_builds_and_steps_under_fake_tensors(fabric, name, checkpointing):
-    """No real memory and no data-dependent host sync: what `litllm estimate` runs on a 70B model."""
+    """No real memory and no data-dependent host sync: what `litllm estimate` runs on a 70B model.
+    "moe": 32 tokens would take MoE's sparse (routing-dependent) path on real tensors; fakes go dense."""
     from torch._subclasses import FakeTensorMode
 
     config = tiny_config(n_layer=3)
+    if name == "moe":
+        config = tiny_config(n_layer=3, mlp_class_name="MoE", n_expert=4, n_expert_per_token=2)
+        name = "full"
     method = _methods()[name]
     with FakeTensorMode():
         model = build_train_model(config, method, activation_checkpointing=checkpointing)

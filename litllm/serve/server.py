@@ -29,6 +29,7 @@ def serve(
     max_batch_size: int = 16,
     max_seq_length: Optional[int] = None,
     max_queue: int = 64,
+    prefill_chunk: int = 512,
     api_key: Optional[str] = None,
     prompt_style: Optional[str] = None,
     device: Optional[str] = None,
@@ -48,6 +49,8 @@ def serve(
         max_seq_length: Positions per slot (prompt + answer); default: the model's context window, reduced
             (with a note) when the KV cache would not fit in half the free memory.
         max_queue: Requests that may wait for a free slot; beyond that, new ones get 503 with Retry-After.
+        prefill_chunk: Prompt tokens prefilled per engine step; a longer prompt is prefilled over several
+            steps, so the running requests wait at most one chunk's forward pass between their tokens.
         api_key: Require `Authorization: Bearer <api_key>` on /v1 routes (default: the LITLLM_API_KEY
             environment variable; unset: no key needed).
         prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
@@ -60,6 +63,8 @@ def serve(
 
     if max_batch_size < 1:
         raise LitLLMError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+    if prefill_chunk < 1:
+        raise LitLLMError(f"--prefill_chunk must be >= 1, got {prefill_chunk}")
     if max_queue < 0:
         raise LitLLMError(f"--max_queue must be >= 0, got {max_queue}")
     if max_seq_length is not None and max_seq_length < 2:
@@ -81,7 +86,8 @@ def serve(
     device = device or default_device()
     model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)  # as `generate` loads
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads,
+                    prefill_chunk=prefill_chunk)
     per_slot = kv_cache_bytes(model, max_seq_length)
     print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
           f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
