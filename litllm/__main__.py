@@ -69,6 +69,17 @@ def main(argv: list[str] | None = None) -> None:
     except LitLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as e:
+        # the file system refused a write no check caught in advance (a disk that filled up mid-run, ...):
+        # one line naming the path; atomic writers have already removed their temporary files
+        from litllm.utils import WRITE_ERRORS
+
+        if e.filename is None and e.errno not in WRITE_ERRORS:
+            raise
+        reason = WRITE_ERRORS.get(e.errno, e.strerror)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"error: {where}{reason} ({type(e).__name__}: {e.strerror})", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

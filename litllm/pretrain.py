@@ -79,6 +79,7 @@ def setup(
     from litllm.train.fabric import make_fabric
     from litllm.train.loggers import check_logger_name
     from litllm.train.optimizer import describe
+    from litllm.utils import check_output_dir
 
     hparams = dict(hparams, optimizer=describe(optimizer))
     check_logger_name(run.logger_name)
@@ -89,6 +90,7 @@ def setup(
     # clear errors before any process starts or anything is written
     train.gradient_accumulation_iters(fabric.world_size)
     _check_inputs(config, Path(out_dir), run.resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size)
+    check_output_dir(out_dir)
     job = PretrainJob(config, Path(out_dir), initial_checkpoint_dir, data, train, eval, optimizer, tokenizer_dir,
                       tokenizer_vocab_size, run, hparams)
     fabric.launch(main, job)

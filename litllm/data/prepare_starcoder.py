@@ -52,6 +52,7 @@ def prepare(
     """
     from litllm.data.streaming import TokenizeDocuments, optimize_tokens
     from litllm.tokenizer import Tokenizer
+    from litllm.utils import check_output_dir
 
     try:
         import pyarrow.parquet  # noqa: F401
@@ -72,6 +73,7 @@ def prepare(
     if (out / "index.json").is_file():
         print(f"{out} already holds tokenized data: nothing to do")
         return
+    check_output_dir(out, "--output_dir")
     tokenizer = Tokenizer(tokenizer_path)
     print(f"Tokenizing {len(files)} file(s) into {out}")
     optimize_tokens(
