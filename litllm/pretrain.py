@@ -86,11 +86,11 @@ def setup(
     config = _model_config(model_name, model_config, initial_checkpoint_dir)
     if data is None:
         raise LitLLMError("--data is required, e.g. --data TextFiles --data.train_data_path data/text")
+    check_output_dir(out_dir)
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     # clear errors before any process starts or anything is written
     train.gradient_accumulation_iters(fabric.world_size)
     _check_inputs(config, Path(out_dir), run.resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size)
-    check_output_dir(out_dir)
     job = PretrainJob(config, Path(out_dir), initial_checkpoint_dir, data, train, eval, optimizer, tokenizer_dir,
                       tokenizer_vocab_size, run, hparams)
     fabric.launch(main, job)
