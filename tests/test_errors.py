@@ -223,7 +223,7 @@ def test_disk_fills_up_while_writing(command, inputs, tmp_path):
 # ---------------------------------------------------------------------- class 2: data offline
 def offline_env(**extra: str) -> dict[str, str]:
     env = env_with_tests()
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra})
     return env
 
 
@@ -232,10 +232,7 @@ def unreachable_env() -> dict[str, str]:
     return offline_env(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
 
 
-@pytest.mark.parametrize("data, env", [
-    ("Alpaca", "offline"), ("Alpaca2k", "unreachable"), ("AlpacaGPT4", "offline"), ("Dolly", "unreachable"),
-    ("LIMA", "offline"),
-])
+@pytest.mark.parametrize("data, env", [("Alpaca", "offline"), ("Dolly", "unreachable")])
 def test_finetune_data_offline(data, env, tiny_checkpoint, tmp_path):
     """A Hub data set that can't be fetched: one line naming it, how to provide it; no data folder, no out_dir."""
     work = tmp_path / "work"
@@ -247,6 +244,21 @@ def test_finetune_data_offline(data, env, tiny_checkpoint, tmp_path):
     assert ("offline mode" if env == "offline" else "can't be reached") in line
     assert "--data JSON --data.json_path" in line and "put the file at data/" in line
     assert tree(work) == {}  # neither the data folder (nor huggingface_hub's lock files) nor out/
+
+
+@pytest.mark.parametrize("data", ["Alpaca2k", "AlpacaGPT4", "LIMA"])
+def test_other_hub_data_sets_offline(data, tmp_path, monkeypatch):
+    """The other Hub sets take the same path (in-process: a finetune subprocess per set costs ~20 s)."""
+    import litllm.data
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = getattr(litllm.data, data)(download_dir=tmp_path / "data" / data.lower())
+    with pytest.raises(LitLLMError) as error:
+        module.prepare_data()
+    message = str(error.value)
+    assert message.startswith(f"--data {data}: could not download {module.source.filename}")
+    assert "offline mode" in message and f"put the file at {module.download_dir / module.source.filename}," in message
+    assert tree(tmp_path) == {}
 
 
 @pytest.mark.parametrize("env", ["offline", "unreachable"])
