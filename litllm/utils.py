@@ -199,7 +199,8 @@ def hub_name_hint(path: str | Path) -> str:
     parts = Path(path).parts
     if Path(path).exists() or Path(path).is_absolute() or len(parts) != 2 or parts[0] in (".", ".."):
         return ""
-    return f" (a local folder is expected; for the Hub model {path}, run `litllm download {path}` and give checkpoints/{path})"
+    return (f" (a local folder is expected; for the Hub model {path}, run `litllm download {path}` and give "
+            f"checkpoints/{path})")
 
 
 def read_json_object(path: str | Path) -> dict:

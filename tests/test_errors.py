@@ -80,7 +80,7 @@ def fill(folder: Path) -> None:
 
 @contextmanager
 def read_only_folder(path: Path, copy_from: Path | None = None):
-    """A folder (holding a copy of `copy_from`) writes into which fail: a read-only tmpfs as root, chmod 0o555 otherwise."""
+    """A folder (holding a copy of `copy_from`) that refuses writes: a read-only tmpfs as root, else chmod 0o555."""
     if os.geteuid() != 0:
         shutil.copytree(copy_from, path) if copy_from else path.mkdir(parents=True)
         for folder in [path, *(p for p in path.rglob("*") if p.is_dir())]:
@@ -126,7 +126,8 @@ def inputs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
             (root / "slimpajama" / split / "chunk1" / "a.jsonl.zst").write_bytes(
                 zstandard.ZstdCompressor().compress((record + "\n").encode()))
         (root / "starcoder" / "python").mkdir(parents=True)
-        pq.write_table(pa.table({"content": ["def f():\n    pass\n" * 20]}), root / "starcoder" / "python" / "t.parquet")
+        table = pa.table({"content": ["def f():\n    pass\n" * 20]})
+        pq.write_table(table, root / "starcoder" / "python" / "t.parquet")
     except ImportError:
         pass  # the prepare_* cases skip
     return {"model": tiny_checkpoint, **{p.name: p for p in root.iterdir()}}

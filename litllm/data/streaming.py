@@ -71,7 +71,8 @@ def token_dataset(input_dir: PathLike, block_size: int, shuffle: bool, seed: int
         # litdata reads a remote folder's index.json here: no connection, no credentials, no such bucket
         from litllm.utils import unreachable_reason
 
-        reason = unreachable_reason(e) or f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        reason = unreachable_reason(e) or f"{type(e).__name__}: {first_line}"
         raise LitLLMError(
             f"{input_dir}: can't read the remote token folder ({reason}); check the connection and credentials, "
             "or copy the folder (index.json and chunks) to a local disk and give its path"
