@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
+from pathlib import Path
 
 # command name -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -52,7 +53,33 @@ def _fill_bare_flags(argv: list[str], flags) -> list[str]:
     ]
 
 
+def _fail(line: str, code: int = 1) -> None:
+    """Print the error on a line of its own (closing any progress bar left open mid-line) and exit."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """`--config FILE` must be readable UTF-8 text (jsonargparse reports a missing or invalid YAML file itself)."""
+    from litllm.errors import LitLLMError
+
+    for i, arg in enumerate(argv):
+        path = arg.partition("=")[2] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path and Path(path).is_file():
+            try:
+                Path(path).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise LitLLMError(f"--config {path}: not a readable YAML text file ({type(e).__name__})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
+    from argparse import ArgumentError
+
     from jsonargparse import CLI, set_parsing_settings
 
     from litllm.errors import LitLLMError
@@ -67,10 +94,24 @@ def main(argv: list[str] | None = None) -> None:
         argv = _fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
 
     try:
-        CLI(components, args=argv, as_positional=True, prog="litllm")
+        _check_config_files(argv)
+        # exit_on_error=False: a bad flag, value or recipe raises instead of printing the whole usage text
+        CLI(components, args=argv, as_positional=True, prog="litllm", exit_on_error=False)
+    except ArgumentError as e:
+        help_hint = f"litllm {chosen} --help" if chosen in components else "litllm --help"
+        _fail(f"error: {' '.join(str(e).split())} (see `{help_hint}`)", code=2)
     except LitLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(f"error: {e}")
+    except OSError as e:
+        # the file system refused a write no check caught in advance (a disk that filled up mid-run, ...):
+        # one line naming the path; atomic writers have already removed their temporary files
+        from litllm.utils import WRITE_ERRORS
+
+        if e.filename is None and e.errno not in WRITE_ERRORS:
+            raise
+        reason = WRITE_ERRORS.get(e.errno, e.strerror)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        _fail(f"error: {where}{reason} ({type(e).__name__}: {e.strerror})")
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

@@ -22,7 +22,7 @@ from litllm.model_folder import (  # noqa: F401 (TOKENIZER_FILES: importable fro
     CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
     model_state_dict, open_safetensors, parse_dtype, read_config, read_tensor,
 )
-from litllm.utils import atomic_path, read_json_object
+from litllm.utils import atomic_path, check_output_dir, read_json_object
 
 
 def convert_to_litllm(
@@ -43,6 +43,7 @@ def convert_to_litllm(
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
+    check_output_dir(checkpoint_dir, "checkpoint_dir")  # the litllm files are written beside the HF ones
     target_dtype = parse_dtype(dtype)
     if (checkpoint_dir / "config.json").is_file():
         config = config_from_hf(checkpoint_dir / "config.json")
@@ -128,6 +129,7 @@ def convert_from_litllm(
         max_shard_size: Largest shard, e.g. `5GB`, `500MB`.
     """
     checkpoint_dir, output_dir = check_model_folder(checkpoint_dir), Path(output_dir)
+    check_output_dir(output_dir, "output_dir")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LitLLMError(f"{output_dir}: output folder exists and is not empty")
     target_dtype = parse_dtype(dtype)

@@ -58,11 +58,14 @@ def download(
 
     parse_dtype(dtype)  # a bad --dtype fails before downloading gigabytes
     folder = Path(checkpoint_dir) / repo_id
+    from litllm.utils import check_output_dir
+
+    check_output_dir(folder, "--checkpoint_dir")  # a file in the way or a full disk fails before the network
     token = access_token or os.environ.get("HF_TOKEN") or None
     # HF_ENDPOINT is read here, at call time: huggingface_hub reads it once at import
     endpoint = os.environ.get("HF_ENDPOINT") or None
 
-    files = _repo_files(repo_id, revision, token, endpoint)
+    files = _repo_files(repo_id, revision, token, endpoint, folder)
     wanted = _tokenizer_files(files)
     if not tokenizer_only:
         wanted += ["config.json"] if "config.json" in files else []
@@ -123,7 +126,9 @@ def _weight_files(repo_id, files, folder, revision, token, endpoint) -> list[str
     )
 
 
-def _hub_errors(repo_id: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str]):
+def _hub_errors(
+    repo_id: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str], folder: Path
+):
     """Turn huggingface_hub's exceptions into one-line LitLLMErrors."""
     from contextlib import contextmanager
 
@@ -157,6 +162,18 @@ def _hub_errors(repo_id: str, revision: Optional[str], token: Optional[str], end
             ) from None
         except (LocalEntryNotFoundError, OSError, _network_error()) as e:
             # connection refused, timeouts, a connection dropped too many times, a full disk, ...
+            from litllm.utils import unreachable_reason, write_error
+
+            failed_write = write_error(folder, e)
+            if failed_write is not None:
+                raise failed_write from None
+            reason = unreachable_reason(e)
+            if reason is not None:
+                raise LitLLMError(
+                    f"{repo_id}: can't download, {reason}: connect to {hub} (with HF_HUB_OFFLINE unset) and run "
+                    f"the same command again, or copy a Hugging Face checkpoint of it to {folder} and run "
+                    f"`litllm convert_to_litllm {folder}`"
+                ) from None
             detail = str(e).splitlines()[0] if str(e) else ""
             raise LitLLMError(
                 f"{repo_id}: download failed ({type(e).__name__}: {detail}); "
@@ -176,10 +193,12 @@ def _network_error() -> type:
     return OSError
 
 
-def _repo_files(repo_id: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str]) -> list[str]:
+def _repo_files(
+    repo_id: str, revision: Optional[str], token: Optional[str], endpoint: Optional[str], folder: Path
+) -> list[str]:
     from huggingface_hub import HfApi
 
-    with _hub_errors(repo_id, revision, token, endpoint):
+    with _hub_errors(repo_id, revision, token, endpoint, folder):
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision or "main", token=token)
     return [s.rfilename for s in (info.siblings or [])]
 
@@ -188,7 +207,7 @@ def _fetch(repo_id: str, files: list[str], folder: Path, revision, token, endpoi
     from huggingface_hub import snapshot_download
 
     folder.mkdir(parents=True, exist_ok=True)
-    with _hub_errors(repo_id, revision, token, endpoint):
+    with _hub_errors(repo_id, revision, token, endpoint, folder):
         snapshot_download(
             repo_id, revision=revision, local_dir=folder, allow_patterns=files, token=token, endpoint=endpoint
         )

@@ -90,8 +90,11 @@ def evaluate(
         raise LitLLMError(f"--batch_size: expected a positive integer, got {batch_size}")
     if num_fewshot is not None and num_fewshot < 0:
         raise LitLLMError(f"--num_fewshot: expected 0 or more, got {num_fewshot}")
-    task_list = resolve_tasks(task_manager(include_path), names)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir / "evaluate"
+    from litllm.utils import check_output_dir
+
+    check_output_dir(out_dir)  # before lm-eval indexes its tasks (seconds)
+    task_list = resolve_tasks(task_manager(include_path), names)
 
     model, tokenizer = load_model(checkpoint_dir, device, precision, quantize)
     lm = LitLLMLM(model, tokenizer, batch_size=batch_size, max_length=max_length, checkpoint_dir=checkpoint_dir)
@@ -263,6 +266,9 @@ def evaluate_perplexity(
     tokenizer = Tokenizer(checkpoint_dir)
     documents = tokenize_records(records, tokenizer, checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir / "evaluate"
+    from litllm.utils import check_output_dir
+
+    check_output_dir(out_dir)
 
     model, _ = load_model(checkpoint_dir, device, precision, quantize)
     max_length = max_length or model.max_seq_length

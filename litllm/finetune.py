@@ -332,6 +332,9 @@ def _launch(job: FinetuneJob) -> Any:
             f"--lora_head: {job.checkpoint_dir} ties its output head to the input embedding, so the head can't get "
             "its own LoRA update; train without --lora_head"
         )
+    from litllm.utils import check_output_dir
+
+    check_output_dir(job.out_dir)
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     job.train.gradient_accumulation_iters(fabric.world_size)  # clear error before any process starts
     if job.quantize is not None:

@@ -390,6 +390,11 @@ def merge_lora(
             "(pass --pretrained_checkpoint_dir if it moved)"
         )
     check_model_folder(base_dir)  # a damaged base fails before anything is written
+    from litllm.utils import check_output_dir
+
+    check_output_dir(out_dir or checkpoint_dir)
+    if peft_dir is not None:
+        check_output_dir(peft_dir, "--peft_dir")
     model = load_lora_model(checkpoint_dir, base_dir, dtype=dtype)
     if peft_dir is not None:
         save_peft_adapter(model, peft_dir, base_model_name_or_path=str(base_dir))

@@ -32,7 +32,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from litllm.errors import LitLLMError
-from litllm.utils import atomic_path, atomic_write_text
+from litllm.utils import atomic_path, atomic_write_text, output_folder
 
 WEIGHTS_FILE = "lit_model.safetensors"
 CONFIG_FILE = "model_config.yaml"
@@ -168,7 +168,9 @@ def check_model_folder(folder: str | Path) -> Path:
     """Fail clearly unless `folder` holds a converted litllm model with a complete weights file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LitLLMError(f"{folder}: checkpoint folder not found")
+        from litllm.utils import hub_name_hint
+
+        raise LitLLMError(f"{folder}: checkpoint folder not found{hub_name_hint(folder)}")
     if not (folder / WEIGHTS_FILE).is_file():
         if (folder / "config.json").is_file():
             raise LitLLMError(
@@ -305,14 +307,13 @@ def save_model_folder(
 
     Tokenizer/prompt files are taken from the first of `file_sources` that has each one.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save(out_dir / CONFIG_FILE)
-    if adapter is not None:
-        atomic_write_text(out_dir / ADAPTER_SPEC, adapter_settings_yaml(adapter))
-    copy_model_files(out_dir, *file_sources)
     state = {k: v.detach().contiguous() for k, v in model_state_dict(model).items()}
-    save_model_weights(state, out_dir / WEIGHTS_FILE)
+    with output_folder(out_dir) as folder:  # a new folder appears whole or not at all
+        model.config.save(folder / CONFIG_FILE)
+        if adapter is not None:
+            atomic_write_text(folder / ADAPTER_SPEC, adapter_settings_yaml(adapter))
+        copy_model_files(folder, *file_sources)
+        save_model_weights(state, folder / WEIGHTS_FILE)
 
 
 # ---------------------------------------------------------------------- streaming writer

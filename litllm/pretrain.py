@@ -79,12 +79,14 @@ def setup(
     from litllm.train.fabric import make_fabric
     from litllm.train.loggers import check_logger_name
     from litllm.train.optimizer import describe
+    from litllm.utils import check_output_dir
 
     hparams = dict(hparams, optimizer=describe(optimizer))
     check_logger_name(run.logger_name)
     config = _model_config(model_name, model_config, initial_checkpoint_dir)
     if data is None:
         raise LitLLMError("--data is required, e.g. --data TextFiles --data.train_data_path data/text")
+    check_output_dir(out_dir)
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     # clear errors before any process starts or anything is written
     train.gradient_accumulation_iters(fabric.world_size)

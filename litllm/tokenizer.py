@@ -26,7 +26,10 @@ class Tokenizer:
         self.checkpoint_dir = Path(checkpoint_dir)
         path = self.checkpoint_dir / "tokenizer.json"
         if not path.is_file():
-            raise LitLLMError(f"{self.checkpoint_dir}: tokenizer.json not found (a tokenizer is needed here)")
+            from litllm.utils import hub_name_hint
+
+            hint = hub_name_hint(self.checkpoint_dir) or " (a tokenizer is needed here)"
+            raise LitLLMError(f"{self.checkpoint_dir}: tokenizer.json not found{hint}")
         try:
             self.processor = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on bad files

@@ -1,7 +1,8 @@
-"""Small helpers shared by commands: atomic writes, JSON files."""
+"""Small helpers shared by commands: output-path checks, atomic writes, JSON files."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,21 +13,104 @@ from typing import Iterator
 from litllm.errors import LitLLMError
 
 
+# errno -> what it means for an output path (the rest of the sentence is the caller's)
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted (an immutable or protected folder)",
+    errno.EEXIST: "a file is in the way",
+    errno.ENOTDIR: "a file is in the way where a folder was expected",
+    errno.EISDIR: "a folder is in the way where a file was expected",
+}
+_FULL_BELOW = 1 << 20  # a write that failed on a device with less free space than this failed for lack of it
+
+
+class OutputWriteError(LitLLMError):
+    """An output could not be written: `path` names the output (not a temporary file), `reason` says why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: cannot write it ({reason}); free some space or choose another output path"
+                         if "space" in reason or "quota" in reason else f"{path}: cannot write it ({reason})")
+        self.path, self.reason = path, reason
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` itself, or its nearest ancestor that exists (whatever it is)."""
+    path = Path(os.path.abspath(path))
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "--out_dir") -> Path:
+    """Fail clearly, before any work, unless `path` is a folder (or can become one) this process can write in.
+
+    Creates nothing: a one-byte probe file goes into `path` or its nearest existing ancestor and is
+    removed again. Catches a file in the way, a read-only file system, missing permissions and a
+    full device, each as one line naming `what` and `path`.
+    """
+    path = Path(path)
+    existing = _existing_ancestor(path)
+    if not existing.is_dir():
+        where = "exists and is a file" if existing == Path(os.path.abspath(path)) else f"{existing} is a file"
+        raise LitLLMError(f"{what} {path}: {where}; expected a folder (or a path that doesn't exist yet)")
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".litllm-write-check-")
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        reason = WRITE_ERRORS.get(e.errno, e.strerror or type(e).__name__)
+        inside = "" if existing == Path(os.path.abspath(path)) else f" (in {existing})"
+        raise LitLLMError(f"{what} {path}: can't write there{inside}: {reason}") from None
+    return path
+
+
+def write_error(path: Path, error: BaseException) -> OutputWriteError | None:
+    """`error`, raised while writing `path`, as an `OutputWriteError` when the file system caused it.
+
+    Writers don't all say so: `torch.save` on a full disk raises a RuntimeError about stream
+    positions, so a failure on a (nearly) full device counts as one whatever its type.
+    """
+    if isinstance(error, OutputWriteError):
+        return OutputWriteError(path, error.reason)  # a nested atomic_path: name the outer output
+    if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+        return OutputWriteError(path, WRITE_ERRORS[error.errno])
+    if isinstance(error, Exception) and not isinstance(error, LitLLMError):
+        try:
+            if shutil.disk_usage(_existing_ancestor(path)).free < _FULL_BELOW:
+                return OutputWriteError(path, WRITE_ERRORS[errno.ENOSPC])
+        except OSError:
+            pass
+        if "No space left on device" in str(error):  # e.g. safetensors' SafetensorError
+            return OutputWriteError(path, WRITE_ERRORS[errno.ENOSPC])
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     A crash (or SIGKILL) inside the block leaves `path` untouched: either the old file or nothing.
-    Works for files and for folders.
+    Works for files and for folders. On failure the temporary path and any parent folders this call
+    created are removed, and a file-system failure (full disk, read-only, a file in the way) is
+    raised as one `OutputWriteError` naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
+    created = [p for p in path.parents if not p.exists()]  # nearest first: removed in this order
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
         yield tmp
         if path.is_dir() and tmp.is_dir():
             # rename() can't replace a non-empty folder: move the old one aside first
@@ -37,12 +121,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        if tmp.is_dir():
+    except BaseException as e:
+        clear = write_error(path, e)  # before the clean-up frees the space
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove)
+        if clear is not None:
+            raise clear from None
         raise
+
+
+@contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """The folder to write an output folder's files in: a new folder is built beside `path` and appears
+    whole or not at all (`atomic_path`); an existing one is written in place (each file atomically)."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        yield tmp
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -61,6 +166,41 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# exception class names (anywhere in the error's chain) that mean "no network", by library
+_OFFLINE_ERRORS = ("OfflineModeIsEnabled",)  # huggingface_hub with HF_HUB_OFFLINE=1
+_UNREACHABLE_ERRORS = (
+    "LocalEntryNotFoundError",  # huggingface_hub: not cached and the Hub can't be reached
+    "ConnectError", "ConnectTimeout", "ConnectionError", "Timeout", "gaierror",  # httpx, requests, sockets
+    "EndpointConnectionError", "NoCredentialsError",  # botocore (litdata's s3:// reader)
+)
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why a download failed, if the cause is a missing connection (or offline mode); else None."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    if "NoCredentialsError" in names:
+        return "no credentials for the object store (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if names & set(_OFFLINE_ERRORS) or (hub_offline and "LocalEntryNotFoundError" in names):
+        return "offline mode is on (HF_HUB_OFFLINE is set)"
+    if names & set(_UNREACHABLE_ERRORS):
+        return "the server can't be reached (no connection?)"
+    return None
+
+
+def hub_name_hint(path: str | Path) -> str:
+    """For a local folder that doesn't exist: a hint when `path` looks like a Hub repo id instead."""
+    parts = Path(path).parts
+    if Path(path).exists() or Path(path).is_absolute() or len(parts) != 2 or parts[0] in (".", ".."):
+        return ""
+    return (f" (a local folder is expected; for the Hub model {path}, run `litllm download {path}` and give "
+            f"checkpoints/{path})")
 
 
 def read_json_object(path: str | Path) -> dict:

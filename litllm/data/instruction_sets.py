@@ -35,22 +35,37 @@ class HubFile(NamedTuple):
 PARQUET_REVISION = "refs/convert/parquet"
 
 
-def download_dataset_file(source: HubFile, download_dir: Path) -> Path:
-    """`download_dir/<filename>`, fetched from the Hub dataset repository unless it is already there."""
+def download_dataset_file(source: HubFile, download_dir: Path, name: str = "the data set") -> Path:
+    """`download_dir/<filename>`, fetched from the Hub dataset repository unless it is already there.
+
+    A failed download leaves nothing behind (huggingface_hub's lock and metadata files included) and
+    says how to do without the network. `name` is the data module's name, for the message.
+    """
     target = Path(download_dir) / source.filename
     if target.is_file():
         return target
     from huggingface_hub import hf_hub_download
 
+    from litllm.utils import unreachable_reason
+
+    created = next((p for p in [Path(download_dir), *Path(download_dir).parents][::-1] if not p.exists()), None)
     try:
         path = hf_hub_download(
             source.repo_id, source.filename, repo_type="dataset", revision=source.revision, local_dir=download_dir
         )
     except Exception as e:  # network, auth (gated sets), missing file: one clear line either way
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        import shutil
+
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        reason = unreachable_reason(e)
+        if reason is None:
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
         raise LitLLMError(
-            f"could not download {source.filename} from the Hugging Face dataset {source.repo_id}"
-            f" ({type(e).__name__}: {reason}); without network access, put the file at {target}"
+            f"--data {name}: could not download {source.filename} from the Hugging Face dataset {source.repo_id}"
+            f" ({reason}); connect to the internet (with HF_HUB_OFFLINE unset) to fetch it once, put the file at"
+            f" {target}, or train on your own file with --data JSON --data.json_path <file.json>"
         ) from None
     return Path(path)
 
@@ -85,10 +100,10 @@ class HubInstructionSet(SFTDataModule):
         return [parse_record(raw, origin)]
 
     def prepare_data(self) -> None:
-        download_dataset_file(self.source, self.download_dir)
+        download_dataset_file(self.source, self.download_dir, type(self).__name__)
 
     def load_records(self) -> tuple[list[Record], list[Record]]:
-        path = download_dataset_file(self.source, self.download_dir)
+        path = download_dataset_file(self.source, self.download_dir, type(self).__name__)
         records = [record for raw, origin in read_raw_records(path) for record in self.convert(raw, origin)]
         return split_records(records, self.val_split_fraction, self.seed)
 

@@ -72,6 +72,7 @@ def prepare(
     """
     from litllm.data.streaming import TokenizeDocuments, describe_optimized, fast_dev_run_files, is_prepared, optimize_tokens
     from litllm.tokenizer import Tokenizer
+    from litllm.utils import check_output_dir
 
     _require_zstandard()
     dev_files = fast_dev_run_files(fast_dev_run)
@@ -89,6 +90,7 @@ def prepare(
         if not files:
             raise LitLLMError(f"{split_dir}: no .jsonl.zst files found")
         files_of[split] = files[:max_files] if max_files else files
+    check_output_dir(output_dir, "--output_dir")
     tokenizer = Tokenizer(tokenizer_path)
     for split, files in files_of.items():
         out = Path(output_dir) / SPLIT_OUTPUT_NAMES[split]

@@ -56,6 +56,7 @@ def prepare(
     """
     from litllm.data.streaming import TokenizeDocuments, describe_optimized, fast_dev_run_files, is_prepared, optimize_tokens
     from litllm.tokenizer import Tokenizer
+    from litllm.utils import check_output_dir
 
     dev_files = fast_dev_run_files(fast_dev_run)
 
@@ -78,6 +79,7 @@ def prepare(
     if is_prepared(out):
         print(f"{out} already holds tokenized data: nothing to do")
         return
+    check_output_dir(out, "--output_dir")
     tokenizer = Tokenizer(tokenizer_path)
     count = f"{min(dev_files, len(files))} of {len(files)}" if dev_files else f"{len(files)}"
     print(f"Tokenizing {count} file(s) into {out}")

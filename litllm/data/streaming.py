@@ -61,13 +61,26 @@ def token_dataset(input_dir: PathLike, block_size: int, shuffle: bool, seed: int
     """A `StreamingDataset` of `block_size`-token blocks read from an optimized folder."""
     from litdata import StreamingDataset, TokensLoader
 
-    return StreamingDataset(
-        input_dir=str(input_dir),
-        item_loader=TokensLoader(block_size=block_size),
-        shuffle=shuffle,
-        drop_last=drop_last,
-        seed=seed,
-    )
+    try:
+        return StreamingDataset(
+            input_dir=str(input_dir),
+            item_loader=TokensLoader(block_size=block_size),
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=seed,
+        )
+    except Exception as e:
+        if not is_remote(input_dir):
+            raise
+        # litdata reads a remote folder's index.json here: no connection, no credentials, no such bucket
+        from litllm.utils import unreachable_reason
+
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        reason = unreachable_reason(e) or f"{type(e).__name__}: {first_line}"
+        raise LitLLMError(
+            f"{input_dir}: can't read the remote token folder ({reason}); check the connection and credentials, "
+            "or copy the folder (index.json and chunks) to a local disk and give its path"
+        ) from None
 
 
 def mixed_token_dataset(
@@ -188,22 +201,15 @@ def optimize_tokens(
         if is_remote(output_dir):
             _optimize(optimize, output_dir=str(output_dir), **kwargs)
             return
-        parent = Path(output_dir).parent
-        parent_existed = parent.exists()
-        try:
-            with atomic_path(output_dir) as tmp:
-                _optimize(optimize, output_dir=str(tmp), **kwargs)
-                if not _has_chunks(tmp):
-                    raise LitLLMError(f"{output_dir}: no tokens were produced (are the input files empty?)")
-                if dev_files is not None:
-                    (tmp / FAST_DEV_RUN_MARKER).write_text(
-                        f"made by --fast_dev_run from the first {dev_files} of {len(inputs)} input file(s); "
-                        "a full run replaces this folder\n"
-                    )
-        except BaseException:
-            if not parent_existed and parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
-            raise
+        with atomic_path(output_dir) as tmp:  # on failure it also removes the parent folders it created
+            _optimize(optimize, output_dir=str(tmp), **kwargs)
+            if not _has_chunks(tmp):
+                raise LitLLMError(f"{output_dir}: no tokens were produced (are the input files empty?)")
+            if dev_files is not None:
+                (tmp / FAST_DEV_RUN_MARKER).write_text(
+                    f"made by --fast_dev_run from the first {dev_files} of {len(inputs)} input file(s); "
+                    "a full run replaces this folder\n"
+                )
     finally:
         multiprocessing.set_start_method(start_method, force=True)
 

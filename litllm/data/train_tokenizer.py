@@ -60,8 +60,9 @@ def train_tokenizer(
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from litllm.data.text_files import list_files
-    from litllm.utils import atomic_write_text
+    from litllm.utils import check_output_dir, output_folder
 
+    check_output_dir(out_dir)
     specials = [ENDOFTEXT] + [t for t in (special_tokens or []) if t != ENDOFTEXT]
     if vocab_size < 256 + len(specials):
         raise LitLLMError(
@@ -88,9 +89,17 @@ def train_tokenizer(
     batches = _batches_of_text(files)
     tokenizer.train_from_iterator(batches, trainer, length=-(-len(files) // 64))
 
-    eot = tokenizer.token_to_id(ENDOFTEXT)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with output_folder(out_dir) as folder:
+        _write_tokenizer_files(folder, tokenizer, specials, model_max_length)
+    print(f"Trained a {tokenizer.get_vocab_size()}-token BPE tokenizer on {len(files)} file(s): {out_dir}")
+    return out_dir
+
+
+def _write_tokenizer_files(out_dir: Path, tokenizer, specials: list[str], model_max_length: int) -> None:
+    from litllm.utils import atomic_write_text
+
+    eot = tokenizer.token_to_id(ENDOFTEXT)
     atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     atomic_write_text(
         out_dir / "tokenizer_config.json",
@@ -112,5 +121,3 @@ def train_tokenizer(
     atomic_write_text(
         out_dir / "generation_config.json", json.dumps({"bos_token_id": eot, "eos_token_id": eot}, indent=2)
     )
-    print(f"Trained a {tokenizer.get_vocab_size()}-token BPE tokenizer on {len(files)} file(s): {out_dir}")
-    return out_dir

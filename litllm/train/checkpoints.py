@@ -38,7 +38,7 @@ from litllm.model_folder import (
     read_safetensors, read_torch_file, stored_state_dict,
 )
 from litllm.hparams import to_plain, write_hyperparameters  # noqa: F401  (to_plain: re-exported)
-from litllm.utils import atomic_path
+from litllm.utils import atomic_path, check_output_dir
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "training_state.pt"
@@ -394,6 +394,7 @@ def convert_pretrained_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Non
         check_safetensors(weights)
     if not (checkpoint_dir / CONFIG_FILE).is_file():
         raise LitLLMError(f"{checkpoint_dir}: no {CONFIG_FILE}")
+    check_output_dir(output_dir, "output_dir")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LitLLMError(f"{output_dir}: exists and is not empty; choose a new output folder")
     Config.from_file(checkpoint_dir / CONFIG_FILE)  # fails clearly if unreadable
