@@ -297,3 +297,91 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     proc = _cli("nonsense")
     assert proc.returncode == 1 and "unknown command" in proc.stderr
+
+
+# ---------------------------------------------------------------------- before launch
+class CudaLikeFabric:
+    """What warn_if_too_large reads from a Fabric on a GPU (none is lent to these tests)."""
+
+    class device:
+        type = "cuda"
+
+    def __init__(self):
+        self.printed = []
+
+    def print(self, *args):
+        self.printed.append(" ".join(map(str, args)))
+
+
+def _lora_arguments(folder: Path, **train) -> dict:
+    import litllm.finetune as finetune
+    import inspect
+
+    args = {name: p.default for name, p in inspect.signature(finetune.finetune_lora).parameters.items()}
+    from dataclasses import replace
+
+    args.update(checkpoint_dir=folder, precision="32-true", train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32, **train))
+    return args
+
+
+def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
+    from litllm.estimate import warn_if_too_large
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    arguments = _lora_arguments(folder, micro_batch_size=4)
+    plan_peak = peak_memory(plan_for("llama", "lora", None, 4, False, seq_length=32, lora=LoRASettings()))["total"]
+
+    class Props:
+        total_memory = int(plan_peak * 0.8)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    fabric = CudaLikeFabric()
+    est = warn_if_too_large("finetune_lora", arguments, fabric)
+    assert est.fits is False and est.peak_memory_bytes == plan_peak
+    (line,) = fabric.printed
+    assert line.startswith("Warning: the predicted peak memory") and "Try --" in line
+    Props.total_memory = plan_peak * 2
+    fabric = CudaLikeFabric()
+    assert warn_if_too_large("finetune_lora", arguments, fabric).fits and fabric.printed == []
+    # never fails the run: a broken estimate is one warning line
+    fabric = CudaLikeFabric()
+    assert warn_if_too_large("finetune_lora", {**arguments, "train": None}, fabric) is None
+    assert fabric.printed[0].startswith("Warning: memory estimate skipped")
+    # on CPU, and for commands it doesn't know: nothing at all
+    class CpuFabric(CudaLikeFabric):
+        class device:
+            type = "cpu"
+
+    fabric = CpuFabric()
+    assert warn_if_too_large("finetune_lora", arguments, fabric) is None and fabric.printed == []
+    assert warn_if_too_large("finetune_something_new", arguments, CudaLikeFabric()) is None
+
+
+@pytest.mark.parametrize("command", ["finetune_lora", "finetune_full", "pretrain"])
+def test_training_commands_call_the_estimate_before_launch(command, tiny_checkpoint, tmp_path, monkeypatch):
+    import litllm.estimate
+    import litllm.finetune as finetune
+    import litllm.pretrain as pretrain
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(name, arguments, fabric):
+        seen.append((name, arguments))
+        raise Stop
+
+    monkeypatch.setattr(litllm.estimate, "warn_if_too_large", record)
+    with pytest.raises(Stop):
+        if command == "pretrain":
+            from test_train_loop import FixedTokens
+
+            pretrain.setup(model_config=family_config("llama"), out_dir=tmp_path / "out", data=FixedTokens(),
+                           tokenizer_dir=tiny_checkpoint, accelerator="cpu", devices=1)
+        else:
+            getattr(finetune, command)(tiny_checkpoint, out_dir=tmp_path / "out", accelerator="cpu")
+    (name, arguments), = seen
+    assert name == command and "train" in arguments and "devices" in arguments
