@@ -12,6 +12,7 @@ after a first optimizer step, so the optimizer state is there: it is the peak of
 Formulas are used only where fake tensors can't reach:
 - bitsandbytes weights (QLoRA's frozen base): `quantized_linear_bytes`, the packed weight plus its
   quantization state; the fake run keeps those Linears in the compute dtype and their bytes are swapped;
+- bitsandbytes 8-bit optimizers (`optimizer_8bit_bytes`): AdamW runs in the fake step, its state is swapped;
 - FSDP (`fsdp_per_device`): parameters, gradients and optimizer state are split N ways, plus the
   unsharded working set FSDP2 gathers (the root module, two blocks in flight, one block's gradients).
 """
@@ -95,6 +96,22 @@ def quantized_linear_bytes(out_features: int, in_features: int, mode: str) -> in
     if mode == "bnb.nf4-dq":
         return packed + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 + 4 * 16
     return packed + 4 * blocks + 4 * 16
+
+
+def optimizer_8bit_bytes(numels: list[int]) -> int:
+    """State of a bitsandbytes 8-bit Adam(W) for parameters of these sizes: two uint8 moments, a 256-entry
+    fp32 code each and one fp32 absmax per block of 256; tensors under 4096 elements keep fp32 moments."""
+    total = 0
+    for n in numels:
+        total += 2 * (n + 4 * 256 + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
+    return total
+
+
+def _is_bnb_8bit(spec: Any) -> bool:
+    from litllm.train.optimizer import parse_spec
+
+    cls = parse_spec(spec)[0]
+    return cls.__module__.startswith("bitsandbytes") and "8bit" in cls.__name__
 
 
 def quantized_targets(model: nn.Module, skip=("lm_head",)) -> list[nn.Linear]:
@@ -236,7 +253,9 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
         for linear in quantized:  # the bitsandbytes layer computes in the compute dtype: no autocast copy
             linear.weight = nn.Parameter(linear.weight.detach().to(compute_dtype), requires_grad=False)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(plan.optimizer, trainable)
+        eight_bit = _is_bnb_8bit(plan.optimizer)
+        # bitsandbytes' optimizer kernels don't run on fake tensors: AdamW stands in, its state is swapped below
+        optimizer = build_optimizer("AdamW" if eight_bit else plan.optimizer, trainable)
         vocab = plan.config.vocab_size
         batches = [{"input_ids": torch.randint(0, vocab, (B, T)), "labels": torch.randint(0, vocab, (B, T))}
                    for _ in range(min(plan.accumulation, 2))]  # a second micro-batch meets the first's gradients
@@ -261,6 +280,10 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
         head = tracker_breakdown(head_tracker.get_tracker_snapshot("peak"))
         head_bytes = max(0, head["total"] - head["weights"] - head["gradients"] - _nbytes(hidden))
 
+    if eight_bit:
+        adamw = sum(2 * _nbytes(p) for p in trainable)
+        parts["optimizer_state"] += optimizer_8bit_bytes([p.numel() for p in trainable]) - adamw
+        parts["total"] += optimizer_8bit_bytes([p.numel() for p in trainable]) - adamw
     if quantized:  # swap the compute-dtype copies for the packed weights and their state
         dense = sum(_nbytes(m.weight) for m in quantized)
         packed = sum(quantized_linear_bytes(m.out_features, m.in_features, plan.quantize) for m in quantized)
