@@ -10,8 +10,10 @@ the script measures this machine's read bandwidth itself and prints each side's 
     python benchmarks/generate.py --threads 1          # both sides on one thread
     python benchmarks/generate.py --n_layer 4 --new_tokens 32   # a quick run
 
-litllm runs as `litllm generate` does: it picks the faster CPU weight layout and thread count for
-decoding (`optimize_for_decoding`, `pick_decode_threads`); transformers runs with torch's defaults.
+litllm runs as `litllm generate` does: on its decode engine (`litllm.engine.Engine`, one row), with the
+faster CPU weight layout and thread count for decoding (`optimize_for_decoding`, `pick_decode_threads`);
+transformers runs with torch's defaults. `litllm compiled` is the same engine with its decode step
+`torch.compile`d (static shapes, no host sync in the step; `--no_compile` skips it).
 Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
 are shown, and tokens per CPU-second (less sensitive to other processes).
 """
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode step")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both (default: torch's choice; litllm may pick fewer, as its commands do)")
     args = parser.parse_args()
@@ -87,9 +90,8 @@ def main() -> None:
 
     import transformers
 
-    from litllm.generate import (
-        generate_tokens, load_for_inference, optimize_for_decoding, pick_decode_threads, threads_for,
-    )
+    from litllm.engine import Engine, Request
+    from litllm.generate import load_for_inference, optimize_for_decoding, pick_decode_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -103,9 +105,18 @@ def main() -> None:
     prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
 
+    engines = {"litllm": Engine(lit, None, 1, prompt.numel() + n, threads=lit_threads)}
+
+    def decode(engine):
+        engine.add(Request(prompt.tolist(), n))
+        tokens = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens += out.token_ids
+        return tokens
+
     def run_litllm():
-        with threads_for(lit_threads):
-            return list(generate_tokens(lit, prompt, n))
+        return decode(engines["litllm"])
 
     @torch.inference_mode()
     def run_hf():
@@ -116,13 +127,20 @@ def main() -> None:
         return out[0, prompt.numel():].tolist()
 
     same = run_litllm() == run_hf()  # also the warm-up of both
+    runs: dict[str, list[tuple[float, float]]] = {"transformers": [], "litllm": []}
+    if not args.no_compile:
+        engines["litllm compiled"] = Engine(lit, None, 1, prompt.numel() + n, threads=lit_threads, compile=True)
+        t0 = time.perf_counter()
+        same_compiled = decode(engines["litllm compiled"]) == run_hf()  # compiles
+        print(f"compiling the decode step took {time.perf_counter() - t0:.0f} s; same tokens: {same_compiled}")
+        runs["litllm compiled"] = []
     bandwidth = read_bandwidth()
     bound = bandwidth / weight_bytes
-    # alternate the two so that load from other users of the machine hits both alike
-    runs: dict[str, list[tuple[float, float]]] = {"transformers": [], "litllm": []}
+    # alternate them so that load from other users of the machine hits all alike
     for _ in range(args.repeats):
         runs["transformers"].append(timed(run_hf))
-        runs["litllm"].append(timed(run_litllm))
+        for name, engine in engines.items():
+            runs[name].append(timed(lambda: decode(engine)))
     bandwidth = statistics.median([bandwidth, read_bandwidth(), read_bandwidth()])
     bound = bandwidth / weight_bytes
 
@@ -140,7 +158,8 @@ def main() -> None:
         best[name] = n / min(walls)
         per_cpu = n / min(c for _, c in times)
         print(f"{name:14s}{best[name]:14.1f}{n / statistics.median(walls):8.1f}{best[name] / bound:10.0%}{per_cpu:14.1f}")
-    print(f"litllm / transformers: {best['litllm'] / best['transformers']:.2f}x (best runs)")
+    for name in engines:
+        print(f"{name} / transformers: {best[name] / best['transformers']:.2f}x (best runs)")
 
 
 if __name__ == "__main__":

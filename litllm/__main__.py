@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "convert_pretrained_checkpoint": "litllm.train.checkpoints:convert_pretrained_checkpoint",
     "generate": "litllm.generate:generate",
     "chat": "litllm.chat:chat",
+    "serve": "litllm.serve.server:serve",
     "train_tokenizer": "litllm.data.train_tokenizer:train_tokenizer",
     "prepare_slimpajama": "litllm.data.prepare_slimpajama:prepare",
     "prepare_starcoder": "litllm.data.prepare_starcoder:prepare",

@@ -6,22 +6,21 @@
     llm.generate("What do llamas eat?", max_new_tokens=50)            # -> str
     for chunk in llm.generate("Tell me a story", stream=True):        # -> text chunks as they come
         print(chunk, end="")
-    llm.generate(["First prompt", "Second prompt"])                   # batched (left-padded) -> list[str]
+    llm.generate(["First prompt", "Second prompt"])                   # one continuous batch -> list[str]
     llm.chat([{"role": "user", "content": "Hi!"}])                    # -> the assistant's reply
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 
+from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import (
-    check_sampling_args, context_check, default_device, generate_batch, generate_tokens, load_for_inference,
-    optimize_for_decoding, pick_decode_threads, stream_text, threads_for,
-)
+from litllm.generate import check_prompt_fits, default_device, fit_max_new_tokens, load_for_decoding
 
 
 class LLM:
@@ -36,6 +35,7 @@ class LLM:
         self.checkpoint_dir = checkpoint_dir
         # CPU threads used while generating (None: torch's setting); restored after each call
         self.threads = threads
+        self._said: set[str] = set()  # notes already printed (a reduced default is said once)
 
     @property
     def device(self) -> torch.device:
@@ -66,15 +66,14 @@ class LLM:
         checkpoint_dir = _resolve(model, Path(checkpoint_root), access_token)
         tokenizer = Tokenizer(checkpoint_dir)
         style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
-        net = load_for_inference(checkpoint_dir, device or default_device(), precision, quantize)
-        optimize_for_decoding(net)
-        return cls(net, tokenizer, style, checkpoint_dir, threads=pick_decode_threads(net))
+        net, threads = load_for_decoding(checkpoint_dir, device or default_device(), precision, quantize)
+        return cls(net, tokenizer, style, checkpoint_dir, threads=threads)
 
     # ------------------------------------------------------------------ generation
     def generate(
         self,
         prompt: Union[str, list[str]],
-        max_new_tokens: int = 50,
+        max_new_tokens: Optional[int] = None,
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         top_p: float = 1.0,
@@ -86,90 +85,101 @@ class LLM:
         """Generate a continuation of `prompt` (formatted with the prompt style unless `apply_prompt_style=False`).
 
         Returns the text; with `stream=True` an iterator of text chunks; for a list of prompts, a list of
-        texts, generated as one left-padded batch (greedy results equal generating them one by one).
+        texts, generated as one continuous batch (each equals generating it alone; prompt i samples
+        with seed + i). max_new_tokens: default 50, reduced to what the context window leaves.
         temperature 0 (the default) is greedy; `seed` makes sampling reproducible.
         """
         check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         if isinstance(prompt, (list, tuple)):
             if stream:
                 raise LitLLMError("stream=True takes a single prompt, not a list")
             if not prompt:
                 return []
             ids = [self._encode(p, sys_prompt, apply_prompt_style) for p in prompt]
-            for p in ids:
-                context_check(self.model, p.numel(), max_new_tokens)
-            pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id) if i is not None), 0)
-            with threads_for(self.threads):
-                outputs = generate_batch(
-                    self.model, ids, max_new_tokens, temperature, top_k, top_p,
-                    stop_sequences=self._stops(), pad_id=pad_id, generator=generator,
-                )
-            return [self.tokenizer.decode(out) for out in outputs]
-        ids = self._encode(prompt, sys_prompt, apply_prompt_style)
-        return self._run(ids, max_new_tokens, temperature, top_k, top_p, stream, generator)
+        else:
+            ids = [self._encode(prompt, sys_prompt, apply_prompt_style)]
+        longest = max(len(p) for p in ids)
+        check_prompt_fits(longest, self.model.max_seq_length)
+        max_new_tokens = self._fit(max_new_tokens, 50, self.model.max_seq_length - longest)
+        requests = [
+            Request(p, max_new_tokens, Sampling(temperature, top_k, top_p, None if seed is None else seed + i),
+                    **default_stops(self.tokenizer, self.prompt_style))
+            for i, p in enumerate(ids)
+        ]
+        chunks = self._run(requests, longest + max_new_tokens)
+        if stream:
+            return (text for _, text in chunks)
+        texts = [""] * len(requests)
+        for i, text in chunks:
+            texts[i] += text
+        return texts if isinstance(prompt, (list, tuple)) else texts[0]
 
     def chat(
         self,
         messages: list[dict],
-        max_new_tokens: int = 256,
+        max_new_tokens: Optional[int] = None,
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         top_p: float = 1.0,
         stream: bool = False,
         seed: Optional[int] = None,
     ) -> Union[str, Iterator[str]]:
-        """The assistant's reply to a conversation (`[{"role": ..., "content": ...}, ...]`)."""
+        """The assistant's reply to a conversation (`[{"role": ..., "content": ...}, ...]`).
+
+        max_new_tokens: default 256, reduced to what the context window leaves after the conversation.
+        """
         check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         text = self.prompt_style.render_messages(messages, add_generation_prompt=True)
-        ids = self.prompt_style.encode(self.tokenizer, text)
-        return self._run(ids, max_new_tokens, temperature, top_k, top_p, stream, generator)
+        ids = self.prompt_style.encode(self.tokenizer, text).tolist()
+        window = self.model.max_seq_length
+        check_prompt_fits(len(ids), window)
+        max_new_tokens = self._fit(max_new_tokens, 256, window - len(ids))
+        request = Request(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
+                          **default_stops(self.tokenizer, self.prompt_style))
+        chunks = (text for _, text in self._run([request], len(ids) + max_new_tokens))
+        return chunks if stream else "".join(chunks)
 
     # ------------------------------------------------------------------ helpers
-    def _encode(self, prompt: str, sys_prompt: Optional[str], apply_prompt_style: bool) -> torch.Tensor:
+    def _encode(self, prompt: str, sys_prompt: Optional[str], apply_prompt_style: bool) -> list[int]:
         if not isinstance(prompt, str):
             raise LitLLMError(f"prompt: expected a string or a list of strings, got {type(prompt).__name__}")
         if not apply_prompt_style:
-            return self.tokenizer.encode(prompt)
-        return self.prompt_style.encode(self.tokenizer, self.prompt_style.apply(prompt, sys_prompt=sys_prompt))
+            return self.tokenizer.encode(prompt).tolist()
+        return self.prompt_style.encode(self.tokenizer, self.prompt_style.apply(prompt, sys_prompt=sys_prompt)).tolist()
 
-    def _stops(self) -> list[list[int]]:
-        return self.prompt_style.stop_tokens(self.tokenizer)
+    def _fit(self, requested: Optional[int], default: int, room: int) -> int:
+        def say_once(line: str) -> None:
+            if line not in self._said:
+                self._said.add(line)
+                print(line, file=sys.stderr)
 
-    def _run(self, ids, max_new_tokens, temperature, top_k, top_p, stream, generator):
-        context_check(self.model, ids.numel(), max_new_tokens)  # fail here, not at the first next()
-        tokens = generate_tokens(
-            self.model, ids, max_new_tokens, temperature, top_k, top_p, stop_sequences=self._stops(),
-            generator=generator,
-        )
-        if stream:
-            return _with_threads(self.threads, stream_text(self.tokenizer, tokens))
-        with threads_for(self.threads):
-            return self.tokenizer.decode(list(tokens))
+        return fit_max_new_tokens(requested, default, room, self.model.max_seq_length, "max_new_tokens", say_once)
+
+    def _run(self, requests: list[Request], length: int) -> Iterator[tuple[int, str]]:
+        """(index of the request, new text) as the engine produces them; the engine (and the KV cache)
+        lives while the iterator does, also when a streaming consumer stops early."""
+        engine = Engine(self.model, self.tokenizer, len(requests), length, threads=self.threads)
+        try:
+            index = {engine.add(r): i for i, r in enumerate(requests)}
+            while engine.has_unfinished:
+                for out in engine.step():
+                    if out.text:
+                        yield index[out.request_id], out.text
+        finally:
+            engine.close()
 
     def __repr__(self) -> str:
         return f"LLM({self.checkpoint_dir}, device={self.device}, prompt_style={self.prompt_style.name})"
 
 
-def _with_threads(n: Optional[int], chunks: Iterator[str]) -> Iterator[str]:
-    """Iterate `chunks` with `n` torch threads, the caller's setting back between chunks."""
-    while True:
-        with threads_for(n):
-            chunk = next(chunks, None)
-        if chunk is None:
-            return
-        yield chunk
-
-
 def _resolve(model: Union[str, Path], checkpoint_root: Path, access_token: Optional[str]) -> Path:
     """A model folder for `model`: an existing folder, or `<root>/<repo id>` (downloaded if needed)."""
     from litllm.download import REPO_ID
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     path = Path(model)
     if path.is_dir():
-        return check_model_dir(path)
+        return check_model_folder(path)
     text = str(model)
     if not REPO_ID.match(text):
         raise LitLLMError(f"{text}: not a model folder, nor a Hub repo id (`org/name`)")
@@ -178,4 +188,4 @@ def _resolve(model: Union[str, Path], checkpoint_root: Path, access_token: Optio
         from litllm.download import download
 
         download(text, checkpoint_dir=checkpoint_root, access_token=access_token)
-    return check_model_dir(local)
+    return check_model_folder(local)

@@ -18,11 +18,9 @@ from typing import Optional, TextIO
 
 import torch
 
+from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import (
-    check_sampling_args, default_device, generate_tokens, load_for_inference, optimize_for_decoding,
-    pick_decode_threads, stream_text, threads_for,
-)
+from litllm.generate import default_device, fit_max_new_tokens, load_for_decoding
 
 EXIT, RESET = "/exit", "/reset"
 BLOCK = '"""'
@@ -91,7 +89,7 @@ def chat(
     *,
     sys_prompt: Optional[str] = None,
     prompt_style: Optional[str] = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: Optional[int] = None,
     temperature: float = 0.8,
     top_k: Optional[int] = 50,
     top_p: float = 1.0,
@@ -112,73 +110,77 @@ def chat(
         sys_prompt: A system prompt kept at the start of the conversation.
         prompt_style: A prompt style name (default: the checkpoint's style or chat template).
         max_new_tokens: Most tokens per answer; this much room is kept free in the context window.
+            Default 512, reduced to half the context window (the other half holds the conversation).
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens (null: no limit).
         top_p: Nucleus sampling threshold in (0, 1]; 1 disables it.
         precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
         quantize: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8` to quantize the weights with bitsandbytes.
-        compile: Compile the model with `torch.compile`.
+        compile: Compile the decode step with `torch.compile`.
         seed: Random seed for sampling.
         device: `cpu`, `cuda`, ... (default: cuda when available).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
     device = device or default_device()
-    model = load_for_inference(checkpoint_dir, device, precision, quantize)
-    optimize_for_decoding(model)
-    threads = pick_decode_threads(model)
-    if max_new_tokens >= model.max_seq_length:
+    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)
+    window = model.max_seq_length
+    if max_new_tokens is not None and max_new_tokens >= window:
         raise LitLLMError(
-            f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the "
-            f"{model.max_seq_length}-token context window"
+            f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the {window}-token context window"
         )
-    runner = torch.compile(model, dynamic=True) if compile else model
-    stops = style.stop_tokens(tokenizer)
+    max_new_tokens = fit_max_new_tokens(max_new_tokens, 512, window // 2, window)
+    stops = default_stops(tokenizer, style)
     torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
     budget = model.max_seq_length - max_new_tokens
     system = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
     history: list[dict] = list(system)
-    stdin, stdout = sys.stdin, sys.stdout
     print(f"Chatting with {checkpoint_dir} ({style.name} prompt style). "
           f"End a line with \\ or use {BLOCK} blocks for several lines; {RESET} clears, {EXIT} quits.", file=sys.stderr)
 
-    while True:
-        message = read_message(stdin, stdout)
-        if message is None or message.strip() == EXIT:
-            stdout.write("\n" if message is None else "")
-            return
-        if message.strip() == RESET:
-            history = list(system)
-            stdout.write("(conversation cleared)\n")
-            continue
-        if not message.strip():
-            continue
-        try:
-            history, prompt_ids = fit_history(style, tokenizer, history + [{"role": "user", "content": message}], budget)
-        except LitLLMError as e:
-            stdout.write(f"error: {e}\n")
-            continue
-        stdout.write(">> Model: ")
-        stdout.flush()
-        reply = []
-        tokens = generate_tokens(runner, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                                 stop_sequences=stops, generator=generator)
-        try:
-            with threads_for(threads):
-                for chunk in stream_text(tokenizer, tokens):
-                    reply.append(chunk)
-                    stdout.write(chunk)
-                    stdout.flush()
-        except KeyboardInterrupt:
-            tokens.close()  # frees the KV cache
-            stdout.write(" [stopped]")
-        stdout.write("\n\n")
-        stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
+    stdin, stdout = sys.stdin, sys.stdout
+    turn = 0
+    # one engine (and KV cache) for the whole conversation
+    with Engine(model, tokenizer, 1, window, threads=threads, compile=compile) as engine:
+        while True:
+            message = read_message(stdin, stdout)
+            if message is None or message.strip() == EXIT:
+                stdout.write("\n" if message is None else "")
+                return
+            if message.strip() == RESET:
+                history = list(system)
+                stdout.write("(conversation cleared)\n")
+                continue
+            if not message.strip():
+                continue
+            try:
+                history, prompt_ids = fit_history(style, tokenizer, history + [{"role": "user", "content": message}], budget)
+            except LitLLMError as e:
+                stdout.write(f"error: {e}\n")
+                continue
+            stdout.write(">> Model: ")
+            stdout.flush()
+            reply = []
+            # each answer gets its own seed, so a conversation replays the same way
+            request_id = engine.add(Request(prompt_ids.tolist(), max_new_tokens,
+                                            Sampling(temperature, top_k, top_p, seed + turn), **stops))
+            turn += 1
+            try:
+                while engine.has_unfinished:
+                    for out in engine.step():
+                        reply.append(out.text)
+                        stdout.write(out.text)
+                        stdout.flush()
+            except KeyboardInterrupt:
+                engine.abort(request_id)
+                engine.step()  # frees the row
+                stdout.write(" [stopped]")
+            stdout.write("\n\n")
+            stdout.flush()
+            history.append({"role": "assistant", "content": "".join(reply)})

@@ -17,7 +17,7 @@ can be compared with it request by request:
 
 Speed: loglikelihood requests are deduplicated by model input (multiple-choice questions whose
 choices are one token share one forward pass), sorted longest first, right-padded and scored one
-forward pass per batch; generation prefills a left-padded batch and decodes with the KV cache.
+forward pass per batch; generation runs on litllm's decode engine (continuous batching of `batch_size` rows).
 This module imports lm_eval at import time: import it lazily (litllm.evaluate does).
 """
 
@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from litllm.errors import LitLLMError
-from litllm.generate import kv_cache_for, sample
+from litllm.engine import Engine, Request, Sampling
 from litllm.model import GPT
 from litllm.prompts import checkpoint_chat_template, render_chat_template, template_variables
 from litllm.scoring import score_tokens
@@ -251,87 +250,36 @@ class LitLLMLM(TemplateLM):
                 raise LitLLMError(
                     f"max_gen_toks {max_new} must be below max_length {self.max_length} (the model's context)"
                 )
-            sampling = _Sampling.from_kwargs(kwargs)
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                prompts = [encoded[i][-max_context:] for i in batch]
-                for i, tokens in zip(batch, self._generate(prompts, max_new, until, sampling)):
-                    text = postprocess_generated_text(self.tok_decode(tokens), until, None)
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                    bar.update(1)
+            sampling = _sampling(kwargs)
+            # the group runs as one continuous batch: a row freed by a finished request takes the next one.
+            # Stops: EOS/stop ids, and lm-eval's stop strings matched on the decoded text (a model can spell
+            # them with different tokens), cut at the first one as HFLM's postprocessing does
+            with Engine(self.model, self.tokenizer, min(self.batch_size, len(indices)), self.max_length) as engine:
+                owner = {}
+                for i in indices:
+                    request = Request(encoded[i][-max_context:], max_new, sampling, until, self.tokenizer.stop_ids)
+                    owner[engine.add(request)] = i
+                texts = {i: "" for i in indices}
+                while engine.has_unfinished:
+                    for out in engine.step():
+                        i = owner[out.request_id]
+                        texts[i] += out.text
+                        if out.finished:
+                            results[i] = texts[i]
+                            self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
+                            bar.update(1)
         bar.close()
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def _generate(
-        self, prompts: list[list[int]], max_new: int, until: list[str], sampling: "_Sampling"
-    ) -> list[list[int]]:
-        """Generated token ids per prompt: left-padded prefill, then one token per step from the KV cache.
 
-        A row stops at an EOS/stop id or once its decoded text contains a stop string; the batch stops
-        when every row has. Rows that stopped keep decoding (their extra tokens are dropped).
-        (`litllm.generate.generate_batch` stops on token sequences; lm-eval's stop sequences are text,
-        which a model can spell with different tokens, so they are matched on the decoded text, as
-        HFLM's stopping criteria do.)
-        """
-        device, B = self.device, len(prompts)
-        T = max(len(p) for p in prompts)
-        total = T + max_new
-        idx = torch.zeros(B, T, dtype=torch.long)
-        key_mask = torch.ones(B, total, dtype=torch.bool)  # (B, L): False on left padding
-        for row, p in enumerate(prompts):
-            idx[row, T - len(p) :] = torch.tensor(p)
-            key_mask[row, : T - len(p)] = False
-        idx, key_mask = idx.to(device), key_mask.to(device)
-        # RoPE positions count real tokens only, so a padded row sees the positions it would see alone
-        position_ids = (key_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        next_pos = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-
-        with kv_cache_for(self.model, B, total):
-            logits = self.model(idx, input_pos=torch.arange(T, device=device), position_ids=position_ids,
-                                key_padding_mask=key_mask)[:, -1, : self.vocab_size]  # (B, vocab)
-            stop_ids = set(self.tokenizer.stop_ids)
-            stop_texts = [s for s in until if s]
-            outputs: list[list[int]] = [[] for _ in prompts]
-            done = [False] * B
-            for step in range(max_new):
-                token = sampling.pick(logits)  # (B,)
-                for row, t in enumerate(token.tolist()):
-                    if done[row]:
-                        continue
-                    outputs[row].append(t)
-                    if t in stop_ids or any(s in self.tok_decode(outputs[row]) for s in stop_texts):
-                        done[row] = True
-                if all(done) or step == max_new - 1:
-                    break
-                input_pos = torch.tensor([T + step], device=device)
-                logits = self.model(token[:, None], input_pos=input_pos, position_ids=next_pos[:, None],
-                                    key_padding_mask=key_mask)[:, -1, : self.vocab_size]
-                next_pos = next_pos + 1
-        return outputs
-
-
-@dataclass(frozen=True)
-class _Sampling:
+def _sampling(kwargs: dict) -> Sampling:
     """Greedy decoding, or sampling with temperature / top_k / top_p (lm-eval's `do_sample=True`)."""
-
-    temperature: float = 0.0
-    top_k: Optional[int] = None
-    top_p: float = 1.0
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> "_Sampling":
-        kwargs = dict(kwargs)
-        do_sample = kwargs.pop("do_sample", False)
-        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
-        if kwargs:
-            log.warning(f"litllm ignores these generation settings: {sorted(kwargs)}")
-        if not do_sample or temperature == 0.0:
-            return cls()
-        return cls(temperature, int(top_k) if top_k else None, float(top_p) if top_p is not None else 1.0)
-
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (B, vocab) -> next tokens (B,)."""
-        return sample(logits, self.temperature, self.top_k, self.top_p)
+    kwargs = dict(kwargs)
+    do_sample = kwargs.pop("do_sample", False)
+    temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+    top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+    if kwargs:
+        log.warning(f"litllm ignores these generation settings: {sorted(kwargs)}")
+    if not do_sample or temperature == 0.0:
+        return Sampling()
+    return Sampling(temperature, int(top_k) if top_k else None, float(top_p) if top_p is not None else 1.0)

@@ -73,7 +73,8 @@ def evaluate(
         raise LitLLMError("`litllm evaluate` needs lm-eval: pip install 'litllm[eval]'") from None
 
     from litllm.eval_lm import LitLLMLM
-    from litllm.utils import atomic_write_text, check_model_dir
+    from litllm.model_folder import check_model_folder
+    from litllm.utils import atomic_write_text
 
     if include_path is not None and not Path(include_path).is_dir():
         raise LitLLMError(f"--include_path {include_path}: folder not found")
@@ -83,7 +84,7 @@ def evaluate(
         print("\n".join(manager.all_tasks))
         print(f"\n{len(manager.all_tasks)} tasks and groups; pass some with --tasks name1,name2", flush=True)
         return None
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     limit = _check_limit(limit)
     if batch_size < 1:
         raise LitLLMError(f"--batch_size: expected a positive integer, got {batch_size}")
@@ -248,11 +249,12 @@ def evaluate_perplexity(
         quantize: Load the weights quantized with bitsandbytes ("bnb.nf4", "bnb.int8", ...).
     """
     from litllm.tokenizer import Tokenizer
-    from litllm.utils import atomic_write_text, check_model_dir
+    from litllm.model_folder import check_model_folder
+    from litllm.utils import atomic_write_text
 
     if data is None:
         raise LitLLMError("--data: expected a .txt/.json/.jsonl file or a folder of them")
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     if batch_size < 1:
         raise LitLLMError(f"--batch_size: expected a positive integer, got {batch_size}")
     if limit is not None and limit < 1:

@@ -223,10 +223,10 @@ def _launch(job: FinetuneJob) -> Any:
     from litllm.config import Config
     from litllm.train.fabric import make_fabric
     from litllm.train.loggers import check_logger_name
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     run = job.run
-    job.checkpoint_dir = check_model_dir(job.checkpoint_dir)
+    job.checkpoint_dir = check_model_folder(job.checkpoint_dir)
     job.out_dir = Path(job.out_dir)
     config = Config.from_checkpoint(job.checkpoint_dir)
     check_logger_name(run.logger_name)
@@ -476,7 +476,8 @@ def _prompt_style(data, tokenizer):
 def _prompt_style_yaml(style) -> str:
     import tempfile
 
-    from litllm.prompts import PROMPT_STYLE_FILE, save_prompt_style
+    from litllm.model_folder import PROMPT_STYLE_FILE
+    from litllm.prompts import save_prompt_style
 
     with tempfile.TemporaryDirectory() as tmp:
         save_prompt_style(style, tmp)
@@ -489,7 +490,7 @@ def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
         return None
 
     def after_validation(fabric, model, step: int) -> None:
-        from litllm.generate import generate_tokens
+        from litllm.engine import generate_ids
         from litllm.train.fabric import unwrap
 
         dataset = getattr(data, "val_dataset", None)
@@ -503,8 +504,9 @@ def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
         module = unwrap(model)
         was_training = module.training
         module.eval()
-        tokens = list(generate_tokens(module, prompt, max_new_tokens, temperature=0.0,
-                                      stop_sequences=style.stop_tokens(tokenizer)))
+        room = module.max_seq_length - len(prompt)
+        tokens = generate_ids(module, prompt.tolist(), min(max_new_tokens, room), stop_token_ids=tokenizer.stop_ids,
+                              tokenizer=tokenizer, stop_strings=style.stop_strings) if room > 0 else []
         module.train(was_training)
         fabric.print(f"Step {step} sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(torch.tensor(tokens))!r}")
 

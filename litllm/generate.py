@@ -1,270 +1,53 @@
-"""Text generation: sampling, the KV-cache decode loop, left-padded batches, and `litllm generate`.
+"""`litllm generate`, and what every inference command shares: loading a model for decoding, the CPU
+weight layout and thread count that decode fastest here, and fitting `max_new_tokens` to the context.
 
-Core functions (used by chat, the Python API and evaluation):
-- `sample(logits, temperature, top_k, top_p)`: one next token per row.
-- `generate_tokens(model, prompt_ids, max_new_tokens, ...)`: an iterator of new token ids for one
-  prompt (prefill once, then one token per forward pass reading the KV cache), stopping at a stop id
-  or a multi-token stop sequence (which is never yielded).
-- `generate_batch(model, prompts, max_new_tokens, ..., pad_id)`: several prompts at once, left-padded;
-  greedy outputs equal those of `generate_tokens` run one prompt at a time.
-
-KV cache ownership: when the model already has a KV cache big enough (the caller set one with
-`model.set_kv_cache`, e.g. to reuse it across calls), the generators use it and leave it in place.
-Otherwise they allocate one sized to prompt + new tokens and clear it when they finish (also when
-a streaming consumer stops early), so a plain `model(idx)` works again afterwards.
+Decoding itself (sampling, stops, the KV-cache loop with continuous batching) is `litllm.engine`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional, Sequence
+from typing import Optional
 
 import torch
 
+from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops, threads_for
 from litllm.errors import LitLLMError
 
-Precision = Literal["32-true", "bf16-true", "16-true"]
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
-# ---------------------------------------------------------------------- sampling
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Pick the next token of each row of `logits` (..., vocab) -> (...,) long.
+# ---------------------------------------------------------------------- context window
+def fit_max_new_tokens(requested: Optional[int], default: int, room: int, window: int, flag: str = "--max_new_tokens",
+                       say=None) -> int:
+    """How many tokens to generate when `room` of the `window`-token context is free.
 
-    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the
-    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p` (nucleus).
+    A value the user gave must fit (clear error otherwise); the default is reduced to fit, and
+    `say` (default: print to stderr) is told so in one line.
     """
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the ones ranked above it already reach top_p (the top token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    flat = probs.reshape(-1, probs.size(-1))
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    if requested is not None:
+        if requested > room:
+            raise LitLLMError(
+                f"{flag} {requested} does not fit: only {room} of the {window}-token context window are left"
+            )
+        return requested
+    if default > room:
+        (say or _say)(f"{flag}: the default {default} is reduced to {room} to fit the {window}-token context window")
+        return room
+    return default
 
 
-def check_sampling_args(temperature: float, top_k: Optional[int], top_p: float, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise LitLLMError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise LitLLMError(f"--top_k must be a positive integer, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise LitLLMError(f"--top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise LitLLMError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
-# ---------------------------------------------------------------------- stop handling
-def _stop_lists(stop_ids: Iterable[int], stop_sequences: Iterable[Sequence[int]]) -> list[list[int]]:
-    stops = [[int(i)] for i in stop_ids]
-    stops += [list(map(int, s)) for s in stop_sequences if len(s)]
-    return stops
-
-
-def _ends_with_stop(tokens: list[int], stops: list[list[int]]) -> int:
-    """Length of the stop sequence `tokens` ends with (0 if none)."""
-    for s in stops:
-        if len(tokens) >= len(s) and tokens[-len(s):] == s:
-            return len(s)
-    return 0
-
-
-def _held_back(tokens: list[int], stops: list[list[int]]) -> int:
-    """How many trailing tokens could still be the start of a stop sequence (not safe to emit yet)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(tokens)), best, -1):
-            if tokens[-n:] == s[:n]:
-                best = n
-                break
-    return best
-
-
-def truncate_at_stop(tokens: list[int], stops: list[list[int]]) -> list[int]:
-    """`tokens` up to (not including) the first stop id or stop sequence."""
-    for end in range(1, len(tokens) + 1):
-        n = _ends_with_stop(tokens[:end], stops)
-        if n:
-            return tokens[: end - n]
-    return tokens
-
-
-# ---------------------------------------------------------------------- decoding
-@contextmanager
-def kv_cache_for(model, batch_size: int, length: int) -> Iterator[None]:
-    """Use the model's KV cache if it fits `batch_size` x `length`; else set one for the block and clear it after."""
-    cache = model.blocks[0].attn.kv_cache
-    if cache is not None and cache.k.size(0) >= batch_size and cache.k.size(2) >= length:
-        yield
-        return
-    model.set_kv_cache(batch_size, length)
-    try:
-        yield
-    finally:
-        model.clear_kv_cache()
-
-
-def context_check(model, prompt_len: int, max_new_tokens: int) -> int:
-    """Clear error when the prompt doesn't fit; return how many new tokens fit in the context window."""
-    limit = model.max_seq_length
-    if prompt_len >= limit:
+def check_prompt_fits(prompt_len: int, window: int) -> None:
+    if prompt_len >= window:
         raise LitLLMError(
-            f"the prompt has {prompt_len} tokens but the model's context window is {limit}: shorten the prompt"
+            f"the prompt has {prompt_len} tokens but the model's context window is {window}: shorten the prompt"
         )
-    return min(max_new_tokens, limit - prompt_len)
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model,
-    prompt_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: float = 1.0,
-    stop_ids: Iterable[int] = (),
-    stop_sequences: Iterable[Sequence[int]] = (),
-    generator: Optional[torch.Generator] = None,
-) -> Iterator[int]:
-    """Yield the new token ids that follow `prompt_ids` (T,), one at a time (streaming).
-
-    Stops after `max_new_tokens` (clipped to the context window), or when the output ends with a
-    stop id or stop sequence; stop tokens are not yielded, and tokens that might begin a stop
-    sequence are held back until it is clear they don't. Ensures a KV cache (see module docstring).
-    """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    prompt_ids = prompt_ids.reshape(-1)
-    T = prompt_ids.numel()
-    if T == 0:
-        raise LitLLMError("the prompt is empty (no tokens)")
-    max_new_tokens = context_check(model, T, max_new_tokens)
-    device = model.wte.weight.device
-    stops = _stop_lists(stop_ids, stop_sequences)
-    positions = torch.arange(T + max_new_tokens, device=device)
-    with kv_cache_for(model, 1, T + max_new_tokens):
-        logits = model(prompt_ids.to(device)[None], input_pos=positions[:T])[:, -1]  # (1, vocab)
-        token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
-        generated: list[int] = []
-        emitted = 0
-        for step in range(max_new_tokens):
-            generated.append(int(token))
-            n_stop = _ends_with_stop(generated, stops)
-            if n_stop:
-                # emit whatever preceded the stop sequence and was held back
-                yield from generated[emitted: len(generated) - n_stop]
-                return
-            safe = len(generated) - _held_back(generated, stops)
-            yield from generated[emitted:safe]
-            emitted = max(emitted, safe)
-            if step == max_new_tokens - 1:
-                break
-            pos = T + step
-            logits = model(token[None], input_pos=positions[pos: pos + 1])[:, -1]
-            token = sample(logits, temperature, top_k, top_p, generator)
-        yield from generated[emitted:]
-
-
-@torch.inference_mode()
-def generate_batch(
-    model,
-    prompts: Sequence[torch.Tensor],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: float = 1.0,
-    stop_ids: Iterable[int] = (),
-    stop_sequences: Iterable[Sequence[int]] = (),
-    pad_id: int = 0,
-    generator: Optional[torch.Generator] = None,
-) -> list[torch.Tensor]:
-    """Generate for several prompts at once; returns each prompt's new tokens (stops excluded).
-
-    Prompts are left-padded to the same length; each row gets its own RoPE positions
-    (`position_ids`) and padding is hidden from attention (`key_padding_mask`), so a row's greedy
-    output equals generating it alone. Rows that hit a stop keep decoding (discarded) until all
-    rows stop. Ensures a KV cache (see module docstring).
-    """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    if not prompts:
-        return []
-    device = model.wte.weight.device
-    prompts = [p.reshape(-1).to(device) for p in prompts]
-    lengths = torch.tensor([p.numel() for p in prompts], device=device)
-    if int(lengths.min()) == 0:
-        raise LitLLMError("a prompt is empty (no tokens)")
-    B, T = len(prompts), int(lengths.max())
-    max_new_tokens = context_check(model, T, max_new_tokens)
-    stops = _stop_lists(stop_ids, stop_sequences)
-    total = T + max_new_tokens
-
-    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    key_mask = torch.ones(B, total, dtype=torch.bool, device=device)  # True = a real token
-    for row, p in enumerate(prompts):
-        idx[row, T - p.numel():] = p
-        key_mask[row, : T - p.numel()] = False
-    position_ids = (key_mask[:, :T].long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-    positions = torch.arange(total, device=device)
-
-    with kv_cache_for(model, B, total):
-        logits = model(idx, input_pos=positions[:T], position_ids=position_ids, key_padding_mask=key_mask)[:, -1]
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        out = token[:, None]
-        done = [False] * B
-        next_pos = lengths[:, None].clone()  # (B, 1) RoPE position of each row's next token
-        for step in range(1, max_new_tokens):
-            rows = out.tolist()
-            for r in range(B):
-                done[r] = done[r] or bool(_ends_with_stop(rows[r], stops))
-            if all(done):
-                break
-            pos = T + step - 1
-            logits = model(
-                token[:, None], input_pos=positions[pos: pos + 1], position_ids=next_pos, key_padding_mask=key_mask
-            )[:, -1]
-            token = sample(logits, temperature, top_k, top_p, generator)
-            out = torch.cat([out, token[:, None]], dim=1)
-            next_pos = next_pos + 1
-    return [torch.tensor(truncate_at_stop(row, stops), dtype=torch.long) for row in out.tolist()]
-
-
-# ---------------------------------------------------------------------- text streaming
-def stream_text(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
-    """Turn a stream of token ids into text chunks, never splitting a multi-byte character.
-
-    Decodes a short window of recent tokens and emits only the new text once it is complete (no
-    trailing U+FFFD), so SentencePiece's leading spaces and byte-fallback pieces come out right.
-    """
-    ids: list[int] = []
-    prefix, read = 0, 0  # window start; end of the already-emitted tokens
-    for token in tokens:
-        ids.append(token)
-        before = tokenizer.decode(ids[prefix:read])
-        after = tokenizer.decode(ids[prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            yield after[len(before):]
-            prefix, read = read, len(ids)
-    if read < len(ids):  # an incomplete character at the very end: emit what decoding gives
-        before, after = tokenizer.decode(ids[prefix:read]), tokenizer.decode(ids[prefix:])
-        if len(after) > len(before):
-            yield after[len(before):]
 
 
 # ---------------------------------------------------------------------- CPU weight layout
@@ -399,7 +182,8 @@ def pick_decode_threads(model, budget_s: float = 3.0, min_gain: float = 1.1) -> 
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     times: dict[int, list[float]] = {n: [] for n in candidates}
     start = time.perf_counter()
-    with kv_cache_for(model, 1, 8):
+    model.set_kv_cache(1, 8)
+    try:
         model(token, input_pos=torch.tensor([0], device=device))  # warm-up, not timed
         for rep in range(5):
             for n in candidates:
@@ -409,27 +193,15 @@ def pick_decode_threads(model, budget_s: float = 3.0, min_gain: float = 1.1) -> 
                 times[n].append(time.perf_counter() - t0)
             if rep >= 1 and time.perf_counter() - start > budget_s:  # big models: fewer samples
                 break
-    torch.set_num_threads(current)
+    finally:
+        model.clear_kv_cache()
+        torch.set_num_threads(current)
     median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
     best = current
     for n in candidates[1:]:
         if median[n] * min_gain < median[best]:
             best = n
     return best
-
-
-@contextmanager
-def threads_for(n: Optional[int]) -> Iterator[None]:
-    """Run a block with `n` torch threads (None: unchanged), restoring the setting afterwards."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- loading
@@ -459,9 +231,9 @@ def load_for_inference(
     Folders written by `finetune_adapter(_v2)` (with an `adapter.yaml`) load with their adapter modules.
     """
     from litllm.adapter import load_adapter_model
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise LitLLMError(f"--device {device}: CUDA is not available on this machine")
@@ -478,6 +250,19 @@ def load_for_inference(
     return model.to(device).eval()
 
 
+def load_for_decoding(
+    checkpoint_dir: Path,
+    device: Optional[str] = None,
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+):
+    """The loader of every generating command: `load_for_inference`, then the CPU weight layout and
+    thread count that decode fastest here. Returns (model, threads for the Engine)."""
+    model = load_for_inference(checkpoint_dir, device, precision, quantize)
+    optimize_for_decoding(model)
+    return model, pick_decode_threads(model)
+
+
 # ---------------------------------------------------------------------- the command
 def generate(
     checkpoint_dir: Path,
@@ -486,7 +271,7 @@ def generate(
     sys_prompt: Optional[str] = None,
     prompt_style: Optional[str] = None,
     num_samples: int = 1,
-    max_new_tokens: int = 50,
+    max_new_tokens: Optional[int] = None,
     temperature: float = 0.8,
     top_k: Optional[int] = 50,
     top_p: float = 1.0,
@@ -504,59 +289,50 @@ def generate(
         sys_prompt: A system prompt, for styles that have one.
         prompt_style: A prompt style name (e.g. `alpaca`, `llama3`, `chatml`, `default` for plain
             text); by default the checkpoint's `prompt_style.yaml`, its chat template, or its family's style.
-        num_samples: How many independent samples to generate.
-        max_new_tokens: Most tokens to generate per sample (stops earlier at EOS or a stop sequence).
+        num_samples: How many independent samples to generate (sample i uses seed + i).
+        max_new_tokens: Most tokens to generate per sample (stops earlier at EOS or a stop string);
+            default 50, reduced to what the context window leaves after the prompt.
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens (null: no limit).
         top_p: Nucleus sampling: sample among the most likely tokens whose probabilities add up to
             top_p, in (0, 1]; 1 disables it.
         precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
         quantize: Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
-        compile: Compile the model with `torch.compile` (pays off for long generations).
+        compile: Compile the decode step with `torch.compile` (pays off for long generations).
         seed: Random seed for sampling.
         device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda when available).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if num_samples < 1:
         raise LitLLMError(f"--num_samples must be >= 1, got {num_samples}")
-    checkpoint_dir = check_model_dir(checkpoint_dir)
+    checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
     device = device or default_device()
     t0 = time.perf_counter()
-    model = load_for_inference(checkpoint_dir, device, precision, quantize)
-    optimize_for_decoding(model)
-    threads = pick_decode_threads(model)
+    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    prompt_ids = style.encode(tokenizer, style.apply(prompt, sys_prompt=sys_prompt))
-    context_check(model, prompt_ids.numel(), max_new_tokens)
-    runner = torch.compile(model, dynamic=True) if compile else model
-    stops = style.stop_tokens(tokenizer)
+    prompt_ids = style.encode(tokenizer, style.apply(prompt, sys_prompt=sys_prompt)).tolist()
+    window = model.max_seq_length
+    check_prompt_fits(len(prompt_ids), window)
+    max_new_tokens = fit_max_new_tokens(max_new_tokens, 50, window - len(prompt_ids), window)
     torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for i in range(num_samples):
-        t0 = time.perf_counter()
-        n = 0
-
-        def counted(tokens):
-            nonlocal n
-            for t in tokens:
-                n += 1
-                yield t
-
-        tokens = generate_tokens(
-            runner, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-            stop_sequences=stops, generator=generator,
-        )
-        with threads_for(threads):
-            for chunk in stream_text(tokenizer, counted(tokens)):
-                print(chunk, end="", flush=True)
-        print(flush=True)
-        dt = time.perf_counter() - t0
-        print(f"Sample {i + 1}: {n} tokens in {dt:.2f} s, {n / dt:.2f} tokens/s", file=sys.stderr)
+    with Engine(model, tokenizer, 1, len(prompt_ids) + max_new_tokens, threads=threads, compile=compile) as engine:
+        for i in range(num_samples):
+            t0 = time.perf_counter()
+            engine.add(Request(prompt_ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed=seed + i),
+                               **default_stops(tokenizer, style)))
+            n = 0
+            while engine.has_unfinished:
+                for out in engine.step():
+                    print(out.text, end="", flush=True)
+                    n = out.completion_tokens
+            print(flush=True)
+            dt = time.perf_counter() - t0
+            print(f"Sample {i + 1}: {n} tokens in {dt:.2f} s, {n / dt:.2f} tokens/s", file=sys.stderr)
     if torch.device(device).type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)

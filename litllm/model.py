@@ -67,40 +67,49 @@ class GPT(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         targets: Optional[torch.Tensor] = None,
         *,
-        position_ids: Optional[torch.Tensor] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
         """Return logits `(B, T, padded_vocab)`, or the mean cross-entropy when `targets` is given.
 
         idx: (B, T) token ids.
-        input_pos: (T,) cache slots of these tokens when decoding with a KV cache (see `set_kv_cache`).
-        position_ids: (B, T) RoPE positions per row (left-padded batches); defaults to input_pos or arange(T).
-        key_padding_mask: (B, L) True where a key may be attended to (False on padding).
+        input_pos: (B, T) or (T,) position of each token: its RoPE position and, with a KV cache (see
+            `set_kv_cache`), the cache slot it is written to, so every row may sit at its own length.
+            Default arange(T). With a cache, a query attends to the cached keys at positions <= its own.
+        key_padding_mask: (B, T) True where a key may be attended to (False on left padding; no cache).
+        kv_len: with a KV cache, attend only to its first `kv_len` positions: a bound on every row's
+            newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
+            tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
         """
         B, T = idx.shape
         c = self.config
+        cached = self.blocks[0].attn.kv_cache is not None
+        if cached and input_pos is None:
+            raise ValueError("a KV cache is set: pass input_pos")
         if input_pos is None and T > self._max_seq_length:
             raise ValueError(f"sequence of length {T} exceeds max_seq_length {self._max_seq_length}")
-        if position_ids is None:
-            position_ids = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-        cos, sin = self.rope_cos, self.rope_sin
+        positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, n) or (B, T, n)
         if c.rope_scaling and c.rope_scaling.get("rope_type") == "longrope":
-            if int(position_ids.max()) < c.rope_scaling["original_max_position_embeddings"]:
-                cos, sin = self.rope_cos_short, self.rope_sin_short
-        rope = (cos[position_ids], sin[position_ids])  # (T, n) or (B, T, n)
+            # short factors while a row's positions fit the original context (HF decides on the max
+            # position of the forward pass; per row here, the same for one row) -- chosen on the device
+            short = positions.amax(dim=-1, keepdim=True) < c.rope_scaling["original_max_position_embeddings"]
+            cos = torch.where(short[..., None], self.rope_cos_short[positions], cos)
+            sin = torch.where(short[..., None], self.rope_sin_short[positions], sin)
+        rope = (cos, sin)
         rope_local = rope
         if c.rope_local_base is not None:
-            rope_local = (self.rope_cos_local[position_ids], self.rope_sin_local[position_ids])
+            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions])
 
-        masks = self._attention_masks(T, idx.device, input_pos, key_padding_mask)
+        masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len)
 
         x = self.wte(idx)  # (B, T, C)
         if c.scale_embeddings:
             x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
-            x = block(x, rope_local if sliding else rope, masks[sliding], input_pos)
+            x = block(x, rope_local if sliding else rope, masks[sliding], input_pos, kv_len)
         x = self.norm_f(x)
         if targets is None:
             return self.head(x)
@@ -116,27 +125,36 @@ class GPT(nn.Module):
         self,
         T: int,
         device: torch.device,
-        input_pos: Optional[torch.Tensor],
+        cache_pos: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor],
+        kv_len: Optional[int],
     ) -> dict[bool, Optional[torch.Tensor]]:
         """Boolean masks (B|1, 1, T, L), True = attend, keyed by "is this a sliding-window layer".
 
-        None stands for a plain causal mask, which SDPA applies itself (`is_causal=True`).
+        Without a cache, causality is by index in the sequence; with one (`cache_pos` (B, T) or (T,)),
+        by position: a query sees the cache slots at positions <= its own, at a size fixed by the cache
+        (or `kv_len`), never by a length read back from the device. None stands for a plain causal
+        mask, which SDPA applies itself (`is_causal=True`).
         """
         window = self.config.sliding_window_size
-        plain = input_pos is None and key_padding_mask is None
+        plain = cache_pos is None and key_padding_mask is None
         if plain and window is None:
             return {False: None, True: None}
-        q_pos = torch.arange(T, device=device) if input_pos is None else input_pos
-        # with a KV cache, keys beyond the newest written slot are never needed
-        L = T if input_pos is None else int(input_pos[-1]) + 1
+        if cache_pos is None:
+            q_pos = torch.arange(T, device=device)
+            L = T
+        else:
+            q_pos = cache_pos
+            L = kv_len or self.blocks[0].attn.kv_cache.k.size(2)
         k_pos = torch.arange(L, device=device)
-        causal = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, L)
+        distance = q_pos[..., None] - k_pos  # (T, L) or (B, T, L)
+        distance = distance[:, None] if distance.dim() == 3 else distance[None, None]  # (B|1, 1, T, L)
+        causal = distance >= 0
         if key_padding_mask is not None:
             causal = causal & key_padding_mask[:, None, None, :L]
         masks: dict[bool, Optional[torch.Tensor]] = {False: None if plain else causal, True: causal}
         if window is not None:
-            masks[True] = causal & ((q_pos[:, None] - k_pos[None, :]) < window)[None, None]
+            masks[True] = causal & (distance < window)
         return masks
 
     # ------------------------------------------------------------------ KV cache
@@ -155,7 +173,7 @@ class GPT(nn.Module):
         dtype = dtype or self.wte.weight.dtype
         c = self.config
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+            block.attn.kv_cache = KVCache.allocate(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
@@ -188,9 +206,9 @@ class GPT(nn.Module):
     ) -> "GPT":
         """Load a converted model folder (`lit_model.safetensors` + `model_config.yaml`)."""
         from litllm.model_folder import load_model_weights
-        from litllm.utils import check_model_dir
+        from litllm.model_folder import check_model_folder
 
-        checkpoint_dir = check_model_dir(checkpoint_dir)
+        checkpoint_dir = check_model_folder(checkpoint_dir)
         config = Config.from_checkpoint(checkpoint_dir, **config_overrides)
         with torch.device("meta"):
             model = cls(config)
@@ -211,9 +229,9 @@ class Block(nn.Module):
         self.mlp = build_mlp(c)
         self.post_mlp_norm = build_norm(c, c.n_embd) if c.post_mlp_norm else nn.Identity()
 
-    def forward(self, x, rope, mask, input_pos):
+    def forward(self, x, rope, mask, input_pos, kv_len=None):
         x_normed = self.norm_1(x)
-        h = self.post_attn_norm(self.attn(x_normed, rope, mask, input_pos))
+        h = self.post_attn_norm(self.attn(x_normed, rope, mask, input_pos, kv_len))
         if self.config.parallel_residual:
             mlp_in = x_normed if self.config.shared_attention_norm else self.norm_2(x)
             return x + h + self.post_mlp_norm(self.mlp(mlp_in))
@@ -241,7 +259,7 @@ class CausalSelfAttention(nn.Module):
         # called as adapter(q, self) and returns a (B, nh, T, hs) term added to the attention output
         self.adapter: Optional[nn.Module] = None
 
-    def forward(self, x, rope, mask, input_pos):
+    def forward(self, x, rope, mask, input_pos, kv_len=None):
         c = self.config
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
@@ -257,11 +275,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is not None:
-            if input_pos is None:
-                raise ValueError("a KV cache is set: pass input_pos")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, L, hs)
-        elif input_pos is not None:
-            raise ValueError("input_pos given but no KV cache is set: call model.set_kv_cache(...)")
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
 
         scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
@@ -364,12 +378,14 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        # (B*T, n_expert): each token's weight for every expert, 0 for the ones it did not choose
+        dense = torch.zeros_like(probs).scatter_(1, chosen, weights).to(x.dtype)
+        # every expert runs on every token (n_expert / k times the FLOPs of sparse dispatch) so that no
+        # shape depends on the routing: no host sync, static shapes for torch.compile and fake tensors.
+        # Unchosen experts add exactly 0; experts are summed in index order, as transformers does.
         y = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(chosen == e)
-            if token_idx.numel():
-                y.index_add_(0, token_idx, expert(x[token_idx]) * weights[token_idx, slot, None])
+            y = y + expert(x) * dense[:, e, None]
         return y.view(B, T, C)
 
 
@@ -488,18 +504,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------------- KV cache
 class KVCache(nn.Module):
-    """Preallocated keys and values (B, nkv, max_seq_length, hs), written at `input_pos`."""
+    """Preallocated keys and values (B, nkv, max_seq_length, hs); each row is written at its own positions."""
 
-    def __init__(self, batch_size, n_kv, max_seq_length, head_size, device, dtype) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         super().__init__()
-        shape = (batch_size, n_kv, max_seq_length, head_size)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v (B, nkv, T, hs) at positions input_pos (T,); return keys/values up to the newest one."""
+    @classmethod
+    def allocate(cls, batch_size, n_kv, max_seq_length, head_size, device, dtype) -> "KVCache":
+        shape = (batch_size, n_kv, max_seq_length, head_size)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop-1 of this one (views: writes land here), e.g. to prefill one slot."""
+        return KVCache(self.k[start:stop], self.v[start:stop])
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: Optional[int] = None):
+        """Write k/v (B, nkv, T, hs) at positions input_pos ((T,) for every row, or (B, T) per row);
+        return the keys/values of the first `kv_len` positions (default: all), (B, nkv, L, hs)."""
         B = k.size(0)
-        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
-        L = int(input_pos[-1]) + 1
-        return self.k[:B, :, :L], self.v[:B, :, :L]
+        if input_pos.dim() == 2 and B == 1:
+            input_pos = input_pos[0]  # one row: index_copy_ is a little faster than scatter_
+        if input_pos.dim() == 1:
+            self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:
+            index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
+            self.k[:B].scatter_(2, index, k.to(self.k.dtype))
+            self.v[:B].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[:B, :, :kv_len], self.v[:B, :, :kv_len]

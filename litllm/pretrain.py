@@ -110,9 +110,9 @@ def main(fabric, job: PretrainJob):
     resume_dir = ckpt.resolve_resume(job.run.resume, out_dir, config)  # clear errors before anything is written
     initial_weights = None
     if job.initial_checkpoint_dir is not None:
-        from litllm.utils import check_model_dir
+        from litllm.model_folder import check_model_folder
 
-        initial_weights = check_model_dir(job.initial_checkpoint_dir) / "lit_model.safetensors"
+        initial_weights = check_model_folder(job.initial_checkpoint_dir) / "lit_model.safetensors"
         tokenizer_dir = tokenizer_dir or job.initial_checkpoint_dir
     if tokenizer_dir is None:
         tokenizer_dir = _trained_tokenizer(fabric, job.data, out_dir, job.tokenizer_vocab_size, config)
@@ -146,11 +146,11 @@ def main(fabric, job: PretrainJob):
 def _check_inputs(config, out_dir, resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size) -> None:
     from litllm.tokenizer import Tokenizer
     from litllm.train.checkpoints import resolve_resume
-    from litllm.utils import check_model_dir
+    from litllm.model_folder import check_model_folder
 
     resolve_resume(resume, out_dir, config)
     if initial_checkpoint_dir is not None:
-        check_model_dir(initial_checkpoint_dir)
+        check_model_folder(initial_checkpoint_dir)
     tokenizer_dir = tokenizer_dir or initial_checkpoint_dir
     if tokenizer_dir is not None:
         vocab = Tokenizer(tokenizer_dir).vocab_size

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import yaml
 
 from litllm.errors import LitLLMError
+from litllm.model_folder import PROMPT_STYLE_FILE
 from litllm.utils import read_json_object
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
     from litllm.tokenizer import Tokenizer
 
-PROMPT_STYLE_FILE = "prompt_style.yaml"
 
 
 # ---------------------------------------------------------------------- built-in templates

@@ -63,13 +63,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def check_model_dir(checkpoint_dir: str | Path) -> Path:
-    """Moved to `litllm.model_folder.check_model_folder` (which also checks the weights file is complete)."""
-    from litllm.model_folder import check_model_folder
-
-    return check_model_folder(checkpoint_dir)
-
-
 def read_json_object(path: str | Path) -> dict:
     """A JSON object file as a dict ({} when the file is absent); invalid JSON is a clear error."""
     path = Path(path)

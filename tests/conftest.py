@@ -120,3 +120,17 @@ def shared_data() -> Path:
     if not data.is_dir():
         pytest.skip(f"shared data sets not available at {data}")
     return data
+
+
+def reference_reply(model, tokenizer, prompt_ids, max_new_tokens: int, prompt_style=None) -> str:
+    """A reply as the old post-hoc policy cut it (the oracle for streamed stops): greedy tokens with no
+    stops, cut at the first EOS/stop id, decoded, cut at the first of the style's stop strings."""
+    from litllm.engine import generate_ids
+
+    tokens = generate_ids(model, [int(i) for i in prompt_ids], max_new_tokens)
+    stops = set(tokenizer.stop_ids)
+    tokens = tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+    text = tokenizer.decode(tokens)
+    for s in (prompt_style.stop_strings if prompt_style is not None else ()):
+        text = text.split(s)[0] if s else text
+    return text

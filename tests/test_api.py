@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import reference_reply
 
 from litllm.errors import LitLLMError
-from litllm.generate import generate_tokens
+from litllm.engine import generate_ids
 from litllm.model import GPT
 from litllm.prompts import PromptStyle
 from litllm.tokenizer import Tokenizer
@@ -17,7 +18,7 @@ def _reference(checkpoint, prompt: str, style_name: str, max_new_tokens: int) ->
     model, tok = GPT.from_checkpoint(checkpoint).eval(), Tokenizer(checkpoint)
     style = PromptStyle.from_name(style_name)
     ids = style.encode(tok, style.apply(prompt))
-    return tok.decode(list(generate_tokens(model, ids, max_new_tokens, stop_sequences=style.stop_tokens(tok))))
+    return reference_reply(model, tok, ids, max_new_tokens, style)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_generate_stream_and_batch(llm, tiny_checkpoint):
 
 def test_plain_prompt_and_sampling(llm, tiny_checkpoint):
     model, tok = GPT.from_checkpoint(tiny_checkpoint).eval(), Tokenizer(tiny_checkpoint)
-    plain = tok.decode(list(generate_tokens(model, tok.encode("Hello"), 8)))
+    plain = tok.decode(generate_ids(model, tok.encode("Hello").tolist(), 8))
     assert llm.generate("Hello", max_new_tokens=8, apply_prompt_style=False) == plain
     a = llm.generate("Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3)
     assert a == llm.generate("Hello", max_new_tokens=8, temperature=1.0, top_k=50, seed=3)
@@ -51,7 +52,7 @@ def test_chat(llm, tiny_checkpoint):
     model, tok = GPT.from_checkpoint(tiny_checkpoint).eval(), Tokenizer(tiny_checkpoint)
     style = llm.prompt_style
     ids = style.encode(tok, style.render_messages(messages))
-    expected = tok.decode(list(generate_tokens(model, ids, 10, stop_sequences=style.stop_tokens(tok))))
+    expected = reference_reply(model, tok, ids, 10, style)
     assert llm.chat(messages, max_new_tokens=10) == expected
     assert "".join(llm.chat(messages, max_new_tokens=10, stream=True)) == expected
 

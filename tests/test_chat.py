@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import reference_reply
 
 from litllm.chat import chat, fit_history, read_message
 from litllm.errors import LitLLMError
-from litllm.generate import generate_tokens
 from litllm.model import GPT
 from litllm.prompts import PromptStyle
 from litllm.tokenizer import Tokenizer
@@ -25,7 +25,7 @@ def _expected_replies(checkpoint, turns: list[str], style_name: str, max_new_tok
     for turn in turns:
         history.append({"role": "user", "content": turn})
         ids = style.encode(tok, style.render_messages(history))
-        reply = tok.decode(list(generate_tokens(model, ids, max_new_tokens, stop_sequences=style.stop_tokens(tok))))
+        reply = reference_reply(model, tok, ids, max_new_tokens, style)
         history.append({"role": "assistant", "content": reply})
         replies.append(reply)
     return replies

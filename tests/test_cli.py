@@ -28,7 +28,7 @@ def test_command_modules_import_without_heavy_libraries(name):
     module = COMMANDS[name].split(":")[0]
     code = (
         f"import sys, {module}; "
-        "heavy = [m for m in ('lightning', 'litdata', 'lm_eval', 'bitsandbytes', 'transformers', 'wandb', 'torchvision') "
+        "heavy = [m for m in ('lightning', 'litdata', 'lm_eval', 'bitsandbytes', 'transformers', 'wandb', 'torchvision', 'fastapi', 'uvicorn') "
         "if m in sys.modules]; print(heavy)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

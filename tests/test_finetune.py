@@ -172,13 +172,13 @@ def test_adapter_final_folder_generates(runs, name):
 def test_merged_folder_generates_and_converts_to_hf(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     from litllm.convert import convert_from_litllm
-    from litllm.generate import generate_tokens
+    from litllm.engine import generate_ids
     from litllm.tokenizer import Tokenizer
 
     final = runs["lora"][1].final_dir
     model = GPT.from_checkpoint(final).eval()
     tokenizer = Tokenizer(final)
-    tokens = list(generate_tokens(model, tokenizer.encode("Say the number 7"), max_new_tokens=6))
+    tokens = generate_ids(model, tokenizer.encode("Say the number 7").tolist(), max_new_tokens=6)
     assert 0 < len(tokens) <= 6
     convert_from_litllm(final, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

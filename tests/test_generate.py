@@ -1,5 +1,5 @@
 """Generation: greedy decoding equals transformers' `generate(do_sample=False)` token for token on
-converted tiny models of several families; batches equal one-by-one; sampling, stops, the CLI."""
+converted tiny models of several families; a continuous batch equals one-by-one; sampling, stops, the CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import pytest
 import torch
 from conftest import make_converted_checkpoint, train_bpe_tokenizer
 
+from litllm.engine import Engine, Request, Sampling, StopMatcher, generate_ids, sample
 from litllm.errors import LitLLMError
-from litllm.generate import (
-    generate, generate_batch, generate_tokens, sample, stream_text, truncate_at_stop,
-)
+from litllm.generate import fit_max_new_tokens, generate
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 
@@ -54,9 +53,9 @@ def test_greedy_matches_transformers(family_checkpoints, family):
     tok = Tokenizer(folder)
     for prompt in PROMPTS[:2]:
         ids = tok.encode(prompt)
-        ours = list(generate_tokens(model, ids, 24))
+        ours = generate_ids(model, ids.tolist(), 24)
         assert ours == _hf_greedy(folder, ids, 24), prompt
-    # the cache the generator allocated is gone: the model runs plain forwards again
+    # the cache the engine allocated is gone: the model runs plain forwards again
     assert all(b.attn.kv_cache is None for b in model.blocks)
     model(ids[None])
 
@@ -82,55 +81,126 @@ def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layou
         assert model.wte.weight.is_contiguous()
     assert optimize_for_decoding(model) == layout  # idempotent
     ids = Tokenizer(folder).encode(PROMPTS[0])
-    assert list(generate_tokens(model, ids, 20)) == _hf_greedy(folder, ids, 20)
+    assert generate_ids(model, ids.tolist(), 20) == _hf_greedy(folder, ids, 20)
     with pytest.raises(LitLLMError, match="not available"):
         optimize_for_decoding(GPT.from_checkpoint(folder), layout="diagonal")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
-def test_batch_equals_one_by_one(family_checkpoints, family):
+def _run(engine: Engine, joins: dict[int, list[Request]]) -> dict[int, list[int]]:
+    """Step the engine, adding joins[k] before step k; returns each request's generated tokens."""
+    tokens: dict[int, list[int]] = {}
+    step = 0
+    while step <= max(joins) or engine.has_unfinished:
+        for request in joins.get(step, []):
+            tokens[engine.add(request)] = []
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+        step += 1
+    return tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "mixtral"])
+def test_continuous_batch_equals_one_by_one(family_checkpoints, family):
+    """Rows of different prompt lengths that join at different steps (while others are mid-decode,
+    and into rows freed by finished requests) each get exactly the tokens they get alone."""
     folder = family_checkpoints(family)
     model = GPT.from_checkpoint(folder).eval()
     tok = Tokenizer(folder)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    assert len({p.numel() for p in prompts}) == len(prompts)  # real left padding
-    singles = [list(generate_tokens(model, p, 16)) for p in prompts]
-    batch = generate_batch(model, prompts, 16, pad_id=tok.eos_id)
-    assert [b.tolist() for b in batch] == singles
-    # stops are applied per row; the other rows keep going
-    stop = singles[1][5]
-    singles_stopped = [list(generate_tokens(model, p, 16, stop_ids=[stop])) for p in prompts]
-    batch = generate_batch(model, prompts, 16, stop_ids=[stop], pad_id=0)
-    assert [b.tolist() for b in batch] == singles_stopped
-    assert len(singles_stopped[1]) <= 5
+    prompts = [tok.encode(p).tolist() for p in PROMPTS + ["Hello", "A B C D E F G H"]]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    greedy = [Request(p, 16 - i) for i, p in enumerate(prompts)]
+    seeded = [Request(p, 12, Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=i)) for i, p in enumerate(prompts)]
+    for requests in (greedy, seeded):
+        singles = [generate_ids(model, r.prompt_ids, r.max_new_tokens, r.sampling) for r in requests]
+        with Engine(model, tok, max_batch_size=3, max_seq_length=64) as engine:
+            # 2 join at once, the 3rd after 2 steps, the last two wait for free rows
+            got = _run(engine, {0: requests[:2], 2: requests[2:3], 5: requests[3:]})
+        assert [got[i] for i in range(len(requests))] == singles
+    # a stop id ends its own row only; the other rows keep going
+    stop = generate_ids(model, prompts[1], 16)[5]
+    singles = [generate_ids(model, p, 16, stop_token_ids=[stop]) for p in prompts[:3]]
+    with Engine(model, tok, max_batch_size=3, max_seq_length=64) as engine:
+        got = _run(engine, {0: [Request(p, 16, stop_token_ids=[stop]) for p in prompts[:3]]})
+    assert [t[:-1] if t and t[-1] == stop else t for t in got.values()] == singles
+    assert len(singles[1]) <= 5
 
 
-def test_stop_ids_and_sequences(tiny_checkpoint):
+def test_engine_abort_and_errors(tiny_checkpoint):
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
-    ids = Tokenizer(tiny_checkpoint).encode("The quick brown fox")
-    full = list(generate_tokens(model, ids, 20))
+    tok = Tokenizer(tiny_checkpoint)
+    with Engine(model, tok, max_batch_size=1, max_seq_length=32) as engine:
+        with pytest.raises(LitLLMError, match="context window of 32"):
+            engine.add(Request([1] * 30, 5))
+        with pytest.raises(LitLLMError, match="empty"):
+            engine.add(Request([], 5))
+        first = engine.add(Request([1, 2, 3], 20))
+        waiting = engine.add(Request([1, 2], 20))
+        engine.step()
+        assert (engine.num_running, engine.num_waiting) == (1, 1)
+        engine.abort(first)
+        engine.abort(waiting)
+        outs = engine.step()
+        assert sorted((o.request_id, o.finish_reason) for o in outs) == [(first, "abort"), (waiting, "abort")]
+        assert not engine.has_unfinished
+    assert all(b.attn.kv_cache is None for b in model.blocks)
+
+
+def test_stop_ids(tiny_checkpoint):
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    ids = Tokenizer(tiny_checkpoint).encode("The quick brown fox").tolist()
+    full = generate_ids(model, ids, 20)
     k = next(i for i in range(3, 18) if full[i] not in full[:i])  # a token first seen at k
-    assert list(generate_tokens(model, ids, 20, stop_ids=[full[k]])) == full[:k]
-    # a two-token stop sequence starting at k: neither of its tokens is emitted
-    assert list(generate_tokens(model, ids, 20, stop_sequences=[full[k: k + 2]])) == full[:k]
-    # a sequence whose first token appears but which never completes: nothing is lost
-    never = [full[k], max(full) + 1]
-    assert list(generate_tokens(model, ids, 20, stop_sequences=[never])) == full
-    assert truncate_at_stop([1, 2, 3, 4, 5], [[9], [3, 4]]) == [1, 2]
-    # streaming: tokens come out one by one as soon as they are safe
-    stream = generate_tokens(model, ids, 20, stop_sequences=[never])
-    assert [next(stream) for _ in range(k)] == full[:k]
+    assert generate_ids(model, ids, 20, stop_token_ids=[full[k]]) == full[:k]
 
 
-def test_context_window(tiny_checkpoint):
+def test_stop_strings_are_held_back_and_never_emitted(tmp_path):
+    """Streaming: text that could begin a stop string waits; a stop string, even one spread over
+    several tokens and decoded characters, never reaches the output; everything else does."""
+    tok = Tokenizer(train_bpe_tokenizer(tmp_path, byte_fallback=True))
+    text = "Hello world, café 東京 END here. More text after"
+    ids = tok.encode(text, bos=False).tolist()
+    for stops, expected in [
+        (["END"], "Hello world, café 東京 "),
+        (["京 E"], "Hello world, café 東"),
+        (["ENDX", "o w"], "Hell"),
+        (["END here. More text after!"], text),  # begins but never completes: nothing lost
+        (["zzz"], text),
+    ]:
+        matcher = StopMatcher(tok, stops, [])
+        chunks = []
+        for t in ids:
+            chunks.append(matcher.push(t))
+            emitted = "".join(chunks)
+            assert not any(s in emitted for s in stops)
+            assert expected.startswith(emitted)  # never more than the answer, never a stop
+            if matcher.stopped:
+                break
+        else:
+            chunks.append(matcher.flush())
+        assert "".join(chunks) == expected, stops
+    # held back while it may begin a stop string, released once it can't
+    matcher = StopMatcher(tok, ["lo wX"], [])
+    pieces = [matcher.push(t) for t in tok.encode("Hello wor", bos=False).tolist()]
+    assert "".join(pieces) == "Hello wor"
+    # a stop token id ends the request without being decoded
+    matcher = StopMatcher(tok, [], [ids[3]])
+    assert "".join(matcher.push(t) for t in ids[:4]) == tok.decode(ids[:3])
+    assert matcher.stopped
+
+
+def test_context_window(tiny_checkpoint, capsys):
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
     limit = model.max_seq_length
     with pytest.raises(LitLLMError, match="context window"):
-        list(generate_tokens(model, torch.ones(limit, dtype=torch.long), 5))
-    # new tokens are clipped to what fits
-    assert len(list(generate_tokens(model, torch.ones(limit - 3, dtype=torch.long), 50))) == 3
+        generate_ids(model, [1] * limit, 5)
+    assert fit_max_new_tokens(None, 50, 3, limit) == 3  # a default shrinks to fit, and says so
+    assert "reduced to 3" in capsys.readouterr().err
+    assert fit_max_new_tokens(None, 50, 80, limit) == 50
+    assert capsys.readouterr().err == ""
+    with pytest.raises(LitLLMError, match="--max_new_tokens 50 does not fit"):
+        fit_max_new_tokens(50, 20, 3, limit)  # a value the user gave must fit
     with pytest.raises(LitLLMError, match="top_p"):
-        list(generate_tokens(model, torch.ones(3, dtype=torch.long), 5, top_p=0.0))
+        generate_ids(model, [1, 1, 1], 5, Sampling(top_p=0.0))
 
 
 def test_sample():
@@ -159,13 +229,14 @@ def test_sample():
     assert torch.allclose(freq, torch.cat([probs[:2] / probs[:2].sum(), torch.zeros(4)]), atol=0.015)
 
 
-def test_stream_text_matches_decode(tmp_path):
+def test_incremental_decoding_matches_decode(tmp_path):
     """Chunks never split a character, and concatenate to the full decode (SentencePiece spaces, bytes)."""
     for byte_fallback in (False, True):
         tok = Tokenizer(train_bpe_tokenizer(tmp_path / str(byte_fallback), byte_fallback=byte_fallback))
         text = "Hello  world, café 東京 🙂 end.\n  indented"
         ids = tok.encode(text, bos=False).tolist()
-        chunks = list(stream_text(tok, ids))
+        matcher = StopMatcher(tok)
+        chunks = [c for c in (matcher.push(t) for t in ids) if c] + [matcher.flush()]
         assert "".join(chunks) == tok.decode(ids) == text
         assert all("\ufffd" not in c for c in chunks)
         assert len(chunks) > 5  # it really streams
@@ -190,7 +261,7 @@ def test_generate_command_stops_at_eos(tiny_checkpoint, tmp_path, capsys):
     shutil.copytree(tiny_checkpoint, folder)
     tok = Tokenizer(folder)
     model = GPT.from_checkpoint(folder).eval()
-    full = list(generate_tokens(model, tok.encode("The quick brown fox"), 20))
+    full = generate_ids(model, tok.encode("The quick brown fox").tolist(), 20)
     k = next(i for i in range(3, 18) if full[i] not in full[:i])
     config = json.loads((folder / "generation_config.json").read_text())
     config["eos_token_id"] = [tok.eos_id, full[k]]

@@ -85,7 +85,7 @@ def test_left_padded_batch_equals_single_rows(converted):
     valid[1, :pad] = False
     position_ids = (valid.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(batch, position_ids=position_ids, key_padding_mask=valid)
+        out = model(batch, input_pos=position_ids, key_padding_mask=valid)
         torch.testing.assert_close(out[0], model(a[None])[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[1, pad:], model(b[None])[0], atol=1e-5, rtol=0)
 

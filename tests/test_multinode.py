@@ -77,7 +77,7 @@ def test_two_torchrun_nodes_match_one_process(initial_model, one_process_run, tm
 # ---------------------------------------------------------------------- SIGTERM without Slurm
 SLOW_CHECKPOINT = """
 import sys, time
-import litllm.checkpoint as checkpoint
+import litllm.model_folder as checkpoint
 
 write = checkpoint.save_model_weights
 def slow_write(state_dict, path):

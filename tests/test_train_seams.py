@@ -49,14 +49,14 @@ def test_default_loss_is_a_token_sum_and_passes_extra_batch_keys():
     input_ids = torch.randint(0, 320, (2, 12), generator=g)
     labels = torch.randint(0, 320, (2, 12), generator=g)
     labels[1, 8:] = -7
-    # position_ids reach the model: restarting positions change the loss (RoPE), the default ones don't
+    # input_pos (RoPE positions) reach the model: restarting positions change the loss (RoPE), the default ones don't
     positions = torch.arange(12).expand(2, 12)
     loss_sum, count, metrics = token_cross_entropy(model, {"input_ids": input_ids, "labels": labels}, -7)
     assert count == 20 and metrics == {}
     expected = F.cross_entropy(model(input_ids).flatten(0, 1), labels.flatten(), ignore_index=-7, reduction="sum")
     torch.testing.assert_close(loss_sum, expected)
-    same, _, _ = token_cross_entropy(model, {"input_ids": input_ids, "labels": labels, "position_ids": positions}, -7)
-    shifted, _, _ = token_cross_entropy(model, {"input_ids": input_ids, "labels": labels, "position_ids": positions % 6}, -7)
+    same, _, _ = token_cross_entropy(model, {"input_ids": input_ids, "labels": labels, "input_pos": positions}, -7)
+    shifted, _, _ = token_cross_entropy(model, {"input_ids": input_ids, "labels": labels, "input_pos": positions % 6}, -7)
     torch.testing.assert_close(same, loss_sum)
     assert not torch.allclose(shifted, loss_sum)
     with pytest.raises(TypeError):  # a key the model doesn't take is an error, not silently dropped

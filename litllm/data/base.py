@@ -14,7 +14,7 @@ module's `ignore_index`) marks positions without a loss. `T <= max_seq_length`.
 Pretraining loaders are litdata `StreamingDataLoader`s (`state_dict()` / `load_state_dict()` give an
 exact resume). Fine-tuning loaders are map-style torch `DataLoader`s shuffled by a `RandomSampler`; the training
 loop reseeds it with `seed + epoch` at each epoch, so the order is a pure function of both.
-A batch may carry more keys (e.g. `position_ids`); the loop moves them to the device and the
+A batch may carry more keys (e.g. `input_pos`, RoPE positions per row); the loop moves them to the device and the
 method's loss passes them to the model.
 """
 

@@ -269,7 +269,8 @@ class PadCollate:
 # ---------------------------------------------------------------------- the shared data module
 def resolve_prompt_style(name: Optional[str], tokenizer):
     """`name` if given; else the checkpoint's own style (prompt_style.yaml or chat template); else Alpaca."""
-    from litllm.prompts import PROMPT_STYLE_FILE, PromptStyle
+    from litllm.model_folder import PROMPT_STYLE_FILE
+    from litllm.prompts import PromptStyle
 
     if name:
         return PromptStyle.from_name(name)

@@ -58,7 +58,7 @@ def _no_outputs(final_dir: Path) -> None:
 def token_cross_entropy(model: nn.Module, batch: Batch, ignore_index: int) -> LossOutput:
     """The default loss: next-token cross-entropy summed over the label tokens, and their count.
 
-    Every batch key besides `input_ids` and `labels` (e.g. `position_ids`) is passed to the model.
+    Every batch key besides `input_ids` and `labels` (e.g. `input_pos`, RoPE positions per row) is passed to the model.
     """
     labels = batch["labels"]
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}

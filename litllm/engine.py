@@ -1,0 +1,447 @@
+"""The decode engine: every generation in litllm (`generate`, `chat`, `LLM`, lm-eval's generate_until,
+the server) runs here.
+
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    rid = engine.add(Request(prompt_ids, max_new_tokens=50, stop_strings=["\\n\\n"]))
+    while engine.has_unfinished:
+        for out in engine.step():          # Output(request_id, text, token_ids, finished, ...)
+            print(out.text, end="")
+
+- Slots (continuous batching): the KV cache has `max_batch_size` rows. A request is prefilled into a
+  free row at a token boundary, while the other rows are mid-decode, and leaves when it finishes.
+  Each row sits at its own length: the model gets a (B, 1) position tensor that is both the cache
+  slot and the RoPE position, so no padding is needed and a row's output equals running it alone.
+- The decode step (`model(tokens, input_pos=positions)` for all rows) reads no value back from the
+  device; with `compile=True` it is `torch.compile`d at static shapes (the whole cache, `kv_len=None`).
+  In eager mode the engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips
+  the unwritten tail of the cache.
+- Stops: one `StopMatcher` per request: token-id stops (EOS, the prompt style's stop tokens) and text
+  stops matched on the incrementally decoded text; text that could begin a stop string is held back
+  until resolved, and the stop string itself is never emitted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from litllm.errors import LitLLMError
+
+
+# ---------------------------------------------------------------------- sampling
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Pick the next token of each row of `logits` (..., vocab) -> (...,) long.
+
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the
+    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p` (nucleus).
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the ones ranked above it already reach top_p (the top token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    flat = probs.reshape(-1, probs.size(-1))
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def check_sampling_args(temperature: float, top_k: Optional[int], top_p: float, max_new_tokens: Optional[int]) -> None:
+    if temperature < 0:
+        raise LitLLMError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise LitLLMError(f"--top_k must be a positive integer, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise LitLLMError(f"--top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise LitLLMError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+# ---------------------------------------------------------------------- requests
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    seed: Optional[int] = None  # a per-request torch.Generator; same seed -> same sample. None: torch's global RNG
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]  # already rendered + tokenized by the caller
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_strings: Sequence[str] = ()  # text stops, matched on the decoded text
+    stop_token_ids: Sequence[int] = ()  # EOS and the like (see `default_stops`)
+
+
+@dataclass
+class Output:
+    """What one request produced in one `step()`."""
+
+    request_id: int
+    text: str  # new text since the previous Output (held back while it could begin a stop string)
+    token_ids: list[int]  # the tokens generated in this step (a stop's tokens included)
+    finished: bool
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" when finished
+    prompt_tokens: int
+    completion_tokens: int  # generated so far (a stop's tokens count)
+
+
+def default_stops(tokenizer, prompt_style=None) -> dict:
+    """`stop_token_ids` and `stop_strings` for a Request: the tokenizer's EOS/stop ids and the style's stop strings."""
+    strings = list(prompt_style.stop_strings) if prompt_style is not None else []
+    return {"stop_token_ids": list(tokenizer.stop_ids), "stop_strings": strings}
+
+
+# ---------------------------------------------------------------------- stops + detokenization
+class StopMatcher:
+    """Per-request incremental detokenization and stop detection, safe for streaming.
+
+    `push(token)` returns the text that is now safe to emit and sets `stopped` at a stop. Text is
+    decoded over a short window of recent tokens (never the whole sequence), emitted only once a
+    character is complete (no trailing U+FFFD), and held back while its end could be the start of
+    a stop string. A stop token id ends the request without being decoded.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), stop_token_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_ids = frozenset(int(i) for i in stop_token_ids)
+        self.stopped = False
+        self._ids: list[int] = []
+        self._prefix = self._read = 0  # decode window start; end of the already-decoded tokens
+        self._pending = ""  # decoded text not emitted yet (it could begin a stop string)
+
+    def push(self, token: int) -> str:
+        if token in self.stop_ids:
+            self.stopped = True
+            return self.flush()
+        if self.tokenizer is None:
+            return ""
+        self._ids.append(token)
+        before = self.tokenizer.decode(self._ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._pending += after[len(before):]
+            self._prefix, self._read = self._read, len(self._ids)
+        return self._release()
+
+    def flush(self) -> str:
+        """The rest of the text once the request ends (an incomplete character decodes as it can)."""
+        if self.tokenizer is not None and self._read < len(self._ids):
+            before = self.tokenizer.decode(self._ids[self._prefix:self._read])
+            after = self.tokenizer.decode(self._ids[self._prefix:])
+            self._pending += after[len(before):]
+            self._read = len(self._ids)
+            text = self._release()  # a stop string may still complete in the last characters
+            if self.stopped:
+                return text
+            text, self._pending = text + self._pending, ""
+            return text
+        text, self._pending = self._pending, ""
+        return text
+
+    def _release(self) -> str:
+        pending = self._pending
+        if not self.stop_strings:
+            self._pending = ""
+            return pending
+        found = [i for i in (pending.find(s) for s in self.stop_strings) if i >= 0]
+        if found:
+            self.stopped = True
+            self._pending = ""
+            return pending[: min(found)]
+        hold = 0  # the longest end of `pending` that is the start of a stop string
+        for s in self.stop_strings:
+            for n in range(min(len(s) - 1, len(pending)), hold, -1):
+                if pending.endswith(s[:n]):
+                    hold = n
+                    break
+        self._pending = pending[len(pending) - hold:]
+        return pending[: len(pending) - hold]
+
+
+# ---------------------------------------------------------------------- threads
+@contextmanager
+def threads_for(n: Optional[int]) -> Iterator[None]:
+    """Run a block with `n` torch threads (None: unchanged), restoring the setting afterwards."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- the engine
+@dataclass
+class _Row:
+    """A request in a KV-cache row."""
+
+    request_id: int
+    request: Request
+    matcher: StopMatcher
+    generator: Optional[torch.Generator]
+    pos: int  # position of the newest token (sampled, not yet written to the cache)
+    generated: int = 0
+
+
+class Engine:
+    """Continuous-batching decoder over `max_batch_size` KV-cache rows of `max_seq_length` positions.
+
+    The engine sets the model's KV cache for its lifetime; `close()` (or leaving a `with` block)
+    removes it, so plain `model(idx)` calls work again. `add()` and `abort()` may be called from
+    another thread than `step()`; `step()` runs in one thread.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 1,
+        max_seq_length: Optional[int] = None,
+        *,
+        threads: Optional[int] = None,
+        compile: bool = False,
+    ) -> None:
+        if max_batch_size < 1:
+            raise LitLLMError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_seq_length = max_seq_length or model.max_seq_length
+        if self.max_seq_length > model.max_seq_length:
+            raise LitLLMError(
+                f"max_seq_length {self.max_seq_length} exceeds the model's context window of {model.max_seq_length}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.threads = threads  # CPU threads for step() (None: torch's setting)
+        self.vocab_size = model.config.vocab_size  # padded rows of the head are not tokens
+        self.device = model.wte.weight.device
+        model.set_kv_cache(max_batch_size, self.max_seq_length)
+        self._caches = [block.attn.kv_cache for block in model.blocks]  # this engine's; step() puts them back
+        # on the model when another engine of the same model has set its own meanwhile
+        self._slot_caches = [[c.rows(i, i + 1) for c in self._caches] for i in range(max_batch_size)]
+        # decode inputs, one row per slot; a free slot decodes a dummy token at position 0 (its
+        # garbage key is overwritten by the next prefill of that slot before anything reads it)
+        self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
+        self._active = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)  # 1 = running
+        self._rows: list[Optional[_Row]] = [None] * max_batch_size
+        self._compiled = compile
+        self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[int, Request]] = deque()
+        self._aborts: set[int] = set()
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ public interface
+    def add(self, request: Request) -> int:
+        """Queue a request; returns its id. It joins a free row at the next `step()`."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise LitLLMError("the prompt is empty (no tokens)")
+        s = request.sampling
+        check_sampling_args(s.temperature, s.top_k, s.top_p, request.max_new_tokens)
+        if n + request.max_new_tokens > self.max_seq_length:
+            raise LitLLMError(
+                f"the prompt has {n} tokens and max_new_tokens is {request.max_new_tokens}: together they exceed "
+                f"the context window of {self.max_seq_length} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        with self._lock:
+            request_id = self._next_id
+            self._next_id += 1
+            self._waiting.append((request_id, request))
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request; its row is freed at the next `step()`, which reports finish_reason "abort"."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting) or self.num_running > 0 or bool(self._aborts)
+
+    def close(self) -> None:
+        """Remove this engine's KV cache from the model, so plain `model(idx)` calls work again."""
+        if self.model.blocks[0].attn.kv_cache is self._caches[0]:
+            self.model.clear_kv_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """Admit waiting requests into free rows (prefill), then one decode step for every running row."""
+        outputs: list[Output] = []
+        if self.model.blocks[0].attn.kv_cache is not self._caches[0]:
+            self._set_caches(self._caches)
+        with threads_for(self.threads):
+            self._handle_aborts(outputs)
+            for slot in range(self.max_batch_size):
+                if self._rows[slot] is None and self._waiting:
+                    with self._lock:
+                        request_id, request = self._waiting.popleft()
+                    self._prefill(slot, request_id, request, outputs)
+            running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None]
+            if not running:
+                return outputs
+            kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
+            logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
+            tokens = self._pick(logits, running)
+            for slot, row in running:
+                row.pos += 1
+                self._advance(slot, row, tokens[slot], outputs)
+            self._pos.add_(self._active)  # the rows still running move one position on
+        return _merge(outputs)
+
+    # ------------------------------------------------------------------ internals
+    def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
+
+    def _prefill(self, slot: int, request_id: int, request: Request, outputs: list[Output]) -> None:
+        s = request.sampling
+        generator = None
+        if s.seed is not None and s.temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        row = _Row(request_id, request, StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids),
+                   generator, pos=len(request.prompt_ids))
+        ids = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
+        self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
+        try:
+            logits = self.model(ids[None], input_pos=torch.arange(ids.numel(), device=self.device),
+                                kv_len=ids.numel())[:, -1, : self.vocab_size]
+        finally:
+            self._set_caches(self._caches)
+        token = self._sample(logits, row)
+        self._rows[slot] = row
+        self._tokens[slot] = token
+        self._pos[slot] = row.pos
+        self._active[slot] = 1
+        self._advance(slot, row, token, outputs)
+
+    def _set_caches(self, caches) -> None:
+        for block, cache in zip(self.model.blocks, caches):
+            block.attn.kv_cache = cache
+
+    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+        s = row.request.sampling
+        return int(sample(logits, s.temperature, s.top_k, s.top_p, row.generator)[0])
+
+    def _pick(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> list[int]:
+        """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own."""
+        greedy = logits.argmax(dim=-1)  # (B,)
+        tokens = greedy.tolist()
+        sampled = False
+        for slot, row in running:
+            if row.request.sampling.temperature > 0:
+                tokens[slot] = self._sample(logits[slot: slot + 1], row)
+                sampled = True
+        self._tokens.copy_(torch.tensor(tokens, device=self.device)[:, None] if sampled else greedy[:, None])
+        return tokens
+
+    def _advance(self, slot: int, row: _Row, token: int, outputs: list[Output]) -> None:
+        """Record `token` for the row; free the row when it finished."""
+        row.generated += 1
+        text = row.matcher.push(token)
+        reason = None
+        if row.matcher.stopped:
+            reason = "stop"
+        elif row.generated >= row.request.max_new_tokens:
+            reason = "length"
+            text += row.matcher.flush()
+        outputs.append(Output(row.request_id, text, [token], reason is not None, reason,
+                              len(row.request.prompt_ids), row.generated))
+        if reason is not None:
+            self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        self._rows[slot] = None
+        self._pos[slot] = 0
+        self._active[slot] = 0
+
+    def _handle_aborts(self, outputs: list[Output]) -> None:
+        if not self._aborts:
+            return
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            kept = deque()
+            for request_id, request in self._waiting:
+                if request_id in aborts:
+                    outputs.append(Output(request_id, "", [], True, "abort", len(request.prompt_ids), 0))
+                else:
+                    kept.append((request_id, request))
+            self._waiting = kept
+        for slot, row in enumerate(self._rows):
+            if row is not None and row.request_id in aborts:
+                outputs.append(Output(row.request_id, "", [], True, "abort", len(row.request.prompt_ids),
+                                      row.generated))
+                self._free(slot)
+
+
+def _merge(outputs: list[Output]) -> list[Output]:
+    """One Output per request (a request prefilled in this step also decoded in it)."""
+    merged: dict[int, Output] = {}
+    for out in outputs:
+        prev = merged.get(out.request_id)
+        if prev is None:
+            merged[out.request_id] = out
+        else:
+            merged[out.request_id] = Output(out.request_id, prev.text + out.text, prev.token_ids + out.token_ids,
+                                            out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+    return list(merged.values())
+
+
+def generate_ids(
+    model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling: Optional[Sampling] = None,
+    stop_token_ids: Sequence[int] = (),
+    tokenizer=None,
+    stop_strings: Sequence[str] = (),
+) -> list[int]:
+    """The new token ids after one prompt (a stop token id excluded), on a one-row Engine sized to fit."""
+    prompt_ids = [int(i) for i in prompt_ids]
+    with Engine(model, tokenizer, 1, len(prompt_ids) + max_new_tokens) as engine:
+        engine.add(Request(prompt_ids, max_new_tokens, sampling or Sampling(), stop_strings, stop_token_ids))
+        tokens: list[int] = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens += out.token_ids
+    if tokens and tokens[-1] in set(stop_token_ids):
+        tokens.pop()
+    return tokens

@@ -1,0 +1,262 @@
+"""The FastAPI app: routes, API-key check, OpenAI-style errors, server-sent events.
+
+Routes: `GET /health` (200 once the model is loaded; also the engine's counters), `GET /v1/models`,
+`POST /v1/completions` (prompt text, or token ids, continued as is), `POST /v1/chat/completions`
+(messages rendered with the checkpoint's prompt style or chat template, as `litllm chat` renders
+them). Each generation request becomes one engine `Request`; the handler then waits on its queue
+(see bridge.py). A client that disconnects has its request aborted, which frees its KV-cache slot.
+Server-sent events are two lines of framing (`protocol.sse`) over Starlette's StreamingResponse,
+which also notices disconnects; sse-starlette would add nothing we use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+# this module is imported by `litllm serve` only (after it checked that the `serve` extra is installed)
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from litllm.errors import LitLLMError
+from litllm.serve.bridge import EngineLoop
+from litllm.serve.protocol import (
+    CHAT, COMPLETION, DEFAULT_COMPLETION_MAX_TOKENS, APIError, Params, chunk_body, context_error, new_id, now,
+    parse_json, parse_messages, parse_params, parse_prompt, response_body, sse, usage_body,
+)
+
+
+@dataclass
+class ServedModel:
+    """What the routes need to know about the model being served."""
+
+    name: str  # the id clients pass as `model` (the checkpoint folder's name)
+    tokenizer: object
+    prompt_style: object
+    max_seq_length: int
+    # engine Request stop fields (`engine.default_stops`): completions stop at EOS only (the prompt is
+    # raw text), chat also at the prompt style's stops, as `litllm chat` does
+    completion_stops: dict = field(default_factory=dict)
+    chat_stops: dict = field(default_factory=dict)
+    created: int = field(default_factory=now)
+
+
+def build_app(served: ServedModel, bridge: EngineLoop, api_key: Optional[str] = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        bridge.start(asyncio.get_running_loop())
+        yield
+        bridge.stop()
+
+    app = FastAPI(title="litllm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # unknown route, wrong method
+        code = "not_found" if e.status_code == 404 else None
+        error = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        error = APIError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(error.body(), status_code=500)
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            what = "no API key given" if not given else "invalid API key"
+            raise APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def model_card() -> dict:
+        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "litllm",
+                "max_model_len": served.max_seq_length}
+
+    @app.get("/health")
+    async def health():
+        engine = bridge.engine
+        return {"status": "ok", "model": served.name, "num_running": engine.num_running,
+                "num_waiting": engine.num_waiting, "num_in_flight": bridge.num_in_flight,
+                "num_aborted": bridge.num_aborted}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_api_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        check_api_key(request)
+        if model_id != served.name:
+            raise _unknown_model(model_id, served.name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(COMPLETION, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(CHAT, request)
+
+    async def generate(kind: str, request: Request):
+        check_api_key(request)
+        body = parse_json(await request.body())
+        params = parse_params(kind, body)
+        if params.model is not None and params.model != served.name:
+            raise _unknown_model(params.model, served.name)
+        engine_request = _engine_request(kind, body, params, served)
+        id, created = new_id(kind), now()
+        if params.stream:
+            events = _stream(kind, id, created, params, served, bridge, engine_request)
+            await events.__anext__()  # submits now: a full queue or a bad request is still a plain HTTP error
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering (nginx)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        answer = await _collect(request, bridge, engine_request)
+        if answer is None:  # the client has gone: nobody reads this
+            return Response(status_code=499)
+        text, last = answer
+        usage = usage_body(last.prompt_tokens, last.completion_tokens)
+        return response_body(kind, id, served.name, created, text, last.finish_reason, usage)
+
+    return app
+
+
+def _unknown_model(name: str, served: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist: this server serves '{served}'", param="model",
+                    code="model_not_found")
+
+
+def _engine_request(kind: str, body: dict, params: Params, served: ServedModel):
+    """Render + tokenize the prompt, settle max_tokens against the context window -> an engine Request."""
+    from litllm.engine import Request, Sampling
+
+    tokenizer = served.tokenizer
+    if kind == COMPLETION:
+        prompt = parse_prompt(body)
+        param = "prompt"
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt).tolist()
+        else:
+            bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary "
+                                    f"(0..{tokenizer.vocab_size - 1})", param="prompt")
+            ids = list(prompt)
+        stops = served.completion_stops
+    else:
+        messages = parse_messages(body)
+        param = "messages"
+        style = served.prompt_style
+        try:  # exactly what `litllm chat` feeds the model
+            ids = style.encode(tokenizer, style.render_messages(messages, add_generation_prompt=True)).tolist()
+        except LitLLMError as e:
+            raise APIError(400, f"'messages' can't be rendered with the {style.name} prompt style: {e}",
+                           param="messages") from None
+        stops = served.chat_stops
+    if not ids:
+        raise APIError(400, f"'{param}' is empty (no tokens)", param=param)
+    limit = served.max_seq_length
+    room = limit - len(ids)
+    if room < 1:
+        raise context_error(limit, len(ids), params.max_tokens, param)
+    if params.max_tokens is None:  # a default never fails: it shrinks to the room the window leaves
+        max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, room) if kind == COMPLETION else room
+    elif params.max_tokens > room:
+        raise context_error(limit, len(ids), params.max_tokens, "max_tokens")
+    else:
+        max_tokens = params.max_tokens
+    sampling = Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed)
+    return Request(prompt_ids=ids, max_new_tokens=max_tokens, sampling=sampling,
+                   stop_strings=[*params.stop, *stops.get("stop_strings", ())],
+                   stop_token_ids=list(stops.get("stop_token_ids", ())))
+
+
+def _submit(bridge: EngineLoop, engine_request) -> tuple[int, asyncio.Queue]:
+    try:
+        return bridge.submit(engine_request)
+    except LitLLMError as e:  # the engine's own checks (e.g. the context window)
+        raise APIError(400, str(e)) from None
+
+
+async def _next_output(queue: asyncio.Queue):
+    out = await queue.get()
+    if isinstance(out, Exception):
+        raise out
+    if out.finish_reason == "abort":  # aborted by the server itself: it is shutting down
+        raise APIError(503, "the request was cancelled: the server is shutting down", headers={"Retry-After": "5"})
+    return out
+
+
+async def _collect(request, bridge: EngineLoop, engine_request):
+    """Wait for a whole answer -> (text, last Output); None (and the request aborted) if the client
+    disconnects first."""
+    request_id, queue = _submit(bridge, engine_request)
+
+    async def answer():
+        texts = []
+        while True:
+            out = await _next_output(queue)
+            texts.append(out.text)
+            if out.finished:
+                return "".join(texts), out
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answering, leaving = asyncio.ensure_future(answer()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answering, leaving):
+            task.cancel()
+        bridge.abort(request_id)  # no-op when it has finished
+    if not answering.done() or answering.cancelled():
+        return None
+    return answering.result()
+
+
+async def _stream(kind, id, created, params: Params, served: ServedModel, bridge: EngineLoop, engine_request):
+    """Server-sent events of one request. The first `__anext__` submits it and yields nothing useful;
+    from then on `finally` aborts the request however the stream ends (client gone included)."""
+    request_id, queue = _submit(bridge, engine_request)
+    model, usage = served.name, params.include_usage
+    try:
+        yield b""
+        if kind == CHAT:
+            yield sse(chunk_body(kind, id, model, created, text="", first=True, include_usage=usage))
+        while True:
+            try:
+                out = await _next_output(queue)
+            except APIError as e:  # headers are sent: the error goes in the stream, as OpenAI does
+                yield sse(e.body())
+                break
+            if kind == CHAT:
+                if out.text:
+                    yield sse(chunk_body(kind, id, model, created, text=out.text, include_usage=usage))
+                if out.finished:
+                    yield sse(chunk_body(kind, id, model, created, finish_reason=out.finish_reason,
+                                         include_usage=usage))
+            elif out.text or out.finished:
+                yield sse(chunk_body(kind, id, model, created, text=out.text,
+                                     finish_reason=out.finish_reason if out.finished else None, include_usage=usage))
+            if out.finished:
+                if usage:
+                    yield sse(chunk_body(kind, id, model, created,
+                                         usage=usage_body(out.prompt_tokens, out.completion_tokens)))
+                break
+        yield sse("[DONE]")
+    finally:
+        bridge.abort(request_id)

@@ -1,0 +1,120 @@
+"""The async bridge: one thread runs the engine, asyncio handlers wait on per-request queues.
+
+    bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
+    bridge.start(asyncio.get_running_loop())
+    request_id, outputs = bridge.submit(Request(...))   # on the event loop; 503 when full
+    output = await outputs.get()                        # an engine Output (or an Exception), until .finished
+    bridge.abort(request_id)                            # client gone: the slot is freed at the next step
+    bridge.stop()
+
+The engine thread loops `engine.step()` while any request is in flight and sleeps on an Event
+otherwise. Each Output goes to its request's queue through `loop.call_soon_threadsafe` (asyncio
+queues are not thread-safe). A request's queue is dropped when its final Output (finished,
+including "abort") has been dispatched, so `num_in_flight` returning to 0 means nothing leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import traceback
+from typing import Optional
+
+from litllm.serve.protocol import APIError
+
+
+class EngineLoop:
+    def __init__(self, engine, capacity: int) -> None:
+        self.engine = engine
+        self.capacity = capacity  # requests in flight (running + waiting) before new ones get a 503
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.num_aborted = 0
+        self._lock = threading.Lock()  # queues + engine.add are one step for the engine thread
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    # ------------------------------------------------------------------ the event-loop side
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.queues)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="litllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abort what is still in flight, then end the engine thread."""
+        for request_id in list(self.queues):
+            self.abort(request_id)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request) -> tuple[int, asyncio.Queue]:
+        """Add `request` to the engine; its Outputs will arrive on the returned queue."""
+        if self._stopping:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        if len(self.queues) >= self.capacity:
+            raise APIError(
+                503, f"the server is at capacity ({len(self.queues)} requests in flight): retry shortly",
+                code="server_overloaded", headers={"Retry-After": "1"},
+            )
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # the engine thread can't dispatch this request's first Output before its queue exists
+            request_id = self.engine.add(request)
+            self.queues[request_id] = queue
+        self._wake.set()
+        return request_id, queue
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request that is still in flight (no-op once it has finished)."""
+        with self._lock:
+            if request_id not in self.queues:
+                return
+            self.engine.abort(request_id)
+            self.num_aborted += 1
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            if not self.queues:
+                self._wake.wait()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}"))
+                continue
+            with self._lock:
+                targets = []
+                for out in outputs:
+                    queue = self.queues.get(out.request_id)
+                    if out.finished:
+                        self.queues.pop(out.request_id, None)
+                    if queue is not None:
+                        targets.append((queue, out))
+            if targets:
+                self._loop.call_soon_threadsafe(_put_all, targets)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            failed, self.queues = self.queues, {}
+            for request_id in failed:
+                try:
+                    self.engine.abort(request_id)
+                except Exception:
+                    pass
+        self._loop.call_soon_threadsafe(_put_all, [(queue, error) for queue in failed.values()])
+
+
+def _put_all(targets: list) -> None:
+    for queue, item in targets:
+        queue.put_nowait(item)

@@ -1,0 +1,293 @@
+"""The OpenAI protocol: request bodies -> validated parameters, and the bodies we answer with.
+
+Plain Python (no web framework), so every rule here is unit-testable. A bad request raises
+`APIError`, which the app answers as OpenAI does: the HTTP status and
+`{"error": {"message", "type", "param", "code"}}`, the message naming the field.
+
+Fields honoured: `model`, `prompt` / `messages`, `max_tokens` (chat also `max_completion_tokens`),
+`temperature`, `top_p`, `top_k`, `stop`, `seed`, `stream`, `stream_options.include_usage`, `user`
+(an opaque id, accepted). Fields whose effect we don't implement are accepted only at their no-op
+value (`n: 1`, `presence_penalty: 0`, ...); anything else is a 400: never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+COMPLETION, CHAT = "completion", "chat"
+
+# OpenAI's own default for /v1/completions (chat has none: it runs until a stop or the context ends)
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
+class APIError(Exception):
+    """An error answered with HTTP `status` and an OpenAI-style body."""
+
+    def __init__(
+        self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+        type: Optional[str] = None, headers: Optional[dict[str, str]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Params:
+    """What one request asks for, validated. max_tokens None: the server's default for the route."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0  # OpenAI's default; 0 = greedy
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    stream: bool = False
+    include_usage: bool = False
+
+
+# ---------------------------------------------------------------------- request validation
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list}[kind])
+
+
+def _field(body: dict, name: str, kind: str, default: Any = None) -> Any:
+    """body[name] checked to be of JSON `kind` (absent or null -> default)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is(value, kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise APIError(400, f"'{name}' must be {article} {kind}, got {_json_type(value)}", param=name)
+    return value
+
+
+def _invalid(name: str, message: str) -> APIError:
+    return APIError(400, f"'{name}' {message}", param=name)
+
+
+# fields accepted only with the value that changes nothing (we don't implement their effect)
+_NO_OP_VALUES: dict[str, Any] = {
+    "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+    "echo": False, "logprobs": False, "suffix": "",
+}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "user"}
+_FIELDS = {COMPLETION: _COMMON | {"prompt"}, CHAT: _COMMON | {"messages", "max_completion_tokens"}}
+
+
+def _check_fields(kind: str, body: dict) -> None:
+    for name, value in body.items():
+        if name in _FIELDS[kind]:
+            continue
+        if name in _NO_OP_VALUES:
+            no_op = _NO_OP_VALUES[name]
+            if value is None or (isinstance(value, bool) == isinstance(no_op, bool) and value == no_op):
+                continue
+            if name == "n":
+                raise _invalid("n", f"must be 1: one choice per request is supported (got {value!r}); "
+                                    "send several requests for several choices")
+            raise _invalid(name, f"is not supported by this server (only {json.dumps(no_op)} is accepted)")
+        raise _invalid(name, "is not a supported field for this endpoint")
+
+
+def parse_params(kind: str, body: dict) -> Params:
+    """The sampling / length / streaming fields shared by both endpoints."""
+    _check_fields(kind, body)
+    p = Params()
+    p.model = _field(body, "model", "string")
+    max_tokens = _field(body, "max_tokens", "integer")
+    if kind == CHAT:
+        newer = _field(body, "max_completion_tokens", "integer")
+        if newer is not None and max_tokens is not None and newer != max_tokens:
+            raise _invalid("max_completion_tokens", f"({newer}) and 'max_tokens' ({max_tokens}) disagree: send one")
+        max_tokens = newer if newer is not None else max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise _invalid("max_tokens", f"must be >= 1, got {max_tokens}")
+    p.max_tokens = max_tokens
+    p.temperature = float(_field(body, "temperature", "number", 1.0))
+    if p.temperature < 0:
+        raise _invalid("temperature", f"must be >= 0 (0 = greedy), got {p.temperature}")
+    p.top_p = float(_field(body, "top_p", "number", 1.0))
+    if not 0.0 < p.top_p <= 1.0:
+        raise _invalid("top_p", f"must be in (0, 1], got {p.top_p}")
+    top_k = _field(body, "top_k", "integer")
+    if top_k is not None and top_k != -1 and top_k < 1:
+        raise _invalid("top_k", f"must be a positive integer (or -1 for no limit), got {top_k}")
+    p.top_k = None if top_k in (None, -1) else top_k
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _invalid("stop", f"must be a string or an array of strings, got {_json_type(stop)}")
+    if stop and not all(stop):
+        raise _invalid("stop", "must not contain an empty string")
+    p.stop = list(stop or [])
+    p.seed = _field(body, "seed", "integer")
+    p.stream = _field(body, "stream", "boolean", False)
+    options = _field(body, "stream_options", "object")
+    if options is not None:
+        if not p.stream:
+            raise _invalid("stream_options", "is only allowed when 'stream' is true")
+        unknown = set(options) - {"include_usage"}
+        if unknown:
+            raise _invalid("stream_options", f"has unsupported key(s): {', '.join(sorted(unknown))}")
+        p.include_usage = _field(options, "include_usage", "boolean", False)
+    _field(body, "user", "string")
+    return p
+
+
+def parse_prompt(body: dict) -> Union[str, list[int]]:
+    """/v1/completions' `prompt`: a string, token ids, or an array holding exactly one of those."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise APIError(400, "'prompt' is required", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is(t, "integer") for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(t, (str, list)) for t in prompt):
+        raise _invalid("prompt", f"holds {len(prompt)} prompts: send one prompt per request")
+    raise _invalid("prompt", f"must be a string or an array of token ids, got {_json_type(prompt)}")
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def parse_messages(body: dict) -> list[dict[str, str]]:
+    """/v1/chat/completions' `messages` -> [{"role", "content"}] with text content (developer -> system)."""
+    if "messages" not in body or body["messages"] is None:
+        raise APIError(400, "'messages' is required", param="messages")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", f"must be a non-empty array of messages, got {_json_type(messages)}"
+                                   f"{' (empty)' if messages == [] else ''}")
+    out = []
+    for i, m in enumerate(messages):
+        name = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _invalid(name, f"must be an object with 'role' and 'content', got {_json_type(m)}")
+        unknown = set(m) - {"role", "content"}
+        if unknown:
+            raise _invalid(name, f"has unsupported key(s): {', '.join(sorted(unknown))}")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise APIError(400, f"'{name}.role' must be one of {', '.join(_ROLES)}, got {role!r}", param=f"{name}.role")
+        out.append({"role": _ROLES[role], "content": _message_text(m.get("content"), f"{name}.content")})
+    return out
+
+
+def _message_text(content: Any, name: str) -> str:
+    """A message's text: a string, or an array of {"type": "text", "text": ...} parts (joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise APIError(400, f"'{name}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}} "
+                                    "(this server reads text only)", param=name)
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise APIError(400, f"'{name}' must be a string or an array of text parts, got {_json_type(content)}", param=name)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The request body as a JSON object (400 on malformed JSON or a non-object)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def context_error(limit: int, prompt_tokens: int, max_tokens: Optional[int], param: str) -> APIError:
+    """400 for a request that doesn't fit in the context window (OpenAI's code for it)."""
+    if max_tokens is None:
+        message = (f"This model's maximum context length is {limit} tokens, and the prompt has {prompt_tokens} "
+                   "tokens: no room is left to generate. Shorten the prompt.")
+    else:
+        message = (f"This model's maximum context length is {limit} tokens, but {prompt_tokens + max_tokens} were "
+                   f"requested ({prompt_tokens} in the prompt, {max_tokens} in max_tokens). "
+                   "Shorten the prompt or lower max_tokens.")
+    return APIError(400, message, param=param, code="context_length_exceeded")
+
+
+# ---------------------------------------------------------------------- response bodies
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response_body(kind: str, id: str, model: str, created: int, text: str, finish_reason: str, usage: dict) -> dict:
+    """The whole answer of a non-streamed request."""
+    if kind == CHAT:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    obj = "chat.completion" if kind == CHAT else "text_completion"
+    return {"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
+
+
+def chunk_body(
+    kind: str, id: str, model: str, created: int, text: Optional[str] = None, first: bool = False,
+    finish_reason: Optional[str] = None, usage: Optional[dict] = None, include_usage: bool = False,
+) -> dict:
+    """One streamed chunk. Chat: the first delta carries the role. A usage chunk (usage given) has no
+    choices; when the client asked for usage, the other chunks carry `"usage": null` (as OpenAI's do)."""
+    obj = "chat.completion.chunk" if kind == CHAT else "text_completion"
+    chunk: dict[str, Any] = {"id": id, "object": obj, "created": created, "model": model}
+    if usage is not None:
+        chunk["choices"] = []
+        chunk["usage"] = usage
+        return chunk
+    if kind == CHAT:
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    chunk["choices"] = [choice]
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def sse(data: Union[dict, str]) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,176 @@
+"""`litllm serve`: load a model folder as `litllm generate` does and serve it over HTTP (OpenAI API)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+from litllm.errors import LitLLMError
+
+# seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled
+SHUTDOWN_GRACE_S = 20
+# without --max_seq_length, the KV cache may take at most this share of the memory left after loading
+KV_MEMORY_SHARE = 0.5
+
+
+def serve(
+    checkpoint_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    max_batch_size: int = 16,
+    max_seq_length: Optional[int] = None,
+    max_queue: int = 64,
+    api_key: Optional[str] = None,
+    prompt_style: Optional[str] = None,
+    device: Optional[str] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
+
+    Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+    Args:
+        checkpoint_dir: A model folder `litllm generate` takes (converted, merged LoRA or adapter folder);
+            its name is the model id clients send.
+        host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+        port: TCP port (0: any free port; the URL printed once ready tells which).
+        precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
+        quantize: Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
+        max_batch_size: Requests decoded together; each holds one KV-cache slot of max_seq_length positions.
+        max_seq_length: Positions per slot (prompt + answer); default: the model's context window, reduced
+            (with a note) when the KV cache would not fit in half the free memory.
+        max_queue: Requests that may wait for a free slot; beyond that, new ones get 503 with Retry-After.
+        api_key: Require `Authorization: Bearer <api_key>` on /v1 routes (default: the LITLLM_API_KEY
+            environment variable; unset: no key needed).
+        prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
+        device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda when available).
+    """
+    from litllm.generate import default_device, load_for_decoding
+    from litllm.prompts import PromptStyle
+    from litllm.tokenizer import Tokenizer
+    from litllm.model_folder import check_model_folder
+
+    if max_batch_size < 1:
+        raise LitLLMError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+    if max_queue < 0:
+        raise LitLLMError(f"--max_queue must be >= 0, got {max_queue}")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise LitLLMError(f"--max_seq_length must be >= 2, got {max_seq_length}")
+    api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
+    checkpoint_dir = check_model_folder(checkpoint_dir)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
+    sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
+    from litllm.engine import Engine, default_stops
+    from litllm.serve.app import ServedModel, build_app
+    from litllm.serve.bridge import EngineLoop
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
+    device = device or default_device()
+    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)  # as `generate` loads
+    max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads)
+    per_slot = kv_cache_bytes(model, max_seq_length)
+    print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
+          f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
+
+    served = ServedModel(
+        name=checkpoint_dir.resolve().name, tokenizer=tokenizer, prompt_style=style, max_seq_length=max_seq_length,
+        completion_stops=default_stops(tokenizer), chat_stops=default_stops(tokenizer, style),
+    )
+    bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
+    app = build_app(served, bridge, api_key)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then raises the signal again for the
+    # previous handler: a no-op handler makes that graceful stop exit with status 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+    asyncio.run(_run(server, sock, f"Serving {served.name} at {url}/v1 ({style.name} prompt style for chat)"))
+
+
+async def _run(server, sock: socket.socket, ready_line: str) -> None:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(ready_line, flush=True)
+    await serving
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it), or one clear error."""
+    if not 0 <= port <= 65535:
+        raise LitLLMError(f"--port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise LitLLMError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart needn't wait for TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise LitLLMError(f"--port {port}: {host}:{port} is already in use (another server?); "
+                              "stop it or pick another --port") from None
+        raise LitLLMError(f"--host {host} --port {port}: can't listen there ({e.strerror})") from None
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def kv_cache_bytes(model, positions: int) -> int:
+    """Bytes of one KV-cache slot: keys and values of every layer for `positions` tokens, in the
+    dtype of the model's activations (its embedding's; quantized weights don't change it)."""
+    c = model.config
+    return 2 * c.n_layer * c.n_query_groups * c.head_size * positions * model.wte.weight.element_size()
+
+
+def resolve_max_seq_length(model, max_batch_size: int, max_seq_length: Optional[int]) -> int:
+    """--max_seq_length, checked against the model; by default the model's window, shrunk (with a note)
+    until max_batch_size slots take at most KV_MEMORY_SHARE of the memory left after loading."""
+    window = model.config.block_size
+    if max_seq_length is not None:
+        if max_seq_length > window:
+            raise LitLLMError(f"--max_seq_length {max_seq_length} exceeds the model's context window ({window} tokens)")
+        return max_seq_length
+    budget = KV_MEMORY_SHARE * free_memory(model.wte.weight.device)
+    fits = int(budget // max(1, max_batch_size * kv_cache_bytes(model, 1)))
+    if fits >= window:
+        return window
+    length = max(256, fits // 256 * 256) if fits >= 256 else max(2, fits)
+    print(f"note: --max_seq_length {length} (not the model's {window}) so that {max_batch_size} KV-cache slots fit "
+          f"in memory; set --max_seq_length or --max_batch_size to choose", file=sys.stderr)
+    return min(length, window)
+
+
+def free_memory(device) -> int:
+    """Bytes still free for tensors on `device` (CUDA: the driver's count; CPU: MemAvailable)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

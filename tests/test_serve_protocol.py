@@ -1,0 +1,118 @@
+"""The server's OpenAI request rules, without a server: what is accepted, what is a 400 naming the field."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from litllm.errors import LitLLMError
+from litllm.serve.protocol import (
+    CHAT, COMPLETION, APIError, chunk_body, parse_json, parse_messages, parse_params, parse_prompt, sse,
+)
+from litllm.serve.server import bind_socket
+
+
+def _param_of(kind, body) -> str:
+    with pytest.raises(APIError) as e:
+        parse_params(kind, body)
+    assert e.value.status == 400 and f"'{e.value.param}'" in e.value.message
+    return e.value.param
+
+
+def test_defaults_and_accepted_fields():
+    p = parse_params(CHAT, {"messages": [], "model": "m", "stop": "###", "top_k": -1, "seed": 3, "user": "u"})
+    assert (p.model, p.stop, p.top_k, p.seed, p.temperature, p.top_p, p.max_tokens) == ("m", ["###"], None, 3, 1.0, 1.0, None)
+    # fields we don't implement pass at their no-op value (what SDKs send by default), null too
+    p = parse_params(COMPLETION, {"prompt": "x", "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0,
+                                  "logprobs": None, "echo": False, "best_of": None, "max_tokens": 5})
+    assert p.max_tokens == 5
+    assert parse_params(CHAT, {"max_completion_tokens": 7}).max_tokens == 7
+    p = parse_params(CHAT, {"stream": True, "stream_options": {"include_usage": True}})
+    assert p.stream and p.include_usage
+
+
+@pytest.mark.parametrize("kind, body, param", [
+    (COMPLETION, {"max_tokens": True}, "max_tokens"),  # a JSON boolean is not an integer
+    (COMPLETION, {"max_tokens": 0}, "max_tokens"),
+    (COMPLETION, {"max_tokens": 2.5}, "max_tokens"),
+    (CHAT, {"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
+    (COMPLETION, {"temperature": -1}, "temperature"),
+    (COMPLETION, {"top_k": 0}, "top_k"),
+    (COMPLETION, {"stop": ["a", ""]}, "stop"),
+    (COMPLETION, {"stop": ["a", 1]}, "stop"),
+    (COMPLETION, {"seed": "1"}, "seed"),
+    (COMPLETION, {"n": 3}, "n"),
+    (COMPLETION, {"presence_penalty": 0.5}, "presence_penalty"),
+    (COMPLETION, {"echo": True}, "echo"),
+    (COMPLETION, {"messages": []}, "messages"),  # a chat field on the completions route
+    (CHAT, {"prompt": "x"}, "prompt"),
+    (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_fields(kind, body, param):
+    assert _param_of(kind, body) == param
+
+
+def test_prompts():
+    assert parse_prompt({"prompt": "hi"}) == "hi"
+    assert parse_prompt({"prompt": ["hi"]}) == "hi"  # a batch of one
+    assert parse_prompt({"prompt": [1, 2, 3]}) == [1, 2, 3]
+    for prompt in (["a", "b"], [[1], [2]]):
+        with pytest.raises(APIError, match="one prompt per request"):
+            parse_prompt({"prompt": prompt})
+    for prompt in ([], [1, "a"], [True], 3):
+        with pytest.raises(APIError) as e:
+            parse_prompt({"prompt": prompt})
+        assert e.value.param == "prompt"
+
+
+def test_messages():
+    got = parse_messages({"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+    ]})
+    assert got == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one\ntwo"}]
+    for message, param in [
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0].content"),
+        ({"role": "tool", "content": "x"}, "messages[0].role"),
+        ({"role": "user", "content": "x", "name": "bob"}, "messages[0]"),
+        ({"role": "assistant", "content": None}, "messages[0].content"),
+    ]:
+        with pytest.raises(APIError) as e:
+            parse_messages({"messages": [message]})
+        assert e.value.param == param
+
+
+def test_json_body():
+    assert parse_json(b'{"a": 1}') == {"a": 1}
+    for raw in (b"{", b"[]", b"\xff\xfe", b""):
+        with pytest.raises(APIError) as e:
+            parse_json(raw)
+        assert e.value.status == 400
+    error = APIError(404, "no such model", param="model", code="model_not_found").body()["error"]
+    assert error == {"message": "no such model", "type": "invalid_request_error", "param": "model",
+                     "code": "model_not_found"}
+
+
+def test_chunks():
+    first = chunk_body(CHAT, "id", "m", 0, text="", first=True)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and "usage" not in first
+    last = chunk_body(CHAT, "id", "m", 0, finish_reason="stop", include_usage=True)
+    assert last["choices"][0]["delta"] == {} and last["usage"] is None
+    usage = chunk_body(COMPLETION, "id", "m", 0, usage={"total_tokens": 3})
+    assert usage["choices"] == [] and usage["usage"] == {"total_tokens": 3}
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+    assert sse({"a": "é"}) == 'data: {"a": "é"}\n\n'.encode()
+
+
+def test_port_in_use_is_one_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LitLLMError, match=f"--port {port}: 127.0.0.1:{port} is already in use"):
+            bind_socket("127.0.0.1", port)
+    with pytest.raises(LitLLMError, match="--port"):
+        bind_socket("127.0.0.1", 70000)
+    bind_socket("127.0.0.1", 0).close()
