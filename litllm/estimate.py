@@ -1,5 +1,7 @@
 """`litllm estimate COMMAND [that command's flags]`: peak memory per device, FLOPs and time, before launch.
 
+COMMAND is `pretrain`, any `finetune_*`, `generate` or `serve` (weights + KV cache + temporaries).
+
     litllm estimate finetune_lora checkpoints/meta-llama/Llama-3.1-8B --config config_hub/finetune/llama-3.1-8b/lora.yaml
     litllm estimate pretrain --config config_hub/pretrain/tinyllama.yaml --device_memory 40GB --json
 
@@ -38,7 +40,7 @@ CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "logits_
 FOUR_BIT = {"bnb.nf4": "nf4", "bnb.nf4-dq": "nf4", "bnb.fp4": "fp4"}
 TRAIN_COMMANDS = {"pretrain": "pretrain", "finetune": "lora", "finetune_lora": "lora", "finetune_full": "full",
                   "finetune_adapter": "adapter", "finetune_adapter_v2": "adapter_v2"}
-GPU_MEMORY_GB = {"24GB (A10G)": 24, "40GB (A100)": 40, "80GB (A100/H100)": 80}
+DECODE_COMMANDS = ("generate", "serve")
 
 
 # ---------------------------------------------------------------------- what a run is
@@ -355,6 +357,129 @@ def fsdp_per_device(parts: dict[str, int], world_size: int) -> dict[str, int]:
     return out
 
 
+# ---------------------------------------------------------------------- inference (generate, serve)
+def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int, kv_length: int,
+                prompt_length: int) -> dict[str, int]:
+    """Peak bytes of decoding as `litllm.engine.Engine` does it, on fake tensors: the KV cache for
+    `batch_size` slots of `kv_length` positions, one prompt of `prompt_length` prefilled into one slot,
+    then a decode step of every slot. Categories: weights, kv_cache, temporaries (the rest are 0)."""
+    from torch._subclasses import FakeTensorMode
+
+    from litllm.model import GPT
+
+    dtype = dtypes(precision)[1]
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), _default_dtype(dtype):
+        model = GPT(config)
+        model.max_seq_length = kv_length
+        model.eval().requires_grad_(False)
+        quantized = [m for name, m in model.named_modules() if type(m) is nn.Linear and name != "lm_head"] if quantize else []
+        model.set_kv_cache(batch_size, kv_length)
+        caches = [block.attn.kv_cache for block in model.blocks]
+        kv = sum(_nbytes(c.k) + _nbytes(c.v) for c in caches)
+        tracker = mem_tracker()
+        tracker.track_external(model)
+        with tracker:
+            for block, cache in zip(model.blocks, caches):  # the engine prefills one slot through views of its row
+                block.attn.kv_cache = cache.rows(0, 1)
+            ids = torch.zeros(1, prompt_length, dtype=torch.long)
+            model(ids, input_pos=torch.arange(prompt_length), kv_len=prompt_length)[:, -1, : config.vocab_size]
+            for block, cache in zip(model.blocks, caches):
+                block.attn.kv_cache = cache
+            tracker.reset_mod_stats()
+            tokens = torch.zeros(batch_size, 1, dtype=torch.long)
+            model(tokens, input_pos=torch.full((batch_size, 1), kv_length - 1), kv_len=kv_length)[:, -1, : config.vocab_size]
+        peak = tracker_breakdown(tracker.get_tracker_snapshot("peak"))
+    parts = {k: 0 for k in CATEGORIES}
+    parts["kv_cache"] = kv
+    parts["weights"] = peak["weights"] - kv
+    parts["temporaries"] = peak["total"] - peak["weights"]
+    if quantized:
+        dense = sum(_nbytes(m.weight) for m in quantized)
+        parts["weights"] += sum(quantized_linear_bytes(m.out_features, m.in_features, quantize) for m in quantized) - dense
+        parts["temporaries"] += max(m.weight.numel() for m in quantized) * dtype.itemsize  # one dequantized weight
+    parts["total"] = sum(parts[k] for k in CATEGORIES)
+    return parts
+
+
+@dataclass
+class DecodePlan:
+    config: Any
+    precision: str = "bf16-true"
+    quantize: Optional[str] = None
+    batch_size: int = 1
+    kv_length: int = 2048
+    prompt_length: int = 2047
+    notes: list[str] = field(default_factory=list)
+
+
+def decode_plan_from_command(command: str, kwargs: dict[str, Any]) -> DecodePlan:
+    """A `DecodePlan` from `generate`'s or `serve`'s parsed arguments."""
+    notes: list[str] = []
+    config = _finetune_config(Path(kwargs["checkpoint_dir"]), notes)
+    precision = kwargs.get("precision") or "bf16-true"
+    if kwargs.get("precision") is None:
+        notes.append("--precision unset: estimated for bf16-true, the default on GPUs")
+    window = config.block_size
+    if command == "generate":
+        prompt = _prompt_tokens(Path(kwargs["checkpoint_dir"]), kwargs.get("prompt") or "", notes)
+        new = min(kwargs.get("max_new_tokens") or 50, max(1, window - prompt))
+        return DecodePlan(config, precision, kwargs.get("quantize"), 1, prompt + new, prompt, notes)
+    length = kwargs.get("max_seq_length")
+    if length is None:
+        length = window
+        notes.append(f"--max_seq_length unset: estimated at the model's window ({window}); serve shrinks it to fit "
+                     "the KV cache in half the free memory")
+    return DecodePlan(config, precision, kwargs.get("quantize"), kwargs.get("max_batch_size", 16), length,
+                      max(1, length - 1), notes + ["the prefill is the longest prompt a slot takes (max_seq_length - 1)"])
+
+
+def _prompt_tokens(checkpoint_dir: Path, prompt: str, notes: list[str]) -> int:
+    try:
+        from litllm.tokenizer import Tokenizer
+
+        return max(1, len(Tokenizer(checkpoint_dir).encode(prompt)))
+    except Exception:
+        notes.append("no tokenizer in the folder: the prompt's length is taken as 1 token per 4 bytes")
+        return max(1, len(prompt.encode()) // 4 + 1)
+
+
+def estimate_decoding(plan: DecodePlan, command: str, device_memory: Optional[int] = None) -> Estimate:
+    parts = fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, plan.kv_length, plan.prompt_length)
+    peak = parts["total"]
+    fits = None if device_memory is None else peak <= device_memory
+    est = Estimate(
+        command=command, model=plan.config.name, method="inference", precision=plan.precision, world_size=1,
+        strategy="single", micro_batch_size=plan.batch_size, seq_length=plan.kv_length, activation_checkpointing=False,
+        quantize=plan.quantize, breakdown={k: int(parts[k]) for k in CATEGORIES}, peak_memory_bytes=int(peak),
+        tokens_per_step=plan.batch_size, flops_per_step=2.0 * _matmul_params(plan.config) * plan.batch_size,
+        peak_flops=None, mfu=0.0, seconds_per_step=None, total_steps=None, seconds_total=None,
+        device_memory_bytes=device_memory, fits=fits, notes=list(plan.notes),
+    )
+    if fits is False:
+        if plan.quantize is None:
+            new = fake_decode(plan.config, plan.precision, "bnb.nf4", plan.batch_size, plan.kv_length, plan.prompt_length)
+            est.fixes.append({"change": "--quantize bnb.nf4", "peak_memory_bytes": new["total"], "fits": new["total"] <= device_memory})
+        if command == "serve":
+            for b in (plan.batch_size // 2, plan.batch_size // 4, 1):
+                if 1 <= b < plan.batch_size:
+                    new = fake_decode(plan.config, plan.precision, plan.quantize, b, plan.kv_length, plan.prompt_length)
+                    est.fixes.append({"change": f"--max_batch_size {b}", "peak_memory_bytes": new["total"],
+                                      "fits": new["total"] <= device_memory})
+                    if new["total"] <= device_memory:
+                        break
+            short = max(2, plan.kv_length // 4)
+            new = fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, short, short - 1)
+            est.fixes.append({"change": f"--max_seq_length {short}", "peak_memory_bytes": new["total"],
+                              "fits": new["total"] <= device_memory})
+    return est
+
+
+def _matmul_params(config) -> int:
+    from litllm.train.flops import matmul_parameters
+
+    return matmul_parameters(config)
+
+
 # ---------------------------------------------------------------------- the estimate
 @dataclass
 class Estimate:
@@ -629,13 +754,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[2:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("How:")[0].strip())
-        print(f"\nCOMMAND: {', '.join(TRAIN_COMMANDS)}. `litllm estimate COMMAND --help` lists its flags and estimate's.")
+        print(f"\nCOMMAND: {', '.join([*TRAIN_COMMANDS, *DECODE_COMMANDS])}. `litllm estimate COMMAND --help` lists its flags and estimate's.")
         return
     command, rest = argv[0], argv[1:]
+    if command not in TRAIN_COMMANDS and command not in DECODE_COMMANDS:
+        raise LitLLMError(f"estimate: unknown command {command!r}; expected one of "
+                          f"{', '.join([*TRAIN_COMMANDS, *DECODE_COMMANDS])}")
     kwargs, flags = parse_command(command, rest)
-    plan = plan_from_command(command, kwargs)
-    est = estimate_training(plan, command, _device_memory(flags["device_memory"]), _peak(flags, plan.precision),
-                            flags["mfu"])
+    if command in DECODE_COMMANDS:
+        est = estimate_decoding(decode_plan_from_command(command, kwargs), command, _device_memory(flags["device_memory"]))
+    else:
+        plan = plan_from_command(command, kwargs)
+        est = estimate_training(plan, command, _device_memory(flags["device_memory"]), _peak(flags, plan.precision),
+                                flags["mfu"])
     print(json.dumps(est.to_json(), indent=2) if flags["json"] else format_table(est))
 
 
@@ -672,18 +803,29 @@ def _duration(seconds: float) -> str:
 
 
 def format_table(est: Estimate) -> str:
+    title = (f"litllm estimate {est.command}: {est.model}, {est.method}{' + ' + est.quantize if est.quantize else ''}, "
+             f"{est.precision}, ")
+    if est.method == "inference":
+        title += f"{est.micro_batch_size} KV-cache slot(s) x {est.seq_length} positions"
+    else:
+        title += (f"{est.world_size} device(s) ({est.strategy}), micro-batch {est.micro_batch_size} x {est.seq_length} "
+                  f"tokens, activation checkpointing {'on' if est.activation_checkpointing else 'off'}")
     lines = [
-        f"litllm estimate {est.command}: {est.model}, {est.method}{' + ' + est.quantize if est.quantize else ''}, "
-        f"{est.precision}, {est.world_size} device(s) ({est.strategy}), micro-batch {est.micro_batch_size} x "
-        f"{est.seq_length} tokens, activation checkpointing {'on' if est.activation_checkpointing else 'off'}",
+        title,
         "",
         "peak memory per device (estimate)",
     ]
     for name in CATEGORIES:
         lines.append(f"  {name.replace('_', ' '):<18} {gb(est.breakdown[name]):>12}")
     lines.append(f"  {'total (peak)':<18} {gb(est.peak_memory_bytes):>12}")
-    lines += ["", f"tokens per optimizer step  {est.tokens_per_step:,}", f"FLOPs per step             {est.flops_per_step:.3e}"]
-    if est.seconds_per_step is not None:
+    if est.method == "inference":
+        lines += ["", f"KV cache: {est.micro_batch_size} slot(s) x {est.seq_length} positions; FLOPs per decode step "
+                      f"{est.flops_per_step:.3e}"]
+    else:
+        lines += ["", f"tokens per optimizer step  {est.tokens_per_step:,}", f"FLOPs per step             {est.flops_per_step:.3e}"]
+    if est.method == "inference":
+        pass
+    elif est.seconds_per_step is not None:
         lines.append(f"time per step              {_duration(est.seconds_per_step)} at {est.mfu:.0%} MFU of "
                      f"{est.peak_flops / 1e12:.0f} TFLOP/s per device")
         if est.seconds_total is not None:
