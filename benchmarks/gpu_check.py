@@ -69,7 +69,7 @@ def memory(method: str, B: int = 4, T: int = 512) -> None:
     lora = LoRASettings(r=8, alpha=16, query=True, value=True) if name == "lora" else None
     precision = "bf16-true"
     plan = TrainPlan(config=config, method=name, lora=lora, quantize=quantize, precision=precision,
-                     micro_batch_size=B, seq_length=T, global_batch_size=2 * B)
+                     micro_batch_size=B, seq_length=T, global_batch_size=2 * B, build_method=build_method)
     estimated = peak_memory(plan)
 
     fabric = make_fabric(devices=1, strategy="single", precision=precision, accelerator="cuda")

@@ -19,9 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from litllm.estimate import (  # noqa: E402
-    CATEGORIES, estimate_training, gpu_peak_flops, parse_command, peak_memory, plan_from_command,
-)
+from litllm.estimate import estimate_training, peak_memory  # noqa: E402
+from litllm.estimate_cli import gpu_peak_flops, parse_command, training_plan  # noqa: E402
 
 GPUS = [  # (column, memory in bytes, the PEAK_FLOPS key for its bf16 peak)
     ("24 GB (A10G)", 24 * 10**9, "A10G"),
@@ -76,7 +75,7 @@ def cheapest_fix(plan, memory: int, cache: dict) -> str:
 
 def row(name: str, command: str, argv: list[str]) -> tuple[str, float]:
     kwargs, _ = parse_command(command, argv)
-    plan = plan_from_command(command, kwargs)
+    plan = training_plan(command, kwargs)
     start = time.perf_counter()
     est = estimate_training(plan, command, fixes=False)
     b = est.breakdown
@@ -143,7 +142,7 @@ def main() -> None:
     ]
     for name, published, argv in LITGPT:
         kwargs, _ = parse_command(argv[0], argv[1:] + LITGPT_FLAGS)
-        plan = plan_from_command(argv[0], kwargs)
+        plan = training_plan(argv[0], kwargs)
         est = estimate_training(plan, argv[0], fixes=False)
         b = est.breakdown
         lines.append(f"| {name} | {gb(published)} | **{gb(est.peak_memory_bytes)}** | "

@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
     "evaluate_perplexity": "litllm.evaluate:evaluate_perplexity",
 }
 # commands that parse their own arguments: `litllm estimate COMMAND [that command's flags]`
-RAW_COMMANDS: dict[str, str] = {"estimate": "litllm.estimate:main"}
+RAW_COMMANDS: dict[str, str] = {"estimate": "litllm.estimate_cli:main"}
 
 
 def _load(target: str):

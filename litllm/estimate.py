@@ -5,6 +5,9 @@ COMMAND is `pretrain`, any `finetune_*`, `generate` or `serve` (weights + KV cac
     litllm estimate finetune_lora checkpoints/meta-llama/Llama-3.1-8B --config config_hub/finetune/llama-3.1-8b/lora.yaml
     litllm estimate pretrain --config config_hub/pretrain/tinyllama.yaml --device_memory 40GB --json
 
+The command line (flag parsing, the table) is `litllm/estimate_cli.py`; this module is what it and the
+pre-launch check of `pretrain`/`finetune_*` share (it imports neither command).
+
 How: the run's own training step (`litllm.train.loop.build_train_model` + `train_step`, the method's
 transform, activation checkpointing, the optimizer) runs on fake tensors (`torch._subclasses.FakeTensorMode`:
 shapes and dtypes, no storage), and torch's `MemTracker` records what is alive at the step's peak, by
@@ -21,15 +24,12 @@ Formulas are used only where fake tensors can't reach:
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import re
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,9 @@ class TrainPlan:
     max_norm: Optional[float] = 1.0
     total_steps: Optional[int] = None
     notes: list[str] = field(default_factory=list)
+    build_method: Optional[Callable] = field(default=None, repr=False)
+    """`litllm.finetune.build_method` (passed in: finetune imports this module, not the reverse), for the
+    methods other than pretrain/full."""
 
     @property
     def accumulation(self) -> int:
@@ -213,15 +216,16 @@ class StepFabric:
 
 # ---------------------------------------------------------------------- the fake training step
 def _method(plan: TrainPlan):
-    from litllm.finetune import build_method
     from litllm.train.loop import Method
 
     if plan.method in ("pretrain", "full"):
         return Method(name=plan.method)
+    if plan.build_method is None:
+        raise LitLLMError(f"estimating method {plan.method!r} needs TrainPlan.build_method (litllm.finetune.build_method)")
     param_dtype, compute_dtype = dtypes(plan.precision)
     # the fake step never quantizes: bitsandbytes kernels don't run on fake tensors (see fake_train_step)
-    return build_method(plan.method, lora=plan.lora, adapter=plan.adapter, quantize=None,
-                        param_dtype=param_dtype, compute_dtype=compute_dtype)
+    return plan.build_method(plan.method, lora=plan.lora, adapter=plan.adapter, quantize=None,
+                             param_dtype=param_dtype, compute_dtype=compute_dtype)
 
 
 def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
@@ -586,7 +590,7 @@ def suggest_fixes(plan: TrainPlan, device_memory: int) -> list[dict[str, Any]]:
     if plan.quantize is None:
         if plan.method in ("lora", "adapter", "adapter_v2"):
             add("--quantize bnb.nf4 (QLoRA)", quantize="bnb.nf4")
-        elif plan.method in ("full", "pretrain") and plan.method != "pretrain":
+        elif plan.method == "full" and plan.build_method is not None:
             from litllm.lora import LoRASettings
 
             add("finetune_lora --quantize bnb.nf4 (QLoRA, default LoRA settings)", method="lora",
@@ -600,19 +604,22 @@ def suggest_fixes(plan: TrainPlan, device_memory: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- from a command's flags
-def plan_from_command(command: str, kwargs: dict[str, Any]) -> TrainPlan:
-    """A `TrainPlan` from a training command's parsed arguments (the same flags and --config recipes)."""
+def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
+                      build_method: Optional[Callable] = None) -> TrainPlan:
+    """A `TrainPlan` from a training command's parsed arguments (the same flags and --config recipes).
+
+    config: the model's Config (required for `pretrain`; finetuning reads it from checkpoint_dir).
+    build_method: `litllm.finetune.build_method`, for LoRA/adapters.
+    """
     from litllm.train.args import TrainArgs
 
     if command not in TRAIN_COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; expected one of {', '.join(TRAIN_COMMANDS)}")
     method = TRAIN_COMMANDS[command]
     notes: list[str] = []
-    if command == "pretrain":
-        from litllm.pretrain import _model_config
-
-        config = _model_config(kwargs.get("model_name"), kwargs.get("model_config"), kwargs.get("initial_checkpoint_dir"))
-    else:
+    if config is None:
+        if command == "pretrain":
+            raise LitLLMError("estimating pretrain needs the model's Config")
         config = _finetune_config(Path(kwargs["checkpoint_dir"]), notes)
     train: TrainArgs = kwargs["train"]
     devices = kwargs.get("devices", 1)
@@ -658,7 +665,7 @@ def plan_from_command(command: str, kwargs: dict[str, Any]) -> TrainPlan:
         precision=precision, micro_batch_size=train.micro_batch_size, seq_length=seq_length,
         global_batch_size=train.global_batch_size, world_size=world_size, strategy=strategy,
         activation_checkpointing=bool(kwargs.get("activation_checkpointing")), optimizer=kwargs.get("optimizer", "AdamW"),
-        max_norm=train.max_norm, total_steps=total_steps, notes=notes,
+        max_norm=train.max_norm, total_steps=total_steps, notes=notes, build_method=build_method,
     )
 
 
@@ -679,25 +686,6 @@ def _finetune_config(checkpoint_dir: Path, notes: list[str]):
     return config
 
 
-# ---------------------------------------------------------------------- the CLI
-def _estimate_flags(
-    device_memory: Optional[str] = None,
-    mfu: float = 0.4,
-    peak_tflops: Optional[float] = None,
-    gpu: Optional[str] = None,
-    json: bool = False,
-) -> None:
-    """Flags of `litllm estimate` itself, after the command's own.
-
-    Args:
-        device_memory: Memory of one device for the verdict, e.g. `80GB`, `40GiB` (default: the visible GPU's).
-        mfu: Model FLOPs utilisation the time estimate assumes.
-        peak_tflops: Peak dense TFLOP/s of one device (default: the visible or `--gpu` GPU's, from litllm.train.flops).
-        gpu: A GPU name from litllm.train.flops.PEAK_FLOPS (e.g. `A100`, `H100`) for the peak FLOP/s.
-        json: Print one JSON object instead of the table.
-    """
-
-
 def parse_memory(text: str) -> int:
     """`80GB` (10^9), `40GiB` (2^30), `512MB`, or a number of GB -> bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?)?\s*", str(text), re.IGNORECASE)
@@ -708,148 +696,17 @@ def parse_memory(text: str) -> int:
     return int(value * powers[unit])
 
 
-def gpu_peak_flops(name: str, precision: str) -> float:
-    from litllm.train.flops import PEAK_FLOPS
-
-    for key, (half, tf32, _fp32) in PEAK_FLOPS.items():
-        if key.lower() in name.lower():
-            return half if precision.startswith(("bf16", "16")) else tf32
-    raise LitLLMError(f"--gpu {name!r}: unknown; expected one of {', '.join(PEAK_FLOPS)} (or give --peak_tflops)")
-
-
-def parse_command(command: str, argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the command's arguments, estimate's own flags), parsed by jsonargparse from the command's own signature."""
-    from jsonargparse import CLI, set_parsing_settings
-
-    from litllm.__main__ import COMMANDS, _load
-
-    if command not in COMMANDS:
-        raise LitLLMError(f"estimate: unknown command {command!r}; see `litllm --help`")
-    target = _load(COMMANDS[command])
-    signature = inspect.signature(target)
-    own = list(inspect.signature(_estimate_flags).parameters.values())
-    public = signature.replace(parameters=[*signature.parameters.values(),
-                                           *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own)])
-
-    def capture(*args, **kwargs):
-        bound = public.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-
-    capture.__signature__ = public
-    capture.__name__ = command
-    capture.__doc__ = (target.__doc__ or "").rstrip() + "\n" + "\n".join(
-        line for line in (_estimate_flags.__doc__ or "").splitlines()[3:])
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    bare = {"--json"}
-    argv = [f"{a}=true" if a in bare and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
-            for i, a in enumerate(argv)]
-    values = CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}")
-    flags = {p.name: values.pop(p.name) for p in own}
-    return values, flags
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`litllm estimate COMMAND ...` (dispatched from `litllm.__main__`)."""
-    argv = sys.argv[2:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("How:")[0].strip())
-        print(f"\nCOMMAND: {', '.join([*TRAIN_COMMANDS, *DECODE_COMMANDS])}. `litllm estimate COMMAND --help` lists its flags and estimate's.")
-        return
-    command, rest = argv[0], argv[1:]
-    if command not in TRAIN_COMMANDS and command not in DECODE_COMMANDS:
-        raise LitLLMError(f"estimate: unknown command {command!r}; expected one of "
-                          f"{', '.join([*TRAIN_COMMANDS, *DECODE_COMMANDS])}")
-    kwargs, flags = parse_command(command, rest)
-    if command in DECODE_COMMANDS:
-        est = estimate_decoding(decode_plan_from_command(command, kwargs), command, _device_memory(flags["device_memory"]))
-    else:
-        plan = plan_from_command(command, kwargs)
-        est = estimate_training(plan, command, _device_memory(flags["device_memory"]), _peak(flags, plan.precision),
-                                flags["mfu"])
-    print(json.dumps(est.to_json(), indent=2) if flags["json"] else format_table(est))
-
-
-def _device_memory(text: Optional[str]) -> Optional[int]:
-    if text is not None:
-        return parse_memory(text)
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return None
-
-
-def _peak(flags: dict[str, Any], precision: str) -> Optional[float]:
-    if flags["peak_tflops"]:
-        return flags["peak_tflops"] * 1e12
-    if flags["gpu"]:
-        return gpu_peak_flops(flags["gpu"], precision)
-    if torch.cuda.is_available():
-        from litllm.train.flops import device_peak_flops
-
-        return device_peak_flops(torch.device("cuda", 0), precision)
-    return None
-
-
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.2f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def format_table(est: Estimate) -> str:
-    title = (f"litllm estimate {est.command}: {est.model}, {est.method}{' + ' + est.quantize if est.quantize else ''}, "
-             f"{est.precision}, ")
-    if est.method == "inference":
-        title += f"{est.micro_batch_size} KV-cache slot(s) x {est.seq_length} positions"
-    else:
-        title += (f"{est.world_size} device(s) ({est.strategy}), micro-batch {est.micro_batch_size} x {est.seq_length} "
-                  f"tokens, activation checkpointing {'on' if est.activation_checkpointing else 'off'}")
-    lines = [
-        title,
-        "",
-        "peak memory per device (estimate)",
-    ]
-    for name in CATEGORIES:
-        lines.append(f"  {name.replace('_', ' '):<18} {gb(est.breakdown[name]):>12}")
-    lines.append(f"  {'total (peak)':<18} {gb(est.peak_memory_bytes):>12}")
-    if est.method == "inference":
-        lines += ["", f"KV cache: {est.micro_batch_size} slot(s) x {est.seq_length} positions; FLOPs per decode step "
-                      f"{est.flops_per_step:.3e}"]
-    else:
-        lines += ["", f"tokens per optimizer step  {est.tokens_per_step:,}", f"FLOPs per step             {est.flops_per_step:.3e}"]
-    if est.method == "inference":
-        pass
-    elif est.seconds_per_step is not None:
-        lines.append(f"time per step              {_duration(est.seconds_per_step)} at {est.mfu:.0%} MFU of "
-                     f"{est.peak_flops / 1e12:.0f} TFLOP/s per device")
-        if est.seconds_total is not None:
-            lines.append(f"whole run ({est.total_steps:,} steps)   {_duration(est.seconds_total)}")
-    else:
-        lines.append("time                       give --gpu NAME or --peak_tflops for a time estimate")
-    lines.append("")
-    if est.fits is None:
-        lines.append("verdict: give --device_memory (e.g. 80GB) for a verdict")
-    elif est.fits:
-        lines.append(f"verdict: fits in {gb(est.device_memory_bytes)} ({est.peak_memory_bytes / est.device_memory_bytes:.0%})")
-    else:
-        lines.append(f"verdict: does NOT fit in {gb(est.device_memory_bytes)}; changes that would:")
-        for fix in est.fixes:
-            lines.append(f"  {fix['change']:<66} -> {gb(fix['peak_memory_bytes'])}{'' if fix['fits'] else ' (still too much)'}")
-    lines += [f"note: {n}" for n in est.notes]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------- before launch
-def warn_if_too_large(command: str, arguments: dict[str, Any], fabric) -> Optional[Estimate]:
+def warn_if_too_large(command: str, arguments: dict[str, Any], fabric, config,
+                      build_method: Optional[Callable] = None) -> Optional[Estimate]:
     """One call in `pretrain` and `finetune_*` setup, before launch: on a GPU, print a warning naming
     a fix when the predicted peak exceeds the device's memory. Never raises; does nothing on CPU, for
-    commands it doesn't know, or with LITLLM_NO_ESTIMATE=1."""
+    commands it doesn't know, or with LITLLM_NO_ESTIMATE=1. `arguments`: the command's flat arguments
+    (its hparams); `config`: the model's; `build_method`: `litllm.finetune.build_method`."""
     import os
 
     if command not in TRAIN_COMMANDS or os.environ.get("LITLLM_NO_ESTIMATE") == "1":
@@ -858,7 +715,7 @@ def warn_if_too_large(command: str, arguments: dict[str, Any], fabric) -> Option
         if fabric.device.type != "cuda":
             return None
         memory = torch.cuda.get_device_properties(fabric.device).total_memory
-        plan = plan_from_command(command, dict(arguments))
+        plan = plan_from_command(command, dict(arguments), config, build_method)
         est = estimate_training(plan, command, memory, fixes=False)
         if est.fits is False:
             fix = next((f for f in suggest_fixes(plan, memory) if f["fits"]), None)

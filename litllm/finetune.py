@@ -250,7 +250,8 @@ def _launch(job: FinetuneJob) -> Any:
         check_quantize_mode(_BNB_MODE[job.quantize], fabric.device.type, _dtypes(fabric)[1])
     from litllm.estimate import warn_if_too_large
 
-    warn_if_too_large(f"finetune_{job.method}", job.hparams, fabric)  # on GPUs: a warning naming the fix if it won't fit
+    # on GPUs: a warning naming the fix if it won't fit
+    warn_if_too_large(f"finetune_{job.method}", job.hparams, fabric, config, build_method)
     return fabric.launch(main, job, config)
 
 

@@ -93,7 +93,7 @@ def setup(
                       tokenizer_vocab_size, run, hparams)
     from litllm.estimate import warn_if_too_large
 
-    warn_if_too_large("pretrain", hparams, fabric)  # on GPUs: a warning naming the fix if it won't fit
+    warn_if_too_large("pretrain", hparams, fabric, config)  # on GPUs: a warning naming the fix if it won't fit
     fabric.launch(main, job)
 
 

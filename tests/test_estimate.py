@@ -121,11 +121,12 @@ CONFIGS = [  # (family, method, quantize, micro_batch_size, activation checkpoin
 
 def plan_for(family, method, quantize, micro_batch_size, checkpointing, **overrides) -> TrainPlan:
     from litllm.adapter import AdapterSettings
+    from litllm.finetune import build_method
 
     values = dict(
         config=family_config(family), method=method, quantize=quantize, precision="32-true",
         lora=lora_settings() if method == "lora" else None,
-        adapter=AdapterSettings(2, 0, 4) if method.startswith("adapter") else None,
+        adapter=AdapterSettings(2, 0, 4) if method.startswith("adapter") else None, build_method=build_method,
         micro_batch_size=micro_batch_size, seq_length=64, global_batch_size=2 * micro_batch_size,
         activation_checkpointing=checkpointing, optimizer="AdamW",
     )  # fp32; the widest tensors (embedding 384 x 64) are above bitsandbytes' 4096-element 8-bit threshold
@@ -338,6 +339,7 @@ def _lora_arguments(folder: Path, **train) -> dict:
 
 def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
     from litllm.estimate import warn_if_too_large
+    from litllm.finetune import build_method
 
     folder = tmp_path / "tiny"
     folder.mkdir()
@@ -350,16 +352,16 @@ def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
     fabric = CudaLikeFabric()
-    est = warn_if_too_large("finetune_lora", arguments, fabric)
+    est = warn_if_too_large("finetune_lora", arguments, fabric, None, build_method)
     assert est.fits is False and est.peak_memory_bytes == plan_peak
     (line,) = fabric.printed
     assert line.startswith("Warning: the predicted peak memory") and "Try --" in line
     Props.total_memory = plan_peak * 2
     fabric = CudaLikeFabric()
-    assert warn_if_too_large("finetune_lora", arguments, fabric).fits and fabric.printed == []
+    assert warn_if_too_large("finetune_lora", arguments, fabric, None, build_method).fits and fabric.printed == []
     # never fails the run: a broken estimate is one warning line
     fabric = CudaLikeFabric()
-    assert warn_if_too_large("finetune_lora", {**arguments, "train": None}, fabric) is None
+    assert warn_if_too_large("finetune_lora", {**arguments, "train": None}, fabric, None) is None
     assert fabric.printed[0].startswith("Warning: memory estimate skipped")
     # on CPU, and for commands it doesn't know: nothing at all
     class CpuFabric(CudaLikeFabric):
@@ -367,8 +369,8 @@ def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
             type = "cpu"
 
     fabric = CpuFabric()
-    assert warn_if_too_large("finetune_lora", arguments, fabric) is None and fabric.printed == []
-    assert warn_if_too_large("finetune_something_new", arguments, CudaLikeFabric()) is None
+    assert warn_if_too_large("finetune_lora", arguments, fabric, None, build_method) is None and fabric.printed == []
+    assert warn_if_too_large("finetune_something_new", arguments, CudaLikeFabric(), None) is None
 
 
 @pytest.mark.parametrize("command", ["finetune_lora", "finetune_full", "pretrain"])
@@ -382,7 +384,7 @@ def test_training_commands_call_the_estimate_before_launch(command, tiny_checkpo
     class Stop(Exception):
         pass
 
-    def record(name, arguments, fabric):
+    def record(name, arguments, fabric, config, build_method=None):
         seen.append((name, arguments))
         raise Stop
 
