@@ -233,7 +233,6 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
     """Peak bytes of one steady-state training step on one device without sharding, by category."""
     from torch._subclasses import FakeTensorMode
 
-    from litllm.losses import chunked_cross_entropy
     from litllm.train.loop import build_train_model, token_cross_entropy, train_step
     from litllm.train.optimizer import build_optimizer
 
@@ -278,10 +277,11 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
         head_tracker = mem_tracker()
         dtype = compute_dtype if plan.precision.endswith("mixed") else param_dtype
         hidden = torch.empty(B, T, plan.config.n_embd, dtype=dtype, requires_grad=True)
-        head_tracker.track_external(model.lm_head, hidden)
+        head_loss = _HeadLoss(model.lm_head)  # a parent module: MemTracker refuses repeated top-level calls (chunks)
+        head_tracker.track_external(head_loss, hidden)
         with head_tracker:
             with fabric.autocast():
-                loss = chunked_cross_entropy(model.lm_head, hidden, batches[0]["labels"], ignore_index=-100)
+                loss = head_loss(hidden, batches[0]["labels"])
             loss.backward()
         head = tracker_breakdown(head_tracker.get_tracker_snapshot("peak"))
         head_bytes = max(0, head["total"] - head["weights"] - head["gradients"] - _nbytes(hidden))
@@ -307,6 +307,19 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
     parts["kv_cache"] = 0
     parts["structure"] = _structure(model, plan, param_dtype, compute_dtype)
     return parts
+
+
+class _HeadLoss(nn.Module):
+    """The output head and the chunked cross-entropy of the loss, as GPT.forward runs them."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from litllm.losses import chunked_cross_entropy
+
+        return chunked_cross_entropy(self.head, hidden, targets, ignore_index=-100)
 
 
 @contextmanager
