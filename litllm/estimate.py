@@ -536,6 +536,8 @@ def peak_memory(plan: TrainPlan, **overrides) -> dict[str, int]:
     parts = fake_train_step(plan)
     if plan.strategy == "fsdp":
         parts = fsdp_per_device(parts, plan.world_size)
+    elif plan.strategy == "ddp" and plan.world_size > 1:
+        parts["temporaries"] += parts["gradients"]  # DDP's all-reduce buckets: one more copy of the gradients
     parts["total"] = sum(parts[k] for k in CATEGORIES)
     return parts
 
