@@ -35,6 +35,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "litllm.evaluate:evaluate",
     "evaluate_perplexity": "litllm.evaluate:evaluate_perplexity",
 }
+# commands that parse their own arguments: `litllm estimate COMMAND [that command's flags]`
+RAW_COMMANDS: dict[str, str] = {"estimate": "litllm.estimate_cli:main"}
 
 
 def _load(target: str):
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     from litllm.errors import LitLLMError
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in RAW_COMMANDS:
+        try:
+            return _load(RAW_COMMANDS[argv[0]])(argv[1:])
+        except LitLLMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # only the chosen command's module is imported; `--help` with no command needs them all
     chosen = next((a for a in argv if not a.startswith("-")), None)

@@ -341,6 +341,10 @@ def _launch(job: FinetuneJob) -> Any:
         from litllm.quantize import check_quantize_mode
 
         check_quantize_mode(_BNB_MODE[job.quantize], fabric.device.type, _dtypes(fabric)[1])
+    from litllm.estimate import warn_if_too_large
+
+    # on GPUs: a warning naming the fix if it won't fit
+    warn_if_too_large(f"finetune_{job.method}", job.hparams, fabric, config, build_method)
     return fabric.launch(main, job, config)
 
 

@@ -93,6 +93,9 @@ def setup(
     _check_inputs(config, Path(out_dir), run.resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size)
     job = PretrainJob(config, Path(out_dir), initial_checkpoint_dir, data, train, eval, optimizer, tokenizer_dir,
                       tokenizer_vocab_size, run, hparams)
+    from litllm.estimate import warn_if_too_large
+
+    warn_if_too_large("pretrain", hparams, fabric, config)  # on GPUs: a warning naming the fix if it won't fit
     fabric.launch(main, job)
 
 

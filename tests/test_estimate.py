@@ -1,0 +1,455 @@
+"""`litllm estimate`: the fake-tensor estimate against MemTracker on a real step (CPU, fp32), the
+bitsandbytes formula against real bitsandbytes layers, 2-process FSDP, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from litllm.config import Config
+from litllm.errors import LitLLMError
+from litllm.estimate import (
+    CATEGORIES, StepFabric, TrainPlan, dtypes, estimate_training, mem_tracker, parse_memory, peak_memory,
+    quantized_linear_bytes, tracker_breakdown,
+)
+from litllm.lora import LoRASettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+# three families, widths multiples of 64 (bitsandbytes' CPU 4-bit kernel needs that, see litllm/quantize.py)
+FAMILIES = {
+    "llama": dict(norm_class_name="RMSNorm", mlp_class_name="GatedMLP", activation="silu", n_query_groups=2),
+    "pythia": dict(norm_class_name="LayerNorm", mlp_class_name="GeluMLP", parallel_residual=True, attn_bias=True,
+                   attn_out_bias=True, mlp_bias=True, rotary_percentage=0.25),
+    "qwen": dict(norm_class_name="RMSNorm", mlp_class_name="GatedMLP", activation="silu", attn_bias=True,
+                 tie_embeddings=True, n_query_groups=1),
+}
+
+
+def family_config(family: str) -> Config:
+    return Config(name=f"tiny-{family}", block_size=64, vocab_size=320, padding_multiple=64, n_layer=2, n_embd=64,
+                  n_head=4, intermediate_size=128, **FAMILIES[family])
+
+
+def lora_settings() -> LoRASettings:
+    return LoRASettings(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True)
+
+
+def measured_peak(plan: TrainPlan) -> dict[str, int]:
+    """MemTracker on a real second training step (Fabric, the command's own method, real bitsandbytes)."""
+    from litllm.finetune import build_method
+    from litllm.train.fabric import make_fabric
+    from litllm.train.loop import Method, build_train_model, train_step
+    from litllm.train.optimizer import build_optimizer
+
+    fabric = make_fabric(devices=1, accelerator="cpu", precision=plan.precision)
+    fabric.launch()
+    torch.manual_seed(0)
+    if plan.method in ("pretrain", "full"):
+        method = Method(name=plan.method)
+    else:
+        param_dtype, compute_dtype = dtypes(plan.precision)
+        method = build_method(plan.method, lora=plan.lora, adapter=plan.adapter, quantize=plan.quantize,
+                              device="cpu", param_dtype=param_dtype, compute_dtype=compute_dtype)
+    model = build_train_model(plan.config, method, activation_checkpointing=plan.activation_checkpointing)
+    model.max_seq_length = plan.seq_length
+    model = fabric.setup_module(model)
+    opt = fabric.setup_optimizers(build_optimizer(plan.optimizer, [p for p in model.parameters() if p.requires_grad]))
+    g = torch.Generator().manual_seed(0)
+    shape = (plan.micro_batch_size, plan.seq_length)
+
+    def batches():
+        return [{"input_ids": torch.randint(0, 320, shape, generator=g), "labels": torch.randint(0, 320, shape, generator=g)}
+                for _ in range(plan.accumulation)]
+
+    train_step(fabric, model, opt, batches(), plan.max_norm, -100)  # the first step creates the optimizer state
+    tracker = mem_tracker()
+    quant_state = [t for m in model.modules()
+                   for t in _quant_state_tensors(getattr(getattr(m, "weight", None), "quant_state", None))]
+    tracker.track_external(model, opt, *quant_state)
+    step_batches = batches()
+
+    from litllm.train.loop import token_cross_entropy
+
+    def loss_fn(m, batch, ignore_index):
+        tracker.reset_mod_stats()
+        return token_cross_entropy(m, batch, ignore_index)
+
+    with tracker:
+        train_step(fabric, model, opt, step_batches, plan.max_norm, -100, loss_fn)
+    return tracker_breakdown(tracker.get_tracker_snapshot("peak"))
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor a bitsandbytes QuantState holds (absmax, code, offset, the nested state's)."""
+    if state is None:
+        return []
+    out = []
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif type(value).__name__ == "QuantState":
+            out += _quant_state_tensors(value)
+    return out
+
+
+CONFIGS = [  # (family, method, quantize, micro_batch_size, activation checkpointing)
+    ("llama", "pretrain", None, 2, False),
+    ("llama", "pretrain", None, 4, True),
+    ("llama", "full", None, 4, False),
+    ("llama", "lora", None, 2, False),
+    ("llama", "lora", "bnb.nf4", 2, False),
+    ("llama", "lora", "bnb.nf4-dq", 4, True),
+    ("pythia", "pretrain", None, 4, False),
+    ("pythia", "full", None, 2, True),
+    ("pythia", "lora", None, 4, True),
+    ("pythia", "lora", "bnb.nf4", 4, False),
+    ("qwen", "full", None, 4, False),
+    ("qwen", "lora", None, 2, True),
+    ("qwen", "lora", "bnb.fp4", 2, False),
+    ("qwen", "adapter_v2", None, 4, False),
+    ("llama", "full", None, 2, False, "bitsandbytes.optim.AdamW8bit"),
+]
+
+
+def plan_for(family, method, quantize, micro_batch_size, checkpointing, **overrides) -> TrainPlan:
+    from litllm.adapter import AdapterSettings
+    from litllm.finetune import build_method
+
+    values = dict(
+        config=family_config(family), method=method, quantize=quantize, precision="32-true",
+        lora=lora_settings() if method == "lora" else None,
+        adapter=AdapterSettings(2, 0, 4) if method.startswith("adapter") else None, build_method=build_method,
+        micro_batch_size=micro_batch_size, seq_length=64, global_batch_size=2 * micro_batch_size,
+        activation_checkpointing=checkpointing, optimizer="AdamW",
+    )  # fp32; the widest tensors (embedding 384 x 64) are above bitsandbytes' 4096-element 8-bit threshold
+    values.update(overrides)
+    return TrainPlan(**values)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v).rsplit(".", 1)[-1] for v in c))
+def test_estimate_is_within_10_percent_of_the_measured_peak(config):
+    family, method, quantize, micro_batch_size, checkpointing, *optimizer = config
+    if quantize or optimizer:
+        pytest.importorskip("bitsandbytes")
+    plan = plan_for(family, method, quantize, micro_batch_size, checkpointing, optimizer=(optimizer or ["AdamW"])[0])
+    estimated = peak_memory(plan)
+    measured = measured_peak(plan)
+    assert estimated["total"] == sum(estimated[k] for k in CATEGORIES)
+    assert abs(estimated["total"] - measured["total"]) <= 0.10 * measured["total"], (estimated, measured)
+    if method in ("lora", "adapter_v2"):
+        assert estimated["gradients"] < estimated["weights"] / 4  # only the adapters train
+
+
+def test_the_estimate_follows_the_knobs():
+    """More tokens, more memory; checkpointing and QLoRA, less (the fixes' direction is right)."""
+    base = plan_for("llama", "lora", None, 4, False, seq_length=64)
+    peak = peak_memory(base)["total"]
+    assert peak_memory(base, micro_batch_size=8)["total"] > peak
+    assert peak_memory(base, activation_checkpointing=True)["activations"] < peak_memory(base)["activations"]
+    assert peak_memory(base, quantize="bnb.nf4")["weights"] < peak_memory(base)["weights"]
+    fsdp = peak_memory(base, method="full", world_size=4, strategy="fsdp")
+    single = peak_memory(base, method="full")
+    assert fsdp["optimizer_state"] == single["optimizer_state"] // 4
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"])
+def test_quantized_bytes_formula_matches_bitsandbytes(mode):
+    """The one formula: bytes of a bitsandbytes layer's weight plus its quantization state."""
+    pytest.importorskip("bitsandbytes")
+    from litllm.quantize import quantize_linear
+
+    for out_features, in_features in ((128, 256), (192, 64), (4096, 1024)):
+        q = quantize_linear(torch.nn.Linear(in_features, out_features, bias=False), mode, "cpu", torch.float32)
+        held = [q.weight] + _quant_state_tensors(getattr(q.weight, "quant_state", None))
+        if mode == "bnb.int8":
+            held.append(q.weight.SCB)
+        real = sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values())
+        assert quantized_linear_bytes(out_features, in_features, mode) == real, (mode, out_features, in_features)
+
+
+def test_time_verdict_and_fixes():
+    plan = plan_for("llama", "full", None, 8, False, seq_length=64, global_batch_size=32, total_steps=100)
+    est = estimate_training(plan, "finetune_full", device_memory=10**9, peak_flops=1e12, mfu=0.5)
+    assert est.fits is True and est.fixes == []
+    assert est.tokens_per_step == 32 * 64
+    from litllm.train.flops import flops_per_token
+
+    assert est.flops_per_step == pytest.approx(flops_per_token(plan.config, 64) * 32 * 64)
+    assert est.seconds_per_step == pytest.approx(est.flops_per_step / 0.5e12)
+    assert est.seconds_total == pytest.approx(100 * est.seconds_per_step)
+    tight = int(est.peak_memory_bytes * 0.9)
+    small = estimate_training(plan, "finetune_full", device_memory=tight)
+    assert small.fits is False
+    changes = {f["change"].split()[0]: f for f in small.fixes}
+    assert {"--train.micro_batch_size", "--activation_checkpointing", "--devices"} <= set(changes)
+    for fix in small.fixes:
+        assert fix["peak_memory_bytes"] < est.peak_memory_bytes
+    assert changes["--train.micro_batch_size"]["fits"]  # the largest micro-batch that fits, and it does
+    smaller = int(changes["--train.micro_batch_size"]["change"].split()[1])
+    assert smaller < 8 and peak_memory(plan, micro_batch_size=smaller)["total"] <= tight
+    if smaller * 2 <= 8 and 8 % (smaller * 2) == 0:
+        assert peak_memory(plan, micro_batch_size=smaller * 2)["total"] > tight
+
+
+def test_parse_memory():
+    assert parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("40GiB") == 40 * 2**30
+    assert parse_memory("24") == 24 * 10**9
+    with pytest.raises(LitLLMError, match="--device_memory"):
+        parse_memory("lots")
+
+
+def test_step_fabric_autocasts_mixed_precision():
+    with StepFabric("bf16-mixed").autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------- 2-process FSDP
+FSDP_WORKER = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_estimate import family_config
+from litllm.estimate import mem_tracker, tracker_breakdown
+from litllm.train.fabric import make_fabric
+from litllm.train.loop import Method, build_train_model, train_step
+
+fabric = make_fabric(devices=2, accelerator="cpu", strategy="fsdp", precision="32-true")
+fabric.launch()
+torch.manual_seed(0)
+with torch.device("meta"):
+    model = build_train_model(family_config("llama"), Method())
+B, T = int(sys.argv[3]), int(sys.argv[4])
+model.max_seq_length = T
+model = fabric.setup_module(model)
+opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
+g = torch.Generator().manual_seed(fabric.global_rank)
+batches = lambda: [{"input_ids": torch.randint(0, 320, (B, T), generator=g),
+                    "labels": torch.randint(0, 320, (B, T), generator=g)} for _ in range(2)]
+train_step(fabric, model, opt, batches(), 1.0, -100)
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from litllm.train.fabric import unwrap
+tracker = FSDPMemTracker(unwrap(model), opt.optimizer)
+tracker.track_inputs(())
+from litllm.train.loop import token_cross_entropy
+def loss_fn(m, b, i):
+    tracker.reset_mod_stats()
+    return token_cross_entropy(m, b, i)
+with tracker:
+    train_step(fabric, model, opt, batches(), 1.0, -100, loss_fn)
+peak = tracker.get_tracker_snapshot("peak")
+total = sum(d["Total"] for d in peak.values())
+with open(sys.argv[1] + f".{fabric.global_rank}", "w") as f:
+    json.dump(total, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro_batch_size,seq_length", [(4, 64), (1, 16)])
+def test_fsdp_two_processes_within_10_percent(tmp_path, micro_batch_size, seq_length):
+    """Each of 2 FSDP processes (gloo) measured by torch's FSDPMemTracker; (1, 16) is dominated by
+    weights, gradients and optimizer state, where the unsharded estimate would be over 20% too high."""
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    out = tmp_path / "peak"
+    env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(out), str(ROOT / "tests"), str(micro_batch_size),
+                           str(seq_length)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = [json.loads((tmp_path / f"peak.{r}").read_text()) for r in (0, 1)]
+    plan = plan_for("llama", "pretrain", None, micro_batch_size, False, world_size=2, strategy="fsdp",
+                    global_batch_size=4 * micro_batch_size, seq_length=seq_length)
+    estimated = peak_memory(plan)["total"]
+    for m in measured:
+        assert abs(estimated - m) <= 0.10 * m, (estimated, measured)
+    if seq_length == 16:
+        assert peak_memory(plan, world_size=1, strategy="single")["total"] > 1.2 * max(measured)
+
+
+# ---------------------------------------------------------------------- the CLI
+def _cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "litllm", "estimate", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+def test_cli_reads_the_commands_flags_and_recipes(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("precision: 32-true\ntrain:\n  micro_batch_size: 2\n  global_batch_size: 8\n  max_seq_length: 32\n"
+                      "  max_steps: 10\nlora_mlp: true\n")
+    proc = _cli("finetune_lora", str(folder), "--config", str(recipe), "--train.micro_batch_size", "4",
+                "--device_memory", "1GB", "--peak_tflops", "100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    est = json.loads(proc.stdout)
+    assert est["micro_batch_size"] == 4 and est["seq_length"] == 32 and est["method"] == "lora"
+    assert est["precision"] == "32-true" and est["tokens_per_step"] == 8 * 32 and est["total_steps"] == 10
+    assert est["fits"] is True and set(est["peak_memory_bytes"]) == {"device0"}
+    assert set(est["breakdown"]) == set(CATEGORIES)
+    assert est["peak_memory_bytes"]["device0"] == sum(est["breakdown"].values())
+    table = _cli("pretrain", "--model_config", json.dumps(asdict(family_config("pythia"))), "--train.max_seq_length",
+                 "32", "--train.global_batch_size", "8", "--precision", "32-true", "--device_memory", "0.001GB")
+    assert table.returncode == 0, table.stderr
+    assert "does NOT fit" in table.stdout and "--activation_checkpointing true" in table.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = _cli("finetune_lora", str(tmp_path / "no-such-model"))
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "no-such-model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _cli("finetune_lora", str(tmp_path / "x"), "--device_memory", "lots")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    proc = _cli("nonsense")
+    assert proc.returncode == 1 and "unknown command" in proc.stderr
+
+
+# ---------------------------------------------------------------------- before launch
+class CudaLikeFabric:
+    """What warn_if_too_large reads from a Fabric on a GPU (none is lent to these tests)."""
+
+    class device:
+        type = "cuda"
+
+    def __init__(self):
+        self.printed = []
+
+    def print(self, *args):
+        self.printed.append(" ".join(map(str, args)))
+
+
+def _lora_arguments(folder: Path, **train) -> dict:
+    import litllm.finetune as finetune
+    import inspect
+
+    args = {name: p.default for name, p in inspect.signature(finetune.finetune_lora).parameters.items()}
+    from dataclasses import replace
+
+    args.update(checkpoint_dir=folder, precision="32-true", train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32, **train))
+    return args
+
+
+def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
+    from litllm.estimate import warn_if_too_large
+    from litllm.finetune import build_method
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    arguments = _lora_arguments(folder, micro_batch_size=4)
+    plan_peak = peak_memory(plan_for("llama", "lora", None, 4, False, seq_length=32, lora=LoRASettings()))["total"]
+
+    class Props:
+        total_memory = int(plan_peak * 0.8)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    fabric = CudaLikeFabric()
+    est = warn_if_too_large("finetune_lora", arguments, fabric, None, build_method)
+    assert est.fits is False and est.peak_memory_bytes == plan_peak
+    (line,) = fabric.printed
+    assert line.startswith("Warning: the predicted peak memory") and "Try --" in line
+    Props.total_memory = plan_peak * 2
+    fabric = CudaLikeFabric()
+    assert warn_if_too_large("finetune_lora", arguments, fabric, None, build_method).fits and fabric.printed == []
+    # never fails the run: a broken estimate is one warning line
+    fabric = CudaLikeFabric()
+    assert warn_if_too_large("finetune_lora", {**arguments, "train": None}, fabric, None) is None
+    assert fabric.printed[0].startswith("Warning: memory estimate skipped")
+    # on CPU, and for commands it doesn't know: nothing at all
+    class CpuFabric(CudaLikeFabric):
+        class device:
+            type = "cpu"
+
+    fabric = CpuFabric()
+    assert warn_if_too_large("finetune_lora", arguments, fabric, None, build_method) is None and fabric.printed == []
+    assert warn_if_too_large("finetune_something_new", arguments, CudaLikeFabric(), None) is None
+
+
+@pytest.mark.parametrize("command", ["finetune_lora", "finetune_full", "pretrain"])
+def test_training_commands_call_the_estimate_before_launch(command, tiny_checkpoint, tmp_path, monkeypatch):
+    import litllm.estimate
+    import litllm.finetune as finetune
+    import litllm.pretrain as pretrain
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(name, arguments, fabric, config, build_method=None):
+        seen.append((name, arguments))
+        raise Stop
+
+    monkeypatch.setattr(litllm.estimate, "warn_if_too_large", record)
+    with pytest.raises(Stop):
+        if command == "pretrain":
+            from test_train_loop import FixedTokens
+
+            pretrain.setup(model_config=family_config("llama"), out_dir=tmp_path / "out", data=FixedTokens(),
+                           tokenizer_dir=tiny_checkpoint, accelerator="cpu", devices=1)
+        else:
+            getattr(finetune, command)(tiny_checkpoint, out_dir=tmp_path / "out", accelerator="cpu")
+    (name, arguments), = seen
+    assert name == command and "train" in arguments and "devices" in arguments
+
+
+# ---------------------------------------------------------------------- generate / serve
+@pytest.mark.parametrize("family,batch_size,prompt_length,kv_length", [("llama", 1, 20, 40), ("llama", 3, 30, 48),
+                                                                       ("gpt_neox", 2, 12, 64)])
+def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, batch_size, prompt_length, kv_length):
+    """Measured: MemTracker on the real engine (`litllm.engine.Engine`, loaded by `load_for_decoding` as
+    `generate`/`serve` load) prefilling `batch_size` prompts and decoding a step."""
+    from conftest import make_converted_checkpoint
+    from litllm.engine import Engine, Request
+    from litllm.estimate import fake_decode
+    from litllm.generate import load_for_decoding
+    from litllm.tokenizer import Tokenizer
+
+    folder = make_converted_checkpoint(tmp_path / family, family)
+    model, _ = load_for_decoding(folder, "cpu", "32-true")
+    engine = Engine(model, Tokenizer(folder), max_batch_size=batch_size, max_seq_length=kv_length)
+    tracker = mem_tracker()
+    tracker.track_external(model)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(batch_size):
+        engine.add(Request(torch.randint(2, 100, (prompt_length,), generator=g).tolist(), max_new_tokens=4))
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    # MemTracker's per-module stats cover one call; the engine calls the model once per prefill and decode
+    # (a global hook registered first runs before MemTracker's own)
+    handle = register_module_forward_pre_hook(lambda m, args: tracker.reset_mod_stats() if m is model else None)
+    try:
+        with tracker:
+            engine.step()
+    finally:
+        handle.remove()
+    measured = tracker_breakdown(tracker.get_tracker_snapshot("peak"))["total"]
+    engine.close()
+    estimated = fake_decode(Config.from_checkpoint(folder), "32-true", None, batch_size, kv_length, prompt_length)
+    assert estimated["kv_cache"] == 2 * model.config.n_layer * batch_size * model.config.n_query_groups * kv_length * \
+        model.config.head_size * 4
+    assert abs(estimated["total"] - measured) <= 0.10 * measured, (estimated, measured)
+
+
+@pytest.mark.slow
+def test_cli_estimates_serve_and_generate(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    proc = _cli("serve", str(folder), "--max_batch_size", "4", "--max_seq_length", "64", "--precision", "32-true", "--json")
+    assert proc.returncode == 0, proc.stderr
+    est = json.loads(proc.stdout)
+    c = family_config("llama")
+    assert est["breakdown"]["kv_cache"] == 2 * c.n_layer * 4 * c.n_query_groups * 64 * c.head_size * 4
+    assert est["breakdown"]["gradients"] == 0 and est["breakdown"]["weights"] > 0
+    proc = _cli("generate", str(folder), "--max_new_tokens", "10", "--precision", "32-true", "--device_memory", "0.1MB")
+    assert proc.returncode == 0, proc.stderr
+    assert "does NOT fit" in proc.stdout and "--quantize bnb.nf4" in proc.stdout
