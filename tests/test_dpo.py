@@ -232,14 +232,14 @@ def test_precomputed_reference_equals_the_frozen_copy(runs):
 def test_final_folder_generates_and_converts_to_hf(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     from litllm.convert import convert_from_litllm
-    from litllm.generate import generate_tokens
+    from litllm.engine import generate_ids
     from litllm.tokenizer import Tokenizer
 
     for name in ("lora", "full"):
         final = runs[name][1].final_dir
         assert (final / "prompt_style.yaml").is_file() and (final / "lit_model.safetensors").is_file()
         model = GPT.from_checkpoint(final).eval()
-        tokens = list(generate_tokens(model, Tokenizer(final).encode("Say the number 7"), max_new_tokens=5))
+        tokens = generate_ids(model, Tokenizer(final).encode("Say the number 7").tolist(), max_new_tokens=5)
         assert 0 < len(tokens) <= 5
         convert_from_litllm(final, tmp_path / name)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
