@@ -118,7 +118,8 @@ def test_preempted_job_is_requeued_and_ends_bit_identical(two_node_run, slurm, i
         while "JobState=COMPLETED" not in (info := _job_info(slurm, job_id)):
             log = (tmp_path / "job.log").read_text()
             assert time.monotonic() < deadline, info + log[-3000:]
-            assert not re.search(r"JobState=(FAILED|CANCELLED|TIMEOUT|NODE_FAIL)", info), info + log[-3000:]
+            # no early exit on JobState=FAILED: the first run's end is recorded so for a moment
+            # between `scontrol requeue` and the job turning PENDING again
             if "Reason=BeginTime" in info:
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
             time.sleep(0.5)
