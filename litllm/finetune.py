@@ -129,22 +129,31 @@ def finetune_full(
     return _launch(FinetuneJob("full", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams))
 
 
-@with_run_args(seed=1337)
-def finetune_adapter(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/adapter"),
-    quantize: Optional[QuantizeMode] = None,
-    adapter_start_layer: int = 2,
-    adapter_prefix_length: int = 10,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = FINETUNE_TRAIN,
-    eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.
+def _adapter_command(version: int, name: str, default_out_dir: Path, summary: str) -> Callable:
+    """`finetune_adapter` (version 1) and `finetune_adapter_v2` (version 2): one command, two defaults."""
+
+    def command(
+        checkpoint_dir: Path,
+        out_dir: Path = default_out_dir,
+        quantize: Optional[QuantizeMode] = None,
+        adapter_start_layer: int = 2,
+        adapter_prefix_length: int = 10,
+        data: Optional[DataModule] = None,
+        train: TrainArgs = FINETUNE_TRAIN,
+        eval: EvalArgs = FINETUNE_EVAL,
+        optimizer: OptimizerSpec = PEFT_OPTIMIZER,
+        *,
+        run: RunArgs,
+        hparams: dict[str, Any],
+    ) -> TrainResult:
+        from litllm.adapter import AdapterSettings
+
+        adapter = AdapterSettings(version, adapter_start_layer, adapter_prefix_length)
+        return _launch(FinetuneJob(name.removeprefix("finetune_"), checkpoint_dir, out_dir, data, train, eval,
+                                   optimizer, run, hparams, quantize=quantize, adapter=adapter))
+
+    command.__name__ = command.__qualname__ = name
+    command.__doc__ = f"""{summary}
 
     Args:
         checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
@@ -156,49 +165,19 @@ def finetune_adapter(
         data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
+        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {{class_path, init_args}}.
     """
-    from litllm.adapter import AdapterSettings
-
-    adapter = AdapterSettings(1, adapter_start_layer, adapter_prefix_length)
-    return _launch(FinetuneJob("adapter", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, adapter=adapter))
+    return with_run_args(seed=1337)(command)
 
 
-@with_run_args(seed=1337)
-def finetune_adapter_v2(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/adapter-v2"),
-    quantize: Optional[QuantizeMode] = None,
-    adapter_start_layer: int = 2,
-    adapter_prefix_length: int = 10,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = FINETUNE_TRAIN,
-    eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.
-
-    Args:
-        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
-            `bnb.int8-training`).
-        adapter_start_layer: First block (0-based) that gets a learned prefix.
-        adapter_prefix_length: Learned prefix tokens per adapted block.
-        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
-        train: Training settings (batch sizes, budget, schedule, saving).
-        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
-    """
-    from litllm.adapter import AdapterSettings
-
-    adapter = AdapterSettings(2, adapter_start_layer, adapter_prefix_length)
-    return _launch(FinetuneJob("adapter_v2", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, adapter=adapter))
+finetune_adapter = _adapter_command(
+    1, "finetune_adapter", Path("out/finetune/adapter"),
+    "Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.",
+)
+finetune_adapter_v2 = _adapter_command(
+    2, "finetune_adapter_v2", Path("out/finetune/adapter-v2"),
+    "Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.",
+)
 
 
 @with_run_args(seed=1337)
