@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
+from litllm.lora import LoRASettings
 from litllm.model_folder import read_safetensors
-from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_run_args
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_flags, with_run_args
 from litllm.train.loop import TrainResult
 from litllm.train.optimizer import OptimizerSpec
 
@@ -52,21 +53,15 @@ DPO_EVAL = EvalArgs(interval=100, max_iters=100)
 DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
 
 
+
 # ---------------------------------------------------------------------- the commands
 @with_run_args(seed=1337)
+@with_flags("lora", LoRASettings, prefix="lora_")
 def finetune_lora(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/lora"),
     quantize: Optional[QuantizeMode] = None,
-    lora_r: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
+    lora: Optional[dict[str, Any]] = None,
     data: Optional[DataModule] = None,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
@@ -82,26 +77,13 @@ def finetune_lora(
         out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
         quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
             `bnb.fp4`, `bnb.int8-training`); the LoRA weights train in `precision`.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
-        lora_dropout: Dropout on the LoRA branch's input.
-        lora_query: Apply LoRA to the query rows of the attention projection.
-        lora_key: Apply LoRA to the key rows of the attention projection.
-        lora_value: Apply LoRA to the value rows of the attention projection.
-        lora_projection: Apply LoRA to the attention output projection.
-        lora_mlp: Apply LoRA to the MLP (every expert's, for MoE models).
-        lora_head: Apply LoRA to the output head.
         data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
         optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
     """
-    from litllm.lora import LoRASettings
-
-    settings = LoRASettings(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                            lora_mlp, lora_head)
     return _launch(FinetuneJob("lora", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, lora=settings))
+                               quantize=quantize, lora=LoRASettings(**lora)))
 
 
 @with_run_args(seed=1337)
@@ -129,22 +111,31 @@ def finetune_full(
     return _launch(FinetuneJob("full", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams))
 
 
-@with_run_args(seed=1337)
-def finetune_adapter(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/adapter"),
-    quantize: Optional[QuantizeMode] = None,
-    adapter_start_layer: int = 2,
-    adapter_prefix_length: int = 10,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = FINETUNE_TRAIN,
-    eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.
+def _adapter_command(version: int, name: str, default_out_dir: Path, summary: str) -> Callable:
+    """`finetune_adapter` (version 1) and `finetune_adapter_v2` (version 2): one command, two defaults."""
+
+    def command(
+        checkpoint_dir: Path,
+        out_dir: Path = default_out_dir,
+        quantize: Optional[QuantizeMode] = None,
+        adapter_start_layer: int = 2,
+        adapter_prefix_length: int = 10,
+        data: Optional[DataModule] = None,
+        train: TrainArgs = FINETUNE_TRAIN,
+        eval: EvalArgs = FINETUNE_EVAL,
+        optimizer: OptimizerSpec = PEFT_OPTIMIZER,
+        *,
+        run: RunArgs,
+        hparams: dict[str, Any],
+    ) -> TrainResult:
+        from litllm.adapter import AdapterSettings
+
+        adapter = AdapterSettings(version, adapter_start_layer, adapter_prefix_length)
+        return _launch(FinetuneJob(name.removeprefix("finetune_"), checkpoint_dir, out_dir, data, train, eval,
+                                   optimizer, run, hparams, quantize=quantize, adapter=adapter))
+
+    command.__name__ = command.__qualname__ = name
+    command.__doc__ = f"""{summary}
 
     Args:
         checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
@@ -156,52 +147,23 @@ def finetune_adapter(
         data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
         train: Training settings (batch sizes, budget, schedule, saving).
         eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
+        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {{class_path, init_args}}.
     """
-    from litllm.adapter import AdapterSettings
+    return with_run_args(seed=1337)(command)
 
-    adapter = AdapterSettings(1, adapter_start_layer, adapter_prefix_length)
-    return _launch(FinetuneJob("adapter", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, adapter=adapter))
+
+finetune_adapter = _adapter_command(
+    1, "finetune_adapter", Path("out/finetune/adapter"),
+    "Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.",
+)
+finetune_adapter_v2 = _adapter_command(
+    2, "finetune_adapter_v2", Path("out/finetune/adapter-v2"),
+    "Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.",
+)
 
 
 @with_run_args(seed=1337)
-def finetune_adapter_v2(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/adapter-v2"),
-    quantize: Optional[QuantizeMode] = None,
-    adapter_start_layer: int = 2,
-    adapter_prefix_length: int = 10,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = FINETUNE_TRAIN,
-    eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.
-
-    Args:
-        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
-            `bnb.int8-training`).
-        adapter_start_layer: First block (0-based) that gets a learned prefix.
-        adapter_prefix_length: Learned prefix tokens per adapted block.
-        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
-        train: Training settings (batch sizes, budget, schedule, saving).
-        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
-    """
-    from litllm.adapter import AdapterSettings
-
-    adapter = AdapterSettings(2, adapter_start_layer, adapter_prefix_length)
-    return _launch(FinetuneJob("adapter_v2", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, adapter=adapter))
-
-
-@with_run_args(seed=1337)
+@with_flags("lora", LoRASettings, prefix="lora_")
 def finetune_dpo(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/dpo"),
@@ -212,15 +174,7 @@ def finetune_dpo(
     gamma: float = 0.5,
     precompute_reference: bool = False,
     quantize: Optional[QuantizeMode] = None,
-    lora_r: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
-    lora_head: bool = False,
+    lora: Optional[dict[str, Any]] = None,
     data: Optional[DataModule] = None,
     train: TrainArgs = DPO_TRAIN,
     eval: EvalArgs = DPO_EVAL,
@@ -246,15 +200,6 @@ def finetune_dpo(
             `out_dir/reference_logps.safetensors`, reused on resume), instead of a reference forward per step.
         quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
             `bnb.fp4`, `bnb.int8-training`); LoRA only.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
-        lora_dropout: Dropout on the LoRA branch's input.
-        lora_query: Apply LoRA to the query rows of the attention projection.
-        lora_key: Apply LoRA to the key rows of the attention projection.
-        lora_value: Apply LoRA to the value rows of the attention projection.
-        lora_projection: Apply LoRA to the attention output projection.
-        lora_mlp: Apply LoRA to the MLP (every expert's, for MoE models).
-        lora_head: Apply LoRA to the output head.
         data: The preference pairs: `--data Preference --data.json_path pairs.json` (see `litllm.data.preference`).
         train: Training settings (batch sizes count pairs; `max_seq_length` bounds prompt + the longer reply).
         eval: Validation settings; validation reports `val_rewards/accuracies`, the held-out reward accuracy.
@@ -262,7 +207,6 @@ def finetune_dpo(
             lr (5e-7 .. 5e-6) than LoRA.
     """
     from litllm.data.preference import Preference
-    from litllm.lora import LoRASettings
     from litllm.preference import PreferenceSettings
 
     if not isinstance(data, Preference):
@@ -271,14 +215,13 @@ def finetune_dpo(
         raise LitLLMError(f"--method: expected lora or full, got {method!r}")
     settings = PreferenceSettings(loss, beta, label_smoothing, gamma)
     settings.validate()
-    lora = None
+    settings_lora = None
     if method == "lora":
-        lora = LoRASettings(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                            lora_mlp, lora_head)
+        settings_lora = LoRASettings(**lora)
     elif quantize is not None:
         raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
     return _launch(FinetuneJob(method, checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, lora=lora, preference=settings,
+                               quantize=quantize, lora=settings_lora, preference=settings,
                                precompute_reference=precompute_reference))
 
 

@@ -39,14 +39,23 @@ class LoRASettings:
     """Which Linears get LoRA and how large it is (the `--lora_*` flags of `finetune_lora`)."""
 
     r: int = 8
-    alpha: float = 16.0
+    """LoRA rank."""
+    alpha: float = 16
+    """LoRA alpha; the update is scaled by alpha / r."""
     dropout: float = 0.05
+    """Dropout on the LoRA branch's input."""
     query: bool = True
+    """Apply LoRA to the query rows of the attention projection."""
     key: bool = False
+    """Apply LoRA to the key rows of the attention projection."""
     value: bool = True
+    """Apply LoRA to the value rows of the attention projection."""
     projection: bool = False
+    """Apply LoRA to the attention output projection."""
     mlp: bool = False
+    """Apply LoRA to the MLP (every expert's, for MoE models)."""
     head: bool = False
+    """Apply LoRA to the output head."""
 
     def __post_init__(self) -> None:
         if self.r < 1:

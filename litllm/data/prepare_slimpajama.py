@@ -70,12 +70,12 @@ def prepare(
             litdata's `optimize(fast_dev_run=N)` on one worker into the real output folders, marked with
             `fast_dev_run.txt` (a later full run replaces them); prints each folder's layout.
     """
-    from litllm.data.streaming import TokenizeDocuments, describe_optimized, fast_dev_run_files, is_prepared, optimize_tokens
+    from litllm.data.streaming import fast_dev_run_files, is_prepared, tokenize_files
     from litllm.tokenizer import Tokenizer
     from litllm.utils import check_output_dir
 
     _require_zstandard()
-    dev_files = fast_dev_run_files(fast_dev_run)
+    fast_dev_run_files(fast_dev_run)  # a bad --fast_dev_run fails before any file is read
     unknown = [s for s in splits if s not in SPLIT_OUTPUT_NAMES]
     if unknown:
         raise LitLLMError(f"--splits: unknown split(s) {unknown}; choose from {list(SPLIT_OUTPUT_NAMES)}")
@@ -97,14 +97,7 @@ def prepare(
         if is_prepared(out):
             print(f"{out} already holds tokenized data: skipping the {split} split")
             continue
-        count = f"{min(dev_files, len(files))} of {len(files)}" if dev_files else f"{len(files)}"
-        print(f"Tokenizing {count} {split} file(s) into {out}")
-        optimize_tokens(
-            TokenizeDocuments(tokenizer, read_slimpajama), files, out, num_workers=num_workers, chunk_tokens=chunk_size,
-            fast_dev_run=fast_dev_run,
-        )
-        if dev_files:
-            print(f"fast_dev_run: {describe_optimized(out)}")
+        tokenize_files(tokenizer, read_slimpajama, files, out, f"{split} file(s)", num_workers, chunk_size, fast_dev_run)
 
 
 def _require_zstandard() -> None:

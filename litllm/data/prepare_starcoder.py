@@ -54,11 +54,11 @@ def prepare(
             `optimize(fast_dev_run=N)` on one worker into output_dir, marked with `fast_dev_run.txt` (a later
             full run replaces it); prints the folder's layout.
     """
-    from litllm.data.streaming import TokenizeDocuments, describe_optimized, fast_dev_run_files, is_prepared, optimize_tokens
+    from litllm.data.streaming import fast_dev_run_files, is_prepared, tokenize_files
     from litllm.tokenizer import Tokenizer
     from litllm.utils import check_output_dir
 
-    dev_files = fast_dev_run_files(fast_dev_run)
+    fast_dev_run_files(fast_dev_run)  # a bad --fast_dev_run fails before any file is read
 
     try:
         import pyarrow.parquet  # noqa: F401
@@ -81,11 +81,4 @@ def prepare(
         return
     check_output_dir(out, "--output_dir")
     tokenizer = Tokenizer(tokenizer_path)
-    count = f"{min(dev_files, len(files))} of {len(files)}" if dev_files else f"{len(files)}"
-    print(f"Tokenizing {count} file(s) into {out}")
-    optimize_tokens(
-        TokenizeDocuments(tokenizer, read_starcoder), files, out, num_workers=num_workers, chunk_tokens=chunk_size,
-        fast_dev_run=fast_dev_run,
-    )
-    if dev_files:
-        print(f"fast_dev_run: {describe_optimized(out)}")
+    tokenize_files(tokenizer, read_starcoder, files, out, "file(s)", num_workers, chunk_size, fast_dev_run)

@@ -214,6 +214,29 @@ def optimize_tokens(
         multiprocessing.set_start_method(start_method, force=True)
 
 
+def tokenize_files(
+    tokenizer: Any,
+    read: Callable[[str], Any],
+    files: Sequence[str],
+    output_dir: PathLike,
+    what: str = "file(s)",
+    num_workers: Optional[int] = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+    fast_dev_run: Union[bool, int] = False,
+) -> None:
+    """A `prepare_*` command's last step: tokenize the documents `read(file)` yields from every file into
+    `output_dir` (`optimize_tokens` with `TokenizeDocuments`), saying what it does; `what` names the files."""
+    dev_files = fast_dev_run_files(fast_dev_run)
+    count = f"{min(dev_files, len(files))} of {len(files)}" if dev_files else f"{len(files)}"
+    print(f"Tokenizing {count} {what} into {output_dir}")
+    optimize_tokens(
+        TokenizeDocuments(tokenizer, read), files, output_dir, num_workers=num_workers, chunk_tokens=chunk_tokens,
+        fast_dev_run=fast_dev_run,
+    )
+    if dev_files:
+        print(f"fast_dev_run: {describe_optimized(output_dir)}")
+
+
 def _optimize(optimize, **kwargs) -> None:
     """litdata `optimize`, with a `LitLLMError` raised in a worker (bad input data) re-raised as itself."""
     try:

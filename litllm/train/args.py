@@ -179,6 +179,15 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _publish(wrapper: Callable, command: Callable, public: inspect.Signature, docs: dict[str, str]) -> Callable:
+    """Show `wrapper` with the signature `public` and `command`'s docstring plus `docs` ({flag: help}) in its `Args:`."""
+    del wrapper.__wrapped__  # jsonargparse and help() read the public signature, not the command's
+    wrapper.__signature__ = public
+    indent = " " * 8
+    wrapper.__doc__ = (command.__doc__ or "").rstrip() + "\n" + "".join(f"{indent}{name}: {doc}\n" for name, doc in docs.items())
+    return wrapper
+
+
 def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
     """Give a command every `RunArgs` field as a flat flag (`--devices 8`, YAML `devices: 8`), after its own.
 
@@ -226,12 +235,36 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
                 with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
                     return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
 
-        del wrapper.__wrapped__  # jsonargparse and help() read the public signature, not the command's
-        wrapper.__signature__ = public
-        indent = " " * 8
-        wrapper.__doc__ = (command.__doc__ or "").rstrip() + "\n" + "".join(
-            f"{indent}{f.name}: {docs.get(f.name, '')}\n" for f in fields
-        )
-        return wrapper
+        return _publish(wrapper, command, public, {f.name: docs.get(f.name, "") for f in fields})
+
+    return decorate
+
+
+def with_flags(param: str, cls: type, prefix: str = "") -> Callable[[Callable], Callable]:
+    """Give a command the fields of the dataclass `cls` as flat flags (`prefix` + field name) in place of
+    its argument `param`, which receives them as a dict {field: value} (`cls(**param)` when the command
+    needs one, so checks run where the command chooses). Help texts come from `cls`'s attribute
+    docstrings, appended to the command's `Args:`; defaults are the fields' defaults."""
+    fields = dataclasses.fields(cls)
+    docs = _attribute_docs(cls)
+    hints = inspect.get_annotations(cls, eval_str=True)
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index(param)
+        flat = [inspect.Parameter(prefix + f.name, params[at].kind, default=f.default, annotation=hints[f.name])
+                for f in fields]
+        public = signature.replace(parameters=params[:at] + flat + params[at + 1:])
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = public.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            packed = {f.name: arguments.pop(prefix + f.name) for f in fields}
+            return command(**arguments, **{param: packed})
+
+        return _publish(wrapper, command, public, {prefix + f.name: docs.get(f.name, "") for f in fields})
 
     return decorate
