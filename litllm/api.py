@@ -65,7 +65,7 @@ class LLM:
 
         checkpoint_dir = _resolve(model, Path(checkpoint_root), access_token)
         tokenizer = Tokenizer(checkpoint_dir)
-        style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
+        style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
         net, threads = load_for_decoding(checkpoint_dir, device or default_device(), precision, quantize)
         return cls(net, tokenizer, style, checkpoint_dir, threads=threads)
 

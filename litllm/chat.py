@@ -18,9 +18,10 @@ from typing import Optional, TextIO
 
 import torch
 
-from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops
+from litllm.engine import Engine, Request, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import default_device, fit_max_new_tokens, load_for_decoding
+from litllm.flags import with_flags
+from litllm.generate import DecodeArgs, LoadArgs, fit_max_new_tokens
 
 EXIT, RESET = "/exit", "/reset"
 BLOCK = '"""'
@@ -84,20 +85,14 @@ def fit_history(style, tokenizer, messages: list[dict], budget: int) -> tuple[li
         turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
 
 
+@with_flags("decode", DecodeArgs)
+@with_flags("load", LoadArgs)
 def chat(
     checkpoint_dir: Path,
     *,
-    sys_prompt: Optional[str] = None,
-    prompt_style: Optional[str] = None,
     max_new_tokens: Optional[int] = None,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 50,
-    top_p: float = 1.0,
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
-    compile: bool = False,
-    seed: int = 1234,
-    device: Optional[str] = None,
+    decode: dict,
+    load: dict,
 ) -> None:
     """Chat with a model in the terminal (multi-turn, streamed answers).
 
@@ -107,29 +102,19 @@ def chat(
 
     Args:
         checkpoint_dir: A converted model folder.
-        sys_prompt: A system prompt kept at the start of the conversation.
-        prompt_style: A prompt style name (default: the checkpoint's style or chat template).
         max_new_tokens: Most tokens per answer; this much room is kept free in the context window.
             Default 512, reduced to half the context window (the other half holds the conversation).
-        temperature: Sampling temperature; 0 means greedy decoding.
-        top_k: Sample only among the k most likely tokens (null: no limit).
-        top_p: Nucleus sampling threshold in (0, 1]; 1 disables it.
-        precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
-        quantize: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8` to quantize the weights with bitsandbytes.
-        compile: Compile the decode step with `torch.compile`.
-        seed: Random seed for sampling.
-        device: `cpu`, `cuda`, ... (default: cuda when available).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
     from litllm.model_folder import check_model_folder
 
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    decoding = DecodeArgs(**decode)
+    check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens)
     checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
-    device = device or default_device()
-    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)
+    style = PromptStyle.from_checkpoint(checkpoint_dir, decoding.prompt_style)
+    model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)
     window = model.max_seq_length
     if max_new_tokens is not None and max_new_tokens >= window:
         raise LitLLMError(
@@ -137,9 +122,9 @@ def chat(
         )
     max_new_tokens = fit_max_new_tokens(max_new_tokens, 512, window // 2, window)
     stops = default_stops(tokenizer, style)
-    torch.manual_seed(seed)
+    torch.manual_seed(decoding.seed)
     budget = model.max_seq_length - max_new_tokens
-    system = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+    system = [{"role": "system", "content": decoding.sys_prompt}] if decoding.sys_prompt else []
     history: list[dict] = list(system)
     print(f"Chatting with {checkpoint_dir} ({style.name} prompt style). "
           f"End a line with \\ or use {BLOCK} blocks for several lines; {RESET} clears, {EXIT} quits.", file=sys.stderr)
@@ -147,7 +132,7 @@ def chat(
     stdin, stdout = sys.stdin, sys.stdout
     turn = 0
     # one engine (and KV cache) for the whole conversation
-    with Engine(model, tokenizer, 1, window, threads=threads, compile=compile) as engine:
+    with Engine(model, tokenizer, 1, window, threads=threads, compile=decoding.compile) as engine:
         while True:
             message = read_message(stdin, stdout)
             if message is None or message.strip() == EXIT:
@@ -168,8 +153,7 @@ def chat(
             stdout.flush()
             reply = []
             # each answer gets its own seed, so a conversation replays the same way
-            request_id = engine.add(Request(prompt_ids.tolist(), max_new_tokens,
-                                            Sampling(temperature, top_k, top_p, seed + turn), **stops))
+            request_id = engine.add(Request(prompt_ids.tolist(), max_new_tokens, decoding.sampling(turn), **stops))
             turn += 1
             try:
                 while engine.has_unfinished:

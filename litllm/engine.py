@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from litllm.errors import LitLLMError
+from litllm.utils import temporarily
 
 
 # ---------------------------------------------------------------------- sampling
@@ -210,18 +210,9 @@ class StopMatcher:
 
 
 # ---------------------------------------------------------------------- threads
-@contextmanager
-def threads_for(n: Optional[int]) -> Iterator[None]:
+def threads_for(n: Optional[int]):
     """Run a block with `n` torch threads (None: unchanged), restoring the setting afterwards."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return temporarily(torch.get_num_threads, torch.set_num_threads, n)
 
 
 # ---------------------------------------------------------------------- the engine

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
+from litllm.utils import temporarily
 
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "kv_cache", "temporaries")
 FOUR_BIT = {"bnb.nf4": "nf4", "bnb.nf4-dq": "nf4", "bnb.fp4": "fp4"}
@@ -322,14 +323,8 @@ class _HeadLoss(nn.Module):
         return chunked_cross_entropy(self.head, hidden, targets, ignore_index=-100)
 
 
-@contextmanager
 def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return temporarily(torch.get_default_dtype, torch.set_default_dtype, dtype)
 
 
 def _nbytes(t: torch.Tensor) -> int:

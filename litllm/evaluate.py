@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 
 from litllm.errors import LitLLMError
+from litllm.flags import with_flags
+from litllm.generate import LoadArgs
 from litllm.scoring import score_tokens
 
 if TYPE_CHECKING:
@@ -30,21 +32,21 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------- litllm evaluate
+@with_flags("load", LoadArgs)
 def evaluate(
     checkpoint_dir: Path,
     tasks: Optional[str] = None,
     num_fewshot: Optional[int] = None,
     batch_size: int = 1,
     limit: Optional[float] = None,
-    device: Optional[str] = None,
-    precision: Optional[str] = None,
     out_dir: Optional[Path] = None,
     seed: int = 1234,
     include_path: Optional[Path] = None,
     max_length: Optional[int] = None,
     apply_chat_template: bool = False,
     log_samples: bool = False,
-    quantize: Optional[str] = None,
+    *,
+    load: dict,
 ) -> Optional[dict]:
     """Evaluate a litllm model on lm-eval tasks; write `results.json` to `out_dir` and print the table.
 
@@ -55,16 +57,12 @@ def evaluate(
         num_fewshot: Few-shot examples per prompt (default: each task's own setting, else 0).
         batch_size: Requests per forward pass.
         limit: Examples per task: a count (>= 1) or a fraction (< 1). For quick checks only.
-        device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
-        precision: "32-true", "bf16-true" or "16-true" (default: bf16-true on a GPU that supports it, else 32-true).
         out_dir: Where `results.json` goes (default: `<checkpoint_dir>/evaluate`).
         seed: Seed of Python, NumPy, torch and the few-shot sampler.
         include_path: A folder of your own lm-eval task YAML files (added to the built-in tasks).
         max_length: Context length in tokens (default: the model's); longer inputs lose tokens on the left.
         apply_chat_template: Format prompts with the tokenizer's chat template (instruct models).
         log_samples: Also write every request and the model's answer to `samples_<task>.jsonl`.
-        quantize: Load the weights quantized with bitsandbytes ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4",
-            "bnb.fp4-dq", "bnb.int8"), e.g. to evaluate a QLoRA model as it was trained.
     """
     try:
         import lm_eval
@@ -96,7 +94,7 @@ def evaluate(
     check_output_dir(out_dir)  # before lm-eval indexes its tasks (seconds)
     task_list = resolve_tasks(task_manager(include_path), names)
 
-    model, tokenizer = load_model(checkpoint_dir, device, precision, quantize)
+    model, tokenizer = load_model(checkpoint_dir, **load)
     lm = LitLLMLM(model, tokenizer, batch_size=batch_size, max_length=max_length, checkpoint_dir=checkpoint_dir)
     if apply_chat_template:
         lm.chat_template(True)  # fail now if there is no template
@@ -217,6 +215,7 @@ class Document:
     n_bytes: int  # UTF-8 bytes of the scored text
 
 
+@with_flags("load", LoadArgs)
 def evaluate_perplexity(
     checkpoint_dir: Path,
     data: Optional[Path] = None,
@@ -224,10 +223,9 @@ def evaluate_perplexity(
     stride: Optional[int] = None,
     batch_size: int = 1,
     limit: Optional[int] = None,
-    device: Optional[str] = None,
-    precision: Optional[str] = None,
     out_dir: Optional[Path] = None,
-    quantize: Optional[str] = None,
+    *,
+    load: dict,
 ) -> dict:
     """Perplexity and bits per byte of a model on your own text; prints them and writes `perplexity.json`.
 
@@ -246,10 +244,7 @@ def evaluate_perplexity(
         stride: Tokens between window starts (default: max_length // 2; max_length gives disjoint windows).
         batch_size: Windows per forward pass.
         limit: Score only the first N documents.
-        device: "cpu", "cuda", "cuda:1", ... (default: cuda when available).
-        precision: "32-true", "bf16-true" or "16-true" (default: bf16-true on a GPU that supports it, else 32-true).
         out_dir: Where `perplexity.json` goes (default: `<checkpoint_dir>/evaluate`).
-        quantize: Load the weights quantized with bitsandbytes ("bnb.nf4", "bnb.int8", ...).
     """
     from litllm.tokenizer import Tokenizer
     from litllm.model_folder import check_model_folder
@@ -270,7 +265,7 @@ def evaluate_perplexity(
 
     check_output_dir(out_dir)
 
-    model, _ = load_model(checkpoint_dir, device, precision, quantize)
+    model, _ = load_model(checkpoint_dir, **load)
     max_length = max_length or model.max_seq_length
     if not 1 < max_length <= model.max_seq_length:
         raise LitLLMError(f"--max_length: expected 2..{model.max_seq_length} (the model's context), got {max_length}")

@@ -17,6 +17,8 @@ parameters train, and what the final model folder holds. Outputs in `out_dir`:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -28,7 +30,8 @@ from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.lora import LoRASettings
 from litllm.model_folder import read_safetensors
-from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_flags, with_run_args
+from litllm.flags import publish, with_flags
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_run_args
 from litllm.train.loop import TrainResult
 from litllm.train.optimizer import OptimizerSpec
 
@@ -53,179 +56,6 @@ DPO_EVAL = EvalArgs(interval=100, max_iters=100)
 DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
 
 
-
-# ---------------------------------------------------------------------- the commands
-@with_run_args(seed=1337)
-@with_flags("lora", LoRASettings, prefix="lora_")
-def finetune_lora(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/lora"),
-    quantize: Optional[QuantizeMode] = None,
-    lora: Optional[dict[str, Any]] = None,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = FINETUNE_TRAIN,
-    eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Finetune a model with LoRA (QLoRA with `--quantize`): train low-rank updates of frozen weights.
-
-    Args:
-        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
-            `bnb.fp4`, `bnb.int8-training`); the LoRA weights train in `precision`.
-        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
-        train: Training settings (batch sizes, budget, schedule, saving).
-        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {class_path, init_args}.
-    """
-    return _launch(FinetuneJob("lora", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, lora=LoRASettings(**lora)))
-
-
-@with_run_args(seed=1337)
-def finetune_full(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/full"),
-    data: Optional[DataModule] = None,
-    train: TrainArgs = FINETUNE_TRAIN,
-    eval: EvalArgs = FINETUNE_EVAL,
-    optimizer: OptimizerSpec = FULL_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Finetune every weight of a model.
-
-    Args:
-        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
-        train: Training settings (batch sizes, budget, schedule, saving).
-        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-5`) or {class_path, init_args}.
-    """
-    return _launch(FinetuneJob("full", checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams))
-
-
-def _adapter_command(version: int, name: str, default_out_dir: Path, summary: str) -> Callable:
-    """`finetune_adapter` (version 1) and `finetune_adapter_v2` (version 2): one command, two defaults."""
-
-    def command(
-        checkpoint_dir: Path,
-        out_dir: Path = default_out_dir,
-        quantize: Optional[QuantizeMode] = None,
-        adapter_start_layer: int = 2,
-        adapter_prefix_length: int = 10,
-        data: Optional[DataModule] = None,
-        train: TrainArgs = FINETUNE_TRAIN,
-        eval: EvalArgs = FINETUNE_EVAL,
-        optimizer: OptimizerSpec = PEFT_OPTIMIZER,
-        *,
-        run: RunArgs,
-        hparams: dict[str, Any],
-    ) -> TrainResult:
-        from litllm.adapter import AdapterSettings
-
-        adapter = AdapterSettings(version, adapter_start_layer, adapter_prefix_length)
-        return _launch(FinetuneJob(name.removeprefix("finetune_"), checkpoint_dir, out_dir, data, train, eval,
-                                   optimizer, run, hparams, quantize=quantize, adapter=adapter))
-
-    command.__name__ = command.__qualname__ = name
-    command.__doc__ = f"""{summary}
-
-    Args:
-        checkpoint_dir: The converted base model folder (`litllm download` / `convert_to_litllm`).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
-            `bnb.int8-training`).
-        adapter_start_layer: First block (0-based) that gets a learned prefix.
-        adapter_prefix_length: Learned prefix tokens per adapted block.
-        data: The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.
-        train: Training settings (batch sizes, budget, schedule, saving).
-        eval: Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).
-        optimizer: A torch.optim class name (`--optimizer AdamW --optimizer.lr 2e-4`) or {{class_path, init_args}}.
-    """
-    return with_run_args(seed=1337)(command)
-
-
-finetune_adapter = _adapter_command(
-    1, "finetune_adapter", Path("out/finetune/adapter"),
-    "Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.",
-)
-finetune_adapter_v2 = _adapter_command(
-    2, "finetune_adapter_v2", Path("out/finetune/adapter-v2"),
-    "Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.",
-)
-
-
-@with_run_args(seed=1337)
-@with_flags("lora", LoRASettings, prefix="lora_")
-def finetune_dpo(
-    checkpoint_dir: Path,
-    out_dir: Path = Path("out/finetune/dpo"),
-    method: Literal["lora", "full"] = "lora",
-    loss: Literal["dpo", "ipo", "simpo"] = "dpo",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.5,
-    precompute_reference: bool = False,
-    quantize: Optional[QuantizeMode] = None,
-    lora: Optional[dict[str, Any]] = None,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = DPO_TRAIN,
-    eval: EvalArgs = DPO_EVAL,
-    optimizer: OptimizerSpec = DPO_OPTIMIZER,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> TrainResult:
-    """Preference-tune a model (DPO, IPO or SimPO) on chosen/rejected reply pairs: `--data Preference --data.json_path FILE`.
-
-    Args:
-        checkpoint_dir: The converted model folder to start from (usually an instruction-tuned one).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.
-        method: `lora` (QLoRA with `--quantize`): the reference model is the same model with its LoRA
-            switched off, no second copy. `full`: every weight trains; the reference is a frozen copy of the
-            initial model, or none with `--precompute_reference true`.
-        loss: `dpo` (sigmoid; `--label_smoothing` gives cDPO), `ipo`, or `simpo` (reference-free,
-            length-normalised, margin `--gamma`).
-        beta: The loss temperature (TRL's default 0.1; SimPO's paper uses 2.0-2.5).
-        label_smoothing: Probability that a pair's preference is flipped (dpo, simpo); 0: plain DPO.
-        gamma: SimPO's target reward margin (TRL's default 0.5).
-        precompute_reference: Score every pair with the initial model once before training (cached as
-            `out_dir/reference_logps.safetensors`, reused on resume), instead of a reference forward per step.
-        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
-            `bnb.fp4`, `bnb.int8-training`); LoRA only.
-        data: The preference pairs: `--data Preference --data.json_path pairs.json` (see `litllm.data.preference`).
-        train: Training settings (batch sizes count pairs; `max_seq_length` bounds prompt + the longer reply).
-        eval: Validation settings; validation reports `val_rewards/accuracies`, the held-out reward accuracy.
-        optimizer: A torch.optim class name or {class_path, init_args}; full finetuning usually wants a lower
-            lr (5e-7 .. 5e-6) than LoRA.
-    """
-    from litllm.data.preference import Preference
-    from litllm.preference import PreferenceSettings
-
-    if not isinstance(data, Preference):
-        raise LitLLMError("--data: finetune_dpo needs preference pairs: --data Preference --data.json_path FILE")
-    if method not in ("lora", "full"):
-        raise LitLLMError(f"--method: expected lora or full, got {method!r}")
-    settings = PreferenceSettings(loss, beta, label_smoothing, gamma)
-    settings.validate()
-    settings_lora = None
-    if method == "lora":
-        settings_lora = LoRASettings(**lora)
-    elif quantize is not None:
-        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
-    return _launch(FinetuneJob(method, checkpoint_dir, out_dir, data, train, eval, optimizer, run, hparams,
-                               quantize=quantize, lora=settings_lora, preference=settings,
-                               precompute_reference=precompute_reference))
-
-
-# ---------------------------------------------------------------------- shared setup
 @dataclass
 class FinetuneJob:
     """One finetuning command's arguments, typed, as they travel from the CLI into every process."""
@@ -251,6 +81,167 @@ class FinetuneJob:
     precompute_reference: bool = False
 
 
+# ---------------------------------------------------------------------- the commands
+def finetune_command(
+    method: str,
+    out_dir: str,
+    train: TrainArgs = FINETUNE_TRAIN,
+    eval: EvalArgs = FINETUNE_EVAL,
+    optimizer: OptimizerSpec = PEFT_OPTIMIZER,
+    docs: Optional[dict[str, str]] = None,
+) -> Callable[[Callable], Callable]:
+    """Give a finetuning command the arguments every `finetune_*` shares, declared and documented here once:
+    `checkpoint_dir` and `out_dir` before its own, `data`, `train`, `eval` and `optimizer` after them (with
+    these defaults), then the `RunArgs` flags (`with_run_args`). The command declares keyword-only
+    `job: FinetuneJob` instead and receives them in it, `method` preset. `docs` replaces a shared help text."""
+    P = inspect.Parameter
+    lr = f"{optimizer['init_args']['lr']:.0e}".replace("e-0", "e-")  # 2e-4
+    head = [P("checkpoint_dir", P.POSITIONAL_OR_KEYWORD, annotation=Path),
+            P("out_dir", P.POSITIONAL_OR_KEYWORD, default=Path(out_dir), annotation=Path)]
+    tail = [P("data", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[DataModule]),
+            P("train", P.POSITIONAL_OR_KEYWORD, default=train, annotation=TrainArgs),
+            P("eval", P.POSITIONAL_OR_KEYWORD, default=eval, annotation=EvalArgs),
+            P("optimizer", P.POSITIONAL_OR_KEYWORD, default=optimizer, annotation=OptimizerSpec)]
+    run_params = [P("run", P.KEYWORD_ONLY, annotation=RunArgs), P("hparams", P.KEYWORD_ONLY, annotation=dict[str, Any])]
+    docs = {
+        "checkpoint_dir": "The converted base model folder (`litllm download` / `convert_to_litllm`).",
+        "out_dir": "Where checkpoints (`step-XXXXXXXX/`, `final/`) and logs are written.",
+        "data": "The data module (default `Alpaca`), e.g. `--data JSON --data.json_path my_data.json`.",
+        "train": "Training settings (batch sizes, budget, schedule, saving).",
+        "eval": "Validation settings (`--eval.max_new_tokens` prints a sample reply at each validation).",
+        "optimizer": f"A torch.optim class name (`--optimizer AdamW --optimizer.lr {lr}`) or {{class_path, init_args}}.",
+        **(docs or {}),
+    }
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "job"]
+        public = signature.replace(parameters=head + own + tail + run_params)
+        shared = [p.name for p in head + tail + run_params]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = public.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            job = FinetuneJob(method, **{name: arguments.pop(name) for name in shared})
+            return command(**arguments, job=job)
+
+        return with_run_args(seed=1337)(publish(wrapper, command, public, docs))
+
+    return decorate
+
+
+@finetune_command("lora", "out/finetune/lora")
+@with_flags("lora", LoRASettings, prefix="lora_")
+def finetune_lora(quantize: Optional[QuantizeMode] = None, lora: Optional[dict[str, Any]] = None, *,
+                  job: FinetuneJob) -> TrainResult:
+    """Finetune a model with LoRA (QLoRA with `--quantize`): train low-rank updates of frozen weights.
+
+    Args:
+        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
+            `bnb.fp4`, `bnb.int8-training`); the LoRA weights train in `precision`.
+    """
+    return _launch(replace(job, quantize=quantize, lora=LoRASettings(**lora)))
+
+
+@finetune_command("full", "out/finetune/full", optimizer=FULL_OPTIMIZER)
+def finetune_full(*, job: FinetuneJob) -> TrainResult:
+    """Finetune every weight of a model."""
+    return _launch(job)
+
+
+def _adapter_command(version: int, name: str, out_dir: str, summary: str) -> Callable:
+    """`finetune_adapter` (version 1) and `finetune_adapter_v2` (version 2): one command, two defaults."""
+
+    def command(quantize: Optional[QuantizeMode] = None, adapter_start_layer: int = 2, adapter_prefix_length: int = 10,
+                *, job: FinetuneJob) -> TrainResult:
+        from litllm.adapter import AdapterSettings
+
+        return _launch(replace(job, quantize=quantize,
+                               adapter=AdapterSettings(version, adapter_start_layer, adapter_prefix_length)))
+
+    command.__name__ = command.__qualname__ = name
+    command.__doc__ = f"""{summary}
+
+    Args:
+        quantize: Store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
+            `bnb.int8-training`).
+        adapter_start_layer: First block (0-based) that gets a learned prefix.
+        adapter_prefix_length: Learned prefix tokens per adapted block.
+    """
+    return finetune_command(name.removeprefix("finetune_"), out_dir)(command)
+
+
+finetune_adapter = _adapter_command(
+    1, "finetune_adapter", "out/finetune/adapter",
+    "Finetune a model with LLaMA-Adapter: learned, zero-gated prefixes in the later layers' attention.",
+)
+finetune_adapter_v2 = _adapter_command(
+    2, "finetune_adapter_v2", "out/finetune/adapter-v2",
+    "Finetune a model with LLaMA-Adapter v2: gated prefixes plus a scale and bias on every Linear, and the norms.",
+)
+
+
+@finetune_command(
+    "lora", "out/finetune/dpo", train=DPO_TRAIN, eval=DPO_EVAL, optimizer=DPO_OPTIMIZER,
+    docs={
+        "checkpoint_dir": "The converted model folder to start from (usually an instruction-tuned one).",
+        "data": "The preference pairs: `--data Preference --data.json_path pairs.json` (see `litllm.data.preference`).",
+        "train": "Training settings (batch sizes count pairs; `max_seq_length` bounds prompt + the longer reply).",
+        "eval": "Validation settings; validation reports `val_rewards/accuracies`, the held-out reward accuracy.",
+        "optimizer": "A torch.optim class name or {class_path, init_args}; full finetuning usually wants a lower "
+                     "lr (5e-7 .. 5e-6) than LoRA.",
+    },
+)
+@with_flags("lora", LoRASettings, prefix="lora_")
+def finetune_dpo(
+    method: Literal["lora", "full"] = "lora",
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    precompute_reference: bool = False,
+    quantize: Optional[QuantizeMode] = None,
+    lora: Optional[dict[str, Any]] = None,
+    *,
+    job: FinetuneJob,
+) -> TrainResult:
+    """Preference-tune a model (DPO, IPO or SimPO) on chosen/rejected reply pairs: `--data Preference --data.json_path FILE`.
+
+    Args:
+        method: `lora` (QLoRA with `--quantize`): the reference model is the same model with its LoRA
+            switched off, no second copy. `full`: every weight trains; the reference is a frozen copy of the
+            initial model, or none with `--precompute_reference true`.
+        loss: `dpo` (sigmoid; `--label_smoothing` gives cDPO), `ipo`, or `simpo` (reference-free,
+            length-normalised, margin `--gamma`).
+        beta: The loss temperature (TRL's default 0.1; SimPO's paper uses 2.0-2.5).
+        label_smoothing: Probability that a pair's preference is flipped (dpo, simpo); 0: plain DPO.
+        gamma: SimPO's target reward margin (TRL's default 0.5).
+        precompute_reference: Score every pair with the initial model once before training (cached as
+            `out_dir/reference_logps.safetensors`, reused on resume), instead of a reference forward per step.
+        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`,
+            `bnb.fp4`, `bnb.int8-training`); LoRA only.
+    """
+    from litllm.data.preference import Preference
+    from litllm.preference import PreferenceSettings
+
+    if not isinstance(job.data, Preference):
+        raise LitLLMError("--data: finetune_dpo needs preference pairs: --data Preference --data.json_path FILE")
+    if method not in ("lora", "full"):
+        raise LitLLMError(f"--method: expected lora or full, got {method!r}")
+    settings = PreferenceSettings(loss, beta, label_smoothing, gamma)
+    settings.validate()
+    settings_lora = None
+    if method == "lora":
+        settings_lora = LoRASettings(**lora)
+    elif quantize is not None:
+        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
+    return _launch(replace(job, method=method, quantize=quantize, lora=settings_lora, preference=settings,
+                           precompute_reference=precompute_reference))
+
+
+# ---------------------------------------------------------------------- shared setup
 def _launch(job: FinetuneJob) -> Any:
     """Validate the arguments (before any process starts or anything is written), then launch `main`."""
     from litllm.config import Config

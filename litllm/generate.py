@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,7 @@ import torch
 
 from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops, threads_for
 from litllm.errors import LitLLMError
+from litllm.flags import with_flags
 
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
@@ -263,69 +265,90 @@ def load_for_decoding(
     return model, pick_decode_threads(model)
 
 
-# ---------------------------------------------------------------------- the command
+# ---------------------------------------------------------------------- the commands
+@dataclass
+class LoadArgs:
+    """How every inference command loads a model: `--precision`, `--quantize`, `--device`."""
+
+    precision: Optional[str] = None
+    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true)."""
+    quantize: Optional[str] = None
+    """Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`."""
+    device: Optional[str] = None
+    """`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)."""
+
+    def for_decoding(self, checkpoint_dir: Path):
+        """`load_for_decoding` with these flags: (model, threads for the Engine)."""
+        return load_for_decoding(checkpoint_dir, self.device or default_device(), self.precision, self.quantize)
+
+
+@dataclass
+class DecodeArgs:
+    """The flags `generate` and `chat` share: the prompt format, sampling, and compiling the decode step."""
+
+    sys_prompt: Optional[str] = None
+    """A system prompt, for styles that have one (`chat` keeps it at the start of the conversation)."""
+    prompt_style: Optional[str] = None
+    """A prompt style name (e.g. `alpaca`, `llama3`, `chatml`, `default` for plain text); by default the checkpoint's `prompt_style.yaml`, its chat template, or its family's style."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 means greedy decoding."""
+    top_k: Optional[int] = 50
+    """Sample only among the k most likely tokens (null: no limit)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
+    compile: bool = False
+    """Compile the decode step with `torch.compile` (pays off for long generations)."""
+    seed: int = 1234
+    """Random seed for sampling."""
+
+    def sampling(self, i: int = 0) -> Sampling:
+        """The sampling of the i-th answer (seed + i: each sample or turn replays the same way)."""
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed + i)
+
+
+@with_flags("decode", DecodeArgs)
+@with_flags("load", LoadArgs)
 def generate(
     checkpoint_dir: Path,
     prompt: str = "What food do llamas eat?",
     *,
-    sys_prompt: Optional[str] = None,
-    prompt_style: Optional[str] = None,
     num_samples: int = 1,
     max_new_tokens: Optional[int] = None,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 50,
-    top_p: float = 1.0,
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
-    compile: bool = False,
-    seed: int = 1234,
-    device: Optional[str] = None,
+    decode: dict,
+    load: dict,
 ) -> None:
     """Generate text from a prompt with a converted model, streaming it to stdout.
 
     Args:
         checkpoint_dir: A converted model folder (`lit_model.safetensors`, `model_config.yaml`, tokenizer).
         prompt: The instruction or text to continue; formatted with the prompt style first.
-        sys_prompt: A system prompt, for styles that have one.
-        prompt_style: A prompt style name (e.g. `alpaca`, `llama3`, `chatml`, `default` for plain
-            text); by default the checkpoint's `prompt_style.yaml`, its chat template, or its family's style.
         num_samples: How many independent samples to generate (sample i uses seed + i).
         max_new_tokens: Most tokens to generate per sample (stops earlier at EOS or a stop string);
             default 50, reduced to what the context window leaves after the prompt.
-        temperature: Sampling temperature; 0 means greedy decoding.
-        top_k: Sample only among the k most likely tokens (null: no limit).
-        top_p: Nucleus sampling: sample among the most likely tokens whose probabilities add up to
-            top_p, in (0, 1]; 1 disables it.
-        precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
-        quantize: Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
-        compile: Compile the decode step with `torch.compile` (pays off for long generations).
-        seed: Random seed for sampling.
-        device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda when available).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
     from litllm.model_folder import check_model_folder
 
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    decoding = DecodeArgs(**decode)
+    check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens)
     if num_samples < 1:
         raise LitLLMError(f"--num_samples must be >= 1, got {num_samples}")
     checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
-    device = device or default_device()
+    style = PromptStyle.from_checkpoint(checkpoint_dir, decoding.prompt_style)
     t0 = time.perf_counter()
-    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)
+    model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    prompt_ids = style.encode(tokenizer, style.apply(prompt, sys_prompt=sys_prompt)).tolist()
+    prompt_ids = style.encode(tokenizer, style.apply(prompt, sys_prompt=decoding.sys_prompt)).tolist()
     window = model.max_seq_length
     check_prompt_fits(len(prompt_ids), window)
     max_new_tokens = fit_max_new_tokens(max_new_tokens, 50, window - len(prompt_ids), window)
-    torch.manual_seed(seed)
-    with Engine(model, tokenizer, 1, len(prompt_ids) + max_new_tokens, threads=threads, compile=compile) as engine:
+    torch.manual_seed(decoding.seed)
+    with Engine(model, tokenizer, 1, len(prompt_ids) + max_new_tokens, threads=threads, compile=decoding.compile) as engine:
         for i in range(num_samples):
             t0 = time.perf_counter()
-            engine.add(Request(prompt_ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed=seed + i),
-                               **default_stops(tokenizer, style)))
+            engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **default_stops(tokenizer, style)))
             n = 0
             while engine.has_unfinished:
                 for out in engine.step():
@@ -334,5 +357,5 @@ def generate(
             print(flush=True)
             dt = time.perf_counter() - t0
             print(f"Sample {i + 1}: {n} tokens in {dt:.2f} s, {n / dt:.2f} tokens/s", file=sys.stderr)
-    if torch.device(device).type == "cuda":
+    if model.wte.weight.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)

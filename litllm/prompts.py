@@ -287,9 +287,12 @@ class PromptStyle:
         return cls("chat_template", template, tuple(stop_strings), dict(variables or {}), writes_bos=True)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: Union[str, Path]) -> "PromptStyle":
-        """The style of a model folder: `prompt_style.yaml` if present, else the tokenizer's chat template,
-        else a family default guessed from `model_config.yaml`'s name (`default` when nothing matches)."""
+    def from_checkpoint(cls, checkpoint_dir: Union[str, Path], name: Optional[str] = None) -> "PromptStyle":
+        """The style of a model folder: the built-in style `name` when given (a `--prompt_style` flag), else
+        `prompt_style.yaml` if present, else the tokenizer's chat template, else a family default guessed
+        from `model_config.yaml`'s name (`default` when nothing matches)."""
+        if name:
+            return cls.from_name(name)
         checkpoint_dir = Path(checkpoint_dir)
         path = checkpoint_dir / PROMPT_STYLE_FILE
         if path.is_file():

@@ -8,7 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from litllm.errors import LitLLMError
 
@@ -91,6 +91,21 @@ def write_error(path: Path, error: BaseException) -> OutputWriteError | None:
         if "No space left on device" in str(error):  # e.g. safetensors' SafetensorError
             return OutputWriteError(path, WRITE_ERRORS[errno.ENOSPC])
     return None
+
+
+@contextmanager
+def temporarily(get: Callable[[], Any], set: Callable[[Any], Any], value: Any) -> Iterator[None]:
+    """Run a block with a process-wide setting at `value` (None: unchanged), restored afterwards, e.g.
+    `temporarily(torch.get_num_threads, torch.set_num_threads, 4)`."""
+    before = get()
+    if value is None or value == before:
+        yield
+        return
+    set(value)
+    try:
+        yield
+    finally:
+        set(before)
 
 
 @contextmanager

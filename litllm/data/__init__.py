@@ -10,7 +10,7 @@ from litllm.data.instruction_sets import LIMA, Alpaca, Alpaca2k, AlpacaGPT4, Dol
 from litllm.data.json_data import JSON
 from litllm.data.lit_data import LitData, TinyLlama
 from litllm.data.preference import Preference
-from litllm.data.sft import PadCollate, SFTDataModule, SFTDataset
+from litllm.data.sft import PadCollate, SFTDataModule, TokenizedDataset
 from litllm.data.text_files import TextFiles
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "LitData",
     "TinyLlama",
     "SFTDataModule",
-    "SFTDataset",
+    "TokenizedDataset",
     "PadCollate",
     "JSON",
     "Alpaca",

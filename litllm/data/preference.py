@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from litllm.data.base import DataModule
 from litllm.data.json_data import read_json_records
-from litllm.data.sft import Record, _parse_messages, encode_record, resolve_prompt_style, split_records
+from litllm.data.sft import (
+    Record, TokenizedDataset, _parse_messages, encode_record, resolve_prompt_style, split_records,
+)
 from litllm.errors import LitLLMError
 
 LongPairs = Literal["truncate", "skip", "error"]
@@ -202,19 +204,6 @@ def tokenize_pairs(records: list[PreferenceRecord], tokenizer, style, max_seq_le
     return samples
 
 
-class PairDataset(Dataset):
-    """Tokenized pairs (map-style); a sample may also hold `ref_logps` (2,) = reference [chosen, rejected]."""
-
-    def __init__(self, samples: list[dict[str, torch.Tensor]]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.samples[index]
-
-
 @dataclass
 class PairCollate:
     """B pairs -> one (2B, T) batch: [prompt + chosen] * B then [prompt + rejected] * B, right-padded."""
@@ -262,8 +251,8 @@ class Preference(DataModule):
     num_workers: int = 0
     """DataLoader worker processes."""
 
-    train_dataset: Optional[PairDataset] = field(default=None, init=False, repr=False)
-    val_dataset: Optional[PairDataset] = field(default=None, init=False, repr=False)
+    train_dataset: Optional[TokenizedDataset] = field(default=None, init=False, repr=False)
+    val_dataset: Optional[TokenizedDataset] = field(default=None, init=False, repr=False)
     reference_logps: Optional[dict[str, torch.Tensor]] = field(default=None, init=False, repr=False)
     """Set by `finetune_dpo --precompute_reference true`: {"train": (N, 2), "val": (M, 2)}, attached to the samples."""
 
@@ -279,14 +268,14 @@ class Preference(DataModule):
         self.style = resolve_prompt_style(self.prompt_style, tokenizer)
         train, val = self.load_records()
         common = dict(tokenizer=tokenizer, style=self.style, max_seq_length=self.max_seq_length, long_pairs=self.long_pairs)
-        self.train_dataset = PairDataset(tokenize_pairs(train, name="Preference train", **common))
-        self.val_dataset = PairDataset(tokenize_pairs(val, name="Preference val", **common)) if val else None
+        self.train_dataset = TokenizedDataset(tokenize_pairs(train, name="Preference train", **common))
+        self.val_dataset = TokenizedDataset(tokenize_pairs(val, name="Preference val", **common)) if val else None
         if len(self.train_dataset) == 0:
             raise LitLLMError(f"{self.json_path}: every training pair was dropped (see the counts above)")
         if self.reference_logps is not None:
             self.attach_reference(self.reference_logps)
 
-    def datasets(self) -> dict[str, PairDataset]:
+    def datasets(self) -> dict[str, TokenizedDataset]:
         return {k: d for k, d in (("train", self.train_dataset), ("val", self.val_dataset)) if d}
 
     def attach_reference(self, logps: dict[str, torch.Tensor]) -> None:

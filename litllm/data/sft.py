@@ -240,8 +240,9 @@ def _progress(records: Sequence[Record], name: str):
     return tqdm(records, desc=f"Tokenizing {name}", unit="record")
 
 
-class SFTDataset(Dataset):
-    """Tokenized samples (map-style): `dataset[i] -> {"input_ids": (T,), "labels": (T,)}`."""
+class TokenizedDataset(Dataset):
+    """Tokenized samples held in memory (map-style): `dataset[i]` -> one sample's tensors, e.g.
+    `{"input_ids": (T,), "labels": (T,)}` (SFT) or `{"prompt_ids", "chosen_ids", "rejected_ids"}` (preference pairs)."""
 
     def __init__(self, samples: list[dict[str, torch.Tensor]]) -> None:
         self.samples = samples
@@ -406,8 +407,8 @@ class SFTDataModule(DataModule):
     every label token gets the loss it has unpacked; a micro-batch is `micro_batch_size` rows, and an epoch
     (every sample once) is the rows once."""
 
-    train_dataset: Optional[SFTDataset] = field(default=None, init=False, repr=False)
-    val_dataset: Optional[SFTDataset] = field(default=None, init=False, repr=False)
+    train_dataset: Optional[TokenizedDataset] = field(default=None, init=False, repr=False)
+    val_dataset: Optional[TokenizedDataset] = field(default=None, init=False, repr=False)
     _packed: dict = field(default_factory=dict, init=False, repr=False)  # (split, row length) -> PackedDataset
 
     def load_records(self) -> tuple[list[Record], list[Record]]:
@@ -430,9 +431,9 @@ class SFTDataModule(DataModule):
             ignore_index=self.ignore_index,
             long_records=self.long_records,
         )
-        self.train_dataset = SFTDataset(tokenize_records(train, name=f"{type(self).__name__} train", **common))
+        self.train_dataset = TokenizedDataset(tokenize_records(train, name=f"{type(self).__name__} train", **common))
         self.val_dataset = (
-            SFTDataset(tokenize_records(val, name=f"{type(self).__name__} val", **common)) if val else None
+            TokenizedDataset(tokenize_records(val, name=f"{type(self).__name__} val", **common)) if val else None
         )
         if len(self.train_dataset) == 0:
             raise LitLLMError(f"{type(self).__name__}: every training record was dropped (see the counts above)")

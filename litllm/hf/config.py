@@ -6,12 +6,12 @@ transformers assumes when a key is absent, and the structural flags that follow 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from litllm.config import Config, check_rope_scaling
 from litllm.errors import LitLLMError
+from litllm.utils import read_json_object
 
 # Structural flags per HF model_type (everything that is not a size).
 _LLAMA = dict(norm_class_name="RMSNorm", mlp_class_name="GatedMLP", activation="silu")
@@ -59,19 +59,13 @@ _ACT_BACK = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
 def load_hf_config(path: str | Path) -> dict[str, Any]:
+    """A config.json (the file, or the folder holding it) as a dict; a clear error if absent or invalid."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise LitLLMError(f"{path}: config.json not found")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LitLLMError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if "text_config" in hf and hf.get("model_type") in ("gemma3",):
-        # multimodal Gemma-3: litllm runs its language model
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
-    return hf
+    return read_json_object(path)
 
 
 def config_from_hf(path_or_dict: str | Path | dict[str, Any], **overrides: Any) -> Config:

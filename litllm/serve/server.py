@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from litllm.errors import LitLLMError
+from litllm.flags import with_flags
+from litllm.generate import LoadArgs
 
 # seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled
 SHUTDOWN_GRACE_S = 20
@@ -19,20 +21,19 @@ SHUTDOWN_GRACE_S = 20
 KV_MEMORY_SHARE = 0.5
 
 
+@with_flags("load", LoadArgs)
 def serve(
     checkpoint_dir: Path,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
     max_batch_size: int = 16,
     max_seq_length: Optional[int] = None,
     max_queue: int = 64,
     prefill_chunk: int = 512,
     api_key: Optional[str] = None,
     prompt_style: Optional[str] = None,
-    device: Optional[str] = None,
+    load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
 
@@ -43,8 +44,6 @@ def serve(
             its name is the model id clients send.
         host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
         port: TCP port (0: any free port; the URL printed once ready tells which).
-        precision: `32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true).
-        quantize: Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
         max_batch_size: Requests decoded together; each holds one KV-cache slot of max_seq_length positions.
         max_seq_length: Positions per slot (prompt + answer); default: the model's context window, reduced
             (with a note) when the KV cache would not fit in half the free memory.
@@ -54,9 +53,7 @@ def serve(
         api_key: Require `Authorization: Bearer <api_key>` on /v1 routes (default: the LITLLM_API_KEY
             environment variable; unset: no key needed).
         prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
-        device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda when available).
     """
-    from litllm.generate import default_device, load_for_decoding
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
     from litllm.model_folder import check_model_folder
@@ -82,9 +79,8 @@ def serve(
     from litllm.serve.bridge import EngineLoop
 
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_name(prompt_style) if prompt_style else PromptStyle.from_checkpoint(checkpoint_dir)
-    device = device or default_device()
-    model, threads = load_for_decoding(checkpoint_dir, device, precision, quantize)  # as `generate` loads
+    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
+    model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)  # as `generate` loads
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads,
                     prefill_chunk=prefill_chunk)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 from litllm.errors import LitLLMError
+from litllm.flags import attribute_docs, publish
 
 
 @dataclass
@@ -165,29 +166,6 @@ class RunArgs:
     all in a temporary folder (out_dir is never written); prints the checks, tokens/s and peak memory per device."""
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """{field: its attribute docstring}, joined into one line."""
-    import ast
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
-
-
-def _publish(wrapper: Callable, command: Callable, public: inspect.Signature, docs: dict[str, str]) -> Callable:
-    """Show `wrapper` with the signature `public` and `command`'s docstring plus `docs` ({flag: help}) in its `Args:`."""
-    del wrapper.__wrapped__  # jsonargparse and help() read the public signature, not the command's
-    wrapper.__signature__ = public
-    indent = " " * 8
-    wrapper.__doc__ = (command.__doc__ or "").rstrip() + "\n" + "".join(f"{indent}{name}: {doc}\n" for name, doc in docs.items())
-    return wrapper
-
-
 def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
     """Give a command every `RunArgs` field as a flat flag (`--devices 8`, YAML `devices: 8`), after its own.
 
@@ -202,7 +180,7 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
     unknown = set(defaults) - {f.name for f in fields}
     if unknown:
         raise TypeError(f"not RunArgs fields: {sorted(unknown)}")
-    docs = _attribute_docs(RunArgs)
+    docs = attribute_docs(RunArgs)
     hints = {name: hint for name, hint in inspect.get_annotations(RunArgs, eval_str=True).items()}
 
     def decorate(command: Callable) -> Callable:
@@ -235,36 +213,6 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
                 with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
                     return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
 
-        return _publish(wrapper, command, public, {f.name: docs.get(f.name, "") for f in fields})
-
-    return decorate
-
-
-def with_flags(param: str, cls: type, prefix: str = "") -> Callable[[Callable], Callable]:
-    """Give a command the fields of the dataclass `cls` as flat flags (`prefix` + field name) in place of
-    its argument `param`, which receives them as a dict {field: value} (`cls(**param)` when the command
-    needs one, so checks run where the command chooses). Help texts come from `cls`'s attribute
-    docstrings, appended to the command's `Args:`; defaults are the fields' defaults."""
-    fields = dataclasses.fields(cls)
-    docs = _attribute_docs(cls)
-    hints = inspect.get_annotations(cls, eval_str=True)
-
-    def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command, eval_str=True)
-        params = list(signature.parameters.values())
-        at = [p.name for p in params].index(param)
-        flat = [inspect.Parameter(prefix + f.name, params[at].kind, default=f.default, annotation=hints[f.name])
-                for f in fields]
-        public = signature.replace(parameters=params[:at] + flat + params[at + 1:])
-
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = public.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            packed = {f.name: arguments.pop(prefix + f.name) for f in fields}
-            return command(**arguments, **{param: packed})
-
-        return _publish(wrapper, command, public, {prefix + f.name: docs.get(f.name, "") for f in fields})
+        return publish(wrapper, command, public, {f.name: docs.get(f.name, "") for f in fields})
 
     return decorate
