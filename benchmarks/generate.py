@@ -64,6 +64,15 @@ def build_checkpoint(folder: Path, args) -> int:
     return per_token * 4
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The size of the Llama `build_checkpoint` makes (default: ~134M parameters)."""
+    parser.add_argument("--n_layer", type=int, default=12)
+    parser.add_argument("--n_embd", type=int, default=768)
+    parser.add_argument("--n_head", type=int, default=12)
+    parser.add_argument("--intermediate_size", type=int, default=2048)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+
+
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     w0, c0 = time.perf_counter(), time.process_time()
@@ -73,11 +82,7 @@ def timed(fn) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_layer", type=int, default=12)
-    parser.add_argument("--n_embd", type=int, default=768)
-    parser.add_argument("--n_head", type=int, default=12)
-    parser.add_argument("--intermediate_size", type=int, default=2048)
-    parser.add_argument("--vocab_size", type=int, default=32000)
+    add_model_args(parser)
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)

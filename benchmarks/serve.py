@@ -108,11 +108,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_layer", type=int, default=12)
-    parser.add_argument("--n_embd", type=int, default=768)
-    parser.add_argument("--n_head", type=int, default=12)
-    parser.add_argument("--intermediate_size", type=int, default=2048)
-    parser.add_argument("--vocab_size", type=int, default=32000)
+    bench = _generate_benchmark()
+    bench.add_model_args(parser)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="--max_batch_size of the batched server")
@@ -123,7 +120,6 @@ def main() -> None:
 
     import torch
 
-    bench = _generate_benchmark()
     generator = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "llama"

@@ -390,8 +390,8 @@ class Engine:
             ids = torch.tensor(prompt[start:stop], dtype=torch.long, device=self.device)
             self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
             try:
-                logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device),
-                                    kv_len=stop)[:, -1, : self.vocab_size]
+                logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                    logits_to_keep=1)[:, -1, : self.vocab_size]
             finally:
                 self._set_caches(self._caches)
             row.prefilled = stop

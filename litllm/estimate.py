@@ -394,7 +394,7 @@ def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int
             for block, cache in zip(model.blocks, caches):  # the engine prefills one slot through views of its row
                 block.attn.kv_cache = cache.rows(0, 1)
             ids = torch.zeros(1, prompt_length, dtype=torch.long)
-            model(ids, input_pos=torch.arange(prompt_length), kv_len=prompt_length)[:, -1, : config.vocab_size]
+            model(ids, input_pos=torch.arange(prompt_length), kv_len=prompt_length, logits_to_keep=1)
             for block, cache in zip(model.blocks, caches):
                 block.attn.kv_cache = cache
             tracker.reset_mod_stats()

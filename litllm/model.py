@@ -72,6 +72,7 @@ class GPT(nn.Module):
         document_ids: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         ignore_index: int = -100,
+        logits_to_keep: Optional[int] = None,
     ) -> torch.Tensor:
         """Return logits `(B, T, padded_vocab)`, or the mean cross-entropy when `targets` is given.
 
@@ -86,6 +87,8 @@ class GPT(nn.Module):
         kv_len: with a KV cache, attend only to its first `kv_len` positions: a bound on every row's
             newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
             tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
+        logits_to_keep: return the logits of the last this many positions only, (B, logits_to_keep, padded_vocab):
+            a prefill needs only the last one, and the head over a long prompt costs as much as several layers.
         """
         B, T = idx.shape
         c = self.config
@@ -117,9 +120,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
             x = block(x, rope_local if sliding else rope, masks[sliding], input_pos, kv_len)
-        x = self.norm_f(x)
         if targets is None:
-            return self.head(x)
+            if logits_to_keep is not None:
+                x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
+            return self.head(self.norm_f(x))
+        x = self.norm_f(x)
         return chunked_cross_entropy(self.head, x, targets, ignore_index)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,52 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_converted_checkpoint(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture(scope="session")
+def base(tiny_checkpoint) -> Path:
+    """The tiny checkpoint as the base model of finetuning runs (read-only: runs write elsewhere)."""
+    return tiny_checkpoint
+
+
+def json_file(tmp_path_factory, records, name: str = "data.json") -> Path:
+    """`records` written as a JSON file in a fresh temporary folder (a module fixture's data set)."""
+    path = tmp_path_factory.mktemp(Path(name).stem) / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def tiny_config(**overrides):
+    """A tiny Llama-like `Config` (3 layers, 32 wide, grouped-query attention) for model-level tests."""
+    from litllm.config import Config
+
+    values = dict(
+        name="tiny", block_size=64, vocab_size=320, padding_multiple=64, n_layer=3, n_embd=32, n_head=4,
+        n_query_groups=2, intermediate_size=64, norm_class_name="RMSNorm", mlp_class_name="GatedMLP",
+        activation="silu",
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+def slow_save_cli(path_part: str, message: str, seconds: float) -> str:
+    """A `python -c` script running the litllm CLI in which writing a weights file whose path contains
+    `path_part` prints `message` once written, then sleeps `seconds` (a signal or a kill lands mid-save)."""
+    return f"""
+import sys, time
+import litllm.model_folder as checkpoint
+
+write = checkpoint.save_model_weights
+def slow_write(state_dict, path):
+    write(state_dict, path)
+    if {path_part!r} in str(path):
+        print({message!r}, flush=True)
+        time.sleep({seconds})
+checkpoint.save_model_weights = slow_write
+
+from litllm.__main__ import main
+main(sys.argv[1:])
+"""
+
+
 @pytest.fixture
 def shared_data() -> Path:
     data = SHARED / "data"

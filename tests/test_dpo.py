@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_converted_checkpoint
+from conftest import json_file
 from litllm.data.preference import Preference, PreferenceRecord, parse_preference_record, tokenize_pairs
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_dpo
@@ -36,15 +36,8 @@ def _pairs(n: int = 40) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_converted_checkpoint(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pairs") / "pairs.json"
-    path.write_text(json.dumps(_pairs()))
-    return path
+    return json_file(tmp_path_factory, _pairs(), "pairs.json")
 
 
 def _tokenizer(base):

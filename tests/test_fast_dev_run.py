@@ -7,7 +7,6 @@ doesn't restore the trained state fails the round trip.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_converted_checkpoint
+from conftest import json_file
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -25,15 +24,8 @@ CHECKS = ("fast_dev_run passed", "batch: ", "training: ", "checkpoint: saved ste
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_converted_checkpoint(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.json"
-    path.write_text(json.dumps([{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(24)]))
-    return path
+    return json_file(tmp_path_factory, [{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(24)])
 
 
 def litllm(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -94,6 +86,21 @@ def test_finetune_fast_dev_run(command, base, data_file, tmp_path):
     assert_dev_run_passed(proc, tmp_path, out)
     assert "training: 6 optimizer steps" in proc.stdout and "step-00000003" in proc.stdout
     assert "Step 6 sample: " in proc.stdout  # the recipe's after-validation hook ran too
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_finetune_dpo_fast_dev_run(method, base, tmp_path_factory, tmp_path):
+    """DPO's own state takes the round trip too: the frozen reference (full) or the disabled adapters (LoRA)."""
+    pairs = json_file(tmp_path_factory, [{"prompt": f"Say {i}", "chosen": f"It is {i}.", "rejected": f"No, {i + 1}!"}
+                                         for i in range(24)], "pairs.json")
+    out = tmp_path / "out"
+    args = finetune_args("finetune_dpo", base, pairs, out, "--method", method, "--fast_dev_run", "4")
+    args[args.index("JSON")] = "Preference"
+    at = args.index("--eval.max_new_tokens")
+    del args[at: at + 2]  # preference tuning prints no sample replies
+    proc = litllm(tmp_path, *args)
+    assert_dev_run_passed(proc, tmp_path, out)
+    assert "training: 4 optimizer steps" in proc.stdout and "step-00000002" in proc.stdout
 
 
 def test_two_process_fast_dev_run(base, data_file, tmp_path):

@@ -7,7 +7,6 @@ in the middle of a save; the merged folder generates and converts to a HF folder
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_converted_checkpoint
+from conftest import json_file, make_converted_checkpoint
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_adapter, finetune_adapter_v2, finetune_full, finetune_lora
 from litllm.model import GPT
@@ -34,15 +33,8 @@ def _records(n: int = 48) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_converted_checkpoint(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.json"
-    path.write_text(json.dumps(_records()))
-    return path
+    return json_file(tmp_path_factory, _records())
 
 
 def _data(data_file: Path):

@@ -75,6 +75,20 @@ def test_kv_cache_decoding_equals_uncached(family, converted):
     assert torch.equal(cached, seq)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi"])
+def test_logits_to_keep_equals_the_last_positions_of_all_logits(family, converted):
+    """What a prefill asks for (the head over the last position only) is exactly those positions' logits,
+    final softcapping (gemma2) and the final norm included."""
+    _, model = converted(family)
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx)
+        for keep in (1, 3):
+            kept = model(idx, logits_to_keep=keep)
+            assert kept.shape == (2, keep, full.size(-1))
+            torch.testing.assert_close(kept, full[:, -keep:], atol=1e-6, rtol=0)
+
+
 def test_left_padded_batch_equals_single_rows(converted):
     _, model = converted("llama")
     torch.manual_seed(3)

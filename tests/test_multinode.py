@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from litllm.errors import LitLLMError
 from litllm.train.preemption import REQUEUE_EXIT_CODE, StopOnSignal
+from conftest import slow_save_cli
 from test_pretrain import env_with_tests, fixed_tokens_args, initial_model, read_losses  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,21 +76,7 @@ def test_two_torchrun_nodes_match_one_process(initial_model, one_process_run, tm
 
 
 # ---------------------------------------------------------------------- SIGTERM without Slurm
-SLOW_CHECKPOINT = """
-import sys, time
-import litllm.model_folder as checkpoint
-
-write = checkpoint.save_model_weights
-def slow_write(state_dict, path):
-    write(state_dict, path)
-    if ".step-" in str(path):
-        print("WRITING CHECKPOINT", flush=True)
-        time.sleep(3)  # a second signal arrives now
-checkpoint.save_model_weights = slow_write
-
-from litllm.__main__ import main
-main(sys.argv[1:])
-"""
+SLOW_CHECKPOINT = slow_save_cli(".step-", "WRITING CHECKPOINT", 3)  # a second signal arrives mid-save
 
 
 @pytest.mark.slow

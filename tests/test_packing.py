@@ -8,7 +8,6 @@ step budget counts rows; a packed LoRA run resumes bit-exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_converted_checkpoint
+from conftest import json_file, tiny_config
 from litllm.adapter import add_adapter_v2
 from litllm.config import Config
 from litllm.data import JSON
@@ -27,16 +26,6 @@ from litllm.model import GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 320
-
-
-def tiny_config(**overrides) -> Config:
-    values = dict(
-        name="tiny", block_size=64, vocab_size=VOCAB, padding_multiple=64, n_layer=3, n_embd=32, n_head=4,
-        n_query_groups=2, intermediate_size=64, norm_class_name="RMSNorm", mlp_class_name="GatedMLP",
-        activation="silu",
-    )
-    values.update(overrides)
-    return Config(**values)
 
 
 def random_samples(n: int = 9, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -176,15 +165,8 @@ def _records(n: int = 40) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_converted_checkpoint(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.json"
-    path.write_text(json.dumps(_records()))
-    return path
+    return json_file(tmp_path_factory, _records())
 
 
 def _data(data_file: Path, packing: bool) -> JSON:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import slow_save_cli
 from litllm.__main__ import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,21 +206,7 @@ def test_cli_exit_code(tmp_path):
 
 
 # ---------------------------------------------------------------------- crash-safe, exact resume
-KILL_DURING_SAVE = """
-import sys, time
-import litllm.model_folder as checkpoint
-
-write = checkpoint.save_model_weights
-def slow_write(state_dict, path):
-    write(state_dict, path)
-    if "step-00000004" in str(path):
-        print("SAVING STEP 4", flush=True)
-        time.sleep(300)
-checkpoint.save_model_weights = slow_write
-
-from litllm.__main__ import main
-main(sys.argv[1:])
-"""
+KILL_DURING_SAVE = slow_save_cli("step-00000004", "SAVING STEP 4", 300)
 
 
 @pytest.mark.slow

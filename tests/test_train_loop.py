@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import conftest
 from litllm.config import Config
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
@@ -22,14 +23,8 @@ VOCAB = 320
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(**overrides) -> Config:
-    values = dict(
-        name="tiny", block_size=32, vocab_size=VOCAB, padding_multiple=64, n_layer=2, n_embd=32, n_head=4,
-        n_query_groups=2, intermediate_size=64, norm_class_name="RMSNorm", mlp_class_name="GatedMLP",
-        activation="silu",
-    )
-    values.update(overrides)
-    return Config(**values)
+def tiny_config(**overrides):
+    return conftest.tiny_config(**{"block_size": 32, "n_layer": 2, **overrides})
 
 
 @dataclass
