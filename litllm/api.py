@@ -20,7 +20,7 @@ import torch
 
 from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import check_prompt_fits, default_device, fit_max_new_tokens, load_for_decoding
+from litllm.generate import LoadArgs, check_prompt_fits, fit_max_new_tokens
 
 
 class LLM:
@@ -66,7 +66,7 @@ class LLM:
         checkpoint_dir = _resolve(model, Path(checkpoint_root), access_token)
         tokenizer = Tokenizer(checkpoint_dir)
         style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
-        net, threads = load_for_decoding(checkpoint_dir, device or default_device(), precision, quantize)
+        net, threads = LoadArgs(precision, quantize, device).for_decoding(checkpoint_dir)
         return cls(net, tokenizer, style, checkpoint_dir, threads=threads)
 
     # ------------------------------------------------------------------ generation

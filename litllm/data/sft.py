@@ -242,7 +242,8 @@ def _progress(records: Sequence[Record], name: str):
 
 class TokenizedDataset(Dataset):
     """Tokenized samples held in memory (map-style): `dataset[i]` -> one sample's tensors, e.g.
-    `{"input_ids": (T,), "labels": (T,)}` (SFT) or `{"prompt_ids", "chosen_ids", "rejected_ids"}` (preference pairs)."""
+    `{"input_ids": (T,), "labels": (T,)}` (SFT) or `{"prompt_ids", "chosen_ids", "rejected_ids"}` (preference pairs;
+    plus `ref_logps` (2,), the reference's [chosen, rejected], once precomputed)."""
 
     def __init__(self, samples: list[dict[str, torch.Tensor]]) -> None:
         self.samples = samples
