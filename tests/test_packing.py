@@ -231,6 +231,7 @@ def test_packed_lora_run_counts_rows_validates_and_resumes_bit_exactly(base, dat
     out = capsys.readouterr().out
     rows = int(out.split("JSON train: packed 32 samples into ")[1].split()[0])
     assert straight.step == 2 * math.ceil(rows / 2) // 2  # two epochs of rows, 2 micro-batches per step
+    assert "= 4 packed rows of up to 128 tokens per step" in out  # the batch counts rows, and says so
     assert straight.step >= 3 and math.isfinite(straight.val_loss) and straight.val_losses
     resumed_out = tmp_path / "resumed"
     resumed_out.mkdir()

@@ -196,6 +196,8 @@ class Trainer:
     warmup_steps: int
     ignore_index: int
     """The data module's label of positions without a loss."""
+    batch_unit: str
+    """What a batch row is: "samples", or "packed rows" (several samples each) with `--data.packing`."""
     state: dict[str, int]
     """step, tokens, epoch, batches_in_epoch: saved in checkpoints, restored on resume."""
     base_lrs: list[float]
@@ -326,7 +328,8 @@ def setup(
     return Trainer(
         fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
         writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
-        total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index, state=state,
+        total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index,
+        batch_unit="packed rows" if getattr(data, "packing", False) else "samples", state=state,
         base_lrs=base_lrs, logger=logger, dev_run=dev_run,
     )
 
@@ -359,7 +362,7 @@ def fit(t: Trainer) -> TrainResult:
     global_batch = t.accumulation * train.micro_batch_size * fabric.world_size
     fabric.print(
         f"Training {t.total_steps} steps ({t.accumulation} accumulation x {train.micro_batch_size} micro-batch x "
-        f"{fabric.world_size} devices = {global_batch} samples of up to {t.seq_length} tokens per step), "
+        f"{fabric.world_size} devices = {global_batch} {t.batch_unit} of up to {t.seq_length} tokens per step), "
         f"warmup {t.warmup_steps}, {sum(p.numel() for p in trainable):,} trainable parameters"
     )
 
