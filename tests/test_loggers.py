@@ -94,6 +94,30 @@ def test_csv_resume_continues_the_log_with_each_step_once(tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "metrics.csv")] == ["3"]
 
 
+@pytest.mark.parametrize("then", ["a row", "a new column"])
+def test_csv_on_a_full_disk_keeps_every_complete_row(then, tmp_path):
+    """The disk fills up between two steps: the write fails with one line naming metrics.csv, and the file
+    still holds exactly the rows written before (no half row, no temporary file)."""
+    from test_errors import fill, tmpfs
+
+    from litllm.errors import LitLLMError
+
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        logger = loggers.CSVLogger(disk / "logs")
+        for step in (1, 2, 3):
+            logger.log_metrics({"loss": 1.0 / step}, step)
+        fill(disk)
+        step = 4  # rows are appended into the file's last page until it is full
+        with pytest.raises(LitLLMError, match=r"metrics\.csv.*no space left"):
+            for step in range(4, 1000):
+                before = (disk / "logs" / "metrics.csv").read_bytes()
+                logger.log_metrics({"loss": 0.25, **({"val_loss": 0.3} if then == "a new column" else {})}, step)
+        assert (disk / "logs" / "metrics.csv").read_bytes() == before
+        assert sorted(p.name for p in (disk / "logs").iterdir()) == ["metrics.csv"]
+        rows = loggers.read_csv_rows(disk / "logs" / "metrics.csv")
+        assert [int(r["step"]) for r in rows] == list(range(1, step))
+
+
 def test_csv_hyperparameters(tmp_path):
     logger = loggers.build_logger("csv", tmp_path, "run")
     logger.log_hyperparams({"train": {"lr": 0.1}, "out_dir": tmp_path})

@@ -16,6 +16,7 @@ continues them.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -79,24 +80,31 @@ class CSVLogger:
         return buffer.getvalue()
 
     def _write_last(self, row: dict[str, Any]) -> None:
-        with open(self.path, "r+", newline="", encoding="utf-8") as f:
+        from litllm.utils import write_error
+
+        data = self._line(row).encode("utf-8")
+        with open(self.path, "r+b", buffering=0) as f:  # unbuffered: a failed write fails here, not at close
             offset = f.seek(0, os.SEEK_END) if self._last_offset is None else self._last_offset
             f.seek(offset)
             f.truncate()
-            f.write(self._line(row))
+            try:
+                if f.write(data) != len(data):  # a short write: the device is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as e:  # no half row is left behind
+                f.truncate(offset)
+                raise write_error(self.path, e) or e from None
         self._last, self._last_offset = row, offset
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        from litllm.utils import atomic_path
+
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow(self.columns)
             for r in rows[:-1]:
                 f.write(self._line(r))
             offset = f.tell()
             if rows:
                 f.write(self._line(rows[-1]))
-        tmp.replace(self.path)
         self._last, self._last_offset = (rows[-1], offset) if rows else ({}, None)
 
     def finalize(self, status: str = "success") -> None:
