@@ -101,9 +101,9 @@ class LLM:
         longest = max(len(p) for p in ids)
         check_prompt_fits(longest, self.model.max_seq_length)
         max_new_tokens = self._fit(max_new_tokens, 50, self.model.max_seq_length - longest)
+        stops = default_stops(self.tokenizer, self.prompt_style)
         requests = [
-            Request(p, max_new_tokens, Sampling(temperature, top_k, top_p, None if seed is None else seed + i),
-                    **default_stops(self.tokenizer, self.prompt_style))
+            Request(p, max_new_tokens, Sampling(temperature, top_k, top_p, None if seed is None else seed + i), **stops)
             for i, p in enumerate(ids)
         ]
         chunks = self._run(requests, longest + max_new_tokens)

@@ -120,9 +120,9 @@ def chat(
         raise LitLLMError(
             f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the {window}-token context window"
         )
-    max_new_tokens = fit_max_new_tokens(max_new_tokens, 512, window // 2, window)
+    if max_new_tokens is None:  # a value the user gave only needs to leave room for the conversation
+        max_new_tokens = fit_max_new_tokens(None, 512, window // 2, window)
     stops = default_stops(tokenizer, style)
-    torch.manual_seed(decoding.seed)
     budget = model.max_seq_length - max_new_tokens
     system = [{"role": "system", "content": decoding.sys_prompt}] if decoding.sys_prompt else []
     history: list[dict] = list(system)

@@ -216,6 +216,9 @@ def threads_for(n: Optional[int]):
 
 
 # ---------------------------------------------------------------------- the engine
+PREFILL_CHUNK = 512  # prompt tokens one step prefills, by default (`Engine(prefill_chunk=...)`, `serve --prefill_chunk`)
+
+
 @dataclass
 class _Row:
     """A request in a KV-cache row."""
@@ -251,7 +254,7 @@ class Engine:
         *,
         threads: Optional[int] = None,
         compile: bool = False,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if max_batch_size < 1:
             raise LitLLMError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -414,16 +417,15 @@ class Engine:
         return int(sample(logits, s.temperature, s.top_k, s.top_p, row.generator)[0])
 
     def _pick(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> list[int]:
-        """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own."""
-        greedy = logits.argmax(dim=-1)  # (B,)
-        tokens = greedy.tolist()
-        sampled = False
+        """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own, on the
+        device; one read back to the host for all of them."""
+        picked = logits.argmax(dim=-1)  # (B,)
         for slot, row in running:
-            if row.request.sampling.temperature > 0:
-                tokens[slot] = self._sample(logits[slot: slot + 1], row)
-                sampled = True
-        self._tokens.copy_(torch.tensor(tokens, device=self.device)[:, None] if sampled else greedy[:, None])
-        return tokens
+            s = row.request.sampling
+            if s.temperature > 0:
+                picked[slot] = sample(logits[slot: slot + 1], s.temperature, s.top_k, s.top_p, row.generator)[0]
+        self._tokens.copy_(picked[:, None])
+        return picked.tolist()
 
     def _advance(self, slot: int, row: _Row, token: int, outputs: list[Output]) -> None:
         """Record `token` for the row; free the row when it finished."""

@@ -277,8 +277,10 @@ def _launch(job: FinetuneJob) -> Any:
         check_quantize_mode(_BNB_MODE[job.quantize], fabric.device.type, _dtypes(fabric)[1])
     from litllm.estimate import warn_if_too_large
 
-    # on GPUs: a warning naming the fix if it won't fit
-    warn_if_too_large(f"finetune_{job.method}", job.hparams, fabric, config, build_method)
+    # on GPUs: a warning naming the fix if it won't fit (the estimate models plain finetuning, not DPO's
+    # 2B-row micro-batches and reference model: for those, its figure would only reassure wrongly)
+    if job.preference is None:
+        warn_if_too_large(f"finetune_{job.method}", job.hparams, fabric, config, build_method)
     return fabric.launch(main, job, config)
 
 
@@ -544,7 +546,7 @@ def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
         return None
 
     def after_validation(fabric, model, step: int) -> None:
-        from litllm.engine import generate_ids
+        from litllm.engine import default_stops, generate_ids
         from litllm.train.fabric import unwrap
 
         dataset = getattr(data, "val_dataset", None)
@@ -559,8 +561,8 @@ def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):
         was_training = module.training
         module.eval()
         room = module.max_seq_length - len(prompt)
-        tokens = generate_ids(module, prompt.tolist(), min(max_new_tokens, room), stop_token_ids=tokenizer.stop_ids,
-                              tokenizer=tokenizer, stop_strings=style.stop_strings) if room > 0 else []
+        tokens = generate_ids(module, prompt.tolist(), min(max_new_tokens, room), tokenizer=tokenizer,
+                              **default_stops(tokenizer, style)) if room > 0 else []
         module.train(was_training)
         fabric.print(f"Step {step} sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(torch.tensor(tokens))!r}")
 

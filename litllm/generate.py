@@ -279,7 +279,7 @@ class LoadArgs:
 
     def for_decoding(self, checkpoint_dir: Path):
         """`load_for_decoding` with these flags: (model, threads for the Engine)."""
-        return load_for_decoding(checkpoint_dir, self.device or default_device(), self.precision, self.quantize)
+        return load_for_decoding(checkpoint_dir, self.device, self.precision, self.quantize)
 
 
 @dataclass
@@ -344,11 +344,11 @@ def generate(
     window = model.max_seq_length
     check_prompt_fits(len(prompt_ids), window)
     max_new_tokens = fit_max_new_tokens(max_new_tokens, 50, window - len(prompt_ids), window)
-    torch.manual_seed(decoding.seed)
+    stops = default_stops(tokenizer, style)
     with Engine(model, tokenizer, 1, len(prompt_ids) + max_new_tokens, threads=threads, compile=decoding.compile) as engine:
         for i in range(num_samples):
             t0 = time.perf_counter()
-            engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **default_stops(tokenizer, style)))
+            engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **stops))
             n = 0
             while engine.has_unfinished:
                 for out in engine.step():

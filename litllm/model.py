@@ -153,7 +153,8 @@ class GPT(nn.Module):
         """
         window = self.config.sliding_window_size
         if document_ids is not None and key_padding_mask is None and use_flex_attention(device):
-            return {sliding: document_block_mask(document_ids, window if sliding else None) for sliding in (False, True)}
+            full = document_block_mask(document_ids)
+            return {False: full, True: full if window is None else document_block_mask(document_ids, window)}
         plain = cache_pos is None and key_padding_mask is None and document_ids is None
         if plain and window is None:
             return {False: None, True: None}

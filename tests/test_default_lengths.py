@@ -53,6 +53,10 @@ def test_chat_without_length_flags_answers(small_window_model):
     # a value the user gave that cannot fit is still a clear error
     proc = _litllm("chat", str(small_window_model), "--max_new_tokens", str(window), stdin="Hi\n")
     assert proc.returncode == 1 and "leaves no room for the conversation" in proc.stderr
+    # only the default is halved: a value the user gave may take more of the window, if the message fits
+    proc = _litllm("chat", str(small_window_model), "--max_new_tokens", str(window // 2 + 8), "--temperature", "0",
+                   stdin="Hi\n/exit\n")
+    assert proc.returncode == 0 and proc.stdout.count(">> Model: ") == 1, proc.stderr
 
 
 def test_generate_without_length_flags_answers(small_window_model):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from litllm.engine import PREFILL_CHUNK
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
 from litllm.generate import LoadArgs
@@ -30,7 +31,7 @@ def serve(
     max_batch_size: int = 16,
     max_seq_length: Optional[int] = None,
     max_queue: int = 64,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = PREFILL_CHUNK,
     api_key: Optional[str] = None,
     prompt_style: Optional[str] = None,
     load: dict,
