@@ -290,15 +290,8 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
     if eight_bit:
         adamw = sum(2 * _nbytes(p) for p in trainable)
         parts["optimizer_state"] += optimizer_8bit_bytes([p.numel() for p in trainable]) - adamw
-        parts["total"] += optimizer_8bit_bytes([p.numel() for p in trainable]) - adamw
-    if quantized:  # swap the compute-dtype copies for the packed weights and their state
-        dense = sum(_nbytes(m.weight) for m in quantized)
-        packed = sum(quantized_linear_bytes(m.out_features, m.in_features, plan.quantize) for m in quantized)
-        parts["weights"] += packed - dense
-        # each layer dequantizes its weight for the matmul (forward and backward): one at a time
-        parts["temporaries"] += max(m.weight.numel() for m in quantized) * compute_dtype.itemsize
-        parts["total"] += packed - dense + max(m.weight.numel() for m in quantized) * compute_dtype.itemsize
-        parts["quantized_bytes"] = packed
+    if quantized:
+        parts["quantized_bytes"] = _swap_quantized(parts, quantized, plan.quantize, compute_dtype)
     # the logits share of the peak, taken out of activations and temporaries (it is part of them)
     share = min(head_bytes, parts["activations"] + parts["temporaries"])
     take = min(share, parts["temporaries"])
@@ -307,7 +300,18 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
     parts["logits_and_loss"] = share
     parts["kv_cache"] = 0
     parts["structure"] = _structure(model, plan, param_dtype, compute_dtype)
+    parts["total"] = sum(parts[k] for k in CATEGORIES)
     return parts
+
+
+def _swap_quantized(parts: dict[str, int], linears: list[nn.Linear], mode: str, dtype: torch.dtype) -> int:
+    """Swap the compute-dtype copies of `linears` in `parts` for bitsandbytes' packed weights (and their
+    state); each layer dequantizes its weight for the matmul, one at a time. Returns the packed bytes."""
+    dense = sum(_nbytes(m.weight) for m in linears)
+    packed = sum(quantized_linear_bytes(m.out_features, m.in_features, mode) for m in linears)
+    parts["weights"] += packed - dense
+    parts["temporaries"] += max(m.weight.numel() for m in linears) * dtype.itemsize
+    return packed
 
 
 class _HeadLoss(nn.Module):
@@ -371,20 +375,24 @@ def fsdp_per_device(parts: dict[str, int], world_size: int) -> dict[str, int]:
 
 # ---------------------------------------------------------------------- inference (generate, serve)
 def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int, kv_length: int,
-                prompt_length: int) -> dict[str, int]:
+                prompt_length: int, prefill_chunk: Optional[int] = None) -> dict[str, int]:
     """Peak bytes of decoding as `litllm.engine.Engine` does it, on fake tensors: the KV cache for
-    `batch_size` slots of `kv_length` positions, one prompt of `prompt_length` prefilled into one slot,
+    `batch_size` slots of `kv_length` positions, one prompt of `prompt_length` prefilled into one slot
+    `prefill_chunk` tokens per forward (the last chunk, which attends to the most keys, is the one run),
     then a decode step of every slot. Categories: weights, kv_cache, temporaries (the rest are 0)."""
     from torch._subclasses import FakeTensorMode
 
+    from litllm.engine import PREFILL_CHUNK
     from litllm.model import GPT
+
+    chunk = min(prompt_length, prefill_chunk or PREFILL_CHUNK)
 
     dtype = dtypes(precision)[1]
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), _default_dtype(dtype):
         model = GPT(config)
         model.max_seq_length = kv_length
         model.eval().requires_grad_(False)
-        quantized = [m for name, m in model.named_modules() if type(m) is nn.Linear and name != "lm_head"] if quantize else []
+        quantized = quantized_targets(model) if quantize else []
         model.set_kv_cache(batch_size, kv_length)
         caches = [block.attn.kv_cache for block in model.blocks]
         kv = sum(_nbytes(c.k) + _nbytes(c.v) for c in caches)
@@ -393,8 +401,9 @@ def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int
         with tracker:
             for block, cache in zip(model.blocks, caches):  # the engine prefills one slot through views of its row
                 block.attn.kv_cache = cache.rows(0, 1)
-            ids = torch.zeros(1, prompt_length, dtype=torch.long)
-            model(ids, input_pos=torch.arange(prompt_length), kv_len=prompt_length, logits_to_keep=1)
+            ids = torch.zeros(1, chunk, dtype=torch.long)
+            model(ids, input_pos=torch.arange(prompt_length - chunk, prompt_length), kv_len=prompt_length,
+                  logits_to_keep=1)
             for block, cache in zip(model.blocks, caches):
                 block.attn.kv_cache = cache
             tracker.reset_mod_stats()
@@ -406,9 +415,7 @@ def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int
     parts["weights"] = peak["weights"] - kv
     parts["temporaries"] = peak["total"] - peak["weights"]
     if quantized:
-        dense = sum(_nbytes(m.weight) for m in quantized)
-        parts["weights"] += sum(quantized_linear_bytes(m.out_features, m.in_features, quantize) for m in quantized) - dense
-        parts["temporaries"] += max(m.weight.numel() for m in quantized) * dtype.itemsize  # one dequantized weight
+        _swap_quantized(parts, quantized, quantize, dtype)
     parts["total"] = sum(parts[k] for k in CATEGORIES)
     return parts
 
@@ -421,7 +428,13 @@ class DecodePlan:
     batch_size: int = 1
     kv_length: int = 2048
     prompt_length: int = 2047
+    prefill_chunk: Optional[int] = None  # None: the engine's default
     notes: list[str] = field(default_factory=list)
+
+
+def _fake_decode(plan: DecodePlan) -> dict[str, int]:
+    return fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, plan.kv_length,
+                       plan.prompt_length, plan.prefill_chunk)
 
 
 def decode_plan_from_command(command: str, kwargs: dict[str, Any]) -> DecodePlan:
@@ -433,30 +446,36 @@ def decode_plan_from_command(command: str, kwargs: dict[str, Any]) -> DecodePlan
         notes.append("--precision unset: estimated for bf16-true, the default on GPUs")
     window = config.block_size
     if command == "generate":
-        prompt = _prompt_tokens(Path(kwargs["checkpoint_dir"]), kwargs.get("prompt") or "", notes)
+        prompt = _prompt_tokens(Path(kwargs["checkpoint_dir"]), kwargs.get("prompt") or "", kwargs.get("prompt_style"),
+                                kwargs.get("sys_prompt"), notes)
         new = min(kwargs.get("max_new_tokens") or 50, max(1, window - prompt))
-        return DecodePlan(config, precision, kwargs.get("quantize"), 1, prompt + new, prompt, notes)
+        return DecodePlan(config, precision, kwargs.get("quantize"), 1, prompt + new, prompt, notes=notes)
     length = kwargs.get("max_seq_length")
     if length is None:
         length = window
         notes.append(f"--max_seq_length unset: estimated at the model's window ({window}); serve shrinks it to fit "
                      "the KV cache in half the free memory")
     return DecodePlan(config, precision, kwargs.get("quantize"), kwargs.get("max_batch_size", 16), length,
-                      max(1, length - 1), notes + ["the prefill is the longest prompt a slot takes (max_seq_length - 1)"])
+                      max(1, length - 1), kwargs.get("prefill_chunk"),
+                      notes=notes + ["the prefill is the longest prompt a slot takes (max_seq_length - 1)"])
 
 
-def _prompt_tokens(checkpoint_dir: Path, prompt: str, notes: list[str]) -> int:
+def _prompt_tokens(checkpoint_dir: Path, prompt: str, prompt_style: Optional[str], sys_prompt: Optional[str],
+                   notes: list[str]) -> int:
+    """The prompt's length as `generate` encodes it: formatted with the prompt style, then tokenized."""
     try:
+        from litllm.prompts import PromptStyle
         from litllm.tokenizer import Tokenizer
 
-        return max(1, len(Tokenizer(checkpoint_dir).encode(prompt)))
+        style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
+        return max(1, len(style.encode(Tokenizer(checkpoint_dir), style.apply(prompt, sys_prompt=sys_prompt))))
     except Exception:
         notes.append("no tokenizer in the folder: the prompt's length is taken as 1 token per 4 bytes")
         return max(1, len(prompt.encode()) // 4 + 1)
 
 
 def estimate_decoding(plan: DecodePlan, command: str, device_memory: Optional[int] = None) -> Estimate:
-    parts = fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, plan.kv_length, plan.prompt_length)
+    parts = _fake_decode(plan)
     peak = parts["total"]
     fits = None if device_memory is None else peak <= device_memory
     est = Estimate(
@@ -468,21 +487,19 @@ def estimate_decoding(plan: DecodePlan, command: str, device_memory: Optional[in
         device_memory_bytes=device_memory, fits=fits, notes=list(plan.notes),
     )
     if fits is False:
+        def add(change: str, **overrides) -> bool:
+            peak = _fake_decode(replace(plan, **overrides))["total"]
+            est.fixes.append({"change": change, "peak_memory_bytes": peak, "fits": peak <= device_memory})
+            return peak <= device_memory
+
         if plan.quantize is None:
-            new = fake_decode(plan.config, plan.precision, "bnb.nf4", plan.batch_size, plan.kv_length, plan.prompt_length)
-            est.fixes.append({"change": "--quantize bnb.nf4", "peak_memory_bytes": new["total"], "fits": new["total"] <= device_memory})
+            add("--quantize bnb.nf4", quantize="bnb.nf4")
         if command == "serve":
-            for b in (plan.batch_size // 2, plan.batch_size // 4, 1):
-                if 1 <= b < plan.batch_size:
-                    new = fake_decode(plan.config, plan.precision, plan.quantize, b, plan.kv_length, plan.prompt_length)
-                    est.fixes.append({"change": f"--max_batch_size {b}", "peak_memory_bytes": new["total"],
-                                      "fits": new["total"] <= device_memory})
-                    if new["total"] <= device_memory:
-                        break
+            for b in dict.fromkeys((plan.batch_size // 2, plan.batch_size // 4, 1)):  # in order, each once
+                if 1 <= b < plan.batch_size and add(f"--max_batch_size {b}", batch_size=b):
+                    break
             short = max(2, plan.kv_length // 4)
-            new = fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, short, short - 1)
-            est.fixes.append({"change": f"--max_seq_length {short}", "peak_memory_bytes": new["total"],
-                              "fits": new["total"] <= device_memory})
+            add(f"--max_seq_length {short}", kv_length=short, prompt_length=short - 1)
     return est
 
 

@@ -402,11 +402,14 @@ def test_training_commands_call_the_estimate_before_launch(command, tiny_checkpo
 
 
 # ---------------------------------------------------------------------- generate / serve
-@pytest.mark.parametrize("family,batch_size,prompt_length,kv_length", [("llama", 1, 20, 40), ("llama", 3, 30, 48),
-                                                                       ("gpt_neox", 2, 12, 64)])
-def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, batch_size, prompt_length, kv_length):
+@pytest.mark.parametrize("family,batch_size,prompt_length,kv_length,prefill_chunk", [
+    ("llama", 1, 20, 40, None), ("llama", 3, 30, 48, None), ("gpt_neox", 2, 12, 64, None),
+    ("llama", 1, 120, 128, 8),  # a prompt of 15 chunks: prefilled over 15 steps, as the engine does
+])
+def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, batch_size, prompt_length, kv_length,
+                                                            prefill_chunk):
     """Measured: MemTracker on the real engine (`litllm.engine.Engine`, loaded by `load_for_decoding` as
-    `generate`/`serve` load) prefilling `batch_size` prompts and decoding a step."""
+    `generate`/`serve` load) prefilling `batch_size` prompts, chunk by chunk, and decoding."""
     from conftest import make_converted_checkpoint
     from litllm.engine import Engine, Request
     from litllm.estimate import fake_decode
@@ -415,7 +418,8 @@ def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, ba
 
     folder = make_converted_checkpoint(tmp_path / family, family)
     model, _ = load_for_decoding(folder, "cpu", "32-true")
-    engine = Engine(model, Tokenizer(folder), max_batch_size=batch_size, max_seq_length=kv_length)
+    engine = Engine(model, Tokenizer(folder), max_batch_size=batch_size, max_seq_length=kv_length,
+                    **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}))
     tracker = mem_tracker()
     tracker.track_external(model)
     g = torch.Generator().manual_seed(0)
@@ -428,18 +432,35 @@ def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, ba
     handle = register_module_forward_pre_hook(lambda m, args: tracker.reset_mod_stats() if m is model else None)
     try:
         with tracker:
-            engine.step()
+            answered = set()
+            while len(answered) < batch_size:  # until every prompt is in and has its first token
+                answered |= {out.request_id for out in engine.step() if out.token_ids}
     finally:
         handle.remove()
     measured = tracker_breakdown(tracker.get_tracker_snapshot("peak"))["total"]
     engine.close()
-    estimated = fake_decode(Config.from_checkpoint(folder), "32-true", None, batch_size, kv_length, prompt_length)
+    estimated = fake_decode(Config.from_checkpoint(folder), "32-true", None, batch_size, kv_length, prompt_length,
+                            prefill_chunk)
     assert estimated["kv_cache"] == 2 * model.config.n_layer * batch_size * model.config.n_query_groups * kv_length * \
         model.config.head_size * 4
     assert abs(estimated["total"] - measured) <= 0.10 * measured, (estimated, measured)
 
 
 @pytest.mark.slow
+def test_generate_plan_counts_the_prompt_as_generate_encodes_it(tiny_checkpoint):
+    """The prompt is formatted with the prompt style before it is tokenized, as `litllm generate` does."""
+    from litllm.estimate import decode_plan_from_command
+    from litllm.prompts import PromptStyle
+    from litllm.tokenizer import Tokenizer
+
+    style = PromptStyle.from_name("alpaca")
+    encoded = style.encode(Tokenizer(tiny_checkpoint), style.apply("Hi there", sys_prompt=None))
+    plan = decode_plan_from_command("generate", {"checkpoint_dir": tiny_checkpoint, "prompt": "Hi there",
+                                                 "prompt_style": "alpaca", "max_new_tokens": 5})
+    assert plan.prompt_length == len(encoded) > len(Tokenizer(tiny_checkpoint).encode("Hi there")) + 10
+    assert plan.kv_length == len(encoded) + 5
+
+
 def test_cli_estimates_serve_and_generate(tmp_path):
     folder = tmp_path / "tiny-llama"
     folder.mkdir()

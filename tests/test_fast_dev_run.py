@@ -213,6 +213,27 @@ def test_out_of_memory_in_a_step_is_one_line_naming_it(base, data_file, tmp_path
     )
 
 
+def test_out_of_memory_while_saving_names_the_save(base, data_file, tmp_path, monkeypatch):
+    """Saving gathers the whole state: running out of memory there says so, not "while setting up the run"."""
+    import torch
+
+    from litllm.data import JSON
+    from litllm.errors import LitLLMError
+    from litllm.finetune import finetune_lora
+    from litllm.train import checkpoints
+    from litllm.train.args import TrainArgs
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "save_step", out_of_memory)
+    with pytest.raises(LitLLMError, match=r"^out of memory on cpu while saving the checkpoint of step 2 \(1 device"):
+        finetune_lora(base, out_dir=tmp_path / "out", accelerator="cpu", precision="32-true",
+                      data=JSON(json_path=data_file, val_split_fraction=0.2, prompt_style="default"),
+                      train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_seq_length=32, max_steps=4,
+                                      save_interval=2))
+
+
 def test_fast_dev_run_value_is_checked(base, data_file, tmp_path):
     proc = litllm(tmp_path, *finetune_args("finetune_lora", base, data_file, tmp_path / "out", "--fast_dev_run", "1"))
     assert proc.returncode == 1

@@ -369,10 +369,14 @@ def fit(t: Trainer) -> TrainResult:
     def validate_and_log(after: bool) -> None:
         with clear_out_of_memory(fabric, train, t.seq_length, "validating"):
             metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
-        result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
-        _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
-        if after and t.method.after_validation is not None:
-            t.method.after_validation(fabric, model, state["step"])
+            result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
+            _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
+            if after and t.method.after_validation is not None:  # e.g. a sample reply
+                t.method.after_validation(fabric, model, state["step"])
+
+    def save_step():
+        with clear_out_of_memory(fabric, train, t.seq_length, f"saving the checkpoint of step {state['step']}"):
+            return t.writer.save_step(opt, state, t.stream.state_dict())
 
     if t.eval.initial_validation and state["step"] == 0 and t.val_loader is not None:
         validate_and_log(after=False)
@@ -437,7 +441,7 @@ def fit(t: Trainer) -> TrainResult:
             means = flush()  # the checkpoint's token count must be exact
             if means is not None:
                 result.losses.setdefault(state["step"], means["loss"])
-            saved = t.writer.save_step(opt, state, t.stream.state_dict())
+            saved = save_step()
             saved_at = state["step"]
             if t.dev_run is not None and state["step"] == t.dev_run.resume_step:
                 t.dev_run.round_trip(t, saved)
@@ -445,7 +449,7 @@ def fit(t: Trainer) -> TrainResult:
         if stop.agreed(fabric):  # preemption hook (collective): every rank stops after this same step
             if saved_at != state["step"]:
                 flush()  # the checkpoint's token count must be exact
-                t.writer.save_step(opt, state, t.stream.state_dict())
+                save_step()
             stop.exit(fabric, state["step"])  # raises SystemExit(REQUEUE_EXIT_CODE)
     progress.close()
     flush()
@@ -454,8 +458,9 @@ def fit(t: Trainer) -> TrainResult:
     if t.eval.final_validation and t.val_loader is not None:
         validate_and_log(after=True)
     if train.save_interval is not None and saved_at != state["step"]:
-        t.writer.save_step(opt, state, t.stream.state_dict())
-    result.final_dir = t.writer.save_final()
+        save_step()
+    with clear_out_of_memory(fabric, train, t.seq_length, "writing the final model"):
+        result.final_dir = t.writer.save_final()
     stop.restore()  # preemption hook: a signal after the last step needs no requeue
     if fabric.global_rank == 0:
         t.method.write_outputs(result.final_dir)
