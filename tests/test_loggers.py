@@ -392,3 +392,57 @@ def test_logger_flags_parse():
     assert init.logger_name == "mlflow"
     assert init.logger == LoggerArgs(project="team-x", tags=["baseline", "lr=3e-4"])
     assert parse_pretrain_args(["--config", str(REPO / "config_hub" / "pretrain" / "debug.yaml")]).logger == LoggerArgs()
+
+
+@pytest.mark.slow
+def test_two_processes_log_one_mlflow_run_from_rank_0(tmp_path, monkeypatch):
+    """2 gloo processes (DDP): one MLflow run (rank 0's), each step once; the provenance names the layout."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the store here
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+    from test_pretrain import env_with_tests, fixed_tokens_args
+    from test_train_loop import tiny_config
+
+    from litllm.model import GPT
+    from litllm.model_folder import model_state_dict, save_model_weights
+    from conftest import train_bpe_tokenizer
+
+    initial = tmp_path / "initial"
+    initial.mkdir()
+    train_bpe_tokenizer(initial, vocab_size=300)
+    model = GPT(tiny_config())
+    model.reset_parameters()
+    save_model_weights(model_state_dict(model), initial / "lit_model.safetensors")
+    model.config.save(initial / "model_config.yaml")
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in env_with_tests().items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "litllm", *fixed_tokens_args(initial, out, 2, "ddp", micro_batch_size=2),
+         "--logger_name", "mlflow", "--logger.project", "two-ranks"],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient((out / "logs" / "mlflow").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("two-ranks").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    provenance = yaml.safe_load((out / "final" / "provenance.yaml").read_text())
+    assert provenance["devices"]["world_size"] == 2 and provenance["devices"]["strategy"] == "DDPStrategy"
+    assert provenance["tracking"]["id"] == run.info.run_id
+
+
+def test_a_fast_dev_run_is_tagged(tmp_path):
+    from test_train_loop import FixedTokens, fresh_model, single_fabric, tiny_config
+
+    from litllm.train.args import EvalArgs, LoggerArgs, RunArgs, TrainArgs
+    from litllm.train.loop import Method, run
+
+    logger = loggers.build_logger("csv", tmp_path, "run")
+    run(single_fabric(), fresh_model(tiny_config()), Method(), FixedTokens(), None,
+        TrainArgs(global_batch_size=8, micro_batch_size=4), EvalArgs(), "AdamW", tmp_path,
+        RunArgs(fast_dev_run=2, logger=LoggerArgs(tags=["baseline"])), logger=logger)
+    logged = json.loads((tmp_path / "logs" / "csv" / "hparams.json").read_text())
+    assert logged["provenance"]["tracking"]["tags"] == ["baseline", "fast_dev_run"]

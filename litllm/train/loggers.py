@@ -381,7 +381,13 @@ def plot_loss_curve(series: dict[str, list[tuple[int, float]]], out_png: Path) -
         sub.set_title(label)
         sub.set_xlabel("optimizer step")
         sub.grid(alpha=0.3)
-        sub.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        if key == "lr":
+            sub.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        else:  # from 0, in k/M: a drop shows as a drop, not as noise blown up to the axis' height
+            from matplotlib.ticker import EngFormatter
+
+            sub.set_ylim(bottom=0, top=max(v for _, v in points) * 1.1 or None)
+            sub.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

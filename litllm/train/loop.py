@@ -326,7 +326,8 @@ def setup(
         from litllm.train.provenance import PROVENANCE_FILE, start_run_record
 
         text, logger_run = start_run_record(fabric, logger, run.logger, method.name, config.name, out_dir, resume_dir,
-                                            restored, {"train": stream.loader, "val": val_loader}, hparams or {})
+                                            restored, {"train": stream.loader, "val": val_loader}, hparams or {},
+                                            fast_dev_run=dev_run is not None)
         provenance = {PROVENANCE_FILE: text}
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),

@@ -8,6 +8,7 @@ data and hardware behind them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 from pathlib import Path
@@ -122,9 +123,10 @@ def device_layout(fabric) -> dict[str, Any]:
 
 def start_run_record(fabric, logger, naming, method_name: str, model_name: str, out_dir: Path,
                      resume_dir: Optional[Path], saved_state: Optional[dict], loaders: dict[str, Any],
-                     hparams: dict[str, Any]) -> tuple[str, Optional[dict[str, Any]]]:
+                     hparams: dict[str, Any], fast_dev_run: bool = False) -> tuple[str, Optional[dict[str, Any]]]:
     """On global rank 0, as setup ends: the provenance record, and the logger's run started (continuing the run
-    a resumed checkpoint of this out_dir names) with the recipe and the record logged.
+    a resumed checkpoint of this out_dir names) with the recipe and the record logged. A `--fast_dev_run` logs
+    too (it checks that the tracker works), its run tagged `fast_dev_run`.
 
     Returns (provenance.yaml's text, the logger run to keep in checkpoints' training state, or None).
     """
@@ -138,7 +140,9 @@ def start_run_record(fabric, logger, naming, method_name: str, model_name: str, 
         if hasattr(logger, "start"):  # a `TrainingLogger` (the loop also takes any Fabric-style logger)
             same_job = resume_dir is not None and Path(resume_dir).resolve().parent == Path(out_dir).resolve()
             saved = (saved_state or {}).get("logger_run") if same_job else None  # elsewhere: a fork, a new run
-            logger.start(naming, default_group=f"{method_name}-{model_name}", saved_run=saved)
+            if fast_dev_run and naming is not None:
+                naming = dataclasses.replace(naming, tags=[*naming.tags, "fast_dev_run"])
+            logger.start(naming, default_group="-".join(filter(None, (method_name, model_name))), saved_run=saved)
             logger_run = record["tracking"] = logger.run_record()
         logger.log_hyperparams({**to_plain(hparams), "provenance": record})
     return yaml.safe_dump(record, sort_keys=False), logger_run
