@@ -446,3 +446,29 @@ def test_a_fast_dev_run_is_tagged(tmp_path):
         RunArgs(fast_dev_run=2, logger=LoggerArgs(tags=["baseline"])), logger=logger)
     logged = json.loads((tmp_path / "logs" / "csv" / "hparams.json").read_text())
     assert logged["provenance"]["tracking"]["tags"] == ["baseline", "fast_dev_run"]
+
+
+def test_only_a_checkpoint_of_this_out_dir_continues_its_run(tmp_path):
+    """`--resume auto` (or this out_dir's step folder) continues the saved run; another out_dir's checkpoint is a fork."""
+    from test_train_loop import single_fabric
+
+    from litllm.train.args import LoggerArgs
+    from litllm.train.provenance import start_run_record
+
+    class Recording:
+        def start(self, naming, default_group, saved_run):
+            self.saved_run, self.default_group = saved_run, default_group
+
+        def run_record(self):
+            return {"logger": "wandb", "id": "new"}
+
+        def log_hyperparams(self, params):
+            self.params = params
+
+    saved = {"logger_run": {"logger": "wandb", "id": "abc12345"}}
+    out = tmp_path / "out"
+    for resume_dir, expected in [(out / "step-00000002", saved["logger_run"]), (tmp_path / "other" / "step-00000002", None)]:
+        logger = Recording()
+        start_run_record(single_fabric(), logger, LoggerArgs(), "lora", "tiny", out, resume_dir, saved, {}, {"lora_r": 8})
+        assert logger.saved_run == expected and logger.default_group == "lora-tiny"
+        assert logger.params["lora_r"] == 8 and logger.params["provenance"]["tracking"] == {"logger": "wandb", "id": "new"}
