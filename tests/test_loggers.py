@@ -206,6 +206,7 @@ def _finetune_killed_then_resumed(base, data_file, out_dir, monkeypatch, on_kill
     return finetune_lora(base, out_dir=out_dir, resume="auto", **kwargs)
 
 
+@pytest.mark.slow
 def test_mlflow_one_run_across_a_kill_and_resume_equals_metrics_csv(base, data_file, tmp_path, monkeypatch):
     """A real local MLflow store: one run, named by --logger.*, whose every metric has each step once and
     (but for timings, which the killed job logged for the replayed steps) the values of metrics.csv."""
