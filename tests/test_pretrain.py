@@ -180,8 +180,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys):
     err = run_cli_expecting_error(args + ["--train.global_batch_size", "12"], capsys)
     assert "divisible" in err and not out.exists()
 
-    err = run_cli_expecting_error(args + ["--logger_name", "mlflow"], capsys)  # rejected by the parser
-    assert "logger_name" in err and "mlflow" in err and not out.exists()
+    err = run_cli_expecting_error(args + ["--logger_name", "neptune"], capsys)  # rejected by the parser
+    assert "logger_name" in err and "neptune" in err and not out.exists()
 
 
 def test_resume_from_another_shape_is_refused(tmp_path, capsys):

@@ -275,7 +275,7 @@ def test_tensorboard_and_unknown_logger(tmp_path):
     logger.finalize("success")
     assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     with pytest.raises(LitLLMError, match="logger_name"):
-        build_logger("mlflow", tmp_path, "run")
+        build_logger("neptune", tmp_path, "run")
 
 
 @pytest.mark.slow

@@ -332,7 +332,7 @@ def test_new_commands_write_the_same_flat_hyperparameters(tmp_path, monkeypatch)
     finetune.finetune_lora(tmp_path, devices=2, lora_r=4, resume="auto")
     job = captured["job"]
     assert (job.run.devices, job.run.seed, job.run.resume) == (2, 1337, "auto")
-    keys = set(yaml_keys(OLD_HYPERPARAMETERS)) | {"fast_dev_run"}  # + the shared flags added since
+    keys = set(yaml_keys(OLD_HYPERPARAMETERS)) | {"fast_dev_run", "logger"}  # + the shared flags added since
     assert set(job.hparams) == keys
     assert job.hparams["lora_r"] == 4 and job.hparams["devices"] == 2
 

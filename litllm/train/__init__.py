@@ -7,8 +7,9 @@ schedule.py     linear warmup + cosine decay
 optimizer.py    any torch.optim class from `--optimizer`
 checkpoints.py  atomic step-XXXXXXXX/ checkpoints, resume, `convert_pretrained_checkpoint`
 flops.py        FLOPs per token, device peaks, throughput and MFU
-loggers.py      csv / tensorboard / wandb loggers, the loss-curve PNG
+loggers.py      csv / tensorboard / wandb / mlflow loggers, the loss-curve PNG
 fast_dev_run.py --fast_dev_run: a few steps of the recipe, a checkpoint round trip, in a temporary out_dir
+provenance.py   provenance.yaml: litllm version and git commit, data fingerprint, device layout
 """
 
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs

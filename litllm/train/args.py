@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -135,6 +135,20 @@ class EvalArgs:
 
 
 @dataclass
+class LoggerArgs:
+    """How a run is named and grouped in W&B, MLflow and TensorBoard (`--logger.project team-x`)."""
+
+    project: Optional[str] = None
+    """W&B project, MLflow experiment (None: `litllm`)."""
+    run_name: Optional[str] = None
+    """The run's display name (None: the name of out_dir's folder)."""
+    group: Optional[str] = None
+    """Related runs: W&B group, MLflow tag `group` (None: `<method>-<model name>`, e.g. `lora-pythia-160m`)."""
+    tags: list[str] = field(default_factory=list)
+    """Labels, e.g. `--logger.tags '[baseline, lr=3e-4]'`: W&B tags; MLflow tags (`key=value`, or a bare label set to `true`)."""
+
+
+@dataclass
 class RunArgs:
     """Where and how a training command runs: the flags `pretrain` and every `finetune_*` share."""
 
@@ -149,8 +163,11 @@ class RunArgs:
     """`auto`, `cuda` or `cpu` (e.g. `--accelerator cpu --devices 2` runs 2 CPU processes)."""
     precision: Optional[str] = None
     """`bf16-mixed` (default on GPUs), `32-true` (default on CPUs), `bf16-true`, `16-mixed`."""
-    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
-    """`csv`, `tensorboard` or `wandb` (WANDB_MODE=offline works without a network)."""
+    logger_name: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"
+    """`csv`, `tensorboard`, `wandb` (WANDB_MODE=offline works without a network) or `mlflow` (MLFLOW_TRACKING_URI;
+    default: a file store in out_dir/logs/mlflow). out_dir/logs/csv/metrics.csv is written in every case."""
+    logger: LoggerArgs = field(default_factory=LoggerArgs)
+    """Naming and grouping of the run in the logger (see `LoggerArgs`)."""
     seed: int = 42
     """Random seed (model or method init, data order, dropout); restored exactly on resume."""
     resume: Union[bool, Literal["auto"], Path] = False
@@ -164,6 +181,10 @@ class RunArgs:
     """Check the recipe before a long job: `true` (4 optimizer steps) or N steps (>= 2) of the real data, model
     and strategy, with a checkpoint saved halfway and resumed from, 1 validation batch and the final folder,
     all in a temporary folder (out_dir is never written); prints the checks, tokens/s and peak memory per device."""
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
@@ -189,7 +210,7 @@ def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
         if "out_dir" not in signature.parameters:
             raise TypeError(f"{command.__name__}: a training command needs an `out_dir` argument (--fast_dev_run replaces it)")
         shared = [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default),
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, _default(f)),
                               annotation=hints[f.name])
             for f in fields
         ]

@@ -201,6 +201,8 @@ class CheckpointWriter:
         self.trains_everything = self.trainable >= all_params
         # only FSDP has shards to keep apart; one device and DDP hold every weight whole anyway
         self.sharded = state_dict_type == "sharded" and fabric.world_size > 1 and uses_fsdp(fabric)
+        self.logger_run: Optional[dict[str, Any]] = None
+        """The logger's run ({logger, id, ...}: `TrainingLogger.run_record`), saved in the training state."""
         if fabric.global_rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.out_dir.glob(".step-*.tmp-*"):  # left behind by a killed save
@@ -248,6 +250,7 @@ class CheckpointWriter:
             "data": data_state,
             "rng": get_rng_state(),
             "world_size": self.fabric.world_size,
+            **({"logger_run": self.logger_run} if self.logger_run else {}),  # the W&B/MLflow run a resume continues
         }
 
     def _save_sharded_step(self, optimizer, counters: dict[str, Any], data_state: dict[str, Any]) -> Path:
@@ -323,10 +326,10 @@ def load_training_checkpoint(fabric, path: Path, model: nn.Module, optimizer, me
     return _read_training_state(path)
 
 
-def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, stream, state: dict) -> None:
+def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, stream, state: dict) -> dict[str, Any]:
     """Load a training checkpoint into the set-up model and optimizer, and restore the counters (`state`,
     in place), the data position (`stream`: the loop's `BatchStream`) and the RNG states: what `--resume`
-    does (and `--fast_dev_run` checks)."""
+    does (and `--fast_dev_run` checks). Returns the checkpoint's training state (e.g. its `logger_run`)."""
     restored = load_training_checkpoint(fabric, resume_dir, model, optimizer, method)
     state.update(restored["counters"])
     saved_world = restored.get("world_size", fabric.world_size)
@@ -340,6 +343,7 @@ def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, strea
         )
     set_rng_state(restored["rng"])
     fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
+    return restored
 
 
 def _set_full_optimizer_state(module: nn.Module, optimizer, opt_sd: dict, source: Path) -> None:

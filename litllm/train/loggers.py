@@ -1,10 +1,14 @@
-"""Metric loggers: `--logger_name csv | tensorboard | wandb` (the last two imported lazily).
+"""Metric loggers: `--logger_name csv | tensorboard | wandb | mlflow` (the last three imported lazily).
 
-Each logger has Fabric's logger interface: `log_metrics(metrics, step)`, `log_hyperparams(params)` and
-`finalize(status)`; only global rank 0 creates one. Logs live in `out_dir/logs/<name>/`; a resumed run
-continues them.
+The loop logs through a `TrainingLogger` (global rank 0 only): `out_dir/logs/csv/metrics.csv` always (the
+history the loss-curve PNG is drawn from, whatever the tracker), plus the tracker `--logger_name` names,
+whose run is named by `--logger.*` (`LoggerArgs`) and kept across resumes: its id is saved in each
+checkpoint's training state and a resumed job logs into the same W&B / MLflow run. Every logger has Fabric's
+logger interface: `log_metrics(metrics, step)`, `log_hyperparams(params)` and `finalize(status)`.
 
 - tensorboard: Lightning's own `lightning.fabric.loggers.TensorBoardLogger`.
+- mlflow: Lightning's `lightning.pytorch.loggers.MLFlowLogger` (works with `mlflow-skinny`), honouring
+  MLFLOW_TRACKING_URI; without it, a file store in `out_dir/logs/mlflow`.
 - csv: ours, because Fabric's `CSVLogger` (2.6) cannot continue a resumed run's log: reusing its
   folder deletes the existing metrics.csv (a new version_N folder splits the history instead); it
   keeps up to 100 rows in memory (a killed run loses rows its resume does not replay: those before the
@@ -25,7 +29,7 @@ from typing import Any, Optional
 
 from litllm.errors import LitLLMError
 
-LOGGERS = ("csv", "tensorboard", "wandb")
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 
 class CSVLogger:
@@ -123,10 +127,6 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
 
 def tensorboard_logger(log_dir: Path):
     """Lightning's TensorBoard logger writing event files into `log_dir` itself (created at the first metrics)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        raise LitLLMError("--logger_name tensorboard needs the tensorboard package: pip install tensorboard") from None
     from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
 
     # version "" puts the events in log_dir itself, the same folder on every resume (no version_N split)
@@ -137,15 +137,17 @@ def tensorboard_logger(log_dir: Path):
 class WandbLogger:
     """Weights & Biases; `WANDB_MODE=offline` logs without a network (sync later with `wandb sync`).
 
-    The run starts at the first metrics; a resumed training run continues the same W&B run.
+    The run id is chosen here (or is a resumed job's), so a checkpoint saved before the first metrics keeps it;
+    the run itself starts at the first metrics.
     """
 
-    def __init__(self, log_dir: Path, name: str, resume: bool) -> None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise LitLLMError("--logger_name wandb needs the wandb package: pip install wandb") from None
-        self.log_dir, self.name, self.resume = log_dir, name, resume
+    def __init__(self, log_dir: Path, naming: dict[str, Any], run_id: Optional[str] = None) -> None:
+        import secrets
+        import string
+
+        self.log_dir, self.naming = Path(log_dir), naming
+        # a new id as wandb makes them (8 of [a-z0-9]), chosen here so that the first checkpoint keeps it
+        self.run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self._run = None
         self._pending_config: dict[str, Any] = {}
 
@@ -155,47 +157,186 @@ class WandbLogger:
             import wandb
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            id_file = self.log_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else None
             self._run = wandb.init(
-                project="litllm", name=self.name, dir=str(self.log_dir), id=run_id,
-                resume="allow" if run_id else None, config=self._pending_config,
+                project=self.naming["project"], name=self.naming["run_name"], group=self.naming["group"],
+                tags=self.naming["tags"] or None, dir=str(self.log_dir), id=self.run_id, resume="allow",
+                config=self._pending_config, allow_val_change=True,  # a resumed job may change a flag (e.g. --resume)
             )
-            id_file.write_text(self._run.id)
         return self._run
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         self._pending_config.update(params)
+        if self._run is not None:
+            self._run.config.update(params, allow_val_change=True)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
 
     def finalize(self, status: str = "success") -> None:
         if self._run is not None:
-            self._run.finish()
+            self._run.finish(exit_code=0 if status == "success" else 1)
+
+
+class MLflowLogger:
+    """Lightning's `MLFlowLogger`, its run created (or reopened) at once so that checkpoints keep its id.
+
+    A resumed run logs the parameters it has not logged yet (MLflow refuses to change one); the whole record
+    (recipe and provenance) is also its artifact `litllm_run.yaml`, rewritten by each resume.
+    """
+
+    def __init__(self, log_dir: Path, naming: dict[str, Any], run_id: Optional[str] = None) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or Path(log_dir).resolve().as_uri()
+        if uri.startswith("file:"):  # mlflow >= 3.7 keeps its file store only on request (a server needs none)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(uri)
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+            except MlflowException:
+                print(f"warning: MLflow run {run_id} of the resumed checkpoint is not in {uri}: starting a new run")
+                run_id = None
+        self.resumed = run_id is not None
+        tags = {"group": naming["group"], **mlflow_tags(naming["tags"])}
+        self.logger = MLFlowLogger(experiment_name=naming["project"], run_name=naming["run_name"], tracking_uri=uri,
+                                   tags=tags, run_id=run_id)
+        self.run_id = self.logger.run_id  # creates the run now
+        self.tracking_uri = uri
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        import yaml
+        from lightning.fabric.utilities.logger import _flatten_dict
+
+        from litllm.hparams import to_plain
+
+        self.client.log_text(self.run_id, yaml.safe_dump(to_plain(params), sort_keys=False), "litllm_run.yaml")
+        if self.resumed:
+            logged = self.client.get_run(self.run_id).data.params
+            params = {k: v for k, v in _flatten_dict(params).items() if k not in logged}
+        self.logger.log_hyperparams(params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self.logger.log_metrics(metrics, step)
+
+    def finalize(self, status: str = "success") -> None:
+        self.logger.finalize(status)
+
+
+def mlflow_tags(tags: list[str]) -> dict[str, str]:
+    """`--logger.tags` as MLflow tags: `key=value`, or a bare label set to `true`."""
+    return dict(tag.split("=", 1) if "=" in tag else (tag, "true") for tag in tags)
 
 
 def check_logger_name(name: str) -> None:
     if name not in LOGGERS:
         raise LitLLMError(f"--logger_name: expected one of {', '.join(LOGGERS)}, got {name!r}")
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name)
+    if package is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            extra = "mlflow-skinny" if name == "mlflow" else package
+            raise LitLLMError(f"--logger_name {name} needs the {package} package: pip install {extra} "
+                              "(or the litllm[loggers] extra)")
 
 
-def build_logger(name: str, out_dir: Path, run_name: str, resume: bool = False):
-    """The logger for global rank 0 (call only there). Logs go to `out_dir/logs/<name>/`."""
+class TrainingLogger:
+    """What the loop logs to on global rank 0: `logs/csv/metrics.csv`, and the tracker `--logger_name` names.
+
+    `start` (called by the loop's setup once a resumed checkpoint is read) creates the tracker's run, or
+    continues the one the checkpoint names. A continued run has already received the steps the resumed job
+    replays (those after its checkpoint, up to the kill): they are not sent again, so its curves have each
+    step once; metrics.csv holds the replayed values.
+    """
+
+    def __init__(self, name: str, out_dir: Path, run_name: Optional[str] = None, resume: bool = False) -> None:
+        self.name, self.out_dir, self.resume = name, Path(out_dir), resume
+        self.csv = CSVLogger(self.out_dir / "logs" / "csv", resume=resume)
+        self.default_run_name = run_name or self.out_dir.name
+        self.tracker = None
+        self.naming: Optional[dict[str, Any]] = None
+        # {metric: the last step it was logged at} before this process: read before metrics.csv drops the replayed rows
+        self._logged: dict[str, int] = {}
+        if resume:
+            for row in read_csv_rows(self.csv.path):
+                self._logged.update(dict.fromkeys(row, int(row["step"])))
+
+    def start(self, naming: Any = None, default_group: Optional[str] = None, saved_run: Optional[dict] = None) -> None:
+        """Create the tracker's run named by `naming` (`LoggerArgs`), or continue `saved_run` (a checkpoint's `run_record()`)."""
+        naming = naming if naming is not None else _default_naming()
+        self.naming = {
+            "project": naming.project or "litllm", "run_name": naming.run_name or self.default_run_name,
+            "group": naming.group or default_group or "litllm", "tags": list(naming.tags),
+        }
+        saved_id = saved_run.get("id") if saved_run and saved_run.get("logger") == self.name else None
+        log_dir = self.out_dir / "logs" / self.name
+        if self.name == "tensorboard":
+            self.tracker = tensorboard_logger(log_dir)
+        elif self.name == "wandb":
+            self.tracker = WandbLogger(log_dir, self.naming, saved_id)
+        elif self.name == "mlflow":
+            self.tracker = MLflowLogger(log_dir, self.naming, saved_id)
+            saved_id = saved_id if self.tracker.resumed else None
+        continues = self.resume and (self.name == "tensorboard" or saved_id is not None)
+        if not continues:
+            self._logged = {}
+
+    def run_record(self) -> Optional[dict[str, Any]]:
+        """The tracker run this job logs into ({logger, id, naming, tracking_uri}); saved with every checkpoint."""
+        if self.naming is None:
+            self.start()
+        record = {"logger": self.name, "id": getattr(self.tracker, "run_id", None), **self.naming}
+        if hasattr(self.tracker, "tracking_uri"):
+            record["tracking_uri"] = self.tracker.tracking_uri
+        return record
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        if self.naming is None:
+            self.start()
+        self.csv.log_hyperparams(params)
+        if self.tracker is not None:
+            self.tracker.log_hyperparams(params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        if self.naming is None:
+            self.start()
+        self.csv.log_metrics(metrics, step)
+        if self.tracker is not None:
+            new = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
+            if new:
+                self.tracker.log_metrics(new, step)
+
+    def finalize(self, status: str = "success") -> None:
+        if self.tracker is not None:
+            self.tracker.finalize(status)
+
+
+def _default_naming():
+    from litllm.train.args import LoggerArgs
+
+    return LoggerArgs()
+
+
+def build_logger(name: str, out_dir: Path, run_name: Optional[str] = None, resume: bool = False) -> TrainingLogger:
+    """The logger for global rank 0 (call only there). Logs go to `out_dir/logs/<name>/` (and `logs/csv/`)."""
     check_logger_name(name)
-    log_dir = Path(out_dir) / "logs" / name
-    if name == "csv":
-        return CSVLogger(log_dir, resume=resume)
-    if name == "tensorboard":
-        return tensorboard_logger(log_dir)
-    return WandbLogger(log_dir, run_name, resume=resume)
+    return TrainingLogger(name, out_dir, run_name, resume=resume)
+
+
+PLOTTED = ("loss", "val_loss", "lr", "tokens_per_sec")
 
 
 def loss_history(logger, losses: dict[int, float], val_losses: dict[int, float]) -> dict[str, list[tuple[int, float]]]:
-    """Loss series for the plot: the CSV log's full history when there is one (it spans resumes)."""
-    if isinstance(logger, CSVLogger):
-        series: dict[str, list[tuple[int, float]]] = {"loss": [], "val_loss": []}
-        for row in read_csv_rows(logger.path):
+    """Series for the plot ({metric: [(step, value)]}, `PLOTTED`): metrics.csv's full history when there is
+    one (it spans resumes), else this process's losses."""
+    csv_logger = getattr(logger, "csv", logger)
+    if isinstance(csv_logger, CSVLogger):
+        series: dict[str, list[tuple[int, float]]] = {key: [] for key in PLOTTED}
+        for row in read_csv_rows(csv_logger.path):
             for key in series:
                 if key in row:
                     series[key].append((int(row["step"]), float(row[key])))
@@ -204,7 +345,8 @@ def loss_history(logger, losses: dict[int, float], val_losses: dict[int, float])
 
 
 def plot_loss_curve(series: dict[str, list[tuple[int, float]]], out_png: Path) -> Optional[Path]:
-    """Training and validation loss against step, as a PNG; None (with a note) without matplotlib."""
+    """Training and validation loss against step, with the learning rate and tokens/s below it when logged,
+    as a PNG; None (with a note) without matplotlib."""
     try:
         import matplotlib
 
@@ -213,7 +355,16 @@ def plot_loss_curve(series: dict[str, list[tuple[int, float]]], out_png: Path) -
     except ImportError:
         print("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    below = [(key, label) for key, label in (("lr", "learning rate"), ("tokens_per_sec", "tokens/s"))
+             if series.get(key)]
+    if below:  # the loss on top, full width; the lr and throughput side by side below it, same steps
+        fig = plt.figure(figsize=(9, 6.5))
+        grid = fig.add_gridspec(2, len(below), height_ratios=(3, 2))
+        ax = fig.add_subplot(grid[0, :])
+        axes = [fig.add_subplot(grid[1, i], sharex=ax) for i in range(len(below))]
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        axes = []
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         points = series.get(key) or []
         if points:
@@ -221,8 +372,22 @@ def plot_loss_curve(series: dict[str, list[tuple[int, float]]], out_png: Path) -
             ax.plot(*zip(*points), label=label, marker="o" if few else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
+    ax.set_title("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    for sub, (key, label) in zip(axes, below):
+        points = series[key]
+        sub.plot(*zip(*points), color="tab:green" if key == "lr" else "tab:purple", marker="o" if len(points) < 20 else None)
+        sub.set_title(label)
+        sub.set_xlabel("optimizer step")
+        sub.grid(alpha=0.3)
+        if key == "lr":
+            sub.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        else:  # from 0, in k/M: a drop shows as a drop, not as noise blown up to the axis' height
+            from matplotlib.ticker import EngFormatter
+
+            sub.set_ylim(bottom=0, top=max(v for _, v in points) * 1.1 or None)
+            sub.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -316,15 +316,24 @@ def setup(
     opt = fabric.setup_optimizers(build_optimizer(optimizer, trainable))
     base_lrs = [group["lr"] for group in opt.param_groups]  # before a resume overwrites them with scheduled ones
     state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
+    restored = None
     if resume_dir is not None:
-        ckpt.restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
+        restored = ckpt.restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
 
+    # ---- provenance and the logger's run (global rank 0 logs and writes): see litllm.train.provenance
+    provenance, logger_run = {}, None
+    if fabric.global_rank == 0:
+        from litllm.train.provenance import PROVENANCE_FILE, start_run_record
+
+        text, logger_run = start_run_record(fabric, logger, run.logger, method.name, config.name, out_dir, resume_dir,
+                                            restored, {"train": stream.loader, "val": val_loader}, hparams or {},
+                                            fast_dev_run=dev_run is not None)
+        provenance = {PROVENANCE_FILE: text}
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
-        hparams=hparams or {}, extra_files=method.extra_files, state_dict_type=train.state_dict_type,
+        hparams=hparams or {}, extra_files={**method.extra_files, **provenance}, state_dict_type=train.state_dict_type,
     )
-    if logger is not None and fabric.global_rank == 0:
-        logger.log_hyperparams(ckpt.to_plain(hparams or {}))
+    writer.logger_run = logger_run  # kept in each checkpoint's training state: a resumed job continues the run
     return Trainer(
         fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
         writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
