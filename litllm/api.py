@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops
+from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
 from litllm.generate import LoadArgs, check_prompt_fits, fit_max_new_tokens
 
@@ -89,7 +89,7 @@ class LLM:
         with seed + i). max_new_tokens: default 50, reduced to what the context window leaves.
         temperature 0 (the default) is greedy; `seed` makes sampling reproducible.
         """
-        check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+        check_sampling_args(temperature, top_k, top_p, max_new_tokens, seed)
         if isinstance(prompt, (list, tuple)):
             if stream:
                 raise LitLLMError("stream=True takes a single prompt, not a list")
@@ -102,10 +102,9 @@ class LLM:
         check_prompt_fits(longest, self.model.max_seq_length)
         max_new_tokens = self._fit(max_new_tokens, 50, self.model.max_seq_length - longest)
         stops = default_stops(self.tokenizer, self.prompt_style)
-        requests = [
-            Request(p, max_new_tokens, Sampling(temperature, top_k, top_p, None if seed is None else seed + i), **stops)
-            for i, p in enumerate(ids)
-        ]
+        seeds = [None if seed is None else (seed + i) % SEED_LIMIT for i in range(len(ids))]
+        requests = [Request(p, max_new_tokens, Sampling(temperature, top_k, top_p, s), **stops)
+                    for p, s in zip(ids, seeds)]
         chunks = self._run(requests, longest + max_new_tokens)
         if stream:
             return (text for _, text in chunks)
@@ -128,7 +127,7 @@ class LLM:
 
         max_new_tokens: default 256, reduced to what the context window leaves after the conversation.
         """
-        check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+        check_sampling_args(temperature, top_k, top_p, max_new_tokens, seed)
         text = self.prompt_style.render_messages(messages, add_generation_prompt=True)
         ids = self.prompt_style.encode(self.tokenizer, text).tolist()
         window = self.model.max_seq_length

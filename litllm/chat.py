@@ -110,7 +110,7 @@ def chat(
     from litllm.model_folder import check_model_folder
 
     decoding = DecodeArgs(**decode)
-    check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens)
+    check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens, decoding.seed)
     checkpoint_dir = check_model_folder(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_checkpoint(checkpoint_dir, decoding.prompt_style)

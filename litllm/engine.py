@@ -28,6 +28,7 @@ the server) runs here.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,7 +55,9 @@ def sample(
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so the top logit is 0 first: a tiny temperature then sends the others to -inf (never +inf - inf = NaN)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -70,15 +73,56 @@ def sample(
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
-def check_sampling_args(temperature: float, top_k: Optional[int], top_p: float, max_new_tokens: Optional[int]) -> None:
-    if temperature < 0:
-        raise LitLLMError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise LitLLMError(f"--top_k must be a positive integer, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise LitLLMError(f"--top_p must be in (0, 1], got {top_p}")
+# the smallest positive temperature and top_p: float32's smallest normal value (sampling runs in float32, where
+# a smaller one is 0 or a subnormal, and the division or comparison with it gives inf or NaN probabilities)
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64) (and wraps negative ones)
+
+
+class SamplingError(LitLLMError):
+    """A sampling value the engine can't use. `field` is its name, the same as a flag of `generate`/`chat`
+    (`--temperature`) and as a field of the server's requests; `problem` says what was expected."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"--{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def check_sampling_args(
+    temperature: float, top_k: Optional[int], top_p: float, max_new_tokens: Optional[int], seed: Optional[int] = None,
+) -> None:
+    """Raise `SamplingError` for a value that would fail or be meaningless once sampling runs: the one check
+    behind the CLI's flags, `LLM`'s arguments, the server's fields and `Engine.add`."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or SMALLEST_NORMAL <= temperature <= sys.float_info.max):
+        raise SamplingError("temperature", f"must be >= 0 (0 = greedy), and otherwise finite and at least "
+                                           f"{SMALLEST_NORMAL:.4g} (float32's smallest normal value), "
+                                           f"got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise SamplingError("top_k", f"must be a positive integer, got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not SMALLEST_NORMAL <= top_p <= 1.0:
+        raise SamplingError("top_p", f"must be in (0, 1] (1 disables it) and at least {SMALLEST_NORMAL:.4g} "
+                                     f"(float32's smallest normal value), got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise SamplingError("seed", f"must be an integer in [0, 2**64), got {seed!r}")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise LitLLMError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise SamplingError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+
+
+def lone_surrogate_at(text: str) -> Optional[int]:
+    """Where the first character of `text` that UTF-8 can't encode is (a lone surrogate, e.g. from a JSON
+    "\\ud800", which the tokenizer would raise on); None if there is none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def check_text(text: str, what: str) -> None:
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise LitLLMError(f"{what} holds a lone surrogate ({text[at]!a} at character {at}), which is not text")
 
 
 # ---------------------------------------------------------------------- requests
@@ -110,6 +154,17 @@ class Output:
     finish_reason: Optional[str]  # "stop" | "length" | "abort" when finished
     prompt_tokens: int
     completion_tokens: int  # generated so far (a stop's tokens count)
+
+
+class RequestError(LitLLMError):
+    """`Engine.step()` failed for some requests only. They are dropped (rows freed); `errors` maps each one's
+    id to its exception, `outputs` holds the step's Outputs of the others, which go on at the next step."""
+
+    def __init__(self, errors: dict[int, Exception], outputs: list[Output]) -> None:
+        request_id, error = next(iter(errors.items()))
+        super().__init__(f"the engine failed on request {request_id}{' and others' if len(errors) > 1 else ''}: "
+                         f"{type(error).__name__}: {error}")
+        self.errors, self.outputs = errors, outputs
 
 
 def default_stops(tokenizer, prompt_style=None) -> dict:
@@ -289,6 +344,7 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()
         self._aborts: set[int] = set()
+        self._failed: dict[int, Exception] = {}  # requests that failed during this step (see RequestError)
         self._next_id = 0
 
     # ------------------------------------------------------------------ public interface
@@ -298,7 +354,13 @@ class Engine:
         if n == 0:
             raise LitLLMError("the prompt is empty (no tokens)")
         s = request.sampling
-        check_sampling_args(s.temperature, s.top_k, s.top_p, request.max_new_tokens)
+        check_sampling_args(s.temperature, s.top_k, s.top_p, request.max_new_tokens, s.seed)
+        for text in request.stop_strings:
+            check_text(text, "a stop string")
+        embeddings = self.model.config.padded_vocab_size
+        bad = next((t for t in request.prompt_ids if not 0 <= t < embeddings), None)
+        if bad is not None:
+            raise LitLLMError(f"the prompt holds token id {bad}, outside the vocabulary (0..{embeddings - 1})")
         if n + request.max_new_tokens > self.max_seq_length:
             raise LitLLMError(
                 f"the prompt has {n} tokens and max_new_tokens is {request.max_new_tokens}: together they exceed "
@@ -341,8 +403,13 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         """Admit waiting requests into free rows, prefill up to `prefill_chunk` of their prompt tokens,
-        then one decode step for every row whose prompt is in."""
+        then one decode step for every row whose prompt is in.
+
+        What fails for one request only (admitting it, its prefill, sampling or detokenizing its token)
+        drops that request and raises `RequestError` once the step is done, holding the others' Outputs;
+        a failure of the batched decode forward raises as is (every running row is concerned)."""
         outputs: list[Output] = []
+        self._failed = {}
         if self.model.blocks[0].attn.kv_cache is not self._caches[0]:
             self._set_caches(self._caches)
         with threads_for(self.threads):
@@ -350,16 +417,24 @@ class Engine:
             self._admit()
             self._prefill(outputs)
             running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
-            if not running:
-                return _merge(outputs)
-            kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
-            logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
-            tokens = self._pick(logits, running)
-            for slot, row in running:
-                row.pos += 1
-                self._advance(slot, row, tokens[slot], outputs)
-            self._pos.add_(self._active)  # the rows still running move one position on
-        return _merge(outputs)
+            if running:
+                kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
+                logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
+                tokens = self._pick(logits, running)
+                for slot, row in running:
+                    if self._rows[slot] is not row:  # its sampling failed
+                        continue
+                    row.pos += 1
+                    try:
+                        self._advance(slot, row, tokens[slot], outputs)
+                    except Exception as e:
+                        self._fail(slot, row, e)
+                self._pos.add_(self._active)  # the rows still running move one position on
+        outputs = _merge(outputs)
+        if self._failed:
+            failed, self._failed = self._failed, {}
+            raise RequestError(failed, [out for out in outputs if out.request_id not in failed])
+        return outputs
 
     # ------------------------------------------------------------------ internals
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
@@ -374,9 +449,13 @@ class Engine:
                 request_id, request = self._waiting.popleft()
             s = request.sampling
             generator = None
-            if s.seed is not None and s.temperature > 0:
-                generator = torch.Generator(device=self.device).manual_seed(s.seed)
-            matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+            try:
+                if s.seed is not None and s.temperature > 0:
+                    generator = torch.Generator(device=self.device).manual_seed(s.seed)
+                matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+            except Exception as e:
+                self._failed[request_id] = e
+                continue
             self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
             self._prefilling.append(slot)
 
@@ -387,26 +466,38 @@ class Engine:
         while self._prefilling and budget > 0:
             slot = self._prefilling[0]
             row = self._rows[slot]
-            prompt = row.request.prompt_ids
-            start, stop = row.prefilled, min(len(prompt), row.prefilled + budget)
+            start, stop = row.prefilled, min(len(row.request.prompt_ids), row.prefilled + budget)
             budget -= stop - start
-            ids = torch.tensor(prompt[start:stop], dtype=torch.long, device=self.device)
-            self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
             try:
-                logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                    logits_to_keep=1)[:, -1, : self.vocab_size]
-            finally:
-                self._set_caches(self._caches)
-            row.prefilled = stop
-            if not row.decoding:
-                self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
-                continue
-            self._prefilling.popleft()
-            token = self._sample(logits, row)
-            self._tokens[slot] = token
-            self._pos[slot] = row.pos
-            self._active[slot] = 1
-            self._advance(slot, row, token, outputs)
+                self._prefill_chunk(slot, row, start, stop, outputs)
+            except Exception as e:
+                self._fail(slot, row, e)
+
+    def _prefill_chunk(self, slot: int, row: _Row, start: int, stop: int, outputs: list[Output]) -> None:
+        """Write prompt tokens start..stop of the row in `slot`; sample its first token after the last chunk."""
+        ids = torch.tensor(row.request.prompt_ids[start:stop], dtype=torch.long, device=self.device)
+        self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
+        try:
+            logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                logits_to_keep=1)[:, -1, : self.vocab_size]
+        finally:
+            self._set_caches(self._caches)
+        row.prefilled = stop
+        if not row.decoding:
+            self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
+            return
+        self._prefilling.popleft()
+        token = self._sample(logits, row)
+        self._tokens[slot] = token
+        self._pos[slot] = row.pos
+        self._active[slot] = 1
+        self._advance(slot, row, token, outputs)
+
+    def _fail(self, slot: int, row: _Row, error: Exception) -> None:
+        """Drop the request in `slot` after `error` (step() raises RequestError for it once done)."""
+        self._failed[row.request_id] = error
+        if self._rows[slot] is row:
+            self._free(slot)
 
     def _set_caches(self, caches) -> None:
         for block, cache in zip(self.model.blocks, caches):
@@ -423,7 +514,10 @@ class Engine:
         for slot, row in running:
             s = row.request.sampling
             if s.temperature > 0:
-                picked[slot] = sample(logits[slot: slot + 1], s.temperature, s.top_k, s.top_p, row.generator)[0]
+                try:
+                    picked[slot] = sample(logits[slot: slot + 1], s.temperature, s.top_k, s.top_p, row.generator)[0]
+                except Exception as e:
+                    self._fail(slot, row, e)
         self._tokens.copy_(picked[:, None])
         return picked.tolist()
 

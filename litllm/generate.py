@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from litllm.engine import Engine, Request, Sampling, check_sampling_args, default_stops, threads_for
+from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, default_stops, threads_for
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
 
@@ -303,7 +303,7 @@ class DecodeArgs:
 
     def sampling(self, i: int = 0) -> Sampling:
         """The sampling of the i-th answer (seed + i: each sample or turn replays the same way)."""
-        return Sampling(self.temperature, self.top_k, self.top_p, self.seed + i)
+        return Sampling(self.temperature, self.top_k, self.top_p, (self.seed + i) % SEED_LIMIT)
 
 
 @with_flags("decode", DecodeArgs)
@@ -331,7 +331,7 @@ def generate(
     from litllm.model_folder import check_model_folder
 
     decoding = DecodeArgs(**decode)
-    check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens)
+    check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens, decoding.seed)
     if num_samples < 1:
         raise LitLLMError(f"--num_samples must be >= 1, got {num_samples}")
     checkpoint_dir = check_model_folder(checkpoint_dir)

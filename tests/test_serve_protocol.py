@@ -8,7 +8,8 @@ import pytest
 
 from litllm.errors import LitLLMError
 from litllm.serve.protocol import (
-    CHAT, COMPLETION, APIError, chunk_body, parse_json, parse_messages, parse_params, parse_prompt, sse,
+    CHAT, COMPLETION, MAX_STOP_CHARS, MAX_STOP_STRINGS, APIError, chunk_body, parse_json, parse_messages,
+    parse_params, parse_prompt, sse,
 )
 from litllm.serve.server import bind_socket
 
@@ -49,9 +50,37 @@ def test_defaults_and_accepted_fields():
     (CHAT, {"prompt": "x"}, "prompt"),
     (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
     (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    # values that used to pass and then fail inside the engine (issue 20)
+    (COMPLETION, {"temperature": float("nan")}, "temperature"),
+    (COMPLETION, {"temperature": float("inf")}, "temperature"),
+    (COMPLETION, {"temperature": 1e-320}, "temperature"),  # subnormal: 0 in float32
+    (COMPLETION, {"temperature": 10**400}, "temperature"),  # no float holds it
+    (COMPLETION, {"top_p": 1e-300}, "top_p"),
+    (COMPLETION, {"top_p": float("nan")}, "top_p"),
+    (COMPLETION, {"seed": 2**64}, "seed"),
+    (COMPLETION, {"seed": -1}, "seed"),
+    (COMPLETION, {"stop": ["a"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+    (COMPLETION, {"stop": "x" * (MAX_STOP_CHARS + 1)}, "stop"),
 ])
 def test_bad_fields(kind, body, param):
     assert _param_of(kind, body) == param
+
+
+def test_sampling_extremes_are_accepted():
+    """The bounds themselves pass, and sample without NaN (the engine's sampler is the oracle)."""
+    import torch
+
+    from litllm.engine import SMALLEST_NORMAL, sample
+
+    p = parse_params(COMPLETION, {"temperature": SMALLEST_NORMAL, "top_p": SMALLEST_NORMAL, "seed": 2**64 - 1,
+                                  "stop": ["x" * MAX_STOP_CHARS] * MAX_STOP_STRINGS})
+    assert (p.temperature, p.top_p, p.seed, len(p.stop)) == (SMALLEST_NORMAL, SMALLEST_NORMAL, 2**64 - 1, 16)
+    logits = torch.randn(3, 50) * 30
+    generator = torch.Generator().manual_seed(p.seed)
+    for temperature, top_p in ((SMALLEST_NORMAL, 1.0), (1e-37, 1.0), (1.0, SMALLEST_NORMAL), (3e38, 1.0)):
+        picked = sample(logits, temperature, None, top_p, generator)
+        if temperature < 1 or top_p < 1:
+            assert torch.equal(picked, logits.argmax(-1))
 
 
 def test_prompts():
@@ -78,6 +107,8 @@ def test_messages():
         ({"role": "tool", "content": "x"}, "messages[0].role"),
         ({"role": "user", "content": "x", "name": "bob"}, "messages[0]"),
         ({"role": "assistant", "content": None}, "messages[0].content"),
+        ({"role": ["user"], "content": "x"}, "messages[0].role"),  # unhashable: no TypeError, a 400
+        ({"role": {"user": 1}, "content": "x"}, "messages[0].role"),
     ]:
         with pytest.raises(APIError) as e:
             parse_messages({"messages": [message]})
@@ -90,6 +121,14 @@ def test_json_body():
         with pytest.raises(APIError) as e:
             parse_json(raw)
         assert e.value.status == 400
+    for raw, param in ((b'{"temperature": NaN}', None), (b'{"a": -Infinity}', None), (b"[" * 100_000, None),
+                       (b'{"prompt": "a\\ud800"}', "prompt"), (b'{"x\\udc00y": 1}', "x\\udc00y"),
+                       (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+                        "messages[0].content[0].text")):
+        with pytest.raises(APIError) as e:
+            parse_json(raw)
+        assert e.value.status == 400 and e.value.param == param
+        assert e.value.message.encode("ascii", "strict")  # quotes a lone surrogate escaped
     error = APIError(404, "no such model", param="model", code="model_not_found").body()["error"]
     assert error == {"message": "no such model", "type": "invalid_request_error", "param": "model",
                      "code": "model_not_found"}

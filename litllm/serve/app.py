@@ -7,21 +7,30 @@ them). Each generation request becomes one engine `Request`; the handler then wa
 (see bridge.py). A client that disconnects has its request aborted, which frees its KV-cache slot.
 Server-sent events are two lines of framing (`protocol.sse`) over Starlette's StreamingResponse,
 which also notices disconnects; sse-starlette would add nothing we use.
+
+Limits: a body over `max_request_bytes` is a 413 (read no further), a body that takes over `read_timeout`
+seconds to arrive a 408; parsing and tokenizing run in a worker thread, so a huge prompt never stalls
+the event loop that serves every other stream. Error bodies are ASCII JSON, whatever the request held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
 # this module is imported by `litllm serve` only (after it checked that the `serve` extra is installed)
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from litllm.engine import SamplingError
 from litllm.errors import LitLLMError
 from litllm.serve.bridge import EngineLoop
 from litllm.serve.protocol import (
@@ -45,7 +54,13 @@ class ServedModel:
     created: int = field(default_factory=now)
 
 
-def build_app(served: ServedModel, bridge: EngineLoop, api_key: Optional[str] = None) -> FastAPI:
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so our lines come out as its do
+
+
+def build_app(
+    served: ServedModel, bridge: EngineLoop, api_key: Optional[str] = None, *, max_request_bytes: int,
+    read_timeout: float,
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         bridge.start(asyncio.get_running_loop())
@@ -53,21 +68,7 @@ def build_app(served: ServedModel, bridge: EngineLoop, api_key: Optional[str] = 
         bridge.stop()
 
     app = FastAPI(title="litllm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(APIError)
-    async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):  # unknown route, wrong method
-        code = "not_found" if e.status_code == 404 else None
-        error = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code)
-        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):
-        error = APIError(500, f"internal error: {type(e).__name__}: {e}")
-        return JSONResponse(error.body(), status_code=500)
+    _answer_errors_as_openai_does(app)
 
     def check_api_key(request: Request) -> None:
         if api_key is None:
@@ -112,11 +113,8 @@ def build_app(served: ServedModel, bridge: EngineLoop, api_key: Optional[str] = 
 
     async def generate(kind: str, request: Request):
         check_api_key(request)
-        body = parse_json(await request.body())
-        params = parse_params(kind, body)
-        if params.model is not None and params.model != served.name:
-            raise _unknown_model(params.model, served.name)
-        engine_request = _engine_request(kind, body, params, served)
+        raw = await _read_body(request, max_request_bytes, read_timeout)
+        params, engine_request = await run_in_threadpool(_prepare, kind, raw, served)
         id, created = new_id(kind), now()
         if params.stream:
             events = _stream(kind, id, created, params, served, bridge, engine_request)
@@ -131,6 +129,74 @@ def build_app(served: ServedModel, bridge: EngineLoop, api_key: Optional[str] = 
         return response_body(kind, id, served.name, created, text, last.finish_reason, usage)
 
     return app
+
+
+def _answer_errors_as_openai_does(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # unknown route, wrong method
+        code = "not_found" if e.status_code == 404 else None
+        error = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code,
+                         headers=getattr(e, "headers", None))
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+
+def _error_response(error: APIError) -> Response:
+    """The error as JSON, escaped to ASCII: a message quoting the request (a lone surrogate included) always encodes."""
+    return Response(json.dumps(error.body()), status_code=error.status, headers=error.headers,
+                    media_type="application/json")
+
+
+async def _read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The request body: 413 beyond `max_bytes` (before reading it when Content-Length tells), 408 when it takes
+    over `timeout` s; a client that disconnects meanwhile is one log line."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes, f"{int(declared)} bytes")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(max_bytes, f"over {max_bytes} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s ({size} bytes came)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        client = request.client
+        log.info("%s:%s - the client disconnected while sending its request body (%d bytes came)",
+                 client.host if client else "?", client.port if client else "?", size)
+        raise APIError(499, "the client disconnected") from None  # nobody reads the answer
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int, size: str) -> APIError:
+    return APIError(413, f"the request body ({size}) exceeds this server's limit of {max_bytes} bytes "
+                         "(litllm serve --max_request_bytes)", code="request_too_large")
+
+
+def _prepare(kind: str, raw: bytes, served: ServedModel):
+    """The request body -> (Params, engine Request): parsed, validated, rendered and tokenized. In a worker
+    thread: a prompt of megabytes takes a while, and the event loop serves every other stream."""
+    body = parse_json(raw)
+    params = parse_params(kind, body)
+    if params.model is not None and params.model != served.name:
+        raise _unknown_model(params.model, served.name)
+    return params, _engine_request(kind, body, params, served)
 
 
 def _unknown_model(name: str, served: str) -> APIError:
@@ -186,7 +252,9 @@ def _engine_request(kind: str, body: dict, params: Params, served: ServedModel):
 def _submit(bridge: EngineLoop, engine_request) -> tuple[int, asyncio.Queue]:
     try:
         return bridge.submit(engine_request)
-    except LitLLMError as e:  # the engine's own checks (e.g. the context window)
+    except SamplingError as e:  # the engine's own checks, a second line behind parse_params
+        raise APIError(400, f"'{e.field}' {e.problem}", param=e.field) from None
+    except LitLLMError as e:  # (e.g. the context window)
         raise APIError(400, str(e)) from None
 
 

@@ -11,17 +11,22 @@ The engine thread loops `engine.step()` while any request is in flight and sleep
 otherwise. Each Output goes to its request's queue through `loop.call_soon_threadsafe` (asyncio
 queues are not thread-safe). A request's queue is dropped when its final Output (finished,
 including "abort") has been dispatched, so `num_in_flight` returning to 0 means nothing leaked.
+
+A step that fails for some requests only (`engine.RequestError`) fails those with a 500 and goes on
+with the others; any other failure of a step (the batched forward: out of memory, a bug) fails all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 import threading
-import traceback
 from typing import Optional
 
+from litllm.engine import RequestError
 from litllm.serve.protocol import APIError
+
+log = logging.getLogger("uvicorn.error")
 
 
 class EngineLoop:
@@ -33,6 +38,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # queues + engine.add are one step for the engine thread
         self._wake = threading.Event()
         self._stopping = False
+        self._refusing = False  # set by abort_all
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -48,16 +54,22 @@ class EngineLoop:
 
     def stop(self) -> None:
         """Abort what is still in flight, then end the engine thread."""
-        for request_id in list(self.queues):
-            self.abort(request_id)
+        self.abort_all()
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def abort_all(self) -> None:
+        """Refuse new requests (503) and abort those in flight: each gets its final "abort" Output, which
+        the handlers answer with a 503 (a stream: an error event, then [DONE])."""
+        self._refusing = True
+        for request_id in list(self.queues):
+            self.abort(request_id)
+
     def submit(self, request) -> tuple[int, asyncio.Queue]:
         """Add `request` to the engine; its Outputs will arrive on the returned queue."""
-        if self._stopping:
+        if self._refusing:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if len(self.queues) >= self.capacity:
             raise APIError(
@@ -87,10 +99,14 @@ class EngineLoop:
             if not self.queues:
                 self._wake.wait()
                 continue
+            failed: dict[int, Exception] = {}
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
-                traceback.print_exc(file=sys.stderr)
+            except RequestError as e:  # these requests only: the others' Outputs are in e.outputs
+                log.error("%s", e, exc_info=next(iter(e.errors.values())))
+                outputs, failed = e.outputs, e.errors
+            except Exception as e:  # the batched forward (a bug, out of memory): every request in flight
+                log.error("the engine failed: %s: %s", type(e).__name__, e, exc_info=e)
                 self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}"))
                 continue
             with self._lock:
@@ -101,6 +117,11 @@ class EngineLoop:
                         self.queues.pop(out.request_id, None)
                     if queue is not None:
                         targets.append((queue, out))
+                for request_id, error in failed.items():
+                    queue = self.queues.pop(request_id, None)
+                    if queue is not None:
+                        targets.append((queue, APIError(500, f"the engine failed on this request: "
+                                                             f"{type(error).__name__}: {error}")))
             if targets:
                 self._loop.call_soon_threadsafe(_put_all, targets)
 

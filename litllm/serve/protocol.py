@@ -18,10 +18,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from litllm.engine import SamplingError, check_sampling_args, lone_surrogate_at
+
 COMPLETION, CHAT = "completion", "chat"
 
 # OpenAI's own default for /v1/completions (chat has none: it runs until a stop or the context ends)
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+# `stop`: at most this many strings of at most this many characters (each is matched against the text
+# held back at every token, so together they bound that work)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class APIError(Exception):
@@ -87,6 +93,14 @@ def _invalid(name: str, message: str) -> APIError:
     return APIError(400, f"'{name}' {message}", param=name)
 
 
+def _number(body: dict, name: str, default: float) -> float:
+    value = _field(body, name, "number", default)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        raise _invalid(name, f"must be a finite number, got an integer of {len(str(value))} digits") from None
+
+
 # fields accepted only with the value that changes nothing (we don't implement their effect)
 _NO_OP_VALUES: dict[str, Any] = {
     "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
@@ -125,25 +139,18 @@ def parse_params(kind: str, body: dict) -> Params:
     if max_tokens is not None and max_tokens < 1:
         raise _invalid("max_tokens", f"must be >= 1, got {max_tokens}")
     p.max_tokens = max_tokens
-    p.temperature = float(_field(body, "temperature", "number", 1.0))
-    if p.temperature < 0:
-        raise _invalid("temperature", f"must be >= 0 (0 = greedy), got {p.temperature}")
-    p.top_p = float(_field(body, "top_p", "number", 1.0))
-    if not 0.0 < p.top_p <= 1.0:
-        raise _invalid("top_p", f"must be in (0, 1], got {p.top_p}")
+    p.temperature = _number(body, "temperature", 1.0)
+    p.top_p = _number(body, "top_p", 1.0)
     top_k = _field(body, "top_k", "integer")
     if top_k is not None and top_k != -1 and top_k < 1:
         raise _invalid("top_k", f"must be a positive integer (or -1 for no limit), got {top_k}")
     p.top_k = None if top_k in (None, -1) else top_k
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise _invalid("stop", f"must be a string or an array of strings, got {_json_type(stop)}")
-    if stop and not all(stop):
-        raise _invalid("stop", "must not contain an empty string")
-    p.stop = list(stop or [])
     p.seed = _field(body, "seed", "integer")
+    try:  # the engine's own rules: what passes here can't fail when sampling runs
+        check_sampling_args(p.temperature, p.top_k, p.top_p, None, p.seed)
+    except SamplingError as e:
+        raise _invalid(e.field, e.problem) from None
+    p.stop = _parse_stop(body.get("stop"))
     p.stream = _field(body, "stream", "boolean", False)
     options = _field(body, "stream_options", "object")
     if options is not None:
@@ -155,6 +162,22 @@ def parse_params(kind: str, body: dict) -> Params:
         p.include_usage = _field(options, "include_usage", "boolean", False)
     _field(body, "user", "string")
     return p
+
+
+def _parse_stop(stop: Any) -> list[str]:
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _invalid("stop", f"must be a string or an array of strings, got {_json_type(stop)}")
+    stop = list(stop or [])
+    if not all(stop):
+        raise _invalid("stop", "must not contain an empty string")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _invalid("stop", f"holds {len(stop)} strings: at most {MAX_STOP_STRINGS} are allowed")
+    longest = max(stop, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise _invalid("stop", f"holds a string of {len(longest)} characters: at most {MAX_STOP_CHARS} are allowed")
+    return stop
 
 
 def parse_prompt(body: dict) -> Union[str, list[int]]:
@@ -193,7 +216,7 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
         if unknown:
             raise _invalid(name, f"has unsupported key(s): {', '.join(sorted(unknown))}")
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise APIError(400, f"'{name}.role' must be one of {', '.join(_ROLES)}, got {role!r}", param=f"{name}.role")
         out.append({"role": _ROLES[role], "content": _message_text(m.get("content"), f"{name}.content")})
     return out
@@ -215,14 +238,54 @@ def _message_text(content: Any, name: str) -> str:
 
 
 def parse_json(raw: bytes) -> dict:
-    """The request body as a JSON object (400 on malformed JSON or a non-object)."""
+    """The request body as a JSON object (400 on malformed JSON, a non-object, or a string anywhere in it,
+    a field name included, that is not text: a lone surrogate such as "\\ud800", which no tokenizer
+    or UTF-8 encoder takes)."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        body = json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        what = "it nests too deeply" if isinstance(e, RecursionError) else e
+        raise APIError(400, f"the request body is not valid JSON ({what})") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+    _check_text(body)
     return body
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")  # Python's json reads NaN and Infinity; JSON has no such thing
+
+
+def _check_text(body: dict) -> None:
+    """400 naming a string or field name in `body` that can't be encoded as UTF-8."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                raise _not_text(path, value)
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                name = f"{path}.{_printable(key)}" if path else _printable(key)
+                if not _is_text(key):
+                    raise _not_text(name, key, " (a field name)")
+                todo.append((name, v))
+
+
+def _is_text(s: str) -> bool:
+    return lone_surrogate_at(s) is None
+
+
+def _printable(s: str) -> str:
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _not_text(name: str, s: str, what: str = "") -> APIError:
+    at = lone_surrogate_at(s)
+    return APIError(400, f"'{name}'{what} holds a lone surrogate ({_printable(s[at])} at character {at}), "
+                         "which is not text", param=name)
 
 
 def context_error(limit: int, prompt_tokens: int, max_tokens: Optional[int], param: str) -> APIError:
@@ -290,4 +353,5 @@ def chunk_body(
 def sse(data: Union[dict, str]) -> bytes:
     """One server-sent event: `data: <json>` and a blank line."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n".encode()
+    # a lone surrogate (only ever in an error message quoting something) goes out as its JSON escape
+    return f"data: {payload}\n\n".encode("utf-8", "backslashreplace")

@@ -16,8 +16,8 @@ from litllm.errors import LitLLMError
 from litllm.flags import with_flags
 from litllm.generate import LoadArgs
 
-# seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled
-SHUTDOWN_GRACE_S = 20
+# seconds uvicorn still waits, past --shutdown_timeout, for the aborted requests' last bytes to go out
+SHUTDOWN_FLUSH_S = 5
 # without --max_seq_length, the KV cache may take at most this share of the memory left after loading
 KV_MEMORY_SHARE = 0.5
 
@@ -34,6 +34,9 @@ def serve(
     prefill_chunk: int = PREFILL_CHUNK,
     api_key: Optional[str] = None,
     prompt_style: Optional[str] = None,
+    max_request_bytes: int = 4 * 2**20,
+    read_timeout: float = 30.0,
+    shutdown_timeout: float = 20.0,
     load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
@@ -54,24 +57,25 @@ def serve(
         api_key: Require `Authorization: Bearer <api_key>` on /v1 routes (default: the LITLLM_API_KEY
             environment variable; unset: no key needed).
         prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
+        max_request_bytes: Largest request body accepted; a larger one gets 413 (default 4 MiB, far more than any
+            prompt that fits a context window).
+        read_timeout: Seconds a client has to send a request's headers, and then its body; past them the
+            connection is closed (headers) or the request answered 408 (body).
+        shutdown_timeout: Seconds in-flight requests get to finish after SIGINT/SIGTERM; then each still
+            running ends with a 503 error (a stream: an error event, then `data: [DONE]`).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
     from litllm.model_folder import check_model_folder
 
-    if max_batch_size < 1:
-        raise LitLLMError(f"--max_batch_size must be >= 1, got {max_batch_size}")
-    if prefill_chunk < 1:
-        raise LitLLMError(f"--prefill_chunk must be >= 1, got {prefill_chunk}")
-    if max_queue < 0:
-        raise LitLLMError(f"--max_queue must be >= 0, got {max_queue}")
-    if max_seq_length is not None and max_seq_length < 2:
-        raise LitLLMError(f"--max_seq_length must be >= 2, got {max_seq_length}")
+    _check_flags(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, max_queue=max_queue,
+                 max_seq_length=max_seq_length, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
+                 shutdown_timeout=shutdown_timeout)
     api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
     checkpoint_dir = check_model_folder(checkpoint_dir)
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
@@ -80,6 +84,7 @@ def serve(
     from litllm.serve.bridge import EngineLoop
 
     tokenizer = Tokenizer(checkpoint_dir)
+    tokenizer.processor = GILFreeEncoder(tokenizer.processor)
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
     model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)  # as `generate` loads
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
@@ -94,24 +99,79 @@ def serve(
         completion_stops=default_stops(tokenizer), chat_stops=default_stops(tokenizer, style),
     )
     bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
-    app = build_app(served, bridge, api_key)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on")
+    app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)
+    url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+    ready_line = f"Serving {served.name} at {url}/v1 ({style.name} prompt style for chat)"
+    _run_uvicorn(app, sock, ready_line, bridge, read_timeout, shutdown_timeout)
+
+
+def _check_flags(*, max_seq_length: Optional[int], read_timeout: float, shutdown_timeout: float, **at_least: int):
+    """One error line for a flag out of range."""
+    lowest = {"max_batch_size": 1, "prefill_chunk": 1, "max_queue": 0, "max_request_bytes": 1}
+    for flag, value in at_least.items():
+        if value < lowest[flag]:
+            raise LitLLMError(f"--{flag} must be >= {lowest[flag]}, got {value}")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise LitLLMError(f"--max_seq_length must be >= 2, got {max_seq_length}")
+    for flag, seconds in (("read_timeout", read_timeout), ("shutdown_timeout", shutdown_timeout)):
+        if not 0 < seconds < float("inf"):
+            raise LitLLMError(f"--{flag} must be a positive number of seconds, got {seconds}")
+
+
+def _run_uvicorn(app, sock: socket.socket, ready_line: str, bridge, read_timeout: float, shutdown_timeout: float):
+    import uvicorn
+
+    from litllm.serve.connection import h11_with_read_timeout
+
+    config = uvicorn.Config(app, log_level="info", lifespan="on", http=h11_with_read_timeout(read_timeout),
+                            timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_FLUSH_S)
     server = uvicorn.Server(config)
     # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then raises the signal again for the
     # previous handler: a no-op handler makes that graceful stop exit with status 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
-    asyncio.run(_run(server, sock, f"Serving {served.name} at {url}/v1 ({style.name} prompt style for chat)"))
+    asyncio.run(_run(server, sock, ready_line, bridge, shutdown_timeout))
 
 
-async def _run(server, sock: socket.socket, ready_line: str) -> None:
+async def _run(server, sock: socket.socket, ready_line: str, bridge, shutdown_timeout: float) -> None:
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
     if server.started:
         print(ready_line, flush=True)
-    await serving
+    cutoff = asyncio.create_task(_abort_after_grace(server, bridge, shutdown_timeout))
+    try:
+        await serving
+    finally:
+        cutoff.cancel()
+
+
+async def _abort_after_grace(server, bridge, shutdown_timeout: float) -> None:
+    """Once uvicorn is shutting down, give in-flight requests `shutdown_timeout` s, then abort them: each
+    handler answers its error (a stream: an error event and [DONE]) and ends, before uvicorn's own
+    deadline (SHUTDOWN_FLUSH_S later) would cancel it mid-body."""
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(shutdown_timeout)
+    if bridge.num_in_flight:
+        print(f"Aborting {bridge.num_in_flight} request(s) still running after --shutdown_timeout "
+              f"{shutdown_timeout:g} s", file=sys.stderr, flush=True)
+    bridge.abort_all()
+
+
+class GILFreeEncoder:
+    """A `tokenizers.Tokenizer` whose `encode` lets go of the GIL while it runs (`encode_batch` does, `encode`
+    doesn't): the server tokenizes in a worker thread, and a prompt of megabytes (seconds of work) must not
+    stall the event loop that serves every other stream. The same ids; everything else passes through."""
+
+    def __init__(self, processor) -> None:
+        self._processor = processor
+
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return self._processor.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def __getattr__(self, name: str):
+        return getattr(self._processor, name)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
