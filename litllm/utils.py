@@ -204,7 +204,7 @@ def output_folder(path: str | Path) -> Iterator[Path]:
     when the block succeeds (`atomic_path`), so a kill leaves the old folder or the new one, never a mix.
     Entries of an existing `path` that the block did not write are carried over (hard links where the
     file system allows, else copies), leaving the old folder intact until the swap."""
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # a link keeps pointing at it
     with atomic_path(path) as tmp:
         tmp.mkdir()
         yield tmp

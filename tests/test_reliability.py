@@ -279,3 +279,76 @@ def test_stale_temporaries_are_recognised_by_name_and_owner(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ---------------------------------------------------------------------- 10: one line, never a traceback
+def test_a_litdata_folder_of_pickled_items_is_one_line(tiny_checkpoint, tmp_path):
+    import numpy as np
+    from litdata.streaming.writer import BinaryWriter
+
+    from test_errors import fails_cleanly
+
+    writer = BinaryWriter(str(tmp_path / "pickled"), chunk_bytes="64KB")  # litdata's default (PyTree) format
+    for i in range(4):
+        writer.add_item(i, np.arange(100) + i)
+    writer.done()
+    writer.merge()
+    last = fails_cleanly(["pretrain", "--model_name", "pythia-14m", "--tokenizer_dir", tiny_checkpoint, "--data",
+                          "LitData", "--data.data_path", tmp_path / "pickled", "--out_dir", tmp_path / "out",
+                          "--accelerator", "cpu", "--train.max_steps", "1"], tmp_path, "--data.data_path")
+    assert "PyTreeLoader" in last and "TokensLoader" in last
+
+
+def test_a_hub_file_outside_the_folder_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    from fake_hub import FakeHub, FakeRepo
+
+    from litllm.download import download
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../../escape.safetensors"}}
+    files = {name: (tiny_checkpoint / name).read_bytes() for name in ("config.json", "tokenizer.json")}
+    files.update({"model.safetensors.index.json": json.dumps(index).encode(), "../../escape.safetensors": b"x"})
+    with FakeHub({"org/escape": FakeRepo(files)}) as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        with pytest.raises(LitLLMError, match=r"org/escape: model.safetensors.index.json's weight_map names "
+                                              r"'../../escape.safetensors', a path outside"):
+            download("org/escape", checkpoint_dir=tmp_path / "checkpoints")
+    assert not (tmp_path / "escape.safetensors").exists()
+
+
+def test_a_local_index_pointing_outside_its_folder_is_refused(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from litllm.convert import convert_to_litllm
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "lit_model.safetensors").unlink()
+    shutil.move(folder / "model.safetensors", tmp_path / "outside.safetensors")
+    names = load_file(str(tmp_path / "outside.safetensors")).keys()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "../outside.safetensors" for n in names}}))
+    with pytest.raises(LitLLMError, match=r"model.safetensors.index.json: its weight_map names '../outside.safetensors'"):
+        convert_to_litllm(folder)
+    assert not (folder / "lit_model.safetensors").exists()
+
+
+def test_the_peft_export_gets_the_usual_permissions(tiny_checkpoint, tmp_path):
+    import os
+
+    from litllm.lora import add_lora, save_peft_adapter
+    from litllm.model import GPT
+    from litllm.model_folder import save_model_folder
+
+    umask = os.umask(0o022)
+    try:
+        model = GPT.from_checkpoint(tiny_checkpoint)
+        save_model_folder(model, tmp_path / "model", tiny_checkpoint)
+        save_peft_adapter(add_lora(model, r=2, alpha=4), tmp_path / "peft")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for folder in ("model", "peft") for p in (tmp_path / folder).iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    peft = pytest.importorskip("peft")
+    assert peft.PeftConfig.from_pretrained(str(tmp_path / "peft")).r == 2
