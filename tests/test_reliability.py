@@ -104,6 +104,38 @@ def test_the_guard_makes_no_host_sync(fabric):
     assert guard.step == 2
 
 
+
+def test_the_guard_counts_skips_streaks_and_spikes(fabric, capsys):
+    from litllm.train.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cpu"), limit=3)
+    losses = [5.0] * 12 + [11.0, 5.0, float("nan"), float("nan"), 5.0, float("inf"), float("nan"), float("nan")]
+    for loss in losses:
+        loss = torch.tensor(loss, dtype=torch.float64)
+        guard.record(guard.step_ok(loss, torch.tensor(1.0)), loss)
+        if guard.step == 17:  # two NaN steps in a row, then a finite one: below the limit, the run goes on
+            assert guard.read(fabric) == {"nonfinite_steps": 2.0, "loss_spikes": 1.0}
+            guard.stop_if_diverged()
+    assert "loss spike at step 13" in capsys.readouterr().out
+    with pytest.raises(LitLLMError, match="at 3 optimizer steps in a row, up to step 20 "):
+        guard.check(fabric)
+    assert guard.read(fabric)["nonfinite_steps"] == 5
+
+
+def test_an_output_folder_behind_a_symlink_stays_linked(tmp_path):
+    from litllm.utils import output_folder
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "keep.txt").write_text("old")
+    (tmp_path / "real" / "new.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with output_folder(tmp_path / "link") as folder:
+        (folder / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink()
+    assert {p.name: p.read_text() for p in (tmp_path / "real").iterdir()} == {"keep.txt": "old", "new.txt": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+@pytest.mark.slow
 def test_lr_1e6_through_the_cli_stops_naming_the_step_and_the_last_good_checkpoint(tiny_checkpoint, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(32)]))
@@ -194,6 +226,7 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_is_cleaned_up_by_the_next_one(tiny_checkpoint, tmp_path):
     out = tmp_path / "hf"
     kill_mid_write(["convert_from_litllm", tiny_checkpoint, out], ".hf.tmp-", tmp_path)
@@ -203,6 +236,7 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next_one(tiny_checkpoint, tmp_
     assert hidden(tmp_path) == [] and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_killed_merge_leaves_the_old_folder_whole_and_the_next_one_replaces_it(base, tmp_path):
     from test_errors import tree
     from test_finetune import _kwargs
@@ -224,6 +258,7 @@ def test_a_killed_merge_leaves_the_old_folder_whole_and_the_next_one_replaces_it
         n: b for n, b in before.items() if n != "lit_model.safetensors" and n != "model_config.yaml"}
 
 
+@pytest.mark.slow
 def test_a_kill_while_final_is_written_costs_nothing_on_resume(tiny_checkpoint, tmp_path):
     from litllm.train.loggers import read_csv_rows
 
