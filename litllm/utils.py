@@ -131,9 +131,11 @@ def clean_stale_temporaries(path: str | Path) -> None:
     between the two renames left no `path`). Only names of that pattern, of a process that is not
     running, made before this one started, are touched: a concurrent writer's temporaries stay."""
     path = Path(path)
-    if not path.parent.is_dir():
+    try:
+        entries = list(path.parent.glob(f".{glob.escape(path.name)}.*-*"))
+    except OSError:  # no such folder yet, or not readable: nothing of ours to clean
         return
-    for entry in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+    for entry in entries:
         match = _TEMPORARY.match(entry.name)
         if match is None or match["name"] != path.name:
             continue

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 SPIKE_FACTOR = 2.0
-"""A finite step loss above this many times its running average counts as a spike (logged, not skipped)."""
+"""A finite step loss above this many times its (positive) running average counts as a spike (logged, not skipped)."""
 SPIKE_WARMUP = 10
 """Finite steps before spikes are looked for (the running average needs a few values first)."""
 _EMA = 0.05  # weight of the newest loss in the running average (about the last 20 steps)
@@ -65,7 +65,7 @@ class NonFiniteGuard:
         reached = (c["streak"] >= self.limit) & (c["limit_step"] == 0)
         c["limit_step"] = torch.where(reached, float(self.step), c["limit_step"])
         loss = torch.where(ok, loss.double(), c["ema"])  # a skipped step leaves the average alone
-        spike = ok & (c["good"] >= SPIKE_WARMUP) & (loss > SPIKE_FACTOR * c["ema"])
+        spike = ok & (c["good"] >= SPIKE_WARMUP) & (c["ema"] > 0) & (loss > SPIKE_FACTOR * c["ema"])
         c["spikes"] += spike.double()
         c["last_spike"] = torch.where(spike, float(self.step), c["last_spike"])
         c["ema"] = torch.where(c["good"] == 0, loss, (1 - _EMA) * c["ema"] + _EMA * loss)
