@@ -67,6 +67,15 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return found[0] if found else None
 
 
+def diverged_message(what: str, out_dir: Optional[Path]) -> str:
+    """The one line a diverged run stops with: what happened, and where to resume from."""
+    last = latest_checkpoint(Path(out_dir)) if out_dir is not None else None
+    where = (f"the last good checkpoint is {last}: resume it with `--resume {last}` and a lower --optimizer.lr "
+             "(or a smaller --train.max_norm)" if last is not None else
+             "no checkpoint was saved before; start again with a lower --optimizer.lr")
+    return f"training diverged: {what}; nothing was saved from this state, {where}"
+
+
 def check_training_checkpoint(path: Path) -> None:
     """Fail clearly unless every file of a training checkpoint is there and complete (reads headers only)."""
     from litllm.train import sharded_checkpoint
@@ -209,8 +218,6 @@ class CheckpointWriter:
 
     def check_finite(self, when: str) -> None:
         """Refuse to save a NaN/inf weight (collective): one error line pointing at the last good checkpoint."""
-        from litllm.train.nonfinite import diverged_message
-
         trained = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters() if p.requires_grad]
         if not trained:
             return

@@ -90,6 +90,7 @@ class NonFiniteGuard:
     def stop_if_diverged(self) -> None:
         """After `read`: one `LitLLMError` naming the step if `limit` non-finite steps came in a row."""
         from litllm.errors import LitLLMError
+        from litllm.train.checkpoints import diverged_message
 
         if self._limit_step:
             raise LitLLMError(diverged_message(
@@ -114,14 +115,3 @@ def zero_nonfinite_step(params, ok: torch.Tensor) -> None:
         if p.grad is not None:
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a DTensor's shard under FSDP2
             grad.masked_fill_(bad, 0)
-
-
-def diverged_message(what: str, out_dir: Optional[Path]) -> str:
-    """The one line a diverged run stops with: what happened, and where to resume from."""
-    from litllm.train.checkpoints import latest_checkpoint
-
-    last = latest_checkpoint(Path(out_dir)) if out_dir is not None else None
-    where = (f"the last good checkpoint is {last}: resume it with `--resume {last}` and a lower --optimizer.lr "
-             "(or a smaller --train.max_norm)" if last is not None else
-             "no checkpoint was saved before; start again with a lower --optimizer.lr")
-    return f"training diverged: {what}; nothing was saved from this state, {where}"
