@@ -387,3 +387,20 @@ def test_the_peft_export_gets_the_usual_permissions(tiny_checkpoint, tmp_path):
     assert set(modes.values()) == {0o644}, modes
     peft = pytest.importorskip("peft")
     assert peft.PeftConfig.from_pretrained(str(tmp_path / "peft")).r == 2
+
+
+def test_one_process_asks_the_stop_flag_without_a_device_tensor(fabric, monkeypatch):
+    """The preemption check runs every step: on one device it reads a Python flag (no tensor, no host sync)."""
+    import os
+    import signal
+
+    from litllm.train.preemption import StopOnSignal
+
+    monkeypatch.setattr(torch, "tensor", None)  # any tensor made by `agreed` would fail
+    stop = StopOnSignal()
+    try:
+        assert stop.agreed(fabric) is False
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed(fabric) is True
+    finally:
+        stop.restore()
