@@ -64,6 +64,33 @@ def test_a_nonfinite_step_is_skipped_and_counted(fabric, tmp_path, capsys):
     assert "optimizer step skipped by step 3" in capsys.readouterr().out
 
 
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: a step whose loss is finite but its gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_nonfinite_gradients_without_clipping_are_skipped_too(fabric, tmp_path):
+    calls = []
+
+    def loss(model, batch, ignore_index):
+        calls.append(1)
+        total, count, metrics = token_cross_entropy(model, batch, ignore_index)
+        return (_NaNGradient.apply(total) if len(calls) == 3 else total), count, metrics
+
+    result = _sgd_run(fabric, tmp_path, loss, max_norm=None, max_steps=4)
+    assert all(math.isfinite(v) for v in result.losses.values())  # the loss itself stayed finite
+    before, after = (load_file(str(tmp_path / f"step-{s:08d}" / "lit_model.safetensors")) for s in (2, 3))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert float(read_csv_rows(tmp_path / "logs" / "csv" / "metrics.csv")[-1]["nonfinite_steps"]) == 1
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run_before_any_save(fabric, tmp_path):
     # step 3 is skipped and saved (its weights are step 2's); step 4 is the second in a row: no step-4 save
     with pytest.raises(LitLLMError, match=r"2 optimizer steps in a row, up to step 4 .*step-00000003"):
@@ -99,8 +126,8 @@ def test_the_guard_makes_no_host_sync(fabric):
         opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
         guard = NonFiniteGuard(torch.device("cpu"), limit=5)
         batches = [{"input_ids": torch.randint(0, 320, (2, 16)), "labels": torch.randint(0, 320, (2, 16))}] * 2
-        for _ in range(2):
-            train_step(fabric, model, opt, batches, max_norm=1.0, ignore_index=-100, guard=guard)
+        for max_norm in (1.0, None):  # clipped: the clipping's norm; unclipped: a gradient check of its own
+            train_step(fabric, model, opt, batches, max_norm=max_norm, ignore_index=-100, guard=guard)
     assert guard.step == 2
 
 

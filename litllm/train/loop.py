@@ -550,8 +550,11 @@ def train_step(
     sums["input_tokens"] = torch.tensor(float(positions), dtype=torch.float64, device=sums["loss"].device)
     if guard is None:
         global_count = fabric.all_reduce(sums["count"].clone(), reduce_op="sum").clamp(min=1)
-    else:  # the loss sum rides along in the count's all-reduce: every rank sees the global loss
-        global_count, global_loss = fabric.all_reduce(torch.stack([sums["count"], sums["loss"]]), reduce_op="sum")
+    else:  # the loss sum (unclipped: a gradient check too) rides along in the count's all-reduce
+        unclipped = [guard.gradient_check(model)] if max_norm is None else []
+        global_count, global_loss, *grad_check = fabric.all_reduce(
+            torch.stack([sums["count"], sums["loss"], *unclipped]), reduce_op="sum"
+        )
         global_count = global_count.clamp(min=1)
     scale = fabric.world_size * positions / global_count
     scales = {}  # one cast per gradient dtype
@@ -565,7 +568,7 @@ def train_step(
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
     if guard is not None:
-        ok = guard.step_ok(global_loss, grad_norm)
+        ok = guard.step_ok(global_loss, grad_norm if max_norm is not None else grad_check[0])
         zero_nonfinite_step(model.parameters(), ok)
         guard.record(ok, global_loss / global_count)
     optimizer.step()

@@ -3,7 +3,8 @@ run stops after `--train.max_nonfinite_steps` of them in a row.
 
 Per step (inside `train_step`, no host sync): every rank's loss sum joins the one all-reduce the
 step already does (that of the label count), so all ranks agree whether the global loss is finite;
-with clipping, the global gradient norm says whether the gradients are. A step whose loss or
+the global gradient norm of the clipping says whether the gradients are (without clipping, a sum of
+gradient norms joins the same all-reduce). A step whose loss or
 gradient norm is NaN/inf has its gradients zeroed before `optimizer.step()`, so nothing
 non-finite reaches the weights or the optimizer state (the optimizer still takes its step with a
 zero gradient: momentum carries on, the step counter advances). Counters stay on the device:
@@ -47,13 +48,22 @@ class NonFiniteGuard:
         self._seen = {"skipped": 0, "spikes": 0}  # what the last `read` reported
         self._limit_step = 0
 
-    def step_ok(self, global_loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> torch.Tensor:
+    def step_ok(self, global_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """0-dim bool: this step's global loss (a sum over ranks: NaN/inf if any rank's is) and gradient norm
-        (with clipping; without, only the loss is checked) are finite."""
+        (the clipping's, or without clipping the all-reduced `gradient_check`) are finite."""
         ok = torch.isfinite(global_loss)
-        if grad_norm is not None and not self.grads_checked_by_scaler:
+        if not self.grads_checked_by_scaler:
             ok = ok & torch.isfinite(grad_norm)
         return ok
+
+    @staticmethod
+    def gradient_check(model) -> torch.Tensor:
+        """Without clipping: this rank's sum of gradient norms (0-dim float64), NaN/inf if any gradient is."""
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in model.parameters())
+                 if g is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+        return torch.stack([norm.double() for norm in torch._foreach_norm(grads)]).sum()  # dtypes may differ
 
     def record(self, ok: torch.Tensor, loss: torch.Tensor) -> None:
         """Count one optimizer step (`loss`: its global mean) on the device."""
