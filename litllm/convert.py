@@ -22,7 +22,7 @@ from litllm.model_folder import (  # noqa: F401 (TOKENIZER_FILES: importable fro
     CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
     model_state_dict, open_safetensors, parse_dtype, read_config, read_tensor,
 )
-from litllm.utils import atomic_path, check_output_dir, read_json_object
+from litllm.utils import atomic_path, check_output_dir, clean_stale_temporaries, read_json_object
 
 
 def convert_to_litllm(
@@ -130,6 +130,7 @@ def convert_from_litllm(
     """
     checkpoint_dir, output_dir = check_model_folder(checkpoint_dir), Path(output_dir)
     check_output_dir(output_dir, "output_dir")
+    clean_stale_temporaries(output_dir)  # what a killed conversion to the same folder left
     if output_dir.exists() and any(output_dir.iterdir()):
         raise LitLLMError(f"{output_dir}: output folder exists and is not empty")
     target_dtype = parse_dtype(dtype)

@@ -109,6 +109,7 @@ def _weight_files(repo_id, files, folder, revision, token, endpoint) -> list[str
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise LitLLMError(f"{repo_id}: {index} has no valid `weight_map`") from None
             shards = sorted(set(weight_map.values()))
+            _check_inside_folder(repo_id, shards, f"{index}'s weight_map")
             missing = [s for s in shards if s not in files]
             if missing:
                 raise LitLLMError(f"{repo_id}: {index} names {missing[0]}, which the repo doesn't have")
@@ -203,9 +204,21 @@ def _repo_files(
     return [s.rfilename for s in (info.siblings or [])]
 
 
+def _check_inside_folder(repo_id: str, names, source: str) -> None:
+    """Refuse a file name that would land outside the download folder (absolute, `..`, a backslash)."""
+    from pathlib import PurePosixPath
+
+    for name in names:
+        if not isinstance(name, str) or not name or "\\" in name or PurePosixPath(name).is_absolute() \
+                or ".." in PurePosixPath(name).parts:
+            raise LitLLMError(f"{repo_id}: {source} names {name!r}, a path outside the repo's folder; refusing to "
+                              "download it (ask the repo's owner to fix the file name)")
+
+
 def _fetch(repo_id: str, files: list[str], folder: Path, revision, token, endpoint) -> None:
     from huggingface_hub import snapshot_download
 
+    _check_inside_folder(repo_id, files, "the Hub's file list")
     folder.mkdir(parents=True, exist_ok=True)
     with _hub_errors(repo_id, revision, token, endpoint, folder):
         snapshot_download(

@@ -363,7 +363,8 @@ def _preference_method(fabric, job: FinetuneJob, method, config, data, tokenizer
         reference = None  # reference-free
     elif job.precompute_reference:
         pref.precompute_reference(fabric, data, tokenizer, initial_model, job.out_dir, job.train.micro_batch_size,
-                                  job.train.max_seq_length or config.block_size)
+                                  job.train.max_seq_length or config.block_size,
+                                  weights=Path(job.checkpoint_dir) / "lit_model.safetensors")
         reference = pref.precomputed_reference
     elif job.method == "lora":
         reference = pref.adapters_off_reference

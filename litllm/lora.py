@@ -488,12 +488,13 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    from safetensors.torch import save_file
+    from litllm.model_folder import save_model_weights
 
     with atomic_path(Path(folder)) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+        # our writer, not safetensors' save_file (which creates its files 0600): the usual permissions
+        save_model_weights(tensors, tmp / "adapter_model.safetensors")
 
 
 def _exact(module_name: str) -> str:

@@ -391,8 +391,14 @@ class HFWeights:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError):
-                    raise LitLLMError(f"{index}: expected a JSON object with a 'weight_map'") from None
+                    weight_map.values()
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                    raise LitLLMError(f"{index}: expected a JSON object with a 'weight_map' object") from None
+                inside = self.folder.resolve()
+                for name in set(weight_map.values()):
+                    if not isinstance(name, str) or not (inside / name).resolve().is_relative_to(inside):
+                        raise LitLLMError(f"{index}: its weight_map names {name!r}, which is not a file inside "
+                                          f"{self.folder}; refusing to read it")
                 files = sorted({self.folder / f for f in weight_map.values()})
                 absent = [f.name for f in files if not f.is_file()]
                 if absent:

@@ -186,39 +186,74 @@ def compute_reference_logps(model: nn.Module, data, device, batch_size: int, aut
     return out
 
 
-def _fingerprint(data) -> dict[str, torch.Tensor]:
-    """Per split, every pair's (prompt, chosen, rejected) lengths and token sums: a cache made for other data mismatches."""
-    return {
-        f"{split}.shape": torch.tensor(
-            [[len(s[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
-             + [int(s[k].sum()) for k in ("prompt_ids", "chosen_ids", "rejected_ids")] for s in dataset.samples]
-        )
-        for split, dataset in data.datasets().items()
-    }
+def reference_key(data, weights: Optional[Path], precision: str) -> torch.Tensor:
+    """What precomputed reference log-probs depend on, as a SHA-256 digest (uint8 (32,)): the initial
+    model's weights (`weights_identity`), every pair's token ids in every split (which the data, the
+    tokenizer, the prompt style and max_seq_length's truncation decide) and the run's precision."""
+    import hashlib
+
+    digest = hashlib.sha256(b"litllm reference log-probs v2\0")
+    digest.update(weights_identity(weights) if weights is not None else b"no weights file")
+    digest.update(precision.encode())
+    for split, dataset in data.datasets().items():
+        digest.update(f"\0{split}:{len(dataset.samples)}\0".encode())
+        for sample in dataset.samples:
+            for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                ids = sample[name].to(torch.int64).contiguous()
+                digest.update(len(ids).to_bytes(8, "little"))
+                digest.update(ids.numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+
+
+def weights_identity(path: Path) -> bytes:
+    """Cheap identity of a weights file: size, modification time, the safetensors header (names, shapes,
+    dtypes) and 16 blocks of 64 KiB spread over the tensor data, hashed. Another checkpoint (a different
+    file) differs in its modification time at least; a copy of the same one only costs a recomputation."""
+    import hashlib
+
+    path = Path(path)
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        digest.update(f.read(min(header_len, stat.st_size)))
+        start = 8 + header_len
+        span = max(stat.st_size - start - _SAMPLE_BYTES, 0)
+        for i in range(_SAMPLES):
+            f.seek(start + span * i // max(_SAMPLES - 1, 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+    return digest.digest()
 
 
 def precompute_reference(fabric, data, tokenizer, initial_model: Callable[[], nn.Module], out_dir: Path,
-                         micro_batch_size: int, max_seq_length: int) -> None:
+                         micro_batch_size: int, max_seq_length: int, weights: Optional[Path] = None) -> None:
     """One pass of the initial model over every pair before training; cached as out_dir/reference_logps.safetensors.
 
-    A resumed run finds the cache and reuses it (checked against the data). The reference model lives
-    only for this pass, so training holds no second copy. Computed on global rank 0; every rank reads it.
+    A later run with the same out_dir (a resume) reuses the cache when its `reference_key` matches: the
+    same initial weights (`weights`, its `lit_model.safetensors`), pairs, tokenization and precision;
+    anything else recomputes it. The reference model lives only for this pass, so training holds no
+    second copy. Computed on global rank 0; every rank reads it.
     """
     from litllm.model_folder import read_safetensors, save_model_weights
 
     path = Path(out_dir) / REFERENCE_FILE
     data.connect(tokenizer, batch_size=micro_batch_size, max_seq_length=max_seq_length)
     data.setup()
-    fingerprint = _fingerprint(data)
     if fabric.global_rank == 0:
+        key = reference_key(data, weights, str(getattr(fabric.strategy.precision, "precision", "?")))
         cached = read_safetensors(path) if path.is_file() else None
-        if cached is None or any(not torch.equal(cached.get(k, torch.empty(0)), v) for k, v in fingerprint.items()):
-            fabric.print(f"Computing the reference log-probs of {sum(len(d) for d in data.datasets().values())} pairs")
+        if cached is None or not torch.equal(cached.get("key", torch.empty(0, dtype=torch.uint8)), key):
+            stale = "" if cached is None else f" (the cached ones in {path} are for another model, data or precision)"
+            fabric.print(f"Computing the reference log-probs of {sum(len(d) for d in data.datasets().values())} "
+                         f"pairs{stale}")
             reference = initial_model()
             logps = compute_reference_logps(reference, data, fabric.device, micro_batch_size, fabric.autocast)
             del reference
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_model_weights({**logps, **fingerprint}, path)
+            save_model_weights({**logps, "key": key}, path)
         else:
             fabric.print(f"Reusing the reference log-probs in {path}")
     fabric.barrier()

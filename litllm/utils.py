@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -108,6 +111,49 @@ def temporarily(get: Callable[[], Any], set: Callable[[Any], Any], value: Any) -
         set(before)
 
 
+_STARTED = time.time()  # about when this process started (litllm.utils is imported first thing)
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | Path) -> None:
+    """Remove what a killed `atomic_path(path)` left beside `path`: `.<name>.tmp-<pid>` (an unfinished
+    write) and `.<name>.old-<pid>` (the previous version, moved aside for the swap; put back when a kill
+    between the two renames left no `path`). Only names of that pattern, of a process that is not
+    running, made before this one started, are touched: a concurrent writer's temporaries stay."""
+    path = Path(path)
+    try:
+        entries = list(path.parent.glob(f".{glob.escape(path.name)}.*-*"))
+    except OSError:  # no such folder yet, or not readable: nothing of ours to clean
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or match["name"] != path.name:
+            continue
+        pid = int(match["pid"])
+        try:
+            stale = pid != os.getpid() and not _pid_alive(pid) and entry.lstat().st_mtime < _STARTED
+            if not stale:
+                continue
+            if match["kind"] == "old" and not (path.exists() or path.is_symlink()):
+                os.replace(entry, path)  # the kill came between moving the old version aside and the new in
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue  # gone already (another process cleaned it), or not ours to remove
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -115,12 +161,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A crash (or SIGKILL) inside the block leaves `path` untouched: either the old file or nothing.
     Works for files and for folders. On failure the temporary path and any parent folders this call
     created are removed, and a file-system failure (full disk, read-only, a file in the way) is
-    raised as one `OutputWriteError` naming `path`.
+    raised as one `OutputWriteError` naming `path`. What a killed earlier write of `path` left beside
+    it is cleaned up first (`clean_stale_temporaries`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     created = [p for p in path.parents if not p.exists()]  # nearest first: removed in this order
     try:
+        clean_stale_temporaries(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if tmp.is_dir():
             shutil.rmtree(tmp)
@@ -154,15 +202,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def output_folder(path: str | Path) -> Iterator[Path]:
-    """The folder to write an output folder's files in: a new folder is built beside `path` and appears
-    whole or not at all (`atomic_path`); an existing one is written in place (each file atomically)."""
-    path = Path(path)
-    if path.is_dir():
-        yield path
-        return
+    """The folder to write an output folder's files in: it is built beside `path` and replaces it whole
+    when the block succeeds (`atomic_path`), so a kill leaves the old folder or the new one, never a mix.
+    Entries of an existing `path` that the block did not write are carried over (hard links where the
+    file system allows, else copies), leaving the old folder intact until the swap."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # a link keeps pointing at it
     with atomic_path(path) as tmp:
         tmp.mkdir()
         yield tmp
+        if path.is_dir():
+            for entry in path.iterdir():
+                if not (tmp / entry.name).exists() and not (tmp / entry.name).is_symlink():
+                    _carry_over(entry, tmp / entry.name)
+
+
+def _carry_over(source: Path, target: Path) -> None:
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, target)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -49,6 +49,16 @@ def check_optimized_dir(path: PathLike, what: str) -> None:
         raise LitLLMError(f"{what}: folder {path} not found")
     if not (path / "index.json").is_file():
         raise LitLLMError(f"{what}: {path} is not a litdata optimized folder (no index.json)")
+    from litllm.utils import read_json_object
+
+    config = read_json_object(path / "index.json").get("config")
+    loader = config.get("item_loader") if isinstance(config, dict) else None
+    if loader is not None and loader != "TokensLoader":
+        raise LitLLMError(
+            f"{what}: {path} holds litdata items in the {loader} (pickled) format, not token arrays; write it with "
+            "`litdata.optimize(..., item_loader=TokensLoader())` yielding 1-D integer token arrays (or use "
+            "--data TextFiles, which tokenizes text files into that format)"
+        )
 
 
 def collate_blocks(blocks: list[Any]) -> dict[str, torch.Tensor]:

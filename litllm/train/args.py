@@ -47,6 +47,9 @@ class TrainArgs:
     """The cosine schedule decays the learning rate to this value at the last step."""
     max_norm: Optional[float] = 1.0
     """Clip the global gradient norm to this value (None: no clipping)."""
+    max_nonfinite_steps: int = 5
+    """Skip an optimizer step whose loss or gradient norm is NaN/inf (its gradients are zeroed); stop the run
+    with an error, saving nothing more, after this many such steps in a row (resume from the last checkpoint)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU (None: looked up for known GPUs; on CPU only achieved FLOP/s is logged)."""
     state_dict_type: Literal["full", "sharded"] = "full"
@@ -56,7 +59,7 @@ class TrainArgs:
     `final/` is always a full model folder."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch_size", "micro_batch_size", "log_interval"):
+        for name in ("global_batch_size", "micro_batch_size", "log_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise LitLLMError(f"--train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_interval", "epochs", "max_tokens", "max_steps", "max_seq_length"):

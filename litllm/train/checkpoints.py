@@ -38,7 +38,7 @@ from litllm.model_folder import (
     read_safetensors, read_torch_file, stored_state_dict,
 )
 from litllm.hparams import to_plain, write_hyperparameters  # noqa: F401  (to_plain: re-exported)
-from litllm.utils import atomic_path, check_output_dir
+from litllm.utils import atomic_path, check_output_dir, clean_stale_temporaries
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "training_state.pt"
@@ -65,6 +65,15 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     """The complete training checkpoint with the highest step in `out_dir`."""
     found = _step_dirs(out_dir)
     return found[0] if found else None
+
+
+def diverged_message(what: str, out_dir: Optional[Path]) -> str:
+    """The one line a diverged run stops with: what happened, and where to resume from."""
+    last = latest_checkpoint(Path(out_dir)) if out_dir is not None else None
+    where = (f"the last good checkpoint is {last}: resume it with `--resume {last}` and a lower --optimizer.lr "
+             "(or a smaller --train.max_norm)" if last is not None else
+             "no checkpoint was saved before; start again with a lower --optimizer.lr")
+    return f"training diverged: {what}; nothing was saved from this state, {where}"
 
 
 def check_training_checkpoint(path: Path) -> None:
@@ -207,6 +216,16 @@ class CheckpointWriter:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.out_dir.glob(".step-*.tmp-*"):  # left behind by a killed save
                 shutil.rmtree(stale, ignore_errors=True)
+            clean_stale_temporaries(self.out_dir / "final")  # a killed write of final/ (the swap's old one too)
+
+    def check_finite(self, when: str) -> None:
+        """Refuse to save a NaN/inf weight (collective): one error line pointing at the last good checkpoint."""
+        trained = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters() if p.requires_grad]
+        if not trained:
+            return
+        bad = torch.stack([~torch.isfinite(p).all() for p in trained]).sum().double()
+        if self.fabric.all_reduce(bad, reduce_op="sum").item():
+            raise LitLLMError(diverged_message(f"the weights hold NaN/inf values at {when}", self.out_dir))
 
     def _write_model_files(self, folder: Path) -> None:
         self.config.save(folder / CONFIG_FILE)
@@ -222,6 +241,7 @@ class CheckpointWriter:
         from litllm.model_folder import save_model_weights  # looked up per call (tests slow it down)
         from litllm.train.fabric import unwrap
 
+        self.check_finite(f"step {counters['step']}")
         if self.sharded:
             return self._save_sharded_step(optimizer, counters, data_state)
         sd = _full_model_state(self.module)
@@ -278,6 +298,8 @@ class CheckpointWriter:
     def save_final(self) -> Path:
         """Write `final/`: a model folder with the method's exported weights (collective)."""
         from litllm.model_folder import save_model_weights
+
+        self.check_finite("the end of training")
         sd = _full_model_state(self.module)
         path = self.out_dir / "final"
         if self.fabric.global_rank == 0:

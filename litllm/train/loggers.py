@@ -56,7 +56,7 @@ class CSVLogger:
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **metrics}
         if self.columns is None:
-            self._start(step)
+            self._start(step, metrics)
         if self._last and int(self._last["step"]) == step:
             row = {**self._last, **row}  # e.g. val_loss of the step just logged: rewrite that row
         else:
@@ -68,15 +68,19 @@ class CSVLogger:
         else:
             self._write_last(row)
 
-    def _start(self, first_step: int) -> None:
-        """Keep the history before `first_step` (a resumed run); start over for a fresh run."""
+    def _start(self, first_step: int, metrics: dict[str, Any]) -> None:
+        """Keep the history before `first_step` (a resumed run); start over for a fresh run. First metrics
+        without a training loss (a run resumed at its last step only validates) keep that step's row and
+        join it, so a kill while `final/` was written costs the last row nothing."""
         resumed = self.resume if self.resume is not None else first_step > 1
-        rows = [r for r in read_csv_rows(self.path) if int(r["step"]) < first_step] if resumed else []
+        keep = first_step + 1 if "loss" not in metrics else first_step
+        rows = [r for r in read_csv_rows(self.path) if int(r["step"]) < keep] if resumed else []
         self.columns = ["step"]
         for r in rows:
             self.columns += [k for k in r if k not in self.columns]
         self._rewrite(rows)
-        self._last, self._last_offset = {}, None
+        if not (self._last and int(self._last["step"]) == first_step):
+            self._last, self._last_offset = {}, None
 
     def _line(self, row: dict[str, Any]) -> str:
         buffer = io.StringIO()

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from litllm.errors import LitLLMError
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs
+from litllm.train.nonfinite import NonFiniteGuard, zero_nonfinite_step
 from litllm.train.preemption import StopOnSignal
 
 Resume = Union[bool, Literal["auto"], Path, str]
@@ -383,7 +384,10 @@ def fit(t: Trainer) -> TrainResult:
             if after and t.method.after_validation is not None:  # e.g. a sample reply
                 t.method.after_validation(fabric, model, state["step"])
 
+    guard = _nonfinite_guard(t)  # non-finite steps: skipped and counted on the device, read where the loop syncs
+
     def save_step():
+        guard.check(fabric)  # never a checkpoint after max_nonfinite_steps (the writer also checks the weights)
         with clear_out_of_memory(fabric, train, t.seq_length, f"saving the checkpoint of step {state['step']}"):
             return t.writer.save_step(opt, state, t.stream.state_dict())
 
@@ -422,7 +426,9 @@ def fit(t: Trainer) -> TrainResult:
         if t.dev_run is not None:
             t.dev_run.start_step(fabric)
         with clear_out_of_memory(fabric, train, t.seq_length, f"training step {state['step'] + 1}"):
-            sums, grad_norm = train_step(fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss)
+            sums, grad_norm = train_step(
+                fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss, guard=guard
+            )
         for name, value in sums.items():
             running[name] = running[name] + value if name in running else value
         state["step"] += 1  # ---- optimizer step boundary: the step's state is complete here
@@ -439,7 +445,9 @@ def fit(t: Trainer) -> TrainResult:
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)  # before clipping, of this step
             metrics.update(throughput.update(state))
+            metrics.update(guard.read(fabric))
             _log(fabric, t.logger, metrics, state["step"])
+            guard.stop_if_diverged()
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics.get('tokens_per_sec', 0):.0f}")
         progress.update(1)
 
@@ -462,6 +470,7 @@ def fit(t: Trainer) -> TrainResult:
             stop.exit(fabric, state["step"])  # raises SystemExit(REQUEUE_EXIT_CODE)
     progress.close()
     flush()
+    guard.check(fabric)
     result.step, result.tokens_seen = state["step"], state["tokens"]
 
     if t.eval.final_validation and t.val_loader is not None:
@@ -493,6 +502,13 @@ def run(*args: Any, **kwargs: Any) -> TrainResult:
     return fit(setup(*args, **kwargs))
 
 
+def _nonfinite_guard(t: Trainer) -> NonFiniteGuard:
+    """The run's `litllm.train.nonfinite.NonFiniteGuard` (16-mixed's GradScaler skips inf gradients itself)."""
+    scaler = getattr(t.fabric.strategy.precision, "scaler", None)
+    return NonFiniteGuard(t.fabric.device, t.train.max_nonfinite_steps, t.state["step"], t.out_dir,
+                          grads_checked_by_scaler=scaler is not None)
+
+
 def _fit_accumulation(fabric, train: TrainArgs, batches_per_epoch: Optional[int], accumulation: int) -> int:
     """A global batch larger than the training set would repeat samples within one step: shrink it to one epoch."""
     if batches_per_epoch is None or batches_per_epoch >= accumulation:
@@ -514,8 +530,12 @@ def train_step(
     max_norm: Optional[float],
     ignore_index: int,
     loss_fn: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy,
+    guard: Optional[NonFiniteGuard] = None,
 ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
     """Forward/backward every micro-batch, then normalise, clip and step. No host sync.
+
+    With a `guard` (`litllm.train.nonfinite`), a step whose global loss or gradient norm is NaN/inf
+    is skipped (its gradients are zeroed on the device) and counted.
 
     Returns this rank's sums as 0-dim float64 device tensors ({"loss", "count", "input_tokens",
     *metrics}) and the global gradient norm before clipping (None without clipping).
@@ -537,7 +557,14 @@ def train_step(
             value = value.detach().double()
             sums[name] = sums[name] + value if name in sums else value
     sums["input_tokens"] = torch.tensor(float(positions), dtype=torch.float64, device=sums["loss"].device)
-    global_count = fabric.all_reduce(sums["count"].clone(), reduce_op="sum").clamp(min=1)
+    if guard is None:
+        global_count = fabric.all_reduce(sums["count"].clone(), reduce_op="sum").clamp(min=1)
+    else:  # the loss sum (unclipped: a gradient check too) rides along in the count's all-reduce
+        unclipped = [guard.gradient_check(model)] if max_norm is None else []
+        global_count, global_loss, *grad_check = fabric.all_reduce(
+            torch.stack([sums["count"], sums["loss"], *unclipped]), reduce_op="sum"
+        )
+        global_count = global_count.clamp(min=1)
     scale = fabric.world_size * positions / global_count
     scales = {}  # one cast per gradient dtype
     for param in model.parameters():
@@ -549,6 +576,10 @@ def train_step(
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
+    if guard is not None:
+        ok = guard.step_ok(global_loss, grad_norm if max_norm is not None else grad_check[0])
+        zero_nonfinite_step(model.parameters(), ok)
+        guard.record(ok, global_loss / global_count)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm

@@ -51,9 +51,10 @@ class StopOnSignal:
 
     def agreed(self, fabric) -> bool:
         """Collective (call on every rank at the same step): True everywhere if any rank got a signal."""
+        if fabric.world_size == 1:  # nothing to agree on: no device tensor, no host sync per step
+            return self.received is not None
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=fabric.device)
-        if fabric.world_size > 1:
-            flag = fabric.all_reduce(flag, reduce_op="sum")
+        flag = fabric.all_reduce(flag, reduce_op="sum")
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
