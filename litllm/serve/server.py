@@ -34,6 +34,7 @@ def serve(
     prefill_chunk: int = PREFILL_CHUNK,
     api_key: Optional[str] = None,
     prompt_style: Optional[str] = None,
+    model_name: Optional[str] = None,
     load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
@@ -54,6 +55,8 @@ def serve(
         api_key: Require `Authorization: Bearer <api_key>` on /v1 routes (default: the LITLLM_API_KEY
             environment variable; unset: no key needed).
         prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
+        model_name: The model id clients send and /v1/models lists (default: the folder's name, or for a
+            training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
@@ -67,6 +70,8 @@ def serve(
         raise LitLLMError(f"--max_queue must be >= 0, got {max_queue}")
     if max_seq_length is not None and max_seq_length < 2:
         raise LitLLMError(f"--max_seq_length must be >= 2, got {max_seq_length}")
+    if model_name is not None and not model_name.strip():
+        raise LitLLMError("--model_name must not be empty")
     api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
     checkpoint_dir = check_model_folder(checkpoint_dir)
     try:
@@ -90,7 +95,7 @@ def serve(
           f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
 
     served = ServedModel(
-        name=checkpoint_dir.resolve().name, tokenizer=tokenizer, prompt_style=style, max_seq_length=max_seq_length,
+        name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style, max_seq_length=max_seq_length,
         completion_stops=default_stops(tokenizer), chat_stops=default_stops(tokenizer, style),
     )
     bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
@@ -103,6 +108,12 @@ def serve(
         signal.signal(sig, lambda *_: None)
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
     asyncio.run(_run(server, sock, f"Serving {served.name} at {url}/v1 ({style.name} prompt style for chat)"))
+
+
+def default_model_name(folder: Path) -> str:
+    """The model id of a folder: its name, or its parent's for a training run's `final/` (`out/finetune/lora/final` -> `lora`)."""
+    folder = folder.resolve()
+    return folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
 
 
 async def _run(server, sock: socket.socket, ready_line: str) -> None:
