@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from litllm.__main__ import COMMANDS
 
@@ -94,7 +95,7 @@ def test_estimate_and_version_are_listed():
     assert result.returncode == 0 and result.stdout.strip() == f"litllm {version('litllm')}"
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU default precision")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default precision of a CPU machine")
 def test_estimate_on_a_cpu_uses_the_runs_precision_and_only_notes_what_was_set(base):
     def estimate(*flags):
         result = run("estimate", "finetune_lora", str(base), "--train.max_steps", "10", "--json", *flags)
