@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 from pathlib import Path
+from typing import Optional
 
 # command name -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -37,6 +38,8 @@ COMMANDS: dict[str, str] = {
 }
 # commands that parse their own arguments: `litllm estimate COMMAND [that command's flags]`
 RAW_COMMANDS: dict[str, str] = {"estimate": "litllm.estimate_cli:main"}
+# their entries in `litllm --help` (a stub whose docstring jsonargparse lists)
+RAW_COMMAND_HELP: dict[str, str] = {"estimate": "litllm.cli_utils:estimate"}
 
 
 def _load(target: str):
@@ -64,6 +67,86 @@ def _fail(line: str, code: int = 1) -> None:
     raise SystemExit(code) from None
 
 
+def _subclasses(typehint) -> dict[str, type]:
+    """Every class a class-typed flag accepts (the classes in `typehint` and their subclasses), by name."""
+    import inspect
+    import typing
+
+    found: dict[str, type] = {}
+    todo = [t for t in (typing.get_args(typehint) or (typehint,)) if inspect.isclass(t)]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ not in found and not cls.__name__.startswith("_"):
+            found[cls.__name__] = cls
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def _closest(word: str, candidates: dict[str, str], what: str, limit: Optional[int] = 12) -> str:
+    """`did you mean X?` for the candidate (shown as key, compared by value, case-insensitively) closest to
+    `word`, or `expected <what>: ...` when none is close."""
+    from difflib import get_close_matches
+
+    by_word = {value.lower(): shown for shown, value in candidates.items()}
+    close = get_close_matches(word.lower(), by_word, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {by_word[close[0]]}?"
+    listed = sorted(candidates)
+    more = limit is not None and len(listed) > limit
+    return f"expected {what}: {', '.join(listed[:limit])}{', ...' if more else ''}"
+
+
+def _import_class(path: str) -> Optional[type]:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
+    """One line for a misspelled flag, nested option or class name (instead of jsonargparse's dump), or None."""
+    import inspect
+    import re
+
+    sub = getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {}).get(chosen, parser)
+    options = {s: s.removeprefix("--") for a in sub._actions for s in a.option_strings
+               if s.startswith("--") and not s.endswith(".help")}
+    unknown = re.search(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("--")]
+        if not flags:
+            return None
+        return f"unknown flag {flags[0]} ({_closest(flags[0].removeprefix('--'), options, 'a flag')})"
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    if key is None:
+        return None
+    option = (re.search(r"class_path '([\w.]+)': Option '(\w+)' is not accepted", message)
+              or re.search(r"Option '(\w+)' is not accepted.*?class_path='([\w.]+)'", message))
+    if option:
+        path, bad = option.groups() if option.re.pattern.startswith("class_path") else option.groups()[::-1]
+        cls = _import_class(path)
+        if cls is None:
+            return None
+        fields = {f"--{key.group(1)}.{name}": name for name in inspect.signature(cls).parameters}
+        return f"--{key.group(1)}.{bad}: {cls.__name__} has no option {bad!r} ({_closest(bad, fields, 'one of')})"
+    name = re.search(r"Expected a dot import path string: (\S+)", message)
+    action = next((a for a in sub._actions if a.dest == key.group(1)), None)
+    classes = _subclasses(getattr(action, "_typehint", None))
+    if name and classes:
+        found = {c: c for c in classes}
+        return f"--{key.group(1)} {name.group(1)}: no such class ({_closest(name.group(1), found, 'one of')})"
+    return None
+
+
+def _quiet_libraries() -> None:
+    """Silence, at their source, library messages that tell a litllm user nothing they can act on."""
+    import warnings
+
+    # Lightning on any machine with Slurm installed, for every single-node run (multi-node runs use srun)
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+
+
 def _check_config_files(argv: list[str]) -> None:
     """`--config FILE` must be readable UTF-8 text (jsonargparse reports a missing or invalid YAML file itself)."""
     from litllm.errors import LitLLMError
@@ -87,6 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     from litllm.errors import LitLLMError
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"litllm {version('litllm')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("litllm (not installed: run from a source tree)")
+        return
     if argv and argv[0] in RAW_COMMANDS:
         try:
             return _load(RAW_COMMANDS[argv[0]])(argv[1:])
@@ -94,10 +185,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    _quiet_libraries()
     # only the chosen command's module is imported; `--help` with no command needs them all
     chosen = next((a for a in argv if not a.startswith("-")), None)
     names = [chosen] if chosen in COMMANDS else list(COMMANDS)
     components = {name: _load(COMMANDS[name]) for name in names}
+    if chosen not in COMMANDS:  # `litllm --help` lists estimate too (it parses its own flags: see RAW_COMMANDS)
+        components.update({name: _load(target) for name, target in RAW_COMMAND_HELP.items()})
     if chosen in components:
         argv = _fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
 
@@ -107,7 +201,19 @@ def main(argv: list[str] | None = None) -> None:
         CLI(components, args=argv, as_positional=True, prog="litllm", exit_on_error=False)
     except ArgumentError as e:
         help_hint = f"litllm {chosen} --help" if chosen in components else "litllm --help"
-        _fail(f"error: {' '.join(str(e).split())} (see `{help_hint}`)", code=2)
+        message = " ".join(str(e).split())
+        if "invalid choice" in message and chosen is not None:
+            commands = {name: name for name in [*COMMANDS, *RAW_COMMANDS]}
+            message = f"unknown command {chosen!r} ({_closest(chosen, commands, 'one of')})"
+        else:
+            from jsonargparse import capture_parser
+
+            try:  # the parser's own option names: built again, only on this error path
+                parser = capture_parser(lambda: CLI(components, args=argv, as_positional=True, prog="litllm"))
+                message = _suggestion(message, parser, chosen) or message
+            except Exception:  # a suggestion is a courtesy: the original message stands
+                pass
+        _fail(f"error: {message} (see `{help_hint}`)", code=2)
     except LitLLMError as e:
         _fail(f"error: {e}")
     except OSError as e:

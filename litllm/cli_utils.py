@@ -1,4 +1,4 @@
-"""Small commands that only report: `litllm list_models`."""
+"""Small commands that only report: `litllm list_models`; the `litllm --help` entry of `litllm estimate`."""
 
 from __future__ import annotations
 
@@ -9,3 +9,16 @@ def list_models() -> None:
 
     for name, values in sorted(_presets().items()):
         print(f"{name:45s} {values.get('hf_repo', '')}")
+
+
+def estimate(command: str) -> None:
+    """Estimate a command's peak memory per device, FLOPs and time before launching it: `litllm estimate COMMAND [its flags]`.
+
+    Only listed here: `litllm estimate` parses its own arguments (`litllm.estimate_cli`).
+
+    Args:
+        command: `pretrain`, any `finetune_*`, `generate` or `serve` (`litllm estimate COMMAND --help` lists its flags).
+    """
+    from litllm.estimate_cli import main
+
+    main([command])

@@ -632,11 +632,12 @@ def suggest_fixes(plan: TrainPlan, device_memory: int) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- from a command's flags
 def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
-                      build_method: Optional[Callable] = None) -> TrainPlan:
+                      build_method: Optional[Callable] = None, for_gpu: bool = True) -> TrainPlan:
     """A `TrainPlan` from a training command's parsed arguments (the same flags and --config recipes).
 
     config: the model's Config (required for `pretrain`; finetuning reads it from checkpoint_dir).
     build_method: `litllm.finetune.build_method`, for LoRA/adapters.
+    for_gpu: an unset --precision is a GPU's default (bf16-mixed); False: this machine's (32-true on a CPU).
     """
     from litllm.train.args import TrainArgs
 
@@ -661,9 +662,12 @@ def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
         from litllm.train.fabric import default_precision
 
         precision = default_precision(kwargs.get("accelerator", "auto"))
-        if precision == "32-true":
+        if precision == "32-true" and for_gpu:
             precision = "bf16-mixed"  # the default on the GPUs an estimate is for
             notes.append("--precision unset: estimated for bf16-mixed, the default on GPUs")
+        elif precision == "32-true":
+            notes.append("--precision unset: estimated for 32-true, what the run uses here (no GPU); "
+                         "--gpu NAME or --precision bf16-mixed estimates a GPU run")
     seq_length = train.max_seq_length or config.block_size
     if train.max_seq_length is None:
         notes.append(f"--train.max_seq_length unset: estimated at the model's block_size ({seq_length}); the run "
@@ -673,7 +677,7 @@ def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
     total_steps = None
     if train.max_steps is not None or train.max_tokens is not None:
         total_steps = train.total_steps(seq_length, None if train.epochs is None else 10**18, 1)
-        if train.epochs is not None:
+        if train.epochs is not None and train.epochs != _default_train(command).epochs:  # set by the user
             notes.append("--train.epochs also set: the total time counts max_steps/max_tokens only")
     else:
         notes.append("the run's length is in epochs: set --train.max_steps or --train.max_tokens for its total time")
@@ -690,10 +694,19 @@ def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
     return TrainPlan(
         config=config, method=method, lora=lora, adapter=adapter, quantize=kwargs.get("quantize"),
         precision=precision, micro_batch_size=train.micro_batch_size, seq_length=seq_length,
-        global_batch_size=train.global_batch_size, world_size=world_size, strategy=strategy,
+        global_batch_size=train.per_device_batch_size(world_size) * world_size, world_size=world_size, strategy=strategy,
         activation_checkpointing=bool(kwargs.get("activation_checkpointing")), optimizer=kwargs.get("optimizer", "AdamW"),
         max_norm=train.max_norm, total_steps=total_steps, notes=notes, build_method=build_method,
     )
+
+
+def _default_train(command: str):
+    """The command's default `TrainArgs` (what an unset `--train.*` flag holds)."""
+    import inspect
+
+    from litllm.__main__ import COMMANDS, _load
+
+    return inspect.signature(_load(COMMANDS[command])).parameters["train"].default
 
 
 def _finetune_config(checkpoint_dir: Path, notes: list[str]):

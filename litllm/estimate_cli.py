@@ -38,6 +38,15 @@ def _estimate_flags(
     """
 
 
+def _own_flags_help() -> str:
+    """`  --name (default: value)  help` for each of `_estimate_flags`' arguments, from its docstring."""
+    import re
+
+    helps = dict(re.findall(r"^ {8}(\w+): (.*)$", _estimate_flags.__doc__ or "", re.M))
+    return "\n".join(f"  --{p.name} (default: {p.default}): {helps.get(p.name, '')}"
+                     for p in inspect.signature(_estimate_flags).parameters.values())
+
+
 def gpu_peak_flops(name: str, precision: str) -> float:
     from litllm.train.flops import PEAK_FLOPS
 
@@ -57,7 +66,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[dict[str, Any], dict[s
         raise LitLLMError(f"estimate: unknown command {command!r}; see `litllm --help`")
     target = _load(COMMANDS[command])
     signature = inspect.signature(target)
-    own = list(inspect.signature(_estimate_flags).parameters.values())
+    own = list(inspect.signature(_estimate_flags, eval_str=True).parameters.values())  # types, not strings
     public = signature.replace(parameters=[*signature.parameters.values(),
                                            *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own)])
 
@@ -88,6 +97,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(litllm.estimate.__doc__.split("The command line")[0].strip())
         print(f"\nCOMMAND: {', '.join([*TRAIN_COMMANDS, *DECODE_COMMANDS])}. "
               "`litllm estimate COMMAND --help` lists its flags and estimate's.")
+        print("\nestimate's own flags (after the command's):")
+        print(_own_flags_help())
         return
     command, rest = argv[0], argv[1:]
     if command not in TRAIN_COMMANDS and command not in DECODE_COMMANDS:
@@ -97,7 +108,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if command in DECODE_COMMANDS:
         est = estimate_decoding(decode_plan_from_command(command, kwargs), command, _device_memory(flags["device_memory"]))
     else:
-        plan = training_plan(command, kwargs)
+        # a GPU named or present: an unset --precision is bf16-mixed; on a CPU machine, the 32-true the run would use
+        for_gpu = torch.cuda.is_available() or any(flags[k] for k in ("gpu", "peak_tflops", "device_memory"))
+        plan = training_plan(command, kwargs, for_gpu=for_gpu)
         est = estimate_training(plan, command, _device_memory(flags["device_memory"]), _peak(flags, plan.precision),
                                 flags["mfu"])
     print(json.dumps(est.to_json(), indent=2) if flags["json"] else format_table(est))
@@ -176,8 +189,9 @@ def format_table(est: Estimate) -> str:
 
 
 
-def training_plan(command: str, kwargs: dict[str, Any]):
-    """The TrainPlan of a training command's parsed arguments (the model config as the command resolves it)."""
+def training_plan(command: str, kwargs: dict[str, Any], for_gpu: bool = True):
+    """The TrainPlan of a training command's parsed arguments (the model config as the command resolves it);
+    `for_gpu`: see `litllm.estimate.plan_from_command`."""
     from litllm.finetune import build_method
 
     config = None
@@ -185,4 +199,4 @@ def training_plan(command: str, kwargs: dict[str, Any]):
         from litllm.pretrain import _model_config
 
         config = _model_config(kwargs.get("model_name"), kwargs.get("model_config"), kwargs.get("initial_checkpoint_dir"))
-    return plan_from_command(command, kwargs, config, build_method)
+    return plan_from_command(command, kwargs, config, build_method, for_gpu=for_gpu)

@@ -41,8 +41,10 @@ QuantizeMode = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8-training"]
 # the frozen base only needs gradients with respect to its inputs, which bnb's int8 layer computes
 _BNB_MODE = {"bnb.nf4": "bnb.nf4", "bnb.nf4-dq": "bnb.nf4-dq", "bnb.fp4": "bnb.fp4", "bnb.int8-training": "bnb.int8"}
 
+# global batch and warmup unset: sized for the run (up to 16 samples, 10% warmup up to 100 steps), so a
+# 30-record data set makes ~140 steps that learn (5 epochs of 1 sample per step) instead of 8 spent warming up
 FINETUNE_TRAIN = TrainArgs(
-    save_interval=1000, log_interval=1, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=100, epochs=5,
+    save_interval=1000, log_interval=1, global_batch_size=None, micro_batch_size=1, lr_warmup_steps=None, epochs=5,
     max_seq_length=None,
 )
 FINETUNE_EVAL = EvalArgs(interval=100, max_new_tokens=100, max_iters=100)
@@ -266,9 +268,11 @@ def _launch(job: FinetuneJob) -> Any:
             f"--lora_head: {job.checkpoint_dir} ties its output head to the input embedding, so the head can't get "
             "its own LoRA update; train without --lora_head"
         )
+    from litllm.train.loop import check_out_dir_reuse
     from litllm.utils import check_output_dir
 
     check_output_dir(job.out_dir)
+    check_out_dir_reuse(job.out_dir, run.resume)
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     job.train.gradient_accumulation_iters(fabric.world_size)  # clear error before any process starts
     if job.quantize is not None:
@@ -299,7 +303,7 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
     from litllm.tokenizer import Tokenizer
     from litllm.train import checkpoints as ckpt
     from litllm.train.loggers import build_logger
-    from litllm.train.loop import fit, setup
+    from litllm.train.loop import fit, setup, summary
 
     checkpoint_dir, out_dir = job.checkpoint_dir, job.out_dir
     resume_dir = ckpt.resolve_resume(job.run.resume, out_dir, config)  # clear errors before anything is written
@@ -311,7 +315,7 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
         data = Alpaca()
     style = _prompt_style(data, tokenizer)
     base_weights = checkpoint_dir / "lit_model.safetensors"
-    fabric.seed_everything(job.run.seed)
+    fabric.seed_everything(job.run.seed, verbose=False)  # hparams record the seed: no "Seed set to" line
 
     param_dtype, compute_dtype = _dtypes(fabric)
     if job.quantize is not None:
@@ -342,6 +346,9 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
         initial_weights=initial_weights, model_files_from=checkpoint_dir, hparams=job.hparams, logger=logger,
     )
     result = fit(trainer)
+    if trainer.dev_run is not None:  # a dev run's folder is gone: its report was the last word
+        return result
+    fabric.print(summary(result))
     if job.adapter is None:
         fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
     else:

@@ -407,6 +407,7 @@ def merge_lora(
     model = load_lora_model(checkpoint_dir, base_dir, dtype=dtype)
     if peft_dir is not None:
         save_peft_adapter(model, peft_dir, base_model_name_or_path=str(base_dir))
+        print(f"Exported the LoRA adapter (Hugging Face PEFT format) to {peft_dir}")
     merge_lora_weights(model)
     out_dir = Path(out_dir or checkpoint_dir)
     save_model_folder(model, out_dir, checkpoint_dir, base_dir)

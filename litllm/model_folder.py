@@ -176,6 +176,8 @@ def check_model_folder(folder: str | Path) -> Path:
             raise LitLLMError(
                 f"{folder}: not converted yet (no {WEIGHTS_FILE}); run `litllm convert_to_litllm {folder}` first"
             )
+        if (folder / "final" / WEIGHTS_FILE).is_file():  # a training run's out_dir
+            raise LitLLMError(f"{folder}: a training run's folder; its model is {folder / 'final'}")
         raise LitLLMError(f"{folder}: no {WEIGHTS_FILE} (is this a litllm model folder?)")
     check_safetensors(folder / WEIGHTS_FILE)
     return folder

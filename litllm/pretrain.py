@@ -86,7 +86,10 @@ def setup(
     config = _model_config(model_name, model_config, initial_checkpoint_dir)
     if data is None:
         raise LitLLMError("--data is required, e.g. --data TextFiles --data.train_data_path data/text")
+    from litllm.train.loop import check_out_dir_reuse
+
     check_output_dir(out_dir)
+    check_out_dir_reuse(Path(out_dir), run.resume)
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     # clear errors before any process starts or anything is written
     train.gradient_accumulation_iters(fabric.world_size)
@@ -106,7 +109,7 @@ def main(fabric, job: PretrainJob):
     from litllm.train import checkpoints as ckpt
     from litllm.train.fabric import uses_fsdp
     from litllm.train.loggers import build_logger
-    from litllm.train.loop import Method, fit, setup
+    from litllm.train.loop import Method, fit, setup, summary
 
     config, out_dir, tokenizer_dir = job.config, job.out_dir, job.tokenizer_dir
     resume_dir = ckpt.resolve_resume(job.run.resume, out_dir, config)  # clear errors before anything is written
@@ -120,7 +123,7 @@ def main(fabric, job: PretrainJob):
         tokenizer_dir = _trained_tokenizer(fabric, job.data, out_dir, job.tokenizer_vocab_size, config)
     tokenizer = Tokenizer(tokenizer_dir)
 
-    fabric.seed_everything(job.run.seed)
+    fabric.seed_everything(job.run.seed, verbose=False)  # hparams record the seed: no "Seed set to" line
     with fabric.init_module(empty_init=uses_fsdp(fabric)):
         model = GPT(config)
     if not any(p.is_meta for p in model.parameters()):
@@ -137,11 +140,9 @@ def main(fabric, job: PretrainJob):
         initial_weights=initial_weights, model_files_from=Path(tokenizer_dir), hparams=job.hparams, logger=logger,
     )
     result = fit(trainer)
-    fabric.print(
-        f"Done: {result.step} steps, {result.tokens_seen:,} tokens, final loss "
-        f"{result.losses[max(result.losses)]:.4f}" if result.losses else f"Done: {result.step} steps"
-    )
-    fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
+    if trainer.dev_run is None:  # a dev run's folder is gone: its report was the last word
+        fabric.print(summary(result))
+        fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
     return result
 
 
@@ -188,16 +189,14 @@ def _trained_tokenizer(fabric, data: DataModule, out_dir: Path, vocab_size: int,
     if source is None:
         raise LitLLMError(f"--tokenizer_vocab_size: {type(data).__name__} has no train_data_path to train a tokenizer on; give --tokenizer_dir")
     if fabric.global_rank == 0 and not (folder / "tokenizer.json").is_file():
-        from litllm.utils import atomic_path
-
         # validated before anything is written: a missing or empty data folder fails here cleanly
         from litllm.data.text_files import list_files
 
         list_files(source, getattr(data, "glob", "**/*.txt"), getattr(data, "max_files", None))
-        with atomic_path(folder) as tmp:
-            train_tokenizer(
-                data_path=source, out_dir=tmp, vocab_size=vocab_size, glob=getattr(data, "glob", "**/*.txt"),
-                max_files=getattr(data, "max_files", None),
-            )
+        # train_tokenizer writes a new folder whole or not at all (and names it, not a temporary folder)
+        train_tokenizer(
+            data_path=source, out_dir=folder, vocab_size=vocab_size, glob=getattr(data, "glob", "**/*.txt"),
+            max_files=getattr(data, "max_files", None),
+        )
     fabric.barrier()
     return folder

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from litllm.__main__ import COMMANDS
 
@@ -62,3 +63,189 @@ def test_unknown_command_is_an_error():
     result = run("pretrian")
     assert result.returncode != 0
     assert "pretrian" in result.stderr
+
+
+# ---------------------------------------------------------------------- issue 22: the first hour
+@pytest.mark.parametrize("args, hint", [
+    (["finetune_lora", "x", "--data", "JSON", "--data.json_pth", "d.json"], "did you mean --data.json_path?"),
+    (["finetune_lora", "x", "--data", "Json"], "did you mean JSON?"),
+    (["finetune_lora", "x", "--lora_rank", "4"], "did you mean --lora_r?"),
+    (["finetune_lora", "x", "--train.global_batchsize", "4"], "did you mean --train.global_batch_size?"),
+    (["finetune_lora", "x", "--optimizer", "AdamW", "--optimizer.l", "1"], "did you mean --optimizer.lr?"),
+    (["pretrian"], "did you mean pretrain?"),
+], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "command"])
+def test_misspelling_names_the_closest_valid_key(args, hint):
+    """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and hint in lines[0], result.stderr
+    assert "Subtypes" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_estimate_and_version_are_listed():
+    assert "estimate" in run("--help").stdout
+    assert "estimate" in run("xyzzy").stderr  # the unknown-command list
+    help_text = run("estimate", "--help").stdout
+    assert all(f"--{flag}" in help_text for flag in ("device_memory", "mfu", "peak_tflops", "gpu", "json"))
+    assert "Unvalidated" not in run("estimate", "finetune_lora", "--help").stdout
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"litllm {version('litllm')}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default precision of a CPU machine")
+def test_estimate_on_a_cpu_uses_the_runs_precision_and_only_notes_what_was_set(base):
+    def estimate(*flags):
+        result = run("estimate", "finetune_lora", str(base), "--train.max_steps", "10", "--json", *flags)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    plain = estimate()
+    assert plain["precision"] == "32-true" and not any("epochs" in note for note in plain["notes"])
+    assert estimate("--gpu", "H100")["precision"] == "bf16-mixed"  # a GPU named: its default
+    assert any("--train.epochs also set" in note for note in estimate("--train.epochs", "2")["notes"])
+
+
+RECORDS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(30)]
+
+
+def finetune(base, data, out, *flags) -> subprocess.CompletedProcess:
+    # the default prompt style keeps the tiny model's 128-token window enough for every record (Alpaca's is longer)
+    from test_errors import run_cli
+
+    return run_cli(["finetune_lora", base, "--data", "JSON", "--data.json_path", data, "--data.prompt_style", "default",
+                    "--out_dir", out, *flags], cwd=out.parent)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from conftest import json_file
+
+    return json_file(tmp_path_factory, RECORDS)
+
+
+@pytest.fixture(scope="module")
+def default_run(base, small_data, tmp_path_factory):
+    """`finetune_lora` on a 30-record file with the default training flags, through the CLI."""
+    out = tmp_path_factory.mktemp("first_hour") / "lora"
+    proc = finetune(base, small_data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
+
+
+def test_small_data_finetune_defaults_learn(default_run):
+    """Issue 22.1: the global batch and warmup fit a 30-record set (before: 8 steps, all warmup, loss flat)."""
+    import csv
+    import re
+
+    out, output = default_run
+    steps, warmup = map(int, re.search(r"Training (\d+) steps .* warmup (\d+),", output).groups())
+    assert "--train.global_batch_size unset: using 1 " in output
+    assert steps >= 100 and warmup == steps // 10, output
+    rows = [r for r in csv.DictReader(open(next(out.rglob("metrics.csv")))) if r.get("loss")]
+    losses = [float(r["loss"]) for r in rows]
+    epoch = steps // 5  # one sample per step: the first and the last epoch see the same samples
+    assert sum(losses[-epoch:]) / epoch < sum(losses[:epoch]) / epoch - 0.1, losses
+
+
+def test_finetune_output_is_quiet_and_summarised(default_run):
+    import re
+
+    out, output = default_run
+    for noise in ("Seed set to", "srun", "\x1b["):
+        assert noise not in output
+    assert re.search(r"Step \d+: validation loss \d+\.\d{4}", output), output
+    assert re.search(r"Done: \d+ steps, [\d,]+ tokens, final loss \d+\.\d{4}, validation loss \d+\.\d{4}", output), output
+    assert f"Saved the final model to {out / 'final'}" in output
+
+
+def test_too_few_steps_get_a_note(base, small_data, tmp_path):
+    proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
+                    "--eval.final_validation", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Note: this run makes only 1 optimizer step(s), too few to learn much: raise --train.epochs" in proc.stdout
+
+
+def test_fast_dev_run_points_at_nothing_it_deletes(base, small_data, tmp_path):
+    proc = finetune(base, small_data, tmp_path / "out", "--fast_dev_run", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fast_dev_run passed" in proc.stdout
+    for line in ("Saved the final model", "Try it:", "Loss curve:", "Done:"):
+        assert line not in proc.stdout + proc.stderr
+
+
+def test_model_commands_point_from_a_run_folder_to_its_final(default_run):
+    from test_errors import fails_cleanly
+
+    out, _ = default_run
+    for command in ("chat", "generate"):
+        last = fails_cleanly([command, out], out.parent, f"its model is {out / 'final'}")
+        assert "a training run's folder" in last
+
+
+def test_merge_lora_says_where_the_adapter_went(default_run, tmp_path):
+    out, _ = default_run
+    peft = tmp_path / "peft"
+    result = run("merge_lora", str(out / "final"), "--out_dir", str(tmp_path / "merged"), "--peft_dir", str(peft))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Exported the LoRA adapter (Hugging Face PEFT format) to {peft}" in result.stdout
+    assert (peft / "adapter_config.json").is_file()
+
+
+def test_serve_names_a_final_folder_after_its_run():
+    from pathlib import Path
+
+    from litllm.serve.server import default_model_name
+
+    assert default_model_name(Path("out/finetune/lora/final")) == "lora"
+    assert default_model_name(Path("checkpoints/meta-llama/Llama-3.2-1B")) == "Llama-3.2-1B"
+    assert "--model_name" in run("serve", "--help").stdout
+    result = run("serve", "x", "--model_name", " ")
+    assert result.returncode == 1 and result.stderr.strip() == "error: --model_name must not be empty"
+
+
+def test_rerun_into_a_used_out_dir(default_run, base, small_data):
+    """Issues 22.2 and 20.8: a new run refuses an out_dir holding another run; a resumed one moves the old
+    final/ aside when it holds what another command wrote there, and deletes nothing (last: it changes out)."""
+    from test_errors import fails_cleanly, tree
+
+    out, _ = default_run
+    (out / "final" / "evaluate").mkdir()
+    (out / "final" / "evaluate" / "results.json").write_text("{}")
+    before = tree(out)
+    last = fails_cleanly(["finetune_lora", base, "--data", "JSON", "--data.json_path", small_data, "--out_dir", out],
+                         out.parent, f"--out_dir {out} already holds a run")
+    assert "step-" in last and "final/" in last and "--resume auto" in last
+    assert tree(out) == before
+    old_weights = (out / "final" / "lit_model.safetensors").read_bytes()
+
+    proc = finetune(base, small_data, out, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = out / "final.previous-1"
+    assert f"held outputs this run doesn't write (evaluate): kept it as {kept}" in proc.stdout
+    assert (kept / "evaluate" / "results.json").read_text() == "{}"
+    assert (kept / "lit_model.safetensors").read_bytes() == old_weights
+    assert (out / "final" / "lit_model.safetensors").is_file() and not (out / "final" / "evaluate").exists()
+
+
+@pytest.mark.slow
+def test_first_pretrain_output_is_quiet(tmp_path):
+    """Issue 22.4/22.5: the quickstart pretrain (made tiny) prints its phases, validation losses and a summary,
+    and none of litdata's advert/logs/escape codes, Lightning's srun hint, "Seed set to" or a temporary path."""
+    from test_errors import run_cli
+    from test_fast_dev_run import pretrain_args
+
+    out = tmp_path / "debug"
+    proc = run_cli(pretrain_args(tmp_path, out, "--train.max_steps", "4", "--train.save_interval", "2",
+                                 "--eval.interval", "2"), cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    for noise in ("lightning.ai", "inferred", "Worker", "start_method", "Storing the files", "\x1b[", "srun",
+                  "Seed set to", ".tmp"):
+        assert noise not in output, (noise, output)
+    assert proc.stdout.startswith("Trained a") and "\n\n" not in proc.stdout  # no blank progress-bar lines
+    assert f"BPE tokenizer on 6 file(s): {out / 'tokenizer'}\n" in output
+    assert "Step 2: validation loss" in output and "Step 4: validation loss" in output
+    assert "Done: 4 steps" in output

@@ -356,3 +356,15 @@ def test_check_output_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(LitLLMError, match=f"^--out_dir {tmp_path / 'new'}: can't write there .*permission denied"):
         check_output_dir(tmp_path / "new")
+
+
+def test_new_pretrain_refuses_an_out_dir_holding_another_run(tmp_path):
+    """Issue 20.8: the old step-* folders would be resumed by a later --resume auto; nothing is written."""
+    out = tmp_path / "out"
+    (out / "step-00000002").mkdir(parents=True)
+    before = tree(out)
+    last = fails_cleanly(["pretrain", "--model_name", "pythia-14m", "--data", "TextFiles", "--data.train_data_path",
+                          tmp_path, "--tokenizer_vocab_size", "300", "--out_dir", out], tmp_path,
+                         f"--out_dir {out} already holds a run (step-00000002/)")
+    assert "continue it with --resume auto, or pick another --out_dir" in last
+    assert tree(out) == before

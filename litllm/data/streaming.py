@@ -8,6 +8,7 @@ Chunks here hold millions of tokens, so that loss is under 0.1% (see `CHUNK_TOKE
 
 from __future__ import annotations
 
+import inspect
 import json
 import multiprocessing
 import os
@@ -205,6 +206,9 @@ def optimize_tokens(
     )
     if dev_files is not None:
         kwargs["fast_dev_run"] = dev_files
+    if "verbose" in inspect.signature(optimize).parameters:
+        # quiet: litdata's account advert, per-worker logs and a progress bar that moves only as workers finish
+        kwargs["verbose"] = False
     # litdata switches the process-wide start method to "spawn"; put the caller's back afterwards
     start_method = multiprocessing.get_start_method(allow_none=True)
     try:

@@ -14,6 +14,7 @@ Writes `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`, w
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -84,7 +85,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=sys.stderr.isatty(),  # elsewhere (a log file) its bar leaves only blank lines
     )
     batches = _batches_of_text(files)
     tokenizer.train_from_iterator(batches, trainer, length=-(-len(files) // 64))

@@ -37,6 +37,7 @@ def serve(
     max_request_bytes: int = 4 * 2**20,
     read_timeout: float = 30.0,
     shutdown_timeout: float = 20.0,
+    model_name: Optional[str] = None,
     load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
@@ -63,6 +64,8 @@ def serve(
             connection is closed (headers) or the request answered 408 (body).
         shutdown_timeout: Seconds in-flight requests get to finish after SIGINT/SIGTERM; then each still
             running ends with a 503 error (a stream: an error event, then `data: [DONE]`).
+        model_name: The model id clients send and /v1/models lists (default: the folder's name, or for a
+            training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
     """
     from litllm.prompts import PromptStyle
     from litllm.tokenizer import Tokenizer
@@ -70,7 +73,7 @@ def serve(
 
     _check_flags(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, max_queue=max_queue,
                  max_seq_length=max_seq_length, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
-                 shutdown_timeout=shutdown_timeout)
+                 shutdown_timeout=shutdown_timeout, model_name=model_name)
     api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
     checkpoint_dir = check_model_folder(checkpoint_dir)
     try:
@@ -95,8 +98,9 @@ def serve(
           f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
 
     served = ServedModel(
-        name=checkpoint_dir.resolve().name, tokenizer=tokenizer, prompt_style=style, max_seq_length=max_seq_length,
-        completion_stops=default_stops(tokenizer), chat_stops=default_stops(tokenizer, style),
+        name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style,
+        max_seq_length=max_seq_length, completion_stops=default_stops(tokenizer),
+        chat_stops=default_stops(tokenizer, style),
     )
     bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
     app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)
@@ -105,8 +109,11 @@ def serve(
     _run_uvicorn(app, sock, ready_line, bridge, read_timeout, shutdown_timeout)
 
 
-def _check_flags(*, max_seq_length: Optional[int], read_timeout: float, shutdown_timeout: float, **at_least: int):
+def _check_flags(*, max_seq_length: Optional[int], read_timeout: float, shutdown_timeout: float,
+                 model_name: Optional[str], **at_least: int):
     """One error line for a flag out of range."""
+    if model_name is not None and not model_name.strip():
+        raise LitLLMError("--model_name must not be empty")
     lowest = {"max_batch_size": 1, "prefill_chunk": 1, "max_queue": 0, "max_request_bytes": 1}
     for flag, value in at_least.items():
         if value < lowest[flag]:
@@ -131,6 +138,12 @@ def _run_uvicorn(app, sock: socket.socket, ready_line: str, bridge, read_timeout
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     asyncio.run(_run(server, sock, ready_line, bridge, shutdown_timeout))
+
+
+def default_model_name(folder: Path) -> str:
+    """The model id of a folder: its name, or its parent's for a training run's `final/` (`out/finetune/lora/final` -> `lora`)."""
+    folder = folder.resolve()
+    return folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
 
 
 async def _run(server, sock: socket.socket, ready_line: str, bridge, shutdown_timeout: float) -> None:

@@ -19,6 +19,14 @@ from litllm.errors import LitLLMError
 from litllm.flags import attribute_docs, publish
 
 
+AUTO_GLOBAL_BATCH = 16
+"""An unset --train.global_batch_size: at most this many samples per step..."""
+AUTO_MIN_EPOCH_STEPS = 20
+"""...and few enough that one epoch makes at least this many optimizer steps (a small data set still learns)."""
+AUTO_WARMUP = (0.1, 100)
+"""An unset warmup: this fraction of the run's optimizer steps, at most this many."""
+
+
 @dataclass
 class TrainArgs:
     """How long and how to train: batch sizes, budget, learning-rate schedule, clipping, saving."""
@@ -27,12 +35,14 @@ class TrainArgs:
     """Save a training checkpoint `out_dir/step-XXXXXXXX/` every this many optimizer steps (None: only at the end)."""
     log_interval: int = 1
     """Log metrics every this many optimizer steps."""
-    global_batch_size: int = 64
-    """Samples per optimizer step, summed over every device and node and every accumulation micro-step."""
+    global_batch_size: Optional[int] = 64
+    """Samples per optimizer step, summed over every device and node and every accumulation micro-step
+    (None: sized for the data, up to 16, fewer on a small data set so that an epoch makes at least 20 steps)."""
     micro_batch_size: int = 4
     """Samples per forward/backward pass on one device."""
     lr_warmup_steps: Optional[int] = 100
-    """Optimizer steps of linear warmup from 0 to the optimizer's lr (capped at the run's length)."""
+    """Optimizer steps of linear warmup from 0 to the optimizer's lr (capped at the run's length; None, with
+    lr_warmup_fraction unset too: 10% of the run's steps, at most 100)."""
     lr_warmup_fraction: Optional[float] = None
     """Warmup as a fraction of the run's optimizer steps (use instead of lr_warmup_steps)."""
     epochs: Optional[int] = None
@@ -59,10 +69,10 @@ class TrainArgs:
     `final/` is always a full model folder."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch_size", "micro_batch_size", "log_interval", "max_nonfinite_steps"):
+        for name in ("micro_batch_size", "log_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise LitLLMError(f"--train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_interval", "epochs", "max_tokens", "max_steps", "max_seq_length"):
+        for name in ("global_batch_size", "save_interval", "epochs", "max_tokens", "max_steps", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LitLLMError(f"--train.{name} must be >= 1 (or unset), got {value}")
@@ -73,7 +83,9 @@ class TrainArgs:
                 raise LitLLMError("set only one of --train.lr_warmup_steps and --train.lr_warmup_fraction")
 
     def per_device_batch_size(self, world_size: int) -> int:
-        """Samples each device processes per optimizer step."""
+        """Samples each device processes per optimizer step (unset global batch: the most it may be)."""
+        if self.global_batch_size is None:
+            return max(self.micro_batch_size, AUTO_GLOBAL_BATCH // world_size // self.micro_batch_size * self.micro_batch_size)
         if self.global_batch_size % world_size:
             raise LitLLMError(
                 f"--train.global_batch_size ({self.global_batch_size}) must be divisible by the number of "
@@ -95,18 +107,24 @@ class TrainArgs:
         """Warmup length in optimizer steps for a run of `total_steps`."""
         if self.lr_warmup_fraction is not None:
             return int(self.lr_warmup_fraction * total_steps)
-        return min(self.lr_warmup_steps or 0, total_steps)
+        if self.lr_warmup_steps is None:
+            fraction, most = AUTO_WARMUP
+            return min(int(fraction * total_steps), most)
+        return min(self.lr_warmup_steps, total_steps)
 
-    def total_steps(self, seq_length: int, batches_per_epoch: Optional[int], accumulation: int) -> int:
+    def total_steps(self, seq_length: int, batches_per_epoch: Optional[int], accumulation: int,
+                    global_batch: Optional[int] = None) -> int:
         """The run's length in optimizer steps: the smallest budget that is set (one epoch if none is).
 
-        `batches_per_epoch` is the number of micro-batches one device sees per epoch (None: unknown).
+        `batches_per_epoch` is the number of micro-batches one device sees per epoch (None: unknown);
+        `global_batch` the samples per step the run makes (default: global_batch_size, or its upper bound if unset).
         """
+        global_batch = global_batch or self.global_batch_size or AUTO_GLOBAL_BATCH
         budgets = []
         if self.max_steps is not None:
             budgets.append(self.max_steps)
         if self.max_tokens is not None:
-            budgets.append(self.max_tokens // (self.global_batch_size * seq_length))
+            budgets.append(self.max_tokens // (global_batch * seq_length))
         epochs = self.epochs if (self.epochs is not None or budgets) else 1
         if epochs is not None:
             if batches_per_epoch is None:

@@ -278,6 +278,7 @@ def setup(
             f"model's embedding table ({config.padded_vocab_size} rows): use a model with vocab_size >= "
             f"{tokenizer.vocab_size} or a smaller tokenizer"
         )
+    check_out_dir_reuse(out_dir, run.resume)
     resume_dir = ckpt.resolve_resume(run.resume, out_dir, config)  # validates before anything is written
 
     # ---- data (prepared once on global rank 0, set up everywhere)
@@ -297,15 +298,18 @@ def setup(
     stream = BatchStream(fabric, data.train_dataloader(), run.seed)
     val_loader = _setup_val_loader(fabric, data.val_dataloader())
     accumulation = _fit_accumulation(fabric, train, stream.batches_per_epoch, accumulation)
-    total_steps = train.total_steps(seq_length, stream.batches_per_epoch, accumulation)
+    total_steps = train.total_steps(seq_length, stream.batches_per_epoch, accumulation,
+                                    accumulation * train.micro_batch_size * world_size)
     warmup_steps = train.warmup_steps(total_steps)
+    if dev_run is None:
+        _note_few_steps(fabric, train, total_steps)
     # the RoPE cache covers the training length plus a validation sample's reply, not the whole window
     rope_length = min(config.block_size, seq_length + (eval.max_new_tokens or 0))
     if hasattr(model, "max_seq_length") and rope_length < model.max_seq_length:
         model.max_seq_length = rope_length
 
     # ---- model and optimizer
-    fabric.seed_everything(run.seed)
+    fabric.seed_everything(run.seed, verbose=False)
     with clear_out_of_memory(fabric, train, seq_length, "setting up the model"):
         model = prepare_model(
             fabric, model, method, initial_weights, compile=run.compile,
@@ -381,6 +385,7 @@ def fit(t: Trainer) -> TrainResult:
             metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
             result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
             _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
+            _console(fabric, f"Step {state['step']}: validation loss {metrics['loss']:.4f}")
             if after and t.method.after_validation is not None:  # e.g. a sample reply
                 t.method.after_validation(fabric, model, state["step"])
 
@@ -477,24 +482,67 @@ def fit(t: Trainer) -> TrainResult:
         validate_and_log(after=True)
     if train.save_interval is not None and saved_at != state["step"]:
         save_step()
+    previous = _move_aside(fabric, t.out_dir / "final")  # never delete what another command wrote into final/
     with clear_out_of_memory(fabric, train, t.seq_length, "writing the final model"):
         result.final_dir = t.writer.save_final()
     stop.restore()  # preemption hook: a signal after the last step needs no requeue
     if fabric.global_rank == 0:
         t.method.write_outputs(result.final_dir)
     fabric.barrier()
-    fabric.print(f"Saved the final model to {result.final_dir}")
+    if previous is not None:
+        _settle_previous(fabric, previous, result.final_dir)
+    if t.dev_run is None:  # a dev run's folder is deleted: it reports its own checks instead
+        fabric.print(f"Saved the final model to {result.final_dir}")
     if fabric.global_rank == 0:
         from litllm.train.loggers import loss_history, plot_loss_curve
 
         png = plot_loss_curve(loss_history(t.logger, result.losses, result.val_losses), t.out_dir / "loss_curve.png")
-        if png is not None:
+        if png is not None and t.dev_run is None:
             fabric.print(f"Loss curve: {png}")
         if t.logger is not None:
             t.logger.finalize("success")
     if t.dev_run is not None:
         t.dev_run.report(t, result)
     return result
+
+
+def check_out_dir_reuse(out_dir: Path, resume: Resume) -> None:
+    """A fresh run (no `--resume`) refuses an out_dir holding another run's `step-*` checkpoints or `final/`:
+    a later `--resume auto` would continue the old run, and its final/ may hold other commands' outputs."""
+    from litllm.train.checkpoints import STEP_DIR
+
+    if not (resume is False or resume is None or resume == "false") or not Path(out_dir).is_dir():
+        return
+    steps = sorted(p.name for p in Path(out_dir).iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    used = [f"{name}/" for name in steps[-1:] + (["final"] if (Path(out_dir) / "final").exists() else [])]
+    if used:
+        raise LitLLMError(
+            f"--out_dir {out_dir} already holds a run ({', '.join(used)}): continue it with --resume auto, or pick "
+            "another --out_dir"
+        )
+
+
+def _move_aside(fabric, final: Path) -> Optional[Path]:
+    """Rename an existing `final/` (rank 0) so the new one can replace it without deleting anything; returns its new path."""
+    if fabric.global_rank != 0 or not final.exists():
+        return None
+    n = 1
+    while (aside := final.with_name(f"{final.name}.previous-{n}")).exists():
+        n += 1
+    final.rename(aside)
+    return aside
+
+
+def _settle_previous(fabric, previous: Path, final: Path) -> None:
+    """The old final/ held only files the new one rewrote: remove it; else keep it and say where (one line)."""
+    import shutil
+
+    extra = sorted(p.name for p in previous.iterdir() if not (final / p.name).exists())
+    if not extra:
+        shutil.rmtree(previous)
+        return
+    shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+    fabric.print(f"The previous {final.name}/ held outputs this run doesn't write ({shown}): kept it as {previous}")
 
 
 def run(*args: Any, **kwargs: Any) -> TrainResult:
@@ -509,8 +557,37 @@ def _nonfinite_guard(t: Trainer) -> NonFiniteGuard:
                           grads_checked_by_scaler=scaler is not None)
 
 
+FEW_STEPS = 10
+"""A run of fewer optimizer steps gets a note: it will hardly move the weights."""
+
+
+def _note_few_steps(fabric, train: TrainArgs, total_steps: int) -> None:
+    """One line when the data set's size (not a --train.max_steps the user chose) leaves very few steps."""
+    if total_steps < FEW_STEPS and train.max_steps is None:
+        fabric.print(
+            f"Note: this run makes only {total_steps} optimizer step(s), too few to learn much: raise --train.epochs "
+            "or lower --train.global_batch_size"
+        )
+
+
 def _fit_accumulation(fabric, train: TrainArgs, batches_per_epoch: Optional[int], accumulation: int) -> int:
-    """A global batch larger than the training set would repeat samples within one step: shrink it to one epoch."""
+    """A global batch larger than the training set would repeat samples within one step: shrink it to one epoch.
+
+    An unset global batch is sized for the data: at most `AUTO_GLOBAL_BATCH` samples, fewer so that one epoch
+    makes at least `AUTO_MIN_EPOCH_STEPS` optimizer steps.
+    """
+    from litllm.train.args import AUTO_MIN_EPOCH_STEPS
+
+    if train.global_batch_size is None:
+        if batches_per_epoch is None:
+            return accumulation
+        fitted = max(1, min(accumulation, batches_per_epoch // AUTO_MIN_EPOCH_STEPS))
+        if fitted < accumulation:
+            fabric.print(
+                f"--train.global_batch_size unset: using {fitted * train.micro_batch_size * fabric.world_size} "
+                f"for a small training set ({batches_per_epoch} micro-batches per device per epoch)"
+            )
+        return fitted
     if batches_per_epoch is None or batches_per_epoch >= accumulation:
         return accumulation
     fabric.print(
@@ -712,6 +789,22 @@ def _tokenizer_dir(tokenizer) -> Optional[Path]:
 def _trainable_fraction(model: nn.Module) -> float:
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad) / max(total, 1)
+
+
+def _console(fabric, line: str) -> None:
+    """A line on rank 0's console that leaves an open progress bar intact."""
+    from tqdm import tqdm
+
+    if fabric.global_rank == 0:
+        tqdm.write(line)
+
+
+def summary(result: TrainResult) -> str:
+    """The run's last console line but the pointer to its output: `Done: N steps, T tokens, final loss L[, validation loss V]`."""
+    if not result.losses or result.losses[max(result.losses)] is None:
+        return f"Done: {result.step} steps"
+    line = f"Done: {result.step} steps, {result.tokens_seen:,} tokens, final loss {result.losses[max(result.losses)]:.4f}"
+    return line if result.val_loss is None else f"{line}, validation loss {result.val_loss:.4f}"
 
 
 def _log(fabric, logger, metrics: dict, step: int) -> None:
