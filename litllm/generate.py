@@ -119,6 +119,7 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     linears = [
         (name, m) for name, m in model.named_modules()
         if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
+        and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
     ]
     if not linears:
         return "unchanged"
@@ -228,7 +229,7 @@ def load_for_inference(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
 ):
-    """Load a converted model folder for generation: dtype, optional bitsandbytes quantization, eval mode.
+    """Load a converted model folder for generation: dtype, optional quantization (`litllm.quantize`), eval mode.
 
     Folders written by `finetune_adapter(_v2)` (with an `adapter.yaml`) load with their adapter modules.
     """
@@ -273,7 +274,7 @@ class LoadArgs:
     precision: Optional[str] = None
     """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true)."""
     quantize: Optional[str] = None
-    """Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`."""
+    """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)."""
 
