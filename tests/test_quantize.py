@@ -285,6 +285,18 @@ def test_torchao_errors(monkeypatch):
     quantize._probe.cache_clear()
 
 
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimate_counts_torchao_bytes(mode, dtype):
+    """`litllm estimate`'s formula for a torchao layer == the bytes of the tensors torchao really stores."""
+    pytest.importorskip("torchao")
+    from litllm.estimate import quantized_linear_bytes
+
+    weight = quantize_linear(nn.Linear(256, 192, bias=False).to(dtype), mode, "cpu").weight
+    stored = sum(getattr(weight, name).nbytes for name in weight.__tensor_flatten__()[0])
+    assert quantized_linear_bytes(192, 256, mode, dtype.itemsize) == stored
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
 def test_torchao_on_gpu(tiny_checkpoint, mode):
