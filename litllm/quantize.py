@@ -259,6 +259,14 @@ def quantize_model(
             stacklevel=3,  # the caller of quantize_model (torch.no_grad adds a frame)
         )
         targets = [(name, linear) for name, linear in targets if name not in kept]
+    # eager torchao int8 converts each weight to the activation dtype per call; its CPU int4 kernel is fast in bf16 only
+    if torch.device(device).type == "cpu" and (
+            mode == "torchao.int8wo" or (mode == "torchao.int4wo" and dtype != torch.bfloat16)):
+        warnings.warn(
+            f"--quantize {mode} on cpu in {str(dtype).replace('torch.', '')}: saves memory but decodes slower than "
+            "unquantized weights; torchao.int4wo with --precision bf16-true is the fast CPU combination",
+            stacklevel=3,
+        )
     from tqdm import tqdm
 
     for name, linear in tqdm(targets, desc=f"quantize {mode}", unit="layer", disable=len(targets) < 50):
