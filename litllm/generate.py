@@ -331,7 +331,10 @@ def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
     from litllm.speculative import check_same_vocabulary
     from litllm.tokenizer import Tokenizer
 
-    draft_dir = check_model_folder(draft_dir)
+    try:
+        draft_dir = check_model_folder(draft_dir)
+    except LitLLMError as e:
+        raise LitLLMError(f"--draft_model: {e}") from None
     draft, _ = load_for_decoding(draft_dir, str(model.wte.weight.device), precision)
     check_same_vocabulary(tokenizer, Tokenizer(draft_dir), model, draft, draft_dir)
     return draft
