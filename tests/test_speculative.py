@@ -213,3 +213,20 @@ def test_abort_and_the_engine_interface(tiny_checkpoint, one_thread):
         while engine.has_unfinished or plain.has_unfinished:
             engine.step()
             plain.step()
+
+
+def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
+    """chat keeps one engine for the whole conversation: with a draft, every turn's reply is the plain one."""
+    import io
+    import sys
+
+    from litllm.chat import chat
+
+    stdin = "Hello there\nWrite a haiku about autumn.\n/exit\n"
+    outputs = []
+    for extra in ({}, {"draft_model": tiny_checkpoint, "num_speculative_tokens": 2}):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        chat(tiny_checkpoint, temperature=0.0, prompt_style="chatml", max_new_tokens=12, **extra)
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].count(">> Model: ") == 2
+    assert outputs[1] == outputs[0]
