@@ -33,6 +33,7 @@ One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -87,6 +88,19 @@ def accept_proposals(
     return kept, int(torch.multinomial(target / target.sum(), 1, generator=generator))
 
 
+@dataclass
+class _Sequence:
+    """The request being decoded."""
+
+    request_id: int
+    request: Request
+    matcher: StopMatcher
+    generator: Optional[torch.Generator]
+    tokens: list[int]  # prompt + generated; the last one is in neither cache yet
+    valid: list[int]  # [target, draft]: how many leading cache positions hold these tokens' keys/values
+    generated: int = 0
+
+
 class SpeculativeEngine:
     """`litllm.engine.Engine`'s interface (add, step, abort, has_unfinished, close) for one row, decoding
     with a draft model. Sets both models' KV caches for its lifetime; `close()` removes them."""
@@ -125,7 +139,7 @@ class SpeculativeEngine:
         self._waiting: deque[tuple[int, Request]] = deque()
         self._aborts: set[int] = set()
         self._next_id = 0
-        self._row: Optional[dict] = None  # the request being decoded
+        self._row: Optional[_Sequence] = None
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
 
     # ------------------------------------------------------------------ Engine's interface
@@ -207,23 +221,23 @@ class SpeculativeEngine:
         generator = None
         if s.seed is not None and s.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(s.seed)
-        self._row = dict(id=request_id, request=request, generator=generator, tokens=prompt, valid=[len(prompt)] * 2,
-                         generated=0, matcher=StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids))
+        matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+        self._row = _Sequence(request_id, request, matcher, generator, prompt, [len(prompt)] * 2)
         return self._emit([self._pick(logits[-1])])
 
     def _pick(self, logits: torch.Tensor) -> int:
-        s = self._row["request"].sampling
+        s = self._row.request.sampling
         if s.temperature <= 0:
             return int(logits.argmax())
         probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
-        return int(torch.multinomial(probs, 1, generator=self._row["generator"]))
+        return int(torch.multinomial(probs, 1, generator=self._row.generator))
 
     def _round(self) -> Output:
         """Draft k tokens, check them with one target forward, keep the agreed prefix and the target's next."""
         row = self._row
-        tokens, valid, s = row["tokens"], row["valid"], row["request"].sampling
+        tokens, valid, s = row.tokens, row.valid, row.request.sampling
         pos = len(tokens) - 1  # the newest token: in neither cache yet
-        k = min(self.k, row["request"].max_new_tokens - row["generated"] - 1)  # never more than the request wants
+        k = min(self.k, row.request.max_new_tokens - row.generated - 1)  # never more than the request wants
         proposed, draft_probs = [], []
         for _ in range(k):
             pending = tokens[valid[1]:] + proposed[-1:]  # what the draft hasn't seen
@@ -231,13 +245,13 @@ class SpeculativeEngine:
             valid[1] = pos + len(proposed) + 1
             if s.temperature > 0:
                 draft_probs.append(sampling_probs(logits, s.temperature, s.top_k, s.top_p))
-                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=row["generator"])))
+                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=row.generator)))
             else:
                 proposed.append(int(logits.argmax()))
         logits = self._forward(0, tokens[pos:] + proposed, pos, all_logits=True)  # (k + 1, V)
         if s.temperature > 0:
             kept, token = accept_proposals(proposed, sampling_probs(logits, s.temperature, s.top_k, s.top_p),
-                                           torch.stack(draft_probs) if draft_probs else logits[:0], row["generator"])
+                                           torch.stack(draft_probs) if draft_probs else logits[:0], row.generator)
         else:
             kept, token = accept_proposals(proposed, logits, None)
         self.proposed += k
@@ -250,22 +264,22 @@ class SpeculativeEngine:
     def _emit(self, new: list[int]) -> Output:
         """Append the new tokens to the row (up to a stop or max_new_tokens) and say what they produced."""
         row = self._row
-        request, matcher = row["request"], row["matcher"]
+        request, matcher = row.request, row.matcher
         text, used, reason = "", [], None
         for token in new:
-            row["tokens"].append(token)
-            row["generated"] += 1
+            row.tokens.append(token)
+            row.generated += 1
             used.append(token)
             text += matcher.push(token)
             if matcher.stopped:
                 reason = "stop"
-            elif row["generated"] >= request.max_new_tokens:
+            elif row.generated >= request.max_new_tokens:
                 reason = "length"
                 text += matcher.flush()
             if reason:
                 self._row = None
                 break
-        return Output(row["id"], text, used, reason is not None, reason, len(request.prompt_ids), row["generated"])
+        return Output(row.request_id, text, used, reason is not None, reason, len(request.prompt_ids), row.generated)
 
     def _handle_aborts(self) -> list[Output]:
         if not self._aborts:
@@ -273,8 +287,8 @@ class SpeculativeEngine:
         outputs = [Output(i, "", [], True, "abort", len(r.prompt_ids), 0) for i, r in self._waiting if i in self._aborts]
         self._waiting = deque((i, r) for i, r in self._waiting if i not in self._aborts)
         row = self._row
-        if row is not None and row["id"] in self._aborts:
-            outputs.append(Output(row["id"], "", [], True, "abort", len(row["request"].prompt_ids), row["generated"]))
+        if row is not None and row.request_id in self._aborts:
+            outputs.append(Output(row.request_id, "", [], True, "abort", len(row.request.prompt_ids), row.generated))
             self._row = None
         self._aborts.clear()
         return outputs
