@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -20,7 +21,9 @@ import torch
 
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import LoadArgs, check_prompt_fits, fit_max_new_tokens
+from litllm.generate import LoadArgs, check_prompt_fits, fit_max_new_tokens, load_draft
+
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -36,6 +39,11 @@ class LLM:
         # CPU threads used while generating (None: torch's setting); restored after each call
         self.threads = threads
         self._said: set[str] = set()  # notes already printed (a reduced default is said once)
+        # speculative decoding (`LLM.load(draft_model=...)`): the draft model, tokens it proposes per step,
+        # and the share of its proposals the last generate/chat call accepted
+        self.draft = None
+        self.num_speculative_tokens = 4
+        self.acceptance_rate: Optional[float] = None
 
     @property
     def device(self) -> torch.device:
@@ -51,6 +59,8 @@ class LLM:
         prompt_style: Optional[str] = None,
         access_token: Optional[str] = None,
         checkpoint_root: Union[str, Path] = "checkpoints",
+        draft_model: Optional[Union[str, Path]] = None,
+        num_speculative_tokens: int = 4,
     ) -> "LLM":
         """Load a converted model folder, or a Hub repo id (`org/name`), downloaded and converted first
         into `<checkpoint_root>/<org>/<name>` unless it is already there.
@@ -59,6 +69,10 @@ class LLM:
         precision: `32-true`, `bf16-true` or `16-true` (default: bf16 on a GPU that supports it, else fp32).
         quantize: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
         prompt_style: a prompt style name (default: the checkpoint's own).
+        draft_model: speculative decoding: a small converted model folder with the same tokenizer that
+            proposes `num_speculative_tokens` tokens per step for the model to check (same output; prompts
+            of one call then decode one after the other). `llm.acceptance_rate`: its last call's share of
+            accepted proposals.
         """
         from litllm.prompts import PromptStyle
         from litllm.tokenizer import Tokenizer
@@ -67,7 +81,13 @@ class LLM:
         tokenizer = Tokenizer(checkpoint_dir)
         style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
         net, threads = LoadArgs(precision, quantize, device).for_decoding(checkpoint_dir)
-        return cls(net, tokenizer, style, checkpoint_dir, threads=threads)
+        llm = cls(net, tokenizer, style, checkpoint_dir, threads=threads)
+        if draft_model is not None:
+            if num_speculative_tokens < 1:
+                raise LitLLMError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+            llm.draft = load_draft(net, tokenizer, _resolve(draft_model, Path(checkpoint_root), access_token), precision)
+            llm.num_speculative_tokens = num_speculative_tokens
+        return llm
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -157,7 +177,7 @@ class LLM:
     def _run(self, requests: list[Request], length: int) -> Iterator[tuple[int, str]]:
         """(index of the request, new text) as the engine produces them; the engine (and the KV cache)
         lives while the iterator does, also when a streaming consumer stops early."""
-        engine = Engine(self.model, self.tokenizer, len(requests), length, threads=self.threads)
+        engine = self._engine(len(requests), length)
         try:
             index = {engine.add(r): i for i, r in enumerate(requests)}
             while engine.has_unfinished:
@@ -166,6 +186,18 @@ class LLM:
                         yield index[out.request_id], out.text
         finally:
             engine.close()
+            if self.draft is not None:
+                self.acceptance_rate = engine.acceptance_rate
+                logger.info("draft acceptance: %s of %d proposed tokens", engine.accepted, engine.proposed)
+
+    def _engine(self, rows: int, length: int):
+        """An Engine of `rows` rows; with a draft model a one-row SpeculativeEngine (requests one after another)."""
+        if self.draft is None:
+            return Engine(self.model, self.tokenizer, rows, length, threads=self.threads)
+        from litllm.speculative import SpeculativeEngine
+
+        return SpeculativeEngine(self.model, self.draft, self.tokenizer, length,
+                                 num_speculative_tokens=self.num_speculative_tokens, threads=self.threads)
 
     def __repr__(self) -> str:
         return f"LLM({self.checkpoint_dir}, device={self.device}, prompt_style={self.prompt_style.name})"

@@ -18,7 +18,7 @@ from typing import Optional, TextIO
 
 import torch
 
-from litllm.engine import Engine, Request, check_sampling_args, default_stops
+from litllm.engine import Request, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
 from litllm.generate import DecodeArgs, LoadArgs, fit_max_new_tokens
@@ -132,7 +132,7 @@ def chat(
     stdin, stdout = sys.stdin, sys.stdout
     turn = 0
     # one engine (and KV cache) for the whole conversation
-    with Engine(model, tokenizer, 1, window, threads=threads, compile=decoding.compile) as engine:
+    with decoding.engine(model, tokenizer, window, threads, LoadArgs(**load)) as engine:
         while True:
             message = read_message(stdin, stdout)
             if message is None or message.strip() == EXIT:

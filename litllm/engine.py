@@ -55,6 +55,14 @@ def sample(
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    flat = probs.reshape(-1, probs.size(-1))
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): (..., vocab) float probabilities."""
     logits = logits.float()
     # shifted so the top logit is 0 first: a tiny temperature then sends the others to -inf (never +inf - inf = NaN)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -68,9 +76,7 @@ def sample(
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    flat = probs.reshape(-1, probs.size(-1))
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return logits.softmax(dim=-1)
 
 
 # the smallest positive temperature and top_p: float32's smallest normal value (sampling runs in float32, where

@@ -85,16 +85,22 @@ def dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
 
 
 # ---------------------------------------------------------------------- bitsandbytes weights (formula)
-def quantized_linear_bytes(out_features: int, in_features: int, mode: str) -> int:
-    """Bytes a bitsandbytes layer holds for an (out, in) weight: packed values plus quantization state.
+def quantized_linear_bytes(out_features: int, in_features: int, mode: str, scale_bytes: int = 2) -> int:
+    """Bytes a bitsandbytes or torchao layer holds for an (out, in) weight: packed values plus quantization state.
 
     4-bit (nf4/fp4): two values per byte, one fp32 absmax per block of 64 and a 16-entry fp32 code;
     `-dq` quantizes the absmaxes to uint8 with one fp32 absmax per 256 of them, a 256-entry fp32 code
-    and an fp32 offset. int8: one byte per value plus one fp32 scale per output row.
+    and an fp32 offset. int8: one byte per value plus one fp32 scale per output row. torchao: int8wo one
+    byte per value, an fp32 scale and an int8 zero point per row; int4wo two values per byte and a scale
+    and a zero point per group of 128 inputs, in the compute dtype (`scale_bytes` each).
     """
     n = out_features * in_features
     if mode == "bnb.int8" or mode == "bnb.int8-training":
         return n + 4 * out_features
+    if mode == "torchao.int8wo":
+        return n + 5 * out_features
+    if mode == "torchao.int4wo":
+        return math.ceil(n / 2) + 2 * scale_bytes * out_features * math.ceil(in_features / 128)
     if mode not in FOUR_BIT:
         raise LitLLMError(f"--quantize: unknown mode {mode!r}")
     blocks = math.ceil(n / 64)
@@ -308,7 +314,7 @@ def _swap_quantized(parts: dict[str, int], linears: list[nn.Linear], mode: str, 
     """Swap the compute-dtype copies of `linears` in `parts` for bitsandbytes' packed weights (and their
     state); each layer dequantizes its weight for the matmul, one at a time. Returns the packed bytes."""
     dense = sum(_nbytes(m.weight) for m in linears)
-    packed = sum(quantized_linear_bytes(m.out_features, m.in_features, mode) for m in linears)
+    packed = sum(quantized_linear_bytes(m.out_features, m.in_features, mode, dtype.itemsize) for m in linears)
     parts["weights"] += packed - dense
     parts["temporaries"] += max(m.weight.numel() for m in linears) * dtype.itemsize
     return packed

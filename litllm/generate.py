@@ -119,6 +119,7 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     linears = [
         (name, m) for name, m in model.named_modules()
         if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
+        and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
     ]
     if not linears:
         return "unchanged"
@@ -228,7 +229,7 @@ def load_for_inference(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
 ):
-    """Load a converted model folder for generation: dtype, optional bitsandbytes quantization, eval mode.
+    """Load a converted model folder for generation: dtype, optional quantization (`litllm.quantize`), eval mode.
 
     Folders written by `finetune_adapter(_v2)` (with an `adapter.yaml`) load with their adapter modules.
     """
@@ -273,7 +274,7 @@ class LoadArgs:
     precision: Optional[str] = None
     """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true)."""
     quantize: Optional[str] = None
-    """Quantize the weights with bitsandbytes: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`."""
+    """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)."""
 
@@ -300,10 +301,43 @@ class DecodeArgs:
     """Compile the decode step with `torch.compile` (pays off for long generations)."""
     seed: int = 1234
     """Random seed for sampling."""
+    draft_model: Optional[Path] = None
+    """Speculative decoding: a small converted model folder with the same tokenizer that proposes tokens for the model to check (same output, greedy or sampled; faster when the draft often agrees)."""
+    num_speculative_tokens: int = 4
+    """Tokens the draft model proposes per step (with --draft_model)."""
 
     def sampling(self, i: int = 0) -> Sampling:
         """The sampling of the i-th answer (seed + i: each sample or turn replays the same way)."""
         return Sampling(self.temperature, self.top_k, self.top_p, (self.seed + i) % SEED_LIMIT)
+
+    def engine(self, model, tokenizer, max_seq_length: int, threads: Optional[int], load: "LoadArgs"):
+        """The one-row decode engine of `generate` and `chat`: an `Engine`, or with `--draft_model` a
+        `litllm.speculative.SpeculativeEngine` (the draft loads on the model's device, in `--precision`)."""
+        if self.draft_model is None:
+            return Engine(model, tokenizer, 1, max_seq_length, threads=threads, compile=self.compile)
+        if self.compile:
+            raise LitLLMError("--compile does not apply to speculative decoding (--draft_model) yet: drop one of them")
+        from litllm.speculative import SpeculativeEngine
+
+        draft = load_draft(model, tokenizer, self.draft_model, load.precision)
+        return SpeculativeEngine(model, draft, tokenizer, max_seq_length,
+                                 num_speculative_tokens=self.num_speculative_tokens, threads=threads)
+
+
+def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
+    """The draft model of speculative decoding from its folder: on `model`'s device, in `precision`, for
+    decoding; refused with one line unless it has `tokenizer`'s vocabulary."""
+    from litllm.model_folder import check_model_folder
+    from litllm.speculative import check_same_vocabulary
+    from litllm.tokenizer import Tokenizer
+
+    try:
+        draft_dir = check_model_folder(draft_dir)
+    except LitLLMError as e:
+        raise LitLLMError(f"--draft_model: {e}") from None
+    draft, _ = load_for_decoding(draft_dir, str(model.wte.weight.device), precision)
+    check_same_vocabulary(tokenizer, Tokenizer(draft_dir), model, draft, draft_dir)
+    return draft
 
 
 @with_flags("decode", DecodeArgs)
@@ -345,7 +379,7 @@ def generate(
     check_prompt_fits(len(prompt_ids), window)
     max_new_tokens = fit_max_new_tokens(max_new_tokens, 50, window - len(prompt_ids), window)
     stops = default_stops(tokenizer, style)
-    with Engine(model, tokenizer, 1, len(prompt_ids) + max_new_tokens, threads=threads, compile=decoding.compile) as engine:
+    with decoding.engine(model, tokenizer, len(prompt_ids) + max_new_tokens, threads, LoadArgs(**load)) as engine:
         for i in range(num_samples):
             t0 = time.perf_counter()
             engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **stops))
@@ -357,5 +391,8 @@ def generate(
             print(flush=True)
             dt = time.perf_counter() - t0
             print(f"Sample {i + 1}: {n} tokens in {dt:.2f} s, {n / dt:.2f} tokens/s", file=sys.stderr)
+        if getattr(engine, "proposed", 0):
+            print(f"Draft acceptance: {engine.acceptance_rate:.0%} ({engine.accepted} of {engine.proposed} proposed "
+                  f"tokens, {decoding.num_speculative_tokens} per step)", file=sys.stderr)
     if model.wte.weight.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)

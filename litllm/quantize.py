@@ -1,10 +1,19 @@
-"""Weight quantization with bitsandbytes: replace a built model's `nn.Linear` layers in place.
+"""Weight quantization with bitsandbytes or torchao: replace a built model's `nn.Linear` layers in place.
 
 Modes (`--quantize`):
 - `bnb.nf4`     4-bit NormalFloat weights (QLoRA's data type), blockwise absmax scales.
 - `bnb.nf4-dq`  nf4 with "double quantization": the scales themselves are quantized to 8 bits.
 - `bnb.fp4`     4-bit floating-point weights.
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
+- `torchao.int8wo`  torchao int8 weight-only: symmetric int8 per output row (`Int8WeightOnlyConfig`).
+- `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
+                    tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
+                    format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
+                    (`PrototypeInt4WeightOnlyConfig`, the kernel `_weight_int4pack_mm_for_cpu`), any float
+                    dtype, fast in bfloat16. On the CPU a layer whose in_features is no multiple of 32
+                    stays unquantized (with a warning); only toy models have such widths.
+torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
+`nn.Linear`); QLoRA uses the bitsandbytes modes.
 
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
 weights are stored quantized. The output head (`lm_head`) stays unquantized by default: it is
@@ -49,6 +58,56 @@ def _bnb():
     return bnb
 
 
+def _torchao_quantization():
+    """torchao.quantization, imported quietly (its import logs missing optional CUDA kernels)."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        import torchao.quantization as quantization
+    except ImportError:
+        raise LitLLMError("--quantize torchao.* needs torchao: pip install torchao (or the `torchao` extra)") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    return quantization
+
+
+def _frozen_copy(linear: nn.Linear, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    copy.weight = nn.Parameter(linear.weight.detach().to(device, dtype), requires_grad=False)
+    if linear.bias is not None:
+        copy.bias = nn.Parameter(linear.bias.detach().to(device, dtype), requires_grad=linear.bias.requires_grad)
+    return copy
+
+
+def _torchao_int8wo(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    ao = _torchao_quantization()
+    layer = _frozen_copy(linear, device, compute_dtype)
+    # set_inductor_config=False: leave torch's global compile settings alone
+    ao.quantize_(layer, ao.Int8WeightOnlyConfig(set_inductor_config=False))
+    return layer
+
+
+INT4_GROUP_SIZES = (128, 64, 32)  # the group sizes torchao's CPU int4 kernel takes, preferred first
+
+
+def _torchao_int4wo(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    ao = _torchao_quantization()
+    group = next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), INT4_GROUP_SIZES[0])
+    layer = _frozen_copy(linear, device, compute_dtype)
+    if device.type == "cpu":
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        config = PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+    else:  # tinygemm's CUDA kernel (bfloat16; torchao pads other widths)
+        config = ao.Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
+                                         set_inductor_config=False)
+    ao.quantize_(layer, config)
+    return layer
+
+
 def _linear4bit(quant_type: str, double_quant: bool) -> Callable:
     def build(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
         bnb = _bnb()
@@ -88,6 +147,8 @@ QUANT_BUILDERS: dict[str, Callable[[nn.Linear, torch.device, torch.dtype], nn.Mo
     "bnb.nf4-dq": _linear4bit("nf4", double_quant=True),
     "bnb.fp4": _linear4bit("fp4", double_quant=False),
     "bnb.int8": _linear8bit,
+    "torchao.int8wo": _torchao_int8wo,
+    "torchao.int4wo": _torchao_int4wo,
 }
 
 
@@ -98,6 +159,22 @@ def cpu_kernel_mishandles(linear: nn.Linear, mode: str, device: DeviceLike) -> b
     """True where bitsandbytes' CPU 4-bit kernel would compute this layer wrong (see module docstring)."""
     four_bit = mode in ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
     return four_bit and torch.device(device).type == "cpu" and linear.in_features % FOUR_BIT_BLOCKSIZE != 0
+
+
+def cpu_kernel_refuses(linear: nn.Linear, mode: str, device: DeviceLike) -> Optional[str]:
+    """Why this layer can't be quantized with `mode` on the CPU (None if it can)."""
+    if cpu_kernel_mishandles(linear, mode, device):
+        return (f"bitsandbytes computes layers with in_features={linear.in_features} (not a multiple of "
+                f"{FOUR_BIT_BLOCKSIZE}) incorrectly on CPU; use bnb.int8 or a GPU")
+    if (mode == "torchao.int4wo" and torch.device(device).type == "cpu"
+            and linear.in_features % INT4_GROUP_SIZES[-1] != 0):
+        return (f"torchao's CPU int4 kernel needs in_features divisible by {INT4_GROUP_SIZES[-1]}, "
+                f"got {linear.in_features}; use torchao.int8wo or a GPU")
+    return None
+
+
+def _library(mode: str) -> str:
+    return "torchao" if mode.startswith("torchao.") else "bitsandbytes"
 
 
 def quantize_modes() -> list[str]:
@@ -111,22 +188,25 @@ def check_quantize_mode(mode: str, device: DeviceLike, compute_dtype: torch.dtyp
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LitLLMError(f"--quantize {mode}: device {device} requested but CUDA is not available")
+    if mode == "torchao.int4wo" and device.type == "cuda" and compute_dtype != torch.bfloat16:
+        raise LitLLMError(f"--quantize torchao.int4wo on cuda computes in bfloat16 only (torchao's tinygemm kernel): "
+                          f"use --precision bf16-true, not {compute_dtype}")
     error = _probe(mode, str(device), compute_dtype)
     if error:
-        raise LitLLMError(f"--quantize {mode} can't run on {device.type} with this bitsandbytes: {error}")
+        raise LitLLMError(f"--quantize {mode} can't run on {device.type} with this {_library(mode)}: {error}")
 
 
 @lru_cache(maxsize=None)
 def _probe(mode: str, device: str, compute_dtype: torch.dtype) -> Optional[str]:
     """Quantize and run a tiny layer; the error text if that fails, else None."""
-    _bnb()
+    (_torchao_quantization if _library(mode) == "torchao" else _bnb)()  # a missing library: its own error
     try:
-        with torch.no_grad():
-            layer = QUANT_BUILDERS[mode](nn.Linear(64, 64), torch.device(device), compute_dtype)
-            out = layer(torch.randn(2, 64, device=device, dtype=compute_dtype))
+        with torch.no_grad():  # 128 wide: a whole int4 group of torchao, two blocks of bitsandbytes
+            layer = QUANT_BUILDERS[mode](nn.Linear(128, 64), torch.device(device), compute_dtype)
+            out = layer(torch.randn(2, 128, device=device, dtype=compute_dtype))
             if not torch.isfinite(out).all():
                 return "non-finite outputs from a test layer"
-    except Exception as e:  # bitsandbytes raises many kinds (NotImplementedError, RuntimeError, ...)
+    except Exception as e:  # the libraries raise many kinds (NotImplementedError, RuntimeError, ...)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
     return None
 
@@ -137,11 +217,9 @@ def quantize_linear(
     """A quantized copy of one `nn.Linear` on `device` (weights frozen; a bias keeps its requires_grad)."""
     if mode not in QUANT_BUILDERS:
         raise LitLLMError(f"--quantize: unknown mode {mode!r}; expected one of {', '.join(QUANT_BUILDERS)}")
-    if cpu_kernel_mishandles(linear, mode, device):
-        raise LitLLMError(
-            f"--quantize {mode} on cpu: bitsandbytes computes layers with in_features={linear.in_features} "
-            f"(not a multiple of {FOUR_BIT_BLOCKSIZE}) incorrectly on CPU; use bnb.int8 or a GPU"
-        )
+    refused = cpu_kernel_refuses(linear, mode, device)
+    if refused:
+        raise LitLLMError(f"--quantize {mode} on cpu: {refused}")
     compute_dtype = compute_dtype or linear.weight.dtype
     return QUANT_BUILDERS[mode](linear, torch.device(device), compute_dtype)
 
@@ -171,14 +249,24 @@ def quantize_model(
         and name not in skip and name.rsplit(".", 1)[-1] not in skip
         and not (frozen_only and module.weight.requires_grad)
     ]
-    kept = [name for name, linear in targets if cpu_kernel_mishandles(linear, mode, device)]
+    kept = [name for name, linear in targets if cpu_kernel_refuses(linear, mode, device)]
     if kept:
+        multiple, why = ((INT4_GROUP_SIZES[-1], "torchao's CPU int4 kernel can't take them") if mode == "torchao.int4wo"
+                         else (FOUR_BIT_BLOCKSIZE, "bitsandbytes' CPU kernel computes them wrong"))
         warnings.warn(
             f"--quantize {mode} on cpu: {len(kept)} layer(s) with in_features not a multiple of "
-            f"{FOUR_BIT_BLOCKSIZE} (e.g. {kept[0]}) stay unquantized: bitsandbytes' CPU kernel computes them wrong",
+            f"{multiple} (e.g. {kept[0]}) stay unquantized: {why}",
             stacklevel=3,  # the caller of quantize_model (torch.no_grad adds a frame)
         )
         targets = [(name, linear) for name, linear in targets if name not in kept]
+    # eager torchao int8 converts each weight to the activation dtype per call; its CPU int4 kernel is fast in bf16 only
+    if torch.device(device).type == "cpu" and (
+            mode == "torchao.int8wo" or (mode == "torchao.int4wo" and dtype != torch.bfloat16)):
+        warnings.warn(
+            f"--quantize {mode} on cpu in {str(dtype).replace('torch.', '')}: saves memory but decodes slower than "
+            "unquantized weights; torchao.int4wo with --precision bf16-true is the fast CPU combination",
+            stacklevel=3,
+        )
     from tqdm import tqdm
 
     for name, linear in tqdm(targets, desc=f"quantize {mode}", unit="layer", disable=len(targets) < 50):
@@ -189,6 +277,6 @@ def quantize_model(
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether a layer holds bitsandbytes-quantized weights."""
+    """Whether a layer holds bitsandbytes- or torchao-quantized weights."""
     weight = getattr(module, "weight", None)
-    return type(weight).__name__ in ("Params4bit", "Int8Params")
+    return type(weight).__name__ in ("Params4bit", "Int8Params") or type(weight).__module__.startswith("torchao.")

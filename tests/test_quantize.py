@@ -178,3 +178,137 @@ def test_quantized_on_gpu(tiny_checkpoint, mode):
     from litllm.engine import generate_ids
 
     assert len(generate_ids(model, idx[0].tolist(), 8)) == 8
+
+
+# ---------------------------------------------------------------------- torchao weight-only int8 / int4
+# torchao.int8wo rounds each weight to its row's absmax / 127 (symmetric): |w - w'| <= absmax_row / 254.
+# torchao.int4wo (tinygemm's asymmetric uint4) maps each group of `g` input weights onto 16 levels
+# spanning [min, max]: |w - w'| <= (max - min) / 30 per group. Both bounds get 1e-3 relative slack for
+# float rounding of the scales. End to end on the tiny random model the logits move by ~1% (int8) and
+# ~12% (int4) relative L2; the bounds below leave ~3x / ~2x headroom. A random model's top-2 logit gap is
+# small next to that noise (its distributions are nearly flat), so greedy agreement is checked per
+# position on a long teacher-forced prompt (int8: >= 95%, measured ~98%; int4: >= 70%, measured ~80%),
+# and int8's free-running greedy continuation must match for its first 32 tokens (measured 64).
+TORCHAO_LOGIT_REL_ERROR = {"torchao.int8wo": 0.03, "torchao.int4wo": 0.25}
+TORCHAO_ARGMAX_AGREEMENT = {"torchao.int8wo": 0.95, "torchao.int4wo": 0.70}
+
+
+def _effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a Linear's kernel really multiplies by: its output on the identity, bias removed."""
+    with torch.no_grad():
+        eye = torch.eye(layer.in_features)
+        out = layer(eye) - (layer.bias if layer.bias is not None else 0)
+    return out.t().float()
+
+
+def _max_group_error(original: torch.Tensor, restored: torch.Tensor, group: int, symmetric: bool) -> float:
+    """max over groups of `group` consecutive inputs of |w - w'| / (that group's quantization step * levels)."""
+    err = (original - restored).abs().reshape(original.size(0), -1, group).amax(-1)
+    w = original.reshape(original.size(0), -1, group)
+    spread = w.abs().amax(-1) / 254 if symmetric else (w.amax(-1) - w.amin(-1)) / 30
+    return float((err / spread.clamp(min=1e-12)).max())
+
+
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+def test_torchao_weight_only(tiny_checkpoint, mode):
+    pytest.importorskip("torchao")
+    from litllm.engine import generate_ids
+    from litllm.quantize import INT4_GROUP_SIZES
+
+    ref = GPT.from_checkpoint(tiny_checkpoint).eval()
+    originals = {n: m.weight.detach().clone() for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
+    int4 = mode == "torchao.int4wo"
+    if int4:  # the tiny model's MLP projection is 112 wide: no multiple of 32
+        with pytest.warns(UserWarning, match="blocks.0.mlp.proj.*stay unquantized"):
+            model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
+    else:
+        with pytest.warns(UserWarning, match="torchao.int8wo on cpu in float32: saves memory but decodes slower"):
+            model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
+    for name, original in originals.items():
+        layer = model.get_submodule(name)
+        skipped = name == "lm_head" or (int4 and original.shape[1] % 32 != 0)
+        assert is_quantized(layer) == (not skipped), name
+        if skipped:
+            continue
+        group = next(g for g in INT4_GROUP_SIZES if original.shape[1] % g == 0) if int4 else original.shape[1]
+        assert _max_group_error(original, _effective_weight(layer), group, symmetric=not int4) <= 1 + 1e-3, name
+
+    prompt = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, expected = model(prompt), ref(prompt)
+    assert float((out - expected).norm() / expected.norm()) < TORCHAO_LOGIT_REL_ERROR[mode]
+    agreement = float((out.argmax(-1) == expected.argmax(-1)).float().mean())
+    assert agreement >= TORCHAO_ARGMAX_AGREEMENT[mode], agreement
+    if not int4:
+        start = prompt[0, :16].tolist()
+        assert generate_ids(model, start, 32) == generate_ids(ref, start, 32)
+
+
+def test_torchao_through_every_loader(tiny_checkpoint, capsys):
+    """generate and LLM.load take the torchao modes (chat, serve and evaluate load through the same LoadArgs)."""
+    pytest.importorskip("torchao")
+    from litllm import LLM
+    from litllm.generate import generate
+
+    generate(tiny_checkpoint, "Hello", max_new_tokens=6, temperature=0.0, quantize="torchao.int8wo", device="cpu")
+    assert capsys.readouterr().out.strip()
+    with pytest.warns(UserWarning, match="stay unquantized"):
+        llm = LLM.load(tiny_checkpoint, device="cpu", quantize="torchao.int4wo", prompt_style="default")
+    assert is_quantized(llm.model.blocks[0].attn.qkv) and type(llm.model.blocks[0].attn.qkv) is nn.Linear
+    assert isinstance(llm.generate("Hello", max_new_tokens=6), str)
+
+
+def test_torchao_errors(monkeypatch):
+    pytest.importorskip("torchao")
+    with pytest.raises(LitLLMError, match="unknown mode 'torchao.int2wo'; expected one of .*torchao.int8wo, torchao.int4wo"):
+        check_quantize_mode("torchao.int2wo", "cpu")
+    with pytest.raises(LitLLMError, match="in_features divisible by 32, got 112"):
+        quantize_linear(nn.Linear(112, 64), "torchao.int4wo", "cpu")
+    quantize_linear(nn.Linear(112, 64), "torchao.int8wo", "cpu")  # int8 takes any width
+    if torch.cuda.is_available():
+        with pytest.raises(LitLLMError, match="torchao.int4wo on cuda computes in bfloat16 only"):
+            check_quantize_mode("torchao.int4wo", "cuda", torch.float32)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    from litllm import quantize
+
+    quantize._probe.cache_clear()
+    with pytest.raises(LitLLMError, match="needs torchao: pip install torchao"):
+        check_quantize_mode("torchao.int8wo", "cpu")
+    quantize._probe.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimate_counts_torchao_bytes(mode, dtype):
+    """`litllm estimate`'s formula for a torchao layer == the bytes of the tensors torchao really stores."""
+    pytest.importorskip("torchao")
+    from litllm.estimate import quantized_linear_bytes
+
+    weight = quantize_linear(nn.Linear(256, 192, bias=False).to(dtype), mode, "cpu").weight
+    stored = sum(getattr(weight, name).nbytes for name in weight.__tensor_flatten__()[0])
+    assert quantized_linear_bytes(192, 256, mode, dtype.itemsize) == stored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+def test_torchao_on_gpu(tiny_checkpoint, mode):
+    pytest.importorskip("torchao")
+    ref = GPT.from_checkpoint(tiny_checkpoint, device="cuda", dtype=torch.bfloat16).eval()
+    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint, dtype=torch.bfloat16), mode, "cuda").to("cuda").eval()
+    assert is_quantized(model.blocks[0].mlp.proj)
+    idx = torch.randint(0, 300, (2, 16), device="cuda")
+    with torch.no_grad():
+        out, expected = model(idx).float(), ref(idx).float()
+    assert float((out - expected).norm() / expected.norm()) < TORCHAO_LOGIT_REL_ERROR[mode] + 0.02  # + bf16 rounding
+    from litllm.engine import generate_ids
+
+    assert len(generate_ids(model, idx[0].tolist(), 8)) == 8

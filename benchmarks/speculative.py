@@ -1,0 +1,220 @@
+"""Speculative decoding speed: a 12-layer target with a 2-layer draft vs the target alone, side by side.
+
+The target is a Llama-shaped litllm GPT with random weights from litllm's training init
+(`GPT.reset_parameters`: output projections scaled down with depth) and Gemma's scaled embeddings
+(x * sqrt(n_embd)), so that, as in a trained model, its next token depends on the context but
+follows largely from the recent tokens (without the scaling a random 12-layer model's choice is
+a hash of the whole context that no small draft can learn in minutes). The draft is 2 layers of the same width: the target's embedding,
+final norm and head, its first and last block, then trained for `--train_steps` steps on the
+target's own greedy continuations of random prompts (teacher forcing: it learns to predict what the
+target says), the cheap kind of draft one makes for a model that has no small sibling. Both decode on litllm's engines the way `litllm generate` does (the faster CPU
+weight layout and thread count); the held-out prompts are decoded greedily by
+`litllm.engine.Engine` (the target alone) and by `litllm.speculative.SpeculativeEngine` (target +
+draft), alternating `--repeats` times, and the outputs are checked to be identical.
+
+    python benchmarks/speculative.py --threads 1           # 12 + 2 layers, 512 wide, 100 training steps
+    python benchmarks/speculative.py --n_layer 4 --train_steps 20 --new_tokens 32   # a quick run
+
+Prints the acceptance rate, tokens/s of both and their ratio. The machine may be shared: figures
+are noisy, the ratio (both measured in alternation in one process) less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from generate import timed  # benchmarks/generate.py
+
+
+def build_target(args):
+    from litllm.config import Config
+    from litllm.model import GPT
+
+    config = Config(name="bench-llama", block_size=2048, vocab_size=args.vocab_size, padding_multiple=64,
+                    n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_query_groups=args.n_head,
+                    intermediate_size=args.intermediate_size, norm_class_name="RMSNorm", norm_bias=False,
+                    mlp_class_name="GatedMLP", activation="silu", scale_embeddings=True)
+    torch.manual_seed(0)
+    target = GPT(config)
+    target.reset_parameters()
+    n_params = sum(p.numel() for p in target.parameters())
+    print(f"target: Llama-shaped GPT, {n_params / 1e6:.1f}M parameters, {args.n_layer} layers, n_embd {args.n_embd}, fp32")
+    return target.eval().requires_grad_(False)
+
+
+def greedy_continuations(model, prompts: torch.Tensor, n: int, batch: int) -> torch.Tensor:
+    """(N, P + n): each prompt followed by the model's n greedy tokens (a continuous batch of `batch` rows)."""
+    from litllm.engine import Engine, Request
+
+    out = {i: [] for i in range(len(prompts))}
+    with Engine(model, None, batch, prompts.size(1) + n) as engine:
+        ids = {engine.add(Request(p.tolist(), n)): i for i, p in enumerate(prompts)}
+        while engine.has_unfinished:
+            for o in engine.step():
+                out[ids[o.request_id]] += o.token_ids
+    return torch.cat([prompts, torch.tensor([out[i] for i in range(len(prompts))])], 1)
+
+
+def make_draft(target, n_layer: int):
+    """A GPT of `n_layer` blocks holding copies of the target's embedding, head, final norm and its first
+    (and last) blocks."""
+    from litllm.config import Config
+    from litllm.model import GPT
+
+    config = Config(**{**target.config.__dict__, "n_layer": n_layer})
+    draft = GPT(config)
+    picks = list(range(n_layer - 1)) + [target.config.n_layer - 1]
+    state = {}
+    for name, value in target.state_dict().items():
+        if name.startswith("blocks."):
+            index, rest = name.split(".", 2)[1:]
+            if int(index) in picks:
+                state[f"blocks.{picks.index(int(index))}.{rest}"] = value.clone()
+        else:
+            state[name] = value.clone()
+    draft.load_state_dict(state, strict=False)  # the rope buffers are not saved
+    return draft
+
+
+def train_draft(target, draft, data: torch.Tensor, steps: int, batch: int, lr: float) -> list[float]:
+    """Teach the draft the target's greedy choice at every position of the target's own continuations
+    (cross-entropy against the target's argmax: what speculative decoding asks the draft to guess)."""
+    with torch.no_grad():
+        labels = torch.cat([target(rows).argmax(-1) for rows in data.split(8)])  # (N, T)
+    draft.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        rows = torch.randint(0, len(data), (batch,), generator=g)
+        loss = draft(data[rows], targets=labels[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    draft.eval().requires_grad_(False)
+    return losses
+
+
+def acceptance(target, draft, prompts: torch.Tensor, args) -> float:
+    """The draft's acceptance rate decoding `prompts` greedily with the target."""
+    from litllm.engine import Request
+    from litllm.speculative import SpeculativeEngine
+
+    with SpeculativeEngine(target, draft, None, prompts.size(1) + args.new_tokens,
+                           num_speculative_tokens=args.num_speculative_tokens) as engine:
+        for prompt in prompts:
+            engine.add(Request(prompt.tolist(), args.new_tokens))
+        while engine.has_unfinished:
+            engine.step()
+    return engine.acceptance_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_layer", type=int, default=12)
+    parser.add_argument("--n_embd", type=int, default=512)
+    parser.add_argument("--n_head", type=int, default=8)
+    parser.add_argument("--intermediate_size", type=int, default=1376)
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--draft_layers", type=int, default=2)
+    parser.add_argument("--num_speculative_tokens", type=int, default=4)
+    parser.add_argument("--train_sequences", type=int, default=32,
+                        help="target continuations the draft learns from (and twice as many random sequences)")
+    parser.add_argument("--train_steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--prompt_tokens", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--eval_prompts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; "
+                        "decoding may pick fewer, as litllm's commands do)")
+    args = parser.parse_args()
+
+    from litllm.engine import Engine, Request
+    from litllm.generate import optimize_for_decoding, pick_decode_threads
+    from litllm.speculative import SpeculativeEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = build_target(args)
+    draft = make_draft(target, args.draft_layers)
+
+    g = torch.Generator().manual_seed(0)
+    n_eval = args.eval_prompts
+    prompts = torch.randint(0, args.vocab_size, (args.train_sequences + 2 * n_eval, args.prompt_tokens), generator=g)
+    validation, held_out = prompts[-2 * n_eval: -n_eval], prompts[-n_eval:]
+    t0 = time.perf_counter()
+    data = greedy_continuations(target, prompts[: args.train_sequences], args.new_tokens, batch=8)
+    # and random sequences of the same length, so that the draft sees the target's choices in many contexts
+    data = torch.cat([data, torch.randint(0, args.vocab_size, (2 * len(data), data.size(1)), generator=g)])
+    print(f"target continuations and random sequences to learn from: {tuple(data.shape)} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    untrained_state = {k: v.clone() for k, v in draft.state_dict().items()}
+    untrained = acceptance(target, draft, validation, args)
+    t0 = time.perf_counter()
+    losses = train_draft(target, draft, data, args.train_steps, batch=8, lr=args.lr)
+    trained = acceptance(target, draft, validation, args)
+    if losses:
+        print(f"draft ({args.draft_layers} layers) trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s: "
+              f"loss {losses[0]:.2f} -> {statistics.mean(losses[-10:]):.2f}; acceptance on validation prompts "
+              f"{untrained:.0%} before, {trained:.0%} after")
+    if trained < untrained:  # keep the better draft (chosen on validation prompts, measured on held-out ones)
+        draft.load_state_dict(untrained_state)
+        print("the untrained draft agrees more: benchmarking it")
+
+    layout = optimize_for_decoding(target)
+    optimize_for_decoding(draft)
+    threads = pick_decode_threads(target)
+    eval_prompts = [p.tolist() for p in held_out]
+    n = args.new_tokens
+    length = args.prompt_tokens + n
+
+    def plain():
+        with Engine(target, None, 1, length, threads=threads) as engine:
+            return decode_all(engine)
+
+    speculative_engines = []
+
+    def speculative():
+        with SpeculativeEngine(target, draft, None, length, num_speculative_tokens=args.num_speculative_tokens,
+                               threads=threads) as engine:
+            speculative_engines.append(engine)
+            return decode_all(engine)
+
+    def decode_all(engine):
+        tokens = []
+        for prompt in eval_prompts:
+            engine.add(Request(prompt, n))
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens += out.token_ids
+        return tokens
+
+    same = plain() == speculative()  # also the warm-up
+    runs = {"target alone": [], "target + draft": []}
+    for _ in range(args.repeats):
+        runs["target alone"].append(timed(plain))
+        runs["target + draft"].append(timed(speculative))
+    rate = statistics.mean(e.acceptance_rate for e in speculative_engines)
+    total = n * len(eval_prompts)
+    print(f"threads: {threads}, {layout} weights; {len(eval_prompts)} held-out prompts of {args.prompt_tokens} tokens, "
+          f"{n} new tokens each, greedy, fp32; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"target {args.n_layer} layers, draft {args.draft_layers} layers, {args.num_speculative_tokens} proposed "
+          f"tokens per step; same tokens: {same}; acceptance rate {rate:.0%} on the held-out prompts")
+    print(f"{'':16s}{'tokens/s best':>14s}{'median':>8s}")
+    best = {}
+    for name, times in runs.items():
+        walls = [w for w, _ in times]
+        best[name] = total / min(walls)
+        print(f"{name:16s}{best[name]:14.1f}{total / statistics.median(walls):8.1f}")
+    print(f"speculative / plain: {best['target + draft'] / best['target alone']:.2f}x (best runs)")
+
+
+if __name__ == "__main__":
+    main()

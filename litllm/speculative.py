@@ -1,0 +1,294 @@
+"""Speculative decoding: a small draft model proposes `k` tokens, the model checks them in one forward.
+
+    engine = SpeculativeEngine(model, draft, tokenizer, max_seq_length=512, num_speculative_tokens=4)
+    engine.add(Request(prompt_ids, max_new_tokens=50))
+    while engine.has_unfinished:
+        for out in engine.step():          # the same Output as litllm.engine.Engine's
+            print(out.text, end="")
+    engine.acceptance_rate                 # accepted / proposed draft tokens
+
+Decoding is bound by reading the weights once per step; a forward over k + 1 tokens reads them once
+too. Each round the draft decodes k tokens (cheap: it is small), the target runs one forward over
+the newest token and the k proposals, and keeps the longest prefix it agrees with plus one token of
+its own, so a round yields 1 to k + 1 tokens for one read of the target's weights.
+
+- Greedy (temperature 0): a proposal is kept while it is the target's argmax, and the first
+  disagreement is replaced by the target's argmax: the output is token for token what decoding
+  without a draft gives.
+- Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023): with the target's
+  distribution p and the draft's q at a position (both after temperature, top-k, top-p), the
+  draft's token x is kept with probability min(1, p(x) / q(x)); on the first rejection the
+  token is drawn from norm(max(0, p - q)); when all k are kept, one more comes from p. Each token
+  is then distributed exactly as sampling from the target alone.
+- KV caches: both models' caches are addressed by position, and a query attends to positions up
+  to its own only (`GPT.forward` with `input_pos`). Rejected proposals are rewound by lowering how
+  many cache positions count as valid (`_valid`); their stale entries are overwritten before any
+  query can reach them. The draft also has to catch up on tokens it never saw (the target's own
+  token; after a fully accepted round also its last proposal): it runs them as one forward.
+
+One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode one row), eager
+(no `torch.compile`). `litllm serve` batches rows and decodes without a draft.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from litllm.engine import (
+    PREFILL_CHUNK, Output, Request, StopMatcher, check_sampling_args, sampling_probs, threads_for,
+)
+from litllm.errors import LitLLMError
+
+
+def check_same_vocabulary(tokenizer, draft_tokenizer, model, draft, draft_dir: Path) -> None:
+    """One clear line unless the draft model reads and writes the target's tokens."""
+    vocab, draft_vocab = tokenizer.processor.get_vocab(True), draft_tokenizer.processor.get_vocab(True)
+    if vocab != draft_vocab or model.config.vocab_size != draft.config.vocab_size:
+        raise LitLLMError(
+            f"--draft_model {draft_dir}: its vocabulary ({len(draft_vocab)} tokens, {draft.config.vocab_size} logits) "
+            f"differs from the model's ({len(vocab)} tokens, {model.config.vocab_size} logits): "
+            "a draft must use the same tokenizer"
+        )
+
+
+def accept_proposals(
+    proposed: list[int],
+    p: torch.Tensor,
+    q: Optional[torch.Tensor],
+    generator: Optional[torch.Generator] = None,
+) -> tuple[int, int]:
+    """(how many of the k `proposed` tokens are kept, the token that follows them).
+
+    p: (k + 1, V) the target's distributions at the k proposals' positions and the one after;
+    q: (k, V) the draft's, from which `proposed` were drawn; None for greedy decoding, where p holds
+    the target's logits (or anything whose argmax is its choice).
+    """
+    k = len(proposed)
+    if q is None:
+        choice = p.argmax(dim=-1).tolist()  # (k + 1,)
+        kept = next((i for i in range(k) if proposed[i] != choice[i]), k)
+        return kept, choice[kept]
+    index = torch.arange(k, device=p.device)
+    ids = torch.tensor(proposed, device=p.device, dtype=torch.long)
+    ratio = (p[index, ids] / q[index, ids]).clamp(max=1.0)  # (k,) acceptance probabilities
+    uniform = torch.rand(k, generator=generator, device=p.device)
+    rejected = (uniform >= ratio).tolist()
+    kept = next((i for i in range(k) if rejected[i]), k)
+    if kept == k:
+        target = p[k]
+    else:
+        target = (p[kept] - q[kept]).clamp(min=0.0)  # the mass the draft under-proposed
+        if float(target.sum()) <= 0:  # p == q there (rejection then has probability 0): p itself
+            target = p[kept]
+    return kept, int(torch.multinomial(target / target.sum(), 1, generator=generator))
+
+
+@dataclass
+class _Sequence:
+    """The request being decoded."""
+
+    request_id: int
+    request: Request
+    matcher: StopMatcher
+    generator: Optional[torch.Generator]
+    tokens: list[int]  # prompt + generated; the last one is in neither cache yet
+    valid: list[int]  # [target, draft]: how many leading cache positions hold these tokens' keys/values
+    generated: int = 0
+
+
+class SpeculativeEngine:
+    """`litllm.engine.Engine`'s interface (add, step, abort, has_unfinished, close) for one row, decoding
+    with a draft model. Sets both models' KV caches for its lifetime; `close()` removes them."""
+
+    def __init__(
+        self,
+        model,
+        draft,
+        tokenizer,
+        max_seq_length: Optional[int] = None,
+        *,
+        num_speculative_tokens: int = 4,
+        threads: Optional[int] = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        if num_speculative_tokens < 1:
+            raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise LitLLMError(f"the draft model has {draft.config.vocab_size} logits, the model {model.config.vocab_size}:"
+                              " a draft must use the same tokenizer")
+        self.max_seq_length = max_seq_length or model.max_seq_length
+        for name, m in (("model", model), ("draft model", draft)):
+            if self.max_seq_length > m.max_seq_length:
+                raise LitLLMError(f"max_seq_length {self.max_seq_length} exceeds the {name}'s context window of "
+                                  f"{m.max_seq_length}")
+        self.models = (model, draft)
+        self.tokenizer = tokenizer
+        self.k = num_speculative_tokens
+        self.threads = threads
+        self.prefill_chunk = prefill_chunk
+        self.vocab_size = model.config.vocab_size
+        self.device = model.wte.weight.device
+        for m in self.models:
+            m.set_kv_cache(1, self.max_seq_length)
+        self._caches = [[block.attn.kv_cache for block in m.blocks] for m in self.models]
+        self._waiting: deque[tuple[int, Request]] = deque()
+        self._aborts: set[int] = set()
+        self._next_id = 0
+        self._row: Optional[_Sequence] = None
+        self.proposed = self.accepted = 0  # draft tokens over the engine's life
+
+    # ------------------------------------------------------------------ Engine's interface
+    def add(self, request: Request) -> int:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise LitLLMError("the prompt is empty (no tokens)")
+        s = request.sampling
+        check_sampling_args(s.temperature, s.top_k, s.top_p, request.max_new_tokens)
+        if n + request.max_new_tokens > self.max_seq_length:
+            raise LitLLMError(
+                f"the prompt has {n} tokens and max_new_tokens is {request.max_new_tokens}: together they exceed "
+                f"the context window of {self.max_seq_length} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        request_id = self._next_id
+        self._next_id += 1
+        self._waiting.append((request_id, request))
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        self._aborts.add(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return int(self._row is not None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting) or self._row is not None
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        """Accepted / proposed draft tokens so far (None before any proposal)."""
+        return self.accepted / self.proposed if self.proposed else None
+
+    def close(self) -> None:
+        for m, caches in zip(self.models, self._caches):
+            if m.blocks[0].attn.kv_cache is caches[0]:
+                m.clear_kv_cache()
+
+    def __enter__(self) -> "SpeculativeEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """Start the next request (prefill, first token) or run one speculation round; at most one Output."""
+        for m, caches in zip(self.models, self._caches):  # another engine of the same model may have set its own
+            for block, cache in zip(m.blocks, caches):
+                block.attn.kv_cache = cache
+        with threads_for(self.threads):
+            aborted = self._handle_aborts()
+            if aborted:
+                return aborted
+            if self._row is None:
+                if not self._waiting:
+                    return []
+                return [self._start(*self._waiting.popleft())]
+            return [self._round()]
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, which: int, ids: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
+        """Logits (T or 1, V) of model `which` (0 target, 1 draft) over `ids` written at positions start.."""
+        stop = start + len(ids)
+        idx = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        logits = self.models[which](idx, input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                    logits_to_keep=None if all_logits else 1)
+        return logits[0, :, : self.vocab_size]
+
+    def _start(self, request_id: int, request: Request) -> Output:
+        """Prefill both caches with the prompt (in chunks) and take the target's first token."""
+        prompt = [int(i) for i in request.prompt_ids]
+        for which in (1, 0):  # the target last: its logits pick the first token
+            for start in range(0, len(prompt), self.prefill_chunk):
+                logits = self._forward(which, prompt[start: start + self.prefill_chunk], start)
+        s = request.sampling
+        generator = None
+        if s.seed is not None and s.temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+        self._row = _Sequence(request_id, request, matcher, generator, prompt, [len(prompt)] * 2)
+        return self._emit([self._pick(logits[-1])])
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        s = self._row.request.sampling
+        if s.temperature <= 0:
+            return int(logits.argmax())
+        probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
+        return int(torch.multinomial(probs, 1, generator=self._row.generator))
+
+    def _round(self) -> Output:
+        """Draft k tokens, check them with one target forward, keep the agreed prefix and the target's next."""
+        row = self._row
+        tokens, valid, s = row.tokens, row.valid, row.request.sampling
+        pos = len(tokens) - 1  # the newest token: in neither cache yet
+        k = min(self.k, row.request.max_new_tokens - row.generated - 1)  # never more than the request wants
+        proposed, draft_probs = [], []
+        for _ in range(k):
+            pending = tokens[valid[1]:] + proposed[-1:]  # what the draft hasn't seen
+            logits = self._forward(1, pending, pos + len(proposed) + 1 - len(pending))[-1]
+            valid[1] = pos + len(proposed) + 1
+            if s.temperature > 0:
+                draft_probs.append(sampling_probs(logits, s.temperature, s.top_k, s.top_p))
+                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=row.generator)))
+            else:
+                proposed.append(int(logits.argmax()))
+        logits = self._forward(0, tokens[pos:] + proposed, pos, all_logits=True)  # (k + 1, V)
+        if s.temperature > 0:
+            kept, token = accept_proposals(proposed, sampling_probs(logits, s.temperature, s.top_k, s.top_p),
+                                           torch.stack(draft_probs) if draft_probs else logits[:0], row.generator)
+        else:
+            kept, token = accept_proposals(proposed, logits, None)
+        self.proposed += k
+        self.accepted += kept
+        # rewind: cache positions past the kept tokens no longer count (the draft never wrote its last proposal)
+        valid[0] = pos + kept + 1
+        valid[1] = min(valid[1], pos + kept + 1)
+        return self._emit(proposed[:kept] + [token])
+
+    def _emit(self, new: list[int]) -> Output:
+        """Append the new tokens to the row (up to a stop or max_new_tokens) and say what they produced."""
+        row = self._row
+        request, matcher = row.request, row.matcher
+        text, used, reason = "", [], None
+        for token in new:
+            row.tokens.append(token)
+            row.generated += 1
+            used.append(token)
+            text += matcher.push(token)
+            if matcher.stopped:
+                reason = "stop"
+            elif row.generated >= request.max_new_tokens:
+                reason = "length"
+                text += matcher.flush()
+            if reason:
+                self._row = None
+                break
+        return Output(row.request_id, text, used, reason is not None, reason, len(request.prompt_ids), row.generated)
+
+    def _handle_aborts(self) -> list[Output]:
+        if not self._aborts:
+            return []
+        outputs = [Output(i, "", [], True, "abort", len(r.prompt_ids), 0) for i, r in self._waiting if i in self._aborts]
+        self._waiting = deque((i, r) for i, r in self._waiting if i not in self._aborts)
+        row = self._row
+        if row is not None and row.request_id in self._aborts:
+            outputs.append(Output(row.request_id, "", [], True, "abort", len(row.request.prompt_ids), row.generated))
+            self._row = None
+        self._aborts.clear()
+        return outputs

@@ -1,0 +1,232 @@
+"""Speculative decoding: greedy output equals decoding without a draft token for token; sampled tokens
+follow the target's distribution (chi-square tests against exact distributions, seeded so they are
+deterministic; each also shows it would reject the draft's distribution); the acceptance rate; errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from litllm.engine import Engine, Request, Sampling, generate_ids
+from litllm.errors import LitLLMError
+from litllm.model import GPT
+from litllm.speculative import SpeculativeEngine, accept_proposals
+from conftest import make_converted_checkpoint, tiny_config
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+def _noisy_copy(checkpoint, scale: float) -> GPT:
+    """The checkpoint's model with relative noise on every weight: a draft that agrees sometimes."""
+    model = GPT.from_checkpoint(checkpoint).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+    return model
+
+
+def _speculate(target, draft, prompt, n, k, sampling=Sampling(), stop_token_ids=()):
+    with SpeculativeEngine(target, draft, None, len(prompt) + n, num_speculative_tokens=k) as engine:
+        engine.add(Request(prompt, n, sampling, stop_token_ids=stop_token_ids))
+        tokens = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens += out.token_ids
+    return tokens, engine
+
+
+@pytest.mark.parametrize("draft_kind", ["itself", "noisy"])
+def test_greedy_equals_plain_decoding(tiny_checkpoint, draft_kind, one_thread):
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = GPT.from_checkpoint(tiny_checkpoint).eval() if draft_kind == "itself" else _noisy_copy(tiny_checkpoint, 0.05)
+    prompt = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = generate_ids(target, prompt, 110)  # a long continuation: the cache is rewound many times
+    for k in (1, 4):
+        tokens, engine = _speculate(target, draft, prompt, 110, k)
+        assert tokens == expected, k
+        if draft_kind == "itself":  # every proposal is the target's own choice (all-accepted rounds)
+            assert engine.acceptance_rate == 1.0
+        else:  # both paths: kept and rejected proposals
+            assert 0.0 < engine.acceptance_rate < 1.0
+        assert engine.proposed >= (110 - 1) // (k + 1)  # the first token comes from the prefill
+    # a stop token ends the output where plain decoding ends it, also inside an accepted run
+    stop = expected[30]
+    tokens, _ = _speculate(target, draft, prompt, 110, 4, stop_token_ids=[stop])
+    assert tokens == expected[: expected.index(stop) + 1]
+
+
+def _chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of the samples (token ids) coming from `probs`, over the tokens with expected count >= 5
+    (the rest pooled into one cell)."""
+    counts = torch.bincount(samples, minlength=probs.numel()).double()
+    expected = probs.double() * samples.numel()
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    wanted = torch.cat([expected[big], expected[~big].sum()[None]])
+    if wanted[-1] < 5:  # nothing (much) to pool: fold it into the largest cell
+        observed, wanted = observed[:-1].clone(), wanted[:-1].clone()
+        observed[wanted.argmax()] += counts[~big].sum()
+        wanted[wanted.argmax()] += expected[~big].sum()
+    return float(scipy_stats.chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item()).pvalue)
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    """The rule alone, on a 6-token vocabulary with zeros in p and q (as top-k leaves): the first emitted token
+    follows p[0], the second (when the first proposal is kept) p[1], the bonus token p[k]."""
+    g = torch.Generator().manual_seed(0)
+    k, V, N = 2, 6, 10000
+    p = torch.softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, V, generator=g) * 1.5, -1)
+    p[0, 5] = 0.0  # a token only the draft proposes
+    q[0, 4] = 0.0  # a token only the target picks (reached through the residual)
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    first, second, bonus = [], [], []
+    for _ in range(N):
+        proposed = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(k)]
+        kept, token = accept_proposals(proposed, p, q, g)
+        emitted = proposed[:kept] + [token]
+        first.append(emitted[0])
+        if kept >= 1:
+            second.append(emitted[1])
+        if kept == k:
+            bonus.append(token)
+    first = torch.tensor(first)
+    assert _chi_square_pvalue(first, p[0]) > 1e-3
+    assert _chi_square_pvalue(torch.tensor(second), p[1]) > 1e-3
+    assert _chi_square_pvalue(torch.tensor(bonus), p[k]) > 1e-3
+    assert not (first == 5).any() and (first == 4).any()
+    assert _chi_square_pvalue(first, q[0]) < 1e-6  # the test has the power to see the draft's distribution
+
+
+def _exact_marginals(model, prompt: list[int], vocab: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(token 2) and P(token 3) of sampling from `model` after `prompt`, summed over all earlier tokens."""
+    with torch.no_grad():
+        def probs(rows):  # rows (B, T) -> next-token distributions (B, vocab)
+            return torch.softmax(model(rows)[:, -1, :vocab].float() / temperature, -1)
+
+        base = torch.tensor(prompt)[None]
+        p1 = probs(base)[0]  # (V,)
+        ones = torch.arange(vocab)[:, None]
+        rows1 = torch.cat([base.expand(vocab, -1), ones], 1)  # (V, T+1): prompt, t1
+        p2 = probs(rows1)  # (V, V): P(t2 | t1)
+        rows2 = torch.cat([rows1.repeat_interleave(vocab, 0), ones.repeat(vocab, 1)], 1)  # (V*V, T+2)
+        p3 = probs(rows2).reshape(vocab, vocab, vocab)  # P(t3 | t1, t2)
+    joint12 = p1[:, None] * p2
+    return joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
+
+
+def test_sampling_keeps_the_target_distribution(one_thread):
+    """End to end on an 8-token vocabulary: the 2nd and 3rd sampled tokens (from a round of k=2 proposals:
+    kept, replaced or the bonus) follow the target's exact marginals, not the draft's."""
+    vocab, temperature, N = 8, 1.0, 1000
+    torch.manual_seed(0)
+    target = GPT(tiny_config(vocab_size=vocab, padding_multiple=8, block_size=16)).eval()
+    draft = GPT(tiny_config(vocab_size=vocab, padding_multiple=8, block_size=16, n_layer=1)).eval()
+    prompt = [1, 2, 3]
+    tokens: dict[int, list[int]] = {}
+    with SpeculativeEngine(target, draft, None, 8, num_speculative_tokens=2) as engine:
+        for seed in range(N):  # one request per seed, decoded one after the other
+            tokens[engine.add(Request(prompt, 4, Sampling(temperature, seed=seed)))] = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids
+    assert 0.2 < engine.acceptance_rate < 0.95  # both paths taken often
+    second = torch.tensor([t[1] for t in tokens.values()])
+    third = torch.tensor([t[2] for t in tokens.values()])
+    m2, m3 = _exact_marginals(target, prompt, vocab, temperature)
+    d2, d3 = _exact_marginals(draft, prompt, vocab, temperature)
+    assert _chi_square_pvalue(second, m2) > 1e-3
+    assert _chi_square_pvalue(third, m3) > 1e-3
+    assert min(_chi_square_pvalue(second, d2), _chi_square_pvalue(third, d3)) < 1e-6
+
+
+def test_generate_and_llm_with_a_draft(tiny_checkpoint, capsys, one_thread):
+    from litllm import LLM
+    from litllm.generate import generate
+
+    prompt = "Hello there, how are"
+    plain = LLM.load(tiny_checkpoint, device="cpu", prompt_style="default")
+    expected = plain.generate(prompt, max_new_tokens=40)
+    llm = LLM.load(tiny_checkpoint, device="cpu", prompt_style="default", draft_model=tiny_checkpoint)
+    assert llm.generate(prompt, max_new_tokens=40) == expected
+    assert llm.acceptance_rate == 1.0
+    assert llm.generate([prompt, "Other"], max_new_tokens=12) == plain.generate([prompt, "Other"], max_new_tokens=12)
+    assert "".join(llm.generate(prompt, max_new_tokens=40, stream=True)) == expected
+
+    generate(tiny_checkpoint, prompt, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu")
+    plain_out = capsys.readouterr().out
+    generate(tiny_checkpoint, prompt, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
+             draft_model=tiny_checkpoint, num_speculative_tokens=3)
+    captured = capsys.readouterr()
+    assert captured.out == plain_out
+    assert "Draft acceptance: 100% (" in captured.err
+
+
+def test_errors(tiny_checkpoint, tmp_path):
+    from litllm import LLM
+    from litllm.generate import generate
+
+    other = make_converted_checkpoint(tmp_path / "other", vocab_size=300)
+    with pytest.raises(LitLLMError, match=r"--draft_model .*other: its vocabulary .* differs from the model's"):
+        LLM.load(tiny_checkpoint, device="cpu", draft_model=other)
+    with pytest.raises(LitLLMError, match="--compile does not apply to speculative decoding"):
+        generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=tiny_checkpoint, compile=True)
+    with pytest.raises(LitLLMError, match="--num_speculative_tokens must be >= 1, got 0"):
+        generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=tiny_checkpoint,
+                 num_speculative_tokens=0)
+    missing = tmp_path / "missing"
+    with pytest.raises(LitLLMError, match="--draft_model: .*missing"):
+        generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=missing)
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    short = GPT.from_checkpoint(tiny_checkpoint, block_size=32).eval()
+    with pytest.raises(LitLLMError, match="exceeds the draft model's context window of 32"):
+        SpeculativeEngine(model, short, None, 64)
+    engine = SpeculativeEngine(model, model, None, 16)
+    with pytest.raises(LitLLMError, match="exceed the context window of 16"):
+        engine.add(Request([1] * 10, 7))
+    engine.close()
+    assert model.blocks[0].attn.kv_cache is None
+
+
+def test_abort_and_the_engine_interface(tiny_checkpoint, one_thread):
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+    with SpeculativeEngine(model, draft, None, 64) as engine:
+        first = engine.add(Request([5, 6, 7], 30))
+        second = engine.add(Request([8, 9], 5))
+        engine.step()
+        engine.abort(first)
+        (out,) = engine.step()
+        assert (out.request_id, out.finished, out.finish_reason) == (first, True, "abort")
+        tokens = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens += out.token_ids
+        assert tokens == generate_ids(model, [8, 9], 5)
+    # a plain Engine of the same model set its cache in between: each engine keeps its own
+    with SpeculativeEngine(model, draft, None, 64) as engine, Engine(model, None, 1, 32) as plain:
+        engine.add(Request([5, 6, 7], 20))
+        plain.add(Request([1, 2], 3))
+        while engine.has_unfinished or plain.has_unfinished:
+            engine.step()
+            plain.step()
+
+
+def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
+    """chat keeps one engine for the whole conversation: with a draft, every turn's reply is the plain one."""
+    import io
+    import sys
+
+    from litllm.chat import chat
+
+    stdin = "Hello there\nWrite a haiku about autumn.\n/exit\n"
+    outputs = []
+    for extra in ({}, {"draft_model": tiny_checkpoint, "num_speculative_tokens": 2}):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        chat(tiny_checkpoint, temperature=0.0, prompt_style="chatml", max_new_tokens=12, **extra)
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].count(">> Model: ") == 2
+    assert outputs[1] == outputs[0]
