@@ -239,3 +239,133 @@ def test_cli(llama, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert_to_gguf", str(llama), str(out), "--outtype", "q3"])
     assert "error: --outtype: expected one of" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- a LoRA adapter
+def lora_run(base: Path, folder: Path, **flags) -> Path:
+    """A LoRA run's folder on `base` with random (non-zero) A and B, as `finetune_lora` writes it."""
+    from litllm.lora import LoRASettings, add_lora, save_lora_checkpoint
+    from litllm.model import GPT
+
+    settings = LoRASettings(**flags)
+    model = add_lora(GPT.from_checkpoint(base), **{k: v for k, v in vars(settings).items()})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_lora_checkpoint(model, folder, {"checkpoint_dir": str(base), **settings.to_flags()})
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_adapter_applied_over_base_is_the_merged_model(tmp_path, family):
+    """What llama.cpp computes with `--lora` (W + alpha/rank * B @ A per tensor, rank read from the tensor)
+    equals the GGUF export of the merged model, for per-part tensors (llama's q/k/v, with the rope row
+    order) and fused ones (Phi-3's attn_qkv, ffn_up)."""
+    from litllm.lora import merge_lora
+
+    base = checkpoint(tmp_path / family, family, pad_token="<unk>" if family == "phi3" else None)
+    run = lora_run(base, tmp_path / "run", r=4, alpha=8.0, query=True, key=True, value=False, mlp=True)
+    adapter = tmp_path / "adapter.gguf"
+    convert_to_gguf(run, adapter, outtype="f32", adapter_only=True)
+    merge_lora(run, out_dir=tmp_path / "merged")
+    base_tensors, merged = read_tensors(export(base)), read_tensors(export(tmp_path / "merged"))
+    reader = gguf.GGUFReader(adapter)
+    assert reader.fields["general.type"].contents() == "adapter"
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    lora = read_tensors(adapter)
+    adapted = {name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")}
+    assert adapted and adapted < base_tensors.keys()
+    for name, weight in base_tensors.items():
+        if name in adapted:
+            a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+            weight = weight + alpha / a.shape[0] * (b @ a)
+        torch.testing.assert_close(weight, merged[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_adapter_only_needs_a_lora_run(llama, tmp_path):
+    with pytest.raises(LitLLMError, match="lit_lora.safetensors"):
+        convert_to_gguf(llama, tmp_path / "a.gguf", adapter_only=True)
+
+
+# ---------------------------------------------------------------------- llama.cpp itself
+def llama_cpp_model(path: Path, lora: Path | None = None):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (see tutorials/deploy.md; CI doesn't build it)"
+    )
+    return llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False, seed=0,
+                           lora_path=str(lora) if lora else None)
+
+
+def litllm_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
+    from litllm.engine import generate_ids
+    from litllm.model import GPT
+
+    return generate_ids(GPT.from_checkpoint(folder).eval(), prompt_ids, n)
+
+
+def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt_ids)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "qwen2", "qwen3", "gemma",
+                      "gemma2-gguf", "gemma3", "phi3"]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_llama_cpp_greedy_tokens_and_logits_match_litllm(tmp_path, family, outtype):
+    """llama.cpp runs the exported file: the same greedy tokens as litllm's engine, and (f32) the same
+    prompt logits within llama.cpp's own float error."""
+    from litllm.model import GPT
+    from litllm.tokenizer import Tokenizer
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    folder = checkpoint(tmp_path / family, family)
+    llm = llama_cpp_model(export(folder, outtype))
+    prompt = Tokenizer(folder).encode("The quick brown fox").tolist()
+    n = 8 - len(prompt) if family in ("mistral", "phi3") else 12  # stay inside their sliding windows
+    assert llama_cpp_greedy(llm, prompt, n) == litllm_greedy(folder, prompt, n)
+    if outtype == "f32":
+        llm.reset()
+        llm.eval(prompt)
+        with torch.no_grad():
+            want = GPT.from_checkpoint(folder).eval()(torch.tensor([prompt]))[0]
+        got = torch.from_numpy(llm.scores[: len(prompt)].copy())
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["byte-level", "sentencepiece"])
+def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, layout):
+    from litllm.tokenizer import Tokenizer
+
+    folder = llama if layout == "byte-level" else llama_spm
+    llm = llama_cpp_model(export(folder))
+    tok = Tokenizer(folder)
+    for text in STRINGS + SAMPLE_TEXT.splitlines() + [SAMPLE_TEXT]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok.encode(text, bos=True).tolist(), text
+        ids = tok.encode(text, bos=False).tolist()
+        assert llm.detokenize(ids).decode() == tok.decode(ids), text
+
+
+def test_llama_cpp_applies_the_adapter_as_the_merged_model(tmp_path, llama):
+    from litllm.lora import merge_lora
+    from litllm.tokenizer import Tokenizer
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    run = lora_run(llama, tmp_path / "run", r=4, alpha=8.0, query=True, key=True, value=True, mlp=True)
+    convert_to_gguf(run, tmp_path / "adapter.gguf", outtype="f32", adapter_only=True)
+    merge_lora(run, out_dir=tmp_path / "merged")
+    prompt = Tokenizer(llama).encode("The quick brown fox").tolist()
+    with_lora = llama_cpp_greedy(llama_cpp_model(export(llama), tmp_path / "adapter.gguf"), prompt, 12)
+    assert with_lora == litllm_greedy(tmp_path / "merged", prompt, 12)
+    assert with_lora != litllm_greedy(llama, prompt, 12)  # the adapter changes what the model says
