@@ -55,6 +55,7 @@ class _Family:
 FAMILIES = {
     "llama": _Family("LLAMA", permute_qk=True),
     "mistral": _Family("LLAMA", permute_qk=True),
+    "mixtral": _Family("LLAMA", permute_qk=True),
     "qwen2": _Family("QWEN2"),
     "qwen3": _Family("QWEN3"),
     "gemma": _Family("GEMMA", norm_offset=1.0),
@@ -139,7 +140,7 @@ def _tensor_type(name: str, shape: tuple[int, ...], outtype: str):
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if len(shape) == 1 or name == "rope_freqs.weight":
+    if len(shape) == 1 or name == "rope_freqs.weight" or ".ffn_gate_inp." in name:  # the MoE router stays f32
         return q.F32
     qtype = q[OUTTYPES[outtype][0]]
     if qtype not in (q.F32, q.F16, q.BF16):
@@ -156,8 +157,8 @@ def _family(config, model_type: str) -> _Family:
             f"model {config.name!r} ({model_type}): no GGUF export for this family yet "
             f"(exported: {', '.join(sorted(FAMILIES))})"
         )
-    if config.mlp_class_name == "MoE":
-        raise LitLLMError(f"model {config.name!r}: mixture-of-experts models have no GGUF export yet")
+    if config.mlp_class_name == "MoE" and not config.moe_normalize_topk:
+        raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk false; llama.cpp renormalizes the top-k expert weights")
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
     allowed = {"default", "linear"} | ({"llama3"} if FAMILIES[model_type].arch == "LLAMA" else set())
     if scaling not in allowed:
@@ -185,7 +186,8 @@ def _gguf_names(config, family: _Family):
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.n_layer)
 
     def gguf_name(hf_name: str) -> str:
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        # a MoE layer's experts are one stacked GGUF tensor per projection: look up the expert-less name
+        name = names.get_name(re.sub(r"\.experts\.\d+\.", ".experts.", hf_name), try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LitLLMError(f"{hf_name}: no GGUF tensor name for it in llama.cpp's {family.arch.lower()} layout")
         return name
@@ -233,23 +235,36 @@ def _plan_model(folder: Path, outtype: str):
     parts = _gguf_names(config, family)
     weights = folder / WEIGHTS_FILE
     lit = open_safetensors(weights)
-    plan: list[_Tensor] = []
+    # GGUF name -> the row ranges of litllm tensors it is made of (several: one per MoE expert, stacked)
+    sources: dict[str, list[tuple[str, int, Optional[int], tuple[int, ...]]]] = {}
     for lit_name in lit.keys():
         shape = tuple(lit.get_slice(lit_name).get_shape())
         for name, start, rows in parts(lit_name):
-            part_shape = (rows if rows is not None else shape[0], *shape[1:])
+            sources.setdefault(name, []).append((lit_name, start, rows, shape))
 
-            def make(lit_name=lit_name, name=name, start=start, rows=rows) -> torch.Tensor:
-                tensor = read_tensor(weights, lit_name)
-                if rows is not None:
-                    tensor = tensor[start: start + rows]
-                if family.permute_qk:
-                    tensor = _reorder_qk(name, tensor, config)
-                if family.norm_offset and "norm.weight" in name:
-                    tensor = tensor.float() + family.norm_offset
-                return tensor
+    def part(name: str, lit_name: str, start: int, rows: Optional[int]) -> torch.Tensor:
+        tensor = read_tensor(weights, lit_name)
+        if rows is not None:
+            tensor = tensor[start: start + rows]
+        if family.permute_qk:
+            tensor = _reorder_qk(name, tensor, config)
+        if family.norm_offset and "norm.weight" in name:
+            tensor = tensor.float() + family.norm_offset
+        return tensor
 
-            plan.append(_Tensor(name, part_shape, _tensor_type(name, part_shape, outtype), make))
+    plan: list[_Tensor] = []
+    for name, pieces in sources.items():
+        pieces.sort(key=lambda p: _expert_index(p[0]))
+        lit_name, start, rows, shape = pieces[0]
+        shape = (rows if rows is not None else shape[0], *shape[1:])
+        if len(pieces) > 1:  # (n_expert, rows, columns)
+            shape = (len(pieces), *shape)
+
+        def make(name=name, pieces=pieces) -> torch.Tensor:
+            tensors = [part(name, lit_name, start, rows) for lit_name, start, rows, _ in pieces]
+            return torch.stack(tensors) if len(tensors) > 1 else tensors[0]
+
+        plan.append(_Tensor(name, shape, _tensor_type(name, shape, outtype), make))
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
         factors = _llama3_rope_factors(config)
         plan.append(_Tensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32, lambda: factors))
@@ -257,6 +272,11 @@ def _plan_model(folder: Path, outtype: str):
         print(f"note: llama.cpp's {family.arch.lower()} graph attends to the whole context, not a sliding window of "
               f"{config.sliding_window_size}: outputs agree with litllm's up to that many tokens")
     return writer, plan
+
+
+def _expert_index(lit_name: str) -> int:
+    match = re.search(r"\.experts\.(\d+)\.", lit_name)
+    return int(match.group(1)) if match else -1
 
 
 def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
@@ -277,6 +297,9 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     writer.add_rope_freq_base(config.rope_base)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.padded_vocab_size)
+    if config.mlp_class_name == "MoE":
+        writer.add_expert_count(config.n_expert)
+        writer.add_expert_used_count(config.n_expert_per_token)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -508,6 +531,8 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
         raise LitLLMError(f"{folder}: base model {base_dir} not found (pass --pretrained_checkpoint_dir if it moved)")
     config = read_config(base_dir)
     family = _family(config, infer_model_type(config))
+    if settings.mlp and config.mlp_class_name == "MoE":
+        raise LitLLMError(f"{folder}: a LoRA on MoE experts has no GGUF LoRA form (llama.cpp stacks the experts)")
     if settings.head and config.tie_embeddings:
         raise LitLLMError(f"{folder}: a LoRA on a head tied to the embedding has no GGUF LoRA form (trained with --lora_head)")
     weights = read_safetensors(lora_weights_file(folder))

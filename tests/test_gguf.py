@@ -317,7 +317,7 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
     return out
 
 
-LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "qwen2", "qwen3", "gemma",
+LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
                       "gemma2-gguf", "gemma3", "phi3"]
 
 
