@@ -20,6 +20,7 @@ with scores from the merge ranks, so llama.cpp's merge order is the BPE's.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,7 @@ class _Tensor:
     def __post_init__(self) -> None:
         import gguf
 
-        byte_shape = gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
-        self.nbytes = int(torch.tensor(byte_shape).prod().item()) if byte_shape else 1
+        self.nbytes = math.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
 
     def data(self):
         """The tensor as the bytes the file stores (a numpy array)."""
@@ -318,8 +318,6 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
 
 def _llama3_rope_factors(config) -> torch.Tensor:
     """Llama 3.1's per-frequency rope factors, as the `rope_freqs` tensor llama.cpp divides frequencies by."""
-    import math
-
     s = config.rope_scaling
     dim = config.rope_n_elem
     freqs = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -427,6 +425,8 @@ def _space_prefix(tokenizer: dict, path: Path) -> bool:
     steps = normalizer.get("normalizers", []) if normalizer and normalizer["type"] == "Sequence" else (
         [normalizer] if normalizer else [])
     simple = [(s["type"], s.get("prepend") or s.get("content")) for s in steps]
+    if pre and pre["type"] == "Split" and pre.get("pattern") == {"String": " "} and simple and simple[-1] == ("Replace", "▁"):
+        pre = None  # Gemma's: a split on spaces the normalizer has already replaced does nothing
     if pre is None and simple == [("Prepend", "▁"), ("Replace", "▁")]:
         return True
     if pre is None and simple == [("Replace", "▁")]:
@@ -550,11 +550,11 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
         b_of = {n: weights[f"{path}.lora_B.{n}"].float() for n in enabled}
         outputs = parts_of(f"{path}.weight")
         if len(outputs) == len(parts):  # one GGUF tensor per part
-            pieces = [(name, [part], name) for (name, _, _), (part, _) in zip(outputs, parts)]
+            pieces = [(name, [part]) for (name, _, _), (part, _) in zip(outputs, parts)]
         else:  # one fused GGUF tensor for every part
-            pieces = [(outputs[0][0], [p for p, _ in parts], outputs[0][0])]
+            pieces = [(outputs[0][0], [p for p, _ in parts])]
         rows = dict(parts)
-        for name, part_names, _ in pieces:
+        for name, part_names in pieces:
             on = [p for p in part_names if p in a_of]
             if not on:
                 continue

@@ -60,6 +60,20 @@ def llama_spm(tmp_path_factory) -> Path:
     return checkpoint(tmp_path_factory.mktemp("gguf_llama_spm"), "llama", byte_fallback=True)
 
 
+@pytest.fixture(scope="module")
+def gemma_spm(tmp_path_factory, llama_spm) -> Path:
+    """Gemma's layout: SentencePiece-style, no '▁' prepended, a (no-op) split on spaces, no decoder strip."""
+    folder = tmp_path_factory.mktemp("gguf_gemma_spm") / "model"
+    shutil.copytree(llama_spm, folder, ignore=shutil.ignore_patterns("*.gguf"))
+    raw = json.loads((folder / "tokenizer.json").read_text())
+    raw["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    raw["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                            "invert": False}
+    raw["decoder"]["decoders"] = [d for d in raw["decoder"]["decoders"] if d["type"] != "Strip"]
+    (folder / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
+    return folder
+
+
 def export(folder: Path, outtype: str = "f32", name: str | None = None, **kwargs) -> Path:
     out = folder / (name or f"model-{outtype}.gguf")
     if not out.is_file():
@@ -347,11 +361,11 @@ def test_llama_cpp_greedy_tokens_and_logits_match_litllm(tmp_path, family, outty
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["byte-level", "sentencepiece"])
-def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, layout):
+@pytest.mark.parametrize("layout", ["byte-level", "sentencepiece", "sentencepiece-no-prefix"])
+def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, layout):
     from litllm.tokenizer import Tokenizer
 
-    folder = llama if layout == "byte-level" else llama_spm
+    folder = {"byte-level": llama, "sentencepiece": llama_spm, "sentencepiece-no-prefix": gemma_spm}[layout]
     llm = llama_cpp_model(export(folder))
     tok = Tokenizer(folder)
     for text in STRINGS + SAMPLE_TEXT.splitlines() + [SAMPLE_TEXT]:
