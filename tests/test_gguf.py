@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama_cpp_check
 from conftest import SAMPLE_TEXT, make_converted_checkpoint
+from llama_cpp_check import STRINGS, litllm_greedy, llama_cpp_detokenize, llama_cpp_greedy
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'litllm[gguf]')")
 
@@ -24,10 +26,6 @@ VARIANTS = {
     "qwen3-gguf": ("qwen3", dict(head_dim=128)),  # Qwen3Config's default head_dim
     "gemma2-gguf": ("gemma2", dict(query_pre_attn_scalar=16)),
 }
-STRINGS = [
-    "Hello world", " leading space", "two  spaces and\ttab", "digits 1234567 3.14159 -42",
-    "café naïve 東京 🙂", "line\nbreak\n\n  indented", "it's we'll THEY'RE", "",
-]
 
 
 def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token: str | None = None) -> Path:
@@ -304,31 +302,8 @@ def test_adapter_only_needs_a_lora_run(llama, tmp_path):
 
 # ---------------------------------------------------------------------- llama.cpp itself
 def llama_cpp_model(path: Path, lora: Path | None = None):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (see tutorials/deploy.md; CI doesn't build it)"
-    )
-    return llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False, seed=0,
-                           lora_path=str(lora) if lora else None)
-
-
-def litllm_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
-    from litllm.engine import generate_ids
-    from litllm.model import GPT
-
-    return generate_ids(GPT.from_checkpoint(folder).eval(), prompt_ids, n)
-
-
-def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
-    import numpy as np
-
-    llm.reset()
-    llm.eval(prompt_ids)
-    out = []
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
-    return out
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see tutorials/deploy.md; CI doesn't build it)")
+    return llama_cpp_check.llama_cpp_model(path, lora)
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
@@ -372,22 +347,6 @@ def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, layout):
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok.encode(text, bos=True).tolist(), text
         ids = tok.encode(text, bos=False).tolist()
         assert llama_cpp_detokenize(llm, ids) == tok.decode(ids), text
-
-
-def llama_cpp_detokenize(llm, ids: list[int]) -> str:
-    """llama.cpp's own `llama_detokenize` (Llama.detokenize joins pieces and keeps SentencePiece's leading space)."""
-    import ctypes
-
-    import llama_cpp
-
-    tokens = (llama_cpp.llama_token * len(ids))(*ids)
-    size = 64
-    while True:  # a negative result is the size it needs
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_detokenize(llm._model.vocab, tokens, len(ids), buf, size, False, False)
-        if n >= 0:
-            return buf.raw[:n].decode()
-        size = -n
 
 
 def test_llama_cpp_applies_the_adapter_as_the_merged_model(tmp_path, llama):
