@@ -9,8 +9,9 @@ vendored in llama-cpp-python's source distribution:
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     python benchmarks/gguf.py --llama_cpp_src llama_cpp_python-*/vendor/llama.cpp
 
-Decoding: one prompt of 16 tokens, then `--new_tokens` greedy tokens, batch 1, `--threads` threads on both
-sides; litllm runs as `litllm generate` does (its engine, decode layout and thread pick), fp32. Without
+Decoding: a short prompt, then `--new_tokens` greedy tokens, batch 1, `--threads` threads on both sides
+(default 1: on a shared machine llama.cpp's spinning OpenMP threads slow it tenfold at 2); litllm runs as
+`litllm generate` does (its engine and decode weight layout), fp32. Without
 `llama_cpp` importable (pip install llama-cpp-python), the decode rows are skipped. The table is printed
 at the end; a shared machine makes every figure noisy (best of `--repeats` runs is shown).
 """
@@ -75,14 +76,13 @@ def run_job(code: str, *args: str) -> tuple[float, float]:
     return seconds, peak
 
 
-def litllm_decode(folder: Path, prompt: list[int], new_tokens: int) -> float:
-    from litllm.engine import generate_ids
+def litllm_decode(folder: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+    from litllm.engine import generate_ids, threads_for
     from litllm.generate import load_for_decoding
-    from litllm.engine import threads_for
 
-    model, threads = load_for_decoding(folder, "cpu", "32-true")
-    generate_ids(model, prompt, 4)  # warm-up
+    model, _ = load_for_decoding(folder, "cpu", "32-true")  # threads: --threads, as llama.cpp's
     with threads_for(threads):
+        generate_ids(model, prompt, 4)  # warm-up
         t0 = time.perf_counter()
         out = generate_ids(model, prompt, new_tokens)
         seconds = time.perf_counter() - t0
@@ -90,12 +90,30 @@ def litllm_decode(folder: Path, prompt: list[int], new_tokens: int) -> float:
     return new_tokens / seconds
 
 
-def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+def llama_cpp_model(path: Path, n_ctx: int, threads: int):
+    """A llama.cpp model without its extra weight buffers (AMX / repacked layouts): in llama-cpp-python
+    0.3.36 built with GGML_NATIVE on this AMX CPU they crash on q8_0 weights (llama.cpp's own q8_0 file too)."""
     import llama_cpp
+    import llama_cpp.llama
 
+    defaults = llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
+
+
+def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
     import numpy as np
 
-    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, verbose=False)
+    llm = llama_cpp_model(path, len(prompt) + new_tokens + 8, threads)
     llm.eval(prompt)  # prefill, untimed
     t0 = time.perf_counter()
     for _ in range(new_tokens):  # greedy, one token per step, as litllm's engine decodes
@@ -109,9 +127,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="both sides; on a shared machine llama.cpp's spinning threads slow it badly at 2+")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--decode_only", action="store_true", help="reuse --workdir's exports; measure decoding only")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="litllm-gguf-bench-"))
     hf, model = work / "hf", work / "litllm"
@@ -123,6 +143,9 @@ def main() -> None:
     rows = []
     for outtype in ("f32", "f16", "q8_0"):
         out = work / f"litllm-{outtype}.gguf"
+        if args.decode_only:
+            rows.append((outtype, out.stat().st_size / 2**20, None, None))
+            continue
         lit = min(run_job(LITLLM_EXPORT, str(model), str(out), outtype) for _ in range(args.repeats))
         ref = None
         if args.llama_cpp_src:
@@ -133,8 +156,8 @@ def main() -> None:
 
     print("\nexport (best of %d; fresh process each; peak RSS includes the interpreter and imports)" % args.repeats)
     print(f"{'outtype':8} {'file MiB':>9} {'litllm s':>9} {'litllm MiB':>11} {'llama.cpp s':>12} {'llama.cpp MiB':>14} {'time ratio':>11} {'mem ratio':>10}")
-    for outtype, size, (ls, lm), ref in rows:
-        rs, rm = ref if ref else (float("nan"), float("nan"))
+    for outtype, size, lit, ref in rows if not args.decode_only else []:
+        (ls, lm), (rs, rm) = lit, ref if ref else (float("nan"), float("nan"))
         print(f"{outtype:8} {size:9.1f} {ls:9.1f} {lm:11.0f} {rs:12.1f} {rm:14.0f} {ls / rs:11.2f} {lm / rm:10.2f}")
 
     try:
@@ -147,7 +170,7 @@ def main() -> None:
     prompt = Tokenizer(model).encode("The quick brown fox jumps over the lazy dog. Pack my box")[:16].tolist()
     print(f"\ndecode tokens/s ({args.new_tokens} greedy tokens after a {len(prompt)}-token prompt, "
           f"{args.threads} threads, best of {args.repeats})")
-    lit_tps = max(litllm_decode(model, prompt, args.new_tokens) for _ in range(args.repeats))
+    lit_tps = max(litllm_decode(model, prompt, args.new_tokens, args.threads) for _ in range(args.repeats))
     print(f"{'litllm generate (fp32)':28} {lit_tps:8.1f}")
     for outtype, size, _, _ in rows:
         tps = max(llama_cpp_decode(work / f"litllm-{outtype}.gguf", prompt, args.new_tokens, args.threads)
