@@ -90,8 +90,10 @@ def convert_to_gguf(
         pretrained_checkpoint_dir: With `--adapter_only`: the base model folder, if it moved since training
             (default: the `checkpoint_dir` recorded in `hyperparameters.yaml`).
     """
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:
+        raise LitLLMError("convert_to_gguf needs the gguf package: pip install 'litllm[gguf]'") from None
     if outtype not in OUTTYPES:
         raise LitLLMError(f"--outtype: expected one of {', '.join(OUTTYPES)}, got {outtype!r}")
     out_file = Path(out_file)

@@ -236,6 +236,27 @@ def test_refusals_write_nothing(tmp_path, llama):
     assert not out.exists() and list(tmp_path.glob(".out.gguf*")) == []
 
 
+def test_a_failed_export_leaves_the_old_file(tmp_path, llama, monkeypatch):
+    """A failure mid-write (here the 5th tensor) leaves the previous file as it was and no temporary file."""
+    import litllm.gguf_export as gguf_export
+
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"previous export")
+    made = []
+
+    def failing(self):
+        made.append(self.name)
+        if len(made) == 5:
+            raise RuntimeError("disk trouble")
+        return real(self)
+
+    real = gguf_export._Tensor.data
+    monkeypatch.setattr(gguf_export._Tensor, "data", failing)
+    with pytest.raises(RuntimeError, match="disk trouble"):
+        convert_to_gguf(llama, out)
+    assert out.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
 def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     folder = checkpoint(tmp_path / "gemma2", "gemma2")  # query_pre_attn_scalar 24, head_dim 16
     with pytest.raises(LitLLMError, match="attention_scores_scalar 24 differs from head_size 16"):
