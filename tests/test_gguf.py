@@ -72,6 +72,26 @@ def gemma_spm(tmp_path_factory, llama_spm) -> Path:
     return folder
 
 
+def with_split_regex(source: Path, folder: Path, regex: str) -> Path:
+    """`source` with Llama 3's / Qwen 2's pre-tokenizer layout: one Split regex, then ByteLevel without its own."""
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.gguf"))
+    raw = json.loads((folder / "tokenizer.json").read_text())
+    raw["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (folder / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def split_regex_tokenizers(tmp_path_factory, llama) -> dict[str, Path]:
+    from litllm.gguf_export import PRE_TOKENIZER_REGEXES
+
+    root = tmp_path_factory.mktemp("gguf_regex")
+    return {pre: with_split_regex(llama, root / pre, regex) for regex, pre in PRE_TOKENIZER_REGEXES.items()
+            if pre != "gpt-2"}
+
+
 def export(folder: Path, outtype: str = "f32", name: str | None = None, **kwargs) -> Path:
     out = folder / (name or f"model-{outtype}.gguf")
     if not out.is_file():
@@ -357,11 +377,16 @@ def test_llama_cpp_greedy_tokens_and_logits_match_litllm(tmp_path, family, outty
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["byte-level", "sentencepiece", "sentencepiece-no-prefix"])
-def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, layout):
+@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece-no-prefix"])
+def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, split_regex_tokenizers, layout):
+    """llama.cpp's tokenizer, set up from the exported metadata alone (the pre-tokenizer type read from the
+    split regex), gives litllm's ids and text: GPT-2's, Llama 3's and Qwen 2's regexes, SentencePiece-style."""
     from litllm.tokenizer import Tokenizer
 
-    folder = {"byte-level": llama, "sentencepiece": llama_spm, "sentencepiece-no-prefix": gemma_spm}[layout]
+    folder = {"byte-level": llama, "sentencepiece": llama_spm, "sentencepiece-no-prefix": gemma_spm,
+              **split_regex_tokenizers}[layout]
+    if layout in split_regex_tokenizers:
+        assert gguf.GGUFReader(export(folder)).fields["tokenizer.ggml.pre"].contents() == layout
     llm = llama_cpp_model(export(folder))
     tok = Tokenizer(folder)
     for text in STRINGS + SAMPLE_TEXT.splitlines() + [SAMPLE_TEXT]:
