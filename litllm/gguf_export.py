@@ -66,6 +66,9 @@ FAMILIES = {
 }
 
 
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
 def convert_to_gguf(
     checkpoint_dir: Path,
     out_file: Path,
@@ -168,8 +171,11 @@ def _family(config, model_type: str) -> _Family:
             f"{CONFIG_FILE}: rope_scaling {scaling!r} has no GGUF export yet for {model_type} "
             f"(exported: {', '.join(sorted(allowed))})"
         )
-    if model_type in ("gemma2", "gemma3_text") and config.attention_scores_scalar not in (None, config.head_size):
-        # llama.cpp scales scores by 1/sqrt(head_size), or by 1/sqrt(n_embd/n_head) for the 27B models only
+    scalar = config.attention_scores_scalar
+    # llama.cpp scales Gemma's scores by 1/sqrt(head_size), or by 1/sqrt(n_embd/n_head) in the 27B models,
+    # which it recognizes by their layer count
+    layout_27b = scalar == config.n_embd / config.n_head and config.n_layer == _GEMMA_27B_LAYERS.get(model_type)
+    if model_type in _GEMMA_27B_LAYERS and scalar not in (None, config.head_size) and not layout_27b:
         raise LitLLMError(
             f"{CONFIG_FILE}: attention_scores_scalar {config.attention_scores_scalar} differs from head_size "
             f"{config.head_size}; llama.cpp's {model_type} graph can't scale attention scores by it"

@@ -25,6 +25,8 @@ VARIANTS = {
     "llama-tied-mqa": ("llama-linear-mqa", dict(rope_scaling=None)),
     "qwen3-gguf": ("qwen3", dict(head_dim=128)),  # Qwen3Config's default head_dim
     "gemma2-gguf": ("gemma2", dict(query_pre_attn_scalar=16)),
+    # Gemma-2-27B's layout: scores scaled by n_embd / n_head, not head_dim; llama.cpp knows it by its 46 layers
+    "gemma2-27b-layout": ("gemma2", dict(num_hidden_layers=46, head_dim=8, query_pre_attn_scalar=16)),
 }
 
 
@@ -348,7 +350,7 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                      "gemma2-gguf", "gemma3", "phi3"]
+                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
