@@ -240,6 +240,8 @@ def test_refusals_write_nothing(tmp_path, llama):
     out = tmp_path / "out.gguf"
     with pytest.raises(LitLLMError, match="--outtype: expected one of f32, f16"):
         convert_to_gguf(llama, out, outtype="q4_k_m")
+    with pytest.raises(LitLLMError, match="is a folder; expected the path of the .gguf file"):
+        convert_to_gguf(llama, tmp_path)
     olmo = tmp_path / "olmo2"
     shutil.copytree(llama, olmo)
     config = Config.from_checkpoint(llama).to_dict()
