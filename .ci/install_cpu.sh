@@ -23,7 +23,7 @@ import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
 reqs = list(project["dependencies"])
-for name in ("quant", "torchao", "eval", "loggers", "pretrain", "serve", "test"):
+for name in ("quant", "torchao", "eval", "loggers", "pretrain", "serve", "gguf", "test"):
     reqs += [r for r in extras[name] if not r.startswith("litllm[")]
 print("\n".join(r for r in reqs if not r.startswith("litdata")))
 PY

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "download": "litllm.download:download",
     "convert_to_litllm": "litllm.convert:convert_to_litllm",
     "convert_from_litllm": "litllm.convert:convert_from_litllm",
+    "convert_to_gguf": "litllm.gguf_export:convert_to_gguf",
     "convert_pretrained_checkpoint": "litllm.train.checkpoints:convert_pretrained_checkpoint",
     "generate": "litllm.generate:generate",
     "chat": "litllm.chat:chat",

@@ -77,14 +77,17 @@ def train_bpe_tokenizer(folder: Path, vocab_size: int = 320, byte_fallback: bool
     return folder
 
 
-def make_converted_checkpoint(folder: Path, family: str = "llama", seed: int = 0, vocab_size: int = 320) -> Path:
-    """A tiny HF model of `family` + trained tokenizer, saved and converted to litllm format."""
+def make_converted_checkpoint(
+    folder: Path, family: str = "llama", seed: int = 0, vocab_size: int = 320, byte_fallback: bool = False
+) -> Path:
+    """A tiny HF model of `family` + trained tokenizer (byte-level, or SentencePiece-style with
+    `byte_fallback`), saved and converted to litllm format."""
     import transformers
 
     from hf_models import FAMILIES
     from litllm.convert import convert_to_litllm
 
-    train_bpe_tokenizer(folder, vocab_size=vocab_size)
+    train_bpe_tokenizer(folder, vocab_size=vocab_size, byte_fallback=byte_fallback)
     from tokenizers import Tokenizer
 
     n_vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()

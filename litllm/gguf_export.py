@@ -1,0 +1,585 @@
+"""`litllm convert_to_gguf`: a litllm model folder (or a LoRA run's adapter) as a GGUF file for llama.cpp.
+
+The file is written with the `gguf` package (the reader/writer llama.cpp maintains), tensor by tensor:
+the header (metadata and every tensor's name, shape and type) is planned from the safetensors header
+alone, then each tensor is read, transformed, quantized and appended, so peak memory stays near one
+tensor. The output appears atomically (temporary name + rename).
+
+Names go litllm -> HF (`litllm.hf.weights`, split where litllm fuses what HF keeps apart) -> GGUF (the
+`gguf` package's own `TensorNameMap`), so no GGUF tensor name is spelled here. What llama.cpp expects
+beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_gguf.py`):
+  llama/mistral  Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
+  gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
+  llama3 rope    a `rope_freqs` tensor of per-frequency factors
+
+The tokenizer travels as `tokenizer.ggml.*`: a byte-level BPE (`gpt2` in llama.cpp) with the pre-tokenizer
+type read from the split regex in tokenizer.json, or a SentencePiece-style BPE with byte fallback (`llama`)
+with scores from the merge ranks, so llama.cpp's merge order is the BPE's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from litllm.errors import LitLLMError
+from litllm.model_folder import (
+    CONFIG_FILE, LORA_WEIGHTS, WEIGHTS_FILE, check_model_folder, lora_weights_file, open_safetensors, read_config,
+    read_safetensors, read_tensor,
+)
+from litllm.utils import atomic_path, check_output_dir, read_json_object
+
+# --outtype -> (GGML type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases) stay F32
+OUTTYPES = {
+    "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# with a 4/5-bit outtype the embedding and output head stay 8-bit (as llama-quantize keeps them higher)
+_KEEP_Q8 = ("token_embd.weight", "output.weight")
+
+
+@dataclass(frozen=True)
+class _Family:
+    arch: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool = False  # llama.cpp's llama graph rotates interleaved pairs, HF rotates halves
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
+
+
+# HF model_type -> how llama.cpp runs it
+FAMILIES = {
+    "llama": _Family("LLAMA", permute_qk=True),
+    "mistral": _Family("LLAMA", permute_qk=True),
+    "mixtral": _Family("LLAMA", permute_qk=True),
+    "qwen2": _Family("QWEN2"),
+    "qwen3": _Family("QWEN3"),
+    "gemma": _Family("GEMMA", norm_offset=1.0),
+    "gemma2": _Family("GEMMA2", norm_offset=1.0),
+    "gemma3_text": _Family("GEMMA3", norm_offset=1.0),
+    "phi3": _Family("PHI3"),
+}
+
+
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def convert_to_gguf(
+    checkpoint_dir: Path,
+    out_file: Path,
+    outtype: str = "f16",
+    adapter_only: bool = False,
+    pretrained_checkpoint_dir: Optional[Path] = None,
+) -> None:
+    """Export a litllm model folder as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+    The file carries the weights, the hyper-parameters, the tokenizer (`tokenizer.ggml.*`) and the
+    chat template. For k-quants (Q4_K_M, ...) export `f16` and run llama.cpp's `llama-quantize`.
+
+    Args:
+        checkpoint_dir: A litllm model folder (`lit_model.safetensors` + `model_config.yaml` + tokenizer
+            files), e.g. a converted download or the `final/` folder of a full finetune or a merged LoRA;
+            with `--adapter_only`, a LoRA run's folder (`lit_lora.safetensors` + `hyperparameters.yaml`).
+        out_file: The `.gguf` file to write (replaced atomically if it exists).
+        outtype: Weight type: `f32`, `f16`, `bf16`, `q8_0`, `q5_1`, `q5_0`, `q4_1` or `q4_0`
+            (1-D tensors stay f32; a matrix whose rows don't fill whole blocks is written f16).
+        adapter_only: Write only the LoRA adapter, as a GGUF LoRA that llama.cpp applies over the base
+            model's GGUF (`llama-cli -m base.gguf --lora adapter.gguf`).
+        pretrained_checkpoint_dir: With `--adapter_only`: the base model folder, if it moved since training
+            (default: the `checkpoint_dir` recorded in `hyperparameters.yaml`).
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise LitLLMError("convert_to_gguf needs the gguf package: pip install 'litllm[gguf]'") from None
+    if outtype not in OUTTYPES:
+        raise LitLLMError(f"--outtype: expected one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    out_file = Path(out_file)
+    if out_file.is_dir():
+        raise LitLLMError(f"{out_file}: is a folder; expected the path of the .gguf file to write")
+    check_output_dir(out_file.parent, "out_file")
+    if adapter_only:
+        writer, plan = _plan_adapter(Path(checkpoint_dir), pretrained_checkpoint_dir, outtype)
+    else:
+        writer, plan = _plan_model(check_model_folder(checkpoint_dir), outtype)
+    _write(writer, plan, out_file)
+    size = out_file.stat().st_size
+    print(f"Wrote {out_file} ({gguf.GGUFWriter.format_n_bytes_to_str(size)}, {len(plan)} tensors, {outtype})")
+
+
+# ---------------------------------------------------------------------- the plan: one entry per GGUF tensor
+@dataclass
+class _Tensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order (rows, columns)
+    qtype: Any  # gguf.GGMLQuantizationType
+    make: Callable[[], torch.Tensor]  # reads and transforms the data (float32 or any float dtype)
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        import gguf
+
+        self.nbytes = math.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype))
+
+    def data(self):
+        """The tensor as the bytes the file stores (a numpy array)."""
+        import gguf
+        import numpy as np
+
+        array = self.make().to(torch.float32).numpy()
+        q = gguf.GGMLQuantizationType
+        if self.qtype == q.F32:
+            return np.ascontiguousarray(array, dtype=np.float32)
+        if self.qtype == q.F16:
+            return np.ascontiguousarray(array, dtype=np.float16)
+        return gguf.quants.quantize(array, self.qtype)
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], outtype: str):
+    """The GGML type a tensor is written in: 1-D stays F32; a block type needs whole blocks per row."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or name == "rope_freqs.weight" or ".ffn_gate_inp." in name:  # the MoE router stays f32
+        return q.F32
+    qtype = q[OUTTYPES[outtype][0]]
+    if qtype not in (q.F32, q.F16, q.BF16):
+        if name in _KEEP_Q8:
+            qtype = q.Q8_0
+        if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = q.F16
+    return qtype
+
+
+def _family(config, model_type: str) -> _Family:
+    if model_type not in FAMILIES:
+        raise LitLLMError(
+            f"model {config.name!r} ({model_type}): no GGUF export for this family yet "
+            f"(exported: {', '.join(sorted(FAMILIES))})"
+        )
+    if config.mlp_class_name == "MoE" and not config.moe_normalize_topk:
+        raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk false; llama.cpp renormalizes the top-k expert weights")
+    scaling = (config.rope_scaling or {}).get("rope_type", "default")
+    allowed = {"default", "linear"} | ({"llama3"} if FAMILIES[model_type].arch == "LLAMA" else set())
+    if scaling not in allowed:
+        raise LitLLMError(
+            f"{CONFIG_FILE}: rope_scaling {scaling!r} has no GGUF export yet for {model_type} "
+            f"(exported: {', '.join(sorted(allowed))})"
+        )
+    scalar = config.attention_scores_scalar
+    # llama.cpp scales Gemma's scores by 1/sqrt(head_size), or by 1/sqrt(n_embd/n_head) in the 27B models,
+    # which it recognizes by their layer count
+    layout_27b = scalar == config.n_embd / config.n_head and config.n_layer == _GEMMA_27B_LAYERS.get(model_type)
+    if model_type in _GEMMA_27B_LAYERS and scalar not in (None, config.head_size) and not layout_27b:
+        raise LitLLMError(
+            f"{CONFIG_FILE}: attention_scores_scalar {config.attention_scores_scalar} differs from head_size "
+            f"{config.head_size}; llama.cpp's {model_type} graph can't scale attention scores by it"
+        )
+    return FAMILIES[model_type]
+
+
+def _gguf_names(config, family: _Family):
+    """litllm parameter name -> [(GGUF name, first row, rows)], via HF's names and gguf's TensorNameMap."""
+    import gguf
+
+    from litllm.hf.config import infer_model_type
+    from litllm.hf.weights import hf_sources, split_sizes, weight_map
+
+    mapping = weight_map(config, infer_model_type(config))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.n_layer)
+
+    def gguf_name(hf_name: str) -> str:
+        # a MoE layer's experts are one stacked GGUF tensor per projection: look up the expert-less name
+        name = names.get_name(re.sub(r"\.experts\.\d+\.", ".experts.", hf_name), try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise LitLLMError(f"{hf_name}: no GGUF tensor name for it in llama.cpp's {family.arch.lower()} layout")
+        return name
+
+    def parts(lit_name: str) -> list[tuple[str, int, Optional[int]]]:
+        source = hf_sources(lit_name, mapping)
+        if isinstance(source, str):
+            return [(gguf_name(source), 0, None)]
+        if isinstance(source, tuple):
+            raise LitLLMError(f"{lit_name}: interleaved fused layouts have no GGUF export")
+        sizes, start, out = split_sizes(lit_name, config, len(source)), 0, []
+        for hf_name, rows in zip(source, sizes):
+            out.append((gguf_name(hf_name), start, rows))
+            start += rows
+        return out
+
+    return parts
+
+
+def _reorder_qk(gguf_name: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    """HF's rotate-half Q/K rows -> llama.cpp's interleaved pairs (llama.cpp's `LlamaModel.permute`)."""
+    if ".attn_q." in gguf_name:
+        heads = config.n_head
+    elif ".attn_k." in gguf_name:
+        heads = config.n_query_groups
+    else:
+        return tensor
+    rest = tensor.shape[1:]
+    return tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *rest).swapaxes(1, 2).reshape(tensor.shape)
+
+
+def _plan_model(folder: Path, outtype: str):
+    """The GGUF writer with every key set, and the tensors to write (none read yet)."""
+    import gguf
+
+    from litllm.hf.config import infer_model_type
+
+    config = read_config(folder)
+    family = _family(config, infer_model_type(config))
+    n_vocab = config.padded_vocab_size
+    vocab = read_vocab(folder, n_vocab)  # a tokenizer llama.cpp can't reproduce fails before any write
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
+    _write_hparams(writer, config, family, outtype)
+    vocab.add_to(writer)
+    parts = _gguf_names(config, family)
+    weights = folder / WEIGHTS_FILE
+    lit = open_safetensors(weights)
+    # GGUF name -> the row ranges of litllm tensors it is made of (several: one per MoE expert, stacked)
+    sources: dict[str, list[tuple[str, int, Optional[int], tuple[int, ...]]]] = {}
+    for lit_name in lit.keys():
+        shape = tuple(lit.get_slice(lit_name).get_shape())
+        for name, start, rows in parts(lit_name):
+            sources.setdefault(name, []).append((lit_name, start, rows, shape))
+
+    def part(name: str, lit_name: str, start: int, rows: Optional[int]) -> torch.Tensor:
+        tensor = read_tensor(weights, lit_name)
+        if rows is not None:
+            tensor = tensor[start: start + rows]
+        if family.permute_qk:
+            tensor = _reorder_qk(name, tensor, config)
+        if family.norm_offset and "norm.weight" in name:
+            tensor = tensor.float() + family.norm_offset
+        return tensor
+
+    plan: list[_Tensor] = []
+    for name, pieces in sources.items():
+        pieces.sort(key=lambda p: _expert_index(p[0]))
+        lit_name, start, rows, shape = pieces[0]
+        shape = (rows if rows is not None else shape[0], *shape[1:])
+        if len(pieces) > 1:  # (n_expert, rows, columns)
+            shape = (len(pieces), *shape)
+
+        def make(name=name, pieces=pieces) -> torch.Tensor:
+            tensors = [part(name, lit_name, start, rows) for lit_name, start, rows, _ in pieces]
+            return torch.stack(tensors) if len(tensors) > 1 else tensors[0]
+
+        plan.append(_Tensor(name, shape, _tensor_type(name, shape, outtype), make))
+    if (config.rope_scaling or {}).get("rope_type") == "llama3":
+        factors = _llama3_rope_factors(config)
+        plan.append(_Tensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32, lambda: factors))
+    if config.sliding_window_size and family.arch in ("LLAMA", "QWEN2", "PHI3"):
+        print(f"note: llama.cpp's {family.arch.lower()} graph attends to the whole context, not a sliding window of "
+              f"{config.sliding_window_size}: outputs agree with litllm's up to that many tokens")
+    return writer, plan
+
+
+def _expert_index(lit_name: str) -> int:
+    match = re.search(r"\.experts\.(\d+)\.", lit_name)
+    return int(match.group(1)) if match else -1
+
+
+def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
+    """The `{arch}.*` and `general.*` keys llama.cpp reads for this family."""
+    import gguf
+
+    writer.add_name(config.name or "litllm model")
+    writer.add_file_type(gguf.LlamaFileType[OUTTYPES[outtype][1]])
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_query_groups)
+    writer.add_key_length(config.head_size)
+    writer.add_value_length(config.head_size)
+    writer.add_rope_dimension_count(config.rope_n_elem)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.padded_vocab_size)
+    if config.mlp_class_name == "MoE":
+        writer.add_expert_count(config.n_expert)
+        writer.add_expert_used_count(config.n_expert_per_token)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    if config.attention_logit_softcapping:
+        writer.add_attn_logit_softcapping(config.attention_logit_softcapping)
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if family.arch in ("GEMMA2", "GEMMA3") and config.sliding_window_size:
+        writer.add_sliding_window(config.sliding_window_size)
+        # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)
+        writer.add_sliding_window_pattern([config.is_sliding(i) for i in range(config.n_layer)])
+        if config.rope_local_base is not None:
+            writer.add_rope_freq_base_swa(config.rope_local_base)
+
+
+def _llama3_rope_factors(config) -> torch.Tensor:
+    """Llama 3.1's per-frequency rope factors, as the `rope_freqs` tensor llama.cpp divides frequencies by."""
+    s = config.rope_scaling
+    dim = config.rope_n_elem
+    freqs = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    old = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(s["factor"])
+        else:
+            smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------- writing
+def _write(writer, plan: list[_Tensor], out_file: Path) -> None:
+    """Header, metadata and tensor table first, then each tensor's data as it is made."""
+    import numpy as np
+    from tqdm import tqdm
+
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    with atomic_path(out_file) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tqdm(plan, desc="convert_to_gguf", unit="tensor"):
+            writer.write_tensor_data(t.data())
+        writer.close()
+
+
+# ---------------------------------------------------------------------- the tokenizer
+# the pre-tokenizer split regexes llama.cpp implements (llama-vocab.cpp), as tokenizer.json writes them,
+# and the `tokenizer.ggml.pre` name that selects each one
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+PRE_TOKENIZER_REGEXES = {
+    _GPT2_REGEX: "gpt-2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
+
+@dataclass
+class GGUFVocab:
+    """The tokenizer as llama.cpp's `tokenizer.ggml.*` keys hold it."""
+
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE)
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    scores: Optional[list[float]]
+    merges: list[str]
+    special_ids: dict[str, int]  # bos, eos, unk, pad
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: Optional[bool]
+    chat_template: Optional[str]
+
+    def add_to(self, writer) -> None:
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        for kind, token_id in self.special_ids.items():
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+        writer.add_add_bos_token(self.add_bos)
+        writer.add_add_eos_token(self.add_eos)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        if self.chat_template:
+            writer.add_chat_template(self.chat_template)
+
+
+def _split_regex(pre_tokenizer: Optional[dict], path: Path) -> str:
+    """The one split regex a byte-level pre-tokenizer applies (ByteLevel's own is GPT-2's)."""
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [
+        pre_tokenizer] if pre_tokenizer else []
+    kinds = [s["type"] for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return _GPT2_REGEX
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        split = steps[0]
+        if (split.get("behavior") == "Isolated" and not split.get("invert") and "Regex" in split.get("pattern", {})
+                and not steps[1].get("add_prefix_space")):
+            return split["pattern"]["Regex"]
+    raise LitLLMError(
+        f"{path}: pre_tokenizer {kinds or None} is not one llama.cpp reproduces "
+        "(expected ByteLevel, or one Split regex followed by ByteLevel without its own regex)"
+    )
+
+
+def _space_prefix(tokenizer: dict, path: Path) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends '▁' (llama.cpp's add_space_prefix)."""
+    normalizer, pre = tokenizer.get("normalizer"), tokenizer.get("pre_tokenizer")
+    steps = normalizer.get("normalizers", []) if normalizer and normalizer["type"] == "Sequence" else (
+        [normalizer] if normalizer else [])
+    simple = [(s["type"], s.get("prepend") or s.get("content")) for s in steps]
+    if pre and pre["type"] == "Split" and pre.get("pattern") == {"String": " "} and simple and simple[-1] == ("Replace", "▁"):
+        pre = None  # Gemma's: a split on spaces the normalizer has already replaced does nothing
+    if pre is None and simple == [("Prepend", "▁"), ("Replace", "▁")]:
+        return True
+    if pre is None and simple == [("Replace", "▁")]:
+        return False
+    if not steps and pre and pre["type"] == "Metaspace" and pre.get("replacement") == "▁" and not pre.get("split"):
+        return pre.get("prepend_scheme", "always") in ("first", "always")
+    raise LitLLMError(
+        f"{path}: normalizer {[s[0] for s in simple] or None} with pre_tokenizer {pre and pre['type']} is not a "
+        "SentencePiece layout llama.cpp reproduces (expected spaces replaced by '▁', optionally one prepended)"
+    )
+
+
+def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
+    """A model folder's tokenizer.json as `tokenizer.ggml.*` data, or one clear error if llama.cpp can't run it."""
+    import gguf
+
+    from litllm.tokenizer import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    litllm_tokenizer = Tokenizer(folder)  # a missing or unreadable tokenizer.json fails here, clearly
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE":
+        raise LitLLMError(f"{path}: a {model.get('type')} tokenizer; llama.cpp export supports BPE tokenizers only")
+    if tokenizer.get("normalizer") and model.get("byte_fallback") is not True and tokenizer["normalizer"]["type"] != "NFC":
+        raise LitLLMError(f"{path}: normalizer {tokenizer['normalizer']['type']} is not one llama.cpp applies")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    vocab: dict[str, int] = dict(model.get("vocab", {}))
+    added = {t["content"]: t for t in tokenizer.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab[content] = token["id"]
+    if max(vocab.values(), default=-1) >= n_vocab:
+        raise LitLLMError(f"{path}: token ids reach {max(vocab.values())} but the model has {n_vocab} embedding rows")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    T = gguf.TokenType
+    types = [T.UNUSED] * n_vocab
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = T.NORMAL
+        if text in added:
+            types[i] = T.CONTROL if added[text].get("special") else T.USER_DEFINED
+    special_ids = {k: v for k, v in (("bos", litllm_tokenizer.bos_id), ("eos", litllm_tokenizer.eos_id),
+                                     ("pad", litllm_tokenizer.pad_id)) if v is not None}
+    unk = model.get("unk_token")
+    if unk is not None and unk in vocab:
+        special_ids["unk"] = vocab[unk]
+    if model.get("byte_fallback"):
+        add_space_prefix, scores = _space_prefix(tokenizer, path), _merge_scores(tokens, merges)
+        for i, text in enumerate(tokens):
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                types[i] = T.BYTE
+        if "unk" in special_ids:
+            types[special_ids["unk"]] = T.UNKNOWN
+        kind, pre, merges = "llama", "default", []
+    else:
+        regex = _split_regex(tokenizer.get("pre_tokenizer"), path)
+        if regex not in PRE_TOKENIZER_REGEXES:
+            raise LitLLMError(f"{path}: the pre-tokenizer's split regex {regex!r} is not one llama.cpp implements")
+        kind, pre, scores, add_space_prefix = "gpt2", PRE_TOKENIZER_REGEXES[regex], None, None
+    return GGUFVocab(
+        model=kind, pre=pre, tokens=tokens, types=[int(t) for t in types], scores=scores, merges=merges,
+        special_ids=special_ids, add_bos=litllm_tokenizer.add_bos, add_eos=litllm_tokenizer.add_eos,
+        add_space_prefix=add_space_prefix, chat_template=_chat_template(folder),
+    )
+
+
+def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores that make llama.cpp's highest-score-first merging follow the BPE merge ranks:
+    the token made by merge k scores -k; pieces no merge makes (characters, bytes, specials) score -1e9."""
+    rank: dict[str, int] = {}
+    for k, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), k)
+    return [-float(rank[t]) if t in rank else (0.0 if len(t) == 1 else -1e9) for t in tokens]
+
+
+def _chat_template(folder: Path) -> Optional[str]:
+    """The Jinja chat template (tokenizer_config.json's, or chat_template.jinja)."""
+    template = read_json_object(Path(folder) / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, str):
+        return template
+    jinja = Path(folder) / "chat_template.jinja"
+    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+
+
+# ---------------------------------------------------------------------- a LoRA adapter
+def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
+    """A GGUF LoRA: `<base tensor>.lora_a` (r, in) and `.lora_b` (out, r) with the adapter's alpha.
+
+    llama.cpp scales each update by alpha / rank, the rank read from the tensor; a fused GGUF tensor
+    (Phi-3's attn_qkv) adapted on several parts gets a block LoRA of rank n * r, so its B carries a
+    factor n to keep each part's alpha / r.
+    """
+    import gguf
+
+    from litllm.hf.config import infer_model_type
+    from litllm.lora import lora_targets, read_lora_checkpoint
+    from litllm.model import GPT
+
+    hparams, settings = read_lora_checkpoint(folder)
+    base_dir = Path(base_dir or hparams["checkpoint_dir"])
+    if not (base_dir / CONFIG_FILE).is_file():
+        raise LitLLMError(f"{folder}: base model {base_dir} not found (pass --pretrained_checkpoint_dir if it moved)")
+    config = read_config(base_dir)
+    family = _family(config, infer_model_type(config))
+    if settings.mlp and config.mlp_class_name == "MoE":
+        raise LitLLMError(f"{folder}: a LoRA on MoE experts has no GGUF LoRA form (llama.cpp stacks the experts)")
+    if settings.head and config.tie_embeddings:
+        raise LitLLMError(f"{folder}: a LoRA on a head tied to the embedding has no GGUF LoRA form (trained with --lora_head)")
+    weights = read_safetensors(lora_weights_file(folder))
+    with torch.device("meta"):
+        targets = lora_targets(GPT(config), settings)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(settings.alpha))
+    adapter_type = outtype if outtype in ("f32", "f16", "bf16") else "f16"  # rank-r rows fill no quant blocks
+    parts_of = _gguf_names(config, family)
+    plan: list[_Tensor] = []
+    for path, (parts, enabled) in targets.items():
+        a_of = {n: weights[f"{path}.lora_A.{n}"].float() for n in enabled}
+        b_of = {n: weights[f"{path}.lora_B.{n}"].float() for n in enabled}
+        outputs = parts_of(f"{path}.weight")
+        if len(outputs) == len(parts):  # one GGUF tensor per part
+            pieces = [(name, [part]) for (name, _, _), (part, _) in zip(outputs, parts)]
+        else:  # one fused GGUF tensor for every part
+            pieces = [(outputs[0][0], [p for p, _ in parts])]
+        rows = dict(parts)
+        for name, part_names in pieces:
+            on = [p for p in part_names if p in a_of]
+            if not on:
+                continue
+            a = torch.cat([a_of[p] for p in on])  # (n * r, in)
+            b = torch.zeros(sum(rows[p] for p in part_names), len(on) * settings.r)  # (out, n * r), block-diagonal
+            row, j = 0, 0
+            for p in part_names:
+                if p in b_of:
+                    b[row: row + rows[p], j * settings.r: (j + 1) * settings.r] = b_of[p] * len(on)
+                    j += 1
+                row += rows[p]
+            if family.permute_qk:
+                b = _reorder_qk(name, b, config)
+            for suffix, tensor in ((".lora_a", a), (".lora_b", b)):
+                shape = tuple(tensor.shape)
+                plan.append(_Tensor(name + suffix, shape, _tensor_type(name, shape, adapter_type),
+                                    lambda tensor=tensor: tensor))
+    if not plan:
+        raise LitLLMError(f"{folder / LORA_WEIGHTS}: no LoRA weights to export")
+    return writer, plan
