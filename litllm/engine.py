@@ -73,6 +73,17 @@ def sample(
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list["TokenLogprob"]:
+    """The log-probability of each of `tokens` (N,) under `logits` (N, vocab) and the `k` most likely tokens'
+    (log_softmax in float32): one read back to the host."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, vocab)
+    chosen = logp.gather(-1, tokens[:, None].long())[:, 0]  # (N,)
+    top = logp.topk(k, dim=-1) if k else None
+    host = [tokens.tolist(), chosen.tolist(), top.indices.tolist() if k else None, top.values.tolist() if k else None]
+    ids, values, top_ids, top_values = host
+    return [TokenLogprob(ids[i], values[i], list(zip(top_ids[i], top_values[i])) if k else []) for i in range(len(ids))]
+
+
 # the smallest positive temperature and top_p: float32's smallest normal value (sampling runs in float32, where
 # a smaller one is 0 or a subnormal, and the division or comparison with it gives inf or NaN probabilities)
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
@@ -141,6 +152,18 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     stop_strings: Sequence[str] = ()  # text stops, matched on the decoded text
     stop_token_ids: Sequence[int] = ()  # EOS and the like (see `default_stops`)
+    # log-probabilities (of the model's distribution, before temperature/top-k/top-p): None = not computed (no
+    # cost); k >= 0 = each token's own and the k most likely alternatives'. `prompt_logprobs` scores the prompt
+    # tokens (all but the first); with it, max_new_tokens may be 0 (score only)
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
 
 
 @dataclass
@@ -154,6 +177,8 @@ class Output:
     finish_reason: Optional[str]  # "stop" | "length" | "abort" when finished
     prompt_tokens: int
     completion_tokens: int  # generated so far (a stop's tokens count)
+    logprobs: Optional[list[TokenLogprob]] = None  # one per token of `token_ids`, when the request asked
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # in a request's first Output; [0] is None
 
 
 class RequestError(LitLLMError):
@@ -285,6 +310,7 @@ class _Row:
     pos: int  # position of the newest token (sampled, not yet written to the cache); set once prefilled
     generated: int = 0
     prefilled: int = 0  # prompt tokens written to the cache so far
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # filled chunk by chunk when asked
 
     @property
     def decoding(self) -> bool:
@@ -350,11 +376,29 @@ class Engine:
     # ------------------------------------------------------------------ public interface
     def add(self, request: Request) -> int:
         """Queue a request; returns its id. It joins a free row at the next `step()`."""
+        return self.add_many([request])[0]
+
+    def add_many(self, requests: Sequence[Request]) -> list[int]:
+        """Queue requests, all or none (each is checked first); returns their ids."""
+        for request in requests:
+            self._check(request)
+        with self._lock:
+            ids = list(range(self._next_id, self._next_id + len(requests)))
+            self._next_id += len(requests)
+            self._waiting.extend(zip(ids, requests))
+        return ids
+
+    def _check(self, request: Request) -> None:
+        """Raise LitLLMError (SamplingError for a sampling field) for a request the engine can't run."""
         n = len(request.prompt_ids)
         if n == 0:
             raise LitLLMError("the prompt is empty (no tokens)")
         s = request.sampling
-        check_sampling_args(s.temperature, s.top_k, s.top_p, request.max_new_tokens, s.seed)
+        scoring_only = request.max_new_tokens == 0 and request.prompt_logprobs is not None
+        check_sampling_args(s.temperature, s.top_k, s.top_p, None if scoring_only else request.max_new_tokens, s.seed)
+        for k in (request.logprobs, request.prompt_logprobs):
+            if k is not None and not 0 <= k <= self.vocab_size:
+                raise LitLLMError(f"logprobs must be in [0, {self.vocab_size}] (the vocabulary), got {k}")
         for text in request.stop_strings:
             check_text(text, "a stop string")
         embeddings = self.model.config.padded_vocab_size
@@ -366,11 +410,6 @@ class Engine:
                 f"the prompt has {n} tokens and max_new_tokens is {request.max_new_tokens}: together they exceed "
                 f"the context window of {self.max_seq_length} tokens; shorten the prompt or lower max_new_tokens"
             )
-        with self._lock:
-            request_id = self._next_id
-            self._next_id += 1
-            self._waiting.append((request_id, request))
-        return request_id
 
     def abort(self, request_id: int) -> None:
         """Stop a request; its row is freed at the next `step()`, which reports finish_reason "abort"."""
@@ -421,12 +460,13 @@ class Engine:
                 kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
                 logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
                 tokens = self._pick(logits, running)
+                logprobs = self._decode_logprobs(logits, running)
                 for slot, row in running:
                     if self._rows[slot] is not row:  # its sampling failed
                         continue
                     row.pos += 1
                     try:
-                        self._advance(slot, row, tokens[slot], outputs)
+                        self._advance(slot, row, tokens[slot], outputs, logprobs.get(slot))
                     except Exception as e:
                         self._fail(slot, row, e)
                 self._pos.add_(self._active)  # the rows still running move one position on
@@ -476,22 +516,34 @@ class Engine:
     def _prefill_chunk(self, slot: int, row: _Row, start: int, stop: int, outputs: list[Output]) -> None:
         """Write prompt tokens start..stop of the row in `slot`; sample its first token after the last chunk."""
         ids = torch.tensor(row.request.prompt_ids[start:stop], dtype=torch.long, device=self.device)
+        scored = row.request.prompt_logprobs is not None
         self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
         try:
             logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                logits_to_keep=1)[:, -1, : self.vocab_size]
+                                logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
         finally:
             self._set_caches(self._caches)
+        if scored:
+            self._score_prompt(row, logits, start, stop)
+        logits = logits[-1:]
         row.prefilled = stop
         if not row.decoding:
             self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
             return
         self._prefilling.popleft()
+        if row.request.max_new_tokens == 0:  # scoring only (prompt_logprobs)
+            outputs.append(Output(row.request_id, "", [], True, "length", len(row.request.prompt_ids), 0,
+                                  prompt_logprobs=row.prompt_logprobs))
+            self._free(slot)
+            return
         token = self._sample(logits, row)
         self._tokens[slot] = token
         self._pos[slot] = row.pos
         self._active[slot] = 1
-        self._advance(slot, row, token, outputs)
+        logprob = None
+        if row.request.logprobs is not None:
+            logprob = token_logprobs(logits, torch.tensor([token], device=self.device), row.request.logprobs)[0]
+        self._advance(slot, row, token, outputs, logprob)
 
     def _fail(self, slot: int, row: _Row, error: Exception) -> None:
         """Drop the request in `slot` after `error` (step() raises RequestError for it once done)."""
@@ -521,8 +573,30 @@ class Engine:
         self._tokens.copy_(picked[:, None])
         return picked.tolist()
 
-    def _advance(self, slot: int, row: _Row, token: int, outputs: list[Output]) -> None:
-        """Record `token` for the row; free the row when it finished."""
+    def _score_prompt(self, row: _Row, logits: torch.Tensor, start: int, stop: int) -> None:
+        """Append the logprobs of prompt tokens start+1..stop (those `logits` (stop - start, vocab) predict)."""
+        prompt = row.request.prompt_ids
+        targets = prompt[start + 1: stop + 1]  # the token after each position, within the prompt
+        if row.prompt_logprobs is None:
+            row.prompt_logprobs = [None]  # the first token has nothing before it
+        if targets:
+            ids = torch.tensor(targets, dtype=torch.long, device=self.device)
+            row.prompt_logprobs += token_logprobs(logits[: len(targets)], ids, row.request.prompt_logprobs)
+
+    def _decode_logprobs(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> dict[int, TokenLogprob]:
+        """{slot: TokenLogprob} of this step's token for the rows that asked; nothing is computed (nor read
+        back from the device) when no row asked."""
+        asking = [(slot, row.request.logprobs) for slot, row in running
+                  if row.request.logprobs is not None and self._rows[slot] is row]
+        if not asking:
+            return {}
+        slots = torch.tensor([slot for slot, _ in asking], device=self.device)
+        scored = token_logprobs(logits[slots], self._tokens[slots, 0], max(k for _, k in asking))
+        return {slot: TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for (slot, k), lp in zip(asking, scored)}
+
+    def _advance(self, slot: int, row: _Row, token: int, outputs: list[Output],
+                 logprob: Optional[TokenLogprob] = None) -> None:
+        """Record `token` (and its logprob, when asked) for the row; free the row when it finished."""
         row.generated += 1
         text = row.matcher.push(token)
         reason = None
@@ -532,7 +606,9 @@ class Engine:
             reason = "length"
             text += row.matcher.flush()
         outputs.append(Output(row.request_id, text, [token], reason is not None, reason,
-                              len(row.request.prompt_ids), row.generated))
+                              len(row.request.prompt_ids), row.generated,
+                              logprobs=None if logprob is None else [logprob],
+                              prompt_logprobs=row.prompt_logprobs if row.generated == 1 else None))
         if reason is not None:
             self._free(slot)
 
@@ -570,8 +646,10 @@ def _merge(outputs: list[Output]) -> list[Output]:
         if prev is None:
             merged[out.request_id] = out
         else:
+            logprobs = None if prev.logprobs is None and out.logprobs is None else (prev.logprobs or []) + (out.logprobs or [])
             merged[out.request_id] = Output(out.request_id, prev.text + out.text, prev.token_ids + out.token_ids,
-                                            out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+                                            out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens,
+                                            logprobs, prev.prompt_logprobs or out.prompt_logprobs)
     return list(merged.values())
 
 

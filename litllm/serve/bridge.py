@@ -69,19 +69,33 @@ class EngineLoop:
 
     def submit(self, request) -> tuple[int, asyncio.Queue]:
         """Add `request` to the engine; its Outputs will arrive on the returned queue."""
+        ids, queue = self.submit_many([request])
+        return ids[0], queue
+
+    def submit_many(self, requests: list) -> tuple[list[int], asyncio.Queue]:
+        """Add `requests` (the choices of one API request) to the engine, all or none; the Outputs of all of
+        them arrive on the one returned queue (tell them apart by `request_id`)."""
         if self._refusing:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
-        if len(self.queues) >= self.capacity:
+        if len(self.queues) + len(requests) > self.capacity:
             raise APIError(
-                503, f"the server is at capacity ({len(self.queues)} requests in flight): retry shortly",
-                code="server_overloaded", headers={"Retry-After": "1"},
+                503, f"the server is at capacity ({len(self.queues)} requests in flight, {len(requests)} more asked "
+                     f"for, room for {self.capacity}): retry shortly", code="server_overloaded",
+                headers={"Retry-After": "1"},
             )
         queue: asyncio.Queue = asyncio.Queue()
+        ids: list[int] = []
         with self._lock:  # the engine thread can't dispatch this request's first Output before its queue exists
-            request_id = self.engine.add(request)
-            self.queues[request_id] = queue
+            try:
+                ids += self.engine.add_many(requests)
+            except Exception:
+                for request_id in ids:
+                    self.engine.abort(request_id)
+                raise
+            for request_id in ids:
+                self.queues[request_id] = queue
         self._wake.set()
-        return request_id, queue
+        return ids, queue
 
     def abort(self, request_id: int) -> None:
         """Stop a request that is still in flight (no-op once it has finished)."""
