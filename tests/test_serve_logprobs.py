@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from test_evaluate import local_tasks, tasks_dir  # noqa: F401 (fixtures)
 from test_serve import KEY, Server
 
 openai = pytest.importorskip("openai")
@@ -146,3 +147,22 @@ def test_no_logprobs_unless_asked(server):
 
 def server_model(server) -> str:
     return server.client().models.list().data[0].id
+
+
+# ---------------------------------------------------------------------- lm-eval, a real client of the server
+def test_lm_eval_local_completions_matches_litllm_evaluate(server, tiny_checkpoint, tasks_dir, local_tasks,
+                                                           monkeypatch):
+    """lm-eval's `local-completions` model scoring (echo + logprobs on token-id prompts, batched) and generating
+    through the server answers what `litllm evaluate` (LitLLMLM, in-process) answers, request by request."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from test_evaluate import GEN_TASK, MC_TASK, _assert_same_answers, _litlm, _run
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    served = LocalCompletionsAPI(
+        base_url=server.url + "/v1/completions", model=server_model(server), tokenizer_backend="huggingface",
+        tokenizer=str(tiny_checkpoint), add_bos_token=True, batch_size=4, max_length=128, max_retries=1,
+    )
+    tasks = [MC_TASK, GEN_TASK]
+    expected = _run(_litlm(tiny_checkpoint, 4), local_tasks, tasks, num_fewshot=1)
+    _assert_same_answers(expected, _run(served, local_tasks, tasks, num_fewshot=1), tasks, TOL)
