@@ -311,6 +311,9 @@ class _Row:
     generated: int = 0
     prefilled: int = 0  # prompt tokens written to the cache so far
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # filled chunk by chunk when asked
+    # prefill sharing (`add_many`): rows waiting for this one's prompt KV, and its last prompt logits once in
+    followers: list[tuple[int, "_Row"]] = field(default_factory=list)
+    last_logits: Optional[torch.Tensor] = None
 
     @property
     def decoding(self) -> bool:
@@ -369,6 +372,8 @@ class Engine:
         self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()
+        self._leader_of: dict[int, int] = {}  # a request -> the one of the same add_many whose prefill it copies
+        self._leaders: set[int] = set()
         self._aborts: set[int] = set()
         self._failed: dict[int, Exception] = {}  # requests that failed during this step (see RequestError)
         self._next_id = 0
@@ -379,12 +384,20 @@ class Engine:
         return self.add_many([request])[0]
 
     def add_many(self, requests: Sequence[Request]) -> list[int]:
-        """Queue requests, all or none (each is checked first); returns their ids."""
+        """Queue requests, all or none (each is checked first); returns their ids. Requests with the same prompt
+        (the n samples of one prompt) share its prefill: the first one's KV rows are copied into the others'
+        (see `_share_prefill`); each then samples with its own generator."""
         for request in requests:
             self._check(request)
         with self._lock:
             ids = list(range(self._next_id, self._next_id + len(requests)))
             self._next_id += len(requests)
+            first: dict[tuple, int] = {}
+            for request_id, request in zip(ids, requests):
+                leader = first.setdefault((tuple(request.prompt_ids), request.prompt_logprobs), request_id)
+                if leader != request_id:
+                    self._leader_of[request_id] = leader
+                    self._leaders.add(leader)
             self._waiting.extend(zip(ids, requests))
         return ids
 
@@ -425,6 +438,12 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of the KV cache's positions (rows x max_seq_length) that requests hold now."""
+        held = sum(row.pos if row.decoding else row.prefilled for row in list(self._rows) if row is not None)
+        return held / (self.max_batch_size * self.max_seq_length)
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self._waiting) or self.num_running > 0 or bool(self._aborts)
 
@@ -453,7 +472,7 @@ class Engine:
             self._set_caches(self._caches)
         with threads_for(self.threads):
             self._handle_aborts(outputs)
-            self._admit()
+            self._admit(outputs)
             self._prefill(outputs)
             running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
             if running:
@@ -480,13 +499,15 @@ class Engine:
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
 
-    def _admit(self) -> None:
-        """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`)."""
+    def _admit(self, outputs: list[Output]) -> None:
+        """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`, or copied
+        from the row of the same prompt, see `add_many`)."""
         for slot in range(self.max_batch_size):
             if self._rows[slot] is not None or not self._waiting:
                 continue
             with self._lock:
                 request_id, request = self._waiting.popleft()
+                leader_id = self._leader_of.pop(request_id, None)
             s = request.sampling
             generator = None
             try:
@@ -496,8 +517,31 @@ class Engine:
             except Exception as e:
                 self._failed[request_id] = e
                 continue
-            self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
-            self._prefilling.append(slot)
+            row = self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
+            leader = self._row_of(leader_id)
+            if leader is None:  # none, or it has left: its own prefill
+                self._prefilling.append(slot)
+            elif leader[1].decoding:
+                self._share_prefill(leader, slot, row, outputs)
+            else:
+                leader[1].followers.append((slot, row))
+
+    def _row_of(self, request_id: Optional[int]) -> Optional[tuple[int, _Row]]:
+        return next(((slot, row) for slot, row in enumerate(self._rows) if row is not None and
+                     row.request_id == request_id), None)
+
+    def _share_prefill(self, leader: tuple[int, _Row], slot: int, row: _Row, outputs: list[Output]) -> None:
+        """Give the row in `slot` the prompt KV of the leader's (same prompt) and sample its first token from
+        the leader's last prompt logits: its prefill, without computing it again."""
+        n = len(row.request.prompt_ids)
+        for cache in self._caches:
+            cache.k[slot, :, :n] = cache.k[leader[0], :, :n]  # (nkv, n, hs)
+            cache.v[slot, :, :n] = cache.v[leader[0], :, :n]
+        row.prefilled, row.prompt_logprobs = n, leader[1].prompt_logprobs
+        try:
+            self._start_decoding(slot, row, leader[1].last_logits, outputs)
+        except Exception as e:
+            self._fail(slot, row, e)
 
     def _prefill(self, outputs: list[Output]) -> None:
         """Write up to `prefill_chunk` prompt tokens to the cache, first admitted first; a row whose
@@ -531,6 +575,16 @@ class Engine:
             self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
             return
         self._prefilling.popleft()
+        if row.request_id in self._leaders:  # kept for the rows that share this prefill
+            row.last_logits = logits.clone()
+        for follower_slot, follower in row.followers:
+            if self._rows[follower_slot] is follower:
+                self._share_prefill((slot, row), follower_slot, follower, outputs)
+        row.followers = []
+        self._start_decoding(slot, row, logits, outputs)
+
+    def _start_decoding(self, slot: int, row: _Row, logits: torch.Tensor, outputs: list[Output]) -> None:
+        """The row's prompt is in: sample its first token from the last prompt logits (1, vocab)."""
         if row.request.max_new_tokens == 0:  # scoring only (prompt_logprobs)
             outputs.append(Output(row.request_id, "", [], True, "length", len(row.request.prompt_ids), 0,
                                   prompt_logprobs=row.prompt_logprobs))
@@ -613,6 +667,14 @@ class Engine:
             self._free(slot)
 
     def _free(self, slot: int) -> None:
+        row = self._rows[slot]
+        if row is not None:
+            self._leaders.discard(row.request_id)
+            live = [(slot_, f) for slot_, f in row.followers if self._rows[slot_] is f]
+            if live:  # it left before its prompt was in: the first follower prefills it, for the others too
+                (new_slot, new_leader), new_leader.followers = live[0], live[1:]
+                self._leaders.add(new_leader.request_id)
+                self._prefilling.append(new_slot)
         self._rows[slot] = None
         if slot in self._prefilling:
             self._prefilling.remove(slot)
@@ -627,6 +689,8 @@ class Engine:
             kept = deque()
             for request_id, request in self._waiting:
                 if request_id in aborts:
+                    self._leader_of.pop(request_id, None)
+                    self._leaders.discard(request_id)
                     outputs.append(Output(request_id, "", [], True, "abort", len(request.prompt_ids), 0))
                 else:
                     kept.append((request_id, request))

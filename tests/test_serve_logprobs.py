@@ -166,3 +166,145 @@ def test_lm_eval_local_completions_matches_litllm_evaluate(server, tiny_checkpoi
     tasks = [MC_TASK, GEN_TASK]
     expected = _run(_litlm(tiny_checkpoint, 4), local_tasks, tasks, num_fewshot=1)
     _assert_same_answers(expected, _run(served, local_tasks, tasks, num_fewshot=1), tasks, TOL)
+
+
+# ---------------------------------------------------------------------- n > 1: one prefill per prompt
+def _run_engine(engine, requests, abort_first_after: int | None = None) -> dict[int, list[int]]:
+    ids = engine.add_many(requests)
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    steps = 0
+    while engine.has_unfinished:
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+        steps += 1
+        if steps == abort_first_after:
+            engine.abort(ids[0])
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.parametrize("abort_leader", [False, True])
+def test_samples_of_one_prompt_share_its_prefill(tiny_checkpoint, tok, abort_leader):
+    """n seeded samples of one prompt: one prefill forward (the others copy its KV rows), and each sample is
+    what the same request gives alone; when the first is aborted mid-prefill, the others prefill on their own."""
+    from litllm.engine import Engine, Request, Sampling
+    from litllm.model import GPT
+
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog.").tolist()
+    n = 3
+    requests = [Request(prompt, 8, Sampling(temperature=1.0, seed=7 + j), logprobs=1) for j in range(n)]
+    alone = []
+    for request in requests:
+        with Engine(model, tok, 1, 64) as engine:
+            alone += _run_engine(engine, [request])
+    prefills = []
+    forward = model.forward
+    model.forward = lambda idx, *a, **kw: (prefills.append(idx.shape[1]) if idx.shape[1] > 1 else None,
+                                           forward(idx, *a, **kw))[1]
+    try:
+        with Engine(model, tok, 4, 64, prefill_chunk=4) as engine:
+            shared = _run_engine(engine, requests, abort_first_after=1 if abort_leader else None)
+    finally:
+        del model.forward
+    chunks = -(-len(prompt) // 4)
+    if abort_leader:  # its first chunk, then the other two prompts on their own (one copies the other's)
+        assert shared[1:] == alone[1:] and len(shared[0]) < 8
+        assert len(prefills) == 1 + chunks
+    else:
+        assert shared == alone and len(set(map(tuple, alone))) > 1  # the samples differ: their own generators
+        assert len(prefills) == chunks  # one prompt's chunks, once
+
+
+def test_n_choices_through_the_openai_client(server, tok):
+    """n=3 seeded: choice j is the request alone with seed + j, reproducibly; streamed, the chunks carry each
+    choice's index; usage counts the prompt once."""
+    client, model = server.client(), server_model(server)
+    kw = dict(model=model, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=11)
+    r = client.completions.create(n=3, **kw)
+    texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert texts == [client.completions.create(**{**kw, "seed": 11 + j}).choices[0].text for j in range(3)]
+    assert len(set(texts)) > 1
+    assert r.usage.prompt_tokens == len(tok.encode(PROMPT)) and r.usage.completion_tokens == 18
+    streamed = ["", "", ""]
+    usage = None
+    for chunk in client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+        usage = chunk.usage or usage
+    assert streamed == texts and usage.prompt_tokens == r.usage.prompt_tokens
+    messages = [{"role": "user", "content": "Write a haiku about autumn."}]
+    chat = client.chat.completions.create(model=model, messages=messages, n=2, max_tokens=5, temperature=1.0, seed=3)
+    assert sorted(c.index for c in chat.choices) == [0, 1] and all(c.message.role == "assistant" for c in chat.choices)
+    pieces = ["", ""]
+    for chunk in client.chat.completions.create(model=model, messages=messages, n=2, max_tokens=5, temperature=1.0,
+                                                seed=3, stream=True):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.delta.content or ""
+    assert pieces == [c.message.content for c in sorted(chat.choices, key=lambda c: c.index)]
+
+
+def test_batch_of_prompts_with_n(server, tok):
+    prompts = [PROMPT, "Pack my box"]
+    r = server.post("/v1/completions", {"prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert choices[0]["text"] == choices[1]["text"] and choices[2]["text"] == choices[3]["text"]  # greedy
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts)
+    # more choices than KV rows (4): they queue; those admitted once the first has left prefill on their own
+    many = server.post("/v1/completions", {"prompt": PROMPT, "n": 16, "max_tokens": 2, "temperature": 0}).json()
+    assert len({c["text"] for c in many["choices"]}) == 1 and len(many["choices"]) == 16
+
+
+# ---------------------------------------------------------------------- /metrics
+def _scrape(server) -> dict[str, float]:
+    """/metrics parsed by prometheus-client's own parser: {sample name + labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = server.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items()) if k != "le"):
+            s.value for family in text_string_to_metric_families(r.text) for s in family.samples
+            if "le" not in s.labels}
+
+
+def test_metrics_count_what_was_served(server, tok):
+    before = _scrape(server)
+    assert before["litllm_requests_running"] == before["litllm_requests_waiting"] == 0
+    assert before["litllm_kv_cache_usage_ratio"] == 0
+    client, model = server.client(), server_model(server)
+    for _ in client.completions.create(model=model, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                       stop=["never-generated-stop"]):
+        pass
+    client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=1.0, n=2, seed=1)
+    after = _scrape(server)
+    prompt = len(tok.encode(PROMPT))
+    assert after["litllm_prompt_tokens_total"] - before["litllm_prompt_tokens_total"] == 2 * prompt  # n=2: once
+    assert after["litllm_generation_tokens_total"] - before["litllm_generation_tokens_total"] == 20 + 2 * 5
+    assert after["litllm_requests_total{finish_reason=length}"] - before.get(
+        "litllm_requests_total{finish_reason=length}", 0) == 3
+    assert after["litllm_time_to_first_token_seconds_count"] - before["litllm_time_to_first_token_seconds_count"] == 3
+    assert after["litllm_time_per_output_token_seconds_count"] - before[
+        "litllm_time_per_output_token_seconds_count"] == 3
+    assert after["litllm_time_to_first_token_seconds_sum"] > before["litllm_time_to_first_token_seconds_sum"]
+    assert after["litllm_requests_running"] == 0 and after["litllm_kv_cache_usage_ratio"] == 0
+
+
+def test_kv_cache_usage_gauge(tiny_checkpoint, tok):
+    """What litllm_kv_cache_usage_ratio reads: the positions requests hold over rows x max_seq_length."""
+    from litllm.engine import Engine, Request
+    from litllm.model import GPT
+
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog.").tolist()
+    with Engine(GPT.from_checkpoint(tiny_checkpoint).eval(), tok, 2, 64, prefill_chunk=4) as engine:
+        engine.add(Request(prompt, 3))
+        chunks = -(-len(prompt) // 4)
+        for k in range(1, chunks):
+            engine.step()  # one chunk of the prompt
+            assert engine.kv_cache_usage == 4 * k / (2 * 64)
+        engine.step()  # the last chunk, the first token sampled, then decoded (written) with the second sampled
+        assert engine.kv_cache_usage == (len(prompt) + 1) / (2 * 64)
+        while engine.has_unfinished:
+            engine.step()
+        assert engine.kv_cache_usage == 0

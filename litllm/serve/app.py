@@ -1,6 +1,7 @@
 """The FastAPI app: routes, API-key check, OpenAI-style errors, server-sent events.
 
-Routes: `GET /health` (200 once the model is loaded; also the engine's counters), `GET /v1/models`,
+Routes: `GET /health` (200 once the model is loaded; also the engine's counters), `GET /metrics`
+(Prometheus, see metrics.py), `GET /v1/models`,
 `POST /v1/completions` (prompt text, or token ids, continued as is), `POST /v1/chat/completions`
 (messages rendered with the checkpoint's prompt style or chat template, as `litllm chat` renders
 them). Each generation request becomes one engine `Request`; the handler then waits on its queue
@@ -33,6 +34,7 @@ from starlette.requests import ClientDisconnect
 from litllm.engine import SamplingError
 from litllm.errors import LitLLMError
 from litllm.serve.bridge import EngineLoop
+from litllm.serve.metrics import ServerMetrics
 from litllm.serve.protocol import (
     CHAT, COMPLETION, DEFAULT_COMPLETION_MAX_TOKENS, APIError, Params, chat_logprobs, choice_body, chunk_body,
     completion_logprobs, context_error, new_id, now, parse_json, parse_messages, parse_params, parse_prompts,
@@ -69,6 +71,7 @@ def build_app(
         bridge.stop()
 
     app = FastAPI(title="litllm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    bridge.metrics = metrics = ServerMetrics(bridge.engine)
     _answer_errors_as_openai_does(app)
 
     def check_api_key(request: Request) -> None:
@@ -91,6 +94,11 @@ def build_app(
         return {"status": "ok", "model": served.name, "num_running": engine.num_running,
                 "num_waiting": engine.num_waiting, "num_in_flight": bridge.num_in_flight,
                 "num_aborted": bridge.num_aborted}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():  # no API key, as vLLM's: scrapers rarely send one
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def list_models(request: Request):

@@ -35,6 +35,7 @@ class EngineLoop:
         self.capacity = capacity  # requests in flight (running + waiting) before new ones get a 503
         self.queues: dict[int, asyncio.Queue] = {}
         self.num_aborted = 0
+        self.metrics = None  # a ServerMetrics (metrics.py), told of every request and Output
         self._lock = threading.Lock()  # queues + engine.add are one step for the engine thread
         self._wake = threading.Event()
         self._stopping = False
@@ -94,6 +95,8 @@ class EngineLoop:
                 raise
             for request_id in ids:
                 self.queues[request_id] = queue
+            if self.metrics is not None:
+                self.metrics.submitted(ids, requests)
         self._wake.set()
         return ids, queue
 
@@ -126,12 +129,16 @@ class EngineLoop:
             with self._lock:
                 targets = []
                 for out in outputs:
+                    if self.metrics is not None:
+                        self.metrics.dispatched(out)
                     queue = self.queues.get(out.request_id)
                     if out.finished:
                         self.queues.pop(out.request_id, None)
                     if queue is not None:
                         targets.append((queue, out))
                 for request_id, error in failed.items():
+                    if self.metrics is not None:
+                        self.metrics.failed(request_id)
                     queue = self.queues.pop(request_id, None)
                     if queue is not None:
                         targets.append((queue, APIError(500, f"the engine failed on this request: "
@@ -143,6 +150,8 @@ class EngineLoop:
         with self._lock:
             failed, self.queues = self.queues, {}
             for request_id in failed:
+                if self.metrics is not None:
+                    self.metrics.failed(request_id)
                 try:
                     self.engine.abort(request_id)
                 except Exception:
