@@ -21,6 +21,11 @@ the server) runs here.
   device; with `compile=True` it is `torch.compile`d at static shapes (the whole cache, `kv_len=None`).
   In eager mode the engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips
   the unwritten tail of the cache.
+- Logprobs: a request with `logprobs` (and/or `prompt_logprobs`) gets each token's log-probability and its
+  k most likely alternatives; only the rows that ask are scored (one gather + topk over their logits, read
+  back with the sampled tokens), the others' decode step is unchanged.
+- Shared prefill: `add_many` requests with the same prompt (the n choices of one API request) prefill
+  it once; the first's KV rows are copied into the others' slots, and each samples on with its own generator.
 - Stops: one `StopMatcher` per request: token-id stops (EOS, the prompt style's stop tokens) and text
   stops matched on the incrementally decoded text; text that could begin a stop string is held back
   until resolved, and the stop string itself is never emitted.
