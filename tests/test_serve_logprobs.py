@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from test_evaluate import local_tasks, tasks_dir  # noqa: F401 (fixtures)
+from test_evaluate import chat_checkpoint, local_tasks, tasks_dir  # noqa: F401 (fixtures)
 from test_serve import KEY, Server
 
 openai = pytest.importorskip("openai")
@@ -156,7 +156,7 @@ def test_lm_eval_local_completions_matches_litllm_evaluate(server, tiny_checkpoi
     through the server answers what `litllm evaluate` (LitLLMLM, in-process) answers, request by request."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from test_evaluate import GEN_TASK, MC_TASK, _assert_same_answers, _litlm, _run
+    from test_evaluate import GEN_TASK, MC_TASK, _assert_same_answers, _litlm, _responses, _run
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     served = LocalCompletionsAPI(
@@ -165,7 +165,9 @@ def test_lm_eval_local_completions_matches_litllm_evaluate(server, tiny_checkpoi
     )
     tasks = [MC_TASK, GEN_TASK]
     expected = _run(_litlm(tiny_checkpoint, 4), local_tasks, tasks, num_fewshot=1)
-    _assert_same_answers(expected, _run(served, local_tasks, tasks, num_fewshot=1), tasks, TOL)
+    got = _run(served, local_tasks, tasks, num_fewshot=1)
+    _assert_same_answers(expected, got, tasks, TOL)
+    assert any(answer for doc in _responses(got, GEN_TASK) for answer in doc)  # not all empty
 
 
 # ---------------------------------------------------------------------- n > 1: one prefill per prompt
@@ -308,3 +310,25 @@ def test_kv_cache_usage_gauge(tiny_checkpoint, tok):
         while engine.has_unfinished:
             engine.step()
         assert engine.kv_cache_usage == 0
+
+
+@pytest.mark.slow
+def test_lm_eval_local_chat_completions_generates_as_litllm_evaluate(chat_checkpoint, local_tasks, tmp_path,
+                                                                     monkeypatch):
+    """lm-eval's `local-chat-completions` (messages, chat-template rendered by the server) on a generate_until
+    task: the same text as `litllm evaluate --apply_chat_template` on the same checkpoint, document by document."""
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    from test_evaluate import GEN_TASK, _assert_same_answers, _litlm, _responses, _run
+
+    chat_server = Server(chat_checkpoint, tmp_path / "server.log", "--max_batch_size", "2")
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", "unused")
+        served = LocalChatCompletion(base_url=chat_server.url + "/v1/chat/completions", model=chat_checkpoint.name,
+                                     max_retries=1)
+        got = _run(served, local_tasks, [GEN_TASK], num_fewshot=1, apply_chat_template=True)
+    finally:
+        chat_server.stop()
+    expected = _run(_litlm(chat_checkpoint, 4), local_tasks, [GEN_TASK], num_fewshot=1, apply_chat_template=True)
+    _assert_same_answers(expected, got, [GEN_TASK], TOL)
+    assert any(answer for doc in _responses(got, GEN_TASK) for answer in doc)  # not all empty
