@@ -80,13 +80,12 @@ def sample(
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list["TokenLogprob"]:
     """The log-probability of each of `tokens` (N,) under `logits` (N, vocab) and the `k` most likely tokens'
-    (log_softmax in float32): one read back to the host."""
+    (log_softmax in float32), read back to the host."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (N, vocab)
     chosen = logp.gather(-1, tokens[:, None].long())[:, 0]  # (N,)
-    top = logp.topk(k, dim=-1) if k else None
-    host = [tokens.tolist(), chosen.tolist(), top.indices.tolist() if k else None, top.values.tolist() if k else None]
-    ids, values, top_ids, top_values = host
-    return [TokenLogprob(ids[i], values[i], list(zip(top_ids[i], top_values[i])) if k else []) for i in range(len(ids))]
+    top = logp.topk(k, dim=-1)  # (N, k) values and indices (k = 0: empty)
+    rows = zip(tokens.tolist(), chosen.tolist(), top.indices.tolist(), top.values.tolist())
+    return [TokenLogprob(token, value, list(zip(top_ids, top_values))) for token, value, top_ids, top_values in rows]
 
 
 # the smallest positive temperature and top_p: float32's smallest normal value (sampling runs in float32, where

@@ -138,6 +138,8 @@ def test_completion_stream_with_echo_and_logprobs(server):
     assert text == whole["text"]
     assert token_lps[0] is None and whole["logprobs"]["token_logprobs"][0] is None
     assert token_lps[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=TOL)
+    offsets = [o for c in chunks if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == whole["logprobs"]["text_offset"]
 
 
 def test_no_logprobs_unless_asked(server):

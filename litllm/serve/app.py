@@ -208,8 +208,9 @@ class Job:
     echo_texts: list[str]
 
     def choice(self, served: ServedModel, index: int, text: str, outputs: list, finish_reason: Optional[str],
-               stream: bool = False, first: bool = False) -> dict:
-        """The body of choice `index` (a whole answer, or a chunk's) holding `text` and `outputs`' tokens."""
+               stream: bool = False, first: bool = False, offset: Optional[int] = None) -> dict:
+        """The body of choice `index` (a whole answer, or a chunk's) holding `text` and `outputs`' tokens;
+        `offset`: where a chunk's first token starts in the whole answer's text (completions' text_offset)."""
         logprobs = None
         if self.params.logprobs is not None:
             entries = [e for out in outputs for e in out.logprobs or ()]
@@ -219,7 +220,8 @@ class Job:
             else:
                 ids = [e.token_id for e in entries]
                 prompt = next((out.prompt_logprobs for out in outputs if out.prompt_logprobs), None)
-                offset = 0 if self.params.echo else len(self.echo_texts[index])
+                if offset is None:
+                    offset = 0 if self.params.echo else len(self.echo_texts[index])
                 if self.params.echo and prompt is not None:  # the prompt's tokens come first
                     ids, entries = self.requests[index].prompt_ids + ids, prompt + entries
                 logprobs = completion_logprobs(ids, entries, token_text, offset)
@@ -378,6 +380,7 @@ async def _stream(id, created, job: Job, served: ServedModel, bridge: EngineLoop
     kind, model, include_usage = job.kind, served.name, job.params.include_usage
     chunk = {"kind": kind, "id": id, "model": model, "created": created, "include_usage": include_usage}
     finished: list = [None] * len(choices)
+    offsets: list = [None] * len(choices)  # completions' text_offset goes on across a choice's chunks
     started = [kind == CHAT] * len(choices)
     try:
         yield b""
@@ -392,7 +395,10 @@ async def _stream(id, created, job: Job, served: ServedModel, bridge: EngineLoop
                 break
             index = choices[out.request_id]
             first, started[index] = not started[index], True  # (chat: the role went out already)
-            body = job.choice(served, index, out.text, [out], None, stream=True, first=first and kind == COMPLETION)
+            body = job.choice(served, index, out.text, [out], None, stream=True, first=first and kind == COMPLETION,
+                              offset=offsets[index])
+            if kind == COMPLETION and body["logprobs"] and body["logprobs"]["tokens"]:
+                offsets[index] = body["logprobs"]["text_offset"][-1] + len(body["logprobs"]["tokens"][-1])
             if first or out.text or (out.token_ids and body["logprobs"] is not None):
                 yield sse({**chunk_body(**chunk), "choices": [body]})
             if out.finished:
