@@ -334,3 +334,22 @@ def test_lm_eval_local_chat_completions_generates_as_litllm_evaluate(chat_checkp
     expected = _run(_litlm(chat_checkpoint, 4), local_tasks, [GEN_TASK], num_fewshot=1, apply_chat_template=True)
     _assert_same_answers(expected, got, [GEN_TASK], TOL)
     assert any(answer for doc in _responses(got, GEN_TASK) for answer in doc)  # not all empty
+
+
+def test_engine_scores_only_the_rows_that_ask(tiny_checkpoint, tok, monkeypatch):
+    """A row without logprobs costs nothing: token_logprobs never sees its logits, nor runs when no row asks."""
+    import litllm.engine as engine_module
+    from litllm.engine import Engine, Request
+    from litllm.model import GPT
+
+    scored_rows = []
+    real = engine_module.token_logprobs
+    monkeypatch.setattr(engine_module, "token_logprobs",
+                        lambda logits, tokens, k: (scored_rows.append(logits.shape[0]), real(logits, tokens, k))[1])
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    prompt = tok.encode(PROMPT).tolist()
+    with Engine(model, tok, 3, 64) as engine:
+        plain = _run_engine(engine, [Request(prompt, 5), Request(prompt[1:], 5)])
+        assert scored_rows == []
+        mixed = _run_engine(engine, [Request(prompt, 5), Request(prompt[1:], 5, logprobs=2)])
+    assert mixed == plain and scored_rows == [1] * 5  # the asking row's first token, then one row per step
