@@ -21,6 +21,11 @@ the server) runs here.
   device; with `compile=True` it is `torch.compile`d at static shapes (the whole cache, `kv_len=None`).
   In eager mode the engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips
   the unwritten tail of the cache.
+- Logprobs: a request with `logprobs` (and/or `prompt_logprobs`) gets each token's log-probability and its
+  k most likely alternatives; only the rows that ask are scored (one gather + topk over their logits, read
+  back with the sampled tokens), the others' decode step is unchanged.
+- Shared prefill: `add_many` requests with the same prompt (the n choices of one API request) prefill
+  it once; the first's KV rows are copied into the others' slots, and each samples on with its own generator.
 - Stops: one `StopMatcher` per request: token-id stops (EOS, the prompt style's stop tokens) and text
   stops matched on the incrementally decoded text; text that could begin a stop string is held back
   until resolved, and the stop string itself is never emitted.
@@ -77,6 +82,16 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list["TokenLogprob"]:
+    """The log-probability of each of `tokens` (N,) under `logits` (N, vocab) and the `k` most likely tokens'
+    (log_softmax in float32), read back to the host."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, vocab)
+    chosen = logp.gather(-1, tokens[:, None].long())[:, 0]  # (N,)
+    top = logp.topk(k, dim=-1)  # (N, k) values and indices (k = 0: empty)
+    rows = zip(tokens.tolist(), chosen.tolist(), top.indices.tolist(), top.values.tolist())
+    return [TokenLogprob(token, value, list(zip(top_ids, top_values))) for token, value, top_ids, top_values in rows]
 
 
 # the smallest positive temperature and top_p: float32's smallest normal value (sampling runs in float32, where
@@ -147,6 +162,18 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     stop_strings: Sequence[str] = ()  # text stops, matched on the decoded text
     stop_token_ids: Sequence[int] = ()  # EOS and the like (see `default_stops`)
+    # log-probabilities (of the model's distribution, before temperature/top-k/top-p): None = not computed (no
+    # cost); k >= 0 = each token's own and the k most likely alternatives'. `prompt_logprobs` scores the prompt
+    # tokens (all but the first); with it, max_new_tokens may be 0 (score only)
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
 
 
 @dataclass
@@ -160,6 +187,8 @@ class Output:
     finish_reason: Optional[str]  # "stop" | "length" | "abort" when finished
     prompt_tokens: int
     completion_tokens: int  # generated so far (a stop's tokens count)
+    logprobs: Optional[list[TokenLogprob]] = None  # one per token of `token_ids`, when the request asked
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # in a request's first Output; [0] is None
 
 
 class RequestError(LitLLMError):
@@ -291,6 +320,10 @@ class _Row:
     pos: int  # position of the newest token (sampled, not yet written to the cache); set once prefilled
     generated: int = 0
     prefilled: int = 0  # prompt tokens written to the cache so far
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # filled chunk by chunk when asked
+    # prefill sharing (`add_many`): rows waiting for this one's prompt KV, and its last prompt logits once in
+    followers: list[tuple[int, "_Row"]] = field(default_factory=list)
+    last_logits: Optional[torch.Tensor] = None
 
     @property
     def decoding(self) -> bool:
@@ -349,6 +382,8 @@ class Engine:
         self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()
+        self._leader_of: dict[int, int] = {}  # a request -> the one of the same add_many whose prefill it copies
+        self._leaders: set[int] = set()
         self._aborts: set[int] = set()
         self._failed: dict[int, Exception] = {}  # requests that failed during this step (see RequestError)
         self._next_id = 0
@@ -356,11 +391,37 @@ class Engine:
     # ------------------------------------------------------------------ public interface
     def add(self, request: Request) -> int:
         """Queue a request; returns its id. It joins a free row at the next `step()`."""
+        return self.add_many([request])[0]
+
+    def add_many(self, requests: Sequence[Request]) -> list[int]:
+        """Queue requests, all or none (each is checked first); returns their ids. Requests with the same prompt
+        (the n samples of one prompt) share its prefill: the first one's KV rows are copied into the others'
+        (see `_share_prefill`); each then samples with its own generator."""
+        for request in requests:
+            self._check(request)
+        with self._lock:
+            ids = list(range(self._next_id, self._next_id + len(requests)))
+            self._next_id += len(requests)
+            first: dict[tuple, int] = {}
+            for request_id, request in zip(ids, requests):
+                leader = first.setdefault((tuple(request.prompt_ids), request.prompt_logprobs), request_id)
+                if leader != request_id:
+                    self._leader_of[request_id] = leader
+                    self._leaders.add(leader)
+            self._waiting.extend(zip(ids, requests))
+        return ids
+
+    def _check(self, request: Request) -> None:
+        """Raise LitLLMError (SamplingError for a sampling field) for a request the engine can't run."""
         n = len(request.prompt_ids)
         if n == 0:
             raise LitLLMError("the prompt is empty (no tokens)")
         s = request.sampling
-        check_sampling_args(s.temperature, s.top_k, s.top_p, request.max_new_tokens, s.seed)
+        scoring_only = request.max_new_tokens == 0 and request.prompt_logprobs is not None
+        check_sampling_args(s.temperature, s.top_k, s.top_p, None if scoring_only else request.max_new_tokens, s.seed)
+        for k in (request.logprobs, request.prompt_logprobs):
+            if k is not None and not 0 <= k <= self.vocab_size:
+                raise LitLLMError(f"logprobs must be in [0, {self.vocab_size}] (the vocabulary), got {k}")
         for text in request.stop_strings:
             check_text(text, "a stop string")
         embeddings = self.model.config.padded_vocab_size
@@ -372,11 +433,6 @@ class Engine:
                 f"the prompt has {n} tokens and max_new_tokens is {request.max_new_tokens}: together they exceed "
                 f"the context window of {self.max_seq_length} tokens; shorten the prompt or lower max_new_tokens"
             )
-        with self._lock:
-            request_id = self._next_id
-            self._next_id += 1
-            self._waiting.append((request_id, request))
-        return request_id
 
     def abort(self, request_id: int) -> None:
         """Stop a request; its row is freed at the next `step()`, which reports finish_reason "abort"."""
@@ -390,6 +446,12 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of the KV cache's positions (rows x max_seq_length) that requests hold now."""
+        held = sum(row.pos if row.decoding else row.prefilled for row in list(self._rows) if row is not None)
+        return held / (self.max_batch_size * self.max_seq_length)
 
     @property
     def has_unfinished(self) -> bool:
@@ -420,19 +482,20 @@ class Engine:
             self._set_caches(self._caches)
         with threads_for(self.threads):
             self._handle_aborts(outputs)
-            self._admit()
+            self._admit(outputs)
             self._prefill(outputs)
             running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
             if running:
                 kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
                 logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
                 tokens = self._pick(logits, running)
+                logprobs = self._decode_logprobs(logits, running)
                 for slot, row in running:
                     if self._rows[slot] is not row:  # its sampling failed
                         continue
                     row.pos += 1
                     try:
-                        self._advance(slot, row, tokens[slot], outputs)
+                        self._advance(slot, row, tokens[slot], outputs, logprobs.get(slot))
                     except Exception as e:
                         self._fail(slot, row, e)
                 self._pos.add_(self._active)  # the rows still running move one position on
@@ -446,13 +509,15 @@ class Engine:
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
 
-    def _admit(self) -> None:
-        """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`)."""
+    def _admit(self, outputs: list[Output]) -> None:
+        """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`, or copied
+        from the row of the same prompt, see `add_many`)."""
         for slot in range(self.max_batch_size):
             if self._rows[slot] is not None or not self._waiting:
                 continue
             with self._lock:
                 request_id, request = self._waiting.popleft()
+                leader_id = self._leader_of.pop(request_id, None)
             s = request.sampling
             generator = None
             try:
@@ -462,8 +527,31 @@ class Engine:
             except Exception as e:
                 self._failed[request_id] = e
                 continue
-            self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
-            self._prefilling.append(slot)
+            row = self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
+            leader = self._row_of(leader_id)
+            if leader is None:  # none, or it has left: its own prefill
+                self._prefilling.append(slot)
+            elif leader[1].decoding:
+                self._share_prefill(leader, slot, row, outputs)
+            else:
+                leader[1].followers.append((slot, row))
+
+    def _row_of(self, request_id: Optional[int]) -> Optional[tuple[int, _Row]]:
+        return next(((slot, row) for slot, row in enumerate(self._rows) if row is not None and
+                     row.request_id == request_id), None)
+
+    def _share_prefill(self, leader: tuple[int, _Row], slot: int, row: _Row, outputs: list[Output]) -> None:
+        """Give the row in `slot` the prompt KV of the leader's (same prompt) and sample its first token from
+        the leader's last prompt logits: its prefill, without computing it again."""
+        n = len(row.request.prompt_ids)
+        for cache in self._caches:
+            cache.k[slot, :, :n] = cache.k[leader[0], :, :n]  # (nkv, n, hs)
+            cache.v[slot, :, :n] = cache.v[leader[0], :, :n]
+        row.prefilled, row.prompt_logprobs = n, leader[1].prompt_logprobs
+        try:
+            self._start_decoding(slot, row, leader[1].last_logits, outputs)
+        except Exception as e:
+            self._fail(slot, row, e)
 
     def _prefill(self, outputs: list[Output]) -> None:
         """Write up to `prefill_chunk` prompt tokens to the cache, first admitted first; a row whose
@@ -482,22 +570,44 @@ class Engine:
     def _prefill_chunk(self, slot: int, row: _Row, start: int, stop: int, outputs: list[Output]) -> None:
         """Write prompt tokens start..stop of the row in `slot`; sample its first token after the last chunk."""
         ids = torch.tensor(row.request.prompt_ids[start:stop], dtype=torch.long, device=self.device)
+        scored = row.request.prompt_logprobs is not None
         self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
         try:
             logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                logits_to_keep=1)[:, -1, : self.vocab_size]
+                                logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
         finally:
             self._set_caches(self._caches)
+        if scored:
+            self._score_prompt(row, logits, start, stop)
+        logits = logits[-1:]
         row.prefilled = stop
         if not row.decoding:
             self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
             return
         self._prefilling.popleft()
+        if row.request_id in self._leaders:  # kept for the rows that share this prefill
+            row.last_logits = logits.clone()
+        for follower_slot, follower in row.followers:
+            if self._rows[follower_slot] is follower:
+                self._share_prefill((slot, row), follower_slot, follower, outputs)
+        row.followers = []
+        self._start_decoding(slot, row, logits, outputs)
+
+    def _start_decoding(self, slot: int, row: _Row, logits: torch.Tensor, outputs: list[Output]) -> None:
+        """The row's prompt is in: sample its first token from the last prompt logits (1, vocab)."""
+        if row.request.max_new_tokens == 0:  # scoring only (prompt_logprobs)
+            outputs.append(Output(row.request_id, "", [], True, "length", len(row.request.prompt_ids), 0,
+                                  prompt_logprobs=row.prompt_logprobs))
+            self._free(slot)
+            return
         token = self._sample(logits, row)
         self._tokens[slot] = token
         self._pos[slot] = row.pos
         self._active[slot] = 1
-        self._advance(slot, row, token, outputs)
+        logprob = None
+        if row.request.logprobs is not None:
+            logprob = token_logprobs(logits, torch.tensor([token], device=self.device), row.request.logprobs)[0]
+        self._advance(slot, row, token, outputs, logprob)
 
     def _fail(self, slot: int, row: _Row, error: Exception) -> None:
         """Drop the request in `slot` after `error` (step() raises RequestError for it once done)."""
@@ -527,8 +637,30 @@ class Engine:
         self._tokens.copy_(picked[:, None])
         return picked.tolist()
 
-    def _advance(self, slot: int, row: _Row, token: int, outputs: list[Output]) -> None:
-        """Record `token` for the row; free the row when it finished."""
+    def _score_prompt(self, row: _Row, logits: torch.Tensor, start: int, stop: int) -> None:
+        """Append the logprobs of prompt tokens start+1..stop (those `logits` (stop - start, vocab) predict)."""
+        prompt = row.request.prompt_ids
+        targets = prompt[start + 1: stop + 1]  # the token after each position, within the prompt
+        if row.prompt_logprobs is None:
+            row.prompt_logprobs = [None]  # the first token has nothing before it
+        if targets:
+            ids = torch.tensor(targets, dtype=torch.long, device=self.device)
+            row.prompt_logprobs += token_logprobs(logits[: len(targets)], ids, row.request.prompt_logprobs)
+
+    def _decode_logprobs(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> dict[int, TokenLogprob]:
+        """{slot: TokenLogprob} of this step's token for the rows that asked; nothing is computed (nor read
+        back from the device) when no row asked."""
+        asking = [(slot, row.request.logprobs) for slot, row in running
+                  if row.request.logprobs is not None and self._rows[slot] is row]
+        if not asking:
+            return {}
+        slots = torch.tensor([slot for slot, _ in asking], device=self.device)
+        scored = token_logprobs(logits[slots], self._tokens[slots, 0], max(k for _, k in asking))
+        return {slot: TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for (slot, k), lp in zip(asking, scored)}
+
+    def _advance(self, slot: int, row: _Row, token: int, outputs: list[Output],
+                 logprob: Optional[TokenLogprob] = None) -> None:
+        """Record `token` (and its logprob, when asked) for the row; free the row when it finished."""
         row.generated += 1
         text = row.matcher.push(token)
         reason = None
@@ -538,11 +670,21 @@ class Engine:
             reason = "length"
             text += row.matcher.flush()
         outputs.append(Output(row.request_id, text, [token], reason is not None, reason,
-                              len(row.request.prompt_ids), row.generated))
+                              len(row.request.prompt_ids), row.generated,
+                              logprobs=None if logprob is None else [logprob],
+                              prompt_logprobs=row.prompt_logprobs if row.generated == 1 else None))
         if reason is not None:
             self._free(slot)
 
     def _free(self, slot: int) -> None:
+        row = self._rows[slot]
+        if row is not None:
+            self._leaders.discard(row.request_id)
+            live = [(slot_, f) for slot_, f in row.followers if self._rows[slot_] is f]
+            if live:  # it left before its prompt was in: the first follower prefills it, for the others too
+                (new_slot, new_leader), new_leader.followers = live[0], live[1:]
+                self._leaders.add(new_leader.request_id)
+                self._prefilling.append(new_slot)
         self._rows[slot] = None
         if slot in self._prefilling:
             self._prefilling.remove(slot)
@@ -557,6 +699,8 @@ class Engine:
             kept = deque()
             for request_id, request in self._waiting:
                 if request_id in aborts:
+                    self._leader_of.pop(request_id, None)
+                    self._leaders.discard(request_id)
                     outputs.append(Output(request_id, "", [], True, "abort", len(request.prompt_ids), 0))
                 else:
                     kept.append((request_id, request))
@@ -576,8 +720,10 @@ def _merge(outputs: list[Output]) -> list[Output]:
         if prev is None:
             merged[out.request_id] = out
         else:
+            logprobs = None if prev.logprobs is None and out.logprobs is None else (prev.logprobs or []) + (out.logprobs or [])
             merged[out.request_id] = Output(out.request_id, prev.text + out.text, prev.token_ids + out.token_ids,
-                                            out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+                                            out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens,
+                                            logprobs, prev.prompt_logprobs or out.prompt_logprobs)
     return list(merged.values())
 
 

@@ -9,7 +9,7 @@ import pytest
 from litllm.errors import LitLLMError
 from litllm.serve.protocol import (
     CHAT, COMPLETION, MAX_STOP_CHARS, MAX_STOP_STRINGS, APIError, chunk_body, parse_json, parse_messages,
-    parse_params, parse_prompt, sse,
+    parse_params, parse_prompts, sse,
 )
 from litllm.serve.server import bind_socket
 
@@ -27,7 +27,11 @@ def test_defaults_and_accepted_fields():
     # fields we don't implement pass at their no-op value (what SDKs send by default), null too
     p = parse_params(COMPLETION, {"prompt": "x", "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0,
                                   "logprobs": None, "echo": False, "best_of": None, "max_tokens": 5})
-    assert p.max_tokens == 5
+    assert p.max_tokens == 5 and p.n == 1 and p.logprobs is None and not p.echo
+    p = parse_params(COMPLETION, {"logprobs": 3, "echo": True, "max_tokens": 0, "n": 2})
+    assert (p.logprobs, p.echo, p.max_tokens, p.n) == (3, True, 0, 2)
+    assert parse_params(CHAT, {"logprobs": True}).logprobs == 0
+    assert parse_params(CHAT, {"logprobs": True, "top_logprobs": 4}).logprobs == 4
     assert parse_params(CHAT, {"max_completion_tokens": 7}).max_tokens == 7
     p = parse_params(CHAT, {"stream": True, "stream_options": {"include_usage": True}})
     assert p.stream and p.include_usage
@@ -43,9 +47,17 @@ def test_defaults_and_accepted_fields():
     (COMPLETION, {"stop": ["a", ""]}, "stop"),
     (COMPLETION, {"stop": ["a", 1]}, "stop"),
     (COMPLETION, {"seed": "1"}, "seed"),
-    (COMPLETION, {"n": 3}, "n"),
+    (COMPLETION, {"n": 0}, "n"),
+    (COMPLETION, {"n": 65}, "n"),
+    (COMPLETION, {"logprobs": 21}, "logprobs"),
+    (COMPLETION, {"logprobs": True}, "logprobs"),  # completions take an integer k
+    (CHAT, {"logprobs": 3}, "logprobs"),  # chat takes a boolean (and top_logprobs k)
+    (CHAT, {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    (CHAT, {"echo": True}, "echo"),
+    (CHAT, {"max_tokens": 0}, "max_tokens"),  # 0 only to score an echoed prompt
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     (COMPLETION, {"presence_penalty": 0.5}, "presence_penalty"),
-    (COMPLETION, {"echo": True}, "echo"),
     (COMPLETION, {"messages": []}, "messages"),  # a chat field on the completions route
     (CHAT, {"prompt": "x"}, "prompt"),
     (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
@@ -84,16 +96,14 @@ def test_sampling_extremes_are_accepted():
 
 
 def test_prompts():
-    assert parse_prompt({"prompt": "hi"}) == "hi"
-    assert parse_prompt({"prompt": ["hi"]}) == "hi"  # a batch of one
-    assert parse_prompt({"prompt": [1, 2, 3]}) == [1, 2, 3]
-    for prompt in (["a", "b"], [[1], [2]]):
-        with pytest.raises(APIError, match="one prompt per request"):
-            parse_prompt({"prompt": prompt})
-    for prompt in ([], [1, "a"], [True], 3):
+    assert parse_prompts({"prompt": "hi"}) == ["hi"]
+    assert parse_prompts({"prompt": ["hi"]}) == ["hi"]  # a batch of one
+    assert parse_prompts({"prompt": [1, 2, 3]}) == [[1, 2, 3]]
+    assert parse_prompts({"prompt": ["a", [1, 2]]}) == ["a", [1, 2]]  # a batch
+    for prompt in ([], [1, "a"], [True], 3, ["a", []], [[1, "x"]], ["a"] * 65):
         with pytest.raises(APIError) as e:
-            parse_prompt({"prompt": prompt})
-        assert e.value.param == "prompt"
+            parse_prompts({"prompt": prompt})
+        assert e.value.param.startswith("prompt")
 
 
 def test_messages():

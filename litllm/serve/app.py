@@ -1,6 +1,7 @@
 """The FastAPI app: routes, API-key check, OpenAI-style errors, server-sent events.
 
-Routes: `GET /health` (200 once the model is loaded; also the engine's counters), `GET /v1/models`,
+Routes: `GET /health` (200 once the model is loaded; also the engine's counters), `GET /metrics`
+(Prometheus, see metrics.py), `GET /v1/models`,
 `POST /v1/completions` (prompt text, or token ids, continued as is), `POST /v1/chat/completions`
 (messages rendered with the checkpoint's prompt style or chat template, as `litllm chat` renders
 them). Each generation request becomes one engine `Request`; the handler then waits on its queue
@@ -33,9 +34,11 @@ from starlette.requests import ClientDisconnect
 from litllm.engine import SamplingError
 from litllm.errors import LitLLMError
 from litllm.serve.bridge import EngineLoop
+from litllm.serve.metrics import ServerMetrics
 from litllm.serve.protocol import (
-    CHAT, COMPLETION, DEFAULT_COMPLETION_MAX_TOKENS, APIError, Params, chunk_body, context_error, new_id, now,
-    parse_json, parse_messages, parse_params, parse_prompt, response_body, sse, usage_body,
+    CHAT, COMPLETION, DEFAULT_COMPLETION_MAX_TOKENS, APIError, Params, chat_logprobs, choice_body, chunk_body,
+    completion_logprobs, context_error, new_id, now, parse_json, parse_messages, parse_params, parse_prompts,
+    response_body, sse, usage_body,
 )
 
 
@@ -68,6 +71,7 @@ def build_app(
         bridge.stop()
 
     app = FastAPI(title="litllm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    bridge.metrics = metrics = ServerMetrics(bridge.engine)
     _answer_errors_as_openai_does(app)
 
     def check_api_key(request: Request) -> None:
@@ -90,6 +94,11 @@ def build_app(
         return {"status": "ok", "model": served.name, "num_running": engine.num_running,
                 "num_waiting": engine.num_waiting, "num_in_flight": bridge.num_in_flight,
                 "num_aborted": bridge.num_aborted}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():  # no API key, as vLLM's: scrapers rarely send one
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -114,19 +123,18 @@ def build_app(
     async def generate(kind: str, request: Request):
         check_api_key(request)
         raw = await _read_body(request, max_request_bytes, read_timeout)
-        params, engine_request = await run_in_threadpool(_prepare, kind, raw, served)
+        job = await run_in_threadpool(_prepare, kind, raw, served)
         id, created = new_id(kind), now()
-        if params.stream:
-            events = _stream(kind, id, created, params, served, bridge, engine_request)
+        if job.params.stream:
+            events = _stream(id, created, job, served, bridge)
             await events.__anext__()  # submits now: a full queue or a bad request is still a plain HTTP error
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering (nginx)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        answer = await _collect(request, bridge, engine_request)
-        if answer is None:  # the client has gone: nobody reads this
+        choices = await _collect(request, bridge, job)
+        if choices is None:  # the client has gone: nobody reads this
             return Response(status_code=499)
-        text, last = answer
-        usage = usage_body(last.prompt_tokens, last.completion_tokens)
-        return response_body(kind, id, served.name, created, text, last.finish_reason, usage)
+        bodies = [job.choice(served, i, *choice) for i, choice in enumerate(choices)]
+        return response_body(kind, id, served.name, created, bodies, job.usage(choices))
 
     return app
 
@@ -189,14 +197,91 @@ def _too_large(max_bytes: int, size: str) -> APIError:
                          "(litllm serve --max_request_bytes)", code="request_too_large")
 
 
-def _prepare(kind: str, raw: bytes, served: ServedModel):
-    """The request body -> (Params, engine Request): parsed, validated, rendered and tokenized. In a worker
-    thread: a prompt of megabytes takes a while, and the event loop serves every other stream."""
+@dataclass
+class Job:
+    """One API request as engine Requests: choice i runs `requests[i]`, the (i // n)-th prompt's (i % n)-th
+    sample; `echo_texts[i]`: the text it answers with before its own (completions' echo)."""
+
+    kind: str
+    params: Params
+    requests: list
+    echo_texts: list[str]
+
+    def choice(self, served: ServedModel, index: int, text: str, outputs: list, finish_reason: Optional[str],
+               stream: bool = False, first: bool = False, offset: Optional[int] = None) -> dict:
+        """The body of choice `index` (a whole answer, or a chunk's) holding `text` and `outputs`' tokens;
+        `offset`: where a chunk's first token starts in the whole answer's text (completions' text_offset)."""
+        logprobs = None
+        if self.params.logprobs is not None:
+            entries = [e for out in outputs for e in out.logprobs or ()]
+            token_text = _token_text(served.tokenizer)
+            if self.kind == CHAT:
+                logprobs = chat_logprobs(entries, token_text)
+            else:
+                ids = [e.token_id for e in entries]
+                prompt = next((out.prompt_logprobs for out in outputs if out.prompt_logprobs), None)
+                if offset is None:
+                    offset = 0 if self.params.echo else len(self.echo_texts[index])
+                if self.params.echo and prompt is not None:  # the prompt's tokens come first
+                    ids, entries = self.requests[index].prompt_ids + ids, prompt + entries
+                logprobs = completion_logprobs(ids, entries, token_text, offset)
+        if self.params.echo and (first or not stream):
+            text = self.echo_texts[index] + text
+        return choice_body(self.kind, index, text, finish_reason, logprobs, first=first, stream=stream)
+
+    def usage(self, choices: list) -> dict:
+        """Each prompt counted once, however many choices it has."""
+        outs = [outputs[-1] for _, outputs, _ in choices]
+        prompts = sum(out.prompt_tokens for out in outs[:: self.params.n])
+        return usage_body(prompts, sum(out.completion_tokens for out in outs))
+
+
+def _token_text(tokenizer):
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    return text
+
+
+def _prepare(kind: str, raw: bytes, served: ServedModel) -> Job:
+    """The request body -> a Job: parsed, validated, rendered and tokenized. In a worker thread: a prompt of
+    megabytes takes a while, and the event loop serves every other stream."""
     body = parse_json(raw)
     params = parse_params(kind, body)
     if params.model is not None and params.model != served.name:
         raise _unknown_model(params.model, served.name)
-    return params, _engine_request(kind, body, params, served)
+    requests, echo_texts = [], []
+    for ids, text in _prompts(kind, body, served):
+        for j in range(params.n):
+            requests.append(_engine_request(ids, "prompt" if kind == COMPLETION else "messages", params, j, served,
+                                            served.completion_stops if kind == COMPLETION else served.chat_stops))
+            echo_texts.append(text)
+    return Job(kind, params, requests, echo_texts)
+
+
+def _prompts(kind: str, body: dict, served: ServedModel) -> list[tuple[list[int], str]]:
+    """[(token ids, text)] of each prompt: completions' prompts (strings or token ids), or the rendered chat."""
+    tokenizer = served.tokenizer
+    if kind == CHAT:
+        messages = parse_messages(body)
+        style = served.prompt_style
+        try:  # exactly what `litllm chat` feeds the model
+            ids = style.encode(tokenizer, style.render_messages(messages, add_generation_prompt=True)).tolist()
+        except LitLLMError as e:
+            raise APIError(400, f"'messages' can't be rendered with the {style.name} prompt style: {e}",
+                           param="messages") from None
+        return [(ids, "")]
+    prompts = []
+    for prompt in parse_prompts(body):
+        if isinstance(prompt, str):
+            prompts.append((tokenizer.encode(prompt).tolist(), prompt))
+            continue
+        bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary "
+                                f"(0..{tokenizer.vocab_size - 1})", param="prompt")
+        prompts.append((list(prompt), tokenizer.decode(prompt, skip_special_tokens=False)))
+    return prompts
 
 
 def _unknown_model(name: str, served: str) -> APIError:
@@ -204,58 +289,45 @@ def _unknown_model(name: str, served: str) -> APIError:
                     code="model_not_found")
 
 
-def _engine_request(kind: str, body: dict, params: Params, served: ServedModel):
-    """Render + tokenize the prompt, settle max_tokens against the context window -> an engine Request."""
-    from litllm.engine import Request, Sampling
+def _engine_request(ids: list[int], param: str, params: Params, sample: int, served: ServedModel, stops: dict):
+    """An engine Request for the `sample`-th choice of a prompt (seed + sample), max_tokens settled against the
+    context window."""
+    from litllm.engine import SEED_LIMIT, Request, Sampling
 
-    tokenizer = served.tokenizer
-    if kind == COMPLETION:
-        prompt = parse_prompt(body)
-        param = "prompt"
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt).tolist()
-        else:
-            bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
-            if bad:
-                raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary "
-                                    f"(0..{tokenizer.vocab_size - 1})", param="prompt")
-            ids = list(prompt)
-        stops = served.completion_stops
-    else:
-        messages = parse_messages(body)
-        param = "messages"
-        style = served.prompt_style
-        try:  # exactly what `litllm chat` feeds the model
-            ids = style.encode(tokenizer, style.render_messages(messages, add_generation_prompt=True)).tolist()
-        except LitLLMError as e:
-            raise APIError(400, f"'messages' can't be rendered with the {style.name} prompt style: {e}",
-                           param="messages") from None
-        stops = served.chat_stops
     if not ids:
         raise APIError(400, f"'{param}' is empty (no tokens)", param=param)
     limit = served.max_seq_length
     room = limit - len(ids)
-    if room < 1:
+    if room < (0 if params.max_tokens == 0 else 1):
         raise context_error(limit, len(ids), params.max_tokens, param)
     if params.max_tokens is None:  # a default never fails: it shrinks to the room the window leaves
-        max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, room) if kind == COMPLETION else room
+        max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, room) if param == "prompt" else room
     elif params.max_tokens > room:
         raise context_error(limit, len(ids), params.max_tokens, "max_tokens")
     else:
         max_tokens = params.max_tokens
-    sampling = Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed)
+    seed = None if params.seed is None else (params.seed + sample) % SEED_LIMIT
+    sampling = Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
     return Request(prompt_ids=ids, max_new_tokens=max_tokens, sampling=sampling,
                    stop_strings=[*params.stop, *stops.get("stop_strings", ())],
-                   stop_token_ids=list(stops.get("stop_token_ids", ())))
+                   stop_token_ids=list(stops.get("stop_token_ids", ())), logprobs=params.logprobs,
+                   prompt_logprobs=params.logprobs if params.echo else None)
 
 
-def _submit(bridge: EngineLoop, engine_request) -> tuple[int, asyncio.Queue]:
+def _submit(bridge: EngineLoop, job: Job) -> tuple[dict[int, int], asyncio.Queue]:
+    """Submit the job's requests -> ({engine request id: choice index}, the queue of all their Outputs)."""
     try:
-        return bridge.submit(engine_request)
+        ids, queue = bridge.submit_many(job.requests)
     except SamplingError as e:  # the engine's own checks, a second line behind parse_params
         raise APIError(400, f"'{e.field}' {e.problem}", param=e.field) from None
     except LitLLMError as e:  # (e.g. the context window)
         raise APIError(400, str(e)) from None
+    return {request_id: index for index, request_id in enumerate(ids)}, queue
+
+
+def _abort(bridge: EngineLoop, choices: dict[int, int]) -> None:
+    for request_id in choices:
+        bridge.abort(request_id)  # no-op when it has finished
 
 
 async def _next_output(queue: asyncio.Queue):
@@ -267,18 +339,22 @@ async def _next_output(queue: asyncio.Queue):
     return out
 
 
-async def _collect(request, bridge: EngineLoop, engine_request):
-    """Wait for a whole answer -> (text, last Output); None (and the request aborted) if the client
-    disconnects first."""
-    request_id, queue = _submit(bridge, engine_request)
+async def _collect(request, bridge: EngineLoop, job: Job):
+    """Wait for the whole answer -> [(text, Outputs, finish_reason)] per choice; None (and the requests
+    aborted) if the client disconnects first."""
+    choices, queue = _submit(bridge, job)
 
     async def answer():
-        texts = []
-        while True:
+        texts: list[list[str]] = [[] for _ in choices]
+        outputs: list[list] = [[] for _ in choices]
+        left = len(choices)
+        while left:
             out = await _next_output(queue)
-            texts.append(out.text)
-            if out.finished:
-                return "".join(texts), out
+            index = choices[out.request_id]
+            texts[index].append(out.text)
+            outputs[index].append(out)
+            left -= out.finished
+        return [("".join(t), outs, outs[-1].finish_reason) for t, outs in zip(texts, outputs)]
 
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
@@ -290,41 +366,47 @@ async def _collect(request, bridge: EngineLoop, engine_request):
     finally:
         for task in (answering, leaving):
             task.cancel()
-        bridge.abort(request_id)  # no-op when it has finished
+        _abort(bridge, choices)
     if not answering.done() or answering.cancelled():
         return None
     return answering.result()
 
 
-async def _stream(kind, id, created, params: Params, served: ServedModel, bridge: EngineLoop, engine_request):
-    """Server-sent events of one request. The first `__anext__` submits it and yields nothing useful;
-    from then on `finally` aborts the request however the stream ends (client gone included)."""
-    request_id, queue = _submit(bridge, engine_request)
-    model, usage = served.name, params.include_usage
+async def _stream(id, created, job: Job, served: ServedModel, bridge: EngineLoop):
+    """Server-sent events of one API request, its choices' chunks interleaved (each with its `index`). The first
+    `__anext__` submits it and yields nothing useful; from then on `finally` aborts its engine requests however
+    the stream ends (client gone included)."""
+    choices, queue = _submit(bridge, job)
+    kind, model, include_usage = job.kind, served.name, job.params.include_usage
+    chunk = {"kind": kind, "id": id, "model": model, "created": created, "include_usage": include_usage}
+    finished: list = [None] * len(choices)
+    offsets: list = [None] * len(choices)  # completions' text_offset goes on across a choice's chunks
+    started = [kind == CHAT] * len(choices)
     try:
         yield b""
-        if kind == CHAT:
-            yield sse(chunk_body(kind, id, model, created, text="", first=True, include_usage=usage))
-        while True:
+        if kind == CHAT:  # the role at once, before the prompt is even prefilled
+            for index in range(len(choices)):
+                yield sse(chunk_body(**chunk, index=index, text="", first=True))
+        while not all(finished):
             try:
                 out = await _next_output(queue)
             except APIError as e:  # headers are sent: the error goes in the stream, as OpenAI does
                 yield sse(e.body())
                 break
-            if kind == CHAT:
-                if out.text:
-                    yield sse(chunk_body(kind, id, model, created, text=out.text, include_usage=usage))
-                if out.finished:
-                    yield sse(chunk_body(kind, id, model, created, finish_reason=out.finish_reason,
-                                         include_usage=usage))
-            elif out.text or out.finished:
-                yield sse(chunk_body(kind, id, model, created, text=out.text,
-                                     finish_reason=out.finish_reason if out.finished else None, include_usage=usage))
+            index = choices[out.request_id]
+            first, started[index] = not started[index], True  # (chat: the role went out already)
+            body = job.choice(served, index, out.text, [out], None, stream=True, first=first and kind == COMPLETION,
+                              offset=offsets[index])
+            if kind == COMPLETION and body["logprobs"] and body["logprobs"]["tokens"]:
+                offsets[index] = body["logprobs"]["text_offset"][-1] + len(body["logprobs"]["tokens"][-1])
+            if first or out.text or (out.token_ids and body["logprobs"] is not None):
+                yield sse({**chunk_body(**chunk), "choices": [body]})
             if out.finished:
-                if usage:
-                    yield sse(chunk_body(kind, id, model, created,
-                                         usage=usage_body(out.prompt_tokens, out.completion_tokens)))
-                break
+                finished[index] = out
+                yield sse(chunk_body(**chunk, index=index, finish_reason=out.finish_reason))
+        else:
+            if include_usage:
+                yield sse(chunk_body(**chunk, usage=job.usage([(None, [out], None) for out in finished])))
         yield sse("[DONE]")
     finally:
-        bridge.abort(request_id)
+        _abort(bridge, choices)

@@ -35,6 +35,7 @@ class EngineLoop:
         self.capacity = capacity  # requests in flight (running + waiting) before new ones get a 503
         self.queues: dict[int, asyncio.Queue] = {}
         self.num_aborted = 0
+        self.metrics = None  # a ServerMetrics (metrics.py), told of every request and Output
         self._lock = threading.Lock()  # queues + engine.add are one step for the engine thread
         self._wake = threading.Event()
         self._stopping = False
@@ -69,19 +70,35 @@ class EngineLoop:
 
     def submit(self, request) -> tuple[int, asyncio.Queue]:
         """Add `request` to the engine; its Outputs will arrive on the returned queue."""
+        ids, queue = self.submit_many([request])
+        return ids[0], queue
+
+    def submit_many(self, requests: list) -> tuple[list[int], asyncio.Queue]:
+        """Add `requests` (the choices of one API request) to the engine, all or none; the Outputs of all of
+        them arrive on the one returned queue (tell them apart by `request_id`)."""
         if self._refusing:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
-        if len(self.queues) >= self.capacity:
+        if len(self.queues) + len(requests) > self.capacity:
             raise APIError(
-                503, f"the server is at capacity ({len(self.queues)} requests in flight): retry shortly",
-                code="server_overloaded", headers={"Retry-After": "1"},
+                503, f"the server is at capacity ({len(self.queues)} requests in flight, {len(requests)} more asked "
+                     f"for, room for {self.capacity}): retry shortly", code="server_overloaded",
+                headers={"Retry-After": "1"},
             )
         queue: asyncio.Queue = asyncio.Queue()
+        ids: list[int] = []
         with self._lock:  # the engine thread can't dispatch this request's first Output before its queue exists
-            request_id = self.engine.add(request)
-            self.queues[request_id] = queue
+            try:
+                ids += self.engine.add_many(requests)
+            except Exception:
+                for request_id in ids:
+                    self.engine.abort(request_id)
+                raise
+            for request_id in ids:
+                self.queues[request_id] = queue
+            if self.metrics is not None:
+                self.metrics.submitted(ids, requests)
         self._wake.set()
-        return request_id, queue
+        return ids, queue
 
     def abort(self, request_id: int) -> None:
         """Stop a request that is still in flight (no-op once it has finished)."""
@@ -112,12 +129,16 @@ class EngineLoop:
             with self._lock:
                 targets = []
                 for out in outputs:
+                    if self.metrics is not None:
+                        self.metrics.dispatched(out)
                     queue = self.queues.get(out.request_id)
                     if out.finished:
                         self.queues.pop(out.request_id, None)
                     if queue is not None:
                         targets.append((queue, out))
                 for request_id, error in failed.items():
+                    if self.metrics is not None:
+                        self.metrics.failed(request_id)
                     queue = self.queues.pop(request_id, None)
                     if queue is not None:
                         targets.append((queue, APIError(500, f"the engine failed on this request: "
@@ -129,6 +150,8 @@ class EngineLoop:
         with self._lock:
             failed, self.queues = self.queues, {}
             for request_id in failed:
+                if self.metrics is not None:
+                    self.metrics.failed(request_id)
                 try:
                     self.engine.abort(request_id)
                 except Exception:

@@ -4,15 +4,18 @@ Plain Python (no web framework), so every rule here is unit-testable. A bad requ
 `APIError`, which the app answers as OpenAI does: the HTTP status and
 `{"error": {"message", "type", "param", "code"}}`, the message naming the field.
 
-Fields honoured: `model`, `prompt` / `messages`, `max_tokens` (chat also `max_completion_tokens`),
-`temperature`, `top_p`, `top_k`, `stop`, `seed`, `stream`, `stream_options.include_usage`, `user`
-(an opaque id, accepted). Fields whose effect we don't implement are accepted only at their no-op
-value (`n: 1`, `presence_penalty: 0`, ...); anything else is a 400: never silently ignored.
+Fields honoured: `model`, `prompt` (a string, token ids, or a batch of either) / `messages`, `max_tokens`
+(chat also `max_completion_tokens`), `n`, `temperature`, `top_p`, `top_k`, `stop`, `seed`, `stream`,
+`stream_options.include_usage`, `user` (an opaque id, accepted), `logprobs` (completions: an integer k; chat:
+a boolean, with `top_logprobs` k) and completions' `echo`. Fields whose effect we don't implement are accepted
+only at their no-op value (`best_of: 1`, `presence_penalty: 0`, ...); anything else (`tools`,
+`response_format`, ...) is a 400 naming it: never silently ignored.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +27,8 @@ COMPLETION, CHAT = "completion", "chat"
 
 # OpenAI's own default for /v1/completions (chat has none: it runs until a stop or the context ends)
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+MAX_LOGPROBS = 20  # the most alternatives `logprobs` / `top_logprobs` may ask for (OpenAI's chat limit, vLLM's default)
+MAX_CHOICES = 64  # `n` times the number of prompts
 # `stop`: at most this many strings of at most this many characters (each is matched against the text
 # held back at every token, so together they bound that work)
 MAX_STOP_STRINGS = 16
@@ -59,6 +64,9 @@ class Params:
     seed: Optional[int] = None
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    logprobs: Optional[int] = None  # the k top alternatives per token (0: the chosen token's only); None: none
+    echo: bool = False  # completions: the prompt is part of the answer (and of its logprobs)
 
 
 # ---------------------------------------------------------------------- request validation
@@ -103,11 +111,12 @@ def _number(body: dict, name: str, default: float) -> float:
 
 # fields accepted only with the value that changes nothing (we don't implement their effect)
 _NO_OP_VALUES: dict[str, Any] = {
-    "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
-    "echo": False, "logprobs": False, "suffix": "",
+    "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": "",
 }
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "user"}
-_FIELDS = {COMPLETION: _COMMON | {"prompt"}, CHAT: _COMMON | {"messages", "max_completion_tokens"}}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "user",
+           "n", "logprobs"}
+_FIELDS = {COMPLETION: _COMMON | {"prompt", "echo"}, CHAT: _COMMON | {"messages", "max_completion_tokens",
+                                                                      "top_logprobs"}}
 
 
 def _check_fields(kind: str, body: dict) -> None:
@@ -118,9 +127,6 @@ def _check_fields(kind: str, body: dict) -> None:
             no_op = _NO_OP_VALUES[name]
             if value is None or (isinstance(value, bool) == isinstance(no_op, bool) and value == no_op):
                 continue
-            if name == "n":
-                raise _invalid("n", f"must be 1: one choice per request is supported (got {value!r}); "
-                                    "send several requests for several choices")
             raise _invalid(name, f"is not supported by this server (only {json.dumps(no_op)} is accepted)")
         raise _invalid(name, "is not a supported field for this endpoint")
 
@@ -136,9 +142,13 @@ def parse_params(kind: str, body: dict) -> Params:
         if newer is not None and max_tokens is not None and newer != max_tokens:
             raise _invalid("max_completion_tokens", f"({newer}) and 'max_tokens' ({max_tokens}) disagree: send one")
         max_tokens = newer if newer is not None else max_tokens
-    if max_tokens is not None and max_tokens < 1:
-        raise _invalid("max_tokens", f"must be >= 1, got {max_tokens}")
+    _parse_logprobs(kind, body, p)
+    if max_tokens is not None and max_tokens < (0 if p.echo else 1):
+        raise _invalid("max_tokens", f"must be >= 1 (0 only with 'echo', to score the prompt), got {max_tokens}")
     p.max_tokens = max_tokens
+    p.n = _field(body, "n", "integer", 1)
+    if not 1 <= p.n <= MAX_CHOICES:
+        raise _invalid("n", f"must be in [1, {MAX_CHOICES}], got {p.n}")
     p.temperature = _number(body, "temperature", 1.0)
     p.top_p = _number(body, "top_p", 1.0)
     top_k = _field(body, "top_k", "integer")
@@ -164,6 +174,24 @@ def parse_params(kind: str, body: dict) -> Params:
     return p
 
 
+def _parse_logprobs(kind: str, body: dict, p: Params) -> None:
+    """Completions: `logprobs` k and `echo`. Chat: `logprobs` true and `top_logprobs` k."""
+    if kind == COMPLETION:
+        p.echo = _field(body, "echo", "boolean", False)
+        p.logprobs = _field(body, "logprobs", "integer")
+        name = "logprobs"
+    else:
+        asked = _field(body, "logprobs", "boolean", False)
+        p.logprobs = _field(body, "top_logprobs", "integer")
+        name = "top_logprobs"
+        if p.logprobs is not None and not asked:
+            raise _invalid("top_logprobs", "needs 'logprobs': true")
+        if asked and p.logprobs is None:
+            p.logprobs = 0
+    if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+        raise _invalid(name, f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
+
+
 def _parse_stop(stop: Any) -> list[str]:
     if isinstance(stop, str):
         stop = [stop]
@@ -180,20 +208,21 @@ def _parse_stop(stop: Any) -> list[str]:
     return stop
 
 
-def parse_prompt(body: dict) -> Union[str, list[int]]:
-    """/v1/completions' `prompt`: a string, token ids, or an array holding exactly one of those."""
+def parse_prompts(body: dict) -> list[Union[str, list[int]]]:
+    """/v1/completions' `prompt`: a string, token ids, or a batch (an array) of strings or of token-id arrays."""
     if "prompt" not in body or body["prompt"] is None:
         raise APIError(400, "'prompt' is required", param="prompt")
     prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(_is(t, "integer") for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(t, (str, list)) for t in prompt):
-        raise _invalid("prompt", f"holds {len(prompt)} prompts: send one prompt per request")
-    raise _invalid("prompt", f"must be a string or an array of token ids, got {_json_type(prompt)}")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is(t, "integer") for t in prompt)):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, (str, list)) for t in prompt):
+        for i, one in enumerate(prompt):
+            if not (isinstance(one, str) or (one and all(_is(t, "integer") for t in one))):
+                raise _invalid(f"prompt[{i}]", f"must be a string or a non-empty array of token ids")
+        if len(prompt) > MAX_CHOICES:
+            raise _invalid("prompt", f"holds {len(prompt)} prompts: at most {MAX_CHOICES} are allowed")
+        return list(prompt)
+    raise _invalid("prompt", f"must be a string, an array of token ids, or an array of those, got {_json_type(prompt)}")
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -314,40 +343,78 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response_body(kind: str, id: str, model: str, created: int, text: str, finish_reason: str, usage: dict) -> dict:
-    """The whole answer of a non-streamed request."""
-    if kind == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def response_body(kind: str, id: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
+    """The whole answer of a non-streamed request (`choices`: from `choice_body`, in index order)."""
     obj = "chat.completion" if kind == CHAT else "text_completion"
-    return {"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
+    return {"id": id, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
+
+
+def choice_body(kind: str, index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None,
+                first: bool = False, stream: bool = False) -> dict:
+    """One choice: of a whole answer (`message`), or of a streamed chunk (`delta`, the role in the first)."""
+    if kind == COMPLETION:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if not stream:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    delta: dict[str, str] = {"role": "assistant"} if first else {}
+    if text is not None:
+        delta["content"] = text
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chunk_body(
     kind: str, id: str, model: str, created: int, text: Optional[str] = None, first: bool = False,
     finish_reason: Optional[str] = None, usage: Optional[dict] = None, include_usage: bool = False,
+    index: int = 0, logprobs: Optional[dict] = None,
 ) -> dict:
-    """One streamed chunk. Chat: the first delta carries the role. A usage chunk (usage given) has no
-    choices; when the client asked for usage, the other chunks carry `"usage": null` (as OpenAI's do)."""
+    """One streamed chunk (of choice `index`). Chat: the first delta carries the role. A usage chunk (usage
+    given) has no choices; when the client asked for usage, the other chunks carry `"usage": null` (as OpenAI's do)."""
     obj = "chat.completion.chunk" if kind == CHAT else "text_completion"
     chunk: dict[str, Any] = {"id": id, "object": obj, "created": created, "model": model}
     if usage is not None:
         chunk["choices"] = []
         chunk["usage"] = usage
         return chunk
-    if kind == CHAT:
-        delta: dict[str, str] = {"role": "assistant"} if first else {}
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    chunk["choices"] = [choice]
+    if kind == COMPLETION:
+        text = text or ""
+    chunk["choices"] = [choice_body(kind, index, text, finish_reason, logprobs, first, stream=True)]
     if include_usage:
         chunk["usage"] = None
     return chunk
+
+
+def completion_logprobs(token_ids: list[int], entries: list, token_text, offset: int) -> dict:
+    """/v1/completions' `logprobs` of tokens `token_ids` (entries: engine TokenLogprobs, None for a token with
+    none, the prompt's first): `top_logprobs` maps the k most likely tokens and the chosen one to their logprob
+    (as vLLM does); `text_offset` is each token's character offset in the answer's text, from `offset`."""
+    tokens = [token_text(t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    top = [None if e is None else _top_dict([*e.top, (e.token_id, e.logprob)], token_text) for e in entries]
+    return {"tokens": tokens, "token_logprobs": [None if e is None else e.logprob for e in entries],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def _top_dict(pairs: list[tuple[int, float]], token_text) -> dict[str, float]:
+    """{token string: logprob}; of tokens with the same string (byte pieces decode to U+FFFD alike) the likeliest."""
+    top: dict[str, float] = {}
+    for token_id, logprob in pairs:
+        key = token_text(token_id)
+        top[key] = max(logprob, top.get(key, -math.inf))
+    return top
+
+
+def chat_logprobs(entries: list, token_text) -> dict:
+    """/v1/chat/completions' `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(token_id: int, logprob: float) -> dict:
+        token = token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "backslashreplace"))}
+
+    content = [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
 
 
 def sse(data: Union[dict, str]) -> bytes:
