@@ -206,6 +206,26 @@ def _finetune_killed_then_resumed(base, data_file, out_dir, monkeypatch, on_kill
     return finetune_lora(base, out_dir=out_dir, resume="auto", **kwargs)
 
 
+def test_a_crashed_run_closes_its_mlflow_run_as_failed(base, data_file, tmp_path, monkeypatch):
+    """A run that stops on an error (here: the step-3 checkpoint can't be written) leaves its MLflow run
+    FAILED, not RUNNING forever; a kill or preemption leaves it open for the resumed job (test above)."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from test_finetune import _kwargs
+
+    from litllm.finetune import finetune_lora
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "crash"
+    _kill_while_saving(monkeypatch, "step-00000002")  # an Exception: stands for any crash inside the loop
+    with pytest.raises(Killed):
+        finetune_lora(base, out_dir=out, logger_name="mlflow", **_kwargs(data_file, max_steps=4, save_interval=2))
+    client = MlflowClient((out / "logs" / "mlflow").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+
+
 @pytest.mark.slow
 def test_mlflow_one_run_across_a_kill_and_resume_equals_metrics_csv(base, data_file, tmp_path, monkeypatch):
     """A real local MLflow store: one run, named by --logger.*, whose every metric has each step once and

@@ -365,6 +365,17 @@ def fit(t: Trainer) -> TrainResult:
     Returns a `TrainResult`. `final/` in out_dir is a model folder (`lit_model.safetensors`,
     `model_config.yaml`, tokenizer files) that generate, finetune and convert_from_litllm take.
     """
+    try:
+        return _fit(t)
+    except Exception:
+        # a crash (a diverged run, out of memory, bad data) closes the tracker's run as failed; a preemption
+        # (SystemExit) or a kill leaves it running, for the resumed job to continue
+        if t.logger is not None and t.fabric.global_rank == 0:
+            t.logger.finalize("failed")
+        raise
+
+
+def _fit(t: Trainer) -> TrainResult:
     from litllm.train.flops import Throughput
     from litllm.train.schedule import lr_at
 
