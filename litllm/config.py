@@ -77,7 +77,9 @@ class Config:
     rope_scaling: Optional[dict[str, Any]] = None
     """HF-style rope scaling: `{"rope_type": "linear"|"llama3"|"yarn"|"longrope", ...}`."""
     rope_local_base: Optional[float] = None
-    """RoPE base of sliding-window layers when it differs (Gemma-3)."""
+    """RoPE base of sliding-window layers when it differs (Gemma-3, OLMo-3)."""
+    nope_layer_period: Optional[int] = None
+    """k: layer i has no positional encoding (NoPE) when (i + 1) % k == 0 (SmolLM3: 4). None: RoPE everywhere."""
 
     # --- attention ---
     attn_bias: bool = False
@@ -88,6 +90,8 @@ class Config:
     """Normalize queries and keys per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2)."""
     attention_scores_scalar: Optional[float] = None
     """Scale scores by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma-2 `query_pre_attn_scalar`)."""
+    attention_multiplier: Optional[float] = None
+    """Scale scores by this instead of 1/sqrt(head_size) (Granite `attention_multiplier`)."""
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     sliding_window_size: Optional[int] = None
@@ -109,6 +113,8 @@ class Config:
     """x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX, Falcon, Phi-2)."""
     shared_attention_norm: bool = False
     """Parallel residual with one norm feeding both branches (Falcon-7B, Phi-2)."""
+    residual_multiplier: float = 1.0
+    """Scale each branch's output before adding it to the residual stream (Granite)."""
 
     # --- MLP ---
     mlp_class_name: Literal["GatedMLP", "GeluMLP", "MoE"] = "GeluMLP"
@@ -122,6 +128,10 @@ class Config:
     # --- embeddings / head ---
     scale_embeddings: bool = False
     """Multiply token embeddings by sqrt(n_embd) (Gemma)."""
+    embedding_multiplier: float = 1.0
+    """Multiply token embeddings by this (Granite)."""
+    logits_divisor: float = 1.0
+    """Divide the logits by this (Granite `logits_scaling`)."""
     tie_embeddings: bool = False
     lm_head_bias: bool = False
 
@@ -151,6 +161,9 @@ class Config:
     def rope_n_elem(self) -> int:
         """How many dimensions of each head RoPE rotates (always even)."""
         return int(self.rotary_percentage * self.head_size) // 2 * 2
+
+    def uses_rope(self, layer_idx: int) -> bool:
+        return self.nope_layer_period is None or (layer_idx + 1) % self.nope_layer_period != 0
 
     def is_sliding(self, layer_idx: int) -> bool:
         if self.sliding_window_size is None:

@@ -117,9 +117,12 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if c.scale_embeddings:
             x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
+        if c.embedding_multiplier != 1.0:
+            x = x * c.embedding_multiplier
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
-            x = block(x, rope_local if sliding else rope, masks[sliding], input_pos, kv_len)
+            layer_rope = (rope_local if sliding else rope) if c.uses_rope(i) else None
+            x = block(x, layer_rope, masks[sliding], input_pos, kv_len)
         if targets is None:
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
@@ -129,6 +132,8 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
+        if self.config.logits_divisor != 1.0:
+            logits = logits / self.config.logits_divisor
         if self.config.final_logit_softcapping is not None:
             logits = softcap(logits, self.config.final_logit_softcapping)
         return logits
@@ -250,13 +255,17 @@ class Block(nn.Module):
         self.post_mlp_norm = build_norm(c, c.n_embd) if c.post_mlp_norm else nn.Identity()
 
     def forward(self, x, rope, mask, input_pos, kv_len=None):
+        """rope: (cos, sin) for this layer, or None for a layer without positional encoding."""
         x_normed = self.norm_1(x)
         h = self.post_attn_norm(self.attn(x_normed, rope, mask, input_pos, kv_len))
+        m = self.config.residual_multiplier
         if self.config.parallel_residual:
             mlp_in = x_normed if self.config.shared_attention_norm else self.norm_2(x)
-            return x + h + self.post_mlp_norm(self.mlp(mlp_in))
-        x = x + h
-        return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
+            h = h + self.post_mlp_norm(self.mlp(mlp_in))
+            return x + (h * m if m != 1.0 else h)
+        x = x + (h * m if m != 1.0 else h)
+        h = self.post_mlp_norm(self.mlp(self.norm_2(x)))
+        return x + (h * m if m != 1.0 else h)
 
 
 class CausalSelfAttention(nn.Module):
@@ -290,14 +299,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         if c.norm_qk == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        if c.rope_n_elem > 0:
+        if c.rope_n_elem > 0 and rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
 
-        scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(q, self)

@@ -70,6 +70,21 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "falcon-mha-sequential": ("FalconConfig", "FalconForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
         parallel_attn=False, new_decoder_architecture=False, bias=True, alibi=False)),
+    # SmolLM3: NoPE in layer 3 (every 4th); tied embeddings
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        COMMON, num_hidden_layers=4, num_key_value_heads=2, intermediate_size=112, pad_token_id=0, bos_token_id=0,
+        eos_token_id=1)),
+    # OLMo 3: 3 sliding (window 6) : 1 full layers, yarn on the full layers only
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        COMMON, num_hidden_layers=4, num_key_value_heads=2, intermediate_size=112, sliding_window=6,
+        rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                            "rope_theta": 500000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}})),
+    # Granite: embedding, residual and logits multipliers at granite-3.3-8b's values; the attention scale large
+    # enough (random weights give near-uniform attention) that 1/sqrt(head_dim) in its place shows
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=4.0, logits_scaling=16.0, tie_word_embeddings=True)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

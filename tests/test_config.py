@@ -50,7 +50,8 @@ def test_preset_parameter_count_matches_transformers(name):
 
 @pytest.mark.parametrize("name", ["Llama-3.1-8B", "gemma-2-9b", "gemma-3-4b-it", "Phi-3.5-mini-instruct",
                                   "falcon-40b", "pythia-160m", "Mixtral-8x7B-v0.1", "OLMo-2-1124-7B", "phi-2",
-                                  "Qwen2.5-7B", "Qwen3-8B", "stablelm-2-1_6b", "Mistral-7B-v0.1"])
+                                  "Qwen2.5-7B", "Qwen3-8B", "stablelm-2-1_6b", "Mistral-7B-v0.1", "SmolLM3-3B",
+                                  "Olmo-3-1025-7B", "granite-3.3-8b-instruct"])
 def test_hf_config_round_trip(name):
     # HF knows only the embedding rows, not the tokenizer's own vocabulary size
     IGNORED = ("name", "hf_repo", "vocab_size", "padding_multiple")

@@ -46,7 +46,11 @@ def test_longrope_short_sequences_use_short_factors(family, converted):
         torch.testing.assert_close(model(idx)[..., :VOCAB], hf(idx).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"])
+# the families of 2025-26 (one module each in litllm/hf/families/)
+NEW_FAMILIES = ["smollm3", "olmo3", "granite"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"] + NEW_FAMILIES)
 def test_kv_cache_decoding_equals_uncached(family, converted):
     _, model = converted(family)
     torch.manual_seed(2)
@@ -160,3 +164,45 @@ def test_moe_sparse_for_many_tokens_dense_for_decode_and_equal(converted):
     finally:
         for h in hooks:
             h.remove()
+
+
+# ---------------------------------------------------------------------- the families of 2025-26
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
+    """The decode engine (prefill + KV cache) picks the tokens transformers' generate(do_sample=False) picks."""
+    import transformers
+
+    from conftest import make_converted_checkpoint
+    from litllm.engine import generate_ids
+
+    folder = make_converted_checkpoint(tmp_path, family=family, seed=3)
+    model = GPT.from_checkpoint(folder).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.randint(2, hf.config.vocab_size, (7,), generator=torch.Generator().manual_seed(5))
+    expected = hf.generate(
+        prompt[None], attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=24, min_new_tokens=24,
+        do_sample=False, pad_token_id=hf.config.vocab_size - 1,
+    )[0, 7:].tolist()
+    assert generate_ids(model, prompt.tolist(), 24) == expected
+
+
+@pytest.mark.parametrize("family,field,neutral", [
+    ("smollm3", "nope_layer_period", None),  # NoPE in layer 3
+    ("olmo3", "sliding_window_period", None),  # every layer sliding instead of 3:1
+    ("olmo3", "rope_local_base", None),  # sliding layers with the full layers' YaRN
+    ("granite", "embedding_multiplier", 1.0),
+    ("granite", "residual_multiplier", 1.0),
+    ("granite", "attention_multiplier", None),
+    ("granite", "logits_divisor", 1.0),
+])
+def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted):
+    """The parity above is not luck: without the family's quirk the logits leave transformers' by over 5x
+    the parity tolerance (random tiny models: small effects)."""
+    import dataclasses
+
+    hf, model = converted(family)
+    plain = GPT(dataclasses.replace(model.config, **{field: neutral})).eval()
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (plain(idx)[..., :VOCAB] - hf(idx).logits).abs().max() > 5e-4
