@@ -124,6 +124,14 @@ class Config:
     n_expert: int = 0
     n_expert_per_token: int = 0
     moe_normalize_topk: bool = True
+    """Renormalise each token's top-k router probabilities to sum to 1 (Mixtral, Qwen3-MoE; not OLMoE)."""
+    moe_intermediate_size: Optional[int] = None
+    """Hidden size of each expert (defaults to intermediate_size, the dense MLPs' size)."""
+    dense_mlp_layers: Optional[list[int]] = None
+    """Layers of an MoE model whose MLP is one dense GatedMLP of intermediate_size (Qwen3-MoE `mlp_only_layers`)."""
+    router_aux_loss_coef: float = 0.0
+    """Weight of the router load-balancing loss added to the LM loss while training (the checkpoint's
+    `router_aux_loss_coef`; `--train.router_aux_loss_coef` overrides it)."""
 
     # --- embeddings / head ---
     scale_embeddings: bool = False
@@ -161,6 +169,13 @@ class Config:
     def rope_n_elem(self) -> int:
         """How many dimensions of each head RoPE rotates (always even)."""
         return int(self.rotary_percentage * self.head_size) // 2 * 2
+
+    def is_moe(self, layer_idx: int) -> bool:
+        return self.mlp_class_name == "MoE" and layer_idx not in (self.dense_mlp_layers or ())
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     def uses_rope(self, layer_idx: int) -> bool:
         return self.nope_layer_period is None or (layer_idx + 1) % self.nope_layer_period != 0

@@ -32,6 +32,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self._max_seq_length = config.block_size
         self.build_rope_cache()
+        self.router_aux_loss: Optional[torch.Tensor] = None
+        """The load-balancing loss (unweighted) of the last training forward with targets (MoE models)."""
 
     # ------------------------------------------------------------------ RoPE cache
     @property
@@ -128,7 +130,16 @@ class GPT(nn.Module):
                 x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
             return self.head(self.norm_f(x))
         x = self.norm_f(x)
-        return chunked_cross_entropy(self.head, x, targets, ignore_index)
+        loss = chunked_cross_entropy(self.head, x, targets, ignore_index)
+        if self.training and c.router_aux_loss_coef and c.mlp_class_name == "MoE":
+            # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
+            routers = [m for m in self.modules() if isinstance(m, MoE)]
+            aux = load_balancing_loss([m.router_logits for m in routers], c.n_expert, c.n_expert_per_token)
+            for m in routers:
+                m.router_logits = None
+            self.router_aux_loss = aux.detach()
+            loss = loss + c.router_aux_loss_coef * aux
+        return loss
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
@@ -251,7 +262,7 @@ class Block(nn.Module):
         self.post_attn_norm = build_norm(c, c.n_embd) if c.post_attention_norm else nn.Identity()
         needs_norm_2 = c.pre_norm and not (c.parallel_residual and c.shared_attention_norm)
         self.norm_2 = build_norm(c, c.n_embd) if needs_norm_2 else nn.Identity()
-        self.mlp = build_mlp(c)
+        self.mlp = build_mlp(c, layer_idx)
         self.post_mlp_norm = build_norm(c, c.n_embd) if c.post_mlp_norm else nn.Identity()
 
     def forward(self, x, rope, mask, input_pos, kv_len=None):
@@ -454,12 +465,17 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
+        self.experts = nn.ModuleList(GatedMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
+        # (B*T, n_expert) of the last forward, kept while training with a load-balancing loss (GPT.forward reads it)
+        self.router_logits: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(-1, C)  # (B*T, C)
-        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (B*T, n_expert)
+        router_logits = self.router(x)
+        if self.training and self.config.router_aux_loss_coef:
+            self.router_logits = router_logits
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (B*T, n_expert)
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -490,8 +506,27 @@ class MoE(nn.Module):
         return y
 
 
-def build_mlp(config: Config) -> nn.Module:
+def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
+    if config.mlp_class_name == "MoE" and not config.is_moe(layer_idx):
+        return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers)
     return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE}[config.mlp_class_name](config)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over the MoE layers' router logits (each (N, n_expert)), as
+    transformers' `load_balancing_loss_func` computes it without an attention mask: n_expert x
+    sum_e (share of top-k assignments to e) x (mean router probability of e), both averaged over every
+    layer's tokens. No host sync (counts by one-hot sums)."""
+    assigned = router_logits[0].new_zeros(n_expert, dtype=torch.float32)
+    prob_sum = router_logits[0].new_zeros(n_expert, dtype=torch.float32)
+    rows = 0
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, n_expert)
+        chosen = probs.topk(k, dim=-1).indices  # (N, k)
+        assigned = assigned + F.one_hot(chosen, n_expert).sum(dim=(0, 1)).float()
+        prob_sum = prob_sum + probs.sum(dim=0)
+        rows += logits.size(0)
+    return n_expert * torch.sum((assigned / rows) * (prob_sum / rows))
 
 
 # ---------------------------------------------------------------------- norms

@@ -85,6 +85,15 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
         COMMON, num_key_value_heads=2, intermediate_size=112, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=4.0, logits_scaling=16.0, tie_word_embeddings=True)),
+    # Qwen3-MoE: 8 experts top-2 renormalised, layer 1 dense (mlp_only_layers), experts smaller than the dense MLP
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, intermediate_size=112,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        router_aux_loss_coef=0.02)),
+    # OLMoE: qk-norm over the whole projection, 8 experts top-3 NOT renormalised
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=48, num_experts=8, num_experts_per_tok=3,
+        pad_token_id=0, bos_token_id=0, eos_token_id=1)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

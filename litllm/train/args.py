@@ -49,6 +49,9 @@ class TrainArgs:
     """Clip the global gradient norm to this value (None: no clipping)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU (None: looked up for known GPUs; on CPU only achieved FLOP/s is logged)."""
+    router_aux_loss_coef: Optional[float] = None
+    """MoE models: weight of the router load-balancing loss added to the LM loss while training, logged apart
+    as `router_aux_loss` (None: the checkpoint's `router_aux_loss_coef`, 0 where it has none)."""
     state_dict_type: Literal["full", "sharded"] = "full"
     """Step checkpoints under FSDP: "full" gathers weights and optimizer state to rank 0 (one file each);
     "sharded" has every rank write its own shards with torch.distributed.checkpoint (faster, no rank-0

@@ -15,12 +15,14 @@ WEIGHTS = {
 
 def read_config(hf: dict, values: dict) -> None:
     mistral.read_config(hf, values)
-    values.update(n_expert=hf["num_local_experts"], n_expert_per_token=hf["num_experts_per_tok"])
+    values.update(n_expert=hf["num_local_experts"], n_expert_per_token=hf["num_experts_per_tok"],
+                  router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0))
 
 
 def write_config(c, hf: dict) -> None:
     mistral.write_config(c, hf)
-    hf.update(num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token)
+    hf.update(num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
+              router_aux_loss_coef=c.router_aux_loss_coef)
 
 
 MIXTRAL = register(Family(
