@@ -92,6 +92,10 @@ class Config:
     """Scale scores by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma-2 `query_pre_attn_scalar`)."""
     attention_multiplier: Optional[float] = None
     """Scale scores by this instead of 1/sqrt(head_size) (Granite `attention_multiplier`)."""
+    query_scale_beta: Optional[float] = None
+    """Scale queries by 1 + beta * log(1 + floor(position / query_scale_length)) after RoPE: attention sharpens
+    with distance beyond the original context (Ministral 3 `llama_4_scaling_beta`)."""
+    query_scale_length: Optional[int] = None
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     sliding_window_size: Optional[int] = None

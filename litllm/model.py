@@ -108,9 +108,11 @@ class GPT(nn.Module):
             cos = torch.where(short[..., None], self.rope_cos_short[positions], cos)
             sin = torch.where(short[..., None], self.rope_sin_short[positions], sin)
         rope = (cos, sin)
+        if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
+            rope = (cos, sin, 1 + c.query_scale_beta * torch.log1p(torch.floor(positions / c.query_scale_length)))
         rope_local = rope
         if c.rope_local_base is not None:
-            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions])
+            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions], *rope[2:])
 
         if cached and document_ids is not None:
             raise ValueError("document_ids (packed rows) are for training and scoring, not for a KV cache")
@@ -311,8 +313,11 @@ class CausalSelfAttention(nn.Module):
         if c.norm_qk == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if c.rope_n_elem > 0 and rope is not None:
-            cos, sin = rope
+            cos, sin = rope[:2]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None and len(rope) == 3:  # position-dependent query scale (see Config.query_scale_beta)
+            scale_q = rope[2]
+            q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
 
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)

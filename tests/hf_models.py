@@ -94,6 +94,12 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         COMMON, num_key_value_heads=2, intermediate_size=48, num_experts=8, num_experts_per_tok=3,
         pad_token_id=0, bos_token_id=0, eos_token_id=1)),
+    # Ministral 3: YaRN (mscale 1/1) and the position-dependent query scale, whose step (16) the test sequences cross
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=112, pad_token_id=0, bos_token_id=0,
+        eos_token_id=1, rope_parameters=dict(
+            rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+            beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

@@ -144,3 +144,21 @@ def test_new_families_refuse_what_they_cannot_run_in_one_line(extra, message):
     hf = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=112, **extra)
     with pytest.raises(LitLLMError, match=message):
         config_from_hf(hf)
+
+
+def test_every_family_has_presets_of_its_own_model_type():
+    """Each family's `presets` reference names presets.yaml entries that export as that family."""
+    import yaml
+
+    from litllm.config import PRESETS_FILE
+    from litllm.hf.family import FAMILIES
+
+    raw = yaml.safe_load(PRESETS_FILE.read_text(encoding="utf-8"))
+    presets = _presets()
+    for family in FAMILIES.values():
+        if not family.presets:
+            continue
+        assert family.presets in raw, family.model_type
+        ours = [n for n, v in presets.items() if v.get("hf_model_type") == family.model_type]
+        assert ours, family.model_type
+        assert family.presets.startswith("_") or family.presets in ours

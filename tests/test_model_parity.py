@@ -47,7 +47,7 @@ def test_longrope_short_sequences_use_short_factors(family, converted):
 
 
 # the families of 2025-26 (one module each in litllm/hf/families/)
-NEW_FAMILIES = ["smollm3", "olmo3", "granite", "qwen3_moe", "olmoe"]
+NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"] + NEW_FAMILIES)
@@ -194,6 +194,7 @@ def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
     ("granite", "residual_multiplier", 1.0),
     ("granite", "attention_multiplier", None),
     ("granite", "logits_divisor", 1.0),
+    ("ministral3", "query_scale_beta", None),
     ("qwen3_moe", "moe_normalize_topk", False),
     ("olmoe", "moe_normalize_topk", True),
 ])
