@@ -459,10 +459,12 @@ class MoE(nn.Module):
     - sparse (eager, many tokens: training, prefill): each expert runs on the tokens routed to it only,
       `index_add_` back into place -- k / n_expert of the dense FLOPs (1/4 for Mixtral). Which tokens go
       where is read back from the device (`torch.where`): a host sync and data-dependent shapes.
-    - dense (decode-sized inputs, torch.compile, fake tensors): every expert on every token, weighted 0
+    - dense (decode-sized inputs, torch.compile): every expert on every token, weighted 0
       where not chosen. No shape depends on the routing, so no host sync, static shapes for
-      torch.compile and FakeTensorMode (`litllm estimate`). For at most `n_expert` tokens the wasted
-      FLOPs are small beside reading the expert weights, which both paths do.
+      torch.compile and FakeTensorMode (`litllm estimate` of decoding). For at most `n_expert` tokens the
+      wasted FLOPs are small beside reading the expert weights, which both paths do.
+    - balanced (fake tensors, more tokens: `litllm estimate` of training/prefill): the sparse path's shapes
+      for perfectly balanced routing, so the estimate holds the activations sparse dispatch holds.
     The choice is made on the shape and the tracing mode, never on data.
     """
 
@@ -484,11 +486,24 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.use_dense(x):
+        if is_fake(x) and x.size(0) > self.config.n_expert and not torch.compiler.is_compiling():
+            y = self.balanced_experts(x, weights.to(x.dtype))
+        elif self.use_dense(x):
             y = self.dense_experts(x, probs, weights, chosen)
         else:
             y = self.sparse_experts(x, weights.to(x.dtype), chosen)
         return y.view(B, T, C)
+
+    def balanced_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Fake tensors (`litllm estimate` of training/prefill): the sparse path's shapes under perfectly balanced
+        routing, each expert on N * k / n_expert tokens, so the estimate counts the activations sparse dispatch
+        keeps, not every expert's on every token. Fake tensors hold no routing to follow."""
+        n = math.ceil(x.size(0) * self.config.n_expert_per_token / self.config.n_expert)
+        rows = torch.arange(n, device=x.device)
+        y = torch.zeros_like(x)
+        for slot, expert in enumerate(self.experts):
+            y.index_add_(0, rows, expert(x[:n]) * weights[:n, slot % weights.size(1), None])
+        return y
 
     def use_dense(self, x: torch.Tensor) -> bool:
         """x: (N, C). Dense for at most n_expert tokens, under torch.compile and on fake tensors."""

@@ -235,7 +235,8 @@ def test_router_aux_loss_equals_transformers(family, converted):
 
 
 def test_moe_dense_layers_and_expert_size(converted):
-    """Qwen3-MoE's mlp_only_layers run one dense MLP of intermediate_size; the others experts of moe_intermediate_size."""
+    """Qwen3-MoE's mlp_only_layers run one dense MLP of intermediate_size; the other layers experts of
+    moe_intermediate_size."""
     from litllm.model import GatedMLP, MoE
 
     _, model = converted("qwen3_moe")

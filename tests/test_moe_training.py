@@ -87,3 +87,23 @@ def test_training_forward_backward_runs_only_the_routed_experts(moe_base):
     assert counted == pytest.approx(flops_per_token(config, T) * B * T, rel=1e-3)
     all_experts = flops_per_token(config.__class__(**{**config.to_dict(), "n_expert_per_token": config.n_expert}), T)
     assert counted < 0.8 * all_experts * B * T
+
+
+def test_estimate_on_fake_tensors_holds_sparse_not_dense_expert_activations(moe_base):
+    """Under FakeTensorMode (`litllm estimate`) a training-sized MoE input runs each expert on N * k / n_expert
+    tokens, as balanced sparse dispatch does, not every expert on every token."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = GPT.from_checkpoint(moe_base)
+    moe = model.blocks[0].mlp
+    k, n_expert = moe.config.n_expert_per_token, moe.config.n_expert
+    seen = []
+    hooks = [e.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])) for e in moe.experts]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = moe(torch.randn(2, 40, moe.config.n_embd))
+        assert out.shape == (2, 40, moe.config.n_embd)
+        assert seen == [2 * 40 * k // n_expert] * n_expert
+    finally:
+        for h in hooks:
+            h.remove()

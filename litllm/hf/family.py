@@ -101,7 +101,9 @@ def llama_like_weights(prefix: str = "model") -> WeightMap:
     return {
         "wte": one(f"{prefix}.embed_tokens"),
         "blocks.{i}.norm_1": one(f"{layer}.input_layernorm"),
-        "blocks.{i}.attn.qkv": cat(f"{layer}.self_attn.q_proj", f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj"),
+        "blocks.{i}.attn.qkv": cat(
+            f"{layer}.self_attn.q_proj", f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj"
+        ),
         "blocks.{i}.attn.proj": one(f"{layer}.self_attn.o_proj"),
         "blocks.{i}.attn.q_norm": one(f"{layer}.self_attn.q_norm"),
         "blocks.{i}.attn.k_norm": one(f"{layer}.self_attn.k_norm"),
