@@ -77,7 +77,9 @@ class Config:
     rope_scaling: Optional[dict[str, Any]] = None
     """HF-style rope scaling: `{"rope_type": "linear"|"llama3"|"yarn"|"longrope", ...}`."""
     rope_local_base: Optional[float] = None
-    """RoPE base of sliding-window layers when it differs (Gemma-3)."""
+    """RoPE base of sliding-window layers when it differs (Gemma-3, OLMo-3)."""
+    nope_layer_period: Optional[int] = None
+    """k: layer i has no positional encoding (NoPE) when (i + 1) % k == 0 (SmolLM3: 4). None: RoPE everywhere."""
 
     # --- attention ---
     attn_bias: bool = False
@@ -88,6 +90,12 @@ class Config:
     """Normalize queries and keys per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2)."""
     attention_scores_scalar: Optional[float] = None
     """Scale scores by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma-2 `query_pre_attn_scalar`)."""
+    attention_multiplier: Optional[float] = None
+    """Scale scores by this instead of 1/sqrt(head_size) (Granite `attention_multiplier`)."""
+    query_scale_beta: Optional[float] = None
+    """Scale queries by 1 + beta * log(1 + floor(position / query_scale_length)) after RoPE: attention sharpens
+    with distance beyond the original context (Ministral 3 `llama_4_scaling_beta`)."""
+    query_scale_length: Optional[int] = None
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     sliding_window_size: Optional[int] = None
@@ -109,6 +117,8 @@ class Config:
     """x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX, Falcon, Phi-2)."""
     shared_attention_norm: bool = False
     """Parallel residual with one norm feeding both branches (Falcon-7B, Phi-2)."""
+    residual_multiplier: float = 1.0
+    """Scale each branch's output before adding it to the residual stream (Granite)."""
 
     # --- MLP ---
     mlp_class_name: Literal["GatedMLP", "GeluMLP", "MoE"] = "GeluMLP"
@@ -118,10 +128,22 @@ class Config:
     n_expert: int = 0
     n_expert_per_token: int = 0
     moe_normalize_topk: bool = True
+    """Renormalise each token's top-k router probabilities to sum to 1 (Mixtral, Qwen3-MoE; not OLMoE)."""
+    moe_intermediate_size: Optional[int] = None
+    """Hidden size of each expert (defaults to intermediate_size, the dense MLPs' size)."""
+    dense_mlp_layers: Optional[list[int]] = None
+    """Layers of an MoE model whose MLP is one dense GatedMLP of intermediate_size (Qwen3-MoE `mlp_only_layers`)."""
+    router_aux_loss_coef: float = 0.0
+    """Weight of the router load-balancing loss added to the LM loss while training (the checkpoint's
+    `router_aux_loss_coef`; `--train.router_aux_loss_coef` overrides it)."""
 
     # --- embeddings / head ---
     scale_embeddings: bool = False
     """Multiply token embeddings by sqrt(n_embd) (Gemma)."""
+    embedding_multiplier: float = 1.0
+    """Multiply token embeddings by this (Granite)."""
+    logits_divisor: float = 1.0
+    """Divide the logits by this (Granite `logits_scaling`)."""
     tie_embeddings: bool = False
     lm_head_bias: bool = False
 
@@ -151,6 +173,16 @@ class Config:
     def rope_n_elem(self) -> int:
         """How many dimensions of each head RoPE rotates (always even)."""
         return int(self.rotary_percentage * self.head_size) // 2 * 2
+
+    def is_moe(self, layer_idx: int) -> bool:
+        return self.mlp_class_name == "MoE" and layer_idx not in (self.dense_mlp_layers or ())
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def uses_rope(self, layer_idx: int) -> bool:
+        return self.nope_layer_period is None or (layer_idx + 1) % self.nope_layer_period != 0
 
     def is_sliding(self, layer_idx: int) -> bool:
         if self.sliding_window_size is None:

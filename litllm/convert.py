@@ -69,7 +69,7 @@ def convert_to_litllm(
             source = hf_sources(lit_name, mapping)
         except KeyError:
             raise LitLLMError(f"{checkpoint_dir}: no HF weight mapping for {lit_name}") from None
-        names = [source[1]] if isinstance(source, tuple) else [source] if isinstance(source, str) else source
+        names = list(source.names)
         missing = [n for n in names if n not in hf]
         if missing:
             raise LitLLMError(
@@ -78,8 +78,8 @@ def convert_to_litllm(
         used.update(names)
         tensors = [hf.get(n) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-        if isinstance(source, tuple) and tensor.shape[0] == expected[lit_name].shape[0]:
-            tensor = qkv_from_interleaved(tensor, source[0], config)
+        if source.layout and tensor.shape[0] == expected[lit_name].shape[0]:
+            tensor = qkv_from_interleaved(tensor, source.layout, config)
         if tuple(tensor.shape) != tuple(expected[lit_name].shape):
             raise LitLLMError(
                 f"{checkpoint_dir}: config.json does not match the weights: {', '.join(names)} "
@@ -148,16 +148,14 @@ def convert_from_litllm(
         shape, st_dtype = sl.get_shape(), sl.get_dtype()
         out_dtype = target_dtype or _ST_TO_DTYPE[st_dtype]
         source = hf_sources(lit_name, mapping)
-        if isinstance(source, str):
-            plan.append((source, lit_name, ("whole",)))
-            specs[source] = (torch.Size(shape), out_dtype)
-        elif isinstance(source, tuple):
-            plan.append((source[1], lit_name, ("interleave", source[0])))
-            specs[source[1]] = (torch.Size(shape), out_dtype)
+        if not source.concatenated:
+            hf_name = source.names[0]
+            plan.append((hf_name, lit_name, ("interleave", source.layout) if source.layout else ("whole",)))
+            specs[hf_name] = (torch.Size(shape), out_dtype)
         else:
-            sizes = split_sizes(lit_name, config, len(source))
+            sizes = split_sizes(lit_name, config, len(source.names))
             start = 0
-            for hf_name, size in zip(source, sizes):
+            for hf_name, size in zip(source.names, sizes):
                 plan.append((hf_name, lit_name, ("rows", start, size)))
                 specs[hf_name] = (torch.Size([size, *shape[1:]]), out_dtype)
                 start += size

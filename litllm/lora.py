@@ -442,8 +442,8 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
         enabled = [n for n, _ in module.parts if n in module.lora_A]
         a_of = {n: module.lora_A[n].detach().float() for n in enabled}
         b_of = {n: module.lora_B[n].detach().float() for n in enabled}
-        if isinstance(source, list):  # HF has one module per part
-            for (name, _), hf_name in zip(module.parts, source):
+        if source.concatenated:  # HF has one module per part
+            for (name, _), hf_name in zip(module.parts, source.names):
                 if name in a_of:
                     hf_module = hf_name.removesuffix(".weight")
                     targets.append(hf_module)
@@ -459,11 +459,9 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
                 b[row: row + rows, j * module.r: (j + 1) * module.r] = b_of[name]
                 j += 1
             row += rows
-        if isinstance(source, tuple):  # interleaved fused qkv rows (GPT-NeoX, Falcon)
-            layout, hf_name = source
-            b = qkv_to_interleaved(b, layout, config)
-        else:
-            hf_name = source
+        if source.layout:  # interleaved fused qkv rows (GPT-NeoX, Falcon)
+            b = qkv_to_interleaved(b, source.layout, config)
+        hf_name = source.names[0]
         hf_module = hf_name.removesuffix(".weight")
         targets.append(hf_module)
         tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a

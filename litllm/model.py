@@ -32,6 +32,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self._max_seq_length = config.block_size
         self.build_rope_cache()
+        self.router_aux_loss: Optional[torch.Tensor] = None
+        """The load-balancing loss (unweighted) of the last training forward with targets (MoE models)."""
 
     # ------------------------------------------------------------------ RoPE cache
     @property
@@ -106,9 +108,11 @@ class GPT(nn.Module):
             cos = torch.where(short[..., None], self.rope_cos_short[positions], cos)
             sin = torch.where(short[..., None], self.rope_sin_short[positions], sin)
         rope = (cos, sin)
+        if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
+            rope = (cos, sin, 1 + c.query_scale_beta * torch.log1p(torch.floor(positions / c.query_scale_length)))
         rope_local = rope
         if c.rope_local_base is not None:
-            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions])
+            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions], *rope[2:])
 
         if cached and document_ids is not None:
             raise ValueError("document_ids (packed rows) are for training and scoring, not for a KV cache")
@@ -117,18 +121,32 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if c.scale_embeddings:
             x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
+        if c.embedding_multiplier != 1.0:
+            x = x * c.embedding_multiplier
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
-            x = block(x, rope_local if sliding else rope, masks[sliding], input_pos, kv_len)
+            layer_rope = (rope_local if sliding else rope) if c.uses_rope(i) else None
+            x = block(x, layer_rope, masks[sliding], input_pos, kv_len)
         if targets is None:
             if logits_to_keep is not None:
                 x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
             return self.head(self.norm_f(x))
         x = self.norm_f(x)
-        return chunked_cross_entropy(self.head, x, targets, ignore_index)
+        loss = chunked_cross_entropy(self.head, x, targets, ignore_index)
+        if self.training and c.router_aux_loss_coef and c.mlp_class_name == "MoE":
+            # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
+            routers = [m for m in self.modules() if isinstance(m, MoE)]
+            aux = load_balancing_loss([m.router_logits for m in routers], c.n_expert, c.n_expert_per_token)
+            for m in routers:
+                m.router_logits = None
+            self.router_aux_loss = aux.detach()
+            loss = loss + c.router_aux_loss_coef * aux
+        return loss
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
+        if self.config.logits_divisor != 1.0:
+            logits = logits / self.config.logits_divisor
         if self.config.final_logit_softcapping is not None:
             logits = softcap(logits, self.config.final_logit_softcapping)
         return logits
@@ -246,17 +264,21 @@ class Block(nn.Module):
         self.post_attn_norm = build_norm(c, c.n_embd) if c.post_attention_norm else nn.Identity()
         needs_norm_2 = c.pre_norm and not (c.parallel_residual and c.shared_attention_norm)
         self.norm_2 = build_norm(c, c.n_embd) if needs_norm_2 else nn.Identity()
-        self.mlp = build_mlp(c)
+        self.mlp = build_mlp(c, layer_idx)
         self.post_mlp_norm = build_norm(c, c.n_embd) if c.post_mlp_norm else nn.Identity()
 
     def forward(self, x, rope, mask, input_pos, kv_len=None):
+        """rope: (cos, sin) for this layer, or None for a layer without positional encoding."""
         x_normed = self.norm_1(x)
         h = self.post_attn_norm(self.attn(x_normed, rope, mask, input_pos, kv_len))
+        m = self.config.residual_multiplier
         if self.config.parallel_residual:
             mlp_in = x_normed if self.config.shared_attention_norm else self.norm_2(x)
-            return x + h + self.post_mlp_norm(self.mlp(mlp_in))
-        x = x + h
-        return x + self.post_mlp_norm(self.mlp(self.norm_2(x)))
+            h = h + self.post_mlp_norm(self.mlp(mlp_in))
+            return x + (h * m if m != 1.0 else h)
+        x = x + (h * m if m != 1.0 else h)
+        h = self.post_mlp_norm(self.mlp(self.norm_2(x)))
+        return x + (h * m if m != 1.0 else h)
 
 
 class CausalSelfAttention(nn.Module):
@@ -290,14 +312,17 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         if c.norm_qk == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        if c.rope_n_elem > 0:
-            cos, sin = rope
+        if c.rope_n_elem > 0 and rope is not None:
+            cos, sin = rope[:2]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None and len(rope) == 3:  # position-dependent query scale (see Config.query_scale_beta)
+            scale_q = rope[2]
+            q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
 
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
 
-        scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(q, self)
@@ -434,10 +459,12 @@ class MoE(nn.Module):
     - sparse (eager, many tokens: training, prefill): each expert runs on the tokens routed to it only,
       `index_add_` back into place -- k / n_expert of the dense FLOPs (1/4 for Mixtral). Which tokens go
       where is read back from the device (`torch.where`): a host sync and data-dependent shapes.
-    - dense (decode-sized inputs, torch.compile, fake tensors): every expert on every token, weighted 0
+    - dense (decode-sized inputs, torch.compile): every expert on every token, weighted 0
       where not chosen. No shape depends on the routing, so no host sync, static shapes for
-      torch.compile and FakeTensorMode (`litllm estimate`). For at most `n_expert` tokens the wasted
-      FLOPs are small beside reading the expert weights, which both paths do.
+      torch.compile and FakeTensorMode (`litllm estimate` of decoding). For at most `n_expert` tokens the
+      wasted FLOPs are small beside reading the expert weights, which both paths do.
+    - balanced (fake tensors, more tokens: `litllm estimate` of training/prefill): the sparse path's shapes
+      for perfectly balanced routing, so the estimate holds the activations sparse dispatch holds.
     The choice is made on the shape and the tracing mode, never on data.
     """
 
@@ -445,20 +472,38 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
+        self.experts = nn.ModuleList(GatedMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
+        # (B*T, n_expert) of the last forward, kept while training with a load-balancing loss (GPT.forward reads it)
+        self.router_logits: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(-1, C)  # (B*T, C)
-        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (B*T, n_expert)
+        router_logits = self.router(x)
+        if self.training and self.config.router_aux_loss_coef:
+            self.router_logits = router_logits
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (B*T, n_expert)
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.use_dense(x):
+        if is_fake(x) and x.size(0) > self.config.n_expert and not torch.compiler.is_compiling():
+            y = self.balanced_experts(x, weights.to(x.dtype))
+        elif self.use_dense(x):
             y = self.dense_experts(x, probs, weights, chosen)
         else:
             y = self.sparse_experts(x, weights.to(x.dtype), chosen)
         return y.view(B, T, C)
+
+    def balanced_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Fake tensors (`litllm estimate` of training/prefill): the sparse path's shapes under perfectly balanced
+        routing, each expert on N * k / n_expert tokens, so the estimate counts the activations sparse dispatch
+        keeps, not every expert's on every token. Fake tensors hold no routing to follow."""
+        n = math.ceil(x.size(0) * self.config.n_expert_per_token / self.config.n_expert)
+        rows = torch.arange(n, device=x.device)
+        y = torch.zeros_like(x)
+        for slot, expert in enumerate(self.experts):
+            y.index_add_(0, rows, expert(x[:n]) * weights[:n, slot % weights.size(1), None])
+        return y
 
     def use_dense(self, x: torch.Tensor) -> bool:
         """x: (N, C). Dense for at most n_expert tokens, under torch.compile and on fake tensors."""
@@ -481,8 +526,27 @@ class MoE(nn.Module):
         return y
 
 
-def build_mlp(config: Config) -> nn.Module:
+def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
+    if config.mlp_class_name == "MoE" and not config.is_moe(layer_idx):
+        return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers)
     return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE}[config.mlp_class_name](config)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over the MoE layers' router logits (each (N, n_expert)), as
+    transformers' `load_balancing_loss_func` computes it without an attention mask: n_expert x
+    sum_e (share of top-k assignments to e) x (mean router probability of e), both averaged over every
+    layer's tokens. No host sync (counts by one-hot sums)."""
+    assigned = router_logits[0].new_zeros(n_expert, dtype=torch.float32)
+    prob_sum = router_logits[0].new_zeros(n_expert, dtype=torch.float32)
+    rows = 0
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, n_expert)
+        chosen = probs.topk(k, dim=-1).indices  # (N, k)
+        assigned = assigned + F.one_hot(chosen, n_expert).sum(dim=(0, 1)).float()
+        prob_sum = prob_sum + probs.sum(dim=0)
+        rows += logits.size(0)
+    return n_expert * torch.sum((assigned / rows) * (prob_sum / rows))
 
 
 # ---------------------------------------------------------------------- norms

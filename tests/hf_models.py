@@ -70,6 +70,36 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "falcon-mha-sequential": ("FalconConfig", "FalconForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
         parallel_attn=False, new_decoder_architecture=False, bias=True, alibi=False)),
+    # SmolLM3: NoPE in layer 3 (every 4th); tied embeddings
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        COMMON, num_hidden_layers=4, num_key_value_heads=2, intermediate_size=112, pad_token_id=0, bos_token_id=0,
+        eos_token_id=1)),
+    # OLMo 3: 3 sliding (window 6) : 1 full layers, yarn on the full layers only
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        COMMON, num_hidden_layers=4, num_key_value_heads=2, intermediate_size=112, sliding_window=6,
+        rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                            "rope_theta": 500000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}})),
+    # Granite: embedding, residual and logits multipliers at granite-3.3-8b's values; the attention scale large
+    # enough (random weights give near-uniform attention) that 1/sqrt(head_dim) in its place shows
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=112, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=4.0, logits_scaling=16.0, tie_word_embeddings=True)),
+    # Qwen3-MoE: 8 experts top-2 renormalised, layer 1 dense (mlp_only_layers), experts smaller than the dense MLP
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, intermediate_size=112,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        router_aux_loss_coef=0.02)),
+    # OLMoE: qk-norm over the whole projection, 8 experts top-3 NOT renormalised
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, intermediate_size=48, num_experts=8, num_experts_per_tok=3,
+        pad_token_id=0, bos_token_id=0, eos_token_id=1)),
+    # Ministral 3: YaRN (mscale 1/1) and the position-dependent query scale, whose step (16) the test sequences cross
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=112, pad_token_id=0, bos_token_id=0,
+        eos_token_id=1, rope_parameters=dict(
+            rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+            beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

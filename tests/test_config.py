@@ -50,7 +50,8 @@ def test_preset_parameter_count_matches_transformers(name):
 
 @pytest.mark.parametrize("name", ["Llama-3.1-8B", "gemma-2-9b", "gemma-3-4b-it", "Phi-3.5-mini-instruct",
                                   "falcon-40b", "pythia-160m", "Mixtral-8x7B-v0.1", "OLMo-2-1124-7B", "phi-2",
-                                  "Qwen2.5-7B", "Qwen3-8B", "stablelm-2-1_6b", "Mistral-7B-v0.1"])
+                                  "Qwen2.5-7B", "Qwen3-8B", "stablelm-2-1_6b", "Mistral-7B-v0.1", "SmolLM3-3B",
+                                  "Olmo-3-1025-7B", "granite-3.3-8b-instruct"])
 def test_hf_config_round_trip(name):
     # HF knows only the embedding rows, not the tokenizer's own vocabulary size
     IGNORED = ("name", "hf_repo", "vocab_size", "padding_multiple")
@@ -117,3 +118,47 @@ def test_unsupported_rope_scaling_is_rejected_at_conversion(tmp_path, scaling, m
 def test_config_rejects_unsupported_rope_scaling():
     with pytest.raises(LitLLMError, match=r"rope_scaling.rope_type: unsupported 'dynamic'"):
         Config(n_embd=64, n_head=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_olmo3_legacy_rope_scaling_reads_as_per_layer_type_parameters():
+    """A config.json of transformers 4.x (rope_theta + rope_scaling) and one of 5.x (rope_parameters per
+    layer type) give the same Config: YaRN on the full-attention layers, plain RoPE on the sliding ones."""
+    yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.2}
+    common = dict(model_type="olmo3", vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=112, sliding_window=6,
+                  layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    legacy = config_from_hf({**common, "rope_theta": 500000.0, "rope_scaling": yarn})
+    current = config_from_hf({**common, "rope_parameters": {
+        "full_attention": {**yarn, "rope_theta": 500000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}}})
+    assert legacy == current
+    assert current.rope_scaling == yarn and current.rope_local_base == 500000.0 and current.sliding_window_period == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(model_type="smollm3", no_rope_layers=[1, 0, 1, 1]), "no_rope_layers .* not one NoPE layer every k layers"),
+    (dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, clip_qkv=8.0), "OLMoE with clip_qkv"),
+    (dict(model_type="qwen3_moe", num_experts_per_tok=2, moe_intermediate_size=16), "missing key 'num_experts'"),
+])
+def test_new_families_refuse_what_they_cannot_run_in_one_line(extra, message):
+    hf = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=112, **extra)
+    with pytest.raises(LitLLMError, match=message):
+        config_from_hf(hf)
+
+
+def test_every_family_has_presets_of_its_own_model_type():
+    """Each family's `presets` reference names presets.yaml entries that export as that family."""
+    import yaml
+
+    from litllm.config import PRESETS_FILE
+    from litllm.hf.family import FAMILIES
+
+    raw = yaml.safe_load(PRESETS_FILE.read_text(encoding="utf-8"))
+    presets = _presets()
+    for family in FAMILIES.values():
+        if not family.presets:
+            continue
+        assert family.presets in raw, family.model_type
+        ours = [n for n, v in presets.items() if v.get("hf_model_type") == family.model_type]
+        assert ours, family.model_type
+        assert family.presets.startswith("_") or family.presets in ours

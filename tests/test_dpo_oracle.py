@@ -102,7 +102,7 @@ def methods(folder, tmp_path_factory):
     trainer = _trainer(folder, tmp_path_factory.mktemp("full"), _hf_model(folder), _hf_model(folder))
     hf_params = dict(trainer.model.named_parameters())
     names = {n: hf_sources(n, mapping) for n, _ in lit.named_parameters()}
-    param_map = {n: [hf_params[s] for s in (src if isinstance(src, list) else [src])] for n, src in names.items()}
+    param_map = {n: [hf_params[s] for s in src.names] for n, src in names.items()}
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the same step away from the reference in both policies
         for name, param in lit.named_parameters():
@@ -132,7 +132,7 @@ def methods(folder, tmp_path_factory):
         path, kind, part = name.rsplit(".", 2)  # blocks.0.attn.qkv, lora_A, query
         sources = hf_sources(f"{path}.weight", mapping)
         parts = [p for p, _ in next(m for n, m in lit.named_modules() if n == path).parts]
-        source = sources[parts.index(part)] if isinstance(sources, list) else sources
+        source = sources.names[parts.index(part)] if sources.concatenated else sources.names[0]
         trained[name] = [hf_params[f"base_model.model.{source.removesuffix('.weight')}.{kind}.weight"]]
     out["lora"] = (lit, adapters_off_reference, trainer, trained)
     return out

@@ -46,7 +46,11 @@ def test_longrope_short_sequences_use_short_factors(family, converted):
         torch.testing.assert_close(model(idx)[..., :VOCAB], hf(idx).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"])
+# the families of 2025-26 (one module each in litllm/hf/families/)
+NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"] + NEW_FAMILIES)
 def test_kv_cache_decoding_equals_uncached(family, converted):
     _, model = converted(family)
     torch.manual_seed(2)
@@ -160,3 +164,83 @@ def test_moe_sparse_for_many_tokens_dense_for_decode_and_equal(converted):
     finally:
         for h in hooks:
             h.remove()
+
+
+# ---------------------------------------------------------------------- the families of 2025-26
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
+    """The decode engine (prefill + KV cache) picks the tokens transformers' generate(do_sample=False) picks."""
+    import transformers
+
+    from conftest import make_converted_checkpoint
+    from litllm.engine import generate_ids
+
+    folder = make_converted_checkpoint(tmp_path, family=family, seed=3)
+    model = GPT.from_checkpoint(folder).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.randint(2, hf.config.vocab_size, (7,), generator=torch.Generator().manual_seed(5))
+    expected = hf.generate(
+        prompt[None], attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=24, min_new_tokens=24,
+        do_sample=False, pad_token_id=hf.config.vocab_size - 1,
+    )[0, 7:].tolist()
+    assert generate_ids(model, prompt.tolist(), 24) == expected
+
+
+@pytest.mark.parametrize("family,field,neutral", [
+    ("smollm3", "nope_layer_period", None),  # NoPE in layer 3
+    ("olmo3", "sliding_window_period", None),  # every layer sliding instead of 3:1
+    ("olmo3", "rope_local_base", None),  # sliding layers with the full layers' YaRN
+    ("granite", "embedding_multiplier", 1.0),
+    ("granite", "residual_multiplier", 1.0),
+    ("granite", "attention_multiplier", None),
+    ("granite", "logits_divisor", 1.0),
+    ("ministral3", "query_scale_beta", None),
+    ("qwen3_moe", "moe_normalize_topk", False),
+    ("olmoe", "moe_normalize_topk", True),
+])
+def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted):
+    """The parity above is not luck: without the family's quirk the logits leave transformers' by over 5x
+    the parity tolerance (random tiny models: small effects)."""
+    import dataclasses
+
+    hf, model = converted(family)
+    plain = GPT(dataclasses.replace(model.config, **{field: neutral})).eval()
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (plain(idx)[..., :VOCAB] - hf(idx).logits).abs().max() > 5e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral"])
+def test_router_aux_loss_equals_transformers(family, converted):
+    """Training with targets adds router_aux_loss_coef x the load-balancing loss, the same term and the same
+    total as transformers' forward with output_router_logits=True and labels (no attention mask)."""
+    hf, model = converted(family)
+    coef = hf.config.router_aux_loss_coef
+    assert model.config.router_aux_loss_coef == coef > 0  # read from config.json
+    idx = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+    # HF shifts its labels inside; here the targets are the next tokens, the last position ignored
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)
+    with torch.no_grad():
+        expected = hf(idx, labels=idx, output_router_logits=True)
+        try:
+            model.train()
+            loss = model(idx, targets=targets)
+        finally:
+            model.eval()
+        plain = model(idx, targets=targets)  # eval: the LM loss alone
+    torch.testing.assert_close(model.router_aux_loss, expected.aux_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss - plain, coef * expected.aux_loss, atol=1e-6, rtol=0)
+
+
+def test_moe_dense_layers_and_expert_size(converted):
+    """Qwen3-MoE's mlp_only_layers run one dense MLP of intermediate_size; the other layers experts of
+    moe_intermediate_size."""
+    from litllm.model import GatedMLP, MoE
+
+    _, model = converted("qwen3_moe")
+    kinds = [type(b.mlp) for b in model.blocks]
+    assert kinds == [MoE, GatedMLP, MoE]
+    assert model.blocks[1].mlp.intermediate_size == 112
+    assert {e.intermediate_size for e in model.blocks[0].mlp.experts} == {32}

@@ -62,6 +62,9 @@ class TrainArgs:
     with an error, saving nothing more, after this many such steps in a row (resume from the last checkpoint)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU (None: looked up for known GPUs; on CPU only achieved FLOP/s is logged)."""
+    router_aux_loss_coef: Optional[float] = None
+    """MoE models: weight of the router load-balancing loss added to the LM loss while training, logged apart
+    as `router_aux_loss` (None: the checkpoint's `router_aux_loss_coef`, 0 where it has none)."""
     state_dict_type: Literal["full", "sharded"] = "full"
     """Step checkpoints under FSDP: "full" gathers weights and optimizer state to rank 0 (one file each);
     "sharded" has every rank write its own shards with torch.distributed.checkpoint (faster, no rank-0

@@ -54,9 +54,11 @@ def flops_per_token(config: Config, seq_length: int, trainable_fraction: float =
     n_trainable = n * trainable_fraction
     dense = 6 * n_trainable + 4 * (n - n_trainable)
     attention = 12 * config.n_layer * config.n_head * config.head_size * seq_length
-    if config.n_expert:  # only the routed experts' MLPs run per token
-        mlp = config.n_layer * config.n_expert * 3 * config.n_embd * config.intermediate_size
-        dense -= 6 * mlp * (1 - config.n_expert_per_token / config.n_expert)
+    if config.n_expert:  # only the routed experts' MLPs run per token (counted above at the same mix of 6 and 4)
+        moe_layers = sum(config.is_moe(i) for i in range(config.n_layer))
+        experts = moe_layers * config.n_expert * 3 * config.n_embd * config.expert_intermediate_size
+        unused = experts * (1 - config.n_expert_per_token / config.n_expert)
+        dense -= unused * (6 * trainable_fraction + 4 * (1 - trainable_fraction))
     return dense + attention
 
 

@@ -65,7 +65,9 @@ def token_cross_entropy(model: nn.Module, batch: Batch, ignore_index: int) -> Lo
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
     mean = model(batch["input_ids"], targets=labels, ignore_index=ignore_index, **extra)
     count = (labels != ignore_index).sum()  # stays on the device: no host sync
-    return mean * count, count, {}
+    # an MoE model in training adds its router load-balancing loss to `mean`; logged apart (litllm/model.py)
+    aux = getattr(model, "router_aux_loss", None) if model.training else None
+    return mean * count, count, ({"router_aux_loss": aux * count} if aux is not None else {})
 
 
 @dataclass
@@ -381,6 +383,8 @@ def _fit(t: Trainer) -> TrainResult:
 
     fabric, model, opt, state, train = t.fabric, t.model, t.optimizer, t.state, t.train
     config = model.config
+    if train.router_aux_loss_coef is not None:  # MoE: the load-balancing loss's weight (the model adds it)
+        config.router_aux_loss_coef = train.router_aux_loss_coef
     trainable = [p for p in model.parameters() if p.requires_grad]
     throughput = Throughput(fabric, config, t.seq_length, train.peak_flops, trainable_fraction=_trainable_fraction(model))
     result = TrainResult(step=state["step"])
