@@ -202,12 +202,12 @@ def _gguf_names(config, family: _Family):
 
     def parts(lit_name: str) -> list[tuple[str, int, Optional[int]]]:
         source = hf_sources(lit_name, mapping)
-        if isinstance(source, str):
-            return [(gguf_name(source), 0, None)]
-        if isinstance(source, tuple):
+        if source.layout is not None:
             raise LitLLMError(f"{lit_name}: interleaved fused layouts have no GGUF export")
-        sizes, start, out = split_sizes(lit_name, config, len(source)), 0, []
-        for hf_name, rows in zip(source, sizes):
+        if not source.concatenated:
+            return [(gguf_name(source.names[0]), 0, None)]
+        sizes, start, out = split_sizes(lit_name, config, len(source.names)), 0, []
+        for hf_name, rows in zip(source.names, sizes):
             out.append((gguf_name(hf_name), start, rows))
             start += rows
         return out
