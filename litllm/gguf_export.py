@@ -50,6 +50,7 @@ class _Family:
     arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama.cpp's llama graph rotates interleaved pairs, HF rotates halves
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
+    renormalizes_topk: bool = True  # whether llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
 
 
 # HF model_type -> how llama.cpp runs it
@@ -63,7 +64,13 @@ FAMILIES = {
     "gemma2": _Family("GEMMA2", norm_offset=1.0),
     "gemma3_text": _Family("GEMMA3", norm_offset=1.0),
     "phi3": _Family("PHI3"),
+    "qwen3_moe": _Family("QWEN3MOE"),
+    "olmoe": _Family("OLMOE", renormalizes_topk=False),
+    "granite": _Family("GRANITE", permute_qk=True),
+    "smollm3": _Family("SMOLLM3", permute_qk=True),
 }
+# llama.cpp's smollm3 graph skips rope in every 4th layer, a constant no GGUF key changes
+_SMOLLM3_NOPE_PERIOD = 4
 
 
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
@@ -162,8 +169,12 @@ def _family(config, model_type: str) -> _Family:
             f"model {config.name!r} ({model_type}): no GGUF export for this family yet "
             f"(exported: {', '.join(sorted(FAMILIES))})"
         )
-    if config.mlp_class_name == "MoE" and not config.moe_normalize_topk:
-        raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk false; llama.cpp renormalizes the top-k expert weights")
+    family = FAMILIES[model_type]
+    if model_type == "smollm3" and config.nope_layer_period != _SMOLLM3_NOPE_PERIOD:
+        raise LitLLMError(f"{CONFIG_FILE}: nope_layer_period {config.nope_layer_period}; llama.cpp's smollm3 graph "
+                          f"skips rope in every {_SMOLLM3_NOPE_PERIOD}th layer")
+    if config.mlp_class_name == "MoE":
+        _check_moe(config, model_type, family)
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
     allowed = {"default", "linear"} | ({"llama3"} if FAMILIES[model_type].arch == "LLAMA" else set())
     if scaling not in allowed:
@@ -180,7 +191,25 @@ def _family(config, model_type: str) -> _Family:
             f"{CONFIG_FILE}: attention_scores_scalar {config.attention_scores_scalar} differs from head_size "
             f"{config.head_size}; llama.cpp's {model_type} graph can't scale attention scores by it"
         )
-    return FAMILIES[model_type]
+    return family
+
+
+def _check_moe(config, model_type: str, family: _Family) -> None:
+    """What llama.cpp's MoE graphs can't run: dense layers among MoE ones, another top-k weighting, and
+    (OLMoE) a K-norm over fewer rows than Q's or an output head tied to the embedding."""
+    arch = family.arch.lower()
+    if config.moe_normalize_topk != family.renormalizes_topk:
+        does = "renormalizes" if family.renormalizes_topk else "does not renormalize"
+        raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk {str(config.moe_normalize_topk).lower()}; "
+                          f"llama.cpp's {arch} graph {does} the top-k expert weights")
+    if config.dense_mlp_layers:
+        raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's {arch} graph "
+                          "runs every layer as MoE")
+    if model_type == "olmoe" and config.n_query_groups != config.n_head:
+        raise LitLLMError(f"{CONFIG_FILE}: n_query_groups {config.n_query_groups} differs from n_head {config.n_head}; "
+                          "llama.cpp's olmoe graph norms K over n_embd rows")
+    if model_type == "olmoe" and config.tie_embeddings:
+        raise LitLLMError(f"{CONFIG_FILE}: tie_embeddings true; llama.cpp's olmoe graph needs its own output head")
 
 
 def _gguf_names(config, family: _Family):
@@ -308,10 +337,16 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     if config.mlp_class_name == "MoE":
         writer.add_expert_count(config.n_expert)
         writer.add_expert_used_count(config.n_expert_per_token)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size or config.intermediate_size)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    if family.arch == "GRANITE":
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_attention_scale(config.attention_multiplier or config.head_size**-0.5)
+        writer.add_logit_scale(config.logits_divisor)  # llama.cpp divides the logits by it
     if config.attention_logit_softcapping:
         writer.add_attn_logit_softcapping(config.attention_logit_softcapping)
     if config.final_logit_softcapping:
