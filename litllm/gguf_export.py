@@ -8,9 +8,10 @@ tensor. The output appears atomically (temporary name + rename).
 Names go litllm -> HF (`litllm.hf.weights`, split where litllm fuses what HF keeps apart) -> GGUF (the
 `gguf` package's own `TensorNameMap`), so no GGUF tensor name is spelled here. What llama.cpp expects
 beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_gguf.py`):
-  llama/mistral  Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
+  llama/mistral/granite/smollm3  Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
   gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
   llama3 rope    a `rope_freqs` tensor of per-frequency factors
+  MoE            each layer's experts stacked into one (n_expert, rows, columns) tensor per projection
 
 The tokenizer travels as `tokenizer.ggml.*`: a byte-level BPE (`gpt2` in llama.cpp) with the pre-tokenizer
 type read from the split regex in tokenizer.json, or a SentencePiece-style BPE with byte fallback (`llama`)
@@ -51,6 +52,7 @@ class _Family:
     permute_qk: bool = False  # llama.cpp's llama graph rotates interleaved pairs, HF rotates halves
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
     renormalizes_topk: bool = True  # whether llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
+    yarn: bool = False  # plain YaRN (HF's default attention factor, betas and truncation) on the full-attention layers
 
 
 # HF model_type -> how llama.cpp runs it
@@ -68,7 +70,12 @@ FAMILIES = {
     "olmoe": _Family("OLMOE", renormalizes_topk=False),
     "granite": _Family("GRANITE", permute_qk=True),
     "smollm3": _Family("SMOLLM3", permute_qk=True),
+    # llama.cpp runs OLMo 3 as olmo2 with sliding layers, which rope without YaRN as HF's OLMo 3 does
+    "olmo3": _Family("OLMO2", yarn=True),
 }
+# YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
+_YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
+                  "truncate": True}
 # llama.cpp's smollm3 graph skips rope in every 4th layer, a constant no GGUF key changes
 _SMOLLM3_NOPE_PERIOD = 4
 
@@ -176,12 +183,17 @@ def _family(config, model_type: str) -> _Family:
     if config.mlp_class_name == "MoE":
         _check_moe(config, model_type, family)
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
-    allowed = {"default", "linear"} | ({"llama3"} if FAMILIES[model_type].arch == "LLAMA" else set())
+    allowed = {"default", "linear"} | ({"llama3"} if family.arch == "LLAMA" else set()) | (
+        {"yarn"} if family.yarn else set())
     if scaling not in allowed:
         raise LitLLMError(
             f"{CONFIG_FILE}: rope_scaling {scaling!r} has no GGUF export yet for {model_type} "
             f"(exported: {', '.join(sorted(allowed))})"
         )
+    if scaling == "yarn":
+        _check_yarn(config.rope_scaling)
+    if family.arch == "OLMO2" and config.sliding_window_size:
+        _check_olmo2_sliding(config)
     scalar = config.attention_scores_scalar
     # llama.cpp scales Gemma's scores by 1/sqrt(head_size), or by 1/sqrt(n_embd/n_head) in the 27B models,
     # which it recognizes by their layer count
@@ -192,6 +204,21 @@ def _family(config, model_type: str) -> _Family:
             f"{config.head_size}; llama.cpp's {model_type} graph can't scale attention scores by it"
         )
     return family
+
+
+def _check_yarn(scaling: dict) -> None:
+    for key, default in _YARN_DEFAULTS.items():
+        if scaling.get(key) is not None and scaling[key] != default:
+            raise LitLLMError(f"{CONFIG_FILE}: rope_scaling {key} {scaling[key]}; the GGUF export writes YaRN with "
+                              f"{key} {default} only")
+
+
+def _check_olmo2_sliding(config) -> None:
+    """llama.cpp's olmo2 graph slides in the first n - 1 layers of every n and ropes them with the base theta."""
+    period = config.sliding_window_period
+    if not period or any(config.is_sliding(i) != (i % period < period - 1) for i in range(config.n_layer)):
+        raise LitLLMError(f"{CONFIG_FILE}: sliding_window_period {period}; llama.cpp's olmo2 graph needs n - 1 "
+                          "sliding layers then one full layer, repeated")
 
 
 def _check_moe(config, model_type: str, family: _Family) -> None:
@@ -342,6 +369,10 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    if scaling.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     if family.arch == "GRANITE":
         writer.add_embedding_scale(config.embedding_multiplier)
         writer.add_residual_scale(config.residual_multiplier)
@@ -351,6 +382,11 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_attn_logit_softcapping(config.attention_logit_softcapping)
     if config.final_logit_softcapping:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if family.arch == "OLMO2" and config.sliding_window_size:
+        writer.add_sliding_window(config.sliding_window_size)
+        writer.add_sliding_window_pattern(config.sliding_window_period)
+        if config.rope_local_base is not None:
+            writer.add_rope_freq_base_swa(config.rope_local_base)
     if family.arch in ("GEMMA2", "GEMMA3") and config.sliding_window_size:
         writer.add_sliding_window(config.sliding_window_size)
         # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)

@@ -298,8 +298,12 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     ("olmoe", {}, "n_query_groups 2 differs from n_head 4; llama.cpp's olmoe graph norms K over n_embd rows"),
     ("olmoe-gguf", {"moe_normalize_topk": True}, "moe_normalize_topk true; llama.cpp's olmoe graph does not renormalize"),
     ("olmoe-gguf", {"tie_embeddings": True}, "tie_embeddings true; llama.cpp's olmoe graph needs its own output head"),
+    ("smollm3", {"nope_layer_period": 3}, "nope_layer_period 3; llama.cpp's smollm3 graph skips rope in every 4th layer"),
+    ("olmo3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                "beta_fast": 16}}, "rope_scaling beta_fast 16; the GGUF export writes YaRN with beta_fast 32"),
+    ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
 ])
-def test_moe_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, message):
+def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, message):
     from litllm.config import Config
 
     folder = checkpoint(tmp_path / family, family)
@@ -375,7 +379,7 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3"]
+                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo3"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
