@@ -8,7 +8,8 @@ tensor. The output appears atomically (temporary name + rename).
 Names go litllm -> HF (`litllm.hf.weights`, split where litllm fuses what HF keeps apart) -> GGUF (the
 `gguf` package's own `TensorNameMap`), so no GGUF tensor name is spelled here. What llama.cpp expects
 beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_gguf.py`):
-  llama/mistral/granite/smollm3  Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
+  llama-like     Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
+                 (llama, mistral, mixtral, granite, smollm3)
   gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
   llama3 rope    a `rope_freqs` tensor of per-frequency factors
   MoE            each layer's experts stacked into one (n_expert, rows, columns) tensor per projection
@@ -51,8 +52,9 @@ class _Family:
     arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama.cpp's llama graph rotates interleaved pairs, HF rotates halves
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
-    renormalizes_topk: bool = True  # whether llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
-    yarn: bool = False  # plain YaRN (HF's default attention factor, betas and truncation) on the full-attention layers
+    renormalizes_topk: bool = True  # llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
+    output_head: bool = False  # llama.cpp's graph loads `output.weight` only, never the tied embedding
+    yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
 
 
 # HF model_type -> how llama.cpp runs it
@@ -67,11 +69,12 @@ FAMILIES = {
     "gemma3_text": _Family("GEMMA3", norm_offset=1.0),
     "phi3": _Family("PHI3"),
     "qwen3_moe": _Family("QWEN3MOE"),
-    "olmoe": _Family("OLMOE", renormalizes_topk=False),
+    "olmoe": _Family("OLMOE", renormalizes_topk=False, output_head=True),
     "granite": _Family("GRANITE", permute_qk=True),
     "smollm3": _Family("SMOLLM3", permute_qk=True),
+    "olmo2": _Family("OLMO2", output_head=True),
     # llama.cpp runs OLMo 3 as olmo2 with sliding layers, which rope without YaRN as HF's OLMo 3 does
-    "olmo3": _Family("OLMO2", yarn=True),
+    "olmo3": _Family("OLMO2", output_head=True, yarn=True),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -180,6 +183,9 @@ def _family(config, model_type: str) -> _Family:
     if model_type == "smollm3" and config.nope_layer_period != _SMOLLM3_NOPE_PERIOD:
         raise LitLLMError(f"{CONFIG_FILE}: nope_layer_period {config.nope_layer_period}; llama.cpp's smollm3 graph "
                           f"skips rope in every {_SMOLLM3_NOPE_PERIOD}th layer")
+    if family.output_head and config.tie_embeddings:
+        raise LitLLMError(f"{CONFIG_FILE}: tie_embeddings true; llama.cpp's {family.arch.lower()} graph needs its own "
+                          "output head")
     if config.mlp_class_name == "MoE":
         _check_moe(config, model_type, family)
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
@@ -223,7 +229,7 @@ def _check_olmo2_sliding(config) -> None:
 
 def _check_moe(config, model_type: str, family: _Family) -> None:
     """What llama.cpp's MoE graphs can't run: dense layers among MoE ones, another top-k weighting, and
-    (OLMoE) a K-norm over fewer rows than Q's or an output head tied to the embedding."""
+    (OLMoE) a K-norm over fewer rows than Q's."""
     arch = family.arch.lower()
     if config.moe_normalize_topk != family.renormalizes_topk:
         does = "renormalizes" if family.renormalizes_topk else "does not renormalize"
@@ -235,8 +241,6 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
     if model_type == "olmoe" and config.n_query_groups != config.n_head:
         raise LitLLMError(f"{CONFIG_FILE}: n_query_groups {config.n_query_groups} differs from n_head {config.n_head}; "
                           "llama.cpp's olmoe graph norms K over n_embd rows")
-    if model_type == "olmoe" and config.tie_embeddings:
-        raise LitLLMError(f"{CONFIG_FILE}: tie_embeddings true; llama.cpp's olmoe graph needs its own output head")
 
 
 def _gguf_names(config, family: _Family):

@@ -248,12 +248,12 @@ def test_refusals_write_nothing(tmp_path, llama):
         convert_to_gguf(llama, out, outtype="q4_k_m")
     with pytest.raises(LitLLMError, match="is a folder; expected the path of the .gguf file"):
         convert_to_gguf(llama, tmp_path)
-    olmo = tmp_path / "olmo2"
-    shutil.copytree(llama, olmo)
+    stablelm = tmp_path / "stablelm"
+    shutil.copytree(llama, stablelm)
     config = Config.from_checkpoint(llama).to_dict()
-    Config(**dict(config, hf_model_type="olmo2", norm_qk="full", pre_norm=False)).save(olmo / "model_config.yaml")
-    with pytest.raises(LitLLMError, match=r"\(olmo2\): no GGUF export for this family yet"):
-        convert_to_gguf(olmo, out)
+    Config(**dict(config, hf_model_type="stablelm")).save(stablelm / "model_config.yaml")
+    with pytest.raises(LitLLMError, match=r"\(stablelm\): no GGUF export for this family yet"):
+        convert_to_gguf(stablelm, out)
     odd = tmp_path / "odd_tokenizer"
     shutil.copytree(llama, odd)
     raw = json.loads((odd / "tokenizer.json").read_text())
@@ -301,6 +301,7 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     ("smollm3", {"nope_layer_period": 3}, "nope_layer_period 3; llama.cpp's smollm3 graph skips rope in every 4th layer"),
     ("olmo3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                                 "beta_fast": 16}}, "rope_scaling beta_fast 16; the GGUF export writes YaRN with beta_fast 32"),
+    ("olmo2", {"tie_embeddings": True}, "tie_embeddings true; llama.cpp's olmo2 graph needs its own output head"),
     ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
 ])
 def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, message):
@@ -379,7 +380,7 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo3"]
+                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
