@@ -8,9 +8,11 @@ tensor. The output appears atomically (temporary name + rename).
 Names go litllm -> HF (`litllm.hf.weights`, split where litllm fuses what HF keeps apart) -> GGUF (the
 `gguf` package's own `TensorNameMap`), so no GGUF tensor name is spelled here. What llama.cpp expects
 beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_gguf.py`):
-  llama/mistral  Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
+  llama-like     Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
+                 (llama, mistral, mixtral, granite, smollm3)
   gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
   llama3 rope    a `rope_freqs` tensor of per-frequency factors
+  MoE            each layer's experts stacked into one (n_expert, rows, columns) tensor per projection
 
 The tokenizer travels as `tokenizer.ggml.*`: a byte-level BPE (`gpt2` in llama.cpp) with the pre-tokenizer
 type read from the split regex in tokenizer.json, or a SentencePiece-style BPE with byte fallback (`llama`)
@@ -50,6 +52,9 @@ class _Family:
     arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False  # llama.cpp's llama graph rotates interleaved pairs, HF rotates halves
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by the stored weight
+    renormalizes_topk: bool = True  # llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
+    output_head: bool = False  # llama.cpp's graph loads `output.weight` only, never the tied embedding
+    yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
 
 
 # HF model_type -> how llama.cpp runs it
@@ -63,7 +68,19 @@ FAMILIES = {
     "gemma2": _Family("GEMMA2", norm_offset=1.0),
     "gemma3_text": _Family("GEMMA3", norm_offset=1.0),
     "phi3": _Family("PHI3"),
+    "qwen3_moe": _Family("QWEN3MOE"),
+    "olmoe": _Family("OLMOE", renormalizes_topk=False, output_head=True),
+    "granite": _Family("GRANITE", permute_qk=True),
+    "smollm3": _Family("SMOLLM3", permute_qk=True),
+    "olmo2": _Family("OLMO2", output_head=True),
+    # llama.cpp runs OLMo 3 as olmo2 with sliding layers, which rope without YaRN as HF's OLMo 3 does
+    "olmo3": _Family("OLMO2", output_head=True, yarn=True),
 }
+# YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
+_YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
+                  "truncate": True}
+# llama.cpp's smollm3 graph skips rope in every 4th layer, a constant no GGUF key changes
+_SMOLLM3_NOPE_PERIOD = 4
 
 
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
@@ -162,15 +179,27 @@ def _family(config, model_type: str) -> _Family:
             f"model {config.name!r} ({model_type}): no GGUF export for this family yet "
             f"(exported: {', '.join(sorted(FAMILIES))})"
         )
-    if config.mlp_class_name == "MoE" and not config.moe_normalize_topk:
-        raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk false; llama.cpp renormalizes the top-k expert weights")
+    family = FAMILIES[model_type]
+    if model_type == "smollm3" and config.nope_layer_period != _SMOLLM3_NOPE_PERIOD:
+        raise LitLLMError(f"{CONFIG_FILE}: nope_layer_period {config.nope_layer_period}; llama.cpp's smollm3 graph "
+                          f"skips rope in every {_SMOLLM3_NOPE_PERIOD}th layer")
+    if family.output_head and config.tie_embeddings:
+        raise LitLLMError(f"{CONFIG_FILE}: tie_embeddings true; llama.cpp's {family.arch.lower()} graph needs its own "
+                          "output head")
+    if config.mlp_class_name == "MoE":
+        _check_moe(config, model_type, family)
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
-    allowed = {"default", "linear"} | ({"llama3"} if FAMILIES[model_type].arch == "LLAMA" else set())
+    allowed = {"default", "linear"} | ({"llama3"} if family.arch == "LLAMA" else set()) | (
+        {"yarn"} if family.yarn else set())
     if scaling not in allowed:
         raise LitLLMError(
             f"{CONFIG_FILE}: rope_scaling {scaling!r} has no GGUF export yet for {model_type} "
             f"(exported: {', '.join(sorted(allowed))})"
         )
+    if scaling == "yarn":
+        _check_yarn(config.rope_scaling)
+    if family.arch == "OLMO2" and config.sliding_window_size:
+        _check_olmo2_sliding(config)
     scalar = config.attention_scores_scalar
     # llama.cpp scales Gemma's scores by 1/sqrt(head_size), or by 1/sqrt(n_embd/n_head) in the 27B models,
     # which it recognizes by their layer count
@@ -180,7 +209,38 @@ def _family(config, model_type: str) -> _Family:
             f"{CONFIG_FILE}: attention_scores_scalar {config.attention_scores_scalar} differs from head_size "
             f"{config.head_size}; llama.cpp's {model_type} graph can't scale attention scores by it"
         )
-    return FAMILIES[model_type]
+    return family
+
+
+def _check_yarn(scaling: dict) -> None:
+    for key, default in _YARN_DEFAULTS.items():
+        if scaling.get(key) is not None and scaling[key] != default:
+            raise LitLLMError(f"{CONFIG_FILE}: rope_scaling {key} {scaling[key]}; the GGUF export writes YaRN with "
+                              f"{key} {default} only")
+
+
+def _check_olmo2_sliding(config) -> None:
+    """llama.cpp's olmo2 graph slides in the first n - 1 layers of every n and ropes them with the base theta."""
+    period = config.sliding_window_period
+    if not period or any(config.is_sliding(i) != (i % period < period - 1) for i in range(config.n_layer)):
+        raise LitLLMError(f"{CONFIG_FILE}: sliding_window_period {period}; llama.cpp's olmo2 graph needs n - 1 "
+                          "sliding layers then one full layer, repeated")
+
+
+def _check_moe(config, model_type: str, family: _Family) -> None:
+    """What llama.cpp's MoE graphs can't run: dense layers among MoE ones, another top-k weighting, and
+    (OLMoE) a K-norm over fewer rows than Q's."""
+    arch = family.arch.lower()
+    if config.moe_normalize_topk != family.renormalizes_topk:
+        does = "renormalizes" if family.renormalizes_topk else "does not renormalize"
+        raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk {str(config.moe_normalize_topk).lower()}; "
+                          f"llama.cpp's {arch} graph {does} the top-k expert weights")
+    if config.dense_mlp_layers:
+        raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's {arch} graph "
+                          "runs every layer as MoE")
+    if model_type == "olmoe" and config.n_query_groups != config.n_head:
+        raise LitLLMError(f"{CONFIG_FILE}: n_query_groups {config.n_query_groups} differs from n_head {config.n_head}; "
+                          "llama.cpp's olmoe graph norms K over n_embd rows")
 
 
 def _gguf_names(config, family: _Family):
@@ -308,14 +368,29 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     if config.mlp_class_name == "MoE":
         writer.add_expert_count(config.n_expert)
         writer.add_expert_used_count(config.n_expert_per_token)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size or config.intermediate_size)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    if scaling.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if family.arch == "GRANITE":
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_attention_scale(config.attention_multiplier or config.head_size**-0.5)
+        writer.add_logit_scale(config.logits_divisor)  # llama.cpp divides the logits by it
     if config.attention_logit_softcapping:
         writer.add_attn_logit_softcapping(config.attention_logit_softcapping)
     if config.final_logit_softcapping:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if family.arch == "OLMO2" and config.sliding_window_size:
+        writer.add_sliding_window(config.sliding_window_size)
+        writer.add_sliding_window_pattern(config.sliding_window_period)
+        if config.rope_local_base is not None:
+            writer.add_rope_freq_base_swa(config.rope_local_base)
     if family.arch in ("GEMMA2", "GEMMA3") and config.sliding_window_size:
         writer.add_sliding_window(config.sliding_window_size)
         # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)

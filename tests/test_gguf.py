@@ -20,13 +20,19 @@ from litllm.errors import LitLLMError  # noqa: E402
 from litllm.gguf_export import convert_to_gguf  # noqa: E402
 
 # tiny variants where transformers' GGUF loader reads back every hyper-parameter the family uses
-# (it ignores attention.key_length for qwen3 (128 assumed), query_pre_attn_scalar for gemma2, rope.scaling for llama)
+# (it ignores attention.key_length for qwen3 (128 assumed), query_pre_attn_scalar for gemma2, rope.scaling for llama,
+# expert_feed_forward_length for qwen3_moe (768 assumed))
 VARIANTS = {
     "llama-tied-mqa": ("llama-linear-mqa", dict(rope_scaling=None)),
     "qwen3-gguf": ("qwen3", dict(head_dim=128)),  # Qwen3Config's default head_dim
     "gemma2-gguf": ("gemma2", dict(query_pre_attn_scalar=16)),
     # Gemma-2-27B's layout: scores scaled by n_embd / n_head, not head_dim; llama.cpp knows it by its 46 layers
     "gemma2-27b-layout": ("gemma2", dict(num_hidden_layers=46, head_dim=8, query_pre_attn_scalar=16)),
+    # llama.cpp's qwen3moe graph runs every layer as MoE (the tiny config has a dense layer 1)
+    "qwen3_moe-gguf": ("qwen3_moe", dict(num_hidden_layers=2, mlp_only_layers=[], head_dim=128,
+                                         moe_intermediate_size=768)),
+    # llama.cpp's olmoe graph norms K over n_embd rows: OLMoE-1B-7B's layout, as many KV heads as heads
+    "olmoe-gguf": ("olmoe", dict(num_key_value_heads=4)),
 }
 
 
@@ -170,7 +176,7 @@ def test_lower_precision_tensors_read_back(llama, outtype):
 
 
 # ---------------------------------------------------------------------- transformers' GGUF loader
-@pytest.mark.parametrize("family", ["llama", "llama-tied-mqa", "qwen2", "qwen3-gguf", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "llama-tied-mqa", "qwen2", "qwen3-gguf", "phi3", "qwen3_moe-gguf"])
 def test_transformers_loads_it_with_litllm_logits(tmp_path, family):
     """transformers' own GGUF loader (which undoes llama.cpp's layout) gives litllm's logits within 1e-4
     (8 tokens: within Phi-3's sliding window of 10, which neither llama.cpp nor this loader applies)."""
@@ -242,12 +248,12 @@ def test_refusals_write_nothing(tmp_path, llama):
         convert_to_gguf(llama, out, outtype="q4_k_m")
     with pytest.raises(LitLLMError, match="is a folder; expected the path of the .gguf file"):
         convert_to_gguf(llama, tmp_path)
-    olmo = tmp_path / "olmo2"
-    shutil.copytree(llama, olmo)
+    stablelm = tmp_path / "stablelm"
+    shutil.copytree(llama, stablelm)
     config = Config.from_checkpoint(llama).to_dict()
-    Config(**dict(config, hf_model_type="olmo2", norm_qk="full", pre_norm=False)).save(olmo / "model_config.yaml")
-    with pytest.raises(LitLLMError, match=r"\(olmo2\): no GGUF export for this family yet"):
-        convert_to_gguf(olmo, out)
+    Config(**dict(config, hf_model_type="stablelm")).save(stablelm / "model_config.yaml")
+    with pytest.raises(LitLLMError, match=r"\(stablelm\): no GGUF export for this family yet"):
+        convert_to_gguf(stablelm, out)
     odd = tmp_path / "odd_tokenizer"
     shutil.copytree(llama, odd)
     raw = json.loads((odd / "tokenizer.json").read_text())
@@ -285,6 +291,28 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     folder = checkpoint(tmp_path / "gemma2", "gemma2")  # query_pre_attn_scalar 24, head_dim 16
     with pytest.raises(LitLLMError, match="attention_scores_scalar 24 differs from head_size 16"):
         convert_to_gguf(folder, tmp_path / "g.gguf")
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("qwen3_moe", {}, r"dense_mlp_layers \[1\]; llama.cpp's qwen3moe graph runs every layer as MoE"),
+    ("olmoe", {}, "n_query_groups 2 differs from n_head 4; llama.cpp's olmoe graph norms K over n_embd rows"),
+    ("olmoe-gguf", {"moe_normalize_topk": True}, "moe_normalize_topk true; llama.cpp's olmoe graph does not renormalize"),
+    ("olmoe-gguf", {"tie_embeddings": True}, "tie_embeddings true; llama.cpp's olmoe graph needs its own output head"),
+    ("smollm3", {"nope_layer_period": 3}, "nope_layer_period 3; llama.cpp's smollm3 graph skips rope in every 4th layer"),
+    ("olmo3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                "beta_fast": 16}}, "rope_scaling beta_fast 16; the GGUF export writes YaRN with beta_fast 32"),
+    ("olmo2", {"tie_embeddings": True}, "tie_embeddings true; llama.cpp's olmo2 graph needs its own output head"),
+    ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
+])
+def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, message):
+    from litllm.config import Config
+
+    folder = checkpoint(tmp_path / family, family)
+    if change:
+        Config(**dict(Config.from_checkpoint(folder).to_dict(), **change)).save(folder / "model_config.yaml")
+    with pytest.raises(LitLLMError, match=message):
+        convert_to_gguf(folder, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_cli(llama, tmp_path, capsys):
@@ -352,7 +380,7 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3"]
+                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
@@ -375,10 +403,13 @@ def test_llama_cpp_greedy_tokens_and_logits_match_litllm(tmp_path, family, outty
     if outtype == "f32":
         llm.reset()
         llm.eval(prompt)
+        model = GPT.from_checkpoint(folder).eval()
         with torch.no_grad():
-            want = GPT.from_checkpoint(folder).eval()(torch.tensor([prompt]))[0]
+            want = model(torch.tensor([prompt]))[0]
         got = torch.from_numpy(llm.scores[: len(prompt)].copy())
-        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+        # compared before Granite's logits division (16), which would shrink any difference as much
+        scale = model.config.logits_divisor
+        torch.testing.assert_close(got * scale, want * scale, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece-no-prefix"])
