@@ -26,6 +26,8 @@ the server) runs here.
   back with the sampled tokens), the others' decode step is unchanged.
 - Shared prefill: `add_many` requests with the same prompt (the n choices of one API request) prefill
   it once; the first's KV rows are copied into the others' slots, and each samples on with its own generator.
+- Constrained decoding: a request with a `grammar` (`litllm.constrain`, structured output) has its row's logits
+  masked before sampling and its tokens followed by the grammar; only those rows pay for it.
 - Stops: one `StopMatcher` per request: token-id stops (EOS, the prompt style's stop tokens) and text
   stops matched on the incrementally decoded text; text that could begin a stop string is held back
   until resolved, and the stop string itself is never emitted.
@@ -167,6 +169,9 @@ class Request:
     # tokens (all but the first); with it, max_new_tokens may be 0 (score only)
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    # constrained decoding (`litllm.constrain.Grammar`): each row's `grammar.start(stop_token_ids)` masks its logits
+    # before sampling (logprobs stay the model's) and ends the row once the grammar is complete
+    grammar: Optional[object] = None
 
 
 @dataclass
@@ -324,6 +329,7 @@ class _Row:
     # prefill sharing (`add_many`): rows waiting for this one's prompt KV, and its last prompt logits once in
     followers: list[tuple[int, "_Row"]] = field(default_factory=list)
     last_logits: Optional[torch.Tensor] = None
+    constraint: Optional[object] = None  # the row's GrammarState, when its request has a grammar
 
     @property
     def decoding(self) -> bool:
@@ -524,10 +530,12 @@ class Engine:
                 if s.seed is not None and s.temperature > 0:
                     generator = torch.Generator(device=self.device).manual_seed(s.seed)
                 matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+                constraint = None if request.grammar is None else request.grammar.start(request.stop_token_ids)
             except Exception as e:
                 self._failed[request_id] = e
                 continue
-            row = self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
+            row = self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids),
+                                          constraint=constraint)
             leader = self._row_of(leader_id)
             if leader is None:  # none, or it has left: its own prefill
                 self._prefilling.append(slot)
@@ -600,7 +608,11 @@ class Engine:
                                   prompt_logprobs=row.prompt_logprobs))
             self._free(slot)
             return
-        token = self._sample(logits, row)
+        masked = logits
+        if row.constraint is not None:
+            masked = logits.clone()
+            row.constraint.mask_(masked)
+        token = self._sample(masked, row)
         self._tokens[slot] = token
         self._pos[slot] = row.pos
         self._active[slot] = 1
@@ -625,7 +637,8 @@ class Engine:
 
     def _pick(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> list[int]:
         """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own, on the
-        device; one read back to the host for all of them."""
+        device; one read back to the host for all of them. Rows with a grammar pick from their masked logits."""
+        logits = self._masked(logits, running)
         picked = logits.argmax(dim=-1)  # (B,)
         for slot, row in running:
             s = row.request.sampling
@@ -636,6 +649,20 @@ class Engine:
                     self._fail(slot, row, e)
         self._tokens.copy_(picked[:, None])
         return picked.tolist()
+
+    def _masked(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> torch.Tensor:
+        """`logits` (B, vocab) with each constrained row's forbidden tokens at -inf: a copy (the mask is filled on the
+        host, per row); the same tensor, and no work nor device sync, when no running row has a grammar."""
+        constrained = [(slot, row) for slot, row in running if row.constraint is not None]
+        if not constrained:
+            return logits
+        logits = logits.clone()
+        for slot, row in constrained:
+            try:
+                row.constraint.mask_(logits[slot: slot + 1])
+            except Exception as e:
+                self._fail(slot, row, e)
+        return logits
 
     def _score_prompt(self, row: _Row, logits: torch.Tensor, start: int, stop: int) -> None:
         """Append the logprobs of prompt tokens start+1..stop (those `logits` (stop - start, vocab) predict)."""
@@ -662,9 +689,11 @@ class Engine:
                  logprob: Optional[TokenLogprob] = None) -> None:
         """Record `token` (and its logprob, when asked) for the row; free the row when it finished."""
         row.generated += 1
+        if row.constraint is not None:
+            row.constraint.accept(token)
         text = row.matcher.push(token)
         reason = None
-        if row.matcher.stopped:
+        if row.matcher.stopped or (row.constraint is not None and row.constraint.done):
             reason = "stop"
         elif row.generated >= row.request.max_new_tokens:
             reason = "length"

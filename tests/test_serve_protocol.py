@@ -61,7 +61,8 @@ def test_defaults_and_accepted_fields():
     (COMPLETION, {"messages": []}, "messages"),  # a chat field on the completions route
     (CHAT, {"prompt": "x"}, "prompt"),
     (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "yaml"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"schema": []}}}, "response_format"),
     # values that used to pass and then fail inside the engine (issue 20)
     (COMPLETION, {"temperature": float("nan")}, "temperature"),
     (COMPLETION, {"temperature": float("inf")}, "temperature"),

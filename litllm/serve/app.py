@@ -55,6 +55,26 @@ class ServedModel:
     completion_stops: dict = field(default_factory=dict)
     chat_stops: dict = field(default_factory=dict)
     created: int = field(default_factory=now)
+    vocab_size: Optional[int] = None  # the model's logits width (grammars mask that many tokens)
+    _grammars: Optional[object] = None
+
+    def grammar(self, schema: Optional[dict]):
+        """The compiled grammar of JSON valid against `schema` (None: no constraint); a 400 if xgrammar rejects it."""
+        if schema is None:
+            return None
+        from litllm.constrain import Grammars
+
+        if self._grammars is None:
+            try:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size)
+            except LitLLMError as e:  # xgrammar not installed
+                raise APIError(400, f"'response_format' is not available on this server: {e}",
+                               param="response_format") from None
+        try:
+            return self._grammars.json_schema(schema)
+        except (RuntimeError, ValueError) as e:  # xgrammar's error for a schema it can't compile
+            raise APIError(400, f"'response_format' holds a JSON schema that can't be enforced: {e}",
+                           param="response_format") from None
 
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so our lines come out as its do
@@ -251,10 +271,12 @@ def _prepare(kind: str, raw: bytes, served: ServedModel) -> Job:
     if params.model is not None and params.model != served.name:
         raise _unknown_model(params.model, served.name)
     requests, echo_texts = [], []
+    grammar = served.grammar(params.json_schema)
     for ids, text in _prompts(kind, body, served):
         for j in range(params.n):
             requests.append(_engine_request(ids, "prompt" if kind == COMPLETION else "messages", params, j, served,
                                             served.completion_stops if kind == COMPLETION else served.chat_stops))
+            requests[-1].grammar = grammar
             echo_texts.append(text)
     return Job(kind, params, requests, echo_texts)
 

@@ -7,9 +7,9 @@ Plain Python (no web framework), so every rule here is unit-testable. A bad requ
 Fields honoured: `model`, `prompt` (a string, token ids, or a batch of either) / `messages`, `max_tokens`
 (chat also `max_completion_tokens`), `n`, `temperature`, `top_p`, `top_k`, `stop`, `seed`, `stream`,
 `stream_options.include_usage`, `user` (an opaque id, accepted), `logprobs` (completions: an integer k; chat:
-a boolean, with `top_logprobs` k) and completions' `echo`. Fields whose effect we don't implement are accepted
-only at their no-op value (`best_of: 1`, `presence_penalty: 0`, ...); anything else (`tools`,
-`response_format`, ...) is a 400 naming it: never silently ignored.
+a boolean, with `top_logprobs` k), completions' `echo`, and `response_format` (json_object / json_schema, by
+constrained decoding). Fields whose effect we don't implement are accepted only at their no-op value
+(`best_of: 1`, `presence_penalty: 0`, ...); anything else (`tools`, ...) is a 400 naming it: never silently ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class Params:
     n: int = 1
     logprobs: Optional[int] = None  # the k top alternatives per token (0: the chosen token's only); None: none
     echo: bool = False  # completions: the prompt is part of the answer (and of its logprobs)
+    # `response_format`: None (free text), or the JSON schema the answer must satisfy ({"type": "object"} for
+    # json_object), enforced by constrained decoding
+    json_schema: Optional[dict] = None
 
 
 # ---------------------------------------------------------------------- request validation
@@ -114,7 +117,7 @@ _NO_OP_VALUES: dict[str, Any] = {
     "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": "",
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "user",
-           "n", "logprobs"}
+           "n", "logprobs", "response_format"}
 _FIELDS = {COMPLETION: _COMMON | {"prompt", "echo"}, CHAT: _COMMON | {"messages", "max_completion_tokens",
                                                                       "top_logprobs"}}
 
@@ -171,7 +174,24 @@ def parse_params(kind: str, body: dict) -> Params:
             raise _invalid("stream_options", f"has unsupported key(s): {', '.join(sorted(unknown))}")
         p.include_usage = _field(options, "include_usage", "boolean", False)
     _field(body, "user", "string")
+    p.json_schema = _parse_response_format(body)
     return p
+
+
+def _parse_response_format(body: dict) -> Optional[dict]:
+    """`response_format`: {"type": "text"} (None), {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}} -> the schema to enforce."""
+    fmt = _field(body, "response_format", "object")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "object"}
+    if fmt.get("type") != "json_schema":
+        raise _invalid("response_format", f"'type' must be text, json_object or json_schema, got {fmt.get('type')!r}")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise _invalid("response_format", "needs 'json_schema': {\"name\": ..., \"schema\": {...}}")
+    return spec.get("schema") or {}
 
 
 def _parse_logprobs(kind: str, body: dict, p: Params) -> None:

@@ -100,7 +100,7 @@ def serve(
     served = ServedModel(
         name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style,
         max_seq_length=max_seq_length, completion_stops=default_stops(tokenizer),
-        chat_stops=default_stops(tokenizer, style),
+        chat_stops=default_stops(tokenizer, style), vocab_size=model.config.vocab_size,
     )
     bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
     app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)
