@@ -153,6 +153,8 @@ def test_bad_tools_are_400(server, tiny_checkpoint):
                         ({**base, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
                         ({**base, "tools": [{"type": "function"}]}, "tools[0]"),
                         ({**base, "tools": []}, "tools"),
+                        ({**base, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+                        ({**base, "tools": ["get_weather"]}, "tools[0]"),
                         ({"messages": QUESTION, "tool_choice": "required"}, "tool_choice")]:
         r = server.post("/v1/chat/completions", body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -480,6 +480,7 @@ def _tool_chunks(job: Job, chunk: dict, index: int, text: str, finish_reason: st
     """The last chunks of a streamed answer that may be tool calls: its content or its calls, then its finish."""
     message, reason = job.tool_message(text, finish_reason)
     delta = {"content": text} if message is None else {
-        "content": message["content"], "tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
+        "content": message["content"],
+        "tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
     body = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
     return [{**chunk_body(**chunk), "choices": [body]}, chunk_body(**chunk, index=index, finish_reason=reason)]

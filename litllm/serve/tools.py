@@ -57,15 +57,17 @@ def parse_tools(body: dict) -> Optional[ToolRequest]:
     names = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise _bad(f"tools[{i}]", "must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}")
+        if not isinstance(function, dict) or tool.get("type") != "function" or not isinstance(
+                function.get("name"), str):
+            raise _bad(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
         if not isinstance(function.get("parameters", {}), dict):
             raise _bad(f"tools[{i}].function.parameters", "must be a JSON schema (an object)")
         names.append(function["name"])
     if choice is None:
         choice = "auto"
     elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) and choice.get("type") == "function" else None
         if name not in names:
             raise _bad("tool_choice", f"must name one of the tools ({', '.join(names)}), got {json.dumps(choice)}")
         choice = name
