@@ -16,7 +16,9 @@ a server decoding one row at a time can't beat it, a batched one can.
 With `--shared_prefix 1000`, the prefix cache instead: the 16 clients' prompts are one 1,000-token system
 prompt followed by a short question each (8 to 24 tokens), sent once the server has answered one request with
 that system prompt (as a chat UI's earlier turns leave it); the batched server runs with `--prefix_caching
-true`, then `false`, and the TTFT and tokens/s ratios are printed.
+true`, then `false`, and the TTFT and tokens/s ratios are printed. With `--response_format`, the batched server
+answers the same requests with and without a `json_schema` response_format (a string property longer than the
+answer, so both produce exactly `--new_tokens` tokens): the cost of grammar-constrained decoding.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -49,9 +52,15 @@ def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
     and without EOS every answer has exactly the tokens it asked for."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words = [f"w{i}" for i in range(vocab_size - len(JSON_WORDS))] + JSON_WORDS
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(folder / "tokenizer.json"))
+
+
+# JSON's punctuation, each character on its own too (a grammar's mask allows a token that starts a valid continuation:
+# with no single-character tokens, it could get stuck); </s>: the EOS of --response_format
+JSON_WORDS = ["{", "}", '"', ":", " ", ",", "t", "e", "x", ": ", "text", '{"text": "', "</s>"]
 
 
 def start_server(folder: Path, batch: int, args, log, *flags: str) -> tuple[subprocess.Popen, str]:
@@ -68,12 +77,12 @@ def start_server(folder: Path, batch: int, args, log, *flags: str) -> tuple[subp
     raise SystemExit(f"the server did not start (see {log.name})")
 
 
-def stream_one(url: str, prompt: list[int], new_tokens: int, result: dict) -> None:
+def stream_one(url: str, prompt: list[int], new_tokens: int, result: dict, extra: Optional[dict] = None) -> None:
     """One client: stream a completion; record time to first token, end time and completion tokens."""
     import httpx
 
     body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     result["start"] = time.perf_counter()
     with httpx.stream("POST", url + "/completions", json=body, timeout=3600) as r:
         r.raise_for_status()
@@ -81,6 +90,8 @@ def stream_one(url: str, prompt: list[int], new_tokens: int, result: dict) -> No
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"the server answered an error: {chunk['error']['message']}")
             if chunk["choices"] and "first" not in result:
                 result["first"] = time.perf_counter()
             if chunk.get("usage"):
@@ -88,10 +99,11 @@ def stream_one(url: str, prompt: list[int], new_tokens: int, result: dict) -> No
     result["end"] = time.perf_counter()
 
 
-def run_clients(url: str, prompts: list[list[int]], new_tokens: int, warm_up: int = 8) -> dict:
-    stream_one(url, prompts[0][:warm_up], 4, {})  # warm-up (first-call allocations; the shared prefix), not timed
+def run_clients(url: str, prompts: list[list[int]], new_tokens: int, warm_up: int = 8, extra=None) -> dict:
+    stream_one(url, prompts[0][:warm_up], 4, {}, extra)  # warm-up (first-call allocations; the shared prefix)
     results = [{} for _ in prompts]
-    threads = [threading.Thread(target=stream_one, args=(url, p, new_tokens, r)) for p, r in zip(prompts, results)]
+    threads = [threading.Thread(target=stream_one, args=(url, p, new_tokens, r, extra))
+               for p, r in zip(prompts, results)]
     for t in threads:
         t.start()
     for t in threads:
@@ -123,6 +135,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None)
     parser.add_argument("--shared_prefix", type=int, default=0,
                         help="measure the prefix cache: prompts share a system prompt of this many tokens")
+    parser.add_argument("--response_format", action="store_true",
+                        help="measure constrained decoding: the same requests with and without a json_schema")
     args = parser.parse_args()
     if args.shared_prefix:
         args.max_seq_length = max(args.max_seq_length, args.shared_prefix + 24 + args.new_tokens)
@@ -142,6 +156,14 @@ def main() -> None:
             lengths = [8 + round(i * 16 / max(1, args.clients - 1)) for i in range(args.clients)]
             runs = {f"--prefix_caching {on}": (args.batch, "--prefix_caching", on) for on in ("true", "false")}
             warm_up = args.shared_prefix + 4
+        formats = {}
+        if args.response_format:
+            schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 4 * args.new_tokens}},
+                      "required": ["text"]}
+            runs = {label: (args.batch,) for label in ("json_schema", "free text")}
+            (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))  # grammars need one
+            formats = {"json_schema": {"response_format": {"type": "json_schema",
+                                                           "json_schema": {"name": "t", "schema": schema}}}}
         system = torch.randint(0, args.vocab_size, (args.shared_prefix,), generator=generator).tolist()
         prompts = [system + torch.randint(0, args.vocab_size, (n,), generator=generator).tolist() for n in lengths]
         figures = {}
@@ -149,7 +171,7 @@ def main() -> None:
             with open(Path(tmp) / f"server-{len(figures)}.log", "w") as log:
                 proc, url = start_server(folder, batch, args, log, *flags)
                 try:
-                    figures[label] = run_clients(url, prompts, args.new_tokens, warm_up)
+                    figures[label] = run_clients(url, prompts, args.new_tokens, warm_up, formats.get(label))
                 finally:
                     proc.terminate()
                     proc.wait(60)
@@ -164,6 +186,11 @@ def main() -> None:
     print(f"{'server':24s}{'tokens/s':>10s}{'wall s':>8s}{'TTFT p50 s':>12s}{'TTFT p99 s':>12s}")
     for label, f in figures.items():
         print(f"{label:24s}{f['tokens_per_s']:10.1f}{f['seconds']:8.1f}{f['ttft_p50']:12.2f}{f['ttft_p99']:12.2f}")
+    if args.response_format:
+        on, off = figures["json_schema"], figures["free text"]
+        assert on["tokens"] == off["tokens"], (on["tokens"], off["tokens"])
+        print(f"constrained / free: {on['tokens_per_s'] / off['tokens_per_s']:.2f}x aggregate tokens/s")
+        return
     if args.shared_prefix:
         on, off = figures["--prefix_caching true"], figures["--prefix_caching false"]
         print(f"prefix cache on / off: TTFT p50 {off['ttft_p50'] / on['ttft_p50']:.2f}x better, aggregate tokens/s "

@@ -71,6 +71,9 @@ class Grammars:
         from transformers import PreTrainedTokenizerFast
 
         self._xgr = xgr
+        if not tokenizer.stop_ids:
+            raise LitLLMError("constrained decoding needs a tokenizer with an EOS token (none in the checkpoint's "
+                              "tokenizer_config.json / generation_config.json)")
         fast = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer.processor.to_str()))
         info = xgr.TokenizerInfo.from_huggingface(fast, vocab_size=vocab_size or tokenizer.vocab_size,
                                                   stop_token_ids=list(tokenizer.stop_ids))
