@@ -26,6 +26,12 @@ the server) runs here.
   back with the sampled tokens), the others' decode step is unchanged.
 - Shared prefill: `add_many` requests with the same prompt (the n choices of one API request) prefill
   it once; the first's KV rows are copied into the others' slots, and each samples on with its own generator.
+- Constrained decoding: a request with a `grammar` (`litllm.constrain`, structured output) has its row's logits
+  masked before sampling and its tokens followed by the grammar; only those rows pay for it.
+- Prefix caching (`prefix_caching=True`): a slot keeps the KV of its prompt after its request leaves; a new
+  prompt that starts with tokens some slot holds (free or running) takes that slot, or has that KV copied into
+  its own, and prefills only the rest. The cache is the slots themselves: no memory beyond the KV cache, and a
+  held prefix is simply overwritten when its free slot is needed, so it never keeps a request waiting.
 - Stops: one `StopMatcher` per request: token-id stops (EOS, the prompt style's stop tokens) and text
   stops matched on the incrementally decoded text; text that could begin a stop string is held back
   until resolved, and the stop string itself is never emitted.
@@ -167,6 +173,9 @@ class Request:
     # tokens (all but the first); with it, max_new_tokens may be 0 (score only)
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    # constrained decoding (`litllm.constrain.Grammar`): each row's `grammar.start(stop_token_ids)` masks its logits
+    # before sampling (logprobs stay the model's) and ends the row once the grammar is complete
+    grammar: Optional[object] = None
 
 
 @dataclass
@@ -324,6 +333,7 @@ class _Row:
     # prefill sharing (`add_many`): rows waiting for this one's prompt KV, and its last prompt logits once in
     followers: list[tuple[int, "_Row"]] = field(default_factory=list)
     last_logits: Optional[torch.Tensor] = None
+    constraint: Optional[object] = None  # the row's GrammarState, when its request has a grammar
 
     @property
     def decoding(self) -> bool:
@@ -349,6 +359,7 @@ class Engine:
         threads: Optional[int] = None,
         compile: bool = False,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_caching: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise LitLLMError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -374,7 +385,13 @@ class Engine:
         # being prefilled one at its next prompt position (either garbage key is overwritten by that
         # slot's next prefill chunk before anything reads it)
         self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
+        # prefix caching: the prompt tokens whose KV each slot holds (kept after its request leaves, until the slot
+        # is taken); a free slot's dummy decode then writes at the last position, which no held prefix reaches
+        self.prefix_caching = prefix_caching
+        self._held: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._park = self.max_seq_length - 1 if prefix_caching else 0
+        self.prefix_hits = self.prefix_queries = 0  # prompt tokens reused / prompt tokens admitted (hit rate)
+        self._pos = torch.full((max_batch_size, 1), self._park, dtype=torch.long, device=self.device)
         self._active = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)  # 1 = running
         self._rows: list[Optional[_Row]] = [None] * max_batch_size
         self._prefilling: deque[int] = deque()  # slots whose prompt is not all in the cache, in admission order
@@ -524,10 +541,15 @@ class Engine:
                 if s.seed is not None and s.temperature > 0:
                     generator = torch.Generator(device=self.device).manual_seed(s.seed)
                 matcher = StopMatcher(self.tokenizer, request.stop_strings, request.stop_token_ids)
+                constraint = None if request.grammar is None else request.grammar.start(request.stop_token_ids)
             except Exception as e:
                 self._failed[request_id] = e
                 continue
-            row = self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids))
+            reused = 0
+            if self.prefix_caching:
+                slot, reused = self._reuse_prefix(slot, request, leader_id is None)
+            row = self._rows[slot] = _Row(request_id, request, matcher, generator, pos=len(request.prompt_ids),
+                                          constraint=constraint, prefilled=reused)
             leader = self._row_of(leader_id)
             if leader is None:  # none, or it has left: its own prefill
                 self._prefilling.append(slot)
@@ -535,6 +557,35 @@ class Engine:
                 self._share_prefill(leader, slot, row, outputs)
             else:
                 leader[1].followers.append((slot, row))
+
+    def _reuse_prefix(self, slot: int, request: Request, own_prefill: bool) -> tuple[int, int]:
+        """The slot a request takes (free `slot`, or a free one that holds more of its prompt) and how many of its
+        prompt tokens' KV is there already: the longest prefix any slot holds, copied over when that slot is not
+        free. At least the last prompt token is prefilled (its logits start decoding); none with prompt_logprobs."""
+        prompt = request.prompt_ids
+        self.prefix_queries += len(prompt)
+        n, source = 0, None
+        if own_prefill and request.prompt_logprobs is None:
+            for s, held in enumerate(self._held):
+                common = _common_prefix(held, prompt, len(prompt) - 1)
+                if common > n:
+                    n, source = common, s
+        free = [s for s, row in enumerate(self._rows) if row is None]
+        if source in free:
+            slot = source
+        else:  # the free slot whose held prefix is shortest is evicted
+            slot = min(free, key=lambda s: len(self._held[s]))
+            self._copy_kv(source, slot, n)
+        self._held[slot] = prompt[:n]
+        self._pos[slot] = n  # (a dummy decode before its first chunk writes where that chunk will)
+        self.prefix_hits += n
+        return slot, n
+
+    def _copy_kv(self, source: int, slot: int, n: int) -> None:
+        """Copy the KV of the first n positions of slot `source` into slot `slot`."""
+        for cache in self._caches if n else ():
+            cache.k[slot, :, :n] = cache.k[source, :, :n]  # (nkv, n, hs)
+            cache.v[slot, :, :n] = cache.v[source, :, :n]
 
     def _row_of(self, request_id: Optional[int]) -> Optional[tuple[int, _Row]]:
         return next(((slot, row) for slot, row in enumerate(self._rows) if row is not None and
@@ -544,10 +595,9 @@ class Engine:
         """Give the row in `slot` the prompt KV of the leader's (same prompt) and sample its first token from
         the leader's last prompt logits: its prefill, without computing it again."""
         n = len(row.request.prompt_ids)
-        for cache in self._caches:
-            cache.k[slot, :, :n] = cache.k[leader[0], :, :n]  # (nkv, n, hs)
-            cache.v[slot, :, :n] = cache.v[leader[0], :, :n]
+        self._copy_kv(leader[0], slot, n)
         row.prefilled, row.prompt_logprobs = n, leader[1].prompt_logprobs
+        self._held[slot] = row.request.prompt_ids[: self._park]  # (none without prefix caching: park 0)
         try:
             self._start_decoding(slot, row, leader[1].last_logits, outputs)
         except Exception as e:
@@ -581,6 +631,7 @@ class Engine:
             self._score_prompt(row, logits, start, stop)
         logits = logits[-1:]
         row.prefilled = stop
+        self._held[slot] = row.request.prompt_ids[: min(stop, self._park)]
         if not row.decoding:
             self._pos[slot] = stop  # this slot's dummy decode writes where the next chunk will
             return
@@ -600,7 +651,11 @@ class Engine:
                                   prompt_logprobs=row.prompt_logprobs))
             self._free(slot)
             return
-        token = self._sample(logits, row)
+        masked = logits
+        if row.constraint is not None:
+            masked = logits.clone()
+            row.constraint.mask_(masked)
+        token = self._sample(masked, row)
         self._tokens[slot] = token
         self._pos[slot] = row.pos
         self._active[slot] = 1
@@ -625,7 +680,8 @@ class Engine:
 
     def _pick(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> list[int]:
         """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own, on the
-        device; one read back to the host for all of them."""
+        device; one read back to the host for all of them. Rows with a grammar pick from their masked logits."""
+        logits = self._masked(logits, running)
         picked = logits.argmax(dim=-1)  # (B,)
         for slot, row in running:
             s = row.request.sampling
@@ -636,6 +692,20 @@ class Engine:
                     self._fail(slot, row, e)
         self._tokens.copy_(picked[:, None])
         return picked.tolist()
+
+    def _masked(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> torch.Tensor:
+        """`logits` (B, vocab) with each constrained row's forbidden tokens at -inf: a copy (the mask is filled on the
+        host, per row); the same tensor, and no work nor device sync, when no running row has a grammar."""
+        constrained = [(slot, row) for slot, row in running if row.constraint is not None]
+        if not constrained:
+            return logits
+        logits = logits.clone()
+        for slot, row in constrained:
+            try:
+                row.constraint.mask_(logits[slot: slot + 1])
+            except Exception as e:
+                self._fail(slot, row, e)
+        return logits
 
     def _score_prompt(self, row: _Row, logits: torch.Tensor, start: int, stop: int) -> None:
         """Append the logprobs of prompt tokens start+1..stop (those `logits` (stop - start, vocab) predict)."""
@@ -662,9 +732,11 @@ class Engine:
                  logprob: Optional[TokenLogprob] = None) -> None:
         """Record `token` (and its logprob, when asked) for the row; free the row when it finished."""
         row.generated += 1
+        if row.constraint is not None:
+            row.constraint.accept(token)
         text = row.matcher.push(token)
         reason = None
-        if row.matcher.stopped:
+        if row.matcher.stopped or (row.constraint is not None and row.constraint.done):
             reason = "stop"
         elif row.generated >= row.request.max_new_tokens:
             reason = "length"
@@ -688,7 +760,7 @@ class Engine:
         self._rows[slot] = None
         if slot in self._prefilling:
             self._prefilling.remove(slot)
-        self._pos[slot] = 0
+        self._pos[slot] = self._park
         self._active[slot] = 0
 
     def _handle_aborts(self, outputs: list[Output]) -> None:
@@ -710,6 +782,16 @@ class Engine:
                 outputs.append(Output(row.request_id, "", [], True, "abort", len(row.request.prompt_ids),
                                       row.generated))
                 self._free(slot)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """The length of the common prefix of a and b, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
 
 
 def _merge(outputs: list[Output]) -> list[Output]:

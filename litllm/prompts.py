@@ -236,15 +236,17 @@ def compile_chat_template(template: str):
         raise LitLLMError(f"chat template: Jinja syntax error at line {e.lineno}: {e.message}") from None
 
 
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
-    """Render a chat template the way `tokenizer.apply_chat_template(messages, tokenize=False)` does."""
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         tools: Optional[list[dict]] = None, **variables) -> str:
+    """Render a chat template the way `tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)` does
+    (`tools`: JSON-schema function specs, passed to the template as given)."""
     import jinja2
 
     # transformers drops keys whose value is None (some templates print "None" otherwise)
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
         return compile_chat_template(template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **variables
         )
     except jinja2.exceptions.TemplateError as e:
         raise LitLLMError(f"chat template: {e}") from None
@@ -314,12 +316,14 @@ class PromptStyle:
         messages.append({"role": "user", "content": prompt, **fields})
         return self.render_messages(messages, add_generation_prompt=True)
 
-    def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Format a chat (`[{"role": "system"|"user"|"assistant", "content": ...}, ...]`)."""
+    def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                        tools: Optional[list[dict]] = None) -> str:
+        """Format a chat (`[{"role": "system"|"user"|"assistant", "content": ...}, ...]`), with `tools` (the
+        template's `tools` variable) when given."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise LitLLMError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
-        return render_chat_template(self.template, messages, add_generation_prompt, **self.variables)
+        return render_chat_template(self.template, messages, add_generation_prompt, tools, **self.variables)
 
     def encode(self, tokenizer: "Tokenizer", text: str, device=None) -> "torch.Tensor":
         """Token ids of a rendered prompt: BOS added unless the template wrote it already."""

@@ -56,12 +56,13 @@ def test_defaults_and_accepted_fields():
     (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     (CHAT, {"echo": True}, "echo"),
     (CHAT, {"max_tokens": 0}, "max_tokens"),  # 0 only to score an echoed prompt
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (CHAT, {"functions": [{"name": "f"}]}, "functions"),  # the legacy field (tools replaced it)
     (COMPLETION, {"presence_penalty": 0.5}, "presence_penalty"),
     (COMPLETION, {"messages": []}, "messages"),  # a chat field on the completions route
     (CHAT, {"prompt": "x"}, "prompt"),
     (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "yaml"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"schema": []}}}, "response_format"),
     # values that used to pass and then fail inside the engine (issue 20)
     (COMPLETION, {"temperature": float("nan")}, "temperature"),
     (COMPLETION, {"temperature": float("inf")}, "temperature"),
@@ -114,7 +115,9 @@ def test_messages():
     assert got == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one\ntwo"}]
     for message, param in [
         ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0].content"),
-        ({"role": "tool", "content": "x"}, "messages[0].role"),
+        ({"role": "tool", "content": None}, "messages[0].content"),
+        ({"role": "assistant", "content": None, "tool_calls": "x"}, "messages[0].tool_calls"),
+        ({"role": "user", "content": "x", "tool_calls": []}, "messages[0]"),  # only an assistant calls tools
         ({"role": "user", "content": "x", "name": "bob"}, "messages[0]"),
         ({"role": "assistant", "content": None}, "messages[0].content"),
         ({"role": ["user"], "content": "x"}, "messages[0].role"),  # unhashable: no TypeError, a 400

@@ -35,6 +35,7 @@ from litllm.engine import SamplingError
 from litllm.errors import LitLLMError
 from litllm.serve.bridge import EngineLoop
 from litllm.serve.metrics import ServerMetrics
+from litllm.serve.tools import call_wrapping, parse_tool_calls, parse_tools, template_messages, tool_format
 from litllm.serve.protocol import (
     CHAT, COMPLETION, DEFAULT_COMPLETION_MAX_TOKENS, APIError, Params, chat_logprobs, choice_body, chunk_body,
     completion_logprobs, context_error, new_id, now, parse_json, parse_messages, parse_params, parse_prompts,
@@ -55,6 +56,29 @@ class ServedModel:
     completion_stops: dict = field(default_factory=dict)
     chat_stops: dict = field(default_factory=dict)
     created: int = field(default_factory=now)
+    vocab_size: Optional[int] = None  # the model's logits width (grammars mask that many tokens)
+    _grammars: Optional[object] = None
+
+    def grammar(self, schema: Optional[dict], wrapping: Optional[tuple[str, str]] = None):
+        """The compiled grammar of JSON valid against `schema` (None: no constraint), between the texts of `wrapping`
+        (a forced tool call's); a 400 if xgrammar rejects it."""
+        if schema is None:
+            return None
+        from litllm.constrain import Grammars
+
+        if self._grammars is None:
+            try:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size)
+            except LitLLMError as e:  # xgrammar not installed
+                raise APIError(400, f"'response_format' is not available on this server: {e}",
+                               param="response_format") from None
+        try:
+            if wrapping is not None:
+                return self._grammars.structural(wrapping[0], schema, wrapping[1])
+            return self._grammars.json_schema(schema)
+        except (RuntimeError, ValueError) as e:  # xgrammar's error for a schema it can't compile
+            raise APIError(400, f"'response_format' holds a JSON schema that can't be enforced: {e}",
+                           param="response_format") from None
 
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log, so our lines come out as its do
@@ -206,6 +230,14 @@ class Job:
     params: Params
     requests: list
     echo_texts: list[str]
+    tool_format: Optional[str] = None  # chat with tools (tool_choice not none): the answers' calls are parsed
+
+    def tool_message(self, text: str, finish_reason: Optional[str]) -> tuple[Optional[dict], Optional[str]]:
+        """({"content", "tool_calls"}, "tool_calls") when the answer is tool calls; (None, finish_reason) if not."""
+        if self.tool_format is None:
+            return None, finish_reason
+        content, calls = parse_tool_calls(self.tool_format, text)
+        return ({"content": content, "tool_calls": calls}, "tool_calls") if calls else (None, finish_reason)
 
     def choice(self, served: ServedModel, index: int, text: str, outputs: list, finish_reason: Optional[str],
                stream: bool = False, first: bool = False, offset: Optional[int] = None) -> dict:
@@ -227,7 +259,11 @@ class Job:
                 logprobs = completion_logprobs(ids, entries, token_text, offset)
         if self.params.echo and (first or not stream):
             text = self.echo_texts[index] + text
-        return choice_body(self.kind, index, text, finish_reason, logprobs, first=first, stream=stream)
+        calls, finish_reason = self.tool_message(text, finish_reason) if not stream else (None, finish_reason)
+        body = choice_body(self.kind, index, text, finish_reason, logprobs, first=first, stream=stream)
+        if calls is not None:
+            body["message"].update(calls)
+        return body
 
     def usage(self, choices: list) -> dict:
         """Each prompt counted once, however many choices it has."""
@@ -251,22 +287,42 @@ def _prepare(kind: str, raw: bytes, served: ServedModel) -> Job:
     if params.model is not None and params.model != served.name:
         raise _unknown_model(params.model, served.name)
     requests, echo_texts = [], []
-    for ids, text in _prompts(kind, body, served):
+    tools = parse_tools(body) if kind == CHAT else None
+    fmt = _tool_format(served, tools, params)
+    forced = tools.forced_schema(fmt) if tools else None
+    grammar = served.grammar(forced, call_wrapping(fmt)) if forced else served.grammar(params.json_schema)
+    for ids, text in _prompts(kind, body, served, tools):
         for j in range(params.n):
             requests.append(_engine_request(ids, "prompt" if kind == COMPLETION else "messages", params, j, served,
                                             served.completion_stops if kind == COMPLETION else served.chat_stops))
+            requests[-1].grammar = grammar
             echo_texts.append(text)
-    return Job(kind, params, requests, echo_texts)
+    return Job(kind, params, requests, echo_texts, fmt if tools and tools.choice != "none" else None)
 
 
-def _prompts(kind: str, body: dict, served: ServedModel) -> list[tuple[list[int], str]]:
-    """[(token ids, text)] of each prompt: completions' prompts (strings or token ids), or the rendered chat."""
+def _tool_format(served: ServedModel, tools, params: Params) -> Optional[str]:
+    """The served template's tool-call format when the request has tools (a 400 if it can't have them)."""
+    if tools is None:
+        return None
+    fmt = tool_format(served.prompt_style.template)
+    if fmt is None:
+        raise APIError(400, f"'tools' can't be used: the {served.prompt_style.name} prompt style's template does not "
+                            "render tools (serve a checkpoint whose chat template does)", param="tools")
+    if params.json_schema is not None and tools.choice not in ("auto", "none"):
+        raise APIError(400, "'response_format' can't be combined with a forced 'tool_choice'", param="tool_choice")
+    return fmt
+
+
+def _prompts(kind: str, body: dict, served: ServedModel, tools=None) -> list[tuple[list[int], str]]:
+    """[(token ids, text)] of each prompt: completions' prompts (strings or token ids), or the rendered chat (with
+    `tools`' function specs, as `apply_chat_template(tools=...)` renders them)."""
     tokenizer = served.tokenizer
     if kind == CHAT:
-        messages = parse_messages(body)
+        messages = template_messages(parse_messages(body))
         style = served.prompt_style
         try:  # exactly what `litllm chat` feeds the model
-            ids = style.encode(tokenizer, style.render_messages(messages, add_generation_prompt=True)).tolist()
+            text = style.render_messages(messages, add_generation_prompt=True, tools=tools and tools.tools)
+            ids = style.encode(tokenizer, text).tolist()
         except LitLLMError as e:
             raise APIError(400, f"'messages' can't be rendered with the {style.name} prompt style: {e}",
                            param="messages") from None
@@ -382,6 +438,7 @@ async def _stream(id, created, job: Job, served: ServedModel, bridge: EngineLoop
     finished: list = [None] * len(choices)
     offsets: list = [None] * len(choices)  # completions' text_offset goes on across a choice's chunks
     started = [kind == CHAT] * len(choices)
+    held = [""] * len(choices)  # the text of answers that may be tool calls
     try:
         yield b""
         if kind == CHAT:  # the role at once, before the prompt is even prefilled
@@ -394,6 +451,13 @@ async def _stream(id, created, job: Job, served: ServedModel, bridge: EngineLoop
                 yield sse(e.body())
                 break
             index = choices[out.request_id]
+            if job.tool_format is not None:  # calls are parsed from the whole answer: it goes out once done
+                held[index] += out.text
+                if out.finished:
+                    finished[index] = out
+                    for data in _tool_chunks(job, chunk, index, held[index], out.finish_reason):
+                        yield sse(data)
+                continue
             first, started[index] = not started[index], True  # (chat: the role went out already)
             body = job.choice(served, index, out.text, [out], None, stream=True, first=first and kind == COMPLETION,
                               offset=offsets[index])
@@ -410,3 +474,13 @@ async def _stream(id, created, job: Job, served: ServedModel, bridge: EngineLoop
         yield sse("[DONE]")
     finally:
         _abort(bridge, choices)
+
+
+def _tool_chunks(job: Job, chunk: dict, index: int, text: str, finish_reason: str) -> list[dict]:
+    """The last chunks of a streamed answer that may be tool calls: its content or its calls, then its finish."""
+    message, reason = job.tool_message(text, finish_reason)
+    delta = {"content": text} if message is None else {
+        "content": message["content"],
+        "tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}
+    body = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+    return [{**chunk_body(**chunk), "choices": [body]}, chunk_body(**chunk, index=index, finish_reason=reason)]

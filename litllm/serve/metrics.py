@@ -37,6 +37,9 @@ class ServerMetrics:
             lambda: engine.num_waiting)
         Gauge("litllm_kv_cache_usage_ratio", "Fraction of the KV cache's positions held by requests",
               registry=registry).set_function(lambda: engine.kv_cache_usage)
+        Gauge("litllm_prefix_cache_hit_ratio", "Fraction of the prompt tokens admitted whose KV was reused from the "
+              "prefix cache (serve --prefix_caching)", registry=registry).set_function(
+            lambda: engine.prefix_hits / max(engine.prefix_queries, 1))
         self.prompt_tokens = Counter("litllm_prompt_tokens", "Prompt tokens of the requests accepted (each prompt "
                                      "once, whatever n)", registry=registry)
         self.generation_tokens = Counter("litllm_generation_tokens", "Tokens generated", registry=registry)

@@ -7,9 +7,10 @@ Plain Python (no web framework), so every rule here is unit-testable. A bad requ
 Fields honoured: `model`, `prompt` (a string, token ids, or a batch of either) / `messages`, `max_tokens`
 (chat also `max_completion_tokens`), `n`, `temperature`, `top_p`, `top_k`, `stop`, `seed`, `stream`,
 `stream_options.include_usage`, `user` (an opaque id, accepted), `logprobs` (completions: an integer k; chat:
-a boolean, with `top_logprobs` k) and completions' `echo`. Fields whose effect we don't implement are accepted
-only at their no-op value (`best_of: 1`, `presence_penalty: 0`, ...); anything else (`tools`,
-`response_format`, ...) is a 400 naming it: never silently ignored.
+a boolean, with `top_logprobs` k), completions' `echo`, `response_format` (json_object / json_schema, by
+constrained decoding) and chat's `tools` / `tool_choice` (validated in tools.py). Fields whose effect we don't
+implement are accepted only at their no-op value (`best_of: 1`, `presence_penalty: 0`, ...); anything else is a 400
+naming it: never silently ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Params:
     n: int = 1
     logprobs: Optional[int] = None  # the k top alternatives per token (0: the chosen token's only); None: none
     echo: bool = False  # completions: the prompt is part of the answer (and of its logprobs)
+    # `response_format`: None (free text), or the JSON schema the answer must satisfy ({"type": "object"} for
+    # json_object), enforced by constrained decoding
+    json_schema: Optional[dict] = None
 
 
 # ---------------------------------------------------------------------- request validation
@@ -114,9 +118,9 @@ _NO_OP_VALUES: dict[str, Any] = {
     "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": "",
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "user",
-           "n", "logprobs"}
+           "n", "logprobs", "response_format"}
 _FIELDS = {COMPLETION: _COMMON | {"prompt", "echo"}, CHAT: _COMMON | {"messages", "max_completion_tokens",
-                                                                      "top_logprobs"}}
+                                                                      "top_logprobs", "tools", "tool_choice"}}
 
 
 def _check_fields(kind: str, body: dict) -> None:
@@ -171,7 +175,24 @@ def parse_params(kind: str, body: dict) -> Params:
             raise _invalid("stream_options", f"has unsupported key(s): {', '.join(sorted(unknown))}")
         p.include_usage = _field(options, "include_usage", "boolean", False)
     _field(body, "user", "string")
+    p.json_schema = _parse_response_format(body)
     return p
+
+
+def _parse_response_format(body: dict) -> Optional[dict]:
+    """`response_format`: {"type": "text"} (None), {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}} -> the schema to enforce."""
+    fmt = _field(body, "response_format", "object")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "object"}
+    if fmt.get("type") != "json_schema":
+        raise _invalid("response_format", f"'type' must be text, json_object or json_schema, got {fmt.get('type')!r}")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise _invalid("response_format", "needs 'json_schema': {\"name\": ..., \"schema\": {...}}")
+    return spec.get("schema") or {}
 
 
 def _parse_logprobs(kind: str, body: dict, p: Params) -> None:
@@ -225,11 +246,13 @@ def parse_prompts(body: dict) -> list[Union[str, list[int]]]:
     raise _invalid("prompt", f"must be a string, an array of token ids, or an array of those, got {_json_type(prompt)}")
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_TOOL_KEYS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}}  # besides role and content
 
 
-def parse_messages(body: dict) -> list[dict[str, str]]:
-    """/v1/chat/completions' `messages` -> [{"role", "content"}] with text content (developer -> system)."""
+def parse_messages(body: dict) -> list[dict[str, Any]]:
+    """/v1/chat/completions' `messages` -> [{"role", "content"}] with text content (developer -> system); an
+    assistant's `tool_calls` (content may then be null) and a tool result's `tool_call_id` / `name` kept."""
     if "messages" not in body or body["messages"] is None:
         raise APIError(400, "'messages' is required", param="messages")
     messages = body["messages"]
@@ -241,13 +264,20 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
         name = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _invalid(name, f"must be an object with 'role' and 'content', got {_json_type(m)}")
-        unknown = set(m) - {"role", "content"}
-        if unknown:
-            raise _invalid(name, f"has unsupported key(s): {', '.join(sorted(unknown))}")
         role = m.get("role")
         if not isinstance(role, str) or role not in _ROLES:
             raise APIError(400, f"'{name}.role' must be one of {', '.join(_ROLES)}, got {role!r}", param=f"{name}.role")
-        out.append({"role": _ROLES[role], "content": _message_text(m.get("content"), f"{name}.content")})
+        unknown = set(m) - {"role", "content"} - _TOOL_KEYS.get(role, set())
+        if unknown:
+            raise _invalid(name, f"has unsupported key(s): {', '.join(sorted(unknown))}")
+        message = {k: v for k, v in m.items() if k in _TOOL_KEYS.get(role, ())}
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
+            raise _invalid(f"{name}.tool_calls", "must be an array of {\"function\": {\"name\", \"arguments\"}}")
+        content = m.get("content")
+        message["content"] = None if content is None and calls else _message_text(content, f"{name}.content")
+        out.append({"role": _ROLES[role], **message})
     return out
 
 

@@ -32,6 +32,7 @@ def serve(
     max_seq_length: Optional[int] = None,
     max_queue: int = 64,
     prefill_chunk: int = PREFILL_CHUNK,
+    prefix_caching: bool = False,
     api_key: Optional[str] = None,
     prompt_style: Optional[str] = None,
     max_request_bytes: int = 4 * 2**20,
@@ -55,6 +56,9 @@ def serve(
         max_queue: Requests that may wait for a free slot; beyond that, new ones get 503 with Retry-After.
         prefill_chunk: Prompt tokens prefilled per engine step; a longer prompt is prefilled over several
             steps, so the running requests wait at most one chunk's forward pass between their tokens.
+        prefix_caching: Reuse the KV of a prompt's first tokens when a KV-cache slot holds them from an earlier
+            request (a shared system prompt is prefilled once); held prefixes use no memory beyond the slots and
+            give way to any new request.
         api_key: Require `Authorization: Bearer <api_key>` on /v1 routes (default: the LITLLM_API_KEY
             environment variable; unset: no key needed).
         prompt_style: A prompt style name for chat requests (default: the checkpoint's style or chat template).
@@ -92,7 +96,7 @@ def serve(
     model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)  # as `generate` loads
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
     per_slot = kv_cache_bytes(model, max_seq_length)
     print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
           f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
@@ -100,7 +104,7 @@ def serve(
     served = ServedModel(
         name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style,
         max_seq_length=max_seq_length, completion_stops=default_stops(tokenizer),
-        chat_stops=default_stops(tokenizer, style),
+        chat_stops=default_stops(tokenizer, style), vocab_size=model.config.vocab_size,
     )
     bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
     app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)
