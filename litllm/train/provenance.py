@@ -21,14 +21,18 @@ def run_provenance(fabric, loaders: dict[str, Any], method_name: str, model_name
     """{litllm_version, git_commit, method, model, data, devices, versions} of this run."""
     import platform
 
+    from importlib.metadata import PackageNotFoundError, version
+
     import lightning
     import torch
 
-    import litllm
-
+    try:
+        litllm_version = version("litllm")  # as `litllm --version` says it
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        litllm_version = None
     return {
-        "litllm_version": litllm.__version__,
-        "git_commit": git_commit(Path(litllm.__file__).resolve().parents[1]),
+        "litllm_version": litllm_version,
+        "git_commit": git_commit(Path(__file__).resolve().parents[2]),  # litllm/train/provenance.py -> the checkout
         "method": method_name,
         "model": model_name,
         "data": data_fingerprint(loaders),
