@@ -48,13 +48,14 @@ def _load(target: str):
     return getattr(import_module(module), fn)
 
 
-def _fill_bare_flags(argv: list[str], flags) -> list[str]:
-    """`--flag` given with no value (last, or followed by another flag) -> `--flag=` (an empty value).
+def fill_bare_flags(argv: list[str], flags, value: str = "") -> list[str]:
+    """`--flag` given with no value (last, or followed by another flag) -> `--flag=<value>` (default: empty).
 
-    A command lists such flags in its function's `flags_without_value` (`litllm evaluate --tasks`).
+    A command lists such flags in its function's `flags_without_value` (`litllm evaluate --tasks`);
+    `litllm estimate` fills its `--json` switch with `true`.
     """
     return [
-        f"{a}=" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
+        f"{a}={value}" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
         for i, a in enumerate(argv)
     ]
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     if chosen not in COMMANDS:  # `litllm --help` lists estimate too (it parses its own flags: see RAW_COMMANDS)
         components.update({name: _load(target) for name, target in RAW_COMMAND_HELP.items()})
     if chosen in components:
-        argv = _fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
+        argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
 
     try:
         _check_config_files(argv)

@@ -150,13 +150,6 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def mark_only_adapter_as_trainable(model: nn.Module) -> None:
-    """Freeze everything except the adapter's parameters (for v2 also the scales/biases and norms)."""
-    trainable = adapter_parameter_names(model)
-    for name, param in model.named_parameters():
-        param.requires_grad = name in trainable
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable adapter weights alone."""
     names = adapter_parameter_names(model)

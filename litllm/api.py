@@ -21,7 +21,8 @@ import torch
 
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import LoadArgs, check_prompt_fits, fit_max_new_tokens, load_draft
+from litllm.generate import load_draft
+from litllm.inference import LoadArgs, load_decoder, tokens_to_generate
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,10 @@ class LLM:
             of one call then decode one after the other). `llm.acceptance_rate`: its last call's share of
             accepted proposals.
         """
-        from litllm.prompts import PromptStyle
-        from litllm.tokenizer import Tokenizer
-
-        checkpoint_dir = _resolve(model, Path(checkpoint_root), access_token)
-        tokenizer = Tokenizer(checkpoint_dir)
-        style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
-        net, threads = LoadArgs(precision, quantize, device).for_decoding(checkpoint_dir)
-        llm = cls(net, tokenizer, style, checkpoint_dir, threads=threads)
+        loaded = load_decoder(_resolve(model, Path(checkpoint_root), access_token), prompt_style,
+                              LoadArgs(precision, quantize, device))
+        net, tokenizer = loaded.model, loaded.tokenizer
+        llm = cls(net, tokenizer, loaded.prompt_style, loaded.checkpoint_dir, threads=loaded.threads)
         if draft_model is not None:
             if num_speculative_tokens < 1:
                 raise LitLLMError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
@@ -119,8 +116,7 @@ class LLM:
         else:
             ids = [self._encode(prompt, sys_prompt, apply_prompt_style)]
         longest = max(len(p) for p in ids)
-        check_prompt_fits(longest, self.model.max_seq_length)
-        max_new_tokens = self._fit(max_new_tokens, 50, self.model.max_seq_length - longest)
+        max_new_tokens = self._fit(longest, max_new_tokens, 50)
         stops = default_stops(self.tokenizer, self.prompt_style)
         seeds = [None if seed is None else (seed + i) % SEED_LIMIT for i in range(len(ids))]
         requests = [Request(p, max_new_tokens, Sampling(temperature, top_k, top_p, s), **stops)
@@ -150,9 +146,7 @@ class LLM:
         check_sampling_args(temperature, top_k, top_p, max_new_tokens, seed)
         text = self.prompt_style.render_messages(messages, add_generation_prompt=True)
         ids = self.prompt_style.encode(self.tokenizer, text).tolist()
-        window = self.model.max_seq_length
-        check_prompt_fits(len(ids), window)
-        max_new_tokens = self._fit(max_new_tokens, 256, window - len(ids))
+        max_new_tokens = self._fit(len(ids), max_new_tokens, 256)
         request = Request(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
                           **default_stops(self.tokenizer, self.prompt_style))
         chunks = (text for _, text in self._run([request], len(ids) + max_new_tokens))
@@ -166,13 +160,13 @@ class LLM:
             return self.tokenizer.encode(prompt).tolist()
         return self.prompt_style.encode(self.tokenizer, self.prompt_style.apply(prompt, sys_prompt=sys_prompt)).tolist()
 
-    def _fit(self, requested: Optional[int], default: int, room: int) -> int:
+    def _fit(self, prompt_len: int, requested: Optional[int], default: int) -> int:
         def say_once(line: str) -> None:
             if line not in self._said:
                 self._said.add(line)
                 print(line, file=sys.stderr)
 
-        return fit_max_new_tokens(requested, default, room, self.model.max_seq_length, "max_new_tokens", say_once)
+        return tokens_to_generate(prompt_len, self.model.max_seq_length, requested, default, "max_new_tokens", say_once)
 
     def _run(self, requests: list[Request], length: int) -> Iterator[tuple[int, str]]:
         """(index of the request, new text) as the engine produces them; the engine (and the KV cache)

@@ -18,10 +18,11 @@ from typing import Optional, TextIO
 
 import torch
 
-from litllm.engine import Request, check_sampling_args, default_stops
+from litllm.engine import Request, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
-from litllm.generate import DecodeArgs, LoadArgs, fit_max_new_tokens
+from litllm.generate import DecodeArgs
+from litllm.inference import LoadArgs, load_decoder, tokens_to_reserve
 
 EXIT, RESET = "/exit", "/reset"
 BLOCK = '"""'
@@ -105,25 +106,13 @@ def chat(
         max_new_tokens: Most tokens per answer; this much room is kept free in the context window.
             Default 512, reduced to half the context window (the other half holds the conversation).
     """
-    from litllm.prompts import PromptStyle
-    from litllm.tokenizer import Tokenizer
-    from litllm.model_folder import check_model_folder
-
     decoding = DecodeArgs(**decode)
     check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens, decoding.seed)
-    checkpoint_dir = check_model_folder(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, decoding.prompt_style)
-    model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)
-    window = model.max_seq_length
-    if max_new_tokens is not None and max_new_tokens >= window:
-        raise LitLLMError(
-            f"--max_new_tokens {max_new_tokens} leaves no room for the conversation in the {window}-token context window"
-        )
-    if max_new_tokens is None:  # a value the user gave only needs to leave room for the conversation
-        max_new_tokens = fit_max_new_tokens(None, 512, window // 2, window)
-    stops = default_stops(tokenizer, style)
-    budget = model.max_seq_length - max_new_tokens
+    loaded = load_decoder(checkpoint_dir, decoding.prompt_style, LoadArgs(**load))
+    checkpoint_dir, tokenizer, style, window = loaded.checkpoint_dir, loaded.tokenizer, loaded.prompt_style, loaded.window
+    max_new_tokens = tokens_to_reserve(window, max_new_tokens, 512)
+    stops = loaded.stops()
+    budget = window - max_new_tokens
     system = [{"role": "system", "content": decoding.sys_prompt}] if decoding.sys_prompt else []
     history: list[dict] = list(system)
     print(f"Chatting with {checkpoint_dir} ({style.name} prompt style). "
@@ -132,7 +121,7 @@ def chat(
     stdin, stdout = sys.stdin, sys.stdout
     turn = 0
     # one engine (and KV cache) for the whole conversation
-    with decoding.engine(model, tokenizer, window, threads, LoadArgs(**load)) as engine:
+    with decoding.engine(loaded.model, tokenizer, window, loaded.threads, LoadArgs(**load)) as engine:
         while True:
             message = read_message(stdin, stdout)
             if message is None or message.strip() == EXIT:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
+from litllm.precision import precision_dtypes as dtypes
 from litllm.utils import temporarily
 
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "kv_cache", "temporaries")
@@ -74,14 +75,6 @@ class TrainPlan:
     @property
     def accumulation(self) -> int:
         return max(1, self.global_batch_size // (self.world_size * self.micro_batch_size))
-
-
-def dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the trained weights, dtype of the computation), as `litllm.finetune._dtypes`."""
-    half = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
-    if half is None:
-        return (torch.float64, torch.float64) if precision.startswith("64") else (torch.float32, torch.float32)
-    return (torch.float32 if precision.endswith("mixed") else half), half
 
 
 # ---------------------------------------------------------------------- bitsandbytes weights (formula)

@@ -60,7 +60,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[dict[str, Any], dict[s
     """(the command's arguments, estimate's own flags), parsed by jsonargparse from the command's own signature."""
     from jsonargparse import CLI, set_parsing_settings
 
-    from litllm.__main__ import COMMANDS, _load
+    from litllm.__main__ import COMMANDS, _load, fill_bare_flags
 
     if command not in COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; see `litllm --help`")
@@ -80,9 +80,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[dict[str, Any], dict[s
     capture.__doc__ = (target.__doc__ or "").rstrip() + "\n" + "\n".join(
         line for line in (_estimate_flags.__doc__ or "").splitlines()[3:])
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    bare = {"--json"}
-    argv = [f"{a}=true" if a in bare and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
-            for i, a in enumerate(argv)]
+    argv = fill_bare_flags(argv, {"--json"}, "true")
     values = CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}")
     flags = {p.name: values.pop(p.name) for p in own}
     return values, flags

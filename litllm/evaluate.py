@@ -23,7 +23,7 @@ import torch
 
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
-from litllm.generate import LoadArgs
+from litllm.inference import LoadArgs
 from litllm.scoring import score_tokens
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def load_model(
     checkpoint_dir: Path, device: Optional[str] = None, precision: Optional[str] = None, quantize: Optional[str] = None
 ) -> tuple["GPT", "Tokenizer"]:
     """The model (eval mode, on `device`, in `precision`, optionally quantized) and tokenizer of a converted folder."""
-    from litllm.generate import load_for_inference
+    from litllm.inference import load_for_inference
     from litllm.tokenizer import Tokenizer
 
     if device is not None:

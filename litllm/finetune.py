@@ -29,7 +29,8 @@ import torch.nn as nn
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.lora import LoRASettings
-from litllm.model_folder import read_safetensors
+from litllm.model_folder import ADAPTER_SPEC, adapter_settings_yaml, read_safetensors
+from litllm.precision import precision_dtypes
 from litllm.flags import publish, with_flags
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_run_args
 from litllm.train.loop import TrainResult
@@ -62,8 +63,8 @@ DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args":
 class FinetuneJob:
     """One finetuning command's arguments, typed, as they travel from the CLI into every process."""
 
-    method: str
-    """"full", "lora", "adapter" or "adapter_v2"."""
+    method: Optional[str]
+    """"full", "lora", "adapter" or "adapter_v2" (None until `finetune_dpo` reads its `--method`)."""
     checkpoint_dir: Path
     out_dir: Path
     data: Optional[DataModule]
@@ -81,11 +82,13 @@ class FinetuneJob:
     preference: Any = None
     """`litllm.preference.PreferenceSettings` (finetune_dpo only): the method's loss becomes a preference loss."""
     precompute_reference: bool = False
+    resume_dir: Optional[Path] = None
+    """The checkpoint `--resume` names, resolved once before launch (None: start fresh)."""
 
 
 # ---------------------------------------------------------------------- the commands
 def finetune_command(
-    method: str,
+    method: Optional[str],
     out_dir: str,
     train: TrainArgs = FINETUNE_TRAIN,
     eval: EvalArgs = FINETUNE_EVAL,
@@ -95,7 +98,8 @@ def finetune_command(
     """Give a finetuning command the arguments every `finetune_*` shares, declared and documented here once:
     `checkpoint_dir` and `out_dir` before its own, `data`, `train`, `eval` and `optimizer` after them (with
     these defaults), then the `RunArgs` flags (`with_run_args`). The command declares keyword-only
-    `job: FinetuneJob` instead and receives them in it, `method` preset. `docs` replaces a shared help text."""
+    `job: FinetuneJob` instead and receives them in it, `method` preset (None: the command sets it, as
+    `finetune_dpo --method` does). `docs` replaces a shared help text."""
     P = inspect.Parameter
     lr = f"{optimizer['init_args']['lr']:.0e}".replace("e-0", "e-")  # 2e-4
     head = [P("checkpoint_dir", P.POSITIONAL_OR_KEYWORD, annotation=Path),
@@ -186,7 +190,7 @@ finetune_adapter_v2 = _adapter_command(
 
 
 @finetune_command(
-    "lora", "out/finetune/dpo", train=DPO_TRAIN, eval=DPO_EVAL, optimizer=DPO_OPTIMIZER,
+    None, "out/finetune/dpo", train=DPO_TRAIN, eval=DPO_EVAL, optimizer=DPO_OPTIMIZER,
     docs={
         "checkpoint_dir": "The converted model folder to start from (usually an instruction-tuned one).",
         "data": "The preference pairs: `--data Preference --data.json_path pairs.json` (see `litllm.data.preference`).",
@@ -268,11 +272,13 @@ def _launch(job: FinetuneJob) -> Any:
             f"--lora_head: {job.checkpoint_dir} ties its output head to the input embedding, so the head can't get "
             "its own LoRA update; train without --lora_head"
         )
+    from litllm.train.checkpoints import resolve_resume
     from litllm.train.loop import check_out_dir_reuse
     from litllm.utils import check_output_dir
 
     check_output_dir(job.out_dir)
     check_out_dir_reuse(job.out_dir, run.resume)
+    job.resume_dir = resolve_resume(run.resume, job.out_dir, config)
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     job.train.gradient_accumulation_iters(fabric.world_size)  # clear error before any process starts
     if job.quantize is not None:
@@ -290,23 +296,19 @@ def _launch(job: FinetuneJob) -> Any:
 
 def _dtypes(fabric) -> tuple[torch.dtype, torch.dtype]:
     """(dtype of trainable weights, dtype of the computation) for the run's precision."""
-    precision = str(getattr(fabric.strategy.precision, "precision", "32-true"))
-    half = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
-    if half is None:
-        return torch.float32, torch.float32
-    return (torch.float32 if precision.endswith("mixed") else half), half
+    return precision_dtypes(str(getattr(fabric.strategy.precision, "precision", "32-true")))
 
 
 def main(fabric, job: FinetuneJob, config) -> TrainResult:
     """Runs on every rank after launch: tokenizer, data, model, method, then the shared loop."""
     from litllm.model import GPT
     from litllm.tokenizer import Tokenizer
-    from litllm.train import checkpoints as ckpt
+    from litllm.prompts import prompt_style_yaml
     from litllm.train.loggers import build_logger
     from litllm.train.loop import fit, setup, summary
 
     checkpoint_dir, out_dir = job.checkpoint_dir, job.out_dir
-    resume_dir = ckpt.resolve_resume(job.run.resume, out_dir, config)  # clear errors before anything is written
+    resume_dir = job.resume_dir
     tokenizer = Tokenizer(checkpoint_dir)
     data = job.data
     if data is None:
@@ -333,7 +335,7 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
         quantize=_BNB_MODE[job.quantize] if job.quantize else None, device=fabric.device, param_dtype=param_dtype,
         compute_dtype=compute_dtype,
     )
-    method.extra_files["prompt_style.yaml"] = _prompt_style_yaml(style)
+    method.extra_files["prompt_style.yaml"] = prompt_style_yaml(style)
     if job.preference is not None:
         method = _preference_method(fabric, job, method, config, data, tokenizer, compute_dtype)
     else:
@@ -344,6 +346,7 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
     trainer = setup(
         fabric, model, method, data, tokenizer, job.train, job.eval, job.optimizer, out_dir, job.run,
         initial_weights=initial_weights, model_files_from=checkpoint_dir, hparams=job.hparams, logger=logger,
+        resume_dir=resume_dir,
     )
     result = fit(trainer)
     if trainer.dev_run is not None:  # a dev run's folder is gone: its report was the last word
@@ -444,7 +447,7 @@ def _wrapped_key(wrapped: set[str]) -> Callable[[str], str]:
 
 
 def _lora_method(lora, base_weights: Path, quantize, device, param_dtype, compute_dtype):
-    from litllm.lora import LORA_WEIGHTS, LoRALinear, add_lora, is_lora_parameter
+    from litllm.lora import LORA_WEIGHTS, LoRALinear, add_lora, is_lora_parameter, merge_lora_state_dict
     from litllm.train.loop import Method
 
     layout: dict[str, tuple[list, list, float]] = {}  # LoRA module path -> (parts, enabled, scaling)
@@ -458,9 +461,6 @@ def _lora_method(lora, base_weights: Path, quantize, device, param_dtype, comput
             if isinstance(module, LoRALinear):
                 layout[path] = (module.parts, module.enabled, module.scaling)
                 wrapped.add(path)
-        for name, param in model.named_parameters():
-            param.requires_grad_(is_lora_parameter(name))
-        _quantize_frozen(model, quantize, device, compute_dtype)
         return model
 
     def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -475,7 +475,8 @@ def _lora_method(lora, base_weights: Path, quantize, device, param_dtype, comput
 
     return Method(name="lora", transform=transform, trainable=lambda name, _: is_lora_parameter(name),
                   export=export, base_key=_wrapped_key(wrapped),  # `wrapped` is filled by transform
-                  write_outputs=write_outputs)
+                  write_outputs=write_outputs, after_freeze=functools.partial(
+                      _quantize_frozen, quantize=quantize, device=device, compute_dtype=compute_dtype))
 
 
 def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, compute_dtype):
@@ -490,9 +491,6 @@ def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, 
         apply_adapter(model, adapter, dtype=None if model.wte.weight.is_meta else param_dtype)
         names.update(adapter_parameter_names(model))
         wrapped.update(p for p, m in model.named_modules() if isinstance(m, AdapterV2Linear))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in names)
-        _quantize_frozen(model, quantize, device, compute_dtype)
         return model
 
     def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -503,31 +501,11 @@ def _adapter_method(adapter, base_weights: Path, quantize, device, param_dtype, 
         base.update({k: state_dict[k].to(dtype) for k in names})
         return base
 
-    import yaml
-
     return Method(name=f"adapter_v{adapter.version}", transform=transform,
                   trainable=lambda name, _: name in names, export=export, base_key=base_key,
-                  extra_files={"adapter.yaml": yaml.safe_dump(asdict(adapter), sort_keys=False)})
-
-
-def merge_lora_state_dict(
-    base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], layout: dict[str, tuple[list, list, float]]
-) -> dict[str, torch.Tensor]:
-    """Base weights (plain GPT names) + LoRA tensors -> merged weights: W += scaling * B @ A per part."""
-    merged = dict(base)
-    for path, (parts, enabled, scaling) in layout.items():
-        name = f"{path}.weight"
-        weight = merged[name]
-        delta = torch.zeros(weight.shape, dtype=torch.float32)
-        row = 0
-        for part, rows in parts:
-            if part in enabled:
-                a = lora[f"{path}.lora_A.{part}"].float().cpu()
-                b = lora[f"{path}.lora_B.{part}"].float().cpu()
-                delta[row: row + rows] = b @ a * scaling
-            row += rows
-        merged[name] = (weight.float() + delta).to(weight.dtype)
-    return merged
+                  after_freeze=functools.partial(_quantize_frozen, quantize=quantize, device=device,
+                                                 compute_dtype=compute_dtype),
+                  extra_files={ADAPTER_SPEC: adapter_settings_yaml(adapter)})
 
 
 # ---------------------------------------------------------------------- prompt style and samples
@@ -535,17 +513,6 @@ def _prompt_style(data, tokenizer):
     from litllm.data.sft import resolve_prompt_style
 
     return resolve_prompt_style(getattr(data, "prompt_style", None), tokenizer)
-
-
-def _prompt_style_yaml(style) -> str:
-    import tempfile
-
-    from litllm.model_folder import PROMPT_STYLE_FILE
-    from litllm.prompts import save_prompt_style
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_prompt_style(style, tmp)
-        return (Path(tmp) / PROMPT_STYLE_FILE).read_text(encoding="utf-8")
 
 
 def _sample_reply(data, tokenizer, style, max_new_tokens: Optional[int]):

@@ -1,7 +1,8 @@
-"""`litllm generate`, and what every inference command shares: loading a model for decoding, the CPU
-weight layout and thread count that decode fastest here, and fitting `max_new_tokens` to the context.
+"""`litllm generate`: a prompt in, streamed text out, with the flags `generate` and `chat` share
+(`DecodeArgs`) and the draft model of speculative decoding.
 
-Decoding itself (sampling, stops, the KV-cache loop with continuous batching) is `litllm.engine`.
+Loading for decoding is `litllm.inference`; decoding itself (sampling, stops, the KV-cache loop with
+continuous batching) is `litllm.engine`.
 """
 
 from __future__ import annotations
@@ -14,273 +15,13 @@ from typing import Optional
 
 import torch
 
-from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, default_stops, threads_for
+from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, threads_for  # noqa: F401
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
-
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-
-
-# ---------------------------------------------------------------------- context window
-def fit_max_new_tokens(requested: Optional[int], default: int, room: int, window: int, flag: str = "--max_new_tokens",
-                       say=None) -> int:
-    """How many tokens to generate when `room` of the `window`-token context is free.
-
-    A value the user gave must fit (clear error otherwise); the default is reduced to fit, and
-    `say` (default: print to stderr) is told so in one line.
-    """
-    if requested is not None:
-        if requested > room:
-            raise LitLLMError(
-                f"{flag} {requested} does not fit: only {room} of the {window}-token context window are left"
-            )
-        return requested
-    if default > room:
-        (say or _say)(f"{flag}: the default {default} is reduced to {room} to fit the {window}-token context window")
-        return room
-    return default
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def check_prompt_fits(prompt_len: int, window: int) -> None:
-    if prompt_len >= window:
-        raise LitLLMError(
-            f"the prompt has {prompt_len} tokens but the model's context window is {window}: shorten the prompt"
-        )
-
-
-# ---------------------------------------------------------------------- CPU weight layout
-class PackedLinear(torch.nn.Module):
-    """A Linear whose weight oneDNN has reordered into its own blocked layout (CPU inference only).
-
-    One-row matmuls (decoding) stream the weight from memory; oneDNN's kernel on its packed layout
-    does that up to ~2x faster than the BLAS call `F.linear` makes on some CPUs. The packed weight
-    is an opaque `mkldnn` tensor kept out of the state dict: the module is for generation, not
-    for saving, moving between devices or training.
-    """
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-
-def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
-    # same values and shape; the transpose F.linear multiplies by becomes contiguous
-    linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
-    return linear
-
-
-LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear}
-
-
-def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
-    """Can this layout run here (oneDNN ops present) and give the same numbers?"""
-    if name == "onednn-packed" and not (
-        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    ):
-        return False
-    probe = torch.nn.Linear(linear.in_features, 16, bias=True, dtype=linear.weight.dtype)
-    x = torch.randn(3, 2, linear.in_features, dtype=linear.weight.dtype)
-    try:
-        expected = probe(x)
-        got = LAYOUTS[name](probe)(x)
-    except Exception:  # an op missing from this torch build
-        return False
-    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3)
-
-
-@torch.inference_mode()
-def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = None) -> str:
-    """On the CPU, lay Linear weights out in whichever way makes one-token matmuls fastest here.
-
-    Decoding multiplies one activation row by each weight matrix, a pass over memory whose speed
-    depends on the BLAS, the kernel and the CPU. Candidates: as loaded (row-major, `F.linear`),
-    column-major (`F.linear` then multiplies by a contiguous transpose; 1.1-1.6x faster than
-    row-major with MKL on AMD EPYC), and oneDNN's packed layout (`PackedLinear`; up to ~2x). Each is
-    timed on (up to 128 MB of) the largest layer (interleaved, medians); the fastest replaces every plain
-    Linear whose weight isn't shared with the embedding, one layer at a time, if it beats the
-    loaded layout by `min_gain`. Values are unchanged; only the summation order differs.
-    `layout` forces one ("row-major", "column-major", "onednn-packed") without timing.
-    Returns the layout in use: "row-major", "column-major", "onednn-packed", or "unchanged" (GPU).
-    """
-    import torch.nn as nn
-
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
-        return "onednn-packed"  # already done
-    linears = [
-        (name, m) for name, m in model.named_modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
-        and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
-    ]
-    if not linears:
-        return "unchanged"
-    if not linears[0][1].weight.is_contiguous():
-        return "column-major"  # already done
-    largest = max((m for _, m in linears), key=lambda m: m.weight.numel())
-    if layout is not None:
-        if layout != "row-major" and not (layout in LAYOUTS and _layout_works(layout, largest)):
-            raise LitLLMError(
-                f"weight layout {layout!r} is not available here (expected one of row-major, {', '.join(LAYOUTS)})"
-            )
-        return _apply_layout(model, linears, layout)
-    # time on (up to) 128 MB of the largest weight's rows: bigger than caches, small enough to copy
-    w = largest.weight.detach()
-    w = w[: max(1, min(w.size(0), (128 << 20) // (w.size(1) * w.element_size())))]
-    candidates = {"row-major": torch.nn.Linear(w.size(1), w.size(0), bias=False, device="meta")}
-    candidates["row-major"].weight = nn.Parameter(w)
-    for name in LAYOUTS:
-        if _layout_works(name, largest):
-            copy = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
-            copy.weight = nn.Parameter(w)
-            candidates[name] = LAYOUTS[name](copy)
-    x = torch.randn(1, 1, w.size(1), dtype=w.dtype)
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(7):
-        for name, layer in candidates.items():
-            t0 = time.perf_counter()
-            layer(x)
-            times[name].append(time.perf_counter() - t0)
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    best = min(median, key=median.get)
-    del candidates
-    if best == "row-major" or median["row-major"] < min_gain * median[best]:
-        return "row-major"
-    return _apply_layout(model, linears, best)
-
-
-def _apply_layout(model, linears, layout: str) -> str:
-    if layout == "row-major":
-        return layout
-    for name, linear in linears:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LAYOUTS[layout](linear))
-    return layout
-
-
-@torch.inference_mode()
-def pick_decode_threads(model, budget_s: float = 3.0, min_gain: float = 1.1) -> int:
-    """On the CPU, the torch thread count that decodes fastest here (the current one unless fewer win).
-
-    Each decoding step runs a few dozen short parallel regions; when other processes keep the cores
-    busy, every region waits for its slowest thread to be scheduled again, and 2 threads can be 10x
-    slower than 1. This times real one-token steps (interleaved, medians) with the current count,
-    half of it and 1, within `budget_s`, and returns the fastest (fewer threads only if `min_gain`
-    faster). It does not change the setting: apply it with `torch.set_num_threads` or `threads_for`.
-    """
-    current = torch.get_num_threads()
-    if model.wte.weight.device.type != "cpu" or current == 1:
-        return current
-    candidates = sorted({current, max(1, current // 2), 1}, reverse=True)
-    device = model.wte.weight.device
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    times: dict[int, list[float]] = {n: [] for n in candidates}
-    start = time.perf_counter()
-    model.set_kv_cache(1, 8)
-    try:
-        model(token, input_pos=torch.tensor([0], device=device))  # warm-up, not timed
-        for rep in range(5):
-            for n in candidates:
-                torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                model(token, input_pos=torch.tensor([rep], device=device))
-                times[n].append(time.perf_counter() - t0)
-            if rep >= 1 and time.perf_counter() - start > budget_s:  # big models: fewer samples
-                break
-    finally:
-        model.clear_kv_cache()
-        torch.set_num_threads(current)
-    median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-    best = current
-    for n in candidates[1:]:
-        if median[n] * min_gain < median[best]:
-            best = n
-    return best
-
-
-# ---------------------------------------------------------------------- loading
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
-    """`--precision` -> dtype; default bf16 on a GPU that supports it, fp32 elsewhere."""
-    if precision is None:
-        if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if precision not in PRECISIONS:
-        raise LitLLMError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
-
-def load_for_inference(
-    checkpoint_dir: Path,
-    device: Optional[str] = None,
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
-):
-    """Load a converted model folder for generation: dtype, optional quantization (`litllm.quantize`), eval mode.
-
-    Folders written by `finetune_adapter(_v2)` (with an `adapter.yaml`) load with their adapter modules.
-    """
-    from litllm.adapter import load_adapter_model
-    from litllm.model_folder import check_model_folder
-
-    checkpoint_dir = check_model_folder(checkpoint_dir)
-    device = device or default_device()
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise LitLLMError(f"--device {device}: CUDA is not available on this machine")
-    dtype = resolve_precision(precision, device)
-    if quantize is None:
-        return load_adapter_model(checkpoint_dir, device=device, dtype=dtype).eval()
-    from litllm.quantize import check_quantize_mode, quantize_model
-
-    check_quantize_mode(quantize, device, dtype)  # fail before loading anything big
-    # load on the CPU and quantize layer by layer onto the device: the full-precision model never
-    # has to fit in device memory
-    model = load_adapter_model(checkpoint_dir, device="cpu", dtype=dtype)
-    quantize_model(model, quantize, device, compute_dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_for_decoding(
-    checkpoint_dir: Path,
-    device: Optional[str] = None,
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
-):
-    """The loader of every generating command: `load_for_inference`, then the CPU weight layout and
-    thread count that decode fastest here. Returns (model, threads for the Engine)."""
-    model = load_for_inference(checkpoint_dir, device, precision, quantize)
-    optimize_for_decoding(model)
-    return model, pick_decode_threads(model)
-
-
-# ---------------------------------------------------------------------- the commands
-@dataclass
-class LoadArgs:
-    """How every inference command loads a model: `--precision`, `--quantize`, `--device`."""
-
-    precision: Optional[str] = None
-    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true)."""
-    quantize: Optional[str] = None
-    """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
-    device: Optional[str] = None
-    """`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)."""
-
-    def for_decoding(self, checkpoint_dir: Path):
-        """`load_for_decoding` with these flags: (model, threads for the Engine)."""
-        return load_for_decoding(checkpoint_dir, self.device, self.precision, self.quantize)
+from litllm.inference import (  # noqa: F401  (also this module's names since before litllm.inference)
+    LoadArgs, PackedLinear, fit_max_new_tokens, load_decoder, load_for_decoding, load_for_inference,
+    optimize_for_decoding, pick_decode_threads,
+)
 
 
 @dataclass
@@ -360,26 +101,18 @@ def generate(
         max_new_tokens: Most tokens to generate per sample (stops earlier at EOS or a stop string);
             default 50, reduced to what the context window leaves after the prompt.
     """
-    from litllm.prompts import PromptStyle
-    from litllm.tokenizer import Tokenizer
-    from litllm.model_folder import check_model_folder
-
     decoding = DecodeArgs(**decode)
     check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens, decoding.seed)
     if num_samples < 1:
         raise LitLLMError(f"--num_samples must be >= 1, got {num_samples}")
-    checkpoint_dir = check_model_folder(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, decoding.prompt_style)
     t0 = time.perf_counter()
-    model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    prompt_ids = style.encode(tokenizer, style.apply(prompt, sys_prompt=decoding.sys_prompt)).tolist()
-    window = model.max_seq_length
-    check_prompt_fits(len(prompt_ids), window)
-    max_new_tokens = fit_max_new_tokens(max_new_tokens, 50, window - len(prompt_ids), window)
-    stops = default_stops(tokenizer, style)
-    with decoding.engine(model, tokenizer, len(prompt_ids) + max_new_tokens, threads, LoadArgs(**load)) as engine:
+    loaded = load_decoder(checkpoint_dir, decoding.prompt_style, LoadArgs(**load))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    print(f"Loaded {loaded.checkpoint_dir} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    prompt_ids = loaded.encode(prompt, decoding.sys_prompt)
+    max_new_tokens = loaded.max_new_tokens(len(prompt_ids), max_new_tokens, 50)
+    stops = loaded.stops()
+    with decoding.engine(model, tokenizer, len(prompt_ids) + max_new_tokens, loaded.threads, LoadArgs(**load)) as engine:
         for i in range(num_samples):
             t0 = time.perf_counter()
             engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **stops))

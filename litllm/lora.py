@@ -152,13 +152,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """The update `scaling * B @ A` as a dense (out, in) fp32 matrix (zeros on parts without LoRA)."""
-        blocks = []
-        for name, rows in self.parts:
-            if name in self.lora_A:
-                blocks.append(self.lora_B[name].float() @ self.lora_A[name].float() * self.scaling)
-            else:
-                blocks.append(torch.zeros(rows, self.in_features, device=self.lora_A[next(iter(self.lora_A))].device))
-        return torch.cat(blocks)
+        factors = {name: (self.lora_A[name], self.lora_B[name]) for name in self.lora_A}
+        return lora_delta(self.parts, factors, self.scaling, self.in_features)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, parts={[n for n, _ in self.parts if n in self.lora_A]}"
@@ -246,12 +241,6 @@ def add_lora(
     return model
 
 
-def mark_only_lora_as_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the LoRA A/B matrices."""
-    for name, param in model.named_parameters():
-        param.requires_grad = is_lora_parameter(name)
-
-
 def is_lora_parameter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
@@ -276,6 +265,36 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 
 
 @torch.no_grad()
+def lora_delta(parts: list[tuple[str, int]], factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
+               in_features: int) -> torch.Tensor:
+    """The LoRA update of one wrapped Linear, `scaling * B @ A` per part, as a dense (out, in) fp32 matrix:
+    `parts` [(name, rows)] in row order, `factors` {name: (A (r, in), B (rows, r))}, zeros for parts without."""
+    device = next((a.device for a, _ in factors.values()), None)
+    blocks = []
+    for name, rows in parts:
+        if name in factors:
+            a, b = factors[name]
+            blocks.append(b.float() @ a.float() * scaling)
+        else:
+            blocks.append(torch.zeros(rows, in_features, device=device))
+    return torch.cat(blocks)
+
+
+def merge_lora_state_dict(
+    base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], layout: dict[str, tuple[list, list, float]]
+) -> dict[str, torch.Tensor]:
+    """Base weights (plain GPT names) + LoRA tensors (on any device) -> merged weights, `W += scaling * B @ A`
+    per part; `layout` {module path: (parts, enabled parts, scaling)}, as `LoRALinear` holds them."""
+    merged = dict(base)
+    for path, (parts, enabled, scaling) in layout.items():
+        name = f"{path}.weight"
+        weight = merged[name]
+        factors = {part: (lora[f"{path}.lora_A.{part}"].cpu(), lora[f"{path}.lora_B.{part}"].cpu())
+                   for part, _ in parts if part in enabled}
+        merged[name] = (weight.float() + lora_delta(parts, factors, scaling, weight.shape[1])).to(weight.dtype)
+    return merged
+
+
 def merge_lora_weights(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and unwrap to plain `nn.Linear`s, in place.
 

@@ -38,6 +38,8 @@ class PretrainJob:
     run: RunArgs
     hparams: dict[str, Any]
     """The command's flat arguments, saved as hyperparameters.yaml."""
+    resume_dir: Optional[Path] = None
+    """The checkpoint `--resume` names, resolved once before launch (None: start fresh)."""
 
 
 @with_run_args(devices="auto", seed=42)
@@ -93,9 +95,10 @@ def setup(
     fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
     # clear errors before any process starts or anything is written
     train.gradient_accumulation_iters(fabric.world_size)
-    _check_inputs(config, Path(out_dir), run.resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size)
+    resume_dir = _check_inputs(config, Path(out_dir), run.resume, initial_checkpoint_dir, tokenizer_dir,
+                               tokenizer_vocab_size)
     job = PretrainJob(config, Path(out_dir), initial_checkpoint_dir, data, train, eval, optimizer, tokenizer_dir,
-                      tokenizer_vocab_size, run, hparams)
+                      tokenizer_vocab_size, run, hparams, resume_dir)
     from litllm.estimate import warn_if_too_large
 
     warn_if_too_large("pretrain", hparams, fabric, config)  # on GPUs: a warning naming the fix if it won't fit
@@ -106,13 +109,12 @@ def main(fabric, job: PretrainJob):
     """Runs on every rank after launch: tokenizer, model, then the shared loop."""
     from litllm.model import GPT
     from litllm.tokenizer import Tokenizer
-    from litllm.train import checkpoints as ckpt
     from litllm.train.fabric import uses_fsdp
     from litllm.train.loggers import build_logger
     from litllm.train.loop import Method, fit, setup, summary
 
     config, out_dir, tokenizer_dir = job.config, job.out_dir, job.tokenizer_dir
-    resume_dir = ckpt.resolve_resume(job.run.resume, out_dir, config)  # clear errors before anything is written
+    resume_dir = job.resume_dir
     initial_weights = None
     if job.initial_checkpoint_dir is not None:
         from litllm.model_folder import check_model_folder
@@ -138,6 +140,7 @@ def main(fabric, job: PretrainJob):
     trainer = setup(
         fabric, model, method, job.data, tokenizer, job.train, job.eval, job.optimizer, out_dir, job.run,
         initial_weights=initial_weights, model_files_from=Path(tokenizer_dir), hparams=job.hparams, logger=logger,
+        resume_dir=resume_dir,
     )
     result = fit(trainer)
     if trainer.dev_run is None:  # a dev run's folder is gone: its report was the last word
@@ -146,12 +149,13 @@ def main(fabric, job: PretrainJob):
     return result
 
 
-def _check_inputs(config, out_dir, resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size) -> None:
+def _check_inputs(config, out_dir, resume, initial_checkpoint_dir, tokenizer_dir, tokenizer_vocab_size) -> Optional[Path]:
+    """Fail clearly before launch; returns the checkpoint to resume from (None: start fresh)."""
     from litllm.tokenizer import Tokenizer
     from litllm.train.checkpoints import resolve_resume
     from litllm.model_folder import check_model_folder
 
-    resolve_resume(resume, out_dir, config)
+    resume_dir = resolve_resume(resume, out_dir, config)
     if initial_checkpoint_dir is not None:
         check_model_folder(initial_checkpoint_dir)
     tokenizer_dir = tokenizer_dir or initial_checkpoint_dir
@@ -166,6 +170,7 @@ def _check_inputs(config, out_dir, resume, initial_checkpoint_dir, tokenizer_dir
             f"the tokenizer's vocabulary ({vocab} tokens) exceeds the model's embedding table "
             f"({config.padded_vocab_size} rows): use a model with vocab_size >= {vocab} or a smaller tokenizer"
         )
+    return resume_dir
 
 
 def _model_config(model_name: Optional[str], model_config: Optional[Config], initial_checkpoint_dir: Optional[Path]) -> Config:

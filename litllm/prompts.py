@@ -289,12 +289,16 @@ class PromptStyle:
         return cls("chat_template", template, tuple(stop_strings), dict(variables or {}), writes_bos=True)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: Union[str, Path], name: Optional[str] = None) -> "PromptStyle":
+    def from_checkpoint(cls, checkpoint_dir: Union[str, Path, None], name: Optional[str] = None,
+                        fallback: str = "default") -> "PromptStyle":
         """The style of a model folder: the built-in style `name` when given (a `--prompt_style` flag), else
         `prompt_style.yaml` if present, else the tokenizer's chat template, else a family default guessed
-        from `model_config.yaml`'s name (`default` when nothing matches)."""
+        from `model_config.yaml`'s name, else `fallback` (`default`, plain text, for decoding; training on
+        instructions falls back to `alpaca`). No folder (None): `fallback`."""
         if name:
             return cls.from_name(name)
+        if checkpoint_dir is None:
+            return cls.from_name(fallback)
         checkpoint_dir = Path(checkpoint_dir)
         path = checkpoint_dir / PROMPT_STYLE_FILE
         if path.is_file():
@@ -302,7 +306,8 @@ class PromptStyle:
         template = checkpoint_chat_template(checkpoint_dir)
         if template is not None:
             return _checkpoint_style(checkpoint_dir, template)
-        return cls.from_name(default_style_name(_model_name(checkpoint_dir)))
+        family = default_style_name(_model_name(checkpoint_dir))
+        return cls.from_name(fallback if family == "default" else family)
 
     # ---------------------------------------------------------------- formatting
     def apply(self, prompt: str, sys_prompt: Optional[str] = None, **fields: Any) -> str:
@@ -356,6 +361,11 @@ def save_prompt_style(style: Union[str, PromptStyle], checkpoint_dir: Union[str,
     """Write `prompt_style.yaml` so `PromptStyle.from_checkpoint` finds this style again."""
     from litllm.utils import atomic_write_text
 
+    atomic_write_text(Path(checkpoint_dir) / PROMPT_STYLE_FILE, prompt_style_yaml(style))
+
+
+def prompt_style_yaml(style: Union[str, PromptStyle]) -> str:
+    """The text of the `prompt_style.yaml` that makes `PromptStyle.from_checkpoint` find `style` again."""
     style = PromptStyle.from_name(style) if isinstance(style, str) else style
     if style.name in BUILTIN_TEMPLATES and style.template == BUILTIN_TEMPLATES[style.name]:
         data: dict[str, Any] = {"name": style.name}
@@ -365,7 +375,7 @@ def save_prompt_style(style: Union[str, PromptStyle], checkpoint_dir: Union[str,
             data["stop_strings"] = list(style.stop_strings)
     else:
         data = {"name": style.name, "template": style.template, "stop_strings": list(style.stop_strings)}
-    atomic_write_text(Path(checkpoint_dir) / PROMPT_STYLE_FILE, yaml.safe_dump(data, sort_keys=False))
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------- checkpoint helpers

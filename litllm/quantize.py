@@ -177,10 +177,6 @@ def _library(mode: str) -> str:
     return "torchao" if mode.startswith("torchao.") else "bitsandbytes"
 
 
-def quantize_modes() -> list[str]:
-    return list(QUANT_BUILDERS)
-
-
 def check_quantize_mode(mode: str, device: DeviceLike, compute_dtype: torch.dtype = torch.float32) -> None:
     """Fail with one clear line unless `mode` can run on `device` with this bitsandbytes."""
     if mode not in QUANT_BUILDERS:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from conftest import make_converted_checkpoint
 from litllm.adapter import (
     AdapterSettings, AdapterV2Linear, PrefixAdapter, adapter_parameter_names, adapter_state_dict, add_adapter,
-    add_adapter_v2, load_adapter_model, mark_only_adapter_as_trainable, save_adapter_model,
+    add_adapter_v2, load_adapter_model, save_adapter_model,
 )
 from litllm.errors import LitLLMError
 from litllm.model import GPT, RMSNorm
@@ -81,14 +81,23 @@ def test_adapter_decoding_with_kv_cache_matches_full_forward(tiny_checkpoint, ad
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
+def _train_model(checkpoint, version: int) -> nn.Module:
+    """The model `finetune_adapter(_v2) --adapter_start_layer 1 --adapter_prefix_length 4` trains."""
+    from litllm.finetune import build_method
+    from litllm.train.loop import build_train_model
+
+    method = build_method(f"adapter{'_v2' if version == 2 else ''}",
+                          adapter=AdapterSettings(version=version, start_layer=1, prefix_length=4))
+    model = GPT.from_checkpoint(checkpoint)
+    return build_train_model(model.config, method, model=model)
+
+
 def test_trainable_parameters(tiny_checkpoint):
-    model = add_adapter(GPT.from_checkpoint(tiny_checkpoint), adapter_start_layer=1, prefix_length=4)
-    mark_only_adapter_as_trainable(model)
+    model = _train_model(tiny_checkpoint, 1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"blocks.1.attn.adapter.prefix", "blocks.1.attn.adapter.gate"}
 
-    model = add_adapter_v2(GPT.from_checkpoint(tiny_checkpoint), adapter_start_layer=1, prefix_length=4)
-    mark_only_adapter_as_trainable(model)
+    model = _train_model(tiny_checkpoint, 2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     linears = [n for n, m in model.named_modules() if isinstance(m, AdapterV2Linear)]
     norms = [n for n, m in model.named_modules() if isinstance(m, RMSNorm)]

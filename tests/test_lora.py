@@ -15,7 +15,7 @@ from conftest import make_converted_checkpoint
 from litllm.errors import LitLLMError
 from litllm.lora import (
     LORA_WEIGHTS, LoRALinear, LoRASettings, add_lora, is_lora_parameter, load_lora_model, lora_state_dict,
-    mark_only_lora_as_trainable, merge_lora, merge_lora_weights, read_lora_checkpoint, save_lora_checkpoint,
+    merge_lora, merge_lora_weights, read_lora_checkpoint, save_lora_checkpoint,
     save_peft_adapter,
 )
 from litllm.model import GPT
@@ -114,10 +114,17 @@ def test_merging_a_lora_head_unties_a_tied_embedding(families, tmp_path):
     assert (reloaded(x) - unmerged).abs().max() <= 1e-5
 
 
+def _train_model(checkpoint, settings: LoRASettings, quantize=None) -> nn.Module:
+    """The model `finetune_lora` trains with these settings (`--quantize`: QLoRA's quantized base)."""
+    from litllm.finetune import build_method
+    from litllm.train.loop import build_train_model
+
+    model = GPT.from_checkpoint(checkpoint)
+    return build_train_model(model.config, build_method("lora", lora=settings, quantize=quantize), model=model)
+
+
 def test_only_lora_parameters_get_gradients(tiny_checkpoint):
-    model = GPT.from_checkpoint(tiny_checkpoint)
-    add_lora(model, r=4, alpha=8, dropout=0.0, **ALL_ON)
-    mark_only_lora_as_trainable(model)
+    model = _train_model(tiny_checkpoint, LoRASettings(r=4, alpha=8, dropout=0.0, **ALL_ON))
     x = _tokens()
     loss = model(x, targets=torch.roll(x, -1, dims=1))
     loss.backward()
@@ -221,13 +228,11 @@ def test_peft_export_computes_what_litllm_computes(families, family, flags, tmp_
 
 def test_qlora_base_is_quantized_and_lora_trains(tiny_checkpoint):
     pytest.importorskip("bitsandbytes")
-    from litllm.quantize import is_quantized, quantize_model
+    from litllm.quantize import is_quantized
 
-    model = GPT.from_checkpoint(tiny_checkpoint)
     x = _tokens()
-    add_lora(model, r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True)
-    mark_only_lora_as_trainable(model)
-    quantize_model(model, "bnb.nf4", "cpu", frozen_only=True)
+    model = _train_model(tiny_checkpoint, LoRASettings(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True),
+                         quantize="bnb.nf4")
     qkv = model.blocks[0].attn.qkv
     assert isinstance(qkv, LoRALinear) and is_quantized(qkv.base)
     assert all(not p.requires_grad for n, p in model.named_parameters() if not is_lora_parameter(n))

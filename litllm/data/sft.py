@@ -369,18 +369,11 @@ def packing_summary(name: str, dataset: PackedDataset, batch_size: int, seed: in
 
 # ---------------------------------------------------------------------- the shared data module
 def resolve_prompt_style(name: Optional[str], tokenizer):
-    """`name` if given; else the checkpoint's own style (prompt_style.yaml or chat template); else Alpaca."""
-    from litllm.model_folder import PROMPT_STYLE_FILE
+    """The style training data is laid out in: `name` if given; else the tokenizer's checkpoint's own
+    (`PromptStyle.from_checkpoint`), with Alpaca where that has none (instructions need a template)."""
     from litllm.prompts import PromptStyle
 
-    if name:
-        return PromptStyle.from_name(name)
-    checkpoint_dir = getattr(tokenizer, "checkpoint_dir", None)
-    if checkpoint_dir is not None:
-        style = PromptStyle.from_checkpoint(checkpoint_dir)
-        if style.name != "default" or (Path(checkpoint_dir) / PROMPT_STYLE_FILE).is_file():
-            return style
-    return PromptStyle.from_name("alpaca")
+    return PromptStyle.from_checkpoint(getattr(tokenizer, "checkpoint_dir", None), name, fallback="alpaca")
 
 
 @dataclass(kw_only=True)

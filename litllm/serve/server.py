@@ -14,7 +14,7 @@ from typing import Optional
 from litllm.engine import PREFILL_CHUNK
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
-from litllm.generate import LoadArgs
+from litllm.inference import LoadArgs, load_decoder
 
 # seconds uvicorn still waits, past --shutdown_timeout, for the aborted requests' last bytes to go out
 SHUTDOWN_FLUSH_S = 5
@@ -71,8 +71,6 @@ def serve(
         model_name: The model id clients send and /v1/models lists (default: the folder's name, or for a
             training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
     """
-    from litllm.prompts import PromptStyle
-    from litllm.tokenizer import Tokenizer
     from litllm.model_folder import check_model_folder
 
     _check_flags(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, max_queue=max_queue,
@@ -86,14 +84,13 @@ def serve(
     except ImportError as e:
         raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
-    from litllm.engine import Engine, default_stops
+    from litllm.engine import Engine
     from litllm.serve.app import ServedModel, build_app
     from litllm.serve.bridge import EngineLoop
 
-    tokenizer = Tokenizer(checkpoint_dir)
+    loaded = load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # as `generate` loads
+    tokenizer, style, model, threads = loaded.tokenizer, loaded.prompt_style, loaded.model, loaded.threads
     tokenizer.processor = GILFreeEncoder(tokenizer.processor)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
-    model, threads = LoadArgs(**load).for_decoding(checkpoint_dir)  # as `generate` loads
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads,
                     prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
@@ -103,8 +100,8 @@ def serve(
 
     served = ServedModel(
         name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style,
-        max_seq_length=max_seq_length, completion_stops=default_stops(tokenizer),
-        chat_stops=default_stops(tokenizer, style), vocab_size=model.config.vocab_size,
+        max_seq_length=max_seq_length, completion_stops=loaded.stops(chat=False),
+        chat_stops=loaded.stops(), vocab_size=model.config.vocab_size,
     )
     bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
     app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)

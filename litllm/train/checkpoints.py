@@ -45,7 +45,6 @@ STATE_FILE = "training_state.pt"
 FORMAT_VERSION = 1
 # Config fields that don't change the model's computation (a checkpoint may differ in them)
 _COSMETIC_FIELDS = {"name", "hf_repo"}
-_warned: set[Path] = set()  # damaged checkpoints `--resume auto` has already warned about
 
 
 # ---------------------------------------------------------------------- finding checkpoints
@@ -98,6 +97,8 @@ def check_training_checkpoint(path: Path) -> None:
 def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config) -> Optional[Path]:
     """The checkpoint to resume from (None: start fresh), checked against `config` before any write.
 
+    A command resolves it once, before launch, and hands the result to `litllm.train.loop.setup`.
+
     `auto` takes the newest checkpoint whose files are intact, warning about each damaged one it skips.
     """
     if resume is False or resume is None or resume == "false":
@@ -108,9 +109,7 @@ def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config
             try:
                 check_training_checkpoint(candidate)
             except LitLLMError as e:
-                if candidate not in _warned:  # once per process (the command and the loop both resolve it)
-                    _warned.add(candidate)
-                    print(f"warning: --resume auto skips a damaged checkpoint: {e}", file=sys.stderr)
+                print(f"warning: --resume auto skips a damaged checkpoint: {e}", file=sys.stderr)
                 continue
             path = candidate
             break

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
+from litllm.precision import PRECISIONS
 
 Strategy = Literal["auto", "single", "ddp", "fsdp"]
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
 def default_precision(accelerator: str) -> str:

@@ -5,7 +5,7 @@ forward -> loss -> accumulate -> clip -> step -> schedule -> log -> validate -> 
     trainer = setup(fabric, model, method, data, tokenizer, train, eval, optimizer, out_dir, run)
     result = fit(trainer)
 
-A training *method* (pretraining, full finetuning, LoRA, QLoRA, adapters, later DPO) is a `Method`:
+A training *method* (pretraining, full finetuning, LoRA, QLoRA, adapters, DPO/IPO/SimPO) is a `Method`:
 how the model is transformed before setup, which parameters train, the loss, and what the final
 model folder holds. Nothing here knows which method runs.
 
@@ -42,6 +42,10 @@ def _keep_model(model: nn.Module) -> nn.Module:
 
 def _train_all(name: str, param: nn.Parameter) -> bool:
     return True
+
+
+def _no_change(model: nn.Module) -> None:
+    pass
 
 
 def _same_key(name: str) -> str:
@@ -81,11 +85,14 @@ class Method:
 
     name: str = "full"
     transform: Callable[[nn.Module], nn.Module] = _keep_model
-    """Applied to the built GPT before Fabric setup (add LoRA/adapters, quantize). Modules it adds
+    """Applied to the built GPT before Fabric setup (add LoRA/adapters). Modules it adds
     must define `reset_parameters()` (they may be created on the meta device)."""
     trainable: Callable[[str, nn.Parameter], bool] = _train_all
-    """Which parameters the optimizer updates, by qualified name; the others are frozen. Training
-    checkpoints hold only these (frozen weights are re-read from `initial_weights` on resume)."""
+    """Which parameters the optimizer updates, by qualified name; the others are frozen (`build_train_model`
+    sets `requires_grad`, the one place that does). Training checkpoints hold only these (frozen weights are
+    re-read from `initial_weights` on resume)."""
+    after_freeze: Callable[[nn.Module], None] = _no_change
+    """Applied once the parameters `trainable` rejects are frozen (QLoRA quantizes that frozen base)."""
     export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = _export_as_is
     """Full trained state dict -> the weights of the final model folder (`lit_model.safetensors`)."""
     base_key: Callable[[str], str] = _same_key
@@ -106,8 +113,8 @@ class Method:
 def build_train_model(
     config, method: Method, activation_checkpointing: bool = False, model: Optional[nn.Module] = None
 ) -> nn.Module:
-    """The model a run trains: GPT(config) (or `model`), the method's transform, frozen parameters,
-    activation checkpointing. Pure (no Fabric, no files), so it also runs on the meta device and
+    """The model a run trains: GPT(config) (or `model`), the method's transform, frozen parameters (then
+    `method.after_freeze`), activation checkpointing. Pure (no Fabric, no files), so it also runs on the meta device and
     under `torch._subclasses.FakeTensorMode` (memory estimates)."""
     if model is None:
         from litllm.model import GPT
@@ -116,6 +123,7 @@ def build_train_model(
     model = method.transform(model)
     for name, param in model.named_parameters():
         param.requires_grad_(bool(method.trainable(name, param)))
+    method.after_freeze(model)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -209,6 +217,10 @@ class Trainer:
     """A `litllm.train.fast_dev_run.DevRun` with `--fast_dev_run` (None: a normal run)."""
 
 
+RESOLVE_HERE = object()
+"""`setup(resume_dir=...)` unset: resolve `run.resume` in setup."""
+
+
 def setup(
     fabric,
     model: nn.Module,
@@ -225,6 +237,7 @@ def setup(
     model_files_from: Optional[Path] = None,
     hparams: Optional[dict[str, Any]] = None,
     logger=None,
+    resume_dir: Any = RESOLVE_HERE,
 ) -> Trainer:
     """Prepare data, model, optimizer and checkpoint writer for `fit` (resuming if asked).
 
@@ -256,6 +269,8 @@ def setup(
             (default: `tokenizer.checkpoint_dir`).
         hparams: the command's arguments, saved as `hyperparameters.yaml` in every checkpoint.
         logger: a `litllm.train.loggers` logger (rank 0 logs); None: no metric logging.
+        resume_dir: the checkpoint `run.resume` names, as the command resolved it before launch
+            (`litllm.train.checkpoints.resolve_resume`, None: start fresh); by default resolved here.
     """
     from litllm.train import checkpoints as ckpt
     from litllm.train.fast_dev_run import DevRun, dev_run_steps, shorten
@@ -281,7 +296,8 @@ def setup(
             f"{tokenizer.vocab_size} or a smaller tokenizer"
         )
     check_out_dir_reuse(out_dir, run.resume)
-    resume_dir = ckpt.resolve_resume(run.resume, out_dir, config)  # validates before anything is written
+    if resume_dir is RESOLVE_HERE:  # a caller (a script, a test) that did not resolve it before launch
+        resume_dir = ckpt.resolve_resume(run.resume, out_dir, config)  # validates before anything is written
 
     # ---- data (prepared once on global rank 0, set up everywhere)
     data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_length)
@@ -298,7 +314,7 @@ def setup(
             # the loaders follow (packed rows are this long)
             data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_length)
     stream = BatchStream(fabric, data.train_dataloader(), run.seed)
-    val_loader = _setup_val_loader(fabric, data.val_dataloader())
+    val_loader = _distribute(fabric, data.val_dataloader())
     accumulation = _fit_accumulation(fabric, train, stream.batches_per_epoch, accumulation)
     total_steps = train.total_steps(seq_length, stream.batches_per_epoch, accumulation,
                                     accumulation * train.micro_batch_size * world_size)
@@ -312,7 +328,7 @@ def setup(
 
     # ---- model and optimizer
     fabric.seed_everything(run.seed, verbose=False)
-    with clear_out_of_memory(fabric, train, seq_length, "setting up the model"):
+    with run_out_of_memory(fabric, train, seq_length, "setting up the model"):
         model = prepare_model(
             fabric, model, method, initial_weights, compile=run.compile,
             activation_checkpointing=run.activation_checkpointing,
@@ -350,8 +366,8 @@ def setup(
     )
 
 
-def clear_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str):
-    """`litllm.train.fabric.clear_out_of_memory`, naming this run's sizes."""
+def run_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str):
+    """`litllm.train.fabric.clear_out_of_memory` for a step of this run: the line names the run's sizes."""
     from litllm.train.fabric import clear_out_of_memory as clear
 
     precision = getattr(fabric.strategy.precision, "precision", "?")
@@ -396,7 +412,7 @@ def _fit(t: Trainer) -> TrainResult:
     )
 
     def validate_and_log(after: bool) -> None:
-        with clear_out_of_memory(fabric, train, t.seq_length, "validating"):
+        with run_out_of_memory(fabric, train, t.seq_length, "validating"):
             metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
             result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
             _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
@@ -408,7 +424,7 @@ def _fit(t: Trainer) -> TrainResult:
 
     def save_step():
         guard.check(fabric)  # never a checkpoint after max_nonfinite_steps (the writer also checks the weights)
-        with clear_out_of_memory(fabric, train, t.seq_length, f"saving the checkpoint of step {state['step']}"):
+        with run_out_of_memory(fabric, train, t.seq_length, f"saving the checkpoint of step {state['step']}"):
             return t.writer.save_step(opt, state, t.stream.state_dict())
 
     if t.eval.initial_validation and state["step"] == 0 and t.val_loader is not None:
@@ -445,7 +461,7 @@ def _fit(t: Trainer) -> TrainResult:
 
         if t.dev_run is not None:
             t.dev_run.start_step(fabric)
-        with clear_out_of_memory(fabric, train, t.seq_length, f"training step {state['step'] + 1}"):
+        with run_out_of_memory(fabric, train, t.seq_length, f"training step {state['step'] + 1}"):
             sums, grad_norm = train_step(
                 fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss, guard=guard
             )
@@ -498,7 +514,7 @@ def _fit(t: Trainer) -> TrainResult:
     if train.save_interval is not None and saved_at != state["step"]:
         save_step()
     previous = _move_aside(fabric, t.out_dir / "final")  # never delete what another command wrote into final/
-    with clear_out_of_memory(fabric, train, t.seq_length, "writing the final model"):
+    with run_out_of_memory(fabric, train, t.seq_length, "writing the final model"):
         result.final_dir = t.writer.save_final()
     stop.restore()  # preemption hook: a signal after the last step needs no requeue
     if fabric.global_rank == 0:
@@ -719,12 +735,8 @@ class BatchStream:
     def __init__(self, fabric, loader, seed: int) -> None:
         self.fabric = fabric
         self.seed = seed
-        self.streaming = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
-        if not self.streaming:
-            # DistributedSampler for DDP/FSDP; batches are moved to the device in train_step
-            loader = fabric.setup_dataloaders(loader, use_distributed_sampler=True, move_to_device=False)
-            loader = getattr(loader, "_dataloader", loader)
-        self.loader = loader
+        self.streaming = _is_streaming(loader)
+        self.loader = loader = _distribute(fabric, loader)
         try:
             self.batches_per_epoch: Optional[int] = len(loader)
         except TypeError:
@@ -787,10 +799,15 @@ class BatchStream:
             self._skip = self.batches_in_epoch
 
 
-def _setup_val_loader(fabric, loader):
-    if loader is None:
-        return None
-    if hasattr(loader, "state_dict"):  # litdata handles its own distribution
+def _is_streaming(loader) -> bool:
+    """A loader that keeps its own position (litdata's): it resumes from its state and distributes itself."""
+    return hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
+
+
+def _distribute(fabric, loader):
+    """A map-style loader with a DistributedSampler for DDP/FSDP (batches move to the device in train_step);
+    a streaming one as it is; None stays None (no validation set)."""
+    if loader is None or _is_streaming(loader):
         return loader
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=True, move_to_device=False)
     return getattr(loader, "_dataloader", loader)
