@@ -115,7 +115,7 @@ def main() -> None:
     import transformers
 
     from litllm.engine import Engine, Request
-    from litllm.generate import load_for_inference, optimize_for_decoding, pick_decode_threads
+    from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -78,7 +78,7 @@ def run_job(code: str, *args: str) -> tuple[float, float]:
 
 def litllm_decode(folder: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
     from litllm.engine import generate_ids, threads_for
-    from litllm.generate import load_for_decoding
+    from litllm.inference import load_for_decoding
 
     model, _ = load_for_decoding(folder, "cpu", "32-true")  # threads: --threads, as llama.cpp's
     with threads_for(threads):

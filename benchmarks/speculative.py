@@ -137,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from litllm.engine import Engine, Request
-    from litllm.generate import optimize_for_decoding, pick_decode_threads
+    from litllm.inference import optimize_for_decoding, pick_decode_threads
     from litllm.speculative import SpeculativeEngine
 
     if args.threads:

@@ -15,13 +15,10 @@ from typing import Optional
 
 import torch
 
-from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, threads_for  # noqa: F401
+from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
-from litllm.inference import (  # noqa: F401  (also this module's names since before litllm.inference)
-    LoadArgs, PackedLinear, fit_max_new_tokens, load_decoder, load_for_decoding, load_for_inference,
-    optimize_for_decoding, pick_decode_threads,
-)
+from litllm.inference import LoadArgs, load_decoder, load_for_decoding
 
 
 @dataclass

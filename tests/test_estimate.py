@@ -413,7 +413,7 @@ def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, ba
     from conftest import make_converted_checkpoint
     from litllm.engine import Engine, Request
     from litllm.estimate import fake_decode
-    from litllm.generate import load_for_decoding
+    from litllm.inference import load_for_decoding
     from litllm.tokenizer import Tokenizer
 
     folder = make_converted_checkpoint(tmp_path / family, family)

@@ -152,7 +152,7 @@ def test_full_and_adapter_final_folders(runs, base):
 def test_adapter_final_folder_generates(runs, name):
     """generate/chat/LLM load an adapter folder with its adapter modules (it can't be merged away)."""
     from litllm.adapter import load_adapter_model
-    from litllm.generate import load_for_inference
+    from litllm.inference import load_for_inference
 
     _, result = runs[name]
     model = load_for_inference(result.final_dir, device="cpu", precision="32-true")

@@ -14,7 +14,8 @@ from conftest import make_converted_checkpoint, make_im_end_checkpoint, train_bp
 
 from litllm.engine import Engine, Request, Sampling, StopMatcher, default_stops, generate_ids, sample
 from litllm.errors import LitLLMError
-from litllm.generate import fit_max_new_tokens, generate
+from litllm.generate import generate
+from litllm.inference import fit_max_new_tokens
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 
@@ -64,7 +65,7 @@ def test_greedy_matches_transformers(family_checkpoints, family):
 @pytest.mark.parametrize("family", ["llama", "mixtral", "llama-linear-mqa"])
 def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layout):
     """The CPU layout switch changes only how weights sit in memory: greedy tokens still equal transformers'."""
-    from litllm.generate import PackedLinear, optimize_for_decoding
+    from litllm.inference import PackedLinear, optimize_for_decoding
 
     folder = family_checkpoints(family)
     model = GPT.from_checkpoint(folder).eval()
@@ -389,7 +390,8 @@ def test_generate_compiled_equals_eager(tiny_checkpoint, capsys):
 
 
 def test_decode_threads(tiny_checkpoint):
-    from litllm.generate import pick_decode_threads, threads_for
+    from litllm.engine import threads_for
+    from litllm.inference import pick_decode_threads
 
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
     before = torch.get_num_threads()

@@ -239,7 +239,7 @@ def parse_prompts(body: dict) -> list[Union[str, list[int]]]:
     if isinstance(prompt, list) and prompt and all(isinstance(t, (str, list)) for t in prompt):
         for i, one in enumerate(prompt):
             if not (isinstance(one, str) or (one and all(_is(t, "integer") for t in one))):
-                raise _invalid(f"prompt[{i}]", f"must be a string or a non-empty array of token ids")
+                raise _invalid(f"prompt[{i}]", "must be a string or a non-empty array of token ids")
         if len(prompt) > MAX_CHOICES:
             raise _invalid("prompt", f"holds {len(prompt)} prompts: at most {MAX_CHOICES} are allowed")
         return list(prompt)
