@@ -78,7 +78,7 @@ def two_node_run(slurm, initial_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("two_nodes")
     proc = sbatch(slurm, folder / "job.log", ["--nodes", "2", "--ntasks-per-node", "1"],
                   pretrain_args(initial_model, folder / "out"))
-    log = (folder / "job.log").read_text()
+    log = (folder / "job.log").read_text(errors="replace")
     assert proc.returncode == 0, log[-3000:]
     return folder / "out", log
 
@@ -116,7 +116,7 @@ def test_preempted_job_is_requeued_and_ends_bit_identical(two_node_run, slurm, i
         # may start again; starting it sooner can meet the first run's revoked credential on a node.
         deadline = time.monotonic() + 360
         while "JobState=COMPLETED" not in (info := _job_info(slurm, job_id)):
-            log = (tmp_path / "job.log").read_text()
+            log = (tmp_path / "job.log").read_text(errors="replace")  # still being written: may end mid-character
             assert time.monotonic() < deadline, info + log[-3000:]
             # no early exit on JobState=FAILED: the first run's end is recorded so for a moment
             # between `scontrol requeue` and the job turning PENDING again
@@ -124,7 +124,7 @@ def test_preempted_job_is_requeued_and_ends_bit_identical(two_node_run, slurm, i
         assert "Restarts=1" in info and "ExitCode=0:0" in info, info
     finally:
         job.kill()
-    log = (tmp_path / "job.log").read_text()
+    log = (tmp_path / "job.log").read_text(errors="replace")
     stopped = re.findall(rf"Stopped by SIGUSR1 after step (\d+): checkpoint written; exiting with status {REQUEUE_EXIT_CODE}", log)
     assert len(stopped) == 1 and 2 <= int(stopped[0]) < STEPS, log[-3000:]
     assert f"requeueing job {job_id}" in log and "(restart 1)" in log
@@ -153,7 +153,7 @@ def test_finetune_lora_two_tasks_on_one_node(slurm, tmp_path):
         "--train.max_seq_length", "48", "--eval.interval", "100", "--eval.max_iters", "1",
     ]
     proc = sbatch(slurm, tmp_path / "job.log", ["--nodes", "1", "--ntasks-per-node", "2"], args)
-    log = (tmp_path / "job.log").read_text()
+    log = (tmp_path / "job.log").read_text(errors="replace")
     assert proc.returncode == 0, log[-3000:]
     assert "1 nodes x 2 tasks" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert "x 2 devices" in log and log.count("Saved the final model") == 1
@@ -165,7 +165,7 @@ def test_mismatched_devices_fail_before_training(slurm, initial_model, tmp_path)
     out = tmp_path / "out"
     args = fixed_tokens_args(initial_model, out, 2, "auto", micro_batch_size=4)  # --devices 2
     proc = sbatch(slurm, tmp_path / "job.log", ["--nodes", "1", "--ntasks-per-node", "1"], args)
-    log = (tmp_path / "job.log").read_text()
+    log = (tmp_path / "job.log").read_text(errors="replace")
     assert proc.returncode != 0
     assert log.strip().splitlines() == [
         "error: --devices 2 disagrees with the Slurm allocation (1 tasks per node x 1 nodes): drop --devices (this "
