@@ -191,6 +191,8 @@ def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[li
     qkv_on = [n for n, on in (("query", s.query), ("key", s.key), ("value", s.value)) if on]
 
     def mlp_targets(prefix: str, mlp: nn.Module) -> None:
+        if not isinstance(mlp, (GatedMLP, GeluMLP)):  # gpt-oss's stacked experts: no Linear to wrap
+            return
         if isinstance(mlp, GatedMLP):
             targets[f"{prefix}.fc"] = ([("gate", mlp.intermediate_size), ("up", mlp.intermediate_size)], ["gate", "up"])
         elif isinstance(mlp, GeluMLP):
@@ -210,6 +212,9 @@ def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[li
                 mlp_targets(f"blocks.{i}.mlp", block.mlp)
     if s.head:
         targets["lm_head"] = ([("all", model.lm_head.out_features)], ["all"])
+    if not targets:
+        raise LitLLMError("LoRA adapts no layer of this model with these flags (gpt-oss's stacked experts take no "
+                          "LoRA: add --lora_query/--lora_value/--lora_projection/--lora_head)")
     return targets
 
 
