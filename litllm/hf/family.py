@@ -85,6 +85,9 @@ class Family:
     """(Config, config.json dict so far): write the family's own keys."""
     pick_weights: Optional[Callable[[Config], WeightMap]] = None
     """When the weight names depend on the config (Falcon's norms), the map for this config."""
+    stacked_experts: Optional[str] = None
+    """transformers' (>= 5) module holding an MoE layer's experts as stacked tensors `gate_up_proj` (E, 2I, C) and
+    `down_proj` (E, C, I), as a template with `{i}`: where a PEFT export puts the experts' LoRA."""
     wrappers: tuple[str, ...] = field(default=())
     """`model_type`s of multimodal wrappers whose `text_config` is this family (`gemma3` -> `gemma3_text`)."""
 
