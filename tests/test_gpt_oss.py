@@ -167,16 +167,30 @@ def test_estimate_runs(gpt_oss_checkpoint):
     assert estimate["method"] == "lora" and sum(estimate["breakdown"].values()) > 0
 
 
-@pytest.mark.parametrize("preset,changes", [("gpt-oss-120b", {}), ("gpt-oss-20b", dict(num_hidden_layers=24,
-                                                                                        num_local_experts=32))])
-def test_presets_are_the_published_configs(preset, changes):
-    """transformers' GptOssConfig defaults are gpt-oss-120b's config.json; gpt-oss-20b has 24 layers, 32 experts."""
-    import transformers
+# openai/gpt-oss-120b's config.json (the Hub's, MXFP4 quantization_config and token ids aside)
+GPT_OSS_120B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 18, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 36,
+    "num_key_value_heads": 8, "num_local_experts": 128, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "vocab_size": 201088,
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
+GPT_OSS_20B = {**GPT_OSS_120B, "num_hidden_layers": 24, "num_local_experts": 32,
+               "layer_types": ["sliding_attention", "full_attention"] * 12}
 
+
+@pytest.mark.parametrize("preset,hub_config", [("gpt-oss-120b", GPT_OSS_120B), ("gpt-oss-20b", GPT_OSS_20B)])
+def test_presets_are_the_published_configs(preset, hub_config):
     from litllm.config import Config
     from litllm.hf.config import config_from_hf
 
-    expected = config_from_hf(transformers.GptOssConfig(**changes).to_dict()).to_dict()
+    expected = config_from_hf(hub_config).to_dict()
     actual = Config.from_name(preset).to_dict()
-    assert {k: actual[k] for k in expected if k not in ("name", "hf_repo")} == {
+    assert {k: v for k, v in actual.items() if k not in ("name", "hf_repo")} == {
         k: v for k, v in expected.items() if k not in ("name", "hf_repo")}
