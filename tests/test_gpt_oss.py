@@ -5,6 +5,7 @@ LoRA finetuning with a PEFT export that loads, `estimate`, and the presets."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +162,7 @@ def test_estimate_runs(gpt_oss_checkpoint):
     proc = subprocess.run(
         [sys.executable, "-m", "litllm", "estimate", "finetune_lora", str(gpt_oss_checkpoint), "--train.max_steps", "5",
          "--train.max_seq_length", "32", "--precision", "32-true", "--json"],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     estimate = json.loads(proc.stdout)
     assert estimate["method"] == "lora" and sum(estimate["breakdown"].values()) > 0
