@@ -96,6 +96,9 @@ class Config:
     """Scale queries by 1 + beta * log(1 + floor(position / query_scale_length)) after RoPE: attention sharpens
     with distance beyond the original context (Ministral 3 `llama_4_scaling_beta`)."""
     query_scale_length: Optional[int] = None
+    attention_sinks: bool = False
+    """A learned logit per query head that joins every softmax's denominator, so a head can attend to nothing
+    (gpt-oss `sinks`)."""
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     sliding_window_size: Optional[int] = None
@@ -133,6 +136,12 @@ class Config:
     """Hidden size of each expert (defaults to intermediate_size, the dense MLPs' size)."""
     dense_mlp_layers: Optional[list[int]] = None
     """Layers of an MoE model whose MLP is one dense GatedMLP of intermediate_size (Qwen3-MoE `mlp_only_layers`)."""
+    router_bias: bool = False
+    """Bias on the MoE router (gpt-oss)."""
+    swiglu_limit: Optional[float] = None
+    """gpt-oss's experts (set: stacked, with biases): gate clamped to <= limit, up to [-limit, limit], and
+    (up + 1) * gate * sigmoid(swiglu_alpha * gate) in place of act(gate) * up."""
+    swiglu_alpha: float = 1.702
     router_aux_loss_coef: float = 0.0
     """Weight of the router load-balancing loss added to the LM loss while training (the checkpoint's
     `router_aux_loss_coef`; `--train.router_aux_loss_coef` overrides it)."""

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from litllm.config import Config
 from litllm.errors import LitLLMError
+from litllm.hf import mxfp4
 from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
 from litllm.hf.weights import (
     IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
@@ -70,13 +71,12 @@ def convert_to_litllm(
         except KeyError:
             raise LitLLMError(f"{checkpoint_dir}: no HF weight mapping for {lit_name}") from None
         names = list(source.names)
-        missing = [n for n in names if n not in hf]
+        missing = [n for n in names if n not in hf and not all(p in hf for p in mxfp4.packed_names(n))]
         if missing:
             raise LitLLMError(
                 f"{checkpoint_dir}: weight {missing[0]} is missing but config.json ({config.hf_model_type}) needs it"
             )
-        used.update(names)
-        tensors = [hf.get(n) for n in names]
+        tensors = [_read_weight(hf, n, target_dtype, used) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if source.layout and tensor.shape[0] == expected[lit_name].shape[0]:
             tensor = qkv_from_interleaved(tensor, source.layout, config)
@@ -108,6 +108,16 @@ def convert_to_litllm(
             )
         config.save(checkpoint_dir / CONFIG_FILE)
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} and {CONFIG_FILE}")
+
+
+def _read_weight(hf: HFWeights, name: str, dtype: Optional[torch.dtype], used: set[str]) -> torch.Tensor:
+    """One HF weight; one stored MXFP4-packed (gpt-oss's experts) is dequantized to `dtype` (default bfloat16)."""
+    if name in hf:
+        used.add(name)
+        return hf.get(name)
+    blocks, scales = mxfp4.packed_names(name)
+    used.update((blocks, scales))
+    return mxfp4.dequantize(hf.get(blocks), hf.get(scales), dtype or torch.bfloat16)
 
 
 def convert_from_litllm(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from contextlib import contextmanager
@@ -191,6 +192,8 @@ def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[li
     qkv_on = [n for n, on in (("query", s.query), ("key", s.key), ("value", s.value)) if on]
 
     def mlp_targets(prefix: str, mlp: nn.Module) -> None:
+        if not isinstance(mlp, (GatedMLP, GeluMLP)):  # gpt-oss's stacked experts: no Linear to wrap
+            return
         if isinstance(mlp, GatedMLP):
             targets[f"{prefix}.fc"] = ([("gate", mlp.intermediate_size), ("up", mlp.intermediate_size)], ["gate", "up"])
         elif isinstance(mlp, GeluMLP):
@@ -210,6 +213,9 @@ def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[li
                 mlp_targets(f"blocks.{i}.mlp", block.mlp)
     if s.head:
         targets["lm_head"] = ([("all", model.lm_head.out_features)], ["all"])
+    if not targets:
+        raise LitLLMError("LoRA adapts no layer of this model with these flags (gpt-oss's stacked experts take no "
+                          "LoRA: add --lora_query/--lora_value/--lora_projection/--lora_head)")
     return targets
 
 
@@ -440,49 +446,52 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
     litllm's fused layers are split into HF's modules (q_proj/k_proj/v_proj, gate_proj/up_proj, ...)
     with `litllm/hf/weights.py`'s maps. Where HF's module is fused too (Phi-3 `qkv_proj`, GPT-NeoX
     `query_key_value`), the per-part updates become one block-structured LoRA of rank `n_parts * r`
-    (recorded in `rank_pattern`/`alpha_pattern` so the scaling stays `alpha / r`).
+    (recorded in `rank_pattern`/`alpha_pattern` so the scaling stays `alpha / r`). MoE experts' LoRA goes
+    to transformers' stacked expert tensors as PEFT `target_parameters` (`_stacked_expert_lora`).
     """
     from litllm.hf.config import infer_model_type
+    from litllm.hf.family import FAMILIES
     from litllm.hf.weights import hf_sources, qkv_to_interleaved, weight_map
     from litllm.utils import atomic_path
 
     config = model.config
-    mapping = weight_map(config, infer_model_type(config))
-    tensors: dict[str, torch.Tensor] = {}
+    model_type = infer_model_type(config)
+    mapping = weight_map(config, model_type)
+    tensors, parameters, rank_pattern, alpha_pattern = _stacked_expert_lora(model, FAMILIES[model_type])
+    # peft re-maps every gate/up/down_proj *module* target of a transformers-5 MoE model onto its stacked experts:
+    # a dense MLP layer of such a model (Qwen3-MoE mlp_only_layers) is targeted by its weight tensor instead
+    moe_dense = FAMILIES[model_type].stacked_experts is not None
     targets: list[str] = []
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+
+    def add_target(path: str, hf_name: str) -> None:
+        if moe_dense and ".mlp." in path:
+            parameters.append(hf_name)
+        else:
+            targets.append(hf_name.removesuffix(".weight"))
+
     r = alpha = None
     for path, module in model.named_modules():
         if not isinstance(module, LoRALinear):
             continue
         r, alpha = module.r, module.alpha
+        if EXPERT_PATH.fullmatch(path):
+            continue  # exported above
         source = hf_sources(f"{path}.weight", mapping)
         enabled = [n for n, _ in module.parts if n in module.lora_A]
-        a_of = {n: module.lora_A[n].detach().float() for n in enabled}
-        b_of = {n: module.lora_B[n].detach().float() for n in enabled}
         if source.concatenated:  # HF has one module per part
             for (name, _), hf_name in zip(module.parts, source.names):
-                if name in a_of:
+                if name in enabled:
                     hf_module = hf_name.removesuffix(".weight")
-                    targets.append(hf_module)
-                    tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a_of[name]
-                    tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b_of[name]
+                    add_target(path, hf_name)
+                    tensors[f"base_model.model.{hf_module}.lora_A.weight"] = module.lora_A[name].detach().float()
+                    tensors[f"base_model.model.{hf_module}.lora_B.weight"] = module.lora_B[name].detach().float()
             continue
-        # one HF module for all parts: A stacked (n*r, in), B block-diagonal (out, n*r)
-        a = torch.cat([a_of[n] for n in enabled])
-        b = torch.zeros(module.out_features, len(enabled) * module.r)
-        row, j = 0, 0
-        for name, rows in module.parts:
-            if name in b_of:
-                b[row: row + rows, j * module.r: (j + 1) * module.r] = b_of[name]
-                j += 1
-            row += rows
+        a, b = _block_diagonal_lora(module)
         if source.layout:  # interleaved fused qkv rows (GPT-NeoX, Falcon)
             b = qkv_to_interleaved(b, source.layout, config)
         hf_name = source.names[0]
         hf_module = hf_name.removesuffix(".weight")
-        targets.append(hf_module)
+        add_target(path, hf_name)
         tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a
         tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b
         if len(enabled) > 1:
@@ -500,6 +509,7 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
         "bias": "none",
         "fan_in_fan_out": False,
         "target_modules": targets,
+        "target_parameters": parameters or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": None,
@@ -513,6 +523,57 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         # our writer, not safetensors' save_file (which creates its files 0600): the usual permissions
         save_model_weights(tensors, tmp / "adapter_model.safetensors")
+
+
+EXPERT_PATH = re.compile(r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.(fc|proj)")
+
+
+def _block_diagonal_lora(module: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's per-part LoRA as one: A stacked (n*r, in), B block-diagonal (out, n*r), n its enabled parts."""
+    enabled = [n for n, _ in module.parts if n in module.lora_A]
+    a = torch.cat([module.lora_A[n].detach().float() for n in enabled])
+    b = torch.zeros(module.out_features, len(enabled) * module.r)
+    row, j = 0, 0
+    for name, rows in module.parts:
+        if name in enabled:
+            b[row: row + rows, j * module.r: (j + 1) * module.r] = module.lora_B[name].detach().float()
+            j += 1
+        row += rows
+    return a, b
+
+
+def _stacked_expert_lora(model: nn.Module, family) -> tuple[dict, list[str], dict, dict]:
+    """LoRA on MoE experts as PEFT `target_parameters` on transformers' stacked expert tensors (transformers >= 5:
+    `experts.gate_up_proj` (E, 2I, C), rows [gate | up] as litllm's `fc`, and `experts.down_proj` (E, C, I)).
+    PEFT's LoRA of a stacked tensor is one (A, B) per expert: lora_A (E*r, in) holds expert e's A in rows
+    e*r..e*r+r, lora_B (out, r*E) its B in columns j*E + e. Returns (tensors, target_parameters, rank_pattern,
+    alpha_pattern)."""
+    groups: dict[tuple[int, str], dict[int, LoRALinear]] = {}
+    for path, module in model.named_modules():
+        match = EXPERT_PATH.fullmatch(path)
+        if match and isinstance(module, LoRALinear):
+            groups.setdefault((int(match[1]), match[3]), {})[int(match[2])] = module
+    if groups and family.stacked_experts is None:
+        raise LitLLMError(f"PEFT export: LoRA on the experts of a {family.model_type} model has no PEFT form here; "
+                          "train without --lora_mlp to export")
+    tensors, parameters, ranks, alphas = {}, [], {}, {}
+    for (layer, kind), experts in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] == "proj")):
+        if sorted(experts) != list(range(model.config.n_expert)):
+            raise LitLLMError(f"PEFT export: layer {layer} has LoRA on some of its experts only")
+        factors = [_block_diagonal_lora(experts[e]) for e in sorted(experts)]
+        rank = factors[0][0].size(0)  # n_parts * r
+        a = torch.cat([f[0] for f in factors])  # (E * rank, in)
+        b = torch.stack([f[1] for f in factors], dim=-1).reshape(factors[0][1].size(0), -1)  # (out, rank * E)
+        module = family.stacked_experts.format(i=layer)
+        parameter = f"{module}.{'gate_up_proj' if kind == 'fc' else 'down_proj'}"
+        # PEFT nests one wrapper per targeted tensor in the module's parameter order: gate_up_proj innermost
+        inner = kind == "fc" and (layer, "proj") in groups
+        prefix = f"base_model.model.{module}{'.base_layer' if inner else ''}"
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        parameters.append(parameter)
+        ranks[_exact(parameter)] = rank
+        alphas[_exact(parameter)] = rank // experts[0].r * experts[0].alpha
+    return tensors, parameters, ranks, alphas
 
 
 def _exact(module_name: str) -> str:

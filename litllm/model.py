@@ -8,6 +8,7 @@ hs head size, C = n_embd.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -230,8 +231,10 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=(1 / math.sqrt(c.n_embd) / c.n_layer) if out_proj else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm, StackedLinear)):
                 module.reset_parameters()
+            elif isinstance(module, CausalSelfAttention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)
         self.build_rope_cache()
 
     @classmethod
@@ -296,6 +299,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm, self.k_norm = build_norm(c, c.head_size), build_norm(c, c.head_size)
         elif c.norm_qk == "full":
             self.q_norm, self.k_norm = build_norm(c, q_size), build_norm(c, kv_size)
+        # gpt-oss: one learned logit per query head in each softmax's denominator
+        self.sinks = nn.Parameter(torch.zeros(c.n_head)) if c.attention_sinks else None
         self.kv_cache: Optional[KVCache] = None
         # optional extra attention branch, e.g. LLaMA-Adapter's gated prefix (set by litllm/adapter.py):
         # called as adapter(q, self) and returns a (B, nh, T, hs) term added to the attention output
@@ -323,34 +328,48 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
 
         scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
-        y = attention(q, k, v, mask, scale, c.attention_logit_softcapping)  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, scale, c.attention_logit_softcapping, self.sinks)  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(q, self)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
 
 
-def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
+def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float],
+              sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q: (B, nh, T, hs), k/v: (B, nkv, L, hs), mask: (B|1, 1, T, L) bool or None (= causal), or a
-    FlexAttention BlockMask (packed rows on CUDA, see `document_block_mask`)."""
+    FlexAttention BlockMask (packed rows on CUDA, see `document_block_mask`). sinks: (nh,) logits that join
+    each softmax's denominator and attend to no value (gpt-oss), or None."""
     n_rep = q.size(1) // k.size(1)
     if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
-        return flex_attention(q, k, v, mask, scale, logit_softcap)
+        return flex_attention(q, k, v, mask, scale, logit_softcap, sinks)
     if q.size(2) == 1 and q.device.type == "cpu":
-        return single_query_attention(q, k, v, mask, scale, logit_softcap)
-    if logit_softcap is None:
+        return single_query_attention(q, k, v, mask, scale, logit_softcap, sinks)
+    if logit_softcap is None and sinks is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=n_rep > 1
         )
-    # SDPA can't softcap scores (Gemma-2): compute them explicitly
+    # SDPA can't softcap scores (Gemma-2) nor add sinks (gpt-oss): compute them explicitly
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    scores = softcap((q @ k.transpose(-2, -1)) * scale, logit_softcap)  # (B, nh, T, L)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, L)
+    if logit_softcap is not None:
+        scores = softcap(scores, logit_softcap)
     if mask is None:
         T, L = scores.shape[-2:]
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    return softmax_with_sinks(scores, sinks[:, None] if sinks is not None else None).to(q.dtype) @ v
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 softmax over the last dim of scores (..., nh-shaped dims, L); with sinks (shaped to broadcast against
+    scores[..., :1], one per head), each row's denominator also holds exp(sink), which no value stands behind."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    scores = scores.float()
+    sink = sinks.float()[..., None].expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
 def use_flex_attention(device: torch.device) -> bool:
@@ -375,9 +394,12 @@ def document_block_mask(document_ids: torch.Tensor, window: Optional[int] = None
 _compiled_flex = None
 
 
-def flex_attention(q, k, v, block_mask, scale: float, logit_softcap: Optional[float]) -> torch.Tensor:
+def flex_attention(q, k, v, block_mask, scale: float, logit_softcap: Optional[float],
+                   sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FlexAttention of q (B, nh, T, hs) on k/v (B, nkv, T, hs) under `block_mask`, scores softcapped if asked.
-    Compiled on first use on CUDA (its fused kernel); eager elsewhere (a reference, used by the CPU tests)."""
+    Compiled on first use on CUDA (its fused kernel); eager elsewhere (a reference, used by the CPU tests).
+    Sinks (nh,): softmax(s) over keys becomes softmax over keys + sink = out * sigmoid(lse - sink), from
+    the log-sum-exp FlexAttention returns."""
     global _compiled_flex
     from torch.nn.attention import flex_attention as flex
 
@@ -392,10 +414,17 @@ def flex_attention(q, k, v, block_mask, scale: float, logit_softcap: Optional[fl
         def score_mod(score, b, h, q_idx, k_idx):
             return torch.tanh(score / logit_softcap) * logit_softcap
 
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    gqa = q.size(1) != k.size(1)
+    if sinks is None:
+        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    out, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                  return_aux=flex.AuxRequest(lse=True))
+    keep = torch.sigmoid(aux.lse.float() - sinks.float()[None, :, None])  # (B, nh, T): the keys' share of the mass
+    return (out.float() * keep[..., None]).to(q.dtype)
 
 
-def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float]):
+def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float],
+                           sinks: Optional[torch.Tensor] = None):
     """Attention of one new token (T = 1, KV-cache decoding) on the CPU, as two small matmuls.
 
     SDPA's CPU kernel always opens a parallel region; for a single query its fork/join costs more
@@ -410,7 +439,8 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
         scores = softcap(scores, logit_softcap)
     if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
+    probs = softmax_with_sinks(scores, head_sinks).to(q.dtype)
     return (probs @ v).reshape(B, nh, 1, hs)
 
 
@@ -526,9 +556,65 @@ class MoE(nn.Module):
         return y
 
 
+class StackedLinear(nn.Module):
+    """One Linear per expert in one tensor: weight (n, in, out), applied as x @ weight[e] + bias[e]."""
+
+    def __init__(self, n: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, out_features))
+        self.reset_parameters()
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight[e] + self.bias[e]
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / (5 * self.weight.size(1))))
+        nn.init.zeros_(self.bias)
+
+
+class ClampedSwiGLUExperts(nn.Module):
+    """gpt-oss's experts, stacked: `gate_up` (E, C, 2I), whose output columns alternate gate, up, and `down`
+    (E, I, C), both with biases. Expert e: gate clamped to <= limit, up to [-limit, limit], then
+    down((up + 1) * gate * sigmoid(alpha * gate)). Iterating yields one callable per expert, so `MoE`'s
+    dispatch paths run these as they run a list of GatedMLPs."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        E, C, self.intermediate_size = config.n_expert, config.n_embd, config.expert_intermediate_size
+        self.gate_up = StackedLinear(E, C, 2 * self.intermediate_size)
+        self.down = StackedLinear(E, self.intermediate_size, C)
+        self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
+
+    def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up(e, x)  # (N, 2I)
+        gate, up = h[..., ::2].clamp(max=self.limit), h[..., 1::2].clamp(-self.limit, self.limit)
+        return self.down(e, (up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
+
+    def __len__(self) -> int:
+        return self.gate_up.weight.size(0)
+
+    def __iter__(self):
+        return (partial(self.run, e) for e in range(len(self)))
+
+
+class ClampedSwiGLUMoE(MoE):
+    """gpt-oss's MoE: a router with a bias picks each token's top-k experts, weighted by the softmax over their
+    logits (= the renormalised top-k probabilities, `moe_normalize_topk`), run as `ClampedSwiGLUExperts`."""
+
+    def __init__(self, config: Config) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=config.router_bias)
+        self.experts = ClampedSwiGLUExperts(config)
+        self.router_logits: Optional[torch.Tensor] = None
+
+
 def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
     if config.mlp_class_name == "MoE" and not config.is_moe(layer_idx):
         return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers)
+    if config.mlp_class_name == "MoE" and config.swiglu_limit is not None:
+        return ClampedSwiGLUMoE(config)
     return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE}[config.mlp_class_name](config)
 
 

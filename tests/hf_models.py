@@ -100,6 +100,13 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         eos_token_id=1, rope_parameters=dict(
             rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
             beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5))),
+    # gpt-oss: sinks, sliding (window 6) / full layers, YaRN without truncation, biased router and experts; the
+    # SwiGLU clamp (limit) lowered so random weights reach it
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=6, swiglu_limit=0.1, router_aux_loss_coef=0.02, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16,
+                             beta_fast=32.0, beta_slow=1.0, truncate=False))),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

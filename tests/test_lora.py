@@ -198,6 +198,9 @@ def test_merge_lora_cli_error_is_one_line(tmp_path):
         ("llama", dict(query=True, value=True)),
         ("phi3", ALL_ON),  # HF's qkv_proj / gate_up_proj are fused too: block-structured export
         ("gpt_neox", dict(query=True, key=True, value=False, mlp=True)),  # interleaved fused qkv rows
+        # MoE experts: PEFT target_parameters on transformers' stacked expert tensors (and a dense layer)
+        ("qwen3_moe", ALL_ON),
+        ("mixtral", dict(query=True, value=True, mlp=True)),
     ],
 )
 def test_peft_export_computes_what_litllm_computes(families, family, flags, tmp_path):

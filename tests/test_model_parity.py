@@ -47,7 +47,7 @@ def test_longrope_short_sequences_use_short_factors(family, converted):
 
 
 # the families of 2025-26 (one module each in litllm/hf/families/)
-NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe"]
+NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe", "gpt_oss"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"] + NEW_FAMILIES)
@@ -197,6 +197,8 @@ def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
     ("ministral3", "query_scale_beta", None),
     ("qwen3_moe", "moe_normalize_topk", False),
     ("olmoe", "moe_normalize_topk", True),
+    ("gpt_oss", "swiglu_limit", 1e9),  # the clamp (tests/hf_models.py lowers it so random weights reach it)
+    ("gpt_oss", "sliding_window_period", None),
 ])
 def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted):
     """The parity above is not luck: without the family's quirk the logits leave transformers' by over 5x
@@ -211,7 +213,7 @@ def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted)
         assert (plain(idx)[..., :VOCAB] - hf(idx).logits).abs().max() > 5e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral", "gpt_oss"])
 def test_router_aux_loss_equals_transformers(family, converted):
     """Training with targets adds router_aux_loss_coef x the load-balancing loss, the same term and the same
     total as transformers' forward with output_router_logits=True and labels (no attention mask)."""

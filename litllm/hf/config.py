@@ -38,8 +38,12 @@ def config_from_hf(path_or_dict: str | Path | dict[str, Any], **overrides: Any) 
     model_type = hf.get("model_type")
     wrapped = next((f for f in FAMILIES.values() if model_type in f.wrappers), None)
     if wrapped is not None and "text_config" in hf:  # a multimodal wrapper: its text model only
-        hf = {**hf["text_config"], "model_type": wrapped.model_type}
-        model_type = wrapped.model_type
+        text = dict(hf["text_config"])
+        if hf.get("tie_word_embeddings") is not None:  # transformers ties a wrapper's head by the wrapper's key
+            text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+        # the text model's own type when litllm knows it (Mistral-Small-3.x: `mistral`), else the wrapper's family
+        model_type = text.get("model_type") if text.get("model_type") in FAMILIES else wrapped.model_type
+        hf = {**text, "model_type": model_type}
     if model_type not in FAMILIES:
         raise LitLLMError(
             f"{source}: unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "

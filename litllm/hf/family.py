@@ -32,6 +32,9 @@ class HFSource:
 
     names: tuple[str, ...]
     layout: Optional[str] = None
+    joined_suffix: bool = False
+    """The weight is the name itself and the bias `<name>_bias` (gpt-oss's stacked experts: `gate_up_proj`,
+    `gate_up_proj_bias`), instead of `<name>.weight` / `<name>.bias`."""
 
     @property
     def concatenated(self) -> bool:
@@ -39,6 +42,9 @@ class HFSource:
 
     def fill(self, suffix: str, **values: str) -> "HFSource":
         """The template with its `{i}`/`{e}` filled and the parameter suffix (`weight`/`bias`) appended."""
+        if self.joined_suffix:
+            end = "" if suffix == "weight" else "_" + suffix
+            return HFSource(tuple(n.format(**values) + end for n in self.names), self.layout)
         return HFSource(tuple(n.format(**values) + "." + suffix for n in self.names), self.layout)
 
 
@@ -79,6 +85,9 @@ class Family:
     """(Config, config.json dict so far): write the family's own keys."""
     pick_weights: Optional[Callable[[Config], WeightMap]] = None
     """When the weight names depend on the config (Falcon's norms), the map for this config."""
+    stacked_experts: Optional[str] = None
+    """transformers' (>= 5) module holding an MoE layer's experts as stacked tensors `gate_up_proj` (E, 2I, C) and
+    `down_proj` (E, C, I), as a template with `{i}`: where a PEFT export puts the experts' LoRA."""
     wrappers: tuple[str, ...] = field(default=())
     """`model_type`s of multimodal wrappers whose `text_config` is this family (`gemma3` -> `gemma3_text`)."""
 

@@ -2,8 +2,9 @@
 1 + beta * log(1 + floor(position / original_max_position_embeddings)) after RoPE
 (`rope_parameters.llama_4_scaling_beta`).
 
-The published checkpoints are multimodal `mistral3` folders (vision tower + this text model); reading
-those (their config wrapper and `language_model` weight prefix) is not done yet, so no presets."""
+The published checkpoints are multimodal `mistral3` folders (a Pixtral vision tower + this text model, or
+Mistral-Small-3.x's plain `mistral` text model): their `text_config` is read (the text model's own `model_type`),
+the `language_model.` weight prefix stripped and the vision tower left out; the export is the text model alone."""
 
 from litllm.errors import LitLLMError
 from litllm.hf.families.llama import FLAGS, WEIGHTS
@@ -34,6 +35,6 @@ def write_config(c, hf: dict) -> None:
 
 
 MINISTRAL3 = register(Family(
-    "ministral3", "Ministral3ForCausalLM", FLAGS, WEIGHTS,
-    read_config=read_config, write_config=write_config,
+    "ministral3", "Ministral3ForCausalLM", FLAGS, WEIGHTS, presets="Ministral-3-8B-Base-2512",
+    read_config=read_config, write_config=write_config, wrappers=("mistral3",),
 ))

@@ -27,5 +27,6 @@ def write_config(c, hf: dict) -> None:
 
 MIXTRAL = register(Family(
     "mixtral", "MixtralForCausalLM", {**FLAGS, "mlp_class_name": "MoE"}, WEIGHTS, presets="Mixtral-8x7B-v0.1",
+    stacked_experts="model.layers.{i}.mlp.experts",
     read_config=read_config, write_config=write_config,
 ))

@@ -24,5 +24,6 @@ def write_config(c, hf: dict) -> None:
 
 OLMOE = register(Family(
     "olmoe", "OlmoeForCausalLM", {**FLAGS, "norm_qk": "full", "mlp_class_name": "MoE"}, WEIGHTS,
-    presets="OLMoE-1B-7B-0924", read_config=read_config, write_config=write_config,
+    presets="OLMoE-1B-7B-0924", stacked_experts="model.layers.{i}.mlp.experts",
+    read_config=read_config, write_config=write_config,
 ))

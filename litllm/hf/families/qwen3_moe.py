@@ -51,5 +51,6 @@ def write_config(c, hf: dict) -> None:
 
 QWEN3_MOE = register(Family(
     "qwen3_moe", "Qwen3MoeForCausalLM", {**FLAGS, "norm_qk": "head", "mlp_class_name": "MoE"}, WEIGHTS,
-    presets="Qwen3-30B-A3B", read_config=read_config, write_config=write_config,
+    presets="Qwen3-30B-A3B", stacked_experts="model.layers.{i}.mlp.experts",
+    read_config=read_config, write_config=write_config,
 ))

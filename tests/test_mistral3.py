@@ -1,0 +1,144 @@
+"""`mistral3` checkpoints (Ministral 3, Mistral-Small-3.x): a vision tower + a text model in one folder. litllm
+reads the text model (its own `model_type` from `text_config`, the `language_model.` weight prefix stripped,
+the vision tower left out) and computes what transformers' Mistral3ForConditionalGeneration computes on text."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from litllm.config import Config
+from litllm.convert import convert_from_litllm, convert_to_litllm
+from litllm.hf.config import config_from_hf
+from litllm.model import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 96
+TEXT = {
+    # Ministral 3: YaRN and the position-dependent query scale, whose step (16) the test sequences cross
+    "ministral3": dict(
+        model_type="ministral3", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=112, max_position_embeddings=128,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5)),
+    # Mistral-Small-3.1: a plain Mistral text model, its own head
+    "mistral": dict(
+        model_type="mistral", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=112, max_position_embeddings=128, rope_theta=1e9),
+}
+VISION = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              head_dim=16, image_size=32, patch_size=8)
+
+
+def _wrapper(text: str, folder, tie: bool, vocab_size: int = VOCAB):
+    import transformers
+
+    config = transformers.Mistral3Config(text_config=dict(TEXT[text], vocab_size=vocab_size), vision_config=VISION,
+                                         tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("text,tie", [("ministral3", True), ("mistral", False)])
+def test_text_model_of_a_mistral3_folder_matches_transformers_and_exports(text, tie, tmp_path):
+    import transformers
+
+    src = tmp_path / "hf"
+    hf = _wrapper(text, src, tie)
+    convert_to_litllm(src)
+    model = GPT.from_checkpoint(src).eval()
+    assert model.config.hf_model_type == text and model.config.tie_embeddings == tie
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=idx).logits
+        torch.testing.assert_close(model(idx)[..., :VOCAB], expected, atol=1e-4, rtol=0)
+
+    # the export is the text model alone, which transformers loads as its CausalLM class
+    convert_from_litllm(src, tmp_path / "export")
+    exported, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert type(exported).__name__ == {"ministral3": "Ministral3ForCausalLM", "mistral": "MistralForCausalLM"}[text]
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(idx).logits, expected, atol=1e-5, rtol=0)
+
+    # greedy tokens through the engine (prefill + KV cache) are transformers' generate's
+    from litllm.engine import generate_ids
+
+    prompt = torch.randint(2, VOCAB, (7,), generator=torch.Generator().manual_seed(5))
+    want = hf.generate(prompt[None], attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=20,
+                       min_new_tokens=20, do_sample=False, pad_token_id=VOCAB - 1)[0, 7:].tolist()
+    assert generate_ids(model, prompt.tolist(), 20) == want
+
+
+@pytest.mark.parametrize("preset,reference", [
+    ("Ministral-3-8B-Base-2512", "Ministral3Config"),  # its docstring: the defaults are Ministral-3-8B's
+    ("Mistral-Small-3.1-24B-Instruct-2503", "Mistral3Config"),  # text_config defaults: Mistral-Small-3.1-24B's
+])
+def test_presets_are_the_published_configs(preset, reference):
+    import transformers
+
+    hf = getattr(transformers, reference)()
+    text = hf.text_config.to_dict() if reference == "Mistral3Config" else hf.to_dict()
+    expected = config_from_hf(text).to_dict()
+    actual = Config.from_name(preset).to_dict()
+    differ = {k: (actual[k], expected[k]) for k in expected if k not in ("name", "hf_repo") and actual[k] != expected[k]}
+    assert not differ
+
+
+def test_lora_finetunes_the_text_model_and_its_peft_export_loads_on_the_exported_model(tmp_path_factory, tmp_path):
+    """finetune_lora runs on a converted mistral3 folder; its PEFT adapter applies to the exported text model
+    (what `convert_from_litllm` writes) in transformers + peft with litllm's logits; `estimate` runs."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    from tokenizers import Tokenizer
+
+    from conftest import json_file, train_bpe_tokenizer
+    from litllm.data import JSON
+    from litllm.finetune import finetune_lora
+    from litllm.lora import load_lora_model, save_peft_adapter
+    from litllm.train.args import EvalArgs, TrainArgs
+
+    src = tmp_path / "hf"
+    train_bpe_tokenizer(src)
+    n_vocab = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size()
+    _wrapper("ministral3", src, tie=False, vocab_size=n_vocab)
+    convert_to_litllm(src)
+    records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
+    result = finetune_lora(
+        src, out_dir=tmp_path / "run", accelerator="cpu", precision="32-true", logger_name="csv",
+        data=JSON(json_path=json_file(tmp_path_factory, records), val_split_fraction=0.1, prompt_style="default"),
+        train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_steps=3, lr_warmup_steps=1, save_interval=None,
+                        max_seq_length=32),
+        eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}},
+        lora_mlp=True,
+    )
+    model = load_lora_model(result.final_dir).eval()
+    save_peft_adapter(model, tmp_path / "peft")
+    convert_from_litllm(src, tmp_path / "export")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    x = torch.randint(0, n_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = hf(x).logits
+        got = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(x).logits
+        expected = model(x)
+    assert (got - base).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "litllm", "estimate", "finetune_lora", str(src), "--train.max_steps", "5",
+         "--train.max_seq_length", "32", "--precision", "32-true", "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["method"] == "lora"
