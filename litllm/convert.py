@@ -6,6 +6,7 @@ Both stream tensor by tensor, so peak memory stays near the largest single tenso
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -98,7 +99,8 @@ def convert_to_litllm(
                 first = None  # hold at most one tensor at a time
                 writer.write(name, tensor.to(out_dtype))
                 del tensor
-        leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n))
+        leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n)
+                          and not _is_mtp_layer(n, config.n_layer, checkpoint_dir))
         if config.tie_embeddings:
             leftover = [n for n in leftover if not n.startswith("lm_head.")]
         if leftover:
@@ -108,6 +110,15 @@ def convert_to_litllm(
             )
         config.save(checkpoint_dir / CONFIG_FILE)
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} and {CONFIG_FILE}")
+
+
+def _is_mtp_layer(hf_name: str, n_layer: int, checkpoint_dir: Path) -> bool:
+    """`model.layers.{n}.*` with num_hidden_layers <= n < num_hidden_layers + num_nextn_predict_layers: a
+    multi-token-prediction module (DeepSeek-V3, GLM-4.5) that transformers, like litllm, does not run."""
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    if m is None or int(m.group(1)) < n_layer or not (checkpoint_dir / "config.json").is_file():
+        return False
+    return int(m.group(1)) < n_layer + (read_json_object(checkpoint_dir / "config.json").get("num_nextn_predict_layers") or 0)
 
 
 def convert_from_litllm(

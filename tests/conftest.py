@@ -84,7 +84,7 @@ def make_converted_checkpoint(
     `byte_fallback`), saved and converted to litllm format."""
     import transformers
 
-    from hf_models import FAMILIES
+    from hf_models import FAMILIES, perturb
     from litllm.convert import convert_to_litllm
 
     train_bpe_tokenizer(folder, vocab_size=vocab_size, byte_fallback=byte_fallback)
@@ -95,9 +95,7 @@ def make_converted_checkpoint(
     config = getattr(transformers, config_cls)(**dict(kwargs, vocab_size=n_vocab, bos_token_id=0, eos_token_id=1))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(model)
     model.save_pretrained(folder)
     convert_to_litllm(folder)
     return folder
