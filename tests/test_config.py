@@ -35,7 +35,15 @@ def test_required_presets_exist():
     assert not missing
 
 
-@pytest.mark.parametrize("name", sorted(_presets()))
+def _one_per_architecture() -> list[str]:
+    """Preset names, one per distinct architecture: a checkpoint's variants (base/instruct/revisions) share it."""
+    seen: dict[str, str] = {}
+    for name, values in sorted(_presets().items()):
+        seen.setdefault(repr(sorted((k, repr(v)) for k, v in values.items() if k not in ("name", "hf_repo"))), name)
+    return sorted(seen.values())
+
+
+@pytest.mark.parametrize("name", _one_per_architecture())
 def test_preset_parameter_count_matches_transformers(name):
     import transformers
 
