@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from litllm.config import Config
 from litllm.errors import LitLLMError
+from litllm.hf import fp8
 from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
 from litllm.hf.weights import (
     IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
@@ -57,6 +58,7 @@ def convert_to_litllm(
         raise LitLLMError(f"model {config.name!r}: preset has no hf_model_type, can't map HF weight names")
     hf = HFWeights(checkpoint_dir)
     mapping = weight_map(config, config.hf_model_type)
+    fp8_block = fp8.block_size(read_json_object(checkpoint_dir / "config.json")) if (checkpoint_dir / "config.json").is_file() else None
 
     from litllm.model import GPT
 
@@ -77,7 +79,7 @@ def convert_to_litllm(
                 f"{checkpoint_dir}: weight {missing[0]} is missing but config.json ({config.hf_model_type}) needs it"
             )
         used.update(names)
-        tensors = [hf.get(n) for n in names]
+        tensors = [_read_dequantized(hf, n, fp8_block, used) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if source.layout and tensor.shape[0] == expected[lit_name].shape[0]:
             tensor = qkv_from_interleaved(tensor, source.layout, config)
@@ -110,6 +112,16 @@ def convert_to_litllm(
             )
         config.save(checkpoint_dir / CONFIG_FILE)
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} and {CONFIG_FILE}")
+
+
+def _read_dequantized(hf: HFWeights, name: str, fp8_block: Optional[tuple[int, int]], used: set[str]) -> torch.Tensor:
+    """One HF tensor; a block-quantized FP8 weight (with its `_scale_inv` beside it) dequantized to fp32."""
+    tensor = hf.get(name)
+    scale_name = name + fp8.SCALE_SUFFIX
+    if fp8_block is None or tensor.element_size() != 1 or scale_name not in hf:
+        return tensor
+    used.add(scale_name)
+    return fp8.dequantize(tensor, hf.get(scale_name), fp8_block)
 
 
 def _is_mtp_layer(hf_name: str, n_layer: int, checkpoint_dir: Path) -> bool:

@@ -176,3 +176,48 @@ def test_estimate_counts_the_latent_cache(checkpoint):
     assert est["breakdown"]["kv_cache"] == 2 * 64 * c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
     est = estimate("finetune_lora", str(folder), "--train.max_steps", "10")
     assert est["peak_memory_bytes"]["device0"] > est["breakdown"]["weights"] > 0
+
+
+def test_block_fp8_checkpoint_is_dequantized_as_transformers_does(tmp_path):
+    """The Hub's DeepSeek-V3/R1 and Kimi K2 store Linear weights as FP8 with a scale per 128 x 128 block
+    (`weight_scale_inv`); conversion dequantizes them exactly as transformers' own FP8 dequantization does
+    (here blocks of 16 x 16 over shapes that are no multiple of 16: partial last blocks)."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from hf_models import save_hf_checkpoint
+    from litllm.convert import convert_to_litllm
+
+    save_hf_checkpoint("deepseek_v3", tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    block = 16
+    quantized = {}
+    for name, w in weights.items():
+        if name.endswith("proj.weight") and w.dim() == 2:  # the Linears, as the Hub quantizes them
+            rows, cols = -(-w.size(0) // block), -(-w.size(1) // block)
+            padded = torch.zeros(rows * block, cols * block).index_put_(
+                (torch.arange(w.size(0))[:, None], torch.arange(w.size(1))), w.abs())
+            scale = padded.view(rows, block, cols, block).amax(dim=(1, 3)) / 448 + 1e-12
+            full_scale = scale.repeat_interleave(block, 0)[: w.size(0)].repeat_interleave(block, 1)[:, : w.size(1)]
+            quantized[name] = (w / full_scale).to(torch.float8_e4m3fn)
+            quantized[name + "_scale_inv"] = scale
+        else:
+            quantized[name] = w
+    save_file(quantized, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    convert_to_litllm(tmp_path)
+
+    lit = load_file(tmp_path / "lit_model.safetensors")
+    expected = _dequantize_fp8_weight(quantized["model.layers.1.mlp.experts.3.down_proj.weight"],
+                                      quantized["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"],
+                                      [block, block], torch.float32)
+    assert torch.equal(lit["blocks.1.mlp.experts.3.proj.weight"], expected)
+    kv_b = _dequantize_fp8_weight(quantized["model.layers.0.self_attn.kv_b_proj.weight"],
+                                  quantized["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"],
+                                  [block, block], torch.float32)
+    assert torch.equal(lit["blocks.0.attn.kv_b.weight"], kv_b)
+    original = weights["model.layers.0.self_attn.kv_b_proj.weight"]
+    assert (kv_b - original).abs().max() <= original.abs().max() / 8  # FP8's 3 mantissa bits, one scale per block
