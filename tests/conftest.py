@@ -101,6 +101,27 @@ def make_converted_checkpoint(
     return folder
 
 
+def assert_peft_export_computes_the_same(model, base: Path, folder: Path) -> list[str]:
+    """Export a LoRA-wrapped litllm model as a PEFT adapter into `folder`; transformers + peft load it on the HF
+    checkpoint `base` and compute the same logits (within 1e-4). Returns the adapter's target modules."""
+    import json
+
+    import peft
+    import transformers
+
+    from litllm.lora import save_peft_adapter
+
+    save_peft_adapter(model, folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, folder).eval()
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        got = peft_model(x).logits
+    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
+    return json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models train fastest on one thread (and far faster when the cores are shared)."""

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import json_file, make_converted_checkpoint
+from conftest import assert_peft_export_computes_the_same, json_file, make_converted_checkpoint
 from litllm.config import Config
 from litllm.model import GPT
 
@@ -116,12 +116,10 @@ def test_lora_finetune_runs_and_its_peft_export_loads(family, checkpoint, tmp_pa
     """LoRA on queries, keys/values (MLA: kv_b) and the output projection; the PEFT export loads in
     transformers + peft and computes what litllm computes. (`--lora_mlp` adapts routed and shared experts too,
     but transformers 5 fuses experts into 3-D parameters PEFT cannot target: see tutorials/finetune.md.)"""
-    peft = pytest.importorskip("peft")
-    import transformers
-
+    pytest.importorskip("peft")
     from litllm.data import JSON
     from litllm.finetune import finetune_lora
-    from litllm.lora import load_lora_model, save_peft_adapter
+    from litllm.lora import load_lora_model
     from litllm.train.args import EvalArgs, TrainArgs
 
     base = checkpoint(family)
@@ -136,17 +134,8 @@ def test_lora_finetune_runs_and_its_peft_export_loads(family, checkpoint, tmp_pa
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}},
     )
     assert result.losses[4] < result.losses[1]
-    model = load_lora_model(result.final_dir).eval()
-    save_peft_adapter(model, tmp_path / "peft")
-    targets = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    targets = assert_peft_export_computes_the_same(load_lora_model(result.final_dir).eval(), base, tmp_path / "peft")
     assert family != "deepseek_v3" or {t.rsplit(".", 1)[1] for t in targets} == {"q_b_proj", "kv_b_proj", "o_proj"}
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
-    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(x)
-        got = peft_model(x).logits
-    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
 
 
 def test_lora_mlp_adapts_routed_and_shared_experts_and_dense_layers(checkpoint):
@@ -157,6 +146,14 @@ def test_lora_mlp_adapts_routed_and_shared_experts_and_dense_layers(checkpoint):
     assert {"blocks.0.mlp.fc", "blocks.1.mlp.experts.7.proj", "blocks.1.mlp.shared_experts.fc",
             "blocks.1.attn.q", "blocks.1.attn.kv_b"} <= adapted
     assert not any(".router" in n for n in adapted)
+
+
+def test_adapter_refuses_mla_models(checkpoint):
+    from litllm.adapter import add_adapter
+    from litllm.errors import LitLLMError
+
+    with pytest.raises(LitLLMError, match="not supported on Multi-head Latent Attention"):
+        add_adapter(GPT.from_checkpoint(checkpoint("deepseek_v2")), adapter_start_layer=0)
 
 
 def test_estimate_counts_the_latent_cache(checkpoint):
