@@ -148,6 +148,17 @@ def test_lora_mlp_adapts_routed_and_shared_experts_and_dense_layers(checkpoint):
     assert not any(".router" in n for n in adapted)
 
 
+def test_training_flops_are_the_formulas(checkpoint):
+    """The FLOPs torch counts in a training forward + backward of the DeepSeek-V3 model (MLA with values
+    narrower than query/key heads, a dense layer, shared and routed experts dispatched sparsely) are what
+    `flops_per_token` says, which `litllm estimate` and the MFU meter use."""
+    from litllm.train.flops import flops_per_token, measured_flops
+
+    model = GPT.from_checkpoint(checkpoint("deepseek_v3"))
+    x = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert measured_flops(model, x, x) == pytest.approx(flops_per_token(model.config, 32) * 2 * 32, rel=1e-3)
+
+
 def test_adapter_refuses_mla_models(checkpoint):
     from litllm.adapter import add_adapter
     from litllm.errors import LitLLMError
