@@ -58,7 +58,9 @@ def convert_to_litllm(
         raise LitLLMError(f"model {config.name!r}: preset has no hf_model_type, can't map HF weight names")
     hf = HFWeights(checkpoint_dir)
     mapping = weight_map(config, config.hf_model_type)
-    fp8_block = fp8.block_size(read_json_object(checkpoint_dir / "config.json")) if (checkpoint_dir / "config.json").is_file() else None
+    hf_config = read_json_object(checkpoint_dir / "config.json") if (checkpoint_dir / "config.json").is_file() else {}
+    fp8_block = fp8.block_size(hf_config)
+    mtp_layers = hf_config.get("num_nextn_predict_layers") or 0
 
     from litllm.model import GPT
 
@@ -102,7 +104,7 @@ def convert_to_litllm(
                 writer.write(name, tensor.to(out_dtype))
                 del tensor
         leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n)
-                          and not _is_mtp_layer(n, config.n_layer, checkpoint_dir))
+                          and not _is_mtp_layer(n, config.n_layer, mtp_layers))
         if config.tie_embeddings:
             leftover = [n for n in leftover if not n.startswith("lm_head.")]
         if leftover:
@@ -124,13 +126,11 @@ def _read_dequantized(hf: HFWeights, name: str, fp8_block: Optional[tuple[int, i
     return fp8.dequantize(tensor, hf.get(scale_name), fp8_block)
 
 
-def _is_mtp_layer(hf_name: str, n_layer: int, checkpoint_dir: Path) -> bool:
+def _is_mtp_layer(hf_name: str, n_layer: int, mtp_layers: int) -> bool:
     """`model.layers.{n}.*` with num_hidden_layers <= n < num_hidden_layers + num_nextn_predict_layers: a
     multi-token-prediction module (DeepSeek-V3, GLM-4.5) that transformers, like litllm, does not run."""
     m = re.match(r"model\.layers\.(\d+)\.", hf_name)
-    if m is None or int(m.group(1)) < n_layer or not (checkpoint_dir / "config.json").is_file():
-        return False
-    return int(m.group(1)) < n_layer + (read_json_object(checkpoint_dir / "config.json").get("num_nextn_predict_layers") or 0)
+    return m is not None and n_layer <= int(m.group(1)) < n_layer + mtp_layers
 
 
 def convert_from_litllm(

@@ -229,3 +229,24 @@ def test_block_fp8_checkpoint_is_dequantized_as_transformers_does(tmp_path):
     assert torch.equal(lit["blocks.0.attn.kv_b.weight"], kv_b)
     original = weights["model.layers.0.self_attn.kv_b_proj.weight"]
     assert (kv_b - original).abs().max() <= original.abs().max() / 8  # FP8's 3 mantissa bits, one scale per block
+
+
+def test_multi_token_prediction_layers_are_skipped_only_where_config_declares_them(tmp_path):
+    """DeepSeek-V3 and GLM-4.5 checkpoints ship `num_nextn_predict_layers` extra layers after the last one
+    (transformers runs neither); any other extra layer still means config.json and weights disagree."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_models import save_hf_checkpoint
+    from litllm.convert import convert_to_litllm
+    from litllm.errors import LitLLMError
+
+    save_hf_checkpoint("glm4_moe", tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.2.eh_proj.weight"] = torch.zeros(4, 4)  # a layer past num_hidden_layers (2)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(LitLLMError, match=r"have no place .*model\.layers\.2\.eh_proj"):
+        convert_to_litllm(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    convert_to_litllm(tmp_path)
+    assert GPT.from_checkpoint(tmp_path).config.n_layer == 2

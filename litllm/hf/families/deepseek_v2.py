@@ -30,7 +30,8 @@ def read_config(hf: dict, values: dict) -> None:
 
 def write_config(c, hf: dict) -> None:
     if c.moe_normalize_topk or c.moe_correction_bias or c.moe_scoring != "softmax":
-        raise LitLLMError(f"model {c.name!r}: deepseek_v2 routes by softmax, without renormalisation or correction bias")
+        raise LitLLMError(f"model {c.name!r}: deepseek_v2 routes by softmax, without renormalisation or "
+                          "correction bias")
     write_mla(c, hf)
     write_routed_moe(c, hf)
     grouped = c.n_expert_groups > 1
