@@ -111,6 +111,9 @@ def add_adapter(
     if prefix_length < 1:
         raise LitLLMError(f"--adapter_prefix_length: expected a positive length, got {prefix_length}")
     c = model.config
+    if c.kv_lora_rank:
+        raise LitLLMError(f"model {c.name!r}: the adapter's learned prefix is not supported on Multi-head Latent "
+                          "Attention (DeepSeek) models; use finetune_lora")
     weight = model.wte.weight
     for block in model.blocks[adapter_start_layer:]:
         if block.attn.adapter is not None:

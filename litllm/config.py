@@ -99,6 +99,18 @@ class Config:
     attention_sinks: bool = False
     """A learned logit per query head that joins every softmax's denominator, so a head can attend to nothing
     (gpt-oss `sinks`)."""
+    # --- Multi-head Latent Attention (DeepSeek-V2/V3): set kv_lora_rank to use it ---
+    kv_lora_rank: Optional[int] = None
+    """MLA: keys and values are up-projected from one latent of this size per token, which is all the KV
+    cache holds (with the shared rotary key): (kv_lora_rank + qk_rope_head_dim) values per token per layer."""
+    q_lora_rank: Optional[int] = None
+    """MLA: queries go through a low-rank latent of this size (None: one full query projection, V2-Lite)."""
+    qk_rope_head_dim: int = 0
+    """MLA: the rotary part of each query/key head (head_size = qk_nope_head_dim + qk_rope_head_dim)."""
+    v_head_dim: Optional[int] = None
+    """MLA: each value head's size (defaults to head_size)."""
+    rope_interleaved: bool = False
+    """RoPE rotates adjacent pairs (x0, x1), (x2, x3)... instead of the two halves (DeepSeek)."""
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     sliding_window_size: Optional[int] = None
@@ -142,6 +154,20 @@ class Config:
     """gpt-oss's experts (set: stacked, with biases): gate clamped to <= limit, up to [-limit, limit], and
     (up + 1) * gate * sigmoid(swiglu_alpha * gate) in place of act(gate) * up."""
     swiglu_alpha: float = 1.702
+    moe_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3, GLM-4.5)."""
+    moe_correction_bias: bool = False
+    """The router adds a per-expert bias to the scores when choosing (not weighting) experts (DeepSeek-V3's
+    `e_score_correction_bias`). It is a buffer: finetuning never changes it."""
+    n_expert_groups: int = 1
+    """Group-limited routing: experts fall into this many groups and a token picks among the experts of its
+    `n_topk_groups` best groups only (group score: the best expert's softmax score, or with sigmoid scoring
+    the sum of the two best)."""
+    n_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    """Multiply the routed experts' weights by this (DeepSeek `routed_scaling_factor`)."""
+    n_shared_expert: int = 0
+    """Shared experts every token goes through: one GatedMLP of n_shared_expert * moe_intermediate_size."""
     router_aux_loss_coef: float = 0.0
     """Weight of the router load-balancing loss added to the LM loss while training (the checkpoint's
     `router_aux_loss_coef`; `--train.router_aux_loss_coef` overrides it)."""
@@ -173,6 +199,11 @@ class Config:
             self.intermediate_size = 4 * self.n_embd
         if self.mlp_class_name == "MoE" and not (0 < self.n_expert_per_token <= self.n_expert):
             raise LitLLMError("MoE needs 0 < n_expert_per_token <= n_expert")
+        if self.n_expert % self.n_expert_groups or not 0 < self.n_topk_groups <= self.n_expert_groups:
+            raise LitLLMError(f"n_expert ({self.n_expert}) must split into n_expert_groups ({self.n_expert_groups}) "
+                              f"of which n_topk_groups ({self.n_topk_groups}) are chosen")
+        if self.kv_lora_rank and self.v_head_dim is None:
+            self.v_head_dim = self.head_size
         check_rope_scaling(self.rope_scaling)
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
@@ -181,7 +212,16 @@ class Config:
     @property
     def rope_n_elem(self) -> int:
         """How many dimensions of each head RoPE rotates (always even)."""
+        if self.kv_lora_rank:  # MLA: the rotary part of the head
+            return self.qk_rope_head_dim
         return int(self.rotary_percentage * self.head_size) // 2 * 2
+
+    def kv_cache_values_per_token(self) -> int:
+        """Values one token keeps in the KV cache over all layers: keys and values of every kv head, or for
+        MLA the latent and the shared rotary key, (kv_lora_rank + qk_rope_head_dim) per layer."""
+        if self.kv_lora_rank:
+            return self.n_layer * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return 2 * self.n_layer * self.n_query_groups * self.head_size
 
     def is_moe(self, layer_idx: int) -> bool:
         return self.mlp_class_name == "MoE" and layer_idx not in (self.dense_mlp_layers or ())

@@ -6,6 +6,7 @@ Both stream tensor by tensor, so peak memory stays near the largest single tenso
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from litllm.config import Config
 from litllm.errors import LitLLMError
-from litllm.hf import mxfp4
+from litllm.hf import fp8, mxfp4
 from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
 from litllm.hf.weights import (
     IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
@@ -57,6 +58,9 @@ def convert_to_litllm(
         raise LitLLMError(f"model {config.name!r}: preset has no hf_model_type, can't map HF weight names")
     hf = HFWeights(checkpoint_dir)
     mapping = weight_map(config, config.hf_model_type)
+    hf_config = read_json_object(checkpoint_dir / "config.json") if (checkpoint_dir / "config.json").is_file() else {}
+    fp8_block = fp8.block_size(hf_config)
+    mtp_layers = hf_config.get("num_nextn_predict_layers") or 0
 
     from litllm.model import GPT
 
@@ -76,7 +80,7 @@ def convert_to_litllm(
             raise LitLLMError(
                 f"{checkpoint_dir}: weight {missing[0]} is missing but config.json ({config.hf_model_type}) needs it"
             )
-        tensors = [_read_weight(hf, n, target_dtype, used) for n in names]
+        tensors = [_read_weight(hf, n, target_dtype, fp8_block, used) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if source.layout and tensor.shape[0] == expected[lit_name].shape[0]:
             tensor = qkv_from_interleaved(tensor, source.layout, config)
@@ -98,7 +102,8 @@ def convert_to_litllm(
                 first = None  # hold at most one tensor at a time
                 writer.write(name, tensor.to(out_dtype))
                 del tensor
-        leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n))
+        leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n)
+                          and not _is_mtp_layer(n, config.n_layer, mtp_layers))
         if config.tie_embeddings:
             leftover = [n for n in leftover if not n.startswith("lm_head.")]
         if leftover:
@@ -110,14 +115,28 @@ def convert_to_litllm(
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} and {CONFIG_FILE}")
 
 
-def _read_weight(hf: HFWeights, name: str, dtype: Optional[torch.dtype], used: set[str]) -> torch.Tensor:
-    """One HF weight; one stored MXFP4-packed (gpt-oss's experts) is dequantized to `dtype` (default bfloat16)."""
-    if name in hf:
-        used.add(name)
-        return hf.get(name)
-    blocks, scales = mxfp4.packed_names(name)
-    used.update((blocks, scales))
-    return mxfp4.dequantize(hf.get(blocks), hf.get(scales), dtype or torch.bfloat16)
+def _read_weight(hf: HFWeights, name: str, dtype: Optional[torch.dtype], fp8_block: Optional[tuple[int, int]],
+                 used: set[str]) -> torch.Tensor:
+    """One HF weight as stored, or dequantized: MXFP4-packed (gpt-oss's experts, `*_blocks`/`*_scales`) to
+    `dtype` (default bfloat16); block-FP8 with its `_scale_inv` beside it (DeepSeek-V3, Kimi K2) to fp32."""
+    if name not in hf:
+        blocks, scales = mxfp4.packed_names(name)
+        used.update((blocks, scales))
+        return mxfp4.dequantize(hf.get(blocks), hf.get(scales), dtype or torch.bfloat16)
+    used.add(name)
+    tensor = hf.get(name)
+    scale_name = name + fp8.SCALE_SUFFIX
+    if fp8_block is None or tensor.element_size() != 1 or scale_name not in hf:
+        return tensor
+    used.add(scale_name)
+    return fp8.dequantize(tensor, hf.get(scale_name), fp8_block)
+
+
+def _is_mtp_layer(hf_name: str, n_layer: int, mtp_layers: int) -> bool:
+    """`model.layers.{n}.*` with num_hidden_layers <= n < num_hidden_layers + num_nextn_predict_layers: a
+    multi-token-prediction module (DeepSeek-V3, GLM-4.5) that transformers, like litllm, does not run."""
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    return m is not None and n_layer <= int(m.group(1)) < n_layer + mtp_layers
 
 
 def convert_from_litllm(

@@ -159,8 +159,9 @@ def format_table(est: Estimate) -> str:
         lines.append(f"  {name.replace('_', ' '):<18} {gb(est.breakdown[name]):>12}")
     lines.append(f"  {'total (peak)':<18} {gb(est.peak_memory_bytes):>12}")
     if est.method == "inference":
-        lines += ["", f"KV cache: {est.micro_batch_size} slot(s) x {est.seq_length} positions; FLOPs per decode step "
-                      f"{est.flops_per_step:.3e}"]
+        per_token = est.breakdown["kv_cache"] / max(1, est.micro_batch_size * est.seq_length)
+        lines += ["", f"KV cache: {est.micro_batch_size} slot(s) x {est.seq_length} positions, {per_token:,.0f} bytes per "
+                      f"token; FLOPs per decode step {est.flops_per_step:.3e}"]
     else:
         lines += ["", f"tokens per optimizer step  {est.tokens_per_step:,}", f"FLOPs per step             {est.flops_per_step:.3e}"]
     if est.method == "inference":

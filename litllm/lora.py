@@ -182,7 +182,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------------- transforms of a GPT
 def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[list[tuple[str, int]], list[str]]]:
     """Module path -> (output parts, enabled parts) for every Linear the settings adapt."""
-    from litllm.model import GatedMLP, GeluMLP, MoE
+    from litllm.model import GatedMLP, GeluMLP, MLAttention, MoE
 
     s = settings
     c = model.config
@@ -201,7 +201,12 @@ def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[li
         targets[f"{prefix}.proj"] = ([("all", mlp.proj.out_features)], ["all"])
 
     for i, block in enumerate(model.blocks):
-        if qkv_on:
+        if isinstance(block.attn, MLAttention):  # queries: `q` (q_b_proj/q_proj); keys and values: `kv_b`
+            if s.query:
+                targets[f"blocks.{i}.attn.q"] = ([("all", block.attn.q.out_features)], ["all"])
+            if s.key or s.value:
+                targets[f"blocks.{i}.attn.kv_b"] = ([("all", block.attn.kv_b.out_features)], ["all"])
+        elif qkv_on:
             targets[f"blocks.{i}.attn.qkv"] = (qkv, qkv_on)
         if s.projection:
             targets[f"blocks.{i}.attn.proj"] = ([("all", block.attn.proj.out_features)], ["all"])
@@ -209,6 +214,8 @@ def lora_targets(model: nn.Module, settings: LoRASettings) -> dict[str, tuple[li
             if isinstance(block.mlp, MoE):
                 for e, expert in enumerate(block.mlp.experts):
                     mlp_targets(f"blocks.{i}.mlp.experts.{e}", expert)
+                if getattr(block.mlp, "shared_experts", None) is not None:
+                    mlp_targets(f"blocks.{i}.mlp.shared_experts", block.mlp.shared_experts)
             else:
                 mlp_targets(f"blocks.{i}.mlp", block.mlp)
     if s.head:

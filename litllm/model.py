@@ -212,6 +212,10 @@ class GPT(nn.Module):
         dtype = dtype or self.wte.weight.dtype
         c = self.config
         for block in self.blocks:
+            if isinstance(block.attn, MLAttention):  # the latent and the rotary key: one "kv head" each
+                k = torch.zeros(batch_size, 1, max_seq_length, c.kv_lora_rank, device=device, dtype=dtype)
+                block.attn.kv_cache = KVCache(k, torch.zeros_like(k[..., : c.qk_rope_head_dim]))
+                continue
             block.attn.kv_cache = KVCache.allocate(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
 
     def clear_kv_cache(self) -> None:
@@ -263,7 +267,7 @@ class Block(nn.Module):
         c = config
         self.config = config
         self.norm_1 = build_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
-        self.attn = CausalSelfAttention(c, layer_idx)
+        self.attn = (MLAttention if c.kv_lora_rank else CausalSelfAttention)(c, layer_idx)
         self.post_attn_norm = build_norm(c, c.n_embd) if c.post_attention_norm else nn.Identity()
         needs_norm_2 = c.pre_norm and not (c.parallel_residual and c.shared_attention_norm)
         self.norm_2 = build_norm(c, c.n_embd) if needs_norm_2 else nn.Identity()
@@ -333,6 +337,107 @@ class CausalSelfAttention(nn.Module):
             y = y + self.adapter(q, self)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
+
+
+MLA_ABSORB_MAX_QUERIES = 16
+"""With a KV cache, MLA attends in the latent space (absorbed) for up to this many new tokens per row (decode);
+longer chunks (prefill) up-project the cached latents to keys and values, which costs fewer FLOPs when
+queries are about as many as keys."""
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3).
+
+    Queries: `q(x)`, or through a low-rank latent `q(q_norm(q_a(x)))` when `q_lora_rank` is set. Keys and
+    values: `kv_a(x)` gives a latent (kv_lora_rank) and one rotary key shared by every head (qk_rope_head_dim);
+    `kv_b(kv_norm(latent))` up-projects the latent to each head's non-rotary key part and its value. Each
+    query/key head is [qk_nope_head_dim | qk_rope_head_dim]; RoPE rotates the second part only (adjacent
+    pairs when `rope_interleaved`). Scores are scaled by head_size^-0.5 times YaRN's mscale(mscale_all_dim)^2.
+
+    The KV cache holds the normed latent and the rotated shared key only: `KVCache.k` (B, 1, L, kv_lora_rank),
+    `KVCache.v` (B, 1, L, qk_rope_head_dim), (kv_lora_rank + qk_rope_head_dim) values per token, not the
+    n_head * (head_size + v_head_dim) of full keys and values. Decoding absorbs `kv_b` into the query and the
+    output (attention runs on the latents, like one key/value head of size kv_lora_rank + rope dims);
+    training and long chunks up-project the latents to keys and values.
+    """
+
+    def __init__(self, config: Config, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.layer_idx = layer_idx
+        self.nope_size = c.head_size - c.qk_rope_head_dim
+        if c.q_lora_rank:
+            self.q_a = nn.Linear(c.n_embd, c.q_lora_rank, bias=c.attn_bias)
+            self.q_norm = RMSNorm(c.q_lora_rank, eps=1e-6)
+        self.q = nn.Linear(c.q_lora_rank or c.n_embd, c.n_head * c.head_size, bias=False)
+        self.kv_a = nn.Linear(c.n_embd, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attn_bias)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, eps=1e-6)
+        self.kv_b = nn.Linear(c.kv_lora_rank, c.n_head * (self.nope_size + c.v_head_dim), bias=False)
+        self.proj = nn.Linear(c.n_head * c.v_head_dim, c.n_embd, bias=c.attn_out_bias)
+        self.scale = mla_softmax_scale(c)
+        self.kv_cache: Optional[KVCache] = None
+        self.adapter: Optional[nn.Module] = None  # (LLaMA-Adapter is not supported on MLA)
+
+    def forward(self, x, rope, mask, input_pos, kv_len=None):
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q(self.q_norm(self.q_a(x))) if c.q_lora_rank else self.q(x)
+        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        q_nope, q_rope = q.split([self.nope_size, c.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_norm(latent)[:, None], k_rope[:, None]  # (B, 1, T, kv_lora_rank), (B, 1, T, rope)
+        if rope is not None:
+            cos, sin = rope[:2]
+            if c.rope_interleaved:  # pairs (x0, x1), (x2, x3)... -> halves [x0, x2, ... | x1, x3, ...]
+                q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        if self.kv_cache is not None:
+            latent, k_rope = self.kv_cache.update(input_pos, latent, k_rope, kv_len)  # (B, 1, L, ...)
+        if self.kv_cache is not None and T <= MLA_ABSORB_MAX_QUERIES:
+            y = self.absorbed_attention(q_nope, q_rope, latent, k_rope, mask)
+        else:
+            y = self.expanded_attention(q_nope, q_rope, latent, k_rope, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.v_head_dim))
+
+    def expanded_attention(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Up-project the latents (B, 1, L, kv_lora_rank) to every head's keys and values; (B, nh, T, v_head_dim)."""
+        c = self.config
+        B, _, L, _ = latent.shape
+        kv = self.kv_b(latent[:, 0]).view(B, L, c.n_head, self.nope_size + c.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_size, c.v_head_dim], dim=-1)  # (B, nh, L, nope), (B, nh, L, v)
+        k = torch.cat((k_nope, k_rope.expand(-1, c.n_head, -1, -1)), dim=-1)  # (B, nh, L, hs)
+        return attention(torch.cat((q_nope, q_rope), dim=-1), k, v, mask, self.scale, None)
+
+    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Attention on the latents themselves: kv_b's key rows folded into the query, its value rows applied
+        after; one shared key/value head of the cache's width. (B, nh, T, v_head_dim)."""
+        c = self.config
+        w = self.kv_b.weight if type(self.kv_b) is nn.Linear else self.kv_b(  # a LoRA/quantized kv_b: its
+            torch.eye(c.kv_lora_rank, device=latent.device, dtype=latent.dtype)).T  # effective weight
+        w = w.view(c.n_head, self.nope_size + c.v_head_dim, c.kv_lora_rank)
+        w_k, w_v = w[:, : self.nope_size], w[:, self.nope_size:]  # (nh, nope, r_kv), (nh, v, r_kv)
+        q = torch.cat((q_nope @ w_k, q_rope), dim=-1)  # (B, nh, T, kv_lora_rank + rope)
+        k = torch.cat((latent, k_rope), dim=-1)  # (B, 1, L, kv_lora_rank + rope)
+        y = attention(q, k, latent, mask, self.scale, None)  # (B, nh, T, kv_lora_rank)
+        return y @ w_v.transpose(1, 2)  # (B, nh, T, v)
+
+
+def mla_softmax_scale(config: Config) -> float:
+    """head_size^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 (DeepSeek scales all dimensions' scores,
+    not only the rotary ones, as transformers' `yarn_apply_mscale` does)."""
+    scale = config.head_size**-0.5
+    scaling = config.rope_scaling or {}
+    m_all = scaling.get("mscale_all_dim")
+    if scaling.get("rope_type", scaling.get("type")) not in (None, "default") and m_all and scaling["factor"] > 1:
+        mscale = 0.1 * m_all * math.log(scaling["factor"]) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(..., n) with rotary pairs adjacent -> their first elements, then their second ones (rotate-half layout)."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float],
@@ -441,7 +546,7 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
     probs = softmax_with_sinks(scores, head_sinks).to(q.dtype)
-    return (probs @ v).reshape(B, nh, 1, hs)
+    return (probs @ v).reshape(B, nh, 1, v.size(-1))
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -509,13 +614,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(-1, C)  # (B*T, C)
-        router_logits = self.router(x)
+        router_logits, probs, weights, chosen = self.route(x)
         if self.training and self.config.router_aux_loss_coef:
             self.router_logits = router_logits
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (B*T, n_expert)
-        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (B*T, k)
-        if self.config.moe_normalize_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
         if is_fake(x) and x.size(0) > self.config.n_expert and not torch.compiler.is_compiling():
             y = self.balanced_experts(x, weights.to(x.dtype))
         elif self.use_dense(x):
@@ -523,6 +624,16 @@ class MoE(nn.Module):
         else:
             y = self.sparse_experts(x, weights.to(x.dtype), chosen)
         return y.view(B, T, C)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, C) -> router logits (N, n_expert), scores (N, n_expert) fp32, each token's expert weights
+        (N, k) fp32 and chosen experts (N, k)."""
+        router_logits = self.router(x)
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (N, n_expert)
+        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (N, k)
+        if self.config.moe_normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return router_logits, probs, weights, chosen
 
     def balanced_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Fake tensors (`litllm estimate` of training/prefill): the sparse path's shapes under perfectly balanced
@@ -610,11 +721,70 @@ class ClampedSwiGLUMoE(MoE):
         self.router_logits: Optional[torch.Tensor] = None
 
 
+class GroupedRouter(nn.Linear):
+    """DeepSeek-V2/V3's and GLM-4.5's router: softmax or sigmoid scores; experts chosen within the
+    `n_topk_groups` best of `n_expert_groups` groups, by the scores plus a fixed per-expert correction bias
+    (sigmoid scoring; the bias decides who is chosen, never their weights); the chosen experts' scores,
+    renormalised if `moe_normalize_topk`, times `routed_scaling_factor`. Scores are computed in fp32.
+
+    `e_score_correction_bias` is a buffer, not a parameter: it gets no gradient and finetuning leaves it as
+    the checkpoint has it (DeepSeek-V3 adjusts it between steps of pretraining, outside backprop)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config.n_embd, config.n_expert, bias=False)
+        self.config = config
+        if config.moe_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_expert, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, C) -> as `MoE.route`."""
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())  # (N, n_expert)
+        scores = logits.sigmoid() if c.moe_scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float() if c.moe_correction_bias else scores
+        if c.n_expert_groups > 1:
+            grouped = choice.view(-1, c.n_expert_groups, c.n_expert // c.n_expert_groups)  # (N, G, E/G)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1) if c.moe_scoring == "sigmoid" else grouped.amax(-1)
+            best = group_score.topk(c.n_topk_groups, dim=-1).indices  # (N, n_topk_groups)
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        chosen = choice.topk(c.n_expert_per_token, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, chosen)
+        if c.moe_normalize_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, scores, weights * c.routed_scaling_factor, chosen
+
+
+class GroupedMoE(MoE):
+    """MoE with `GroupedRouter` routing and `n_shared_expert` shared experts (one GatedMLP every token goes
+    through, added to the routed experts' sum): DeepSeek-V2/V3, GLM-4.5."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.router = GroupedRouter(config)
+        size = config.expert_intermediate_size * config.n_shared_expert
+        self.shared_experts = GatedMLP(config, size) if config.n_shared_expert else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.router(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+
+def uses_grouped_router(config: Config) -> bool:
+    return (config.moe_scoring != "softmax" or config.moe_correction_bias or config.n_expert_groups > 1
+            or config.routed_scaling_factor != 1.0 or config.n_shared_expert > 0)
+
+
 def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
     if config.mlp_class_name == "MoE" and not config.is_moe(layer_idx):
         return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers)
     if config.mlp_class_name == "MoE" and config.swiglu_limit is not None:
         return ClampedSwiGLUMoE(config)
+    if config.mlp_class_name == "MoE" and uses_grouped_router(config):
+        return GroupedMoE(config)
     return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE}[config.mlp_class_name](config)
 
 
@@ -774,5 +944,7 @@ class KVCache(nn.Module):
         else:
             index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
             self.k[:B].scatter_(2, index, k.to(self.k.dtype))
+            if v.size(3) != k.size(3):  # MLA: the latent and the rotary key differ in size
+                index = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))
             self.v[:B].scatter_(2, index, v.to(self.v.dtype))
         return self.k[:B, :, :kv_len], self.v[:B, :, :kv_len]

@@ -84,7 +84,7 @@ def make_converted_checkpoint(
     `byte_fallback`), saved and converted to litllm format."""
     import transformers
 
-    from hf_models import FAMILIES
+    from hf_models import FAMILIES, perturb
     from litllm.convert import convert_to_litllm
 
     train_bpe_tokenizer(folder, vocab_size=vocab_size, byte_fallback=byte_fallback)
@@ -95,12 +95,31 @@ def make_converted_checkpoint(
     config = getattr(transformers, config_cls)(**dict(kwargs, vocab_size=n_vocab, bos_token_id=0, eos_token_id=1))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(model)
     model.save_pretrained(folder)
     convert_to_litllm(folder)
     return folder
+
+
+def assert_peft_export_computes_the_same(model, base: Path, folder: Path) -> list[str]:
+    """Export a LoRA-wrapped litllm model as a PEFT adapter into `folder`; transformers + peft load it on the HF
+    checkpoint `base` and compute the same logits (within 1e-4). Returns the adapter's target modules."""
+    import json
+
+    import peft
+    import transformers
+
+    from litllm.lora import save_peft_adapter
+
+    save_peft_adapter(model, folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, folder).eval()
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        got = peft_model(x).logits
+    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
+    return json.loads((folder / "adapter_config.json").read_text())["target_modules"]
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,33 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         sliding_window=6, swiglu_limit=0.1, router_aux_loss_coef=0.02, layer_types=["sliding_attention", "full_attention"],
         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16,
                              beta_fast=32.0, beta_slow=1.0, truncate=False))),
+    # DeepSeek-V3: MLA with a query latent, interleaved RoPE, YaRN whose mscale_all_dim scales the softmax;
+    # 8 experts in 4 groups, top-2 of the best 2 groups by sigmoid + correction bias, renormalised, x 2.5;
+    # a shared expert; layer 0 dense
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+        num_mtp_layers=0, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, beta_fast=32.0,
+            beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))),
+    # DeepSeek-V2-Lite's shape: no query latent; softmax router, group-limited greedy (2 of 4 groups), x 1.5,
+    # not renormalised; 2 shared experts; YaRN with mscale 0.707. Top-3: with a group scored by its best expert,
+    # a group limit changes the choice only when k exceeds the groups kept
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=2, routed_scaling_factor=1.5,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, beta_fast=32.0,
+            beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707))),
+    # GLM-4.5: q/k/v biases, per-head qk-norm, RoPE on half of each head; DeepSeek-V3's router (2 of 4 groups)
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+        num_nextn_predict_layers=0, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }
@@ -119,11 +146,19 @@ def make_hf_model(family: str, seed: int = 0):
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    # random init leaves norms at 1/0: perturb every parameter so the test sees each one
+    perturb(model)
+    return model
+
+
+def perturb(model) -> None:
+    """Random init leaves norms at 1/0 and routers' correction biases at 0: perturb every parameter and the
+    correction biases (buffers) so the tests see each one."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return model
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.05)
 
 
 def save_hf_checkpoint(family: str, folder: Path, seed: int = 0, **save_kwargs):

@@ -35,7 +35,15 @@ def test_required_presets_exist():
     assert not missing
 
 
-@pytest.mark.parametrize("name", sorted(_presets()))
+def _one_per_architecture() -> list[str]:
+    """Preset names, one per distinct architecture: a checkpoint's variants (base/instruct/revisions) share it."""
+    seen: dict[str, str] = {}
+    for name, values in sorted(_presets().items()):
+        seen.setdefault(repr(sorted((k, repr(v)) for k, v in values.items() if k not in ("name", "hf_repo"))), name)
+    return sorted(seen.values())
+
+
+@pytest.mark.parametrize("name", _one_per_architecture())
 def test_preset_parameter_count_matches_transformers(name):
     import transformers
 
@@ -51,7 +59,8 @@ def test_preset_parameter_count_matches_transformers(name):
 @pytest.mark.parametrize("name", ["Llama-3.1-8B", "gemma-2-9b", "gemma-3-4b-it", "Phi-3.5-mini-instruct",
                                   "falcon-40b", "pythia-160m", "Mixtral-8x7B-v0.1", "OLMo-2-1124-7B", "phi-2",
                                   "Qwen2.5-7B", "Qwen3-8B", "stablelm-2-1_6b", "Mistral-7B-v0.1", "SmolLM3-3B",
-                                  "Olmo-3-1025-7B", "granite-3.3-8b-instruct"])
+                                  "Olmo-3-1025-7B", "granite-3.3-8b-instruct", "DeepSeek-V3", "DeepSeek-V2",
+                                  "DeepSeek-V2-Lite", "GLM-4.5", "GLM-4.5-Air"])
 def test_hf_config_round_trip(name):
     # HF knows only the embedding rows, not the tokenizer's own vocabulary size
     IGNORED = ("name", "hf_repo", "vocab_size", "padding_multiple")
@@ -139,6 +148,11 @@ def test_olmo3_legacy_rope_scaling_reads_as_per_layer_type_parameters():
     (dict(model_type="smollm3", no_rope_layers=[1, 0, 1, 1]), "no_rope_layers .* not one NoPE layer every k layers"),
     (dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, clip_qkv=8.0), "OLMoE with clip_qkv"),
     (dict(model_type="qwen3_moe", num_experts_per_tok=2, moe_intermediate_size=16), "missing key 'num_experts'"),
+    (dict(model_type="deepseek_v2", topk_method="noaux_tc", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), "topk_method 'noaux_tc' is not supported"),
+    (dict(model_type="deepseek_v3", scoring_func="softmax", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), "scoring_func 'softmax' is not supported"),
+    (dict(model_type="deepseek_v3", moe_layer_freq=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), "moe_layer_freq 2 is not supported"),
+    (dict(model_type="deepseek_v3", n_group=3, topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), "n_expert .4. must split into n_expert_groups .3."),
+    (dict(model_type="glm4_moe", n_routed_experts=4, num_experts_per_tok=2), "missing key 'moe_intermediate_size'"),
 ])
 def test_new_families_refuse_what_they_cannot_run_in_one_line(extra, message):
     hf = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=112, **extra)

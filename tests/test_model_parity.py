@@ -47,7 +47,8 @@ def test_longrope_short_sequences_use_short_factors(family, converted):
 
 
 # the families of 2025-26 (one module each in litllm/hf/families/)
-NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe", "gpt_oss"]
+NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2",
+                "glm4_moe"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"] + NEW_FAMILIES)
@@ -180,9 +181,10 @@ def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompt = torch.randint(2, hf.config.vocab_size, (7,), generator=torch.Generator().manual_seed(5))
     expected = hf.generate(
-        prompt[None], attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=24, min_new_tokens=24,
-        do_sample=False, pad_token_id=hf.config.vocab_size - 1,
+        prompt[None], attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=24,
+        do_sample=False, pad_token_id=hf.config.vocab_size - 1, eos_token_id=None,  # 24 tokens, EOS not suppressed
     )[0, 7:].tolist()
+    assert len(expected) == 24
     assert generate_ids(model, prompt.tolist(), 24) == expected
 
 
@@ -199,6 +201,15 @@ def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
     ("olmoe", "moe_normalize_topk", True),
     ("gpt_oss", "swiglu_limit", 1e9),  # the clamp (tests/hf_models.py lowers it so random weights reach it)
     ("gpt_oss", "sliding_window_period", None),
+    ("deepseek_v3", "rope_interleaved", False),
+    ("deepseek_v3", "moe_correction_bias", False),
+    ("deepseek_v3", "n_topk_groups", 4),  # every group allowed: no group limit
+    ("deepseek_v3", "routed_scaling_factor", 1.0),
+    ("deepseek_v3", "rope_scaling", None),  # YaRN, and with it the mscale_all_dim softmax scale
+    ("deepseek_v2", "n_topk_groups", 4),
+    ("deepseek_v2", "routed_scaling_factor", 1.0),
+    ("glm4_moe", "moe_correction_bias", False),
+    ("glm4_moe", "rotary_percentage", 1.0),
 ])
 def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted):
     """The parity above is not luck: without the family's quirk the logits leave transformers' by over 5x
@@ -207,7 +218,8 @@ def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted)
 
     hf, model = converted(family)
     plain = GPT(dataclasses.replace(model.config, **{field: neutral})).eval()
-    plain.load_state_dict(model.state_dict())
+    kept = plain.state_dict()  # (without the correction bias, the routers have no such buffer)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in kept})
     idx = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (plain(idx)[..., :VOCAB] - hf(idx).logits).abs().max() > 5e-4

@@ -9,7 +9,7 @@ import csv
 import pytest
 import torch
 
-from conftest import json_file, make_converted_checkpoint
+from conftest import assert_peft_export_computes_the_same, json_file, make_converted_checkpoint
 from litllm.finetune import finetune_lora
 from litllm.model import GPT
 from litllm.train.args import EvalArgs, TrainArgs
@@ -39,10 +39,8 @@ def _metrics(out) -> list[dict]:
 
 
 def test_moe_lora_logs_the_router_loss_apart_and_its_peft_export_loads(moe_base, tmp_path_factory, tmp_path):
-    peft = pytest.importorskip("peft")
-    import transformers
-
-    from litllm.lora import load_lora_model, save_peft_adapter
+    pytest.importorskip("peft")
+    from litllm.lora import load_lora_model
 
     records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(24)]
     data_file = json_file(tmp_path_factory, records)
@@ -62,15 +60,7 @@ def test_moe_lora_logs_the_router_loss_apart_and_its_peft_export_loads(moe_base,
     assert all(not r.get("router_aux_loss") for r in _metrics(off))
 
     # PEFT export of the run (LoRA on the attention) loads in transformers + peft and computes the same
-    model = load_lora_model(result.final_dir).eval()
-    save_peft_adapter(model, tmp_path / "peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(moe_base, dtype=torch.float32).eval()
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
-    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(x)
-        got = peft_model(x).logits
-    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
+    assert_peft_export_computes_the_same(load_lora_model(result.final_dir).eval(), moe_base, tmp_path / "peft")
 
 
 def test_training_forward_backward_runs_only_the_routed_experts(moe_base):

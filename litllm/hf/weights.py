@@ -80,5 +80,7 @@ def split_sizes(lit_param: str, config: Config, n_parts: int) -> list[int]:
         return [config.n_head * config.head_size] + [config.n_query_groups * config.head_size] * 2
     if n_parts == 2:  # gate | up
         size = config.expert_intermediate_size if ".experts." in lit_param else config.intermediate_size
+        if ".shared_experts." in lit_param:
+            size = config.expert_intermediate_size * config.n_shared_expert
         return [size] * 2
     raise ValueError(f"don't know how to split {lit_param} into {n_parts} parts")

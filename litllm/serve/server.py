@@ -214,10 +214,9 @@ def _url_host(host: str) -> str:
 
 
 def kv_cache_bytes(model, positions: int) -> int:
-    """Bytes of one KV-cache slot: keys and values of every layer for `positions` tokens, in the
-    dtype of the model's activations (its embedding's; quantized weights don't change it)."""
-    c = model.config
-    return 2 * c.n_layer * c.n_query_groups * c.head_size * positions * model.wte.weight.element_size()
+    """Bytes of one KV-cache slot: keys and values of every layer (MLA: its latent and rotary key) for `positions`
+    tokens, in the dtype of the model's activations (its embedding's; quantized weights don't change it)."""
+    return model.config.kv_cache_values_per_token() * positions * model.wte.weight.element_size()
 
 
 def resolve_max_seq_length(model, max_batch_size: int, max_seq_length: Optional[int]) -> int:

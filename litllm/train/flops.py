@@ -1,6 +1,6 @@
 """FLOPs of a training step, device peaks, and the throughput/MFU meter the loop logs.
 
-Training FLOPs per token (PaLM, appendix B): 6N + 12·L·H·Q·T, with N the weights used in
+Training FLOPs per token (PaLM, appendix B): 6N + 12·L·H·Q·T (6·L·H·(Q+V)·T when values' head size V differs), with N the weights used in
 matmuls (the Linear layers; not the input embedding lookup, norms or biases), L layers, H query heads, Q head size, T the
 sequence length. The attention term counts the full T x T score matrix (as FlopCounterMode does).
 Frozen parameters (LoRA's base) need no weight gradient: 4 FLOPs per token instead of 6.
@@ -53,7 +53,8 @@ def flops_per_token(config: Config, seq_length: int, trainable_fraction: float =
     n = matmul_parameters(config)
     n_trainable = n * trainable_fraction
     dense = 6 * n_trainable + 4 * (n - n_trainable)
-    attention = 12 * config.n_layer * config.n_head * config.head_size * seq_length
+    # q @ k^T over head_size, probs @ v over the value head size (MLA's v_head_dim may differ)
+    attention = 6 * config.n_layer * config.n_head * (config.head_size + (config.v_head_dim or config.head_size)) * seq_length
     if config.n_expert:  # only the routed experts' MLPs run per token (counted above at the same mix of 6 and 4)
         moe_layers = sum(config.is_moe(i) for i in range(config.n_layer))
         experts = moe_layers * config.n_expert * 3 * config.n_embd * config.expert_intermediate_size
