@@ -3,6 +3,16 @@
     litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
     litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
 
+Each command is one job dataclass (its flags, typed: `FinetuneJob` holds the shared ones, a subclass adds the
+method's own before `_: KW_ONLY` and may redeclare a shared one for another default or help text) and one
+function `finetune_x(job: XJob)` made a command by `litllm.flags.job_command`, which publishes the job's fields
+as today's flat flags and binds them once. The job travels as itself: `launch` checks it and starts `main` on
+every rank, the job builds its `Method` (`build_method`: the builders live beside their method, `lora_method`
+in lora.py, `adapter_method` in adapter.py, `preference_method` in preference.py), `litllm estimate` plans
+from it, and the loop's checkpoint writer flattens it into `hyperparameters.yaml`. A new command: its job
+class (fields with attribute docstrings, `command`/`name`, `build_method`, optionally `check` and
+`finish_method`), its function, and its line in `litllm.__main__.COMMANDS`.
+
 Every method runs the one shared training loop (`litllm.train.loop.setup` + `fit`); a method is only a
 `Method`: how the loaded model is transformed (LoRA / adapters / quantized base), which
 parameters train, and what the final model folder holds. Outputs in `out_dir`:
