@@ -57,8 +57,7 @@ def mfu(compile: bool, steps: int = 8, B: int = 4, T: int = 2048) -> None:
 def memory(method: str, B: int = 4, T: int = 512) -> None:
     from litllm.config import Config
     from litllm.estimate import TrainPlan, peak_memory
-    from litllm.finetune import build_method
-    from litllm.lora import LoRASettings
+    from litllm.lora import LoRASettings, lora_method
     from litllm.model import GPT
     from litllm.train.fabric import make_fabric
     from litllm.train.loop import Method, prepare_model, train_step
@@ -69,7 +68,7 @@ def memory(method: str, B: int = 4, T: int = 512) -> None:
     lora = LoRASettings(r=8, alpha=16, query=True, value=True) if name == "lora" else None
     precision = "bf16-true"
     plan = TrainPlan(config=config, method=name, lora=lora, quantize=quantize, precision=precision,
-                     micro_batch_size=B, seq_length=T, global_batch_size=2 * B, build_method=build_method)
+                     micro_batch_size=B, seq_length=T, global_batch_size=2 * B)
     estimated = peak_memory(plan)
 
     fabric = make_fabric(devices=1, strategy="single", precision=precision, accelerator="cuda")
@@ -77,9 +76,8 @@ def memory(method: str, B: int = 4, T: int = 512) -> None:
     with fabric.init_module():
         model = GPT(config)
     model.max_seq_length = T
-    train_method = Method(name="pretrain") if name == "pretrain" else build_method(
-        "lora", lora=lora, quantize=quantize, device=fabric.device, param_dtype=torch.bfloat16,
-        compute_dtype=torch.bfloat16)
+    train_method = Method(name="pretrain") if name == "pretrain" else lora_method(
+        lora, quantize=quantize, device=fabric.device, param_dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
     model = prepare_model(fabric, model, train_method)
     opt = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     train_step(fabric, model, opt, _batches(2, B, T, config.vocab_size), 1.0, -100)  # creates the optimizer state

@@ -159,6 +159,47 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+# ---------------------------------------------------------------------- adapters as a training method
+def adapter_method(settings: AdapterSettings, base_weights: Optional[Path] = None, quantize: Optional[str] = None,
+                   device: str | torch.device = "cpu", param_dtype: Optional[torch.dtype] = None,
+                   compute_dtype: Optional[torch.dtype] = None):
+    """The `litllm.train.loop.Method` of LLaMA-Adapter finetuning (`settings.version` 1 or 2): add the adapter,
+    train only its weights, export the base weights of `base_weights` (dense even if the run quantized them,
+    bitsandbytes mode `quantize` computing in `compute_dtype`) plus the trained ones, and carry `adapter.yaml`.
+    param_dtype: dtype of the new weights (fp32 under mixed precision)."""
+    import functools
+
+    from litllm.model_folder import adapter_settings_yaml, read_safetensors
+    from litllm.quantize import quantize_frozen
+    from litllm.train.loop import Method
+
+    names: set[str] = set()  # the trained parameters, as the transform made them
+
+    def transform(model: nn.Module) -> nn.Module:
+        apply_adapter(model, settings, dtype=None if model.wte.weight.is_meta else param_dtype)
+        names.update(adapter_parameter_names(model))
+        return model
+
+    def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # the frozen base from its file (dense even if the run quantized it) under the names of the trained model
+        # (v2 keeps a wrapped Linear's weight as `<path>.base.weight`) + the trained tensors, in the base's dtype;
+        # a tied head stays stored once (as wte.weight)
+        def base_key(name: str) -> str:
+            module, _, param = name.rpartition(".")
+            return f"{module}.base.{param}" if f"{module}.base.{param}" in state_dict else name
+
+        base = {base_key(k): v for k, v in read_safetensors(base_weights).items()}
+        dtype = base["wte.weight"].dtype
+        base.update({k: state_dict[k].to(dtype) for k in names})
+        return base
+
+    return Method(name=f"adapter_v{settings.version}", transform=transform,
+                  trainable=lambda name, _: name in names, export=export,
+                  after_freeze=functools.partial(quantize_frozen, quantize=quantize, device=device,
+                                                 compute_dtype=compute_dtype),
+                  extra_files={ADAPTER_SPEC: adapter_settings_yaml(settings)})
+
+
 # ---------------------------------------------------------------------- model folders
 def load_adapter_model(
     checkpoint_dir: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None

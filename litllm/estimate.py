@@ -29,7 +29,7 @@ import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -68,9 +68,6 @@ class TrainPlan:
     max_norm: Optional[float] = 1.0
     total_steps: Optional[int] = None
     notes: list[str] = field(default_factory=list)
-    build_method: Optional[Callable] = field(default=None, repr=False)
-    """`litllm.finetune.build_method` (passed in: finetune imports this module, not the reverse), for the
-    methods other than pretrain/full."""
 
     @property
     def accumulation(self) -> int:
@@ -220,12 +217,17 @@ def _method(plan: TrainPlan):
 
     if plan.method in ("pretrain", "full"):
         return Method(name=plan.method)
-    if plan.build_method is None:
-        raise LitLLMError(f"estimating method {plan.method!r} needs TrainPlan.build_method (litllm.finetune.build_method)")
     param_dtype, compute_dtype = dtypes(plan.precision)
     # the fake step never quantizes: bitsandbytes kernels don't run on fake tensors (see fake_train_step)
-    return plan.build_method(plan.method, lora=plan.lora, adapter=plan.adapter, quantize=None,
-                             param_dtype=param_dtype, compute_dtype=compute_dtype)
+    if plan.method == "lora":
+        from litllm.lora import lora_method
+
+        return lora_method(plan.lora, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    if plan.method in ("adapter", "adapter_v2"):
+        from litllm.adapter import adapter_method
+
+        return adapter_method(plan.adapter, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    raise LitLLMError(f"estimate: no memory model for the method {plan.method!r}")
 
 
 def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
@@ -616,7 +618,7 @@ def suggest_fixes(plan: TrainPlan, device_memory: int) -> list[dict[str, Any]]:
     if plan.quantize is None:
         if plan.method in ("lora", "adapter", "adapter_v2"):
             add("--quantize bnb.nf4 (QLoRA)", quantize="bnb.nf4")
-        elif plan.method == "full" and plan.build_method is not None:
+        elif plan.method == "full":
             from litllm.lora import LoRASettings
 
             add("finetune_lora --quantize bnb.nf4 (QLoRA, default LoRA settings)", method="lora",
@@ -629,44 +631,30 @@ def suggest_fixes(plan: TrainPlan, device_memory: int) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------------- from a command's flags
-def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
-                      build_method: Optional[Callable] = None, for_gpu: bool = True) -> TrainPlan:
-    """A `TrainPlan` from a training command's parsed arguments (the same flags and --config recipes).
+# ---------------------------------------------------------------------- from a command's job
+def plan_from_job(command: str, job: Any, config=None, for_gpu: bool = True) -> TrainPlan:
+    """A `TrainPlan` from a training command's job (`litllm.finetune.FinetuneJob`, `litllm.pretrain.PretrainJob`:
+    the same flags and --config recipes).
 
-    config: the model's Config (required for `pretrain`; finetuning reads it from checkpoint_dir).
-    build_method: `litllm.finetune.build_method`, for LoRA/adapters.
+    config: the model's Config (required for `pretrain`; finetuning reads it from the job's checkpoint_dir).
     for_gpu: an unset --precision is a GPU's default (bf16-mixed); False: this machine's (32-true on a CPU).
     """
-    from litllm.train.args import TrainArgs
-
     if command not in TRAIN_COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; expected one of {', '.join(TRAIN_COMMANDS)}")
-    method = TRAIN_COMMANDS[command]
     notes: list[str] = []
     if config is None:
         if command == "pretrain":
             raise LitLLMError("estimating pretrain needs the model's Config")
-        config = _finetune_config(Path(kwargs["checkpoint_dir"]), notes)
-    train: TrainArgs = kwargs["train"]
-    devices = kwargs.get("devices", 1)
+        config = _finetune_config(Path(job.checkpoint_dir), notes)
+    train, run = job.train, job.run
+    devices = run.devices
     if devices == "auto":
         devices = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
-    world_size = int(devices) * int(kwargs.get("num_nodes", 1))
-    strategy = kwargs.get("strategy", "auto")
+    world_size = int(devices) * int(run.num_nodes)
+    strategy = run.strategy
     if strategy == "auto":
         strategy = "single" if world_size == 1 else "fsdp"
-    precision = kwargs.get("precision")
-    if precision is None:
-        from litllm.train.fabric import default_precision
-
-        precision = default_precision(kwargs.get("accelerator", "auto"))
-        if precision == "32-true" and for_gpu:
-            precision = "bf16-mixed"  # the default on the GPUs an estimate is for
-            notes.append("--precision unset: estimated for bf16-mixed, the default on GPUs")
-        elif precision == "32-true":
-            notes.append("--precision unset: estimated for 32-true, what the run uses here (no GPU); "
-                         "--gpu NAME or --precision bf16-mixed estimates a GPU run")
+    precision = run.precision or _default_precision(run.accelerator, for_gpu, notes)
     seq_length = train.max_seq_length or config.block_size
     if train.max_seq_length is None:
         notes.append(f"--train.max_seq_length unset: estimated at the model's block_size ({seq_length}); the run "
@@ -676,36 +664,39 @@ def plan_from_command(command: str, kwargs: dict[str, Any], config=None,
     total_steps = None
     if train.max_steps is not None or train.max_tokens is not None:
         total_steps = train.total_steps(seq_length, None if train.epochs is None else 10**18, 1)
-        if train.epochs is not None and train.epochs != _default_train(command).epochs:  # set by the user
+        if train.epochs is not None and train.epochs != _default_train(type(job)).epochs:  # set by the user
             notes.append("--train.epochs also set: the total time counts max_steps/max_tokens only")
     else:
         notes.append("the run's length is in epochs: set --train.max_steps or --train.max_tokens for its total time")
-    lora = adapter = None
-    if method == "lora":
-        from litllm.lora import LoRASettings
-
-        lora = LoRASettings(**{f: kwargs[f"lora_{f}"] for f in LoRASettings.__dataclass_fields__})
-    elif method in ("adapter", "adapter_v2"):
-        from litllm.adapter import AdapterSettings
-
-        adapter = AdapterSettings(1 if method == "adapter" else 2, kwargs["adapter_start_layer"],
-                                  kwargs["adapter_prefix_length"])
     return TrainPlan(
-        config=config, method=method, lora=lora, adapter=adapter, quantize=kwargs.get("quantize"),
-        precision=precision, micro_batch_size=train.micro_batch_size, seq_length=seq_length,
+        config=config, method=TRAIN_COMMANDS[command], lora=getattr(job, "lora", None),
+        adapter=getattr(job, "adapter", None), quantize=getattr(job, "quantize", None), precision=precision,
+        micro_batch_size=train.micro_batch_size, seq_length=seq_length,
         global_batch_size=train.per_device_batch_size(world_size) * world_size, world_size=world_size, strategy=strategy,
-        activation_checkpointing=bool(kwargs.get("activation_checkpointing")), optimizer=kwargs.get("optimizer", "AdamW"),
-        max_norm=train.max_norm, total_steps=total_steps, notes=notes, build_method=build_method,
+        activation_checkpointing=bool(run.activation_checkpointing), optimizer=job.optimizer,
+        max_norm=train.max_norm, total_steps=total_steps, notes=notes,
     )
 
 
-def _default_train(command: str):
-    """The command's default `TrainArgs` (what an unset `--train.*` flag holds)."""
-    import inspect
+def _default_precision(accelerator: str, for_gpu: bool, notes: list[str]) -> str:
+    """The precision of a run with --precision unset (noted in `notes`)."""
+    from litllm.train.fabric import default_precision
 
-    from litllm.__main__ import COMMANDS, _load
+    precision = default_precision(accelerator)
+    if precision == "32-true" and for_gpu:
+        notes.append("--precision unset: estimated for bf16-mixed, the default on GPUs")
+        return "bf16-mixed"  # the default on the GPUs an estimate is for
+    if precision == "32-true":
+        notes.append("--precision unset: estimated for 32-true, what the run uses here (no GPU); "
+                     "--gpu NAME or --precision bf16-mixed estimates a GPU run")
+    return precision
 
-    return inspect.signature(_load(COMMANDS[command])).parameters["train"].default
+
+def _default_train(job_class: type):
+    """The job's default `TrainArgs` (what an unset `--train.*` flag holds)."""
+    import dataclasses
+
+    return next(f.default_factory() for f in dataclasses.fields(job_class) if f.name == "train")
 
 
 def _finetune_config(checkpoint_dir: Path, notes: list[str]):
@@ -740,12 +731,10 @@ def gb(n: float) -> str:
 
 
 # ---------------------------------------------------------------------- before launch
-def warn_if_too_large(command: str, arguments: dict[str, Any], fabric, config,
-                      build_method: Optional[Callable] = None) -> Optional[Estimate]:
+def warn_if_too_large(command: str, job: Any, fabric, config) -> Optional[Estimate]:
     """One call in `pretrain` and `finetune_*` setup, before launch: on a GPU, print a warning naming
     a fix when the predicted peak exceeds the device's memory. Never raises; does nothing on CPU, for
-    commands it doesn't know, or with LITLLM_NO_ESTIMATE=1. `arguments`: the command's flat arguments
-    (its hparams); `config`: the model's; `build_method`: `litllm.finetune.build_method`."""
+    commands it doesn't know, or with LITLLM_NO_ESTIMATE=1. `job`: the command's job; `config`: the model's."""
     import os
 
     if command not in TRAIN_COMMANDS or os.environ.get("LITLLM_NO_ESTIMATE") == "1":
@@ -754,7 +743,7 @@ def warn_if_too_large(command: str, arguments: dict[str, Any], fabric, config,
         if fabric.device.type != "cuda":
             return None
         memory = torch.cuda.get_device_properties(fabric.device).total_memory
-        plan = plan_from_command(command, dict(arguments), config, build_method)
+        plan = plan_from_job(command, job, config)
         est = estimate_training(plan, command, memory, fixes=False)
         if est.fits is False:
             fix = next((f for f in suggest_fixes(plan, memory) if f["fits"]), None)

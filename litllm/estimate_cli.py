@@ -16,7 +16,7 @@ import torch
 from litllm.errors import LitLLMError
 from litllm.estimate import (
     CATEGORIES, DECODE_COMMANDS, TRAIN_COMMANDS, Estimate, decode_plan_from_command, estimate_decoding,
-    estimate_training, gb, parse_memory, plan_from_command,
+    estimate_training, gb, parse_memory, plan_from_job,
 )
 
 
@@ -56,8 +56,9 @@ def gpu_peak_flops(name: str, precision: str) -> float:
     raise LitLLMError(f"--gpu {name!r}: unknown; expected one of {', '.join(PEAK_FLOPS)} (or give --peak_tflops)")
 
 
-def parse_command(command: str, argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the command's arguments, estimate's own flags), parsed by jsonargparse from the command's own signature."""
+def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    """(the command's arguments, estimate's own flags), parsed by jsonargparse from the command's own signature:
+    a training command's arguments as its job (bound once, as the command binds them), others' as a dict."""
     from jsonargparse import CLI, set_parsing_settings
 
     from litllm.__main__ import COMMANDS, _load, fill_bare_flags
@@ -83,7 +84,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[dict[str, Any], dict[s
     argv = fill_bare_flags(argv, {"--json"}, "true")
     values = CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}")
     flags = {p.name: values.pop(p.name) for p in own}
-    return values, flags
+    return (target.bind(**values) if hasattr(target, "job_class") else values), flags
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -102,13 +103,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if command not in TRAIN_COMMANDS and command not in DECODE_COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; expected one of "
                           f"{', '.join([*TRAIN_COMMANDS, *DECODE_COMMANDS])}")
-    kwargs, flags = parse_command(command, rest)
+    arguments, flags = parse_command(command, rest)
     if command in DECODE_COMMANDS:
-        est = estimate_decoding(decode_plan_from_command(command, kwargs), command, _device_memory(flags["device_memory"]))
+        est = estimate_decoding(decode_plan_from_command(command, arguments), command,
+                                _device_memory(flags["device_memory"]))
     else:
         # a GPU named or present: an unset --precision is bf16-mixed; on a CPU machine, the 32-true the run would use
         for_gpu = torch.cuda.is_available() or any(flags[k] for k in ("gpu", "peak_tflops", "device_memory"))
-        plan = training_plan(command, kwargs, for_gpu=for_gpu)
+        plan = training_plan(command, arguments, for_gpu=for_gpu)
         est = estimate_training(plan, command, _device_memory(flags["device_memory"]), _peak(flags, plan.precision),
                                 flags["mfu"])
     print(json.dumps(est.to_json(), indent=2) if flags["json"] else format_table(est))
@@ -186,16 +188,12 @@ def format_table(est: Estimate) -> str:
     return "\n".join(lines)
 
 
-
-
-def training_plan(command: str, kwargs: dict[str, Any], for_gpu: bool = True):
-    """The TrainPlan of a training command's parsed arguments (the model config as the command resolves it);
-    `for_gpu`: see `litllm.estimate.plan_from_command`."""
-    from litllm.finetune import build_method
-
+def training_plan(command: str, job: Any, for_gpu: bool = True):
+    """The TrainPlan of a training command's job (the model config as the command resolves it);
+    `for_gpu`: see `litllm.estimate.plan_from_job`."""
     config = None
     if command == "pretrain":
         from litllm.pretrain import _model_config
 
-        config = _model_config(kwargs.get("model_name"), kwargs.get("model_config"), kwargs.get("initial_checkpoint_dir"))
-    return plan_from_command(command, kwargs, config, build_method, for_gpu=for_gpu)
+        config = _model_config(job.model_name, job.model_config, job.initial_checkpoint_dir)
+    return plan_from_job(command, job, config, for_gpu=for_gpu)

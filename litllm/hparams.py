@@ -2,8 +2,10 @@
 
 One writer and one reader for every folder that holds it (training checkpoints, `final/`, LoRA
 folders). The file is a flat mapping of the command's flags as the user gives them
-(`checkpoint_dir`, `devices`, `lora_r`, `train: {...}`, ...), so a file written by any litllm
-version reads back the same way; `merge_lora` takes the base `checkpoint_dir` and `lora_*` from it.
+(`checkpoint_dir`, `devices`, `lora_r`, `train: {...}`, ...): the command's job flattened by
+`litllm.flags.flatten` (`hyperparameters`), read back into typed settings by `litllm.flags.unflatten`
+through the same field map, so a file written by any litllm version reads back the same way;
+`merge_lora` takes the base `checkpoint_dir` and the `lora_*` settings from it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def to_plain(value: Any) -> Any:
     if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
         return str(value).removeprefix("torch.")
     return repr(value)
+
+
+def hyperparameters(job: Any) -> dict[str, Any]:
+    """A command's job (a dataclass of its flags, `litllm.flags`) as the flat mapping this file records, flattened
+    here, once; a mapping (a script's own record) or None is taken as it is."""
+    import dataclasses
+
+    from litllm.flags import flatten
+
+    if dataclasses.is_dataclass(job) and not isinstance(job, type):
+        return flatten(job)
+    return dict(job or {})
 
 
 def write_hyperparameters(folder: Path, hparams: dict[str, Any]) -> Path:

@@ -35,6 +35,10 @@ from litllm.model_folder import LORA_WEIGHTS, lora_weights_file  # noqa: F401 (t
 from litllm.model_folder import TRAINABLE_WEIGHTS as STEP_WEIGHTS
 
 
+FLAG_PREFIX = "lora_"
+"""LoRASettings' fields are the flags `--lora_r`, `--lora_alpha`, ... (a job declares `flat(FLAG_PREFIX, LoRASettings)`)."""
+
+
 @dataclass
 class LoRASettings:
     """Which Linears get LoRA and how large it is (the `--lora_*` flags of `finetune_lora`)."""
@@ -71,12 +75,16 @@ class LoRASettings:
 
     @classmethod
     def from_flags(cls, values: dict[str, Any]) -> "LoRASettings":
-        """Read `lora_r`, `lora_alpha`, ... keys (as in `hyperparameters.yaml`)."""
-        names = {f: values[f"lora_{f}"] for f in asdict(cls()) if f"lora_{f}" in values}
-        return cls(**names)
+        """Read the `lora_r`, `lora_alpha`, ... flags (as in `hyperparameters.yaml`; missing ones keep their defaults)."""
+        from litllm.flags import unflatten
+
+        return unflatten(cls, values, FLAG_PREFIX)
 
     def to_flags(self) -> dict[str, Any]:
-        return {f"lora_{k}": v for k, v in asdict(self).items()}
+        """The settings as their flags {`lora_r`: ..., ...}."""
+        from litllm.flags import flatten
+
+        return flatten(self, FLAG_PREFIX)
 
 
 # ---------------------------------------------------------------------- the wrapper
@@ -346,6 +354,42 @@ def dense_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor
     else:
         raise TypeError(f"can't read the weights of a {type(linear).__name__}")
     return dense.reshape(linear.out_features, linear.in_features), linear.bias
+
+
+# ---------------------------------------------------------------------- LoRA as a training method
+def lora_method(settings: LoRASettings, base_weights: Optional[Path] = None, quantize: Optional[str] = None,
+                device: str | torch.device = "cpu", param_dtype: Optional[torch.dtype] = None,
+                compute_dtype: Optional[torch.dtype] = None):
+    """The `litllm.train.loop.Method` of LoRA finetuning: add LoRA as `settings` says, train only its factors,
+    export the base weights of `base_weights` with the update merged (dense even if the run quantized the base:
+    QLoRA, bitsandbytes mode `quantize`, computing in `compute_dtype`), and add `lit_lora.safetensors` to final/.
+    param_dtype: dtype of the LoRA factors (fp32 under mixed precision)."""
+    import functools
+
+    from litllm.model_folder import read_safetensors, save_model_weights
+    from litllm.quantize import quantize_frozen
+    from litllm.train.loop import Method
+
+    layout: dict[str, tuple[list, list, float]] = {}  # LoRA module path -> (parts, enabled, scaling), of the transform
+
+    def transform(model: nn.Module) -> nn.Module:
+        add_lora(model, **asdict(settings), dtype=None if model.wte.weight.is_meta else param_dtype)
+        layout.update({path: (module.parts, module.enabled, module.scaling)
+                       for path, module in model.named_modules() if isinstance(module, LoRALinear)})
+        return model
+
+    def export(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        trained = {k: v for k, v in state_dict.items() if is_lora_parameter(k)}
+        return merge_lora_state_dict(read_safetensors(base_weights), trained, layout)
+
+    def write_outputs(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        trained = {k: v.contiguous() for k, v in state_dict.items() if is_lora_parameter(k)}
+        save_model_weights(trained, folder / LORA_WEIGHTS)
+
+    return Method(name="lora", transform=transform, trainable=lambda name, _: is_lora_parameter(name),
+                  export=export, write_outputs=write_outputs,
+                  after_freeze=functools.partial(quantize_frozen, quantize=quantize, device=device,
+                                                 compute_dtype=compute_dtype))
 
 
 # ---------------------------------------------------------------------- LoRA checkpoint folders

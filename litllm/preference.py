@@ -38,10 +38,17 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 
 @dataclass
 class PreferenceSettings:
+    """The preference loss (the `--loss`, `--beta`, `--label_smoothing`, `--gamma` flags of `finetune_dpo`)."""
+
     loss: PreferenceLossName = "dpo"
+    """`dpo` (sigmoid; `--label_smoothing` gives cDPO), `ipo`, or `simpo` (reference-free,
+    length-normalised, margin `--gamma`)."""
     beta: float = 0.1
+    """The loss temperature (TRL's default 0.1; SimPO's paper uses 2.0-2.5)."""
     label_smoothing: float = 0.0
+    """Probability that a pair's preference is flipped (dpo, simpo); 0: plain DPO."""
     gamma: float = 0.5
+    """SimPO's target reward margin (TRL's default 0.5)."""
 
     def validate(self) -> None:
         if self.loss not in ("dpo", "ipo", "simpo"):
@@ -165,6 +172,33 @@ def preference_loss(settings: PreferenceSettings, reference: Optional[Reference]
         return losses.sum(), count, {name: value.sum() for name, value in metrics.items()}
 
     return loss
+
+
+def preference_method(method, settings: PreferenceSettings, fabric, data, tokenizer, *, checkpoint_dir: Path,
+                      out_dir: Path, precompute: bool, micro_batch_size: int, max_seq_length: int,
+                      compute_dtype: torch.dtype):
+    """`method` (a LoRA or full finetuning `litllm.train.loop.Method`) with the preference loss of `settings` and its
+    reference: none (SimPO), log-probs precomputed once (`precompute`, cached in out_dir), the same model with
+    its LoRA switched off (LoRA), or a frozen copy of the initial model in `checkpoint_dir` (full)."""
+    from dataclasses import replace
+
+    def initial_model() -> nn.Module:
+        from litllm.model import GPT
+
+        reference = GPT.from_checkpoint(checkpoint_dir, device=fabric.device, dtype=compute_dtype).eval()
+        return reference.requires_grad_(False)
+
+    if settings.loss == "simpo":
+        reference = None  # reference-free
+    elif precompute:
+        precompute_reference(fabric, data, tokenizer, initial_model, out_dir, micro_batch_size, max_seq_length,
+                             weights=Path(checkpoint_dir) / "lit_model.safetensors")
+        reference = precomputed_reference
+    elif method.name == "lora":
+        reference = adapters_off_reference
+    else:
+        reference = frozen_reference(initial_model(), fabric.autocast)
+    return replace(method, name=f"{settings.loss}_{method.name}", loss=preference_loss(settings, reference))
 
 
 # ---------------------------------------------------------------------- precomputed reference log-probs

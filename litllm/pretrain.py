@@ -9,14 +9,15 @@ The training itself is the shared loop (`litllm.train.loop.setup` + `fit`) with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import ClassVar, Optional
 
 from litllm.config import Config
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
-from litllm.train.args import EvalArgs, RunArgs, TrainArgs, with_run_args
+from litllm.flags import flat, job_command
+from litllm.train.args import EvalArgs, RunArgs, TrainArgs
 from litllm.train.optimizer import OptimizerSpec
 
 import litllm.data  # noqa: F401  (imports every DataModule class, so `--data TextFiles` resolves)
@@ -24,97 +25,82 @@ import litllm.data  # noqa: F401  (imports every DataModule class, so `--data Te
 
 @dataclass
 class PretrainJob:
-    """The `pretrain` command's arguments, typed, as they travel from the CLI into every process."""
+    """The `pretrain` command's flags, typed."""
 
-    config: Config
-    out_dir: Path
-    initial_checkpoint_dir: Optional[Path]
-    data: DataModule
-    train: TrainArgs
-    eval: EvalArgs
-    optimizer: OptimizerSpec
-    tokenizer_dir: Optional[Path]
-    tokenizer_vocab_size: Optional[int]
-    run: RunArgs
-    hparams: dict[str, Any]
-    """The command's flat arguments, saved as hyperparameters.yaml."""
-    resume_dir: Optional[Path] = None
-    """The checkpoint `--resume` names, resolved once before launch (None: start fresh)."""
-
-
-@with_run_args(devices="auto", seed=42)
-def setup(
-    model_name: Optional[str] = None,
-    model_config: Optional[Config] = None,
-    out_dir: Path = Path("out/pretrain"),
-    initial_checkpoint_dir: Optional[Path] = None,
-    data: Optional[DataModule] = None,
-    train: TrainArgs = TrainArgs(
+    model_name: Optional[str] = None
+    """A preset name (`litllm list_models`) to build the model from."""
+    model_config: Optional[Config] = None
+    """The model's Config fields, instead of a preset (`--model_config.n_layer 6 ...`)."""
+    out_dir: Path = Path("out/pretrain")
+    """Where checkpoints (`step-XXXXXXXX/`, `final/`), logs and the loss curve are written."""
+    initial_checkpoint_dir: Optional[Path] = None
+    """A converted model folder to continue pretraining from (its weights, and its config and tokenizer unless given)."""
+    data: Optional[DataModule] = None
+    """The data module, e.g. `--data TextFiles --data.train_data_path data/text`."""
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(
         save_interval=1000, log_interval=1, global_batch_size=512, micro_batch_size=4, lr_warmup_steps=2000,
         max_norm=1.0, min_lr=4e-5,
-    ),
-    eval: EvalArgs = EvalArgs(interval=1000, max_iters=100),
-    optimizer: OptimizerSpec = "AdamW",
-    tokenizer_dir: Optional[Path] = None,
-    tokenizer_vocab_size: Optional[int] = None,
-    *,
-    run: RunArgs,
-    hparams: dict[str, Any],
-) -> None:
-    """Pretrain a model.
+    ))
+    """Training settings (batch sizes, budget, schedule, saving)."""
+    eval: EvalArgs = field(default_factory=lambda: EvalArgs(interval=1000, max_iters=100))
+    """Validation settings."""
+    optimizer: OptimizerSpec = "AdamW"
+    """An optimizer class and its arguments: `--optimizer AdamW --optimizer.lr 4e-4`, or in YAML {class_path: AdamW,
+    init_args: {lr: 4e-4}}; any torch.optim class or dotted class path."""
+    tokenizer_dir: Optional[Path] = None
+    """A folder with tokenizer.json (and tokenizer_config.json)."""
+    tokenizer_vocab_size: Optional[int] = None
+    """Without a tokenizer_dir or initial checkpoint: train a byte-level BPE tokenizer of this size on the training
+    text (`TextFiles` data) and save it in out_dir/tokenizer."""
+    run: RunArgs = flat("", RunArgs, lambda: RunArgs(devices="auto", seed=42))
 
-    Args:
-        model_name: A preset name (`litllm list_models`) to build the model from.
-        model_config: The model's Config fields, instead of a preset (`--model_config.n_layer 6 ...`).
-        out_dir: Where checkpoints (`step-XXXXXXXX/`, `final/`), logs and the loss curve are written.
-        initial_checkpoint_dir: A converted model folder to continue pretraining from (its weights, and
-            its config and tokenizer unless given).
-        data: The data module, e.g. `--data TextFiles --data.train_data_path data/text`.
-        train: Training settings (batch sizes, budget, schedule, saving).
-        eval: Validation settings.
-        optimizer: An optimizer class and its arguments: `--optimizer AdamW --optimizer.lr 4e-4`, or in
-            YAML {class_path: AdamW, init_args: {lr: 4e-4}}; any torch.optim class or dotted class path.
-        tokenizer_dir: A folder with tokenizer.json (and tokenizer_config.json).
-        tokenizer_vocab_size: Without a tokenizer_dir or initial checkpoint: train a byte-level BPE tokenizer
-            of this size on the training text (`TextFiles` data) and save it in out_dir/tokenizer.
-    """
+    command: ClassVar[str] = "pretrain"
+    name: ClassVar[str] = "pretrain"
+
+    def __post_init__(self) -> None:
+        from litllm.train.optimizer import describe
+
+        self.optimizer = describe(self.optimizer)  # hyperparameters.yaml records it as {class_path, init_args}
+
+
+@job_command
+def setup(job: PretrainJob) -> None:
+    """Pretrain a model."""
     from litllm.train.fabric import make_fabric
+    from litllm.train.fast_dev_run import run_folder
     from litllm.train.loggers import check_logger_name
-    from litllm.train.optimizer import describe
+    from litllm.train.loop import check_out_dir_reuse
     from litllm.utils import check_output_dir
 
-    hparams = dict(hparams, optimizer=describe(optimizer))
-    check_logger_name(run.logger_name)
-    config = _model_config(model_name, model_config, initial_checkpoint_dir)
-    if data is None:
-        raise LitLLMError("--data is required, e.g. --data TextFiles --data.train_data_path data/text")
-    from litllm.train.loop import check_out_dir_reuse
+    run = job.run
+    with run_folder(run, job.out_dir) as (out_dir, resume):
+        check_logger_name(run.logger_name)
+        config = _model_config(job.model_name, job.model_config, job.initial_checkpoint_dir)
+        if job.data is None:
+            raise LitLLMError("--data is required, e.g. --data TextFiles --data.train_data_path data/text")
+        check_output_dir(out_dir)
+        check_out_dir_reuse(out_dir, resume)
+        fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
+        # clear errors before any process starts or anything is written
+        job.train.gradient_accumulation_iters(fabric.world_size)
+        resume_dir = _check_inputs(config, out_dir, resume, job.initial_checkpoint_dir, job.tokenizer_dir,
+                                   job.tokenizer_vocab_size)
+        from litllm.estimate import warn_if_too_large
 
-    check_output_dir(out_dir)
-    check_out_dir_reuse(Path(out_dir), run.resume)
-    fabric = make_fabric(run.devices, run.num_nodes, run.strategy, run.precision, run.accelerator)
-    # clear errors before any process starts or anything is written
-    train.gradient_accumulation_iters(fabric.world_size)
-    resume_dir = _check_inputs(config, Path(out_dir), run.resume, initial_checkpoint_dir, tokenizer_dir,
-                               tokenizer_vocab_size)
-    job = PretrainJob(config, Path(out_dir), initial_checkpoint_dir, data, train, eval, optimizer, tokenizer_dir,
-                      tokenizer_vocab_size, run, hparams, resume_dir)
-    from litllm.estimate import warn_if_too_large
-
-    warn_if_too_large("pretrain", hparams, fabric, config)  # on GPUs: a warning naming the fix if it won't fit
-    fabric.launch(main, job)
+        warn_if_too_large("pretrain", job, fabric, config)  # on GPUs: a warning naming the fix if it won't fit
+        fabric.launch(main, job, config, out_dir, resume_dir)
 
 
-def main(fabric, job: PretrainJob):
-    """Runs on every rank after launch: tokenizer, model, then the shared loop."""
+def main(fabric, job: PretrainJob, config: Config, out_dir: Path, resume_dir: Optional[Path]):
+    """Runs on every rank after launch: tokenizer, model, then the shared loop (writing `out_dir`, resuming
+    from `resume_dir`)."""
     from litllm.model import GPT
     from litllm.tokenizer import Tokenizer
     from litllm.train.fabric import uses_fsdp
     from litllm.train.loggers import build_logger
     from litllm.train.loop import Method, fit, setup, summary
 
-    config, out_dir, tokenizer_dir = job.config, job.out_dir, job.tokenizer_dir
-    resume_dir = job.resume_dir
+    tokenizer_dir = job.tokenizer_dir
     initial_weights = None
     if job.initial_checkpoint_dir is not None:
         from litllm.model_folder import check_model_folder
@@ -139,7 +125,7 @@ def main(fabric, job: PretrainJob):
         logger = build_logger(job.run.logger_name, out_dir, run_name=out_dir.name, resume=resume_dir is not None)
     trainer = setup(
         fabric, model, method, job.data, tokenizer, job.train, job.eval, job.optimizer, out_dir, job.run,
-        initial_weights=initial_weights, model_files_from=Path(tokenizer_dir), hparams=job.hparams, logger=logger,
+        initial_weights=initial_weights, model_files_from=Path(tokenizer_dir), job=job, logger=logger,
         resume_dir=resume_dir,
     )
     result = fit(trainer)

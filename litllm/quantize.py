@@ -276,3 +276,23 @@ def is_quantized(module: nn.Module) -> bool:
     """Whether a layer holds bitsandbytes- or torchao-quantized weights."""
     weight = getattr(module, "weight", None)
     return type(weight).__name__ in ("Params4bit", "Int8Params") or type(weight).__module__.startswith("torchao.")
+
+
+def quantize_frozen(model: nn.Module, quantize: Optional[str], device, compute_dtype: Optional[torch.dtype]) -> None:
+    """QLoRA (a method's `after_freeze`): every frozen Linear (the base weights) becomes a bitsandbytes layer of
+    mode `quantize` on `device` (None: nothing changes)."""
+    if quantize is None:
+        return
+    quantize_model(model, quantize, device, frozen_only=True, compute_dtype=compute_dtype)
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for CPU inference whenever a layer runs in eval mode
+        # (validation), which fails for inputs narrower than a quantization block: training keeps one layout
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model.to(device)
+    for module in model.modules():
+        # the loop gathers state dicts with torch.distributed.checkpoint, which looks every key up as an
+        # attribute; bitsandbytes' int8 layer saves `SCB` and `weight_format` keys it has no attributes for
+        if type(module).__name__ == "Linear8bitLt" and getattr(module.weight, "SCB", None) is not None:
+            module.SCB = module.weight.SCB
+            module.weight_format = torch.tensor(0, dtype=torch.uint8)

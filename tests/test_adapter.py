@@ -83,11 +83,10 @@ def test_adapter_decoding_with_kv_cache_matches_full_forward(tiny_checkpoint, ad
 
 def _train_model(checkpoint, version: int) -> nn.Module:
     """The model `finetune_adapter(_v2) --adapter_start_layer 1 --adapter_prefix_length 4` trains."""
-    from litllm.finetune import build_method
+    from litllm.adapter import adapter_method
     from litllm.train.loop import build_train_model
 
-    method = build_method(f"adapter{'_v2' if version == 2 else ''}",
-                          adapter=AdapterSettings(version=version, start_layer=1, prefix_length=4))
+    method = adapter_method(AdapterSettings(version=version, start_layer=1, prefix_length=4))
     model = GPT.from_checkpoint(checkpoint)
     return build_train_model(model.config, method, model=model)
 

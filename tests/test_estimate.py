@@ -44,7 +44,8 @@ def lora_settings() -> LoRASettings:
 
 def measured_peak(plan: TrainPlan) -> dict[str, int]:
     """MemTracker on a real second training step (Fabric, the command's own method, real bitsandbytes)."""
-    from litllm.finetune import build_method
+    from litllm.adapter import adapter_method
+    from litllm.lora import lora_method
     from litllm.train.fabric import make_fabric
     from litllm.train.loop import Method, build_train_model, train_step
     from litllm.train.optimizer import build_optimizer
@@ -56,8 +57,9 @@ def measured_peak(plan: TrainPlan) -> dict[str, int]:
         method = Method(name=plan.method)
     else:
         param_dtype, compute_dtype = dtypes(plan.precision)
-        method = build_method(plan.method, lora=plan.lora, adapter=plan.adapter, quantize=plan.quantize,
-                              device="cpu", param_dtype=param_dtype, compute_dtype=compute_dtype)
+        build, settings = (lora_method, plan.lora) if plan.method == "lora" else (adapter_method, plan.adapter)
+        method = build(settings, quantize=plan.quantize, device="cpu", param_dtype=param_dtype,
+                       compute_dtype=compute_dtype)
     model = build_train_model(plan.config, method, activation_checkpointing=plan.activation_checkpointing)
     model.max_seq_length = plan.seq_length
     model = fabric.setup_module(model)
@@ -121,12 +123,11 @@ CONFIGS = [  # (family, method, quantize, micro_batch_size, activation checkpoin
 
 def plan_for(family, method, quantize, micro_batch_size, checkpointing, **overrides) -> TrainPlan:
     from litllm.adapter import AdapterSettings
-    from litllm.finetune import build_method
 
     values = dict(
         config=family_config(family), method=method, quantize=quantize, precision="32-true",
         lora=lora_settings() if method == "lora" else None,
-        adapter=AdapterSettings(2, 0, 4) if method.startswith("adapter") else None, build_method=build_method,
+        adapter=AdapterSettings(2, 0, 4) if method.startswith("adapter") else None,
         micro_batch_size=micro_batch_size, seq_length=64, global_batch_size=2 * micro_batch_size,
         activation_checkpointing=checkpointing, optimizer="AdamW",
     )  # fp32; the widest tensors (embedding 384 x 64) are above bitsandbytes' 4096-element 8-bit threshold
@@ -326,25 +327,25 @@ class CudaLikeFabric:
         self.printed.append(" ".join(map(str, args)))
 
 
-def _lora_arguments(folder: Path, **train) -> dict:
-    import litllm.finetune as finetune
-    import inspect
-
-    args = {name: p.default for name, p in inspect.signature(finetune.finetune_lora).parameters.items()}
+def _lora_job(folder: Path, **train):
+    """The job `finetune_lora FOLDER --precision 32-true --train.max_seq_length 32 ...` binds."""
     from dataclasses import replace
 
-    args.update(checkpoint_dir=folder, precision="32-true", train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32, **train))
-    return args
+    import litllm.finetune as finetune
+
+    return finetune.finetune_lora.bind(folder, precision="32-true",
+                                       train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32, **train))
 
 
 def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
+    from dataclasses import replace
+
     from litllm.estimate import warn_if_too_large
-    from litllm.finetune import build_method
 
     folder = tmp_path / "tiny"
     folder.mkdir()
     family_config("llama").save(folder / "model_config.yaml")
-    arguments = _lora_arguments(folder, micro_batch_size=4)
+    job = _lora_job(folder, micro_batch_size=4)
     plan_peak = peak_memory(plan_for("llama", "lora", None, 4, False, seq_length=32, lora=LoRASettings()))["total"]
 
     class Props:
@@ -352,16 +353,16 @@ def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
     fabric = CudaLikeFabric()
-    est = warn_if_too_large("finetune_lora", arguments, fabric, None, build_method)
+    est = warn_if_too_large("finetune_lora", job, fabric, None)
     assert est.fits is False and est.peak_memory_bytes == plan_peak
     (line,) = fabric.printed
     assert line.startswith("Warning: the predicted peak memory") and "Try --" in line
     Props.total_memory = plan_peak * 2
     fabric = CudaLikeFabric()
-    assert warn_if_too_large("finetune_lora", arguments, fabric, None, build_method).fits and fabric.printed == []
+    assert warn_if_too_large("finetune_lora", job, fabric, None).fits and fabric.printed == []
     # never fails the run: a broken estimate is one warning line
     fabric = CudaLikeFabric()
-    assert warn_if_too_large("finetune_lora", {**arguments, "train": None}, fabric, None) is None
+    assert warn_if_too_large("finetune_lora", replace(job, train=None), fabric, None) is None
     assert fabric.printed[0].startswith("Warning: memory estimate skipped")
     # on CPU, and for commands it doesn't know: nothing at all
     class CpuFabric(CudaLikeFabric):
@@ -369,8 +370,8 @@ def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
             type = "cpu"
 
     fabric = CpuFabric()
-    assert warn_if_too_large("finetune_lora", arguments, fabric, None, build_method) is None and fabric.printed == []
-    assert warn_if_too_large("finetune_something_new", arguments, CudaLikeFabric(), None) is None
+    assert warn_if_too_large("finetune_lora", job, fabric, None) is None and fabric.printed == []
+    assert warn_if_too_large("finetune_something_new", job, CudaLikeFabric(), None) is None
 
 
 @pytest.mark.parametrize("command", ["finetune_lora", "finetune_full", "pretrain"])
@@ -384,8 +385,8 @@ def test_training_commands_call_the_estimate_before_launch(command, tiny_checkpo
     class Stop(Exception):
         pass
 
-    def record(name, arguments, fabric, config, build_method=None):
-        seen.append((name, arguments))
+    def record(name, job, fabric, config):
+        seen.append((name, job))
         raise Stop
 
     monkeypatch.setattr(litllm.estimate, "warn_if_too_large", record)
@@ -397,8 +398,8 @@ def test_training_commands_call_the_estimate_before_launch(command, tiny_checkpo
                            tokenizer_dir=tiny_checkpoint, accelerator="cpu", devices=1)
         else:
             getattr(finetune, command)(tiny_checkpoint, out_dir=tmp_path / "out", accelerator="cpu")
-    (name, arguments), = seen
-    assert name == command and "train" in arguments and "devices" in arguments
+    (name, job), = seen
+    assert name == command and job.train is not None and job.run.devices == 1 and job.command == command
 
 
 # ---------------------------------------------------------------------- generate / serve

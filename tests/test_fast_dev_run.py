@@ -245,7 +245,7 @@ def test_fast_dev_run_value_is_checked(base, data_file, tmp_path):
 
 
 def test_the_flag_reaches_every_training_command():
-    """`RunArgs` is the one root: every command built with `@with_run_args` has --fast_dev_run."""
+    """`RunArgs` is the one root: every training command's job holds it (flat), so every one has --fast_dev_run."""
     import inspect
 
     from litllm.__main__ import COMMANDS, _load

@@ -1,7 +1,7 @@
 """LoRA and QLoRA under FSDP2 with two CPU processes (gloo): the same code path as multi-GPU nodes.
 
 LoRA builds the model on the meta device and loads the base weights after sharding (the LoRA
-wrappers rename `qkv.weight` to `qkv.base.weight`: `Method.base_key`). QLoRA keeps the packed
+wrappers rename `qkv.weight` to `qkv.base.weight`: `litllm.train.loop.wrapped_key`). QLoRA keeps the packed
 bitsandbytes base whole on every rank (FSDP `ignored_params`) and shards the rest.
 """
 

@@ -373,7 +373,7 @@ def test_provenance_is_in_every_checkpoint_final_and_the_log(tmp_path):
 
     run(fabric, fresh_model(tiny_config()), Method(), FixedTokens(), None, TrainArgs(global_batch_size=8, micro_batch_size=4,
         max_steps=1, save_interval=None), EvalArgs(interval=100, max_iters=1), "AdamW", tmp_path / "b", RunArgs(),
-        hparams={"seed": 42}, logger=logger)
+        job={"seed": 42}, logger=logger)
     logged = json.loads((tmp_path / "b" / "logs" / "csv" / "hparams.json").read_text())
     assert logged["seed"] == 42 and logged["provenance"]["data"] == record["data"]
     assert logged["provenance"]["tracking"] == {"logger": "csv", "id": None, "project": "litllm", "run_name": "b",

@@ -116,11 +116,11 @@ def test_merging_a_lora_head_unties_a_tied_embedding(families, tmp_path):
 
 def _train_model(checkpoint, settings: LoRASettings, quantize=None) -> nn.Module:
     """The model `finetune_lora` trains with these settings (`--quantize`: QLoRA's quantized base)."""
-    from litllm.finetune import build_method
+    from litllm.lora import lora_method
     from litllm.train.loop import build_train_model
 
     model = GPT.from_checkpoint(checkpoint)
-    return build_train_model(model.config, build_method("lora", lora=settings, quantize=quantize), model=model)
+    return build_train_model(model.config, lora_method(settings, quantize=quantize), model=model)
 
 
 def test_only_lora_parameters_get_gradients(tiny_checkpoint):

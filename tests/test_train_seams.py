@@ -180,14 +180,13 @@ def test_disable_adapters_gives_the_base_model_exactly(kind):
 
 # ---------------------------------------------------------------------- fake tensors
 def _methods():
-    from litllm.finetune import build_method
-    from litllm.lora import LoRASettings
-    from litllm.adapter import AdapterSettings
+    from litllm.adapter import AdapterSettings, adapter_method
+    from litllm.lora import LoRASettings, lora_method
 
     return {
         "full": Method(),
-        "lora": build_method("lora", lora=LoRASettings(r=4, alpha=8, dropout=0.05, mlp=True)),
-        "adapter_v2": build_method("adapter_v2", adapter=AdapterSettings(2, 1, 4)),
+        "lora": lora_method(LoRASettings(r=4, alpha=8, dropout=0.05, mlp=True)),
+        "adapter_v2": adapter_method(AdapterSettings(2, 1, 4)),
     }
 
 
@@ -323,21 +322,83 @@ def test_hyperparameters_written_by_the_old_code_still_read(tmp_path):
     assert read_hyperparameters(tmp_path / "again") == {**hparams, "checkpoint_dir": str(tmp_path)}
 
 
+def test_an_old_hyperparameters_file_reads_back_as_the_job():
+    """hyperparameters.yaml is the job flattened; an old file reads back through the same field map, typed."""
+    import yaml
+
+    from litllm.finetune import FINETUNE_TRAIN, LoRAJob
+    from litllm.flags import flatten, unflatten
+    from litllm.lora import LoRASettings
+    from litllm.train.args import TrainArgs
+
+    old = yaml.safe_load(OLD_HYPERPARAMETERS)
+    job = unflatten(LoRAJob, old)
+    assert job.lora == LoRASettings(r=4, alpha=8, dropout=0.0, query=True, key=False, value=True, mlp=True)
+    assert (job.run.devices, job.run.seed, job.run.fast_dev_run, job.quantize) == (1, 1337, False, None)
+    # a nested group the file holds in part: the rest from the command's defaults
+    assert isinstance(job.train, TrainArgs) and job.train.global_batch_size == 16
+    assert job.train.epochs == FINETUNE_TRAIN.epochs and job.eval.interval == 100
+    flat = flatten(job)
+    assert list(flat)[:3] == ["checkpoint_dir", "out_dir", "quantize"]  # the flags' order
+    assert {k: flat[k] for k in old if k not in ("train", "eval")} == {k: v for k, v in old.items()
+                                                                       if k not in ("train", "eval")}
+
+
 def test_new_commands_write_the_same_flat_hyperparameters(tmp_path, monkeypatch):
     """The shared flags are flat keys in hyperparameters.yaml, as before (merge_lora reads them)."""
     import litllm.finetune as finetune
 
+    from litllm.hparams import hyperparameters
+
     captured = {}
-    monkeypatch.setattr(finetune, "_launch", lambda job: captured.setdefault("job", job))
+    monkeypatch.setattr(finetune, "launch", lambda job: captured.setdefault("job", job))
     finetune.finetune_lora(tmp_path, devices=2, lora_r=4, resume="auto")
     job = captured["job"]
-    assert (job.run.devices, job.run.seed, job.run.resume) == (2, 1337, "auto")
+    assert (job.run.devices, job.run.seed, job.run.resume, job.lora.r) == (2, 1337, "auto", 4)
+    hparams = hyperparameters(job)
     keys = set(yaml_keys(OLD_HYPERPARAMETERS)) | {"fast_dev_run", "logger"}  # + the shared flags added since
-    assert set(job.hparams) == keys
-    assert job.hparams["lora_r"] == 4 and job.hparams["devices"] == 2
+    assert set(hparams) == keys
+    assert hparams["lora_r"] == 4 and hparams["devices"] == 2
 
 
 def yaml_keys(text):
     import yaml
 
     return list(yaml.safe_load(text))
+
+
+# ---------------------------------------------------------------------- final/ is written whole or not at all
+def test_a_failure_while_writing_the_outputs_leaves_no_final_folder(fabric, tmp_path):
+    """Every file of final/ (the method's own too: LoRA's lit_lora.safetensors) is written before final/ is renamed
+    into place: a failure on the way leaves neither final/ nor a partial file; with no failure, it is all there."""
+    from dataclasses import replace
+
+    from litllm.lora import LoRASettings, lora_method
+    from litllm.model_folder import save_model_weights
+    from litllm.train.args import EvalArgs, RunArgs, TrainArgs
+    from litllm.train.loop import run
+    from litllm.utils import OutputWriteError
+
+    base = tmp_path / "base.safetensors"
+    model = fresh_model(tiny_config())
+    save_model_weights({k: v.contiguous() for k, v in model.state_dict().items()}, base)
+    lora = lora_method(LoRASettings(r=2, alpha=4, dropout=0.0), base_weights=base)
+    written = {}
+
+    def failing_outputs(folder, state_dict):
+        lora.write_outputs(folder, state_dict)  # the LoRA weights are written, then the disk fills up
+        written["files"] = sorted(p.name for p in folder.iterdir())
+        raise OSError(28, "No space left on device")
+
+    def train(out_dir, method):
+        return run(fabric, fresh_model(tiny_config()), method, FixedTokens(), None,
+                   TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=1, save_interval=None),
+                   EvalArgs(interval=100, max_iters=1, final_validation=False), "AdamW", out_dir, RunArgs(seed=7))
+
+    with pytest.raises(OutputWriteError, match="final: cannot write it \(no space left"):
+        train(tmp_path / "out", replace(lora, write_outputs=failing_outputs))
+    assert "lit_lora.safetensors" in written["files"]  # written inside the folder that was to become final/
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if "final" in p.name) == []  # no final/, no leftover
+    result = train(tmp_path / "ok", lora)
+    assert {"lit_model.safetensors", "lit_lora.safetensors", "hyperparameters.yaml"} <= {
+        p.name for p in result.final_dir.iterdir()}

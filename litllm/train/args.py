@@ -2,21 +2,18 @@
 
 `TrainArgs` and `EvalArgs` are plain dataclasses: jsonargparse turns their fields into dotted flags
 (`--train.micro_batch_size 2`, `--eval.interval 100`) and the attribute docstrings into help.
-`RunArgs` holds the flags every training command shares (`--devices 8`, `--seed`, `--resume`, ...);
-`@with_run_args(...)` gives a command those flags flat, documented here once.
+`RunArgs` holds the flags every training command shares (`--devices 8`, `--seed`, `--resume`, ...): a
+command's job declares it `run: RunArgs = flat("", RunArgs)` (`litllm.flags`), so they are flat flags,
+documented here once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from litllm.errors import LitLLMError
-from litllm.flags import attribute_docs, publish
 
 
 AUTO_GLOBAL_BATCH = 16
@@ -205,59 +202,3 @@ class RunArgs:
     """Check the recipe before a long job: `true` (4 optimizer steps) or N steps (>= 2) of the real data, model
     and strategy, with a checkpoint saved halfway and resumed from, 1 validation batch and the final folder,
     all in a temporary folder (out_dir is never written); prints the checks, tokens/s and peak memory per device."""
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def with_run_args(**defaults: Any) -> Callable[[Callable], Callable]:
-    """Give a command every `RunArgs` field as a flat flag (`--devices 8`, YAML `devices: 8`), after its own.
-
-    The command declares keyword-only `run: RunArgs` and `hparams: dict` instead; it receives the
-    flags packed into `run`, and in `hparams` all its arguments as given (flat, defaults applied), which
-    is what `hyperparameters.yaml` records. `defaults` overrides a field's default for this command.
-    Help texts come from `RunArgs`'s attribute docstrings, appended to the command's `Args:`.
-    With `--fast_dev_run`, the command runs with its `out_dir` replaced by a temporary folder that is
-    removed afterwards (`litllm.train.fast_dev_run`); `setup` shortens the run.
-    """
-    fields = dataclasses.fields(RunArgs)
-    unknown = set(defaults) - {f.name for f in fields}
-    if unknown:
-        raise TypeError(f"not RunArgs fields: {sorted(unknown)}")
-    docs = attribute_docs(RunArgs)
-    hints = {name: hint for name, hint in inspect.get_annotations(RunArgs, eval_str=True).items()}
-
-    def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name not in ("run", "hparams")]
-        if "out_dir" not in signature.parameters:
-            raise TypeError(f"{command.__name__}: a training command needs an `out_dir` argument (--fast_dev_run replaces it)")
-        shared = [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, _default(f)),
-                              annotation=hints[f.name])
-            for f in fields
-        ]
-        public = signature.replace(parameters=own + shared, return_annotation=signature.return_annotation)
-
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = public.bind(*args, **kwargs)
-            bound.apply_defaults()
-            hparams = dict(bound.arguments)
-            run = RunArgs(**{f.name: bound.arguments.pop(f.name) for f in fields})
-            from litllm.train.fabric import clear_out_of_memory
-            from litllm.train.fast_dev_run import dev_run_steps, temporary_out_dir
-
-            # the loop names the step and sizes; this covers building the model and the data before it
-            with clear_out_of_memory("while setting up the run"):
-                if dev_run_steps(run.fast_dev_run) is None:
-                    return command(**bound.arguments, run=run, hparams=hparams)
-                if run.resume is True or run.resume == "auto":  # "auto" means this out_dir's checkpoints: none
-                    run = dataclasses.replace(run, resume=False)
-                with temporary_out_dir(bound.arguments["out_dir"]) as out_dir:  # the user's out_dir stays untouched
-                    return command(**dict(bound.arguments, out_dir=out_dir), run=run, hparams=hparams)
-
-        return publish(wrapper, command, public, {f.name: docs.get(f.name, "") for f in fields})
-
-    return decorate

@@ -37,7 +37,7 @@ from litllm.model_folder import (
     CONFIG_FILE, TRAINABLE_WEIGHTS, WEIGHTS_FILE, check_safetensors, check_torch_file, copy_model_files,
     read_safetensors, read_torch_file, stored_state_dict,
 )
-from litllm.hparams import to_plain, write_hyperparameters  # noqa: F401  (to_plain: re-exported)
+from litllm.hparams import hyperparameters, to_plain, write_hyperparameters  # noqa: F401  (to_plain: re-exported)
 from litllm.utils import atomic_path, check_output_dir, clean_stale_temporaries
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -190,7 +190,7 @@ class CheckpointWriter:
         config: Config,
         method,
         tokenizer_dir: Optional[Path],
-        hparams: dict[str, Any],
+        job: Any,
         extra_files: dict[str, str],
         state_dict_type: str = "full",
     ) -> None:
@@ -202,7 +202,8 @@ class CheckpointWriter:
         self.config = config
         self.method = method
         self.tokenizer_dir = tokenizer_dir
-        self.hparams = hparams
+        self.hparams = hyperparameters(job)
+        """The command's job as its flat flags: what every checkpoint's hyperparameters.yaml records."""
         self.extra_files = extra_files
         self.trainable = _trainable_names(self.module)
         all_params = {n for n in _all_param_names(self.module)}
@@ -303,9 +304,10 @@ class CheckpointWriter:
         path = self.out_dir / "final"
         if self.fabric.global_rank == 0:
             exported = self.method.export(sd)
-            with atomic_path(path) as tmp:
+            with atomic_path(path) as tmp:  # every file is written before final/ appears
                 tmp.mkdir()
                 save_model_weights(exported, tmp / WEIGHTS_FILE)
+                self.method.write_outputs(tmp, sd)
                 self._write_model_files(tmp)
         self.fabric.barrier()
         return path

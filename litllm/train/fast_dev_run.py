@@ -92,6 +92,26 @@ def temporary_out_dir(out_dir: Path) -> Iterator[Path]:
                 os.environ.pop(ENV_DIR, None)
 
 
+@contextlib.contextmanager
+def run_folder(run, out_dir: Path) -> Iterator[tuple[Path, Any]]:
+    """Around a training command's launch: (the folder the run writes, the `--resume` it resumes with).
+
+    A normal run: `out_dir` and `run.resume`. With `--fast_dev_run`: a temporary stand-in for out_dir
+    (removed afterwards; the user's out_dir is never written), where `auto`/`true` find nothing to resume.
+    Running out of memory while the run is set up (the model, the data) gives one clear line.
+    """
+    from litllm.train.fabric import clear_out_of_memory
+
+    # the loop names the step and sizes; this covers building the model and the data before it
+    with clear_out_of_memory("while setting up the run"):
+        if dev_run_steps(run.fast_dev_run) is None:
+            yield Path(out_dir), run.resume
+            return
+        resume = False if run.resume is True or run.resume == "auto" else run.resume
+        with temporary_out_dir(out_dir) as folder:
+            yield folder, resume
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The shard this rank holds (DTensor under FSDP2), or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

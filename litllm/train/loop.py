@@ -48,15 +48,11 @@ def _no_change(model: nn.Module) -> None:
     pass
 
 
-def _same_key(name: str) -> str:
-    return name
-
-
 def _export_as_is(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _no_outputs(final_dir: Path) -> None:
+def _no_outputs(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
     return None
 
 
@@ -95,17 +91,15 @@ class Method:
     """Applied once the parameters `trainable` rejects are frozen (QLoRA quantizes that frozen base)."""
     export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = _export_as_is
     """Full trained state dict -> the weights of the final model folder (`lit_model.safetensors`)."""
-    base_key: Callable[[str], str] = _same_key
-    """Name of a base-checkpoint weight in the transformed model (LoRA/adapter-v2 wrap `attn.qkv` as
-    `attn.qkv.base`); used when the initial weights are loaded after `transform` (meta-device init)."""
     loss: Callable[[nn.Module, Batch, int], LossOutput] = token_cross_entropy
     """`loss(model, batch, ignore_index) -> (loss_sum, count, metrics)`, tensors on the batch's device.
     The step minimises sum(loss_sum) / sum(count) over the global batch; `metrics` ({name: sum over
     the counted items}) are logged as their global mean, in training and validation (`val_<name>`)."""
     extra_files: dict[str, str] = field(default_factory=dict)
     """{file name: text} written into every checkpoint and `final/` (e.g. prompt_style.yaml)."""
-    write_outputs: Callable[[Path], None] = _no_outputs
-    """Called on global rank 0 with `final/` once it is written (LoRA adds lit_lora.safetensors)."""
+    write_outputs: Callable[[Path, dict[str, torch.Tensor]], None] = _no_outputs
+    """`write_outputs(folder, state_dict)`: the method's own files of `final/` (LoRA: lit_lora.safetensors), from
+    the full trained state dict; called on global rank 0 while `final/` is written, before it is renamed into place."""
     after_validation: Optional[Callable[[Any, nn.Module, int], None]] = None
     """Called as `after_validation(fabric, model, step)` after each validation (finetuning prints a sample reply)."""
 
@@ -161,10 +155,26 @@ def prepare_model(
             block.compile()
     model = fabric.setup_module(model)
     if initial_weights is not None and on_meta:
-        weights = {method.base_key(k): v for k, v in read_safetensors(initial_weights).items()}
-        required = {method.base_key(k) for k in base_keys}
+        base_key = wrapped_key(unwrap(model))
+        weights = {base_key(k): v for k, v in read_safetensors(initial_weights).items()}
+        required = {base_key(k) for k in base_keys}
         load_full_state_dict(unwrap(model), weights, required=required, source=initial_weights)
     return model
+
+
+def wrapped_key(model: nn.Module) -> Callable[[str], str]:
+    """Base-checkpoint weight name -> its name in the transformed `model`, where a method may have wrapped a
+    Linear, keeping it as the wrapper's `base` child (LoRA, adapter v2: `attn.qkv.weight` -> `attn.qkv.base.weight`)."""
+    from litllm.train.fabric import clean_name
+
+    wrapped = {clean_name(path) for path, module in model.named_modules()
+               if path and isinstance(getattr(module, "base", None), nn.Module)}
+
+    def base_key(name: str) -> str:
+        module, _, param = name.rpartition(".")
+        return f"{module}.base.{param}" if module in wrapped else name
+
+    return base_key
 
 
 @dataclass
@@ -235,7 +245,7 @@ def setup(
     *,
     initial_weights: Optional[Path] = None,
     model_files_from: Optional[Path] = None,
-    hparams: Optional[dict[str, Any]] = None,
+    job: Any = None,
     logger=None,
     resume_dir: Any = RESOLVE_HERE,
 ) -> Trainer:
@@ -267,7 +277,8 @@ def setup(
             Loaded before `method.transform` when the model is materialised, after setup when it is on meta.
         model_files_from: a folder whose tokenizer/prompt files are copied into every checkpoint
             (default: `tokenizer.checkpoint_dir`).
-        hparams: the command's arguments, saved as `hyperparameters.yaml` in every checkpoint.
+        job: the command's job (its flags as a dataclass, `litllm.flags`; or a plain dict of them), recorded flat
+            as `hyperparameters.yaml` in every checkpoint and logged as the run's hyperparameters.
         logger: a `litllm.train.loggers` logger (rank 0 logs); None: no metric logging.
         resume_dir: the checkpoint `run.resume` names, as the command resolved it before launch
             (`litllm.train.checkpoints.resolve_resume`, None: start fresh); by default resolved here.
@@ -282,7 +293,9 @@ def setup(
     dev_run = None
     if dev_steps is not None:  # the recipe as given, for a few steps (out_dir is already a temporary folder)
         train, eval = shorten(train, eval, dev_steps)
-        dev_run = DevRun(dev_steps, user_out_dir=Path((hparams or {}).get("out_dir", out_dir)))
+        from litllm.hparams import hyperparameters
+
+        dev_run = DevRun(dev_steps, user_out_dir=Path(hyperparameters(job).get("out_dir") or out_dir))
     config = model.config
     world_size = fabric.world_size
     accumulation = train.gradient_accumulation_iters(world_size)
@@ -344,18 +357,18 @@ def setup(
         restored = ckpt.restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
 
     # ---- provenance and the logger's run (global rank 0 logs and writes): see litllm.train.provenance
-    provenance, logger_run = {}, None
+    writer = ckpt.CheckpointWriter(
+        fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
+        job=job, extra_files=dict(method.extra_files), state_dict_type=train.state_dict_type,
+    )
+    logger_run = None
     if fabric.global_rank == 0:
         from litllm.train.provenance import PROVENANCE_FILE, start_run_record
 
         text, logger_run = start_run_record(fabric, logger, run.logger, method.name, config.name, out_dir, resume_dir,
-                                            restored, {"train": stream.loader, "val": val_loader}, hparams or {},
+                                            restored, {"train": stream.loader, "val": val_loader}, writer.hparams,
                                             fast_dev_run=dev_run is not None)
-        provenance = {PROVENANCE_FILE: text}
-    writer = ckpt.CheckpointWriter(
-        fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
-        hparams=hparams or {}, extra_files={**method.extra_files, **provenance}, state_dict_type=train.state_dict_type,
-    )
+        writer.extra_files[PROVENANCE_FILE] = text
     writer.logger_run = logger_run  # kept in each checkpoint's training state: a resumed job continues the run
     return Trainer(
         fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
@@ -517,9 +530,6 @@ def _fit(t: Trainer) -> TrainResult:
     with run_out_of_memory(fabric, train, t.seq_length, "writing the final model"):
         result.final_dir = t.writer.save_final()
     stop.restore()  # preemption hook: a signal after the last step needs no requeue
-    if fabric.global_rank == 0:
-        t.method.write_outputs(result.final_dir)
-    fabric.barrier()
     if previous is not None:
         _settle_previous(fabric, previous, result.final_dir)
     if t.dev_run is None:  # a dev run's folder is deleted: it reports its own checks instead
