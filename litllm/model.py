@@ -210,8 +210,9 @@ class GPT(nn.Module):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
         c = self.config
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache.allocate(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+        for block in self.blocks:  # the block's own head count: a tensor-parallel rank holds n_query_groups / N
+            n_kv = block.attn.config.n_query_groups
+            block.attn.kv_cache = KVCache.allocate(batch_size, n_kv, max_seq_length, c.head_size, device, dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:

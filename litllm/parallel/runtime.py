@@ -1,0 +1,358 @@
+"""One engine, N processes: rank 0 owns the requests, every rank runs the same engine step on its shard.
+
+Rank 0 (the command: `generate`, `chat`, the HTTP server, `LLM`, `evaluate`) decodes with a
+`ShardedEngine`, an `Engine` whose `add`/`abort` are queued and whose `step()` first broadcasts them to
+the other ranks; each worker (`follow`) applies the same calls to its own `ShardedEngine` and steps too,
+so all engines hold the same requests in the same rows and call the model's collectives in the same order.
+The token each row picks is broadcast from rank 0 (one small tensor per step): sampling, seeded or not,
+gives the same token on every rank. Model calls outside an engine (lm-eval's scoring, perplexity) are
+broadcast one forward at a time. The only hand-written communication is these broadcasts from rank 0;
+the model's own collectives are DTensor's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from litllm.engine import Engine, RequestError
+from litllm.errors import LitLLMError
+
+HEARTBEAT_S = 5.0  # rank 0 says "still here" this often while idle (the workers' wait has a timeout)
+
+
+class Channel:
+    """Rank 0's broadcasts to the other ranks. One lock: a broadcast and the engine step (or forward) it
+    announces run together, so every rank sees the same sequence of collectives."""
+
+    def __init__(self, ranks) -> None:
+        self.ranks = ranks
+        self.lock = threading.RLock()
+        self.last = time.monotonic()
+        self.closed = False
+        self.local = threading.local()  # .announced: this thread runs a step/forward the workers run too
+
+    @property
+    def is_driver(self) -> bool:
+        return self.ranks.rank == 0
+
+    def send(self, message) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([_to_cpu(message)], src=0)
+        self.last = time.monotonic()
+
+    def recv(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return _to_device(box[0], self.ranks.device)
+
+    def tokens(self, values: list[int]) -> list[int]:
+        """Rank 0's `values` on every rank (the tokens a step picked)."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.long)
+        if self.ranks.device != "cpu":
+            t = t.to(self.ranks.device)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def start_heartbeat(self) -> None:
+        def beat():
+            while not self.closed:
+                time.sleep(HEARTBEAT_S / 5)
+                if time.monotonic() - self.last > HEARTBEAT_S and self.lock.acquire(blocking=False):
+                    try:
+                        if not self.closed:
+                            self.send(("noop",))
+                    except Exception:
+                        return  # the run is ending; the watchdog or the next call reports why
+                    finally:
+                        self.lock.release()
+
+        threading.Thread(target=beat, name="litllm-tp-heartbeat", daemon=True).start()
+
+    def close(self) -> None:
+        """Rank 0 at exit: tell the workers to leave, wait for the ones it started."""
+        from litllm.parallel.launch import stop_children
+
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.ranks.stopping = True
+            try:
+                self.send(("exit",))
+            except Exception:
+                pass
+        stop_children(self.ranks, wait_s=10)
+        _destroy()
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _to_device(obj, device: str):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------- the engine
+class ShardedEngine(Engine):
+    """An `Engine` over a tensor-parallel model, on every rank. On rank 0 `add`/`add_many`/`abort` queue the
+    calls (ids are given at once, the same every engine gives) and `step()` broadcasts them, then steps."""
+
+    _keys = itertools.count()
+
+    def __init__(self, model, tokenizer, *args, channel: Optional[Channel] = None, key: Optional[int] = None,
+                 **kwargs) -> None:
+        if kwargs.get("compile"):
+            raise LitLLMError("--compile does not apply to a tensor-parallel model (--devices > 1) yet: drop one")
+        self.channel = channel or model.tp_channel
+        self.key = next(self._keys) if key is None else key
+        if self.channel.is_driver:
+            with self.channel.lock:
+                self.channel.send(("engine", self.key, args, kwargs))
+        super().__init__(model, tokenizer, *args, **kwargs)
+        if self.channel.is_driver and getattr(model, "tp_kv_said", None) != (self.max_batch_size, self.max_seq_length):
+            model.tp_kv_said = (self.max_batch_size, self.max_seq_length)
+            say_memory(model, model.tp_size, "kv_cache")
+        self._calls: list[tuple] = []  # rank 0: add_many / abort calls since the last step
+        self._given = 0  # rank 0: the ids handed out
+
+    def add_many(self, requests) -> list[int]:
+        if not self.channel.is_driver:
+            return super().add_many(requests)
+        for request in requests:
+            self._check(request)
+        with self._lock:
+            ids = list(range(self._given, self._given + len(requests)))
+            self._given += len(requests)
+            self._calls.append(("add", list(requests)))
+        return ids
+
+    def abort(self, request_id: int) -> None:
+        if not self.channel.is_driver:
+            return super().abort(request_id)
+        with self._lock:
+            self._calls.append(("abort", request_id))
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._calls) or super().has_unfinished
+
+    @property
+    def num_waiting(self) -> int:
+        return super().num_waiting + sum(len(c[1]) for c in list(self._calls) if c[0] == "add")
+
+    def apply(self, calls: list[tuple]) -> None:
+        for kind, arg in calls:
+            if kind == "add":
+                super().add_many(arg)
+            else:
+                super().abort(arg)
+
+    def step(self):
+        if not self.channel.is_driver:
+            return super().step()
+        with self.channel.lock:
+            with self._lock:
+                calls, self._calls = self._calls, []
+            self.channel.send(("step", self.key, calls))
+            self.apply(calls)
+            self.channel.local.announced = True
+            try:
+                return super().step()
+            finally:
+                self.channel.local.announced = False
+
+    def _pick(self, logits, running) -> list[int]:
+        tokens = self.channel.tokens(super()._pick(logits, running))  # rank 0's picks everywhere
+        self._tokens.copy_(torch.tensor(tokens, device=self._tokens.device)[:, None])
+        return tokens
+
+    def _sample(self, logits, row) -> int:
+        return self.channel.tokens([super()._sample(logits, row)])[0]
+
+    def close(self) -> None:
+        if self.channel.is_driver and not self.channel.closed:
+            with self.channel.lock:
+                self.channel.send(("close", self.key))
+        super().close()
+
+
+def driving_forward(model, channel: Channel):
+    """Rank 0's `model.forward`: outside an engine step, each call is first broadcast for the workers to run too."""
+    forward = model.forward
+
+    def call(*args, **kwargs):
+        if getattr(channel.local, "announced", False):
+            return forward(*args, **kwargs)  # inside an engine step the workers run too
+        with channel.lock:
+            channel.send(("forward", args, kwargs))
+            return forward(*args, **kwargs)
+
+    return call
+
+
+# ---------------------------------------------------------------------- the workers
+def follow(channel: Channel, model, tokenizer) -> None:
+    """A worker's life: run what rank 0 broadcasts until it says exit (or is gone: one line, exit 1)."""
+    engines: dict[int, ShardedEngine] = {}
+    while True:
+        try:
+            message = channel.recv()
+        except Exception as e:
+            _lost(channel, e)
+        kind = message[0]
+        try:
+            if kind == "exit":
+                return
+            if kind == "engine":
+                _, key, args, kwargs = message
+                engines[key] = ShardedEngine(model, tokenizer, *args, channel=channel, key=key, **kwargs)
+            elif kind == "step":
+                _, key, calls = message
+                engines[key].apply(calls)
+                try:
+                    engines[key].step()
+                except RequestError:
+                    pass  # rank 0 reports it
+            elif kind == "close":
+                engines.pop(message[1]).close()
+            elif kind == "forward":
+                with torch.inference_mode():
+                    model(*message[1], **message[2])
+        except Exception as e:
+            _lost(channel, e)
+
+
+def _lost(channel: Channel, error: Exception) -> None:
+    print(f"error: tensor-parallel rank {channel.ranks.rank}: lost touch with rank 0 or a peer "
+          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); exiting",
+          file=sys.stderr, flush=True)
+    import os
+
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------- loading
+def load_sharded(checkpoint_dir: Path, devices: int, num_nodes: int = 1, device: Optional[str] = None,
+                 precision: Optional[str] = None, quantize: Optional[str] = None):
+    """Start (or join) the N ranks and load this rank's shard: on rank 0 returns (model, threads), a model whose
+    engines and forwards drive the others; on a worker runs `follow` and exits the process."""
+    from litllm.inference import default_device, resolve_precision
+    from litllm.parallel.launch import start
+
+    if quantize is not None:
+        raise LitLLMError(f"--quantize {quantize} with --devices {devices}: quantized weights are not sharded by "
+                          f"tensor parallelism yet; drop --quantize or use --devices 1")
+    device = device or default_device()
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda"):
+        raise LitLLMError(f"--devices {devices}: tensor parallelism runs on cpu (gloo) or cuda (nccl), not {device}")
+    if checkpoint_dir is not None:  # rank 0 or a launcher's process: refuse what can't shard before starting any
+        check_shardable(Path(checkpoint_dir), devices * num_nodes)
+    ranks = start(devices, num_nodes, device_type)
+    channel = Channel(ranks)
+    if channel.is_driver:
+        spec = (str(checkpoint_dir), precision, device_type)
+        channel.send(("load", spec))
+    else:
+        message = channel.recv()
+        checkpoint_dir, precision, device_type = Path(message[1][0]), message[1][1], message[1][2]
+    return _load_rank(channel, Path(checkpoint_dir), precision, devices * num_nodes)
+
+
+def check_shardable(checkpoint_dir: Path, n: int) -> None:
+    from litllm.adapter import read_adapter_settings
+    from litllm.config import Config
+    from litllm.model_folder import check_model_folder
+    from litllm.parallel.plan import check_divisible
+
+    checkpoint_dir = check_model_folder(checkpoint_dir)
+    if read_adapter_settings(checkpoint_dir) is not None:
+        raise LitLLMError(f"--devices {n}: {checkpoint_dir} is an adapter model (adapter.yaml), which tensor "
+                          f"parallelism does not shard: merge it or run it on one device")
+    check_divisible(Config.from_checkpoint(checkpoint_dir), n)
+
+
+def say_memory(model, n: int, what: str = "weights") -> None:
+    """One line on stderr: what this rank (every rank holds the same) keeps of the model, or of its KV cache."""
+    from litllm.parallel.plan import local_bytes
+
+    held = local_bytes(model)
+    if what == "weights":
+        line = (f"Tensor parallel over {n} ranks: each holds {held['weights'] / 1e6:.2f} MB of weights "
+                f"({held['replicated'] / 1e6:.2f} MB of them replicated: norms, router, unsplit parts)")
+    else:
+        line = f"Tensor parallel over {n} ranks: each holds a {held['kv_cache'] / 1e6:.2f} MB KV cache"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _load_rank(channel: Channel, checkpoint_dir: Path, precision: Optional[str], n: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from litllm.inference import resolve_precision
+    from litllm.parallel.loading import load_shard
+
+    ranks = channel.ranks
+    if ranks.device == "cpu":  # the ranks on this machine share its cores
+        import os
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", n))))
+    mesh = init_device_mesh(torch.device(ranks.device).type, (n,))
+    dtype = resolve_precision(precision, ranks.device)
+    try:
+        model = load_shard(checkpoint_dir, mesh, ranks.rank, n, ranks.device, dtype)
+    except LitLLMError:
+        if channel.is_driver:
+            raise  # the command prints it; the workers leave when it exits
+        import os
+
+        os._exit(1)
+    model.tp_channel = channel
+    if not channel.is_driver:
+        from litllm.tokenizer import Tokenizer
+
+        follow(channel, model, Tokenizer(checkpoint_dir))
+        _destroy()
+        sys.exit(0)
+    model.engine_class = ShardedEngine
+    say_memory(model, n)
+    model.forward = driving_forward(model, channel)
+    atexit.register(channel.close)
+    channel.start_heartbeat()
+    return model, torch.get_num_threads()
+
