@@ -145,8 +145,8 @@ class ShardedEngine(Engine):
             with self.channel.lock:
                 self.channel.send(("engine", self.key, args, kwargs))
         super().__init__(model, tokenizer, *args, **kwargs)
-        if self.channel.is_driver and getattr(model, "tp_kv_said", None) != (self.max_batch_size, self.max_seq_length):
-            model.tp_kv_said = (self.max_batch_size, self.max_seq_length)
+        if self.channel.is_driver and not getattr(model, "tp_kv_said", False):  # said once: LLM makes one per call
+            model.tp_kv_said = True
             say_memory(model, model.tp_size, "kv_cache")
         self._calls: list[tuple] = []  # rank 0: add_many / abort calls since the last step
         self._given = 0  # rank 0: the ids handed out
@@ -314,11 +314,18 @@ def say_memory(model, n: int, what: str = "weights") -> None:
 
     held = local_bytes(model)
     if what == "weights":
-        line = (f"Tensor parallel over {n} ranks: each holds {held['weights'] / 1e6:.2f} MB of weights "
-                f"({held['replicated'] / 1e6:.2f} MB of them replicated: norms, router, unsplit parts)")
+        line = (f"Tensor parallel over {n} ranks: each holds {size_text(held['weights'])} of weights "
+                f"({size_text(held['replicated'])} of them replicated: norms, router, unsplit parts)")
     else:
-        line = f"Tensor parallel over {n} ranks: each holds a {held['kv_cache'] / 1e6:.2f} MB KV cache"
+        line = f"Tensor parallel over {n} ranks: each holds a {size_text(held['kv_cache'])} KV cache"
     print(line, file=sys.stderr, flush=True)
+
+
+def size_text(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def _load_rank(channel: Channel, checkpoint_dir: Path, precision: Optional[str], n: int):

@@ -10,7 +10,10 @@ def main() -> None:
     from litllm.parallel.launch import die_with_parent
     from litllm.parallel.runtime import load_sharded
 
+    import signal
+
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: rank 0 stops the run, then this one
     world = int(os.environ["WORLD_SIZE"])
     device = os.environ.get("LITLLM_TP_DEVICE", "cpu")
     try:

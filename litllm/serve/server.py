@@ -217,7 +217,8 @@ def kv_cache_bytes(model, positions: int) -> int:
     """Bytes of one KV-cache slot: keys and values of every layer for `positions` tokens, in the
     dtype of the model's activations (its embedding's; quantized weights don't change it)."""
     c = model.config
-    return 2 * c.n_layer * c.n_query_groups * c.head_size * positions * model.wte.weight.element_size()
+    n_kv = model.blocks[0].attn.config.n_query_groups  # a tensor-parallel rank's share (`--devices`)
+    return 2 * c.n_layer * n_kv * c.head_size * positions * model.wte.weight.element_size()
 
 
 def resolve_max_seq_length(model, max_batch_size: int, max_seq_length: Optional[int]) -> int:

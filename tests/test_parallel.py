@@ -1,0 +1,205 @@
+"""Tensor-parallel inference (`--devices N`, `litllm.parallel`) on the CPU over gloo: 2 processes give the same
+tokens as 1 for `LLM`, `generate`, `chat`, `serve` and `evaluate`; each rank holds ~1/N of the weights and KV
+cache; head counts that don't divide are refused; a rank that dies ends the run with one line.
+
+The oracle is the single-process run (itself checked against transformers elsewhere); multi-process tests
+spawn 2 ranks, so each shares one run across its assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_converted_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), LITLLM_TP_TIMEOUT="60")
+
+
+def litllm(*args: str, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "litllm", *args], input=stdin, capture_output=True,
+                          timeout=timeout, env=ENV)
+
+
+# ---------------------------------------------------------------------- the plan (no processes)
+def test_fused_layers_split_piece_by_piece():
+    from litllm.config import Config
+    from litllm.parallel.plan import local_slices, shard_pieces
+
+    c = Config(n_embd=64, n_head=8, n_query_groups=2, head_size=8, intermediate_size=96, padded_vocab_size=320,
+               mlp_class_name="GatedMLP")
+    qkv = shard_pieces("blocks.0.attn.qkv.weight", c, 2)
+    assert qkv == (0, (64, 16, 16))
+    # rank 1: its 4 query heads, then its key head, then its value head
+    assert local_slices(qkv, 1, 2) == (0, [slice(32, 64), slice(72, 80), slice(88, 96)])
+    assert local_slices(shard_pieces("blocks.1.mlp.fc.weight", c, 2), 0, 2) == (0, [slice(0, 48), slice(96, 144)])
+    assert shard_pieces("blocks.1.mlp.proj.weight", c, 2) == (1, (96,))
+    assert shard_pieces("blocks.1.attn.proj.bias", c, 2) is None  # added once, after the all-reduce
+    assert shard_pieces("blocks.1.norm_1.weight", c, 2) is None
+    assert shard_pieces("lm_head.weight", c, 2) == (0, (320,))
+    assert shard_pieces("lm_head.weight", c, 3) is None  # 320 rows don't split in 3: replicated
+
+
+def test_indivisible_heads_are_refused_in_one_line():
+    from litllm.config import Config
+    from litllm.errors import LitLLMError
+    from litllm.parallel.plan import check_divisible
+
+    c = Config(n_embd=64, n_head=8, n_query_groups=2, intermediate_size=96)
+    check_divisible(c, 2)
+    with pytest.raises(LitLLMError, match=r"^--devices 4: .*n_query_groups \(key/value heads\) 2, not divisible "
+                                          r"by 4: pick a divisor of 2$"):
+        check_divisible(c, 4)
+
+
+def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
+    from litllm.errors import LitLLMError
+    from litllm.parallel.plan import layer_placement
+
+    assert layer_placement(5, ["cuda:0", "cuda:1"]) == ["cuda:0"] * 3 + ["cuda:1"] * 2
+    assert layer_placement(4, list("abcd")) == list("abcd")
+    with pytest.raises(LitLLMError, match="4 devices but only 2 blocks"):
+        layer_placement(2, list("abcd"))
+
+
+def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "3", timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("error: --devices 3: ") and "not divisible by 3" in lines[-1]
+    assert "rank" not in proc.stderr.decode()  # refused before any worker started
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--quantize", "bnb.nf4",
+                  timeout=120)
+    assert proc.returncode == 1 and "error: --quantize bnb.nf4 with --devices 2" in proc.stderr.decode()
+
+
+# ---------------------------------------------------------------------- LLM: 1 process vs 2
+FAMILIES = ["llama", pytest.param("qwen3", marks=pytest.mark.slow), pytest.param("mixtral", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def llm_runs(request, tmp_path_factory):
+    """{"single": ..., "sharded": ...}: the same LLM calls on 1 and on 2 ranks (tests/parallel_check.py)."""
+    family = request.param
+    folder = tiny_checkpoint_of(family, tmp_path_factory)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_check.py"), str(folder)],
+                          capture_output=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    runs = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    runs["stderr"] = proc.stderr.decode()
+    return runs
+
+
+def tiny_checkpoint_of(family: str, tmp_path_factory) -> Path:
+    return make_converted_checkpoint(tmp_path_factory.mktemp(f"tp_{family}"), family)
+
+
+@pytest.mark.parametrize("call", ["greedy", "batch", "seeded", "seeded_batch", "stream", "chat"])
+def test_two_ranks_give_the_same_tokens_as_one(llm_runs, call):
+    assert llm_runs["sharded"][call] == llm_runs["single"][call]
+    assert llm_runs["single"][call]  # something was generated
+
+
+def test_a_plain_forward_is_broadcast_too(llm_runs):
+    torch.testing.assert_close(torch.tensor(llm_runs["sharded"]["logits"]), torch.tensor(llm_runs["single"]["logits"]))
+
+
+def test_each_rank_holds_half_the_weights_and_kv_cache(llm_runs):
+    one, two = llm_runs["single"]["bytes"], llm_runs["sharded"]["bytes"]
+    replicated = two["replicated"]  # norms (and a MoE router): every rank holds them whole
+    assert 0 < replicated < 0.05 * one["weights"]
+    assert two["weights"] == (one["weights"] - replicated) // 2 + replicated
+    assert two["kv_cache"] * 2 == one["kv_cache"] > 0
+    assert "Tensor parallel over 2 ranks: each holds" in llm_runs["stderr"]
+
+
+# ---------------------------------------------------------------------- the commands
+def reference_generate(checkpoint: Path, prompt: str, n: int, **flags) -> str:
+    import contextlib
+    import io
+
+    from litllm.generate import generate
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        generate(checkpoint, prompt=prompt, max_new_tokens=n, device="cpu", precision="32-true", **flags)
+    return out.getvalue()
+
+
+def test_generate_on_two_ranks(tiny_checkpoint):
+    args = ["--max_new_tokens", "12", "--num_samples", "2", "--temperature", "0.9", "--seed", "11"]
+    proc = litllm("generate", str(tiny_checkpoint), "--prompt", "Tell me about llamas", "--device", "cpu",
+                  "--devices", "2", *args)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    expected = reference_generate(tiny_checkpoint, "Tell me about llamas", 12, num_samples=2, temperature=0.9, seed=11)
+    assert proc.stdout.decode() == expected
+    assert "Tensor parallel over 2 ranks: each holds" in proc.stderr.decode()
+
+
+@pytest.mark.slow
+def test_chat_on_two_ranks(tiny_checkpoint):
+    turns = b"Hi!\nTell me more\n/exit\n"
+    flags = ["--prompt_style", "alpaca", "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"]
+    one = litllm("chat", str(tiny_checkpoint), *flags, stdin=turns)
+    two = litllm("chat", str(tiny_checkpoint), *flags, "--devices", "2", stdin=turns)
+    assert one.returncode == two.returncode == 0, two.stderr.decode()[-2000:]
+    assert two.stdout.count(b">> Model: ") == 2
+    assert two.stdout == one.stdout
+
+
+@pytest.mark.slow
+def test_serve_on_two_ranks(tiny_checkpoint, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import Server
+
+    prompts = ["What food do llamas eat?", "Hi", "def fibonacci(n):", "The quick brown fox"]
+    expected = [reference_generate(tiny_checkpoint, p, 10, prompt_style="default", temperature=0.0)[:-1]
+                for p in prompts]
+    server = Server(tiny_checkpoint, tmp_path / "server.log", "--max_batch_size", "2", "--device", "cpu",
+                    "--devices", "2")
+    try:
+        client = server.client()
+
+        def complete(i: int) -> str:
+            if i % 2:  # half the clients stream
+                chunks = client.completions.create(model=tiny_checkpoint.name, prompt=prompts[i], max_tokens=10,
+                                                   temperature=0, stream=True)
+                return "".join(c.choices[0].text for c in chunks if c.choices)
+            return client.completions.create(model=tiny_checkpoint.name, prompt=prompts[i], max_tokens=10,
+                                             temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:  # 4 concurrent clients on 2 slots: continuous batching
+            assert list(pool.map(complete, range(4))) == expected
+        seeded = [client.completions.create(model=tiny_checkpoint.name, prompt=prompts[0], max_tokens=8,
+                                            temperature=1.0, seed=5).choices[0].text for _ in range(2)]
+        assert seeded[0] == seeded[1] == reference_generate(tiny_checkpoint, prompts[0], 8, prompt_style="default",
+                                                            temperature=1.0, top_k=None, seed=5)[:-1]
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    log = (tmp_path / "server.log").read_text()
+    assert "Tensor parallel over 2 ranks" in log and "error" not in log.lower()
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_run_with_one_line(tiny_checkpoint):
+    script = (
+        "import os, signal, sys\n"
+        "from litllm import LLM\n"
+        f"llm = LLM.load({str(tiny_checkpoint)!r}, device='cpu', devices=2)\n"
+        "os.kill(llm.model.tp_channel.ranks.children[0].pid, signal.SIGKILL)\n"
+        "llm.generate('Hi', max_new_tokens=50)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, env=ENV)
+    assert proc.returncode != 0 and b"not reached" not in proc.stdout
+    errors = [line for line in proc.stderr.decode().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: tensor-parallel rank 1 ")
