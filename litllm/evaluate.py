@@ -190,7 +190,7 @@ def _check_limit(limit: Optional[float]) -> Optional[Union[int, float]]:
 # ---------------------------------------------------------------------- loading
 def load_model(
     checkpoint_dir: Path, device: Optional[str] = None, precision: Optional[str] = None, quantize: Optional[str] = None,
-    devices: int = 1, num_nodes: int = 1,
+    devices: int = 1, num_nodes: int = 1, strategy: str = "tensor",
 ) -> tuple["GPT", "Tokenizer"]:
     """The model (eval mode, on `device`, in `precision`, optionally quantized) and tokenizer of a converted folder;
     with `devices` * `num_nodes` > 1 this rank's tensor-parallel shard (`litllm.parallel`; the other ranks follow)."""
@@ -202,10 +202,10 @@ def load_model(
             torch.device(device)
         except RuntimeError:
             raise LitLLMError(f"--device: expected cpu, cuda, cuda:N, mps, ..., got {device!r}") from None
-    if devices * num_nodes > 1 or devices < 1 or num_nodes < 1:
-        from litllm.parallel import load_sharded
+    from litllm.parallel import load_on_devices, uses_devices
 
-        model, _ = load_sharded(checkpoint_dir, devices, num_nodes, device, precision, quantize)
+    if uses_devices(devices, num_nodes):
+        model, _ = load_on_devices(checkpoint_dir, devices, num_nodes, strategy, device, precision, quantize)
         return model, Tokenizer(checkpoint_dir)
     model = load_for_inference(checkpoint_dir, device=device, precision=precision, quantize=quantize)
     return model, Tokenizer(checkpoint_dir)

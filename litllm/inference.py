@@ -281,14 +281,16 @@ class LoadArgs:
     """Tensor parallelism: shard the model over this many devices (processes) per node; each holds ~1/N of the weights and KV cache (`--device cpu` runs N processes over gloo)."""
     num_nodes: int = 1
     """Tensor parallelism over several machines (start the command on each with torchrun or srun)."""
+    strategy: str = "tensor"
+    """With --devices > 1: `tensor` (tensor parallelism, one process per device) or `sequential` (consecutive blocks on consecutive GPUs of one process, no collectives)."""
 
     def for_decoding(self, checkpoint_dir: Path):
         """`load_for_decoding` with these flags: (model, threads for the Engine)."""
-        if self.devices * self.num_nodes > 1 or self.devices < 1 or self.num_nodes < 1:
-            from litllm.parallel import load_sharded
+        from litllm.parallel import load_on_devices, uses_devices
 
-            return load_sharded(checkpoint_dir, self.devices, self.num_nodes, self.device, self.precision,
-                                self.quantize)
+        if uses_devices(self.devices, self.num_nodes):
+            return load_on_devices(checkpoint_dir, self.devices, self.num_nodes, self.strategy, self.device,
+                                   self.precision, self.quantize)
         return load_for_decoding(checkpoint_dir, self.device, self.precision, self.quantize)
 
 

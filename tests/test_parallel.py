@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import make_converted_checkpoint
+from test_evaluate import GEN_TASK, MC_TASK, PPL_TASK, tasks_dir  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), LITLLM_TP_TIMEOUT="60")
@@ -147,7 +148,7 @@ def test_generate_on_two_ranks(tiny_checkpoint):
 @pytest.mark.slow
 def test_chat_on_two_ranks(tiny_checkpoint):
     turns = b"Hi!\nTell me more\n/exit\n"
-    flags = ["--prompt_style", "alpaca", "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu"]
+    flags = ["--prompt_style", "default", "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"]
     one = litllm("chat", str(tiny_checkpoint), *flags, stdin=turns)
     two = litllm("chat", str(tiny_checkpoint), *flags, "--devices", "2", stdin=turns)
     assert one.returncode == two.returncode == 0, two.stderr.decode()[-2000:]
@@ -203,3 +204,74 @@ def test_a_dead_rank_ends_the_run_with_one_line(tiny_checkpoint):
     assert proc.returncode != 0 and b"not reached" not in proc.stdout
     errors = [line for line in proc.stderr.decode().splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: tensor-parallel rank 1 ")
+
+
+def test_sequential_strategy_gives_the_same_tokens(tiny_checkpoint):
+    from litllm import LLM
+
+    one = LLM.load(tiny_checkpoint, device="cpu")
+    spread = LLM.load(tiny_checkpoint, device="cpu", devices=2, strategy="sequential")
+    assert spread.model.block_devices == ["cpu", "cpu"]  # 2 blocks: one per device
+    prompts = ["What food do llamas eat?", "Hi"]
+    assert spread.generate(prompts, max_new_tokens=10) == one.generate(prompts, max_new_tokens=10)
+    assert spread.generate("Hi", max_new_tokens=8, temperature=1.0, seed=3) == \
+        one.generate("Hi", max_new_tokens=8, temperature=1.0, seed=3)
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_ranks(tiny_checkpoint, tasks_dir, tmp_path):
+    from litllm.evaluate import evaluate
+
+    tasks = f"{MC_TASK},{GEN_TASK},{PPL_TASK}"
+    one = evaluate(tiny_checkpoint, tasks=tasks, include_path=tasks_dir, out_dir=tmp_path / "one", batch_size=2,
+                   limit=4, device="cpu", precision="32-true", log_samples=True)
+    proc = litllm("evaluate", str(tiny_checkpoint), "--tasks", tasks, "--include_path", str(tasks_dir),
+                  "--out_dir", str(tmp_path / "two"), "--batch_size", "2", "--limit", "4", "--device", "cpu",
+                  "--precision", "32-true", "--log_samples", "true", "--devices", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for task in (MC_TASK, GEN_TASK, PPL_TASK):
+        for metric, value in one["results"][task].items():
+            if isinstance(value, float):
+                assert two["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+            else:
+                assert two["results"][task][metric] == value, (task, metric)
+
+    def answers(folder: Path) -> list:
+        rows = (folder / f"samples_{GEN_TASK}.jsonl").read_text().splitlines()
+        return [json.loads(row)["resps"] for row in rows]
+
+    assert answers(tmp_path / "two") == answers(tmp_path / "one") and answers(tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun(tiny_checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "litllm",
+         "generate", str(tiny_checkpoint), "--prompt", "Hi", "--max_new_tokens", "10", "--temperature", "0",
+         "--device", "cpu", "--devices", "2"],
+        capture_output=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode() == reference_generate(tiny_checkpoint, "Hi", 10, temperature=0.0)
+
+
+def test_slurm_serve_template_passes_the_allocation(tmp_path):
+    """config_hub/slurm/serve.sbatch with stand-ins for srun and scontrol: what it would launch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$MASTER_ADDR $MASTER_PORT $*" > {tmp_path}/srun.args\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ $2 == hostnames ]] && echo gpu-a gpu-b || '
+                                      'echo "NodeName=gpu-a NodeAddr=10.0.0.7 State=IDLE"\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
+               SLURM_NTASKS_PER_NODE="4", SLURM_JOB_NODELIST="gpu-[a-b]")
+    script = str(ROOT / "config_hub" / "slurm" / "serve.sbatch")
+    proc = subprocess.run(["bash", script, "checkpoints/big", "--port", "9000"], capture_output=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "clients: http://10.0.0.7:9000/v1" in proc.stdout.decode()
+    assert (tmp_path / "srun.args").read_text().split() == [
+        "10.0.0.7", str(15000 + 4242), "--ntasks-per-node=4", "--kill-on-bad-exit=1", "litllm", "serve",
+        "checkpoints/big", "--port", "9000", "--devices", "4", "--num_nodes", "2", "--host", "0.0.0.0"]
+    proc = subprocess.run(["bash", script, "checkpoints/big", "--devices", "2"], capture_output=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.decode().startswith("error: --devices comes from the allocation")

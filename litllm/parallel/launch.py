@@ -54,6 +54,12 @@ def launcher_env() -> Optional[tuple[int, int, int]]:
     return None
 
 
+def is_launched_worker() -> bool:
+    """This process is a rank > 0 that torchrun or srun started: it serves rank 0's steps, not users."""
+    placed = launcher_env()
+    return placed is not None and placed[0] != 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +89,8 @@ def start(devices: int, num_nodes: int, device_type: str) -> Ranks:
         children = [spawn_worker(r, world, device_type) for r in range(1, world)]
         placed = (0, world, 0)
     rank, size, local_rank = placed
+    if "SLURM_JOB_ID" in os.environ and "MASTER_PORT" not in os.environ:  # as config_hub/slurm/serve.sbatch sets it
+        os.environ["MASTER_PORT"] = str(15000 + int(os.environ["SLURM_JOB_ID"]) % 10000)
     if size != world:
         raise LitLLMError(f"--devices {devices} --num_nodes {num_nodes} make {world} ranks, but the launcher "
                           f"started {size} processes")

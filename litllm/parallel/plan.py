@@ -158,6 +158,22 @@ def parallelize(model: nn.Module, mesh, n: int) -> nn.Module:
     return model
 
 
+def rank_config(config, n: int):
+    """A config whose GPT has one tensor-parallel rank's shapes (of n): its heads, hidden units and vocabulary rows
+    (what `litllm estimate --devices N` sizes). Checked like `parallelize` checks."""
+    check_divisible(config, n)
+    if n == 1:
+        return config
+    c = config
+    changes = dict(n_head=c.n_head // n, n_query_groups=c.n_query_groups // n, head_size=c.head_size,
+                   intermediate_size=c.intermediate_size // n)
+    if c.mlp_class_name == "MoE":
+        changes["expert_intermediate_size"] = c.expert_intermediate_size // n
+    if split_vocab(c, n):
+        changes.update(padded_vocab_size=c.padded_vocab_size // n, vocab_size=min(c.vocab_size, c.padded_vocab_size // n))
+    return dataclasses.replace(c, **changes)
+
+
 def local_kv_heads(model: nn.Module) -> int:
     """The key/value heads this rank's KV cache holds."""
     return model.blocks[0].attn.config.n_query_groups

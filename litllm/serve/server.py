@@ -83,6 +83,10 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
+    from litllm.parallel.launch import is_launched_worker
+
+    if is_launched_worker():  # a tensor-parallel rank > 0 under torchrun/srun: runs rank 0's steps, never returns
+        load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
     from litllm.engine import Engine
     from litllm.serve.app import ServedModel, build_app
