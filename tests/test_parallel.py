@@ -96,6 +96,7 @@ def llm_runs(request, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     runs = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     runs["stderr"] = proc.stderr.decode()
+    runs["folder"] = folder
     return runs
 
 
@@ -120,6 +121,33 @@ def test_each_rank_holds_half_the_weights_and_kv_cache(llm_runs):
     assert two["weights"] == (one["weights"] - replicated) // 2 + replicated
     assert two["kv_cache"] * 2 == one["kv_cache"] > 0
     assert "Tensor parallel over 2 ranks: each holds" in llm_runs["stderr"]
+
+
+def test_estimate_gives_what_a_rank_holds(llm_runs):
+    """`litllm estimate serve --devices 2` sizes one rank: its weights and KV cache as measured on a real rank."""
+    from litllm.config import Config
+    from litllm.estimate import fake_decode
+
+    config = Config.from_checkpoint(llm_runs["folder"])
+    two = fake_decode(config, "32-true", None, 2, 32, 31, None, devices=2)
+    assert two["weights"] == llm_runs["sharded"]["bytes"]["weights"]
+    assert two["kv_cache"] == llm_runs["sharded"]["bytes"]["kv_cache"]
+    one = fake_decode(config, "32-true", None, 2, 32, 31, None)
+    assert one["weights"] == llm_runs["single"]["bytes"]["weights"]
+
+
+def test_estimate_cli_per_device_and_more_devices_as_a_fix(tiny_checkpoint):
+    proc = litllm("estimate", "serve", str(tiny_checkpoint), "--max_batch_size", "4", "--max_seq_length", "64",
+                  "--precision", "32-true", "--devices", "2", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    two = json.loads(proc.stdout)
+    proc = litllm("estimate", "serve", str(tiny_checkpoint), "--max_batch_size", "4", "--max_seq_length", "64",
+                  "--precision", "32-true", "--device_memory", "0.4MB", timeout=120)
+    assert "--devices 2 (tensor parallel)" in proc.stdout.decode()
+    assert two["world_size"] == 2 and two["strategy"] == "tensor"
+    assert two["breakdown"]["kv_cache"] == 2 * 2 * 4 * 1 * 64 * 16 * 4  # 2 layers x k,v x 4 slots x 1 of 2 kv heads
+    proc = litllm("estimate", "serve", str(tiny_checkpoint), "--devices", "3", timeout=120)
+    assert proc.returncode == 1 and proc.stderr.decode().startswith("error: --devices 3: ")
 
 
 # ---------------------------------------------------------------------- the commands
