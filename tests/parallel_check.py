@@ -22,11 +22,29 @@ def calls(llm: LLM) -> dict:
         "stream": list(llm.generate(PROMPTS[1], max_new_tokens=8, stream=True)),
         "chat": llm.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=10),
     }
-    with Engine(llm.model, llm.tokenizer, 2, 32) as engine:
+    with Engine(llm.model, llm.tokenizer, 2, 32):  # its KV cache: 2 rows of 32 positions
         out["bytes"] = local_bytes(llm.model)
+    out["json"] = constrained(llm)
     with torch.inference_mode():  # a plain forward outside an engine (scoring): broadcast to the other rank
         out["logits"] = llm.model(torch.tensor([[1, 2, 3, 4]]))[0, -1, :8].tolist()
     return out
+
+
+def constrained(llm: LLM) -> list:
+    """Two requests under a JSON grammar (the server's response_format), decoded together, sampled with a seed."""
+    from litllm.constrain import Grammars
+    from litllm.engine import Request, Sampling
+
+    grammar = Grammars(llm.tokenizer, llm.model.config.vocab_size).json_schema()
+    ids = llm.tokenizer.encode("Answer in JSON:").tolist()
+    texts = {}
+    with Engine(llm.model, llm.tokenizer, 2, 64) as engine:
+        for seed in (1, 2):
+            engine.add(Request(ids, 24, Sampling(1.0, None, 1.0, seed), grammar=grammar))
+        while engine.has_unfinished:
+            for out in engine.step():
+                texts[out.request_id] = texts.get(out.request_id, "") + out.text
+    return [texts[i] for i in sorted(texts)]
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from conftest import make_converted_checkpoint
-from test_evaluate import GEN_TASK, MC_TASK, PPL_TASK, tasks_dir  # noqa: F401  (a fixture)
+import test_evaluate
+from test_evaluate import GEN_TASK, MC_TASK, PPL_TASK
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), LITLLM_TP_TIMEOUT="60")
+tasks_dir = test_evaluate.tasks_dir  # its lm-eval tasks over local files (a fixture)
 
 
 def litllm(*args: str, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -104,7 +106,7 @@ def tiny_checkpoint_of(family: str, tmp_path_factory) -> Path:
     return make_converted_checkpoint(tmp_path_factory.mktemp(f"tp_{family}"), family)
 
 
-@pytest.mark.parametrize("call", ["greedy", "batch", "seeded", "seeded_batch", "stream", "chat"])
+@pytest.mark.parametrize("call", ["greedy", "batch", "seeded", "seeded_batch", "stream", "chat", "json"])
 def test_two_ranks_give_the_same_tokens_as_one(llm_runs, call):
     assert llm_runs["sharded"][call] == llm_runs["single"][call]
     assert llm_runs["single"][call]  # something was generated
@@ -130,10 +132,12 @@ def test_estimate_gives_what_a_rank_holds(llm_runs):
 
     config = Config.from_checkpoint(llm_runs["folder"])
     two = fake_decode(config, "32-true", None, 2, 32, 31, None, devices=2)
-    assert two["weights"] == llm_runs["sharded"]["bytes"]["weights"]
-    assert two["kv_cache"] == llm_runs["sharded"]["bytes"]["kv_cache"]
     one = fake_decode(config, "32-true", None, 2, 32, 31, None)
-    assert one["weights"] == llm_runs["single"]["bytes"]["weights"]
+    assert two["kv_cache"] == llm_runs["sharded"]["bytes"]["kv_cache"]
+    # the estimate's weights also count the RoPE tables (buffers, the same on every rank)
+    rope = one["weights"] - llm_runs["single"]["bytes"]["weights"]
+    assert rope == 2 * 32 * config.rope_n_elem * 4
+    assert two["weights"] - rope == llm_runs["sharded"]["bytes"]["weights"]
 
 
 def test_estimate_cli_per_device_and_more_devices_as_a_fix(tiny_checkpoint):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
@@ -167,8 +166,8 @@ def rank_config(config, n: int):
     c = config
     changes = dict(n_head=c.n_head // n, n_query_groups=c.n_query_groups // n, head_size=c.head_size,
                    intermediate_size=c.intermediate_size // n)
-    if c.mlp_class_name == "MoE":
-        changes["expert_intermediate_size"] = c.expert_intermediate_size // n
+    if c.moe_intermediate_size is not None:  # else the experts' size follows intermediate_size
+        changes["moe_intermediate_size"] = c.moe_intermediate_size // n
     if split_vocab(c, n):
         changes.update(padded_vocab_size=c.padded_vocab_size // n, vocab_size=min(c.vocab_size, c.padded_vocab_size // n))
     return dataclasses.replace(c, **changes)

@@ -13,7 +13,9 @@ the model's own collectives are DTensor's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
+import signal
 import sys
 import threading
 import time
@@ -128,6 +130,35 @@ def _to_device(obj, device: str):
     return obj
 
 
+def _reduce_grammar(grammar):
+    """Pickle a compiled grammar (`litllm.constrain.Grammar`, a request's `response_format`) for the workers: as
+    xgrammar's own JSON of it and of its tokenizer info."""
+    compiled = grammar._compiled
+    return _rebuild_grammar, (compiled.serialize_json(), compiled.tokenizer_info.serialize_json())
+
+
+_tokenizer_infos: dict[int, object] = {}  # a worker deserializes its tokenizer's info once
+
+
+def _rebuild_grammar(compiled_json: str, info_json: str):
+    import xgrammar as xgr
+
+    from litllm.constrain import Grammar
+
+    key = hash(info_json)
+    if key not in _tokenizer_infos:
+        _tokenizer_infos[key] = xgr.TokenizerInfo.deserialize_json(info_json)
+    return Grammar(xgr, xgr.CompiledGrammar.deserialize_json(compiled_json, _tokenizer_infos[key]))
+
+
+def _register_reducers() -> None:
+    import copyreg
+
+    from litllm.constrain import Grammar
+
+    copyreg.pickle(Grammar, _reduce_grammar)
+
+
 # ---------------------------------------------------------------------- the engine
 class ShardedEngine(Engine):
     """An `Engine` over a tensor-parallel model, on every rank. On rank 0 `add`/`add_many`/`abort` queue the
@@ -186,7 +217,7 @@ class ShardedEngine(Engine):
     def step(self):
         if not self.channel.is_driver:
             return super().step()
-        with self.channel.lock:
+        with self.channel.lock, interrupts_after():
             with self._lock:
                 calls, self._calls = self._calls, []
             self.channel.send(("step", self.key, calls))
@@ -210,6 +241,24 @@ class ShardedEngine(Engine):
             with self.channel.lock:
                 self.channel.send(("close", self.key))
         super().close()
+
+
+@contextlib.contextmanager
+def interrupts_after():
+    """Hold Ctrl-C (in the main thread) until the block ends, then raise it: a step that every rank runs must not
+    stop half-way on rank 0 (`chat` stops an answer with Ctrl-C, then aborts it at the next step)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def driving_forward(model, channel: Channel):
@@ -272,7 +321,7 @@ def load_sharded(checkpoint_dir: Path, devices: int, num_nodes: int = 1, device:
                  precision: Optional[str] = None, quantize: Optional[str] = None):
     """Start (or join) the N ranks and load this rank's shard: on rank 0 returns (model, threads), a model whose
     engines and forwards drive the others; on a worker runs `follow` and exits the process."""
-    from litllm.inference import default_device, resolve_precision
+    from litllm.inference import default_device
     from litllm.parallel.launch import start
 
     if quantize is not None:
@@ -285,6 +334,7 @@ def load_sharded(checkpoint_dir: Path, devices: int, num_nodes: int = 1, device:
     if checkpoint_dir is not None:  # rank 0 or a launcher's process: refuse what can't shard before starting any
         check_shardable(Path(checkpoint_dir), devices * num_nodes)
     ranks = start(devices, num_nodes, device_type)
+    _register_reducers()
     channel = Channel(ranks)
     if channel.is_driver:
         spec = (str(checkpoint_dir), precision, device_type)
