@@ -202,10 +202,10 @@ def load_model(
             torch.device(device)
         except RuntimeError:
             raise LitLLMError(f"--device: expected cpu, cuda, cuda:N, mps, ..., got {device!r}") from None
-    from litllm.parallel import load_on_devices, uses_devices
+    from litllm.parallel import uses_devices
 
     if uses_devices(devices, num_nodes):
-        model, _ = load_on_devices(checkpoint_dir, devices, num_nodes, strategy, device, precision, quantize)
+        model, _ = LoadArgs(precision, quantize, device, devices, num_nodes, strategy).for_decoding(checkpoint_dir)
         return model, Tokenizer(checkpoint_dir)
     model = load_for_inference(checkpoint_dir, device=device, precision=precision, quantize=quantize)
     return model, Tokenizer(checkpoint_dir)

@@ -289,8 +289,9 @@ class LoadArgs:
         from litllm.parallel import load_on_devices, uses_devices
 
         if uses_devices(self.devices, self.num_nodes):
-            return load_on_devices(checkpoint_dir, self.devices, self.num_nodes, self.strategy, self.device,
-                                   self.precision, self.quantize)
+            device = self.device or default_device()
+            return load_on_devices(checkpoint_dir, self.devices, self.num_nodes, self.strategy, device,
+                                   resolve_precision(self.precision, device), self.quantize)
         return load_for_decoding(checkpoint_dir, self.device, self.precision, self.quantize)
 
 

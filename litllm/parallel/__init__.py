@@ -11,10 +11,11 @@ def uses_devices(devices: int, num_nodes: int) -> bool:
     return devices * num_nodes != 1
 
 
-def load_on_devices(checkpoint_dir, devices: int, num_nodes: int = 1, strategy: str = "tensor", device=None,
-                    precision=None, quantize=None):
-    """The model on `devices` devices per node x `num_nodes` nodes: (model, threads for the Engine). Tensor
-    parallelism (`runtime.load_sharded`; a worker rank never returns) or sequential placement."""
+def load_on_devices(checkpoint_dir, devices: int, num_nodes: int, strategy: str, device: str, dtype,
+                    quantize=None):
+    """The model on `devices` devices per node x `num_nodes` nodes (`device`: their kind, `dtype`: the weights'):
+    (model, threads for the Engine). Tensor parallelism (`runtime.load_sharded`; a worker rank never returns) or
+    sequential placement. `litllm.inference.LoadArgs.for_decoding` calls it with the resolved flags."""
     if devices < 1 or num_nodes < 1:
         raise LitLLMError(f"--devices and --num_nodes must be >= 1, got --devices {devices} --num_nodes {num_nodes}")
     if strategy not in STRATEGIES:
@@ -22,13 +23,12 @@ def load_on_devices(checkpoint_dir, devices: int, num_nodes: int = 1, strategy: 
     if strategy == "sequential":
         import torch
 
-        from litllm.inference import default_device
         from litllm.parallel.sequential import load_sequential
 
         if num_nodes > 1 or quantize is not None:
             raise LitLLMError("--strategy sequential runs in one process on one machine, without --quantize: "
                               "drop --num_nodes/--quantize or use --strategy tensor")
-        return load_sequential(checkpoint_dir, devices, device or default_device(), precision), torch.get_num_threads()
+        return load_sequential(checkpoint_dir, devices, device, dtype), torch.get_num_threads()
     from litllm.parallel.runtime import load_sharded
 
-    return load_sharded(checkpoint_dir, devices, num_nodes, device, precision, quantize)
+    return load_sharded(checkpoint_dir, devices, num_nodes, device, dtype, quantize)

@@ -75,6 +75,9 @@ def start(devices: int, num_nodes: int, device_type: str) -> Ranks:
     import torch.distributed as dist
 
     world = devices * num_nodes
+    if dist.is_initialized():
+        raise LitLLMError(f"--devices {devices}: this process already belongs to a distributed run (one tensor-parallel "
+                          f"model per process): load the other model in another process")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise LitLLMError(f"--devices {devices}: CUDA is not available on this machine (use --device cpu)")
     if device_type == "cuda" and torch.cuda.device_count() < devices:

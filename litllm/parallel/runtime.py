@@ -317,17 +317,16 @@ def _lost(channel: Channel, error: Exception) -> None:
 
 
 # ---------------------------------------------------------------------- loading
-def load_sharded(checkpoint_dir: Path, devices: int, num_nodes: int = 1, device: Optional[str] = None,
-                 precision: Optional[str] = None, quantize: Optional[str] = None):
-    """Start (or join) the N ranks and load this rank's shard: on rank 0 returns (model, threads), a model whose
-    engines and forwards drive the others; on a worker runs `follow` and exits the process."""
-    from litllm.inference import default_device
+def load_sharded(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, device: str,
+                 dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None):
+    """Start (or join) the N ranks and load this rank's shard: on rank 0 (given the folder and the dtype) returns
+    (model, threads), a model whose engines and forwards drive the others; a worker (checkpoint_dir None: rank 0
+    says what to load) runs `follow` and exits the process."""
     from litllm.parallel.launch import start
 
     if quantize is not None:
         raise LitLLMError(f"--quantize {quantize} with --devices {devices}: quantized weights are not sharded by "
                           f"tensor parallelism yet; drop --quantize or use --devices 1")
-    device = device or default_device()
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
         raise LitLLMError(f"--devices {devices}: tensor parallelism runs on cpu (gloo) or cuda (nccl), not {device}")
@@ -337,12 +336,10 @@ def load_sharded(checkpoint_dir: Path, devices: int, num_nodes: int = 1, device:
     _register_reducers()
     channel = Channel(ranks)
     if channel.is_driver:
-        spec = (str(checkpoint_dir), precision, device_type)
-        channel.send(("load", spec))
-    else:
-        message = channel.recv()
-        checkpoint_dir, precision, device_type = Path(message[1][0]), message[1][1], message[1][2]
-    return _load_rank(channel, Path(checkpoint_dir), precision, devices * num_nodes)
+        channel.send(("load", str(checkpoint_dir), dtype))
+    else:  # what rank 0 loads (under torchrun every rank was given it; spawned workers were not)
+        _, checkpoint_dir, dtype = channel.recv()
+    return _load_rank(channel, Path(checkpoint_dir), dtype, devices * num_nodes)
 
 
 def check_shardable(checkpoint_dir: Path, n: int) -> None:
@@ -378,10 +375,9 @@ def size_text(n: int) -> str:
     return f"{n} B"
 
 
-def _load_rank(channel: Channel, checkpoint_dir: Path, precision: Optional[str], n: int):
+def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: int):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from litllm.inference import resolve_precision
     from litllm.parallel.loading import load_shard
 
     ranks = channel.ranks
@@ -390,7 +386,6 @@ def _load_rank(channel: Channel, checkpoint_dir: Path, precision: Optional[str],
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", n))))
     mesh = init_device_mesh(torch.device(ranks.device).type, (n,))
-    dtype = resolve_precision(precision, ranks.device)
     try:
         model = load_shard(checkpoint_dir, mesh, ranks.rank, n, ranks.device, dtype)
     except LitLLMError:

@@ -8,8 +8,6 @@ but needs nothing but enough memory in all.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -29,12 +27,12 @@ def sequential_devices(devices: int, device: str) -> list[str]:
     return ["cpu"] * devices
 
 
-def load_sequential(checkpoint_dir: Path, devices: int, device: str, precision: Optional[str]) -> nn.Module:
-    """The model of `checkpoint_dir` with its blocks spread over `devices` devices."""
-    from litllm.inference import load_for_inference
+def load_sequential(checkpoint_dir: Path, devices: int, device: str, dtype: torch.dtype) -> nn.Module:
+    """The model of `checkpoint_dir` in `dtype` with its blocks spread over `devices` devices of `device`'s kind."""
+    from litllm.adapter import load_adapter_model
 
     targets = sequential_devices(devices, device)
-    model = load_for_inference(checkpoint_dir, "cpu", precision)  # moved block by block below
+    model = load_adapter_model(checkpoint_dir, "cpu", dtype).eval()  # moved block by block below
     return place_sequentially(model, targets)
 
 

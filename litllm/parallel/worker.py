@@ -17,7 +17,7 @@ def main() -> None:
     world = int(os.environ["WORLD_SIZE"])
     device = os.environ.get("LITLLM_TP_DEVICE", "cpu")
     try:
-        load_sharded(None, world, 1, device)  # never returns on a worker
+        load_sharded(None, world, 1, device)  # never returns on a worker: rank 0 says what to load
     except LitLLMError as e:
         raise SystemExit(f"error: {e}")
 
