@@ -82,6 +82,10 @@ def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
     proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--quantize", "bnb.nf4",
                   timeout=120)
     assert proc.returncode == 1 and "error: --quantize bnb.nf4 with --devices 2" in proc.stderr.decode()
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--num_nodes", "2",
+                  timeout=120)
+    assert proc.returncode == 1 and "error: --num_nodes 2: start the command on every node with torchrun or srun" \
+        in proc.stderr.decode()
 
 
 # ---------------------------------------------------------------------- LLM: 1 process vs 2
@@ -102,8 +106,14 @@ def llm_runs(request, tmp_path_factory):
     return runs
 
 
+_folders: dict[str, Path] = {}
+
+
 def tiny_checkpoint_of(family: str, tmp_path_factory) -> Path:
-    return make_converted_checkpoint(tmp_path_factory.mktemp(f"tp_{family}"), family)
+    """A tiny converted model of `family`, made once per test session."""
+    if family not in _folders:
+        _folders[family] = make_converted_checkpoint(tmp_path_factory.mktemp(f"tp_{family}"), family)
+    return _folders[family]
 
 
 @pytest.mark.parametrize("call", ["greedy", "batch", "seeded", "seeded_batch", "stream", "chat", "json"])
@@ -167,12 +177,14 @@ def reference_generate(checkpoint: Path, prompt: str, n: int, **flags) -> str:
     return out.getvalue()
 
 
-def test_generate_on_two_ranks(tiny_checkpoint):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_two_ranks(family, tiny_checkpoint, tmp_path_factory):
+    folder = tiny_checkpoint if family == "llama" else tiny_checkpoint_of(family, tmp_path_factory)
     args = ["--max_new_tokens", "12", "--num_samples", "2", "--temperature", "0.9", "--seed", "11"]
-    proc = litllm("generate", str(tiny_checkpoint), "--prompt", "Tell me about llamas", "--device", "cpu",
+    proc = litllm("generate", str(folder), "--prompt", "Tell me about llamas", "--device", "cpu",
                   "--devices", "2", *args)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    expected = reference_generate(tiny_checkpoint, "Tell me about llamas", 12, num_samples=2, temperature=0.9, seed=11)
+    expected = reference_generate(folder, "Tell me about llamas", 12, num_samples=2, temperature=0.9, seed=11)
     assert proc.stdout.decode() == expected
     assert "Tensor parallel over 2 ranks: each holds" in proc.stderr.decode()
 
@@ -307,3 +319,33 @@ def test_slurm_serve_template_passes_the_allocation(tmp_path):
         "checkpoints/big", "--port", "9000", "--devices", "4", "--num_nodes", "2", "--host", "0.0.0.0"]
     proc = subprocess.run(["bash", script, "checkpoints/big", "--devices", "2"], capture_output=True, env=env)
     assert proc.returncode == 2 and proc.stderr.decode().startswith("error: --devices comes from the allocation")
+
+
+@pytest.mark.slow
+def test_workers_leave_when_rank_0_dies(tiny_checkpoint):
+    import time
+
+    script = (
+        "import time\n"
+        "from litllm import LLM\n"
+        f"llm = LLM.load({str(tiny_checkpoint)!r}, device='cpu', devices=2)\n"
+        "print(llm.model.tp_channel.ranks.children[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        worker = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    status = Path(f"/proc/{worker}/status")
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in status.read_text():  # exited, not reaped yet (by whichever process adopted it)
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived rank 0 by a minute")

@@ -124,13 +124,24 @@ def watch(ranks: Ranks) -> None:
             for r, child in enumerate(ranks.children, start=1):
                 code = child.poll()
                 if code is not None and not ranks.stopping:
-                    print(f"error: tensor-parallel rank {r} (pid {child.pid}) exited with code {code}; stopping "
-                          f"the other ranks", file=sys.stderr, flush=True)
-                    stop_children(ranks)
-                    os._exit(1)
+                    fatal(ranks, f"tensor-parallel rank {r} (pid {child.pid}) exited with code {code}")
             time.sleep(0.2)
 
     threading.Thread(target=run, name="litllm-tp-watch", daemon=True).start()
+
+
+_fatal = threading.Lock()
+
+
+def fatal(ranks: Ranks, line: str) -> None:
+    """Rank 0: end the run with one line `error: <line>; stopping the other ranks` (said once, whichever thread
+    notices first; a second one waits for the exit)."""
+    if not _fatal.acquire(blocking=False):
+        time.sleep(3600)
+    ranks.stopping = True
+    print(f"error: {line}; stopping the other ranks", file=sys.stderr, flush=True)
+    stop_children(ranks)
+    os._exit(1)
 
 
 def stop_children(ranks: Ranks, wait_s: float = 0.0) -> None:

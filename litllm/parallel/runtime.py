@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -68,6 +69,27 @@ class Channel:
         dist.broadcast(t, src=0)
         return t.tolist()
 
+    @contextlib.contextmanager
+    def fatal_on_lost_rank(self):
+        """Rank 0: a broadcast or collective that fails because a rank is gone ends the run with one line (the
+        process group can't be used again); any other error is raised as usual."""
+        try:
+            yield
+        except Exception as e:
+            if self.is_driver and _lost_a_rank(e, self.ranks):
+                self.fail(e)
+            raise
+
+    def fail(self, error: Exception) -> None:
+        from litllm.parallel.launch import fatal
+
+        self.closed = True
+        dead = [(r, c) for r, c in enumerate(self.ranks.children, start=1) if c.poll() is not None]
+        if dead:
+            r, child = dead[0]
+            fatal(self.ranks, f"tensor-parallel rank {r} (pid {child.pid}) exited with code {child.returncode}")
+        fatal(self.ranks, f"tensor-parallel rank 0 lost a peer ({_first_line(error)})")
+
     def start_heartbeat(self) -> None:
         def beat():
             while not self.closed:
@@ -98,6 +120,23 @@ class Channel:
                 pass
         stop_children(self.ranks, wait_s=10)
         _destroy()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _lost_a_rank(error: Exception, ranks) -> bool:
+    """Did `error` come from a rank that is gone (a dead worker, a broken connection, a collective's timeout)?"""
+    errors = list(getattr(error, "errors", {}).values()) + [error]  # RequestError: the failures it collected
+    for e in errors:
+        text = str(e).lower()
+        if isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
+                word in text for word in ("gloo", "nccl", "connection", "timed out", "broken pipe")):
+            return True
+    time.sleep(0.5)  # a worker that just died: give the kernel time to report it
+    return any(child.poll() is not None for child in ranks.children)
 
 
 def _destroy() -> None:
@@ -173,7 +212,7 @@ class ShardedEngine(Engine):
         self.channel = channel or model.tp_channel
         self.key = next(self._keys) if key is None else key
         if self.channel.is_driver:
-            with self.channel.lock:
+            with self.channel.lock, self.channel.fatal_on_lost_rank():
                 self.channel.send(("engine", self.key, args, kwargs))
         super().__init__(model, tokenizer, *args, **kwargs)
         if self.channel.is_driver and not getattr(model, "tp_kv_said", False):  # said once: LLM makes one per call
@@ -217,7 +256,7 @@ class ShardedEngine(Engine):
     def step(self):
         if not self.channel.is_driver:
             return super().step()
-        with self.channel.lock, interrupts_after():
+        with self.channel.lock, interrupts_after(), self.channel.fatal_on_lost_rank():
             with self._lock:
                 calls, self._calls = self._calls, []
             self.channel.send(("step", self.key, calls))
@@ -268,7 +307,7 @@ def driving_forward(model, channel: Channel):
     def call(*args, **kwargs):
         if getattr(channel.local, "announced", False):
             return forward(*args, **kwargs)  # inside an engine step the workers run too
-        with channel.lock:
+        with channel.lock, channel.fatal_on_lost_rank():
             channel.send(("forward", args, kwargs))
             return forward(*args, **kwargs)
 
@@ -309,10 +348,7 @@ def follow(channel: Channel, model, tokenizer) -> None:
 
 def _lost(channel: Channel, error: Exception) -> None:
     print(f"error: tensor-parallel rank {channel.ranks.rank}: lost touch with rank 0 or a peer "
-          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); exiting",
-          file=sys.stderr, flush=True)
-    import os
-
+          f"({_first_line(error)}); exiting", file=sys.stderr, flush=True)
     os._exit(1)
 
 
@@ -382,8 +418,6 @@ def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: in
 
     ranks = channel.ranks
     if ranks.device == "cpu":  # the ranks on this machine share its cores
-        import os
-
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", n))))
     mesh = init_device_mesh(torch.device(ranks.device).type, (n,))
     try:
@@ -391,8 +425,6 @@ def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: in
     except LitLLMError:
         if channel.is_driver:
             raise  # the command prints it; the workers leave when it exits
-        import os
-
         os._exit(1)
     model.tp_channel = channel
     if not channel.is_driver:
