@@ -82,7 +82,7 @@ def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
     proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--quantize", "bnb.nf4",
                   timeout=120)
     assert proc.returncode == 1 and "error: --quantize bnb.nf4 with --devices 2" in proc.stderr.decode()
-    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--num_nodes", "2",
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "1", "--num_nodes", "2",
                   timeout=120)
     assert proc.returncode == 1 and "error: --num_nodes 2: start the command on every node with torchrun or srun" \
         in proc.stderr.decode()

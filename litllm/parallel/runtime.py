@@ -84,7 +84,10 @@ class Channel:
         from litllm.parallel.launch import fatal
 
         self.closed = True
-        dead = [(r, c) for r, c in enumerate(self.ranks.children, start=1) if c.poll() is not None]
+        deadline = time.monotonic() + 2.0  # the connection broke: the kernel may not have reported the exit yet
+        while not (dead := [(r, c) for r, c in enumerate(self.ranks.children, start=1) if c.poll() is not None]) \
+                and self.ranks.children and time.monotonic() < deadline:
+            time.sleep(0.1)
         if dead:
             r, child = dead[0]
             fatal(self.ranks, f"tensor-parallel rank {r} (pid {child.pid}) exited with code {child.returncode}")
@@ -122,9 +125,10 @@ class Channel:
         _destroy()
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: Exception, limit: int = 160) -> str:
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
 def _lost_a_rank(error: Exception, ranks) -> bool:
@@ -135,8 +139,12 @@ def _lost_a_rank(error: Exception, ranks) -> bool:
         if isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
                 word in text for word in ("gloo", "nccl", "connection", "timed out", "broken pipe")):
             return True
-    time.sleep(0.5)  # a worker that just died: give the kernel time to report it
-    return any(child.poll() is not None for child in ranks.children)
+    deadline = time.monotonic() + 2.0  # a worker that just died: give the kernel time to report it
+    while ranks.children and time.monotonic() < deadline:
+        if any(child.poll() is not None for child in ranks.children):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _destroy() -> None:

@@ -85,8 +85,9 @@ def serve(
         raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
     from litllm.parallel.launch import is_launched_worker
 
-    if is_launched_worker():  # a tensor-parallel rank > 0 under torchrun/srun: runs rank 0's steps, never returns
-        load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))
+    if is_launched_worker() and load["devices"] * load["num_nodes"] > 1:
+        load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # a tensor-parallel rank > 0 (torchrun/srun):
+        # it runs rank 0's engine steps and never returns; rank 0 alone binds the port
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
     from litllm.engine import Engine
     from litllm.serve.app import ServedModel, build_app
