@@ -7,7 +7,8 @@
 # Parts (time limit each): CUDA-only tests (100 s); bf16 pretraining MFU on TinyLlama-1.1B shapes, FSDP
 # on one device, compile off (50 s) and on (100 s); LoRA / QLoRA / pretraining peak memory on
 # Llama-3.2-1B shapes vs `litllm estimate` (40 s each); greedy decode tokens/s vs transformers
-# (benchmarks/generate.py, 50 s); serve throughput (benchmarks/serve.py, 50 s, when it exists): <= 470 s.
+# (benchmarks/generate.py, 50 s); tensor-parallel decode on 2 GPUs vs 1 (benchmarks/tensor_parallel.py, 90 s,
+# on >= 2 GPUs only); serve throughput (benchmarks/serve.py, 50 s, when it exists): <= 560 s.
 set -u
 cd "$(dirname "$0")/.."
 RESULTS="${1:-${OUT:-.}/gpu_check.txt}"
@@ -51,6 +52,14 @@ if "$PY" benchmarks/generate.py --help 2>/dev/null | grep -q -- "--device"; then
   part "greedy decode tokens/s vs transformers" 50 "$PY" benchmarks/generate.py --device cuda --repeats 2
 else
   note "== greedy decode: benchmarks/generate.py has no --device flag here (CPU-only version): skipped"
+fi
+
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${GPUS:-0}" -ge 2 ]; then
+  part "tensor-parallel decode tokens/s, 2 GPUs vs 1 (~1B Llama, bf16)" 90 "$PY" benchmarks/tensor_parallel.py \
+    --device cuda --devices 2 --precision bf16-true --n_layer 16 --n_embd 2048 --n_head 16 --intermediate_size 8192
+else
+  note "== tensor-parallel decode: $GPUS GPU(s) here, needs 2: skipped"
 fi
 
 if [ -f benchmarks/serve.py ]; then

@@ -62,6 +62,9 @@ class LLM:
         checkpoint_root: Union[str, Path] = "checkpoints",
         draft_model: Optional[Union[str, Path]] = None,
         num_speculative_tokens: int = 4,
+        devices: int = 1,
+        num_nodes: int = 1,
+        strategy: str = "tensor",
     ) -> "LLM":
         """Load a converted model folder, or a Hub repo id (`org/name`), downloaded and converted first
         into `<checkpoint_root>/<org>/<name>` unless it is already there.
@@ -74,9 +77,12 @@ class LLM:
             proposes `num_speculative_tokens` tokens per step for the model to check (same output; prompts
             of one call then decode one after the other). `llm.acceptance_rate`: its last call's share of
             accepted proposals.
+        devices, num_nodes: tensor parallelism: shard the model over `devices` devices (processes) per node;
+            this process is rank 0 and starts the others itself (see `litllm.parallel`). strategy="sequential"
+            instead puts consecutive blocks on consecutive GPUs of this process.
         """
         loaded = load_decoder(_resolve(model, Path(checkpoint_root), access_token), prompt_style,
-                              LoadArgs(precision, quantize, device))
+                              LoadArgs(precision, quantize, device, devices, num_nodes, strategy))
         net, tokenizer = loaded.model, loaded.tokenizer
         llm = cls(net, tokenizer, loaded.prompt_style, loaded.checkpoint_dir, threads=loaded.threads)
         if draft_model is not None:

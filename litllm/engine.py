@@ -349,6 +349,11 @@ class Engine:
     one `step()` prefills (a bound on how long the running rows wait for new prompts).
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # a tensor-parallel model (`litllm.parallel`) decodes in its own Engine subclass, which drives the other ranks
+        sharded = getattr(model, "engine_class", None)
+        return super().__new__(sharded if sharded is not None and cls is Engine else cls)
+
     def __init__(
         self,
         model,

@@ -376,17 +376,23 @@ def fsdp_per_device(parts: dict[str, int], world_size: int) -> dict[str, int]:
 
 # ---------------------------------------------------------------------- inference (generate, serve)
 def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int, kv_length: int,
-                prompt_length: int, prefill_chunk: Optional[int] = None) -> dict[str, int]:
+                prompt_length: int, prefill_chunk: Optional[int] = None, devices: int = 1) -> dict[str, int]:
     """Peak bytes of decoding as `litllm.engine.Engine` does it, on fake tensors: the KV cache for
     `batch_size` slots of `kv_length` positions, one prompt of `prompt_length` prefilled into one slot
     `prefill_chunk` tokens per forward (the last chunk, which attends to the most keys, is the one run),
-    then a decode step of every slot. Categories: weights, kv_cache, temporaries (the rest are 0)."""
+    then a decode step of every slot. Categories: weights, kv_cache, temporaries (the rest are 0).
+    `devices` > 1: one rank of tensor parallelism over that many devices (`litllm.parallel`): a model of one
+    rank's heads, hidden units and vocabulary rows (`rank_config`)."""
     from torch._subclasses import FakeTensorMode
 
     from litllm.engine import PREFILL_CHUNK
     from litllm.model import GPT
 
     chunk = min(prompt_length, prefill_chunk or PREFILL_CHUNK)
+    if devices > 1:
+        from litllm.parallel.plan import rank_config
+
+        config = rank_config(config, devices)
 
     dtype = dtypes(precision)[1]
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), _default_dtype(dtype):
@@ -431,11 +437,12 @@ class DecodePlan:
     prompt_length: int = 2047
     prefill_chunk: Optional[int] = None  # None: the engine's default
     notes: list[str] = field(default_factory=list)
+    devices: int = 1  # tensor parallelism: the estimate is per device
 
 
 def _fake_decode(plan: DecodePlan) -> dict[str, int]:
     return fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, plan.kv_length,
-                       plan.prompt_length, plan.prefill_chunk)
+                       plan.prompt_length, plan.prefill_chunk, plan.devices)
 
 
 def decode_plan_from_command(command: str, kwargs: dict[str, Any]) -> DecodePlan:
@@ -446,6 +453,20 @@ def decode_plan_from_command(command: str, kwargs: dict[str, Any]) -> DecodePlan
     if kwargs.get("precision") is None:
         notes.append("--precision unset: estimated for bf16-true, the default on GPUs")
     window = config.block_size
+    devices = (kwargs.get("devices") or 1) * (kwargs.get("num_nodes") or 1)
+    if devices > 1:
+        from litllm.parallel.plan import check_divisible
+
+        check_divisible(config, devices)
+        notes.append(f"tensor parallel over {devices} devices: per device, 1/{devices} of the heads, hidden units, "
+                     f"vocabulary rows and KV cache, plus the replicated norms")
+    plan = _decode_plan(command, kwargs, config, precision, window, notes)
+    plan.devices = devices
+    return plan
+
+
+def _decode_plan(command: str, kwargs: dict[str, Any], config, precision: str, window: int,
+                 notes: list[str]) -> DecodePlan:
     if command == "generate":
         prompt = _prompt_tokens(Path(kwargs["checkpoint_dir"]), kwargs.get("prompt") or "", kwargs.get("prompt_style"),
                                 kwargs.get("sys_prompt"), notes)
@@ -480,8 +501,8 @@ def estimate_decoding(plan: DecodePlan, command: str, device_memory: Optional[in
     peak = parts["total"]
     fits = None if device_memory is None else peak <= device_memory
     est = Estimate(
-        command=command, model=plan.config.name, method="inference", precision=plan.precision, world_size=1,
-        strategy="single", micro_batch_size=plan.batch_size, seq_length=plan.kv_length, activation_checkpointing=False,
+        command=command, model=plan.config.name, method="inference", precision=plan.precision,
+        world_size=plan.devices, strategy="tensor" if plan.devices > 1 else "single", micro_batch_size=plan.batch_size, seq_length=plan.kv_length, activation_checkpointing=False,
         quantize=plan.quantize, breakdown={k: int(parts[k]) for k in CATEGORIES}, peak_memory_bytes=int(peak),
         tokens_per_step=plan.batch_size, flops_per_step=2.0 * _matmul_params(plan.config) * plan.batch_size,
         peak_flops=None, mfu=0.0, seconds_per_step=None, total_steps=None, seconds_total=None,
@@ -493,8 +514,9 @@ def estimate_decoding(plan: DecodePlan, command: str, device_memory: Optional[in
             est.fixes.append({"change": change, "peak_memory_bytes": peak, "fits": peak <= device_memory})
             return peak <= device_memory
 
-        if plan.quantize is None:
+        if plan.quantize is None and plan.devices == 1:
             add("--quantize bnb.nf4", quantize="bnb.nf4")
+        _add_more_devices(plan, add)
         if command == "serve":
             for b in dict.fromkeys((plan.batch_size // 2, plan.batch_size // 4, 1)):  # in order, each once
                 if 1 <= b < plan.batch_size and add(f"--max_batch_size {b}", batch_size=b):
@@ -502,6 +524,22 @@ def estimate_decoding(plan: DecodePlan, command: str, device_memory: Optional[in
             short = max(2, plan.kv_length // 4)
             add(f"--max_seq_length {short}", kv_length=short, prompt_length=short - 1)
     return est
+
+
+def _add_more_devices(plan: DecodePlan, add) -> None:
+    """The fewest devices (2, 4, 8, ... up to 64, dividing the heads) that make decoding fit, as a fix."""
+    from litllm.errors import LitLLMError
+    from litllm.parallel.plan import check_divisible
+
+    n = plan.devices * 2
+    while n <= 64:
+        try:
+            check_divisible(plan.config, n)
+        except LitLLMError:
+            return
+        if add(f"--devices {n} (tensor parallel)", devices=n):
+            return
+        n *= 2
 
 
 def _matmul_params(config) -> int:

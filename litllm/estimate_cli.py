@@ -149,6 +149,8 @@ def format_table(est: Estimate) -> str:
              f"{est.precision}, ")
     if est.method == "inference":
         title += f"{est.micro_batch_size} KV-cache slot(s) x {est.seq_length} positions"
+        if est.world_size > 1:
+            title += f", tensor parallel over {est.world_size} devices"
     else:
         title += (f"{est.world_size} device(s) ({est.strategy}), micro-batch {est.micro_batch_size} x {est.seq_length} "
                   f"tokens, activation checkpointing {'on' if est.activation_checkpointing else 'off'}")

@@ -189,9 +189,11 @@ def _check_limit(limit: Optional[float]) -> Optional[Union[int, float]]:
 
 # ---------------------------------------------------------------------- loading
 def load_model(
-    checkpoint_dir: Path, device: Optional[str] = None, precision: Optional[str] = None, quantize: Optional[str] = None
+    checkpoint_dir: Path, device: Optional[str] = None, precision: Optional[str] = None, quantize: Optional[str] = None,
+    devices: int = 1, num_nodes: int = 1, strategy: str = "tensor",
 ) -> tuple["GPT", "Tokenizer"]:
-    """The model (eval mode, on `device`, in `precision`, optionally quantized) and tokenizer of a converted folder."""
+    """The model (eval mode, on `device`, in `precision`, optionally quantized) and tokenizer of a converted folder;
+    with `devices` * `num_nodes` > 1 this rank's tensor-parallel shard (`litllm.parallel`; the other ranks follow)."""
     from litllm.inference import load_for_inference
     from litllm.tokenizer import Tokenizer
 
@@ -200,6 +202,11 @@ def load_model(
             torch.device(device)
         except RuntimeError:
             raise LitLLMError(f"--device: expected cpu, cuda, cuda:N, mps, ..., got {device!r}") from None
+    from litllm.parallel import uses_devices
+
+    if uses_devices(devices, num_nodes):
+        model, _ = LoadArgs(precision, quantize, device, devices, num_nodes, strategy).for_decoding(checkpoint_dir)
+        return model, Tokenizer(checkpoint_dir)
     model = load_for_inference(checkpoint_dir, device=device, precision=precision, quantize=quantize)
     return model, Tokenizer(checkpoint_dir)
 

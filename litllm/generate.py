@@ -69,6 +69,9 @@ def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
     from litllm.speculative import check_same_vocabulary
     from litllm.tokenizer import Tokenizer
 
+    if getattr(model, "tp_channel", None) is not None:
+        raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a tensor-parallel model is not "
+                          "supported yet; drop one of them")
     try:
         draft_dir = check_model_folder(draft_dir)
     except LitLLMError as e:

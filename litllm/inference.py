@@ -277,9 +277,21 @@ class LoadArgs:
     """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)."""
+    devices: int = 1
+    """Tensor parallelism: shard the model over this many devices (processes) per node; each holds ~1/N of the weights and KV cache (`--device cpu` runs N processes over gloo)."""
+    num_nodes: int = 1
+    """Tensor parallelism over several machines (start the command on each with torchrun or srun)."""
+    strategy: str = "tensor"
+    """With --devices > 1: `tensor` (tensor parallelism, one process per device) or `sequential` (consecutive blocks on consecutive GPUs of one process, no collectives)."""
 
     def for_decoding(self, checkpoint_dir: Path):
         """`load_for_decoding` with these flags: (model, threads for the Engine)."""
+        from litllm.parallel import load_on_devices, uses_devices
+
+        if uses_devices(self.devices, self.num_nodes):
+            device = self.device or default_device()
+            return load_on_devices(checkpoint_dir, self.devices, self.num_nodes, self.strategy, device,
+                                   resolve_precision(self.precision, device), self.quantize)
         return load_for_decoding(checkpoint_dir, self.device, self.precision, self.quantize)
 
 

@@ -216,7 +216,8 @@ class GPT(nn.Module):
                 k = torch.zeros(batch_size, 1, max_seq_length, c.kv_lora_rank, device=device, dtype=dtype)
                 block.attn.kv_cache = KVCache(k, torch.zeros_like(k[..., : c.qk_rope_head_dim]))
                 continue
-            block.attn.kv_cache = KVCache.allocate(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+            n_kv = block.attn.config.n_query_groups  # the block's own: a tensor-parallel rank holds n_query_groups / N
+            block.attn.kv_cache = KVCache.allocate(batch_size, n_kv, max_seq_length, c.head_size, device, dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:

@@ -83,6 +83,11 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
+    from litllm.parallel.launch import is_launched_worker
+
+    if is_launched_worker() and load["devices"] * load["num_nodes"] > 1:
+        load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # a tensor-parallel rank > 0 (torchrun/srun):
+        # it runs rank 0's engine steps and never returns; rank 0 alone binds the port
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
     from litllm.engine import Engine
     from litllm.serve.app import ServedModel, build_app
@@ -215,8 +220,10 @@ def _url_host(host: str) -> str:
 
 def kv_cache_bytes(model, positions: int) -> int:
     """Bytes of one KV-cache slot: keys and values of every layer (MLA: its latent and rotary key) for `positions`
-    tokens, in the dtype of the model's activations (its embedding's; quantized weights don't change it)."""
-    return model.config.kv_cache_values_per_token() * positions * model.wte.weight.element_size()
+    tokens, in the dtype of the model's activations (its embedding's; quantized weights don't change it). The
+    first block's config: a tensor-parallel rank's (`--devices`) holds n_query_groups / N heads."""
+    values = model.blocks[0].attn.config.kv_cache_values_per_token()
+    return values * positions * model.wte.weight.element_size()
 
 
 def resolve_max_seq_length(model, max_batch_size: int, max_seq_length: Optional[int]) -> int:

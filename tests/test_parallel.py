@@ -1,0 +1,351 @@
+"""Tensor-parallel inference (`--devices N`, `litllm.parallel`) on the CPU over gloo: 2 processes give the same
+tokens as 1 for `LLM`, `generate`, `chat`, `serve` and `evaluate`; each rank holds ~1/N of the weights and KV
+cache; head counts that don't divide are refused; a rank that dies ends the run with one line.
+
+The oracle is the single-process run (itself checked against transformers elsewhere); multi-process tests
+spawn 2 ranks, so each shares one run across its assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_converted_checkpoint
+import test_evaluate
+from test_evaluate import GEN_TASK, MC_TASK, PPL_TASK
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), LITLLM_TP_TIMEOUT="60")
+tasks_dir = test_evaluate.tasks_dir  # its lm-eval tasks over local files (a fixture)
+
+
+def litllm(*args: str, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "litllm", *args], input=stdin, capture_output=True,
+                          timeout=timeout, env=ENV)
+
+
+# ---------------------------------------------------------------------- the plan (no processes)
+def test_fused_layers_split_piece_by_piece():
+    from litllm.config import Config
+    from litllm.parallel.plan import local_slices, shard_pieces
+
+    c = Config(n_embd=64, n_head=8, n_query_groups=2, head_size=8, intermediate_size=96, padded_vocab_size=320,
+               mlp_class_name="GatedMLP")
+    qkv = shard_pieces("blocks.0.attn.qkv.weight", c, 2)
+    assert qkv == (0, (64, 16, 16))
+    # rank 1: its 4 query heads, then its key head, then its value head
+    assert local_slices(qkv, 1, 2) == (0, [slice(32, 64), slice(72, 80), slice(88, 96)])
+    assert local_slices(shard_pieces("blocks.1.mlp.fc.weight", c, 2), 0, 2) == (0, [slice(0, 48), slice(96, 144)])
+    assert shard_pieces("blocks.1.mlp.proj.weight", c, 2) == (1, (96,))
+    assert shard_pieces("blocks.1.attn.proj.bias", c, 2) is None  # added once, after the all-reduce
+    assert shard_pieces("blocks.1.norm_1.weight", c, 2) is None
+    assert shard_pieces("lm_head.weight", c, 2) == (0, (320,))
+    assert shard_pieces("lm_head.weight", c, 3) is None  # 320 rows don't split in 3: replicated
+
+
+def test_indivisible_heads_are_refused_in_one_line():
+    from litllm.config import Config
+    from litllm.errors import LitLLMError
+    from litllm.parallel.plan import check_divisible
+
+    c = Config(n_embd=64, n_head=8, n_query_groups=2, intermediate_size=96)
+    check_divisible(c, 2)
+    with pytest.raises(LitLLMError, match=r"^--devices 4: .*n_query_groups \(key/value heads\) 2, not divisible "
+                                          r"by 4: pick a divisor of 2$"):
+        check_divisible(c, 4)
+
+
+def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
+    from litllm.errors import LitLLMError
+    from litllm.parallel.plan import layer_placement
+
+    assert layer_placement(5, ["cuda:0", "cuda:1"]) == ["cuda:0"] * 3 + ["cuda:1"] * 2
+    assert layer_placement(4, list("abcd")) == list("abcd")
+    with pytest.raises(LitLLMError, match="4 devices but only 2 blocks"):
+        layer_placement(2, list("abcd"))
+
+
+def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "3", timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("error: --devices 3: ") and "not divisible by 3" in lines[-1]
+    assert "rank" not in proc.stderr.decode()  # refused before any worker started
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--quantize", "bnb.nf4",
+                  timeout=120)
+    assert proc.returncode == 1 and "error: --quantize bnb.nf4 with --devices 2" in proc.stderr.decode()
+    proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "1", "--num_nodes", "2",
+                  timeout=120)
+    assert proc.returncode == 1 and "error: --num_nodes 2: start the command on every node with torchrun or srun" \
+        in proc.stderr.decode()
+
+
+# ---------------------------------------------------------------------- LLM: 1 process vs 2
+FAMILIES = ["llama", pytest.param("qwen3", marks=pytest.mark.slow), pytest.param("mixtral", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def llm_runs(request, tmp_path_factory):
+    """{"single": ..., "sharded": ...}: the same LLM calls on 1 and on 2 ranks (tests/parallel_check.py)."""
+    family = request.param
+    folder = tiny_checkpoint_of(family, tmp_path_factory)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_check.py"), str(folder)],
+                          capture_output=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    runs = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    runs["stderr"] = proc.stderr.decode()
+    runs["folder"] = folder
+    return runs
+
+
+_folders: dict[str, Path] = {}
+
+
+def tiny_checkpoint_of(family: str, tmp_path_factory) -> Path:
+    """A tiny converted model of `family`, made once per test session."""
+    if family not in _folders:
+        _folders[family] = make_converted_checkpoint(tmp_path_factory.mktemp(f"tp_{family}"), family)
+    return _folders[family]
+
+
+@pytest.mark.parametrize("call", ["greedy", "batch", "seeded", "seeded_batch", "stream", "chat", "json"])
+def test_two_ranks_give_the_same_tokens_as_one(llm_runs, call):
+    assert llm_runs["sharded"][call] == llm_runs["single"][call]
+    assert llm_runs["single"][call]  # something was generated
+
+
+def test_a_plain_forward_is_broadcast_too(llm_runs):
+    torch.testing.assert_close(torch.tensor(llm_runs["sharded"]["logits"]), torch.tensor(llm_runs["single"]["logits"]))
+
+
+def test_each_rank_holds_half_the_weights_and_kv_cache(llm_runs):
+    one, two = llm_runs["single"]["bytes"], llm_runs["sharded"]["bytes"]
+    replicated = two["replicated"]  # norms (and a MoE router): every rank holds them whole
+    assert 0 < replicated < 0.05 * one["weights"]
+    assert two["weights"] == (one["weights"] - replicated) // 2 + replicated
+    assert two["kv_cache"] * 2 == one["kv_cache"] > 0
+    assert "Tensor parallel over 2 ranks: each holds" in llm_runs["stderr"]
+
+
+def test_estimate_gives_what_a_rank_holds(llm_runs):
+    """`litllm estimate serve --devices 2` sizes one rank: its weights and KV cache as measured on a real rank."""
+    from litllm.config import Config
+    from litllm.estimate import fake_decode
+
+    config = Config.from_checkpoint(llm_runs["folder"])
+    two = fake_decode(config, "32-true", None, 2, 32, 31, None, devices=2)
+    one = fake_decode(config, "32-true", None, 2, 32, 31, None)
+    assert two["kv_cache"] == llm_runs["sharded"]["bytes"]["kv_cache"]
+    # the estimate's weights also count the RoPE tables (buffers, the same on every rank)
+    rope = one["weights"] - llm_runs["single"]["bytes"]["weights"]
+    assert rope == 2 * 32 * config.rope_n_elem * 4
+    assert two["weights"] - rope == llm_runs["sharded"]["bytes"]["weights"]
+
+
+def test_estimate_cli_per_device_and_more_devices_as_a_fix(tiny_checkpoint):
+    proc = litllm("estimate", "serve", str(tiny_checkpoint), "--max_batch_size", "4", "--max_seq_length", "64",
+                  "--precision", "32-true", "--devices", "2", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    two = json.loads(proc.stdout)
+    proc = litllm("estimate", "serve", str(tiny_checkpoint), "--max_batch_size", "4", "--max_seq_length", "64",
+                  "--precision", "32-true", "--device_memory", "0.4MB", timeout=120)
+    assert "--devices 2 (tensor parallel)" in proc.stdout.decode()
+    assert two["world_size"] == 2 and two["strategy"] == "tensor"
+    assert two["breakdown"]["kv_cache"] == 2 * 2 * 4 * 1 * 64 * 16 * 4  # 2 layers x k,v x 4 slots x 1 of 2 kv heads
+    proc = litllm("estimate", "serve", str(tiny_checkpoint), "--devices", "3", timeout=120)
+    assert proc.returncode == 1 and proc.stderr.decode().startswith("error: --devices 3: ")
+
+
+# ---------------------------------------------------------------------- the commands
+def reference_generate(checkpoint: Path, prompt: str, n: int, **flags) -> str:
+    import contextlib
+    import io
+
+    from litllm.generate import generate
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        generate(checkpoint, prompt=prompt, max_new_tokens=n, device="cpu", precision="32-true", **flags)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_two_ranks(family, tiny_checkpoint, tmp_path_factory):
+    folder = tiny_checkpoint if family == "llama" else tiny_checkpoint_of(family, tmp_path_factory)
+    args = ["--max_new_tokens", "12", "--num_samples", "2", "--temperature", "0.9", "--seed", "11"]
+    proc = litllm("generate", str(folder), "--prompt", "Tell me about llamas", "--device", "cpu",
+                  "--devices", "2", *args)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    expected = reference_generate(folder, "Tell me about llamas", 12, num_samples=2, temperature=0.9, seed=11)
+    assert proc.stdout.decode() == expected
+    assert "Tensor parallel over 2 ranks: each holds" in proc.stderr.decode()
+
+
+@pytest.mark.slow
+def test_chat_on_two_ranks(tiny_checkpoint):
+    turns = b"Hi!\nTell me more\n/exit\n"
+    flags = ["--prompt_style", "default", "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"]
+    one = litllm("chat", str(tiny_checkpoint), *flags, stdin=turns)
+    two = litllm("chat", str(tiny_checkpoint), *flags, "--devices", "2", stdin=turns)
+    assert one.returncode == two.returncode == 0, two.stderr.decode()[-2000:]
+    assert two.stdout.count(b">> Model: ") == 2
+    assert two.stdout == one.stdout
+
+
+@pytest.mark.slow
+def test_serve_on_two_ranks(tiny_checkpoint, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import Server
+
+    prompts = ["What food do llamas eat?", "Hi", "def fibonacci(n):", "The quick brown fox"]
+    expected = [reference_generate(tiny_checkpoint, p, 10, prompt_style="default", temperature=0.0)[:-1]
+                for p in prompts]
+    server = Server(tiny_checkpoint, tmp_path / "server.log", "--max_batch_size", "2", "--device", "cpu",
+                    "--devices", "2")
+    try:
+        client = server.client()
+
+        def complete(i: int) -> str:
+            if i % 2:  # half the clients stream
+                chunks = client.completions.create(model=tiny_checkpoint.name, prompt=prompts[i], max_tokens=10,
+                                                   temperature=0, stream=True)
+                return "".join(c.choices[0].text for c in chunks if c.choices)
+            return client.completions.create(model=tiny_checkpoint.name, prompt=prompts[i], max_tokens=10,
+                                             temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:  # 4 concurrent clients on 2 slots: continuous batching
+            assert list(pool.map(complete, range(4))) == expected
+        seeded = [client.completions.create(model=tiny_checkpoint.name, prompt=prompts[0], max_tokens=8,
+                                            temperature=1.0, seed=5).choices[0].text for _ in range(2)]
+        assert seeded[0] == seeded[1] == reference_generate(tiny_checkpoint, prompts[0], 8, prompt_style="default",
+                                                            temperature=1.0, top_k=None, seed=5)[:-1]
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    log = (tmp_path / "server.log").read_text()
+    assert "Tensor parallel over 2 ranks" in log and "error" not in log.lower()
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_run_with_one_line(tiny_checkpoint):
+    script = (
+        "import os, signal, sys\n"
+        "from litllm import LLM\n"
+        f"llm = LLM.load({str(tiny_checkpoint)!r}, device='cpu', devices=2)\n"
+        "os.kill(llm.model.tp_channel.ranks.children[0].pid, signal.SIGKILL)\n"
+        "llm.generate('Hi', max_new_tokens=50)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, env=ENV)
+    assert proc.returncode != 0 and b"not reached" not in proc.stdout
+    errors = [line for line in proc.stderr.decode().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: tensor-parallel rank 1 ")
+
+
+def test_sequential_strategy_gives_the_same_tokens(tiny_checkpoint):
+    from litllm import LLM
+
+    one = LLM.load(tiny_checkpoint, device="cpu")
+    spread = LLM.load(tiny_checkpoint, device="cpu", devices=2, strategy="sequential")
+    assert spread.model.block_devices == ["cpu", "cpu"]  # 2 blocks: one per device
+    prompts = ["What food do llamas eat?", "Hi"]
+    assert spread.generate(prompts, max_new_tokens=10) == one.generate(prompts, max_new_tokens=10)
+    assert spread.generate("Hi", max_new_tokens=8, temperature=1.0, seed=3) == \
+        one.generate("Hi", max_new_tokens=8, temperature=1.0, seed=3)
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_ranks(tiny_checkpoint, tasks_dir, tmp_path):
+    from litllm.evaluate import evaluate
+
+    tasks = f"{MC_TASK},{GEN_TASK},{PPL_TASK}"
+    one = evaluate(tiny_checkpoint, tasks=tasks, include_path=tasks_dir, out_dir=tmp_path / "one", batch_size=2,
+                   limit=4, device="cpu", precision="32-true", log_samples=True)
+    proc = litllm("evaluate", str(tiny_checkpoint), "--tasks", tasks, "--include_path", str(tasks_dir),
+                  "--out_dir", str(tmp_path / "two"), "--batch_size", "2", "--limit", "4", "--device", "cpu",
+                  "--precision", "32-true", "--log_samples", "true", "--devices", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for task in (MC_TASK, GEN_TASK, PPL_TASK):
+        for metric, value in one["results"][task].items():
+            if isinstance(value, float):
+                assert two["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+            else:
+                assert two["results"][task][metric] == value, (task, metric)
+
+    def answers(folder: Path) -> list:
+        rows = (folder / f"samples_{GEN_TASK}.jsonl").read_text().splitlines()
+        return [json.loads(row)["resps"] for row in rows]
+
+    assert answers(tmp_path / "two") == answers(tmp_path / "one") and answers(tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun(tiny_checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "litllm",
+         "generate", str(tiny_checkpoint), "--prompt", "Hi", "--max_new_tokens", "10", "--temperature", "0",
+         "--device", "cpu", "--devices", "2"],
+        capture_output=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode() == reference_generate(tiny_checkpoint, "Hi", 10, temperature=0.0)
+
+
+def test_slurm_serve_template_passes_the_allocation(tmp_path):
+    """config_hub/slurm/serve.sbatch with stand-ins for srun and scontrol: what it would launch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$MASTER_ADDR $MASTER_PORT $*" > {tmp_path}/srun.args\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ $2 == hostnames ]] && echo gpu-a gpu-b || '
+                                      'echo "NodeName=gpu-a NodeAddr=10.0.0.7 State=IDLE"\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
+               SLURM_NTASKS_PER_NODE="4", SLURM_JOB_NODELIST="gpu-[a-b]")
+    script = str(ROOT / "config_hub" / "slurm" / "serve.sbatch")
+    proc = subprocess.run(["bash", script, "checkpoints/big", "--port", "9000"], capture_output=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "clients: http://10.0.0.7:9000/v1" in proc.stdout.decode()
+    assert (tmp_path / "srun.args").read_text().split() == [
+        "10.0.0.7", str(15000 + 4242), "--ntasks-per-node=4", "--kill-on-bad-exit=1", "litllm", "serve",
+        "checkpoints/big", "--port", "9000", "--devices", "4", "--num_nodes", "2", "--host", "0.0.0.0"]
+    proc = subprocess.run(["bash", script, "checkpoints/big", "--devices", "2"], capture_output=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.decode().startswith("error: --devices comes from the allocation")
+
+
+@pytest.mark.slow
+def test_workers_leave_when_rank_0_dies(tiny_checkpoint):
+    import time
+
+    script = (
+        "import time\n"
+        "from litllm import LLM\n"
+        f"llm = LLM.load({str(tiny_checkpoint)!r}, device='cpu', devices=2)\n"
+        "print(llm.model.tp_channel.ranks.children[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        worker = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    status = Path(f"/proc/{worker}/status")
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in status.read_text():  # exited, not reaped yet (by whichever process adopted it)
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived rank 0 by a minute")
