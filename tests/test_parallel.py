@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,23 @@ def test_indivisible_heads_are_refused_in_one_line():
     with pytest.raises(LitLLMError, match=r"^--devices 4: .*n_query_groups \(key/value heads\) 2, not divisible "
                                           r"by 4: pick a divisor of 2$"):
         check_divisible(c, 4)
+
+
+@pytest.mark.parametrize("preset, refused", [
+    ("DeepSeek-V2-Lite", "attention (MLAttention)"), ("gpt-oss-20b", "attention sinks"),
+    ("GLM-4.5-Air", "MLP (GroupedMoE)"),
+])
+def test_layers_the_plan_does_not_cover_are_refused_in_one_line(preset, refused):
+    from litllm.config import Config
+    from litllm.errors import LitLLMError
+    from litllm.model import GPT
+    from litllm.parallel.plan import check_supported
+
+    config = Config.from_name(preset, n_layer=2, block_size=64)
+    with torch.device("meta"):
+        model = GPT(config)
+    with pytest.raises(LitLLMError, match=rf"^--devices 2: tensor parallelism does not cover block \d's .*{re.escape(refused)}"):
+        check_supported(model, 2)
 
 
 def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
