@@ -8,6 +8,7 @@ Decoding itself (sampling, stops, the KV-cache loop with continuous batching) is
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -213,14 +214,25 @@ def default_device() -> str:
 
 
 def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
-    """`--precision` -> dtype; default bf16 on a GPU that supports it, fp32 elsewhere."""
-    if precision is None:
-        if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+    """`--precision` -> dtype; default (`default_decode_precision`): bf16 on a GPU or CPU with bf16 units, else fp32."""
+    precision = precision or default_decode_precision(device)
     if precision not in DECODE_PRECISIONS:
         raise LitLLMError(f"--precision: expected one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
     return DECODE_PRECISIONS[precision]
+
+
+def default_decode_precision(device: str) -> str:
+    """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it and on a
+    CPU with AMX/AVX512-BF16 units (twice the fp32 decode speed; greedy agreement: benchmarks/bf16_agreement.py),
+    else 32-true."""
+    from litllm.precision import PRECISION_ENV, cpu_has_bf16_units
+
+    if os.environ.get(PRECISION_ENV):
+        return os.environ[PRECISION_ENV]
+    kind = torch.device(device).type
+    if (kind == "cuda" and torch.cuda.is_bf16_supported()) or (kind == "cpu" and cpu_has_bf16_units()):
+        return "bf16-true"
+    return "32-true"
 
 
 def load_for_inference(
@@ -272,7 +284,7 @@ class LoadArgs:
     """How every inference command loads a model: `--precision`, `--quantize`, `--device`."""
 
     precision: Optional[str] = None
-    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true)."""
+    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it and on a CPU with AMX/AVX512-BF16 units, else 32-true; $LITLLM_PRECISION overrides it)."""
     quantize: Optional[str] = None
     """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
     device: Optional[str] = None
