@@ -96,7 +96,9 @@ def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
         got = LAYOUTS[name](probe)(x)
     except Exception:  # an op missing from this torch build
         return False
-    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3)
+    # another summation order: fp32 differs in its last bits, bf16/fp16 (8/11-bit mantissas) in its last ones
+    tol = 1e-3 if linear.weight.dtype == torch.float32 else 2e-2
+    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol)
 
 
 @torch.inference_mode()
