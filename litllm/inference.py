@@ -225,7 +225,7 @@ def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
 
 def default_decode_precision(device: str) -> str:
     """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it and on a
-    CPU with AMX/AVX512-BF16 units (twice the fp32 decode speed; greedy agreement: benchmarks/bf16_agreement.py),
+    CPU with AMX/AVX512-BF16 units (half the bytes per token of fp32; greedy agreement: benchmarks/bf16_agreement.py),
     else 32-true."""
     from litllm.precision import PRECISION_ENV, cpu_has_bf16_units
 
