@@ -1,8 +1,7 @@
 """How exact is bf16 decoding? Greedy agreement of litllm in bf16 with litllm in fp32, per model family.
 
 For every family of the test suite (tests/hf_models.py: tiny random-weight models with each family's real
-structure) the same converted folder is loaded in fp32 and in bf16 (`--precision bf16-true`, as the default
-picks on CPUs with bf16 units) and decodes `--new_tokens` greedy tokens from `--prompts` random prompts on
+structure) the same converted folder is loaded in fp32 and in bf16 (`--precision bf16-true`) and decodes `--new_tokens` greedy tokens from `--prompts` random prompts on
 the engine. Printed per family: the share of prompts whose bf16 tokens equal the fp32 ones exactly, the
 mean share of tokens before the first difference, and the share of first tokens that agree.
 

@@ -216,7 +216,7 @@ def default_device() -> str:
 
 
 def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
-    """`--precision` -> dtype; default (`default_decode_precision`): bf16 on a GPU or CPU with bf16 units, else fp32."""
+    """`--precision` -> dtype; default (`default_decode_precision`): bf16 on a GPU that supports it, else fp32."""
     precision = precision or default_decode_precision(device)
     if precision not in DECODE_PRECISIONS:
         raise LitLLMError(f"--precision: expected one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
@@ -224,15 +224,15 @@ def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
 
 
 def default_decode_precision(device: str) -> str:
-    """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it and on a
-    CPU with AMX/AVX512-BF16 units (half the bytes per token of fp32; greedy agreement: benchmarks/bf16_agreement.py),
-    else 32-true."""
-    from litllm.precision import PRECISION_ENV, cpu_has_bf16_units
+    """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it, else 32-true.
+
+    Not bf16 on CPUs with AMX/AVX512-BF16 units: measured there (benchmarks/generate.py, tutorials/inference.md)
+    bf16 decodes no faster than fp32, eager or compiled, and agrees with it less (benchmarks/bf16_agreement.py)."""
+    from litllm.precision import PRECISION_ENV
 
     if os.environ.get(PRECISION_ENV):
         return os.environ[PRECISION_ENV]
-    kind = torch.device(device).type
-    if (kind == "cuda" and torch.cuda.is_bf16_supported()) or (kind == "cpu" and cpu_has_bf16_units()):
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-true"
     return "32-true"
 
@@ -286,7 +286,7 @@ class LoadArgs:
     """How every inference command loads a model: `--precision`, `--quantize`, `--device`."""
 
     precision: Optional[str] = None
-    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it and on a CPU with AMX/AVX512-BF16 units, else 32-true; $LITLLM_PRECISION overrides it)."""
+    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true; $LITLLM_PRECISION overrides it)."""
     quantize: Optional[str] = None
     """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
     device: Optional[str] = None

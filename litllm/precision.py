@@ -22,14 +22,5 @@ DECODE_PRECISIONS = {p: precision_dtypes(p)[1] for p in ("32-true", "bf16-true",
 
 
 PRECISION_ENV = "LITLLM_PRECISION"
-"""Overrides the inference commands' default `--precision` (the test suite sets `32-true`)."""
+"""Overrides the inference commands' default `--precision` (the test suite pins `32-true`)."""
 
-
-def cpu_has_bf16_units() -> bool:
-    """Does this CPU compute in bf16 natively (AMX or AVX512-BF16, from /proc/cpuinfo's flags; False elsewhere)?"""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
