@@ -231,6 +231,9 @@ def default_decode_precision(device: str) -> str:
     from litllm.precision import PRECISION_ENV
 
     if os.environ.get(PRECISION_ENV):
+        if os.environ[PRECISION_ENV] not in DECODE_PRECISIONS:
+            raise LitLLMError(f"${PRECISION_ENV}: expected one of {', '.join(DECODE_PRECISIONS)}, "
+                              f"got {os.environ[PRECISION_ENV]!r}")
         return os.environ[PRECISION_ENV]
     if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-true"

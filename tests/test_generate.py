@@ -366,6 +366,18 @@ def test_generate_command_precision_bf16(tiny_checkpoint, capsys):
         generate(tiny_checkpoint, "Hello", precision="64-true")
 
 
+def test_default_precision_and_its_environment_variable(monkeypatch):
+    from litllm.inference import resolve_precision
+
+    monkeypatch.delenv("LITLLM_PRECISION", raising=False)
+    assert resolve_precision(None, "cpu") == torch.float32  # every CPU, bf16 units or not (tutorials/inference.md 6c)
+    monkeypatch.setenv("LITLLM_PRECISION", "bf16-true")
+    assert resolve_precision(None, "cpu") == torch.bfloat16 and resolve_precision("32-true", "cpu") == torch.float32
+    monkeypatch.setenv("LITLLM_PRECISION", "fp8")
+    with pytest.raises(LitLLMError, match=r"\$LITLLM_PRECISION: expected one of 32-true, bf16-true, 16-true, got 'fp8'"):
+        resolve_precision(None, "cpu")
+
+
 def test_generate_command_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(LitLLMError, match="top_p"):
         generate(tiny_checkpoint, top_p=1.5)
