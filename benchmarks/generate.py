@@ -20,6 +20,18 @@ transformers runs with torch's defaults. `litllm compiled` is the same engine wi
 its quantized weights really hold (packed values, scales, zero points).
 Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
 are shown, and tokens per CPU-second (less sensitive to other processes).
+
+Beside llama.cpp (`--llama_cpp f32 f16 q8_0`, the default when `llama_cpp` is importable: llama-cpp-python
+built from source): the same model exported with `litllm convert_to_gguf` in each format decodes greedily,
+one token per `eval` as litllm's engine does, on the threads litllm picked, in the same alternation. Each
+row's bound counts the bytes its format holds; the last table pairs each litllm format with llama.cpp's
+(fp32 / f32, bf16 / f16, torchao.int8wo / q8_0), from the fastest litllm row of that format (eager or compiled).
+`--startup`: time to the first token of `litllm generate` (a fresh process: import, load, compile) with
+`--compile true` and an empty compile cache, again with the cache filled, and with `--compile false`.
+`--speculative`: runs benchmarks/speculative.py (a 12-layer target, a 2-layer draft trained briefly on its
+outputs) and prints its rows.
+
+    python benchmarks/generate.py --quantize none@bf16-true torchao.int8wo --startup --speculative
 """
 
 from __future__ import annotations
@@ -34,15 +46,18 @@ from pathlib import Path
 import torch
 
 
-def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 7) -> float:
-    """Bytes/s at which this machine reads memory with torch's threads (a sum over a tensor larger than
+def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu") -> float:
+    """Bytes/s at which this machine (or GPU) reads memory with torch's threads (a sum over a tensor larger than
     caches); the median of `repeats` timings, so one lucky or disturbed run doesn't decide it."""
-    x = torch.rand(n_bytes // 4, dtype=torch.float32)
+    x = torch.rand(n_bytes // 4, dtype=torch.float32, device=device)
     x.sum()  # touch the pages
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         x.sum()
+        sync()
         times.append(time.perf_counter() - t0)
     return n_bytes / statistics.median(times)
 
@@ -77,6 +92,82 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab_size", type=int, default=32000)
 
 
+def add_tokenizer(folder: Path) -> None:
+    """A small trained SentencePiece-style tokenizer in the folder (tests/conftest.py's), for `litllm generate` and
+    the GGUF export (llama.cpp pads the vocabulary up to the model's embedding rows)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import train_bpe_tokenizer
+
+    train_bpe_tokenizer(folder, vocab_size=2000, byte_fallback=True)
+
+
+def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads: int) -> dict:
+    """{"llama.cpp f32": (decode function, bytes of weights read per token), ...} for each exported format."""
+    import importlib.util
+    import sys
+
+    here = Path(__file__).resolve().parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # benchmarks/gguf.py would shadow it
+    try:
+        import gguf
+    finally:
+        sys.path[:] = saved
+    spec = importlib.util.spec_from_file_location("gguf_bench", here / "gguf.py")
+    gguf_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gguf_bench)
+    llama_cpp_model = gguf_bench.llama_cpp_model
+
+    from litllm.gguf_export import convert_to_gguf
+
+    rows = {}
+    for outtype in outtypes:
+        path = out / f"model-{outtype}.gguf"
+        convert_to_gguf(folder, path, outtype=outtype)
+        per_token = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+        rows[f"llama.cpp {outtype}"] = (llama_cpp_model(path, n_ctx, threads), per_token)
+    return rows
+
+
+def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt`, one `eval` per token (as litllm's engine decodes), from an empty context."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    tokens = []
+    for _ in range(n):
+        # the last token's logits (without logits_all, llama-cpp-python 0.3 no longer copies them into `scores`)
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        tokens.append(int(np.argmax(logits)))
+        llm.eval(tokens[-1:])
+    return tokens
+
+
+def startup_latency(folder: Path, repeats: int) -> dict[str, float]:
+    """Seconds from starting `litllm generate` (1 new token) to its exit: compiled with an empty compile cache,
+    compiled with it filled (best of `repeats`), and eager."""
+    import subprocess
+    import sys
+
+    times: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for name, compile in (("compiled, empty cache", "true"), ("compiled, cache filled", "true"),
+                              ("eager (--compile false)", "false")):
+            best = float("inf")
+            for _ in range(1 if name.endswith("empty cache") else repeats):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
+                                "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true",
+                                "--compile", compile], env=env, check=True, capture_output=True)
+                best = min(best, time.perf_counter() - t0)
+            times[name] = best
+    return times
+
+
 def linear_bytes(model) -> int:
     """Bytes of the model's Linear weights and biases as stored (a torchao tensor subclass: its inner tensors)."""
     total = 0
@@ -97,101 +188,73 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode step")
+    parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode steps")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true")
+    parser.add_argument("--llama_cpp", nargs="*", default=None, metavar="OUTTYPE",
+                        help="llama.cpp rows (GGUF outtypes; default f32 f16 q8_0 when llama_cpp is importable)")
+    parser.add_argument("--no_transformers", action="store_true", help="skip the transformers row")
+    parser.add_argument("--startup", action="store_true", help="time `litllm generate`'s first token (compile cache)")
+    parser.add_argument("--speculative", action="store_true", help="run benchmarks/speculative.py too")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp rows: CPU only)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both (default: torch's choice; litllm may pick fewer, as its commands do)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
-    import transformers
 
-    from litllm.engine import Engine, Request
+FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8": ("torchao.int8wo", "q8_0")}
+"""litllm's format -> (its row, llama.cpp's outtype of the same width)."""
+
+
+def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str]:
+    """({row: (model, threads)}, {row: bytes read per token}, fp32 layout) for litllm fp32 and each --quantize."""
     from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        weight_bytes = build_checkpoint(folder, args)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
-        lit = load_for_inference(folder, device="cpu", precision="32-true")
-        fp32_linear_bytes = linear_bytes(lit)
-        layout = optimize_for_decoding(lit)
-        lit_threads = pick_decode_threads(lit)
-        row_bytes = {"transformers": weight_bytes, "litllm": weight_bytes, "litllm compiled": weight_bytes}
-        extra = {}  # row name -> (model, threads)
-        for spec in args.quantize:
-            mode, _, precision = spec.partition("@")
-            model = load_for_inference(folder, device="cpu", precision=precision or "32-true",
-                                       quantize=None if mode == "none" else mode)
-            row_bytes[spec] = weight_bytes - fp32_linear_bytes + linear_bytes(model)
-            optimize_for_decoding(model)
-            extra[spec] = (model, pick_decode_threads(model))
+    # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
+    lit = load_for_inference(folder, device=args.device, precision="32-true")
+    fp32_linear_bytes = linear_bytes(lit)
+    layout = optimize_for_decoding(lit)
+    models = {"litllm": (lit, pick_decode_threads(lit))}
+    row_bytes = {"transformers": weight_bytes, "litllm": weight_bytes}
+    for spec in args.quantize:
+        mode, _, precision = spec.partition("@")
+        model = load_for_inference(folder, device=args.device, precision=precision or "32-true",
+                                   quantize=None if mode == "none" else mode)
+        row_bytes[spec] = weight_bytes - fp32_linear_bytes + linear_bytes(model)
+        optimize_for_decoding(model)
+        models[spec] = (model, pick_decode_threads(model))
+    return models, row_bytes, layout
 
-    prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
-    n = args.new_tokens
 
-    engines = {"litllm": Engine(lit, None, 1, prompt.numel() + n, threads=lit_threads)}
-    for spec, (model, threads) in extra.items():
-        engines[spec] = Engine(model, None, 1, prompt.numel() + n, threads=threads)
+def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, decode, reference) -> dict:
+    """An engine per litllm row, and with `compile` a compiled twin ("<row> compiled", compiled here)."""
+    from litllm.engine import Engine
 
-    def decode(engine):
-        engine.add(Request(prompt.tolist(), n))
-        tokens = []
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens += out.token_ids
-        return tokens
-
-    def run_litllm():
-        return decode(engines["litllm"])
-
-    @torch.inference_mode()
-    def run_hf():
-        out = hf.generate(
-            prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long), max_new_tokens=n,
-            min_new_tokens=n, do_sample=False, pad_token_id=0,
-        )
-        return out[0, prompt.numel():].tolist()
-
-    reference = run_hf()
-    same = run_litllm() == reference  # also the warm-up of both
-    runs: dict[str, list[tuple[float, float]]] = {"transformers": [], "litllm": []}
-    for spec in extra:
-        tokens = decode(engines[spec])  # warm-up; a quantized model may pick other tokens
+    engines = {}
+    for name, (model, threads) in models.items():
+        engines[name] = Engine(model, None, 1, length, threads=threads)
+        tokens = decode(engines[name])  # warm-up; a quantized model may pick other tokens
         agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
-        print(f"{spec}: the first {agree} of {n} greedy tokens equal transformers' fp32 ones")
-        runs[spec] = []
-    if not args.no_compile:
-        engines["litllm compiled"] = Engine(lit, None, 1, prompt.numel() + n, threads=lit_threads, compile=True)
-        t0 = time.perf_counter()
-        same_compiled = decode(engines["litllm compiled"]) == run_hf()  # compiles
-        print(f"compiling the decode step took {time.perf_counter() - t0:.0f} s; same tokens: {same_compiled}")
-        runs["litllm compiled"] = []
-    bandwidth = read_bandwidth()
-    bound = bandwidth / weight_bytes
-    # alternate them so that load from other users of the machine hits all alike
-    for _ in range(args.repeats):
-        runs["transformers"].append(timed(run_hf))
-        for name, engine in engines.items():
-            runs[name].append(timed(lambda: decode(engine)))
-    bandwidth = statistics.median([bandwidth, read_bandwidth(), read_bandwidth()])
-    bound = bandwidth / weight_bytes
+        print(f"{name}: the first {agree} of {len(reference)} greedy tokens equal the fp32 reference's")
+        if compile:
+            engines[name].close()
+            twin = f"{name} compiled"
+            engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)
+            row_bytes[twin] = row_bytes[name]
+            t0 = time.perf_counter()
+            same = decode(engines[twin]) == tokens  # compiles
+            print(f"{twin}: compiling the decode step took {time.perf_counter() - t0:.0f} s; same tokens as eager: {same}")
+    return engines
 
-    print(f"threads: {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, {n} new tokens, greedy, batch 1,"
-          f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"same tokens: {same}; litllm: {layout} weights, {lit_threads} thread(s) chosen for decoding"
-          f" (transformers: torch's {torch.get_num_threads()})")
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights read per token: {weight_bytes / 1e6:.0f} MB"
-          f" -> bound {bound:.1f} tokens/s")
+
+def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int) -> dict[str, float]:
+    """The tokens/s table; returns each row's best tokens/s."""
     # best: the run least disturbed by other processes; per CPU-second: work efficiency, less sensitive to load
     width = max(14, *(len(name) + 2 for name in runs))
     print(f"{'':{width}s}{'tokens/s best':>14s}{'median':>8s}{'MB/token':>10s}{'of bound':>10s}{'tokens/CPU-s':>14s}")
@@ -203,10 +266,120 @@ def main() -> None:
         of_bound = best[name] / (bandwidth / row_bytes[name])
         print(f"{name:{width}s}{best[name]:14.1f}{n / statistics.median(walls):8.1f}{row_bytes[name] / 1e6:10.0f}"
               f"{of_bound:10.0%}{per_cpu:14.1f}")
-    for name in engines:
-        print(f"{name} / transformers: {best[name] / best['transformers']:.2f}x (best runs)")
-    for spec in extra:
-        print(f"{spec} / litllm fp32: {best[spec] / best['litllm']:.2f}x (best runs)")
+    return best
+
+
+def print_ratios(best: dict, row_bytes: dict, bandwidth: float) -> None:
+    """litllm / transformers, each extra row / litllm fp32, and litllm / llama.cpp per number format."""
+    for name in best:
+        if name.startswith("litllm") and "transformers" in best:
+            print(f"{name} / transformers: {best[name] / best['transformers']:.2f}x (best runs)")
+    print(f"{'format':8s}{'litllm row':>32s}{'tok/s':>8s}{'of bound':>10s}{'llama.cpp':>12s}{'tok/s':>8s}"
+          f"{'of bound':>10s}{'litllm/llama.cpp':>18s}")
+    for fmt, (row, outtype) in FORMATS.items():
+        candidates = [name for name in best if name in (row, f"{row} compiled")]
+        other = f"llama.cpp {outtype}"
+        if not candidates:
+            continue
+        mine = max(candidates, key=best.get)
+        line = f"{fmt:8s}{mine:>32s}{best[mine]:8.1f}{best[mine] * row_bytes[mine] / bandwidth:10.0%}"
+        if other in best:
+            line += (f"{outtype:>12s}{best[other]:8.1f}{best[other] * row_bytes[other] / bandwidth:10.0%}"
+                     f"{best[mine] / best[other]:17.2f}x")
+        else:
+            line += f"{outtype:>12s}  (not run)"
+        print(line)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.llama_cpp is None and args.device != "cpu":
+        print("llama.cpp rows: CPU only here (llama-cpp-python is built for the CPU): skipped")
+        args.llama_cpp = []
+    if args.llama_cpp is None:
+        try:
+            import llama_cpp  # noqa: F401
+
+            args.llama_cpp = ["f32", "f16", "q8_0"]
+        except ImportError:
+            print("llama_cpp is not importable (pip install llama-cpp-python): the llama.cpp rows are skipped")
+            args.llama_cpp = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_all(Path(tmp), args)
+
+
+def run_all(folder: Path, args) -> None:
+    import transformers
+
+    weight_bytes = build_checkpoint(folder, args)
+    add_tokenizer(folder)
+    prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    n = args.new_tokens
+    models, row_bytes, layout = load_rows(folder, args, weight_bytes)
+    lit_threads = models["litllm"][1]
+
+    def decode(engine):
+        from litllm.engine import Request
+
+        engine.add(Request(prompt, n))
+        tokens = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens += out.token_ids
+        return tokens
+
+    hf = None if args.no_transformers else transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32).to(args.device).eval()
+
+    @torch.inference_mode()
+    def run_hf():
+        out = hf.generate(torch.tensor([prompt], device=args.device),
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=args.device),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    from litllm.engine import Engine
+
+    with Engine(models["litllm"][0], None, 1, len(prompt) + n, threads=lit_threads) as engine:
+        reference = decode(engine)
+    if hf is not None:
+        print(f"litllm fp32 and transformers: same tokens: {run_hf() == reference}")
+    engines = make_engines(models, row_bytes, len(prompt) + n, not args.no_compile, decode, reference)
+    calls = {name: (lambda e=engine: decode(e)) for name, engine in engines.items()}
+    if hf is not None:
+        calls = {"transformers": run_hf, **calls}
+    for name, (llm, per_token) in gguf_rows(folder, folder / "gguf", args.llama_cpp, len(prompt) + n + 8,
+                                            lit_threads).items():
+        row_bytes[name] = per_token
+        tokens = llama_cpp_greedy(llm, prompt, n)  # warm-up
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), n)
+        print(f"{name}: the first {agree} of {n} greedy tokens equal litllm fp32's")
+        calls[name] = lambda m=llm: llama_cpp_greedy(m, prompt, n)
+    bandwidth = read_bandwidth(device=args.device)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(args.repeats):  # alternate them so that load from other users of the machine hits all alike
+        for name, call in calls.items():
+            runs[name].append(timed(call))
+    bandwidth = statistics.median([bandwidth, read_bandwidth(device=args.device), read_bandwidth(device=args.device)])
+    print(f"device: {args.device}; threads: litllm {lit_threads} (picked), llama.cpp {lit_threads}, transformers {torch.get_num_threads()};"
+          f" prompt {args.prompt_tokens} tokens, {n} new tokens, greedy, batch 1,"
+          f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; litllm fp32 layout: {layout}")
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; fp32 weights read per token: {weight_bytes / 1e6:.0f} MB"
+          f" -> bound {bandwidth / weight_bytes:.1f} tokens/s")
+    best = print_table(runs, row_bytes, bandwidth, n)
+    print_ratios(best, row_bytes, bandwidth)
+    if args.startup:
+        for name, seconds in startup_latency(folder, args.repeats).items():
+            print(f"litllm generate, 1 token, fresh process, {name}: {seconds:.1f} s")
+    if args.speculative:
+        import subprocess
+        import sys
+
+        script = Path(__file__).resolve().parent / "speculative.py"
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        subprocess.run([sys.executable, str(script), *extra], check=True)
 
 
 if __name__ == "__main__":

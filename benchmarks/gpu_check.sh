@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check for litllm, <= 8 minutes on one H100/H200. Every part fails soft (its failure is
+# One GPU check for litllm, <= 9 minutes on one H100/H200. Every part fails soft (its failure is
 # written down and the next part runs); the figures go to one file.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_FILE]     # default: $OUT/gpu_check.txt, else gpu_check.txt
@@ -7,8 +7,9 @@
 # Parts (time limit each): CUDA-only tests (100 s); bf16 pretraining MFU on TinyLlama-1.1B shapes, FSDP
 # on one device, compile off (50 s) and on (100 s); LoRA / QLoRA / pretraining peak memory on
 # Llama-3.2-1B shapes vs `litllm estimate` (40 s each); greedy decode tokens/s vs transformers
-# (benchmarks/generate.py, 50 s); tensor-parallel decode on 2 GPUs vs 1 (benchmarks/tensor_parallel.py, 90 s,
-# on >= 2 GPUs only); serve throughput (benchmarks/serve.py, 50 s, when it exists): <= 560 s.
+# and the decode table per precision, compiled with CUDA graphs (benchmarks/generate.py, 120 s); tensor-parallel
+# decode on 2 GPUs vs 1 (benchmarks/tensor_parallel.py, 90 s, on >= 2 GPUs only); serve throughput
+# (benchmarks/serve.py, 50 s, when it exists): <= 540 s on one GPU (+ 90 s with >= 2 GPUs).
 set -u
 cd "$(dirname "$0")/.."
 RESULTS="${1:-${OUT:-.}/gpu_check.txt}"
@@ -24,7 +25,7 @@ part() {  # part NAME SECONDS COMMAND...: run it, keep its key lines, never stop
   log="$(mktemp)"
   note "== $name"
   if timeout "$limit" "$@" >"$log" 2>&1; then
-    grep -E "^(mfu_|peak_|[0-9]+ passed|.*passed|.*failed|tokens/s|.*tok/s|.*req/s|.*throughput)" "$log" | tail -20 | tee -a "$RESULTS"
+    grep -E "^(mfu_|peak_|[0-9]+ passed|.*passed|.*failed|tokens/s|.*tok/s|.*req/s|.*throughput|litllm|none@|torchao|transformers|fp32|bf16|int8|measured|device|format)" "$log" | tail -30 | tee -a "$RESULTS"
     note "-- $name: ok ($((SECONDS - start)) s)"
   else
     local rc=$?
@@ -49,7 +50,11 @@ for method in lora qlora pretrain; do
 done
 
 if "$PY" benchmarks/generate.py --help 2>/dev/null | grep -q -- "--device"; then
-  part "greedy decode tokens/s vs transformers" 50 "$PY" benchmarks/generate.py --device cuda --repeats 2
+  # litllm fp32 / bf16 / torchao int8wo / int4wo, each eager and compiled (CUDA graphs: reduce-overhead), and the
+  # fraction of the measured bandwidth bound; llama.cpp rows only where llama-cpp-python runs on the CPU
+  part "greedy decode table (fp32, bf16, int8wo, int4wo; eager and compiled + CUDA graphs)" 120 \
+    "$PY" benchmarks/generate.py --device cuda --repeats 2 --new_tokens 128 \
+    --quantize none@bf16-true torchao.int8wo@bf16-true torchao.int4wo@bf16-true
 else
   note "== greedy decode: benchmarks/generate.py has no --device flag here (CPU-only version): skipped"
 fi

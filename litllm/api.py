@@ -19,9 +19,9 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args, default_stops
+from litllm.engine import SEED_LIMIT, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import load_draft
+from litllm.generate import decode_engine, load_draft
 from litllm.inference import LoadArgs, load_decoder, tokens_to_generate
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class LLM:
         self.draft = None
         self.num_speculative_tokens = 4
         self.acceptance_rate: Optional[float] = None
+        self.compile: Optional[bool] = None  # compile the decode step (None: where it pays, litllm.compile_decode)
 
     @property
     def device(self) -> torch.device:
@@ -65,12 +66,13 @@ class LLM:
         devices: int = 1,
         num_nodes: int = 1,
         strategy: str = "tensor",
+        compile: Optional[bool] = None,
     ) -> "LLM":
         """Load a converted model folder, or a Hub repo id (`org/name`), downloaded and converted first
         into `<checkpoint_root>/<org>/<name>` unless it is already there.
 
         device: `cpu`, `cuda`, ... (default: cuda when available).
-        precision: `32-true`, `bf16-true` or `16-true` (default: bf16 on a GPU that supports it, else fp32).
+        precision: `32-true`, `bf16-true` or `16-true` (default: bf16 on a GPU that supports it, else fp32; see `LoadArgs`).
         quantize: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
         prompt_style: a prompt style name (default: the checkpoint's own).
         draft_model: speculative decoding: a small converted model folder with the same tokenizer that
@@ -80,11 +82,14 @@ class LLM:
         devices, num_nodes: tensor parallelism: shard the model over `devices` devices (processes) per node;
             this process is rank 0 and starts the others itself (see `litllm.parallel`). strategy="sequential"
             instead puts consecutive blocks on consecutive GPUs of this process.
+        compile: compile the decode step with `torch.compile` (kernels cached in ~/.cache/litllm/torch_compile);
+            default: for calls that decode enough tokens for it to pay (`litllm.compile_decode`); False: never.
         """
         loaded = load_decoder(_resolve(model, Path(checkpoint_root), access_token), prompt_style,
                               LoadArgs(precision, quantize, device, devices, num_nodes, strategy))
         net, tokenizer = loaded.model, loaded.tokenizer
         llm = cls(net, tokenizer, loaded.prompt_style, loaded.checkpoint_dir, threads=loaded.threads)
+        llm.compile = compile
         if draft_model is not None:
             if num_speculative_tokens < 1:
                 raise LitLLMError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
@@ -177,7 +182,7 @@ class LLM:
     def _run(self, requests: list[Request], length: int) -> Iterator[tuple[int, str]]:
         """(index of the request, new text) as the engine produces them; the engine (and the KV cache)
         lives while the iterator does, also when a streaming consumer stops early."""
-        engine = self._engine(len(requests), length)
+        engine = self._engine(len(requests), length, sum(r.max_new_tokens for r in requests))
         try:
             index = {engine.add(r): i for i, r in enumerate(requests)}
             while engine.has_unfinished:
@@ -190,10 +195,11 @@ class LLM:
                 self.acceptance_rate = engine.acceptance_rate
                 logger.info("draft acceptance: %s of %d proposed tokens", engine.accepted, engine.proposed)
 
-    def _engine(self, rows: int, length: int):
-        """An Engine of `rows` rows; with a draft model a one-row SpeculativeEngine (requests one after another)."""
+    def _engine(self, rows: int, length: int, tokens: int):
+        """An Engine of `rows` rows (its step compiled where `tokens` new tokens pay for it, `decode_engine`); with a
+        draft model a one-row SpeculativeEngine (requests one after another)."""
         if self.draft is None:
-            return Engine(self.model, self.tokenizer, rows, length, threads=self.threads)
+            return decode_engine(self.model, self.tokenizer, rows, length, self.threads, self.compile, tokens)
         from litllm.speculative import SpeculativeEngine
 
         return SpeculativeEngine(self.model, self.draft, self.tokenizer, length,

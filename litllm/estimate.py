@@ -438,11 +438,22 @@ class DecodePlan:
     prefill_chunk: Optional[int] = None  # None: the engine's default
     notes: list[str] = field(default_factory=list)
     devices: int = 1  # tensor parallelism: the estimate is per device
+    draft_config: Any = None  # speculative decoding's draft model (`--draft_model`): one more model and KV cache
 
 
 def _fake_decode(plan: DecodePlan) -> dict[str, int]:
-    return fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, plan.kv_length,
-                       plan.prompt_length, plan.prefill_chunk, plan.devices)
+    parts = fake_decode(plan.config, plan.precision, plan.quantize, plan.batch_size, plan.kv_length,
+                        plan.prompt_length, plan.prefill_chunk, plan.devices)
+    if plan.draft_config is not None:
+        # the draft loads unquantized in --precision beside the model, with a KV cache of the same length; the two
+        # run one after the other, so only the larger one's temporaries are live at once
+        draft = fake_decode(plan.draft_config, plan.precision, None, plan.batch_size, plan.kv_length,
+                            plan.prompt_length, plan.prefill_chunk)
+        parts["weights"] += draft["weights"]
+        parts["kv_cache"] += draft["kv_cache"]
+        parts["temporaries"] = max(parts["temporaries"], draft["temporaries"])
+        parts["total"] = sum(parts[k] for k in CATEGORIES)
+    return parts
 
 
 def decode_plan_from_command(command: str, kwargs: dict[str, Any]) -> DecodePlan:
@@ -471,7 +482,12 @@ def _decode_plan(command: str, kwargs: dict[str, Any], config, precision: str, w
         prompt = _prompt_tokens(Path(kwargs["checkpoint_dir"]), kwargs.get("prompt") or "", kwargs.get("prompt_style"),
                                 kwargs.get("sys_prompt"), notes)
         new = min(kwargs.get("max_new_tokens") or 50, max(1, window - prompt))
-        return DecodePlan(config, precision, kwargs.get("quantize"), 1, prompt + new, prompt, notes=notes)
+        draft = None
+        if kwargs.get("draft_model"):
+            draft = _finetune_config(Path(kwargs["draft_model"]), notes)
+            notes.append("--draft_model: its weights and KV cache are counted in")
+        return DecodePlan(config, precision, kwargs.get("quantize"), 1, prompt + new, prompt, notes=notes,
+                          draft_config=draft)
     length = kwargs.get("max_seq_length")
     if length is None:
         length = window

@@ -15,10 +15,31 @@ from typing import Optional
 
 import torch
 
+from litllm.compile_decode import compile_cache_dir, compiled_length, should_compile
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
 from litllm.inference import LoadArgs, load_decoder, load_for_decoding
+
+
+def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Optional[int],
+                  compile: Optional[bool] = None, tokens: Optional[int] = None, *, exact_length: bool = False,
+                  **engine_args) -> Engine:
+    """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
+    tokens, `litllm.compile_decode.should_compile`). Compiled, its KV cache is rounded up to a shape other
+    lengths share (`compiled_length`) unless `exact_length`, and the step compiles now (a 2-token warm-up)."""
+    spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
+    if (compile is None and spread) or not should_compile(compile, model.wte.weight.device, tokens):
+        return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
+    if not exact_length:
+        max_seq_length = compiled_length(max_seq_length, model.max_seq_length)
+    engine = Engine(model, tokenizer, rows, max_seq_length, threads=threads, compile=True, **engine_args)
+    t0 = time.perf_counter()
+    engine.add(Request([0], 2))  # its second token runs the decode step: compiled, or loaded from the cache
+    while engine.has_unfinished:
+        engine.step()
+    engine.compile_seconds = time.perf_counter() - t0
+    return engine
 
 
 @dataclass
@@ -35,8 +56,8 @@ class DecodeArgs:
     """Sample only among the k most likely tokens (null: no limit)."""
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
-    compile: bool = False
-    """Compile the decode step with `torch.compile` (pays off for long generations)."""
+    compile: Optional[bool] = None
+    """Compile the decode step with `torch.compile`, its kernels cached in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat; or as $LITLLM_COMPILE says; false: never)."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None
@@ -48,11 +69,13 @@ class DecodeArgs:
         """The sampling of the i-th answer (seed + i: each sample or turn replays the same way)."""
         return Sampling(self.temperature, self.top_k, self.top_p, (self.seed + i) % SEED_LIMIT)
 
-    def engine(self, model, tokenizer, max_seq_length: int, threads: Optional[int], load: "LoadArgs"):
+    def engine(self, model, tokenizer, max_seq_length: int, threads: Optional[int], load: "LoadArgs",
+               tokens: Optional[int] = None):
         """The one-row decode engine of `generate` and `chat`: an `Engine`, or with `--draft_model` a
-        `litllm.speculative.SpeculativeEngine` (the draft loads on the model's device, in `--precision`)."""
+        `litllm.speculative.SpeculativeEngine` (the draft loads on the model's device, in `--precision`).
+        `tokens`: how many it will decode (None: unknown, a chat), for `--compile`'s default."""
         if self.draft_model is None:
-            return Engine(model, tokenizer, 1, max_seq_length, threads=threads, compile=self.compile)
+            return decode_engine(model, tokenizer, 1, max_seq_length, threads, self.compile, tokens)
         if self.compile:
             raise LitLLMError("--compile does not apply to speculative decoding (--draft_model) yet: drop one of them")
         from litllm.speculative import SpeculativeEngine
@@ -112,7 +135,11 @@ def generate(
     prompt_ids = loaded.encode(prompt, decoding.sys_prompt)
     max_new_tokens = loaded.max_new_tokens(len(prompt_ids), max_new_tokens, 50)
     stops = loaded.stops()
-    with decoding.engine(model, tokenizer, len(prompt_ids) + max_new_tokens, loaded.threads, LoadArgs(**load)) as engine:
+    with decoding.engine(model, tokenizer, len(prompt_ids) + max_new_tokens, loaded.threads, LoadArgs(**load),
+                         num_samples * max_new_tokens) as engine:
+        if getattr(engine, "compile_seconds", None) is not None:
+            print(f"Compiled the decode step in {engine.compile_seconds:.2f} s (cache: {compile_cache_dir()})",
+                  file=sys.stderr)
         for i in range(num_samples):
             t0 = time.perf_counter()
             engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **stops))

@@ -8,6 +8,7 @@ Decoding itself (sampling, stops, the KV-cache loop with continuous batching) is
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -95,7 +96,9 @@ def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
         got = LAYOUTS[name](probe)(x)
     except Exception:  # an op missing from this torch build
         return False
-    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3)
+    # another summation order: fp32 differs in its last bits, bf16/fp16 (8/11-bit mantissas) in its last ones
+    tol = 1e-3 if linear.weight.dtype == torch.float32 else 2e-2
+    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol)
 
 
 @torch.inference_mode()
@@ -213,14 +216,28 @@ def default_device() -> str:
 
 
 def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
-    """`--precision` -> dtype; default bf16 on a GPU that supports it, fp32 elsewhere."""
-    if precision is None:
-        if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+    """`--precision` -> dtype; default (`default_decode_precision`): bf16 on a GPU that supports it, else fp32."""
+    precision = precision or default_decode_precision(device)
     if precision not in DECODE_PRECISIONS:
         raise LitLLMError(f"--precision: expected one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
     return DECODE_PRECISIONS[precision]
+
+
+def default_decode_precision(device: str) -> str:
+    """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it, else 32-true.
+
+    Not bf16 on CPUs with AMX/AVX512-BF16 units: measured there (benchmarks/generate.py, tutorials/inference.md)
+    bf16 decodes no faster than fp32, eager or compiled, and agrees with it less (benchmarks/bf16_agreement.py)."""
+    from litllm.precision import PRECISION_ENV
+
+    if os.environ.get(PRECISION_ENV):
+        if os.environ[PRECISION_ENV] not in DECODE_PRECISIONS:
+            raise LitLLMError(f"${PRECISION_ENV}: expected one of {', '.join(DECODE_PRECISIONS)}, "
+                              f"got {os.environ[PRECISION_ENV]!r}")
+        return os.environ[PRECISION_ENV]
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "32-true"
 
 
 def load_for_inference(
@@ -272,7 +289,7 @@ class LoadArgs:
     """How every inference command loads a model: `--precision`, `--quantize`, `--device`."""
 
     precision: Optional[str] = None
-    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true)."""
+    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true; $LITLLM_PRECISION overrides it)."""
     quantize: Optional[str] = None
     """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4)."""
     device: Optional[str] = None

@@ -19,3 +19,8 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
 
 DECODE_PRECISIONS = {p: precision_dtypes(p)[1] for p in ("32-true", "bf16-true", "16-true")}
 """`generate`'s `--precision` names -> the dtype the model loads in."""
+
+
+PRECISION_ENV = "LITLLM_PRECISION"
+"""Overrides the inference commands' default `--precision` (the test suite pins `32-true`)."""
+

@@ -17,6 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the decode step compiles by default where it pays (litllm.compile_decode); the suite decodes eagerly unless a
+# test asks (tests/test_compile_decode.py covers the default), so that hundreds of commands skip compiling
+os.environ.setdefault("LITLLM_COMPILE", "0")
+# CPU tests use fp32, whatever default precision the inference commands pick ($LITLLM_PRECISION overrides it)
+os.environ.setdefault("LITLLM_PRECISION", "32-true")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -475,3 +475,27 @@ def test_cli_estimates_serve_and_generate(tmp_path):
     proc = _cli("generate", str(folder), "--max_new_tokens", "10", "--precision", "32-true", "--device_memory", "0.1MB")
     assert proc.returncode == 0, proc.stderr
     assert "does NOT fit" in proc.stdout and "--quantize bnb.nf4" in proc.stdout
+
+
+def test_cli_counts_the_draft_model_of_generate(tmp_path):
+    """`--draft_model`: the draft's weights and KV cache (as long as the model's) add to generate's estimate."""
+    import dataclasses
+
+    folder, draft_folder = tmp_path / "tiny-llama", tmp_path / "draft"
+    c = family_config("llama")
+    d = dataclasses.replace(c, n_layer=1)
+    for path, config in ((folder, c), (draft_folder, d)):
+        path.mkdir()
+        config.save(path / "model_config.yaml")
+
+    def estimate(path, *extra):
+        proc = _cli("generate", str(path), "--max_new_tokens", "10", "--precision", "32-true", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    alone, draft_alone = estimate(folder), estimate(draft_folder)
+    both = estimate(folder, "--draft_model", str(draft_folder))
+    assert draft_alone["breakdown"]["kv_cache"] == alone["breakdown"]["kv_cache"] // c.n_layer > 0
+    for part in ("weights", "kv_cache"):
+        assert both["breakdown"][part] == alone["breakdown"][part] + draft_alone["breakdown"][part]
+    assert any("--draft_model" in note for note in both["notes"])

@@ -87,6 +87,24 @@ def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layou
         optimize_for_decoding(GPT.from_checkpoint(folder), layout="diagonal")
 
 
+@pytest.mark.parametrize("layout", ["column-major", "onednn-packed"])
+def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
+    """bf16 weights take the decode layouts too (`litllm generate`'s default on CPUs with bf16 units): the
+    logits stay those of the row-major bf16 model within bf16's rounding."""
+    from litllm.inference import optimize_for_decoding
+
+    folder = family_checkpoints("llama")
+    ids = Tokenizer(folder).encode(PROMPTS[2])[None]
+    model = GPT.from_checkpoint(folder).to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        expected = model(ids).float()
+        assert optimize_for_decoding(model, layout=layout) == layout
+        got = model(ids).float()
+    qkv = model.blocks[0].attn.qkv
+    assert (qkv.packed_weight if layout == "onednn-packed" else qkv.weight).dtype == torch.bfloat16
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
 def _run(engine: Engine, joins: dict[int, list[Request]]) -> dict[int, list[int]]:
     """Step the engine, adding joins[k] before step k; returns each request's generated tokens."""
     tokens: dict[int, list[int]] = {}
@@ -346,6 +364,18 @@ def test_generate_command_precision_bf16(tiny_checkpoint, capsys):
     assert capsys.readouterr().out.strip()
     with pytest.raises(LitLLMError, match="--precision"):
         generate(tiny_checkpoint, "Hello", precision="64-true")
+
+
+def test_default_precision_and_its_environment_variable(monkeypatch):
+    from litllm.inference import resolve_precision
+
+    monkeypatch.delenv("LITLLM_PRECISION", raising=False)
+    assert resolve_precision(None, "cpu") == torch.float32  # every CPU, bf16 units or not (tutorials/inference.md 6c)
+    monkeypatch.setenv("LITLLM_PRECISION", "bf16-true")
+    assert resolve_precision(None, "cpu") == torch.bfloat16 and resolve_precision("32-true", "cpu") == torch.float32
+    monkeypatch.setenv("LITLLM_PRECISION", "fp8")
+    with pytest.raises(LitLLMError, match=r"\$LITLLM_PRECISION: expected one of 32-true, bf16-true, 16-true, got 'fp8'"):
+        resolve_precision(None, "cpu")
 
 
 def test_generate_command_errors(tiny_checkpoint, tmp_path):

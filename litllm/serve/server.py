@@ -39,6 +39,7 @@ def serve(
     read_timeout: float = 30.0,
     shutdown_timeout: float = 20.0,
     model_name: Optional[str] = None,
+    compile: Optional[bool] = None,
     load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
@@ -70,6 +71,8 @@ def serve(
             running ends with a 503 error (a stream: an error event, then `data: [DONE]`).
         model_name: The model id clients send and /v1/models lists (default: the folder's name, or for a
             training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
+        compile: Compile the decode step with `torch.compile` before serving, its kernels cached in
+            ~/.cache/litllm/torch_compile (default: yes, unless $LITLLM_COMPILE says 0; false: never).
     """
     from litllm.model_folder import check_model_folder
 
@@ -89,7 +92,7 @@ def serve(
         load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # a tensor-parallel rank > 0 (torchrun/srun):
         # it runs rank 0's engine steps and never returns; rank 0 alone binds the port
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
-    from litllm.engine import Engine
+    from litllm.generate import decode_engine
     from litllm.serve.app import ServedModel, build_app
     from litllm.serve.bridge import EngineLoop
 
@@ -97,8 +100,8 @@ def serve(
     tokenizer, style, model, threads = loaded.tokenizer, loaded.prompt_style, loaded.model, loaded.threads
     tokenizer.processor = GILFreeEncoder(tokenizer.processor)
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length, threads=threads,
-                    prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
+    engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile,
+                           exact_length=True, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
     per_slot = kv_cache_bytes(model, max_seq_length)
     print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
           f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
