@@ -153,12 +153,6 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable adapter weights alone."""
-    names = adapter_parameter_names(model)
-    return {k: v for k, v in model.state_dict().items() if k in names}
-
-
 # ---------------------------------------------------------------------- adapters as a training method
 def adapter_method(settings: AdapterSettings, base_weights: Optional[Path] = None, quantize: Optional[str] = None,
                    device: str | torch.device = "cpu", param_dtype: Optional[torch.dtype] = None,
@@ -216,10 +210,3 @@ def load_adapter_model(
         model = apply_adapter(GPT(read_config(checkpoint_dir)), settings)
     load_model_weights(model, checkpoint_dir / WEIGHTS_FILE, device=device, dtype=dtype)
     return model
-
-
-def save_adapter_model(model: nn.Module, out_dir: Path, settings: AdapterSettings, *file_sources: Path) -> None:
-    """Write an adapter model folder: config, `adapter.yaml`, tokenizer files, then the weights (last)."""
-    from litllm.model_folder import save_model_folder
-
-    save_model_folder(model, out_dir, *file_sources, adapter=settings)

@@ -20,8 +20,8 @@ from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
 from litllm.hf.weights import (
     IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
 )
-from litllm.model_folder import (  # noqa: F401 (TOKENIZER_FILES: importable from here until callers move)
-    CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
+from litllm.model_folder import (
+    CONFIG_FILE, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
     model_state_dict, open_safetensors, parse_dtype, read_config, read_tensor,
 )
 from litllm.utils import atomic_path, check_output_dir, clean_stale_temporaries, read_json_object
@@ -47,15 +47,7 @@ def convert_to_litllm(
         raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
     check_output_dir(checkpoint_dir, "checkpoint_dir")  # the litllm files are written beside the HF ones
     target_dtype = parse_dtype(dtype)
-    if (checkpoint_dir / "config.json").is_file():
-        config = config_from_hf(checkpoint_dir / "config.json")
-        config.name = model_name or config.name or checkpoint_dir.name
-    elif model_name:
-        config = Config.from_name(model_name)
-    else:
-        raise LitLLMError(f"{checkpoint_dir}: no config.json (pass --model_name to use a preset)")
-    if not config.hf_model_type:
-        raise LitLLMError(f"model {config.name!r}: preset has no hf_model_type, can't map HF weight names")
+    config = _hf_folder_config(checkpoint_dir, model_name)
     hf = HFWeights(checkpoint_dir)
     mapping = weight_map(config, config.hf_model_type)
     hf_config = read_json_object(checkpoint_dir / "config.json") if (checkpoint_dir / "config.json").is_file() else {}
@@ -102,15 +94,7 @@ def convert_to_litllm(
                 first = None  # hold at most one tensor at a time
                 writer.write(name, tensor.to(out_dtype))
                 del tensor
-        leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n)
-                          and not _is_mtp_layer(n, config.n_layer, mtp_layers))
-        if config.tie_embeddings:
-            leftover = [n for n in leftover if not n.startswith("lm_head.")]
-        if leftover:
-            raise LitLLMError(
-                f"{checkpoint_dir}: {len(leftover)} weight(s) have no place in a {config.hf_model_type} model "
-                f"(e.g. {leftover[0]}): config.json and weights disagree"
-            )
+        _check_all_used(checkpoint_dir, hf, used, config, mtp_layers)
         config.save(checkpoint_dir / CONFIG_FILE)
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} and {CONFIG_FILE}")
 
@@ -137,6 +121,33 @@ def _is_mtp_layer(hf_name: str, n_layer: int, mtp_layers: int) -> bool:
     multi-token-prediction module (DeepSeek-V3, GLM-4.5) that transformers, like litllm, does not run."""
     m = re.match(r"model\.layers\.(\d+)\.", hf_name)
     return m is not None and n_layer <= int(m.group(1)) < n_layer + mtp_layers
+
+
+def _hf_folder_config(checkpoint_dir: Path, model_name: Optional[str]) -> Config:
+    """The config of an HF folder: from its `config.json`, else the preset `model_name`; it must name its HF model type."""
+    if (checkpoint_dir / "config.json").is_file():
+        config = config_from_hf(checkpoint_dir / "config.json")
+        config.name = model_name or config.name or checkpoint_dir.name
+    elif model_name:
+        config = Config.from_name(model_name)
+    else:
+        raise LitLLMError(f"{checkpoint_dir}: no config.json (pass --model_name to use a preset)")
+    if not config.hf_model_type:
+        raise LitLLMError(f"model {config.name!r}: preset has no hf_model_type, can't map HF weight names")
+    return config
+
+
+def _check_all_used(checkpoint_dir: Path, hf: HFWeights, used: set[str], config: Config, mtp_layers: int) -> None:
+    """Every HF weight has found its place (a weight left over means config.json and the weights disagree)."""
+    leftover = sorted(n for n in hf.keys() if n not in used and not IGNORED_HF.search(n)
+                      and not _is_mtp_layer(n, config.n_layer, mtp_layers))
+    if config.tie_embeddings:
+        leftover = [n for n in leftover if not n.startswith("lm_head.")]
+    if leftover:
+        raise LitLLMError(
+            f"{checkpoint_dir}: {len(leftover)} weight(s) have no place in a {config.hf_model_type} model "
+            f"(e.g. {leftover[0]}): config.json and weights disagree"
+        )
 
 
 def convert_from_litllm(
@@ -168,27 +179,7 @@ def convert_from_litllm(
     model_type = infer_model_type(config)
     mapping = weight_map(config, model_type)
     lit_file = checkpoint_dir / WEIGHTS_FILE
-    lit = open_safetensors(lit_file)
-    # plan: (hf name, lit name, how to cut it out) in file order, with shapes for the headers
-    plan: list[tuple[str, str, tuple]] = []
-    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
-    for lit_name in lit.keys():
-        sl = lit.get_slice(lit_name)
-        shape, st_dtype = sl.get_shape(), sl.get_dtype()
-        out_dtype = target_dtype or _ST_TO_DTYPE[st_dtype]
-        source = hf_sources(lit_name, mapping)
-        if not source.concatenated:
-            hf_name = source.names[0]
-            plan.append((hf_name, lit_name, ("interleave", source.layout) if source.layout else ("whole",)))
-            specs[hf_name] = (torch.Size(shape), out_dtype)
-        else:
-            sizes = split_sizes(lit_name, config, len(source.names))
-            start = 0
-            for hf_name, size in zip(source.names, sizes):
-                plan.append((hf_name, lit_name, ("rows", start, size)))
-                specs[hf_name] = (torch.Size([size, *shape[1:]]), out_dtype)
-                start += size
-
+    plan, specs = _export_plan(open_safetensors(lit_file), config, mapping, target_dtype)
     shards = _shard(plan, specs, shard_bytes)
     with atomic_path(output_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -217,17 +208,47 @@ def convert_from_litllm(
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_index}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf_config = config_to_hf(config)
-        hf_config["torch_dtype"] = str(next(iter(specs.values()))[1]).removeprefix("torch.")
-        generation = _generation_config(checkpoint_dir)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in generation:
-                hf_config[key] = generation[key]
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        copy_model_files(tmp, checkpoint_dir)
-        if not (tmp / "generation_config.json").is_file():
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        _write_hf_files(tmp, checkpoint_dir, config, out_dtype=next(iter(specs.values()))[1])
     print(f"Wrote a Hugging Face checkpoint to {output_dir}")
+
+
+def _export_plan(lit, config: Config, mapping, target_dtype: Optional[torch.dtype]):
+    """`(plan, specs)`: (hf name, lit name, how to cut it out) in file order, and {hf name: (shape, dtype)} for the
+    headers."""
+    plan: list[tuple[str, str, tuple]] = []
+    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    for lit_name in lit.keys():
+        sl = lit.get_slice(lit_name)
+        shape, st_dtype = sl.get_shape(), sl.get_dtype()
+        out_dtype = target_dtype or _ST_TO_DTYPE[st_dtype]
+        source = hf_sources(lit_name, mapping)
+        if not source.concatenated:
+            hf_name = source.names[0]
+            plan.append((hf_name, lit_name, ("interleave", source.layout) if source.layout else ("whole",)))
+            specs[hf_name] = (torch.Size(shape), out_dtype)
+        else:
+            sizes = split_sizes(lit_name, config, len(source.names))
+            start = 0
+            for hf_name, size in zip(source.names, sizes):
+                plan.append((hf_name, lit_name, ("rows", start, size)))
+                specs[hf_name] = (torch.Size([size, *shape[1:]]), out_dtype)
+                start += size
+    return plan, specs
+
+
+def _write_hf_files(folder: Path, checkpoint_dir: Path, config: Config, out_dtype: torch.dtype) -> None:
+    """`config.json` (with the generation config's special token ids), the tokenizer files and
+    `generation_config.json`."""
+    hf_config = config_to_hf(config)
+    hf_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    generation = _generation_config(checkpoint_dir)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in generation:
+            hf_config[key] = generation[key]
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    copy_model_files(folder, checkpoint_dir)
+    if not (folder / "generation_config.json").is_file():
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 _ST_TO_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -17,7 +17,7 @@ the server) runs here.
   behind a long one gets its first token without waiting for the whole queue. A request's first
   token is sampled as soon as its own last chunk is in. A prompt that fits one chunk (any prompt of
   `litllm generate`, unless long) is one forward, as without chunking.
-- The decode step (`model(tokens, input_pos=positions)` for all rows) reads no value back from the
+- The decode step (`model.decode(tokens, input_pos=positions)` for all rows) reads no value back from the
   device; with `compile=True` it is `torch.compile`d at static shapes (the whole cache, `kv_len=None`).
   In eager mode the engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips
   the unwritten tail of the cache.
@@ -534,7 +534,7 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
-        return self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
+        return self.model.decode(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
 
     def _admit(self, outputs: list[Output]) -> None:
         """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`, or copied
@@ -633,8 +633,8 @@ class Engine:
         scored = row.request.prompt_logprobs is not None
         self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
         try:
-            logits = self.model(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
+            logits = self.model.decode(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                       logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
         finally:
             self._set_caches(self._caches)
         if scored:

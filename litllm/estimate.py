@@ -409,13 +409,13 @@ def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int
             for block, cache in zip(model.blocks, caches):  # the engine prefills one slot through views of its row
                 block.attn.kv_cache = cache.rows(0, 1)
             ids = torch.zeros(1, chunk, dtype=torch.long)
-            model(ids, input_pos=torch.arange(prompt_length - chunk, prompt_length), kv_len=prompt_length,
-                  logits_to_keep=1)
+            model.decode(ids, input_pos=torch.arange(prompt_length - chunk, prompt_length), kv_len=prompt_length,
+                         logits_to_keep=1)
             for block, cache in zip(model.blocks, caches):
                 block.attn.kv_cache = cache
             tracker.reset_mod_stats()
             tokens = torch.zeros(batch_size, 1, dtype=torch.long)
-            model(tokens, input_pos=torch.full((batch_size, 1), kv_length - 1), kv_len=kv_length)[:, -1, : config.vocab_size]
+            model.decode(tokens, input_pos=torch.full((batch_size, 1), kv_length - 1), kv_len=kv_length)[:, -1, : config.vocab_size]
         peak = tracker_breakdown(tracker.get_tracker_snapshot("peak"))
     parts = {k: 0 for k in CATEGORIES}
     parts["kv_cache"] = kv

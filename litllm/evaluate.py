@@ -66,13 +66,12 @@ def evaluate(
     """
     try:
         import lm_eval
-        from lm_eval.utils import handle_non_serializable, make_table
+        from lm_eval.utils import make_table
     except ImportError:
         raise LitLLMError("`litllm evaluate` needs lm-eval: pip install 'litllm[eval]'") from None
 
     from litllm.eval_lm import LitLLMLM
     from litllm.model_folder import check_model_folder
-    from litllm.utils import atomic_write_text
 
     if include_path is not None and not Path(include_path).is_dir():
         raise LitLLMError(f"--include_path {include_path}: folder not found")
@@ -84,10 +83,7 @@ def evaluate(
         return None
     checkpoint_dir = check_model_folder(checkpoint_dir)
     limit = _check_limit(limit)
-    if batch_size < 1:
-        raise LitLLMError(f"--batch_size: expected a positive integer, got {batch_size}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise LitLLMError(f"--num_fewshot: expected 0 or more, got {num_fewshot}")
+    _check_counts(batch_size, num_fewshot)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir / "evaluate"
     from litllm.utils import check_output_dir
 
@@ -100,33 +96,39 @@ def evaluate(
         lm.chat_template(True)  # fail now if there is no template
     try:
         results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_list,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            device=str(lm.device),
-            limit=limit,
-            task_manager=task_manager(include_path),
-            log_samples=log_samples,
-            apply_chat_template=apply_chat_template,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
+            model=lm, tasks=task_list, num_fewshot=num_fewshot, batch_size=batch_size, device=str(lm.device),
+            limit=limit, task_manager=task_manager(include_path), log_samples=log_samples,
+            apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
     except OSError as e:  # the datasets library's ConnectionError / DatasetNotFoundError / FileNotFoundError
         raise task_data_error(names, e) from None
-    samples = results.pop("samples", None)
     results["config"]["model"] = str(checkpoint_dir)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=handle_non_serializable))
-    for task, task_samples in (samples or {}).items():
-        lines = [json.dumps(s, default=handle_non_serializable, ensure_ascii=False) for s in task_samples]
-        atomic_write_text(out_dir / f"samples_{task}.jsonl", "\n".join(lines) + "\n")
+    _write_results(out_dir, results, results.pop("samples", None))
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
     print(f"Wrote {out_dir / 'results.json'}")
     return results
+
+
+def _check_counts(batch_size: int, num_fewshot: Optional[int]) -> None:
+    if batch_size < 1:
+        raise LitLLMError(f"--batch_size: expected a positive integer, got {batch_size}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise LitLLMError(f"--num_fewshot: expected 0 or more, got {num_fewshot}")
+
+
+def _write_results(out_dir: Path, results: dict, samples: Optional[dict]) -> None:
+    """`results.json`, and with `--log_samples` one `samples_<task>.jsonl` per task (each written atomically)."""
+    from lm_eval.utils import handle_non_serializable
+
+    from litllm.utils import atomic_write_text
+
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=handle_non_serializable))
+    for task, task_samples in (samples or {}).items():
+        lines = [json.dumps(s, default=handle_non_serializable, ensure_ascii=False) for s in task_samples]
+        atomic_write_text(out_dir / f"samples_{task}.jsonl", "\n".join(lines) + "\n")
 
 
 # `litllm evaluate --tasks` with no value lists the tasks (see litllm/__main__.py)
@@ -273,24 +275,8 @@ def evaluate_perplexity(
     check_output_dir(out_dir)
 
     model, _ = load_model(checkpoint_dir, **load)
-    max_length = max_length or model.max_seq_length
-    if not 1 < max_length <= model.max_seq_length:
-        raise LitLLMError(f"--max_length: expected 2..{model.max_seq_length} (the model's context), got {max_length}")
-    stride = stride or max(1, max_length // 2)
-    if not 0 < stride <= max_length:
-        raise LitLLMError(f"--stride: expected 1..max_length ({max_length}), got {stride}")
-
-    requests, owner = [], []
-    for d, doc in enumerate(documents):
-        for context, continuation in sliding_windows(doc.tokens, doc.first_scored, max_length, stride):
-            requests.append((context, continuation))
-            owner.append(d)
-    scores = score_tokens(model, requests, batch_size=batch_size, max_length=max_length, desc="perplexity")
-    nll = [0.0] * len(documents)
-    for d, (logprob, _) in zip(owner, scores):
-        nll[d] -= logprob
-
-    summary = perplexity_summary(documents, nll)
+    max_length, stride = _window(model.max_seq_length, max_length, stride)
+    summary = perplexity_summary(documents, _documents_nll(model, documents, max_length, stride, batch_size))
     report = {
         "checkpoint_dir": str(checkpoint_dir),
         "data": str(data),
@@ -306,6 +292,31 @@ def evaluate_perplexity(
     )
     print(f"Wrote {out_dir / 'perplexity.json'}")
     return report
+
+
+def _window(context: int, max_length: Optional[int], stride: Optional[int]) -> tuple[int, int]:
+    """`(max_length, stride)` with their defaults (the model's `context`, half of it), checked."""
+    max_length = max_length or context
+    if not 1 < max_length <= context:
+        raise LitLLMError(f"--max_length: expected 2..{context} (the model's context), got {max_length}")
+    stride = stride or max(1, max_length // 2)
+    if not 0 < stride <= max_length:
+        raise LitLLMError(f"--stride: expected 1..max_length ({max_length}), got {stride}")
+    return max_length, stride
+
+
+def _documents_nll(model, documents: list[Document], max_length: int, stride: int, batch_size: int) -> list[float]:
+    """Each document's negative log-likelihood (nats) over its scored tokens, scored in sliding windows."""
+    requests, owner = [], []
+    for d, doc in enumerate(documents):
+        for context, continuation in sliding_windows(doc.tokens, doc.first_scored, max_length, stride):
+            requests.append((context, continuation))
+            owner.append(d)
+    scores = score_tokens(model, requests, batch_size=batch_size, max_length=max_length, desc="perplexity")
+    nll = [0.0] * len(documents)
+    for d, (logprob, _) in zip(owner, scores):
+        nll[d] -= logprob
+    return nll
 
 
 def sliding_windows(

@@ -190,12 +190,12 @@ def pick_decode_threads(model, budget_s: float = 3.0, min_gain: float = 1.1) -> 
     start = time.perf_counter()
     model.set_kv_cache(1, 8)
     try:
-        model(token, input_pos=torch.tensor([0], device=device))  # warm-up, not timed
+        model.decode(token, torch.tensor([0], device=device))  # warm-up, not timed
         for rep in range(5):
             for n in candidates:
                 torch.set_num_threads(n)
                 t0 = time.perf_counter()
-                model(token, input_pos=torch.tensor([rep], device=device))
+                model.decode(token, torch.tensor([rep], device=device))
                 times[n].append(time.perf_counter() - t0)
             if rep >= 1 and time.perf_counter() - start > budget_s:  # big models: fewer samples
                 break

@@ -393,18 +393,6 @@ def lora_method(settings: LoRASettings, base_weights: Optional[Path] = None, qua
 
 
 # ---------------------------------------------------------------------- LoRA checkpoint folders
-def save_lora_checkpoint(model: nn.Module, folder: Path, hyperparameters: dict[str, Any]) -> None:
-    """Write `lit_lora.safetensors` and `hyperparameters.yaml` (which must record `checkpoint_dir`)."""
-    from litllm.hparams import write_hyperparameters
-    from litllm.model_folder import save_model_weights
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    write_hyperparameters(folder, hyperparameters)
-    save_model_weights(state, folder / LORA_WEIGHTS)
-
-
 def read_lora_checkpoint(folder: Path) -> tuple[dict[str, Any], LoRASettings]:
     """The hyperparameters and LoRA settings a LoRA checkpoint folder was trained with."""
     folder = Path(folder)

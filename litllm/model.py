@@ -64,7 +64,7 @@ class GPT(nn.Module):
             self.register_buffer(f"rope_cos{suffix}", cos, persistent=False)
             self.register_buffer(f"rope_sin{suffix}", sin, persistent=False)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ entry points
     def forward(
         self,
         idx: torch.Tensor,
@@ -73,26 +73,76 @@ class GPT(nn.Module):
         *,
         key_padding_mask: Optional[torch.Tensor] = None,
         document_ids: Optional[torch.Tensor] = None,
-        kv_len: Optional[int] = None,
         ignore_index: int = -100,
         logits_to_keep: Optional[int] = None,
     ) -> torch.Tensor:
-        """Return logits `(B, T, padded_vocab)`, or the mean cross-entropy when `targets` is given.
+        """Training and scoring: logits `(B, T, padded_vocab)`, or the mean cross-entropy when `targets` is given.
+
+        Decoding with a KV cache goes through `decode` (a cache set here is used as `decode` uses it).
 
         idx: (B, T) token ids.
-        input_pos: (B, T) or (T,) position of each token: its RoPE position and, with a KV cache (see
-            `set_kv_cache`), the cache slot it is written to, so every row may sit at its own length.
-            Default arange(T). With a cache, a query attends to the cached keys at positions <= its own.
-        key_padding_mask: (B, T) True where a key may be attended to (False on left padding; no cache).
-        document_ids: (B, T) which sample of a packed row each token belongs to (no cache): a token attends
+        input_pos: (B, T) or (T,) RoPE position of each token (default arange(T)).
+        key_padding_mask: (B, T) True where a key may be attended to (False on left padding).
+        document_ids: (B, T) which sample of a packed row each token belongs to: a token attends
             only to earlier tokens of its own document (block-diagonal causal attention). Pass `input_pos`
             restarting at each document with it, and the row computes what each sample computes alone.
-        kv_len: with a KV cache, attend only to its first `kv_len` positions: a bound on every row's
+        targets: (B, T) the next token of each position (`ignore_index`: no loss).
+        logits_to_keep: return the logits of the last this many positions only, (B, logits_to_keep, padded_vocab).
+        """
+        x = self._hidden_states(idx, input_pos, key_padding_mask, document_ids, kv_len=None)
+        if targets is None:
+            return self._logits(x, logits_to_keep)
+        c = self.config
+        loss = chunked_cross_entropy(self.head, self.norm_f(x), targets, ignore_index)
+        if self.training and c.router_aux_loss_coef and c.mlp_class_name == "MoE":
+            # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
+            routers = [m for m in self.modules() if isinstance(m, MoE)]
+            aux = load_balancing_loss([m.router_logits for m in routers], c.n_expert, c.n_expert_per_token)
+            for m in routers:
+                m.router_logits = None
+            self.router_aux_loss = aux.detach()
+            loss = loss + c.router_aux_loss_coef * aux
+        return loss
+
+    def decode(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor,
+        *,
+        kv_len: Optional[int] = None,
+        logits_to_keep: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Decoding with the KV cache (`set_kv_cache`): write `idx` at `input_pos`, return logits `(B, T, padded_vocab)`.
+
+        idx: (B, T) token ids (a prompt chunk to prefill, or one new token per row).
+        input_pos: (B, T) or (T,) position of each token: its RoPE position and the cache slot it is
+            written to, so every row may sit at its own length. A query attends to the cached keys at
+            positions <= its own.
+        kv_len: attend only to the cache's first `kv_len` positions: a bound on every row's
             newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
             tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
         logits_to_keep: return the logits of the last this many positions only, (B, logits_to_keep, padded_vocab):
             a prefill needs only the last one, and the head over a long prompt costs as much as several layers.
         """
+        if self.blocks[0].attn.kv_cache is None:
+            raise ValueError("no KV cache is set: call set_kv_cache before decode")
+        return self._logits(self._hidden_states(idx, input_pos, None, None, kv_len), logits_to_keep)
+
+    # ------------------------------------------------------------------ the shared blocks
+    def _logits(self, x: torch.Tensor, logits_to_keep: Optional[int]) -> torch.Tensor:
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
+        return self.head(self.norm_f(x))
+
+    def _hidden_states(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor],
+        key_padding_mask: Optional[torch.Tensor],
+        document_ids: Optional[torch.Tensor],
+        kv_len: Optional[int],
+    ) -> torch.Tensor:
+        """Embed `idx` and run every block: the last hidden states (B, T, C), before the final norm."""
         B, T = idx.shape
         c = self.config
         cached = self.blocks[0].attn.kv_cache is not None
@@ -101,20 +151,7 @@ class GPT(nn.Module):
         if input_pos is None and T > self._max_seq_length:
             raise ValueError(f"sequence of length {T} exceeds max_seq_length {self._max_seq_length}")
         positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, n) or (B, T, n)
-        if c.rope_scaling and c.rope_scaling.get("rope_type") == "longrope":
-            # short factors while a row's positions fit the original context (HF decides on the max
-            # position of the forward pass; per row here, the same for one row) -- chosen on the device
-            short = positions.amax(dim=-1, keepdim=True) < c.rope_scaling["original_max_position_embeddings"]
-            cos = torch.where(short[..., None], self.rope_cos_short[positions], cos)
-            sin = torch.where(short[..., None], self.rope_sin_short[positions], sin)
-        rope = (cos, sin)
-        if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
-            rope = (cos, sin, 1 + c.query_scale_beta * torch.log1p(torch.floor(positions / c.query_scale_length)))
-        rope_local = rope
-        if c.rope_local_base is not None:
-            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions], *rope[2:])
-
+        rope, rope_local = self._rope(positions)
         if cached and document_ids is not None:
             raise ValueError("document_ids (packed rows) are for training and scoring, not for a KV cache")
         masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len, document_ids)
@@ -128,21 +165,25 @@ class GPT(nn.Module):
             sliding = c.is_sliding(i)
             layer_rope = (rope_local if sliding else rope) if c.uses_rope(i) else None
             x = block(x, layer_rope, masks[sliding], input_pos, kv_len)
-        if targets is None:
-            if logits_to_keep is not None:
-                x = x[:, -logits_to_keep:]  # (B, logits_to_keep, C)
-            return self.head(self.norm_f(x))
-        x = self.norm_f(x)
-        loss = chunked_cross_entropy(self.head, x, targets, ignore_index)
-        if self.training and c.router_aux_loss_coef and c.mlp_class_name == "MoE":
-            # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
-            routers = [m for m in self.modules() if isinstance(m, MoE)]
-            aux = load_balancing_loss([m.router_logits for m in routers], c.n_expert, c.n_expert_per_token)
-            for m in routers:
-                m.router_logits = None
-            self.router_aux_loss = aux.detach()
-            loss = loss + c.router_aux_loss_coef * aux
-        return loss
+        return x
+
+    def _rope(self, positions: torch.Tensor) -> tuple[tuple, tuple]:
+        """`(rope, rope_local)`: (cos, sin[, query scale]) at `positions` (T,) or (B, T), for global and local layers."""
+        c = self.config
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, n) or (B, T, n)
+        if c.rope_scaling and c.rope_scaling.get("rope_type") == "longrope":
+            # short factors while a row's positions fit the original context (HF decides on the max
+            # position of the forward pass; per row here, the same for one row) -- chosen on the device
+            short = positions.amax(dim=-1, keepdim=True) < c.rope_scaling["original_max_position_embeddings"]
+            cos = torch.where(short[..., None], self.rope_cos_short[positions], cos)
+            sin = torch.where(short[..., None], self.rope_sin_short[positions], sin)
+        rope = (cos, sin)
+        if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
+            rope = (cos, sin, 1 + c.query_scale_beta * torch.log1p(torch.floor(positions / c.query_scale_length)))
+        rope_local = rope
+        if c.rope_local_base is not None:
+            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions], *rope[2:])
+        return rope, rope_local
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)

@@ -207,8 +207,8 @@ class SpeculativeEngine:
         """Logits (T or 1, V) of model `which` (0 target, 1 draft) over `ids` written at positions start.."""
         stop = start + len(ids)
         idx = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        logits = self.models[which](idx, input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                    logits_to_keep=None if all_logits else 1)
+        logits = self.models[which].decode(idx, input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                           logits_to_keep=None if all_logits else 1)
         return logits[0, :, : self.vocab_size]
 
     def _start(self, request_id: int, request: Request) -> Output:

@@ -234,3 +234,18 @@ def make_im_end_checkpoint(source: Path, folder: Path, message: str, max_new_tok
         w[[full[k], im_end]] = w[[im_end, full[k]]]
     save_model_weights(model_state_dict(model), folder / WEIGHTS_FILE)
     return full[:k]
+
+
+def write_lora_folder(model, folder: Path, hyperparameters: dict) -> Path:
+    """A LoRA folder as `finetune_lora`'s final/ holds it, through the writers it uses: `hyperparameters.yaml`
+    (which must record `checkpoint_dir`) and the LoRA weights alone in `lit_lora.safetensors`."""
+    from litllm.hparams import write_hyperparameters
+    from litllm.lora import lora_state_dict
+    from litllm.model_folder import LORA_WEIGHTS, save_model_weights
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_hyperparameters(folder, hyperparameters)
+    save_model_weights({k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}, folder / LORA_WEIGHTS)
+    return folder
+

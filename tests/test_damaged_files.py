@@ -80,15 +80,16 @@ def test_damaged_tokenizer(model, tmp_path):
 
 
 def test_merge_lora_with_damaged_files(model, tmp_path):
-    from litllm.lora import add_lora, save_lora_checkpoint
+    from conftest import write_lora_folder
+    from litllm.lora import add_lora
     from litllm.model import GPT
 
     lora = tmp_path / "lora"
-    save_lora_checkpoint(add_lora(GPT.from_checkpoint(model), r=2), lora, {"checkpoint_dir": str(model), "lora_r": 2})
+    write_lora_folder(add_lora(GPT.from_checkpoint(model), r=2), lora, {"checkpoint_dir": str(model), "lora_r": 2})
     truncate(lora / "lit_lora.safetensors")
     fails_clearly(["merge_lora", lora, "--out_dir", tmp_path / "merged"], tmp_path, "lit_lora.safetensors")
     assert not (tmp_path / "merged").exists()
-    save_lora_checkpoint(add_lora(GPT.from_checkpoint(model), r=2), lora, {"checkpoint_dir": str(model), "lora_r": 2})
+    write_lora_folder(add_lora(GPT.from_checkpoint(model), r=2), lora, {"checkpoint_dir": str(model), "lora_r": 2})
     truncate(model / "lit_model.safetensors")  # the base model
     fails_clearly(["merge_lora", lora, "--out_dir", tmp_path / "merged"], tmp_path, "lit_model.safetensors")
     assert not (tmp_path / "merged").exists()

@@ -102,11 +102,12 @@ def read_only_folder(path: Path, copy_from: Path | None = None):
 @pytest.fixture(scope="module")
 def inputs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """Valid inputs for every writing command (only the output path is bad in these tests)."""
-    from litllm.lora import add_lora, save_lora_checkpoint
+    from conftest import write_lora_folder
+    from litllm.lora import add_lora
     from litllm.model import GPT
 
     root = tmp_path_factory.mktemp("inputs")
-    save_lora_checkpoint(add_lora(GPT.from_checkpoint(tiny_checkpoint), r=2), root / "lora",
+    write_lora_folder(add_lora(GPT.from_checkpoint(tiny_checkpoint), r=2), root / "lora",
                          {"checkpoint_dir": str(tiny_checkpoint), "lora_r": 2})
     (root / "data.json").write_text(json.dumps([{"instruction": "Say hi", "output": "hi"}] * 4))
     (root / "text").mkdir()

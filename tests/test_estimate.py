@@ -428,9 +428,10 @@ def test_decode_estimate_is_within_10_percent_of_the_engine(tmp_path, family, ba
         engine.add(Request(torch.randint(2, 100, (prompt_length,), generator=g).tolist(), max_new_tokens=4))
     from torch.nn.modules.module import register_module_forward_pre_hook
 
-    # MemTracker's per-module stats cover one call; the engine calls the model once per prefill and decode
+    # MemTracker's per-module stats cover one call; the engine calls the model (`GPT.decode`, which enters no hook
+    # of the GPT itself) once per prefill and decode, and each call starts with the embedding
     # (a global hook registered first runs before MemTracker's own)
-    handle = register_module_forward_pre_hook(lambda m, args: tracker.reset_mod_stats() if m is model else None)
+    handle = register_module_forward_pre_hook(lambda m, args: tracker.reset_mod_stats() if m is model.wte else None)
     try:
         with tracker:
             answered = set()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llama_cpp_check
-from conftest import SAMPLE_TEXT, make_converted_checkpoint
+from conftest import SAMPLE_TEXT, make_converted_checkpoint, write_lora_folder
 from llama_cpp_check import STRINGS, litllm_greedy, llama_cpp_detokenize, llama_cpp_greedy
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install 'litllm[gguf]')")
@@ -329,7 +329,7 @@ def test_cli(llama, tmp_path, capsys):
 # ---------------------------------------------------------------------- a LoRA adapter
 def lora_run(base: Path, folder: Path, **flags) -> Path:
     """A LoRA run's folder on `base` with random (non-zero) A and B, as `finetune_lora` writes it."""
-    from litllm.lora import LoRASettings, add_lora, save_lora_checkpoint
+    from litllm.lora import LoRASettings, add_lora
     from litllm.model import GPT
 
     settings = LoRASettings(**flags)
@@ -338,7 +338,7 @@ def lora_run(base: Path, folder: Path, **flags) -> Path:
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    save_lora_checkpoint(model, folder, {"checkpoint_dir": str(base), **settings.to_flags()})
+    write_lora_folder(model, folder, {"checkpoint_dir": str(base), **settings.to_flags()})
     return folder
 
 

@@ -367,13 +367,13 @@ def test_provenance_is_in_every_checkpoint_final_and_the_log(tmp_path):
     assert fingerprint(FixedTokens(pad_every=2)) != record["data"]["sha256"]  # same tokens, other labels
 
     logger = loggers.build_logger("csv", tmp_path / "b", "b")
-    from litllm.train.loop import Method, run
+    from litllm.train.loop import Method, fit, setup
     from litllm.train.args import EvalArgs, RunArgs, TrainArgs
     from test_train_loop import fresh_model, tiny_config
 
-    run(fabric, fresh_model(tiny_config()), Method(), FixedTokens(), None, TrainArgs(global_batch_size=8, micro_batch_size=4,
+    fit(setup(fabric, fresh_model(tiny_config()), Method(), FixedTokens(), None, TrainArgs(global_batch_size=8, micro_batch_size=4,
         max_steps=1, save_interval=None), EvalArgs(interval=100, max_iters=1), "AdamW", tmp_path / "b", RunArgs(),
-        job={"seed": 42}, logger=logger)
+        job={"seed": 42}, logger=logger))
     logged = json.loads((tmp_path / "b" / "logs" / "csv" / "hparams.json").read_text())
     assert logged["seed"] == 42 and logged["provenance"]["data"] == record["data"]
     assert logged["provenance"]["tracking"] == {"logger": "csv", "id": None, "project": "litllm", "run_name": "b",
@@ -459,12 +459,12 @@ def test_a_fast_dev_run_is_tagged(tmp_path):
     from test_train_loop import FixedTokens, fresh_model, single_fabric, tiny_config
 
     from litllm.train.args import EvalArgs, LoggerArgs, RunArgs, TrainArgs
-    from litllm.train.loop import Method, run
+    from litllm.train.loop import Method, fit, setup
 
     logger = loggers.build_logger("csv", tmp_path, "run")
-    run(single_fabric(), fresh_model(tiny_config()), Method(), FixedTokens(), None,
+    fit(setup(single_fabric(), fresh_model(tiny_config()), Method(), FixedTokens(), None,
         TrainArgs(global_batch_size=8, micro_batch_size=4), EvalArgs(), "AdamW", tmp_path,
-        RunArgs(fast_dev_run=2, logger=LoggerArgs(tags=["baseline"])), logger=logger)
+        RunArgs(fast_dev_run=2, logger=LoggerArgs(tags=["baseline"])), logger=logger))
     logged = json.loads((tmp_path / "logs" / "csv" / "hparams.json").read_text())
     assert logged["provenance"]["tracking"]["tags"] == ["baseline", "fast_dev_run"]
 

@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_converted_checkpoint
+from conftest import make_converted_checkpoint, write_lora_folder
 from litllm.errors import LitLLMError
 from litllm.lora import (
     LORA_WEIGHTS, LoRALinear, LoRASettings, add_lora, is_lora_parameter, load_lora_model, lora_state_dict,
-    merge_lora, merge_lora_weights, read_lora_checkpoint, save_lora_checkpoint,
-    save_peft_adapter,
+    merge_lora, merge_lora_weights, read_lora_checkpoint, save_peft_adapter,
 )
 from litllm.model import GPT
 
@@ -144,7 +143,7 @@ def test_lora_checkpoint_and_merge_command(tiny_checkpoint, tmp_path):
     x = _tokens()
     expected = model(x)
     folder = tmp_path / "lora"
-    save_lora_checkpoint(model, folder, {"checkpoint_dir": tiny_checkpoint, **settings.to_flags()})
+    write_lora_folder(model, folder, {"checkpoint_dir": tiny_checkpoint, **settings.to_flags()})
     hparams, read = read_lora_checkpoint(folder)
     assert read == settings and Path(hparams["checkpoint_dir"]) == tiny_checkpoint
     # the LoRA file holds the LoRA weights alone: far smaller than the model
@@ -165,7 +164,7 @@ def test_merge_lora_errors(tiny_checkpoint, tmp_path):
         merge_lora(tmp_path / "nope")
     folder = tmp_path / "lora"
     model = add_lora(GPT.from_checkpoint(tiny_checkpoint), r=2)
-    save_lora_checkpoint(model, folder, {"checkpoint_dir": tmp_path / "moved", "lora_r": 2})
+    write_lora_folder(model, folder, {"checkpoint_dir": tmp_path / "moved", "lora_r": 2})
     with pytest.raises(LitLLMError, match="pretrained_checkpoint_dir"):
         merge_lora(folder)
     assert not (folder / "lit_model.safetensors").exists()
@@ -173,7 +172,7 @@ def test_merge_lora_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(LitLLMError, match="hyperparameters.yaml"):
         merge_lora(folder)
     # settings that don't match the saved weights
-    save_lora_checkpoint(model, folder, {"checkpoint_dir": tiny_checkpoint, "lora_r": 3})
+    write_lora_folder(model, folder, {"checkpoint_dir": tiny_checkpoint, "lora_r": 3})
     with pytest.raises(LitLLMError, match="shape"):
         merge_lora(folder)
     with pytest.raises(LitLLMError, match="lora_r"):

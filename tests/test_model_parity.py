@@ -67,14 +67,14 @@ def test_kv_cache_decoding_equals_uncached(family, converted):
         # cached greedy: prefill once, then one token at a time
         model.set_kv_cache(batch_size=1, max_seq_length=64)
         try:
-            logits = model(prompt, input_pos=torch.arange(5))[:, -1]
+            logits = model.decode(prompt, torch.arange(5))[:, -1]
             cached = prompt
             for step in range(32):
                 torch.testing.assert_close(logits, uncached_logits[step], atol=1e-5, rtol=0)
                 token = logits.argmax(-1, keepdim=True)
                 cached = torch.cat([cached, token], dim=1)
                 pos = torch.tensor([cached.shape[1] - 1])
-                logits = model(token, input_pos=pos)[:, -1]
+                logits = model.decode(token, pos)[:, -1]
         finally:
             model.clear_kv_cache()
     assert torch.equal(cached, seq)

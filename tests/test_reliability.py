@@ -20,7 +20,7 @@ from test_train_loop import FixedTokens, fabric, fresh_model, tiny_config  # noq
 from litllm.errors import LitLLMError
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs
 from litllm.train.loggers import build_logger, read_csv_rows
-from litllm.train.loop import Method, run, token_cross_entropy
+from litllm.train.loop import Method, fit, setup, token_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,11 +45,11 @@ def _nan_at(calls: set[int]):
 def _sgd_run(fabric, out_dir, loss, **train):
     """Plain SGD (no momentum, no decay): a step with zero gradients leaves the weights exactly as they were."""
     args = dict(global_batch_size=4, micro_batch_size=4, max_steps=5, save_interval=1, lr_warmup_steps=0)
-    return run(
+    return fit(setup(
         fabric, fresh_model(tiny_config()), Method(loss=loss), FixedTokens(), None, TrainArgs(**{**args, **train}),
         EvalArgs(interval=100, max_iters=1, final_validation=False), {"class_path": "SGD", "init_args": {"lr": 0.5}},
         out_dir, RunArgs(seed=7), logger=build_logger("csv", out_dir, "run"),
-    )
+    ))
 
 
 def test_a_nonfinite_step_is_skipped_and_counted(fabric, tmp_path, capsys):

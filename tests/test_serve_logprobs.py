@@ -202,14 +202,14 @@ def test_samples_of_one_prompt_share_its_prefill(tiny_checkpoint, tok, abort_lea
         with Engine(model, tok, 1, 64) as engine:
             alone += _run_engine(engine, [request])
     prefills = []
-    forward = model.forward
-    model.forward = lambda idx, *a, **kw: (prefills.append(idx.shape[1]) if idx.shape[1] > 1 else None,
-                                           forward(idx, *a, **kw))[1]
+    decode = model.decode
+    model.decode = lambda idx, *a, **kw: (prefills.append(idx.shape[1]) if idx.shape[1] > 1 else None,
+                                          decode(idx, *a, **kw))[1]
     try:
         with Engine(model, tok, 4, 64, prefill_chunk=4) as engine:
             shared = _run_engine(engine, requests, abort_first_after=1 if abort_leader else None)
     finally:
-        del model.forward
+        del model.decode
     chunks = -(-len(prompt) // 4)
     if abort_leader:  # its first chunk, then the other two prompts on their own (one copies the other's)
         assert shared[1:] == alone[1:] and len(shared[0]) < 8

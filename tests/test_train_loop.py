@@ -15,7 +15,7 @@ from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
 from litllm.model import GPT
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs
-from litllm.train.loop import Method, run
+from litllm.train.loop import Method, fit, setup
 
 VOCAB = 320
 
@@ -89,11 +89,11 @@ def train_once(fabric, out_dir, *, data=None, method=None, resume=False, config=
     config = config or tiny_config()
     defaults = dict(global_batch_size=8, micro_batch_size=4, max_steps=6, save_interval=None, lr_warmup_steps=2, min_lr=1e-4)
     defaults.update(train_kwargs)
-    return run(
+    return fit(setup(
         fabric, fresh_model(config), method or Method(), data or FixedTokens(), None, TrainArgs(**defaults),
         EvalArgs(interval=100, max_iters=2, final_validation=False), {"class_path": "AdamW", "init_args": {"lr": 3e-3}},
         out_dir, RunArgs(seed=7, resume=resume, **(run_kwargs or {})),
-    )
+    ))
 
 
 def test_loss_falls_and_final_folder_is_a_model(fabric, tmp_path):

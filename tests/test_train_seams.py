@@ -98,7 +98,7 @@ def test_a_custom_loss_and_its_metrics_reach_the_log(fabric, tmp_path):
     """Method.loss decides what is minimised and over what it is averaged; its metrics are logged as
     global means per counted item, in training and validation."""
     from litllm.train.args import EvalArgs, RunArgs, TrainArgs
-    from litllm.train.loop import run
+    from litllm.train.loop import fit, setup
 
     seen = []
 
@@ -110,12 +110,12 @@ def test_a_custom_loss_and_its_metrics_reach_the_log(fabric, tmp_path):
 
     logger = RecordingLogger()
     data = FixedTokens(pad_every=2)
-    result = run(
+    result = fit(setup(
         fabric, fresh_model(tiny_config()), Method(loss=sequence_loss), data, None,
         TrainArgs(global_batch_size=8, micro_batch_size=2, max_steps=1, save_interval=None, lr_warmup_steps=0),
         EvalArgs(interval=100, max_iters=1, initial_validation=True), {"class_path": "SGD", "init_args": {"lr": 0.0}},
         tmp_path, RunArgs(seed=7), logger=logger,
-    )
+    ))
     assert seen[0] == ["input_ids", "labels"]
     check = FixedTokens(pad_every=2)
     check.connect(None, batch_size=8, max_seq_length=16)

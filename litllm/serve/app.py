@@ -349,25 +349,30 @@ def _engine_request(ids: list[int], param: str, params: Params, sample: int, ser
     """An engine Request for the `sample`-th choice of a prompt (seed + sample), max_tokens settled against the
     context window."""
     from litllm.engine import SEED_LIMIT, Request, Sampling
+    from litllm.inference import tokens_to_generate
 
     if not ids:
         raise APIError(400, f"'{param}' is empty (no tokens)", param=param)
     limit = served.max_seq_length
     room = limit - len(ids)
-    if room < (0 if params.max_tokens == 0 else 1):
-        raise context_error(limit, len(ids), params.max_tokens, param)
-    if params.max_tokens is None:  # a default never fails: it shrinks to the room the window leaves
-        max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, room) if param == "prompt" else room
-    elif params.max_tokens > room:
-        raise context_error(limit, len(ids), params.max_tokens, "max_tokens")
-    else:
-        max_tokens = params.max_tokens
+    if params.max_tokens == 0 and room >= 0:  # scoring the prompt only (echo): it may fill the window
+        max_tokens = 0
+    else:  # a default never fails: it shrinks to the room the window leaves (chat's default is all of it)
+        default = DEFAULT_COMPLETION_MAX_TOKENS if param == "prompt" else limit
+        try:
+            max_tokens = tokens_to_generate(len(ids), limit, params.max_tokens, default, "max_tokens", say=_quiet)
+        except LitLLMError:
+            raise context_error(limit, len(ids), params.max_tokens, param if room < 1 else "max_tokens") from None
     seed = None if params.seed is None else (params.seed + sample) % SEED_LIMIT
     sampling = Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
     return Request(prompt_ids=ids, max_new_tokens=max_tokens, sampling=sampling,
                    stop_strings=[*params.stop, *stops.get("stop_strings", ())],
                    stop_token_ids=list(stops.get("stop_token_ids", ())), logprobs=params.logprobs,
                    prompt_logprobs=params.logprobs if params.echo else None)
+
+
+def _quiet(line: str) -> None:
+    """A default max_tokens shrunk to fit the window is the documented behaviour, not worth a log line."""
 
 
 def _submit(bridge: EngineLoop, job: Job) -> tuple[dict[int, int], asyncio.Queue]:

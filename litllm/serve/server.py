@@ -81,11 +81,7 @@ def serve(
                  shutdown_timeout=shutdown_timeout, model_name=model_name)
     api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
     checkpoint_dir = check_model_folder(checkpoint_dir)
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
+    _check_installed()
     from litllm.parallel.launch import is_launched_worker
 
     if is_launched_worker() and load["devices"] * load["num_nodes"] > 1:
@@ -102,10 +98,7 @@ def serve(
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
     engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile,
                            exact_length=True, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
-    per_slot = kv_cache_bytes(model, max_seq_length)
-    print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
-          f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
-
+    _print_kv_cache_size(model, max_batch_size, max_seq_length)
     served = ServedModel(
         name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style,
         max_seq_length=max_seq_length, completion_stops=loaded.stops(chat=False),
@@ -116,6 +109,20 @@ def serve(
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
     ready_line = f"Serving {served.name} at {url}/v1 ({style.name} prompt style for chat)"
     _run_uvicorn(app, sock, ready_line, bridge, read_timeout, shutdown_timeout)
+
+
+def _check_installed() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LitLLMError(f"litllm serve needs FastAPI and uvicorn ({e}): pip install 'litllm[serve]'") from None
+
+
+def _print_kv_cache_size(model, max_batch_size: int, max_seq_length: int) -> None:
+    per_slot = kv_cache_bytes(model, max_seq_length)
+    print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
+          f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
 
 
 def _check_flags(*, max_seq_length: Optional[int], read_timeout: float, shutdown_timeout: float,

@@ -13,6 +13,6 @@ provenance.py   provenance.yaml: litllm version and git commit, data fingerprint
 """
 
 from litllm.train.args import EvalArgs, RunArgs, TrainArgs
-from litllm.train.loop import Method, Trainer, TrainResult, build_train_model, fit, run, setup
+from litllm.train.loop import Method, Trainer, TrainResult, build_train_model, fit, setup
 
-__all__ = ["EvalArgs", "Method", "RunArgs", "TrainArgs", "TrainResult", "Trainer", "build_train_model", "fit", "run", "setup"]
+__all__ = ["EvalArgs", "Method", "RunArgs", "TrainArgs", "TrainResult", "Trainer", "build_train_model", "fit", "setup"]

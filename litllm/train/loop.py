@@ -283,23 +283,75 @@ def setup(
         resume_dir: the checkpoint `run.resume` names, as the command resolved it before launch
             (`litllm.train.checkpoints.resolve_resume`, None: start fresh); by default resolved here.
     """
-    from litllm.train import checkpoints as ckpt
-    from litllm.train.fast_dev_run import DevRun, dev_run_steps, shorten
-    from litllm.train.optimizer import build_optimizer
-
-    run = run or RunArgs()
-    out_dir = Path(out_dir)
-    dev_steps = dev_run_steps(run.fast_dev_run)
-    dev_run = None
-    if dev_steps is not None:  # the recipe as given, for a few steps (out_dir is already a temporary folder)
-        train, eval = shorten(train, eval, dev_steps)
-        from litllm.hparams import hyperparameters
-
-        dev_run = DevRun(dev_steps, user_out_dir=Path(hyperparameters(job).get("out_dir") or out_dir))
+    run, out_dir = run or RunArgs(), Path(out_dir)
+    train, eval, dev_run = _dev_run_budget(run, train, eval, out_dir, job)
     config = model.config
-    world_size = fabric.world_size
-    accumulation = train.gradient_accumulation_iters(world_size)
+    accumulation = train.gradient_accumulation_iters(fabric.world_size)
     seq_length = train.max_seq_length or config.block_size
+    resume_dir = _check_run(config, tokenizer, seq_length, out_dir, run, resume_dir)  # before anything is written
+    seq_length = _connect_data(fabric, data, tokenizer, train, seq_length)
+    stream = BatchStream(fabric, data.train_dataloader(), run.seed)
+    val_loader = _distribute(fabric, data.val_dataloader())
+    accumulation, total_steps, warmup_steps = _plan_steps(fabric, train, stream, seq_length, accumulation,
+                                                          note=dev_run is None)
+    _shorten_rope_cache(model, min(config.block_size, seq_length + (eval.max_new_tokens or 0)))
+    fabric.seed_everything(run.seed, verbose=False)
+    model, opt = _setup_model_and_optimizer(fabric, model, method, optimizer, initial_weights, run, train, seq_length)
+    base_lrs = [group["lr"] for group in opt.param_groups]  # before a resume overwrites them with scheduled ones
+    state, restored = _restore(fabric, resume_dir, model, opt, method, stream)
+    writer = _checkpoint_writer(
+        fabric, model, config, method, tokenizer, train, run, out_dir, model_files_from, job, logger,
+        resume_dir=resume_dir, restored=restored, loaders={"train": stream.loader, "val": val_loader},
+        fast_dev_run=dev_run is not None,
+    )
+    return Trainer(
+        fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
+        writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
+        total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index,
+        batch_unit="packed rows" if getattr(data, "packing", False) else "samples", state=state,
+        base_lrs=base_lrs, logger=logger, dev_run=dev_run,
+    )
+
+
+def _dev_run_budget(run: RunArgs, train: TrainArgs, eval: EvalArgs, out_dir: Path, job: Any):
+    """`(train, eval, dev_run)`: with `--fast_dev_run`, the recipe as given for a few steps (out_dir is already a
+    temporary folder) and its `litllm.train.fast_dev_run.DevRun`; else the arguments unchanged and None."""
+    from litllm.train.fast_dev_run import DevRun, dev_run_steps, shorten
+
+    dev_steps = dev_run_steps(run.fast_dev_run)
+    if dev_steps is None:
+        return train, eval, None
+    train, eval = shorten(train, eval, dev_steps)
+    from litllm.hparams import hyperparameters
+
+    return train, eval, DevRun(dev_steps, user_out_dir=Path(hyperparameters(job).get("out_dir") or out_dir))
+
+
+def _check_run(config, tokenizer, seq_length: int, out_dir: Path, run: RunArgs, resume_dir: Any):
+    """Refuse a run that cannot work before it writes anything; returns the checkpoint to resume from (None: fresh)."""
+    from litllm.train.checkpoints import resolve_resume
+
+    _check_sizes(config, tokenizer, seq_length)
+    check_out_dir_reuse(out_dir, run.resume)
+    if resume_dir is RESOLVE_HERE:  # a caller (a script, a test) that did not resolve it before launch
+        resume_dir = resolve_resume(run.resume, out_dir, config)
+    return resume_dir
+
+
+def _restore(fabric, resume_dir: Optional[Path], model, optimizer, method: Method, stream: "BatchStream"):
+    """`(state, restored)`: the run's counters, restored from `resume_dir` (with the model, optimizer and data
+    position) when there is one."""
+    from litllm.train.checkpoints import restore_checkpoint
+
+    state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
+    restored = None
+    if resume_dir is not None:
+        restored = restore_checkpoint(fabric, resume_dir, model, optimizer, method, stream, state)
+    return state, restored
+
+
+def _check_sizes(config, tokenizer, seq_length: int) -> None:
+    """The training length fits the model's window, and the tokenizer's ids its embedding table."""
     if seq_length > config.block_size:
         raise LitLLMError(f"--train.max_seq_length ({seq_length}) exceeds the model's block_size ({config.block_size})")
     if tokenizer is not None and tokenizer.vocab_size > config.padded_vocab_size:
@@ -308,11 +360,11 @@ def setup(
             f"model's embedding table ({config.padded_vocab_size} rows): use a model with vocab_size >= "
             f"{tokenizer.vocab_size} or a smaller tokenizer"
         )
-    check_out_dir_reuse(out_dir, run.resume)
-    if resume_dir is RESOLVE_HERE:  # a caller (a script, a test) that did not resolve it before launch
-        resume_dir = ckpt.resolve_resume(run.resume, out_dir, config)  # validates before anything is written
 
-    # ---- data (prepared once on global rank 0, set up everywhere)
+
+def _connect_data(fabric, data, tokenizer, train: TrainArgs, seq_length: int) -> int:
+    """Connect the data module, prepare it once on global rank 0 and set it up everywhere; returns the training
+    length (the longest sample when `--train.max_seq_length` is unset and the data is shorter than the window)."""
     data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_length)
     if fabric.global_rank == 0:
         data.prepare_data()
@@ -326,21 +378,34 @@ def setup(
             fabric.print(f"--train.max_seq_length unset: using {seq_length}, the longest sample in the data")
             # the loaders follow (packed rows are this long)
             data.connect(tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_length)
-    stream = BatchStream(fabric, data.train_dataloader(), run.seed)
-    val_loader = _distribute(fabric, data.val_dataloader())
+    return seq_length
+
+
+def _plan_steps(fabric, train: TrainArgs, stream: "BatchStream", seq_length: int, accumulation: int,
+                note: bool) -> tuple[int, int, int]:
+    """`(accumulation, total_steps, warmup_steps)` for this data and device count, the accumulation the
+    batch sizes ask for fitted to the data (`note`: say when the steps are very few)."""
+    world_size = fabric.world_size
     accumulation = _fit_accumulation(fabric, train, stream.batches_per_epoch, accumulation)
     total_steps = train.total_steps(seq_length, stream.batches_per_epoch, accumulation,
                                     accumulation * train.micro_batch_size * world_size)
-    warmup_steps = train.warmup_steps(total_steps)
-    if dev_run is None:
+    if note:
         _note_few_steps(fabric, train, total_steps)
-    # the RoPE cache covers the training length plus a validation sample's reply, not the whole window
-    rope_length = min(config.block_size, seq_length + (eval.max_new_tokens or 0))
+    return accumulation, total_steps, train.warmup_steps(total_steps)
+
+
+def _shorten_rope_cache(model: nn.Module, rope_length: int) -> None:
+    """The RoPE cache covers the training length plus a validation sample's reply, not the whole window."""
     if hasattr(model, "max_seq_length") and rope_length < model.max_seq_length:
         model.max_seq_length = rope_length
 
-    # ---- model and optimizer
-    fabric.seed_everything(run.seed, verbose=False)
+
+def _setup_model_and_optimizer(fabric, model, method: Method, optimizer: Any, initial_weights: Optional[Path],
+                               run: RunArgs, train: TrainArgs, seq_length: int):
+    """`(model, optimizer)`, both set up with Fabric: `prepare_model`, then the optimizer over the parameters the
+    method trains."""
+    from litllm.train.optimizer import build_optimizer
+
     with run_out_of_memory(fabric, train, seq_length, "setting up the model"):
         model = prepare_model(
             fabric, model, method, initial_weights, compile=run.compile,
@@ -349,14 +414,18 @@ def setup(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LitLLMError(f"method {method.name!r} leaves no parameter to train")
-    opt = fabric.setup_optimizers(build_optimizer(optimizer, trainable))
-    base_lrs = [group["lr"] for group in opt.param_groups]  # before a resume overwrites them with scheduled ones
-    state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
-    restored = None
-    if resume_dir is not None:
-        restored = ckpt.restore_checkpoint(fabric, resume_dir, model, opt, method, stream, state)
+    return model, fabric.setup_optimizers(build_optimizer(optimizer, trainable))
 
-    # ---- provenance and the logger's run (global rank 0 logs and writes): see litllm.train.provenance
+
+def _checkpoint_writer(
+    fabric, model, config, method: Method, tokenizer, train: TrainArgs, run: RunArgs, out_dir: Path,
+    model_files_from: Optional[Path], job: Any, logger, *, resume_dir, restored, loaders: dict,
+    fast_dev_run: bool,
+):
+    """The run's `CheckpointWriter`, with the provenance record and the logger's run (global rank 0 logs and
+    writes them: see `litllm.train.provenance`)."""
+    from litllm.train import checkpoints as ckpt
+
     writer = ckpt.CheckpointWriter(
         fabric, out_dir, model, config, method, tokenizer_dir=model_files_from or _tokenizer_dir(tokenizer),
         job=job, extra_files=dict(method.extra_files), state_dict_type=train.state_dict_type,
@@ -365,19 +434,11 @@ def setup(
     if fabric.global_rank == 0:
         from litllm.train.provenance import PROVENANCE_FILE, start_run_record
 
-        text, logger_run = start_run_record(fabric, logger, run.logger, method.name, config.name, out_dir, resume_dir,
-                                            restored, {"train": stream.loader, "val": val_loader}, writer.hparams,
-                                            fast_dev_run=dev_run is not None)
+        text, logger_run = start_run_record(fabric, logger, run.logger, method.name, config.name, out_dir,
+                                            resume_dir, restored, loaders, writer.hparams, fast_dev_run=fast_dev_run)
         writer.extra_files[PROVENANCE_FILE] = text
     writer.logger_run = logger_run  # kept in each checkpoint's training state: a resumed job continues the run
-    return Trainer(
-        fabric=fabric, model=model, method=method, optimizer=opt, stream=stream, val_loader=val_loader,
-        writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
-        total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index,
-        batch_unit="packed rows" if getattr(data, "packing", False) else "samples", state=state,
-        base_lrs=base_lrs, logger=logger, dev_run=dev_run,
-    )
-
+    return writer
 
 def run_out_of_memory(fabric, train: TrainArgs, seq_length: int, doing: str):
     """`litllm.train.fabric.clear_out_of_memory` for a step of this run: the line names the run's sizes."""
@@ -406,134 +467,192 @@ def fit(t: Trainer) -> TrainResult:
         raise
 
 
-def _fit(t: Trainer) -> TrainResult:
-    from litllm.train.flops import Throughput
-    from litllm.train.schedule import lr_at
+@dataclass
+class _FitRun:
+    """What the pieces of one `fit` hand each other (the `Trainer` holds what setup built)."""
 
-    fabric, model, opt, state, train = t.fabric, t.model, t.optimizer, t.state, t.train
+    result: TrainResult
+    guard: NonFiniteGuard
+    """Non-finite steps: skipped and counted on the device, read where the loop syncs."""
+    throughput: Any
+    """The run's `litllm.train.flops.Throughput`."""
+    saved_at: int
+    """The step of the last checkpoint (or of the start)."""
+    running: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Summed on the device since the last flush (no host sync per step): loss sum, count, input tokens, metrics."""
+
+
+def _fit(t: Trainer) -> TrainResult:
+    fabric, state = t.fabric, t.state
+    r = _start_fit(t)
+    if t.eval.initial_validation and state["step"] == 0 and t.val_loader is not None:
+        _validate_and_log(t, r, after=False)
+    progress = _progress_bar(fabric, t.total_steps, state["step"])
+    r.throughput.start(state)
+    stop = StopOnSignal()  # preemption hook: SIGUSR1/SIGTERM -> checkpoint at the next step boundary
+    while state["step"] < t.total_steps:
+        micro_batches = t.stream.next_window(t.accumulation)
+        if not micro_batches:
+            break  # the data ran out (only with a finite loader and an unset budget)
+        grad_norm = _optimizer_step(t, r, micro_batches)  # ---- the step's state is complete after it
+        if state["step"] % t.train.log_interval == 0 or state["step"] == t.total_steps:
+            _log_step(t, r, grad_norm, progress)
+        progress.update(1)
+        if t.val_loader is not None and state["step"] % t.eval.interval == 0 and state["step"] < t.total_steps:
+            _validate_and_log(t, r, after=True)
+            r.throughput.start(state)  # validation time isn't training throughput
+        if t.train.save_interval is not None and state["step"] % t.train.save_interval == 0:
+            _save_interval_checkpoint(t, r)
+        _stop_if_preempted(t, r, stop)
+    progress.close()
+    _flush(t, r)
+    r.guard.check(fabric)
+    r.result.step, r.result.tokens_seen = state["step"], state["tokens"]
+    if t.eval.final_validation and t.val_loader is not None:
+        _validate_and_log(t, r, after=True)
+    if t.train.save_interval is not None and r.saved_at != state["step"]:
+        _save_step(t, r)
+    _write_final(t, r.result, stop)
+    _finish(t, r.result)
+    return r.result
+
+
+def _start_fit(t: Trainer) -> _FitRun:
+    """Announce the run (one line) and start its counters."""
+    from litllm.train.flops import Throughput
+
+    fabric, model, train = t.fabric, t.model, t.train
     config = model.config
     if train.router_aux_loss_coef is not None:  # MoE: the load-balancing loss's weight (the model adds it)
         config.router_aux_loss_coef = train.router_aux_loss_coef
     trainable = [p for p in model.parameters() if p.requires_grad]
     throughput = Throughput(fabric, config, t.seq_length, train.peak_flops, trainable_fraction=_trainable_fraction(model))
-    result = TrainResult(step=state["step"])
     global_batch = t.accumulation * train.micro_batch_size * fabric.world_size
     fabric.print(
         f"Training {t.total_steps} steps ({t.accumulation} accumulation x {train.micro_batch_size} micro-batch x "
         f"{fabric.world_size} devices = {global_batch} {t.batch_unit} of up to {t.seq_length} tokens per step), "
         f"warmup {t.warmup_steps}, {sum(p.numel() for p in trainable):,} trainable parameters"
     )
+    result = TrainResult(step=t.state["step"])
+    return _FitRun(result=result, guard=_nonfinite_guard(t), throughput=throughput, saved_at=t.state["step"])
 
-    def validate_and_log(after: bool) -> None:
-        with run_out_of_memory(fabric, train, t.seq_length, "validating"):
-            metrics = validate(fabric, model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
-            result.val_loss = result.val_losses[state["step"]] = metrics["loss"]
-            _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, state["step"])
-            _console(fabric, f"Step {state['step']}: validation loss {metrics['loss']:.4f}")
-            if after and t.method.after_validation is not None:  # e.g. a sample reply
-                t.method.after_validation(fabric, model, state["step"])
 
-    guard = _nonfinite_guard(t)  # non-finite steps: skipped and counted on the device, read where the loop syncs
+def _optimizer_step(t: Trainer, r: _FitRun, micro_batches: list[Batch]) -> Optional[torch.Tensor]:
+    """Schedule the learning rate, train one step on `micro_batches`, count it; returns the gradient norm."""
+    from litllm.train.schedule import lr_at
 
-    def save_step():
-        guard.check(fabric)  # never a checkpoint after max_nonfinite_steps (the writer also checks the weights)
-        with run_out_of_memory(fabric, train, t.seq_length, f"saving the checkpoint of step {state['step']}"):
-            return t.writer.save_step(opt, state, t.stream.state_dict())
+    fabric, opt, state = t.fabric, t.optimizer, t.state
+    # every param group follows the first group's schedule, keeping its own lr ratio
+    base_lrs = t.base_lrs
+    lr = lr_at(state["step"], base_lrs[0], min(t.train.min_lr, base_lrs[0]), t.warmup_steps, t.total_steps)
+    for group, base in zip(opt.param_groups, base_lrs):
+        group["lr"] = lr * base / base_lrs[0] if base_lrs[0] else base
+    if t.dev_run is not None:
+        t.dev_run.start_step(fabric)
+    with run_out_of_memory(fabric, t.train, t.seq_length, f"training step {state['step'] + 1}"):
+        sums, grad_norm = train_step(
+            fabric, t.model, opt, micro_batches, t.train.max_norm, t.ignore_index, t.method.loss, guard=r.guard
+        )
+    for name, value in sums.items():
+        r.running[name] = r.running[name] + value if name in r.running else value
+    state["step"] += 1  # ---- optimizer step boundary
+    t.stream.update_counters(state)
+    if t.dev_run is not None:
+        t.dev_run.end_step(fabric, state["step"], micro_batches)
+    return grad_norm
 
-    if t.eval.initial_validation and state["step"] == 0 and t.val_loader is not None:
-        validate_and_log(after=False)
 
-    progress = _progress_bar(fabric, t.total_steps, state["step"])
-    # summed on the device since the last flush (no host sync per step): loss sum, count, input tokens, metrics
-    running: dict[str, torch.Tensor] = {}
+def _flush(t: Trainer, r: _FitRun) -> Optional[dict[str, float]]:
+    """Sum the counters since the last flush over every rank; returns the global means (None: no step)."""
+    if not r.running:
+        return None
+    names = list(r.running)
+    totals = t.fabric.all_reduce(torch.stack([r.running[n] for n in names]), reduce_op="sum").tolist()  # one sync
+    r.running.clear()
+    sums = dict(zip(names, totals))
+    t.state["tokens"] += int(sums.pop("input_tokens"))
+    count = sums.pop("count")
+    return {name: value / count for name, value in sums.items()} if count > 0 else None
 
-    def flush() -> Optional[dict[str, float]]:
-        """Sum the counters since the last flush over every rank; returns the global means (None: no step)."""
-        if not running:
-            return None
-        names = list(running)
-        totals = fabric.all_reduce(torch.stack([running[n] for n in names]), reduce_op="sum").tolist()  # one sync
-        running.clear()
-        sums = dict(zip(names, totals))
-        state["tokens"] += int(sums.pop("input_tokens"))
-        count = sums.pop("count")
-        return {name: value / count for name, value in sums.items()} if count > 0 else None
 
-    saved_at = state["step"]
-    throughput.start(state)
-    stop = StopOnSignal()  # preemption hook: SIGUSR1/SIGTERM -> checkpoint at the next step boundary
-    while state["step"] < t.total_steps:
-        micro_batches = t.stream.next_window(t.accumulation)
-        if not micro_batches:
-            break  # the data ran out (only with a finite loader and an unset budget)
-        # every param group follows the first group's schedule, keeping its own lr ratio
-        base_lrs = t.base_lrs
-        lr = lr_at(state["step"], base_lrs[0], min(train.min_lr, base_lrs[0]), t.warmup_steps, t.total_steps)
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = lr * base / base_lrs[0] if base_lrs[0] else base
+def _log_step(t: Trainer, r: _FitRun, grad_norm: Optional[torch.Tensor], progress) -> None:
+    """Log the global means since the last log (the step's loss, lr, throughput, non-finite steps); stop a run
+    that diverged."""
+    state = t.state
+    means = _flush(t, r) or {}
+    loss = means.pop("loss", None)
+    r.result.losses[state["step"]] = loss
+    metrics = {"loss": loss, "lr": t.optimizer.param_groups[0]["lr"], "tokens": state["tokens"], "epoch": state["epoch"]}
+    metrics.update(means)
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)  # before clipping, of this step
+    metrics.update(r.throughput.update(state))
+    metrics.update(r.guard.read(t.fabric))
+    _log(t.fabric, t.logger, metrics, state["step"])
+    r.guard.stop_if_diverged()
+    progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics.get('tokens_per_sec', 0):.0f}")
 
-        if t.dev_run is not None:
-            t.dev_run.start_step(fabric)
-        with run_out_of_memory(fabric, train, t.seq_length, f"training step {state['step'] + 1}"):
-            sums, grad_norm = train_step(
-                fabric, model, opt, micro_batches, train.max_norm, t.ignore_index, t.method.loss, guard=guard
-            )
-        for name, value in sums.items():
-            running[name] = running[name] + value if name in running else value
-        state["step"] += 1  # ---- optimizer step boundary: the step's state is complete here
-        t.stream.update_counters(state)
-        if t.dev_run is not None:
-            t.dev_run.end_step(fabric, state["step"], micro_batches)
 
-        if state["step"] % train.log_interval == 0 or state["step"] == t.total_steps:
-            means = flush() or {}
-            loss = means.pop("loss", None)
-            result.losses[state["step"]] = loss
-            metrics = {"loss": loss, "lr": opt.param_groups[0]["lr"], "tokens": state["tokens"], "epoch": state["epoch"]}
-            metrics.update(means)
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)  # before clipping, of this step
-            metrics.update(throughput.update(state))
-            metrics.update(guard.read(fabric))
-            _log(fabric, t.logger, metrics, state["step"])
-            guard.stop_if_diverged()
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics.get('tokens_per_sec', 0):.0f}")
-        progress.update(1)
+def _validate_and_log(t: Trainer, r: _FitRun, after: bool) -> None:
+    """Validate, log and print the loss; `after`: then `method.after_validation` (e.g. a sample reply)."""
+    fabric, step = t.fabric, t.state["step"]
+    with run_out_of_memory(fabric, t.train, t.seq_length, "validating"):
+        metrics = validate(fabric, t.model, t.val_loader, t.eval.max_iters, t.ignore_index, t.method.loss)
+        r.result.val_loss = r.result.val_losses[step] = metrics["loss"]
+        _log(fabric, t.logger, {f"val_{k}": v for k, v in metrics.items()}, step)
+        _console(fabric, f"Step {step}: validation loss {metrics['loss']:.4f}")
+        if after and t.method.after_validation is not None:
+            t.method.after_validation(fabric, t.model, step)
 
-        if t.val_loader is not None and state["step"] % t.eval.interval == 0 and state["step"] < t.total_steps:
-            validate_and_log(after=True)
-            throughput.start(state)  # validation time isn't training throughput
-        if train.save_interval is not None and state["step"] % train.save_interval == 0:
-            means = flush()  # the checkpoint's token count must be exact
-            if means is not None:
-                result.losses.setdefault(state["step"], means["loss"])
-            saved = save_step()
-            saved_at = state["step"]
-            if t.dev_run is not None and state["step"] == t.dev_run.resume_step:
-                t.dev_run.round_trip(t, saved)
-            throughput.start(state)
-        if stop.agreed(fabric):  # preemption hook (collective): every rank stops after this same step
-            if saved_at != state["step"]:
-                flush()  # the checkpoint's token count must be exact
-                save_step()
-            stop.exit(fabric, state["step"])  # raises SystemExit(REQUEUE_EXIT_CODE)
-    progress.close()
-    flush()
-    guard.check(fabric)
-    result.step, result.tokens_seen = state["step"], state["tokens"]
 
-    if t.eval.final_validation and t.val_loader is not None:
-        validate_and_log(after=True)
-    if train.save_interval is not None and saved_at != state["step"]:
-        save_step()
-    previous = _move_aside(fabric, t.out_dir / "final")  # never delete what another command wrote into final/
-    with run_out_of_memory(fabric, train, t.seq_length, "writing the final model"):
+def _save_step(t: Trainer, r: _FitRun):
+    """Write the `step-XXXXXXXX/` checkpoint of this step; returns its folder."""
+    r.guard.check(t.fabric)  # never a checkpoint after max_nonfinite_steps (the writer also checks the weights)
+    with run_out_of_memory(t.fabric, t.train, t.seq_length, f"saving the checkpoint of step {t.state['step']}"):
+        saved = t.writer.save_step(t.optimizer, t.state, t.stream.state_dict())
+    r.saved_at = t.state["step"]
+    return saved
+
+
+def _save_interval_checkpoint(t: Trainer, r: _FitRun) -> None:
+    """The checkpoint every `--train.save_interval` steps (a fast dev run resumes from its first at once)."""
+    step = t.state["step"]
+    means = _flush(t, r)  # the checkpoint's token count must be exact
+    if means is not None:
+        r.result.losses.setdefault(step, means["loss"])
+    saved = _save_step(t, r)
+    if t.dev_run is not None and step == t.dev_run.resume_step:
+        t.dev_run.round_trip(t, saved)
+    r.throughput.start(t.state)
+
+
+def _stop_if_preempted(t: Trainer, r: _FitRun, stop: StopOnSignal) -> None:
+    """Preemption hook (collective): after a SIGUSR1/SIGTERM every rank checkpoints this same step and exits
+    with `REQUEUE_EXIT_CODE` (SystemExit)."""
+    if not stop.agreed(t.fabric):
+        return
+    if r.saved_at != t.state["step"]:
+        _flush(t, r)  # the checkpoint's token count must be exact
+        _save_step(t, r)
+    stop.exit(t.fabric, t.state["step"])
+
+
+def _write_final(t: Trainer, result: TrainResult, stop: StopOnSignal) -> None:
+    """Write `final/` (moving an existing one aside, never deleting what another command wrote there), the method's
+    outputs, the loss curve; close the logger's run."""
+    fabric = t.fabric
+    previous = _move_aside(fabric, t.out_dir / "final")
+    with run_out_of_memory(fabric, t.train, t.seq_length, "writing the final model"):
         result.final_dir = t.writer.save_final()
     stop.restore()  # preemption hook: a signal after the last step needs no requeue
     if previous is not None:
         _settle_previous(fabric, previous, result.final_dir)
     if t.dev_run is None:  # a dev run's folder is deleted: it reports its own checks instead
         fabric.print(f"Saved the final model to {result.final_dir}")
+
+def _finish(t: Trainer, result: TrainResult) -> None:
+    """The loss curve; close the logger's run; a fast dev run's report."""
+    fabric = t.fabric
     if fabric.global_rank == 0:
         from litllm.train.loggers import loss_history, plot_loss_curve
 
@@ -544,7 +663,6 @@ def _fit(t: Trainer) -> TrainResult:
             t.logger.finalize("success")
     if t.dev_run is not None:
         t.dev_run.report(t, result)
-    return result
 
 
 def check_out_dir_reuse(out_dir: Path, resume: Resume) -> None:
@@ -584,11 +702,6 @@ def _settle_previous(fabric, previous: Path, final: Path) -> None:
         return
     shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
     fabric.print(f"The previous {final.name}/ held outputs this run doesn't write ({shown}): kept it as {previous}")
-
-
-def run(*args: Any, **kwargs: Any) -> TrainResult:
-    """`fit(setup(...))`: the whole run in one call (same arguments as `setup`)."""
-    return fit(setup(*args, **kwargs))
 
 
 def _nonfinite_guard(t: Trainer) -> NonFiniteGuard:
