@@ -40,6 +40,8 @@ def serve(
     shutdown_timeout: float = 20.0,
     model_name: Optional[str] = None,
     compile: Optional[bool] = None,
+    draft_model: Optional[Path] = None,
+    num_speculative_tokens: int = 4,
     load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
@@ -73,6 +75,10 @@ def serve(
             training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
         compile: Compile the decode step with `torch.compile` before serving, its kernels cached in
             ~/.cache/litllm/torch_compile (default: yes, unless $LITLLM_COMPILE says 0; false: never).
+        draft_model: Speculative decoding: a small converted model folder with the same tokenizer that proposes
+            tokens for the model to check, in the steps where every running request decodes plainly (no
+            logprobs, no grammar, none waiting); the same output; the acceptance rate is in /metrics.
+        num_speculative_tokens: Tokens the draft model proposes per step (with --draft_model).
     """
     from litllm.model_folder import check_model_folder
 
@@ -80,6 +86,14 @@ def serve(
                  max_seq_length=max_seq_length, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
                  shutdown_timeout=shutdown_timeout, model_name=model_name)
     api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
+    if draft_model is not None:
+        if load["devices"] * load["num_nodes"] > 1:
+            raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a model over several devices "
+                              "is not supported yet; drop one of them")
+        if compile:
+            raise LitLLMError("--compile does not apply to speculative decoding (--draft_model) yet: drop one of them")
+        if num_speculative_tokens < 1:
+            raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
     checkpoint_dir = check_model_folder(checkpoint_dir)
     try:
         import fastapi  # noqa: F401
@@ -92,16 +106,24 @@ def serve(
         load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # a tensor-parallel rank > 0 (torchrun/srun):
         # it runs rank 0's engine steps and never returns; rank 0 alone binds the port
     sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
-    from litllm.generate import decode_engine
+    from litllm.generate import decode_engine, load_draft
     from litllm.serve.app import ServedModel, build_app
     from litllm.serve.bridge import EngineLoop
 
     loaded = load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # as `generate` loads
     tokenizer, style, model, threads = loaded.tokenizer, loaded.prompt_style, loaded.model, loaded.threads
+    draft = None if draft_model is None else load_draft(model, tokenizer, draft_model, load["precision"])
     tokenizer.processor = GILFreeEncoder(tokenizer.processor)
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
-    engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile,
-                           exact_length=True, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
+    if draft is None:
+        engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile,
+                               exact_length=True, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
+    else:
+        from litllm.speculative import SpeculativeBatchEngine
+
+        engine = SpeculativeBatchEngine(model, draft, tokenizer, max_batch_size, max_seq_length, threads=threads,
+                                        num_speculative_tokens=num_speculative_tokens, prefill_chunk=prefill_chunk,
+                                        prefix_caching=prefix_caching)
     per_slot = kv_cache_bytes(model, max_seq_length)
     print(f"KV cache: {max_batch_size} slot(s) x {max_seq_length} positions, {per_slot / 2**20:.1f} MiB per slot,"
           f" {max_batch_size * per_slot / 2**30:.2f} GiB in all", file=sys.stderr)
