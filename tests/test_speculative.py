@@ -232,9 +232,11 @@ def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
     assert outputs[1] == outputs[0]
 
 
-def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, one_thread):
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, one_thread, prefix_caching):
     """`serve --draft_model`'s engine: several rows at once, arriving while others decode (plain steps), one asking
-    for logprobs (plain steps while it runs): every row's tokens are the draft-less engine's."""
+    for logprobs (plain steps while it runs), one reusing another's prompt prefix (with prefix caching): every
+    row's tokens are the draft-less engine's."""
     from litllm.speculative import SpeculativeBatchEngine
 
     target = GPT.from_checkpoint(tiny_checkpoint).eval()
@@ -242,6 +244,7 @@ def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, o
     g = torch.Generator().manual_seed(0)
     requests = [Request(torch.randint(0, 300, (n,), generator=g).tolist(), m, logprobs=lp)
                 for n, m, lp in ((8, 40, None), (3, 25, None), (12, 30, 2), (5, 33, None))]
+    requests[3].prompt_ids = requests[0].prompt_ids + requests[3].prompt_ids
 
     def run(engine):
         tokens = {}
@@ -256,10 +259,11 @@ def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, o
                     tokens.setdefault(out.request_id, []).extend(out.token_ids)
         return [tokens[i] for i in ids]
 
-    expected = run(Engine(target, None, 3, 64))
-    engine = SpeculativeBatchEngine(target, draft, None, 3, 64, num_speculative_tokens=3)
+    expected = run(Engine(target, None, 3, 64, prefix_caching=prefix_caching))
+    engine = SpeculativeBatchEngine(target, draft, None, 3, 64, num_speculative_tokens=3, prefix_caching=prefix_caching)
     assert run(engine) == expected
     assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
+    assert engine.prefix_hits == (8 if prefix_caching else 0)
     assert target.blocks[0].attn.kv_cache is None and draft.blocks[0].attn.kv_cache is None
 
 
