@@ -27,7 +27,8 @@ its own, so a round yields 1 to k + 1 tokens for one read of the target's weight
   token; after a fully accepted round also its last proposal): it runs them as one forward.
 
 One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode one row), eager
-(no `torch.compile`). `litllm serve` batches rows and decodes without a draft.
+(no `torch.compile`). `litllm serve` batches rows: `SpeculativeBatchEngine` speculates in the steps where
+every running row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Optional
 import torch
 
 from litllm.engine import (
-    PREFILL_CHUNK, Output, Request, StopMatcher, check_sampling_args, sampling_probs, threads_for,
+    PREFILL_CHUNK, Engine, Output, Request, RequestError, StopMatcher, _merge, check_sampling_args, sampling_probs,
+    threads_for,
 )
 from litllm.errors import LitLLMError
 
@@ -292,3 +294,125 @@ class SpeculativeEngine:
             self._row = None
         self._aborts.clear()
         return outputs
+
+
+class SpeculativeBatchEngine(Engine):
+    """`litllm.engine.Engine` (continuous batching, `litllm serve`) that speculates with a draft model whenever it
+    can: in a step where no request waits, none is prefilling and every running row is plain decoding (no
+    logprobs, no grammar), each row runs one round of `SpeculativeEngine`'s (the draft proposes, the target checks
+    them in one forward over the row's slot, the cache is rewound by lowering the row's position); in any other
+    step, the engine's own batched decode step. Greedy output is token for token the engine's without a draft.
+
+    The draft keeps its own KV cache of the same slots; a slot's draft positions are valid up to
+    `_draft_valid[slot]` for the request `_draft_owner[slot]`, and it catches up (one forward) on the tokens it
+    missed in the engine's plain steps."""
+
+    def __init__(self, model, draft, tokenizer, max_batch_size: int = 1, max_seq_length: Optional[int] = None, *,
+                 num_speculative_tokens: int = 4, **engine_args) -> None:
+        if num_speculative_tokens < 1:
+            raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise LitLLMError(f"the draft model has {draft.config.vocab_size} logits, the model {model.config.vocab_size}:"
+                              " a draft must use the same tokenizer")
+        super().__init__(model, tokenizer, max_batch_size, max_seq_length, **engine_args)
+        if self.max_seq_length > draft.max_seq_length:
+            raise LitLLMError(f"max_seq_length {self.max_seq_length} exceeds the draft model's context window of "
+                              f"{draft.max_seq_length}")
+        self.draft, self.k = draft, num_speculative_tokens
+        draft.set_kv_cache(max_batch_size, self.max_seq_length)
+        self._draft_slots = [[block.attn.kv_cache.rows(i, i + 1) for block in draft.blocks]
+                             for i in range(max_batch_size)]
+        self._draft_owner: list[Optional[int]] = [None] * max_batch_size
+        self._draft_valid = [0] * max_batch_size
+        self._generated: dict[int, list[int]] = {}  # request id -> its tokens so far (the draft needs them)
+        self.proposed = self.accepted = 0  # draft tokens over the engine's life
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        """Accepted / proposed draft tokens so far (None before any proposal)."""
+        return self.accepted / self.proposed if self.proposed else None
+
+    def close(self) -> None:
+        super().close()
+        self.draft.clear_kv_cache()
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None]
+        can_speculate = (running and not self._waiting and not self._prefilling and not self._aborts
+                         and all(row.decoding and row.request.logprobs is None and row.constraint is None
+                                 for _, row in running))
+        if not can_speculate:
+            outputs = super().step()
+        else:
+            outputs, self._failed = [], {}
+            if self.model.blocks[0].attn.kv_cache is not self._caches[0]:
+                self._set_caches(self._caches)
+            with threads_for(self.threads):
+                for slot, row in running:
+                    try:
+                        self._round(slot, row, outputs)
+                    except Exception as e:  # this row only (sampling, detokenizing)
+                        self._fail(slot, row, e)
+            outputs = _merge(outputs)
+            if self._failed:
+                failed, self._failed = self._failed, {}
+                raise RequestError(failed, [out for out in outputs if out.request_id not in failed])
+        for out in outputs:  # each running request's tokens, for the draft to catch up on
+            if out.finished:
+                self._generated.pop(out.request_id, None)
+            else:
+                self._generated.setdefault(out.request_id, []).extend(out.token_ids)
+        return outputs
+
+    def _draft_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot, in chunks."""
+        for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
+            block.attn.kv_cache = cache
+        for begin in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[begin: begin + self.prefill_chunk]
+            stop = start + begin + len(chunk)
+            idx = torch.tensor(chunk, dtype=torch.long, device=self.device)[None]
+            logits = self.draft.decode(idx, input_pos=torch.arange(stop - len(chunk), stop, device=self.device), kv_len=stop)
+        return logits[0, -1, : self.vocab_size]
+
+    def _round(self, slot: int, row, outputs: list[Output]) -> None:
+        """One speculation round for the row in `slot` (see `SpeculativeEngine._round`), its tokens advanced as
+        the engine's decode step advances one."""
+        s, pos = row.request.sampling, row.pos  # the newest token, at pos: in neither cache yet
+        tokens = list(row.request.prompt_ids) + self._generated.get(row.request_id, [])  # (pos + 1,)
+        if self._draft_owner[slot] != row.request_id:
+            self._draft_owner[slot], self._draft_valid[slot] = row.request_id, 0
+        k = min(self.k, row.request.max_new_tokens - row.generated - 1)
+        proposed, draft_probs = [], []
+        for _ in range(k):
+            done = self._draft_valid[slot]
+            logits = self._draft_logits(slot, (tokens + proposed)[done: pos + len(proposed) + 1], done)
+            self._draft_valid[slot] = pos + len(proposed) + 1
+            if s.temperature > 0:
+                draft_probs.append(sampling_probs(logits, s.temperature, s.top_k, s.top_p))
+                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=row.generator)))
+            else:
+                proposed.append(int(logits.argmax()))
+        ids = torch.tensor(tokens[pos:] + proposed, dtype=torch.long, device=self.device)[None]
+        self._set_caches(self._slot_caches[slot])
+        try:
+            logits = self.model.decode(ids, input_pos=torch.arange(pos, pos + k + 1, device=self.device), kv_len=pos + k + 1,
+                                logits_to_keep=None)[0, :, : self.vocab_size]  # (k + 1, vocab)
+        finally:
+            self._set_caches(self._caches)
+        if s.temperature > 0:
+            kept, token = accept_proposals(proposed, sampling_probs(logits, s.temperature, s.top_k, s.top_p),
+                                           torch.stack(draft_probs) if draft_probs else logits[:0], row.generator)
+        else:
+            kept, token = accept_proposals(proposed, logits, None)
+        self.proposed += k
+        self.accepted += kept
+        self._draft_valid[slot] = min(self._draft_valid[slot], pos + kept + 1)  # rewind the rejected proposals
+        for new in proposed[:kept] + [token]:
+            row.pos += 1
+            self._advance(slot, row, new, outputs)
+            if self._rows[slot] is not row:  # finished (stop, length)
+                return
+        self._tokens[slot] = token
+        self._pos[slot] = row.pos

@@ -230,3 +230,61 @@ def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
         outputs.append(capsys.readouterr().out)
     assert outputs[0].count(">> Model: ") == 2
     assert outputs[1] == outputs[0]
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, one_thread, prefix_caching):
+    """`serve --draft_model`'s engine: several rows at once, arriving while others decode (plain steps), one asking
+    for logprobs (plain steps while it runs), one reusing another's prompt prefix (with prefix caching): every
+    row's tokens are the draft-less engine's."""
+    from litllm.speculative import SpeculativeBatchEngine
+
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+    g = torch.Generator().manual_seed(0)
+    requests = [Request(torch.randint(0, 300, (n,), generator=g).tolist(), m, logprobs=lp)
+                for n, m, lp in ((8, 40, None), (3, 25, None), (12, 30, 2), (5, 33, None))]
+    requests[3].prompt_ids = requests[0].prompt_ids + requests[3].prompt_ids
+
+    def run(engine):
+        tokens = {}
+        with engine:
+            ids = [engine.add(r) for r in requests[:2]]
+            for _ in range(3):
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            ids += [engine.add(r) for r in requests[2:]]
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return [tokens[i] for i in ids]
+
+    expected = run(Engine(target, None, 3, 64, prefix_caching=prefix_caching))
+    engine = SpeculativeBatchEngine(target, draft, None, 3, 64, num_speculative_tokens=3, prefix_caching=prefix_caching)
+    assert run(engine) == expected
+    assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
+    assert engine.prefix_hits == (8 if prefix_caching else 0)
+    assert target.blocks[0].attn.kv_cache is None and draft.blocks[0].attn.kv_cache is None
+
+
+def test_batch_engine_samples_reproducibly_by_seed(tiny_checkpoint, one_thread):
+    """Sampled rows take the draft path too (the acceptance rule is `accept_proposals`, tested above): a seed
+    replays the same tokens, another seed gives others."""
+    from litllm.speculative import SpeculativeBatchEngine
+
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+
+    def run(seed):
+        with SpeculativeBatchEngine(target, draft, None, 2, 64, num_speculative_tokens=3) as engine:
+            ids = [engine.add(Request([5, 6, 7], 30, Sampling(1.0, None, 1.0, seed + i))) for i in range(2)]
+            tokens = {i: [] for i in ids}
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens[out.request_id] += out.token_ids
+        assert engine.proposed > 0
+        return [tokens[i] for i in ids]
+
+    first = run(3)
+    assert run(3) == first and run(4) != first
+    assert all(len(t) == 30 for t in first)

@@ -7,6 +7,7 @@
     litllm_requests_total{finish_reason}                   counter: engine requests finished (stop, length, abort)
     litllm_time_to_first_token_seconds                     histogram: submit -> first token
     litllm_time_per_output_token_seconds                   histogram: per request, (last - first token) / (n - 1)
+    litllm_spec_decode_draft_tokens / _acceptance_ratio    gauges (--draft_model): draft tokens proposed / accepted share
 
 The bridge calls `submitted` on the event loop and `dispatched` from the engine thread (under its lock);
 the gauges are read from the engine when scraped.
@@ -40,6 +41,11 @@ class ServerMetrics:
         Gauge("litllm_prefix_cache_hit_ratio", "Fraction of the prompt tokens admitted whose KV was reused from the "
               "prefix cache (serve --prefix_caching)", registry=registry).set_function(
             lambda: engine.prefix_hits / max(engine.prefix_queries, 1))
+        if hasattr(engine, "proposed"):  # serve --draft_model
+            Gauge("litllm_spec_decode_draft_tokens", "Tokens the draft model proposed (serve --draft_model)",
+                  registry=registry).set_function(lambda: engine.proposed)
+            Gauge("litllm_spec_decode_acceptance_ratio", "Fraction of the draft model's proposed tokens the model "
+                  "accepted", registry=registry).set_function(lambda: engine.accepted / max(engine.proposed, 1))
         self.prompt_tokens = Counter("litllm_prompt_tokens", "Prompt tokens of the requests accepted (each prompt "
                                      "once, whatever n)", registry=registry)
         self.generation_tokens = Counter("litllm_generation_tokens", "Tokens generated", registry=registry)

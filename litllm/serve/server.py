@@ -40,6 +40,8 @@ def serve(
     shutdown_timeout: float = 20.0,
     model_name: Optional[str] = None,
     compile: Optional[bool] = None,
+    draft_model: Optional[Path] = None,
+    num_speculative_tokens: int = 4,
     load: dict,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests (continuous batching).
@@ -73,42 +75,87 @@ def serve(
             training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
         compile: Compile the decode step with `torch.compile` before serving, its kernels cached in
             ~/.cache/litllm/torch_compile (default: yes, unless $LITLLM_COMPILE says 0; false: never).
+        draft_model: Speculative decoding: a small converted model folder with the same tokenizer that proposes
+            tokens for the model to check, in the steps where every running request decodes plainly (no
+            logprobs, no grammar, none waiting); the same output; the acceptance rate is in /metrics.
+        num_speculative_tokens: Tokens the draft model proposes per step (with --draft_model).
     """
     from litllm.model_folder import check_model_folder
 
     _check_flags(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, max_queue=max_queue,
                  max_seq_length=max_seq_length, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
                  shutdown_timeout=shutdown_timeout, model_name=model_name)
-    api_key = api_key or os.environ.get("LITLLM_API_KEY") or None
+    if draft_model is not None:
+        _check_draft_flags(load, compile, num_speculative_tokens)
     checkpoint_dir = check_model_folder(checkpoint_dir)
     _check_installed()
+    _follow_rank_0_if_worker(checkpoint_dir, prompt_style, load)
+    sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
+    loaded = load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # as `generate` loads
+    engine, max_seq_length = _start_engine(loaded, draft_model, load["precision"], max_batch_size, max_seq_length,
+                                           compile, num_speculative_tokens, prefill_chunk=prefill_chunk,
+                                           prefix_caching=prefix_caching)
+    _serve_engine(engine, loaded, sock, host, model_name or default_model_name(checkpoint_dir), max_seq_length,
+                  capacity=max_batch_size + max_queue, api_key=api_key or os.environ.get("LITLLM_API_KEY") or None,
+                  max_request_bytes=max_request_bytes, read_timeout=read_timeout, shutdown_timeout=shutdown_timeout)
+
+
+def _follow_rank_0_if_worker(checkpoint_dir: Path, prompt_style: Optional[str], load: dict) -> None:
+    """A tensor-parallel rank > 0 started by torchrun/srun runs rank 0's engine steps and never returns; rank 0
+    alone binds the port."""
     from litllm.parallel.launch import is_launched_worker
 
     if is_launched_worker() and load["devices"] * load["num_nodes"] > 1:
-        load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # a tensor-parallel rank > 0 (torchrun/srun):
-        # it runs rank 0's engine steps and never returns; rank 0 alone binds the port
-    sock = bind_socket(host, port)  # before the slow part: a taken port fails at once
-    from litllm.generate import decode_engine
+        load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))
+
+
+def _check_draft_flags(load: dict, compile: Optional[bool], num_speculative_tokens: int) -> None:
+    if load["devices"] * load["num_nodes"] > 1:
+        raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a model over several devices "
+                          "is not supported yet; drop one of them")
+    if compile:
+        raise LitLLMError("--compile does not apply to speculative decoding (--draft_model) yet: drop one of them")
+    if num_speculative_tokens < 1:
+        raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+
+
+def _serve_engine(engine, loaded, sock, host: str, name: str, max_seq_length: int, *, capacity: int,
+                  api_key: Optional[str], max_request_bytes: int, read_timeout: float, shutdown_timeout: float) -> None:
+    """Run the HTTP server over `engine` on the bound `sock` until SIGINT/SIGTERM."""
     from litllm.serve.app import ServedModel, build_app
     from litllm.serve.bridge import EngineLoop
 
-    loaded = load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))  # as `generate` loads
-    tokenizer, style, model, threads = loaded.tokenizer, loaded.prompt_style, loaded.model, loaded.threads
+    served = ServedModel(
+        name=name, tokenizer=loaded.tokenizer, prompt_style=loaded.prompt_style, max_seq_length=max_seq_length,
+        completion_stops=loaded.stops(chat=False), chat_stops=loaded.stops(), vocab_size=loaded.model.config.vocab_size,
+    )
+    bridge = EngineLoop(engine, capacity=capacity)
+    app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)
+    ready_line = (f"Serving {name} at http://{_url_host(host)}:{sock.getsockname()[1]}/v1 "
+                  f"({loaded.prompt_style.name} prompt style for chat)")
+    _run_uvicorn(app, sock, ready_line, bridge, read_timeout, shutdown_timeout)
+
+
+def _start_engine(loaded, draft_model: Optional[Path], precision, max_batch_size: int, max_seq_length: Optional[int],
+                  compile: Optional[bool], num_speculative_tokens: int, **engine_args):
+    """`(engine, max_seq_length)`: the server's engine over the loaded model, compiled where it pays
+    (`decode_engine`), or speculating with the draft model when one is given; its KV-cache size said."""
+    from litllm.generate import decode_engine, load_draft
+
+    model, tokenizer, threads = loaded.model, loaded.tokenizer, loaded.threads
+    draft = draft_model and load_draft(model, tokenizer, draft_model, precision)
     tokenizer.processor = GILFreeEncoder(tokenizer.processor)
     max_seq_length = resolve_max_seq_length(model, max_batch_size, max_seq_length)
-    engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile,
-                           exact_length=True, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching)
+    if draft:
+        from litllm.speculative import SpeculativeBatchEngine
+
+        engine = SpeculativeBatchEngine(model, draft, tokenizer, max_batch_size, max_seq_length, threads=threads,
+                                        num_speculative_tokens=num_speculative_tokens, **engine_args)
+    else:
+        engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile, exact_length=True,
+                               **engine_args)
     _print_kv_cache_size(model, max_batch_size, max_seq_length)
-    served = ServedModel(
-        name=model_name or default_model_name(checkpoint_dir), tokenizer=tokenizer, prompt_style=style,
-        max_seq_length=max_seq_length, completion_stops=loaded.stops(chat=False),
-        chat_stops=loaded.stops(), vocab_size=model.config.vocab_size,
-    )
-    bridge = EngineLoop(engine, capacity=max_batch_size + max_queue)
-    app = build_app(served, bridge, api_key, max_request_bytes=max_request_bytes, read_timeout=read_timeout)
-    url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
-    ready_line = f"Serving {served.name} at {url}/v1 ({style.name} prompt style for chat)"
-    _run_uvicorn(app, sock, ready_line, bridge, read_timeout, shutdown_timeout)
+    return engine, max_seq_length
 
 
 def _check_installed() -> None:
