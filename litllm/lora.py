@@ -443,6 +443,7 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
     (recorded in `rank_pattern`/`alpha_pattern` so the scaling stays `alpha / r`).
     """
     from litllm.hf.config import infer_model_type
+    from litllm.hf.family import STACKED_EXPERTS
     from litllm.hf.weights import hf_sources, qkv_to_interleaved, weight_map
     from litllm.utils import atomic_path
 
@@ -461,6 +462,9 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
         enabled = [n for n, _ in module.parts if n in module.lora_A]
         a_of = {n: module.lora_A[n].detach().float() for n in enabled}
         b_of = {n: module.lora_B[n].detach().float() for n in enabled}
+        if source.layout == STACKED_EXPERTS:
+            raise LitLLMError(f"{path}: its HF weight {source.names[0]} holds every expert in one parameter, which a "
+                              "PEFT LoRA can't adapt; export without LoRA on the experts (no --lora_mlp) or merge it")
         if source.concatenated:  # HF has one module per part
             for (name, _), hf_name in zip(module.parts, source.names):
                 if name in a_of:

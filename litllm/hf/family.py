@@ -26,7 +26,9 @@ class HFSource:
     names: one name, or several concatenated along dim 0 into one fused litllm tensor (q/k/v -> `qkv`,
         gate/up -> `fc`).
     layout: set when one fused HF tensor has its q/k/v rows interleaved and they must be reordered into
-        litllm's [q heads | k heads | v heads] (`"neox_qkv"`: per head; `"falcon_qkv"`: per kv group).
+        litllm's [q heads | k heads | v heads] (`"neox_qkv"`: per head; `"falcon_qkv"`: per kv group);
+        `"stacked_experts"`: one HF parameter (no `.weight` suffix) holds every expert's weight, transposed,
+        (n_expert, in, out); litllm's expert `e` is its `[e].T` (Llama 4 `experts.gate_up_proj`).
     In a family's weight map the names are templates with `{i}` (layer) and `{e}` (expert).
     """
 
@@ -39,7 +41,12 @@ class HFSource:
 
     def fill(self, suffix: str, **values: str) -> "HFSource":
         """The template with its `{i}`/`{e}` filled and the parameter suffix (`weight`/`bias`) appended."""
+        if self.layout == STACKED_EXPERTS:  # a bare nn.Parameter: no suffix, and no expert in its name
+            return HFSource(tuple(n.format(i=values.get("i", "")) for n in self.names), self.layout)
         return HFSource(tuple(n.format(**values) + "." + suffix for n in self.names), self.layout)
+
+
+STACKED_EXPERTS = "stacked_experts"
 
 
 def one(name: str) -> HFSource:

@@ -3,6 +3,6 @@
 `extensions/example_family.py`)."""
 
 from litllm.hf.families import (  # noqa: F401 (imported to register)
-    falcon, gemma, gemma2, gemma3, gpt_neox, granite, llama, ministral3, mistral, mixtral, olmo2, olmo3, olmoe, phi,
+    falcon, gemma, gemma2, gemma3, gpt_neox, granite, llama, llama4, ministral3, mistral, mixtral, olmo2, olmo3, olmoe, phi,
     phi3, qwen2, qwen3, qwen3_moe, smollm3, stablelm,
 )
