@@ -499,6 +499,8 @@ class MoE(nn.Module):
 
     scale_inputs = False
     """Weight each expert's input by its routing weight instead of its output (Llama 4)."""
+    eager_sparse_experts = None
+    """`sparse_experts` that torch.compile leaves out of its graphs (set on first use: it imports torch._dynamo)."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -507,6 +509,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(GatedMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
         # (B*T, n_expert) of the last forward, kept while training with a load-balancing loss (GPT.forward reads it)
         self.router_logits: Optional[torch.Tensor] = None
+        if MoE.eager_sparse_experts is None:  # made before any tracing: creating it inside a graph would break it
+            MoE.eager_sparse_experts = torch.compiler.disable(MoE.sparse_experts)
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, n_expert) logits -> each token's expert weights (N, k), fp32, and expert indices (N, k)."""
@@ -523,10 +527,13 @@ class MoE(nn.Module):
         if self.training and self.config.router_aux_loss_coef:
             self.router_logits = router_logits
         weights, chosen = self.route(router_logits)
-        if is_fake(x) and x.size(0) > self.config.n_expert and not torch.compiler.is_compiling():
+        fake = not torch.compiler.is_compiling() and is_fake(x)  # (is_fake can't be traced: test it outside only)
+        if fake and x.size(0) > self.config.n_expert:
             y = self.balanced_experts(x, weights.to(x.dtype))
-        elif self.use_dense(x):
+        elif fake or self.use_dense(x):
             y = self.dense_experts(x, weights, chosen)
+        elif torch.compiler.is_compiling():  # data-dependent block sizes: eager between compiled graphs
+            y = MoE.eager_sparse_experts(self, x, weights.to(x.dtype), chosen)
         else:
             y = self.sparse_experts(x, weights.to(x.dtype), chosen)
         return y.view(B, T, C)
@@ -547,10 +554,9 @@ class MoE(nn.Module):
         return y
 
     def use_dense(self, x: torch.Tensor) -> bool:
-        """x: (N, C). Dense for at most n_expert tokens (decoding, eager or compiled) and on fake tensors."""
-        return x.size(0) <= self.config.n_expert or (is_fake(x) and not torch.compiler.is_compiling())
+        """x: (N, C). Dense for at most n_expert tokens (decoding, eager or compiled)."""
+        return x.size(0) <= self.config.n_expert
 
-    @torch.compiler.disable  # data-dependent block sizes: eager inside a compiled model (one graph break)
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""
         k = chosen.size(1)
@@ -558,7 +564,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
         token = order // k  # (N*k,) token of each sorted slot
         counts = torch.bincount(flat, minlength=self.config.n_expert).tolist()  # the one host sync
-        xs, ws = x[token].split(counts), weights.reshape(-1)[order, None].split(counts)
+        xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
         out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
         return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
 
