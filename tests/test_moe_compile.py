@@ -11,7 +11,7 @@ from hf_models import VOCAB, save_hf_checkpoint
 from litllm.convert import convert_to_litllm
 from litllm.model import GPT, MoE
 
-FAMILIES = ["qwen3_moe", "llama4"]
+FAMILIES = ["qwen3_moe", "llama4", "deepseek_v3"]  # MoE, Llama4MoE, GroupedMoE (+ gpt-oss's ClampedSwiGLUMoE below)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_compiled_blocks_train_like_eager(models):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["gpt_oss"])
 def test_decode_step_traces_as_one_graph(family, models):
     """The engine's compiled decode step (`Engine(compile=True)`, benchmarks/generate.py): one token through the
     whole model with a KV cache, no graph break (no host sync), and the logits eager gives."""
