@@ -80,14 +80,22 @@ class Config:
     """RoPE base of sliding-window layers when it differs (Gemma-3, OLMo-3)."""
     nope_layer_period: Optional[int] = None
     """k: layer i has no positional encoding (NoPE) when (i + 1) % k == 0 (SmolLM3: 4). None: RoPE everywhere."""
+    rope_interleaved: bool = False
+    """RoPE rotates adjacent pairs of dimensions (2j, 2j+1) (DeepSeek's MLA, Llama 4's complex rotation), not the
+    two halves."""
+    nope_attn_scale: Optional[float] = None
+    """Attention temperature tuning on NoPE layers (Llama 4 `attn_scale`): queries scaled by
+    1 + nope_attn_scale * log(1 + floor((position + 1) / nope_floor_scale)). None: off."""
+    nope_floor_scale: Optional[int] = None
 
     # --- attention ---
     attn_bias: bool = False
     """Bias on the query/key/value projections."""
     attn_out_bias: bool = False
     """Bias on the attention output projection."""
-    norm_qk: Literal[None, "head", "full"] = None
-    """Normalize queries and keys per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2)."""
+    norm_qk: Literal[None, "head", "full", "l2"] = None
+    """Normalize queries and keys per head (Qwen3, Gemma-3) or over the whole projection (OLMo-2); "l2": per head
+    without a weight, on RoPE layers only (Llama 4 `use_qk_norm`)."""
     attention_scores_scalar: Optional[float] = None
     """Scale scores by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma-2 `query_pre_attn_scalar`)."""
     attention_multiplier: Optional[float] = None
@@ -109,13 +117,13 @@ class Config:
     """MLA: the rotary part of each query/key head (head_size = qk_nope_head_dim + qk_rope_head_dim)."""
     v_head_dim: Optional[int] = None
     """MLA: each value head's size (defaults to head_size)."""
-    rope_interleaved: bool = False
-    """RoPE rotates adjacent pairs (x0, x1), (x2, x3)... instead of the two halves (DeepSeek)."""
     attention_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     sliding_window_size: Optional[int] = None
     sliding_window_period: Optional[int] = None
     """None: every layer uses the sliding window. k: layer i is global when (i + 1) % k == 0."""
+    attention_chunk_size: Optional[int] = None
+    """RoPE layers attend only within chunks of this many positions (Llama 4 chunked local attention)."""
 
     # --- block layout ---
     norm_class_name: Literal["RMSNorm", "LayerNorm"] = "LayerNorm"
@@ -136,8 +144,9 @@ class Config:
     """Scale each branch's output before adding it to the residual stream (Granite)."""
 
     # --- MLP ---
-    mlp_class_name: Literal["GatedMLP", "GeluMLP", "MoE"] = "GeluMLP"
-    """GatedMLP: act(gate) * up (SwiGLU/GeGLU); GeluMLP: act(fc); MoE: top-k of GatedMLP experts."""
+    mlp_class_name: Literal["GatedMLP", "GeluMLP", "MoE", "Llama4MoE"] = "GeluMLP"
+    """GatedMLP: act(gate) * up (SwiGLU/GeGLU); GeluMLP: act(fc); MoE: top-k of GatedMLP experts; Llama4MoE:
+    sigmoid top-k that scales the experts' inputs, plus a shared expert."""
     activation: Literal["silu", "gelu", "gelu_tanh"] = "gelu"
     mlp_bias: bool = False
     n_expert: int = 0
@@ -197,7 +206,7 @@ class Config:
             if self.mlp_class_name != "GeluMLP":
                 raise LitLLMError(f"{self.mlp_class_name} needs intermediate_size")
             self.intermediate_size = 4 * self.n_embd
-        if self.mlp_class_name == "MoE" and not (0 < self.n_expert_per_token <= self.n_expert):
+        if self.is_moe_model and not (0 < self.n_expert_per_token <= self.n_expert):
             raise LitLLMError("MoE needs 0 < n_expert_per_token <= n_expert")
         if self.n_expert % self.n_expert_groups or not 0 < self.n_topk_groups <= self.n_expert_groups:
             raise LitLLMError(f"n_expert ({self.n_expert}) must split into n_expert_groups ({self.n_expert_groups}) "
@@ -223,8 +232,12 @@ class Config:
             return self.n_layer * (self.kv_lora_rank + self.qk_rope_head_dim)
         return 2 * self.n_layer * self.n_query_groups * self.head_size
 
+    @property
+    def is_moe_model(self) -> bool:
+        return self.mlp_class_name in ("MoE", "Llama4MoE")
+
     def is_moe(self, layer_idx: int) -> bool:
-        return self.mlp_class_name == "MoE" and layer_idx not in (self.dense_mlp_layers or ())
+        return self.is_moe_model and layer_idx not in (self.dense_mlp_layers or ())
 
     @property
     def expert_intermediate_size(self) -> int:
@@ -232,6 +245,9 @@ class Config:
 
     def uses_rope(self, layer_idx: int) -> bool:
         return self.nope_layer_period is None or (layer_idx + 1) % self.nope_layer_period != 0
+
+    def is_chunked(self, layer_idx: int) -> bool:
+        return self.attention_chunk_size is not None and self.uses_rope(layer_idx)
 
     def is_sliding(self, layer_idx: int) -> bool:
         if self.sliding_window_size is None:

@@ -17,8 +17,9 @@ from litllm.config import Config
 from litllm.errors import LitLLMError
 from litllm.hf import fp8, mxfp4
 from litllm.hf.config import config_from_hf, config_to_hf, infer_model_type
+from litllm.hf.family import QKV_LAYOUTS, STACKED_EXPERTS
 from litllm.hf.weights import (
-    IGNORED_HF, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
+    IGNORED_HF, expert_index, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
 )
 from litllm.model_folder import (
     CONFIG_FILE, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
@@ -72,9 +73,14 @@ def convert_to_litllm(
             raise LitLLMError(
                 f"{checkpoint_dir}: weight {missing[0]} is missing but config.json ({config.hf_model_type}) needs it"
             )
-        tensors = [_read_weight(hf, n, target_dtype, fp8_block, used) for n in names]
+        expert = expert_index(lit_name) if source.layout == STACKED_EXPERTS else None
+        if expert is not None:  # Llama 4: litllm's expert e is the HF stack's [e] (in, out), transposed
+            used.update(names)
+            tensors = [hf.get_row(names[0], expert).T.contiguous()]
+        else:
+            tensors = [_read_weight(hf, n, target_dtype, fp8_block, used) for n in names]
         tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-        if source.layout and tensor.shape[0] == expected[lit_name].shape[0]:
+        if source.layout in QKV_LAYOUTS and tensor.shape[0] == expected[lit_name].shape[0]:
             tensor = qkv_from_interleaved(tensor, source.layout, config)
         if tuple(tensor.shape) != tuple(expected[lit_name].shape):
             raise LitLLMError(
@@ -192,10 +198,13 @@ def convert_from_litllm(
             shard_specs = {hf_name: specs[hf_name] for hf_name, _, _ in shard}
             with SafetensorsWriter(tmp / fname, shard_specs) as writer:
                 for hf_name, lit_name, how in shard:
-                    if lit_name not in cache:
-                        cache.clear()  # a fused tensor's parts are consecutive in the plan
-                        cache[lit_name] = read_tensor(lit_file, lit_name)
-                    tensor = cache[lit_name]
+                    if how[0] == "stack":
+                        tensor = torch.stack([read_tensor(lit_file, name).T for name in how[1]])
+                    else:
+                        if lit_name not in cache:
+                            cache.clear()  # a fused tensor's parts are consecutive in the plan
+                            cache[lit_name] = read_tensor(lit_file, lit_name)
+                        tensor = cache[lit_name]
                     if how[0] == "rows":
                         tensor = tensor[how[1]: how[1] + how[2]]
                     elif how[0] == "interleave":
@@ -217,14 +226,24 @@ def _export_plan(lit, config: Config, mapping, target_dtype: Optional[torch.dtyp
     headers."""
     plan: list[tuple[str, str, tuple]] = []
     specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    stacks: dict[str, list[str]] = {}  # a stacked HF tensor -> its experts' litllm names
     for lit_name in lit.keys():
         sl = lit.get_slice(lit_name)
         shape, st_dtype = sl.get_shape(), sl.get_dtype()
         out_dtype = target_dtype or _ST_TO_DTYPE[st_dtype]
         source = hf_sources(lit_name, mapping)
-        if not source.concatenated:
+        if source.layout == STACKED_EXPERTS and expert_index(lit_name) is not None:  # (Llama 4) every expert's
+            # tensor into one HF tensor, (n_expert, in, out)
             hf_name = source.names[0]
-            plan.append((hf_name, lit_name, ("interleave", source.layout) if source.layout else ("whole",)))
+            if hf_name not in stacks:
+                stacks[hf_name] = []
+                plan.append((hf_name, lit_name, ("stack", stacks[hf_name])))
+                specs[hf_name] = (torch.Size([config.n_expert, shape[1], shape[0]]), out_dtype)
+            stacks[hf_name].append(lit_name)
+        elif not source.concatenated:
+            hf_name = source.names[0]
+            qkv = source.layout in QKV_LAYOUTS
+            plan.append((hf_name, lit_name, ("interleave", source.layout) if qkv else ("whole",)))
             specs[hf_name] = (torch.Size(shape), out_dtype)
         else:
             sizes = split_sizes(lit_name, config, len(source.names))

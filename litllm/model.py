@@ -94,7 +94,7 @@ class GPT(nn.Module):
             return self._logits(x, logits_to_keep)
         c = self.config
         loss = chunked_cross_entropy(self.head, self.norm_f(x), targets, ignore_index)
-        if self.training and c.router_aux_loss_coef and c.mlp_class_name == "MoE":
+        if self.training and c.router_aux_loss_coef and c.is_moe_model:
             # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
             routers = [m for m in self.modules() if isinstance(m, MoE)]
             aux = load_balancing_loss([m.router_logits for m in routers], c.n_expert, c.n_expert_per_token)
@@ -164,7 +164,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
             layer_rope = (rope_local if sliding else rope) if c.uses_rope(i) else None
-            x = block(x, layer_rope, masks[sliding], input_pos, kv_len)
+            x = block(x, layer_rope, masks[sliding or c.is_chunked(i)], input_pos, kv_len)
         return x
 
     def _rope(self, positions: torch.Tensor) -> tuple[tuple, tuple]:
@@ -202,7 +202,8 @@ class GPT(nn.Module):
         kv_len: Optional[int],
         document_ids: Optional[torch.Tensor] = None,
     ) -> dict[bool, Optional[torch.Tensor]]:
-        """Boolean masks (B|1, 1, T, L), True = attend, keyed by "is this a sliding-window layer".
+        """Boolean masks (B|1, 1, T, L), True = attend, keyed by "is this a local layer" (a sliding window, or
+        Llama 4's chunks: a query sees the keys of its own `attention_chunk_size` block of positions).
 
         Without a cache, causality is by index in the sequence; with one (`cache_pos` (B, T) or (T,)),
         by position: a query sees the cache slots at positions <= its own, at a size fixed by the cache
@@ -211,12 +212,12 @@ class GPT(nn.Module):
         a query sees only keys of its own document. Sliding windows count positions in the row, which
         within one document are its positions. On CUDA, packed rows get FlexAttention BlockMasks instead.
         """
-        window = self.config.sliding_window_size
+        window, chunk = self.config.sliding_window_size, self.config.attention_chunk_size
         if document_ids is not None and key_padding_mask is None and use_flex_attention(device):
             full = document_block_mask(document_ids)
             return {False: full, True: full if window is None else document_block_mask(document_ids, window)}
         plain = cache_pos is None and key_padding_mask is None and document_ids is None
-        if plain and window is None:
+        if plain and window is None and chunk is None:
             return {False: None, True: None}
         if cache_pos is None:
             q_pos = torch.arange(T, device=device)
@@ -235,6 +236,9 @@ class GPT(nn.Module):
         masks: dict[bool, Optional[torch.Tensor]] = {False: None if plain else causal, True: causal}
         if window is not None:
             masks[True] = causal & (distance < window)
+        if chunk is not None:  # (a model has a window or chunks, not both)
+            same_chunk = (q_pos[..., None] // chunk) == (k_pos // chunk)  # (T, L) or (B, T, L)
+            masks[True] = causal & (same_chunk[:, None] if same_chunk.dim() == 3 else same_chunk[None, None])
         return masks
 
     # ------------------------------------------------------------------ KV cache
@@ -363,9 +367,15 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         if c.norm_qk == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
+            q, k = deinterleave(q), deinterleave(k)
         if c.rope_n_elem > 0 and rope is not None:
             cos, sin = rope[:2]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if c.norm_qk == "l2" and rope is not None:  # Llama 4: weightless RMSNorm, RoPE layers only
+            q, k = l2_norm(q, c.norm_eps), l2_norm(k, c.norm_eps)
+        if c.nope_attn_scale is not None and rope is None:
+            q = q * nope_temperature(c, input_pos, T, q.device).to(q.dtype)
         if rope is not None and len(rope) == 3:  # position-dependent query scale (see Config.query_scale_beta)
             scale_q = rope[2]
             q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
@@ -480,6 +490,19 @@ def mla_softmax_scale(config: Config) -> float:
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
     """(..., n) with rotary pairs adjacent -> their first elements, then their second ones (rotate-half layout)."""
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight over the last dim, computed in fp32 (Llama 4's qk-norm)."""
+    return F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+
+def nope_temperature(c: Config, input_pos: Optional[torch.Tensor], T: int, device: torch.device) -> torch.Tensor:
+    """Llama 4's attention temperature of NoPE layers: a query scale that grows with its position, broadcastable
+    over (B, nh, T, hs). Positions: input_pos ((T,) or (B, T)), or 0..T-1."""
+    pos = input_pos if input_pos is not None else torch.arange(T, device=device)
+    scale = 1 + c.nope_attn_scale * torch.log1p(torch.floor((pos.float() + 1.0) / c.nope_floor_scale))
+    return scale[None, None, :, None] if scale.dim() == 1 else scale[:, None, :, None]
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float],
@@ -630,52 +653,78 @@ class GeluMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of gated-MLP experts; each token goes to its top-k experts (Mixtral).
+    """Mixture of gated-MLP experts; each token goes to its top-k experts (Mixtral, Qwen3-MoE, OLMoE), plus
+    `n_shared_expert` shared experts every token goes through (one GatedMLP of that many experts' size, added to
+    the routed sum: DeepSeek, GLM-4.5, Llama 4). Subclasses change the routing (`route`), the experts
+    (`make_experts`) or where the routing weight applies (`scale_inputs`); the dispatch below serves them all.
 
-    Two ways to run the experts, with equal results (experts summed in index order, as transformers does):
-    - sparse (eager, many tokens: training, prefill): each expert runs on the tokens routed to it only,
-      `index_add_` back into place -- k / n_expert of the dense FLOPs (1/4 for Mixtral). Which tokens go
-      where is read back from the device (`torch.where`): a host sync and data-dependent shapes.
-    - dense (decode-sized inputs, torch.compile): every expert on every token, weighted 0
-      where not chosen. No shape depends on the routing, so no host sync, static shapes for
-      torch.compile and FakeTensorMode (`litllm estimate` of decoding). For at most `n_expert` tokens the
-      wasted FLOPs are small beside reading the expert weights, which both paths do.
+    Ways to run the experts, with equal results (each token's experts summed in expert index order):
+    - sparse (many tokens: training, prefill, also under torch.compile): tokens sorted by expert, each expert
+      runs once on its contiguous block of routed tokens, `index_add_` back into place -- k / n_expert of the
+      dense FLOPs. The block sizes are read back from the device once per layer (one host sync, not one per
+      expert); under torch.compile this dispatch runs eagerly (one graph break per MoE layer, the rest compiled).
+    - dense (decode-sized inputs, at most n_expert tokens): every expert on every token, weighted 0 where not
+      chosen. No shape depends on the routing: no host sync, static shapes for torch.compile and CUDA graphs,
+      FakeTensorMode (`litllm estimate` of decoding). For so few tokens the wasted FLOPs are small beside reading
+      the expert weights, which both paths do.
     - balanced (fake tensors, more tokens: `litllm estimate` of training/prefill): the sparse path's shapes
       for perfectly balanced routing, so the estimate holds the activations sparse dispatch holds.
     The choice is made on the shape and the tracing mode, never on data.
     """
 
+    scale_inputs = False
+    """Weight each expert's input by its routing weight instead of its output (Llama 4)."""
+    eager_sparse_experts = None
+    """`sparse_experts` that torch.compile leaves out of its graphs (set on first use: it imports torch._dynamo)."""
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=config.router_bias)
+        self.experts = self.make_experts(config)
+        size = config.expert_intermediate_size * config.n_shared_expert
+        self.shared_experts = GatedMLP(config, size) if config.n_shared_expert else None
         # (B*T, n_expert) of the last forward, kept while training with a load-balancing loss (GPT.forward reads it)
         self.router_logits: Optional[torch.Tensor] = None
+        if MoE.eager_sparse_experts is None:  # made before any tracing: creating it inside a graph would break it
+            MoE.eager_sparse_experts = torch.compiler.disable(MoE.sparse_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        x = x.reshape(-1, C)  # (B*T, C)
-        router_logits, probs, weights, chosen = self.route(x)
-        if self.training and self.config.router_aux_loss_coef:
-            self.router_logits = router_logits
-        if is_fake(x) and x.size(0) > self.config.n_expert and not torch.compiler.is_compiling():
-            y = self.balanced_experts(x, weights.to(x.dtype))
-        elif self.use_dense(x):
-            y = self.dense_experts(x, probs, weights, chosen)
-        else:
-            y = self.sparse_experts(x, weights.to(x.dtype), chosen)
-        return y.view(B, T, C)
+    def make_experts(self, config: Config) -> nn.Module:
+        """The experts, iterable as one callable per expert (index order): `MoE`'s dispatch paths run them."""
+        return nn.ModuleList(GatedMLP(config, config.expert_intermediate_size) for _ in range(config.n_expert))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, C) -> router logits (N, n_expert), scores (N, n_expert) fp32, each token's expert weights
-        (N, k) fp32 and chosen experts (N, k)."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, C) -> router logits (N, n_expert) (the load-balancing loss reads them), each token's expert
+        weights (N, k) fp32 and chosen experts (N, k)."""
         router_logits = self.router(x)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # (N, n_expert)
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (N, k)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return router_logits, probs, weights, chosen
+        return router_logits, weights, chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(-1, C)  # (B*T, C)
+        router_logits, weights, chosen = self.route(x)
+        if self.training and self.config.router_aux_loss_coef:
+            self.router_logits = router_logits
+        fake = not torch.compiler.is_compiling() and is_fake(x)  # (is_fake can't be traced: test it outside only)
+        if fake and x.size(0) > self.config.n_expert:
+            y = self.balanced_experts(x, weights.to(x.dtype))
+        elif fake or self.use_dense(x):
+            y = self.dense_experts(x, weights, chosen)
+        elif torch.compiler.is_compiling():  # data-dependent block sizes: eager between compiled graphs
+            y = MoE.eager_sparse_experts(self, x, weights.to(x.dtype), chosen)
+        else:
+            y = self.sparse_experts(x, weights.to(x.dtype), chosen)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(B, T, C)
+
+    def run_expert(self, expert: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens x (n, C) with their routing weights (n, 1)."""
+        return expert(x * weights) if self.scale_inputs else expert(x) * weights
 
     def balanced_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Fake tensors (`litllm estimate` of training/prefill): the sparse path's shapes under perfectly balanced
@@ -685,28 +734,43 @@ class MoE(nn.Module):
         rows = torch.arange(n, device=x.device)
         y = torch.zeros_like(x)
         for slot, expert in enumerate(self.experts):
-            y.index_add_(0, rows, expert(x[:n]) * weights[:n, slot % weights.size(1), None])
+            y.index_add_(0, rows, self.run_expert(expert, x[:n], weights[:n, slot % weights.size(1), None]))
         return y
 
     def use_dense(self, x: torch.Tensor) -> bool:
-        """x: (N, C). Dense for at most n_expert tokens, under torch.compile and on fake tensors."""
-        return x.size(0) <= self.config.n_expert or torch.compiler.is_compiling() or is_fake(x)
+        """x: (N, C). Dense for at most n_expert tokens (decoding, eager or compiled)."""
+        return x.size(0) <= self.config.n_expert
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""
+        k = chosen.size(1)
+        flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
+        token = order // k  # (N*k,) token of each sorted slot
+        counts = torch.bincount(flat, minlength=self.config.n_expert).tolist()  # the one host sync
+        xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
+        out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
+        return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
+
+    def dense_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        # (N, n_expert): each token's weight for every expert, 0 for the ones it did not choose
+        dense = weights.new_zeros(x.size(0), self.config.n_expert).scatter_(1, chosen, weights).to(x.dtype)
         y = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(chosen == e)  # host sync: the number of tokens routed to e
-            if token_idx.numel():
-                y.index_add_(0, token_idx, expert(x[token_idx]) * weights[token_idx, slot, None])
+            y = y + self.run_expert(expert, x, dense[:, e, None])  # unchosen experts add exactly 0
         return y
 
-    def dense_experts(self, x, probs, weights, chosen) -> torch.Tensor:
-        # (N, n_expert): each token's weight for every expert, 0 for the ones it did not choose
-        dense = torch.zeros_like(probs).scatter_(1, chosen, weights).to(x.dtype)
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            y = y + expert(x) * dense[:, e, None]  # unchosen experts add exactly 0
-        return y
+
+class Llama4MoE(MoE):
+    """Llama 4's MoE: the top-k router logits through a sigmoid weight each chosen expert's *input* (not its
+    output); its shared expert is `n_shared_expert` 1."""
+
+    scale_inputs = True
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = self.router(x)
+        top, chosen = router_logits.topk(self.config.n_expert_per_token, dim=-1)  # (N, k)
+        return router_logits, torch.sigmoid(top.float()), chosen
 
 
 class StackedLinear(nn.Module):
@@ -755,12 +819,8 @@ class ClampedSwiGLUMoE(MoE):
     """gpt-oss's MoE: a router with a bias picks each token's top-k experts, weighted by the softmax over their
     logits (= the renormalised top-k probabilities, `moe_normalize_topk`), run as `ClampedSwiGLUExperts`."""
 
-    def __init__(self, config: Config) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=config.router_bias)
-        self.experts = ClampedSwiGLUExperts(config)
-        self.router_logits: Optional[torch.Tensor] = None
+    def make_experts(self, config: Config) -> nn.Module:
+        return ClampedSwiGLUExperts(config)
 
 
 class GroupedRouter(nn.Linear):
@@ -778,7 +838,7 @@ class GroupedRouter(nn.Linear):
         if config.moe_correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(config.n_expert, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, C) -> as `MoE.route`."""
         c = self.config
         logits = F.linear(x.float(), self.weight.float())  # (N, n_expert)
@@ -794,25 +854,18 @@ class GroupedRouter(nn.Linear):
         weights = scores.gather(1, chosen)
         if c.moe_normalize_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return logits, scores, weights * c.routed_scaling_factor, chosen
+        return logits, weights * c.routed_scaling_factor, chosen
 
 
 class GroupedMoE(MoE):
-    """MoE with `GroupedRouter` routing and `n_shared_expert` shared experts (one GatedMLP every token goes
-    through, added to the routed experts' sum): DeepSeek-V2/V3, GLM-4.5."""
+    """MoE with `GroupedRouter` routing (and shared experts, as `MoE` runs them): DeepSeek-V2/V3, GLM-4.5."""
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.router = GroupedRouter(config)
-        size = config.expert_intermediate_size * config.n_shared_expert
-        self.shared_experts = GatedMLP(config, size) if config.n_shared_expert else None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.router(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        return y + self.shared_experts(x) if self.shared_experts is not None else y
 
 
 def uses_grouped_router(config: Config) -> bool:
@@ -821,13 +874,13 @@ def uses_grouped_router(config: Config) -> bool:
 
 
 def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
-    if config.mlp_class_name == "MoE" and not config.is_moe(layer_idx):
-        return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers)
+    if config.is_moe_model and not config.is_moe(layer_idx):
+        return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers, Llama 4 moe_layers)
     if config.mlp_class_name == "MoE" and config.swiglu_limit is not None:
         return ClampedSwiGLUMoE(config)
     if config.mlp_class_name == "MoE" and uses_grouped_router(config):
         return GroupedMoE(config)
-    return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE}[config.mlp_class_name](config)
+    return {"GatedMLP": GatedMLP, "GeluMLP": GeluMLP, "MoE": MoE, "Llama4MoE": Llama4MoE}[config.mlp_class_name](config)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, k: int) -> torch.Tensor:

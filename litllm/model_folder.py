@@ -437,6 +437,18 @@ class HFWeights:
             return read_tensor(file, raw)
         return self._open(file)[raw]
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """`get(name)[index]`, reading only that slice of a safetensors file (one expert of a stacked tensor)."""
+        file, raw = self._where[name], self._names[name]
+        if file.suffix != ".safetensors":
+            return self._open(file)[raw][index]
+
+        def read() -> torch.Tensor:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_slice(raw)[index]
+
+        return _read(file, "safetensors", read)
+
 
 def read_tensor(file: str | Path, name: str) -> torch.Tensor:
     """Read one tensor from a safetensors file, unmapping the file right after.

@@ -134,6 +134,15 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
         num_nextn_predict_layers=0, pad_token_id=0, bos_token_id=0, eos_token_id=1,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    # Llama 4: 4 experts top-1 (sigmoid, input-scaled) + shared expert in layers 1 and 3 (step 2), dense MLPs in 0
+    # and 2; NoPE in layer 3 with temperature tuning (floor 4, so it changes within the test sequences); chunked
+    # attention (16) and L2 qk-norm on the RoPE layers; llama3 rope scaling
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        COMMON, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+        intermediate_size_mlp=112, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        attention_chunk_size=16, floor_scale=4, attn_scale=0.5, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16))),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=112, partial_rotary_factor=0.25, use_qkv_bias=True)),
 }

@@ -168,6 +168,16 @@ def test_estimate_runs(gpt_oss_checkpoint):
     assert estimate["method"] == "lora" and sum(estimate["breakdown"].values()) > 0
 
 
+def test_training_flops_are_the_formulas(gpt_oss_checkpoint):
+    """The FLOPs torch counts in a training forward + backward (stacked experts dispatched sparsely, sinks'
+    explicit softmax) are what `flops_per_token` says: its stacked experts' weights are counted, k of n."""
+    from litllm.train.flops import flops_per_token, measured_flops
+
+    model = GPT.from_checkpoint(gpt_oss_checkpoint)
+    x = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert measured_flops(model, x, x) == pytest.approx(flops_per_token(model.config, 32) * 2 * 32, rel=1e-3)
+
+
 # openai/gpt-oss-120b's config.json (the Hub's, MXFP4 quantization_config and token ids aside)
 GPT_OSS_120B = {
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "head_dim": 64,

@@ -48,7 +48,7 @@ def test_longrope_short_sequences_use_short_factors(family, converted):
 
 # the families of 2025-26 (one module each in litllm/hf/families/)
 NEW_FAMILIES = ["smollm3", "olmo3", "granite", "ministral3", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2",
-                "glm4_moe"]
+                "glm4_moe", "llama4"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "mixtral", "phi", "gemma3", "qwen3"] + NEW_FAMILIES)
@@ -153,11 +153,8 @@ def test_moe_sparse_for_many_tokens_dense_for_decode_and_equal(converted):
             with torch.no_grad():
                 out = moe(x)
                 x2 = x.reshape(-1, x.size(-1))
-                probs = torch.softmax(moe.router(x2), dim=-1, dtype=torch.float32)
-                weights, chosen = probs.topk(k, dim=-1)
-                if moe.config.moe_normalize_topk:
-                    weights = weights / weights.sum(dim=-1, keepdim=True)
-                dense = moe.dense_experts(x2, probs, weights, chosen)
+                _, weights, chosen = moe.route(x2)
+                dense = moe.dense_experts(x2, weights, chosen)
                 sparse = moe.sparse_experts(x2, weights, chosen)
             assert sum(seen[:n_expert]) == expected, tokens  # expert token counts of moe(x)
             torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=0)
@@ -210,6 +207,11 @@ def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
     ("deepseek_v2", "routed_scaling_factor", 1.0),
     ("glm4_moe", "moe_correction_bias", False),
     ("glm4_moe", "rotary_percentage", 1.0),
+    ("llama4", "attention_chunk_size", None),  # the test sequence (40) spans 3 chunks of 16
+    ("llama4", "nope_attn_scale", None),  # temperature tuning of the NoPE layer
+    ("llama4", "norm_qk", None),
+    ("llama4", "rope_interleaved", False),
+    ("llama4", "nope_layer_period", None),
 ])
 def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted):
     """The parity above is not luck: without the family's quirk the logits leave transformers' by over 5x

@@ -26,15 +26,16 @@ class HFSource:
     names: one name, or several concatenated along dim 0 into one fused litllm tensor (q/k/v -> `qkv`,
         gate/up -> `fc`).
     layout: set when one fused HF tensor has its q/k/v rows interleaved and they must be reordered into
-        litllm's [q heads | k heads | v heads] (`"neox_qkv"`: per head; `"falcon_qkv"`: per kv group).
+        litllm's [q heads | k heads | v heads] (`"neox_qkv"`: per head; `"falcon_qkv"`: per kv group);
+        `STACKED_EXPERTS`: the checkpoint stores an MoE layer's experts as one bare HF parameter (no `.weight`
+        suffix; a bias, if any, is `<name>_bias`), (n_expert, in, out): gpt-oss's and Llama 4's
+        `experts.gate_up_proj` / `experts.down_proj`. A litllm template with `{e}` (one Linear per expert,
+        Llama 4) is the stack's `[e].T`; one without (gpt-oss's `StackedLinear`) is the stack itself.
     In a family's weight map the names are templates with `{i}` (layer) and `{e}` (expert).
     """
 
     names: tuple[str, ...]
     layout: Optional[str] = None
-    joined_suffix: bool = False
-    """The weight is the name itself and the bias `<name>_bias` (gpt-oss's stacked experts: `gate_up_proj`,
-    `gate_up_proj_bias`), instead of `<name>.weight` / `<name>.bias`."""
 
     @property
     def concatenated(self) -> bool:
@@ -42,10 +43,14 @@ class HFSource:
 
     def fill(self, suffix: str, **values: str) -> "HFSource":
         """The template with its `{i}`/`{e}` filled and the parameter suffix (`weight`/`bias`) appended."""
-        if self.joined_suffix:
+        if self.layout == STACKED_EXPERTS:  # a bare nn.Parameter: no `.weight`, and no expert in its name
             end = "" if suffix == "weight" else "_" + suffix
-            return HFSource(tuple(n.format(**values) + end for n in self.names), self.layout)
+            return HFSource(tuple(n.format(i=values.get("i", "")) + end for n in self.names), self.layout)
         return HFSource(tuple(n.format(**values) + "." + suffix for n in self.names), self.layout)
+
+
+STACKED_EXPERTS = "stacked_experts"
+QKV_LAYOUTS = ("neox_qkv", "falcon_qkv")
 
 
 def one(name: str) -> HFSource:
@@ -58,6 +63,11 @@ def cat(*names: str) -> HFSource:
 
 def interleaved(layout: str, name: str) -> HFSource:
     return HFSource((name,), layout)
+
+
+def stacked(name: str) -> HFSource:
+    """Every expert of a layer in one HF parameter `name` (see `HFSource`)."""
+    return HFSource((name,), STACKED_EXPERTS)
 
 
 WeightMap = dict[str, HFSource]
@@ -87,7 +97,10 @@ class Family:
     """When the weight names depend on the config (Falcon's norms), the map for this config."""
     stacked_experts: Optional[str] = None
     """transformers' (>= 5) module holding an MoE layer's experts as stacked tensors `gate_up_proj` (E, 2I, C) and
-    `down_proj` (E, C, I), as a template with `{i}`: where a PEFT export puts the experts' LoRA."""
+    `down_proj` (E, C, I) *at runtime*, as a template with `{i}`: where a PEFT export puts the experts' LoRA
+    (Mixtral, Qwen3-MoE, OLMoE, whose checkpoints store one tensor per expert). None: the experts' LoRA has no
+    PEFT form here, as for checkpoints that store the experts stacked already (`STACKED_EXPERTS`, gpt-oss/Llama 4,
+    whose transformers stacks are (E, in, out))."""
     wrappers: tuple[str, ...] = field(default=())
     """`model_type`s of multimodal wrappers whose `text_config` is this family (`gemma3` -> `gemma3_text`)."""
 

@@ -9,6 +9,7 @@ parameter suffix (`.weight` / `.bias`) is appended on both sides. The model itse
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 
@@ -17,7 +18,7 @@ from litllm.hf import families as _builtin_families  # noqa: F401 (registers the
 from litllm.hf.family import FAMILIES, HFSource, WeightMap
 
 # HF buffers that are not weights (recomputed by every implementation) and parts litllm doesn't run
-IGNORED_HF = re.compile(r"(rotary_emb\.inv_freq|attention\.bias$|attention\.masked_bias$|^vision_tower\.|"
+IGNORED_HF = re.compile(r"(rotary_emb\.inv_freq|attention\.bias$|attention\.masked_bias$|^vision_tower\.|^vision_model\.|"
                         r"^multi_modal_projector\.|^model\.vision_tower\.|^model\.multi_modal_projector\.)")
 
 
@@ -37,6 +38,12 @@ def _template(lit_name: str) -> tuple[str, dict[str, str]]:
         values["e"] = m.group(1)
         lit_name = lit_name[: m.start()] + ".experts.{e}." + lit_name[m.end():]
     return lit_name, values
+
+
+def expert_index(lit_param: str) -> Optional[int]:
+    """`blocks.3.mlp.experts.5.fc.weight` -> 5; None for a tensor of no single expert (`experts.gate_up.weight`)."""
+    e = _template(lit_param.rpartition(".")[0])[1].get("e")
+    return None if e is None else int(e)
 
 
 def hf_sources(lit_param: str, mapping: WeightMap) -> HFSource:
@@ -80,7 +87,7 @@ def split_sizes(lit_param: str, config: Config, n_parts: int) -> list[int]:
         return [config.n_head * config.head_size] + [config.n_query_groups * config.head_size] * 2
     if n_parts == 2:  # gate | up
         size = config.expert_intermediate_size if ".experts." in lit_param else config.intermediate_size
-        if ".shared_experts." in lit_param:
+        if ".shared_experts." in lit_param:  # n_shared_expert experts' worth
             size = config.expert_intermediate_size * config.n_shared_expert
         return [size] * 2
     raise ValueError(f"don't know how to split {lit_param} into {n_parts} parts")

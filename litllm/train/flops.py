@@ -36,15 +36,16 @@ PEAK_FLOPS: dict[str, tuple[float, float, float]] = {
 
 
 def matmul_parameters(config: Config) -> int:
-    """Weights used in matmuls: every Linear layer's (the head included, once even when tied).
+    """Weights used in matmuls: every Linear layer's (the head included, once even when tied), and every
+    expert's of stacked experts (gpt-oss's `StackedLinear`).
 
     The input embedding is a lookup, and norms/biases cost O(1) per weight: neither is counted.
     """
-    from litllm.model import GPT
+    from litllm.model import GPT, StackedLinear
 
     with torch.device("meta"):
         model = GPT(config)
-    linears = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
+    linears = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, StackedLinear))}
     return sum(linears.values())
 
 

@@ -11,7 +11,7 @@
 
 from litllm.errors import LitLLMError
 from litllm.hf.families.llama import FLAGS, WEIGHTS
-from litllm.hf.family import Family, HFSource, layer_types, one, period_from_layer_types, register
+from litllm.hf.family import Family, layer_types, one, period_from_layer_types, register, stacked
 
 L = "model.layers.{i}"
 WEIGHTS = {k: v for k, v in WEIGHTS.items()
@@ -19,8 +19,8 @@ WEIGHTS = {k: v for k, v in WEIGHTS.items()
 WEIGHTS.update({
     "blocks.{i}.attn": one(f"{L}.self_attn"),  # its own parameter: `sinks`
     "blocks.{i}.mlp.router": one(f"{L}.mlp.router"),
-    "blocks.{i}.mlp.experts.gate_up": HFSource((f"{L}.mlp.experts.gate_up_proj",), joined_suffix=True),
-    "blocks.{i}.mlp.experts.down": HFSource((f"{L}.mlp.experts.down_proj",), joined_suffix=True),
+    "blocks.{i}.mlp.experts.gate_up": stacked(f"{L}.mlp.experts.gate_up_proj"),
+    "blocks.{i}.mlp.experts.down": stacked(f"{L}.mlp.experts.down_proj"),
 })
 FLAGS = {**FLAGS, "mlp_class_name": "MoE", "attention_sinks": True, "router_bias": True, "moe_normalize_topk": True,
          "swiglu_limit": 7.0, "sliding_window_period": 2}

@@ -1,0 +1,192 @@
+"""MoE speed: a small Qwen3-MoE, litllm beside transformers, same weights, one process run.
+
+    python benchmarks/moe.py                       # 16 experts top-2, hidden 256, 4 layers, fp32, CPU
+    python benchmarks/moe.py --n_expert 8 --hidden 512 --repeats 5
+    python benchmarks/moe.py --compile             # also litllm's training step with each block compiled
+
+Times (1) a training step, forward -> cross-entropy -> backward -> AdamW step -> zero_grad, on one random batch,
+and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as `litllm generate`
+runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
+`litllm convert_to_litllm`. Repeats alternate between the two so that load from other users of the machine hits
+both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
+that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
+hooks on the experts) in the training forward, the prefill and one decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_checkpoint(folder: Path, args) -> None:
+    import transformers
+
+    from litllm.convert import convert_to_litllm
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.n_layer, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=2 * args.hidden,
+        moe_intermediate_size=args.expert_size, num_experts=args.n_expert, num_experts_per_tok=args.top_k,
+        norm_topk_prob=True, max_position_embeddings=4096, router_aux_loss_coef=0.0, bos_token_id=0, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    model.save_pretrained(folder)
+    convert_to_litllm(folder)
+
+
+def expert_flops_share(model, run) -> float:
+    """Routed tokens' expert FLOPs / expert FLOPs computed, while `run()` runs (hooks count expert input rows)."""
+    from litllm.model import MoE
+
+    computed, routed = [0], [0]
+    hooks = []
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        for expert in moe.experts:
+            hooks.append(expert.register_forward_hook(lambda m, a, o: computed.__setitem__(0, computed[0] + a[0].shape[0])))
+        hooks.append(moe.register_forward_pre_hook(
+            lambda m, a: routed.__setitem__(0, routed[0] + a[0].numel() // a[0].size(-1) * m.config.n_expert_per_token)))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return routed[0] / computed[0]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_expert", type=int, default=16)
+    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--expert_size", type=int, default=256)
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
+    args = parser.parse_args()
+
+    import transformers
+
+    from litllm.engine import Engine, Request
+    from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
+    from litllm.model import GPT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_checkpoint(folder, args)
+        hf_train = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        lit_train = GPT.from_checkpoint(folder).train()
+        lit_compiled = GPT.from_checkpoint(folder).train() if args.compile else None
+        lit = load_for_inference(folder, device="cpu", precision="32-true")
+        optimize_for_decoding(lit)
+        lit_threads = pick_decode_threads(lit)
+    experts_impl = hf.config._experts_implementation
+
+    # ---------------------------------------------------------------- training step
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=g)
+    targets = torch.cat([idx[:, 1:], torch.full((args.batch, 1), -100)], dim=1)
+    # AdamW over all parameters at once (foreach), as `litllm.train.optimizer.build_optimizer` sets it up on CPUs;
+    # the same for transformers
+    opts = {"litllm": torch.optim.AdamW(lit_train.parameters(), lr=1e-4, foreach=True),
+            "transformers": torch.optim.AdamW(hf_train.parameters(), lr=1e-4, foreach=True)}
+
+    def lit_step(model=lit_train, opt=opts["litllm"]):
+        model(idx, targets=targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def hf_step():
+        hf_train(idx, labels=idx).loss.backward()
+        opts["transformers"].step()
+        opts["transformers"].zero_grad(set_to_none=True)
+
+    with torch.no_grad():  # same weights, same loss
+        same_loss = abs(lit_train(idx, targets=targets).item() - hf_train(idx, labels=idx).loss.item())
+    train_share = expert_flops_share(lit_train, lambda: lit_train(idx, targets=targets))
+
+    # ---------------------------------------------------------------- greedy decoding
+    prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,), generator=g)
+    n = args.new_tokens
+    engine = Engine(lit, None, 1, prompt.numel() + n, threads=lit_threads)
+
+    def lit_decode():
+        engine.add(Request(prompt.tolist(), n))
+        tokens = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens += out.token_ids
+        return tokens
+
+    @torch.inference_mode()
+    def hf_decode():
+        out = hf.generate(prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, prompt.numel():].tolist()
+
+    same_tokens = lit_decode() == hf_decode()
+    lit.set_kv_cache(1, prompt.numel() + 1)
+    with torch.no_grad():
+        prefill_share = expert_flops_share(lit, lambda: lit(prompt[None], input_pos=torch.arange(prompt.numel())))
+        decode_share = expert_flops_share(lit, lambda: lit(prompt[None, :1], input_pos=torch.tensor([prompt.numel()])))
+    lit.clear_kv_cache()
+
+    runs = {name: [] for name in ("litllm train", "transformers train", "litllm decode", "transformers decode")}
+    lit_step(), hf_step()  # warm-up (optimizer state)
+    if lit_compiled is not None:
+        for block in lit_compiled.blocks:
+            block.compile()
+        compiled_opt = torch.optim.AdamW(lit_compiled.parameters(), lr=1e-4, foreach=True)
+        start = time.perf_counter()
+        lit_step(lit_compiled, compiled_opt)  # compiles
+        print(f"compiling litllm's blocks took {time.perf_counter() - start:.0f} s")
+        runs["litllm train compiled"] = []
+    for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
+        runs["transformers train"].append(timed(hf_step))
+        runs["litllm train"].append(timed(lit_step))
+        if lit_compiled is not None:
+            runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt)))
+        runs["transformers decode"].append(timed(hf_decode))
+        runs["litllm decode"].append(timed(lit_decode))
+
+    tokens = {"train": args.batch * args.seq, "decode": n}
+    print(f"Qwen3-MoE {args.n_layer} layers, hidden {args.hidden}, {args.n_expert} experts top-{args.top_k} of size "
+          f"{args.expert_size}, fp32, CPU: {torch.get_num_threads()} threads (litllm decodes with {lit_threads}), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; transformers experts: {experts_impl}")
+    print(f"same training loss: {same_loss:.1e} apart; same greedy tokens: {same_tokens}")
+    print(f"train step: batch {args.batch} x {args.seq}; decoding: prompt {args.prompt_tokens}, {n} new tokens, batch 1")
+    print(f"{'':22s}{'tokens/s best':>14s}{'median':>10s}")
+    best = {}
+    for name, times in runs.items():
+        kind = name.split()[1]
+        best[name] = tokens[kind] / min(times)
+        print(f"{name:22s}{best[name]:14.1f}{tokens[kind] / statistics.median(times):10.1f}")
+    for name in (n for n in runs if n.startswith("litllm")):
+        kind = name.split()[1]
+        print(f"{name} / transformers {kind}: {best[name] / best[f'transformers {kind}']:.2f}x (best of {args.repeats})")
+    print(f"useful share of litllm's expert FLOPs: training forward {train_share:.0%}, prefill {prefill_share:.0%}, "
+          f"decode step {decode_share:.0%} (k / n_expert = {args.top_k / args.n_expert:.0%})")
+
+
+if __name__ == "__main__":
+    main()
