@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "finetune_adapter": "litllm.finetune:finetune_adapter",
     "finetune_adapter_v2": "litllm.finetune:finetune_adapter_v2",
     "finetune_dpo": "litllm.finetune:finetune_dpo",
+    "finetune_grpo": "litllm.finetune:finetune_grpo",
     "merge_lora": "litllm.lora:merge_lora",
     "evaluate": "litllm.evaluate:evaluate",
     "evaluate_perplexity": "litllm.evaluate:evaluate_perplexity",

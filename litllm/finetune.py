@@ -1,4 +1,5 @@
-"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`.
+"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`,
+`finetune_grpo`.
 
     litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
     litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
@@ -57,6 +58,14 @@ DPO_TRAIN = TrainArgs(
 )
 DPO_EVAL = EvalArgs(interval=100, max_iters=100)
 DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
+# GRPO: batch sizes count prompts (each gets --num_generations completions); max_seq_length unset: the longest
+# prompt + --max_new_tokens
+GRPO_TRAIN = TrainArgs(
+    save_interval=100, log_interval=1, global_batch_size=4, micro_batch_size=1, lr_warmup_steps=0, epochs=1,
+    max_seq_length=None,
+)
+GRPO_EVAL = EvalArgs(interval=50, max_iters=4)
+GRPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5, "weight_decay": 0.0}}
 
 
 @dataclass
@@ -82,6 +91,8 @@ class FinetuneJob:
     preference: Any = None
     """`litllm.preference.PreferenceSettings` (finetune_dpo only): the method's loss becomes a preference loss."""
     precompute_reference: bool = False
+    grpo: Any = None
+    """finetune_grpo only: {"settings": `litllm.grpo.loss.GRPOSettings`, "rewards": [`litllm.grpo.rewards.Reward`]}."""
     resume_dir: Optional[Path] = None
     """The checkpoint `--resume` names, resolved once before launch (None: start fresh)."""
 
@@ -247,6 +258,91 @@ def finetune_dpo(
                            precompute_reference=precompute_reference))
 
 
+@finetune_command(
+    None, "out/finetune/grpo", train=GRPO_TRAIN, eval=GRPO_EVAL, optimizer=GRPO_OPTIMIZER,
+    docs={
+        "checkpoint_dir": "The converted model folder to start from (usually an instruction-tuned one).",
+        "data": "The prompts: `--data Prompts --data.json_path prompts.jsonl` (see `litllm.data.prompts`).",
+        "train": "Training settings (batch sizes count prompts, each sampled `--num_generations` times).",
+        "eval": "Validation settings; validation samples the held-out prompts and reports `val_reward`.",
+        "optimizer": "A torch.optim class name or {class_path, init_args}.",
+    },
+)
+@with_flags("lora", LoRASettings, prefix="lora_")
+def finetune_grpo(
+    reward: Optional[list[str]] = None,
+    reward_weights: Optional[list[float]] = None,
+    format_pattern: str = r"<think>.*?</think>\s*<answer>.*?</answer>",
+    length_target: int = 256,
+    num_generations: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: Optional[int] = None,
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    scale_rewards: Literal["group", "batch", "none"] = "group",
+    num_iterations: int = 1,
+    mask_truncated_completions: bool = False,
+    method: Literal["lora", "full"] = "lora",
+    quantize: Optional[QuantizeMode] = None,
+    lora: Optional[dict[str, Any]] = None,
+    *,
+    job: FinetuneJob,
+) -> TrainResult:
+    """Reinforce a model with rewards a program checks (GRPO): sample completions, score them, raise the better ones.
+
+    Args:
+        reward: A reward function, repeatable: `accuracy` (the record's `answer` against the completion's final
+            answer), `format` (`--format_pattern`), `length` (a penalty past `--length_target` tokens), or your own
+            `file.py:function` / `package.module:function`, called as `fn(prompts, completions, completion_ids,
+            **record_fields) -> list[float]` (TRL's signature).
+        reward_weights: One weight per `--reward` (default 1 each); the reward is their weighted sum.
+        format_pattern: The regex the `format` reward matches the whole completion against.
+        length_target: Completion tokens past which the `length` reward falls (to -1 at twice as many).
+        num_generations: Completions sampled per prompt (the group whose rewards are compared).
+        max_new_tokens: Completion length limit in tokens.
+        temperature: Sampling temperature of the rollouts (and of the log-probs the loss uses).
+        top_p: Nucleus sampling threshold of the rollouts.
+        top_k: Sample among the k most likely tokens only (unset: all).
+        loss_type: `dapo` (TRL's default: token-level mean over the batch), `grpo` (mean of per-completion means),
+            `bnpo` (token mean per micro-batch), `dr_grpo` (sum / (completions x max_new_tokens)).
+        epsilon: Lower clipping bound of the importance ratio (1 - epsilon); the upper one too unless `--epsilon_high`.
+        epsilon_high: Upper clipping bound (1 + epsilon_high); DAPO uses 0.28.
+        beta: Weight of the KL penalty to the reference model (0: no reference pass at all; with LoRA the
+            reference is the model with its adapters switched off).
+        scale_rewards: Divide advantages by the std of the prompt's group (`group`), of the batch (`batch`), or not.
+        num_iterations: Optimizer steps per generated batch (later steps use importance ratios).
+        mask_truncated_completions: Leave completions cut at `--max_new_tokens` out of the loss.
+        method: `lora` (QLoRA with `--quantize`) or `full`.
+        quantize: QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
+            `bnb.int8-training`); LoRA only.
+    """
+    from litllm.data.prompts import Prompts
+    from litllm.grpo.loss import GRPOSettings
+    from litllm.grpo.rewards import load_rewards
+
+    if not isinstance(job.data, Prompts):
+        raise LitLLMError("--data: finetune_grpo needs prompts: --data Prompts --data.json_path FILE")
+    if method not in ("lora", "full"):
+        raise LitLLMError(f"--method: expected lora or full, got {method!r}")
+    if job.train.global_batch_size is None:
+        raise LitLLMError("--train.global_batch_size: finetune_grpo needs it set (prompts per optimizer step)")
+    settings = GRPOSettings(num_generations, max_new_tokens, temperature, top_p, top_k, loss_type, epsilon, epsilon_high,
+                            beta, scale_rewards, num_iterations, mask_truncated_completions)
+    settings.validate()
+    rewards = load_rewards(reward or [], reward_weights, format_pattern, length_target)
+    settings_lora = None
+    if method == "lora":
+        settings_lora = LoRASettings(**lora)
+    elif quantize is not None:
+        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
+    return _launch(replace(job, method=method, quantize=quantize, lora=settings_lora,
+                           grpo={"settings": settings, "rewards": rewards}))
+
+
 # ---------------------------------------------------------------------- shared setup
 def _launch(job: FinetuneJob) -> Any:
     """Validate the arguments (before any process starts or anything is written), then launch `main`."""
@@ -289,7 +385,7 @@ def _launch(job: FinetuneJob) -> Any:
 
     # on GPUs: a warning naming the fix if it won't fit (the estimate models plain finetuning, not DPO's
     # 2B-row micro-batches and reference model: for those, its figure would only reassure wrongly)
-    if job.preference is None:
+    if job.preference is None and job.grpo is None:
         warn_if_too_large(f"finetune_{job.method}", job.hparams, fabric, config, build_method)
     return fabric.launch(main, job, config)
 
@@ -338,6 +434,10 @@ def main(fabric, job: FinetuneJob, config) -> TrainResult:
     method.extra_files["prompt_style.yaml"] = prompt_style_yaml(style)
     if job.preference is not None:
         method = _preference_method(fabric, job, method, config, data, tokenizer, compute_dtype)
+    elif job.grpo is not None:
+        from litllm.grpo.method import configure_grpo
+
+        method = configure_grpo(fabric, job, method, data, tokenizer, style, compute_dtype)
     else:
         method.after_validation = _sample_reply(data, tokenizer, style, job.eval.max_new_tokens)
     logger = None
