@@ -4,7 +4,8 @@ With per-token log-probs `logp` of the policy (logits / temperature), `old` thos
 reference model's and advantage `A` of the completion:
 
     ratio = exp(logp - old);  loss_t = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
-    loss_t += beta * (exp(ref - logp) - (ref - logp) - 1)          (k3 KL estimator, beta > 0 only)
+    loss_t += beta * ratio * (exp(ref - logp) - (ref - logp) - 1)  (k3 KL estimator, beta > 0 only, times the ratio
+                                                                    as TRL's default use_bias_correction_kl)
 
 reduced over the completion tokens by `loss_type`:
 
@@ -151,7 +152,8 @@ def grpo_objective(settings: GRPOSettings, logps: torch.Tensor, old_logps: Optio
 
     if s.beta != 0.0:
         diff = ref_logps - logps
-        kl = torch.exp(diff) - diff - 1
+        # times the ratio (TRL's default use_bias_correction_kl): the unbiased reverse-KL gradient (DeepSeek-V3.2)
+        kl = (torch.exp(diff) - diff - 1) * ratio
         per_token = per_token + s.beta * kl
         metrics["kl"] = masked_mean(kl.detach())
     low = ((ratio < 1 - s.epsilon) & (a < 0)).to(logps.dtype)
