@@ -49,6 +49,16 @@ def _load(target: str):
     return getattr(import_module(module), fn)
 
 
+def append_repeated(argv: list[str], flags) -> list[str]:
+    """`--flag x --flag y` -> jsonargparse's `--flag+ x --flag+ y` (a list flag given several times, as TRL users
+    write `--reward accuracy --reward format`). A command lists them in its function's `repeatable_flags`."""
+    out = []
+    for a in argv:
+        name, eq, value = a.partition("=")
+        out.append(f"{name}+{eq}{value}" if name in flags else a)
+    return out
+
+
 def fill_bare_flags(argv: list[str], flags, value: str = "") -> list[str]:
     """`--flag` given with no value (last, or followed by another flag) -> `--flag=<value>` (default: empty).
 
@@ -197,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         components.update({name: _load(target) for name, target in RAW_COMMAND_HELP.items()})
     if chosen in components:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
+        argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))
 
     try:
         _check_config_files(argv)

@@ -343,6 +343,9 @@ def finetune_grpo(
                            grpo={"settings": settings, "rewards": rewards}))
 
 
+finetune_grpo.repeatable_flags = ("--reward", "--reward_weights")  # `--reward a --reward b` (see litllm.__main__)
+
+
 # ---------------------------------------------------------------------- shared setup
 def _launch(job: FinetuneJob) -> Any:
     """Validate the arguments (before any process starts or anything is written), then launch `main`."""

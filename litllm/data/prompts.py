@@ -52,7 +52,7 @@ def parse_prompt_record(raw: Any, origin: str) -> PromptRecord:
         if not isinstance(raw["prompt"], str) or not raw["prompt"]:
             raise LitLLMError(f"{origin}: 'prompt' must be a non-empty string, got {raw['prompt']!r:.60}")
         return PromptRecord(origin, raw["prompt"], fields)
-    messages = _parse_messages(raw["messages"], f"{origin}: 'messages'")
+    messages = _parse_messages(raw["messages"], f"{origin}: 'messages'", need_reply=False)
     if messages[-1]["role"] == "assistant":
         raise LitLLMError(f"{origin}: the last message must not be the assistant's (the completion follows it)")
     return PromptRecord(origin, messages, fields)

@@ -166,7 +166,8 @@ def grpo_objective(settings: GRPOSettings, logps: torch.Tensor, old_logps: Optio
     if s.loss_type == "grpo":
         loss, count = (summed / mask.sum(-1).clamp(min=1.0)).sum(), n
     elif s.loss_type == "dapo":
-        loss, count = summed.sum(), tokens
+        # a micro-batch with no loss token (all masked as truncated) counts 1: the loop needs a count > 0
+        loss, count = summed.sum(), torch.where(tokens > 0, tokens, torch.ones_like(tokens))
     elif s.loss_type == "bnpo":
         loss, count = summed.sum() / tokens.clamp(min=1.0), torch.ones((), device=logps.device)
     else:  # dr_grpo

@@ -86,7 +86,7 @@ class GRPOLoss:
         else:
             rollout, info = self.generate(model, batch, split, epoch)
             if split == "train" and self.s.num_iterations > 1:
-                self.buffer.rollouts = {key: rollout}
+                self.buffer.rollouts[key] = rollout  # until its last iteration (one per micro-batch of the window)
         if split == "train" and iteration == self.s.num_iterations - 1:
             self.buffer.rollouts.pop(key, None)
         return self.objective(model, rollout, info)
