@@ -81,7 +81,7 @@ def _hf_model(folder):
 def _lora_pair(folder, tmp_path):
     """(litllm GPT with a random LoRA, PEFT model with the same adapter, {litllm name: [PEFT params]})."""
     from litllm.hf.config import infer_model_type
-    from litllm.hf.weights import hf_sources, weight_map
+    from litllm.hf.weights import weight_map
     from litllm.lora import add_lora, save_peft_adapter
 
     lit = GPT.from_checkpoint(folder)
