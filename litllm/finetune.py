@@ -330,6 +330,8 @@ def finetune_grpo(
         raise LitLLMError(f"--method: expected lora or full, got {method!r}")
     if job.train.global_batch_size is None:
         raise LitLLMError("--train.global_batch_size: finetune_grpo needs it set (prompts per optimizer step)")
+    if job.run.strategy == "fsdp":
+        raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
     settings = GRPOSettings(num_generations, max_new_tokens, temperature, top_p, top_k, loss_type, epsilon, epsilon_high,
                             beta, scale_rewards, num_iterations, mask_truncated_completions)
     settings.validate()

@@ -189,8 +189,12 @@ def configure_grpo(fabric, job, method, data, tokenizer, style, compute_dtype):
     from litllm.data.prompts import Prompts
     from litllm.engine import default_stops
 
+    from litllm.train.fabric import uses_fsdp
+
     if not isinstance(data, Prompts):
         raise LitLLMError("--data: finetune_grpo needs prompts: --data Prompts --data.json_path FILE")
+    if uses_fsdp(fabric):  # each rank decodes its own completions: sharded weights would need them in lockstep
+        raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
     settings, rewards = job.grpo["settings"], job.grpo["rewards"]
     buffer = RolloutBuffer()
     data.max_new_tokens, data.num_iterations, data.run_seed = settings.max_new_tokens, settings.num_iterations, job.run.seed
