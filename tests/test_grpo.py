@@ -4,7 +4,7 @@ Rewards: built-ins score what they claim; a user's function loads from a file or
 run with one line naming it. Data: both record shapes, extra fields reach the rewards, bad records name file and
 index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
-(the mean reward rises, fixed seed). (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
+(the mean reward rises, fixed seed); 2 DDP processes give the losses of one process. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
 from __future__ import annotations
@@ -280,3 +280,35 @@ def test_a_tiny_model_learns_to_raise_its_reward(base, prompts_file, reward_file
     assert len(rewards) == 20
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.5 and last > first + 0.3, rewards
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(base, prompts_file, reward_file, tmp_path):
+    """2 CPU processes x 1 prompt per step = 1 process x 2 micro-batches of 1 prompt: the same prompts, completions
+    (seeded per prompt) and global token normalisation, so the same losses, rewards and gradient norms (up to the
+    order of float sums) over 3 steps."""
+    import os
+
+    from litllm.train.loggers import read_csv_rows
+
+    losses = {}
+    for devices, micro in ((1, 1), (2, 1)):
+        out = tmp_path / f"out{devices}"
+        args = [
+            sys.executable, "-m", "litllm", "finetune_grpo", str(base), "--out_dir", str(out), "--accelerator", "cpu",
+            "--devices", str(devices), "--strategy", "ddp" if devices > 1 else "auto", "--precision", "32-true",
+            "--data", "Prompts", "--data.json_path", str(prompts_file), "--data.prompt_style", "default",
+            "--reward", f"{reward_file}:vowels", "--reward", "length", "--length_target", "4",
+            "--num_generations", "4", "--max_new_tokens", "6", "--lora_mlp", "true", "--lora_dropout", "0",
+            "--train.global_batch_size", "2", "--train.micro_batch_size", str(micro), "--train.max_steps", "3",
+            "--train.save_interval", "100", "--eval.interval", "100", "--optimizer.lr", "0.01",
+        ]
+        proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              cwd=tmp_path, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("loss")]
+        losses[devices] = [(float(r["loss"]), float(r["reward"]), float(r["grad_norm"])) for r in rows]
+    assert len(losses[1]) == len(losses[2]) == 3
+    assert sum(grad_norm > 1e-4 for _, _, grad_norm in losses[1]) >= 2, losses  # (the losses themselves are ~0)
+    for one, two in zip(losses[1], losses[2]):
+        assert all(abs(a - b) <= 1e-5 for a, b in zip(one, two)), losses

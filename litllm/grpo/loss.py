@@ -104,6 +104,14 @@ def combine(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return total.masked_fill(torch.isnan(per_function).all(dim=1), float("nan"))
 
 
+def inner_module(model: nn.Module) -> nn.Module:
+    """The GPT inside Fabric's wrapper and, under DDP, inside DistributedDataParallel (its hooks and caches live there)."""
+    from litllm.train.fabric import unwrap
+
+    module = unwrap(model)
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor, prompt_lens: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """Per-token log-probs (N, C) fp32 of each row's completion tokens under softmax(logits / temperature).
@@ -123,7 +131,7 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, completion_mask:
     targets = torch.full_like(input_ids, -100)
     next_tokens = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # (N, L): the token each position predicts
     targets[keep] = next_tokens[keep]
-    with head_only_at(model, keep):
+    with head_only_at(inner_module(model), keep):
         logits = model(input_ids)  # (1, K, V)
     picked = token_logprobs(nn.Identity(), logits / temperature, targets[keep].unsqueeze(0))[0]  # (K,)
     out = torch.zeros(completion_mask.shape, dtype=picked.dtype, device=picked.device)

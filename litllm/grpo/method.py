@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
-from litllm.grpo.loss import GRPOSettings, combine, completion_logps, group_advantages, grpo_objective
+from litllm.grpo.loss import GRPOSettings, combine, completion_logps, group_advantages, grpo_objective, inner_module
 from litllm.grpo.rewards import Reward, score
 from litllm.grpo.rollout import Rollout, completion_seed, pack, sample_completions
 
@@ -121,14 +121,12 @@ class GRPOLoss:
     @torch.no_grad()
     def generate(self, model: nn.Module, batch: dict[str, torch.Tensor], split: str, epoch: int) -> tuple[Rollout, dict]:
         """Sample, score and prepare the rollout of a prompt micro-batch; also ({"rollout/tokens_per_sec": ...})."""
-        from litllm.train.fabric import unwrap
-
         s, device = self.s, batch["input_ids"].device
         indices = batch["index"].tolist()
         prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"].tolist())]
         seeds = [completion_seed(self.run_seed, split, epoch, i, g) for i in indices for g in range(s.num_generations)]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
-        completions, truncated, seconds = sample_completions(unwrap(model), self.tokenizer, prompts, s.num_generations,
+        completions, truncated, seconds = sample_completions(inner_module(model), self.tokenizer, prompts, s.num_generations,
                                                              s.max_new_tokens, sampling, seeds, self.stop_token_ids)
         rewards, texts = self.score(split, indices, completions)
         total = combine(rewards, self.weights)
