@@ -227,6 +227,17 @@ def test_resume_between_iterations_is_bit_exact(runs, base, prompts_file, reward
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), file
 
 
+def test_qlora_samples_through_the_quantized_base(base, prompts_file, reward_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    kwargs = _kwargs(prompts_file, reward_file, quantize="bnb.nf4", lora_mlp=True)
+    kwargs["train"] = TrainArgs(global_batch_size=2, micro_batch_size=1, max_steps=2, lr_warmup_steps=0, save_interval=None)
+    result = finetune_grpo(base, out_dir=out, **kwargs)
+    rows = [r for r in _metrics(out) if r.get("reward")]
+    assert result.step == 2 and len(rows) == 2 and float(rows[-1]["completions/mean_length"]) > 0
+    assert (result.final_dir / "lit_lora.safetensors").is_file()
+
+
 def test_fast_dev_run(base, prompts_file, reward_file, tmp_path, capsys):
     """Also: every completion truncated and masked out of the loss (dapo) trains on nothing, without failing."""
     out = tmp_path / "out"

@@ -100,7 +100,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: ScaleRe
 
 def combine(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(N,) weighted reward of (N, F) per-function rewards; NaN where no function scored a completion."""
-    total = (per_function * weights).nansum(dim=1)
+    total = (per_function * weights.to(per_function.device)).nansum(dim=1)
     return total.masked_fill(torch.isnan(per_function).all(dim=1), float("nan"))
 
 
