@@ -1,4 +1,5 @@
-"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`.
+"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`,
+`finetune_grpo`.
 
     litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
     litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
@@ -36,7 +37,8 @@ import torch
 
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
-from litllm.flags import flat, job_command
+from litllm.flags import flat, job_command, repeatable
+from litllm.grpo.loss import GRPOSettings
 from litllm.lora import FLAG_PREFIX as LORA_FLAGS, LoRASettings
 from litllm.model_folder import AdapterSettings
 from litllm.precision import precision_dtypes
@@ -66,6 +68,14 @@ DPO_TRAIN = TrainArgs(
 )
 DPO_EVAL = EvalArgs(interval=100, max_iters=100)
 DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
+# GRPO: batch sizes count prompts (each gets --num_generations completions); max_seq_length unset: the longest
+# prompt + --max_new_tokens
+GRPO_TRAIN = TrainArgs(
+    save_interval=100, log_interval=1, global_batch_size=4, micro_batch_size=1, lr_warmup_steps=0, epochs=1,
+    max_seq_length=None,
+)
+GRPO_EVAL = EvalArgs(interval=50, max_iters=4)
+GRPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5, "weight_decay": 0.0}}
 
 
 def _default(value: Any) -> Any:
@@ -257,6 +267,74 @@ class DPOJob(FinetuneJob):
         )
 
 
+@dataclass
+class GRPOJob(FinetuneJob):
+    checkpoint_dir: Path
+    """The converted model folder to start from (usually an instruction-tuned one)."""
+    out_dir: Path = Path("out/finetune/grpo")
+    reward: Optional[list[str]] = repeatable()
+    """A reward function, repeatable: `accuracy` (the record's `answer` against the completion's final
+    answer), `format` (`--format_pattern`), `length` (a penalty past `--length_target` tokens), or your own
+    `file.py:function` / `package.module:function`, called as `fn(prompts, completions, completion_ids,
+    **record_fields) -> list[float]` (TRL's signature)."""
+    reward_weights: Optional[list[float]] = repeatable()
+    """One weight per `--reward` (default 1 each); the reward is their weighted sum."""
+    format_pattern: str = r"<think>.*?</think>\s*<answer>.*?</answer>"
+    """The regex the `format` reward matches the whole completion against."""
+    length_target: int = 256
+    """Completion tokens past which the `length` reward falls (to -1 at twice as many)."""
+    grpo: GRPOSettings = flat("", GRPOSettings)
+    method: Literal["lora", "full"] = "lora"
+    """`lora` (QLoRA with `--quantize`) or `full`."""
+    quantize: Optional[QuantizeMode] = None
+    """QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
+    `bnb.int8-training`); LoRA only."""
+    lora: LoRASettings = flat(LORA_FLAGS, LoRASettings)
+    _: KW_ONLY
+    data: Optional[DataModule] = None
+    """The prompts: `--data Prompts --data.json_path prompts.jsonl` (see `litllm.data.prompts`)."""
+    train: TrainArgs = _default(GRPO_TRAIN)
+    """Training settings (batch sizes count prompts, each sampled `--num_generations` times)."""
+    eval: EvalArgs = _default(GRPO_EVAL)
+    """Validation settings; validation samples the held-out prompts and reports `val_reward`."""
+    optimizer: OptimizerSpec = _default(GRPO_OPTIMIZER)
+    """A torch.optim class name or {class_path, init_args}."""
+
+    command: ClassVar[str] = "finetune_grpo"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.method
+
+    def rewards(self) -> list:
+        """The run's `litllm.grpo.rewards.Reward`s (a bad `--reward*` flag: a clear error)."""
+        from litllm.grpo.rewards import load_rewards
+
+        return load_rewards(self.reward or [], self.reward_weights, self.format_pattern, self.length_target)
+
+    def check(self, config) -> None:
+        if self.method == "lora":
+            _check_lora_head(self, config)
+
+    def build_method(self, base_weights=None, device="cpu", param_dtype=None, compute_dtype=None, quantized=True):
+        from litllm.lora import lora_method
+
+        if self.method == "full":
+            return Method(name="full")
+        return lora_method(self.lora, base_weights, self.bnb_mode(quantized), device, param_dtype, compute_dtype)
+
+    def finish_method(self, method, fabric, config, data, tokenizer, out_dir):
+        from litllm.data.sft import resolve_prompt_style
+        from litllm.grpo.method import grpo_method
+
+        style = resolve_prompt_style(getattr(data, "prompt_style", None), tokenizer)
+        return grpo_method(
+            method, self.grpo, self.rewards(), fabric, data, tokenizer, style, checkpoint_dir=self.checkpoint_dir,
+            out_dir=out_dir, seed=self.run.seed, accumulation=self.train.gradient_accumulation_iters(fabric.world_size),
+            compute_dtype=_dtypes(fabric)[1],
+        )
+
+
 # ---------------------------------------------------------------------- the commands
 @job_command
 def finetune_lora(job: LoRAJob) -> TrainResult:
@@ -292,6 +370,26 @@ def finetune_dpo(job: DPOJob) -> TrainResult:
     if job.method not in ("lora", "full"):
         raise LitLLMError(f"--method: expected lora or full, got {job.method!r}")
     job.preference.validate()
+    if job.method == "full" and job.quantize is not None:
+        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
+    return launch(job)
+
+
+@job_command
+def finetune_grpo(job: GRPOJob) -> TrainResult:
+    """Reinforce a model with rewards a program checks (GRPO): sample completions, score them, raise the better ones."""
+    from litllm.data.prompts import Prompts
+
+    if not isinstance(job.data, Prompts):
+        raise LitLLMError("--data: finetune_grpo needs prompts: --data Prompts --data.json_path FILE")
+    if job.method not in ("lora", "full"):
+        raise LitLLMError(f"--method: expected lora or full, got {job.method!r}")
+    if job.train.global_batch_size is None:
+        raise LitLLMError("--train.global_batch_size: finetune_grpo needs it set (prompts per optimizer step)")
+    if job.run.strategy == "fsdp":
+        raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
+    job.grpo.validate()
+    job.rewards()  # a bad --reward / --reward_weights fails here, before launch
     if job.method == "full" and job.quantize is not None:
         raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
     return launch(job)
