@@ -424,8 +424,8 @@ def launch(job: FinetuneJob) -> Any:
             from litllm.quantize import check_quantize_mode
 
             check_quantize_mode(quantize, fabric.device.type, _dtypes(fabric)[1])
-        # on GPUs: a warning naming the fix if it won't fit (estimated commands only: not DPO, whose 2B-row
-        # micro-batches and reference model the estimate doesn't model, so its figure would only reassure wrongly)
+        # on GPUs: a warning naming the fix if it won't fit (DPO's 2 rows per pair, GRPO's rollout KV cache and
+        # a full run's reference copy included)
         warn_if_too_large(job.command, job, fabric, config)
         return fabric.launch(main, job, config, out_dir, resume_dir)
 
