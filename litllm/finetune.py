@@ -9,10 +9,11 @@ method's own before `_: KW_ONLY` and may redeclare a shared one for another defa
 function `finetune_x(job: XJob)` made a command by `litllm.flags.job_command`, which publishes the job's fields
 as today's flat flags and binds them once. The job travels as itself: `launch` checks it and starts `main` on
 every rank, the job builds its `Method` (`build_method`: the builders live beside their method, `lora_method`
-in lora.py, `adapter_method` in adapter.py, `preference_method` in preference.py), `litllm estimate` plans
-from it, and the loop's checkpoint writer flattens it into `hyperparameters.yaml`. A new command: its job
-class (fields with attribute docstrings, `command`/`name`, `build_method`, optionally `check` and
-`finish_method`), its function, and its line in `litllm.__main__.COMMANDS`.
+in lora.py, `adapter_method` in adapter.py, `preference_method` in preference.py, `grpo_method` in
+grpo/method.py), `litllm estimate` plans from it, and the loop's checkpoint writer flattens it into
+`hyperparameters.yaml`. A new command: its job class (fields with attribute docstrings, `command`/`name`,
+`build_method`, optionally `check` and `finish_method`), its function, and its line in
+`litllm.__main__.COMMANDS`.
 
 Every method runs the one shared training loop (`litllm.train.loop.setup` + `fit`); a method is only a
 `Method`: how the loaded model is transformed (LoRA / adapters / quantized base), which
@@ -212,8 +213,36 @@ class AdapterV2Job(AdapterJob):
     version: ClassVar[int] = 2
 
 
+class LoRAOrFull:
+    """The method of a job with the fields `method` ("lora" or "full"), `quantize` and `lora` (DPO, GRPO)."""
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def check_method(self) -> None:
+        """The command's check of `--method` and `--quantize`, before launch."""
+        if self.method not in ("lora", "full"):
+            raise LitLLMError(f"--method: expected lora or full, got {self.method!r}")
+        if self.method == "full" and self.quantize is not None:
+            raise LitLLMError(
+                "--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base"
+            )
+
+    def check(self, config) -> None:
+        if self.method == "lora":
+            _check_lora_head(self, config)
+
+    def build_method(self, base_weights=None, device="cpu", param_dtype=None, compute_dtype=None, quantized=True):
+        from litllm.lora import lora_method
+
+        if self.method == "full":
+            return Method(name="full")
+        return lora_method(self.lora, base_weights, self.bnb_mode(quantized), device, param_dtype, compute_dtype)
+
+
 @dataclass
-class DPOJob(FinetuneJob):
+class DPOJob(LoRAOrFull, FinetuneJob):
     checkpoint_dir: Path
     """The converted model folder to start from (usually an instruction-tuned one)."""
     out_dir: Path = Path("out/finetune/dpo")
@@ -242,21 +271,6 @@ class DPOJob(FinetuneJob):
 
     command: ClassVar[str] = "finetune_dpo"
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.method
-
-    def check(self, config) -> None:
-        if self.method == "lora":
-            _check_lora_head(self, config)
-
-    def build_method(self, base_weights=None, device="cpu", param_dtype=None, compute_dtype=None, quantized=True):
-        from litllm.lora import lora_method
-
-        if self.method == "full":
-            return Method(name="full")
-        return lora_method(self.lora, base_weights, self.bnb_mode(quantized), device, param_dtype, compute_dtype)
-
     def finish_method(self, method, fabric, config, data, tokenizer, out_dir):
         from litllm.preference import preference_method
 
@@ -268,7 +282,7 @@ class DPOJob(FinetuneJob):
 
 
 @dataclass
-class GRPOJob(FinetuneJob):
+class GRPOJob(LoRAOrFull, FinetuneJob):
     checkpoint_dir: Path
     """The converted model folder to start from (usually an instruction-tuned one)."""
     out_dir: Path = Path("out/finetune/grpo")
@@ -302,26 +316,11 @@ class GRPOJob(FinetuneJob):
 
     command: ClassVar[str] = "finetune_grpo"
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.method
-
     def rewards(self) -> list:
         """The run's `litllm.grpo.rewards.Reward`s (a bad `--reward*` flag: a clear error)."""
         from litllm.grpo.rewards import load_rewards
 
         return load_rewards(self.reward or [], self.reward_weights, self.format_pattern, self.length_target)
-
-    def check(self, config) -> None:
-        if self.method == "lora":
-            _check_lora_head(self, config)
-
-    def build_method(self, base_weights=None, device="cpu", param_dtype=None, compute_dtype=None, quantized=True):
-        from litllm.lora import lora_method
-
-        if self.method == "full":
-            return Method(name="full")
-        return lora_method(self.lora, base_weights, self.bnb_mode(quantized), device, param_dtype, compute_dtype)
 
     def finish_method(self, method, fabric, config, data, tokenizer, out_dir):
         from litllm.data.sft import resolve_prompt_style
@@ -367,11 +366,8 @@ def finetune_dpo(job: DPOJob) -> TrainResult:
 
     if not isinstance(job.data, Preference):
         raise LitLLMError("--data: finetune_dpo needs preference pairs: --data Preference --data.json_path FILE")
-    if job.method not in ("lora", "full"):
-        raise LitLLMError(f"--method: expected lora or full, got {job.method!r}")
+    job.check_method()
     job.preference.validate()
-    if job.method == "full" and job.quantize is not None:
-        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
     return launch(job)
 
 
@@ -382,16 +378,13 @@ def finetune_grpo(job: GRPOJob) -> TrainResult:
 
     if not isinstance(job.data, Prompts):
         raise LitLLMError("--data: finetune_grpo needs prompts: --data Prompts --data.json_path FILE")
-    if job.method not in ("lora", "full"):
-        raise LitLLMError(f"--method: expected lora or full, got {job.method!r}")
+    job.check_method()
     if job.train.global_batch_size is None:
         raise LitLLMError("--train.global_batch_size: finetune_grpo needs it set (prompts per optimizer step)")
     if job.run.strategy == "fsdp":
         raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
     job.grpo.validate()
     job.rewards()  # a bad --reward / --reward_weights fails here, before launch
-    if job.method == "full" and job.quantize is not None:
-        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
     return launch(job)
 
 

@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch
 
 from litllm.data.base import DataModule
-from litllm.data.json_data import read_json_records
-from litllm.data.sft import TokenizedDataset, _parse_messages, instruction_prompt, resolve_prompt_style, split_records
+from litllm.data.json_data import load_split_records
+from litllm.data.sft import TokenizedDataset, _parse_messages, instruction_prompt, resolve_prompt_style
 from litllm.errors import LitLLMError
 
 RESERVED = ("prompts", "completions", "completion_ids")
@@ -150,11 +150,7 @@ class Prompts(DataModule):
         self.records: dict[str, list[PromptRecord]] = {}
 
     def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
-        records = [parse_prompt_record(raw, origin) for raw, origin in read_json_records(Path(self.json_path))]
-        if self.val_json_path is not None:
-            val = [parse_prompt_record(raw, origin) for raw, origin in read_json_records(Path(self.val_json_path))]
-            return records, val
-        return split_records(records, self.val_split_fraction, self.seed)
+        return load_split_records(parse_prompt_record, self.json_path, self.val_json_path, self.val_split_fraction, self.seed)
 
     def setup(self) -> None:
         tokenizer = self._require_tokenizer()
