@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo import MAKE  # noqa: E402  (the same random model and tokenizer as the DPO benchmark)
+from dpo import build_model, chosen_sides, run_sides  # noqa: E402  (the DPO benchmark's random model and runner)
 
 REWARD = '''
 def e_share(prompts, completions, **kwargs):
@@ -137,36 +135,17 @@ def main() -> None:
     parser.add_argument("--sides", default="litllm,trl")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    sides = [s.strip() for s in args.sides.split(",")]
-    if set(sides) - set(LABELS):
-        parser.error(f"unknown sides {sorted(set(sides) - set(LABELS))}; expected some of {', '.join(LABELS)}")
+    sides = chosen_sides(parser, args.sides, LABELS)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     folder = workdir / "model"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
-    if not (folder / "lit_model.safetensors").is_file():
-        print(f"Building a random Llama-style model in {folder} ...", file=sys.stderr)
-        made = subprocess.run([sys.executable, "-c", MAKE, str(folder), str(max(32, args.steps * args.prompts * 2)),
-                               str(args.seq), str(args.layers), str(args.width), str(args.vocab)],
-                              capture_output=True, text=True, env=env)
-        if made.returncode:
-            sys.exit(made.stderr[-3000:])
-        print(f"  {int(made.stdout.split()[-1]):,} parameters", file=sys.stderr)
+    build_model(folder, env, max(32, args.steps * args.prompts * 2), args.seq, args.layers, args.width, args.vocab)
     pairs = json.loads((workdir / "pairs.json").read_text())
     (workdir / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p["prompt"]}) for p in pairs))
     (workdir / "bench_reward.py").write_text(REWARD)
-    results = {}
-    for side in sides:
-        out = workdir / f"out-{side}"
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"Running {LABELS[side]} ...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-c", WORKER, side, str(folder), str(out), args.device, str(args.steps),
-                               str(args.prompts), str(args.generations), str(args.new)], capture_output=True, text=True,
-                              env=env)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            continue
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_sides(sides, LABELS, WORKER, folder, workdir, env, args.device, args.steps, args.prompts,
+                        args.generations, args.new)
 
     unit = "GPU MiB (max allocated)" if args.device == "cuda" else "MiB (peak RSS; above: minus RSS before the model)"
     print(f"\n{args.steps} steps x {args.prompts} prompts x {args.generations} completions of <= {args.new} tokens, "
