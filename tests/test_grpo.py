@@ -19,12 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import json_file
+from conftest import assert_final_folder_generates_and_matches_hf, json_file
 from litllm.data.prompts import Prompts
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_grpo
 from litllm.grpo.rewards import accuracy, final_answer, format_reward, length_reward, load_rewards, score
-from litllm.model import GPT
 from litllm.train.args import EvalArgs, TrainArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,21 +190,9 @@ def test_runs_log_trl_metric_names_and_completion_samples(runs, name):
 
 
 def test_final_folder_generates_and_converts_to_hf(runs, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from litllm.convert import convert_from_litllm
-    from litllm.engine import generate_ids
-    from litllm.tokenizer import Tokenizer
-
+    pytest.importorskip("transformers")
     for name in RUNS:
-        final = runs[name][1].final_dir
-        model = GPT.from_checkpoint(final).eval()
-        tokens = generate_ids(model, Tokenizer(final).encode("Say the number 7").tolist(), max_new_tokens=5)
-        assert 0 < len(tokens) <= 5
-        convert_from_litllm(final, tmp_path / name)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
-        x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
+        assert_final_folder_generates_and_matches_hf(runs[name][1].final_dir, tmp_path / name)
     assert (runs["lora"][1].final_dir / "lit_lora.safetensors").is_file()
 
 
