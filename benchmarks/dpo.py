@@ -138,6 +138,44 @@ print(json.dumps({"step_s": statistics.median(times[2:] or times), "peak": peak,
 LABELS = {"litllm": "litllm finetune_dpo (LoRA r=8 q,v)", "trl": "TRL DPOTrainer + PEFT LoRA (r=8 q,v)"}
 
 
+def chosen_sides(parser: argparse.ArgumentParser, sides: str, labels: dict[str, str]) -> list[str]:
+    """The `--sides` list, each one of `labels` (else a parser error)."""
+    chosen = [s.strip() for s in sides.split(",")]
+    if set(chosen) - set(labels):
+        parser.error(f"unknown sides {sorted(set(chosen) - set(labels))}; expected some of {', '.join(labels)}")
+    return chosen
+
+
+def build_model(folder: Path, env: dict, records: int, seq: int, layers: int, width: int, vocab: int) -> None:
+    """The random Llama-style model in `folder` and pairs.json beside it (MAKE), unless already there."""
+    if (folder / "lit_model.safetensors").is_file():
+        return
+    print(f"Building a random Llama-style model in {folder} ...", file=sys.stderr)
+    made = subprocess.run([sys.executable, "-c", MAKE, str(folder), str(records), str(seq), str(layers), str(width),
+                           str(vocab)], capture_output=True, text=True, env=env)
+    if made.returncode:
+        sys.exit(made.stderr[-3000:])
+    print(f"  {int(made.stdout.split()[-1]):,} parameters", file=sys.stderr)
+
+
+def run_sides(sides: list[str], labels: dict[str, str], worker: str, folder: Path, workdir: Path, env: dict,
+              *worker_args) -> dict[str, dict]:
+    """{side: its worker's last stdout line, as JSON}: each side in its own process (`worker` side folder out_dir
+    *worker_args); a failing side prints its error and is left out."""
+    results = {}
+    for side in sides:
+        out = workdir / f"out-{side}"
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"Running {labels[side]} ...", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-c", worker, side, str(folder), str(out), *map(str, worker_args)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -150,32 +188,13 @@ def main() -> None:
     parser.add_argument("--sides", default="litllm,trl")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    sides = [s.strip() for s in args.sides.split(",")]
-    if set(sides) - set(LABELS):
-        parser.error(f"unknown sides {sorted(set(sides) - set(LABELS))}; expected some of {', '.join(LABELS)}")
+    sides = chosen_sides(parser, args.sides, LABELS)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     folder = workdir / "model"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
-    if not (folder / "lit_model.safetensors").is_file():
-        print(f"Building a random Llama-style model in {folder} ...", file=sys.stderr)
-        made = subprocess.run([sys.executable, "-c", MAKE, str(folder), str(max(32, args.steps * args.micro * 2)),
-                               str(args.seq), str(args.layers), str(args.width), str(args.vocab)],
-                              capture_output=True, text=True, env=env)
-        if made.returncode:
-            sys.exit(made.stderr[-3000:])
-        print(f"  {int(made.stdout.split()[-1]):,} parameters", file=sys.stderr)
-    results = {}
-    for side in sides:
-        out = workdir / f"out-{side}"
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"Running {LABELS[side]} ...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-c", WORKER, side, str(folder), str(out), args.device, str(args.steps),
-                               str(args.seq), str(args.micro)], capture_output=True, text=True, env=env)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            continue
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    build_model(folder, env, max(32, args.steps * args.micro * 2), args.seq, args.layers, args.width, args.vocab)
+    results = run_sides(sides, LABELS, WORKER, folder, workdir, env, args.device, args.steps, args.seq, args.micro)
 
     unit = "GPU MiB (max allocated)" if args.device == "cuda" else "MiB (peak RSS; above: minus RSS before the model)"
     print(f"\n{args.steps} steps x {args.micro} pairs, prompt + reply <= {args.seq} tokens, {args.layers} layers x "

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "finetune_adapter": "litllm.finetune:finetune_adapter",
     "finetune_adapter_v2": "litllm.finetune:finetune_adapter_v2",
     "finetune_dpo": "litllm.finetune:finetune_dpo",
+    "finetune_grpo": "litllm.finetune:finetune_grpo",
     "merge_lora": "litllm.lora:merge_lora",
     "evaluate": "litllm.evaluate:evaluate",
     "evaluate_perplexity": "litllm.evaluate:evaluate_perplexity",
@@ -46,6 +47,17 @@ RAW_COMMAND_HELP: dict[str, str] = {"estimate": "litllm.cli_utils:estimate"}
 def _load(target: str):
     module, _, fn = target.partition(":")
     return getattr(import_module(module), fn)
+
+
+def append_repeated(argv: list[str], flags) -> list[str]:
+    """`--flag x --flag y` -> jsonargparse's `--flag+ x --flag+ y` (a list flag given several times, as TRL users
+    write `--reward accuracy --reward format`): a job's fields declared `litllm.flags.repeatable`, which
+    `job_command` lists in the command's `repeatable_flags`."""
+    out = []
+    for a in argv:
+        name, eq, value = a.partition("=")
+        out.append(f"{name}+{eq}{value}" if name in flags else a)
+    return out
 
 
 def fill_bare_flags(argv: list[str], flags, value: str = "") -> list[str]:
@@ -196,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         components.update({name: _load(target) for name, target in RAW_COMMAND_HELP.items()})
     if chosen in components:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
+        argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))
 
     try:
         _check_config_files(argv)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +41,10 @@ from litllm.utils import temporarily
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "kv_cache", "temporaries")
 FOUR_BIT = {"bnb.nf4": "nf4", "bnb.nf4-dq": "nf4", "bnb.fp4": "fp4"}
 TRAIN_COMMANDS = {"pretrain": "pretrain", "finetune": "lora", "finetune_lora": "lora", "finetune_full": "full",
-                  "finetune_adapter": "adapter", "finetune_adapter_v2": "adapter_v2"}
+                  "finetune_adapter": "adapter", "finetune_adapter_v2": "adapter_v2",
+                  "finetune_dpo": None, "finetune_grpo": None}  # None: the job's --method (lora or full)
+# GRPO with --train.max_seq_length unset trains on the longest prompt + --max_new_tokens: prompts estimated this long
+GRPO_PROMPT_TOKENS = 256
 DECODE_COMMANDS = ("generate", "serve")
 
 
@@ -67,6 +70,12 @@ class TrainPlan:
     optimizer: Any = "AdamW"
     max_norm: Optional[float] = 1.0
     total_steps: Optional[int] = None
+    rows_per_sample: int = 1
+    """Rows one sample becomes in the forward pass: 2 for a DPO pair (chosen, rejected), GRPO's num_generations."""
+    reference_copy: bool = False
+    """A frozen copy of the initial model beside the policy (full DPO/GRPO with a reference model)."""
+    rollout_tokens: int = 0
+    """GRPO: positions per row of the KV cache its rollout holds (prompt + max_new_tokens); 0: no rollout."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -238,7 +247,7 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
     from litllm.train.loop import build_train_model, token_cross_entropy, train_step
     from litllm.train.optimizer import build_optimizer
 
-    B = micro_batch_size or plan.micro_batch_size
+    B = (micro_batch_size or plan.micro_batch_size) * plan.rows_per_sample
     T = plan.seq_length
     ac = plan.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     param_dtype, compute_dtype = dtypes(plan.precision)
@@ -299,10 +308,24 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
     parts["temporaries"] -= take
     parts["activations"] -= share - take
     parts["logits_and_loss"] = share
-    parts["kv_cache"] = 0
+    parts["kv_cache"] = rollout_kv_bytes(plan, micro_batch_size)
+    if plan.reference_copy:  # frozen, in the compute dtype, no gradients (GPT.from_checkpoint(dtype=compute_dtype))
+        parts["weights"] += sum(p.numel() for p in model.parameters()) * compute_dtype.itemsize
     parts["structure"] = _structure(model, plan, param_dtype, compute_dtype)
     parts["total"] = sum(parts[k] for k in CATEGORIES)
     return parts
+
+
+def rollout_kv_bytes(plan: TrainPlan, micro_batch_size: Optional[int] = None) -> int:
+    """Bytes of the KV cache a GRPO rollout holds on one device: (prompts x num_generations) rows of
+    `rollout_tokens` positions, `kv_cache_values_per_token` values each, in the model's weight dtype. It lives
+    only while sampling, before the step's forward: counting it on top of the activations is an upper bound."""
+    if not plan.rollout_tokens:
+        return 0
+    param_dtype, compute_dtype = dtypes(plan.precision)
+    dtype = compute_dtype if plan.quantize else param_dtype  # QLoRA loads the (unquantized) embedding in compute dtype
+    rows = (micro_batch_size or plan.micro_batch_size) * plan.rows_per_sample
+    return rows * plan.rollout_tokens * plan.config.kv_cache_values_per_token() * dtype.itemsize
 
 
 def _swap_quantized(parts: dict[str, int], linears: list[nn.Linear], mode: str, dtype: torch.dtype) -> int:
@@ -612,7 +635,8 @@ def peak_memory(plan: TrainPlan, **overrides) -> dict[str, int]:
 def train_flops(plan: TrainPlan, trainable_fraction: float) -> float:
     from litllm.train.flops import flops_per_token
 
-    return flops_per_token(plan.config, plan.seq_length, trainable_fraction) * plan.global_batch_size * plan.seq_length
+    rows = plan.global_batch_size * plan.rows_per_sample
+    return flops_per_token(plan.config, plan.seq_length, trainable_fraction) * rows * plan.seq_length
 
 
 def _trainable_fraction(plan: TrainPlan) -> float:
@@ -642,7 +666,8 @@ def estimate_training(plan: TrainPlan, command: str = "", device_memory: Optiona
         world_size=plan.world_size, strategy=plan.strategy, micro_batch_size=plan.micro_batch_size,
         seq_length=plan.seq_length, activation_checkpointing=plan.activation_checkpointing, quantize=plan.quantize,
         breakdown={k: int(parts[k]) for k in CATEGORIES}, peak_memory_bytes=int(peak),
-        tokens_per_step=plan.global_batch_size * plan.seq_length, flops_per_step=flops, peak_flops=peak_flops,
+        tokens_per_step=plan.global_batch_size * plan.rows_per_sample * plan.seq_length, flops_per_step=flops,
+        peak_flops=peak_flops,
         mfu=mfu, seconds_per_step=seconds, total_steps=plan.total_steps,
         seconds_total=seconds * plan.total_steps if seconds and plan.total_steps else None,
         device_memory_bytes=device_memory, fits=fits, notes=list(plan.notes),
@@ -710,7 +735,12 @@ def plan_from_job(command: str, job: Any, config=None, for_gpu: bool = True) -> 
         strategy = "single" if world_size == 1 else "fsdp"
     precision = run.precision or _default_precision(run.accelerator, for_gpu, notes)
     seq_length = train.max_seq_length or config.block_size
-    if train.max_seq_length is None:
+    grpo = getattr(job, "grpo", None) if command == "finetune_grpo" else None
+    if grpo is not None and train.max_seq_length is None:
+        seq_length = GRPO_PROMPT_TOKENS + grpo.max_new_tokens
+        notes.append(f"--train.max_seq_length unset: estimated for prompts of {GRPO_PROMPT_TOKENS} tokens + "
+                     f"--max_new_tokens {grpo.max_new_tokens}; set it to your longest prompt + --max_new_tokens")
+    elif train.max_seq_length is None:
         notes.append(f"--train.max_seq_length unset: estimated at the model's block_size ({seq_length}); the run "
                      "uses the data's longest sample if shorter")
     seq_length = min(seq_length, config.block_size)
@@ -723,13 +753,26 @@ def plan_from_job(command: str, job: Any, config=None, for_gpu: bool = True) -> 
     else:
         notes.append("the run's length is in epochs: set --train.max_steps or --train.max_tokens for its total time")
     return TrainPlan(
-        config=config, method=TRAIN_COMMANDS[command], lora=getattr(job, "lora", None),
+        config=config, method=TRAIN_COMMANDS[command] or job.method, lora=getattr(job, "lora", None),
         adapter=getattr(job, "adapter", None), quantize=getattr(job, "quantize", None), precision=precision,
         micro_batch_size=train.micro_batch_size, seq_length=seq_length,
         global_batch_size=train.per_device_batch_size(world_size) * world_size, world_size=world_size, strategy=strategy,
         activation_checkpointing=bool(run.activation_checkpointing), optimizer=job.optimizer,
-        max_norm=train.max_norm, total_steps=total_steps, notes=notes,
+        max_norm=train.max_norm, total_steps=total_steps, notes=notes, **_reference_and_rows(command, job, seq_length),
     )
+
+
+def _reference_and_rows(command: str, job: Any, seq_length: int) -> dict[str, Any]:
+    """The TrainPlan fields of DPO's and GRPO's extra rows, rollout and reference model (LoRA's reference is the
+    same model with its adapters off: nothing extra)."""
+    full = getattr(job, "method", None) == "full"
+    if command == "finetune_dpo":
+        reference = full and job.preference.loss != "simpo" and not job.precompute_reference
+        return {"rows_per_sample": 2, "reference_copy": reference}
+    if command == "finetune_grpo":
+        return {"rows_per_sample": job.grpo.num_generations, "reference_copy": full and job.grpo.beta > 0,
+                "rollout_tokens": seq_length}
+    return {}
 
 
 def _default_precision(accelerator: str, for_gpu: bool, notes: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`.
+"""`litllm finetune_lora` (also `finetune`), `finetune_full`, `finetune_adapter`, `finetune_adapter_v2`, `finetune_dpo`,
+`finetune_grpo`.
 
     litllm finetune_lora checkpoints/meta-llama/Llama-3.2-1B --data JSON --data.json_path my_data.json
     litllm finetune_lora checkpoints/meta-llama/Llama-3.1-8B --quantize bnb.nf4 --config config_hub/finetune/llama-3.1-8b/qlora.yaml
@@ -8,10 +9,11 @@ method's own before `_: KW_ONLY` and may redeclare a shared one for another defa
 function `finetune_x(job: XJob)` made a command by `litllm.flags.job_command`, which publishes the job's fields
 as today's flat flags and binds them once. The job travels as itself: `launch` checks it and starts `main` on
 every rank, the job builds its `Method` (`build_method`: the builders live beside their method, `lora_method`
-in lora.py, `adapter_method` in adapter.py, `preference_method` in preference.py), `litllm estimate` plans
-from it, and the loop's checkpoint writer flattens it into `hyperparameters.yaml`. A new command: its job
-class (fields with attribute docstrings, `command`/`name`, `build_method`, optionally `check` and
-`finish_method`), its function, and its line in `litllm.__main__.COMMANDS`.
+in lora.py, `adapter_method` in adapter.py, `preference_method` in preference.py, `grpo_method` in
+grpo/method.py), `litllm estimate` plans from it, and the loop's checkpoint writer flattens it into
+`hyperparameters.yaml`. A new command: its job class (fields with attribute docstrings, `command`/`name`,
+`build_method`, optionally `check` and `finish_method`), its function, and its line in
+`litllm.__main__.COMMANDS`.
 
 Every method runs the one shared training loop (`litllm.train.loop.setup` + `fit`); a method is only a
 `Method`: how the loaded model is transformed (LoRA / adapters / quantized base), which
@@ -36,7 +38,8 @@ import torch
 
 from litllm.data.base import DataModule
 from litllm.errors import LitLLMError
-from litllm.flags import flat, job_command
+from litllm.flags import flat, job_command, repeatable
+from litllm.grpo.loss import GRPOSettings
 from litllm.lora import FLAG_PREFIX as LORA_FLAGS, LoRASettings
 from litllm.model_folder import AdapterSettings
 from litllm.precision import precision_dtypes
@@ -66,6 +69,14 @@ DPO_TRAIN = TrainArgs(
 )
 DPO_EVAL = EvalArgs(interval=100, max_iters=100)
 DPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}}
+# GRPO: batch sizes count prompts (each gets --num_generations completions); max_seq_length unset: the longest
+# prompt + --max_new_tokens
+GRPO_TRAIN = TrainArgs(
+    save_interval=100, log_interval=1, global_batch_size=4, micro_batch_size=1, lr_warmup_steps=0, epochs=1,
+    max_seq_length=None,
+)
+GRPO_EVAL = EvalArgs(interval=50, max_iters=4)
+GRPO_OPTIMIZER: dict[str, Any] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5, "weight_decay": 0.0}}
 
 
 def _default(value: Any) -> Any:
@@ -202,8 +213,36 @@ class AdapterV2Job(AdapterJob):
     version: ClassVar[int] = 2
 
 
+class LoRAOrFull:
+    """The method of a job with the fields `method` ("lora" or "full"), `quantize` and `lora` (DPO, GRPO)."""
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def check_method(self) -> None:
+        """The command's check of `--method` and `--quantize`, before launch."""
+        if self.method not in ("lora", "full"):
+            raise LitLLMError(f"--method: expected lora or full, got {self.method!r}")
+        if self.method == "full" and self.quantize is not None:
+            raise LitLLMError(
+                "--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base"
+            )
+
+    def check(self, config) -> None:
+        if self.method == "lora":
+            _check_lora_head(self, config)
+
+    def build_method(self, base_weights=None, device="cpu", param_dtype=None, compute_dtype=None, quantized=True):
+        from litllm.lora import lora_method
+
+        if self.method == "full":
+            return Method(name="full")
+        return lora_method(self.lora, base_weights, self.bnb_mode(quantized), device, param_dtype, compute_dtype)
+
+
 @dataclass
-class DPOJob(FinetuneJob):
+class DPOJob(LoRAOrFull, FinetuneJob):
     checkpoint_dir: Path
     """The converted model folder to start from (usually an instruction-tuned one)."""
     out_dir: Path = Path("out/finetune/dpo")
@@ -232,21 +271,6 @@ class DPOJob(FinetuneJob):
 
     command: ClassVar[str] = "finetune_dpo"
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.method
-
-    def check(self, config) -> None:
-        if self.method == "lora":
-            _check_lora_head(self, config)
-
-    def build_method(self, base_weights=None, device="cpu", param_dtype=None, compute_dtype=None, quantized=True):
-        from litllm.lora import lora_method
-
-        if self.method == "full":
-            return Method(name="full")
-        return lora_method(self.lora, base_weights, self.bnb_mode(quantized), device, param_dtype, compute_dtype)
-
     def finish_method(self, method, fabric, config, data, tokenizer, out_dir):
         from litllm.preference import preference_method
 
@@ -254,6 +278,59 @@ class DPOJob(FinetuneJob):
             method, self.preference, fabric, data, tokenizer, checkpoint_dir=self.checkpoint_dir, out_dir=out_dir,
             precompute=self.precompute_reference, micro_batch_size=self.train.micro_batch_size,
             max_seq_length=self.train.max_seq_length or config.block_size, compute_dtype=_dtypes(fabric)[1],
+        )
+
+
+@dataclass
+class GRPOJob(LoRAOrFull, FinetuneJob):
+    checkpoint_dir: Path
+    """The converted model folder to start from (usually an instruction-tuned one)."""
+    out_dir: Path = Path("out/finetune/grpo")
+    reward: Optional[list[str]] = repeatable()
+    """A reward function, repeatable: `accuracy` (the record's `answer` against the completion's final
+    answer), `format` (`--format_pattern`), `length` (a penalty past `--length_target` tokens), or your own
+    `file.py:function` / `package.module:function`, called as `fn(prompts, completions, completion_ids,
+    **record_fields) -> list[float]` (TRL's signature)."""
+    reward_weights: Optional[list[float]] = repeatable()
+    """One weight per `--reward` (default 1 each); the reward is their weighted sum."""
+    format_pattern: str = r"<think>.*?</think>\s*<answer>.*?</answer>"
+    """The regex the `format` reward matches the whole completion against."""
+    length_target: int = 256
+    """Completion tokens past which the `length` reward falls (to -1 at twice as many)."""
+    grpo: GRPOSettings = flat("", GRPOSettings)
+    method: Literal["lora", "full"] = "lora"
+    """`lora` (QLoRA with `--quantize`) or `full`."""
+    quantize: Optional[QuantizeMode] = None
+    """QLoRA: store the frozen base weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`,
+    `bnb.int8-training`); LoRA only."""
+    lora: LoRASettings = flat(LORA_FLAGS, LoRASettings)
+    _: KW_ONLY
+    data: Optional[DataModule] = None
+    """The prompts: `--data Prompts --data.json_path prompts.jsonl` (see `litllm.data.prompts`)."""
+    train: TrainArgs = _default(GRPO_TRAIN)
+    """Training settings (batch sizes count prompts, each sampled `--num_generations` times)."""
+    eval: EvalArgs = _default(GRPO_EVAL)
+    """Validation settings; validation samples the held-out prompts and reports `val_reward`."""
+    optimizer: OptimizerSpec = _default(GRPO_OPTIMIZER)
+    """A torch.optim class name or {class_path, init_args}."""
+
+    command: ClassVar[str] = "finetune_grpo"
+
+    def rewards(self) -> list:
+        """The run's `litllm.grpo.rewards.Reward`s (a bad `--reward*` flag: a clear error)."""
+        from litllm.grpo.rewards import load_rewards
+
+        return load_rewards(self.reward or [], self.reward_weights, self.format_pattern, self.length_target)
+
+    def finish_method(self, method, fabric, config, data, tokenizer, out_dir):
+        from litllm.data.sft import resolve_prompt_style
+        from litllm.grpo.method import grpo_method
+
+        style = resolve_prompt_style(getattr(data, "prompt_style", None), tokenizer)
+        return grpo_method(
+            method, self.grpo, self.rewards(), fabric, data, tokenizer, style, checkpoint_dir=self.checkpoint_dir,
+            out_dir=out_dir, seed=self.run.seed, accumulation=self.train.gradient_accumulation_iters(fabric.world_size),
+            compute_dtype=_dtypes(fabric)[1],
         )
 
 
@@ -289,11 +366,25 @@ def finetune_dpo(job: DPOJob) -> TrainResult:
 
     if not isinstance(job.data, Preference):
         raise LitLLMError("--data: finetune_dpo needs preference pairs: --data Preference --data.json_path FILE")
-    if job.method not in ("lora", "full"):
-        raise LitLLMError(f"--method: expected lora or full, got {job.method!r}")
+    job.check_method()
     job.preference.validate()
-    if job.method == "full" and job.quantize is not None:
-        raise LitLLMError("--quantize needs --method lora (QLoRA): a fully finetuned model can't keep a quantized base")
+    return launch(job)
+
+
+@job_command
+def finetune_grpo(job: GRPOJob) -> TrainResult:
+    """Reinforce a model with rewards a program checks (GRPO): sample completions, score them, raise the better ones."""
+    from litllm.data.prompts import Prompts
+
+    if not isinstance(job.data, Prompts):
+        raise LitLLMError("--data: finetune_grpo needs prompts: --data Prompts --data.json_path FILE")
+    job.check_method()
+    if job.train.global_batch_size is None:
+        raise LitLLMError("--train.global_batch_size: finetune_grpo needs it set (prompts per optimizer step)")
+    if job.run.strategy == "fsdp":
+        raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
+    job.grpo.validate()
+    job.rewards()  # a bad --reward / --reward_weights fails here, before launch
     return launch(job)
 
 
@@ -326,8 +417,8 @@ def launch(job: FinetuneJob) -> Any:
             from litllm.quantize import check_quantize_mode
 
             check_quantize_mode(quantize, fabric.device.type, _dtypes(fabric)[1])
-        # on GPUs: a warning naming the fix if it won't fit (estimated commands only: not DPO, whose 2B-row
-        # micro-batches and reference model the estimate doesn't model, so its figure would only reassure wrongly)
+        # on GPUs: a warning naming the fix if it won't fit (DPO's 2 rows per pair, GRPO's rollout KV cache and
+        # a full run's reference copy included)
         warn_if_too_large(job.command, job, fabric, config)
         return fabric.launch(main, job, config, out_dir, resume_dir)
 

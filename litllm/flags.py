@@ -36,6 +36,16 @@ def flat(prefix: str, cls: type, default: Optional[Callable[[], Any]] = None) ->
     return dataclasses.field(default_factory=default or cls, metadata={FLAT: prefix})
 
 
+REPEATABLE = "litllm.flags.repeatable"
+"""Field metadata key: a list flag that may be given several times (`--reward a --reward b`)."""
+
+
+def repeatable(default: Any = None) -> Any:
+    """A list-valued job field whose flag may be given several times, each adding an item (`--reward a --reward
+    b`, as TRL users write it); `litllm.__main__` reads the command's `repeatable_flags`."""
+    return dataclasses.field(default=default, metadata={REPEATABLE: True})
+
+
 def attribute_docs(cls: type) -> dict[str, str]:
     """{field: its attribute docstring}, joined into one line."""
     import ast
@@ -68,6 +78,7 @@ class Flag(NamedTuple):
     default: Any
     """`inspect.Parameter.empty` for a required flag."""
     help: str
+    repeatable: bool = False
 
 
 def _init_fields(cls: type) -> list[dataclasses.Field]:
@@ -103,7 +114,7 @@ def job_flags(cls: type, defaults: Any = None, prefix: str = "") -> list[Flag]:
         if FLAT in f.metadata:
             flags += job_flags(hints[f.name], default, prefix + f.metadata[FLAT])
         else:
-            flags.append(Flag(prefix + f.name, hints[f.name], default, docs.get(f.name, "")))
+            flags.append(Flag(prefix + f.name, hints[f.name], default, docs.get(f.name, ""), REPEATABLE in f.metadata))
     return flags
 
 
@@ -145,7 +156,7 @@ def _typed(hint: Any, value: Any, default: Any) -> Any:
 def job_command(command: Callable) -> Callable:
     """`command(job: SomeJob)` -> the command with `SomeJob`'s flags as its parameters (see the module's
     docstring). It binds them once into a `SomeJob` and calls `command(job)`; `.bind(*args, **flags)` does
-    only the binding (`litllm estimate`), `.job_class` is `SomeJob`."""
+    only the binding (`litllm estimate`), `.job_class` is `SomeJob`, `.repeatable_flags` its `repeatable` flags."""
     job_class = typing.get_type_hints(command)["job"]
     flags = job_flags(job_class)
     P = inspect.Parameter
@@ -164,6 +175,7 @@ def job_command(command: Callable) -> Callable:
         return command(bind(*args, **kwargs))
 
     wrapper.bind, wrapper.job_class = bind, job_class
+    wrapper.repeatable_flags = tuple(f"--{f.name}" for f in flags if f.repeatable)
     return publish(wrapper, command, public, {f.name: f.help for f in flags})
 
 

@@ -106,6 +106,26 @@ def make_converted_checkpoint(
     return folder
 
 
+def assert_final_folder_generates_and_matches_hf(final: Path, hf_folder: Path) -> None:
+    """A training run's `final/` folder generates, and converted to `hf_folder` transformers computes its logits
+    (within 1e-4)."""
+    import transformers
+
+    from litllm.convert import convert_from_litllm
+    from litllm.engine import generate_ids
+    from litllm.model import GPT
+    from litllm.tokenizer import Tokenizer
+
+    model = GPT.from_checkpoint(final).eval()
+    tokens = generate_ids(model, Tokenizer(final).encode("Say the number 7").tolist(), max_new_tokens=5)
+    assert 0 < len(tokens) <= 5
+    convert_from_litllm(final, hf_folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
+
+
 def assert_peft_export_computes_the_same(model, base: Path, folder: Path) -> list[str]:
     """Export a LoRA-wrapped litllm model as a PEFT adapter into `folder`; transformers + peft load it on the HF
     checkpoint `base` and compute the same logits (within 1e-4). Returns the adapter's target modules."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import json_file
+from conftest import assert_final_folder_generates_and_matches_hf, json_file
 from litllm.data.preference import Preference, PreferenceRecord, parse_preference_record, tokenize_pairs
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_dpo
@@ -223,22 +223,11 @@ def test_precomputed_reference_equals_the_frozen_copy(runs):
 
 
 def test_final_folder_generates_and_converts_to_hf(runs, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from litllm.convert import convert_from_litllm
-    from litllm.engine import generate_ids
-    from litllm.tokenizer import Tokenizer
-
+    pytest.importorskip("transformers")
     for name in ("lora", "full"):
         final = runs[name][1].final_dir
         assert (final / "prompt_style.yaml").is_file() and (final / "lit_model.safetensors").is_file()
-        model = GPT.from_checkpoint(final).eval()
-        tokens = generate_ids(model, Tokenizer(final).encode("Say the number 7").tolist(), max_new_tokens=5)
-        assert 0 < len(tokens) <= 5
-        convert_from_litllm(final, tmp_path / name)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
-        x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
+        assert_final_folder_generates_and_matches_hf(final, tmp_path / name)
     assert (runs["lora"][1].final_dir / "lit_lora.safetensors").is_file()
 
 

@@ -500,3 +500,74 @@ def test_cli_counts_the_draft_model_of_generate(tmp_path):
     for part in ("weights", "kv_cache"):
         assert both["breakdown"][part] == alone["breakdown"][part] + draft_alone["breakdown"][part]
     assert any("--draft_model" in note for note in both["notes"])
+
+
+# ---------------------------------------------------------------------- DPO and GRPO
+def _job_plan(command, folder, **flags):
+    import litllm.finetune as finetune
+    from litllm.estimate import plan_from_job
+
+    return plan_from_job(command, getattr(finetune, command).bind(folder, precision="32-true", **flags), for_gpu=False)
+
+
+def _set_kv_cache_bytes(config, rows, length) -> int:
+    """What the model itself allocates for a KV cache of `rows` x `length` (fp32), the decode engine's cache."""
+    from litllm.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.max_seq_length = length
+    model.set_kv_cache(rows, length, device=torch.device("meta"))
+    return sum(_c.k.nbytes + _c.v.nbytes for _c in (block.attn.kv_cache for block in model.blocks))
+
+
+def test_grpo_estimate_counts_the_rollout_kv_cache_and_the_reference(tmp_path):
+    """GRPO: micro_batch x num_generations rows of prompt + max_new_tokens in the forward and in the rollout's KV
+    cache (the bytes the model's own set_kv_cache allocates); a full run with beta > 0 holds a frozen copy."""
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    config = family_config("llama")
+    config.save(folder / "model_config.yaml")
+    flags = dict(num_generations=4, max_new_tokens=16, train={"micro_batch_size": 2, "global_batch_size": 4,
+                                                              "max_seq_length": 48})
+    lora = _job_plan("finetune_grpo", folder, **flags)
+    assert (lora.method, lora.rows_per_sample, lora.rollout_tokens, lora.reference_copy) == ("lora", 4, 48, False)
+    parts = peak_memory(lora)
+    assert parts["kv_cache"] == _set_kv_cache_bytes(config, 2 * 4, 48) > 0
+    assert parts["kv_cache"] == 2 * 4 * 48 * config.kv_cache_values_per_token() * 4
+    # the step itself is a plain LoRA step on the 8 completion rows
+    plain = peak_memory(lora, rows_per_sample=1, micro_batch_size=8, global_batch_size=16, rollout_tokens=0)
+    assert parts["total"] == plain["total"] + parts["kv_cache"]
+    assert _job_plan("finetune_grpo", folder, beta=0.04, **flags) == lora  # LoRA's reference: its adapters off
+    full = peak_memory(_job_plan("finetune_grpo", folder, method="full", **flags))
+    full_ref = peak_memory(_job_plan("finetune_grpo", folder, method="full", beta=0.04, **flags))
+    n_params = sum(p.numel() for p in __import__("litllm.model").model.GPT(config).parameters())
+    assert full_ref["weights"] - full["weights"] == n_params * 4
+    unset = _job_plan("finetune_grpo", folder, num_generations=4, max_new_tokens=16)
+    assert unset.seq_length == min(config.block_size, 256 + 16) and "--max_new_tokens 16" in " ".join(unset.notes)
+
+
+def test_dpo_estimate_counts_two_rows_per_pair_and_the_reference(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    train = {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 32}
+    dpo = _job_plan("finetune_dpo", folder, train=train)
+    assert (dpo.rows_per_sample, dpo.reference_copy, dpo.rollout_tokens) == (2, False, 0)
+    as_rows = peak_memory(dpo, rows_per_sample=1, micro_batch_size=4, global_batch_size=8)  # the same step
+    assert peak_memory(dpo)["total"] == as_rows["total"]
+    assert _job_plan("finetune_dpo", folder, method="full", train=train).reference_copy
+    assert not _job_plan("finetune_dpo", folder, method="full", precompute_reference=True, train=train).reference_copy
+    assert not _job_plan("finetune_dpo", folder, method="full", loss="simpo", train=train).reference_copy
+
+
+def test_cli_estimates_finetune_grpo(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    proc = _cli("finetune_grpo", str(folder), "--num_generations", "4", "--max_new_tokens", "16", "--precision",
+                "32-true", "--train.max_seq_length", "32", "--train.global_batch_size", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    est = json.loads(proc.stdout)
+    assert est["method"] == "lora" and est["tokens_per_step"] == 2 * 4 * 32
+    assert est["breakdown"]["kv_cache"] == 4 * 32 * family_config("llama").kv_cache_values_per_token() * 4

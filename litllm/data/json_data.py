@@ -11,12 +11,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from litllm.data.sft import Record, SFTDataModule, parse_record, split_records
 from litllm.errors import LitLLMError
 
 SUFFIXES = (".json", ".jsonl")
+
+
+def load_split_records(parse: Callable[[Any, str], Any], json_path: Path, val_json_path: Optional[Path],
+                       val_split_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation) records, each parsed by `parse(raw, origin)`: `val_json_path`'s records, or a seeded
+    `val_split_fraction` of `json_path`'s."""
+    records = [parse(raw, origin) for raw, origin in read_json_records(Path(json_path))]
+    if val_json_path is not None:
+        return records, [parse(raw, origin) for raw, origin in read_json_records(Path(val_json_path))]
+    return split_records(records, val_split_fraction, seed)
 
 
 def read_json_records(path: Path) -> list[tuple[Any, str]]:

@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from litllm.data.base import DataModule
-from litllm.data.json_data import read_json_records
+from litllm.data.json_data import load_split_records
 from litllm.data.sft import (
-    Record, TokenizedDataset, _parse_messages, encode_record, resolve_prompt_style, split_records,
+    Record, TokenizedDataset, _parse_messages, encode_record, resolve_prompt_style,
 )
 from litllm.errors import LitLLMError
 
@@ -257,11 +257,7 @@ class Preference(DataModule):
     """Set by `finetune_dpo --precompute_reference true`: {"train": (N, 2), "val": (M, 2)}, attached to the samples."""
 
     def load_records(self) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
-        records = [parse_preference_record(raw, origin) for raw, origin in read_json_records(Path(self.json_path))]
-        if self.val_json_path is not None:
-            val = [parse_preference_record(raw, origin) for raw, origin in read_json_records(Path(self.val_json_path))]
-            return records, val
-        return split_records(records, self.val_split_fraction, self.seed)
+        return load_split_records(parse_preference_record, self.json_path, self.val_json_path, self.val_split_fraction, self.seed)
 
     def setup(self) -> None:
         tokenizer = self._require_tokenizer()

@@ -70,7 +70,7 @@ def parse_record(raw: Any, origin: str) -> Record:
     return Record(origin, instruction=raw["instruction"], input=raw.get("input") or "", output=raw["output"])
 
 
-def _parse_messages(messages: Any, origin: str) -> list[dict[str, str]]:
+def _parse_messages(messages: Any, origin: str, need_reply: bool = True) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise LitLLMError(f"{origin}: 'messages' must be a non-empty list")
     parsed = []
@@ -83,7 +83,7 @@ def _parse_messages(messages: Any, origin: str) -> list[dict[str, str]]:
         if not isinstance(m["content"], str):
             raise LitLLMError(f"{where}: 'content' must be a string, got {type(m['content']).__name__}")
         parsed.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in parsed):
+    if need_reply and not any(m["role"] == "assistant" for m in parsed):
         raise LitLLMError(f"{origin}: 'messages' has no assistant turn (nothing to learn from)")
     return parsed
 

@@ -1,0 +1,105 @@
+"""Rollouts: G sampled completions of each prompt on litllm's decode engine, with the policy's current weights.
+
+The policy module itself decodes (continuous batching, the G completions of a prompt share its prefill): no copy,
+no merge of LoRA weights and no reload per step. Every completion samples from its own seeded generator, the seed
+a pure function of (run seed, split, epoch, prompt index, completion), so a resumed run samples exactly what the
+uninterrupted one did without any RNG state in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+SEED_BYTES = 7
+
+
+def completion_seed(run_seed: int, split: str, epoch: int, index: int, completion: int) -> int:
+    """The sampling seed of one completion (< 2**56)."""
+    key = f"litllm-grpo:{run_seed}:{split}:{epoch}:{index}:{completion}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=SEED_BYTES).digest(), "little")
+
+
+@dataclass
+class Rollout:
+    """One micro-batch's completions and everything the loss needs of them, as tensors (a checkpoint keeps it)."""
+
+    input_ids: torch.Tensor
+    """(N, L) prompt then completion, right-padded with 0; N = prompts x G, a prompt's G completions adjacent."""
+    prompt_lens: torch.Tensor
+    """(N,) prompt tokens of each row."""
+    completion_mask: torch.Tensor
+    """(N, C) 1 on each completion's tokens (its stop token included, as TRL's mask)."""
+    truncated: torch.Tensor
+    """(N,) bool: the completion reached max_new_tokens without a stop token."""
+    rewards: torch.Tensor
+    """(N, F) float32 per reward function (NaN: not scored)."""
+    advantages: torch.Tensor
+    """(N,) float32."""
+    old_logps: Optional[torch.Tensor] = None
+    """(N, C) the policy's log-probs at generation time (num_iterations > 1)."""
+    ref_logps: Optional[torch.Tensor] = None
+    """(N, C) the reference model's log-probs (beta > 0)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name).cpu() for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Rollout":
+        return cls(**state)
+
+    def to(self, device) -> "Rollout":
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                          for f in fields(self)})
+
+
+def sample_completions(module, tokenizer, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
+                       sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[list[int]], list[bool], float]:
+    """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
+
+    The module decodes in eval mode (no dropout) and is put back in its mode afterwards; the engine's KV cache
+    (prompts x G rows of the longest prompt + max_new_tokens) lives only for this call."""
+    from litllm.engine import Engine, Request, Sampling
+
+    rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
+    length = max(len(r) for r in rows) + max_new_tokens
+    was_training = module.training
+    module.eval()
+    start = time.perf_counter()
+    tokens: dict[int, list[int]] = {}
+    finish: dict[int, Optional[str]] = {}
+    try:
+        with Engine(module, tokenizer, max_batch_size=len(rows), max_seq_length=length) as engine:
+            requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
+                        for r, seed in zip(rows, seeds)]
+            ids = engine.add_many(requests)
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+                    if out.finished:
+                        finish[out.request_id] = out.finish_reason
+    finally:
+        module.train(was_training)
+    seconds = time.perf_counter() - start
+    completions = [tokens.get(i, []) for i in ids]
+    truncated = [finish.get(i) == "length" for i in ids]
+    return completions, truncated, seconds
+
+
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], num_generations: int,
+         device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids (N, L), prompt_lens (N,), completion_mask (N, C)) of prompts x G completions, right-padded."""
+    rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
+    width = max(len(c) for c in completions) or 1
+    length = max(len(p) + len(c) for p, c in zip(rows, completions))
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(rows, completions)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + list(c), dtype=torch.long)
+        mask[i, : len(c)] = 1
+    lens = torch.tensor([len(p) for p in rows], dtype=torch.long)
+    return input_ids.to(device), lens.to(device), mask.to(device)

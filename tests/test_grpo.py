@@ -1,0 +1,326 @@
+"""`litllm finetune_grpo`, its rewards and the `Prompts` data module, on a tiny converted model (CPU, fp32, in-process).
+
+Rewards: built-ins score what they claim; a user's function loads from a file or a module and a broken one stops the
+run with one line naming it. Data: both record shapes, extra fields reach the rewards, bad records name file and
+index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
+between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
+(the mean reward rises, fixed seed); 2 DDP processes give the losses of one process. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_final_folder_generates_and_matches_hf, json_file
+from litllm.data.prompts import Prompts
+from litllm.errors import LitLLMError
+from litllm.finetune import finetune_grpo
+from litllm.grpo.rewards import accuracy, final_answer, format_reward, length_reward, load_rewards, score
+from litllm.train.args import EvalArgs, TrainArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD_FILE = '''
+def vowels(prompts, completions, answer, **kwargs):
+    """The share of the completion's characters that are 'e' (a smooth target a tiny model can learn)."""
+    assert len(answer) == len(completions)
+    return [c.count("e") / max(1, len(c)) for c in completions]
+
+
+def low_ids(prompts, completions, completion_ids, **kwargs):
+    """The share of the completion's tokens with an id below 100: a target a tiny random model can learn fast."""
+    return [sum(t < 100 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def broken(prompts, completions, **kwargs):
+    raise ValueError("no score today")
+
+
+def short(prompts, completions, **kwargs):
+    return [0.0]
+'''
+
+
+def _prompts(n: int = 24) -> list[dict]:
+    return [{"prompt": f"Say the number {i}", "answer": str(i)} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    return json_file(tmp_path_factory, _prompts(), "prompts.json")
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+# ---------------------------------------------------------------------- rewards
+def test_builtin_rewards():
+    assert final_answer("so <answer> 42 </answer>") == "42"
+    assert final_answer("the sum is \\boxed{\\frac{1}{2}} ok") == "\\frac{1}{2}"
+    assert final_answer("3 apples and 1,250 pears") == "1,250"
+    assert accuracy(None, ["It is 4.", "<answer>4.0</answer>", "$1,250", "5", [{"role": "assistant", "content": "4"}]],
+                    answer=["4", "4", "1250", "4", "4"]) == [1.0, 1.0, 1.0, 0.0, 1.0]
+    fmt = format_reward(r"<think>.*?</think>\s*<answer>.*?</answer>")
+    assert fmt(None, ["<think>a\nb</think> <answer>1</answer>", "<answer>1</answer>"]) == [1.0, 0.0]
+    assert length_reward(4)(None, ["", "", ""], completion_ids=[[1] * 3, [1] * 6, [1] * 20]) == [0.0, -0.5, -1.0]
+    with pytest.raises(LitLLMError, match="'answer' field"):
+        accuracy(None, ["4"])
+
+
+def test_user_rewards_load_and_fail_with_one_line_naming_them(reward_file, monkeypatch):
+    rewards = load_rewards([f"{reward_file}:vowels", "format"], [2.0, 1.0])
+    assert [r.name for r in rewards] == ["vowels", "format"] and rewards[0].weight == 2.0
+    table = score(rewards, ["p", "p"], ["eee", "<think></think><answer>1</answer>"], [[1], [2]], {"answer": ["1", "1"]})
+    assert table.shape == (2, 2) and table[0, 0] == 1.0 and table[1, 1] == 1.0
+    monkeypatch.syspath_prepend(str(reward_file.parent))
+    assert load_rewards(["my_rewards:vowels"])[0].fn.__name__ == "vowels"  # package.module:function
+    for spec, message in ((f"{reward_file}:broken", "raised ValueError: no score today"),
+                          (f"{reward_file}:short", "returned 1 values for 2 completions")):
+        with pytest.raises(LitLLMError, match=f"--reward {spec}: {message}"):
+            score(load_rewards([spec]), ["p", "p"], ["a", "b"], [[1], [2]], {})
+    for spec, message in (("nope", "expected one of accuracy"), (f"{reward_file}:missing", "has no function 'missing'"),
+                          ("missing.py:f", "file missing.py not found")):
+        with pytest.raises(LitLLMError, match=message):
+            load_rewards([spec])
+    with pytest.raises(LitLLMError, match="--reward_weights: 1 weight"):
+        load_rewards(["accuracy", "format"], [1.0])
+
+
+# ---------------------------------------------------------------------- data
+def _module(path: Path, base, **kwargs) -> Prompts:
+    from litllm.tokenizer import Tokenizer
+
+    data = Prompts(json_path=path, val_split_fraction=0.0, **kwargs)
+    data.max_new_tokens = 8
+    data.connect(Tokenizer(base), batch_size=2, max_seq_length=256)
+    data.setup()
+    return data
+
+
+def test_prompt_and_chat_records_and_their_fields(base, tmp_path):
+    path = tmp_path / "p.jsonl"
+    records = [{"prompt": "Say 3", "answer": "3"}, {"messages": [{"role": "user", "content": "Say 4"}], "answer": "4",
+                                                   "level": 2}]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    data = _module(path, base, prompt_style="chatml")
+    from litllm.tokenizer import Tokenizer
+
+    decoded = [Tokenizer(base).decode(s["prompt_ids"]) for s in data.train_dataset.samples]
+    assert decoded[0].endswith("user\nSay 3\nassistant\n") and decoded[1].endswith("user\nSay 4\nassistant\n")
+    prompts, fields = data.record_fields("train", [1, 0])
+    assert prompts == [records[1]["messages"], "Say 3"] and fields == {"answer": ["4", "3"], "level": [2, None]}
+    assert data.longest_sample() == max(len(s["prompt_ids"]) for s in data.train_dataset.samples) + 8
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"answer": "1"}, "record 1: expected exactly one of 'prompt'"),
+    ({"prompt": 3}, "record 1: 'prompt' must be a non-empty string"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "record 1: the last message"),
+    ({"prompt": "x", "completions": "y"}, "record 1: field 'completions' is reserved"),
+    ({"prompt": "x " * 300}, "record 1: the prompt has"),
+])
+def test_bad_records_name_the_file_and_index(base, tmp_path, record, message):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([_prompts(1)[0], record]))
+    with pytest.raises(LitLLMError, match=f"{path.name}.*{message}"):
+        _module(path, base)
+
+
+# ---------------------------------------------------------------------- the command
+def _kwargs(prompts_file, reward_file, method="lora", **extra) -> dict:
+    kwargs = dict(
+        method=method, accelerator="cpu", precision="32-true", reward=[f"{reward_file}:vowels", "length"],
+        reward_weights=[1.0, 0.1], length_target=6, num_generations=4, max_new_tokens=8,
+        data=Prompts(json_path=prompts_file, prompt_style="default", val_split_fraction=0.1),
+        train=TrainArgs(global_batch_size=2, micro_batch_size=1, max_steps=6, lr_warmup_steps=0, save_interval=3),
+        eval=EvalArgs(interval=3, max_iters=1),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2 if method == "lora" else 1e-3,
+                                                                     "weight_decay": 0.0}},
+    )
+    kwargs.update(extra)
+    return kwargs
+
+
+RUNS = {
+    "lora": dict(lora_dropout=0.1, lora_mlp=True, num_iterations=2, beta=0.04, loss_type="grpo"),
+    "full": dict(loss_type="bnpo", epsilon_high=0.28),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(base, prompts_file, reward_file, tmp_path_factory, one_thread) -> dict:
+    results = {}
+    for name, extra in RUNS.items():
+        out = tmp_path_factory.mktemp(name)
+        results[name] = (out, finetune_grpo(base, out_dir=out, **_kwargs(prompts_file, reward_file, name, **extra)))
+    return results
+
+
+def _metrics(out: Path) -> list[dict]:
+    from litllm.train.loggers import read_csv_rows
+
+    return read_csv_rows(out / "logs" / "csv" / "metrics.csv")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_runs_log_trl_metric_names_and_completion_samples(runs, name):
+    out, result = runs[name]
+    assert result.step == 6
+    rows = [r for r in _metrics(out) if r.get("loss")]
+    expected = {"reward", "reward_std", "frac_reward_zero_std", "rewards/vowels/mean", "rewards/length/mean",
+                "completions/mean_length", "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "rollout/tokens_per_sec"}
+    assert expected | ({"kl"} if name == "lora" else set()) <= set(rows[0]), set(rows[0])
+    assert all(0 <= float(r["completions/mean_length"]) <= 8 for r in rows)
+    val = [r for r in _metrics(out) if r.get("val_reward")]
+    assert val
+    samples = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "completion", "reward"} <= set(samples[0])
+
+
+def test_final_folder_generates_and_converts_to_hf(runs, tmp_path):
+    pytest.importorskip("transformers")
+    for name in RUNS:
+        assert_final_folder_generates_and_matches_hf(runs[name][1].final_dir, tmp_path / name)
+    assert (runs["lora"][1].final_dir / "lit_lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_resume_between_iterations_is_bit_exact(runs, base, prompts_file, reward_file, tmp_path, name):
+    """Step 3 of the LoRA run is iteration 0 of a generation (num_iterations 2): the checkpoint carries its rollout."""
+    straight_out, straight = runs[name]
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    shutil.copytree(straight_out / "step-00000003", resumed_out / "step-00000003")
+    resumed = finetune_grpo(base, out_dir=resumed_out, resume="auto", **_kwargs(prompts_file, reward_file, name,
+                                                                                **RUNS[name]))
+    assert resumed.step == straight.step
+    for step in range(4, straight.step + 1):
+        assert resumed.losses[step] == straight.losses[step], step
+    for file in ("lit_model.safetensors", "lit_lora.safetensors"):
+        if (straight_out / "final" / file).is_file():
+            a, b = load_file(str(resumed_out / "final" / file)), load_file(str(straight_out / "final" / file))
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+def test_qlora_samples_through_the_quantized_base(base, prompts_file, reward_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    kwargs = _kwargs(prompts_file, reward_file, quantize="bnb.nf4", lora_mlp=True)
+    kwargs["train"] = TrainArgs(global_batch_size=2, micro_batch_size=1, max_steps=2, lr_warmup_steps=0, save_interval=None)
+    result = finetune_grpo(base, out_dir=out, **kwargs)
+    rows = [r for r in _metrics(out) if r.get("reward")]
+    assert result.step == 2 and len(rows) == 2 and float(rows[-1]["completions/mean_length"]) > 0
+    assert (result.final_dir / "lit_lora.safetensors").is_file()
+
+
+def test_fast_dev_run(base, prompts_file, reward_file, tmp_path, capsys):
+    """Also: every completion truncated and masked out of the loss (dapo) trains on nothing, without failing."""
+    out = tmp_path / "out"
+    finetune_grpo(base, out_dir=out, fast_dev_run=True,
+                  **_kwargs(prompts_file, reward_file, **RUNS["lora"], mask_truncated_completions=True))
+    assert not out.exists()
+    assert "resumed from it" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_clearly_and_write_nothing(base, prompts_file, reward_file, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (dict(data=None), "--data Prompts"),
+        (dict(method="full", quantize="bnb.nf4"), "--quantize needs --method lora"),
+        (dict(reward=[]), "--reward: give at least one"),
+        (dict(num_generations=1), "--num_generations must be >= 2"),
+        (dict(loss_type="ppo"), "--loss_type"),
+        (dict(scale_rewards="global"), "--scale_rewards"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(LitLLMError, match=message):
+            finetune_grpo(base, out_dir=out, **{**_kwargs(prompts_file, reward_file), **extra})
+    assert not out.exists()
+    broken = _kwargs(prompts_file, reward_file, reward=[f"{reward_file}:broken"], reward_weights=None)
+    with pytest.raises(LitLLMError, match=f"--reward {reward_file}:broken: raised ValueError"):
+        finetune_grpo(base, out_dir=out, **broken)
+
+
+def test_cli_error_is_one_line(base, prompts_file, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "litllm", "finetune_grpo", str(base), "--data", "Prompts",
+                           "--data.json_path", str(prompts_file), "--reward", "nope"], capture_output=True, text=True,
+                          cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --reward nope") and "Traceback" not in proc.stderr
+
+
+def test_reward_flags_repeat_into_one_job(base, prompts_file, monkeypatch):
+    """`--reward a --reward b` (TRL's spelling) binds both, in order, into the job `launch` receives."""
+    import litllm.finetune as finetune
+    from litllm.__main__ import main
+
+    captured = {}
+    monkeypatch.setattr(finetune, "launch", lambda job: captured.setdefault("job", job))
+    main(["finetune_grpo", str(base), "--data", "Prompts", "--data.json_path", str(prompts_file), "--reward",
+          "accuracy", "--reward=format", "--reward_weights", "1", "--reward_weights", "0.5", "--num_generations", "4"])
+    job = captured["job"]
+    assert isinstance(job, finetune.GRPOJob) and (job.reward, job.reward_weights) == (["accuracy", "format"], [1.0, 0.5])
+    assert job.grpo.num_generations == 4 and [r.weight for r in job.rewards()] == [1.0, 0.5]
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_to_raise_its_reward(base, prompts_file, reward_file, tmp_path, one_thread):
+    """LoRA GRPO on the share of low token ids in its completions (fixed seed): the mean reward of the last steps is
+    far above the first ones'."""
+    out = tmp_path / "out"
+    kwargs = _kwargs(prompts_file, reward_file, reward=[f"{reward_file}:low_ids"], reward_weights=None,
+                     num_generations=8, max_new_tokens=12, lora_r=8, lora_alpha=16, lora_mlp=True, lora_head=True,
+                     train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_steps=20, lr_warmup_steps=0,
+                                     save_interval=None),
+                     eval=EvalArgs(interval=1000, max_iters=1))
+    kwargs["optimizer"]["init_args"]["lr"] = 3e-2
+    finetune_grpo(base, out_dir=out, **kwargs)
+    rewards = [float(r["reward"]) for r in _metrics(out) if r.get("reward")]
+    assert len(rewards) == 20
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert first < 0.5 and last > first + 0.3, rewards
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(base, prompts_file, reward_file, tmp_path):
+    """2 CPU processes x 1 prompt per step = 1 process x 2 micro-batches of 1 prompt: the same prompts, completions
+    (seeded per prompt) and global token normalisation, so the same losses, rewards and gradient norms (up to the
+    order of float sums) over 3 steps."""
+    import os
+
+    from litllm.train.loggers import read_csv_rows
+
+    losses = {}
+    for devices, micro in ((1, 1), (2, 1)):
+        out = tmp_path / f"out{devices}"
+        args = [
+            sys.executable, "-m", "litllm", "finetune_grpo", str(base), "--out_dir", str(out), "--accelerator", "cpu",
+            "--devices", str(devices), "--strategy", "ddp" if devices > 1 else "auto", "--precision", "32-true",
+            "--data", "Prompts", "--data.json_path", str(prompts_file), "--data.prompt_style", "default",
+            "--reward", f"{reward_file}:vowels", "--reward", "length", "--length_target", "4",
+            "--num_generations", "4", "--max_new_tokens", "6", "--lora_mlp", "true", "--lora_dropout", "0",
+            "--train.global_batch_size", "2", "--train.micro_batch_size", str(micro), "--train.max_steps", "3",
+            "--train.save_interval", "100", "--eval.interval", "100", "--optimizer.lr", "0.01",
+        ]
+        proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              cwd=tmp_path, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("loss")]
+        losses[devices] = [(float(r["loss"]), float(r["reward"]), float(r["grad_norm"])) for r in rows]
+    assert len(losses[1]) == len(losses[2]) == 3
+    assert sum(grad_norm > 1e-4 for _, _, grad_norm in losses[1]) >= 2, losses  # (the losses themselves are ~0)
+    for one, two in zip(losses[1], losses[2]):
+        assert all(abs(a - b) <= 1e-5 for a, b in zip(one, two)), losses
