@@ -376,7 +376,7 @@ def test_a_failure_while_writing_the_outputs_leaves_no_final_folder(fabric, tmp_
     from litllm.lora import LoRASettings, lora_method
     from litllm.model_folder import save_model_weights
     from litllm.train.args import EvalArgs, RunArgs, TrainArgs
-    from litllm.train.loop import run
+    from litllm.train.loop import fit, setup
     from litllm.utils import OutputWriteError
 
     base = tmp_path / "base.safetensors"
@@ -391,9 +391,9 @@ def test_a_failure_while_writing_the_outputs_leaves_no_final_folder(fabric, tmp_
         raise OSError(28, "No space left on device")
 
     def train(out_dir, method):
-        return run(fabric, fresh_model(tiny_config()), method, FixedTokens(), None,
-                   TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=1, save_interval=None),
-                   EvalArgs(interval=100, max_iters=1, final_validation=False), "AdamW", out_dir, RunArgs(seed=7))
+        return fit(setup(fabric, fresh_model(tiny_config()), method, FixedTokens(), None,
+                         TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=1, save_interval=None),
+                         EvalArgs(interval=100, max_iters=1, final_validation=False), "AdamW", out_dir, RunArgs(seed=7)))
 
     with pytest.raises(OutputWriteError, match="final: cannot write it \(no space left"):
         train(tmp_path / "out", replace(lora, write_outputs=failing_outputs))
