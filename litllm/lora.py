@@ -538,10 +538,24 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
             alpha_pattern[_exact(hf_module)] = len(enabled) * module.alpha
     if r is None:
         raise LitLLMError("the model has no LoRA layers to export")
-    adapter_config = {
+    adapter_config = _peft_config(r, alpha, base_model_name_or_path or config.hf_repo or None, targets, parameters,
+                                  rank_pattern, alpha_pattern)
+    from litllm.model_folder import save_model_weights
+
+    with atomic_path(Path(folder)) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        # our writer, not safetensors' save_file (which creates its files 0600): the usual permissions
+        save_model_weights(tensors, tmp / "adapter_model.safetensors")
+
+
+def _peft_config(r: int, alpha: float, base_model: Optional[str], targets: list[str], parameters: list[str],
+                 rank_pattern: dict, alpha_pattern: dict) -> dict:
+    """PEFT's `adapter_config.json` for these LoRA targets (modules, and stacked expert parameters)."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or config.hf_repo or None,
+        "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
@@ -555,13 +569,6 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    from litllm.model_folder import save_model_weights
-
-    with atomic_path(Path(folder)) as tmp:
-        tmp.mkdir(parents=True)
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        # our writer, not safetensors' save_file (which creates its files 0600): the usual permissions
-        save_model_weights(tensors, tmp / "adapter_model.safetensors")
 
 
 EXPERT_PATH = re.compile(r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.(fc|proj)")
