@@ -234,7 +234,10 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         if skipped:
             continue
         group = next(g for g in INT4_GROUP_SIZES if original.shape[1] % g == 0) if int4 else original.shape[1]
-        assert _max_group_error(original, _effective_weight(layer), group, symmetric=not int4) <= 1 + 1e-3, name
+        # int8 on the CPU multiplies in bf16 (its kernel's fast path): the bf16 scale and the bf16 output each
+        # move the effective weight by at most absmax * 2**-8 (one bf16 step), ~1 unit of absmax/254 each
+        bound = 1 + 1e-3 if int4 else 3 + 1e-3
+        assert _max_group_error(original, _effective_weight(layer), group, symmetric=not int4) <= bound, name
 
     prompt = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -264,7 +267,7 @@ def test_int8_cpu_kernel_matches_torchao(dtype):
     with torch.no_grad():
         out, expected = ours(x), theirs(x)
     assert out.shape == (2, 5, 64) and out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # summation order (and bf16 rounding) differ, weights don't
+    tol = 2e-2  # same int8 values; ours multiplies in bf16 (fp32 activations rounded), summation order differs
     assert float((out - expected).float().norm() / expected.float().norm()) < tol
 
 
