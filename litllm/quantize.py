@@ -93,14 +93,20 @@ class Int8PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qdata.shape
         self.weight = nn.Parameter(qdata.contiguous(), requires_grad=False)  # (out, in) int8
-        self.scales = nn.Parameter(scales.reshape(-1).contiguous(), requires_grad=False)  # (out,) activation dtype
+        # (out,) in the dtype the kernel multiplies in: bf16 for fp32 activations (see forward)
+        act = torch.bfloat16 if scales.dtype == torch.float32 else scales.dtype
+        self.scales = nn.Parameter(scales.reshape(-1).to(act).contiguous(), requires_grad=False)
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
         # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
         act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
-        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(act), self.weight, self.scales.to(act))
+        scales = self.scales if self.scales.dtype == act else self.scales.to(act)
+        x2d = x.reshape(-1, self.in_features).to(act)
+        if torch.compiler.is_compiling():  # inductor's lowering of the kernel takes stored inputs, not a fused cast
+            x2d = torch.ops.aten.clone(x2d, memory_format=torch.contiguous_format)
+        out = torch._weight_int8pack_mm(x2d, self.weight, scales)
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., in) -> (..., out)
         return out if self.bias is None else out + self.bias
 
