@@ -170,10 +170,12 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, float]:
 
 def linear_bytes(model) -> int:
     """Bytes of the model's Linear weights and biases as stored (a torchao tensor subclass: its inner tensors)."""
+    from litllm.quantize import Int8PackedLinear
+
     total = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            for t in (module.weight, module.bias):
+        if isinstance(module, (torch.nn.Linear, Int8PackedLinear)):
+            for t in (module.weight, module.bias, getattr(module, "scales", None)):
                 if t is None:
                     continue
                 inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []

@@ -5,7 +5,8 @@ Modes (`--quantize`):
 - `bnb.nf4-dq`  nf4 with "double quantization": the scales themselves are quantized to 8 bits.
 - `bnb.fp4`     4-bit floating-point weights.
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
-- `torchao.int8wo`  torchao int8 weight-only: symmetric int8 per output row (`Int8WeightOnlyConfig`).
+- `torchao.int8wo`  int8 weight-only: symmetric int8 per output row. CUDA: torchao's `Int8WeightOnlyConfig`;
+                    CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -13,7 +14,8 @@ Modes (`--quantize`):
                     dtype, fast in bfloat16. On the CPU a layer whose in_features is no multiple of 32
                     stays unquantized (with a warning); only toy models have such widths.
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
-`nn.Linear`); QLoRA uses the bitsandbytes modes.
+`nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
+QLoRA uses the bitsandbytes modes.
 
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
 weights are stored quantized. The output head (`lm_head`) stays unquantized by default: it is
@@ -82,11 +84,48 @@ def _frozen_copy(linear: nn.Linear, device: torch.device, dtype: torch.dtype) ->
     return copy
 
 
+class Int8PackedLinear(nn.Module):
+    """A frozen Linear with int8 weights and one symmetric scale per output row (torchao's int8 weight-only
+    values), computed by torch's CPU kernel `torch._weight_int8pack_mm` (gpt-fast's CPU int8 path): it reads
+    the int8 weights directly, where torchao's `Int8Tensor` converts them to the activation dtype each call."""
+
+    def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
+        super().__init__()
+        self.out_features, self.in_features = qdata.shape
+        self.weight = nn.Parameter(qdata.contiguous(), requires_grad=False)  # (out, in) int8
+        # (out,) in the dtype the kernel multiplies in: bf16 for fp32 activations (see forward)
+        act = torch.bfloat16 if scales.dtype == torch.float32 else scales.dtype
+        self.scales = nn.Parameter(scales.reshape(-1).to(act).contiguous(), requires_grad=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
+        # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
+        act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+        scales = self.scales if self.scales.dtype == act else self.scales.to(act)
+        x2d = x.reshape(-1, self.in_features).to(act)
+        if torch.compiler.is_compiling():  # inductor's lowering of the kernel takes stored inputs, not a fused cast
+            x2d = torch.ops.aten.clone(x2d, memory_format=torch.contiguous_format)
+        out = torch._weight_int8pack_mm(x2d, self.weight, scales)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., in) -> (..., out)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def _torchao_int8wo(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     ao = _torchao_quantization()
     layer = _frozen_copy(linear, device, compute_dtype)
     # set_inductor_config=False: leave torch's global compile settings alone
     ao.quantize_(layer, ao.Int8WeightOnlyConfig(set_inductor_config=False))
+    weight = layer.weight
+    qdata, scale, zero_point = (getattr(weight, name, None) for name in ("qdata", "scale", "zero_point"))
+    # on the CPU, torch's int8 kernel takes torchao's values as they are: int8 rows, one scale each, no offset
+    if (device.type == "cpu" and compute_dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and qdata is not None and qdata.dtype == torch.int8 and scale is not None
+            and scale.numel() == linear.out_features and (zero_point is None or not zero_point.any())):
+        return Int8PackedLinear(qdata, scale.to(compute_dtype), layer.bias)
     return layer
 
 
@@ -255,9 +294,8 @@ def quantize_model(
             stacklevel=3,  # the caller of quantize_model (torch.no_grad adds a frame)
         )
         targets = [(name, linear) for name, linear in targets if name not in kept]
-    # eager torchao int8 converts each weight to the activation dtype per call; its CPU int4 kernel is fast in bf16 only
-    if torch.device(device).type == "cpu" and (
-            mode == "torchao.int8wo" or (mode == "torchao.int4wo" and dtype != torch.bfloat16)):
+    # torchao's CPU int4 kernel is fast in bf16 only
+    if torch.device(device).type == "cpu" and mode == "torchao.int4wo" and dtype != torch.bfloat16:
         warnings.warn(
             f"--quantize {mode} on cpu in {str(dtype).replace('torch.', '')}: saves memory but decodes slower than "
             "unquantized weights; torchao.int4wo with --precision bf16-true is the fast CPU combination",
@@ -274,6 +312,8 @@ def quantize_model(
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether a layer holds bitsandbytes- or torchao-quantized weights."""
+    if isinstance(module, Int8PackedLinear):
+        return True
     weight = getattr(module, "weight", None)
     return type(weight).__name__ in ("Params4bit", "Int8Params") or type(weight).__module__.startswith("torchao.")
 
