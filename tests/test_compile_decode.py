@@ -75,14 +75,18 @@ import json, sys
 from torch._dynamo.utils import counters
 from litllm.generate import generate
 generate(sys.argv[1], "Hello", max_new_tokens=12, temperature=0.0)
-print(json.dumps({"tokens": tokens, "hit": counters["inductor"]["fxgraph_cache_hit"],
+# a hit of AOTAutograd's cache (which sits in front of inductor's) serves the compiled graph without an FX lookup
+print(json.dumps({"tokens": tokens, "counters": {k: dict(v) for k, v in counters.items() if "cache" in str(dict(v))},
+                  "hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
                   "miss": counters["inductor"]["fxgraph_cache_miss"]}))
 """
 
 
 @pytest.mark.slow
 def test_default_compiled_decode_equals_eager_and_second_process_hits_the_cache(tiny_checkpoint, tmp_path):
-    env = {**os.environ, COMPILE_ENV: "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    # one thread: inductor keys its cache by the thread count, which the loader picks by timing (two processes on
+    # a busy machine can pick differently and then rightly compile twice)
+    env = {**os.environ, COMPILE_ENV: "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
     def run() -> tuple[dict, str]:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
@@ -104,4 +108,4 @@ def test_default_compiled_decode_equals_eager_and_second_process_hits_the_cache(
     assert first["miss"] >= 1 and first["hit"] == 0  # a cold cache: compiled
     second, _ = run()
     assert second["tokens"] == first["tokens"]
-    assert second["hit"] >= 1 and second["miss"] == 0  # the second process loads every kernel from the cache
+    assert second["hit"] >= 1 and second["miss"] == 0, second["counters"]  # every kernel from the cache
