@@ -16,6 +16,8 @@ import pytest
 
 from conftest import json_file
 
+pytestmark = pytest.mark.slow  # every command run end to end in its own process
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 CHECKS = ("fast_dev_run passed", "batch: ", "training: ", "checkpoint: saved step-", "resumed from it",

@@ -33,6 +33,7 @@ CPU_TASKS = ["--cpus-per-task", "1", "--gpus-per-node", "0", "--time", "10"]
 STEPS = 40
 
 pytestmark = [
+    pytest.mark.slow,  # a real two-node cluster: end to end, a few minutes
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(
         not all(shutil.which(t) for t in ("slurmctld", "slurmd", "munged", "sbatch")),
