@@ -103,6 +103,22 @@ class _Sequence:
     generated: int = 0
 
 
+def propose(logits: torch.Tensor, sampling, generator, draft_probs: list) -> int:
+    """The draft's next token from its logits (V,): greedy, or sampled (its distribution kept in `draft_probs`)."""
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    draft_probs.append(sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p))
+    return int(torch.multinomial(draft_probs[-1], 1, generator=generator))
+
+
+def check_proposals(proposed: list[int], draft_probs: list, logits: torch.Tensor, sampling, generator):
+    """`accept_proposals` for the model's logits (k + 1, V) at the proposals: greedy, or by the sampling rule."""
+    if sampling.temperature <= 0:
+        return accept_proposals(proposed, logits, None)
+    return accept_proposals(proposed, sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p),
+                            torch.stack(draft_probs) if draft_probs else logits[:0], generator)
+
+
 class SpeculativeEngine:
     """`litllm.engine.Engine`'s interface (add, step, abort, has_unfinished, close) for one row, decoding
     with a draft model. Sets both models' KV caches for its lifetime; `close()` removes them."""
@@ -245,17 +261,9 @@ class SpeculativeEngine:
             pending = tokens[valid[1]:] + proposed[-1:]  # what the draft hasn't seen
             logits = self._forward(1, pending, pos + len(proposed) + 1 - len(pending))[-1]
             valid[1] = pos + len(proposed) + 1
-            if s.temperature > 0:
-                draft_probs.append(sampling_probs(logits, s.temperature, s.top_k, s.top_p))
-                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=row.generator)))
-            else:
-                proposed.append(int(logits.argmax()))
+            proposed.append(propose(logits, s, row.generator, draft_probs))
         logits = self._forward(0, tokens[pos:] + proposed, pos, all_logits=True)  # (k + 1, V)
-        if s.temperature > 0:
-            kept, token = accept_proposals(proposed, sampling_probs(logits, s.temperature, s.top_k, s.top_p),
-                                           torch.stack(draft_probs) if draft_probs else logits[:0], row.generator)
-        else:
-            kept, token = accept_proposals(proposed, logits, None)
+        kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
         # rewind: cache positions past the kept tokens no longer count (the draft never wrote its last proposal)
@@ -389,11 +397,7 @@ class SpeculativeBatchEngine(Engine):
             done = self._draft_valid[slot]
             logits = self._draft_logits(slot, (tokens + proposed)[done: pos + len(proposed) + 1], done)
             self._draft_valid[slot] = pos + len(proposed) + 1
-            if s.temperature > 0:
-                draft_probs.append(sampling_probs(logits, s.temperature, s.top_k, s.top_p))
-                proposed.append(int(torch.multinomial(draft_probs[-1], 1, generator=row.generator)))
-            else:
-                proposed.append(int(logits.argmax()))
+            proposed.append(propose(logits, s, row.generator, draft_probs))
         ids = torch.tensor(tokens[pos:] + proposed, dtype=torch.long, device=self.device)[None]
         self._set_caches(self._slot_caches[slot])
         try:
@@ -401,11 +405,7 @@ class SpeculativeBatchEngine(Engine):
                                 logits_to_keep=None)[0, :, : self.vocab_size]  # (k + 1, vocab)
         finally:
             self._set_caches(self._caches)
-        if s.temperature > 0:
-            kept, token = accept_proposals(proposed, sampling_probs(logits, s.temperature, s.top_k, s.top_p),
-                                           torch.stack(draft_probs) if draft_probs else logits[:0], row.generator)
-        else:
-            kept, token = accept_proposals(proposed, logits, None)
+        kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
         self._draft_valid[slot] = min(self._draft_valid[slot], pos + kept + 1)  # rewind the rejected proposals
