@@ -200,6 +200,7 @@ def test_merge_lora_cli_error_is_one_line(tmp_path):
         # MoE experts: PEFT target_parameters on transformers' stacked expert tensors (and a dense layer)
         ("qwen3_moe", ALL_ON),
         ("mixtral", dict(query=True, value=True, mlp=True)),
+        ("llama4", ALL_ON),  # (E, in, out) stacks: factors transposed and swapped; dense + shared expert modules
     ],
 )
 def test_peft_export_computes_what_litllm_computes(families, family, flags, tmp_path):
