@@ -496,10 +496,12 @@ def save_peft_adapter(model: nn.Module, folder: Path, base_model_name_or_path: O
     config = model.config
     model_type = infer_model_type(config)
     mapping = weight_map(config, model_type)
-    tensors, parameters, rank_pattern, alpha_pattern = _stacked_expert_lora(model, FAMILIES[model_type])
-    # peft re-maps every gate/up/down_proj *module* target of a transformers-5 MoE model onto its stacked experts:
-    # a dense MLP layer of such a model (Qwen3-MoE mlp_only_layers) is targeted by its weight tensor instead
-    moe_dense = FAMILIES[model_type].stacked_experts is not None
+    tensors, parameters, rank_pattern, alpha_pattern = _stacked_expert_lora(model, FAMILIES[model_type], mapping)
+    # peft re-maps every gate/up/down_proj *module* target of a transformers-5 MoE model whose per-expert checkpoint
+    # tensors transformers stacks at load (Mixtral, Qwen MoE) onto its stacked experts: a dense MLP layer of such a
+    # model (Qwen3-MoE mlp_only_layers) is targeted by its weight tensor instead. A checkpoint stored stacked already
+    # (Llama 4) has no such conversion, so its dense layers stay module targets.
+    moe_dense = FAMILIES[model_type].stacked_experts is not None and not _experts_stored_stacked(mapping)
     targets: list[str] = []
 
     def add_target(path: str, hf_name: str) -> None:
@@ -588,12 +590,24 @@ def _block_diagonal_lora(module: LoRALinear) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
-def _stacked_expert_lora(model: nn.Module, family) -> tuple[dict, list[str], dict, dict]:
+def _experts_stored_stacked(mapping) -> bool:
+    """Whether the checkpoint stores each MoE layer's experts as stacked (E, in, out) tensors (Llama 4)."""
+    from litllm.hf.family import STACKED_EXPERTS
+
+    source = mapping.get("blocks.{i}.mlp.experts.{e}.fc")
+    return source is not None and source.layout == STACKED_EXPERTS
+
+
+def _stacked_expert_lora(model: nn.Module, family, mapping) -> tuple[dict, list[str], dict, dict]:
     """LoRA on MoE experts as PEFT `target_parameters` on transformers' stacked expert tensors (transformers >= 5:
     `experts.gate_up_proj` (E, 2I, C), rows [gate | up] as litllm's `fc`, and `experts.down_proj` (E, C, I)).
     PEFT's LoRA of a stacked tensor is one (A, B) per expert: lora_A (E*r, in) holds expert e's A in rows
-    e*r..e*r+r, lora_B (out, r*E) its B in columns j*E + e. Returns (tensors, target_parameters, rank_pattern,
-    alpha_pattern)."""
+    e*r..e*r+r, lora_B (out, r*E) its B in columns j*E + e; PEFT adds B_e @ A_e to the stack's [e].
+    Llama 4's stacks are (E, in, out) instead (`gate_up_proj` (E, C, 2I), columns [gate | up]; `down_proj`
+    (E, I, C)), which PEFT (no `is_transposed` on Llama4TextExperts) reads as (E, out, in) all the same: its
+    lora_A then holds B_e^T and its lora_B A_e^T, so that B_e @ A_e there is (B A)^T, the update of [e] = W_e^T.
+    (Llama 4 scales each expert's *input* by its router score: LoRA, linear without bias, scales with it.)
+    Returns (tensors, target_parameters, rank_pattern, alpha_pattern)."""
     groups: dict[tuple[int, str], dict[int, LoRALinear]] = {}
     for path, module in model.named_modules():
         match = EXPERT_PATH.fullmatch(path)
@@ -602,11 +616,14 @@ def _stacked_expert_lora(model: nn.Module, family) -> tuple[dict, list[str], dic
     if groups and family.stacked_experts is None:
         raise LitLLMError(f"PEFT export: LoRA on the experts of a {family.model_type} model has no PEFT form here; "
                           "train without --lora_mlp to export")
+    transposed = _experts_stored_stacked(mapping)
     tensors, parameters, ranks, alphas = {}, [], {}, {}
     for (layer, kind), experts in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] == "proj")):
         if sorted(experts) != list(range(model.config.n_expert)):
             raise LitLLMError(f"PEFT export: layer {layer} has LoRA on some of its experts only")
-        factors = [_block_diagonal_lora(experts[e]) for e in sorted(experts)]
+        factors = [_block_diagonal_lora(experts[e]) for e in sorted(experts)]  # (A (rank, in), B (out, rank))
+        if transposed:
+            factors = [(b.T, a.T) for a, b in factors]
         rank = factors[0][0].size(0)  # n_parts * r
         a = torch.cat([f[0] for f in factors])  # (E * rank, in)
         b = torch.stack([f[1] for f in factors], dim=-1).reshape(factors[0][1].size(0), -1)  # (out, rank * E)
@@ -615,7 +632,7 @@ def _stacked_expert_lora(model: nn.Module, family) -> tuple[dict, list[str], dic
         # PEFT nests one wrapper per targeted tensor in the module's parameter order: gate_up_proj innermost
         inner = kind == "fc" and (layer, "proj") in groups
         prefix = f"base_model.model.{module}{'.base_layer' if inner else ''}"
-        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a.contiguous(), b.contiguous()
         parameters.append(parameter)
         ranks[_exact(parameter)] = rank
         alphas[_exact(parameter)] = rank // experts[0].r * experts[0].alpha

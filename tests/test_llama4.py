@@ -3,6 +3,8 @@ LoRA finetuning runs and its PEFT export loads in transformers + peft, and `esti
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -42,6 +44,8 @@ def test_multimodal_folder_converts_to_its_text_model(tmp_path):
 
 
 def test_lora_finetune_runs_and_its_peft_export_loads(llama4_base, tmp_path_factory, tmp_path):
+    """`--lora_mlp` adapts the routed experts too: their LoRA exports as PEFT `target_parameters` on the stacked
+    `experts.gate_up_proj` / `down_proj`, the dense and shared-expert MLPs as modules."""
     peft = pytest.importorskip("peft")
     import transformers
 
@@ -53,6 +57,7 @@ def test_lora_finetune_runs_and_its_peft_export_loads(llama4_base, tmp_path_fact
     records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
     result = finetune_lora(
         llama4_base, out_dir=tmp_path / "run", accelerator="cpu", precision="32-true", logger_name="csv",
+        lora_mlp=True,
         data=JSON(json_path=json_file(tmp_path_factory, records), val_split_fraction=0.1, prompt_style="default"),
         train=TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4, lr_warmup_steps=1, save_interval=None,
                         max_seq_length=40),
@@ -62,6 +67,8 @@ def test_lora_finetune_runs_and_its_peft_export_loads(llama4_base, tmp_path_fact
     assert result.losses[4] < result.losses[1]
     model = load_lora_model(result.final_dir).eval()
     save_peft_adapter(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "model.layers.1.feed_forward.experts.gate_up_proj" in config["target_parameters"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama4_base, dtype=torch.float32).eval()
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
     x = torch.randint(0, 300, (2, 36), generator=torch.Generator().manual_seed(0))  # spans 3 chunks of 16

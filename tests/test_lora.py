@@ -200,6 +200,8 @@ def test_merge_lora_cli_error_is_one_line(tmp_path):
         # MoE experts: PEFT target_parameters on transformers' stacked expert tensors (and a dense layer)
         ("qwen3_moe", ALL_ON),
         ("mixtral", dict(query=True, value=True, mlp=True)),
+        ("llama4", ALL_ON),
+        ("deepseek_v2", dict(query=True, value=True, mlp=True)),  # MLA; softmax router, 2 shared experts  # (E, in, out) stacks: factors transposed and swapped; dense + shared expert modules
     ],
 )
 def test_peft_export_computes_what_litllm_computes(families, family, flags, tmp_path):
@@ -226,6 +228,18 @@ def test_peft_export_computes_what_litllm_computes(families, family, flags, tmp_
     with torch.no_grad():
         merged = model(x)
     torch.testing.assert_close(got, merged[..., : got.size(-1)], rtol=0, atol=1e-4)
+
+
+def test_peft_export_refuses_expert_lora_of_a_family_without_stacked_experts(families, tmp_path, monkeypatch):
+    """A family that declares no `stacked_experts` (one added from outside): its experts' LoRA has no PEFT form,
+    refused in one line and nothing written."""
+    from litllm.hf.family import FAMILIES
+
+    model = add_lora(GPT.from_checkpoint(families["mixtral"]), r=2, mlp=True)
+    monkeypatch.setattr(FAMILIES["mixtral"], "stacked_experts", None)
+    with pytest.raises(LitLLMError, match="LoRA on the experts of a mixtral model has no PEFT form"):
+        save_peft_adapter(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
 
 
 def test_qlora_base_is_quantized_and_lora_trains(tiny_checkpoint):

@@ -81,19 +81,37 @@ def test_text_model_of_a_mistral3_folder_matches_transformers_and_exports(text, 
     assert generate_ids(model, prompt.tolist(), 20) == want
 
 
-@pytest.mark.parametrize("preset,reference", [
-    ("Ministral-3-8B-Base-2512", "Ministral3Config"),  # its docstring: the defaults are Ministral-3-8B's
-    ("Mistral-Small-3.1-24B-Instruct-2503", "Mistral3Config"),  # text_config defaults: Mistral-Small-3.1-24B's
+# The 3B's and the 14B's text_config: the 8B's (transformers' defaults) but for these (NVIDIA Megatron-Bridge's
+# Ministral3ModelProvider3B / 14B, see litllm/presets.yaml)
+MINISTRAL_3_3B = dict(hidden_size=3072, intermediate_size=9216, num_hidden_layers=26, tie_word_embeddings=True)
+MINISTRAL_3_14B = dict(hidden_size=5120, intermediate_size=16384, num_hidden_layers=40, rope_theta=1e9)
+
+
+@pytest.mark.parametrize("preset,reference,changes", [
+    ("Ministral-3-8B-Base-2512", "Ministral3Config", {}),  # its docstring: the defaults are Ministral-3-8B's
+    ("Ministral-3-3B-Instruct-2512", "Ministral3Config", MINISTRAL_3_3B),
+    ("Ministral-3-14B-Reasoning-2512", "Ministral3Config", MINISTRAL_3_14B),
+    ("Mistral-Small-3.1-24B-Instruct-2503", "Mistral3Config", {}),  # text_config defaults: Mistral-Small-3.1-24B's
 ])
-def test_presets_are_the_published_configs(preset, reference):
+def test_presets_are_the_published_configs(preset, reference, changes):
     import transformers
 
-    hf = getattr(transformers, reference)()
+    changes = dict(changes)
+    rope_theta = changes.pop("rope_theta", None)
+    hf = getattr(transformers, reference)(**changes)
+    if rope_theta is not None:  # (Ministral3Config's rope_parameters default wins over a rope_theta argument)
+        hf.rope_parameters["rope_theta"] = rope_theta
     text = hf.text_config.to_dict() if reference == "Mistral3Config" else hf.to_dict()
     expected = config_from_hf(text).to_dict()
     actual = Config.from_name(preset).to_dict()
     differ = {k: (actual[k], expected[k]) for k in expected if k not in ("name", "hf_repo") and actual[k] != expected[k]}
     assert not differ
+    # the model cards' language-model sizes: 3.4B (with the embedding tied to the head), 8.4B, 13.5B
+    card = {"Ministral-3-3B": 3.4, "Ministral-3-8B": 8.4, "Ministral-3-14B": 13.5}.get(preset.rsplit("-", 2)[0])
+    if card is not None:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in GPT(Config.from_name(preset)).parameters())
+        assert abs(n / 1e9 - card) < 0.1, n
 
 
 def test_lora_finetunes_the_text_model_and_its_peft_export_loads_on_the_exported_model(tmp_path_factory, tmp_path):

@@ -97,10 +97,10 @@ class Family:
     """When the weight names depend on the config (Falcon's norms), the map for this config."""
     stacked_experts: Optional[str] = None
     """transformers' (>= 5) module holding an MoE layer's experts as stacked tensors `gate_up_proj` (E, 2I, C) and
-    `down_proj` (E, C, I) *at runtime*, as a template with `{i}`: where a PEFT export puts the experts' LoRA
-    (Mixtral, Qwen3-MoE, OLMoE, whose checkpoints store one tensor per expert). None: the experts' LoRA has no
-    PEFT form here, as for checkpoints that store the experts stacked already (`STACKED_EXPERTS`, gpt-oss/Llama 4,
-    whose transformers stacks are (E, in, out))."""
+    `down_proj` (E, C, I) *at runtime* (Mixtral, Qwen3-MoE, OLMoE, DeepSeek, GLM-4.5, whose checkpoints store one
+    tensor per expert), or (E, in, out) where the checkpoint stores them stacked already (`STACKED_EXPERTS`,
+    Llama 4), as a template with `{i}`: where a PEFT export puts the experts' LoRA. None: the experts' LoRA has no
+    PEFT form here."""
     wrappers: tuple[str, ...] = field(default=())
     """`model_type`s of multimodal wrappers whose `text_config` is this family (`gemma3` -> `gemma3_text`)."""
 

@@ -6,7 +6,7 @@ greedy) or within the best `topk_group` of `n_group` groups scored by their best
 
 from litllm.errors import LitLLMError
 from litllm.hf.families.deepseek_v3 import (
-    WEIGHTS, pick_weights, read_mla, read_routed_moe, write_mla, write_routed_moe,
+    STACKED, WEIGHTS, pick_weights, read_mla, read_routed_moe, write_mla, write_routed_moe,
 )
 from litllm.hf.family import Family, register
 
@@ -41,5 +41,5 @@ def write_config(c, hf: dict) -> None:
 
 DEEPSEEK_V2 = register(Family(
     "deepseek_v2", "DeepseekV2ForCausalLM", FLAGS, WEIGHTS, presets="_deepseek_v2",
-    read_config=read_config, write_config=write_config, pick_weights=pick_weights,
+    read_config=read_config, write_config=write_config, pick_weights=pick_weights, stacked_experts=STACKED,
 ))

@@ -23,6 +23,7 @@ MOE_WEIGHTS = {
     "blocks.{i}.mlp.shared_experts.fc": cat(f"{MLP}.shared_experts.gate_proj", f"{MLP}.shared_experts.up_proj"),
     "blocks.{i}.mlp.shared_experts.proj": one(f"{MLP}.shared_experts.down_proj"),
 }
+STACKED = MLP + ".experts"  # transformers 5 stacks the checkpoint's experts: where a PEFT export puts their LoRA
 WEIGHTS = {
     "wte": one("model.embed_tokens"),
     "blocks.{i}.norm_1": one(f"{LAYER}.input_layernorm"),
@@ -118,10 +119,10 @@ def write_config(c, hf: dict) -> None:
 
 DEEPSEEK_V3 = register(Family(
     "deepseek_v3", "DeepseekV3ForCausalLM", FLAGS, WEIGHTS, presets="_deepseek_v3",
-    read_config=read_config, write_config=write_config, pick_weights=pick_weights,
+    read_config=read_config, write_config=write_config, pick_weights=pick_weights, stacked_experts=STACKED,
 ))
 # Kimi K2's config.json names its model_type `kimi_k2`; the model is DeepSeek-V3's and exports as it
 KIMI_K2 = register(Family(
     "kimi_k2", "DeepseekV3ForCausalLM", FLAGS, WEIGHTS, presets="Kimi-K2-Instruct",
-    read_config=read_config, write_config=write_config, pick_weights=pick_weights,
+    read_config=read_config, write_config=write_config, pick_weights=pick_weights, stacked_experts=STACKED,
 ))

@@ -4,7 +4,7 @@ experts (sigmoid router with a fixed correction bias, grouped top-k, routed scal
 expert) after `first_k_dense_replace` dense layers. Layers past `num_hidden_layers` in the Hub's
 checkpoints are the multi-token-prediction module, which litllm (like transformers) does not run."""
 
-from litllm.hf.families.deepseek_v3 import MOE_WEIGHTS, check_sigmoid_router, read_routed_moe, write_routed_moe
+from litllm.hf.families.deepseek_v3 import MOE_WEIGHTS, STACKED, check_sigmoid_router, read_routed_moe, write_routed_moe
 from litllm.hf.family import Family, llama_like_weights, register
 
 FLAGS = dict(norm_class_name="RMSNorm", mlp_class_name="MoE", activation="silu", moe_scoring="sigmoid",
@@ -26,5 +26,5 @@ def write_config(c, hf: dict) -> None:
 
 GLM4_MOE = register(Family(
     "glm4_moe", "Glm4MoeForCausalLM", FLAGS, WEIGHTS, presets="_glm4_moe",
-    read_config=read_config, write_config=write_config,
+    read_config=read_config, write_config=write_config, stacked_experts=STACKED,
 ))

@@ -80,4 +80,5 @@ def write_config(c, hf: dict) -> None:
 LLAMA4 = register(Family(
     "llama4_text", "Llama4ForCausalLM", {**FLAGS, "mlp_class_name": "Llama4MoE", "rope_interleaved": True, "n_shared_expert": 1}, WEIGHTS,
     presets="Llama-4-Scout-17B-16E", read_config=read_config, write_config=write_config, wrappers=("llama4",),
+    stacked_experts=FF + ".experts",
 ))
