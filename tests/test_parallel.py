@@ -50,6 +50,11 @@ def test_fused_layers_split_piece_by_piece():
     assert shard_pieces("blocks.1.norm_1.weight", c, 2) is None
     assert shard_pieces("lm_head.weight", c, 2) == (0, (320,))
     assert shard_pieces("lm_head.weight", c, 3) is None  # 320 rows don't split in 3: replicated
+    # Llama 4: its dense layers and experts are gated too
+    llama4 = Config(n_embd=64, n_head=4, intermediate_size=112, mlp_class_name="Llama4MoE", n_expert=4,
+                    n_expert_per_token=1, moe_intermediate_size=32, n_shared_expert=1, dense_mlp_layers=[0])
+    assert shard_pieces("blocks.0.mlp.fc.weight", llama4, 2) == (0, (112, 112))
+    assert shard_pieces("blocks.1.mlp.experts.3.fc.weight", llama4, 2) == (0, (32, 32))
 
 
 def test_indivisible_heads_are_refused_in_one_line():
@@ -91,18 +96,18 @@ def test_mla_sinks_and_stacked_experts_split_by_heads_and_hidden_units():
 
 
 def test_layers_the_plan_does_not_cover_are_refused_in_one_line():
+    from litllm.adapter import add_adapter
     from litllm.config import Config
     from litllm.errors import LitLLMError
     from litllm.model import GPT
     from litllm.parallel.plan import check_supported
 
     config = Config(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, block_size=64, padded_vocab_size=320,
-                    mlp_class_name="Llama4MoE", n_expert=4, n_expert_per_token=1, intermediate_size=32,
-                    n_shared_expert=1)
+                    mlp_class_name="GatedMLP", intermediate_size=32)
     with torch.device("meta"):
-        model = GPT(config)
-    with pytest.raises(LitLLMError, match=r"^--devices 2: tensor parallelism does not cover block 0's MLP "
-                                          r"\(Llama4MoE\)"):
+        model = add_adapter(GPT(config), adapter_start_layer=1)  # LLaMA-Adapter's prefix: not split
+    with pytest.raises(LitLLMError, match=r"^--devices 2: tensor parallelism does not cover block 1's attention "
+                                          r"\(CausalSelfAttention with an adapter\)$"):
         check_supported(model, 2)
 
 
@@ -136,9 +141,10 @@ def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
 # ---------------------------------------------------------------------- LLM: 1 process vs 2
 FAMILIES = ["llama", pytest.param("qwen3", marks=pytest.mark.slow), pytest.param("mixtral", marks=pytest.mark.slow)]
 # multi-head latent attention (with and without a query latent) and DeepSeek's grouped router with shared experts;
-# gpt-oss's sinks and stacked, biased experts; GLM-4.5's grouped router under plain attention with q/k/v biases
+# gpt-oss's sinks and stacked, biased experts; GLM-4.5's grouped router under plain attention with q/k/v biases;
+# Llama 4's input-scaled experts and shared expert beside dense layers
 MORE_FAMILIES = [pytest.param(family, marks=pytest.mark.slow)
-                 for family in ("deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe")]
+                 for family in ("deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4")]
 
 
 @pytest.fixture(scope="module", params=FAMILIES + MORE_FAMILIES)

@@ -42,9 +42,9 @@ from litllm.errors import LitLLMError
 def check_divisible(config, n: int) -> None:
     """Refuse, in one line naming the numbers, a model whose heads or hidden units don't split over n ranks."""
     sizes = {"n_head": config.n_head, "n_query_groups (key/value heads)": config.n_query_groups}
-    if config.mlp_class_name == "MoE":
+    if config.is_moe_model:
         sizes["expert_intermediate_size"] = config.expert_intermediate_size
-    if config.mlp_class_name != "MoE" or any(not config.is_moe(i) for i in range(config.n_layer)):
+    if not config.is_moe_model or any(not config.is_moe(i) for i in range(config.n_layer)):
         sizes["intermediate_size"] = config.intermediate_size
     bad = [f"{name} {size}" for name, size in sizes.items() if size % n]
     if bad:
@@ -97,7 +97,7 @@ def shard_pieces(name: str, config, n: int) -> Optional[tuple[int, tuple[int, ..
         return (1, (_proj_in(name, c),)) if leaf == "weight" else None
     if owner == "fc":
         hidden = _mlp_hidden(name, c)
-        return (0, (hidden, hidden) if c.mlp_class_name in ("GatedMLP", "MoE") else (hidden,))
+        return (0, (hidden, hidden) if c.mlp_class_name != "GeluMLP" else (hidden,))
     return None
 
 
@@ -164,14 +164,14 @@ def tp_plan(model: nn.Module, n: int) -> dict:
 
 def check_supported(model: nn.Module, n: int) -> None:
     """Refuse a model with a layer the plan does not cover (it would run with the wrong shapes)."""
-    from litllm.model import (CausalSelfAttention, ClampedSwiGLUMoE, GatedMLP, GeluMLP, GroupedMoE, MLAttention,
-                              MoE)
+    from litllm.model import (CausalSelfAttention, ClampedSwiGLUMoE, GatedMLP, GeluMLP, GroupedMoE, Llama4MoE,
+                              MLAttention, MoE)
 
     for i, block in enumerate(model.blocks):
         if type(block.attn) not in (CausalSelfAttention, MLAttention) or block.attn.adapter is not None:
             raise LitLLMError(f"--devices {n}: tensor parallelism does not cover block {i}'s attention "
                               f"({type(block.attn).__name__}{' with an adapter' if block.attn.adapter else ''})")
-        if type(block.mlp) not in (GatedMLP, GeluMLP, MoE, GroupedMoE, ClampedSwiGLUMoE):
+        if type(block.mlp) not in (GatedMLP, GeluMLP, MoE, GroupedMoE, ClampedSwiGLUMoE, Llama4MoE):
             raise LitLLMError(f"--devices {n}: tensor parallelism does not cover block {i}'s MLP "
                               f"({type(block.mlp).__name__})")
 
