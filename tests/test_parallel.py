@@ -73,7 +73,8 @@ def test_mla_sinks_and_stacked_experts_split_by_heads_and_hidden_units():
     from litllm.config import Config
     from litllm.parallel.plan import local_slices, rank0_only, shard_pieces
 
-    # DeepSeek-V2-Lite's shape (no query latent): heads of 24 = 16 nope + 8 rope, values of 12, latent of 16
+    # tests/hf_models.py's tiny DeepSeek-V2 (no query latent): heads of 24 = 16 nope + 8 rope, values of 12,
+    # a latent of 16
     mla = Config(n_embd=64, n_head=4, n_query_groups=4, head_size=24, kv_lora_rank=16, qk_rope_head_dim=8,
                  v_head_dim=12, intermediate_size=96, mlp_class_name="MoE", n_expert=8, n_expert_per_token=2,
                  moe_intermediate_size=32, n_shared_expert=2, padded_vocab_size=320)
@@ -214,7 +215,7 @@ def test_estimate_gives_what_a_rank_holds(llm_runs):
     # the estimate's weights also count the buffers, the same on every rank: the RoPE tables and a grouped
     # router's correction bias (fp32)
     buffers = one["weights"] - llm_runs["single"]["bytes"]["weights"]
-    moe_layers = sum(config.is_moe(i) for i in range(config.n_layer)) if config.is_moe_model else 0
+    moe_layers = sum(config.is_moe(i) for i in range(config.n_layer))
     assert buffers == 2 * 32 * config.rope_n_elem * 4 + config.moe_correction_bias * moe_layers * config.n_expert * 4
     assert two["weights"] - buffers == llm_runs["sharded"]["bytes"]["weights"]
 
