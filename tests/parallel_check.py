@@ -24,6 +24,7 @@ def calls(llm: LLM) -> dict:
     }
     with Engine(llm.model, llm.tokenizer, 2, 32):  # its KV cache: 2 rows of 32 positions
         out["bytes"] = local_bytes(llm.model)
+    out["sizes"] = {name: p.numel() * p.element_size() for name, p in llm.model.named_parameters()}  # (the test reads the single run's)
     out["json"] = constrained(llm)
     with torch.inference_mode():  # a plain forward outside an engine (scoring): broadcast to the other rank
         out["logits"] = llm.model(torch.tensor([[1, 2, 3, 4]]))[0, -1, :8].tolist()

@@ -50,6 +50,11 @@ def test_fused_layers_split_piece_by_piece():
     assert shard_pieces("blocks.1.norm_1.weight", c, 2) is None
     assert shard_pieces("lm_head.weight", c, 2) == (0, (320,))
     assert shard_pieces("lm_head.weight", c, 3) is None  # 320 rows don't split in 3: replicated
+    # Llama 4: its dense layers and experts are gated too
+    llama4 = Config(n_embd=64, n_head=4, intermediate_size=112, mlp_class_name="Llama4MoE", n_expert=4,
+                    n_expert_per_token=1, moe_intermediate_size=32, n_shared_expert=1, dense_mlp_layers=[0])
+    assert shard_pieces("blocks.0.mlp.fc.weight", llama4, 2) == (0, (112, 112))
+    assert shard_pieces("blocks.1.mlp.experts.3.fc.weight", llama4, 2) == (0, (32, 32))
 
 
 def test_indivisible_heads_are_refused_in_one_line():
@@ -64,20 +69,46 @@ def test_indivisible_heads_are_refused_in_one_line():
         check_divisible(c, 4)
 
 
-@pytest.mark.parametrize("preset, refused", [
-    ("DeepSeek-V2-Lite", "attention (MLAttention)"), ("gpt-oss-20b", "attention sinks"),
-    ("GLM-4.5-Air", "MLP (GroupedMoE)"),
-])
-def test_layers_the_plan_does_not_cover_are_refused_in_one_line(preset, refused):
+def test_mla_sinks_and_stacked_experts_split_by_heads_and_hidden_units():
+    from litllm.config import Config
+    from litllm.parallel.plan import local_slices, rank0_only, shard_pieces
+
+    # tests/hf_models.py's tiny DeepSeek-V2 (no query latent): heads of 24 = 16 nope + 8 rope, values of 12,
+    # a latent of 16
+    mla = Config(n_embd=64, n_head=4, n_query_groups=4, head_size=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                 v_head_dim=12, intermediate_size=96, mlp_class_name="MoE", n_expert=8, n_expert_per_token=2,
+                 moe_intermediate_size=32, n_shared_expert=2, padded_vocab_size=320)
+    assert shard_pieces("blocks.1.attn.q.weight", mla, 2) == (0, (4 * 24,))
+    assert local_slices(shard_pieces("blocks.1.attn.kv_b.weight", mla, 2), 1, 2) == (0, [slice(56, 112)])  # 2 heads
+    assert shard_pieces("blocks.1.attn.proj.weight", mla, 2) == (1, (4 * 12,))
+    for replicated in ("attn.q_a.weight", "attn.kv_a.weight", "attn.kv_norm.weight", "mlp.router.weight"):
+        assert shard_pieces(f"blocks.1.{replicated}", mla, 2) is None
+    assert shard_pieces("blocks.1.mlp.shared_experts.fc.weight", mla, 2) == (0, (64, 64))  # 2 shared experts of 32
+    assert shard_pieces("blocks.1.mlp.experts.7.proj.weight", mla, 2) == (1, (32,))
+    # gpt-oss: sinks with their heads; stacked experts (E, C, 2I) by columns (gate/up pairs stay together)
+    oss = Config(n_embd=64, n_head=4, n_query_groups=2, head_size=16, attention_sinks=True, mlp_class_name="MoE",
+                 n_expert=4, n_expert_per_token=2, intermediate_size=32, swiglu_limit=7.0, padded_vocab_size=320)
+    assert local_slices(shard_pieces("blocks.0.attn.sinks", oss, 2), 1, 2) == (0, [slice(2, 4)])
+    assert local_slices(shard_pieces("blocks.0.mlp.experts.gate_up.weight", oss, 2), 1, 2) == (2, [slice(32, 64)])
+    assert shard_pieces("blocks.0.mlp.experts.gate_up.bias", oss, 2) == (1, (64,))
+    assert shard_pieces("blocks.0.mlp.experts.down.weight", oss, 2) == (1, (32,))
+    down_bias = "blocks.0.mlp.experts.down.bias"  # added in each rank's partial sum: rank 0's alone
+    assert shard_pieces(down_bias, oss, 2) is None and rank0_only(down_bias)
+
+
+def test_layers_the_plan_does_not_cover_are_refused_in_one_line():
+    from litllm.adapter import add_adapter
     from litllm.config import Config
     from litllm.errors import LitLLMError
     from litllm.model import GPT
     from litllm.parallel.plan import check_supported
 
-    config = Config.from_name(preset, n_layer=2, block_size=64)
+    config = Config(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, block_size=64, padded_vocab_size=320,
+                    mlp_class_name="GatedMLP", intermediate_size=32)
     with torch.device("meta"):
-        model = GPT(config)
-    with pytest.raises(LitLLMError, match=rf"^--devices 2: tensor parallelism does not cover block \d's .*{re.escape(refused)}"):
+        model = add_adapter(GPT(config), adapter_start_layer=1)  # LLaMA-Adapter's prefix: not split
+    with pytest.raises(LitLLMError, match=r"^--devices 2: tensor parallelism does not cover block 1's attention "
+                                          r"\(CausalSelfAttention with an adapter\)$"):
         check_supported(model, 2)
 
 
@@ -99,7 +130,9 @@ def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
     assert "rank" not in proc.stderr.decode()  # refused before any worker started
     proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "2", "--quantize", "bnb.nf4",
                   timeout=120)
-    assert proc.returncode == 1 and "error: --quantize bnb.nf4 with --devices 2" in proc.stderr.decode()
+    refusal = proc.stderr.decode().strip().splitlines()[-1]
+    assert proc.returncode == 1 and refusal.startswith("error: --quantize bnb.nf4 with --devices 2: ")
+    assert "bitsandbytes" in refusal and "drop --quantize" in refusal and "rank" not in proc.stderr.decode()
     proc = litllm("generate", str(tiny_checkpoint), "--device", "cpu", "--devices", "1", "--num_nodes", "2",
                   timeout=120)
     assert proc.returncode == 1 and "error: --num_nodes 2: start the command on every node with torchrun or srun" \
@@ -108,9 +141,14 @@ def test_bad_devices_fail_before_starting_anything(tiny_checkpoint):
 
 # ---------------------------------------------------------------------- LLM: 1 process vs 2
 FAMILIES = ["llama", pytest.param("qwen3", marks=pytest.mark.slow), pytest.param("mixtral", marks=pytest.mark.slow)]
+# multi-head latent attention (with and without a query latent) and DeepSeek's grouped router with shared experts;
+# gpt-oss's sinks and stacked, biased experts; GLM-4.5's grouped router under plain attention with q/k/v biases;
+# Llama 4's input-scaled experts and shared expert beside dense layers
+MORE_FAMILIES = [pytest.param(family, marks=pytest.mark.slow)
+                 for family in ("deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "llama4")]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + MORE_FAMILIES)
 def llm_runs(request, tmp_path_factory):
     """{"single": ..., "sharded": ...}: the same LLM calls on 1 and on 2 ranks (tests/parallel_check.py)."""
     family = request.param
@@ -134,6 +172,12 @@ def tiny_checkpoint_of(family: str, tmp_path_factory) -> Path:
     return _folders[family]
 
 
+@pytest.fixture(params=FAMILIES)
+def folder(request, tiny_checkpoint, tmp_path_factory) -> Path:
+    """The shared tiny Llama, a tiny Qwen3 or a tiny Mixtral (one per family and session)."""
+    return tiny_checkpoint if request.param == "llama" else tiny_checkpoint_of(request.param, tmp_path_factory)
+
+
 @pytest.mark.parametrize("call", ["greedy", "batch", "seeded", "seeded_batch", "stream", "chat", "json"])
 def test_two_ranks_give_the_same_tokens_as_one(llm_runs, call):
     assert llm_runs["sharded"][call] == llm_runs["single"][call]
@@ -144,12 +188,18 @@ def test_a_plain_forward_is_broadcast_too(llm_runs):
     torch.testing.assert_close(torch.tensor(llm_runs["sharded"]["logits"]), torch.tensor(llm_runs["single"]["logits"]))
 
 
+# what every rank holds whole: norms, routers (and their biases), biases added after an all-reduce (or, for
+# gpt-oss's stacked experts, held by rank 0), MLA's low-rank down-projections
+REPLICATED = re.compile(r"norm|\.router\.|\.q_a\.|\.kv_a\.|proj\.bias|\.down\.bias")
+
+
 def test_each_rank_holds_half_the_weights_and_kv_cache(llm_runs):
     one, two = llm_runs["single"]["bytes"], llm_runs["sharded"]["bytes"]
-    replicated = two["replicated"]  # norms (and a MoE router): every rank holds them whole
-    assert 0 < replicated < 0.05 * one["weights"]
+    replicated = sum(size for name, size in llm_runs["single"]["sizes"].items() if REPLICATED.search(name))
+    assert two["replicated"] == replicated > 0
     assert two["weights"] == (one["weights"] - replicated) // 2 + replicated
-    assert two["kv_cache"] * 2 == one["kv_cache"] > 0
+    mla = any(".kv_b." in name for name in llm_runs["single"]["sizes"])
+    assert two["kv_cache"] * (1 if mla else 2) == one["kv_cache"] > 0  # MLA: every rank caches the whole latent
     assert "Tensor parallel over 2 ranks: each holds" in llm_runs["stderr"]
 
 
@@ -162,10 +212,12 @@ def test_estimate_gives_what_a_rank_holds(llm_runs):
     two = fake_decode(config, "32-true", None, 2, 32, 31, None, devices=2)
     one = fake_decode(config, "32-true", None, 2, 32, 31, None)
     assert two["kv_cache"] == llm_runs["sharded"]["bytes"]["kv_cache"]
-    # the estimate's weights also count the RoPE tables (buffers, the same on every rank)
-    rope = one["weights"] - llm_runs["single"]["bytes"]["weights"]
-    assert rope == 2 * 32 * config.rope_n_elem * 4
-    assert two["weights"] - rope == llm_runs["sharded"]["bytes"]["weights"]
+    # the estimate's weights also count the buffers, the same on every rank: the RoPE tables and a grouped
+    # router's correction bias (fp32)
+    buffers = one["weights"] - llm_runs["single"]["bytes"]["weights"]
+    moe_layers = sum(config.is_moe(i) for i in range(config.n_layer))
+    assert buffers == 2 * 32 * config.rope_n_elem * 4 + config.moe_correction_bias * moe_layers * config.n_expert * 4
+    assert two["weights"] - buffers == llm_runs["sharded"]["bytes"]["weights"]
 
 
 def test_estimate_cli_per_device_and_more_devices_as_a_fix(tiny_checkpoint):
@@ -195,9 +247,7 @@ def reference_generate(checkpoint: Path, prompt: str, n: int, **flags) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_on_two_ranks(family, tiny_checkpoint, tmp_path_factory):
-    folder = tiny_checkpoint if family == "llama" else tiny_checkpoint_of(family, tmp_path_factory)
+def test_generate_on_two_ranks(folder):
     args = ["--max_new_tokens", "12", "--num_samples", "2", "--temperature", "0.9", "--seed", "11"]
     proc = litllm("generate", str(folder), "--prompt", "Tell me about llamas", "--device", "cpu",
                   "--devices", "2", *args)
@@ -208,43 +258,43 @@ def test_generate_on_two_ranks(family, tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_chat_on_two_ranks(tiny_checkpoint):
+def test_chat_on_two_ranks(folder):
     turns = b"Hi!\nTell me more\n/exit\n"
     flags = ["--prompt_style", "default", "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"]
-    one = litllm("chat", str(tiny_checkpoint), *flags, stdin=turns)
-    two = litllm("chat", str(tiny_checkpoint), *flags, "--devices", "2", stdin=turns)
+    one = litllm("chat", str(folder), *flags, stdin=turns)
+    two = litllm("chat", str(folder), *flags, "--devices", "2", stdin=turns)
     assert one.returncode == two.returncode == 0, two.stderr.decode()[-2000:]
     assert two.stdout.count(b">> Model: ") == 2
     assert two.stdout == one.stdout
 
 
 @pytest.mark.slow
-def test_serve_on_two_ranks(tiny_checkpoint, tmp_path):
+def test_serve_on_two_ranks(folder, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from test_serve import Server
 
     prompts = ["What food do llamas eat?", "Hi", "def fibonacci(n):", "The quick brown fox"]
-    expected = [reference_generate(tiny_checkpoint, p, 10, prompt_style="default", temperature=0.0)[:-1]
+    expected = [reference_generate(folder, p, 10, prompt_style="default", temperature=0.0)[:-1]
                 for p in prompts]
-    server = Server(tiny_checkpoint, tmp_path / "server.log", "--max_batch_size", "2", "--device", "cpu",
+    server = Server(folder, tmp_path / "server.log", "--max_batch_size", "2", "--device", "cpu",
                     "--devices", "2")
     try:
         client = server.client()
 
         def complete(i: int) -> str:
             if i % 2:  # half the clients stream
-                chunks = client.completions.create(model=tiny_checkpoint.name, prompt=prompts[i], max_tokens=10,
+                chunks = client.completions.create(model=folder.name, prompt=prompts[i], max_tokens=10,
                                                    temperature=0, stream=True)
                 return "".join(c.choices[0].text for c in chunks if c.choices)
-            return client.completions.create(model=tiny_checkpoint.name, prompt=prompts[i], max_tokens=10,
+            return client.completions.create(model=folder.name, prompt=prompts[i], max_tokens=10,
                                              temperature=0).choices[0].text
 
         with ThreadPoolExecutor(4) as pool:  # 4 concurrent clients on 2 slots: continuous batching
             assert list(pool.map(complete, range(4))) == expected
-        seeded = [client.completions.create(model=tiny_checkpoint.name, prompt=prompts[0], max_tokens=8,
+        seeded = [client.completions.create(model=folder.name, prompt=prompts[0], max_tokens=8,
                                             temperature=1.0, seed=5).choices[0].text for _ in range(2)]
-        assert seeded[0] == seeded[1] == reference_generate(tiny_checkpoint, prompts[0], 8, prompt_style="default",
+        assert seeded[0] == seeded[1] == reference_generate(folder, prompts[0], 8, prompt_style="default",
                                                             temperature=1.0, top_k=None, seed=5)[:-1]
     finally:
         assert server.stop(signal.SIGTERM) == 0
@@ -281,13 +331,14 @@ def test_sequential_strategy_gives_the_same_tokens(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_evaluate_on_two_ranks(tiny_checkpoint, tasks_dir, tmp_path):
+@pytest.mark.parametrize("folder", ["llama", "mixtral"], indirect=True)  # (Qwen3's forward: llm_runs' logits)
+def test_evaluate_on_two_ranks(folder, tasks_dir, tmp_path):
     from litllm.evaluate import evaluate
 
     tasks = f"{MC_TASK},{GEN_TASK},{PPL_TASK}"
-    one = evaluate(tiny_checkpoint, tasks=tasks, include_path=tasks_dir, out_dir=tmp_path / "one", batch_size=2,
+    one = evaluate(folder, tasks=tasks, include_path=tasks_dir, out_dir=tmp_path / "one", batch_size=2,
                    limit=4, device="cpu", precision="32-true", log_samples=True)
-    proc = litllm("evaluate", str(tiny_checkpoint), "--tasks", tasks, "--include_path", str(tasks_dir),
+    proc = litllm("evaluate", str(folder), "--tasks", tasks, "--include_path", str(tasks_dir),
                   "--out_dir", str(tmp_path / "two"), "--batch_size", "2", "--limit", "4", "--device", "cpu",
                   "--precision", "32-true", "--log_samples", "true", "--devices", "2", timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
@@ -299,8 +350,8 @@ def test_evaluate_on_two_ranks(tiny_checkpoint, tasks_dir, tmp_path):
             else:
                 assert two["results"][task][metric] == value, (task, metric)
 
-    def answers(folder: Path) -> list:
-        rows = (folder / f"samples_{GEN_TASK}.jsonl").read_text().splitlines()
+    def answers(out_dir: Path) -> list:
+        rows = (out_dir / f"samples_{GEN_TASK}.jsonl").read_text().splitlines()
         return [json.loads(row)["resps"] for row in rows]
 
     assert answers(tmp_path / "two") == answers(tmp_path / "one") and answers(tmp_path / "one")

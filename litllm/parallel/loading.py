@@ -3,7 +3,8 @@
 The model is built on the meta device and sharded there (`plan.parallelize`); each parameter's local
 shard is then allocated on the rank's device and filled from `lit_model.safetensors` with safetensors'
 lazy slicing (`safe_open(...).get_slice`), reading only this rank's rows or columns: a rank's host
-memory peaks at about its shard, 1/N of the sharded weights plus the replicated ones.
+memory peaks at about its shard, 1/N of the sharded weights plus the replicated ones. Persistent buffers (a
+grouped router's correction bias) are replicated and read whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import LitLLMError
-from litllm.parallel.plan import local_slices, parallelize, shard_pieces
+from litllm.parallel.plan import local_slices, parallelize, rank0_only, shard_pieces
 
 
 def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype: torch.dtype) -> nn.Module:
@@ -28,21 +29,28 @@ def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype
     config = Config.from_checkpoint(checkpoint_dir)
     with torch.device("meta"):
         model = GPT(config)
+    full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     parallelize(model, mesh, n)
-    full_names = {name: p for name, p in model.named_parameters(remove_duplicate=True)}
     model.to(dtype)  # still meta: each shard is then allocated once, in its final dtype
     model.to_empty(device=device)
     with open_safetensors(checkpoint_dir / WEIGHTS_FILE) as f, torch.no_grad():
         stored = set(f.keys())
-        for name, param in model.named_parameters(remove_duplicate=True):
+        for name, tensor in _stored_tensors(model):
             key = name if name in stored or not config.tie_embeddings else "wte.weight"
             if key not in stored:
                 raise LitLLMError(f"{checkpoint_dir / WEIGHTS_FILE}: {name} is missing (expected by model_config.yaml)")
-            _local(param).copy_(read_local(f.get_slice(key), shard_pieces(name, config, n), rank, n,
-                                           tuple(full_names[name].shape), key))
+            local = read_local(f.get_slice(key), shard_pieces(name, config, n), rank, n, full_shapes[name], key)
+            _local(tensor).copy_(local if rank == 0 or not rank0_only(name) else torch.zeros_like(local))
     model.lm_head.weight = model.wte.weight if config.tie_embeddings else model.lm_head.weight
     model.build_rope_cache(torch.device(device))
     return model.eval().requires_grad_(False)
+
+
+def _stored_tensors(model: nn.Module):
+    """(name, tensor) of every parameter (a tied head once) and persistent buffer: what the file holds."""
+    yield from model.named_parameters(remove_duplicate=True)
+    persistent = model.state_dict(keep_vars=True).keys()
+    yield from ((name, buffer) for name, buffer in model.named_buffers() if name in persistent)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -59,5 +67,5 @@ def read_local(tensor_slice, pieces: Optional[tuple], rank: int, n: int, shape: 
     if pieces is None:
         return tensor_slice[:]
     dim, ranges = local_slices(pieces, rank, n)
-    parts = [tensor_slice[r] if dim == 0 else tensor_slice[:, r] for r in ranges]
+    parts = [tensor_slice[(slice(None),) * dim + (r,)] for r in ranges]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

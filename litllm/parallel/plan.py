@@ -7,6 +7,21 @@ the attention output projection and the MLP's second layer by input columns (one
 the embedding and the head by vocabulary rows (a vocabulary-parallel head, whose logits are gathered).
 Norms, the MoE router, RoPE tables and biases after an all-reduce are replicated.
 
+MoE: every expert (and the shared experts) is split by hidden units like a dense MLP; the router, its
+correction bias (DeepSeek/GLM's grouped router) and the routing are replicated, so every rank picks the same
+experts. Each expert's second layer leaves a partial sum (`RowwiseParallel(output_layouts=Partial())`) and the
+MoE's output is all-reduced once (`PrepareModuleOutput`), not once per expert.
+
+Multi-head latent attention (DeepSeek-V2/V3, Kimi K2) is split by heads too: the query up-projection (`q`) and
+the key/value up-projection (`kv_b`) by output rows, the output projection by input columns. The low-rank
+down-projections (`q_a`, `kv_a`), their norms and hence the latent KV cache are replicated: every rank caches
+the whole latent (kv_lora_rank + rope dims per token), as vLLM does without data-parallel attention.
+
+Parameters the forward reads directly rather than through an `nn.Linear` -- gpt-oss's attention sinks (one logit
+per query head, split with their heads) and stacked experts, MLA's `kv_b` (its weight enters the absorbed
+decode) -- are plain tensors holding this rank's share (`shard_pieces` says which). The stacked experts' output
+bias is held by rank 0 only (zeros elsewhere): the ranks' partial sums are added up.
+
 Fused layers hold several pieces (q | k | v rows, gate | up rows): each rank takes its share of every
 piece, so its local rows are [q_r | k_r | v_r] and the forward splits them as one rank's heads. The
 model's attention then sees a config with n_head / N query and n_query_groups / N key/value heads.
@@ -27,9 +42,9 @@ from litllm.errors import LitLLMError
 def check_divisible(config, n: int) -> None:
     """Refuse, in one line naming the numbers, a model whose heads or hidden units don't split over n ranks."""
     sizes = {"n_head": config.n_head, "n_query_groups (key/value heads)": config.n_query_groups}
-    if config.mlp_class_name == "MoE":
+    if config.is_moe_model:
         sizes["expert_intermediate_size"] = config.expert_intermediate_size
-    if config.mlp_class_name != "MoE" or any(not config.is_moe(i) for i in range(config.n_layer)):
+    if not config.is_moe_model or any(not config.is_moe(i) for i in range(config.n_layer)):
         sizes["intermediate_size"] = config.intermediate_size
     bad = [f"{name} {size}" for name, size in sizes.items() if size % n]
     if bad:
@@ -68,21 +83,38 @@ def shard_pieces(name: str, config, n: int) -> Optional[tuple[int, tuple[int, ..
     if owner == "qkv":
         q, kv = c.n_head * c.head_size, c.n_query_groups * c.head_size
         return (0, (q, kv, kv))
+    if owner == "q":  # MLA's query (up-)projection: rows by heads
+        return (0, (c.n_head * c.head_size,))
+    if owner == "kv_b":  # MLA's key/value up-projection: each head's [nope key | value] rows
+        return (0, (c.n_head * (c.head_size - c.qk_rope_head_dim + c.v_head_dim),))
+    if leaf == "sinks":  # gpt-oss: one logit per query head
+        return (0, (c.n_head,))
+    if owner == "gate_up":  # gpt-oss's stacked experts: (E, C, 2I) columns [gate, up] interleaved; (E, 2I) bias
+        return (2 if leaf == "weight" else 1, (2 * c.expert_intermediate_size,))
+    if owner == "down":  # (E, I, C); its bias (E, C) is rank 0's (`rank0_only`)
+        return (1, (c.expert_intermediate_size,)) if leaf == "weight" else None
     if owner == "proj":
         return (1, (_proj_in(name, c),)) if leaf == "weight" else None
     if owner == "fc":
         hidden = _mlp_hidden(name, c)
-        return (0, (hidden, hidden) if c.mlp_class_name in ("GatedMLP", "MoE") else (hidden,))
+        return (0, (hidden, hidden) if c.mlp_class_name != "GeluMLP" else (hidden,))
     return None
+
+
+def rank0_only(name: str) -> bool:
+    """A bias added inside each rank's partial sum (gpt-oss's stacked experts): rank 0 holds it, the others zeros."""
+    return name.endswith(".experts.down.bias")
 
 
 def _proj_in(name: str, c) -> int:
     if ".attn." in name:
-        return c.n_head * c.head_size
+        return c.n_head * (c.v_head_dim if c.kv_lora_rank else c.head_size)
     return _mlp_hidden(name, c)
 
 
 def _mlp_hidden(name: str, c) -> int:
+    if ".shared_experts." in name:
+        return c.expert_intermediate_size * c.n_shared_expert
     if ".experts." in name:
         return c.expert_intermediate_size
     return c.intermediate_size
@@ -101,23 +133,30 @@ def local_slices(pieces: tuple[int, tuple[int, ...]], rank: int, n: int) -> tupl
 
 def tp_plan(model: nn.Module, n: int) -> dict:
     """The `parallelize_module` plan of a GPT: {module path: ParallelStyle}."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor import Partial, Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, RowwiseParallel
 
-    from litllm.model import MoE
+    from litllm.model import MLAttention, MoE
 
     plan = {}
     if split_vocab(model.config, n):
         plan["wte"] = RowwiseParallel(input_layouts=Replicate())
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     for i, block in enumerate(model.blocks):
-        plan[f"blocks.{i}.attn.qkv"] = ColwiseParallel()
+        # MLA: kv_b is not in the plan (the absorbed decode reads its weight: a plain tensor of this rank's rows)
+        plan[f"blocks.{i}.attn.{'q' if isinstance(block.attn, MLAttention) else 'qkv'}"] = ColwiseParallel()
         plan[f"blocks.{i}.attn.proj"] = RowwiseParallel()
-        mlps = [(f"blocks.{i}.mlp.experts.{e}", m) for e, m in enumerate(block.mlp.experts)] \
-            if isinstance(block.mlp, MoE) else [(f"blocks.{i}.mlp", block.mlp)]
-        for path, _ in mlps:
-            plan[f"{path}.fc"] = ColwiseParallel()
-            plan[f"{path}.proj"] = RowwiseParallel()
+        if not isinstance(block.mlp, MoE):
+            plan[f"blocks.{i}.mlp.fc"] = ColwiseParallel()
+            plan[f"blocks.{i}.mlp.proj"] = RowwiseParallel()
+            continue
+        # each expert leaves a partial sum; the MoE's output is all-reduced once
+        plan[f"blocks.{i}.mlp"] = PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate())
+        experts = [f"experts.{e}" for e in range(len(block.mlp.experts))] \
+            if isinstance(block.mlp.experts, nn.ModuleList) else []  # (stacked experts: plain local tensors)
+        for path in experts + (["shared_experts"] if block.mlp.shared_experts is not None else []):
+            plan[f"blocks.{i}.mlp.{path}.fc"] = ColwiseParallel()
+            plan[f"blocks.{i}.mlp.{path}.proj"] = RowwiseParallel(output_layouts=Partial())
     for style in plan.values():
         style.src_data_rank = None  # every rank fills its own shard (loading.py): nothing to scatter
     return plan
@@ -125,15 +164,14 @@ def tp_plan(model: nn.Module, n: int) -> dict:
 
 def check_supported(model: nn.Module, n: int) -> None:
     """Refuse a model with a layer the plan does not cover (it would run with the wrong shapes)."""
-    from litllm.model import CausalSelfAttention, GatedMLP, GeluMLP, MoE
+    from litllm.model import (CausalSelfAttention, ClampedSwiGLUMoE, GatedMLP, GeluMLP, GroupedMoE, Llama4MoE,
+                              MLAttention, MoE)
 
     for i, block in enumerate(model.blocks):
-        if type(block.attn) is not CausalSelfAttention or getattr(block.attn, "adapter", None) is not None:
+        if type(block.attn) not in (CausalSelfAttention, MLAttention) or block.attn.adapter is not None:
             raise LitLLMError(f"--devices {n}: tensor parallelism does not cover block {i}'s attention "
                               f"({type(block.attn).__name__}{' with an adapter' if block.attn.adapter else ''})")
-        if block.attn.sinks is not None:
-            raise LitLLMError(f"--devices {n}: tensor parallelism does not cover block {i}'s attention sinks (gpt-oss)")
-        if type(block.mlp) not in (GatedMLP, GeluMLP, MoE):
+        if type(block.mlp) not in (GatedMLP, GeluMLP, MoE, GroupedMoE, ClampedSwiGLUMoE, Llama4MoE):
             raise LitLLMError(f"--devices {n}: tensor parallelism does not cover block {i}'s MLP "
                               f"({type(block.mlp).__name__})")
 
@@ -150,13 +188,33 @@ def parallelize(model: nn.Module, mesh, n: int) -> nn.Module:
     parallelize_module(model, mesh, tp_plan(model, n))
     if tied:
         model.lm_head.weight = model.wte.weight  # both Shard(0) (or replicated): one tensor again
+    _keep_local_shares(model, n)
     local = dataclasses.replace(c, n_head=c.n_head // n, n_query_groups=c.n_query_groups // n)
     for block in model.blocks:
         block.attn.config = local
-        q, kv = local.n_head * local.head_size, local.n_query_groups * local.head_size
-        block.attn.qkv_sizes = (q, kv, kv)
+        if hasattr(block.attn, "qkv_sizes"):
+            q, kv = local.n_head * local.head_size, local.n_query_groups * local.head_size
+            block.attn.qkv_sizes = (q, kv, kv)
     model.tp_size = n
     return model
+
+
+def _keep_local_shares(model: nn.Module, n: int) -> None:
+    """Split parameters the DTensor plan left whole (sinks, stacked experts, MLA's kv_b): each becomes a plain
+    tensor (on the model's device, typically meta) shaped as this rank's share."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    for name, p in list(model.named_parameters()):
+        pieces = shard_pieces(name, model.config, n)
+        if pieces is None or isinstance(p, DTensor):
+            continue
+        dim, sizes = pieces
+        shape = list(p.shape)
+        shape[dim] = sum(sizes) // n
+        owner, _, leaf = name.rpartition(".")
+        local = torch.empty(shape, device=p.device, dtype=p.dtype)
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(local, requires_grad=p.requires_grad))
 
 
 def rank_config(config, n: int):
@@ -186,16 +244,17 @@ def local_bytes(model: nn.Module) -> dict[str, int]:
     part of it every rank holds in full, "kv_cache": bytes of its KV cache}."""
     from torch.distributed.tensor import DTensor
 
+    n = getattr(model, "tp_size", 1)
     weights = replicated = 0
     seen = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         if local.data_ptr() in seen:  # a tied head is the embedding
             continue
         seen.add(local.data_ptr())
         size = local.numel() * local.element_size()
         weights += size
-        if not isinstance(p, DTensor) or all(pl.is_replicate() for pl in p.placements):
+        if n == 1 or shard_pieces(name, model.config, n) is None:
             replicated += size
     kv = 0
     for block in model.blocks:

@@ -369,8 +369,10 @@ def load_sharded(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, d
     from litllm.parallel.launch import start
 
     if quantize is not None:
-        raise LitLLMError(f"--quantize {quantize} with --devices {devices}: quantized weights are not sharded by "
-                          f"tensor parallelism yet; drop --quantize or use --devices 1")
+        raise LitLLMError(f"--quantize {quantize} with --devices {devices}: tensor parallelism splits each weight by "
+                          f"rows or columns (DTensor), and bitsandbytes' quantized weights (packed flat blocks with "
+                          f"their own scales) are not tensors DTensor can split; drop --quantize (each of the "
+                          f"{devices} devices then holds 1/{devices} of the 16-bit weights) or use --devices 1")
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
         raise LitLLMError(f"--devices {devices}: tensor parallelism runs on cpu (gloo) or cuda (nccl), not {device}")
