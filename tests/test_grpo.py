@@ -338,14 +338,22 @@ def test_two_fsdp_processes_equal_two_ddp_processes(base, prompts_file, reward_f
     number of steps than the other rank's, without collectives), reshards, and trains; with the same prompts per
     rank as DDP it gives DDP's losses, rewards and gradient norms, and the same weights after 4 steps (full
     finetuning, so both start from the checkpoint's weights; num_iterations 2 and beta > 0: the old and the
-    reference log-probs are sharded forwards too)."""
+    reference log-probs are sharded forwards too). Resumed from step 1 (between the two iterations of a generation:
+    each rank's buffered rollout comes back from the checkpoint), FSDP continues bit for bit."""
     full = ("--reward", f"{reward_file}:low_ids", "--method", "full", "--train.max_steps", "4", "--num_iterations", "2",
-            "--beta", "0.04", "--scale_rewards", "batch", "--optimizer", "SGD", "--optimizer.lr", "0.1")
+            "--beta", "0.04", "--scale_rewards", "batch", "--optimizer", "SGD", "--optimizer.lr", "0.1",
+            "--optimizer.momentum", "0.9", "--train.save_interval", "1")
     losses, weights = {}, {}
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp", "resumed"):
         out = tmp_path / strategy
-        losses[strategy] = _cli_run(base, prompts_file, out, 2, strategy, *full)
+        if strategy == "resumed":
+            out.mkdir()
+            shutil.copytree(tmp_path / "fsdp" / "step-00000001", out / "step-00000001")
+        extra = ("--resume", "auto") if strategy == "resumed" else ()
+        losses[strategy] = _cli_run(base, prompts_file, out, 2, "ddp" if strategy == "ddp" else "fsdp", *full, *extra)
         weights[strategy] = load_file(str(out / "final" / "lit_model.safetensors"))
+    assert losses["resumed"] == losses["fsdp"][1:]
+    assert all(torch.equal(weights["resumed"][k], v) for k, v in weights["fsdp"].items())
     assert len(losses["ddp"]) == len(losses["fsdp"]) == 4
     assert all(grad_norm > 1e-4 for _, _, grad_norm in losses["ddp"]), losses
     for ddp, fsdp in zip(losses["ddp"], losses["fsdp"]):

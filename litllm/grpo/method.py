@@ -32,15 +32,30 @@ SAMPLES_SHOWN = 2
 
 class RolloutBuffer:
     """The rollouts of the generation window in flight, {(epoch, batch index): Rollout}, kept for the later
-    `num_iterations`; saved with the loader's position in every checkpoint."""
+    `num_iterations`; saved with the loader's position in every checkpoint.
+
+    A checkpoint keeps rank 0's loader state only, and each rank sampled its own prompts: on several ranks the
+    state is every rank's rollouts, gathered (`state_dict` is collective: the loop's checkpoint writer calls it on
+    every rank), and each rank loads its own."""
 
     def __init__(self) -> None:
         self.rollouts: dict[tuple[int, int], Rollout] = {}
 
     def state_dict(self) -> dict:
-        return {f"{e}:{b}": r.state_dict() for (e, b), r in self.rollouts.items()}
+        import torch.distributed as dist
+
+        own = {f"{e}:{b}": r.state_dict() for (e, b), r in self.rollouts.items()}
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return own
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, own)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
+        import torch.distributed as dist
+
+        if "ranks" in state:  # saved by several ranks (a resume on another count restarts the epoch: no load)
+            state = state["ranks"][dist.get_rank() if dist.is_initialized() else 0]
         self.rollouts = {tuple(int(x) for x in key.split(":")): Rollout.from_state_dict(r) for key, r in state.items()}
 
 

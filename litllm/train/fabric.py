@@ -166,7 +166,7 @@ def whole_weights(module: nn.Module) -> Iterator[nn.Module]:
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the root first
     if units:
         # decoding calls the blocks, not the root's forward: make the root the root before a block's hook would
-        # (FSDP2 crowns the first unit that runs forward)
+        # (FSDP2 crowns the first unit that runs forward; it has no public call for this)
         units[0]._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.unshard()
@@ -175,7 +175,8 @@ def whole_weights(module: nn.Module) -> Iterator[nn.Module]:
         yield module
     finally:
         for unit in units:
-            # FSDP2's own rule: the root keeps its weights gathered after forward (backward needs them first)
+            # `_fsdp_parallelize`'s (FSDP2's default) rule: the blocks reshard after forward, the root keeps its
+            # weights gathered (backward needs them first)
             unit.set_reshard_after_forward(unit is not units[0], recurse=False)
             unit.reshard()
 
