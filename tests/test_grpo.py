@@ -4,7 +4,8 @@ Rewards: built-ins score what they claim; a user's function loads from a file or
 run with one line naming it. Data: both record shapes, extra fields reach the rewards, bad records name file and
 index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
-(the mean reward rises, fixed seed); 2 DDP processes give the losses of one process. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
+(the mean reward rises, fixed seed); 2 DDP processes give the losses of one process (batch-scaled rewards), 2 FSDP
+processes those of 2 DDP processes and resume bit for bit. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
 from __future__ import annotations
