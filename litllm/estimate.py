@@ -371,8 +371,10 @@ def _structure(model: nn.Module, plan: TrainPlan, param_dtype, compute_dtype) ->
 
     block_ids = {id(p) for b in model.blocks for p in b.parameters()}
     root = sizes(p for p in model.parameters() if id(p) not in block_ids)
-    block = max(sizes(b.parameters()) for b in model.blocks)
-    return {"root_unsharded": root[0], "root_grads": root[1], "block_unsharded": block[0], "block_grads": block[1]}
+    blocks = [sizes(b.parameters()) for b in model.blocks]
+    block = max(blocks)
+    return {"root_unsharded": root[0], "root_grads": root[1], "block_unsharded": block[0], "block_grads": block[1],
+            "whole_unsharded": root[0] + sum(b[0] for b in blocks)}
 
 
 def fsdp_per_device(parts: dict[str, int], world_size: int) -> dict[str, int]:
@@ -381,7 +383,8 @@ def fsdp_per_device(parts: dict[str, int], world_size: int) -> dict[str, int]:
     Sharded: the floating-point weights, their gradients and the optimizer state (1/N each; packed
     quantized weights stay whole on every device). Unsharded while in use: the root's parameters (FSDP2
     keeps the root gathered from forward to backward), the current and the prefetched block, and one
-    block's full gradients before their reduce-scatter.
+    block's full gradients before their reduce-scatter; or, if larger, during a GRPO rollout (a KV cache in
+    `parts`), every parameter.
     """
     if world_size <= 1:
         return dict(parts)
@@ -392,6 +395,8 @@ def fsdp_per_device(parts: dict[str, int], world_size: int) -> dict[str, int]:
     out["gradients"] = parts["gradients"] // world_size
     out["optimizer_state"] = parts["optimizer_state"] // world_size
     working = s["root_unsharded"] + 2 * s["block_unsharded"] + s["block_grads"]
+    if parts.get("kv_cache"):  # a GRPO rollout decodes on the whole weights, gathered on every device
+        working = max(working, s["whole_unsharded"])
     out["temporaries"] = parts["temporaries"] + working
     out["total"] = sum(out[k] for k in CATEGORIES)
     return out

@@ -381,8 +381,6 @@ def finetune_grpo(job: GRPOJob) -> TrainResult:
     job.check_method()
     if job.train.global_batch_size is None:
         raise LitLLMError("--train.global_batch_size: finetune_grpo needs it set (prompts per optimizer step)")
-    if job.run.strategy == "fsdp":
-        raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
     job.grpo.validate()
     job.rewards()  # a bad --reward / --reward_weights fails here, before launch
     return launch(job)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -543,6 +543,17 @@ def test_grpo_estimate_counts_the_rollout_kv_cache_and_the_reference(tmp_path):
     full_ref = peak_memory(_job_plan("finetune_grpo", folder, method="full", beta=0.04, **flags))
     n_params = sum(p.numel() for p in __import__("litllm.model").model.GPT(config).parameters())
     assert full_ref["weights"] - full["weights"] == n_params * 4
+    # FSDP: the rollout gathers the whole weights on each device (fp32), more than the update's working set (the
+    # root, two blocks and a block's gradients) once the model has more than a few blocks
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    replace(config, n_layer=8).save(deep / "model_config.yaml")
+    plan = _job_plan("finetune_grpo", deep, method="full", **flags)
+    n_deep = sum(p.numel() for p in __import__("litllm.model").model.GPT(replace(config, n_layer=8)).parameters())
+    rollout = peak_memory(plan, world_size=2, strategy="fsdp")
+    update = peak_memory(plan, world_size=2, strategy="fsdp", rollout_tokens=0)
+    assert rollout["temporaries"] - update["temporaries"] > 0
+    assert rollout["temporaries"] >= n_deep * 4 > update["temporaries"]
     unset = _job_plan("finetune_grpo", folder, num_generations=4, max_new_tokens=16)
     assert unset.seq_length == min(config.block_size, 256 + 16) and "--max_new_tokens 16" in " ".join(unset.notes)
 

@@ -4,7 +4,8 @@ Rewards: built-ins score what they claim; a user's function loads from a file or
 run with one line naming it. Data: both record shapes, extra fields reach the rewards, bad records name file and
 index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
-(the mean reward rises, fixed seed); 2 DDP processes give the losses of one process. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
+(the mean reward rises, fixed seed); 2 DDP processes give the losses of one process (batch-scaled rewards), 2 FSDP
+processes those of 2 DDP processes and resume bit for bit. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
 from __future__ import annotations
@@ -294,33 +295,72 @@ def test_a_tiny_model_learns_to_raise_its_reward(base, prompts_file, reward_file
     assert first < 0.5 and last > first + 0.3, rewards
 
 
-@pytest.mark.slow
-def test_two_ddp_processes_equal_one_process(base, prompts_file, reward_file, tmp_path):
-    """2 CPU processes x 1 prompt per step = 1 process x 2 micro-batches of 1 prompt: the same prompts, completions
-    (seeded per prompt) and global token normalisation, so the same losses, rewards and gradient norms (up to the
-    order of float sums) over 3 steps."""
+def _cli_run(base, prompts_file, out: Path, devices: int, strategy: str, *extra: str) -> list[tuple]:
+    """(loss, reward, grad_norm) of each step of `litllm finetune_grpo` on `devices` CPU processes (a fresh
+    interpreter: the launcher spawns the ranks)."""
     import os
 
     from litllm.train.loggers import read_csv_rows
 
-    losses = {}
-    for devices, micro in ((1, 1), (2, 1)):
-        out = tmp_path / f"out{devices}"
-        args = [
-            sys.executable, "-m", "litllm", "finetune_grpo", str(base), "--out_dir", str(out), "--accelerator", "cpu",
-            "--devices", str(devices), "--strategy", "ddp" if devices > 1 else "auto", "--precision", "32-true",
-            "--data", "Prompts", "--data.json_path", str(prompts_file), "--data.prompt_style", "default",
-            "--reward", f"{reward_file}:vowels", "--reward", "length", "--length_target", "4",
-            "--num_generations", "4", "--max_new_tokens", "6", "--lora_mlp", "true", "--lora_dropout", "0",
-            "--train.global_batch_size", "2", "--train.micro_batch_size", str(micro), "--train.max_steps", "3",
-            "--train.save_interval", "100", "--eval.interval", "100", "--optimizer.lr", "0.01",
-        ]
-        proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                              cwd=tmp_path, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("loss")]
-        losses[devices] = [(float(r["loss"]), float(r["reward"]), float(r["grad_norm"])) for r in rows]
+    args = [
+        sys.executable, "-m", "litllm", "finetune_grpo", str(base), "--out_dir", str(out), "--accelerator", "cpu",
+        "--devices", str(devices), "--strategy", strategy, "--precision", "32-true",
+        "--data", "Prompts", "--data.json_path", str(prompts_file), "--data.prompt_style", "default",
+        "--num_generations", "4", "--max_new_tokens", "6", "--train.global_batch_size", "2",
+        "--train.micro_batch_size", "1",
+        "--train.save_interval", "100", "--eval.interval", "100", *extra,
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          cwd=out.parent, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("loss")]
+    return [(float(r["loss"]), float(r["reward"]), float(r["grad_norm"])) for r in rows]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(base, prompts_file, reward_file, tmp_path):
+    """2 CPU processes x 1 prompt per step = 1 process x 2 micro-batches of 1 prompt: the same prompts, completions
+    (seeded per prompt), global token normalisation and `--scale_rewards batch` std (over both micro-batches in one
+    process, all-gathered from both ranks in two), so the same losses, rewards and gradient norms (up to the order
+    of float sums) over 3 steps."""
+    lora = ("--reward", f"{reward_file}:vowels", "--reward", "length", "--length_target", "4", "--train.max_steps", "3",
+            "--scale_rewards", "batch", "--lora_mlp", "true", "--lora_dropout", "0", "--optimizer.lr", "0.01")
+    losses = {devices: _cli_run(base, prompts_file, tmp_path / f"out{devices}", devices,
+                                "ddp" if devices > 1 else "auto", *lora) for devices in (1, 2)}
     assert len(losses[1]) == len(losses[2]) == 3
     assert sum(grad_norm > 1e-4 for _, _, grad_norm in losses[1]) >= 2, losses  # (the losses themselves are ~0)
     for one, two in zip(losses[1], losses[2]):
         assert all(abs(a - b) <= 1e-5 for a, b in zip(one, two)), losses
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_equal_two_ddp_processes(base, prompts_file, reward_file, tmp_path):
+    """FSDP2 on 2 CPU processes: each rank gathers the whole weights for its own rollout (decoding a different
+    number of steps than the other rank's, without collectives), reshards, and trains; with the same prompts per
+    rank as DDP it gives DDP's losses, rewards and gradient norms, and the same weights after 4 steps (full
+    finetuning, so both start from the checkpoint's weights; num_iterations 2 and beta > 0: the old and the
+    reference log-probs are sharded forwards too). Resumed from step 1 (between the two iterations of a generation:
+    each rank's buffered rollout comes back from the checkpoint), FSDP continues bit for bit."""
+    full = ("--reward", f"{reward_file}:low_ids", "--method", "full", "--train.max_steps", "4", "--num_iterations", "2",
+            "--beta", "0.04", "--scale_rewards", "batch", "--optimizer", "SGD", "--optimizer.lr", "0.1",
+            "--optimizer.momentum", "0.9", "--train.save_interval", "1")
+    losses, weights = {}, {}
+    for strategy in ("ddp", "fsdp", "resumed"):
+        out = tmp_path / strategy
+        if strategy == "resumed":
+            out.mkdir()
+            shutil.copytree(tmp_path / "fsdp" / "step-00000001", out / "step-00000001")
+        extra = ("--resume", "auto") if strategy == "resumed" else ()
+        losses[strategy] = _cli_run(base, prompts_file, out, 2, "ddp" if strategy == "ddp" else "fsdp", *full, *extra)
+        weights[strategy] = load_file(str(out / "final" / "lit_model.safetensors"))
+    assert losses["resumed"] == losses["fsdp"][1:]
+    assert all(torch.equal(weights["resumed"][k], v) for k, v in weights["fsdp"].items())
+    assert len(losses["ddp"]) == len(losses["fsdp"]) == 4
+    assert all(grad_norm > 1e-4 for _, _, grad_norm in losses["ddp"]), losses
+    for ddp, fsdp in zip(losses["ddp"], losses["fsdp"]):
+        assert all(abs(a - b) <= 1e-5 for a, b in zip(ddp, fsdp)), losses
+    initial = load_file(str(base / "lit_model.safetensors"))
+    assert any(not torch.equal(initial[k], weights["ddp"][k]) for k in initial)  # the steps moved the weights
+    assert set(weights["ddp"]) == set(weights["fsdp"])
+    for name, value in weights["ddp"].items():
+        assert torch.allclose(weights["fsdp"][name], value, rtol=0, atol=1e-5), name

@@ -6,7 +6,8 @@ scores the completions with the reward functions and gives the advantages, the l
 reference's; its `_compute_loss` gives the loss and metrics. litllm's `GRPOLoss` gets the same completions from its
 (patched) sampler. Advantages, loss, metrics and the first step's gradients must agree within 1e-5, for every loss
 type, with beta 0 and > 0, and with num_iterations 2 (the policy moved between generation and the loss, so the
-importance ratios are not 1 and clipping happens).
+importance ratios are not 1 and clipping happens). With `--scale_rewards batch` and gradient accumulation, the std
+spans TRL's whole generation batch (every micro-batch of the step), and the accumulated loss and gradients agree too.
 """
 
 from __future__ import annotations
@@ -114,6 +115,52 @@ def _param_map(lit, model, mapping):
     return trained
 
 
+TEMPERATURE, EPSILON, EPSILON_HIGH = 0.9, 0.2, 0.28
+
+
+def _trl_trainer(folder, policy, prompt_ids, completions, tmp_path, monkeypatch, **config):
+    """TRL's GRPOTrainer on `policy` whose generation returns `completions` for the prompts `prompt_ids` (G each)."""
+    from datasets import Dataset
+
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, num_generations=G,
+        max_completion_length=MAX_NEW, temperature=TEMPERATURE, epsilon=EPSILON, epsilon_high=EPSILON_HIGH,
+        reward_weights=[1.0, 0.5], disable_dropout=True, save_strategy="no", **config,
+    )
+    dataset = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ANSWERS)])
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=[text_reward, ids_reward], args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+    if "ref" in getattr(trainer.model, "peft_config", {}):  # a fresh LoRA run's reference: the adapter disabled
+        trainer.model.delete_adapter("ref")
+        trainer.model.set_adapter("default")
+    rows = [ids for ids in prompt_ids for _ in range(G)]
+    monkeypatch.setattr(trainer, "_tokenize_prompts", lambda prompts: (rows, None, {}))
+    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: (completions, None))
+    return trainer
+
+
+def _lit_loss(folder, prompt_ids, completions, monkeypatch, data, **settings):
+    """litllm's `GRPOLoss` whose sampler returns, for each prompt of `prompt_ids`, its G of `completions`."""
+    from litllm.tokenizer import Tokenizer
+
+    eos = Tokenizer(folder).eos_id
+    by_prompt = {tuple(ids): completions[i * G: (i + 1) * G] for i, ids in enumerate(prompt_ids)}
+
+    def sample(module, tokenizer, prompts, *args, **kwargs):
+        out = [c for p in prompts for c in by_prompt[tuple(p)]]
+        return out, [len(c) == MAX_NEW and c[-1] != eos for c in out], 1.0
+
+    monkeypatch.setattr(grpo_method, "sample_completions", sample)
+    settings = GRPOSettings(num_generations=G, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, epsilon=EPSILON,
+                            epsilon_high=EPSILON_HIGH, **settings)
+    rewards = [Reward("text_reward", "t.py:text_reward", text_reward, 1.0),
+               Reward("ids_reward", "t.py:ids_reward", ids_reward, 0.5)]
+    return grpo_method.GRPOLoss(settings, rewards, data, Tokenizer(folder), [eos],
+                                grpo_method.adapters_off_reference if settings.beta else None, run_seed=0)
+
+
 class _Records:
     def record_fields(self, split, indices):
         return [PROMPTS[i] for i in indices], {"answer": [ANSWERS[i] for i in indices]}
@@ -126,41 +173,18 @@ CASES += [(loss_type, 0.05, 2) for loss_type in ("dapo", "grpo")] + [("bnpo", 0.
 @pytest.mark.parametrize("loss_type, beta, num_iterations", CASES)
 def test_advantages_loss_metrics_and_gradients_equal_trl(folder, prompt_ids, completions, tmp_path, monkeypatch,
                                                          loss_type, beta, num_iterations):
-    from datasets import Dataset
-
-    from litllm.tokenizer import Tokenizer
-
-    temperature, epsilon, epsilon_high = 0.9, 0.2, 0.28
     lit, policy, mapping = _lora_pair(folder, tmp_path / "peft")
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
-    tokenizer.pad_token = tokenizer.eos_token
-    args = trl.GRPOConfig(
-        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=len(PROMPTS) * G,
-        num_generations=G, max_completion_length=MAX_NEW, temperature=temperature, loss_type=loss_type, beta=beta,
-        epsilon=epsilon, epsilon_high=epsilon_high, num_iterations=num_iterations, scale_rewards="group",
-        reward_weights=[1.0, 0.5], disable_dropout=True, save_strategy="no",
-    )
-    dataset = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ANSWERS)])
-    trainer = trl.GRPOTrainer(model=policy, reward_funcs=[text_reward, ids_reward], args=args, train_dataset=dataset,
-                              processing_class=tokenizer)
-    if "ref" in getattr(trainer.model, "peft_config", {}):  # a fresh LoRA run's reference: the adapter disabled
-        trainer.model.delete_adapter("ref")
-        trainer.model.set_adapter("default")
-    rows = [ids for ids in prompt_ids for _ in range(G)]
-    monkeypatch.setattr(trainer, "_tokenize_prompts", lambda prompts: (rows, None, {}))
-    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: (completions, None))
+    trainer = _trl_trainer(folder, policy, prompt_ids, completions, tmp_path, monkeypatch, loss_type=loss_type,
+                           beta=beta, num_iterations=num_iterations, scale_rewards="group",
+                           per_device_train_batch_size=len(PROMPTS) * G)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets for a step of one micro-batch
     inputs = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ANSWERS) for _ in range(G)]
     prepared = trainer._generate_and_score_completions(inputs)
     trl_generation_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    settings = GRPOSettings(num_generations=G, max_new_tokens=MAX_NEW, temperature=temperature, loss_type=loss_type,
-                            epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, num_iterations=num_iterations)
-    monkeypatch.setattr(grpo_method, "sample_completions", lambda *a, **k: (completions, [len(c) == MAX_NEW and c[-1] != Tokenizer(folder).eos_id for c in completions], 1.0))
-    rewards = [Reward("text_reward", "t.py:text_reward", text_reward, 1.0), Reward("ids_reward", "t.py:ids_reward", ids_reward, 0.5)]
-    loss_fn = grpo_method.GRPOLoss(settings, rewards, _Records(), Tokenizer(folder), [Tokenizer(folder).eos_id],
-                                   grpo_method.adapters_off_reference if beta else None, run_seed=0)
+    loss_fn = _lit_loss(folder, prompt_ids, completions, monkeypatch, _Records(), loss_type=loss_type, beta=beta,
+                        num_iterations=num_iterations)
     lit.train()
     batch = collate_prompts([{"prompt_ids": torch.tensor(ids), "index": torch.tensor(i)} for i, ids in enumerate(prompt_ids)])
     rollout, _ = loss_fn.generate(lit, batch, "train", 0)
@@ -210,3 +234,72 @@ def test_advantages_loss_metrics_and_gradients_equal_trl(folder, prompt_ids, com
         mine = dict(lit.named_parameters())[name].grad
         assert mine is not None and mine.abs().max() > 0, (name, mine)
         torch.testing.assert_close(mine, param.grad, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m} (largest gradient {mine.abs().max():.3g})")
+
+
+class _Window(_Records):
+    """The records plus a loader of one prompt per micro-batch, two micro-batches per optimizer step."""
+
+    steps_per_generation = 2
+
+    def __init__(self, prompt_ids):
+        self.train_loader = self
+        self.prompt_ids = prompt_ids
+
+    def batch_at(self, epoch, batch_index, iteration=0):
+        sample = {"prompt_ids": torch.tensor(self.prompt_ids[batch_index]), "index": torch.tensor(batch_index)}
+        return collate_prompts([sample], (epoch, batch_index, iteration))
+
+
+@pytest.mark.parametrize("loss_type, beta", [("dapo", 0.0), ("bnpo", 0.05), ("grpo", 0.0)])
+def test_batch_scaled_advantages_span_the_accumulated_micro_batches_as_in_trl(folder, prompt_ids, completions,
+                                                                             tmp_path, monkeypatch, loss_type, beta):
+    """--scale_rewards batch with 2 micro-batches of one prompt per step (gradient accumulation 2): the advantages
+    are divided by the std of all 8 rewards of the step, TRL's generation batch (its per_device_train_batch_size 4 x
+    steps_per_generation 2), not by each micro-batch's; the accumulated loss and gradients equal TRL's two
+    micro-batches (its generation batch split in order, each `_compute_loss` scaled for accumulation)."""
+    from trl.trainer.utils import split_tensor_dict
+
+    lit, policy, mapping = _lora_pair(folder, tmp_path / "peft")
+    trainer = _trl_trainer(folder, policy, prompt_ids, completions, tmp_path, monkeypatch, loss_type=loss_type,
+                           beta=beta, scale_rewards="batch", per_device_train_batch_size=G,
+                           gradient_accumulation_steps=2)
+    assert trainer.args.generation_batch_size == len(PROMPTS) * G
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ANSWERS) for _ in range(G)]
+    prepared = trainer._generate_and_score_completions(inputs)
+
+    data = _Window(prompt_ids)
+    loss_fn = _lit_loss(folder, prompt_ids, completions, monkeypatch, data, loss_type=loss_type, beta=beta,
+                        scale_rewards="batch")
+    rollouts = []  # each micro-batch's, as the objective gets them
+    objective = loss_fn.objective
+    monkeypatch.setattr(loss_fn, "objective", lambda model, rollout, info: rollouts.append(rollout)
+                        or objective(model, rollout, info))
+    lit.train()
+    param_map = _param_map(lit, trainer.model, mapping)
+    lit.zero_grad(set_to_none=True)
+    parts = [loss_fn(lit, data.batch_at(0, b), -100) for b in range(2)]  # the loop's micro-batches of one step
+    loss = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    loss.backward()
+    assert not loss_fn.buffer.rollouts  # the window's rollouts are used up
+
+    advantages = torch.cat([r.advantages for r in rollouts])
+    torch.testing.assert_close(advantages, prepared["advantages"], rtol=0, atol=1e-5)
+    own_std = [grpo_method.group_advantages(grpo_method.combine(r.rewards, loss_fn.weights), G, "batch")[0]
+               for r in rollouts]
+    micro_scaled = torch.cat(own_std)
+    assert (micro_scaled - advantages).abs().max() > 1e-2  # each micro-batch's own std would give other advantages
+
+    trainer.model.zero_grad(set_to_none=True)
+    trl_loss = 0.0
+    for micro in split_tensor_dict(prepared, 2):
+        part = trainer._compute_loss(trainer.model, micro)
+        part.backward()
+        trl_loss += part.item()
+    assert abs(loss.item() - trl_loss) <= 1e-5, (loss.item(), trl_loss)
+    assert abs(trl_loss) > 1e-4 or loss_type == "grpo"
+    for name, param in param_map.items():
+        mine = dict(lit.named_parameters())[name].grad
+        assert mine is not None and mine.abs().max() > 0, (name, mine)
+        torch.testing.assert_close(mine, param.grad, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")

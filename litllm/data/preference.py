@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from litllm.data.base import DataModule
 from litllm.data.json_data import load_split_records
 from litllm.data.sft import (
-    Record, TokenizedDataset, _parse_messages, encode_record, resolve_prompt_style,
+    Record, TokenizedDataset, _parse_messages, encode_record, record_object, require_keys, resolve_prompt_style,
+    string_field,
 )
 from litllm.errors import LitLLMError
 
@@ -55,24 +56,17 @@ class PreferenceRecord:
 
 def parse_preference_record(raw: Any, origin: str) -> PreferenceRecord:
     """Validate one raw record of any of the three shapes; errors name `origin` and the field."""
-    if not isinstance(raw, dict):
-        raise LitLLMError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
-    for key in ("chosen", "rejected"):
-        if key not in raw:
-            raise LitLLMError(
-                f"{origin}: missing key '{key}' (expected 'prompt', 'chosen', 'rejected', or ShareGPT's "
-                f"'conversations' with 'chosen' and 'rejected'; found {sorted(raw)})"
-            )
+    raw = record_object(raw, origin)
+    require_keys(raw, ("chosen", "rejected"), origin,
+                 "'prompt', 'chosen', 'rejected', or ShareGPT's 'conversations' with 'chosen' and 'rejected'")
     if "conversations" in raw:
         record = _parse_sharegpt(raw, origin)
     elif isinstance(raw["chosen"], list) or isinstance(raw["rejected"], list):
         record = _parse_chat(raw, origin)
     else:
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(raw.get(key), str):
-                got = "missing" if key not in raw else type(raw[key]).__name__
-                raise LitLLMError(f"{origin}: '{key}' must be a string (or a message list for chat records), got {got}")
-        record = PreferenceRecord(origin, chosen=raw["chosen"], rejected=raw["rejected"], prompt=raw["prompt"])
+        prompt, chosen, rejected = (string_field(raw, key, origin, "a string (or a message list for chat records)")
+                                    for key in ("prompt", "chosen", "rejected"))
+        record = PreferenceRecord(origin, chosen=chosen, rejected=rejected, prompt=prompt)
     if record.chosen == record.rejected:
         raise LitLLMError(f"{origin}: 'chosen' and 'rejected' are the same reply (a pair must differ)")
     return record
@@ -109,9 +103,7 @@ def _parse_sharegpt(raw: dict, origin: str) -> PreferenceRecord:
             raise LitLLMError(f"{origin}: {where}: expected an object with 'from' and 'value'")
         if turn["from"] not in SHAREGPT_ROLES:
             raise LitLLMError(f"{origin}: {where}: 'from' must be one of {', '.join(SHAREGPT_ROLES)}, got {turn['from']!r}")
-        if not isinstance(turn["value"], str):
-            raise LitLLMError(f"{origin}: {where}: 'value' must be a string, got {type(turn['value']).__name__}")
-        return {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+        return {"role": SHAREGPT_ROLES[turn["from"]], "content": string_field(turn, "value", f"{origin}: {where}")}
 
     messages = [message(t, f"conversations[{i}]") for i, t in enumerate(turns)]
     if messages[-1]["role"] != "user":

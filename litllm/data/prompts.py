@@ -7,8 +7,8 @@ the prompt style like an instruction) or `{"messages": [...]}` (a chat, rendered
 plus any other fields (`"answer": "42"`), which the reward functions receive as keyword arguments.
 
 A batch of B prompts is `{"input_ids": (B, P) right-padded prompt ids, "prompt_lens": (B,), "index": (B,),
-"generation": (B, 3)}`: `index` names each prompt's record and `generation` = (epoch, first batch of its
-generation, iteration). The training loader serves each generation window (`steps_per_generation` micro-batches,
+"generation": (B, 3)}`: `index` names each prompt's record and `generation` = (epoch, micro-batch index in the
+epoch, iteration). The training loader serves each generation window (`steps_per_generation` micro-batches,
 one optimizer step's worth) `num_iterations` times in a row (TRL's `num_iterations`: the completions sampled at
 iteration 0 are reused, with importance ratios, by the later ones). The loader keeps its own position, and the
 GRPO method's buffered rollouts, in its `state_dict()`, so a resumed run is exact.
@@ -24,7 +24,9 @@ import torch
 
 from litllm.data.base import DataModule
 from litllm.data.json_data import load_split_records
-from litllm.data.sft import TokenizedDataset, _parse_messages, instruction_prompt, resolve_prompt_style
+from litllm.data.sft import (
+    TokenizedDataset, _parse_messages, instruction_prompt, record_object, resolve_prompt_style, string_field,
+)
 from litllm.errors import LitLLMError
 
 RESERVED = ("prompts", "completions", "completion_ids")
@@ -39,8 +41,7 @@ class PromptRecord:
 
 
 def parse_prompt_record(raw: Any, origin: str) -> PromptRecord:
-    if not isinstance(raw, dict):
-        raise LitLLMError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
+    raw = record_object(raw, origin)
     if ("prompt" in raw) == ("messages" in raw):
         raise LitLLMError(f"{origin}: expected exactly one of 'prompt' (a string) or 'messages' (a chat), found "
                           f"{sorted(raw)}")
@@ -49,9 +50,8 @@ def parse_prompt_record(raw: Any, origin: str) -> PromptRecord:
         raise LitLLMError(f"{origin}: field '{reserved[0]}' is reserved (reward functions get it as an argument)")
     fields = {k: v for k, v in raw.items() if k not in ("prompt", "messages")}
     if "prompt" in raw:
-        if not isinstance(raw["prompt"], str) or not raw["prompt"]:
-            raise LitLLMError(f"{origin}: 'prompt' must be a non-empty string, got {raw['prompt']!r:.60}")
-        return PromptRecord(origin, raw["prompt"], fields)
+        prompt = string_field(raw, "prompt", origin, "a non-empty string", allow_empty=False)
+        return PromptRecord(origin, prompt, fields)
     messages = _parse_messages(raw["messages"], f"{origin}: 'messages'", need_reply=False)
     if messages[-1]["role"] == "assistant":
         raise LitLLMError(f"{origin}: the last message must not be the assistant's (the completion follows it)")
@@ -95,17 +95,21 @@ class PromptLoader:
         return self.windows * self.window * self.num_iterations
 
     def __iter__(self):
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         per_window = self.window * self.num_iterations
         while self.position < len(self):
             w, k = divmod(self.position, per_window)
             iteration, micro = divmod(k, self.window)
-            batch_index = w * self.window + micro
-            first = (batch_index * self.world_size + self.rank) * self.batch_size  # each rank its own prompts
-            samples = [self.dataset[int(i)] for i in order[first: first + self.batch_size]]
             self.position += 1
-            yield collate_prompts(samples, (self.epoch, batch_index, iteration))
+            yield self.batch_at(self.epoch, w * self.window + micro, iteration)
         self.epoch, self.position = self.epoch + 1, 0
+
+    def batch_at(self, epoch: int, batch_index: int, iteration: int = 0) -> dict:
+        """This rank's micro-batch `batch_index` of `epoch` (a pure function of them: the GRPO method fetches a whole
+        generation window's prompts when its first micro-batch comes)."""
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        first = (batch_index * self.world_size + self.rank) * self.batch_size  # each rank its own prompts
+        samples = [self.dataset[int(i)] for i in order[first: first + self.batch_size]]
+        return collate_prompts(samples, (epoch, batch_index, iteration))
 
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "position": self.position}
@@ -147,6 +151,7 @@ class Prompts(DataModule):
         self.run_seed = 0
         self.extra_state = None
         self.rank, self.world_size = 0, 1
+        self.train_loader: Optional[PromptLoader] = None
         self.records: dict[str, list[PromptRecord]] = {}
 
     def load_records(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
@@ -185,8 +190,10 @@ class Prompts(DataModule):
         return max(lengths, default=None)
 
     def train_dataloader(self) -> PromptLoader:
-        return PromptLoader(self.train_dataset, self.batch_size, self.steps_per_generation, self.num_iterations,
-                            self.run_seed, self.extra_state, self.rank, self.world_size)
+        self.train_loader = PromptLoader(self.train_dataset, self.batch_size, self.steps_per_generation,
+                                         self.num_iterations, self.run_seed, self.extra_state, self.rank,
+                                         self.world_size)
+        return self.train_loader
 
     def val_dataloader(self):
         if not self.val_dataset:

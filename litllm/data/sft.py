@@ -49,24 +49,41 @@ class Record:
     messages: Optional[list[dict[str, str]]] = None
 
 
-def parse_record(raw: Any, origin: str) -> Record:
-    """Validate one raw record (instruction or conversation shape); errors name `origin` and the field."""
+# the checks every record parser (here, `litllm.data.preference`, `litllm.data.prompts`) makes of its fields
+def record_object(raw: Any, origin: str) -> dict:
+    """`raw` if it is a JSON object, else an error naming `origin`."""
     if not isinstance(raw, dict):
         raise LitLLMError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def require_keys(raw: dict, keys: Sequence[str], origin: str, expected: str) -> None:
+    """An error naming `origin`, the first of `keys` that `raw` lacks, and the record shapes `expected`."""
+    for key in keys:
+        if key not in raw:
+            raise LitLLMError(f"{origin}: missing key '{key}' (expected {expected}; found {sorted(raw)})")
+
+
+def string_field(raw: dict, key: str, origin: str, what: str = "a string", allow_empty: bool = True) -> str:
+    """`raw[key]` if it is a string (a non-empty one unless `allow_empty`), else an error naming `origin`, the key,
+    `what` it must be and what it is."""
+    value = raw.get(key)
+    if isinstance(value, str) and (allow_empty or value):
+        return value
+    got = "missing" if key not in raw else repr(value) if isinstance(value, str) else type(value).__name__
+    raise LitLLMError(f"{origin}: '{key}' must be {what}, got {got}")
+
+
+def parse_record(raw: Any, origin: str) -> Record:
+    """Validate one raw record (instruction or conversation shape); errors name `origin` and the field."""
+    raw = record_object(raw, origin)
     if "messages" in raw:
         return Record(origin, messages=_parse_messages(raw["messages"], origin))
-    for key in ("instruction", "output"):
-        if key not in raw:
-            raise LitLLMError(
-                f"{origin}: missing key '{key}' (expected 'instruction', 'output' and optionally 'input',"
-                f" or 'messages'; found {sorted(raw)})"
-            )
+    require_keys(raw, ("instruction", "output"), origin,
+                 "'instruction', 'output' and optionally 'input', or 'messages'")
     for key in ("instruction", "input", "output"):
-        value = raw.get(key)
-        if key == "input" and value is None:
-            continue
-        if not isinstance(value, str):
-            raise LitLLMError(f"{origin}: '{key}' must be a string, got {type(value).__name__}")
+        if key != "input" or raw.get(key) is not None:
+            string_field(raw, key, origin)
     return Record(origin, instruction=raw["instruction"], input=raw.get("input") or "", output=raw["output"])
 
 
@@ -80,8 +97,7 @@ def _parse_messages(messages: Any, origin: str, need_reply: bool = True) -> list
             raise LitLLMError(f"{where}: expected an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise LitLLMError(f"{where}: role must be one of {', '.join(ROLES)}, got {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise LitLLMError(f"{where}: 'content' must be a string, got {type(m['content']).__name__}")
+        string_field(m, "content", where)
         parsed.append({"role": m["role"], "content": m["content"]})
     if need_reply and not any(m["role"] == "assistant" for m in parsed):
         raise LitLLMError(f"{origin}: 'messages' has no assistant turn (nothing to learn from)")

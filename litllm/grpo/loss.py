@@ -97,15 +97,19 @@ def _nanstd(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     return var.sqrt()
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale: ScaleRewards) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: ScaleRewards,
+                     batch_rewards: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages (N,), std is zero (N,) bool) of the summed rewards (N,) of prompts' G consecutive completions.
 
-    advantage = reward - its group's mean, divided by (std + 1e-4): the group's std (`group`), the batch's (`batch`)
-    or not at all (`none`). A completion no function scored (NaN) gets advantage 0."""
+    advantage = reward - its group's mean, divided by (std + 1e-4): the group's std (`group`), the batch's (`batch`:
+    the std of `batch_rewards`, the whole generation batch's rewards (M,), `rewards` themselves if None) or not at
+    all (`none`). A completion no function scored (NaN) gets advantage 0."""
     groups = rewards.view(-1, num_generations)  # (B, G)
     mean = torch.nanmean(groups, dim=1).repeat_interleave(num_generations)
     if scale == "batch":
-        std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        batch_rewards = rewards if batch_rewards is None else batch_rewards
+        std = (_nanstd(batch_rewards).expand_as(rewards) if batch_rewards.numel() > 1
+               else torch.zeros_like(rewards))
     else:
         std = _nanstd(groups, dim=1).repeat_interleave(num_generations)
     advantages = rewards - mean

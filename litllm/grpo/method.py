@@ -24,6 +24,7 @@ from litllm.errors import LitLLMError
 from litllm.grpo.loss import GRPOSettings, combine, completion_logps, group_advantages, grpo_objective, inner_module
 from litllm.grpo.rewards import Reward, score
 from litllm.grpo.rollout import Rollout, completion_seed, pack, sample_completions
+from litllm.train.fabric import whole_weights
 
 Reference = Callable[[nn.Module, Rollout, float], torch.Tensor]
 SAMPLES_SHOWN = 2
@@ -31,15 +32,30 @@ SAMPLES_SHOWN = 2
 
 class RolloutBuffer:
     """The rollouts of the generation window in flight, {(epoch, batch index): Rollout}, kept for the later
-    `num_iterations`; saved with the loader's position in every checkpoint."""
+    `num_iterations`; saved with the loader's position in every checkpoint.
+
+    A checkpoint keeps rank 0's loader state only, and each rank sampled its own prompts: on several ranks the
+    state is every rank's rollouts, gathered (`state_dict` is collective: the loop's checkpoint writer calls it on
+    every rank), and each rank loads its own."""
 
     def __init__(self) -> None:
         self.rollouts: dict[tuple[int, int], Rollout] = {}
 
     def state_dict(self) -> dict:
-        return {f"{e}:{b}": r.state_dict() for (e, b), r in self.rollouts.items()}
+        import torch.distributed as dist
+
+        own = {f"{e}:{b}": r.state_dict() for (e, b), r in self.rollouts.items()}
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return own
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, own)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
+        import torch.distributed as dist
+
+        if "ranks" in state:  # saved by several ranks (a resume on another count restarts the epoch: no load)
+            state = state["ranks"][dist.get_rank() if dist.is_initialized() else 0]
         self.rollouts = {tuple(int(x) for x in key.split(":")): Rollout.from_state_dict(r) for key, r in state.items()}
 
 
@@ -66,10 +82,13 @@ class GRPOLoss:
     """`Method.loss` of GRPO (see the module). `data` is the set-up `Prompts` module (records for the rewards)."""
 
     def __init__(self, settings: GRPOSettings, rewards: Sequence[Reward], data, tokenizer, stop_token_ids: Sequence[int],
-                 reference: Optional[Reference], run_seed: int, buffer: Optional[RolloutBuffer] = None) -> None:
+                 reference: Optional[Reference], run_seed: int, buffer: Optional[RolloutBuffer] = None,
+                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         self.s, self.rewards, self.data, self.tokenizer = settings, list(rewards), data, tokenizer
         self.stop_token_ids, self.reference, self.run_seed = list(stop_token_ids), reference, run_seed
         self.buffer = buffer if buffer is not None else RolloutBuffer()
+        self.gather = gather or (lambda x: x)  # (N,) -> every rank's, stacked (Fabric's all_gather)
+        self.window_info: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # of a window sampled at once
         self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         self.last_samples: list[dict[str, Any]] = []  # the latest validation rollout's first completions
 
@@ -78,11 +97,14 @@ class GRPOLoss:
         epoch, batch_index, iteration = (int(x) for x in batch["generation"][0].tolist())
         key = (epoch, batch_index)
         info: dict[str, torch.Tensor] = {}
-        if split == "train" and iteration > 0:
-            if key not in self.buffer.rollouts:
-                raise LitLLMError(f"GRPO: no buffered rollout for iteration {iteration} of epoch {epoch} batch "
-                                  f"{batch_index} (a checkpoint from another --num_iterations?)")
+        if split == "train" and key in self.buffer.rollouts:  # a later iteration, or a window's later micro-batch
             rollout = self.buffer.rollouts[key].to(batch["input_ids"].device)
+            info = self.window_info.pop(key, {}) if iteration == 0 else {}
+        elif split == "train" and iteration > 0:
+            raise LitLLMError(f"GRPO: no buffered rollout for iteration {iteration} of epoch {epoch} batch "
+                              f"{batch_index} (a checkpoint from another --num_iterations?)")
+        elif split == "train" and self.s.scale_rewards == "batch":
+            rollout, info = self.generate_window(model, batch, epoch, batch_index)
         else:
             rollout, info = self.generate(model, batch, split, epoch)
             if split == "train" and self.s.num_iterations > 1:
@@ -126,8 +148,9 @@ class GRPOLoss:
         prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"].tolist())]
         seeds = [completion_seed(self.run_seed, split, epoch, i, g) for i in indices for g in range(s.num_generations)]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
-        completions, truncated, seconds = sample_completions(inner_module(model), self.tokenizer, prompts, s.num_generations,
-                                                             s.max_new_tokens, sampling, seeds, self.stop_token_ids)
+        with whole_weights(inner_module(model)) as module:  # FSDP: decode on whole weights, no collectives
+            completions, truncated, seconds = sample_completions(module, self.tokenizer, prompts, s.num_generations,
+                                                                 s.max_new_tokens, sampling, seeds, self.stop_token_ids)
         rewards, texts = self.score(split, indices, completions)
         total = combine(rewards, self.weights)
         advantages, _ = group_advantages(total, s.num_generations, s.scale_rewards)
@@ -143,6 +166,28 @@ class GRPOLoss:
                                   "reward": float(r)} for t, r in zip(texts[:SAMPLES_SHOWN], total[:SAMPLES_SHOWN])]
         tokens = sum(len(c) for c in completions)
         return rollout, {"rollout/tokens_per_sec": torch.tensor(tokens / max(seconds, 1e-9), dtype=torch.float64)}
+
+    @torch.no_grad()
+    def generate_window(self, model: nn.Module, batch: dict[str, torch.Tensor], epoch: int,
+                        batch_index: int) -> tuple[Rollout, dict]:
+        """`--scale_rewards batch` as TRL's generation batch: the advantages are divided by the std of every reward of
+        the optimizer step (all its micro-batches, all ranks). The window's first micro-batch samples and scores
+        this rank's whole window (the later micro-batches' prompts from the loader), all-gathers the rewards, and
+        buffers the later micro-batches' rollouts; returns the first's."""
+        window = self.data.steps_per_generation
+        first, device = batch_index - batch_index % window, batch["input_ids"].device
+        rollouts, infos = {}, {}
+        for b in range(first, first + window):
+            micro = batch if b == batch_index else {
+                k: v.to(device) for k, v in self.data.train_loader.batch_at(epoch, b).items()}
+            rollouts[b], infos[b] = self.generate(model, micro, "train", epoch)
+        totals = [combine(r.rewards, self.weights) for r in rollouts.values()]
+        everything = self.gather(torch.cat(totals)).reshape(-1)  # (ranks x window x B x G,)
+        for (b, rollout), total in zip(rollouts.items(), totals):
+            rollout.advantages = group_advantages(total, self.s.num_generations, "batch", everything)[0]
+            self.buffer.rollouts[(epoch, b)] = rollout  # popped at its last iteration
+        self.window_info.update({(epoch, b): info for b, info in infos.items() if b != batch_index})
+        return rollouts[batch_index], infos[batch_index]
 
     def score(self, split: str, indices: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, list[str]]:
         """((N, F) rewards, completion texts) of the completions of records `indices` (G each, in order)."""
@@ -188,12 +233,9 @@ def grpo_method(method, settings: GRPOSettings, rewards: Sequence[Reward], fabri
 
     from litllm.data.prompts import Prompts
     from litllm.engine import default_stops
-    from litllm.train.fabric import uses_fsdp
 
     if not isinstance(data, Prompts):
         raise LitLLMError("--data: finetune_grpo needs prompts: --data Prompts --data.json_path FILE")
-    if uses_fsdp(fabric):  # each rank decodes its own completions: sharded weights would need them in lockstep
-        raise LitLLMError("--strategy: finetune_grpo does not support FSDP yet; on several devices use --strategy ddp")
     buffer = RolloutBuffer()
     data.max_new_tokens, data.num_iterations, data.run_seed = settings.max_new_tokens, settings.num_iterations, seed
     data.steps_per_generation = accumulation
@@ -208,5 +250,5 @@ def grpo_method(method, settings: GRPOSettings, rewards: Sequence[Reward], fabri
             initial = GPT.from_checkpoint(checkpoint_dir, device=fabric.device, dtype=compute_dtype).eval()
             reference = frozen_reference(initial.requires_grad_(False), fabric.autocast)
     stops = default_stops(tokenizer, style)["stop_token_ids"]
-    loss = GRPOLoss(settings, rewards, data, tokenizer, stops, reference, seed, buffer)
+    loss = GRPOLoss(settings, rewards, data, tokenizer, stops, reference, seed, buffer, gather=fabric.all_gather)
     return replace(method, name=f"grpo_{method.name}", loss=loss, after_validation=sample_logger(loss, out_dir))

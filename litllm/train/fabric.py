@@ -155,6 +155,32 @@ def uses_fsdp(fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
+@contextlib.contextmanager
+def whole_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Within: every FSDP2 unit of `module` holds its whole parameters (one all-gather each, on every rank at
+    once), and forwards neither gather nor reshard, so each rank may run a different number of forwards (a
+    rank's own decoding) without collectives. After: resharded, with each unit's own resharding rule back.
+    A module without FSDP2 units is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the root first
+    if units:
+        # decoding calls the blocks, not the root's forward: make the root the root before a block's hook would
+        # (FSDP2 crowns the first unit that runs forward; it has no public call for this)
+        units[0]._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield module
+    finally:
+        for unit in units:
+            # `_fsdp_parallelize`'s (FSDP2's default) rule: the blocks reshard after forward, the root keeps its
+            # weights gathered (backward needs them first)
+            unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+            unit.reshard()
+
+
 def _fsdp_parallelize(precision: str):
     def parallelize(model: nn.Module, device_mesh) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
