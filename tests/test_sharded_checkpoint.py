@@ -146,3 +146,30 @@ def test_sharded_lora_checkpoint_holds_only_lora_and_resumes(tmp_path):
     with pytest.raises(LitLLMError, match="only the trained parameters"):
         convert_pretrained_checkpoint(step2, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_a_stateless_optimizer_resumes_under_fsdp(tmp_path):
+    """SGD without momentum keeps no per-parameter state: its full optimizer state dict loads into an FSDP2 model
+    (torch's own loader fails on it) and restores the groups' hyper-parameters."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from litllm.train.checkpoints import _set_full_optimizer_state
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        saved = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+        assert not saved["state"]
+        saved["param_groups"][0]["lr"] = 0.05
+        _set_full_optimizer_state(model, optimizer, saved, tmp_path / "optimizer.pt")
+        assert optimizer.param_groups[0]["lr"] == 0.05
+    finally:
+        dist.destroy_process_group()

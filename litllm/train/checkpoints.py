@@ -374,6 +374,11 @@ def _set_full_optimizer_state(module: nn.Module, optimizer, opt_sd: dict, source
 
     from litllm.train.fabric import unwrap
 
+    if not opt_sd.get("state"):  # a stateless optimizer (SGD without momentum): torch's loader finds no tensor to
+        # place and fails, and there is nothing but the groups' hyper-parameters to restore
+        for group, saved in zip(unwrap(optimizer).param_groups, opt_sd.get("param_groups", [])):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        return
     try:
         set_optimizer_state_dict(
             module, unwrap(optimizer), opt_sd, options=StateDictOptions(full_state_dict=True)
