@@ -42,7 +42,8 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
         engine.step()
     engine.compile_seconds = time.perf_counter() - t0
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` chose them
-    if choices is not None and threads == choices["threads"]:  # the next load picks the same: the same kernels
+    if choices is not None and threads == choices["threads"] and model.wte.weight.device.type == "cpu":
+        # the next load of this model here picks the same: the same kernels
         record_decode_choices(choices["key"], choices["layout"], threads)
     return engine
 
