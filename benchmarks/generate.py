@@ -46,19 +46,20 @@ from pathlib import Path
 import torch
 
 
-def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu") -> float:
+def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 7, device: str = "cpu", clock=time.perf_counter) -> float:
     """Bytes/s at which this machine (or GPU) reads memory with torch's threads (a sum over a tensor larger than
-    caches); the median of `repeats` timings, so one lucky or disturbed run doesn't decide it."""
+    caches); the median of `repeats` timings, so one lucky or disturbed run doesn't decide it. `clock=time.process_time`:
+    bytes per CPU-second of this process instead (on a loaded machine, what the cores read while they ran)."""
     x = torch.rand(n_bytes // 4, dtype=torch.float32, device=device)
     x.sum()  # touch the pages
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return n_bytes / statistics.median(times)
 
 
@@ -255,11 +256,13 @@ def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, deco
     return engines
 
 
-def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int) -> dict[str, float]:
-    """The tokens/s table; returns each row's best tokens/s."""
+def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int, cpu_bandwidth: float = None) -> dict[str, float]:
+    """The tokens/s table; returns each row's best tokens/s. `cpu_bandwidth` (bytes per CPU-second, at litllm's
+    thread count): adds each row's fraction of the bound per CPU-second, which a loaded machine disturbs less."""
     # best: the run least disturbed by other processes; per CPU-second: work efficiency, less sensitive to load
     width = max(14, *(len(name) + 2 for name in runs))
-    print(f"{'':{width}s}{'tokens/s best':>14s}{'median':>8s}{'MB/token':>10s}{'of bound':>10s}{'tokens/CPU-s':>14s}")
+    print(f"{'':{width}s}{'tokens/s best':>14s}{'median':>8s}{'MB/token':>10s}{'of bound':>10s}{'tokens/CPU-s':>14s}"
+          + (f"{'of bound/CPU-s':>16s}" if cpu_bandwidth else ""))
     best = {}
     for name, times in runs.items():
         walls = [w for w, _ in times]
@@ -267,7 +270,8 @@ def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int) -> dict[s
         per_cpu = n / min(c for _, c in times)
         of_bound = best[name] / (bandwidth / row_bytes[name])
         print(f"{name:{width}s}{best[name]:14.1f}{n / statistics.median(walls):8.1f}{row_bytes[name] / 1e6:10.0f}"
-              f"{of_bound:10.0%}{per_cpu:14.1f}")
+              f"{of_bound:10.0%}{per_cpu:14.1f}" + (f"{per_cpu * row_bytes[name] / cpu_bandwidth:16.0%}"
+                                                    if cpu_bandwidth else ""))
     return best
 
 
@@ -365,12 +369,21 @@ def run_all(folder: Path, args) -> None:
         for name, call in calls.items():
             runs[name].append(timed(call))
     bandwidth = statistics.median([bandwidth, read_bandwidth(device=args.device), read_bandwidth(device=args.device)])
+    cpu_bandwidth = None
+    if args.device == "cpu":
+        from litllm.engine import threads_for
+
+        with threads_for(lit_threads):
+            cpu_bandwidth = read_bandwidth(clock=time.process_time)
     print(f"device: {args.device}; threads: litllm {lit_threads} (picked), llama.cpp {lit_threads}, transformers {torch.get_num_threads()};"
           f" prompt {args.prompt_tokens} tokens, {n} new tokens, greedy, batch 1,"
           f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; litllm fp32 layout: {layout}")
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; fp32 weights read per token: {weight_bytes / 1e6:.0f} MB"
           f" -> bound {bandwidth / weight_bytes:.1f} tokens/s")
-    best = print_table(runs, row_bytes, bandwidth, n)
+    if cpu_bandwidth:
+        print(f"read bandwidth per CPU-second ({lit_threads} thread(s)): {cpu_bandwidth / 1e9:.1f} GB -> bound "
+              f"{cpu_bandwidth / weight_bytes:.1f} fp32 tokens per CPU-second")
+    best = print_table(runs, row_bytes, bandwidth, n, cpu_bandwidth)
     print_ratios(best, row_bytes, bandwidth)
     if args.startup:
         for name, seconds in startup_latency(folder, args.repeats).items():

@@ -17,6 +17,14 @@ draft), alternating `--repeats` times, and the outputs are checked to be identic
 
 Prints the acceptance rate, tokens/s of both and their ratio. The machine may be shared: figures
 are noisy, the ratio (both measured in alternation in one process) less so.
+
+`--serve`: the same target and trained draft, saved as model folders, served by `litllm serve` without and with
+`--draft_model` (both eager, `--compile false`; `--max_batch_size` = the held-out prompts, so the speculative
+server's batch engine checks every row's proposals at once); the held-out prompts are streamed by as many clients
+at once (greedy), `--serve_repeats` times per server: aggregate tokens/s of each (best run), their ratio, and
+the acceptance ratio the speculative server reports on `/metrics`.
+
+    python benchmarks/speculative.py --serve         # ~4 minutes on a quiet 2-core machine
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -115,6 +125,64 @@ def acceptance(target, draft, prompts: torch.Tensor, args) -> float:
     return engine.acceptance_rate
 
 
+def save_folders(target, draft, vocab_size: int, out: Path) -> dict[str, Path]:
+    """The target and the draft as model folders (a word tokenizer each, as benchmarks/serve.py writes)."""
+    from serve import write_word_tokenizer  # benchmarks/serve.py
+
+    from litllm.model_folder import save_model_folder
+
+    folders = {"target": out / "target", "draft": out / "draft"}
+    for name, model in (("target", target), ("draft", draft)):
+        save_model_folder(model, folders[name])
+        write_word_tokenizer(folders[name], vocab_size)
+    return folders
+
+
+def acceptance_from_metrics(url: str) -> float:
+    """The speculative server's `litllm_spec_decode_acceptance_ratio` gauge (`url`: its .../v1 address)."""
+    import httpx
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=60).text
+    line = next(line for line in text.splitlines() if line.startswith("litllm_spec_decode_acceptance_ratio "))
+    return float(line.split()[1])
+
+
+def serve_figures(folders: dict[str, Path], prompts: list[list[int]], args) -> dict[str, dict]:
+    """Aggregate tokens/s of `litllm serve` without and with `--draft_model` over the held-out prompts, each sent by
+    its own client at once, best of `args.serve_repeats` runs per server; the acceptance ratio of the second."""
+    from serve import run_clients, start_server  # benchmarks/serve.py
+
+    settings = argparse.Namespace(clients=len(prompts), max_seq_length=args.prompt_tokens + args.new_tokens,
+                                  device=None, precision=None)
+    servers = {"serve": ("--compile", "false"),
+               "serve --draft_model": ("--draft_model", str(folders["draft"]),
+                                       "--num_speculative_tokens", str(args.num_speculative_tokens))}
+    figures = {}
+    for name, flags in servers.items():
+        with open(folders["target"].parent / f"{len(figures)}.log", "w") as log:
+            proc, url = start_server(folders["target"], len(prompts), settings, log, *flags)
+            try:
+                runs = [run_clients(url, prompts, args.new_tokens) for _ in range(args.serve_repeats)]
+                figures[name] = max(runs, key=lambda run: run["tokens_per_s"])
+                if "--draft_model" in flags:
+                    figures[name]["acceptance"] = acceptance_from_metrics(url)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    return figures
+
+
+def print_serve_figures(figures: dict[str, dict], n_prompts: int) -> None:
+    plain, spec = figures["serve"], figures["serve --draft_model"]
+    print(f"litllm serve, {n_prompts} clients at once (--max_batch_size {n_prompts}), greedy, both eager; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'server':22s}{'tokens/s':>10s}{'TTFT p50 s':>12s}")
+    for name, f in figures.items():
+        print(f"{name:22s}{f['tokens_per_s']:10.1f}{f['ttft_p50']:12.2f}")
+    print(f"serve --draft_model / serve: {spec['tokens_per_s'] / plain['tokens_per_s']:.2f}x aggregate tokens/s; "
+          f"acceptance ratio (the server's /metrics) {spec['acceptance']:.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_layer", type=int, default=12)
@@ -134,7 +202,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; "
                         "decoding may pick fewer, as litllm's commands do)")
+    parser.add_argument("--serve", action="store_true", help="also time `litllm serve` without and with --draft_model")
+    parser.add_argument("--serve_repeats", type=int, default=2)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, Path(tmp))
+
+
+def run(args, tmp: Path) -> None:
 
     from litllm.engine import Engine, Request
     from litllm.inference import optimize_for_decoding, pick_decode_threads
@@ -168,6 +243,7 @@ def main() -> None:
         draft.load_state_dict(untrained_state)
         print("the untrained draft agrees more: benchmarking it")
 
+    folders = save_folders(target, draft, args.vocab_size, tmp) if args.serve else None  # as loaded, before layouts
     layout = optimize_for_decoding(target)
     optimize_for_decoding(draft)
     threads = pick_decode_threads(target)
@@ -214,6 +290,8 @@ def main() -> None:
         best[name] = total / min(walls)
         print(f"{name:16s}{best[name]:14.1f}{total / statistics.median(walls):8.1f}")
     print(f"speculative / plain: {best['target + draft'] / best['target alone']:.2f}x (best runs)")
+    if folders is not None:
+        print_serve_figures(serve_figures(folders, eval_prompts, args), len(eval_prompts))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ second run of a command start fast, and CUDA graphs.
   (`$TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/litllm/torch_compile`, i.e.
   `~/.cache/litllm/torch_compile`): a second process compiling the same model at the same shapes loads
   the generated kernels instead of generating them.
+- Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing
+  (`litllm.inference.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
+  keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
+  again. The first compiled run records its picks in `decode_choices.json` beside the caches, per machine,
+  torch version, thread budget and model shape (`record_decode_choices`); later loads of that model take them
+  from there without timing (`recorded_decode_choices`), so they hit the cache (and start faster).
 - Shapes: the step is compiled for static shapes (batch rows x KV-cache length). `compiled_length` rounds
   a cache length up to a power of two (>= 256, at most the context window), so that commands with
   different prompt and answer lengths share a handful of compiled shapes.
@@ -20,7 +26,10 @@ second run of a command start fast, and CUDA graphs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,6 +38,7 @@ import torch
 from litllm.errors import LitLLMError
 
 COMPILE_ENV = "LITLLM_COMPILE"
+CHOICES_FILE = "decode_choices.json"
 PAYS_AFTER_TOKENS = {"cpu": 512, "cuda": 128}
 """Tokens an engine must decode (over its life) before compiling its step pays, per device type."""
 MIN_COMPILED_LENGTH = 256
@@ -52,6 +62,53 @@ def enable_compile_cache() -> Path:
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
     return folder
+
+
+def decode_choices_key(model) -> str:
+    """What a layout and thread pick holds for: this CPU, torch's version and thread budget, the model's weights
+    as loaded, before `optimize_for_decoding` (names, shapes, dtypes, tensor types) and device type."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    weights = hashlib.sha1()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        weights.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{type(tensor).__name__};".encode())
+    device = model.wte.weight.device.type
+    return f"{cpu}|{os.cpu_count()} cpus|torch {torch.__version__}|{torch.get_num_threads()} threads|{device}|" \
+           f"{weights.hexdigest()[:16]}"
+
+
+def _read_choices(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, or a torn/foreign file: a cache, so it is simply picked again
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_decode_choices(key: str) -> Optional[dict]:
+    """`{"layout": ..., "threads": n}` that a compiled run recorded under `key` (`decode_choices_key`), or None."""
+    choice = _read_choices(compile_cache_dir() / CHOICES_FILE).get(key)
+    if isinstance(choice, dict) and isinstance(choice.get("layout"), str) and isinstance(choice.get("threads"), int):
+        return choice
+    return None
+
+
+def record_decode_choices(key: str, layout: str, threads: int) -> None:
+    """Remember the weight layout and thread count a model (`decode_choices_key`, taken as loaded) decodes with
+    here (see the module doc); written atomically."""
+    from litllm.utils import atomic_write_text
+
+    path = compile_cache_dir() / CHOICES_FILE
+    choices = _read_choices(path)
+    if choices.get(key) == {"layout": layout, "threads": threads}:
+        return
+    choices[key] = {"layout": layout, "threads": threads}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(choices, indent=1, sort_keys=True))
 
 
 def env_compile() -> Optional[bool]:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import compile_cache_dir, compiled_length, should_compile
+from litllm.compile_decode import compile_cache_dir, compiled_length, record_decode_choices, should_compile
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -27,7 +27,9 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
                   **engine_args) -> Engine:
     """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
     tokens, `litllm.compile_decode.should_compile`). Compiled, its KV cache is rounded up to a shape other
-    lengths share (`compiled_length`) unless `exact_length`, and the step compiles now (a 2-token warm-up)."""
+    lengths share (`compiled_length`) unless `exact_length`, and the step compiles now (a 2-token warm-up); the
+    loader's weight layout and thread count are then recorded, so that the next load of the model picks the same and
+    its compile hits the cache (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if (compile is None and spread) or not should_compile(compile, model.wte.weight.device, tokens):
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
@@ -39,6 +41,10 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     while engine.has_unfinished:
         engine.step()
     engine.compile_seconds = time.perf_counter() - t0
+    choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` chose them
+    if choices is not None and threads == choices["threads"] and model.wte.weight.device.type == "cpu":
+        # the next load of this model here picks the same: the same kernels
+        record_decode_choices(choices["key"], choices["layout"], threads)
     return engine
 
 

@@ -277,10 +277,24 @@ def load_for_decoding(
     quantize: Optional[str] = None,
 ):
     """The loader of every generating command: `load_for_inference`, then the CPU weight layout and
-    thread count that decode fastest here. Returns (model, threads for the Engine)."""
+    thread count that decode fastest here, or those a compiled run recorded for this model on this machine
+    (`litllm.compile_decode.recorded_decode_choices`: the same compiled kernels). Returns (model, threads for the
+    Engine); `model.decode_choices` says what was chosen, and under which key, for `record_decode_choices`."""
+    from litllm.compile_decode import decode_choices_key, recorded_decode_choices
+
     model = load_for_inference(checkpoint_dir, device, precision, quantize)
-    optimize_for_decoding(model)
-    return model, pick_decode_threads(model)
+    key = decode_choices_key(model)
+    recorded = recorded_decode_choices(key) if model.wte.weight.device.type == "cpu" else None
+    if recorded is not None:
+        try:
+            forced = None if recorded["layout"] == "unchanged" else recorded["layout"]  # (no Linear to lay out)
+            layout, threads = optimize_for_decoding(model, layout=forced), recorded["threads"]
+        except LitLLMError:  # that layout no longer works here: pick again
+            recorded = None
+    if recorded is None:
+        layout, threads = optimize_for_decoding(model), pick_decode_threads(model)
+    model.decode_choices = {"key": key, "layout": layout, "threads": threads}
+    return model, threads
 
 
 # ---------------------------------------------------------------------- the commands

@@ -371,7 +371,7 @@ class CausalSelfAttention(nn.Module):
             q, k = deinterleave(q), deinterleave(k)
         if c.rope_n_elem > 0 and rope is not None:
             cos, sin = rope[:2]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope_qk(q, k, cos, sin)
         if c.norm_qk == "l2" and rope is not None:  # Llama 4: weightless RMSNorm, RoPE layers only
             q, k = l2_norm(q, c.norm_eps), l2_norm(k, c.norm_eps)
         if c.nope_attn_scale is not None and rope is None:
@@ -912,6 +912,8 @@ class RMSNorm(nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same, in one op (not eight)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -1002,11 +1004,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     n = cos.size(-1)
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, n)
-    x_rope, x_pass = x[..., :n], x[..., n:]
+    part = n < x.size(-1)
+    x_rope = x[..., :n] if part else x  # (each op counts in a one-token decode step: no slices when n = hs)
     half = n // 2
     rotated = torch.cat((-x_rope[..., half:], x_rope[..., :half]), dim=-1)
-    out = (x_rope * cos.to(x.dtype) + rotated * sin.to(x.dtype))
-    return torch.cat((out, x_pass), dim=-1) if x_pass.size(-1) else out
+    out = x_rope * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return torch.cat((out, x[..., n:]), dim=-1) if part else out
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rope` to q (B, nh, T, hs) and k (B, nkv, T, hs). For one token (decoding) as one tensor: the same
+    values in half the ops, which is what a decode step's time goes to beside its matmuls."""
+    if q.size(2) != 1 or q.dtype != k.dtype:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)  # (B, nh + nkv, 1, hs)
+    return qk[:, : q.size(1)], qk[:, q.size(1):]
 
 
 # ---------------------------------------------------------------------- KV cache

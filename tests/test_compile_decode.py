@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from litllm.compile_decode import COMPILE_ENV, compile_cache_dir, compiled_length, should_compile
+from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, compile_cache_dir, compiled_length,
+                                   record_decode_choices, should_compile)
 from litllm.errors import LitLLMError
 
 
@@ -46,6 +47,25 @@ def test_compile_false_skips_compiling(tiny_checkpoint, monkeypatch, capsys):
     generate(tiny_checkpoint, "Hello", max_new_tokens=4, temperature=0.0, compile=False)
     assert "Compiled the decode step" not in capsys.readouterr().err
 
+
+def test_recorded_decode_choices_are_reused_without_timing(tiny_checkpoint, monkeypatch, tmp_path):
+    from litllm import inference
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    (tmp_path / CHOICES_FILE).write_text("{not json")  # a torn record is no record: picked by timing
+    model, _ = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    key = model.decode_choices["key"]
+    bf16, _ = inference.load_for_decoding(tiny_checkpoint, "cpu", "bf16-true")
+    assert bf16.decode_choices["key"] != key  # another precision, other kernels: its own record
+    record_decode_choices(key, "column-major", 1)
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("the recorded choice was not used")
+
+    monkeypatch.setattr(inference, "pick_decode_threads", timed_again)
+    model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert threads == 1 and model.decode_choices == {"key": key, "layout": "column-major", "threads": 1}
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()  # laid out as recorded (a transposed view)
 
 
 def test_a_model_over_several_devices_decodes_eagerly_by_default(tiny_checkpoint, monkeypatch):
@@ -84,9 +104,9 @@ print(json.dumps({"tokens": tokens, "counters": {k: dict(v) for k, v in counters
 
 @pytest.mark.slow
 def test_default_compiled_decode_equals_eager_and_second_process_hits_the_cache(tiny_checkpoint, tmp_path):
-    # one thread: inductor keys its cache by the thread count, which the loader picks by timing (two processes on
-    # a busy machine can pick differently and then rightly compile twice)
-    env = {**os.environ, COMPILE_ENV: "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    # no thread pin: the first process records the thread count and weight layout it picked by timing (which the
+    # compiled kernels depend on), and the second takes them from there
+    env = {**os.environ, COMPILE_ENV: "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
 
     def run() -> tuple[dict, str]:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
@@ -106,6 +126,7 @@ def test_default_compiled_decode_equals_eager_and_second_process_hits_the_cache(
     assert "Compiled the decode step" in err and str(tmp_path / "cache") in err
     assert first["tokens"][2:] == eager["tokens"]  # after the 2-token warm-up: the same greedy tokens
     assert first["miss"] >= 1 and first["hit"] == 0  # a cold cache: compiled
+    assert (tmp_path / "cache" / CHOICES_FILE).is_file()  # the loader's picks, for the next process
     second, _ = run()
     assert second["tokens"] == first["tokens"]
     assert second["hit"] >= 1 and second["miss"] == 0, second["counters"]  # every kernel from the cache
