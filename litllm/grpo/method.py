@@ -126,7 +126,7 @@ class GRPOLoss:
         prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"].tolist())]
         seeds = [completion_seed(self.run_seed, split, epoch, i, g) for i in indices for g in range(s.num_generations)]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
-        completions, truncated, seconds = sample_completions(inner_module(model), self.tokenizer, prompts, s.num_generations,
+        completions, truncated, seconds = sample_completions(inner_module(model), prompts, s.num_generations,
                                                              s.max_new_tokens, sampling, seeds, self.stop_token_ids)
         rewards, texts = self.score(split, indices, completions)
         total = combine(rewards, self.weights)

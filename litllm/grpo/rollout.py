@@ -57,12 +57,14 @@ class Rollout:
                           for f in fields(self)})
 
 
-def sample_completions(module, tokenizer, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
+def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
                        sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[list[int]], list[bool], float]:
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
-    The module decodes in eval mode (no dropout) and is put back in its mode afterwards; the engine's KV cache
-    (prompts x G rows of the longest prompt + max_new_tokens) lives only for this call."""
+    All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
+    rows). The module decodes in eval mode (no dropout) and is put back in its mode afterwards; the engine's KV cache
+    (prompts x G rows of the longest prompt + max_new_tokens) lives only for this call. The engine gets no tokenizer:
+    the stops are token ids and the rewards decode the completions themselves, so no token is detokenized here."""
     from litllm.engine import Engine, Request, Sampling
 
     rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
@@ -73,7 +75,7 @@ def sample_completions(module, tokenizer, prompts: Sequence[Sequence[int]], num_
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with Engine(module, tokenizer, max_batch_size=len(rows), max_seq_length=length) as engine:
+        with Engine(module, None, max_batch_size=len(rows), max_seq_length=length) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
