@@ -38,7 +38,7 @@ class StepTimer:
         self.cpu: list[float] = []  # CPU seconds of the process (all threads) per step: less sensitive to a loaded machine
         self.phases: list[dict[str, float]] = []
         self._start = self._cpu_start = 0.0
-        self._current: dict[str, float] = defaultdict(float)
+        self._current: dict[str, float] = defaultdict(float)  # phase -> wall seconds; "phase cpu" -> CPU seconds
         self._depth = 0
 
     def sync(self) -> None:
@@ -65,13 +65,14 @@ class StepTimer:
             if self._depth:
                 return original(*args, **kwargs)
             self.sync()
-            self._depth, start = 1, time.perf_counter()
+            self._depth, start, cpu = 1, time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.sync()
                 self._depth = 0
                 self._current[phase] += time.perf_counter() - start
+                self._current[f"{phase} cpu"] += time.process_time() - cpu
 
         setattr(owner, name, timed)
 
@@ -89,14 +90,17 @@ class StepTimer:
         setattr(owner, name, step)
 
     def result(self, baseline_mib: float, tokens: Optional[list[float]] = None) -> dict:
-        """Medians after the warm-up steps: step_s, {phase: s} (`other`: the rest of the step), completion tokens
+        """Medians after the warm-up steps: step_s, step_cpu_s, {phase: s, "phase cpu": CPU s} (`other`: the rest of the
+        step's wall time), completion tokens
         per second of step time and of the rollout phase (with `tokens` per step), peak memory."""
         kept = slice(WARMUP_STEPS, None) if len(self.steps) > WARMUP_STEPS else slice(None)
         steps, phases = self.steps[kept], self.phases[kept]
         names = sorted({name for p in phases for name in p})
-        out = {"step_s": statistics.median(steps), "step_cpu_s": statistics.median(self.cpu[kept]), "steps": len(self.steps),
+        out = {"step_s": statistics.median(steps), "step_cpu_s": statistics.median(self.cpu[kept]),
+               "steps": len(self.steps),
                "phases": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in names}}
-        out["phases"]["other"] = statistics.median(s - sum(p.values()) for s, p in zip(steps, phases))
+        out["phases"]["other"] = statistics.median(s - sum(t for name, t in p.items() if not name.endswith(" cpu"))
+                                                   for s, p in zip(steps, phases))
         if tokens:
             per_step = statistics.median(tokens[kept] or tokens)
             out["tokens_per_s"] = per_step / out["step_s"]

@@ -22,7 +22,7 @@ temperature 1, no top-k/top-p), LoRA r=8 on q and v (no dropout), beta 0 (no ref
         [--width 256] [--vocab 8000] [--rounds 2] [--threads N] [--sides litllm,trl] [--workdir /tmp/grpo-bench]
 
 On a CPU that other processes keep busy, pass `--threads 1`: each parallel region then waits for no descheduled
-thread (with two threads both sides ran 10-25x slower here than with one).
+thread (with two threads both sides ran 10-15x slower here than with one).
 """
 
 from __future__ import annotations
@@ -192,10 +192,11 @@ def report(results: dict[str, list[dict]], args) -> None:
     for name, key in (("step time speed-up", lambda r: r["step_s"]),
                       ("step CPU time speed-up", lambda r: r["step_cpu_s"]),
                       ("rollout speed-up", lambda r: r["phases"].get("rollout") or float("nan")),
+                      ("rollout CPU time speed-up", lambda r: r["phases"].get("rollout cpu") or float("nan")),
                       ("rest of the step speed-up", lambda r: r["step_s"] - (r["phases"].get("rollout") or 0.0)),
                       ("peak memory, TRL / litllm", lambda r: r["peak"])):
         values = ratios(results, "trl", "litllm", key)
-        print(f"  {name:28s} median {statistics.median(values):5.2f}x  best {max(values):5.2f}x  "
+        print(f"  {name:30s} median {statistics.median(values):5.2f}x  best {max(values):5.2f}x  "
               f"rounds: {' '.join(f'{v:.2f}' for v in values)}")
 
 
