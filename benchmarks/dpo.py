@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _worker import StepTimer, rss_mib, run_sides, worker_main  # noqa: E402  (the workers' shared timing)
 
 MAKE = """
 import json, random, sys
@@ -64,24 +65,15 @@ pairs = [{"prompt": text(seq // 4), "chosen": text(seq // 2), "rejected": text(s
 print(sum(p.numel() for p in model.parameters()))
 """
 
-WORKER = """
-import json, resource, statistics, sys, time
-from pathlib import Path
-import torch
-side, folder, out, device, steps, seq, micro = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], \\
-    *map(int, sys.argv[5:8])
-
-def rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-def sync():
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-times = []
-if side == "trl":
-    import peft, transformers, trl
+def run_trl(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, seq: str, micro: str) -> dict:
+    """TRL's DPOTrainer + PEFT LoRA, a step timed `on_step_begin` -> `on_step_end` (a `TrainerCallback`)."""
+    import peft
+    import torch
+    import transformers
+    import trl
     from datasets import Dataset
+
+    steps, seq, micro = int(steps), int(seq), int(micro)
     baseline = rss_mib()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -89,9 +81,10 @@ if side == "trl":
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            sync(); self.t0 = time.perf_counter()
+            timer.begin()
+
         def on_step_end(self, args, state, control, **kwargs):
-            sync(); times.append(time.perf_counter() - self.t0)
+            timer.end()
 
     args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=1,
                          max_steps=steps, learning_rate=5e-5, weight_decay=0.0, lr_scheduler_type="constant",
@@ -99,28 +92,28 @@ if side == "trl":
                          bf16=device == "cuda", gradient_checkpointing=False, max_length=seq, beta=0.1,
                          dataloader_num_workers=0, disable_dropout=True)
     pairs = json.loads((folder.parent / "pairs.json").read_text())
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM")
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
                              peft_config=lora, callbacks=[Timer()])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-else:
+    return timer.result(baseline)
+
+
+def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, seq: str, micro: str) -> dict:
+    """litllm's finetune_dpo, a step timed around the loop's `train_step`."""
     import lightning.fabric  # noqa: F401  (imports count in the baseline)
+
     from litllm import finetune
     from litllm.data import Preference
     from litllm.train import loop
     from litllm.train.args import EvalArgs, TrainArgs
+
+    steps, seq, micro = int(steps), int(seq), int(micro)
     baseline = rss_mib()
-    real_step = loop.train_step
-
-    def timed_step(*args, **kwargs):
-        sync(); t0 = time.perf_counter()
-        result = real_step(*args, **kwargs)
-        sync(); times.append(time.perf_counter() - t0)
-        return result
-
-    loop.train_step = timed_step
+    timer.wrap_step(loop, "train_step")
     finetune.finetune_dpo(
         folder, out_dir=out, accelerator=device, precision="bf16-true" if device == "cuda" else "32-true", devices=1,
         lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_query=True, lora_value=True, beta=0.1,
@@ -130,10 +123,8 @@ else:
         eval=EvalArgs(interval=10**9, final_validation=False), logger_name="csv",
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}},
     )
-peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mib()
-print(json.dumps({"step_s": statistics.median(times[2:] or times), "peak": peak,
-                  "above_baseline": peak if device == "cuda" else peak - baseline, "steps": len(times)}))
-"""
+    return timer.result(baseline)
+
 
 LABELS = {"litllm": "litllm finetune_dpo (LoRA r=8 q,v)", "trl": "TRL DPOTrainer + PEFT LoRA (r=8 q,v)"}
 
@@ -158,25 +149,9 @@ def build_model(folder: Path, env: dict, records: int, seq: int, layers: int, wi
     print(f"  {int(made.stdout.split()[-1]):,} parameters", file=sys.stderr)
 
 
-def run_sides(sides: list[str], labels: dict[str, str], worker: str, folder: Path, workdir: Path, env: dict,
-              *worker_args) -> dict[str, dict]:
-    """{side: its worker's last stdout line, as JSON}: each side in its own process (`worker` side folder out_dir
-    *worker_args); a failing side prints its error and is left out."""
-    results = {}
-    for side in sides:
-        out = workdir / f"out-{side}"
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"Running {labels[side]} ...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-c", worker, side, str(folder), str(out), *map(str, worker_args)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            continue
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return results
-
-
 def main() -> None:
+    if "--worker" in sys.argv:
+        return worker_main(globals())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=10)
@@ -194,7 +169,9 @@ def main() -> None:
     folder = workdir / "model"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
     build_model(folder, env, max(32, args.steps * args.micro * 2), args.seq, args.layers, args.width, args.vocab)
-    results = run_sides(sides, LABELS, WORKER, folder, workdir, env, args.device, args.steps, args.seq, args.micro)
+    runs = run_sides(Path(__file__).resolve(), sides, LABELS, folder, workdir, env,
+                     [args.device, args.steps, args.seq, args.micro])
+    results = {side: r[0] for side, r in runs.items()}
 
     unit = "GPU MiB (max allocated)" if args.device == "cuda" else "MiB (peak RSS; above: minus RSS before the model)"
     print(f"\n{args.steps} steps x {args.micro} pairs, prompt + reply <= {args.seq} tokens, {args.layers} layers x "

@@ -693,11 +693,15 @@ class Engine:
         device; one read back to the host for all of them. Rows with a grammar pick from their masked logits."""
         logits = self._masked(logits, running)
         picked = logits.argmax(dim=-1)  # (B,)
+        probs: dict[tuple, torch.Tensor] = {}  # the distribution of every row, once per sampling setting (B, vocab)
         for slot, row in running:
             s = row.request.sampling
             if s.temperature > 0:
                 try:
-                    picked[slot] = sample(logits[slot: slot + 1], s.temperature, s.top_k, s.top_p, row.generator)[0]
+                    key = (s.temperature, s.top_k, s.top_p)
+                    if key not in probs:
+                        probs[key] = sampling_probs(logits, *key)
+                    picked[slot] = torch.multinomial(probs[key][slot: slot + 1], 1, generator=row.generator)[0, 0]
                 except Exception as e:
                     self._fail(slot, row, e)
         self._tokens.copy_(picked[:, None])

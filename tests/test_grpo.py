@@ -5,7 +5,8 @@ run with one line naming it. Data: both record shapes, extra fields reach the re
 index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
 (the mean reward rises, fixed seed); 2 DDP processes give the losses of one process (batch-scaled rewards), 2 FSDP
-processes those of 2 DDP processes and resume bit for bit. (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
+processes those of 2 DDP processes and resume bit for bit. The rollout sampler follows the engine's distribution.
+(litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
 from __future__ import annotations
@@ -63,6 +64,30 @@ def reward_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
     path.write_text(REWARD_FILE)
     return path
+
+
+# ---------------------------------------------------------------------- the rollout's sampler
+def test_rollout_sampler_follows_the_engine_distribution():
+    """The rollout engine's inverse-CDF draw samples softmax(logits / T) restricted to top-k / the nucleus, as the
+    engine's `sample` does (frequencies), never a token of probability 0 (even at the ends of [0, 1)), and marks rows
+    whose logits are not finite."""
+    from litllm.engine import sampling_probs
+    from litllm.grpo.rollout import inverse_cdf_sample
+
+    row = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    n = 20000
+    for temperature, top_k, top_p in ((0.7, None, 1.0), (1.0, 3, 1.0), (1.0, None, 0.8)):
+        probs = sampling_probs(row[None], temperature, top_k, top_p)[0]  # (6,)
+        uniforms = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        draws = inverse_cdf_sample(probs.expand(n, -1), uniforms)
+        freq = torch.bincount(draws, minlength=6).float() / n
+        assert torch.allclose(freq, probs, atol=0.015)
+        assert (freq[probs == 0] == 0).all()
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(3, -1)
+    ends = torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64)
+    assert inverse_cdf_sample(probs, ends).tolist() == [1, 3, 3]
+    bad = torch.tensor([[0.5, float("nan")], [0.5, 0.5]])
+    assert inverse_cdf_sample(bad, torch.tensor([0.1, 0.7], dtype=torch.float64)).tolist() == [-1, 1]
 
 
 # ---------------------------------------------------------------------- rewards

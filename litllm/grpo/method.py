@@ -149,7 +149,7 @@ class GRPOLoss:
         seeds = [completion_seed(self.run_seed, split, epoch, i, g) for i in indices for g in range(s.num_generations)]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
         with whole_weights(inner_module(model)) as module:  # FSDP: decode on whole weights, no collectives
-            completions, truncated, seconds = sample_completions(module, self.tokenizer, prompts, s.num_generations,
+            completions, truncated, seconds = sample_completions(module, prompts, s.num_generations,
                                                                  s.max_new_tokens, sampling, seeds, self.stop_token_ids)
         rewards, texts = self.score(split, indices, completions)
         total = combine(rewards, self.weights)
