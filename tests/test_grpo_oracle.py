@@ -148,7 +148,7 @@ def _lit_loss(folder, prompt_ids, completions, monkeypatch, data, **settings):
     eos = Tokenizer(folder).eos_id
     by_prompt = {tuple(ids): completions[i * G: (i + 1) * G] for i, ids in enumerate(prompt_ids)}
 
-    def sample(module, tokenizer, prompts, *args, **kwargs):
+    def sample(module, prompts, *args, **kwargs):
         out = [c for p in prompts for c in by_prompt[tuple(p)]]
         return out, [len(c) == MAX_NEW and c[-1] != eos for c in out], 1.0
 
