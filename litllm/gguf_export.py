@@ -55,6 +55,7 @@ class _Family:
     renormalizes_topk: bool = True  # llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
     output_head: bool = False  # llama.cpp's graph loads `output.weight` only, never the tied embedding
     yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
+    routed_moe: bool = False  # DeepSeek-V3's routing as keys: gating function, top-k norm and scale, groups, shared experts
 
 
 # HF model_type -> how llama.cpp runs it
@@ -75,6 +76,7 @@ FAMILIES = {
     "olmo2": _Family("OLMO2", output_head=True),
     # llama.cpp runs OLMo 3 as olmo2 with sliding layers, which rope without YaRN as HF's OLMo 3 does
     "olmo3": _Family("OLMO2", output_head=True, yarn=True),
+    "glm4_moe": _Family("GLM4_MOE", routed_moe=True),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -231,6 +233,9 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
     """What llama.cpp's MoE graphs can't run: dense layers among MoE ones, another top-k weighting, and
     (OLMoE) a K-norm over fewer rows than Q's."""
     arch = family.arch.lower()
+    if family.routed_moe:
+        _check_routed_moe(config, arch)
+        return
     if config.moe_normalize_topk != family.renormalizes_topk:
         does = "renormalizes" if family.renormalizes_topk else "does not renormalize"
         raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk {str(config.moe_normalize_topk).lower()}; "
@@ -241,6 +246,17 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
     if model_type == "olmoe" and config.n_query_groups != config.n_head:
         raise LitLLMError(f"{CONFIG_FILE}: n_query_groups {config.n_query_groups} differs from n_head {config.n_head}; "
                           "llama.cpp's olmoe graph norms K over n_embd rows")
+
+
+def _check_routed_moe(config, arch: str) -> None:
+    """llama.cpp's DeepSeek-style routing: dense layers first only; a group scored by its two best experts."""
+    leading = len(config.dense_mlp_layers or [])
+    if list(config.dense_mlp_layers or []) != list(range(leading)):
+        raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's {arch} graph runs "
+                          "dense MLPs in the first layers only")
+    if config.n_expert_groups > 1 and config.moe_scoring != "sigmoid":
+        raise LitLLMError(f"{CONFIG_FILE}: moe_scoring {config.moe_scoring!r} with n_expert_groups "
+                          f"{config.n_expert_groups}; llama.cpp's {arch} graph scores a group by its two best experts")
 
 
 def _gguf_names(config, family: _Family):
@@ -255,7 +271,8 @@ def _gguf_names(config, family: _Family):
 
     def gguf_name(hf_name: str) -> str:
         # a MoE layer's experts are one stacked GGUF tensor per projection: look up the expert-less name
-        name = names.get_name(re.sub(r"\.experts\.\d+\.", ".experts.", hf_name), try_suffixes=(".weight", ".bias"))
+        hf_name = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name).replace("_correction_bias", "_correction.bias")
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LitLLMError(f"{hf_name}: no GGUF tensor name for it in llama.cpp's {family.arch.lower()} layout")
         return name
@@ -369,6 +386,8 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_expert_count(config.n_expert)
         writer.add_expert_used_count(config.n_expert_per_token)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size or config.intermediate_size)
+    if family.routed_moe:
+        _write_routed_moe(writer, config)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -397,6 +416,19 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_sliding_window_pattern([config.is_sliding(i) for i in range(config.n_layer)])
         if config.rope_local_base is not None:
             writer.add_rope_freq_base_swa(config.rope_local_base)
+
+
+def _write_routed_moe(writer, config) -> None:
+    import gguf
+
+    writer.add_leading_dense_block_count(len(config.dense_mlp_layers or []))
+    writer.add_expert_shared_count(config.n_shared_expert)
+    writer.add_expert_weights_norm(config.moe_normalize_topk)
+    writer.add_expert_weights_scale(config.routed_scaling_factor)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.moe_scoring.upper()])
+    if config.n_expert_groups > 1:
+        writer.add_expert_group_count(config.n_expert_groups)
+        writer.add_expert_group_used_count(config.n_topk_groups)
 
 
 def _llama3_rope_factors(config) -> torch.Tensor:

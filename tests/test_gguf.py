@@ -380,7 +380,8 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3"]
+                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3",
+                      "glm4_moe"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
