@@ -55,6 +55,7 @@ class _Family:
     renormalizes_topk: bool = True  # llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
     output_head: bool = False  # llama.cpp's graph loads `output.weight` only, never the tied embedding
     yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
+    untruncated_yarn: bool = False  # YaRN's truncate false runs truncated, as llama.cpp's own converter writes it
     routed_moe: bool = False  # DeepSeek-V3's routing as keys: gating function, top-k norm and scale, groups, shared experts
 
 
@@ -77,6 +78,7 @@ FAMILIES = {
     # llama.cpp runs OLMo 3 as olmo2 with sliding layers, which rope without YaRN as HF's OLMo 3 does
     "olmo3": _Family("OLMO2", output_head=True, yarn=True),
     "glm4_moe": _Family("GLM4_MOE", routed_moe=True),
+    "gpt_oss": _Family("GPT_OSS", output_head=True, yarn=True, untruncated_yarn=True),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -164,7 +166,8 @@ def _tensor_type(name: str, shape: tuple[int, ...], outtype: str):
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if len(shape) == 1 or name == "rope_freqs.weight" or ".ffn_gate_inp." in name:  # the MoE router stays f32
+    # the MoE router and every bias (gpt-oss's experts' are 2-D) stay f32, as llama.cpp's converter keeps them
+    if len(shape) == 1 or name == "rope_freqs.weight" or ".ffn_gate_inp." in name or not name.endswith(".weight"):
         return q.F32
     qtype = q[OUTTYPES[outtype][0]]
     if qtype not in (q.F32, q.F16, q.BF16):
@@ -199,7 +202,9 @@ def _family(config, model_type: str) -> _Family:
             f"(exported: {', '.join(sorted(allowed))})"
         )
     if scaling == "yarn":
-        _check_yarn(config.rope_scaling)
+        _check_yarn(config.rope_scaling, family)
+    if model_type in _FAMILY_CHECKS:
+        _FAMILY_CHECKS[model_type](config)
     if family.arch == "OLMO2" and config.sliding_window_size:
         _check_olmo2_sliding(config)
     scalar = config.attention_scores_scalar
@@ -214,11 +219,22 @@ def _family(config, model_type: str) -> _Family:
     return family
 
 
-def _check_yarn(scaling: dict) -> None:
+def _check_yarn(scaling: dict, family: _Family) -> None:
     for key, default in _YARN_DEFAULTS.items():
-        if scaling.get(key) is not None and scaling[key] != default:
+        if key == "truncate" and family.untruncated_yarn and scaling.get(key) is False:
+            print(f"note: rope_scaling truncate false: llama.cpp ropes YaRN with its correction range truncated (as "
+                  f"in the files its own converter writes), so its {family.arch.lower()} logits drift from litllm's "
+                  "(and transformers') with the position")
+        elif scaling.get(key) is not None and scaling[key] != default:
             raise LitLLMError(f"{CONFIG_FILE}: rope_scaling {key} {scaling[key]}; the GGUF export writes YaRN with "
                               f"{key} {default} only")
+
+
+def _check_gpt_oss(config) -> None:
+    """llama.cpp's gpt-oss graph hard-codes gpt-oss's clamped SwiGLU constants."""
+    for key, value in (("swiglu_limit", 7.0), ("swiglu_alpha", 1.702)):
+        if getattr(config, key) != value:
+            raise LitLLMError(f"{CONFIG_FILE}: {key} {getattr(config, key)}; llama.cpp's gpt-oss graph uses {value}")
 
 
 def _check_olmo2_sliding(config) -> None:
@@ -248,6 +264,10 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
                           "llama.cpp's olmoe graph norms K over n_embd rows")
 
 
+# per-family refusals beyond the shared ones (HF model_type -> check(config))
+_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss}
+
+
 def _check_routed_moe(config, arch: str) -> None:
     """llama.cpp's DeepSeek-style routing: dense layers first only; a group scored by its two best experts."""
     leading = len(config.dense_mlp_layers or [])
@@ -259,11 +279,40 @@ def _check_routed_moe(config, arch: str) -> None:
                           f"{config.n_expert_groups}; llama.cpp's {arch} graph scores a group by its two best experts")
 
 
+# what one GGUF tensor takes of a litllm tensor (the whole of it, some rows, a transposed half...)
+Select = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _rows(start: int, rows: int) -> Select:
+    return lambda tensor: tensor[start: start + rows]
+
+
+def _stacked_parts(hf_name: str) -> list[tuple[str, Select]]:
+    """gpt-oss's stacked experts as llama.cpp stores them (llama.cpp's `GptOssModel.modify_tensors`): `gate_up_proj`
+    (E, C, 2I), gate and up columns interleaved, -> gate_proj and up_proj (E, I, C); `down_proj` (E, I, C) -> (E, C, I)."""
+    is_bias = hf_name.endswith("_bias")
+    base = hf_name.removesuffix("_bias")
+    if base.endswith("gate_up_proj"):
+        stem = base.removesuffix("gate_up_proj")
+        if is_bias:  # (E, 2I)
+            return [(stem + "gate_proj.bias", lambda t: t[..., 0::2]), (stem + "up_proj.bias", lambda t: t[..., 1::2])]
+        return [(stem + "gate_proj.weight", lambda t: t.transpose(-1, -2)[:, 0::2]),
+                (stem + "up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]
+    if is_bias:
+        return [(base + ".bias", _whole)]
+    return [(base + ".weight", lambda t: t.transpose(-1, -2))]
+
+
 def _gguf_names(config, family: _Family):
-    """litllm parameter name -> [(GGUF name, first row, rows)], via HF's names and gguf's TensorNameMap."""
+    """litllm parameter name -> [(GGUF name, what it takes of the tensor)], via HF's names and gguf's TensorNameMap."""
     import gguf
 
     from litllm.hf.config import infer_model_type
+    from litllm.hf.family import STACKED_EXPERTS
     from litllm.hf.weights import hf_sources, split_sizes, weight_map
 
     mapping = weight_map(config, infer_model_type(config))
@@ -271,21 +320,25 @@ def _gguf_names(config, family: _Family):
 
     def gguf_name(hf_name: str) -> str:
         # a MoE layer's experts are one stacked GGUF tensor per projection: look up the expert-less name
-        hf_name = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name).replace("_correction_bias", "_correction.bias")
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        key = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name).replace("_correction_bias", "_correction.bias")
+        if key.endswith(".sinks"):  # llama.cpp's converter names gpt-oss's sinks `sinks.weight`
+            key += ".weight"
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LitLLMError(f"{hf_name}: no GGUF tensor name for it in llama.cpp's {family.arch.lower()} layout")
         return name
 
-    def parts(lit_name: str) -> list[tuple[str, int, Optional[int]]]:
+    def parts(lit_name: str) -> list[tuple[str, Select]]:
         source = hf_sources(lit_name, mapping)
+        if source.layout == STACKED_EXPERTS:
+            return [(gguf_name(hf_name), select) for hf_name, select in _stacked_parts(source.names[0])]
         if source.layout is not None:
             raise LitLLMError(f"{lit_name}: interleaved fused layouts have no GGUF export")
         if not source.concatenated:
-            return [(gguf_name(source.names[0]), 0, None)]
+            return [(gguf_name(source.names[0]), _whole)]
         sizes, start, out = split_sizes(lit_name, config, len(source.names)), 0, []
         for hf_name, rows in zip(source.names, sizes):
-            out.append((gguf_name(hf_name), start, rows))
+            out.append((gguf_name(hf_name), _rows(start, rows)))
             start += rows
         return out
 
@@ -320,17 +373,17 @@ def _plan_model(folder: Path, outtype: str):
     parts = _gguf_names(config, family)
     weights = folder / WEIGHTS_FILE
     lit = open_safetensors(weights)
-    # GGUF name -> the row ranges of litllm tensors it is made of (several: one per MoE expert, stacked)
-    sources: dict[str, list[tuple[str, int, Optional[int], tuple[int, ...]]]] = {}
+    # GGUF name -> what it takes of which litllm tensors (several: one per MoE expert, stacked)
+    sources: dict[str, list[tuple[str, Select]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for lit_name in lit.keys():
-        shape = tuple(lit.get_slice(lit_name).get_shape())
-        for name, start, rows in parts(lit_name):
-            sources.setdefault(name, []).append((lit_name, start, rows, shape))
+        meta = torch.empty(lit.get_slice(lit_name).get_shape(), device="meta")
+        for name, select in parts(lit_name):
+            sources.setdefault(name, []).append((lit_name, select))
+            shapes[name] = tuple(select(meta).shape)
 
-    def part(name: str, lit_name: str, start: int, rows: Optional[int]) -> torch.Tensor:
-        tensor = read_tensor(weights, lit_name)
-        if rows is not None:
-            tensor = tensor[start: start + rows]
+    def part(name: str, lit_name: str, select: Select) -> torch.Tensor:
+        tensor = select(read_tensor(weights, lit_name))
         if family.permute_qk:
             tensor = _reorder_qk(name, tensor, config)
         if family.norm_offset and "norm.weight" in name:
@@ -340,13 +393,12 @@ def _plan_model(folder: Path, outtype: str):
     plan: list[_Tensor] = []
     for name, pieces in sources.items():
         pieces.sort(key=lambda p: _expert_index(p[0]))
-        lit_name, start, rows, shape = pieces[0]
-        shape = (rows if rows is not None else shape[0], *shape[1:])
+        shape = shapes[name]
         if len(pieces) > 1:  # (n_expert, rows, columns)
             shape = (len(pieces), *shape)
 
         def make(name=name, pieces=pieces) -> torch.Tensor:
-            tensors = [part(name, lit_name, start, rows) for lit_name, start, rows, _ in pieces]
+            tensors = [part(name, lit_name, select) for lit_name, select in pieces]
             return torch.stack(tensors) if len(tensors) > 1 else tensors[0]
 
         plan.append(_Tensor(name, shape, _tensor_type(name, shape, outtype), make))
@@ -405,17 +457,18 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_attn_logit_softcapping(config.attention_logit_softcapping)
     if config.final_logit_softcapping:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    if family.arch == "OLMO2" and config.sliding_window_size:
-        writer.add_sliding_window(config.sliding_window_size)
+    if config.sliding_window_size and family.arch in ("OLMO2", "GEMMA2", "GEMMA3", "GPT_OSS"):
+        _write_sliding_window(writer, config, family)
+
+
+def _write_sliding_window(writer, config, family: _Family) -> None:
+    writer.add_sliding_window(config.sliding_window_size)
+    if family.arch == "OLMO2":
         writer.add_sliding_window_pattern(config.sliding_window_period)
-        if config.rope_local_base is not None:
-            writer.add_rope_freq_base_swa(config.rope_local_base)
-    if family.arch in ("GEMMA2", "GEMMA3") and config.sliding_window_size:
-        writer.add_sliding_window(config.sliding_window_size)
-        # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)
+    else:  # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)
         writer.add_sliding_window_pattern([config.is_sliding(i) for i in range(config.n_layer)])
-        if config.rope_local_base is not None:
-            writer.add_rope_freq_base_swa(config.rope_local_base)
+    if config.rope_local_base is not None:
+        writer.add_rope_freq_base_swa(config.rope_local_base)
 
 
 def _write_routed_moe(writer, config) -> None:
@@ -665,7 +718,7 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
         b_of = {n: weights[f"{path}.lora_B.{n}"].float() for n in enabled}
         outputs = parts_of(f"{path}.weight")
         if len(outputs) == len(parts):  # one GGUF tensor per part
-            pieces = [(name, [part]) for (name, _, _), (part, _) in zip(outputs, parts)]
+            pieces = [(name, [part]) for (name, _), (part, _) in zip(outputs, parts)]
         else:  # one fused GGUF tensor for every part
             pieces = [(outputs[0][0], [p for p, _ in parts])]
         rows = dict(parts)

@@ -33,7 +33,13 @@ VARIANTS = {
                                          moe_intermediate_size=768)),
     # llama.cpp's olmoe graph norms K over n_embd rows: OLMoE-1B-7B's layout, as many KV heads as heads
     "olmoe-gguf": ("olmoe", dict(num_key_value_heads=4)),
+    # llama.cpp's gpt-oss graph: the SwiGLU limit of the released models (7) and YaRN truncated
+    "gpt_oss-gguf": ("gpt_oss", dict(swiglu_limit=7.0, rope_parameters=dict(
+        rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+        beta_slow=1.0, truncate=True))),
 }
+# weights multiplied after conversion so that random ones reach what the family clamps (gpt-oss's SwiGLU at 7)
+SCALED = {"gpt_oss-gguf": {"mlp.experts.gate_up.weight": 20.0}}
 
 
 def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token: str | None = None) -> Path:
@@ -49,6 +55,15 @@ def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token
     finally:
         if base != family:
             del FAMILIES[family]
+    if family in SCALED:
+        from safetensors.torch import save_file
+
+        from litllm.model_folder import read_safetensors
+
+        weights = read_safetensors(folder / "lit_model.safetensors")
+        for name in weights:
+            weights[name] *= next((f for suffix, f in SCALED[family].items() if name.endswith(suffix)), 1.0)
+        save_file(weights, folder / "lit_model.safetensors")
     if pad_token:  # Phi-3's transformers config defaults pad_token_id to 32000, beyond a tiny vocabulary
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, pad_token=pad_token)))
@@ -303,6 +318,9 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
                                 "beta_fast": 16}}, "rope_scaling beta_fast 16; the GGUF export writes YaRN with beta_fast 32"),
     ("olmo2", {"tie_embeddings": True}, "tie_embeddings true; llama.cpp's olmo2 graph needs its own output head"),
     ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
+    ("gpt_oss", {}, "swiglu_limit 0.1; llama.cpp's gpt-oss graph uses 7.0"),
+    ("glm4_moe", {"dense_mlp_layers": [1]}, r"dense_mlp_layers \[1\]; llama.cpp's glm4_moe graph runs dense MLPs in the "
+                                              "first layers only"),
 ])
 def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, message):
     from litllm.config import Config
@@ -313,6 +331,20 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, mess
     with pytest.raises(LitLLMError, match=message):
         convert_to_gguf(folder, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gpt_oss_untruncated_yarn_is_exported_with_a_note(tmp_path, capsys):
+    """The released gpt-oss models' YaRN (truncate false) has no GGUF form: llama.cpp runs it truncated, as in the
+    files its own converter writes; the export says so."""
+    from litllm.config import Config
+
+    folder = checkpoint(tmp_path / "gpt_oss", "gpt_oss-gguf")
+    config = Config.from_checkpoint(folder).to_dict()
+    Config(**dict(config, rope_scaling=dict(config["rope_scaling"], truncate=False))).save(folder / "model_config.yaml")
+    convert_to_gguf(folder, tmp_path / "m.gguf")
+    assert "note: rope_scaling truncate false: llama.cpp ropes YaRN with its correction range truncated" in (
+        capsys.readouterr().out)
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["gpt-oss.rope.scaling.type"].contents() == "yarn"
 
 
 def test_cli(llama, tmp_path, capsys):
@@ -381,7 +413,7 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
                       "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3",
-                      "glm4_moe"]
+                      "glm4_moe", "gpt_oss-gguf"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
