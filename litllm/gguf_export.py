@@ -79,6 +79,7 @@ FAMILIES = {
     "olmo3": _Family("OLMO2", output_head=True, yarn=True),
     "glm4_moe": _Family("GLM4_MOE", routed_moe=True),
     "gpt_oss": _Family("GPT_OSS", output_head=True, yarn=True, untruncated_yarn=True),
+    "llama4_text": _Family("LLAMA4"),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -194,7 +195,7 @@ def _family(config, model_type: str) -> _Family:
     if config.mlp_class_name == "MoE":
         _check_moe(config, model_type, family)
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
-    allowed = {"default", "linear"} | ({"llama3"} if family.arch == "LLAMA" else set()) | (
+    allowed = {"default", "linear"} | ({"llama3"} if family.arch in ("LLAMA", "LLAMA4") else set()) | (
         {"yarn"} if family.yarn else set())
     if scaling not in allowed:
         raise LitLLMError(
@@ -264,8 +265,27 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
                           "llama.cpp's olmoe graph norms K over n_embd rows")
 
 
+def _check_llama4(config) -> None:
+    """llama.cpp's llama4 graph hard-codes the released models' NoPE period, chunk, temperature tuning and qk-norm
+    (on unless 128 experts), and runs MoE in every `step`-th layer."""
+    fixed = {"nope_layer_period": 4, "attention_chunk_size": 8192, "nope_floor_scale": 8192, "nope_attn_scale": 0.1,
+             "norm_qk": None if config.n_expert == 128 else "l2"}
+    for key, value in fixed.items():
+        if getattr(config, key) != value:
+            raise LitLLMError(f"{CONFIG_FILE}: {key} {getattr(config, key)}; llama.cpp's llama4 graph uses {value} "
+                              f"(with {config.n_expert} experts)")
+    step = _llama4_moe_step(config)
+    if [config.is_moe(i) for i in range(config.n_layer)] != [(i + 1) % step == 0 for i in range(config.n_layer)]:
+        raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's llama4 graph runs "
+                          "MoE in every k-th layer")
+
+
+def _llama4_moe_step(config) -> int:
+    return next((i + 1 for i in range(config.n_layer) if config.is_moe(i)), 1)
+
+
 # per-family refusals beyond the shared ones (HF model_type -> check(config))
-_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss}
+_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss, "llama4_text": _check_llama4}
 
 
 def _check_routed_moe(config, arch: str) -> None:
@@ -291,20 +311,32 @@ def _rows(start: int, rows: int) -> Select:
     return lambda tensor: tensor[start: start + rows]
 
 
-def _stacked_parts(hf_name: str) -> list[tuple[str, Select]]:
-    """gpt-oss's stacked experts as llama.cpp stores them (llama.cpp's `GptOssModel.modify_tensors`): `gate_up_proj`
-    (E, C, 2I), gate and up columns interleaved, -> gate_proj and up_proj (E, I, C); `down_proj` (E, I, C) -> (E, C, I)."""
+def _first_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[: tensor.shape[0] // 2]
+
+
+def _second_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[tensor.shape[0] // 2:]
+
+
+def _stacked_parts(hf_name: str, one_expert: bool) -> list[tuple[str, Select]]:
+    """Experts the HF checkpoint stacks (`gate_up_proj` (E, C, 2I), `down_proj` (E, I, C)) as llama.cpp names them:
+    gate_proj, up_proj and down_proj per projection. Llama 4 (`one_expert`): litllm's tensor is one expert's, (2I, C)
+    rows [gate | up] or (C, I), stacked again by the caller; gpt-oss: litllm keeps HF's stack, whose gate and up
+    columns interleave (llama.cpp's `GptOssModel.modify_tensors`), -> (E, I, C) and (E, C, I)."""
     is_bias = hf_name.endswith("_bias")
     base = hf_name.removesuffix("_bias")
-    if base.endswith("gate_up_proj"):
-        stem = base.removesuffix("gate_up_proj")
-        if is_bias:  # (E, 2I)
-            return [(stem + "gate_proj.bias", lambda t: t[..., 0::2]), (stem + "up_proj.bias", lambda t: t[..., 1::2])]
-        return [(stem + "gate_proj.weight", lambda t: t.transpose(-1, -2)[:, 0::2]),
-                (stem + "up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]
-    if is_bias:
-        return [(base + ".bias", _whole)]
-    return [(base + ".weight", lambda t: t.transpose(-1, -2))]
+    if not base.endswith("gate_up_proj"):
+        if is_bias:
+            return [(base + ".bias", _whole)]
+        return [(base + ".weight", _whole if one_expert else lambda t: t.transpose(-1, -2))]
+    stem = base.removesuffix("gate_up_proj")
+    if one_expert:
+        return [(stem + "gate_proj.weight", _first_half), (stem + "up_proj.weight", _second_half)]
+    if is_bias:  # (E, 2I)
+        return [(stem + "gate_proj.bias", lambda t: t[..., 0::2]), (stem + "up_proj.bias", lambda t: t[..., 1::2])]
+    return [(stem + "gate_proj.weight", lambda t: t.transpose(-1, -2)[:, 0::2]),
+            (stem + "up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]
 
 
 def _gguf_names(config, family: _Family):
@@ -313,7 +345,7 @@ def _gguf_names(config, family: _Family):
 
     from litllm.hf.config import infer_model_type
     from litllm.hf.family import STACKED_EXPERTS
-    from litllm.hf.weights import hf_sources, split_sizes, weight_map
+    from litllm.hf.weights import expert_index, hf_sources, split_sizes, weight_map
 
     mapping = weight_map(config, infer_model_type(config))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.n_layer)
@@ -331,7 +363,8 @@ def _gguf_names(config, family: _Family):
     def parts(lit_name: str) -> list[tuple[str, Select]]:
         source = hf_sources(lit_name, mapping)
         if source.layout == STACKED_EXPERTS:
-            return [(gguf_name(hf_name), select) for hf_name, select in _stacked_parts(source.names[0])]
+            one_expert = expert_index(lit_name) is not None
+            return [(gguf_name(name), select) for name, select in _stacked_parts(source.names[0], one_expert)]
         if source.layout is not None:
             raise LitLLMError(f"{lit_name}: interleaved fused layouts have no GGUF export")
         if not source.concatenated:
@@ -434,12 +467,15 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     writer.add_rope_freq_base(config.rope_base)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.padded_vocab_size)
-    if config.mlp_class_name == "MoE":
+    if config.is_moe_model:
         writer.add_expert_count(config.n_expert)
         writer.add_expert_used_count(config.n_expert_per_token)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size or config.intermediate_size)
     if family.routed_moe:
         _write_routed_moe(writer, config)
+    if family.arch == "LLAMA4":
+        writer.add_interleave_moe_layer_step(_llama4_moe_step(config))
+        writer.add_sliding_window_pattern([config.is_chunked(i) for i in range(config.n_layer)])
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
