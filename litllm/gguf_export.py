@@ -56,6 +56,7 @@ class _Family:
     output_head: bool = False  # llama.cpp's graph loads `output.weight` only, never the tied embedding
     yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
     untruncated_yarn: bool = False  # YaRN's truncate false runs truncated, as llama.cpp's own converter writes it
+    yarn_keys: bool = False  # the graph reads YaRN's betas and mscale_all_dim (as the log multiplier, with mscale 1)
     routed_moe: bool = False  # DeepSeek-V3's routing as keys: gating function, top-k norm and scale, groups, shared experts
 
 
@@ -80,6 +81,7 @@ FAMILIES = {
     "glm4_moe": _Family("GLM4_MOE", routed_moe=True),
     "gpt_oss": _Family("GPT_OSS", output_head=True, yarn=True, untruncated_yarn=True),
     "llama4_text": _Family("LLAMA4"),
+    "ministral3": _Family("MISTRAL3", permute_qk=True, yarn=True, yarn_keys=True),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -221,7 +223,15 @@ def _family(config, model_type: str) -> _Family:
 
 
 def _check_yarn(scaling: dict, family: _Family) -> None:
+    written = set()
+    if family.yarn_keys:
+        written = {"beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+        if scaling.get("mscale") and scaling.get("mscale_all_dim") and scaling["mscale"] != 1:
+            raise LitLLMError(f"{CONFIG_FILE}: rope_scaling mscale {scaling['mscale']}; llama.cpp's "
+                              f"{family.arch.lower()} graph takes mscale 1 beside mscale_all_dim")
     for key, default in _YARN_DEFAULTS.items():
+        if key in written:
+            continue
         if key == "truncate" and family.untruncated_yarn and scaling.get(key) is False:
             print(f"note: rope_scaling truncate false: llama.cpp ropes YaRN with its correction range truncated (as "
                   f"in the files its own converter writes), so its {family.arch.lower()} logits drift from litllm's "
@@ -265,6 +275,16 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
                           "llama.cpp's olmoe graph norms K over n_embd rows")
 
 
+def _check_ministral3(config) -> None:
+    """llama.cpp's mistral3 graph scales queries by position in steps of YaRN's original context."""
+    if config.query_scale_beta is None:
+        return
+    original = (config.rope_scaling or {}).get("original_max_position_embeddings")
+    if config.query_scale_length != original:
+        raise LitLLMError(f"{CONFIG_FILE}: query_scale_length {config.query_scale_length}; llama.cpp's mistral3 graph "
+                          f"steps the query scale every rope_scaling original_max_position_embeddings ({original})")
+
+
 def _check_llama4(config) -> None:
     """llama.cpp's llama4 graph hard-codes the released models' NoPE period, chunk, temperature tuning and qk-norm
     (on unless 128 experts), and runs MoE in every `step`-th layer."""
@@ -285,7 +305,7 @@ def _llama4_moe_step(config) -> int:
 
 
 # per-family refusals beyond the shared ones (HF model_type -> check(config))
-_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss, "llama4_text": _check_llama4}
+_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss, "llama4_text": _check_llama4, "ministral3": _check_ministral3}
 
 
 def _check_routed_moe(config, arch: str) -> None:
@@ -438,7 +458,7 @@ def _plan_model(folder: Path, outtype: str):
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
         factors = _llama3_rope_factors(config)
         plan.append(_Tensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32, lambda: factors))
-    if config.sliding_window_size and family.arch in ("LLAMA", "QWEN2", "PHI3"):
+    if config.sliding_window_size and family.arch in ("LLAMA", "QWEN2", "PHI3", "MISTRAL3"):
         print(f"note: llama.cpp's {family.arch.lower()} graph attends to the whole context, not a sliding window of "
               f"{config.sliding_window_size}: outputs agree with litllm's up to that many tokens")
     return writer, plan
@@ -481,9 +501,9 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     if scaling.get("rope_type") == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(scaling["factor"])
-        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        _write_yarn(writer, scaling, family)
+    if config.query_scale_beta is not None:
+        writer.add_attn_temperature_scale(config.query_scale_beta)
     if family.arch == "GRANITE":
         writer.add_embedding_scale(config.embedding_multiplier)
         writer.add_residual_scale(config.residual_multiplier)
@@ -495,6 +515,19 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if config.sliding_window_size and family.arch in ("OLMO2", "GEMMA2", "GEMMA3", "GPT_OSS"):
         _write_sliding_window(writer, config, family)
+
+
+def _write_yarn(writer, scaling: dict, family: _Family) -> None:
+    import gguf
+
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling["factor"])
+    writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if family.yarn_keys:
+        writer.add_rope_scaling_yarn_beta_fast(scaling.get("beta_fast") or 32.0)
+        writer.add_rope_scaling_yarn_beta_slow(scaling.get("beta_slow") or 1.0)
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):  # else transformers' default attention factor
+            writer.add_rope_scaling_yarn_log_mul(scaling["mscale_all_dim"])
 
 
 def _write_sliding_window(writer, config, family: _Family) -> None:

@@ -39,6 +39,10 @@ VARIANTS = {
         beta_slow=1.0, truncate=True))),
     # llama.cpp's llama4 graph: the released models' chunk (8192) and NoPE temperature tuning (floor 8192, scale 0.1)
     "llama4-gguf": ("llama4", dict(attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1)),
+    # Ministral 3 with YaRN's betas and attention factor away from their defaults (llama.cpp's mistral3 graph reads them)
+    "ministral3-yarn": ("ministral3", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=16.0,
+        beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.5))),
 }
 # weights multiplied after conversion so that random ones reach what the family clamps (gpt-oss's SwiGLU at 7)
 SCALED = {"gpt_oss-gguf": {"mlp.experts.gate_up.weight": 20.0}}
@@ -322,6 +326,10 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
     ("gpt_oss", {}, "swiglu_limit 0.1; llama.cpp's gpt-oss graph uses 7.0"),
     ("llama4", {}, "attention_chunk_size 16; llama.cpp's llama4 graph uses 8192"),
+    ("ministral3", {"query_scale_length": 32}, "query_scale_length 32; llama.cpp's mistral3 graph steps the query"),
+    ("ministral3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                     "mscale": 2.0, "mscale_all_dim": 1.0}},
+     "rope_scaling mscale 2.0; llama.cpp's mistral3 graph takes mscale 1 beside mscale_all_dim"),
     ("llama4-gguf", {"dense_mlp_layers": [1, 3]}, r"dense_mlp_layers \[1, 3\]; llama.cpp's llama4 graph runs MoE in every"),
     ("glm4_moe", {"dense_mlp_layers": [1]}, r"dense_mlp_layers \[1\]; llama.cpp's glm4_moe graph runs dense MLPs in the "
                                               "first layers only"),
@@ -417,7 +425,7 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
                       "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3",
-                      "glm4_moe", "gpt_oss-gguf", "llama4-gguf"]
+                      "glm4_moe", "gpt_oss-gguf", "llama4-gguf", "ministral3-yarn"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
