@@ -57,7 +57,8 @@ class _Family:
     yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
     untruncated_yarn: bool = False  # YaRN's truncate false runs truncated, as llama.cpp's own converter writes it
     yarn_keys: bool = False  # the graph reads YaRN's betas and mscale_all_dim (as the log multiplier, with mscale 1)
-    routed_moe: bool = False  # DeepSeek-V3's routing as keys: gating function, top-k norm and scale, groups, shared experts
+    mla_yarn: bool = False  # DeepSeek's YaRN, whose mscale_all_dim also scales the softmax (the log multiplier x 0.1)
+    routed_moe: bool = False  # DeepSeek-V3's routing as keys: gating, top-k norm and scale, groups, shared experts
 
 
 # HF model_type -> how llama.cpp runs it
@@ -82,6 +83,10 @@ FAMILIES = {
     "gpt_oss": _Family("GPT_OSS", output_head=True, yarn=True, untruncated_yarn=True),
     "llama4_text": _Family("LLAMA4"),
     "ministral3": _Family("MISTRAL3", permute_qk=True, yarn=True, yarn_keys=True),
+    # MLA: llama.cpp's converter splits kv_b into k_b and v_b (its absorbed, latent-cache attention)
+    "deepseek_v3": _Family("DEEPSEEK2", yarn=True, mla_yarn=True, routed_moe=True),
+    "deepseek_v2": _Family("DEEPSEEK2", yarn=True, mla_yarn=True, routed_moe=True),
+    "kimi_k2": _Family("DEEPSEEK2", yarn=True, mla_yarn=True, routed_moe=True),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -224,6 +229,11 @@ def _family(config, model_type: str) -> _Family:
 
 def _check_yarn(scaling: dict, family: _Family) -> None:
     written = set()
+    if family.mla_yarn:
+        written = {"mscale", "mscale_all_dim"}
+        if not scaling.get("mscale_all_dim") or scaling.get("mscale") != scaling["mscale_all_dim"]:
+            raise LitLLMError(f"{CONFIG_FILE}: rope_scaling mscale {scaling.get('mscale')} and mscale_all_dim "
+                              f"{scaling.get('mscale_all_dim')}; llama.cpp's deepseek2 graph needs them set and equal")
     if family.yarn_keys:
         written = {"beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
         if scaling.get("mscale") and scaling.get("mscale_all_dim") and scaling["mscale"] != 1:
@@ -285,6 +295,11 @@ def _check_ministral3(config) -> None:
                           f"steps the query scale every rope_scaling original_max_position_embeddings ({original})")
 
 
+def _check_mla(config) -> None:
+    if not config.rope_interleaved:
+        raise LitLLMError(f"{CONFIG_FILE}: rope_interleaved false; llama.cpp's deepseek2 graph ropes interleaved pairs")
+
+
 def _check_llama4(config) -> None:
     """llama.cpp's llama4 graph hard-codes the released models' NoPE period, chunk, temperature tuning and qk-norm
     (on unless 128 experts), and runs MoE in every `step`-th layer."""
@@ -305,7 +320,8 @@ def _llama4_moe_step(config) -> int:
 
 
 # per-family refusals beyond the shared ones (HF model_type -> check(config))
-_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss, "llama4_text": _check_llama4, "ministral3": _check_ministral3}
+_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss, "llama4_text": _check_llama4, "ministral3": _check_ministral3,
+                  "deepseek_v3": _check_mla, "deepseek_v2": _check_mla, "kimi_k2": _check_mla}
 
 
 def _check_routed_moe(config, arch: str) -> None:
@@ -359,6 +375,20 @@ def _stacked_parts(hf_name: str, one_expert: bool) -> list[tuple[str, Select]]:
             (stem + "up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]
 
 
+def _mla_parts(hf_name: str, config) -> list[tuple[str, Select]]:
+    """MLA's kv_b (n_head * (nope + v), kv_lora_rank) as llama.cpp's k_b (n_head, kv_lora_rank, nope) and v_b
+    (n_head, v, kv_lora_rank), the latent absorbed into the queries and the output (llama.cpp's
+    `DeepseekV2Model.modify_tensors`)."""
+    nope = config.head_size - config.qk_rope_head_dim
+
+    def heads(tensor: torch.Tensor) -> torch.Tensor:  # (n_head, nope + v, kv_lora_rank)
+        return tensor.reshape(config.n_head, nope + config.v_head_dim, tensor.shape[-1])
+
+    stem = hf_name.removesuffix("kv_b_proj.weight")
+    return [(stem + "k_b_proj.weight", lambda t: heads(t)[:, :nope].transpose(1, 2)),
+            (stem + "v_b_proj.weight", lambda t: heads(t)[:, nope:])]
+
+
 def _gguf_names(config, family: _Family):
     """litllm parameter name -> [(GGUF name, what it takes of the tensor)], via HF's names and gguf's TensorNameMap."""
     import gguf
@@ -387,6 +417,8 @@ def _gguf_names(config, family: _Family):
             return [(gguf_name(name), select) for name, select in _stacked_parts(source.names[0], one_expert)]
         if source.layout is not None:
             raise LitLLMError(f"{lit_name}: interleaved fused layouts have no GGUF export")
+        if source.names[0].endswith("kv_b_proj.weight"):
+            return [(gguf_name(name), select) for name, select in _mla_parts(source.names[0], config)]
         if not source.concatenated:
             return [(gguf_name(source.names[0]), _whole)]
         sizes, start, out = split_sizes(lit_name, config, len(source.names)), 0, []
@@ -480,9 +512,12 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.n_query_groups)
-    writer.add_key_length(config.head_size)
-    writer.add_value_length(config.head_size)
+    if config.kv_lora_rank:
+        _write_mla(writer, config)
+    else:
+        writer.add_head_count_kv(config.n_query_groups)
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
     writer.add_rope_dimension_count(config.rope_n_elem)
     writer.add_rope_freq_base(config.rope_base)
     writer.add_layer_norm_rms_eps(config.norm_eps)
@@ -517,12 +552,26 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         _write_sliding_window(writer, config, family)
 
 
+def _write_mla(writer, config) -> None:
+    """llama.cpp runs MLA as one shared latent head: keys (kv_lora_rank + rope) and values (kv_lora_rank) per token,
+    decompressed to n_head heads of head_size / v_head_dim."""
+    writer.add_head_count_kv(1)
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.head_size)
+    writer.add_value_length_mla(config.v_head_dim)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_q_lora_rank(config.q_lora_rank or 0)
+
+
 def _write_yarn(writer, scaling: dict, family: _Family) -> None:
     import gguf
 
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(scaling["factor"])
     writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if family.mla_yarn and scaling.get("mscale_all_dim"):  # llama.cpp divides it by 0.1 again
+        writer.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
     if family.yarn_keys:
         writer.add_rope_scaling_yarn_beta_fast(scaling.get("beta_fast") or 32.0)
         writer.add_rope_scaling_yarn_beta_slow(scaling.get("beta_slow") or 1.0)

@@ -43,6 +43,8 @@ VARIANTS = {
     "ministral3-yarn": ("ministral3", dict(rope_parameters=dict(
         rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=16.0,
         beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.5))),
+    # DeepSeek-V2-Lite's routing: no expert groups (llama.cpp scores a group by its two best experts, V2 by its best)
+    "deepseek_v2-gguf": ("deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1)),
 }
 # weights multiplied after conversion so that random ones reach what the family clamps (gpt-oss's SwiGLU at 7)
 SCALED = {"gpt_oss-gguf": {"mlp.experts.gate_up.weight": 20.0}}
@@ -326,6 +328,11 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
     ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
     ("gpt_oss", {}, "swiglu_limit 0.1; llama.cpp's gpt-oss graph uses 7.0"),
     ("llama4", {}, "attention_chunk_size 16; llama.cpp's llama4 graph uses 8192"),
+    ("deepseek_v2", {}, "moe_scoring 'softmax' with n_expert_groups 4; llama.cpp's deepseek2 graph scores a group by"),
+    ("deepseek_v3", {"rope_interleaved": False}, "rope_interleaved false; llama.cpp's deepseek2 graph ropes interleaved"),
+    ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                      "mscale": 1.0, "mscale_all_dim": 0.5}},
+     "rope_scaling mscale 1.0 and mscale_all_dim 0.5; llama.cpp's deepseek2 graph needs them set and equal"),
     ("ministral3", {"query_scale_length": 32}, "query_scale_length 32; llama.cpp's mistral3 graph steps the query"),
     ("ministral3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                                      "mscale": 2.0, "mscale_all_dim": 1.0}},
@@ -425,7 +432,8 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
                       "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3",
-                      "glm4_moe", "gpt_oss-gguf", "llama4-gguf", "ministral3-yarn"]
+                      "glm4_moe", "gpt_oss-gguf", "llama4-gguf", "ministral3-yarn", "deepseek_v3",
+                      "deepseek_v2-gguf"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
