@@ -13,6 +13,9 @@ beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_
   gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
   llama3 rope    a `rope_freqs` tensor of per-frequency factors
   MoE            each layer's experts stacked into one (n_expert, rows, columns) tensor per projection
+                 (gpt-oss's stacked `gate_up` split into gate and up and transposed); DeepSeek-style routing
+                 (glm4_moe, deepseek*) as keys: gating function, top-k norm and scale, groups, shared experts
+  MLA            DeepSeek's kv_b split per head into k_b (transposed) and v_b, one latent KV head
 
 The tokenizer travels as `tokenizer.ggml.*`: a byte-level BPE (`gpt2` in llama.cpp) with the pre-tokenizer
 type read from the split regex in tokenizer.json, or a SentencePiece-style BPE with byte fallback (`llama`)
@@ -817,8 +820,11 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
         raise LitLLMError(f"{folder}: base model {base_dir} not found (pass --pretrained_checkpoint_dir if it moved)")
     config = read_config(base_dir)
     family = _family(config, infer_model_type(config))
-    if settings.mlp and config.mlp_class_name == "MoE":
+    if settings.mlp and config.is_moe_model:
         raise LitLLMError(f"{folder}: a LoRA on MoE experts has no GGUF LoRA form (llama.cpp stacks the experts)")
+    if config.kv_lora_rank and (settings.key or settings.value):
+        raise LitLLMError(f"{folder}: a LoRA on MLA's keys and values (kv_b) has no GGUF LoRA form (llama.cpp splits "
+                          "kv_b per head into k_b and v_b)")
     if settings.head and config.tie_embeddings:
         raise LitLLMError(f"{folder}: a LoRA on a head tied to the embedding has no GGUF LoRA form (trained with --lora_head)")
     weights = read_safetensors(lora_weights_file(folder))

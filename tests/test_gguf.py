@@ -393,7 +393,7 @@ def lora_run(base: Path, folder: Path, **flags) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "ministral3"])
 def test_adapter_applied_over_base_is_the_merged_model(tmp_path, family):
     """What llama.cpp computes with `--lora` (W + alpha/rank * B @ A per tensor, rank read from the tensor)
     equals the GGUF export of the merged model, for per-part tensors (llama's q/k/v, with the rope row
@@ -417,6 +417,17 @@ def test_adapter_applied_over_base_is_the_merged_model(tmp_path, family):
             a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
             weight = weight + alpha / a.shape[0] * (b @ a)
         torch.testing.assert_close(weight, merged[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("family, flags, message", [
+    ("deepseek_v3", dict(query=False, key=True, value=False), "a LoRA on MLA's keys and values \\(kv_b\\) has no GGUF"),
+    ("llama4-gguf", dict(query=True, key=False, value=False, mlp=True), "a LoRA on MoE experts has no GGUF LoRA form"),
+])
+def test_adapters_llama_cpp_cannot_apply_are_refused(tmp_path, family, flags, message):
+    run = lora_run(checkpoint(tmp_path / family, family), tmp_path / "run", r=4, alpha=8.0, **flags)
+    with pytest.raises(LitLLMError, match=message):
+        convert_to_gguf(run, tmp_path / "adapter.gguf", adapter_only=True)
+    assert not (tmp_path / "adapter.gguf").exists()
 
 
 def test_adapter_only_needs_a_lora_run(llama, tmp_path):
