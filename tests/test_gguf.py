@@ -46,8 +46,9 @@ VARIANTS = {
     # DeepSeek-V2-Lite's routing: no expert groups (llama.cpp scores a group by its two best experts, V2 by its best)
     "deepseek_v2-gguf": ("deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1)),
 }
-# weights multiplied after conversion so that random ones reach what the family clamps (gpt-oss's SwiGLU at 7)
-SCALED = {"gpt_oss-gguf": {"mlp.experts.gate_up.weight": 20.0}}
+# weights multiplied (litllm's and HF's, by name suffix) so that random ones reach what the family clamps (gpt-oss's
+# SwiGLU at 7)
+SCALED = {"gpt_oss-gguf": (20.0, ("mlp.experts.gate_up.weight", "mlp.experts.gate_up_proj"))}
 
 
 def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token: str | None = None) -> Path:
@@ -68,10 +69,11 @@ def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token
 
         from litllm.model_folder import read_safetensors
 
-        weights = read_safetensors(folder / "lit_model.safetensors")
-        for name in weights:
-            weights[name] *= next((f for suffix, f in SCALED[family].items() if name.endswith(suffix)), 1.0)
-        save_file(weights, folder / "lit_model.safetensors")
+        factor, suffixes = SCALED[family]
+        for file in ("lit_model.safetensors", "model.safetensors"):
+            weights = read_safetensors(folder / file)
+            save_file({k: v * factor if k.endswith(suffixes) else v for k, v in weights.items()}, folder / file,
+                      metadata={"format": "pt"})
     if pad_token:  # Phi-3's transformers config defaults pad_token_id to 32000, beyond a tiny vocabulary
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, pad_token=pad_token)))
@@ -474,6 +476,55 @@ def test_llama_cpp_greedy_tokens_and_logits_match_litllm(tmp_path, family, outty
         # compared before Granite's logits division (16), which would shrink any difference as much
         scale = model.config.logits_divisor
         torch.testing.assert_close(got * scale, want * scale, atol=2e-3, rtol=0)
+
+
+# llama.cpp's own converter, run on the tiny HF model where LLAMA_CPP_SRC names llama.cpp's sources (e.g.
+# llama_cpp_python-*/vendor/llama.cpp). The tiny tokenizer is none of the checkpoints its pre-tokenizer table knows,
+# so it writes the vocabulary as GPT-2's here (the tokenizer has its own tests above)
+CONVERTER = """
+import runpy, sys
+src, folder, out = sys.argv[1:]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+base.TextModel._set_vocab_glm = base.TextModel._set_vocab_gpt2
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss-gguf", "llama4-gguf", "ministral3-yarn", "deepseek_v3",
+                                    "deepseek_v2-gguf"])
+def test_tensors_are_llama_cpp_converters(tmp_path, family):
+    """The newer families' tensors (names, shapes, values: experts split and stacked, MLA's kv_b split) are what
+    llama.cpp's `convert_hf_to_gguf.py` writes from the same HF model, and the hyper-parameters it writes agree."""
+    import os
+    import subprocess
+    import sys
+
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src:
+        pytest.skip("set LLAMA_CPP_SRC to llama.cpp's source folder (convert_hf_to_gguf.py) to compare with it")
+    folder = checkpoint(tmp_path / family, family)
+    if family == "deepseek_v3":  # its converter splits kv_b by num_key_value_heads, which the released V3 sets to n_head
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(config, num_key_value_heads=config["num_attention_heads"])))
+    reference = tmp_path / "llama_cpp.gguf"
+    subprocess.run([sys.executable, "-c", CONVERTER, src, str(folder), str(reference)], check=True, capture_output=True)
+    ours, theirs = read_tensors(export(folder)), read_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], atol=1e-6, rtol=0, msg=name)  # rope_freqs: float rounding
+
+    def keys(path: Path) -> dict:
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        return {k: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+
+    mine, reference_keys = keys(export(folder)), keys(reference)
+    for key in mine.keys() & reference_keys.keys():
+        assert mine[key] == pytest.approx(reference_keys[key]), key
 
 
 @pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece-no-prefix"])
