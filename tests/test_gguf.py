@@ -527,7 +527,7 @@ def test_tensors_are_llama_cpp_converters(tmp_path, family):
         assert mine[key] == pytest.approx(reference_keys[key]), key
 
 
-@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "gpt-4o", "sentencepiece",
+@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "gpt-4o", "tekken", "sentencepiece",
                                     "sentencepiece-no-prefix"])
 def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, split_regex_tokenizers, layout):
     """llama.cpp's tokenizer, set up from the exported metadata alone (the pre-tokenizer type read from the
