@@ -507,7 +507,8 @@ def test_tensors_are_llama_cpp_converters(tmp_path, family):
     if not src:
         pytest.skip("set LLAMA_CPP_SRC to llama.cpp's source folder (convert_hf_to_gguf.py) to compare with it")
     folder = checkpoint(tmp_path / family, family)
-    if family == "deepseek_v3":  # its converter splits kv_b by num_key_value_heads, which the released V3 sets to n_head
+    # llama.cpp's converter splits kv_b by num_key_value_heads, which the released DeepSeek-V3 sets to n_head
+    if family == "deepseek_v3":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(dict(config, num_key_value_heads=config["num_attention_heads"])))
     reference = tmp_path / "llama_cpp.gguf"
