@@ -333,9 +333,14 @@ def _check_routed_moe(config, arch: str) -> None:
     if list(config.dense_mlp_layers or []) != list(range(leading)):
         raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's {arch} graph runs "
                           "dense MLPs in the first layers only")
-    if config.n_expert_groups > 1 and config.moe_scoring != "sigmoid":
+    if _limits_groups(config) and config.moe_scoring != "sigmoid":
         raise LitLLMError(f"{CONFIG_FILE}: moe_scoring {config.moe_scoring!r} with n_expert_groups "
                           f"{config.n_expert_groups}; llama.cpp's {arch} graph scores a group by its two best experts")
+
+
+def _limits_groups(config) -> bool:
+    """Whether group-limited routing changes anything (some groups left out)."""
+    return config.n_topk_groups < config.n_expert_groups
 
 
 # what one GGUF tensor takes of a litllm tensor (the whole of it, some rows, a transposed half...)
@@ -600,7 +605,7 @@ def _write_routed_moe(writer, config) -> None:
     writer.add_expert_weights_norm(config.moe_normalize_topk)
     writer.add_expert_weights_scale(config.routed_scaling_factor)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.moe_scoring.upper()])
-    if config.n_expert_groups > 1:
+    if _limits_groups(config):  # (llama.cpp asserts fewer groups used than there are)
         writer.add_expert_group_count(config.n_expert_groups)
         writer.add_expert_group_used_count(config.n_topk_groups)
 
