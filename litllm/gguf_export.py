@@ -9,7 +9,7 @@ Names go litllm -> HF (`litllm.hf.weights`, split where litllm fuses what HF kee
 `gguf` package's own `TensorNameMap`), so no GGUF tensor name is spelled here. What llama.cpp expects
 beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_gguf.py`):
   llama-like     Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
-                 (llama, mistral, mixtral, granite, smollm3)
+                 (llama, mistral, mixtral, granite, smollm3, ministral3)
   gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
   llama3 rope    a `rope_freqs` tensor of per-frequency factors
   MoE            each layer's experts stacked into one (n_expert, rows, columns) tensor per projection
