@@ -665,6 +665,10 @@ PRE_TOKENIZER_REGEXES = {
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
     r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "tekken",
+    # DeepSeek-V3's three splits in a row: digits, CJK runs, then words and punctuation
+    (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|"
+     r"\s*[\r\n]+|\s+(?!\S)|\s+"): "deepseek-v3",
 }
 
 
@@ -703,21 +707,23 @@ class GGUFVocab:
             writer.add_chat_template(self.chat_template)
 
 
-def _split_regex(pre_tokenizer: Optional[dict], path: Path) -> str:
-    """The one split regex a byte-level pre-tokenizer applies (ByteLevel's own is GPT-2's)."""
+def _split_regexes(pre_tokenizer: Optional[dict], path: Path) -> tuple[str, ...]:
+    """The split regexes a byte-level pre-tokenizer applies in turn (ByteLevel's own is GPT-2's), with carriage
+    returns and newlines spelled as regex escapes (tokenizer.json has either)."""
     steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [
         pre_tokenizer] if pre_tokenizer else []
     kinds = [s["type"] for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
-        return _GPT2_REGEX
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        split = steps[0]
-        if (split.get("behavior") == "Isolated" and not split.get("invert") and "Regex" in split.get("pattern", {})
-                and not steps[1].get("add_prefix_space")):
-            return split["pattern"]["Regex"]
+        return (_GPT2_REGEX,)
+    splits, last = steps[:-1], steps[-1] if steps else {}
+    if (splits and kinds == ["Split"] * len(splits) + ["ByteLevel"] and not last.get("use_regex", True)
+            and not last.get("add_prefix_space")
+            and all(s.get("behavior") == "Isolated" and not s.get("invert") and "Regex" in s.get("pattern", {})
+                    for s in splits)):
+        return tuple(s["pattern"]["Regex"].replace("\r", r"\r").replace("\n", r"\n") for s in splits)
     raise LitLLMError(
         f"{path}: pre_tokenizer {kinds or None} is not one llama.cpp reproduces "
-        "(expected ByteLevel, or one Split regex followed by ByteLevel without its own regex)"
+        "(expected ByteLevel, or Split regexes followed by ByteLevel without its own regex)"
     )
 
 
@@ -784,10 +790,11 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
             types[special_ids["unk"]] = T.UNKNOWN
         kind, pre, merges = "llama", "default", []
     else:
-        regex = _split_regex(tokenizer.get("pre_tokenizer"), path)
-        if regex not in PRE_TOKENIZER_REGEXES:
-            raise LitLLMError(f"{path}: the pre-tokenizer's split regex {regex!r} is not one llama.cpp implements")
-        kind, pre, scores, add_space_prefix = "gpt2", PRE_TOKENIZER_REGEXES[regex], None, None
+        regexes = _split_regexes(tokenizer.get("pre_tokenizer"), path)
+        key = regexes[0] if len(regexes) == 1 else regexes
+        if key not in PRE_TOKENIZER_REGEXES:
+            raise LitLLMError(f"{path}: the pre-tokenizer's split regex {key!r} is not one llama.cpp implements")
+        kind, pre, scores, add_space_prefix = "gpt2", PRE_TOKENIZER_REGEXES[key], None, None
     return GGUFVocab(
         model=kind, pre=pre, tokens=tokens, types=[int(t) for t in types], scores=scores, merges=merges,
         special_ids=special_ids, add_bos=litllm_tokenizer.add_bos, add_eos=litllm_tokenizer.add_eos,

@@ -105,13 +105,15 @@ def gemma_spm(tmp_path_factory, llama_spm) -> Path:
     return folder
 
 
-def with_split_regex(source: Path, folder: Path, regex: str) -> Path:
-    """`source` with Llama 3's / Qwen 2's pre-tokenizer layout: one Split regex, then ByteLevel without its own."""
+def with_split_regex(source: Path, folder: Path, regex: str | tuple[str, ...]) -> Path:
+    """`source` with Llama 3's / Qwen 2's pre-tokenizer layout: Split regex(es) (DeepSeek-V3: three), then ByteLevel
+    without its own."""
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.gguf"))
     raw = json.loads((folder / "tokenizer.json").read_text())
+    splits = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+              for r in ((regex,) if isinstance(regex, str) else regex)]
     raw["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+        *splits, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     (folder / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
     return folder
 
@@ -252,6 +254,18 @@ def test_tokenizer_metadata_round_trip(llama, llama_spm, layout):
     hf = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
     for text in STRINGS + [SAMPLE_TEXT]:
         assert hf(text)["input_ids"] == tok.encode(text).tolist(), text
+
+
+def test_split_regexes_match_with_literal_line_breaks(tmp_path, llama):
+    """DeepSeek-V3's tokenizer.json spells the carriage return and newline in its regexes as the characters
+    themselves: the same regexes, so the same llama.cpp pre-tokenizer."""
+    from litllm.gguf_export import PRE_TOKENIZER_REGEXES, read_vocab
+
+    regexes = next(key for key, pre in PRE_TOKENIZER_REGEXES.items() if pre == "deepseek-v3")
+    literal = tuple(r.replace(r"\r", "\r").replace(r"\n", "\n") for r in regexes)
+    assert literal != regexes
+    folder = with_split_regex(llama, tmp_path / "deepseek", literal)
+    assert read_vocab(folder, 320).pre == "deepseek-v3"
 
 
 def test_chat_template_travels(tmp_path, llama):
@@ -528,7 +542,8 @@ def test_tensors_are_llama_cpp_converters(tmp_path, family):
         assert mine[key] == pytest.approx(reference_keys[key]), key
 
 
-@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "gpt-4o", "tekken", "sentencepiece",
+@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "gpt-4o", "tekken", "deepseek-v3",
+                                    "sentencepiece",
                                     "sentencepiece-no-prefix"])
 def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, split_regex_tokenizers, layout):
     """llama.cpp's tokenizer, set up from the exported metadata alone (the pre-tokenizer type read from the
