@@ -9,10 +9,13 @@ Names go litllm -> HF (`litllm.hf.weights`, split where litllm fuses what HF kee
 `gguf` package's own `TensorNameMap`), so no GGUF tensor name is spelled here. What llama.cpp expects
 beyond the names, per family (the same transforms as llama.cpp's `convert_hf_to_gguf.py`):
   llama-like     Q and K rows reordered from HF's rotate-half layout to llama.cpp's interleaved pairs
-                 (llama, mistral, mixtral, granite, smollm3)
+                 (llama, mistral, mixtral, granite, smollm3, ministral3)
   gemma*         RMSNorm weights stored as `1 + w` (HF stores `w` and adds 1 in the forward)
   llama3 rope    a `rope_freqs` tensor of per-frequency factors
   MoE            each layer's experts stacked into one (n_expert, rows, columns) tensor per projection
+                 (gpt-oss's stacked `gate_up` split into gate and up and transposed); DeepSeek-style routing
+                 (glm4_moe, deepseek*) as keys: gating function, top-k norm and scale, groups, shared experts
+  MLA            DeepSeek's kv_b split per head into k_b (transposed) and v_b, one latent KV head
 
 The tokenizer travels as `tokenizer.ggml.*`: a byte-level BPE (`gpt2` in llama.cpp) with the pre-tokenizer
 type read from the split regex in tokenizer.json, or a SentencePiece-style BPE with byte fallback (`llama`)
@@ -55,6 +58,10 @@ class _Family:
     renormalizes_topk: bool = True  # llama.cpp's MoE graph rescales the top-k expert weights to sum to 1
     output_head: bool = False  # llama.cpp's graph loads `output.weight` only, never the tied embedding
     yarn: bool = False  # plain YaRN (HF's default attention factor, betas, truncation) on full-attention layers
+    untruncated_yarn: bool = False  # YaRN's truncate false runs truncated, as llama.cpp's own converter writes it
+    yarn_keys: bool = False  # the graph reads YaRN's betas and mscale_all_dim (as the log multiplier, with mscale 1)
+    mla_yarn: bool = False  # DeepSeek's YaRN, whose mscale_all_dim also scales the softmax (the log multiplier x 0.1)
+    routed_moe: bool = False  # DeepSeek-V3's routing as keys: gating, top-k norm and scale, groups, shared experts
 
 
 # HF model_type -> how llama.cpp runs it
@@ -75,6 +82,14 @@ FAMILIES = {
     "olmo2": _Family("OLMO2", output_head=True),
     # llama.cpp runs OLMo 3 as olmo2 with sliding layers, which rope without YaRN as HF's OLMo 3 does
     "olmo3": _Family("OLMO2", output_head=True, yarn=True),
+    "glm4_moe": _Family("GLM4_MOE", routed_moe=True),
+    "gpt_oss": _Family("GPT_OSS", output_head=True, yarn=True, untruncated_yarn=True),
+    "llama4_text": _Family("LLAMA4"),
+    "ministral3": _Family("MISTRAL3", permute_qk=True, yarn=True, yarn_keys=True),
+    # MLA: llama.cpp's converter splits kv_b into k_b and v_b (its absorbed, latent-cache attention)
+    "deepseek_v3": _Family("DEEPSEEK2", yarn=True, mla_yarn=True, routed_moe=True),
+    "deepseek_v2": _Family("DEEPSEEK2", yarn=True, mla_yarn=True, routed_moe=True),
+    "kimi_k2": _Family("DEEPSEEK2", yarn=True, mla_yarn=True, routed_moe=True),
 }
 # YaRN keys llama.cpp has no GGUF form for here: it derives the attention factor and uses betas 32 and 1
 _YARN_DEFAULTS = {"attention_factor": None, "mscale": None, "mscale_all_dim": None, "beta_fast": 32, "beta_slow": 1,
@@ -162,7 +177,8 @@ def _tensor_type(name: str, shape: tuple[int, ...], outtype: str):
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if len(shape) == 1 or name == "rope_freqs.weight" or ".ffn_gate_inp." in name:  # the MoE router stays f32
+    # the MoE router and every bias (gpt-oss's experts' are 2-D) stay f32, as llama.cpp's converter keeps them
+    if len(shape) == 1 or name == "rope_freqs.weight" or ".ffn_gate_inp." in name or not name.endswith(".weight"):
         return q.F32
     qtype = q[OUTTYPES[outtype][0]]
     if qtype not in (q.F32, q.F16, q.BF16):
@@ -189,7 +205,7 @@ def _family(config, model_type: str) -> _Family:
     if config.mlp_class_name == "MoE":
         _check_moe(config, model_type, family)
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
-    allowed = {"default", "linear"} | ({"llama3"} if family.arch == "LLAMA" else set()) | (
+    allowed = {"default", "linear"} | ({"llama3"} if family.arch in ("LLAMA", "LLAMA4") else set()) | (
         {"yarn"} if family.yarn else set())
     if scaling not in allowed:
         raise LitLLMError(
@@ -197,7 +213,9 @@ def _family(config, model_type: str) -> _Family:
             f"(exported: {', '.join(sorted(allowed))})"
         )
     if scaling == "yarn":
-        _check_yarn(config.rope_scaling)
+        _check_yarn(config.rope_scaling, family)
+    if model_type in _FAMILY_CHECKS:
+        _FAMILY_CHECKS[model_type](config)
     if family.arch == "OLMO2" and config.sliding_window_size:
         _check_olmo2_sliding(config)
     scalar = config.attention_scores_scalar
@@ -212,11 +230,35 @@ def _family(config, model_type: str) -> _Family:
     return family
 
 
-def _check_yarn(scaling: dict) -> None:
+def _check_yarn(scaling: dict, family: _Family) -> None:
+    written = set()
+    if family.mla_yarn:
+        written = {"mscale", "mscale_all_dim"}
+        if not scaling.get("mscale_all_dim") or scaling.get("mscale") != scaling["mscale_all_dim"]:
+            raise LitLLMError(f"{CONFIG_FILE}: rope_scaling mscale {scaling.get('mscale')} and mscale_all_dim "
+                              f"{scaling.get('mscale_all_dim')}; llama.cpp's deepseek2 graph needs them set and equal")
+    if family.yarn_keys:
+        written = {"beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+        if scaling.get("mscale") and scaling.get("mscale_all_dim") and scaling["mscale"] != 1:
+            raise LitLLMError(f"{CONFIG_FILE}: rope_scaling mscale {scaling['mscale']}; llama.cpp's "
+                              f"{family.arch.lower()} graph takes mscale 1 beside mscale_all_dim")
     for key, default in _YARN_DEFAULTS.items():
-        if scaling.get(key) is not None and scaling[key] != default:
+        if key in written:
+            continue
+        if key == "truncate" and family.untruncated_yarn and scaling.get(key) is False:
+            print(f"note: rope_scaling truncate false: llama.cpp ropes YaRN with its correction range truncated (as "
+                  f"in the files its own converter writes), so its {family.arch.lower()} logits drift from litllm's "
+                  "(and transformers') with the position")
+        elif scaling.get(key) is not None and scaling[key] != default:
             raise LitLLMError(f"{CONFIG_FILE}: rope_scaling {key} {scaling[key]}; the GGUF export writes YaRN with "
                               f"{key} {default} only")
+
+
+def _check_gpt_oss(config) -> None:
+    """llama.cpp's gpt-oss graph hard-codes gpt-oss's clamped SwiGLU constants."""
+    for key, value in (("swiglu_limit", 7.0), ("swiglu_alpha", 1.702)):
+        if getattr(config, key) != value:
+            raise LitLLMError(f"{CONFIG_FILE}: {key} {getattr(config, key)}; llama.cpp's gpt-oss graph uses {value}")
 
 
 def _check_olmo2_sliding(config) -> None:
@@ -231,6 +273,9 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
     """What llama.cpp's MoE graphs can't run: dense layers among MoE ones, another top-k weighting, and
     (OLMoE) a K-norm over fewer rows than Q's."""
     arch = family.arch.lower()
+    if family.routed_moe:
+        _check_routed_moe(config, arch)
+        return
     if config.moe_normalize_topk != family.renormalizes_topk:
         does = "renormalizes" if family.renormalizes_topk else "does not renormalize"
         raise LitLLMError(f"{CONFIG_FILE}: moe_normalize_topk {str(config.moe_normalize_topk).lower()}; "
@@ -243,32 +288,150 @@ def _check_moe(config, model_type: str, family: _Family) -> None:
                           "llama.cpp's olmoe graph norms K over n_embd rows")
 
 
+def _check_ministral3(config) -> None:
+    """llama.cpp's mistral3 graph scales queries by position in steps of YaRN's original context."""
+    if config.query_scale_beta is None:
+        return
+    original = (config.rope_scaling or {}).get("original_max_position_embeddings")
+    if config.query_scale_length != original:
+        raise LitLLMError(f"{CONFIG_FILE}: query_scale_length {config.query_scale_length}; llama.cpp's mistral3 graph "
+                          f"steps the query scale every rope_scaling original_max_position_embeddings ({original})")
+
+
+def _check_mla(config) -> None:
+    if not config.rope_interleaved:
+        raise LitLLMError(f"{CONFIG_FILE}: rope_interleaved false; llama.cpp's deepseek2 graph ropes interleaved pairs")
+
+
+def _check_llama4(config) -> None:
+    """llama.cpp's llama4 graph hard-codes the released models' NoPE period, chunk, temperature tuning and qk-norm
+    (on unless 128 experts), and runs MoE in every `step`-th layer."""
+    fixed = {"nope_layer_period": 4, "attention_chunk_size": 8192, "nope_floor_scale": 8192, "nope_attn_scale": 0.1,
+             "norm_qk": None if config.n_expert == 128 else "l2"}
+    for key, value in fixed.items():
+        if getattr(config, key) != value:
+            raise LitLLMError(f"{CONFIG_FILE}: {key} {getattr(config, key)}; llama.cpp's llama4 graph uses {value} "
+                              f"(with {config.n_expert} experts)")
+    step = _llama4_moe_step(config)
+    if [config.is_moe(i) for i in range(config.n_layer)] != [(i + 1) % step == 0 for i in range(config.n_layer)]:
+        raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's llama4 graph runs "
+                          "MoE in every k-th layer")
+
+
+def _llama4_moe_step(config) -> int:
+    return next((i + 1 for i in range(config.n_layer) if config.is_moe(i)), 1)
+
+
+# per-family refusals beyond the shared ones (HF model_type -> check(config))
+_FAMILY_CHECKS = {"gpt_oss": _check_gpt_oss, "llama4_text": _check_llama4, "ministral3": _check_ministral3,
+                  "deepseek_v3": _check_mla, "deepseek_v2": _check_mla, "kimi_k2": _check_mla}
+
+
+def _check_routed_moe(config, arch: str) -> None:
+    """llama.cpp's DeepSeek-style routing: dense layers first only; a group scored by its two best experts."""
+    leading = len(config.dense_mlp_layers or [])
+    if list(config.dense_mlp_layers or []) != list(range(leading)):
+        raise LitLLMError(f"{CONFIG_FILE}: dense_mlp_layers {config.dense_mlp_layers}; llama.cpp's {arch} graph runs "
+                          "dense MLPs in the first layers only")
+    if _limits_groups(config) and config.moe_scoring != "sigmoid":
+        raise LitLLMError(f"{CONFIG_FILE}: moe_scoring {config.moe_scoring!r} with n_expert_groups "
+                          f"{config.n_expert_groups}; llama.cpp's {arch} graph scores a group by its two best experts")
+
+
+def _limits_groups(config) -> bool:
+    """Whether group-limited routing changes anything (some groups left out)."""
+    return config.n_topk_groups < config.n_expert_groups
+
+
+# what one GGUF tensor takes of a litllm tensor (the whole of it, some rows, a transposed half...)
+Select = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _rows(start: int, rows: int) -> Select:
+    return lambda tensor: tensor[start: start + rows]
+
+
+def _first_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[: tensor.shape[0] // 2]
+
+
+def _second_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[tensor.shape[0] // 2:]
+
+
+def _stacked_parts(hf_name: str, one_expert: bool) -> list[tuple[str, Select]]:
+    """Experts the HF checkpoint stacks (`gate_up_proj` (E, C, 2I), `down_proj` (E, I, C)) as llama.cpp names them:
+    gate_proj, up_proj and down_proj per projection. Llama 4 (`one_expert`): litllm's tensor is one expert's, (2I, C)
+    rows [gate | up] or (C, I), stacked again by the caller; gpt-oss: litllm keeps HF's stack, whose gate and up
+    columns interleave (llama.cpp's `GptOssModel.modify_tensors`), -> (E, I, C) and (E, C, I)."""
+    is_bias = hf_name.endswith("_bias")
+    base = hf_name.removesuffix("_bias")
+    if not base.endswith("gate_up_proj"):
+        if is_bias:
+            return [(base + ".bias", _whole)]
+        return [(base + ".weight", _whole if one_expert else lambda t: t.transpose(-1, -2))]
+    stem = base.removesuffix("gate_up_proj")
+    if one_expert:
+        return [(stem + "gate_proj.weight", _first_half), (stem + "up_proj.weight", _second_half)]
+    if is_bias:  # (E, 2I)
+        return [(stem + "gate_proj.bias", lambda t: t[..., 0::2]), (stem + "up_proj.bias", lambda t: t[..., 1::2])]
+    return [(stem + "gate_proj.weight", lambda t: t.transpose(-1, -2)[:, 0::2]),
+            (stem + "up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]
+
+
+def _mla_parts(hf_name: str, config) -> list[tuple[str, Select]]:
+    """MLA's kv_b (n_head * (nope + v), kv_lora_rank) as llama.cpp's k_b (n_head, kv_lora_rank, nope) and v_b
+    (n_head, v, kv_lora_rank), the latent absorbed into the queries and the output (llama.cpp's
+    `DeepseekV2Model.modify_tensors`)."""
+    nope = config.head_size - config.qk_rope_head_dim
+
+    def heads(tensor: torch.Tensor) -> torch.Tensor:  # (n_head, nope + v, kv_lora_rank)
+        return tensor.reshape(config.n_head, nope + config.v_head_dim, tensor.shape[-1])
+
+    stem = hf_name.removesuffix("kv_b_proj.weight")
+    return [(stem + "k_b_proj.weight", lambda t: heads(t)[:, :nope].transpose(1, 2)),
+            (stem + "v_b_proj.weight", lambda t: heads(t)[:, nope:])]
+
+
 def _gguf_names(config, family: _Family):
-    """litllm parameter name -> [(GGUF name, first row, rows)], via HF's names and gguf's TensorNameMap."""
+    """litllm parameter name -> [(GGUF name, what it takes of the tensor)], via HF's names and gguf's TensorNameMap."""
     import gguf
 
     from litllm.hf.config import infer_model_type
-    from litllm.hf.weights import hf_sources, split_sizes, weight_map
+    from litllm.hf.family import STACKED_EXPERTS
+    from litllm.hf.weights import expert_index, hf_sources, split_sizes, weight_map
 
     mapping = weight_map(config, infer_model_type(config))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.n_layer)
 
     def gguf_name(hf_name: str) -> str:
         # a MoE layer's experts are one stacked GGUF tensor per projection: look up the expert-less name
-        name = names.get_name(re.sub(r"\.experts\.\d+\.", ".experts.", hf_name), try_suffixes=(".weight", ".bias"))
+        key = re.sub(r"\.experts\.\d+\.", ".experts.", hf_name).replace("_correction_bias", "_correction.bias")
+        if key.endswith(".sinks"):  # llama.cpp's converter names gpt-oss's sinks `sinks.weight`
+            key += ".weight"
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LitLLMError(f"{hf_name}: no GGUF tensor name for it in llama.cpp's {family.arch.lower()} layout")
         return name
 
-    def parts(lit_name: str) -> list[tuple[str, int, Optional[int]]]:
+    def parts(lit_name: str) -> list[tuple[str, Select]]:
         source = hf_sources(lit_name, mapping)
+        if source.layout == STACKED_EXPERTS:
+            one_expert = expert_index(lit_name) is not None
+            return [(gguf_name(name), select) for name, select in _stacked_parts(source.names[0], one_expert)]
         if source.layout is not None:
             raise LitLLMError(f"{lit_name}: interleaved fused layouts have no GGUF export")
+        if source.names[0].endswith("kv_b_proj.weight"):
+            return [(gguf_name(name), select) for name, select in _mla_parts(source.names[0], config)]
         if not source.concatenated:
-            return [(gguf_name(source.names[0]), 0, None)]
+            return [(gguf_name(source.names[0]), _whole)]
         sizes, start, out = split_sizes(lit_name, config, len(source.names)), 0, []
         for hf_name, rows in zip(source.names, sizes):
-            out.append((gguf_name(hf_name), start, rows))
+            out.append((gguf_name(hf_name), _rows(start, rows)))
             start += rows
         return out
 
@@ -303,17 +466,17 @@ def _plan_model(folder: Path, outtype: str):
     parts = _gguf_names(config, family)
     weights = folder / WEIGHTS_FILE
     lit = open_safetensors(weights)
-    # GGUF name -> the row ranges of litllm tensors it is made of (several: one per MoE expert, stacked)
-    sources: dict[str, list[tuple[str, int, Optional[int], tuple[int, ...]]]] = {}
+    # GGUF name -> what it takes of which litllm tensors (several: one per MoE expert, stacked)
+    sources: dict[str, list[tuple[str, Select]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for lit_name in lit.keys():
-        shape = tuple(lit.get_slice(lit_name).get_shape())
-        for name, start, rows in parts(lit_name):
-            sources.setdefault(name, []).append((lit_name, start, rows, shape))
+        meta = torch.empty(lit.get_slice(lit_name).get_shape(), device="meta")
+        for name, select in parts(lit_name):
+            sources.setdefault(name, []).append((lit_name, select))
+            shapes[name] = tuple(select(meta).shape)
 
-    def part(name: str, lit_name: str, start: int, rows: Optional[int]) -> torch.Tensor:
-        tensor = read_tensor(weights, lit_name)
-        if rows is not None:
-            tensor = tensor[start: start + rows]
+    def part(name: str, lit_name: str, select: Select) -> torch.Tensor:
+        tensor = select(read_tensor(weights, lit_name))
         if family.permute_qk:
             tensor = _reorder_qk(name, tensor, config)
         if family.norm_offset and "norm.weight" in name:
@@ -323,20 +486,19 @@ def _plan_model(folder: Path, outtype: str):
     plan: list[_Tensor] = []
     for name, pieces in sources.items():
         pieces.sort(key=lambda p: _expert_index(p[0]))
-        lit_name, start, rows, shape = pieces[0]
-        shape = (rows if rows is not None else shape[0], *shape[1:])
+        shape = shapes[name]
         if len(pieces) > 1:  # (n_expert, rows, columns)
             shape = (len(pieces), *shape)
 
         def make(name=name, pieces=pieces) -> torch.Tensor:
-            tensors = [part(name, lit_name, start, rows) for lit_name, start, rows, _ in pieces]
+            tensors = [part(name, lit_name, select) for lit_name, select in pieces]
             return torch.stack(tensors) if len(tensors) > 1 else tensors[0]
 
         plan.append(_Tensor(name, shape, _tensor_type(name, shape, outtype), make))
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
         factors = _llama3_rope_factors(config)
         plan.append(_Tensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32, lambda: factors))
-    if config.sliding_window_size and family.arch in ("LLAMA", "QWEN2", "PHI3"):
+    if config.sliding_window_size and family.arch in ("LLAMA", "QWEN2", "PHI3", "MISTRAL3"):
         print(f"note: llama.cpp's {family.arch.lower()} graph attends to the whole context, not a sliding window of "
               f"{config.sliding_window_size}: outputs agree with litllm's up to that many tokens")
     return writer, plan
@@ -358,25 +520,33 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.n_query_groups)
-    writer.add_key_length(config.head_size)
-    writer.add_value_length(config.head_size)
+    if config.kv_lora_rank:
+        _write_mla(writer, config)
+    else:
+        writer.add_head_count_kv(config.n_query_groups)
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
     writer.add_rope_dimension_count(config.rope_n_elem)
     writer.add_rope_freq_base(config.rope_base)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.padded_vocab_size)
-    if config.mlp_class_name == "MoE":
+    if config.is_moe_model:
         writer.add_expert_count(config.n_expert)
         writer.add_expert_used_count(config.n_expert_per_token)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size or config.intermediate_size)
+    if family.routed_moe:
+        _write_routed_moe(writer, config)
+    if family.arch == "LLAMA4":
+        writer.add_interleave_moe_layer_step(_llama4_moe_step(config))
+        writer.add_sliding_window_pattern([config.is_chunked(i) for i in range(config.n_layer)])
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     if scaling.get("rope_type") == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(scaling["factor"])
-        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        _write_yarn(writer, scaling, family)
+    if config.query_scale_beta is not None:
+        writer.add_attn_temperature_scale(config.query_scale_beta)
     if family.arch == "GRANITE":
         writer.add_embedding_scale(config.embedding_multiplier)
         writer.add_residual_scale(config.residual_multiplier)
@@ -386,17 +556,58 @@ def _write_hparams(writer, config, family: _Family, outtype: str) -> None:
         writer.add_attn_logit_softcapping(config.attention_logit_softcapping)
     if config.final_logit_softcapping:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    if family.arch == "OLMO2" and config.sliding_window_size:
-        writer.add_sliding_window(config.sliding_window_size)
+    if config.sliding_window_size and family.arch in ("OLMO2", "GEMMA2", "GEMMA3", "GPT_OSS"):
+        _write_sliding_window(writer, config, family)
+
+
+def _write_mla(writer, config) -> None:
+    """llama.cpp runs MLA as one shared latent head: keys (kv_lora_rank + rope) and values (kv_lora_rank) per token,
+    decompressed to n_head heads of head_size / v_head_dim."""
+    writer.add_head_count_kv(1)
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.head_size)
+    writer.add_value_length_mla(config.v_head_dim)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_q_lora_rank(config.q_lora_rank or 0)
+
+
+def _write_yarn(writer, scaling: dict, family: _Family) -> None:
+    import gguf
+
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling["factor"])
+    writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if family.mla_yarn and scaling.get("mscale_all_dim"):  # llama.cpp divides it by 0.1 again
+        writer.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
+    if family.yarn_keys:
+        writer.add_rope_scaling_yarn_beta_fast(scaling.get("beta_fast") or 32.0)
+        writer.add_rope_scaling_yarn_beta_slow(scaling.get("beta_slow") or 1.0)
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):  # else transformers' default attention factor
+            writer.add_rope_scaling_yarn_log_mul(scaling["mscale_all_dim"])
+
+
+def _write_sliding_window(writer, config, family: _Family) -> None:
+    writer.add_sliding_window(config.sliding_window_size)
+    if family.arch == "OLMO2":
         writer.add_sliding_window_pattern(config.sliding_window_period)
-        if config.rope_local_base is not None:
-            writer.add_rope_freq_base_swa(config.rope_local_base)
-    if family.arch in ("GEMMA2", "GEMMA3") and config.sliding_window_size:
-        writer.add_sliding_window(config.sliding_window_size)
-        # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)
+    else:  # which layers slide, one flag per layer (llama.cpp reads this before its per-family default)
         writer.add_sliding_window_pattern([config.is_sliding(i) for i in range(config.n_layer)])
-        if config.rope_local_base is not None:
-            writer.add_rope_freq_base_swa(config.rope_local_base)
+    if config.rope_local_base is not None:
+        writer.add_rope_freq_base_swa(config.rope_local_base)
+
+
+def _write_routed_moe(writer, config) -> None:
+    import gguf
+
+    writer.add_leading_dense_block_count(len(config.dense_mlp_layers or []))
+    writer.add_expert_shared_count(config.n_shared_expert)
+    writer.add_expert_weights_norm(config.moe_normalize_topk)
+    writer.add_expert_weights_scale(config.routed_scaling_factor)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType[config.moe_scoring.upper()])
+    if _limits_groups(config):  # (llama.cpp asserts fewer groups used than there are)
+        writer.add_expert_group_count(config.n_expert_groups)
+        writer.add_expert_group_used_count(config.n_topk_groups)
 
 
 def _llama3_rope_factors(config) -> torch.Tensor:
@@ -446,6 +657,18 @@ PRE_TOKENIZER_REGEXES = {
         "llama-bpe",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
+    # o200k (gpt-oss), as llama.cpp quotes it from tokenizer.json
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",
+    # Mistral's Tekken (Mistral Nemo, Ministral), as llama.cpp quotes it from tokenizer.json
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "tekken",
+    # DeepSeek-V3's three splits in a row: digits, CJK runs, then words and punctuation
+    (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|"
+     r"\s*[\r\n]+|\s+(?!\S)|\s+"): "deepseek-v3",
 }
 
 
@@ -484,21 +707,23 @@ class GGUFVocab:
             writer.add_chat_template(self.chat_template)
 
 
-def _split_regex(pre_tokenizer: Optional[dict], path: Path) -> str:
-    """The one split regex a byte-level pre-tokenizer applies (ByteLevel's own is GPT-2's)."""
+def _split_regexes(pre_tokenizer: Optional[dict], path: Path) -> tuple[str, ...]:
+    """The split regexes a byte-level pre-tokenizer applies in turn (ByteLevel's own is GPT-2's), with carriage
+    returns and newlines spelled as regex escapes (tokenizer.json has either)."""
     steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [
         pre_tokenizer] if pre_tokenizer else []
     kinds = [s["type"] for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
-        return _GPT2_REGEX
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        split = steps[0]
-        if (split.get("behavior") == "Isolated" and not split.get("invert") and "Regex" in split.get("pattern", {})
-                and not steps[1].get("add_prefix_space")):
-            return split["pattern"]["Regex"]
+        return (_GPT2_REGEX,)
+    splits, last = steps[:-1], steps[-1] if steps else {}
+    if (splits and kinds == ["Split"] * len(splits) + ["ByteLevel"] and not last.get("use_regex", True)
+            and not last.get("add_prefix_space")
+            and all(s.get("behavior") == "Isolated" and not s.get("invert") and "Regex" in s.get("pattern", {})
+                    for s in splits)):
+        return tuple(s["pattern"]["Regex"].replace("\r", r"\r").replace("\n", r"\n") for s in splits)
     raise LitLLMError(
         f"{path}: pre_tokenizer {kinds or None} is not one llama.cpp reproduces "
-        "(expected ByteLevel, or one Split regex followed by ByteLevel without its own regex)"
+        "(expected ByteLevel, or Split regexes followed by ByteLevel without its own regex)"
     )
 
 
@@ -565,10 +790,11 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
             types[special_ids["unk"]] = T.UNKNOWN
         kind, pre, merges = "llama", "default", []
     else:
-        regex = _split_regex(tokenizer.get("pre_tokenizer"), path)
-        if regex not in PRE_TOKENIZER_REGEXES:
-            raise LitLLMError(f"{path}: the pre-tokenizer's split regex {regex!r} is not one llama.cpp implements")
-        kind, pre, scores, add_space_prefix = "gpt2", PRE_TOKENIZER_REGEXES[regex], None, None
+        regexes = _split_regexes(tokenizer.get("pre_tokenizer"), path)
+        key = regexes[0] if len(regexes) == 1 else regexes
+        if key not in PRE_TOKENIZER_REGEXES:
+            raise LitLLMError(f"{path}: the pre-tokenizer's split regex {key!r} is not one llama.cpp implements")
+        kind, pre, scores, add_space_prefix = "gpt2", PRE_TOKENIZER_REGEXES[key], None, None
     return GGUFVocab(
         model=kind, pre=pre, tokens=tokens, types=[int(t) for t in types], scores=scores, merges=merges,
         special_ids=special_ids, add_bos=litllm_tokenizer.add_bos, add_eos=litllm_tokenizer.add_eos,
@@ -614,8 +840,11 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
         raise LitLLMError(f"{folder}: base model {base_dir} not found (pass --pretrained_checkpoint_dir if it moved)")
     config = read_config(base_dir)
     family = _family(config, infer_model_type(config))
-    if settings.mlp and config.mlp_class_name == "MoE":
+    if settings.mlp and config.is_moe_model:
         raise LitLLMError(f"{folder}: a LoRA on MoE experts has no GGUF LoRA form (llama.cpp stacks the experts)")
+    if config.kv_lora_rank and (settings.key or settings.value):
+        raise LitLLMError(f"{folder}: a LoRA on MLA's keys and values (kv_b) has no GGUF LoRA form (llama.cpp splits "
+                          "kv_b per head into k_b and v_b)")
     if settings.head and config.tie_embeddings:
         raise LitLLMError(f"{folder}: a LoRA on a head tied to the embedding has no GGUF LoRA form (trained with --lora_head)")
     weights = read_safetensors(lora_weights_file(folder))
@@ -633,7 +862,7 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
         b_of = {n: weights[f"{path}.lora_B.{n}"].float() for n in enabled}
         outputs = parts_of(f"{path}.weight")
         if len(outputs) == len(parts):  # one GGUF tensor per part
-            pieces = [(name, [part]) for (name, _, _), (part, _) in zip(outputs, parts)]
+            pieces = [(name, [part]) for (name, _), (part, _) in zip(outputs, parts)]
         else:  # one fused GGUF tensor for every part
             pieces = [(outputs[0][0], [p for p, _ in parts])]
         rows = dict(parts)

@@ -33,7 +33,22 @@ VARIANTS = {
                                          moe_intermediate_size=768)),
     # llama.cpp's olmoe graph norms K over n_embd rows: OLMoE-1B-7B's layout, as many KV heads as heads
     "olmoe-gguf": ("olmoe", dict(num_key_value_heads=4)),
+    # llama.cpp's gpt-oss graph: the SwiGLU limit of the released models (7) and YaRN truncated
+    "gpt_oss-gguf": ("gpt_oss", dict(swiglu_limit=7.0, rope_parameters=dict(
+        rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+        beta_slow=1.0, truncate=True))),
+    # llama.cpp's llama4 graph: the released models' chunk (8192) and NoPE temperature tuning (floor 8192, scale 0.1)
+    "llama4-gguf": ("llama4", dict(attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1)),
+    # Ministral 3 with YaRN's betas and attention factor away from their defaults (llama.cpp's mistral3 graph reads them)
+    "ministral3-yarn": ("ministral3", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=16.0,
+        beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5, llama_4_scaling_beta=0.5))),
+    # DeepSeek-V2-Lite's routing: no expert groups (llama.cpp scores a group by its two best experts, V2 by its best)
+    "deepseek_v2-gguf": ("deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1)),
 }
+# weights multiplied (litllm's and HF's, by name suffix) so that random ones reach what the family clamps (gpt-oss's
+# SwiGLU at 7)
+SCALED = {"gpt_oss-gguf": (20.0, ("mlp.experts.gate_up.weight", "mlp.experts.gate_up_proj"))}
 
 
 def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token: str | None = None) -> Path:
@@ -49,6 +64,16 @@ def checkpoint(folder: Path, family: str, byte_fallback: bool = False, pad_token
     finally:
         if base != family:
             del FAMILIES[family]
+    if family in SCALED:
+        from safetensors.torch import save_file
+
+        from litllm.model_folder import read_safetensors
+
+        factor, suffixes = SCALED[family]
+        for file in ("lit_model.safetensors", "model.safetensors"):
+            weights = read_safetensors(folder / file)
+            save_file({k: v * factor if k.endswith(suffixes) else v for k, v in weights.items()}, folder / file,
+                      metadata={"format": "pt"})
     if pad_token:  # Phi-3's transformers config defaults pad_token_id to 32000, beyond a tiny vocabulary
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, pad_token=pad_token)))
@@ -80,13 +105,15 @@ def gemma_spm(tmp_path_factory, llama_spm) -> Path:
     return folder
 
 
-def with_split_regex(source: Path, folder: Path, regex: str) -> Path:
-    """`source` with Llama 3's / Qwen 2's pre-tokenizer layout: one Split regex, then ByteLevel without its own."""
+def with_split_regex(source: Path, folder: Path, regex: str | tuple[str, ...]) -> Path:
+    """`source` with Llama 3's / Qwen 2's pre-tokenizer layout: Split regex(es) (DeepSeek-V3: three), then ByteLevel
+    without its own."""
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.gguf"))
     raw = json.loads((folder / "tokenizer.json").read_text())
+    splits = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+              for r in ((regex,) if isinstance(regex, str) else regex)]
     raw["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+        *splits, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     (folder / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
     return folder
 
@@ -229,6 +256,18 @@ def test_tokenizer_metadata_round_trip(llama, llama_spm, layout):
         assert hf(text)["input_ids"] == tok.encode(text).tolist(), text
 
 
+def test_split_regexes_match_with_literal_line_breaks(tmp_path, llama):
+    """DeepSeek-V3's tokenizer.json spells the carriage return and newline in its regexes as the characters
+    themselves: the same regexes, so the same llama.cpp pre-tokenizer."""
+    from litllm.gguf_export import PRE_TOKENIZER_REGEXES, read_vocab
+
+    regexes = next(key for key, pre in PRE_TOKENIZER_REGEXES.items() if pre == "deepseek-v3")
+    literal = tuple(r.replace(r"\r", "\r").replace(r"\n", "\n") for r in regexes)
+    assert literal != regexes
+    folder = with_split_regex(llama, tmp_path / "deepseek", literal)
+    assert read_vocab(folder, 320).pre == "deepseek-v3"
+
+
 def test_chat_template_travels(tmp_path, llama):
     folder = tmp_path / "chat"
     shutil.copytree(llama, folder)
@@ -303,6 +342,20 @@ def test_gemma2_attention_scale_llama_cpp_cannot_run_is_refused(tmp_path):
                                 "beta_fast": 16}}, "rope_scaling beta_fast 16; the GGUF export writes YaRN with beta_fast 32"),
     ("olmo2", {"tie_embeddings": True}, "tie_embeddings true; llama.cpp's olmo2 graph needs its own output head"),
     ("olmo3", {"sliding_window_period": None}, "sliding_window_period None; llama.cpp's olmo2 graph needs n - 1"),
+    ("gpt_oss", {}, "swiglu_limit 0.1; llama.cpp's gpt-oss graph uses 7.0"),
+    ("llama4", {}, "attention_chunk_size 16; llama.cpp's llama4 graph uses 8192"),
+    ("deepseek_v2", {}, "moe_scoring 'softmax' with n_expert_groups 4; llama.cpp's deepseek2 graph scores a group by"),
+    ("deepseek_v3", {"rope_interleaved": False}, "rope_interleaved false; llama.cpp's deepseek2 graph ropes interleaved"),
+    ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                      "mscale": 1.0, "mscale_all_dim": 0.5}},
+     "rope_scaling mscale 1.0 and mscale_all_dim 0.5; llama.cpp's deepseek2 graph needs them set and equal"),
+    ("ministral3", {"query_scale_length": 32}, "query_scale_length 32; llama.cpp's mistral3 graph steps the query"),
+    ("ministral3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                     "mscale": 2.0, "mscale_all_dim": 1.0}},
+     "rope_scaling mscale 2.0; llama.cpp's mistral3 graph takes mscale 1 beside mscale_all_dim"),
+    ("llama4-gguf", {"dense_mlp_layers": [1, 3]}, r"dense_mlp_layers \[1, 3\]; llama.cpp's llama4 graph runs MoE in every"),
+    ("glm4_moe", {"dense_mlp_layers": [1]}, r"dense_mlp_layers \[1\]; llama.cpp's glm4_moe graph runs dense MLPs in the "
+                                              "first layers only"),
 ])
 def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, message):
     from litllm.config import Config
@@ -313,6 +366,20 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, family, change, mess
     with pytest.raises(LitLLMError, match=message):
         convert_to_gguf(folder, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gpt_oss_untruncated_yarn_is_exported_with_a_note(tmp_path, capsys):
+    """The released gpt-oss models' YaRN (truncate false) has no GGUF form: llama.cpp runs it truncated, as in the
+    files its own converter writes; the export says so."""
+    from litllm.config import Config
+
+    folder = checkpoint(tmp_path / "gpt_oss", "gpt_oss-gguf")
+    config = Config.from_checkpoint(folder).to_dict()
+    Config(**dict(config, rope_scaling=dict(config["rope_scaling"], truncate=False))).save(folder / "model_config.yaml")
+    convert_to_gguf(folder, tmp_path / "m.gguf")
+    assert "note: rope_scaling truncate false: llama.cpp ropes YaRN with its correction range truncated" in (
+        capsys.readouterr().out)
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["gpt-oss.rope.scaling.type"].contents() == "yarn"
 
 
 def test_cli(llama, tmp_path, capsys):
@@ -342,7 +409,7 @@ def lora_run(base: Path, folder: Path, **flags) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "ministral3"])
 def test_adapter_applied_over_base_is_the_merged_model(tmp_path, family):
     """What llama.cpp computes with `--lora` (W + alpha/rank * B @ A per tensor, rank read from the tensor)
     equals the GGUF export of the merged model, for per-part tensors (llama's q/k/v, with the rope row
@@ -368,6 +435,17 @@ def test_adapter_applied_over_base_is_the_merged_model(tmp_path, family):
         torch.testing.assert_close(weight, merged[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("family, flags, message", [
+    ("deepseek_v3", dict(query=False, key=True, value=False), "a LoRA on MLA's keys and values \\(kv_b\\) has no GGUF"),
+    ("llama4-gguf", dict(query=True, key=False, value=False, mlp=True), "a LoRA on MoE experts has no GGUF LoRA form"),
+])
+def test_adapters_llama_cpp_cannot_apply_are_refused(tmp_path, family, flags, message):
+    run = lora_run(checkpoint(tmp_path / family, family), tmp_path / "run", r=4, alpha=8.0, **flags)
+    with pytest.raises(LitLLMError, match=message):
+        convert_to_gguf(run, tmp_path / "adapter.gguf", adapter_only=True)
+    assert not (tmp_path / "adapter.gguf").exists()
+
+
 def test_adapter_only_needs_a_lora_run(llama, tmp_path):
     with pytest.raises(LitLLMError, match="lit_lora.safetensors"):
         convert_to_gguf(llama, tmp_path / "a.gguf", adapter_only=True)
@@ -380,7 +458,9 @@ def llama_cpp_model(path: Path, lora: Path | None = None):
 
 
 LLAMA_CPP_FAMILIES = ["llama", "llama-linear-mqa", "llama3.1", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3"]
+                      "gemma2-gguf", "gemma2-27b-layout", "gemma3", "phi3", "qwen3_moe-gguf", "olmoe-gguf", "granite", "smollm3", "olmo2", "olmo3",
+                      "glm4_moe", "gpt_oss-gguf", "llama4-gguf", "ministral3-yarn", "deepseek_v3",
+                      "deepseek_v2-gguf"]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
@@ -412,7 +492,59 @@ def test_llama_cpp_greedy_tokens_and_logits_match_litllm(tmp_path, family, outty
         torch.testing.assert_close(got * scale, want * scale, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece-no-prefix"])
+# llama.cpp's own converter, run on the tiny HF model where LLAMA_CPP_SRC names llama.cpp's sources (e.g.
+# llama_cpp_python-*/vendor/llama.cpp). The tiny tokenizer is none of the checkpoints its pre-tokenizer table knows,
+# so it writes the vocabulary as GPT-2's here (the tokenizer has its own tests above)
+CONVERTER = """
+import runpy, sys
+src, folder, out = sys.argv[1:]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+base.TextModel._set_vocab_glm = base.TextModel._set_vocab_gpt2
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss-gguf", "llama4-gguf", "ministral3-yarn", "deepseek_v3",
+                                    "deepseek_v2-gguf"])
+def test_tensors_are_llama_cpp_converters(tmp_path, family):
+    """The newer families' tensors (names, shapes, values: experts split and stacked, MLA's kv_b split) are what
+    llama.cpp's `convert_hf_to_gguf.py` writes from the same HF model, and the hyper-parameters it writes agree."""
+    import os
+    import subprocess
+    import sys
+
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src:
+        pytest.skip("set LLAMA_CPP_SRC to llama.cpp's source folder (convert_hf_to_gguf.py) to compare with it")
+    folder = checkpoint(tmp_path / family, family)
+    # llama.cpp's converter splits kv_b by num_key_value_heads, which the released DeepSeek-V3 sets to n_head
+    if family == "deepseek_v3":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(config, num_key_value_heads=config["num_attention_heads"])))
+    reference = tmp_path / "llama_cpp.gguf"
+    subprocess.run([sys.executable, "-c", CONVERTER, src, str(folder), str(reference)], check=True, capture_output=True)
+    ours, theirs = read_tensors(export(folder)), read_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], atol=1e-6, rtol=0, msg=name)  # rope_freqs: float rounding
+
+    def keys(path: Path) -> dict:
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        return {k: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+
+    mine, reference_keys = keys(export(folder)), keys(reference)
+    for key in mine.keys() & reference_keys.keys():
+        assert mine[key] == pytest.approx(reference_keys[key]), key
+
+
+@pytest.mark.parametrize("layout", ["byte-level", "llama-bpe", "qwen2", "gpt-4o", "tekken", "deepseek-v3",
+                                    "sentencepiece",
+                                    "sentencepiece-no-prefix"])
 def test_llama_cpp_tokenizes_as_litllm(llama, llama_spm, gemma_spm, split_regex_tokenizers, layout):
     """llama.cpp's tokenizer, set up from the exported metadata alone (the pre-tokenizer type read from the
     split regex), gives litllm's ids and text: GPT-2's, Llama 3's and Qwen 2's regexes, SentencePiece-style."""
