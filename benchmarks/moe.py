@@ -9,8 +9,8 @@ and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm
 runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
 `litllm convert_to_litllm`. Repeats alternate between the two so that load from other users of the machine hits
 both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
-that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
-hooks on the experts) in the training forward, the prefill and one decode step.
+that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (torch's FLOP
+counter inside the MoE layers) in the training forward, the prefill and one decode step.
 """
 
 from __future__ import annotations
@@ -43,22 +43,30 @@ def build_checkpoint(folder: Path, args) -> None:
 
 
 def expert_flops_share(model, run) -> float:
-    """Routed tokens' expert FLOPs / expert FLOPs computed, while `run()` runs (hooks count expert input rows)."""
-    from litllm.model import MoE
+    """Routed tokens' expert FLOPs / expert FLOPs computed, while `run()` runs: torch's FLOP counter inside the MoE
+    layers, less their routers' (hooks on the experts themselves would make them run one by one)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    computed, routed = [0], [0]
-    hooks = []
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        for expert in moe.experts:
-            hooks.append(expert.register_forward_hook(lambda m, a, o: computed.__setitem__(0, computed[0] + a[0].shape[0])))
-        hooks.append(moe.register_forward_pre_hook(
-            lambda m, a: routed.__setitem__(0, routed[0] + a[0].numel() // a[0].size(-1) * m.config.n_expert_per_token)))
+    from litllm.model import MoE
+    from litllm.train.flops import grouped_mm_flops
+
+    moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+    routed = [0]
+    hooks = [moe.register_forward_pre_hook(
+        lambda m, a: routed.__setitem__(0, routed[0] + a[0].numel() // a[0].size(-1) * m.config.n_expert_per_token))
+        for moe in moes.values()]
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops})
     try:
-        run()
+        with counter:
+            run()
     finally:
         for h in hooks:
             h.remove()
-    return routed[0] / computed[0]
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    top = type(model).__name__
+    computed = sum(flops.get(f"{top}.{name}", 0) - flops.get(f"{top}.{name}.router", 0) for name in moes)
+    c = model.config
+    return routed[0] * 2 * 3 * c.n_embd * c.expert_intermediate_size / computed
 
 
 def timed(fn) -> float:
@@ -183,7 +191,9 @@ def main() -> None:
         print(f"{name:22s}{best[name]:14.1f}{tokens[kind] / statistics.median(times):10.1f}")
     for name in (n for n in runs if n.startswith("litllm")):
         kind = name.split()[1]
-        print(f"{name} / transformers {kind}: {best[name] / best[f'transformers {kind}']:.2f}x (best of {args.repeats})")
+        median = statistics.median(runs[f"transformers {kind}"]) / statistics.median(runs[name])
+        print(f"{name} / transformers {kind}: {best[name] / best[f'transformers {kind}']:.2f}x best of {args.repeats}, "
+              f"{median:.2f}x median")
     print(f"useful share of litllm's expert FLOPs: training forward {train_share:.0%}, prefill {prefill_share:.0%}, "
           f"decode step {decode_share:.0%} (k / n_expert = {args.top_k / args.n_expert:.0%})")
 
