@@ -3,14 +3,15 @@
     python benchmarks/moe.py                       # 16 experts top-2, hidden 256, 4 layers, fp32, CPU
     python benchmarks/moe.py --n_expert 8 --hidden 512 --repeats 5
     python benchmarks/moe.py --compile             # also litllm's training step with each block compiled
+    python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
 
 Times (1) a training step, forward -> cross-entropy -> backward -> AdamW step -> zero_grad, on one random batch,
 and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as `litllm generate`
 runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
 `litllm convert_to_litllm`. Repeats alternate between the two so that load from other users of the machine hits
 both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
-that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (torch's FLOP
-counter inside the MoE layers) in the training forward, the prefill and one decode step.
+that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
+hooks on the experts) in the training forward, the prefill and one decode step.
 """
 
 from __future__ import annotations
@@ -43,36 +44,28 @@ def build_checkpoint(folder: Path, args) -> None:
 
 
 def expert_flops_share(model, run) -> float:
-    """Routed tokens' expert FLOPs / expert FLOPs computed, while `run()` runs: torch's FLOP counter inside the MoE
-    layers, less their routers' (hooks on the experts themselves would make them run one by one)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Routed tokens' expert FLOPs / expert FLOPs computed, while `run()` runs (hooks count expert input rows)."""
     from litllm.model import MoE
-    from litllm.train.flops import grouped_mm_flops
 
-    moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
-    routed = [0]
-    hooks = [moe.register_forward_pre_hook(
-        lambda m, a: routed.__setitem__(0, routed[0] + a[0].numel() // a[0].size(-1) * m.config.n_expert_per_token))
-        for moe in moes.values()]
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops})
+    computed, routed = [0], [0]
+    hooks = []
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        for expert in moe.experts:
+            hooks.append(expert.register_forward_hook(lambda m, a, o: computed.__setitem__(0, computed[0] + a[0].shape[0])))
+        hooks.append(moe.register_forward_pre_hook(
+            lambda m, a: routed.__setitem__(0, routed[0] + a[0].numel() // a[0].size(-1) * m.config.n_expert_per_token)))
     try:
-        with counter:
-            run()
+        run()
     finally:
         for h in hooks:
             h.remove()
-    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    top = type(model).__name__
-    computed = sum(flops.get(f"{top}.{name}", 0) - flops.get(f"{top}.{name}.router", 0) for name in moes)
-    c = model.config
-    return routed[0] * 2 * 3 * c.n_embd * c.expert_intermediate_size / computed
+    return routed[0] / computed[0]
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -90,7 +83,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
+    parser.add_argument("--cpu_time", action="store_true",
+                        help="one thread, timed in this process's CPU time, which load from other jobs hardly changes")
     args = parser.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
 
     import transformers
 
@@ -169,18 +166,20 @@ def main() -> None:
         lit_step(lit_compiled, compiled_opt)  # compiles
         print(f"compiling litllm's blocks took {time.perf_counter() - start:.0f} s")
         runs["litllm train compiled"] = []
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
-        runs["transformers train"].append(timed(hf_step))
-        runs["litllm train"].append(timed(lit_step))
+        runs["transformers train"].append(timed(hf_step, clock))
+        runs["litllm train"].append(timed(lit_step, clock))
         if lit_compiled is not None:
-            runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt)))
-        runs["transformers decode"].append(timed(hf_decode))
-        runs["litllm decode"].append(timed(lit_decode))
+            runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
+        runs["transformers decode"].append(timed(hf_decode, clock))
+        runs["litllm decode"].append(timed(lit_decode, clock))
 
     tokens = {"train": args.batch * args.seq, "decode": n}
     print(f"Qwen3-MoE {args.n_layer} layers, hidden {args.hidden}, {args.n_expert} experts top-{args.top_k} of size "
           f"{args.expert_size}, fp32, CPU: {torch.get_num_threads()} threads (litllm decodes with {lit_threads}), "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; transformers experts: {experts_impl}")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; transformers experts: {experts_impl}; "
+          f"timed in {'CPU' if args.cpu_time else 'wall-clock'} time")
     print(f"same training loss: {same_loss:.1e} apart; same greedy tokens: {same_tokens}")
     print(f"train step: batch {args.batch} x {args.seq}; decoding: prompt {args.prompt_tokens}, {n} new tokens, batch 1")
     print(f"{'':22s}{'tokens/s best':>14s}{'median':>10s}")

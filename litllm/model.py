@@ -747,45 +747,10 @@ class MoE(nn.Module):
         flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
         token = order // k  # (N*k,) token of each sorted slot
-        counts = torch.bincount(flat, minlength=self.config.n_expert)  # (n_expert,) block sizes
-        xs, ws = x.index_select(0, token), weights.reshape(-1)[order, None]  # (N*k, C), (N*k, 1)
-        stacked = self.stacked_expert_weights(x)
-        if stacked is not None:
-            out = self.grouped_experts(xs, ws, torch.cumsum(counts, 0, dtype=torch.int32), *stacked)
-        else:
-            counts = counts.tolist()  # the one host sync
-            xs, ws = xs.split(counts), ws.split(counts)
-            out = torch.cat([self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]])
-        return torch.zeros_like(x).index_add_(0, token, out)
-
-    def stacked_expert_weights(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The experts' fc (E, 2I, C) and proj (E, C, I) weights stacked for `grouped_experts`, when they are plain
-        bias-free GatedMLPs on the CPU (torch >= 2.10 has a CPU grouped_mm; it wants rows of a multiple of 16
-        bytes). None (run them one by one, as modules) for LoRA, quantized, tensor-parallel or hooked experts,
-        gpt-oss's experts, other devices (grouped_mm's dtype and hardware limits there)."""
-        C, I = self.config.n_embd, self.config.expert_intermediate_size
-        if (x.device.type != "cpu" or not hasattr(F, "grouped_mm") or not isinstance(self.experts, nn.ModuleList)
-                or C * x.element_size() % 16 or I * x.element_size() % 16):
-            return None
-        linears = [m for expert in self.experts if type(expert) is GatedMLP and not has_hooks(expert)
-                   for m in (expert.fc, expert.proj)]
-        if len(linears) != 2 * len(self.experts) or any(
-                type(m) is not nn.Linear or m.bias is not None or has_hooks(m) or type(m.weight.data) is not torch.Tensor
-                or m.weight.dtype != x.dtype for m in linears):
-            return None
-        # one copy of the expert weights per forward (its backward hands each expert a view of the stacked grad):
-        # far cheaper than n_expert separate matmuls, their autograd nodes and the block sizes' host sync
-        return torch.stack([m.weight for m in linears[::2]]), torch.stack([m.weight for m in linears[1::2]])
-
-    def grouped_experts(self, xs: torch.Tensor, ws: torch.Tensor, offsets: torch.Tensor, fc: torch.Tensor,
-                        proj: torch.Tensor) -> torch.Tensor:
-        """Every expert on its block of the sorted tokens xs (N*k, C) in two grouped matmuls; offsets (E,) int32 are
-        the blocks' ends, ws (N*k, 1) the routing weights. As `run_expert` on each block, in one call each."""
-        if self.scale_inputs:
-            xs = xs * ws
-        gate, up = F.grouped_mm(xs, fc.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # (N*k, I) each
-        y = F.grouped_mm(self.experts[0].act(gate) * up, proj.transpose(1, 2), offs=offsets)  # (N*k, C)
-        return y if self.scale_inputs else y * ws
+        counts = torch.bincount(flat, minlength=self.config.n_expert).tolist()  # the one host sync
+        xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
+        out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
+        return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
 
     def dense_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         # (N, n_expert): each token's weight for every expert, 0 for the ones it did not choose
@@ -794,10 +759,6 @@ class MoE(nn.Module):
         for e, expert in enumerate(self.experts):
             y = y + self.run_expert(expert, x, dense[:, e, None])  # unchosen experts add exactly 0
         return y
-
-
-def has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class Llama4MoE(MoE):

@@ -124,14 +124,7 @@ def measured_flops(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    grouped = {torch.ops.aten._grouped_mm: grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {}
-    counter = FlopCounterMode(display=False, custom_mapping=grouped)
+    counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(input_ids, targets=labels).backward()
     return counter.get_total_flops()
-
-
-def grouped_mm_flops(a_shape, b_shape, *args, out_shape, **kwargs) -> int:
-    """FLOPs of `torch._grouped_mm` (the MoE experts on CPU; flop_counter knows no formula): a (M, K) by the groups'
-    b (E, K, N) into (M, N), or, in its backward, a (K, M) by b (M, N) grouped along M into (E, K, N)."""
-    return 2 * out_shape[-2] * out_shape[-1] * a_shape[-1]
