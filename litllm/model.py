@@ -738,8 +738,10 @@ class MoE(nn.Module):
         return y
 
     def use_dense(self, x: torch.Tensor) -> bool:
-        """x: (N, C). Dense for at most n_expert tokens (decoding, eager or compiled)."""
-        return x.size(0) <= self.config.n_expert
+        """x: (N, C). Dense for at most n_expert tokens (decoding) when compiled or off the CPU. Eager on the CPU,
+        reading the block sizes back waits for no device, and the sparse path reads only the chosen experts'
+        weights, k / n_expert of what dense reads (a decode step is bound by reading weights)."""
+        return x.size(0) <= self.config.n_expert and (x.device.type != "cpu" or torch.compiler.is_compiling())
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""
