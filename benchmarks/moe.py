@@ -3,6 +3,7 @@
     python benchmarks/moe.py                       # 16 experts top-2, hidden 256, 4 layers, fp32, CPU
     python benchmarks/moe.py --n_expert 8 --hidden 512 --repeats 5
     python benchmarks/moe.py --compile             # also litllm's training step with each block compiled
+    python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
 
 Times (1) a training step, forward -> cross-entropy -> backward -> AdamW step -> zero_grad, on one random batch,
 and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as `litllm generate`
@@ -61,10 +62,10 @@ def expert_flops_share(model, run) -> float:
     return routed[0] / computed[0]
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -82,7 +83,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
+    parser.add_argument("--cpu_time", action="store_true",
+                        help="one thread, timed in this process's CPU time, which load from other jobs hardly changes")
     args = parser.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
 
     import transformers
 
@@ -161,18 +166,20 @@ def main() -> None:
         lit_step(lit_compiled, compiled_opt)  # compiles
         print(f"compiling litllm's blocks took {time.perf_counter() - start:.0f} s")
         runs["litllm train compiled"] = []
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
-        runs["transformers train"].append(timed(hf_step))
-        runs["litllm train"].append(timed(lit_step))
+        runs["transformers train"].append(timed(hf_step, clock))
+        runs["litllm train"].append(timed(lit_step, clock))
         if lit_compiled is not None:
-            runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt)))
-        runs["transformers decode"].append(timed(hf_decode))
-        runs["litllm decode"].append(timed(lit_decode))
+            runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
+        runs["transformers decode"].append(timed(hf_decode, clock))
+        runs["litllm decode"].append(timed(lit_decode, clock))
 
     tokens = {"train": args.batch * args.seq, "decode": n}
     print(f"Qwen3-MoE {args.n_layer} layers, hidden {args.hidden}, {args.n_expert} experts top-{args.top_k} of size "
           f"{args.expert_size}, fp32, CPU: {torch.get_num_threads()} threads (litllm decodes with {lit_threads}), "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; transformers experts: {experts_impl}")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; transformers experts: {experts_impl}; "
+          f"timed in {'CPU' if args.cpu_time else 'wall-clock'} time")
     print(f"same training loss: {same_loss:.1e} apart; same greedy tokens: {same_tokens}")
     print(f"train step: batch {args.batch} x {args.seq}; decoding: prompt {args.prompt_tokens}, {n} new tokens, batch 1")
     print(f"{'':22s}{'tokens/s best':>14s}{'median':>10s}")
@@ -183,7 +190,9 @@ def main() -> None:
         print(f"{name:22s}{best[name]:14.1f}{tokens[kind] / statistics.median(times):10.1f}")
     for name in (n for n in runs if n.startswith("litllm")):
         kind = name.split()[1]
-        print(f"{name} / transformers {kind}: {best[name] / best[f'transformers {kind}']:.2f}x (best of {args.repeats})")
+        median = statistics.median(runs[f"transformers {kind}"]) / statistics.median(runs[name])
+        print(f"{name} / transformers {kind}: {best[name] / best[f'transformers {kind}']:.2f}x best of {args.repeats}, "
+              f"{median:.2f}x median")
     print(f"useful share of litllm's expert FLOPs: training forward {train_share:.0%}, prefill {prefill_share:.0%}, "
           f"decode step {decode_share:.0%} (k / n_expert = {args.top_k / args.n_expert:.0%})")
 

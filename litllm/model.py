@@ -659,17 +659,19 @@ class MoE(nn.Module):
     (`make_experts`) or where the routing weight applies (`scale_inputs`); the dispatch below serves them all.
 
     Ways to run the experts, with equal results (each token's experts summed in expert index order):
-    - sparse (many tokens: training, prefill, also under torch.compile): tokens sorted by expert, each expert
-      runs once on its contiguous block of routed tokens, `index_add_` back into place -- k / n_expert of the
-      dense FLOPs. The block sizes are read back from the device once per layer (one host sync, not one per
-      expert); under torch.compile this dispatch runs eagerly (one graph break per MoE layer, the rest compiled).
-    - dense (decode-sized inputs, at most n_expert tokens): every expert on every token, weighted 0 where not
-      chosen. No shape depends on the routing: no host sync, static shapes for torch.compile and CUDA graphs,
-      FakeTensorMode (`litllm estimate` of decoding). For so few tokens the wasted FLOPs are small beside reading
-      the expert weights, which both paths do.
+    - sparse (many tokens: training, prefill, also under torch.compile; eager on the CPU, decode steps too):
+      tokens sorted by expert, each expert runs once on its contiguous block of routed tokens, `index_add_` back
+      into place -- k / n_expert of the dense FLOPs and expert-weight reads. The block sizes are read back from
+      the device once per layer (one host sync, not one per expert); under torch.compile this dispatch runs
+      eagerly (one graph break per MoE layer, the rest compiled).
+    - dense (decode-sized inputs, at most n_expert tokens, when compiled or off the CPU): every expert on every
+      token, weighted 0 where not chosen. No shape depends on the routing: no host sync, static shapes for
+      torch.compile and CUDA graphs, FakeTensorMode (`litllm estimate` of decoding). It reads every expert's
+      weights, n_expert / k times what sparse reads: eager on the CPU, where reading the block sizes back waits
+      for no device, decode steps go sparse (2.4x the tokens/s in `benchmarks/moe.py`).
     - balanced (fake tensors, more tokens: `litllm estimate` of training/prefill): the sparse path's shapes
       for perfectly balanced routing, so the estimate holds the activations sparse dispatch holds.
-    The choice is made on the shape and the tracing mode, never on data.
+    The choice is made on the shape, the device and the tracing mode, never on data.
     """
 
     scale_inputs = False
@@ -738,8 +740,10 @@ class MoE(nn.Module):
         return y
 
     def use_dense(self, x: torch.Tensor) -> bool:
-        """x: (N, C). Dense for at most n_expert tokens (decoding, eager or compiled)."""
-        return x.size(0) <= self.config.n_expert
+        """x: (N, C). Dense for at most n_expert tokens (decoding) when compiled or off the CPU. Eager on the CPU,
+        reading the block sizes back waits for no device, and the sparse path reads only the chosen experts'
+        weights, k / n_expert of what dense reads (a decode step is bound by reading weights)."""
+        return x.size(0) <= self.config.n_expert and (x.device.type != "cpu" or torch.compiler.is_compiling())
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""

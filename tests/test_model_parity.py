@@ -137,9 +137,10 @@ def test_moe_both_dispatch_paths_match_transformers(path, converted, monkeypatch
         torch.testing.assert_close(model(idx)[..., :VOCAB], hf(idx).logits, atol=1e-4, rtol=0)
 
 
-def test_moe_sparse_for_many_tokens_dense_for_decode_and_equal(converted):
-    """Many tokens run each expert on its routed tokens only (k/n_expert of the dense FLOPs); a
-    decode-sized input runs every expert on every token; the two agree to 1e-6."""
+def test_moe_sparse_eager_on_cpu_dense_for_decode_elsewhere_and_equal(converted):
+    """Eager on the CPU every input, decode steps included, runs each expert on its routed tokens only
+    (k/n_expert of the dense FLOPs and weight reads); the dense path (decode-sized inputs when compiled or
+    off the CPU) runs every expert on every token; the two agree to 1e-6."""
     _, model = converted("mixtral")
     moe = model.blocks[0].mlp
     k, n_expert = moe.config.n_expert_per_token, moe.config.n_expert
@@ -147,16 +148,19 @@ def test_moe_sparse_for_many_tokens_dense_for_decode_and_equal(converted):
     hooks = [e.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0])) for e in moe.experts]
     try:
         torch.manual_seed(4)
-        for tokens, expected in [(2 * 40, 2 * 40 * k), (n_expert, n_expert * n_expert), (1, n_expert)]:
-            seen.clear()
+        for tokens in (2 * 40, n_expert, 1):
             x = torch.randn(1, tokens, moe.config.n_embd)
+            x2 = x.reshape(-1, x.size(-1))
+            assert not moe.use_dense(x2) and moe.use_dense(x2.to("meta")) == (tokens <= n_expert)
             with torch.no_grad():
+                seen.clear()
                 out = moe(x)
-                x2 = x.reshape(-1, x.size(-1))
+                assert sum(seen) == tokens * k, tokens  # expert token counts of moe(x)
                 _, weights, chosen = moe.route(x2)
+                seen.clear()
                 dense = moe.dense_experts(x2, weights, chosen)
+                assert seen == [tokens] * n_expert
                 sparse = moe.sparse_experts(x2, weights, chosen)
-            assert sum(seen[:n_expert]) == expected, tokens  # expert token counts of moe(x)
             torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=0)
             torch.testing.assert_close(out.reshape(-1, x.size(-1)), dense, atol=1e-6, rtol=0)
     finally:
