@@ -209,6 +209,14 @@ main(sys.argv[1:])
 """
 
 
+def offline_here() -> bool:
+    """This process is offline for the Hub and for `datasets` (set above, before either library reads it at
+    import): a test of the offline behaviour can then run a command in this process."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) and os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
 def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict | None = None
                       ) -> subprocess.CompletedProcess:
     """`litllm ARGS` run in this process as the console script runs it (`litllm.__main__.main`), without paying

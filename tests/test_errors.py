@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import litllm_in_process
+from conftest import litllm_in_process, offline_here
 from test_pretrain import env_with_tests
 
 from litllm.errors import LitLLMError
@@ -248,14 +248,6 @@ def offline_env(**extra: str) -> dict[str, str]:
     env = env_with_tests()
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra})
     return env
-
-
-def offline_here() -> bool:
-    """This process is offline as `offline_env` says (conftest sets it before huggingface_hub reads it at import):
-    an offline case can then run in this process."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) and os.environ.get("HF_DATASETS_OFFLINE") == "1"
 
 
 def offline_or_unreachable(env: str) -> dict:
