@@ -222,10 +222,13 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
     """`litllm ARGS` run in this process as the console script runs it (`litllm.__main__.main`), without paying
     an interpreter + torch start (~2 s a command): its stdout/stderr, and its exit status (a SystemExit's code;
     an uncaught exception prints its traceback and gives 1, as Python does). `env` replaces the environment for
-    the call (what libraries read at import, such as HF_HUB_OFFLINE, stays as this process imported them). `cwd`,
-    the environment, the warning filters and the thread count are restored afterwards. For messages printed by litllm (errors, notes,
-    replies); output that libraries log through handlers made at import, a separate process, an exit code seen
-    by a shell: tests that check those run the real `python -m litllm` (e.g. tests/test_cli.py)."""
+    the call (what libraries read at import, such as HF_HUB_OFFLINE, stays as this process imported them).
+    `cwd`, the environment, the warning filters and the thread count (1 during the call, as the subprocesses of
+    `test_pretrain.env_with_tests` get) are restored afterwards.
+
+    For what litllm prints (errors, notes, replies). Output that libraries log through handlers made at import,
+    a process of its own, an exit status seen by a shell: tests of those run the real `python -m litllm`
+    (tests/test_cli.py, tests/test_errors.py' unreachable Hub, test_chat_subprocess...)."""
     import contextlib
     import io
     import traceback
@@ -237,7 +240,7 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
     env, old_cwd, threads, old_stdin = dict(os.environ), os.getcwd(), torch.get_num_threads(), sys.stdin
     code = 0
     try:
-        torch.set_num_threads(1)  # as the subprocesses get (tests/test_pretrain.py: env_with_tests)
+        torch.set_num_threads(1)
         if cwd is not None:
             os.chdir(cwd)
         if env is not None:

@@ -17,7 +17,8 @@ from conftest import litllm_in_process
 
 from litllm.__main__ import COMMANDS
 
-HEAVY = ("lightning", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision", "fastapi", "uvicorn")
+HEAVY = ("lightning", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision", "fastapi",
+         "uvicorn")
 
 
 def run(*args, **kwargs):
@@ -230,7 +231,7 @@ def test_model_commands_point_from_a_run_folder_to_its_final(default_run):
 def test_merge_lora_says_where_the_adapter_went(default_run, tmp_path):
     out, _ = default_run
     peft = tmp_path / "peft"
-    result = in_process("merge_lora", str(out / "final"), "--out_dir", str(tmp_path / "merged"), "--peft_dir", str(peft))
+    result = in_process("merge_lora", out / "final", "--out_dir", tmp_path / "merged", "--peft_dir", peft)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Exported the LoRA adapter (Hugging Face PEFT format) to {peft}" in result.stdout
     assert (peft / "adapter_config.json").is_file()
