@@ -217,6 +217,20 @@ def offline_here() -> bool:
     return bool(constants.HF_HUB_OFFLINE) and os.environ.get("HF_DATASETS_OFFLINE") == "1"
 
 
+def show_warnings_as_a_fresh_interpreter_does() -> None:
+    """Python's default warning filters, and warnings printed to (the current) sys.stderr instead of recorded by
+    pytest: a command run in-process prints the warnings the console script would (inside catch_warnings)."""
+    import warnings
+
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict | None = None
                       ) -> subprocess.CompletedProcess:
     """`litllm ARGS` run in this process as the console script runs it (`litllm.__main__.main`), without paying
@@ -248,6 +262,7 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
             os.environ.update(env)
         sys.stdin = io.StringIO(stdin)
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            show_warnings_as_a_fresh_interpreter_does()
             try:
                 main([str(a) for a in args])
             except SystemExit as e:
