@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -206,6 +207,80 @@ checkpoint.save_model_weights = slow_write
 from litllm.__main__ import main
 main(sys.argv[1:])
 """
+
+
+def offline_here() -> bool:
+    """This process is offline for the Hub and for `datasets` (set above, before either library reads it at
+    import): a test of the offline behaviour can then run a command in this process."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) and os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
+def show_warnings_as_a_fresh_interpreter_does() -> None:
+    """Python's default warning filters, and warnings printed to (the current) sys.stderr instead of recorded by
+    pytest: a command run in-process prints the warnings the console script would (inside catch_warnings)."""
+    import warnings
+
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict | None = None
+                      ) -> subprocess.CompletedProcess:
+    """`litllm ARGS` run in this process as the console script runs it (`litllm.__main__.main`), without paying
+    an interpreter + torch start (~2 s a command): its stdout/stderr, and its exit status (a SystemExit's code;
+    an uncaught exception prints its traceback and gives 1, as Python does). `env` replaces the environment for
+    the call (what libraries read at import, such as HF_HUB_OFFLINE, stays as this process imported them).
+    `cwd`, the environment, the warning filters and the thread count (1 during the call, as the subprocesses of
+    `test_pretrain.env_with_tests` get) are restored afterwards.
+
+    For what litllm prints (errors, notes, replies). Output that libraries log through handlers made at import,
+    a process of its own, an exit status seen by a shell: tests of those run the real `python -m litllm`
+    (tests/test_cli.py, tests/test_errors.py' unreachable Hub, test_chat_subprocess...)."""
+    import contextlib
+    import io
+    import traceback
+    import warnings
+
+    from litllm.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    env, old_cwd, threads, old_stdin = dict(os.environ), os.getcwd(), torch.get_num_threads(), sys.stdin
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        if cwd is not None:
+            os.chdir(cwd)
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        sys.stdin = io.StringIO(stdin)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            show_warnings_as_a_fresh_interpreter_does()
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # as the interpreter does with `raise SystemExit("message")`
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.stdin = old_stdin
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["litllm", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

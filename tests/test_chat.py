@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_im_end_checkpoint, reference_reply
+from conftest import litllm_in_process, make_im_end_checkpoint, reference_reply
 
 from litllm.chat import chat, fit_history, read_message
 from litllm.errors import LitLLMError
@@ -118,8 +118,5 @@ def test_chat_errors(tiny_checkpoint, tmp_path):
         chat(tmp_path / "missing")
     with pytest.raises(LitLLMError, match="leaves no room"):
         chat(tiny_checkpoint, max_new_tokens=10_000)
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", "chat", str(tiny_checkpoint), "--temperature", "-1"],
-        input="", capture_output=True, text=True, timeout=300,
-    )
+    proc = litllm_in_process(["chat", tiny_checkpoint, "--temperature", "-1"])  # test_chat_subprocess: the real one
     assert proc.returncode == 1 and "error: --temperature must be >= 0" in proc.stderr

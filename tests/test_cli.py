@@ -1,4 +1,9 @@
-"""The `litllm` CLI: every command is listed, recipes load with --config, flags override, imports stay light."""
+"""The `litllm` CLI: every command is listed, recipes load with --config, flags override, imports stay light.
+
+Most commands run in this process (`in_process`: `litllm.__main__.main`, its output and exit status); a few run
+the real `python -m litllm` (`run`) to prove the console script end to end: `--help`, `--version`, an unknown
+command's exit status, and a first finetune whose console output is checked for library noise.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,20 @@ import sys
 
 import pytest
 import torch
+from conftest import litllm_in_process
 
 from litllm.__main__ import COMMANDS
+
+HEAVY = ("lightning", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision", "fastapi",
+         "uvicorn")
 
 
 def run(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "litllm", *args], capture_output=True, text=True, **kwargs)
+
+
+def in_process(*args) -> subprocess.CompletedProcess:
+    return litllm_in_process(args)
 
 
 def test_help_lists_every_command():
@@ -23,22 +36,49 @@ def test_help_lists_every_command():
         assert name in result.stdout, name
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_command_modules_import_without_heavy_libraries(name):
-    """`litllm <cmd> --help` must stay fast: no lightning/litdata/lm_eval/bitsandbytes/transformers at import."""
-    module = COMMANDS[name].split(":")[0]
-    code = (
-        f"import sys, {module}; "
-        "heavy = [m for m in ('lightning', 'litdata', 'lm_eval', 'bitsandbytes', 'transformers', 'wandb', 'torchvision', 'fastapi', 'uvicorn') "
-        "if m in sys.modules]; print(heavy)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+# one fresh interpreter imports torch (not heavy) once, then forks a child per command module: each child imports
+# its module alone and reports the heavy libraries in sys.modules, as `python -c "import sys, module"` would
+HEAVY_IMPORTS_SCRIPT = """
+import json, os, sys
+import torch
+out = {}
+for module in sys.argv[2:]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            __import__(module)
+            found = [m for m in json.loads(sys.argv[1]) if m in sys.modules]
+        except BaseException as e:
+            found = f"import failed: {e!r}"
+        os.write(write, json.dumps(found).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out[module] = json.loads(f.read())
+    os.waitpid(pid, 0)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def heavy_imports() -> dict:
+    modules = sorted({target.split(":")[0] for target in COMMANDS.values()})
+    result = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_SCRIPT, json.dumps(HEAVY), *modules],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_modules_import_without_heavy_libraries(name, heavy_imports):
+    """`litllm <cmd> --help` must stay fast: no lightning/litdata/lm_eval/bitsandbytes/transformers at import."""
+    assert heavy_imports[COMMANDS[name].split(":")[0]] == []
 
 
 def test_list_models():
-    result = run("list_models")
+    result = in_process("list_models")
     assert result.returncode == 0
     assert "Llama-3.2-1B" in result.stdout and "meta-llama/Llama-3.2-1B" in result.stdout
 
@@ -46,7 +86,7 @@ def test_list_models():
 def test_config_file_and_flag_override(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"checkpoint_dir: {tmp_path / 'a'}\ndtype: float16\n")
-    result = run("convert_to_litllm", "--config", str(recipe), "--dtype", "bfloat16", "--print_config")
+    result = in_process("convert_to_litllm", "--config", str(recipe), "--dtype", "bfloat16", "--print_config")
     assert result.returncode == 0, result.stderr
     assert "dtype: bfloat16" in result.stdout and f"checkpoint_dir: {tmp_path / 'a'}" in result.stdout
 
@@ -54,7 +94,7 @@ def test_config_file_and_flag_override(tmp_path):
 def test_unknown_config_key_is_an_error(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"checkpoint_dir": "x", "dtpye": "float16"}))
-    result = run("convert_to_litllm", "--config", str(recipe))
+    result = in_process("convert_to_litllm", "--config", str(recipe))
     assert result.returncode != 0
     assert "dtpye" in result.stderr
 
@@ -76,7 +116,7 @@ def test_unknown_command_is_an_error():
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "command"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
-    result = run(*args)
+    result = in_process(*args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and hint in lines[0], result.stderr
@@ -84,11 +124,11 @@ def test_misspelling_names_the_closest_valid_key(args, hint):
 
 
 def test_estimate_and_version_are_listed():
-    assert "estimate" in run("--help").stdout
-    assert "estimate" in run("xyzzy").stderr  # the unknown-command list
-    help_text = run("estimate", "--help").stdout
+    assert "estimate" in in_process("--help").stdout
+    assert "estimate" in in_process("xyzzy").stderr  # the unknown-command list
+    help_text = in_process("estimate", "--help").stdout
     assert all(f"--{flag}" in help_text for flag in ("device_memory", "mfu", "peak_tflops", "gpu", "json"))
-    assert "Unvalidated" not in run("estimate", "finetune_lora", "--help").stdout
+    assert "Unvalidated" not in in_process("estimate", "finetune_lora", "--help").stdout
     from importlib.metadata import version
 
     result = run("--version")
@@ -98,7 +138,7 @@ def test_estimate_and_version_are_listed():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the default precision of a CPU machine")
 def test_estimate_on_a_cpu_uses_the_runs_precision_and_only_notes_what_was_set(base):
     def estimate(*flags):
-        result = run("estimate", "finetune_lora", str(base), "--train.max_steps", "10", "--json", *flags)
+        result = in_process("estimate", "finetune_lora", str(base), "--train.max_steps", "10", "--json", *flags)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
@@ -111,12 +151,14 @@ def test_estimate_on_a_cpu_uses_the_runs_precision_and_only_notes_what_was_set(b
 RECORDS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(30)]
 
 
-def finetune(base, data, out, *flags) -> subprocess.CompletedProcess:
+def finetune(base, data, out, *flags, own_process: bool = False) -> subprocess.CompletedProcess:
+    """`litllm finetune_lora` on `data` in this process, or through `python -m litllm` with `own_process`."""
     # the default prompt style keeps the tiny model's 128-token window enough for every record (Alpaca's is longer)
     from test_errors import run_cli
 
-    return run_cli(["finetune_lora", base, "--data", "JSON", "--data.json_path", data, "--data.prompt_style", "default",
-                    "--out_dir", out, *flags], cwd=out.parent)
+    args = ["finetune_lora", base, "--data", "JSON", "--data.json_path", data, "--data.prompt_style", "default",
+            "--out_dir", out, *flags]
+    return run_cli(args, cwd=out.parent) if own_process else litllm_in_process(args, cwd=out.parent)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +170,10 @@ def small_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def default_run(base, small_data, tmp_path_factory):
-    """`finetune_lora` on a 30-record file with the default training flags, through the CLI."""
+    """`finetune_lora` on a 30-record file with the default training flags, through the real CLI (a subprocess: the
+    output checked for library noise is all the process prints)."""
     out = tmp_path_factory.mktemp("first_hour") / "lora"
-    proc = finetune(base, small_data, out)
+    proc = finetune(base, small_data, out, own_process=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout + proc.stderr
 
@@ -188,7 +231,7 @@ def test_model_commands_point_from_a_run_folder_to_its_final(default_run):
 def test_merge_lora_says_where_the_adapter_went(default_run, tmp_path):
     out, _ = default_run
     peft = tmp_path / "peft"
-    result = run("merge_lora", str(out / "final"), "--out_dir", str(tmp_path / "merged"), "--peft_dir", str(peft))
+    result = in_process("merge_lora", out / "final", "--out_dir", tmp_path / "merged", "--peft_dir", peft)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Exported the LoRA adapter (Hugging Face PEFT format) to {peft}" in result.stdout
     assert (peft / "adapter_config.json").is_file()
@@ -201,8 +244,8 @@ def test_serve_names_a_final_folder_after_its_run():
 
     assert default_model_name(Path("out/finetune/lora/final")) == "lora"
     assert default_model_name(Path("checkpoints/meta-llama/Llama-3.2-1B")) == "Llama-3.2-1B"
-    assert "--model_name" in run("serve", "--help").stdout
-    result = run("serve", "x", "--model_name", " ")
+    assert "--model_name" in in_process("serve", "--help").stdout
+    result = in_process("serve", "x", "--model_name", " ")
     assert result.returncode == 1 and result.stderr.strip() == "error: --model_name must not be empty"
 
 

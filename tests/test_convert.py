@@ -156,11 +156,11 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
 def test_cli_convert_round_trip(tmp_path):
     src = tmp_path / "hf"
     save_hf_checkpoint("mistral", src)
-    result = subprocess.run([sys.executable, "-m", "litllm", "convert_to_litllm", str(src)], capture_output=True, text=True)
+    # in this process (the console script's `main`): the error test above runs the real `python -m litllm`
+    from conftest import litllm_in_process
+
+    result = litllm_in_process(["convert_to_litllm", src])
     assert result.returncode == 0, result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "litllm", "convert_from_litllm", str(src), str(tmp_path / "out")],
-        capture_output=True, text=True,
-    )
+    result = litllm_in_process(["convert_from_litllm", src, tmp_path / "out"])
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "config.json").is_file()

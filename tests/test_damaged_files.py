@@ -28,11 +28,11 @@ def tree(folder: Path) -> set[str]:
 
 
 def fails_clearly(args: list[str], cwd: Path, names: str) -> str:
-    """Run the CLI; it must exit 1 with one `error:` line that names `names`, and no traceback."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", *map(str, args)], capture_output=True, text=True, timeout=300,
-        env=env_with_tests(), cwd=cwd,
-    )
+    """Run the CLI (in this process: `conftest.litllm_in_process`); it must exit 1 with one `error:` line that
+    names `names`, and no traceback."""
+    from conftest import litllm_in_process
+
+    proc = litllm_in_process(args, cwd)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]

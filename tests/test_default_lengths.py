@@ -4,13 +4,12 @@ one with a 64-token window answer through `chat` (stdin), `generate` and `LLM.ch
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import train_bpe_tokenizer
+from conftest import litllm_in_process, train_bpe_tokenizer
 
 from litllm.model_folder import save_model_weights
 from litllm.config import Config
@@ -37,8 +36,8 @@ def small_window_model(request, tmp_path_factory) -> Path:
 
 
 def _litllm(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "litllm", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
+    # in this process (the console script's `main`, stdin a string): tests/test_chat.py runs chat as a subprocess
+    return litllm_in_process(args, stdin=stdin)
 
 
 def test_chat_without_length_flags_answers(small_window_model):

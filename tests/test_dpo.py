@@ -176,7 +176,7 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(base, pairs_file, tmp_path_factory) -> dict:
+def runs(base, pairs_file, tmp_path_factory, one_thread) -> dict:
     results = {}
     for name, extra in RUNS.items():
         if "quantize" in extra and not _has_bnb():

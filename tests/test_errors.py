@@ -1,6 +1,9 @@
-"""Issue 14's remaining classes of bad input, through the real CLI (`python -m litllm ...`, a subprocess):
-output paths that are files, read-only or on a full disk; data that can't be fetched offline; broken
-recipes. Each case asserts a non-zero exit, no "Traceback", and that no output was left behind.
+"""Issue 14's remaining classes of bad input, through the CLI's entry point: output paths that are files,
+read-only or on a full disk; data that can't be fetched offline; broken recipes. Each case asserts a non-zero
+exit, no "Traceback", and that no output was left behind. The commands run in this process
+(`conftest.litllm_in_process`: `litllm.__main__.main` with its exit status and output, ~2 s cheaper a command);
+those that need an environment this process did not start with (an unreachable Hub: huggingface_hub reads its
+endpoint at import) run the real `python -m litllm` in a subprocess, and so prove the exit codes end to end.
 
 Simulating the file systems: the suite often runs as root, which ignores permission bits, so a
 read-only folder is a tmpfs remounted `-o ro` (EROFS) and a full disk a tiny tmpfs (ENOSPC). Both
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import litllm_in_process, offline_here
 from test_pretrain import env_with_tests
 
 from litllm.errors import LitLLMError
@@ -36,16 +40,33 @@ def tree(folder: Path) -> dict[str, bytes | None]:
     } if folder.exists() else {}
 
 
-def run_cli(args: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list, cwd: Path, env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m litllm ARGS` (or `python -c script ARGS`, a script that ends by calling litllm's `main()`)."""
+    start = ["-c", script] if script else ["-m", "litllm"]
     return subprocess.run(
-        [sys.executable, "-m", "litllm", *map(str, args)], capture_output=True, text=True, timeout=300,
+        [sys.executable, *start, *map(str, args)], capture_output=True, text=True, timeout=300,
         cwd=cwd, env=env or env_with_tests(),
     )
 
 
-def fails_cleanly(args: list, cwd: Path, names: str, code: int = 1, env: dict | None = None) -> str:
-    """The CLI exits with `code`, prints no traceback, and its last line is one `error:` naming `names`."""
-    proc = run_cli(args, cwd, env)
+# the litllm CLI, in whose process huggingface_hub retries an unreachable Hub without its back-off waits (~25 s):
+# the same requests fail the same way, only sooner
+CLI_WITHOUT_HUB_BACKOFF = """
+import time, types
+import huggingface_hub.utils._http as http
+http.time = types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None})
+from litllm.__main__ import main
+main()
+"""
+
+
+def fails_cleanly(args: list, cwd: Path, names: str, code: int = 1, env: dict | None = None,
+                  script: str | None = None, own_process: bool | None = None) -> str:
+    """The CLI exits with `code`, prints no traceback, and its last line is one `error:` naming `names`.
+    In this process, or in a subprocess (`run_cli`) when `own_process` (by default: when an `env` is given)."""
+    if own_process is None:
+        own_process = env is not None
+    proc = run_cli(args, cwd, env, script) if own_process else litllm_in_process(args, cwd, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == code, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
@@ -229,6 +250,13 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def offline_or_unreachable(env: str) -> dict:
+    """fails_cleanly's arguments for an offline case (in this process when it is offline) or an unreachable Hub."""
+    if env == "offline":
+        return {"env": None} if offline_here() else {"env": offline_env()}
+    return {"env": unreachable_env(), "script": CLI_WITHOUT_HUB_BACKOFF}
+
+
 def unreachable_env() -> dict[str, str]:
     """Online mode, but the Hub is a closed local port: a connection that fails at once."""
     return offline_env(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
@@ -241,7 +269,7 @@ def test_finetune_data_offline(data, env, tiny_checkpoint, tmp_path):
     work.mkdir()
     line = fails_cleanly(
         ["finetune_lora", tiny_checkpoint, "--data", data, "--out_dir", work / "out", *TRAIN], work, f"--data {data}",
-        env=offline_env() if env == "offline" else unreachable_env(),
+        **offline_or_unreachable(env),
     )
     assert ("offline mode" if env == "offline" else "can't be reached") in line
     assert "--data JSON --data.json_path" in line and "put the file at data/" in line
@@ -266,7 +294,7 @@ def test_other_hub_data_sets_offline(data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("env", ["offline", "unreachable"])
 def test_download_offline(env, tmp_path):
     line = fails_cleanly(["download", "EleutherAI/pythia-14m", "--checkpoint_dir", tmp_path / "ck"], tmp_path,
-                         "EleutherAI/pythia-14m", env=offline_env() if env == "offline" else unreachable_env())
+                         "EleutherAI/pythia-14m", **offline_or_unreachable(env))
     assert ("offline mode" if env == "offline" else "can't be reached") in line and "convert_to_litllm" in line
     assert not (tmp_path / "ck").exists()
 
@@ -281,11 +309,11 @@ def test_remote_and_hub_paths_offline(tiny_checkpoint, inputs, tmp_path):
         del env[key]
     line = fails_cleanly(["pretrain", "--model_name", "pythia-14m", "--tokenizer_dir", tiny_checkpoint, "--data",
                           "LitData", "--data.data_path", "s3://litllm-test-bucket/tokens", "--out_dir", work / "out",
-                          *TRAIN], work, "s3://litllm-test-bucket/tokens", env=env)
+                          *TRAIN], work, "s3://litllm-test-bucket/tokens", env=env, own_process=not offline_here())
     assert "remote token folder" in line
     line = fails_cleanly(["pretrain", "--model_name", "pythia-14m", "--tokenizer_dir", "EleutherAI/pythia-14m",
                           "--data", "TextFiles", "--data.train_data_path", inputs["text"], "--out_dir", work / "out"],
-                         work, "EleutherAI/pythia-14m", env=env)
+                         work, "EleutherAI/pythia-14m", env=env, own_process=not offline_here())
     assert "litllm download EleutherAI/pythia-14m" in line
     assert tree(work) == {}
 
@@ -305,7 +333,7 @@ def test_broken_recipes(tiny_checkpoint, tmp_path):
         (["generate", tiny_checkpoint, "--config", tmp_path / "bytes.yaml"], "bytes.yaml", 1),
     ]
     for args, names, code in cases:
-        proc = run_cli(args, work)
+        proc = litllm_in_process(args, work)
         assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no usage text, one line
         assert proc.stderr.startswith("error: ") and names in proc.stderr

@@ -275,9 +275,11 @@ def test_fsdp_two_processes_within_10_percent(tmp_path, micro_batch_size, seq_le
 
 
 # ---------------------------------------------------------------------- the CLI
-def _cli(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "litllm", "estimate", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+def _cli(*args):
+    """`litllm estimate ARGS` in this process (the console script's `main`; tests/test_cli.py runs real ones)."""
+    from conftest import litllm_in_process
+
+    return litllm_in_process(["estimate", *args])
 
 
 @pytest.mark.slow

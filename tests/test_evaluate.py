@@ -286,6 +286,11 @@ def test_unknown_task_names_close_matches(tiny_checkpoint, tasks_dir, tmp_path, 
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
+    """`litllm ARGS` offline: in this process when it is offline (conftest), else a `python -m litllm` subprocess."""
+    from conftest import litllm_in_process, offline_here
+
+    if offline_here():
+        return litllm_in_process(args)
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "litllm", *map(str, args)], capture_output=True, text=True, env=env)
 

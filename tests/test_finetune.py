@@ -287,10 +287,9 @@ def test_lora_head_on_a_tied_embedding_is_refused(data_file, tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", "finetune_lora", str(tmp_path / "missing")],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
+    from conftest import litllm_in_process
+
+    proc = litllm_in_process(["finetune_lora", tmp_path / "missing"], cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
 

@@ -171,12 +171,10 @@ def test_adapter_refuses_mla_models(checkpoint):
 
 def test_estimate_counts_the_latent_cache(checkpoint):
     """`litllm estimate serve` on an MLA model: the KV cache is the latent's, and training estimates run."""
-    import subprocess
-    import sys
+    from conftest import litllm_in_process
 
     def estimate(*args) -> dict:
-        proc = subprocess.run([sys.executable, "-m", "litllm", "estimate", *args, "--json"], capture_output=True,
-                              text=True, timeout=240)
+        proc = litllm_in_process(["estimate", *args, "--json"])
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
