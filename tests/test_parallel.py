@@ -331,7 +331,7 @@ def test_sequential_strategy_gives_the_same_tokens(tiny_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("folder", ["llama", "mixtral"], indirect=True)  # (Qwen3's forward: llm_runs' logits)
+@pytest.mark.parametrize("folder", ["llama", "qwen3", "mixtral"], indirect=True)
 def test_evaluate_on_two_ranks(folder, tasks_dir, tmp_path):
     from litllm.evaluate import evaluate
 
