@@ -116,6 +116,29 @@ class StepTimer:
         return out
 
 
+def trl_side(timer: StepTimer, folder: Path, device: str):
+    """What each TRL side starts from: (HF model in the benchmark's dtype, tokenizer, PEFT LoRA r=8 on q and v, as the
+    litllm side's adapters, a `TrainerCallback` timing each optimizer step with `timer`)."""
+    import peft
+    import torch
+    import transformers
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            timer.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.end()
+
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM")
+    return model, tokenizer, lora, Timer()
+
+
 def worker_main(module: dict) -> None:
     """`--worker SIDE FOLDER OUT DEVICE ARGS...`: run `module["run_" + SIDE]` and print its result as the last line."""
     side, folder, out, device, *args = sys.argv[sys.argv.index("--worker") + 1:]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _worker import StepTimer, rss_mib, run_sides, worker_main  # noqa: E402  (the workers' shared timing)
+from _worker import StepTimer, rss_mib, run_sides, trl_side, worker_main  # noqa: E402  (the workers' shared timing)
 
 MAKE = """
 import json, random, sys
@@ -67,35 +67,21 @@ print(sum(p.numel() for p in model.parameters()))
 
 def run_trl(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, seq: str, micro: str) -> dict:
     """TRL's DPOTrainer + PEFT LoRA, a step timed `on_step_begin` -> `on_step_end` (a `TrainerCallback`)."""
-    import peft
     import torch
-    import transformers
     import trl
     from datasets import Dataset
 
     steps, seq, micro = int(steps), int(seq), int(micro)
     baseline = rss_mib()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
-
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            timer.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            timer.end()
-
+    model, tokenizer, lora, step_timer = trl_side(timer, folder, device)
     args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=1,
                          max_steps=steps, learning_rate=5e-5, weight_decay=0.0, lr_scheduler_type="constant",
                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=device == "cpu",
                          bf16=device == "cuda", gradient_checkpointing=False, max_length=seq, beta=0.1,
                          dataloader_num_workers=0, disable_dropout=True)
     pairs = json.loads((folder.parent / "pairs.json").read_text())
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           task_type="CAUSAL_LM")
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                             peft_config=lora, callbacks=[Timer()])
+                             peft_config=lora, callbacks=[step_timer])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _worker import WARMUP_STEPS, StepTimer, median_run, ratios, rss_mib, run_sides, worker_main  # noqa: E402
+from _worker import WARMUP_STEPS, StepTimer, median_run, ratios, rss_mib, run_sides, trl_side, worker_main  # noqa: E402
 from dpo import build_model, chosen_sides  # noqa: E402  (the DPO benchmark's random model)
 
 REWARD = '''
@@ -48,9 +48,7 @@ def e_share(prompts, completions, **kwargs):
 def run_trl(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, prompts: str, G: str, new: str) -> dict:
     """TRL's GRPOTrainer + PEFT LoRA; phases: rollout (`_generate`), rewards, forward (every per-token log-prob
     pass), backward, optimizer."""
-    import peft
     import torch
-    import transformers
     import trl
     from datasets import Dataset
 
@@ -60,27 +58,15 @@ def run_trl(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, 
 
     records = [json.loads(line) for line in (folder.parent / "prompts.jsonl").read_text().splitlines()]
     baseline = rss_mib()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
-
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            timer.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            timer.end()
-
+    model, tokenizer, lora, step_timer = trl_side(timer, folder, device)
     args = trl.GRPOConfig(output_dir=str(out), per_device_train_batch_size=prompts * G, gradient_accumulation_steps=1,
                           num_generations=G, max_completion_length=new, temperature=1.0, beta=0.0, loss_type="dapo",
                           max_steps=steps, learning_rate=1e-5, weight_decay=0.0, lr_scheduler_type="constant",
                           logging_steps=1, report_to=[], save_strategy="no", use_cpu=device == "cpu",
                           bf16=device == "cuda", gradient_checkpointing=False, dataloader_num_workers=0,
                           disable_dropout=True)
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           task_type="CAUSAL_LM")
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[e_share], args=args, train_dataset=Dataset.from_list(records),
-                              processing_class=tokenizer, peft_config=lora, callbacks=[Timer()])
+                              processing_class=tokenizer, peft_config=lora, callbacks=[step_timer])
     for name, phase in (("_generate", "rollout"), ("_calculate_rewards", "rewards"),
                         ("_get_per_token_logps_and_entropies", "forward")):
         timer.wrap(trainer, name, phase)
