@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import json_file, make_converted_checkpoint
-from hf_models import FAMILIES, VOCAB
+from hf_models import FAMILIES, VOCAB, perturb
 from litllm.convert import convert_to_litllm
 from litllm.model import GPT, Llama4MoE
 
@@ -30,9 +30,7 @@ def test_multimodal_folder_converts_to_its_text_model(tmp_path):
     config = transformers.Llama4Config(text_config=text, vision_config=vision)
     torch.manual_seed(0)
     hf = transformers.Llama4ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(hf)
     hf.save_pretrained(tmp_path)
     convert_to_litllm(tmp_path)
     model = GPT.from_checkpoint(tmp_path).eval()

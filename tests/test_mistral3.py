@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_models import perturb
 from litllm.config import Config
 from litllm.convert import convert_from_litllm, convert_to_litllm
 from litllm.hf.config import config_from_hf
@@ -43,9 +44,7 @@ def _wrapper(text: str, folder, tie: bool, vocab_size: int = VOCAB):
                                          tie_word_embeddings=tie)
     torch.manual_seed(0)
     model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(model)
     model.save_pretrained(folder)
     return model
 
