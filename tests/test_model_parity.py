@@ -168,11 +168,11 @@ def test_moe_sparse_eager_on_cpu_dense_for_decode_elsewhere_and_equal(converted)
             h.remove()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "llama4", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "gpt_oss", "llama4", "deepseek_v2"])
 def test_moe_one_token_path_is_the_sparse_sum_bit_for_bit(family, converted, monkeypatch):
     """Eager on the CPU a single token (a decode step at batch 1) calls its k chosen experts directly
-    (`token_experts`): the very sum the sparse path makes -- plain experts (Mixtral, Qwen3-MoE), gpt-oss's stacked
-    ones, Llama 4's input-scaled ones, DeepSeek's grouped routing beside shared experts."""
+    (`token_experts`): the very sum the sparse path makes, in the same order (OLMoE, DeepSeek-V2: top-3) -- plain
+    experts, gpt-oss's stacked ones, Llama 4's input-scaled ones, DeepSeek's grouped routing beside shared experts."""
     from litllm.model import MoE
 
     _, model = converted(family)
