@@ -669,6 +669,8 @@ class MoE(nn.Module):
       torch.compile and CUDA graphs, FakeTensorMode (`litllm estimate` of decoding). It reads every expert's
       weights, n_expert / k times what sparse reads: eager on the CPU, where reading the block sizes back waits
       for no device, decode steps go sparse (2.4x the tokens/s in `benchmarks/moe.py`).
+    - one token (eager on the CPU: decoding at batch 1): the sparse path's sum without its sorting and scattering,
+      each chosen expert called directly on the token.
     - balanced (fake tensors, more tokens: `litllm estimate` of training/prefill): the sparse path's shapes
       for perfectly balanced routing, so the estimate holds the activations sparse dispatch holds.
     The choice is made on the shape, the device and the tracing mode, never on data.
@@ -718,6 +720,8 @@ class MoE(nn.Module):
             y = self.dense_experts(x, weights, chosen)
         elif torch.compiler.is_compiling():  # data-dependent block sizes: eager between compiled graphs
             y = MoE.eager_sparse_experts(self, x, weights.to(x.dtype), chosen)
+        elif x.size(0) == 1:  # a decode step at batch 1
+            y = self.token_experts(x, weights.to(x.dtype), chosen)
         else:
             y = self.sparse_experts(x, weights.to(x.dtype), chosen)
         if self.shared_experts is not None:
@@ -755,6 +759,16 @@ class MoE(nn.Module):
         xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
         out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
         return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
+
+    def token_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """One token, x (1, C), weights/chosen (1, k): the sparse path's sum, bit for bit (its k experts in expert
+        index order), without the sorting, gathering, splitting and scattering that make a decode step's MoE layer
+        1.4-1.6x slower in `benchmarks/moe.py`'s model. One host sync: the chosen experts' ids."""
+        y = None
+        for e, slot in sorted(zip(chosen[0].tolist(), range(chosen.size(1)))):
+            out = self.run_expert(self.experts[e], x, weights[:, slot, None])
+            y = out if y is None else y + out
+        return y
 
     def dense_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         # (N, n_expert): each token's weight for every expert, 0 for the ones it did not choose
@@ -815,8 +829,11 @@ class ClampedSwiGLUExperts(nn.Module):
     def __len__(self) -> int:
         return self.gate_up.weight.size(0)
 
+    def __getitem__(self, e: int):
+        return partial(self.run, e)
+
     def __iter__(self):
-        return (partial(self.run, e) for e in range(len(self)))
+        return (self[e] for e in range(len(self)))
 
 
 class ClampedSwiGLUMoE(MoE):

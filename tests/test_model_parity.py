@@ -168,6 +168,74 @@ def test_moe_sparse_eager_on_cpu_dense_for_decode_elsewhere_and_equal(converted)
             h.remove()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "gpt_oss", "llama4", "deepseek_v2"])
+def test_moe_one_token_path_is_the_sparse_sum_bit_for_bit(family, converted, monkeypatch):
+    """Eager on the CPU a single token (a decode step at batch 1) calls its k chosen experts directly
+    (`token_experts`): the very sum the sparse path makes, in the same order (OLMoE, DeepSeek-V2: top-3) -- plain
+    experts, gpt-oss's stacked ones, Llama 4's input-scaled ones, DeepSeek's grouped routing beside shared experts."""
+    from litllm.model import MoE
+
+    _, model = converted(family)
+    calls = []
+    token_experts = MoE.token_experts
+    monkeypatch.setattr(MoE, "token_experts", lambda self, *a: calls.append(1) or token_experts(self, *a))
+    moes = [b.mlp for b in model.blocks if isinstance(b.mlp, MoE)]
+    torch.manual_seed(8)
+    for moe in moes:
+        for _ in range(8):
+            x = torch.randn(1, 1, moe.config.n_embd)
+            with torch.no_grad():
+                out = moe(x)[0]
+                _, weights, chosen = moe.route(x[0])
+                sparse = moe.sparse_experts(x[0], weights.to(x.dtype), chosen)
+                if moe.shared_experts is not None:
+                    sparse = sparse + moe.shared_experts(x[0])
+            assert torch.equal(out, sparse)
+    assert len(calls) == 8 * len(moes)
+
+
+@pytest.mark.parametrize("wrap", ["lora", "torchao.int8wo"])
+def test_moe_one_token_path_runs_lora_and_quantized_experts(wrap, converted):
+    """LoRA'd and quantized experts (their Linears replaced) run on the one-token path as on the sparse path."""
+    import copy
+
+    from litllm.lora import LoRALinear, add_lora
+    from litllm.quantize import is_quantized, quantize_model
+
+    _, base = converted("mixtral")
+    model = copy.deepcopy(base)
+    if wrap == "lora":
+        add_lora(model, r=2, alpha=4, dropout=0.0, query=False, value=False, mlp=True).eval()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    for b in m.lora_B.values():  # B = 0 at init: the adapters would add nothing
+                        b.normal_(std=0.1)
+    else:
+        quantize_model(model, wrap, "cpu")
+    moe = model.blocks[0].mlp
+    wrapped = [m for m in moe.experts.modules() if isinstance(m, LoRALinear) or is_quantized(m)]
+    assert len(wrapped) == 2 * len(moe.experts)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append(m)) for m in wrapped]
+    try:
+        torch.manual_seed(9)
+        for _ in range(6):
+            x = torch.randn(1, 1, moe.config.n_embd)
+            with torch.no_grad():
+                seen.clear()
+                out = moe(x)[0]
+                assert len(seen) == 2 * moe.config.n_expert_per_token  # fc and proj of each chosen expert
+                _, weights, chosen = moe.route(x[0])
+                sparse = moe.sparse_experts(x[0], weights.to(x.dtype), chosen)
+                base_out = base.blocks[0].mlp(x)[0]
+            assert torch.equal(out, sparse)
+            assert not torch.equal(out, base_out)  # the wrapped experts ran, not the originals
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 # ---------------------------------------------------------------------- the families of 2025-26
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_greedy_engine_tokens_equal_transformers_generate(family, tmp_path):
