@@ -907,8 +907,8 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, k: int
 # ---------------------------------------------------------------------- norms
 class RMSNormFunction(torch.autograd.Function):
     """fp32 RMSNorm, x * rsqrt(mean(x^2) + eps) * weight over the last dim, with its backward written out.
-    `F.rms_norm`'s forward on the CPU is this one (the same values) but autograd differentiates its eight ops one
-    by one; written out, forward + backward take 1.4-1.6x less CPU time (Qwen3-MoE's norms, `benchmarks/moe.py`'s
+    `F.rms_norm`'s forward on the CPU is this one (the same values) but autograd differentiates its ops one by
+    one; written out, forward + backward take 1.4-1.6x less CPU time (Qwen3-MoE's norms at `benchmarks/moe.py`'s
     shapes)."""
 
     @staticmethod
@@ -944,8 +944,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
-            if torch.is_grad_enabled() and type(self.weight.data) is torch.Tensor and not torch.compiler.is_compiling():
-                return RMSNormFunction.apply(x, self.weight, self.eps)  # training: a cheaper backward
+            # training on the CPU, eager: the same forward, a cheaper backward (GPUs have a fused rms_norm kernel)
+            eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+            if eager_cpu and torch.is_grad_enabled() and type(self.weight.data) is torch.Tensor:
+                return RMSNormFunction.apply(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same, in one op (not eight)
         dtype = x.dtype
         x = x.float()
