@@ -94,6 +94,7 @@ def main() -> None:
     from litllm.engine import Engine, Request
     from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
     from litllm.model import GPT
+    from litllm.train.optimizer import build_optimizer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -111,10 +112,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, args.vocab_size, (args.batch, args.seq), generator=g)
     targets = torch.cat([idx[:, 1:], torch.full((args.batch, 1), -100)], dim=1)
-    # AdamW over all parameters at once (foreach), as `litllm.train.optimizer.build_optimizer` sets it up on CPUs;
-    # the same for transformers
-    opts = {"litllm": torch.optim.AdamW(lit_train.parameters(), lr=1e-4, foreach=True),
-            "transformers": torch.optim.AdamW(hf_train.parameters(), lr=1e-4, foreach=True)}
+    # each side's default AdamW: fused (one kernel over every parameter), as `litllm.train.optimizer.build_optimizer`
+    # sets it up and as transformers' Trainer does (`optim="adamw_torch_fused"`)
+    opts = {"litllm": build_optimizer({"class_path": "AdamW", "init_args": {"lr": 1e-4}}, lit_train.parameters()),
+            "transformers": torch.optim.AdamW(hf_train.parameters(), lr=1e-4, fused=True)}
 
     def lit_step(model=lit_train, opt=opts["litllm"]):
         model(idx, targets=targets).backward()
@@ -161,7 +162,7 @@ def main() -> None:
     if lit_compiled is not None:
         for block in lit_compiled.blocks:
             block.compile()
-        compiled_opt = torch.optim.AdamW(lit_compiled.parameters(), lr=1e-4, foreach=True)
+        compiled_opt = build_optimizer({"class_path": "AdamW", "init_args": {"lr": 1e-4}}, lit_compiled.parameters())
         start = time.perf_counter()
         lit_step(lit_compiled, compiled_opt)  # compiles
         print(f"compiling litllm's blocks took {time.perf_counter() - start:.0f} s")

@@ -85,7 +85,7 @@ def _hf_to_litllm(sd: dict, config) -> dict:
 def make_step(model, loss_fn, lr: float = 3e-4):
     from litllm.train.optimizer import build_optimizer
 
-    # the same optimizer construction for both: AdamW, foreach (fused on GPUs)
+    # the same optimizer construction for both: AdamW, fused (one kernel over every parameter, CPU or GPU)
     optimizer = build_optimizer({"class_path": "AdamW", "init_args": {"lr": lr}}, model.parameters())
 
     def step(x, y):

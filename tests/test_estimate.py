@@ -256,7 +256,7 @@ with open(sys.argv[1] + f".{fabric.global_rank}", "w") as f:
 @pytest.mark.parametrize("micro_batch_size,seq_length", [(4, 64), (1, 16)])
 def test_fsdp_two_processes_within_10_percent(tmp_path, micro_batch_size, seq_length):
     """Each of 2 FSDP processes (gloo) measured by torch's FSDPMemTracker; (1, 16) is dominated by
-    weights, gradients and optimizer state, where the unsharded estimate would be over 20% too high."""
+    weights, gradients and optimizer state, where the unsharded estimate would be over 10% too high."""
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
     out = tmp_path / "peak"
@@ -271,7 +271,7 @@ def test_fsdp_two_processes_within_10_percent(tmp_path, micro_batch_size, seq_le
     for m in measured:
         assert abs(estimated - m) <= 0.10 * m, (estimated, measured)
     if seq_length == 16:
-        assert peak_memory(plan, world_size=1, strategy="single")["total"] > 1.2 * max(measured)
+        assert peak_memory(plan, world_size=1, strategy="single")["total"] > 1.1 * max(measured)
 
 
 # ---------------------------------------------------------------------- the CLI

@@ -120,6 +120,33 @@ def test_loss_equals_cross_entropy_of_logits(converted):
         torch.testing.assert_close(model(idx, targets=targets), expected)
 
 
+def test_training_rms_norm_backward_is_the_derivative(converted, monkeypatch):
+    """The written-out RMSNorm backward (training) against finite differences, and a model's gradients with it
+    against autograd through `F.rms_norm` (what inference runs); its forward is `F.rms_norm`'s, bit for bit."""
+    from litllm.model import RMSNormFunction
+
+    x = torch.randn(3, 2, 5, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()  # non-contiguous, as q_norm's
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, weight))
+    x32, w32 = x.detach().float(), weight.detach().float()
+    assert torch.equal(RMSNormFunction.apply(x32, w32, 1e-6), torch.nn.functional.rms_norm(x32, (8,), w32, 1e-6))
+
+    _, model = converted("qwen3_moe")  # every norm an RMSNorm, per-head qk-norm too
+    idx, targets = torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12))
+    grads = []
+    for written_out in (True, False):
+        if not written_out:  # autograd through F.rms_norm's ops
+            rms_norm = torch.nn.functional.rms_norm
+            monkeypatch.setattr(RMSNormFunction, "apply", lambda x, w, eps: rms_norm(x, w.shape, w, eps))
+        model.zero_grad(set_to_none=True)
+        model.train()(idx, targets=targets).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.eval().zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_tied_embeddings_share_storage(converted):
     _, model = converted("qwen2")
     assert model.lm_head.weight is model.wte.weight

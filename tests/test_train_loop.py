@@ -224,7 +224,16 @@ def test_optimizer_specs():
     opt = build_optimizer({"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5, "momentum": 0.9}}, params)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
     adamw = build_optimizer({"class_path": "AdamW", "init_args": {"betas": [0.9, 0.95]}}, params)
-    assert adamw.param_groups[0]["betas"] == (0.9, 0.95) and adamw.param_groups[0]["foreach"]
+    assert adamw.param_groups[0]["betas"] == (0.9, 0.95) and adamw.param_groups[0]["fused"]  # one kernel on CPUs
+    # the fused step is AdamW's: the same parameters as torch's reference (for-loop) implementation
+    ref = torch.nn.Parameter(torch.randn(5, 3))
+    fused = build_optimizer("AdamW", [torch.nn.Parameter(ref.detach().clone())])
+    plain = torch.optim.AdamW([ref], foreach=False)
+    for _ in range(3):
+        for opt in (fused, plain):
+            opt.param_groups[0]["params"][0].grad = torch.ones(5, 3)
+            opt.step()
+    torch.testing.assert_close(fused.param_groups[0]["params"][0], ref)
     with pytest.raises(LitLLMError, match="not an optimizer"):
         build_optimizer("Adamm", params)
     with pytest.raises(LitLLMError, match="no argument"):

@@ -81,9 +81,11 @@ def build_optimizer(spec: Any, params: Iterable[torch.nn.Parameter]) -> torch.op
     params = list(params)
     accepted = inspect.signature(cls.__init__).parameters
     unset = lambda name: name in accepted and kwargs.get(name) is None  # noqa: E731
-    # step all parameters in one kernel: fused on GPUs (plain tensors), foreach elsewhere
+    # step all parameters in one kernel: fused on GPUs and CPUs (plain tensors: on the CPU one pass over each
+    # tensor, ~4x faster than foreach for `benchmarks/moe.py`'s model), foreach elsewhere
     is_dtensor = any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params)
-    if unset("fused") and unset("foreach") and params and params[0].device.type == "cuda" and not is_dtensor:
+    fusable = params and params[0].device.type in ("cuda", "cpu") and not is_dtensor
+    if unset("fused") and unset("foreach") and fusable:
         kwargs["fused"] = True
     elif unset("foreach") and (kwargs.get("fused") is None):
         kwargs["foreach"] = True
