@@ -1,7 +1,8 @@
 """Rollouts: G sampled completions of each prompt on litllm's decode engine, with the policy's current weights.
 
-The policy module itself decodes (continuous batching, the G completions of a prompt share its prefill): no copy,
-no merge of LoRA weights and no reload per step. Every completion samples from its own seeded generator, the seed
+The policy module itself decodes (continuous batching, the G completions of a prompt share its prefill): no copy of
+the model and no reload per step; only its Linears' weights are laid out for decoding for the rollout's duration
+(`rollout_weights`: LoRA merged, and on CPU transposed). Every completion samples from its own seeded generator, the seed
 a pure function of (run seed, split, epoch, prompt index, completion), so a resumed run samples exactly what the
 uninterrupted one did without any RNG state in its checkpoint.
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from litllm.engine import Engine, Request, Sampling, sampling_probs
 from litllm.errors import LitLLMError
@@ -103,14 +107,79 @@ class RolloutEngine(Engine):
         return picked, tokens
 
 
+@contextmanager
+def rollout_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, `model`'s Linears compute their no-grad forwards (decoding) from weights made for it on entry
+    and freed at exit; the parameters are untouched, a forward that records gradients runs as usual.
+
+    - A LoRA layer on a plain float Linear uses `W + scaling * B @ A` (computed in fp32, in W's dtype): one matmul
+      per decode step instead of three (no in-place merge and un-merge, which would not restore W bit for bit).
+      One on a quantized base, or switched off (`disable_adapters`), keeps its live adapters.
+    - On CPU every such weight, and every plain float Linear's, is held transposed, (in, out) contiguous: with the
+      few rows a decode step has, `x @ W.T` runs ~1.5-2x faster from that layout than from nn.Linear's (out, in)
+      (MKL, 8 rows: 2x for a 256 x 8000 head). The copy of the Linears' weights lives for the rollout only.
+
+    The outputs equal the live layers' up to float rounding (another summation order)."""
+    from litllm.lora import LoRALinear
+
+    def plain(linear: nn.Module) -> bool:
+        weight = getattr(linear, "weight", None)
+        return type(linear) is nn.Linear and type(weight).__name__ == "Parameter" and weight.is_floating_point()
+
+    merged = {id(m.base) for m in model.modules()
+              if isinstance(m, LoRALinear) and not m.adapter_disabled and m.enabled and plain(m.base)}
+    patched = []
+    for module in model.modules():
+        if id(module) in merged:  # the base of a merged LoRA layer: not called
+            continue
+        if isinstance(module, LoRALinear) and id(module.base) in merged:
+            weight = module.base.weight.detach()
+            weight = (weight.float() + module.delta_weight().to(weight.device)).to(weight.dtype)
+        elif plain(module) and module.weight.device.type == "cpu":
+            weight = module.weight.detach()
+        else:
+            continue
+        bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
+        patched.append((module, module.__dict__.get("forward")))  # an instance's own forward (a wrapper's), if any
+        module.forward = _decode_forward(module.forward, weight, bias)
+    try:
+        yield model
+    finally:
+        for module, own in patched:
+            if own is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = own
+
+
+def _decode_forward(forward, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """`forward` while gradients are recorded, else `x @ weight.T (+ bias)` of `weight` (out, in), held (in, out)
+    contiguous on CPU."""
+    if weight.device.type == "cpu":
+        transposed = weight.t().contiguous()  # (in, out)
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            y = x @ transposed
+            return y if bias is None else y + bias
+    else:
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, weight, bias)
+
+    def decode_forward(x: torch.Tensor) -> torch.Tensor:
+        return forward(x) if torch.is_grad_enabled() else linear(x)
+
+    return decode_forward
+
+
 def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
                        sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[list[int]], list[bool], float]:
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
-    rows). The module decodes in eval mode (no dropout) and is put back in its mode afterwards; the engine's KV cache
-    (prompts x G rows of the longest prompt + max_new_tokens) lives only for this call. The engine gets no tokenizer:
-    the stops are token ids and the rewards decode the completions themselves, so no token is detokenized here."""
+    rows). The module decodes in eval mode (no dropout), on `rollout_weights`, and is put back in its mode
+    afterwards; the engine's KV cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this
+    call. The engine gets no tokenizer: the stops are token ids and the rewards decode the completions themselves, so
+    no token is detokenized here."""
     rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
     length = max(len(r) for r in rows) + max_new_tokens
     was_training = module.training
@@ -119,7 +188,8 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with RolloutEngine(module, None, max_batch_size=len(rows), max_seq_length=length) as engine:
+        with rollout_weights(module), RolloutEngine(module, None, max_batch_size=len(rows),
+                                                     max_seq_length=length) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
