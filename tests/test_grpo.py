@@ -90,6 +90,61 @@ def test_rollout_sampler_follows_the_engine_distribution():
     assert inverse_cdf_sample(bad, torch.tensor([0.1, 0.7], dtype=torch.float64)).tolist() == [-1, 1]
 
 
+def test_rollout_weights_decode_as_the_live_layers_and_leave_them_untouched(base):
+    """Inside `rollout_weights` the no-grad logits equal the live LoRA model's up to rounding and a rollout samples the
+    same completions; a forward that records gradients runs the live adapters (the same LoRA gradients); afterwards
+    every parameter and the model's outputs are bit for bit what they were."""
+    import contextlib
+
+    from litllm.grpo import rollout
+    from litllm.lora import add_lora
+    from litllm.model import GPT
+
+    torch.manual_seed(0)
+    model = add_lora(GPT.from_checkpoint(base), r=4, alpha=8, dropout=0.0, projection=True, head=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a live, non-zero update
+        p.requires_grad_("lora_" in name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(x).logsumexp(-1).mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        live = model(x)
+    live_grads = lora_grads()
+    with rollout.rollout_weights(model):
+        with torch.no_grad():
+            decoded = model(x)
+        assert lora_grads().keys() == live_grads.keys()
+        for k, g in lora_grads().items():
+            assert torch.equal(g, live_grads[k]), k
+        lora_b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+        with torch.no_grad():
+            lora_b.zero_()  # the decode weights were made on entry: unchanged
+            assert torch.equal(model(x), decoded)
+            lora_b.copy_(before[next(k for k in before if "lora_B" in k)])
+    torch.testing.assert_close(decoded, live, rtol=0, atol=1e-4)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), live)
+
+    def sample(weights) -> list[list[int]]:
+        rollout.rollout_weights, original = weights, rollout.rollout_weights
+        try:
+            return rollout.sample_completions(model, [x[0].tolist(), x[1, :5].tolist()], 3, 8,
+                                              {"temperature": 1.0, "top_p": 1.0, "top_k": None}, range(6), [])[0]
+        finally:
+            rollout.rollout_weights = original
+
+    assert sample(rollout.rollout_weights) == sample(contextlib.nullcontext)
+
+
 # ---------------------------------------------------------------------- rewards
 def test_builtin_rewards():
     assert final_answer("so <answer> 42 </answer>") == "42"
