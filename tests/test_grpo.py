@@ -90,8 +90,8 @@ def test_rollout_sampler_follows_the_engine_distribution():
     assert inverse_cdf_sample(bad, torch.tensor([0.1, 0.7], dtype=torch.float64)).tolist() == [-1, 1]
 
 
-def test_rollout_weights_decode_as_the_live_layers_and_leave_them_untouched(base):
-    """Inside `rollout_weights` the no-grad logits equal the live LoRA model's up to rounding and a rollout samples the
+def test_merged_lora_decodes_as_the_live_layers_and_leaves_them_untouched(base):
+    """Inside `merged_lora` the no-grad logits equal the live LoRA model's up to rounding and a rollout samples the
     same completions; a forward that records gradients runs the live adapters (the same LoRA gradients); afterwards
     every parameter and the model's outputs are bit for bit what they were."""
     import contextlib
@@ -117,7 +117,7 @@ def test_rollout_weights_decode_as_the_live_layers_and_leave_them_untouched(base
     with torch.no_grad():
         live = model(x)
     live_grads = lora_grads()
-    with rollout.rollout_weights(model):
+    with rollout.merged_lora(model):
         with torch.no_grad():
             decoded = model(x)
         assert lora_grads().keys() == live_grads.keys()
@@ -135,14 +135,14 @@ def test_rollout_weights_decode_as_the_live_layers_and_leave_them_untouched(base
         assert torch.equal(model(x), live)
 
     def sample(weights) -> list[list[int]]:
-        rollout.rollout_weights, original = weights, rollout.rollout_weights
+        rollout.merged_lora, original = weights, rollout.merged_lora
         try:
             return rollout.sample_completions(model, [x[0].tolist(), x[1, :5].tolist()], 3, 8,
                                               {"temperature": 1.0, "top_p": 1.0, "top_k": None}, range(6), [])[0]
         finally:
-            rollout.rollout_weights = original
+            rollout.merged_lora = original
 
-    assert sample(rollout.rollout_weights) == sample(contextlib.nullcontext)
+    assert sample(rollout.merged_lora) == sample(contextlib.nullcontext)
 
 
 # ---------------------------------------------------------------------- rewards

@@ -1,8 +1,8 @@
 """Rollouts: G sampled completions of each prompt on litllm's decode engine, with the policy's current weights.
 
 The policy module itself decodes (continuous batching, the G completions of a prompt share its prefill): no copy of
-the model and no reload per step; only its Linears' weights are laid out for decoding for the rollout's duration
-(`rollout_weights`: LoRA merged, and on CPU transposed). Every completion samples from its own seeded generator, the seed
+the model and no reload per step; its LoRA layers decode on merged weights (`merged_lora`: W + scaling * B @ A in a
+buffer freed after the rollout). Every completion samples from its own seeded generator, the seed
 a pure function of (run seed, split, epoch, prompt index, completion), so a resumed run samples exactly what the
 uninterrupted one did without any RNG state in its checkpoint.
 
@@ -99,7 +99,11 @@ class RolloutEngine(Engine):
         slots = torch.tensor([slot for slot, _ in running], device=logits.device)
         uniforms[slots] = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=self.device)
                                      for _, row in running]).to(logits.device)
-        picked = inverse_cdf_sample(sampling_probs(logits, s.temperature, s.top_k, s.top_p), uniforms)
+        if s.temperature == 1.0 and s.top_k is None and s.top_p >= 1.0:
+            probs = logits.float().softmax(-1)  # what `sampling_probs` gives here, bit for bit, in 1 op of its 4
+        else:
+            probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
+        picked = inverse_cdf_sample(probs, uniforms)
         tokens = picked.tolist()
         if any(tokens[slot] < 0 for slot, _ in running):
             raise LitLLMError("the policy's next-token probabilities are not finite (NaN or inf logits): the "
@@ -108,40 +112,25 @@ class RolloutEngine(Engine):
 
 
 @contextmanager
-def rollout_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, `model`'s Linears compute their no-grad forwards (decoding) from weights made for it on entry
-    and freed at exit; the parameters are untouched, a forward that records gradients runs as usual.
-
-    - A LoRA layer on a plain float Linear uses `W + scaling * B @ A` (computed in fp32, in W's dtype): one matmul
-      per decode step instead of three (no in-place merge and un-merge, which would not restore W bit for bit).
-      One on a quantized base, or switched off (`disable_adapters`), keeps its live adapters.
-    - On CPU every such weight, and every plain float Linear's, is held transposed, (in, out) contiguous: with the
-      few rows a decode step has, `x @ W.T` runs ~1.5-2x faster from that layout than from nn.Linear's (out, in)
-      (MKL, 8 rows: 2x for a 256 x 8000 head). The copy of the Linears' weights lives for the rollout only.
-
-    The outputs equal the live layers' up to float rounding (another summation order)."""
+def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, `model`'s LoRA layers compute their no-grad forwards (decoding) from `W + scaling * B @ A`
+    (computed in fp32, in W's dtype) in a buffer of their own, made on entry and freed at exit: one matmul per layer
+    and decode step instead of three. W, A and B are untouched (no in-place merge and un-merge, which would not
+    restore W bit for bit) and a forward that records gradients runs the live adapters. The outputs equal the live
+    layers' up to float rounding. A layer on a quantized base, or switched off (`disable_adapters`), stays live.
+    Costs one copy of the adapted Linears' weights (with q and v, the attention's fused qkv) for the block."""
     from litllm.lora import LoRALinear
 
-    def plain(linear: nn.Module) -> bool:
-        weight = getattr(linear, "weight", None)
-        return type(linear) is nn.Linear and type(weight).__name__ == "Parameter" and weight.is_floating_point()
-
-    merged = {id(m.base) for m in model.modules()
-              if isinstance(m, LoRALinear) and not m.adapter_disabled and m.enabled and plain(m.base)}
     patched = []
     for module in model.modules():
-        if id(module) in merged:  # the base of a merged LoRA layer: not called
+        if not isinstance(module, LoRALinear) or module.adapter_disabled or not module.enabled:
             continue
-        if isinstance(module, LoRALinear) and id(module.base) in merged:
-            weight = module.base.weight.detach()
-            weight = (weight.float() + module.delta_weight().to(weight.device)).to(weight.dtype)
-        elif plain(module) and module.weight.device.type == "cpu":
-            weight = module.weight.detach()
-        else:
+        base, weight = module.base, getattr(module.base, "weight", None)
+        if type(base) is not nn.Linear or type(weight).__name__ != "Parameter" or not weight.is_floating_point():
             continue
-        bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
+        merged = (weight.detach().float() + module.delta_weight().to(weight.device)).to(weight.dtype)
         patched.append((module, module.__dict__.get("forward")))  # an instance's own forward (a wrapper's), if any
-        module.forward = _decode_forward(module.forward, weight, bias)
+        module.forward = _merged_forward(module.forward, merged, base.bias)
     try:
         yield model
     finally:
@@ -152,23 +141,13 @@ def rollout_weights(model: nn.Module) -> Iterator[nn.Module]:
                 module.forward = own
 
 
-def _decode_forward(forward, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """`forward` while gradients are recorded, else `x @ weight.T (+ bias)` of `weight` (out, in), held (in, out)
-    contiguous on CPU."""
-    if weight.device.type == "cpu":
-        transposed = weight.t().contiguous()  # (in, out)
+def _merged_forward(forward, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """`forward` while gradients are recorded, else the plain Linear of `weight` (out, in) and `bias`."""
 
-        def linear(x: torch.Tensor) -> torch.Tensor:
-            y = x @ transposed
-            return y if bias is None else y + bias
-    else:
-        def linear(x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, weight, bias)
+    def merged_forward(x: torch.Tensor) -> torch.Tensor:
+        return forward(x) if torch.is_grad_enabled() else F.linear(x, weight, bias)
 
-    def decode_forward(x: torch.Tensor) -> torch.Tensor:
-        return forward(x) if torch.is_grad_enabled() else linear(x)
-
-    return decode_forward
+    return merged_forward
 
 
 def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
@@ -176,7 +155,7 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
-    rows). The module decodes in eval mode (no dropout), on `rollout_weights`, and is put back in its mode
+    rows). The module decodes in eval mode (no dropout), its LoRA merged (`merged_lora`), and is put back in its mode
     afterwards; the engine's KV cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this
     call. The engine gets no tokenizer: the stops are token ids and the rewards decode the completions themselves, so
     no token is detokenized here."""
@@ -188,8 +167,8 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with rollout_weights(module), RolloutEngine(module, None, max_batch_size=len(rows),
-                                                     max_seq_length=length) as engine:
+        with merged_lora(module), RolloutEngine(module, None, max_batch_size=len(rows),
+                                                max_seq_length=length) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
