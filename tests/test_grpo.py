@@ -145,6 +145,36 @@ def test_merged_lora_decodes_as_the_live_layers_and_leaves_them_untouched(base):
     assert sample(rollout.merged_lora) == sample(contextlib.nullcontext)
 
 
+def test_rollout_heads_only_the_rows_still_decoding(base, monkeypatch):
+    """Rows that stop early leave the batch's output head and sampling: every completion is the one the engine samples
+    when the head runs on all rows (rows stop at different steps: stop tokens drawn from an unstopped rollout)."""
+    from litllm.engine import Engine
+    from litllm.grpo import rollout
+    from litllm.model import GPT
+
+    model = GPT.from_checkpoint(base)
+    prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+
+    def sample(stops):
+        return rollout.sample_completions(model, prompts, 4, 12, sampling, range(8), stops)
+
+    unstopped = sample([])[0]
+    stops = [unstopped[0][3], unstopped[5][6]]
+    completions, truncated, _ = sample(stops)
+    lengths = {len(c) for c in completions}
+    assert len(lengths) > 1 and any(truncated) and not all(truncated)  # some rows stopped early, at several steps
+    heads = []
+
+    def every_row(engine, tokens, pos, kv_len):  # the head on all rows, then the running ones kept
+        live = torch.tensor([r is not None and r.decoding for r in engine._rows])
+        heads.append(int(live.sum()))
+        return Engine._decode_logits(engine, tokens, pos, kv_len)[live]
+
+    monkeypatch.setattr(rollout.RolloutEngine, "_decode_logits", every_row)
+    assert sample(stops)[:2] == (completions, truncated)
+    assert min(heads) < 8
+
+
 # ---------------------------------------------------------------------- rewards
 def test_builtin_rewards():
     assert final_answer("so <answer> 42 </answer>") == "42"

@@ -9,6 +9,7 @@ uninterrupted one did without any RNG state in its checkpoint.
 The rollout engine (`RolloutEngine`) samples by inverse CDF: one uniform draw per row from its generator, then one
 cumulative sum and search over the (rows, vocab) probabilities for all rows. `torch.multinomial` (the engine's
 default) draws one exponential per vocabulary entry per row, which was ~15% of a rollout's CPU time (vocabulary 8000).
+It runs the output head and the sampling on the rows still decoding only (a stopped completion's row leaves them).
 """
 
 from __future__ import annotations
@@ -81,31 +82,48 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 
 class RolloutEngine(Engine):
     """The decode engine, sampling with `inverse_cdf_sample` (one uniform per row from the row's generator). Every row of
-    a rollout has the same sampling settings, temperature > 0, and no grammar."""
+    a rollout has the same sampling settings, temperature > 0, and no grammar. The output head and the sampling run on
+    the rows still decoding only: a rollout's rows all start at once and a finished row's slot stays free."""
+
+    def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        """(R, vocab) logits of the R rows still decoding, in slot order (the `running` rows of `step`)."""
+        from litllm.preference import head_only_at
+
+        live = [row is not None and row.decoding for row in self._rows]
+        if all(live):
+            return super()._decode_logits(tokens, pos, kv_len)
+        with head_only_at(self.model, torch.tensor(live, device=self.device)[:, None]):  # (B, 1)
+            return self.model.decode(tokens, input_pos=pos, kv_len=kv_len)[0, :, : self.vocab_size]  # (R, vocab)
 
     def _sample(self, logits: torch.Tensor, row) -> int:
         return self._draw(logits, [(0, row)])[1][0]
 
     def _pick(self, logits: torch.Tensor, running: list) -> list[int]:
-        picked, tokens = self._draw(logits, running)
-        self._tokens.copy_(picked[:, None])
+        """The next token of every slot (B,) (0 for a free one), from the running rows' logits (R, vocab)."""
+        picked, drawn = self._draw(logits, running)
+        tokens = [0] * self.max_batch_size
+        if len(running) == self.max_batch_size:
+            self._tokens.copy_(picked[:, None])
+            return drawn
+        slots = [slot for slot, _ in running]
+        self._tokens[torch.tensor(slots, device=self.device)] = picked[:, None].to(self._tokens.device)
+        for slot, token in zip(slots, drawn):
+            tokens[slot] = token
         return tokens
 
     def _draw(self, logits: torch.Tensor, running: list) -> tuple[torch.Tensor, list[int]]:
-        """The next token of each row of `logits` (rows, vocab), on the device and read back; rows not in `running`
-        (free slots) get some token."""
+        """The next token of each of the rows `running` [(slot, row)] from their logits (len(running), vocab), in that
+        order: on the device and read back."""
         s = running[0][1].request.sampling
-        uniforms = torch.zeros(logits.size(0), dtype=torch.float64, device=logits.device)
-        slots = torch.tensor([slot for slot, _ in running], device=logits.device)
-        uniforms[slots] = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=self.device)
-                                     for _, row in running]).to(logits.device)
+        uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=self.device)
+                              for _, row in running]).to(logits.device)
         if s.temperature == 1.0 and s.top_k is None and s.top_p >= 1.0:
             probs = logits.float().softmax(-1)  # what `sampling_probs` gives here, bit for bit, in 1 op of its 4
         else:
             probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
         picked = inverse_cdf_sample(probs, uniforms)
         tokens = picked.tolist()
-        if any(tokens[slot] < 0 for slot, _ in running):
+        if any(t < 0 for t in tokens):
             raise LitLLMError("the policy's next-token probabilities are not finite (NaN or inf logits): the "
                               "weights diverged; lower the learning rate or resume from an earlier checkpoint")
         return picked, tokens
