@@ -5,7 +5,8 @@ run with one line naming it. Data: both record shapes, extra fields reach the re
 index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
 (the mean reward rises, fixed seed); 2 DDP processes give the losses of one process (batch-scaled rewards), 2 FSDP
-processes those of 2 DDP processes and resume bit for bit. The rollout sampler follows the engine's distribution.
+processes those of 2 DDP processes and resume bit for bit. The rollout sampler follows the engine's distribution;
+the rollout's merged LoRA decodes as the live layers; rows that stopped leave the head without changing a completion.
 (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
