@@ -101,11 +101,10 @@ class RolloutEngine(Engine):
     def _pick(self, logits: torch.Tensor, running: list) -> list[int]:
         """The next token of every slot (B,) (0 for a free one), from the running rows' logits (R, vocab)."""
         picked, drawn = self._draw(logits, running)
-        tokens = [0] * self.max_batch_size
         if len(running) == self.max_batch_size:
             self._tokens.copy_(picked[:, None])
             return drawn
-        slots = [slot for slot, _ in running]
+        tokens, slots = [0] * self.max_batch_size, [slot for slot, _ in running]
         self._tokens[torch.tensor(slots, device=self.device)] = picked[:, None].to(self._tokens.device)
         for slot, token in zip(slots, drawn):
             tokens[slot] = token
