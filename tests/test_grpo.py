@@ -5,7 +5,8 @@ run with one line naming it. Data: both record shapes, extra fields reach the re
 index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric names; resume from a checkpoint taken
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
 (the mean reward rises, fixed seed); 2 DDP processes give the losses of one process (batch-scaled rewards), 2 FSDP
-processes those of 2 DDP processes and resume bit for bit. The rollout sampler follows the engine's distribution.
+processes those of 2 DDP processes and resume bit for bit. The rollout sampler follows the engine's distribution;
+the rollout's merged LoRA decodes as the live layers; rows that stopped leave the head without changing a completion.
 (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
@@ -88,6 +89,91 @@ def test_rollout_sampler_follows_the_engine_distribution():
     assert inverse_cdf_sample(probs, ends).tolist() == [1, 3, 3]
     bad = torch.tensor([[0.5, float("nan")], [0.5, 0.5]])
     assert inverse_cdf_sample(bad, torch.tensor([0.1, 0.7], dtype=torch.float64)).tolist() == [-1, 1]
+
+
+def test_merged_lora_decodes_as_the_live_layers_and_leaves_them_untouched(base):
+    """Inside `merged_lora` the no-grad logits equal the live LoRA model's up to rounding and a rollout samples the
+    same completions; a forward that records gradients runs the live adapters (the same LoRA gradients); afterwards
+    every parameter and the model's outputs are bit for bit what they were."""
+    import contextlib
+
+    from litllm.grpo import rollout
+    from litllm.lora import add_lora
+    from litllm.model import GPT
+
+    torch.manual_seed(0)
+    model = add_lora(GPT.from_checkpoint(base), r=4, alpha=8, dropout=0.0, projection=True, head=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a live, non-zero update
+        p.requires_grad_("lora_" in name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(x).logsumexp(-1).mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        live = model(x)
+    live_grads = lora_grads()
+    with rollout.merged_lora(model):
+        with torch.no_grad():
+            decoded = model(x)
+        assert lora_grads().keys() == live_grads.keys()
+        for k, g in lora_grads().items():
+            assert torch.equal(g, live_grads[k]), k
+        lora_b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+        with torch.no_grad():
+            lora_b.zero_()  # the decode weights were made on entry: unchanged
+            assert torch.equal(model(x), decoded)
+            lora_b.copy_(before[next(k for k in before if "lora_B" in k)])
+    torch.testing.assert_close(decoded, live, rtol=0, atol=1e-4)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), live)
+
+    def sample(weights) -> list[list[int]]:
+        rollout.merged_lora, original = weights, rollout.merged_lora
+        try:
+            return rollout.sample_completions(model, [x[0].tolist(), x[1, :5].tolist()], 3, 8,
+                                              {"temperature": 1.0, "top_p": 1.0, "top_k": None}, range(6), [])[0]
+        finally:
+            rollout.merged_lora = original
+
+    assert sample(rollout.merged_lora) == sample(contextlib.nullcontext)
+
+
+def test_rollout_heads_only_the_rows_still_decoding(base, monkeypatch):
+    """Rows that stop early leave the batch's output head and sampling: every completion is the one the engine samples
+    when the head runs on all rows (rows stop at different steps: stop tokens drawn from an unstopped rollout)."""
+    from litllm.engine import Engine
+    from litllm.grpo import rollout
+    from litllm.model import GPT
+
+    model = GPT.from_checkpoint(base)
+    prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+
+    def sample(stops):
+        return rollout.sample_completions(model, prompts, 4, 12, sampling, range(8), stops)
+
+    unstopped = sample([])[0]
+    stops = [unstopped[0][3], unstopped[5][6]]
+    completions, truncated, _ = sample(stops)
+    lengths = {len(c) for c in completions}
+    assert len(lengths) > 1 and any(truncated) and not all(truncated)  # some rows stopped early, at several steps
+    heads = []
+
+    def every_row(engine, tokens, pos, kv_len):  # the head on all rows, then the running ones kept
+        live = torch.tensor([r is not None and r.decoding for r in engine._rows])
+        heads.append(int(live.sum()))
+        return Engine._decode_logits(engine, tokens, pos, kv_len)[live]
+
+    monkeypatch.setattr(rollout.RolloutEngine, "_decode_logits", every_row)
+    assert sample(stops)[:2] == (completions, truncated)
+    assert min(heads) < 8
 
 
 # ---------------------------------------------------------------------- rewards

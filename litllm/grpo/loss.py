@@ -153,7 +153,9 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, completion_mask:
     targets[keep] = next_tokens[keep]
     with head_only_at(inner_module(model), keep):
         logits = model(input_ids)  # (1, K, V)
-    picked = token_logprobs(nn.Identity(), logits / temperature, targets[keep].unsqueeze(0))[0]  # (K,)
+    if temperature != 1.0:  # (at 1 the division is exact: no (K, V) copy, nor its backward)
+        logits = logits / temperature
+    picked = token_logprobs(nn.Identity(), logits, targets[keep].unsqueeze(0))[0]  # (K,)
     out = torch.zeros(completion_mask.shape, dtype=picked.dtype, device=picked.device)
     return out.masked_scatter(completion_mask.bool(), picked)
 

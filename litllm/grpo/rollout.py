@@ -1,23 +1,28 @@
 """Rollouts: G sampled completions of each prompt on litllm's decode engine, with the policy's current weights.
 
-The policy module itself decodes (continuous batching, the G completions of a prompt share its prefill): no copy,
-no merge of LoRA weights and no reload per step. Every completion samples from its own seeded generator, the seed
+The policy module itself decodes (continuous batching, the G completions of a prompt share its prefill): no copy of
+the model and no reload per step; its LoRA layers decode on merged weights (`merged_lora`: W + scaling * B @ A in a
+buffer freed after the rollout). Every completion samples from its own seeded generator, the seed
 a pure function of (run seed, split, epoch, prompt index, completion), so a resumed run samples exactly what the
 uninterrupted one did without any RNG state in its checkpoint.
 
 The rollout engine (`RolloutEngine`) samples by inverse CDF: one uniform draw per row from its generator, then one
 cumulative sum and search over the (rows, vocab) probabilities for all rows. `torch.multinomial` (the engine's
 default) draws one exponential per vocabulary entry per row, which was ~15% of a rollout's CPU time (vocabulary 8000).
+It runs the output head and the sampling on the rows still decoding only (a stopped completion's row leaves them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from litllm.engine import Engine, Request, Sampling, sampling_probs
 from litllm.errors import LitLLMError
@@ -77,30 +82,89 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 
 class RolloutEngine(Engine):
     """The decode engine, sampling with `inverse_cdf_sample` (one uniform per row from the row's generator). Every row of
-    a rollout has the same sampling settings, temperature > 0, and no grammar."""
+    a rollout has the same sampling settings, temperature > 0, and no grammar. The output head and the sampling run on
+    the rows still decoding only: a rollout's rows all start at once and a finished row's slot stays free."""
+
+    def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        """(R, vocab) logits of the R rows still decoding, in slot order (the `running` rows of `step`)."""
+        from litllm.preference import head_only_at
+
+        live = [row is not None and row.decoding for row in self._rows]
+        if all(live):
+            return super()._decode_logits(tokens, pos, kv_len)
+        with head_only_at(self.model, torch.tensor(live, device=self.device)[:, None]):  # (B, 1)
+            return self.model.decode(tokens, input_pos=pos, kv_len=kv_len)[0, :, : self.vocab_size]  # (R, vocab)
 
     def _sample(self, logits: torch.Tensor, row) -> int:
         return self._draw(logits, [(0, row)])[1][0]
 
     def _pick(self, logits: torch.Tensor, running: list) -> list[int]:
-        picked, tokens = self._draw(logits, running)
-        self._tokens.copy_(picked[:, None])
+        """The next token of every slot (B,) (0 for a free one), from the running rows' logits (R, vocab)."""
+        picked, drawn = self._draw(logits, running)
+        if len(running) == self.max_batch_size:
+            self._tokens.copy_(picked[:, None])
+            return drawn
+        tokens, slots = [0] * self.max_batch_size, [slot for slot, _ in running]
+        self._tokens[torch.tensor(slots, device=self.device)] = picked[:, None].to(self._tokens.device)
+        for slot, token in zip(slots, drawn):
+            tokens[slot] = token
         return tokens
 
     def _draw(self, logits: torch.Tensor, running: list) -> tuple[torch.Tensor, list[int]]:
-        """The next token of each row of `logits` (rows, vocab), on the device and read back; rows not in `running`
-        (free slots) get some token."""
+        """The next token of each of the rows `running` [(slot, row)] from their logits (len(running), vocab), in that
+        order: on the device and read back."""
         s = running[0][1].request.sampling
-        uniforms = torch.zeros(logits.size(0), dtype=torch.float64, device=logits.device)
-        slots = torch.tensor([slot for slot, _ in running], device=logits.device)
-        uniforms[slots] = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=self.device)
-                                     for _, row in running]).to(logits.device)
-        picked = inverse_cdf_sample(sampling_probs(logits, s.temperature, s.top_k, s.top_p), uniforms)
+        uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=self.device)
+                              for _, row in running]).to(logits.device)
+        if s.temperature == 1.0 and s.top_k is None and s.top_p >= 1.0:
+            probs = logits.float().softmax(-1)  # what `sampling_probs` gives here, bit for bit, in 1 op of its 4
+        else:
+            probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
+        picked = inverse_cdf_sample(probs, uniforms)
         tokens = picked.tolist()
-        if any(tokens[slot] < 0 for slot, _ in running):
+        if any(t < 0 for t in tokens):
             raise LitLLMError("the policy's next-token probabilities are not finite (NaN or inf logits): the "
                               "weights diverged; lower the learning rate or resume from an earlier checkpoint")
         return picked, tokens
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, `model`'s LoRA layers compute their no-grad forwards (decoding) from `W + scaling * B @ A`
+    (computed in fp32, in W's dtype) in a buffer of their own, made on entry and freed at exit: one matmul per layer
+    and decode step instead of three. W, A and B are untouched (no in-place merge and un-merge, which would not
+    restore W bit for bit) and a forward that records gradients runs the live adapters. The outputs equal the live
+    layers' up to float rounding. A layer on a quantized base, or switched off (`disable_adapters`), stays live.
+    Costs one copy of the adapted Linears' weights (with q and v, the attention's fused qkv) for the block."""
+    from litllm.lora import LoRALinear
+
+    patched = []
+    for module in model.modules():
+        if not isinstance(module, LoRALinear) or module.adapter_disabled or not module.enabled:
+            continue
+        base, weight = module.base, getattr(module.base, "weight", None)
+        if type(base) is not nn.Linear or type(weight).__name__ != "Parameter" or not weight.is_floating_point():
+            continue
+        merged = (weight.detach().float() + module.delta_weight().to(weight.device)).to(weight.dtype)
+        patched.append((module, module.__dict__.get("forward")))  # an instance's own forward (a wrapper's), if any
+        module.forward = _merged_forward(module.forward, merged, base.bias)
+    try:
+        yield model
+    finally:
+        for module, own in patched:
+            if own is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = own
+
+
+def _merged_forward(forward, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """`forward` while gradients are recorded, else the plain Linear of `weight` (out, in) and `bias`."""
+
+    def merged_forward(x: torch.Tensor) -> torch.Tensor:
+        return forward(x) if torch.is_grad_enabled() else F.linear(x, weight, bias)
+
+    return merged_forward
 
 
 def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
@@ -108,9 +172,10 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
-    rows). The module decodes in eval mode (no dropout) and is put back in its mode afterwards; the engine's KV cache
-    (prompts x G rows of the longest prompt + max_new_tokens) lives only for this call. The engine gets no tokenizer:
-    the stops are token ids and the rewards decode the completions themselves, so no token is detokenized here."""
+    rows). The module decodes in eval mode (no dropout), its LoRA merged (`merged_lora`), and is put back in its mode
+    afterwards; the engine's KV cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this
+    call. The engine gets no tokenizer: the stops are token ids and the rewards decode the completions themselves, so
+    no token is detokenized here."""
     rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
     length = max(len(r) for r in rows) + max_new_tokens
     was_training = module.training
@@ -119,7 +184,8 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with RolloutEngine(module, None, max_batch_size=len(rows), max_seq_length=length) as engine:
+        with merged_lora(module), RolloutEngine(module, None, max_batch_size=len(rows),
+                                                max_seq_length=length) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
