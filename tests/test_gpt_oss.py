@@ -5,10 +5,6 @@ LoRA finetuning with a PEFT export that loads, `estimate`, and the presets."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,6 @@ from hf_models import VOCAB, save_hf_checkpoint
 from litllm.convert import convert_to_litllm
 from litllm.hf import mxfp4
 from litllm.model import GPT, attention, document_block_mask
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _random_mxfp4(*shape: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +131,10 @@ def test_lora_finetunes_and_its_peft_export_computes_what_litllm_computes(gpt_os
 
 
 def test_estimate_runs(gpt_oss_checkpoint):
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", "estimate", "finetune_lora", str(gpt_oss_checkpoint), "--train.max_steps", "5",
-         "--train.max_seq_length", "32", "--precision", "32-true", "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    from conftest import litllm_in_process
+
+    proc = litllm_in_process(["estimate", "finetune_lora", gpt_oss_checkpoint, "--train.max_steps", "5",
+                              "--train.max_seq_length", "32", "--precision", "32-true", "--json"])
     assert proc.returncode == 0, proc.stderr
     estimate = json.loads(proc.stdout)
     assert estimate["method"] == "lora" and sum(estimate["breakdown"].values()) > 0

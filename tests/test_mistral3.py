@@ -5,10 +5,6 @@ the vision tower left out) and computes what transformers' Mistral3ForConditiona
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +15,6 @@ from litllm.convert import convert_from_litllm, convert_to_litllm
 from litllm.hf.config import config_from_hf
 from litllm.model import GPT
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 96
 TEXT = {
     # Ministral 3: YaRN and the position-dependent query scale, whose step (16) the test sequences cross
@@ -119,7 +114,8 @@ def test_lora_finetunes_the_text_model_and_its_peft_export_loads_on_the_exported
     pytest.importorskip("peft")
     from tokenizers import Tokenizer
 
-    from conftest import assert_peft_export_computes_the_same, finetune_lora_briefly, train_bpe_tokenizer
+    from conftest import (assert_peft_export_computes_the_same, finetune_lora_briefly, litllm_in_process,
+                          train_bpe_tokenizer)
 
     src = tmp_path / "hf"
     train_bpe_tokenizer(src)
@@ -131,9 +127,7 @@ def test_lora_finetunes_the_text_model_and_its_peft_export_loads_on_the_exported
     convert_from_litllm(src, tmp_path / "export")
     assert_peft_export_computes_the_same(result.final_dir, tmp_path / "export", tmp_path / "peft")
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", "estimate", "finetune_lora", str(src), "--train.max_steps", "5",
-         "--train.max_seq_length", "32", "--precision", "32-true", "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = litllm_in_process(["estimate", "finetune_lora", src, "--train.max_steps", "5", "--train.max_seq_length", "32",
+                              "--precision", "32-true", "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["method"] == "lora"
