@@ -72,6 +72,38 @@ def fill_bare_flags(argv: list[str], flags, value: str = "") -> list[str]:
     ]
 
 
+# the flags whose value jsonargparse resolves as an optimizer class name
+OPTIMIZER_FLAGS = ("--optimizer", "--optimizer.class_path", "--optimizer.help")
+
+
+def _torch_optimizer_path(name: str) -> str:
+    """A bare torch.optim optimizer class name as its dotted path ("AdamW" -> "torch.optim.AdamW"); any other
+    value unchanged."""
+    import torch.optim
+
+    cls = getattr(torch.optim, name, None) if name.isidentifier() else None
+    return f"torch.optim.{name}" if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else name
+
+
+def qualify_bare_optimizer(argv: list[str]) -> list[str]:
+    """`--optimizer AdamW` -> `--optimizer torch.optim.AdamW` (likewise `--optimizer=`, `--optimizer.class_path`,
+    `--optimizer.help`). jsonargparse resolves a bare class name among every loaded subclass of
+    torch.optim.Optimizer: once a process has imported bitsandbytes.optim (its own AdamW, Adam, SGD...), the name
+    is ambiguous. A bare name means torch.optim's class; dotted paths and names torch.optim lacks (a misspelling
+    gets jsonargparse's error, which `_suggestion` turns into one line) pass unchanged."""
+    if not any(a.partition("=")[0] in OPTIMIZER_FLAGS for a in argv):
+        return argv
+    out = []
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if eq and name in OPTIMIZER_FLAGS:
+            a = f"{name}={_torch_optimizer_path(value)}"
+        elif i and argv[i - 1] in OPTIMIZER_FLAGS:
+            a = _torch_optimizer_path(a)
+        out.append(a)
+    return out
+
+
 def _fail(line: str, code: int = 1) -> None:
     """Print the error on a line of its own (closing any progress bar left open mid-line) and exit."""
     tqdm = sys.modules.get("tqdm")
@@ -82,12 +114,16 @@ def _fail(line: str, code: int = 1) -> None:
 
 
 def _subclasses(typehint) -> dict[str, type]:
-    """Every class a class-typed flag accepts (the classes in `typehint` and their subclasses), by name."""
+    """Every class a class-typed flag accepts (the classes in `typehint` and their subclasses, the return class of a
+    `Callable[..., cls]` such as `--optimizer`'s), by name. `str` in a Union accepts any text, not its subclasses."""
+    import collections.abc
     import inspect
     import typing
 
     found: dict[str, type] = {}
-    todo = [t for t in (typing.get_args(typehint) or (typehint,)) if inspect.isclass(t)]
+    args = typing.get_args(typehint) or (typehint,)
+    args = [typing.get_args(t)[-1] if typing.get_origin(t) is collections.abc.Callable else t for t in args]
+    todo = [t for t in args if inspect.isclass(t) and t is not str]
     while todo:
         cls = todo.pop()
         if cls.__name__ not in found and not cls.__name__.startswith("_"):
@@ -209,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     if chosen in components:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
         argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))
+        argv = qualify_bare_optimizer(argv)
 
     try:
         _check_config_files(argv)

@@ -61,7 +61,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     a training command's arguments as its job (bound once, as the command binds them), others' as a dict."""
     from jsonargparse import CLI, set_parsing_settings
 
-    from litllm.__main__ import COMMANDS, _load, fill_bare_flags
+    from litllm.__main__ import COMMANDS, _load, fill_bare_flags, qualify_bare_optimizer
 
     if command not in COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; see `litllm --help`")
@@ -81,7 +81,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     capture.__doc__ = (target.__doc__ or "").rstrip() + "\n" + "\n".join(
         line for line in (_estimate_flags.__doc__ or "").splitlines()[3:])
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    argv = fill_bare_flags(argv, {"--json"}, "true")
+    argv = qualify_bare_optimizer(fill_bare_flags(argv, {"--json"}, "true"))
     values = CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}")
     flags = {p.name: values.pop(p.name) for p in own}
     return (target.bind(**values) if hasattr(target, "job_class") else values), flags

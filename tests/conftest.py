@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -127,34 +128,69 @@ def assert_final_folder_generates_and_matches_hf(final: Path, hf_folder: Path) -
         torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
 
 
-def assert_peft_export_computes_the_same(model, base: Path, folder: Path) -> list[str]:
-    """Export a LoRA-wrapped litllm model as a PEFT adapter into `folder`; transformers + peft load it on the HF
-    checkpoint `base` and compute the same logits (within 1e-4). Returns the adapter's target modules."""
-    import json
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch computes on `n` threads inside the block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
+
+NUMBER_RECORDS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
+
+
+def finetune_lora_briefly(base: Path, out_dir: Path, data_file: Path, train: dict | None = None, **flags):
+    """A few steps of `finetune_lora` of `base` on CPU in fp32 on the instruction records of `data_file` (AdamW at
+    lr 2e-2, no checkpoints or validation): the run of a family's "LoRA finetunes and exports" test. `train`
+    overrides TrainArgs fields (4 steps of 4 samples in micro-batches of 2, 32 tokens); `flags` go to
+    `finetune_lora` (`lora_mlp=True`, ...). On one thread, where tiny models train fastest."""
+    from litllm.data import JSON
+    from litllm.finetune import finetune_lora
+    from litllm.train.args import EvalArgs, TrainArgs
+
+    train = {**dict(global_batch_size=4, micro_batch_size=2, max_steps=4, lr_warmup_steps=1, save_interval=None,
+                    max_seq_length=32), **(train or {})}
+    with torch_threads(1):
+        return finetune_lora(
+            base, out_dir=out_dir, accelerator="cpu", precision="32-true", logger_name="csv",
+            data=JSON(json_path=data_file, val_split_fraction=0.1, prompt_style="default"),
+            train=TrainArgs(**train), eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
+            optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}}, **flags,
+        )
+
+
+def assert_peft_export_computes_the_same(model, base: Path, folder: Path, seq_len: int = 12, atol: float = 1e-4
+                                         ) -> dict:
+    """Export a LoRA-wrapped litllm model (or the `final/` folder of a LoRA run) as a PEFT adapter into `folder`;
+    transformers + peft load it on the HF checkpoint `base`, change its logits (the adapter applies) and compute
+    litllm's (within `atol`) on 2 rows of `seq_len` tokens. Returns the adapter's `adapter_config.json`."""
     import peft
     import transformers
 
-    from litllm.lora import save_peft_adapter
+    from litllm.lora import load_lora_model, save_peft_adapter
 
+    if isinstance(model, Path):
+        model = load_lora_model(model).eval()
     save_peft_adapter(model, folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    peft_model = peft.PeftModel.from_pretrained(hf, folder).eval()
-    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    x = torch.randint(0, 300, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch_threads(1):
+        without_adapter = hf(x).logits
+        got = peft.PeftModel.from_pretrained(hf, folder).eval()(x).logits
         expected = model(x)
-        got = peft_model(x).logits
-    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
-    return json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    assert (got - without_adapter).abs().max() > atol  # the adapter was applied
+    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=atol)
+    return json.loads((folder / "adapter_config.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models train fastest on one thread (and far faster when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +203,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def base(tiny_checkpoint) -> Path:
     """The tiny checkpoint as the base model of finetuning runs (read-only: runs write elsewhere)."""
     return tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def numbers_file(tmp_path_factory) -> Path:
+    """NUMBER_RECORDS as a JSON file: the data of `finetune_lora_briefly` runs."""
+    return json_file(tmp_path_factory, NUMBER_RECORDS)
 
 
 def json_file(tmp_path_factory, records, name: str = "data.json") -> Path:

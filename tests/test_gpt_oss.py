@@ -5,10 +5,6 @@ LoRA finetuning with a PEFT export that loads, `estimate`, and the presets."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,6 @@ from hf_models import VOCAB, save_hf_checkpoint
 from litllm.convert import convert_to_litllm
 from litllm.hf import mxfp4
 from litllm.model import GPT, attention, document_block_mask
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _random_mxfp4(*shape: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,50 +113,28 @@ def test_without_its_sinks_the_model_leaves_transformers(gpt_oss_checkpoint):
         assert (model(idx) - hf(idx).logits).abs().max() > 5e-4
 
 
-def test_lora_finetunes_and_its_peft_export_computes_what_litllm_computes(gpt_oss_checkpoint, tmp_path_factory,
+def test_lora_finetunes_and_its_peft_export_computes_what_litllm_computes(gpt_oss_checkpoint, numbers_file,
                                                                           tmp_path):
     """finetune_lora runs on gpt-oss (its stacked experts take no LoRA: --lora_mlp adapts nothing there) and the
     PEFT export of the run loads in transformers + peft with equal logits."""
-    peft = pytest.importorskip("peft")
-    import transformers
-
-    from conftest import json_file
-    from litllm.data import JSON
+    pytest.importorskip("peft")
+    from conftest import assert_peft_export_computes_the_same, finetune_lora_briefly
     from litllm.errors import LitLLMError
-    from litllm.finetune import finetune_lora
-    from litllm.lora import add_lora, load_lora_model, save_peft_adapter
-    from litllm.train.args import EvalArgs, TrainArgs
+    from litllm.lora import add_lora
 
-    records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
-    result = finetune_lora(
-        gpt_oss_checkpoint, out_dir=tmp_path / "run", accelerator="cpu", precision="32-true", logger_name="csv",
-        data=JSON(json_path=json_file(tmp_path_factory, records), val_split_fraction=0.1, prompt_style="default"),
-        train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_steps=3, lr_warmup_steps=1, save_interval=None,
-                        max_seq_length=32),
-        eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}},
-        lora_projection=True, lora_mlp=True,
-    )
-    model = load_lora_model(result.final_dir).eval()
-    save_peft_adapter(model, tmp_path / "peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gpt_oss_checkpoint, dtype=torch.float32).eval()
-    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = hf(x).logits
-        got = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(x).logits
-        expected = model(x)
-    assert (got - base).abs().max() > 1e-4  # the adapter was applied
-    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
+    result = finetune_lora_briefly(gpt_oss_checkpoint, tmp_path / "run", numbers_file,
+                                   dict(global_batch_size=2, max_steps=3), lora_projection=True, lora_mlp=True)
+    assert_peft_export_computes_the_same(result.final_dir, gpt_oss_checkpoint, tmp_path / "peft")
 
     with pytest.raises(LitLLMError, match="LoRA adapts no layer"):
         add_lora(GPT.from_checkpoint(gpt_oss_checkpoint), query=False, value=False, mlp=True)
 
 
 def test_estimate_runs(gpt_oss_checkpoint):
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", "estimate", "finetune_lora", str(gpt_oss_checkpoint), "--train.max_steps", "5",
-         "--train.max_seq_length", "32", "--precision", "32-true", "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    from conftest import litllm_in_process
+
+    proc = litllm_in_process(["estimate", "finetune_lora", gpt_oss_checkpoint, "--train.max_steps", "5",
+                              "--train.max_seq_length", "32", "--precision", "32-true", "--json"])
     assert proc.returncode == 0, proc.stderr
     estimate = json.loads(proc.stdout)
     assert estimate["method"] == "lora" and sum(estimate["breakdown"].values()) > 0

@@ -5,10 +5,6 @@ the vision tower left out) and computes what transformers' Mistral3ForConditiona
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +15,6 @@ from litllm.convert import convert_from_litllm, convert_to_litllm
 from litllm.hf.config import config_from_hf
 from litllm.model import GPT
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 96
 TEXT = {
     # Ministral 3: YaRN and the position-dependent query scale, whose step (16) the test sequences cross
@@ -113,49 +108,26 @@ def test_presets_are_the_published_configs(preset, reference, changes):
         assert abs(n / 1e9 - card) < 0.1, n
 
 
-def test_lora_finetunes_the_text_model_and_its_peft_export_loads_on_the_exported_model(tmp_path_factory, tmp_path):
+def test_lora_finetunes_the_text_model_and_its_peft_export_loads_on_the_exported_model(numbers_file, tmp_path):
     """finetune_lora runs on a converted mistral3 folder; its PEFT adapter applies to the exported text model
     (what `convert_from_litllm` writes) in transformers + peft with litllm's logits; `estimate` runs."""
-    peft = pytest.importorskip("peft")
-    import transformers
+    pytest.importorskip("peft")
     from tokenizers import Tokenizer
 
-    from conftest import json_file, train_bpe_tokenizer
-    from litllm.data import JSON
-    from litllm.finetune import finetune_lora
-    from litllm.lora import load_lora_model, save_peft_adapter
-    from litllm.train.args import EvalArgs, TrainArgs
+    from conftest import (assert_peft_export_computes_the_same, finetune_lora_briefly, litllm_in_process,
+                          train_bpe_tokenizer)
 
     src = tmp_path / "hf"
     train_bpe_tokenizer(src)
     n_vocab = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size()
     _wrapper("ministral3", src, tie=False, vocab_size=n_vocab)
     convert_to_litllm(src)
-    records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
-    result = finetune_lora(
-        src, out_dir=tmp_path / "run", accelerator="cpu", precision="32-true", logger_name="csv",
-        data=JSON(json_path=json_file(tmp_path_factory, records), val_split_fraction=0.1, prompt_style="default"),
-        train=TrainArgs(global_batch_size=2, micro_batch_size=2, max_steps=3, lr_warmup_steps=1, save_interval=None,
-                        max_seq_length=32),
-        eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}},
-        lora_mlp=True,
-    )
-    model = load_lora_model(result.final_dir).eval()
-    save_peft_adapter(model, tmp_path / "peft")
+    result = finetune_lora_briefly(src, tmp_path / "run", numbers_file, dict(global_batch_size=2, max_steps=3),
+                                   lora_mlp=True)
     convert_from_litllm(src, tmp_path / "export")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
-    x = torch.randint(0, n_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = hf(x).logits
-        got = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(x).logits
-        expected = model(x)
-    assert (got - base).abs().max() > 1e-4
-    torch.testing.assert_close(got, expected[..., : got.size(-1)], rtol=0, atol=1e-4)
+    assert_peft_export_computes_the_same(result.final_dir, tmp_path / "export", tmp_path / "peft")
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", "estimate", "finetune_lora", str(src), "--train.max_steps", "5",
-         "--train.max_seq_length", "32", "--precision", "32-true", "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = litllm_in_process(["estimate", "finetune_lora", src, "--train.max_steps", "5", "--train.max_seq_length", "32",
+                              "--precision", "32-true", "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["method"] == "lora"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_peft_export_computes_the_same, json_file, make_converted_checkpoint
+from conftest import assert_peft_export_computes_the_same, finetune_lora_briefly, make_converted_checkpoint
 from litllm.config import Config
 from litllm.model import GPT
 
@@ -112,31 +112,19 @@ def test_correction_bias_is_a_fixed_buffer_while_training(checkpoint):
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
-def test_lora_finetune_runs_and_its_peft_export_loads(family, checkpoint, tmp_path_factory, tmp_path):
+def test_lora_finetune_runs_and_its_peft_export_loads(family, checkpoint, numbers_file, tmp_path):
     """LoRA on queries, keys/values (MLA: kv_b), the output projection and (`--lora_mlp`) the routed experts, the
     shared expert and the dense layer; the PEFT export loads in transformers + peft and computes what litllm
     computes: the experts' LoRA as `target_parameters` on transformers 5's stacked experts."""
     pytest.importorskip("peft")
-    from litllm.data import JSON
-    from litllm.finetune import finetune_lora
-    from litllm.lora import load_lora_model
-    from litllm.train.args import EvalArgs, TrainArgs
-
     base = checkpoint(family)
-    records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
-    result = finetune_lora(
-        base, out_dir=tmp_path / "run", accelerator="cpu", precision="32-true", logger_name="csv",
-        lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_key=True, lora_projection=True, lora_mlp=True,
-        data=JSON(json_path=json_file(tmp_path_factory, records), val_split_fraction=0.1, prompt_style="default"),
-        train=TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4, lr_warmup_steps=1, save_interval=None,
-                        max_seq_length=32),
-        eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}},
-    )
+    result = finetune_lora_briefly(base, tmp_path / "run", numbers_file, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                   lora_key=True, lora_projection=True, lora_mlp=True)
     assert result.losses[4] < result.losses[1]
-    targets = assert_peft_export_computes_the_same(load_lora_model(result.final_dir).eval(), base, tmp_path / "peft")
-    assert family != "deepseek_v3" or {t.rsplit(".", 1)[1] for t in targets} == {"q_b_proj", "kv_b_proj", "o_proj"}
-    parameters = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_parameters"]
+    adapter = assert_peft_export_computes_the_same(result.final_dir, base, tmp_path / "peft")
+    targets = {t.rsplit(".", 1)[1] for t in adapter["target_modules"]}
+    assert family != "deepseek_v3" or targets == {"q_b_proj", "kv_b_proj", "o_proj"}
+    parameters = adapter["target_parameters"]
     assert "model.layers.1.mlp.experts.gate_up_proj" in parameters and "model.layers.1.mlp.experts.down_proj" in parameters
 
 

@@ -9,10 +9,8 @@ import csv
 import pytest
 import torch
 
-from conftest import assert_peft_export_computes_the_same, json_file, make_converted_checkpoint
-from litllm.finetune import finetune_lora
+from conftest import assert_peft_export_computes_the_same, finetune_lora_briefly, json_file, make_converted_checkpoint
 from litllm.model import GPT
-from litllm.train.args import EvalArgs, TrainArgs
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +19,7 @@ def moe_base(tmp_path_factory):
 
 
 def _run(base, out, data_file, **train):
-    from litllm.data import JSON
-
-    return finetune_lora(
-        base, out_dir=out, accelerator="cpu", precision="32-true", logger_name="csv",
-        data=JSON(json_path=data_file, val_split_fraction=0.1, prompt_style="default"),
-        train=TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=6, lr_warmup_steps=1, save_interval=None,
-                        max_seq_length=48, **train),
-        eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2, "weight_decay": 0.0}},
-    )
+    return finetune_lora_briefly(base, out, data_file, dict(max_steps=6, max_seq_length=48, **train))
 
 
 def _metrics(out) -> list[dict]:
@@ -40,8 +29,6 @@ def _metrics(out) -> list[dict]:
 
 def test_moe_lora_logs_the_router_loss_apart_and_its_peft_export_loads(moe_base, tmp_path_factory, tmp_path):
     pytest.importorskip("peft")
-    from litllm.lora import load_lora_model
-
     records = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(24)]
     data_file = json_file(tmp_path_factory, records)
     coef = GPT.from_checkpoint(moe_base).config.router_aux_loss_coef
@@ -60,7 +47,7 @@ def test_moe_lora_logs_the_router_loss_apart_and_its_peft_export_loads(moe_base,
     assert all(not r.get("router_aux_loss") for r in _metrics(off))
 
     # PEFT export of the run (LoRA on the attention) loads in transformers + peft and computes the same
-    assert_peft_export_computes_the_same(load_lora_model(result.final_dir).eval(), moe_base, tmp_path / "peft")
+    assert_peft_export_computes_the_same(result.final_dir, moe_base, tmp_path / "peft")
 
 
 def test_training_forward_backward_runs_only_the_routed_experts(moe_base):

@@ -313,8 +313,9 @@ def test_stale_temporaries_are_recognised_by_name_and_owner(tmp_path):
     from litllm.utils import atomic_write_text, clean_stale_temporaries
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
+    # no process ever has this id (Linux's PID_MAX_LIMIT is 2**22, macOS's 99999); the id of a process that has
+    # just exited may be reused at once on a busy machine, keeping "its" temporaries alive
+    dead_pid = 2**22 + 1
     try:
         target = tmp_path / "model"
         made = {
