@@ -27,7 +27,9 @@ one token per `eval` as litllm's engine does, on the threads litllm picked, in t
 row's bound counts the bytes its format holds; the last table pairs each litllm format with llama.cpp's
 (fp32 / f32, bf16 / f16, torchao.int8wo / q8_0), from the fastest litllm row of that format (eager or compiled).
 `--startup`: time to the first token of `litllm generate` (a fresh process: import, load, compile) with
-`--compile true` and an empty compile cache, again with the cache filled, and with `--compile false`.
+`--compile true` and an empty compile cache (it compiles the step and saves it), again with the saved step there
+(loaded, no trace), by default (`--compile` unset: a short generate loads a saved step), with inductor's kernels
+cached but no saved step (dynamo traces the step again), and with `--compile false`.
 `--speculative`: runs benchmarks/speculative.py (a 12-layer target, a 2-layer draft trained briefly on its
 outputs) and prints its rows.
 
@@ -147,23 +149,40 @@ def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
+STARTUP_RUNS = (  # (row, --compile, remove the saved compiled steps first)
+    ("compiled, empty cache (compiles, saves the step)", "true", False),
+    ("compiled, saved step (loads it)", "true", False),
+    ("default --compile, saved step (a short generate loads it)", None, False),
+    ("compiled, kernels cached, no saved step (traced again)", "true", True),
+    ("eager (--compile false)", "false", False),
+)
+
+
 def startup_latency(folder: Path, repeats: int) -> dict[str, float]:
-    """Seconds from starting `litllm generate` (1 new token) to its exit: compiled with an empty compile cache,
-    compiled with it filled (best of `repeats`), and eager."""
+    """Seconds from starting `litllm generate` (1 new token) to its exit, best of `repeats` (the first row: once),
+    in a fresh compile cache: compiled with it empty (the step compiles and is saved, `litllm.compile_decode`),
+    compiled and by default (`--compile` unset) with the saved step there, compiled with inductor's kernels cached
+    but no saved step (dynamo traces the step again: the path before steps were saved), and eager."""
+    import shutil
     import subprocess
     import sys
+
+    from litllm.compile_decode import STEPS_FOLDER
 
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        for name, compile in (("compiled, empty cache", "true"), ("compiled, cache filled", "true"),
-                              ("eager (--compile false)", "false")):
+        env.pop("LITLLM_COMPILE", None)
+        for name, compile, unsave in STARTUP_RUNS:
             best = float("inf")
-            for _ in range(1 if name.endswith("empty cache") else repeats):
+            for _ in range(1 if "empty cache" in name else repeats):
+                if unsave:
+                    shutil.rmtree(Path(cache) / STEPS_FOLDER, ignore_errors=True)
+                flag = [] if compile is None else ["--compile", compile]
                 t0 = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
-                                "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true",
-                                "--compile", compile], env=env, check=True, capture_output=True)
+                                "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
+                               env=env, check=True, capture_output=True)
                 best = min(best, time.perf_counter() - t0)
             times[name] = best
     return times
@@ -248,11 +267,12 @@ def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, deco
         if compile:
             engines[name].close()
             twin = f"{name} compiled"
-            engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)
-            row_bytes[twin] = row_bytes[name]
             t0 = time.perf_counter()
-            same = decode(engines[twin]) == tokens  # compiles
-            print(f"{twin}: compiling the decode step took {time.perf_counter() - t0:.0f} s; same tokens as eager: {same}")
+            engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)  # compiles or loads
+            row_bytes[twin] = row_bytes[name]
+            same = decode(engines[twin]) == tokens
+            how = getattr(engines[twin], "step_source", "compiled")
+            print(f"{twin}: the decode step ({how}) took {time.perf_counter() - t0:.0f} s; same tokens as eager: {same}")
     return engines
 
 
