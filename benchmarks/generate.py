@@ -34,6 +34,7 @@ cached but no saved step (dynamo traces the step again), and with `--compile fal
 outputs) and prints its rows.
 
     python benchmarks/generate.py --quantize none@bf16-true torchao.int8wo --startup --speculative
+    python benchmarks/generate.py --startup_only --repeats 2     # the start-up rows alone
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, float]:
     return times
 
 
+def print_startup(folder: Path, repeats: int) -> None:
+    for name, seconds in startup_latency(folder, repeats).items():
+        print(f"litllm generate, 1 token, fresh process, {name}: {seconds:.1f} s")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
 def linear_bytes(model) -> int:
     """Bytes of the model's Linear weights and biases as stored (a torchao tensor subclass: its inner tensors)."""
     from litllm.quantize import Int8PackedLinear
@@ -223,6 +230,7 @@ def parse_args():
                         help="llama.cpp rows (GGUF outtypes; default f32 f16 q8_0 when llama_cpp is importable)")
     parser.add_argument("--no_transformers", action="store_true", help="skip the transformers row")
     parser.add_argument("--startup", action="store_true", help="time `litllm generate`'s first token (compile cache)")
+    parser.add_argument("--startup_only", action="store_true", help="only the --startup rows (no decode table)")
     parser.add_argument("--speculative", action="store_true", help="run benchmarks/speculative.py too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp rows: CPU only)")
     parser.add_argument("--threads", type=int, default=None,
@@ -341,6 +349,9 @@ def run_all(folder: Path, args) -> None:
 
     weight_bytes = build_checkpoint(folder, args)
     add_tokenizer(folder)
+    if args.startup_only:
+        print_startup(folder, args.repeats)
+        return
     prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     n = args.new_tokens
     models, row_bytes, layout = load_rows(folder, args, weight_bytes)
@@ -406,8 +417,7 @@ def run_all(folder: Path, args) -> None:
     best = print_table(runs, row_bytes, bandwidth, n, cpu_bandwidth)
     print_ratios(best, row_bytes, bandwidth)
     if args.startup:
-        for name, seconds in startup_latency(folder, args.repeats).items():
-            print(f"litllm generate, 1 token, fresh process, {name}: {seconds:.1f} s")
+        print_startup(folder, args.repeats)
     if args.speculative:
         import subprocess
         import sys

@@ -1,27 +1,40 @@
-"""Compiling the decode engine's step with `torch.compile`: when it pays, the compile caches that make the
-second run of a command start fast, and CUDA graphs.
+"""Compiling the decode engine's step with `torch.compile`: when it pays, the saved compiled step and the compile
+caches that make the second run of a command start fast, and CUDA graphs.
 
-- When (`should_compile`): `--compile true/false` (`LLM(..., compile=...)`) decides; by default
-  (`--compile` unset) the `LITLLM_COMPILE` environment variable (`0`/`false`, `1`/`true`) if set, else
-  compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens: a compiled step decodes
-  1.3-6x faster on the CPU (more for small models, whose eager step is Python overhead) but compiling
-  costs ~1-3 s with a warm cache and 20-70 s without one (measured on a shared 2-core AMX host,
-  `benchmarks/generate.py`), so a 50-token `generate` stays eager, `serve` (long-lived) compiles.
+- When (`should_compile`, `litllm.generate.decode_engine`): `--compile true/false` (`LLM(..., compile=...)`)
+  decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable (`0`/`false`, `1`/`true`) if
+  set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens (a compiled step decodes
+  1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead, but compiling costs 20-70 s
+  and more with an empty cache), or, on the CPU, whenever a compiled step of this model is saved (below) at a
+  KV-cache length that fits: loading it costs ~1-2 s, so even a 50-token `generate` decodes compiled once any
+  compiled run (a long `generate`, `chat`, `serve`, `LLM`, `--compile true`) saved it.
+- The saved step (CPU): the step is compiled ahead of time (`torch.compile(_decode_step, fullgraph=True)
+  .aot_compile`) with the model as an input (its weights and KV cache are the graph's inputs, not saved with it)
+  and saved, atomically, in `steps_folder(model, threads)/<rows>x<length>.pt`: one folder per CPU model, core
+  count, torch version, thread count, model config and weights' names/shapes/strides/dtypes (as laid out for
+  decoding). A later process loads it (`torch.compiler.load_compiled_function`): no dynamo trace, no compile;
+  its guards (shapes, strides, dtypes of every input) are checked once; a saved step that does not load (another
+  torch, torn), does not fit, or that another user could have written is not used: a one-line note, and the step
+  compiles (and is saved) again. It is a pickle of our own making: only files owned by this user and writable by
+  no one else are loaded (the trust model of inductor's own cache in the same folder). A model that does not
+  trace as one graph (a quantized tensor subclass, say) takes `torch.compile`'s path (`compile_step`).
 - Caches: inductor's FX graph cache and the AOT autograd cache, in `compile_cache_dir()`
   (`$TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/litllm/torch_compile`, i.e.
-  `~/.cache/litllm/torch_compile`): a second process compiling the same model at the same shapes loads
-  the generated kernels instead of generating them.
+  `~/.cache/litllm/torch_compile`): the saved steps' C++ kernels live there (a saved step whose kernels were
+  deleted builds them again when it loads), and a process compiling the same graph at the same shapes loads the
+  generated kernels instead of generating them.
 - Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing
   (`litllm.inference.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
   keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
   again. The first compiled run records its picks in `decode_choices.json` beside the caches, per machine,
   torch version, thread budget and model shape (`record_decode_choices`); later loads of that model take them
-  from there without timing (`recorded_decode_choices`), so they hit the cache (and start faster).
+  from there without timing (`recorded_decode_choices`), so they find the saved step (and start faster).
 - Shapes: the step is compiled for static shapes (batch rows x KV-cache length). `compiled_length` rounds
   a cache length up to a power of two (>= 256, at most the context window), so that commands with
-  different prompt and answer lengths share a handful of compiled shapes.
+  different prompt and answer lengths share a handful of compiled shapes; a saved longer one serves a shorter run.
 - CUDA: `mode="reduce-overhead"` captures the step in a CUDA graph (one launch per token); the engine's
-  inputs (token and position tensors, KV cache) stay at fixed addresses. Written for, not yet run on, a GPU.
+  inputs (token and position tensors, KV cache) stay at fixed addresses. Written for, not yet run on, a GPU;
+  steps are not saved there.
 """
 
 from __future__ import annotations
@@ -306,6 +319,10 @@ def compile_engine_step(engine) -> Callable:
     if step is None:
         engine.step_source = "torch.compile"
         return compile_step(engine._decode_logits, device, static)
+    # its guards (shapes, strides, dtypes of the weights, KV cache and inputs) held when it was loaded or compiled,
+    # and the engine passes the same model, cache and input tensors at every step: checking them again at each
+    # token costs ~1 ms in Python (5% of a 134M model's step)
+    step.disable_guard_check()
     vocab_size = engine.vocab_size
 
     def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
