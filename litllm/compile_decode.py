@@ -5,9 +5,8 @@ caches that make the second run of a command start fast, and CUDA graphs.
   decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable (`0`/`false`, `1`/`true`) if
   set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens (a compiled step decodes
   1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead, but compiling costs 20-70 s
-  and more with an empty cache), or, on the CPU, whenever a compiled step of this model is saved (below) at a
-  KV-cache length that fits: loading it costs ~1-2 s, so even a 50-token `generate` decodes compiled once any
-  compiled run (a long `generate`, `chat`, `serve`, `LLM`, `--compile true`) saved it.
+  and more with an empty cache, and even loading a saved step (below) ~3 CPU-seconds more than an eager start, which
+  a 50-token `generate` of a 134M model (~4 ms saved per token) doesn't win back), so a short `generate` stays eager.
 - The saved step (CPU): the step is compiled ahead of time (`torch.compile(_decode_step, fullgraph=True)
   .aot_compile`) with the model as an input (its weights and KV cache are the graph's inputs, not saved with it)
   and saved, atomically, in `steps_folder(model, threads)/<rows>x<length>.pt`: one folder per CPU model, core

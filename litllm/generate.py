@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import (compile_cache_dir, compiled_length, env_compile, record_decode_choices,
-                                   saved_step_length, should_compile)
+from litllm.compile_decode import (compile_cache_dir, compiled_length, record_decode_choices, saved_step_length,
+                                   should_compile)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -27,8 +27,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
                   compile: Optional[bool] = None, tokens: Optional[int] = None, *, exact_length: bool = False,
                   **engine_args) -> Engine:
     """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
-    tokens, `litllm.compile_decode.should_compile`, or whenever a run before saved the compiled step of this model
-    at a cache length that fits: it loads in about a second). Compiled, its KV cache is the shortest saved length
+    tokens, `litllm.compile_decode.should_compile`). Compiled, its KV cache is the shortest saved length
     that fits (`saved_step_length`), else rounded up to a shape other lengths share (`compiled_length`) unless
     `exact_length`, and the step compiles (or loads) now, with a 2-token warm-up; the loader's weight layout and
     thread count are then recorded, so that the next load of the model picks the same and finds its saved step
@@ -36,10 +35,9 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if compile is False or (compile is None and spread):
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-    saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)
-    by_default = compile is None and env_compile() is None
-    if not ((by_default and saved is not None) or should_compile(compile, model.wte.weight.device, tokens)):
+    if not should_compile(compile, model.wte.weight.device, tokens):
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
+    saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)
     if saved is not None:
         max_seq_length = saved
     elif not exact_length:
@@ -72,7 +70,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or on the CPU when a run before saved this model's compiled step; or as $LITLLM_COMPILE says; false: never)."""
+    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat; or as $LITLLM_COMPILE says; false: never)."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None

@@ -89,8 +89,8 @@ def spy(self):
     return out
 Engine.step = spy
 """
-# a fresh process: `litllm generate` of 12 tokens with the default --compile ($LITLLM_COMPILE=1 in the first
-# process stands for a long generation; none in the second), reporting the tokens and how many graphs dynamo traced
+# a fresh process: `litllm generate` of 12 tokens with the default --compile ($LITLLM_COMPILE=1 stands for a long
+# generation), reporting the tokens and how many graphs dynamo traced
 CHILD = SPY + """
 import json, sys
 from torch._dynamo.utils import counters
@@ -103,7 +103,7 @@ print(json.dumps({"tokens": tokens, "traced": counters["stats"]["unique_graphs"]
 @pytest.fixture(scope="module")
 def saved_step(tiny_checkpoint, tmp_path_factory):
     """Two fresh processes generating with the tiny model and a fresh cache: the first compiles the decode step
-    and saves it, the second (a short generate, default --compile) loads it. Returns (cache, eager tokens, first
+    and saves it, the second loads it. Returns (cache, eager tokens, first
     process's report and stderr, second's)."""
     cache = tmp_path_factory.mktemp("compile") / "cache"
     # no thread pin: the first process records the thread count and weight layout it picked by timing (which the
@@ -125,7 +125,7 @@ def saved_step(tiny_checkpoint, tmp_path_factory):
         generate(tiny_checkpoint, "Hello", max_new_tokens=12, temperature=0.0, compile=False)
     finally:
         eager["Engine"].step = eager["step"]
-    return cache, eager["tokens"], run(**{COMPILE_ENV: "1"}), run()
+    return cache, eager["tokens"], run(**{COMPILE_ENV: "1"}), run(**{COMPILE_ENV: "1"})
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_default_compiled_decode_equals_eager_and_second_process_loads_the_saved
     assert (cache / CHOICES_FILE).is_file()  # the loader's picks, for the next process
     saved = list((cache / STEPS_FOLDER).glob("*/1x*.pt"))
     assert len(saved) == 1 and saved[0].with_suffix(".json").is_file()
-    # a 12-token generate, eager by default without a saved step, loads the saved one: no trace, no compile
+    # the second process loads the saved step: no trace, no compile
     assert "Loaded the saved compiled decode step" in second_err, second_err
     assert second["tokens"] == first["tokens"]
     assert second["traced"] == 0, second
@@ -154,11 +154,10 @@ def test_a_saved_step_takes_the_weights_of_the_model_it_runs(saved_step, tmp_pat
     from litllm.tokenizer import Tokenizer
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(saved_step[0]))
-    monkeypatch.delenv(COMPILE_ENV, raising=False)
     other = make_converted_checkpoint(tmp_path / "other", seed=1)
     model, threads = load_for_decoding(other, "cpu", "32-true")  # the recorded layout and threads: the same shapes
     tokenizer, prompt = Tokenizer(other), [2, 40, 41, 42]
-    loaded = decode_engine(model, tokenizer, 1, 20, threads, None, 12)
+    loaded = decode_engine(model, tokenizer, 1, 20, threads, True, 12)
     assert loaded.step_source == "loaded" and loaded.max_seq_length == 128  # the saved length that fits
     assert greedy_tokens(loaded, prompt) == greedy_tokens(Engine(model, tokenizer, 1, 128), prompt)
 
