@@ -1,5 +1,6 @@
-"""The compiled decode step: when it is on by default, that it decodes what eager decoding does, and that
-its compile cache makes a second process start from cached kernels."""
+"""The compiled decode step: when it is on by default, that it decodes what eager decoding does, and that a second
+process loads the step the first saved (no trace), with the weights of the model it runs; a stale, unfitting or
+foreign saved step is compiled again."""
 
 from __future__ import annotations
 
