@@ -27,11 +27,14 @@ one token per `eval` as litllm's engine does, on the threads litllm picked, in t
 row's bound counts the bytes its format holds; the last table pairs each litllm format with llama.cpp's
 (fp32 / f32, bf16 / f16, torchao.int8wo / q8_0), from the fastest litllm row of that format (eager or compiled).
 `--startup`: time to the first token of `litllm generate` (a fresh process: import, load, compile) with
-`--compile true` and an empty compile cache, again with the cache filled, and with `--compile false`.
+`--compile true` and an empty compile cache (it compiles the step and saves it), again with the saved step there
+(loaded, no trace), with inductor's kernels cached but no saved step (traced and compiled again), and with
+`--compile false`; wall and CPU seconds.
 `--speculative`: runs benchmarks/speculative.py (a 12-layer target, a 2-layer draft trained briefly on its
 outputs) and prints its rows.
 
     python benchmarks/generate.py --quantize none@bf16-true torchao.int8wo --startup --speculative
+    python benchmarks/generate.py --startup_only --repeats 2     # the start-up rows alone
 """
 
 from __future__ import annotations
@@ -147,26 +150,53 @@ def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
-def startup_latency(folder: Path, repeats: int) -> dict[str, float]:
-    """Seconds from starting `litllm generate` (1 new token) to its exit: compiled with an empty compile cache,
-    compiled with it filled (best of `repeats`), and eager."""
+STARTUP_RUNS = (  # (row, --compile, remove the saved compiled steps first)
+    ("compiled, empty cache (compiles, saves the step)", "true", False),
+    ("compiled, saved step (loads it)", "true", False),
+    ("compiled, no saved step, kernels cached (compiles again)", "true", True),
+    ("eager (--compile false)", "false", False),
+)
+
+
+def startup_latency(folder: Path, repeats: int) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds from starting `litllm generate` (1 new token) to its exit, best of `repeats` (rows that
+    compile: once), in a fresh compile cache: compiled with it empty (the step compiles and is saved,
+    `litllm.compile_decode`), compiled with the saved step there (loaded), compiled with
+    inductor's kernels cached but no saved step (traced and compiled again), and eager."""
+    import resource
+    import shutil
     import subprocess
     import sys
 
-    times: dict[str, float] = {}
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    from litllm.compile_decode import STEPS_FOLDER
+
+    times: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        for name, compile in (("compiled, empty cache", "true"), ("compiled, cache filled", "true"),
-                              ("eager (--compile false)", "false")):
-            best = float("inf")
-            for _ in range(1 if name.endswith("empty cache") else repeats):
-                t0 = time.perf_counter()
+        env.pop("LITLLM_COMPILE", None)
+        for name, compile, unsave in STARTUP_RUNS:
+            best = (float("inf"), float("inf"))
+            for _ in range(1 if "compiles" in name else repeats):
+                if unsave:
+                    shutil.rmtree(Path(cache) / STEPS_FOLDER, ignore_errors=True)
+                flag = [] if compile is None else ["--compile", compile]
+                t0, c0 = time.perf_counter(), children_cpu()
                 subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
-                                "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true",
-                                "--compile", compile], env=env, check=True, capture_output=True)
-                best = min(best, time.perf_counter() - t0)
+                                "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
+                               env=env, check=True, capture_output=True)
+                best = min(best, (time.perf_counter() - t0, children_cpu() - c0))
             times[name] = best
     return times
+
+
+def print_startup(folder: Path, repeats: int) -> None:
+    for name, (wall, cpu) in startup_latency(folder, repeats).items():
+        print(f"litllm generate, 1 token, fresh process, {name}: {wall:.1f} s ({cpu:.1f} CPU-s)")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 def linear_bytes(model) -> int:
@@ -204,6 +234,7 @@ def parse_args():
                         help="llama.cpp rows (GGUF outtypes; default f32 f16 q8_0 when llama_cpp is importable)")
     parser.add_argument("--no_transformers", action="store_true", help="skip the transformers row")
     parser.add_argument("--startup", action="store_true", help="time `litllm generate`'s first token (compile cache)")
+    parser.add_argument("--startup_only", action="store_true", help="only the --startup rows (no decode table)")
     parser.add_argument("--speculative", action="store_true", help="run benchmarks/speculative.py too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp rows: CPU only)")
     parser.add_argument("--threads", type=int, default=None,
@@ -248,11 +279,12 @@ def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, deco
         if compile:
             engines[name].close()
             twin = f"{name} compiled"
-            engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)
-            row_bytes[twin] = row_bytes[name]
             t0 = time.perf_counter()
-            same = decode(engines[twin]) == tokens  # compiles
-            print(f"{twin}: compiling the decode step took {time.perf_counter() - t0:.0f} s; same tokens as eager: {same}")
+            engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)  # compiles or loads
+            row_bytes[twin] = row_bytes[name]
+            same = decode(engines[twin]) == tokens
+            how = getattr(engines[twin], "step_source", "compiled")
+            print(f"{twin}: the decode step ({how}) took {time.perf_counter() - t0:.0f} s; same tokens as eager: {same}")
     return engines
 
 
@@ -321,6 +353,9 @@ def run_all(folder: Path, args) -> None:
 
     weight_bytes = build_checkpoint(folder, args)
     add_tokenizer(folder)
+    if args.startup_only:
+        print_startup(folder, args.repeats)
+        return
     prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     n = args.new_tokens
     models, row_bytes, layout = load_rows(folder, args, weight_bytes)
@@ -386,8 +421,7 @@ def run_all(folder: Path, args) -> None:
     best = print_table(runs, row_bytes, bandwidth, n, cpu_bandwidth)
     print_ratios(best, row_bytes, bandwidth)
     if args.startup:
-        for name, seconds in startup_latency(folder, args.repeats).items():
-            print(f"litllm generate, 1 token, fresh process, {name}: {seconds:.1f} s")
+        print_startup(folder, args.repeats)
     if args.speculative:
         import subprocess
         import sys

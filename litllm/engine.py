@@ -402,11 +402,10 @@ class Engine:
         self._prefilling: deque[int] = deque()  # slots whose prompt is not all in the cache, in admission order
         self._compiled = compile
         self._decode = self._decode_logits
-        if compile:  # at static shapes, cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
-            from litllm.compile_decode import compile_step
+        if compile:  # at static shapes, saved/cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
+            from litllm.compile_decode import compile_engine_step
 
-            static = [t for c in self._caches for t in (c.k, c.v)] + [self._tokens, self._pos]
-            self._decode = compile_step(self._decode_logits, self.device, static)
+            self._decode = compile_engine_step(self)
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()
         self._leader_of: dict[int, int] = {}  # a request -> the one of the same add_many whose prefill it copies

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import compile_cache_dir, compiled_length, record_decode_choices, should_compile
+from litllm.compile_decode import (compile_cache_dir, compiled_length, record_decode_choices, saved_step_length,
+                                   should_compile)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -26,17 +27,23 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
                   compile: Optional[bool] = None, tokens: Optional[int] = None, *, exact_length: bool = False,
                   **engine_args) -> Engine:
     """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
-    tokens, `litllm.compile_decode.should_compile`). Compiled, its KV cache is rounded up to a shape other
-    lengths share (`compiled_length`) unless `exact_length`, and the step compiles now (a 2-token warm-up); the
-    loader's weight layout and thread count are then recorded, so that the next load of the model picks the same and
-    its compile hits the cache (`litllm.compile_decode.record_decode_choices`)."""
+    tokens, `litllm.compile_decode.should_compile`). Compiled, its KV cache is the shortest saved length
+    that fits (`saved_step_length`), else rounded up to a shape other lengths share (`compiled_length`) unless
+    `exact_length`, and the step compiles (or loads) now, with a 2-token warm-up; the loader's weight layout and
+    thread count are then recorded, so that the next load of the model picks the same and finds its saved step
+    (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
-    if (compile is None and spread) or not should_compile(compile, model.wte.weight.device, tokens):
+    if compile is False or (compile is None and spread):
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-    if not exact_length:
+    if not should_compile(compile, model.wte.weight.device, tokens):
+        return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
+    saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)
+    if saved is not None:
+        max_seq_length = saved
+    elif not exact_length:
         max_seq_length = compiled_length(max_seq_length, model.max_seq_length)
-    engine = Engine(model, tokenizer, rows, max_seq_length, threads=threads, compile=True, **engine_args)
     t0 = time.perf_counter()
+    engine = Engine(model, tokenizer, rows, max_seq_length, threads=threads, compile=True, **engine_args)
     engine.add(Request([0], 2))  # its second token runs the decode step: compiled, or loaded from the cache
     while engine.has_unfinished:
         engine.step()
@@ -63,7 +70,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step with `torch.compile`, its kernels cached in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat; or as $LITLLM_COMPILE says; false: never)."""
+    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat; or as $LITLLM_COMPILE says; false: never)."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None
@@ -144,8 +151,8 @@ def generate(
     with decoding.engine(model, tokenizer, len(prompt_ids) + max_new_tokens, loaded.threads, LoadArgs(**load),
                          num_samples * max_new_tokens) as engine:
         if getattr(engine, "compile_seconds", None) is not None:
-            print(f"Compiled the decode step in {engine.compile_seconds:.2f} s (cache: {compile_cache_dir()})",
-                  file=sys.stderr)
+            how = "Loaded the saved compiled" if getattr(engine, "step_source", None) == "loaded" else "Compiled the"
+            print(f"{how} decode step in {engine.compile_seconds:.2f} s (cache: {compile_cache_dir()})", file=sys.stderr)
         for i in range(num_samples):
             t0 = time.perf_counter()
             engine.add(Request(prompt_ids, max_new_tokens, decoding.sampling(i), **stops))

@@ -1,5 +1,6 @@
-"""The compiled decode step: when it is on by default, that it decodes what eager decoding does, and that
-its compile cache makes a second process start from cached kernels."""
+"""The compiled decode step: when it is on by default, that it decodes what eager decoding does, and that a second
+process loads the step the first saved (no trace), with the weights of the model it runs; a stale, unfitting or
+foreign saved step is compiled again."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import sys
 
 import pytest
 
-from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, compile_cache_dir, compiled_length,
+from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, STEPS_FOLDER, compile_cache_dir, compiled_length,
                                    record_decode_choices, should_compile)
+from litllm.engine import Request
 from litllm.errors import LitLLMError
 
 
@@ -88,29 +90,31 @@ def spy(self):
     return out
 Engine.step = spy
 """
-# a fresh process: `litllm generate` with the default --compile (on: $LITLLM_COMPILE=1 stands for a long
-# generation), reporting the tokens and inductor's FX graph cache hits/misses of its compile
+# a fresh process: `litllm generate` of 12 tokens with the default --compile ($LITLLM_COMPILE=1 stands for a long
+# generation), reporting the tokens and how many graphs dynamo traced
 CHILD = SPY + """
 import json, sys
 from torch._dynamo.utils import counters
 from litllm.generate import generate
 generate(sys.argv[1], "Hello", max_new_tokens=12, temperature=0.0)
-# a hit of AOTAutograd's cache (which sits in front of inductor's) serves the compiled graph without an FX lookup
-print(json.dumps({"tokens": tokens, "counters": {k: dict(v) for k, v in counters.items() if "cache" in str(dict(v))},
-                  "hit": counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"],
-                  "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+print(json.dumps({"tokens": tokens, "traced": counters["stats"]["unique_graphs"]}))
 """
 
 
-@pytest.mark.slow
-def test_default_compiled_decode_equals_eager_and_second_process_hits_the_cache(tiny_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def saved_step(tiny_checkpoint, tmp_path_factory):
+    """Two fresh processes generating with the tiny model and a fresh cache: the first compiles the decode step
+    and saves it, the second loads it. Returns (cache, eager tokens, first
+    process's report and stderr, second's)."""
+    cache = tmp_path_factory.mktemp("compile") / "cache"
     # no thread pin: the first process records the thread count and weight layout it picked by timing (which the
     # compiled kernels depend on), and the second takes them from there
-    env = {**os.environ, COMPILE_ENV: "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    env.pop(COMPILE_ENV, None)
 
-    def run() -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
-                              text=True, timeout=600)
+    def run(**extra) -> tuple[dict, str]:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env={**env, **extra},
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -122,11 +126,95 @@ def test_default_compiled_decode_equals_eager_and_second_process_hits_the_cache(
         generate(tiny_checkpoint, "Hello", max_new_tokens=12, temperature=0.0, compile=False)
     finally:
         eager["Engine"].step = eager["step"]
-    first, err = run()
-    assert "Compiled the decode step" in err and str(tmp_path / "cache") in err
-    assert first["tokens"][2:] == eager["tokens"]  # after the 2-token warm-up: the same greedy tokens
-    assert first["miss"] >= 1 and first["hit"] == 0  # a cold cache: compiled
-    assert (tmp_path / "cache" / CHOICES_FILE).is_file()  # the loader's picks, for the next process
-    second, _ = run()
+    return cache, eager["tokens"], run(**{COMPILE_ENV: "1"}), run(**{COMPILE_ENV: "1"})
+
+
+@pytest.mark.slow
+def test_default_compiled_decode_equals_eager_and_second_process_loads_the_saved_step(saved_step):
+    cache, eager, (first, first_err), (second, second_err) = saved_step
+    assert "Compiled the decode step" in first_err and str(cache) in first_err
+    assert first["tokens"][2:] == eager  # after the 2-token warm-up: the same greedy tokens
+    assert first["traced"] == 1  # no saved step: traced (and compiled)
+    assert (cache / CHOICES_FILE).is_file()  # the loader's picks, for the next process
+    saved = list((cache / STEPS_FOLDER).glob("*/1x*.pt"))
+    assert len(saved) == 1 and saved[0].with_suffix(".json").is_file()
+    # the second process loads the saved step: no trace, no compile
+    assert "Loaded the saved compiled decode step" in second_err, second_err
     assert second["tokens"] == first["tokens"]
-    assert second["hit"] >= 1 and second["miss"] == 0, second["counters"]  # every kernel from the cache
+    assert second["traced"] == 0, second
+
+
+@pytest.mark.slow
+def test_a_saved_step_takes_the_weights_of_the_model_it_runs(saved_step, tmp_path, monkeypatch):
+    # another checkpoint of the same shapes (other weights): it finds and loads the saved step, which reads the
+    # weights from the model it is given (they are not saved in it), so it decodes what this model decodes eagerly
+    from conftest import make_converted_checkpoint
+    from litllm.engine import Engine, Request
+    from litllm.generate import decode_engine
+    from litllm.inference import load_for_decoding
+    from litllm.tokenizer import Tokenizer
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(saved_step[0]))
+    other = make_converted_checkpoint(tmp_path / "other", seed=1)
+    model, threads = load_for_decoding(other, "cpu", "32-true")  # the recorded layout and threads: the same shapes
+    tokenizer, prompt = Tokenizer(other), [2, 40, 41, 42]
+    loaded = decode_engine(model, tokenizer, 1, 20, threads, True, 12)
+    assert loaded.step_source == "loaded" and loaded.max_seq_length == 128  # the saved length that fits
+    assert greedy_tokens(loaded, prompt) == greedy_tokens(Engine(model, tokenizer, 1, 128), prompt)
+
+
+def greedy_tokens(engine, prompt: list[int], n: int = 12) -> list[int]:
+    with engine:
+        engine.add(Request(prompt, n))
+        tokens = []
+        while engine.has_unfinished:
+            tokens.extend(t for out in engine.step() for t in out.token_ids)
+    return tokens
+
+
+@pytest.mark.slow
+def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkpoint, monkeypatch, capsys):
+    # a saved step that does not load (torn, another torch...), does not fit the model (its guards fail), or that
+    # another user could have written, is not used: a one-line note, then the step compiles as without one
+    from litllm import compile_decode
+    from litllm.engine import Engine
+    from litllm.inference import load_for_decoding
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(saved_step[0]))
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, inputs: None)  # no 1-minute compile
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    folder = compile_decode.steps_folder(model, threads)
+    saved = next(folder.glob("1x*.pt"))
+    length = int(saved.stem.split("x")[1])
+    (folder / f"2x{length}.pt").write_bytes(saved.read_bytes())  # a valid step, for one row, where two are asked
+    (folder / f"3x{length}.pt").write_bytes(saved.read_bytes()[:1000])  # torn
+    foreign = folder / f"4x{length}.pt"
+    foreign.write_bytes(saved.read_bytes())
+    foreign.chmod(0o666)  # writable by anyone: not loaded
+    notes = {2: "does not fit this model", 3: "could not load the saved decode step", 4: "writable by others"}
+    for rows, note in notes.items():
+        engine = Engine(model, None, rows, length, threads=threads, compile=True)
+        assert engine.step_source == "torch.compile"  # the fallback (compiled at its first step)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("note: ") and note in err, err
+        engine.close()
+    engine = Engine(model, None, 1, length, threads=threads, compile=True)
+    assert engine.step_source == "loaded" and not capsys.readouterr().err
+    engine.close()
+
+
+def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
+    from litllm.compile_decode import saved_step_length, steps_folder
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    assert saved_step_length(model, 2, 1, 40) is None  # nothing saved
+    folder = steps_folder(model, 2)
+    folder.mkdir(parents=True)
+    for name in ("1x64.pt", "1x100.pt", "2x50.pt", "1x32.pt", "1x1024.pt", "1xab.pt", "1x80.json"):
+        (folder / name).touch()
+    assert saved_step_length(model, 2, 1, 40) == 64  # the shortest that fits, within the window (128)
+    assert saved_step_length(model, 2, 1, 70) == 100 and saved_step_length(model, 2, 1, 101) is None
+    assert saved_step_length(model, 2, 2, 40) == 50 and saved_step_length(model, 2, 1, 40, exact=True) is None
+    assert saved_step_length(model, 1, 1, 40) is None  # another thread count: other kernels, another folder
