@@ -104,6 +104,31 @@ def qualify_bare_optimizer(argv: list[str]) -> list[str]:
     return out
 
 
+def skip_optimizer_params_in_class_parsers() -> None:
+    """Let `--optimizer bitsandbytes.optim.PagedAdamW8bit --optimizer.lr 1e-4` replace a default optimizer that has
+    init_args (finetune's AdamW). On that class_path change jsonargparse (4.53) builds the new class's parser to see
+    which old init_args it still takes, but without skipping the `params` that the `Callable[[params], Optimizer]`
+    type supplies: torch's optimizers annotate `params`, bitsandbytes' do not, and the check died with a traceback.
+    An optimizer's parser here always skips its first positional argument, as jsonargparse's own parse of the flag
+    does."""
+    from jsonargparse._typehints import ActionTypeHint
+
+    build = ActionTypeHint.get_class_parser
+    if getattr(build, "skips_optimizer_params", False):
+        return
+
+    def get_class_parser(val_class, sub_add_kwargs=None, skip_args=None):
+        import torch  # loaded already: every command with an --optimizer flag imports it
+
+        cls = _import_class(val_class) if isinstance(val_class, str) else val_class
+        if skip_args is None and isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            skip_args = {1}
+        return build(val_class, sub_add_kwargs, skip_args)
+
+    get_class_parser.skips_optimizer_params = True
+    ActionTypeHint.get_class_parser = staticmethod(get_class_parser)
+
+
 def _fail(line: str, code: int = 1) -> None:
     """Print the error on a line of its own (closing any progress bar left open mid-line) and exit."""
     tqdm = sys.modules.get("tqdm")
@@ -246,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
         argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))
         argv = qualify_bare_optimizer(argv)
+        skip_optimizer_params_in_class_parsers()
 
     try:
         _check_config_files(argv)

@@ -132,10 +132,12 @@ def test_misspelling_names_the_closest_valid_key(args, hint):
     (["--optimizer.class_path", "Adam", "--optimizer.init_args.lr", "0.5"], "torch.optim.Adam"),
     (["--optimizer.class_path", "torch.optim.AdamW", "--optimizer.init_args.lr", "0.5"], "torch.optim.AdamW"),
     (["--optimizer", "bitsandbytes.optim.AdamW"], "bitsandbytes.optim.AdamW"),
-], ids=["bare", "bare=", "class_path", "dotted-class_path", "dotted-bitsandbytes"])
+    (["--optimizer", "bitsandbytes.optim.PagedAdamW8bit", "--optimizer.lr", "0.5"], "bitsandbytes.optim.PagedAdamW8bit"),
+], ids=["bare", "bare=", "class_path", "dotted-class_path", "dotted-bitsandbytes", "bitsandbytes-with-settings"])
 def test_a_bare_optimizer_name_is_torch_optims_class_beside_bitsandbytes(args, class_path, tmp_path):
     """bitsandbytes.optim has its own AdamW, Adam, SGD...: with it imported (jsonargparse alone then finds a bare
-    name ambiguous) a bare name still means torch.optim's class, a dotted path what it names; in a recipe too."""
+    name ambiguous) a bare name still means torch.optim's class, a dotted path what it names; in a recipe too. A
+    bitsandbytes class (its `params` untyped) replaces finetune's default AdamW with settings, from flags or a recipe."""
     pytest.importorskip("bitsandbytes.optim")
     import yaml
 
@@ -152,14 +154,12 @@ def test_a_bare_optimizer_name_is_torch_optims_class_beside_bitsandbytes(args, c
     job, _ = parse_command("finetune_lora", ["x", *args])  # `litllm estimate finetune_lora ...` parses them alike
     cls = parse_spec(job.optimizer)[0]
     assert f"{cls.__module__.split('.')[0]}.optim.{cls.__name__}" == class_path
-    if class_path.startswith("torch."):  # a recipe's {class_path, init_args} (a bare name there stays ambiguous,
-        # and bitsandbytes' class fails in jsonargparse 4.53 on that path: its `params` has no type)
-        recipe = tmp_path / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump({"optimizer": {"class_path": class_path, "init_args": {"lr": 0.5}}}))
-        result = in_process("finetune_lora", "x", "--config", recipe, "--print_config")
-        assert result.returncode == 0, result.stderr
-        optimizer = yaml.safe_load(result.stdout)["optimizer"]
-        assert (optimizer["class_path"], optimizer["init_args"]["lr"]) == (class_path, 0.5)
+    recipe = tmp_path / "recipe.yaml"  # a recipe's {class_path, init_args} (a bare name there stays ambiguous)
+    recipe.write_text(yaml.safe_dump({"optimizer": {"class_path": class_path, "init_args": {"lr": 0.5}}}))
+    result = in_process("finetune_lora", "x", "--config", recipe, "--print_config")
+    assert result.returncode == 0, result.stderr
+    optimizer = yaml.safe_load(result.stdout)["optimizer"]
+    assert (optimizer["class_path"], optimizer["init_args"]["lr"]) == (class_path, 0.5)
 
 
 def test_estimate_and_version_are_listed():
