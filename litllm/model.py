@@ -372,19 +372,27 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope, mask, input_pos, kv_len=None):
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
-        if c.norm_qk == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        if c.norm_qk == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
-            q, k = deinterleave(q), deinterleave(k)
-        if c.rope_n_elem > 0 and rope is not None:
-            cos, sin = rope[:2]
-            q, k = apply_rope_qk(q, k, cos, sin)
+        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) * hs)
+        if T == 1 and c.norm_qk is None and not c.rope_interleaved and c.rope_n_elem > 0 and rope is not None:
+            # one token (decoding): rotate the query and key heads together, straight from the projection's output
+            nh, nkv = c.n_head, c.n_query_groups
+            heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
+            qk = apply_rope(heads[:, : nh + nkv], *rope[:2])
+            q, k, v = qk[:, :nh], qk[:, nh:], heads[:, nh + nkv:]
+        else:
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+            if c.norm_qk == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+            if c.norm_qk == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
+                q, k = deinterleave(q), deinterleave(k)
+            if c.rope_n_elem > 0 and rope is not None:
+                cos, sin = rope[:2]
+                q, k = apply_rope_qk(q, k, cos, sin)
         if c.norm_qk == "l2" and rope is not None:  # Llama 4: weightless RMSNorm, RoPE layers only
             q, k = l2_norm(q, c.norm_eps), l2_norm(k, c.norm_eps)
         if c.nope_attn_scale is not None and rope is None:
