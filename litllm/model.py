@@ -168,7 +168,8 @@ class GPT(nn.Module):
         return x
 
     def _rope(self, positions: torch.Tensor) -> tuple[tuple, tuple]:
-        """`(rope, rope_local)`: (cos, sin[, query scale]) at `positions` (T,) or (B, T), for global and local layers."""
+        """`(rope, rope_local)`: (cos, sin[, query scale]) at `positions` (T,) or (B, T), for global and local layers;
+        cos/sin (T, n) or (B, 1, T, n)."""
         c = self.config
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, n) or (B, T, n)
         if c.rope_scaling and c.rope_scaling.get("rope_type") == "longrope":
@@ -177,12 +178,18 @@ class GPT(nn.Module):
             short = positions.amax(dim=-1, keepdim=True) < c.rope_scaling["original_max_position_embeddings"]
             cos = torch.where(short[..., None], self.rope_cos_short[positions], cos)
             sin = torch.where(short[..., None], self.rope_sin_short[positions], sin)
-        rope = (cos, sin)
+        # once per forward rather than once per layer: in the activations' dtype, and (B, 1, T, n) for per-row positions
+        dtype = self.wte.weight.dtype if self.wte.weight.is_floating_point() else cos.dtype
+
+        def ready(t: torch.Tensor) -> torch.Tensor:
+            return (t[:, None] if t.dim() == 3 else t).to(dtype)
+
+        rope = (ready(cos), ready(sin))
         if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
-            rope = (cos, sin, 1 + c.query_scale_beta * torch.log1p(torch.floor(positions / c.query_scale_length)))
+            rope = (*rope, 1 + c.query_scale_beta * torch.log1p(torch.floor(positions / c.query_scale_length)))
         rope_local = rope
         if c.rope_local_base is not None:
-            rope_local = (self.rope_cos_local[positions], self.rope_sin_local[positions], *rope[2:])
+            rope_local = (ready(self.rope_cos_local[positions]), ready(self.rope_sin_local[positions]), *rope[2:])
         return rope, rope_local
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,16 +329,22 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, input_pos, kv_len=None):
         """rope: (cos, sin) for this layer, or None for a layer without positional encoding."""
+        c = self.config
         x_normed = self.norm_1(x)
-        h = self.post_attn_norm(self.attn(x_normed, rope, mask, input_pos, kv_len))
-        m = self.config.residual_multiplier
-        if self.config.parallel_residual:
-            mlp_in = x_normed if self.config.shared_attention_norm else self.norm_2(x)
-            h = h + self.post_mlp_norm(self.mlp(mlp_in))
+        h = self.attn(x_normed, rope, mask, input_pos, kv_len)
+        if c.post_attention_norm:  # (an Identity module otherwise: its call is skipped, as each one counts when decoding)
+            h = self.post_attn_norm(h)
+        m = c.residual_multiplier
+        if c.parallel_residual:
+            mlp_in = x_normed if c.shared_attention_norm else self.norm_2(x)
+            h = h + self._post_mlp(self.mlp(mlp_in))
             return x + (h * m if m != 1.0 else h)
         x = x + (h * m if m != 1.0 else h)
-        h = self.post_mlp_norm(self.mlp(self.norm_2(x)))
+        h = self._post_mlp(self.mlp(self.norm_2(x)))
         return x + (h * m if m != 1.0 else h)
+
+    def _post_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post_mlp_norm(h) if self.config.post_mlp_norm else h
 
 
 class CausalSelfAttention(nn.Module):
@@ -359,19 +372,27 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope, mask, input_pos, kv_len=None):
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
-        if c.norm_qk == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        if c.norm_qk == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
-            q, k = deinterleave(q), deinterleave(k)
-        if c.rope_n_elem > 0 and rope is not None:
-            cos, sin = rope[:2]
-            q, k = apply_rope_qk(q, k, cos, sin)
+        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) * hs)
+        if T == 1 and c.norm_qk is None and not c.rope_interleaved and c.rope_n_elem > 0 and rope is not None:
+            # one token (decoding): rotate the query and key heads together, straight from the projection's output
+            nh, nkv = c.n_head, c.n_query_groups
+            heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
+            qk = apply_rope(heads[:, : nh + nkv], *rope[:2])
+            q, k, v = qk[:, :nh], qk[:, nh:], heads[:, nh + nkv:]
+        else:
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+            if c.norm_qk == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+            if c.norm_qk == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
+                q, k = deinterleave(q), deinterleave(k)
+            if c.rope_n_elem > 0 and rope is not None:
+                cos, sin = rope[:2]
+                q, k = apply_rope_qk(q, k, cos, sin)
         if c.norm_qk == "l2" and rope is not None:  # Llama 4: weightless RMSNorm, RoPE layers only
             q, k = l2_norm(q, c.norm_eps), l2_norm(k, c.norm_eps)
         if c.nope_attn_scale is not None and rope is None:
@@ -602,16 +623,19 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     that share a key/value head are stacked as rows, so grouped-query attention needs no copy of k/v.
     """
     B, nh, _, hs = q.shape
-    nkv = k.size(1)
-    q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, n_rep, hs): head h reads kv head h // n_rep
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nkv, n_rep, L)
+    nkv, L = k.size(1), k.size(2)
+    # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
+    # costs a few more ops, which is what a one-token step spends its time on beside the weights
+    q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
+    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2)).mul_(scale).view(B, nkv, nh // nkv, L)
     if logit_softcap is not None:
         scores = softcap(scores, logit_softcap)
     if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
     head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
-    probs = softmax_with_sinks(scores, head_sinks).to(q.dtype)
-    return (probs @ v).reshape(B, nh, 1, v.size(-1))
+    probs = softmax_with_sinks(scores, head_sinks).to(q.dtype)  # (B, nkv, n_rep, L)
+    y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+    return y.view(B, nh, 1, v.size(-1))
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -961,11 +985,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
-            # training on the CPU, eager: the same forward, a cheaper backward (GPUs have a fused rms_norm kernel)
-            eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-            if eager_cpu and torch.is_grad_enabled() and type(self.weight.data) is torch.Tensor:
-                return RMSNormFunction.apply(x, self.weight, self.eps)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same, in one op (not eight)
+            if x.device.type == "cpu" and not torch.compiler.is_compiling():
+                if torch.is_grad_enabled() and type(self.weight.data) is torch.Tensor:
+                    # training, eager: the same forward, a cheaper backward than autograd through F.rms_norm's ops
+                    return RMSNormFunction.apply(x, self.weight, self.eps)
+                if not torch.is_grad_enabled():
+                    # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
+                    # one-token decode step each op after a weight-streaming matmul runs with cold caches (mean = sum, div_)
+                    inv_rms = x.square().sum(-1, keepdim=True).div_(x.size(-1)).add_(self.eps).rsqrt_()  # (..., 1)
+                    return torch.mul(x, inv_rms).mul_(self.weight)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on GPUs and compiled
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -1041,26 +1070,31 @@ def rope_inv_freq(n_elem: int, base: float, scaling: Optional[dict]) -> tuple[to
 def rope_cache(
     seq_len: int, n_elem: int, base: float, scaling: Optional[dict], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (seq_len, n_elem), fp32, laid out as [freqs | freqs] for rotate-half RoPE."""
+    """cos, sin of shape (seq_len, n_elem), fp32, laid out as [freqs | freqs] for rotate-half RoPE; sin's first half
+    negated (see `apply_rope`)."""
     if n_elem == 0:
         return torch.empty(seq_len, 0, device=device), torch.empty(seq_len, 0, device=device)
     inv_freq, attn_factor = rope_inv_freq(n_elem, base, scaling)
     positions = torch.arange(seq_len, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # (seq_len, n_elem/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * attn_factor).to(device), (emb.sin() * attn_factor).to(device)
+    sin = emb.sin() * attn_factor
+    sin[:, : n_elem // 2].neg_()
+    return (emb.cos() * attn_factor).to(device), sin.to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first n_elem dims of x (B, nh, T, hs); cos/sin are (T, n_elem) or (B, T, n_elem)."""
+    """Rotate the first n_elem dims of x (B, nh, T, hs); cos/sin are (T, n_elem), (B, T, n_elem) or (B, 1, T, n_elem),
+    sin with its first half negated (`rope_cache`): x * cos + [-x2 | x1] * [s | s] = x * cos + [x2 | x1] * [-s | s],
+    the same values with a roll in place of a slice, a negation and a cat."""
     n = cos.size(-1)
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, n)
     part = n < x.size(-1)
     x_rope = x[..., :n] if part else x  # (each op counts in a one-token decode step: no slices when n = hs)
-    half = n // 2
-    rotated = torch.cat((-x_rope[..., half:], x_rope[..., :half]), dim=-1)
-    out = x_rope * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = x_rope * cos + x_rope.roll(n // 2, dims=-1) * sin
     return torch.cat((out, x[..., n:]), dim=-1) if part else out
 
 
@@ -1098,8 +1132,8 @@ class KVCache(nn.Module):
         if input_pos.dim() == 2 and B == 1:
             input_pos = input_pos[0]  # one row: index_copy_ is a little faster than scatter_
         if input_pos.dim() == 1:
-            self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
-            self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+            self.k[:B].index_copy_(2, input_pos, k if k.dtype == self.k.dtype else k.to(self.k.dtype))
+            self.v[:B].index_copy_(2, input_pos, v if v.dtype == self.v.dtype else v.to(self.v.dtype))
         else:
             index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
             self.k[:B].scatter_(2, index, k.to(self.k.dtype))
