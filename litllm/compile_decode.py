@@ -300,8 +300,6 @@ def compile_engine_step(engine) -> Callable:
     trace, no compile: ~1 s), else compiled ahead of time (`torch.compile(...).aot_compile`) and saved there;
     `engine.step_source` says which ("loaded", "compiled"; "torch.compile" when the model is not one graph, or on
     CUDA: `compile_step`)."""
-    from litllm.engine import threads_for
-
     model, device = engine.model, engine.device
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
@@ -310,7 +308,7 @@ def compile_engine_step(engine) -> Callable:
     enable_compile_cache()
     inputs = (model, engine._tokens, engine._pos)
     path = steps_folder(model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
-    with torch.inference_mode(), threads_for(engine.threads):  # as the engine's step() runs it
+    with torch.inference_mode():  # under the engine's thread count (Engine.__init__), as its step() runs it
         step = _load_step(path, inputs) if path.exists() else None
         engine.step_source = "loaded"
         if step is None:

@@ -405,7 +405,8 @@ class Engine:
         if compile:  # at static shapes, saved/cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
             from litllm.compile_decode import compile_engine_step
 
-            self._decode = compile_engine_step(self)
+            with threads_for(self.threads):  # compiled (and its kernels picked) as step() runs it
+                self._decode = compile_engine_step(self)
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()
         self._leader_of: dict[int, int] = {}  # a request -> the one of the same add_many whose prefill it copies
