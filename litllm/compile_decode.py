@@ -294,6 +294,16 @@ def _compile_and_save(path: Path, inputs: tuple):
     return step
 
 
+def unpack_weights(model) -> None:
+    """oneDNN's packed weights (`litllm.inference.PackedLinear`, the layout `optimize_for_decoding` may pick for the
+    eager step) are opaque tensors that inductor lowers only as frozen constants, and a compiled step takes the
+    weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if hasattr(child, "packed_weight") and hasattr(child, "unpacked"):  # a PackedLinear
+                setattr(module, name, child.unpacked())
+
+
 def compile_engine_step(engine) -> Callable:
     """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled at the engine's static
     shapes. On the CPU: loaded from `steps_folder(...)/<rows>x<length>.pt` when a run before saved it (no dynamo
@@ -301,6 +311,7 @@ def compile_engine_step(engine) -> Callable:
     `engine.step_source` says which ("loaded", "compiled"; "torch.compile" when the model is not one graph, or on
     CUDA: `compile_step`)."""
     model, device = engine.model, engine.device
+    unpack_weights(model)
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":

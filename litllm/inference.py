@@ -73,6 +73,13 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
+    def unpacked(self) -> torch.nn.Linear:
+        """The plain Linear again (`to_dense` undoes oneDNN's reorder exactly): what a compiled step multiplies by."""
+        linear = torch.nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(self.packed_weight.to_dense(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
 
 def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
     # same values and shape; the transpose F.linear multiplies by becomes contiguous

@@ -438,3 +438,30 @@ def test_decode_threads(tiny_checkpoint):
         assert pick_decode_threads(model) == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype, monkeypatch, tmp_path):
+    """The layout the eager step may pick (oneDNN's packed weights) used to fail inductor's lowering once `chat`,
+    `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
+    from litllm.inference import PackedLinear, optimize_for_decoding
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+    def greedy(compile: bool) -> list[int]:
+        model = GPT.from_checkpoint(tiny_checkpoint).to(dtype).eval()
+        assert optimize_for_decoding(model, layout="onednn-packed") == "onednn-packed"
+        engine = Engine(model, None, 1, 32, compile=compile)
+        assert any(isinstance(m, PackedLinear) for m in model.modules()) != compile
+        engine.add(Request([1, 2, 3, 4], 8))
+        tokens = []
+        while engine.has_unfinished:
+            tokens += [t for out in engine.step() for t in out.token_ids]
+        return tokens
+
+    compiled, eager = greedy(True), greedy(False)
+    assert len(compiled) == 8
+    if dtype == torch.float32:  # bf16 kernels round differently once fused
+        assert compiled == eager
