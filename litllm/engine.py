@@ -75,6 +75,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int
                    top_p: float = 1.0) -> torch.Tensor:
     """The distribution `sample` draws from (temperature > 0): (..., vocab) float probabilities."""
     logits = logits.float()
+    if temperature == 1.0 and top_k is None and top_p >= 1.0:
+        return logits.softmax(dim=-1)  # softmax shifts by the max itself: the same values, bit for bit, in 1 op of 4
     # shifted so the top logit is 0 first: a tiny temperature then sends the others to -inf (never +inf - inf = NaN)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):

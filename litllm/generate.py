@@ -33,9 +33,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     thread count are then recorded, so that the next load of the model picks the same and finds its saved step
     (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
-    if compile is False or (compile is None and spread):
-        return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-    if not should_compile(compile, model.wte.weight.device, tokens):
+    if (compile is None and spread) or not should_compile(compile, model.wte.weight.device, tokens):
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
     saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)
     if saved is not None:

@@ -280,6 +280,17 @@ def test_context_window(tiny_checkpoint, capsys):
         generate_ids(model, [1, 1, 1], 5, Sampling(top_p=0.0))
 
 
+def test_sampling_probs_at_temperature_one_skip_the_shift_bit_for_bit():
+    """At temperature 1 without top-k/top-p, `sampling_probs` is one softmax: the same values, bit for bit, as
+    softmax((logits - max) / 1), since softmax shifts by the max itself (fp32, bf16 and large-magnitude logits)."""
+    from litllm.engine import sampling_probs
+
+    torch.manual_seed(0)
+    for logits in (torch.randn(8, 8000), torch.randn(8, 8000) * 300 + 1e4, torch.randn(3, 5, 1000).bfloat16()):
+        shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+        assert torch.equal(sampling_probs(logits, 1.0), (shifted / 1.0).softmax(dim=-1))
+
+
 def test_sample():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

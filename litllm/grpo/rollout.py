@@ -116,11 +116,7 @@ class RolloutEngine(Engine):
         s = running[0][1].request.sampling
         uniforms = torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64, device=self.device)
                               for _, row in running]).to(logits.device)
-        if s.temperature == 1.0 and s.top_k is None and s.top_p >= 1.0:
-            probs = logits.float().softmax(-1)  # what `sampling_probs` gives here, bit for bit, in 1 op of its 4
-        else:
-            probs = sampling_probs(logits, s.temperature, s.top_k, s.top_p)
-        picked = inverse_cdf_sample(probs, uniforms)
+        picked = inverse_cdf_sample(sampling_probs(logits, s.temperature, s.top_k, s.top_p), uniforms)
         tokens = picked.tolist()
         if any(t < 0 for t in tokens):
             raise LitLLMError("the policy's next-token probabilities are not finite (NaN or inf logits): the "
