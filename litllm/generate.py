@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from litllm.compile_decode import (compile_cache_dir, compiled_length, record_decode_choices, saved_step_length,
-                                   should_compile)
+                                   should_compile, unpack_weights)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -35,6 +35,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if (compile is None and spread) or not should_compile(compile, model.wte.weight.device, tokens):
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
+    unpack_weights(model)  # as the compiled step takes the weights (and keys its saved files): before the lookup
     saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)
     if saved is not None:
         max_seq_length = saved

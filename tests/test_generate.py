@@ -456,6 +456,7 @@ def test_decode_threads(tiny_checkpoint):
 def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype, monkeypatch, tmp_path):
     """The layout the eager step may pick (oneDNN's packed weights) used to fail inductor's lowering once `chat`,
     `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
+    from litllm.generate import decode_engine
     from litllm.inference import PackedLinear, optimize_for_decoding
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -476,3 +477,8 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     assert len(compiled) == 8
     if dtype == torch.float32:  # bf16 kernels round differently once fused
         assert compiled == eager
+    # a later run of a packed model finds that saved step by its key (the weights as the step takes them)
+    model = GPT.from_checkpoint(tiny_checkpoint).to(dtype).eval()
+    optimize_for_decoding(model, layout="onednn-packed")
+    engine = decode_engine(model, None, 1, 20, None, compile=True)
+    assert (engine.max_seq_length, engine.step_source) == (32, "loaded")
