@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -128,17 +127,6 @@ def assert_final_folder_generates_and_matches_hf(final: Path, hf_folder: Path) -
         torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch computes on `n` threads inside the block."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 NUMBER_RECORDS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]
 
 
@@ -148,12 +136,13 @@ def finetune_lora_briefly(base: Path, out_dir: Path, data_file: Path, train: dic
     overrides TrainArgs fields (4 steps of 4 samples in micro-batches of 2, 32 tokens); `flags` go to
     `finetune_lora` (`lora_mlp=True`, ...). On one thread, where tiny models train fastest."""
     from litllm.data import JSON
+    from litllm.engine import threads_for
     from litllm.finetune import finetune_lora
     from litllm.train.args import EvalArgs, TrainArgs
 
     train = {**dict(global_batch_size=4, micro_batch_size=2, max_steps=4, lr_warmup_steps=1, save_interval=None,
                     max_seq_length=32), **(train or {})}
-    with torch_threads(1):
+    with threads_for(1):
         return finetune_lora(
             base, out_dir=out_dir, accelerator="cpu", precision="32-true", logger_name="csv",
             data=JSON(json_path=data_file, val_split_fraction=0.1, prompt_style="default"),
@@ -170,6 +159,7 @@ def assert_peft_export_computes_the_same(model, base: Path, folder: Path, seq_le
     import peft
     import transformers
 
+    from litllm.engine import threads_for
     from litllm.lora import load_lora_model, save_peft_adapter
 
     if isinstance(model, Path):
@@ -177,7 +167,7 @@ def assert_peft_export_computes_the_same(model, base: Path, folder: Path, seq_le
     save_peft_adapter(model, folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     x = torch.randint(0, 300, (2, seq_len), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), torch_threads(1):
+    with torch.no_grad(), threads_for(1):
         without_adapter = hf(x).logits
         got = peft.PeftModel.from_pretrained(hf, folder).eval()(x).logits
         expected = model(x)
@@ -189,7 +179,9 @@ def assert_peft_export_computes_the_same(model, base: Path, folder: Path, seq_le
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models train fastest on one thread (and far faster when the cores are shared)."""
-    with torch_threads(1):
+    from litllm.engine import threads_for
+
+    with threads_for(1):
         yield
 
 
