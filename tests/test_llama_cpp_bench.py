@@ -60,3 +60,29 @@ def test_repacked_rows_decode_as_the_plain_rows(tiny_checkpoint, exports):
     prompt = [5, 17, 42, 99, 7, 3]
     (plain, _), (repacked, _) = rows.values()
     assert repacked(prompt, 10) == plain(prompt, 10)
+
+
+def test_llama_cpps_own_q8_0_export_decodes_as_litllms(tiny_checkpoint, exports, tmp_path):
+    """llama.cpp's `convert_hf_to_gguf.py --outtype q8_0` on the same HF model and `litllm convert_to_gguf`'s q8_0
+    decode the same greedy tokens in llama.cpp, plain and repacked (where LLAMA_CPP_SRC names llama.cpp's sources,
+    e.g. llama_cpp_python-*/vendor/llama.cpp, as for test_gguf.py's converter test)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_gguf import CONVERTER
+
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src:
+        pytest.skip("set LLAMA_CPP_SRC to llama.cpp's source folder (convert_hf_to_gguf.py) to compare with it")
+    theirs = tmp_path / "llama_cpp-q8_0.gguf"
+    converter = CONVERTER.replace('"--outtype", "f32"', '"--outtype", "q8_0"')
+    assert converter != CONVERTER
+    subprocess.run([sys.executable, "-c", converter, src, str(tiny_checkpoint), str(theirs)], check=True,
+                   capture_output=True)
+    bench = load_benchmark("gguf")
+    prompt = [5, 17, 42, 99, 7, 3]
+    for repack in (False, True):
+        ours, reference = (bench.llama_cpp_greedy(bench.llama_cpp_model(path, 32, 1, repack=repack), prompt, 10,
+                                                  one_row=repack) for path in (exports["q8_0"], theirs))
+        assert ours == reference, repack
