@@ -21,11 +21,14 @@ its quantized weights really hold (packed values, scales, zero points).
 Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
 are shown, and tokens per CPU-second (less sensitive to other processes).
 
-Beside llama.cpp (`--llama_cpp f32 f16 q8_0`, the default when `llama_cpp` is importable: llama-cpp-python
-built from source): the same model exported with `litllm convert_to_gguf` in each format decodes greedily,
-one token per `eval` as litllm's engine does, on the threads litllm picked, in the same alternation. Each
-row's bound counts the bytes its format holds; the last table pairs each litllm format with llama.cpp's
-(fp32 / f32, bf16 / f16, torchao.int8wo / q8_0), from the fastest litllm row of that format (eager or compiled).
+Beside llama.cpp (`--llama_cpp f32 f16 q8_0 q8_0+repack`, the default when `llama_cpp` is importable:
+llama-cpp-python built from source): the same model exported with `litllm convert_to_gguf` in each format decodes
+greedily, one token per `eval` as litllm's engine does, on the threads litllm picked, in the same alternation.
+Plain rows run without llama.cpp's extra weight buffers; `OUTTYPE+repack` rows with them (llama.cpp's default,
+`--repack`: on this AMX CPU its AMX layout, whose multi-row matmul crashes this build, so those rows evaluate the
+prompt one token at a time too; see benchmarks/gguf.py). Each row's bound counts the bytes its format holds; the
+last table pairs each litllm format with llama.cpp's (fp32 / f32, bf16 / f16, torchao.int8wo / q8_0,
+torchao.int4wo@bf16-true / q4_0), from the fastest row of each side (eager or compiled, plain or +repack).
 `--startup`: time to the first token of `litllm generate` (a fresh process: import, load, compile) with
 `--compile true` and an empty compile cache (it compiles the step and saves it), again with the saved step there
 (loaded, no trace), with inductor's kernels cached but no saved step (traced and compiled again), and with
@@ -107,9 +110,21 @@ def add_tokenizer(folder: Path) -> None:
     train_bpe_tokenizer(folder, vocab_size=2000, byte_fallback=True)
 
 
-def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads: int) -> dict:
-    """{"llama.cpp f32": (decode function, bytes of weights read per token), ...} for each exported format."""
+def gguf_bench():
+    """benchmarks/gguf.py, which owns the llama.cpp loader and greedy loop, as a module (imported by path: on
+    sys.path its name would shadow the `gguf` package)."""
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gguf_bench", Path(__file__).resolve().parent / "gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads: int) -> dict:
+    """{"llama.cpp q8_0": (greedy(prompt, n) -> tokens, bytes of weights read per token), ...} for each
+    `--llama_cpp` entry; `OUTTYPE+repack`: llama.cpp with its extra weight buffers (AMX on this CPU), which crash
+    a multi-row eval here, so it evaluates the prompt one token at a time (see gguf.py's `llama_cpp_model`)."""
     import sys
 
     here = Path(__file__).resolve().parent
@@ -119,35 +134,21 @@ def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads:
         import gguf
     finally:
         sys.path[:] = saved
-    spec = importlib.util.spec_from_file_location("gguf_bench", here / "gguf.py")
-    gguf_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gguf_bench)
-    llama_cpp_model = gguf_bench.llama_cpp_model
+    bench = gguf_bench()
 
     from litllm.gguf_export import convert_to_gguf
 
     rows = {}
-    for outtype in outtypes:
+    for spec in outtypes:
+        outtype, repack = spec.removesuffix(bench.REPACK), spec.endswith(bench.REPACK)
         path = out / f"model-{outtype}.gguf"
-        convert_to_gguf(folder, path, outtype=outtype)
+        if not path.is_file():
+            convert_to_gguf(folder, path, outtype=outtype)
         per_token = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
-        rows[f"llama.cpp {outtype}"] = (llama_cpp_model(path, n_ctx, threads), per_token)
+        llm = bench.llama_cpp_model(path, n_ctx, threads, repack=repack)
+        greedy = (lambda prompt, n, llm=llm, repack=repack: bench.llama_cpp_greedy(llm, prompt, n, one_row=repack))
+        rows[f"llama.cpp {spec}"] = (greedy, per_token)
     return rows
-
-
-def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens after `prompt`, one `eval` per token (as litllm's engine decodes), from an empty context."""
-    import numpy as np
-
-    llm.reset()
-    llm.eval(prompt)
-    tokens = []
-    for _ in range(n):
-        # the last token's logits (without logits_all, llama-cpp-python 0.3 no longer copies them into `scores`)
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-        tokens.append(int(np.argmax(logits)))
-        llm.eval(tokens[-1:])
-    return tokens
 
 
 STARTUP_RUNS = (  # (row, --compile, remove the saved compiled steps first)
@@ -231,7 +232,8 @@ def parse_args():
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true")
     parser.add_argument("--llama_cpp", nargs="*", default=None, metavar="OUTTYPE",
-                        help="llama.cpp rows (GGUF outtypes; default f32 f16 q8_0 when llama_cpp is importable)")
+                        help="llama.cpp rows (GGUF outtypes, OUTTYPE+repack: with llama.cpp's AMX/repacked weight "
+                             "buffers; default f32 f16 q8_0 q8_0+repack when llama_cpp is importable)")
     parser.add_argument("--no_transformers", action="store_true", help="skip the transformers row")
     parser.add_argument("--startup", action="store_true", help="time `litllm generate`'s first token (compile cache)")
     parser.add_argument("--startup_only", action="store_true", help="only the --startup rows (no decode table)")
@@ -242,8 +244,9 @@ def parse_args():
     return parser.parse_args()
 
 
-FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8": ("torchao.int8wo", "q8_0")}
-"""litllm's format -> (its row, llama.cpp's outtype of the same width)."""
+FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8": ("torchao.int8wo", "q8_0"),
+           "int4": ("torchao.int4wo@bf16-true", "q4_0")}
+"""litllm's format -> (its row, llama.cpp's outtype of the same width; its `+repack` row too where it ran)."""
 
 
 def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str]:
@@ -316,10 +319,12 @@ def print_ratios(best: dict, row_bytes: dict, bandwidth: float) -> None:
           f"{'of bound':>10s}{'litllm/llama.cpp':>18s}")
     for fmt, (row, outtype) in FORMATS.items():
         candidates = [name for name in best if name in (row, f"{row} compiled")]
-        other = f"llama.cpp {outtype}"
         if not candidates:
             continue
         mine = max(candidates, key=best.get)
+        theirs = [name for name in best if name in (f"llama.cpp {outtype}", f"llama.cpp {outtype}+repack")]
+        other = max(theirs, key=best.get) if theirs else f"llama.cpp {outtype}"
+        outtype = other.removeprefix("llama.cpp ")
         line = f"{fmt:8s}{mine:>32s}{best[mine]:8.1f}{best[mine] * row_bytes[mine] / bandwidth:10.0%}"
         if other in best:
             line += (f"{outtype:>12s}{best[other]:8.1f}{best[other] * row_bytes[other] / bandwidth:10.0%}"
@@ -340,7 +345,7 @@ def main() -> None:
         try:
             import llama_cpp  # noqa: F401
 
-            args.llama_cpp = ["f32", "f16", "q8_0"]
+            args.llama_cpp = ["f32", "f16", "q8_0", "q8_0+repack"]
         except ImportError:
             print("llama_cpp is not importable (pip install llama-cpp-python): the llama.cpp rows are skipped")
             args.llama_cpp = []
@@ -391,13 +396,13 @@ def run_all(folder: Path, args) -> None:
     calls = {name: (lambda e=engine: decode(e)) for name, engine in engines.items()}
     if hf is not None:
         calls = {"transformers": run_hf, **calls}
-    for name, (llm, per_token) in gguf_rows(folder, folder / "gguf", args.llama_cpp, len(prompt) + n + 8,
-                                            lit_threads).items():
+    for name, (greedy, per_token) in gguf_rows(folder, folder / "gguf", args.llama_cpp, len(prompt) + n + 8,
+                                               lit_threads).items():
         row_bytes[name] = per_token
-        tokens = llama_cpp_greedy(llm, prompt, n)  # warm-up
+        tokens = greedy(prompt, n)  # warm-up
         agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), n)
         print(f"{name}: the first {agree} of {n} greedy tokens equal litllm fp32's")
-        calls[name] = lambda m=llm: llama_cpp_greedy(m, prompt, n)
+        calls[name] = lambda g=greedy: g(prompt, n)
     bandwidth = read_bandwidth(device=args.device)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     for _ in range(args.repeats):  # alternate them so that load from other users of the machine hits all alike

@@ -10,8 +10,9 @@ vendored in llama-cpp-python's source distribution:
     python benchmarks/gguf.py --llama_cpp_src llama_cpp_python-*/vendor/llama.cpp
 
 Decoding: a short prompt, then `--new_tokens` greedy tokens, batch 1, `--threads` threads on both sides
-(default 1: on a shared machine llama.cpp's spinning OpenMP threads slow it tenfold at 2); litllm runs as
-`litllm generate` does (its engine and decode weight layout), fp32. Without
+(default 1: on a shared machine llama.cpp's spinning OpenMP threads slow it tenfold at 2), prompt included in
+the time; litllm runs as `litllm generate` does (its engine and decode weight layout), fp32. With
+`--llama_cpp_src`, llama.cpp's own export of each format decodes too and must give the same greedy tokens. Without
 `llama_cpp` importable (pip install llama-cpp-python), the decode rows are skipped. The table is printed
 at the end; a shared machine makes every figure noisy (best of `--repeats` runs is shown).
 """
@@ -90,9 +91,16 @@ def litllm_decode(folder: Path, prompt: list[int], new_tokens: int, threads: int
     return new_tokens / seconds
 
 
-def llama_cpp_model(path: Path, n_ctx: int, threads: int):
-    """A llama.cpp model without its extra weight buffers (AMX / repacked layouts): in llama-cpp-python
-    0.3.36 built with GGML_NATIVE on this AMX CPU they crash on q8_0 weights (llama.cpp's own q8_0 file too)."""
+REPACK = "+repack"
+"""An `--llama_cpp` outtype suffix (generate.py): llama.cpp with its extra weight buffers, one row per eval."""
+
+
+def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False):
+    """A llama.cpp model, by default without its extra weight buffers (`use_extra_bufts`, llama.cpp's `--repack`:
+    AMX / repacked weight layouts). In llama-cpp-python 0.3.36 built with GGML_NATIVE on this AMX CPU, the AMX
+    buffer takes q8_0 weights and its matmul of more than one row (a prompt) segfaults at the tile-config load
+    (`ldtilecfg` in `ggml_backend_amx_mul_mat`), llama.cpp's own q8_0 file too; one row at a time it runs its
+    avx512-vnni kernel, which works: `repack=True` models decode with `llama_cpp_greedy(..., one_row=True)`."""
     import llama_cpp
     import llama_cpp.llama
 
@@ -100,7 +108,7 @@ def llama_cpp_model(path: Path, n_ctx: int, threads: int):
 
     def params():
         p = defaults()
-        p.use_extra_bufts = False
+        p.use_extra_bufts = repack
         return p
 
     llama_cpp.llama.llama_cpp.llama_model_default_params = params
@@ -110,15 +118,30 @@ def llama_cpp_model(path: Path, n_ctx: int, threads: int):
         llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 
 
-def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+def llama_cpp_greedy(llm, prompt: list[int], n: int, one_row: bool = False) -> list[int]:
+    """n greedy tokens after `prompt`, one `eval` per new token (as litllm's engine decodes), from an empty
+    context; `one_row`: the prompt one token per `eval` too (a repacked model, see `llama_cpp_model`)."""
     import numpy as np
 
+    llm.reset()
+    for chunk in ([[t] for t in prompt] if one_row else [prompt]):
+        llm.eval(chunk)
+    tokens = []
+    for _ in range(n):
+        # the last token's logits (without logits_all, llama-cpp-python 0.3 no longer copies them into `scores`)
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        tokens.append(int(np.argmax(logits)))
+        llm.eval(tokens[-1:])
+    return tokens
+
+
+def llama_cpp_decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
+    """(tokens/s, the tokens) of a greedy generate in llama.cpp, prompt included (as `litllm_decode` times it)."""
     llm = llama_cpp_model(path, len(prompt) + new_tokens + 8, threads)
-    llm.eval(prompt)  # prefill, untimed
+    llama_cpp_greedy(llm, prompt, 4)  # warm-up
     t0 = time.perf_counter()
-    for _ in range(new_tokens):  # greedy, one token per step, as litllm's engine decodes
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return new_tokens / (time.perf_counter() - t0)
+    tokens = llama_cpp_greedy(llm, prompt, new_tokens)
+    return new_tokens / (time.perf_counter() - t0), tokens
 
 
 def main() -> None:
@@ -173,9 +196,15 @@ def main() -> None:
     lit_tps = max(litllm_decode(model, prompt, args.new_tokens, args.threads) for _ in range(args.repeats))
     print(f"{'litllm generate (fp32)':28} {lit_tps:8.1f}")
     for outtype, size, _, _ in rows:
-        tps = max(llama_cpp_decode(work / f"litllm-{outtype}.gguf", prompt, args.new_tokens, args.threads)
-                  for _ in range(args.repeats))
-        print(f"{'llama.cpp ' + outtype + f' ({size:.0f} MiB)':28} {tps:8.1f}   x{tps / lit_tps:.2f} litllm")
+        runs = [llama_cpp_decode(work / f"litllm-{outtype}.gguf", prompt, args.new_tokens, args.threads)
+                for _ in range(args.repeats)]
+        tps, tokens = max(runs)
+        line = f"{'llama.cpp ' + outtype + f' ({size:.0f} MiB)':28} {tps:8.1f}   x{tps / lit_tps:.2f} litllm"
+        theirs = work / f"llama_cpp-{outtype}.gguf"  # llama.cpp's own export of the same model
+        if theirs.is_file():
+            same = llama_cpp_decode(theirs, prompt, args.new_tokens, args.threads)[1] == tokens
+            line += f"; llama.cpp's own {outtype} export: {'the same' if same else 'OTHER'} greedy tokens"
+        print(line)
 
 
 if __name__ == "__main__":

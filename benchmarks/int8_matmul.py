@@ -1,0 +1,128 @@
+"""One-row int8 matmul kernels on the CPU: what one decode step's matmuls cost with each, side by side.
+
+The weights are those of benchmarks/generate.py's 134M Llama (12 blocks of q, k, v, o 768x768, gate and up
+2048x768, down 768x2048, and the 32000x768 output head; random values), each its own tensor so that a step
+streams them from memory as a real one does. Each kernel multiplies one activation row by all of them; the
+kernels alternate `--repeats` times on `--threads` (each count in turn), and the median step is shown with
+the weight bytes it read per second, its speed and CPU time against litllm's int8 kernel (the CPU-time ratio is
+less disturbed by other load on a shared machine) and its error against the fp32 matmul:
+
+- `fp32 linear`, `bf16 linear`: unquantized weights (torch's CPU GEMV);
+- `int8pack_mm, bf16 act.`: torch's `_weight_int8pack_mm` on int8 rows with one scale each, activations
+  rounded to bf16 (litllm's `torchao.int8wo` on the CPU, `Int8PackedLinear`);
+- `int8pack_mm, fp32 act.`: the same kernel on fp32 activations (its unvectorized path);
+- `fbgemm W8A8 dynamic`: torch's (deprecated) `quantized::linear_dynamic`: activations quantized to 8 bits per
+  call (one scale per row), int8 dot products (VNNI), as llama.cpp's q8_0 does per block of 32.
+
+    python benchmarks/int8_matmul.py                      # 1 and 2 threads, 5 rounds: well under a minute
+    python benchmarks/int8_matmul.py --threads 1 --no_head
+
+The head rows (32000x768) matter: `torchao.int8wo` keeps the head in the model's dtype (98 of the 134M model's
+184 MB per token), while llama.cpp's q8_0 stores it in 8 bits too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+BLOCK_SHAPES = [(768, 768)] * 4 + [(2048, 768)] * 2 + [(768, 2048)]  # (out, in) of one Llama block
+HEAD_SHAPE = (32000, 768)
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row (torchao's int8 weight-only values): (int8 (out, in), fp32 scales (out,))."""
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def fbgemm_packed(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+    """The same int8 rows prepacked for `quantized::linear_dynamic` (None where this torch has no such op)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's quantized tensors are deprecated
+            torch.backends.quantized.engine = "x86"
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def make_layers(shapes: list[tuple[int, int]]) -> list[dict]:
+    layers = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f) * 0.02
+        q, scale = int8_rows(w)
+        layers.append(dict(w=w, wb=w.bfloat16(), q=q, scale=scale, scale_bf16=scale.bfloat16(),
+                           packed=fbgemm_packed(w, q, scale)))
+    return layers
+
+
+def kernels(layers: list[dict], xs: dict[int, torch.Tensor]) -> dict:
+    """{name: step() -> list of outputs}: one activation row times every layer."""
+    xb = {k: v.bfloat16() for k, v in xs.items()}
+    found = {
+        "fp32 linear": lambda: [torch.nn.functional.linear(xs[L["w"].shape[1]], L["w"]) for L in layers],
+        "bf16 linear": lambda: [torch.nn.functional.linear(xb[L["w"].shape[1]], L["wb"]) for L in layers],
+        "int8pack_mm, bf16 act.": lambda: [torch._weight_int8pack_mm(xb[L["q"].shape[1]], L["q"], L["scale_bf16"])
+                                           for L in layers],
+        "int8pack_mm, fp32 act.": lambda: [torch._weight_int8pack_mm(xs[L["q"].shape[1]], L["q"], L["scale"])
+                                           for L in layers],
+    }
+    if all(L["packed"] is not None for L in layers):
+        found["fbgemm W8A8 dynamic"] = lambda: [torch.ops.quantized.linear_dynamic(xs[L["w"].shape[1]], L["packed"], True)
+                                                for L in layers]
+    return found
+
+
+def relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    num = sum(float((o.float() - r).norm() ** 2) for o, r in zip(outs, refs))
+    return (num / sum(float(r.norm() ** 2) for r in refs)) ** 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no_head", action="store_true", help="the 12 blocks only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    parts = {"12 blocks": make_layers(BLOCK_SHAPES * 12)}
+    if not args.no_head:
+        parts["head"] = make_layers([HEAD_SHAPE])
+    xs = {n: torch.randn(1, n) for n in (768, 2048)}
+    for part, layers in parts.items():
+        calls = kernels(layers, xs)
+        refs = calls["fp32 linear"]()
+        errors = {name: relative_error(call(), refs) for name, call in calls.items()}
+        int8_mb = sum(L["q"].numel() for L in layers) / 1e6
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            times, cpu = {name: [] for name in calls}, {name: [] for name in calls}
+            for call in calls.values():
+                call()  # warm-up
+            for _ in range(args.repeats):  # alternate, so that other load on the machine hits all alike
+                for name, call in calls.items():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    call()
+                    times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+            base = statistics.median(times["int8pack_mm, bf16 act."])
+            base_cpu = statistics.median(cpu["int8pack_mm, bf16 act."])
+            print(f"\n{part}, one row, {threads} thread(s), median of {args.repeats} (int8 weights: {int8_mb:.0f} MB)")
+            print(f"{'kernel':24s}{'ms':>9s}{'weight GB/s':>13s}{'vs litllm int8':>16s}{'CPU ms':>9s}{'CPU-time ratio':>16s}"
+                  f"{'rel. error':>12s}")
+            for name, ts in times.items():
+                t = statistics.median(ts)
+                bytes_read = {"fp32 linear": 4, "bf16 linear": 2}.get(name, 1) * int8_mb * 1e6
+                c = statistics.median(cpu[name])
+                print(f"{name:24s}{t * 1e3:9.2f}{bytes_read / t / 1e9:13.1f}{base / t:15.2f}x{c * 1e3:9.2f}"
+                      f"{base_cpu / c:15.2f}x{errors[name]:12.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The llama.cpp side of benchmarks/gguf.py and benchmarks/generate.py (one loader and greedy loop, gguf.py's):
+its greedy tokens are llama.cpp's real ones, and its `+repack` rows (llama.cpp's extra AMX/repacked weight
+buffers, fed one row per eval) decode what the plain rows decode."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A benchmarks/ script as a module (by path: benchmarks/gguf.py would shadow the `gguf` package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see tutorials/deploy.md)")
+    from litllm.gguf_export import convert_to_gguf
+
+    out = tmp_path_factory.mktemp("gguf")
+    for outtype in ("f32", "q8_0"):
+        convert_to_gguf(tiny_checkpoint, out / f"{outtype}.gguf", outtype=outtype)
+    return {outtype: out / f"{outtype}.gguf" for outtype in ("f32", "q8_0")}
+
+
+def test_benchmark_greedy_is_llama_cpps_and_litllms(tiny_checkpoint, exports):
+    """gguf.py's greedy loop reads the logits llama.cpp computed (llama-cpp-python 0.3 leaves `scores` empty
+    without logits_all): on the f32 export it gives litllm's greedy tokens, the prompt whole or one row at a time."""
+    from litllm.engine import generate_ids
+    from litllm.model import GPT
+
+    bench = load_benchmark("gguf")
+    prompt = [5, 17, 42, 99, 7, 3]
+    want = generate_ids(GPT.from_checkpoint(tiny_checkpoint).eval(), prompt, 10)
+    llm = bench.llama_cpp_model(exports["f32"], 32, 1)
+    assert bench.llama_cpp_greedy(llm, prompt, 10) == want
+    assert bench.llama_cpp_greedy(llm, prompt, 10, one_row=True) == want
+
+
+def test_repacked_rows_decode_as_the_plain_rows(tiny_checkpoint, exports):
+    """generate.py's `q8_0+repack` row (llama.cpp's extra buffers, one row per eval) and its plain `q8_0` row
+    decode the same tokens from the same file; the row names and bytes per token follow `--llama_cpp`."""
+    import gguf
+
+    generate = load_benchmark("generate")
+    folder = exports["q8_0"].parent
+    (folder / "model-q8_0.gguf").write_bytes(exports["q8_0"].read_bytes())  # gguf_rows' name for the export
+    rows = generate.gguf_rows(tiny_checkpoint, folder, ["q8_0", "q8_0+repack"], 32, 1)
+    assert list(rows) == ["llama.cpp q8_0", "llama.cpp q8_0+repack"]
+    stored = sum(t.n_bytes for t in gguf.GGUFReader(exports["q8_0"]).tensors if t.name != "token_embd.weight")
+    assert rows["llama.cpp q8_0"][1] == rows["llama.cpp q8_0+repack"][1] == stored
+    prompt = [5, 17, 42, 99, 7, 3]
+    (plain, _), (repacked, _) = rows.values()
+    assert repacked(prompt, 10) == plain(prompt, 10)
+
+
+def test_llama_cpps_own_q8_0_export_decodes_as_litllms(tiny_checkpoint, exports, tmp_path):
+    """llama.cpp's `convert_hf_to_gguf.py --outtype q8_0` on the same HF model and `litllm convert_to_gguf`'s q8_0
+    decode the same greedy tokens in llama.cpp, plain and repacked (where LLAMA_CPP_SRC names llama.cpp's sources,
+    e.g. llama_cpp_python-*/vendor/llama.cpp, as for test_gguf.py's converter test)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_gguf import CONVERTER
+
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src:
+        pytest.skip("set LLAMA_CPP_SRC to llama.cpp's source folder (convert_hf_to_gguf.py) to compare with it")
+    theirs = tmp_path / "llama_cpp-q8_0.gguf"
+    converter = CONVERTER.replace('"--outtype", "f32"', '"--outtype", "q8_0"')
+    assert converter != CONVERTER
+    subprocess.run([sys.executable, "-c", converter, src, str(tiny_checkpoint), str(theirs)], check=True,
+                   capture_output=True)
+    bench = load_benchmark("gguf")
+    prompt = [5, 17, 42, 99, 7, 3]
+    for repack in (False, True):
+        ours, reference = (bench.llama_cpp_greedy(bench.llama_cpp_model(path, 32, 1, repack=repack), prompt, 10,
+                                                  one_row=repack) for path in (exports["q8_0"], theirs))
+        assert ours == reference, repack
