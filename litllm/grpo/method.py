@@ -59,7 +59,8 @@ class RolloutBuffer:
         self.rollouts = {tuple(int(x) for x in key.split(":")): Rollout.from_state_dict(r) for key, r in state.items()}
 
 
-def adapters_off_reference(model: nn.Module, rollout: Rollout, temperature: float, num_generations: int) -> torch.Tensor:
+def adapters_off_reference(model: nn.Module, rollout: Rollout, temperature: float,
+                           num_generations: int) -> torch.Tensor:
     """The base model's completion log-probs: the policy with its LoRA switched off (no second copy)."""
     from litllm.lora import disable_adapters
 

@@ -33,13 +33,12 @@ def fixed_attention_masks(gpt: nn.Module, masks: dict[bool, torch.Tensor]) -> It
 
 
 def _layout(completion_mask: torch.Tensor, prompt_lens: torch.Tensor, G: int):
-    """The packed rows' shape: (completion lengths (N,), each completion's first column in its group's row (N,),
-    prompt lengths (B,), row lengths (B,))."""
-    lengths = completion_mask.sum(1)  # (N,)
+    """The packed rows' shape: (each completion's first column in its group's row (N,), prompt lengths (B,), row
+    lengths (B,))."""
+    lengths = completion_mask.sum(1).view(-1, G)  # (B, G)
     prompts = prompt_lens[::G]  # (B,)
-    before = torch.cumsum(lengths.view(-1, G), dim=1) - lengths.view(-1, G)  # (B, G): completion tokens before each
-    starts = (prompts[:, None] + before).reshape(-1)  # (N,)
-    return lengths, starts, prompts, prompts + lengths.view(-1, G).sum(1)
+    starts = prompts[:, None] + torch.cumsum(lengths, dim=1) - lengths  # (B, G): after the completions before it
+    return starts.reshape(-1), prompts, prompts + lengths.sum(1)
 
 
 def worth_sharing(config, completion_mask: torch.Tensor, prompt_lens: torch.Tensor, G: int) -> bool:
@@ -48,9 +47,10 @@ def worth_sharing(config, completion_mask: torch.Tensor, prompt_lens: torch.Tens
     over all (T, T) pairs of a packed row against half of each (L, L) row (SDPA's causal kernel skips the rest)."""
     if G < 2 or (config.rope_scaling or {}).get("rope_type") == "longrope":
         return False  # (LongRoPE picks its factors by a forward's longest position, which packing changes)
-    _, _, _, row_lens = _layout(completion_mask, prompt_lens, G)
+    _, _, row_lens = _layout(completion_mask, prompt_lens, G)
     n, length = completion_mask.size(0), int((prompt_lens + completion_mask.sum(1)).max())
-    packed_tokens, packed_pairs = row_lens.size(0) * int(row_lens.max()), row_lens.size(0) * int(row_lens.max()) ** 2
+    width = int(row_lens.max())
+    packed_tokens, packed_pairs = row_lens.size(0) * width, row_lens.size(0) * width**2
     linear, attention = 24 * config.n_embd**2, 4 * config.n_head * config.head_size
     packed = linear * packed_tokens + attention * packed_pairs
     rows = linear * n * length + attention * n * length**2 / 2
@@ -62,10 +62,11 @@ def packed_groups(input_ids: torch.Tensor, completion_mask: torch.Tensor, prompt
     """(ids (B, T), positions (B, T), masks {local: (B, 1, T, T) bool}, keep (B, T) bool, source (M,), targets (M,)):
     each group's packed row (see the module; right-padded with 0), where the head runs (`keep`), and for each of the
     M completion tokens (row-major over `completion_mask`) the index among the kept positions of the one that
-    predicts it, and the token itself. A completion's tokens must be its mask's first ones (as `rollout.pack` lays them out). Local layers (`window`:
-    a sliding window, `chunk`: Llama 4's attention chunks) count distance in positions, as in the row-by-row pass."""
+    predicts it, and the token itself. A completion's tokens must be its mask's first ones (as `rollout.pack` lays
+    them out). Local layers (`window`: a sliding window, `chunk`: Llama 4's attention chunks) count distance in
+    positions, as in the row-by-row pass."""
     device = input_ids.device
-    _, starts, prompts, row_lens = _layout(completion_mask, prompt_lens, G)
+    starts, prompts, row_lens = _layout(completion_mask, prompt_lens, G)
     B, T, L = prompts.size(0), int(row_lens.max()), input_ids.size(1)
     valid = completion_mask.bool()  # (N, C)
     source_rows, token_index = valid.nonzero(as_tuple=True)  # (M,) each: row-major over the completion tokens
@@ -74,7 +75,8 @@ def packed_groups(input_ids: torch.Tensor, completion_mask: torch.Tensor, prompt
     in_prompt = index[None, :] < prompts[:, None]  # (B, T)
     ids = torch.zeros(B, T, dtype=input_ids.dtype, device=device)
     width = min(T, L)  # (a prompt fits both)
-    ids[:, :width][in_prompt[:, :width]] = input_ids[::G, :width][in_prompt[:, :width]]  # a group's first row's prompt
+    prompt_cells = in_prompt[:, :width]
+    ids[:, :width][prompt_cells] = input_ids[::G, :width][prompt_cells]  # each group's prompt, from its first row
     positions = torch.where(in_prompt, index, 0)  # (B, T)
     docs = torch.where(in_prompt, 0, -1)  # (B, T): 0 the prompt, g + 1 completion g, -1 padding
     ids[rows, columns] = input_ids[source_rows, prompt_lens[source_rows] + token_index]
