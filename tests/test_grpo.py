@@ -6,7 +6,8 @@ index. Command: LoRA (num_iterations 2, beta > 0) and full runs log TRL's metric
 between a generation's iterations is bit-exact; final/ generates and converts; --fast_dev_run; a tiny model learns
 (the mean reward rises, fixed seed); 2 DDP processes give the losses of one process (batch-scaled rewards), 2 FSDP
 processes those of 2 DDP processes and resume bit for bit. The rollout sampler follows the engine's distribution;
-the rollout's merged LoRA decodes as the live layers; rows that stopped leave the head without changing a completion.
+the rollout's merged LoRA decodes as the live layers; rows that stopped leave the head without changing a completion;
+scoring a group's prompt once gives the row-by-row log-probs and gradients.
 (litllm's numbers against TRL's: tests/test_grpo_oracle.py.)
 """
 
@@ -174,6 +175,56 @@ def test_rollout_heads_only_the_rows_still_decoding(base, monkeypatch):
     monkeypatch.setattr(rollout.RolloutEngine, "_decode_logits", every_row)
     assert sample(stops)[:2] == (completions, truncated)
     assert min(heads) < 8
+
+
+# ---------------------------------------------------------------------- each prompt scored once per group
+@pytest.mark.parametrize("overrides, checkpointed", [
+    ({}, False),
+    ({}, True),  # activation checkpointing recomputes the blocks in the backward, with the packed masks
+    ({"sliding_window_size": 3, "sliding_window_period": 2, "attention_logit_softcapping": 5.0}, False),
+    ({"attention_chunk_size": 5}, False),
+], ids=["llama", "checkpointed", "sliding-softcap", "chunked"])
+def test_shared_prompt_logps_and_gradients_equal_the_row_by_row_ones(overrides, checkpointed):
+    """A group's G completions scored over one pass of their prompt (`shared_prompt_logps`) give the row-by-row
+    log-probs and parameter gradients (fp32 rounding), for prompts and completions of different lengths, local layers
+    (windows, chunks) and activation checkpointing; `worth_sharing` packs long prompts' short completions only."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from conftest import tiny_config
+    from litllm.grpo.loss import completion_logps
+    from litllm.grpo.prefix import shared_prompt_logps, worth_sharing
+    from litllm.grpo.rollout import pack
+    from litllm.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**overrides))
+    model.reset_parameters()
+    if checkpointed:
+        model.blocks = torch.nn.ModuleList(checkpoint_wrapper(b) for b in model.blocks)
+    g, G = torch.Generator().manual_seed(1), 3
+    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    completions = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (4, 7, 1, 7, 2, 6, 3, 7, 5)]
+    input_ids, prompt_lens, mask = pack(prompts, completions, G)
+    weights = torch.randn(mask.shape, generator=g)
+
+    def logps_and_grads(score):
+        model.zero_grad()
+        logps = score()
+        (logps * weights).sum().backward()
+        return logps, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    rows, row_grads = logps_and_grads(lambda: completion_logps(model, input_ids, mask, prompt_lens, 0.7))
+    shared, shared_grads = logps_and_grads(
+        lambda: shared_prompt_logps(model, model, input_ids, mask, prompt_lens, 0.7, G))
+    assert (rows[mask == 0] == 0).all() and (rows[mask == 1] < 0).all()
+    torch.testing.assert_close(shared, rows, rtol=0, atol=1e-5)
+    for name, grad in row_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    long_prompts = pack([list(range(40))] * 2, [[1] * 8] * 8, 4)
+    long_completions = pack([[1, 2]] * 2, [[1] * 60] * 8, 4)
+    assert worth_sharing(model.config, long_prompts[2], long_prompts[1], 4)
+    assert not worth_sharing(model.config, long_completions[2], long_completions[1], 4)
+    assert not worth_sharing(model.config, long_prompts[2], long_prompts[1], 1)
 
 
 # ---------------------------------------------------------------------- rewards

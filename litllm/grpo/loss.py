@@ -133,15 +133,21 @@ def inner_module(model: nn.Module) -> nn.Module:
 
 
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor, prompt_lens: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
+                     temperature: float, num_generations: int = 1) -> torch.Tensor:
     """Per-token log-probs (N, C) fp32 of each row's completion tokens under softmax(logits / temperature).
 
     input_ids (N, L): row i is its prompt (prompt_lens[i] tokens) then its completion, right-padded;
-    completion_mask (N, C): 1 on the completion's tokens. Only the positions that predict a completion token
-    reach the output head (`head_only_at`), so prompt and padding positions cost no (V,)-wide logits."""
+    completion_mask (N, C): 1 on the completion's first tokens. Only the positions that predict a completion token
+    reach the output head (`head_only_at`), so prompt and padding positions cost no (V,)-wide logits.
+    `num_generations` G > 1: each G consecutive rows share their prompt, which runs once for them where that costs
+    less (`litllm.grpo.prefix`; the same log-probs up to float rounding)."""
+    from litllm.grpo.prefix import shared_prompt_logps, worth_sharing
     from litllm.losses import token_logprobs
     from litllm.preference import head_only_at
 
+    gpt = inner_module(model)
+    if worth_sharing(gpt.config, completion_mask, prompt_lens, num_generations):
+        return shared_prompt_logps(model, gpt, input_ids, completion_mask, prompt_lens, temperature, num_generations)
     n, length = input_ids.shape
     completion_len = completion_mask.size(1)
     offsets = torch.arange(completion_len, device=input_ids.device)
@@ -151,7 +157,7 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, completion_mask:
     targets = torch.full_like(input_ids, -100)
     next_tokens = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # (N, L): the token each position predicts
     targets[keep] = next_tokens[keep]
-    with head_only_at(inner_module(model), keep):
+    with head_only_at(gpt, keep):
         logits = model(input_ids)  # (1, K, V)
     if temperature != 1.0:  # (at 1 the division is exact: no (K, V) copy, nor its backward)
         logits = logits / temperature

@@ -26,7 +26,7 @@ from litllm.grpo.rewards import Reward, score
 from litllm.grpo.rollout import Rollout, completion_seed, pack, sample_completions
 from litllm.train.fabric import whole_weights
 
-Reference = Callable[[nn.Module, Rollout, float], torch.Tensor]
+Reference = Callable[[nn.Module, Rollout, float, int], torch.Tensor]  # (policy, rollout, temperature, G)
 SAMPLES_SHOWN = 2
 
 
@@ -59,21 +59,23 @@ class RolloutBuffer:
         self.rollouts = {tuple(int(x) for x in key.split(":")): Rollout.from_state_dict(r) for key, r in state.items()}
 
 
-def adapters_off_reference(model: nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+def adapters_off_reference(model: nn.Module, rollout: Rollout, temperature: float,
+                           num_generations: int) -> torch.Tensor:
     """The base model's completion log-probs: the policy with its LoRA switched off (no second copy)."""
     from litllm.lora import disable_adapters
 
     with torch.no_grad(), disable_adapters(model):
-        return completion_logps(model, rollout.input_ids, rollout.completion_mask, rollout.prompt_lens, temperature)
+        return completion_logps(model, rollout.input_ids, rollout.completion_mask, rollout.prompt_lens, temperature,
+                                num_generations)
 
 
 def frozen_reference(reference: nn.Module, autocast: Callable) -> Reference:
     """Completion log-probs of a frozen copy of the initial model (full finetuning with beta > 0)."""
 
-    def ref_logps(model: nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+    def ref_logps(model: nn.Module, rollout: Rollout, temperature: float, num_generations: int) -> torch.Tensor:
         with torch.no_grad(), autocast():
             return completion_logps(reference, rollout.input_ids, rollout.completion_mask, rollout.prompt_lens,
-                                    temperature)
+                                    temperature, num_generations)
 
     return ref_logps
 
@@ -116,7 +118,7 @@ class GRPOLoss:
     def objective(self, model: nn.Module, rollout: Rollout, info: dict[str, torch.Tensor]):
         """(loss sum, count, {metric: sum over the count}) of a rollout (the loop's `Method.loss` contract)."""
         logps = completion_logps(model, rollout.input_ids, rollout.completion_mask, rollout.prompt_lens,
-                                 self.s.temperature)
+                                 self.s.temperature, self.s.num_generations)
         loss_mask = rollout.completion_mask
         if self.s.mask_truncated_completions:
             loss_mask = loss_mask * (~rollout.truncated).unsqueeze(1).to(loss_mask.dtype)
@@ -158,9 +160,9 @@ class GRPOLoss:
         rollout = Rollout(input_ids, prompt_lens, mask, torch.tensor(truncated, device=device), rewards.to(device),
                           advantages.to(device))
         if split == "train" and s.num_iterations > 1:
-            rollout.old_logps = completion_logps(model, input_ids, mask, prompt_lens, s.temperature)
+            rollout.old_logps = completion_logps(model, input_ids, mask, prompt_lens, s.temperature, s.num_generations)
         if s.beta != 0.0:
-            rollout.ref_logps = self.reference(model, rollout, s.temperature)
+            rollout.ref_logps = self.reference(model, rollout, s.temperature, s.num_generations)
         if split == "val":
             self.last_samples = [{"prompt": self.tokenizer.decode(torch.tensor(prompts[0])), "completion": t,
                                   "reward": float(r)} for t, r in zip(texts[:SAMPLES_SHOWN], total[:SAMPLES_SHOWN])]
