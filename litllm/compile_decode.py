@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -90,14 +91,24 @@ def _machine() -> str:
 
 def _weights_digest(model, strides: bool = False) -> str:
     """A digest of the model's parameters and buffers as they are now (names, shapes, dtypes, tensor types, and
-    with `strides` their strides), the KV cache left out."""
-    weights = hashlib.sha1()
+    with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it, which
+    is what a compiled step takes), the KV cache left out."""
+    entries = []
+    packed = {name for name, module in model.named_modules() if _is_packed(module)} if strides else set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if ".kv_cache." in name:
             continue
-        layout = f":{tensor.stride()}" if strides and tensor.layout == torch.strided else ""
-        weights.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{type(tensor).__name__}{layout};".encode())
-    return weights.hexdigest()[:16]
+        module, _, leaf = name.rpartition(".")
+        if module in packed and leaf == "packed_weight":  # unpacked: a contiguous (out, in) Parameter
+            linear = model.get_submodule(module)
+            name, shape, kind = f"{module}.weight", (linear.out_features, linear.in_features), "Parameter"
+            layout = f":{(linear.in_features, 1)}"
+        else:
+            shape, kind = tuple(tensor.shape), type(tensor).__name__
+            layout = f":{tensor.stride()}" if strides and tensor.layout == torch.strided else ""
+        entries.append(f"{name}:{shape}:{tensor.dtype}:{kind}{layout};")
+    order = sorted if strides else list  # sorted: unpacking moves a weight from the buffers to the parameters
+    return hashlib.sha1("".join(order(entries)).encode()).hexdigest()[:16]
 
 
 def decode_choices_key(model) -> str:
@@ -188,12 +199,6 @@ def compile_step(step: Callable, device: torch.device, static_tensors=()) -> Cal
 STEPS_FOLDER = "decode_steps"
 
 
-def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The step `torch.compile(...).aot_compile` compiles: the model is an input, so its weights and KV cache are
-    the compiled graph's inputs (read from the model at each call), not constants saved with it."""
-    return model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
-
-
 def steps_folder(model, threads: Optional[int]) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) decoding with `threads`
     torch threads live: `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the
@@ -205,7 +210,7 @@ def steps_folder(model, threads: Optional[int]) -> Path:
 
 
 def _step_file(rows: int, length: int) -> str:
-    return f"{rows}x{length}.pt"
+    return f"{rows}x{length}.pt2"
 
 
 def saved_step_length(model, threads: Optional[int], rows: int, length: int, exact: bool = False) -> Optional[int]:
@@ -219,7 +224,7 @@ def saved_step_length(model, threads: Optional[int], rows: int, length: int, exa
         return None
     lengths = []
     for name in names:
-        shape = name[: -len(".pt")].split("x") if name.endswith(".pt") else []
+        shape = name[: -len(".pt2")].split("x") if name.endswith(".pt2") else []
         if len(shape) == 2 and all(n.isdigit() for n in shape) and int(shape[0]) == rows:
             lengths.append(int(shape[1]))
     fitting = [n for n in lengths if (n == length if exact else length <= n <= model.max_seq_length)]
@@ -231,67 +236,106 @@ def _note(text: str) -> None:
 
 
 def _trusted(path: Path) -> bool:
-    """A saved step is a pickle: load only one this user wrote (owned by them, writable by no one else)."""
+    """A saved step is a shared library: load only one this user wrote (owned by them, writable by no one else)."""
     info = path.stat()
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _load_step(path: Path, inputs: tuple):
-    """The compiled step saved at `path` if it loads and its guards accept `inputs` (the model, the token and
-    position tensors); else None, with a one-line note (the caller compiles it again and overwrites it)."""
+class _DecodeStep(torch.nn.Module):
+    """What AOTInductor compiles: one decode step of `model` (logits of the last position, (B, padded_vocab)).
+    Exported, the model's weights and KV cache are the graph's constants, left out of the package and handed at
+    load time (the running model's own tensors): the same saved step serves every checkpoint of these shapes."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+
+
+def _step_tensors(engine) -> dict[str, torch.Tensor]:
+    """The tensors the saved step reads and writes, by the names export gives them (`model.<name>`): the model's
+    parameters and buffers, the KV cache being the engine's own (written in place at each step)."""
+    model = engine.model
+    tensors = dict(model.named_parameters(prefix="model", remove_duplicate=False))
+    tensors.update(model.named_buffers(prefix="model", remove_duplicate=False))
+    for i, cache in enumerate(engine._caches):
+        tensors[f"model.blocks.{i}.attn.kv_cache.k"], tensors[f"model.blocks.{i}.attn.kv_cache.v"] = cache.k, cache.v
+    return tensors
+
+
+def _step_spec(engine) -> str:
+    """Shapes, strides and dtypes of every tensor the step reads or writes (inputs included), as JSON: a saved
+    step runs only on tensors laid out as the ones it was compiled for (its kernels index them so)."""
+    tensors = {**_step_tensors(engine), "tokens": engine._tokens, "pos": engine._pos}
+    return json.dumps({name: [list(t.shape), list(t.stride()), str(t.dtype)] for name, t in sorted(tensors.items())})
+
+
+SPEC_KEY = "litllm_tensors"
+"""The package metadata entry holding `_step_spec` of the engine the step was compiled for."""
+
+
+def _load_step(path: Path, engine) -> Optional[Callable]:
+    """The AOTInductor step saved at `path`, bound to `engine`'s weights and KV cache (no copies: the package's
+    kernels read and write the engine's tensors), if it loads and fits; else None, with a one-line note."""
     try:
         if not _trusted(path):
-            _note(f"not loading {path}: not owned by this user, or writable by others; compiling the step again")
+            _note(f"not loading {path}: not owned by this user, or writable by others")
             return None
-        import torch._inductor.config as inductor_config
-
-        # the kernels were built here: when every vector ISA this CPU reports built and loaded then, trust them
-        # now rather than probe each again (a compile and a child process per ISA: ~0.3-4 s in all)
-        trusted_isas = _read_choices(path.with_suffix(".json")).get("every_vec_isa_builds") is True
-        with open(path, "rb") as f, inductor_config.patch({"cpp.vec_isa_ok": True} if trusted_isas else {}):
-            step = torch.compiler.load_compiled_function(f)
-        if not step.guard_check(*inputs):
-            reason = str(step._artifacts.guard_manager.check_verbose(step.prepare_f_locals(*inputs)).verbose_code_parts)
-            _note(f"the saved decode step {path} does not fit this model ({reason[:200]}); compiling it again")
+        # C++ (`torch._C._aoti`): loads the package's shared library without importing inductor
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        tensors = _step_tensors(engine)
+        names = loader.get_constant_fqns()
+        if loader.get_metadata().get(SPEC_KEY) != _step_spec(engine) or not set(names) <= set(tensors):
+            _note(f"the saved decode step {path} does not fit this model (other shapes or strides)")
             return None
-        return step
-    except Exception as e:  # stale (another torch), torn or foreign: a cache, so it is compiled again
-        _note(f"could not load the saved decode step {path} ({type(e).__name__}: {str(e)[:200]}); compiling it again")
+        constants = {name: tensors[name] for name in names}
+        loader.load_constants(constants, False, True, True)  # user-managed: the engine's tensors, not copies
+    except Exception as e:  # stale (another torch), torn or foreign: a cache, so it is built again
+        _note(f"could not load the saved decode step {path} ({type(e).__name__}: {str(e)[:200]})")
         return None
 
+    def step(tokens: torch.Tensor, pos: torch.Tensor, _constants=constants) -> torch.Tensor:  # keeps them alive
+        return loader.run([tokens, pos])[0]
 
-def _every_vec_isa_builds() -> bool:
-    """Did inductor's probes (a test library compiled and loaded per vector ISA) accept every ISA this x86 CPU
-    reports? Then trusting them without the probes (`cpp.vec_isa_ok`) picks the same ISA, so the same kernels."""
-    try:
-        from torch._inductor import cpu_vec_isa
-
-        if platform.machine() not in ("x86_64", "AMD64"):
-            return False
-        flags = cpu_vec_isa.x86_isa_checker()
-        reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
-        return reported == cpu_vec_isa.valid_vec_isa_list()
-    except Exception:  # torch's internals moved: probe every time
-        return False
-
-
-def _compile_and_save(path: Path, inputs: tuple):
-    """`_decode_step` compiled ahead of time for `inputs` and saved atomically at `path`; None when this model
-    does not compile as one graph (the caller falls back to `torch.compile`). Saving is best effort."""
-    from litllm.utils import atomic_path, atomic_write_text
-
-    try:
-        step = torch.compile(_decode_step, fullgraph=True, dynamic=False).aot_compile((inputs, {}))
-    except Exception:  # a graph break (e.g. a quantized tensor subclass): the plain torch.compile path
-        return None
-    try:
-        data = type(step).serialize(step).serialized_data
-        atomic_write_text(path.with_suffix(".json"), json.dumps({"every_vec_isa_builds": _every_vec_isa_builds()}))
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-    except Exception as e:  # unpicklable, full disk...: decode with it, compile it again next time
-        _note(f"could not save the compiled decode step to {path} ({type(e).__name__}: {str(e)[:200]})")
     return step
+
+
+def _compile_and_save(path: Path, engine) -> Optional[Callable]:
+    """The engine's decode step compiled by AOTInductor (`torch.export`, then `aoti_compile_and_package` without
+    the weights) and saved atomically at `path`, then loaded from there; None when the model does not export as one
+    graph (the caller falls back to `torch.compile`)."""
+    import io
+
+    import torch._inductor
+
+    from litllm.utils import atomic_path
+
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
+        package = io.BytesIO()
+        configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
+        torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
+    except Exception as e:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
+        _note(f"could not compile the decode step ahead of time ({type(e).__name__}: {str(e)[:200]}); using torch.compile")
+        return None
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(package.getvalue())
+            tmp.chmod(0o644)
+    except Exception as e:  # full disk, read-only...: decode with it from a private copy, build it again next time
+        _note(f"could not save the compiled decode step to {path} ({type(e).__name__}: {str(e)[:200]})")
+        with tempfile.TemporaryDirectory() as folder:  # the loader extracts the library: the copy may go
+            path = Path(folder) / path.name
+            path.write_bytes(package.getvalue())
+            return _load_step(path, engine)
+    return _load_step(path, engine)
+
+
+def _is_packed(module) -> bool:
+    return hasattr(module, "packed_weight") and hasattr(module, "unpacked")  # a `litllm.inference.PackedLinear`
 
 
 def unpack_weights(model) -> None:
@@ -300,40 +344,49 @@ def unpack_weights(model) -> None:
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if hasattr(child, "packed_weight") and hasattr(child, "unpacked"):  # a PackedLinear
+            if _is_packed(child):
                 setattr(module, name, child.unpacked())
+
+
+def load_saved_step(engine) -> bool:
+    """Make the (eager) `engine` decode with the step saved for its shapes, if one loads and fits (else a one-line
+    note when one was there, and it stays eager): how a short `generate` uses a saved step without compiling."""
+    path = steps_folder(engine.model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
+    step = _load_step(path, engine) if torch.device(engine.device).type == "cpu" and path.exists() else None
+    if step is not None:
+        engine._decode, engine._compiled, engine.step_source = _bind(step, engine), True, "loaded"
+    return step is not None
+
+
+def _bind(step: Callable, engine) -> Callable:
+    vocab_size = engine.vocab_size
+
+    def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        return step(tokens, pos)[:, :vocab_size]  # kv_len is None: the whole cache, the compiled shape
+
+    return decode
 
 
 def compile_engine_step(engine) -> Callable:
     """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled at the engine's static
-    shapes. On the CPU: loaded from `steps_folder(...)/<rows>x<length>.pt` when a run before saved it (no dynamo
-    trace, no compile: ~1 s), else compiled ahead of time (`torch.compile(...).aot_compile`) and saved there;
-    `engine.step_source` says which ("loaded", "compiled"; "torch.compile" when the model is not one graph, or on
-    CUDA: `compile_step`)."""
+    shapes. On the CPU: loaded from `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace,
+    no compile: a few ms), else compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
+    which ("loaded", "compiled"; "torch.compile" when the model does not export as one graph, or on CUDA:
+    `compile_step`)."""
     model, device = engine.model, engine.device
     unpack_weights(model)
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":
         return compile_step(engine._decode_logits, device, static)
-    enable_compile_cache()
-    inputs = (model, engine._tokens, engine._pos)
     path = steps_folder(model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
-    with torch.inference_mode():  # under the engine's thread count (Engine.__init__), as its step() runs it
-        step = _load_step(path, inputs) if path.exists() else None
-        engine.step_source = "loaded"
-        if step is None:
-            step, engine.step_source = _compile_and_save(path, inputs), "compiled"
+    step = _load_step(path, engine) if path.exists() else None
+    engine.step_source = "loaded"
+    if step is None:
+        enable_compile_cache()  # the kernels inductor generates are cached: a rebuild of the same step is faster
+        # under the engine's thread count (Engine.__init__), as its step() runs it
+        step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
         return compile_step(engine._decode_logits, device, static)
-    # its guards (shapes, strides, dtypes of the weights, KV cache and inputs) held when it was loaded or compiled,
-    # and the engine passes the same model, cache and input tensors at every step: checking them again at each
-    # token costs ~1 ms in Python (5% of a 134M model's step)
-    step.disable_guard_check()
-    vocab_size = engine.vocab_size
-
-    def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
-        return step(model, tokens, pos)[:, :vocab_size]  # kv_len is None: the whole cache, the compiled shape
-
-    return decode
+    return _bind(step, engine)
