@@ -1,27 +1,30 @@
-"""Compiling the decode engine's step with `torch.compile`: when it pays, the saved compiled step and the compile
-caches that make the second run of a command start fast, and CUDA graphs.
+"""Compiling the decode engine's step: when it pays, the saved compiled step (an AOTInductor package) that makes
+every later run start compiled, the compile caches, and CUDA graphs.
 
 - When (`should_compile`, `litllm.generate.decode_engine`): `--compile true/false` (`LLM(..., compile=...)`)
   decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable (`0`/`false`, `1`/`true`) if
   set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens (a compiled step decodes
   1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead, but compiling costs 20-70 s
-  and more with an empty cache, and even loading a saved step (below) ~3 CPU-seconds more than an eager start, which
-  a 50-token `generate` of a 134M model (~4 ms saved per token) doesn't win back), so a short `generate` stays eager.
-- The saved step (CPU): the step is compiled ahead of time (`torch.compile(_decode_step, fullgraph=True)
-  .aot_compile`) with the model as an input (its weights and KV cache are the graph's inputs, not saved with it)
-  and saved, atomically, in `steps_folder(model, threads)/<rows>x<length>.pt`: one folder per CPU model, core
-  count, torch version, thread count, model config and weights' names/shapes/strides/dtypes (as laid out for
-  decoding). A later process loads it (`torch.compiler.load_compiled_function`): no dynamo trace, no compile;
-  its guards (shapes, strides, dtypes of every input) are checked once; a saved step that does not load (another
-  torch, torn), does not fit, or that another user could have written is not used: a one-line note, and the step
-  compiles (and is saved) again. It is a pickle of our own making: only files owned by this user and writable by
-  no one else are loaded (the trust model of inductor's own cache in the same folder). A model that does not
-  trace as one graph (a quantized tensor subclass, say) takes `torch.compile`'s path (`compile_step`).
+  and more with an empty cache), so a first short `generate` stays eager. A saved step that fits (below) is used
+  by default whatever the token count: loading it costs a few ms.
+- The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
+  (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
+  weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
+  `steps_folder(model, threads)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, thread
+  count, model config and weights' names/shapes/strides/dtypes (as a compiled step takes them). A later process
+  loads it with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`: no trace, no compile, inductor's
+  compiler not imported) and hands it the running model's own weights and the engine's KV cache as user-managed
+  constants (`load_constants(..., user_managed=True)`: no copies; its kernels write the cache in place at each
+  step). The package records the shapes, strides and dtypes of every tensor it was compiled for (`_step_spec`);
+  a saved step that does not load (another torch, torn), does not fit, or that another user could have written is
+  not used: a one-line note, and the step compiles (and is saved) again, or, in a run that would not compile,
+  decodes eagerly. It is a shared library of our own making: only files owned by this user and writable by no one
+  else are loaded (the trust model of inductor's own cache in the same folder). A model that does not export as
+  one graph (a quantized tensor subclass, say) takes `torch.compile`'s path (`compile_step`), unsaved.
 - Caches: inductor's FX graph cache and the AOT autograd cache, in `compile_cache_dir()`
   (`$TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/litllm/torch_compile`, i.e.
-  `~/.cache/litllm/torch_compile`): the saved steps' C++ kernels live there (a saved step whose kernels were
-  deleted builds them again when it loads), and a process compiling the same graph at the same shapes loads the
-  generated kernels instead of generating them.
+  `~/.cache/litllm/torch_compile`): a process compiling the same graph at the same shapes loads the generated
+  kernels instead of generating them.
 - Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing
   (`litllm.inference.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
   keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
@@ -316,10 +319,10 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
         with torch.no_grad():
             program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
         package = io.BytesIO()
-        configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
+        configs = {"aot_inductor.package_constants_in_so": False,  # the weights: the running model's, at load
+                   "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
         torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
-    except Exception as e:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
-        _note(f"could not compile the decode step ahead of time ({type(e).__name__}: {str(e)[:200]}); using torch.compile")
+    except Exception:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
         return None
     try:
         with atomic_path(path) as tmp:

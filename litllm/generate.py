@@ -78,7 +78,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat; or as $LITLLM_COMPILE says; false: never)."""
+    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or any run a saved compiled step fits; or as $LITLLM_COMPILE says; false: never)."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None

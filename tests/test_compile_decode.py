@@ -117,8 +117,8 @@ def saved_step(tiny_checkpoint, tmp_path_factory):
     env.pop(COMPILE_ENV, None)
 
     def run(**extra) -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint), *COMPILER_MODULES], env={**env, **extra},
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint), *COMPILER_MODULES],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
