@@ -204,7 +204,7 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, f
 def print_startup(folder: Path, repeats: int) -> None:
     medians = {}
     for name, runs in startup_latency(folder, repeats).items():
-        medians[name] = wall, cpu = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        medians[name] = wall, cpu = tuple(statistics.median(r[i] for r in runs) for i in (0, 1))
         print(f"litllm generate, 1 token, fresh process, {name}: {wall:.1f} s ({cpu:.1f} CPU-s), "
               f"median of {len(runs)}")
     (loaded_wall, loaded_cpu), (eager_wall, eager_cpu) = medians[STARTUP_RUNS[1][0]], medians[STARTUP_RUNS[2][0]]

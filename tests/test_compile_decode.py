@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, STEPS_FOLDER, compile_cache_dir, compiled_length,
                                    record_decode_choices, should_compile)
@@ -165,7 +166,12 @@ def test_a_saved_step_takes_the_weights_of_the_model_it_runs(saved_step, tmp_pat
     tokenizer, prompt = Tokenizer(other), [2, 40, 41, 42]
     loaded = decode_engine(model, tokenizer, 1, 20, threads, True, 12)
     assert loaded.step_source == "loaded" and loaded.max_seq_length == 128  # the saved length that fits
-    assert greedy_tokens(loaded, prompt) == greedy_tokens(Engine(model, tokenizer, 1, 128), prompt)
+    eager = Engine(model, tokenizer, 1, 128)
+    cache = loaded._caches[0].k
+    assert greedy_tokens(loaded, prompt) == greedy_tokens(eager, prompt)
+    # the saved step wrote the keys and values into the engine's own cache, in place (no per-token copy)
+    assert loaded._caches[0].k is cache and cache.abs().sum() > 0
+    torch.testing.assert_close(cache[:, :, :16], eager._caches[0].k[:, :, :16])
 
 
 def greedy_tokens(engine, prompt: list[int], n: int = 12) -> list[int]:
