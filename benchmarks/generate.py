@@ -185,10 +185,12 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, f
                 shutil.rmtree(Path(cache) / STEPS_FOLDER, ignore_errors=True)
             flag = [] if compile is None else ["--compile", compile]
             t0, c0 = time.perf_counter(), children_cpu()
-            subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
-                            "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
-                           env=env, check=True, capture_output=True)
+            proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
+                                   "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
+                                  env=env, check=True, capture_output=True, text=True)
             times[name].append((time.perf_counter() - t0, children_cpu() - c0))
+            if ("loads it" in name) != ("Loaded the saved compiled decode step" in proc.stderr):
+                print(f"warning: the run '{name}' did {'not ' * ('loads it' in name)}load a saved step")
 
         compiling = [r for r in STARTUP_RUNS if "compiles" in r[0]]
         run(*compiling[0])
