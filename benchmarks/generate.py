@@ -30,9 +30,9 @@ prompt one token at a time too; see benchmarks/gguf.py). Each row's bound counts
 last table pairs each litllm format with llama.cpp's (fp32 / f32, bf16 / f16, torchao.int8wo / q8_0,
 torchao.int4wo@bf16-true / q4_0), from the fastest row of each side (eager or compiled, plain or +repack).
 `--startup`: time to the first token of `litllm generate` (a fresh process: import, load, compile) with
-`--compile true` and an empty compile cache (it compiles the step and saves it), again with the saved step there
-(loaded, no trace), with inductor's kernels cached but no saved step (traced and compiled again), and with
-`--compile false`; wall and CPU seconds.
+`--compile true` and an empty compile cache (it compiles the step and saves it), with the default `--compile` and
+the saved step there (a short run loads it by default), with `--compile false`, and with inductor's kernels cached
+but no saved step (compiled again); wall and CPU seconds, medians (the two fast rows alternate `--repeats` rounds).
 `--speculative`: runs benchmarks/speculative.py (a 12-layer target, a 2-layer draft trained briefly on its
 outputs) and prints its rows.
 
@@ -48,6 +48,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -153,17 +154,17 @@ def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads:
 
 STARTUP_RUNS = (  # (row, --compile, remove the saved compiled steps first)
     ("compiled, empty cache (compiles, saves the step)", "true", False),
-    ("compiled, saved step (loads it)", "true", False),
-    ("compiled, no saved step, kernels cached (compiles again)", "true", True),
+    ("default --compile, saved step (loads it)", None, False),
     ("eager (--compile false)", "false", False),
+    ("compiled, no saved step, kernels cached (compiles again)", "true", True),
 )
 
 
-def startup_latency(folder: Path, repeats: int) -> dict[str, tuple[float, float]]:
-    """(wall, CPU) seconds from starting `litllm generate` (1 new token) to its exit, best of `repeats` (rows that
-    compile: once), in a fresh compile cache: compiled with it empty (the step compiles and is saved,
-    `litllm.compile_decode`), compiled with the saved step there (loaded), compiled with
-    inductor's kernels cached but no saved step (traced and compiled again), and eager."""
+def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds from starting `litllm generate` (1 new token) to its exit, per run, in a fresh compile
+    cache: compiled with it empty (the step compiles and is saved, `litllm.compile_decode`), with the default
+    `--compile` and the saved step there (loaded by default), eager, and compiled with inductor's kernels cached
+    but no saved step (compiled again). Rows that compile run once; the others alternate, `repeats` rounds."""
     import resource
     import shutil
     import subprocess
@@ -175,28 +176,43 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, tuple[float, float]
 
     from litllm.compile_decode import STEPS_FOLDER
 
-    times: dict[str, tuple[float, float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in STARTUP_RUNS}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         env.pop("LITLLM_COMPILE", None)
-        for name, compile, unsave in STARTUP_RUNS:
-            best = (float("inf"), float("inf"))
-            for _ in range(1 if "compiles" in name else repeats):
-                if unsave:
-                    shutil.rmtree(Path(cache) / STEPS_FOLDER, ignore_errors=True)
-                flag = [] if compile is None else ["--compile", compile]
-                t0, c0 = time.perf_counter(), children_cpu()
-                subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
-                                "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
-                               env=env, check=True, capture_output=True)
-                best = min(best, (time.perf_counter() - t0, children_cpu() - c0))
-            times[name] = best
+
+        def run(name: str, compile: Optional[str], unsave: bool) -> None:
+            if unsave:
+                shutil.rmtree(Path(cache) / STEPS_FOLDER, ignore_errors=True)
+            flag = [] if compile is None else ["--compile", compile]
+            t0, c0 = time.perf_counter(), children_cpu()
+            proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
+                                   "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
+                                  env=env, check=True, capture_output=True, text=True)
+            times[name].append((time.perf_counter() - t0, children_cpu() - c0))
+            if ("loads it" in name) != ("Loaded the saved compiled decode step" in proc.stderr):
+                print(f"warning: the run '{name}' did {'not ' * ('loads it' in name)}load a saved step")
+
+        compiling = [r for r in STARTUP_RUNS if "compiles" in r[0]]
+        run(*compiling[0])
+        for _ in range(repeats):  # alternating: the machine's load changes alike for each row
+            for row in STARTUP_RUNS:
+                if row not in compiling:
+                    run(*row)
+        for row in compiling[1:]:
+            run(*row)
     return times
 
 
 def print_startup(folder: Path, repeats: int) -> None:
-    for name, (wall, cpu) in startup_latency(folder, repeats).items():
-        print(f"litllm generate, 1 token, fresh process, {name}: {wall:.1f} s ({cpu:.1f} CPU-s)")
+    medians = {}
+    for name, runs in startup_latency(folder, repeats).items():
+        medians[name] = wall, cpu = tuple(statistics.median(r[i] for r in runs) for i in (0, 1))
+        print(f"litllm generate, 1 token, fresh process, {name}: {wall:.1f} s ({cpu:.1f} CPU-s), "
+              f"median of {len(runs)}")
+    (loaded_wall, loaded_cpu), (eager_wall, eager_cpu) = medians[STARTUP_RUNS[1][0]], medians[STARTUP_RUNS[2][0]]
+    print(f"saved step loaded by default vs eager: {loaded_wall - eager_wall:+.2f} s "
+          f"({loaded_cpu - eager_cpu:+.2f} CPU-s)")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

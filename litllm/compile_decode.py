@@ -1,27 +1,30 @@
-"""Compiling the decode engine's step with `torch.compile`: when it pays, the saved compiled step and the compile
-caches that make the second run of a command start fast, and CUDA graphs.
+"""Compiling the decode engine's step: when it pays, the saved compiled step (an AOTInductor package) that makes
+every later run start compiled, the compile caches, and CUDA graphs.
 
 - When (`should_compile`, `litllm.generate.decode_engine`): `--compile true/false` (`LLM(..., compile=...)`)
   decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable (`0`/`false`, `1`/`true`) if
   set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens (a compiled step decodes
   1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead, but compiling costs 20-70 s
-  and more with an empty cache, and even loading a saved step (below) ~3 CPU-seconds more than an eager start, which
-  a 50-token `generate` of a 134M model (~4 ms saved per token) doesn't win back), so a short `generate` stays eager.
-- The saved step (CPU): the step is compiled ahead of time (`torch.compile(_decode_step, fullgraph=True)
-  .aot_compile`) with the model as an input (its weights and KV cache are the graph's inputs, not saved with it)
-  and saved, atomically, in `steps_folder(model, threads)/<rows>x<length>.pt`: one folder per CPU model, core
-  count, torch version, thread count, model config and weights' names/shapes/strides/dtypes (as laid out for
-  decoding). A later process loads it (`torch.compiler.load_compiled_function`): no dynamo trace, no compile;
-  its guards (shapes, strides, dtypes of every input) are checked once; a saved step that does not load (another
-  torch, torn), does not fit, or that another user could have written is not used: a one-line note, and the step
-  compiles (and is saved) again. It is a pickle of our own making: only files owned by this user and writable by
-  no one else are loaded (the trust model of inductor's own cache in the same folder). A model that does not
-  trace as one graph (a quantized tensor subclass, say) takes `torch.compile`'s path (`compile_step`).
+  and more with an empty cache), so a first short `generate` stays eager. A saved step that fits (below) is used
+  by default whatever the token count: loading it costs a few ms.
+- The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
+  (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
+  weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
+  `steps_folder(model, threads)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, thread
+  count, model config and weights' names/shapes/strides/dtypes (as a compiled step takes them). A later process
+  loads it with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`: no trace, no compile, inductor's
+  compiler not imported) and hands it the running model's own weights and the engine's KV cache as user-managed
+  constants (`load_constants(..., user_managed=True)`: no copies; its kernels write the cache in place at each
+  step). The package records the shapes, strides and dtypes of every tensor it was compiled for (`_step_spec`);
+  a saved step that does not load (another torch, torn), does not fit, or that another user could have written is
+  not used: a one-line note, and the step compiles (and is saved) again, or, in a run that would not compile,
+  decodes eagerly. It is a shared library of our own making: only files owned by this user and writable by no one
+  else are loaded (the trust model of inductor's own cache in the same folder). A model that does not export as
+  one graph (a quantized tensor subclass, say) takes `torch.compile`'s path (`compile_step`), unsaved.
 - Caches: inductor's FX graph cache and the AOT autograd cache, in `compile_cache_dir()`
   (`$TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/litllm/torch_compile`, i.e.
-  `~/.cache/litllm/torch_compile`): the saved steps' C++ kernels live there (a saved step whose kernels were
-  deleted builds them again when it loads), and a process compiling the same graph at the same shapes loads the
-  generated kernels instead of generating them.
+  `~/.cache/litllm/torch_compile`): a process compiling the same graph at the same shapes loads the generated
+  kernels instead of generating them.
 - Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing
   (`litllm.inference.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
   keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
@@ -43,6 +46,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -90,14 +94,24 @@ def _machine() -> str:
 
 def _weights_digest(model, strides: bool = False) -> str:
     """A digest of the model's parameters and buffers as they are now (names, shapes, dtypes, tensor types, and
-    with `strides` their strides), the KV cache left out."""
-    weights = hashlib.sha1()
+    with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it, which
+    is what a compiled step takes), the KV cache left out."""
+    entries = []
+    packed = {name for name, module in model.named_modules() if _is_packed(module)} if strides else set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if ".kv_cache." in name:
             continue
-        layout = f":{tensor.stride()}" if strides and tensor.layout == torch.strided else ""
-        weights.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{type(tensor).__name__}{layout};".encode())
-    return weights.hexdigest()[:16]
+        module, _, leaf = name.rpartition(".")
+        if module in packed and leaf == "packed_weight":  # unpacked: a contiguous (out, in) Parameter
+            linear = model.get_submodule(module)
+            name, shape, kind = f"{module}.weight", (linear.out_features, linear.in_features), "Parameter"
+            layout = f":{(linear.in_features, 1)}"
+        else:
+            shape, kind = tuple(tensor.shape), type(tensor).__name__
+            layout = f":{tensor.stride()}" if strides and tensor.layout == torch.strided else ""
+        entries.append(f"{name}:{shape}:{tensor.dtype}:{kind}{layout};")
+    order = sorted if strides else list  # sorted: unpacking moves a weight from the buffers to the parameters
+    return hashlib.sha1("".join(order(entries)).encode()).hexdigest()[:16]
 
 
 def decode_choices_key(model) -> str:
@@ -188,12 +202,6 @@ def compile_step(step: Callable, device: torch.device, static_tensors=()) -> Cal
 STEPS_FOLDER = "decode_steps"
 
 
-def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The step `torch.compile(...).aot_compile` compiles: the model is an input, so its weights and KV cache are
-    the compiled graph's inputs (read from the model at each call), not constants saved with it."""
-    return model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
-
-
 def steps_folder(model, threads: Optional[int]) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) decoding with `threads`
     torch threads live: `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the
@@ -205,7 +213,7 @@ def steps_folder(model, threads: Optional[int]) -> Path:
 
 
 def _step_file(rows: int, length: int) -> str:
-    return f"{rows}x{length}.pt"
+    return f"{rows}x{length}.pt2"
 
 
 def saved_step_length(model, threads: Optional[int], rows: int, length: int, exact: bool = False) -> Optional[int]:
@@ -219,7 +227,7 @@ def saved_step_length(model, threads: Optional[int], rows: int, length: int, exa
         return None
     lengths = []
     for name in names:
-        shape = name[: -len(".pt")].split("x") if name.endswith(".pt") else []
+        shape = name[: -len(".pt2")].split("x") if name.endswith(".pt2") else []
         if len(shape) == 2 and all(n.isdigit() for n in shape) and int(shape[0]) == rows:
             lengths.append(int(shape[1]))
     fitting = [n for n in lengths if (n == length if exact else length <= n <= model.max_seq_length)]
@@ -231,67 +239,106 @@ def _note(text: str) -> None:
 
 
 def _trusted(path: Path) -> bool:
-    """A saved step is a pickle: load only one this user wrote (owned by them, writable by no one else)."""
+    """A saved step is a shared library: load only one this user wrote (owned by them, writable by no one else)."""
     info = path.stat()
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _load_step(path: Path, inputs: tuple):
-    """The compiled step saved at `path` if it loads and its guards accept `inputs` (the model, the token and
-    position tensors); else None, with a one-line note (the caller compiles it again and overwrites it)."""
+class _DecodeStep(torch.nn.Module):
+    """What AOTInductor compiles: one decode step of `model` (logits of the last position, (B, padded_vocab)).
+    Exported, the model's weights and KV cache are the graph's constants, left out of the package and handed at
+    load time (the running model's own tensors): the same saved step serves every checkpoint of these shapes."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+
+
+def _step_tensors(engine) -> dict[str, torch.Tensor]:
+    """The tensors the saved step reads and writes, by the names export gives them (`model.<name>`): the model's
+    parameters and buffers, the KV cache being the engine's own (written in place at each step)."""
+    model = engine.model
+    tensors = dict(model.named_parameters(prefix="model", remove_duplicate=False))
+    tensors.update(model.named_buffers(prefix="model", remove_duplicate=False))
+    for i, cache in enumerate(engine._caches):
+        tensors[f"model.blocks.{i}.attn.kv_cache.k"], tensors[f"model.blocks.{i}.attn.kv_cache.v"] = cache.k, cache.v
+    return tensors
+
+
+def _step_spec(engine) -> str:
+    """Shapes, strides and dtypes of every tensor the step reads or writes (inputs included), as JSON: a saved
+    step runs only on tensors laid out as the ones it was compiled for (its kernels index them so)."""
+    tensors = {**_step_tensors(engine), "tokens": engine._tokens, "pos": engine._pos}
+    return json.dumps({name: [list(t.shape), list(t.stride()), str(t.dtype)] for name, t in sorted(tensors.items())})
+
+
+SPEC_KEY = "litllm_tensors"
+"""The package metadata entry holding `_step_spec` of the engine the step was compiled for."""
+
+
+def _load_step(path: Path, engine) -> Optional[Callable]:
+    """The AOTInductor step saved at `path`, bound to `engine`'s weights and KV cache (no copies: the package's
+    kernels read and write the engine's tensors), if it loads and fits; else None, with a one-line note."""
     try:
         if not _trusted(path):
-            _note(f"not loading {path}: not owned by this user, or writable by others; compiling the step again")
+            _note(f"not loading {path}: not owned by this user, or writable by others")
             return None
-        import torch._inductor.config as inductor_config
-
-        # the kernels were built here: when every vector ISA this CPU reports built and loaded then, trust them
-        # now rather than probe each again (a compile and a child process per ISA: ~0.3-4 s in all)
-        trusted_isas = _read_choices(path.with_suffix(".json")).get("every_vec_isa_builds") is True
-        with open(path, "rb") as f, inductor_config.patch({"cpp.vec_isa_ok": True} if trusted_isas else {}):
-            step = torch.compiler.load_compiled_function(f)
-        if not step.guard_check(*inputs):
-            reason = str(step._artifacts.guard_manager.check_verbose(step.prepare_f_locals(*inputs)).verbose_code_parts)
-            _note(f"the saved decode step {path} does not fit this model ({reason[:200]}); compiling it again")
+        # C++ (`torch._C._aoti`): loads the package's shared library without importing inductor
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        tensors = _step_tensors(engine)
+        names = loader.get_constant_fqns()
+        if loader.get_metadata().get(SPEC_KEY) != _step_spec(engine) or not set(names) <= set(tensors):
+            _note(f"the saved decode step {path} does not fit this model (other shapes or strides)")
             return None
-        return step
-    except Exception as e:  # stale (another torch), torn or foreign: a cache, so it is compiled again
-        _note(f"could not load the saved decode step {path} ({type(e).__name__}: {str(e)[:200]}); compiling it again")
+        constants = {name: tensors[name] for name in names}
+        loader.load_constants(constants, False, True, True)  # user-managed: the engine's tensors, not copies
+    except Exception as e:  # stale (another torch), torn or foreign: a cache, so it is built again
+        _note(f"could not load the saved decode step {path} ({type(e).__name__}: {str(e)[:200]})")
         return None
 
+    def step(tokens: torch.Tensor, pos: torch.Tensor, _constants=constants) -> torch.Tensor:  # keeps them alive
+        return loader.run([tokens, pos])[0]
 
-def _every_vec_isa_builds() -> bool:
-    """Did inductor's probes (a test library compiled and loaded per vector ISA) accept every ISA this x86 CPU
-    reports? Then trusting them without the probes (`cpp.vec_isa_ok`) picks the same ISA, so the same kernels."""
-    try:
-        from torch._inductor import cpu_vec_isa
-
-        if platform.machine() not in ("x86_64", "AMD64"):
-            return False
-        flags = cpu_vec_isa.x86_isa_checker()
-        reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
-        return reported == cpu_vec_isa.valid_vec_isa_list()
-    except Exception:  # torch's internals moved: probe every time
-        return False
-
-
-def _compile_and_save(path: Path, inputs: tuple):
-    """`_decode_step` compiled ahead of time for `inputs` and saved atomically at `path`; None when this model
-    does not compile as one graph (the caller falls back to `torch.compile`). Saving is best effort."""
-    from litllm.utils import atomic_path, atomic_write_text
-
-    try:
-        step = torch.compile(_decode_step, fullgraph=True, dynamic=False).aot_compile((inputs, {}))
-    except Exception:  # a graph break (e.g. a quantized tensor subclass): the plain torch.compile path
-        return None
-    try:
-        data = type(step).serialize(step).serialized_data
-        atomic_write_text(path.with_suffix(".json"), json.dumps({"every_vec_isa_builds": _every_vec_isa_builds()}))
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-    except Exception as e:  # unpicklable, full disk...: decode with it, compile it again next time
-        _note(f"could not save the compiled decode step to {path} ({type(e).__name__}: {str(e)[:200]})")
     return step
+
+
+def _compile_and_save(path: Path, engine) -> Optional[Callable]:
+    """The engine's decode step compiled by AOTInductor (`torch.export`, then `aoti_compile_and_package` without
+    the weights) and saved atomically at `path`, then loaded from there; None when the model does not export as one
+    graph (the caller falls back to `torch.compile`)."""
+    import io
+
+    import torch._inductor
+
+    from litllm.utils import atomic_path
+
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
+        package = io.BytesIO()
+        configs = {"aot_inductor.package_constants_in_so": False,  # the weights: the running model's, at load
+                   "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
+        torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
+    except Exception:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
+        return None
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(package.getvalue())
+            tmp.chmod(0o644)
+    except Exception as e:  # full disk, read-only...: decode with it from a private copy, build it again next time
+        _note(f"could not save the compiled decode step to {path} ({type(e).__name__}: {str(e)[:200]})")
+        with tempfile.TemporaryDirectory() as folder:  # the loader extracts the library: the copy may go
+            path = Path(folder) / path.name
+            path.write_bytes(package.getvalue())
+            return _load_step(path, engine)
+    return _load_step(path, engine)
+
+
+def _is_packed(module) -> bool:
+    return hasattr(module, "packed_weight") and hasattr(module, "unpacked")  # a `litllm.inference.PackedLinear`
 
 
 def unpack_weights(model) -> None:
@@ -300,40 +347,49 @@ def unpack_weights(model) -> None:
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if hasattr(child, "packed_weight") and hasattr(child, "unpacked"):  # a PackedLinear
+            if _is_packed(child):
                 setattr(module, name, child.unpacked())
+
+
+def load_saved_step(engine) -> bool:
+    """Make the (eager) `engine` decode with the step saved for its shapes, if one loads and fits (else a one-line
+    note when one was there, and it stays eager): how a short `generate` uses a saved step without compiling."""
+    path = steps_folder(engine.model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
+    step = _load_step(path, engine) if torch.device(engine.device).type == "cpu" and path.exists() else None
+    if step is not None:
+        engine._decode, engine._compiled, engine.step_source = _bind(step, engine), True, "loaded"
+    return step is not None
+
+
+def _bind(step: Callable, engine) -> Callable:
+    vocab_size = engine.vocab_size
+
+    def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        return step(tokens, pos)[:, :vocab_size]  # kv_len is None: the whole cache, the compiled shape
+
+    return decode
 
 
 def compile_engine_step(engine) -> Callable:
     """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled at the engine's static
-    shapes. On the CPU: loaded from `steps_folder(...)/<rows>x<length>.pt` when a run before saved it (no dynamo
-    trace, no compile: ~1 s), else compiled ahead of time (`torch.compile(...).aot_compile`) and saved there;
-    `engine.step_source` says which ("loaded", "compiled"; "torch.compile" when the model is not one graph, or on
-    CUDA: `compile_step`)."""
+    shapes. On the CPU: loaded from `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace,
+    no compile: a few ms), else compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
+    which ("loaded", "compiled"; "torch.compile" when the model does not export as one graph, or on CUDA:
+    `compile_step`)."""
     model, device = engine.model, engine.device
     unpack_weights(model)
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":
         return compile_step(engine._decode_logits, device, static)
-    enable_compile_cache()
-    inputs = (model, engine._tokens, engine._pos)
     path = steps_folder(model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
-    with torch.inference_mode():  # under the engine's thread count (Engine.__init__), as its step() runs it
-        step = _load_step(path, inputs) if path.exists() else None
-        engine.step_source = "loaded"
-        if step is None:
-            step, engine.step_source = _compile_and_save(path, inputs), "compiled"
+    step = _load_step(path, engine) if path.exists() else None
+    engine.step_source = "loaded"
+    if step is None:
+        enable_compile_cache()  # the kernels inductor generates are cached: a rebuild of the same step is faster
+        # under the engine's thread count (Engine.__init__), as its step() runs it
+        step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
         return compile_step(engine._decode_logits, device, static)
-    # its guards (shapes, strides, dtypes of the weights, KV cache and inputs) held when it was loaded or compiled,
-    # and the engine passes the same model, cache and input tensors at every step: checking them again at each
-    # token costs ~1 ms in Python (5% of a 134M model's step)
-    step.disable_guard_check()
-    vocab_size = engine.vocab_size
-
-    def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
-        return step(model, tokens, pos)[:, :vocab_size]  # kv_len is None: the whole cache, the compiled shape
-
-    return decode
+    return _bind(step, engine)

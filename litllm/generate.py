@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import (compile_cache_dir, compiled_length, record_decode_choices, saved_step_length,
-                                   should_compile, unpack_weights)
+from litllm.compile_decode import (compile_cache_dir, compiled_length, env_compile, load_saved_step,
+                                   record_decode_choices, saved_step_length, should_compile, unpack_weights)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -27,16 +27,25 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
                   compile: Optional[bool] = None, tokens: Optional[int] = None, *, exact_length: bool = False,
                   **engine_args) -> Engine:
     """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
-    tokens, `litllm.compile_decode.should_compile`). Compiled, its KV cache is the shortest saved length
-    that fits (`saved_step_length`), else rounded up to a shape other lengths share (`compiled_length`) unless
-    `exact_length`, and the step compiles (or loads) now, with a 2-token warm-up; the loader's weight layout and
-    thread count are then recorded, so that the next load of the model picks the same and finds its saved step
-    (`litllm.compile_decode.record_decode_choices`)."""
+    tokens, `litllm.compile_decode.should_compile`, or whenever a saved compiled step fits, as loading one costs
+    a few ms). Compiled, its KV cache is the shortest saved length that fits (`saved_step_length`), else rounded
+    up to a shape other lengths share (`compiled_length`) unless `exact_length`, and the step compiles (or loads)
+    now, with a 2-token warm-up; the loader's weight layout and thread count are then recorded, so that the next
+    load of the model picks the same and finds its saved step (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
-    if (compile is None and spread) or not should_compile(compile, model.wte.weight.device, tokens):
+    if compile is None and spread:
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-    unpack_weights(model)  # as the compiled step takes the weights (and keys its saved files): before the lookup
-    saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)
+    saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)  # keyed as unpacked
+    if not should_compile(compile, model.wte.weight.device, tokens):
+        if saved is None or compile is not None or env_compile() is not None:  # none saved, or opted out
+            return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
+        t0 = time.perf_counter()
+        unpack_weights(model)
+        engine = Engine(model, tokenizer, rows, saved, threads=threads, **engine_args)
+        if load_saved_step(engine):  # else (stale, torn...: a note) it decodes eagerly
+            engine.compile_seconds = time.perf_counter() - t0
+        return engine
+    unpack_weights(model)  # the compiled step takes the weights as plain Linears
     if saved is not None:
         max_seq_length = saved
     elif not exact_length:
@@ -69,7 +78,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat; or as $LITLLM_COMPILE says; false: never)."""
+    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or any run a saved compiled step fits; or as $LITLLM_COMPILE says; false: never)."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None

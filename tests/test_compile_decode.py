@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, STEPS_FOLDER, compile_cache_dir, compiled_length,
                                    record_decode_choices, should_compile)
@@ -90,22 +91,26 @@ def spy(self):
     return out
 Engine.step = spy
 """
+# inductor's compiler and its loaders of compiled artifacts: the saved step loads without them
+COMPILER_MODULES = ["torch._inductor.compile_fx", "torch._inductor.codecache", "torch._inductor.graph",
+                    "torch._inductor.package", "torch._inductor.lowering"]
 # a fresh process: `litllm generate` of 12 tokens with the default --compile ($LITLLM_COMPILE=1 stands for a long
-# generation), reporting the tokens and how many graphs dynamo traced
+# generation), reporting the tokens, how many graphs dynamo traced and which compiler modules it imported
 CHILD = SPY + """
 import json, sys
 from torch._dynamo.utils import counters
 from litllm.generate import generate
 generate(sys.argv[1], "Hello", max_new_tokens=12, temperature=0.0)
-print(json.dumps({"tokens": tokens, "traced": counters["stats"]["unique_graphs"]}))
+imported = [m for m in sys.argv[2:] if m in sys.modules]
+print(json.dumps({"tokens": tokens, "traced": counters["stats"]["unique_graphs"], "imported": imported}))
 """
 
 
 @pytest.fixture(scope="module")
 def saved_step(tiny_checkpoint, tmp_path_factory):
-    """Two fresh processes generating with the tiny model and a fresh cache: the first compiles the decode step
-    and saves it, the second loads it. Returns (cache, eager tokens, first
-    process's report and stderr, second's)."""
+    """Two fresh processes generating 12 tokens with the tiny model and a fresh cache: the first, told to compile
+    ($LITLLM_COMPILE=1), compiles the decode step and saves it; the second, with the defaults (a short generate),
+    loads it. Returns (cache, eager tokens, first process's report and stderr, second's)."""
     cache = tmp_path_factory.mktemp("compile") / "cache"
     # no thread pin: the first process records the thread count and weight layout it picked by timing (which the
     # compiled kernels depend on), and the second takes them from there
@@ -113,8 +118,8 @@ def saved_step(tiny_checkpoint, tmp_path_factory):
     env.pop(COMPILE_ENV, None)
 
     def run(**extra) -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env={**env, **extra},
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint), *COMPILER_MODULES],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -126,7 +131,7 @@ def saved_step(tiny_checkpoint, tmp_path_factory):
         generate(tiny_checkpoint, "Hello", max_new_tokens=12, temperature=0.0, compile=False)
     finally:
         eager["Engine"].step = eager["step"]
-    return cache, eager["tokens"], run(**{COMPILE_ENV: "1"}), run(**{COMPILE_ENV: "1"})
+    return cache, eager["tokens"], run(**{COMPILE_ENV: "1"}), run()
 
 
 @pytest.mark.slow
@@ -134,14 +139,15 @@ def test_default_compiled_decode_equals_eager_and_second_process_loads_the_saved
     cache, eager, (first, first_err), (second, second_err) = saved_step
     assert "Compiled the decode step" in first_err and str(cache) in first_err
     assert first["tokens"][2:] == eager  # after the 2-token warm-up: the same greedy tokens
-    assert first["traced"] == 1  # no saved step: traced (and compiled)
+    assert first["traced"] == 0  # exported (no dynamo graph), compiled by AOTInductor: no torch.compile fallback
     assert (cache / CHOICES_FILE).is_file()  # the loader's picks, for the next process
-    saved = list((cache / STEPS_FOLDER).glob("*/1x*.pt"))
-    assert len(saved) == 1 and saved[0].with_suffix(".json").is_file()
-    # the second process loads the saved step: no trace, no compile
+    saved = list((cache / STEPS_FOLDER).glob("*/*"))
+    assert [p.name for p in saved] == ["1x128.pt2"]  # the AOTInductor package (without the weights: see below)
+    # the second process, a short generate, loads the saved step by default: no trace, no compile, no compiler
     assert "Loaded the saved compiled decode step" in second_err, second_err
-    assert second["tokens"] == first["tokens"]
-    assert second["traced"] == 0, second
+    assert second["tokens"] == eager  # (no warm-up: nothing to compile)
+    assert second["traced"] == 0 and second["imported"] == [], second  # no torch.compile fallback either
+    assert first["imported"], first  # (the check can fail: the compiling process has them)
 
 
 @pytest.mark.slow
@@ -160,7 +166,12 @@ def test_a_saved_step_takes_the_weights_of_the_model_it_runs(saved_step, tmp_pat
     tokenizer, prompt = Tokenizer(other), [2, 40, 41, 42]
     loaded = decode_engine(model, tokenizer, 1, 20, threads, True, 12)
     assert loaded.step_source == "loaded" and loaded.max_seq_length == 128  # the saved length that fits
-    assert greedy_tokens(loaded, prompt) == greedy_tokens(Engine(model, tokenizer, 1, 128), prompt)
+    eager = Engine(model, tokenizer, 1, 128)
+    cache = loaded._caches[0].k
+    assert greedy_tokens(loaded, prompt) == greedy_tokens(eager, prompt)
+    # the saved step wrote the keys and values into the engine's own cache, in place (no per-token copy)
+    assert loaded._caches[0].k is cache and cache.abs().sum() > 0
+    torch.testing.assert_close(cache[:, :, :16], eager._caches[0].k[:, :, :16])
 
 
 def greedy_tokens(engine, prompt: list[int], n: int = 12) -> list[int]:
@@ -181,14 +192,14 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
     from litllm.inference import load_for_decoding
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(saved_step[0]))
-    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, inputs: None)  # no 1-minute compile
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)  # no 1-minute compile
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
     folder = compile_decode.steps_folder(model, threads)
-    saved = next(folder.glob("1x*.pt"))
+    saved = next(folder.glob("1x*.pt2"))
     length = int(saved.stem.split("x")[1])
-    (folder / f"2x{length}.pt").write_bytes(saved.read_bytes())  # a valid step, for one row, where two are asked
-    (folder / f"3x{length}.pt").write_bytes(saved.read_bytes()[:1000])  # torn
-    foreign = folder / f"4x{length}.pt"
+    (folder / f"2x{length}.pt2").write_bytes(saved.read_bytes())  # a valid step, for one row, where two are asked
+    (folder / f"3x{length}.pt2").write_bytes(saved.read_bytes()[:1000])  # torn
+    foreign = folder / f"4x{length}.pt2"
     foreign.write_bytes(saved.read_bytes())
     foreign.chmod(0o666)  # writable by anyone: not loaded
     notes = {2: "does not fit this model", 3: "could not load the saved decode step", 4: "writable by others"}
@@ -201,6 +212,19 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
     engine = Engine(model, None, 1, length, threads=threads, compile=True)
     assert engine.step_source == "loaded" and not capsys.readouterr().err
     engine.close()
+    # a short run with the defaults uses a saved step that fits; one that does not load leaves it eager (a note)
+    from litllm.generate import decode_engine
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    engine = decode_engine(model, None, 3, length, threads, None, 12)
+    assert not engine._compiled and "could not load the saved decode step" in capsys.readouterr().err
+    engine.close()
+    # --compile false, or $LITLLM_COMPILE=0, opts out of the saved step too
+    assert not decode_engine(model, None, 1, length, threads, False, 12)._compiled
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert not decode_engine(model, None, 1, length, threads, None, 12)._compiled
+    monkeypatch.delenv(COMPILE_ENV)
+    assert decode_engine(model, None, 1, length, threads, None, 12).step_source == "loaded"
 
 
 def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
@@ -212,7 +236,7 @@ def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
     assert saved_step_length(model, 2, 1, 40) is None  # nothing saved
     folder = steps_folder(model, 2)
     folder.mkdir(parents=True)
-    for name in ("1x64.pt", "1x100.pt", "2x50.pt", "1x32.pt", "1x1024.pt", "1xab.pt", "1x80.json"):
+    for name in ("1x64.pt2", "1x100.pt2", "2x50.pt2", "1x32.pt2", "1x1024.pt2", "1xab.pt2", "1x80.pt"):
         (folder / name).touch()
     assert saved_step_length(model, 2, 1, 40) == 64  # the shortest that fits, within the window (128)
     assert saved_step_length(model, 2, 1, 70) == 100 and saved_step_length(model, 2, 1, 101) is None
