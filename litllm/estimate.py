@@ -647,7 +647,9 @@ def train_flops(plan: TrainPlan, trainable_fraction: float) -> float:
 def _trainable_fraction(plan: TrainPlan) -> float:
     if plan.method in ("pretrain", "full"):
         return 1.0
-    with torch.device("meta"):
+    from litllm.utils import meta_device
+
+    with meta_device():
         from litllm.train.loop import build_train_model
 
         model = build_train_model(plan.config, _method(plan))

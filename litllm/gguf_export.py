@@ -38,7 +38,7 @@ from litllm.model_folder import (
     CONFIG_FILE, LORA_WEIGHTS, WEIGHTS_FILE, check_model_folder, lora_weights_file, open_safetensors, read_config,
     read_safetensors, read_tensor,
 )
-from litllm.utils import atomic_path, check_output_dir, read_json_object
+from litllm.utils import atomic_path, check_output_dir, meta_device, read_json_object
 
 # --outtype -> (GGML type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases) stay F32
 OUTTYPES = {
@@ -848,7 +848,7 @@ def _plan_adapter(folder: Path, base_dir: Optional[Path], outtype: str):
     if settings.head and config.tie_embeddings:
         raise LitLLMError(f"{folder}: a LoRA on a head tied to the embedding has no GGUF LoRA form (trained with --lora_head)")
     weights = read_safetensors(lora_weights_file(folder))
-    with torch.device("meta"):
+    with meta_device():
         targets = lora_targets(GPT(config), settings)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` an
 
 from litllm.config import Config
 from litllm.losses import chunked_cross_entropy
+from litllm.utils import meta_device
 
 
 class GPT(nn.Module):
@@ -308,7 +309,7 @@ class GPT(nn.Module):
 
         checkpoint_dir = check_model_folder(checkpoint_dir)
         config = Config.from_checkpoint(checkpoint_dir, **config_overrides)
-        with torch.device("meta"):
+        with meta_device():
             model = cls(config)
         load_model_weights(model, checkpoint_dir / "lit_model.safetensors", device=device, dtype=dtype)
         return model
@@ -1072,8 +1073,8 @@ def rope_cache(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (seq_len, n_elem), fp32, laid out as [freqs | freqs] for rotate-half RoPE; sin's first half
     negated (see `apply_rope`)."""
-    if n_elem == 0:
-        return torch.empty(seq_len, 0, device=device), torch.empty(seq_len, 0, device=device)
+    if n_elem == 0 or torch.device(device).type == "meta":  # (meta: placeholders, see `GPT.build_rope_cache`)
+        return torch.empty(seq_len, n_elem, device=device), torch.empty(seq_len, n_elem, device=device)
     inv_freq, attn_factor = rope_inv_freq(n_elem, base, scaling)
     positions = torch.arange(seq_len, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # (seq_len, n_elem/2)

@@ -111,6 +111,25 @@ def temporarily(get: Callable[[], Any], set: Callable[[Any], Any], value: Any) -
         set(before)
 
 
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the meta device (shapes only) without running `torch.nn.init`'s initialisers, as
+    transformers' `no_init_weights` does: on meta they compute nothing, but their random ops run torch's Python
+    reference kernels, whose first call imports `torch._dynamo` (~1 CPU-s, a third of an eager `generate`'s start)."""
+    import torch
+
+    initialisers = {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)
+                    if name.endswith("_") and not name.startswith("_")}  # normal_, kaiming_uniform_, zeros_, ...
+    for name in initialisers:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, initialiser in initialisers.items():
+            setattr(torch.nn.init, name, initialiser)
+
+
 _STARTED = time.time()  # about when this process started (litllm.utils is imported first thing)
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 

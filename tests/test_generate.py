@@ -341,6 +341,19 @@ def test_generate_command_greedy(family_checkpoints, capsys):
     assert "tokens/s" in out.err
 
 
+def test_an_eager_generate_imports_no_compiler(tiny_checkpoint):
+    # the model is built on the meta device with its initialisers and RoPE tables skipped (`meta_device`): run there,
+    # they go through torch's Python reference kernels, whose first call imports torch._dynamo and torch._inductor
+    # (~1 CPU-s of a ~3 CPU-s start) for no values at all
+    code = ("import sys; from litllm.generate import generate; "
+            "generate(sys.argv[1], 'Hello', max_new_tokens=4, temperature=0.0, compile=False); "
+            "print([m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_generate_command_stops_at_eos(tiny_checkpoint, tmp_path, capsys):
     """An id listed as EOS in generation_config.json ends the output (and is not printed)."""
     import json

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from litllm.errors import LitLLMError
 from litllm.parallel.plan import local_slices, parallelize, rank0_only, shard_pieces
+from litllm.utils import meta_device
 
 
 def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype: torch.dtype) -> nn.Module:
@@ -27,7 +28,7 @@ def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype
 
     checkpoint_dir = check_model_folder(checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
-    with torch.device("meta"):
+    with meta_device():
         model = GPT(config)
     full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     parallelize(model, mesh, n)
