@@ -8,7 +8,7 @@ hs head size, C = n_embd.
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional
 
@@ -127,6 +127,8 @@ class GPT(nn.Module):
         """
         if self.blocks[0].attn.kv_cache is None:
             raise ValueError("no KV cache is set: call set_kv_cache before decode")
+        if input_pos.dim() == 2 and idx.size(0) == 1:
+            input_pos = input_pos[0]  # one row: (T,) once per step rather than in each layer's cache write
         return self._logits(self._hidden_states(idx, input_pos, None, None, kv_len), logits_to_keep)
 
     # ------------------------------------------------------------------ the shared blocks
@@ -409,6 +411,8 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping, self.sinks)  # (B, nh, T, hs)
         if self.adapter is not None:
             y = y + self.adapter(q, self)
+        if T == 1 and y.is_contiguous():  # (B, nh, 1, hs) is already (B, 1, nh * hs) in memory
+            return self.proj(y.view(B, T, c.n_head * c.head_size))
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
 
@@ -558,7 +562,7 @@ def softmax_with_sinks(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> t
     """fp32 softmax over the last dim of scores (..., nh-shaped dims, L); with sinks (shaped to broadcast against
     scores[..., :1], one per head), each row's denominator also holds exp(sink), which no value stands behind."""
     if sinks is None:
-        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return scores.softmax(-1) if scores.dtype == torch.float32 else torch.softmax(scores, -1, dtype=torch.float32)
     scores = scores.float()
     sink = sinks.float()[..., None].expand(*scores.shape[:-1], 1)
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
@@ -628,15 +632,27 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
     # costs a few more ops, which is what a one-token step spends its time on beside the weights
     q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
-    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2)).mul_(scale).view(B, nkv, nh // nkv, L)
+    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2))
+    scores = scores.mul_(cpu_scalar(scale) if scores.dtype == torch.float32 else scale).view(B, nkv, nh // nkv, L)
     if logit_softcap is not None:
         scores = softcap(scores, logit_softcap)
     if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        scores = torch.where(mask, scores, cpu_scalar(torch.finfo(scores.dtype).min, scores.dtype))
     head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
-    probs = softmax_with_sinks(scores, head_sinks).to(q.dtype)  # (B, nkv, n_rep, L)
+    probs = softmax_with_sinks(scores, head_sinks)  # (B, nkv, n_rep, L) fp32
+    if probs.dtype != q.dtype:
+        probs = probs.to(q.dtype)
     y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
     return y.view(B, nh, 1, v.size(-1))
+
+
+@lru_cache(maxsize=None)
+def cpu_scalar(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 0-dim CPU tensor of `value`, made once and only read. An op given a Python float wraps it in a tensor and
+    casts it on every call (4 more aten ops under it), which the small ops of a one-token decode step notice;
+    the values are the same (the float is rounded to `dtype` either way)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(value, dtype=dtype)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -993,7 +1009,8 @@ class RMSNorm(nn.Module):
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
                     # one-token decode step each op after a weight-streaming matmul runs with cold caches (mean = sum, div_)
-                    inv_rms = x.square().sum(-1, keepdim=True).div_(x.size(-1)).add_(self.eps).rsqrt_()  # (..., 1)
+                    n, eps = cpu_scalar(float(x.size(-1))), cpu_scalar(self.eps)  # (x * x is what square runs)
+                    inv_rms = torch.mul(x, x).sum(-1, keepdim=True).div_(n).add_(eps).rsqrt_()  # (..., 1)
                     return torch.mul(x, inv_rms).mul_(self.weight)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on GPUs and compiled
         dtype = x.dtype
@@ -1132,13 +1149,17 @@ class KVCache(nn.Module):
         B = k.size(0)
         if input_pos.dim() == 2 and B == 1:
             input_pos = input_pos[0]  # one row: index_copy_ is a little faster than scatter_
+        # (in a one-token decode step every op counts: no slices that select everything)
+        cache_k, cache_v = (self.k, self.v) if B == self.k.size(0) else (self.k[:B], self.v[:B])
         if input_pos.dim() == 1:
-            self.k[:B].index_copy_(2, input_pos, k if k.dtype == self.k.dtype else k.to(self.k.dtype))
-            self.v[:B].index_copy_(2, input_pos, v if v.dtype == self.v.dtype else v.to(self.v.dtype))
+            cache_k.index_copy_(2, input_pos, k if k.dtype == self.k.dtype else k.to(self.k.dtype))
+            cache_v.index_copy_(2, input_pos, v if v.dtype == self.v.dtype else v.to(self.v.dtype))
         else:
             index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
-            self.k[:B].scatter_(2, index, k.to(self.k.dtype))
+            cache_k.scatter_(2, index, k.to(self.k.dtype))
             if v.size(3) != k.size(3):  # MLA: the latent and the rotary key differ in size
                 index = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))
-            self.v[:B].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[:B, :, :kv_len], self.v[:B, :, :kv_len]
+            cache_v.scatter_(2, index, v.to(self.v.dtype))
+        if kv_len is None or kv_len >= self.k.size(2):
+            return cache_k, cache_v
+        return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]

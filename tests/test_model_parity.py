@@ -147,6 +147,21 @@ def test_training_rms_norm_backward_is_the_derivative(converted, monkeypatch):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("size, scale", [(8, 1.0), (768, 1e-3), (2048, 1e3)])
+def test_inference_rms_norm_is_f_rms_norm_bit_for_bit(size, scale):
+    """RMSNorm's no-grad CPU fp32 path (a decode step's: its own few kernels, with 0-dim scalars made once in place
+    of Python floats) computes what `F.rms_norm` computes, bit for bit, a non-contiguous input included."""
+    from litllm.model import RMSNorm
+
+    norm = RMSNorm(size, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 5, 3, size).transpose(1, 2) * scale
+    with torch.no_grad():
+        assert torch.equal(norm(x), torch.nn.functional.rms_norm(x, (size,), norm.weight, 1e-5))
+    with torch.inference_mode():
+        assert torch.equal(norm(x), torch.nn.functional.rms_norm(x, (size,), norm.weight, 1e-5))
+
+
 def test_tied_embeddings_share_storage(converted):
     _, model = converted("qwen2")
     assert model.lm_head.weight is model.wte.weight
