@@ -1,0 +1,166 @@
+"""One-row (decoding) matmuls in bf16, fp16 and fp32 on the CPU: which kernel and weight layout stream the weights fastest.
+
+A decode step multiplies one activation row by every weight matrix of the model, so its speed is the rate at which
+the kernel reads the weights. This times one such pass over the Linear weights of benchmarks/generate.py's Llama
+(default: the 134M model, 12 layers of qkv 768->2304, proj 768->768, fc 768->4096, proj 2048->768, and the 768->32000
+head; every candidate has its own copy of all of them, so a pass streams the model's bytes as a decode step does)
+for each candidate, at each thread count, alternating candidates within each of `--rounds` rounds, and prints the
+median GB/s of weight read (wall and CPU time) and the median per-round ratio of each candidate's time to fp32
+`F.linear`'s at the same thread count (>1: faster; a bf16 pass reads half the bytes, so 2.0 is "at the same GB/s").
+
+Candidates (those this torch build or CPU cannot run are listed as unavailable):
+  fp32 / bf16 / fp16 F.linear     row-major weight, as loaded (bf16/fp16: oneDNN matmul, weight not prepacked)
+  bf16 column-major               F.linear on the contiguous transpose
+  fp32 / bf16 / fp16 onednn-packed `torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise` (litllm's
+                                  `PackedLinear`; on AMX CPUs oneDNN's brgemm kernels)
+  bf16 mv                         `torch.mv`
+  bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
+  bf16 inductor max_autotune      (`--inductor`) the pass compiled with freezing and max_autotune (inductor's CPP
+                                  GEMM template with its AMX/AVX512 micro-kernels against the ATen kernel; slow to build)
+
+    python benchmarks/one_row_matmul.py                       # 134M shapes, threads 1 and torch's count
+    python benchmarks/one_row_matmul.py --threads 1 --inductor --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import add_model_args  # noqa: E402
+
+
+def model_shapes(args) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every Linear a decode step of the benchmark Llama multiplies by."""
+    per_layer = [(3 * args.n_embd, args.n_embd), (args.n_embd, args.n_embd),
+                 (2 * args.intermediate_size, args.n_embd), (args.n_embd, args.intermediate_size)]
+    return per_layer * args.n_layer + [(args.vocab_size, args.n_embd)]
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _inductor_pass(weights: list[torch.Tensor]) -> Callable:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights become constants: the CPP GEMM template prepacks them
+    inductor_config.max_autotune = True
+    inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
+
+    class Pass(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linears = torch.nn.ModuleList()
+            for w in weights:
+                linear = torch.nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
+                linear.weight = torch.nn.Parameter(w, requires_grad=False)
+                self.linears.append(linear)
+
+        def forward(self, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+            return [linear(xs[linear.in_features]) for linear in self.linears]
+
+    return torch.compile(Pass().eval())
+
+
+# name -> (weight dtype, activation dtype, weight preparation, one-row matmul)
+CANDIDATES: dict[str, tuple] = {
+    "fp32 F.linear": (torch.float32, torch.float32, None, F.linear),
+    "fp32 onednn-packed": (torch.float32, torch.float32, _packed, _packed_linear),
+    "bf16 F.linear": (torch.bfloat16, torch.bfloat16, None, F.linear),
+    "bf16 column-major": (torch.bfloat16, torch.bfloat16, lambda w: w.t().contiguous().t(), F.linear),
+    "bf16 onednn-packed": (torch.bfloat16, torch.bfloat16, _packed, _packed_linear),
+    "bf16 mv": (torch.bfloat16, torch.bfloat16, None, lambda x, w: torch.mv(w, x[0])[None]),
+    "bf16 weight, fp32 x": (torch.bfloat16, torch.float32, _packed, _packed_linear),
+    "fp16 F.linear": (torch.float16, torch.float16, None, F.linear),
+    "fp16 onednn-packed": (torch.float16, torch.float16, _packed, _packed_linear),
+}
+REFERENCE = "fp32 F.linear"
+
+
+def build(name: str, shapes: list[tuple[int, int]], inductor: bool) -> Optional[tuple[Callable, int]]:
+    """(one pass over all weights, bytes read), or None where this candidate does not run (or is wrong) here."""
+    g = torch.Generator().manual_seed(0)
+    if name == "bf16 inductor max_autotune":
+        wdtype, xdtype = torch.bfloat16, torch.bfloat16
+    else:
+        wdtype, xdtype, prepare, matmul = CANDIDATES[name]
+    weights = [torch.randn(shape, generator=g).to(wdtype) for shape in shapes]
+    xs = {k: torch.randn(1, k, generator=g).to(xdtype) for k in {s[1] for s in shapes}}
+    n_bytes = sum(w.numel() * w.element_size() for w in weights)
+    try:
+        if name == "bf16 inductor max_autotune":
+            step = _inductor_pass(weights)
+            with torch.no_grad():
+                step(xs)  # compile and autotune
+            run = lambda: step(xs)  # noqa: E731
+            expected = F.linear(xs[shapes[-1][1]], weights[-1])
+            got = step(xs)[-1]
+        else:
+            prepared = [w if prepare is None else prepare(w) for w in weights]
+            run = lambda: [matmul(xs[w.size(1)], p) for w, p in zip(weights, prepared)]  # noqa: E731
+            x = xs[shapes[-1][1]]
+            expected = F.linear(x.float(), weights[-1].float())
+            got = matmul(x, prepared[-1])
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"{name}: unavailable here ({str(e).splitlines()[0][:100]})")
+        return None
+    if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-1):
+        print(f"{name}: wrong result here, skipped")
+        return None
+    return run, n_bytes
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: 1 and torch's)")
+    parser.add_argument("--inductor", action="store_true", help="also the inductor max_autotune pass (slow build)")
+    args = parser.parse_args()
+    threads = args.threads or sorted({1, torch.get_num_threads()})
+    shapes = model_shapes(args)
+    names = list(CANDIDATES) + (["bf16 inductor max_autotune"] if args.inductor else [])
+    passes = {name: built for name in names if (built := build(name, shapes, args.inductor)) is not None}
+    wall: dict = {(n, t): [] for n in passes for t in threads}
+    cpu: dict = {(n, t): [] for n in passes for t in threads}
+    for r in range(args.rounds + 1):  # round 0 warms up, untimed
+        order = list(passes)[r % len(passes):] + list(passes)[: r % len(passes)]  # rotate who goes first
+        for t in threads:
+            torch.set_num_threads(t)
+            for name in order:
+                run = passes[name][0]
+                w0, c0 = time.perf_counter(), time.process_time()
+                run()
+                if r:
+                    wall[name, t].append(time.perf_counter() - w0)
+                    cpu[name, t].append(time.process_time() - c0)
+    print(f"one decode pass over {len(shapes)} weights ({args.n_layer} layers + head), {args.rounds} rounds "
+          "alternating, medians")
+    print(f"{'candidate':30s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'GB/s cpu':>9s} {'x fp32 F.linear':>16s} "
+          f"{'cpu x':>6s}")
+    for t in threads:
+        for name, (_, n_bytes) in passes.items():
+            ref = (REFERENCE, t)
+            ratio = statistics.median(a / b for a, b in zip(wall[ref], wall[name, t]))
+            cpu_ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[name, t]))
+            ms, cpu_s = statistics.median(wall[name, t]), statistics.median(cpu[name, t])
+            print(f"{name:30s} {t:7d} {ms * 1e3:8.2f} {n_bytes / ms / 1e9:7.1f} {n_bytes / max(cpu_s, 1e-9) / t / 1e9:9.1f} "
+                  f"{ratio:16.2f} {cpu_ratio:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
