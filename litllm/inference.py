@@ -74,11 +74,32 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def unpacked(self) -> torch.nn.Linear:
-        """The plain Linear again (`to_dense` undoes oneDNN's reorder exactly): what a compiled step multiplies by."""
-        linear = torch.nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        """The plain Linear again (`to_dense` undoes oneDNN's reorder exactly): what a compiled step multiplies by
+        (a `OneRowLinear` for 16-bit weights)."""
+        weight_dtype = self.packed_weight.dtype
+        cls = OneRowLinear if weight_dtype in (torch.bfloat16, torch.float16) else torch.nn.Linear
+        linear = cls(self.in_features, self.out_features, bias=False, device="meta")
         linear.weight = torch.nn.Parameter(self.packed_weight.to_dense(), requires_grad=False)
         linear.bias = self.bias
         return linear
+
+
+class OneRowLinear(torch.nn.Linear):
+    """A Linear that multiplies one row by `torch.mv`; more rows go through `F.linear` as usual.
+
+    For the compiled decode step of 16-bit weights on the CPU: inductor lowers a one-row `F.linear` to the same
+    oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32), but decomposes `mv`
+    into its own vectorized reduction that accumulates in fp32 and streams bf16 weights ~1.8x faster
+    (benchmarks/one_row_matmul.py). Eager, `torch.mv` is no faster than `PackedLinear`, which stays the eager pick.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        y = torch.mv(self.weight, x.reshape(-1))  # (out,)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
