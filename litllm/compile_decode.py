@@ -297,7 +297,8 @@ def _compile_and_save(path: Path, inputs: tuple):
 def unpack_weights(model) -> None:
     """oneDNN's packed weights (`litllm.inference.PackedLinear`, the layout `optimize_for_decoding` may pick for the
     eager step) are opaque tensors that inductor lowers only as frozen constants, and a compiled step takes the
-    weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears."""
+    weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears
+    (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if hasattr(child, "packed_weight") and hasattr(child, "unpacked"):  # a PackedLinear

@@ -140,7 +140,8 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     timed on (up to 128 MB of) the largest layer (interleaved, medians); the fastest replaces every plain
     Linear whose weight isn't shared with the embedding, one layer at a time, if it beats the
     loaded layout by `min_gain`. Values are unchanged; only the summation order differs.
-    `layout` forces one ("row-major", "column-major", "onednn-packed") without timing.
+    `layout` forces one ("row-major", "column-major", "onednn-packed") without timing. A compiled step multiplies
+    by packed weights unpacked (`PackedLinear.unpacked`; 16-bit ones through `OneRowLinear`).
     Returns the layout in use: "row-major", "column-major", "onednn-packed", or "unchanged" (GPU).
     """
     import torch.nn as nn
