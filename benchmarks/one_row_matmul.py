@@ -19,7 +19,8 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
   bf16 / fp16 compiled mv         the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
                                   its own vectorized reduction, accumulating in fp32)
   bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
-  bf16 inductor max_autotune      (`--inductor`) the pass compiled with freezing and max_autotune (inductor's CPP
+  bf16 inductor max_autotune      (`--inductor`, instead of the compiled candidates above: its inductor settings
+                                  are process-wide) the pass compiled with freezing and max_autotune (inductor's CPP
                                   GEMM template with its AMX/AVX512 micro-kernels against the ATen kernel; slow to build)
 
     python benchmarks/one_row_matmul.py                       # 134M shapes, threads 1 and torch's count (~2-4 min)
@@ -84,9 +85,12 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
     `OneRowLinear`), or frozen into constants under max_autotune ("max_autotune")."""
     from litllm.inference import OneRowLinear
 
-    if how == "max_autotune":  # weights frozen into constants: the CPP GEMM template prepacks them
-        options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-        step = torch.compile(_Pass(_linears(weights)).eval(), options=options)
+    if how == "max_autotune":  # weights frozen into constants; built last: the settings stay for the process
+        import torch._inductor.config as inductor_config
+
+        for key, value in AUTOTUNE.items():
+            setattr(inductor_config, key, value)
+        step = torch.compile(_Pass(_linears(weights)).eval())
         return lambda xs: step(xs)
     linears = _linears(weights, OneRowLinear if how == "mv" else torch.nn.Linear)
     step = torch.compile(_one_pass, fullgraph=True)
@@ -109,6 +113,8 @@ CANDIDATES: dict[str, tuple] = {
     "fp16 onednn-packed": (torch.float16, torch.float16, _packed, _packed_linear),
     "fp16 compiled mv": (torch.float16, torch.float16, None, "mv"),
 }
+AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+"""inductor's settings for the max_autotune candidate (frozen weights: the CPP GEMM template prepacks them)."""
 AUTOTUNED = {"bf16 inductor max_autotune": (torch.bfloat16, torch.bfloat16, None, "max_autotune")}
 REFERENCE = "fp32 F.linear"
 
@@ -146,12 +152,15 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: 1 and torch's)")
-    parser.add_argument("--inductor", action="store_true", help="also the inductor max_autotune pass (slow build)")
+    parser.add_argument("--inductor", action="store_true",
+                        help="the inductor max_autotune pass instead of the other compiled ones (slow build)")
     parser.add_argument("--candidates", nargs="*", default=None, help=f"only these (and {REFERENCE!r})")
     args = parser.parse_args()
     threads = args.threads or sorted({1, torch.get_num_threads()})
     shapes = model_shapes(args)
-    names = list(CANDIDATES) + (list(AUTOTUNED) if args.inductor else [])
+    names = list(CANDIDATES)
+    if args.inductor:  # its settings are process-wide (they leaked into the other compiled passes): those stay out
+        names = [n for n in names if not isinstance(CANDIDATES[n][3], str)] + list(AUTOTUNED)
     if args.candidates is not None:
         unknown = set(args.candidates) - set(names)
         if unknown:
