@@ -256,9 +256,9 @@ def default_decode_precision(device: str) -> str:
     """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it, else 32-true.
 
     Not bf16 on CPUs with AMX/AVX512-BF16 units: measured there (benchmarks/generate.py, tutorials/inference.md)
-    bf16 decodes about as fast as fp32 (0.95-1.12x compiled, ~1.0x eager), not the 2x its bytes would allow: torch's
-    one-row bf16 kernels read ~0.9x fp32's bytes per second (benchmarks/one_row_matmul.py); and it agrees with
-    fp32 less (benchmarks/bf16_agreement.py)."""
+    bf16 decodes ~1.2x fp32 (1 thread, loaded machine; not yet measured quietly at 2 threads), not the 2x its bytes
+    would allow: torch's one-row bf16 kernels read ~0.9x fp32's bytes per second (benchmarks/one_row_matmul.py);
+    and it agrees with fp32 less (benchmarks/bf16_agreement.py)."""
     from litllm.precision import PRECISION_ENV
 
     if os.environ.get(PRECISION_ENV):
