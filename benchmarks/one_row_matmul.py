@@ -1,4 +1,4 @@
-"""One-row (decoding) matmuls in bf16, fp16 and fp32 on the CPU: which kernel and weight layout stream the weights fastest.
+"""One-row (decoding) matmuls in bf16, fp16 and fp32 on the CPU: which kernel and layout stream weights fastest.
 
 A decode step multiplies one activation row by every weight matrix of the model, so its speed is the rate at which
 the kernel reads the weights. This times one such pass over the Linear weights of benchmarks/generate.py's Llama
@@ -21,7 +21,7 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
   bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
   bf16 inductor max_autotune      (`--inductor`, instead of the compiled candidates above: its inductor settings
                                   are process-wide) the pass compiled with freezing and max_autotune (inductor's CPP
-                                  GEMM template with its AMX/AVX512 micro-kernels against the ATen kernel; slow to build)
+                                  GEMM template with its AMX/AVX512 micro-kernels against ATen's; slow to build)
 
     python benchmarks/one_row_matmul.py                       # 134M shapes, threads 1 and torch's count (~2-4 min)
     python benchmarks/one_row_matmul.py --threads 1 --inductor --rounds 9
@@ -190,8 +190,8 @@ def main() -> None:
             ratio = statistics.median(a / b for a, b in zip(wall[ref], wall[name, t]))
             cpu_ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[name, t]))
             ms, cpu_s = statistics.median(wall[name, t]), statistics.median(cpu[name, t])
-            print(f"{name:30s} {t:7d} {ms * 1e3:8.2f} {n_bytes / ms / 1e9:7.1f} {n_bytes / max(cpu_s, 1e-9) / t / 1e9:9.1f} "
-                  f"{ratio:16.2f} {cpu_ratio:6.2f}")
+            gb_cpu = n_bytes / max(cpu_s, 1e-9) / t / 1e9  # per CPU-second of each thread
+            print(f"{name:30s} {t:7d} {ms * 1e3:8.2f} {n_bytes / ms / 1e9:7.1f} {gb_cpu:9.1f} {ratio:16.2f} {cpu_ratio:6.2f}")
 
 
 if __name__ == "__main__":
