@@ -74,11 +74,32 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def unpacked(self) -> torch.nn.Linear:
-        """The plain Linear again (`to_dense` undoes oneDNN's reorder exactly): what a compiled step multiplies by."""
-        linear = torch.nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        """The plain Linear again (`to_dense` undoes oneDNN's reorder exactly): what a compiled step multiplies by
+        (a `OneRowLinear` for 16-bit weights)."""
+        weight_dtype = self.packed_weight.dtype
+        cls = OneRowLinear if weight_dtype in (torch.bfloat16, torch.float16) else torch.nn.Linear
+        linear = cls(self.in_features, self.out_features, bias=False, device="meta")
         linear.weight = torch.nn.Parameter(self.packed_weight.to_dense(), requires_grad=False)
         linear.bias = self.bias
         return linear
+
+
+class OneRowLinear(torch.nn.Linear):
+    """A Linear that multiplies one row by `torch.mv`; more rows go through `F.linear` as usual.
+
+    For the compiled decode step of 16-bit weights on the CPU: inductor lowers a one-row `F.linear` to the same
+    oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32), but decomposes `mv`
+    into its own vectorized reduction that accumulates in fp32 and streams bf16 weights ~1.8x faster
+    (benchmarks/one_row_matmul.py). Eager, `torch.mv` is no faster than `PackedLinear`, which stays the eager pick.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        y = torch.mv(self.weight, x.reshape(-1))  # (out,)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
@@ -119,7 +140,8 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     timed on (up to 128 MB of) the largest layer (interleaved, medians); the fastest replaces every plain
     Linear whose weight isn't shared with the embedding, one layer at a time, if it beats the
     loaded layout by `min_gain`. Values are unchanged; only the summation order differs.
-    `layout` forces one ("row-major", "column-major", "onednn-packed") without timing.
+    `layout` forces one ("row-major", "column-major", "onednn-packed") without timing. A compiled step multiplies
+    by packed weights unpacked (`PackedLinear.unpacked`; 16-bit ones through `OneRowLinear`).
     Returns the layout in use: "row-major", "column-major", "onednn-packed", or "unchanged" (GPU).
     """
     import torch.nn as nn
@@ -234,7 +256,9 @@ def default_decode_precision(device: str) -> str:
     """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it, else 32-true.
 
     Not bf16 on CPUs with AMX/AVX512-BF16 units: measured there (benchmarks/generate.py, tutorials/inference.md)
-    bf16 decodes no faster than fp32, eager or compiled, and agrees with it less (benchmarks/bf16_agreement.py)."""
+    bf16 decodes ~1.2x fp32 (1 thread, loaded machine; not yet measured quietly at 2 threads), not the 2x its bytes
+    would allow: torch's one-row bf16 kernels read ~0.9x fp32's bytes per second (benchmarks/one_row_matmul.py);
+    and it agrees with fp32 less (benchmarks/bf16_agreement.py)."""
     from litllm.precision import PRECISION_ENV
 
     if os.environ.get(PRECISION_ENV):

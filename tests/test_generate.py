@@ -105,6 +105,31 @@ def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_one_row_linear_equals_linear(dtype):
+    """What a compiled step multiplies 16-bit weights by (`OneRowLinear`, from `PackedLinear.unpacked`): the same
+    weights bit for bit, one row through `torch.mv` equal to `F.linear` within 16-bit rounding, eager and compiled,
+    and more rows exactly `F.linear`."""
+    from litllm.inference import OneRowLinear, PackedLinear, _layout_works
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(96, 40, bias=True).to(dtype).requires_grad_(False)
+    if not _layout_works("onednn-packed", plain):
+        pytest.skip(f"no oneDNN {dtype} linear on this CPU")
+    unpacked = PackedLinear(plain).unpacked()
+    assert type(unpacked) is OneRowLinear and torch.equal(unpacked.weight, plain.weight)
+    assert type(PackedLinear(torch.nn.Linear(96, 40)).unpacked()) is torch.nn.Linear  # fp32 keeps F.linear
+    rows = torch.randn(2, 3, 96, dtype=dtype)
+    assert torch.equal(unpacked(rows), plain(rows))
+    row = torch.randn(1, 1, 96, dtype=dtype)
+    expected = torch.nn.functional.linear(row.double(), plain.weight.double(), plain.bias.double())
+    ulp = torch.finfo(dtype).eps * expected.abs().max()
+    with torch.inference_mode():
+        for got in (unpacked(row), torch.compile(unpacked, fullgraph=True)(row), plain(row)):
+            assert got.shape == (1, 1, 40) and got.dtype == dtype
+            assert (got.double() - expected).abs().max() <= 2 * ulp  # fp32 sums, one rounding each (+ the bias)
+
+
 def _run(engine: Engine, joins: dict[int, list[Request]]) -> dict[int, list[int]]:
     """Step the engine, adding joins[k] before step k; returns each request's generated tokens."""
     tokens: dict[int, list[int]] = {}
@@ -470,7 +495,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     """The layout the eager step may pick (oneDNN's packed weights) used to fail inductor's lowering once `chat`,
     `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
     from litllm.generate import decode_engine
-    from litllm.inference import PackedLinear, optimize_for_decoding
+    from litllm.inference import OneRowLinear, PackedLinear, optimize_for_decoding
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -480,6 +505,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
         assert optimize_for_decoding(model, layout="onednn-packed") == "onednn-packed"
         engine = Engine(model, None, 1, 32, compile=compile)
         assert any(isinstance(m, PackedLinear) for m in model.modules()) != compile
+        assert isinstance(model.blocks[0].attn.qkv, OneRowLinear) == (compile and dtype == torch.bfloat16)
         engine.add(Request([1, 2, 3, 4], 8))
         tokens = []
         while engine.has_unfinished:
@@ -488,8 +514,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
 
     compiled, eager = greedy(True), greedy(False)
     assert len(compiled) == 8
-    if dtype == torch.float32:  # bf16 kernels round differently once fused
-        assert compiled == eager
+    assert compiled == eager
     # a later run of a packed model finds that saved step by its key (the weights as the step takes them)
     model = GPT.from_checkpoint(tiny_checkpoint).to(dtype).eval()
     optimize_for_decoding(model, layout="onednn-packed")

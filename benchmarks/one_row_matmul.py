@@ -1,0 +1,198 @@
+"""One-row (decoding) matmuls in bf16, fp16 and fp32 on the CPU: which kernel and layout stream weights fastest.
+
+A decode step multiplies one activation row by every weight matrix of the model, so its speed is the rate at which
+the kernel reads the weights. This times one such pass over the Linear weights of benchmarks/generate.py's Llama
+(default: the 134M model, 12 layers of qkv 768->2304, proj 768->768, fc 768->4096, proj 2048->768, and the 768->32000
+head; every candidate has its own copy of all of them, so a pass streams the model's bytes as a decode step does)
+for each candidate, at each thread count, alternating candidates within each of `--rounds` rounds, and prints the
+median GB/s of weight read (wall and CPU time) and the median per-round ratio of each candidate's time to fp32
+`F.linear`'s at the same thread count (>1: faster; a bf16 pass reads half the bytes, so 2.0 is "at the same GB/s").
+
+Candidates (those this torch build or CPU cannot run are listed as unavailable):
+  fp32 / bf16 / fp16 F.linear     row-major weight, as loaded (bf16/fp16: oneDNN matmul, weight not prepacked)
+  bf16 column-major               F.linear on the contiguous transpose
+  fp32 / bf16 / fp16 onednn-packed `torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise` (litllm's
+                                  `PackedLinear`; on AMX CPUs oneDNN's brgemm kernels)
+  bf16 mv                         `torch.mv`
+  fp32 / bf16 compiled F.linear   the pass under `torch.compile` with the weights as inputs, as litllm's compiled
+                                  decode step takes them (inductor calls the same oneDNN/BLAS matmul as eager)
+  bf16 / fp16 compiled mv         the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
+                                  its own vectorized reduction, accumulating in fp32)
+  bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
+  bf16 inductor max_autotune      (`--inductor`, instead of the compiled candidates above: its inductor settings
+                                  are process-wide) the pass compiled with freezing and max_autotune (inductor's CPP
+                                  GEMM template with its AMX/AVX512 micro-kernels against ATen's; slow to build)
+
+    python benchmarks/one_row_matmul.py                       # 134M shapes, threads 1 and torch's count (~2-4 min)
+    python benchmarks/one_row_matmul.py --threads 1 --inductor --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import add_model_args  # noqa: E402
+
+
+def model_shapes(args) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every Linear a decode step of the benchmark Llama multiplies by."""
+    per_layer = [(3 * args.n_embd, args.n_embd), (args.n_embd, args.n_embd),
+                 (2 * args.intermediate_size, args.n_embd), (args.n_embd, args.intermediate_size)]
+    return per_layer * args.n_layer + [(args.vocab_size, args.n_embd)]
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _linears(weights: list[torch.Tensor], cls=torch.nn.Linear) -> torch.nn.ModuleList:
+    linears = torch.nn.ModuleList()
+    for w in weights:
+        linear = cls(w.size(1), w.size(0), bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        linears.append(linear)
+    return linears
+
+
+def _one_pass(linears: torch.nn.ModuleList, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    return [linear(xs[linear.in_features]) for linear in linears]
+
+
+class _Pass(torch.nn.Module):
+    def __init__(self, linears: torch.nn.ModuleList) -> None:
+        super().__init__()
+        self.linears = linears
+
+    def forward(self, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        return _one_pass(self.linears, xs)
+
+
+def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
+    """One pass compiled as litllm's compiled decode step is (weights are inputs: "F.linear", or "mv" through
+    `OneRowLinear`), or frozen into constants under max_autotune ("max_autotune")."""
+    from litllm.inference import OneRowLinear
+
+    if how == "max_autotune":  # weights frozen into constants; built last: the settings stay for the process
+        import torch._inductor.config as inductor_config
+
+        for key, value in AUTOTUNE.items():
+            setattr(inductor_config, key, value)
+        step = torch.compile(_Pass(_linears(weights)).eval())
+        return lambda xs: step(xs)
+    linears = _linears(weights, OneRowLinear if how == "mv" else torch.nn.Linear)
+    step = torch.compile(_one_pass, fullgraph=True)
+    return lambda xs: step(linears, xs)
+
+
+# name -> (weight dtype, activation dtype, weight preparation, one-row matmul or how the pass is compiled)
+CANDIDATES: dict[str, tuple] = {
+    "fp32 F.linear": (torch.float32, torch.float32, None, F.linear),
+    "fp32 onednn-packed": (torch.float32, torch.float32, _packed, _packed_linear),
+    "fp32 compiled F.linear": (torch.float32, torch.float32, None, "F.linear"),
+    "bf16 F.linear": (torch.bfloat16, torch.bfloat16, None, F.linear),
+    "bf16 column-major": (torch.bfloat16, torch.bfloat16, lambda w: w.t().contiguous().t(), F.linear),
+    "bf16 onednn-packed": (torch.bfloat16, torch.bfloat16, _packed, _packed_linear),
+    "bf16 mv": (torch.bfloat16, torch.bfloat16, None, lambda x, w: torch.mv(w, x[0])[None]),
+    "bf16 weight, fp32 x": (torch.bfloat16, torch.float32, _packed, _packed_linear),
+    "bf16 compiled F.linear": (torch.bfloat16, torch.bfloat16, None, "F.linear"),
+    "bf16 compiled mv": (torch.bfloat16, torch.bfloat16, None, "mv"),
+    "fp16 F.linear": (torch.float16, torch.float16, None, F.linear),
+    "fp16 onednn-packed": (torch.float16, torch.float16, _packed, _packed_linear),
+    "fp16 compiled mv": (torch.float16, torch.float16, None, "mv"),
+}
+AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+"""inductor's settings for the max_autotune candidate (frozen weights: the CPP GEMM template prepacks them)."""
+AUTOTUNED = {"bf16 inductor max_autotune": (torch.bfloat16, torch.bfloat16, None, "max_autotune")}
+REFERENCE = "fp32 F.linear"
+
+
+def build(name: str, shapes: list[tuple[int, int]]) -> Optional[tuple[Callable, int]]:
+    """(one pass over all weights, bytes read), or None where this candidate does not run (or is wrong) here."""
+    g = torch.Generator().manual_seed(0)
+    wdtype, xdtype, prepare, matmul = {**CANDIDATES, **AUTOTUNED}[name]
+    weights = [torch.randn(shape, generator=g).to(wdtype) for shape in shapes]
+    xs = {k: torch.randn(1, k, generator=g).to(xdtype) for k in {s[1] for s in shapes}}
+    n_bytes = sum(w.numel() * w.element_size() for w in weights)
+    x = xs[shapes[-1][1]]
+    expected = F.linear(x.float(), weights[-1].float())
+    try:
+        if isinstance(matmul, str):
+            step = _compiled_pass(weights, matmul)
+            got = step(xs)[-1]  # compiles (and autotunes)
+            run = lambda: step(xs)  # noqa: E731
+        else:
+            prepared = [w if prepare is None else prepare(w) for w in weights]
+            run = lambda: [matmul(xs[w.size(1)], p) for w, p in zip(weights, prepared)]  # noqa: E731
+            got = matmul(x, prepared[-1])
+    except Exception as e:  # an op or a kernel this torch build or CPU lacks
+        print(f"{name}: unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+        return None
+    if not torch.allclose(got.float(), expected, rtol=2e-2, atol=5e-1):
+        print(f"{name}: wrong result here, skipped")
+        return None
+    return run, n_bytes
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: 1 and torch's)")
+    parser.add_argument("--inductor", action="store_true",
+                        help="the inductor max_autotune pass instead of the other compiled ones (slow build)")
+    parser.add_argument("--candidates", nargs="*", default=None, help=f"only these (and {REFERENCE!r})")
+    args = parser.parse_args()
+    threads = args.threads or sorted({1, torch.get_num_threads()})
+    shapes = model_shapes(args)
+    names = list(CANDIDATES)
+    if args.inductor:  # its settings are process-wide (they leaked into the other compiled passes): those stay out
+        names = [n for n in names if not isinstance(CANDIDATES[n][3], str)] + list(AUTOTUNED)
+    if args.candidates is not None:
+        unknown = set(args.candidates) - set(names)
+        if unknown:
+            parser.error(f"--candidates: unknown {sorted(unknown)}; expected some of {names}")
+        names = [n for n in names if n in args.candidates or n == REFERENCE]
+    passes = {name: built for name in names if (built := build(name, shapes)) is not None}
+    wall: dict = {(n, t): [] for n in passes for t in threads}
+    cpu: dict = {(n, t): [] for n in passes for t in threads}
+    for r in range(args.rounds + 1):  # round 0 warms up, untimed
+        order = list(passes)[r % len(passes):] + list(passes)[: r % len(passes)]  # rotate who goes first
+        for t in threads:
+            torch.set_num_threads(t)
+            for name in order:
+                run = passes[name][0]
+                w0, c0 = time.perf_counter(), time.process_time()
+                run()
+                if r:
+                    wall[name, t].append(time.perf_counter() - w0)
+                    cpu[name, t].append(time.process_time() - c0)
+    print(f"one decode pass over {len(shapes)} weights ({args.n_layer} layers + head), {args.rounds} rounds "
+          "alternating, medians")
+    print(f"{'candidate':30s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'GB/s cpu':>9s} {'x fp32 F.linear':>16s} "
+          f"{'cpu x':>6s}")
+    for t in threads:
+        for name, (_, n_bytes) in passes.items():
+            ref = (REFERENCE, t)
+            ratio = statistics.median(a / b for a, b in zip(wall[ref], wall[name, t]))
+            cpu_ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[name, t]))
+            ms, cpu_s = statistics.median(wall[name, t]), statistics.median(cpu[name, t])
+            gb_cpu = n_bytes / max(cpu_s, 1e-9) / t / 1e9  # per CPU-second of each thread
+            print(f"{name:30s} {t:7d} {ms * 1e3:8.2f} {n_bytes / ms / 1e9:7.1f} {gb_cpu:9.1f} {ratio:16.2f} {cpu_ratio:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
