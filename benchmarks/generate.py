@@ -218,11 +218,13 @@ def print_startup(folder: Path, repeats: int) -> None:
 
 def linear_bytes(model) -> int:
     """Bytes of the model's Linear weights and biases as stored (a torchao tensor subclass: its inner tensors)."""
-    from litllm.quantize import Int8PackedLinear
+    from litllm.quantize import Int8DynamicLinear, Int8PackedLinear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, Int8PackedLinear)):
+        if isinstance(module, Int8DynamicLinear):  # its packed weights are opaque to Python
+            total += module.stored_bytes
+        elif isinstance(module, (torch.nn.Linear, Int8PackedLinear)):
             for t in (module.weight, module.bias, getattr(module, "scales", None)):
                 if t is None:
                     continue
