@@ -197,7 +197,8 @@ def test_quantized_on_gpu(tiny_checkpoint, mode):
 # reduce_range), the head's included: ~2% relative L2 on the logits (3% with 7-bit activations, fbgemm's
 # reduce_range on CPUs without VNNI), ~94% greedy agreement (93%). Its free-running continuation leaves the fp32
 # one after a few tokens on this near-flat random model (with the head in fp32 too: the activations' rounding), so
-# for it the head's own effect is checked: argmaxes as with the head in fp32 (measured 100%).
+# for it the head's own effect is checked: argmaxes as with the head in fp32 (measured 98%), and the same first 32
+# greedy tokens (measured 32).
 TORCHAO_LOGIT_REL_ERROR = {"torchao.int8wo": 0.03, "torchao.int4wo": 0.25, "torchao.int8dq": 0.05}
 TORCHAO_ARGMAX_AGREEMENT = {"torchao.int8wo": 0.95, "torchao.int4wo": 0.70, "torchao.int8dq": 0.90}
 
@@ -258,7 +259,9 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         fp32_head = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu", skip=("lm_head",))
         with torch.no_grad():
             kept = fp32_head(prompt)
-        assert float((out.argmax(-1) == kept.argmax(-1)).float().mean()) >= 0.97
+        assert float((out.argmax(-1) == kept.argmax(-1)).float().mean()) >= 0.95
+        start = prompt[0, :16].tolist()  # the int8 head (fp32 output) keeps the fp32 head's greedy continuation
+        assert generate_ids(model, start, 32) == generate_ids(fp32_head, start, 32)
     elif not int4:  # int8: the first 32 greedy tokens as in full precision
         start = prompt[0, :16].tolist()
         assert generate_ids(model, start, 32) == generate_ids(ref, start, 32)
