@@ -17,8 +17,8 @@ Modes (`--quantize`):
                     dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product
                     does the same per block of 32); the output head too (its output stays fp32). CUDA: torchao's
                     layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel (int8
-                    dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, ~4x
-                    slower per layer). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
+                    dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, several
+                    times slower per layer: benchmarks/int8_matmul.py). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
@@ -43,6 +43,7 @@ refuses them. Real models' widths are multiples of 64; only toy models hit this.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
 import weakref
@@ -165,7 +166,7 @@ def _int8_dynamic_op():
 def _reduce_range() -> bool:
     """Whether fbgemm must quantize activations to 7 bits: without VNNI its kernel sums pairs of u8 x s8 products
     in saturating int16 (a full 8-bit range could overflow them); with VNNI (int32 sums) 8 bits are exact and halve
-    the error (tiny model: logits 1.8% vs 3.2% off, tests/test_quantize.py)."""
+    the error (measured on tests/test_quantize.py's tiny model: logits 1.8% vs 3.2% off)."""
     try:
         with open("/proc/cpuinfo") as f:
             return not any(flag in f.read() for flag in ("avx512_vnni", "avx_vnni"))
@@ -174,6 +175,7 @@ def _reduce_range() -> bool:
 
 
 _INT8_DYNAMIC_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = weakref.WeakValueDictionary()
+_INT8_DYNAMIC_KEYS = itertools.count()
 
 
 class Int8DynamicLinear(nn.Module):
@@ -191,9 +193,14 @@ class Int8DynamicLinear(nn.Module):
                 qdata.contiguous(), scales.reshape(-1).double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
         self.has_bias = bias is not None
-        self.key = id(self)
+        self.key = next(_INT8_DYNAMIC_KEYS)  # never reused: a compiled step holds it as a constant
         _INT8_DYNAMIC_LAYERS[self.key] = self
         _int8_dynamic_op()
+
+    def __setstate__(self, state: dict) -> None:  # a copy (copy.deepcopy) registers itself under a key of its own
+        super().__setstate__(state)
+        self.key = next(_INT8_DYNAMIC_KEYS)
+        _INT8_DYNAMIC_LAYERS[self.key] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
@@ -216,8 +223,11 @@ def _torchao_int8dq(linear: nn.Linear, device: torch.device, compute_dtype: torc
     rows = _int8_rows(layer, device)
     # on the CPU torchao's own layer quantizes activations in ~10 eager ops and multiplies with `torch._int_mm`,
     # several times slower than torch's fbgemm kernel on the same int8 values (benchmarks/int8_matmul.py)
-    if rows is not None and hasattr(torch.ops.quantized, "linear_dynamic"):
-        return Int8DynamicLinear(rows[0], rows[1], layer.bias)
+    if rows is not None:
+        try:
+            return Int8DynamicLinear(rows[0], rows[1], layer.bias)
+        except (AttributeError, RuntimeError):  # a torch without the kernel (or its quantized tensors): torchao's layer
+            pass
     return layer
 
 

@@ -311,6 +311,12 @@ def test_int8_dynamic_matches_torchao(dtype):
     # one 7-bit activation step and one int8 weight step per product: ~1.5% of the output's scale
     assert rel(out, expected) < 0.03 and rel(out, exact) < 0.03 and rel(expected, exact) < 0.03
     assert torch.equal(compiled, out)
+    import copy
+
+    twin = copy.deepcopy(ours)  # registered under a key of its own (the original's may go away first)
+    assert twin.key != ours.key
+    with torch.no_grad():
+        assert torch.equal(twin(x), out)
 
 
 def test_torchao_through_every_loader(tiny_checkpoint, capsys):
@@ -379,7 +385,7 @@ def test_estimate_counts_torchao_bytes(mode, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo", "torchao.int8dq"])
 def test_torchao_on_gpu(tiny_checkpoint, mode):
     pytest.importorskip("torchao")
     ref = GPT.from_checkpoint(tiny_checkpoint, device="cuda", dtype=torch.bfloat16).eval()
