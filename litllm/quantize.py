@@ -204,7 +204,10 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
-        out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)  # (N, out) fp32
+        if torch.compiler.is_compiling():  # (N, out) fp32
+            out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
+        else:  # eager: the kernel itself, without the custom op's Python dispatch (~100 calls a token)
+            out = torch.ops.quantized.linear_dynamic(x2d, self.packed, _reduce_range())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @property
