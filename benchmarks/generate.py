@@ -28,7 +28,7 @@ Plain rows run without llama.cpp's extra weight buffers; `OUTTYPE+repack` rows w
 `--repack`: on this AMX CPU its AMX layout, whose multi-row matmul crashes this build, so those rows evaluate the
 prompt one token at a time too; see benchmarks/gguf.py). Each row's bound counts the bytes its format holds; the
 last table pairs each litllm format with llama.cpp's (fp32 / f32, bf16 / f16, torchao.int8wo / q8_0,
-torchao.int4wo@bf16-true / q4_0), from the fastest row of each side (eager or compiled, plain or +repack).
+torchao.int8dq / q8_0, torchao.int4wo@bf16-true / q4_0), from the fastest row of each side (eager or compiled, plain or +repack).
 `--startup`: time to the first token of `litllm generate` (a fresh process: import, load, compile) with
 `--compile true` and an empty compile cache (it compiles the step and saves it), with the default `--compile` and
 the saved step there (a short run loads it by default), with `--compile false`, and with inductor's kernels cached
@@ -218,11 +218,13 @@ def print_startup(folder: Path, repeats: int) -> None:
 
 def linear_bytes(model) -> int:
     """Bytes of the model's Linear weights and biases as stored (a torchao tensor subclass: its inner tensors)."""
-    from litllm.quantize import Int8PackedLinear
+    from litllm.quantize import Int8DynamicLinear, Int8PackedLinear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, Int8PackedLinear)):
+        if isinstance(module, Int8DynamicLinear):  # its packed weights are opaque to Python
+            total += module.stored_bytes
+        elif isinstance(module, (torch.nn.Linear, Int8PackedLinear)):
             for t in (module.weight, module.bias, getattr(module, "scales", None)):
                 if t is None:
                     continue
@@ -261,7 +263,7 @@ def parse_args():
 
 
 FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8": ("torchao.int8wo", "q8_0"),
-           "int4": ("torchao.int4wo@bf16-true", "q4_0")}
+           "int8dq": ("torchao.int8dq", "q8_0"), "int4": ("torchao.int4wo@bf16-true", "q4_0")}
 """litllm's format -> (its row, llama.cpp's outtype of the same width; its `+repack` row too where it ran)."""
 
 

@@ -11,8 +11,12 @@ less disturbed by other load on a shared machine) and its error against the fp32
 - `int8pack_mm, bf16 act.`: torch's `_weight_int8pack_mm` on int8 rows with one scale each, activations
   rounded to bf16 (litllm's `torchao.int8wo` on the CPU, `Int8PackedLinear`);
 - `int8pack_mm, fp32 act.`: the same kernel on fp32 activations (its unvectorized path);
-- `fbgemm W8A8 dynamic`: torch's (deprecated) `quantized::linear_dynamic`: activations quantized to 8 bits per
-  call (one scale per row), int8 dot products (VNNI), as llama.cpp's q8_0 does per block of 32.
+- `fbgemm W8A8 dynamic`: torch's `quantized::linear_dynamic` (its packed weights are torch's deprecated quantized
+  tensors): activations quantized to 8 bits per call (one scale per row; 7 on CPUs without VNNI), int8 dot
+  products (VNNI), as llama.cpp's q8_0 does per block of 32; litllm's `torchao.int8dq` on the CPU
+  (`Int8DynamicLinear`, eager);
+- `torchao int8dq layer`: torchao's own `Int8DynamicActivationInt8WeightConfig` layer on the CPU (eager
+  activation quantization, `torch._int_mm`), what `torchao.int8dq` would run without the fbgemm kernel.
 
     python benchmarks/int8_matmul.py                      # 1 and 2 threads, 5 rounds: well under a minute
     python benchmarks/int8_matmul.py --threads 1 --no_head
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
 
@@ -41,15 +44,28 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fbgemm_packed(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
-    """The same int8 rows prepacked for `quantized::linear_dynamic` (None where this torch has no such op)."""
+    """The same int8 rows as litllm's `torchao.int8dq` CPU layer (None where this torch has no such op)."""
+    from litllm.quantize import Int8DynamicLinear
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's quantized tensors are deprecated
-            torch.backends.quantized.engine = "x86"
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-            return torch.ops.quantized.linear_prepack(qw, None)
+        return Int8DynamicLinear(q, scale, None)
     except (RuntimeError, AttributeError):
         return None
+
+
+def torchao_int8dq(w: torch.Tensor):
+    """torchao's own W8A8-dynamic layer of `w` (None without torchao)."""
+    from litllm.errors import LitLLMError
+    from litllm.quantize import _torchao_quantization
+
+    try:
+        ao = _torchao_quantization()
+    except LitLLMError:  # no torchao: the row is left out
+        return None
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    ao.quantize_(layer, ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    return layer
 
 
 def make_layers(shapes: list[tuple[int, int]]) -> list[dict]:
@@ -58,7 +74,7 @@ def make_layers(shapes: list[tuple[int, int]]) -> list[dict]:
         w = torch.randn(out_f, in_f) * 0.02
         q, scale = int8_rows(w)
         layers.append(dict(w=w, wb=w.bfloat16(), q=q, scale=scale, scale_bf16=scale.bfloat16(),
-                           packed=fbgemm_packed(w, q, scale)))
+                           packed=fbgemm_packed(w, q, scale), ao=torchao_int8dq(w)))
     return layers
 
 
@@ -74,8 +90,9 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor]) -> dict:
                                            for L in layers],
     }
     if all(L["packed"] is not None for L in layers):
-        found["fbgemm W8A8 dynamic"] = lambda: [torch.ops.quantized.linear_dynamic(xs[L["w"].shape[1]], L["packed"], True)
-                                                for L in layers]
+        found["fbgemm W8A8 dynamic"] = lambda: [L["packed"](xs[L["w"].shape[1]]) for L in layers]
+    if all(L["ao"] is not None for L in layers):
+        found["torchao int8dq layer"] = lambda: [L["ao"](xs[L["w"].shape[1]]) for L in layers]
     return found
 
 

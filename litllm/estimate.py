@@ -98,6 +98,8 @@ def quantized_linear_bytes(out_features: int, in_features: int, mode: str, scale
         return n + 4 * out_features
     if mode == "torchao.int8wo":
         return n + 5 * out_features
+    if mode == "torchao.int8dq":  # CPU: fbgemm's packed int8 values, an fp32 scale per row
+        return n + 4 * out_features
     if mode == "torchao.int4wo":
         return math.ceil(n / 2) + 2 * scale_bytes * out_features * math.ceil(in_features / 128)
     if mode not in FOUR_BIT:

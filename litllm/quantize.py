@@ -13,13 +13,19 @@ Modes (`--quantize`):
                     (`PrototypeInt4WeightOnlyConfig`, the kernel `_weight_int4pack_mm_for_cpu`), any float
                     dtype, fast in bfloat16. On the CPU a layer whose in_features is no multiple of 32
                     stays unquantized (with a warning); only toy models have such widths.
+- `torchao.int8dq`  int8 weights (int8wo's values) and int8 activations, quantized per token on each call (W8A8
+                    dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product
+                    does the same per block of 32); the output head too (its output stays fp32). CUDA: torchao's
+                    layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel (int8
+                    dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, 2-3x
+                    slower: benchmarks/int8_matmul.py). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
 
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
-weights are stored quantized. The output head (`lm_head`) stays unquantized by default: it is
-small next to the blocks and most sensitive to error.
+weights are stored quantized (`torchao.int8dq` quantizes activations too). The output head (`lm_head`) stays
+unquantized by default (except with `torchao.int8dq`, `QUANTIZES_HEAD`): the most sensitive layer to error.
 
 For QLoRA: `quantize_model(model, mode, device, frozen_only=True)` quantizes only frozen Linears
 (the base weights), never trainable ones (LoRA matrices), and a LoRA wrapper holding its base
@@ -37,8 +43,10 @@ refuses them. Real models' widths are multiples of 64; only toy models hit this.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
+import weakref
 from functools import lru_cache
 from typing import Callable, Iterable, Optional, Union
 
@@ -114,18 +122,115 @@ class Int8PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _int8_rows(layer: nn.Linear, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """torchao's int8 values of a quantized CPU layer as torch's CPU kernels take them: (int8 (out, in), scales
+    (out,)), symmetric (no offset); None on another device or where torchao stored something else."""
+    weight = layer.weight
+    qdata, scale, zero_point = (getattr(weight, name, None) for name in ("qdata", "scale", "zero_point"))
+    if (device.type == "cpu" and qdata is not None and qdata.dtype == torch.int8 and scale is not None
+            and scale.numel() == layer.out_features and (zero_point is None or not zero_point.any())):
+        return qdata, scale.reshape(-1)
+    return None
+
+
 def _torchao_int8wo(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     ao = _torchao_quantization()
     layer = _frozen_copy(linear, device, compute_dtype)
     # set_inductor_config=False: leave torch's global compile settings alone
     ao.quantize_(layer, ao.Int8WeightOnlyConfig(set_inductor_config=False))
-    weight = layer.weight
-    qdata, scale, zero_point = (getattr(weight, name, None) for name in ("qdata", "scale", "zero_point"))
+    rows = _int8_rows(layer, device)
     # on the CPU, torch's int8 kernel takes torchao's values as they are: int8 rows, one scale each, no offset
-    if (device.type == "cpu" and compute_dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and qdata is not None and qdata.dtype == torch.int8 and scale is not None
-            and scale.numel() == linear.out_features and (zero_point is None or not zero_point.any())):
-        return Int8PackedLinear(qdata, scale.to(compute_dtype), layer.bias)
+    if rows is not None and compute_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return Int8PackedLinear(rows[0], rows[1].to(compute_dtype), layer.bias)
+    return layer
+
+
+@lru_cache(maxsize=None)
+def _int8_dynamic_op():
+    """`litllm::int8_dynamic_linear(x, key, out_features)`: torch's `quantized::linear_dynamic` on the packed
+    weights of the `Int8DynamicLinear` registered under `key`. An opaque custom op, so that `torch.compile` keeps
+    the decode step whole around it (it can't trace the packed-weights object the kernel takes)."""
+
+    @torch.library.custom_op("litllm::int8_dynamic_linear", mutates_args=())
+    def int8_dynamic_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, _INT8_DYNAMIC_LAYERS[key].packed, _reduce_range())
+
+    @int8_dynamic_linear.register_fake
+    def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    return int8_dynamic_linear
+
+
+@lru_cache(maxsize=None)
+def _reduce_range() -> bool:
+    """Whether fbgemm must quantize activations to 7 bits: without VNNI its kernel sums pairs of u8 x s8 products
+    in saturating int16 (a full 8-bit range could overflow them); with VNNI (int32 sums) 8 bits are exact and halve
+    the error (measured on tests/test_quantize.py's tiny model: logits 1.8% vs 3.2% off)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return not any(flag in f.read() for flag in ("avx512_vnni", "avx_vnni"))
+    except OSError:  # not Linux: the safe range
+        return True
+
+
+_INT8_DYNAMIC_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = weakref.WeakValueDictionary()
+_INT8_DYNAMIC_KEYS = itertools.count()
+
+
+class Int8DynamicLinear(nn.Module):
+    """A frozen Linear with int8 weights (one symmetric scale per output row) whose activations are quantized to
+    int8 on each call (one scale per row) and multiplied by int8 dot products, the output in fp32: W8A8 dynamic, as
+    llama.cpp's q8_0 dot product does. The kernel is torch's fbgemm `quantized::linear_dynamic` (AVX-512 VNNI int8
+    GEMV), on weights prepacked for it once; it holds only that packed copy (int8 values, fp32 scales)."""
+
+    def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.out_features, self.in_features = qdata.shape
+        with warnings.catch_warnings():  # torch's quantized tensor type is deprecated; the packing is how its kernel takes weights
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                qdata.contiguous(), scales.reshape(-1).double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+        self.has_bias = bias is not None
+        self.key = next(_INT8_DYNAMIC_KEYS)  # never reused: a compiled step holds it as a constant
+        _INT8_DYNAMIC_LAYERS[self.key] = self
+        _int8_dynamic_op()
+
+    def __setstate__(self, state: dict) -> None:  # a copy (copy.deepcopy) registers itself under a key of its own
+        super().__setstate__(state)
+        self.key = next(_INT8_DYNAMIC_KEYS)
+        _INT8_DYNAMIC_LAYERS[self.key] = self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
+        if torch.compiler.is_compiling():  # (N, out) fp32
+            out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
+        else:  # eager: the kernel itself, without the custom op's Python dispatch (~100 calls a token)
+            out = torch.ops.quantized.linear_dynamic(x2d, self.packed, _reduce_range())
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def stored_bytes(self) -> int:
+        """int8 values, an fp32 scale per row (and an fp32 bias): what a token reads."""
+        return self.out_features * self.in_features + 4 * self.out_features * (1 + self.has_bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
+
+
+def _torchao_int8dq(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    ao = _torchao_quantization()
+    layer = _frozen_copy(linear, device, compute_dtype)
+    ao.quantize_(layer, ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    rows = _int8_rows(layer, device)
+    # on the CPU torchao's own layer quantizes activations in ~10 eager ops and multiplies with `torch._int_mm`,
+    # several times slower than torch's fbgemm kernel on the same int8 values (benchmarks/int8_matmul.py)
+    if rows is not None:
+        try:
+            return Int8DynamicLinear(rows[0], rows[1], layer.bias)
+        except (AttributeError, RuntimeError):  # a torch without the kernel (or its quantized tensors): torchao's layer
+            pass
     return layer
 
 
@@ -188,8 +293,13 @@ QUANT_BUILDERS: dict[str, Callable[[nn.Linear, torch.device, torch.dtype], nn.Mo
     "bnb.int8": _linear8bit,
     "torchao.int8wo": _torchao_int8wo,
     "torchao.int4wo": _torchao_int4wo,
+    "torchao.int8dq": _torchao_int8dq,
 }
 
+
+# modes that quantize the output head too by default: its int8 head computes in fp32 and keeps greedy decoding
+# (int8wo's kernel rounds the logits to bf16, which flips near-ties: tutorials/inference.md)
+QUANTIZES_HEAD = frozenset({"torchao.int8dq"})
 
 FOUR_BIT_BLOCKSIZE = 64  # bitsandbytes' default for Params4bit
 
@@ -264,18 +374,19 @@ def quantize_model(
     model: nn.Module,
     mode: str,
     device: DeviceLike,
-    skip: Iterable[str] = ("lm_head",),
+    skip: Optional[Iterable[str]] = None,
     frozen_only: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Replace the model's `nn.Linear` layers with quantized ones on `device`, in place; returns `model`.
 
-    skip: module names (or their last component) left unquantized; `lm_head` by default.
+    skip: module names (or their last component) left unquantized; by default `lm_head`, except for the
+        modes in `QUANTIZES_HEAD`.
     frozen_only: quantize only Linears whose weight does not require grad (QLoRA's frozen base).
     compute_dtype: dtype of activations and matmuls; defaults to each layer's weight dtype.
     The rest of the model (embeddings, norms) is not moved: call `model.to(device)` afterwards.
     """
-    skip = set(skip)
+    skip = set(("lm_head",) if skip is None and mode not in QUANTIZES_HEAD else skip or ())
     dtype = compute_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     check_quantize_mode(mode, device, dtype)
     targets = [
@@ -312,7 +423,7 @@ def quantize_model(
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether a layer holds bitsandbytes- or torchao-quantized weights."""
-    if isinstance(module, Int8PackedLinear):
+    if isinstance(module, (Int8PackedLinear, Int8DynamicLinear)):
         return True
     weight = getattr(module, "weight", None)
     return type(weight).__name__ in ("Params4bit", "Int8Params") or type(weight).__module__.startswith("torchao.")

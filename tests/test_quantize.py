@@ -148,6 +148,8 @@ def test_generate_quantized(tiny_checkpoint, capsys):
     assert capsys.readouterr().out.strip()
     llm = LLM.load(tiny_checkpoint, device="cpu", quantize="bnb.int8", prompt_style="default")
     assert isinstance(llm.generate("Hello", max_new_tokens=6), str)
+    llm = LLM.load(tiny_checkpoint, device="cpu", quantize="torchao.int8dq", prompt_style="default")
+    assert is_quantized(llm.model.lm_head) and isinstance(llm.generate("Hello", max_new_tokens=6), str)
     assert is_quantized(llm.model.blocks[0].attn.qkv)
 
 
@@ -191,8 +193,14 @@ def test_quantized_on_gpu(tiny_checkpoint, mode):
 # small next to that noise (its distributions are nearly flat), so greedy agreement is checked per
 # position on a long teacher-forced prompt (int8: >= 95%, measured ~98%; int4: >= 70%, measured ~80%),
 # and int8's free-running greedy continuation must match for its first 32 tokens (measured 64).
-TORCHAO_LOGIT_REL_ERROR = {"torchao.int8wo": 0.03, "torchao.int4wo": 0.25}
-TORCHAO_ARGMAX_AGREEMENT = {"torchao.int8wo": 0.95, "torchao.int4wo": 0.70}
+# torchao.int8dq (W8A8 dynamic) has int8wo's weights and also rounds each activation row to 7 bits (fbgemm's
+# reduce_range), the head's included: ~2% relative L2 on the logits (3% with 7-bit activations, fbgemm's
+# reduce_range on CPUs without VNNI), ~94% greedy agreement (93%). Its free-running continuation leaves the fp32
+# one after a few tokens on this near-flat random model (with the head in fp32 too: the activations' rounding), so
+# for it the head's own effect is checked: argmaxes as with the head in fp32 (measured 98%), and the same first 32
+# greedy tokens (measured 32).
+TORCHAO_LOGIT_REL_ERROR = {"torchao.int8wo": 0.03, "torchao.int4wo": 0.25, "torchao.int8dq": 0.05}
+TORCHAO_ARGMAX_AGREEMENT = {"torchao.int8wo": 0.95, "torchao.int4wo": 0.70, "torchao.int8dq": 0.90}
 
 
 def _effective_weight(layer: nn.Module) -> torch.Tensor:
@@ -211,15 +219,15 @@ def _max_group_error(original: torch.Tensor, restored: torch.Tensor, group: int,
     return float((err / spread.clamp(min=1e-12)).max())
 
 
-@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo", "torchao.int8dq"])
 def test_torchao_weight_only(tiny_checkpoint, mode):
     pytest.importorskip("torchao")
     from litllm.engine import generate_ids
-    from litllm.quantize import INT4_GROUP_SIZES
+    from litllm.quantize import INT4_GROUP_SIZES, Int8DynamicLinear
 
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
     originals = {n: m.weight.detach().clone() for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
-    int4 = mode == "torchao.int4wo"
+    int4, dynamic = mode == "torchao.int4wo", mode == "torchao.int8dq"
     if int4:  # the tiny model's MLP projection is 112 wide: no multiple of 32
         with pytest.warns(UserWarning, match="blocks.0.mlp.proj.*stay unquantized"):
             model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
@@ -227,11 +235,13 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
     for name, original in originals.items():
         layer = model.get_submodule(name)
-        skipped = name == "lm_head" or (int4 and original.shape[1] % 32 != 0)
+        skipped = (name == "lm_head" and not dynamic) or (int4 and original.shape[1] % 32 != 0)
         assert is_quantized(layer) == (not skipped), name
-        # on the CPU int8 runs torch's int8 kernel (Int8PackedLinear), any width (the tiny MLP's 112 included)
-        assert (type(layer) is Int8PackedLinear) == (not int4 and not skipped), name
-        if skipped:
+        # on the CPU int8 runs torch's int8 kernels (Int8PackedLinear, Int8DynamicLinear), any width (the tiny
+        # MLP's 112 included); int8dq quantizes the head too
+        assert type(layer) is {"torchao.int8wo": Int8PackedLinear, "torchao.int8dq": Int8DynamicLinear}.get(
+            mode, nn.Linear) or skipped, name
+        if skipped or dynamic:  # int8dq's weights: test_int8_dynamic_matches_torchao
             continue
         group = next(g for g in INT4_GROUP_SIZES if original.shape[1] % g == 0) if int4 else original.shape[1]
         # int8 on the CPU multiplies in bf16 (its kernel's fast path): the bf16 scale and the bf16 output each
@@ -245,7 +255,14 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
     assert float((out - expected).norm() / expected.norm()) < TORCHAO_LOGIT_REL_ERROR[mode]
     agreement = float((out.argmax(-1) == expected.argmax(-1)).float().mean())
     assert agreement >= TORCHAO_ARGMAX_AGREEMENT[mode], agreement
-    if not int4:
+    if dynamic:
+        fp32_head = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu", skip=("lm_head",))
+        with torch.no_grad():
+            kept = fp32_head(prompt)
+        assert float((out.argmax(-1) == kept.argmax(-1)).float().mean()) >= 0.95
+        start = prompt[0, :16].tolist()  # the int8 head (fp32 output) keeps the fp32 head's greedy continuation
+        assert generate_ids(model, start, 32) == generate_ids(fp32_head, start, 32)
+    elif not int4:  # int8: the first 32 greedy tokens as in full precision
         start = prompt[0, :16].tolist()
         assert generate_ids(model, start, 32) == generate_ids(ref, start, 32)
 
@@ -269,6 +286,37 @@ def test_int8_cpu_kernel_matches_torchao(dtype):
     assert out.shape == (2, 5, 64) and out.dtype == dtype
     tol = 2e-2  # same int8 values; ours multiplies in bf16 (fp32 activations rounded), summation order differs
     assert float((out - expected).float().norm() / expected.float().norm()) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dynamic_matches_torchao(dtype):
+    """On the CPU torchao.int8dq is torch's fbgemm `quantized::linear_dynamic` on torchao's int8 weights; it computes
+    what torchao's own W8A8-dynamic layer does (up to the activations' 7 bits vs its 8), also compiled."""
+    pytest.importorskip("torchao")
+    from litllm.quantize import Int8DynamicLinear, _torchao_quantization
+
+    linear = nn.Linear(112, 64).to(dtype)  # 112: no multiple of 8, 16 or 32
+    ours = quantize_linear(linear, "torchao.int8dq", "cpu")
+    assert type(ours) is Int8DynamicLinear and is_quantized(ours)
+    theirs = nn.Linear(112, 64).to(dtype)
+    theirs.load_state_dict(linear.state_dict())
+    ao = _torchao_quantization()
+    ao.quantize_(theirs, ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    x = torch.randn(2, 5, 112, dtype=dtype)  # (B, T, C): any leading shape
+    with torch.no_grad():
+        out, expected, exact = ours(x), theirs(x), linear(x)
+        compiled = torch.compile(ours, fullgraph=True, dynamic=False)(x)  # an opaque op: no graph break
+    assert out.shape == (2, 5, 64) and out.dtype == dtype
+    rel = lambda a, b: float((a - b).float().norm() / b.float().norm())  # noqa: E731
+    # one 7-bit activation step and one int8 weight step per product: ~1.5% of the output's scale
+    assert rel(out, expected) < 0.03 and rel(out, exact) < 0.03 and rel(expected, exact) < 0.03
+    assert torch.equal(compiled, out)
+    import copy
+
+    twin = copy.deepcopy(ours)  # registered under a key of its own (the original's may go away first)
+    assert twin.key != ours.key
+    with torch.no_grad():
+        assert torch.equal(twin(x), out)
 
 
 def test_torchao_through_every_loader(tiny_checkpoint, capsys):
@@ -313,14 +361,20 @@ def test_torchao_errors(monkeypatch):
     quantize._probe.cache_clear()
 
 
-@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo", "torchao.int8dq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_estimate_counts_torchao_bytes(mode, dtype):
     """`litllm estimate`'s formula for a torchao layer == the bytes of the tensors torchao really stores."""
     pytest.importorskip("torchao")
     from litllm.estimate import quantized_linear_bytes
+    from litllm.quantize import Int8DynamicLinear
 
     layer = quantize_linear(nn.Linear(256, 192, bias=False).to(dtype), mode, "cpu")
+    if type(layer) is Int8DynamicLinear:  # CPU int8dq: fbgemm's packed copy of int8 values and per-row scales
+        qweight = torch.ops.quantized.linear_unpack(layer.packed)[0]
+        stored = qweight.int_repr().nbytes + 4 * qweight.q_per_channel_scales().numel()
+        assert stored == layer.stored_bytes == quantized_linear_bytes(192, 256, mode, dtype.itemsize)
+        return
     if type(layer) is Int8PackedLinear:  # CPU int8: torchao's values without its zero points, bf16/fp16 scales
         stored = layer.weight.nbytes + layer.scales.nbytes
         assert stored == 192 * 256 + 192 * 2 <= quantized_linear_bytes(192, 256, mode, dtype.itemsize)
@@ -331,7 +385,7 @@ def test_estimate_counts_torchao_bytes(mode, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo"])
+@pytest.mark.parametrize("mode", ["torchao.int8wo", "torchao.int4wo", "torchao.int8dq"])
 def test_torchao_on_gpu(tiny_checkpoint, mode):
     pytest.importorskip("torchao")
     ref = GPT.from_checkpoint(tiny_checkpoint, device="cuda", dtype=torch.bfloat16).eval()
