@@ -177,6 +177,54 @@ def test_rollout_heads_only_the_rows_still_decoding(base, monkeypatch):
     assert min(heads) < 8
 
 
+@pytest.mark.slow  # compiles a tiny model's step: ~30-60 s here
+def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_weights(base, monkeypatch, tmp_path):
+    """A rollout on the compiled decode step (saved AOTInductor package; LoRA merged into buffers it takes by name)
+    samples the eager rollout's tokens, rows stopping at several steps; after an optimizer step on the LoRA weights
+    and an in-place change of a base weight (full finetuning's update), the next rollout loads the saved step with
+    the current tensors and again samples what the eager rollout does, which the update changed."""
+    from litllm.grpo import rollout
+    from litllm.lora import add_lora
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = add_lora(GPT.from_checkpoint(base), r=4, alpha=8, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+        p.requires_grad_("lora_" in name)
+    sources = []
+    build = rollout.rollout_engine
+
+    def spy(*args):
+        engine = build(*args)
+        sources.append(getattr(engine, "step_source", "eager") if engine._compiled else "eager")
+        return engine
+
+    monkeypatch.setattr(rollout, "rollout_engine", spy)
+    prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+
+    def sample(compile: bool, stops=()):
+        return rollout.sample_completions(model, prompts, 4, 12, sampling, range(8), list(stops), compile)[:2]
+
+    unstopped = sample(False)[0]
+    stops = [unstopped[0][3], unstopped[5][6]]
+    eager = sample(False, stops)
+    assert len({len(c) for c in eager[0]}) > 1  # rows stop at several steps
+    assert sample(True, stops) == eager
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=50.0)
+    model(torch.tensor([prompts[0] * 3])).logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.blocks[0].mlp.proj.weight.mul_(3.0)  # a base weight updated in place (full finetuning)
+    updated = sample(False, stops)
+    assert updated != eager
+    assert sample(True, stops) == updated
+    assert sources == ["eager", "eager", "compiled", "eager", "loaded"]
+    assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
+
+
 # ---------------------------------------------------------------------- each prompt scored once per group
 @pytest.mark.parametrize("overrides, checkpointed", [
     ({}, False),
