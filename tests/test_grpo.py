@@ -225,6 +225,40 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
 
 
+def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(monkeypatch):
+    """`--compile_rollouts`: as given, by default where the run's rollout tokens pay for compiling (or as
+    $LITLLM_COMPILE says); eager with more than one process, off the CPU or on a quantized base, with one note when
+    compiling was asked for."""
+    from types import SimpleNamespace
+
+    from litllm.compile_decode import COMPILE_ENV, PAYS_AFTER_TOKENS
+    from litllm.grpo.method import rollout_compile
+
+    notes = []
+
+    def fabric(world_size=1, device="cpu"):
+        return SimpleNamespace(world_size=world_size, device=torch.device(device), print=notes.append)
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    pays = PAYS_AFTER_TOKENS["cpu"]
+    assert rollout_compile(None, fabric(), False, pays) and rollout_compile(None, fabric(), False, None)
+    assert not rollout_compile(None, fabric(), False, pays - 1)
+    assert rollout_compile(True, fabric(), False, 1) and not rollout_compile(False, fabric(), False, 10 * pays)
+    assert not notes
+    assert not rollout_compile(None, fabric(world_size=2), False, None)  # not asked: no note
+    assert not notes
+    for fab, quantized, why in [(fabric(world_size=2), False, "more than one process"),
+                                (fabric(device="meta"), False, "on meta"), (fabric(), True, "quantized")]:
+        assert not rollout_compile(True, fab, quantized, None)
+        note = notes.pop()
+        assert not notes and note.startswith("note: --compile_rollouts: the rollouts decode eagerly") and why in note
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert not rollout_compile(None, fabric(), False, 10 * pays)
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert rollout_compile(None, fabric(), False, 1)
+    assert not rollout_compile(None, fabric(world_size=2), False, None) and "more than one process" in notes.pop()
+
+
 # ---------------------------------------------------------------------- each prompt scored once per group
 @pytest.mark.parametrize("overrides, checkpointed", [
     ({}, False),

@@ -15,7 +15,9 @@ It runs the output head and the sampling on the rows still decoding only (a stop
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Sequence
@@ -30,6 +32,7 @@ from litllm.errors import LitLLMError
 SEED_BYTES = 7
 MERGED_BUFFER = "merged_weight"
 COMPILED_AHEAD = ("loaded", "compiled")  # `Engine.step_source` of a saved AOTInductor step (litllm.compile_decode)
+_EAGER_ONLY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # policies whose step did not export
 
 
 def completion_seed(run_seed: int, split: str, epoch: int, index: int, completion: int) -> int:
@@ -198,7 +201,7 @@ def rollout_engine(module, rows: int, length: int, compile: bool) -> RolloutEngi
     `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager."""
     from litllm.compile_decode import compiled_length, saved_step_length, unpack_weights
 
-    if not compile:
+    if not compile or module in _EAGER_ONLY:
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
     unpack_weights(module)
     saved = saved_step_length(module, None, rows, length)
@@ -207,6 +210,9 @@ def rollout_engine(module, rows: int, length: int, compile: bool) -> RolloutEngi
                            max_seq_length=saved or compiled_length(length, module.max_seq_length))
     if engine.step_source not in COMPILED_AHEAD:  # did not export as one graph (torch.compile's lazy path): eager
         engine.close()
+        _EAGER_ONLY.add(module)  # for the rest of the run: no export tried again
+        print("note: the policy's decode step does not export as one graph: the rollouts decode eagerly",
+              file=sys.stderr)
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
     engine.compile_seconds = time.perf_counter() - t0
     return engine
