@@ -459,6 +459,32 @@ def test_resume_between_iterations_is_bit_exact(runs, base, prompts_file, reward
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), file
 
 
+@pytest.mark.slow  # compiles the tiny model's decode step for the train and validation rollouts: ~1-2 min here
+def test_a_run_on_compiled_rollouts_equals_the_eager_run_and_resumes_bit_exact(runs, base, prompts_file, reward_file,
+                                                                               tmp_path, monkeypatch):
+    """Full finetuning with `--compile_rollouts true`: the rollouts decode on the saved compiled step with the
+    weights the optimizer updated, so every step's loss and the final weights equal the eager run's bit for bit (the
+    loss is computed eagerly from the same tokens); resumed from step 3 (the saved steps loaded), too."""
+    from litllm.compile_decode import STEPS_FOLDER
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    straight_out, straight = runs["full"]
+    kwargs = _kwargs(prompts_file, reward_file, "full", compile_rollouts=True, **RUNS["full"])
+    for name, resume in (("compiled", None), ("resumed", "auto")):
+        out = tmp_path / name
+        out.mkdir()
+        if resume:
+            shutil.copytree(tmp_path / "compiled" / "step-00000003", out / "step-00000003")
+        result = finetune_grpo(base, out_dir=out, **({"resume": resume} if resume else {}), **kwargs)
+        assert list(cache.glob(f"{STEPS_FOLDER}/*/*.pt2"))  # it decoded on a saved compiled step
+        assert result.step == straight.step
+        assert all(result.losses[step] == straight.losses[step] for step in range(4 if resume else 1, 7))
+        a = load_file(str(out / "final" / "lit_model.safetensors"))
+        b = load_file(str(straight_out / "final" / "lit_model.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qlora_samples_through_the_quantized_base(base, prompts_file, reward_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "out"
