@@ -131,7 +131,14 @@ def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: st
             "rollout_steps": engines[:WARMUP_STEPS]}
 
 
-LABELS = {"litllm": "litllm finetune_grpo (LoRA r=8 q,v)", "trl": "TRL GRPOTrainer + PEFT LoRA (r=8 q,v)"}
+def run_litllm_eager(timer: StepTimer, folder: Path, out: Path, device: str, *args: str) -> dict:
+    """litllm's finetune_grpo with `--compile_rollouts false` (`--sides litllm,litllm_eager,trl`: the compiled
+    rollout against the eager one)."""
+    return run_litllm(timer, folder, out, device, *args[:4], "false")
+
+
+LABELS = {"litllm": "litllm finetune_grpo (LoRA r=8 q,v)", "trl": "TRL GRPOTrainer + PEFT LoRA (r=8 q,v)",
+          "litllm_eager": "litllm, eager rollouts"}
 
 
 PHASES = ("rollout", "rewards", "forward", "backward", "optimizer", "other")
@@ -153,7 +160,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, the order alternating")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of both sides (OMP_NUM_THREADS; default: torch's, one per core)")
-    parser.add_argument("--sides", default="litllm,trl")
+    parser.add_argument("--sides", default="litllm,trl", help="of litllm, trl, litllm_eager")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--compile_rollouts", default="auto", choices=["auto", "true", "false"],
                         help="litllm's --compile_rollouts (auto: its default, compiled where it pays)")
@@ -195,9 +202,17 @@ def report(results: dict[str, list[dict]], args) -> None:
     print(f"\nthe first {WARMUP_STEPS} steps of every run (left out of the medians), seconds:")
     for side, runs in results.items():
         for i, r in enumerate(runs):
-            made = "".join(f", its rollout's decode step {source} in {seconds:.1f} s" if source != "eager" else
+            made = "".join(f", its rollout's decode step {source} in {seconds:.3f} s" if source != "eager" else
                            ", eager rollout" for source, seconds in r.get("rollout_steps", [])[:1])
             print(f"  {side:7s} run {i + 1}: {' '.join(f'{t:.2f}' for t in r.get('first_steps_s', []))}{made}")
+    if "litllm" in results and "litllm_eager" in results:
+        print("\nlitllm compiled vs eager rollouts, per round (> 1: the compiled one faster):")
+        for name, key in (("step time speed-up", lambda r: r["step_s"]),
+                          ("step CPU time speed-up", lambda r: r["step_cpu_s"]),
+                          ("rollout CPU time speed-up", lambda r: r["phases"].get("rollout cpu") or float("nan"))):
+            values = ratios(results, "litllm_eager", "litllm", key)
+            rounds = " ".join(f"{v:.2f}" for v in values)
+            print(f"  {name:30s} median {statistics.median(values):5.2f}x  rounds: {rounds}")
     if "litllm" not in results or "trl" not in results:
         return
     print("\nlitllm vs TRL, per round (> 1: litllm faster / uses less memory):")

@@ -330,7 +330,8 @@ class GRPOJob(LoRAOrFull, FinetuneJob):
         return grpo_method(
             method, self.grpo, self.rewards(), fabric, data, tokenizer, style, checkpoint_dir=self.checkpoint_dir,
             out_dir=out_dir, seed=self.run.seed, accumulation=self.train.gradient_accumulation_iters(fabric.world_size),
-            compute_dtype=_dtypes(fabric)[1], quantized=self.bnb_mode() is not None, rollout_tokens=self.rollout_tokens(),
+            compute_dtype=_dtypes(fabric)[1], quantized=self.bnb_mode() is not None,
+            rollout_tokens=self.rollout_tokens(),
         )
 
     def rollout_tokens(self) -> Optional[int]:
