@@ -182,7 +182,8 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     """A rollout on the compiled decode step (saved AOTInductor package; LoRA merged into buffers it takes by name)
     samples the eager rollout's tokens, rows stopping at several steps; after an optimizer step on the LoRA weights
     and an in-place change of a base weight (full finetuning's update), the next rollout loads the saved step with
-    the current tensors and again samples what the eager rollout does, which the update changed."""
+    the current tensors and again samples what the eager rollout does, which the update changed; so does a smaller
+    rollout on the step of the larger one."""
     from litllm.grpo import rollout
     from litllm.lora import add_lora
     from litllm.model import GPT
@@ -221,7 +222,10 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     updated = sample(False, stops)
     assert updated != eager
     assert sample(True, stops) == updated
-    assert sources == ["eager", "eager", "compiled", "eager", "loaded"]
+    one_prompt = [rollout.sample_completions(model, prompts[:1], 4, 12, sampling, range(4), stops, compile, 8)[:2]
+                  for compile in (False, True)]  # a smaller batch: on the 8-row step, 4 rows idle
+    assert one_prompt[1] == one_prompt[0] == (updated[0][:4], updated[1][:4])
+    assert sources == ["eager", "eager", "compiled", "eager", "loaded", "eager", "loaded"]
     assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
 
 

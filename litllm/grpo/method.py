@@ -94,6 +94,7 @@ class GRPOLoss:
         self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         self.last_samples: list[dict[str, Any]] = []  # the latest validation rollout's first completions
         self.compile_rollouts = False  # decode on a compiled step (`rollout_compile`), set by `grpo_method`
+        self.rollout_rows = 0  # the most rows a rollout had: a smaller one decodes on the compiled step of as many
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int):
         split = "train" if model.training else "val"
@@ -151,10 +152,11 @@ class GRPOLoss:
         prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"].tolist())]
         seeds = [completion_seed(self.run_seed, split, epoch, i, g) for i in indices for g in range(s.num_generations)]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+        self.rollout_rows = max(self.rollout_rows, len(prompts) * s.num_generations)
         with whole_weights(inner_module(model)) as module:  # FSDP: decode on whole weights, no collectives
             completions, truncated, seconds = sample_completions(module, prompts, s.num_generations,
                                                                  s.max_new_tokens, sampling, seeds, self.stop_token_ids,
-                                                                 self.compile_rollouts)
+                                                                 self.compile_rollouts, self.rollout_rows)
         rewards, texts = self.score(split, indices, completions)
         total = combine(rewards, self.weights)
         advantages, _ = group_advantages(total, s.num_generations, s.scale_rewards)

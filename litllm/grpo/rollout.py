@@ -192,18 +192,20 @@ def _merged_forward(module: nn.Module):
     return merged_forward
 
 
-def rollout_engine(module, rows: int, length: int, compile: bool) -> RolloutEngine:
+def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int = 0) -> RolloutEngine:
     """The `RolloutEngine` of one rollout (`rows` rows of `length` positions). With `compile` (CPU), its decode step
-    is the saved compiled step (`litllm.compile_decode`) of these rows at the shortest saved KV-cache length that
-    fits, else one compiled now at `length` rounded up as `compiled_length` does (so rollouts of other prompt lengths
-    share it) and saved: it runs on the module's tensors as they are now (its weights, the merged LoRA buffers of
-    `merged_lora`), handed to the step when the engine is built, so each rollout decodes with the current policy.
+    is the saved compiled step (`litllm.compile_decode`) of max(rows, `min_rows`) rows (a run's smaller last batch
+    decodes on its full batches' step, the extra rows idle) at the shortest saved KV-cache length that fits, else one
+    compiled now at `length` rounded up as `compiled_length` does (so rollouts of other prompt lengths share it) and
+    saved: it runs on the module's tensors as they are now (its weights, the merged LoRA buffers of `merged_lora`),
+    handed to the step when the engine is built, so each rollout decodes with the current policy.
     `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager."""
     from litllm.compile_decode import compiled_length, saved_step_length, unpack_weights
 
     if not compile or module in _EAGER_ONLY:
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
     unpack_weights(module)
+    rows = max(rows, min_rows)
     saved = saved_step_length(module, None, rows, length)
     t0 = time.perf_counter()
     engine = RolloutEngine(module, None, max_batch_size=rows, compile=True,
@@ -220,14 +222,15 @@ def rollout_engine(module, rows: int, length: int, compile: bool) -> RolloutEngi
 
 def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
                        sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int],
-                       compile: bool = False) -> tuple[list[list[int]], list[bool], float]:
+                       compile: bool = False, min_rows: int = 0) -> tuple[list[list[int]], list[bool], float]:
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
     rows). The module decodes in eval mode (no dropout), its LoRA merged (`merged_lora`), and is put back in its mode
     afterwards; the engine's KV cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this
     call. The engine gets no tokenizer: the stops are token ids and the rewards decode the completions themselves, so
-    no token is detokenized here. `compile`: decode on the compiled step (`rollout_engine`)."""
+    no token is detokenized here. `compile`: decode on the compiled step of at least `min_rows` rows
+    (`rollout_engine`)."""
     rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
     length = max(len(r) for r in rows) + max_new_tokens
     was_training = module.training
@@ -236,7 +239,7 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with merged_lora(module), rollout_engine(module, len(rows), length, compile) as engine:
+        with merged_lora(module), rollout_engine(module, len(rows), length, compile, min_rows) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
