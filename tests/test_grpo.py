@@ -229,6 +229,25 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
 
 
+def test_a_policy_whose_step_does_not_export_decodes_eagerly_with_one_note(base, monkeypatch, tmp_path, capsys):
+    """A policy that does not export as one graph (AOTInductor's path gives up): its rollouts decode eagerly, the same
+    tokens, one note, and no export is tried again in the run."""
+    from litllm import compile_decode
+    from litllm.grpo import rollout
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    tries = []
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: tries.append(path))  # None
+    model = GPT.from_checkpoint(base)
+    prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+    eager = rollout.sample_completions(model, prompts, 4, 6, sampling, range(8), [])[:2]
+    for _ in range(2):
+        assert rollout.sample_completions(model, prompts, 4, 6, sampling, range(8), [], True)[:2] == eager
+    assert len(tries) == 1
+    assert capsys.readouterr().err.count("does not export as one graph: the rollouts decode eagerly") == 1
+
+
 def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(monkeypatch):
     """`--compile_rollouts`: as given, by default where the run's rollout tokens pay for compiling (or as
     $LITLLM_COMPILE says); eager with more than one process, off the CPU or on a quantized base, with one note when

@@ -10,6 +10,8 @@ The rollout engine (`RolloutEngine`) samples by inverse CDF: one uniform draw pe
 cumulative sum and search over the (rows, vocab) probabilities for all rows. `torch.multinomial` (the engine's
 default) draws one exponential per vocabulary entry per row, which was ~15% of a rollout's CPU time (vocabulary 8000).
 It runs the output head and the sampling on the rows still decoding only (a stopped completion's row leaves them).
+Where it pays (`--compile_rollouts`), the decode step is the saved compiled step of `litllm.compile_decode`, handed the
+policy's current tensors at each rollout (`rollout_engine`); the sampling stays eager.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 class RolloutEngine(Engine):
     """The decode engine, sampling with `inverse_cdf_sample` (one uniform per row from the row's generator). Every row of
     a rollout has the same sampling settings, temperature > 0, and no grammar. The output head and the sampling run on
-    the rows still decoding only: a rollout's rows all start at once and a finished row's slot stays free."""
+    the rows still decoding only: a rollout's rows all start at once and a finished row's slot stays free. Compiled
+    (a saved AOTInductor step), the head runs on every row and the running rows' logits are kept."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -205,7 +208,7 @@ def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int 
     if not compile or module in _EAGER_ONLY:
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
     unpack_weights(module)
-    rows = max(rows, min_rows)
+    needed, rows = rows, max(rows, min_rows)
     saved = saved_step_length(module, None, rows, length)
     t0 = time.perf_counter()
     engine = RolloutEngine(module, None, max_batch_size=rows, compile=True,
@@ -215,7 +218,7 @@ def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int 
         _EAGER_ONLY.add(module)  # for the rest of the run: no export tried again
         print("note: the policy's decode step does not export as one graph: the rollouts decode eagerly",
               file=sys.stderr)
-        return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
+        return RolloutEngine(module, None, max_batch_size=needed, max_seq_length=length)
     engine.compile_seconds = time.perf_counter() - t0
     return engine
 
