@@ -97,7 +97,7 @@ class StepTimer:
         steps, phases = self.steps[kept], self.phases[kept]
         names = sorted({name for p in phases for name in p})
         out = {"step_s": statistics.median(steps), "step_cpu_s": statistics.median(self.cpu[kept]),
-               "steps": len(self.steps),
+               "steps": len(self.steps), "first_steps_s": self.steps[:WARMUP_STEPS],
                "phases": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in names}}
         out["phases"]["other"] = statistics.median(s - sum(t for name, t in p.items() if not name.endswith(" cpu"))
                                                    for s, p in zip(steps, phases))
@@ -148,10 +148,10 @@ def worker_main(module: dict) -> None:
 
 
 def run_sides(script: Path, sides: list[str], labels: dict[str, str], folder: Path, workdir: Path, env: dict,
-              worker_args: list, rounds: int = 1) -> dict[str, list[dict]]:
+              worker_args: list, rounds: int = 1, side_args: Optional[dict[str, list]] = None) -> dict[str, list[dict]]:
     """{side: [its worker's result per round]}: each side in its own process (`script --worker side folder out
-    *worker_args`), `rounds` times, the order alternating from round to round (a machine's load drifts); a failing
-    run prints its error and is left out."""
+    *worker_args *side_args[side]`), `rounds` times, the order alternating from round to round (a machine's load
+    drifts); a failing run prints its error and is left out."""
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(rounds):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
@@ -159,7 +159,8 @@ def run_sides(script: Path, sides: list[str], labels: dict[str, str], folder: Pa
             shutil.rmtree(out, ignore_errors=True)
             print(f"Round {round_ + 1}/{rounds}: {labels[side]} ...", file=sys.stderr)
             proc = subprocess.run([sys.executable, str(script), "--worker", side, str(folder), str(out),
-                                   *map(str, worker_args)], capture_output=True, text=True, env=env)
+                                   *map(str, worker_args), *map(str, (side_args or {}).get(side, []))],
+                                  capture_output=True, text=True, env=env)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 continue

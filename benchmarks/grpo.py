@@ -17,9 +17,14 @@ temperature 1, no top-k/top-p), LoRA r=8 on q and v (no dropout), beta 0 (no ref
   the same above the RSS measured before the model was loaded;
 - `--rounds` runs of each side, the order alternating (litllm, TRL, TRL, litllm, ...), and the litllm/TRL ratios of
   each round with their median and best: on a shared machine the load drifts between runs.
+- litllm's rollouts decode on the compiled decode step where it pays (`--compile_rollouts`, default as
+  `finetune_grpo` decides): the benchmark's own cache folder (`--workdir`/torch_compile), so its first litllm run
+  compiles the step (and saves it) and the later runs load it; the seconds this took and the first two steps' times
+  (left out of the medians) are printed for every run.
 
     python benchmarks/grpo.py [--device cuda] [--steps 6] [--prompts 2] [--generations 4] [--new 64] [--layers 4]
         [--width 256] [--vocab 8000] [--rounds 2] [--threads N] [--sides litllm,trl] [--workdir /tmp/grpo-bench]
+        [--compile_rollouts auto|true|false]
 
 On a CPU that other processes keep busy, pass `--threads 1`: each parallel region then waits for no descheduled
 thread (with two threads both sides ran 10-15x slower here than with one).
@@ -80,7 +85,7 @@ def run_trl(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, 
 
 
 def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, prompts: str, G: str,
-               new: str) -> dict:
+               new: str, compile_rollouts: str = "auto") -> dict:
     """litllm's finetune_grpo; phases: rollout (`sample_completions`), rewards, forward (every `completion_logps`),
     backward, optimizer."""
     import lightning.fabric
@@ -88,7 +93,7 @@ def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: st
 
     from litllm import finetune
     from litllm.data import Prompts
-    from litllm.grpo import method
+    from litllm.grpo import method, rollout
     from litllm.train import loop
     from litllm.train.args import EvalArgs, TrainArgs
     from litllm.train.loggers import read_csv_rows
@@ -101,6 +106,15 @@ def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: st
     timer.wrap(method, "completion_logps", "forward")
     timer.wrap(lightning.fabric.Fabric, "backward", "backward")
     timer.wrap(torch.optim.AdamW, "step", "optimizer")
+    engines, build = [], rollout.rollout_engine
+
+    def rollout_engine(*args, **kwargs):  # how each rollout's decode step was made: (source, seconds)
+        engine = build(*args, **kwargs)
+        engines.append((getattr(engine, "step_source", "eager") if engine._compiled else "eager",
+                        engine.compile_seconds or 0.0))
+        return engine
+
+    rollout.rollout_engine = rollout_engine
     finetune.finetune_grpo(
         folder, out_dir=out, accelerator=device, precision="bf16-true" if device == "cuda" else "32-true", devices=1,
         lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_query=True, lora_value=True, beta=0.0, loss_type="dapo",
@@ -109,13 +123,22 @@ def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: st
         train=TrainArgs(global_batch_size=prompts, micro_batch_size=prompts, max_steps=steps, lr_warmup_steps=0,
                         save_interval=None, log_interval=1),
         eval=EvalArgs(interval=10**9, final_validation=False), logger_name="csv",
+        compile_rollouts={"auto": None, "true": True, "false": False}[compile_rollouts],
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5, "weight_decay": 0.0}},
     )
     rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("completions/mean_length")]
-    return timer.result(baseline, [float(r["completions/mean_length"]) * prompts * G for r in rows])
+    return {**timer.result(baseline, [float(r["completions/mean_length"]) * prompts * G for r in rows]),
+            "rollout_steps": engines[:WARMUP_STEPS]}
 
 
-LABELS = {"litllm": "litllm finetune_grpo (LoRA r=8 q,v)", "trl": "TRL GRPOTrainer + PEFT LoRA (r=8 q,v)"}
+def run_litllm_eager(timer: StepTimer, folder: Path, out: Path, device: str, *args: str) -> dict:
+    """litllm's finetune_grpo with `--compile_rollouts false` (`--sides litllm,litllm_eager,trl`: the compiled
+    rollout against the eager one)."""
+    return run_litllm(timer, folder, out, device, *args[:4], "false")
+
+
+LABELS = {"litllm": "litllm finetune_grpo (LoRA r=8 q,v)", "trl": "TRL GRPOTrainer + PEFT LoRA (r=8 q,v)",
+          "litllm_eager": "litllm, eager rollouts"}
 
 
 PHASES = ("rollout", "rewards", "forward", "backward", "optimizer", "other")
@@ -137,8 +160,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, the order alternating")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of both sides (OMP_NUM_THREADS; default: torch's, one per core)")
-    parser.add_argument("--sides", default="litllm,trl")
+    parser.add_argument("--sides", default="litllm,trl", help="of litllm, trl, litllm_eager")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--compile_rollouts", default="auto", choices=["auto", "true", "false"],
+                        help="litllm's --compile_rollouts (auto: its default, compiled where it pays)")
     args = parser.parse_args()
     sides = chosen_sides(parser, args.sides, LABELS)
 
@@ -147,12 +172,14 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "torch_compile"))  # the first litllm run compiles
     build_model(folder, env, max(32, args.steps * args.prompts * 2), args.seq, args.layers, args.width, args.vocab)
     pairs = json.loads((workdir / "pairs.json").read_text())
     (workdir / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p["prompt"]}) for p in pairs))
     (workdir / "bench_reward.py").write_text(REWARD)
     results = run_sides(Path(__file__).resolve(), sides, LABELS, folder, workdir, env,
-                        [args.device, args.steps, args.prompts, args.generations, args.new], args.rounds)
+                        [args.device, args.steps, args.prompts, args.generations, args.new], args.rounds,
+                        {"litllm": [args.compile_rollouts]})
     report(results, args)
 
 
@@ -172,6 +199,20 @@ def report(results: dict[str, list[dict]], args) -> None:
         rollout = f"{r['rollout_tokens_per_s']:.0f}" if r.get("rollout_tokens_per_s") else "-"
         print(f"{LABELS[side]:38s} {r['step_s']:7.3f} {r['step_cpu_s']:7.3f} " + " ".join(f"{r['phases'].get(p, 0.0):9.3f}" for p in PHASES)
               + f" {r['tokens_per_s']:7.0f} {rollout:>13s} {r['peak']:6.0f} {r['above_baseline']:6.0f}")
+    print(f"\nthe first {WARMUP_STEPS} steps of every run (left out of the medians), seconds:")
+    for side, runs in results.items():
+        for i, r in enumerate(runs):
+            made = "".join(f", its rollout's decode step {source} in {seconds:.3f} s" if source != "eager" else
+                           ", eager rollout" for source, seconds in r.get("rollout_steps", [])[:1])
+            print(f"  {side:7s} run {i + 1}: {' '.join(f'{t:.2f}' for t in r.get('first_steps_s', []))}{made}")
+    if "litllm" in results and "litllm_eager" in results:
+        print("\nlitllm compiled vs eager rollouts, per round (> 1: the compiled one faster):")
+        for name, key in (("step time speed-up", lambda r: r["step_s"]),
+                          ("step CPU time speed-up", lambda r: r["step_cpu_s"]),
+                          ("rollout CPU time speed-up", lambda r: r["phases"].get("rollout cpu") or float("nan"))):
+            values = ratios(results, "litllm_eager", "litllm", key)
+            rounds = " ".join(f"{v:.2f}" for v in values)
+            print(f"  {name:30s} median {statistics.median(values):5.2f}x  rounds: {rounds}")
     if "litllm" not in results or "trl" not in results:
         return
     print("\nlitllm vs TRL, per round (> 1: litllm faster / uses less memory):")

@@ -330,8 +330,16 @@ class GRPOJob(LoRAOrFull, FinetuneJob):
         return grpo_method(
             method, self.grpo, self.rewards(), fabric, data, tokenizer, style, checkpoint_dir=self.checkpoint_dir,
             out_dir=out_dir, seed=self.run.seed, accumulation=self.train.gradient_accumulation_iters(fabric.world_size),
-            compute_dtype=_dtypes(fabric)[1],
+            compute_dtype=_dtypes(fabric)[1], quantized=self.bnb_mode() is not None,
+            rollout_tokens=self.rollout_tokens(),
         )
+
+    def rollout_tokens(self) -> Optional[int]:
+        """The most tokens the run's training rollouts sample (None: no --train.max_steps)."""
+        steps, prompts = self.train.max_steps, self.train.global_batch_size
+        if steps is None or prompts is None:
+            return None
+        return -(-steps // self.grpo.num_iterations) * prompts * self.grpo.num_generations * self.grpo.max_new_tokens
 
 
 # ---------------------------------------------------------------------- the commands

@@ -177,6 +177,111 @@ def test_rollout_heads_only_the_rows_still_decoding(base, monkeypatch):
     assert min(heads) < 8
 
 
+@pytest.mark.slow  # compiles a tiny model's step: ~30-60 s here
+def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_weights(base, monkeypatch, tmp_path):
+    """A rollout on the compiled decode step (saved AOTInductor package; LoRA merged into buffers it takes by name)
+    samples the eager rollout's tokens, rows stopping at several steps; after an optimizer step on the LoRA weights
+    and an in-place change of a base weight (full finetuning's update), the next rollout loads the saved step with
+    the current tensors and again samples what the eager rollout does, which the update changed; so does a smaller
+    rollout on the step of the larger one."""
+    from litllm.grpo import rollout
+    from litllm.lora import add_lora
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = add_lora(GPT.from_checkpoint(base), r=4, alpha=8, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+        p.requires_grad_("lora_" in name)
+    sources = []
+    build = rollout.rollout_engine
+
+    def spy(*args):
+        engine = build(*args)
+        sources.append(getattr(engine, "step_source", "eager") if engine._compiled else "eager")
+        return engine
+
+    monkeypatch.setattr(rollout, "rollout_engine", spy)
+    prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+
+    def sample(compile: bool, stops=()):
+        return rollout.sample_completions(model, prompts, 4, 12, sampling, range(8), list(stops), compile)[:2]
+
+    unstopped = sample(False)[0]
+    stops = [unstopped[0][3], unstopped[5][6]]
+    eager = sample(False, stops)
+    assert len({len(c) for c in eager[0]}) > 1  # rows stop at several steps
+    assert sample(True, stops) == eager
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=50.0)
+    model(torch.tensor([prompts[0] * 3])).logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.blocks[0].mlp.proj.weight.mul_(3.0)  # a base weight updated in place (full finetuning)
+    updated = sample(False, stops)
+    assert updated != eager
+    assert sample(True, stops) == updated
+    one_prompt = [rollout.sample_completions(model, prompts[:1], 4, 12, sampling, range(4), stops, compile, 8)[:2]
+                  for compile in (False, True)]  # a smaller batch: on the 8-row step, 4 rows idle
+    assert one_prompt[1] == one_prompt[0] == (updated[0][:4], updated[1][:4])
+    assert sources == ["eager", "eager", "compiled", "eager", "loaded", "eager", "loaded"]
+    assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
+
+
+def test_a_policy_whose_step_does_not_export_decodes_eagerly_with_one_note(base, monkeypatch, tmp_path, capsys):
+    """A policy that does not export as one graph (AOTInductor's path gives up): its rollouts decode eagerly, the same
+    tokens, one note, and no export is tried again in the run."""
+    from litllm import compile_decode
+    from litllm.grpo import rollout
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    tries = []
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: tries.append(path))  # None
+    model = GPT.from_checkpoint(base)
+    prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
+    eager = rollout.sample_completions(model, prompts, 4, 6, sampling, range(8), [])[:2]
+    for _ in range(2):
+        assert rollout.sample_completions(model, prompts, 4, 6, sampling, range(8), [], True)[:2] == eager
+    assert len(tries) == 1
+    assert capsys.readouterr().err.count("does not export as one graph: the rollouts decode eagerly") == 1
+
+
+def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(monkeypatch):
+    """`--compile_rollouts`: as given, by default where the run's rollout tokens pay for compiling (or as
+    $LITLLM_COMPILE says); eager with more than one process, off the CPU or on a quantized base, with one note when
+    compiling was asked for."""
+    from types import SimpleNamespace
+
+    from litllm.compile_decode import COMPILE_ENV, PAYS_AFTER_TOKENS
+    from litllm.grpo.method import rollout_compile
+
+    notes = []
+
+    def fabric(world_size=1, device="cpu"):
+        return SimpleNamespace(world_size=world_size, device=torch.device(device), print=notes.append)
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    pays = PAYS_AFTER_TOKENS["cpu"]
+    assert rollout_compile(None, fabric(), False, pays) and rollout_compile(None, fabric(), False, None)
+    assert not rollout_compile(None, fabric(), False, pays - 1)
+    assert rollout_compile(True, fabric(), False, 1) and not rollout_compile(False, fabric(), False, 10 * pays)
+    assert not notes
+    assert not rollout_compile(None, fabric(world_size=2), False, None)  # not asked: no note
+    assert not notes
+    for fab, quantized, why in [(fabric(world_size=2), False, "more than one process"),
+                                (fabric(device="meta"), False, "on meta"), (fabric(), True, "quantized")]:
+        assert not rollout_compile(True, fab, quantized, None)
+        note = notes.pop()
+        assert not notes and note.startswith("note: --compile_rollouts: the rollouts decode eagerly") and why in note
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert not rollout_compile(None, fabric(), False, 10 * pays)
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert rollout_compile(None, fabric(), False, 1)
+    assert not rollout_compile(None, fabric(world_size=2), False, None) and "more than one process" in notes.pop()
+
+
 # ---------------------------------------------------------------------- each prompt scored once per group
 @pytest.mark.parametrize("overrides, checkpointed", [
     ({}, False),
@@ -375,6 +480,32 @@ def test_resume_between_iterations_is_bit_exact(runs, base, prompts_file, reward
         if (straight_out / "final" / file).is_file():
             a, b = load_file(str(resumed_out / "final" / file)), load_file(str(straight_out / "final" / file))
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+@pytest.mark.slow  # compiles the tiny model's decode step for the train and validation rollouts: ~1-2 min here
+def test_a_run_on_compiled_rollouts_equals_the_eager_run_and_resumes_bit_exact(runs, base, prompts_file, reward_file,
+                                                                               tmp_path, monkeypatch):
+    """Full finetuning with `--compile_rollouts true`: the rollouts decode on the saved compiled step with the
+    weights the optimizer updated, so every step's loss and the final weights equal the eager run's bit for bit (the
+    loss is computed eagerly from the same tokens); resumed from step 3 (the saved steps loaded), too."""
+    from litllm.compile_decode import STEPS_FOLDER
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    straight_out, straight = runs["full"]
+    kwargs = _kwargs(prompts_file, reward_file, "full", compile_rollouts=True, **RUNS["full"])
+    for name, resume in (("compiled", None), ("resumed", "auto")):
+        out = tmp_path / name
+        out.mkdir()
+        if resume:
+            shutil.copytree(tmp_path / "compiled" / "step-00000003", out / "step-00000003")
+        result = finetune_grpo(base, out_dir=out, **({"resume": resume} if resume else {}), **kwargs)
+        assert list(cache.glob(f"{STEPS_FOLDER}/*/*.pt2"))  # it decoded on a saved compiled step
+        assert result.step == straight.step
+        assert all(result.losses[step] == straight.losses[step] for step in range(4 if resume else 1, 7))
+        a = load_file(str(out / "final" / "lit_model.safetensors"))
+        b = load_file(str(straight_out / "final" / "lit_model.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_qlora_samples_through_the_quantized_base(base, prompts_file, reward_file, tmp_path):

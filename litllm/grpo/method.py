@@ -93,6 +93,8 @@ class GRPOLoss:
         self.window_info: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # of a window sampled at once
         self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         self.last_samples: list[dict[str, Any]] = []  # the latest validation rollout's first completions
+        self.compile_rollouts = False  # decode on a compiled step (`rollout_compile`), set by `grpo_method`
+        self.rollout_rows = 0  # the most rows a rollout had: a smaller one decodes on the compiled step of as many
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int):
         split = "train" if model.training else "val"
@@ -150,9 +152,11 @@ class GRPOLoss:
         prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"].tolist())]
         seeds = [completion_seed(self.run_seed, split, epoch, i, g) for i in indices for g in range(s.num_generations)]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+        self.rollout_rows = max(self.rollout_rows, len(prompts) * s.num_generations)
         with whole_weights(inner_module(model)) as module:  # FSDP: decode on whole weights, no collectives
             completions, truncated, seconds = sample_completions(module, prompts, s.num_generations,
-                                                                 s.max_new_tokens, sampling, seeds, self.stop_token_ids)
+                                                                 s.max_new_tokens, sampling, seeds, self.stop_token_ids,
+                                                                 self.compile_rollouts, self.rollout_rows)
         rewards, texts = self.score(split, indices, completions)
         total = combine(rewards, self.weights)
         advantages, _ = group_advantages(total, s.num_generations, s.scale_rewards)
@@ -226,11 +230,33 @@ def sample_logger(loss: GRPOLoss, out_dir: Path) -> Callable[[Any, nn.Module, in
     return after_validation
 
 
+def rollout_compile(asked: Optional[bool], fabric, quantized: bool, tokens: Optional[int]) -> bool:
+    """Do the rollouts decode on a compiled step? `asked` (`--compile_rollouts`; None: where it pays for a run
+    sampling `tokens` rollout tokens, None: unknown, or as $LITLLM_COMPILE says: `should_compile`) on the CPU in one
+    process with unquantized weights; else eager, with a one-line note when compiling was asked for."""
+    from litllm.compile_decode import env_compile, should_compile
+
+    if fabric.world_size > 1:
+        why = "with more than one process (DDP/FSDP)"
+    elif fabric.device.type != "cpu":
+        why = f"on {fabric.device.type} (a compiled rollout step is CPU-only for now)"
+    elif quantized:
+        why = "of a quantized base (QLoRA)"
+    else:
+        return should_compile(asked, fabric.device, tokens)
+    if asked or (asked is None and env_compile()):
+        fabric.print(f"note: --compile_rollouts: the rollouts decode eagerly {why}")
+    return False
+
+
 def grpo_method(method, settings: GRPOSettings, rewards: Sequence[Reward], fabric, data, tokenizer, style, *,
-                checkpoint_dir: Path, out_dir: Path, seed: int, accumulation: int, compute_dtype: torch.dtype):
+                checkpoint_dir: Path, out_dir: Path, seed: int, accumulation: int, compute_dtype: torch.dtype,
+                quantized: bool = False, rollout_tokens: Optional[int] = None):
     """`method` (LoRA, QLoRA or full finetuning) with GRPO's loss and its reference: none (beta 0), the same model
     with its LoRA switched off (LoRA), or a frozen copy of the initial model in `checkpoint_dir` (full); and the
-    `Prompts` data module told the run's shape (`accumulation`: micro-batches per optimizer step on a rank)."""
+    `Prompts` data module told the run's shape (`accumulation`: micro-batches per optimizer step on a rank).
+    `quantized`: a QLoRA base; `rollout_tokens`: what the run's rollouts sample at most (None: unknown), for
+    `--compile_rollouts`'s default (`rollout_compile`)."""
     from dataclasses import replace
 
     from litllm.data.prompts import Prompts
@@ -253,4 +279,5 @@ def grpo_method(method, settings: GRPOSettings, rewards: Sequence[Reward], fabri
             reference = frozen_reference(initial.requires_grad_(False), fabric.autocast)
     stops = default_stops(tokenizer, style)["stop_token_ids"]
     loss = GRPOLoss(settings, rewards, data, tokenizer, stops, reference, seed, buffer, gather=fabric.all_gather)
+    loss.compile_rollouts = rollout_compile(settings.compile_rollouts, fabric, quantized, rollout_tokens)
     return replace(method, name=f"grpo_{method.name}", loss=loss, after_validation=sample_logger(loss, out_dir))

@@ -10,12 +10,16 @@ The rollout engine (`RolloutEngine`) samples by inverse CDF: one uniform draw pe
 cumulative sum and search over the (rows, vocab) probabilities for all rows. `torch.multinomial` (the engine's
 default) draws one exponential per vocabulary entry per row, which was ~15% of a rollout's CPU time (vocabulary 8000).
 It runs the output head and the sampling on the rows still decoding only (a stopped completion's row leaves them).
+Where it pays (`--compile_rollouts`), the decode step is the saved compiled step of `litllm.compile_decode`, handed the
+policy's current tensors at each rollout (`rollout_engine`); the sampling stays eager.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Sequence
@@ -28,6 +32,9 @@ from litllm.engine import Engine, Request, Sampling, sampling_probs
 from litllm.errors import LitLLMError
 
 SEED_BYTES = 7
+MERGED_BUFFER = "merged_weight"
+COMPILED_AHEAD = ("loaded", "compiled")  # `Engine.step_source` of a saved AOTInductor step (litllm.compile_decode)
+_EAGER_ONLY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # policies whose step did not export
 
 
 def completion_seed(run_seed: int, split: str, epoch: int, index: int, completion: int) -> int:
@@ -83,7 +90,22 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 class RolloutEngine(Engine):
     """The decode engine, sampling with `inverse_cdf_sample` (one uniform per row from the row's generator). Every row of
     a rollout has the same sampling settings, temperature > 0, and no grammar. The output head and the sampling run on
-    the rows still decoding only: a rollout's rows all start at once and a finished row's slot stays free."""
+    the rows still decoding only: a rollout's rows all start at once and a finished row's slot stays free. Compiled
+    (a saved AOTInductor step), the head runs on every row and the running rows' logits are kept."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compile_seconds: Optional[float] = None
+        if self._compiled and self.step_source in COMPILED_AHEAD:  # it computes every row's logits (B, vocab): keep
+            # the running rows'
+            every_row = self._decode
+
+            def running_rows(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+                logits = every_row(tokens, pos, kv_len)  # (B, vocab)
+                live = [row is not None and row.decoding for row in self._rows]
+                return logits if all(live) else logits[torch.tensor(live, device=logits.device)]  # (R, vocab)
+
+            self._decode = running_rows
 
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         """(R, vocab) logits of the R rows still decoding, in slot order (the `running` rows of `step`)."""
@@ -131,7 +153,8 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
     and decode step instead of three. W, A and B are untouched (no in-place merge and un-merge, which would not
     restore W bit for bit) and a forward that records gradients runs the live adapters. The outputs equal the live
     layers' up to float rounding. A layer on a quantized base, or switched off (`disable_adapters`), stays live.
-    Costs one copy of the adapted Linears' weights (with q and v, the attention's fused qkv) for the block."""
+    Costs one copy of the adapted Linears' weights (with q and v, the attention's fused qkv) for the block; each
+    merged weight is the layer's buffer `merged_weight` (non-persistent) for the block."""
     from litllm.lora import LoRALinear
 
     patched = []
@@ -143,35 +166,74 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
             continue
         merged = (weight.detach().float() + module.delta_weight().to(weight.device)).to(weight.dtype)
         patched.append((module, module.__dict__.get("forward")))  # an instance's own forward (a wrapper's), if any
-        module.forward = _merged_forward(module.forward, merged, base.bias)
+        # a buffer of the module while merged: a compiled decode step takes it by name (`<layer>.merged_weight`),
+        # handed to it at load like the other weights (litllm.compile_decode)
+        module.register_buffer(MERGED_BUFFER, merged, persistent=False)
+        module.forward = _merged_forward(module)
     try:
         yield model
     finally:
         for module, own in patched:
+            delattr(module, MERGED_BUFFER)
             if own is None:
                 del module.forward  # the class's forward again
             else:
                 module.forward = own
 
 
-def _merged_forward(forward, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """`forward` while gradients are recorded, else the plain Linear of `weight` (out, in) and `bias`."""
+def _merged_forward(module: nn.Module):
+    """`module`'s forward while gradients are recorded, else the plain Linear of its merged weight (out, in) and
+    its base's bias; both read from the module at each call (as attributes: `torch.export` then knows them as the
+    module's buffer and parameter, not as constants of the graph)."""
+    forward = module.forward
 
     def merged_forward(x: torch.Tensor) -> torch.Tensor:
-        return forward(x) if torch.is_grad_enabled() else F.linear(x, weight, bias)
+        if torch.is_grad_enabled():
+            return forward(x)
+        return F.linear(x, getattr(module, MERGED_BUFFER), module.base.bias)
 
     return merged_forward
 
 
+def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int = 0) -> RolloutEngine:
+    """The `RolloutEngine` of one rollout (`rows` rows of `length` positions). With `compile` (CPU), its decode step
+    is the saved compiled step (`litllm.compile_decode`) of max(rows, `min_rows`) rows (a run's smaller last batch
+    decodes on its full batches' step, the extra rows idle) at the shortest saved KV-cache length that fits, else one
+    compiled now at `length` rounded up as `compiled_length` does (so rollouts of other prompt lengths share it) and
+    saved: it runs on the module's tensors as they are now (its weights, the merged LoRA buffers of `merged_lora`),
+    handed to the step when the engine is built, so each rollout decodes with the current policy.
+    `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager."""
+    from litllm.compile_decode import compiled_length, saved_step_length, unpack_weights
+
+    if not compile or module in _EAGER_ONLY:
+        return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
+    unpack_weights(module)
+    needed, rows = rows, max(rows, min_rows)
+    saved = saved_step_length(module, None, rows, length)
+    t0 = time.perf_counter()
+    engine = RolloutEngine(module, None, max_batch_size=rows, compile=True,
+                           max_seq_length=saved or compiled_length(length, module.max_seq_length))
+    if engine.step_source not in COMPILED_AHEAD:  # did not export as one graph (torch.compile's lazy path): eager
+        engine.close()
+        _EAGER_ONLY.add(module)  # for the rest of the run: no export tried again
+        print("note: the policy's decode step does not export as one graph: the rollouts decode eagerly",
+              file=sys.stderr)
+        return RolloutEngine(module, None, max_batch_size=needed, max_seq_length=length)
+    engine.compile_seconds = time.perf_counter() - t0
+    return engine
+
+
 def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
-                       sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[list[int]], list[bool], float]:
+                       sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int],
+                       compile: bool = False, min_rows: int = 0) -> tuple[list[list[int]], list[bool], float]:
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
     rows). The module decodes in eval mode (no dropout), its LoRA merged (`merged_lora`), and is put back in its mode
     afterwards; the engine's KV cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this
     call. The engine gets no tokenizer: the stops are token ids and the rewards decode the completions themselves, so
-    no token is detokenized here."""
+    no token is detokenized here. `compile`: decode on the compiled step of at least `min_rows` rows
+    (`rollout_engine`)."""
     rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
     length = max(len(r) for r in rows) + max_new_tokens
     was_training = module.training
@@ -180,8 +242,7 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with merged_lora(module), RolloutEngine(module, None, max_batch_size=len(rows),
-                                                max_seq_length=length) as engine:
+        with merged_lora(module), rollout_engine(module, len(rows), length, compile, min_rows) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
