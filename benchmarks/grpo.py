@@ -17,14 +17,14 @@ temperature 1, no top-k/top-p), LoRA r=8 on q and v (no dropout), beta 0 (no ref
   the same above the RSS measured before the model was loaded;
 - `--rounds` runs of each side, the order alternating (litllm, TRL, TRL, litllm, ...), and the litllm/TRL ratios of
   each round with their median and best: on a shared machine the load drifts between runs.
-- litllm's rollouts decode on the compiled decode step where it pays (`--compile_rollouts`, default as
-  `finetune_grpo` decides): the benchmark's own cache folder (`--workdir`/torch_compile), so its first litllm run
+- litllm's rollouts decode on the compiled decode step (`--compile_rollouts true`; `auto`: as `finetune_grpo`
+  decides, which for these 6 steps x 64 tokens is a saved step only, else eager): the benchmark's own cache folder (`--workdir`/torch_compile), so its first litllm run
   compiles the step (and saves it) and the later runs load it; the seconds this took and the first two steps' times
   (left out of the medians) are printed for every run.
 
     python benchmarks/grpo.py [--device cuda] [--steps 6] [--prompts 2] [--generations 4] [--new 64] [--layers 4]
         [--width 256] [--vocab 8000] [--rounds 2] [--threads N] [--sides litllm,trl] [--workdir /tmp/grpo-bench]
-        [--compile_rollouts auto|true|false]
+        [--compile_rollouts true|auto|false]
 
 On a CPU that other processes keep busy, pass `--threads 1`: each parallel region then waits for no descheduled
 thread (with two threads both sides ran 10-15x slower here than with one).
@@ -162,8 +162,8 @@ def main() -> None:
                         help="torch CPU threads of both sides (OMP_NUM_THREADS; default: torch's, one per core)")
     parser.add_argument("--sides", default="litllm,trl", help="of litllm, trl, litllm_eager")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--compile_rollouts", default="auto", choices=["auto", "true", "false"],
-                        help="litllm's --compile_rollouts (auto: its default, compiled where it pays)")
+    parser.add_argument("--compile_rollouts", default="true", choices=["auto", "true", "false"],
+                        help="litllm's --compile_rollouts (auto: its default: compiled where it pays, else a saved step)")
     args = parser.parse_args()
     sides = chosen_sides(parser, args.sides, LABELS)
 

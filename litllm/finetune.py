@@ -331,15 +331,15 @@ class GRPOJob(LoRAOrFull, FinetuneJob):
             method, self.grpo, self.rewards(), fabric, data, tokenizer, style, checkpoint_dir=self.checkpoint_dir,
             out_dir=out_dir, seed=self.run.seed, accumulation=self.train.gradient_accumulation_iters(fabric.world_size),
             compute_dtype=_dtypes(fabric)[1], quantized=self.bnb_mode() is not None,
-            rollout_tokens=self.rollout_tokens(),
+            rollout_steps=self.rollout_decode_steps(),
         )
 
-    def rollout_tokens(self) -> Optional[int]:
-        """The most tokens the run's training rollouts sample (None: no --train.max_steps)."""
-        steps, prompts = self.train.max_steps, self.train.global_batch_size
-        if steps is None or prompts is None:
+    def rollout_decode_steps(self) -> Optional[int]:
+        """How many decode steps the run's training rollouts take at least (None: no --train.max_steps): one
+        rollout per generation batch, of up to max_new_tokens steps, each for all its rows at once."""
+        if self.train.max_steps is None:
             return None
-        return -(-steps // self.grpo.num_iterations) * prompts * self.grpo.num_generations * self.grpo.max_new_tokens
+        return -(-self.train.max_steps // self.grpo.num_iterations) * self.grpo.max_new_tokens
 
 
 # ---------------------------------------------------------------------- the commands

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -206,13 +207,14 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     monkeypatch.setattr(rollout, "rollout_engine", spy)
     prompts, sampling = [[5, 9, 2, 7], [11, 3]], {"temperature": 1.0, "top_p": 1.0, "top_k": None}
 
-    def sample(compile: bool, stops=()):
+    def sample(compile: Optional[bool], stops=()):
         return rollout.sample_completions(model, prompts, 4, 12, sampling, range(8), list(stops), compile)[:2]
 
     unstopped = sample(False)[0]
     stops = [unstopped[0][3], unstopped[5][6]]
     eager = sample(False, stops)
     assert len({len(c) for c in eager[0]}) > 1  # rows stop at several steps
+    assert sample(None, stops) == eager  # None (where compiling doesn't pay): a saved step only, none yet
     assert sample(True, stops) == eager
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=50.0)
     model(torch.tensor([prompts[0] * 3])).logsumexp(-1).mean().backward()
@@ -222,10 +224,11 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     updated = sample(False, stops)
     assert updated != eager
     assert sample(True, stops) == updated
+    assert sample(None, stops) == updated  # now one is saved: loaded
     one_prompt = [rollout.sample_completions(model, prompts[:1], 4, 12, sampling, range(4), stops, compile, 8)[:2]
                   for compile in (False, True)]  # a smaller batch: on the 8-row step, 4 rows idle
     assert one_prompt[1] == one_prompt[0] == (updated[0][:4], updated[1][:4])
-    assert sources == ["eager", "eager", "compiled", "eager", "loaded", "eager", "loaded"]
+    assert sources == ["eager", "eager", "eager", "compiled", "eager", "loaded", "loaded", "eager", "loaded"]
     assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
 
 
@@ -249,7 +252,7 @@ def test_a_policy_whose_step_does_not_export_decodes_eagerly_with_one_note(base,
 
 
 def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(monkeypatch):
-    """`--compile_rollouts`: as given, by default where the run's rollout tokens pay for compiling (or as
+    """`--compile_rollouts`: as given, by default where the run's rollout decode steps pay for compiling (or as
     $LITLLM_COMPILE says); eager with more than one process, off the CPU or on a quantized base, with one note when
     compiling was asked for."""
     from types import SimpleNamespace
@@ -265,7 +268,7 @@ def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(m
     monkeypatch.delenv(COMPILE_ENV, raising=False)
     pays = PAYS_AFTER_TOKENS["cpu"]
     assert rollout_compile(None, fabric(), False, pays) and rollout_compile(None, fabric(), False, None)
-    assert not rollout_compile(None, fabric(), False, pays - 1)
+    assert rollout_compile(None, fabric(), False, pays - 1) is None  # where it doesn't pay: a saved step, if any
     assert rollout_compile(True, fabric(), False, 1) and not rollout_compile(False, fabric(), False, 10 * pays)
     assert not notes
     assert not rollout_compile(None, fabric(world_size=2), False, None)  # not asked: no note
@@ -276,7 +279,7 @@ def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(m
         note = notes.pop()
         assert not notes and note.startswith("note: --compile_rollouts: the rollouts decode eagerly") and why in note
     monkeypatch.setenv(COMPILE_ENV, "0")
-    assert not rollout_compile(None, fabric(), False, 10 * pays)
+    assert rollout_compile(None, fabric(), False, 10 * pays) is False
     monkeypatch.setenv(COMPILE_ENV, "1")
     assert rollout_compile(None, fabric(), False, 1)
     assert not rollout_compile(None, fabric(world_size=2), False, None) and "more than one process" in notes.pop()

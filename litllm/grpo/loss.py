@@ -64,7 +64,7 @@ class GRPOSettings:
     mask_truncated_completions: bool = False
     """Leave completions cut at `--max_new_tokens` out of the loss."""
     compile_rollouts: Optional[bool] = None
-    """Decode the rollouts on a compiled step, saved in ~/.cache/litllm/torch_compile and loaded by later runs (default: when it pays: a run that samples at least 512 rollout tokens on the CPU, or as $LITLLM_COMPILE says; false: never). CPU, one process, unquantized weights; else eager. (`--compile` compiles the training blocks.)"""
+    """Decode the rollouts on a compiled step, saved in ~/.cache/litllm/torch_compile and loaded by later runs (default: when it pays: a run of at least 512 rollout decode steps (--train.max_steps / --num_iterations x --max_new_tokens) on the CPU, or whenever a saved step fits, or as $LITLLM_COMPILE says; false: never). CPU, one process, unquantized weights; else eager. (`--compile` compiles the training blocks.)"""
 
     def validate(self) -> None:
         if self.num_generations < 2:

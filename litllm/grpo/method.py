@@ -93,7 +93,7 @@ class GRPOLoss:
         self.window_info: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # of a window sampled at once
         self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         self.last_samples: list[dict[str, Any]] = []  # the latest validation rollout's first completions
-        self.compile_rollouts = False  # decode on a compiled step (`rollout_compile`), set by `grpo_method`
+        self.compile_rollouts: Optional[bool] = False  # decode on a compiled step (`rollout_compile`)
         self.rollout_rows = 0  # the most rows a rollout had: a smaller one decodes on the compiled step of as many
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int):
@@ -230,10 +230,12 @@ def sample_logger(loss: GRPOLoss, out_dir: Path) -> Callable[[Any, nn.Module, in
     return after_validation
 
 
-def rollout_compile(asked: Optional[bool], fabric, quantized: bool, tokens: Optional[int]) -> bool:
-    """Do the rollouts decode on a compiled step? `asked` (`--compile_rollouts`; None: where it pays for a run
-    sampling `tokens` rollout tokens, None: unknown, or as $LITLLM_COMPILE says: `should_compile`) on the CPU in one
-    process with unquantized weights; else eager, with a one-line note when compiling was asked for."""
+def rollout_compile(asked: Optional[bool], fabric, quantized: bool, steps: Optional[int]) -> Optional[bool]:
+    """Do the rollouts decode on a compiled step? `asked` (`--compile_rollouts`; None: where it pays for a run of
+    `steps` rollout decode steps, None: unknown, or as $LITLLM_COMPILE says: `should_compile`; a rollout's rows share
+    each step, so what compiling saves scales with steps, not tokens) on the CPU in one process with unquantized
+    weights; else eager, with a one-line note when compiling was asked for. None: where it does not pay, a saved
+    step that fits is still used (loading one costs milliseconds: `rollout_engine`)."""
     from litllm.compile_decode import env_compile, should_compile
 
     if fabric.world_size > 1:
@@ -242,8 +244,10 @@ def rollout_compile(asked: Optional[bool], fabric, quantized: bool, tokens: Opti
         why = f"on {fabric.device.type} (a compiled rollout step is CPU-only for now)"
     elif quantized:
         why = "of a quantized base (QLoRA)"
+    elif should_compile(asked, fabric.device, steps):
+        return True
     else:
-        return should_compile(asked, fabric.device, tokens)
+        return None if asked is None and env_compile() is None else False
     if asked or (asked is None and env_compile()):
         fabric.print(f"note: --compile_rollouts: the rollouts decode eagerly {why}")
     return False
@@ -251,11 +255,11 @@ def rollout_compile(asked: Optional[bool], fabric, quantized: bool, tokens: Opti
 
 def grpo_method(method, settings: GRPOSettings, rewards: Sequence[Reward], fabric, data, tokenizer, style, *,
                 checkpoint_dir: Path, out_dir: Path, seed: int, accumulation: int, compute_dtype: torch.dtype,
-                quantized: bool = False, rollout_tokens: Optional[int] = None):
+                quantized: bool = False, rollout_steps: Optional[int] = None):
     """`method` (LoRA, QLoRA or full finetuning) with GRPO's loss and its reference: none (beta 0), the same model
     with its LoRA switched off (LoRA), or a frozen copy of the initial model in `checkpoint_dir` (full); and the
     `Prompts` data module told the run's shape (`accumulation`: micro-batches per optimizer step on a rank).
-    `quantized`: a QLoRA base; `rollout_tokens`: what the run's rollouts sample at most (None: unknown), for
+    `quantized`: a QLoRA base; `rollout_steps`: the run's rollout decode steps (None: unknown), for
     `--compile_rollouts`'s default (`rollout_compile`)."""
     from dataclasses import replace
 
@@ -279,5 +283,5 @@ def grpo_method(method, settings: GRPOSettings, rewards: Sequence[Reward], fabri
             reference = frozen_reference(initial.requires_grad_(False), fabric.autocast)
     stops = default_stops(tokenizer, style)["stop_token_ids"]
     loss = GRPOLoss(settings, rewards, data, tokenizer, stops, reference, seed, buffer, gather=fabric.all_gather)
-    loss.compile_rollouts = rollout_compile(settings.compile_rollouts, fabric, quantized, rollout_tokens)
+    loss.compile_rollouts = rollout_compile(settings.compile_rollouts, fabric, quantized, rollout_steps)
     return replace(method, name=f"grpo_{method.name}", loss=loss, after_validation=sample_logger(loss, out_dir))

@@ -195,8 +195,9 @@ def _merged_forward(module: nn.Module):
     return merged_forward
 
 
-def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int = 0) -> RolloutEngine:
-    """The `RolloutEngine` of one rollout (`rows` rows of `length` positions). With `compile` (CPU), its decode step
+def rollout_engine(module, rows: int, length: int, compile: Optional[bool], min_rows: int = 0) -> RolloutEngine:
+    """The `RolloutEngine` of one rollout (`rows` rows of `length` positions). With `compile` (CPU; None: only
+    where a saved step fits, none is compiled), its decode step
     is the saved compiled step (`litllm.compile_decode`) of max(rows, `min_rows`) rows (a run's smaller last batch
     decodes on its full batches' step, the extra rows idle) at the shortest saved KV-cache length that fits, else one
     compiled now at `length` rounded up as `compiled_length` does (so rollouts of other prompt lengths share it) and
@@ -205,11 +206,13 @@ def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int 
     `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager."""
     from litllm.compile_decode import compiled_length, saved_step_length, unpack_weights
 
-    if not compile or module in _EAGER_ONLY:
+    if compile is False or module in _EAGER_ONLY:
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
     unpack_weights(module)
     needed, rows = rows, max(rows, min_rows)
     saved = saved_step_length(module, None, rows, length)
+    if compile is None and saved is None:
+        return RolloutEngine(module, None, max_batch_size=needed, max_seq_length=length)
     t0 = time.perf_counter()
     engine = RolloutEngine(module, None, max_batch_size=rows, compile=True,
                            max_seq_length=saved or compiled_length(length, module.max_seq_length))
@@ -225,7 +228,7 @@ def rollout_engine(module, rows: int, length: int, compile: bool, min_rows: int 
 
 def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations: int, max_new_tokens: int,
                        sampling: dict, seeds: Sequence[int], stop_token_ids: Sequence[int],
-                       compile: bool = False, min_rows: int = 0) -> tuple[list[list[int]], list[bool], float]:
+                       compile: Optional[bool] = False, min_rows: int = 0) -> tuple[list[list[int]], list[bool], float]:
     """(completion token ids (prompts x G, stop token included), truncated flags, seconds) sampled on one Engine.
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
