@@ -267,20 +267,25 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         assert generate_ids(model, start, 32) == generate_ids(ref, start, 32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_cpu_kernel_matches_torchao(dtype):
-    """On the CPU torchao.int8wo is torch's `_weight_int8pack_mm` layer; it computes what torchao's own int8 layer does."""
+def beside_torchao(mode: str, config: str, dtype: torch.dtype):
+    """(a Linear, litllm's `mode` layer of it on the CPU, torchao's own layer of it under `config`, an input)."""
     pytest.importorskip("torchao")
     from litllm.quantize import _torchao_quantization
 
     linear = nn.Linear(112, 64).to(dtype)  # 112: no multiple of 8, 16 or 32
-    ours = quantize_linear(linear, "torchao.int8wo", "cpu")
-    assert type(ours) is Int8PackedLinear and ours.weight.dtype == torch.int8
+    ours = quantize_linear(linear, mode, "cpu")
     theirs = nn.Linear(112, 64).to(dtype)
     theirs.load_state_dict(linear.state_dict())
     ao = _torchao_quantization()
-    ao.quantize_(theirs, ao.Int8WeightOnlyConfig(set_inductor_config=False))
-    x = torch.randn(2, 5, 112, dtype=dtype)  # (B, T, C): any leading shape
+    ao.quantize_(theirs, getattr(ao, config)(set_inductor_config=False))
+    return linear, ours, theirs, torch.randn(2, 5, 112, dtype=dtype)  # (B, T, C): any leading shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cpu_kernel_matches_torchao(dtype):
+    """On the CPU torchao.int8wo is torch's `_weight_int8pack_mm` layer; it computes what torchao's own int8 layer does."""
+    linear, ours, theirs, x = beside_torchao("torchao.int8wo", "Int8WeightOnlyConfig", dtype)
+    assert type(ours) is Int8PackedLinear and ours.weight.dtype == torch.int8
     with torch.no_grad():
         out, expected = ours(x), theirs(x)
     assert out.shape == (2, 5, 64) and out.dtype == dtype
@@ -292,17 +297,10 @@ def test_int8_cpu_kernel_matches_torchao(dtype):
 def test_int8_dynamic_matches_torchao(dtype):
     """On the CPU torchao.int8dq is torch's fbgemm `quantized::linear_dynamic` on torchao's int8 weights; it computes
     what torchao's own W8A8-dynamic layer does (up to the activations' 7 bits vs its 8), also compiled."""
-    pytest.importorskip("torchao")
-    from litllm.quantize import Int8DynamicLinear, _torchao_quantization
+    from litllm.quantize import Int8DynamicLinear
 
-    linear = nn.Linear(112, 64).to(dtype)  # 112: no multiple of 8, 16 or 32
-    ours = quantize_linear(linear, "torchao.int8dq", "cpu")
+    linear, ours, theirs, x = beside_torchao("torchao.int8dq", "Int8DynamicActivationInt8WeightConfig", dtype)
     assert type(ours) is Int8DynamicLinear and is_quantized(ours)
-    theirs = nn.Linear(112, 64).to(dtype)
-    theirs.load_state_dict(linear.state_dict())
-    ao = _torchao_quantization()
-    ao.quantize_(theirs, ao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
-    x = torch.randn(2, 5, 112, dtype=dtype)  # (B, T, C): any leading shape
     with torch.no_grad():
         out, expected, exact = ours(x), theirs(x), linear(x)
         compiled = torch.compile(ours, fullgraph=True, dynamic=False)(x)  # an opaque op: no graph break
