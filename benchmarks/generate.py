@@ -188,7 +188,9 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, f
             t0, c0 = time.perf_counter(), children_cpu()
             proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
                                    "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
-                                  env=env, check=True, capture_output=True, text=True)
+                                  env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"the run '{name}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             times[name].append((time.perf_counter() - t0, children_cpu() - c0))
             if ("loads it" in name) != ("Loaded the saved compiled decode step" in proc.stderr):
                 print(f"warning: the run '{name}' did {'not ' * ('loads it' in name)}load a saved step")

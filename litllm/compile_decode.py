@@ -321,12 +321,12 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
     from litllm.utils import atomic_path
 
     try:
-        with torch.no_grad():
-            program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
         package = io.BytesIO()
         configs = {**CPU_COMPILE_OPTIONS, "aot_inductor.package_constants_in_so": False,  # weights: at load
                    "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
-        torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
+        with torch.no_grad():  # an inference step: no autograd graph to trace
+            program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
     except Exception:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
         return None
     try:

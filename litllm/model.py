@@ -8,7 +8,7 @@ hs head size, C = n_embd.
 from __future__ import annotations
 
 import math
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -562,7 +562,7 @@ def softmax_with_sinks(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> t
     """fp32 softmax over the last dim of scores (..., nh-shaped dims, L); with sinks (shaped to broadcast against
     scores[..., :1], one per head), each row's denominator also holds exp(sink), which no value stands behind."""
     if sinks is None:
-        return scores.softmax(-1) if scores.dtype == torch.float32 else torch.softmax(scores, -1, dtype=torch.float32)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
     scores = scores.float()
     sink = sinks.float()[..., None].expand(*scores.shape[:-1], 1)
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
@@ -632,27 +632,17 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
     # costs a few more ops, which is what a one-token step spends its time on beside the weights
     q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
-    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2))
-    scores = scores.mul_(cpu_scalar(scale) if scores.dtype == torch.float32 else scale).view(B, nkv, nh // nkv, L)
+    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2)).mul_(scale).view(B, nkv, nh // nkv, L)
     if logit_softcap is not None:
         scores = softcap(scores, logit_softcap)
     if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
-        scores = torch.where(mask, scores, cpu_scalar(torch.finfo(scores.dtype).min, scores.dtype))
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
     head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
     probs = softmax_with_sinks(scores, head_sinks)  # (B, nkv, n_rep, L) fp32
     if probs.dtype != q.dtype:
         probs = probs.to(q.dtype)
     y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
     return y.view(B, nh, 1, v.size(-1))
-
-
-@lru_cache(maxsize=None)
-def cpu_scalar(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 0-dim CPU tensor of `value`, made once and only read. An op given a Python float wraps it in a tensor and
-    casts it on every call (4 more aten ops under it), which the small ops of a one-token decode step notice;
-    the values are the same (the float is rounded to `dtype` either way)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.tensor(value, dtype=dtype)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -1009,8 +999,8 @@ class RMSNorm(nn.Module):
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
                     # one-token decode step each op after a weight-streaming matmul runs with cold caches (mean = sum, div_)
-                    n, eps = cpu_scalar(float(x.size(-1))), cpu_scalar(self.eps)  # (x * x is what square runs)
-                    inv_rms = torch.mul(x, x).sum(-1, keepdim=True).div_(n).add_(eps).rsqrt_()  # (..., 1)
+                    # (mean on the CPU is sum then div_, one call instead of two)
+                    inv_rms = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # (..., 1)
                     return torch.mul(x, inv_rms).mul_(self.weight)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on GPUs and compiled
         dtype = x.dtype

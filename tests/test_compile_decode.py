@@ -151,6 +151,24 @@ def test_default_compiled_decode_equals_eager_and_second_process_loads_the_saved
 
 
 @pytest.mark.slow
+def test_a_process_that_takes_recorded_choices_compiles_a_new_step(saved_step, tiny_checkpoint, tmp_path):
+    # the choices recorded by the first process spare this one the timing runs, so the first forward of its model
+    # is the one torch.export traces: nothing it computes may stay behind for the eager steps (a cached scalar
+    # tensor once did: made under the trace, a fake tensor, which the eager prefill then failed on)
+    import shutil
+
+    cache, eager = tmp_path / "cache", saved_step[1]
+    shutil.copytree(saved_step[0], cache, ignore=shutil.ignore_patterns(STEPS_FOLDER))
+    assert (cache / CHOICES_FILE).is_file()
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), COMPILE_ENV: "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Compiled the decode step" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens"][2:] == eager
+
+
+@pytest.mark.slow
 def test_a_saved_step_takes_the_weights_of_the_model_it_runs(saved_step, tmp_path, monkeypatch):
     # another checkpoint of the same shapes (other weights): it finds and loads the saved step, which reads the
     # weights from the model it is given (they are not saved in it), so it decodes what this model decodes eagerly
