@@ -76,6 +76,7 @@ class GPT(nn.Module):
         document_ids: Optional[torch.Tensor] = None,
         ignore_index: int = -100,
         logits_to_keep: Optional[int] = None,
+        attention_masks: Optional[dict[bool, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Training and scoring: logits `(B, T, padded_vocab)`, or the mean cross-entropy when `targets` is given.
 
@@ -89,8 +90,10 @@ class GPT(nn.Module):
             restarting at each document with it, and the row computes what each sample computes alone.
         targets: (B, T) the next token of each position (`ignore_index`: no loss).
         logits_to_keep: return the logits of the last this many positions only, (B, logits_to_keep, padded_vocab).
+        attention_masks: {is a local layer: (B, 1, T, T) bool, True = attend} in place of the masks the arguments
+            above make, for layouts they can't say (GRPO's prompt shared by its completions: `litllm.grpo.prefix`).
         """
-        x = self._hidden_states(idx, input_pos, key_padding_mask, document_ids, kv_len=None)
+        x = self._hidden_states(idx, input_pos, key_padding_mask, document_ids, kv_len=None, masks=attention_masks)
         if targets is None:
             return self._logits(x, logits_to_keep)
         c = self.config
@@ -144,6 +147,7 @@ class GPT(nn.Module):
         key_padding_mask: Optional[torch.Tensor],
         document_ids: Optional[torch.Tensor],
         kv_len: Optional[int],
+        masks: Optional[dict[bool, Optional[torch.Tensor]]] = None,
     ) -> torch.Tensor:
         """Embed `idx` and run every block: the last hidden states (B, T, C), before the final norm."""
         B, T = idx.shape
@@ -157,7 +161,9 @@ class GPT(nn.Module):
         rope, rope_local = self._rope(positions)
         if cached and document_ids is not None:
             raise ValueError("document_ids (packed rows) are for training and scoring, not for a KV cache")
-        masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len, document_ids)
+        if masks is None:
+            masks = self._attention_masks(T, idx.device, input_pos if cached else None, key_padding_mask, kv_len,
+                                          document_ids)
 
         x = self.wte(idx)  # (B, T, C)
         if c.scale_embeddings:

@@ -14,22 +14,10 @@ short prompt on a narrow model the row-by-row pass is cheaper: `worth_sharing` c
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
-
-
-@contextmanager
-def fixed_attention_masks(gpt: nn.Module, masks: dict[bool, torch.Tensor]) -> Iterator[None]:
-    """Inside the block, `gpt`'s forwards attend with `masks` ({is a local layer: (B, 1, T, T) bool}) instead of the
-    causal ones. The masks reach the blocks as arguments, so activation checkpointing's recomputation uses them too."""
-    gpt._attention_masks = lambda *args, **kwargs: masks
-    try:
-        yield
-    finally:
-        del gpt._attention_masks  # the class's method again
 
 
 def _layout(completion_mask: torch.Tensor, prompt_lens: torch.Tensor, G: int):
@@ -108,8 +96,8 @@ def shared_prompt_logps(model: nn.Module, gpt: nn.Module, input_ids: torch.Tenso
     c = gpt.config
     ids, positions, masks, keep, source, targets = packed_groups(input_ids, completion_mask, prompt_lens, G,
                                                         c.sliding_window_size, c.attention_chunk_size)
-    with fixed_attention_masks(gpt, masks), head_only_at(gpt, keep):
-        logits = model(ids, input_pos=positions)  # (1, K, V)
+    with head_only_at(gpt, keep):  # (the masks reach the blocks as arguments: checkpointing recomputes with them)
+        logits = model(ids, input_pos=positions, attention_masks=masks)  # (1, K, V)
     if temperature != 1.0:
         logits = logits / temperature
     logps = torch.log_softmax(logits[0].float(), dim=-1)  # (K, V): K < M, the G first tokens share a row
