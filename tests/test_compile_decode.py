@@ -173,7 +173,7 @@ def test_a_saved_step_takes_the_weights_of_the_model_it_runs(saved_step, tmp_pat
     # another checkpoint of the same shapes (other weights): it finds and loads the saved step, which reads the
     # weights from the model it is given (they are not saved in it), so it decodes what this model decodes eagerly
     from conftest import make_converted_checkpoint
-    from litllm.engine import Engine, Request
+    from litllm.engine import Engine
     from litllm.generate import decode_engine
     from litllm.inference import load_for_decoding
     from litllm.tokenizer import Tokenizer
