@@ -87,12 +87,22 @@ def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layou
         optimize_for_decoding(GPT.from_checkpoint(folder), layout="diagonal")
 
 
+def skip_unless_layout_runs(layout: str, dtype: torch.dtype) -> None:
+    """Skip where this CPU can't run `layout` in `dtype` (oneDNN's bf16 kernels need AVX-512: not on AVX2-only
+    hosts), as `optimize_for_decoding` would refuse it there with a clear error."""
+    from litllm.inference import _layout_works
+
+    if not _layout_works(layout, torch.nn.Linear(64, 64, dtype=dtype)):
+        pytest.skip(f"the {layout} layout does not run in {dtype} on this CPU")
+
+
 @pytest.mark.parametrize("layout", ["column-major", "onednn-packed"])
 def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     """bf16 weights take the decode layouts too (`litllm generate`'s default on CPUs with bf16 units): the
     logits stay those of the row-major bf16 model within bf16's rounding."""
     from litllm.inference import optimize_for_decoding
 
+    skip_unless_layout_runs(layout, torch.bfloat16)
     folder = family_checkpoints("llama")
     ids = Tokenizer(folder).encode(PROMPTS[2])[None]
     model = GPT.from_checkpoint(folder).to(torch.bfloat16).eval()
@@ -497,6 +507,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     from litllm.generate import decode_engine
     from litllm.inference import OneRowLinear, PackedLinear, optimize_for_decoding
 
+    skip_unless_layout_runs("onednn-packed", dtype)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
