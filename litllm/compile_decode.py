@@ -47,6 +47,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -177,6 +178,15 @@ def should_compile(compile: Optional[bool], device, tokens: Optional[int]) -> bo
         return from_env
     threshold = PAYS_AFTER_TOKENS.get(torch.device(device).type)
     return threshold is not None and (tokens is None or tokens >= threshold)
+
+
+def compile_choice(compile: Optional[bool], device, tokens: Optional[int]) -> Optional[bool]:
+    """How an engine's decode step is made (`step_engine`): True compiled (or loaded, when saved), as
+    `should_compile` says; False eager, nothing loaded (`compile` or `$LITLLM_COMPILE` false); None, the default
+    where compiling does not pay: a saved compiled step if one fits (loading one costs a few ms), else eager."""
+    if should_compile(compile, device, tokens):
+        return True
+    return None if compile is None and env_compile() is None else False
 
 
 def compiled_length(length: int, window: int) -> int:
@@ -365,6 +375,31 @@ def load_saved_step(engine) -> bool:
     if step is not None:
         engine._decode, engine._compiled, engine.step_source = _bind(step, engine), True, "loaded"
     return step is not None
+
+
+def step_engine(make: Callable, model, rows: int, length: int, threads: Optional[int], compile: Optional[bool], *,
+                exact: bool = False, min_rows: int = 0):
+    """The engine `make(rows, length, compiled)` builds for `rows` rows of `length` positions, its decode step made
+    as `compile` says (`compile_choice`): False, eager; None, the step saved for these shapes if one fits and loads
+    (`load_saved_step`; one that does not load leaves it eager, with a note), else eager; True, compiled ahead now
+    or loaded (`compile_engine_step`, through `make(..., True)`). A compiled or loaded step has max(rows,
+    `min_rows`) rows (a smaller batch decodes on a larger one's step, the extra rows idle) and the shortest saved
+    KV-cache length that fits (`saved_step_length`), else `length` rounded up to a shape other lengths share
+    (`compiled_length`) unless `exact`. `engine.compile_seconds`: what building the compiled step took (load or
+    compile; not set when eager)."""
+    saved = None if compile is False else saved_step_length(model, threads, max(rows, min_rows), length, exact=exact)
+    if compile is False or (compile is None and saved is None):
+        return make(rows, length, False)
+    unpack_weights(model)  # the compiled step takes the weights as plain Linears (saved steps are keyed so)
+    rows, t0 = max(rows, min_rows), time.perf_counter()
+    if compile is None:
+        engine = make(rows, saved, False)
+        if load_saved_step(engine):
+            engine.compile_seconds = time.perf_counter() - t0
+        return engine
+    engine = make(rows, saved or (length if exact else compiled_length(length, model.max_seq_length)), True)
+    engine.compile_seconds = time.perf_counter() - t0
+    return engine
 
 
 def _bind(step: Callable, engine) -> Callable:
