@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import compile_cache_dir, compile_choice, record_decode_choices, step_engine
+from litllm.compile_decode import (compile_cache_dir, compile_choice, eager_runs_pay, record_decode_choices,
+                                   settle_eager_tokens, step_engine)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -35,6 +36,10 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     if compile is None and spread:
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
     choice = compile_choice(compile, model.wte.weight.device, tokens)
+    counted = None  # short default runs whose eager tokens together pay for compiling: this one compiles
+    if choice is None and tokens is not None:
+        counted = eager_runs_pay(model, rows, max_seq_length, threads, tokens, exact_length)
+        choice = True if counted else None
 
     def make(rows: int, length: int, compiled: bool) -> Engine:
         return Engine(model, tokenizer, rows, length, threads=threads, compile=compiled, **engine_args)
@@ -47,6 +52,8 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     while engine.has_unfinished:
         engine.step()
     engine.compile_seconds += time.perf_counter() - t0
+    if counted:
+        settle_eager_tokens(counted, saved=engine.step_source != "torch.compile")
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` chose them
     if choices is not None and threads == choices["threads"] and model.wte.weight.device.type == "cpu":
         # the next load of this model here picks the same: the same kernels
@@ -69,7 +76,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or any run a saved compiled step fits; or as $LITLLM_COMPILE says; false: never)."""
+    """Compile the decode step, saved in ~/.cache/litllm/torch_compile: true: now; false: never, nor load a saved one; default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or, on the CPU, the run whose tokens bring those that earlier short runs of this model and shape decoded eagerly to 512 (a one-line note; it compiles once); a run that a saved compiled step fits loads it (ms); or as $LITLLM_COMPILE says."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None
