@@ -83,7 +83,8 @@ class LLM:
             this process is rank 0 and starts the others itself (see `litllm.parallel`). strategy="sequential"
             instead puts consecutive blocks on consecutive GPUs of this process.
         compile: compile the decode step with `torch.compile` (kernels cached in ~/.cache/litllm/torch_compile);
-            default: for calls that decode enough tokens for it to pay, or that a saved compiled step fits
+            default: for calls that decode enough tokens for it to pay, alone or with the eagerly decoded
+            tokens of earlier short calls and runs of this model and shape, or that a saved compiled step fits
             (`litllm.compile_decode`); False: never.
         """
         loaded = load_decoder(_resolve(model, Path(checkpoint_root), access_token), prompt_style,

@@ -1,12 +1,17 @@
 """Compiling the decode engine's step: when it pays, the saved compiled step (an AOTInductor package) that makes
 every later run start compiled, the compile caches, and CUDA graphs.
 
-- When (`should_compile`, `litllm.generate.decode_engine`): `--compile true/false` (`LLM(..., compile=...)`)
-  decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable (`0`/`false`, `1`/`true`) if
-  set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens (a compiled step decodes
-  1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead, but compiling costs 20-70 s
-  and more with an empty cache), so a first short `generate` stays eager. A saved step that fits (below) is used
-  by default whatever the token count: loading it costs a few ms.
+- When (`compile_choice`, `step_engine`, `litllm.generate.decode_engine`): `--compile true/false`
+  (`LLM(..., compile=...)`) decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable
+  (`0`/`false`, `1`/`true`) if set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens
+  (a compiled step decodes 1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead,
+  but compiling costs 20-70 s and more with an empty cache). A saved step that fits (below) is used by default
+  whatever the token count: loading it costs a few ms. Shorter default runs on the CPU amortise the compile over
+  runs (`eager_runs_pay`): while no saved step fits, each decodes eagerly and adds its tokens to
+  `EAGER_TOKENS_FILE` under its model and shape; the run that brings them to `PAYS_AFTER_TOKENS` compiles (a
+  one-line note) and saves the step, which every later run loads, i.e. the policy of renting until the rent paid
+  equals the price of buying: at most about twice the cost of the better choice in hindsight, whatever the
+  number of runs to come.
 - The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
   (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
   weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
@@ -47,6 +52,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -58,6 +64,10 @@ COMPILE_ENV = "LITLLM_COMPILE"
 CHOICES_FILE = "decode_choices.json"
 PAYS_AFTER_TOKENS = {"cpu": 512, "cuda": 128}
 """Tokens an engine must decode (over its life) before compiling its step pays, per device type."""
+EAGER_TOKENS_FILE = "eager_decode_tokens.json"
+"""Per model and engine shape, the tokens default runs decoded eagerly for want of a saved step (`eager_runs_pay`)."""
+UNSAVED = "unsaved"
+"""A model and shape whose compiled step could not be saved: its short runs stay eager (`settle_eager_tokens`)."""
 MIN_COMPILED_LENGTH = 256
 CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
 """inductor settings of the CPU step: a one-row matmul (`litllm.inference.OneRowLinear`'s reduction) reads its input
@@ -125,17 +135,32 @@ def decode_choices_key(model) -> str:
     return f"{_machine()}|{torch.get_num_threads()} threads|{device}|{_weights_digest(model)}"
 
 
-def _read_choices(path: Path) -> dict:
+def _read_record(path: Path) -> dict:
+    """One of litllm's JSON records beside the caches (`CHOICES_FILE`, `EAGER_TOKENS_FILE`) as a dict; {} when it
+    is absent, torn, foreign, or writable by another user (`_trusted`): a cache, so what it said is worked out
+    again."""
     try:
+        if not _trusted(path):
+            return {}
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent, or a torn/foreign file: a cache, so it is simply picked again
+    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def _write_record(path: Path, data: dict) -> None:
+    """Write a JSON record atomically, readable by all and writable by this user only (whatever the umask: a
+    group-writable record would not be read back, `_read_record`)."""
+    from litllm.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.chmod(0o644)
+
+
 def recorded_decode_choices(key: str) -> Optional[dict]:
     """`{"layout": ..., "threads": n}` that a compiled run recorded under `key` (`decode_choices_key`), or None."""
-    choice = _read_choices(compile_cache_dir() / CHOICES_FILE).get(key)
+    choice = _read_record(compile_cache_dir() / CHOICES_FILE).get(key)
     if isinstance(choice, dict) and isinstance(choice.get("layout"), str) and isinstance(choice.get("threads"), int):
         return choice
     return None
@@ -144,15 +169,12 @@ def recorded_decode_choices(key: str) -> Optional[dict]:
 def record_decode_choices(key: str, layout: str, threads: int) -> None:
     """Remember the weight layout and thread count a model (`decode_choices_key`, taken as loaded) decodes with
     here (see the module doc); written atomically."""
-    from litllm.utils import atomic_write_text
-
     path = compile_cache_dir() / CHOICES_FILE
-    choices = _read_choices(path)
+    choices = _read_record(path)
     if choices.get(key) == {"layout": layout, "threads": threads}:
         return
     choices[key] = {"layout": layout, "threads": threads}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(choices, indent=1, sort_keys=True))
+    _write_record(path, choices)
 
 
 def env_compile() -> Optional[bool]:
@@ -179,10 +201,84 @@ def should_compile(compile: Optional[bool], device, tokens: Optional[int]) -> bo
     return threshold is not None and (tokens is None or tokens >= threshold)
 
 
+def compile_choice(compile: Optional[bool], device, tokens: Optional[int]) -> Optional[bool]:
+    """How an engine's decode step is made (`step_engine`): True compiled (or loaded, when saved), as
+    `should_compile` says; False eager, nothing loaded (`compile` or `$LITLLM_COMPILE` false); None, the default
+    where compiling does not pay: a saved compiled step if one fits (loading one costs a few ms), else eager."""
+    if should_compile(compile, device, tokens):
+        return True
+    return None if compile is None and env_compile() is None else False
+
+
+def _config_repr(model) -> str:
+    return repr(sorted((k, v) for k, v in vars(model.config).items() if k not in ("name", "hf_config")))  # not names
+
+
+def _eager_key(model, rows: int, length: int) -> str:
+    """What the eager tokens of default runs count toward: the model as loaded (`decode_choices_key`: this CPU,
+    torch, the thread budget, the weights' names/shapes/dtypes; not the layout and thread count the loader picks by
+    timing, which may differ from run to run until a compiled run records them), its config, and the shape a
+    compiled step would have (rows x KV-cache length)."""
+    choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` keyed them, before the layout
+    loaded = choices["key"] if choices else decode_choices_key(model)
+    return hashlib.sha1(f"{loaded}|{_config_repr(model)}|{rows}x{length}".encode()).hexdigest()[:20]
+
+
+def eager_runs_pay(model, rows: int, length: int, threads: Optional[int], tokens: int,
+                   exact: bool = False) -> Optional[str]:
+    """Compiling amortised over runs: a default CPU run of `tokens` tokens (one too short to pay for compiling on
+    its own, `compile_choice` None) for which no saved step fits decodes eagerly, and its tokens are added to
+    `EAGER_TOKENS_FILE` under its model and shape (`_eager_key`); the run that brings them to `PAYS_AFTER_TOKENS`
+    compiles instead (its step is saved: later runs load it): returns the key to settle once it has
+    (`settle_eager_tokens`), after a one-line note saying so. None: decode as `compile_choice` None says (a saved
+    step, or eager, this run's tokens recorded). Where that compile could not be saved (`torch.compile`'s path),
+    no later run of the key compiles by this count."""
+    if model.wte.weight.device.type != "cpu" or saved_step_length(model, threads, rows, length, exact) is not None:
+        return None  # steps are saved on the CPU only; a saved one is loaded
+    key = _eager_key(model, rows, _step_length(model, length, exact))
+    ledger = _read_record(compile_cache_dir() / EAGER_TOKENS_FILE)
+    before = ledger.get(key, 0)
+    if before == UNSAVED:
+        return None
+    before = before if isinstance(before, int) and before > 0 else 0
+    threshold = PAYS_AFTER_TOKENS["cpu"]
+    if before + tokens >= threshold:
+        _note(f"compiling the decode step once for this model and shape ({before} tokens decoded eagerly by earlier "
+              f"runs + {tokens} now >= {threshold}): it takes ~10 s to a few minutes, and later runs load it in "
+              f"milliseconds; --compile false or {COMPILE_ENV}=0 opts out")
+        return key
+    _count(ledger, key, before + tokens)
+    return None
+
+
+def settle_eager_tokens(key: str, saved: bool) -> None:
+    """After the compile that `eager_runs_pay` asked for: its count goes (the step is saved, later runs load it),
+    or, where the step could not be saved, the key is marked so that no later run compiles by its count."""
+    _count(_read_record(compile_cache_dir() / EAGER_TOKENS_FILE), key, None if saved else UNSAVED)
+
+
+def _count(ledger: dict, key: str, value) -> None:
+    """`ledger` (`EAGER_TOKENS_FILE`) with `value` at `key` (None: without it), written."""
+    if value is None:
+        ledger.pop(key, None)
+    else:
+        ledger[key] = value
+    try:
+        _write_record(compile_cache_dir() / EAGER_TOKENS_FILE, ledger)
+    except LitLLMError:  # a read-only or full cache: uncounted, as without the file
+        pass
+
+
 def compiled_length(length: int, window: int) -> int:
     """The KV-cache length to compile for: `length` rounded up to a power of two (>= 256), at most `window`."""
     rounded = max(MIN_COMPILED_LENGTH, 1 << max(0, length - 1).bit_length())
     return max(length, min(rounded, window))
+
+
+def _step_length(model, length: int, exact: bool) -> int:
+    """The KV-cache length a step compiled now for `length` positions gets (none saved): `compiled_length`'s
+    unless `exact`."""
+    return length if exact else compiled_length(length, model.max_seq_length)
 
 
 def compile_step(step: Callable, device: torch.device, static_tensors=()) -> Callable:
@@ -211,8 +307,8 @@ def steps_folder(model, threads: Optional[int]) -> Path:
     torch threads live: `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the
     thread count, the device type, the model's config (less its name) and its weights' names/shapes/strides/dtypes/types."""
     threads = threads or torch.get_num_threads()
-    config = repr(sorted((k, v) for k, v in vars(model.config).items() if k not in ("name", "hf_config")))  # not names
-    key = (f"{_machine()}|{threads} threads|{model.wte.weight.device.type}|{config}|{_weights_digest(model, True)}"
+    key = (f"{_machine()}|{threads} threads|{model.wte.weight.device.type}|{_config_repr(model)}|"
+           f"{_weights_digest(model, True)}"
            f"|{CPU_COMPILE_OPTIONS}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
@@ -365,6 +461,31 @@ def load_saved_step(engine) -> bool:
     if step is not None:
         engine._decode, engine._compiled, engine.step_source = _bind(step, engine), True, "loaded"
     return step is not None
+
+
+def step_engine(make: Callable, model, rows: int, length: int, threads: Optional[int], compile: Optional[bool], *,
+                exact: bool = False, min_rows: int = 0):
+    """The engine `make(rows, length, compiled)` builds for `rows` rows of `length` positions, its decode step made
+    as `compile` says (`compile_choice`): False, eager; None, the step saved for these shapes if one fits and loads
+    (`load_saved_step`; one that does not load leaves it eager, with a note), else eager; True, compiled ahead now
+    or loaded (`compile_engine_step`, through `make(..., True)`). A compiled or loaded step has max(rows,
+    `min_rows`) rows (a smaller batch decodes on a larger one's step, the extra rows idle) and the shortest saved
+    KV-cache length that fits (`saved_step_length`), else `length` rounded up to a shape other lengths share
+    (`compiled_length`) unless `exact`. `engine.compile_seconds`: what building the compiled step took (load or
+    compile; not set when eager)."""
+    saved = None if compile is False else saved_step_length(model, threads, max(rows, min_rows), length, exact=exact)
+    if compile is False or (compile is None and saved is None):
+        return make(rows, length, False)
+    unpack_weights(model)  # the compiled step takes the weights as plain Linears (saved steps are keyed so)
+    rows, t0 = max(rows, min_rows), time.perf_counter()
+    if compile is None:
+        engine = make(rows, saved, False)
+        if load_saved_step(engine):
+            engine.compile_seconds = time.perf_counter() - t0
+        return engine
+    engine = make(rows, saved or _step_length(model, length, exact), True)
+    engine.compile_seconds = time.perf_counter() - t0
+    return engine
 
 
 def _bind(step: Callable, engine) -> Callable:

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import (compile_cache_dir, compiled_length, env_compile, load_saved_step,
-                                   record_decode_choices, saved_step_length, should_compile, unpack_weights)
+from litllm.compile_decode import (compile_cache_dir, compile_choice, eager_runs_pay, record_decode_choices,
+                                   settle_eager_tokens, step_engine)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -28,34 +28,34 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
                   **engine_args) -> Engine:
     """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
     tokens, `litllm.compile_decode.should_compile`, or whenever a saved compiled step fits, as loading one costs
-    a few ms). Compiled, its KV cache is the shortest saved length that fits (`saved_step_length`), else rounded
-    up to a shape other lengths share (`compiled_length`) unless `exact_length`, and the step compiles (or loads)
-    now, with a 2-token warm-up; the loader's weight layout and thread count are then recorded, so that the next
-    load of the model picks the same and finds its saved step (`litllm.compile_decode.record_decode_choices`)."""
+    a few ms: `compile_choice`, `step_engine`, which also say the KV-cache length of a compiled step; or, for a
+    shorter run on the CPU, where its tokens and those that earlier such runs decoded eagerly pay for it together:
+    `eager_runs_pay`). Compiled, the step compiles (or loads) now, with a 2-token warm-up; the loader's weight
+    layout and thread count are then
+    recorded, so that the next load of the model picks the same and finds its saved step
+    (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if compile is None and spread:
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-    saved = saved_step_length(model, threads, rows, max_seq_length, exact=exact_length)  # keyed as unpacked
-    if not should_compile(compile, model.wte.weight.device, tokens):
-        if saved is None or compile is not None or env_compile() is not None:  # none saved, or opted out
-            return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-        t0 = time.perf_counter()
-        unpack_weights(model)
-        engine = Engine(model, tokenizer, rows, saved, threads=threads, **engine_args)
-        if load_saved_step(engine):  # else (stale, torn...: a note) it decodes eagerly
-            engine.compile_seconds = time.perf_counter() - t0
+    choice = compile_choice(compile, model.wte.weight.device, tokens)
+    counted = None  # short default runs whose eager tokens together pay for compiling: this one compiles
+    if choice is None and tokens is not None:
+        counted = eager_runs_pay(model, rows, max_seq_length, threads, tokens, exact_length)
+        choice = True if counted else None
+
+    def make(rows: int, length: int, compiled: bool) -> Engine:
+        return Engine(model, tokenizer, rows, length, threads=threads, compile=compiled, **engine_args)
+
+    engine = step_engine(make, model, rows, max_seq_length, threads, choice, exact=exact_length)
+    if not choice:
         return engine
-    unpack_weights(model)  # the compiled step takes the weights as plain Linears
-    if saved is not None:
-        max_seq_length = saved
-    elif not exact_length:
-        max_seq_length = compiled_length(max_seq_length, model.max_seq_length)
     t0 = time.perf_counter()
-    engine = Engine(model, tokenizer, rows, max_seq_length, threads=threads, compile=True, **engine_args)
     engine.add(Request([0], 2))  # its second token runs the decode step: compiled, or loaded from the cache
     while engine.has_unfinished:
         engine.step()
-    engine.compile_seconds = time.perf_counter() - t0
+    engine.compile_seconds += time.perf_counter() - t0
+    if counted:
+        settle_eager_tokens(counted, saved=engine.step_source != "torch.compile")
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` chose them
     if choices is not None and threads == choices["threads"] and model.wte.weight.device.type == "cpu":
         # the next load of this model here picks the same: the same kernels
@@ -78,7 +78,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step with `torch.compile`, saved with its kernels in ~/.cache/litllm/torch_compile (default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or any run a saved compiled step fits; or as $LITLLM_COMPILE says; false: never)."""
+    """Compile the decode step, saved in ~/.cache/litllm/torch_compile: true: now; false: never, nor load a saved one; default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or, on the CPU, the run whose tokens bring those that earlier short runs of this model and shape decoded eagerly to 512 (a one-line note; it compiles once); a run that a saved compiled step fits loads it (ms); or as $LITLLM_COMPILE says."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None

@@ -262,3 +262,111 @@ def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
     assert saved_step_length(model, 1, 1, 40) is None  # another thread count: other kernels, another folder
     monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
     assert steps_folder(model, 2) != folder and saved_step_length(model, 2, 1, 40) is None
+
+
+# ---------------------------------------------------------------------- compiling amortised over short runs
+@pytest.fixture
+def fake_compile(monkeypatch, tmp_path):
+    """A fresh cache, the default `--compile`, a threshold of 30 tokens, and compiling ahead of time replaced by
+    the eager step (a file saved as the step, so that later runs find and "load" it): the policy without a
+    1-minute compile. Returns the ledger's path."""
+    from litllm import compile_decode
+
+    def load(path, engine):
+        return lambda tokens, pos: engine.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+
+    def compile_and_save(path, engine):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return load(path, engine)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    monkeypatch.setattr(compile_decode, "PAYS_AFTER_TOKENS", {"cpu": 30})
+    monkeypatch.setattr(compile_decode, "_load_step", load)
+    monkeypatch.setattr(compile_decode, "_compile_and_save", compile_and_save)
+    return tmp_path / compile_decode.EAGER_TOKENS_FILE
+
+
+def runs(model, threads, n: int, compile=None, tokens: int = 12, rows: int = 1) -> list[str]:
+    """How `n` runs of `tokens` tokens decode: "eager", or their step's source."""
+    from litllm.generate import decode_engine
+
+    sources = []
+    for _ in range(n):
+        with decode_engine(model, None, rows, 20, threads, compile, tokens) as engine:
+            sources.append(engine.step_source if engine._compiled else "eager")
+    return sources
+
+
+def test_short_runs_compile_once_their_eager_tokens_pay(tiny_checkpoint, fake_compile, capsys):
+    from litllm.inference import load_for_decoding
+
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert runs(model, threads, 2) == ["eager", "eager"]  # 12, then 24 tokens decoded eagerly (< 30)
+    assert list(json.loads(fake_compile.read_text()).values()) == [24] and not capsys.readouterr().err
+    assert runs(model, threads, 1, rows=2) == ["eager"]  # another shape counts apart
+    assert sorted(json.loads(fake_compile.read_text()).values()) == [12, 24]
+    assert runs(model, threads, 1) == ["compiled"]  # 24 + 12 >= 30: this one compiles, saying so in one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: compiling the decode step once") and "24 tokens" in err
+    assert "--compile false" in err and f"{COMPILE_ENV}=0" in err, err
+    assert list(json.loads(fake_compile.read_text()).values()) == [12]  # its count went with the compile
+    assert runs(model, threads, 3) == ["loaded"] * 3 and not capsys.readouterr().err  # later runs load it
+    assert list(json.loads(fake_compile.read_text()).values()) == [12]  # nothing counted while a step loads
+
+
+def test_the_generate_that_brings_the_count_to_the_threshold_compiles(tiny_checkpoint, fake_compile, capsys):
+    from litllm.generate import generate
+
+    answers = []
+    for _ in range(3):  # 16, then 16 + 16 >= 30 tokens: the second compiles; the third loads
+        generate(tiny_checkpoint, "Hello", max_new_tokens=16, temperature=0.0)
+        answers.append(capsys.readouterr())
+    assert answers[0].out == answers[1].out == answers[2].out  # (the fake compiled step is the eager one)
+    assert "decode step" not in answers[0].err
+    assert "note: compiling the decode step once" in answers[1].err and "Compiled the decode step" in answers[1].err
+    assert "note:" not in answers[2].err and "Loaded the saved compiled decode step" in answers[2].err
+
+
+def test_opted_out_runs_never_compile_nor_count(tiny_checkpoint, fake_compile, monkeypatch):
+    from litllm.inference import load_for_decoding
+
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert runs(model, threads, 4, compile=False) == ["eager"] * 4  # --compile false
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert runs(model, threads, 4) == ["eager"] * 4  # $LITLLM_COMPILE=0
+    assert not fake_compile.exists()
+    monkeypatch.delenv(COMPILE_ENV)
+    assert runs(model, threads, 1, compile=True) == ["compiled"]  # --compile true compiles at once, uncounted
+    assert not fake_compile.exists()
+
+
+def test_a_torn_or_foreign_ledger_is_ignored(tiny_checkpoint, fake_compile):
+    from litllm.inference import load_for_decoding
+
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    fake_compile.write_text("{not json")  # torn: counted from 0, and written whole again
+    assert runs(model, threads, 1) == ["eager"]
+    ((key, count),) = json.loads(fake_compile.read_text()).items()
+    assert count == 12
+    fake_compile.write_text(json.dumps({key: 10_000}))
+    fake_compile.chmod(0o666)  # writable by anyone: not read (it would have compiled)
+    assert runs(model, threads, 1) == ["eager"]
+    assert json.loads(fake_compile.read_text()) == {key: 12} and fake_compile.stat().st_mode & 0o777 == 0o644
+    fake_compile.write_text(json.dumps({key: "many"}))  # a count that is no count: 0
+    assert runs(model, threads, 1) == ["eager"] and json.loads(fake_compile.read_text()) == {key: 12}
+
+
+def test_a_step_that_could_not_be_saved_is_not_compiled_again_by_the_count(tiny_checkpoint, fake_compile,
+                                                                            monkeypatch):
+    # a model that does not export as one graph compiles lazily with torch.compile, unsaved: the next short run
+    # would pay the compile again, for its own few tokens only, so short runs of it stay eager
+    from litllm import compile_decode
+    from litllm.inference import load_for_decoding
+
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)
+    monkeypatch.setattr(compile_decode, "compile_step", lambda step, device, static=(): step)  # (no compile)
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert runs(model, threads, 5) == ["eager", "eager", "torch.compile", "eager", "eager"]
+    assert list(json.loads(fake_compile.read_text()).values()) == [compile_decode.UNSAVED]

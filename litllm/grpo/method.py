@@ -236,7 +236,7 @@ def rollout_compile(asked: Optional[bool], fabric, quantized: bool, steps: Optio
     each step, so what compiling saves scales with steps, not tokens) on the CPU in one process with unquantized
     weights; else eager, with a one-line note when compiling was asked for. None: where it does not pay, a saved
     step that fits is still used (loading one costs milliseconds: `rollout_engine`)."""
-    from litllm.compile_decode import env_compile, should_compile
+    from litllm.compile_decode import compile_choice, env_compile
 
     if fabric.world_size > 1:
         why = "with more than one process (DDP/FSDP)"
@@ -244,10 +244,8 @@ def rollout_compile(asked: Optional[bool], fabric, quantized: bool, steps: Optio
         why = f"on {fabric.device.type} (a compiled rollout step is CPU-only for now)"
     elif quantized:
         why = "of a quantized base (QLoRA)"
-    elif should_compile(asked, fabric.device, steps):
-        return True
     else:
-        return None if asked is None and env_compile() is None else False
+        return compile_choice(asked, fabric.device, steps)
     if asked or (asked is None and env_compile()):
         fabric.print(f"note: --compile_rollouts: the rollouts decode eagerly {why}")
     return False

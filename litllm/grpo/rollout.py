@@ -96,16 +96,6 @@ class RolloutEngine(Engine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.compile_seconds: Optional[float] = None
-        if self._compiled and self.step_source in COMPILED_AHEAD:  # it computes every row's logits (B, vocab): keep
-            # the running rows'
-            every_row = self._decode
-
-            def running_rows(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
-                logits = every_row(tokens, pos, kv_len)  # (B, vocab)
-                live = [row is not None and row.decoding for row in self._rows]
-                return logits if all(live) else logits[torch.tensor(live, device=logits.device)]  # (R, vocab)
-
-            self._decode = running_rows
 
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         """(R, vocab) logits of the R rows still decoding, in slot order (the `running` rows of `step`)."""
@@ -121,7 +111,10 @@ class RolloutEngine(Engine):
         return self._draw(logits, [(0, row)])[1][0]
 
     def _pick(self, logits: torch.Tensor, running: list) -> list[int]:
-        """The next token of every slot (B,) (0 for a free one), from the running rows' logits (R, vocab)."""
+        """The next token of every slot (B,) (0 for a free one), from the running rows' logits (R, vocab), or every
+        slot's (B, vocab), as a compiled step computes them, of which the running rows' are kept."""
+        if len(logits) != len(running):
+            logits = logits[torch.tensor([slot for slot, _ in running], device=logits.device)]  # (R, vocab)
         picked, drawn = self._draw(logits, running)
         if len(running) == self.max_batch_size:
             self._tokens.copy_(picked[:, None])
@@ -196,33 +189,28 @@ def _merged_forward(module: nn.Module):
 
 
 def rollout_engine(module, rows: int, length: int, compile: Optional[bool], min_rows: int = 0) -> RolloutEngine:
-    """The `RolloutEngine` of one rollout (`rows` rows of `length` positions). With `compile` (CPU; None: only
-    where a saved step fits, none is compiled), its decode step
-    is the saved compiled step (`litllm.compile_decode`) of max(rows, `min_rows`) rows (a run's smaller last batch
-    decodes on its full batches' step, the extra rows idle) at the shortest saved KV-cache length that fits, else one
-    compiled now at `length` rounded up as `compiled_length` does (so rollouts of other prompt lengths share it) and
-    saved: it runs on the module's tensors as they are now (its weights, the merged LoRA buffers of `merged_lora`),
-    handed to the step when the engine is built, so each rollout decodes with the current policy.
+    """The `RolloutEngine` of one rollout (`rows` rows of `length` positions), its decode step made by
+    `litllm.compile_decode.step_engine` as `compile` says (CPU; None: only where a saved step fits and loads, none is
+    compiled): the saved compiled step of max(rows, `min_rows`) rows (a run's smaller last batch decodes on its full
+    batches' step, the extra rows idle) at the shortest saved KV-cache length that fits, else one compiled now at
+    `length` rounded up as `compiled_length` does (so rollouts of other prompt lengths share it) and saved: it runs
+    on the module's tensors as they are now (its weights, the merged LoRA buffers of `merged_lora`), handed to the
+    step when the engine is built, so each rollout decodes with the current policy. A policy whose step does not
+    export as one graph decodes eagerly for the rest of the run (one note).
     `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager."""
-    from litllm.compile_decode import compiled_length, saved_step_length, unpack_weights
+    from litllm.compile_decode import step_engine
 
-    if compile is False or module in _EAGER_ONLY:
-        return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length)
-    unpack_weights(module)
-    needed, rows = rows, max(rows, min_rows)
-    saved = saved_step_length(module, None, rows, length)
-    if compile is None and saved is None:
-        return RolloutEngine(module, None, max_batch_size=needed, max_seq_length=length)
-    t0 = time.perf_counter()
-    engine = RolloutEngine(module, None, max_batch_size=rows, compile=True,
-                           max_seq_length=saved or compiled_length(length, module.max_seq_length))
-    if engine.step_source not in COMPILED_AHEAD:  # did not export as one graph (torch.compile's lazy path): eager
-        engine.close()
+    def make(rows: int, length: int, compiled: bool) -> RolloutEngine:
+        return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length, compile=compiled)
+
+    engine = step_engine(make, module, rows, length, None, False if module in _EAGER_ONLY else compile,
+                         min_rows=min_rows)
+    if engine._compiled and engine.step_source not in COMPILED_AHEAD:  # did not export as one graph
+        engine.close()  # (torch.compile's lazy path, which would compile each rollout's shapes): eager
         _EAGER_ONLY.add(module)  # for the rest of the run: no export tried again
         print("note: the policy's decode step does not export as one graph: the rollouts decode eagerly",
               file=sys.stderr)
-        return RolloutEngine(module, None, max_batch_size=needed, max_seq_length=length)
-    engine.compile_seconds = time.perf_counter() - t0
+        return make(rows, length, False)
     return engine
 
 
