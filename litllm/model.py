@@ -386,8 +386,8 @@ class CausalSelfAttention(nn.Module):
             # one token (decoding): rotate the query and key heads together, straight from the projection's output
             nh, nkv = c.n_head, c.n_query_groups
             heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
-            qk = apply_rope(heads[:, : nh + nkv], *rope[:2])
-            q, k, v = qk[:, :nh], qk[:, nh:], heads[:, nh + nkv:]
+            qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
+            q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
         else:
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)
             if c.norm_qk == "full":
@@ -567,8 +567,8 @@ def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap
 def softmax_with_sinks(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
     """fp32 softmax over the last dim of scores (..., nh-shaped dims, L); with sinks (shaped to broadcast against
     scores[..., :1], one per head), each row's denominator also holds exp(sink), which no value stands behind."""
-    if sinks is None:
-        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is None:  # (fp32 scores: no dtype argument, which costs a `to` op per call)
+        return scores.softmax(-1) if scores.dtype == torch.float32 else torch.softmax(scores, -1, dtype=torch.float32)
     scores = scores.float()
     sink = sinks.float()[..., None].expand(*scores.shape[:-1], 1)
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
@@ -632,23 +632,73 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     SDPA's CPU kernel always opens a parallel region; for a single query its fork/join costs more
     than the product itself, and stalls for a scheduler tick when the cores are busy. Query heads
     that share a key/value head are stacked as rows, so grouped-query attention needs no copy of k/v.
+    In an eager step over a short cache (`ONE_THREAD_ATTENTION_MAX`) the two `bmm`s and the softmax run on one
+    thread: each of them opens a parallel region otherwise, whose start costs more than their work (and waits
+    for a scheduler tick when another job holds a core); their results are the same on any thread count.
     """
     B, nh, _, hs = q.shape
     nkv, L = k.size(1), k.size(2)
-    # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
-    # costs a few more ops, which is what a one-token step spends its time on beside the weights
-    q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
-    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2)).mul_(scale).view(B, nkv, nh // nkv, L)
-    if logit_softcap is not None:
-        scores = softcap(scores, logit_softcap)
-    if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-    head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
-    probs = softmax_with_sinks(scores, head_sinks)  # (B, nkv, n_rep, L) fp32
-    if probs.dtype != q.dtype:
-        probs = probs.to(q.dtype)
-    y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+    threads = torch.get_num_threads()
+    one_thread = threads > 1 and k.numel() <= ONE_THREAD_ATTENTION_MAX and is_eager_cpu(q)
+    if one_thread:
+        torch.set_num_threads(1)
+    try:
+        # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
+        # costs a few more ops, which is what a one-token step spends its time on beside the weights
+        q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
+        if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
+            keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
+        else:
+            keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
+        scores = torch.bmm(q, keys_t)
+        scores = scores.mul_(eager_scalar(scale, scores)).view(B, nkv, nh // nkv, L)
+        if logit_softcap is not None:
+            scores = softcap(scores, logit_softcap)
+        if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
+            scores = torch.where(mask, scores, eager_scalar(torch.finfo(scores.dtype).min, scores, scores.dtype))
+        head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
+        probs = softmax_with_sinks(scores, head_sinks)  # (B, nkv, n_rep, L) fp32
+        if probs.dtype != q.dtype:
+            probs = probs.to(q.dtype)
+        y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+    finally:
+        if one_thread:
+            torch.set_num_threads(threads)
     return y.view(B, nh, 1, v.size(-1))
+
+
+ONE_THREAD_ATTENTION_MAX = 1 << 17
+"""Single-query attention runs on one thread in an eager CPU step while a row's cached keys of one layer are at most
+this many values (a 134M Llama: 170 positions; 512 KB of fp32 keys, which one core reads in tens of microseconds);
+longer caches read enough memory that a second core's bandwidth pays for the parallel region."""
+
+
+def is_eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ops on `x` run now on the CPU as they are called: a plain tensor outside torch.compile, not one that
+    torch.export or torch.compile traces (those are fake or functional tensor subclasses)."""
+    return type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+_EAGER_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def eager_scalar(value: float, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> float | torch.Tensor:
+    """`value` as a 0-dim CPU tensor of `dtype`, made once and only read, for an op on `like` in an eager CPU step
+    (`is_eager_cpu`); the float itself otherwise. An op given a Python float wraps it in a tensor and casts it on every
+    call (4 more aten ops under it), which the small ops of a one-token decode step notice; the values are the same
+    (a 0-dim float32 tensor is read as the float rounded to float32, also by a bfloat16 op's float math). Nothing made
+    under a trace is kept: one cached while torch.export traced the step was a fake tensor that later eager steps
+    failed on."""
+    if not is_eager_cpu(like):
+        return value
+    scalar = _EAGER_SCALARS.get((value, dtype))
+    if scalar is None:
+        with torch.inference_mode(False), torch.no_grad():
+            scalar = torch.tensor(value, dtype=dtype)
+        if type(scalar) is not torch.Tensor:  # made under a tracing mode
+            return value
+        _EAGER_SCALARS[(value, dtype)] = scalar
+    return scalar
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -1004,10 +1054,8 @@ class RMSNorm(nn.Module):
                     return RMSNormFunction.apply(x, self.weight, self.eps)
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
-                    # one-token decode step each op after a weight-streaming matmul runs with cold caches (mean = sum, div_)
-                    # (mean on the CPU is sum then div_, one call instead of two)
-                    inv_rms = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # (..., 1)
-                    return torch.mul(x, inv_rms).mul_(self.weight)
+                    # one-token decode step each op after a weight-streaming matmul runs with cold caches
+                    return torch.mul(x, inverse_rms(x, self.eps)).mul_(self.weight)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on GPUs and compiled
         dtype = x.dtype
         x = x.float()
@@ -1017,6 +1065,16 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+
+
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim of fp32 x, (..., 1), as F.rms_norm's CPU composite computes it.
+    CPU `mean` is `sum` then `div_` by the count: eager, that division and the `+ eps` are one `addcdiv` of 0-dim
+    tensors (eps + 1 * (sum / n): the same rounding, also where FMA fuses it), in place of two ops on Python floats."""
+    if is_eager_cpu(x):
+        n, eps_t = eager_scalar(float(x.size(-1)), x), eager_scalar(eps, x)
+        return eps_t.addcdiv(x.square().sum(-1, keepdim=True), n).rsqrt_()
+    return x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
 
 
 def build_norm(config: Config, size: int) -> nn.Module:
