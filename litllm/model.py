@@ -190,8 +190,9 @@ class GPT(nn.Module):
         # once per forward rather than once per layer: in the activations' dtype, and (B, 1, T, n) for per-row positions
         dtype = self.wte.weight.dtype if self.wte.weight.is_floating_point() else cos.dtype
 
-        def ready(t: torch.Tensor) -> torch.Tensor:
-            return (t[:, None] if t.dim() == 3 else t).to(dtype)
+        def ready(t: torch.Tensor) -> torch.Tensor:  # (no `to` op where the dtype is already right: one op less a step)
+            t = t[:, None] if t.dim() == 3 else t
+            return t if t.dtype == dtype else t.to(dtype)
 
         rope = (ready(cos), ready(sin))
         if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
@@ -650,17 +651,22 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
         else:
             keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
-        scores = torch.bmm(q, keys_t)
-        scores = scores.mul_(eager_scalar(scale, scores)).view(B, nkv, nh // nkv, L)
+        scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale, q))  # (B*nkv, n_rep, L)
+        if sinks is not None or (mask is not None and mask.size(0) > 1):  # per-row masks, per-head sinks
+            scores = scores.view(B, nkv, nh // nkv, L)
         if logit_softcap is not None:
             scores = softcap(scores, logit_softcap)
         if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
             scores = torch.where(mask, scores, eager_scalar(torch.finfo(scores.dtype).min, scores, scores.dtype))
         head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
-        probs = softmax_with_sinks(scores, head_sinks)  # (B, nkv, n_rep, L) fp32
+        # (B, nkv, n_rep, L) fp32; (B*nkv, n_rep, L), or (1, B*nkv, n_rep, L) after a mask of one row, without a
+        # view per layer where nothing needs the heads apart
+        probs = softmax_with_sinks(scores, head_sinks)
         if probs.dtype != q.dtype:
             probs = probs.to(q.dtype)
-        y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+        if probs.dim() != 3:
+            probs = probs.view(B * nkv, nh // nkv, L)
+        y = torch.bmm(probs, v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
     finally:
         if one_thread:
             torch.set_num_threads(threads)

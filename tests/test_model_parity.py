@@ -205,14 +205,16 @@ def test_single_query_attention_is_its_plain_ops_bit_for_bit(dtype, threads, mon
             rows = k.size(0)
             mask = torch.rand(rows, 1, 1, k.size(2)) < 0.7
             mask[..., 0] = True
-            for softcap_at, sinks in ((None, None), (5.0, None), (None, torch.randn(nh))):
+            settings = [(m, cap, sinks) for m in (mask, mask[:1]) for cap, sinks in
+                        ((None, None), (5.0, None), (None, torch.randn(nh)))]  # per-row and shared masks
+            for mask, softcap_at, sinks in settings:
                 args = (q[:rows], k, v, mask, 0.3, softcap_at, sinks)
                 calls.clear()
                 with torch.inference_mode():
                     got = single_query_attention(*args)
                 assert calls == ([1, threads] if threads > 1 and name != "long cache" else []), name
                 assert torch.get_num_threads() == threads
-                assert torch.equal(got, reference_single_query_attention(*args)), (name, softcap_at, sinks)
+                assert torch.equal(got, reference_single_query_attention(*args)), (name, mask.shape, softcap_at, sinks)
                 assert torch.equal(single_query_attention(*args[:3], None, *args[4:]),
                                    reference_single_query_attention(*args[:3], None, *args[4:])), name
     finally:
