@@ -639,8 +639,8 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     """
     B, nh, _, hs = q.shape
     nkv, L = k.size(1), k.size(2)
-    threads = torch.get_num_threads()
-    one_thread = threads > 1 and k.numel() <= ONE_THREAD_ATTENTION_MAX and is_eager_cpu(q)
+    # (is_eager_cpu first: nothing about threads is traced under torch.compile)
+    one_thread = is_eager_cpu(q) and k.numel() <= ONE_THREAD_ATTENTION_MAX and (threads := torch.get_num_threads()) > 1
     if one_thread:
         torch.set_num_threads(1)
     try:
@@ -693,8 +693,7 @@ def eager_scalar(value: float, like: torch.Tensor, dtype: torch.dtype = torch.fl
     (`is_eager_cpu`); the float itself otherwise. An op given a Python float wraps it in a tensor and casts it on every
     call (4 more aten ops under it), which the small ops of a one-token decode step notice; the values are the same
     (a 0-dim float32 tensor is read as the float rounded to float32, also by a bfloat16 op's float math). Nothing made
-    under a trace is kept: one cached while torch.export traced the step was a fake tensor that later eager steps
-    failed on."""
+    under a trace is kept (a fake tensor cached while torch.export traced the step would fail later eager steps)."""
     if not is_eager_cpu(like):
         return value
     scalar = _EAGER_SCALARS.get((value, dtype))
