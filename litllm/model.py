@@ -411,8 +411,9 @@ class CausalSelfAttention(nn.Module):
             scale_q = rope[2]
             q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
 
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
+        cache = self.kv_cache
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
 
         scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping, self.sinks)  # (B, nh, T, hs)
@@ -640,7 +641,8 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     B, nh, _, hs = q.shape
     nkv, L = k.size(1), k.size(2)
     # (is_eager_cpu first: nothing about threads is traced under torch.compile)
-    one_thread = is_eager_cpu(q) and k.numel() <= ONE_THREAD_ATTENTION_MAX and (threads := torch.get_num_threads()) > 1
+    eager = is_eager_cpu(q)
+    one_thread = eager and k.numel() <= ONE_THREAD_ATTENTION_MAX and (threads := torch.get_num_threads()) > 1
     if one_thread:
         torch.set_num_threads(1)
     try:
@@ -651,13 +653,14 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
         else:
             keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
-        scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale, q))  # (B*nkv, n_rep, L)
+        scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale) if eager else scale)  # (B*nkv, n_rep, L)
         if sinks is not None or (mask is not None and mask.size(0) > 1):  # per-row masks, per-head sinks
             scores = scores.view(B, nkv, nh // nkv, L)
         if logit_softcap is not None:
             scores = softcap(scores, logit_softcap)
         if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
-            scores = torch.where(mask, scores, eager_scalar(torch.finfo(scores.dtype).min, scores, scores.dtype))
+            lowest = torch.finfo(scores.dtype).min
+            scores = torch.where(mask, scores, eager_scalar(lowest, scores.dtype) if eager else lowest)
         head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
         # (B, nkv, n_rep, L) fp32; (B*nkv, n_rep, L), or (1, B*nkv, n_rep, L) after a mask of one row, without a
         # view per layer where nothing needs the heads apart
@@ -682,20 +685,19 @@ longer caches read enough memory that a second core's bandwidth pays for the par
 def is_eager_cpu(x: torch.Tensor) -> bool:
     """Whether ops on `x` run now on the CPU as they are called: a plain tensor outside torch.compile, not one that
     torch.export or torch.compile traces (those are fake or functional tensor subclasses)."""
-    return type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and x.is_cpu
 
 
 _EAGER_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
 
-def eager_scalar(value: float, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> float | torch.Tensor:
-    """`value` as a 0-dim CPU tensor of `dtype`, made once and only read, for an op on `like` in an eager CPU step
-    (`is_eager_cpu`); the float itself otherwise. An op given a Python float wraps it in a tensor and casts it on every
-    call (4 more aten ops under it), which the small ops of a one-token decode step notice; the values are the same
-    (a 0-dim float32 tensor is read as the float rounded to float32, also by a bfloat16 op's float math). Nothing made
-    under a trace is kept (a fake tensor cached while torch.export traced the step would fail later eager steps)."""
-    if not is_eager_cpu(like):
-        return value
+def eager_scalar(value: float, dtype: torch.dtype = torch.float32) -> float | torch.Tensor:
+    """`value` as a 0-dim CPU tensor of `dtype`, made once and only read, for the ops of an eager CPU step
+    (`is_eager_cpu`: callers check; a tensor that torch.export or torch.compile traces takes the float, a constant of
+    its graph). An op given a Python float wraps it in a tensor and casts it on every call (4 more aten ops under it),
+    which the small ops of a one-token decode step notice; the values are the same (a 0-dim float32 tensor is read as
+    the float rounded to float32, also by a bfloat16 op's float math). Nothing made under a tracing mode is kept, the
+    float is returned then (a fake tensor cached while torch.export traced the step would fail later eager steps)."""
     scalar = _EAGER_SCALARS.get((value, dtype))
     if scalar is None:
         with torch.inference_mode(False), torch.no_grad():
@@ -1052,16 +1054,17 @@ class RMSNorm(nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
-            if x.device.type == "cpu" and not torch.compiler.is_compiling():
-                if torch.is_grad_enabled() and type(self.weight.data) is torch.Tensor:
+        weight = self.weight  # (once: each module attribute read goes through nn.Module.__getattr__)
+        if x.dtype == torch.float32 and weight.dtype == torch.float32 and not self.unit_offset:
+            if not torch.compiler.is_compiling() and x.is_cpu:
+                if torch.is_grad_enabled() and type(weight.data) is torch.Tensor:
                     # training, eager: the same forward, a cheaper backward than autograd through F.rms_norm's ops
-                    return RMSNormFunction.apply(x, self.weight, self.eps)
+                    return RMSNormFunction.apply(x, weight, self.eps)
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
                     # one-token decode step each op after a weight-streaming matmul runs with cold caches
-                    return torch.mul(x, inverse_rms(x, self.eps)).mul_(self.weight)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on GPUs and compiled
+                    return torch.mul(x, inverse_rms(x, self.eps)).mul_(weight)
+            return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused kernel on GPUs and compiled
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -1075,10 +1078,10 @@ class RMSNorm(nn.Module):
 def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(mean(x^2) + eps) over the last dim of fp32 x, (..., 1), as F.rms_norm's CPU composite computes it.
     CPU `mean` is `sum` then `div_` by the count: eager, that division and the `+ eps` are one `addcdiv` of 0-dim
-    tensors (eps + 1 * (sum / n): the same rounding, also where FMA fuses it), in place of two ops on Python floats."""
-    if is_eager_cpu(x):
-        n, eps_t = eager_scalar(float(x.size(-1)), x), eager_scalar(eps, x)
-        return eps_t.addcdiv(x.square().sum(-1, keepdim=True), n).rsqrt_()
+    tensors (eps + 1 * (sum / n): the same rounding, also where FMA fuses it), in place of two ops on Python floats.
+    x: on the CPU, outside torch.compile."""
+    if type(x) is torch.Tensor:  # (not a tensor torch.export traces: see `eager_scalar`)
+        return eager_scalar(eps).addcdiv(x.square().sum(-1, keepdim=True), eager_scalar(float(x.size(-1)))).rsqrt_()
     return x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
 
 
@@ -1208,17 +1211,19 @@ class KVCache(nn.Module):
         B = k.size(0)
         if input_pos.dim() == 2 and B == 1:
             input_pos = input_pos[0]  # one row: index_copy_ is a little faster than scatter_
-        # (in a one-token decode step every op counts: no slices that select everything)
-        cache_k, cache_v = (self.k, self.v) if B == self.k.size(0) else (self.k[:B], self.v[:B])
+        # (in a one-token decode step every op counts: no slices that select everything; the buffers read once, as
+        # each read of a module's buffer goes through nn.Module.__getattr__)
+        all_k, all_v = self.k, self.v
+        cache_k, cache_v = (all_k, all_v) if B == all_k.size(0) else (all_k[:B], all_v[:B])
         if input_pos.dim() == 1:
-            cache_k.index_copy_(2, input_pos, k if k.dtype == self.k.dtype else k.to(self.k.dtype))
-            cache_v.index_copy_(2, input_pos, v if v.dtype == self.v.dtype else v.to(self.v.dtype))
+            cache_k.index_copy_(2, input_pos, k if k.dtype == all_k.dtype else k.to(all_k.dtype))
+            cache_v.index_copy_(2, input_pos, v if v.dtype == all_v.dtype else v.to(all_v.dtype))
         else:
             index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
-            cache_k.scatter_(2, index, k.to(self.k.dtype))
+            cache_k.scatter_(2, index, k.to(all_k.dtype))
             if v.size(3) != k.size(3):  # MLA: the latent and the rotary key differ in size
                 index = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))
-            cache_v.scatter_(2, index, v.to(self.v.dtype))
-        if kv_len is None or kv_len >= self.k.size(2):
+            cache_v.scatter_(2, index, v.to(all_v.dtype))
+        if kv_len is None or kv_len >= all_k.size(2):
             return cache_k, cache_v
         return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
