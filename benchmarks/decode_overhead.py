@@ -9,7 +9,8 @@ at each of `--threads`, it times side by side:
   `torch.jit.trace` and `torch.jit.freeze`d, which runs its aten ops without Python (checked bit for bit against
   eager on the whole cache first); and `torch.jit.optimize_for_inference` of it.
 
-It prints the median wall and CPU time per step and each one's speed over `eager` (thread counts alternate
+First it counts the aten ops the eager step calls from Python (and all of them, nested ones included, under the
+profiler). It prints the median wall and CPU time per step and each one's speed over `eager` (thread counts alternate
 within each round too, so their ratio holds on a machine shared with other jobs). torch's NNC fuser, which would
 fuse the traced step's elementwise ops on the CPU, needs the LLVM backend that torch's CPU wheels lack (it is
 tried, and reported when missing).
@@ -69,6 +70,27 @@ def jit_steps(model, token: torch.Tensor) -> dict:
     return steps
 
 
+def count_ops(step) -> tuple[int, int]:
+    """(aten ops called from Python, aten ops in all) of one call of `step` under inference mode, as the engine runs
+    it (under no_grad alone Python calls more of them: views and inference tensors go through autograd's layers)."""
+    from torch.profiler import profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):  # sees the ops Python calls, not those they call in turn
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode():
+        with Count() as top:
+            step()
+        with profile() as prof:
+            step()
+    return top.calls, sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
 def cached_logits(model, step, prompt: torch.Tensor, n: int) -> torch.Tensor:
     """(n + 1, vocab) logits of a prefill then n greedy steps of `step` on a fresh cache."""
     model.set_kv_cache(1, 128)
@@ -110,6 +132,10 @@ def main() -> None:
         steps[name] = lambda pos, step=step: step(token, torch.tensor([[pos]])).argmax(-1)
     model.set_kv_cache(1, 128)
     model.decode(prompt, torch.arange(32)[None], kv_len=32)
+    position = torch.tensor([[40]])
+    steps["eager"](40)  # (a first step makes what later ones reuse)
+    top, nested = count_ops(lambda: model.decode(token, position, kv_len=41).argmax(-1))
+    print(f"eager step: {top} aten ops called from Python, {nested} in all (profiler, nested ones counted)")
     runs = [(n, name) for n in args.threads for name in steps]
     times = {run: ([], []) for run in runs}
     for r in range(args.rounds + 1):  # round 0 warms up

@@ -190,8 +190,9 @@ class GPT(nn.Module):
         # once per forward rather than once per layer: in the activations' dtype, and (B, 1, T, n) for per-row positions
         dtype = self.wte.weight.dtype if self.wte.weight.is_floating_point() else cos.dtype
 
-        def ready(t: torch.Tensor) -> torch.Tensor:
-            return (t[:, None] if t.dim() == 3 else t).to(dtype)
+        def ready(t: torch.Tensor) -> torch.Tensor:  # (no `to` op where the dtype is already right: one op less a step)
+            t = t[:, None] if t.dim() == 3 else t
+            return t if t.dtype == dtype else t.to(dtype)
 
         rope = (ready(cos), ready(sin))
         if c.query_scale_beta is not None:  # a third entry: the query scale per position, (T,) or (B, T)
@@ -386,8 +387,8 @@ class CausalSelfAttention(nn.Module):
             # one token (decoding): rotate the query and key heads together, straight from the projection's output
             nh, nkv = c.n_head, c.n_query_groups
             heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
-            qk = apply_rope(heads[:, : nh + nkv], *rope[:2])
-            q, k, v = qk[:, :nh], qk[:, nh:], heads[:, nh + nkv:]
+            qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
+            q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
         else:
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)
             if c.norm_qk == "full":
@@ -410,8 +411,9 @@ class CausalSelfAttention(nn.Module):
             scale_q = rope[2]
             q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
 
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
+        cache = self.kv_cache
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v, kv_len)  # (B, nkv, L, hs)
 
         scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         y = attention(q, k, v, mask, scale, c.attention_logit_softcapping, self.sinks)  # (B, nh, T, hs)
@@ -567,8 +569,8 @@ def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap
 def softmax_with_sinks(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
     """fp32 softmax over the last dim of scores (..., nh-shaped dims, L); with sinks (shaped to broadcast against
     scores[..., :1], one per head), each row's denominator also holds exp(sink), which no value stands behind."""
-    if sinks is None:
-        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is None:  # (fp32 scores: no dtype argument, which costs a `to` op per call)
+        return scores.softmax(-1) if scores.dtype == torch.float32 else torch.softmax(scores, -1, dtype=torch.float32)
     scores = scores.float()
     sink = sinks.float()[..., None].expand(*scores.shape[:-1], 1)
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
@@ -632,23 +634,78 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     SDPA's CPU kernel always opens a parallel region; for a single query its fork/join costs more
     than the product itself, and stalls for a scheduler tick when the cores are busy. Query heads
     that share a key/value head are stacked as rows, so grouped-query attention needs no copy of k/v.
+    In an eager step over a short cache (`ONE_THREAD_ATTENTION_MAX`) the two `bmm`s and the softmax run on one
+    thread: each of them opens a parallel region otherwise, whose start costs more than their work (and waits
+    for a scheduler tick when another job holds a core); their results are the same on any thread count.
     """
     B, nh, _, hs = q.shape
     nkv, L = k.size(1), k.size(2)
-    # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
-    # costs a few more ops, which is what a one-token step spends its time on beside the weights
-    q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
-    scores = torch.bmm(q, k.reshape(B * nkv, L, hs).transpose(1, 2)).mul_(scale).view(B, nkv, nh // nkv, L)
-    if logit_softcap is not None:
-        scores = softcap(scores, logit_softcap)
-    if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-    head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
-    probs = softmax_with_sinks(scores, head_sinks)  # (B, nkv, n_rep, L) fp32
-    if probs.dtype != q.dtype:
-        probs = probs.to(q.dtype)
-    y = torch.bmm(probs.view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+    # (is_eager_cpu first: nothing about threads is traced under torch.compile)
+    eager = is_eager_cpu(q)
+    one_thread = eager and k.numel() <= ONE_THREAD_ATTENTION_MAX and (threads := torch.get_num_threads()) > 1
+    if one_thread:
+        torch.set_num_threads(1)
+    try:
+        # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
+        # costs a few more ops, which is what a one-token step spends its time on beside the weights
+        q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
+        if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
+            keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
+        else:
+            keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
+        scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale) if eager else scale)  # (B*nkv, n_rep, L)
+        if sinks is not None or (mask is not None and mask.size(0) > 1):  # per-row masks, per-head sinks
+            scores = scores.view(B, nkv, nh // nkv, L)
+        if logit_softcap is not None:
+            scores = softcap(scores, logit_softcap)
+        if mask is not None:  # (B|1, 1, 1, L); None: the query is the newest token and sees every key
+            lowest = torch.finfo(scores.dtype).min
+            scores = torch.where(mask, scores, eager_scalar(lowest, scores.dtype) if eager else lowest)
+        head_sinks = sinks.view(nkv, nh // nkv)[None] if sinks is not None else None  # (1, nkv, n_rep), as q's rows
+        # (B, nkv, n_rep, L) fp32; (B*nkv, n_rep, L), or (1, B*nkv, n_rep, L) after a mask of one row, without a
+        # view per layer where nothing needs the heads apart
+        probs = softmax_with_sinks(scores, head_sinks)
+        if probs.dtype != q.dtype:
+            probs = probs.to(q.dtype)
+        if probs.dim() != 3:
+            probs = probs.view(B * nkv, nh // nkv, L)
+        y = torch.bmm(probs, v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+    finally:
+        if one_thread:
+            torch.set_num_threads(threads)
     return y.view(B, nh, 1, v.size(-1))
+
+
+ONE_THREAD_ATTENTION_MAX = 1 << 17
+"""Single-query attention runs on one thread in an eager CPU step while a row's cached keys of one layer are at most
+this many values (a 134M Llama: 170 positions; 512 KB of fp32 keys, which one core reads in tens of microseconds);
+longer caches read enough memory that a second core's bandwidth pays for the parallel region."""
+
+
+def is_eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ops on `x` run now on the CPU as they are called: a plain tensor outside torch.compile, not one that
+    torch.export or torch.compile traces (those are fake or functional tensor subclasses)."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and x.is_cpu
+
+
+_EAGER_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def eager_scalar(value: float, dtype: torch.dtype = torch.float32) -> float | torch.Tensor:
+    """`value` as a 0-dim CPU tensor of `dtype`, made once and only read, for the ops of an eager CPU step
+    (`is_eager_cpu`: callers check; a tensor that torch.export or torch.compile traces takes the float, a constant of
+    its graph). An op given a Python float wraps it in a tensor and casts it on every call (4 more aten ops under it),
+    which the small ops of a one-token decode step notice; the values are the same (a 0-dim float32 tensor is read as
+    the float rounded to float32, also by a bfloat16 op's float math). Nothing made under a tracing mode is kept, the
+    float is returned then (a fake tensor cached while torch.export traced the step would fail later eager steps)."""
+    scalar = _EAGER_SCALARS.get((value, dtype))
+    if scalar is None:
+        with torch.inference_mode(False), torch.no_grad():
+            scalar = torch.tensor(value, dtype=dtype)
+        if type(scalar) is not torch.Tensor:  # made under a tracing mode
+            return value
+        _EAGER_SCALARS[(value, dtype)] = scalar
+    return scalar
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -997,18 +1054,17 @@ class RMSNorm(nn.Module):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
-            if x.device.type == "cpu" and not torch.compiler.is_compiling():
-                if torch.is_grad_enabled() and type(self.weight.data) is torch.Tensor:
+        weight = self.weight  # (once: each module attribute read goes through nn.Module.__getattr__)
+        if x.dtype == torch.float32 and weight.dtype == torch.float32 and not self.unit_offset:
+            if not torch.compiler.is_compiling() and x.is_cpu:
+                if torch.is_grad_enabled() and type(weight.data) is torch.Tensor:
                     # training, eager: the same forward, a cheaper backward than autograd through F.rms_norm's ops
-                    return RMSNormFunction.apply(x, self.weight, self.eps)
+                    return RMSNormFunction.apply(x, weight, self.eps)
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
-                    # one-token decode step each op after a weight-streaming matmul runs with cold caches (mean = sum, div_)
-                    # (mean on the CPU is sum then div_, one call instead of two)
-                    inv_rms = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # (..., 1)
-                    return torch.mul(x, inv_rms).mul_(self.weight)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on GPUs and compiled
+                    # one-token decode step each op after a weight-streaming matmul runs with cold caches
+                    return torch.mul(x, inverse_rms(x, self.eps)).mul_(weight)
+            return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused kernel on GPUs and compiled
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -1017,6 +1073,16 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+
+
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim of fp32 x, (..., 1), as F.rms_norm's CPU composite computes it.
+    CPU `mean` is `sum` then `div_` by the count: eager, that division and the `+ eps` are one `addcdiv` of 0-dim
+    tensors (eps + 1 * (sum / n): the same rounding, also where FMA fuses it), in place of two ops on Python floats.
+    x: on the CPU, outside torch.compile."""
+    if type(x) is torch.Tensor:  # (not a tensor torch.export traces: see `eager_scalar`)
+        return eager_scalar(eps).addcdiv(x.square().sum(-1, keepdim=True), eager_scalar(float(x.size(-1)))).rsqrt_()
+    return x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
 
 
 def build_norm(config: Config, size: int) -> nn.Module:
@@ -1145,17 +1211,19 @@ class KVCache(nn.Module):
         B = k.size(0)
         if input_pos.dim() == 2 and B == 1:
             input_pos = input_pos[0]  # one row: index_copy_ is a little faster than scatter_
-        # (in a one-token decode step every op counts: no slices that select everything)
-        cache_k, cache_v = (self.k, self.v) if B == self.k.size(0) else (self.k[:B], self.v[:B])
+        # (in a one-token decode step every op counts: no slices that select everything; the buffers read once, as
+        # each read of a module's buffer goes through nn.Module.__getattr__)
+        all_k, all_v = self.k, self.v
+        cache_k, cache_v = (all_k, all_v) if B == all_k.size(0) else (all_k[:B], all_v[:B])
         if input_pos.dim() == 1:
-            cache_k.index_copy_(2, input_pos, k if k.dtype == self.k.dtype else k.to(self.k.dtype))
-            cache_v.index_copy_(2, input_pos, v if v.dtype == self.v.dtype else v.to(self.v.dtype))
+            cache_k.index_copy_(2, input_pos, k if k.dtype == all_k.dtype else k.to(all_k.dtype))
+            cache_v.index_copy_(2, input_pos, v if v.dtype == all_v.dtype else v.to(all_v.dtype))
         else:
             index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
-            cache_k.scatter_(2, index, k.to(self.k.dtype))
+            cache_k.scatter_(2, index, k.to(all_k.dtype))
             if v.size(3) != k.size(3):  # MLA: the latent and the rotary key differ in size
                 index = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))
-            cache_v.scatter_(2, index, v.to(self.v.dtype))
-        if kv_len is None or kv_len >= self.k.size(2):
+            cache_v.scatter_(2, index, v.to(all_v.dtype))
+        if kv_len is None or kv_len >= all_k.size(2):
             return cache_k, cache_v
         return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]

@@ -162,6 +162,65 @@ def test_inference_rms_norm_is_f_rms_norm_bit_for_bit(size, scale):
         assert torch.equal(norm(x), torch.nn.functional.rms_norm(x, (size,), norm.weight, 1e-5))
 
 
+def reference_single_query_attention(q, k, v, mask, scale, softcap_at, sinks):
+    """The one-token attention in plain ops (no 0-dim scalars, no single-thread region, no strided key view)."""
+    from litllm.model import softcap, softmax_with_sinks
+
+    B, nh, _, hs = q.shape
+    nkv, L = k.size(1), k.size(2)
+    scores = torch.bmm(q.reshape(B * nkv, nh // nkv, hs), k.reshape(B * nkv, L, hs).transpose(1, 2))
+    scores = (scores * scale).view(B, nkv, nh // nkv, L)
+    if softcap_at is not None:
+        scores = softcap(scores, softcap_at)
+    if mask is not None:
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+    probs = softmax_with_sinks(scores, sinks.view(nkv, nh // nkv)[None] if sinks is not None else None)
+    y = torch.bmm(probs.to(q.dtype).view(B * nkv, nh // nkv, L), v.reshape(B * nkv, L, v.size(-1)))
+    return y.view(B, nh, 1, v.size(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_single_query_attention_is_its_plain_ops_bit_for_bit(dtype, threads, monkeypatch):
+    """The eager one-token attention (keys viewed straight from a cache slice, 0-dim scalars made once, one thread
+    for a short cache) computes what its plain ops compute, bit for bit: grouped heads, per-row masks, a cache
+    slice or a key that is not one, softcapping and sinks; it leaves the thread count as it found it."""
+    from litllm.model import ONE_THREAD_ATTENTION_MAX, single_query_attention
+
+    torch.manual_seed(5)
+    B, nh, nkv, hs, L = 2, 6, 2, 16, 11
+    q = torch.randn(B, nh, 1, hs, dtype=dtype)
+    cache_k, cache_v = (torch.randn(B, nkv, 32, hs, dtype=dtype) for _ in range(2))
+    cases = {"cache slice": (cache_k[:, :, :L], cache_v[:, :, :L]),
+             "one row": (cache_k[1:, :, :L], cache_v[1:, :, :L]),
+             "not a cache": (torch.randn(B, L, nkv, hs, dtype=dtype).transpose(1, 2),) * 2,
+             "long cache": tuple(torch.randn(1, nkv, ONE_THREAD_ATTENTION_MAX // (nkv * hs) + 1, hs, dtype=dtype)
+                                 for _ in range(2))}
+    before, set_threads = torch.get_num_threads(), torch.set_num_threads
+    set_threads(threads)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_threads(n)))
+    try:
+        for name, (k, v) in cases.items():
+            rows = k.size(0)
+            mask = torch.rand(rows, 1, 1, k.size(2)) < 0.7
+            mask[..., 0] = True
+            settings = [(m, cap, sinks) for m in (mask, mask[:1]) for cap, sinks in
+                        ((None, None), (5.0, None), (None, torch.randn(nh)))]  # per-row and shared masks
+            for mask, softcap_at, sinks in settings:
+                args = (q[:rows], k, v, mask, 0.3, softcap_at, sinks)
+                calls.clear()
+                with torch.inference_mode():
+                    got = single_query_attention(*args)
+                assert calls == ([1, threads] if threads > 1 and name != "long cache" else []), name
+                assert torch.get_num_threads() == threads
+                assert torch.equal(got, reference_single_query_attention(*args)), (name, mask.shape, softcap_at, sinks)
+                assert torch.equal(single_query_attention(*args[:3], None, *args[4:]),
+                                   reference_single_query_attention(*args[:3], None, *args[4:])), name
+    finally:
+        set_threads(before)
+
+
 def test_tied_embeddings_share_storage(converted):
     _, model = converted("qwen2")
     assert model.lm_head.weight is model.wte.weight
