@@ -260,9 +260,11 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         with torch.no_grad():
             kept = fp32_head(prompt)
         assert float((out.argmax(-1) == kept.argmax(-1)).float().mean()) >= 0.95
-        if not _reduce_range():  # 8-bit activations (VNNI): the int8 head keeps the fp32 head's greedy continuation
-            start = prompt[0, :16].tolist()  # (7-bit ones, on AVX2 CPUs, err twice as much: near-ties of the random
-            assert generate_ids(model, start, 32) == generate_ids(fp32_head, start, 32)  # model flip, as above)
+        # with 8-bit activations (VNNI) the int8 head keeps the fp32 head's greedy continuation; 7-bit ones (AVX2
+        # CPUs) err twice as much and flip some of the random model's near-ties (the agreement checks above hold)
+        if not _reduce_range():
+            start = prompt[0, :16].tolist()
+            assert generate_ids(model, start, 32) == generate_ids(fp32_head, start, 32)
     elif not int4:  # int8: the first 32 greedy tokens as in full precision
         start = prompt[0, :16].tolist()
         assert generate_ids(model, start, 32) == generate_ids(ref, start, 32)
