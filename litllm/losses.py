@@ -69,8 +69,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             keep = t_chunk != ignore_index
             grad = logprobs.exp_()  # (n, V): softmax - one_hot(target), in place of the log-probabilities
             grad.scatter_add_(1, t_chunk.clamp(min=0)[:, None], -keep[:, None].to(grad.dtype))
-            if not keep.all():  # (a host sync: GPT takes this path on the CPU only)
-                grad[~keep] = 0
+            ignored = (~keep).nonzero()[:, 0]  # (a host sync: GPT takes this path on the CPU only)
+            if ignored.numel():  # (rows by index: a boolean mask would rewrite every row)
+                grad.index_fill_(0, ignored, 0)
             grad = grad.to(x.dtype)
             if need_x:
                 grad_x[:, start:start + chunk_size] = (grad @ weight).view(x.size(0), -1, x.size(-1))
