@@ -808,13 +808,9 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
         token = order // k  # (N*k,) token of each sorted slot
         counts = torch.bincount(flat, minlength=self.config.n_expert).tolist()  # the one host sync
-        xs, ws = x.index_select(0, token), weights.reshape(-1)[order, None]  # (N*k, C), (N*k, 1)
-        # the routing weights applied once to every sorted row rather than once per expert (the same products;
-        # in training, 2 autograd nodes per layer instead of 2 per expert)
-        if self.scale_inputs:
-            xs = xs * ws
-        out = torch.cat([expert(rows) for rows, expert in zip(xs.split(counts), self.experts) if rows.size(0)])
-        return torch.zeros_like(x).index_add_(0, token, out if self.scale_inputs else out * ws)
+        xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
+        out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
+        return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
 
     def token_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """One token, x (1, C), weights/chosen (1, k): the sparse path's sum, bit for bit (its k experts in expert
