@@ -69,6 +69,14 @@ def test_linear_cross_entropy_is_the_chunked_loss_with_its_backward_done_in_the_
     assert head.weight.grad is None and x.grad is not None
     with torch.no_grad():
         assert torch.equal(linear_cross_entropy(x, head.weight, head.bias, targets, -1, chunk_size=8), expected)
+    # what the backward keeps: the gradients of x (and weight), never the (B, T, V) log-probabilities
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        linear_cross_entropy(x, head.weight, None, targets, -1, chunk_size=8)
+    assert sum(saved) == x.numel() + 1  # (and the token count the mean divides by)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        chunked_cross_entropy(head, x, targets, -1, chunk_size=8)
+    assert sum(saved) > x.numel() + targets.numel() * 50  # (the head path keeps the log-probabilities)
 
 
 def test_training_loss_takes_the_fused_head_where_it_applies(monkeypatch):
