@@ -68,7 +68,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 continue
             keep = t_chunk != ignore_index
             grad = logprobs.exp_()  # (n, V): softmax - one_hot(target), in place of the log-probabilities
-            grad.scatter_add_(1, t_chunk.clamp(min=0)[:, None], -keep[:, None].to(grad.dtype))
+            grad.scatter_add_(1, torch.where(keep, t_chunk, 0)[:, None], -keep[:, None].to(grad.dtype))
             ignored = (~keep).nonzero()[:, 0]  # (a host sync: GPT takes this path on the CPU only)
             if ignored.numel():  # (rows by index: a boolean mask would rewrite every row)
                 grad.index_fill_(0, ignored, 0)

@@ -64,11 +64,17 @@ def test_linear_cross_entropy_is_the_chunked_loss_with_its_backward_done_in_the_
     assert torch.equal(got, expected)  # the same ops give the loss: bit for bit
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    no_grad_loss = expected
+    beyond = torch.where(targets == -1, 50, targets)  # an ignore_index outside the vocabulary (50 tokens)
+    expected, expected_grads = loss_and_grads(lambda: chunked_cross_entropy(head, x, beyond, 50, chunk_size=8))
+    got, grads = loss_and_grads(lambda: linear_cross_entropy(x, head.weight, head.bias, beyond, 50, chunk_size=8))
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=1e-7)
     head.weight.requires_grad_(False)  # a frozen head: no weight gradient is made
     _, grads = loss_and_grads(lambda: linear_cross_entropy(x, head.weight, None, targets, -1, chunk_size=8))
     assert head.weight.grad is None and x.grad is not None
     with torch.no_grad():
-        assert torch.equal(linear_cross_entropy(x, head.weight, head.bias, targets, -1, chunk_size=8), expected)
+        assert torch.equal(linear_cross_entropy(x, head.weight, head.bias, targets, -1, chunk_size=8), no_grad_loss)
     # what the backward keeps: the gradients of x (and weight), never the (B, T, V) log-probabilities
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
