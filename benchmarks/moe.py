@@ -4,6 +4,7 @@
     python benchmarks/moe.py --n_expert 8 --hidden 512 --repeats 5
     python benchmarks/moe.py --compile             # also litllm's training step with each block compiled
     python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
+    python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
 
 Times (1) a training step, forward -> cross-entropy -> backward -> AdamW step -> zero_grad, on one random batch,
 and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as `litllm generate`
@@ -11,12 +12,16 @@ runs it against `transformers.generate`). The weights are a random transformers 
 `litllm convert_to_litllm`. Repeats alternate between the two so that load from other users of the machine hits
 both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
 that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
-hooks on the experts) in the training forward, the prefill and one decode step.
+hooks on the experts) in the training forward, the prefill and one decode step. `--profile N`: the N ops with
+the most self CPU time in either side's train step (torch.profiler, steps alternating), side by side, and the
+share of each step that matmuls and the attention kernel take (the same kernels on the same shapes on both
+sides, so the most any other saving can give is 1 / (1 - the rest's share)).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import tempfile
@@ -62,6 +67,32 @@ def expert_flops_share(model, run) -> float:
     return routed[0] / computed[0]
 
 
+def profile_steps(steps: dict, repeats: int, top: int) -> None:
+    """Print the `top` ops by self CPU time per train step of each side (`steps`: name -> step function),
+    profiling one step of each at a time, alternating, and the share matmuls and attention take."""
+    per_op = {name: collections.defaultdict(float) for name in steps}
+    calls = {name: collections.defaultdict(int) for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            for event in prof.key_averages():
+                per_op[name][event.key] += event.self_cpu_time_total / 1e3 / repeats  # ms per step
+                calls[name][event.key] += event.count
+    names = list(steps)
+    print(f"self CPU time per train step (ms; profiled, so slower than unprofiled), mean of {repeats} steps each:")
+    print(f"{'op':58s}" + "".join(f"{n:>14s}{'calls':>7s}" for n in names))
+    keys = sorted(set().union(*per_op.values()), key=lambda k: -max(per_op[n][k] for n in names))
+    for key in keys[:top]:
+        print(f"{key[:58]:58s}" + "".join(f"{per_op[n][key]:14.1f}{calls[n][key] // repeats:7d}" for n in names))
+    for n in names:
+        total = sum(per_op[n].values())
+        mm = sum(v for k, v in per_op[n].items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+        attention = sum(v for k, v in per_op[n].items() if "scaled_dot_product" in k and k.startswith("aten::_"))
+        print(f"{n}: {total:.0f} ms profiled; matmuls {mm / total:.0%}, attention kernel {attention / total:.0%}, "
+              f"the rest {1 - (mm + attention) / total:.0%}")
+
+
 def timed(fn, clock=time.perf_counter) -> float:
     start = clock()
     fn()
@@ -83,6 +114,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N ops that take most of either side's train step (torch.profiler)")
     parser.add_argument("--cpu_time", action="store_true",
                         help="one thread, timed in this process's CPU time, which load from other jobs hardly changes")
     args = parser.parse_args()
@@ -196,6 +229,8 @@ def main() -> None:
               f"{median:.2f}x median")
     print(f"useful share of litllm's expert FLOPs: training forward {train_share:.0%}, prefill {prefill_share:.0%}, "
           f"decode step {decode_share:.0%} (k / n_expert = {args.top_k / args.n_expert:.0%})")
+    if args.profile:
+        profile_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats, args.profile)
 
 
 if __name__ == "__main__":
