@@ -16,9 +16,10 @@ Modes (`--quantize`):
 - `torchao.int8dq`  int8 weights (int8wo's values) and int8 activations, quantized per token on each call (W8A8
                     dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product
                     does the same per block of 32); the output head too (its output stays fp32). CUDA: torchao's
-                    layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel (int8
+                    layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel eager (int8
                     dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, 2-3x
-                    slower: benchmarks/int8_matmul.py). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
+                    slower: benchmarks/int8_matmul.py), the same numbers in torch ops compiled
+                    (`int8_words_linear`: inductor's own int8 reduction, no call out of the compiled step). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
