@@ -368,13 +368,12 @@ def unpack_weights(model) -> None:
                 setattr(module, name, child.unpacked())
 
 
-def _int8_layers(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "prepare_compiled")]  # `litllm.quantize.Int8DynamicLinear`
-
-
 def prepare_int8_for_compile(model) -> None:
-    for module in _int8_layers(model):
-        module.prepare_compiled()
+    """Give every `litllm.quantize.Int8DynamicLinear` (torchao.int8dq on the CPU) the plain copy of its int8 weights
+    that a compiled step multiplies by."""
+    for module in model.modules():
+        if hasattr(module, "prepare_compiled"):
+            module.prepare_compiled()
 
 
 def load_saved_step(engine) -> bool:
