@@ -245,25 +245,6 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
     assert decode_engine(model, None, 1, length, threads, None, 12).step_source == "loaded"
 
 
-def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
-    from litllm.compile_decode import saved_step_length, steps_folder
-    from litllm.model import GPT
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    model = GPT.from_checkpoint(tiny_checkpoint).eval()
-    assert saved_step_length(model, 2, 1, 40) is None  # nothing saved
-    folder = steps_folder(model, 2)
-    folder.mkdir(parents=True)
-    for name in ("1x64.pt2", "1x100.pt2", "2x50.pt2", "1x32.pt2", "1x1024.pt2", "1xab.pt2", "1x80.pt"):
-        (folder / name).touch()
-    assert saved_step_length(model, 2, 1, 40) == 64  # the shortest that fits, within the window (128)
-    assert saved_step_length(model, 2, 1, 70) == 100 and saved_step_length(model, 2, 1, 101) is None
-    assert saved_step_length(model, 2, 2, 40) == 50 and saved_step_length(model, 2, 1, 40, exact=True) is None
-    assert saved_step_length(model, 1, 1, 40) is None  # another thread count: other kernels, another folder
-    monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
-    assert steps_folder(model, 2) != folder and saved_step_length(model, 2, 1, 40) is None
-
-
 @pytest.mark.slow
 def test_an_int8dq_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkpoint, monkeypatch, tmp_path):
     """torchao.int8dq on the CPU (fbgemm's opaque packed weights eager): the compiled step multiplies by a plain copy
@@ -295,3 +276,23 @@ def test_an_int8dq_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_chec
     assert fresh.model.lm_head.words is None  # the copy is made only where a step is there to load
     assert load_saved_step(fresh) and fresh.step_source == "loaded"
     assert decode(fresh) == eager
+
+
+def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
+    from litllm.compile_decode import saved_step_length, steps_folder
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    assert saved_step_length(model, 2, 1, 40) is None  # nothing saved
+    folder = steps_folder(model, 2)
+    folder.mkdir(parents=True)
+    for name in ("1x64.pt2", "1x100.pt2", "2x50.pt2", "1x32.pt2", "1x1024.pt2", "1xab.pt2", "1x80.pt"):
+        (folder / name).touch()
+    assert saved_step_length(model, 2, 1, 40) == 64  # the shortest that fits, within the window (128)
+    assert saved_step_length(model, 2, 1, 70) == 100 and saved_step_length(model, 2, 1, 101) is None
+    assert saved_step_length(model, 2, 2, 40) == 50 and saved_step_length(model, 2, 1, 40, exact=True) is None
+    assert saved_step_length(model, 1, 1, 40) is None  # another thread count: other kernels, another folder
+    monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
+    assert steps_folder(model, 2) != folder and saved_step_length(model, 2, 1, 40) is None
+
