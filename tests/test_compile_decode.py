@@ -295,4 +295,3 @@ def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
     assert saved_step_length(model, 1, 1, 40) is None  # another thread count: other kernels, another folder
     monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
     assert steps_folder(model, 2) != folder and saved_step_length(model, 2, 1, 40) is None
-
