@@ -16,10 +16,17 @@ less disturbed by other load on a shared machine) and its error against the fp32
   products (VNNI), as llama.cpp's q8_0 does per block of 32; litllm's `torchao.int8dq` on the CPU
   (`Int8DynamicLinear`, eager);
 - `torchao int8dq layer`: torchao's own `Int8DynamicActivationInt8WeightConfig` layer on the CPU (eager
-  activation quantization, `torch._int_mm`), what `torchao.int8dq` would run without the fbgemm kernel.
+  activation quantization, `torch._int_mm`), what `torchao.int8dq` would run without the fbgemm kernel;
+- `inductor int8 words`: what litllm's compiled `torchao.int8dq` step runs (`int8_words_linear`: fbgemm's
+  activation quantization and int8 products in torch ops, 4 int8 weights per fp32-typed word, which inductor
+  compiles into its own vectorized reduction), all of a part's matmuls compiled as one function, as in the step
+  (compiling it takes a minute or two; `--no_compiled` leaves it out). Tried and slower here: inductor's reduction
+  over the int8 weights as int8 (`x @ w.float()`, ~10x slower than fbgemm: its int8 and int32 vector loads go
+  through a stack copy) or as int32 words (~4x), and oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`,
+  ~3x slower on an AVX2 CPU with the activation quantized eagerly).
 
     python benchmarks/int8_matmul.py                      # 1 and 2 threads, 5 rounds: well under a minute
-    python benchmarks/int8_matmul.py --threads 1 --no_head
+    python benchmarks/int8_matmul.py --threads 1 --no_head --no_compiled
 
 The head rows (32000x768) matter: `torchao.int8wo` keeps the head in the model's dtype (98 of the 134M model's
 184 MB per token), while llama.cpp's q8_0 stores it in 8 bits too.
@@ -68,6 +75,25 @@ def torchao_int8dq(w: torch.Tensor):
     return layer
 
 
+def compiled_words(layers: list[dict]):
+    """The `inductor int8 words` row: one compiled function multiplying a row by every layer as litllm's compiled
+    int8dq step does (`int8_words_linear`), or None where the layers have no fbgemm copy to match."""
+    from litllm.compile_decode import CPU_COMPILE_OPTIONS
+    from litllm.quantize import int8_words_linear
+
+    if any(L["packed"] is None for L in layers):
+        return None
+    for L in layers:
+        L["packed"].prepare_compiled()
+    weights = [(L["packed"].words, L["packed"].scales) for L in layers]
+    qmax = layers[0]["packed"].qmax
+
+    def step(xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        return [int8_words_linear(xs[w.shape[1] * 4], w, s, None, qmax) for w, s in weights]
+
+    return torch.compile(step, dynamic=False, options=CPU_COMPILE_OPTIONS)
+
+
 def make_layers(shapes: list[tuple[int, int]]) -> list[dict]:
     layers = []
     for out_f, in_f in shapes:
@@ -78,7 +104,7 @@ def make_layers(shapes: list[tuple[int, int]]) -> list[dict]:
     return layers
 
 
-def kernels(layers: list[dict], xs: dict[int, torch.Tensor]) -> dict:
+def kernels(layers: list[dict], xs: dict[int, torch.Tensor], compiled: bool) -> dict:
     """{name: step() -> list of outputs}: one activation row times every layer."""
     xb = {k: v.bfloat16() for k, v in xs.items()}
     found = {
@@ -93,6 +119,9 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor]) -> dict:
         found["fbgemm W8A8 dynamic"] = lambda: [L["packed"](xs[L["w"].shape[1]]) for L in layers]
     if all(L["ao"] is not None for L in layers):
         found["torchao int8dq layer"] = lambda: [L["ao"](xs[L["w"].shape[1]]) for L in layers]
+    step = compiled_words(layers) if compiled else None
+    if step is not None:
+        found["inductor int8 words"] = lambda: step(xs)
     return found
 
 
@@ -106,6 +135,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no_head", action="store_true", help="the 12 blocks only")
+    parser.add_argument("--no_compiled", action="store_true", help="leave out the compiled row (its compile time)")
     args = parser.parse_args()
     torch.manual_seed(0)
     parts = {"12 blocks": make_layers(BLOCK_SHAPES * 12)}
@@ -113,7 +143,7 @@ def main() -> None:
         parts["head"] = make_layers([HEAD_SHAPE])
     xs = {n: torch.randn(1, n) for n in (768, 2048)}
     for part, layers in parts.items():
-        calls = kernels(layers, xs)
+        calls = kernels(layers, xs, not args.no_compiled)
         refs = calls["fp32 linear"]()
         errors = {name: relative_error(call(), refs) for name, call in calls.items()}
         int8_mb = sum(L["q"].numel() for L in layers) / 1e6

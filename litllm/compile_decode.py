@@ -108,12 +108,20 @@ def _machine() -> str:
 
 def _weights_digest(model, strides: bool = False) -> str:
     """A digest of the model's parameters and buffers as they are now (names, shapes, dtypes, tensor types, and
-    with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it, which
-    is what a compiled step takes), the KV cache left out."""
+    with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it and an
+    int8dq layer with the plain copy of its weights `unpack_weights` gives it, which is what a compiled step takes),
+    the KV cache left out."""
     entries = []
     packed = {name for name, module in model.named_modules() if _is_packed(module)} if strides else set()
+    int8 = {name: module for name, module in model.named_modules() if hasattr(module, "prepare_compiled")}
+    for name, module in int8.items():  # int8dq layers: as the compiled step takes them (prepared), whether or not yet
+        n_out, n_in = module.out_features, module.in_features
+        if strides and n_in % 4 == 0:
+            entries += [f"{name}.words:{(n_out, n_in // 4)}:torch.float32:Tensor:{(n_in // 4, 1)};",
+                        f"{name}.scales:{(n_out,)}:torch.float32:Tensor:{(1,)};"]
+            entries += [f"{name}.bias:{(n_out,)}:torch.float32:Tensor:{(1,)};"] if module.has_bias else []
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if ".kv_cache." in name:
+        if ".kv_cache." in name or name.rpartition(".")[0] in int8:
             continue
         module, _, leaf = name.rpartition(".")
         if module in packed and leaf == "packed_weight":  # unpacked: a contiguous (out, in) Parameter
@@ -446,18 +454,32 @@ def unpack_weights(model) -> None:
     """oneDNN's packed weights (`litllm.inference.PackedLinear`, the layout `optimize_for_decoding` may pick for the
     eager step) are opaque tensors that inductor lowers only as frozen constants, and a compiled step takes the
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears
-    (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul)."""
+    (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul).
+    `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) get a plain copy of their int8 weights that the
+    compiled step multiplies by instead (`Int8DynamicLinear.prepare_compiled`)."""
+    prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if _is_packed(child):
                 setattr(module, name, child.unpacked())
 
 
+def prepare_int8_for_compile(model) -> None:
+    """Give every `litllm.quantize.Int8DynamicLinear` (torchao.int8dq on the CPU) the plain copy of its int8 weights
+    that a compiled step multiplies by."""
+    for module in model.modules():
+        if hasattr(module, "prepare_compiled"):
+            module.prepare_compiled()
+
+
 def load_saved_step(engine) -> bool:
     """Make the (eager) `engine` decode with the step saved for its shapes, if one loads and fits (else a one-line
     note when one was there, and it stays eager): how a short `generate` uses a saved step without compiling."""
     path = steps_folder(engine.model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
-    step = _load_step(path, engine) if torch.device(engine.device).type == "cpu" and path.exists() else None
+    found = torch.device(engine.device).type == "cpu" and path.exists()
+    if found:  # the step reads int8dq layers' plain copies of their weights: made only when there is a step to load
+        prepare_int8_for_compile(engine.model)
+    step = _load_step(path, engine) if found else None
     if step is not None:
         engine._decode, engine._compiled, engine.step_source = _bind(step, engine), True, "loaded"
     return step is not None

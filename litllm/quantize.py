@@ -16,9 +16,10 @@ Modes (`--quantize`):
 - `torchao.int8dq`  int8 weights (int8wo's values) and int8 activations, quantized per token on each call (W8A8
                     dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product
                     does the same per block of 32); the output head too (its output stays fp32). CUDA: torchao's
-                    layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel (int8
+                    layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel eager (int8
                     dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, 2-3x
-                    slower: benchmarks/int8_matmul.py). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
+                    slower: benchmarks/int8_matmul.py), the same numbers in torch ops compiled
+                    (`int8_words_linear`: inductor's own int8 reduction, no call out of the compiled step). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
@@ -178,11 +179,58 @@ _INT8_DYNAMIC_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = we
 _INT8_DYNAMIC_KEYS = itertools.count()
 
 
+def _int8_words(qdata: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) -> (out, in / 4) fp32 whose bits hold 4 int8 weights each: word j of a row holds, from its
+    lowest byte up, the row's weights j, j + in/4, j + in/2, j + 3in/4, so that the compiled kernel multiplies byte b
+    of every word by one contiguous quarter of the activation row. fp32 (not int32): inductor's CPU code loads an
+    fp32 vector in one instruction but an int32 one through a stack copy (`Vectorized<int32_t>::loadu(ptr, n)`),
+    which made the kernel 4x slower; the bits are reinterpreted as int32 in the kernel (free)."""
+    out_f, in_f = qdata.shape  # (out, in) -> (out, 4, in/4) -> (out, in/4, 4) bytes -> (out, in/4) words
+    words = qdata.reshape(out_f, 4, in_f // 4).transpose(1, 2).contiguous().view(torch.int32)
+    return words.reshape(out_f, in_f // 4).view(torch.float32)
+
+
+def _quantize_activations(x2d: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fbgemm's dynamic activation quantization, in torch ops: one asymmetric scale for the whole (N, in) input,
+    the range widened to hold 0, values rounded to 0..qmax around an integer zero point (its
+    `ChooseQuantizationParams` and `Quantize`); returns (the quantized values less the zero point, integers in fp32
+    (N, in); the scale (1, 1))."""
+    lo, hi = x2d.amin().clamp(max=0).reshape(1, 1), x2d.amax().clamp(min=0).reshape(1, 1)
+    scale = ((hi.double() - lo) / qmax).float()  # in double, as fbgemm, then its fp32 value
+    scale = torch.where(scale == 0, 0.1, scale)  # fbgemm's value for an all-zero input
+    zero_point = torch.round(-lo / scale).clamp(0, qmax)
+    q = torch.round(x2d * (1.0 / scale) + zero_point).clamp(0, qmax)
+    return q - zero_point, scale
+
+
+def int8_words_linear(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                      qmax: int) -> torch.Tensor:
+    """`quantized::linear_dynamic`'s result in torch ops that inductor compiles into one vectorized reduction per
+    output row: (N, in) fp32 activations quantized as fbgemm does, times the int8 weights packed in `words`
+    (`_int8_words`), an fp32 scale per output row -> (N, out) fp32. The products and their sums are integers that
+    fp32 holds exactly (|x| <= 255, |w| <= 128: < 2^24 for the partial sums of rows up to ~4000 wide), so one row
+    gives fbgemm's output bit for bit."""
+    xq, x_scale = _quantize_activations(x2d, qmax)
+    x4 = xq.reshape(-1, 4, 1, xq.shape[-1] // 4)  # (N, 4, 1, in/4): the quarters of each row
+    v = words.view(torch.int32)  # (out, in/4), 4 int8 weights a word
+    acc = (((v << 24) >> 24).float() * x4[:, 0] + ((v << 16) >> 24).float() * x4[:, 1]  # sign-extended bytes 0, 1
+           + ((v << 8) >> 24).float() * x4[:, 2] + (v >> 24).float() * x4[:, 3]).sum(-1)  # (N, out)
+    out = acc * (x_scale * scales)  # fbgemm's order: (activation scale * row scale) * integer sum
+    return out if bias is None else out + bias
+
+
 class Int8DynamicLinear(nn.Module):
     """A frozen Linear with int8 weights (one symmetric scale per output row) whose activations are quantized to
-    int8 on each call (one scale per row) and multiplied by int8 dot products, the output in fp32: W8A8 dynamic, as
-    llama.cpp's q8_0 dot product does. The kernel is torch's fbgemm `quantized::linear_dynamic` (AVX-512 VNNI int8
-    GEMV), on weights prepacked for it once; it holds only that packed copy (int8 values, fp32 scales)."""
+    8 bits on each call (one asymmetric scale per call's input; 7 bits on CPUs without VNNI) and multiplied by int8
+    dot products, the output in fp32: W8A8 dynamic, as llama.cpp's q8_0 dot product does. Eager, the kernel is
+    torch's fbgemm `quantized::linear_dynamic` (int8 GEMV), on weights prepacked for it once.
+
+    Compiled: `prepare_compiled()` (`litllm.compile_decode.unpack_weights`, before a decode step compiles) adds a
+    copy of the int8 weights as plain tensors (`words`, `_int8_words`) and the step computes the same numbers in
+    torch ops (`int8_words_linear`) that inductor turns into its own vectorized int8 reduction: no call out of the
+    compiled code (the custom op below cost ~1/5 of a step), exportable, so the step is saved and loaded as the
+    unquantized ones are (AOTInductor), and bit for bit the eager output for one row. A compiled model so holds its
+    int8 weights twice (fbgemm's packing for eager prefill, `words` for the step)."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -191,8 +239,12 @@ class Int8DynamicLinear(nn.Module):
             warnings.simplefilter("ignore")
             qweight = torch._make_per_channel_quantized_tensor(
                 qdata.contiguous(), scales.reshape(-1).double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-            self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+            packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+        # in a tuple: torch.export fakes every script object it finds among a module's attributes, and fbgemm's
+        # packed weights can't be faked (the compiled step does not read them: `words`)
+        self._packed = (packed,)
         self.has_bias = bias is not None
+        self.register_buffer("words", None, persistent=False)  # the compiled step's copy (prepare_compiled)
         self.key = next(_INT8_DYNAMIC_KEYS)  # never reused: a compiled step holds it as a constant
         _INT8_DYNAMIC_LAYERS[self.key] = self
         _int8_dynamic_op()
@@ -202,9 +254,42 @@ class Int8DynamicLinear(nn.Module):
         self.key = next(_INT8_DYNAMIC_KEYS)
         _INT8_DYNAMIC_LAYERS[self.key] = self
 
+    @property
+    def packed(self):
+        """fbgemm's packed weights (`torch.ops.quantized.linear_prepack`)."""
+        return self._packed[0]
+
+    def prepare_compiled(self) -> None:
+        """Add the plain-tensor copy of the weights a compiled step multiplies by (idempotent; not where the input
+        width is no multiple of 4: such a layer keeps the custom op)."""
+        if self.words is not None or self.in_features % 4:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qweight, bias = torch.ops.quantized.linear_unpack(self.packed)
+        device = qweight.device
+        # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
+        self.register_buffer("words", _int8_words(qweight.int_repr()), persistent=False)
+        self.register_buffer("scales", qweight.q_per_channel_scales().float().to(device), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.qmax = 127 if _reduce_range() else 255  # fbgemm's activation range here (read outside the traced step)
+
+    def _apply(self, fn, recurse=True):
+        # the compiled step's copy moves with the module (device) but keeps its dtypes as fbgemm's packing does
+        # (model.half()): `words` holds int8 bits in fp32, converted it would be garbage; scales and bias stay fp32
+        kept = {name: self._buffers.pop(name) for name in ("words", "scales", "bias") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, t in kept.items():
+            moved = None if t is None else (fn(t.view(torch.int32)).view(torch.float32) if name == "words"
+                                            else fn(t).float())
+            self.register_buffer(name, moved, persistent=False)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
-        if torch.compiler.is_compiling():  # (N, out) fp32
+        if torch.compiler.is_compiling() and self.words is not None:  # (N, out) fp32
+            out = int8_words_linear(x2d, self.words, self.scales, self.bias, self.qmax)
+        elif torch.compiler.is_compiling():
             out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
         else:  # eager: the kernel itself, without the custom op's Python dispatch (~100 calls a token)
             out = torch.ops.quantized.linear_dynamic(x2d, self.packed, _reduce_range())

@@ -245,6 +245,39 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
     assert decode_engine(model, None, 1, length, threads, None, 12).step_source == "loaded"
 
 
+@pytest.mark.slow
+def test_an_int8dq_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkpoint, monkeypatch, tmp_path):
+    """torchao.int8dq on the CPU (fbgemm's opaque packed weights eager): the compiled step multiplies by a plain copy
+    of the int8 weights (`Int8DynamicLinear.prepare_compiled`), so it exports and is saved by AOTInductor like an
+    unquantized step, and a fresh model of the same checkpoint (not yet given that copy) finds and loads it; both
+    decode the eager engine's greedy tokens."""
+    pytest.importorskip("torchao")
+    from litllm.compile_decode import load_saved_step
+    from litllm.engine import Engine
+    from litllm.model import GPT
+    from litllm.quantize import quantize_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+
+    def model():
+        return quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int8dq", "cpu")
+
+    def decode(engine):
+        engine.add(Request(list(range(1, 9)), 12))
+        tokens = []
+        while engine.has_unfinished:
+            tokens += [t for out in engine.step() for t in out.token_ids]
+        return tokens
+
+    eager = decode(Engine(model(), None, 1, 64, threads=1))
+    compiled = Engine(model(), None, 1, 64, threads=1, compile=True)
+    assert decode(compiled) == eager and compiled.step_source == "compiled"  # AOTInductor, not torch.compile
+    fresh = Engine(model(), None, 1, 64, threads=1)
+    assert fresh.model.lm_head.words is None  # the copy is made only where a step is there to load
+    assert load_saved_step(fresh) and fresh.step_source == "loaded"
+    assert decode(fresh) == eager
+
+
 def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
     from litllm.compile_decode import saved_step_length, steps_folder
     from litllm.model import GPT

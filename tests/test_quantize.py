@@ -320,6 +320,35 @@ def test_int8_dynamic_matches_torchao(dtype):
         assert torch.equal(twin(x), out)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_dynamic_compiled_kernel_equals_fbgemm(bias):
+    """The compiled step multiplies by a plain copy of the int8 weights in torch ops (`int8_words_linear`, inductor's
+    own int8 reduction): the numbers of fbgemm's eager kernel (same activation quantization, exact integer sums) up
+    to fp32 rounding, far inside the format's error; eager stays fbgemm's, and the copy survives model.half()."""
+    from litllm.quantize import Int8DynamicLinear, _reduce_range, int8_words_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    layer = quantize_linear(linear, "torchao.int8dq", "cpu")
+    assert type(layer) is Int8DynamicLinear and layer.words is None  # eager only until a step compiles
+    x, row = torch.randn(3, 96), torch.randn(1, 96)
+    with torch.no_grad():
+        eager, eager_row = layer(x), layer(row)
+        layer.prepare_compiled()
+        assert layer.words.shape == (40, 24) and "words" not in layer.state_dict()
+        assert torch.equal(layer(x), eager)  # eager: still fbgemm's kernel
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+        got, got_row = compiled(x), compiled(row)
+        plain = int8_words_linear(x, layer.words, layer.scales, layer.bias, 127 if _reduce_range() else 255)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(got, eager) < 1e-5 and rel(got_row, eager_row) < 1e-5 and rel(plain, eager) < 1e-5
+    assert rel(eager, linear(x).detach()) > 1e-3  # the comparison can fail: int8 is ~1e-2 off fp32
+    layer.half()  # the int8 bits in fp32 words are moved, never converted
+    with torch.no_grad():
+        assert layer.words.dtype == layer.scales.dtype == torch.float32
+        assert rel(torch.compile(layer, fullgraph=True, dynamic=False)(x.half()).float(), layer(x.half()).float()) < 2e-3  # fp16 outputs
+
+
 def test_torchao_through_every_loader(tiny_checkpoint, capsys):
     """generate and LLM.load take the torchao modes (chat, serve and evaluate load through the same LoadArgs)."""
     pytest.importorskip("torchao")
