@@ -59,10 +59,14 @@ CHOICES_FILE = "decode_choices.json"
 PAYS_AFTER_TOKENS = {"cpu": 512, "cuda": 128}
 """Tokens an engine must decode (over its life) before compiling its step pays, per device type."""
 MIN_COMPILED_LENGTH = 256
-CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
-"""inductor settings of the CPU step: a one-row matmul (`litllm.inference.OneRowLinear`'s reduction) reads its input
-row from a buffer instead of recomputing the RMSNorm before it once per weight row (a bf16 step of the 134M model
-1.18x faster, fp32 ones 0.99-1.04x, the same tokens; tutorials/inference.md section 6c)."""
+CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10}
+"""inductor settings of the CPU step: which pointwise expressions become buffers of their own. A one-row matmul
+(`litllm.inference.OneRowLinear`'s reduction) should read its input row from the norm's buffer, not recompute the
+whole RMSNorm once per weight row (as at torch's default, 50), and its own product (weight, row, their fp32
+conversions, at most the norm's final multiply: 4-10 ops) should stay inside the reduction: realized (at 4 and 5),
+it became an fp32 loop body beside the bf16 one, inductor then tiled the reduction by fp32's lane count and loaded
+half a bf16 vector per step, which on AVX2 goes through a stack buffer (a failed store-to-load forwarding per
+load): a bf16 step of the 134M model 1.7x slower (tutorials/inference.md section 6c)."""
 
 
 def compile_cache_dir() -> Path:
