@@ -1,6 +1,6 @@
 """The compiled decode step of the 134M Llama under several inductor CPU settings, in one process, alternating.
 
-Each `--options` dict replaces `litllm.compile_decode.CPU_COMPILE_OPTIONS` for one Engine (compiled, or loaded from
+Each `--options` dict replaces what `litllm.compile_decode.cpu_compile_options` picks for one Engine (compiled, or loaded from
 the saved steps of the same settings); bf16 rows multiply by `OneRowLinear` (as a compiled step does wherever the
 eager pick was oneDNN's packed layout; `--no_one_row`: the loaded Linears, `F.linear`), `--fp32` adds an fp32 row per
 setting. Steps are compiled afresh in a private cache (~1 minute each). Each row first decodes 32 greedy tokens after a 32-token prompt and says whether they equal eager bf16's;
@@ -87,7 +87,8 @@ def main() -> None:
         engines = {}
         for precision, model in models.items():
             for options in args.options:
-                compile_decode.CPU_COMPILE_OPTIONS = ast.literal_eval(options)
+                settings = ast.literal_eval(options)
+                compile_decode.cpu_compile_options = lambda model, settings=settings: settings
                 t0 = time.perf_counter()
                 engine = Engine(model, None, 1, length, threads=args.threads, compile=True)
                 tokens = decode(engine)

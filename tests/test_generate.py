@@ -106,7 +106,7 @@ def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
 
 
 def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
-    """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `CPU_COMPILE_OPTIONS`) load bf16
+    """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `cpu_compile_options`) load bf16
     weights a whole SIMD vector at a time and agree with eager. A partial load (8 of a 16-lane vector on AVX2, when
     inductor tiled the reduction by fp32's lane count) goes through a stack buffer: the 16-bit step ran 1.8x slower."""
     import re
@@ -114,7 +114,7 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     from torch._inductor import cpu_vec_isa
     from torch._inductor.utils import run_and_get_code
 
-    from litllm.compile_decode import CPU_COMPILE_OPTIONS
+    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options
     from litllm.inference import OneRowLinear
 
     isa = cpu_vec_isa.pick_vec_isa()
@@ -132,11 +132,13 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     step = lambda: model.decode(torch.tensor([[3]]), input_pos=torch.tensor([[0]]))  # noqa: E731 (the engine's step)
     with torch.no_grad():
         expected = step().float()
-        got, code = run_and_get_code(torch.compile(step, dynamic=False, options=CPU_COMPILE_OPTIONS))
+        options = cpu_compile_options(model)
+        got, code = run_and_get_code(torch.compile(step, dynamic=False, options=options))
     # the weights' loads: (row x0, column x1) of a (rows, in_features) matrix
     widths = f"{model.config.n_embd}|{model.config.intermediate_size}"
     counts = re.findall(rf"Vectorized<at::BFloat16>::loadu\(in_ptr\d+ \+ static_cast<int64_t>\(x1 \+ ({widths})L\*x0\), "
                         r"static_cast<int64_t>\((\d+)\)\)", "".join(code))
+    assert options is ONE_ROW_COMPILE_OPTIONS
     assert len(counts) >= 3 * 4 + 1  # qkv, proj, fc and proj of each layer, the head
     assert {int(n) for _, n in counts} == {isa.nelements(torch.bfloat16)}
     assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
