@@ -70,9 +70,26 @@ UNSAVED = "unsaved"
 """A model and shape whose compiled step could not be saved: its short runs stay eager (`settle_eager_tokens`)."""
 MIN_COMPILED_LENGTH = 256
 CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
-"""inductor settings of the CPU step: a one-row matmul (`litllm.inference.OneRowLinear`'s reduction) reads its input
-row from a buffer instead of recomputing the RMSNorm before it once per weight row (a bf16 step of the 134M model
-1.18x faster, fp32 ones 0.99-1.04x, the same tokens; tutorials/inference.md section 6c)."""
+"""inductor settings of the CPU step: a one-row matmul reads its input row from a buffer instead of recomputing the
+RMSNorm before it once per weight row (fp32 steps 0.99-1.04x, the int8dq step's own reduction needs it: 1.9x slower
+at 10; tutorials/inference.md section 6c). Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
+ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10}
+"""inductor settings of a CPU step whose 16-bit weights are `litllm.inference.OneRowLinear`s: the norm still in a
+buffer, and the mv's own product (weight, row, their fp32 conversions, at most the norm's final multiply: 4-10 ops)
+inside its reduction. Realized (at 4), it became an fp32 loop body beside the bf16 one, inductor then tiled the
+reduction by fp32's lane count and loaded half a bf16 vector per step, which on AVX2 goes through a stack buffer (a
+failed store-to-load forwarding per load): the 134M bf16 step 1.7x slower (tutorials/inference.md section 6c)."""
+
+
+def cpu_compile_options(model) -> dict:
+    """The inductor settings of `model`'s CPU step (`ONE_ROW_COMPILE_OPTIONS` where it multiplies by OneRowLinears,
+    16-bit oneDNN-packed Linears included: `unpack_weights` makes them OneRowLinears)."""
+    def one_row(module) -> bool:
+        if _is_packed(module):
+            return module.packed_weight.dtype in (torch.bfloat16, torch.float16)
+        return getattr(module, "one_row", False)  # a `litllm.inference.OneRowLinear`
+
+    return ONE_ROW_COMPILE_OPTIONS if any(one_row(module) for module in model.modules()) else CPU_COMPILE_OPTIONS
 
 
 def compile_cache_dir() -> Path:
@@ -289,7 +306,7 @@ def _step_length(model, length: int, exact: bool) -> int:
     return length if exact else compiled_length(length, model.max_seq_length)
 
 
-def compile_step(step: Callable, device: torch.device, static_tensors=()) -> Callable:
+def compile_step(step: Callable, device: torch.device, static_tensors=(), options: Optional[dict] = None) -> Callable:
     """`step` compiled at static shapes, its kernels cached on disk (`enable_compile_cache`); on CUDA captured in
     a CUDA graph, `static_tensors` (the KV cache, the step's input buffers) marked as living at fixed addresses."""
     enable_compile_cache()
@@ -302,7 +319,7 @@ def compile_step(step: Callable, device: torch.device, static_tensors=()) -> Cal
         for tensor in static_tensors:
             torch._dynamo.mark_static_address(tensor)
         return torch.compile(step, dynamic=False, mode="reduce-overhead")
-    return torch.compile(step, dynamic=False, options=CPU_COMPILE_OPTIONS)
+    return torch.compile(step, dynamic=False, options=CPU_COMPILE_OPTIONS if options is None else options)
 
 
 
@@ -317,7 +334,7 @@ def steps_folder(model, threads: Optional[int]) -> Path:
     threads = threads or torch.get_num_threads()
     key = (f"{_machine()}|{threads} threads|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}"
-           f"|{CPU_COMPILE_OPTIONS}")  # steps saved with other settings are compiled again
+           f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
@@ -426,7 +443,7 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
 
     try:
         package = io.BytesIO()
-        configs = {**CPU_COMPILE_OPTIONS, "aot_inductor.package_constants_in_so": False,  # weights: at load
+        configs = {**cpu_compile_options(engine.model), "aot_inductor.package_constants_in_so": False,  # weights: at load
                    "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
         with torch.no_grad():  # an inference step: no autograd graph to trace
             program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
@@ -530,7 +547,7 @@ def compile_engine_step(engine) -> Callable:
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":
-        return compile_step(engine._decode_logits, device, static)
+        return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
     path = steps_folder(model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
     step = _load_step(path, engine) if path.exists() else None
     engine.step_source = "loaded"
@@ -540,5 +557,5 @@ def compile_engine_step(engine) -> Callable:
         step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
-        return compile_step(engine._decode_logits, device, static)
+        return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
     return _bind(step, engine)

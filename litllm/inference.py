@@ -93,6 +93,8 @@ class OneRowLinear(torch.nn.Linear):
     (benchmarks/one_row_matmul.py). Eager, `torch.mv` is no faster than `PackedLinear`, which stays the eager pick.
     """
 
+    one_row = True  # how litllm.compile_decode.cpu_compile_options tells a step over these (its own settings)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features:
             return super().forward(x)

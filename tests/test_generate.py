@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_converted_checkpoint, make_im_end_checkpoint, train_bpe_tokenizer
+from conftest import make_converted_checkpoint, make_im_end_checkpoint, tiny_config, train_bpe_tokenizer
 
 from litllm.engine import Engine, Request, Sampling, StopMatcher, default_stops, generate_ids, sample
 from litllm.errors import LitLLMError
@@ -113,6 +113,45 @@ def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     qkv = model.blocks[0].attn.qkv
     assert (qkv.packed_weight if layout == "onednn-packed" else qkv.weight).dtype == torch.bfloat16
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
+    """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `cpu_compile_options`) load bf16
+    weights a whole SIMD vector at a time and agree with eager. A partial load (8 of a 16-lane vector on AVX2, when
+    inductor tiled the reduction by fp32's lane count) goes through a stack buffer: the 16-bit step ran 1.8x slower."""
+    import re
+
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.utils import run_and_get_code
+
+    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options
+    from litllm.inference import OneRowLinear
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isa:
+        pytest.skip("inductor does not vectorize on this CPU")
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=128, intermediate_size=256)).to(torch.bfloat16).eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child.weight is not model.wte.weight:
+                one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
+                one_row.weight, one_row.bias = child.weight, child.bias
+                setattr(module, name, one_row)
+    model.set_kv_cache(1, 32)
+    step = lambda: model.decode(torch.tensor([[3]]), input_pos=torch.tensor([[0]]))  # noqa: E731 (the engine's step)
+    with torch.no_grad():
+        expected = step().float()
+        options = cpu_compile_options(model)
+        got, code = run_and_get_code(torch.compile(step, dynamic=False, options=options))
+    # the weights' loads: (row x0, column x1) of a (rows, in_features) matrix
+    widths = f"{model.config.n_embd}|{model.config.intermediate_size}"
+    counts = re.findall(rf"Vectorized<at::BFloat16>::loadu\(in_ptr\d+ \+ static_cast<int64_t>\(x1 \+ ({widths})L\*x0\), "
+                        r"static_cast<int64_t>\((\d+)\)\)", "".join(code))
+    assert options is ONE_ROW_COMPILE_OPTIONS
+    assert len(counts) >= 3 * 4 + 1  # qkv, proj, fc and proj of each layer, the head
+    assert {int(n) for _, n in counts} == {isa.nelements(torch.bfloat16)}
+    assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
