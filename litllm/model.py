@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
 from litllm.config import Config
-from litllm.losses import chunked_cross_entropy, linear_cross_entropy
+from litllm.losses import chunked_cross_entropy
 from litllm.utils import meta_device
 
 
@@ -97,11 +97,7 @@ class GPT(nn.Module):
         if targets is None:
             return self._logits(x, logits_to_keep)
         c = self.config
-        x = self.norm_f(x)
-        if self._fused_loss_applies(x):
-            loss = linear_cross_entropy(x, self.lm_head.weight, self.lm_head.bias, targets, ignore_index)
-        else:
-            loss = chunked_cross_entropy(self.head, x, targets, ignore_index)
+        loss = chunked_cross_entropy(self.head, self.norm_f(x), targets, ignore_index)
         if self.training and c.router_aux_loss_coef and c.is_moe_model:
             # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
             routers = [m for m in self.modules() if isinstance(m, MoE)]
@@ -205,17 +201,6 @@ class GPT(nn.Module):
         if c.rope_local_base is not None:
             rope_local = (ready(self.rope_cos_local[positions]), ready(self.rope_sin_local[positions]), *rope[2:])
         return rope, rope_local
-
-    def _fused_loss_applies(self, x: torch.Tensor) -> bool:
-        """Whether the training loss may bypass `head` for `linear_cross_entropy` (the same loss, about as fast, and
-        no (B, T, V) log-probabilities kept for the backward: 500 MiB at T 4096, V 32k): a plain Linear head with no
-        logit divisor or softcap, its weight an ordinary tensor (not a DTensor, quantized or fake), no hooks on it
-        (FSDP, LoRA wrappers and adapters keep the module call), no autocast, not under torch.compile."""
-        c, head = self.config, self.lm_head
-        return (x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not is_fake(x) and not torch.is_autocast_enabled("cpu") and type(head) is nn.Linear
-                and type(head.weight.data) is torch.Tensor and not head._forward_hooks
-                and not head._forward_pre_hooks and c.logits_divisor == 1.0 and c.final_logit_softcapping is None)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)

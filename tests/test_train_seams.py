@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from litllm.losses import chunked_cross_entropy, linear_cross_entropy, token_logprobs
+from litllm.losses import chunked_cross_entropy, token_logprobs
 from litllm.model import GPT
 from litllm.train.loop import Method, build_train_model, token_cross_entropy, train_step
 from test_train_loop import FixedTokens, fresh_model, single_fabric, tiny_config, train_once
@@ -41,72 +41,6 @@ def test_token_logprobs_match_log_softmax_and_chunked_cross_entropy():
     torch.testing.assert_close(mean, reference)
     # logits that are already computed: the identity head
     torch.testing.assert_close(token_logprobs(torch.nn.Identity(), head(x), targets, ignore_index=-1), got)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_is_the_chunked_loss_with_its_backward_done_in_the_forward(bias):
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=bias)
-    x = torch.randn(3, 37, 16, requires_grad=True)
-    targets = torch.randint(0, 50, (3, 37))
-    targets[0, :5] = -1
-    targets[2, 30:] = -1  # ignored rows, inside and at the end of a chunk
-
-    def loss_and_grads(loss_fn):
-        x.grad = None
-        head.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        (3 * loss).backward()  # an incoming gradient other than 1
-        return loss, [t.grad for t in (x, head.weight, head.bias) if t is not None]
-
-    expected, expected_grads = loss_and_grads(lambda: chunked_cross_entropy(head, x, targets, -1, chunk_size=8))
-    got, grads = loss_and_grads(lambda: linear_cross_entropy(x, head.weight, head.bias, targets, -1, chunk_size=8))
-    assert torch.equal(got, expected)  # the same ops give the loss: bit for bit
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
-    no_grad_loss = expected
-    beyond = torch.where(targets == -1, 50, targets)  # an ignore_index outside the vocabulary (50 tokens)
-    expected, expected_grads = loss_and_grads(lambda: chunked_cross_entropy(head, x, beyond, 50, chunk_size=8))
-    got, grads = loss_and_grads(lambda: linear_cross_entropy(x, head.weight, head.bias, beyond, 50, chunk_size=8))
-    assert torch.equal(got, expected)
-    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=1e-7)
-    head.weight.requires_grad_(False)  # a frozen head: no weight gradient is made
-    _, grads = loss_and_grads(lambda: linear_cross_entropy(x, head.weight, None, targets, -1, chunk_size=8))
-    assert head.weight.grad is None and x.grad is not None
-    with torch.no_grad():
-        assert torch.equal(linear_cross_entropy(x, head.weight, head.bias, targets, -1, chunk_size=8), no_grad_loss)
-    # what the backward keeps: the gradients of x (and weight), never the (B, T, V) log-probabilities
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        linear_cross_entropy(x, head.weight, None, targets, -1, chunk_size=8)
-    assert sum(saved) == x.numel() + 1  # (and the token count the mean divides by)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        chunked_cross_entropy(head, x, targets, -1, chunk_size=8)
-    assert sum(saved) > x.numel() + targets.numel() * 50  # (the head path keeps the log-probabilities)
-
-
-def test_training_loss_takes_the_fused_head_where_it_applies(monkeypatch):
-    model = fresh_model(tiny_config())
-    idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-    targets = idx.roll(-1, dims=1)
-    targets[:, -1] = -100
-    assert model._fused_loss_applies(torch.zeros(1))
-    with torch.no_grad():
-        assert not model._fused_loss_applies(torch.zeros(1))  # scoring: nothing to differentiate
-    fused = model(idx, targets=targets)
-    fused.backward()
-    fused_grads = [p.grad for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(GPT, "_fused_loss_applies", lambda self, x: False)
-    unfused = model(idx, targets=targets)
-    unfused.backward()
-    assert torch.equal(fused, unfused)
-    for got, expected in zip(fused_grads, (p.grad for p in model.parameters()), strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
-    monkeypatch.undo()
-    assert not fresh_model(tiny_config(final_logit_softcapping=30.0))._fused_loss_applies(torch.zeros(1))
-    model.lm_head.register_forward_pre_hook(lambda m, a: None)  # e.g. FSDP's: the module call must happen
-    assert not model._fused_loss_applies(torch.zeros(1))
 
 
 def test_default_loss_is_a_token_sum_and_passes_extra_batch_keys():
