@@ -18,7 +18,7 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
                                   decode step takes them (inductor calls the same oneDNN/BLAS matmul as eager)
   bf16 / fp16 compiled mv         the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
                                   its own vectorized reduction, accumulating in fp32)
-  bf16 compiled mv, step options  the same compiled with litllm's `CPU_COMPILE_OPTIONS`, as its decode step is
+  bf16 compiled mv, step options  the same compiled with litllm's `ONE_ROW_COMPILE_OPTIONS`, as its 16-bit decode step is
                                   (its `realize_cpu_opcount_threshold` decides how inductor tiles the reduction)
   bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
   bf16 inductor max_autotune      (`--inductor`, instead of the compiled candidates above: its inductor settings
@@ -85,7 +85,7 @@ class _Pass(torch.nn.Module):
 def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
     """One pass compiled as litllm's compiled decode step is (weights are inputs: "F.linear", or "mv" through
     `OneRowLinear`), or frozen into constants under max_autotune ("max_autotune")."""
-    from litllm.compile_decode import CPU_COMPILE_OPTIONS
+    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS
     from litllm.inference import OneRowLinear
 
     if how == "max_autotune":  # weights frozen into constants; built last: the settings stay for the process
@@ -96,7 +96,7 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
         step = torch.compile(_Pass(_linears(weights)).eval())
         return lambda xs: step(xs)
     linears = _linears(weights, OneRowLinear if how.startswith("mv") else torch.nn.Linear)
-    step = torch.compile(_one_pass, fullgraph=True, options=CPU_COMPILE_OPTIONS if how == "mv step options" else None)
+    step = torch.compile(_one_pass, fullgraph=True, options=ONE_ROW_COMPILE_OPTIONS if how == "mv step options" else None)
     return lambda xs: step(linears, xs)
 
 
