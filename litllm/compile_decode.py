@@ -306,9 +306,10 @@ def _step_length(model, length: int, exact: bool) -> int:
     return length if exact else compiled_length(length, model.max_seq_length)
 
 
-def compile_step(step: Callable, device: torch.device, static_tensors=(), options: Optional[dict] = None) -> Callable:
+def compile_step(step: Callable, device: torch.device, static_tensors, options: dict) -> Callable:
     """`step` compiled at static shapes, its kernels cached on disk (`enable_compile_cache`); on CUDA captured in
-    a CUDA graph, `static_tensors` (the KV cache, the step's input buffers) marked as living at fixed addresses."""
+    a CUDA graph, `static_tensors` (the KV cache, the step's input buffers) marked as living at fixed addresses; on
+    the CPU with inductor's `options` (`cpu_compile_options`)."""
     enable_compile_cache()
     import torch._dynamo.config as dynamo_config
 
@@ -319,7 +320,7 @@ def compile_step(step: Callable, device: torch.device, static_tensors=(), option
         for tensor in static_tensors:
             torch._dynamo.mark_static_address(tensor)
         return torch.compile(step, dynamic=False, mode="reduce-overhead")
-    return torch.compile(step, dynamic=False, options=CPU_COMPILE_OPTIONS if options is None else options)
+    return torch.compile(step, dynamic=False, options=options)
 
 
 

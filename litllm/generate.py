@@ -31,9 +31,8 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     a few ms: `compile_choice`, `step_engine`, which also say the KV-cache length of a compiled step; or, for a
     shorter run on the CPU, where its tokens and those that earlier such runs decoded eagerly pay for it together:
     `eager_runs_pay`). Compiled, the step compiles (or loads) now, with a 2-token warm-up; the loader's weight
-    layout and thread count are then
-    recorded, so that the next load of the model picks the same and finds its saved step
-    (`litllm.compile_decode.record_decode_choices`)."""
+    layout and thread count are then recorded, so that the next load of the model picks the same and finds its
+    saved step (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if compile is None and spread:
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)

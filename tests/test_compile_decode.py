@@ -399,7 +399,7 @@ def test_a_step_that_could_not_be_saved_is_not_compiled_again_by_the_count(tiny_
     from litllm.inference import load_for_decoding
 
     monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)
-    monkeypatch.setattr(compile_decode, "compile_step", lambda step, device, static=(), options=None: step)  # (no compile)
+    monkeypatch.setattr(compile_decode, "compile_step", lambda step, device, static, options: step)  # (no compile)
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
     assert runs(model, threads, 5) == ["eager", "eager", "torch.compile", "eager", "eager"]
     assert list(json.loads(fake_compile.read_text()).values()) == [compile_decode.UNSAVED]
