@@ -132,11 +132,9 @@ def _weights_digest(model, strides: bool = False) -> str:
     packed = {name for name, module in model.named_modules() if _is_packed(module)} if strides else set()
     int8 = {name: module for name, module in model.named_modules() if hasattr(module, "prepare_compiled")}
     for name, module in int8.items():  # int8dq layers: as the compiled step takes them (prepared), whether or not yet
-        n_out, n_in = module.out_features, module.in_features
-        if strides and n_in % 4 == 0:
-            entries += [f"{name}.words:{(n_out, n_in // 4)}:torch.float32:Tensor:{(n_in // 4, 1)};",
-                        f"{name}.scales:{(n_out,)}:torch.float32:Tensor:{(1,)};"]
-            entries += [f"{name}.bias:{(n_out,)}:torch.float32:Tensor:{(1,)};"] if module.has_bias else []
+        if strides:
+            entries += [f"{name}.{leaf}:{shape}:{dtype}:Tensor:{stride};"
+                        for leaf, shape, dtype, stride in module.compiled_tensors()]
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if ".kv_cache." in name or name.rpartition(".")[0] in int8:
             continue

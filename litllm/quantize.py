@@ -259,6 +259,15 @@ class Int8DynamicLinear(nn.Module):
         """fbgemm's packed weights (`torch.ops.quantized.linear_prepack`)."""
         return self._packed[0]
 
+    def compiled_tensors(self) -> list[tuple[str, tuple, torch.dtype, tuple]]:
+        """(name, shape, dtype, strides) of each tensor `prepare_compiled` gives this layer for a compiled step, made
+        or not yet (the saved step's key counts them: `litllm.compile_decode._weights_digest`)."""
+        if self.in_features % 4:
+            return []
+        n_out, n_words = self.out_features, self.in_features // 4
+        tensors = [("words", (n_out, n_words), torch.float32, (n_words, 1)), ("scales", (n_out,), torch.float32, (1,))]
+        return tensors + ([("bias", (n_out,), torch.float32, (1,))] if self.has_bias else [])
+
     def prepare_compiled(self) -> None:
         """Add the plain-tensor copy of the weights a compiled step multiplies by (idempotent; not where the input
         width is no multiple of 4: such a layer keeps the custom op)."""
