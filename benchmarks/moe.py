@@ -13,9 +13,10 @@ runs it against `transformers.generate`). The weights are a random transformers 
 both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
 that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
 hooks on the experts) in the training forward, the prefill and one decode step. `--profile N`: the N ops with
-the most self CPU time in either side's train step (torch.profiler, steps alternating), side by side, and the
-share of each step that matmuls and the attention kernel take (the same kernels on the same shapes on both
-sides, so the most any other saving can give is 1 / (1 - the rest's share)).
+the most self time in either side's train step (torch.profiler, steps alternating, medians), side by side, the
+share of each step that the kernels both sides run on the same shapes take (matmuls, the attention kernel,
+log_softmax + NLL, fused AdamW), and the ratio a litllm step of those kernels alone would reach: the most any
+saving elsewhere in litllm can give.
 """
 
 from __future__ import annotations
@@ -67,30 +68,51 @@ def expert_flops_share(model, run) -> float:
     return routed[0] / computed[0]
 
 
+SHARED_KERNELS = {
+    "matmuls": lambda op: op in ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention kernel": lambda op: "scaled_dot_product" in op and op.startswith("aten::_"),
+    "log_softmax + nll": lambda op: op.startswith(("aten::_log_softmax", "aten::nll_loss")),
+    "AdamW": lambda op: op.startswith("aten::_fused_adam"),
+}
+"""The kernels both sides run on the same shapes (the same FLOPs and memory traffic), by profiler op name."""
+
+
 def profile_steps(steps: dict, repeats: int, top: int) -> None:
-    """Print the `top` ops by self CPU time per train step of each side (`steps`: name -> step function),
-    profiling one step of each at a time, alternating, and the share matmuls and attention take."""
-    per_op = {name: collections.defaultdict(float) for name in steps}
+    """Print the `top` ops by self time per train step of each side (`steps`: name -> step function),
+    profiling one step of each at a time, alternating, and the share the `SHARED_KERNELS` take."""
+    samples = {name: collections.defaultdict(list) for name in steps}  # op -> its ms in each profiled step
     calls = {name: collections.defaultdict(int) for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
             for event in prof.key_averages():
-                per_op[name][event.key] += event.self_cpu_time_total / 1e3 / repeats  # ms per step
+                samples[name][event.key].append(event.self_cpu_time_total / 1e3)
                 calls[name][event.key] += event.count
+    # the profiler times ops in wall-clock time: the median over the steps, not the mean, so that a step another
+    # job preempted (a loaded machine) moves no op's figure (an op absent from some steps counts 0 there)
+    per_op = {name: {op: statistics.median(ms + [0.0] * (repeats - len(ms))) for op, ms in ops.items()}
+              for name, ops in samples.items()}
     names = list(steps)
-    print(f"self CPU time per train step (ms; profiled, so slower than unprofiled), mean of {repeats} steps each:")
+    print(f"self time per train step (ms; profiled, so slower than unprofiled), median of {repeats} steps each:")
     print(f"{'op':58s}" + "".join(f"{n:>14s}{'calls':>7s}" for n in names))
-    keys = sorted(set().union(*per_op.values()), key=lambda k: -max(per_op[n][k] for n in names))
+    keys = sorted(set().union(*per_op.values()), key=lambda k: -max(per_op[n].get(k, 0.0) for n in names))
     for key in keys[:top]:
-        print(f"{key[:58]:58s}" + "".join(f"{per_op[n][key]:14.1f}{calls[n][key] // repeats:7d}" for n in names))
+        print(f"{key[:58]:58s}" + "".join(f"{per_op[n].get(key, 0.0):14.1f}{calls[n][key] // repeats:7d}" for n in names))
+    totals, shared = {}, {}
     for n in names:
-        total = sum(per_op[n].values())
-        mm = sum(v for k, v in per_op[n].items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
-        attention = sum(v for k, v in per_op[n].items() if "scaled_dot_product" in k and k.startswith("aten::_"))
-        print(f"{n}: {total:.0f} ms profiled; matmuls {mm / total:.0%}, attention kernel {attention / total:.0%}, "
-              f"the rest {1 - (mm + attention) / total:.0%}")
+        totals[n] = sum(per_op[n].values())
+        parts = {part: sum(v for k, v in per_op[n].items() if is_part(k)) for part, is_part in SHARED_KERNELS.items()}
+        shared[n] = sum(parts.values())
+        print(f"{n}: {totals[n]:.0f} ms profiled; " + ", ".join(f"{p} {v / totals[n]:.0%}" for p, v in parts.items())
+              + f", the rest {1 - shared[n] / totals[n]:.0%}")
+    if len(names) == 2:
+        # the most the first side can gain on the second: a step of the shared kernels alone, which take the same time
+        # on both sides -- taken from the second side's own shares, as a loaded machine moves two runs of even the same
+        # kernels apart more than it moves the shares within one step
+        print(f"ceiling of {names[0]} / {names[1]} (a step of nothing but the kernels both run): "
+              f"{totals[names[1]] / shared[names[1]]:.2f}x")
+
 
 
 def timed(fn, clock=time.perf_counter) -> float:
