@@ -93,7 +93,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step, saved in ~/.cache/litllm/torch_compile: true: now; false: never, nor load a saved one; default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or, on the CPU, the run whose tokens bring those that earlier short runs of this model and shape decoded eagerly to 512 (a one-line note; it compiles once); a run that a saved compiled step fits loads it (ms); or as $LITLLM_COMPILE says."""
+    """Compile the decode step, saved in ~/.cache/litllm/torch_compile: true: now; false: never, nor load a saved one; default: when it pays: a chat, at least 128 new tokens on CUDA, or, on the CPU, the run whose expected eager decode seconds, with those earlier runs of this model and shape spent, reach what a compile is expected to take (a one-line note; it compiles once); a run that a saved compiled step fits loads it (ms); or as $LITLLM_COMPILE says."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None
