@@ -3,8 +3,8 @@
 seconds earlier runs spent plus those this one would spend are below the expected compile seconds, then that run
 compiles and saves the step, and later runs load it) against `--compile false`, alternating run by run.
 
-    python benchmarks/short_runs.py                              # 134M model, 16 runs of 50 new tokens
-    python benchmarks/short_runs.py --n_layer 2 --runs 6 --max_new_tokens 400   # a quicker run
+    python benchmarks/short_runs.py                    # 134M model, runs of 256 new tokens until 2 after the compile
+    python benchmarks/short_runs.py --n_layer 2 --max_new_tokens 400   # a quicker run
 
 Per run and side: how it decoded (eager / compiled / loaded), wall and CPU seconds from start to exit, decode
 tokens/s (`litllm generate`'s own figure); for the default side the rent after the run (the eager decode seconds
@@ -66,8 +66,9 @@ def rent(cache: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--runs", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=40, help="at most this many rounds")
+    parser.add_argument("--after", type=int, default=2, help="rounds after the one that compiled, then stop")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder, cache = Path(tmp) / "model", Path(tmp) / "cache"
@@ -99,8 +100,10 @@ def main() -> None:
             (default_wall, default_cpu), (eager_wall, eager_cpu) = totals.values()
             below = compiled_at is not None and default_wall < eager_wall and default_cpu < eager_cpu
             paid = (paid or i) if below else None
+            if compiled_at is not None and i >= compiled_at + args.after:
+                break
         for side, (wall, cpu) in totals.items():
-            print(f"{side}: {args.runs} runs of {args.max_new_tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s)")
+            print(f"{side}: {i} runs of {args.max_new_tokens} tokens in {wall:.1f} s ({cpu:.1f} CPU-s)")
         print(f"compiled at run {compiled_at}: expected {price:.0f} s, took {measured:.1f} s; " if compiled_at else
               "never compiled; ", end="")
         print(f"the default's total wall and CPU time below eager's from run {paid} on" if paid else
