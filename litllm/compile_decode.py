@@ -9,8 +9,9 @@ every later run start compiled, the compile caches, and CUDA graphs.
   and added to `SECONDS_FILE`, and the price the seconds a compile is expected to take (its last compile measured
   here, `expected_compile_seconds`): the run whose expected eager seconds (its steps x the last measured eager
   step) bring the rent to the price compiles (a one-line note) and saves the step, which every later run loads.
-  Whatever the speed-up and the number of runs to come, this costs at most twice the time of the better choice in
-  hindsight (compile at once, or never): rent paid never exceeds the price, and the runs after it only gain. On
+  Whatever the speed-up and the number of runs to come, this costs at most about twice the time of the better
+  choice in hindsight (compile at once, or never), as far as the estimates hold: the rent paid before the compile
+  is about the price, and the runs after it only gain where the compiled step is the faster. On
   CUDA (no step saved, nothing measured) an engine compiles when it decodes at least `PAYS_AFTER_TOKENS` tokens.
 - The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
   (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
@@ -73,7 +74,8 @@ COMPILE_SECONDS_FIXED, COMPILE_SECONDS_PER_LAYER = 20.0, 8.0
 """What compiling a CPU step takes, in seconds, fixed and per layer (`expected_compile_seconds`: the shape by which
 a compile measured here is scaled to another layer count, and the guess where none was): 36, 68 and 116 s for 2, 6
 and 12 layers, against 39/28, 95/87 and 111/113 s measured (empty/filled inductor cache; 768 wide; a 2-core AVX2
-EPYC at load average 5-9, tutorials/inference.md section 6b)."""
+EPYC at load average 5-9, tutorials/inference.md section 6b); a measured compile scaled by it to another of these
+layer counts gave 0.6-1.8x the measured time."""
 PROBE_STEPS = 4
 """Eager decode steps that time one (`EagerAccount.step_seconds`) in the first default run of a model and shape."""
 MIN_COMPILED_LENGTH = 256
