@@ -3,7 +3,7 @@
 On the 134M Llama of benchmarks/generate.py (fp32, column-major weights as `optimize_for_decoding` picks here),
 at each of `--threads`, it times side by side:
 
-- `eager`: `GPT.decode` of one token with `kv_len` (what `litllm generate` runs below 512 new tokens), then argmax;
+- `eager`: `GPT.decode` of one token with `kv_len` (what a short `litllm generate` runs), then argmax;
 - `matmuls only`: the step's 49 `F.linear` calls on ready inputs and nothing else (the floor an eager step could reach);
 - `jit trace+freeze`: the same step (`kv_len=None`, the whole cache: a trace fixes every shape) traced with
   `torch.jit.trace` and `torch.jit.freeze`d, which runs its aten ops without Python (checked bit for bit against

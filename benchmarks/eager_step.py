@@ -1,6 +1,6 @@
 """One eager decode step of this checkout's model beside another revision's, in one process, alternating.
 
-The step `litllm generate` runs below 512 new tokens (`GPT.decode` of one token on the KV cache, then the argmax)
+The step a short `litllm generate` runs (`GPT.decode` of one token on the KV cache, then the argmax)
 on the 134M Llama of benchmarks/generate.py (fp32, column-major weights as `optimize_for_decoding` picks on the
 CPUs this was measured on). The other revision's `litllm/model.py` is read with `git show` and loaded beside this
 one (it imports the rest of litllm from this checkout), given the same weights, and both decode the same prompt:

@@ -3,15 +3,16 @@ every later run start compiled, the compile caches, and CUDA graphs.
 
 - When (`compile_choice`, `step_engine`, `litllm.generate.decode_engine`): `--compile true/false`
   (`LLM(..., compile=...)`) decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable
-  (`0`/`false`, `1`/`true`) if set, else compiling pays when the engine decodes at least `PAYS_AFTER_TOKENS` tokens
-  (a compiled step decodes 1.3-6x faster on the CPU, more for small models, whose eager step is Python overhead,
-  but compiling costs 20-70 s and more with an empty cache). A saved step that fits (below) is used by default
-  whatever the token count: loading it costs a few ms. Shorter default runs on the CPU amortise the compile over
-  runs (`eager_runs_pay`): while no saved step fits, each decodes eagerly and adds its tokens to
-  `EAGER_TOKENS_FILE` under its model and shape; the run that brings them to `PAYS_AFTER_TOKENS` compiles (a
-  one-line note) and saves the step, which every later run loads, i.e. the policy of renting until the rent paid
-  equals the price of buying: at most about twice the cost of the better choice in hindsight, whatever the
-  number of runs to come.
+  (`0`/`false`, `1`/`true`) if set; else a saved step that fits (below) is loaded (a few ms), a long-lived engine
+  (chat, serve: no token count) compiles, and otherwise it is rent or buy, in seconds. On the CPU
+  (`EagerAccount`), the rent is the eager decode seconds that default runs of a model and shape spent, measured
+  and added to `SECONDS_FILE`, and the price the seconds a compile is expected to take (its last compile measured
+  here, `expected_compile_seconds`): the run whose expected eager seconds (its steps x the last measured eager
+  step) bring the rent to the price compiles (a one-line note) and saves the step, which every later run loads.
+  Whatever the speed-up and the number of runs to come, this costs at most about twice the time of the better
+  choice in hindsight (compile at once, or never), as far as the estimates hold: the rent paid before the compile
+  is about the price, and the runs after it only gain where the compiled step is the faster. On
+  CUDA (no step saved, nothing measured) an engine compiles when it decodes at least `PAYS_AFTER_TOKENS` tokens.
 - The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
   (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
   weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -63,11 +65,19 @@ from litllm.errors import LitLLMError
 COMPILE_ENV = "LITLLM_COMPILE"
 CHOICES_FILE = "decode_choices.json"
 PAYS_AFTER_TOKENS = {"cpu": 512, "cuda": 128}
-"""Tokens an engine must decode (over its life) before compiling its step pays, per device type."""
-EAGER_TOKENS_FILE = "eager_decode_tokens.json"
-"""Per model and engine shape, the tokens default runs decoded eagerly for want of a saved step (`eager_runs_pay`)."""
-UNSAVED = "unsaved"
-"""A model and shape whose compiled step could not be saved: its short runs stay eager (`settle_eager_tokens`)."""
+"""Tokens an engine must decode (over its life) before compiling its step pays, per device type: the default on
+CUDA and for GRPO's rollouts; default `generate`/`LLM` runs on the CPU measure seconds instead (`EagerAccount`)."""
+SECONDS_FILE = "decode_seconds.json"
+"""Per model and engine shape, the seconds default CPU runs decoded eagerly for want of a saved step and their last
+measured step (`EagerAccount`); per model, the seconds its last compile took (`record_compile_seconds`)."""
+COMPILE_SECONDS_FIXED, COMPILE_SECONDS_PER_LAYER = 20.0, 8.0
+"""What compiling a CPU step takes, in seconds, fixed and per layer (`expected_compile_seconds`: the shape by which
+a compile measured here is scaled to another layer count, and the guess where none was): 36, 68 and 116 s for 2, 6
+and 12 layers, against 39/28, 95/87 and 111/113 s measured (empty/filled inductor cache; 768 wide; a 2-core AVX2
+EPYC at load average 5-9, tutorials/inference.md section 6b); a measured compile scaled by it to another of these
+layer counts gave 0.6-1.8x the measured time."""
+PROBE_STEPS = 4
+"""Eager decode steps that time one (`EagerAccount.step_seconds`) in the first default run of a model and shape."""
 MIN_COMPILED_LENGTH = 256
 CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
 """inductor settings of the CPU step: a one-row matmul reads its input row from a buffer instead of recomputing the
@@ -159,7 +169,7 @@ def decode_choices_key(model) -> str:
 
 
 def _read_record(path: Path) -> dict:
-    """One of litllm's JSON records beside the caches (`CHOICES_FILE`, `EAGER_TOKENS_FILE`) as a dict; {} when it
+    """One of litllm's JSON records beside the caches (`CHOICES_FILE`, `SECONDS_FILE`) as a dict; {} when it
     is absent, torn, foreign, or writable by another user (`_trusted`): a cache, so what it said is worked out
     again."""
     try:
@@ -237,59 +247,163 @@ def _config_repr(model) -> str:
     return repr(sorted((k, v) for k, v in vars(model.config).items() if k not in ("name", "hf_config")))  # not names
 
 
-def _eager_key(model, rows: int, length: int) -> str:
-    """What the eager tokens of default runs count toward: the model as loaded (`decode_choices_key`: this CPU,
-    torch, the thread budget, the weights' names/shapes/dtypes; not the layout and thread count the loader picks by
-    timing, which may differ from run to run until a compiled run records them), its config, and the shape a
-    compiled step would have (rows x KV-cache length)."""
+def _model_key(model) -> str:
+    """What a compile's seconds are recorded under (`record_compile_seconds`): the model as loaded
+    (`decode_choices_key`: this CPU, torch, the thread budget, the weights' names/shapes/dtypes; not the layout and
+    thread count the loader picks by timing, which may differ from run to run until a compiled run records them)
+    and its config."""
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` keyed them, before the layout
     loaded = choices["key"] if choices else decode_choices_key(model)
-    return hashlib.sha1(f"{loaded}|{_config_repr(model)}|{rows}x{length}".encode()).hexdigest()[:20]
+    return hashlib.sha1(f"{loaded}|{_config_repr(model)}".encode()).hexdigest()[:20]
 
 
-def eager_runs_pay(model, rows: int, length: int, threads: Optional[int], tokens: int,
-                   exact: bool = False) -> Optional[str]:
-    """Compiling amortised over runs: a default CPU run of `tokens` tokens (one too short to pay for compiling on
-    its own, `compile_choice` None) for which no saved step fits decodes eagerly, and its tokens are added to
-    `EAGER_TOKENS_FILE` under its model and shape (`_eager_key`); the run that brings them to `PAYS_AFTER_TOKENS`
-    compiles instead (its step is saved: later runs load it): returns the key to settle once it has
-    (`settle_eager_tokens`), after a one-line note saying so. None: decode as `compile_choice` None says (a saved
-    step, or eager, this run's tokens recorded). Where that compile could not be saved (`torch.compile`'s path),
-    no later run of the key compiles by this count."""
-    if model.wte.weight.device.type != "cpu" or saved_step_length(model, threads, rows, length, exact) is not None:
-        return None  # steps are saved on the CPU only; a saved one is loaded
-    key = _eager_key(model, rows, _step_length(model, length, exact))
-    ledger = _read_record(compile_cache_dir() / EAGER_TOKENS_FILE)
-    before = ledger.get(key, 0)
-    if before == UNSAVED:
+def _eager_key(model, rows: int, length: int) -> str:
+    """What the eager seconds of default runs count toward: the model (`_model_key`) and the shape a compiled step
+    would have (rows x KV-cache length)."""
+    return hashlib.sha1(f"{_model_key(model)}|{rows}x{length}".encode()).hexdigest()[:20]
+
+
+def _seconds(value) -> Optional[float]:
+    """A recorded duration: a finite number >= 0; else None (a torn or foreign value: as if unrecorded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return None
-    before = before if isinstance(before, int) and before > 0 else 0
-    threshold = PAYS_AFTER_TOKENS["cpu"]
-    if before + tokens >= threshold:
-        _note(f"compiling the decode step once for this model and shape ({before} tokens decoded eagerly by earlier "
-              f"runs + {tokens} now >= {threshold}): it takes ~10 s to a few minutes, and later runs load it in "
-              f"milliseconds; --compile false or {COMPILE_ENV}=0 opts out")
-        return key
-    _count(ledger, key, before + tokens)
-    return None
+    return float(value)
 
 
-def settle_eager_tokens(key: str, saved: bool) -> None:
-    """After the compile that `eager_runs_pay` asked for: its count goes (the step is saved, later runs load it),
-    or, where the step could not be saved, the key is marked so that no later run compiles by its count."""
-    _count(_read_record(compile_cache_dir() / EAGER_TOKENS_FILE), key, None if saved else UNSAVED)
+def _ledger() -> dict[str, dict]:
+    """`SECONDS_FILE`'s two parts, `{"eager": {shape key: entry}, "compile": {model key: entry}}` (a part that is
+    no dict: empty)."""
+    data = _read_record(compile_cache_dir() / SECONDS_FILE)
+    return {part: data[part] if isinstance(data.get(part), dict) else {} for part in ("eager", "compile")}
 
 
-def _count(ledger: dict, key: str, value) -> None:
-    """`ledger` (`EAGER_TOKENS_FILE`) with `value` at `key` (None: without it), written."""
-    if value is None:
-        ledger.pop(key, None)
+def _update_ledger(part: str, key: str, change: Callable[[dict], Optional[dict]]) -> None:
+    """Write `SECONDS_FILE` with `part[key]` replaced by `change(its entry, {} if none)` (None: removed), the rest as
+    read now (another process may have written since this one read it)."""
+    ledger = _ledger()
+    entry = ledger[part].get(key)
+    entry = change(dict(entry) if isinstance(entry, dict) else {})
+    if entry is None:
+        ledger[part].pop(key, None)
     else:
-        ledger[key] = value
+        ledger[part][key] = entry
     try:
-        _write_record(compile_cache_dir() / EAGER_TOKENS_FILE, ledger)
-    except LitLLMError:  # a read-only or full cache: uncounted, as without the file
+        _write_record(compile_cache_dir() / SECONDS_FILE, ledger)
+    except LitLLMError:  # a read-only or full cache: unrecorded, as without the file
         pass
+
+
+def record_compile_seconds(model, seconds: float) -> None:
+    """Remember what compiling `model`'s step (a CPU one) took here: the price of the next compile of it, and, scaled
+    by layer count, of models never compiled here (`expected_compile_seconds`)."""
+    if model.wte.weight.device.type == "cpu":
+        entry = {"seconds": round(seconds, 3), "layers": model.config.n_layer, "machine": _machine()}
+        _update_ledger("compile", _model_key(model), lambda _: entry)
+
+
+def expected_compile_seconds(model, compiles: dict) -> tuple[float, str]:
+    """What compiling `model`'s step is expected to take here, and whence: its last compile measured here
+    (`compiles`, `SECONDS_FILE`'s "compile" part); else the most recent compile of another model on this machine,
+    scaled to this layer count as `COMPILE_SECONDS_FIXED` + `COMPILE_SECONDS_PER_LAYER` x layers scale; else that
+    guess."""
+    def guess(layers: int) -> float:
+        return COMPILE_SECONDS_FIXED + COMPILE_SECONDS_PER_LAYER * layers
+
+    layers = model.config.n_layer
+    mine = compiles.get(_model_key(model))
+    if isinstance(mine, dict) and _seconds(mine.get("seconds")) is not None:
+        return mine["seconds"], "its last compile here"
+    machine = _machine()
+    others = [entry for entry in compiles.values() if isinstance(entry, dict) and entry.get("machine") == machine
+              and _seconds(entry.get("seconds")) and isinstance(entry.get("layers"), int) and entry["layers"] > 0]
+    if others:
+        other = others[-1]  # the latest written (JSON objects keep their order; a rewrite moves a key to the end)
+        return other["seconds"] * guess(layers) / guess(other["layers"]), f"a {other['layers']}-layer model's here"
+    return guess(layers), "a guess: none measured here"
+
+
+class EagerAccount:
+    """Compiling amortised over default CPU runs of one model and engine shape while no saved step fits it (see
+    the module doc: rent or buy, in seconds). `seconds`: the eager decode seconds earlier runs spent (the rent
+    paid so far); `step_seconds`: the last measured eager decode step (None: never timed here); `price`: the
+    expected compile seconds (`expected_compile_seconds`); `unsaved`: its compile could not be saved
+    (`torch.compile`'s path), so only a run that pays for it on its own compiles."""
+
+    def __init__(self, model, rows: int, length: int) -> None:
+        self.rows, self.key = rows, _eager_key(model, rows, length)
+        ledger = _ledger()
+        entry = ledger["eager"].get(self.key)
+        entry = entry if isinstance(entry, dict) else {}
+        self.seconds = _seconds(entry.get("seconds")) or 0.0
+        self.step_seconds = _seconds(entry.get("step_seconds"))
+        self.unsaved = entry.get("unsaved") is True
+        self.price, self.priced_by = expected_compile_seconds(model, ledger["compile"])
+
+    def pays(self, tokens: int) -> bool:
+        """Does compiling now pay for a run that decodes `tokens` tokens (`step_seconds` known): the eager seconds
+        it would spend (its decode steps, `tokens` over the rows, each `step_seconds`) and those earlier runs spent
+        reach the price? If so, says so in one line first."""
+        now = math.ceil(tokens / self.rows) * self.step_seconds
+        before = 0.0 if self.unsaved else self.seconds
+        if before + now < self.price:
+            return False
+        _note(f"compiling the decode step once for this model and shape: eager decoding took {before:.1f} s in "
+              f"earlier runs and would take ~{now:.1f} s now, >= the ~{self.price:.0f} s a compile is expected to "
+              f"take ({self.priced_by}); later runs load it in milliseconds; --compile false or {COMPILE_ENV}=0 "
+              "opts out")
+        return True
+
+    def add(self, seconds: float, steps: int) -> None:
+        """Record a run's eager decode: `seconds` added to the rent, and `seconds / steps` the step's cost."""
+        def change(entry: dict) -> dict:
+            entry["seconds"] = round((_seconds(entry.get("seconds")) or 0.0) + seconds, 4)
+            if steps:
+                entry["step_seconds"] = round(seconds / steps, 6)
+            return entry
+
+        _update_ledger("eager", self.key, change)
+
+    def settle(self, saved: bool) -> None:
+        """After the compile `pays` asked for: the rent goes (the step is saved: later runs load it), or, where it
+        could not be saved, the shape is marked so that later runs compile only where they pay for it alone."""
+        step = {"step_seconds": self.step_seconds} if self.step_seconds is not None else {}
+        _update_ledger("eager", self.key, lambda _: None if saved else {"unsaved": True, "seconds": 0.0, **step})
+
+
+def eager_account(model, rows: int, length: int, threads: Optional[int], exact: bool = False) -> Optional[EagerAccount]:
+    """The `EagerAccount` of a default run of `model` on the CPU with `rows` rows of `length` positions (its step
+    would have `_step_length`'s), None where it has none: off the CPU (steps are saved on the CPU only), or where a
+    saved step fits (it is loaded)."""
+    if model.wte.weight.device.type != "cpu" or saved_step_length(model, threads, rows, length, exact) is not None:
+        return None
+    return EagerAccount(model, rows, _step_length(model, length, exact))
+
+
+class DecodeTally:
+    """The seconds and number of an engine's decode steps (`time_decode`)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+
+clock = time.perf_counter
+"""What decode steps (`time_decode`) and compiles (`step_engine`) are timed with (tests put a fake clock here)."""
+
+
+def time_decode(engine) -> DecodeTally:
+    """Time `engine`'s decode steps from now on (the forward a compiled step would replace; on the CPU it returns
+    when computed), into the returned tally."""
+    tally, decode = DecodeTally(), engine._decode
+
+    def timed(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        t0 = clock()
+        logits = decode(tokens, pos, kv_len)
+        tally.seconds += clock() - t0
+        tally.steps += 1
+        return logits
+
+    engine._decode = timed
+    return tally
 
 
 def compiled_length(length: int, window: int) -> int:
@@ -515,14 +629,14 @@ def step_engine(make: Callable, model, rows: int, length: int, threads: Optional
     if compile is False or (compile is None and saved is None):
         return make(rows, length, False)
     unpack_weights(model)  # the compiled step takes the weights as plain Linears (saved steps are keyed so)
-    rows, t0 = max(rows, min_rows), time.perf_counter()
+    rows, t0 = max(rows, min_rows), clock()
     if compile is None:
         engine = make(rows, saved, False)
         if load_saved_step(engine):
-            engine.compile_seconds = time.perf_counter() - t0
+            engine.compile_seconds = clock() - t0
         return engine
     engine = make(rows, saved or _step_length(model, length, exact), True)
-    engine.compile_seconds = time.perf_counter() - t0
+    engine.compile_seconds = clock() - t0
     return engine
 
 

@@ -43,7 +43,7 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -404,6 +404,7 @@ class Engine:
         self._prefilling: deque[int] = deque()  # slots whose prompt is not all in the cache, in admission order
         self._compiled = compile
         self._decode = self._decode_logits
+        self.on_close: list[Callable[[], None]] = []  # run once by close() (e.g. recording its eager decode seconds)
         if compile:  # at static shapes, saved/cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
             from litllm.compile_decode import compile_engine_step
 
@@ -490,6 +491,9 @@ class Engine:
         """Remove this engine's KV cache from the model, so plain `model(idx)` calls work again."""
         if self.model.blocks[0].attn.kv_cache is self._caches[0]:
             self.model.clear_kv_cache()
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            hook()
 
     def __enter__(self) -> "Engine":
         return self

@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
-from litllm.compile_decode import (compile_cache_dir, compile_choice, eager_runs_pay, record_decode_choices,
-                                   settle_eager_tokens, step_engine)
+from litllm import compile_decode
+from litllm.compile_decode import (PROBE_STEPS, compile_cache_dir, compile_choice, eager_account, env_compile,
+                                   record_compile_seconds, record_decode_choices, step_engine, time_decode)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -26,35 +27,50 @@ from litllm.inference import LoadArgs, load_decoder, load_for_decoding
 def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Optional[int],
                   compile: Optional[bool] = None, tokens: Optional[int] = None, *, exact_length: bool = False,
                   **engine_args) -> Engine:
-    """An `Engine` whose decode step is compiled as `compile` says (None: where it pays for `tokens` decoded
-    tokens, `litllm.compile_decode.should_compile`, or whenever a saved compiled step fits, as loading one costs
-    a few ms: `compile_choice`, `step_engine`, which also say the KV-cache length of a compiled step; or, for a
-    shorter run on the CPU, where its tokens and those that earlier such runs decoded eagerly pay for it together:
-    `eager_runs_pay`). Compiled, the step compiles (or loads) now, with a 2-token warm-up; the loader's weight
-    layout and thread count are then recorded, so that the next load of the model picks the same and finds its
-    saved step (`litllm.compile_decode.record_decode_choices`)."""
+    """An `Engine` whose decode step is compiled as `compile` says (None: `litllm.compile_decode.compile_choice`,
+    for `tokens` decoded tokens, None: long-lived; a saved compiled step that fits is loaded, `step_engine`, which
+    also says the KV-cache length of a compiled step; on the CPU, a run of `tokens` tokens compiles where the eager
+    decode seconds it and earlier such runs spend reach the expected compile seconds, `EagerAccount`, else it
+    decodes eagerly and its seconds are recorded when it closes; its first run of a model and shape times
+    `PROBE_STEPS` eager steps first). Compiled, the step compiles (or loads) now, with a 2-token warm-up; what a
+    compile took, the loader's weight layout and thread count are then recorded, so that the next load of the
+    model picks the same and finds its saved step (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if compile is None and spread:
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
-    choice = compile_choice(compile, model.wte.weight.device, tokens)
-    counted = None  # short default runs whose eager tokens together pay for compiling: this one compiles
-    if choice is None and tokens is not None:
-        counted = eager_runs_pay(model, rows, max_seq_length, threads, tokens, exact_length)
-        choice = True if counted else None
 
     def make(rows: int, length: int, compiled: bool) -> Engine:
         return Engine(model, tokenizer, rows, length, threads=threads, compile=compiled, **engine_args)
 
+    account = None  # default CPU runs with no saved step: rent (decode eagerly) or buy (compile), in seconds
+    if compile is None and env_compile() is None and tokens is not None:
+        account = eager_account(model, rows, max_seq_length, threads, exact_length)
+    choice = compile_choice(compile, model.wte.weight.device, tokens) if account is None else None
+    if account is not None:
+        engine = make(rows, max_seq_length, False)
+        tally = time_decode(engine)
+        if account.step_seconds is None:  # never timed here: a few eager steps say what one costs
+            engine.add(Request([0], PROBE_STEPS + 1))  # its first token is the prefill's
+            while engine.has_unfinished:
+                engine.step()
+            account.step_seconds = tally.seconds / max(tally.steps, 1)
+        if not account.pays(tokens):
+            engine.on_close.append(lambda: account.add(tally.seconds, tally.steps))
+            return engine
+        engine.close()
+        choice = True
     engine = step_engine(make, model, rows, max_seq_length, threads, choice, exact=exact_length)
     if not choice:
         return engine
-    t0 = time.perf_counter()
+    t0 = compile_decode.clock()
     engine.add(Request([0], 2))  # its second token runs the decode step: compiled, or loaded from the cache
     while engine.has_unfinished:
         engine.step()
-    engine.compile_seconds += time.perf_counter() - t0
-    if counted:
-        settle_eager_tokens(counted, saved=engine.step_source != "torch.compile")
+    engine.compile_seconds += compile_decode.clock() - t0
+    if engine.step_source != "loaded":  # the price of its next compile, and of other models' first (scaled)
+        record_compile_seconds(model, engine.compile_seconds)
+    if account is not None:
+        account.settle(saved=engine.step_source != "torch.compile")
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` chose them
     if choices is not None and threads == choices["threads"] and model.wte.weight.device.type == "cpu":
         # the next load of this model here picks the same: the same kernels
@@ -77,7 +93,7 @@ class DecodeArgs:
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; 1 disables it."""
     compile: Optional[bool] = None
-    """Compile the decode step, saved in ~/.cache/litllm/torch_compile: true: now; false: never, nor load a saved one; default: when it pays: at least 512 new tokens on the CPU, 128 on CUDA, a chat, or, on the CPU, the run whose tokens bring those that earlier short runs of this model and shape decoded eagerly to 512 (a one-line note; it compiles once); a run that a saved compiled step fits loads it (ms); or as $LITLLM_COMPILE says."""
+    """Compile the decode step, saved in ~/.cache/litllm/torch_compile: true: now; false: never, nor load a saved one; default: when it pays: a chat, at least 128 new tokens on CUDA, or, on the CPU, the run whose expected eager decode seconds, with those earlier runs of this model and shape spent, reach what a compile is expected to take (a one-line note; it compiles once); a run that a saved compiled step fits loads it (ms); or as $LITLLM_COMPILE says."""
     seed: int = 1234
     """Random seed for sampling."""
     draft_model: Optional[Path] = None

@@ -298,12 +298,30 @@ def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------- compiling amortised over short runs
+class FakeClock:
+    """Time that moves only when told: `step` seconds per interval timed (every second read: `time_decode` reads it
+    twice per decode step, `step_engine` and the warm-up twice each), plus `compile` seconds per fake compile."""
+
+    def __init__(self, step: float = 1.0, compile: float = 100.0) -> None:
+        self.now, self.step, self.compile, self.reads = 0.0, step, compile, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        if self.reads % 2 == 0:  # the end of a timed interval: a decode step
+            self.now += self.step
+        return self.now
+
+
 @pytest.fixture
 def fake_compile(monkeypatch, tmp_path):
-    """A fresh cache, the default `--compile`, a threshold of 30 tokens, and compiling ahead of time replaced by
-    the eager step (a file saved as the step, so that later runs find and "load" it): the policy without a
-    1-minute compile. Returns the ledger's path."""
+    """A fresh cache, the default `--compile`, 15 s of expected compile per layer (the tiny model's 2: 30 s), a
+    fake clock (`FakeClock`, returned: 1 s per eager decode step unless changed), and compiling ahead of time
+    replaced by the eager step (a file saved as the step, so that later runs find and "load" it) that takes
+    `clock.compile` seconds: the policy without a 1-minute compile nor a real timing. Returns (the ledger's path,
+    the clock)."""
     from litllm import compile_decode
+
+    clock = FakeClock()
 
     def load(path, engine):
         return lambda tokens, pos: engine.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
@@ -311,49 +329,81 @@ def fake_compile(monkeypatch, tmp_path):
     def compile_and_save(path, engine):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
+        clock.now += clock.compile
         return load(path, engine)
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(COMPILE_ENV, raising=False)
-    monkeypatch.setattr(compile_decode, "PAYS_AFTER_TOKENS", {"cpu": 30})
+    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_FIXED", 0.0)
+    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_PER_LAYER", 15.0)
+    monkeypatch.setattr(compile_decode, "clock", clock)
     monkeypatch.setattr(compile_decode, "_load_step", load)
     monkeypatch.setattr(compile_decode, "_compile_and_save", compile_and_save)
-    return tmp_path / compile_decode.EAGER_TOKENS_FILE
+    return tmp_path / compile_decode.SECONDS_FILE, clock
 
 
 def runs(model, threads, n: int, compile=None, tokens: int = 12, rows: int = 1) -> list[str]:
-    """How `n` runs of `tokens` tokens decode: "eager", or their step's source."""
+    """How `n` runs that decode `tokens` tokens each (`tokens - 1` decode steps: the first is the prefill's)
+    decode: "eager", or their step's source."""
     from litllm.generate import decode_engine
 
     sources = []
     for _ in range(n):
         with decode_engine(model, None, rows, 20, threads, compile, tokens) as engine:
             sources.append(engine.step_source if engine._compiled else "eager")
+            engine.add(Request([1, 2, 3], tokens))
+            while engine.has_unfinished:
+                engine.step()
     return sources
 
 
-def test_short_runs_compile_once_their_eager_tokens_pay(tiny_checkpoint, fake_compile, capsys):
+def eager_ledger(path) -> list[dict]:
+    return list(json.loads(path.read_text())["eager"].values())
+
+
+def test_short_runs_compile_once_their_eager_seconds_reach_the_compile_seconds(tiny_checkpoint, fake_compile,
+                                                                                capsys):
     from litllm.inference import load_for_decoding
 
+    ledger, clock = fake_compile
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-    assert runs(model, threads, 2) == ["eager", "eager"]  # 12, then 24 tokens decoded eagerly (< 30)
-    assert list(json.loads(fake_compile.read_text()).values()) == [24] and not capsys.readouterr().err
+    # the first run times 4 eager steps (1 s each), expects 12 s of decoding (< the 30 s of a 2-layer compile),
+    # decodes eagerly and records what it spent when it closes: 4 + 11 steps; the second: 15 + 12 < 30
+    assert runs(model, threads, 2) == ["eager", "eager"]
+    assert eager_ledger(ledger) == [{"seconds": 26.0, "step_seconds": 1.0}] and not capsys.readouterr().err
     assert runs(model, threads, 1, rows=2) == ["eager"]  # another shape counts apart
-    assert sorted(json.loads(fake_compile.read_text()).values()) == [12, 24]
-    assert runs(model, threads, 1) == ["compiled"]  # 24 + 12 >= 30: this one compiles, saying so in one line
+    assert sorted(e["seconds"] for e in eager_ledger(ledger)) == [15.0, 26.0]
+    assert runs(model, threads, 1) == ["compiled"]  # 26 + 12 >= 30: this one compiles, saying so in one line
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("note: compiling the decode step once") and "24 tokens" in err
-    assert "--compile false" in err and f"{COMPILE_ENV}=0" in err, err
-    assert list(json.loads(fake_compile.read_text()).values()) == [12]  # its count went with the compile
+    assert err.count("\n") == 1 and err.startswith("note: compiling the decode step once") and "26.0 s" in err
+    assert "~12.0 s now" in err and "~30 s" in err and "--compile false" in err and f"{COMPILE_ENV}=0" in err, err
+    assert [e["seconds"] for e in eager_ledger(ledger)] == [15.0]  # its rent went with the compile
+    compiles = list(json.loads(ledger.read_text())["compile"].values())
+    assert [(c["seconds"], c["layers"]) for c in compiles] == [(102.0, 2)]  # it took 100 s (+ 2 timed intervals)
     assert runs(model, threads, 3) == ["loaded"] * 3 and not capsys.readouterr().err  # later runs load it
-    assert list(json.loads(fake_compile.read_text()).values()) == [12]  # nothing counted while a step loads
+    assert [e["seconds"] for e in eager_ledger(ledger)] == [15.0]  # nothing counted while a step loads
+    # the 2-row shape is now priced by that measured compile (102 s): its second run does not compile yet
+    assert runs(model, threads, 1, rows=2) == ["eager"]
+    assert [e["seconds"] for e in eager_ledger(ledger)] == [26.0]
 
 
-def test_the_generate_that_brings_the_count_to_the_threshold_compiles(tiny_checkpoint, fake_compile, capsys):
+@pytest.mark.parametrize("step, sources", [(1.0, ["eager", "eager", "compiled"]), (2.0, ["eager", "compiled"]),
+                                           (3.0, ["compiled"])])
+def test_a_dearer_eager_step_compiles_sooner(tiny_checkpoint, fake_compile, step, sources):
+    # the same model and compile price: runs whose eager step costs more reach it in fewer runs, and a run whose
+    # own eager seconds reach it (12 tokens x 3 s >= 30 s) compiles at once, after its 4 timed steps
+    from litllm.inference import load_for_decoding
+
+    fake_compile[1].step = step
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert runs(model, threads, len(sources)) == sources
+
+
+def test_the_generate_that_brings_the_seconds_to_the_price_compiles(tiny_checkpoint, fake_compile, capsys):
     from litllm.generate import generate
 
     answers = []
-    for _ in range(3):  # 16, then 16 + 16 >= 30 tokens: the second compiles; the third loads
+    for _ in range(3):  # 4 + 15 s, then 19 + 16 >= 30 s: the second compiles; the third loads
         generate(tiny_checkpoint, "Hello", max_new_tokens=16, temperature=0.0)
         answers.append(capsys.readouterr())
     assert answers[0].out == answers[1].out == answers[2].out  # (the fake compiled step is the eager one)
@@ -362,44 +412,74 @@ def test_the_generate_that_brings_the_count_to_the_threshold_compiles(tiny_check
     assert "note:" not in answers[2].err and "Loaded the saved compiled decode step" in answers[2].err
 
 
+def test_the_price_is_the_last_compile_here_else_another_scaled_by_layers(tiny_checkpoint, fake_compile,
+                                                                           monkeypatch):
+    from litllm import compile_decode
+    from litllm.model import GPT
+
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    assert model.config.n_layer == 2 and compile_decode.expected_compile_seconds(model, {})[0] == 30.0  # none here
+    compile_decode.record_compile_seconds(model, 12.0)
+    compiles = compile_decode._ledger()["compile"]
+    assert compile_decode.expected_compile_seconds(model, compiles) == (12.0, "its last compile here")
+    model.config.n_layer = 6  # another model (its config is in the key): the 2-layer one's compile, x 6/2
+    assert compile_decode.expected_compile_seconds(model, compiles)[0] == 36.0
+    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_FIXED", 30.0)  # 30 + 15 x layers: x (30 + 90) / (30 + 30)
+    assert compile_decode.expected_compile_seconds(model, compiles)[0] == 24.0
+    compiles = {key: {**entry, "machine": "another CPU"} for key, entry in compiles.items()}
+    assert compile_decode.expected_compile_seconds(model, compiles)[0] == 120.0  # measured on another machine
+
+
 def test_opted_out_runs_never_compile_nor_count(tiny_checkpoint, fake_compile, monkeypatch):
     from litllm.inference import load_for_decoding
 
+    ledger = fake_compile[0]
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
     assert runs(model, threads, 4, compile=False) == ["eager"] * 4  # --compile false
     monkeypatch.setenv(COMPILE_ENV, "0")
     assert runs(model, threads, 4) == ["eager"] * 4  # $LITLLM_COMPILE=0
-    assert not fake_compile.exists()
+    assert not ledger.exists()
     monkeypatch.delenv(COMPILE_ENV)
     assert runs(model, threads, 1, compile=True) == ["compiled"]  # --compile true compiles at once, uncounted
-    assert not fake_compile.exists()
+    assert json.loads(ledger.read_text())["eager"] == {}  # (its compile seconds recorded: the next price)
 
 
 def test_a_torn_or_foreign_ledger_is_ignored(tiny_checkpoint, fake_compile):
     from litllm.inference import load_for_decoding
 
+    ledger = fake_compile[0]
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-    fake_compile.write_text("{not json")  # torn: counted from 0, and written whole again
+    ledger.write_text("{not json")  # torn: counted from 0, and written whole again
     assert runs(model, threads, 1) == ["eager"]
-    ((key, count),) = json.loads(fake_compile.read_text()).items()
-    assert count == 12
-    fake_compile.write_text(json.dumps({key: 10_000}))
-    fake_compile.chmod(0o666)  # writable by anyone: not read (it would have compiled)
+    ((key, entry),) = json.loads(ledger.read_text())["eager"].items()
+    assert entry == {"seconds": 15.0, "step_seconds": 1.0}
+    ledger.write_text(json.dumps({"eager": {key: {"seconds": 1e6, "step_seconds": 1.0}}}))
+    ledger.chmod(0o666)  # writable by anyone: not read (it would have compiled); probed again
     assert runs(model, threads, 1) == ["eager"]
-    assert json.loads(fake_compile.read_text()) == {key: 12} and fake_compile.stat().st_mode & 0o777 == 0o644
-    fake_compile.write_text(json.dumps({key: "many"}))  # a count that is no count: 0
-    assert runs(model, threads, 1) == ["eager"] and json.loads(fake_compile.read_text()) == {key: 12}
+    assert json.loads(ledger.read_text())["eager"] == {key: entry} and ledger.stat().st_mode & 0o777 == 0o644
+    for bad in ("many", -5, float("nan"), float("inf"), True):  # a duration that is none: 0, probed again
+        ledger.write_text(json.dumps({"eager": {key: {"seconds": bad, "step_seconds": bad}}}))
+        assert runs(model, threads, 1) == ["eager"] and json.loads(ledger.read_text())["eager"] == {key: entry}
+    ledger.write_text(json.dumps({"eager": [1, 2], "compile": "none"}))  # parts that are no dicts: empty
+    assert runs(model, threads, 1) == ["eager"] and json.loads(ledger.read_text())["eager"] == {key: entry}
 
 
-def test_a_step_that_could_not_be_saved_is_not_compiled_again_by_the_count(tiny_checkpoint, fake_compile,
-                                                                            monkeypatch):
-    # a model that does not export as one graph compiles lazily with torch.compile, unsaved: the next short run
-    # would pay the compile again, for its own few tokens only, so short runs of it stay eager
+def test_a_step_that_could_not_be_saved_compiles_only_where_one_run_pays(tiny_checkpoint, fake_compile,
+                                                                         monkeypatch):
+    # a model that does not export as one graph compiles lazily with torch.compile, unsaved: the next run would pay
+    # the compile again, so later runs compile only where their own eager seconds reach its price
     from litllm import compile_decode
     from litllm.inference import load_for_decoding
 
+    ledger, clock = fake_compile
+    clock.compile = 0.0  # what the warm-up's two steps measure then (2 s) is its compile time: the price
     monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)
     monkeypatch.setattr(compile_decode, "compile_step", lambda step, device, static, options: step)  # (no compile)
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-    assert runs(model, threads, 5) == ["eager", "eager", "torch.compile", "eager", "eager"]
-    assert list(json.loads(fake_compile.read_text()).values()) == [compile_decode.UNSAVED]
+    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_PER_LAYER", 7.5)  # 2 layers: 15 s
+    assert runs(model, threads, 3, tokens=5) == ["eager", "eager", "torch.compile"]  # 4 + 4, 8 + 4, 12 + 5 >= 15
+    assert eager_ledger(ledger) == [{"unsaved": True, "seconds": 0.0, "step_seconds": 1.0}]
+    compiles = list(json.loads(ledger.read_text())["compile"].values())
+    assert [c["seconds"] for c in compiles] == [2.0]
+    assert runs(model, threads, 2, tokens=1) == ["eager", "eager"]  # 1 s < 2 s: eager, whatever the rent
+    assert runs(model, threads, 1, tokens=2) == ["torch.compile"]  # 2 s >= 2 s on its own
