@@ -17,10 +17,12 @@ less disturbed by other load on a shared machine) and its error against the fp32
   (`Int8DynamicLinear`, eager);
 - `torchao int8dq layer`: torchao's own `Int8DynamicActivationInt8WeightConfig` layer on the CPU (eager
   activation quantization, `torch._int_mm`), what `torchao.int8dq` would run without the fbgemm kernel;
-- `inductor int8 words`: what litllm's compiled `torchao.int8dq` step runs (`int8_words_linear`: fbgemm's
-  activation quantization and int8 products in torch ops, 4 int8 weights per fp32-typed word, which inductor
-  compiles into its own vectorized reduction), all of a part's matmuls compiled as one function, as in the step
-  (compiling it takes a minute or two; `--no_compiled` leaves it out). Tried and slower here: inductor's reduction
+- `inductor int8 words`: what litllm's compiled `torchao.int8dq` step runs (`int8_words_linear`: activations rounded
+  to int8 per block of 32 as llama.cpp's q8_0 rounds them, then int8 weights times them in torch ops, 4 int8 weights
+  per fp32-typed word, which inductor compiles into its own vectorized reduction), all of a part's matmuls compiled
+  as one function, as in the step (compiling it takes a minute or two; `--no_compiled` leaves it out);
+- `inductor words, fp32 act.`: the same reduction on unrounded fp32 activations, what litllm's compiled fp32
+  `torchao.int8wo` step runs. Tried and slower here: inductor's reduction
   over the int8 weights as int8 (`x @ w.float()`, ~10x slower than fbgemm: its int8 and int32 vector loads go
   through a stack copy) or as int32 words (~4x), and oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`,
   ~3x slower on an AVX2 CPU with the activation quantized eagerly).
@@ -75,9 +77,10 @@ def torchao_int8dq(w: torch.Tensor):
     return layer
 
 
-def compiled_words(layers: list[dict]):
-    """The `inductor int8 words` row: one compiled function multiplying a row by every layer as litllm's compiled
-    int8dq step does (`int8_words_linear`), or None where the layers have no fbgemm copy to match."""
+def compiled_words(layers: list[dict], int8dq: bool):
+    """An `inductor int8 words` row: one compiled function multiplying a row by every layer as litllm's compiled
+    int8dq step (`int8dq`: activations rounded per block of 32) or fp32 int8wo step (fp32 activations) does
+    (`int8_words_linear`), or None where the layers have no fbgemm copy to match."""
     from litllm.compile_decode import CPU_COMPILE_OPTIONS
     from litllm.quantize import int8_words_linear
 
@@ -85,11 +88,11 @@ def compiled_words(layers: list[dict]):
         return None
     for L in layers:
         L["packed"].prepare_compiled()
-    weights = [(L["packed"].words, L["packed"].scales) for L in layers]
-    qmax = layers[0]["packed"].qmax
+    weights = [(L["packed"].words, L["packed"].word_scales, L["packed"].words_block if int8dq else None)
+               for L in layers]
 
     def step(xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        return [int8_words_linear(xs[w.shape[1] * 4], w, s, None, qmax) for w, s in weights]
+        return [int8_words_linear(xs[w.shape[1] * 4], w, s, None, block) for w, s, block in weights]
 
     return torch.compile(step, dynamic=False, options=CPU_COMPILE_OPTIONS)
 
@@ -119,9 +122,10 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor], compiled: bool) -> 
         found["fbgemm W8A8 dynamic"] = lambda: [L["packed"](xs[L["w"].shape[1]]) for L in layers]
     if all(L["ao"] is not None for L in layers):
         found["torchao int8dq layer"] = lambda: [L["ao"](xs[L["w"].shape[1]]) for L in layers]
-    step = compiled_words(layers) if compiled else None
-    if step is not None:
-        found["inductor int8 words"] = lambda: step(xs)
+    for name, int8dq in (("inductor int8 words", True), ("inductor words, fp32 act.", False)):
+        step = compiled_words(layers, int8dq) if compiled else None
+        if step is not None:
+            found[name] = lambda step=step: step(xs)
     return found
 
 

@@ -136,12 +136,13 @@ def _machine() -> str:
 def _weights_digest(model, strides: bool = False) -> str:
     """A digest of the model's parameters and buffers as they are now (names, shapes, dtypes, tensor types, and
     with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it and an
-    int8dq layer with the plain copy of its weights `unpack_weights` gives it, which is what a compiled step takes),
+    int8 CPU layer with the plain copy of its weights `unpack_weights` gives it, which is what a compiled step takes),
     the KV cache left out."""
     entries = []
     packed = {name for name, module in model.named_modules() if _is_packed(module)} if strides else set()
-    int8 = {name: module for name, module in model.named_modules() if hasattr(module, "prepare_compiled")}
-    for name, module in int8.items():  # int8dq layers: as the compiled step takes them (prepared), whether or not yet
+    int8 = {name: module for name, module in model.named_modules()
+            if hasattr(module, "prepare_compiled") and module.compiled_tensors()}
+    for name, module in int8.items():  # int8 layers: as the compiled step takes them (prepared), whether or not yet
         if strides:
             entries += [f"{name}.{leaf}:{shape}:{dtype}:Tensor:{stride};"
                         for leaf, shape, dtype, stride in module.compiled_tensors()]
@@ -585,8 +586,8 @@ def unpack_weights(model) -> None:
     eager step) are opaque tensors that inductor lowers only as frozen constants, and a compiled step takes the
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears
     (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul).
-    `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) get a plain copy of their int8 weights that the
-    compiled step multiplies by instead (`Int8DynamicLinear.prepare_compiled`)."""
+    `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
+    their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`)."""
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -595,8 +596,8 @@ def unpack_weights(model) -> None:
 
 
 def prepare_int8_for_compile(model) -> None:
-    """Give every `litllm.quantize.Int8DynamicLinear` (torchao.int8dq on the CPU) the plain copy of its int8 weights
-    that a compiled step multiplies by."""
+    """Give every `litllm.quantize.Int8Words` layer (torchao.int8dq, torchao.int8wo on the CPU) the plain copy of its
+    int8 weights that a compiled step multiplies by."""
     for module in model.modules():
         if hasattr(module, "prepare_compiled"):
             module.prepare_compiled()
@@ -607,7 +608,7 @@ def load_saved_step(engine) -> bool:
     note when one was there, and it stays eager): how a short `generate` uses a saved step without compiling."""
     path = steps_folder(engine.model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
     found = torch.device(engine.device).type == "cpu" and path.exists()
-    if found:  # the step reads int8dq layers' plain copies of their weights: made only when there is a step to load
+    if found:  # the step reads int8 layers' plain copies of their weights: made only when there is a step to load
         prepare_int8_for_compile(engine.model)
     step = _load_step(path, engine) if found else None
     if step is not None:

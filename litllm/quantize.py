@@ -6,7 +6,8 @@ Modes (`--quantize`):
 - `bnb.fp4`     4-bit floating-point weights.
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
 - `torchao.int8wo`  int8 weight-only: symmetric int8 per output row. CUDA: torchao's `Int8WeightOnlyConfig`;
-                    CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8).
+                    CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8) eager; a
+                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -18,8 +19,10 @@ Modes (`--quantize`):
                     does the same per block of 32); the output head too (its output stays fp32). CUDA: torchao's
                     layer; CPU: `Int8DynamicLinear`, torch's fbgemm `quantized::linear_dynamic` kernel eager (int8
                     dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, 2-3x
-                    slower: benchmarks/int8_matmul.py), the same numbers in torch ops compiled
-                    (`int8_words_linear`: inductor's own int8 reduction, no call out of the compiled step). Faster than int8wo, a little less exact (logits ~2% off vs ~1%).
+                    slower: benchmarks/int8_matmul.py); compiled, inductor's own int8 reduction (`Int8Words`,
+                    `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
+                    does, finer than fbgemm's one scale per call. Faster than int8wo, a little less exact (eager
+                    logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import warnings
 import weakref
 from functools import lru_cache
@@ -93,21 +97,143 @@ def _frozen_copy(linear: nn.Linear, device: torch.device, dtype: torch.dtype) ->
     return copy
 
 
-class Int8PackedLinear(nn.Module):
+def _int8_words(qdata: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) -> (out, in / 4) fp32 whose bits hold 4 int8 weights each: word j of a row holds, from its
+    lowest byte up, the row's weights j, j + in/4, j + in/2, j + 3in/4, so that the compiled kernel multiplies byte b
+    of every word by one contiguous quarter of the activation row. fp32 (not int32): inductor's CPU code loads an
+    fp32 vector in one instruction but an int32 one through a stack copy (`Vectorized<int32_t>::loadu(ptr, n)`),
+    which made the kernel 4x slower; the bits are reinterpreted as int32 in the kernel (free)."""
+    out_f, in_f = qdata.shape  # (out, in) -> (out, 4, in/4) -> (out, in/4, 4) bytes -> (out, in/4) words
+    words = qdata.reshape(out_f, 4, in_f // 4).transpose(1, 2).contiguous().view(torch.int32)
+    return words.reshape(out_f, in_f // 4).view(torch.float32)
+
+
+ACTIVATION_BLOCK = 32
+"""Values per activation scale in the int8dq compiled step (llama.cpp q8_0's block; narrower where a layer's width
+is no multiple of it: its greatest common divisor with the width)."""
+
+
+def _block_quantized(x2d: torch.Tensor, block: int) -> torch.Tensor:
+    """(N, in) activations rounded as llama.cpp's q8_0 rounds them: each `block` consecutive values to int8 levels
+    of one symmetric scale (their absmax / 127), returned dequantized (fp32 (N, in))."""
+    xb = x2d.reshape(x2d.shape[0], -1, block)  # (N, in/block, block)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, 0.0, 1.0 / d)  # an all-zero block stays zero
+    return (torch.round(xb * inv) * d).reshape(x2d.shape)
+
+
+def int8_words_linear(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                      block: Optional[int]) -> torch.Tensor:
+    """(N, in) fp32 activations times the int8 weights packed in `words` (`_int8_words`), an fp32 scale per output row
+    -> (N, out) fp32, in torch ops that inductor compiles into one vectorized reduction per output row: each word's
+    4 bytes sign-extended, converted to fp32 and multiplied by their quarters of the activation row. `block`: the
+    activations are first rounded to int8 per block of that many values (`_block_quantized`: int8dq's step); None:
+    used as they are (int8wo's step: exact to the int8 weights). Without VNNI the CPU has no faster int8 product than
+    this conversion, so rounding the activations buys no speed here; it keeps int8dq's W8A8 numbers."""
+    if block is not None:
+        x2d = _block_quantized(x2d, block)
+    x4 = x2d.reshape(-1, 4, 1, x2d.shape[-1] // 4)  # (N, 4, 1, in/4): the quarters of each row
+    v = words.view(torch.int32)  # (out, in/4), 4 int8 weights a word
+    acc = (((v << 24) >> 24).float() * x4[:, 0] + ((v << 16) >> 24).float() * x4[:, 1]  # sign-extended bytes 0, 1
+           + ((v << 8) >> 24).float() * x4[:, 2] + (v >> 24).float() * x4[:, 3]).sum(-1)  # (N, out)
+    out = acc * scales
+    return out if bias is None else out + bias
+
+
+class Int8Words(nn.Module):
+    """What litllm's int8 CPU layers (`Int8PackedLinear`, `Int8DynamicLinear`) share for a compiled decode step: a
+    plain-tensor copy of their int8 weights (`words`, `_int8_words`), fp32 row scales and bias, made by
+    `prepare_compiled()` (`litllm.compile_decode.unpack_weights`, before a step compiles), which the step multiplies
+    by in torch ops (`int8_words_linear`, inductor's own int8 reduction) instead of calling the eager kernel: no call
+    out of the compiled code, exportable, so the step is saved and loaded as the unquantized ones are (AOTInductor).
+    A compiled model so holds its int8 weights twice (the eager kernel's copy for prefill, `words` for the step).
+    Subclasses give `_int8_values()` and `words_block` (the step's activation rounding, `int8_words_linear`)."""
+
+    words_block: Optional[int] = None
+
+    def _int8_values(self) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """(int8 (out, in), scales (out,), bias or None): the weights the step multiplies by; None: no compiled copy."""
+        raise NotImplementedError
+
+    def _init_words(self) -> None:
+        for name in ("words", "word_scales", "word_bias"):  # the compiled step's copy (prepare_compiled)
+            self.register_buffer(name, None, persistent=False)
+
+    def _makes_words(self) -> bool:
+        return self.in_features % 4 == 0  # a word holds 4 weights of each quarter of a row
+
+    def compiled_tensors(self) -> list[tuple[str, tuple, torch.dtype, tuple]]:
+        """(name, shape, dtype, strides) of each tensor `prepare_compiled` gives this layer for a compiled step, made
+        or not yet (the saved step's key counts them: `litllm.compile_decode._weights_digest`)."""
+        if not self._makes_words():
+            return []
+        n_out, n_words = self.out_features, self.in_features // 4
+        tensors = [("words", (n_out, n_words), torch.float32, (n_words, 1)),
+                   ("word_scales", (n_out,), torch.float32, (1,))]
+        return tensors + ([("word_bias", (n_out,), torch.float32, (1,))] if self.has_bias else [])
+
+    def prepare_compiled(self) -> None:
+        """Add the plain-tensor copy of the weights a compiled step multiplies by (idempotent; not where the input
+        width is no multiple of 4: such a layer's step calls the eager kernel)."""
+        if self.words is not None or not self._makes_words():
+            return
+        qdata, scales, bias = self._int8_values()
+        # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
+        self.register_buffer("words", _int8_words(qdata), persistent=False)
+        self.register_buffer("word_scales", scales.float().to(qdata.device), persistent=False)
+        self.register_buffer("word_bias", None if bias is None else bias.detach().float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # the compiled step's copy moves with the module (device) but keeps its dtypes (model.half()): `words` holds
+        # int8 bits in fp32, converted it would be garbage; scales and bias stay fp32
+        kept = {name: self._buffers.pop(name) for name in ("words", "word_scales", "word_bias")
+                if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, t in kept.items():
+            moved = None if t is None else (fn(t.view(torch.int32)).view(torch.float32) if name == "words"
+                                            else fn(t).float())
+            self.register_buffer(name, moved, persistent=False)
+        return self
+
+    def _words_linear(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(N, in) -> (N, out) fp32: the compiled step's product."""
+        return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
+
+
+class Int8PackedLinear(Int8Words):
     """A frozen Linear with int8 weights and one symmetric scale per output row (torchao's int8 weight-only
     values), computed by torch's CPU kernel `torch._weight_int8pack_mm` (gpt-fast's CPU int8 path): it reads
-    the int8 weights directly, where torchao's `Int8Tensor` converts them to the activation dtype each call."""
+    the int8 weights directly, where torchao's `Int8Tensor` converts them to the activation dtype each call.
+
+    Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
+    weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
+    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
         super().__init__()
         self.out_features, self.in_features = qdata.shape
         self.weight = nn.Parameter(qdata.contiguous(), requires_grad=False)  # (out, in) int8
+        self.fp32_activations = scales.dtype == torch.float32  # the model's dtype (`_torchao_int8wo`)
         # (out,) in the dtype the kernel multiplies in: bf16 for fp32 activations (see forward)
         act = torch.bfloat16 if scales.dtype == torch.float32 else scales.dtype
         self.scales = nn.Parameter(scales.reshape(-1).to(act).contiguous(), requires_grad=False)
         self.bias = bias
+        self._init_words()
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    def _makes_words(self) -> bool:  # 16-bit activations: the kernel's bf16 path is the fast one already
+        return self.fp32_activations and super()._makes_words()
+
+    def _int8_values(self):
+        return self.weight, self.scales, self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.words is not None and x.dtype == torch.float32:
+            out = self._words_linear(x.reshape(-1, self.in_features))  # (N, out), the bias added
+            return out.reshape(*x.shape[:-1], self.out_features)
         # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
         # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
         act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
@@ -179,58 +305,18 @@ _INT8_DYNAMIC_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = we
 _INT8_DYNAMIC_KEYS = itertools.count()
 
 
-def _int8_words(qdata: torch.Tensor) -> torch.Tensor:
-    """int8 (out, in) -> (out, in / 4) fp32 whose bits hold 4 int8 weights each: word j of a row holds, from its
-    lowest byte up, the row's weights j, j + in/4, j + in/2, j + 3in/4, so that the compiled kernel multiplies byte b
-    of every word by one contiguous quarter of the activation row. fp32 (not int32): inductor's CPU code loads an
-    fp32 vector in one instruction but an int32 one through a stack copy (`Vectorized<int32_t>::loadu(ptr, n)`),
-    which made the kernel 4x slower; the bits are reinterpreted as int32 in the kernel (free)."""
-    out_f, in_f = qdata.shape  # (out, in) -> (out, 4, in/4) -> (out, in/4, 4) bytes -> (out, in/4) words
-    words = qdata.reshape(out_f, 4, in_f // 4).transpose(1, 2).contiguous().view(torch.int32)
-    return words.reshape(out_f, in_f // 4).view(torch.float32)
-
-
-def _quantize_activations(x2d: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fbgemm's dynamic activation quantization, in torch ops: one asymmetric scale for the whole (N, in) input,
-    the range widened to hold 0, values rounded to 0..qmax around an integer zero point (its
-    `ChooseQuantizationParams` and `Quantize`); returns (the quantized values less the zero point, integers in fp32
-    (N, in); the scale (1, 1))."""
-    lo, hi = x2d.amin().clamp(max=0).reshape(1, 1), x2d.amax().clamp(min=0).reshape(1, 1)
-    scale = ((hi.double() - lo) / qmax).float()  # in double, as fbgemm, then its fp32 value
-    scale = torch.where(scale == 0, 0.1, scale)  # fbgemm's value for an all-zero input
-    zero_point = torch.round(-lo / scale).clamp(0, qmax)
-    q = torch.round(x2d * (1.0 / scale) + zero_point).clamp(0, qmax)
-    return q - zero_point, scale
-
-
-def int8_words_linear(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-                      qmax: int) -> torch.Tensor:
-    """`quantized::linear_dynamic`'s result in torch ops that inductor compiles into one vectorized reduction per
-    output row: (N, in) fp32 activations quantized as fbgemm does, times the int8 weights packed in `words`
-    (`_int8_words`), an fp32 scale per output row -> (N, out) fp32. The products and their sums are integers that
-    fp32 holds exactly (|x| <= 255, |w| <= 128: < 2^24 for the partial sums of rows up to ~4000 wide), so one row
-    gives fbgemm's output bit for bit."""
-    xq, x_scale = _quantize_activations(x2d, qmax)
-    x4 = xq.reshape(-1, 4, 1, xq.shape[-1] // 4)  # (N, 4, 1, in/4): the quarters of each row
-    v = words.view(torch.int32)  # (out, in/4), 4 int8 weights a word
-    acc = (((v << 24) >> 24).float() * x4[:, 0] + ((v << 16) >> 24).float() * x4[:, 1]  # sign-extended bytes 0, 1
-           + ((v << 8) >> 24).float() * x4[:, 2] + (v >> 24).float() * x4[:, 3]).sum(-1)  # (N, out)
-    out = acc * (x_scale * scales)  # fbgemm's order: (activation scale * row scale) * integer sum
-    return out if bias is None else out + bias
-
-
-class Int8DynamicLinear(nn.Module):
+class Int8DynamicLinear(Int8Words):
     """A frozen Linear with int8 weights (one symmetric scale per output row) whose activations are quantized to
-    8 bits on each call (one asymmetric scale per call's input; 7 bits on CPUs without VNNI) and multiplied by int8
-    dot products, the output in fp32: W8A8 dynamic, as llama.cpp's q8_0 dot product does. Eager, the kernel is
-    torch's fbgemm `quantized::linear_dynamic` (int8 GEMV), on weights prepacked for it once.
+    int8 on each call and multiplied by int8 dot products, the output in fp32: W8A8 dynamic, as llama.cpp's q8_0
+    dot product does. Eager, the kernel is torch's fbgemm `quantized::linear_dynamic` (int8 GEMV), on weights
+    prepacked for it once: one asymmetric activation scale per call's input, 8 bits (7 on CPUs without VNNI, where
+    its int16 sums could saturate: `_reduce_range`).
 
-    Compiled: `prepare_compiled()` (`litllm.compile_decode.unpack_weights`, before a decode step compiles) adds a
-    copy of the int8 weights as plain tensors (`words`, `_int8_words`) and the step computes the same numbers in
-    torch ops (`int8_words_linear`) that inductor turns into its own vectorized int8 reduction: no call out of the
-    compiled code (the custom op below cost ~1/5 of a step), exportable, so the step is saved and loaded as the
-    unquantized ones are (AOTInductor), and bit for bit the eager output for one row. A compiled model so holds its
-    int8 weights twice (fbgemm's packing for eager prefill, `words` for the step)."""
+    Compiled (`Int8Words`): the step rounds each activation row to int8 per block of 32 values with a symmetric
+    scale each (q8_0's activation rounding, `int8_words_linear`): its own reduction sums in fp32, so it needs no
+    narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
+    vs 6.3% for 7-bit rows; tutorials/inference.md). The eager prefill and the compiled step so round activations
+    differently (both within int8dq's error of fp32)."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -244,7 +330,8 @@ class Int8DynamicLinear(nn.Module):
         # packed weights can't be faked (the compiled step does not read them: `words`)
         self._packed = (packed,)
         self.has_bias = bias is not None
-        self.register_buffer("words", None, persistent=False)  # the compiled step's copy (prepare_compiled)
+        self.words_block = math.gcd(self.in_features, ACTIVATION_BLOCK)
+        self._init_words()
         self.key = next(_INT8_DYNAMIC_KEYS)  # never reused: a compiled step holds it as a constant
         _INT8_DYNAMIC_LAYERS[self.key] = self
         _int8_dynamic_op()
@@ -259,46 +346,17 @@ class Int8DynamicLinear(nn.Module):
         """fbgemm's packed weights (`torch.ops.quantized.linear_prepack`)."""
         return self._packed[0]
 
-    def compiled_tensors(self) -> list[tuple[str, tuple, torch.dtype, tuple]]:
-        """(name, shape, dtype, strides) of each tensor `prepare_compiled` gives this layer for a compiled step, made
-        or not yet (the saved step's key counts them: `litllm.compile_decode._weights_digest`)."""
-        if self.in_features % 4:
-            return []
-        n_out, n_words = self.out_features, self.in_features // 4
-        tensors = [("words", (n_out, n_words), torch.float32, (n_words, 1)), ("scales", (n_out,), torch.float32, (1,))]
-        return tensors + ([("bias", (n_out,), torch.float32, (1,))] if self.has_bias else [])
-
-    def prepare_compiled(self) -> None:
-        """Add the plain-tensor copy of the weights a compiled step multiplies by (idempotent; not where the input
-        width is no multiple of 4: such a layer keeps the custom op)."""
-        if self.words is not None or self.in_features % 4:
-            return
+    def _int8_values(self):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qweight, bias = torch.ops.quantized.linear_unpack(self.packed)
-        device = qweight.device
-        # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
-        self.register_buffer("words", _int8_words(qweight.int_repr()), persistent=False)
-        self.register_buffer("scales", qweight.q_per_channel_scales().float().to(device), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
-        self.qmax = 127 if _reduce_range() else 255  # fbgemm's activation range here (read outside the traced step)
-
-    def _apply(self, fn, recurse=True):
-        # the compiled step's copy moves with the module (device) but keeps its dtypes as fbgemm's packing does
-        # (model.half()): `words` holds int8 bits in fp32, converted it would be garbage; scales and bias stay fp32
-        kept = {name: self._buffers.pop(name) for name in ("words", "scales", "bias") if name in self._buffers}
-        super()._apply(fn, recurse)
-        for name, t in kept.items():
-            moved = None if t is None else (fn(t.view(torch.int32)).view(torch.float32) if name == "words"
-                                            else fn(t).float())
-            self.register_buffer(name, moved, persistent=False)
-        return self
+        return qweight.int_repr(), qweight.q_per_channel_scales(), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
         if torch.compiler.is_compiling() and self.words is not None:  # (N, out) fp32
-            out = int8_words_linear(x2d, self.words, self.scales, self.bias, self.qmax)
-        elif torch.compiler.is_compiling():
+            out = self._words_linear(x2d)
+        elif torch.compiler.is_compiling():  # no compiled copy (a width no multiple of 4): fbgemm, opaque to inductor
             out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
         else:  # eager: the kernel itself, without the custom op's Python dispatch (~100 calls a token)
             out = torch.ops.quantized.linear_dynamic(x2d, self.packed, _reduce_range())

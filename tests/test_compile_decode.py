@@ -246,11 +246,13 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
 
 
 @pytest.mark.slow
-def test_an_int8dq_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkpoint, monkeypatch, tmp_path):
-    """torchao.int8dq on the CPU (fbgemm's opaque packed weights eager): the compiled step multiplies by a plain copy
-    of the int8 weights (`Int8DynamicLinear.prepare_compiled`), so it exports and is saved by AOTInductor like an
-    unquantized step, and a fresh model of the same checkpoint (not yet given that copy) finds and loads it; both
-    decode the eager engine's greedy tokens."""
+@pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
+def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkpoint, monkeypatch, tmp_path, mode):
+    """torchao.int8dq and fp32 torchao.int8wo on the CPU (eager: fbgemm's opaque packed weights, `_weight_int8pack_mm`):
+    the compiled step multiplies by a plain copy of the int8 weights (`Int8Words.prepare_compiled`), so it exports
+    and is saved by AOTInductor like an unquantized step, and a fresh model of the same checkpoint (not yet given that
+    copy) finds and loads it; both decode the eager engine's greedy tokens (the step rounds activations otherwise
+    than the eager kernels, more finely: test_quantize.py; the tiny model's tokens are the same)."""
     pytest.importorskip("torchao")
     from litllm.compile_decode import load_saved_step
     from litllm.engine import Engine
@@ -260,7 +262,7 @@ def test_an_int8dq_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_chec
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
 
     def model():
-        return quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int8dq", "cpu")
+        return quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
 
     def decode(engine):
         engine.add(Request(list(range(1, 9)), 12))
@@ -273,7 +275,7 @@ def test_an_int8dq_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_chec
     compiled = Engine(model(), None, 1, 64, threads=1, compile=True)
     assert decode(compiled) == eager and compiled.step_source == "compiled"  # AOTInductor, not torch.compile
     fresh = Engine(model(), None, 1, 64, threads=1)
-    assert fresh.model.lm_head.words is None  # the copy is made only where a step is there to load
+    assert fresh.model.blocks[0].attn.qkv.words is None  # the copy is made only where a step is there to load
     assert load_saved_step(fresh) and fresh.step_source == "loaded"
     assert decode(fresh) == eager
 
