@@ -1,5 +1,9 @@
-"""Run by tests/test_parallel.py in its own process (rank 0 of a 2-rank tensor-parallel run on the CPU): the same
-calls on `LLM.load(devices=1)` and `LLM.load(devices=2)`, printed as one JSON line for the test to compare."""
+"""Run by tests/test_parallel.py in its own process (rank 0 of 2-rank tensor-parallel runs on the CPU): for each
+checkpoint named on the command line, the same calls on `LLM.load(devices=1)` and `LLM.load(devices=2)`, printed as
+one JSON line for the test to compare. The checkpoints (one per model family) share the process, one after the
+other: each 2-rank model is closed (its worker leaves, the process group goes) before the next one loads, so a
+family costs its worker's start, not another interpreter with torch. Before each checkpoint a line
+`parallel_check: FOLDER` goes to stderr (the test splits what each family printed there)."""
 
 import json
 import sys
@@ -48,8 +52,14 @@ def constrained(llm: LLM) -> list:
     return [texts[i] for i in sorted(texts)]
 
 
+MARK = "parallel_check: "
+
+
 if __name__ == "__main__":
-    checkpoint = sys.argv[1]
-    single = calls(LLM.load(checkpoint, device="cpu"))
-    sharded = calls(LLM.load(checkpoint, device="cpu", devices=2))
-    print(json.dumps({"single": single, "sharded": sharded}))
+    for checkpoint in sys.argv[1:]:
+        print(MARK + checkpoint, file=sys.stderr, flush=True)
+        single = calls(LLM.load(checkpoint, device="cpu"))
+        llm = LLM.load(checkpoint, device="cpu", devices=2)
+        sharded = calls(llm)
+        llm.model.tp_channel.close()  # the next checkpoint starts a process group of its own
+        print(json.dumps({"checkpoint": checkpoint, "single": single, "sharded": sharded}), flush=True)

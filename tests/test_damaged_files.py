@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from test_pretrain import env_with_tests, fixed_tokens_args, initial_model, read_losses  # noqa: F401 (a fixture)
+from conftest import litllm_in_process
+from test_pretrain import fixed_tokens_args, initial_model, read_losses  # noqa: F401 (a fixture)
 
 from litllm.__main__ import main as cli
 
@@ -30,8 +29,6 @@ def tree(folder: Path) -> set[str]:
 def fails_clearly(args: list[str], cwd: Path, names: str) -> str:
     """Run the CLI (in this process: `conftest.litllm_in_process`); it must exit 1 with one `error:` line that
     names `names`, and no traceback."""
-    from conftest import litllm_in_process
-
     proc = litllm_in_process(args, cwd)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-3000:]
@@ -118,10 +115,7 @@ def test_resume_from_damaged_checkpoints(initial_model, tmp_path):  # noqa: F811
 
     # auto: the damaged newest is passed over (with a warning) and the run resumes exactly from step 2
     truncate(run / "step-00000004" / "optimizer.pt")
-    proc = subprocess.run(
-        [sys.executable, "-m", "litllm", *map(str, args), "--resume", "auto"], capture_output=True, text=True,
-        timeout=300, env=env_with_tests(), cwd=tmp_path,
-    )
+    proc = litllm_in_process([*args, "--resume", "auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: --resume auto skips a damaged checkpoint" in proc.stderr
     assert str(run / "step-00000004" / "optimizer.pt") in proc.stderr

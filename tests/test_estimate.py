@@ -214,57 +214,70 @@ def test_step_fabric_autocasts_mixed_precision():
 
 
 # ---------------------------------------------------------------------- 2-process FSDP
+FSDP_CASES = [(4, 64), (1, 16)]  # (micro_batch_size, seq_length)
+# one launch measures every case (a fresh model, optimizer and tracker each): argv = out prefix, tests dir, "B,T"...
 FSDP_WORKER = r"""
-import json, sys, torch
+import gc, json, sys, torch
 sys.path.insert(0, sys.argv[2])
 from test_estimate import family_config
-from litllm.estimate import mem_tracker, tracker_breakdown
-from litllm.train.fabric import make_fabric
-from litllm.train.loop import Method, build_train_model, train_step
+from litllm.train.fabric import make_fabric, unwrap
+from litllm.train.loop import Method, build_train_model, token_cross_entropy, train_step
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
 fabric = make_fabric(devices=2, accelerator="cpu", strategy="fsdp", precision="32-true")
 fabric.launch()
-torch.manual_seed(0)
-with torch.device("meta"):
-    model = build_train_model(family_config("llama"), Method())
-B, T = int(sys.argv[3]), int(sys.argv[4])
-model.max_seq_length = T
-model = fabric.setup_module(model)
-opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
-g = torch.Generator().manual_seed(fabric.global_rank)
-batches = lambda: [{"input_ids": torch.randint(0, 320, (B, T), generator=g),
-                    "labels": torch.randint(0, 320, (B, T), generator=g)} for _ in range(2)]
-train_step(fabric, model, opt, batches(), 1.0, -100)
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from litllm.train.fabric import unwrap
-tracker = FSDPMemTracker(unwrap(model), opt.optimizer)
-tracker.track_inputs(())
-from litllm.train.loop import token_cross_entropy
-def loss_fn(m, b, i):
-    tracker.reset_mod_stats()
-    return token_cross_entropy(m, b, i)
-with tracker:
-    train_step(fabric, model, opt, batches(), 1.0, -100, loss_fn)
-peak = tracker.get_tracker_snapshot("peak")
-total = sum(d["Total"] for d in peak.values())
+peaks = {}
+for case in sys.argv[3:]:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = build_train_model(family_config("llama"), Method())
+    B, T = map(int, case.split(","))
+    model.max_seq_length = T
+    model = fabric.setup_module(model)
+    opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    g = torch.Generator().manual_seed(fabric.global_rank)
+    batches = lambda: [{"input_ids": torch.randint(0, 320, (B, T), generator=g),
+                        "labels": torch.randint(0, 320, (B, T), generator=g)} for _ in range(2)]
+    train_step(fabric, model, opt, batches(), 1.0, -100)
+    tracker = FSDPMemTracker(unwrap(model), opt.optimizer)
+    tracker.track_inputs(())
+    def loss_fn(m, b, i):
+        tracker.reset_mod_stats()
+        return token_cross_entropy(m, b, i)
+    with tracker:
+        train_step(fabric, model, opt, batches(), 1.0, -100, loss_fn)
+    peak = tracker.get_tracker_snapshot("peak")
+    peaks[case] = sum(d["Total"] for d in peak.values())
+    del model, opt, tracker, loss_fn
+    gc.collect()
 with open(sys.argv[1] + f".{fabric.global_rank}", "w") as f:
-    json.dump(total, f)
+    json.dump(peaks, f)
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("micro_batch_size,seq_length", [(4, 64), (1, 16)])
-def test_fsdp_two_processes_within_10_percent(tmp_path, micro_batch_size, seq_length):
-    """Each of 2 FSDP processes (gloo) measured by torch's FSDPMemTracker; (1, 16) is dominated by
-    weights, gradients and optimizer state, where the unsharded estimate would be over 10% too high."""
+@pytest.fixture(scope="module")
+def fsdp_peaks(tmp_path_factory) -> dict:
+    """{(micro_batch_size, seq_length): [rank 0's peak, rank 1's]} of FSDP_CASES, measured in one 2-process launch
+    (each launch costs two interpreters with torch and Lightning)."""
+    tmp_path = tmp_path_factory.mktemp("fsdp_peaks")
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
     out = tmp_path / "peak"
     env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(out), str(ROOT / "tests"), str(micro_batch_size),
-                           str(seq_length)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(script), str(out), str(ROOT / "tests"),
+                           *(f"{b},{t}" for b, t in FSDP_CASES)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = [json.loads((tmp_path / f"peak.{r}").read_text()) for r in (0, 1)]
+    return {(b, t): [m[f"{b},{t}"] for m in measured] for b, t in FSDP_CASES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro_batch_size,seq_length", FSDP_CASES)
+def test_fsdp_two_processes_within_10_percent(fsdp_peaks, micro_batch_size, seq_length):
+    """Each of 2 FSDP processes (gloo) measured by torch's FSDPMemTracker; (1, 16) is dominated by
+    weights, gradients and optimizer state, where the unsharded estimate would be over 10% too high."""
+    measured = fsdp_peaks[micro_batch_size, seq_length]
     plan = plan_for("llama", "pretrain", None, micro_batch_size, False, world_size=2, strategy="fsdp",
                     global_batch_size=4 * micro_batch_size, seq_length=seq_length)
     estimated = peak_memory(plan)["total"]

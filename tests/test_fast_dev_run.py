@@ -1,8 +1,13 @@
-"""`--fast_dev_run` on pretrain, finetune_* and prepare_*, run as a user runs them (CLI subprocesses).
+"""`--fast_dev_run` on pretrain, finetune_* and prepare_*, run as a user runs them (the CLI's entry point).
 
 A dev run exits 0 after printing its checks, never writes the user's out_dir and leaves no temporary
 folder behind; a broken recipe fails in it with the very line the real run prints; a checkpoint that
 doesn't restore the trained state fails the round trip.
+
+The passing runs of pretrain and of the two-process finetune are `python -m litllm` subprocesses (the exit status a
+shell sees, the launcher starting a rank); the other commands run `litllm.__main__.main` in this process
+(`conftest.litllm_in_process`, with TMPDIR pointed at the test's folder), which saves each an interpreter with
+torch and Lightning (~6 s of CPU a command).
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import json_file
+from conftest import json_file, litllm_in_process
 
-pytestmark = pytest.mark.slow  # every command run end to end in its own process
+pytestmark = pytest.mark.slow  # every command run end to end (training steps, a checkpoint round trip)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -30,15 +35,25 @@ def data_file(tmp_path_factory) -> Path:
     return json_file(tmp_path_factory, [{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(24)])
 
 
-def litllm(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m litllm ...` with its temporary files in tmp_path/tmp (so leftovers can be seen)."""
+def litllm(tmp_path: Path, *args: str, own_process: bool = False) -> subprocess.CompletedProcess:
+    """`litllm ...` with its temporary files in tmp_path/tmp (so leftovers can be seen): in this process, or
+    `python -m litllm` with `own_process`."""
+    import tempfile
+
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
     env.pop("LITLLM_FAST_DEV_RUN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "litllm", *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)
+    if own_process:
+        return subprocess.run([sys.executable, "-m", "litllm", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=600)
+    cached = tempfile.tempdir  # tempfile reads TMPDIR once: forget it for the call
+    tempfile.tempdir = None
+    try:
+        return litllm_in_process(args, cwd=tmp_path, env=env)
+    finally:
+        tempfile.tempdir = cached
 
 
 def assert_dev_run_passed(proc: subprocess.CompletedProcess, tmp_path: Path, out_dir: Path) -> None:
@@ -74,7 +89,8 @@ def pretrain_args(tmp_path: Path, out_dir: Path, *extra: str) -> list[str]:
 def test_pretrain_fast_dev_run(tmp_path):
     out = tmp_path / "out" / "debug"
     # --resume auto (the sbatch template adds it) starts fresh: the dev run's out_dir has no checkpoints
-    proc = litllm(tmp_path, *pretrain_args(tmp_path, out, "--fast_dev_run", "true", "--resume", "auto"))
+    proc = litllm(tmp_path, *pretrain_args(tmp_path, out, "--fast_dev_run", "true", "--resume", "auto"),
+                  own_process=True)
     assert_dev_run_passed(proc, tmp_path, out)
     assert "training: 4 optimizer steps" in proc.stdout and "checkpoint: saved step-00000002" in proc.stdout
     assert "Resuming from " in proc.stdout and "step-00000002 at step 2" in proc.stdout
@@ -108,7 +124,7 @@ def test_finetune_dpo_fast_dev_run(method, base, tmp_path_factory, tmp_path):
 def test_two_process_fast_dev_run(base, data_file, tmp_path):
     out = tmp_path / "out"
     proc = litllm(tmp_path, *finetune_args("finetune_lora", base, data_file, out, "--devices", "2",
-                                           "--fast_dev_run", "true"))
+                                           "--fast_dev_run", "true"), own_process=True)
     assert_dev_run_passed(proc, tmp_path, out)
     assert "x 2 device(s) (ModelParallelStrategy" in proc.stdout
     assert ", rank 1 " in proc.stdout

@@ -17,20 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_converted_checkpoint
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "bnb.nf4"])
-def test_lora_on_two_fsdp_processes(tmp_path, quantize):
+def test_lora_on_two_fsdp_processes(base, tmp_path, quantize):
     if quantize:
         pytest.importorskip("bitsandbytes")
     from litllm.lora import is_lora_parameter, load_lora_model
     from litllm.model import GPT
 
-    base = make_converted_checkpoint(tmp_path / "base")
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(24)]))
     out = tmp_path / "out"

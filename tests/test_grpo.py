@@ -592,22 +592,27 @@ def test_a_tiny_model_learns_to_raise_its_reward(base, prompts_file, reward_file
 
 
 def _cli_run(base, prompts_file, out: Path, devices: int, strategy: str, *extra: str) -> list[tuple]:
-    """(loss, reward, grad_norm) of each step of `litllm finetune_grpo` on `devices` CPU processes (a fresh
-    interpreter: the launcher spawns the ranks)."""
+    """(loss, reward, grad_norm) of each step of `litllm finetune_grpo` on `devices` CPU processes (on several, a
+    fresh interpreter: the launcher spawns the ranks; on one, the CLI's entry point in this process, which spares an
+    interpreter with torch and Lightning)."""
     import os
 
+    from conftest import litllm_in_process
     from litllm.train.loggers import read_csv_rows
 
     args = [
-        sys.executable, "-m", "litllm", "finetune_grpo", str(base), "--out_dir", str(out), "--accelerator", "cpu",
+        "finetune_grpo", str(base), "--out_dir", str(out), "--accelerator", "cpu",
         "--devices", str(devices), "--strategy", strategy, "--precision", "32-true",
         "--data", "Prompts", "--data.json_path", str(prompts_file), "--data.prompt_style", "default",
         "--num_generations", "4", "--max_new_tokens", "6", "--train.global_batch_size", "2",
         "--train.micro_batch_size", "1",
         "--train.save_interval", "100", "--eval.interval", "100", *extra,
     ]
-    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          cwd=out.parent, timeout=400)
+    if devices == 1:
+        proc = litllm_in_process(args, cwd=out.parent)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "litllm", *args], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=out.parent, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("loss")]
     return [(float(r["loss"]), float(r["reward"]), float(r["grad_norm"])) for r in rows]

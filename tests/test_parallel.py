@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_converted_checkpoint
+from conftest import litllm_in_process, make_converted_checkpoint
 import test_evaluate
 from test_evaluate import GEN_TASK, MC_TASK, PPL_TASK
 
@@ -148,17 +148,36 @@ MORE_FAMILIES = [pytest.param(family, marks=pytest.mark.slow)
                  for family in ("deepseek_v3", "deepseek_v2", "gpt_oss", "llama4")]
 
 
+@pytest.fixture(scope="module")
+def all_llm_runs(request, tmp_path_factory) -> dict:
+    """{family: its runs, or the error that stopped the launch before it} for every family the session's selected
+    tests ask `llm_runs` for, from one launch of tests/parallel_check.py (the families one after the other)."""
+    from parallel_check import MARK
+
+    families = list(dict.fromkeys(item.callspec.params["llm_runs"] for item in request.session.items
+                                  if "llm_runs" in getattr(item, "fixturenames", ())))
+    folders = {family: tiny_checkpoint_of(family, tmp_path_factory) for family in families}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_check.py"), *map(str, folders.values())],
+                          capture_output=True, timeout=300 + 150 * len(families), env=ENV)
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    done = {json.loads(line)["checkpoint"]: json.loads(line) for line in stdout.splitlines() if line.startswith("{")}
+    # what the process printed on stderr while each checkpoint ran (rank 0 marks where each one starts)
+    printed = dict(part.split("\n", 1) for part in stderr.split(MARK)[1:] if "\n" in part)
+    runs = {}
+    for family, folder in folders.items():
+        if str(folder) in done:
+            runs[family] = dict(done[str(folder)], stderr=printed.get(str(folder), ""), folder=folder)
+        else:
+            runs[family] = f"parallel_check.py exited with {proc.returncode} before {family} was done:\n" \
+                           f"{stderr[-3000:]}"
+    return runs
+
+
 @pytest.fixture(scope="module", params=FAMILIES + MORE_FAMILIES)
-def llm_runs(request, tmp_path_factory):
+def llm_runs(request, all_llm_runs):
     """{"single": ..., "sharded": ...}: the same LLM calls on 1 and on 2 ranks (tests/parallel_check.py)."""
-    family = request.param
-    folder = tiny_checkpoint_of(family, tmp_path_factory)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_check.py"), str(folder)],
-                          capture_output=True, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    runs = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    runs["stderr"] = proc.stderr.decode()
-    runs["folder"] = folder
+    runs = all_llm_runs[request.param]
+    assert isinstance(runs, dict), runs
     return runs
 
 
@@ -261,11 +280,11 @@ def test_generate_on_two_ranks(folder):
 def test_chat_on_two_ranks(folder):
     turns = b"Hi!\nTell me more\n/exit\n"
     flags = ["--prompt_style", "default", "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"]
-    one = litllm("chat", str(folder), *flags, stdin=turns)
+    one = litllm_in_process(["chat", str(folder), *flags], stdin=turns.decode())  # the oracle: 1 process
     two = litllm("chat", str(folder), *flags, "--devices", "2", stdin=turns)
     assert one.returncode == two.returncode == 0, two.stderr.decode()[-2000:]
     assert two.stdout.count(b">> Model: ") == 2
-    assert two.stdout == one.stdout
+    assert two.stdout.decode() == one.stdout
 
 
 @pytest.mark.slow

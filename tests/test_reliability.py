@@ -1,5 +1,10 @@
 """Issue 20's training half: a diverging run never saves NaN, a stale cache never passes for a fresh one,
-a killed write leaves nothing behind that the next run trips over, and the README's one-line errors hold."""
+a killed write leaves nothing behind that the next run trips over, and the README's one-line errors hold.
+
+The killed commands are `python -c` processes (a SIGKILL mid-write), and so are the runs after them (a process
+cleans only the temporaries of processes that ended before it started); the diverging run calls the CLI's entry
+point in this process (`conftest.litllm_in_process`: its exit status and output, without another interpreter with
+torch and Lightning)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import litllm_in_process
 from test_errors import run_cli
 from test_train_loop import FixedTokens, fabric, fresh_model, tiny_config  # noqa: F401 (fabric: a fixture)
 
@@ -167,11 +173,11 @@ def test_lr_1e6_through_the_cli_stops_naming_the_step_and_the_last_good_checkpoi
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}", "output": f"It is {i}."} for i in range(32)]))
     out = tmp_path / "out"
-    proc = run_cli(["finetune_full", tiny_checkpoint, "--data", "JSON", "--data.json_path", data,
-                    "--data.prompt_style", "default", "--out_dir", out, "--accelerator", "cpu",
-                    "--train.max_steps", "30", "--train.save_interval", "2", "--train.global_batch_size", "4",
-                    "--train.micro_batch_size", "2", "--train.lr_warmup_steps", "0", "--optimizer.lr", "1e6",
-                    "--eval.interval", "1000"], tmp_path)
+    proc = litllm_in_process(["finetune_full", tiny_checkpoint, "--data", "JSON", "--data.json_path", data,
+                              "--data.prompt_style", "default", "--out_dir", out, "--accelerator", "cpu",
+                              "--train.max_steps", "30", "--train.save_interval", "2", "--train.global_batch_size",
+                              "4", "--train.micro_batch_size", "2", "--train.lr_warmup_steps", "0", "--optimizer.lr",
+                              "1e6", "--eval.interval", "1000"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     match = re.match(r"error: training diverged: .* 5 optimizer steps in a row, up to step (\d+) .*"
