@@ -2,7 +2,9 @@
 
 Each `--options` dict replaces what `litllm.compile_decode.cpu_compile_options` picks for one Engine (compiled, or loaded from
 the saved steps of the same settings); bf16 rows multiply by `OneRowLinear` (as every compiled 16-bit step does,
-`litllm.inference.one_row_linears`), `--fp32` adds an fp32 row per setting. Steps are compiled afresh in a private cache (~1 minute each). Each row first decodes 32 greedy tokens after a 32-token prompt and says whether they equal eager bf16's;
+`litllm.inference.one_row_linears`), `--fp32` adds an fp32 row per setting. Steps are compiled afresh in a private
+cache (~1 minute each). Each row first decodes 32 greedy tokens after a 32-token prompt and says whether they equal
+eager bf16's;
 then `--rounds` rounds alternate the rows and it prints the median and best CPU-ms per token (CPU time: a loaded
 machine disturbs it least) and the best wall time.
 

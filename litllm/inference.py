@@ -88,10 +88,11 @@ class PackedLinear(torch.nn.Module):
 class OneRowLinear(torch.nn.Linear):
     """A Linear that multiplies one row by `torch.mv`; more rows go through `F.linear` as usual.
 
-    For the compiled decode step of 16-bit weights on the CPU: inductor lowers a one-row `F.linear` to the same
-    oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32), but decomposes `mv`
-    into its own vectorized reduction that accumulates in fp32 and streams bf16 weights ~1.8x faster
-    (benchmarks/one_row_matmul.py). Eager, `torch.mv` is no faster than `PackedLinear`, which stays the eager pick.
+    For the compiled decode step of 16-bit weights on the CPU (`one_row_linears`): inductor lowers a one-row
+    `F.linear` to the same oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32;
+    14 on a 2-core AVX2 EPYC), but decomposes `mv` into its own vectorized reduction that accumulates in fp32 and
+    streams bf16 weights faster (~1.8x there, 20 GB/s here; benchmarks/one_row_matmul.py). Eager, `torch.mv` is
+    no faster than `PackedLinear`, which stays the eager pick.
     """
 
     one_row = True  # how litllm.compile_decode.cpu_compile_options tells a step over these (its own settings)
@@ -178,7 +179,7 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     `layout` forces one (`LAYOUTS` or "row-major") without timing. A compiled step multiplies by packed weights
     unpacked (`PackedLinear.unpacked`; 16-bit ones through `OneRowLinear`); fp32 ones column-major
     ("onednn-packed+column-major") where column-major beat row-major by `min_gain` too: the compiled step's
-    `F.linear` is the same BLAS call as eager's (on a 2-core AVX2 AMD EPYC, 1.5x faster column-major).
+    `F.linear` is the same BLAS call as eager's (MKL's: 1.5x faster column-major on a 2-core AVX2 AMD EPYC).
     Returns the layout in use: "row-major", "column-major", "onednn-packed", "onednn-packed+column-major", or
     "unchanged" (GPU).
     """
