@@ -481,9 +481,9 @@ def unpack_weights(model) -> None:
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears
     (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul).
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) get a plain copy of their int8 weights that the
-    compiled step multiplies by instead (`Int8DynamicLinear.prepare_compiled`). Every other 16-bit CPU Linear
-    becomes a `OneRowLinear` too (`litllm.inference.one_row_linears`: where oneDNN cannot pack 16-bit weights, AVX2
-    CPUs, the eager pick leaves them row-major)."""
+    compiled step multiplies by instead (`Int8DynamicLinear.prepare_compiled`). Every other row-major 16-bit CPU
+    Linear becomes a `OneRowLinear` too (`litllm.inference.one_row_linears`: where oneDNN cannot pack 16-bit
+    weights, AVX2 CPUs, the eager pick leaves them row-major)."""
     from litllm.inference import one_row_linears
 
     prepare_int8_for_compile(model)

@@ -111,17 +111,18 @@ ONE_ROW_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def becomes_one_row(module) -> bool:
-    """Does a compiled CPU step multiply by `module` through a `OneRowLinear` (`one_row_linears`)? Plain 16-bit
-    Linears on the CPU do, whatever layout the eager pick left them in; so do OneRowLinears already."""
+    """Does a compiled CPU step multiply by `module` through a `OneRowLinear` (`one_row_linears`)? Plain row-major
+    16-bit Linears on the CPU do (oneDNN-packed ones unpack so); so do OneRowLinears already. Column-major ones (the
+    eager pick where it timed `F.linear` faster so) keep `F.linear`: inductor's `mv` reduction reads rows."""
     if getattr(module, "one_row", False):
         return True
     weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter
-            and weight.device.type == "cpu" and weight.dtype in ONE_ROW_DTYPES)
+    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
+            and weight.dtype in ONE_ROW_DTYPES and weight.is_contiguous())
 
 
 def one_row_linears(model) -> None:
-    """Every plain 16-bit CPU Linear of `model` (`becomes_one_row`; a head tied to the embedding too) as a
+    """Every plain row-major 16-bit CPU Linear of `model` (`becomes_one_row`; a head tied to the embedding too) as a
     `OneRowLinear` on the same tensors, for a compiled step: on the CPU a one-row `F.linear` of 16-bit weights
     is oneDNN's or BLAS's unpacked matmul, slower than inductor's own reduction of `torch.mv` on every CPU
     measured (AVX2 and AMX, benchmarks/one_row_matmul.py)."""

@@ -159,9 +159,9 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
 def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monkeypatch, tmp_path):
     """A saved step is found by a key computed before `unpack_weights` (`steps_folder`): it must equal the key after
     it, and tell apart steps whose Linears have other strides or kernels. fp32: packed weights unpack row-major, or
-    column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` then reads; 16-bit: every Linear
-    becomes a `OneRowLinear` (`torch.mv`), whatever the eager layout (each layout where it runs here: oneDNN packs
-    bf16 only with AVX-512)."""
+    column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` then reads; 16-bit: every row-major
+    Linear becomes a `OneRowLinear` (`torch.mv`), packed ones too (each layout where it runs here: oneDNN packs bf16
+    only with AVX-512)."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
     from litllm.inference import _layout_works, OneRowLinear, optimize_for_decoding
 
@@ -180,9 +180,11 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
         kernels[layout] = (type(qkv), qkv.weight.stride(), options is ONE_ROW_COMPILE_OPTIONS)
     n_in, n_out = qkv.in_features, qkv.out_features
     column_major = {"column-major"} if dtype == torch.bfloat16 else {"column-major", "onednn-packed+column-major"}
-    kind = (OneRowLinear, True) if dtype == torch.bfloat16 else (torch.nn.Linear, False)
     for layout, (cls, strides, one_row) in kernels.items():
-        assert (cls, one_row) == kind and strides == ((1, n_out) if layout in column_major else (n_in, 1))
+        # 16-bit row-major weights through OneRowLinear; column-major ones (and fp32) keep F.linear
+        assert cls is (OneRowLinear if dtype == torch.bfloat16 and layout not in column_major else torch.nn.Linear)
+        assert strides == ((1, n_out) if layout in column_major else (n_in, 1))
+        assert one_row == (dtype == torch.bfloat16 and (layout not in column_major or model.config.tie_embeddings))
         assert (folders[layout] == folders["column-major"]) == (layout in column_major)
         assert (folders[layout] == folders["row-major"]) == (layout not in column_major)
 
