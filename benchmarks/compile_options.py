@@ -1,9 +1,10 @@
 """The compiled decode step of the 134M Llama under several inductor CPU settings, in one process, alternating.
 
 Each `--options` dict replaces what `litllm.compile_decode.cpu_compile_options` picks for one Engine (compiled, or loaded from
-the saved steps of the same settings); bf16 rows multiply by `OneRowLinear` (as a compiled step does wherever the
-eager pick was oneDNN's packed layout; `--no_one_row`: the loaded Linears, `F.linear`), `--fp32` adds an fp32 row per
-setting. Steps are compiled afresh in a private cache (~1 minute each). Each row first decodes 32 greedy tokens after a 32-token prompt and says whether they equal eager bf16's;
+the saved steps of the same settings); bf16 rows multiply by `OneRowLinear` (as every compiled 16-bit step does,
+`litllm.inference.one_row_linears`), `--fp32` adds an fp32 row per setting. Steps are compiled afresh in a private
+cache (~1 minute each). Each row first decodes 32 greedy tokens after a 32-token prompt and says whether they equal
+eager bf16's;
 then `--rounds` rounds alternate the rows and it prints the median and best CPU-ms per token (CPU time: a loaded
 machine disturbs it least) and the best wall time.
 
@@ -28,19 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import add_model_args, add_tokenizer, build_checkpoint  # noqa: E402
 
 
-def one_row_linears(model) -> None:
-    """Every 16-bit Linear (not the embedding's tied head) as a `OneRowLinear` on the same weights."""
-    from litllm.inference import OneRowLinear
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float16) \
-                    and child.weight is not model.wte.weight:
-                one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
-                one_row.weight, one_row.bias = child.weight, child.bias
-                setattr(module, name, one_row)
-
-
 @torch.inference_mode()
 def main() -> None:
     import litllm.compile_decode as compile_decode
@@ -55,7 +43,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--fp32", action="store_true", help="an fp32 row per setting too")
-    parser.add_argument("--no_one_row", action="store_true", help="bf16 rows keep the loaded Linears")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt = torch.randint(0, min(2000, args.vocab_size), (32,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -69,15 +56,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        # saved steps are keyed by the weights, not by OneRowLinear vs Linear: a private cache, compiled here
+        # a private cache: every step is compiled here
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "compile_cache")
         build_checkpoint(folder, args)
         add_tokenizer(folder)
         models = {"bf16": load_for_inference(folder, device="cpu", precision="bf16-true")}
-        if args.no_one_row:
-            optimize_for_decoding(models["bf16"])
-        else:
-            one_row_linears(models["bf16"])
+        optimize_for_decoding(models["bf16"])  # the compiled step takes its weights as OneRowLinears whatever it picks
         if args.fp32:
             models["fp32"] = load_for_inference(folder, device="cpu", precision="32-true")
             optimize_for_decoding(models["fp32"])

@@ -10,16 +10,18 @@ median GB/s of weight read (wall and CPU time) and the median per-round ratio of
 
 Candidates (those this torch build or CPU cannot run are listed as unavailable):
   fp32 / bf16 / fp16 F.linear     row-major weight, as loaded (bf16/fp16: oneDNN matmul, weight not prepacked)
-  bf16 column-major               F.linear on the contiguous transpose
+  fp32 / bf16 column-major        F.linear on the contiguous transpose
   fp32 / bf16 / fp16 onednn-packed `torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise` (litllm's
                                   `PackedLinear`; on AMX CPUs oneDNN's brgemm kernels)
   bf16 mv                         `torch.mv`
   fp32 / bf16 compiled F.linear   the pass under `torch.compile` with the weights as inputs, as litllm's compiled
                                   decode step takes them (inductor calls the same oneDNN/BLAS matmul as eager)
-  bf16 / fp16 compiled mv         the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
+  fp32 compiled column-major      the same on column-major weights
+  fp32 / bf16 / fp16 compiled mv  the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
                                   its own vectorized reduction, accumulating in fp32)
-  bf16 compiled mv, step options  the same compiled with litllm's `ONE_ROW_COMPILE_OPTIONS`, as its 16-bit decode step is
-                                  (its `realize_cpu_opcount_threshold` decides how inductor tiles the reduction)
+  fp32 / bf16 compiled mv, step options  the same compiled with litllm's `ONE_ROW_COMPILE_OPTIONS`, as its 16-bit
+                                  decode step is (its `realize_cpu_opcount_threshold` decides how inductor tiles the
+                                  reduction); `fp32 compiled mv, cpu options`: with `CPU_COMPILE_OPTIONS`
   bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
   bf16 inductor max_autotune      (`--inductor`, instead of the compiled candidates above: its inductor settings
                                   are process-wide) the pass compiled with freezing and max_autotune (inductor's CPP
@@ -95,8 +97,11 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
             setattr(inductor_config, key, value)
         step = torch.compile(_Pass(_linears(weights)).eval())
         return lambda xs: step(xs)
+    from litllm.compile_decode import CPU_COMPILE_OPTIONS
+
     linears = _linears(weights, OneRowLinear if how.startswith("mv") else torch.nn.Linear)
-    step = torch.compile(_one_pass, fullgraph=True, options=ONE_ROW_COMPILE_OPTIONS if how == "mv step options" else None)
+    options = {"mv step options": ONE_ROW_COMPILE_OPTIONS, "mv cpu options": CPU_COMPILE_OPTIONS}.get(how)
+    step = torch.compile(_one_pass, fullgraph=True, options=options)
     return lambda xs: step(linears, xs)
 
 
@@ -104,7 +109,12 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
 CANDIDATES: dict[str, tuple] = {
     "fp32 F.linear": (torch.float32, torch.float32, None, F.linear),
     "fp32 onednn-packed": (torch.float32, torch.float32, _packed, _packed_linear),
+    "fp32 column-major": (torch.float32, torch.float32, lambda w: w.t().contiguous().t(), F.linear),
     "fp32 compiled F.linear": (torch.float32, torch.float32, None, "F.linear"),
+    "fp32 compiled column-major": (torch.float32, torch.float32, lambda w: w.t().contiguous().t(), "F.linear"),
+    "fp32 compiled mv": (torch.float32, torch.float32, None, "mv"),
+    "fp32 compiled mv, step options": (torch.float32, torch.float32, None, "mv step options"),
+    "fp32 compiled mv, cpu options": (torch.float32, torch.float32, None, "mv cpu options"),
     "bf16 F.linear": (torch.bfloat16, torch.bfloat16, None, F.linear),
     "bf16 column-major": (torch.bfloat16, torch.bfloat16, lambda w: w.t().contiguous().t(), F.linear),
     "bf16 onednn-packed": (torch.bfloat16, torch.bfloat16, _packed, _packed_linear),
@@ -134,7 +144,7 @@ def build(name: str, shapes: list[tuple[int, int]]) -> Optional[tuple[Callable, 
     expected = F.linear(x.float(), weights[-1].float())
     try:
         if isinstance(matmul, str):
-            step = _compiled_pass(weights, matmul)
+            step = _compiled_pass([w if prepare is None else prepare(w) for w in weights], matmul)
             got = step(xs)[-1]  # compiles (and autotunes)
             run = lambda: step(xs)  # noqa: E731
         else:

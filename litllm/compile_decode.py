@@ -91,15 +91,23 @@ reduction by fp32's lane count and loaded half a bf16 vector per step, which on 
 failed store-to-load forwarding per load): the 134M bf16 step 1.7x slower (tutorials/inference.md section 6c)."""
 
 
-def cpu_compile_options(model) -> dict:
-    """The inductor settings of `model`'s CPU step (`ONE_ROW_COMPILE_OPTIONS` where it multiplies by OneRowLinears,
-    16-bit oneDNN-packed Linears included: `unpack_weights` makes them OneRowLinears)."""
+def _one_row_modules(model) -> list[str]:
+    """The names of the Linears `model`'s compiled CPU step multiplies by through `litllm.inference.OneRowLinear`
+    (`unpack_weights` makes them so: 16-bit oneDNN-packed and plain Linears), before or after it did."""
+    from litllm.inference import ONE_ROW_DTYPES, becomes_one_row
+
     def one_row(module) -> bool:
         if _is_packed(module):
-            return module.packed_weight.dtype in (torch.bfloat16, torch.float16)
-        return getattr(module, "one_row", False)  # a `litllm.inference.OneRowLinear`
+            return module.packed_weight.dtype in ONE_ROW_DTYPES
+        return becomes_one_row(module)
 
-    return ONE_ROW_COMPILE_OPTIONS if any(one_row(module) for module in model.modules()) else CPU_COMPILE_OPTIONS
+    return [name for name, module in model.named_modules() if one_row(module)]
+
+
+def cpu_compile_options(model) -> dict:
+    """The inductor settings of `model`'s CPU step (`ONE_ROW_COMPILE_OPTIONS` where it multiplies by OneRowLinears,
+    `_one_row_modules`)."""
+    return ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
 
 
 def compile_cache_dir() -> Path:
@@ -150,10 +158,10 @@ def _weights_digest(model, strides: bool = False) -> str:
         if ".kv_cache." in name or name.rpartition(".")[0] in int8:
             continue
         module, _, leaf = name.rpartition(".")
-        if module in packed and leaf == "packed_weight":  # unpacked: a contiguous (out, in) Parameter
+        if module in packed and leaf == "packed_weight":  # unpacked: an (out, in) Parameter, row- or column-major
             linear = model.get_submodule(module)
             name, shape, kind = f"{module}.weight", (linear.out_features, linear.in_features), "Parameter"
-            layout = f":{(linear.in_features, 1)}"
+            layout = f":{(1, linear.out_features) if linear.unpack_column_major else (linear.in_features, 1)}"
         else:
             shape, kind = tuple(tensor.shape), type(tensor).__name__
             layout = f":{tensor.stride()}" if strides and tensor.layout == torch.strided else ""
@@ -444,10 +452,11 @@ STEPS_FOLDER = "decode_steps"
 def steps_folder(model, threads: Optional[int]) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) decoding with `threads`
     torch threads live: `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the
-    thread count, the device type, the model's config (less its name) and its weights' names/shapes/strides/dtypes/types."""
+    thread count, the device type, the model's config (less its name), its weights' names/shapes/strides/dtypes/types
+    and which Linears the step multiplies by through `OneRowLinear`, and its inductor settings."""
     threads = threads or torch.get_num_threads()
     key = (f"{_machine()}|{threads} threads|{model.wte.weight.device.type}|{_config_repr(model)}|"
-           f"{_weights_digest(model, True)}"
+           f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
@@ -587,12 +596,17 @@ def unpack_weights(model) -> None:
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears
     (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul).
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
-    their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`)."""
+    their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
+    Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.inference.one_row_linears`: where
+    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major)."""
+    from litllm.inference import one_row_linears
+
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if _is_packed(child):
                 setattr(module, name, child.unpacked())
+    one_row_linears(model)
 
 
 def prepare_int8_for_compile(model) -> None:

@@ -118,13 +118,15 @@ def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
 def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `cpu_compile_options`) load bf16
     weights a whole SIMD vector at a time and agree with eager. A partial load (8 of a 16-lane vector on AVX2, when
-    inductor tiled the reduction by fp32's lane count) goes through a stack buffer: the 16-bit step ran 1.8x slower."""
+    inductor tiled the reduction by fp32's lane count) goes through a stack buffer: the 16-bit step ran 1.8x slower.
+    Row-major weights (the eager pick where oneDNN cannot pack bf16: AVX2) take that kernel too, not the BLAS or
+    oneDNN matmul of a one-row `F.linear` (1.4x slower on AVX2)."""
     import re
 
     from torch._inductor import cpu_vec_isa
     from torch._inductor.utils import run_and_get_code
 
-    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options
+    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, unpack_weights
     from litllm.inference import OneRowLinear
 
     isa = cpu_vec_isa.pick_vec_isa()
@@ -132,12 +134,10 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
         pytest.skip("inductor does not vectorize on this CPU")
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=128, intermediate_size=256)).to(torch.bfloat16).eval()
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight is not model.wte.weight:
-                one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
-                one_row.weight, one_row.bias = child.weight, child.bias
-                setattr(module, name, one_row)
+    assert cpu_compile_options(model) is ONE_ROW_COMPILE_OPTIONS  # known before (the saved step's key)
+    unpack_weights(model)  # as a compiled step does
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is OneRowLinear for m in linears)
     model.set_kv_cache(1, 32)
     step = lambda: model.decode(torch.tensor([[3]]), input_pos=torch.tensor([[0]]))  # noqa: E731 (the engine's step)
     with torch.no_grad():
@@ -149,9 +149,44 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     counts = re.findall(rf"Vectorized<at::BFloat16>::loadu\(in_ptr\d+ \+ static_cast<int64_t>\(x1 \+ ({widths})L\*x0\), "
                         r"static_cast<int64_t>\((\d+)\)\)", "".join(code))
     assert options is ONE_ROW_COMPILE_OPTIONS
+    assert not re.search(r"extern_kernels\.(mm|addmm)|mkldnn|_linear_pointwise", "".join(code))  # no library matmul
     assert len(counts) >= 3 * 4 + 1  # qkv, proj, fc and proj of each layer, the head
     assert {int(n) for _, n in counts} == {isa.nelements(torch.bfloat16)}
     assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monkeypatch, tmp_path):
+    """A saved step is found by a key computed before `unpack_weights` (`steps_folder`): it must equal the key after
+    it, and tell apart steps whose Linears have other strides or kernels. fp32: packed weights unpack row-major, or
+    column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` then reads; 16-bit: every row-major
+    Linear becomes a `OneRowLinear` (`torch.mv`), packed ones too (each layout where it runs here: oneDNN packs bf16
+    only with AVX-512)."""
+    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
+    from litllm.inference import _layout_works, OneRowLinear, optimize_for_decoding
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    folders, kernels = {}, {}
+    for layout in ("row-major", "column-major", "onednn-packed", "onednn-packed+column-major"):
+        model = GPT(tiny_config()).to(dtype).eval()
+        if layout != "row-major" and not _layout_works(layout, torch.nn.Linear(64, 64, dtype=dtype)):
+            continue
+        assert optimize_for_decoding(model, layout=layout) == layout
+        folders[layout] = steps_folder(model, 2)
+        options = cpu_compile_options(model)
+        unpack_weights(model)
+        assert steps_folder(model, 2) == folders[layout] and cpu_compile_options(model) is options
+        qkv = model.blocks[0].attn.qkv
+        kernels[layout] = (type(qkv), qkv.weight.stride(), options is ONE_ROW_COMPILE_OPTIONS)
+    n_in, n_out = qkv.in_features, qkv.out_features
+    column_major = {"column-major"} if dtype == torch.bfloat16 else {"column-major", "onednn-packed+column-major"}
+    for layout, (cls, strides, one_row) in kernels.items():
+        # 16-bit row-major weights through OneRowLinear; column-major ones (and fp32) keep F.linear
+        assert cls is (OneRowLinear if dtype == torch.bfloat16 and layout not in column_major else torch.nn.Linear)
+        assert strides == ((1, n_out) if layout in column_major else (n_in, 1))
+        assert one_row == (dtype == torch.bfloat16 and (layout not in column_major or model.config.tie_embeddings))
+        assert (folders[layout] == folders["column-major"]) == (layout in column_major)
+        assert (folders[layout] == folders["row-major"]) == (layout not in column_major)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -539,20 +574,22 @@ def test_decode_threads(tiny_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype, monkeypatch, tmp_path):
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "onednn-packed"), (torch.bfloat16, "onednn-packed"),
+                                           (torch.float32, "onednn-packed+column-major")],
+                         ids=["fp32", "bf16", "fp32-column-major"])
+def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype, layout, monkeypatch, tmp_path):
     """The layout the eager step may pick (oneDNN's packed weights) used to fail inductor's lowering once `chat`,
     `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
     from litllm.generate import decode_engine
     from litllm.inference import OneRowLinear, PackedLinear, optimize_for_decoding
 
-    skip_unless_layout_runs("onednn-packed", dtype)
+    skip_unless_layout_runs(layout, dtype)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
     def greedy(compile: bool) -> list[int]:
         model = GPT.from_checkpoint(tiny_checkpoint).to(dtype).eval()
-        assert optimize_for_decoding(model, layout="onednn-packed") == "onednn-packed"
+        assert optimize_for_decoding(model, layout=layout) == layout
         engine = Engine(model, None, 1, 32, compile=compile)
         assert any(isinstance(m, PackedLinear) for m in model.modules()) != compile
         assert isinstance(model.blocks[0].attn.qkv, OneRowLinear) == (compile and dtype == torch.bfloat16)
@@ -567,6 +604,6 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     assert compiled == eager
     # a later run of a packed model finds that saved step by its key (the weights as the step takes them)
     model = GPT.from_checkpoint(tiny_checkpoint).to(dtype).eval()
-    optimize_for_decoding(model, layout="onednn-packed")
+    optimize_for_decoding(model, layout=layout)
     engine = decode_engine(model, None, 1, 20, None, compile=True)
     assert (engine.max_seq_length, engine.step_source) == (32, "loaded")
