@@ -47,7 +47,8 @@ def main() -> None:
     from conftest import make_converted_checkpoint
     from hf_models import FAMILIES, VOCAB
 
-    from litllm.inference import load_for_inference, optimize_for_decoding
+    from litllm.inference import load_for_inference
+    from litllm.cpu_layout import optimize_for_decoding
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))

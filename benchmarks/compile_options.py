@@ -2,7 +2,7 @@
 
 Each `--options` dict replaces what `litllm.compile_decode.cpu_compile_options` picks for one Engine (compiled, or loaded from
 the saved steps of the same settings); bf16 rows multiply by `OneRowLinear` (as every compiled 16-bit step does,
-`litllm.inference.one_row_linears`), `--fp32` adds an fp32 row per setting. Steps are compiled afresh in a private
+`litllm.cpu_layout.one_row_linears`), `--fp32` adds an fp32 row per setting. Steps are compiled afresh in a private
 cache (~1 minute each). Each row first decodes 32 greedy tokens after a 32-token prompt and says whether they equal
 eager bf16's;
 then `--rounds` rounds alternate the rows and it prints the median and best CPU-ms per token (CPU time: a loaded
@@ -33,7 +33,8 @@ from generate import add_model_args, add_tokenizer, build_checkpoint  # noqa: E4
 def main() -> None:
     import litllm.compile_decode as compile_decode
     from litllm.engine import Engine, Request
-    from litllm.inference import load_for_inference, optimize_for_decoding
+    from litllm.inference import load_for_inference
+    from litllm.cpu_layout import optimize_for_decoding
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)

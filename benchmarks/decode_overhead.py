@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
+    from litllm.inference import load_for_inference, pick_decode_threads
+    from litllm.cpu_layout import optimize_for_decoding
 
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp), args)

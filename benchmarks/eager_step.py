@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    from litllm.inference import load_for_inference, optimize_for_decoding
+    from litllm.inference import load_for_inference
+    from litllm.cpu_layout import optimize_for_decoding
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -271,7 +271,8 @@ FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8":
 
 def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str]:
     """({row: (model, threads)}, {row: bytes read per token}, fp32 layout) for litllm fp32 and each --quantize."""
-    from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
+    from litllm.inference import load_for_inference, pick_decode_threads
+    from litllm.cpu_layout import optimize_for_decoding
 
     # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
     lit = load_for_inference(folder, device=args.device, precision="32-true")

@@ -147,7 +147,8 @@ def main() -> None:
     import transformers
 
     from litllm.engine import Engine, Request
-    from litllm.inference import load_for_inference, optimize_for_decoding, pick_decode_threads
+    from litllm.inference import load_for_inference, pick_decode_threads
+    from litllm.cpu_layout import optimize_for_decoding
     from litllm.model import GPT
     from litllm.train.optimizer import build_optimizer
 

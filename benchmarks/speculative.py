@@ -212,7 +212,8 @@ def main() -> None:
 def run(args, tmp: Path) -> None:
 
     from litllm.engine import Engine, Request
-    from litllm.inference import optimize_for_decoding, pick_decode_threads
+    from litllm.inference import pick_decode_threads
+    from litllm.cpu_layout import optimize_for_decoding
     from litllm.speculative import SpeculativeEngine
 
     if args.threads:

@@ -32,7 +32,7 @@ every later run start compiled, the compile caches, and CUDA graphs.
   `~/.cache/litllm/torch_compile`): a process compiling the same graph at the same shapes loads the generated
   kernels instead of generating them.
 - Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing
-  (`litllm.inference.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
+  (`litllm.cpu_layout.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
   keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
   again. The first compiled run records its picks in `decode_choices.json` beside the caches, per machine,
   torch version, thread budget and model shape (`record_decode_choices`); later loads of that model take them
@@ -84,7 +84,7 @@ CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
 RMSNorm before it once per weight row (fp32 steps 0.99-1.04x, the int8dq step's own reduction needs it: 1.9x slower
 at 10; tutorials/inference.md section 6c). Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
 ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10}
-"""inductor settings of a CPU step whose 16-bit weights are `litllm.inference.OneRowLinear`s: the norm still in a
+"""inductor settings of a CPU step whose 16-bit weights are `litllm.cpu_layout.OneRowLinear`s: the norm still in a
 buffer, and the mv's own product (weight, row, their fp32 conversions, at most the norm's final multiply: 4-10 ops)
 inside its reduction. Realized (at 4), it became an fp32 loop body beside the bf16 one, inductor then tiled the
 reduction by fp32's lane count and loaded half a bf16 vector per step, which on AVX2 goes through a stack buffer (a
@@ -92,9 +92,9 @@ failed store-to-load forwarding per load): the 134M bf16 step 1.7x slower (tutor
 
 
 def _one_row_modules(model) -> list[str]:
-    """The names of the Linears `model`'s compiled CPU step multiplies by through `litllm.inference.OneRowLinear`
+    """The names of the Linears `model`'s compiled CPU step multiplies by through `litllm.cpu_layout.OneRowLinear`
     (`unpack_weights` makes them so: 16-bit oneDNN-packed and plain Linears), before or after it did."""
-    from litllm.inference import ONE_ROW_DTYPES, becomes_one_row
+    from litllm.cpu_layout import ONE_ROW_DTYPES, becomes_one_row
 
     def one_row(module) -> bool:
         if _is_packed(module):
@@ -587,19 +587,19 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
 
 
 def _is_packed(module) -> bool:
-    return hasattr(module, "packed_weight") and hasattr(module, "unpacked")  # a `litllm.inference.PackedLinear`
+    return hasattr(module, "packed_weight") and hasattr(module, "unpacked")  # a `litllm.cpu_layout.PackedLinear`
 
 
 def unpack_weights(model) -> None:
-    """oneDNN's packed weights (`litllm.inference.PackedLinear`, the layout `optimize_for_decoding` may pick for the
+    """oneDNN's packed weights (`litllm.cpu_layout.PackedLinear`, the layout `optimize_for_decoding` may pick for the
     eager step) are opaque tensors that inductor lowers only as frozen constants, and a compiled step takes the
     weights as inputs: compiling over them failed. Compiled steps multiply by the same weights as plain Linears
     (16-bit ones as `OneRowLinear`s: inductor's own one-row kernel reads them faster than the oneDNN matmul).
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
-    Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.inference.one_row_linears`: where
+    Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
     oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major)."""
-    from litllm.inference import one_row_linears
+    from litllm.cpu_layout import one_row_linears
 
     prepare_int8_for_compile(model)
     for module in list(model.modules()):

@@ -1,6 +1,6 @@
 """Loading a model for decoding, what every inference command shares (`generate`, `chat`, `serve`, `LLM`,
 `evaluate`): the weights (`--precision`, `--quantize`, `--device`), the model folder's tokenizer, prompt
-style and default stops, the CPU weight layout and thread count that decode fastest here, and how many
+style and default stops, the CPU weight layout (`litllm.cpu_layout`) and thread count that decode fastest here, and how many
 tokens a request may generate in the context window.
 
 Decoding itself (sampling, stops, the KV-cache loop with continuous batching) is `litllm.engine`.
@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from litllm.cpu_layout import optimize_for_decoding
 from litllm.engine import default_stops
 from litllm.errors import LitLLMError
 from litllm.precision import DECODE_PRECISIONS
@@ -51,196 +52,6 @@ def check_prompt_fits(prompt_len: int, window: int) -> None:
         raise LitLLMError(
             f"the prompt has {prompt_len} tokens but the model's context window is {window}: shorten the prompt"
         )
-
-
-# ---------------------------------------------------------------------- CPU weight layout
-class PackedLinear(torch.nn.Module):
-    """A Linear whose weight oneDNN has reordered into its own blocked layout (CPU inference only).
-
-    One-row matmuls (decoding) stream the weight from memory; oneDNN's kernel on its packed layout
-    does that up to ~2x faster than the BLAS call `F.linear` makes on some CPUs. The packed weight
-    is an opaque `mkldnn` tensor kept out of the state dict: the module is for generation, not
-    for saving, moving between devices or training. `unpack_column_major`: `unpacked` gives an fp32 weight
-    column-major (the layout `optimize_for_decoding` found faster than row-major for a one-row `F.linear` here).
-    """
-
-    def __init__(self, linear: torch.nn.Linear, unpack_column_major: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.unpack_column_major = unpack_column_major and linear.weight.dtype not in ONE_ROW_DTYPES
-        weight = linear.weight.detach()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-    def unpacked(self) -> torch.nn.Linear:
-        """The plain Linear again (`to_dense` undoes oneDNN's reorder exactly): what a compiled step multiplies by
-        (a `OneRowLinear` for 16-bit weights; column-major with `unpack_column_major`)."""
-        cls = OneRowLinear if self.packed_weight.dtype in ONE_ROW_DTYPES else torch.nn.Linear
-        linear = cls(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = torch.nn.Parameter(self.packed_weight.to_dense(), requires_grad=False)
-        linear.bias = self.bias
-        return _column_major(linear) if self.unpack_column_major else linear
-
-
-class OneRowLinear(torch.nn.Linear):
-    """A Linear that multiplies one row by `torch.mv`; more rows go through `F.linear` as usual.
-
-    For the compiled decode step of 16-bit weights on the CPU (`one_row_linears`): inductor lowers a one-row
-    `F.linear` to the same oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32;
-    14 on a 2-core AVX2 EPYC), but decomposes `mv` into its own vectorized reduction that accumulates in fp32 and
-    streams bf16 weights faster (~1.8x there, 20 GB/s here; benchmarks/one_row_matmul.py). Eager, `torch.mv` is
-    no faster than `PackedLinear`, which stays the eager pick.
-    """
-
-    one_row = True  # how litllm.compile_decode.cpu_compile_options tells a step over these (its own settings)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features:
-            return super().forward(x)
-        y = torch.mv(self.weight, x.reshape(-1))  # (out,)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-ONE_ROW_DTYPES = (torch.bfloat16, torch.float16)
-"""Weight dtypes a compiled CPU step multiplies through `OneRowLinear` (`one_row_linears`)."""
-
-
-def becomes_one_row(module) -> bool:
-    """Does a compiled CPU step multiply by `module` through a `OneRowLinear` (`one_row_linears`)? Plain row-major
-    16-bit Linears on the CPU do (oneDNN-packed ones unpack so); so do OneRowLinears already. Column-major ones (the
-    eager pick where it timed `F.linear` faster so) keep `F.linear`: inductor's `mv` reduction reads rows."""
-    if getattr(module, "one_row", False):
-        return True
-    weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
-            and weight.dtype in ONE_ROW_DTYPES and weight.is_contiguous())
-
-
-def one_row_linears(model) -> None:
-    """Every plain row-major 16-bit CPU Linear of `model` (`becomes_one_row`; a head tied to the embedding too) as a
-    `OneRowLinear` on the same tensors, for a compiled step: on the CPU a one-row `F.linear` of 16-bit weights
-    is oneDNN's or BLAS's unpacked matmul, slower than inductor's own reduction of `torch.mv` on every CPU
-    measured (AVX2 and AMX, benchmarks/one_row_matmul.py)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and becomes_one_row(child):
-                one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
-                one_row.weight, one_row.bias = child.weight, child.bias  # the same Parameters: ties stay
-                setattr(module, name, one_row)
-
-
-def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
-    # same values and shape; the transpose F.linear multiplies by becomes contiguous
-    linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
-    return linear
-
-
-LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
-           "onednn-packed+column-major": lambda linear: PackedLinear(linear, unpack_column_major=True)}
-"""How `optimize_for_decoding` lays Linears out. The eager step of "onednn-packed+column-major" is oneDNN's packed
-one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major."""
-TIMED_LAYOUTS = ("column-major", "onednn-packed")
-"""The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by)."""
-
-
-def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
-    """Can this layout run here (oneDNN ops present) and give the same numbers?"""
-    if name.startswith("onednn-packed") and not (
-        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    ):
-        return False
-    probe = torch.nn.Linear(linear.in_features, 16, bias=True, dtype=linear.weight.dtype)
-    x = torch.randn(3, 2, linear.in_features, dtype=linear.weight.dtype)
-    try:
-        expected = probe(x)
-        got = LAYOUTS[name](probe)(x)
-    except Exception:  # an op missing from this torch build
-        return False
-    # another summation order: fp32 differs in its last bits, bf16/fp16 (8/11-bit mantissas) in its last ones
-    tol = 1e-3 if linear.weight.dtype == torch.float32 else 2e-2
-    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol)
-
-
-@torch.inference_mode()
-def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = None) -> str:
-    """On the CPU, lay Linear weights out in whichever way makes one-token matmuls fastest here.
-
-    Decoding multiplies one activation row by each weight matrix, a pass over memory whose speed
-    depends on the BLAS, the kernel and the CPU. Candidates: as loaded (row-major, `F.linear`),
-    column-major (`F.linear` then multiplies by a contiguous transpose; 1.1-1.6x faster than
-    row-major with MKL on AMD EPYC), and oneDNN's packed layout (`PackedLinear`; up to ~2x). Each is
-    timed on (up to 128 MB of) the largest layer (interleaved, medians); the fastest replaces every plain
-    Linear whose weight isn't shared with the embedding, one layer at a time, if it beats the
-    loaded layout by `min_gain`. Values are unchanged; only the summation order differs.
-    `layout` forces one (`LAYOUTS` or "row-major") without timing. A compiled step multiplies by packed weights
-    unpacked (`PackedLinear.unpacked`; 16-bit ones through `OneRowLinear`); fp32 ones column-major
-    ("onednn-packed+column-major") where column-major beat row-major by `min_gain` too: the compiled step's
-    `F.linear` is the same BLAS call as eager's (MKL's: 1.5x faster column-major on a 2-core AVX2 AMD EPYC).
-    Returns the layout in use: "row-major", "column-major", "onednn-packed", "onednn-packed+column-major", or
-    "unchanged" (GPU).
-    """
-    import torch.nn as nn
-
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if packed:  # already done
-        return "onednn-packed+column-major" if packed[0].unpack_column_major else "onednn-packed"
-    linears = [
-        (name, m) for name, m in model.named_modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
-        and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
-    ]
-    if not linears:
-        return "unchanged"
-    if not linears[0][1].weight.is_contiguous():
-        return "column-major"  # already done
-    largest = max((m for _, m in linears), key=lambda m: m.weight.numel())
-    if layout is not None:
-        if layout != "row-major" and not (layout in LAYOUTS and _layout_works(layout, largest)):
-            raise LitLLMError(
-                f"weight layout {layout!r} is not available here (expected one of row-major, {', '.join(LAYOUTS)})"
-            )
-        return _apply_layout(model, linears, layout)
-    # time on (up to) 128 MB of the largest weight's rows: bigger than caches, small enough to copy
-    w = largest.weight.detach()
-    w = w[: max(1, min(w.size(0), (128 << 20) // (w.size(1) * w.element_size())))]
-    candidates = {"row-major": torch.nn.Linear(w.size(1), w.size(0), bias=False, device="meta")}
-    candidates["row-major"].weight = nn.Parameter(w)
-    for name in TIMED_LAYOUTS:
-        if _layout_works(name, largest):
-            copy = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
-            copy.weight = nn.Parameter(w)
-            candidates[name] = LAYOUTS[name](copy)
-    x = torch.randn(1, 1, w.size(1), dtype=w.dtype)
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(7):
-        for name, layer in candidates.items():
-            t0 = time.perf_counter()
-            layer(x)
-            times[name].append(time.perf_counter() - t0)
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    best = min(median, key=median.get)
-    del candidates
-    if best == "row-major" or median["row-major"] < min_gain * median[best]:
-        return "row-major"
-    if best == "onednn-packed" and w.dtype == torch.float32 and "column-major" in median \
-            and median["column-major"] * min_gain < median["row-major"]:
-        best = "onednn-packed+column-major"  # what a compiled step's F.linear reads faster
-    return _apply_layout(model, linears, best)
-
-
-def _apply_layout(model, linears, layout: str) -> str:
-    if layout == "row-major":
-        return layout
-    for name, linear in linears:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LAYOUTS[layout](linear))
-    return layout
 
 
 @torch.inference_mode()

@@ -65,7 +65,7 @@ def test_greedy_matches_transformers(family_checkpoints, family):
 @pytest.mark.parametrize("family", ["llama", "mixtral", "llama-linear-mqa"])
 def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layout):
     """The CPU layout switch changes only how weights sit in memory: greedy tokens still equal transformers'."""
-    from litllm.inference import PackedLinear, optimize_for_decoding
+    from litllm.cpu_layout import PackedLinear, optimize_for_decoding
 
     folder = family_checkpoints(family)
     model = GPT.from_checkpoint(folder).eval()
@@ -90,7 +90,7 @@ def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layou
 def skip_unless_layout_runs(layout: str, dtype: torch.dtype) -> None:
     """Skip where this CPU can't run `layout` in `dtype` (oneDNN's bf16 kernels need AVX-512: not on AVX2-only
     hosts), as `optimize_for_decoding` would refuse it there with a clear error."""
-    from litllm.inference import _layout_works
+    from litllm.cpu_layout import _layout_works
 
     if not _layout_works(layout, torch.nn.Linear(64, 64, dtype=dtype)):
         pytest.skip(f"the {layout} layout does not run in {dtype} on this CPU")
@@ -100,7 +100,7 @@ def skip_unless_layout_runs(layout: str, dtype: torch.dtype) -> None:
 def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     """bf16 weights take the decode layouts too (`litllm generate`'s default on CPUs with bf16 units): the
     logits stay those of the row-major bf16 model within bf16's rounding."""
-    from litllm.inference import optimize_for_decoding
+    from litllm.cpu_layout import optimize_for_decoding
 
     skip_unless_layout_runs(layout, torch.bfloat16)
     folder = family_checkpoints("llama")
@@ -127,7 +127,7 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     from torch._inductor.utils import run_and_get_code
 
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, unpack_weights
-    from litllm.inference import OneRowLinear
+    from litllm.cpu_layout import OneRowLinear
 
     isa = cpu_vec_isa.pick_vec_isa()
     if not isa:
@@ -163,7 +163,7 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
     Linear becomes a `OneRowLinear` (`torch.mv`), packed ones too (each layout where it runs here: oneDNN packs bf16
     only with AVX-512)."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
-    from litllm.inference import _layout_works, OneRowLinear, optimize_for_decoding
+    from litllm.cpu_layout import _layout_works, OneRowLinear, optimize_for_decoding
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     folders, kernels = {}, {}
@@ -194,7 +194,7 @@ def test_one_row_linear_equals_linear(dtype):
     """What a compiled step multiplies 16-bit weights by (`OneRowLinear`, from `PackedLinear.unpacked`): the same
     weights bit for bit, one row through `torch.mv` equal to `F.linear` within 16-bit rounding, eager and compiled,
     and more rows exactly `F.linear`."""
-    from litllm.inference import OneRowLinear, PackedLinear, _layout_works
+    from litllm.cpu_layout import OneRowLinear, PackedLinear, _layout_works
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(96, 40, bias=True).to(dtype).requires_grad_(False)
@@ -581,7 +581,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     """The layout the eager step may pick (oneDNN's packed weights) used to fail inductor's lowering once `chat`,
     `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
     from litllm.generate import decode_engine
-    from litllm.inference import OneRowLinear, PackedLinear, optimize_for_decoding
+    from litllm.cpu_layout import OneRowLinear, PackedLinear, optimize_for_decoding
 
     skip_unless_layout_runs(layout, dtype)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
