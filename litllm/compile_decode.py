@@ -60,6 +60,7 @@ from typing import Callable, Optional
 
 import torch
 
+from litllm.cpu_layout import ONE_ROW_DTYPES, PackedLinear, becomes_one_row, one_row_linears
 from litllm.errors import LitLLMError
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -94,8 +95,6 @@ failed store-to-load forwarding per load): the 134M bf16 step 1.7x slower (tutor
 def _one_row_modules(model) -> list[str]:
     """The names of the Linears `model`'s compiled CPU step multiplies by through `litllm.cpu_layout.OneRowLinear`
     (`unpack_weights` makes them so: 16-bit oneDNN-packed and plain Linears), before or after it did."""
-    from litllm.cpu_layout import ONE_ROW_DTYPES, becomes_one_row
-
     def one_row(module) -> bool:
         if _is_packed(module):
             return module.packed_weight.dtype in ONE_ROW_DTYPES
@@ -587,7 +586,7 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
 
 
 def _is_packed(module) -> bool:
-    return hasattr(module, "packed_weight") and hasattr(module, "unpacked")  # a `litllm.cpu_layout.PackedLinear`
+    return isinstance(module, PackedLinear)
 
 
 def unpack_weights(model) -> None:
@@ -599,8 +598,6 @@ def unpack_weights(model) -> None:
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
     oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major)."""
-    from litllm.cpu_layout import one_row_linears
-
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

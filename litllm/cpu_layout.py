@@ -12,6 +12,7 @@ import torch
 
 from litllm.errors import LitLLMError
 
+
 class PackedLinear(torch.nn.Module):
     """A Linear whose weight oneDNN has reordered into its own blocked layout (CPU inference only).
 
@@ -53,8 +54,6 @@ class OneRowLinear(torch.nn.Linear):
     no faster than `PackedLinear`, which stays the eager pick.
     """
 
-    one_row = True  # how litllm.compile_decode.cpu_compile_options tells a step over these (its own settings)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features:
             return super().forward(x)
@@ -72,7 +71,7 @@ def becomes_one_row(module) -> bool:
     """Does a compiled CPU step multiply by `module` through a `OneRowLinear` (`one_row_linears`)? Plain row-major
     16-bit Linears on the CPU do (oneDNN-packed ones unpack so); so do OneRowLinears already. Column-major ones (the
     eager pick where it timed `F.linear` faster so) keep `F.linear`: inductor's `mv` reduction reads rows."""
-    if getattr(module, "one_row", False):
+    if isinstance(module, OneRowLinear):
         return True
     weight = getattr(module, "weight", None)
     return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
@@ -86,7 +85,7 @@ def one_row_linears(model) -> None:
     measured (AVX2 and AMX, benchmarks/one_row_matmul.py)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and becomes_one_row(child):
+            if type(child) is not OneRowLinear and becomes_one_row(child):
                 one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
                 one_row.weight, one_row.bias = child.weight, child.bias  # the same Parameters: ties stay
                 setattr(module, name, one_row)
