@@ -6,8 +6,9 @@ the other ranks; each worker (`follow`) applies the same calls to its own `Shard
 so all engines hold the same requests in the same rows and call the model's collectives in the same order.
 The token each row picks is broadcast from rank 0 (one small tensor per step): sampling, seeded or not,
 gives the same token on every rank. Model calls outside an engine (lm-eval's scoring, perplexity) are
-broadcast one forward at a time. Besides these broadcasts from rank 0, the only communication is the model's
-own all-reduces and logit gather (`litllm.parallel.layers`).
+broadcast one forward at a time. A decode step with no request added or aborted thus costs two small broadcasts
+(the step, its tokens: `Channel.send`); besides them the only communication is the model's own all-reduces and
+logit gather (`litllm.parallel.layers`).
 """
 
 from __future__ import annotations
@@ -47,17 +48,29 @@ class Channel:
         return self.ranks.rank == 0
 
     def send(self, message) -> None:
+        """Every message starts with one small broadcast: a plain decode step (no requests added or aborted) is
+        only that, its engine's key; anything else is -1 there, then the pickled message."""
         import torch.distributed as dist
 
-        dist.broadcast_object_list([_to_cpu(message)], src=0)
+        plain_step = message[0] == "step" and not message[2]
+        dist.broadcast(self._header(message[1] if plain_step else -1), src=0)
+        if not plain_step:
+            dist.broadcast_object_list([_to_cpu(message)], src=0)
         self.last = time.monotonic()
 
     def recv(self):
         import torch.distributed as dist
 
+        header = self._header(0)
+        dist.broadcast(header, src=0)
+        if (key := int(header)) >= 0:
+            return ("step", key, [])
         box = [None]
         dist.broadcast_object_list(box, src=0)
         return _to_device(box[0], self.ranks.device)
+
+    def _header(self, value: int) -> torch.Tensor:
+        return torch.tensor([value], dtype=torch.long, device=self.ranks.device)
 
     def tokens(self, values: list[int]) -> list[int]:
         """Rank 0's `values` on every rank (the tokens a step picked)."""
