@@ -47,8 +47,14 @@ class VocabShardHead(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(x, self.weight, self.bias)  # (..., V / N)
         parts = torch.empty((dist.get_world_size(),) + local.shape, dtype=local.dtype, device=local.device)
-        dist.all_gather(list(parts.unbind(0)), local.contiguous())  # (N, ..., V / N)
+        _all_gather_single(parts.flatten(0, 1), local.contiguous())  # (N, ..., V / N): one collective
         return parts.movedim(0, -2).reshape(*local.shape[:-1], -1)  # (..., V)
+
+
+def _all_gather_single(output: torch.Tensor, local: torch.Tensor) -> None:
+    """The ranks' `local` concatenated along dim 0 into `output` (`all_gather_into_tensor` before torch 2.13)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local)
 
 
 def localize(model: nn.Module, rank: int, n: int, split_vocab: bool) -> None:
