@@ -8,6 +8,14 @@ the one-device model; the two alternate `--repeats` times and the medians are pr
 
     python benchmarks/tensor_parallel.py --device cuda --devices 2 --precision bf16-true   # a >= 2-GPU machine
     python benchmarks/tensor_parallel.py --device cpu --devices 2 --n_layer 4 --new_tokens 16   # the code path
+    python benchmarks/tensor_parallel.py --device cpu --devices 2 --n_layer 4 --n_embd 512 --n_head 8 \
+        --intermediate_size 1536 --vocab_size 8000 --new_tokens 32 --profile   # + where rank 0's time goes
+
+`--profile` then decodes once more under torch.profiler and once traced and splits rank 0's milliseconds per
+token into the collectives (the gloo/NCCL operations' own spans), the math (aten ops' self time) and the rest
+(Python: the model's, the engine's, DTensor's where it is used; waiting), and says how much of the wall was spent
+inside DTensor's calls (the share of a run traced with sys.setprofile, applied to the plain wall: an upper bound,
+and 0 since the ranks decode on plain tensors).
 
 On GPUs tensor parallelism pays off when a step's weight reads dominate its all-reduces (large models, few
 rows); on a CPU over gloo the ranks share the same memory bandwidth and each all-reduce costs milliseconds,
@@ -37,6 +45,53 @@ def decode_rate(llm, prompt: str, new_tokens: int) -> tuple[float, str]:
     return new_tokens / (time.perf_counter() - t0), text
 
 
+COLLECTIVE_PREFIXES = ("gloo:", "nccl:")
+
+
+def profile_rate(llm, prompt: str, new_tokens: int) -> dict[str, float]:
+    """Rank 0's milliseconds per decoded token: wall = collectives + aten math + Python and the rest; and of
+    that wall, the time inside DTensor's calls (its Python with the ops and collectives it issues)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        llm.generate(prompt, max_new_tokens=new_tokens, apply_prompt_style=False)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    comm = sum(e.cpu_time_total for e in events if e.key.startswith(COLLECTIVE_PREFIXES)) / 1e6
+    math = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e6
+    share = dtensor_share(lambda: llm.generate(prompt, max_new_tokens=new_tokens, apply_prompt_style=False))
+    ms = {"wall": wall, "collectives": comm, "math": math, "Python and the rest": wall - comm - math,
+          "inside DTensor calls (of the wall)": share * wall}
+    return {name: 1000 * value / new_tokens for name, value in ms.items()}
+
+
+def dtensor_share(run) -> float:
+    """The share of `run()`'s time spent inside torch.distributed.tensor's Python (outermost calls only: its
+    nested calls, ops it dispatches included, count once), traced with sys.setprofile: an upper bound."""
+    inside = {"depth": 0, "since": 0.0, "total": 0.0}
+
+    def tracer(frame, event, arg):
+        if event not in ("call", "return") or "torch/distributed/tensor/" not in frame.f_code.co_filename:
+            return
+        if event == "call":
+            if inside["depth"] == 0:
+                inside["since"] = time.perf_counter()
+            inside["depth"] += 1
+        else:
+            inside["depth"] -= 1
+            if inside["depth"] == 0:
+                inside["total"] += time.perf_counter() - inside["since"]
+
+    t0 = time.perf_counter()
+    sys.setprofile(tracer)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return inside["total"] / (time.perf_counter() - t0)
+
+
 def main() -> None:
     from litllm import LLM
     from litllm.engine import Engine
@@ -49,6 +104,7 @@ def main() -> None:
     parser.add_argument("--precision", default=None)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also split rank 0's time per token (see above)")
     add_model_args(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,6 +121,8 @@ def main() -> None:
             for name, llm in (("1 device", one), (f"{args.devices} devices", sharded)):
                 rate, texts[name] = decode_rate(llm, prompt, args.new_tokens)
                 rates[name].append(rate)
+        profiles = {name: profile_rate(llm, prompt, args.new_tokens)
+                    for name, llm in (("1 device", one), (f"{args.devices} devices", sharded))} if args.profile else {}
         held = {}
         for name, llm in (("1 device", one), (f"{args.devices} devices", sharded)):
             with Engine(llm.model, llm.tokenizer, 1, 2048):
@@ -73,9 +131,12 @@ def main() -> None:
     for name, values in rates.items():
         rate = statistics.median(values)
         b = held[name]
-        print(f"tokens/s on {name}: {rate:.1f} (x{rate / base:.2f}), weights per device {size_text(b['weights'])} "
+        print(f"tokens/s on {name}: median {rate:.1f} (x{rate / base:.2f}), best {max(values):.1f}, weights per device "
+              f"{size_text(b['weights'])} "
               f"(x{b['weights'] / held['1 device']['weights']:.2f}), KV cache (1 x 2048) per device "
               f"{size_text(b['kv_cache'])} (x{b['kv_cache'] / held['1 device']['kv_cache']:.2f})")
+    for name, ms in profiles.items():
+        print(f"ms per token on {name} (rank 0, profiled): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     print(f"tokens/s check: the same greedy tokens on 1 and {args.devices} devices: {len(set(texts.values())) == 1}")
 
 

@@ -112,6 +112,35 @@ def test_layers_the_plan_does_not_cover_are_refused_in_one_line():
         check_supported(model, 2)
 
 
+def test_a_rank_decodes_on_plain_tensors_with_two_all_reduces_per_layer(tiny_checkpoint, tmp_path, monkeypatch):
+    """A rank's model (one rank of 1, in this process) holds plain tensors, no DTensor, and a forward
+    communicates only through its layers' collectives: one all-reduce for the embedding, two per block, one
+    gather of the head's logits; its logits are the unsharded model's, bit for bit."""
+    import torch.distributed as dist
+
+    from litllm.inference import load_for_inference
+    from litllm.parallel.loading import load_shard
+
+    calls = []
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast"):
+        if not hasattr(dist, name):
+            continue
+        monkeypatch.setattr(dist, name, lambda *a, _f=getattr(dist, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = load_shard(tiny_checkpoint, 0, 1, "cpu", torch.float32)
+        assert all(type(p.data) is torch.Tensor for p in model.parameters())
+        idx = torch.tensor([[1, 5, 9, 300]])
+        with torch.inference_mode():
+            logits = model(idx)
+        gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        assert calls == ["all_reduce"] * (1 + 2 * model.config.n_layer) + [gather]
+        with torch.inference_mode():
+            assert torch.equal(logits, load_for_inference(tiny_checkpoint, "cpu", "32-true")(idx))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
     from litllm.errors import LitLLMError
     from litllm.parallel.plan import layer_placement

@@ -1,7 +1,7 @@
 """Loading one tensor-parallel rank's shard of a model folder.
 
-The model is built on the meta device and sharded there (`plan.parallelize`); each parameter's local
-shard is then allocated on the rank's device and filled from `lit_model.safetensors` with safetensors'
+The model is built on the meta device and sharded there (`plan.parallelize`: plain tensors shaped as this rank's
+shares); each parameter's local shard is then allocated on the rank's device and filled from `lit_model.safetensors` with safetensors'
 lazy slicing (`safe_open(...).get_slice`), reading only this rank's rows or columns: a rank's host
 memory peaks at about its shard, 1/N of the sharded weights plus the replicated ones. Persistent buffers (a
 grouped router's correction bias) are replicated and read whole.
@@ -20,7 +20,7 @@ from litllm.parallel.plan import local_slices, parallelize, rank0_only, shard_pi
 from litllm.utils import meta_device
 
 
-def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype: torch.dtype) -> nn.Module:
+def load_shard(checkpoint_dir: Path, rank: int, n: int, device: str, dtype: torch.dtype) -> nn.Module:
     """The GPT of `checkpoint_dir` sharded over n ranks, with this rank's weights on `device` in `dtype`."""
     from litllm.config import Config
     from litllm.model import GPT
@@ -31,7 +31,7 @@ def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype
     with meta_device():
         model = GPT(config)
     full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    parallelize(model, mesh, n)
+    parallelize(model, rank, n)
     model.to(dtype)  # still meta: each shard is then allocated once, in its final dtype
     model.to_empty(device=device)
     with open_safetensors(checkpoint_dir / WEIGHTS_FILE) as f, torch.no_grad():
@@ -41,7 +41,7 @@ def load_shard(checkpoint_dir: Path, mesh, rank: int, n: int, device: str, dtype
             if key not in stored:
                 raise LitLLMError(f"{checkpoint_dir / WEIGHTS_FILE}: {name} is missing (expected by model_config.yaml)")
             local = read_local(f.get_slice(key), shard_pieces(name, config, n), rank, n, full_shapes[name], key)
-            _local(tensor).copy_(local if rank == 0 or not rank0_only(name) else torch.zeros_like(local))
+            tensor.data.copy_(local if rank == 0 or not rank0_only(name) else torch.zeros_like(local))
     model.lm_head.weight = model.wte.weight if config.tie_embeddings else model.lm_head.weight
     model.build_rope_cache(torch.device(device))
     return model.eval().requires_grad_(False)
@@ -52,12 +52,6 @@ def _stored_tensors(model: nn.Module):
     yield from model.named_parameters(remove_duplicate=True)
     persistent = model.state_dict(keep_vars=True).keys()
     yield from ((name, buffer) for name, buffer in model.named_buffers() if name in persistent)
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return param.to_local() if isinstance(param, DTensor) else param.data
 
 
 def read_local(tensor_slice, pieces: Optional[tuple], rank: int, n: int, shape: tuple, key: str) -> torch.Tensor:

@@ -1,16 +1,16 @@
 """Which parameter of the GPT goes where under tensor parallelism (TP) over N ranks.
 
-Megatron's split, written as torch DTensor plans (`parallelize_module` with `ColwiseParallel` /
-`RowwiseParallel`): in each block the fused q/k/v projection and the MLP's first layer are split by
+Megatron's split, each rank holding its shares as plain tensors (`parallelize`; the collectives are
+`layers.py`'s): in each block the fused q/k/v projection and the MLP's first layer are split by
 output rows (attention by heads, key/value heads included; MLP and every MoE expert by hidden units),
 the attention output projection and the MLP's second layer by input columns (one all-reduce each),
 the embedding and the head by vocabulary rows (a vocabulary-parallel head, whose logits are gathered).
-Norms, the MoE router, RoPE tables and biases after an all-reduce are replicated.
+Norms, the MoE router and the RoPE tables are replicated.
 
 MoE: every expert (and the shared experts) is split by hidden units like a dense MLP; the router, its
 correction bias (DeepSeek/GLM's grouped router) and the routing are replicated, so every rank picks the same
-experts. Each expert's second layer leaves a partial sum (`RowwiseParallel(output_layouts=Partial())`) and the
-MoE's output is all-reduced once (`PrepareModuleOutput`), not once per expert.
+experts. Each expert's second layer leaves a partial sum and the MoE's output is all-reduced once, not once per
+expert.
 
 Multi-head latent attention (DeepSeek-V2/V3, Kimi K2) is split by heads too: the query up-projection (`q`) and
 the key/value up-projection (`kv_b`) by output rows, the output projection by input columns. The low-rank
@@ -19,8 +19,9 @@ the whole latent (kv_lora_rank + rope dims per token), as vLLM does without data
 
 Parameters the forward reads directly rather than through an `nn.Linear` -- gpt-oss's attention sinks (one logit
 per query head, split with their heads) and stacked experts, MLA's `kv_b` (its weight enters the absorbed
-decode) -- are plain tensors holding this rank's share (`shard_pieces` says which). The stacked experts' output
-bias is held by rank 0 only (zeros elsewhere): the ranks' partial sums are added up.
+decode) -- are split the same way (`shard_pieces` says how). A bias added inside a partial sum (every layer split
+by input columns: `proj`, gpt-oss's stacked `down`) is held by rank 0 only (zeros elsewhere): the all-reduce adds
+it once.
 
 Fused layers hold several pieces (q | k | v rows, gate | up rows): each rank takes its share of every
 piece, so its local rows are [q_r | k_r | v_r] and the forward splits them as one rank's heads. The
@@ -102,8 +103,9 @@ def shard_pieces(name: str, config, n: int) -> Optional[tuple[int, tuple[int, ..
 
 
 def rank0_only(name: str) -> bool:
-    """A bias added inside each rank's partial sum (gpt-oss's stacked experts): rank 0 holds it, the others zeros."""
-    return name.endswith(".experts.down.bias")
+    """A bias added inside each rank's partial sum (a layer split by input columns, gpt-oss's stacked experts'
+    output): rank 0 holds it, the others zeros."""
+    return name.endswith((".proj.bias", ".experts.down.bias"))
 
 
 def _proj_in(name: str, c) -> int:
@@ -131,37 +133,6 @@ def local_slices(pieces: tuple[int, tuple[int, ...]], rank: int, n: int) -> tupl
     return dim, out
 
 
-def tp_plan(model: nn.Module, n: int) -> dict:
-    """The `parallelize_module` plan of a GPT: {module path: ParallelStyle}."""
-    from torch.distributed.tensor import Partial, Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, RowwiseParallel
-
-    from litllm.model import MLAttention, MoE
-
-    plan = {}
-    if split_vocab(model.config, n):
-        plan["wte"] = RowwiseParallel(input_layouts=Replicate())
-        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-    for i, block in enumerate(model.blocks):
-        # MLA: kv_b is not in the plan (the absorbed decode reads its weight: a plain tensor of this rank's rows)
-        plan[f"blocks.{i}.attn.{'q' if isinstance(block.attn, MLAttention) else 'qkv'}"] = ColwiseParallel()
-        plan[f"blocks.{i}.attn.proj"] = RowwiseParallel()
-        if not isinstance(block.mlp, MoE):
-            plan[f"blocks.{i}.mlp.fc"] = ColwiseParallel()
-            plan[f"blocks.{i}.mlp.proj"] = RowwiseParallel()
-            continue
-        # each expert leaves a partial sum; the MoE's output is all-reduced once
-        plan[f"blocks.{i}.mlp"] = PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate())
-        experts = [f"experts.{e}" for e in range(len(block.mlp.experts))] \
-            if isinstance(block.mlp.experts, nn.ModuleList) else []  # (stacked experts: plain local tensors)
-        for path in experts + (["shared_experts"] if block.mlp.shared_experts is not None else []):
-            plan[f"blocks.{i}.mlp.{path}.fc"] = ColwiseParallel()
-            plan[f"blocks.{i}.mlp.{path}.proj"] = RowwiseParallel(output_layouts=Partial())
-    for style in plan.values():
-        style.src_data_rank = None  # every rank fills its own shard (loading.py): nothing to scatter
-    return plan
-
-
 def check_supported(model: nn.Module, n: int) -> None:
     """Refuse a model with a layer the plan does not cover (it would run with the wrong shapes)."""
     from litllm.model import (CausalSelfAttention, ClampedSwiGLUMoE, GatedMLP, GeluMLP, GroupedMoE, Llama4MoE,
@@ -176,19 +147,31 @@ def check_supported(model: nn.Module, n: int) -> None:
                               f"({type(block.mlp).__name__})")
 
 
-def parallelize(model: nn.Module, mesh, n: int) -> nn.Module:
-    """Shard `model` (a GPT, typically on the meta device) over the 1-D `mesh` of n ranks in place; returns it.
-    Its attention layers then compute n_head / N query heads and n_query_groups / N key/value heads."""
-    from torch.distributed.tensor.parallel import parallelize_module
+def parallelize(model: nn.Module, rank: int, n: int) -> nn.Module:
+    """Make `model` (a GPT, typically on the meta device) rank `rank`'s shard of n in place; returns it. Every
+    split parameter becomes a plain tensor shaped as this rank's share (`shard_pieces`; on the model's device,
+    to be filled by `loading`), and the layers get their collectives (`layers.localize`). Its attention layers
+    then compute n_head / N query heads and n_query_groups / N key/value heads."""
+    import torch
+
+    from litllm.parallel.layers import localize
 
     c = model.config
     check_divisible(c, n)
     check_supported(model, n)
-    tied = c.tie_embeddings
-    parallelize_module(model, mesh, tp_plan(model, n))
-    if tied:
-        model.lm_head.weight = model.wte.weight  # both Shard(0) (or replicated): one tensor again
-    _keep_local_shares(model, n)
+    for name, p in list(model.named_parameters()):  # (a tied head is the embedding: once)
+        pieces = shard_pieces(name, c, n)
+        if pieces is None:
+            continue
+        dim, sizes = pieces
+        shape = list(p.shape)
+        shape[dim] = sum(sizes) // n
+        owner, _, leaf = name.rpartition(".")
+        local = torch.empty(shape, device=p.device, dtype=p.dtype)
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(local, requires_grad=p.requires_grad))
+    if c.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    localize(model, rank, n, split_vocab(c, n))
     local = dataclasses.replace(c, n_head=c.n_head // n, n_query_groups=c.n_query_groups // n)
     for block in model.blocks:
         block.attn.config = local
@@ -197,24 +180,6 @@ def parallelize(model: nn.Module, mesh, n: int) -> nn.Module:
             block.attn.qkv_sizes = (q, kv, kv)
     model.tp_size = n
     return model
-
-
-def _keep_local_shares(model: nn.Module, n: int) -> None:
-    """Split parameters the DTensor plan left whole (sinks, stacked experts, MLA's kv_b): each becomes a plain
-    tensor (on the model's device, typically meta) shaped as this rank's share."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    for name, p in list(model.named_parameters()):
-        pieces = shard_pieces(name, model.config, n)
-        if pieces is None or isinstance(p, DTensor):
-            continue
-        dim, sizes = pieces
-        shape = list(p.shape)
-        shape[dim] = sum(sizes) // n
-        owner, _, leaf = name.rpartition(".")
-        local = torch.empty(shape, device=p.device, dtype=p.dtype)
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(local, requires_grad=p.requires_grad))
 
 
 def rank_config(config, n: int):
@@ -242,17 +207,14 @@ def local_kv_heads(model: nn.Module) -> int:
 def local_bytes(model: nn.Module) -> dict[str, int]:
     """What this rank holds: {"weights": bytes of its parameter shards (a tied head once), "replicated": the
     part of it every rank holds in full, "kv_cache": bytes of its KV cache}."""
-    from torch.distributed.tensor import DTensor
-
     n = getattr(model, "tp_size", 1)
     weights = replicated = 0
     seen = set()
     for name, p in model.named_parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
-        if local.data_ptr() in seen:  # a tied head is the embedding
+        if p.data_ptr() in seen:  # a tied head is the embedding
             continue
-        seen.add(local.data_ptr())
-        size = local.numel() * local.element_size()
+        seen.add(p.data_ptr())
+        size = p.numel() * p.element_size()
         weights += size
         if n == 1 or shard_pieces(name, model.config, n) is None:
             replicated += size

@@ -6,8 +6,9 @@ the other ranks; each worker (`follow`) applies the same calls to its own `Shard
 so all engines hold the same requests in the same rows and call the model's collectives in the same order.
 The token each row picks is broadcast from rank 0 (one small tensor per step): sampling, seeded or not,
 gives the same token on every rank. Model calls outside an engine (lm-eval's scoring, perplexity) are
-broadcast one forward at a time. The only hand-written communication is these broadcasts from rank 0;
-the model's own collectives are DTensor's.
+broadcast one forward at a time. A decode step with no request added or aborted thus costs two small broadcasts
+(the step, its tokens: `Channel.send`); besides them the only communication is the model's own all-reduces and
+logit gather (`litllm.parallel.layers`).
 """
 
 from __future__ import annotations
@@ -47,17 +48,29 @@ class Channel:
         return self.ranks.rank == 0
 
     def send(self, message) -> None:
+        """Every message starts with one small broadcast: a plain decode step (no requests added or aborted) is
+        only that, its engine's key; anything else is -1 there, then the pickled message."""
         import torch.distributed as dist
 
-        dist.broadcast_object_list([_to_cpu(message)], src=0)
+        plain_step = message[0] == "step" and not message[2]
+        dist.broadcast(self._header(message[1] if plain_step else -1), src=0)
+        if not plain_step:
+            dist.broadcast_object_list([_to_cpu(message)], src=0)
         self.last = time.monotonic()
 
     def recv(self):
         import torch.distributed as dist
 
+        header = self._header(0)
+        dist.broadcast(header, src=0)
+        if (key := int(header)) >= 0:
+            return ("step", key, [])
         box = [None]
         dist.broadcast_object_list(box, src=0)
         return _to_device(box[0], self.ranks.device)
+
+    def _header(self, value: int) -> torch.Tensor:
+        return torch.tensor([value], dtype=torch.long, device=self.ranks.device)
 
     def tokens(self, values: list[int]) -> list[int]:
         """Rank 0's `values` on every rank (the tokens a step picked)."""
@@ -370,8 +383,8 @@ def load_sharded(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, d
 
     if quantize is not None:
         raise LitLLMError(f"--quantize {quantize} with --devices {devices}: tensor parallelism splits each weight by "
-                          f"rows or columns (DTensor), and bitsandbytes' quantized weights (packed flat blocks with "
-                          f"their own scales) are not tensors DTensor can split; drop --quantize (each of the "
+                          f"rows or columns, and bitsandbytes' quantized weights (packed flat blocks with "
+                          f"their own scales) do not split that way; drop --quantize (each of the "
                           f"{devices} devices then holds 1/{devices} of the 16-bit weights) or use --devices 1")
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
@@ -422,16 +435,13 @@ def size_text(n: int) -> str:
 
 
 def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: int):
-    from torch.distributed.device_mesh import init_device_mesh
-
     from litllm.parallel.loading import load_shard
 
     ranks = channel.ranks
     if ranks.device == "cpu":  # the ranks on this machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", n))))
-    mesh = init_device_mesh(torch.device(ranks.device).type, (n,))
     try:
-        model = load_shard(checkpoint_dir, mesh, ranks.rank, n, ranks.device, dtype)
+        model = load_shard(checkpoint_dir, ranks.rank, n, ranks.device, dtype)
     except LitLLMError:
         if channel.is_driver:
             raise  # the command prints it; the workers leave when it exits
