@@ -47,16 +47,19 @@ refuses them. Real models' widths are multiples of 64; only toy models hit this.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import math
 import warnings
 import weakref
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from litllm.errors import LitLLMError
 
@@ -140,6 +143,21 @@ def int8_words_linear(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tens
     return out if bias is None else out + bias
 
 
+_STEP_ROUNDING = contextvars.ContextVar("litllm_int8_step_rounding", default=False)
+
+
+@contextmanager
+def step_rounding():
+    """Within it, eager `Int8Words` layers compute as the compiled decode step does (`Int8Words._eager_step`: int8dq's
+    activations rounded per block of 32, int8wo's unrounded) instead of their eager kernels: the engine prefills a
+    prompt's last chunk so, whose last logits give the first generated token (`litllm.engine.Engine._prefill_logits`)."""
+    token = _STEP_ROUNDING.set(True)
+    try:
+        yield
+    finally:
+        _STEP_ROUNDING.reset(token)
+
+
 class Int8Words(nn.Module):
     """What litllm's int8 CPU layers (`Int8PackedLinear`, `Int8DynamicLinear`) share for a compiled decode step: a
     plain-tensor copy of their int8 weights (`words`, `_int8_words`), fp32 row scales and bias, made by
@@ -150,6 +168,9 @@ class Int8Words(nn.Module):
     Subclasses give `_int8_values()` and `words_block` (the step's activation rounding, `int8_words_linear`)."""
 
     words_block: Optional[int] = None
+    eager_step_rows: Optional[int] = None
+    """Rows from which an eager call computes as the step does (`_eager_step`) also outside `step_rounding`: where
+    that fp32 GEMM on the converted weights is faster than the eager kernel (a prefill); None: only within it."""
 
     def _int8_values(self) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """(int8 (out, in), scales (out,), bias or None): the weights the step multiplies by; None: no compiled copy."""
@@ -199,6 +220,28 @@ class Int8Words(nn.Module):
         """(N, in) -> (N, out) fp32: the compiled step's product."""
         return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
 
+    def _step_matrix(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(int8 (out, in), fp32 scales (out,), bias or None): the values `_eager_step` multiplies by, those of the
+        step's `words` (made from the kernel's copy where the layer has no int8 matrix of its own)."""
+        raise NotImplementedError
+
+    def _uses_eager_step(self, x2d: torch.Tensor) -> bool:
+        """Whether this eager call computes as the compiled step would (`_eager_step`): within `step_rounding`, or
+        from `eager_step_rows` rows; never where the step itself calls the eager kernel (no `words` for the layer)."""
+        if torch.compiler.is_compiling() or not self._makes_words() or x2d.dtype != torch.float32:
+            return False
+        return _STEP_ROUNDING.get() or (self.eager_step_rows is not None and x2d.shape[0] >= self.eager_step_rows)
+
+    def _eager_step(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(N, in) fp32 -> (N, out) fp32: the compiled step's arithmetic (`int8_words_linear`: the same activation
+        rounding, int8 weights, fp32 sums) in eager ops, equal to it up to fp32 summation order: the weights are
+        converted to fp32 on each call (for many rows a small cost beside the fp32 GEMM) and not kept."""
+        qdata, scales, bias = self._step_matrix()
+        if self.words_block is not None:
+            x2d = _block_quantized(x2d, self.words_block)
+        out = F.linear(x2d, qdata.float()) * scales  # (N, out)
+        return out if bias is None else out + bias
+
 
 class Int8PackedLinear(Int8Words):
     """A frozen Linear with int8 weights and one symmetric scale per output row (torchao's int8 weight-only
@@ -207,7 +250,12 @@ class Int8PackedLinear(Int8Words):
 
     Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
     weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
-    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step."""
+    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
+    from `eager_step_rows` rows (a prefill) and within `step_rounding` (a prompt's last token), the layer computes
+    so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
+    512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
+
+    eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
         super().__init__()
@@ -230,15 +278,20 @@ class Int8PackedLinear(Int8Words):
     def _int8_values(self):
         return self.weight, self.scales, self.bias
 
+    def _step_matrix(self):
+        return self.weight, self.scales.float(), None if self.bias is None else self.bias.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.words is not None and x.dtype == torch.float32:
             out = self._words_linear(x.reshape(-1, self.in_features))  # (N, out), the bias added
             return out.reshape(*x.shape[:-1], self.out_features)
+        if self._uses_eager_step(x2d := x.reshape(-1, self.in_features)):  # a prefill: faster than the kernel, exact
+            return self._eager_step(x2d).reshape(*x.shape[:-1], self.out_features)
         # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
         # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
         act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         scales = self.scales if self.scales.dtype == act else self.scales.to(act)
-        x2d = x.reshape(-1, self.in_features).to(act)
+        x2d = x2d.to(act)
         if torch.compiler.is_compiling():  # inductor's lowering of the kernel takes stored inputs, not a fused cast
             x2d = torch.ops.aten.clone(x2d, memory_format=torch.contiguous_format)
         out = torch._weight_int8pack_mm(x2d, self.weight, scales)
@@ -306,6 +359,11 @@ _INT8_DYNAMIC_KEYS = itertools.count()
 
 
 class Int8DynamicLinear(Int8Words):
+    # every eager call of 2+ rows (a prefill) computes as the step does: slower than fbgemm (its fp32 GEMM runs a
+    # 512-token prompt's blocks ~1.9x longer), but the KV it writes has the step's rounding; with fbgemm's 7-bit rows
+    # in the prompt's KV the 134M benchmark Llama's later tokens err ~7% against fp32, not ~4% (int8_prefill.py)
+    eager_step_rows = 2
+
     """A frozen Linear with int8 weights (one symmetric scale per output row) whose activations are quantized to
     int8 on each call and multiplied by int8 dot products, the output in fp32: W8A8 dynamic, as llama.cpp's q8_0
     dot product does. Eager, the kernel is torch's fbgemm `quantized::linear_dynamic` (int8 GEMV), on weights
@@ -352,10 +410,18 @@ class Int8DynamicLinear(Int8Words):
             qweight, bias = torch.ops.quantized.linear_unpack(self.packed)
         return qweight.int_repr(), qweight.q_per_channel_scales(), bias
 
+    def _step_matrix(self):
+        self.prepare_compiled()  # unpacking fbgemm's copy on each call would cost more than the product
+        n_out, n_words = self.words.shape  # word j holds a row's weights j + k * in/4 in its bytes k (_int8_words)
+        qdata = self.words.view(torch.int8).view(n_out, n_words, 4).transpose(1, 2).reshape(n_out, 4 * n_words)
+        return qdata, self.word_scales, self.word_bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
         if torch.compiler.is_compiling() and self.words is not None:  # (N, out) fp32
             out = self._words_linear(x2d)
+        elif self._uses_eager_step(x2d):  # the step's rounding, eagerly (step_rounding: a prompt's last token)
+            out = self._eager_step(x2d)
         elif torch.compiler.is_compiling():  # no compiled copy (a width no multiple of 4): fbgemm, opaque to inductor
             out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
         else:  # eager: the kernel itself, without the custom op's Python dispatch (~100 calls a token)
