@@ -373,8 +373,9 @@ class Int8DynamicLinear(Int8Words):
     Compiled (`Int8Words`): the step rounds each activation row to int8 per block of 32 values with a symmetric
     scale each (q8_0's activation rounding, `int8_words_linear`): its own reduction sums in fp32, so it needs no
     narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
-    vs 6.3% for 7-bit rows; tutorials/inference.md). The eager prefill and the compiled step so round activations
-    differently (both within int8dq's error of fp32)."""
+    vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls of 2+ rows (a prefill) and those within
+    `step_rounding` compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have
+    its rounding; one eager row (an eager decode step) keeps fbgemm, 4x faster there."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
