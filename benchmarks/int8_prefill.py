@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import add_model_args, add_tokenizer, build_checkpoint, gguf_rows  # noqa: E402
+from generate import greedy_tokens as greedy  # noqa: E402
 
 MODES = ("torchao.int8dq", "torchao.int8wo")
 
@@ -54,17 +55,6 @@ def kernels_only():
 
 def first_divergence(tokens: list[int], reference: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
-
-
-def greedy(engine, prompt: list[int], n: int) -> list[int]:
-    from litllm.engine import Request
-
-    engine.add(Request(prompt, n))
-    tokens = []
-    while engine.has_unfinished:
-        for out in engine.step():
-            tokens += out.token_ids
-    return tokens
 
 
 @torch.inference_mode()
@@ -151,9 +141,9 @@ def run(folder: Path, args) -> None:
                     times[side].append((time.perf_counter() - w0, time.process_time() - c0))
         for side, ts in times.items():
             walls = [w for w, _ in ts]
-            print(f"{mode} {side}: {args.prefill_tokens}-token prefill {args.prefill_tokens / min(walls):.0f} tok/s best,"
-                  f" {args.prefill_tokens / statistics.median(walls):.0f} median, "
-                  f"{args.prefill_tokens / min(c for _, c in ts):.0f} per CPU-s")
+            m = args.prefill_tokens
+            print(f"{mode} {side}: {m}-token prefill {m / min(walls):.0f} tok/s best, {m / statistics.median(walls):.0f}"
+                  f" median, {m / min(c for _, c in ts):.0f} per CPU-s")
         if args.compiled:
             engine.close()
             compiled = Engine(model, None, 1, length, compile=True)

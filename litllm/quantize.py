@@ -150,7 +150,7 @@ _STEP_ROUNDING = contextvars.ContextVar("litllm_int8_step_rounding", default=Fal
 def step_rounding():
     """Within it, eager `Int8Words` layers compute as the compiled decode step does (`Int8Words._eager_step`: int8dq's
     activations rounded per block of 32, int8wo's unrounded) instead of their eager kernels: the engine prefills a
-    prompt's last chunk so, whose last logits give the first generated token (`litllm.engine.Engine._prefill_logits`)."""
+    prompt's last chunk so, whose last logits give the first generated token (`Engine._prefill_logits`)."""
     token = _STEP_ROUNDING.set(True)
     try:
         yield
@@ -220,10 +220,18 @@ class Int8Words(nn.Module):
         """(N, in) -> (N, out) fp32: the compiled step's product."""
         return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
 
-    def _step_matrix(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(int8 (out, in), fp32 scales (out,), bias or None): the values `_eager_step` multiplies by, those of the
-        step's `words` (made from the kernel's copy where the layer has no int8 matrix of its own)."""
+    def _step_scales(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(fp32 scales (out,), bias or None): those `_eager_step` multiplies by, as the step's."""
         raise NotImplementedError
+
+    def _step_rows(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 (stop - start, in): the int8 weights of output rows start..stop, converted (`_eager_step`), their
+        columns in the order `_step_columns` puts the activations in."""
+        raise NotImplementedError
+
+    def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(N, in) activations with their columns in `_step_rows`' order."""
+        return x2d
 
     def _uses_eager_step(self, x2d: torch.Tensor) -> bool:
         """Whether this eager call computes as the compiled step would (`_eager_step`): within `step_rounding`, or
@@ -234,13 +242,22 @@ class Int8Words(nn.Module):
 
     def _eager_step(self, x2d: torch.Tensor) -> torch.Tensor:
         """(N, in) fp32 -> (N, out) fp32: the compiled step's arithmetic (`int8_words_linear`: the same activation
-        rounding, int8 weights, fp32 sums) in eager ops, equal to it up to fp32 summation order: the weights are
-        converted to fp32 on each call (for many rows a small cost beside the fp32 GEMM) and not kept."""
-        qdata, scales, bias = self._step_matrix()
+        rounding, int8 weights, fp32 sums) in eager ops, equal to it up to fp32 summation order: an fp32 GEMM on the
+        weights converted a few rows at a time (`EAGER_STEP_CHUNK`), never kept."""
         if self.words_block is not None:
             x2d = _block_quantized(x2d, self.words_block)
-        out = F.linear(x2d, qdata.float()) * scales  # (N, out)
+        scales, bias = self._step_scales()
+        x2d = self._step_columns(x2d)
+        rows = max(1, EAGER_STEP_CHUNK // self.in_features)
+        out = torch.cat([F.linear(x2d, self._step_rows(i, min(i + rows, self.out_features)))
+                         for i in range(0, self.out_features, rows)], dim=-1)  # (N, out)
+        out = out * scales
         return out if bias is None else out + bias
+
+
+EAGER_STEP_CHUNK = 2**18
+"""int8 weights `Int8Words._eager_step` converts to fp32 at a time (1 MiB): a whole layer's fp32 copy, fresh memory on
+each call, cost the output head 3x its product in page faults (a 768 x 32000 head: 78 vs 26 CPU-ms for one row)."""
 
 
 class Int8PackedLinear(Int8Words):
@@ -278,8 +295,11 @@ class Int8PackedLinear(Int8Words):
     def _int8_values(self):
         return self.weight, self.scales, self.bias
 
-    def _step_matrix(self):
-        return self.weight, self.scales.float(), None if self.bias is None else self.bias.float()
+    def _step_scales(self):
+        return self.scales.float(), None if self.bias is None else self.bias.float()
+
+    def _step_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.weight[start:stop].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.words is not None and x.dtype == torch.float32:
@@ -411,11 +431,17 @@ class Int8DynamicLinear(Int8Words):
             qweight, bias = torch.ops.quantized.linear_unpack(self.packed)
         return qweight.int_repr(), qweight.q_per_channel_scales(), bias
 
-    def _step_matrix(self):
-        self.prepare_compiled()  # unpacking fbgemm's copy on each call would cost more than the product
-        n_out, n_words = self.words.shape  # word j holds a row's weights j + k * in/4 in its bytes k (_int8_words)
-        qdata = self.words.view(torch.int8).view(n_out, n_words, 4).transpose(1, 2).reshape(n_out, 4 * n_words)
-        return qdata, self.word_scales, self.word_bias
+    def _step_scales(self):
+        self.prepare_compiled()  # `_step_rows` reads the words: unpacking fbgemm's copy would cost more than the product
+        return self.word_scales, self.word_bias
+
+    def _step_rows(self, start: int, stop: int) -> torch.Tensor:
+        # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4 (`_int8_words`;
+        # a contiguous read, 2.5x faster than reordering the weights: `_step_columns` reorders the activations)
+        return self.words[start:stop].view(torch.int8).float()
+
+    def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
+        return x2d.reshape(x2d.shape[0], 4, -1).transpose(1, 2).reshape(x2d.shape)  # column j + k*in/4 -> 4j + k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations

@@ -343,7 +343,7 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     survives model.half()."""
     from litllm.quantize import Int8DynamicLinear
 
-    monkeypatch.setattr(Int8DynamicLinear, "eager_step_rows", None)  # eager: the kernel on the 3 rows, as one decode row
+    monkeypatch.setattr(Int8DynamicLinear, "eager_step_rows", None)  # eager: the kernel on 3 rows, as on one
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=bias)  # 96: three blocks of 32
     layer = quantize_linear(linear, mode, "cpu")
@@ -518,28 +518,3 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     assert rel(got, exact) < (0.03 if dynamic else 0.02)
     # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x
     assert rel(stepped, exact_last) < (0.85 if dynamic else 0.95) * rel(kernels, exact_last)
-
-
-@pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
-def test_int8_eager_step_rounding_decodes_as_the_compiled_step(tiny_checkpoint, mode):
-    """Eager decoding within `step_rounding` computes as the compiled step does (the same rounding, fp32 sums in
-    another order): the same greedy tokens as the compiled engine, whose first token now comes from that rounding
-    too (the prompt's last row, `Engine._prefill_logits`)."""
-    pytest.importorskip("torchao")
-    from litllm.engine import Engine, Request
-    from litllm.quantize import step_rounding
-
-    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
-    prompt = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-
-    def greedy(engine) -> list[int]:
-        engine.add(Request(prompt, 24))
-        tokens = []
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens += out.token_ids
-        return tokens
-
-    with step_rounding():
-        eager = greedy(Engine(model, None, 1, 48))
-    assert greedy(Engine(model, None, 1, 48, compile=True)) == eager
