@@ -142,8 +142,8 @@ def run(folder: Path, args) -> None:
         for side, ts in times.items():
             walls = [w for w, _ in ts]
             m = args.prefill_tokens
-            print(f"{mode} {side}: {m}-token prefill {m / min(walls):.0f} tok/s best, {m / statistics.median(walls):.0f}"
-                  f" median, {m / min(c for _, c in ts):.0f} per CPU-s")
+            print(f"{mode} {side}: {m}-token prefill {m / min(walls):.0f} tok/s best, "
+                  f"{m / statistics.median(walls):.0f} median, {m / min(c for _, c in ts):.0f} per CPU-s")
         if args.compiled:
             engine.close()
             compiled = Engine(model, None, 1, length, compile=True)

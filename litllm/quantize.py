@@ -432,12 +432,13 @@ class Int8DynamicLinear(Int8Words):
         return qweight.int_repr(), qweight.q_per_channel_scales(), bias
 
     def _step_scales(self):
-        self.prepare_compiled()  # `_step_rows` reads the words: unpacking fbgemm's copy would cost more than the product
+        self.prepare_compiled()  # `_step_rows` reads the words: unpacking fbgemm's copy costs more than the product
         return self.word_scales, self.word_bias
 
     def _step_rows(self, start: int, stop: int) -> torch.Tensor:
-        # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4 (`_int8_words`;
-        # a contiguous read, 2.5x faster than reordering the weights: `_step_columns` reorders the activations)
+        # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4
+        # (`_int8_words`; a contiguous read, 2.5x faster than reordering the weights: `_step_columns` reorders the
+        # activations instead)
         return self.words[start:stop].view(torch.int8).float()
 
     def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
