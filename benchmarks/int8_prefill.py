@@ -5,9 +5,10 @@ On benchmarks/generate.py's random Llama (~134M parameters, fp32), for `torchao.
   `_weight_int8pack_mm`'s bf16 ones for int8wo), as the engine prefilled before;
 - `step` (now): the engine's prefill (`Engine._prefill_logits`): the prompt's rows as the compiled step rounds them
   (`Int8Words._eager_step`, the last chunk within `step_rounding`).
-It prints the relative L2 error of the last prompt row's logits against fp32's, that of 8 decode steps teacher-forced
-on fp32's greedy tokens (eager kernels vs the step's rounding, `step_rounding`), the first greedy token that leaves
-fp32's path (eager engine; `--compiled`: the compiled engine too; llama.cpp q8_0 where llama_cpp imports), and the
+It prints the relative L2 error of the last prompt row's logits against fp32's, that of 32 decode steps
+teacher-forced on fp32's greedy tokens (eager kernels vs the step's rounding, `step_rounding`) and how often their
+argmax is fp32's, the first greedy token that leaves fp32's path (eager engine; with every eager step within
+`step_rounding` or the kernels; `--compiled`: the compiled engine; llama.cpp q8_0 where llama_cpp imports), and the
 prefill tokens/s of a `--prefill_tokens` prompt (the two sides alternate `--repeats` times; best and median wall,
 best per CPU-second).
 
@@ -84,7 +85,7 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--forced_steps", type=int, default=8)
+    parser.add_argument("--forced_steps", type=int, default=32)
     parser.add_argument("--prefill_tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -110,6 +111,9 @@ def run(folder: Path, args) -> None:
     fp32 = Engine(load_for_inference(folder, precision="32-true"), None, 1, length)
     reference = greedy(fp32, prompt, n)
     exact = teacher_forced(fp32, prompt, reference[: args.forced_steps], nullcontext)
+    gaps = [float(row.topk(2).values.diff().abs()) for row in exact[:4]]
+    print("fp32's top-two logit gap at its greedy tokens 0-3 (near-ties flip on any rounding): "
+          + ", ".join(f"{g:.3f}" for g in gaps))
     try:
         import llama_cpp  # noqa: F401
 
@@ -127,11 +131,15 @@ def run(folder: Path, args) -> None:
                 decode_rounding = nullcontext if side.startswith("kernels") else step_rounding
                 rows = teacher_forced(engine, prompt, reference[: args.forced_steps], decode_rounding)
                 tokens = greedy(engine, prompt, n)
+                with decode_rounding():  # the eager decode steps too (within step_rounding: as the compiled step)
+                    all_tokens = greedy(engine, prompt, n)
             steps = [rel(a, b) for a, b in zip(rows[1:], exact[1:])]
+            agree = statistics.mean(float(a.argmax() == b.argmax()) for a, b in zip(rows, exact))
             print(f"{mode} {side}: last prompt row's logits {rel(rows[0], exact[0]):.2%} off fp32's; decode steps "
                   f"({'eager kernels' if decode_rounding is nullcontext else 'step rounding'}) median "
-                  f"{statistics.median(steps):.2%}; eager greedy leaves fp32's path at token "
-                  f"{first_divergence(tokens, reference)} of {n}")
+                  f"{statistics.median(steps):.2%}, argmax as fp32's at {agree:.0%} of {len(rows)} teacher-forced rows;"
+                  f" greedy leaves fp32's path at token {first_divergence(tokens, reference)} of {n} (eager), "
+                  f"{first_divergence(all_tokens, reference)} (every step so)")
         times = {"kernels (before)": [], "step (now)": []}
         for _ in range(args.repeats):  # the sides alternate
             for side in times:
