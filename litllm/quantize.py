@@ -268,7 +268,7 @@ class Int8PackedLinear(Int8Words):
     Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
     weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
     rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
-    from `eager_step_rows` rows (a prefill) and within `step_rounding` (a prompt's last token), the layer computes
+    from `eager_step_rows` rows (a prefill) and within `step_rounding` (a prompt's last chunk), the layer computes
     so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
     512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
 
@@ -379,11 +379,6 @@ _INT8_DYNAMIC_KEYS = itertools.count()
 
 
 class Int8DynamicLinear(Int8Words):
-    # every eager call of 2+ rows (a prefill) computes as the step does: slower than fbgemm (its fp32 GEMM runs a
-    # 512-token prompt's blocks ~1.9x longer), but the KV it writes has the step's rounding; with fbgemm's 7-bit rows
-    # in the prompt's KV the 134M benchmark Llama's later tokens err ~7% against fp32, not ~4% (int8_prefill.py)
-    eager_step_rows = 2
-
     """A frozen Linear with int8 weights (one symmetric scale per output row) whose activations are quantized to
     int8 on each call and multiplied by int8 dot products, the output in fp32: W8A8 dynamic, as llama.cpp's q8_0
     dot product does. Eager, the kernel is torch's fbgemm `quantized::linear_dynamic` (int8 GEMV), on weights
@@ -395,7 +390,13 @@ class Int8DynamicLinear(Int8Words):
     narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
     vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls of 2+ rows (a prefill) and those within
     `step_rounding` compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have
-    its rounding; one eager row (an eager decode step) keeps fbgemm, 4x faster there."""
+    its rounding; one eager row (an eager decode step) keeps fbgemm, 4x faster there. The eager step reads the
+    step's `words`, so an int8dq model holds its int8 weights twice from its first prefill on, compiled or not."""
+
+    # every eager call of 2+ rows (a prefill) computes as the step does: slower than fbgemm (its fp32 GEMM runs a
+    # 512-token prompt's blocks ~1.9x longer), but the KV it writes has the step's rounding; with fbgemm's 7-bit rows
+    # in the prompt's KV the 134M benchmark Llama's later tokens err ~7% against fp32, not ~4% (int8_prefill.py)
+    eager_step_rows = 2
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -448,7 +449,7 @@ class Int8DynamicLinear(Int8Words):
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
         if torch.compiler.is_compiling() and self.words is not None:  # (N, out) fp32
             out = self._words_linear(x2d)
-        elif self._uses_eager_step(x2d):  # the step's rounding, eagerly (step_rounding: a prompt's last token)
+        elif self._uses_eager_step(x2d):  # the step's rounding, eagerly: a prefill
             out = self._eager_step(x2d)
         elif torch.compiler.is_compiling():  # no compiled copy (a width no multiple of 4): fbgemm, opaque to inductor
             out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
