@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--forced_steps", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="of the random prompt (0: benchmarks/generate.py's)")
     parser.add_argument("--prefill_tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -105,7 +106,7 @@ def run(folder: Path, args) -> None:
     build_checkpoint(folder, args)
     add_tokenizer(folder)
     print(f"threads {torch.get_num_threads()}, load average {open('/proc/loadavg').read().split()[:3]}")
-    prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n = args.new_tokens
     length = max(len(prompt) + n, args.prefill_tokens + 1)
     fp32 = Engine(load_for_inference(folder, precision="32-true"), None, 1, length)
