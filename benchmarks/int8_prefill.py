@@ -3,8 +3,8 @@
 On benchmarks/generate.py's random Llama (~134M parameters, fp32), for `torchao.int8dq` and `torchao.int8wo`:
 - `kernels` (before): the whole prompt through the eager kernels (fbgemm's 7-bit activation rows for int8dq,
   `_weight_int8pack_mm`'s bf16 ones for int8wo), as the engine prefilled before;
-- `step` (now): the engine's prefill (`Engine._prefill_logits`): the prompt's rows as the compiled step rounds them
-  (`Int8Words._eager_step`, the last chunk within `step_rounding`).
+- `step` (now): the engine's prefill (`Engine._prefill_logits`, within `step_rounding`): the prompt's rows as the
+  compiled step rounds them (`Int8Words._eager_step`).
 It prints the relative L2 error of the last prompt row's logits against fp32's, that of 32 decode steps
 teacher-forced on fp32's greedy tokens (eager kernels vs the step's rounding, `step_rounding`) and how often their
 argmax is fp32's, the first greedy token that leaves fp32's path (eager engine; with every eager step within
@@ -65,7 +65,7 @@ def teacher_forced(engine, prompt: list[int], forced: list[int], decode_rounding
     engine._set_caches(engine._slot_caches[0])
     try:
         ids = torch.tensor(prompt)
-        rows = [engine._prefill_logits(ids, 0, len(prompt), False, True)[-1]]
+        rows = [engine._prefill_logits(ids, 0, len(prompt), False)[-1]]
         with decode_rounding():
             for i, token in enumerate(forced):
                 pos = len(prompt) + i

@@ -42,7 +42,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -641,7 +640,7 @@ class Engine:
         scored = row.request.prompt_logprobs is not None
         self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
         try:
-            logits = self._prefill_logits(ids, start, stop, scored, stop == len(row.request.prompt_ids))
+            logits = self._prefill_logits(ids, start, stop, scored)
         finally:
             self._set_caches(self._caches)
         if scored:
@@ -661,12 +660,12 @@ class Engine:
         row.followers = []
         self._start_decoding(slot, row, logits, outputs)
 
-    def _prefill_logits(self, ids: torch.Tensor, start: int, stop: int, scored: bool, last: bool) -> torch.Tensor:
+    def _prefill_logits(self, ids: torch.Tensor, start: int, stop: int, scored: bool) -> torch.Tensor:
         """Prefill prompt tokens start..stop (`ids`, (T,)) into the cache set: their logits (T, vocab) if `scored`,
-        else the last one's (1, vocab). The prompt's `last` chunk runs within `step_rounding`: with int8 CPU layers
-        its KV and logits (the first generated token's) come from the compiled step's rounding, as every later
-        token's do, not from the eager kernels' coarser one (fbgemm's 7-bit rows flip near-ties: issue #27)."""
-        with step_rounding() if last else nullcontext():
+        else the last one's (1, vocab). Within `step_rounding`: with int8 CPU layers the prompt's KV and the first
+        generated token's logits come from the compiled step's rounding, as every later token's do, not from the
+        eager kernels' coarser one (fbgemm's 7-bit rows flip near-ties: issue #27)."""
+        with step_rounding():
             return self.model.decode(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
                                      logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
 

@@ -149,8 +149,8 @@ _STEP_ROUNDING = contextvars.ContextVar("litllm_int8_step_rounding", default=Fal
 @contextmanager
 def step_rounding():
     """Within it, eager `Int8Words` layers compute as the compiled decode step does (`Int8Words._eager_step`: int8dq's
-    activations rounded per block of 32, int8wo's unrounded) instead of their eager kernels: the engine prefills a
-    prompt's last chunk so, whose last logits give the first generated token (`Engine._prefill_logits`)."""
+    activations rounded per block of 32, int8wo's unrounded) instead of their eager kernels: the engine prefills so
+    (`Engine._prefill_logits`), the prompt's KV and its last row's logits, the first generated token's."""
     token = _STEP_ROUNDING.set(True)
     try:
         yield
@@ -268,7 +268,7 @@ class Int8PackedLinear(Int8Words):
     Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
     weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
     rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
-    from `eager_step_rows` rows (a prefill) and within `step_rounding` (a prompt's last chunk), the layer computes
+    from `eager_step_rows` rows and within `step_rounding` (the engine's prefill), the layer computes
     so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
     512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
 
@@ -388,15 +388,12 @@ class Int8DynamicLinear(Int8Words):
     Compiled (`Int8Words`): the step rounds each activation row to int8 per block of 32 values with a symmetric
     scale each (q8_0's activation rounding, `int8_words_linear`): its own reduction sums in fp32, so it needs no
     narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
-    vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls of 2+ rows (a prefill) and those within
-    `step_rounding` compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have
-    its rounding; one eager row (an eager decode step) keeps fbgemm, 4x faster there. The eager step reads the
-    step's `words`, so an int8dq model holds its int8 weights twice from its first prefill on, compiled or not."""
-
-    # every eager call of 2+ rows (a prefill) computes as the step does: slower than fbgemm (its fp32 GEMM runs a
-    # 512-token prompt's blocks ~1.9x longer), but the KV it writes has the step's rounding; with fbgemm's 7-bit rows
-    # in the prompt's KV the 134M benchmark Llama's later tokens err ~7% against fp32, not ~4% (int8_prefill.py)
-    eager_step_rows = 2
+    vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls within `step_rounding` (the engine's prefill)
+    compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have its rounding:
+    ~2x slower than fbgemm on a 512-token prompt, but with fbgemm's 7-bit rows in the prompt's KV the benchmark
+    Llama's later tokens err ~7% against fp32, not ~4% (benchmarks/int8_prefill.py). Other eager calls (decode
+    steps, a batch's included; speculative verification) keep fbgemm, 4x faster for few rows. The eager step reads
+    the step's `words`, so an int8dq model holds its int8 weights twice from its first prefill on, compiled or not."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()

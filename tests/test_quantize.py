@@ -299,12 +299,10 @@ def test_int8_cpu_kernel_matches_torchao(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_dynamic_matches_torchao(dtype, monkeypatch):
+def test_int8_dynamic_matches_torchao(dtype):
     """On the CPU torchao.int8dq is torch's fbgemm `quantized::linear_dynamic` on torchao's int8 weights; it computes
     what torchao's own W8A8-dynamic layer does (up to the activations' 7 bits vs its 8), also compiled."""
     from litllm.quantize import Int8DynamicLinear
-
-    monkeypatch.setattr(Int8DynamicLinear, "eager_step_rows", None)  # the kernel on every eager call, as a decode step
 
     linear, ours, theirs, x = beside_torchao("torchao.int8dq", "Int8DynamicActivationInt8WeightConfig", dtype)
     assert type(ours) is Int8DynamicLinear and is_quantized(ours)
@@ -334,16 +332,13 @@ def _q8_0_rounded(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
-def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, monkeypatch):
+def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias):
     """The compiled step multiplies by a plain copy of the int8 weights in torch ops (`int8_words_linear`, inductor's
     own int8 reduction): int8dq rounds the activations as llama.cpp's q8_0 does (int8 per block of 32), int8wo keeps
     them in fp32. Each equals that arithmetic in plain torch on the eager layer's own int8 values up to fp32
     summation order, and errs less against fp32 than its eager kernel (fbgemm's one activation scale per call, 7 bits
     without VNNI; `_weight_int8pack_mm`'s bf16 activations and output); eager stays the kernel's, and the copy
     survives model.half()."""
-    from litllm.quantize import Int8DynamicLinear
-
-    monkeypatch.setattr(Int8DynamicLinear, "eager_step_rows", None)  # eager: the kernel on 3 rows, as on one
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=bias)  # 96: three blocks of 32
     layer = quantize_linear(linear, mode, "cpu")
@@ -485,7 +480,7 @@ def _first_token_logits(model, prompt: list[int]) -> torch.Tensor:
     engine = Engine(model, None, 1, 64)
     engine._set_caches(engine._slot_caches[0])
     with torch.no_grad():
-        return engine._prefill_logits(torch.tensor(prompt), 0, len(prompt), False, True)[-1]
+        return engine._prefill_logits(torch.tensor(prompt), 0, len(prompt), False)[-1]
 
 
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
