@@ -235,6 +235,18 @@ def linear_bytes(model) -> int:
     return total
 
 
+def greedy_tokens(engine, prompt: list[int], n: int) -> list[int]:
+    """The `n` tokens an engine (`litllm.engine.Engine`, greedy) generates after `prompt`."""
+    from litllm.engine import Request
+
+    engine.add(Request(prompt, n))
+    tokens = []
+    while engine.has_unfinished:
+        for out in engine.step():
+            tokens += out.token_ids
+    return tokens
+
+
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     w0, c0 = time.perf_counter(), time.process_time()
@@ -391,14 +403,7 @@ def run_all(folder: Path, args) -> None:
     lit_threads = models["litllm"][1]
 
     def decode(engine):
-        from litllm.engine import Request
-
-        engine.add(Request(prompt, n))
-        tokens = []
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens += out.token_ids
-        return tokens
+        return greedy_tokens(engine, prompt, n)
 
     hf = None if args.no_transformers else transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32).to(args.device).eval()

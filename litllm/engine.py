@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from litllm.errors import LitLLMError
+from litllm.quantize import step_rounding
 from litllm.utils import temporarily
 
 
@@ -639,8 +640,7 @@ class Engine:
         scored = row.request.prompt_logprobs is not None
         self._set_caches(self._slot_caches[slot])  # write this slot's cache row only: views of it
         try:
-            logits = self.model.decode(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                       logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
+            logits = self._prefill_logits(ids, start, stop, scored)
         finally:
             self._set_caches(self._caches)
         if scored:
@@ -659,6 +659,15 @@ class Engine:
                 self._share_prefill((slot, row), follower_slot, follower, outputs)
         row.followers = []
         self._start_decoding(slot, row, logits, outputs)
+
+    def _prefill_logits(self, ids: torch.Tensor, start: int, stop: int, scored: bool) -> torch.Tensor:
+        """Prefill prompt tokens start..stop (`ids`, (T,)) into the cache set: their logits (T, vocab) if `scored`,
+        else the last one's (1, vocab). Within `step_rounding`: with int8 CPU layers the prompt's KV and the first
+        generated token's logits come from the compiled step's rounding, as every later token's do, not from the
+        eager kernels' coarser one (fbgemm's 7-bit rows flip near-ties: issue #27)."""
+        with step_rounding():
+            return self.model.decode(ids[None], input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                     logits_to_keep=None if scored else 1)[0, :, : self.vocab_size]  # (T, vocab)
 
     def _start_decoding(self, slot: int, row: _Row, logits: torch.Tensor, outputs: list[Output]) -> None:
         """The row's prompt is in: sample its first token from the last prompt logits (1, vocab)."""

@@ -47,16 +47,19 @@ refuses them. Real models' widths are multiples of 64; only toy models hit this.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import math
 import warnings
 import weakref
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from litllm.errors import LitLLMError
 
@@ -140,6 +143,21 @@ def int8_words_linear(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tens
     return out if bias is None else out + bias
 
 
+_STEP_ROUNDING = contextvars.ContextVar("litllm_int8_step_rounding", default=False)
+
+
+@contextmanager
+def step_rounding():
+    """Within it, eager `Int8Words` layers compute as the compiled decode step does (`Int8Words._eager_step`: int8dq's
+    activations rounded per block of 32, int8wo's unrounded) instead of their eager kernels: the engine prefills so
+    (`Engine._prefill_logits`), the prompt's KV and its last row's logits, the first generated token's."""
+    token = _STEP_ROUNDING.set(True)
+    try:
+        yield
+    finally:
+        _STEP_ROUNDING.reset(token)
+
+
 class Int8Words(nn.Module):
     """What litllm's int8 CPU layers (`Int8PackedLinear`, `Int8DynamicLinear`) share for a compiled decode step: a
     plain-tensor copy of their int8 weights (`words`, `_int8_words`), fp32 row scales and bias, made by
@@ -150,6 +168,9 @@ class Int8Words(nn.Module):
     Subclasses give `_int8_values()` and `words_block` (the step's activation rounding, `int8_words_linear`)."""
 
     words_block: Optional[int] = None
+    eager_step_rows: Optional[int] = None
+    """Rows from which an eager call computes as the step does (`_eager_step`) also outside `step_rounding`: where
+    that fp32 GEMM on the converted weights is faster than the eager kernel (a prefill); None: only within it."""
 
     def _int8_values(self) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """(int8 (out, in), scales (out,), bias or None): the weights the step multiplies by; None: no compiled copy."""
@@ -199,6 +220,45 @@ class Int8Words(nn.Module):
         """(N, in) -> (N, out) fp32: the compiled step's product."""
         return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
 
+    def _step_scales(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(fp32 scales (out,), bias or None): those `_eager_step` multiplies by, as the step's."""
+        raise NotImplementedError
+
+    def _step_rows(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 (stop - start, in): the int8 weights of output rows start..stop, converted (`_eager_step`), their
+        columns in the order `_step_columns` puts the activations in."""
+        raise NotImplementedError
+
+    def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(N, in) activations with their columns in `_step_rows`' order."""
+        return x2d
+
+    def _uses_eager_step(self, x2d: torch.Tensor) -> bool:
+        """Whether this eager call computes as the compiled step would (`_eager_step`): within `step_rounding`, or
+        from `eager_step_rows` rows; never where the step itself calls the eager kernel (no `words` for the layer)."""
+        if torch.compiler.is_compiling() or not self._makes_words() or x2d.dtype != torch.float32:
+            return False
+        return _STEP_ROUNDING.get() or (self.eager_step_rows is not None and x2d.shape[0] >= self.eager_step_rows)
+
+    def _eager_step(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(N, in) fp32 -> (N, out) fp32: the compiled step's arithmetic (`int8_words_linear`: the same activation
+        rounding, int8 weights, fp32 sums) in eager ops, equal to it up to fp32 summation order: an fp32 GEMM on the
+        weights converted a few rows at a time (`EAGER_STEP_CHUNK`), never kept."""
+        if self.words_block is not None:
+            x2d = _block_quantized(x2d, self.words_block)
+        scales, bias = self._step_scales()
+        x2d = self._step_columns(x2d)
+        rows = max(1, EAGER_STEP_CHUNK // self.in_features)
+        out = torch.cat([F.linear(x2d, self._step_rows(i, min(i + rows, self.out_features)))
+                         for i in range(0, self.out_features, rows)], dim=-1)  # (N, out)
+        out = out * scales
+        return out if bias is None else out + bias
+
+
+EAGER_STEP_CHUNK = 2**18
+"""int8 weights `Int8Words._eager_step` converts to fp32 at a time (1 MiB): a whole layer's fp32 copy, fresh memory on
+each call, cost the output head 3x its product in page faults (a 768 x 32000 head: 78 vs 26 CPU-ms for one row)."""
+
 
 class Int8PackedLinear(Int8Words):
     """A frozen Linear with int8 weights and one symmetric scale per output row (torchao's int8 weight-only
@@ -207,7 +267,12 @@ class Int8PackedLinear(Int8Words):
 
     Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
     weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
-    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step."""
+    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
+    from `eager_step_rows` rows and within `step_rounding` (the engine's prefill), the layer computes
+    so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
+    512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
+
+    eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
         super().__init__()
@@ -230,15 +295,23 @@ class Int8PackedLinear(Int8Words):
     def _int8_values(self):
         return self.weight, self.scales, self.bias
 
+    def _step_scales(self):
+        return self.scales.float(), None if self.bias is None else self.bias.float()
+
+    def _step_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.weight[start:stop].float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.words is not None and x.dtype == torch.float32:
             out = self._words_linear(x.reshape(-1, self.in_features))  # (N, out), the bias added
             return out.reshape(*x.shape[:-1], self.out_features)
+        if self._uses_eager_step(x2d := x.reshape(-1, self.in_features)):  # a prefill: faster than the kernel, exact
+            return self._eager_step(x2d).reshape(*x.shape[:-1], self.out_features)
         # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
         # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
         act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         scales = self.scales if self.scales.dtype == act else self.scales.to(act)
-        x2d = x.reshape(-1, self.in_features).to(act)
+        x2d = x2d.to(act)
         if torch.compiler.is_compiling():  # inductor's lowering of the kernel takes stored inputs, not a fused cast
             x2d = torch.ops.aten.clone(x2d, memory_format=torch.contiguous_format)
         out = torch._weight_int8pack_mm(x2d, self.weight, scales)
@@ -315,8 +388,12 @@ class Int8DynamicLinear(Int8Words):
     Compiled (`Int8Words`): the step rounds each activation row to int8 per block of 32 values with a symmetric
     scale each (q8_0's activation rounding, `int8_words_linear`): its own reduction sums in fp32, so it needs no
     narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
-    vs 6.3% for 7-bit rows; tutorials/inference.md). The eager prefill and the compiled step so round activations
-    differently (both within int8dq's error of fp32)."""
+    vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls within `step_rounding` (the engine's prefill)
+    compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have its rounding:
+    ~2x slower than fbgemm on a 512-token prompt, but with fbgemm's 7-bit rows in the prompt's KV the benchmark
+    Llama's later tokens err ~7% against fp32, not ~4% (benchmarks/int8_prefill.py). Other eager calls (decode
+    steps, a batch's included; speculative verification) keep fbgemm, 4x faster for few rows. The eager step reads
+    the step's `words`, so an int8dq model holds its int8 weights twice from its first prefill on, compiled or not."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -352,10 +429,25 @@ class Int8DynamicLinear(Int8Words):
             qweight, bias = torch.ops.quantized.linear_unpack(self.packed)
         return qweight.int_repr(), qweight.q_per_channel_scales(), bias
 
+    def _step_scales(self):
+        self.prepare_compiled()  # `_step_rows` reads the words: unpacking fbgemm's copy costs more than the product
+        return self.word_scales, self.word_bias
+
+    def _step_rows(self, start: int, stop: int) -> torch.Tensor:
+        # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4
+        # (`_int8_words`; a contiguous read, 2.5x faster than reordering the weights: `_step_columns` reorders the
+        # activations instead)
+        return self.words[start:stop].view(torch.int8).float()
+
+    def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
+        return x2d.reshape(x2d.shape[0], 4, -1).transpose(1, 2).reshape(x2d.shape)  # column j + k*in/4 -> 4j + k
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features).float()  # (N, in): the kernel takes fp32 activations
         if torch.compiler.is_compiling() and self.words is not None:  # (N, out) fp32
             out = self._words_linear(x2d)
+        elif self._uses_eager_step(x2d):  # the step's rounding, eagerly: a prefill
+            out = self._eager_step(x2d)
         elif torch.compiler.is_compiling():  # no compiled copy (a width no multiple of 4): fbgemm, opaque to inductor
             out = torch.ops.litllm.int8_dynamic_linear(x2d, self.key, self.out_features)
         else:  # eager: the kernel itself, without the custom op's Python dispatch (~100 calls a token)

@@ -252,12 +252,13 @@ def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkp
     the compiled step multiplies by a plain copy of the int8 weights (`Int8Words.prepare_compiled`), so it exports
     and is saved by AOTInductor like an unquantized step, and a fresh model of the same checkpoint (not yet given that
     copy) finds and loads it; both decode the eager engine's greedy tokens (the step rounds activations otherwise
-    than the eager kernels, more finely: test_quantize.py; the tiny model's tokens are the same)."""
+    than the eager kernels' one-row decode, more finely: test_quantize.py; the tiny model's tokens are the same, and
+    those of eager steps within `step_rounding`, which compute as the compiled step does)."""
     pytest.importorskip("torchao")
     from litllm.compile_decode import load_saved_step
     from litllm.engine import Engine
     from litllm.model import GPT
-    from litllm.quantize import quantize_model
+    from litllm.quantize import quantize_model, step_rounding
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
 
@@ -272,6 +273,8 @@ def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkp
         return tokens
 
     eager = decode(Engine(model(), None, 1, 64, threads=1))
+    with step_rounding():  # eager decode steps computing as the compiled one does: its rounding, the same tokens
+        assert decode(Engine(model(), None, 1, 64, threads=1)) == eager
     compiled = Engine(model(), None, 1, 64, threads=1, compile=True)
     assert decode(compiled) == eager and compiled.step_source == "compiled"  # AOTInductor, not torch.compile
     fresh = Engine(model(), None, 1, 64, threads=1)
