@@ -17,8 +17,8 @@ from conftest import litllm_in_process
 
 from litllm.__main__ import COMMANDS
 
-HEAVY = ("lightning", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision", "fastapi",
-         "uvicorn")
+HEAVY = ("lightning", "lightning_fabric", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision",
+         "fastapi", "uvicorn")
 
 
 def run(*args, **kwargs):
