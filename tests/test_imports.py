@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from conftest import modules_loaded_by
+
 ROOT = Path(__file__).resolve().parents[1] / "litllm"
 
 
@@ -115,59 +117,10 @@ def test_no_import_cycle_in_litllm():
 TRAINING_ONLY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "scipy", "transformers",
                  "litdata")
 
-# One interpreter imports torch once, then forks a child per command: the child runs the command as the console
-# script does (`litllm.__main__.main`), output discarded, and reports which of the modules are in sys.modules.
-# `serve` runs up to the point it would listen (its app built); the tensor-parallel worker is imported.
-RUN_COMMANDS_SCRIPT = """
-import io, json, os, sys
-import torch
-watched, commands = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-out = {}
-for name, args in commands.items():
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        sys.stdin = io.StringIO("Hello\\n")
-        try:
-            if args[0] == "import":
-                __import__(args[1])
-            else:
-                if args[0] == "serve":
-                    import litllm.serve.server as server
-                    def listen(*a, **k):
-                        raise SystemExit(0)
-                    server._run_uvicorn = listen
-                from litllm.__main__ import main
-                try:
-                    main(args)
-                except SystemExit as e:
-                    if e.code not in (0, None):
-                        raise RuntimeError(f"exit status {e.code}")
-            found = [m for m in watched if m in sys.modules]
-        except BaseException as e:
-            found = f"failed: {e!r}"
-        os.write(write, json.dumps(found).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        out[name] = json.loads(f.read())
-    os.waitpid(pid, 0)
-print(json.dumps(out))
-"""
-
 
 def test_inference_commands_run_without_lightning(tiny_checkpoint, tmp_path):
     """`litllm generate/chat/serve/evaluate_perplexity` on one device, run to the end, never import Lightning (nor
     torchmetrics, scipy, transformers, litdata): a user's first seconds and every inference test process."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n")
     ckpt = str(tiny_checkpoint)
@@ -178,9 +131,4 @@ def test_inference_commands_run_without_lightning(tiny_checkpoint, tmp_path):
         "evaluate_perplexity": ["evaluate_perplexity", ckpt, "--data", str(text), "--out_dir", str(tmp_path / "ppl")],
         "tensor-parallel worker": ["import", "litllm.parallel.worker"],
     }
-    env = dict(os.environ, LITLLM_COMPILE="0", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT.parent), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", RUN_COMMANDS_SCRIPT, json.dumps(TRAINING_ONLY),
-                             json.dumps(commands)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {name: [] for name in commands}
+    assert modules_loaded_by(commands, TRAINING_ONLY, cwd=tmp_path) == {name: [] for name in commands}
