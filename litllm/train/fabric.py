@@ -13,8 +13,9 @@ and the processes are created by srun, not by Fabric; `--devices`/`--num_nodes` 
 allocation (checked here; `config_hub/slurm/litllm.sbatch` fills them). `fabric.print` prints on
 global rank 0 only, so a multi-node log reads as one job. Fabric is the standalone `lightning_fabric` package
 (pyproject's `lightning-fabric`): `lightning.fabric` would run `lightning/__init__`, which imports
-`lightning.pytorch` and so torchmetrics (and scipy, transformers, matplotlib through it), ~3 s of CPU more per
-process. Its import still costs ~1.5 s beyond torch's (torch._dynamo): it happens here, inside functions.
+`lightning.pytorch` and so torchmetrics (and scipy, transformers, matplotlib through it): a process that makes a
+Fabric took 7.6 CPU-s, 3.9 now (benchmarks/startup.py), still ~1.7 s beyond torch's (torch._dynamo). The
+import happens here, inside functions: the inference commands never pay it (tests/test_imports.py).
 """
 
 from __future__ import annotations
