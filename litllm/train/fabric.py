@@ -14,7 +14,7 @@ allocation (checked here; `config_hub/slurm/litllm.sbatch` fills them). `fabric.
 global rank 0 only, so a multi-node log reads as one job. Fabric is the standalone `lightning_fabric` package
 (pyproject's `lightning-fabric`): `lightning.fabric` would run `lightning/__init__`, which imports
 `lightning.pytorch` and so torchmetrics (and scipy, transformers, matplotlib through it): a process that makes a
-Fabric took 7.6 CPU-s, 3.9 now (benchmarks/startup.py), still ~1.7 s beyond torch's (torch._dynamo). The
+Fabric took 6.6 CPU-s, 3.3 now (benchmarks/startup.py), still ~1.4 s beyond torch's (torch._dynamo). The
 import happens here, inside functions: the inference commands never pay it (tests/test_imports.py).
 """
 
