@@ -90,7 +90,7 @@ def run_trl(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, 
 
 def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: str, seq: str, micro: str) -> dict:
     """litllm's finetune_dpo, a step timed around the loop's `train_step`."""
-    import lightning.fabric  # noqa: F401  (imports count in the baseline)
+    import lightning_fabric  # noqa: F401  (imports count in the baseline)
 
     from litllm import finetune
     from litllm.data import Preference

@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 method, folder, out, device, steps, seq, micro = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], \\
     int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-import lightning.fabric  # noqa: F401  (imports count in the baseline)
+import lightning_fabric  # noqa: F401  (imports count in the baseline)
 from litllm.data import JSON
 from litllm.train.args import EvalArgs, TrainArgs
 

@@ -72,7 +72,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lightning import Fabric
+    from lightning_fabric import Fabric
 
     from litllm.data import JSON
     from litllm.tokenizer import Tokenizer

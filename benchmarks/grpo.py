@@ -88,7 +88,7 @@ def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: st
                new: str, compile_rollouts: str = "auto") -> dict:
     """litllm's finetune_grpo; phases: rollout (`sample_completions`), rewards, forward (every `completion_logps`),
     backward, optimizer."""
-    import lightning.fabric
+    import lightning_fabric
     import torch
 
     from litllm import finetune
@@ -104,7 +104,7 @@ def run_litllm(timer: StepTimer, folder: Path, out: Path, device: str, steps: st
     timer.wrap(method, "sample_completions", "rollout")
     timer.wrap(method.GRPOLoss, "score", "rewards")
     timer.wrap(method, "completion_logps", "forward")
-    timer.wrap(lightning.fabric.Fabric, "backward", "backward")
+    timer.wrap(lightning_fabric.Fabric, "backward", "backward")
     timer.wrap(torch.optim.AdamW, "step", "optimizer")
     engines, build = [], rollout.rollout_engine
 

@@ -317,6 +317,63 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
     return subprocess.CompletedProcess(["litllm", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
+# One fresh interpreter imports torch (not heavy) once, then forks a child per command: the child imports a module
+# (["import", "litllm.x"]) or runs `litllm ARGS` as the console script does (`litllm.__main__.main`, output
+# discarded, stdin one line), and reports which of the watched modules are in its sys.modules. `serve` runs up to
+# the point it would listen (its app built).
+MODULES_LOADED_SCRIPT = """
+import io, json, os, sys
+import torch
+watched, commands = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {}
+for name, args in commands.items():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        sys.stdin = io.StringIO("Hello\\n")
+        try:
+            if args[0] == "import":
+                __import__(args[1])
+            else:
+                if args[0] == "serve":
+                    import litllm.serve.server as server
+                    def listen(*a, **k):
+                        raise SystemExit(0)
+                    server._run_uvicorn = listen
+                from litllm.__main__ import main
+                try:
+                    main(args)
+                except SystemExit as e:
+                    if e.code not in (0, None):
+                        raise RuntimeError(f"exit status {e.code}")
+            found = [m for m in watched if m in sys.modules]
+        except BaseException as e:
+            found = f"failed: {e!r}"
+        os.write(write, json.dumps(found).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out[name] = json.loads(f.read())
+    os.waitpid(pid, 0)
+print(json.dumps(out))
+"""
+
+
+def modules_loaded_by(commands: dict[str, list[str]], watched, cwd: Path | None = None) -> dict:
+    """{name: the modules of `watched` that a fresh process imports doing `commands[name]`} (see
+    MODULES_LOADED_SCRIPT), the inference commands eager (LITLLM_COMPILE=0) on one thread."""
+    env = dict(os.environ, LITLLM_COMPILE="0", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", MODULES_LOADED_SCRIPT, json.dumps(list(watched)),
+                             json.dumps(commands)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     data = SHARED / "data"

@@ -13,12 +13,12 @@ import sys
 
 import pytest
 import torch
-from conftest import litllm_in_process
+from conftest import litllm_in_process, modules_loaded_by
 
 from litllm.__main__ import COMMANDS
 
-HEAVY = ("lightning", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision", "fastapi",
-         "uvicorn")
+HEAVY = ("lightning", "lightning_fabric", "litdata", "lm_eval", "bitsandbytes", "transformers", "wandb", "torchvision",
+         "fastapi", "uvicorn")
 
 
 def run(*args, **kwargs):
@@ -36,39 +36,11 @@ def test_help_lists_every_command():
         assert name in result.stdout, name
 
 
-# one fresh interpreter imports torch (not heavy) once, then forks a child per command module: each child imports
-# its module alone and reports the heavy libraries in sys.modules, as `python -c "import sys, module"` would
-HEAVY_IMPORTS_SCRIPT = """
-import json, os, sys
-import torch
-out = {}
-for module in sys.argv[2:]:
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            __import__(module)
-            found = [m for m in json.loads(sys.argv[1]) if m in sys.modules]
-        except BaseException as e:
-            found = f"import failed: {e!r}"
-        os.write(write, json.dumps(found).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        out[module] = json.loads(f.read())
-    os.waitpid(pid, 0)
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def heavy_imports() -> dict:
+    """{command module: the HEAVY libraries importing it alone loads}."""
     modules = sorted({target.split(":")[0] for target in COMMANDS.values()})
-    result = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_SCRIPT, json.dumps(HEAVY), *modules],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return modules_loaded_by({module: ["import", module] for module in modules}, HEAVY)
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -7,7 +7,7 @@ doesn't restore the trained state fails the round trip.
 The passing runs of pretrain and of the two-process finetune are `python -m litllm` subprocesses (the exit status a
 shell sees, the launcher starting a rank); the other commands run `litllm.__main__.main` in this process
 (`conftest.litllm_in_process`, with TMPDIR pointed at the test's folder), which saves each an interpreter with
-torch and Lightning (~6 s of CPU a command).
+torch and Lightning Fabric (~4 s of CPU a command).
 """
 
 from __future__ import annotations

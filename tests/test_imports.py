@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from conftest import modules_loaded_by
+
 ROOT = Path(__file__).resolve().parents[1] / "litllm"
 
 
@@ -107,3 +109,27 @@ def test_no_import_cycle_in_litllm():
     graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ---------------------------------------------------------------------- what a command imports when it runs
+# Only training needs Lightning Fabric: `import lightning_fabric` costs a process ~1.4 s of CPU beyond torch's, and
+# with `lightning` or torchmetrics installed ~4.6 s (torchmetrics pulls scipy, transformers, matplotlib; see
+# benchmarks/startup.py). litdata is the training data's streaming.
+TRAINING_ONLY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "scipy", "transformers",
+                 "litdata")
+
+
+def test_inference_commands_run_without_lightning(tiny_checkpoint, tmp_path):
+    """`litllm generate/chat/serve/evaluate_perplexity` on one device, run to the end, never import Lightning (nor
+    torchmetrics, scipy, transformers, litdata): a user's first seconds and every inference test process."""
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n")
+    ckpt = str(tiny_checkpoint)
+    commands = {
+        "generate": ["generate", ckpt, "--prompt", "Hello", "--max_new_tokens", "2"],
+        "chat": ["chat", ckpt, "--max_new_tokens", "2"],
+        "serve": ["serve", ckpt, "--port", "0"],
+        "evaluate_perplexity": ["evaluate_perplexity", ckpt, "--data", str(text), "--out_dir", str(tmp_path / "ppl")],
+        "tensor-parallel worker": ["import", "litllm.parallel.worker"],
+    }
+    assert modules_loaded_by(commands, TRAINING_ONLY, cwd=tmp_path) == {name: [] for name in commands}

@@ -129,7 +129,7 @@ def test_csv_hyperparameters(tmp_path):
 
 def test_tensorboard_is_lightnings_and_logs_hyperparameters(tmp_path):
     pytest.importorskip("tensorboard")
-    from lightning.fabric.loggers import TensorBoardLogger
+    from lightning_fabric.loggers import TensorBoardLogger
 
     logger = loggers.build_logger("tensorboard", tmp_path, "run")
     logger.log_hyperparams({"train": {"lr": 0.1, "betas": [0.9, 0.95]}, "out_dir": tmp_path, "seed": None})

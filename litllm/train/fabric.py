@@ -11,15 +11,17 @@ Strategies (`--strategy`):
 Multi-node: `--num_nodes N`; under SLURM (`srun`) Fabric reads the rank layout from the environment
 and the processes are created by srun, not by Fabric; `--devices`/`--num_nodes` must then match the
 allocation (checked here; `config_hub/slurm/litllm.sbatch` fills them). `fabric.print` prints on
-global rank 0 only, so a multi-node log reads as one job. `import lightning` is slow: it happens here,
-inside functions.
+global rank 0 only, so a multi-node log reads as one job. Fabric is the standalone `lightning_fabric` package
+(pyproject's `lightning-fabric`): `lightning.fabric` would run `lightning/__init__`, which imports
+`lightning.pytorch` and so torchmetrics (and scipy, transformers, matplotlib through it): a process that makes a
+Fabric took 6.6 CPU-s, 3.3 now (benchmarks/startup.py), still ~1.4 s beyond torch's (torch._dynamo). The
+import happens here, inside functions: the inference commands never pay it (tests/test_imports.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
 import torch
@@ -46,9 +48,9 @@ def make_fabric(
     accelerator: str = "auto",
     loggers=None,
 ):
-    """A `lightning.Fabric` for these settings (not launched yet: call `fabric.launch()`)."""
-    from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+    """A `lightning_fabric.Fabric` for these settings (not launched yet: call `fabric.launch()`)."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +152,7 @@ def slurm_layout() -> Optional[tuple[int, int]]:
 
 
 def uses_fsdp(fabric) -> bool:
-    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning_fabric.strategies import ModelParallelStrategy
 
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
@@ -238,7 +240,7 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside Fabric's wrapper (sharded in place under FSDP2)."""
-    from lightning.fabric.wrappers import _unwrap_objects
+    from lightning_fabric.wrappers import _unwrap_objects
 
     return _unwrap_objects(model)
 

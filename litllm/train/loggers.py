@@ -6,9 +6,9 @@ whose run is named by `--logger.*` (`LoggerArgs`) and kept across resumes: its i
 checkpoint's training state and a resumed job logs into the same W&B / MLflow run. Every logger has Fabric's
 logger interface: `log_metrics(metrics, step)`, `log_hyperparams(params)` and `finalize(status)`.
 
-- tensorboard: Lightning's own `lightning.fabric.loggers.TensorBoardLogger`.
-- mlflow: Lightning's `lightning.pytorch.loggers.MLFlowLogger` (works with `mlflow-skinny`), honouring
-  MLFLOW_TRACKING_URI; without it, a file store in `out_dir/logs/mlflow`.
+- tensorboard: Lightning's own `lightning_fabric.loggers.TensorBoardLogger`.
+- mlflow: ours over `MlflowClient` (works with `mlflow-skinny`), logging as Lightning's `MLFlowLogger` does,
+  honouring MLFLOW_TRACKING_URI; without it, a file store in `out_dir/logs/mlflow`.
 - csv: ours, because Fabric's `CSVLogger` (2.6) cannot continue a resumed run's log: reusing its
   folder deletes the existing metrics.csv (a new version_N folder splits the history instead); it
   keeps up to 100 rows in memory (a killed run loses rows its resume does not replay: those before the
@@ -131,7 +131,7 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
 
 def tensorboard_logger(log_dir: Path):
     """Lightning's TensorBoard logger writing event files into `log_dir` itself (created at the first metrics)."""
-    from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
+    from lightning_fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
 
     # version "" puts the events in log_dir itself, the same folder on every resume (no version_N split)
     return FabricTensorBoardLogger(root_dir=Path(log_dir).parent, name=Path(log_dir).name, version="",
@@ -182,16 +182,21 @@ class WandbLogger:
 
 
 class MLflowLogger:
-    """Lightning's `MLFlowLogger`, its run created (or reopened) at once so that checkpoints keep its id.
+    """An MLflow run, created (or reopened) at once so that checkpoints keep its id, logged as Lightning's
+    `MLFlowLogger` logs (that class lives in `lightning.pytorch`, whose import pulls torchmetrics: see
+    litllm/train/fabric.py): in the experiment `--logger.project` (created when absent), named
+    `--logger.run_name`, tagged with the group, `--logger.tags` and MLflow's context tags (user, source, git
+    commit); hyperparameters flattened with `/`, each value as text cut at 250 characters.
 
     A resumed run logs the parameters it has not logged yet (MLflow refuses to change one); the whole record
     (recipe and provenance) is also its artifact `litllm_run.yaml`, rewritten by each resume.
     """
 
     def __init__(self, log_dir: Path, naming: dict[str, Any], run_id: Optional[str] = None) -> None:
-        from lightning.pytorch.loggers import MLFlowLogger
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
+        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or Path(log_dir).resolve().as_uri()
         if uri.startswith("file:"):  # mlflow >= 3.7 keeps its file store only on request (a server needs none)
@@ -205,29 +210,49 @@ class MLflowLogger:
                 print(f"warning: MLflow run {run_id} of the resumed checkpoint is not in {uri}: starting a new run")
                 run_id = None
         self.resumed = run_id is not None
-        tags = {"group": naming["group"], **mlflow_tags(naming["tags"])}
-        self.logger = MLFlowLogger(experiment_name=naming["project"], run_name=naming["run_name"], tracking_uri=uri,
-                                   tags=tags, run_id=run_id)
-        self.run_id = self.logger.run_id  # creates the run now
+        if run_id is None:
+            experiment = self.client.get_experiment_by_name(naming["project"])
+            if experiment is not None and experiment.lifecycle_stage != "deleted":
+                experiment_id = experiment.experiment_id
+            else:
+                experiment_id = self.client.create_experiment(naming["project"])
+            tags = {"group": naming["group"], **mlflow_tags(naming["tags"])}
+            if naming["run_name"] is not None:
+                tags[MLFLOW_RUN_NAME] = naming["run_name"]
+            run_id = self.client.create_run(experiment_id, tags=resolve_tags(tags)).info.run_id
+        self.run_id = run_id
         self.tracking_uri = uri
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         import yaml
-        from lightning.fabric.utilities.logger import _flatten_dict
+        from lightning_fabric.utilities.logger import _flatten_dict
+        from mlflow.entities import Param
 
         from litllm.hparams import to_plain
 
         self.client.log_text(self.run_id, yaml.safe_dump(to_plain(params), sort_keys=False), "litllm_run.yaml")
+        params = _flatten_dict(params)
         if self.resumed:
             logged = self.client.get_run(self.run_id).data.params
-            params = {k: v for k, v in _flatten_dict(params).items() if k not in logged}
-        self.logger.log_hyperparams(params)
+            params = {k: v for k, v in params.items() if k not in logged}
+        batch = [Param(key=k, value=str(v)[:250]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):  # MLflow takes at most 100 parameters a call
+            self.client.log_batch(self.run_id, params=batch[i: i + 100])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        self.logger.log_metrics(metrics, step)
+        import re
+        import time
+
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        # MLflow allows only these characters in a metric name besides letters and digits
+        batch = [Metric(key=re.sub(r"[^a-zA-Z0-9_/. -]+", "", k), value=v, timestamp=now_ms, step=step)
+                 for k, v in metrics.items() if not isinstance(v, str)]
+        self.client.log_batch(self.run_id, metrics=batch)
 
     def finalize(self, status: str = "success") -> None:
-        self.logger.finalize(status)
+        self.client.set_terminated(self.run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
 def mlflow_tags(tags: list[str]) -> dict[str, str]:

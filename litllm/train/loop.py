@@ -254,7 +254,7 @@ def setup(
     Call it on every rank after `fabric.launch()` (see `litllm.train.fabric.make_fabric`).
 
     Args:
-        fabric: a launched `lightning.Fabric`.
+        fabric: a launched `lightning_fabric.Fabric`.
         model: a `GPT`, not set up yet: built on `fabric.device`, or on the meta device under FSDP
             (then materialised at setup with `reset_parameters()`).
         method: the method-specific inputs (see `Method`).

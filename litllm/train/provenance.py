@@ -23,7 +23,7 @@ def run_provenance(fabric, loaders: dict[str, Any], method_name: str, model_name
 
     from importlib.metadata import PackageNotFoundError, version
 
-    import lightning
+    import lightning_fabric
     import torch
 
     try:
@@ -37,7 +37,8 @@ def run_provenance(fabric, loaders: dict[str, Any], method_name: str, model_name
         "model": model_name,
         "data": data_fingerprint(loaders),
         "devices": device_layout(fabric),
-        "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "lightning": str(lightning.__version__)},
+        "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
+                     "lightning_fabric": str(lightning_fabric.__version__)},
     }
 
 
