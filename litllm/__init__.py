@@ -27,9 +27,9 @@ def bound_omp_spin() -> None:
     `GOMP_SPINCOUNT`), before torch loads libgomp, which reads it once. A CPU decode step is dozens of OpenMP barriers
     (a compiled 12-layer step ~180 per token); by default a thread that reaches one first spins up to ~10 ms for
     the other. When other processes keep the cores busy, the thread it waits for has been descheduled, and the
-    spinning one holds the core it needs: the 134M compiled step at 2 threads and load average 6 on 2 cores took
-    5-6x the CPU time of 1 thread (bf16 51 vs 8 ms a token) and ran 5x slower; bounded, 9.5 vs 8 ms, at 0.9x
-    1 thread's speed (tutorials/inference.md). Barriers on an idle machine end within the bound. After torch is
+    spinning one holds the core it needs: a 2-layer 768-wide compiled bf16 step at 2 threads and load average 6
+    on 2 cores took 6x the CPU time of 1 thread (51 vs 8 ms a token) and ran 5x slower; bounded, 9.5 vs 8 ms, at
+    0.9x 1 thread's speed (tutorials/inference.md). Barriers on an idle machine end within the bound. After torch is
     imported it is too late: nothing is changed."""
     if "torch" in sys.modules or os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
         return
