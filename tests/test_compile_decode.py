@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, STEPS_FOLDER, compile_cache_dir, compiled_length,
-                                   record_decode_choices, should_compile)
+                                   decode_choices_key, record_decode_choices, should_compile)
 from litllm.engine import Request
 from litllm.errors import LitLLMError
 
@@ -60,6 +60,10 @@ def test_recorded_decode_choices_are_reused_without_timing(tiny_checkpoint, monk
     key = model.decode_choices["key"]
     bf16, _ = inference.load_for_decoding(tiny_checkpoint, "cpu", "bf16-true")
     assert bf16.decode_choices["key"] != key  # another precision, other kernels: its own record
+    with monkeypatch.context() as env:  # another OpenMP wait policy (litllm.bound_omp_spin): threads picked again
+        env.setenv("GOMP_SPINCOUNT", "12345")
+        other = decode_choices_key(model)
+    assert other != decode_choices_key(model)
     record_decode_choices(key, "column-major", 1)
 
     def timed_again(*args, **kwargs):
