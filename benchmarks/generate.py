@@ -18,6 +18,8 @@ transformers runs with torch's defaults. `litllm compiled` is the same engine wi
 `--quantize MODE[@PRECISION] ...` adds a litllm row per entry, loaded as `litllm generate --quantize MODE
 --precision PRECISION` loads (`none` = unquantized, default precision 32-true); its bound counts the bytes
 its quantized weights really hold (packed values, scales, zero points).
+litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`) for
+every row, llama.cpp's too (its ggml runs on the same libgomp); `GOMP_SPINCOUNT=300000` restores GNU OpenMP's default.
 Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
 are shown, and tokens per CPU-second (less sensitive to other processes).
 
@@ -50,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
 
 

@@ -35,7 +35,7 @@ every later run start compiled, the compile caches, and CUDA graphs.
   (`litllm.cpu_layout.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
   keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
   again. The first compiled run records its picks in `decode_choices.json` beside the caches, per machine,
-  torch version, thread budget and model shape (`record_decode_choices`); later loads of that model take them
+  torch version, thread budget, OpenMP wait policy and model shape (`record_decode_choices`); later loads of that model take them
   from there without timing (`recorded_decode_choices`), so they find the saved step (and start faster).
 - Shapes: the step is compiled for static shapes (batch rows x KV-cache length). `compiled_length` rounds
   a cache length up to a power of two (>= 256, at most the context window), so that commands with
@@ -170,10 +170,18 @@ def _weights_digest(model, strides: bool = False) -> str:
 
 
 def decode_choices_key(model) -> str:
-    """What a layout and thread pick holds for: this CPU, torch's version and thread budget, the model's weights
-    as loaded, before `optimize_for_decoding` (names, shapes, dtypes, tensor types) and device type."""
+    """What a layout and thread pick holds for: this CPU, torch's version and thread budget, OpenMP's wait policy
+    (`_omp_wait`), the model's weights as loaded, before `optimize_for_decoding` (names, shapes, dtypes, tensor
+    types) and device type."""
     device = model.wte.weight.device.type
-    return f"{_machine()}|{torch.get_num_threads()} threads|{device}|{_weights_digest(model)}"
+    return f"{_machine()}|{torch.get_num_threads()} threads|{_omp_wait()}|{device}|{_weights_digest(model)}"
+
+
+def _omp_wait() -> str:
+    """OpenMP's wait policy as this process's environment sets it (`litllm.bound_omp_spin`): how a step's threads
+    wait at its barriers, which under load decides whether a second thread pays (a pick timed under GNU OpenMP's
+    default spin is not the one under the bound)."""
+    return f"omp wait {os.environ.get('OMP_WAIT_POLICY', '')}/{os.environ.get('GOMP_SPINCOUNT', '')}"
 
 
 def _read_record(path: Path) -> dict:

@@ -59,8 +59,9 @@ def pick_decode_threads(model, budget_s: float = 3.0, min_gain: float = 1.1) -> 
     """On the CPU, the torch thread count that decodes fastest here (the current one unless fewer win).
 
     Each decoding step runs a few dozen short parallel regions; when other processes keep the cores
-    busy, every region waits for its slowest thread to be scheduled again, and 2 threads can be 10x
-    slower than 1. This times real one-token steps (interleaved, medians) with the current count,
+    busy, every region waits for its slowest thread to be scheduled again (and with GNU OpenMP's default
+    spin-wait the waiting thread held the core for ~10 ms: 2 threads 5-10x slower than 1; `import litllm`
+    bounds it, `litllm.bound_omp_spin`). This times real one-token steps (interleaved, medians) with the current count,
     half of it and 1, within `budget_s`, and returns the fastest (fewer threads only if `min_gain`
     faster). It does not change the setting: apply it with `torch.set_num_threads` or `threads_for`.
     """

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, STEPS_FOLDER, compile_cache_dir, compiled_length,
-                                   record_decode_choices, should_compile)
+                                   decode_choices_key, record_decode_choices, should_compile)
 from litllm.engine import Request
 from litllm.errors import LitLLMError
 
@@ -60,6 +60,10 @@ def test_recorded_decode_choices_are_reused_without_timing(tiny_checkpoint, monk
     key = model.decode_choices["key"]
     bf16, _ = inference.load_for_decoding(tiny_checkpoint, "cpu", "bf16-true")
     assert bf16.decode_choices["key"] != key  # another precision, other kernels: its own record
+    with monkeypatch.context() as env:  # another OpenMP wait policy (litllm.bound_omp_spin): threads picked again
+        env.setenv("GOMP_SPINCOUNT", "12345")
+        other = decode_choices_key(model)
+    assert other != decode_choices_key(model)
     record_decode_choices(key, "column-major", 1)
 
     def timed_again(*args, **kwargs):
@@ -488,3 +492,23 @@ def test_a_step_that_could_not_be_saved_compiles_only_where_one_run_pays(tiny_ch
     assert [c["seconds"] for c in compiles] == [2.0]
     assert runs(model, threads, 2, tokens=1) == ["eager", "eager"]  # 1 s < 2 s: eager, whatever the rent
     assert runs(model, threads, 1, tokens=2) == ["torch.compile"]  # 2 s >= 2 s on its own
+
+
+def test_import_bounds_openmp_spin():
+    """`import litllm` before torch sets GNU OpenMP's spin count (`litllm.bound_omp_spin`: by default an idle thread
+    of a CPU decode step spins ~10 ms at each barrier, which under load slows a 2-thread step 5x), unless the user
+    chose a wait policy; after torch it is too late, and nothing is set."""
+    from litllm import OMP_SPIN_COUNT
+
+    def spin_count(extra_env: dict, first: str = "") -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        code = f"import os; {first}import litllm; print(os.environ.get('GOMP_SPINCOUNT'))"
+        proc = subprocess.run([sys.executable, "-c", code], env={**env, **extra_env}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert spin_count({}) == OMP_SPIN_COUNT
+    assert spin_count({"OMP_WAIT_POLICY": "active"}) == "None"  # the user's policy stands
+    assert spin_count({"GOMP_SPINCOUNT": "50"}) == "50"
+    assert spin_count({}, first="import torch; ") == "None"  # libgomp read its settings when torch loaded it

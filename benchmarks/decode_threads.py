@@ -1,0 +1,103 @@
+"""The compiled CPU decode step at 1 and 2 (or `--threads`) torch threads, per format, in one process: tokens/s
+(best and median of alternating rounds), CPU ms per token, the CPU time of the two busiest threads (does the second
+one work, or spin?), and the machine's read bandwidth at each thread count (does a second thread raise the bound?).
+
+    python benchmarks/decode_threads.py                                  # 134M Llama, fp32, bf16, int8wo, int8dq
+    python benchmarks/decode_threads.py --n_layer 2 --quantize none      # a quick look
+    GOMP_SPINCOUNT=300000 python benchmarks/decode_threads.py            # GNU OpenMP's default spin, for comparison
+
+litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
+set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
+count (the 12-layer model: ~1-2 min each) into the usual compile cache and are loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import litllm  # noqa: F401  (before torch: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import add_model_args, build_checkpoint, read_bandwidth  # noqa: E402
+
+
+def thread_ticks() -> dict[str, int]:
+    """CPU clock ticks (user + system) each thread of this process has used so far."""
+    ticks = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks[tid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--quantize", nargs="+", default=["none", "none@bf16-true", "torchao.int8wo", "torchao.int8dq"],
+                        help="MODE[@PRECISION] per row, as benchmarks/generate.py's --quantize")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--length", type=int, default=256, help="KV-cache length of the compiled step")
+    parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
+                        "folder per size under the system's temp dir, reused)")
+    args = parser.parse_args()
+
+    from litllm.cpu_layout import optimize_for_decoding
+    from litllm.engine import Engine, threads_for
+    from litllm.inference import load_for_inference
+
+    import tempfile
+
+    folder = args.folder or Path(tempfile.gettempdir()) / f"litllm_decode_threads_{args.n_layer}x{args.n_embd}"
+    if not any(folder.glob("*.pth")):
+        folder.mkdir(parents=True, exist_ok=True)
+        build_checkpoint(folder, args)
+    engines = {}
+    for spec in args.quantize:
+        mode, _, precision = spec.partition("@")
+        model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
+        layout = optimize_for_decoding(model)
+        for n in args.threads:
+            t0 = time.perf_counter()
+            engine = Engine(model, None, 1, args.length, threads=n, compile=True)
+            print(f"{spec} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
+                  f"(layout {layout})", flush=True)
+            engines[(spec, n)] = engine
+    runs = {key: [] for key in engines}
+    ticks = {key: [0, 0] for key in engines}
+    with torch.inference_mode():
+        for _ in range(args.rounds):  # alternating: the machine's load hits every row alike
+            for (spec, n), engine in engines.items():
+                with threads_for(n):
+                    engine._decode(engine._tokens, engine._pos, None)  # warm-up
+                    before, t0, c0 = thread_ticks(), time.perf_counter(), time.process_time()
+                    for _ in range(args.steps):
+                        engine._decode(engine._tokens, engine._pos, None)
+                    wall, cpu, after = time.perf_counter() - t0, time.process_time() - c0, thread_ticks()
+                runs[(spec, n)].append((wall / args.steps, cpu / args.steps))
+                used = sorted((after[t] - before.get(t, 0) for t in after), reverse=True)
+                ticks[(spec, n)] = [ticks[(spec, n)][0] + used[0], ticks[(spec, n)][1] + used[1]]
+    hz = os.sysconf("SC_CLK_TCK")
+    for n in args.threads:
+        with threads_for(n):
+            print(f"read bandwidth at {n} thread(s): {read_bandwidth() / 1e9:.1f} GB/s")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; GOMP_SPINCOUNT "
+          f"{os.environ.get('GOMP_SPINCOUNT')}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"{'format':<24}{'threads':>8}{'best tok/s':>12}{'median':>10}{'CPU ms/tok':>12}{'2 busiest threads, CPU s':>28}")
+    for (spec, n), times in runs.items():
+        wall = [w for w, _ in times]
+        cpu = statistics.median([c for _, c in times])
+        busy = ", ".join(f"{t / hz:.2f}" for t in ticks[(spec, n)])
+        print(f"{spec:<24}{n:>8}{1 / min(wall):>12.1f}{1 / statistics.median(wall):>10.1f}{1e3 * cpu:>12.1f}{busy:>28}")
+
+
+if __name__ == "__main__":
+    main()
