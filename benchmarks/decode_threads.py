@@ -8,7 +8,9 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
-count (the 12-layer model: ~1-2 min each) into the usual compile cache and are loaded from there afterwards.
+(the 12-layer model: ~1-2 min each; one step serves every thread count, its kernels take torch's count when they
+run) into the usual compile cache and are loaded from there afterwards. Last, the thread count litllm's commands
+pick for each compiled step (`pick_compiled_threads`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
 
+    from litllm.compile_decode import pick_compiled_threads
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine, threads_for
     from litllm.inference import load_for_inference
@@ -97,6 +100,10 @@ def main() -> None:
         cpu = statistics.median([c for _, c in times])
         busy = ", ".join(f"{t / hz:.2f}" for t in ticks[(spec, n)])
         print(f"{spec:<24}{n:>8}{1 / min(wall):>12.1f}{1 / statistics.median(wall):>10.1f}{1e3 * cpu:>12.1f}{busy:>28}")
+    # what litllm's commands pick for each compiled step (`pick_compiled_threads`, at torch's thread budget)
+    picks = {spec: pick_compiled_threads(engines[(spec, max(args.threads))]) for spec in args.quantize}
+    print(f"pick_compiled_threads (budget {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{spec} {n}" for spec, n in picks.items()))
 
 
 if __name__ == "__main__":

@@ -172,10 +172,10 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
         if layout != "row-major" and not _layout_works(layout, torch.nn.Linear(64, 64, dtype=dtype)):
             continue
         assert optimize_for_decoding(model, layout=layout) == layout
-        folders[layout] = steps_folder(model, 2)
+        folders[layout] = steps_folder(model)
         options = cpu_compile_options(model)
         unpack_weights(model)
-        assert steps_folder(model, 2) == folders[layout] and cpu_compile_options(model) is options
+        assert steps_folder(model) == folders[layout] and cpu_compile_options(model) is options
         qkv = model.blocks[0].attn.qkv
         kernels[layout] = (type(qkv), qkv.weight.stride(), options is ONE_ROW_COMPILE_OPTIONS)
     n_in, n_out = qkv.in_features, qkv.out_features
