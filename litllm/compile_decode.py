@@ -89,9 +89,11 @@ CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4, "cpp.dynamic_threads"
 RMSNorm before it once per weight row (fp32 steps 0.99-1.04x, the int8dq step's own reduction needs it: 1.9x slower
 at 10; tutorials/inference.md section 6c). `cpp.dynamic_threads`: the kernels' parallel regions take torch's thread
 count when they run, not when they were compiled (inductor's default bakes it in), so one compiled (and saved) step
-serves every thread count and can be timed at each (`pick_compiled_threads`): as fast as a step compiled for that
-count (2-layer bf16 step on a 2-core AVX2 EPYC: 128 vs 128 tok/s best at 1 thread, 103 vs 114 at 2, load 3.5).
-Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
+serves every thread count and can be timed at each (`pick_compiled_threads`). Its cost: not knowing the count,
+inductor splits the norms' reductions across threads in regions of their own (10 parallel regions in a 2-layer bf16
+step, against one region with `omp single`s baked at 2 threads): on a 2-core AVX2 EPYC at load average 1.9-2.2
+(`python benchmarks/decode_threads.py --n_layer 2 --baked --quantize none@bf16-true`), median 133 vs 133 tok/s at
+1 thread, 110 vs 118 at 2 (0.93x). Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
 ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10, "cpp.dynamic_threads": True}
 """inductor settings of a CPU step whose 16-bit weights are `litllm.cpu_layout.OneRowLinear`s: the norm still in a
 buffer, and the mv's own product (weight, row, their fp32 conversions, at most the norm's final multiply: 4-10 ops)
@@ -469,9 +471,10 @@ STEPS_FOLDER = "decode_steps"
 
 def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
-    `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the model's config (less its name), its weights' names/shapes/strides/dtypes/types
-    and which Linears the step multiplies by through `OneRowLinear`, and its inductor settings; not the thread
-    count, which its kernels take when they run (`cpp.dynamic_threads`, `CPU_COMPILE_OPTIONS`)."""
+    `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
+    model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
+    multiplies by through `OneRowLinear`, and its inductor settings; not the thread count, which its kernels take
+    when they run (`cpp.dynamic_threads`, `CPU_COMPILE_OPTIONS`)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again

@@ -145,7 +145,8 @@ def test_default_compiled_decode_equals_eager_and_second_process_loads_the_saved
     assert "Compiled the decode step" in first_err and str(cache) in first_err
     assert first["tokens"][2:] == eager  # after the 2-token warm-up: the same greedy tokens
     assert first["traced"] == 0  # exported (no dynamo graph), compiled by AOTInductor: no torch.compile fallback
-    assert (cache / CHOICES_FILE).is_file()  # the loader's picks, for the next process
+    recorded = json.loads((cache / CHOICES_FILE).read_text())  # the loader's layout, the compiled step's threads
+    assert [choice["threads_by"] for choice in recorded.values()] == ["compiled"], recorded
     saved = list((cache / STEPS_FOLDER).glob("*/*"))
     assert [p.name for p in saved] == ["1x128.pt2"]  # the AOTInductor package (without the weights: see below)
     # the second process, a short generate, loads the saved step by default: no trace, no compile, no compiler
