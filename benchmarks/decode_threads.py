@@ -10,7 +10,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
 (the 12-layer model: ~1-2 min each; one step serves every thread count, its kernels take torch's count when they
-run) into the usual compile cache and are loaded from there afterwards. Last, the thread count litllm's commands
+run: `litllm.compile_decode.cpu_compile_options`) into the usual compile cache and are loaded from there afterwards. Last, the thread count litllm's commands
 pick for each compiled step (`pick_compiled_threads`).
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--length", type=int, default=256, help="KV-cache length of the compiled step")
     parser.add_argument("--baked", action="store_true", help="also rows '<format> baked': steps compiled with the "
-                        "thread count baked in (inductor's default; litllm's before `cpp.dynamic_threads`), one per count")
+                        "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()

@@ -17,8 +17,8 @@ every later run start compiled, the compile caches, and CUDA graphs.
   (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
   weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
   `steps_folder(model)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, model config and
-  weights' names/shapes/strides/dtypes (as a compiled step takes them; not the thread count, which its kernels take
-  when they run: `cpp.dynamic_threads`). A later process
+  weights' names/shapes/strides/dtypes (as a compiled step takes them) and inductor settings (not the thread count,
+  which its kernels take when they run: `cpu_compile_options`). A later process
   loads it with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`: no trace, no compile, inductor's
   compiler not imported) and hands it the running model's own weights and the engine's KV cache as user-managed
   constants (`load_constants(..., user_managed=True)`: no copies; its kernels write the cache in place at each
@@ -36,7 +36,8 @@ every later run start compiled, the compile caches, and CUDA graphs.
   eager step (`litllm.cpu_layout.optimize_for_decoding`, `pick_decode_threads`); the layout changes the compiled
   step, so a busy machine could pick otherwise in a second run and compile again, and the compiled step's threads
   scale otherwise than the eager step's. The first compiled run therefore times its compiled step at each thread
-  count (`pick_compiled_threads`: one compile, its kernels take the count when they run) and decodes with the
+  count (`pick_compiled_threads`: one compile, its kernels take the count when they run, `cpu_compile_options`)
+  and decodes with the
   fastest, then records the layout and that count in `decode_choices.json` beside the caches, per machine, torch
   version, thread budget, OpenMP wait policy and model shape (`record_decode_choices`); later loads of that model
   take them from there without timing (`recorded_decode_choices`), so they find the saved step (and start faster).
@@ -84,17 +85,11 @@ layer counts gave 0.6-1.8x the measured time."""
 PROBE_STEPS = 4
 """Eager decode steps that time one (`EagerAccount.step_seconds`) in the first default run of a model and shape."""
 MIN_COMPILED_LENGTH = 256
-CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4, "cpp.dynamic_threads": True}
+CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
 """inductor settings of the CPU step: a one-row matmul reads its input row from a buffer instead of recomputing the
 RMSNorm before it once per weight row (fp32 steps 0.99-1.04x, the int8dq step's own reduction needs it: 1.9x slower
-at 10; tutorials/inference.md section 6c). `cpp.dynamic_threads`: the kernels' parallel regions take torch's thread
-count when they run, not when they were compiled (inductor's default bakes it in), so one compiled (and saved) step
-serves every thread count and can be timed at each (`pick_compiled_threads`). Its cost: not knowing the count,
-inductor splits the norms' reductions across threads in regions of their own (10 parallel regions in a 2-layer bf16
-step, against one region with `omp single`s baked at 2 threads): on a 2-core AVX2 EPYC at load average 1.9-2.2
-(`python benchmarks/decode_threads.py --n_layer 2 --baked --quantize none@bf16-true`), median 133 vs 133 tok/s at
-1 thread, 110 vs 118 at 2 (0.93x). Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
-ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10, "cpp.dynamic_threads": True}
+at 10; tutorials/inference.md section 6c). Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
+ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10}
 """inductor settings of a CPU step whose 16-bit weights are `litllm.cpu_layout.OneRowLinear`s: the norm still in a
 buffer, and the mv's own product (weight, row, their fp32 conversions, at most the norm's final multiply: 4-10 ops)
 inside its reduction. Realized (at 4), it became an fp32 loop body beside the bf16 one, inductor then tiled the
@@ -115,8 +110,17 @@ def _one_row_modules(model) -> list[str]:
 
 def cpu_compile_options(model) -> dict:
     """The inductor settings of `model`'s CPU step (`ONE_ROW_COMPILE_OPTIONS` where it multiplies by OneRowLinears,
-    `_one_row_modules`)."""
-    return ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
+    `_one_row_modules`), which is compiled at torch's thread count outside `threads_for` (the thread budget; `Engine`).
+
+    Threads: a step compiled at as many threads as the CPU has cores (torch's default budget) opens its parallel
+    regions without a `num_threads` clause (inductor's rule), so they take torch's count when they run: one compiled
+    (and saved) step serves every count up to the budget and can be timed at each (`pick_compiled_threads`), and it
+    runs as fast as steps compiled for each count (a 2-layer bf16 step on a 2-core AVX2 EPYC at load average 2.6:
+    median 127.3 vs 128.7 tok/s at 1 thread, 111.9 vs 111.9 at 2). Under another budget inductor bakes the count into
+    every region, so there the step takes `cpp.dynamic_threads`, whose kernels read the count when they run but give
+    every reduction a parallel region of its own (10 regions in that step instead of one): 0.93x at 2 threads."""
+    options = ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
+    return options if torch.get_num_threads() == os.cpu_count() else {**options, "cpp.dynamic_threads": True}
 
 
 def compile_cache_dir() -> Path:
@@ -473,8 +477,8 @@ def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
     model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
-    multiplies by through `OneRowLinear`, and its inductor settings; not the thread count, which its kernels take
-    when they run (`cpp.dynamic_threads`, `CPU_COMPILE_OPTIONS`)."""
+    multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
+    which its kernels take when they run (`cpu_compile_options`)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
@@ -683,7 +687,7 @@ def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
     `min_gain` faster). The eager step's pick (`litllm.inference.pick_decode_threads`) does not hold for it: the
     compiled bf16 and int8dq steps are one parallel region whose matmuls split by rows (1.8x from a second thread
     on a quiet 2-core EPYC) where the eager step, dozens of short regions, gained little. Its kernels take the count
-    when they run (`cpp.dynamic_threads`), so one compile is timed at every count. The timed steps decode the
+    when they run (`cpu_compile_options`), so one compile is timed at every count. The timed steps decode the
     engine's idle rows (a dummy token at the parking position, overwritten before anything reads it)."""
     with torch.inference_mode():
         engine._decode(engine._tokens, engine._pos, None)  # warm-up, not timed

@@ -290,7 +290,7 @@ def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkp
 
 
 def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
-    from litllm.compile_decode import saved_step_length, steps_folder
+    from litllm.compile_decode import cpu_compile_options, saved_step_length, steps_folder
     from litllm.model import GPT
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -303,12 +303,16 @@ def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
     assert saved_step_length(model, 1, 40) == 64  # the shortest that fits, within the window (128)
     assert saved_step_length(model, 1, 70) == 100 and saved_step_length(model, 1, 101) is None
     assert saved_step_length(model, 2, 40) == 50 and saved_step_length(model, 1, 40, exact=True) is None
-    threads = torch.get_num_threads()
-    try:  # its kernels take the thread count when they run (cpp.dynamic_threads): one step for every count
-        torch.set_num_threads(1 if threads > 1 else 2)
-        assert steps_folder(model) == folder
+    budget = torch.get_num_threads()
+    try:  # compiled at the core count, its kernels take torch's count when they run; at another budget they are
+        # compiled with cpp.dynamic_threads (other kernels, another folder)
+        torch.set_num_threads(os.cpu_count())
+        assert "cpp.dynamic_threads" not in cpu_compile_options(model)
+        cores = steps_folder(model)
+        torch.set_num_threads(os.cpu_count() + 1)
+        assert cpu_compile_options(model)["cpp.dynamic_threads"] and steps_folder(model) != cores
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(budget)
     monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
     assert steps_folder(model) != folder and saved_step_length(model, 1, 40) is None
 
