@@ -721,9 +721,11 @@ def compile_engine_step(engine) -> Callable:
     engine.step_source = "loaded"
     if step is None:
         enable_compile_cache()  # the kernels inductor generates are cached: a rebuild of the same step is faster
-        # under the engine's thread count (Engine.__init__), as its step() runs it
+        # at torch's thread budget (Engine.__init__): its kernels take step()'s count when they run
         step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
-        return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
+        # compiled at its first call, inside step()'s `threads_for`: kernels that read the count when they run
+        options = {**cpu_compile_options(engine.model), "cpp.dynamic_threads": True}
+        return compile_step(engine._decode_logits, device, static, options)
     return _bind(step, engine)
