@@ -5,15 +5,19 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py                                  # 134M Llama, fp32, bf16, int8wo, int8dq
     python benchmarks/decode_threads.py --n_layer 2 --quantize none      # a quick look
     GOMP_SPINCOUNT=300000 python benchmarks/decode_threads.py            # GNU OpenMP's default spin, for comparison
+    python benchmarks/decode_threads.py --baked      # also steps with the thread count baked in (one compile per count)
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
-count (the 12-layer model: ~1-2 min each) into the usual compile cache and are loaded from there afterwards.
+(the 12-layer model: ~1-2 min each; one step serves every thread count, its kernels take torch's count when they
+run: `litllm.compile_decode.cpu_compile_options`) into the usual compile cache and are loaded from there afterwards. Last, the thread count litllm's commands
+pick for each compiled step (`pick_compiled_threads`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -37,6 +41,22 @@ def thread_ticks() -> dict[str, int]:
     return ticks
 
 
+@contextlib.contextmanager
+def baked_threads(n):
+    """With `n`: litllm's CPU steps compiled with `n` threads baked into their kernels (inductor's `cpp.threads`, no
+    `cpp.dynamic_threads`; saved under their own key), for comparison with the steps litllm compiles."""
+    from litllm import compile_decode
+
+    options = compile_decode.cpu_compile_options
+    if n is not None:
+        compile_decode.cpu_compile_options = lambda model: {**options(model), "cpp.dynamic_threads": False,
+                                                            "cpp.threads": n}
+    try:
+        yield
+    finally:
+        compile_decode.cpu_compile_options = options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
@@ -46,10 +66,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--length", type=int, default=256, help="KV-cache length of the compiled step")
+    parser.add_argument("--baked", action="store_true", help="also rows '<format> baked': steps compiled with the "
+                        "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
 
+    from litllm.compile_decode import pick_compiled_threads
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine, threads_for
     from litllm.inference import load_for_inference
@@ -57,7 +80,7 @@ def main() -> None:
     import tempfile
 
     folder = args.folder or Path(tempfile.gettempdir()) / f"litllm_decode_threads_{args.n_layer}x{args.n_embd}"
-    if not any(folder.glob("*.pth")):
+    if not any(folder.glob("lit_model.*")):
         folder.mkdir(parents=True, exist_ok=True)
         build_checkpoint(folder, args)
     engines = {}
@@ -65,12 +88,14 @@ def main() -> None:
         mode, _, precision = spec.partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
         layout = optimize_for_decoding(model)
-        for n in args.threads:
-            t0 = time.perf_counter()
-            engine = Engine(model, None, 1, args.length, threads=n, compile=True)
-            print(f"{spec} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
-                  f"(layout {layout})", flush=True)
-            engines[(spec, n)] = engine
+        for label, baked in [(spec, False)] + ([(f"{spec} baked", True)] if args.baked else []):
+            for n in args.threads:
+                t0 = time.perf_counter()
+                with baked_threads(n if baked else None):
+                    engine = Engine(model, None, 1, args.length, threads=n, compile=True)
+                print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
+                      f"(layout {layout})", flush=True)
+                engines[(label, n)] = engine
     runs = {key: [] for key in engines}
     ticks = {key: [0, 0] for key in engines}
     with torch.inference_mode():
@@ -97,6 +122,10 @@ def main() -> None:
         cpu = statistics.median([c for _, c in times])
         busy = ", ".join(f"{t / hz:.2f}" for t in ticks[(spec, n)])
         print(f"{spec:<24}{n:>8}{1 / min(wall):>12.1f}{1 / statistics.median(wall):>10.1f}{1e3 * cpu:>12.1f}{busy:>28}")
+    # what litllm's commands pick for each compiled step (`pick_compiled_threads`, at torch's thread budget)
+    picks = {spec: pick_compiled_threads(engines[(spec, max(args.threads))]) for spec in args.quantize}
+    print(f"pick_compiled_threads (budget {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{spec} {n}" for spec, n in picks.items()))
 
 
 if __name__ == "__main__":

@@ -306,7 +306,9 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str]:
 
 
 def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, decode, reference) -> dict:
-    """An engine per litllm row, and with `compile` a compiled twin ("<row> compiled", compiled here)."""
+    """An engine per litllm row, and with `compile` a compiled twin ("<row> compiled", compiled here) on the thread
+    count timed on its compiled step (`pick_compiled_threads`)."""
+    from litllm.compile_decode import pick_compiled_threads
     from litllm.engine import Engine
 
     engines = {}
@@ -320,12 +322,14 @@ def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, deco
             twin = f"{name} compiled"
             t0 = time.perf_counter()
             engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)  # compiles or loads
+            engines[twin].threads = pick_compiled_threads(engines[twin])  # as the commands do: timed compiled
             row_bytes[twin] = row_bytes[name]
             twin_tokens = decode(engines[twin])
             how = getattr(engines[twin], "step_source", "compiled")
             # a quantized step may round otherwise than the eager kernels (int8: tutorials/inference.md)
             twin_agree = next((i for i, (a, b) in enumerate(zip(twin_tokens, reference)) if a != b), len(reference))
-            print(f"{twin}: the decode step ({how}) took {time.perf_counter() - t0:.0f} s; same tokens as eager: "
+            print(f"{twin}: the decode step ({how}) took {time.perf_counter() - t0:.0f} s, decodes on "
+                  f"{engines[twin].threads} thread(s) (eager: {threads}); same tokens as eager: "
                   f"{twin_tokens == tokens}; the first {twin_agree} equal the fp32 reference's")
     return engines
 

@@ -100,8 +100,10 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
     from litllm.compile_decode import CPU_COMPILE_OPTIONS
 
     linears = _linears(weights, OneRowLinear if how.startswith("mv") else torch.nn.Linear)
-    options = {"mv step options": ONE_ROW_COMPILE_OPTIONS, "mv cpu options": CPU_COMPILE_OPTIONS}.get(how)
-    step = torch.compile(_one_pass, fullgraph=True, options=options)
+    options = {"mv step options": ONE_ROW_COMPILE_OPTIONS, "mv cpu options": CPU_COMPILE_OPTIONS}.get(how, {})
+    # as litllm's steps: its kernels take torch's thread count when they run (inductor's default bakes in the count
+    # at the first call, which would time a 1-thread kernel at every count)
+    step = torch.compile(_one_pass, fullgraph=True, options={**options, "cpp.dynamic_threads": True})
     return lambda xs: step(linears, xs)
 
 

@@ -200,7 +200,7 @@ class LLM:
     def _engine(self, rows: int, length: int, tokens: int):
         """An Engine of `rows` rows (its step compiled where `tokens` new tokens pay for it, `decode_engine`); with a
         draft model a one-row SpeculativeEngine (requests one after another)."""
-        if self.draft is None:
+        if self.draft is None:  # (a compiled step's own thread pick replaces the loader's, `compiled_threads`)
             return decode_engine(self.model, self.tokenizer, rows, length, self.threads, self.compile, tokens)
         from litllm.speculative import SpeculativeEngine
 

@@ -16,8 +16,9 @@ every later run start compiled, the compile caches, and CUDA graphs.
 - The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
   (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
   weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
-  `steps_folder(model, threads)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, thread
-  count, model config and weights' names/shapes/strides/dtypes (as a compiled step takes them). A later process
+  `steps_folder(model)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, model config and
+  weights' names/shapes/strides/dtypes (as a compiled step takes them) and inductor settings (not the thread count,
+  which its kernels take when they run: `cpu_compile_options`). A later process
   loads it with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`: no trace, no compile, inductor's
   compiler not imported) and hands it the running model's own weights and the engine's KV cache as user-managed
   constants (`load_constants(..., user_managed=True)`: no copies; its kernels write the cache in place at each
@@ -31,12 +32,15 @@ every later run start compiled, the compile caches, and CUDA graphs.
   (`$TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/litllm/torch_compile`, i.e.
   `~/.cache/litllm/torch_compile`): a process compiling the same graph at the same shapes loads the generated
   kernels instead of generating them.
-- Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing
-  (`litllm.cpu_layout.optimize_for_decoding`, `pick_decode_threads`), and both change the compiled step (inductor
-  keys its cache by the thread count too), so a busy machine could pick otherwise in a second run and compile
-  again. The first compiled run records its picks in `decode_choices.json` beside the caches, per machine,
-  torch version, thread budget, OpenMP wait policy and model shape (`record_decode_choices`); later loads of that model take them
-  from there without timing (`recorded_decode_choices`), so they find the saved step (and start faster).
+- Same choices, same kernels: on the CPU the loader picks the weight layout and the thread count by timing the
+  eager step (`litllm.cpu_layout.optimize_for_decoding`, `pick_decode_threads`); the layout changes the compiled
+  step, so a busy machine could pick otherwise in a second run and compile again, and the compiled step's threads
+  scale otherwise than the eager step's. The first compiled run therefore times its compiled step at each thread
+  count (`pick_compiled_threads`: one compile, its kernels take the count when they run, `cpu_compile_options`)
+  and decodes with the
+  fastest, then records the layout and that count in `decode_choices.json` beside the caches, per machine, torch
+  version, thread budget, OpenMP wait policy and model shape (`record_decode_choices`); later loads of that model
+  take them from there without timing (`recorded_decode_choices`), so they find the saved step (and start faster).
 - Shapes: the step is compiled for static shapes (batch rows x KV-cache length). `compiled_length` rounds
   a cache length up to a power of two (>= 256, at most the context window), so that commands with
   different prompt and answer lengths share a handful of compiled shapes; a saved longer one serves a shorter run.
@@ -60,7 +64,8 @@ from typing import Callable, Optional
 
 import torch
 
-from litllm.cpu_layout import ONE_ROW_DTYPES, PackedLinear, becomes_one_row, one_row_linears
+from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_linears,
+                               thread_candidates)
 from litllm.errors import LitLLMError
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -105,8 +110,17 @@ def _one_row_modules(model) -> list[str]:
 
 def cpu_compile_options(model) -> dict:
     """The inductor settings of `model`'s CPU step (`ONE_ROW_COMPILE_OPTIONS` where it multiplies by OneRowLinears,
-    `_one_row_modules`)."""
-    return ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
+    `_one_row_modules`), which is compiled at torch's thread count outside `threads_for` (the thread budget; `Engine`).
+
+    Threads: a step compiled at as many threads as the CPU has cores (torch's default budget) opens its parallel
+    regions without a `num_threads` clause (inductor's rule), so they take torch's count when they run: one compiled
+    (and saved) step serves every count up to the budget and can be timed at each (`pick_compiled_threads`), and it
+    runs as fast as steps compiled for each count (a 2-layer bf16 step on a 2-core AVX2 EPYC at load average 2.6:
+    median 127.3 vs 128.7 tok/s at 1 thread, 111.9 vs 111.9 at 2). Under another budget inductor bakes the count into
+    every region, so there the step takes `cpp.dynamic_threads`, whose kernels read the count when they run but give
+    every reduction a parallel region of its own (10 regions in that step instead of one): 0.93x at 2 threads."""
+    options = ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
+    return options if torch.get_num_threads() == os.cpu_count() else {**options, "cpp.dynamic_threads": True}
 
 
 def compile_cache_dir() -> Path:
@@ -208,21 +222,24 @@ def _write_record(path: Path, data: dict) -> None:
 
 
 def recorded_decode_choices(key: str) -> Optional[dict]:
-    """`{"layout": ..., "threads": n}` that a compiled run recorded under `key` (`decode_choices_key`), or None."""
+    """`{"layout": ..., "threads": n}` that a compiled run recorded under `key` (`decode_choices_key`), or None
+    (also for a record whose threads were not picked by timing the compiled step, `pick_compiled_threads`)."""
     choice = _read_record(compile_cache_dir() / CHOICES_FILE).get(key)
-    if isinstance(choice, dict) and isinstance(choice.get("layout"), str) and isinstance(choice.get("threads"), int):
-        return choice
+    if isinstance(choice, dict) and isinstance(choice.get("layout"), str) and isinstance(choice.get("threads"), int) \
+            and choice.get("threads_by") == "compiled":
+        return {"layout": choice["layout"], "threads": choice["threads"]}
     return None
 
 
 def record_decode_choices(key: str, layout: str, threads: int) -> None:
-    """Remember the weight layout and thread count a model (`decode_choices_key`, taken as loaded) decodes with
-    here (see the module doc); written atomically."""
+    """Remember the weight layout and thread count (picked by timing the compiled step, `pick_compiled_threads`) a
+    model (`decode_choices_key`, taken as loaded) decodes with here (see the module doc); written atomically."""
     path = compile_cache_dir() / CHOICES_FILE
     choices = _read_record(path)
-    if choices.get(key) == {"layout": layout, "threads": threads}:
+    entry = {"layout": layout, "threads": threads, "threads_by": "compiled"}
+    if choices.get(key) == entry:
         return
-    choices[key] = {"layout": layout, "threads": threads}
+    choices[key] = entry
     _write_record(path, choices)
 
 
@@ -386,11 +403,11 @@ class EagerAccount:
         _update_ledger("eager", self.key, lambda _: None if saved else {"unsaved": True, "seconds": 0.0, **step})
 
 
-def eager_account(model, rows: int, length: int, threads: Optional[int], exact: bool = False) -> Optional[EagerAccount]:
+def eager_account(model, rows: int, length: int, exact: bool = False) -> Optional[EagerAccount]:
     """The `EagerAccount` of a default run of `model` on the CPU with `rows` rows of `length` positions (its step
     would have `_step_length`'s), None where it has none: off the CPU (steps are saved on the CPU only), or where a
     saved step fits (it is loaded)."""
-    if model.wte.weight.device.type != "cpu" or saved_step_length(model, threads, rows, length, exact) is not None:
+    if model.wte.weight.device.type != "cpu" or saved_step_length(model, rows, length, exact) is not None:
         return None
     return EagerAccount(model, rows, _step_length(model, length, exact))
 
@@ -456,13 +473,13 @@ def compile_step(step: Callable, device: torch.device, static_tensors, options: 
 STEPS_FOLDER = "decode_steps"
 
 
-def steps_folder(model, threads: Optional[int]) -> Path:
-    """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) decoding with `threads`
-    torch threads live: `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the
-    thread count, the device type, the model's config (less its name), its weights' names/shapes/strides/dtypes/types
-    and which Linears the step multiplies by through `OneRowLinear`, and its inductor settings."""
-    threads = threads or torch.get_num_threads()
-    key = (f"{_machine()}|{threads} threads|{model.wte.weight.device.type}|{_config_repr(model)}|"
+def steps_folder(model) -> Path:
+    """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
+    `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
+    model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
+    multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
+    which its kernels take when they run (`cpu_compile_options`)."""
+    key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
@@ -472,13 +489,13 @@ def _step_file(rows: int, length: int) -> str:
     return f"{rows}x{length}.pt2"
 
 
-def saved_step_length(model, threads: Optional[int], rows: int, length: int, exact: bool = False) -> Optional[int]:
+def saved_step_length(model, rows: int, length: int, exact: bool = False) -> Optional[int]:
     """The shortest KV-cache length >= `length` (== with `exact`), within the context window, at which a compiled
-    step of `model` with `rows` rows and `threads` threads is saved here (`steps_folder`); None when there is none."""
+    step of `model` with `rows` rows is saved here (`steps_folder`); None when there is none."""
     if model.wte.weight.device.type != "cpu":
         return None
     try:
-        names = [p.name for p in steps_folder(model, threads).iterdir()]
+        names = [p.name for p in steps_folder(model).iterdir()]
     except OSError:  # no folder: nothing saved
         return None
     lengths = []
@@ -625,7 +642,7 @@ def prepare_int8_for_compile(model) -> None:
 def load_saved_step(engine) -> bool:
     """Make the (eager) `engine` decode with the step saved for its shapes, if one loads and fits (else a one-line
     note when one was there, and it stays eager): how a short `generate` uses a saved step without compiling."""
-    path = steps_folder(engine.model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
+    path = steps_folder(engine.model) / _step_file(engine.max_batch_size, engine.max_seq_length)
     found = torch.device(engine.device).type == "cpu" and path.exists()
     if found:  # the step reads int8 layers' plain copies of their weights: made only when there is a step to load
         prepare_int8_for_compile(engine.model)
@@ -635,7 +652,7 @@ def load_saved_step(engine) -> bool:
     return step is not None
 
 
-def step_engine(make: Callable, model, rows: int, length: int, threads: Optional[int], compile: Optional[bool], *,
+def step_engine(make: Callable, model, rows: int, length: int, compile: Optional[bool], *,
                 exact: bool = False, min_rows: int = 0):
     """The engine `make(rows, length, compiled)` builds for `rows` rows of `length` positions, its decode step made
     as `compile` says (`compile_choice`): False, eager; None, the step saved for these shapes if one fits and loads
@@ -645,7 +662,7 @@ def step_engine(make: Callable, model, rows: int, length: int, threads: Optional
     KV-cache length that fits (`saved_step_length`), else `length` rounded up to a shape other lengths share
     (`compiled_length`) unless `exact`. `engine.compile_seconds`: what building the compiled step took (load or
     compile; not set when eager)."""
-    saved = None if compile is False else saved_step_length(model, threads, max(rows, min_rows), length, exact=exact)
+    saved = None if compile is False else saved_step_length(model, max(rows, min_rows), length, exact=exact)
     if compile is False or (compile is None and saved is None):
         return make(rows, length, False)
     unpack_weights(model)  # the compiled step takes the weights as plain Linears (saved steps are keyed so)
@@ -658,6 +675,24 @@ def step_engine(make: Callable, model, rows: int, length: int, threads: Optional
     engine = make(rows, saved or _step_length(model, length, exact), True)
     engine.compile_seconds = clock() - t0
     return engine
+
+
+PICK_ROUNDS = 5
+"""Rounds of `pick_compiled_threads` (one step at each thread count per round)."""
+
+
+def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
+    """The thread count at which `engine`'s compiled CPU step decodes fastest here, among torch's count, half of it
+    and 1 (`litllm.cpu_layout.fastest_threads`: medians of interleaved steps timed by `clock`, fewer threads only if
+    `min_gain` faster). The eager step's pick (`litllm.inference.pick_decode_threads`) does not hold for it: the
+    compiled bf16 and int8dq steps are one parallel region whose matmuls split by rows (1.8x from a second thread
+    on a quiet 2-core EPYC) where the eager step, dozens of short regions, gained little. Its kernels take the count
+    when they run (`cpu_compile_options`), so one compile is timed at every count. The timed steps decode the
+    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it)."""
+    with torch.inference_mode():
+        engine._decode(engine._tokens, engine._pos, None)  # warm-up, not timed
+        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), thread_candidates(),
+                               rounds=PICK_ROUNDS, min_gain=min_gain, clock=clock)
 
 
 def _bind(step: Callable, engine) -> Callable:
@@ -681,14 +716,16 @@ def compile_engine_step(engine) -> Callable:
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":
         return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
-    path = steps_folder(model, engine.threads) / _step_file(engine.max_batch_size, engine.max_seq_length)
+    path = steps_folder(model) / _step_file(engine.max_batch_size, engine.max_seq_length)
     step = _load_step(path, engine) if path.exists() else None
     engine.step_source = "loaded"
     if step is None:
         enable_compile_cache()  # the kernels inductor generates are cached: a rebuild of the same step is faster
-        # under the engine's thread count (Engine.__init__), as its step() runs it
+        # at torch's thread budget (Engine.__init__): its kernels take step()'s count when they run
         step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
-        return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
+        # compiled at its first call, inside step()'s `threads_for`: kernels that read the count when they run
+        options = {**cpu_compile_options(engine.model), "cpp.dynamic_threads": True}
+        return compile_step(engine._decode_logits, device, static, options)
     return _bind(step, engine)

@@ -1,12 +1,13 @@
 """The CPU weight layout of decoding: which layout of a Linear's weight makes one-token matmuls fastest here
 (`optimize_for_decoding`: row-major, column-major, oneDNN's packed `PackedLinear`), and what a compiled decode step
-multiplies by (`PackedLinear.unpacked`, `OneRowLinear`, `one_row_linears`). Used by `litllm.inference` (the loader
+multiplies by (`PackedLinear.unpacked`, `OneRowLinear`, `one_row_linears`), and how many threads decode fastest (`fastest_threads`).
+Used by `litllm.inference` (the loader
 picks the layout) and `litllm.compile_decode` (a compiled step's weights)."""
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -198,3 +199,39 @@ def _apply_layout(model, linears, layout: str) -> str:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LAYOUTS[layout](linear))
     return layout
+
+
+def thread_candidates() -> list[int]:
+    """The torch thread counts a decode step is timed at (`fastest_threads`): the current one (the default), half
+    of it and 1."""
+    current = torch.get_num_threads()
+    return sorted({current, max(1, current // 2), 1}, reverse=True)
+
+
+def fastest_threads(run: Callable[[int], None], candidates: list[int], rounds: int = 5,
+                    budget_s: float = 3.0, min_gain: float = 1.1,
+                    clock: Callable[[], float] = time.perf_counter) -> int:
+    """The thread count among `candidates` (the first one the default) at which `run(round)` is fastest: each round
+    times one `run` at each count (interleaved: a busy moment hits them alike) by `clock`, `rounds` rounds or, after
+    two, until `budget_s` of wall time is spent; medians compared, a later candidate taken only if `min_gain` faster
+    than the best before it. Torch's setting is restored."""
+    current = torch.get_num_threads()
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    start = time.perf_counter()
+    try:
+        for rep in range(rounds):
+            for n in candidates:
+                torch.set_num_threads(n)
+                t0 = clock()
+                run(rep)
+                times[n].append(clock() - t0)
+            if rep >= 1 and time.perf_counter() - start > budget_s:  # big models: fewer samples
+                break
+    finally:
+        torch.set_num_threads(current)
+    median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    best = candidates[0]
+    for n in candidates[1:]:
+        if median[n] * min_gain < median[best]:
+            best = n
+    return best

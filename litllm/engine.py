@@ -409,7 +409,9 @@ class Engine:
         if compile:  # at static shapes, saved/cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
             from litllm.compile_decode import compile_engine_step
 
-            with threads_for(self.threads):  # compiled (and its kernels picked) as step() runs it
+            # CUDA: as step() runs it; the CPU: at torch's thread budget, whose kernels take the count step() sets
+            # when they run (`litllm.compile_decode.cpu_compile_options`)
+            with threads_for(self.threads if self.device.type != "cpu" else None):
                 self._decode = compile_engine_step(self)
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()

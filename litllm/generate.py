@@ -17,7 +17,8 @@ import torch
 
 from litllm import compile_decode
 from litllm.compile_decode import (PROBE_STEPS, compile_cache_dir, compile_choice, eager_account, env_compile,
-                                   record_compile_seconds, record_decode_choices, step_engine, time_decode)
+                                   pick_compiled_threads, record_compile_seconds, record_decode_choices, step_engine,
+                                   time_decode)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -33,18 +34,22 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     decode seconds it and earlier such runs spend reach the expected compile seconds, `EagerAccount`, else it
     decodes eagerly and its seconds are recorded when it closes; its first run of a model and shape times
     `PROBE_STEPS` eager steps first). Compiled, the step compiles (or loads) now, with a 2-token warm-up; what a
-    compile took, the loader's weight layout and thread count are then recorded, so that the next load of the
-    model picks the same and finds its saved step (`litllm.compile_decode.record_decode_choices`)."""
+    compile took is recorded, and the engine takes the thread count timed on its compiled step (`compiled_threads`),
+    recorded with the loader's weight layout, so that the next load of the model picks the same and finds its
+    saved step (`litllm.compile_decode.record_decode_choices`)."""
     spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
     if compile is None and spread:
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
 
     def make(rows: int, length: int, compiled: bool) -> Engine:
-        return Engine(model, tokenizer, rows, length, threads=threads, compile=compiled, **engine_args)
+        choices = getattr(model, "decode_choices", None)  # a compiled step's own pick, once made (`compiled_threads`)
+        mine = compiled and choices is not None and threads == choices.get("eager_threads")
+        return Engine(model, tokenizer, rows, length, threads=choices["threads"] if mine else threads,
+                      compile=compiled, **engine_args)
 
     account = None  # default CPU runs with no saved step: rent (decode eagerly) or buy (compile), in seconds
     if compile is None and env_compile() is None and tokens is not None:
-        account = eager_account(model, rows, max_seq_length, threads, exact_length)
+        account = eager_account(model, rows, max_seq_length, exact_length)
     choice = compile_choice(compile, model.wte.weight.device, tokens) if account is None else None
     if account is not None:
         engine = make(rows, max_seq_length, False)
@@ -59,8 +64,9 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
             return engine
         engine.close()
         choice = True
-    engine = step_engine(make, model, rows, max_seq_length, threads, choice, exact=exact_length)
+    engine = step_engine(make, model, rows, max_seq_length, choice, exact=exact_length)
     if not choice:
+        compiled_threads(engine, threads)  # a loaded saved step
         return engine
     t0 = compile_decode.clock()
     engine.add(Request([0], 2))  # its second token runs the decode step: compiled, or loaded from the cache
@@ -71,11 +77,25 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
         record_compile_seconds(model, engine.compile_seconds)
     if account is not None:
         account.settle(saved=engine.step_source != "torch.compile")
-    choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` chose them
-    if choices is not None and threads == choices["threads"] and model.wte.weight.device.type == "cpu":
-        # the next load of this model here picks the same: the same kernels
-        record_decode_choices(choices["key"], choices["layout"], threads)
+    compiled_threads(engine, threads)
     return engine
+
+
+def compiled_threads(engine, threads: Optional[int]) -> None:
+    """A compiled CPU step given the loader's thread count (`threads`, as `load_for_decoding` picked it,
+    `model.decode_choices`) decodes with the count timed on the compiled step instead
+    (`litllm.compile_decode.pick_compiled_threads`, once per model: later engines of it take that pick), and the
+    loader's layout and that count are recorded, so that the next load of the model here picks the same (the same
+    kernels, the saved step) without timing. A count the caller chose itself is left alone."""
+    model = engine.model
+    choices = getattr(model, "decode_choices", None)
+    if choices is None or not engine._compiled or model.wte.weight.device.type != "cpu" \
+            or threads not in (choices["threads"], choices.get("eager_threads")):
+        return
+    if choices["threads_by"] == "eager":  # picked on the eager step: time the compiled one
+        choices.update(eager_threads=threads, threads=pick_compiled_threads(engine), threads_by="compiled")
+    engine.threads = choices["threads"]
+    record_decode_choices(choices["key"], choices["layout"], choices["threads"])
 
 
 @dataclass

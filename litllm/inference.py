@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from litllm.cpu_layout import optimize_for_decoding
+from litllm.cpu_layout import fastest_threads, optimize_for_decoding, thread_candidates
 from litllm.engine import default_stops
 from litllm.errors import LitLLMError
 from litllm.precision import DECODE_PRECISIONS
@@ -63,36 +62,22 @@ def pick_decode_threads(model, budget_s: float = 3.0, min_gain: float = 1.1) -> 
     spin-wait the waiting thread held the core for ~10 ms: 2 threads 5-10x slower than 1; `import litllm`
     bounds it, `litllm.bound_omp_spin`). This times real one-token steps (interleaved, medians) with the current count,
     half of it and 1, within `budget_s`, and returns the fastest (fewer threads only if `min_gain`
-    faster). It does not change the setting: apply it with `torch.set_num_threads` or `threads_for`.
+    faster; `litllm.cpu_layout.fastest_threads`). It does not change the setting: apply it with
+    `torch.set_num_threads` or `threads_for`. This is the EAGER step's pick; a compiled step's threads scale otherwise
+    (one parallel region, matmuls split by rows), so a compiled run times its own step (`litllm.generate.decode_engine`,
+    `litllm.compile_decode.pick_compiled_threads`) and records that pick.
     """
-    current = torch.get_num_threads()
-    if model.wte.weight.device.type != "cpu" or current == 1:
-        return current
-    candidates = sorted({current, max(1, current // 2), 1}, reverse=True)
+    if model.wte.weight.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.get_num_threads()
     device = model.wte.weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    times: dict[int, list[float]] = {n: [] for n in candidates}
-    start = time.perf_counter()
     model.set_kv_cache(1, 8)
     try:
         model.decode(token, torch.tensor([0], device=device))  # warm-up, not timed
-        for rep in range(5):
-            for n in candidates:
-                torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                model.decode(token, torch.tensor([rep], device=device))
-                times[n].append(time.perf_counter() - t0)
-            if rep >= 1 and time.perf_counter() - start > budget_s:  # big models: fewer samples
-                break
+        return fastest_threads(lambda rep: model.decode(token, torch.tensor([rep], device=device)),
+                               thread_candidates(), budget_s=budget_s, min_gain=min_gain)
     finally:
         model.clear_kv_cache()
-        torch.set_num_threads(current)
-    median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-    best = current
-    for n in candidates[1:]:
-        if median[n] * min_gain < median[best]:
-            best = n
-    return best
 
 
 # ---------------------------------------------------------------------- loading
@@ -180,7 +165,9 @@ def load_for_decoding(
             recorded = None
     if recorded is None:
         layout, threads = optimize_for_decoding(model), pick_decode_threads(model)
-    model.decode_choices = {"key": key, "layout": layout, "threads": threads}
+    # timed "eager" here: a compiled run times its own step at these counts and records that pick (`decode_engine`)
+    model.decode_choices = {"key": key, "layout": layout, "threads": threads,
+                            "threads_by": "eager" if recorded is None else "record"}
     return model, threads
 
 

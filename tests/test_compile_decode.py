@@ -71,7 +71,8 @@ def test_recorded_decode_choices_are_reused_without_timing(tiny_checkpoint, monk
 
     monkeypatch.setattr(inference, "pick_decode_threads", timed_again)
     model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-    assert threads == 1 and model.decode_choices == {"key": key, "layout": "column-major", "threads": 1}
+    assert threads == 1
+    assert model.decode_choices == {"key": key, "layout": "column-major", "threads": 1, "threads_by": "record"}
     assert not model.blocks[0].attn.qkv.weight.is_contiguous()  # laid out as recorded (a transposed view)
 
 
@@ -144,7 +145,8 @@ def test_default_compiled_decode_equals_eager_and_second_process_loads_the_saved
     assert "Compiled the decode step" in first_err and str(cache) in first_err
     assert first["tokens"][2:] == eager  # after the 2-token warm-up: the same greedy tokens
     assert first["traced"] == 0  # exported (no dynamo graph), compiled by AOTInductor: no torch.compile fallback
-    assert (cache / CHOICES_FILE).is_file()  # the loader's picks, for the next process
+    recorded = json.loads((cache / CHOICES_FILE).read_text())  # the loader's layout, the compiled step's threads
+    assert [choice["threads_by"] for choice in recorded.values()] == ["compiled"], recorded
     saved = list((cache / STEPS_FOLDER).glob("*/*"))
     assert [p.name for p in saved] == ["1x128.pt2"]  # the AOTInductor package (without the weights: see below)
     # the second process, a short generate, loads the saved step by default: no trace, no compile, no compiler
@@ -216,7 +218,7 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(saved_step[0]))
     monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)  # no 1-minute compile
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-    folder = compile_decode.steps_folder(model, threads)
+    folder = compile_decode.steps_folder(model)
     saved = next(folder.glob("1x*.pt2"))
     length = int(saved.stem.split("x")[1])
     (folder / f"2x{length}.pt2").write_bytes(saved.read_bytes())  # a valid step, for one row, where two are asked
@@ -288,22 +290,31 @@ def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkp
 
 
 def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
-    from litllm.compile_decode import saved_step_length, steps_folder
+    from litllm.compile_decode import cpu_compile_options, saved_step_length, steps_folder
     from litllm.model import GPT
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
-    assert saved_step_length(model, 2, 1, 40) is None  # nothing saved
-    folder = steps_folder(model, 2)
+    assert saved_step_length(model, 1, 40) is None  # nothing saved
+    folder = steps_folder(model)
     folder.mkdir(parents=True)
     for name in ("1x64.pt2", "1x100.pt2", "2x50.pt2", "1x32.pt2", "1x1024.pt2", "1xab.pt2", "1x80.pt"):
         (folder / name).touch()
-    assert saved_step_length(model, 2, 1, 40) == 64  # the shortest that fits, within the window (128)
-    assert saved_step_length(model, 2, 1, 70) == 100 and saved_step_length(model, 2, 1, 101) is None
-    assert saved_step_length(model, 2, 2, 40) == 50 and saved_step_length(model, 2, 1, 40, exact=True) is None
-    assert saved_step_length(model, 1, 1, 40) is None  # another thread count: other kernels, another folder
+    assert saved_step_length(model, 1, 40) == 64  # the shortest that fits, within the window (128)
+    assert saved_step_length(model, 1, 70) == 100 and saved_step_length(model, 1, 101) is None
+    assert saved_step_length(model, 2, 40) == 50 and saved_step_length(model, 1, 40, exact=True) is None
+    budget = torch.get_num_threads()
+    try:  # compiled at the core count, its kernels take torch's count when they run; at another budget they are
+        # compiled with cpp.dynamic_threads (other kernels, another folder)
+        torch.set_num_threads(os.cpu_count())
+        assert "cpp.dynamic_threads" not in cpu_compile_options(model)
+        cores = steps_folder(model)
+        torch.set_num_threads(os.cpu_count() + 1)
+        assert cpu_compile_options(model)["cpp.dynamic_threads"] and steps_folder(model) != cores
+    finally:
+        torch.set_num_threads(budget)
     monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
-    assert steps_folder(model, 2) != folder and saved_step_length(model, 2, 1, 40) is None
+    assert steps_folder(model) != folder and saved_step_length(model, 1, 40) is None
 
 
 # ---------------------------------------------------------------------- compiling amortised over short runs
@@ -313,6 +324,8 @@ class FakeClock:
 
     def __init__(self, step: float = 1.0, compile: float = 100.0) -> None:
         self.now, self.step, self.compile, self.reads = 0.0, step, compile, 0
+        self.compiled: dict[int, float] = {}  # extra seconds of a compiled step per torch thread count
+        self.compiled_at: list[int] = []  # the thread count of each compiled step run
 
     def __call__(self) -> float:
         self.reads += 1
@@ -333,7 +346,12 @@ def fake_compile(monkeypatch, tmp_path):
     clock = FakeClock()
 
     def load(path, engine):
-        return lambda tokens, pos: engine.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+        def step(tokens, pos):
+            clock.compiled_at.append(torch.get_num_threads())
+            clock.now += clock.compiled.get(torch.get_num_threads(), 0.0)
+            return engine.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+
+        return step
 
     def compile_and_save(path, engine):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -492,6 +510,64 @@ def test_a_step_that_could_not_be_saved_compiles_only_where_one_run_pays(tiny_ch
     assert [c["seconds"] for c in compiles] == [2.0]
     assert runs(model, threads, 2, tokens=1) == ["eager", "eager"]  # 1 s < 2 s: eager, whatever the rent
     assert runs(model, threads, 1, tokens=2) == ["torch.compile"]  # 2 s >= 2 s on its own
+
+
+@pytest.mark.parametrize("eager_pick, compiled, picked", [(1, {1: 2.0, 2: 0.5}, 2), (2, {1: 0.5, 2: 2.0}, 1),
+                                                          (1, {1: 0.5, 2: 0.5}, 2)],
+                         ids=["second-thread-pays", "second-thread-does-not-pay", "a-tie-keeps-the-budget"])
+def test_a_compiled_run_picks_its_threads_by_the_compiled_step(tiny_checkpoint, fake_compile, monkeypatch,
+                                                               eager_pick, compiled, picked):
+    """Whatever the eager step's pick, a compiled run decodes with the thread count its compiled step was fastest at
+    (1 only where it is `min_gain` faster than torch's 2), records it, and a later load takes it from the record,
+    its steps then timed no more."""
+    from litllm import compile_decode, inference
+    from litllm.compile_decode import PICK_ROUNDS, decode_choices_key, recorded_decode_choices
+
+    ledger, clock = fake_compile
+    clock.step, clock.compiled = 0.0, compiled  # a compiled step takes `compiled[threads]` seconds
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the budget: candidates 2 and 1
+    try:
+        monkeypatch.setattr(inference, "pick_decode_threads", lambda model: eager_pick)
+        model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+        assert threads == eager_pick and model.decode_choices["threads_by"] == "eager"
+        assert recorded_decode_choices(model.decode_choices["key"]) is None
+        from litllm.generate import decode_engine
+
+        with decode_engine(model, None, 1, 20, threads, True, 12) as engine:
+            assert engine.step_source == "compiled" and engine.threads == picked
+            # the warm-up's step at the loader's count, then one more and PICK_ROUNDS x each count timed
+            assert clock.compiled_at[0] == eager_pick
+            assert sorted(clock.compiled_at[1:]) == sorted([2, 1] * PICK_ROUNDS + [2])
+            clock.compiled_at.clear()
+            engine.add(Request([1, 2, 3], 4))
+            while engine.has_unfinished:
+                engine.step()
+            assert clock.compiled_at == [picked] * 3  # it decodes at the pick
+        assert model.decode_choices["threads"] == picked and model.decode_choices["threads_by"] == "compiled"
+        assert recorded_decode_choices(model.decode_choices["key"]) == {"layout": model.decode_choices["layout"],
+                                                                        "threads": picked}
+        # a later engine of this model, given the loader's (eager) count, takes the pick without timing again
+        clock.compiled_at.clear()
+        assert runs(model, threads, 1, compile=True, tokens=3) == ["loaded"]
+        assert clock.compiled_at == [picked] * 3  # its warm-up, then 2 steps
+
+        def timed_again(*args, **kwargs):
+            raise AssertionError("timed again")
+
+        # a later process: the record, no timing of either step
+        monkeypatch.setattr(inference, "pick_decode_threads", timed_again)
+        monkeypatch.setattr("litllm.generate.pick_compiled_threads", timed_again)
+        model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+        assert threads == picked and model.decode_choices["threads_by"] == "record"
+        assert runs(model, threads, 1, tokens=3) == ["loaded"]
+        # a record from before (threads picked on the eager step, no "threads_by") is no record: picked again
+        path = ledger.parent / compile_decode.CHOICES_FILE
+        key = decode_choices_key(model)
+        path.write_text(json.dumps({key: {"layout": "row-major", "threads": 1}}))
+        assert recorded_decode_choices(key) is None
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def test_import_bounds_openmp_spin():

@@ -148,7 +148,7 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     widths = f"{model.config.n_embd}|{model.config.intermediate_size}"
     counts = re.findall(rf"Vectorized<at::BFloat16>::loadu\(in_ptr\d+ \+ static_cast<int64_t>\(x1 \+ ({widths})L\*x0\), "
                         r"static_cast<int64_t>\((\d+)\)\)", "".join(code))
-    assert options is ONE_ROW_COMPILE_OPTIONS
+    assert options.items() >= ONE_ROW_COMPILE_OPTIONS.items()  # (+ cpp.dynamic_threads at another thread budget)
     assert not re.search(r"extern_kernels\.(mm|addmm)|mkldnn|_linear_pointwise", "".join(code))  # no library matmul
     assert len(counts) >= 3 * 4 + 1  # qkv, proj, fc and proj of each layer, the head
     assert {int(n) for _, n in counts} == {isa.nelements(torch.bfloat16)}
@@ -172,12 +172,12 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
         if layout != "row-major" and not _layout_works(layout, torch.nn.Linear(64, 64, dtype=dtype)):
             continue
         assert optimize_for_decoding(model, layout=layout) == layout
-        folders[layout] = steps_folder(model, 2)
+        folders[layout] = steps_folder(model)
         options = cpu_compile_options(model)
         unpack_weights(model)
-        assert steps_folder(model, 2) == folders[layout] and cpu_compile_options(model) is options
+        assert steps_folder(model) == folders[layout] and cpu_compile_options(model) == options
         qkv = model.blocks[0].attn.qkv
-        kernels[layout] = (type(qkv), qkv.weight.stride(), options is ONE_ROW_COMPILE_OPTIONS)
+        kernels[layout] = (type(qkv), qkv.weight.stride(), options.items() >= ONE_ROW_COMPILE_OPTIONS.items())
     n_in, n_out = qkv.in_features, qkv.out_features
     column_major = {"column-major"} if dtype == torch.bfloat16 else {"column-major", "onednn-packed+column-major"}
     for layout, (cls, strides, one_row) in kernels.items():

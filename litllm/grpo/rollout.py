@@ -203,7 +203,7 @@ def rollout_engine(module, rows: int, length: int, compile: Optional[bool], min_
     def make(rows: int, length: int, compiled: bool) -> RolloutEngine:
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length, compile=compiled)
 
-    engine = step_engine(make, module, rows, length, None, False if module in _EAGER_ONLY else compile,
+    engine = step_engine(make, module, rows, length, False if module in _EAGER_ONLY else compile,
                          min_rows=min_rows)
     if engine._compiled and engine.step_source not in COMPILED_AHEAD:  # did not export as one graph
         engine.close()  # (torch.compile's lazy path, which would compile each rollout's shapes): eager
