@@ -24,6 +24,8 @@ import errno
 import io
 import json
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -240,9 +242,6 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, params=batch[i: i + 100])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        import re
-        import time
-
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
