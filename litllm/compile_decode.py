@@ -118,9 +118,22 @@ def cpu_compile_options(model) -> dict:
     runs as fast as steps compiled for each count (a 2-layer bf16 step on a 2-core AVX2 EPYC at load average 2.6:
     median 127.3 vs 128.7 tok/s at 1 thread, 111.9 vs 111.9 at 2). Under another budget inductor bakes the count into
     every region, so there the step takes `cpp.dynamic_threads`, whose kernels read the count when they run but give
-    every reduction a parallel region of its own (10 regions in that step instead of one): 0.93x at 2 threads."""
+    every reduction a parallel region of its own (10 regions in that step instead of one): 0.93x at 2 threads.
+    Under a budget of 1 thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)` before loading; `thread_candidates`
+    then has nothing else to time) the step is only ever run at 1, so it is compiled for it (`BUDGET_STEP_OPTIONS`)."""
     options = ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
-    return options if torch.get_num_threads() == os.cpu_count() else {**options, "cpp.dynamic_threads": True}
+    budget = torch.get_num_threads()
+    if budget == os.cpu_count():
+        return options
+    return {**options, **(BUDGET_STEP_OPTIONS if budget == 1 else {"cpp.dynamic_threads": True})}
+
+
+BUDGET_STEP_OPTIONS = {"cpp.threads": 1}
+"""inductor settings that a CPU step compiled under a 1-thread budget adds (`cpu_compile_options`): its count baked
+in, so inductor writes serial kernels (no parallel region, no barrier) instead of `cpp.dynamic_threads`' regions
+that read the count when they run (int8dq 79.1 vs 91.7 tokens/s at 1 thread, tutorials/inference.md section 6).
+Given explicitly, the count is in the saved step's key (`steps_folder`) and in inductor's cache key: its own step,
+compiled once and loaded afterwards. A step so compiled runs on 1 thread whatever count it is run at."""
 
 
 def compile_cache_dir() -> Path:
@@ -725,7 +738,9 @@ def compile_engine_step(engine) -> Callable:
         step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
-        # compiled at its first call, inside step()'s `threads_for`: kernels that read the count when they run
-        options = {**cpu_compile_options(engine.model), "cpp.dynamic_threads": True}
+        # compiled at its first call, inside step()'s `threads_for`: kernels that read the count when they run (but
+        # for a 1-thread budget's step: 1 baked in, `cpu_compile_options`)
+        options = cpu_compile_options(engine.model)
+        options = options if "cpp.threads" in options else {**options, "cpp.dynamic_threads": True}
         return compile_step(engine._decode_logits, device, static, options)
     return _bind(step, engine)
