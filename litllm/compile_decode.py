@@ -701,10 +701,14 @@ def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
     compiled bf16 and int8dq steps are one parallel region whose matmuls split by rows (1.8x from a second thread
     on a quiet 2-core EPYC) where the eager step, dozens of short regions, gained little. Its kernels take the count
     when they run (`cpu_compile_options`), so one compile is timed at every count. The timed steps decode the
-    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it)."""
+    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it). Under a
+    1-thread budget there is nothing to time (and its step runs on 1 thread whatever the count: `BUDGET_STEP_OPTIONS`)."""
+    candidates = thread_candidates()
+    if len(candidates) == 1:
+        return candidates[0]
     with torch.inference_mode():
         engine._decode(engine._tokens, engine._pos, None)  # warm-up, not timed
-        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), thread_candidates(),
+        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), candidates,
                                rounds=PICK_ROUNDS, min_gain=min_gain, clock=clock)
 
 
