@@ -138,10 +138,19 @@ compiled once and loaded afterwards. A step so compiled runs on 1 thread whateve
 
 def compile_cache_dir() -> Path:
     """Where torch's compile caches live: `$TORCHINDUCTOR_CACHE_DIR`, else `~/.cache/litllm/torch_compile`."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder and not _set_by_inductor(folder):
+        return Path(folder)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "litllm" / "torch_compile"
+
+
+def _set_by_inductor(folder: str) -> bool:
+    """Is `folder` ($TORCHINDUCTOR_CACHE_DIR) inductor's default, which inductor itself puts in the environment the
+    first time it looks for its cache (`import torchao` does, in every `--quantize torchao.*` run), rather than the
+    user's choice? Taken as the user's, it sent that run's saved steps and records to /tmp/torchinductor_<user>."""
+    utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")  # not imported: inductor set nothing
+    return utils is not None and os.path.abspath(folder) == os.path.abspath(utils.default_cache_dir())
 
 
 def enable_compile_cache() -> Path:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,13 @@ def test_compiled_length_and_cache_dir(monkeypatch, tmp_path):
     assert compile_cache_dir() == tmp_path
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / "litllm" / "torch_compile"
+    # inductor puts its own default there the first time it looks for its cache (`import torchao` does): not the
+    # user's choice, so litllm's folder still
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()) != tmp_path / "litllm" / "torch_compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache_dir()
     assert compile_cache_dir() == tmp_path / "litllm" / "torch_compile"
 
 
