@@ -18,7 +18,8 @@ every later run start compiled, the compile caches, and CUDA graphs.
   weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
   `steps_folder(model)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, model config and
   weights' names/shapes/strides/dtypes (as a compiled step takes them) and inductor settings (not the thread count,
-  which its kernels take when they run: `cpu_compile_options`). A later process
+  which its kernels take when they run, but under a 1-thread budget, whose step has it baked in:
+  `cpu_compile_options`). A later process
   loads it with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`: no trace, no compile, inductor's
   compiler not imported) and hands it the running model's own weights and the engine's KV cache as user-managed
   constants (`load_constants(..., user_managed=True)`: no copies; its kernels write the cache in place at each
@@ -130,10 +131,10 @@ def cpu_compile_options(model) -> dict:
 
 BUDGET_STEP_OPTIONS = {"cpp.threads": 1}
 """inductor settings that a CPU step compiled under a 1-thread budget adds (`cpu_compile_options`): its count baked
-in, so inductor writes serial kernels (no parallel region, no barrier) instead of `cpp.dynamic_threads`' regions
-that read the count when they run (int8dq 79.1 vs 91.7 tokens/s at 1 thread, tutorials/inference.md section 6).
-Given explicitly, the count is in the saved step's key (`steps_folder`) and in inductor's cache key: its own step,
-compiled once and loaded afterwards. A step so compiled runs on 1 thread whatever count it is run at."""
+in, so inductor writes serial kernels (no parallel region, no barrier) instead of `cpp.dynamic_threads`' 1-thread
+regions: 0.4-1.4% less CPU time a token for the 134M step (tutorials/inference.md section 6). Given explicitly, the
+count is in the saved step's key (`steps_folder`) and in inductor's cache key: its own step (as the dynamic one
+was), compiled once and loaded afterwards. A step so compiled runs on 1 thread whatever count it is run at."""
 
 
 def compile_cache_dir() -> Path:
@@ -500,7 +501,7 @@ def steps_folder(model) -> Path:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
     model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
     multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
-    which its kernels take when they run (`cpu_compile_options`)."""
+    which its kernels take when they run, but under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
