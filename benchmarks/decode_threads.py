@@ -6,6 +6,8 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py --n_layer 2 --quantize none      # a quick look
     GOMP_SPINCOUNT=300000 python benchmarks/decode_threads.py            # GNU OpenMP's default spin, for comparison
     python benchmarks/decode_threads.py --baked      # also steps with the thread count baked in (one compile per count)
+    OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
+        # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -42,19 +44,30 @@ def thread_ticks() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def baked_threads(n):
-    """With `n`: litllm's CPU steps compiled with `n` threads baked into their kernels (inductor's `cpp.threads`, no
-    `cpp.dynamic_threads`; saved under their own key), for comparison with the steps litllm compiles."""
+def step_options(extra: dict):
+    """litllm's CPU steps compiled with inductor's settings changed by `extra` (saved under their own key), for
+    comparison with the steps litllm compiles: `baked(n)`, `DYNAMIC`."""
     from litllm import compile_decode
 
     options = compile_decode.cpu_compile_options
-    if n is not None:
-        compile_decode.cpu_compile_options = lambda model: {**options(model), "cpp.dynamic_threads": False,
-                                                            "cpp.threads": n}
+    if extra:
+        compile_decode.cpu_compile_options = lambda model: {
+            **{k: v for k, v in options(model).items() if k not in ("cpp.threads", "cpp.dynamic_threads")}, **extra}
     try:
         yield
     finally:
         compile_decode.cpu_compile_options = options
+
+
+def baked(n: int) -> dict:
+    """`n` threads baked into a step's kernels (inductor's `cpp.threads`: `num_threads(n)` on every region; serial
+    kernels at 1)."""
+    return {"cpp.threads": n}
+
+
+DYNAMIC = {"cpp.dynamic_threads": True}
+"""Kernels that read the thread count when they run, a parallel region per reduction (what litllm compiled under a
+1-thread budget before it baked the count in, and still compiles under other budgets below the core count)."""
 
 
 def main() -> None:
@@ -68,6 +81,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="KV-cache length of the compiled step")
     parser.add_argument("--baked", action="store_true", help="also rows '<format> baked': steps compiled with the "
                         "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
+    parser.add_argument("--dynamic", action="store_true", help="also rows '<format> dynamic': steps compiled with "
+                        "`cpp.dynamic_threads` (one step for every count)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
@@ -88,10 +103,12 @@ def main() -> None:
         mode, _, precision = spec.partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
         layout = optimize_for_decoding(model)
-        for label, baked in [(spec, False)] + ([(f"{spec} baked", True)] if args.baked else []):
+        variants = [(spec, lambda n: {})] + ([(f"{spec} baked", baked)] if args.baked else []) \
+            + ([(f"{spec} dynamic", lambda n: DYNAMIC)] if args.dynamic else [])
+        for label, extra in variants:
             for n in args.threads:
                 t0 = time.perf_counter()
-                with baked_threads(n if baked else None):
+                with step_options(extra(n)):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)

@@ -18,7 +18,8 @@ every later run start compiled, the compile caches, and CUDA graphs.
   weights and KV cache left out (`aot_inductor.package_constants_in_so=False`), saved atomically in
   `steps_folder(model)/<rows>x<length>.pt2`: one folder per CPU model, core count, torch version, model config and
   weights' names/shapes/strides/dtypes (as a compiled step takes them) and inductor settings (not the thread count,
-  which its kernels take when they run: `cpu_compile_options`). A later process
+  which its kernels take when they run, but under a 1-thread budget, whose step has it baked in:
+  `cpu_compile_options`). A later process
   loads it with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`: no trace, no compile, inductor's
   compiler not imported) and hands it the running model's own weights and the engine's KV cache as user-managed
   constants (`load_constants(..., user_managed=True)`: no copies; its kernels write the cache in place at each
@@ -118,17 +119,39 @@ def cpu_compile_options(model) -> dict:
     runs as fast as steps compiled for each count (a 2-layer bf16 step on a 2-core AVX2 EPYC at load average 2.6:
     median 127.3 vs 128.7 tok/s at 1 thread, 111.9 vs 111.9 at 2). Under another budget inductor bakes the count into
     every region, so there the step takes `cpp.dynamic_threads`, whose kernels read the count when they run but give
-    every reduction a parallel region of its own (10 regions in that step instead of one): 0.93x at 2 threads."""
+    every reduction a parallel region of its own (10 regions in that step instead of one): 0.93x at 2 threads.
+    Under a budget of 1 thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)` before loading; `thread_candidates`
+    then has nothing else to time) the step is only ever run at 1, so it is compiled for it (`BUDGET_STEP_OPTIONS`)."""
     options = ONE_ROW_COMPILE_OPTIONS if _one_row_modules(model) else CPU_COMPILE_OPTIONS
-    return options if torch.get_num_threads() == os.cpu_count() else {**options, "cpp.dynamic_threads": True}
+    budget = torch.get_num_threads()
+    if budget == os.cpu_count():
+        return options
+    return {**options, **(BUDGET_STEP_OPTIONS if budget == 1 else {"cpp.dynamic_threads": True})}
+
+
+BUDGET_STEP_OPTIONS = {"cpp.threads": 1}
+"""inductor settings that a CPU step compiled under a 1-thread budget adds (`cpu_compile_options`): its count baked
+in, so inductor writes serial kernels (no parallel region, no barrier) instead of `cpp.dynamic_threads`' 1-thread
+regions: 0.4-1.4% less CPU time a token for the 134M step (tutorials/inference.md section 6). Given explicitly, the
+count is in the saved step's key (`steps_folder`) and in inductor's cache key: its own step (as the dynamic one
+was), compiled once and loaded afterwards. A step so compiled runs on 1 thread whatever count it is run at."""
 
 
 def compile_cache_dir() -> Path:
     """Where torch's compile caches live: `$TORCHINDUCTOR_CACHE_DIR`, else `~/.cache/litllm/torch_compile`."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder and not _set_by_inductor(folder):
+        return Path(folder)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "litllm" / "torch_compile"
+
+
+def _set_by_inductor(folder: str) -> bool:
+    """Is `folder` ($TORCHINDUCTOR_CACHE_DIR) inductor's default, which inductor itself puts in the environment the
+    first time it looks for its cache (`import torchao` does, in every `--quantize torchao.*` run), rather than the
+    user's choice? Taken as the user's, it sent that run's saved steps and records to /tmp/torchinductor_<user>."""
+    utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")  # not imported: inductor set nothing
+    return utils is not None and os.path.abspath(folder) == os.path.abspath(utils.default_cache_dir())
 
 
 def enable_compile_cache() -> Path:
@@ -478,7 +501,7 @@ def steps_folder(model) -> Path:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
     model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
     multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
-    which its kernels take when they run (`cpu_compile_options`)."""
+    which its kernels take when they run, but under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
@@ -688,10 +711,14 @@ def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
     compiled bf16 and int8dq steps are one parallel region whose matmuls split by rows (1.8x from a second thread
     on a quiet 2-core EPYC) where the eager step, dozens of short regions, gained little. Its kernels take the count
     when they run (`cpu_compile_options`), so one compile is timed at every count. The timed steps decode the
-    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it)."""
+    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it). Under a
+    1-thread budget there is nothing to time (and its step runs on 1 thread whatever the count: `BUDGET_STEP_OPTIONS`)."""
+    candidates = thread_candidates()
+    if len(candidates) == 1:
+        return candidates[0]
     with torch.inference_mode():
         engine._decode(engine._tokens, engine._pos, None)  # warm-up, not timed
-        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), thread_candidates(),
+        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), candidates,
                                rounds=PICK_ROUNDS, min_gain=min_gain, clock=clock)
 
 
@@ -725,7 +752,9 @@ def compile_engine_step(engine) -> Callable:
         step, engine.step_source = _compile_and_save(path, engine), "compiled"
     if step is None:
         engine.step_source = "torch.compile"
-        # compiled at its first call, inside step()'s `threads_for`: kernels that read the count when they run
-        options = {**cpu_compile_options(engine.model), "cpp.dynamic_threads": True}
+        # compiled at its first call, inside step()'s `threads_for`: kernels that read the count when they run (but
+        # for a 1-thread budget's step: 1 baked in, `cpu_compile_options`)
+        options = cpu_compile_options(engine.model)
+        options = options if "cpp.threads" in options else {**options, "cpp.dynamic_threads": True}
         return compile_step(engine._decode_logits, device, static, options)
     return _bind(step, engine)

@@ -42,9 +42,8 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
 
     def make(rows: int, length: int, compiled: bool) -> Engine:
-        choices = getattr(model, "decode_choices", None)  # a compiled step's own pick, once made (`compiled_threads`)
-        mine = compiled and choices is not None and threads == choices.get("eager_threads")
-        return Engine(model, tokenizer, rows, length, threads=choices["threads"] if mine else threads,
+        picked = loader_threads(model, threads) if compiled else None  # the compiled step's pick, once made
+        return Engine(model, tokenizer, rows, length, threads=threads if picked is None else picked,
                       compile=compiled, **engine_args)
 
     account = None  # default CPU runs with no saved step: rent (decode eagerly) or buy (compile), in seconds
@@ -88,14 +87,24 @@ def compiled_threads(engine, threads: Optional[int]) -> None:
     loader's layout and that count are recorded, so that the next load of the model here picks the same (the same
     kernels, the saved step) without timing. A count the caller chose itself is left alone."""
     model = engine.model
-    choices = getattr(model, "decode_choices", None)
-    if choices is None or not engine._compiled or model.wte.weight.device.type != "cpu" \
-            or threads not in (choices["threads"], choices.get("eager_threads")):
+    if not engine._compiled or model.wte.weight.device.type != "cpu" or loader_threads(model, threads) is None:
         return
+    choices = model.decode_choices
     if choices["threads_by"] == "eager":  # picked on the eager step: time the compiled one
         choices.update(eager_threads=threads, threads=pick_compiled_threads(engine), threads_by="compiled")
     engine.threads = choices["threads"]
     record_decode_choices(choices["key"], choices["layout"], choices["threads"])
+
+
+def loader_threads(model, threads: Optional[int]) -> Optional[int]:
+    """The thread count `model` decodes with (`model.decode_choices["threads"]`: the loader's pick, or the compiled
+    step's once `compiled_threads` made it) when `threads` is the count the loader gave (`load_for_decoding`: that
+    pick, or the eager pick it replaced, "eager_threads"); None for a count the caller chose itself, or a model the
+    loader did not pick for."""
+    choices = getattr(model, "decode_choices", None)
+    if choices is None or threads not in (choices["threads"], choices.get("eager_threads")):
+        return None
+    return choices["threads"]
 
 
 @dataclass

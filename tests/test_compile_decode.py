@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,13 @@ def test_compiled_length_and_cache_dir(monkeypatch, tmp_path):
     assert compile_cache_dir() == tmp_path
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / "litllm" / "torch_compile"
+    # inductor puts its own default there the first time it looks for its cache (`import torchao` does): not the
+    # user's choice, so litllm's folder still
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()) != tmp_path / "litllm" / "torch_compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache_dir()
     assert compile_cache_dir() == tmp_path / "litllm" / "torch_compile"
 
 
@@ -252,6 +260,49 @@ def test_a_stale_or_foreign_saved_step_is_compiled_again(saved_step, tiny_checkp
 
 
 @pytest.mark.slow
+def test_a_one_thread_budget_compiles_its_own_step_with_the_count_baked_in(tiny_checkpoint, monkeypatch, tmp_path):
+    """Under a 1-thread budget (`OMP_NUM_THREADS=1`; the benchmarks' `--threads 1`) the compiled step is its own (not
+    the core budget's key) and is compiled for 1 thread (`BUDGET_STEP_OPTIONS`): serial kernels, no OpenMP region
+    (a step whose regions read the count when they run, `cpp.dynamic_threads`, was 14% slower for int8dq). It
+    decodes eager's greedy tokens, its thread count is not timed (1 is all there is), and a later engine under that
+    budget loads it."""
+    import re
+    import zipfile
+
+    from litllm.compile_decode import saved_step_length, steps_folder
+    from litllm.engine import Engine
+    from litllm.generate import decode_engine
+    from litllm.inference import load_for_decoding
+
+    if os.cpu_count() == 1:
+        pytest.skip("1 thread is the core count here: the default step")
+    def timed(*args, **kwargs):
+        raise AssertionError("a 1-thread budget has no thread count to pick")
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    monkeypatch.setattr("litllm.compile_decode.fastest_threads", timed)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+        prompt = [2, 40, 41, 42]
+        eager = greedy_tokens(Engine(model, None, 1, 20, threads=threads), prompt)
+        engine = decode_engine(model, None, 1, 20, threads, True, 12)
+        assert engine.step_source == "compiled" and engine.threads == 1
+        (path,) = steps_folder(model).glob("*.pt2")
+        with zipfile.ZipFile(path) as package:
+            kernels = [package.read(n).decode() for n in package.namelist() if n.endswith("kernel.cpp")]
+        assert kernels and not any(re.search(r"#pragma omp (parallel|for|single)", k) for k in kernels)
+        assert greedy_tokens(engine, prompt) == eager
+        assert decode_engine(model, None, 1, 20, threads, True, 12).step_source == "loaded"
+        torch.set_num_threads(os.cpu_count())  # the core budget's step is another (not saved yet)
+        assert saved_step_length(model, 1, 20) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
 def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkpoint, monkeypatch, tmp_path, mode):
     """torchao.int8dq and fp32 torchao.int8wo on the CPU (eager: fbgemm's opaque packed weights, `_weight_int8pack_mm`):
@@ -305,12 +356,18 @@ def test_saved_step_length(tiny_checkpoint, monkeypatch, tmp_path):
     assert saved_step_length(model, 2, 40) == 50 and saved_step_length(model, 1, 40, exact=True) is None
     budget = torch.get_num_threads()
     try:  # compiled at the core count, its kernels take torch's count when they run; at another budget they are
-        # compiled with cpp.dynamic_threads (other kernels, another folder)
+        # compiled with cpp.dynamic_threads (other kernels, another folder), at a budget of 1 for 1 thread (another)
         torch.set_num_threads(os.cpu_count())
-        assert "cpp.dynamic_threads" not in cpu_compile_options(model)
+        options = cpu_compile_options(model)
+        assert "cpp.dynamic_threads" not in options and "cpp.threads" not in options
         cores = steps_folder(model)
         torch.set_num_threads(os.cpu_count() + 1)
-        assert cpu_compile_options(model)["cpp.dynamic_threads"] and steps_folder(model) != cores
+        assert cpu_compile_options(model) == {**options, "cpp.dynamic_threads": True}
+        other = steps_folder(model)
+        torch.set_num_threads(1)
+        if os.cpu_count() > 1:
+            assert cpu_compile_options(model) == {**options, "cpp.threads": 1}
+            assert len({cores, other, steps_folder(model)}) == 3
     finally:
         torch.set_num_threads(budget)
     monkeypatch.setattr("litllm.compile_decode.CPU_COMPILE_OPTIONS", {})  # steps compiled with other settings
