@@ -66,10 +66,19 @@ def sample(
     `top_k` most likely tokens and to the smallest set whose probability reaches `top_p` (nucleus).
     """
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     probs = sampling_probs(logits, temperature, top_k, top_p)
     flat = probs.reshape(-1, probs.size(-1))
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` (..., vocab) -> (...,) long, the same indices (the first maximum; a NaN counts as the
+    maximum): on the CPU through numpy, whose argmax is vectorized where torch's is a scalar loop (each decoded token
+    pays it: over 32000 logits on a 2-core AVX2 EPYC 5 vs 37 us in fp32, 17 vs 142 us in bf16, issue #27)."""
+    if logits.device.type != "cpu" or not logits.dtype.is_floating_point or logits.numel() == 0:
+        return logits.argmax(dim=-1)
+    return torch.as_tensor(logits.detach().float().numpy().argmax(axis=-1))  # (a 0-d array for one row)
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
@@ -709,7 +718,7 @@ class Engine:
         """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own, on the
         device; one read back to the host for all of them. Rows with a grammar pick from their masked logits."""
         logits = self._masked(logits, running)
-        picked = logits.argmax(dim=-1)  # (B,)
+        picked = greedy(logits)  # (B,)
         probs: dict[tuple, torch.Tensor] = {}  # the distribution of every row, once per sampling setting (B, vocab)
         for slot, row in running:
             s = row.request.sampling
