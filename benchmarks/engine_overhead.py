@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import litllm  # noqa: F401  (before torch: bounds OpenMP's spin-wait, litllm.bo
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import add_model_args, build_checkpoint  # noqa: E402
+from generate import add_model_args, kept_checkpoint  # noqa: E402
 
 
 def clocks() -> tuple[float, float]:
@@ -97,10 +96,7 @@ def main() -> None:
     from litllm.engine import Engine
     from litllm.inference import load_for_inference
 
-    folder = args.folder or Path(tempfile.gettempdir()) / f"litllm_decode_threads_{args.n_layer}x{args.n_embd}"
-    if not any(folder.glob("lit_model.*")):
-        folder.mkdir(parents=True, exist_ok=True)
-        build_checkpoint(folder, args)
+    folder = kept_checkpoint(args, args.folder)
     prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     length = args.prompt_tokens + args.new_tokens  # benchmarks/generate.py's engines
     engines = {}
