@@ -10,14 +10,18 @@ benchmarks/generate.py's shapes (1 row, KV cache of prompt + new tokens), each r
 
 It prints ms per token (median over rounds, wall and CPU), the engine's decode tokens/s as a fraction of the step
 alone's, and what benchmarks/generate.py's figure (new tokens / whole call, prefill included) makes of them.
+`--before`: also rows "<format> before" on the same engines, with the engine's per-token and prefill work as before
+issue #27's cuts (greedy picks by torch's argmax; 16-bit prefill GEMMs in 16 bits), in the same alternation.
 
     python benchmarks/engine_overhead.py                       # bf16 and int8dq, 1 and 2 threads
     python benchmarks/engine_overhead.py --quantize none@bf16-true --threads 2 --rounds 5
+    python benchmarks/engine_overhead.py --before --rounds 5     # before/after #27's cuts, alternating
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -32,6 +36,21 @@ from generate import add_model_args, kept_checkpoint  # noqa: E402
 
 def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
+
+
+@contextlib.contextmanager
+def as_before(before: bool):
+    """With `before`: the engine's greedy pick by torch's argmax and 16-bit multi-row matmuls in 16 bits (the code
+    before issue #27's cuts), restored afterwards."""
+    from litllm import cpu_layout, engine
+
+    saved = engine.greedy, cpu_layout.upcast_16_bit_gemm
+    if before:
+        engine.greedy, cpu_layout.upcast_16_bit_gemm = (lambda logits: logits.argmax(dim=-1)), (lambda weight: False)
+    try:
+        yield
+    finally:
+        engine.greedy, cpu_layout.upcast_16_bit_gemm = saved
 
 
 def run_round(engine, prompt: list[int], n: int) -> dict[str, tuple[float, float]]:
@@ -88,6 +107,7 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--before", action="store_true", help="also rows as before issue #27's cuts (alternating)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused; benchmarks/decode_threads.py's)")
     args = parser.parse_args()
@@ -107,12 +127,15 @@ def main() -> None:
         t0 = time.perf_counter()
         engines[spec] = Engine(model, None, 1, length, compile=True)
         print(f"{spec}: step {engines[spec].step_source} in {time.perf_counter() - t0:.1f} s", flush=True)
-    runs: dict[tuple[str, int], list[dict]] = {(spec, n): [] for spec in engines for n in args.threads}
+    variants = ["", " before"] if args.before else [""]
+    runs: dict[tuple[str, int], list[dict]] = {(spec + v, n): [] for spec in engines for n in args.threads
+                                               for v in variants}
     for _ in range(args.rounds):  # alternating: the machine's load hits every row alike
-        for (spec, n), rounds in runs.items():
-            engine = engines[spec]
+        for (name, n), rounds in runs.items():
+            engine = engines[name.removesuffix(" before")]
             engine.threads = n
-            rounds.append(run_round(engine, prompt, args.new_tokens))
+            with as_before(name.endswith(" before")):
+                rounds.append(run_round(engine, prompt, args.new_tokens))
     import os
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; prompt {args.prompt_tokens} tokens, "
