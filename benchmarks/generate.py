@@ -21,7 +21,11 @@ its quantized weights really hold (packed values, scales, zero points).
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`) for
 every row, llama.cpp's too (its ggml runs on the same libgomp); `GOMP_SPINCOUNT=300000` restores GNU OpenMP's default.
 Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
-are shown, and tokens per CPU-second (less sensitive to other processes).
+are shown, and tokens per CPU-second (less sensitive to other processes). The main table's tokens/s are new tokens
+over the whole call, the prompt's prefill included; a second table splits each litllm and llama.cpp row into its
+time to the first token (the prefill) and its decode steps alone (the tokens/s to set beside the compiled step
+alone, benchmarks/decode_threads.py; the per-token budget of the engine around it: benchmarks/engine_overhead.py),
+and the last table gives both sides' decode tokens/s and their ratio too.
 
 Beside llama.cpp (`--llama_cpp f32 f16 q8_0 q8_0+repack`, the default when `llama_cpp` is importable:
 llama-cpp-python built from source): the same model exported with `litllm convert_to_gguf` in each format decodes
@@ -94,6 +98,16 @@ def build_checkpoint(folder: Path, args) -> int:
     return per_token * 4
 
 
+def kept_checkpoint(args, folder: Optional[Path] = None) -> Path:
+    """`folder`, else a folder per model size under the system's temp dir (benchmarks/decode_threads.py's), holding
+    `build_checkpoint`'s model: built on the first call, reused afterwards."""
+    folder = folder or Path(tempfile.gettempdir()) / f"litllm_decode_threads_{args.n_layer}x{args.n_embd}"
+    if not any(folder.glob("lit_model.*")):
+        folder.mkdir(parents=True, exist_ok=True)
+        build_checkpoint(folder, args)
+    return folder
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The size of the Llama `build_checkpoint` makes (default: ~134M parameters)."""
     parser.add_argument("--n_layer", type=int, default=12)
@@ -150,7 +164,8 @@ def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads:
             convert_to_gguf(folder, path, outtype=outtype)
         per_token = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
         llm = bench.llama_cpp_model(path, n_ctx, threads, repack=repack)
-        greedy = (lambda prompt, n, llm=llm, repack=repack: bench.llama_cpp_greedy(llm, prompt, n, one_row=repack))
+        greedy = (lambda prompt, n, marks=None, llm=llm, repack=repack:
+                  bench.llama_cpp_greedy(llm, prompt, n, one_row=repack, marks=marks))
         rows[f"llama.cpp {spec}"] = (greedy, per_token)
     return rows
 
@@ -238,8 +253,9 @@ def linear_bytes(model) -> int:
     return total
 
 
-def greedy_tokens(engine, prompt: list[int], n: int) -> list[int]:
-    """The `n` tokens an engine (`litllm.engine.Engine`, greedy) generates after `prompt`."""
+def greedy_tokens(engine, prompt: list[int], n: int, marks: Optional[list] = None) -> list[int]:
+    """The `n` tokens an engine (`litllm.engine.Engine`, greedy) generates after `prompt`. `marks`: gets (the clock
+    once the first token is out, the decode steps that follow) appended (`timed`)."""
     from litllm.engine import Request
 
     engine.add(Request(prompt, n))
@@ -247,6 +263,8 @@ def greedy_tokens(engine, prompt: list[int], n: int) -> list[int]:
     while engine.has_unfinished:
         for out in engine.step():
             tokens += out.token_ids
+        if marks is not None and not marks:  # the first step: the prompt's prefill and the first token
+            marks.append((time.perf_counter(), n - 1))
     return tokens
 
 
@@ -255,6 +273,19 @@ def timed(fn) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
+
+
+def timed_split(fn) -> tuple[float, float, Optional[float], Optional[float]]:
+    """`timed` of one call `fn(marks)`, then the seconds to its first token and the seconds a decode step after it,
+    both None where `fn` marks nothing (transformers' `generate`). The first token takes the prompt's prefill: a
+    decode step's time is what to set beside the step alone (benchmarks/decode_threads.py)."""
+    marks: list[tuple[float, int]] = []
+    w0 = time.perf_counter()
+    wall, cpu = timed(lambda: fn(marks))
+    if not marks or marks[0][1] < 1:
+        return wall, cpu, None, None
+    (first, steps), = marks
+    return wall, cpu, first - w0, (w0 + wall - first) / steps
 
 
 def parse_args():
@@ -343,9 +374,9 @@ def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int, cpu_bandw
           + (f"{'of bound/CPU-s':>16s}" if cpu_bandwidth else ""))
     best = {}
     for name, times in runs.items():
-        walls = [w for w, _ in times]
+        walls = [w for w, *_ in times]
         best[name] = n / min(walls)
-        per_cpu = n / min(c for _, c in times)
+        per_cpu = n / min(c for _, c, *_ in times)
         of_bound = best[name] / (bandwidth / row_bytes[name])
         print(f"{name:{width}s}{best[name]:14.1f}{n / statistics.median(walls):8.1f}{row_bytes[name] / 1e6:10.0f}"
               f"{of_bound:10.0%}{per_cpu:14.1f}" + (f"{per_cpu * row_bytes[name] / cpu_bandwidth:16.0%}"
@@ -353,13 +384,30 @@ def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int, cpu_bandw
     return best
 
 
-def print_ratios(best: dict, row_bytes: dict, bandwidth: float) -> None:
-    """litllm / transformers, each extra row / litllm fp32, and litllm / llama.cpp per number format."""
+def print_decode_split(runs: dict, row_bytes: dict, bandwidth: float) -> dict[str, float]:
+    """Each row's time to its first token (the prompt's prefill; included in the table's tokens/s) and its decode steps
+    alone (tokens/s of the steps after the first token: what compares with the step alone, decode_threads.py);
+    returns each row's best decode tokens/s."""
+    width = max(14, *(len(name) + 2 for name in runs))
+    best = {}
+    print(f"{'':{width}s}{'first token ms':>15s}{'decode tok/s best':>18s}{'median':>8s}{'of bound':>10s}")
+    for name, times in runs.items():
+        steps = [t[3] for t in times if t[3] is not None]
+        if steps:
+            best[name] = decode = 1 / min(steps)
+            print(f"{name:{width}s}{1e3 * statistics.median(t[2] for t in times):15.1f}{decode:18.1f}"
+                  f"{1 / statistics.median(steps):8.1f}{decode / (bandwidth / row_bytes[name]):10.0%}")
+    return best
+
+
+def print_ratios(best: dict, row_bytes: dict, bandwidth: float, decode: Optional[dict] = None) -> None:
+    """litllm / transformers, each extra row / litllm fp32, and litllm / llama.cpp per number format (with `decode`,
+    each side's best decode tokens/s and their ratio too: the prefill left out)."""
     for name in best:
         if name.startswith("litllm") and "transformers" in best:
             print(f"{name} / transformers: {best[name] / best['transformers']:.2f}x (best runs)")
     print(f"{'format':8s}{'litllm row':>32s}{'tok/s':>8s}{'of bound':>10s}{'llama.cpp':>12s}{'tok/s':>8s}"
-          f"{'of bound':>10s}{'litllm/llama.cpp':>18s}")
+          f"{'of bound':>10s}{'litllm/llama.cpp':>18s}" + (f"{'decode tok/s':>14s}{'ratio':>7s}" if decode else ""))
     for fmt, (row, outtype) in FORMATS.items():
         candidates = [name for name in best if name in (row, f"{row} compiled")]
         if not candidates:
@@ -372,6 +420,8 @@ def print_ratios(best: dict, row_bytes: dict, bandwidth: float) -> None:
         if other in best:
             line += (f"{outtype:>12s}{best[other]:8.1f}{best[other] * row_bytes[other] / bandwidth:10.0%}"
                      f"{best[mine] / best[other]:17.2f}x")
+            if decode and mine in decode and other in decode:
+                line += f"{decode[mine]:7.1f} /{decode[other]:6.1f}{decode[mine] / decode[other]:6.2f}x"
         else:
             line += f"{outtype:>12s}  (not run)"
         print(line)
@@ -429,21 +479,21 @@ def run_all(folder: Path, args) -> None:
     if hf is not None:
         print(f"litllm fp32 and transformers: same tokens: {run_hf() == reference}")
     engines = make_engines(models, row_bytes, len(prompt) + n, not args.no_compile, decode, reference)
-    calls = {name: (lambda e=engine: decode(e)) for name, engine in engines.items()}
+    calls = {name: (lambda marks, e=engine: greedy_tokens(e, prompt, n, marks)) for name, engine in engines.items()}
     if hf is not None:
-        calls = {"transformers": run_hf, **calls}
+        calls = {"transformers": lambda marks: run_hf(), **calls}
     for name, (greedy, per_token) in gguf_rows(folder, folder / "gguf", args.llama_cpp, len(prompt) + n + 8,
                                                lit_threads).items():
         row_bytes[name] = per_token
         tokens = greedy(prompt, n)  # warm-up
         agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), n)
         print(f"{name}: the first {agree} of {n} greedy tokens equal litllm fp32's")
-        calls[name] = lambda g=greedy: g(prompt, n)
+        calls[name] = lambda marks, g=greedy: g(prompt, n, marks)
     bandwidth = read_bandwidth(device=args.device)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     for _ in range(args.repeats):  # alternate them so that load from other users of the machine hits all alike
         for name, call in calls.items():
-            runs[name].append(timed(call))
+            runs[name].append(timed_split(call))
     bandwidth = statistics.median([bandwidth, read_bandwidth(device=args.device), read_bandwidth(device=args.device)])
     cpu_bandwidth = None
     if args.device == "cpu":
@@ -460,7 +510,7 @@ def run_all(folder: Path, args) -> None:
         print(f"read bandwidth per CPU-second ({lit_threads} thread(s)): {cpu_bandwidth / 1e9:.1f} GB -> bound "
               f"{cpu_bandwidth / weight_bytes:.1f} fp32 tokens per CPU-second")
     best = print_table(runs, row_bytes, bandwidth, n, cpu_bandwidth)
-    print_ratios(best, row_bytes, bandwidth)
+    print_ratios(best, row_bytes, bandwidth, print_decode_split(runs, row_bytes, bandwidth))
     if args.startup:
         print_startup(folder, args.repeats)
     if args.speculative:

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = """
@@ -35,6 +36,7 @@ from litllm.convert import convert_to_litllm
 from tokenizers import Tokenizer
 folder, layers, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 from pathlib import Path
+from typing import Optional
 train_bpe_tokenizer(Path(folder), vocab_size=2000, byte_fallback=True)
 n_vocab = Tokenizer.from_file(folder + "/tokenizer.json").get_vocab_size()
 config = transformers.LlamaConfig(vocab_size=n_vocab, hidden_size=width, intermediate_size=width * 8 // 3 // 64 * 64,
@@ -118,14 +120,17 @@ def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False):
         llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 
 
-def llama_cpp_greedy(llm, prompt: list[int], n: int, one_row: bool = False) -> list[int]:
+def llama_cpp_greedy(llm, prompt: list[int], n: int, one_row: bool = False, marks: Optional[list] = None) -> list[int]:
     """n greedy tokens after `prompt`, one `eval` per new token (as litllm's engine decodes), from an empty
-    context; `one_row`: the prompt one token per `eval` too (a repacked model, see `llama_cpp_model`)."""
+    context; `one_row`: the prompt one token per `eval` too (a repacked model, see `llama_cpp_model`). `marks`: gets
+    (the clock once the prompt is in, the evals that follow) appended (benchmarks/generate.py's `timed`)."""
     import numpy as np
 
     llm.reset()
     for chunk in ([[t] for t in prompt] if one_row else [prompt]):
         llm.eval(chunk)
+    if marks is not None:
+        marks.append((time.perf_counter(), n))
     tokens = []
     for _ in range(n):
         # the last token's logits (without logits_all, llama-cpp-python 0.3 no longer copies them into `scores`)
