@@ -1,8 +1,9 @@
 """The `litllm` command: a dispatch table of subcommands, nothing else.
 
 Each subcommand is a function whose signature is its CLI (jsonargparse reads types, defaults
-and docstrings). Command modules import heavy libraries (lightning, litdata, lm_eval,
-bitsandbytes) inside their functions, so `litllm --help` stays fast.
+and docstrings). A run imports only its command's module and builds only its parser; `litllm --help`
+lists the commands from their source (`_listing`) and imports none. Command modules import heavy
+libraries (lightning, litdata, lm_eval, bitsandbytes) inside their functions, so `litllm CMD --help` stays fast.
 """
 
 from __future__ import annotations
