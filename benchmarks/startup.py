@@ -8,7 +8,10 @@ imported (in one extra run per case):
 - `generate`: a tiny converted Llama (built once, with transformers) generating 2 tokens, eager;
 - `worker import`: what a tensor-parallel worker (`python -m litllm.parallel.worker`) imports before it joins;
 - `training start`: `litllm.train.fabric.make_fabric` (imports Fabric): what every training process, and each rank
-  of a multi-process run, pays before its first step.
+  of a multi-process run, pays before its first step;
+- `optimizer`, `fabric+optimizer`: a torch optimizer alone, and after a Fabric: torch's own
+  `Optimizer.add_param_group` imports torch._dynamo (as Fabric's `wrappers.py` does), so a training process pays
+  that import with or without Fabric; the difference of the two is what Fabric adds to a run.
 
 `--fabric-only` runs every case as if the environment had `lightning-fabric` without `lightning`,
 `pytorch-lightning` and torchmetrics (what `pip install litllm` installs since pyproject names `lightning-fabric`):
@@ -35,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "scipy", "transformers",
-         "matplotlib", "sympy", "litdata")
+         "matplotlib", "sympy", "litdata", "torch._dynamo")
 HIDDEN = ("lightning", "pytorch_lightning", "torchmetrics")
 
 
@@ -49,6 +52,11 @@ def cases(checkpoint: Path) -> dict[str, list[str]]:
         "worker_import": [sys.executable, "-c", "import litllm.parallel.worker, litllm.parallel.runtime"],
         "training_start": [sys.executable, "-c",
                            "from litllm.train.fabric import make_fabric; make_fabric(accelerator='cpu')"],
+        # what every training process pays without Fabric: torch's Optimizer.add_param_group imports torch._dynamo
+        "optimizer": [sys.executable, "-c", "import torch; torch.optim.AdamW([torch.zeros(1, requires_grad=True)])"],
+        "fabric+optimizer": [sys.executable, "-c", "from litllm.train.fabric import make_fabric; import torch; "
+                             "make_fabric(accelerator='cpu'); "
+                             "torch.optim.AdamW([torch.zeros(1, requires_grad=True)])"],
     }
 
 

@@ -1,8 +1,9 @@
 """The `litllm` command: a dispatch table of subcommands, nothing else.
 
 Each subcommand is a function whose signature is its CLI (jsonargparse reads types, defaults
-and docstrings). Command modules import heavy libraries (lightning, litdata, lm_eval,
-bitsandbytes) inside their functions, so `litllm --help` stays fast.
+and docstrings). A run imports only its command's module and builds only its parser; `litllm --help`
+lists the commands from their source (`_listing`) and imports none. Command modules import heavy
+libraries (lightning, litdata, lm_eval, bitsandbytes) inside their functions, so `litllm CMD --help` stays fast.
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ RAW_COMMAND_HELP: dict[str, str] = {"estimate": "litllm.cli_utils:estimate"}
 def _load(target: str):
     module, _, fn = target.partition(":")
     return getattr(import_module(module), fn)
+
+
+def _listing(target: str):
+    """A stand-in for a command in `litllm --help`: a function with no parameters and the command's docstring, read
+    from its source with `ast`. Importing the command's module (torch, ~2 CPU-s for all of them) and building its
+    parser (jsonargparse reads every flag's type and docstring) only to print one line per command would cost
+    `litllm --help` ~40x its own work; jsonargparse lists a command by its name and the docstring's first
+    paragraph, which the stand-in has verbatim."""
+    import ast
+
+    module, _, fn = target.partition(":")
+    parts = module.split(".")
+    # the command's source, found without importing its package (`litllm.train` imports torch)
+    base = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    source = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+    nodes = ast.parse(source.read_text(encoding="utf-8")).body if parts[0] == "litllm" and source else ()
+    found = next((n for n in nodes if isinstance(n, ast.FunctionDef) and n.name == fn), None)
+    if found is None:  # not a plain function of a litllm source file: the real one
+        return _load(target)
+
+    def command() -> None:
+        raise AssertionError("litllm --help's listing of a command is never run")
+
+    command.__name__ = command.__qualname__ = fn
+    command.__doc__ = ast.get_docstring(found)
+    return command
 
 
 def append_repeated(argv: list[str], flags) -> list[str]:
@@ -261,12 +288,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1) from None
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     _quiet_libraries()
-    # only the chosen command's module is imported; `--help` with no command needs them all
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    names = [chosen] if chosen in COMMANDS else list(COMMANDS)
-    components = {name: _load(COMMANDS[name]) for name in names}
-    if chosen not in COMMANDS:  # `litllm --help` lists estimate too (it parses its own flags: see RAW_COMMANDS)
-        components.update({name: _load(target) for name, target in RAW_COMMAND_HELP.items()})
+    # only the chosen command's module is imported and its parser built
+    chosen = next((a for i, a in enumerate(argv) if not a.startswith("-") and argv[i - 1:i] != ["--config"]), None)
+    listed = {**COMMANDS, **RAW_COMMAND_HELP}  # `litllm --help` lists estimate too (it parses its own flags)
+    if chosen in COMMANDS:
+        components = {chosen: _load(COMMANDS[chosen])}
+    elif any(a.partition("=")[0] in ("--config", "--print_config") for a in argv):
+        # a recipe may name the command (`subcommand: generate`): every real parser, as jsonargparse needs
+        components = {name: _load(target) for name, target in listed.items()}
+    else:  # `litllm --help`, a bare `litllm`, an unknown command: names and docstrings are all jsonargparse reads
+        components = {name: _listing(target) for name, target in listed.items()}
     if chosen in components:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
         argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))

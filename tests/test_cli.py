@@ -36,6 +36,33 @@ def test_help_lists_every_command():
         assert name in result.stdout, name
 
 
+def test_help_lists_the_commands_as_their_parsers_do():
+    """`litllm --help` lists the commands from stand-ins (names, docstrings read from source) and must print what
+    jsonargparse prints from the real functions and their parsers, which it builds only without that shortcut."""
+    from jsonargparse import CLI, capture_parser
+
+    from litllm.__main__ import RAW_COMMAND_HELP, _load
+
+    listed = in_process("--help")
+    assert listed.returncode == 0, listed.stderr
+    components = {name: _load(target) for name, target in {**COMMANDS, **RAW_COMMAND_HELP}.items()}
+    parser = capture_parser(lambda: CLI(components, args=[], as_positional=True, prog="litllm"))
+    assert listed.stdout == parser.format_help()
+
+
+def test_help_and_a_commands_start_build_no_other_commands_parser(tmp_path):
+    """`litllm --help` imports no command's module (so builds no command's parser); `litllm generate --help`,
+    and a run whose `--config` comes before the command, import only generate's."""
+    modules = sorted({target.split(":")[0] for target in COMMANDS.values()})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("max_new_tokens: 2\n")
+    loaded = modules_loaded_by({"help": ["--help"], "generate --help": ["generate", "--help"],
+                                "--config FILE generate --help": ["--config", str(recipe), "generate", "--help"]},
+                               modules)
+    assert loaded == {"help": [], "generate --help": ["litllm.generate"],
+                      "--config FILE generate --help": ["litllm.generate"]}
+
+
 @pytest.fixture(scope="module")
 def heavy_imports() -> dict:
     """{command module: the HEAVY libraries importing it alone loads}."""

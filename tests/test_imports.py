@@ -112,7 +112,8 @@ def test_no_import_cycle_in_litllm():
 
 
 # ---------------------------------------------------------------------- what a command imports when it runs
-# Only training needs Lightning Fabric: `import lightning_fabric` costs a process ~1.4 s of CPU beyond torch's, and
+# Only training needs Lightning Fabric: `import lightning_fabric` costs a process ~1.7 s of CPU beyond torch's (1.4 of
+# them torch._dynamo, which a training process's torch optimizer imports anyway; see litllm/train/fabric.py), and
 # with `lightning` or torchmetrics installed ~4.6 s (torchmetrics pulls scipy, transformers, matplotlib; see
 # benchmarks/startup.py). litdata is the training data's streaming.
 TRAINING_ONLY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "scipy", "transformers",

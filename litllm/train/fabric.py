@@ -14,7 +14,12 @@ allocation (checked here; `config_hub/slurm/litllm.sbatch` fills them). `fabric.
 global rank 0 only, so a multi-node log reads as one job. Fabric is the standalone `lightning_fabric` package
 (pyproject's `lightning-fabric`): `lightning.fabric` would run `lightning/__init__`, which imports
 `lightning.pytorch` and so torchmetrics (and scipy, transformers, matplotlib through it): a process that makes a
-Fabric took 6.6 CPU-s, 3.3 now (benchmarks/startup.py), still ~1.4 s beyond torch's (torch._dynamo). The
+Fabric took 6.6 CPU-s, 3.3 now (benchmarks/startup.py). Of that, ~1.4 s is torch._dynamo, which Fabric imports at
+the top of `lightning_fabric/wrappers.py` (`from torch._dynamo import OptimizedModule`, reached from
+`lightning_fabric/__init__` through `fabric.py`), but which a training process pays without Fabric too: torch's
+`Optimizer.add_param_group` (wrapped in `torch._disable_dynamo`) imports it when the first optimizer is built, so
+hiding it from Fabric (a stand-in `torch._dynamo` module, against Lightning's isinstance checks) would only move
+it; Fabric adds ~0.3 s to a process that builds an optimizer (the `optimizer` and `fabric+optimizer` cases). The
 import happens here, inside functions: the inference commands never pay it (tests/test_imports.py).
 """
 
