@@ -8,7 +8,9 @@ The token each row picks is broadcast from rank 0 (one small tensor per step): s
 gives the same token on every rank. Model calls outside an engine (lm-eval's scoring, perplexity) are
 broadcast one forward at a time. A decode step with no request added or aborted thus costs two small broadcasts
 (the step, its tokens: `Channel.send`); besides them the only communication is the model's own all-reduces and
-logit gather (`litllm.parallel.layers`).
+logit gather (`litllm.parallel.layers`). An engine made with `compile=True` is made so on every rank (its arguments
+are broadcast): each rank compiles its own decode step, collectives inside (`litllm.compile_decode`), after laying
+its shard's weights out as one device's are (`_load_rank`).
 """
 
 from __future__ import annotations
