@@ -162,11 +162,11 @@ def test_a_rank_decodes_on_plain_tensors_with_two_all_reduces_per_layer(one_rank
 
 def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
     """What torch.compile hands inductor for a rank's decode step (after the CPU weight layout and a compiled step's
-    Linears) is one graph, without breaks, issuing the eager step's collectives in the same order; run, it gives
-    the eager step's logits."""
+    Linears: bf16 ones become `OneRowLinear`s, new modules) is one graph, without breaks, issuing the eager step's
+    collectives in the same order; run, it gives the eager step's logits."""
     from litllm.compile_decode import choose_decode_layout, unpack_weights
 
-    model = one_rank
+    model = one_rank.to(torch.bfloat16)
     choose_decode_layout(model, None)
     unpack_weights(model)
     model.set_kv_cache(1, 32)
