@@ -11,6 +11,14 @@ the one-device model; the two alternate `--repeats` times and the medians are pr
     python benchmarks/tensor_parallel.py --device cpu --devices 2 --n_layer 4 --n_embd 512 --n_head 8 \
         --intermediate_size 1536 --vocab_size 8000 --new_tokens 32 --profile   # + where rank 0's time goes
 
+`--compiled` also times the N ranks' decode eager against compiled (`--compile true`: each rank compiles its own
+step, collectives inside): one engine of each on the sharded model, alternating `--repeats` times, greedy; it
+prints decode tokens/s (the steps after a request's first token) and rank 0's CPU milliseconds per decoded token,
+medians and best, their ratio, and whether both gave the same tokens.
+
+    python benchmarks/tensor_parallel.py --device cpu --devices 2 --n_layer 4 --n_embd 512 --n_head 8 \
+        --intermediate_size 1536 --vocab_size 8000 --new_tokens 64 --repeats 5 --compiled
+
 `--profile` then decodes once more under torch.profiler and once traced and splits rank 0's milliseconds per
 token into the collectives (the gloo/NCCL operations' own spans), the math (aten ops' self time) and the rest
 (Python: the model's, the engine's, DTensor's where it is used; waiting), and says how much of the wall was spent
@@ -92,6 +100,56 @@ def dtensor_share(run) -> float:
     return inside["total"] / (time.perf_counter() - t0)
 
 
+def engine_rate(engine, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """One greedy request on `engine`: (decode tokens/s, rank 0's CPU ms per decoded token, the tokens), timed over
+    the steps after its first token (the prefill's)."""
+    from litllm.engine import Request, Sampling
+
+    engine.add(Request(prompt_ids, new_tokens, Sampling(0.0, None, 1.0, 0)))
+    tokens: list[int] = []
+    wall = cpu = 0.0
+    while engine.has_unfinished:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = engine.step()
+        if tokens:  # the first step prefilled
+            wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
+        tokens += [t for o in out for t in o.token_ids]
+    steps = len(tokens) - 1
+    return steps / wall, 1000 * cpu / steps, tokens
+
+
+def compiled_vs_eager(llm, prompt: str, new_tokens: int, repeats: int) -> None:
+    """The sharded model's decode, eager and compiled (each rank's own step), alternating; see the module doc."""
+    from litllm.generate import decode_engine
+
+    ids = llm.tokenizer.encode(prompt).tolist()
+    length = len(ids) + new_tokens
+    t0 = time.perf_counter()
+    engines = {"eager": decode_engine(llm.model, llm.tokenizer, 1, length, llm.threads, False),
+               "compiled": decode_engine(llm.model, llm.tokenizer, 1, length, llm.threads, True)}
+    print(f"compiled the ranks' decode step in {time.perf_counter() - t0:.1f} s "
+          f"({engines['compiled'].step_source})")
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    cpu: dict[str, list[float]] = {name: [] for name in engines}
+    tokens = {}
+    for name, engine in engines.items():  # warm-up
+        engine_rate(engine, ids, 4)
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            rate, ms, tokens[name] = engine_rate(engine, ids, new_tokens)
+            rates[name].append(rate)
+            cpu[name].append(ms)
+    for engine in engines.values():
+        engine.close()
+    base = statistics.median(rates["eager"])
+    for name in engines:
+        rate = statistics.median(rates[name])
+        print(f"decode tokens/s on {llm.model.tp_size} ranks, {name}: median {rate:.1f} (x{rate / base:.2f}), "
+              f"best {max(rates[name]):.1f}; rank 0 CPU ms/token median {statistics.median(cpu[name]):.2f}, "
+              f"best {min(cpu[name]):.2f}")
+    print(f"compiled check: the same greedy tokens eager and compiled: {tokens['eager'] == tokens['compiled']}")
+
+
 def main() -> None:
     from litllm import LLM
     from litllm.engine import Engine
@@ -105,6 +163,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also split rank 0's time per token (see above)")
+    parser.add_argument("--compiled", action="store_true", help="also time the ranks' compiled decode (see above)")
     add_model_args(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,6 +182,8 @@ def main() -> None:
                 rates[name].append(rate)
         profiles = {name: profile_rate(llm, prompt, args.new_tokens)
                     for name, llm in (("1 device", one), (f"{args.devices} devices", sharded))} if args.profile else {}
+        if args.compiled:
+            compiled_vs_eager(sharded, prompt, args.new_tokens, args.repeats)
         held = {}
         for name, llm in (("1 device", one), (f"{args.devices} devices", sharded)):
             with Engine(llm.model, llm.tokenizer, 1, 2048):

@@ -52,6 +52,7 @@ every later run start compiled, the compile caches, and CUDA graphs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -66,7 +67,7 @@ from typing import Callable, Optional
 import torch
 
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_linears,
-                               thread_candidates)
+                               optimize_for_decoding, thread_candidates)
 from litllm.errors import LitLLMError
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -208,10 +209,23 @@ def _weights_digest(model, strides: bool = False) -> str:
 
 def decode_choices_key(model) -> str:
     """What a layout and thread pick holds for: this CPU, torch's version and thread budget, OpenMP's wait policy
-    (`_omp_wait`), the model's weights as loaded, before `optimize_for_decoding` (names, shapes, dtypes, tensor
+    (`_omp_wait`), a tensor-parallel rank's place (`_tp_tag`), the model's weights as loaded, before `optimize_for_decoding` (names, shapes, dtypes, tensor
     types) and device type."""
     device = model.wte.weight.device.type
-    return f"{_machine()}|{torch.get_num_threads()} threads|{_omp_wait()}|{device}|{_weights_digest(model)}"
+    return (f"{_machine()}|{torch.get_num_threads()} threads|{_omp_wait()}|{device}{_tp_tag(model)}|"
+            f"{_weights_digest(model)}")
+
+
+def _tp_tag(model) -> str:
+    """A tensor-parallel rank's place (`litllm.parallel`): its rank, the world size and the process group's name,
+    which its compiled step's collectives carry (and the vocabulary rows its embedding holds start at its rank's);
+    "" for a model on one device."""
+    n = getattr(model, "tp_size", 1)
+    if n == 1:
+        return ""
+    import torch.distributed as dist
+
+    return f"|tensor parallel rank {dist.get_rank()} of {n}, group {dist.group.WORLD.group_name}"
 
 
 def _omp_wait() -> str:
@@ -258,12 +272,53 @@ def record_decode_choices(key: str, layout: str, threads: int) -> None:
     """Remember the weight layout and thread count (picked by timing the compiled step, `pick_compiled_threads`) a
     model (`decode_choices_key`, taken as loaded) decodes with here (see the module doc); written atomically."""
     path = compile_cache_dir() / CHOICES_FILE
-    choices = _read_record(path)
-    entry = {"layout": layout, "threads": threads, "threads_by": "compiled"}
-    if choices.get(key) == entry:
+    with _locked(path):  # tensor-parallel ranks record theirs at the same moment: one after the other
+        choices = _read_record(path)
+        entry = {"layout": layout, "threads": threads, "threads_by": "compiled"}
+        if choices.get(key) == entry:
+            return
+        choices[key] = entry
+        _write_record(path, choices)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on `path`'s lock file (`<path>.lock`) for a read-modify-write of `path` (where the
+    platform has `fcntl`; a folder that can't take the lock file: unlocked, as the write then fails anyway)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
         return
-    choices[key] = entry
-    _write_record(path, choices)
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def choose_decode_layout(model, pick_threads: Optional[Callable[[torch.nn.Module], int]]) -> int:
+    """Lay `model`'s weights out for decoding (`litllm.cpu_layout.optimize_for_decoding`) as a compiled run recorded
+    for it here (`recorded_decode_choices`), else as timed now, and return the thread count: the recorded one, else
+    `pick_threads(model)` (`litllm.inference.pick_decode_threads`), or with None torch's count, untimed (a
+    tensor-parallel rank: its share of the cores, `litllm.parallel.runtime`). `model.decode_choices` says what was
+    chosen, and under which key, for `record_decode_choices`."""
+    key = decode_choices_key(model)
+    recorded = recorded_decode_choices(key) if model.wte.weight.device.type == "cpu" else None
+    if recorded is not None:
+        try:
+            forced = None if recorded["layout"] == "unchanged" else recorded["layout"]  # (no Linear to lay out)
+            layout, threads = optimize_for_decoding(model, layout=forced), recorded["threads"]
+        except LitLLMError:  # that layout no longer works here: pick again
+            recorded = None
+    if recorded is None:
+        layout = optimize_for_decoding(model)
+        threads = torch.get_num_threads() if pick_threads is None else pick_threads(model)
+    # timed "eager" here: a compiled run times its own step at these counts and records that pick (`decode_engine`)
+    by = "record" if recorded is not None else "eager" if pick_threads is not None else "share"
+    model.decode_choices = {"key": key, "layout": layout, "threads": threads, "threads_by": by}
+    return threads
 
 
 def env_compile() -> Optional[bool]:
@@ -498,11 +553,11 @@ STEPS_FOLDER = "decode_steps"
 
 def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
-    `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
-    model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
+    `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, a
+    tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
     multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
     which its kernels take when they run, but under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
-    key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
+    key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
@@ -744,9 +799,12 @@ def compile_engine_step(engine) -> Callable:
     if torch.device(device).type != "cpu":
         return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
     path = steps_folder(model) / _step_file(engine.max_batch_size, engine.max_seq_length)
-    step = _load_step(path, engine) if path.exists() else None
+    # a tensor-parallel rank's step holds its collectives: AOTInductor's, with the engine's broadcasts between steps,
+    # deadlocked on gloo (torch 2.13; alone they ran), torch.compile's run as eager's do: that path, unsaved
+    tensor_parallel = getattr(model, "tp_size", 1) > 1
+    step = _load_step(path, engine) if path.exists() and not tensor_parallel else None
     engine.step_source = "loaded"
-    if step is None:
+    if step is None and not tensor_parallel:
         enable_compile_cache()  # the kernels inductor generates are cached: a rebuild of the same step is faster
         # at torch's thread budget (Engine.__init__): its kernels take step()'s count when they run
         step, engine.step_source = _compile_and_save(path, engine), "compiled"

@@ -37,8 +37,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     compile took is recorded, and the engine takes the thread count timed on its compiled step (`compiled_threads`),
     recorded with the loader's weight layout, so that the next load of the model picks the same and finds its
     saved step (`litllm.compile_decode.record_decode_choices`)."""
-    spread = hasattr(model, "tp_channel") or hasattr(model, "block_devices")  # --devices > 1: eager unless asked
-    if compile is None and spread:
+    if compile is None and hasattr(model, "block_devices"):  # --strategy sequential: eager unless asked
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
 
     def make(rows: int, length: int, compiled: bool) -> Engine:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from litllm.cpu_layout import fastest_threads, optimize_for_decoding, thread_candidates
+from litllm.cpu_layout import fastest_threads, thread_candidates
 from litllm.engine import default_stops
 from litllm.errors import LitLLMError
 from litllm.precision import DECODE_PRECISIONS
@@ -152,23 +152,10 @@ def load_for_decoding(
     thread count that decode fastest here, or those a compiled run recorded for this model on this machine
     (`litllm.compile_decode.recorded_decode_choices`: the same compiled kernels). Returns (model, threads for the
     Engine); `model.decode_choices` says what was chosen, and under which key, for `record_decode_choices`."""
-    from litllm.compile_decode import decode_choices_key, recorded_decode_choices
+    from litllm.compile_decode import choose_decode_layout
 
     model = load_for_inference(checkpoint_dir, device, precision, quantize)
-    key = decode_choices_key(model)
-    recorded = recorded_decode_choices(key) if model.wte.weight.device.type == "cpu" else None
-    if recorded is not None:
-        try:
-            forced = None if recorded["layout"] == "unchanged" else recorded["layout"]  # (no Linear to lay out)
-            layout, threads = optimize_for_decoding(model, layout=forced), recorded["threads"]
-        except LitLLMError:  # that layout no longer works here: pick again
-            recorded = None
-    if recorded is None:
-        layout, threads = optimize_for_decoding(model), pick_decode_threads(model)
-    # timed "eager" here: a compiled run times its own step at these counts and records that pick (`decode_engine`)
-    model.decode_choices = {"key": key, "layout": layout, "threads": threads,
-                            "threads_by": "eager" if recorded is None else "record"}
-    return model, threads
+    return model, choose_decode_layout(model, pick_decode_threads)
 
 
 # ---------------------------------------------------------------------- the commands

@@ -90,7 +90,7 @@ def test_a_model_over_several_devices_decodes_eagerly_by_default(tiny_checkpoint
 
     monkeypatch.setenv(COMPILE_ENV, "1")  # the default would compile
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
-    model.block_devices = ["cpu", "cpu"]  # as `--strategy sequential` marks it (tensor parallel: `tp_channel`)
+    model.block_devices = ["cpu", "cpu"]  # as `--strategy sequential` marks it (tensor parallel compiles: test_parallel)
     assert not decode_engine(model, None, 1, 64, None)._compiled  # compiling it is not supported
 
 

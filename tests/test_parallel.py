@@ -112,33 +112,82 @@ def test_layers_the_plan_does_not_cover_are_refused_in_one_line():
         check_supported(model, 2)
 
 
-def test_a_rank_decodes_on_plain_tensors_with_two_all_reduces_per_layer(tiny_checkpoint, tmp_path, monkeypatch):
+def collectives_of(run) -> list[str]:
+    """The c10d functional collectives `run()` issues, in order (their waits left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            if op.namespace == "_c10d_functional" and "wait" not in op.__name__:
+                calls.append(op.__name__.split(".")[0])
+            return op(*args, **(kwargs or {}))
+
+    with Spy():
+        run()
+    return calls
+
+
+@pytest.fixture
+def one_rank(tiny_checkpoint, tmp_path):
+    """The tiny Llama as rank 0 of a 1-rank tensor-parallel group, in this process."""
+    import torch.distributed as dist
+
+    from litllm.parallel.loading import load_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield load_shard(tiny_checkpoint, 0, 1, "cpu", torch.float32)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_decodes_on_plain_tensors_with_two_all_reduces_per_layer(one_rank, tiny_checkpoint):
     """A rank's model (one rank of 1, in this process) holds plain tensors, no DTensor, and a forward
     communicates only through its layers' collectives: one all-reduce for the embedding, two per block, one
     gather of the head's logits; its logits are the unsharded model's, bit for bit."""
-    import torch.distributed as dist
-
     from litllm.inference import load_for_inference
-    from litllm.parallel.loading import load_shard
 
-    calls = []
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast"):
-        if not hasattr(dist, name):
-            continue
-        monkeypatch.setattr(dist, name, lambda *a, _f=getattr(dist, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = load_shard(tiny_checkpoint, 0, 1, "cpu", torch.float32)
-        assert all(type(p.data) is torch.Tensor for p in model.parameters())
-        idx = torch.tensor([[1, 5, 9, 300]])
-        with torch.inference_mode():
-            logits = model(idx)
-        gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-        assert calls == ["all_reduce"] * (1 + 2 * model.config.n_layer) + [gather]
-        with torch.inference_mode():
-            assert torch.equal(logits, load_for_inference(tiny_checkpoint, "cpu", "32-true")(idx))
-    finally:
-        dist.destroy_process_group()
+    model = one_rank
+    assert all(type(p.data) is torch.Tensor for p in model.parameters())
+    idx = torch.tensor([[1, 5, 9, 300]])
+    out = {}
+    with torch.inference_mode():
+        calls = collectives_of(lambda: out.update(logits=model(idx)))
+    assert calls == ["all_reduce"] * (1 + 2 * model.config.n_layer) + ["all_gather_into_tensor"]
+    with torch.inference_mode():
+        assert torch.equal(out["logits"], load_for_inference(tiny_checkpoint, "cpu", "32-true")(idx))
+
+
+def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
+    """What torch.compile hands inductor for a rank's decode step (after the CPU weight layout and a compiled step's
+    Linears: bf16 ones become `OneRowLinear`s, new modules) is one graph, without breaks, issuing the eager step's
+    collectives in the same order; run, it gives the eager step's logits."""
+    from litllm.compile_decode import choose_decode_layout, unpack_weights
+
+    model = one_rank.to(torch.bfloat16)
+    choose_decode_layout(model, None)
+    unpack_weights(model)
+    model.set_kv_cache(1, 32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(node.target).split(".")[1] for node in gm.graph.nodes if node.op == "call_function"
+                       and "_c10d_functional" in str(node.target) and "wait" not in str(node.target)])
+        return gm.forward
+
+    def step(tokens, pos):
+        return model.decode(tokens, input_pos=pos)[:, -1]
+
+    tokens, pos = torch.tensor([[7]]), torch.tensor([[3]])
+    with torch.inference_mode():
+        eager_calls = collectives_of(lambda: step(tokens, pos))
+        eager = step(tokens, pos)
+        compiled = torch.compile(step, backend=backend, dynamic=False)(tokens, pos)
+    assert len(graphs) == 1 and graphs[0] == eager_calls
+    assert eager_calls == ["all_reduce"] * (1 + 2 * model.config.n_layer) + ["all_gather_into_tensor"]
+    assert torch.equal(compiled, eager)
 
 
 def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
@@ -303,6 +352,23 @@ def test_generate_on_two_ranks(folder):
     expected = reference_generate(folder, "Tell me about llamas", 12, num_samples=2, temperature=0.9, seed=11)
     assert proc.stdout.decode() == expected
     assert "Tensor parallel over 2 ranks: each holds" in proc.stderr.decode()
+
+
+def test_compiled_decode_on_two_ranks_gives_the_unsharded_eager_tokens(tiny_checkpoint, tmp_path):
+    """`--compile true` with `--devices 2` (refused before): each rank compiles its own decode step, collectives
+    inside, and the greedy tokens are one device's eager ones."""
+    args = ["--prompt", "Tell me about llamas", "--max_new_tokens", "12", "--temperature", "0", "--device", "cpu"]
+    env = dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(tiny_checkpoint), *args, "--devices", "2",
+                           "--compile", "true"], capture_output=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert "Compiled the decode step" in proc.stderr.decode()
+    assert proc.stdout.decode() == reference_generate(tiny_checkpoint, "Tell me about llamas", 12, temperature=0,
+                                                      compile=False)
+    # each rank laid its shard out and recorded it under its own place (world size and rank in the key)
+    choices = json.loads((tmp_path / "cache" / "decode_choices.json").read_text())
+    assert sorted(part for key in choices for part in key.split("|") if part.startswith("tensor parallel")) == ["tensor parallel rank 0 of 2, group 0",
+                                                            "tensor parallel rank 1 of 2, group 0"]
 
 
 @pytest.mark.slow

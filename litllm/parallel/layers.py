@@ -2,15 +2,21 @@
 
 Each rank's parameters are ordinary tensors holding its share (`plan.parallelize`), so the model's own forward
 runs its heads and hidden units unchanged; what it needs on top is communication at three kinds of places:
-- a layer split by input columns (attention's output projection, a dense MLP's second layer) and a whole MoE
-  (its experts' and shared experts' second layers are split that way) leave each rank a partial sum: one
-  all-reduce of their output (`reduce_output`). A bias inside such a partial sum is held by rank 0 alone
-  (`plan.rank0_only`), so the sum adds it once;
+- attention (its output projection is split by input columns), a dense MLP (its second layer is) and a whole MoE
+  (its experts' and shared experts' second layers are) leave each rank a partial sum: one all-reduce of the
+  module's output (`reduce_output`, a hook on the attention and MLP modules, not on their output Linears: the
+  CPU weight layouts and a compiled step's `OneRowLinear`s replace those Linears). A bias inside such a partial
+  sum is held by rank 0 alone (`plan.rank0_only`), so the sum adds it once;
 - an embedding split by vocabulary rows (`VocabShardEmbedding`): each rank looks up the ids in its rows, zeros
   the others, and the all-reduce sums the one row that was found;
 - a head split by vocabulary rows (`VocabShardHead`): the ranks' logits are gathered along the vocabulary.
 So a decode step costs two all-reduces per layer plus one for the embedding and one gather for the head, and no
 host sync of its own: on CUDA (NCCL) the collectives are queued on the stream like any kernel.
+
+The collectives are c10d's functional ops (`torch.ops._c10d_functional`, what
+`torch.distributed._functional_collectives` issues): eager, each is the process group's collective and its wait;
+traced (`torch.export`, dynamo), they are graph nodes, so a rank's compiled decode step
+(`litllm.compile_decode`) issues them from inside its graph, in the same order.
 """
 
 from __future__ import annotations
@@ -21,10 +27,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+_group = {"name": "", "size": 1}
+"""The process group the collectives run in (the run's one group, `localize` notes it): its name, which the ops
+take (and a compiled step keeps), and its size."""
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's `x` (a new tensor)."""
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.all_reduce(x, "sum", _group["name"]))
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0, in rank order: (N * x.size(0), ...)."""
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.all_gather_into_tensor(x.contiguous(), _group["size"], _group["name"]))
+
+
 def reduce_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """A forward hook: sum the ranks' partial outputs of `module` (in place: the output is the layer's own)."""
-    dist.all_reduce(output)
-    return output
+    """A forward hook: sum the ranks' partial outputs of `module`."""
+    return all_reduce(output)
 
 
 class VocabShardEmbedding(nn.Embedding):
@@ -36,9 +58,7 @@ class VocabShardEmbedding(nn.Embedding):
         local = idx - self.vocab_start
         outside = (local < 0) | (local >= self.weight.size(0))  # (B, T): ids another rank holds
         x = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, C)
-        x = x.masked_fill(outside[..., None], 0)
-        dist.all_reduce(x)
-        return x
+        return all_reduce(x.masked_fill(outside[..., None], 0))
 
 
 class VocabShardHead(nn.Linear):
@@ -46,27 +66,20 @@ class VocabShardHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(x, self.weight, self.bias)  # (..., V / N)
-        parts = torch.empty((dist.get_world_size(),) + local.shape, dtype=local.dtype, device=local.device)
-        _all_gather_single(parts.flatten(0, 1), local.contiguous())  # (N, ..., V / N): one collective
+        parts = all_gather(local[None]).view(-1, *local.shape)  # (N, ..., V / N): one collective
         return parts.movedim(0, -2).reshape(*local.shape[:-1], -1)  # (..., V)
-
-
-def _all_gather_single(output: torch.Tensor, local: torch.Tensor) -> None:
-    """The ranks' `local` concatenated along dim 0 into `output` (`all_gather_into_tensor` before torch 2.13)."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, local)
 
 
 def localize(model: nn.Module, rank: int, n: int, split_vocab: bool) -> None:
     """Install the communication above on `model`, whose parameters already hold rank `rank`'s shares (of n)."""
-    from litllm.model import MoE
-
+    _group.update(name=dist.group.WORLD.group_name, size=n)
     if split_vocab:
         model.wte.__class__ = VocabShardEmbedding
         model.wte.vocab_start = rank * (model.config.padded_vocab_size // n)
         model.lm_head.__class__ = VocabShardHead
     for block in model.blocks:
-        block.attn.proj.register_forward_hook(reduce_output)
-        # a MoE's experts leave partial sums (routing is replicated: every rank runs the same experts): one
+        # attention and the MLP return their output Linear's result as is (`plan.check_supported`'s classes); a
+        # MoE's experts leave partial sums (routing is replicated: every rank runs the same experts): one
         # all-reduce of their total, not one per expert
-        (block.mlp if isinstance(block.mlp, MoE) else block.mlp.proj).register_forward_hook(reduce_output)
+        block.attn.register_forward_hook(reduce_output)
+        block.mlp.register_forward_hook(reduce_output)

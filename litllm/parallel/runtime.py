@@ -8,7 +8,9 @@ The token each row picks is broadcast from rank 0 (one small tensor per step): s
 gives the same token on every rank. Model calls outside an engine (lm-eval's scoring, perplexity) are
 broadcast one forward at a time. A decode step with no request added or aborted thus costs two small broadcasts
 (the step, its tokens: `Channel.send`); besides them the only communication is the model's own all-reduces and
-logit gather (`litllm.parallel.layers`).
+logit gather (`litllm.parallel.layers`). An engine made with `compile=True` is made so on every rank (its arguments
+are broadcast): each rank compiles its own decode step, collectives inside (`litllm.compile_decode`), after laying
+its shard's weights out as one device's are (`_load_rank`).
 """
 
 from __future__ import annotations
@@ -228,14 +230,17 @@ class ShardedEngine(Engine):
 
     def __init__(self, model, tokenizer, *args, channel: Optional[Channel] = None, key: Optional[int] = None,
                  **kwargs) -> None:
-        if kwargs.get("compile"):
-            raise LitLLMError("--compile does not apply to a tensor-parallel model (--devices > 1) yet: drop one")
         self.channel = channel or model.tp_channel
         self.key = next(self._keys) if key is None else key
         if self.channel.is_driver:
             with self.channel.lock, self.channel.fatal_on_lost_rank():
                 self.channel.send(("engine", self.key, args, kwargs))
-        super().__init__(model, tokenizer, *args, **kwargs)
+        super().__init__(model, tokenizer, *args, **kwargs)  # compile=True: each rank compiles (or loads) its own step
+        choices = getattr(model, "decode_choices", None)
+        if self._compiled and choices is not None:  # this rank's layout, so that its next load finds the saved step
+            from litllm.compile_decode import record_decode_choices
+
+            record_decode_choices(choices["key"], choices["layout"], choices["threads"])
         if self.channel.is_driver and not getattr(model, "tp_kv_said", False):  # said once: LLM makes one per call
             model.tp_kv_said = True
             say_memory(model, model.tp_size, "kv_cache")
@@ -437,6 +442,8 @@ def size_text(n: int) -> str:
 def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: int):
     from litllm.parallel.loading import load_shard
 
+    from litllm.compile_decode import choose_decode_layout
+
     ranks = channel.ranks
     if ranks.device == "cpu":  # the ranks on this machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", n))))
@@ -446,6 +453,8 @@ def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: in
         if channel.is_driver:
             raise  # the command prints it; the workers leave when it exits
         os._exit(1)
+    if ranks.device == "cpu":  # each rank lays its shard out as one device's model is (timed or as recorded)
+        choose_decode_layout(model, None)  # threads: the rank's share of the cores, set above
     model.tp_channel = channel
     if not channel.is_driver:
         from litllm.tokenizer import Tokenizer
