@@ -64,8 +64,8 @@ from typing import Callable, Optional
 
 import torch
 
-from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_linears,
-                               thread_candidates)
+from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
+                               one_row_linears, thread_candidates)
 from litllm.errors import LitLLMError
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -477,10 +477,10 @@ def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, the
     model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
-    multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
-    which its kernels take when they run (`cpu_compile_options`)."""
+    multiplies by through `OneRowLinear` and how (`litllm.cpu_layout.one_row_kernel`), and its inductor settings
+    (`cpu_compile_options`); not the thread count, which its kernels take when they run (`cpu_compile_options`)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
-           f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
+           f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
