@@ -5,6 +5,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py                                  # 134M Llama, fp32, bf16, int8wo, int8dq
     python benchmarks/decode_threads.py --n_layer 2 --quantize none      # a quick look
     GOMP_SPINCOUNT=300000 python benchmarks/decode_threads.py            # GNU OpenMP's default spin, for comparison
+    python benchmarks/decode_threads.py --quantize none@bf16-true --one_row_kernel mv   # bf16, beside the kernel before
     python benchmarks/decode_threads.py --baked      # also steps with the thread count baked in (one compile per count)
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
@@ -57,6 +58,21 @@ def baked_threads(n):
         compile_decode.cpu_compile_options = options
 
 
+@contextlib.contextmanager
+def one_row_kernel(kernel):
+    """With `kernel` ("mv", "fp32-row"): compiled 16-bit steps built with that one-row kernel
+    (`litllm.cpu_layout.one_row_kernel`, what this CPU's capability picks otherwise; saved under its own key)."""
+    from litllm import cpu_layout
+
+    capability = cpu_layout.CPU_CAPABILITY
+    if kernel is not None:
+        cpu_layout.CPU_CAPABILITY = cpu_layout.FP32_ROW_CAPABILITIES[0] if kernel == "fp32-row" else "(not fp32-row)"
+    try:
+        yield
+    finally:
+        cpu_layout.CPU_CAPABILITY = capability
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
@@ -68,6 +84,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="KV-cache length of the compiled step")
     parser.add_argument("--baked", action="store_true", help="also rows '<format> baked': steps compiled with the "
                         "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
+    parser.add_argument("--one_row_kernel", choices=["mv", "fp32-row"], default=None,
+                        help="also rows '<format> <kernel>' for 16-bit formats: steps whose one-row matmuls take that "
+                        "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
@@ -88,10 +107,13 @@ def main() -> None:
         mode, _, precision = spec.partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
         layout = optimize_for_decoding(model)
-        for label, baked in [(spec, False)] + ([(f"{spec} baked", True)] if args.baked else []):
+        rows = [(spec, False, None)] + ([(f"{spec} baked", True, None)] if args.baked else [])
+        if args.one_row_kernel and "16" in precision:
+            rows.append((f"{spec} {args.one_row_kernel}", False, args.one_row_kernel))
+        for label, baked, kernel in rows:
             for n in args.threads:
                 t0 = time.perf_counter()
-                with baked_threads(n if baked else None):
+                with baked_threads(n if baked else None), one_row_kernel(kernel):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)
