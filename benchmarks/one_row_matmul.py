@@ -160,8 +160,6 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
     """One pass compiled as litllm's compiled decode step is (weights are inputs: "F.linear", or "mv" through
     `OneRowLinear`), or frozen into constants under max_autotune ("max_autotune")."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS
-    import torch._inductor.inductor_prims  # noqa: F401  (fp32_row_mv's prim, registered before any trace)
-
     from litllm.cpu_layout import OneRowLinear
 
     if how == "max_autotune":  # weights frozen into constants; built last: the settings stay for the process

@@ -117,8 +117,6 @@ def one_row_linears(model) -> None:
     `OneRowLinear` on the same tensors, for a compiled step: on the CPU a one-row `F.linear` of 16-bit weights
     is oneDNN's or BLAS's unpacked matmul, slower than inductor's own reduction of `torch.mv` on every CPU
     measured (AVX2 and AMX, benchmarks/one_row_matmul.py)."""
-    if one_row_kernel() == "fp32-row":
-        import torch._inductor.inductor_prims  # noqa: F401  (fp32_row_mv's prim, registered before any trace)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is not OneRowLinear and becomes_one_row(child):
