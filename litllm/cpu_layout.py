@@ -92,9 +92,10 @@ def fp32_row_mv(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     Inductor inlines a one-row `mv`'s `row.float()` into its reduction, so each weight row converts the whole input
     row again (on AVX2: 5 more shuffles and shifts per 16 weights). `prims.inductor_force_stride_order` makes inductor
     realize the fp32 row first; the reduction stays tiled by the 16-bit lane count (whole weight vectors) and loads
-    the row as two fp32 vectors. The 134M model's one-row matmuls, chained as in a decode step, 1.28x (1 thread) and
-    1.16x (2) faster on a 2-core AVX2 EPYC (`benchmarks/one_row_matmul.py --chain`). Eager, it would materialize
-    the fp32 product: compiled steps only (`OneRowLinear.forward`)."""
+    the row as two fp32 vectors, and whatever inductor inlined into the row is computed once. The 134M model's compiled
+    bf16 step on a 2-core AVX2 EPYC: 1.19-1.25x less CPU time a token at 1 thread, 1.14-1.18x at 2 (two loaded runs,
+    `benchmarks/decode_threads.py --one_row_kernel mv`); the matmuls alone, 1.01-1.28x (`benchmarks/one_row_matmul.py
+    --chain`, noisy). Eager, it would materialize the fp32 product: compiled steps only (`OneRowLinear.forward`)."""
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 
     row = torch.ops.prims.inductor_force_stride_order(row.float(), (1,))  # (in,) fp32, realized
