@@ -5,6 +5,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py                                  # 134M Llama, fp32, bf16, int8wo, int8dq
     python benchmarks/decode_threads.py --n_layer 2 --quantize none      # a quick look
     GOMP_SPINCOUNT=300000 python benchmarks/decode_threads.py            # GNU OpenMP's default spin, for comparison
+    python benchmarks/decode_threads.py --quantize none@bf16-true --one_row_kernel mv   # bf16, beside the kernel before
     python benchmarks/decode_threads.py --baked      # also steps with the thread count baked in (one compile per count)
     OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
@@ -70,6 +71,21 @@ DYNAMIC = {"cpp.dynamic_threads": True}
 1-thread budget before it baked the count in, and still compiles under other budgets below the core count)."""
 
 
+@contextlib.contextmanager
+def one_row_kernel(kernel):
+    """With `kernel` ("mv", "fp32-row"): compiled 16-bit steps built with that one-row kernel
+    (`litllm.cpu_layout.one_row_kernel`, what this CPU's capability picks otherwise; saved under its own key)."""
+    from litllm import cpu_layout
+
+    capability = cpu_layout.CPU_CAPABILITY
+    if kernel is not None:
+        cpu_layout.CPU_CAPABILITY = cpu_layout.FP32_ROW_CAPABILITIES[0] if kernel == "fp32-row" else "(not fp32-row)"
+    try:
+        yield
+    finally:
+        cpu_layout.CPU_CAPABILITY = capability
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
@@ -83,6 +99,9 @@ def main() -> None:
                         "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
     parser.add_argument("--dynamic", action="store_true", help="also rows '<format> dynamic': steps compiled with "
                         "`cpp.dynamic_threads` (one step for every count)")
+    parser.add_argument("--one_row_kernel", choices=["mv", "fp32-row"], default=None,
+                        help="also rows '<format> <kernel>' for 16-bit formats: steps whose one-row matmuls take that "
+                        "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
@@ -103,12 +122,14 @@ def main() -> None:
         mode, _, precision = spec.partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
         layout = optimize_for_decoding(model)
-        variants = [(spec, lambda n: {})] + ([(f"{spec} baked", baked)] if args.baked else []) \
-            + ([(f"{spec} dynamic", lambda n: DYNAMIC)] if args.dynamic else [])
-        for label, extra in variants:
+        variants = [(spec, lambda n: {}, None)] + ([(f"{spec} baked", baked, None)] if args.baked else []) \
+            + ([(f"{spec} dynamic", lambda n: DYNAMIC, None)] if args.dynamic else [])
+        if args.one_row_kernel and "16" in precision:
+            variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel))
+        for label, extra, kernel in variants:
             for n in args.threads:
                 t0 = time.perf_counter()
-                with step_options(extra(n)):
+                with step_options(extra(n)), one_row_kernel(kernel):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)

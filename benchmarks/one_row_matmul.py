@@ -18,17 +18,30 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
                                   decode step takes them (inductor calls the same oneDNN/BLAS matmul as eager)
   fp32 compiled column-major      the same on column-major weights
   fp32 / bf16 / fp16 compiled mv  the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
-                                  its own vectorized reduction, accumulating in fp32)
+                                  its own vectorized reduction, accumulating in fp32; on AVX2 16-bit ones convert the
+                                  row to fp32 once, `litllm.cpu_layout.one_row_kernel`)
+  bf16 compiled torch.mv          `torch.mv` on every CPU (the row converted again for every weight row)
   fp32 / bf16 compiled mv, step options  the same compiled with litllm's `ONE_ROW_COMPILE_OPTIONS`, as its 16-bit
                                   decode step is (its `realize_cpu_opcount_threshold` decides how inductor tiles the
                                   reduction); `fp32 compiled mv, cpu options`: with `CPU_COMPILE_OPTIONS`
   bf16 weight, fp32 x             `_linear_pointwise` with fp32 activations on a bf16-packed weight
+  bf16 / fp16 compiled blocked    weights laid out (out/16, in, 16): inductor's reduction runs over `in` with the
+                                  16 outputs of a block in the vector lanes (one 16-weight load and conversion per
+                                  input element, the input broadcast, fp32 accumulators), llama.cpp-like
+  bf16 / fp16 compiled mv, fp32 row  `litllm.cpu_layout.fp32_row_mv` on every CPU: the input row converted to
+                                  fp32 once into a buffer (`prims.inductor_force_stride_order`)
   bf16 inductor max_autotune      (`--inductor`, instead of the compiled candidates above: its inductor settings
                                   are process-wide) the pass compiled with freezing and max_autotune (inductor's CPP
                                   GEMM template with its AMX/AVX512 micro-kernels against ATen's; slow to build)
 
     python benchmarks/one_row_matmul.py                       # 134M shapes, threads 1 and torch's count (~2-4 min)
     python benchmarks/one_row_matmul.py --threads 1 --inductor --rounds 9
+    python benchmarks/one_row_matmul.py --chain --threads 1 2 --rounds 15 --candidates \
+        "bf16 compiled torch.mv" "bf16 compiled mv, fp32 row" "bf16 compiled blocked" "fp16 compiled mv"  # issue #27
+
+`--chain`: each matmul multiplies the (RMS-normalized) output of the one before, as in a decode step; without it
+every matmul of a pass takes the same input row, and inductor fuses the compiled passes' matmuls of the same input
+width into one loop (12 reductions side by side), which a decode step never does.
 """
 
 from __future__ import annotations
@@ -71,8 +84,22 @@ def _linears(weights: list[torch.Tensor], cls=torch.nn.Linear) -> torch.nn.Modul
     return linears
 
 
-def _one_pass(linears: torch.nn.ModuleList, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-    return [linear(xs[linear.in_features]) for linear in linears]
+CHAIN = False
+"""`--chain`: each matmul of a pass multiplies the normalized output of the one before (`_one_pass`)."""
+
+
+def _one_pass(linears, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Every matmul of a pass (`linears`: callables with `in_features`) on its input row (`CHAIN`: the one before's
+    output, RMS-normalized in fp32 and cut to the width it takes)."""
+    if not CHAIN:
+        return [linear(xs[linear.in_features]) for linear in linears]
+    x, out = xs[linears[0].in_features], []
+    for linear in linears:
+        y = linear(x[..., : linear.in_features])  # (1, out)
+        yf = y.float()
+        x = (yf * torch.rsqrt(yf.pow(2).mean() + 1e-6)).to(y.dtype)
+        out.append(y)
+    return out
 
 
 class _Pass(torch.nn.Module):
@@ -82,6 +109,51 @@ class _Pass(torch.nn.Module):
 
     def forward(self, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         return _one_pass(self.linears, xs)
+
+
+class _Matmul:
+    """An eager one-row matmul over a prepared weight, as `_one_pass` calls it."""
+
+    def __init__(self, matmul: Callable, weight: torch.Tensor, in_features: int) -> None:
+        self.matmul, self.weight, self.in_features = matmul, weight, in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight)
+
+
+BLOCK = 16
+"""Output rows per block of the blocked candidates (16 bf16/fp16 weights: one 32-byte AVX2 load)."""
+
+
+class _BlockedOneRow(torch.nn.Module):
+    """A one-row matmul over weights laid out (out/BLOCK, in, BLOCK): inductor reduces over `in` with a block's
+    outputs in the vector lanes (a candidate of issue #27, not litllm's kernel)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        out, self.in_features = weight.shape
+        self.weight = weight.view(out // BLOCK, BLOCK, self.in_features).transpose(1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        products = self.weight.float() * x.reshape(-1).float()[None, :, None]  # (out/BLOCK, in, BLOCK)
+        return products.sum(1).to(self.weight.dtype).view(1, -1)
+
+
+class _Fp32RowOneRow(torch.nn.Linear):
+    """`litllm.cpu_layout.fp32_row_mv` whatever the CPU: the input row converted to fp32 once, into a buffer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from litllm.cpu_layout import fp32_row_mv
+
+        return fp32_row_mv(self.weight, x.reshape(-1)).view(1, -1)
+
+
+class _TorchMv(torch.nn.Linear):
+    """`torch.mv` whatever the CPU: inductor's reduction converting the row once per weight row (`OneRowLinear`'s
+    kernel before `litllm.cpu_layout.one_row_kernel`, and still where that is "mv")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self.weight, x.reshape(-1)).view(1, -1)
 
 
 def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
@@ -99,11 +171,18 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
         return lambda xs: step(xs)
     from litllm.compile_decode import CPU_COMPILE_OPTIONS
 
-    linears = _linears(weights, OneRowLinear if how.startswith("mv") else torch.nn.Linear)
-    options = {"mv step options": ONE_ROW_COMPILE_OPTIONS, "mv cpu options": CPU_COMPILE_OPTIONS}.get(how, {})
+    if how == "blocked":
+        linears = torch.nn.ModuleList(_BlockedOneRow(w) for w in weights)
+    else:
+        special = {"mv fp32 row": _Fp32RowOneRow, "torch.mv": _TorchMv}
+        linears = _linears(weights, special.get(how, OneRowLinear if how.startswith("mv") else torch.nn.Linear))
+    options = {"mv step options": ONE_ROW_COMPILE_OPTIONS, "mv cpu options": CPU_COMPILE_OPTIONS,
+               "blocked": ONE_ROW_COMPILE_OPTIONS, "mv fp32 row": ONE_ROW_COMPILE_OPTIONS,
+               "torch.mv": ONE_ROW_COMPILE_OPTIONS}.get(how, {})
     # as litllm's steps: its kernels take torch's thread count when they run (inductor's default bakes in the count
     # at the first call, which would time a 1-thread kernel at every count)
-    step = torch.compile(_one_pass, fullgraph=True, options={**options, "cpp.dynamic_threads": True})
+    # dynamic=False: each candidate recompiles `_one_pass`, which would otherwise turn to dynamic shapes
+    step = torch.compile(_one_pass, fullgraph=True, dynamic=False, options={**options, "cpp.dynamic_threads": True})
     return lambda xs: step(linears, xs)
 
 
@@ -128,6 +207,11 @@ CANDIDATES: dict[str, tuple] = {
     "fp16 F.linear": (torch.float16, torch.float16, None, F.linear),
     "fp16 onednn-packed": (torch.float16, torch.float16, _packed, _packed_linear),
     "fp16 compiled mv": (torch.float16, torch.float16, None, "mv"),
+    "bf16 compiled blocked": (torch.bfloat16, torch.bfloat16, None, "blocked"),
+    "fp16 compiled blocked": (torch.float16, torch.float16, None, "blocked"),
+    "bf16 compiled mv, fp32 row": (torch.bfloat16, torch.bfloat16, None, "mv fp32 row"),
+    "bf16 compiled torch.mv": (torch.bfloat16, torch.bfloat16, None, "torch.mv"),
+    "fp16 compiled mv, fp32 row": (torch.float16, torch.float16, None, "mv fp32 row"),
 }
 AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 """inductor's settings for the max_autotune candidate (frozen weights: the CPP GEMM template prepacks them)."""
@@ -142,21 +226,23 @@ def build(name: str, shapes: list[tuple[int, int]]) -> Optional[tuple[Callable, 
     weights = [torch.randn(shape, generator=g).to(wdtype) for shape in shapes]
     xs = {k: torch.randn(1, k, generator=g).to(xdtype) for k in {s[1] for s in shapes}}
     n_bytes = sum(w.numel() * w.element_size() for w in weights)
-    x = xs[shapes[-1][1]]
-    expected = F.linear(x.float(), weights[-1].float())
+    expected = _one_pass([_Matmul(F.linear, w.float(), w.size(1)) for w in weights],
+                         {k: x.float() for k, x in xs.items()})[-1]
     try:
         if isinstance(matmul, str):
             step = _compiled_pass([w if prepare is None else prepare(w) for w in weights], matmul)
             got = step(xs)[-1]  # compiles (and autotunes)
             run = lambda: step(xs)  # noqa: E731
         else:
-            prepared = [w if prepare is None else prepare(w) for w in weights]
-            run = lambda: [matmul(xs[w.size(1)], p) for w, p in zip(weights, prepared)]  # noqa: E731
-            got = matmul(x, prepared[-1])
+            ops = [_Matmul(matmul, w if prepare is None else prepare(w), w.size(1)) for w in weights]
+            run = lambda: _one_pass(ops, xs)  # noqa: E731
+            got = run()[-1]
     except Exception as e:  # an op or a kernel this torch build or CPU lacks
         print(f"{name}: unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
         return None
-    if not torch.allclose(got.float(), expected, rtol=2e-2, atol=5e-1):
+    # a chain's rounding compounds over the layers (16-bit: a few % of the largest output)
+    atol = 0.05 * expected.abs().max().item() if CHAIN else 5e-1
+    if not torch.allclose(got.float(), expected, rtol=2e-2, atol=atol):
         print(f"{name}: wrong result here, skipped")
         return None
     return run, n_bytes
@@ -171,7 +257,14 @@ def main() -> None:
     parser.add_argument("--inductor", action="store_true",
                         help="the inductor max_autotune pass instead of the other compiled ones (slow build)")
     parser.add_argument("--candidates", nargs="*", default=None, help=f"only these (and {REFERENCE!r})")
+    parser.add_argument("--chain", action="store_true",
+                        help="each matmul multiplies the normalized output of the one before, as in a decode step")
     args = parser.parse_args()
+    global CHAIN
+    CHAIN = args.chain
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a compile per candidate
     threads = args.threads or sorted({1, torch.get_num_threads()})
     shapes = model_shapes(args)
     names = list(CANDIDATES)

@@ -66,8 +66,8 @@ from typing import Callable, Optional
 
 import torch
 
-from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_linears,
-                               optimize_for_decoding, thread_candidates)
+from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
+                               one_row_linears, optimize_for_decoding, thread_candidates)
 from litllm.errors import LitLLMError
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -555,10 +555,11 @@ def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, a
     tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
-    multiplies by through `OneRowLinear`, and its inductor settings (`cpu_compile_options`); not the thread count,
-    which its kernels take when they run, but under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
+    multiplies by through `OneRowLinear` and how (`litllm.cpu_layout.one_row_kernel`), and its inductor settings
+    (`cpu_compile_options`); not the thread count, which its kernels take when they run, but under a 1-thread budget
+    (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
-           f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
+           f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 

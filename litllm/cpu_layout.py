@@ -54,7 +54,8 @@ class OneRowLinear(torch.nn.Linear):
     `F.linear` to the same oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32;
     14 on a 2-core AVX2 EPYC), but decomposes `mv` into its own vectorized reduction that accumulates in fp32 and
     streams bf16 weights faster (~1.8x there, 20 GB/s here; benchmarks/one_row_matmul.py). Eager, `torch.mv` is
-    no faster than `PackedLinear`, which stays the eager pick.
+    no faster than `PackedLinear`, which stays the eager pick. Compiled where `one_row_kernel()` is "fp32-row"
+    (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`) rather than once per weight row.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,10 @@ class OneRowLinear(torch.nn.Linear):
             if not torch.compiler.is_compiling() and upcast_16_bit_gemm(self.weight):
                 return upcast_linear(x, self.weight, self.bias)
             return super().forward(x)
-        y = torch.mv(self.weight, x.reshape(-1))  # (out,)
+        if torch.compiler.is_compiling() and one_row_kernel() == "fp32-row":  # inductor's kernel; eager: torch.mv
+            y = fp32_row_mv(self.weight, x.reshape(-1))
+        else:
+            y = torch.mv(self.weight, x.reshape(-1))  # (out,)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -97,6 +101,36 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 ONE_ROW_DTYPES = (torch.bfloat16, torch.float16)
 """Weight dtypes a compiled CPU step multiplies through `OneRowLinear` (`one_row_linears`)."""
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+"""The SIMD level torch's kernels run at here ("AVX2", "AVX512"...; `ATEN_CPU_CAPABILITY` can lower it), read once:
+a compiled step's trace reads it as a constant (`one_row_kernel`)."""
+FP32_ROW_CAPABILITIES = ("AVX2",)
+"""The `CPU_CAPABILITY`s where a compiled `OneRowLinear` converts its input row to fp32 once (`one_row_kernel`):
+measured on a 2-core AVX2 EPYC only (tutorials/inference.md section 6, "the 16-bit one-row kernel"); AVX-512 / AMX
+CPUs keep inductor's `mv` reduction as it was measured there."""
+
+
+def one_row_kernel() -> str:
+    """How a compiled CPU step's `OneRowLinear` multiplies one row: "fp32-row" (`fp32_row_mv`) on the CPUs of
+    `FP32_ROW_CAPABILITIES`, else "mv" (`torch.mv`, inductor's reduction converting the row once per weight row).
+    Part of the saved step's key (`litllm.compile_decode.steps_folder`)."""
+    return "fp32-row" if CPU_CAPABILITY in FP32_ROW_CAPABILITIES else "mv"
+
+
+def fp32_row_mv(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """`torch.mv(weight, row)` (16-bit, fp32 sums) for inductor with the row converted to fp32 once, into a buffer.
+
+    Inductor inlines a one-row `mv`'s `row.float()` into its reduction, so each weight row converts the whole input
+    row again (on AVX2: 5 more shuffles and shifts per 16 weights). `prims.inductor_force_stride_order` makes inductor
+    realize the fp32 row first; the reduction stays tiled by the 16-bit lane count (whole weight vectors) and loads
+    the row as two fp32 vectors, and whatever inductor inlined into the row is computed once. The 134M model's compiled
+    bf16 step on a 2-core AVX2 EPYC: 1.19-1.25x less CPU time a token at 1 thread, 1.14-1.18x at 2 (two loaded runs,
+    `benchmarks/decode_threads.py --one_row_kernel mv`); the matmuls alone, 1.01-1.28x (`benchmarks/one_row_matmul.py
+    --chain`, noisy). Eager, it would materialize the fp32 product: compiled steps only (`OneRowLinear.forward`)."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+    row = torch.ops.prims.inductor_force_stride_order(row.float(), (1,))  # (in,) fp32, realized
+    return (weight.float() * row).sum(-1).to(weight.dtype)  # (out,)
 
 
 def becomes_one_row(module) -> bool:

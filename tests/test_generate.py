@@ -155,6 +155,44 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+@pytest.mark.parametrize("capability, kernel", [("AVX2", "fp32-row"), ("AVX512", "mv")])
+def test_the_compiled_16_bit_one_row_kernel_is_the_one_picked_for_the_cpu(monkeypatch, capability, kernel):
+    """A compiled one-row `OneRowLinear` equals plain torch (fp32 `F.linear` of the same bf16 values) within bf16's
+    rounding, and converts its input row to fp32 once, into a buffer its reduction loads as fp32 vectors, exactly
+    where `one_row_kernel` says so (AVX2: 1.2-1.3x faster one-row matmuls); elsewhere it stays `torch.mv`'s
+    reduction, which loads the 16-bit row and converts it for every weight row."""
+    import re
+
+    import torch.nn.functional as F
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.utils import run_and_get_code
+
+    from litllm import cpu_layout
+    from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS
+
+    if not cpu_vec_isa.pick_vec_isa():
+        pytest.skip("inductor does not vectorize on this CPU")
+    monkeypatch.setattr(cpu_layout, "CPU_CAPABILITY", capability)
+    assert cpu_layout.one_row_kernel() == kernel
+    torch.manual_seed(0)
+    linear = cpu_layout.OneRowLinear(256, 96, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())  # (1, 1, 96)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(linear, dynamic=False, options=ONE_ROW_COMPILE_OPTIONS), x)
+        eager = linear(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 96)
+    assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()  # the bf16 output's rounding
+    assert (eager.float() - expected).abs().max() <= 0.01 * expected.abs().max()  # eager: torch.mv, unchanged
+    code = "".join(code)
+    assert not re.search(r"extern_kernels\.(mm|addmm|mv)|mkldnn", code)  # inductor's own reduction either way
+    fp32_row = r"Vectorized(N<float,\d+>|<float>)::loadu\(\w+ \+ static_cast<int64_t>\(x1\)"
+    bf16_row = r"Vectorized<at::BFloat16>::loadu\(\w+ \+ static_cast<int64_t>\(x1\)"
+    assert bool(re.search(fp32_row, code)) == (kernel == "fp32-row")
+    assert bool(re.search(bf16_row, code)) == (kernel == "mv")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monkeypatch, tmp_path):
     """A saved step is found by a key computed before `unpack_weights` (`steps_folder`): it must equal the key after
