@@ -67,6 +67,7 @@ import torch
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_linears,
                                thread_candidates)
 from litllm.errors import LitLLMError
+from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
 
 COMPILE_ENV = "LITLLM_COMPILE"
 CHOICES_FILE = "decode_choices.json"
@@ -106,6 +107,20 @@ def _one_row_modules(model) -> list[str]:
         return becomes_one_row(module)
 
     return [name for name, module in model.named_modules() if one_row(module)]
+
+
+def _row_split_modules(model) -> list[str]:
+    """The names of the fp32 Linears `model`'s compiled CPU step multiplies by through
+    `litllm.row_split.RowSplitLinear` (`unpack_weights` makes them so where torch has more than one thread: fp32
+    oneDNN-packed and plain Linears), before or after it did."""
+    def split(module) -> bool:
+        if isinstance(module, RowSplitLinear):
+            return True
+        if not wants_row_split():
+            return False
+        return module.packed_weight.dtype == torch.float32 if _is_packed(module) else becomes_row_split(module)
+
+    return [name for name, module in model.named_modules() if split(module)]
 
 
 def cpu_compile_options(model) -> dict:
@@ -481,6 +496,7 @@ def steps_folder(model) -> Path:
     which its kernels take when they run (`cpu_compile_options`)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)}"  # the kernel each Linear takes
+           f"|row-split {_row_split_modules(model)}"
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
@@ -622,13 +638,17 @@ def unpack_weights(model) -> None:
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
-    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major)."""
+    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). With more than one thread,
+    fp32 CPU Linears become `litllm.row_split.RowSplitLinear`s (their one-row matmul on every thread: MKL's fp32 GEMV
+    runs on one), where its op builds here."""
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if _is_packed(child):
                 setattr(module, name, child.unpacked())
     one_row_linears(model)
+    if wants_row_split():
+        row_split_linears(model)
 
 
 def prepare_int8_for_compile(model) -> None:
