@@ -6,6 +6,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py --n_layer 2 --quantize none      # a quick look
     GOMP_SPINCOUNT=300000 python benchmarks/decode_threads.py            # GNU OpenMP's default spin, for comparison
     python benchmarks/decode_threads.py --baked      # also steps with the thread count baked in (one compile per count)
+    python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -57,6 +58,21 @@ def baked_threads(n):
         compile_decode.cpu_compile_options = options
 
 
+@contextlib.contextmanager
+def no_row_split(off: bool):
+    """With `off`: compiled fp32 steps keep `F.linear` (MKL's one-thread GEMV) instead of the row-split op
+    (`litllm.row_split`; saved under their own key), for comparison."""
+    from litllm import compile_decode
+
+    wants = compile_decode.wants_row_split
+    if off:
+        compile_decode.wants_row_split = lambda: False
+    try:
+        yield
+    finally:
+        compile_decode.wants_row_split = wants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
@@ -68,6 +84,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="KV-cache length of the compiled step")
     parser.add_argument("--baked", action="store_true", help="also rows '<format> baked': steps compiled with the "
                         "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
+    parser.add_argument("--no_row_split", action="store_true", help="also rows '<format> F.linear': fp32 steps "
+                        "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
@@ -83,15 +101,18 @@ def main() -> None:
     if not any(folder.glob("lit_model.*")):
         folder.mkdir(parents=True, exist_ok=True)
         build_checkpoint(folder, args)
-    engines = {}
+    engines, layouts = {}, {}
     for spec in args.quantize:
         mode, _, precision = spec.partition("@")
-        model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
-        layout = optimize_for_decoding(model)
-        for label, baked in [(spec, False)] + ([(f"{spec} baked", True)] if args.baked else []):
+        variants = [(spec, False, False)] + ([(f"{spec} baked", True, False)] if args.baked else []) \
+            + ([(f"{spec} F.linear", False, True)] if args.no_row_split else [])
+        for label, baked, off in variants:
+            # loaded per variant: a compiled step's unpacking changes the model's Linears
+            model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
+            layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec))  # one pick per format
             for n in args.threads:
                 t0 = time.perf_counter()
-                with baked_threads(n if baked else None):
+                with baked_threads(n if baked else None), no_row_split(off):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)

@@ -31,6 +31,7 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 // y (..., N) = x (..., K) @ w (N, K)^T. One row: the N output rows split into contiguous blocks of kRows, the blocks
 // into one contiguous range per thread, each range one BLAS call (at::mm_out: MKL's GEMV), on w as strided (row- or
@@ -46,7 +47,11 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor y = at::empty(shape, x.options());
   const at::Tensor row = x.reshape({1, K}), out = y.view({1, N});
   constexpr int64_t kRows = 64;  // block boundaries on 256 bytes of column-major weight
+  // OpenMP's threads don't inherit the caller's thread-local state (inference mode, dispatch keys): mm_out on an
+  // inference tensor outside inference mode fails
+  const at::ThreadLocalState state;
   at::parallel_for(0, (N + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(state);
     const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
     at::Tensor block = out.narrow(1, n0, n1 - n0);  // (1, n1 - n0)
     at::mm_out(block, row, w.narrow(0, n0, n1 - n0).t());
@@ -58,11 +63,14 @@ TORCH_LIBRARY(litllm_cpu, m) { m.def("row_split_linear(Tensor x, Tensor w) -> Te
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) { m.impl("row_split_linear", &row_split_linear); }
 """
 NAME = "litllm_cpu_ops"
+FLAGS = ["-O2", "-fopenmp"]
+"""The compiler's flags (`-fopenmp`: torch's `at::parallel_for` is a header template over OpenMP; without it the
+loop ran on one thread)."""
 
 
 def _library_name() -> str:
-    """The library's file name: the source, torch's version and the CPU it is built for (`-march=native`)."""
-    key = f"{SOURCE}|{torch.__version__}|{platform.machine()}|{_cpu_model()}"
+    """The library's file name: the source, the flags, torch's version and the CPU."""
+    key = f"{SOURCE}|{FLAGS}|{torch.__version__}|{platform.machine()}|{_cpu_model()}"
     return f"{NAME}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -117,7 +125,7 @@ def _build(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as build:
         load_inline(NAME, cpp_sources=[SOURCE], is_python_module=False,
-                    extra_cflags=["-O2"], build_directory=build, verbose=False)
+                    extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
         with atomic_path(path) as tmp:
             tmp.write_bytes((Path(build) / f"{NAME}.so").read_bytes())
             tmp.chmod(0o755)

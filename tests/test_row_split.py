@@ -81,3 +81,17 @@ def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op,
         torch.set_num_threads(previous)
     assert ("row_split_linear" in "".join(code)) == (threads > 1)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_row_split_linear_runs_under_inference_mode_on_every_thread(op):
+    """The engine decodes under `torch.inference_mode()`: the op's worker threads write the inference tensor it
+    returns (they failed when they did not take the caller's thread-local state)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, row = torch.randn(512, 64), torch.randn(1, 64)
+        with torch.inference_mode():
+            got = op(row, w)
+        assert (got - F.linear(row, w)).abs().max() <= 1e-5 * got.abs().max()
+    finally:
+        torch.set_num_threads(previous)
