@@ -1,18 +1,22 @@
 """The fp32 one-row matmul of a compiled CPU decode step on every thread: `litllm_cpu::row_split_linear`, a small C++
-op that splits the weight's output rows into one contiguous block per thread (`at::parallel_for`) and multiplies
-each block by the BLAS call `F.linear` makes (MKL's GEMV here), and `RowSplitLinear`, the Linear that calls it.
+op that splits the weight's output rows into chunks, 4 a thread, hands them out to torch's OpenMP threads as they
+come free (a thread the scheduler holds back on a busy machine leaves its chunks to the others) and multiplies each
+by the BLAS GEMV a one-row `F.linear` runs (MKL's here), and `RowSplitLinear`, the Linear that calls it.
 
 Why: MKL's fp32 GEMV, what a one-row `F.linear` (eager or compiled: inductor calls it out) runs, uses one thread
 whatever torch's count, so on 2 cores a compiled fp32 step left the second one idle; inductor's own one-row
 reduction (`torch.mv`, a `bmm` of one row: both lower to it on the CPU) splits the rows between threads but reads
 ~1.5x slower per thread (one 8-lane accumulator per row). Each block here streams its rows as fast as the whole
-GEMV does, on its own core. At one thread the op is one GEMV over all rows, as `F.linear`.
+GEMV does, on its own core. At one thread the op is one GEMV over all rows, as `F.linear`; anything but one fp32 row
+on a row- or column-major weight goes to `F.linear`.
 
 The op is compiled from the C++ source below on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
 inductor needs anyway) into `library_folder()` (`$XDG_CACHE_HOME/litllm/extensions`, else `~/.cache/...`; one build
 per machine: not inductor's cache, which tests and users point elsewhere), named by the source, torch's version and
 the CPU, and loaded from there by later processes (`torch.ops.load_library`, only a library this user owns and no
-one else can write). AOTInductor's saved step calls it through torch's dispatcher.
+one else can write). AOTInductor's saved step calls it through torch's dispatcher. It calls the Fortran `sgemv_`
+libtorch exports (with a torch that has none, the library does not load: a one-line note, compiled steps keep
+`F.linear`).
 """
 
 from __future__ import annotations
@@ -31,31 +35,54 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <omp.h>
+#include <limits>
 
-// y (..., N) = x (..., K) @ w (N, K)^T. One row: the N output rows split into contiguous blocks of kRows, the blocks
-// into one contiguous range per thread, each range one BLAS call (at::mm_out: MKL's GEMV), on w as strided (row- or
-// column-major). More rows: at::linear.
+// The Fortran BLAS GEMV libtorch exports (MKL's in torch's x86 wheels): what a one-row F.linear runs, called here
+// without the dispatcher so that OpenMP's threads need none of the caller's thread-local state.
+extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
+                       const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
+
+// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in chunks of
+// whole 16-row groups, kChunks a thread, handed out dynamically (a thread the scheduler holds back leaves its chunks
+// to the others), each chunk one GEMV. Anything else: at::linear.
 at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "row_split_linear: x has ", x.size(-1),
               " features, w is ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "row_split_linear: x is ", x.scalar_type(), ", w ", w.scalar_type());
   const int64_t N = w.size(0), K = w.size(1);
-  if (x.numel() != K) return at::linear(x, w);
+  const bool column_major = w.stride(0) == 1 && w.stride(1) >= N, row_major = w.stride(1) == 1 && w.stride(0) >= K;
+  const int64_t ld = column_major ? w.stride(1) : w.stride(0);
+  if (x.numel() != K || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || N == 0 || K == 0 ||
+      !(column_major || row_major) || ld > std::numeric_limits<int>::max() || x.device() != w.device() ||
+      !w.device().is_cpu())
+    return at::linear(x, w);
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
-  const at::Tensor row = x.reshape({1, K}), out = y.view({1, N});
-  constexpr int64_t kRows = 64;  // block boundaries on 256 bytes of column-major weight
-  // OpenMP's threads don't inherit the caller's thread-local state (inference mode, dispatch keys): mm_out on an
-  // inference tensor outside inference mode fails
-  const at::ThreadLocalState state;
-  at::parallel_for(0, (N + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
-    at::ThreadLocalStateGuard guard(state);
-    const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
-    at::Tensor block = out.narrow(1, n0, n1 - n0);  // (1, n1 - n0)
-    at::mm_out(block, row, w.narrow(0, n0, n1 - n0).t());
-  });
+  const at::Tensor row = x.contiguous();
+  const float* xp = row.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  constexpr int64_t kChunks = 4;
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear
+      : std::max<int64_t>(16, ((N + threads * kChunks - 1) / (threads * kChunks) + 15) / 16 * 16);
+  const int64_t chunks = (N + rows - 1) / rows;
+  auto gemv = [&](int64_t c) {
+    const int64_t n0 = c * rows, n = std::min(N, n0 + rows) - n0;
+    const float one = 1.0f, zero = 0.0f;
+    const int inc = 1, lda = static_cast<int>(ld), k = static_cast<int>(K), m = static_cast<int>(n);
+    if (column_major)  // BLAS sees the rows n0.. as an (n, K) column-major matrix
+      sgemv_("N", &m, &k, &one, wp + n0, &lda, xp, &inc, &zero, yp + n0, &inc);
+    else  // and as a (K, n) column-major matrix to transpose
+      sgemv_("T", &k, &m, &one, wp + n0 * ld, &lda, xp, &inc, &zero, yp + n0, &inc);
+  };
+  if (chunks == 1) {
+    gemv(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) gemv(c);
+  }
   return y;
 }
 
@@ -64,8 +91,7 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) { m.impl("row_split_linear", &row_split_l
 """
 NAME = "litllm_cpu_ops"
 FLAGS = ["-O2", "-fopenmp"]
-"""The compiler's flags (`-fopenmp`: torch's `at::parallel_for` is a header template over OpenMP; without it the
-loop ran on one thread)."""
+"""The compiler's flags (`-fopenmp`: the op's loop is an OpenMP one, in torch's OpenMP runtime)."""
 
 
 def _library_name() -> str:
