@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
 import torch.nn.functional as F
 
