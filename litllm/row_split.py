@@ -1,13 +1,14 @@
 """The fp32 one-row matmul of a compiled CPU decode step on every thread: `litllm_cpu::row_split_linear`, a small C++
-op that splits the weight's output rows into chunks, 4 a thread, hands them out to torch's OpenMP threads as they
-come free (a thread the scheduler holds back on a busy machine leaves its chunks to the others) and multiplies each
-by the BLAS GEMV a one-row `F.linear` runs (MKL's here), and `RowSplitLinear`, the Linear that calls it.
+op that splits the weight's output rows into one contiguous chunk per thread, hands them out to torch's OpenMP
+threads as they come free (a thread the scheduler holds back on a busy machine leaves its chunk to another) and
+multiplies each by the BLAS GEMV a one-row `F.linear` runs (MKL's here), and `RowSplitLinear`, the Linear that
+calls it.
 
 Why: MKL's fp32 GEMV, what a one-row `F.linear` (eager or compiled: inductor calls it out) runs, uses one thread
 whatever torch's count, so on 2 cores a compiled fp32 step left the second one idle; inductor's own one-row
-reduction (`torch.mv`, a `bmm` of one row: both lower to it on the CPU) splits the rows between threads but reads
-~1.5x slower per thread (one 8-lane accumulator per row). Each block here streams its rows as fast as the whole
-GEMV does, on its own core. At one thread the op is one GEMV over all rows, as `F.linear`; anything but one fp32 row
+reduction (`torch.mv`, a `bmm` of one row: both lower to it on the CPU) splits the rows between threads but timed no
+faster at 2 threads than MKL's GEMV at 1 (one 8-lane accumulator per row; tutorials/inference.md). Each chunk here is
+MKL's own GEMV, on its own core. At one thread the op is one GEMV over all rows, as `F.linear`; anything but one fp32 row
 on a row- or column-major weight goes to `F.linear`.
 
 The op is compiled from the C++ source below on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
@@ -44,8 +45,8 @@ extern "C" void sgemv_(const char* trans, const int* m, const int* n, const floa
                        const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
 
 // y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in chunks of
-// whole 16-row groups, kChunks a thread, handed out dynamically (a thread the scheduler holds back leaves its chunks
-// to the others), each chunk one GEMV. Anything else: at::linear.
+// whole 16-row groups, kChunks a thread, handed out dynamically (a thread the scheduler holds back leaves its chunk
+// to another), each chunk one GEMV. Anything else: at::linear.
 at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "row_split_linear: x has ", x.size(-1),
               " features, w is ", w.sizes());
@@ -63,7 +64,9 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = row.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  constexpr int64_t kChunks = 4;
+  // 1: each thread's rows one GEMV on one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a
+  // thread (shorter runs) read 11% slower (benchmarks/one_row_matmul.py, a shared machine)
+  constexpr int64_t kChunks = 1;
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear
       : std::max<int64_t>(16, ((N + threads * kChunks - 1) / (threads * kChunks) + 15) / 16 * 16);
