@@ -190,9 +190,15 @@ def becomes_row_split(module) -> bool:
             and weight.dtype == torch.float32)
 
 
+ENV = "LITLLM_ROW_SPLIT"
+"""`0`/`false`: compiled fp32 steps keep `F.linear` (one thread's GEMV), e.g. to compare."""
+
+
 def wants_row_split() -> bool:
     """Do fp32 compiled steps here take `RowSplitLinear`s: more than one thread to split the rows between (torch's
-    thread budget)."""
+    thread budget), unless `$LITLLM_ROW_SPLIT` is `0`/`false`."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
     return torch.get_num_threads() > 1
 
 

@@ -83,6 +83,21 @@ def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op,
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_row_split_can_be_turned_off(monkeypatch):
+    """`LITLLM_ROW_SPLIT=0` keeps compiled fp32 steps on `F.linear` whatever the thread count (an A/B switch)."""
+    from litllm.compile_decode import unpack_weights
+
+    monkeypatch.setenv("LITLLM_ROW_SPLIT", "0")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = GPT(tiny_config()).eval()
+        unpack_weights(model)
+    finally:
+        torch.set_num_threads(previous)
+    assert not any(isinstance(m, RowSplitLinear) for m in model.modules())
+
+
 def test_row_split_linear_runs_under_inference_mode_on_every_thread(op):
     """The engine decodes under `torch.inference_mode()`: the op's worker threads write the inference tensor it
     returns (they failed when they did not take the caller's thread-local state)."""
