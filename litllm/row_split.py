@@ -65,7 +65,7 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = w.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   // 1: each thread's rows one GEMV on one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a
-  // thread (shorter runs) read 11% slower (benchmarks/one_row_matmul.py, a shared machine)
+  // thread (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
   constexpr int64_t kChunks = 1;
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear

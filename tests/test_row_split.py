@@ -21,7 +21,7 @@ def op():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_row_split_linear_equals_linear(op, threads, monkeypatch):
+def test_row_split_linear_equals_linear(op, threads):
     """One row, any output width (blocks of 64 rows and a ragged last one) and layout (row- or column-major, as the
     eager layout pick leaves fp32 weights): within fp32 rounding of `F.linear`, eager and (the widest, column-major)
     compiled; more rows go through `F.linear` itself."""
@@ -54,7 +54,7 @@ def test_row_split_linear_equals_linear(op, threads, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op, threads, monkeypatch):
+def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op, threads):
     """With a thread budget > 1 every fp32 Linear of a compiled CPU step (the tied head too) becomes a
     `RowSplitLinear` whose compiled code calls the op, and the step's logits stay within fp32 rounding of the eager
     step's; with one thread the step keeps `F.linear` (nothing to split between)."""
