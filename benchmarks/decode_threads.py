@@ -9,6 +9,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py --baked      # also steps with the thread count baked in (one compile per count)
     OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
+    python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -86,6 +87,21 @@ def one_row_kernel(kernel):
         cpu_layout.CPU_CAPABILITY = capability
 
 
+@contextlib.contextmanager
+def no_row_split(off: bool):
+    """With `off`: compiled fp32 steps keep `F.linear` (MKL's one-thread GEMV) instead of the row-split op
+    (`litllm.row_split`; saved under their own key), for comparison."""
+    from litllm import compile_decode
+
+    wants = compile_decode.wants_row_split
+    if off:
+        compile_decode.wants_row_split = lambda: False
+    try:
+        yield
+    finally:
+        compile_decode.wants_row_split = wants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
@@ -102,6 +118,8 @@ def main() -> None:
     parser.add_argument("--one_row_kernel", choices=["mv", "fp32-row"], default=None,
                         help="also rows '<format> <kernel>' for 16-bit formats: steps whose one-row matmuls take that "
                         "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
+    parser.add_argument("--no_row_split", action="store_true", help="also rows '<format> F.linear': fp32 steps "
+                        "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     args = parser.parse_args()
@@ -117,19 +135,22 @@ def main() -> None:
     if not any(folder.glob("lit_model.*")):
         folder.mkdir(parents=True, exist_ok=True)
         build_checkpoint(folder, args)
-    engines = {}
+    engines, layouts = {}, {}
     for spec in args.quantize:
         mode, _, precision = spec.partition("@")
-        model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
-        layout = optimize_for_decoding(model)
-        variants = [(spec, lambda n: {}, None)] + ([(f"{spec} baked", baked, None)] if args.baked else []) \
-            + ([(f"{spec} dynamic", lambda n: DYNAMIC, None)] if args.dynamic else [])
+        variants = [(spec, lambda n: {}, None, False)] \
+            + ([(f"{spec} baked", baked, None, False)] if args.baked else []) \
+            + ([(f"{spec} dynamic", lambda n: DYNAMIC, None, False)] if args.dynamic else []) \
+            + ([(f"{spec} F.linear", lambda n: {}, None, True)] if args.no_row_split else [])
         if args.one_row_kernel and "16" in precision:
-            variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel))
-        for label, extra, kernel in variants:
+            variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False))
+        for label, extra, kernel, off in variants:
+            # loaded per variant: a compiled step's unpacking changes the model's Linears
+            model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
+            layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec))  # one pick per format
             for n in args.threads:
                 t0 = time.perf_counter()
-                with step_options(extra(n)), one_row_kernel(kernel):
+                with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)

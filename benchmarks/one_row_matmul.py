@@ -6,7 +6,8 @@ the kernel reads the weights. This times one such pass over the Linear weights o
 head; every candidate has its own copy of all of them, so a pass streams the model's bytes as a decode step does)
 for each candidate, at each thread count, alternating candidates within each of `--rounds` rounds, and prints the
 median GB/s of weight read (wall and CPU time) and the median per-round ratio of each candidate's time to fp32
-`F.linear`'s at the same thread count (>1: faster; a bf16 pass reads half the bytes, so 2.0 is "at the same GB/s").
+`F.linear`'s at the same thread count (>1: faster; a bf16 pass reads half the bytes, so 2.0 is "at the same GB/s"),
+and the best round's ms (on a machine shared with other jobs, the rounds where the cores were free).
 
 Candidates (those this torch build or CPU cannot run are listed as unavailable):
   fp32 / bf16 / fp16 F.linear     row-major weight, as loaded (bf16/fp16: oneDNN matmul, weight not prepacked)
@@ -17,6 +18,10 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
   fp32 / bf16 compiled F.linear   the pass under `torch.compile` with the weights as inputs, as litllm's compiled
                                   decode step takes them (inductor calls the same oneDNN/BLAS matmul as eager)
   fp32 compiled column-major      the same on column-major weights
+  fp32 row-split (column-major)   litllm's `litllm_cpu::row_split_linear` (`litllm.row_split`: the weight's rows in
+                                  one block per thread, each block MKL's GEMV; built on first use), eager and in the
+                                  compiled pass (`RowSplitLinear`), on row- or column-major weights
+  fp32 mkl-packed                 `torch.ops.mkl._mkl_reorder_linear_weight` + `_mkl_linear` (MKL's packed sgemm)
   fp32 / bf16 / fp16 compiled mv  the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
                                   its own vectorized reduction, accumulating in fp32; on AVX2 16-bit ones convert the
                                   row to fp32 once, `litllm.cpu_layout.one_row_kernel`)
@@ -53,6 +58,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +79,22 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _mkl_packed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, 1), weight
+
+
+def _mkl_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkl._mkl_linear(x, packed[0], packed[1], None, 1)
+
+
+def _row_split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.litllm_cpu.row_split_linear(x, w)
+
+
+def _column_major(w: torch.Tensor) -> torch.Tensor:
+    return w.t().contiguous().t()
 
 
 def _linears(weights: list[torch.Tensor], cls=torch.nn.Linear) -> torch.nn.ModuleList:
@@ -161,6 +183,7 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
     `OneRowLinear`), or frozen into constants under max_autotune ("max_autotune")."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS
     from litllm.cpu_layout import OneRowLinear
+    from litllm.row_split import RowSplitLinear
 
     if how == "max_autotune":  # weights frozen into constants; built last: the settings stay for the process
         import torch._inductor.config as inductor_config
@@ -174,7 +197,7 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
     if how == "blocked":
         linears = torch.nn.ModuleList(_BlockedOneRow(w) for w in weights)
     else:
-        special = {"mv fp32 row": _Fp32RowOneRow, "torch.mv": _TorchMv}
+        special = {"mv fp32 row": _Fp32RowOneRow, "torch.mv": _TorchMv, "row-split": RowSplitLinear}
         linears = _linears(weights, special.get(how, OneRowLinear if how.startswith("mv") else torch.nn.Linear))
     options = {"mv step options": ONE_ROW_COMPILE_OPTIONS, "mv cpu options": CPU_COMPILE_OPTIONS,
                "blocked": ONE_ROW_COMPILE_OPTIONS, "mv fp32 row": ONE_ROW_COMPILE_OPTIONS,
@@ -190,14 +213,19 @@ def _compiled_pass(weights: list[torch.Tensor], how: str) -> Callable:
 CANDIDATES: dict[str, tuple] = {
     "fp32 F.linear": (torch.float32, torch.float32, None, F.linear),
     "fp32 onednn-packed": (torch.float32, torch.float32, _packed, _packed_linear),
-    "fp32 column-major": (torch.float32, torch.float32, lambda w: w.t().contiguous().t(), F.linear),
+    "fp32 column-major": (torch.float32, torch.float32, _column_major, F.linear),
     "fp32 compiled F.linear": (torch.float32, torch.float32, None, "F.linear"),
-    "fp32 compiled column-major": (torch.float32, torch.float32, lambda w: w.t().contiguous().t(), "F.linear"),
+    "fp32 compiled column-major": (torch.float32, torch.float32, _column_major, "F.linear"),
+    "fp32 mkl-packed": (torch.float32, torch.float32, _mkl_packed, _mkl_linear),
+    "fp32 row-split": (torch.float32, torch.float32, None, _row_split),
+    "fp32 row-split column-major": (torch.float32, torch.float32, _column_major, _row_split),
+    "fp32 compiled row-split": (torch.float32, torch.float32, None, "row-split"),
+    "fp32 compiled row-split column-major": (torch.float32, torch.float32, _column_major, "row-split"),
     "fp32 compiled mv": (torch.float32, torch.float32, None, "mv"),
     "fp32 compiled mv, step options": (torch.float32, torch.float32, None, "mv step options"),
     "fp32 compiled mv, cpu options": (torch.float32, torch.float32, None, "mv cpu options"),
     "bf16 F.linear": (torch.bfloat16, torch.bfloat16, None, F.linear),
-    "bf16 column-major": (torch.bfloat16, torch.bfloat16, lambda w: w.t().contiguous().t(), F.linear),
+    "bf16 column-major": (torch.bfloat16, torch.bfloat16, _column_major, F.linear),
     "bf16 onednn-packed": (torch.bfloat16, torch.bfloat16, _packed, _packed_linear),
     "bf16 mv": (torch.bfloat16, torch.bfloat16, None, lambda x, w: torch.mv(w, x[0])[None]),
     "bf16 weight, fp32 x": (torch.bfloat16, torch.float32, _packed, _packed_linear),
@@ -215,13 +243,19 @@ CANDIDATES: dict[str, tuple] = {
 }
 AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 """inductor's settings for the max_autotune candidate (frozen weights: the CPP GEMM template prepacks them)."""
-AUTOTUNED = {"bf16 inductor max_autotune": (torch.bfloat16, torch.bfloat16, None, "max_autotune")}
+AUTOTUNED = {"bf16 inductor max_autotune": (torch.bfloat16, torch.bfloat16, None, "max_autotune"),
+             "fp32 inductor max_autotune": (torch.float32, torch.float32, None, "max_autotune")}
 REFERENCE = "fp32 F.linear"
 
 
 def build(name: str, shapes: list[tuple[int, int]]) -> Optional[tuple[Callable, int]]:
     """(one pass over all weights, bytes read), or None where this candidate does not run (or is wrong) here."""
     g = torch.Generator().manual_seed(0)
+    if "row-split" in name:
+        from litllm.row_split import row_split_op
+
+        if row_split_op() is None:
+            return None
     wdtype, xdtype, prepare, matmul = {**CANDIDATES, **AUTOTUNED}[name]
     weights = [torch.randn(shape, generator=g).to(wdtype) for shape in shapes]
     xs = {k: torch.randn(1, k, generator=g).to(xdtype) for k in {s[1] for s in shapes}}
@@ -291,8 +325,8 @@ def main() -> None:
                     cpu[name, t].append(time.process_time() - c0)
     print(f"one decode pass over {len(shapes)} weights ({args.n_layer} layers + head), {args.rounds} rounds "
           "alternating, medians")
-    print(f"{'candidate':30s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'GB/s cpu':>9s} {'x fp32 F.linear':>16s} "
-          f"{'cpu x':>6s}")
+    print(f"{'candidate':36s} {'threads':>7s} {'ms':>8s} {'GB/s':>7s} {'GB/s cpu':>9s} {'x fp32 F.linear':>16s} "
+          f"{'cpu x':>6s} {'best ms':>8s}")
     for t in threads:
         for name, (_, n_bytes) in passes.items():
             ref = (REFERENCE, t)
@@ -300,7 +334,8 @@ def main() -> None:
             cpu_ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[name, t]))
             ms, cpu_s = statistics.median(wall[name, t]), statistics.median(cpu[name, t])
             gb_cpu = n_bytes / max(cpu_s, 1e-9) / t / 1e9  # per CPU-second of each thread
-            print(f"{name:30s} {t:7d} {ms * 1e3:8.2f} {n_bytes / ms / 1e9:7.1f} {gb_cpu:9.1f} {ratio:16.2f} {cpu_ratio:6.2f}")
+            print(f"{name:36s} {t:7d} {ms * 1e3:8.2f} {n_bytes / ms / 1e9:7.1f} {gb_cpu:9.1f} {ratio:16.2f} {cpu_ratio:6.2f} "
+                  f"{min(wall[name, t]) * 1e3:8.2f}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ import torch
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
                                one_row_linears, optimize_for_decoding, thread_candidates)
 from litllm.errors import LitLLMError
+from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
 
 COMPILE_ENV = "LITLLM_COMPILE"
 CHOICES_FILE = "decode_choices.json"
@@ -108,6 +109,20 @@ def _one_row_modules(model) -> list[str]:
         return becomes_one_row(module)
 
     return [name for name, module in model.named_modules() if one_row(module)]
+
+
+def _row_split_modules(model) -> list[str]:
+    """The names of the fp32 Linears `model`'s compiled CPU step multiplies by through
+    `litllm.row_split.RowSplitLinear` (`unpack_weights` makes them so where torch has more than one thread: fp32
+    oneDNN-packed and plain Linears), before or after it did."""
+    def split(module) -> bool:
+        if isinstance(module, RowSplitLinear):
+            return True
+        if not wants_row_split():
+            return False
+        return module.packed_weight.dtype == torch.float32 if _is_packed(module) else becomes_row_split(module)
+
+    return [name for name, module in model.named_modules() if split(module)]
 
 
 def cpu_compile_options(model) -> dict:
@@ -555,11 +570,13 @@ def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, a
     tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
-    multiplies by through `OneRowLinear` and how (`litllm.cpu_layout.one_row_kernel`), and its inductor settings
+    multiplies by through `OneRowLinear` and how (`litllm.cpu_layout.one_row_kernel`) and
+    which through `RowSplitLinear` (`litllm.row_split`), and its inductor settings
     (`cpu_compile_options`); not the thread count, which its kernels take when they run, but under a 1-thread budget
     (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
+           f"|row-split {_row_split_modules(model)}"
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
@@ -701,13 +718,17 @@ def unpack_weights(model) -> None:
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
-    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major)."""
+    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). With more than one thread,
+    fp32 CPU Linears become `litllm.row_split.RowSplitLinear`s (their one-row matmul on every thread: MKL's fp32 GEMV
+    runs on one), where its op builds here."""
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if _is_packed(child):
                 setattr(module, name, child.unpacked())
     one_row_linears(model)
+    if wants_row_split():
+        row_split_linears(model)
 
 
 def prepare_int8_for_compile(model) -> None:

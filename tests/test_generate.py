@@ -197,11 +197,12 @@ def test_the_compiled_16_bit_one_row_kernel_is_the_one_picked_for_the_cpu(monkey
 def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monkeypatch, tmp_path):
     """A saved step is found by a key computed before `unpack_weights` (`steps_folder`): it must equal the key after
     it, and tell apart steps whose Linears have other strides or kernels. fp32: packed weights unpack row-major, or
-    column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` then reads; 16-bit: every row-major
-    Linear becomes a `OneRowLinear` (`torch.mv`), packed ones too (each layout where it runs here: oneDNN packs bf16
-    only with AVX-512)."""
+    column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` (or, with more than one thread, the
+    row-split op, `RowSplitLinear`) then reads; 16-bit: every row-major Linear becomes a `OneRowLinear` (`torch.mv`),
+    packed ones too (each layout where it runs here: oneDNN packs bf16 only with AVX-512)."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
     from litllm.cpu_layout import _layout_works, OneRowLinear, optimize_for_decoding
+    from litllm.row_split import RowSplitLinear, row_split_op, wants_row_split
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     folders, kernels = {}, {}
@@ -219,8 +220,11 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
     n_in, n_out = qkv.in_features, qkv.out_features
     column_major = {"column-major"} if dtype == torch.bfloat16 else {"column-major", "onednn-packed+column-major"}
     for layout, (cls, strides, one_row) in kernels.items():
-        # 16-bit row-major weights through OneRowLinear; column-major ones (and fp32) keep F.linear
-        assert cls is (OneRowLinear if dtype == torch.bfloat16 and layout not in column_major else torch.nn.Linear)
+        # 16-bit row-major weights through OneRowLinear; column-major ones keep F.linear; fp32 ones the row-split op
+        # where there are threads to split between (and it builds here)
+        fp32 = RowSplitLinear if wants_row_split() and row_split_op() is not None else torch.nn.Linear
+        assert cls is (fp32 if dtype == torch.float32 else OneRowLinear if layout not in column_major
+                       else torch.nn.Linear)
         assert strides == ((1, n_out) if layout in column_major else (n_in, 1))
         assert one_row == (dtype == torch.bfloat16 and (layout not in column_major or model.config.tie_embeddings))
         assert (folders[layout] == folders["column-major"]) == (layout in column_major)

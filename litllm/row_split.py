@@ -1,0 +1,217 @@
+"""The fp32 one-row matmul of a compiled CPU decode step on every thread: `litllm_cpu::row_split_linear`, a small C++
+op that splits the weight's output rows into one contiguous chunk per thread, hands them out to torch's OpenMP
+threads as they come free (a thread the scheduler holds back on a busy machine leaves its chunk to another) and
+multiplies each by the BLAS GEMV a one-row `F.linear` runs (MKL's here), and `RowSplitLinear`, the Linear that
+calls it.
+
+Why: MKL's fp32 GEMV, what a one-row `F.linear` (eager or compiled: inductor calls it out) runs, uses one thread
+whatever torch's count, so on 2 cores a compiled fp32 step left the second one idle; inductor's own one-row
+reduction (`torch.mv`, a `bmm` of one row: both lower to it on the CPU) splits the rows between threads but timed no
+faster at 2 threads than MKL's GEMV at 1 (one 8-lane accumulator per row; tutorials/inference.md). Each chunk here is
+MKL's own GEMV, on its own core. At one thread the op is one GEMV over all rows, as `F.linear`; anything but one fp32 row
+on a row- or column-major weight goes to `F.linear`.
+
+The op is compiled from the C++ source below on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
+inductor needs anyway) into `library_folder()` (`$XDG_CACHE_HOME/litllm/extensions`, else `~/.cache/...`; one build
+per machine: not inductor's cache, which tests and users point elsewhere), named by the source, torch's version and
+the CPU, and loaded from there by later processes (`torch.ops.load_library`, only a library this user owns and no
+one else can write). AOTInductor's saved step calls it through torch's dispatcher. It calls the Fortran `sgemv_`
+libtorch exports (with a torch that has none, the library does not load: a one-line note, compiled steps keep
+`F.linear`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <limits>
+
+// The Fortran BLAS GEMV libtorch exports (MKL's in torch's x86 wheels): what a one-row F.linear runs, called here
+// without the dispatcher so that OpenMP's threads need none of the caller's thread-local state.
+extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
+                       const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
+
+// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in chunks of
+// whole 16-row groups, kChunks a thread, handed out dynamically (a thread the scheduler holds back leaves its chunk
+// to another), each chunk one GEMV. Anything else: at::linear.
+at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "row_split_linear: x has ", x.size(-1),
+              " features, w is ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool column_major = w.stride(0) == 1 && w.stride(1) >= N, row_major = w.stride(1) == 1 && w.stride(0) >= K;
+  const int64_t ld = column_major ? w.stride(1) : w.stride(0);
+  if (x.numel() != K || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || N == 0 || K == 0 ||
+      !(column_major || row_major) || ld > std::numeric_limits<int>::max() || x.device() != w.device() ||
+      !w.device().is_cpu())
+    return at::linear(x, w);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const at::Tensor row = x.contiguous();
+  const float* xp = row.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  // 1: each thread's rows one GEMV on one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a
+  // thread (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
+  constexpr int64_t kChunks = 1;
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear
+      : std::max<int64_t>(16, ((N + threads * kChunks - 1) / (threads * kChunks) + 15) / 16 * 16);
+  const int64_t chunks = (N + rows - 1) / rows;
+  auto gemv = [&](int64_t c) {
+    const int64_t n0 = c * rows, n = std::min(N, n0 + rows) - n0;
+    const float one = 1.0f, zero = 0.0f;
+    const int inc = 1, lda = static_cast<int>(ld), k = static_cast<int>(K), m = static_cast<int>(n);
+    if (column_major)  // BLAS sees the rows n0.. as an (n, K) column-major matrix
+      sgemv_("N", &m, &k, &one, wp + n0, &lda, xp, &inc, &zero, yp + n0, &inc);
+    else  // and as a (K, n) column-major matrix to transpose
+      sgemv_("T", &k, &m, &one, wp + n0 * ld, &lda, xp, &inc, &zero, yp + n0, &inc);
+  };
+  if (chunks == 1) {
+    gemv(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) gemv(c);
+  }
+  return y;
+}
+
+TORCH_LIBRARY(litllm_cpu, m) { m.def("row_split_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) { m.impl("row_split_linear", &row_split_linear); }
+"""
+NAME = "litllm_cpu_ops"
+FLAGS = ["-O2", "-fopenmp"]
+"""The compiler's flags (`-fopenmp`: the op's loop is an OpenMP one, in torch's OpenMP runtime)."""
+
+
+def _library_name() -> str:
+    """The library's file name: the source, the flags, torch's version and the CPU."""
+    key = f"{SOURCE}|{FLAGS}|{torch.__version__}|{platform.machine()}|{_cpu_model()}"
+    return f"{NAME}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def _trusted(path: Path) -> bool:
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def library_folder() -> Path:
+    """Where the op's library is built and kept: `$XDG_CACHE_HOME/litllm/extensions`, else under `~/.cache`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "litllm" / "extensions"
+
+
+@lru_cache(maxsize=None)
+def row_split_op() -> Optional[object]:
+    """`torch.ops.litllm_cpu.row_split_linear`, its library loaded from `library_folder()` or built there first; None
+    (with a one-line note) where it cannot be built or loaded here (no compiler, a foreign file...)."""
+    if not hasattr(torch.ops.litllm_cpu, "row_split_linear"):
+        path = library_folder() / _library_name()
+        try:
+            if not path.exists():
+                _build(path)  # loads it too
+            elif not _trusted(path):
+                raise RuntimeError(f"{path} is not owned by this user, or is writable by others")
+            else:
+                torch.ops.load_library(str(path))
+        except Exception as e:  # no compiler, a failed build, a foreign file: plain F.linear
+            print(f"note: the row-split fp32 matmul is unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                  "the compiled step calls F.linear", file=sys.stderr)
+            return None
+    _register_fake()
+    return torch.ops.litllm_cpu.row_split_linear
+
+
+def _build(path: Path) -> None:
+    """Compile `SOURCE` into the shared library at `path` (atomically: another process may build it too) and load it
+    (`load_inline` does: loading the copy at `path` again would register the op twice)."""
+    import tempfile
+
+    from torch.utils.cpp_extension import load_inline
+
+    from litllm.utils import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as build:
+        load_inline(NAME, cpp_sources=[SOURCE], is_python_module=False,
+                    extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes((Path(build) / f"{NAME}.so").read_bytes())
+            tmp.chmod(0o755)
+
+
+@lru_cache(maxsize=None)
+def _register_fake() -> None:
+    """The op's shapes for tracing (`torch.export`, `torch.compile`)."""
+    @torch.library.register_fake("litllm_cpu::row_split_linear")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], w.size(0))
+
+
+class RowSplitLinear(torch.nn.Linear):
+    """An fp32 CPU Linear whose one-row calls (decoding) run `litllm_cpu::row_split_linear` (every thread streams its
+    own block of the weight's rows); more rows go through `F.linear`. The weight is used as it is laid out (row- or
+    column-major); for a compiled step (`row_split_linears`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        y = torch.ops.litllm_cpu.row_split_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def becomes_row_split(module) -> bool:
+    """Does `row_split_linears` make `module` a `RowSplitLinear`: a plain fp32 CPU Linear (a Parameter weight, not a
+    quantized tensor subclass), or one already."""
+    if isinstance(module, RowSplitLinear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
+            and weight.dtype == torch.float32)
+
+
+ENV = "LITLLM_ROW_SPLIT"
+"""`0`/`false`: compiled fp32 steps keep `F.linear` (one thread's GEMV), e.g. to compare."""
+
+
+def wants_row_split() -> bool:
+    """Do fp32 compiled steps here take `RowSplitLinear`s: more than one thread to split the rows between (torch's
+    thread budget), unless `$LITLLM_ROW_SPLIT` is `0`/`false`."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return torch.get_num_threads() > 1
+
+
+def row_split_linears(model) -> bool:
+    """Every plain fp32 CPU Linear of `model` (`becomes_row_split`; a head tied to the embedding too) as a
+    `RowSplitLinear` on the same tensors, where the op builds or loads (`row_split_op`); whether it did."""
+    targets = [(module, name, child) for module in list(model.modules())
+               for name, child in list(module.named_children())
+               if type(child) is not RowSplitLinear and becomes_row_split(child)]
+    if not targets or row_split_op() is None:
+        return False
+    for module, name, child in targets:
+        split = RowSplitLinear(child.in_features, child.out_features, bias=False, device="meta")
+        split.weight, split.bias = child.weight, child.bias  # the same Parameters: ties stay
+        setattr(module, name, split)
+    return True

@@ -1,0 +1,112 @@
+"""The fp32 one-row matmul on every thread (`litllm.row_split`): the op equals `F.linear`, and a compiled CPU step
+multiplies its fp32 weights by it exactly when torch has more than one thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from litllm.model import GPT
+from litllm.row_split import RowSplitLinear, row_split_op
+
+
+@pytest.fixture(scope="module")
+def op():
+    found = row_split_op()
+    if found is None:
+        pytest.skip("the row-split op does not build here (no C++ compiler?)")
+    return found
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_split_linear_equals_linear(op, threads):
+    """One row, any output width (blocks of 64 rows and a ragged last one) and layout (row- or column-major, as the
+    eager layout pick leaves fp32 weights): within fp32 rounding of `F.linear`, eager and (the widest, column-major)
+    compiled; more rows go through `F.linear` itself."""
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out in (8, 64, 200, 1000):
+            weight = torch.randn(n_out, 96)
+            for w in (weight, weight.t().contiguous().t()):
+                row = torch.randn(1, 1, 96)
+                expected = F.linear(row.double(), w.double()).float()
+                got = op(row, w)
+                assert got.shape == (1, 1, n_out)
+                assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+                linear = RowSplitLinear(96, n_out, bias=True)
+                linear.weight = torch.nn.Parameter(w, requires_grad=False)
+                rows = torch.randn(2, 3, 96)
+                with torch.inference_mode():
+                    assert torch.equal(linear(rows), F.linear(rows, w, linear.bias))
+                    got = linear(row)
+                    assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
+        with torch.inference_mode():  # the last one: (1000, 96), column-major
+            got = torch.compile(linear, fullgraph=True)(row)
+        assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="features"):
+        op(torch.randn(1, 95), torch.randn(8, 96))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op, threads):
+    """With a thread budget > 1 every fp32 Linear of a compiled CPU step (the tied head too) becomes a
+    `RowSplitLinear` whose compiled code calls the op, and the step's logits stay within fp32 rounding of the eager
+    step's; with one thread the step keeps `F.linear` (nothing to split between)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from litllm.compile_decode import cpu_compile_options, steps_folder, unpack_weights
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = GPT(tiny_config()).eval()
+        model.set_kv_cache(1, 32)
+        step = lambda: model.decode(torch.tensor([[3]]), input_pos=torch.tensor([[0]]))  # noqa: E731
+        with torch.no_grad():
+            expected = step()
+            folder = steps_folder(model)
+            unpack_weights(model)  # as a compiled step does
+            assert steps_folder(model) == folder  # the saved step's key, before and after
+            linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            assert linears and all((type(m) is RowSplitLinear) == (threads > 1) for m in linears)
+            got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
+    finally:
+        torch.set_num_threads(previous)
+    assert ("row_split_linear" in "".join(code)) == (threads > 1)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_row_split_can_be_turned_off(monkeypatch):
+    """`LITLLM_ROW_SPLIT=0` keeps compiled fp32 steps on `F.linear` whatever the thread count (an A/B switch)."""
+    from litllm.compile_decode import unpack_weights
+
+    monkeypatch.setenv("LITLLM_ROW_SPLIT", "0")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = GPT(tiny_config()).eval()
+        unpack_weights(model)
+    finally:
+        torch.set_num_threads(previous)
+    assert not any(isinstance(m, RowSplitLinear) for m in model.modules())
+
+
+def test_row_split_linear_runs_under_inference_mode_on_every_thread(op):
+    """The engine decodes under `torch.inference_mode()`: the op's worker threads write the inference tensor it
+    returns (they failed when they did not take the caller's thread-local state)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, row = torch.randn(512, 64), torch.randn(1, 64)
+        with torch.inference_mode():
+            got = op(row, w)
+        assert (got - F.linear(row, w)).abs().max() <= 1e-5 * got.abs().max()
+    finally:
+        torch.set_num_threads(previous)
