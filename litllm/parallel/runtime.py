@@ -440,9 +440,8 @@ def size_text(n: int) -> str:
 
 
 def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: int):
-    from litllm.parallel.loading import load_shard
-
     from litllm.compile_decode import choose_decode_layout
+    from litllm.parallel.loading import load_shard
 
     ranks = channel.ranks
     if ranks.device == "cpu":  # the ranks on this machine share its cores
