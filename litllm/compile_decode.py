@@ -224,8 +224,8 @@ def _weights_digest(model, strides: bool = False) -> str:
 
 def decode_choices_key(model) -> str:
     """What a layout and thread pick holds for: this CPU, torch's version and thread budget, OpenMP's wait policy
-    (`_omp_wait`), a tensor-parallel rank's place (`_tp_tag`), the model's weights as loaded, before `optimize_for_decoding` (names, shapes, dtypes, tensor
-    types) and device type."""
+    (`_omp_wait`), a tensor-parallel rank's place (`_tp_tag`), the model's weights as loaded, before
+    `optimize_for_decoding` (names, shapes, dtypes, tensor types) and device type."""
     device = model.wte.weight.device.type
     return (f"{_machine()}|{torch.get_num_threads()} threads|{_omp_wait()}|{device}{_tp_tag(model)}|"
             f"{_weights_digest(model)}")
@@ -569,11 +569,11 @@ STEPS_FOLDER = "decode_steps"
 def steps_folder(model) -> Path:
     """Where the saved compiled steps of `model` (as laid out now, `optimize_for_decoding`) live:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, a
-    tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights' names/shapes/strides/dtypes/types and which Linears the step
-    multiplies by through `OneRowLinear` and how (`litllm.cpu_layout.one_row_kernel`) and
-    which through `RowSplitLinear` (`litllm.row_split`), and its inductor settings
-    (`cpu_compile_options`); not the thread count, which its kernels take when they run, but under a 1-thread budget
-    (`BUDGET_STEP_OPTIONS`: another folder)."""
+    tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights'
+    names/shapes/strides/dtypes/types, which Linears the step multiplies by through `OneRowLinear` and how
+    (`litllm.cpu_layout.one_row_kernel`) and which through `RowSplitLinear` (`litllm.row_split`), and its inductor
+    settings (`cpu_compile_options`); not the thread count, which its kernels take when they run, but under a 1-thread
+    budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
            f"|row-split {_row_split_modules(model)}"
