@@ -208,12 +208,10 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     "unchanged" (GPU). Row-major 16-bit weights that oneDNN has no GEMM for (`upcast_16_bit_gemm`: AVX2 CPUs) become
     `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32.
     """
-    import torch.nn as nn
-
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:  # already done
         return "onednn-packed+column-major" if packed[0].unpack_column_major else "onednn-packed"
-    if layout is None and any(type(m) is OneRowLinear for m in model.modules()):
+    if layout in (None, "row-major") and any(type(m) is OneRowLinear for m in model.modules()):
         return "row-major"  # already done (`eager_upcast_linears`)
     layout_in_use = _pick_layout(model, min_gain, layout)
     eager_upcast_linears(model)
