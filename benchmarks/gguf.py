@@ -115,7 +115,9 @@ def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False):
 
     llama_cpp.llama.llama_cpp.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
+        # n_threads_batch (the prompt's threads) defaults to every core, whatever n_threads says: set both, so that
+        # llama.cpp prefills on the thread count litllm gets too
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     finally:
         llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 

@@ -144,14 +144,14 @@ def becomes_one_row(module) -> bool:
             and weight.dtype in ONE_ROW_DTYPES and weight.is_contiguous())
 
 
-def one_row_linears(model) -> None:
+def one_row_linears(model, only: Optional[Callable] = None) -> None:
     """Every plain row-major 16-bit CPU Linear of `model` (`becomes_one_row`; a head tied to the embedding too) as a
     `OneRowLinear` on the same tensors, for a compiled step: on the CPU a one-row `F.linear` of 16-bit weights
     is oneDNN's or BLAS's unpacked matmul, slower than inductor's own reduction of `torch.mv` on every CPU
-    measured (AVX2 and AMX, benchmarks/one_row_matmul.py)."""
+    measured (AVX2 and AMX, benchmarks/one_row_matmul.py). `only(linear)`: those of them it accepts."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is not OneRowLinear and becomes_one_row(child):
+            if type(child) is not OneRowLinear and becomes_one_row(child) and (only is None or only(child)):
                 one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
                 one_row.weight, one_row.bias = child.weight, child.bias  # the same Parameters: ties stay
                 setattr(module, name, one_row)
@@ -205,13 +205,31 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     ("onednn-packed+column-major") where column-major beat row-major by `min_gain` too: the compiled step's
     `F.linear` is the same BLAS call as eager's (MKL's: 1.5x faster column-major on a 2-core AVX2 AMD EPYC).
     Returns the layout in use: "row-major", "column-major", "onednn-packed", "onednn-packed+column-major", or
-    "unchanged" (GPU).
+    "unchanged" (GPU). Row-major 16-bit weights that oneDNN has no GEMM for (`upcast_16_bit_gemm`: AVX2 CPUs) become
+    `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32.
     """
-    import torch.nn as nn
-
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:  # already done
         return "onednn-packed+column-major" if packed[0].unpack_column_major else "onednn-packed"
+    if layout in (None, "row-major") and any(type(m) is OneRowLinear for m in model.modules()):
+        return "row-major"  # already done (`eager_upcast_linears`)
+    layout_in_use = _pick_layout(model, min_gain, layout)
+    eager_upcast_linears(model)
+    return layout_in_use
+
+
+def eager_upcast_linears(model) -> None:
+    """Make the row-major 16-bit CPU Linears whose multi-row matmul is faster in fp32 (`upcast_16_bit_gemm`)
+    `OneRowLinear`s for eager use too: one row (decoding) is the same matmul as before (eager `torch.mv` and a one-row
+    `F.linear` are the same kernel, bit for bit), while a prompt's rows go through `upcast_linear` as a compiled run's
+    prefill does, not torch's scalar 16-bit GEMM (a 32-token bf16 prefill of the 134M Llama on one AVX2 core: ~550 ->
+    ~135 CPU-ms, benchmarks/prefill.py; issue #27). The weight is converted per call (no fp32 copy kept)."""
+    one_row_linears(model, only=lambda linear: upcast_16_bit_gemm(linear.weight))
+
+
+def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
+    import torch.nn as nn
+
     linears = [
         (name, m) for name, m in model.named_modules()
         if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight

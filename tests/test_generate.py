@@ -96,6 +96,30 @@ def skip_unless_layout_runs(layout: str, dtype: torch.dtype) -> None:
         pytest.skip(f"the {layout} layout does not run in {dtype} on this CPU")
 
 
+def test_eager_16_bit_prompt_matmuls_upcast_where_onednn_has_no_16_bit_gemm(family_checkpoints, monkeypatch):
+    """Where oneDNN has no bf16 GEMM (AVX2 CPUs; forced here), `optimize_for_decoding` makes the row-major bf16
+    Linears `OneRowLinear`s on the same Parameters: a prompt's rows are multiplied in fp32 (`upcast_linear`, one call
+    per Linear, as a compiled run's prefill), one row (decoding) keeps its kernel, bit for bit (issue #27)."""
+    from litllm import cpu_layout
+
+    monkeypatch.setattr(cpu_layout, "upcast_16_bit_gemm", lambda w: w.dtype in cpu_layout.ONE_ROW_DTYPES)
+    folder = family_checkpoints("llama")
+    ids = Tokenizer(folder).encode(PROMPTS[2])[None]
+    model = GPT.from_checkpoint(folder).to(torch.bfloat16).eval()
+    weights = {name: m.weight for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    with torch.inference_mode():
+        one_row = model(ids[:, :1])
+        assert cpu_layout.optimize_for_decoding(model, layout="row-major") == "row-major"
+        linears = {name: m for name, m in model.named_modules() if name in weights}
+        assert all(type(m) is cpu_layout.OneRowLinear and m.weight is weights[name] for name, m in linears.items())
+        assert cpu_layout.optimize_for_decoding(model) == "row-major"  # idempotent
+        rows, upcast = [], cpu_layout.upcast_linear
+        monkeypatch.setattr(cpu_layout, "upcast_linear", lambda x, w, b: rows.append(x.shape[-2]) or upcast(x, w, b))
+        assert torch.equal(model(ids[:, :1]), one_row) and rows == []
+        model(ids)
+    assert rows == [ids.shape[1]] * len(linears)
+
+
 @pytest.mark.parametrize("layout", ["column-major", "onednn-packed"])
 def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     """bf16 weights take the decode layouts too (`litllm generate`'s default on CPUs with bf16 units): the

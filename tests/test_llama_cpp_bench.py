@@ -86,3 +86,34 @@ def test_llama_cpps_own_q8_0_export_decodes_as_litllms(tiny_checkpoint, exports,
         ours, reference = (bench.llama_cpp_greedy(bench.llama_cpp_model(path, 32, 1, repack=repack), prompt, 10,
                                                   one_row=repack) for path in (exports["q8_0"], theirs))
         assert ours == reference, repack
+
+
+def test_benchmark_llama_cpp_prefills_on_the_threads_it_decodes_with(exports):
+    """llama-cpp-python's `n_threads_batch` (the prompt's threads) defaults to every core whatever `n_threads` is:
+    the benchmark sets both, so that a `--threads 1` prefill is one thread's on both sides (issue #27)."""
+    llm = load_benchmark("gguf").llama_cpp_model(exports["f32"], 32, 1)
+    assert (llm.n_threads, llm.n_threads_batch, llm.context_params.n_threads_batch) == (1, 1, 1)
+
+
+def test_first_token_mark_is_the_prefill_alone(tiny_checkpoint):
+    """generate.py's first-token time ends once the prefill has sampled the first token, before the decode step
+    the engine runs in the same `step()` for the second (which counts among the n - 1 decode steps); the engine is
+    left as it was."""
+    import time
+
+    from litllm.engine import Engine
+    from litllm.model import GPT
+
+    generate = load_benchmark("generate")
+    prompt, n = [5, 17, 42, 99, 7, 3], 6
+    with Engine(GPT.from_checkpoint(tiny_checkpoint).eval(), None, 1, 16) as engine:
+        want = generate.greedy_tokens(engine, prompt, n)
+        decodes = []
+        decode = engine._decode
+        engine._decode = lambda *args: decodes.append(time.perf_counter()) or decode(*args)
+        marks = []
+        assert generate.greedy_tokens(engine, prompt, n, marks) == want
+        assert "_prefill" not in vars(engine)
+    (first, steps), = marks
+    assert steps == n - 1 == len(decodes)  # tokens 2..n, one decode step each
+    assert first < decodes[0]

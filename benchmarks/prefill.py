@@ -1,0 +1,114 @@
+"""Time to the first token (the prompt's prefill and the first greedy token), litllm beside llama.cpp, per format.
+
+On benchmarks/generate.py's random Llama (~134M parameters, kept under the temp dir as benchmarks/decode_threads.py
+keeps it), a `--prompt_tokens` prompt, batch 1, `--threads` threads on both sides (llama.cpp's prompt threads too,
+`n_threads_batch`): litllm's engine prefills as a run's first `step()` does, up to the first token (no decode step),
+with each format's weights laid out as the eager step takes them (`optimize_for_decoding`) and as a compiled run's
+engine holds them (`litllm.compile_decode.unpack_weights`: 16-bit `OneRowLinear`s upcast to fp32 per call on AVX2,
+int8 layers' plain weights; the prefill itself is eager in both); llama.cpp evaluates the whole prompt from an empty
+context (`reset`, then one `eval`) and takes the last row's argmax. Every row alternates `--repeats` times in one
+process; best and median wall ms and median CPU ms (this process's, llama.cpp's threads included) are printed, the
+CPU time being what a loaded machine disturbs least. The first tokens of all rows are checked against fp32's.
+
+    python benchmarks/prefill.py                         # 2 threads (torch's default here), 32-token prompt
+    python benchmarks/prefill.py --threads 1 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import litllm  # noqa: F401  (before torch: bounds OpenMP's spin-wait, as litllm's commands)
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import add_model_args, add_tokenizer, gguf_bench, gguf_rows, greedy_tokens, kept_checkpoint  # noqa: E402
+
+FORMATS = {"fp32": ("none", "32-true", "f32"), "bf16": ("none", "bf16-true", "f16"),
+           "int8dq": ("torchao.int8dq", "32-true", "q8_0"), "int8wo": ("torchao.int8wo", "32-true", "q8_0")}
+"""format -> (litllm --quantize mode, precision, llama.cpp outtype)."""
+
+
+def litllm_rows(folder: Path, fmt: str, length: int, threads: int) -> dict:
+    from litllm.compile_decode import unpack_weights
+    from litllm.cpu_layout import optimize_for_decoding
+    from litllm.engine import Engine
+    from litllm.inference import load_for_inference
+
+    mode, precision, _ = FORMATS[fmt]
+    rows = {}
+    for layout in ("eager", "compiled"):
+        model = load_for_inference(folder, precision=precision, quantize=None if mode == "none" else mode)
+        optimize_for_decoding(model)
+        if layout == "compiled":
+            unpack_weights(model)
+        engine = Engine(model, None, 1, length, threads=threads)
+        rows[f"litllm {fmt} ({layout} layout)"] = lambda prompt, e=engine: greedy_tokens(e, prompt, 1)[0]
+    return rows
+
+
+def llama_cpp_row(folder: Path, outtype: str, length: int, threads: int):
+    import numpy as np
+
+    gguf_rows(folder, folder / "gguf", [outtype], length, threads)  # exports the file once
+    llm = gguf_bench().llama_cpp_model(folder / "gguf" / f"model-{outtype}.gguf", length, threads)
+
+    def first(prompt: list[int]) -> int:
+        llm.reset()  # eval then drops every cached position: the whole prompt is evaluated again
+        llm.eval(prompt)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+    return first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="both sides (default: torch's thread count)")
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    args = parser.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    folder = kept_checkpoint(args)
+    if not (folder / "tokenizer.json").is_file():
+        add_tokenizer(folder)
+    prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    length = len(prompt) + 8
+    calls = {}
+    for fmt in args.formats:
+        calls.update(litllm_rows(folder, fmt, length, threads))
+    try:
+        import llama_cpp  # noqa: F401
+
+        for outtype in dict.fromkeys(FORMATS[fmt][2] for fmt in args.formats):
+            calls[f"llama.cpp {outtype}"] = llama_cpp_row(folder, outtype, length, threads)
+    except ImportError:
+        print("llama_cpp is not importable (pip install llama-cpp-python): no llama.cpp rows")
+    firsts = {name: call(prompt) for name, call in calls.items()}  # warm-up
+    for _ in range(2):
+        for call in calls.values():
+            call(prompt)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            call(prompt)
+            runs[name].append(((time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3))
+    reference = next(iter(firsts.values()))
+    print(f"{len(prompt)}-token prompt, {threads} thread(s) on both sides, best of {args.repeats}, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; first token = the first row's: "
+          + ", ".join(f"{name}: {firsts[name] == reference}" for name in calls))
+    print(f"{'':34s}{'wall ms best':>13s}{'median':>8s}{'CPU ms median':>15s}")
+    for name, times in runs.items():
+        wall, cpu = sorted(w for w, _ in times), statistics.median(c for _, c in times)
+        print(f"{name:34s}{wall[0]:13.1f}{statistics.median(wall):8.1f}{cpu:15.1f}")
+
+
+if __name__ == "__main__":
+    main()
