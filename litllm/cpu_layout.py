@@ -58,6 +58,8 @@ class OneRowLinear(torch.nn.Linear):
     (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`) rather than once per weight row.
     """
 
+    multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features:
             if not torch.compiler.is_compiling() and upcast_16_bit_gemm(self.weight):

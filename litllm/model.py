@@ -499,8 +499,11 @@ class MLAttention(nn.Module):
         """Attention on the latents themselves: kv_b's key rows folded into the query, its value rows applied
         after; one shared key/value head of the cache's width. (B, nh, T, v_head_dim)."""
         c = self.config
-        w = self.kv_b.weight if type(self.kv_b) is nn.Linear else self.kv_b(  # a LoRA/quantized kv_b: its
-            torch.eye(c.kv_lora_rank, device=latent.device, dtype=latent.dtype)).T  # effective weight
+        # a plain Linear or a kernel choice on its own weight (`multiplies_by_weight`: litllm.cpu_layout, row_split)
+        # multiplies by `.weight`; a LoRA/quantized kv_b's effective weight is its product with the identity
+        plain = type(self.kv_b) is nn.Linear or getattr(self.kv_b, "multiplies_by_weight", False)
+        w = self.kv_b.weight if plain else self.kv_b(
+            torch.eye(c.kv_lora_rank, device=latent.device, dtype=latent.dtype)).T
         w = w.view(c.n_head, self.nope_size + c.v_head_dim, c.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_size], w[:, self.nope_size:]  # (nh, nope, r_kv), (nh, v, r_kv)
         q = torch.cat((q_nope @ w_k, q_rope), dim=-1)  # (B, nh, T, kv_lora_rank + rope)

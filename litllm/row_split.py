@@ -173,6 +173,8 @@ class RowSplitLinear(torch.nn.Linear):
     own block of the weight's rows); more rows go through `F.linear`. The weight is used as it is laid out (row- or
     column-major); for a compiled step (`row_split_linears`)."""
 
+    multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features:
             return super().forward(x)

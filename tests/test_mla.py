@@ -71,6 +71,37 @@ def test_absorbed_and_expanded_attention_agree(checkpoint, monkeypatch):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_absorbed_attention_reads_a_decoding_kernels_kv_b_weight_as_is(checkpoint, monkeypatch):
+    """The CPU decode layouts swap kv_b for a Linear of another kernel on the same weight (`OneRowLinear`,
+    `RowSplitLinear`): absorbed attention takes that weight as it is, rather than rebuilding it through a product with
+    the identity (a (kv_lora_rank, ...) matmul per layer and token), and computes what the plain Linear does."""
+    import litllm.model
+    from litllm.cpu_layout import OneRowLinear
+    from litllm.row_split import RowSplitLinear
+
+    model = GPT.from_checkpoint(checkpoint("deepseek_v3")).eval()
+    plain = [block.attn.kv_b for block in model.blocks]
+    idx = torch.randint(2, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(litllm.model, "MLA_ABSORB_MAX_QUERIES", 64)  # every cached forward absorbs
+    with torch.no_grad():
+        expected = model(idx)
+        for cls in (OneRowLinear, RowSplitLinear):
+            calls = []
+            for block, linear in zip(model.blocks, plain):
+                block.attn.kv_b = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+                block.attn.kv_b.weight = linear.weight
+                block.attn.kv_b.register_forward_hook(lambda *_: calls.append(1))
+            model.set_kv_cache(batch_size=1, max_seq_length=16)
+            try:
+                got = model(idx, input_pos=torch.arange(12))
+            finally:
+                model.clear_kv_cache()
+                for block, linear in zip(model.blocks, plain):
+                    block.attn.kv_b = linear
+            assert calls == [], f"{cls.__name__}'s kv_b was called {len(calls)} times"
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
 def test_engine_batches_and_chunks_prefill_like_one_row_at_a_time(family, checkpoint):
     """Continuous batching (2 slots, 3 requests), chunked prefill (3 tokens a step) and prefix caching over the
