@@ -176,7 +176,7 @@ class RowSplitLinear(torch.nn.Linear):
     multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features:
+        if x.numel() != self.in_features or torch.is_grad_enabled():  # the op has no backward: training's F.linear
             return super().forward(x)
         y = torch.ops.litllm_cpu.row_split_linear(x, self.weight)
         return y if self.bias is None else y + self.bias

@@ -110,3 +110,18 @@ def test_row_split_linear_runs_under_inference_mode_on_every_thread(op):
         assert (got - F.linear(row, w)).abs().max() <= 1e-5 * got.abs().max()
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_row_split_linear_trains_as_a_linear(op):
+    """The op has no backward: with gradients recorded (a policy whose Linears a compiled rollout swapped, trained
+    next) one row goes through `F.linear`, and the gradients are the plain Linear's."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(32, 48)
+    split = RowSplitLinear(32, 48, device="meta")
+    split.weight = torch.nn.Parameter(plain.weight.detach().clone())
+    split.bias = torch.nn.Parameter(plain.bias.detach().clone())
+    row = torch.randn(1, 1, 32)
+    plain(row).square().sum().backward()
+    split(row).square().sum().backward()
+    torch.testing.assert_close(split.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(split.bias.grad, plain.bias.grad, rtol=0, atol=0)

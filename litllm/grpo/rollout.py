@@ -155,7 +155,10 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
         if not isinstance(module, LoRALinear) or module.adapter_disabled or not module.enabled:
             continue
         base, weight = module.base, getattr(module.base, "weight", None)
-        if type(base) is not nn.Linear or type(weight).__name__ != "Parameter" or not weight.is_floating_point():
+        # a plain Linear, or one a compiled decode step swapped in on the same weight (`multiplies_by_weight`: the
+        # CPU layouts' OneRowLinear/RowSplitLinear, left in the module after its first compiled rollout)
+        plain = type(base) is nn.Linear or getattr(base, "multiplies_by_weight", False)
+        if not plain or type(weight).__name__ != "Parameter" or not weight.is_floating_point():
             continue
         merged = (weight.detach().float() + module.delta_weight().to(weight.device)).to(weight.dtype)
         patched.append((module, module.__dict__.get("forward")))  # an instance's own forward (a wrapper's), if any
