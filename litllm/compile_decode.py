@@ -70,6 +70,7 @@ from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fa
                                one_row_linears, optimize_for_decoding, thread_candidates)
 from litllm.errors import LitLLMError
 from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
+from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 COMPILE_ENV = "LITLLM_COMPILE"
 CHOICES_FILE = "decode_choices.json"
@@ -158,8 +159,7 @@ def compile_cache_dir() -> Path:
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if folder and not _set_by_inductor(folder):
         return Path(folder)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "litllm" / "torch_compile"
+    return litllm_cache_home() / "torch_compile"
 
 
 def _set_by_inductor(folder: str) -> bool:
@@ -184,12 +184,7 @@ def enable_compile_cache() -> Path:
 
 def _machine() -> str:
     """This CPU's model name, its core count and torch's version: what compiled kernels are built for."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model_name(default=platform.processor() or platform.machine())
     return f"{cpu}|{os.cpu_count()} cpus|torch {torch.__version__}"
 
 
@@ -252,10 +247,10 @@ def _omp_wait() -> str:
 
 def _read_record(path: Path) -> dict:
     """One of litllm's JSON records beside the caches (`CHOICES_FILE`, `SECONDS_FILE`) as a dict; {} when it
-    is absent, torn, foreign, or writable by another user (`_trusted`): a cache, so what it said is worked out
+    is absent, torn, foreign, or writable by another user (`owned_and_private`): a cache, so what it said is worked out
     again."""
     try:
-        if not _trusted(path):
+        if not owned_and_private(path):
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -266,8 +261,6 @@ def _read_record(path: Path) -> dict:
 def _write_record(path: Path, data: dict) -> None:
     """Write a JSON record atomically, readable by all and writable by this user only (whatever the umask: a
     group-writable record would not be read back, `_read_record`)."""
-    from litllm.utils import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
         tmp.chmod(0o644)
@@ -607,12 +600,6 @@ def _note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-def _trusted(path: Path) -> bool:
-    """A saved step is a shared library: load only one this user wrote (owned by them, writable by no one else)."""
-    info = path.stat()
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
-
-
 class _DecodeStep(torch.nn.Module):
     """What AOTInductor compiles: one decode step of `model` (logits of the last position, (B, padded_vocab)).
     Exported, the model's weights and KV cache are the graph's constants, left out of the package and handed at
@@ -652,7 +639,7 @@ def _load_step(path: Path, engine) -> Optional[Callable]:
     """The AOTInductor step saved at `path`, bound to `engine`'s weights and KV cache (no copies: the package's
     kernels read and write the engine's tensors), if it loads and fits; else None, with a one-line note."""
     try:
-        if not _trusted(path):
+        if not owned_and_private(path):
             _note(f"not loading {path}: not owned by this user, or writable by others")
             return None
         # C++ (`torch._C._aoti`): loads the package's shared library without importing inductor
@@ -681,8 +668,6 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
     import io
 
     import torch._inductor
-
-    from litllm.utils import atomic_path
 
     try:
         package = io.BytesIO()

@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
+
 SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -99,26 +101,13 @@ FLAGS = ["-O2", "-fopenmp"]
 
 def _library_name() -> str:
     """The library's file name: the source, the flags, torch's version and the CPU."""
-    key = f"{SOURCE}|{FLAGS}|{torch.__version__}|{platform.machine()}|{_cpu_model()}"
+    key = f"{SOURCE}|{FLAGS}|{torch.__version__}|{platform.machine()}|{cpu_model_name()}"
     return f"{NAME}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
-
-
-def _trusted(path: Path) -> bool:
-    info = path.stat()
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def library_folder() -> Path:
     """Where the op's library is built and kept: `$XDG_CACHE_HOME/litllm/extensions`, else under `~/.cache`."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "litllm" / "extensions"
+    return litllm_cache_home() / "extensions"
 
 
 @lru_cache(maxsize=None)
@@ -130,7 +119,7 @@ def row_split_op() -> Optional[object]:
         try:
             if not path.exists():
                 _build(path)  # loads it too
-            elif not _trusted(path):
+            elif not owned_and_private(path):
                 raise RuntimeError(f"{path} is not owned by this user, or is writable by others")
             else:
                 torch.ops.load_library(str(path))
@@ -148,8 +137,6 @@ def _build(path: Path) -> None:
     import tempfile
 
     from torch.utils.cpp_extension import load_inline
-
-    from litllm.utils import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as build:

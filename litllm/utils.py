@@ -251,6 +251,28 @@ def _link_or_copy(source: str | Path, target: str | Path) -> None:
         shutil.copy2(source, target)
 
 
+def litllm_cache_home() -> Path:
+    """litllm's folder in the user's cache: `$XDG_CACHE_HOME/litllm`, else `~/.cache/litllm` (compile caches, built
+    extensions)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "litllm"
+
+
+def cpu_model_name(default: str = "") -> str:
+    """This CPU's model name (`/proc/cpuinfo`), `default` where it can't be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), default)
+    except OSError:
+        return default
+
+
+def owned_and_private(path: Path) -> bool:
+    """Is `path` owned by this user and writable by no one else (the only shared libraries litllm loads that it
+    built itself: saved compiled steps, its C++ op)?"""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
