@@ -21,7 +21,7 @@ pick for each compiled step (`pick_compiled_threads`).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -45,20 +45,22 @@ def thread_ticks() -> dict[str, int]:
     return ticks
 
 
-@contextlib.contextmanager
+def patched(module, name: str, value):
+    """`module.<name>` set to `value` for a block (None: left as it is; `litllm.utils.temporarily`)."""
+    from litllm.utils import temporarily
+
+    return temporarily(functools.partial(getattr, module, name), functools.partial(setattr, module, name), value)
+
+
 def step_options(extra: dict):
     """litllm's CPU steps compiled with inductor's settings changed by `extra` (saved under their own key), for
     comparison with the steps litllm compiles: `baked(n)`, `DYNAMIC`."""
     from litllm import compile_decode
 
     options = compile_decode.cpu_compile_options
-    if extra:
-        compile_decode.cpu_compile_options = lambda model: {
-            **{k: v for k, v in options(model).items() if k not in ("cpp.threads", "cpp.dynamic_threads")}, **extra}
-    try:
-        yield
-    finally:
-        compile_decode.cpu_compile_options = options
+    changed = lambda model: {  # noqa: E731
+        **{k: v for k, v in options(model).items() if k not in ("cpp.threads", "cpp.dynamic_threads")}, **extra}
+    return patched(compile_decode, "cpu_compile_options", changed if extra else None)
 
 
 def baked(n: int) -> dict:
@@ -72,34 +74,21 @@ DYNAMIC = {"cpp.dynamic_threads": True}
 1-thread budget before it baked the count in, and still compiles under other budgets below the core count)."""
 
 
-@contextlib.contextmanager
 def one_row_kernel(kernel):
     """With `kernel` ("mv", "fp32-row"): compiled 16-bit steps built with that one-row kernel
     (`litllm.cpu_layout.one_row_kernel`, what this CPU's capability picks otherwise; saved under its own key)."""
     from litllm import cpu_layout
 
-    capability = cpu_layout.CPU_CAPABILITY
-    if kernel is not None:
-        cpu_layout.CPU_CAPABILITY = cpu_layout.FP32_ROW_CAPABILITIES[0] if kernel == "fp32-row" else "(not fp32-row)"
-    try:
-        yield
-    finally:
-        cpu_layout.CPU_CAPABILITY = capability
+    capability = {None: None, "fp32-row": cpu_layout.FP32_ROW_CAPABILITIES[0]}.get(kernel, "(not fp32-row)")
+    return patched(cpu_layout, "CPU_CAPABILITY", capability)
 
 
-@contextlib.contextmanager
 def no_row_split(off: bool):
     """With `off`: compiled fp32 steps keep `F.linear` (MKL's one-thread GEMV) instead of the row-split op
     (`litllm.row_split`; saved under their own key), for comparison."""
     from litllm import compile_decode
 
-    wants = compile_decode.wants_row_split
-    if off:
-        compile_decode.wants_row_split = lambda: False
-    try:
-        yield
-    finally:
-        compile_decode.wants_row_split = wants
+    return patched(compile_decode, "wants_row_split", (lambda: False) if off else None)
 
 
 def main() -> None:

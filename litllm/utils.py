@@ -130,6 +130,20 @@ def meta_device() -> Iterator[None]:
             setattr(torch.nn.init, name, initialiser)
 
 
+@contextmanager
+def kept_modules(model) -> Iterator[None]:
+    """Run a block that may swap `model`'s submodules in place (a compiled decode step's layout,
+    `litllm.compile_decode.unpack_weights`: Linears as `OneRowLinear`/`RowSplitLinear` on the same weights); at exit
+    every module of the tree on entry has its children of then again (what the block added under new names stays)."""
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+    try:
+        yield
+    finally:
+        for parent, name, child in children:
+            if parent._modules.get(name, child) is not child:
+                setattr(parent, name, child)
+
+
 _STARTED = time.time()  # about when this process started (litllm.utils is imported first thing)
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 

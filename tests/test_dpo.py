@@ -122,7 +122,7 @@ def test_bad_records_name_the_file_and_index(base, tmp_path, record, message):
         _module(path, _tokenizer(base), prompt_style="default")
 
 
-def test_long_pairs_truncate_prompt_first_skip_or_error(base):
+def test_long_pairs_truncate_prompt_first_skip_or_error(base, capsys):
     from litllm.prompts import PromptStyle
 
     tokenizer, style = _tokenizer(base), PromptStyle.from_name("default")
@@ -133,9 +133,16 @@ def test_long_pairs_truncate_prompt_first_skip_or_error(base):
     cut = tokenize_pairs(records, tokenizer, style, max_seq_length=limit - 1)[0]
     assert torch.equal(cut["chosen_ids"], whole["chosen_ids"]) and torch.equal(cut["rejected_ids"], whole["rejected_ids"])
     assert torch.equal(cut["prompt_ids"], whole["prompt_ids"][-10:])  # the prompt's end, next to the reply, stays
-    assert tokenize_pairs(records, tokenizer, style, max_seq_length=limit - 1, long_pairs="skip") == []
+    assert tokenize_pairs(records, tokenizer, style, max_seq_length=limit - 1, long_pairs="skip", name="P") == []
     with pytest.raises(LitLLMError, match="f record 0: .* tokens"):
         tokenize_pairs(records, tokenizer, style, max_seq_length=limit - 1, long_pairs="error")
+    same_ends = [PreferenceRecord("f record 1", prompt=long_prompt, chosen="Pack my box.", rejected="Pack my bag.")]
+    assert tokenize_pairs(same_ends, tokenizer, style, max_seq_length=2, name="Q") == []  # replies cut to 2 tokens
+    assert capsys.readouterr().out.splitlines()[-2:] == [  # one line per call that met a long pair
+        f"P: 1 of 1 pairs are longer than max_seq_length + 1 = {limit} tokens: 1 skipped",
+        "Q: 1 of 1 pairs are longer than max_seq_length + 1 = 3 tokens: 1 dropped (the truncated replies were identical)"]
+    with pytest.raises(LitLLMError, match="long_pairs must be truncate, skip or error, got 'cut'"):
+        tokenize_pairs(records, tokenizer, style, max_seq_length=limit - 1, long_pairs="cut")
 
 
 def test_shared_sharegpt_demo_parses(shared_data, base):

@@ -196,6 +196,7 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
         p.requires_grad_("lora_" in name)
+    modules = [(name, type(module)) for name, module in model.named_modules()]
     sources = []
     build = rollout.rollout_engine
 
@@ -230,6 +231,7 @@ def test_compiled_rollout_samples_the_eager_rollouts_tokens_with_the_current_wei
     assert one_prompt[1] == one_prompt[0] == (updated[0][:4], updated[1][:4])
     assert sources == ["eager", "eager", "eager", "compiled", "eager", "loaded", "loaded", "eager", "loaded"]
     assert not any(n.endswith(rollout.MERGED_BUFFER) for n, _ in model.named_buffers())
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules  # plain Linears again
 
 
 def test_a_policy_whose_step_does_not_export_decodes_eagerly_with_one_note(base, monkeypatch, tmp_path, capsys):
@@ -249,6 +251,36 @@ def test_a_policy_whose_step_does_not_export_decodes_eagerly_with_one_note(base,
         assert rollout.sample_completions(model, prompts, 4, 6, sampling, range(8), [], True)[:2] == eager
     assert len(tries) == 1
     assert capsys.readouterr().err.count("does not export as one graph: the rollouts decode eagerly") == 1
+
+
+def test_a_compiled_rollout_leaves_the_policys_modules_as_they_were(base, monkeypatch, tmp_path):
+    """The compiled step's decode layout (`unpack_weights`: 16-bit Linears as `OneRowLinear`s, fp32 ones as
+    `RowSplitLinear`s, on the same weights) lasts for the rollout only: afterwards the training policy has its own
+    modules again (plain Linears under its LoRA layers) and the same Parameters (the optimizer's)."""
+    from litllm import compile_decode
+    from litllm.grpo import rollout
+    from litllm.lora import add_lora
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)  # no compile: eager after
+    model = add_lora(GPT.from_checkpoint(base), r=4, alpha=8, dropout=0.0).to(torch.bfloat16)  # OneRowLinears
+    modules = [(name, module, type(module)) for name, module in model.named_modules()]
+    parameters = list(model.parameters())
+    during = []
+    build = rollout.rollout_engine
+
+    def spy(*args):
+        engine = build(*args)
+        during.extend(type(m).__name__ for m in model.modules())
+        return engine
+
+    monkeypatch.setattr(rollout, "rollout_engine", spy)
+    rollout.sample_completions(model, [[5, 9, 2, 7]], 2, 4, {"temperature": 1.0, "top_p": 1.0, "top_k": None},
+                               range(2), [], True)
+    assert [(name, module, type(module)) for name, module in model.named_modules()] == modules
+    assert all(a is b for a, b in zip(model.parameters(), parameters)) and len(list(model.parameters())) == len(parameters)
+    assert "OneRowLinear" in during  # the rollout decoded on the layout
 
 
 def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(monkeypatch):

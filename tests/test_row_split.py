@@ -113,8 +113,8 @@ def test_row_split_linear_runs_under_inference_mode_on_every_thread(op):
 
 
 def test_a_row_split_linear_trains_as_a_linear(op):
-    """The op has no backward: with gradients recorded (a policy whose Linears a compiled rollout swapped, trained
-    next) one row goes through `F.linear`, and the gradients are the plain Linear's."""
+    """The op has no backward: with gradients recorded (a forward through a decode layout's module, say) one row goes
+    through `F.linear`, and the gradients are the plain Linear's."""
     torch.manual_seed(0)
     plain = torch.nn.Linear(32, 48)
     split = RowSplitLinear(32, 48, device="meta")

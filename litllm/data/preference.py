@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader
 from litllm.data.base import DataModule
 from litllm.data.json_data import load_split_records
 from litllm.data.sft import (
-    Record, TokenizedDataset, _parse_messages, encode_record, record_object, require_keys, resolve_prompt_style,
-    string_field,
+    LongRecords, Record, TokenizedDataset, TokenizeStats, _parse_messages, encode_record, record_object, require_keys,
+    resolve_prompt_style, sample_limit, string_field,
 )
 from litllm.errors import LitLLMError
 
-LongPairs = Literal["truncate", "skip", "error"]
+LongPairs = LongRecords
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -138,23 +138,6 @@ def encode_pair(record: PreferenceRecord, tokenizer, style) -> tuple[list[int], 
     return prompt, chosen, rejected
 
 
-@dataclass
-class PairStats:
-    total: int = 0
-    too_long: int = 0
-    truncated: int = 0
-    skipped: int = 0
-    dropped: int = 0  # truncation left the two replies identical
-
-    def summary(self, name: str, limit: int) -> Optional[str]:
-        if not self.too_long:
-            return None
-        parts = [f"{n} {what}" for n, what in ((self.truncated, "truncated"), (self.skipped, "skipped"),
-                                                (self.dropped, "dropped (the truncated replies were identical)")) if n]
-        return (f"{name}: {self.too_long} of {self.total} pairs are longer than max_seq_length + 1 = {limit} tokens:"
-                f" {', '.join(parts)}")
-
-
 def tokenize_pairs(records: list[PreferenceRecord], tokenizer, style, max_seq_length: int,
                    long_pairs: LongPairs = "truncate", name: str = "data") -> list[dict[str, torch.Tensor]]:
     """Samples `{"prompt_ids", "chosen_ids", "rejected_ids"}` (1-D int64) of the pairs that fit the policy.
@@ -163,10 +146,8 @@ def tokenize_pairs(records: list[PreferenceRecord], tokenizer, style, max_seq_le
     cuts the prompt from its beginning first (the end, next to the reply, is kept; one token at least),
     then the replies' ends; `skip` drops the pair; `error` stops with the record's name.
     """
-    if long_pairs not in ("truncate", "skip", "error"):
-        raise LitLLMError(f"long_pairs must be truncate, skip or error, got {long_pairs!r}")
-    limit = max_seq_length + 1 if max_seq_length and max_seq_length > 0 else None
-    stats = PairStats(total=len(records))
+    limit = sample_limit(max_seq_length, long_pairs, "long_pairs")
+    stats = TokenizeStats("pairs", "the truncated replies were identical", total=len(records))
     samples = []
     for record in records:
         prompt, chosen, rejected = encode_pair(record, tokenizer, style)
@@ -190,9 +171,7 @@ def tokenize_pairs(records: list[PreferenceRecord], tokenizer, style, max_seq_le
         samples.append({"prompt_ids": torch.tensor(prompt, dtype=torch.long),
                         "chosen_ids": torch.tensor(chosen, dtype=torch.long),
                         "rejected_ids": torch.tensor(rejected, dtype=torch.long)})
-    message = stats.summary(name, limit or 0)
-    if message:
-        print(message)
+    stats.report(name, limit)
     return samples
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -177,30 +177,35 @@ def _eos(tokenizer, record: Record) -> list[int]:
     return [tokenizer.eos_id]
 
 
+def sample_limit(max_seq_length: Optional[int], policy: str, flag: str) -> Optional[int]:
+    """The most tokens a sample may have: max_seq_length + 1 (its inputs and its last target), None without a
+    limit; first, `policy` (the flag `flag`: what to do with longer ones) must be one of `LongRecords`."""
+    if policy not in get_args(LongRecords):
+        raise LitLLMError(f"{flag} must be truncate, skip or error, got {policy!r}")
+    return max_seq_length + 1 if max_seq_length and max_seq_length > 0 else None
+
+
 @dataclass
 class TokenizeStats:
+    """What the length policy did to the samples longer than the limit (`report`: one line)."""
+
+    unit: str = "records"
+    """What a sample is ("records", "pairs")."""
+    dropped_because: str = "no reply token fit"
     total: int = 0
     too_long: int = 0
     truncated: int = 0  # kept, cut to the limit
-    skipped: int = 0  # dropped by long_records=skip
-    empty: int = 0  # dropped: truncation left no reply token
+    skipped: int = 0  # dropped by the policy `skip`
+    dropped: int = 0  # dropped: truncation left nothing to learn from (`dropped_because`)
 
-    def summary(self, name: str, limit: int) -> Optional[str]:
+    def report(self, name: str, limit: Optional[int]) -> None:
+        """Print what happened to the samples longer than `limit`, if there were any."""
         if not self.too_long:
-            return None
-        parts = [
-            f"{n} {what}"
-            for n, what in (
-                (self.truncated, "truncated"),
-                (self.skipped, "skipped"),
-                (self.empty, "dropped (no reply token fit)"),
-            )
-            if n
-        ]
-        return (
-            f"{name}: {self.too_long} of {self.total} records are longer than max_seq_length + 1 = {limit} tokens:"
-            f" {', '.join(parts)}"
-        )
+            return
+        parts = [f"{n} {what}" for n, what in ((self.truncated, "truncated"), (self.skipped, "skipped"),
+                                                (self.dropped, f"dropped ({self.dropped_because})")) if n]
+        print(f"{name}: {self.too_long} of {self.total} {self.unit} are longer than max_seq_length + 1 = {limit} "
+              f"tokens: {', '.join(parts)}")
 
 
 def tokenize_records(
@@ -214,9 +219,7 @@ def tokenize_records(
     name: str = "data",
 ) -> list[dict[str, torch.Tensor]]:
     """Samples `{"input_ids", "labels"}` (1-D int64, already shifted) of every record that fits the policy."""
-    if long_records not in ("truncate", "skip", "error"):
-        raise LitLLMError(f"long_records must be truncate, skip or error, got {long_records!r}")
-    limit = max_seq_length + 1 if max_seq_length and max_seq_length > 0 else None
+    limit = sample_limit(max_seq_length, long_records, "long_records")
     stats = TokenizeStats(total=len(records))
     samples = []
     for record in _progress(records, name):
@@ -233,7 +236,7 @@ def tokenize_records(
                 continue
             ids, is_reply = ids[:limit], is_reply[:limit]
             if mask_prompt and not any(is_reply[1:]):
-                stats.empty += 1
+                stats.dropped += 1
                 continue
             stats.truncated += 1
         tokens = torch.tensor(ids, dtype=torch.long)
@@ -241,9 +244,7 @@ def tokenize_records(
         if mask_prompt:
             labels[~torch.tensor(is_reply[1:], dtype=torch.bool)] = ignore_index
         samples.append({"input_ids": tokens[:-1], "labels": labels})
-    message = stats.summary(name, limit or 0)
-    if message:
-        print(message)
+    stats.report(name, limit)
     return samples
 
 

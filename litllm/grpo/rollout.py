@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from litllm.engine import Engine, Request, Sampling, sampling_probs
 from litllm.errors import LitLLMError
+from litllm.utils import kept_modules
 
 SEED_BYTES = 7
 MERGED_BUFFER = "merged_weight"
@@ -155,10 +156,7 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
         if not isinstance(module, LoRALinear) or module.adapter_disabled or not module.enabled:
             continue
         base, weight = module.base, getattr(module.base, "weight", None)
-        # a plain Linear, or one a compiled decode step swapped in on the same weight (`multiplies_by_weight`: the
-        # CPU layouts' OneRowLinear/RowSplitLinear, left in the module after its first compiled rollout)
-        plain = type(base) is nn.Linear or getattr(base, "multiplies_by_weight", False)
-        if not plain or type(weight).__name__ != "Parameter" or not weight.is_floating_point():
+        if type(base) is not nn.Linear or type(weight).__name__ != "Parameter" or not weight.is_floating_point():
             continue
         merged = (weight.detach().float() + module.delta_weight().to(weight.device)).to(weight.dtype)
         patched.append((module, module.__dict__.get("forward")))  # an instance's own forward (a wrapper's), if any
@@ -224,9 +222,10 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
 
     All prompts x G rows decode together, each prompt prefilled once (`add_many` shares it with its G - 1 other
     rows). The module decodes in eval mode (no dropout), its LoRA merged (`merged_lora`), and is put back in its mode
-    afterwards; the engine's KV cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this
-    call. The engine gets no tokenizer: the stops are token ids and the rewards decode the completions themselves, so
-    no token is detokenized here. `compile`: decode on the compiled step of at least `min_rows` rows
+    afterwards, with its own modules (`kept_modules`: a compiled step's layout swaps Linears in place); the engine's KV
+    cache (prompts x G rows of the longest prompt + max_new_tokens) lives only for this call. The engine gets no
+    tokenizer: the stops are token ids and the rewards decode the completions themselves, so no token is detokenized
+    here. `compile`: decode on the compiled step of at least `min_rows` rows
     (`rollout_engine`)."""
     rows = [list(map(int, p)) for p in prompts for _ in range(num_generations)]
     length = max(len(r) for r in rows) + max_new_tokens
@@ -236,7 +235,10 @@ def sample_completions(module, prompts: Sequence[Sequence[int]], num_generations
     tokens: dict[int, list[int]] = {}
     finish: dict[int, Optional[str]] = {}
     try:
-        with merged_lora(module), rollout_engine(module, len(rows), length, compile, min_rows) as engine:
+        # the compiled step's CPU layout (Linears swapped for OneRowLinear/RowSplitLinear on the same weights,
+        # `unpack_weights`) is the rollout's only: the policy trains on its own modules
+        with kept_modules(module), merged_lora(module), \
+                rollout_engine(module, len(rows), length, compile, min_rows) as engine:
             requests = [Request(r, max_new_tokens, Sampling(seed=seed, **sampling), stop_token_ids=stop_token_ids)
                         for r, seed in zip(rows, seeds)]
             ids = engine.add_many(requests)
