@@ -139,6 +139,24 @@ def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_the_layout_pick_never_times_16_bit_weights_column_major(dtype, monkeypatch):
+    """`optimize_for_decoding` times column-major for fp32 weights only: a 16-bit step over column-major weights is
+    oneDNN's matmul (2-3x slower than the row-major `OneRowLinear` step on an AVX-512-BF16 EPYC), which a loaded
+    machine's timing alone picked (`UNTIMED_16_BIT_LAYOUTS`). A forced `layout` still takes it."""
+    from litllm import cpu_layout
+
+    made = []
+    column_major = cpu_layout.LAYOUTS["column-major"]
+    monkeypatch.setitem(cpu_layout.LAYOUTS, "column-major", lambda linear: made.append(1) or column_major(linear))
+    model = GPT(tiny_config()).to(dtype).eval()
+    cpu_layout.optimize_for_decoding(model, min_gain=float("inf"))  # times every candidate, keeps row-major
+    assert bool(made) == (dtype == torch.float32)
+    model = GPT(tiny_config()).to(dtype).eval()  # (the pick may have made 16-bit Linears OneRowLinears)
+    assert cpu_layout.optimize_for_decoding(model, layout="column-major") == "column-major"
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+
+
 def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `cpu_compile_options`) load bf16
     weights a whole SIMD vector at a time and agree with eager. A partial load (8 of a 16-lane vector on AVX2, when
