@@ -584,15 +584,29 @@ def test_generate_command_precision_bf16(tiny_checkpoint, capsys):
 
 
 def test_default_precision_and_its_environment_variable(monkeypatch):
+    from litllm import inference
     from litllm.inference import resolve_precision
 
     monkeypatch.delenv("LITLLM_PRECISION", raising=False)
-    assert resolve_precision(None, "cpu") == torch.float32  # every CPU, bf16 units or not (tutorials/inference.md 6c)
+    # bf16 where the CPU has bf16 units (AVX512-BF16, AMX), unquantized; else fp32 (tutorials/inference.md 6c)
+    for units, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(inference, "cpu_has_bf16_units", lambda units=units: units)
+        assert resolve_precision(None, "cpu") == dtype and resolve_precision("32-true", "cpu") == torch.float32
+        assert resolve_precision(None, "cpu", "torchao.int8wo") == torch.float32  # quantized: fp32 compute
     monkeypatch.setenv("LITLLM_PRECISION", "bf16-true")
     assert resolve_precision(None, "cpu") == torch.bfloat16 and resolve_precision("32-true", "cpu") == torch.float32
     monkeypatch.setenv("LITLLM_PRECISION", "fp8")
     with pytest.raises(LitLLMError, match=r"\$LITLLM_PRECISION: expected one of 32-true, bf16-true, 16-true, got 'fp8'"):
         resolve_precision(None, "cpu")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_cpu_bf16_units_are_this_cpus():
+    """`cpu_has_bf16_units` (the CPU default precision's test) says what the kernel's CPU flags say."""
+    from litllm.inference import cpu_has_bf16_units
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_bf16_units() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
 def test_generate_command_errors(tiny_checkpoint, tmp_path):
