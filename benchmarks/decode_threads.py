@@ -111,6 +111,8 @@ def main() -> None:
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
+    parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "
+                        "`layout`, e.g. row-major) instead of timing one: on a loaded machine the timed pick varies")
     args = parser.parse_args()
 
     from litllm.compile_decode import pick_compiled_threads
@@ -136,7 +138,7 @@ def main() -> None:
         for label, extra, kernel, off in variants:
             # loaded per variant: a compiled step's unpacking changes the model's Linears
             model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
-            layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec))  # one pick per format
+            layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec, args.layout))  # one pick per format
             for n in args.threads:
                 t0 = time.perf_counter()
                 with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off):

@@ -72,7 +72,7 @@ class LLM:
         into `<checkpoint_root>/<org>/<name>` unless it is already there.
 
         device: `cpu`, `cuda`, ... (default: cuda when available).
-        precision: `32-true`, `bf16-true` or `16-true` (default: bf16 on a GPU that supports it, else fp32; see `LoadArgs`).
+        precision: `32-true`, `bf16-true` or `16-true` (default: bf16 on a GPU that supports it and, unquantized, on a CPU with bf16 units, else fp32; see `LoadArgs`).
         quantize: `bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4` or `bnb.int8`.
         prompt_style: a prompt style name (default: the checkpoint's own).
         draft_model: speculative decoding: a small converted model folder with the same tokenizer that

@@ -108,8 +108,10 @@ CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 a compiled step's trace reads it as a constant (`one_row_kernel`)."""
 FP32_ROW_CAPABILITIES = ("AVX2",)
 """The `CPU_CAPABILITY`s where a compiled `OneRowLinear` converts its input row to fp32 once (`one_row_kernel`):
-measured on a 2-core AVX2 EPYC only (tutorials/inference.md section 6, "the 16-bit one-row kernel"); AVX-512 / AMX
-CPUs keep inductor's `mv` reduction as it was measured there."""
+measured on a 2-core AVX2 EPYC (tutorials/inference.md section 6, "the 16-bit one-row kernel"). AVX-512 CPUs keep
+inductor's `mv` reduction: on a 2-core AVX-512-BF16 EPYC (Zen 4) the row-once kernel's 134M bf16 step took 0.74-1.03x
+`mv`'s CPU time a token at 1 thread and 0.85-1.08x at 2 (three runs at load 8-12, `benchmarks/decode_threads.py
+--one_row_kernel`): no gain beyond the noise; both read ~18 GB/s per CPU-second there, one core's read rate."""
 
 
 def one_row_kernel() -> str:
@@ -170,7 +172,14 @@ LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
 """How `optimize_for_decoding` lays Linears out. The eager step of "onednn-packed+column-major" is oneDNN's packed
 one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major."""
 TIMED_LAYOUTS = ("column-major", "onednn-packed")
-"""The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by)."""
+"""The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by); 16-bit
+weights all but column-major (`UNTIMED_16_BIT_LAYOUTS`)."""
+UNTIMED_16_BIT_LAYOUTS = ("column-major",)
+"""Layouts `optimize_for_decoding` does not time for 16-bit weights: a compiled step multiplies by row-major ones
+through `OneRowLinear` (inductor's reduction reads rows), column-major ones through `F.linear`'s oneDNN matmul, slower
+on every CPU measured (AMX Xeon: 0.72x fp32 `F.linear`; AVX-512-BF16 EPYC: the 134M bf16 step 37 CPU-ms a token
+against 12-16 row-major), and where oneDNN has no 16-bit GEMM (AVX2) a column-major prompt would miss
+`eager_upcast_linears`. On a loaded machine the timing alone picked it (tutorials/inference.md section 6c)."""
 
 
 def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
@@ -254,6 +263,8 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
     candidates = {"row-major": torch.nn.Linear(w.size(1), w.size(0), bias=False, device="meta")}
     candidates["row-major"].weight = nn.Parameter(w)
     for name in TIMED_LAYOUTS:
+        if w.dtype in ONE_ROW_DTYPES and name in UNTIMED_16_BIT_LAYOUTS:
+            continue
         if _layout_works(name, largest):
             copy = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
             copy.weight = nn.Parameter(w)

@@ -85,21 +85,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_precision(precision: Optional[str], device: str) -> torch.dtype:
-    """`--precision` -> dtype; default (`default_decode_precision`): bf16 on a GPU that supports it, else fp32."""
-    precision = precision or default_decode_precision(device)
+def resolve_precision(precision: Optional[str], device: str, quantize: Optional[str] = None) -> torch.dtype:
+    """`--precision` -> dtype; default (`default_decode_precision`): bf16 on a GPU that supports it and, unquantized,
+    on a CPU with bf16 units, else fp32."""
+    precision = precision or default_decode_precision(device, quantize)
     if precision not in DECODE_PRECISIONS:
         raise LitLLMError(f"--precision: expected one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
     return DECODE_PRECISIONS[precision]
 
 
-def default_decode_precision(device: str) -> str:
-    """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it, else 32-true.
+def default_decode_precision(device: str, quantize: Optional[str] = None) -> str:
+    """`--precision`'s default: `$LITLLM_PRECISION` if set, else bf16-true on a GPU that supports it and, for
+    unquantized weights (`quantize` None), on a CPU with bf16 units (`cpu_has_bf16_units`: AVX512-BF16 or AMX), else
+    32-true (the CPU's quantized modes keep computing in fp32, as they were measured).
 
-    Not bf16 on CPUs with AMX/AVX512-BF16 units: measured there (benchmarks/generate.py, tutorials/inference.md)
-    bf16 decodes ~1.2x fp32 (1 thread, loaded machine; not yet measured quietly at 2 threads), not the 2x its bytes
-    would allow: torch's one-row bf16 kernels read ~0.9x fp32's bytes per second (benchmarks/one_row_matmul.py);
-    and it agrees with fp32 less (benchmarks/bf16_agreement.py)."""
+    bf16 on such CPUs: on a 2-core AVX-512-BF16 AMD EPYC (Zen 4) the 134M Llama's compiled bf16 step took 2.0-2.8x less
+    CPU time a token than fp32's at 1 thread, 2.2-2.3x at 2 (`benchmarks/decode_threads.py`, three runs at load 7-12),
+    its eager step (oneDNN-packed) 1.19-1.45x less; its weights take half the memory, and its greedy agreement with
+    fp32 is a GPU's bf16's (the same rounding: `benchmarks/bf16_agreement.py`, tutorials/inference.md section 6c).
+    Not on CPUs without them (AVX2): there oneDNN has no bf16 GEMM (a prompt's matmuls convert the weights to fp32,
+    `litllm.cpu_layout.upcast_16_bit_gemm`), and the default was not measured there. `--precision 32-true` keeps fp32."""
     from litllm.precision import PRECISION_ENV
 
     if os.environ.get(PRECISION_ENV):
@@ -107,9 +112,18 @@ def default_decode_precision(device: str) -> str:
             raise LitLLMError(f"${PRECISION_ENV}: expected one of {', '.join(DECODE_PRECISIONS)}, "
                               f"got {os.environ[PRECISION_ENV]!r}")
         return os.environ[PRECISION_ENV]
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    if kind == "cpu" and quantize is None and cpu_has_bf16_units():
         return "bf16-true"
     return "32-true"
+
+
+def cpu_has_bf16_units() -> bool:
+    """Does this CPU multiply bf16 in hardware: AVX512-BF16 (`vdpbf16ps`) or AMX tiles (oneDNN's bf16 kernels)."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def load_for_inference(
@@ -129,7 +143,7 @@ def load_for_inference(
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise LitLLMError(f"--device {device}: CUDA is not available on this machine")
-    dtype = resolve_precision(precision, device)
+    dtype = resolve_precision(precision, device, quantize)
     if quantize is None:
         return load_adapter_model(checkpoint_dir, device=device, dtype=dtype).eval()
     from litllm.quantize import check_quantize_mode, quantize_model
@@ -164,7 +178,7 @@ class LoadArgs:
     """How every inference command loads a model: `--precision`, `--quantize`, `--device`."""
 
     precision: Optional[str] = None
-    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it, else 32-true; $LITLLM_PRECISION overrides it)."""
+    """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it and unquantized on a CPU with bf16 units, AVX512-BF16 or AMX; else 32-true; $LITLLM_PRECISION overrides it; `32-true` keeps fp32)."""
     quantize: Optional[str] = None
     """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4; `torchao.int8dq`: int8 weights and per-token int8 activations, the head too)."""
     device: Optional[str] = None
@@ -183,7 +197,7 @@ class LoadArgs:
         if uses_devices(self.devices, self.num_nodes):
             device = self.device or default_device()
             return load_on_devices(checkpoint_dir, self.devices, self.num_nodes, self.strategy, device,
-                                   resolve_precision(self.precision, device), self.quantize)
+                                   resolve_precision(self.precision, device, self.quantize), self.quantize)
         return load_for_decoding(checkpoint_dir, self.device, self.precision, self.quantize)
 
 

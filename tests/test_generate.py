@@ -139,6 +139,24 @@ def test_cpu_weight_layouts_in_bf16(family_checkpoints, layout):
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_the_layout_pick_never_times_16_bit_weights_column_major(dtype, monkeypatch):
+    """`optimize_for_decoding` times column-major for fp32 weights only: a 16-bit step over column-major weights is
+    oneDNN's matmul (2-3x slower than the row-major `OneRowLinear` step on an AVX-512-BF16 EPYC), which a loaded
+    machine's timing alone picked (`UNTIMED_16_BIT_LAYOUTS`). A forced `layout` still takes it."""
+    from litllm import cpu_layout
+
+    made = []
+    column_major = cpu_layout.LAYOUTS["column-major"]
+    monkeypatch.setitem(cpu_layout.LAYOUTS, "column-major", lambda linear: made.append(1) or column_major(linear))
+    model = GPT(tiny_config()).to(dtype).eval()
+    cpu_layout.optimize_for_decoding(model, min_gain=float("inf"))  # times every candidate, keeps row-major
+    assert bool(made) == (dtype == torch.float32)
+    model = GPT(tiny_config()).to(dtype).eval()  # (the pick may have made 16-bit Linears OneRowLinears)
+    assert cpu_layout.optimize_for_decoding(model, layout="column-major") == "column-major"
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+
+
 def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
     """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `cpu_compile_options`) load bf16
     weights a whole SIMD vector at a time and agree with eager. A partial load (8 of a 16-lane vector on AVX2, when
@@ -566,15 +584,29 @@ def test_generate_command_precision_bf16(tiny_checkpoint, capsys):
 
 
 def test_default_precision_and_its_environment_variable(monkeypatch):
+    from litllm import inference
     from litllm.inference import resolve_precision
 
     monkeypatch.delenv("LITLLM_PRECISION", raising=False)
-    assert resolve_precision(None, "cpu") == torch.float32  # every CPU, bf16 units or not (tutorials/inference.md 6c)
+    # bf16 where the CPU has bf16 units (AVX512-BF16, AMX), unquantized; else fp32 (tutorials/inference.md 6c)
+    for units, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(inference, "cpu_has_bf16_units", lambda units=units: units)
+        assert resolve_precision(None, "cpu") == dtype and resolve_precision("32-true", "cpu") == torch.float32
+        assert resolve_precision(None, "cpu", "torchao.int8wo") == torch.float32  # quantized: fp32 compute
     monkeypatch.setenv("LITLLM_PRECISION", "bf16-true")
     assert resolve_precision(None, "cpu") == torch.bfloat16 and resolve_precision("32-true", "cpu") == torch.float32
     monkeypatch.setenv("LITLLM_PRECISION", "fp8")
     with pytest.raises(LitLLMError, match=r"\$LITLLM_PRECISION: expected one of 32-true, bf16-true, 16-true, got 'fp8'"):
         resolve_precision(None, "cpu")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_cpu_bf16_units_are_this_cpus():
+    """`cpu_has_bf16_units` (the CPU default precision's test) says what the kernel's CPU flags say."""
+    from litllm.inference import cpu_has_bf16_units
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_bf16_units() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
 def test_generate_command_errors(tiny_checkpoint, tmp_path):
