@@ -442,17 +442,30 @@ def test_lora_finetune_runs_its_peft_export_loads_and_estimate_runs(family, numb
     """finetune_lora trains a few steps on the family (LoRA on attention and MLP, the experts included); its PEFT
     export applies in transformers + peft with litllm's logits; `litllm estimate` runs for finetune_lora and serve."""
     pytest.importorskip("peft")
-    import json
-
-    from conftest import (assert_peft_export_computes_the_same, finetune_lora_briefly, litllm_in_process,
-                          make_converted_checkpoint)
+    from conftest import assert_peft_export_computes_the_same, finetune_lora_briefly, make_converted_checkpoint
 
     base = make_converted_checkpoint(tmp_path / "base", family=family, seed=3)
     result = finetune_lora_briefly(base, tmp_path / "run", numbers_file, lora_mlp=True)
     assert result.losses[4] < result.losses[1]
     assert_peft_export_computes_the_same(result.final_dir, base, tmp_path / "peft")
+    _assert_estimate_runs(base)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])  # their LoRA runs: test_moe_training, test_mla
+def test_estimate_runs(family, tmp_path):
+    from conftest import make_converted_checkpoint
+
+    _assert_estimate_runs(make_converted_checkpoint(tmp_path, family=family))
+
+
+def _assert_estimate_runs(folder) -> None:
+    """`litllm estimate finetune_lora` and `estimate serve` on a converted folder: exit 0 and count its weights."""
+    import json
+
+    from conftest import litllm_in_process
+
     for command in (["finetune_lora", "--train.max_steps", "5", "--train.max_seq_length", "32"],
                     ["serve", "--max_batch_size", "2", "--max_seq_length", "64"]):
-        proc = litllm_in_process(["estimate", command[0], str(base), *command[1:], "--precision", "32-true", "--json"])
+        proc = litllm_in_process(["estimate", command[0], str(folder), *command[1:], "--precision", "32-true", "--json"])
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["breakdown"]["weights"] > 0
