@@ -466,6 +466,7 @@ def _assert_estimate_runs(folder) -> None:
 
     for command in (["finetune_lora", "--train.max_steps", "5", "--train.max_seq_length", "32"],
                     ["serve", "--max_batch_size", "2", "--max_seq_length", "64"]):
-        proc = litllm_in_process(["estimate", command[0], str(folder), *command[1:], "--precision", "32-true", "--json"])
+        proc = litllm_in_process(["estimate", command[0], str(folder), *command[1:], "--precision", "32-true",
+                                  "--json"])
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["breakdown"]["weights"] > 0
