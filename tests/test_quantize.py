@@ -539,7 +539,7 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     7-bit rows; bf16): its logits equal a plain-torch reference of that arithmetic to float precision, and err
     against fp32 less than the kernels did."""
     pytest.importorskip("torchao")
-    from litllm.quantize import Int8Words
+    from litllm.quantize import Int8Words, _reduce_range
 
     dynamic = mode == "torchao.int8dq"
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
@@ -560,5 +560,8 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     assert rel(expected, exact) > 1e-3  # int8 is ~1e-2 off fp32: the comparison can fail
     # q8_0's rounding (at most absmax / 254 per block of activations) on int8 weights: measured 1.5% (int8dq), 0.8%
     assert rel(got, exact) < (0.03 if dynamic else 0.02)
-    # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x
-    assert rel(stepped, exact_last) < (0.85 if dynamic else 0.95) * rel(kernels, exact_last)
+    # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x.
+    # Not int8dq's on VNNI CPUs, where fbgemm keeps 8-bit activations (`_reduce_range`): measured 1.28x there
+    # (AVX-512 EPYC), within the bound above all the same
+    if not dynamic or _reduce_range():
+        assert rel(stepped, exact_last) < (0.85 if dynamic else 0.95) * rel(kernels, exact_last)
