@@ -176,3 +176,18 @@ def test_every_family_has_presets_of_its_own_model_type():
         ours = [n for n, v in presets.items() if v.get("hf_model_type") == family.model_type]
         assert ours, family.model_type
         assert family.presets.startswith("_") or family.presets in ours
+
+
+def test_the_example_family_extension_runs():
+    """extensions/example_family.py (the documented way to add a family, #21) registers its family and checks its
+    config and weight names round-trip; run as its docstring says, in a process of its own (the registration is
+    global)."""
+    import subprocess
+    import sys
+
+    from test_pretrain import REPO, env_with_tests
+
+    run = subprocess.run([sys.executable, str(REPO / "extensions" / "example_family.py")], capture_output=True,
+                         text=True, env=env_with_tests(), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "registered MyLlamaForCausalLM: config and weight names round-trip" in run.stdout

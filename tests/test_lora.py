@@ -199,6 +199,7 @@ def test_merge_lora_cli_error_is_one_line(tmp_path):
         ("gpt_neox", dict(query=True, key=True, value=False, mlp=True)),  # interleaved fused qkv rows
         # MoE experts: PEFT target_parameters on transformers' stacked expert tensors (and a dense layer)
         ("qwen3_moe", ALL_ON),
+        ("olmoe", ALL_ON),  # stacked experts, no dense layer
         ("mixtral", dict(query=True, value=True, mlp=True)),
         ("llama4", ALL_ON),
         ("deepseek_v2", dict(query=True, value=True, mlp=True)),  # MLA; softmax router, 2 shared experts  # (E, in, out) stacks: factors transposed and swapped; dense + shared expert modules

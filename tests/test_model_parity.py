@@ -433,3 +433,40 @@ def test_moe_dense_layers_and_expert_size(converted):
     assert kinds == [MoE, GatedMLP, MoE]
     assert model.blocks[1].mlp.intermediate_size == 112
     assert {e.intermediate_size for e in model.blocks[0].mlp.experts} == {32}
+
+
+# the families of #21 without a module of their own (test_gpt_oss, test_llama4, test_mla, test_mistral3,
+# test_moe_training hold the others' runs)
+@pytest.mark.parametrize("family", ["smollm3", "olmo3", "granite", "olmoe", "deepseek_v2"])
+def test_lora_finetune_runs_its_peft_export_loads_and_estimate_runs(family, numbers_file, tmp_path):
+    """finetune_lora trains a few steps on the family (LoRA on attention and MLP, the experts included); its PEFT
+    export applies in transformers + peft with litllm's logits; `litllm estimate` runs for finetune_lora and serve."""
+    pytest.importorskip("peft")
+    from conftest import assert_peft_export_computes_the_same, finetune_lora_briefly, make_converted_checkpoint
+
+    base = make_converted_checkpoint(tmp_path / "base", family=family, seed=3)
+    result = finetune_lora_briefly(base, tmp_path / "run", numbers_file, lora_mlp=True)
+    assert result.losses[4] < result.losses[1]
+    assert_peft_export_computes_the_same(result.final_dir, base, tmp_path / "peft")
+    _assert_estimate_runs(base)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])  # their LoRA runs: test_moe_training, test_mla
+def test_estimate_runs(family, tmp_path):
+    from conftest import make_converted_checkpoint
+
+    _assert_estimate_runs(make_converted_checkpoint(tmp_path, family=family))
+
+
+def _assert_estimate_runs(folder) -> None:
+    """`litllm estimate finetune_lora` and `estimate serve` on a converted folder: exit 0 and count its weights."""
+    import json
+
+    from conftest import litllm_in_process
+
+    for command in (["finetune_lora", "--train.max_steps", "5", "--train.max_seq_length", "32"],
+                    ["serve", "--max_batch_size", "2", "--max_seq_length", "64"]):
+        proc = litllm_in_process(["estimate", command[0], str(folder), *command[1:], "--precision", "32-true",
+                                  "--json"])
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["breakdown"]["weights"] > 0

@@ -385,6 +385,55 @@ def test_torchao_through_every_loader(tiny_checkpoint, capsys):
     assert isinstance(llm.generate("Hello", max_new_tokens=6), str)
 
 
+def test_serve_and_chat_take_the_torchao_modes(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`chat --quantize torchao.int8wo` decodes with quantized layers; `serve --quantize torchao.int8wo` answers
+    greedily what `generate` with it prints, and its prompt logprobs are the int8 model's, not the fp32 one's
+    (on this tiny model the greedy text alone can't tell them apart)."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("openai")
+    import io
+    import signal
+    import sys
+
+    from test_serve import KEY, Server, generate_alone
+
+    from litllm.chat import chat
+    from litllm.inference import LoadArgs, load_decoder
+    from litllm.tokenizer import Tokenizer
+
+    quantized = []
+
+    def spy(*args, **kwargs):
+        loaded = load_decoder(*args, **kwargs)
+        quantized.append(is_quantized(loaded.model.blocks[0].attn.qkv))
+        return loaded
+
+    monkeypatch.setattr("litllm.chat.load_decoder", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/exit\n"))
+    chat(tiny_checkpoint, temperature=0.0, max_new_tokens=6, quantize="torchao.int8wo", device="cpu")
+    assert quantized == [True] and ">> Model: " in capsys.readouterr().out
+
+    prompt = "The quick brown fox jumps over the lazy dog"
+    server = Server(tiny_checkpoint, tmp_path / "server.log", "--max_batch_size", "1", "--api_key", KEY,
+                    "--compile", "false", "--quantize", "torchao.int8wo")
+    try:
+        got = server.client().completions.create(model=tiny_checkpoint.name, prompt=prompt, max_tokens=12,
+                                                 temperature=0).choices[0].text
+        echoed = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 0})
+    finally:
+        server.stop(signal.SIGTERM)
+    assert got == generate_alone(tiny_checkpoint, prompt, 12, quantize="torchao.int8wo")
+    served = torch.tensor(echoed.json()["choices"][0]["logprobs"]["token_logprobs"][1:-1])  # after each prompt token
+    ids = torch.as_tensor(Tokenizer(tiny_checkpoint).encode(prompt)).view(1, -1)
+    errors = {}
+    for mode in ("torchao.int8wo", None):
+        model, _ = LoadArgs(device="cpu", precision="32-true", quantize=mode).for_decoding(tiny_checkpoint)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)
+        errors[mode] = float((logprobs.gather(-1, ids[0, 1:, None])[:, 0] - served).abs().max())
+    assert errors["torchao.int8wo"] <= 1e-5 and errors[None] > 5e-4, errors  # measured 0 and 3.9e-3
+
+
 def test_torchao_errors(monkeypatch):
     pytest.importorskip("torchao")
     with pytest.raises(LitLLMError, match="unknown mode 'torchao.int2wo'; expected one of .*torchao.int8wo, torchao.int4wo"):
@@ -490,7 +539,7 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     7-bit rows; bf16): its logits equal a plain-torch reference of that arithmetic to float precision, and err
     against fp32 less than the kernels did."""
     pytest.importorskip("torchao")
-    from litllm.quantize import Int8Words
+    from litllm.quantize import Int8Words, _reduce_range
 
     dynamic = mode == "torchao.int8dq"
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
@@ -511,5 +560,8 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     assert rel(expected, exact) > 1e-3  # int8 is ~1e-2 off fp32: the comparison can fail
     # q8_0's rounding (at most absmax / 254 per block of activations) on int8 weights: measured 1.5% (int8dq), 0.8%
     assert rel(got, exact) < (0.03 if dynamic else 0.02)
-    # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x
-    assert rel(stepped, exact_last) < (0.85 if dynamic else 0.95) * rel(kernels, exact_last)
+    # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x.
+    # Not int8dq's on VNNI CPUs, where fbgemm keeps 8-bit activations (`_reduce_range`): measured 1.28x there
+    # (AVX-512 EPYC), within the bound above all the same
+    if not dynamic or _reduce_range():
+        assert rel(stepped, exact_last) < (0.85 if dynamic else 0.95) * rel(kernels, exact_last)

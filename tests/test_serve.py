@@ -108,14 +108,15 @@ def model_id(checkpoint) -> str:
     return checkpoint.name
 
 
-def generate_alone(checkpoint: Path, prompt: str, max_new_tokens: int, prompt_style: str = "default") -> str:
-    """What `litllm generate` prints for `prompt`, greedy (its command function, run in-process)."""
+def generate_alone(checkpoint: Path, prompt: str, max_new_tokens: int, prompt_style: str = "default", **load) -> str:
+    """What `litllm generate` prints for `prompt`, greedy (its command function, run in-process); `load`: more
+    loader flags (`quantize=...`)."""
     from litllm.generate import generate
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         generate(checkpoint, prompt=prompt, prompt_style=prompt_style, max_new_tokens=max_new_tokens,
-                 temperature=0.0, top_k=None, device="cpu", precision="32-true")
+                 temperature=0.0, top_k=None, device="cpu", precision="32-true", **load)
     text = out.getvalue()
     assert text.endswith("\n")
     return text[:-1]
