@@ -54,7 +54,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
@@ -328,30 +328,41 @@ FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8":
 """litllm's format -> (its row, llama.cpp's outtype of the same width; its `+repack` row too where it ran)."""
 
 
-def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str]:
-    """({row: (model, threads)}, {row: bytes read per token}, fp32 layout) for litllm fp32 and each --quantize."""
+def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, Callable]:
+    """({row: (model, threads)}, {row: bytes read per token}, fp32 layout, `load(row)`: another copy of a row's
+    model, as loaded) for litllm fp32 and each --quantize."""
     from litllm.inference import load_for_inference, pick_decode_threads
     from litllm.cpu_layout import optimize_for_decoding
 
     # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
-    lit = load_for_inference(folder, device=args.device, precision="32-true")
+    def load(row: str):
+        mode, _, precision = ("none" if row == "litllm" else row).partition("@")
+        return load_for_inference(folder, device=args.device, precision=precision or "32-true",
+                                  quantize=None if mode == "none" else mode)
+
+    lit = load("litllm")
     fp32_linear_bytes = linear_bytes(lit)
     layout = optimize_for_decoding(lit)
     models = {"litllm": (lit, pick_decode_threads(lit))}
     row_bytes = {"transformers": weight_bytes, "litllm": weight_bytes}
     for spec in args.quantize:
-        mode, _, precision = spec.partition("@")
-        model = load_for_inference(folder, device=args.device, precision=precision or "32-true",
-                                   quantize=None if mode == "none" else mode)
+        model = load(spec)
         row_bytes[spec] = weight_bytes - fp32_linear_bytes + linear_bytes(model)
         optimize_for_decoding(model)
         models[spec] = (model, pick_decode_threads(model))
-    return models, row_bytes, layout
+
+    def load_optimized(row: str):
+        model = load(row)
+        optimize_for_decoding(model)
+        return model
+
+    return models, row_bytes, layout, load_optimized
 
 
-def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, decode, reference) -> dict:
+def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, decode, reference, load) -> dict:
     """An engine per litllm row, and with `compile` a compiled twin ("<row> compiled", compiled here) on the thread
-    count timed on its compiled step (`pick_compiled_threads`)."""
+    count timed on its compiled step (`pick_compiled_threads`). The twin decodes its own copy of the model (`load`):
+    a compiled engine swaps modules for its CPU layouts (`OneRowLinear`...), which would also change the eager row's."""
     from litllm.compile_decode import pick_compiled_threads
     from litllm.engine import Engine
 
@@ -365,7 +376,7 @@ def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, deco
             engines[name].close()
             twin = f"{name} compiled"
             t0 = time.perf_counter()
-            engines[twin] = Engine(model, None, 1, length, threads=threads, compile=True)  # compiles or loads
+            engines[twin] = Engine(load(name), None, 1, length, threads=threads, compile=True)  # compiles or loads
             engines[twin].threads = pick_compiled_threads(engines[twin])  # as the commands do: timed compiled
             row_bytes[twin] = row_bytes[name]
             twin_tokens = decode(engines[twin])
@@ -469,7 +480,7 @@ def run_all(folder: Path, args) -> None:
         return
     prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     n = args.new_tokens
-    models, row_bytes, layout = load_rows(folder, args, weight_bytes)
+    models, row_bytes, layout, load = load_rows(folder, args, weight_bytes)
     lit_threads = models["litllm"][1]
 
     def decode(engine):
@@ -491,7 +502,7 @@ def run_all(folder: Path, args) -> None:
         reference = decode(engine)
     if hf is not None:
         print(f"litllm fp32 and transformers: same tokens: {run_hf() == reference}")
-    engines = make_engines(models, row_bytes, len(prompt) + n, not args.no_compile, decode, reference)
+    engines = make_engines(models, row_bytes, len(prompt) + n, not args.no_compile, decode, reference, load)
     calls = {name: (lambda marks, e=engine: greedy_tokens(e, prompt, n, marks)) for name, engine in engines.items()}
     if hf is not None:
         calls = {"transformers": lambda marks: run_hf(), **calls}
