@@ -6,7 +6,9 @@ picks the layout) and `litllm.compile_decode` (a compiled step's weights)."""
 
 from __future__ import annotations
 
+import os
 import time
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -99,6 +101,72 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     parts = [F.linear(x32, weight[i: i + rows].float(), None if bias is None else bias[i: i + rows].float())
              for i in range(0, weight.size(0), rows)]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)  # (..., out)
+
+
+ONEDNN_PROMPT_CAPABILITIES = ("AVX512",)
+"""The `CPU_CAPABILITY`s where a prompt's fp32 matmuls go through oneDNN (`prompt_linear`), not `F.linear` (MKL's
+sgemm): measured on a 2-core AVX-512 AMD EPYC (Zen 4), where MKL takes no AVX-512 path (it reports "Intel(R)
+Architecture processors") and a 32-row product of one 134M-Llama layer took 8.5-9.1 CPU-ms on 1 thread, 12.3-12.9 on
+2 (a second thread cost ~40% more CPU time), against oneDNN's 7.0-7.4 and 7.2-7.7 (its weights reordered per call;
+benchmarks/prefill.py). AVX2 CPUs keep `F.linear`, as measured there (tutorials/inference.md, "the first token")."""
+PROMPT_GEMM_ENV = "LITLLM_PROMPT_GEMM"
+"""`onednn` / `blas`: which GEMM `prompt_linear` takes whatever the CPU (e.g. to compare)."""
+
+
+def prompt_gemm() -> str:
+    """The GEMM of a prompt's fp32 rows here: "onednn" where `CPU_CAPABILITY` is one of `ONEDNN_PROMPT_CAPABILITIES`
+    and torch has oneDNN, else "blas" (`F.linear`); `$LITLLM_PROMPT_GEMM` overrides."""
+    forced = os.environ.get(PROMPT_GEMM_ENV, "").strip().lower()
+    if forced not in ("", "onednn", "blas"):
+        raise LitLLMError(f"${PROMPT_GEMM_ENV}: expected onednn or blas, got {forced!r}")
+    if not _has_onednn_linear():
+        return "blas"
+    return forced or ("onednn" if CPU_CAPABILITY in ONEDNN_PROMPT_CAPABILITIES else "blas")
+
+
+@lru_cache(maxsize=None)
+def _has_onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for several rows of fp32 CPU activations (a prompt) by the faster GEMM here
+    (`prompt_gemm`): oneDNN's on the weight as laid out (row- or column-major; reordered into its blocks per call,
+    nothing kept), on every thread. Equal to `F.linear` up to fp32 summation order. One row (decoding), other dtypes,
+    autograd and compiled code take `F.linear`."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.dim() != 2
+            or x.numel() == x.size(-1) or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or type(weight) not in (torch.Tensor, torch.nn.Parameter) or prompt_gemm() != "onednn"):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+class PromptLinear(torch.nn.Linear):
+    """A Linear whose calls on several rows (a prompt's prefill) go through `prompt_linear`, oneDNN's GEMM on CPUs
+    where it is the faster (`prompt_gemm`); one row (decoding), training and compiled code are `F.linear` as before.
+    What `prompt_linears` makes the fp32 CPU Linears of an inference model there."""
+
+    multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return prompt_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def prompt_linears(model) -> None:
+    """Every plain fp32 CPU Linear of `model` (a Parameter weight, row- or column-major; a head tied to the embedding
+    too) as a `PromptLinear` on the same tensors, where a prompt's GEMM here is oneDNN's (`prompt_gemm`)."""
+    if prompt_gemm() != "onednn":
+        return
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            weight = getattr(child, "weight", None)
+            if (type(child) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
+                    and weight.dtype == torch.float32):
+                prompt = PromptLinear(child.in_features, child.out_features, bias=False, device="meta")
+                prompt.weight, prompt.bias = child.weight, child.bias  # the same Parameters: ties stay
+                setattr(module, name, prompt)
 
 
 ONE_ROW_DTYPES = (torch.bfloat16, torch.float16)
@@ -208,7 +276,8 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     `F.linear` is the same BLAS call as eager's (MKL's: 1.5x faster column-major on a 2-core AVX2 AMD EPYC).
     Returns the layout in use: "row-major", "column-major", "onednn-packed", "onednn-packed+column-major", or
     "unchanged" (GPU). Row-major 16-bit weights that oneDNN has no GEMM for (`upcast_16_bit_gemm`: AVX2 CPUs) become
-    `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32.
+    `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32. Plain fp32
+    Linears become `PromptLinear`s where a prompt's GEMM is oneDNN's (`prompt_linears`): the same one-row matmul.
     """
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:  # already done
@@ -217,6 +286,7 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
         return "row-major"  # already done (`eager_upcast_linears`)
     layout_in_use = _pick_layout(model, min_gain, layout)
     eager_upcast_linears(model)
+    prompt_linears(model)
     return layout_in_use
 
 
@@ -234,7 +304,7 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
 
     linears = [
         (name, m) for name, m in model.named_modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
+        if type(m) in (nn.Linear, PromptLinear) and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
         and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
     ]
     if not linears:
