@@ -49,25 +49,31 @@ class PackedLinear(torch.nn.Module):
 
 
 class OneRowLinear(torch.nn.Linear):
-    """A Linear that multiplies one row by `torch.mv`; more rows go through `F.linear` as usual, eagerly in fp32
-    where the CPU has no 16-bit GEMM (`upcast_16_bit_gemm`: the prefill of a compiled run).
+    """A Linear that a compiled step multiplies one row by through `torch.mv`; more rows, and every eager call, go
+    through `F.linear` as usual, a prompt's eagerly in fp32 where the CPU has no 16-bit GEMM (`upcast_16_bit_gemm`:
+    the prefill of a compiled run).
 
     For the compiled decode step of 16-bit weights on the CPU (`one_row_linears`): inductor lowers a one-row
     `F.linear` to the same oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32;
     14 on a 2-core AVX2 EPYC), but decomposes `mv` into its own vectorized reduction that accumulates in fp32 and
     streams bf16 weights faster (~1.8x there, 20 GB/s here; benchmarks/one_row_matmul.py). Eager, `torch.mv` is
-    no faster than `PackedLinear`, which stays the eager pick. Compiled where `one_row_kernel()` is "fp32-row"
+    no faster than `PackedLinear`, which stays the eager pick, and slower than `F.linear` on AVX-512 BF16 CPUs. Compiled where `one_row_kernel()` is "fp32-row"
     (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`) rather than once per weight row.
     """
 
     multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features:
-            if not torch.compiler.is_compiling() and upcast_16_bit_gemm(self.weight):
+        if not torch.compiler.is_compiling():  # eager: a prompt, or one row (its last, through the head: the prefill)
+            if x.numel() != self.in_features and upcast_16_bit_gemm(self.weight):
                 return upcast_linear(x, self.weight, self.bias)
+            # one row: `F.linear`, the kernel an eager `torch.mv` runs where oneDNN has no 16-bit GEMM (bit for bit);
+            # where it has one (AVX-512 BF16), its GEMV: 1.5x faster than `torch.mv` (a 32000 x 768 bf16 head on a
+            # Zen 4 EPYC: 6.8 vs 10.1 CPU-ms; the first token of a compiled bf16 run, benchmarks/prefill.py)
             return super().forward(x)
-        if torch.compiler.is_compiling() and one_row_kernel() == "fp32-row":  # inductor's kernel; eager: torch.mv
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        if one_row_kernel() == "fp32-row":  # inductor's kernels
             y = fp32_row_mv(self.weight, x.reshape(-1))
         else:
             y = torch.mv(self.weight, x.reshape(-1))  # (out,)

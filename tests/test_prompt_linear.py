@@ -136,3 +136,25 @@ def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, th
     if mode == "none":
         for got in logits.values():
             assert (got[-1] - uncached).abs().max() <= 1e-5 * uncached.abs().max()
+
+
+def test_an_eager_one_row_16_bit_linear_is_f_linear():
+    """A compiled run's bf16 Linears are `OneRowLinear`s, and the engine's prefill runs them eagerly: one row (the
+    prompt's last, through the head) goes through `F.linear` (oneDNN's bf16 GEMV where the CPU has bf16 units, 1.5x
+    `torch.mv`'s there), the same values as the plain Linear's; a compiled one-row call keeps `torch.mv`'s reduction."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from litllm.cpu_layout import OneRowLinear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 300, bias=True, dtype=torch.bfloat16)
+    one_row = OneRowLinear(64, 300, bias=True, device="meta")
+    one_row.weight, one_row.bias = plain.weight, plain.bias
+    row = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = one_row(row)
+        assert "aten::mv" not in {event.key for event in prof.key_averages()}
+        assert torch.equal(got, plain(row))
+        compiled = torch.compile(one_row, fullgraph=True, dynamic=False)(row)
+    assert (compiled.float() - got.float()).abs().max() <= 0.02 * got.float().abs().max()
