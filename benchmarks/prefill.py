@@ -12,6 +12,7 @@ CPU time being what a loaded machine disturbs least. The first tokens of all row
 
     python benchmarks/prefill.py                         # 2 threads (torch's default here), 32-token prompt
     python benchmarks/prefill.py --threads 1 --repeats 9
+    python benchmarks/prefill.py --compare_gemm          # each litllm row with the other prompt GEMM too (oneDNN, MKL)
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ class OneRowLinear(torch.nn.Linear):
     `F.linear` to the same oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32;
     14 on a 2-core AVX2 EPYC), but decomposes `mv` into its own vectorized reduction that accumulates in fp32 and
     streams bf16 weights faster (~1.8x there, 20 GB/s here; benchmarks/one_row_matmul.py). Eager, `torch.mv` is
-    no faster than `PackedLinear`, which stays the eager pick, and slower than `F.linear` on AVX-512 BF16 CPUs. Compiled where `one_row_kernel()` is "fp32-row"
-    (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`) rather than once per weight row.
+    no faster than `PackedLinear`, which stays the eager pick, and slower than `F.linear` on AVX-512 BF16 CPUs.
+    Compiled where `one_row_kernel()` is "fp32-row" (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`)
+    rather than once per weight row.
     """
 
     multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
