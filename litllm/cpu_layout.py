@@ -113,9 +113,10 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 ONEDNN_PROMPT_CAPABILITIES = ("AVX512",)
 """The `CPU_CAPABILITY`s where a prompt's fp32 matmuls go through oneDNN (`prompt_linear`), not `F.linear` (MKL's
 sgemm): measured on a 2-core AVX-512 AMD EPYC (Zen 4), where MKL takes no AVX-512 path (it reports "Intel(R)
-Architecture processors") and a 32-row product of one 134M-Llama layer took 8.5-9.1 CPU-ms on 1 thread, 12.3-12.9 on
-2 (a second thread cost ~40% more CPU time), against oneDNN's 7.0-7.4 and 7.2-7.7 (its weights reordered per call;
-benchmarks/prefill.py). AVX2 CPUs keep `F.linear`, as measured there (tutorials/inference.md, "the first token")."""
+Architecture processors") and a second thread cost it a third more CPU time: the 134M Llama's 32-token prefill at 2
+threads 115-117 CPU-ms through oneDNN (its weights reordered per call) against 175-176 through MKL, at 1 thread
+109-115 against 132-134 (`benchmarks/prefill.py --compare_gemm`). AVX2 CPUs keep `F.linear`, as measured there
+(tutorials/inference.md, "the first token")."""
 PROMPT_GEMM_ENV = "LITLLM_PROMPT_GEMM"
 """`onednn` / `blas`: which GEMM `prompt_linear` takes whatever the CPU (e.g. to compare)."""
 
@@ -164,16 +165,13 @@ class PromptLinear(torch.nn.Linear):
 def prompt_linears(model) -> None:
     """Every plain fp32 CPU Linear of `model` (a Parameter weight, row- or column-major; a head tied to the embedding
     too) as a `PromptLinear` on the same tensors, where a prompt's GEMM here is oneDNN's (`prompt_gemm`)."""
-    if prompt_gemm() != "onednn":
-        return
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            weight = getattr(child, "weight", None)
-            if (type(child) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
-                    and weight.dtype == torch.float32):
-                prompt = PromptLinear(child.in_features, child.out_features, bias=False, device="meta")
-                prompt.weight, prompt.bias = child.weight, child.bias  # the same Parameters: ties stay
-                setattr(module, name, prompt)
+    def plain_fp32(child) -> bool:
+        weight = getattr(child, "weight", None)
+        return (type(child) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
+                and weight.dtype == torch.float32)
+
+    if prompt_gemm() == "onednn":
+        swap_linears(model, PromptLinear, plain_fp32)
 
 
 ONE_ROW_DTYPES = (torch.bfloat16, torch.float16)
@@ -226,12 +224,18 @@ def one_row_linears(model, only: Optional[Callable] = None) -> None:
     `OneRowLinear` on the same tensors, for a compiled step: on the CPU a one-row `F.linear` of 16-bit weights
     is oneDNN's or BLAS's unpacked matmul, slower than inductor's own reduction of `torch.mv` on every CPU
     measured (AVX2 and AMX, benchmarks/one_row_matmul.py). `only(linear)`: those of them it accepts."""
+    swap_linears(model, OneRowLinear, lambda child: becomes_one_row(child) and (only is None or only(child)))
+
+
+def swap_linears(model, cls: type, accept: Callable[[torch.nn.Module], bool]) -> None:
+    """Every submodule of `model` that `accept`s (and is no `cls` yet) as a `cls` Linear on the same tensors (the
+    same Parameters: ties stay)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is not OneRowLinear and becomes_one_row(child) and (only is None or only(child)):
-                one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
-                one_row.weight, one_row.bias = child.weight, child.bias  # the same Parameters: ties stay
-                setattr(module, name, one_row)
+            if type(child) is not cls and accept(child):
+                swapped = cls(child.in_features, child.out_features, bias=False, device="meta")
+                swapped.weight, swapped.bias = child.weight, child.bias
+                setattr(module, name, swapped)
 
 
 def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
