@@ -12,6 +12,7 @@ CPU time being what a loaded machine disturbs least. The first tokens of all row
 
     python benchmarks/prefill.py                         # 2 threads (torch's default here), 32-token prompt
     python benchmarks/prefill.py --threads 1 --repeats 9
+    python benchmarks/prefill.py --compare_gemm          # each litllm row with the other prompt GEMM too (oneDNN, MKL)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import litllm  # noqa: F401  (before torch: bounds OpenMP's spin-wait, as litllm's commands)
 import torch
@@ -34,7 +36,21 @@ FORMATS = {"fp32": ("none", "32-true", "f32"), "bf16": ("none", "bf16-true", "f1
 """format -> (litllm --quantize mode, precision, llama.cpp outtype)."""
 
 
-def litllm_rows(folder: Path, fmt: str, length: int, threads: int) -> dict:
+def with_prompt_gemm(gemm: str, call):
+    """`call` with `litllm.cpu_layout.prompt_gemm` forced to `gemm` ("blas": `F.linear`, "onednn")."""
+    from litllm.cpu_layout import PROMPT_GEMM_ENV
+
+    def run(prompt: list[int]) -> int:
+        before = os.environ.get(PROMPT_GEMM_ENV)
+        os.environ[PROMPT_GEMM_ENV] = gemm
+        try:
+            return call(prompt)
+        finally:
+            os.environ.pop(PROMPT_GEMM_ENV) if before is None else os.environ.__setitem__(PROMPT_GEMM_ENV, before)
+    return run
+
+
+def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: Optional[str] = None) -> dict:
     from litllm.compile_decode import unpack_weights
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine
@@ -48,7 +64,10 @@ def litllm_rows(folder: Path, fmt: str, length: int, threads: int) -> dict:
         if layout == "compiled":
             unpack_weights(model)
         engine = Engine(model, None, 1, length, threads=threads)
-        rows[f"litllm {fmt} ({layout} layout)"] = lambda prompt, e=engine: greedy_tokens(e, prompt, 1)[0]
+        name = f"litllm {fmt} ({layout} layout)"
+        rows[name] = lambda prompt, e=engine: greedy_tokens(e, prompt, 1)[0]
+        if other_gemm:
+            rows[f"{name[:-1]}, {other_gemm})"] = with_prompt_gemm(other_gemm, rows[name])
     return rows
 
 
@@ -72,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="both sides (default: torch's thread count)")
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--compare_gemm", action="store_true",
+                        help="a row of each litllm row with the other prompt GEMM (`litllm.cpu_layout.prompt_gemm`)")
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -80,9 +101,13 @@ def main() -> None:
         add_tokenizer(folder)
     prompt = torch.randint(0, 2000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     length = len(prompt) + 8
+    from litllm.cpu_layout import prompt_gemm
+
+    gemm = prompt_gemm()
+    other = {"onednn": "blas", "blas": "onednn"}[gemm] if args.compare_gemm else None
     calls = {}
     for fmt in args.formats:
-        calls.update(litllm_rows(folder, fmt, length, threads))
+        calls.update(litllm_rows(folder, fmt, length, threads, other))
     try:
         import llama_cpp  # noqa: F401
 
@@ -103,11 +128,11 @@ def main() -> None:
     reference = next(iter(firsts.values()))
     print(f"{len(prompt)}-token prompt, {threads} thread(s) on both sides, best of {args.repeats}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; first token = the first row's: "
-          + ", ".join(f"{name}: {firsts[name] == reference}" for name in calls))
-    print(f"{'':34s}{'wall ms best':>13s}{'median':>8s}{'CPU ms median':>15s}")
+          + ", ".join(f"{name}: {firsts[name] == reference}" for name in calls) + f"; litllm's prompt GEMM: {gemm}")
+    print(f"{'':44s}{'wall ms best':>13s}{'median':>8s}{'CPU ms median':>15s}")
     for name, times in runs.items():
         wall, cpu = sorted(w for w, _ in times), statistics.median(c for _, c in times)
-        print(f"{name:34s}{wall[0]:13.1f}{statistics.median(wall):8.1f}{cpu:15.1f}")
+        print(f"{name:44s}{wall[0]:13.1f}{statistics.median(wall):8.1f}{cpu:15.1f}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ from typing import Callable, Optional
 import torch
 
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
-                               one_row_linears, optimize_for_decoding, thread_candidates)
+                               one_row_linears, optimize_for_decoding, prompt_linears, thread_candidates)
 from litllm.errors import LitLLMError
 from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
@@ -705,7 +705,7 @@ def unpack_weights(model) -> None:
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
     oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). With more than one thread,
     fp32 CPU Linears become `litllm.row_split.RowSplitLinear`s (their one-row matmul on every thread: MKL's fp32 GEMV
-    runs on one), where its op builds here."""
+    runs on one), where its op builds here; the others `PromptLinear`s where a prompt's GEMM is oneDNN's."""
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -714,6 +714,7 @@ def unpack_weights(model) -> None:
     one_row_linears(model)
     if wants_row_split():
         row_split_linears(model)
+    prompt_linears(model)  # (fp32 ones the row split left: a prompt's GEMM)
 
 
 def prepare_int8_for_compile(model) -> None:

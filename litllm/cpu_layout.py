@@ -6,7 +6,9 @@ picks the layout) and `litllm.compile_decode` (a compiled step's weights)."""
 
 from __future__ import annotations
 
+import os
 import time
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -47,25 +49,32 @@ class PackedLinear(torch.nn.Module):
 
 
 class OneRowLinear(torch.nn.Linear):
-    """A Linear that multiplies one row by `torch.mv`; more rows go through `F.linear` as usual, eagerly in fp32
-    where the CPU has no 16-bit GEMM (`upcast_16_bit_gemm`: the prefill of a compiled run).
+    """A Linear that a compiled step multiplies one row by through `torch.mv`; more rows, and every eager call, go
+    through `F.linear` as usual, a prompt's eagerly in fp32 where the CPU has no 16-bit GEMM (`upcast_16_bit_gemm`:
+    the prefill of a compiled run).
 
     For the compiled decode step of 16-bit weights on the CPU (`one_row_linears`): inductor lowers a one-row
     `F.linear` to the same oneDNN matmul as eager (bf16: ~7 GB/s of weight read on an AMX Xeon, slower than fp32;
     14 on a 2-core AVX2 EPYC), but decomposes `mv` into its own vectorized reduction that accumulates in fp32 and
     streams bf16 weights faster (~1.8x there, 20 GB/s here; benchmarks/one_row_matmul.py). Eager, `torch.mv` is
-    no faster than `PackedLinear`, which stays the eager pick. Compiled where `one_row_kernel()` is "fp32-row"
-    (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`) rather than once per weight row.
+    no faster than `PackedLinear`, which stays the eager pick, and slower than `F.linear` on AVX-512 BF16 CPUs.
+    Compiled where `one_row_kernel()` is "fp32-row" (AVX2 CPUs), the row is converted to fp32 once (`fp32_row_mv`)
+    rather than once per weight row.
     """
 
     multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features:
-            if not torch.compiler.is_compiling() and upcast_16_bit_gemm(self.weight):
+        if not torch.compiler.is_compiling():  # eager: a prompt, or one row (its last, through the head: the prefill)
+            if x.numel() != self.in_features and upcast_16_bit_gemm(self.weight):
                 return upcast_linear(x, self.weight, self.bias)
+            # one row: `F.linear`, the kernel an eager `torch.mv` runs where oneDNN has no 16-bit GEMM (bit for bit);
+            # where it has one (AVX-512 BF16), its GEMV: 1.5x faster than `torch.mv` (a 32000 x 768 bf16 head on a
+            # Zen 4 EPYC: 6.8 vs 10.1 CPU-ms; the first token of a compiled bf16 run, benchmarks/prefill.py)
             return super().forward(x)
-        if torch.compiler.is_compiling() and one_row_kernel() == "fp32-row":  # inductor's kernel; eager: torch.mv
+        if x.numel() != self.in_features:
+            return super().forward(x)
+        if one_row_kernel() == "fp32-row":  # inductor's kernels
             y = fp32_row_mv(self.weight, x.reshape(-1))
         else:
             y = torch.mv(self.weight, x.reshape(-1))  # (out,)
@@ -99,6 +108,70 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     parts = [F.linear(x32, weight[i: i + rows].float(), None if bias is None else bias[i: i + rows].float())
              for i in range(0, weight.size(0), rows)]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)  # (..., out)
+
+
+ONEDNN_PROMPT_CAPABILITIES = ("AVX512",)
+"""The `CPU_CAPABILITY`s where a prompt's fp32 matmuls go through oneDNN (`prompt_linear`), not `F.linear` (MKL's
+sgemm): measured on a 2-core AVX-512 AMD EPYC (Zen 4), where MKL takes no AVX-512 path (it reports "Intel(R)
+Architecture processors") and a second thread cost it a third more CPU time: the 134M Llama's 32-token prefill at 2
+threads 115-117 CPU-ms through oneDNN (its weights reordered per call) against 175-176 through MKL, at 1 thread
+109-115 against 132-134 (`benchmarks/prefill.py --compare_gemm`). AVX2 CPUs keep `F.linear`, as measured there
+(tutorials/inference.md, "the first token")."""
+PROMPT_GEMM_ENV = "LITLLM_PROMPT_GEMM"
+"""`onednn` / `blas`: which GEMM `prompt_linear` takes whatever the CPU (e.g. to compare)."""
+
+
+def prompt_gemm() -> str:
+    """The GEMM of a prompt's fp32 rows here: "onednn" where `CPU_CAPABILITY` is one of `ONEDNN_PROMPT_CAPABILITIES`
+    and torch has oneDNN, else "blas" (`F.linear`); `$LITLLM_PROMPT_GEMM` overrides."""
+    forced = os.environ.get(PROMPT_GEMM_ENV, "").strip().lower()
+    if forced not in ("", "onednn", "blas"):
+        raise LitLLMError(f"${PROMPT_GEMM_ENV}: expected onednn or blas, got {forced!r}")
+    if not _has_onednn_linear():
+        return "blas"
+    return forced or ("onednn" if CPU_CAPABILITY in ONEDNN_PROMPT_CAPABILITIES else "blas")
+
+
+@lru_cache(maxsize=None)
+def _has_onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for several rows of fp32 CPU activations (a prompt) by the faster GEMM here
+    (`prompt_gemm`): oneDNN's on the weight as laid out (row- or column-major; reordered into its blocks per call,
+    nothing kept), on every thread. Equal to `F.linear` up to fp32 summation order. One row (decoding), other dtypes,
+    autograd and compiled code take `F.linear`."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.dim() != 2
+            or x.numel() == x.size(-1) or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or type(weight) not in (torch.Tensor, torch.nn.Parameter) or prompt_gemm() != "onednn"):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+class PromptLinear(torch.nn.Linear):
+    """A Linear whose calls on several rows (a prompt's prefill) go through `prompt_linear`, oneDNN's GEMM on CPUs
+    where it is the faster (`prompt_gemm`); one row (decoding), training and compiled code are `F.linear` as before.
+    What `prompt_linears` makes the fp32 CPU Linears of an inference model there."""
+
+    multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features:
+            return prompt_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def prompt_linears(model) -> None:
+    """Every plain fp32 CPU Linear of `model` (a Parameter weight, row- or column-major; a head tied to the embedding
+    too) as a `PromptLinear` on the same tensors, where a prompt's GEMM here is oneDNN's (`prompt_gemm`)."""
+    def plain_fp32(child) -> bool:
+        weight = getattr(child, "weight", None)
+        return (type(child) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
+                and weight.dtype == torch.float32)
+
+    if prompt_gemm() == "onednn":
+        swap_linears(model, PromptLinear, plain_fp32)
 
 
 ONE_ROW_DTYPES = (torch.bfloat16, torch.float16)
@@ -153,12 +226,18 @@ def one_row_linears(model, only: Optional[Callable] = None) -> None:
     `OneRowLinear` on the same tensors, for a compiled step: on the CPU a one-row `F.linear` of 16-bit weights
     is oneDNN's or BLAS's unpacked matmul, slower than inductor's own reduction of `torch.mv` on every CPU
     measured (AVX2 and AMX, benchmarks/one_row_matmul.py). `only(linear)`: those of them it accepts."""
+    swap_linears(model, OneRowLinear, lambda child: becomes_one_row(child) and (only is None or only(child)))
+
+
+def swap_linears(model, cls: type, accept: Callable[[torch.nn.Module], bool]) -> None:
+    """Every submodule of `model` that `accept`s (and is no `cls` yet) as a `cls` Linear on the same tensors (the
+    same Parameters: ties stay)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is not OneRowLinear and becomes_one_row(child) and (only is None or only(child)):
-                one_row = OneRowLinear(child.in_features, child.out_features, bias=False, device="meta")
-                one_row.weight, one_row.bias = child.weight, child.bias  # the same Parameters: ties stay
-                setattr(module, name, one_row)
+            if type(child) is not cls and accept(child):
+                swapped = cls(child.in_features, child.out_features, bias=False, device="meta")
+                swapped.weight, swapped.bias = child.weight, child.bias
+                setattr(module, name, swapped)
 
 
 def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
@@ -217,7 +296,8 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     `F.linear` is the same BLAS call as eager's (MKL's: 1.5x faster column-major on a 2-core AVX2 AMD EPYC).
     Returns the layout in use: "row-major", "column-major", "onednn-packed", "onednn-packed+column-major", or
     "unchanged" (GPU). Row-major 16-bit weights that oneDNN has no GEMM for (`upcast_16_bit_gemm`: AVX2 CPUs) become
-    `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32.
+    `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32. Plain fp32
+    Linears become `PromptLinear`s where a prompt's GEMM is oneDNN's (`prompt_linears`): the same one-row matmul.
     """
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:  # already done
@@ -226,6 +306,7 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
         return "row-major"  # already done (`eager_upcast_linears`)
     layout_in_use = _pick_layout(model, min_gain, layout)
     eager_upcast_linears(model)
+    prompt_linears(model)
     return layout_in_use
 
 
@@ -243,7 +324,7 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
 
     linears = [
         (name, m) for name, m in model.named_modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
+        if type(m) in (nn.Linear, PromptLinear) and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
         and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
     ]
     if not linears:

@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from litllm.cpu_layout import prompt_linear
 from litllm.errors import LitLLMError
 
 DeviceLike = Union[str, torch.device]
@@ -249,7 +250,7 @@ class Int8Words(nn.Module):
         scales, bias = self._step_scales()
         x2d = self._step_columns(x2d)
         rows = max(1, EAGER_STEP_CHUNK // self.in_features)
-        out = torch.cat([F.linear(x2d, self._step_rows(i, min(i + rows, self.out_features)))
+        out = torch.cat([prompt_linear(x2d, self._step_rows(i, min(i + rows, self.out_features)))
                          for i in range(0, self.out_features, rows)], dim=-1)  # (N, out)
         out = out * scales
         return out if bias is None else out + bias

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from litllm.cpu_layout import PromptLinear
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 SOURCE = r"""
@@ -155,28 +156,29 @@ def _register_fake() -> None:
         return x.new_empty(*x.shape[:-1], w.size(0))
 
 
-class RowSplitLinear(torch.nn.Linear):
+class RowSplitLinear(PromptLinear):
     """An fp32 CPU Linear whose one-row calls (decoding) run `litllm_cpu::row_split_linear` (every thread streams its
-    own block of the weight's rows); more rows go through `F.linear`. The weight is used as it is laid out (row- or
-    column-major); for a compiled step (`row_split_linears`)."""
+    own block of the weight's rows); more rows go through `litllm.cpu_layout.prompt_linear` (`F.linear`, or oneDNN's
+    GEMM where that is faster). The weight is used as it is laid out (row- or column-major); for a compiled step
+    (`row_split_linears`)."""
 
     multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features or torch.is_grad_enabled():  # the op has no backward: training's F.linear
-            return super().forward(x)
+            return super().forward(x)  # a prompt: `prompt_linear`
         y = torch.ops.litllm_cpu.row_split_linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
 def becomes_row_split(module) -> bool:
-    """Does `row_split_linears` make `module` a `RowSplitLinear`: a plain fp32 CPU Linear (a Parameter weight, not a
-    quantized tensor subclass), or one already."""
+    """Does `row_split_linears` make `module` a `RowSplitLinear`: a plain fp32 CPU Linear (or `PromptLinear`; a
+    Parameter weight, not a quantized tensor subclass), or one already."""
     if isinstance(module, RowSplitLinear):
         return True
     weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
-            and weight.dtype == torch.float32)
+    return (type(module) in (torch.nn.Linear, PromptLinear) and type(weight) is torch.nn.Parameter
+            and weight.device.type == "cpu" and weight.dtype == torch.float32)
 
 
 ENV = "LITLLM_ROW_SPLIT"

@@ -64,21 +64,23 @@ def test_greedy_matches_transformers(family_checkpoints, family):
 @pytest.mark.parametrize("layout", ["column-major", "onednn-packed"])
 @pytest.mark.parametrize("family", ["llama", "mixtral", "llama-linear-mqa"])
 def test_cpu_weight_layouts_keep_greedy_output(family_checkpoints, family, layout):
-    """The CPU layout switch changes only how weights sit in memory: greedy tokens still equal transformers'."""
-    from litllm.cpu_layout import PackedLinear, optimize_for_decoding
+    """The CPU layout switch changes only how weights sit in memory: greedy tokens still equal transformers'. (Plain
+    fp32 Linears become `PromptLinear`s, the same weights, where a prompt's GEMM is oneDNN's: AVX-512 CPUs.)"""
+    from litllm.cpu_layout import PackedLinear, PromptLinear, optimize_for_decoding, prompt_gemm
 
+    plain = PromptLinear if prompt_gemm() == "onednn" else torch.nn.Linear
     folder = family_checkpoints(family)
     model = GPT.from_checkpoint(folder).eval()
     assert optimize_for_decoding(model, min_gain=float("inf")) == "row-major"  # never worth it: untouched
-    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear and model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert type(model.blocks[0].attn.qkv) is plain and model.blocks[0].attn.qkv.weight.is_contiguous()
     assert optimize_for_decoding(model, layout=layout) == layout
     qkv = model.blocks[0].attn.qkv
     if layout == "column-major":
-        assert type(qkv) is torch.nn.Linear and qkv.weight.t().is_contiguous() and not qkv.weight.is_contiguous()
+        assert type(qkv) is plain and qkv.weight.t().is_contiguous() and not qkv.weight.is_contiguous()
     else:
         assert isinstance(qkv, PackedLinear)
     if model.config.tie_embeddings:  # a head shared with the embedding keeps its layout
-        assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.wte.weight
+        assert type(model.lm_head) is plain and model.lm_head.weight is model.wte.weight
         assert model.wte.weight.is_contiguous()
     assert optimize_for_decoding(model) == layout  # idempotent
     ids = Tokenizer(folder).encode(PROMPTS[0])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from litllm.cpu_layout import prompt_linear
 from litllm.model import GPT
 from litllm.row_split import RowSplitLinear, row_split_op
 
@@ -24,7 +25,7 @@ def op():
 def test_row_split_linear_equals_linear(op, threads):
     """One row, any output width (blocks of 64 rows and a ragged last one) and layout (row- or column-major, as the
     eager layout pick leaves fp32 weights): within fp32 rounding of `F.linear`, eager and (the widest, column-major)
-    compiled; more rows go through `F.linear` itself."""
+    compiled; more rows go through `prompt_linear` (a prompt's GEMM) itself."""
     torch.manual_seed(0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -41,7 +42,7 @@ def test_row_split_linear_equals_linear(op, threads):
                 linear.weight = torch.nn.Parameter(w, requires_grad=False)
                 rows = torch.randn(2, 3, 96)
                 with torch.inference_mode():
-                    assert torch.equal(linear(rows), F.linear(rows, w, linear.bias))
+                    assert torch.equal(linear(rows), prompt_linear(rows, w, linear.bias))
                     got = linear(row)
                     assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
         with torch.inference_mode():  # the last one: (1000, 96), column-major
