@@ -39,7 +39,10 @@ SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#include <immintrin.h>
+#include <cmath>
 #include <limits>
+#include <vector>
 
 // The Fortran BLAS GEMV libtorch exports (MKL's in torch's x86 wheels): what a one-row F.linear runs, called here
 // without the dispatcher so that OpenMP's threads need none of the caller's thread-local state.
@@ -91,8 +94,104 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-TORCH_LIBRARY(litllm_cpu, m) { m.def("row_split_linear(Tensor x, Tensor w) -> Tensor"); }
-TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) { m.impl("row_split_linear", &row_split_linear); }
+// int8 rows (litllm.quantize.Int8Words on AVX-512 VNNI CPUs): y (N, out) fp32 = x (N, K) fp32 times the int8 weights
+// in w (out, K) row-major, times an fp32 scale per output row. block > 0 (int8dq): each x row first rounded to int8 per block of
+// `block` values with one symmetric scale d each (absmax / 127, as litllm.quantize._block_quantized and llama.cpp's
+// q8_0), then int8 x int8 products summed in int32 by vpdpbusd, 64 weights an instruction (each int32 lane sums 4
+// weights of one block), scaled by d per lane into fp32 sums. block == 0 (fp32 int8wo): the weights converted to fp32
+// times x unrounded. The rows in one contiguous range per thread, as row_split_linear's.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8_rows_vnni(const int8_t* q, const float* lane_d, const int8_t* w, const float* s, float* y,
+                           int64_t r0, int64_t r1, int64_t K) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* wr = w + r * K;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 m = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;  // the tail (K % 64 is a multiple of 4)
+      const __m512i wv = _mm512_maskz_loadu_epi8(m, wr + k), qv = _mm512_maskz_loadu_epi8(m, q + k);
+      // u8 x s8 products: |w| (128 fits u8) times q with w's sign (q in [-127, 127]: its negation fits)
+      const __m512i qs = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), zero, qv);
+      const __m512i dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), qs);  // 16 int32: 4 products each
+      const __m512 d = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m == ~0ULL ? 0xFFFF : (1U << ((K - k) / 4)) - 1),
+                                             lane_d + k / 4);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc);
+    }
+    y[r] = _mm512_reduce_add_ps(acc) * s[r];
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8_rows_fp32(const float* x, const int8_t* w, const float* s, float* y, int64_t r0, int64_t r1,
+                           int64_t K) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* wr = w + r * K;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {  // two accumulators: the fma latency
+      const __m512i wv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
+      const __m512i wv1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 16)));
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wv), _mm512_loadu_ps(x + k), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wv1), _mm512_loadu_ps(x + k + 16), acc1);
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << (K - k)) - 1);
+      const __m512i wv = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr + k));
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wv), _mm512_maskz_loadu_ps(m, x + k), acc0);
+    }
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * s[r];
+  }
+}
+
+at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "int8_rows_linear: this CPU has no AVX-512 VNNI");
+  // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
+              w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
+              w.is_contiguous() && (block == 0 || (block % 4 == 0 && x.size(1) % block == 0)),
+              "int8_rows_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type(), " block ", block);
+  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int8_t* wp = reinterpret_cast<const int8_t*>(w.const_data_ptr<float>());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  at::Tensor y = at::empty({N, R}, x.options());
+  std::vector<int8_t> q(block ? K : 0);
+  std::vector<float> lane_d(block ? K / 4 : 0);
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16), chunks = (R + rows - 1) / rows;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = xc.const_data_ptr<float>() + n * K;
+    for (int64_t b = 0; block && b < K; b += block) {  // q8_0's rounding: torch.round is half to even, as nearbyint
+      float amax = 0.f;
+      for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+      for (int64_t i = b; i < b + block; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xr[i] * inv));
+      for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[i] = d;
+    }
+    float* yr = y.mutable_data_ptr<float>() + n * R;
+    auto part = [&](int64_t c) {
+      const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows);
+      if (block) int8_rows_vnni(q.data(), lane_d.data(), wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
+      else int8_rows_fp32(xr, wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
+    };
+    if (chunks == 1) {
+      part(0);
+    } else {
+      #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t c = 0; c < chunks; ++c) part(c);
+    }
+  }
+  return y;
+}
+
+TORCH_LIBRARY(litllm_cpu, m) {
+  m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("row_split_linear", &row_split_linear);
+  m.impl("int8_rows_linear", &int8_rows_linear);
+}
 """
 NAME = "litllm_cpu_ops"
 FLAGS = ["-O2", "-fopenmp"]
@@ -153,6 +252,32 @@ def _register_fake() -> None:
     @torch.library.register_fake("litllm_cpu::row_split_linear")
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], w.size(0))
+
+    @torch.library.register_fake("litllm_cpu::int8_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.size(0))
+
+
+INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
+"""`0`/`false`: compiled int8 steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
+
+
+def _has_avx512_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+
+
+def int8_rows_op() -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
+    this CPU has AVX-512 VNNI, the library builds or loads and `$LITLLM_INT8_ROWS` is not `0`; else None. The int8 layers'
+    compiled steps call it instead of inductor's int8 reduction (`litllm.quantize.Int8Words`)."""
+    if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512_vnni():
+        return None
+    return None if row_split_op() is None else torch.ops.litllm_cpu.int8_rows_linear
 
 
 class RowSplitLinear(torch.nn.Linear):
