@@ -7,7 +7,8 @@ Modes (`--quantize`):
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
 - `torchao.int8wo`  int8 weight-only: symmetric int8 per output row. CUDA: torchao's `Int8WeightOnlyConfig`;
                     CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8) eager; a
-                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`).
+                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`; on AVX-512
+                    VNNI CPUs litllm's C++ op, `litllm.row_split.int8_rows_op`).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -21,7 +22,8 @@ Modes (`--quantize`):
                     dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, 2-3x
                     slower: benchmarks/int8_matmul.py); compiled, inductor's own int8 reduction (`Int8Words`,
                     `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
-                    does, finer than fbgemm's one scale per call. Faster than int8wo, a little less exact (eager
+                    does, finer than fbgemm's one scale per call (on AVX-512 VNNI CPUs the same arithmetic in
+                    litllm's C++ op, int8 dot products by vpdpbusd: `litllm.row_split.int8_rows_op`). Faster than int8wo, a little less exact (eager
                     logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);

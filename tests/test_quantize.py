@@ -522,5 +522,10 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     assert rel(expected, exact) > 1e-3  # int8 is ~1e-2 off fp32: the comparison can fail
     # q8_0's rounding (at most absmax / 254 per block of activations) on int8 weights: measured 1.5% (int8dq), 0.8%
     assert rel(got, exact) < (0.03 if dynamic else 0.02)
-    # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x
-    assert rel(stepped, exact_last) < (0.85 if dynamic else 0.95) * rel(kernels, exact_last)
+    # the kernels' rounding is coarser: measured int8dq 0.77x (one row: fbgemm's scale is that row's), int8wo 0.91x;
+    # except fbgemm's with VNNI (8 bits, not 7: `_reduce_range`), whose one asymmetric scale for the tiny model's row
+    # (a block or two of 32 values) is as fine as q8_0's symmetric ones: measured 1.28x on an AVX-512 VNNI EPYC
+    from litllm.quantize import _reduce_range
+
+    factor = (0.85 if _reduce_range() else 1.5) if dynamic else 0.95
+    assert rel(stepped, exact_last) < factor * rel(kernels, exact_last)
