@@ -23,8 +23,8 @@ less disturbed by other load on a shared machine) and its error against the fp32
   as one function, as in the step (compiling it takes a minute or two; `--no_compiled` leaves it out);
 - `inductor words, fp32 act.`: the same reduction on unrounded fp32 activations, what litllm's compiled fp32
   `torchao.int8wo` step runs where the CPU has no AVX-512 VNNI;
-- `VNNI op, int8 act.`, `VNNI op, fp32 act.`: litllm's C++ op (`litllm.row_split.int8_rows_op`, AVX-512 VNNI CPUs
-  only), what those two steps call there instead: the same two arithmetics, int8 x int8 products by vpdpbusd. Tried and slower here: inductor's reduction
+- `VNNI op, int8 act.`: litllm's C++ op (`litllm.row_split.int8_rows_op`, AVX-512 VNNI CPUs only), what the
+  compiled int8dq step calls there instead: the same arithmetic, int8 x int8 products by vpdpbusd. Tried and slower here: inductor's reduction
   over the int8 weights as int8 (`x @ w.float()`, ~10x slower than fbgemm: its int8 and int32 vector loads go
   through a stack copy) or as int32 words (~4x), and oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`,
   ~3x slower on an AVX2 CPU with the activation quantized eagerly).
@@ -128,8 +128,7 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor], compiled: bool) -> 
     if op is not None:  # AVX-512 VNNI: the op litllm's compiled int8 steps call here (row-major words)
         for L in layers:
             L["rows"] = L["q"].view(torch.int32).view(torch.float32)
-        for name, block in (("VNNI op, int8 act.", 32), ("VNNI op, fp32 act.", 0)):
-            found[name] = lambda block=block: [op(xs[L["q"].shape[1]], L["rows"], L["scale"], block) for L in layers]
+        found["VNNI op, int8 act."] = lambda: [op(xs[L["q"].shape[1]], L["rows"], L["scale"], 32) for L in layers]
     for name, int8dq in (("inductor int8 words", True), ("inductor words, fp32 act.", False)):
         step = compiled_words(layers, int8dq) if compiled else None
         if step is not None:

@@ -127,9 +127,11 @@ def _row_split_modules(model) -> list[str]:
 
 
 def _int8_rows_tag(model) -> str:
-    """Whether `model`'s int8 layers (`litllm.quantize.Int8Words`) multiply in its compiled step by the VNNI op
-    (`litllm.row_split.int8_rows_op`, on row-major `words`) or by inductor's reduction; '' for a model without any."""
-    if not any(hasattr(module, "prepare_compiled") and module.compiled_tensors() for module in model.modules()):
+    """Whether `model`'s int8dq layers (`litllm.quantize.Int8Words` with `words_block`) multiply in its compiled step by
+    the VNNI op (`litllm.row_split.int8_rows_op`, on row-major `words`) or by inductor's reduction; '' for a model
+    without any."""
+    if not any(hasattr(module, "prepare_compiled") and module.compiled_tensors() and module.words_block is not None
+               for module in model.modules()):
         return ""
     return f" int8-rows {int8_rows_op() is not None}"
 

@@ -7,8 +7,7 @@ Modes (`--quantize`):
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
 - `torchao.int8wo`  int8 weight-only: symmetric int8 per output row. CUDA: torchao's `Int8WeightOnlyConfig`;
                     CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8) eager; a
-                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`; on AVX-512
-                    VNNI CPUs litllm's C++ op, `litllm.row_split.int8_rows_op`).
+                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -206,9 +205,10 @@ class Int8Words(nn.Module):
         from litllm.row_split import int8_rows_op
 
         qdata, scales, bias = self._int8_values()
-        # AVX-512 VNNI: the step calls litllm's C++ op (`int8_rows_op`: vpdpbusd on int8dq's rounded activations), which
-        # reads the weights row-major; elsewhere inductor's reduction, which reads them as `_int8_words` lays them out
-        self.words_in_rows = int8_rows_op() is not None
+        # int8dq on AVX-512 VNNI: the step calls litllm's C++ op (`int8_rows_op`: vpdpbusd on the rounded activations),
+        # which reads the weights row-major; elsewhere inductor's reduction, which reads them as `_int8_words` lays them
+        # out (int8wo's fp32 activations too: an op converting its weights read them slower, 0.9x, than inductor)
+        self.words_in_rows = self.words_block is not None and int8_rows_op() is not None
         words = (qdata.contiguous().clone().view(torch.int32).view(torch.float32) if self.words_in_rows
                  else _int8_words(qdata))
         # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
@@ -232,7 +232,7 @@ class Int8Words(nn.Module):
         """(N, in) -> (N, out) fp32: the compiled step's product (the same arithmetic either way, up to fp32 summation
         order: int8dq's activations rounded per block, int32 products, fp32 sums)."""
         if self.words_in_rows:  # (N, out): int8 dot products by VNNI, the rows split between the threads
-            out = torch.ops.litllm_cpu.int8_rows_linear(x2d.float(), self.words, self.word_scales, self.words_block or 0)
+            out = torch.ops.litllm_cpu.int8_rows_linear(x2d.float(), self.words, self.word_scales, self.words_block)
             return out if self.word_bias is None else out + self.word_bias
         return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
 

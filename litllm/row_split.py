@@ -94,12 +94,12 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// int8 rows (litllm.quantize.Int8Words on AVX-512 VNNI CPUs): y (N, out) fp32 = x (N, K) fp32 times the int8 weights
-// in w (out, K) row-major, times an fp32 scale per output row. block > 0 (int8dq): each x row first rounded to int8 per block of
-// `block` values with one symmetric scale d each (absmax / 127, as litllm.quantize._block_quantized and llama.cpp's
-// q8_0), then int8 x int8 products summed in int32 by vpdpbusd, 64 weights an instruction (each int32 lane sums 4
-// weights of one block), scaled by d per lane into fp32 sums. block == 0 (fp32 int8wo): the weights converted to fp32
-// times x unrounded. The rows in one contiguous range per thread, as row_split_linear's.
+// int8 rows (litllm.quantize.Int8DynamicLinear's compiled step on AVX-512 VNNI CPUs): y (N, out) fp32 = x (N, K) fp32,
+// each row rounded to int8 per block of `block` values with one symmetric scale d each (absmax / 127, as
+// litllm.quantize._block_quantized and llama.cpp's q8_0), times the int8 weights in w (out, K) row-major: int8 x int8
+// products summed in int32 by vpdpbusd, 64 weights an instruction (each int32 lane sums 4 weights of one block), scaled
+// by d per lane into fp32 sums, times an fp32 scale per output row. The rows in one contiguous range per thread, as
+// row_split_linear's; 4 at a time, the next 4 prefetched (without, it read 85 MB at 6.7 GB/s against inductor's 8.9).
 // 64 int8 x int8 products into 16 int32 lanes (4 each): |w| (128 fits u8) times q with w's sign (q in [-127, 127]:
 // its negation fits), then into fp32 sums, each lane times its block's scale
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -119,7 +119,10 @@ static void int8_rows_vnni(const int8_t* q, const float* lane_d, const int8_t* w
   for (; r + 4 <= r1; r += 4) {  // 4 rows at a time: the activations' loads shared, 4 independent sums
     const int8_t* wr = w + r * K;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const char* next = reinterpret_cast<const char*>(wr + 4 * K);  // the next 4 rows, prefetched 256 bytes a step
     for (int64_t k = 0; k < K64; k += 64) {
+      if (r + 8 <= r1)
+        for (int j = 0; j < 4; ++j) _mm_prefetch(next + 4 * k + 64 * j, _MM_HINT_T0);
       const __m512i qv = _mm512_loadu_si512(q + k);
       const __m512 d = _mm512_loadu_ps(lane_d + k / 4);
       a0 = int8_dot64(a0, _mm512_loadu_si512(wr + k), qv, d);
@@ -152,47 +155,25 @@ static void int8_rows_vnni(const int8_t* q, const float* lane_d, const int8_t* w
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static void int8_rows_fp32(const float* x, const int8_t* w, const float* s, float* y, int64_t r0, int64_t r1,
-                           int64_t K) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* wr = w + r * K;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {  // two accumulators: the fma latency
-      const __m512i wv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
-      const __m512i wv1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 16)));
-      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wv), _mm512_loadu_ps(x + k), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wv1), _mm512_loadu_ps(x + k + 16), acc1);
-    }
-    for (; k < K; k += 16) {
-      const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << (K - k)) - 1);
-      const __m512i wv = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr + k));
-      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wv), _mm512_maskz_loadu_ps(m, x + k), acc0);
-    }
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * s[r];
-  }
-}
-
 at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl"), "int8_rows_linear: this CPU has no AVX-512 VNNI");
   // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
               w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
-              w.is_contiguous() && (block == 0 || (block % 4 == 0 && x.size(1) % block == 0)),
+              w.is_contiguous() && block > 0 && block % 4 == 0 && x.size(1) % block == 0,
               "int8_rows_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type(), " block ", block);
   const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
   const int8_t* wp = reinterpret_cast<const int8_t*>(w.const_data_ptr<float>());
   const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({N, R}, x.options());
-  std::vector<int8_t> q(block ? K : 0);
-  std::vector<float> lane_d(block ? K / 4 : 0);
+  std::vector<int8_t> q(K);
+  std::vector<float> lane_d(K / 4);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16), chunks = (R + rows - 1) / rows;
   for (int64_t n = 0; n < N; ++n) {
     const float* xr = xc.const_data_ptr<float>() + n * K;
-    for (int64_t b = 0; block && b < K; b += block) {  // q8_0's rounding: torch.round is half to even, as nearbyint
+    for (int64_t b = 0; b < K; b += block) {  // q8_0's rounding: torch.round is half to even, as nearbyint
       float amax = 0.f;
       for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
       const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
@@ -202,8 +183,7 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
     float* yr = y.mutable_data_ptr<float>() + n * R;
     auto part = [&](int64_t c) {
       const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows);
-      if (block) int8_rows_vnni(q.data(), lane_d.data(), wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
-      else int8_rows_fp32(xr, wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
+      int8_rows_vnni(q.data(), lane_d.data(), wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
     };
     if (chunks == 1) {
       part(0);
@@ -290,7 +270,7 @@ def _register_fake() -> None:
 
 
 INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
-"""`0`/`false`: compiled int8 steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
+"""`0`/`false`: compiled int8dq steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
 
 
 def _has_avx512_vnni() -> bool:
@@ -304,7 +284,7 @@ def _has_avx512_vnni() -> bool:
 
 def int8_rows_op() -> Optional[object]:
     """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
-    this CPU has AVX-512 VNNI, the library builds or loads and `$LITLLM_INT8_ROWS` is not `0`; else None. The int8 layers'
+    this CPU has AVX-512 VNNI, the library builds or loads and `$LITLLM_INT8_ROWS` is not `0`; else None. int8dq's
     compiled steps call it instead of inductor's int8 reduction (`litllm.quantize.Int8Words`)."""
     if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512_vnni():
         return None
