@@ -39,7 +39,9 @@ SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -100,6 +102,7 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
 // products summed in int32 by vpdpbusd, 64 weights an instruction (each int32 lane sums 4 weights of one block), scaled
 // by d per lane into fp32 sums, times an fp32 scale per output row. The rows in one contiguous range per thread, as
 // row_split_linear's; 4 at a time, the next 4 prefetched (without, it read 85 MB at 6.7 GB/s against inductor's 8.9).
+#if defined(__x86_64__)
 // 64 int8 x int8 products into 16 int32 lanes (4 each): |w| (128 fits u8) times q with w's sign (q in [-127, 127]:
 // its negation fits), then into fp32 sums, each lane times its block's scale
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -155,9 +158,15 @@ static void int8_rows_vnni(const int8_t* q, const float* lane_d, const int8_t* w
   }
 }
 
+#endif
+
 at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
+#if defined(__x86_64__)
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl"), "int8_rows_linear: this CPU has no AVX-512 VNNI");
+#else
+  TORCH_CHECK(false, "int8_rows_linear: this CPU has no AVX-512 VNNI");
+#endif
   // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
               w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
@@ -183,7 +192,9 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
     float* yr = y.mutable_data_ptr<float>() + n * R;
     auto part = [&](int64_t c) {
       const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows);
+#if defined(__x86_64__)
       int8_rows_vnni(q.data(), lane_d.data(), wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
+#endif
     };
     if (chunks == 1) {
       part(0);
