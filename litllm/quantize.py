@@ -22,8 +22,8 @@ Modes (`--quantize`):
                     slower: benchmarks/int8_matmul.py); compiled, inductor's own int8 reduction (`Int8Words`,
                     `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
                     does, finer than fbgemm's one scale per call (on AVX-512 VNNI CPUs the same arithmetic in
-                    litllm's C++ op, int8 dot products by vpdpbusd: `litllm.row_split.int8_rows_op`). Faster than int8wo, a little less exact (eager
-                    logits ~2% off vs ~1%).
+                    litllm's C++ op, int8 dot products by vpdpbusd: `litllm.row_split.int8_rows_op`). Faster than
+                    int8wo, a little less exact (eager logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
@@ -451,8 +451,8 @@ class Int8DynamicLinear(Int8Words):
 
     def _step_rows(self, start: int, stop: int) -> torch.Tensor:
         # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4
-        # (`_int8_words`; row-major where `words_in_rows`; a contiguous read, 2.5x faster than reordering the weights: `_step_columns` reorders the
-        # activations instead)
+        # (`_int8_words`; row-major where `words_in_rows`; a contiguous read, 2.5x faster than reordering the weights:
+        # `_step_columns` reorders the activations instead)
         return self.words[start:stop].view(torch.int8).float()
 
     def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,8 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   std::vector<int8_t> q(K);
   std::vector<float> lane_d(K / 4);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16), chunks = (R + rows - 1) / rows;
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (R + rows - 1) / rows;
   for (int64_t n = 0; n < N; ++n) {
     const float* xr = xc.const_data_ptr<float>() + n * K;
     for (int64_t b = 0; b < K; b += block) {  // q8_0's rounding: torch.round is half to even, as nearbyint
@@ -284,6 +285,7 @@ INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
 """`0`/`false`: compiled int8dq steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
 
 
+@lru_cache(maxsize=None)
 def _has_avx512_vnni() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
