@@ -22,7 +22,9 @@ less disturbed by other load on a shared machine) and its error against the fp32
   per fp32-typed word, which inductor compiles into its own vectorized reduction), all of a part's matmuls compiled
   as one function, as in the step (compiling it takes a minute or two; `--no_compiled` leaves it out);
 - `inductor words, fp32 act.`: the same reduction on unrounded fp32 activations, what litllm's compiled fp32
-  `torchao.int8wo` step runs. Tried and slower here: inductor's reduction
+  `torchao.int8wo` step runs where the CPU has no AVX-512 VNNI;
+- `VNNI op, int8 act.`: litllm's C++ op (`litllm.row_split.int8_rows_op`, AVX-512 VNNI CPUs only), what the
+  compiled int8dq step calls there instead: the same arithmetic, int8 x int8 products by vpdpbusd. Tried and slower here: inductor's reduction
   over the int8 weights as int8 (`x @ w.float()`, ~10x slower than fbgemm: its int8 and int32 vector loads go
   through a stack copy) or as int32 words (~4x), and oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`,
   ~3x slower on an AVX2 CPU with the activation quantized eagerly).
@@ -82,14 +84,12 @@ def compiled_words(layers: list[dict], int8dq: bool):
     int8dq step (`int8dq`: activations rounded per block of 32) or fp32 int8wo step (fp32 activations) does
     (`int8_words_linear`), or None where the layers have no fbgemm copy to match."""
     from litllm.compile_decode import CPU_COMPILE_OPTIONS
-    from litllm.quantize import int8_words_linear
+    from litllm.quantize import ACTIVATION_BLOCK, _int8_words, int8_words_linear
 
     if any(L["packed"] is None for L in layers):
         return None
-    for L in layers:
-        L["packed"].prepare_compiled()
-    weights = [(L["packed"].words, L["packed"].word_scales, L["packed"].words_block if int8dq else None)
-               for L in layers]
+    # inductor's layout (`_int8_words`), which `prepare_compiled` does not make on an AVX-512 VNNI CPU (the op's rows)
+    weights = [(_int8_words(L["q"]), L["scale"], ACTIVATION_BLOCK if int8dq else None) for L in layers]
 
     def step(xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         return [int8_words_linear(xs[w.shape[1] * 4], w, s, None, block) for w, s, block in weights]
@@ -122,6 +122,13 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor], compiled: bool) -> 
         found["fbgemm W8A8 dynamic"] = lambda: [L["packed"](xs[L["w"].shape[1]]) for L in layers]
     if all(L["ao"] is not None for L in layers):
         found["torchao int8dq layer"] = lambda: [L["ao"](xs[L["w"].shape[1]]) for L in layers]
+    from litllm.row_split import int8_rows_op
+
+    op = int8_rows_op()
+    if op is not None:  # AVX-512 VNNI: the op litllm's compiled int8 steps call here (row-major words)
+        for L in layers:
+            L["rows"] = L["q"].view(torch.int32).view(torch.float32)
+        found["VNNI op, int8 act."] = lambda: [op(xs[L["q"].shape[1]], L["rows"], L["scale"], 32) for L in layers]
     for name, int8dq in (("inductor int8 words", True), ("inductor words, fp32 act.", False)):
         step = compiled_words(layers, int8dq) if compiled else None
         if step is not None:

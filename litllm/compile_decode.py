@@ -69,7 +69,7 @@ import torch
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
                                one_row_linears, optimize_for_decoding, prompt_linears, thread_candidates)
 from litllm.errors import LitLLMError
-from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
+from litllm.row_split import RowSplitLinear, becomes_row_split, int8_rows_op, row_split_linears, wants_row_split
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -124,6 +124,16 @@ def _row_split_modules(model) -> list[str]:
         return module.packed_weight.dtype == torch.float32 if _is_packed(module) else becomes_row_split(module)
 
     return [name for name, module in model.named_modules() if split(module)]
+
+
+def _int8_rows_tag(model) -> str:
+    """Whether `model`'s int8dq layers (`litllm.quantize.Int8Words` with `words_block`) multiply in its compiled step by
+    the VNNI op (`litllm.row_split.int8_rows_op`, on row-major `words`) or by inductor's reduction; '' for a model
+    without any."""
+    if not any(hasattr(module, "prepare_compiled") and module.compiled_tensors() and module.words_block is not None
+               for module in model.modules()):
+        return ""
+    return f" int8-rows {int8_rows_op() is not None}"
 
 
 def cpu_compile_options(model) -> dict:
@@ -569,7 +579,7 @@ def steps_folder(model) -> Path:
     budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
-           f"|row-split {_row_split_modules(model)}"
+           f"|row-split {_row_split_modules(model)}{_int8_rows_tag(model)}"
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 

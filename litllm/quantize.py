@@ -21,8 +21,9 @@ Modes (`--quantize`):
                     dot products; torchao's CPU path quantizes in eager ops and runs `torch._int_mm`, 2-3x
                     slower: benchmarks/int8_matmul.py); compiled, inductor's own int8 reduction (`Int8Words`,
                     `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
-                    does, finer than fbgemm's one scale per call. Faster than int8wo, a little less exact (eager
-                    logits ~2% off vs ~1%).
+                    does, finer than fbgemm's one scale per call (on AVX-512 VNNI CPUs the same arithmetic in
+                    litllm's C++ op, int8 dot products by vpdpbusd: `litllm.row_split.int8_rows_op`). Faster than
+                    int8wo, a little less exact (eager logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
@@ -177,6 +178,9 @@ class Int8Words(nn.Module):
         """(int8 (out, in), scales (out,), bias or None): the weights the step multiplies by; None: no compiled copy."""
         raise NotImplementedError
 
+    words_in_rows = False
+    """Whether `words` holds the int8 weights row-major (the VNNI op's layout, `prepare_compiled`), not `_int8_words`'."""
+
     def _init_words(self) -> None:
         for name in ("words", "word_scales", "word_bias"):  # the compiled step's copy (prepare_compiled)
             self.register_buffer(name, None, persistent=False)
@@ -199,9 +203,17 @@ class Int8Words(nn.Module):
         width is no multiple of 4: such a layer's step calls the eager kernel)."""
         if self.words is not None or not self._makes_words():
             return
+        from litllm.row_split import int8_rows_op
+
         qdata, scales, bias = self._int8_values()
+        # int8dq on AVX-512 VNNI: the step calls litllm's C++ op (`int8_rows_op`: vpdpbusd on the rounded activations),
+        # which reads the weights row-major; elsewhere inductor's reduction, which reads them as `_int8_words` lays them
+        # out (int8wo's fp32 activations too: an op converting its weights read them slower, 0.9x, than inductor)
+        self.words_in_rows = self.words_block is not None and int8_rows_op() is not None
+        words = (qdata.contiguous().clone().view(torch.int32).view(torch.float32) if self.words_in_rows
+                 else _int8_words(qdata))
         # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
-        self.register_buffer("words", _int8_words(qdata), persistent=False)
+        self.register_buffer("words", words, persistent=False)
         self.register_buffer("word_scales", scales.float().to(qdata.device), persistent=False)
         self.register_buffer("word_bias", None if bias is None else bias.detach().float(), persistent=False)
 
@@ -218,7 +230,11 @@ class Int8Words(nn.Module):
         return self
 
     def _words_linear(self, x2d: torch.Tensor) -> torch.Tensor:
-        """(N, in) -> (N, out) fp32: the compiled step's product."""
+        """(N, in) -> (N, out) fp32: the compiled step's product (the same arithmetic either way, up to fp32 summation
+        order: int8dq's activations rounded per block, int32 products, fp32 sums)."""
+        if self.words_in_rows:  # (N, out): int8 dot products by VNNI, the rows split between the threads
+            out = torch.ops.litllm_cpu.int8_rows_linear(x2d.float(), self.words, self.word_scales, self.words_block)
+            return out if self.word_bias is None else out + self.word_bias
         return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
 
     def _step_scales(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -436,11 +452,13 @@ class Int8DynamicLinear(Int8Words):
 
     def _step_rows(self, start: int, stop: int) -> torch.Tensor:
         # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4
-        # (`_int8_words`; a contiguous read, 2.5x faster than reordering the weights: `_step_columns` reorders the
-        # activations instead)
+        # (`_int8_words`; row-major where `words_in_rows`; a contiguous read, 2.5x faster than reordering the weights:
+        # `_step_columns` reorders the activations instead)
         return self.words[start:stop].view(torch.int8).float()
 
     def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.words_in_rows:  # the VNNI op's words: the weights in their own order
+            return x2d
         return x2d.reshape(x2d.shape[0], 4, -1).transpose(1, 2).reshape(x2d.shape)  # column j + k*in/4 -> 4j + k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -126,3 +126,60 @@ def test_a_row_split_linear_trains_as_a_linear(op):
     split(row).square().sum().backward()
     torch.testing.assert_close(split.weight.grad, plain.weight.grad, rtol=0, atol=0)
     torch.testing.assert_close(split.bias.grad, plain.bias.grad, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def int8_op():
+    from litllm.row_split import int8_rows_op
+
+    found = int8_rows_op()
+    if found is None:
+        pytest.skip("no AVX-512 VNNI here (or the op does not build): int8 steps keep inductor's reduction")
+    return found
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_rows_op_equals_its_plain_torch_arithmetic(int8_op, threads):
+    """`litllm_cpu::int8_rows_linear` (AVX-512 VNNI): activations rounded per block as llama.cpp's q8_0 rounds them
+    (`litllm.quantize._block_quantized`) times row-major int8 weights (-128 included: vpdpbusd takes |w| unsigned) and
+    a scale per row, within fp32 rounding of that arithmetic in float64, for widths with a ragged 64-byte tail, output
+    widths no multiple of 4 (rows 4 at a time, then one) and several input rows (each its own blocks), on 1 and 2
+    threads."""
+    from litllm.quantize import _block_quantized
+
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (64, 2048, 32), (50, 36, 4), (33, 96, 32), (3, 64, 32)):
+            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+            w[0] = -128
+            scales, x = torch.rand(n_out), torch.randn(3, n_in) * torch.linspace(0.05, 3, n_in)
+            x[0, :block or 8] = 0  # an all-zero block stays zero
+            words = w.view(torch.int32).view(torch.float32)  # the layers' fp32-typed carrier, 4 weights a word
+            rounded = _block_quantized(x, block)
+            expected = (rounded.double() @ w.double().t()) * scales.double()
+            got = int8_op(x, words, scales, block)
+            assert got.shape == (3, n_out)
+            assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
+            unrounded = (x.double() @ w.double().t()) * scales.double()  # the rounding is checked: it changes the product
+            assert float((unrounded - expected).norm() / expected.norm()) > 1e-4
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="int8_rows_linear"):
+        int8_op(torch.randn(1, 96), torch.zeros(8, 24), torch.ones(8), 6)  # a block no multiple of 4
+    with pytest.raises(RuntimeError, match="int8_rows_linear"):
+        int8_op(torch.randn(1, 96), torch.zeros(8, 24), torch.ones(8), 0)  # no block: not int8 activations
+
+
+def test_an_int8_step_is_saved_under_its_kernel(int8_op, tiny_checkpoint, monkeypatch):
+    """A step whose int8 layers call the VNNI op reads `words` row-major, one over inductor's reduction reads them
+    interleaved (`litllm.quantize._int8_words`): they are saved under different keys, so neither loads the other's."""
+    pytest.importorskip("torchao")
+    from litllm.compile_decode import steps_folder
+    from litllm.quantize import quantize_model
+
+    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int8dq", "cpu")
+    folder = steps_folder(model)
+    monkeypatch.setenv("LITLLM_INT8_ROWS", "0")
+    assert steps_folder(model) != folder
