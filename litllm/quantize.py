@@ -198,18 +198,22 @@ class Int8Words(nn.Module):
                    ("word_scales", (n_out,), torch.float32, (1,))]
         return tensors + ([("word_bias", (n_out,), torch.float32, (1,))] if self.has_bias else [])
 
-    def prepare_compiled(self) -> None:
+    def prepare_compiled(self, build: bool = True) -> None:
         """Add the plain-tensor copy of the weights a compiled step multiplies by (idempotent; not where the input
-        width is no multiple of 4: such a layer's step calls the eager kernel)."""
-        if self.words is not None or not self._makes_words():
-            return
+        width is no multiple of 4: such a layer's step calls the eager kernel). `build=False` (an eager prefill's
+        `_eager_step`, either layout will do): the VNNI op's layout only where its library is there already."""
         from litllm.row_split import int8_rows_op
 
-        qdata, scales, bias = self._int8_values()
+        if not self._makes_words():
+            return
         # int8dq on AVX-512 VNNI: the step calls litllm's C++ op (`int8_rows_op`: vpdpbusd on the rounded activations),
         # which reads the weights row-major; elsewhere inductor's reduction, which reads them as `_int8_words` lays them
         # out (int8wo's fp32 activations too: an op converting its weights read them slower, 0.9x, than inductor)
-        self.words_in_rows = self.words_block is not None and int8_rows_op() is not None
+        in_rows = self.words_block is not None and int8_rows_op(build) is not None
+        if self.words is not None and self.words_in_rows == in_rows:
+            return
+        qdata, scales, bias = self._int8_values()
+        self.words_in_rows = in_rows
         words = (qdata.contiguous().clone().view(torch.int32).view(torch.float32) if self.words_in_rows
                  else _int8_words(qdata))
         # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
@@ -447,7 +451,8 @@ class Int8DynamicLinear(Int8Words):
         return qweight.int_repr(), qweight.q_per_channel_scales(), bias
 
     def _step_scales(self):
-        self.prepare_compiled()  # `_step_rows` reads the words: unpacking fbgemm's copy costs more than the product
+        if self.words is None:  # `_step_rows` reads the words: unpacking fbgemm's copy costs more than the product
+            self.prepare_compiled(build=False)
         return self.word_scales, self.word_bias
 
     def _step_rows(self, start: int, stop: int) -> torch.Tensor:

@@ -296,11 +296,15 @@ def _has_avx512_vnni() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
 
 
-def int8_rows_op() -> Optional[object]:
+def int8_rows_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
     this CPU has AVX-512 VNNI, the library builds or loads and `$LITLLM_INT8_ROWS` is not `0`; else None. int8dq's
-    compiled steps call it instead of inductor's int8 reduction (`litllm.quantize.Int8Words`)."""
+    compiled steps call it instead of inductor's int8 reduction (`litllm.quantize.Int8Words`). `build=False`: None
+    where the library is neither loaded nor built yet (an eager prefill does not wait ~1 min for a first build)."""
     if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512_vnni():
+        return None
+    if not build and not hasattr(torch.ops.litllm_cpu, "row_split_linear") \
+            and not (library_folder() / _library_name()).exists():
         return None
     return None if row_split_op() is None else torch.ops.litllm_cpu.int8_rows_linear
 

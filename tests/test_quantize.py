@@ -543,6 +543,39 @@ def _first_token_logits(model, prompt: list[int]) -> torch.Tensor:
         return engine._prefill_logits(torch.tensor(prompt), 0, len(prompt), False)[-1]
 
 
+def test_an_eager_int8dq_prefill_asks_no_op_build_and_a_compile_lays_the_words_out_for_it(tiny_checkpoint,
+                                                                                           monkeypatch):
+    """An eager prefill of int8dq (`step_rounding`) makes the step's words without having the VNNI op's library built
+    (a first build takes ~1 min: `int8_rows_op(build=False)`); a compiled step's `prepare_compiled()` then lays the
+    words out for the op where it is there, and the eager step computes the same values from either layout."""
+    pytest.importorskip("torchao")
+    import litllm.row_split as row_split
+    from litllm.quantize import Int8DynamicLinear, step_rounding
+
+    asked = []
+
+    def int8_rows_op(build=True):  # the op "is there" only when a build may be waited for
+        asked.append(build)
+        return object() if build else None
+
+    monkeypatch.setattr(row_split, "int8_rows_op", int8_rows_op)
+    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int8dq", "cpu")
+    prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), step_rounding():
+        before = model(prompt)
+    layers = [m for m in model.modules() if isinstance(m, Int8DynamicLinear) and m.words is not None]
+    assert layers and asked and not any(asked)
+    assert not any(m.words_in_rows for m in layers)
+    for layer in layers:
+        layer.prepare_compiled()
+    assert all(m.words_in_rows for m in layers)
+    asked.clear()
+    with torch.no_grad(), step_rounding():
+        after = model(prompt)
+    assert not asked  # the words are there: kept as laid out
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
 def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     """The engine's prefill (the prompt's KV and the first generated token's logits) has the compiled step's rounding
