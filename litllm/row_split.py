@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from litllm.cpu_layout import PromptLinear
-from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
+from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private
 
 SOURCE = r"""
 #include <torch/library.h>
@@ -286,14 +286,8 @@ INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
 """`0`/`false`: compiled int8dq steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
 
 
-@lru_cache(maxsize=None)
 def _has_avx512_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
 
 
 def int8_rows_op(build: bool = True) -> Optional[object]:

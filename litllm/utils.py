@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -278,6 +279,17 @@ def cpu_model_name(default: str = "") -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), default)
     except OSError:
         return default
+
+
+@lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (`/proc/cpuinfo`'s first `flags` line: "avx2", "avx512_vnni"...), none where it can't
+    be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
 
 
 def owned_and_private(path: Path) -> bool:
