@@ -162,13 +162,19 @@ class PromptLinear(torch.nn.Linear):
         return super().forward(x)
 
 
+def plain_cpu_weight(module) -> Optional[torch.Tensor]:
+    """`module.weight` where it is a plain Parameter on the CPU (not a quantized tensor subclass: torchao's kernels
+    decide for those), else None: the weights the CPU layouts put other Linears on."""
+    weight = getattr(module, "weight", None)
+    return weight if type(weight) is torch.nn.Parameter and weight.device.type == "cpu" else None
+
+
 def prompt_linears(model) -> None:
     """Every plain fp32 CPU Linear of `model` (a Parameter weight, row- or column-major; a head tied to the embedding
     too) as a `PromptLinear` on the same tensors, where a prompt's GEMM here is oneDNN's (`prompt_gemm`)."""
     def plain_fp32(child) -> bool:
-        weight = getattr(child, "weight", None)
-        return (type(child) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
-                and weight.dtype == torch.float32)
+        weight = plain_cpu_weight(child)
+        return type(child) is torch.nn.Linear and weight is not None and weight.dtype == torch.float32
 
     if prompt_gemm() == "onednn":
         swap_linears(model, PromptLinear, plain_fp32)
@@ -216,9 +222,9 @@ def becomes_one_row(module) -> bool:
     eager pick where it timed `F.linear` faster so) keep `F.linear`: inductor's `mv` reduction reads rows."""
     if isinstance(module, OneRowLinear):
         return True
-    weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and type(weight) is torch.nn.Parameter and weight.device.type == "cpu"
-            and weight.dtype in ONE_ROW_DTYPES and weight.is_contiguous())
+    weight = plain_cpu_weight(module)
+    return (type(module) is torch.nn.Linear and weight is not None and weight.dtype in ONE_ROW_DTYPES
+            and weight.is_contiguous())
 
 
 def one_row_linears(model, only: Optional[Callable] = None) -> None:
@@ -324,8 +330,7 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
 
     linears = [
         (name, m) for name, m in model.named_modules()
-        if type(m) in (nn.Linear, PromptLinear) and m.weight.device.type == "cpu" and m.weight is not model.wte.weight
-        and type(m.weight) is nn.Parameter  # not a quantized tensor subclass (torchao): its kernel decides
+        if type(m) in (nn.Linear, PromptLinear) and plain_cpu_weight(m) is not None and m.weight is not model.wte.weight
     ]
     if not linears:
         return "unchanged"

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from litllm.cpu_layout import PromptLinear
+from litllm.cpu_layout import PromptLinear, plain_cpu_weight, swap_linears
 from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private
 
 SOURCE = r"""
@@ -323,9 +323,8 @@ def becomes_row_split(module) -> bool:
     Parameter weight, not a quantized tensor subclass), or one already."""
     if isinstance(module, RowSplitLinear):
         return True
-    weight = getattr(module, "weight", None)
-    return (type(module) in (torch.nn.Linear, PromptLinear) and type(weight) is torch.nn.Parameter
-            and weight.device.type == "cpu" and weight.dtype == torch.float32)
+    weight = plain_cpu_weight(module)
+    return type(module) in (torch.nn.Linear, PromptLinear) and weight is not None and weight.dtype == torch.float32
 
 
 ENV = "LITLLM_ROW_SPLIT"
@@ -343,13 +342,8 @@ def wants_row_split() -> bool:
 def row_split_linears(model) -> bool:
     """Every plain fp32 CPU Linear of `model` (`becomes_row_split`; a head tied to the embedding too) as a
     `RowSplitLinear` on the same tensors, where the op builds or loads (`row_split_op`); whether it did."""
-    targets = [(module, name, child) for module in list(model.modules())
-               for name, child in list(module.named_children())
-               if type(child) is not RowSplitLinear and becomes_row_split(child)]
-    if not targets or row_split_op() is None:
+    if not any(type(m) is not RowSplitLinear and becomes_row_split(m) for m in model.modules()) \
+            or row_split_op() is None:
         return False
-    for module, name, child in targets:
-        split = RowSplitLinear(child.in_features, child.out_features, bias=False, device="meta")
-        split.weight, split.bias = child.weight, child.bias  # the same Parameters: ties stay
-        setattr(module, name, split)
+    swap_linears(model, RowSplitLinear, becomes_row_split)
     return True
