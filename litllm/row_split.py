@@ -209,11 +209,12 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
 }
 
 // ---- int8 prompt rows (litllm.quantize.Int8Words' eager prefill): many activation rows times int8 weights ----
-// y (N, out) fp32 = x (N, K) fp32 times the int8 weights in w (out, K) row-major (int8, or fp32-typed words of 4), times
-// an fp32 scale per output row. block > 0 (int8dq): each x row rounded per block as int8_rows_linear rounds it, int8 x
-// int8 products by vpdpbusd; block == 0 (int8wo): x unrounded, the weights converted to fp32 in registers (exact), fp32
-// FMAs. Each weight tile (kPromptMR rows) is read once for a chunk of kPromptRows x rows (kept in L2), the products
-// kPromptMR x NR at a time in registers; a thread's weight rows one contiguous range, as int8_rows_linear's.
+// y (N, out) fp32 = x (N, K) fp32 times the int8 weights in w (out, K) row-major (int8, or fp32-typed words of 4),
+// times an fp32 scale per output row. block > 0 (int8dq): each x row rounded per block as int8_rows_linear rounds
+// it, int8 x int8 products by vpdpbusd; block == 0 (int8wo): x unrounded, the weights converted to fp32 in registers
+// (exact), fp32 FMAs. Each weight tile (kPromptMR rows) is read once for a chunk of kPromptRows x rows (kept in L2),
+// the products kPromptMR x NR at a time in registers; a thread's weight rows one contiguous range, as
+// int8_rows_linear's.
 #if defined(__x86_64__)
 constexpr int kPromptMR = 4;             // weight rows a tile
 constexpr int kPromptNR = 4;             // x rows a tile (int8 products: 16 accumulators, 8 weight registers)
