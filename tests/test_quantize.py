@@ -627,3 +627,45 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode, prompt_o
     # (a block or two of 32 values) is as fine as q8_0's symmetric ones: measured 1.28x on an AVX-512 VNNI EPYC
     factor = (0.85 if _reduce_range() else 1.5) if dynamic else 0.95
     assert rel(stepped, exact_last) < factor * rel(kernels, exact_last)
+
+
+@pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
+def test_an_int8_engine_prefilled_by_the_prompt_op_decodes_the_fp32_gemm_ones_tokens(tiny_checkpoint, mode,
+                                                                                       monkeypatch):
+    """On AVX-512 VNNI CPUs the engine's int8 prefill goes through litllm's multi-row op (`int8_prompt_op`): the same
+    arithmetic as the fp32 GEMM on converted weights (`LITLLM_INT8_PROMPT=0`) up to summation order, so the engine
+    decodes the same greedy tokens either way (eager and within `step_rounding`, as a compiled step does)."""
+    pytest.importorskip("torchao")
+    import litllm.row_split as row_split
+    from litllm.engine import Engine, Request
+    from litllm.quantize import step_rounding
+
+    if row_split.int8_rows_op() is None:  # builds the library where it is not there yet
+        pytest.skip("no AVX-512 VNNI here (or the op does not build)")
+    calls, found = [], row_split.int8_prompt_op
+
+    def counted():
+        op = found()
+        return None if op is None else (lambda *args: calls.append(args[0].shape[0]) or op(*args))
+
+    monkeypatch.setattr(row_split, "int8_prompt_op", counted)
+    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
+    prompt = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def greedy() -> list[int]:
+        engine = Engine(model, None, 1, 64)
+        engine.add(Request(prompt, 12))
+        tokens = []
+        while engine.has_unfinished:
+            tokens += [t for out in engine.step() for t in out.token_ids]
+        return tokens
+
+    for rounding in (torch.no_grad, step_rounding):
+        with rounding():
+            monkeypatch.setenv(row_split.INT8_PROMPT_ENV, "0")
+            gemm = greedy()
+            assert 20 not in calls
+            monkeypatch.delenv(row_split.INT8_PROMPT_ENV)
+            assert greedy() == gemm and len(gemm) == 12
+            assert 20 in calls  # the prompt's rows went through the op
+            calls.clear()
