@@ -306,8 +306,9 @@ class Int8PackedLinear(Int8Words):
     weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
     rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
     from `eager_step_rows` rows and within `step_rounding` (the engine's prefill), the layer computes
-    so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
-    512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
+    so too (`Int8Words._eager_step`: on AVX-512 VNNI CPUs litllm's multi-row op, the int8 weights converted in
+    registers; elsewhere an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a 512-token
+    prompt); the eager decode of one row keeps the kernel (2x faster there)."""
 
     eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
 
@@ -428,8 +429,9 @@ class Int8DynamicLinear(Int8Words):
     scale each (q8_0's activation rounding, `int8_words_linear`): its own reduction sums in fp32, so it needs no
     narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
     vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls within `step_rounding` (the engine's prefill)
-    compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have its rounding:
-    ~2x slower than fbgemm on a 512-token prompt, but with fbgemm's 7-bit rows in the prompt's KV the benchmark
+    compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have its rounding
+    (on AVX-512 VNNI CPUs by litllm's multi-row op, int8 dot products; elsewhere an fp32 GEMM on converted weights,
+    ~2x slower than fbgemm on a 512-token prompt), while with fbgemm's 7-bit rows in the prompt's KV the benchmark
     Llama's later tokens err ~7% against fp32, not ~4% (benchmarks/int8_prefill.py). Other eager calls (decode
     steps, a batch's included; speculative verification) keep fbgemm, 4x faster for few rows. The eager step reads
     the step's `words`, so an int8dq model holds its int8 weights twice from its first prefill on, compiled or not."""
