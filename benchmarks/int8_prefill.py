@@ -3,14 +3,18 @@
 On benchmarks/generate.py's random Llama (~134M parameters, fp32), for `torchao.int8dq` and `torchao.int8wo`:
 - `kernels` (before): the whole prompt through the eager kernels (fbgemm's 7-bit activation rows for int8dq,
   `_weight_int8pack_mm`'s bf16 ones for int8wo), as the engine prefilled before;
-- `step` (now): the engine's prefill (`Engine._prefill_logits`, within `step_rounding`): the prompt's rows as the
-  compiled step rounds them (`Int8Words._eager_step`).
+- `step, fp32 GEMM`: the engine's prefill (`Engine._prefill_logits`, within `step_rounding`): the prompt's rows as
+  the compiled step rounds them (`Int8Words._eager_step`), an fp32 GEMM on the int8 weights converted per call
+  (`LITLLM_INT8_PROMPT=0`, and where the op's library is not there);
+- `step` (now): the same arithmetic through litllm's multi-row op on AVX-512 VNNI CPUs
+  (`litllm.row_split.int8_prompt_op`: the weights read once for many rows, int8dq's products by vpdpbusd); its
+  library is built first where it is not there yet.
 It prints the relative L2 error of the last prompt row's logits against fp32's, that of 32 decode steps
 teacher-forced on fp32's greedy tokens (eager kernels vs the step's rounding, `step_rounding`) and how often their
 argmax is fp32's, the first greedy token that leaves fp32's path (eager engine; with every eager step within
 `step_rounding` or the kernels; `--compiled`: the compiled engine; llama.cpp q8_0 where llama_cpp imports), and the
-prefill tokens/s of a `--prefill_tokens` prompt (the two sides alternate `--repeats` times; best and median wall,
-best per CPU-second).
+prefill tokens/s of a `--prefill_tokens` prompt and the time to the first token of the `--prompt_tokens` one (the
+sides alternate `--repeats` times; best and median wall, best per CPU-second).
 
     python benchmarks/int8_prefill.py                     # 32-token prompt, 32 greedy tokens, 512-token prefill
     python benchmarks/int8_prefill.py --compiled --threads 1
@@ -19,6 +23,7 @@ best per CPU-second).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +38,22 @@ from generate import add_model_args, add_tokenizer, build_checkpoint, gguf_rows 
 from generate import greedy_tokens as greedy  # noqa: E402
 
 MODES = ("torchao.int8dq", "torchao.int8wo")
+
+
+@contextmanager
+def fp32_gemm_step():
+    """The engine's prefill with the step's rounding through an fp32 GEMM on weights converted per call."""
+    from litllm.row_split import INT8_PROMPT_ENV
+
+    before = os.environ.get(INT8_PROMPT_ENV)
+    os.environ[INT8_PROMPT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[INT8_PROMPT_ENV]
+        else:
+            os.environ[INT8_PROMPT_ENV] = before
 
 
 @contextmanager
@@ -102,6 +123,7 @@ def run(folder: Path, args) -> None:
     from litllm.engine import Engine
     from litllm.inference import load_for_inference
     from litllm.quantize import step_rounding
+    from litllm.row_split import int8_prompt_op, row_split_op
 
     build_checkpoint(folder, args)
     add_tokenizer(folder)
@@ -124,10 +146,14 @@ def run(folder: Path, args) -> None:
     except ImportError:
         print("llama_cpp is not importable: no q8_0 row")
     long_prompt = torch.randint(0, 2000, (args.prefill_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    op = int8_prompt_op() if row_split_op() is not None else None  # built here once where it is not yet
+    sides = {"kernels (before)": kernels_only, "step, fp32 GEMM": fp32_gemm_step}
+    sides.update({"step, op (now)": nullcontext} if op is not None else {})
+    print(f"the multi-row op: {'litllm_cpu::int8_prompt_linear' if op else 'not here (no AVX-512 VNNI or no build)'}")
     for mode in MODES:
         model = load_for_inference(folder, precision="32-true", quantize=mode)
         engine = Engine(model, None, 1, length)
-        for side, ctx in (("kernels (before)", kernels_only), ("step (now)", nullcontext)):
+        for side, ctx in sides.items():
             with ctx():
                 decode_rounding = nullcontext if side.startswith("kernels") else step_rounding
                 rows = teacher_forced(engine, prompt, reference[: args.forced_steps], decode_rounding)
@@ -141,18 +167,23 @@ def run(folder: Path, args) -> None:
                   f"{statistics.median(steps):.2%}, argmax as fp32's at {agree:.0%} of {len(rows)} teacher-forced rows;"
                   f" greedy leaves fp32's path at token {first_divergence(tokens, reference)} of {n} (eager), "
                   f"{first_divergence(all_tokens, reference)} (every step so)")
-        times = {"kernels (before)": [], "step (now)": []}
+        times = {side: ([], []) for side in sides}  # (long prefill, first token) (wall, CPU) each
         for _ in range(args.repeats):  # the sides alternate
-            for side in times:
-                with kernels_only() if side.startswith("kernels") else nullcontext():
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    greedy(engine, long_prompt, 1)
-                    times[side].append((time.perf_counter() - w0, time.process_time() - c0))
-        for side, ts in times.items():
-            walls = [w for w, _ in ts]
-            m = args.prefill_tokens
+            for side, ctx in sides.items():
+                with ctx():
+                    for ids, ts in zip((long_prompt, prompt), times[side]):
+                        w0, c0 = time.perf_counter(), time.process_time()
+                        greedy(engine, ids, 1)
+                        ts.append((time.perf_counter() - w0, time.process_time() - c0))
+        base = min(w for w, _ in times["step, fp32 GEMM"][1])
+        for side, (long_ts, first_ts) in times.items():
+            walls, m = [w for w, _ in long_ts], args.prefill_tokens
+            first = min(w for w, _ in first_ts)
             print(f"{mode} {side}: {m}-token prefill {m / min(walls):.0f} tok/s best, "
-                  f"{m / statistics.median(walls):.0f} median, {m / min(c for _, c in ts):.0f} per CPU-s")
+                  f"{m / statistics.median(walls):.0f} median, {m / min(c for _, c in long_ts):.0f} per CPU-s; "
+                  f"first token of {len(prompt)} {first * 1e3:.1f} ms best ({base / first:.2f}x fp32 GEMM's), "
+                  f"{statistics.median(w for w, _ in first_ts) * 1e3:.1f} median, "
+                  f"{min(c for _, c in first_ts) * 1e3:.1f} CPU-ms")
         if args.compiled:
             engine.close()
             compiled = Engine(model, None, 1, length, compile=True)

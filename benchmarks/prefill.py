@@ -13,6 +13,7 @@ CPU time being what a loaded machine disturbs least. The first tokens of all row
     python benchmarks/prefill.py                         # 2 threads (torch's default here), 32-token prompt
     python benchmarks/prefill.py --threads 1 --repeats 9
     python benchmarks/prefill.py --compare_gemm          # each litllm row with the other prompt GEMM too (oneDNN, MKL)
+    python benchmarks/prefill.py --formats int8dq int8wo --compare_int8_prompt  # int8 rows: the op vs an fp32 GEMM
 """
 
 from __future__ import annotations
@@ -36,21 +37,27 @@ FORMATS = {"fp32": ("none", "32-true", "f32"), "bf16": ("none", "bf16-true", "f1
 """format -> (litllm --quantize mode, precision, llama.cpp outtype)."""
 
 
+def with_env(name: str, value: str, call):
+    """`call` with the environment variable `name` set to `value` (restored after each call)."""
+    def run(prompt: list[int]) -> int:
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return call(prompt)
+        finally:
+            os.environ.pop(name) if before is None else os.environ.__setitem__(name, before)
+    return run
+
+
 def with_prompt_gemm(gemm: str, call):
     """`call` with `litllm.cpu_layout.prompt_gemm` forced to `gemm` ("blas": `F.linear`, "onednn")."""
     from litllm.cpu_layout import PROMPT_GEMM_ENV
 
-    def run(prompt: list[int]) -> int:
-        before = os.environ.get(PROMPT_GEMM_ENV)
-        os.environ[PROMPT_GEMM_ENV] = gemm
-        try:
-            return call(prompt)
-        finally:
-            os.environ.pop(PROMPT_GEMM_ENV) if before is None else os.environ.__setitem__(PROMPT_GEMM_ENV, before)
-    return run
+    return with_env(PROMPT_GEMM_ENV, gemm, call)
 
 
-def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: Optional[str] = None) -> dict:
+def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: Optional[str] = None,
+                int8_gemm: bool = False) -> dict:
     from litllm.compile_decode import unpack_weights
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine
@@ -68,6 +75,10 @@ def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: O
         rows[name] = lambda prompt, e=engine: greedy_tokens(e, prompt, 1)[0]
         if other_gemm:
             rows[f"{name[:-1]}, {other_gemm})"] = with_prompt_gemm(other_gemm, rows[name])
+        if int8_gemm and mode.startswith("torchao.int8"):
+            from litllm.row_split import INT8_PROMPT_ENV
+
+            rows[f"{name[:-1]}, fp32 GEMM)"] = with_env(INT8_PROMPT_ENV, "0", rows[name])
     return rows
 
 
@@ -93,6 +104,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--compare_gemm", action="store_true",
                         help="a row of each litllm row with the other prompt GEMM (`litllm.cpu_layout.prompt_gemm`)")
+    parser.add_argument("--compare_int8_prompt", action="store_true",
+                        help="a row of each litllm int8 row with its prompt's fp32 GEMM on weights converted per "
+                             "call (`LITLLM_INT8_PROMPT=0`), not litllm's multi-row int8 op (`int8_prompt_op`)")
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -105,9 +119,13 @@ def main() -> None:
 
     gemm = prompt_gemm()
     other = {"onednn": "blas", "blas": "onednn"}[gemm] if args.compare_gemm else None
+    if any(fmt.startswith("int8") for fmt in args.formats):
+        from litllm.row_split import row_split_op
+
+        row_split_op()  # the op library (int8 prompts' op, `int8_prompt_op`) built first where it is not there yet
     calls = {}
     for fmt in args.formats:
-        calls.update(litllm_rows(folder, fmt, length, threads, other))
+        calls.update(litllm_rows(folder, fmt, length, threads, other, args.compare_int8_prompt))
     try:
         import llama_cpp  # noqa: F401
 

@@ -261,10 +261,26 @@ class Int8Words(nn.Module):
             return False
         return _STEP_ROUNDING.get() or (self.eager_step_rows is not None and x2d.shape[0] >= self.eager_step_rows)
 
+    def _prompt_weights(self) -> Optional[torch.Tensor]:
+        """The int8 weights row-major ((out, in) int8, or `words` laid out so: `words_in_rows`) for the prompt op
+        (`litllm.row_split.int8_prompt_op`); None where the layer holds none so."""
+        raise NotImplementedError
+
     def _eager_step(self, x2d: torch.Tensor) -> torch.Tensor:
         """(N, in) fp32 -> (N, out) fp32: the compiled step's arithmetic (`int8_words_linear`: the same activation
-        rounding, int8 weights, fp32 sums) in eager ops, equal to it up to fp32 summation order: an fp32 GEMM on the
-        weights converted a few rows at a time (`EAGER_STEP_CHUNK`), never kept."""
+        rounding, int8 weights, fp32 sums) eagerly, equal to it up to fp32 summation order. On AVX-512 VNNI CPUs where
+        litllm's op library is there (`int8_prompt_op`): its multi-row op, which reads the int8 weights once for many
+        rows (int8dq: int8 dot products on the rows rounded per block; int8wo: fp32 products on the weights converted
+        in registers); elsewhere an fp32 GEMM on the weights converted a few rows at a time (`EAGER_STEP_CHUNK`), never
+        kept."""
+        from litllm.row_split import int8_prompt_op
+
+        op = int8_prompt_op()
+        weights = None if op is None else self._prompt_weights()
+        if weights is not None:  # (N, out)
+            scales, bias = self._step_scales()
+            out = op(x2d, weights, scales, self.words_block or 0)
+            return out if bias is None else out + bias
         if self.words_block is not None:
             x2d = _block_quantized(x2d, self.words_block)
         scales, bias = self._step_scales()
@@ -290,8 +306,9 @@ class Int8PackedLinear(Int8Words):
     weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
     rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
     from `eager_step_rows` rows and within `step_rounding` (the engine's prefill), the layer computes
-    so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
-    512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
+    so too (`Int8Words._eager_step`: on AVX-512 VNNI CPUs litllm's multi-row op, the int8 weights converted in
+    registers; elsewhere an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a 512-token
+    prompt); the eager decode of one row keeps the kernel (2x faster there)."""
 
     eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
 
@@ -321,6 +338,9 @@ class Int8PackedLinear(Int8Words):
 
     def _step_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.weight[start:stop].float()
+
+    def _prompt_weights(self) -> torch.Tensor:
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.words is not None and x.dtype == torch.float32:
@@ -409,8 +429,9 @@ class Int8DynamicLinear(Int8Words):
     scale each (q8_0's activation rounding, `int8_words_linear`): its own reduction sums in fp32, so it needs no
     narrower range on any CPU and errs less than fbgemm's one scale per call (on the benchmark Llama's logits 3.9%
     vs 6.3% for 7-bit rows; tutorials/inference.md). Eager calls within `step_rounding` (the engine's prefill)
-    compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have its rounding:
-    ~2x slower than fbgemm on a 512-token prompt, but with fbgemm's 7-bit rows in the prompt's KV the benchmark
+    compute as the step does (`Int8Words._eager_step`), so the prompt's KV and the first token have its rounding
+    (on AVX-512 VNNI CPUs by litllm's multi-row op, int8 dot products; elsewhere an fp32 GEMM on converted weights,
+    ~2x slower than fbgemm on a 512-token prompt), while with fbgemm's 7-bit rows in the prompt's KV the benchmark
     Llama's later tokens err ~7% against fp32, not ~4% (benchmarks/int8_prefill.py). Other eager calls (decode
     steps, a batch's included; speculative verification) keep fbgemm, 4x faster for few rows. The eager step reads
     the step's `words`, so an int8dq model holds its int8 weights twice from its first prefill on, compiled or not."""
@@ -459,6 +480,10 @@ class Int8DynamicLinear(Int8Words):
         # (`_int8_words`; row-major where `words_in_rows`; a contiguous read, 2.5x faster than reordering the weights:
         # `_step_columns` reorders the activations instead)
         return self.words[start:stop].view(torch.int8).float()
+
+    def _prompt_weights(self) -> Optional[torch.Tensor]:
+        self._step_scales()  # the words made, row-major where the op's library is there (`prepare_compiled`)
+        return self.words if self.words_in_rows else None
 
     def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.words_in_rows:  # the VNNI op's words: the weights in their own order

@@ -208,13 +208,185 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   return y;
 }
 
+// ---- int8 prompt rows (litllm.quantize.Int8Words' eager prefill): many activation rows times int8 weights ----
+// y (N, out) fp32 = x (N, K) fp32 times the int8 weights in w (out, K) row-major (int8, or fp32-typed words of 4),
+// times an fp32 scale per output row. block > 0 (int8dq): each x row rounded per block as int8_rows_linear rounds
+// it, int8 x int8 products by vpdpbusd; block == 0 (int8wo): x unrounded, the weights converted to fp32 in registers
+// (exact), fp32 FMAs. Each weight tile (kPromptMR rows) is read once for a chunk of kPromptRows x rows (kept in L2),
+// the products kPromptMR x NR at a time in registers; a thread's weight rows one contiguous range, as
+// int8_rows_linear's.
+#if defined(__x86_64__)
+constexpr int kPromptMR = 4;             // weight rows a tile
+constexpr int kPromptNR = 4;             // x rows a tile (int8 products: 16 accumulators, 8 weight registers)
+constexpr int kPromptNR32 = 6;           // x rows a tile (fp32 products: 24 accumulators, 4 weight registers)
+constexpr int64_t kPromptRows = 64;      // x rows a pass over the weights: their int8 values and lane scales in L2
+
+// vpdpbusd multiplies u8 by s8: x's int8 values q are stored as q + 128 (u8), and each int32 lane starts at -128 times
+// its 4 weights' sum (computed once per weight vector, shared by the NR x rows), so that it ends at sum(q * w) exactly
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8_prompt_tile(const uint8_t* qu, const float* lane_d, const int8_t* w, const float* s, float* y,
+                             int64_t K, int64_t R) {
+  __m512 acc[MR][NR];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512(), u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t left = K - k;  // the last K % 64 values: masked (a multiple of 4; zero bytes add nothing)
+    const __mmask64 m = left >= 64 ? ~0ULL : (1ULL << left) - 1;
+    const __mmask16 md = left >= 64 ? 0xFFFF : static_cast<__mmask16>((1U << (left / 4)) - 1);
+    __m512i wv[MR], start[MR];
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      wv[i] = _mm512_maskz_loadu_epi8(m, w + i * K + k);
+      start[i] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, u128, wv[i]));  // -128 * (sum of 4 weights)
+    }
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512i qv = _mm512_maskz_loadu_epi8(m, qu + j * K + k);
+      const __m512 d = _mm512_maskz_loadu_ps(md, lane_d + j * (K / 4) + k / 4);
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[i], qv, wv[i])), d, acc[i][j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) y[j * R + i] = _mm512_reduce_add_ps(acc[i][j]) * s[i];
+}
+
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8_fp32_prompt_tile(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t R) {
+  __m512 acc[MR][NR];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const int64_t left = K - k;
+    const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << left) - 1);
+    __m512 wv[MR];
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)  // 16 int8 weights -> fp32, exact
+      wv[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + i * K + k)));
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + j * K + k);
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) y[j * R + i] = _mm512_reduce_add_ps(acc[i][j]) * s[i];
+}
+
+// weight rows r0..r1 times x rows n0..n1 (tiles, then the rows left over one at a time)
+static void int8_prompt_part(const uint8_t* qu, const float* lane_d, const float* x, const int8_t* w, const float* s,
+                             float* y, int64_t n0, int64_t n1, int64_t r0, int64_t r1, int64_t K, int64_t R,
+                             bool int8_act) {
+  const int NR = int8_act ? kPromptNR : kPromptNR32;
+  for (int64_t r = r0; r < r1; r += kPromptMR) {
+    const bool whole = r + kPromptMR <= r1;
+    for (int64_t n = n0; n < n1;) {
+      const bool wide = n + NR <= n1;
+      const int64_t rows = wide ? NR : 1;
+      for (int64_t i = 0; i < (whole ? 1 : r1 - r); ++i) {
+        const int64_t ri = r + i;
+        float* yo = y + n * R + ri;
+        if (int8_act) {
+          const uint8_t* q = qu + n * K;
+          const float* d = lane_d + n * (K / 4);
+          if (whole && wide) int8_prompt_tile<kPromptMR, kPromptNR>(q, d, w + ri * K, s + ri, yo, K, R);
+          else if (whole) int8_prompt_tile<kPromptMR, 1>(q, d, w + ri * K, s + ri, yo, K, R);
+          else if (wide) int8_prompt_tile<1, kPromptNR>(q, d, w + ri * K, s + ri, yo, K, R);
+          else int8_prompt_tile<1, 1>(q, d, w + ri * K, s + ri, yo, K, R);
+        } else {
+          const float* xr = x + n * K;
+          if (whole && wide) int8_fp32_prompt_tile<kPromptMR, kPromptNR32>(xr, w + ri * K, s + ri, yo, K, R);
+          else if (whole) int8_fp32_prompt_tile<kPromptMR, 1>(xr, w + ri * K, s + ri, yo, K, R);
+          else if (wide) int8_fp32_prompt_tile<1, kPromptNR32>(xr, w + ri * K, s + ri, yo, K, R);
+          else int8_fp32_prompt_tile<1, 1>(xr, w + ri * K, s + ri, yo, K, R);
+        }
+      }
+      n += rows;
+    }
+  }
+}
+#endif
+
+at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "int8_prompt_linear: this CPU has no AVX-512 VNNI");
+#else
+  TORCH_CHECK(false, "int8_prompt_linear: this CPU has no AVX-512 VNNI");
+#endif
+  // w: (out, K) int8, or (out, K / 4) fp32-typed words holding 4 consecutive int8 weights of their row each
+  const bool words = w.scalar_type() == at::kFloat;
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && (words || w.scalar_type() == at::kChar) &&
+              x.size(1) == (words ? 4 : 1) * w.size(1) && scales.numel() == w.size(0) &&
+              x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat && w.is_contiguous() &&
+              block >= 0 && (block == 0 || (block % 4 == 0 && x.size(1) % block == 0)),
+              "int8_prompt_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type(), " block ", block);
+  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int8_t* wp = static_cast<const int8_t*>(w.const_data_ptr());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  at::Tensor y = at::empty({N, R}, x.options());
+  if (N == 0 || R == 0) return y;
+  const bool int8_act = block > 0;
+  std::vector<uint8_t> qu(int8_act ? N * K : 0);
+  std::vector<float> lane_d(int8_act ? N * K / 4 : 0);
+  const float* xp = xc.const_data_ptr<float>();
+  for (int64_t n = 0; int8_act && n < N; ++n) {  // q8_0's rounding, as int8_rows_linear's (stored + 128)
+    const float* xr = xp + n * K;
+    for (int64_t b = 0; b < K; b += block) {
+      float amax = 0.f;
+      for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+      for (int64_t i = b; i < b + block; ++i)
+        qu[n * K + i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[i] * inv)) + 128);
+      for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[n * (K / 4) + i] = d;
+    }
+  }
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (R + rows - 1) / rows;
+  float* yp = y.mutable_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += kPromptRows) {
+    const int64_t n1 = std::min(N, n0 + kPromptRows);
+    auto part = [&](int64_t c) {
+#if defined(__x86_64__)
+      int8_prompt_part(qu.data(), lane_d.data(), xp, wp, sp, yp, n0, n1, c * rows, std::min(R, (c + 1) * rows), K, R,
+                       int8_act);
+#endif
+    };
+    if (chunks == 1) {
+      part(0);
+    } else {
+      #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t c = 0; c < chunks; ++c) part(c);
+    }
+  }
+  return y;
+}
+// ---- end of int8 prompt rows ----
+
 TORCH_LIBRARY(litllm_cpu, m) {
   m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
+  m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("row_split_linear", &row_split_linear);
   m.impl("int8_rows_linear", &int8_rows_linear);
+  m.impl("int8_prompt_linear", &int8_prompt_linear);
 }
 """
 NAME = "litllm_cpu_ops"
@@ -281,6 +453,10 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.size(0))
 
+    @torch.library.register_fake("litllm_cpu::int8_prompt_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.size(0))
+
 
 INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
 """`0`/`false`: compiled int8dq steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
@@ -297,10 +473,31 @@ def int8_rows_op(build: bool = True) -> Optional[object]:
     where the library is neither loaded nor built yet (an eager prefill does not wait ~1 min for a first build)."""
     if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512_vnni():
         return None
-    if not build and not hasattr(torch.ops.litllm_cpu, "row_split_linear") \
-            and not (library_folder() / _library_name()).exists():
+    if not build and not _library_there():
         return None
     return None if row_split_op() is None else torch.ops.litllm_cpu.int8_rows_linear
+
+
+def _library_there() -> bool:
+    """Is the op library loaded in this process or built in `library_folder()` already?"""
+    return hasattr(torch.ops.litllm_cpu, "row_split_linear") or (library_folder() / _library_name()).exists()
+
+
+INT8_PROMPT_ENV = "LITLLM_INT8_PROMPT"
+"""`0`/`false`: int8 prompts (`litllm.quantize.Int8Words._eager_step`) keep the fp32 GEMM on weights converted per
+call, e.g. to compare (benchmarks/int8_prefill.py)."""
+
+
+def int8_prompt_op() -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8_prompt_linear(x, w, scales, block)` (the same library as `row_split_op`'s) where
+    this CPU has AVX-512 VNNI, the library is loaded or built already (a prefill never waits for a first build, as
+    `int8_rows_op(build=False)`) and `$LITLLM_INT8_PROMPT` is not `0`; else None. The eager prefill of int8 layers
+    (`litllm.quantize.Int8Words._eager_step`) calls it: many rows times int8 weights read once, int8dq's rows rounded
+    per block (int8 dot products by vpdpbusd), int8wo's unrounded (the weights converted to fp32 in registers)."""
+    if os.environ.get(INT8_PROMPT_ENV, "").strip().lower() in ("0", "false", "no", "off") \
+            or not _has_avx512_vnni() or not _library_there() or row_split_op() is None:
+        return None
+    return torch.ops.litllm_cpu.int8_prompt_linear
 
 
 class RowSplitLinear(PromptLinear):

@@ -576,14 +576,31 @@ def test_an_eager_int8dq_prefill_asks_no_op_build_and_a_compile_lays_the_words_o
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prompt_op", [False, True])
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
-def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
+def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode, prompt_op, monkeypatch):
     """The engine's prefill (the prompt's KV and the first generated token's logits) has the compiled step's rounding
     (q8_0's blocks for int8dq, none for int8wo), as every later token, not the eager kernels' coarser one (fbgemm's
     7-bit rows; bf16): its logits equal a plain-torch reference of that arithmetic to float precision, and err
-    against fp32 less than the kernels did."""
+    against fp32 less than the kernels did; computed by litllm's multi-row op on AVX-512 VNNI CPUs (`prompt_op`:
+    `litllm.row_split.int8_prompt_op`), else (and with `LITLLM_INT8_PROMPT=0`) by an fp32 GEMM on converted weights."""
     pytest.importorskip("torchao")
+    import litllm.row_split as row_split
     from litllm.quantize import Int8Words, _reduce_range
+
+    calls = []
+    if not prompt_op:
+        monkeypatch.setenv(row_split.INT8_PROMPT_ENV, "0")
+    elif row_split.int8_rows_op() is None:  # builds the library where it is not there yet
+        pytest.skip("no AVX-512 VNNI here (or the op does not build)")
+    else:
+        found = row_split.int8_prompt_op
+
+        def counted():
+            op = found()
+            return lambda *args: calls.append(args[0].shape[0]) or op(*args)
+
+        monkeypatch.setattr(row_split, "int8_prompt_op", counted)
 
     dynamic = mode == "torchao.int8dq"
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
@@ -599,6 +616,7 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
         last = torch.tensor([prompt[-1:]])  # the last token alone: through the eager kernels and as the step does
         kernels, stepped, exact_last = model(last)[0, -1], reference(last)[0, -1], ref(last)[0, -1]
     got = _first_token_logits(model, prompt)
+    assert (24 in calls) == prompt_op  # the prompt's rows went through the op (or not)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(got, expected) < 1e-5
     assert rel(expected, exact) > 1e-3  # int8 is ~1e-2 off fp32: the comparison can fail
@@ -609,3 +627,45 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode):
     # (a block or two of 32 values) is as fine as q8_0's symmetric ones: measured 1.28x on an AVX-512 VNNI EPYC
     factor = (0.85 if _reduce_range() else 1.5) if dynamic else 0.95
     assert rel(stepped, exact_last) < factor * rel(kernels, exact_last)
+
+
+@pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
+def test_an_int8_engine_prefilled_by_the_prompt_op_decodes_the_fp32_gemm_ones_tokens(tiny_checkpoint, mode,
+                                                                                       monkeypatch):
+    """On AVX-512 VNNI CPUs the engine's int8 prefill goes through litllm's multi-row op (`int8_prompt_op`): the same
+    arithmetic as the fp32 GEMM on converted weights (`LITLLM_INT8_PROMPT=0`) up to summation order, so the engine
+    decodes the same greedy tokens either way (eager and within `step_rounding`, as a compiled step does)."""
+    pytest.importorskip("torchao")
+    import litllm.row_split as row_split
+    from litllm.engine import Engine, Request
+    from litllm.quantize import step_rounding
+
+    if row_split.int8_rows_op() is None:  # builds the library where it is not there yet
+        pytest.skip("no AVX-512 VNNI here (or the op does not build)")
+    calls, found = [], row_split.int8_prompt_op
+
+    def counted():
+        op = found()
+        return None if op is None else (lambda *args: calls.append(args[0].shape[0]) or op(*args))
+
+    monkeypatch.setattr(row_split, "int8_prompt_op", counted)
+    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
+    prompt = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def greedy() -> list[int]:
+        engine = Engine(model, None, 1, 64)
+        engine.add(Request(prompt, 12))
+        tokens = []
+        while engine.has_unfinished:
+            tokens += [t for out in engine.step() for t in out.token_ids]
+        return tokens
+
+    for rounding in (torch.no_grad, step_rounding):
+        with rounding():
+            monkeypatch.setenv(row_split.INT8_PROMPT_ENV, "0")
+            gemm = greedy()
+            assert 20 not in calls
+            monkeypatch.delenv(row_split.INT8_PROMPT_ENV)
+            assert greedy() == gemm and len(gemm) == 12
+            assert 20 in calls  # the prompt's rows went through the op
+            calls.clear()

@@ -172,6 +172,47 @@ def test_int8_rows_op_equals_its_plain_torch_arithmetic(int8_op, threads):
         int8_op(torch.randn(1, 96), torch.zeros(8, 24), torch.ones(8), 0)  # no block: not int8 activations
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
+    """`litllm_cpu::int8_prompt_linear` (the int8 layers' eager prefill on AVX-512 VNNI CPUs): many rows times row-major
+    int8 weights (-128 included) and a scale per row, int8dq's rows rounded per block as q8_0 rounds them (`block`),
+    int8wo's unrounded (block 0), within fp32 rounding of that arithmetic in float64: from the int8 weights or their
+    fp32-typed words, for widths with a ragged 64-byte (and 16-value) tail, output widths no multiple of 4 (weight rows
+    4 at a time, then one), row counts that leave tiles (4 and 6 rows) and passes (64 rows) ragged, on 1 and 2
+    threads."""
+    from litllm.quantize import _block_quantized
+    from litllm.row_split import int8_prompt_op
+
+    prompt_op = int8_prompt_op()
+    assert prompt_op is not None  # the same library as the decode op's, loaded by the fixture
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (50, 36, 4), (33, 96, 32), (3, 64, 32)):
+            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+            w[0] = -128
+            scales = torch.rand(n_out)
+            for n_rows in (1, 5, 13, 70):
+                x = torch.randn(n_rows, n_in) * torch.linspace(0.05, 3, n_in)
+                x[0, :block] = 0  # an all-zero block stays zero
+                for rounded_block in (block, 0):
+                    rows = _block_quantized(x, rounded_block) if rounded_block else x
+                    expected = (rows.double() @ w.double().t()) * scales.double()
+                    for weights in (w, w.view(torch.int32).view(torch.float32)):
+                        got = prompt_op(x, weights, scales, rounded_block)
+                        assert got.shape == (n_rows, n_out)
+                        assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="int8_prompt_linear"):
+        prompt_op(torch.randn(2, 96), torch.zeros(8, 96, dtype=torch.int8), torch.ones(8), 6)  # no multiple of 4
+    with pytest.raises(RuntimeError, match="int8_prompt_linear"):
+        prompt_op(torch.randn(2, 96), torch.zeros(8, 95, dtype=torch.int8), torch.ones(8), 0)  # widths differ
+    with pytest.raises(RuntimeError, match="int8_prompt_linear"):
+        prompt_op(torch.randn(2, 96), torch.zeros(8, 96, dtype=torch.int16), torch.ones(8), 0)  # not int8 weights
+
+
 def test_an_int8_step_is_saved_under_its_kernel(int8_op, tiny_checkpoint, monkeypatch):
     """A step whose int8 layers call the VNNI op reads `words` row-major, one over inductor's reduction reads them
     interleaved (`litllm.quantize._int8_words`): they are saved under different keys, so neither loads the other's."""
