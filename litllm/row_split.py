@@ -551,6 +551,8 @@ class BlockedBf16Linear(torch.nn.Module):
     takes `blocks` as its input) through `litllm_cpu::packed_bf16_linear` on the same bytes. For inference only: not
     saved (`blocks` is no state-dict entry), no autograd."""
 
+    multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
+
     def __init__(self, in_features: int, out_features: int, blocks: torch.Tensor, onednn: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> None:
         super().__init__()
@@ -558,6 +560,12 @@ class BlockedBf16Linear(torch.nn.Module):
         self.register_buffer("blocks", blocks, persistent=False)  # (out/64, in/64, 32, 64, 2) bf16
         self.onednn = onednn  # not a buffer: opaque, and no input of the compiled step
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight, a row-major copy gathered from the blocks (for code that multiplies by the matrix
+        itself: MLA's absorbed attention)."""
+        return self.blocks.permute(0, 3, 1, 2, 4).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features and not torch.compiler.is_compiling():  # a prompt

@@ -41,6 +41,7 @@ def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
             blocks, onednn = onednn_bf16_blocks(linear.weight)
             assert blocks.shape == (n_out // 64, n_in // 64, 32, 64, 2)
             module = BlockedBf16Linear(n_in, n_out, blocks, onednn, linear.bias)
+            assert torch.equal(module.weight, linear.weight)  # what MLA's absorbed attention multiplies by
             with torch.inference_mode():
                 for shape in ((1, 1, n_in), (2, 1, n_in), (3, 1, n_in)):
                     x = torch.randn(shape, dtype=torch.bfloat16)
