@@ -733,7 +733,11 @@ def unpack_weights(model) -> None:
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
-    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). With more than one thread,
+    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). On AVX512-BF16 CPUs the bf16
+    ones of whole 64 x 64 blocks (not a head tied to the embedding) then become `litllm.row_split.BlockedBf16Linear`s
+    (`blocked_bf16_linears`): their weight packed by oneDNN once more, held in that layout only, which a prompt's
+    oneDNN GEMM reads without reordering it per call (the prefill of a compiled run) and the step's AVX512-BF16 op
+    too. With more than one thread,
     fp32 CPU Linears become `litllm.row_split.RowSplitLinear`s (their one-row matmul on every thread: MKL's fp32 GEMV
     runs on one), where its op builds here; the others `PromptLinear`s where a prompt's GEMM is oneDNN's."""
     prepare_int8_for_compile(model)

@@ -426,7 +426,8 @@ PACKED_BF16_ENV = "LITLLM_PACKED_BF16"
 
 def packed_bf16_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.packed_bf16_linear(x, blocks, out_features)` (the same library as `row_split_op`'s) where
-    this CPU has AVX512-BF16, the library builds or loads and `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled
+    this CPU has AVX512-BF16, oneDNN packs bf16 weights in `BF16_BLOCK`s, the library builds or loads and
+    `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled
     bf16 steps multiply by oneDNN's packed weights through it (`litllm.cpu_layout.BlockedBf16Linear`). `build=False`:
     None where the library is neither loaded nor built yet."""
     if os.environ.get(PACKED_BF16_ENV, "").strip().lower() in ("0", "false", "no", "off") \
@@ -435,7 +436,20 @@ def packed_bf16_op(build: bool = True) -> Optional[object]:
     if not build and not hasattr(torch.ops.litllm_cpu, "row_split_linear") \
             and not (library_folder() / _library_name()).exists():
         return None
+    if not _onednn_packs_bf16_blocks():
+        return None
     return None if row_split_op() is None else torch.ops.litllm_cpu.packed_bf16_linear
+
+
+@lru_cache(maxsize=None)
+def _onednn_packs_bf16_blocks() -> bool:
+    """Does oneDNN pack bf16 Linear weights here as `BF16_BLOCK` says (probed once, on a 192 x 128 weight)? Where it
+    does not (another ISA's blocking, e.g. AMX's), no weight becomes a `BlockedBf16Linear` and the saved steps' keys
+    (`litllm.compile_decode._blocked_modules`) say so."""
+    try:
+        return onednn_bf16_blocks(torch.randn(192, 128).to(torch.bfloat16)) is not None
+    except RuntimeError:  # no oneDNN bf16 reorder in this torch build
+        return False
 
 
 class RowSplitLinear(PromptLinear):
