@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq: "
                         "steps with inductor's int8 reduction, not the VNNI op (`litllm.row_split.int8_rows_op`)")
     parser.add_argument("--no_packed_bf16", action="store_true", help="also rows '<format> mv' for bf16: steps on "
-                        "row-major weights through inductor's mv, not oneDNN's packed ones (`litllm.row_split.packed_bf16_op`)")
+                        "row-major weights through inductor's mv, not oneDNN's packed ones "
+                        "(`litllm.row_split.packed_bf16_op`)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "

@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--layout", default=None, help="the eager layout (`optimize_for_decoding`'s `layout`, e.g. "
                         "onednn-packed) instead of timing one: on a loaded machine the timed pick varies")
     parser.add_argument("--row_major_bf16", action="store_true", help="a bf16 row of the compiled layout as it was "
-                        "before oneDNN-packed `BlockedBf16Linear`s: row-major `OneRowLinear`s (`$LITLLM_PACKED_BF16=0`)")
+                        "before oneDNN-packed `BlockedBf16Linear`s: row-major `OneRowLinear`s "
+                        "(`$LITLLM_PACKED_BF16=0`)")
     parser.add_argument("--compare_gemm", action="store_true",
                         help="a row of each litllm row with the other prompt GEMM (`litllm.cpu_layout.prompt_gemm`)")
     args = parser.parse_args()

@@ -214,68 +214,69 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
 // 64 x 64 blocks; each 64-byte line holds 16 outputs x 2 consecutive k, and vdpbf16ps multiplies a line by the
 // broadcast pair of x into the 16 outputs' fp32 sums: no horizontal sums, one contiguous stream per 64 outputs.
 #if defined(__x86_64__)
+// R rows of x (a batch of decode rows) times one group of 64 outputs: the weight's loads shared by the R rows
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t N, int64_t n) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const uint16_t* line = wg + p * 128;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(line), w1 = (__m512bh)_mm512_loadu_si512(line + 32),
+                   w2 = (__m512bh)_mm512_loadu_si512(line + 64), w3 = (__m512bh)_mm512_loadu_si512(line + 96);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * P + p]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xr);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xr);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xr);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xr);
+    }
+  }
+  alignas(64) float tmp[64];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(tmp + 16 * j, acc[r][j]);
+    std::copy(tmp, tmp + n, y + r * N);
+  }
+}
+
+// one row (decoding) times one group of 64 outputs: two pairs a step into separate sums (8 dependency chains)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void bf16_group_row(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (int64_t p = 0; p < P; p += 2) {
+    const uint16_t* line = wg + p * 128;
+    const char* ahead = reinterpret_cast<const char*>(line) + 1024;  // prefetched 1 KB ahead, 512 bytes a step
+    for (int j = 0; j < 8; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_T0);
+    const __m512bh xa = (__m512bh)_mm512_set1_epi32(x[p]), xb = (__m512bh)_mm512_set1_epi32(x[p + 1]);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(line), xa);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(line + 32), xa);
+    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(line + 64), xa);
+    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(line + 96), xa);
+    b0 = _mm512_dpbf16_ps(b0, (__m512bh)_mm512_loadu_si512(line + 128), xb);
+    b1 = _mm512_dpbf16_ps(b1, (__m512bh)_mm512_loadu_si512(line + 160), xb);
+    b2 = _mm512_dpbf16_ps(b2, (__m512bh)_mm512_loadu_si512(line + 192), xb);
+    b3 = _mm512_dpbf16_ps(b3, (__m512bh)_mm512_loadu_si512(line + 224), xb);
+  }
+  alignas(64) float tmp[64];
+  _mm512_store_ps(tmp, _mm512_add_ps(a0, b0));
+  _mm512_store_ps(tmp + 16, _mm512_add_ps(a1, b1));
+  _mm512_store_ps(tmp + 32, _mm512_add_ps(a2, b2));
+  _mm512_store_ps(tmp + 48, _mm512_add_ps(a3, b3));
+  std::copy(tmp, tmp + n, y);
+}
+
+// the groups g0..g1 of 64 outputs for M rows (x: each row zero-padded to KB * 64, as pairs)
 static void bf16_blocks(const int32_t* x, int64_t M, int64_t KB, const uint16_t* w, float* y, int64_t N, int64_t g0,
                         int64_t g1) {
   const int64_t P = KB * 32;  // k pairs of a (padded) row
-  alignas(64) float tmp[64];
   for (int64_t g = g0; g < g1; ++g) {
     const uint16_t* wg = w + g * P * 128;
     const int64_t n = std::min<int64_t>(64, N - g * 64);
     int64_t m = 0;
-    for (; m + 1 < M; m += 2) {  // a batch of decode rows, two at a time: the weight's loads shared
-      const int32_t* x0 = x + m * P;
-      const int32_t* x1 = x0 + P;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int64_t p = 0; p < P; ++p) {
-        const uint16_t* line = wg + p * 128;
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(line), w1 = (__m512bh)_mm512_loadu_si512(line + 32),
-                       w2 = (__m512bh)_mm512_loadu_si512(line + 64), w3 = (__m512bh)_mm512_loadu_si512(line + 96);
-        const __m512bh xa = (__m512bh)_mm512_set1_epi32(x0[p]), xb = (__m512bh)_mm512_set1_epi32(x1[p]);
-        a0 = _mm512_dpbf16_ps(a0, w0, xa);
-        a1 = _mm512_dpbf16_ps(a1, w1, xa);
-        a2 = _mm512_dpbf16_ps(a2, w2, xa);
-        a3 = _mm512_dpbf16_ps(a3, w3, xa);
-        b0 = _mm512_dpbf16_ps(b0, w0, xb);
-        b1 = _mm512_dpbf16_ps(b1, w1, xb);
-        b2 = _mm512_dpbf16_ps(b2, w2, xb);
-        b3 = _mm512_dpbf16_ps(b3, w3, xb);
-      }
-      _mm512_store_ps(tmp, a0);
-      _mm512_store_ps(tmp + 16, a1);
-      _mm512_store_ps(tmp + 32, a2);
-      _mm512_store_ps(tmp + 48, a3);
-      std::copy(tmp, tmp + n, y + m * N + g * 64);
-      _mm512_store_ps(tmp, b0);
-      _mm512_store_ps(tmp + 16, b1);
-      _mm512_store_ps(tmp + 32, b2);
-      _mm512_store_ps(tmp + 48, b3);
-      std::copy(tmp, tmp + n, y + (m + 1) * N + g * 64);
-    }
-    for (; m < M; ++m) {  // one row (decoding)
-      const int32_t* xm = x + m * P;
-      // two pairs a step into separate sums: 8 independent dependency chains
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int64_t p = 0; p < P; p += 2) {
-        const uint16_t* line = wg + p * 128;
-        const char* ahead = reinterpret_cast<const char*>(line) + 1024;  // prefetched 1 KB ahead, 512 bytes a step
-        for (int j = 0; j < 8; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_T0);
-        const __m512bh xa = (__m512bh)_mm512_set1_epi32(xm[p]), xb = (__m512bh)_mm512_set1_epi32(xm[p + 1]);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(line), xa);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(line + 32), xa);
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(line + 64), xa);
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(line + 96), xa);
-        b0 = _mm512_dpbf16_ps(b0, (__m512bh)_mm512_loadu_si512(line + 128), xb);
-        b1 = _mm512_dpbf16_ps(b1, (__m512bh)_mm512_loadu_si512(line + 160), xb);
-        b2 = _mm512_dpbf16_ps(b2, (__m512bh)_mm512_loadu_si512(line + 192), xb);
-        b3 = _mm512_dpbf16_ps(b3, (__m512bh)_mm512_loadu_si512(line + 224), xb);
-      }
-      _mm512_store_ps(tmp, _mm512_add_ps(a0, b0));
-      _mm512_store_ps(tmp + 16, _mm512_add_ps(a1, b1));
-      _mm512_store_ps(tmp + 32, _mm512_add_ps(a2, b2));
-      _mm512_store_ps(tmp + 48, _mm512_add_ps(a3, b3));
-      std::copy(tmp, tmp + n, y + m * N + g * 64);
-    }
+    for (; m + 4 <= M; m += 4) bf16_group_rows<4>(x + m * P, P, wg, y + m * N + g * 64, N, n);
+    for (; m + 2 <= M; m += 2) bf16_group_rows<2>(x + m * P, P, wg, y + m * N + g * 64, N, n);
+    if (m < M) bf16_group_row(x + m * P, P, wg, y + m * N + g * 64, n);
   }
 }
 #endif

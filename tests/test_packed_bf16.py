@@ -29,9 +29,10 @@ def _bf16_config(**overrides):  # whole 64 x 64 blocks in every Linear
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
-    """One row and a batch of decode rows (2 and 3: pairs and a last single row) on oneDNN's packed bytes: the
-    fp32 sums of the bf16 products, rounded once to bf16 (within one bf16 rounding of the exact product); a prompt
-    through the module is the eager `PackedLinear`'s oneDNN GEMM on the same packed weight, bit for bit."""
+    """One row and a batch of decode rows (2, 3 and 7: tiles of 4 and 2 rows and a last single one) on oneDNN's
+    packed bytes: the fp32 sums of the bf16 products, rounded once to bf16 (within one bf16 rounding of the exact
+    product); a prompt through the module is the eager `PackedLinear`'s oneDNN GEMM on the same packed weight, bit for
+    bit."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -43,7 +44,7 @@ def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
             module = BlockedBf16Linear(n_in, n_out, blocks, onednn, linear.bias)
             assert torch.equal(module.weight, linear.weight)  # what MLA's absorbed attention multiplies by
             with torch.inference_mode():
-                for shape in ((1, 1, n_in), (2, 1, n_in), (3, 1, n_in)):
+                for shape in ((1, 1, n_in), (2, 1, n_in), (3, 1, n_in), (7, 1, n_in)):
                     x = torch.randn(shape, dtype=torch.bfloat16)
                     exact = F.linear(x.double(), linear.weight.double())
                     got = op(x, blocks, n_out)
