@@ -623,3 +623,16 @@ def blocked_bf16_linears(model) -> None:
                 made = onednn_bf16_blocks(child.weight)
                 if made is not None:
                     setattr(module, name, BlockedBf16Linear(child.in_features, child.out_features, *made, child.bias))
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing where it is absent): the
+    row-major weights `blocked_bf16_linears` drops lie below later allocations in the heap, and glibc kept them
+    (the 134M bf16 model's process: 705 MB resident after the conversion, 506 MB trimmed, as before it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
