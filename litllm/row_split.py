@@ -448,7 +448,7 @@ def _onednn_packs_bf16_blocks() -> bool:
     (`litllm.compile_decode._blocked_modules`) say so."""
     try:
         return onednn_bf16_blocks(torch.randn(192, 128).to(torch.bfloat16)) is not None
-    except RuntimeError:  # no oneDNN bf16 reorder in this torch build
+    except (RuntimeError, AttributeError, OSError, TypeError):  # no oneDNN bf16 reorder, or no AOTInductor C shim
         return False
 
 
