@@ -11,6 +11,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
     python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
     python benchmarks/decode_threads.py --quantize torchao.int8dq --no_int8_rows  # VNNI op vs inductor
+    python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -22,6 +23,7 @@ pick for each compiled step (`pick_compiled_threads`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -92,19 +94,32 @@ def no_row_split(off: bool):
     return patched(compile_decode, "wants_row_split", (lambda: False) if off else None)
 
 
-@contextlib.contextmanager
 def no_int8_rows(off: bool):
     """With `off`: compiled int8dq steps keep inductor's int8 reduction instead of the VNNI op on AVX-512 VNNI CPUs
     (`litllm.row_split.int8_rows_op`, `$LITLLM_INT8_ROWS`; saved under their own key), for comparison."""
     from litllm.row_split import INT8_ROWS_ENV
 
-    before = os.environ.get(INT8_ROWS_ENV)
+    return env_off(INT8_ROWS_ENV, off)
+
+
+def no_packed_bf16(off: bool):
+    """With `off`: compiled bf16 steps keep row-major weights and inductor's `mv` (`OneRowLinear`) instead of oneDNN's
+    packed bytes and the AVX512-BF16 op (`litllm.row_split.packed_bf16_op`, `$LITLLM_PACKED_BF16`), for comparison."""
+    from litllm.row_split import PACKED_BF16_ENV
+
+    return env_off(PACKED_BF16_ENV, off)
+
+
+@contextlib.contextmanager
+def env_off(variable: str, off: bool):
+    """`$variable` set to 0 for a block where `off`, as it was afterwards."""
+    before = os.environ.get(variable)
     if off:
-        os.environ[INT8_ROWS_ENV] = "0"
+        os.environ[variable] = "0"
     try:
         yield
     finally:
-        os.environ.pop(INT8_ROWS_ENV, None) if before is None else os.environ.__setitem__(INT8_ROWS_ENV, before)
+        os.environ.pop(variable, None) if before is None else os.environ.__setitem__(variable, before)
 
 
 def main() -> None:
@@ -127,6 +142,9 @@ def main() -> None:
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
     parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq: "
                         "steps with inductor's int8 reduction, not the VNNI op (`litllm.row_split.int8_rows_op`)")
+    parser.add_argument("--no_packed_bf16", action="store_true", help="also rows '<format> mv' for bf16: steps on "
+                        "row-major weights through inductor's mv, not oneDNN's packed ones "
+                        "(`litllm.row_split.packed_bf16_op`)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "
@@ -147,20 +165,24 @@ def main() -> None:
     engines, layouts = {}, {}
     for spec in args.quantize:
         mode, _, precision = spec.partition("@")
-        variants = [(spec, lambda n: {}, None, False, False)] \
-            + ([(f"{spec} baked", baked, None, False, False)] if args.baked else []) \
-            + ([(f"{spec} dynamic", lambda n: DYNAMIC, None, False, False)] if args.dynamic else []) \
-            + ([(f"{spec} F.linear", lambda n: {}, None, True, False)] if args.no_row_split else []) \
-            + ([(f"{spec} inductor", lambda n: {}, None, False, True)] if args.no_int8_rows and "int8dq" in mode else [])
+        variants = [(spec, lambda n: {}, None, False, False, False)] \
+            + ([(f"{spec} baked", baked, None, False, False, False)] if args.baked else []) \
+            + ([(f"{spec} dynamic", lambda n: DYNAMIC, None, False, False, False)] if args.dynamic else []) \
+            + ([(f"{spec} F.linear", lambda n: {}, None, True, False, False)] if args.no_row_split else []) \
+            + ([(f"{spec} inductor", lambda n: {}, None, False, True, False)]
+               if args.no_int8_rows and "int8dq" in mode else []) \
+            + ([(f"{spec} mv", lambda n: {}, None, False, False, True)] if args.no_packed_bf16 and "bf16" in precision
+               else [])
         if args.one_row_kernel and "16" in precision:
-            variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False))
-        for label, extra, kernel, off, inductor in variants:
+            variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False, False))
+        for label, extra, kernel, off, inductor, row_major in variants:
             # loaded per variant: a compiled step's unpacking changes the model's Linears
             model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
             layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec, args.layout))  # one pick per format
             for n in args.threads:
                 t0 = time.perf_counter()
-                with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor):
+                with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor), \
+                        no_packed_bf16(row_major):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)

@@ -14,6 +14,7 @@ CPU time being what a loaded machine disturbs least. The first tokens of all row
     python benchmarks/prefill.py --threads 1 --repeats 9
     python benchmarks/prefill.py --compare_gemm          # each litllm row with the other prompt GEMM too (oneDNN, MKL)
     python benchmarks/prefill.py --formats int8dq int8wo --compare_int8_prompt  # int8 rows: the op vs an fp32 GEMM
+    python benchmarks/prefill.py --formats bf16 --row_major_bf16   # the compiled layout's packed bf16 vs row-major
 """
 
 from __future__ import annotations
@@ -57,21 +58,30 @@ def with_prompt_gemm(gemm: str, call):
 
 
 def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: Optional[str] = None,
-                int8_gemm: bool = False) -> dict:
+                int8_gemm: bool = False, row_major_bf16: bool = False, forced_layout: Optional[str] = None) -> dict:
     from litllm.compile_decode import unpack_weights
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine
     from litllm.inference import load_for_inference
+    from litllm.row_split import PACKED_BF16_ENV
 
     mode, precision, _ = FORMATS[fmt]
     rows = {}
-    for layout in ("eager", "compiled"):
+    layouts = ("eager", "compiled") + (("compiled, row-major",) if row_major_bf16 and fmt == "bf16" else ())
+    eager_layout = None
+    for layout in layouts:
         model = load_for_inference(folder, precision=precision, quantize=None if mode == "none" else mode)
-        optimize_for_decoding(model)
+        eager_layout = optimize_for_decoding(model, layout=eager_layout or forced_layout)  # timed once per format
         if layout == "compiled":
             unpack_weights(model)
+        elif layout == "compiled, row-major":  # as before litllm.row_split.BlockedBf16Linear: OneRowLinears
+            os.environ[PACKED_BF16_ENV] = "0"
+            try:
+                unpack_weights(model)
+            finally:
+                os.environ.pop(PACKED_BF16_ENV)
         engine = Engine(model, None, 1, length, threads=threads)
-        name = f"litllm {fmt} ({layout} layout)"
+        name = f"litllm {fmt} ({layout} layout{f': {eager_layout}' if layout == 'eager' else ''})"
         rows[name] = lambda prompt, e=engine: greedy_tokens(e, prompt, 1)[0]
         if other_gemm:
             rows[f"{name[:-1]}, {other_gemm})"] = with_prompt_gemm(other_gemm, rows[name])
@@ -102,6 +112,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="both sides (default: torch's thread count)")
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--layout", default=None, help="the eager layout (`optimize_for_decoding`'s `layout`, e.g. "
+                        "onednn-packed) instead of timing one: on a loaded machine the timed pick varies")
+    parser.add_argument("--row_major_bf16", action="store_true", help="a bf16 row of the compiled layout as it was "
+                        "before oneDNN-packed `BlockedBf16Linear`s: row-major `OneRowLinear`s "
+                        "(`$LITLLM_PACKED_BF16=0`)")
     parser.add_argument("--compare_gemm", action="store_true",
                         help="a row of each litllm row with the other prompt GEMM (`litllm.cpu_layout.prompt_gemm`)")
     parser.add_argument("--compare_int8_prompt", action="store_true",
@@ -125,7 +140,8 @@ def main() -> None:
         row_split_op()  # the op library (int8 prompts' op, `int8_prompt_op`) built first where it is not there yet
     calls = {}
     for fmt in args.formats:
-        calls.update(litllm_rows(folder, fmt, length, threads, other, args.compare_int8_prompt))
+        calls.update(litllm_rows(folder, fmt, length, threads, other, int8_gemm=args.compare_int8_prompt,
+                                 row_major_bf16=args.row_major_bf16, forced_layout=args.layout))
     try:
         import llama_cpp  # noqa: F401
 

@@ -69,7 +69,9 @@ import torch
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
                                one_row_linears, optimize_for_decoding, prompt_linears, thread_candidates)
 from litllm.errors import LitLLMError
-from litllm.row_split import RowSplitLinear, becomes_row_split, int8_rows_op, row_split_linears, wants_row_split
+from litllm.row_split import (BF16_BLOCK, BlockedBf16Linear, RowSplitLinear, becomes_blocked_bf16, becomes_row_split,
+                              blocked_bf16_linears, int8_rows_op, packed_bf16_op, row_split_linears, shared_parameters,
+                              wants_row_split)
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -103,8 +105,11 @@ failed store-to-load forwarding per load): the 134M bf16 step 1.7x slower (tutor
 
 def _one_row_modules(model) -> list[str]:
     """The names of the Linears `model`'s compiled CPU step multiplies by through `litllm.cpu_layout.OneRowLinear`
-    (`unpack_weights` makes them so: 16-bit oneDNN-packed and plain Linears), before or after it did."""
+    (`unpack_weights` makes them so: 16-bit oneDNN-packed and plain Linears), or bf16 ones through
+    `litllm.row_split.BlockedBf16Linear`, before or after it did."""
     def one_row(module) -> bool:
+        if isinstance(module, BlockedBf16Linear):
+            return True
         if _is_packed(module):
             return module.packed_weight.dtype in ONE_ROW_DTYPES
         return becomes_one_row(module)
@@ -200,7 +205,8 @@ def _machine() -> str:
 
 def _weights_digest(model, strides: bool = False) -> str:
     """A digest of the model's parameters and buffers as they are now (names, shapes, dtypes, tensor types, and
-    with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it and an
+    with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it, a bf16 one
+    that becomes a `litllm.row_split.BlockedBf16Linear` as its blocks, and an
     int8 CPU layer with the plain copy of its weights `unpack_weights` gives it, which is what a compiled step takes),
     the KV cache left out."""
     entries = []
@@ -211,11 +217,15 @@ def _weights_digest(model, strides: bool = False) -> str:
         if strides:
             entries += [f"{name}.{leaf}:{shape}:{dtype}:Tensor:{stride};"
                         for leaf, shape, dtype, stride in module.compiled_tensors()]
+    blocked = _blocked_modules(model) if strides else {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if ".kv_cache." in name or name.rpartition(".")[0] in int8:
             continue
         module, _, leaf = name.rpartition(".")
-        if module in packed and leaf == "packed_weight":  # unpacked: an (out, in) Parameter, row- or column-major
+        if module in blocked and leaf in ("weight", "packed_weight", "blocks"):  # as `blocked_bf16_linears` makes it
+            name, shape, kind = f"{module}.blocks", blocked[module], "Tensor"
+            layout = f":{tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))}"  # contiguous
+        elif module in packed and leaf == "packed_weight":  # unpacked: an (out, in) Parameter, row- or column-major
             linear = model.get_submodule(module)
             name, shape, kind = f"{module}.weight", (linear.out_features, linear.in_features), "Parameter"
             layout = f":{(1, linear.out_features) if linear.unpack_column_major else (linear.in_features, 1)}"
@@ -225,6 +235,16 @@ def _weights_digest(model, strides: bool = False) -> str:
         entries.append(f"{name}:{shape}:{tensor.dtype}:{kind}{layout};")
     order = sorted if strides else list  # sorted: unpacking moves a weight from the buffers to the parameters
     return hashlib.sha1("".join(order(entries)).encode()).hexdigest()[:16]
+
+
+def _blocked_modules(model) -> dict[str, tuple]:
+    """The bf16 Linears `unpack_weights` makes (or made) `litllm.row_split.BlockedBf16Linear`s, by name, with the
+    shape of their blocks; none where the op is not built yet or does not run here (`packed_bf16_op`)."""
+    if packed_bf16_op(build=False) is None:
+        return {}
+    shared = shared_parameters(model)
+    return {name: (-(-module.out_features // 64), -(-module.in_features // 64), *BF16_BLOCK)
+            for name, module in model.named_modules() if becomes_blocked_bf16(module, shared)}
 
 
 def decode_choices_key(model) -> str:
@@ -713,7 +733,11 @@ def unpack_weights(model) -> None:
     `torchao.int8dq`'s layers (fbgemm's packed weights, opaque too) and fp32 `torchao.int8wo` ones get a plain copy of
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
-    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). With more than one thread,
+    oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). On AVX512-BF16 CPUs the bf16
+    ones of whole 64 x 64 blocks (not a head tied to the embedding) then become `litllm.row_split.BlockedBf16Linear`s
+    (`blocked_bf16_linears`): their weight packed by oneDNN once more, held in that layout only, which a prompt's
+    oneDNN GEMM reads without reordering it per call (the prefill of a compiled run) and the step's AVX512-BF16 op
+    too. With more than one thread,
     fp32 CPU Linears become `litllm.row_split.RowSplitLinear`s (their one-row matmul on every thread: MKL's fp32 GEMV
     runs on one), where its op builds here; the others `PromptLinear`s where a prompt's GEMM is oneDNN's."""
     prepare_int8_for_compile(model)
@@ -722,6 +746,7 @@ def unpack_weights(model) -> None:
             if _is_packed(child):
                 setattr(module, name, child.unpacked())
     one_row_linears(model)
+    blocked_bf16_linears(model)
     if wants_row_split():
         row_split_linears(model)
     prompt_linears(model)  # (fp32 ones the row split left: a prompt's GEMM)

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from litllm.cpu_layout import PromptLinear, plain_cpu_weight, swap_linears
+from litllm.cpu_layout import OneRowLinear, PackedLinear, PromptLinear, becomes_one_row, plain_cpu_weight, swap_linears
 from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private
 
 SOURCE = r"""
@@ -43,6 +43,7 @@ SOURCE = r"""
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -378,15 +379,128 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
 }
 // ---- end of int8 prompt rows ----
 
+// bf16 rows times a weight in oneDNN's packed bf16 layout (litllm.cpu_layout.BlockedBf16Linear: the compiled step reads
+// the same bytes a prompt's oneDNN GEMM does, no second copy): w (N/64, K/64, 32, 64, 2), padded with zeros to whole
+// 64 x 64 blocks; each 64-byte line holds 16 outputs x 2 consecutive k, and vdpbf16ps multiplies a line by the
+// broadcast pair of x into the 16 outputs' fp32 sums: no horizontal sums, one contiguous stream per 64 outputs.
+#if defined(__x86_64__)
+// R rows of x (a batch of decode rows) times one group of 64 outputs: the weight's loads shared by the R rows
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t N, int64_t n) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const uint16_t* line = wg + p * 128;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(line), w1 = (__m512bh)_mm512_loadu_si512(line + 32),
+                   w2 = (__m512bh)_mm512_loadu_si512(line + 64), w3 = (__m512bh)_mm512_loadu_si512(line + 96);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * P + p]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xr);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xr);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xr);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xr);
+    }
+  }
+  alignas(64) float tmp[64];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(tmp + 16 * j, acc[r][j]);
+    std::copy(tmp, tmp + n, y + r * N);
+  }
+}
+
+// one row (decoding) times one group of 64 outputs: two pairs a step into separate sums (8 dependency chains)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void bf16_group_row(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (int64_t p = 0; p < P; p += 2) {
+    const uint16_t* line = wg + p * 128;
+    const char* ahead = reinterpret_cast<const char*>(line) + 1024;  // prefetched 1 KB ahead, 512 bytes a step
+    for (int j = 0; j < 8; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_T0);
+    const __m512bh xa = (__m512bh)_mm512_set1_epi32(x[p]), xb = (__m512bh)_mm512_set1_epi32(x[p + 1]);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(line), xa);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(line + 32), xa);
+    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(line + 64), xa);
+    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(line + 96), xa);
+    b0 = _mm512_dpbf16_ps(b0, (__m512bh)_mm512_loadu_si512(line + 128), xb);
+    b1 = _mm512_dpbf16_ps(b1, (__m512bh)_mm512_loadu_si512(line + 160), xb);
+    b2 = _mm512_dpbf16_ps(b2, (__m512bh)_mm512_loadu_si512(line + 192), xb);
+    b3 = _mm512_dpbf16_ps(b3, (__m512bh)_mm512_loadu_si512(line + 224), xb);
+  }
+  alignas(64) float tmp[64];
+  _mm512_store_ps(tmp, _mm512_add_ps(a0, b0));
+  _mm512_store_ps(tmp + 16, _mm512_add_ps(a1, b1));
+  _mm512_store_ps(tmp + 32, _mm512_add_ps(a2, b2));
+  _mm512_store_ps(tmp + 48, _mm512_add_ps(a3, b3));
+  std::copy(tmp, tmp + n, y);
+}
+
+// the groups g0..g1 of 64 outputs for M rows (x: each row zero-padded to KB * 64, as pairs)
+static void bf16_blocks(const int32_t* x, int64_t M, int64_t KB, const uint16_t* w, float* y, int64_t N, int64_t g0,
+                        int64_t g1) {
+  const int64_t P = KB * 32;  // k pairs of a (padded) row
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* wg = w + g * P * 128;
+    const int64_t n = std::min<int64_t>(64, N - g * 64);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) bf16_group_rows<4>(x + m * P, P, wg, y + m * N + g * 64, N, n);
+    for (; m + 2 <= M; m += 2) bf16_group_rows<2>(x + m * P, P, wg, y + m * N + g * 64, N, n);
+    if (m < M) bf16_group_row(x + m * P, P, wg, y + m * N + g * 64, n);
+  }
+}
+#endif
+
+at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "packed_bf16_linear: this CPU has no AVX512-BF16");
+#else
+  TORCH_CHECK(false, "packed_bf16_linear: this CPU has no AVX512-BF16");
+#endif
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(w.dim() == 5 && w.size(2) == 32 && w.size(3) == 64 && w.size(4) == 2 && w.is_contiguous() &&
+              w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && w.size(1) * 64 >= K &&
+              w.size(1) * 64 < K + 64 && w.size(0) * 64 >= N && w.size(0) * 64 < N + 64,
+              "packed_bf16_linear: x ", x.sizes(), " ", x.scalar_type(), ", w ", w.sizes(), " ", w.scalar_type(),
+              ", out_features ", N);
+  const int64_t G = w.size(0), KB = w.size(1), M = x.numel() / std::max<int64_t>(K, 1);
+  // the rows zero-padded to whole blocks (the weights' padding is zero too), as pairs
+  std::vector<uint16_t> xpad(M * KB * 64, 0);
+  const at::Tensor xc = x.contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) std::copy(xp + m * K, xp + (m + 1) * K, xpad.data() + m * KB * 64);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t per = (G + threads - 1) / threads;  // each thread one contiguous range of 64-output groups
+  auto part = [&](int64_t t) {
+#if defined(__x86_64__)
+    bf16_blocks(reinterpret_cast<const int32_t*>(xpad.data()), M, KB,
+                reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()), y.mutable_data_ptr<float>(), N,
+                std::min(G, t * per), std::min(G, (t + 1) * per));
+#endif
+  };
+  if (threads == 1) {
+    part(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t t = 0; t < threads; ++t) part(t);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.to(at::kBFloat16).view(shape);
+}
+
 TORCH_LIBRARY(litllm_cpu, m) {
   m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
+  m.def("packed_bf16_linear(Tensor x, Tensor w, int out_features) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("row_split_linear", &row_split_linear);
   m.impl("int8_rows_linear", &int8_rows_linear);
   m.impl("int8_prompt_linear", &int8_prompt_linear);
+  m.impl("packed_bf16_linear", &packed_bf16_linear);
 }
 """
 NAME = "litllm_cpu_ops"
@@ -457,6 +571,10 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.size(0))
 
+    @torch.library.register_fake("litllm_cpu::packed_bf16_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
 
 INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
 """`0`/`false`: compiled int8dq steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
@@ -498,6 +616,36 @@ def int8_prompt_op() -> Optional[object]:
             or not _has_avx512_vnni() or not _library_there() or row_split_op() is None:
         return None
     return torch.ops.litllm_cpu.int8_prompt_linear
+
+
+PACKED_BF16_ENV = "LITLLM_PACKED_BF16"
+"""`0`/`false`: compiled bf16 steps keep row-major weights and inductor's `mv` (`OneRowLinear`), e.g. to compare."""
+
+
+def packed_bf16_op(build: bool = True) -> Optional[object]:
+    """`torch.ops.litllm_cpu.packed_bf16_linear(x, blocks, out_features)` (the same library as `row_split_op`'s) where
+    this CPU has AVX512-BF16, oneDNN packs bf16 weights in `BF16_BLOCK`s, the library builds or loads and
+    `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled bf16 steps multiply by oneDNN's packed weights through it
+    (`BlockedBf16Linear`). `build=False`: None where the library is neither loaded nor built yet."""
+    if os.environ.get(PACKED_BF16_ENV, "").strip().lower() in ("0", "false", "no", "off") \
+            or not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags():
+        return None
+    if not build and not _library_there():
+        return None
+    if not _onednn_packs_bf16_blocks():
+        return None
+    return None if row_split_op() is None else torch.ops.litllm_cpu.packed_bf16_linear
+
+
+@lru_cache(maxsize=None)
+def _onednn_packs_bf16_blocks() -> bool:
+    """Does oneDNN pack bf16 Linear weights here as `BF16_BLOCK` says (probed once, on a 192 x 128 weight)? Where it
+    does not (another ISA's blocking, e.g. AMX's), no weight becomes a `BlockedBf16Linear` and the saved steps' keys
+    (`litllm.compile_decode._blocked_modules`) say so."""
+    try:
+        return onednn_bf16_blocks(torch.randn(192, 128).to(torch.bfloat16)) is not None
+    except (RuntimeError, AttributeError, OSError, TypeError):  # no oneDNN bf16 reorder, or no AOTInductor C shim
+        return False
 
 
 class RowSplitLinear(PromptLinear):
@@ -544,3 +692,143 @@ def row_split_linears(model) -> bool:
         return False
     swap_linears(model, RowSplitLinear, becomes_row_split)
     return True
+
+
+BF16_BLOCK = (32, 64, 2)
+"""oneDNN's packed bf16 Linear weight on AVX512-BF16 CPUs, per 64 x 64 block of (out, in): 32 pairs of input
+features, each holding 64 outputs x the pair's 2 values; blocks ordered (out / 64, in / 64), padded with zeros
+(`onednn_bf16_blocks` checks each weight it packs against it)."""
+
+
+def onednn_bf16_blocks(weight: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(blocks, packed) for a bf16 (out, in) CPU weight: its oneDNN-packed bytes as a plain (ceil(out / 64),
+    ceil(in / 64), 32, 64, 2) tensor that owns them, and an opaque oneDNN tensor on the same memory (what
+    `torch.ops.mkldnn._linear_pointwise` multiplies a prompt by without reordering); None where oneDNN packs
+    otherwise here (another blocking, no bf16 GEMM)."""
+    import ctypes
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    out_features, in_features = weight.shape
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    blocks = torch.empty(-(-out_features // 64), -(-in_features // 64), *BF16_BLOCK, dtype=torch.bfloat16)
+    if torch.ops.mkldnn._nbytes(packed) != 2 * blocks.numel():
+        return None
+    ctypes.memmove(blocks.data_ptr(), torch.ops.mkldnn.data_ptr(packed), 2 * blocks.numel())
+    plain = blocks.permute(0, 3, 1, 2, 4).reshape(blocks.size(0) * 64, blocks.size(1) * 64)
+    if not torch.equal(plain[:out_features, :in_features], weight) or plain.count_nonzero() != weight.count_nonzero():
+        return None  # not the blocking assumed (or nonzero padding)
+    return blocks, _onednn_view(blocks, packed)
+
+
+def _onednn_view(blocks: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """An opaque oneDNN tensor over `blocks`' memory (not owning it) that describes it as `packed` does: made through
+    the C function AOTInductor loads packed constants with (`aoti_torch_create_tensor_from_blob_v2`)."""
+    import ctypes
+
+    lib = _aoti_shim()
+    meta = bytes(torch.ops.mkldnn._get_mkldnn_serialized_md(packed).tolist())
+    sizes = (ctypes.c_int64 * 2)(*packed.shape)
+    strides = (ctypes.c_int64 * 2)(packed.size(1), 1)
+    handle = ctypes.c_void_p()
+    code = lib.aoti_torch_create_tensor_from_blob_v2(
+        blocks.data_ptr(), 2, sizes, strides, 0, lib.aoti_torch_dtype_bfloat16(), lib.aoti_torch_device_type_cpu(), -1,
+        ctypes.byref(handle), lib.aoti_torch_layout__mkldnn(), meta, len(meta))
+    if code != 0:
+        raise RuntimeError("aoti_torch_create_tensor_from_blob_v2 failed")
+    capsule = ctypes.pythonapi.PyCapsule_New
+    capsule.restype, capsule.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(capsule(handle.value, None, None))
+
+
+@lru_cache(maxsize=None)
+def _aoti_shim():
+    import ctypes
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    lib.aoti_torch_create_tensor_from_blob_v2.restype = ctypes.c_int32
+    lib.aoti_torch_create_tensor_from_blob_v2.argtypes = (
+        ctypes.c_void_p, ctypes.c_int64, i64p, i64p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.c_char_p, ctypes.c_int64)
+    return lib
+
+
+class BlockedBf16Linear(torch.nn.Module):
+    """A bf16 CPU Linear held once, in oneDNN's packed layout (`onednn_bf16_blocks`), for a compiled run: a prompt's
+    rows go through oneDNN's GEMM on it as packed (`torch.ops.mkldnn._linear_pointwise`, as the eager step's
+    `PackedLinear`: no per-call reorder of a row-major weight), one row (decoding: eager, or the compiled step, which
+    takes `blocks` as its input) through `litllm_cpu::packed_bf16_linear` on the same bytes. For inference only: not
+    saved (`blocks` is no state-dict entry), no autograd."""
+
+    multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
+
+    def __init__(self, in_features: int, out_features: int, blocks: torch.Tensor, onednn: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("blocks", blocks, persistent=False)  # (out/64, in/64, 32, 64, 2) bf16
+        self.onednn = onednn  # not a buffer: opaque, and no input of the compiled step
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight, a row-major copy gathered from the blocks (for code that multiplies by the matrix
+        itself: MLA's absorbed attention)."""
+        return self.blocks.permute(0, 3, 1, 2, 4).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features and not torch.compiler.is_compiling():  # a prompt
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.onednn, self.bias, "none", [], "")
+        y = torch.ops.litllm_cpu.packed_bf16_linear(x, self.blocks, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def becomes_blocked_bf16(module, shared: set[int]) -> bool:
+    """Does `blocked_bf16_linears` make `module` a `BlockedBf16Linear`: a bf16 CPU Linear of whole 64 x 64 blocks
+    that a compiled step would multiply by through `litllm.cpu_layout.OneRowLinear` (`becomes_one_row`, or
+    oneDNN-packed), whose weight no other module shares (`shared`: ids of the parameters outside Linears, e.g. a tied
+    embedding)."""
+    if isinstance(module, BlockedBf16Linear):
+        return True
+    if type(module) not in (OneRowLinear, torch.nn.Linear) and not isinstance(module, PackedLinear):
+        return False
+    if module.in_features % 64 or module.out_features % 64:  # whole blocks only: oneDNN pads others its own way
+        return False
+    if isinstance(module, PackedLinear):
+        return module.packed_weight.dtype == torch.bfloat16
+    return becomes_one_row(module) and module.weight.dtype == torch.bfloat16 and id(module.weight) not in shared
+
+
+def shared_parameters(model) -> set[int]:
+    """The ids of `model`'s parameters that a module other than a Linear holds (a tied embedding's weight)."""
+    return {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+
+
+def blocked_bf16_linears(model) -> None:
+    """Every bf16 CPU Linear of `model` that `becomes_blocked_bf16` (a plain one or a `OneRowLinear`) as a
+    `BlockedBf16Linear` on its weight packed by oneDNN, where the op builds or loads (`packed_bf16_op`); one layer at a
+    time (at most one layer's second copy is alive), the row-major weight dropped. Layers oneDNN packs otherwise
+    stay as they are."""
+    if packed_bf16_op() is None:
+        return
+    shared = shared_parameters(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) in (OneRowLinear, torch.nn.Linear) and becomes_blocked_bf16(child, shared):
+                made = onednn_bf16_blocks(child.weight)
+                if made is not None:
+                    setattr(module, name, BlockedBf16Linear(child.in_features, child.out_features, *made, child.bias))
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing where it is absent): the
+    row-major weights `blocked_bf16_linears` drops lie below later allocations in the heap, and glibc kept them
+    (the 134M bf16 model's process: 705 MB resident after the conversion, 506 MB trimmed, as before it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -159,13 +159,18 @@ def test_the_layout_pick_never_times_16_bit_weights_column_major(dtype, monkeypa
     assert not model.blocks[0].attn.qkv.weight.is_contiguous()
 
 
-def test_a_compiled_16_bit_step_loads_whole_weight_vectors():
+def test_a_compiled_16_bit_step_loads_whole_weight_vectors(monkeypatch):
     """The compiled step's one-row matmuls (`OneRowLinear` after a norm, under `cpu_compile_options`) load bf16
     weights a whole SIMD vector at a time and agree with eager. A partial load (8 of a 16-lane vector on AVX2, when
     inductor tiled the reduction by fp32's lane count) goes through a stack buffer: the 16-bit step ran 1.8x slower.
     Row-major weights (the eager pick where oneDNN cannot pack bf16: AVX2) take that kernel too, not the BLAS or
-    oneDNN matmul of a one-row `F.linear` (1.4x slower on AVX2)."""
+    oneDNN matmul of a one-row `F.linear` (1.4x slower on AVX2). (Where the AVX512-BF16 packed op runs, whole blocks
+    take it instead, `tests/test_packed_bf16.py`: turned off here, this is the kernel everywhere else.)"""
     import re
+
+    from litllm.row_split import PACKED_BF16_ENV
+
+    monkeypatch.setenv(PACKED_BF16_ENV, "0")
 
     from torch._inductor import cpu_vec_isa
     from torch._inductor.utils import run_and_get_code
@@ -682,6 +687,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
     from litllm.generate import decode_engine
     from litllm.cpu_layout import OneRowLinear, PackedLinear, optimize_for_decoding
+    from litllm.row_split import BlockedBf16Linear
 
     skip_unless_layout_runs(layout, dtype)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -692,7 +698,9 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
         assert optimize_for_decoding(model, layout=layout) == layout
         engine = Engine(model, None, 1, 32, compile=compile)
         assert any(isinstance(m, PackedLinear) for m in model.modules()) != compile
-        assert isinstance(model.blocks[0].attn.qkv, OneRowLinear) == (compile and dtype == torch.bfloat16)
+        # bf16 compiled: `OneRowLinear`, or oneDNN's packed bytes held once where the AVX512-BF16 op runs
+        one_row = (OneRowLinear, BlockedBf16Linear)
+        assert isinstance(model.blocks[0].attn.qkv, one_row) == (compile and dtype == torch.bfloat16)
         engine.add(Request([1, 2, 3, 4], 8))
         tokens = []
         while engine.has_unfinished:

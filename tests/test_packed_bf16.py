@@ -1,0 +1,113 @@
+"""bf16 weights held once, in oneDNN's packed layout, for a compiled CPU run (`litllm.row_split.BlockedBf16Linear`):
+the one-row op on those bytes equals the bf16 matmul, a prompt's GEMM is the eager `PackedLinear`'s, and a compiled
+step over them decodes the eager engine's greedy tokens and is saved under the key it is looked up by."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from litllm.cpu_layout import PackedLinear
+from litllm.engine import Engine, Request
+from litllm.model import GPT
+from litllm.row_split import BlockedBf16Linear, onednn_bf16_blocks, packed_bf16_op
+
+
+@pytest.fixture(scope="module")
+def op():
+    found = packed_bf16_op()
+    if found is None:
+        pytest.skip("the packed bf16 op does not run here (no AVX512-BF16, or no C++ compiler)")
+    return found
+
+
+def _bf16_config(**overrides):  # whole 64 x 64 blocks in every Linear
+    return tiny_config(**{"n_embd": 64, "n_head": 4, "n_query_groups": 4, "intermediate_size": 128, **overrides})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
+    """One row and a batch of decode rows (2, 3 and 7: tiles of 4 and 2 rows and a last single one) on oneDNN's
+    packed bytes: the fp32 sums of the bf16 products, rounded once to bf16 (within one bf16 rounding of the exact
+    product); a prompt through the module is the eager `PackedLinear`'s oneDNN GEMM on the same packed weight, bit for
+    bit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        for n_out, n_in in ((64, 64), (192, 128), (1024, 256)):
+            linear = torch.nn.Linear(n_in, n_out, bias=True, dtype=torch.bfloat16)
+            blocks, onednn = onednn_bf16_blocks(linear.weight)
+            assert blocks.shape == (n_out // 64, n_in // 64, 32, 64, 2)
+            module = BlockedBf16Linear(n_in, n_out, blocks, onednn, linear.bias)
+            assert torch.equal(module.weight, linear.weight)  # what MLA's absorbed attention multiplies by
+            with torch.inference_mode():
+                for shape in ((1, 1, n_in), (2, 1, n_in), (3, 1, n_in), (7, 1, n_in)):
+                    x = torch.randn(shape, dtype=torch.bfloat16)
+                    exact = F.linear(x.double(), linear.weight.double())
+                    got = op(x, blocks, n_out)
+                    assert got.shape == (*shape[:-1], n_out) and got.dtype == torch.bfloat16
+                    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+                    assert torch.equal(module(x), (got + linear.bias) if x.numel() == n_in else module(x))
+                prompt = torch.randn(1, 7, n_in, dtype=torch.bfloat16)
+                assert torch.equal(module(prompt), PackedLinear(linear)(prompt))
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="packed_bf16_linear"):
+        op(torch.randn(1, 96, dtype=torch.bfloat16), blocks, 1024)  # 96 features: not the weight's
+
+
+def test_only_whole_blocks_of_untied_bf16_weights_are_packed(op):
+    """A tied head keeps the embedding's row-major weight (`OneRowLinear`), fp32 weights and Linears of partial blocks
+    stay as they are."""
+    from litllm.compile_decode import unpack_weights
+    from litllm.cpu_layout import OneRowLinear
+
+    model = GPT(_bf16_config(tie_embeddings=True)).to(torch.bfloat16).eval()
+    unpack_weights(model)
+    assert type(model.lm_head) is OneRowLinear and model.lm_head.weight is model.wte.weight
+    assert all(type(m) is BlockedBf16Linear for m in model.blocks.modules() if hasattr(m, "in_features"))
+    odd = GPT(_bf16_config(intermediate_size=96)).to(torch.bfloat16).eval()
+    unpack_weights(odd)
+    assert type(odd.blocks[0].mlp.proj) is OneRowLinear and type(odd.blocks[0].attn.qkv) is BlockedBf16Linear
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op, monkeypatch, tmp_path):
+    """The eager engine (oneDNN-packed `PackedLinear`s) and the compiled one (`BlockedBf16Linear`s on the same packed
+    bytes, AOTInductor) decode the same greedy tokens from the same prompt; the step is saved under the key a fresh
+    model looks it up by before it is unpacked, and loads."""
+    from litllm.compile_decode import load_saved_step, saved_step_length, steps_folder, unpack_weights
+    from litllm.cpu_layout import optimize_for_decoding
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    state = GPT(_bf16_config()).to(torch.bfloat16).state_dict()
+
+    def model():
+        fresh = GPT(_bf16_config()).to(torch.bfloat16).eval()
+        fresh.load_state_dict(state)
+        optimize_for_decoding(fresh, layout="onednn-packed")
+        return fresh
+
+    def decode(engine):
+        engine.add(Request(list(range(1, 9)), 12))
+        tokens = []
+        while engine.has_unfinished:
+            tokens += [t for out in engine.step() for t in out.token_ids]
+        return tokens
+
+    eager = decode(Engine(model(), None, 1, 64, threads=1))
+    compiled = Engine(model(), None, 1, 64, threads=1, compile=True)
+    assert isinstance(compiled.model.blocks[0].attn.qkv, BlockedBf16Linear)
+    assert decode(compiled) == eager and compiled.step_source == "compiled"
+    fresh = model()
+    folder = steps_folder(fresh)
+    assert saved_step_length(fresh, 1, 64) == 64
+    unpack_weights(fresh)
+    assert steps_folder(fresh) == folder
+    engine = Engine(fresh, None, 1, 64, threads=1)
+    assert load_saved_step(engine) and engine.step_source == "loaded"
+    assert decode(engine) == eager
