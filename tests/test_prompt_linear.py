@@ -91,13 +91,16 @@ def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, th
     from litllm.engine import Engine, Request
     from litllm.model import GPT
     from litllm.quantize import quantize_model
-    from litllm.row_split import RowSplitLinear, row_split_op
+    from litllm.row_split import INT8_PROMPT_ENV, RowSplitLinear, row_split_op
 
     if mode != "none":
         pytest.importorskip("torchao")
     if layout == "compiled" and threads > 1 and row_split_op() is None:
         pytest.skip("the row-split op does not build here (no C++ compiler?)")
     monkeypatch.setenv(PROMPT_GEMM_ENV, "onednn")  # the layout's pick, wherever this runs
+    # int8 prompts take litllm's own int8 op where it is built (tests/test_quantize.py); this test is about the GEMM
+    # they fall back to where it is not (no AVX-512 VNNI, `$LITLLM_INT8_PROMPT=0`)
+    monkeypatch.setenv(INT8_PROMPT_ENV, "0")
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     prompt = torch.randint(0, 320, (24,)).tolist()
