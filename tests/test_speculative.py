@@ -288,3 +288,18 @@ def test_batch_engine_samples_reproducibly_by_seed(tiny_checkpoint, one_thread):
     first = run(3)
     assert run(3) == first and run(4) != first
     assert all(len(t) == 30 for t in first)
+
+
+def test_a_torchao_quantized_model_with_a_draft_decodes_its_own_greedy_tokens(tiny_checkpoint, one_thread):
+    """`--quantize torchao.int8wo --draft_model`: the model is quantized, its draft loads unquantized (tutorial
+    section 5b), and the greedy text is the quantized model's without a draft."""
+    pytest.importorskip("torchao")
+    from litllm import LLM
+    from litllm.quantize import is_quantized
+
+    prompt, quantized = "Hello there, how are", {"quantize": "torchao.int8wo", "prompt_style": "default"}
+    expected = LLM.load(tiny_checkpoint, device="cpu", **quantized).generate(prompt, max_new_tokens=40)
+    llm = LLM.load(tiny_checkpoint, device="cpu", draft_model=tiny_checkpoint, **quantized)
+    assert is_quantized(llm.model.blocks[0].attn.qkv) and not is_quantized(llm.draft.blocks[0].attn.qkv)
+    assert llm.generate(prompt, max_new_tokens=40) == expected
+    assert llm.acceptance_rate is not None
