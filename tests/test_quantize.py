@@ -503,13 +503,17 @@ def test_torchao_on_gpu(tiny_checkpoint, mode):
     ref = GPT.from_checkpoint(tiny_checkpoint, device="cuda", dtype=torch.bfloat16).eval()
     model = quantize_model(GPT.from_checkpoint(tiny_checkpoint, dtype=torch.bfloat16), mode, "cuda").to("cuda").eval()
     assert is_quantized(model.blocks[0].mlp.proj)
-    idx = torch.randint(0, 300, (2, 16), device="cuda")
+    idx = torch.randint(0, 300, (2, 120), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         out, expected = model(idx).float(), ref(idx).float()
     assert float((out - expected).norm() / expected.norm()) < TORCHAO_LOGIT_REL_ERROR[mode] + 0.02  # + bf16 rounding
+    # greedy agreement over a long prompt, as on the CPU (test_torchao_weight_only), less a margin for bf16's rounding
+    # of the reference's own near-ties (unmeasured: no GPU where this was written)
+    agreement = float((out.argmax(-1) == expected.argmax(-1)).float().mean())
+    assert agreement >= TORCHAO_ARGMAX_AGREEMENT[mode] - 0.1, agreement
     from litllm.engine import generate_ids
 
-    assert len(generate_ids(model, idx[0].tolist(), 8)) == 8
+    assert len(generate_ids(model, idx[0, :16].tolist(), 8)) == 8
 
 
 class _StepReference(nn.Module):
