@@ -382,14 +382,31 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     assert rel(half, got) < 5e-3  # fp16 inputs and outputs
 
 
-def test_torchao_through_every_loader(tiny_checkpoint, capsys):
-    """generate and LLM.load take the torchao modes (chat, serve and evaluate load through the same LoadArgs)."""
+def spy_quantized_loads(monkeypatch, where: str) -> list[bool]:
+    """`load_decoder` as imported at `where`, spied on: the list fills with whether each model it loads is quantized."""
+    from litllm.inference import load_decoder
+
+    quantized = []
+
+    def spy(*args, **kwargs):
+        loaded = load_decoder(*args, **kwargs)
+        quantized.append(is_quantized(loaded.model.blocks[0].attn.qkv))
+        return loaded
+
+    monkeypatch.setattr(where, spy)
+    return quantized
+
+
+def test_torchao_through_every_loader(tiny_checkpoint, capsys, monkeypatch):
+    """generate and LLM.load take the torchao modes (chat and serve: the next test; evaluate:
+    test_evaluate.py's perplexity with torchao.int8wo)."""
     pytest.importorskip("torchao")
     from litllm import LLM
     from litllm.generate import generate
 
+    quantized = spy_quantized_loads(monkeypatch, "litllm.generate.load_decoder")
     generate(tiny_checkpoint, "Hello", max_new_tokens=6, temperature=0.0, quantize="torchao.int8wo", device="cpu")
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out.strip() and quantized == [True]
     with pytest.warns(UserWarning, match="stay unquantized"):
         llm = LLM.load(tiny_checkpoint, device="cpu", quantize="torchao.int4wo", prompt_style="default")
     assert is_quantized(llm.model.blocks[0].attn.qkv) and type(llm.model.blocks[0].attn.qkv) is nn.Linear
@@ -409,17 +426,10 @@ def test_serve_and_chat_take_the_torchao_modes(tiny_checkpoint, tmp_path, monkey
     from test_serve import KEY, Server, generate_alone
 
     from litllm.chat import chat
-    from litllm.inference import LoadArgs, load_decoder
+    from litllm.inference import LoadArgs
     from litllm.tokenizer import Tokenizer
 
-    quantized = []
-
-    def spy(*args, **kwargs):
-        loaded = load_decoder(*args, **kwargs)
-        quantized.append(is_quantized(loaded.model.blocks[0].attn.qkv))
-        return loaded
-
-    monkeypatch.setattr("litllm.chat.load_decoder", spy)
+    quantized = spy_quantized_loads(monkeypatch, "litllm.chat.load_decoder")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/exit\n"))
     chat(tiny_checkpoint, temperature=0.0, max_new_tokens=6, quantize="torchao.int8wo", device="cpu")
     assert quantized == [True] and ">> Model: " in capsys.readouterr().out
