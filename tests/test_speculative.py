@@ -303,3 +303,24 @@ def test_a_torchao_quantized_model_with_a_draft_decodes_its_own_greedy_tokens(ti
     assert is_quantized(llm.model.blocks[0].attn.qkv) and not is_quantized(llm.draft.blocks[0].attn.qkv)
     assert llm.generate(prompt, max_new_tokens=40) == expected
     assert llm.acceptance_rate is not None
+
+
+def test_the_speculative_benchmark_decodes_the_targets_tokens(monkeypatch, capsys, one_thread):
+    """benchmarks/speculative.py (#27's 12-layer target, 2-layer draft trained on its outputs) at toy sizes: it runs,
+    the draft trains, and target + draft decode the target's own greedy tokens."""
+    import sys
+
+    from test_llama_cpp_bench import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script's `from generate import timed` (benchmarks/generate.py)
+    monkeypatch.setattr(sys, "argv", ["speculative.py", "--n_layer", "3", "--n_embd", "64", "--n_head", "4",
+                                      "--intermediate_size", "128", "--vocab_size", "256", "--train_steps", "5",
+                                      "--train_sequences", "8", "--new_tokens", "8", "--eval_prompts", "2",
+                                      "--repeats", "1"])
+    try:
+        load_benchmark("speculative").main()
+    finally:
+        sys.modules.pop("generate", None)
+    out = capsys.readouterr().out
+    assert "draft (2 layers) trained 5 steps" in out and "same tokens: True; acceptance rate" in out, out
+    assert "speculative / plain: " in out
