@@ -118,21 +118,27 @@ def _exact_marginals(model, prompt: list[int], vocab: int, temperature: float) -
     return joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
 
 
-def test_sampling_keeps_the_target_distribution(one_thread):
+@pytest.mark.parametrize("batch", [False, True])
+def test_sampling_keeps_the_target_distribution(one_thread, batch):
     """End to end on an 8-token vocabulary: the 2nd and 3rd sampled tokens (from a round of k=2 proposals:
-    kept, replaced or the bonus) follow the target's exact marginals, not the draft's."""
+    kept, replaced or the bonus) follow the target's exact marginals, not the draft's. `batch`: serve's
+    `SpeculativeBatchEngine`, its requests added one at a time (it speculates only in steps where none waits)."""
+    from litllm.speculative import SpeculativeBatchEngine
+
     vocab, temperature, N = 8, 1.0, 1000
     torch.manual_seed(0)
     target = GPT(tiny_config(vocab_size=vocab, padding_multiple=8, block_size=16)).eval()
     draft = GPT(tiny_config(vocab_size=vocab, padding_multiple=8, block_size=16, n_layer=1)).eval()
     prompt = [1, 2, 3]
     tokens: dict[int, list[int]] = {}
-    with SpeculativeEngine(target, draft, None, 8, num_speculative_tokens=2) as engine:
+    engine = (SpeculativeBatchEngine(target, draft, None, 1, 8, num_speculative_tokens=2) if batch
+              else SpeculativeEngine(target, draft, None, 8, num_speculative_tokens=2))
+    with engine:
         for seed in range(N):  # one request per seed, decoded one after the other
             tokens[engine.add(Request(prompt, 4, Sampling(temperature, seed=seed)))] = []
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens[out.request_id] += out.token_ids
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens[out.request_id] += out.token_ids
     assert 0.2 < engine.acceptance_rate < 0.95  # both paths taken often
     second = torch.tensor([t[1] for t in tokens.values()])
     third = torch.tensor([t[2] for t in tokens.values()])
