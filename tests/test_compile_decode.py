@@ -645,3 +645,26 @@ def test_import_bounds_openmp_spin():
     assert spin_count({"OMP_WAIT_POLICY": "active"}) == "None"  # the user's policy stands
     assert spin_count({"GOMP_SPINCOUNT": "50"}) == "50"
     assert spin_count({}, first="import torch; ") == "None"  # libgomp read its settings when torch loaded it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # benchmarks/gpu_check.sh runs it
+def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
+    """On CUDA the compiled step is captured in a CUDA graph (`compile_step`: `mode="reduce-overhead"`, the KV cache
+    and the step's input buffers at fixed addresses): rows that join at different steps, one of them into a row freed
+    mid-run, get eager decoding's greedy tokens."""
+    from litllm.engine import Engine
+    from litllm.model import GPT
+    from test_generate import _run
+
+    model = GPT.from_checkpoint(tiny_checkpoint, device="cuda").eval()  # fp32
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    tokens = {}
+    for compiled in (False, True):
+        # 2 rows: the third request waits until the second one's row is free
+        joins = {0: [Request(prompts[0], 24)], 3: [Request(prompts[1], 8)], 5: [Request(prompts[2], 16)]}
+        with Engine(model, None, 2, 64, compile=compiled) as engine:
+            tokens[compiled] = _run(engine, joins)
+            assert engine.step_source == "torch.compile" if compiled else not engine._compiled
+    assert [len(t) for t in tokens[False].values()] == [24, 8, 16]
+    assert tokens[True] == tokens[False]

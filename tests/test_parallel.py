@@ -532,3 +532,14 @@ def test_workers_leave_when_rank_0_dies(tiny_checkpoint):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     raise AssertionError("the worker outlived rank 0 by a minute")
+
+
+def test_torchao_with_devices_is_refused_for_what_it_is():
+    """`--quantize torchao.* --devices N` is refused in one line that says why (it named bitsandbytes' packed blocks)."""
+    from litllm.errors import LitLLMError
+    from litllm.parallel.runtime import load_sharded
+
+    with pytest.raises(LitLLMError, match=r"^--quantize torchao.int8wo with --devices 2: .*the shards are not quantized "
+                                          r"yet; drop --quantize") as refusal:
+        load_sharded(Path("unused"), 2, 1, "cpu", quantize="torchao.int8wo")
+    assert "bitsandbytes" not in str(refusal.value)

@@ -118,21 +118,27 @@ def _exact_marginals(model, prompt: list[int], vocab: int, temperature: float) -
     return joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
 
 
-def test_sampling_keeps_the_target_distribution(one_thread):
+@pytest.mark.parametrize("batch", [False, True])
+def test_sampling_keeps_the_target_distribution(one_thread, batch):
     """End to end on an 8-token vocabulary: the 2nd and 3rd sampled tokens (from a round of k=2 proposals:
-    kept, replaced or the bonus) follow the target's exact marginals, not the draft's."""
+    kept, replaced or the bonus) follow the target's exact marginals, not the draft's. `batch`: serve's
+    `SpeculativeBatchEngine`, its requests added one at a time (it speculates only in steps where none waits)."""
+    from litllm.speculative import SpeculativeBatchEngine
+
     vocab, temperature, N = 8, 1.0, 1000
     torch.manual_seed(0)
     target = GPT(tiny_config(vocab_size=vocab, padding_multiple=8, block_size=16)).eval()
     draft = GPT(tiny_config(vocab_size=vocab, padding_multiple=8, block_size=16, n_layer=1)).eval()
     prompt = [1, 2, 3]
     tokens: dict[int, list[int]] = {}
-    with SpeculativeEngine(target, draft, None, 8, num_speculative_tokens=2) as engine:
+    engine = (SpeculativeBatchEngine(target, draft, None, 1, 8, num_speculative_tokens=2) if batch
+              else SpeculativeEngine(target, draft, None, 8, num_speculative_tokens=2))
+    with engine:
         for seed in range(N):  # one request per seed, decoded one after the other
             tokens[engine.add(Request(prompt, 4, Sampling(temperature, seed=seed)))] = []
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens[out.request_id] += out.token_ids
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens[out.request_id] += out.token_ids
     assert 0.2 < engine.acceptance_rate < 0.95  # both paths taken often
     second = torch.tensor([t[1] for t in tokens.values()])
     third = torch.tensor([t[2] for t in tokens.values()])
@@ -288,3 +294,39 @@ def test_batch_engine_samples_reproducibly_by_seed(tiny_checkpoint, one_thread):
     first = run(3)
     assert run(3) == first and run(4) != first
     assert all(len(t) == 30 for t in first)
+
+
+def test_a_torchao_quantized_model_with_a_draft_decodes_its_own_greedy_tokens(tiny_checkpoint, one_thread):
+    """`--quantize torchao.int8wo --draft_model`: the model is quantized, its draft loads unquantized (tutorial
+    section 5b), and the greedy text is the quantized model's without a draft."""
+    pytest.importorskip("torchao")
+    from litllm import LLM
+    from litllm.quantize import is_quantized
+
+    prompt, quantized = "Hello there, how are", {"quantize": "torchao.int8wo", "prompt_style": "default"}
+    expected = LLM.load(tiny_checkpoint, device="cpu", **quantized).generate(prompt, max_new_tokens=40)
+    llm = LLM.load(tiny_checkpoint, device="cpu", draft_model=tiny_checkpoint, **quantized)
+    assert is_quantized(llm.model.blocks[0].attn.qkv) and not is_quantized(llm.draft.blocks[0].attn.qkv)
+    assert llm.generate(prompt, max_new_tokens=40) == expected
+    assert llm.acceptance_rate is not None
+
+
+def test_the_speculative_benchmark_decodes_the_targets_tokens(monkeypatch, capsys, one_thread):
+    """benchmarks/speculative.py (#27's 12-layer target, 2-layer draft trained on its outputs) at toy sizes: it runs,
+    the draft trains, and target + draft decode the target's own greedy tokens."""
+    import sys
+
+    from test_llama_cpp_bench import BENCHMARKS, load_benchmark
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script's `from generate import timed` (benchmarks/generate.py)
+    monkeypatch.setattr(sys, "argv", ["speculative.py", "--n_layer", "3", "--n_embd", "64", "--n_head", "4",
+                                      "--intermediate_size", "128", "--vocab_size", "256", "--train_steps", "5",
+                                      "--train_sequences", "8", "--new_tokens", "8", "--eval_prompts", "2",
+                                      "--repeats", "1"])
+    try:
+        load_benchmark("speculative").main()
+    finally:
+        sys.modules.pop("generate", None)
+    out = capsys.readouterr().out
+    assert "draft (2 layers) trained 5 steps" in out and "same tokens: True; acceptance rate" in out, out
+    assert "speculative / plain: " in out

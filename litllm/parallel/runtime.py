@@ -387,9 +387,12 @@ def load_sharded(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, d
     from litllm.parallel.launch import start
 
     if quantize is not None:
+        # bitsandbytes' weights are packed flat blocks that can't split by rows or columns; torchao's per-row int8 and
+        # per-group int4 could, but the sharded loader does not quantize its shards yet
+        why = ("bitsandbytes' quantized weights (packed flat blocks with their own scales) do not split that way"
+               if quantize.startswith("bnb.") else "the shards are not quantized yet")
         raise LitLLMError(f"--quantize {quantize} with --devices {devices}: tensor parallelism splits each weight by "
-                          f"rows or columns, and bitsandbytes' quantized weights (packed flat blocks with "
-                          f"their own scales) do not split that way; drop --quantize (each of the "
+                          f"rows or columns, and {why}; drop --quantize (each of the "
                           f"{devices} devices then holds 1/{devices} of the 16-bit weights) or use --devices 1")
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
