@@ -10,7 +10,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
     python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
-    python benchmarks/decode_threads.py --quantize torchao.int8dq --no_int8_rows  # VNNI op vs inductor
+    python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -22,6 +22,7 @@ pick for each compiled step (`pick_compiled_threads`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -94,8 +95,9 @@ def no_row_split(off: bool):
 
 @contextlib.contextmanager
 def no_int8_rows(off: bool):
-    """With `off`: compiled int8dq steps keep inductor's int8 reduction instead of the VNNI op on AVX-512 VNNI CPUs
-    (`litllm.row_split.int8_rows_op`, `$LITLLM_INT8_ROWS`; saved under their own key), for comparison."""
+    """With `off`: compiled int8 steps keep inductor's int8 reduction instead of litllm's C++ ops (int8dq's VNNI one,
+    `litllm.row_split.int8_rows_op`; int8wo's, `int8wo_rows_op`; `$LITLLM_INT8_ROWS`; saved under their own key), for
+    comparison."""
     from litllm.row_split import INT8_ROWS_ENV
 
     before = os.environ.get(INT8_ROWS_ENV)
@@ -125,8 +127,8 @@ def main() -> None:
                         "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
     parser.add_argument("--no_row_split", action="store_true", help="also rows '<format> F.linear': fp32 steps "
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
-    parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq: "
-                        "steps with inductor's int8 reduction, not the VNNI op (`litllm.row_split.int8_rows_op`)")
+    parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq and "
+                        "int8wo: steps with inductor's int8 reduction, not litllm's C++ ops (`litllm.row_split`)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "
@@ -151,7 +153,7 @@ def main() -> None:
             + ([(f"{spec} baked", baked, None, False, False)] if args.baked else []) \
             + ([(f"{spec} dynamic", lambda n: DYNAMIC, None, False, False)] if args.dynamic else []) \
             + ([(f"{spec} F.linear", lambda n: {}, None, True, False)] if args.no_row_split else []) \
-            + ([(f"{spec} inductor", lambda n: {}, None, False, True)] if args.no_int8_rows and "int8dq" in mode else [])
+            + ([(f"{spec} inductor", lambda n: {}, None, False, True)] if args.no_int8_rows and "int8" in mode else [])
         if args.one_row_kernel and "16" in precision:
             variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False))
         for label, extra, kernel, off, inductor in variants:

@@ -5,9 +5,12 @@ Modes (`--quantize`):
 - `bnb.nf4-dq`  nf4 with "double quantization": the scales themselves are quantized to 8 bits.
 - `bnb.fp4`     4-bit floating-point weights.
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
-- `torchao.int8wo`  int8 weight-only: symmetric int8 per output row. CUDA: torchao's `Int8WeightOnlyConfig`;
-                    CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8) eager; a
-                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`).
+- `torchao.int8wo`  int8 weight-only: symmetric int8 per output row; the output head too (its output stays fp32).
+                    CUDA: torchao's `Int8WeightOnlyConfig`; CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm`
+                    kernel (gpt-fast's CPU int8) eager; a compiled fp32 step: inductor's own int8 reduction on fp32
+                    activations (`Int8Words`), on AVX-512 CPUs litllm's C++ op instead (the weights converted to fp32
+                    16 at a time, times the unrounded activations: `litllm.row_split.int8wo_rows_op`), which eager
+                    fp32 decode rows take too once its library is built (exact, and faster than the bf16 kernel).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -30,7 +33,9 @@ QLoRA uses the bitsandbytes modes.
 
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
 weights are stored quantized (`torchao.int8dq` quantizes activations too). The output head (`lm_head`) stays
-unquantized by default (except with `torchao.int8dq`, `QUANTIZES_HEAD`): the most sensitive layer to error.
+unquantized by default (except with `torchao.int8dq` and `torchao.int8wo`, `QUANTIZES_HEAD`, whose int8 heads keep
+greedy decoding as well: benchmarks/int8wo_head.py; `quantize_model(..., skip=("lm_head",))` keeps it): the most
+sensitive layer to error.
 
 For QLoRA: `quantize_model(model, mode, device, frozen_only=True)` quantizes only frozen Linears
 (the base weights), never trainable ones (LoRA matrices), and a LoRA wrapper holding its base
