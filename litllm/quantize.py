@@ -300,11 +300,12 @@ class Int8PackedLinear(Int8Words):
     the int8 weights directly, where torchao's `Int8Tensor` converts them to the activation dtype each call.
 
     Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
-    weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
-    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
-    from `eager_step_rows` rows and within `step_rounding` (the engine's prefill), the layer computes
-    so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a
-    512-token prompt); the eager decode of one row keeps the kernel (2x faster there)."""
+    weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`; on AVX-512 litllm's C++ op,
+    `int8wo_rows_op`), where the eager kernel rounds them to bf16 (its fast path): exact to the int8 weights, and
+    faster than the kernel in the step. Eager, from `eager_step_rows` rows and within `step_rounding` (the engine's
+    prefill), the layer computes so too (`Int8Words._eager_step`: an fp32 GEMM on the weights converted per call, ~2x
+    the kernel's speed on a 512-token prompt); the eager decode of a few rows takes the C++ op where its library is
+    built, else keeps the kernel (2x faster there than the converted GEMM), except the head's (`exact_output`)."""
 
     eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
     exact_output = False
