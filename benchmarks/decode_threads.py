@@ -11,6 +11,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
     python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
     python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
+    python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -129,12 +130,16 @@ def main() -> None:
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
     parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq and "
                         "int8wo: steps with inductor's int8 reduction, not litllm's C++ ops (`litllm.row_split`)")
+    parser.add_argument("--fp32_head", action="store_true", help="also rows '<format> fp32 head' for int8wo: its "
+                        "output head left unquantized, as int8wo loaded before it quantized it (with --no_int8_rows: "
+                        "'inductor fp32 head' too, int8wo's step before)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "
                         "`layout`, e.g. row-major) instead of timing one: on a loaded machine the timed pick varies")
     args = parser.parse_args()
 
+    from litllm import quantize
     from litllm.compile_decode import pick_compiled_threads
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine, threads_for
@@ -156,10 +161,14 @@ def main() -> None:
             + ([(f"{spec} inductor", lambda n: {}, None, False, True)] if args.no_int8_rows and "int8" in mode else [])
         if args.one_row_kernel and "16" in precision:
             variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False))
+        if args.fp32_head and mode == "torchao.int8wo":  # the head unquantized, as int8wo loaded before
+            variants += [(f"{label} fp32 head", *rest) for label, *rest in variants if label in (spec, f"{spec} inductor")]
         for label, extra, kernel, off, inductor in variants:
             # loaded per variant: a compiled step's unpacking changes the model's Linears
-            model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
-            layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec, args.layout))  # one pick per format
+            with patched(quantize, "QUANTIZES_HEAD", quantize.QUANTIZES_HEAD - {mode} if "fp32 head" in label else None):
+                model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
+            weights = f"{spec} fp32 head" if "fp32 head" in label else spec  # one pick per format and head
+            layout = layouts[weights] = optimize_for_decoding(model, layout=layouts.get(weights, args.layout))
             for n in args.threads:
                 t0 = time.perf_counter()
                 with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor):
