@@ -363,7 +363,7 @@ class Int8PackedLinear(Int8Words):
     def _eager_rows(self, x2d: torch.Tensor) -> Optional[torch.Tensor]:
         """(N, in) fp32 -> (N, out) fp32 as the compiled step computes (the activations unrounded, fp32 sums) where
         that is fast eagerly: litllm's C++ op on the layer's own int8 weights (`int8wo_rows_op`, AVX-512, where its
-        library is there already: 1.3x less CPU than the bf16 kernel on the benchmark Llama's head), or for an
+        library is there already: 1.1-2x less CPU than the bf16 kernel on the benchmark Llama's head, loaded runs), or for an
         `exact_output` layer (the head: the kernel's bf16 logits tie and flip near-ties) `_eager_step`; None: the
         bf16 kernel."""
         op = self._rows_op(build=False)
