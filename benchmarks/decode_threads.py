@@ -162,10 +162,12 @@ def main() -> None:
         if args.one_row_kernel and "16" in precision:
             variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False))
         if args.fp32_head and mode == "torchao.int8wo":  # the head unquantized, as int8wo loaded before
-            variants += [(f"{label} fp32 head", *rest) for label, *rest in variants if label in (spec, f"{spec} inductor")]
+            variants += [(f"{label} fp32 head", *rest) for label, *rest in variants
+                         if label in (spec, f"{spec} inductor")]
         for label, extra, kernel, off, inductor in variants:
             # loaded per variant: a compiled step's unpacking changes the model's Linears
-            with patched(quantize, "QUANTIZES_HEAD", quantize.QUANTIZES_HEAD - {mode} if "fp32 head" in label else None):
+            heads = quantize.QUANTIZES_HEAD - {mode} if "fp32 head" in label else None
+            with patched(quantize, "QUANTIZES_HEAD", heads):
                 model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
             weights = f"{spec} fp32 head" if "fp32 head" in label else spec  # one pick per format and head
             layout = layouts[weights] = optimize_for_decoding(model, layout=layouts.get(weights, args.layout))

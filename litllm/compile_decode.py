@@ -129,9 +129,10 @@ def _row_split_modules(model) -> list[str]:
 
 def _int8_rows_tag(model) -> str:
     """Whether `model`'s int8 layers (`litllm.quantize.Int8Words`) multiply in its compiled step by litllm's C++ ops
-    (on row-major `words`) or by inductor's reduction: ' int8-rows <op?>' for int8dq layers (`litllm.row_split.int8_rows_op`),
-    ' int8wo-rows' for int8wo ones where they call `int8wo_rows_op` (steps saved before it had no such part: theirs
-    multiply by inductor's reduction, as they still do where the op is not here); '' for a model without any."""
+    (on row-major `words`) or by inductor's reduction: ' int8-rows <op?>' for int8dq layers
+    (`litllm.row_split.int8_rows_op`), ' int8wo-rows' for int8wo ones where they call `int8wo_rows_op` (steps saved
+    before it had no such part: theirs multiply by inductor's reduction, as they still do where the op is not here);
+    '' for a model without any."""
     layers = [module for module in model.modules() if hasattr(module, "prepare_compiled") and module.compiled_tensors()]
     dynamic = any(module.words_block is not None for module in layers)
     weight_only = any(module.words_block is None for module in layers)

@@ -364,8 +364,8 @@ class Int8PackedLinear(Int8Words):
     def _eager_rows(self, x2d: torch.Tensor) -> Optional[torch.Tensor]:
         """(N, in) fp32 -> (N, out) fp32 as the compiled step computes (the activations unrounded, fp32 sums) where
         that is fast eagerly: litllm's C++ op on the layer's own int8 weights (`int8wo_rows_op`, AVX-512, where its
-        library is there already: 1.1-2x less CPU than the bf16 kernel on the benchmark Llama's head, loaded runs), or for an
-        `exact_output` layer (the head: the kernel's bf16 logits tie and flip near-ties) `_eager_step`; None: the
+        library is there already: 1.1-2x less CPU than the bf16 kernel on the benchmark Llama's head, loaded runs), or
+        for an `exact_output` layer (the head: the kernel's bf16 logits tie and flip near-ties) `_eager_step`; None: the
         bf16 kernel."""
         op = self._rows_op(build=False)
         if op is not None:
@@ -726,8 +726,9 @@ def quantize_model(
         if child == HEAD and isinstance(layer, Int8PackedLinear):
             layer.exact_output = True  # fp32 logits eagerly too
             if layer._makes_words():
-                # the op's library (built once per machine, ~1 min; loaded in ms afterwards) now, not when a step first
-                # compiles: without it the head's eager fp32 rows cost 1.6x the eager token (_eager_step, 2.2x the fp32 head)
+                # the op's library (built once per machine, ~1 min; loaded in ms afterwards) now, not when a step
+                # first compiles: without it the head's eager fp32 rows (`_eager_step`, 2.2x the fp32 head's CPU time)
+                # made the eager token 1.6x the fp32 head's
                 layer._rows_op(build=True)
         setattr(parent, child, layer)
     return model

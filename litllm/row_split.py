@@ -208,8 +208,8 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   return y;
 }
 
-// ---- int8 weight-only rows (litllm.quantize.Int8PackedLinear, torchao.int8wo with fp32 activations): y (N, out) fp32 =
-// x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row. Each
+// ---- int8 weight-only rows (litllm.quantize.Int8PackedLinear, torchao.int8wo with fp32 activations): y (N, out) fp32
+// = x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row. Each
 // 16 weights sign-extended to int32 (vpmovsxbd), converted to fp32 (exact) and multiplied into 16 fp32 lanes (FMA): the
 // eager kernel's arithmetic without its bf16 rounding of the activations and outputs. 4 rows at a time (the
 // activations' loads shared, 4 independent sums), the next 4 prefetched; every row of x per 4 weight rows (read from
@@ -247,7 +247,8 @@ static void int8wo_range(const float* x, const int8_t* w, const float* s, float*
                          int64_t r0, int64_t r1) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4)
-    for (int64_t n = 0; n < N; ++n) int8wo_block<4>(x + n * K, w + r * K, s + r, y + n * R + r, K, n == 0 && r + 8 <= r1);
+    for (int64_t n = 0; n < N; ++n)
+      int8wo_block<4>(x + n * K, w + r * K, s + r, y + n * R + r, K, n == 0 && r + 8 <= r1);
   for (; r < r1; ++r)
     for (int64_t n = 0; n < N; ++n) int8wo_block<1>(x + n * K, w + r * K, s + r, y + n * R + r, K, false);
 }
@@ -383,9 +384,9 @@ def _has_avx512() -> bool:
 
 
 def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
-    """`torch.ops.litllm_cpu.<name>` where `cpu_has` the op's instructions, `$LITLLM_INT8_ROWS` is not `0` and the library
-    builds or loads (`row_split_op`); else None. `build=False`: None where the library is neither loaded nor built yet
-    (an eager call does not wait ~1 min for a first build)."""
+    """`torch.ops.litllm_cpu.<name>` where `cpu_has` the op's instructions, `$LITLLM_INT8_ROWS` is not `0` and the
+    library builds or loads (`row_split_op`); else None. `build=False`: None where the library is neither loaded nor
+    built yet (an eager call does not wait ~1 min for a first build)."""
     if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not cpu_has:
         return None
     if not build and not hasattr(torch.ops.litllm_cpu, "row_split_linear") \
