@@ -11,7 +11,7 @@ Modes (`--quantize`):
                     activations (`Int8Words`), on AVX-512 CPUs litllm's C++ op instead (the weights converted to fp32
                     16 at a time, times the unrounded activations: `litllm.row_split.int8wo_rows_op`), which eager
                     fp32 decode rows take too (exact, and faster than the bf16 kernel; `quantize_model` builds its
-                    library with the head's layer where it is not built yet).
+                    library where it is not built yet; without it, AVX2 CPUs, an fp32 model's head stays fp32).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -35,8 +35,8 @@ QLoRA uses the bitsandbytes modes.
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
 weights are stored quantized (`torchao.int8dq` quantizes activations too). The output head (`lm_head`) stays
 unquantized by default (except with `torchao.int8dq` and `torchao.int8wo`, `QUANTIZES_HEAD`, whose int8 heads keep
-greedy decoding as well: benchmarks/int8wo_head.py; `quantize_model(..., skip=("lm_head",))` keeps it): the most
-sensitive layer to error.
+greedy decoding as well: benchmarks/int8wo_head.py; fp32 int8wo on a CPU only where its AVX-512 op runs;
+`quantize_model(..., skip=("lm_head",))` keeps it): the most sensitive layer to error.
 
 For QLoRA: `quantize_model(model, mode, device, frozen_only=True)` quantizes only frozen Linears
 (the base weights), never trainable ones (LoRA matrices), and a LoRA wrapper holding its base
@@ -599,7 +599,8 @@ QUANT_BUILDERS: dict[str, Callable[[nn.Linear, torch.device, torch.dtype], nn.Mo
 }
 
 
-# modes that quantize the output head too by default (`skip=("lm_head",)` keeps it unquantized): their int8 heads
+# modes that quantize the output head too by default (`skip=("lm_head",)` keeps it unquantized; int8wo's fp32 CPU models
+# only where its AVX-512 op runs: `_fast_exact_int8wo_head`): their int8 heads
 # compute fp32 logits (int8wo's: `Int8PackedLinear.exact_output`, never its kernel's bf16 ones, which tie and flip
 # greedy near-ties) and keep greedy decoding (benchmarks/int8wo_head.py); the head is most of what an 8-bit model reads
 # per token (the benchmark Llama's fp32 head: 98 of int8wo's 184 MB)
@@ -691,8 +692,9 @@ def quantize_model(
     compute_dtype: dtype of activations and matmuls; defaults to each layer's weight dtype.
     The rest of the model (embeddings, norms) is not moved: call `model.to(device)` afterwards.
     """
-    skip = set((HEAD,) if skip is None and mode not in QUANTIZES_HEAD else skip or ())
     dtype = compute_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    quantizes_head = mode in QUANTIZES_HEAD and (mode != "torchao.int8wo" or _fast_exact_int8wo_head(device, dtype))
+    skip = set((HEAD,) if skip is None and not quantizes_head else skip or ())
     check_quantize_mode(mode, device, dtype)
     targets = [
         (name, module) for name, module in model.named_modules()
@@ -725,13 +727,20 @@ def quantize_model(
         layer = quantize_linear(linear, mode, device, compute_dtype or linear.weight.dtype)
         if child == HEAD and isinstance(layer, Int8PackedLinear):
             layer.exact_output = True  # fp32 logits eagerly too
-            if layer._makes_words():
-                # the op's library (built once per machine, ~1 min; loaded in ms afterwards) now, not when a step
-                # first compiles: without it the head's eager fp32 rows (`_eager_step`, 2.2x the fp32 head's CPU time)
-                # made the eager token 1.6x the fp32 head's
-                layer._rows_op(build=True)
         setattr(parent, child, layer)
     return model
+
+
+def _fast_exact_int8wo_head(device: DeviceLike, dtype: torch.dtype) -> bool:
+    """Whether an int8wo head computes its fp32 logits fast here: anywhere but fp32 on the CPU (its kernel's own dtype),
+    and there where litllm's AVX-512 op builds or loads (`int8wo_rows_op`: its library built now, once per machine, ~1
+    min, not when a step first compiles). Without it (AVX2 CPUs, no compiler) the head's eager fp32 rows would take
+    `Int8Words._eager_step` (2.2x the fp32 head's CPU time; the eager token 1.6x), so the head stays fp32 there."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return True
+    from litllm.row_split import int8wo_rows_op
+
+    return int8wo_rows_op(build=True) is not None
 
 
 def is_quantized(module: nn.Module) -> bool:
