@@ -10,7 +10,8 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
     python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
-    python benchmarks/decode_threads.py --quantize torchao.int8dq --no_int8_rows  # VNNI op vs inductor
+    python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
+    python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
     python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
@@ -95,8 +96,9 @@ def no_row_split(off: bool):
 
 
 def no_int8_rows(off: bool):
-    """With `off`: compiled int8dq steps keep inductor's int8 reduction instead of the VNNI op on AVX-512 VNNI CPUs
-    (`litllm.row_split.int8_rows_op`, `$LITLLM_INT8_ROWS`; saved under their own key), for comparison."""
+    """With `off`: compiled int8 steps keep inductor's int8 reduction instead of litllm's C++ ops (int8dq's VNNI one,
+    `litllm.row_split.int8_rows_op`; int8wo's, `int8wo_rows_op`; `$LITLLM_INT8_ROWS`; saved under their own key), for
+    comparison."""
     from litllm.row_split import INT8_ROWS_ENV
 
     return env_off(INT8_ROWS_ENV, off)
@@ -140,8 +142,11 @@ def main() -> None:
                         "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
     parser.add_argument("--no_row_split", action="store_true", help="also rows '<format> F.linear': fp32 steps "
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
-    parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq: "
-                        "steps with inductor's int8 reduction, not the VNNI op (`litllm.row_split.int8_rows_op`)")
+    parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq and "
+                        "int8wo: steps with inductor's int8 reduction, not litllm's C++ ops (`litllm.row_split`)")
+    parser.add_argument("--fp32_head", action="store_true", help="also rows '<format> fp32 head' for int8wo: its "
+                        "output head left unquantized, as int8wo loaded before it quantized it (with --no_int8_rows: "
+                        "'inductor fp32 head' too, int8wo's step before)")
     parser.add_argument("--no_packed_bf16", action="store_true", help="also rows '<format> mv' for bf16: steps on "
                         "row-major weights through inductor's mv, not oneDNN's packed ones "
                         "(`litllm.row_split.packed_bf16_op`)")
@@ -151,6 +156,7 @@ def main() -> None:
                         "`layout`, e.g. row-major) instead of timing one: on a loaded machine the timed pick varies")
     args = parser.parse_args()
 
+    from litllm import quantize
     from litllm.compile_decode import pick_compiled_threads
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine, threads_for
@@ -170,15 +176,21 @@ def main() -> None:
             + ([(f"{spec} dynamic", lambda n: DYNAMIC, None, False, False, False)] if args.dynamic else []) \
             + ([(f"{spec} F.linear", lambda n: {}, None, True, False, False)] if args.no_row_split else []) \
             + ([(f"{spec} inductor", lambda n: {}, None, False, True, False)]
-               if args.no_int8_rows and "int8dq" in mode else []) \
+               if args.no_int8_rows and "int8" in mode else []) \
             + ([(f"{spec} mv", lambda n: {}, None, False, False, True)] if args.no_packed_bf16 and "bf16" in precision
                else [])
         if args.one_row_kernel and "16" in precision:
             variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False, False))
+        if args.fp32_head and mode == "torchao.int8wo":  # the head unquantized, as int8wo loaded before
+            variants += [(f"{label} fp32 head", *rest) for label, *rest in variants
+                         if label in (spec, f"{spec} inductor")]
         for label, extra, kernel, off, inductor, row_major in variants:
             # loaded per variant: a compiled step's unpacking changes the model's Linears
-            model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
-            layout = layouts[spec] = optimize_for_decoding(model, layout=layouts.get(spec, args.layout))  # one pick per format
+            heads = quantize.QUANTIZES_HEAD - {mode} if "fp32 head" in label else None
+            with patched(quantize, "QUANTIZES_HEAD", heads):
+                model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
+            weights = f"{spec} fp32 head" if "fp32 head" in label else spec  # one pick per format and head
+            layout = layouts[weights] = optimize_for_decoding(model, layout=layouts.get(weights, args.layout))
             for n in args.threads:
                 t0 = time.perf_counter()
                 with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor), \

@@ -70,7 +70,8 @@ from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fa
                                one_row_linears, optimize_for_decoding, prompt_linears, thread_candidates)
 from litllm.errors import LitLLMError
 from litllm.row_split import (BF16_BLOCK, BlockedBf16Linear, RowSplitLinear, becomes_blocked_bf16, becomes_row_split,
-                              blocked_bf16_linears, int8_rows_op, packed_bf16_op, row_split_linears, shared_parameters,
+                              blocked_bf16_linears, int8_rows_op, int8wo_rows_op, packed_bf16_op, row_split_linears,
+                              shared_parameters,
                               wants_row_split)
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
@@ -132,13 +133,16 @@ def _row_split_modules(model) -> list[str]:
 
 
 def _int8_rows_tag(model) -> str:
-    """Whether `model`'s int8dq layers (`litllm.quantize.Int8Words` with `words_block`) multiply in its compiled step by
-    the VNNI op (`litllm.row_split.int8_rows_op`, on row-major `words`) or by inductor's reduction; '' for a model
-    without any."""
-    if not any(hasattr(module, "prepare_compiled") and module.compiled_tensors() and module.words_block is not None
-               for module in model.modules()):
-        return ""
-    return f" int8-rows {int8_rows_op() is not None}"
+    """Whether `model`'s int8 layers (`litllm.quantize.Int8Words`) multiply in its compiled step by litllm's C++ ops
+    (on row-major `words`) or by inductor's reduction: ' int8-rows <op?>' for int8dq layers
+    (`litllm.row_split.int8_rows_op`), ' int8wo-rows' for int8wo ones where they call `int8wo_rows_op` (steps saved
+    before it had no such part: theirs multiply by inductor's reduction, as they still do where the op is not here);
+    '' for a model without any."""
+    layers = [module for module in model.modules() if hasattr(module, "prepare_compiled") and module.compiled_tensors()]
+    dynamic = any(module.words_block is not None for module in layers)
+    weight_only = any(module.words_block is None for module in layers)
+    return ((f" int8-rows {int8_rows_op() is not None}" if dynamic else "")
+            + (" int8wo-rows" if weight_only and int8wo_rows_op() is not None else ""))
 
 
 def cpu_compile_options(model) -> dict:

@@ -180,7 +180,7 @@ class LoadArgs:
     precision: Optional[str] = None
     """`32-true`, `bf16-true` or `16-true` (default: bf16-true on a GPU that supports it and unquantized on a CPU with bf16 units, AVX512-BF16 or AMX; else 32-true; $LITLLM_PRECISION overrides it; `32-true` keeps fp32)."""
     quantize: Optional[str] = None
-    """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4; `torchao.int8dq`: int8 weights and per-token int8 activations, the head too)."""
+    """Quantize the weights with bitsandbytes (`bnb.nf4`, `bnb.nf4-dq`, `bnb.fp4`, `bnb.int8`) or torchao (`torchao.int8wo`, `torchao.int4wo`: weight-only int8/int4, int8wo the head too; `torchao.int8dq`: int8 weights and per-token int8 activations, the head too)."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)."""
     devices: int = 1

@@ -5,9 +5,13 @@ Modes (`--quantize`):
 - `bnb.nf4-dq`  nf4 with "double quantization": the scales themselves are quantized to 8 bits.
 - `bnb.fp4`     4-bit floating-point weights.
 - `bnb.int8`    LLM.int8(): int8 weights, outlier features (> 6.0) kept in 16 bits.
-- `torchao.int8wo`  int8 weight-only: symmetric int8 per output row. CUDA: torchao's `Int8WeightOnlyConfig`;
-                    CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm` kernel (gpt-fast's CPU int8) eager; a
-                    compiled fp32 step: inductor's own int8 reduction on fp32 activations (`Int8Words`).
+- `torchao.int8wo`  int8 weight-only: symmetric int8 per output row; the output head too (its output stays fp32).
+                    CUDA: torchao's `Int8WeightOnlyConfig`; CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm`
+                    kernel (gpt-fast's CPU int8) eager; a compiled fp32 step: inductor's own int8 reduction on fp32
+                    activations (`Int8Words`), on AVX-512 CPUs litllm's C++ op instead (the weights converted to fp32
+                    16 at a time, times the unrounded activations: `litllm.row_split.int8wo_rows_op`), which eager
+                    fp32 decode rows take too (exact, and faster than the bf16 kernel; `quantize_model` builds its
+                    library where it is not built yet; without it, AVX2 CPUs, an fp32 model's head stays fp32).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
@@ -30,7 +34,9 @@ QLoRA uses the bitsandbytes modes.
 
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
 weights are stored quantized (`torchao.int8dq` quantizes activations too). The output head (`lm_head`) stays
-unquantized by default (except with `torchao.int8dq`, `QUANTIZES_HEAD`): the most sensitive layer to error.
+unquantized by default (except with `torchao.int8dq` and `torchao.int8wo`, `QUANTIZES_HEAD`, whose int8 heads keep
+greedy decoding as well: benchmarks/int8wo_head.py; fp32 int8wo on a CPU only where its AVX-512 op runs;
+`quantize_model(..., skip=("lm_head",))` keeps it): the most sensitive layer to error.
 
 For QLoRA: `quantize_model(model, mode, device, frozen_only=True)` quantizes only frozen Linears
 (the base weights), never trainable ones (LoRA matrices), and a LoRA wrapper holding its base
@@ -202,14 +208,11 @@ class Int8Words(nn.Module):
         """Add the plain-tensor copy of the weights a compiled step multiplies by (idempotent; not where the input
         width is no multiple of 4: such a layer's step calls the eager kernel). `build=False` (an eager prefill's
         `_eager_step`, either layout will do): the VNNI op's layout only where its library is there already."""
-        from litllm.row_split import int8_rows_op
-
         if not self._makes_words():
             return
-        # int8dq on AVX-512 VNNI: the step calls litllm's C++ op (`int8_rows_op`: vpdpbusd on the rounded activations),
-        # which reads the weights row-major; elsewhere inductor's reduction, which reads them as `_int8_words` lays them
-        # out (int8wo's fp32 activations too: an op converting its weights read them slower, 0.9x, than inductor)
-        in_rows = self.words_block is not None and int8_rows_op(build) is not None
+        # on AVX-512 the step calls litllm's C++ op (`_rows_op`), which reads the weights row-major; elsewhere
+        # inductor's reduction, which reads them as `_int8_words` lays them out
+        in_rows = self._rows_op(build) is not None
         if self.words is not None and self.words_in_rows == in_rows:
             return
         qdata, scales, bias = self._int8_values()
@@ -220,6 +223,14 @@ class Int8Words(nn.Module):
         self.register_buffer("words", words, persistent=False)
         self.register_buffer("word_scales", scales.float().to(qdata.device), persistent=False)
         self.register_buffer("word_bias", None if bias is None else bias.detach().float(), persistent=False)
+
+    def _rows_op(self, build: bool = True):
+        """litllm's C++ op this layer's step multiplies by where it builds or loads here, else None (inductor's
+        reduction): int8dq's `int8_rows_op` (AVX-512 VNNI: vpdpbusd on the rounded activations), int8wo's
+        `int8wo_rows_op` (AVX-512: the weights converted to fp32 16 at a time, times the unrounded activations)."""
+        from litllm.row_split import int8_rows_op, int8wo_rows_op
+
+        return int8wo_rows_op(build) if self.words_block is None else int8_rows_op(build)
 
     def _apply(self, fn, recurse=True):
         # the compiled step's copy moves with the module (device) but keeps its dtypes (model.half()): `words` holds
@@ -236,8 +247,11 @@ class Int8Words(nn.Module):
     def _words_linear(self, x2d: torch.Tensor) -> torch.Tensor:
         """(N, in) -> (N, out) fp32: the compiled step's product (the same arithmetic either way, up to fp32 summation
         order: int8dq's activations rounded per block, int32 products, fp32 sums)."""
-        if self.words_in_rows:  # (N, out): int8 dot products by VNNI, the rows split between the threads
-            out = torch.ops.litllm_cpu.int8_rows_linear(x2d.float(), self.words, self.word_scales, self.words_block)
+        if self.words_in_rows:  # (N, out): litllm's C++ op, the rows split between the threads
+            if self.words_block is None:  # int8wo: fp32 products of the unrounded activations
+                out = torch.ops.litllm_cpu.int8wo_rows_linear(x2d.float(), self.words, self.word_scales)
+            else:  # int8dq: int8 dot products by VNNI
+                out = torch.ops.litllm_cpu.int8_rows_linear(x2d.float(), self.words, self.word_scales, self.words_block)
             return out if self.word_bias is None else out + self.word_bias
         return int8_words_linear(x2d.float(), self.words, self.word_scales, self.word_bias, self.words_block)
 
@@ -303,14 +317,18 @@ class Int8PackedLinear(Int8Words):
     the int8 weights directly, where torchao's `Int8Tensor` converts them to the activation dtype each call.
 
     Compiled with fp32 activations (`Int8Words`): the step multiplies the unrounded fp32 activations by the same int8
-    weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`), where the eager kernel
-    rounds them to bf16 (its fast path): exact to the int8 weights, and faster than the kernel in the step. Eager,
-    from `eager_step_rows` rows and within `step_rounding` (the engine's prefill), the layer computes
-    so too (`Int8Words._eager_step`: on AVX-512 VNNI CPUs litllm's multi-row op, the int8 weights converted in
-    registers; elsewhere an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on a 512-token
-    prompt); the eager decode of one row keeps the kernel (2x faster there)."""
+    weights and (bf16-valued) scales in inductor's own int8 reduction (`int8_words_linear`; on AVX-512 litllm's C++ op,
+    `int8wo_rows_op`), where the eager kernel rounds them to bf16 (its fast path): exact to the int8 weights, and
+    faster than the kernel in the step. Eager, from `eager_step_rows` rows and within `step_rounding` (the engine's
+    prefill), the layer computes so too (`Int8Words._eager_step`: on AVX-512 VNNI CPUs litllm's multi-row op, the int8
+    weights converted in registers; elsewhere an fp32 GEMM on the weights converted per call, ~2x the kernel's speed on
+    a 512-token prompt); the eager decode of a few rows takes the C++ op where its library is built, else keeps the
+    kernel (2x faster there than the converted GEMM), except the head's (`exact_output`)."""
 
     eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
+    exact_output = False
+    """Whether eager calls of fewer rows never round to bf16 either (`_eager_rows`): the output head's
+    (`quantize_model`), whose bf16 logits would tie and flip greedy near-ties."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
         super().__init__()
@@ -348,6 +366,10 @@ class Int8PackedLinear(Int8Words):
             return out.reshape(*x.shape[:-1], self.out_features)
         if self._uses_eager_step(x2d := x.reshape(-1, self.in_features)):  # a prefill: faster than the kernel, exact
             return self._eager_step(x2d).reshape(*x.shape[:-1], self.out_features)
+        if not torch.compiler.is_compiling() and x.dtype == torch.float32 and self._makes_words():
+            exact = self._eager_rows(x2d)  # a decode step's few rows, unrounded
+            if exact is not None:
+                return exact.reshape(*x.shape[:-1], self.out_features)
         # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
         # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
         act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
@@ -358,6 +380,19 @@ class Int8PackedLinear(Int8Words):
         out = torch._weight_int8pack_mm(x2d, self.weight, scales)
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., in) -> (..., out)
         return out if self.bias is None else out + self.bias
+
+    def _eager_rows(self, x2d: torch.Tensor) -> Optional[torch.Tensor]:
+        """(N, in) fp32 -> (N, out) fp32 as the compiled step computes (the activations unrounded, fp32 sums) where
+        that is fast eagerly: litllm's C++ op on the layer's own int8 weights (`int8wo_rows_op`, AVX-512, where its
+        library is there already: 1.1-2x less CPU than the bf16 kernel on the benchmark Llama's head, loaded runs), or
+        for an `exact_output` layer (the head: the kernel's bf16 logits tie and flip near-ties) `_eager_step`; None: the
+        bf16 kernel."""
+        op = self._rows_op(build=False)
+        if op is not None:
+            scales = self.word_scales if self.word_scales is not None else self.scales.float()
+            out = op(x2d, self.weight.view(torch.int32).view(torch.float32), scales)
+            return out if self.bias is None else out + self.bias
+        return self._eager_step(x2d) if self.exact_output else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -589,9 +624,13 @@ QUANT_BUILDERS: dict[str, Callable[[nn.Linear, torch.device, torch.dtype], nn.Mo
 }
 
 
-# modes that quantize the output head too by default: its int8 head computes in fp32 and keeps greedy decoding
-# (int8wo's kernel rounds the logits to bf16, which flips near-ties: tutorials/inference.md)
-QUANTIZES_HEAD = frozenset({"torchao.int8dq"})
+# modes that quantize the output head too by default (`skip=("lm_head",)` keeps it unquantized; int8wo's fp32 CPU models
+# only where its AVX-512 op runs: `_fast_exact_int8wo_head`): their int8 heads
+# compute fp32 logits (int8wo's: `Int8PackedLinear.exact_output`, never its kernel's bf16 ones, which tie and flip
+# greedy near-ties) and keep greedy decoding (benchmarks/int8wo_head.py); the head is most of what an 8-bit model reads
+# per token (the benchmark Llama's fp32 head: 98 of int8wo's 184 MB)
+QUANTIZES_HEAD = frozenset({"torchao.int8dq", "torchao.int8wo"})
+HEAD = "lm_head"
 
 FOUR_BIT_BLOCKSIZE = 64  # bitsandbytes' default for Params4bit
 
@@ -678,8 +717,9 @@ def quantize_model(
     compute_dtype: dtype of activations and matmuls; defaults to each layer's weight dtype.
     The rest of the model (embeddings, norms) is not moved: call `model.to(device)` afterwards.
     """
-    skip = set(("lm_head",) if skip is None and mode not in QUANTIZES_HEAD else skip or ())
     dtype = compute_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    quantizes_head = mode in QUANTIZES_HEAD and (mode != "torchao.int8wo" or _fast_exact_int8wo_head(device, dtype))
+    skip = set((HEAD,) if skip is None and not quantizes_head else skip or ())
     check_quantize_mode(mode, device, dtype)
     targets = [
         (name, module) for name, module in model.named_modules()
@@ -709,8 +749,23 @@ def quantize_model(
     for name, linear in tqdm(targets, desc=f"quantize {mode}", unit="layer", disable=len(targets) < 50):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(linear, mode, device, compute_dtype or linear.weight.dtype))
+        layer = quantize_linear(linear, mode, device, compute_dtype or linear.weight.dtype)
+        if child == HEAD and isinstance(layer, Int8PackedLinear):
+            layer.exact_output = True  # fp32 logits eagerly too
+        setattr(parent, child, layer)
     return model
+
+
+def _fast_exact_int8wo_head(device: DeviceLike, dtype: torch.dtype) -> bool:
+    """Whether an int8wo head computes its fp32 logits fast here: anywhere but fp32 on the CPU (its kernel's own dtype),
+    and there where litllm's AVX-512 op builds or loads (`int8wo_rows_op`: its library built now, once per machine, ~1
+    min, not when a step first compiles). Without it (AVX2 CPUs, no compiler) the head's eager fp32 rows would take
+    `Int8Words._eager_step` (2.2x the fp32 head's CPU time; the eager token 1.6x), so the head stays fp32 there."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return True
+    from litllm.row_split import int8wo_rows_op
+
+    return int8wo_rows_op(build=True) is not None
 
 
 def is_quantized(module: nn.Module) -> bool:

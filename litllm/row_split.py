@@ -489,18 +489,101 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
   shape.back() = N;
   return y.to(at::kBFloat16).view(shape);
 }
+// ---- int8 weight-only rows (litllm.quantize.Int8PackedLinear, torchao.int8wo with fp32 activations): y (N, out) fp32
+// = x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row. Each
+// 16 weights sign-extended to int32 (vpmovsxbd), converted to fp32 (exact) and multiplied into 16 fp32 lanes (FMA): the
+// eager kernel's arithmetic without its bf16 rounding of the activations and outputs. 4 rows at a time (the
+// activations' loads shared, 4 independent sums), the next 4 prefetched; every row of x per 4 weight rows (read from
+// memory once, then from L1). The rows in one contiguous range per thread, handed out as row_split_linear's.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 int8wo_fma16(__m512 acc, __m128i w16, __m512 x) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w16)), x, acc);
+}
+
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline void int8wo_block(const float* x, const int8_t* w, const float* s, float* y, int64_t K, bool prefetch) {
+  const int64_t K16 = K / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1U << (K - K16)) - 1);
+  __m512 a[ROWS];
+  for (int j = 0; j < ROWS; ++j) a[j] = _mm512_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(w + ROWS * K);
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (prefetch && k % 64 == 0)
+      for (int j = 0; j < ROWS; ++j) _mm_prefetch(next + j * K + k, _MM_HINT_T0);
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int j = 0; j < ROWS; ++j)
+      a[j] = int8wo_fma16(a[j], _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)), xv);
+  }
+  if (tail) {
+    const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
+    for (int j = 0; j < ROWS; ++j) a[j] = int8wo_fma16(a[j], _mm_maskz_loadu_epi8(tail, w + j * K + K16), xv);
+  }
+  for (int j = 0; j < ROWS; ++j) y[j] = _mm512_reduce_add_ps(a[j]) * s[j];
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8wo_range(const float* x, const int8_t* w, const float* s, float* y, int64_t N, int64_t R, int64_t K,
+                         int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4)
+    for (int64_t n = 0; n < N; ++n)
+      int8wo_block<4>(x + n * K, w + r * K, s + r, y + n * R + r, K, n == 0 && r + 8 <= r1);
+  for (; r < r1; ++r)
+    for (int64_t n = 0; n < N; ++n) int8wo_block<1>(x + n * K, w + r * K, s + r, y + n * R + r, K, false);
+}
+#endif
+
+at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "int8wo_rows_linear: this CPU has no AVX-512");
+#else
+  TORCH_CHECK(false, "int8wo_rows_linear: this CPU has no AVX-512");
+#endif
+  // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
+              w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
+              w.is_contiguous(), "int8wo_rows_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type());
+  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int8_t* wp = reinterpret_cast<const int8_t*>(w.const_data_ptr<float>());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  at::Tensor y = at::empty({N, R}, x.options());
+  const float* xp = xc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (R + rows - 1) / rows;
+  auto part = [&](int64_t c) {
+#if defined(__x86_64__)
+    int8wo_range(xp, wp, sp, yp, N, R, K, c * rows, std::min(R, c * rows + rows));
+#endif
+  };
+  if (chunks == 1) {
+    part(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) part(c);
+  }
+  return y;
+}
+// ---- end of int8 weight-only rows
 
 TORCH_LIBRARY(litllm_cpu, m) {
   m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("packed_bf16_linear(Tensor x, Tensor w, int out_features) -> Tensor");
+  m.def("int8wo_rows_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");  // int8 weight-only rows
 }
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("row_split_linear", &row_split_linear);
   m.impl("int8_rows_linear", &int8_rows_linear);
   m.impl("int8_prompt_linear", &int8_prompt_linear);
   m.impl("packed_bf16_linear", &packed_bf16_linear);
+  m.impl("int8wo_rows_linear", &int8wo_rows_linear);  // int8 weight-only rows
 }
 """
 NAME = "litllm_cpu_ops"
@@ -575,25 +658,49 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
+    @torch.library.register_fake("litllm_cpu::int8wo_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.size(0))
+
 
 INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
-"""`0`/`false`: compiled int8dq steps keep inductor's own int8 reduction on AVX-512 VNNI CPUs too, e.g. to compare."""
+"""`0`/`false`: compiled int8 steps keep inductor's own int8 reduction (int8dq on AVX-512 VNNI CPUs, int8wo on AVX-512
+ones too) and eager int8wo calls torch's kernel, e.g. to compare."""
 
 
 def _has_avx512_vnni() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
 
 
-def int8_rows_op(build: bool = True) -> Optional[object]:
-    """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
-    this CPU has AVX-512 VNNI, the library builds or loads and `$LITLLM_INT8_ROWS` is not `0`; else None. int8dq's
-    compiled steps call it instead of inductor's int8 reduction (`litllm.quantize.Int8Words`). `build=False`: None
-    where the library is neither loaded nor built yet (an eager prefill does not wait ~1 min for a first build)."""
-    if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512_vnni():
+def _has_avx512() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
+
+
+def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
+    """`torch.ops.litllm_cpu.<name>` where `cpu_has` the op's instructions, `$LITLLM_INT8_ROWS` is not `0` and the
+    library builds or loads (`row_split_op`); else None. `build=False`: None where the library is neither loaded nor
+    built yet (an eager call does not wait ~1 min for a first build)."""
+    if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not cpu_has:
         return None
     if not build and not _library_there():
         return None
-    return None if row_split_op() is None else torch.ops.litllm_cpu.int8_rows_linear
+    return None if row_split_op() is None else getattr(torch.ops.litllm_cpu, name)
+
+
+def int8_rows_op(build: bool = True) -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
+    this CPU has AVX-512 VNNI (`_int8_library_op`). int8dq's compiled steps call it instead of inductor's int8 reduction
+    (`litllm.quantize.Int8Words`)."""
+    return _int8_library_op("int8_rows_linear", _has_avx512_vnni(), build)
+
+
+def int8wo_rows_op(build: bool = True) -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8wo_rows_linear(x, words, scales)` (the same library as `row_split_op`'s) where this CPU
+    has AVX-512 (`_int8_library_op`): fp32 activations, unrounded, times int8 weights (row-major, 4 to an fp32-typed
+    word), an fp32 scale per row. fp32 int8wo layers (`litllm.quantize.Int8PackedLinear`) call it in compiled steps
+    instead of inductor's int8 reduction, and eagerly for one row instead of torch's bf16 kernel (where the library is
+    there already)."""
+    return _int8_library_op("int8wo_rows_linear", _has_avx512(), build)
 
 
 def _library_there() -> bool:

@@ -229,7 +229,11 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
 
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
     originals = {n: m.weight.detach().clone() for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
+    from litllm.row_split import int8wo_rows_op
+
     int4, dynamic = mode == "torchao.int4wo", mode == "torchao.int8dq"
+    # int8wo's head is int8 where its AVX-512 op runs (fp32 logits fast eagerly too), fp32 elsewhere
+    head_kept = int4 or (mode == "torchao.int8wo" and int8wo_rows_op() is None)
     if int4:  # the tiny model's MLP projection is 112 wide: no multiple of 32
         with pytest.warns(UserWarning, match="blocks.0.mlp.proj.*stay unquantized"):
             model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
@@ -237,10 +241,10 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
     for name, original in originals.items():
         layer = model.get_submodule(name)
-        skipped = (name == "lm_head" and not dynamic) or (int4 and original.shape[1] % 32 != 0)
+        skipped = (name == "lm_head" and head_kept) or (int4 and original.shape[1] % 32 != 0)
         assert is_quantized(layer) == (not skipped), name
         # on the CPU int8 runs torch's int8 kernels (Int8PackedLinear, Int8DynamicLinear), any width (the tiny
-        # MLP's 112 included); int8dq quantizes the head too
+        # MLP's 112 included); both quantize the head too
         assert type(layer) is {"torchao.int8wo": Int8PackedLinear, "torchao.int8dq": Int8DynamicLinear}.get(
             mode, nn.Linear) or skipped, name
         if skipped or dynamic:  # int8dq's weights: test_int8_dynamic_matches_torchao
@@ -267,9 +271,16 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         if not _reduce_range():
             start = prompt[0, :96].tolist()  # a long prompt: 96 + 32 new tokens fill the tiny model's window
             assert generate_ids(model, start, 32) == generate_ids(fp32_head, start, 32)
-    elif not int4:  # int8: the first 32 greedy tokens as in full precision
+    elif not int4:  # int8 (int8wo's head int8 too): the first 32 greedy tokens as in full precision
         start = prompt[0, :96].tolist()  # a long prompt: 96 + 32 new tokens fill the tiny model's window
         assert generate_ids(model, start, 32) == generate_ids(ref, start, 32)
+        # eager decode rows get fp32 logits from the int8 head, as the compiled step's (never the kernel's bf16 ones,
+        # which tie and flip near-ties): equal to the step's arithmetic up to fp32 summation order
+        head, row = model.lm_head, torch.randn(1, model.lm_head.in_features)
+        if not head_kept:
+            assert type(head) is Int8PackedLinear and head.exact_output
+            with torch.no_grad():
+                torch.testing.assert_close(head(row), head._eager_step(row), rtol=1e-5, atol=1e-5)
 
 
 def beside_torchao(mode: str, config: str, dtype: torch.dtype):
@@ -330,25 +341,27 @@ def _q8_0_rounded(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (torch.round(xb * inv) * d).reshape(x.shape)
 
 
-@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("op", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
-def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, vnni, monkeypatch):
-    """The compiled step multiplies by a plain copy of the int8 weights: int8dq's on AVX-512 VNNI CPUs (`vnni`) through
-    litllm's C++ op (`litllm.row_split.int8_rows_op`, int8 dot products), elsewhere (and with `LITLLM_INT8_ROWS=0`)
-    in torch ops (`int8_words_linear`, inductor's own int8 reduction): int8dq rounds the activations as llama.cpp's
-    q8_0 does (int8 per block of 32), int8wo keeps them in fp32. Each equals that arithmetic in plain torch on the
-    eager layer's own int8 values up to fp32 summation order, and errs less against fp32 than its eager kernel
-    (fbgemm's one activation scale per call, 7 bits without VNNI; `_weight_int8pack_mm`'s bf16 activations and
-    output); eager stays the kernel's, and the copy survives model.half()."""
+def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, op, monkeypatch):
+    """The compiled step multiplies by a plain copy of the int8 weights: with `op` through litllm's C++ op (int8dq on
+    AVX-512 VNNI CPUs: `litllm.row_split.int8_rows_op`, int8 dot products; int8wo on AVX-512 ones: `int8wo_rows_op`,
+    fp32 products), elsewhere (and with `LITLLM_INT8_ROWS=0`) in torch ops (`int8_words_linear`, inductor's own int8
+    reduction): int8dq rounds the activations as llama.cpp's q8_0 does (int8 per block of 32), int8wo keeps them in
+    fp32. Each equals that arithmetic in plain torch on the eager layer's own int8 values up to fp32 summation order,
+    and errs less against fp32 than its eager kernel (fbgemm's one activation scale per call, 7 bits without VNNI;
+    `_weight_int8pack_mm`'s bf16 activations and output), except int8wo's eager call with the op, which is the op's
+    (the step's arithmetic); eager is the same before and after the step's copy is made, which survives model.half()."""
     from torch._inductor.utils import run_and_get_code
 
-    from litllm.row_split import int8_rows_op
+    from litllm.row_split import int8_rows_op, int8wo_rows_op
 
-    if not vnni:
+    dynamic = mode == "torchao.int8dq"
+    if not op:
         monkeypatch.setenv("LITLLM_INT8_ROWS", "0")
-    elif int8_rows_op() is None:
-        pytest.skip("no AVX-512 VNNI here (or the op does not build)")
+    elif (int8_rows_op() if dynamic else int8wo_rows_op()) is None:
+        pytest.skip("no AVX-512 (VNNI for int8dq) here, or the op does not build")
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=bias)  # 96: three blocks of 32
     layer = quantize_linear(linear, mode, "cpu")
@@ -364,16 +377,19 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     with torch.no_grad():
         eager = layer(x)
         layer.prepare_compiled()
-        assert layer.words.shape == (40, 24) and "words" not in layer.state_dict() and layer.words_in_rows == (vnni and mode == "torchao.int8dq")
-        assert torch.equal(layer(x), eager)  # eager: still the kernel
+        assert layer.words.shape == (40, 24) and "words" not in layer.state_dict() and layer.words_in_rows == op
+        assert torch.equal(layer(x), eager)  # eager: as before the copy
         got, code = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
         exact = linear(x)
-    assert ("int8_rows_linear" in "".join(code)) == (vnni and mode == "torchao.int8dq")  # int8wo: inductor's, faster
+    assert ("int8_rows_linear" in "".join(code)) == (op and dynamic)
+    assert ("int8wo_rows_linear" in "".join(code)) == (op and not dynamic)
     reference = rounded @ weight.t() + (linear.bias.detach() if bias else 0)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(got, reference) < 1e-6
-    # measured: int8dq 0.34-0.43x eager's error; int8wo 0.85x (the int8 weights' own error dominates both)
-    assert rel(got, exact) < (0.7 if mode == "torchao.int8dq" else 0.95) * rel(eager, exact)
+    if op and not dynamic:  # int8wo's eager rows through the op: the step's arithmetic, not the bf16 kernel's
+        assert rel(eager, reference) < 1e-6
+    else:  # measured: int8dq 0.34-0.43x eager's error; int8wo 0.85x (the int8 weights' own error dominates both)
+        assert rel(got, exact) < (0.7 if dynamic else 0.95) * rel(eager, exact)
     assert rel(reference, exact) > 1e-3  # the comparisons can fail: int8 is ~1e-2 off fp32
     layer.half()  # the int8 bits in fp32 words are moved, never converted
     with torch.no_grad():
@@ -628,7 +644,10 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode, prompt_o
     with torch.no_grad():
         expected, exact = reference(torch.tensor([prompt]))[0, -1], ref(torch.tensor([prompt]))[0, -1]
         last = torch.tensor([prompt[-1:]])  # the last token alone: through the eager kernels and as the step does
-        kernels, stepped, exact_last = model(last)[0, -1], reference(last)[0, -1], ref(last)[0, -1]
+        with monkeypatch.context() as env:  # torch's kernels (int8wo's eager rows take the step's op where it's built)
+            env.setenv("LITLLM_INT8_ROWS", "0")
+            kernels = model(last)[0, -1]
+        stepped, exact_last = reference(last)[0, -1], ref(last)[0, -1]
     got = _first_token_logits(model, prompt)
     assert (24 in calls) == prompt_op  # the prompt's rows went through the op (or not)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731

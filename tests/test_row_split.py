@@ -213,14 +213,45 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
         prompt_op(torch.randn(2, 96), torch.zeros(8, 96, dtype=torch.int16), torch.ones(8), 0)  # not int8 weights
 
 
-def test_an_int8_step_is_saved_under_its_kernel(int8_op, tiny_checkpoint, monkeypatch):
-    """A step whose int8 layers call the VNNI op reads `words` row-major, one over inductor's reduction reads them
-    interleaved (`litllm.quantize._int8_words`): they are saved under different keys, so neither loads the other's."""
+@pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
+def test_an_int8_step_is_saved_under_its_kernel(mode, int8_op, tiny_checkpoint, monkeypatch):
+    """A step whose int8 layers call litllm's op (int8dq's VNNI one, int8wo's) reads `words` row-major, one over
+    inductor's reduction reads them interleaved (`litllm.quantize._int8_words`): they are saved under different keys,
+    so neither loads the other's."""
     pytest.importorskip("torchao")
     from litllm.compile_decode import steps_folder
     from litllm.quantize import quantize_model
 
-    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int8dq", "cpu")
+    model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
     folder = steps_folder(model)
     monkeypatch.setenv("LITLLM_INT8_ROWS", "0")
     assert steps_folder(model) != folder
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
+    """`litllm_cpu::int8wo_rows_linear` (AVX-512): unrounded fp32 activations times row-major int8 weights (-128
+    included) and a scale per row, within fp32 rounding of that arithmetic in float64, for widths with a ragged
+    16-weight tail, output widths no multiple of 4 (rows 4 at a time, then one) and several input rows, on 1 and 2
+    threads; a width no multiple of 4 is refused."""
+    from litllm.row_split import int8wo_rows_op
+
+    op = int8wo_rows_op()
+    if op is None:
+        pytest.skip("no AVX-512 here (or the op does not build): int8wo steps keep inductor's reduction")
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out, n_in in ((200, 768), (37, 100), (64, 2048), (50, 36), (3, 4), (1000, 772)):
+            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+            w[0] = -128
+            scales, x = torch.rand(n_out), torch.randn(3, n_in) * torch.linspace(0.05, 3, n_in)
+            expected = (x.double() @ w.double().t()) * scales.double()
+            got = op(x, w.view(torch.int32).view(torch.float32), scales)  # the layers' fp32-typed carrier
+            assert got.shape == (3, n_out)
+            assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="int8wo_rows_linear"):
+        op(torch.randn(1, 98), torch.zeros(8, 24), torch.ones(8))  # 98 activations for 96 weights a row
