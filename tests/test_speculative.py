@@ -172,8 +172,6 @@ def test_errors(tiny_checkpoint, tmp_path):
     other = make_converted_checkpoint(tmp_path / "other", vocab_size=300)
     with pytest.raises(LitLLMError, match=r"--draft_model .*other: its vocabulary .* differs from the model's"):
         LLM.load(tiny_checkpoint, device="cpu", draft_model=other)
-    with pytest.raises(LitLLMError, match="--compile does not apply to speculative decoding"):
-        generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=tiny_checkpoint, compile=True)
     with pytest.raises(LitLLMError, match="--num_speculative_tokens must be >= 1, got 0"):
         generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=tiny_checkpoint,
                  num_speculative_tokens=0)
@@ -288,3 +286,56 @@ def test_batch_engine_samples_reproducibly_by_seed(tiny_checkpoint, one_thread):
     first = run(3)
     assert run(3) == first and run(4) != first
     assert all(len(t) == 30 for t in first)
+
+
+@pytest.mark.slow
+def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved_steps(
+        tiny_checkpoint, monkeypatch, tmp_path, capsys, one_thread):
+    """With --compile (refused before): the draft's one-token decode step and the target's verify step (k + 1 tokens,
+    padded in the rounds that propose fewer) compile to saved steps, and greedy output is token for token the
+    draftless one, compiled or eager (kept and rejected proposals, fully accepted rounds, the last rounds' padding);
+    a later default engine loads both saved steps; `generate --compile true --draft_model` prints the plain output."""
+    from litllm.compile_decode import COMPILE_ENV, STEPS_FOLDER
+    from litllm.generate import decode_engine, generate, speculative_engine
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(COMPILE_ENV)
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+    prompt = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = generate_ids(target, prompt, 110)
+
+    def run(engine):
+        with engine:
+            engine.add(Request(prompt, 110))
+            tokens = []
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens += out.token_ids
+        return tokens, engine
+
+    compiled = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, compile=True)
+    assert [e.step_source for e in compiled.engines] == ["compiled", "compiled"]
+    tokens, engine = run(compiled)
+    assert tokens == expected
+    assert 0.0 < engine.acceptance_rate < 1.0
+    with decode_engine(target, None, 1, len(prompt) + 110, None, compile=True) as plain:
+        plain.add(Request(prompt, 110))
+        while plain.has_unfinished:
+            plain.step()
+        assert plain._compiled
+    saved = sorted(p.name for p in (tmp_path / STEPS_FOLDER).glob("*/*.pt2"))
+    assert saved == ["1x128-verify4.pt2", "1x128.pt2"], saved  # the draft's (and the plain) step, the verify step
+    loaded = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, tokens=110)  # the default
+    assert [e.step_source for e in loaded.engines] == ["loaded", "loaded"]
+    assert run(loaded)[0] == expected
+
+    text = "Hello there, how are"
+    generate(tiny_checkpoint, text, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
+             compile=False)
+    plain_out = capsys.readouterr().out
+    generate(tiny_checkpoint, text, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
+             draft_model=tiny_checkpoint, num_speculative_tokens=3, compile=True)
+    captured = capsys.readouterr()
+    assert captured.out == plain_out
+    assert "Draft acceptance: 100% (" in captured.err and "decode step in" in captured.err
