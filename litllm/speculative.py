@@ -34,8 +34,9 @@ or, where the draft's step is compiled or loaded, a compiled step of that fixed 
 (`litllm.compile_decode.verify_engine`: saved and loaded as the decode steps are; a round that asks for fewer
 proposals pads its tokens to the shape, the padding's cache entries rewound as rejected proposals are). Prompts
 prefill eagerly. `litllm serve` batches rows: `SpeculativeBatchEngine` speculates in the steps where every running
-row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise (eager: its rounds
-decode each row's slot of the caches, views a compiled step is not bound to).
+row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise; with `compile` the
+rounds' draft and verify steps are compiled once for one slot and loaded per slot, bound to its cache rows
+(`litllm.compile_decode.slot_steps`).
 """
 
 from __future__ import annotations
@@ -382,6 +383,24 @@ class SpeculativeBatchEngine(Engine):
         self._draft_valid = [0] * max_batch_size
         self._generated: dict[int, list[int]] = {}  # request id -> its tokens so far (the draft needs them)
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
+        self._draft_steps = self._verify_steps = None  # compiled: one step per slot, bound to its cache rows
+        if self._compiled:
+            self._compile_rounds()
+
+    def _compile_rounds(self) -> None:
+        """With `compile` (the engine's own batched step compiled): the draft's one-token step and the model's verify
+        step of k + 1 tokens compiled once for one slot and loaded per slot (`litllm.compile_decode.slot_steps`);
+        where they can't be (off the CPU, no single graph), the rounds stay eager."""
+        from litllm.compile_decode import _DecodeStep, _verify_kind, _VerifyStep, slot_steps
+
+        row = dict(dtype=torch.long, device=self.device)
+        self._draft_tokens, self._draft_pos = torch.zeros(1, 1, **row), torch.zeros(1, 1, **row)
+        width = self.k + 1
+        self._verify_tokens, self._verify_pos = torch.zeros(1, width, **row), torch.arange(width, **row)[None]
+        self._draft_steps = slot_steps(self.draft, self._draft_slots, _DecodeStep(self.draft),
+                                       {"tokens": self._draft_tokens, "pos": self._draft_pos})
+        self._verify_steps = slot_steps(self.model, self._slot_caches, _VerifyStep(self.model),
+                                        {"tokens": self._verify_tokens, "pos": self._verify_pos}, _verify_kind(width))
 
     @property
     def acceptance_rate(self) -> Optional[float]:
@@ -423,6 +442,11 @@ class SpeculativeBatchEngine(Engine):
 
     def _draft_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot, in chunks."""
+        if self._draft_steps is not None and len(ids) <= 2:  # the compiled step, one token at a time
+            for i, token in enumerate(ids):
+                self._draft_tokens[0, 0], self._draft_pos[0, 0] = token, start + i
+                logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos)
+            return logits[0, : self.vocab_size]
         for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
             block.attn.kv_cache = cache
         for begin in range(0, len(ids), self.prefill_chunk):
@@ -446,13 +470,7 @@ class SpeculativeBatchEngine(Engine):
             logits = self._draft_logits(slot, (tokens + proposed)[done: pos + len(proposed) + 1], done)
             self._draft_valid[slot] = pos + len(proposed) + 1
             proposed.append(propose(logits, s, row.generator, draft_probs))
-        ids = torch.tensor(tokens[pos:] + proposed, dtype=torch.long, device=self.device)[None]
-        self._set_caches(self._slot_caches[slot])
-        try:
-            logits = self.model.decode(ids, input_pos=torch.arange(pos, pos + k + 1, device=self.device), kv_len=pos + k + 1,
-                                logits_to_keep=None)[0, :, : self.vocab_size]  # (k + 1, vocab)
-        finally:
-            self._set_caches(self._caches)
+        logits = self._verify(slot, tokens[pos:] + proposed, pos)  # (k + 1, vocab)
         kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
@@ -464,3 +482,22 @@ class SpeculativeBatchEngine(Engine):
                 return
         self._tokens[slot] = token
         self._pos[slot] = row.pos
+
+    def _verify(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """The model's logits (len(ids), vocab) over `ids` (the newest token and the proposals) written at positions
+        start.. of the slot's cache: its compiled verify step (padded as `SpeculativeEngine._verify` pads) where
+        there is one and the padding fits, else an eager forward over the slot's cache rows."""
+        width = self.k + 1
+        if self._verify_steps is not None and start + width <= self.max_seq_length:
+            padded = ids + ids[-1:] * (width - len(ids))
+            self._verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
+            self._verify_pos.copy_(torch.arange(start, start + width)[None])
+            return self._verify_steps[slot](self._verify_tokens, self._verify_pos)[0, : len(ids), : self.vocab_size]
+        stop = start + len(ids)
+        self._set_caches(self._slot_caches[slot])
+        try:
+            return self.model.decode(torch.tensor(ids, dtype=torch.long, device=self.device)[None],
+                                     input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                     logits_to_keep=None)[0, :, : self.vocab_size]
+        finally:
+            self._set_caches(self._caches)

@@ -288,9 +288,16 @@ def test_batch_engine_samples_reproducibly_by_seed(tiny_checkpoint, one_thread):
     assert all(len(t) == 30 for t in first)
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One compile cache for this file's compiled tests: the batch engine's per-slot steps of length 128 are the
+    files the one-row test saved (loaded, not compiled again)."""
+    return tmp_path_factory.mktemp("compile")
+
+
 @pytest.mark.slow
 def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved_steps(
-        tiny_checkpoint, monkeypatch, tmp_path, capsys, one_thread):
+        tiny_checkpoint, monkeypatch, compile_cache, capsys, one_thread):
     """With --compile (refused before): the draft's one-token decode step and the target's verify step (k + 1 tokens,
     padded in the rounds that propose fewer) compile to saved steps, and greedy output is token for token the
     draftless one, compiled or eager (kept and rejected proposals, fully accepted rounds, the last rounds' padding);
@@ -298,7 +305,7 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
     from litllm.compile_decode import COMPILE_ENV, STEPS_FOLDER
     from litllm.generate import decode_engine, generate, speculative_engine
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
     monkeypatch.delenv(COMPILE_ENV)
     target = GPT.from_checkpoint(tiny_checkpoint).eval()
     draft = _noisy_copy(tiny_checkpoint, 0.05)
@@ -324,7 +331,7 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
         while plain.has_unfinished:
             plain.step()
         assert plain._compiled
-    saved = sorted(p.name for p in (tmp_path / STEPS_FOLDER).glob("*/*.pt2"))
+    saved = sorted(p.name for p in (compile_cache / STEPS_FOLDER).glob("*/*.pt2"))
     assert saved == ["1x128-verify4.pt2", "1x128.pt2"], saved  # the draft's (and the plain) step, the verify step
     loaded = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, tokens=110)  # the default
     assert [e.step_source for e in loaded.engines] == ["loaded", "loaded"]
@@ -339,3 +346,36 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
     captured = capsys.readouterr()
     assert captured.out == plain_out
     assert "Draft acceptance: 100% (" in captured.err and "decode step in" in captured.err
+
+
+@pytest.mark.slow
+def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeypatch, compile_cache, one_thread):
+    """`serve --draft_model --compile true` (refused before): the batched step compiled, and the rounds' draft step
+    and verify step compiled once and loaded per slot (bound to that slot's cache rows): every row's tokens are the
+    draftless engine's, rows arriving while others decode."""
+    from litllm.speculative import SpeculativeBatchEngine
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+    g = torch.Generator().manual_seed(0)
+    requests = [Request(torch.randint(0, 300, (n,), generator=g).tolist(), m) for n, m in ((8, 40), (3, 25), (5, 33))]
+
+    def run(engine):
+        tokens = {}
+        with engine:
+            ids = [engine.add(r) for r in requests[:2]]
+            for _ in range(3):
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            ids.append(engine.add(requests[2]))
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return [tokens[i] for i in ids]
+
+    expected = run(Engine(target, None, 2, 128))
+    engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True)
+    assert len(engine._draft_steps) == len(engine._verify_steps) == 2
+    assert run(engine) == expected
+    assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
