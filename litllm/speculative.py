@@ -167,7 +167,6 @@ class SpeculativeEngine:
         self.device = model.wte.weight.device
         if target_engine is None:
             target_engine = Engine(model, tokenizer, 1, self.max_seq_length, threads=threads)
-            target_engine.verify = None
         if draft_engine is None:
             draft_engine = Engine(draft, tokenizer, 1, self.max_seq_length, threads=threads)
         self.engines = (target_engine, draft_engine)  # each holds its model's KV cache
@@ -313,7 +312,7 @@ class SpeculativeEngine:
         the cache, else an eager forward."""
         engine = self._caches_of(0)
         width = self.k + 1
-        if engine.verify is None or start + width > engine.max_seq_length:
+        if getattr(engine, "verify", None) is None or start + width > engine.max_seq_length:
             return self._forward(0, ids, start, all_logits=True)
         padded = ids + ids[-1:] * (width - len(ids))
         engine.verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
