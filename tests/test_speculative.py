@@ -346,6 +346,13 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
     captured = capsys.readouterr()
     assert captured.out == plain_out
     assert "Draft acceptance: 100% (" in captured.err and "decode step in" in captured.err
+    # LLM: the steps generate saved (same loader, same choices) are loaded
+    from litllm import LLM
+
+    llm = LLM.load(tiny_checkpoint, device="cpu", prompt_style="default", draft_model=tiny_checkpoint, compile=True)
+    eager = LLM.load(tiny_checkpoint, device="cpu", prompt_style="default", compile=False)
+    assert llm.generate(text, max_new_tokens=20) == eager.generate(text, max_new_tokens=20)
+    assert llm.acceptance_rate == 1.0
 
 
 @pytest.mark.slow
