@@ -278,12 +278,13 @@ class SpeculativeEngine:
         pos = len(tokens) - 1  # the newest token: in neither cache yet
         k = min(self.k, row.request.max_new_tokens - row.generated - 1)  # never more than the request wants
         proposed, draft_probs = [], []
-        with threads_for(self.engines[1].threads):  # (a compiled draft step's own pick, `compiled_threads`)
-            for _ in range(k):
-                pending = tokens[valid[1]:] + proposed[-1:]  # what the draft hasn't seen
-                logits = self._draft(pending, pos + len(proposed) + 1 - len(pending))
-                valid[1] = pos + len(proposed) + 1
-                proposed.append(propose(logits, s, row.generator, draft_probs))
+        # the draft decodes on the engine's thread count, not its own pick: switching OpenMP's count twice a round
+        # (a draft at 2, the model at 1) made a compiled round 4-17x slower (2-core Xeon, benchmarks/speculative.py)
+        for _ in range(k):
+            pending = tokens[valid[1]:] + proposed[-1:]  # what the draft hasn't seen
+            logits = self._draft(pending, pos + len(proposed) + 1 - len(pending))
+            valid[1] = pos + len(proposed) + 1
+            proposed.append(propose(logits, s, row.generator, draft_probs))
         logits = self._verify(tokens[pos:] + proposed, pos)  # (k + 1, V)
         kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
