@@ -150,8 +150,8 @@ class DecodeArgs:
 def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Optional[int],
                        num_speculative_tokens: int, compile: Optional[bool] = None, tokens: Optional[int] = None):
     """A one-row `litllm.speculative.SpeculativeEngine` whose steps are compiled as plain decoding's are: the
-    draft's one-token decode step is its `decode_engine` (`compile` as there, the draft's own thread pick and saved
-    steps; `tokens` for the default's policy), and the target's check of the proposals, one forward over
+    draft's one-token decode step is its `decode_engine` (`compile` as there, its saved steps; `tokens` for the
+    default's policy; the rounds run both models on `threads`, see `SpeculativeEngine._round`), and the target's check of the proposals, one forward over
     `num_speculative_tokens` + 1 tokens, follows it (`litllm.compile_decode.verify_engine`): compiled (or loaded
     when saved) where the draft's step is compiled or loaded, else eager, or loaded if a saved one fits by default.
     `compile_seconds`: what building the compiled steps took (None: both eager)."""
