@@ -8,15 +8,22 @@ a hash of the whole context that no small draft can learn in minutes). The draft
 final norm and head, its first and last block, then trained for `--train_steps` steps on the
 target's own greedy continuations of random prompts (teacher forcing: it learns to predict what the
 target says), the cheap kind of draft one makes for a model that has no small sibling. Both decode on litllm's engines the way `litllm generate` does (the faster CPU
-weight layout and thread count); the held-out prompts are decoded greedily by
-`litllm.engine.Engine` (the target alone) and by `litllm.speculative.SpeculativeEngine` (target +
-draft), alternating `--repeats` times, and the outputs are checked to be identical.
+weight layout and thread count); the held-out prompts are decoded greedily four ways, alternating `--repeats`
+times, and the outputs are checked to be identical:
+- eager: `litllm.engine.Engine` (the target alone) and `litllm.speculative.SpeculativeEngine` (target + draft),
+  as `--compile false` decodes;
+- compiled (`--compile true`, on copies of both models: a compiled step swaps in its own CPU layouts): the target
+  alone on its compiled decode step (`litllm.generate.decode_engine`), and target + draft on the draft's compiled
+  decode step and the target's compiled verify step of k + 1 tokens (`litllm.generate.speculative_engine`), on the
+  thread count timed on the compiled steps (`pick_compiled_threads`), as the commands pick. Steps are saved in
+  litllm's compile cache (`$TORCHINDUCTOR_CACHE_DIR`): a second run loads them. `--no_compiled` skips these.
 
     python benchmarks/speculative.py --threads 1           # 12 + 2 layers, 512 wide, 100 training steps
     python benchmarks/speculative.py --n_layer 4 --train_steps 20 --new_tokens 32   # a quick run
 
-Prints the acceptance rate, tokens/s of both and their ratio. The machine may be shared: figures
-are noisy, the ratio (both measured in alternation in one process) less so.
+Prints the acceptance rate, tokens/s of each and the ratios (speculative over plain, eager and compiled; compiled
+speculative over eager speculative). The machine may be shared: figures are noisy, the ratios (all measured in
+alternation in one process) less so.
 
 `--serve`: the same target and trained draft, saved as model folders, served by `litllm serve` without and with
 `--draft_model` (both eager, `--compile false`; `--max_batch_size` = the held-out prompts, so the speculative
@@ -30,6 +37,7 @@ the acceptance ratio the speculative server reports on `/metrics`.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -155,7 +163,7 @@ def serve_figures(folders: dict[str, Path], prompts: list[list[int]], args) -> d
     settings = argparse.Namespace(clients=len(prompts), max_seq_length=args.prompt_tokens + args.new_tokens,
                                   device=None, precision=None)
     servers = {"serve": ("--compile", "false"),
-               "serve --draft_model": ("--draft_model", str(folders["draft"]),
+               "serve --draft_model": ("--compile", "false", "--draft_model", str(folders["draft"]),
                                        "--num_speculative_tokens", str(args.num_speculative_tokens))}
     figures = {}
     for name, flags in servers.items():
@@ -183,6 +191,28 @@ def print_serve_figures(figures: dict[str, dict], n_prompts: int) -> None:
           f"acceptance ratio (the server's /metrics) {spec['acceptance']:.0%}")
 
 
+def compiled_engines(target, draft, threads: int, length: int, args) -> dict:
+    """"compiled plain" (the target's compiled decode step, on the thread count timed on it) and "compiled
+    speculative" (the draft's compiled decode step, the target's compiled verify step, on that count too)."""
+    from litllm.compile_decode import pick_compiled_threads
+    from litllm.cpu_layout import optimize_for_decoding
+    from litllm.generate import decode_engine, speculative_engine
+
+    optimize_for_decoding(target)
+    optimize_for_decoding(draft)
+    t0 = time.perf_counter()
+    plain = decode_engine(target, None, 1, length, threads, compile=True)
+    plain.threads = pick_compiled_threads(plain)
+    print(f"compiled plain: its decode step ({plain.step_source}) took {time.perf_counter() - t0:.0f} s, "
+          f"decodes on {plain.threads} thread(s)")
+    t0 = time.perf_counter()
+    spec = speculative_engine(target, draft, None, length, plain.threads, args.num_speculative_tokens, compile=True)
+    drafting, checking = spec.engines[1], spec.engines[0]
+    print(f"compiled speculative: the draft's decode step ({drafting.step_source}) and the target's verify step "
+          f"({checking.step_source}) took {time.perf_counter() - t0:.0f} s; both on {spec.threads} thread(s)")
+    return {"compiled plain": plain, "compiled speculative": spec}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_layer", type=int, default=12)
@@ -202,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; "
                         "decoding may pick fewer, as litllm's commands do)")
+    parser.add_argument("--no_compiled", action="store_true", help="time the eager engines only")
     parser.add_argument("--serve", action="store_true", help="also time `litllm serve` without and with --draft_model")
     parser.add_argument("--serve_repeats", type=int, default=2)
     args = parser.parse_args()
@@ -245,6 +276,7 @@ def run(args, tmp: Path) -> None:
         print("the untrained draft agrees more: benchmarking it")
 
     folders = save_folders(target, draft, args.vocab_size, tmp) if args.serve else None  # as loaded, before layouts
+    twins = None if args.no_compiled else (copy.deepcopy(target), copy.deepcopy(draft))  # for the compiled steps
     layout = optimize_for_decoding(target)
     optimize_for_decoding(draft)
     threads = pick_decode_threads(target)
@@ -252,17 +284,7 @@ def run(args, tmp: Path) -> None:
     n = args.new_tokens
     length = args.prompt_tokens + n
 
-    def plain():
-        with Engine(target, None, 1, length, threads=threads) as engine:
-            return decode_all(engine)
-
     speculative_engines = []
-
-    def speculative():
-        with SpeculativeEngine(target, draft, None, length, num_speculative_tokens=args.num_speculative_tokens,
-                               threads=threads) as engine:
-            speculative_engines.append(engine)
-            return decode_all(engine)
 
     def decode_all(engine):
         tokens = []
@@ -273,24 +295,50 @@ def run(args, tmp: Path) -> None:
                     tokens += out.token_ids
         return tokens
 
-    same = plain() == speculative()  # also the warm-up
-    runs = {"target alone": [], "target + draft": []}
+    def eager_plain():
+        with Engine(target, None, 1, length, threads=threads) as engine:
+            return decode_all(engine)
+
+    def eager_speculative():
+        with SpeculativeEngine(target, draft, None, length, num_speculative_tokens=args.num_speculative_tokens,
+                               threads=threads) as engine:
+            speculative_engines.append(engine)
+            return decode_all(engine)
+
+    runners = {"eager plain": eager_plain, "eager speculative": eager_speculative}
+    compiled = {} if twins is None else compiled_engines(*twins, threads, length, args)
+    for name, engine in compiled.items():
+        runners[name] = lambda engine=engine: decode_all(engine)
+    reference = eager_plain()  # also the warm-up
+    same = {name: run() == reference for name, run in runners.items() if name != "eager plain"}
+    runs = {name: [] for name in runners}
     for _ in range(args.repeats):
-        runs["target alone"].append(timed(plain))
-        runs["target + draft"].append(timed(speculative))
-    rate = statistics.mean(e.acceptance_rate for e in speculative_engines)
+        for name, run in runners.items():
+            runs[name].append(timed(run))
+    rates = {"eager speculative": statistics.mean(e.acceptance_rate for e in speculative_engines)}
+    if "compiled speculative" in compiled:
+        rates["compiled speculative"] = compiled["compiled speculative"].acceptance_rate
+    for engine in compiled.values():
+        engine.close()
     total = n * len(eval_prompts)
-    print(f"threads: {threads}, {layout} weights; {len(eval_prompts)} held-out prompts of {args.prompt_tokens} tokens, "
-          f"{n} new tokens each, greedy, fp32; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"threads: {threads} eager, {layout} weights; {len(eval_prompts)} held-out prompts of {args.prompt_tokens} "
+          f"tokens, {n} new tokens each, greedy, fp32; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"target {args.n_layer} layers, draft {args.draft_layers} layers, {args.num_speculative_tokens} proposed "
-          f"tokens per step; same tokens: {same}; acceptance rate {rate:.0%} on the held-out prompts")
-    print(f"{'':16s}{'tokens/s best':>14s}{'median':>8s}")
+          f"tokens per step; same tokens as eager plain: {same}; acceptance rate on the held-out prompts: "
+          + ", ".join(f"{name} {rate:.0%}" for name, rate in rates.items()))
+    # tokens per CPU-second of this process: what a loaded machine disturbs less than the wall clock
+    print(f"{'':22s}{'tokens/s best':>14s}{'median':>8s}{'tokens/CPU-s best':>19s}")
     best = {}
     for name, times in runs.items():
-        walls = [w for w, _ in times]
+        walls, cpus = [w for w, _ in times], [c for _, c in times]
         best[name] = total / min(walls)
-        print(f"{name:16s}{best[name]:14.1f}{total / statistics.median(walls):8.1f}")
-    print(f"speculative / plain: {best['target + draft'] / best['target alone']:.2f}x (best runs)")
+        print(f"{name:22s}{best[name]:14.1f}{total / statistics.median(walls):8.1f}{total / min(cpus):19.1f}")
+    print(f"speculative / plain, eager: {best['eager speculative'] / best['eager plain']:.2f}x (best runs)")
+    if compiled:
+        print(f"speculative / plain, compiled: {best['compiled speculative'] / best['compiled plain']:.2f}x; "
+              f"compiled speculative / eager speculative: "
+              f"{best['compiled speculative'] / best['eager speculative']:.2f}x; "
+              f"compiled speculative / eager plain: {best['compiled speculative'] / best['eager plain']:.2f}x")
     if folders is not None:
         print_serve_figures(serve_figures(folders, eval_prompts, args), len(eval_prompts))
 

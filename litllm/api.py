@@ -21,7 +21,7 @@ import torch
 
 from litllm.engine import SEED_LIMIT, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import decode_engine, load_draft
+from litllm.generate import decode_engine, load_draft, speculative_engine
 from litllm.inference import LoadArgs, load_decoder, tokens_to_generate
 
 logger = logging.getLogger(__name__)
@@ -202,10 +202,8 @@ class LLM:
         draft model a one-row SpeculativeEngine (requests one after another)."""
         if self.draft is None:  # (a compiled step's own thread pick replaces the loader's, `compiled_threads`)
             return decode_engine(self.model, self.tokenizer, rows, length, self.threads, self.compile, tokens)
-        from litllm.speculative import SpeculativeEngine
-
-        return SpeculativeEngine(self.model, self.draft, self.tokenizer, length,
-                                 num_speculative_tokens=self.num_speculative_tokens, threads=self.threads)
+        return speculative_engine(self.model, self.draft, self.tokenizer, length, self.threads,
+                                  self.num_speculative_tokens, self.compile, tokens)
 
     def __repr__(self) -> str:
         return f"LLM({self.checkpoint_dir}, device={self.device}, prompt_style={self.prompt_style.name})"

@@ -608,13 +608,14 @@ def steps_folder(model) -> Path:
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _step_file(rows: int, length: int) -> str:
-    return f"{rows}x{length}.pt2"
+def _step_file(rows: int, length: int, kind: str = "") -> str:
+    return f"{rows}x{length}{kind}.pt2"
 
 
-def saved_step_length(model, rows: int, length: int, exact: bool = False) -> Optional[int]:
+def saved_step_length(model, rows: int, length: int, exact: bool = False, kind: str = "") -> Optional[int]:
     """The shortest KV-cache length >= `length` (== with `exact`), within the context window, at which a compiled
-    step of `model` with `rows` rows is saved here (`steps_folder`); None when there is none."""
+    step of `model` with `rows` rows is saved here (`steps_folder`; `kind`: which step, "" the decode step, else
+    as `_verify_kind`); None when there is none."""
     if model.wte.weight.device.type != "cpu":
         return None
     try:
@@ -623,7 +624,7 @@ def saved_step_length(model, rows: int, length: int, exact: bool = False) -> Opt
         return None
     lengths = []
     for name in names:
-        shape = name[: -len(".pt2")].split("x") if name.endswith(".pt2") else []
+        shape = name[: -len(f"{kind}.pt2")].split("x") if name.endswith(f"{kind}.pt2") else []
         if len(shape) == 2 and all(n.isdigit() for n in shape) and int(shape[0]) == rows:
             lengths.append(int(shape[1]))
     fitting = [n for n in lengths if (n == length if exact else length <= n <= model.max_seq_length)]
@@ -658,10 +659,16 @@ def _step_tensors(engine) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _step_spec(engine) -> str:
-    """Shapes, strides and dtypes of every tensor the step reads or writes (inputs included), as JSON: a saved
-    step runs only on tensors laid out as the ones it was compiled for (its kernels index them so)."""
-    tensors = {**_step_tensors(engine), "tokens": engine._tokens, "pos": engine._pos}
+def _step_inputs(engine) -> dict[str, torch.Tensor]:
+    """The decode step's inputs, by name: the engine's token and position buffers, (B, 1) each."""
+    return {"tokens": engine._tokens, "pos": engine._pos}
+
+
+def _step_spec(engine, inputs: Optional[dict] = None) -> str:
+    """Shapes, strides and dtypes of every tensor the step reads or writes (`inputs`, by default the decode step's,
+    included), as JSON: a saved step runs only on tensors laid out as the ones it was compiled for (its kernels
+    index them so)."""
+    tensors = {**_step_tensors(engine), **(inputs or _step_inputs(engine))}
     return json.dumps({name: [list(t.shape), list(t.stride()), str(t.dtype)] for name, t in sorted(tensors.items())})
 
 
@@ -669,9 +676,10 @@ SPEC_KEY = "litllm_tensors"
 """The package metadata entry holding `_step_spec` of the engine the step was compiled for."""
 
 
-def _load_step(path: Path, engine) -> Optional[Callable]:
+def _load_step(path: Path, engine, inputs: Optional[dict] = None) -> Optional[Callable]:
     """The AOTInductor step saved at `path`, bound to `engine`'s weights and KV cache (no copies: the package's
-    kernels read and write the engine's tensors), if it loads and fits; else None, with a one-line note."""
+    kernels read and write the engine's tensors), if it loads and fits (`inputs`: as `_step_spec`); else None, with
+    a one-line note."""
     try:
         if not owned_and_private(path):
             _note(f"not loading {path}: not owned by this user, or writable by others")
@@ -680,7 +688,7 @@ def _load_step(path: Path, engine) -> Optional[Callable]:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         tensors = _step_tensors(engine)
         names = loader.get_constant_fqns()
-        if loader.get_metadata().get(SPEC_KEY) != _step_spec(engine) or not set(names) <= set(tensors):
+        if loader.get_metadata().get(SPEC_KEY) != _step_spec(engine, inputs) or not set(names) <= set(tensors):
             _note(f"the saved decode step {path} does not fit this model (other shapes or strides)")
             return None
         constants = {name: tensors[name] for name in names}
@@ -695,20 +703,23 @@ def _load_step(path: Path, engine) -> Optional[Callable]:
     return step
 
 
-def _compile_and_save(path: Path, engine) -> Optional[Callable]:
-    """The engine's decode step compiled by AOTInductor (`torch.export`, then `aoti_compile_and_package` without
-    the weights) and saved atomically at `path`, then loaded from there; None when the model does not export as one
-    graph (the caller falls back to `torch.compile`)."""
+def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None,
+                      inputs: Optional[dict] = None) -> Optional[Callable]:
+    """The engine's decode step (or `step`, a module over the engine's model taking `inputs`, as `_step_spec`)
+    compiled by AOTInductor (`torch.export`, then `aoti_compile_and_package` without the weights) and saved
+    atomically at `path`, then loaded from there; None when the model does not export as one graph (the caller
+    falls back to `torch.compile`)."""
     import io
 
     import torch._inductor
 
+    inputs = inputs or _step_inputs(engine)
     try:
         package = io.BytesIO()
         configs = {**cpu_compile_options(engine.model), "aot_inductor.package_constants_in_so": False,  # weights: at load
-                   "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine)}}
+                   "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine, inputs)}}
         with torch.no_grad():  # an inference step: no autograd graph to trace
-            program = torch.export.export(_DecodeStep(engine.model), (engine._tokens, engine._pos), strict=False)
+            program = torch.export.export(step or _DecodeStep(engine.model), tuple(inputs.values()), strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
     except Exception:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
         return None
@@ -721,8 +732,8 @@ def _compile_and_save(path: Path, engine) -> Optional[Callable]:
         with tempfile.TemporaryDirectory() as folder:  # the loader extracts the library: the copy may go
             path = Path(folder) / path.name
             path.write_bytes(package.getvalue())
-            return _load_step(path, engine)
-    return _load_step(path, engine)
+            return _load_step(path, engine, inputs)
+    return _load_step(path, engine, inputs)
 
 
 def _is_packed(module) -> bool:
@@ -863,3 +874,96 @@ def compile_engine_step(engine) -> Callable:
         options = options if "cpp.threads" in options else {**options, "cpp.dynamic_threads": True}
         return compile_step(engine._decode_logits, device, static, options)
     return _bind(step, engine)
+
+
+# ---------------------------------------------------------------------- speculative decoding's verify step
+class _VerifyStep(torch.nn.Module):
+    """What AOTInductor compiles for speculative decoding's check (`litllm.speculative`): `model.decode` of one row's
+    newest token and the draft's k proposals at once, the logits at every position ((1, k + 1, padded_vocab)), over
+    the whole KV cache (a static shape: `kv_len` None)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, input_pos=pos)  # (1, k + 1, padded_vocab)
+
+
+def _verify_kind(width: int) -> str:
+    """The saved verify step's file tag (`_step_file`): `1x<length>-verify<width>.pt2` beside the decode steps."""
+    return f"-verify{width}"
+
+
+def verify_engine(make: Callable, model, length: int, width: int, compile: Optional[bool]):
+    """The one-row `Engine` that `make(length)` builds (eager, it holds the KV cache and prefills) for speculative
+    decoding's target, with `engine.verify(tokens, pos)`: logits (width, vocab) of one forward over `width` tokens
+    (1, width) at positions (1, width) (the newest token and the k proposals) over the whole cache, compiled as
+    `compile` says (as `step_engine`'s decode step: False or a default with nothing saved, None: eager; None: the
+    verify step saved for this shape if one fits and loads; True: loaded, else compiled ahead by AOTInductor and
+    saved as `steps_folder(model)/1x<length>-verify<width>.pt2`, or `torch.compile`'s where the model does not
+    export as one graph and on CUDA). `engine.verify_tokens` / `engine.verify_pos` are its input buffers;
+    `engine.compile_seconds` what building the compiled one took."""
+    kind = _verify_kind(width)
+    saved = None if compile is False else saved_step_length(model, 1, length, kind=kind)
+    if compile is False or (compile is None and saved is None):
+        engine = make(length)
+        engine.verify = None
+        return engine
+    unpack_weights(model)  # the compiled step takes the weights as plain Linears (saved steps are keyed so)
+    t0 = clock()
+    engine = make(saved or compiled_length(length, model.max_seq_length))
+    device = engine.device
+    engine.verify_tokens = torch.zeros(1, width, dtype=torch.long, device=device)
+    engine.verify_pos = torch.arange(width, device=device)[None]
+    inputs = {"tokens": engine.verify_tokens, "pos": engine.verify_pos}
+    path = steps_folder(model) / _step_file(1, engine.max_seq_length, kind)
+    cpu = device.type == "cpu"
+    step = _load_step(path, engine, inputs) if cpu and path.exists() else None
+    engine.step_source = "loaded"
+    if step is None and compile and cpu:
+        enable_compile_cache()
+        step, engine.step_source = _compile_and_save(path, engine, _VerifyStep(model), inputs), "compiled"
+    if step is None and compile:  # CUDA, or no single graph: torch.compile's, unsaved
+        engine.step_source = "torch.compile"
+        static = [t for c in engine._caches for t in (c.k, c.v)] + list(inputs.values())
+        options = cpu_compile_options(model)
+        options = options if "cpp.threads" in options else {**options, "cpp.dynamic_threads": True}
+        step = compile_step(_VerifyStep(model), device, static, options)
+    engine.verify = None if step is None else _bind_verify(step, engine.vocab_size)
+    if step is not None:
+        engine.compile_seconds = clock() - t0
+    return engine
+
+
+def _bind_verify(step: Callable, vocab_size: int) -> Callable:
+    def verify(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return step(tokens, pos)[0, :, :vocab_size]  # (width, vocab)
+
+    return verify
+
+
+def slot_steps(model, slots: list[list], step: torch.nn.Module, inputs: dict[str, torch.Tensor],
+               kind: str = "") -> Optional[list[Callable]]:
+    """`step` (a module over `model` taking `inputs`, by name: `_DecodeStep` or `_VerifyStep`) compiled ahead once
+    for one row of a batched engine's KV cache and loaded once per slot, bound to that slot's cache (`slots[i]`: the
+    blocks' `KVCache.rows` views of slot i, laid out as a one-row cache's): the rounds of `serve --draft_model`
+    (`litllm.speculative.SpeculativeBatchEngine`), which decode one slot at a time. Saved as
+    `steps_folder(model)/1x<length><kind>.pt2`, the file a one-row engine of that cache length uses (each further
+    slot loads it: a few ms). None off the CPU or where the model does not export as one graph (the rounds stay
+    eager)."""
+    from types import SimpleNamespace
+
+    if model.wte.weight.device.type != "cpu":
+        return None
+    unpack_weights(model)
+    views = [SimpleNamespace(model=model, _caches=caches) for caches in slots]  # what `_step_tensors` reads
+    path = steps_folder(model) / _step_file(1, slots[0][0].k.size(2), kind)
+    first = _load_step(path, views[0], inputs) if path.exists() else None
+    if first is None:
+        enable_compile_cache()
+        first = _compile_and_save(path, views[0], step, inputs)
+    if first is None:
+        return None
+    steps = [first] + [_load_step(path, view, inputs) for view in views[1:]]
+    return None if any(s is None for s in steps) else steps

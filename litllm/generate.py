@@ -140,13 +140,43 @@ class DecodeArgs:
         `tokens`: how many it will decode (None: unknown, a chat), for `--compile`'s default."""
         if self.draft_model is None:
             return decode_engine(model, tokenizer, 1, max_seq_length, threads, self.compile, tokens)
-        if self.compile:
-            raise LitLLMError("--compile does not apply to speculative decoding (--draft_model) yet: drop one of them")
-        from litllm.speculative import SpeculativeEngine
-
+        if self.num_speculative_tokens < 1:
+            raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         draft = load_draft(model, tokenizer, self.draft_model, load.precision)
-        return SpeculativeEngine(model, draft, tokenizer, max_seq_length,
-                                 num_speculative_tokens=self.num_speculative_tokens, threads=threads)
+        return speculative_engine(model, draft, tokenizer, max_seq_length, threads, self.num_speculative_tokens,
+                                  self.compile, tokens)
+
+
+def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Optional[int],
+                       num_speculative_tokens: int, compile: Optional[bool] = None, tokens: Optional[int] = None):
+    """A one-row `litllm.speculative.SpeculativeEngine` whose steps are compiled as plain decoding's are: the
+    draft's one-token decode step is its `decode_engine` (`compile` as there, its saved steps; `tokens` for the
+    default's policy; the rounds run both models on `threads`, see `SpeculativeEngine._round`), and the target's check of the proposals, one forward over
+    `num_speculative_tokens` + 1 tokens, follows it (`litllm.compile_decode.verify_engine`): compiled (or loaded
+    when saved) where the draft's step is compiled or loaded, else eager, or loaded if a saved one fits by default.
+    `compile_seconds`: what building the compiled steps took (None: both eager)."""
+    from litllm.compile_decode import verify_engine
+    from litllm.speculative import SpeculativeEngine
+
+    draft_threads = getattr(draft, "decode_choices", {}).get("threads", threads)  # its loader's pick
+    drafting = decode_engine(draft, tokenizer, 1, max_seq_length, draft_threads, compile, tokens)
+    choice = True if drafting._compiled else (False if compile is False or env_compile() is False else None)
+
+    def make(length: int) -> Engine:
+        return Engine(model, tokenizer, 1, length, threads=threads)
+
+    try:
+        checking = verify_engine(make, model, max_seq_length, num_speculative_tokens + 1, choice)
+    except BaseException:
+        drafting.close()
+        raise
+    engine = SpeculativeEngine(model, draft, tokenizer, max_seq_length, num_speculative_tokens=num_speculative_tokens,
+                               threads=threads, draft_engine=drafting, target_engine=checking)
+    seconds = [e.compile_seconds for e in (drafting, checking) if getattr(e, "compile_seconds", None) is not None]
+    engine.compile_seconds = sum(seconds) if seconds else None
+    engine.step_source = "loaded" if all(getattr(e, "step_source", None) == "loaded" for e in (drafting, checking)) \
+        else "compiled"
+    return engine
 
 
 def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):

@@ -26,9 +26,17 @@ its own, so a round yields 1 to k + 1 tokens for one read of the target's weight
   query can reach them. The draft also has to catch up on tokens it never saw (the target's own
   token; after a fully accepted round also its last proposal): it runs them as one forward.
 
-One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode one row), eager
-(no `torch.compile`). `litllm serve` batches rows: `SpeculativeBatchEngine` speculates in the steps where
-every running row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise.
+One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode one row). Each model's KV cache
+is held by a one-row `litllm.engine.Engine` of its own: the draft's, whose decode step (one token) is eager or
+compiled as plain decoding's is (`litllm.generate.speculative_engine`: the draft's `decode_engine`, same policy,
+saved steps and caches), and the target's, whose check of the k proposals is one forward over k + 1 tokens: eager,
+or, where the draft's step is compiled or loaded, a compiled step of that fixed shape
+(`litllm.compile_decode.verify_engine`: saved and loaded as the decode steps are; a round that asks for fewer
+proposals pads its tokens to the shape, the padding's cache entries rewound as rejected proposals are). Prompts
+prefill eagerly. `litllm serve` batches rows: `SpeculativeBatchEngine` speculates in the steps where every running
+row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise; with `compile` the
+rounds' draft and verify steps are compiled once for one slot and loaded per slot, bound to its cache rows
+(`litllm.compile_decode.slot_steps`).
 """
 
 from __future__ import annotations
@@ -121,7 +129,11 @@ def check_proposals(proposed: list[int], draft_probs: list, logits: torch.Tensor
 
 class SpeculativeEngine:
     """`litllm.engine.Engine`'s interface (add, step, abort, has_unfinished, close) for one row, decoding
-    with a draft model. Sets both models' KV caches for its lifetime; `close()` removes them."""
+    with a draft model. Sets both models' KV caches for its lifetime; `close()` removes them.
+
+    `draft_engine`, `target_engine`: the one-row Engines (`litllm.generate.speculative_engine` makes them with
+    compiled steps) whose KV caches and steps the rounds use: the draft's decode step, the target's `verify` (see
+    `litllm.compile_decode.verify_engine`; None: an eager forward); by default eager Engines of `max_seq_length`."""
 
     def __init__(
         self,
@@ -133,6 +145,8 @@ class SpeculativeEngine:
         num_speculative_tokens: int = 4,
         threads: Optional[int] = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        draft_engine: Optional[Engine] = None,
+        target_engine: Optional[Engine] = None,
     ) -> None:
         if num_speculative_tokens < 1:
             raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
@@ -151,9 +165,11 @@ class SpeculativeEngine:
         self.prefill_chunk = prefill_chunk
         self.vocab_size = model.config.vocab_size
         self.device = model.wte.weight.device
-        for m in self.models:
-            m.set_kv_cache(1, self.max_seq_length)
-        self._caches = [[block.attn.kv_cache for block in m.blocks] for m in self.models]
+        if target_engine is None:
+            target_engine = Engine(model, tokenizer, 1, self.max_seq_length, threads=threads)
+        if draft_engine is None:
+            draft_engine = Engine(draft, tokenizer, 1, self.max_seq_length, threads=threads)
+        self.engines = (target_engine, draft_engine)  # each holds its model's KV cache
         self._waiting: deque[tuple[int, Request]] = deque()
         self._aborts: set[int] = set()
         self._next_id = 0
@@ -194,9 +210,8 @@ class SpeculativeEngine:
         return self.accepted / self.proposed if self.proposed else None
 
     def close(self) -> None:
-        for m, caches in zip(self.models, self._caches):
-            if m.blocks[0].attn.kv_cache is caches[0]:
-                m.clear_kv_cache()
+        for engine in self.engines:
+            engine.close()
 
     def __enter__(self) -> "SpeculativeEngine":
         return self
@@ -207,9 +222,6 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         """Start the next request (prefill, first token) or run one speculation round; at most one Output."""
-        for m, caches in zip(self.models, self._caches):  # another engine of the same model may have set its own
-            for block, cache in zip(m.blocks, caches):
-                block.attn.kv_cache = cache
         with threads_for(self.threads):
             aborted = self._handle_aborts()
             if aborted:
@@ -221,8 +233,17 @@ class SpeculativeEngine:
             return [self._round()]
 
     # ------------------------------------------------------------------ internals
+    def _caches_of(self, which: int) -> Engine:
+        """Model `which`'s (0 target, 1 draft) Engine, its KV cache set on the model (another engine of the same
+        model, or the draft being the model itself, may have set its own)."""
+        engine = self.engines[which]
+        if engine.model.blocks[0].attn.kv_cache is not engine._caches[0]:
+            engine._set_caches(engine._caches)
+        return engine
+
     def _forward(self, which: int, ids: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
-        """Logits (T or 1, V) of model `which` (0 target, 1 draft) over `ids` written at positions start.."""
+        """Logits (T or 1, V) of model `which` (0 target, 1 draft) over `ids` written at positions start.., eager."""
+        self._caches_of(which)
         stop = start + len(ids)
         idx = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         logits = self.models[which].decode(idx, input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
@@ -257,12 +278,14 @@ class SpeculativeEngine:
         pos = len(tokens) - 1  # the newest token: in neither cache yet
         k = min(self.k, row.request.max_new_tokens - row.generated - 1)  # never more than the request wants
         proposed, draft_probs = [], []
+        # the draft decodes on the engine's thread count, not its own pick: switching OpenMP's count twice a round
+        # (a draft at 2, the model at 1) made a compiled round 4-17x slower (2-core Xeon, benchmarks/speculative.py)
         for _ in range(k):
             pending = tokens[valid[1]:] + proposed[-1:]  # what the draft hasn't seen
-            logits = self._forward(1, pending, pos + len(proposed) + 1 - len(pending))[-1]
+            logits = self._draft(pending, pos + len(proposed) + 1 - len(pending))
             valid[1] = pos + len(proposed) + 1
             proposed.append(propose(logits, s, row.generator, draft_probs))
-        logits = self._forward(0, tokens[pos:] + proposed, pos, all_logits=True)  # (k + 1, V)
+        logits = self._verify(tokens[pos:] + proposed, pos)  # (k + 1, V)
         kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
@@ -270,6 +293,32 @@ class SpeculativeEngine:
         valid[0] = pos + kept + 1
         valid[1] = min(valid[1], pos + kept + 1)
         return self._emit(proposed[:kept] + [token])
+
+    def _draft(self, ids: list[int], start: int) -> torch.Tensor:
+        """The draft's logits (V,) after `ids` written at positions start..: through its engine's decode step, one
+        token at a time (1 or 2 tokens: the target's own, after a fully accepted round also the last proposal), or
+        several at once in one eager forward."""
+        engine = self._caches_of(1)
+        if len(ids) > 1 and not engine._compiled:
+            return self._forward(1, ids, start)[-1]
+        for i, token in enumerate(ids):
+            engine._tokens[0, 0], engine._pos[0, 0] = token, start + i
+            logits = engine._decode(engine._tokens, engine._pos, None if engine._compiled else start + i + 1)
+        return logits[0]
+
+    def _verify(self, ids: list[int], start: int) -> torch.Tensor:
+        """The target's logits (len(ids), V) over `ids` (the newest token and the proposals) written at positions
+        start..: its compiled verify step where one is bound (`ids` padded to its width with the last token, whose
+        cache entries past the kept ones no later query reads before they are written again) and the padding fits
+        the cache, else an eager forward."""
+        engine = self._caches_of(0)
+        width = self.k + 1
+        if getattr(engine, "verify", None) is None or start + width > engine.max_seq_length:
+            return self._forward(0, ids, start, all_logits=True)
+        padded = ids + ids[-1:] * (width - len(ids))
+        engine.verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
+        engine.verify_pos.copy_(torch.arange(start, start + width)[None])
+        return engine.verify(engine.verify_tokens, engine.verify_pos)[: len(ids)]
 
     def _emit(self, new: list[int]) -> Output:
         """Append the new tokens to the row (up to a stop or max_new_tokens) and say what they produced."""
@@ -334,6 +383,24 @@ class SpeculativeBatchEngine(Engine):
         self._draft_valid = [0] * max_batch_size
         self._generated: dict[int, list[int]] = {}  # request id -> its tokens so far (the draft needs them)
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
+        self._draft_steps = self._verify_steps = None  # compiled: one step per slot, bound to its cache rows
+        if self._compiled:
+            self._compile_rounds()
+
+    def _compile_rounds(self) -> None:
+        """With `compile` (the engine's own batched step compiled): the draft's one-token step and the model's verify
+        step of k + 1 tokens compiled once for one slot and loaded per slot (`litllm.compile_decode.slot_steps`);
+        where they can't be (off the CPU, no single graph), the rounds stay eager."""
+        from litllm.compile_decode import _DecodeStep, _verify_kind, _VerifyStep, slot_steps
+
+        row = dict(dtype=torch.long, device=self.device)
+        self._draft_tokens, self._draft_pos = torch.zeros(1, 1, **row), torch.zeros(1, 1, **row)
+        width = self.k + 1
+        self._verify_tokens, self._verify_pos = torch.zeros(1, width, **row), torch.arange(width, **row)[None]
+        self._draft_steps = slot_steps(self.draft, self._draft_slots, _DecodeStep(self.draft),
+                                       {"tokens": self._draft_tokens, "pos": self._draft_pos})
+        self._verify_steps = slot_steps(self.model, self._slot_caches, _VerifyStep(self.model),
+                                        {"tokens": self._verify_tokens, "pos": self._verify_pos}, _verify_kind(width))
 
     @property
     def acceptance_rate(self) -> Optional[float]:
@@ -375,6 +442,11 @@ class SpeculativeBatchEngine(Engine):
 
     def _draft_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot, in chunks."""
+        if self._draft_steps is not None and len(ids) <= 2:  # the compiled step, one token at a time
+            for i, token in enumerate(ids):
+                self._draft_tokens[0, 0], self._draft_pos[0, 0] = token, start + i
+                logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos)
+            return logits[0, : self.vocab_size]
         for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
             block.attn.kv_cache = cache
         for begin in range(0, len(ids), self.prefill_chunk):
@@ -398,13 +470,7 @@ class SpeculativeBatchEngine(Engine):
             logits = self._draft_logits(slot, (tokens + proposed)[done: pos + len(proposed) + 1], done)
             self._draft_valid[slot] = pos + len(proposed) + 1
             proposed.append(propose(logits, s, row.generator, draft_probs))
-        ids = torch.tensor(tokens[pos:] + proposed, dtype=torch.long, device=self.device)[None]
-        self._set_caches(self._slot_caches[slot])
-        try:
-            logits = self.model.decode(ids, input_pos=torch.arange(pos, pos + k + 1, device=self.device), kv_len=pos + k + 1,
-                                logits_to_keep=None)[0, :, : self.vocab_size]  # (k + 1, vocab)
-        finally:
-            self._set_caches(self._caches)
+        logits = self._verify(slot, tokens[pos:] + proposed, pos)  # (k + 1, vocab)
         kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
@@ -416,3 +482,22 @@ class SpeculativeBatchEngine(Engine):
                 return
         self._tokens[slot] = token
         self._pos[slot] = row.pos
+
+    def _verify(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """The model's logits (len(ids), vocab) over `ids` (the newest token and the proposals) written at positions
+        start.. of the slot's cache: its compiled verify step (padded as `SpeculativeEngine._verify` pads) where
+        there is one and the padding fits, else an eager forward over the slot's cache rows."""
+        width = self.k + 1
+        if self._verify_steps is not None and start + width <= self.max_seq_length:
+            padded = ids + ids[-1:] * (width - len(ids))
+            self._verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
+            self._verify_pos.copy_(torch.arange(start, start + width)[None])
+            return self._verify_steps[slot](self._verify_tokens, self._verify_pos)[0, : len(ids), : self.vocab_size]
+        stop = start + len(ids)
+        self._set_caches(self._slot_caches[slot])
+        try:
+            return self.model.decode(torch.tensor(ids, dtype=torch.long, device=self.device)[None],
+                                     input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
+                                     logits_to_keep=None)[0, :, : self.vocab_size]
+        finally:
+            self._set_caches(self._caches)

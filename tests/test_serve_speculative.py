@@ -86,7 +86,6 @@ def test_greedy_answers_equal_the_draftless_server(servers, tiny_checkpoint):
 @pytest.mark.parametrize("flags, message", [
     (("--draft_model", "OTHER"), r"error: --draft_model .*other: its vocabulary \(.*\) differs from the model's"),
     (("--draft_model", "SELF", "--devices", "2"), "error: --draft_model with --devices > 1: .* not supported"),
-    (("--draft_model", "SELF", "--compile", "true"), "error: --compile does not apply to speculative decoding"),
 ])
 def test_bad_drafts_are_refused_in_one_line(tiny_checkpoint, tmp_path, flags, message):
     import re

@@ -178,8 +178,6 @@ def test_errors(tiny_checkpoint, tmp_path):
     other = make_converted_checkpoint(tmp_path / "other", vocab_size=300)
     with pytest.raises(LitLLMError, match=r"--draft_model .*other: its vocabulary .* differs from the model's"):
         LLM.load(tiny_checkpoint, device="cpu", draft_model=other)
-    with pytest.raises(LitLLMError, match="--compile does not apply to speculative decoding"):
-        generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=tiny_checkpoint, compile=True)
     with pytest.raises(LitLLMError, match="--num_speculative_tokens must be >= 1, got 0"):
         generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", draft_model=tiny_checkpoint,
                  num_speculative_tokens=0)
@@ -330,3 +328,103 @@ def test_the_speculative_benchmark_decodes_the_targets_tokens(monkeypatch, capsy
     out = capsys.readouterr().out
     assert "draft (2 layers) trained 5 steps" in out and "same tokens: True; acceptance rate" in out, out
     assert "speculative / plain: " in out
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One compile cache for this file's compiled tests: the batch engine's per-slot steps of length 128 are the
+    files the one-row test saved (loaded, not compiled again)."""
+    return tmp_path_factory.mktemp("compile")
+
+
+@pytest.mark.slow
+def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved_steps(
+        tiny_checkpoint, monkeypatch, compile_cache, capsys, one_thread):
+    """With --compile (refused before): the draft's one-token decode step and the target's verify step (k + 1 tokens,
+    padded in the rounds that propose fewer) compile to saved steps, and greedy output is token for token the
+    draftless one, compiled or eager (kept and rejected proposals, fully accepted rounds, the last rounds' padding);
+    a later default engine loads both saved steps; `generate --compile true --draft_model` prints the plain output."""
+    from litllm.compile_decode import COMPILE_ENV, STEPS_FOLDER
+    from litllm.generate import decode_engine, generate, speculative_engine
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
+    monkeypatch.delenv(COMPILE_ENV)
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+    prompt = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = generate_ids(target, prompt, 110)
+
+    def run(engine):
+        with engine:
+            engine.add(Request(prompt, 110))
+            tokens = []
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens += out.token_ids
+        return tokens, engine
+
+    compiled = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, compile=True)
+    assert [e.step_source for e in compiled.engines] == ["compiled", "compiled"]
+    tokens, engine = run(compiled)
+    assert tokens == expected
+    assert 0.0 < engine.acceptance_rate < 1.0
+    with decode_engine(target, None, 1, len(prompt) + 110, None, compile=True) as plain:
+        plain.add(Request(prompt, 110))
+        while plain.has_unfinished:
+            plain.step()
+        assert plain._compiled
+    saved = sorted(p.name for p in (compile_cache / STEPS_FOLDER).glob("*/*.pt2"))
+    assert saved == ["1x128-verify4.pt2", "1x128.pt2"], saved  # the draft's (and the plain) step, the verify step
+    loaded = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, tokens=110)  # the default
+    assert [e.step_source for e in loaded.engines] == ["loaded", "loaded"]
+    assert run(loaded)[0] == expected
+
+    text = "Hello there, how are"
+    generate(tiny_checkpoint, text, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
+             compile=False)
+    plain_out = capsys.readouterr().out
+    generate(tiny_checkpoint, text, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
+             draft_model=tiny_checkpoint, num_speculative_tokens=3, compile=True)
+    captured = capsys.readouterr()
+    assert captured.out == plain_out
+    assert "Draft acceptance: 100% (" in captured.err and "decode step in" in captured.err
+    # LLM: the steps generate saved (same loader, same choices) are loaded
+    from litllm import LLM
+
+    llm = LLM.load(tiny_checkpoint, device="cpu", prompt_style="default", draft_model=tiny_checkpoint, compile=True)
+    eager = LLM.load(tiny_checkpoint, device="cpu", prompt_style="default", compile=False)
+    assert llm.generate(text, max_new_tokens=20) == eager.generate(text, max_new_tokens=20)
+    assert llm.acceptance_rate == 1.0
+
+
+@pytest.mark.slow
+def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeypatch, compile_cache, one_thread):
+    """`serve --draft_model --compile true` (refused before): the batched step compiled, and the rounds' draft step
+    and verify step compiled once and loaded per slot (bound to that slot's cache rows): every row's tokens are the
+    draftless engine's, rows arriving while others decode."""
+    from litllm.speculative import SpeculativeBatchEngine
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
+    target = GPT.from_checkpoint(tiny_checkpoint).eval()
+    draft = _noisy_copy(tiny_checkpoint, 0.05)
+    g = torch.Generator().manual_seed(0)
+    requests = [Request(torch.randint(0, 300, (n,), generator=g).tolist(), m) for n, m in ((8, 40), (3, 25), (5, 33))]
+
+    def run(engine):
+        tokens = {}
+        with engine:
+            ids = [engine.add(r) for r in requests[:2]]
+            for _ in range(3):
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            ids.append(engine.add(requests[2]))
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return [tokens[i] for i in ids]
+
+    expected = run(Engine(target, None, 2, 128))
+    engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True)
+    assert len(engine._draft_steps) == len(engine._verify_steps) == 2
+    assert run(engine) == expected
+    assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20

@@ -74,7 +74,8 @@ def serve(
         model_name: The model id clients send and /v1/models lists (default: the folder's name, or for a
             training run's `final/` folder, the run's: `out/finetune/lora/final` -> `lora`).
         compile: Compile the decode step with `torch.compile` before serving, its kernels cached in
-            ~/.cache/litllm/torch_compile (default: yes, unless $LITLLM_COMPILE says 0; false: never).
+            ~/.cache/litllm/torch_compile (default: yes, unless $LITLLM_COMPILE says 0; false: never); with
+            --draft_model on the CPU also the draft's step and the model's check of its proposals.
         draft_model: Speculative decoding: a small converted model folder with the same tokenizer that proposes
             tokens for the model to check, in the steps where every running request decodes plainly (no
             logprobs, no grammar, none waiting); the same output; the acceptance rate is in /metrics.
@@ -86,7 +87,7 @@ def serve(
                  max_seq_length=max_seq_length, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
                  shutdown_timeout=shutdown_timeout, model_name=model_name)
     if draft_model is not None:
-        _check_draft_flags(load, compile, num_speculative_tokens)
+        _check_draft_flags(load, num_speculative_tokens)
     checkpoint_dir = check_model_folder(checkpoint_dir)
     _check_installed()
     _follow_rank_0_if_worker(checkpoint_dir, prompt_style, load)
@@ -109,12 +110,10 @@ def _follow_rank_0_if_worker(checkpoint_dir: Path, prompt_style: Optional[str], 
         load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))
 
 
-def _check_draft_flags(load: dict, compile: Optional[bool], num_speculative_tokens: int) -> None:
+def _check_draft_flags(load: dict, num_speculative_tokens: int) -> None:
     if load["devices"] * load["num_nodes"] > 1:
         raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a model over several devices "
                           "is not supported yet; drop one of them")
-    if compile:
-        raise LitLLMError("--compile does not apply to speculative decoding (--draft_model) yet: drop one of them")
     if num_speculative_tokens < 1:
         raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
 
@@ -149,8 +148,13 @@ def _start_engine(loaded, draft_model: Optional[Path], precision, max_batch_size
     if draft:
         from litllm.speculative import SpeculativeBatchEngine
 
+        from litllm.compile_decode import should_compile
+
+        # compiled as the draftless server's step is (by default: a long-lived engine): the batched step, and the
+        # rounds' draft and verify steps per slot
         engine = SpeculativeBatchEngine(model, draft, tokenizer, max_batch_size, max_seq_length, threads=threads,
-                                        num_speculative_tokens=num_speculative_tokens, **engine_args)
+                                        num_speculative_tokens=num_speculative_tokens,
+                                        compile=should_compile(compile, model.wte.weight.device, None), **engine_args)
     else:
         engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile, exact_length=True,
                                **engine_args)
