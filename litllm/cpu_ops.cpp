@@ -1,0 +1,550 @@
+// litllm's CPU ops (litllm/row_split.py builds and loads them: one library per machine, source and torch version)
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// The Fortran BLAS GEMV libtorch exports (MKL's in torch's x86 wheels): what a one-row F.linear runs, called here
+// without the dispatcher so that OpenMP's threads need none of the caller's thread-local state.
+extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
+                       const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
+
+// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in chunks of
+// whole 16-row groups, kChunks a thread, handed out dynamically (a thread the scheduler holds back leaves its chunk
+// to another), each chunk one GEMV. Anything else: at::linear.
+at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "row_split_linear: x has ", x.size(-1),
+              " features, w is ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool column_major = w.stride(0) == 1 && w.stride(1) >= N, row_major = w.stride(1) == 1 && w.stride(0) >= K;
+  const int64_t ld = column_major ? w.stride(1) : w.stride(0);
+  if (x.numel() != K || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || N == 0 || K == 0 ||
+      !(column_major || row_major) || ld > std::numeric_limits<int>::max() || x.device() != w.device() ||
+      !w.device().is_cpu())
+    return at::linear(x, w);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const at::Tensor row = x.contiguous();
+  const float* xp = row.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  // 1: each thread's rows one GEMV on one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a
+  // thread (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
+  constexpr int64_t kChunks = 1;
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear
+      : std::max<int64_t>(16, ((N + threads * kChunks - 1) / (threads * kChunks) + 15) / 16 * 16);
+  const int64_t chunks = (N + rows - 1) / rows;
+  auto gemv = [&](int64_t c) {
+    const int64_t n0 = c * rows, n = std::min(N, n0 + rows) - n0;
+    const float one = 1.0f, zero = 0.0f;
+    const int inc = 1, lda = static_cast<int>(ld), k = static_cast<int>(K), m = static_cast<int>(n);
+    if (column_major)  // BLAS sees the rows n0.. as an (n, K) column-major matrix
+      sgemv_("N", &m, &k, &one, wp + n0, &lda, xp, &inc, &zero, yp + n0, &inc);
+    else  // and as a (K, n) column-major matrix to transpose
+      sgemv_("T", &k, &m, &one, wp + n0 * ld, &lda, xp, &inc, &zero, yp + n0, &inc);
+  };
+  if (chunks == 1) {
+    gemv(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) gemv(c);
+  }
+  return y;
+}
+
+// int8 rows (litllm.quantize.Int8DynamicLinear's compiled step on AVX-512 VNNI CPUs): y (N, out) fp32 = x (N, K) fp32,
+// each row rounded to int8 per block of `block` values with one symmetric scale d each (absmax / 127, as
+// litllm.quantize._block_quantized and llama.cpp's q8_0), times the int8 weights in w (out, K) row-major: int8 x int8
+// products summed in int32 by vpdpbusd, 64 weights an instruction (each int32 lane sums 4 weights of one block), scaled
+// by d per lane into fp32 sums, times an fp32 scale per output row. The rows in one contiguous range per thread, as
+// row_split_linear's; 4 at a time, the next 4 prefetched (without, it read 85 MB at 6.7 GB/s against inductor's 8.9).
+#if defined(__x86_64__)
+// 64 int8 x int8 products into 16 int32 lanes (4 each): |w| (128 fits u8) times q with w's sign (q in [-127, 127]:
+// its negation fits), then into fp32 sums, each lane times its block's scale
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static inline __m512 int8_dot64(__m512 acc, __m512i wv, __m512i qv, __m512 d) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i qs = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), zero, qv);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), qs)), d, acc);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8_rows_vnni(const int8_t* q, const float* lane_d, const int8_t* w, const float* s, float* y,
+                           int64_t r0, int64_t r1, int64_t K) {
+  const int64_t K64 = K / 64 * 64;
+  const __mmask64 tail = (1ULL << (K - K64)) - 1;  // the last K % 64 weights (a multiple of 4)
+  const __mmask16 tail_d = static_cast<__mmask16>((1U << ((K - K64) / 4)) - 1);
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {  // 4 rows at a time: the activations' loads shared, 4 independent sums
+    const int8_t* wr = w + r * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const char* next = reinterpret_cast<const char*>(wr + 4 * K);  // the next 4 rows, prefetched 256 bytes a step
+    for (int64_t k = 0; k < K64; k += 64) {
+      if (r + 8 <= r1)
+        for (int j = 0; j < 4; ++j) _mm_prefetch(next + 4 * k + 64 * j, _MM_HINT_T0);
+      const __m512i qv = _mm512_loadu_si512(q + k);
+      const __m512 d = _mm512_loadu_ps(lane_d + k / 4);
+      a0 = int8_dot64(a0, _mm512_loadu_si512(wr + k), qv, d);
+      a1 = int8_dot64(a1, _mm512_loadu_si512(wr + K + k), qv, d);
+      a2 = int8_dot64(a2, _mm512_loadu_si512(wr + 2 * K + k), qv, d);
+      a3 = int8_dot64(a3, _mm512_loadu_si512(wr + 3 * K + k), qv, d);
+    }
+    if (tail) {
+      const __m512i qv = _mm512_maskz_loadu_epi8(tail, q + K64);
+      const __m512 d = _mm512_maskz_loadu_ps(tail_d, lane_d + K64 / 4);
+      a0 = int8_dot64(a0, _mm512_maskz_loadu_epi8(tail, wr + K64), qv, d);
+      a1 = int8_dot64(a1, _mm512_maskz_loadu_epi8(tail, wr + K + K64), qv, d);
+      a2 = int8_dot64(a2, _mm512_maskz_loadu_epi8(tail, wr + 2 * K + K64), qv, d);
+      a3 = int8_dot64(a3, _mm512_maskz_loadu_epi8(tail, wr + 3 * K + K64), qv, d);
+    }
+    y[r] = _mm512_reduce_add_ps(a0) * s[r];
+    y[r + 1] = _mm512_reduce_add_ps(a1) * s[r + 1];
+    y[r + 2] = _mm512_reduce_add_ps(a2) * s[r + 2];
+    y[r + 3] = _mm512_reduce_add_ps(a3) * s[r + 3];
+  }
+  for (; r < r1; ++r) {  // the last rows, one at a time
+    const int8_t* wr = w + r * K;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64)
+      acc = int8_dot64(acc, _mm512_loadu_si512(wr + k), _mm512_loadu_si512(q + k), _mm512_loadu_ps(lane_d + k / 4));
+    if (tail)
+      acc = int8_dot64(acc, _mm512_maskz_loadu_epi8(tail, wr + K64), _mm512_maskz_loadu_epi8(tail, q + K64),
+                       _mm512_maskz_loadu_ps(tail_d, lane_d + K64 / 4));
+    y[r] = _mm512_reduce_add_ps(acc) * s[r];
+  }
+}
+
+#endif
+
+at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "int8_rows_linear: this CPU has no AVX-512 VNNI");
+#else
+  TORCH_CHECK(false, "int8_rows_linear: this CPU has no AVX-512 VNNI");
+#endif
+  // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
+              w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
+              w.is_contiguous() && block > 0 && block % 4 == 0 && x.size(1) % block == 0,
+              "int8_rows_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type(), " block ", block);
+  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int8_t* wp = reinterpret_cast<const int8_t*>(w.const_data_ptr<float>());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  at::Tensor y = at::empty({N, R}, x.options());
+  std::vector<int8_t> q(K);
+  std::vector<float> lane_d(K / 4);
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (R + rows - 1) / rows;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = xc.const_data_ptr<float>() + n * K;
+    for (int64_t b = 0; b < K; b += block) {  // q8_0's rounding: torch.round is half to even, as nearbyint
+      float amax = 0.f;
+      for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+      for (int64_t i = b; i < b + block; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xr[i] * inv));
+      for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[i] = d;
+    }
+    float* yr = y.mutable_data_ptr<float>() + n * R;
+    auto part = [&](int64_t c) {
+      const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows);
+#if defined(__x86_64__)
+      int8_rows_vnni(q.data(), lane_d.data(), wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
+#endif
+    };
+    if (chunks == 1) {
+      part(0);
+    } else {
+      #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t c = 0; c < chunks; ++c) part(c);
+    }
+  }
+  return y;
+}
+
+// ---- int8 prompt rows (litllm.quantize.Int8Words' eager prefill): many activation rows times int8 weights ----
+// y (N, out) fp32 = x (N, K) fp32 times the int8 weights in w (out, K) row-major (int8, or fp32-typed words of 4),
+// times an fp32 scale per output row. block > 0 (int8dq): each x row rounded per block as int8_rows_linear rounds
+// it, int8 x int8 products by vpdpbusd; block == 0 (int8wo): x unrounded, the weights converted to fp32 in registers
+// (exact), fp32 FMAs. Each weight tile (kPromptMR rows) is read once for a chunk of kPromptRows x rows (kept in L2),
+// the products kPromptMR x NR at a time in registers; a thread's weight rows one contiguous range, as
+// int8_rows_linear's.
+#if defined(__x86_64__)
+constexpr int kPromptMR = 4;             // weight rows a tile
+constexpr int kPromptNR = 4;             // x rows a tile (int8 products: 16 accumulators, 8 weight registers)
+constexpr int kPromptNR32 = 6;           // x rows a tile (fp32 products: 24 accumulators, 4 weight registers)
+constexpr int64_t kPromptRows = 64;      // x rows a pass over the weights: their int8 values and lane scales in L2
+
+// vpdpbusd multiplies u8 by s8: x's int8 values q are stored as q + 128 (u8), and each int32 lane starts at -128 times
+// its 4 weights' sum (computed once per weight vector, shared by the NR x rows), so that it ends at sum(q * w) exactly
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8_prompt_tile(const uint8_t* qu, const float* lane_d, const int8_t* w, const float* s, float* y,
+                             int64_t K, int64_t R) {
+  __m512 acc[MR][NR];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512(), u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t left = K - k;  // the last K % 64 values: masked (a multiple of 4; zero bytes add nothing)
+    const __mmask64 m = left >= 64 ? ~0ULL : (1ULL << left) - 1;
+    const __mmask16 md = left >= 64 ? 0xFFFF : static_cast<__mmask16>((1U << (left / 4)) - 1);
+    __m512i wv[MR], start[MR];
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      wv[i] = _mm512_maskz_loadu_epi8(m, w + i * K + k);
+      start[i] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, u128, wv[i]));  // -128 * (sum of 4 weights)
+    }
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512i qv = _mm512_maskz_loadu_epi8(m, qu + j * K + k);
+      const __m512 d = _mm512_maskz_loadu_ps(md, lane_d + j * (K / 4) + k / 4);
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[i], qv, wv[i])), d, acc[i][j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) y[j * R + i] = _mm512_reduce_add_ps(acc[i][j]) * s[i];
+}
+
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8_fp32_prompt_tile(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t R) {
+  __m512 acc[MR][NR];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const int64_t left = K - k;
+    const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << left) - 1);
+    __m512 wv[MR];
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)  // 16 int8 weights -> fp32, exact
+      wv[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + i * K + k)));
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + j * K + k);
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) y[j * R + i] = _mm512_reduce_add_ps(acc[i][j]) * s[i];
+}
+
+// weight rows r0..r1 times x rows n0..n1 (tiles, then the rows left over one at a time)
+static void int8_prompt_part(const uint8_t* qu, const float* lane_d, const float* x, const int8_t* w, const float* s,
+                             float* y, int64_t n0, int64_t n1, int64_t r0, int64_t r1, int64_t K, int64_t R,
+                             bool int8_act) {
+  const int NR = int8_act ? kPromptNR : kPromptNR32;
+  for (int64_t r = r0; r < r1; r += kPromptMR) {
+    const bool whole = r + kPromptMR <= r1;
+    for (int64_t n = n0; n < n1;) {
+      const bool wide = n + NR <= n1;
+      const int64_t rows = wide ? NR : 1;
+      for (int64_t i = 0; i < (whole ? 1 : r1 - r); ++i) {
+        const int64_t ri = r + i;
+        float* yo = y + n * R + ri;
+        if (int8_act) {
+          const uint8_t* q = qu + n * K;
+          const float* d = lane_d + n * (K / 4);
+          if (whole && wide) int8_prompt_tile<kPromptMR, kPromptNR>(q, d, w + ri * K, s + ri, yo, K, R);
+          else if (whole) int8_prompt_tile<kPromptMR, 1>(q, d, w + ri * K, s + ri, yo, K, R);
+          else if (wide) int8_prompt_tile<1, kPromptNR>(q, d, w + ri * K, s + ri, yo, K, R);
+          else int8_prompt_tile<1, 1>(q, d, w + ri * K, s + ri, yo, K, R);
+        } else {
+          const float* xr = x + n * K;
+          if (whole && wide) int8_fp32_prompt_tile<kPromptMR, kPromptNR32>(xr, w + ri * K, s + ri, yo, K, R);
+          else if (whole) int8_fp32_prompt_tile<kPromptMR, 1>(xr, w + ri * K, s + ri, yo, K, R);
+          else if (wide) int8_fp32_prompt_tile<1, kPromptNR32>(xr, w + ri * K, s + ri, yo, K, R);
+          else int8_fp32_prompt_tile<1, 1>(xr, w + ri * K, s + ri, yo, K, R);
+        }
+      }
+      n += rows;
+    }
+  }
+}
+#endif
+
+at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "int8_prompt_linear: this CPU has no AVX-512 VNNI");
+#else
+  TORCH_CHECK(false, "int8_prompt_linear: this CPU has no AVX-512 VNNI");
+#endif
+  // w: (out, K) int8, or (out, K / 4) fp32-typed words holding 4 consecutive int8 weights of their row each
+  const bool words = w.scalar_type() == at::kFloat;
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && (words || w.scalar_type() == at::kChar) &&
+              x.size(1) == (words ? 4 : 1) * w.size(1) && scales.numel() == w.size(0) &&
+              x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat && w.is_contiguous() &&
+              block >= 0 && (block == 0 || (block % 4 == 0 && x.size(1) % block == 0)),
+              "int8_prompt_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type(), " block ", block);
+  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int8_t* wp = static_cast<const int8_t*>(w.const_data_ptr());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  at::Tensor y = at::empty({N, R}, x.options());
+  if (N == 0 || R == 0) return y;
+  const bool int8_act = block > 0;
+  std::vector<uint8_t> qu(int8_act ? N * K : 0);
+  std::vector<float> lane_d(int8_act ? N * K / 4 : 0);
+  const float* xp = xc.const_data_ptr<float>();
+  for (int64_t n = 0; int8_act && n < N; ++n) {  // q8_0's rounding, as int8_rows_linear's (stored + 128)
+    const float* xr = xp + n * K;
+    for (int64_t b = 0; b < K; b += block) {
+      float amax = 0.f;
+      for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+      for (int64_t i = b; i < b + block; ++i)
+        qu[n * K + i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[i] * inv)) + 128);
+      for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[n * (K / 4) + i] = d;
+    }
+  }
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (R + rows - 1) / rows;
+  float* yp = y.mutable_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += kPromptRows) {
+    const int64_t n1 = std::min(N, n0 + kPromptRows);
+    auto part = [&](int64_t c) {
+#if defined(__x86_64__)
+      int8_prompt_part(qu.data(), lane_d.data(), xp, wp, sp, yp, n0, n1, c * rows, std::min(R, (c + 1) * rows), K, R,
+                       int8_act);
+#endif
+    };
+    if (chunks == 1) {
+      part(0);
+    } else {
+      #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t c = 0; c < chunks; ++c) part(c);
+    }
+  }
+  return y;
+}
+// ---- end of int8 prompt rows ----
+
+// bf16 rows times a weight in oneDNN's packed bf16 layout (litllm.cpu_layout.BlockedBf16Linear: the compiled step reads
+// the same bytes a prompt's oneDNN GEMM does, no second copy): w (N/64, K/64, 32, 64, 2), padded with zeros to whole
+// 64 x 64 blocks; each 64-byte line holds 16 outputs x 2 consecutive k, and vdpbf16ps multiplies a line by the
+// broadcast pair of x into the 16 outputs' fp32 sums: no horizontal sums, one contiguous stream per 64 outputs.
+#if defined(__x86_64__)
+// R rows of x (a batch of decode rows) times one group of 64 outputs: the weight's loads shared by the R rows
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t N, int64_t n) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const uint16_t* line = wg + p * 128;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(line), w1 = (__m512bh)_mm512_loadu_si512(line + 32),
+                   w2 = (__m512bh)_mm512_loadu_si512(line + 64), w3 = (__m512bh)_mm512_loadu_si512(line + 96);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * P + p]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xr);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xr);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xr);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xr);
+    }
+  }
+  alignas(64) float tmp[64];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(tmp + 16 * j, acc[r][j]);
+    std::copy(tmp, tmp + n, y + r * N);
+  }
+}
+
+// one row (decoding) times one group of 64 outputs: two pairs a step into separate sums (8 dependency chains)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void bf16_group_row(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (int64_t p = 0; p < P; p += 2) {
+    const uint16_t* line = wg + p * 128;
+    const char* ahead = reinterpret_cast<const char*>(line) + 1024;  // prefetched 1 KB ahead, 512 bytes a step
+    for (int j = 0; j < 8; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_T0);
+    const __m512bh xa = (__m512bh)_mm512_set1_epi32(x[p]), xb = (__m512bh)_mm512_set1_epi32(x[p + 1]);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(line), xa);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(line + 32), xa);
+    a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(line + 64), xa);
+    a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(line + 96), xa);
+    b0 = _mm512_dpbf16_ps(b0, (__m512bh)_mm512_loadu_si512(line + 128), xb);
+    b1 = _mm512_dpbf16_ps(b1, (__m512bh)_mm512_loadu_si512(line + 160), xb);
+    b2 = _mm512_dpbf16_ps(b2, (__m512bh)_mm512_loadu_si512(line + 192), xb);
+    b3 = _mm512_dpbf16_ps(b3, (__m512bh)_mm512_loadu_si512(line + 224), xb);
+  }
+  alignas(64) float tmp[64];
+  _mm512_store_ps(tmp, _mm512_add_ps(a0, b0));
+  _mm512_store_ps(tmp + 16, _mm512_add_ps(a1, b1));
+  _mm512_store_ps(tmp + 32, _mm512_add_ps(a2, b2));
+  _mm512_store_ps(tmp + 48, _mm512_add_ps(a3, b3));
+  std::copy(tmp, tmp + n, y);
+}
+
+// the groups g0..g1 of 64 outputs for M rows (x: each row zero-padded to KB * 64, as pairs)
+static void bf16_blocks(const int32_t* x, int64_t M, int64_t KB, const uint16_t* w, float* y, int64_t N, int64_t g0,
+                        int64_t g1) {
+  const int64_t P = KB * 32;  // k pairs of a (padded) row
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* wg = w + g * P * 128;
+    const int64_t n = std::min<int64_t>(64, N - g * 64);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) bf16_group_rows<4>(x + m * P, P, wg, y + m * N + g * 64, N, n);
+    for (; m + 2 <= M; m += 2) bf16_group_rows<2>(x + m * P, P, wg, y + m * N + g * 64, N, n);
+    if (m < M) bf16_group_row(x + m * P, P, wg, y + m * N + g * 64, n);
+  }
+}
+#endif
+
+at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "packed_bf16_linear: this CPU has no AVX512-BF16");
+#else
+  TORCH_CHECK(false, "packed_bf16_linear: this CPU has no AVX512-BF16");
+#endif
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(w.dim() == 5 && w.size(2) == 32 && w.size(3) == 64 && w.size(4) == 2 && w.is_contiguous() &&
+              w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && w.size(1) * 64 >= K &&
+              w.size(1) * 64 < K + 64 && w.size(0) * 64 >= N && w.size(0) * 64 < N + 64,
+              "packed_bf16_linear: x ", x.sizes(), " ", x.scalar_type(), ", w ", w.sizes(), " ", w.scalar_type(),
+              ", out_features ", N);
+  const int64_t G = w.size(0), KB = w.size(1), M = x.numel() / std::max<int64_t>(K, 1);
+  // the rows zero-padded to whole blocks (the weights' padding is zero too), as pairs
+  std::vector<uint16_t> xpad(M * KB * 64, 0);
+  const at::Tensor xc = x.contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) std::copy(xp + m * K, xp + (m + 1) * K, xpad.data() + m * KB * 64);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t per = (G + threads - 1) / threads;  // each thread one contiguous range of 64-output groups
+  auto part = [&](int64_t t) {
+#if defined(__x86_64__)
+    bf16_blocks(reinterpret_cast<const int32_t*>(xpad.data()), M, KB,
+                reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()), y.mutable_data_ptr<float>(), N,
+                std::min(G, t * per), std::min(G, (t + 1) * per));
+#endif
+  };
+  if (threads == 1) {
+    part(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t t = 0; t < threads; ++t) part(t);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.to(at::kBFloat16).view(shape);
+}
+// ---- int8 weight-only rows (litllm.quantize.Int8PackedLinear, torchao.int8wo with fp32 activations): y (N, out) fp32
+// = x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row. Each
+// 16 weights sign-extended to int32 (vpmovsxbd), converted to fp32 (exact) and multiplied into 16 fp32 lanes (FMA): the
+// eager kernel's arithmetic without its bf16 rounding of the activations and outputs. 4 rows at a time (the
+// activations' loads shared, 4 independent sums), the next 4 prefetched; every row of x per 4 weight rows (read from
+// memory once, then from L1). The rows in one contiguous range per thread, handed out as row_split_linear's.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 int8wo_fma16(__m512 acc, __m128i w16, __m512 x) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w16)), x, acc);
+}
+
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline void int8wo_block(const float* x, const int8_t* w, const float* s, float* y, int64_t K, bool prefetch) {
+  const int64_t K16 = K / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1U << (K - K16)) - 1);
+  __m512 a[ROWS];
+  for (int j = 0; j < ROWS; ++j) a[j] = _mm512_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(w + ROWS * K);
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (prefetch && k % 64 == 0)
+      for (int j = 0; j < ROWS; ++j) _mm_prefetch(next + j * K + k, _MM_HINT_T0);
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int j = 0; j < ROWS; ++j)
+      a[j] = int8wo_fma16(a[j], _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)), xv);
+  }
+  if (tail) {
+    const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
+    for (int j = 0; j < ROWS; ++j) a[j] = int8wo_fma16(a[j], _mm_maskz_loadu_epi8(tail, w + j * K + K16), xv);
+  }
+  for (int j = 0; j < ROWS; ++j) y[j] = _mm512_reduce_add_ps(a[j]) * s[j];
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8wo_range(const float* x, const int8_t* w, const float* s, float* y, int64_t N, int64_t R, int64_t K,
+                         int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4)
+    for (int64_t n = 0; n < N; ++n)
+      int8wo_block<4>(x + n * K, w + r * K, s + r, y + n * R + r, K, n == 0 && r + 8 <= r1);
+  for (; r < r1; ++r)
+    for (int64_t n = 0; n < N; ++n) int8wo_block<1>(x + n * K, w + r * K, s + r, y + n * R + r, K, false);
+}
+#endif
+
+at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "int8wo_rows_linear: this CPU has no AVX-512");
+#else
+  TORCH_CHECK(false, "int8wo_rows_linear: this CPU has no AVX-512");
+#endif
+  // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
+              w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
+              w.is_contiguous(), "int8wo_rows_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type());
+  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int8_t* wp = reinterpret_cast<const int8_t*>(w.const_data_ptr<float>());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  at::Tensor y = at::empty({N, R}, x.options());
+  const float* xp = xc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t chunks = (R + rows - 1) / rows;
+  auto part = [&](int64_t c) {
+#if defined(__x86_64__)
+    int8wo_range(xp, wp, sp, yp, N, R, K, c * rows, std::min(R, c * rows + rows));
+#endif
+  };
+  if (chunks == 1) {
+    part(0);
+  } else {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t c = 0; c < chunks; ++c) part(c);
+  }
+  return y;
+}
+// ---- end of int8 weight-only rows
+
+TORCH_LIBRARY(litllm_cpu, m) {
+  m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
+  m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
+  m.def("packed_bf16_linear(Tensor x, Tensor w, int out_features) -> Tensor");
+  m.def("int8wo_rows_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");  // int8 weight-only rows
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("row_split_linear", &row_split_linear);
+  m.impl("int8_rows_linear", &int8_rows_linear);
+  m.impl("int8_prompt_linear", &int8_prompt_linear);
+  m.impl("packed_bf16_linear", &packed_bf16_linear);
+  m.impl("int8wo_rows_linear", &int8wo_rows_linear);  // int8 weight-only rows
+}
