@@ -11,6 +11,41 @@
 #include <limits>
 #include <vector>
 
+// The threads an op splits its work over: torch's count, or 1 where it runs inside a parallel region already.
+static int op_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+// R output rows in one contiguous range per thread, whole 16-row groups (at least one): the rows of a chunk.
+static int64_t rows_per_thread(int64_t R, int threads) {
+  return std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+}
+
+// part(c) for each chunk c: inline for one, else handed out to torch's OpenMP threads as they come free (a thread
+// the scheduler holds back on a busy machine leaves its chunk to another).
+template <typename Part>
+static void run_chunks(int64_t chunks, int threads, const Part& part) {
+  if (chunks == 1) {
+    part(0);
+    return;
+  }
+  #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) part(c);
+}
+
+// q8_0's rounding of one row of K values, per block: q = round(x / d) + offset, d = max |x| / 127 over the block
+// (nearbyint: half to even, as torch.round); lane_d holds each group of 4 values' d (one int32 lane of vpdpbusd's
+// sums).
+template <typename Q, int kOffset>
+static void round_row_q8(const float* xr, int64_t K, int64_t block, Q* q, float* lane_d) {
+  for (int64_t b = 0; b < K; b += block) {
+    float amax = 0.f;
+    for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
+    const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+    for (int64_t i = b; i < b + block; ++i)
+      q[i] = static_cast<Q>(static_cast<int>(std::nearbyint(xr[i] * inv)) + kOffset);
+    for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[i] = d;
+  }
+}
+
 // The Fortran BLAS GEMV libtorch exports (MKL's in torch's x86 wheels): what a one-row F.linear runs, called here
 // without the dispatcher so that OpenMP's threads need none of the caller's thread-local state.
 extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
@@ -39,7 +74,7 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   // 1: each thread's rows one GEMV on one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a
   // thread (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
   constexpr int64_t kChunks = 1;
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int threads = op_threads();
   const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear
       : std::max<int64_t>(16, ((N + threads * kChunks - 1) / (threads * kChunks) + 15) / 16 * 16);
   const int64_t chunks = (N + rows - 1) / rows;
@@ -52,12 +87,7 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
     else  // and as a (K, n) column-major matrix to transpose
       sgemv_("T", &k, &m, &one, wp + n0 * ld, &lda, xp, &inc, &zero, yp + n0, &inc);
   };
-  if (chunks == 1) {
-    gemv(0);
-  } else {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t c = 0; c < chunks; ++c) gemv(c);
-  }
+  run_chunks(chunks, threads, gemv);
   return y;
 }
 
@@ -143,18 +173,12 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor y = at::empty({N, R}, x.options());
   std::vector<int8_t> q(K);
   std::vector<float> lane_d(K / 4);
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int threads = op_threads();
+  const int64_t rows = rows_per_thread(R, threads);
   const int64_t chunks = (R + rows - 1) / rows;
   for (int64_t n = 0; n < N; ++n) {
     const float* xr = xc.const_data_ptr<float>() + n * K;
-    for (int64_t b = 0; b < K; b += block) {  // q8_0's rounding: torch.round is half to even, as nearbyint
-      float amax = 0.f;
-      for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
-      for (int64_t i = b; i < b + block; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xr[i] * inv));
-      for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[i] = d;
-    }
+    round_row_q8<int8_t, 0>(xr, K, block, q.data(), lane_d.data());
     float* yr = y.mutable_data_ptr<float>() + n * R;
     auto part = [&](int64_t c) {
       const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows);
@@ -162,12 +186,7 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
       int8_rows_vnni(q.data(), lane_d.data(), wp, sc.const_data_ptr<float>(), yr, r0, r1, K);
 #endif
     };
-    if (chunks == 1) {
-      part(0);
-    } else {
-      #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-      for (int64_t c = 0; c < chunks; ++c) part(c);
-    }
+    run_chunks(chunks, threads, part);
   }
   return y;
 }
@@ -307,19 +326,10 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
   std::vector<uint8_t> qu(int8_act ? N * K : 0);
   std::vector<float> lane_d(int8_act ? N * K / 4 : 0);
   const float* xp = xc.const_data_ptr<float>();
-  for (int64_t n = 0; int8_act && n < N; ++n) {  // q8_0's rounding, as int8_rows_linear's (stored + 128)
-    const float* xr = xp + n * K;
-    for (int64_t b = 0; b < K; b += block) {
-      float amax = 0.f;
-      for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      const float d = amax / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
-      for (int64_t i = b; i < b + block; ++i)
-        qu[n * K + i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[i] * inv)) + 128);
-      for (int64_t i = b / 4; i < (b + block) / 4; ++i) lane_d[n * (K / 4) + i] = d;
-    }
-  }
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  for (int64_t n = 0; int8_act && n < N; ++n)  // q8_0's rounding, as int8_rows_linear's (stored + 128: u8 for vpdpbusd)
+    round_row_q8<uint8_t, 128>(xp + n * K, K, block, qu.data() + n * K, lane_d.data() + n * (K / 4));
+  const int threads = op_threads();
+  const int64_t rows = rows_per_thread(R, threads);
   const int64_t chunks = (R + rows - 1) / rows;
   float* yp = y.mutable_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
@@ -331,12 +341,7 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
                        int8_act);
 #endif
     };
-    if (chunks == 1) {
-      part(0);
-    } else {
-      #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-      for (int64_t c = 0; c < chunks; ++c) part(c);
-    }
+    run_chunks(chunks, threads, part);
   }
   return y;
 }
@@ -433,7 +438,7 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m) std::copy(xp + m * K, xp + (m + 1) * K, xpad.data() + m * KB * 64);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int threads = op_threads();
   const int64_t per = (G + threads - 1) / threads;  // each thread one contiguous range of 64-output groups
   auto part = [&](int64_t t) {
 #if defined(__x86_64__)
@@ -442,12 +447,7 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
                 std::min(G, t * per), std::min(G, (t + 1) * per));
 #endif
   };
-  if (threads == 1) {
-    part(0);
-  } else {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t t = 0; t < threads; ++t) part(t);
-  }
+  run_chunks(threads, threads, part);
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.to(at::kBFloat16).view(shape);
@@ -516,20 +516,15 @@ at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at
   const float* xp = xc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t rows = std::max<int64_t>(16, ((R + threads - 1) / threads + 15) / 16 * 16);
+  const int threads = op_threads();
+  const int64_t rows = rows_per_thread(R, threads);
   const int64_t chunks = (R + rows - 1) / rows;
   auto part = [&](int64_t c) {
 #if defined(__x86_64__)
     int8wo_range(xp, wp, sp, yp, N, R, K, c * rows, std::min(R, c * rows + rows));
 #endif
   };
-  if (chunks == 1) {
-    part(0);
-  } else {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t c = 0; c < chunks; ++c) part(c);
-  }
+  run_chunks(chunks, threads, part);
   return y;
 }
 // ---- end of int8 weight-only rows
