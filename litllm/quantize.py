@@ -66,7 +66,6 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from litllm.cpu_layout import prompt_linear
 from litllm.errors import LitLLMError

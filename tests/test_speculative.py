@@ -4,7 +4,6 @@ deterministic; each also shows it would reject the draft's distribution); the ac
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
