@@ -330,6 +330,7 @@ class BlockedBf16Linear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("blocks", blocks, persistent=False)  # (out/64, in/64, 32, 64, 2) bf16
         self.onednn = onednn  # not a buffer: opaque, and no input of the compiled step
+        self._blocks_address = blocks.data_ptr()  # `onednn` reads this memory: see `forward`
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     @property
@@ -340,6 +341,9 @@ class BlockedBf16Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features and not torch.compiler.is_compiling():  # a prompt
+            if self.blocks.data_ptr() != self._blocks_address:  # `onednn` would read freed memory
+                raise RuntimeError("BlockedBf16Linear: its blocks moved after packing (`.to()`?); pack the model "
+                                   "again (`litllm.row_split.blocked_bf16_linears`)")
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.onednn, self.bias, "none", [], "")
         y = torch.ops.litllm_cpu.packed_bf16_linear(x, self.blocks, self.out_features)
         return y if self.bias is None else y + self.bias

@@ -74,6 +74,23 @@ def test_only_whole_blocks_of_untied_bf16_weights_are_packed(op):
     assert type(odd.blocks[0].mlp.proj) is OneRowLinear and type(odd.blocks[0].attn.qkv) is BlockedBf16Linear
 
 
+def test_a_packed_linear_whose_blocks_moved_refuses_prompts(op):
+    """oneDNN's view reads the blocks' memory: after a move (a copy by `.to()` / `_apply`) a prompt is refused with a
+    clear error instead of reading freed memory; before it, prompt rows equal one-row calls' (the same bytes)."""
+    from litllm.compile_decode import unpack_weights
+
+    model = GPT(_bf16_config()).to(torch.bfloat16).eval()
+    unpack_weights(model)
+    qkv = model.blocks[0].attn.qkv
+    x = torch.randn(3, qkv.in_features).to(torch.bfloat16)
+    with torch.no_grad():
+        rows = torch.cat([qkv(x[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(qkv(x).float(), rows.float(), atol=2e-2, rtol=2e-2)
+        qkv._apply(lambda t: t.clone())
+        with pytest.raises(RuntimeError, match="blocks moved"):
+            qkv(x)
+
+
 @pytest.mark.slow
 def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op, monkeypatch, tmp_path):
     """The eager engine (oneDNN-packed `PackedLinear`s) and the compiled one (`BlockedBf16Linear`s on the same packed
