@@ -323,11 +323,7 @@ def test_an_int8_step_compiles_to_a_saved_step_that_decodes_as_eager(tiny_checkp
         return quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
 
     def decode(engine):
-        engine.add(Request(list(range(1, 9)), 12))
-        tokens = []
-        while engine.has_unfinished:
-            tokens += [t for out in engine.step() for t in out.token_ids]
-        return tokens
+        return greedy_tokens(engine, list(range(1, 9)))
 
     eager = decode(Engine(model(), None, 1, 64, threads=1))
     with step_rounding():  # eager decode steps computing as the compiled one does: its rounding, the same tokens

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from test_compile_decode import greedy_tokens
 
 from litllm.cpu_layout import PackedLinear
-from litllm.engine import Engine, Request
+from litllm.engine import Engine
 from litllm.model import GPT
 from litllm.row_split import BlockedBf16Linear, onednn_bf16_blocks, packed_bf16_op
 
@@ -110,11 +111,7 @@ def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op
         return fresh
 
     def decode(engine):
-        engine.add(Request(list(range(1, 9)), 12))
-        tokens = []
-        while engine.has_unfinished:
-            tokens += [t for out in engine.step() for t in out.token_ids]
-        return tokens
+        return greedy_tokens(engine, list(range(1, 9)))
 
     eager = decode(Engine(model(), None, 1, 64, threads=1))
     compiled = Engine(model(), None, 1, 64, threads=1, compile=True)

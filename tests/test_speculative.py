@@ -235,6 +235,22 @@ def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
     assert outputs[1] == outputs[0]
 
 
+def _staggered_tokens(requests: list, engine) -> list[list[int]]:
+    """Each request's tokens from `engine` (closed after), the first two added at once and the rest 3 steps later,
+    while those decode."""
+    tokens = {}
+    with engine:
+        ids = [engine.add(r) for r in requests[:2]]
+        for _ in range(3):
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        ids += [engine.add(r) for r in requests[2:]]
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    return [tokens[i] for i in ids]
+
+
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, one_thread, prefix_caching):
     """`serve --draft_model`'s engine: several rows at once, arriving while others decode (plain steps), one asking
@@ -249,22 +265,10 @@ def test_batch_engine_greedy_equals_the_engine_and_falls_back(tiny_checkpoint, o
                 for n, m, lp in ((8, 40, None), (3, 25, None), (12, 30, 2), (5, 33, None))]
     requests[3].prompt_ids = requests[0].prompt_ids + requests[3].prompt_ids
 
-    def run(engine):
-        tokens = {}
-        with engine:
-            ids = [engine.add(r) for r in requests[:2]]
-            for _ in range(3):
-                for out in engine.step():
-                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            ids += [engine.add(r) for r in requests[2:]]
-            while engine.has_unfinished:
-                for out in engine.step():
-                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        return [tokens[i] for i in ids]
 
-    expected = run(Engine(target, None, 3, 64, prefix_caching=prefix_caching))
+    expected = _staggered_tokens(requests, Engine(target, None, 3, 64, prefix_caching=prefix_caching))
     engine = SpeculativeBatchEngine(target, draft, None, 3, 64, num_speculative_tokens=3, prefix_caching=prefix_caching)
-    assert run(engine) == expected
+    assert _staggered_tokens(requests, engine) == expected
     assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
     assert engine.prefix_hits == (8 if prefix_caching else 0)
     assert target.blocks[0].attn.kv_cache is None and draft.blocks[0].attn.kv_cache is None
@@ -409,21 +413,9 @@ def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeyp
     g = torch.Generator().manual_seed(0)
     requests = [Request(torch.randint(0, 300, (n,), generator=g).tolist(), m) for n, m in ((8, 40), (3, 25), (5, 33))]
 
-    def run(engine):
-        tokens = {}
-        with engine:
-            ids = [engine.add(r) for r in requests[:2]]
-            for _ in range(3):
-                for out in engine.step():
-                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            ids.append(engine.add(requests[2]))
-            while engine.has_unfinished:
-                for out in engine.step():
-                    tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        return [tokens[i] for i in ids]
 
-    expected = run(Engine(target, None, 2, 128))
+    expected = _staggered_tokens(requests, Engine(target, None, 2, 128))
     engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True)
     assert len(engine._draft_steps) == len(engine._verify_steps) == 2
-    assert run(engine) == expected
+    assert _staggered_tokens(requests, engine) == expected
     assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
