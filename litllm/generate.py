@@ -179,6 +179,13 @@ def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Op
     return engine
 
 
+def acceptance_line(accepted: int, proposed: int, num_speculative_tokens: int, what: str = "") -> str:
+    """The line `generate` and `chat` print for speculative decoding's acceptance rate: `accepted` of the draft's
+    `proposed` tokens (the engine's counts, `SpeculativeEngine.accepted` / `.proposed`); `what` says over what."""
+    return (f"Draft acceptance{what}: {accepted / proposed:.0%} ({accepted} of {proposed} proposed tokens, "
+            f"{num_speculative_tokens} per step)")
+
+
 def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
     """The draft model of speculative decoding from its folder: on `model`'s device, in `precision`, for
     decoding; refused with one line unless it has `tokenizer`'s vocabulary."""
@@ -246,7 +253,6 @@ def generate(
             dt = time.perf_counter() - t0
             print(f"Sample {i + 1}: {n} tokens in {dt:.2f} s, {n / dt:.2f} tokens/s", file=sys.stderr)
         if getattr(engine, "proposed", 0):
-            print(f"Draft acceptance: {engine.acceptance_rate:.0%} ({engine.accepted} of {engine.proposed} proposed "
-                  f"tokens, {decoding.num_speculative_tokens} per step)", file=sys.stderr)
+            print(acceptance_line(engine.accepted, engine.proposed, decoding.num_speculative_tokens), file=sys.stderr)
     if model.wte.weight.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)

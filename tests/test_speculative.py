@@ -218,21 +218,58 @@ def test_abort_and_the_engine_interface(tiny_checkpoint, one_thread):
             plain.step()
 
 
-def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
-    """chat keeps one engine for the whole conversation: with a draft, every turn's reply is the plain one."""
+def _noisy_folder(checkpoint, folder, scale: float):
+    """A model folder of `_noisy_copy(checkpoint, scale)` (the checkpoint's tokenizer): a `--draft_model` that the
+    model agrees with sometimes."""
+    import shutil
+
+    from litllm.model_folder import WEIGHTS_FILE, save_model_weights
+
+    shutil.copytree(checkpoint, folder)
+    save_model_weights(_noisy_copy(checkpoint, scale).state_dict(), folder / WEIGHTS_FILE)
+    return folder
+
+
+def test_chat_with_a_draft(tiny_checkpoint, tmp_path, monkeypatch, capsys, one_thread):
+    """chat keeps one engine for the whole conversation: with a draft, every turn's reply is the plain one, and each
+    answer's draft acceptance, then the conversation's, is printed to stderr as generate words it, from the
+    engine's own counts."""
     import io
+    import re
     import sys
 
     from litllm.chat import chat
+    from litllm.generate import DecodeArgs
 
+    engines = []
+    make_engine = DecodeArgs.engine
+
+    def kept(*args, **kwargs):
+        engines.append(make_engine(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(DecodeArgs, "engine", kept)
     stdin = "Hello there\nWrite a haiku about autumn.\n/exit\n"
-    outputs = []
-    for extra in ({}, {"draft_model": tiny_checkpoint, "num_speculative_tokens": 2}):
+    outputs, errors = [], []
+    draft = _noisy_folder(tiny_checkpoint, tmp_path / "draft", 0.05)
+    for extra in ({}, {"draft_model": draft, "num_speculative_tokens": 2}):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        chat(tiny_checkpoint, temperature=0.0, prompt_style="chatml", max_new_tokens=12, **extra)
-        outputs.append(capsys.readouterr().out)
+        chat(tiny_checkpoint, temperature=0.0, prompt_style="chatml", max_new_tokens=24, **extra)
+        captured = capsys.readouterr()
+        outputs.append(captured.out)
+        errors.append(captured.err)
     assert outputs[0].count(">> Model: ") == 2
     assert outputs[1] == outputs[0]
+    assert "Draft acceptance" not in errors[0]
+    line = r"Draft acceptance{}: (\d+)% \((\d+) of (\d+) proposed tokens, 2 per step\)\n"
+    answers = [tuple(map(int, m)) for m in re.findall(line.format(""), errors[1])]
+    ((rate, accepted, proposed),) = re.findall(line.format(" over the conversation"), errors[1])
+    engine = engines[1]
+    assert len(answers) == 2 and 0 < engine.accepted < engine.proposed  # kept and rejected proposals
+    assert (int(accepted), int(proposed)) == (engine.accepted, engine.proposed)
+    assert [sum(counts) for counts in zip(*answers)][1:] == [engine.accepted, engine.proposed]
+    for percent, a, p in answers + [(int(rate), int(accepted), int(proposed))]:
+        assert p > 0 and percent == round(100 * a / p)
 
 
 def _staggered_tokens(requests: list, engine) -> list[list[int]]:
