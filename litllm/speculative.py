@@ -30,8 +30,8 @@ One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode
 is held by a one-row `litllm.engine.Engine` of its own: the draft's, whose decode step (one token) is eager or
 compiled as plain decoding's is (`litllm.generate.speculative_engine`: the draft's `decode_engine`, same policy,
 saved steps and caches), and the target's, whose check of the k proposals is one forward over k + 1 tokens: eager,
-or, where the draft's step is compiled or loaded, a compiled step of that fixed shape
-(`litllm.compile_decode.verify_engine`: saved and loaded as the decode steps are; a round that asks for fewer
+or a compiled step of that fixed shape (`litllm.compile_decode.verify_engine`, by the same policy, its rent or buy
+priced apart from the draft's: saved and loaded as the decode steps are; a round that asks for fewer
 proposals pads its tokens to the shape, the padding's cache entries rewound as rejected proposals are). Prompts
 prefill eagerly. `litllm serve` batches rows: `SpeculativeBatchEngine` speculates in the steps where every running
 row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise; with `compile` the
@@ -111,6 +111,25 @@ class _Sequence:
     generated: int = 0
 
 
+def own_caches(engine: Engine) -> Engine:
+    """`engine` with its KV cache set on its model (another engine of the same model, or a draft that is the model
+    itself, may have set its own meanwhile)."""
+    if engine.model.blocks[0].attn.kv_cache is not engine._caches[0]:
+        engine._set_caches(engine._caches)
+    return engine
+
+
+def eager_forward(engine: Engine, ids: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
+    """Logits (T or 1, V) of one-row `engine`'s model over `ids` written at positions start.. of its KV cache, one
+    eager forward (how the rounds check proposals, and the draft catches up, without a compiled step)."""
+    own_caches(engine)
+    stop = start + len(ids)
+    idx = torch.tensor(ids, dtype=torch.long, device=engine.device)[None]
+    logits = engine.model.decode(idx, input_pos=torch.arange(start, stop, device=engine.device), kv_len=stop,
+                                 logits_to_keep=None if all_logits else 1)
+    return logits[0, :, : engine.vocab_size]
+
+
 def propose(logits: torch.Tensor, sampling, generator, draft_probs: list) -> int:
     """The draft's next token from its logits (V,): greedy, or sampled (its distribution kept in `draft_probs`)."""
     if sampling.temperature <= 0:
@@ -158,7 +177,6 @@ class SpeculativeEngine:
             if self.max_seq_length > m.max_seq_length:
                 raise LitLLMError(f"max_seq_length {self.max_seq_length} exceeds the {name}'s context window of "
                                   f"{m.max_seq_length}")
-        self.models = (model, draft)
         self.tokenizer = tokenizer
         self.k = num_speculative_tokens
         self.threads = threads
@@ -175,6 +193,7 @@ class SpeculativeEngine:
         self._next_id = 0
         self._row: Optional[_Sequence] = None
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
+        self.rounds = 0  # the model's checks (verify steps) over the engine's life
 
     # ------------------------------------------------------------------ Engine's interface
     def add(self, request: Request) -> int:
@@ -234,21 +253,12 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ internals
     def _caches_of(self, which: int) -> Engine:
-        """Model `which`'s (0 target, 1 draft) Engine, its KV cache set on the model (another engine of the same
-        model, or the draft being the model itself, may have set its own)."""
-        engine = self.engines[which]
-        if engine.model.blocks[0].attn.kv_cache is not engine._caches[0]:
-            engine._set_caches(engine._caches)
-        return engine
+        """Model `which`'s (0 target, 1 draft) Engine, its KV cache set on the model."""
+        return own_caches(self.engines[which])
 
     def _forward(self, which: int, ids: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
         """Logits (T or 1, V) of model `which` (0 target, 1 draft) over `ids` written at positions start.., eager."""
-        self._caches_of(which)
-        stop = start + len(ids)
-        idx = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        logits = self.models[which].decode(idx, input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                           logits_to_keep=None if all_logits else 1)
-        return logits[0, :, : self.vocab_size]
+        return eager_forward(self.engines[which], ids, start, all_logits)
 
     def _start(self, request_id: int, request: Request) -> Output:
         """Prefill both caches with the prompt (in chunks) and take the target's first token."""
@@ -289,6 +299,7 @@ class SpeculativeEngine:
         kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
+        self.rounds += 1
         # rewind: cache positions past the kept tokens no longer count (the draft never wrote its last proposal)
         valid[0] = pos + kept + 1
         valid[1] = min(valid[1], pos + kept + 1)

@@ -418,6 +418,17 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
     loaded = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, tokens=110)  # the default
     assert [e.step_source for e in loaded.engines] == ["loaded", "loaded"]
     assert run(loaded)[0] == expected
+    # each step priced apart by default: a compiled draft step with an eager check, and the reverse
+    from litllm.compile_decode import verify_engine
+
+    length = len(prompt) + 110
+    for draft_compiled in (True, False):
+        drafting = decode_engine(draft, None, 1, length, None, compile=draft_compiled or False)
+        checking = verify_engine(lambda n: Engine(target, None, 1, n), target, length, 4, not draft_compiled)
+        assert drafting._compiled == draft_compiled and (checking.verify is None) == draft_compiled
+        mixed = SpeculativeEngine(target, draft, None, length, num_speculative_tokens=3, draft_engine=drafting,
+                                  target_engine=checking)
+        assert run(mixed)[0] == expected
 
     text = "Hello there, how are"
     generate(tiny_checkpoint, text, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
