@@ -208,16 +208,16 @@ def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Op
 
 def probe_verify(engine: Engine, width: int, threads: Optional[int]) -> float:
     """The seconds of one eager check of `width` tokens (`litllm.speculative.eager_forward` over all their
-    positions) on the target's one-row `engine`, the mean of `PROBE_STEPS` (at the cache's first positions, which the
-    next prompt's prefill overwrites before any query reads them)."""
+    positions; fewer where the cache is shorter) on the target's one-row `engine`, the mean of `PROBE_STEPS` (at the
+    cache's first positions, which the next prompt's prefill overwrites before any query reads them)."""
     from litllm.engine import threads_for
     from litllm.speculative import eager_forward
 
-    seconds = 0.0
+    seconds, ids = 0.0, [0] * min(width, engine.max_seq_length)
     with torch.inference_mode(), threads_for(threads):
         for _ in range(PROBE_STEPS):
             t0 = compile_decode.clock()
-            eager_forward(engine, [0] * width, 0, all_logits=True)
+            eager_forward(engine, ids, 0, all_logits=True)
             seconds += compile_decode.clock() - t0
     return seconds / PROBE_STEPS
 
