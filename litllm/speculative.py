@@ -372,8 +372,11 @@ class SpeculativeBatchEngine(Engine):
     step, the engine's own batched decode step. Greedy output is token for token the engine's without a draft.
 
     The draft keeps its own KV cache of the same slots; a slot's draft positions are valid up to
-    `_draft_valid[slot]` for the request `_draft_owner[slot]`, and it catches up (one forward) on the tokens it
-    missed in the engine's plain steps."""
+    `_draft_valid[slot]` for the request `_draft_owner[slot]`, and it catches up on the tokens it missed (the
+    model's own token, after a fully accepted round also its last proposal, one more per plain step of the engine,
+    a new request's prompt): with `compile`, up to 2 tokens on its compiled one-token step, up to k + 1 on a compiled
+    step of k + 1 tokens (padded as the verify step is), more in one eager forward (measured side by side,
+    `benchmarks/draft_catch_up.py`: a GEMM over the tokens is then the faster); eager, in one forward."""
 
     def __init__(self, model, draft, tokenizer, max_batch_size: int = 1, max_seq_length: Optional[int] = None, *,
                  num_speculative_tokens: int = 4, **engine_args) -> None:
@@ -394,14 +397,16 @@ class SpeculativeBatchEngine(Engine):
         self._draft_valid = [0] * max_batch_size
         self._generated: dict[int, list[int]] = {}  # request id -> its tokens so far (the draft needs them)
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
-        self._draft_steps = self._verify_steps = None  # compiled: one step per slot, bound to its cache rows
+        # compiled: one step per slot, bound to its cache rows (the draft's of one token and of k + 1, the verify step)
+        self._draft_steps = self._draft_wide_steps = self._verify_steps = None
         if self._compiled:
             self._compile_rounds()
 
     def _compile_rounds(self) -> None:
-        """With `compile` (the engine's own batched step compiled): the draft's one-token step and the model's verify
-        step of k + 1 tokens compiled once for one slot and loaded per slot (`litllm.compile_decode.slot_steps`);
-        where they can't be (off the CPU, no single graph), the rounds stay eager."""
+        """With `compile` (the engine's own batched step compiled): the draft's one-token step, its step of k + 1
+        tokens (its catch-ups) and the model's verify step of k + 1 tokens compiled once for one slot and loaded per
+        slot (`litllm.compile_decode.slot_steps`); where they can't be (off the CPU, no single graph), the rounds
+        stay eager."""
         from litllm.compile_decode import _DecodeStep, _verify_kind, _VerifyStep, slot_steps
 
         row = dict(dtype=torch.long, device=self.device)
@@ -410,8 +415,11 @@ class SpeculativeBatchEngine(Engine):
         self._verify_tokens, self._verify_pos = torch.zeros(1, width, **row), torch.arange(width, **row)[None]
         self._draft_steps = slot_steps(self.draft, self._draft_slots, _DecodeStep(self.draft),
                                        {"tokens": self._draft_tokens, "pos": self._draft_pos})
-        self._verify_steps = slot_steps(self.model, self._slot_caches, _VerifyStep(self.model),
-                                        {"tokens": self._verify_tokens, "pos": self._verify_pos}, _verify_kind(width))
+        wide = {"tokens": self._verify_tokens, "pos": self._verify_pos}  # (1, k + 1): the steps over k + 1 tokens
+        self._verify_steps = slot_steps(self.model, self._slot_caches, _VerifyStep(self.model), wide,
+                                        _verify_kind(width))
+        self._draft_wide_steps = slot_steps(self.draft, self._draft_slots, _VerifyStep(self.draft), wide,
+                                            _verify_kind(width))
 
     @property
     def acceptance_rate(self) -> Optional[float]:
@@ -452,12 +460,17 @@ class SpeculativeBatchEngine(Engine):
         return outputs
 
     def _draft_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot, in chunks."""
+        """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot: compiled, up to
+        2 tokens one at a time and up to k + 1 at once (padded, where the padding fits the cache), else in eager
+        chunks (see the class doc)."""
         if self._draft_steps is not None and len(ids) <= 2:  # the compiled step, one token at a time
             for i, token in enumerate(ids):
                 self._draft_tokens[0, 0], self._draft_pos[0, 0] = token, start + i
                 logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos)
             return logits[0, : self.vocab_size]
+        if self._draft_wide_steps is not None and self._fill_wide(ids, start):
+            logits = self._draft_wide_steps[slot](self._verify_tokens, self._verify_pos)  # (1, k + 1, padded vocab)
+            return logits[0, len(ids) - 1, : self.vocab_size]
         for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
             block.attn.kv_cache = cache
         for begin in range(0, len(ids), self.prefill_chunk):
@@ -494,15 +507,22 @@ class SpeculativeBatchEngine(Engine):
         self._tokens[slot] = token
         self._pos[slot] = row.pos
 
+    def _fill_wide(self, ids: list[int], start: int) -> bool:
+        """Put `ids` at positions start.. into the input buffers of the compiled steps of k + 1 tokens, padded with
+        the last token (its cache entries past the valid positions are written again before a query reads them);
+        False (nothing put) where they are more than k + 1 or the padding would run past the cache."""
+        width = self.k + 1
+        if len(ids) > width or start + width > self.max_seq_length:
+            return False
+        self._verify_tokens.copy_(torch.tensor(ids + ids[-1:] * (width - len(ids)), dtype=torch.long)[None])
+        self._verify_pos.copy_(torch.arange(start, start + width)[None])
+        return True
+
     def _verify(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """The model's logits (len(ids), vocab) over `ids` (the newest token and the proposals) written at positions
         start.. of the slot's cache: its compiled verify step (padded as `SpeculativeEngine._verify` pads) where
         there is one and the padding fits, else an eager forward over the slot's cache rows."""
-        width = self.k + 1
-        if self._verify_steps is not None and start + width <= self.max_seq_length:
-            padded = ids + ids[-1:] * (width - len(ids))
-            self._verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
-            self._verify_pos.copy_(torch.arange(start, start + width)[None])
+        if self._verify_steps is not None and self._fill_wide(ids, start):
             return self._verify_steps[slot](self._verify_tokens, self._verify_pos)[0, : len(ids), : self.vocab_size]
         stop = start + len(ids)
         self._set_caches(self._slot_caches[slot])

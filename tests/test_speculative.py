@@ -272,16 +272,16 @@ def test_chat_with_a_draft(tiny_checkpoint, tmp_path, monkeypatch, capsys, one_t
         assert p > 0 and percent == round(100 * a / p)
 
 
-def _staggered_tokens(requests: list, engine) -> list[list[int]]:
-    """Each request's tokens from `engine` (closed after), the first two added at once and the rest 3 steps later,
-    while those decode."""
+def _staggered_tokens(requests: list, engine, together: int = 2, steps: int = 3) -> list[list[int]]:
+    """Each request's tokens from `engine` (closed after), the first `together` added at once and the rest `steps`
+    steps later, while those decode."""
     tokens = {}
     with engine:
-        ids = [engine.add(r) for r in requests[:2]]
-        for _ in range(3):
+        ids = [engine.add(r) for r in requests[:together]]
+        for _ in range(steps):
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        ids += [engine.add(r) for r in requests[2:]]
+        ids += [engine.add(r) for r in requests[together:]]
         while engine.has_unfinished:
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
@@ -450,9 +450,9 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
 
 @pytest.mark.slow
 def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeypatch, compile_cache, one_thread):
-    """`serve --draft_model --compile true` (refused before): the batched step compiled, and the rounds' draft step
-    and verify step compiled once and loaded per slot (bound to that slot's cache rows): every row's tokens are the
-    draftless engine's, rows arriving while others decode."""
+    """`serve --draft_model --compile true` (refused before): the batched step compiled, and the rounds' draft steps
+    (one token; k + 1 tokens, its catch-ups) and verify step compiled once and loaded per slot (bound to that slot's
+    cache rows): every row's tokens are the draftless engine's, rows arriving while others decode."""
     from litllm.speculative import SpeculativeBatchEngine
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
@@ -464,6 +464,24 @@ def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeyp
 
     expected = _staggered_tokens(requests, Engine(target, None, 2, 128))
     engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True)
-    assert len(engine._draft_steps) == len(engine._verify_steps) == 2
+    assert len(engine._draft_steps) == len(engine._draft_wide_steps) == len(engine._verify_steps) == 2
+    catch_ups = []  # the draft's catch-ups of 3 or 4 tokens (the start of each)
+
+    def counted(step):
+        def run(tokens, pos):
+            catch_ups.append(int(pos[0, 0]))
+            return step(tokens, pos)
+
+        return run
+
     assert _staggered_tokens(requests, engine) == expected
     assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
+    # a speculating row that misses 2 plain steps (a new prompt of 4 tokens prefilled 2 a step) catches up on 3
+    # tokens in one k + 1-token step
+    requests = requests[:1] + [Request(requests[1].prompt_ids + [7], 10)]
+    expected = _staggered_tokens(requests, Engine(target, None, 2, 128, prefill_chunk=2), together=1, steps=8)
+    engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True,
+                                    prefill_chunk=2)  # (its steps loaded, a few ms a slot)
+    engine._draft_wide_steps = [counted(step) for step in engine._draft_wide_steps]
+    assert _staggered_tokens(requests, engine, together=1, steps=8) == expected
+    assert catch_ups
