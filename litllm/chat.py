@@ -8,6 +8,10 @@ Ctrl-C while the model is answering stops the answer and returns to the prompt.
 The whole conversation is re-rendered with the prompt style each turn. When it no longer fits in
 the context window (leaving room for `max_new_tokens`), the oldest turns are dropped, never the
 system prompt or the newest message.
+
+With `--draft_model` (speculative decoding) each answer is followed, on stderr, by its draft acceptance rate
+(the share of the draft's proposed tokens the model kept, as `generate` prints it), and the conversation's at the
+end.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from litllm.engine import Request, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
-from litllm.generate import DecodeArgs
+from litllm.generate import DecodeArgs, acceptance_line
 from litllm.inference import LoadArgs, load_decoder, tokens_to_reserve
 
 EXIT, RESET = "/exit", "/reset"
@@ -86,6 +90,16 @@ def fit_history(style, tokenizer, messages: list[dict], budget: int) -> tuple[li
         turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
 
 
+def _report_acceptance(engine, decoding: DecodeArgs, stdout: TextIO, accepted: int, proposed: int,
+                       what: str = "") -> None:
+    """With a draft model: the draft acceptance of the engine's proposals since it had counted `accepted` of
+    `proposed`, one line on stderr (after what stdout holds so far); nothing where none were proposed."""
+    accepted, proposed = getattr(engine, "accepted", 0) - accepted, getattr(engine, "proposed", 0) - proposed
+    if proposed:
+        stdout.flush()
+        print(acceptance_line(accepted, proposed, decoding.num_speculative_tokens, what), file=sys.stderr, flush=True)
+
+
 @with_flags("decode", DecodeArgs)
 @with_flags("load", LoadArgs)
 def chat(
@@ -99,7 +113,8 @@ def chat(
 
     Type a message and press Enter. End a line with `\\` to continue on the next line, or enclose
     several lines between two lines holding only `\"\"\"`. `/reset` starts a new conversation,
-    `/exit` or Ctrl-D quits, Ctrl-C stops an answer.
+    `/exit` or Ctrl-D quits, Ctrl-C stops an answer. With `--draft_model`, each answer's draft acceptance rate
+    and, at the end, the conversation's are printed to stderr.
 
     Args:
         checkpoint_dir: A converted model folder.
@@ -126,6 +141,7 @@ def chat(
             message = read_message(stdin, stdout)
             if message is None or message.strip() == EXIT:
                 stdout.write("\n" if message is None else "")
+                _report_acceptance(engine, decoding, stdout, 0, 0, " over the conversation")
                 return
             if message.strip() == RESET:
                 history = list(system)
@@ -141,6 +157,7 @@ def chat(
             stdout.write(">> Model: ")
             stdout.flush()
             reply = []
+            before = getattr(engine, "accepted", 0), getattr(engine, "proposed", 0)  # speculative decoding's counts
             # each answer gets its own seed, so a conversation replays the same way
             request_id = engine.add(Request(prompt_ids.tolist(), max_new_tokens, decoding.sampling(turn), **stops))
             turn += 1
@@ -154,6 +171,8 @@ def chat(
                 engine.abort(request_id)
                 engine.step()  # frees the row
                 stdout.write(" [stopped]")
-            stdout.write("\n\n")
+            stdout.write("\n")
+            _report_acceptance(engine, decoding, stdout, *before)
+            stdout.write("\n")
             stdout.flush()
             history.append({"role": "assistant", "content": "".join(reply)})

@@ -11,7 +11,10 @@ every later run start compiled, the compile caches, and CUDA graphs.
   step) bring the rent to the price compiles (a one-line note) and saves the step, which every later run loads.
   Whatever the speed-up and the number of runs to come, this costs at most about twice the time of the better
   choice in hindsight (compile at once, or never), as far as the estimates hold: the rent paid before the compile
-  is about the price, and the runs after it only gain where the compiled step is the faster. On
+  is about the price, and the runs after it only gain where the compiled step is the faster. Speculative
+  decoding's two steps, the draft's decode step and the model's verify step, are priced apart, each by its own
+  account (`litllm.generate.speculative_engine`: a run's steps of each from its tokens and the tokens a round
+  yielded last time, `record_tokens_per_round`). On
   CUDA (no step saved, nothing measured) an engine compiles when it decodes at least `PAYS_AFTER_TOKENS` tokens.
 - The saved step (CPU): the step (`_DecodeStep`: `model.decode` of one token per row) is exported
   (`torch.export`) and compiled by AOTInductor into a `.pt2` package (a shared library and its metadata) with the
@@ -81,8 +84,10 @@ PAYS_AFTER_TOKENS = {"cpu": 512, "cuda": 128}
 """Tokens an engine must decode (over its life) before compiling its step pays, per device type: the default on
 CUDA and for GRPO's rollouts; default `generate`/`LLM` runs on the CPU measure seconds instead (`EagerAccount`)."""
 SECONDS_FILE = "decode_seconds.json"
-"""Per model and engine shape, the seconds default CPU runs decoded eagerly for want of a saved step and their last
-measured step (`EagerAccount`); per model, the seconds its last compile took (`record_compile_seconds`)."""
+"""Per model and engine shape (and step: the decode step, or speculative decoding's verify step), the seconds default
+CPU runs spent in that step eagerly for want of a saved one and its last measured cost (`EagerAccount`); per model
+and step, the seconds its last compile took (`record_compile_seconds`); per model, draft and proposal count, the
+tokens a speculative round yielded in the last run (`record_tokens_per_round`)."""
 COMPILE_SECONDS_FIXED, COMPILE_SECONDS_PER_LAYER = 20.0, 8.0
 """What compiling a CPU step takes, in seconds, fixed and per layer (`expected_compile_seconds`: the shape by which
 a compile measured here is scaled to another layer count, and the guess where none was): 36, 68 and 116 s for 2, 6
@@ -400,20 +405,20 @@ def _config_repr(model) -> str:
     return repr(sorted((k, v) for k, v in vars(model.config).items() if k not in ("name", "hf_config")))  # not names
 
 
-def _model_key(model) -> str:
+def _model_key(model, kind: str = "") -> str:
     """What a compile's seconds are recorded under (`record_compile_seconds`): the model as loaded
     (`decode_choices_key`: this CPU, torch, the thread budget, the weights' names/shapes/dtypes; not the layout and
-    thread count the loader picks by timing, which may differ from run to run until a compiled run records them)
-    and its config."""
+    thread count the loader picks by timing, which may differ from run to run until a compiled run records them),
+    its config and the step (`kind`: "" the decode step, else `_verify_kind`'s)."""
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` keyed them, before the layout
     loaded = choices["key"] if choices else decode_choices_key(model)
-    return hashlib.sha1(f"{loaded}|{_config_repr(model)}".encode()).hexdigest()[:20]
+    return hashlib.sha1(f"{loaded}|{_config_repr(model)}{kind}".encode()).hexdigest()[:20]
 
 
-def _eager_key(model, rows: int, length: int) -> str:
-    """What the eager seconds of default runs count toward: the model (`_model_key`) and the shape a compiled step
-    would have (rows x KV-cache length)."""
-    return hashlib.sha1(f"{_model_key(model)}|{rows}x{length}".encode()).hexdigest()[:20]
+def _eager_key(model, rows: int, length: int, kind: str = "") -> str:
+    """What the eager seconds of default runs count toward: the model (`_model_key`), the step (`kind`) and the
+    shape a compiled step would have (rows x KV-cache length)."""
+    return hashlib.sha1(f"{_model_key(model)}|{rows}x{length}{kind}".encode()).hexdigest()[:20]
 
 
 def _seconds(value) -> Optional[float]:
@@ -423,11 +428,14 @@ def _seconds(value) -> Optional[float]:
     return float(value)
 
 
+LEDGER_PARTS = ("eager", "compile", "speculative")
+
+
 def _ledger() -> dict[str, dict]:
-    """`SECONDS_FILE`'s two parts, `{"eager": {shape key: entry}, "compile": {model key: entry}}` (a part that is
-    no dict: empty)."""
+    """`SECONDS_FILE`'s parts, `{"eager": {shape key: entry}, "compile": {model key: entry}, "speculative": {pair
+    key: entry}}` (a part that is no dict: empty)."""
     data = _read_record(compile_cache_dir() / SECONDS_FILE)
-    return {part: data[part] if isinstance(data.get(part), dict) else {} for part in ("eager", "compile")}
+    return {part: data[part] if isinstance(data.get(part), dict) else {} for part in LEDGER_PARTS}
 
 
 def _update_ledger(part: str, key: str, change: Callable[[dict], Optional[dict]]) -> None:
@@ -446,26 +454,30 @@ def _update_ledger(part: str, key: str, change: Callable[[dict], Optional[dict]]
         pass
 
 
-def record_compile_seconds(model, seconds: float) -> None:
-    """Remember what compiling `model`'s step (a CPU one) took here: the price of the next compile of it, and, scaled
-    by layer count, of models never compiled here (`expected_compile_seconds`)."""
+def record_compile_seconds(model, seconds: float, kind: str = "") -> None:
+    """Remember what compiling `model`'s step (a CPU one; `kind`: "" the decode step, else `_verify_kind`'s) took
+    here: the price of the next compile of it, and, scaled by layer count, of models never compiled here
+    (`expected_compile_seconds`)."""
     if model.wte.weight.device.type == "cpu":
         entry = {"seconds": round(seconds, 3), "layers": model.config.n_layer, "machine": _machine()}
-        _update_ledger("compile", _model_key(model), lambda _: entry)
+        _update_ledger("compile", _model_key(model, kind), lambda _: entry)
 
 
-def expected_compile_seconds(model, compiles: dict) -> tuple[float, str]:
-    """What compiling `model`'s step is expected to take here, and whence: its last compile measured here
-    (`compiles`, `SECONDS_FILE`'s "compile" part); else the most recent compile of another model on this machine,
-    scaled to this layer count as `COMPILE_SECONDS_FIXED` + `COMPILE_SECONDS_PER_LAYER` x layers scale; else that
-    guess."""
+def expected_compile_seconds(model, compiles: dict, kind: str = "") -> tuple[float, str]:
+    """What compiling `model`'s step (`kind`: "" the decode step, else `_verify_kind`'s) is expected to take here,
+    and whence: that step's last compile measured here (`compiles`, `SECONDS_FILE`'s "compile" part); for a verify
+    step never compiled, the model's decode step's (the same graph over k + 1 tokens); else the most recent compile of
+    another model on this machine, scaled to this layer count as `COMPILE_SECONDS_FIXED` +
+    `COMPILE_SECONDS_PER_LAYER` x layers scale; else that guess."""
     def guess(layers: int) -> float:
         return COMPILE_SECONDS_FIXED + COMPILE_SECONDS_PER_LAYER * layers
 
     layers = model.config.n_layer
-    mine = compiles.get(_model_key(model))
-    if isinstance(mine, dict) and _seconds(mine.get("seconds")) is not None:
-        return mine["seconds"], "its last compile here"
+    for key, whence in ((_model_key(model, kind), "its last compile here"),
+                        (_model_key(model), "its decode step's last compile here")):
+        mine = compiles.get(key)
+        if isinstance(mine, dict) and _seconds(mine.get("seconds")) is not None:
+            return mine["seconds"], whence
     machine = _machine()
     others = [entry for entry in compiles.values() if isinstance(entry, dict) and entry.get("machine") == machine
               and _seconds(entry.get("seconds")) and isinstance(entry.get("layers"), int) and entry["layers"] > 0]
@@ -480,27 +492,29 @@ class EagerAccount:
     the module doc: rent or buy, in seconds). `seconds`: the eager decode seconds earlier runs spent (the rent
     paid so far); `step_seconds`: the last measured eager decode step (None: never timed here); `price`: the
     expected compile seconds (`expected_compile_seconds`); `unsaved`: its compile could not be saved
-    (`torch.compile`'s path), so only a run that pays for it on its own compiles."""
+    (`torch.compile`'s path), so only a run that pays for it on its own compiles. `kind`: the step, "" the decode
+    step, else speculative decoding's verify step (`_verify_kind`), whose account is its own."""
 
-    def __init__(self, model, rows: int, length: int) -> None:
-        self.rows, self.key = rows, _eager_key(model, rows, length)
+    def __init__(self, model, rows: int, length: int, kind: str = "") -> None:
+        self.rows, self.kind, self.key = rows, kind, _eager_key(model, rows, length, kind)
         ledger = _ledger()
         entry = ledger["eager"].get(self.key)
         entry = entry if isinstance(entry, dict) else {}
         self.seconds = _seconds(entry.get("seconds")) or 0.0
         self.step_seconds = _seconds(entry.get("step_seconds"))
         self.unsaved = entry.get("unsaved") is True
-        self.price, self.priced_by = expected_compile_seconds(model, ledger["compile"])
+        self.price, self.priced_by = expected_compile_seconds(model, ledger["compile"], kind)
 
     def pays(self, tokens: int) -> bool:
-        """Does compiling now pay for a run that decodes `tokens` tokens (`step_seconds` known): the eager seconds
-        it would spend (its decode steps, `tokens` over the rows, each `step_seconds`) and those earlier runs spent
-        reach the price? If so, says so in one line first."""
+        """Does compiling now pay for a run that runs the step for `tokens` tokens (`step_seconds` known; a verify
+        step: `tokens` is its rounds): the eager seconds it would spend (its steps, `tokens` over the rows, each
+        `step_seconds`) and those earlier runs spent reach the price? If so, says so in one line first."""
         now = math.ceil(tokens / self.rows) * self.step_seconds
         before = 0.0 if self.unsaved else self.seconds
         if before + now < self.price:
             return False
-        _note(f"compiling the decode step once for this model and shape: eager decoding took {before:.1f} s in "
+        step, decoding = ("verify step", "eager verifying") if self.kind else ("decode step", "eager decoding")
+        _note(f"compiling the {step} once for this model and shape: {decoding} took {before:.1f} s in "
               f"earlier runs and would take ~{now:.1f} s now, >= the ~{self.price:.0f} s a compile is expected to "
               f"take ({self.priced_by}); later runs load it in milliseconds; --compile false or {COMPILE_ENV}=0 "
               "opts out")
@@ -523,13 +537,34 @@ class EagerAccount:
         _update_ledger("eager", self.key, lambda _: None if saved else {"unsaved": True, "seconds": 0.0, **step})
 
 
-def eager_account(model, rows: int, length: int, exact: bool = False) -> Optional[EagerAccount]:
-    """The `EagerAccount` of a default run of `model` on the CPU with `rows` rows of `length` positions (its step
-    would have `_step_length`'s), None where it has none: off the CPU (steps are saved on the CPU only), or where a
-    saved step fits (it is loaded)."""
-    if model.wte.weight.device.type != "cpu" or saved_step_length(model, rows, length, exact) is not None:
+def eager_account(model, rows: int, length: int, exact: bool = False, kind: str = "") -> Optional[EagerAccount]:
+    """The `EagerAccount` of a default run of `model`'s step (`kind`) on the CPU with `rows` rows of `length`
+    positions (its step would have `_step_length`'s), None where it has none: off the CPU (steps are saved on the CPU
+    only), or where a saved step fits (it is loaded)."""
+    if model.wte.weight.device.type != "cpu" or saved_step_length(model, rows, length, exact, kind) is not None:
         return None
-    return EagerAccount(model, rows, _step_length(model, length, exact))
+    return EagerAccount(model, rows, _step_length(model, length, exact), kind)
+
+
+def _pair_key(model, draft, k: int) -> str:
+    return hashlib.sha1(f"{_model_key(model)}|{_model_key(draft)}|{k}".encode()).hexdigest()[:20]
+
+
+def record_tokens_per_round(model, draft, k: int, tokens_per_round: float) -> None:
+    """Remember the tokens a speculative round of `model` with `draft` and `k` proposals yielded in a run (1 + k x
+    its acceptance rate): how many rounds, draft steps and verify steps a later run's tokens take
+    (`expected_tokens_per_round`)."""
+    if model.wte.weight.device.type == "cpu":
+        _update_ledger("speculative", _pair_key(model, draft, k),
+                       lambda _: {"tokens_per_round": round(tokens_per_round, 4)})
+
+
+def expected_tokens_per_round(model, draft, k: int) -> float:
+    """The tokens a speculative round of `model` with `draft` and `k` proposals is expected to yield: the last run's
+    (`record_tokens_per_round`), else 1 (no proposal kept: the most rounds, and draft steps, a run can take)."""
+    entry = _ledger()["speculative"].get(_pair_key(model, draft, k))
+    measured = _seconds(entry.get("tokens_per_round")) if isinstance(entry, dict) else None
+    return min(max(measured or 1.0, 1.0), k + 1.0)
 
 
 class DecodeTally:
@@ -543,19 +578,19 @@ clock = time.perf_counter
 """What decode steps (`time_decode`) and compiles (`step_engine`) are timed with (tests put a fake clock here)."""
 
 
-def time_decode(engine) -> DecodeTally:
-    """Time `engine`'s decode steps from now on (the forward a compiled step would replace; on the CPU it returns
-    when computed), into the returned tally."""
-    tally, decode = DecodeTally(), engine._decode
+def time_decode(engine, method: str = "_decode") -> DecodeTally:
+    """Time `engine`'s decode steps (or the calls of its `method`: a `SpeculativeEngine`'s `_verify`) from now on
+    (the forward a compiled step would replace; on the CPU it returns when computed), into the returned tally."""
+    tally, decode = DecodeTally(), getattr(engine, method)
 
-    def timed(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+    def timed(*args) -> torch.Tensor:
         t0 = clock()
-        logits = decode(tokens, pos, kv_len)
+        logits = decode(*args)
         tally.seconds += clock() - t0
         tally.steps += 1
         return logits
 
-    engine._decode = timed
+    setattr(engine, method, timed)
     return tally
 
 

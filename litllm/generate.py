@@ -7,6 +7,7 @@ continuous batching) is `litllm.engine`.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ import torch
 
 from litllm import compile_decode
 from litllm.compile_decode import (PROBE_STEPS, compile_cache_dir, compile_choice, eager_account, env_compile,
-                                   pick_compiled_threads, record_compile_seconds, record_decode_choices, step_engine,
-                                   time_decode)
+                                   pick_compiled_threads, record_compile_seconds, record_decode_choices,
+                                   record_tokens_per_round, step_engine, time_decode)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -150,33 +151,93 @@ class DecodeArgs:
 def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Optional[int],
                        num_speculative_tokens: int, compile: Optional[bool] = None, tokens: Optional[int] = None):
     """A one-row `litllm.speculative.SpeculativeEngine` whose steps are compiled as plain decoding's are: the
-    draft's one-token decode step is its `decode_engine` (`compile` as there, its saved steps; `tokens` for the
-    default's policy; the rounds run both models on `threads`, see `SpeculativeEngine._round`), and the target's check of the proposals, one forward over
-    `num_speculative_tokens` + 1 tokens, follows it (`litllm.compile_decode.verify_engine`): compiled (or loaded
-    when saved) where the draft's step is compiled or loaded, else eager, or loaded if a saved one fits by default.
-    `compile_seconds`: what building the compiled steps took (None: both eager)."""
-    from litllm.compile_decode import verify_engine
+    draft's one-token decode step is its `decode_engine` (`compile` as there, its saved steps; the rounds run both
+    models on `threads`, see `SpeculativeEngine._round`), and the target's check of the proposals, one forward over
+    k + 1 tokens (k = `num_speculative_tokens`), is `litllm.compile_decode.verify_engine`'s. `--compile true`,
+    `false` or `$LITLLM_COMPILE` decide both; a long-lived engine (`tokens` None: chat) compiles both. A default
+    run of `tokens` tokens (the CPU, no saved step) prices each step apart, rent or buy from measured times
+    (`EagerAccount`): its rounds are `tokens` over the tokens a round yielded in the last run with this draft (none
+    measured: 1 a round, `expected_tokens_per_round`); the draft compiles where its k steps a round, at its measured
+    eager step, and earlier runs' eager seconds reach its expected compile, and the verify step where its one eager
+    check a round (`probe_verify` times one in the first run) and earlier runs' reach the target's verify compile
+    (its last here, else its decode step's); a step that fits a saved one loads it. `compile_seconds`: what building
+    the compiled steps took (None: both eager)."""
+    from litllm.compile_decode import _verify_kind, expected_tokens_per_round, verify_engine
     from litllm.speculative import SpeculativeEngine
 
+    k = num_speculative_tokens
+    default = compile is None and env_compile() is None and tokens is not None
+    rounds = math.ceil(tokens / expected_tokens_per_round(model, draft, k)) if tokens is not None else None
     draft_threads = getattr(draft, "decode_choices", {}).get("threads", threads)  # its loader's pick
-    drafting = decode_engine(draft, tokenizer, 1, max_seq_length, draft_threads, compile, tokens)
-    choice = True if drafting._compiled else (False if compile is False or env_compile() is False else None)
+    drafting = decode_engine(draft, tokenizer, 1, max_seq_length, draft_threads, compile,
+                             None if rounds is None else k * rounds)  # the draft decodes k tokens a round
 
     def make(length: int) -> Engine:
         return Engine(model, tokenizer, 1, length, threads=threads)
 
+    account = eager_account(model, 1, max_seq_length, kind=_verify_kind(k + 1)) if default else None
     try:
-        checking = verify_engine(make, model, max_seq_length, num_speculative_tokens + 1, choice)
+        if account is not None:
+            checking = verify_engine(make, model, max_seq_length, k + 1, False)  # eager, for now
+            if account.step_seconds is None:  # never timed here: a few eager checks say what one costs
+                account.step_seconds = probe_verify(checking, k + 1, threads)
+            if account.pays(rounds):
+                checking.close()
+                checking = verify_engine(make, model, max_seq_length, k + 1, True)
+        else:  # as the draft's step is made, where the default has no account (a saved verify step, off the CPU)
+            choice = True if drafting._compiled else (False if compile is False or env_compile() is False else None)
+            checking = verify_engine(make, model, max_seq_length, k + 1, choice)
     except BaseException:
         drafting.close()
         raise
-    engine = SpeculativeEngine(model, draft, tokenizer, max_seq_length, num_speculative_tokens=num_speculative_tokens,
+    if getattr(checking, "step_source", None) == "compiled":  # measured: the price of its next compile
+        record_compile_seconds(model, checking.compile_seconds, _verify_kind(k + 1))
+    engine = SpeculativeEngine(model, draft, tokenizer, max_seq_length, num_speculative_tokens=k,
                                threads=threads, draft_engine=drafting, target_engine=checking)
+    if account is not None:
+        _keep_account(engine, account, checking)
+    if default:  # how many tokens its rounds yielded: later runs' rounds
+        checking.on_close.append(lambda: engine.rounds and record_tokens_per_round(
+            model, draft, k, (engine.accepted + engine.rounds) / engine.rounds))
     seconds = [e.compile_seconds for e in (drafting, checking) if getattr(e, "compile_seconds", None) is not None]
     engine.compile_seconds = sum(seconds) if seconds else None
     engine.step_source = "loaded" if all(getattr(e, "step_source", None) == "loaded" for e in (drafting, checking)) \
         else "compiled"
     return engine
+
+
+def probe_verify(engine: Engine, width: int, threads: Optional[int]) -> float:
+    """The seconds of one eager check of `width` tokens (`litllm.speculative.eager_forward` over all their
+    positions; fewer where the cache is shorter) on the target's one-row `engine`, the mean of `PROBE_STEPS` (at the
+    cache's first positions, which the next prompt's prefill overwrites before any query reads them)."""
+    from litllm.engine import threads_for
+    from litllm.speculative import eager_forward
+
+    seconds, ids = 0.0, [0] * min(width, engine.max_seq_length)
+    with torch.inference_mode(), threads_for(threads):
+        for _ in range(PROBE_STEPS):
+            t0 = compile_decode.clock()
+            eager_forward(engine, ids, 0, all_logits=True)
+            seconds += compile_decode.clock() - t0
+    return seconds / PROBE_STEPS
+
+
+def _keep_account(engine, account, checking: Engine) -> None:
+    """A default run's verify step: compiled after `account.pays` asked for it, its rent goes (or, unsaved, is
+    marked); eager, its checks are timed and added to the rent when the engine closes."""
+    if checking.verify is not None:
+        if getattr(checking, "step_source", None) != "loaded":
+            account.settle(saved=checking.step_source != "torch.compile")
+        return
+    tally = time_decode(engine, "_verify")
+    checking.on_close.append(lambda: account.add(tally.seconds, tally.steps))
+
+
+def acceptance_line(accepted: int, proposed: int, num_speculative_tokens: int, what: str = "") -> str:
+    """The line `generate` and `chat` print for speculative decoding's acceptance rate: `accepted` of the draft's
+    `proposed` tokens (the engine's counts, `SpeculativeEngine.accepted` / `.proposed`); `what` says over what."""
+    return (f"Draft acceptance{what}: {accepted / proposed:.0%} ({accepted} of {proposed} proposed tokens, "
+            f"{num_speculative_tokens} per step)")
 
 
 def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
@@ -246,7 +307,6 @@ def generate(
             dt = time.perf_counter() - t0
             print(f"Sample {i + 1}: {n} tokens in {dt:.2f} s, {n / dt:.2f} tokens/s", file=sys.stderr)
         if getattr(engine, "proposed", 0):
-            print(f"Draft acceptance: {engine.acceptance_rate:.0%} ({engine.accepted} of {engine.proposed} proposed "
-                  f"tokens, {decoding.num_speculative_tokens} per step)", file=sys.stderr)
+            print(acceptance_line(engine.accepted, engine.proposed, decoding.num_speculative_tokens), file=sys.stderr)
     if model.wte.weight.device.type == "cuda":
         print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", file=sys.stderr)

@@ -30,8 +30,8 @@ One sequence at a time (`add()` queues more; `generate`, `chat` and `LLM` decode
 is held by a one-row `litllm.engine.Engine` of its own: the draft's, whose decode step (one token) is eager or
 compiled as plain decoding's is (`litllm.generate.speculative_engine`: the draft's `decode_engine`, same policy,
 saved steps and caches), and the target's, whose check of the k proposals is one forward over k + 1 tokens: eager,
-or, where the draft's step is compiled or loaded, a compiled step of that fixed shape
-(`litllm.compile_decode.verify_engine`: saved and loaded as the decode steps are; a round that asks for fewer
+or a compiled step of that fixed shape (`litllm.compile_decode.verify_engine`, by the same policy, its rent or buy
+priced apart from the draft's: saved and loaded as the decode steps are; a round that asks for fewer
 proposals pads its tokens to the shape, the padding's cache entries rewound as rejected proposals are). Prompts
 prefill eagerly. `litllm serve` batches rows: `SpeculativeBatchEngine` speculates in the steps where every running
 row can (plain decoding, nothing waiting) and takes the engine's own batched step otherwise; with `compile` the
@@ -111,6 +111,25 @@ class _Sequence:
     generated: int = 0
 
 
+def own_caches(engine: Engine) -> Engine:
+    """`engine` with its KV cache set on its model (another engine of the same model, or a draft that is the model
+    itself, may have set its own meanwhile)."""
+    if engine.model.blocks[0].attn.kv_cache is not engine._caches[0]:
+        engine._set_caches(engine._caches)
+    return engine
+
+
+def eager_forward(engine: Engine, ids: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
+    """Logits (T or 1, V) of one-row `engine`'s model over `ids` written at positions start.. of its KV cache, one
+    eager forward (how the rounds check proposals, and the draft catches up, without a compiled step)."""
+    own_caches(engine)
+    stop = start + len(ids)
+    idx = torch.tensor(ids, dtype=torch.long, device=engine.device)[None]
+    logits = engine.model.decode(idx, input_pos=torch.arange(start, stop, device=engine.device), kv_len=stop,
+                                 logits_to_keep=None if all_logits else 1)
+    return logits[0, :, : engine.vocab_size]
+
+
 def propose(logits: torch.Tensor, sampling, generator, draft_probs: list) -> int:
     """The draft's next token from its logits (V,): greedy, or sampled (its distribution kept in `draft_probs`)."""
     if sampling.temperature <= 0:
@@ -158,7 +177,6 @@ class SpeculativeEngine:
             if self.max_seq_length > m.max_seq_length:
                 raise LitLLMError(f"max_seq_length {self.max_seq_length} exceeds the {name}'s context window of "
                                   f"{m.max_seq_length}")
-        self.models = (model, draft)
         self.tokenizer = tokenizer
         self.k = num_speculative_tokens
         self.threads = threads
@@ -175,6 +193,7 @@ class SpeculativeEngine:
         self._next_id = 0
         self._row: Optional[_Sequence] = None
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
+        self.rounds = 0  # the model's checks (verify steps) over the engine's life
 
     # ------------------------------------------------------------------ Engine's interface
     def add(self, request: Request) -> int:
@@ -234,21 +253,12 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ internals
     def _caches_of(self, which: int) -> Engine:
-        """Model `which`'s (0 target, 1 draft) Engine, its KV cache set on the model (another engine of the same
-        model, or the draft being the model itself, may have set its own)."""
-        engine = self.engines[which]
-        if engine.model.blocks[0].attn.kv_cache is not engine._caches[0]:
-            engine._set_caches(engine._caches)
-        return engine
+        """Model `which`'s (0 target, 1 draft) Engine, its KV cache set on the model."""
+        return own_caches(self.engines[which])
 
     def _forward(self, which: int, ids: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
         """Logits (T or 1, V) of model `which` (0 target, 1 draft) over `ids` written at positions start.., eager."""
-        self._caches_of(which)
-        stop = start + len(ids)
-        idx = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        logits = self.models[which].decode(idx, input_pos=torch.arange(start, stop, device=self.device), kv_len=stop,
-                                           logits_to_keep=None if all_logits else 1)
-        return logits[0, :, : self.vocab_size]
+        return eager_forward(self.engines[which], ids, start, all_logits)
 
     def _start(self, request_id: int, request: Request) -> Output:
         """Prefill both caches with the prompt (in chunks) and take the target's first token."""
@@ -289,6 +299,7 @@ class SpeculativeEngine:
         kept, token = check_proposals(proposed, draft_probs, logits, s, row.generator)
         self.proposed += k
         self.accepted += kept
+        self.rounds += 1
         # rewind: cache positions past the kept tokens no longer count (the draft never wrote its last proposal)
         valid[0] = pos + kept + 1
         valid[1] = min(valid[1], pos + kept + 1)
@@ -361,8 +372,11 @@ class SpeculativeBatchEngine(Engine):
     step, the engine's own batched decode step. Greedy output is token for token the engine's without a draft.
 
     The draft keeps its own KV cache of the same slots; a slot's draft positions are valid up to
-    `_draft_valid[slot]` for the request `_draft_owner[slot]`, and it catches up (one forward) on the tokens it
-    missed in the engine's plain steps."""
+    `_draft_valid[slot]` for the request `_draft_owner[slot]`, and it catches up on the tokens it missed (the
+    model's own token, after a fully accepted round also its last proposal, one more per plain step of the engine,
+    a new request's prompt): with `compile`, up to 2 tokens on its compiled one-token step, up to k + 1 on a compiled
+    step of k + 1 tokens (padded as the verify step is), more in one eager forward (measured side by side,
+    `benchmarks/draft_catch_up.py`: a GEMM over the tokens is then the faster); eager, in one forward."""
 
     def __init__(self, model, draft, tokenizer, max_batch_size: int = 1, max_seq_length: Optional[int] = None, *,
                  num_speculative_tokens: int = 4, **engine_args) -> None:
@@ -383,14 +397,16 @@ class SpeculativeBatchEngine(Engine):
         self._draft_valid = [0] * max_batch_size
         self._generated: dict[int, list[int]] = {}  # request id -> its tokens so far (the draft needs them)
         self.proposed = self.accepted = 0  # draft tokens over the engine's life
-        self._draft_steps = self._verify_steps = None  # compiled: one step per slot, bound to its cache rows
+        # compiled: one step per slot, bound to its cache rows (the draft's of one token and of k + 1, the verify step)
+        self._draft_steps = self._draft_wide_steps = self._verify_steps = None
         if self._compiled:
             self._compile_rounds()
 
     def _compile_rounds(self) -> None:
-        """With `compile` (the engine's own batched step compiled): the draft's one-token step and the model's verify
-        step of k + 1 tokens compiled once for one slot and loaded per slot (`litllm.compile_decode.slot_steps`);
-        where they can't be (off the CPU, no single graph), the rounds stay eager."""
+        """With `compile` (the engine's own batched step compiled): the draft's one-token step, its step of k + 1
+        tokens (its catch-ups) and the model's verify step of k + 1 tokens compiled once for one slot and loaded per
+        slot (`litllm.compile_decode.slot_steps`); where they can't be (off the CPU, no single graph), the rounds
+        stay eager."""
         from litllm.compile_decode import _DecodeStep, _verify_kind, _VerifyStep, slot_steps
 
         row = dict(dtype=torch.long, device=self.device)
@@ -399,8 +415,11 @@ class SpeculativeBatchEngine(Engine):
         self._verify_tokens, self._verify_pos = torch.zeros(1, width, **row), torch.arange(width, **row)[None]
         self._draft_steps = slot_steps(self.draft, self._draft_slots, _DecodeStep(self.draft),
                                        {"tokens": self._draft_tokens, "pos": self._draft_pos})
-        self._verify_steps = slot_steps(self.model, self._slot_caches, _VerifyStep(self.model),
-                                        {"tokens": self._verify_tokens, "pos": self._verify_pos}, _verify_kind(width))
+        wide = {"tokens": self._verify_tokens, "pos": self._verify_pos}  # (1, k + 1): the steps over k + 1 tokens
+        self._verify_steps = slot_steps(self.model, self._slot_caches, _VerifyStep(self.model), wide,
+                                        _verify_kind(width))
+        self._draft_wide_steps = slot_steps(self.draft, self._draft_slots, _VerifyStep(self.draft), wide,
+                                            _verify_kind(width))
 
     @property
     def acceptance_rate(self) -> Optional[float]:
@@ -441,12 +460,17 @@ class SpeculativeBatchEngine(Engine):
         return outputs
 
     def _draft_logits(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot, in chunks."""
+        """The draft's last logits (vocab,) over `ids` written at positions start.. of its cache slot: compiled, up to
+        2 tokens one at a time and up to k + 1 at once (padded, where the padding fits the cache), else in eager
+        chunks (see the class doc)."""
         if self._draft_steps is not None and len(ids) <= 2:  # the compiled step, one token at a time
             for i, token in enumerate(ids):
                 self._draft_tokens[0, 0], self._draft_pos[0, 0] = token, start + i
                 logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos)
             return logits[0, : self.vocab_size]
+        if self._draft_wide_steps is not None and self._fill_wide(ids, start):
+            logits = self._draft_wide_steps[slot](self._verify_tokens, self._verify_pos)  # (1, k + 1, padded vocab)
+            return logits[0, len(ids) - 1, : self.vocab_size]
         for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
             block.attn.kv_cache = cache
         for begin in range(0, len(ids), self.prefill_chunk):
@@ -483,15 +507,22 @@ class SpeculativeBatchEngine(Engine):
         self._tokens[slot] = token
         self._pos[slot] = row.pos
 
+    def _fill_wide(self, ids: list[int], start: int) -> bool:
+        """Put `ids` at positions start.. into the input buffers of the compiled steps of k + 1 tokens, padded with
+        the last token (its cache entries past the valid positions are written again before a query reads them);
+        False (nothing put) where they are more than k + 1 or the padding would run past the cache."""
+        width = self.k + 1
+        if len(ids) > width or start + width > self.max_seq_length:
+            return False
+        self._verify_tokens.copy_(torch.tensor(ids + ids[-1:] * (width - len(ids)), dtype=torch.long)[None])
+        self._verify_pos.copy_(torch.arange(start, start + width)[None])
+        return True
+
     def _verify(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """The model's logits (len(ids), vocab) over `ids` (the newest token and the proposals) written at positions
         start.. of the slot's cache: its compiled verify step (padded as `SpeculativeEngine._verify` pads) where
         there is one and the padding fits, else an eager forward over the slot's cache rows."""
-        width = self.k + 1
-        if self._verify_steps is not None and start + width <= self.max_seq_length:
-            padded = ids + ids[-1:] * (width - len(ids))
-            self._verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
-            self._verify_pos.copy_(torch.arange(start, start + width)[None])
+        if self._verify_steps is not None and self._fill_wide(ids, start):
             return self._verify_steps[slot](self._verify_tokens, self._verify_pos)[0, : len(ids), : self.vocab_size]
         stop = start + len(ids)
         self._set_caches(self._slot_caches[slot])

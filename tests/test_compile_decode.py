@@ -398,19 +398,22 @@ def fake_compile(monkeypatch, tmp_path):
 
     clock = FakeClock()
 
-    def load(path, engine):
+    def load(path, engine, inputs=None):
+        verify = "-verify" in path.name  # speculative decoding's check: logits at every position
+
         def step(tokens, pos):
             clock.compiled_at.append(torch.get_num_threads())
             clock.now += clock.compiled.get(torch.get_num_threads(), 0.0)
-            return engine.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+            logits = engine.model.decode(tokens, input_pos=pos)
+            return logits if verify else logits[:, -1]  # (B, padded_vocab)
 
         return step
 
-    def compile_and_save(path, engine):
+    def compile_and_save(path, engine, step=None, inputs=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         clock.now += clock.compile
-        return load(path, engine)
+        return load(path, engine, inputs)
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(COMPILE_ENV, raising=False)
@@ -563,6 +566,84 @@ def test_a_step_that_could_not_be_saved_compiles_only_where_one_run_pays(tiny_ch
     assert [c["seconds"] for c in compiles] == [2.0]
     assert runs(model, threads, 2, tokens=1) == ["eager", "eager"]  # 1 s < 2 s: eager, whatever the rent
     assert runs(model, threads, 1, tokens=2) == ["torch.compile"]  # 2 s >= 2 s on its own
+
+
+def speculative_runs(model, draft, threads, n: int, tokens: int = 12, k: int = 3) -> list[tuple[str, str]]:
+    """How `n` default speculative runs (`speculative_engine`, greedy, `tokens` tokens each) decode: (the draft's
+    step, the verify step), each "eager" or its source; their tokens are plain decoding's."""
+    from litllm.engine import generate_ids
+    from litllm.generate import speculative_engine
+
+    sources = []
+    for _ in range(n):
+        with speculative_engine(model, draft, None, 20, threads, k, tokens=tokens) as engine:
+            drafting, checking = engine.engines[1], engine.engines[0]
+            sources.append((drafting.step_source if drafting._compiled else "eager",
+                            checking.step_source if checking.verify is not None else "eager"))
+            engine.add(Request([1, 2, 3], tokens))
+            out = []
+            while engine.has_unfinished:
+                for o in engine.step():
+                    out += o.token_ids
+        assert out == generate_ids(model, [1, 2, 3], tokens)
+    return sources
+
+
+def _speculative_pair(tiny_checkpoint):
+    """The tiny model as loaded for decoding, and a draft: the same weights with another context window (another
+    model to the ledger), so that it proposes the model's own tokens (every proposal kept)."""
+    from litllm.inference import load_for_decoding
+    from litllm.model import GPT
+
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    draft = GPT.from_checkpoint(tiny_checkpoint, block_size=64).eval()
+    return model, draft, threads
+
+
+@pytest.mark.parametrize("draft_step, verify_step, sources", [
+    (0.1, 3.0, ("eager", "compiled")),  # 12 checks x 3 s >= 30 s: the verify step compiles, the draft's doesn't
+    (1.0, 0.1, ("compiled", "eager")),  # 36 draft steps x 1 s >= 30 s: the draft's compiles, the verify step doesn't
+    (0.1, 0.1, ("eager", "eager")),
+], ids=["dear-verify", "dear-draft", "both-cheap"])
+def test_speculative_decoding_prices_the_draft_and_the_verify_step_apart(tiny_checkpoint, fake_compile, draft_step,
+                                                                         verify_step, sources):
+    """A default speculative run compiles each step where its own measured eager seconds reach its expected compile
+    (30 s each for the 2-layer models here): the draft's k = 3 steps a round at its step's cost, and the model's one
+    check a round at its check's cost (both injected as measured before); before, the verify step followed the
+    draft's (a dear check never compiled while the draft's did not, a cheap one always did where the draft's did)."""
+    from litllm import compile_decode
+    from litllm.compile_decode import _eager_key, _verify_kind
+
+    ledger, clock = fake_compile
+    clock.step = 0.0  # what this run measures: nothing (the injected costs decide)
+    model, draft, threads = _speculative_pair(tiny_checkpoint)
+    for m, kind, seconds in ((draft, "", draft_step), (model, _verify_kind(4), verify_step)):
+        key = _eager_key(m, 1, compile_decode._step_length(m, 20, False), kind)
+        compile_decode._update_ledger("eager", key, lambda _, s=seconds: {"seconds": 0.0, "step_seconds": s})
+    assert speculative_runs(model, draft, threads, 1) == [sources]
+
+
+@pytest.mark.parametrize("tokens_per_round, verify_step", [(None, "compiled"), (4.0, "eager")])
+def test_speculative_rounds_follow_the_measured_tokens_per_round(tiny_checkpoint, fake_compile, tokens_per_round,
+                                                                 verify_step):
+    """A run's rounds are its tokens over what a round yielded in the last run with this draft: with checks measured
+    at 1 s, 20 s of them spent before and a 30 s verify compile, 12 tokens by rounds of one token (none measured)
+    add 12 s and compile; by rounds of 4 tokens they add 3 s and stay eager. A run records what its rounds yielded
+    (this draft keeps every proposal: 11 tokens after the prefill's in rounds of 4, 4 and 3)."""
+    from litllm import compile_decode
+    from litllm.compile_decode import _eager_key, _verify_kind
+
+    ledger, clock = fake_compile
+    clock.step = 0.0
+    model, draft, threads = _speculative_pair(tiny_checkpoint)
+    for m, kind, entry in ((draft, "", {"seconds": 0.0, "step_seconds": 0.0}),
+                           (model, _verify_kind(4), {"seconds": 20.0, "step_seconds": 1.0})):
+        key = _eager_key(m, 1, compile_decode._step_length(m, 20, False), kind)
+        compile_decode._update_ledger("eager", key, lambda _, e=entry: e)
+    if tokens_per_round is not None:
+        compile_decode.record_tokens_per_round(model, draft, 3, tokens_per_round)
+    assert speculative_runs(model, draft, threads, 1) == [("eager", verify_step)]
+    assert compile_decode.expected_tokens_per_round(model, draft, 3) == round(11 / 3, 4)
 
 
 @pytest.mark.parametrize("eager_pick, compiled, picked", [(1, {1: 2.0, 2: 0.5}, 2), (2, {1: 0.5, 2: 2.0}, 1),

@@ -218,33 +218,70 @@ def test_abort_and_the_engine_interface(tiny_checkpoint, one_thread):
             plain.step()
 
 
-def test_chat_with_a_draft(tiny_checkpoint, monkeypatch, capsys, one_thread):
-    """chat keeps one engine for the whole conversation: with a draft, every turn's reply is the plain one."""
+def _noisy_folder(checkpoint, folder, scale: float):
+    """A model folder of `_noisy_copy(checkpoint, scale)` (the checkpoint's tokenizer): a `--draft_model` that the
+    model agrees with sometimes."""
+    import shutil
+
+    from litllm.model_folder import WEIGHTS_FILE, save_model_weights
+
+    shutil.copytree(checkpoint, folder)
+    save_model_weights(_noisy_copy(checkpoint, scale).state_dict(), folder / WEIGHTS_FILE)
+    return folder
+
+
+def test_chat_with_a_draft(tiny_checkpoint, tmp_path, monkeypatch, capsys, one_thread):
+    """chat keeps one engine for the whole conversation: with a draft, every turn's reply is the plain one, and each
+    answer's draft acceptance, then the conversation's, is printed to stderr as generate words it, from the
+    engine's own counts."""
     import io
+    import re
     import sys
 
     from litllm.chat import chat
+    from litllm.generate import DecodeArgs
 
+    engines = []
+    make_engine = DecodeArgs.engine
+
+    def kept(*args, **kwargs):
+        engines.append(make_engine(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(DecodeArgs, "engine", kept)
     stdin = "Hello there\nWrite a haiku about autumn.\n/exit\n"
-    outputs = []
-    for extra in ({}, {"draft_model": tiny_checkpoint, "num_speculative_tokens": 2}):
+    outputs, errors = [], []
+    draft = _noisy_folder(tiny_checkpoint, tmp_path / "draft", 0.05)
+    for extra in ({}, {"draft_model": draft, "num_speculative_tokens": 2}):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        chat(tiny_checkpoint, temperature=0.0, prompt_style="chatml", max_new_tokens=12, **extra)
-        outputs.append(capsys.readouterr().out)
+        chat(tiny_checkpoint, temperature=0.0, prompt_style="chatml", max_new_tokens=24, **extra)
+        captured = capsys.readouterr()
+        outputs.append(captured.out)
+        errors.append(captured.err)
     assert outputs[0].count(">> Model: ") == 2
     assert outputs[1] == outputs[0]
+    assert "Draft acceptance" not in errors[0]
+    line = r"Draft acceptance{}: (\d+)% \((\d+) of (\d+) proposed tokens, 2 per step\)\n"
+    answers = [tuple(map(int, m)) for m in re.findall(line.format(""), errors[1])]
+    ((rate, accepted, proposed),) = re.findall(line.format(" over the conversation"), errors[1])
+    engine = engines[1]
+    assert len(answers) == 2 and 0 < engine.accepted < engine.proposed  # kept and rejected proposals
+    assert (int(accepted), int(proposed)) == (engine.accepted, engine.proposed)
+    assert [sum(counts) for counts in zip(*answers)][1:] == [engine.accepted, engine.proposed]
+    for percent, a, p in answers + [(int(rate), int(accepted), int(proposed))]:
+        assert p > 0 and percent == round(100 * a / p)
 
 
-def _staggered_tokens(requests: list, engine) -> list[list[int]]:
-    """Each request's tokens from `engine` (closed after), the first two added at once and the rest 3 steps later,
-    while those decode."""
+def _staggered_tokens(requests: list, engine, together: int = 2, steps: int = 3) -> list[list[int]]:
+    """Each request's tokens from `engine` (closed after), the first `together` added at once and the rest `steps`
+    steps later, while those decode."""
     tokens = {}
     with engine:
-        ids = [engine.add(r) for r in requests[:2]]
-        for _ in range(3):
+        ids = [engine.add(r) for r in requests[:together]]
+        for _ in range(steps):
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        ids += [engine.add(r) for r in requests[2:]]
+        ids += [engine.add(r) for r in requests[together:]]
         while engine.has_unfinished:
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(out.token_ids)
@@ -381,6 +418,17 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
     loaded = speculative_engine(target, draft, None, len(prompt) + 110, None, 3, tokens=110)  # the default
     assert [e.step_source for e in loaded.engines] == ["loaded", "loaded"]
     assert run(loaded)[0] == expected
+    # each step priced apart by default: a compiled draft step with an eager check, and the reverse
+    from litllm.compile_decode import verify_engine
+
+    length = len(prompt) + 110
+    for draft_compiled in (True, False):
+        drafting = decode_engine(draft, None, 1, length, None, compile=draft_compiled or False)
+        checking = verify_engine(lambda n: Engine(target, None, 1, n), target, length, 4, not draft_compiled)
+        assert drafting._compiled == draft_compiled and (checking.verify is None) == draft_compiled
+        mixed = SpeculativeEngine(target, draft, None, length, num_speculative_tokens=3, draft_engine=drafting,
+                                  target_engine=checking)
+        assert run(mixed)[0] == expected
 
     text = "Hello there, how are"
     generate(tiny_checkpoint, text, max_new_tokens=20, temperature=0.0, prompt_style="default", device="cpu",
@@ -402,9 +450,9 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
 
 @pytest.mark.slow
 def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeypatch, compile_cache, one_thread):
-    """`serve --draft_model --compile true` (refused before): the batched step compiled, and the rounds' draft step
-    and verify step compiled once and loaded per slot (bound to that slot's cache rows): every row's tokens are the
-    draftless engine's, rows arriving while others decode."""
+    """`serve --draft_model --compile true` (refused before): the batched step compiled, and the rounds' draft steps
+    (one token; k + 1 tokens, its catch-ups) and verify step compiled once and loaded per slot (bound to that slot's
+    cache rows): every row's tokens are the draftless engine's, rows arriving while others decode."""
     from litllm.speculative import SpeculativeBatchEngine
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
@@ -416,6 +464,24 @@ def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeyp
 
     expected = _staggered_tokens(requests, Engine(target, None, 2, 128))
     engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True)
-    assert len(engine._draft_steps) == len(engine._verify_steps) == 2
+    assert len(engine._draft_steps) == len(engine._draft_wide_steps) == len(engine._verify_steps) == 2
+    catch_ups = []  # the draft's catch-ups of 3 or 4 tokens (the start of each)
+
+    def counted(step):
+        def run(tokens, pos):
+            catch_ups.append(int(pos[0, 0]))
+            return step(tokens, pos)
+
+        return run
+
     assert _staggered_tokens(requests, engine) == expected
     assert 0.0 < engine.acceptance_rate < 1.0 and engine.proposed > 20
+    # a speculating row that misses 2 plain steps (a new prompt of 4 tokens prefilled 2 a step) catches up on 3
+    # tokens in one k + 1-token step
+    requests = requests[:1] + [Request(requests[1].prompt_ids + [7], 10)]
+    expected = _staggered_tokens(requests, Engine(target, None, 2, 128, prefill_chunk=2), together=1, steps=8)
+    engine = SpeculativeBatchEngine(target, draft, None, 2, 128, num_speculative_tokens=3, compile=True,
+                                    prefill_chunk=2)  # (its steps loaded, a few ms a slot)
+    engine._draft_wide_steps = [counted(step) for step in engine._draft_wide_steps]
+    assert _staggered_tokens(requests, engine, together=1, steps=8) == expected
+    assert catch_ups
