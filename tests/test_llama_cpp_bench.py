@@ -120,9 +120,8 @@ def test_first_token_mark_is_the_prefill_alone(tiny_checkpoint):
 
 
 def test_large_model_size_outgrows_the_cache_and_yields_to_explicit_sizes(monkeypatch):
-    """generate.py's `--model_size large` sets a Llama whose int8 weights read per token (1 byte each) are 1.9x a 260 MiB
-    L3 cache (so every format's bound is DRAM's); explicit size flags win; without it the sizes are as
-    before."""
+    """generate.py's `--model_size large` sets a Llama whose int8 weights read per token (1 byte each) are 1.9x a
+    260 MiB L3 cache (so every format's bound is DRAM's); explicit size flags win; without it the sizes are as before."""
     import sys
 
     generate = load_benchmark("generate")
