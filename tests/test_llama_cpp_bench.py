@@ -117,3 +117,23 @@ def test_first_token_mark_is_the_prefill_alone(tiny_checkpoint):
     (first, steps), = marks
     assert steps == n - 1 == len(decodes)  # tokens 2..n, one decode step each
     assert first < decodes[0]
+
+
+def test_large_model_size_outgrows_the_cache_and_yields_to_explicit_sizes(monkeypatch):
+    """generate.py's `--model_size large` sets a Llama whose int8 weights read per token (1 byte each) are 1.9x a
+    260 MiB L3 cache (so every format's bound is DRAM's); explicit size flags win; without it the sizes are as before."""
+    import sys
+
+    generate = load_benchmark("generate")
+
+    def parsed(*flags):
+        monkeypatch.setattr(sys, "argv", ["generate.py", *flags])
+        return generate.parse_args()
+
+    default, large = parsed(), parsed("--model_size", "large")
+    assert (default.n_layer, default.n_embd, default.intermediate_size) == (12, 768, 2048)
+    per_layer = 4 * large.n_embd**2 + 3 * large.n_embd * large.intermediate_size  # q, k, v, o; gate, up, down
+    read_per_token = large.n_layer * per_layer + large.vocab_size * large.n_embd  # the head; the embedding: one row
+    assert read_per_token > 1.9 * 260 * 2**20
+    assert parsed("--n_layer", "2", "--model_size", "large").n_layer == 2
+    assert parsed("--model_size", "large", "--n_embd", "64").n_embd == 64

@@ -1,0 +1,76 @@
+"""How fast litllm's one-row int8 decode ops multiply weights, held in cache and read from DRAM (issue #27).
+
+A decode step is at the bandwidth bound only where its kernel multiplies weights faster than DRAM delivers them.
+This times `litllm_cpu::int8wo_rows_linear` (int8wo: each int8 weight converted to fp32 for an fp32 FMA, the
+activations unrounded) and `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot
+products by vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 48 weights of 2048 x 5632
+(553 MB, twice a 260 MiB L3: "cold", read from DRAM as a decode step of benchmarks/generate.py's `--model_size large`
+reads them), alternating within each of `--rounds` rounds, and prints GB of weights per CPU-second (less disturbed by
+other jobs on a shared machine) and per wall second, best rounds, beside `read_bandwidth`'s DRAM read rate per
+CPU-second on the same threads. An op whose hot rate is not well above DRAM's can't hide the reads behind its work.
+
+    python benchmarks/int8_op_rate.py --threads 1 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
+import torch
+
+from generate import read_bandwidth
+
+
+def int8_weights(count: int, rows: int, cols: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` random (int8 weights in the layers' fp32-typed carrier, 4 to a word; a scale per row)."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=g).view(torch.int32)
+             .view(torch.float32), torch.rand(rows, generator=g)) for _ in range(count)]
+
+
+def rate(op, weights, passes: int) -> tuple[float, float]:
+    """(GB per CPU-second, GB per wall second) of `passes` passes of `op` over `weights`."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(passes):
+        for words, scales in weights:
+            op(words, scales)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    n_bytes = passes * sum(words.nbytes for words, _ in weights)
+    return n_bytes / cpu / 1e9, n_bytes / wall / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    from litllm.row_split import int8_rows_op, int8wo_rows_op
+
+    wo, dq = int8wo_rows_op(), int8_rows_op()
+    if wo is None or dq is None:
+        raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq): not on this CPU")
+    x = torch.randn(1, 2048)
+    ops = {"int8wo": lambda w, s: wo(x, w, s), "int8dq": lambda w, s: dq(x, w, s, 32)}
+    regimes = {"hot": (int8_weights(1, 1024, 2048), 200), "cold": (int8_weights(48, 5632, 2048), 2)}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        best: dict[tuple[str, str], tuple[float, float]] = {}
+        for _ in range(args.rounds):  # alternating: other jobs' load falls on every row alike
+            for name, op in ops.items():
+                for regime, (weights, passes) in regimes.items():
+                    cpu, wall = rate(op, weights, passes)
+                    old = best.get((name, regime), (0.0, 0.0))
+                    best[name, regime] = (max(old[0], cpu), max(old[1], wall))
+        dram = read_bandwidth(clock=time.process_time) / 1e9
+        print(f"{threads} thread(s): DRAM read (a 512 MiB sum) {dram:.1f} GB per CPU-second")
+        for name in ops:
+            (hot, hot_wall), (cold, cold_wall) = best[name, "hot"], best[name, "cold"]
+            print(f"  {name}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
+                  f"cold {cold:5.1f} ({cold_wall:5.1f}); "
+                  f"hot / DRAM {hot / dram:.2f}x, cold / DRAM {cold / dram:.0%}")
+
+
+if __name__ == "__main__":
+    main()
