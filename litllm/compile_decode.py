@@ -70,9 +70,8 @@ from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fa
                                one_row_linears, optimize_for_decoding, prompt_linears, thread_candidates)
 from litllm.errors import LitLLMError
 from litllm.row_split import (BF16_BLOCK, BlockedBf16Linear, RowSplitLinear, becomes_blocked_bf16, becomes_row_split,
-                              blocked_bf16_linears, fp32_rows_op, int8_rows_op, int8wo_rows_op, packed_bf16_op, row_split_linears,
-                              shared_parameters,
-                              wants_row_split)
+                              blocked_bf16_linears, fp32_rows_op, int8_rows_op, int8wo_rows_op, packed_bf16_op,
+                              row_split_linears, shared_parameters, wants_row_split)
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 COMPILE_ENV = "LITLLM_COMPILE"

@@ -222,9 +222,9 @@ def fp32_rows_op() -> Optional[object]:
     """`torch.ops.litllm_cpu.fp32_rows_linear(x, w)` (the same library as `row_split_op`'s) where this CPU has
     AVX-512, the library builds or loads and `$LITLLM_FP32_ROWS` is not `0`; else None. A `RowSplitLinear` on a
     row-major weight calls it instead of `row_split_linear` (MKL's GEMV per thread): AVX-512 FMAs on 8 weight rows at
-    a time, the next 8 prefetched (the compiled 134M fp32 step at 2 threads: 1.03x the CPU time a token, measured
-    under load, tutorials/inference.md). Column-major weights stay on MKL's GEMV (an FMA loop over columns read them
-    0.96x as fast)."""
+    a time, the next 8 prefetched (the compiled 134M fp32 step at 2 threads: on par with MKL's, 0.97-1.03x, measured
+    under load only: tutorials/inference.md#fp32-rows-op). Column-major weights stay on MKL's GEMV (an FMA loop over
+    columns read them 0.96x as fast)."""
     if os.environ.get(FP32_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512():
         return None
     return None if row_split_op() is None else torch.ops.litllm_cpu.fp32_rows_linear
@@ -242,7 +242,8 @@ class RowSplitLinear(PromptLinear):
         if x.numel() != self.in_features or torch.is_grad_enabled():  # the op has no backward: training's F.linear
             return super().forward(x)  # a prompt: `prompt_linear`
         w = self.weight
-        own = fp32_rows_op() if w.stride(-1) == 1 else None  # row-major on AVX-512: litllm's own rows
+        row_major = w.stride(1) == 1 and w.stride(0) >= w.size(1)
+        own = fp32_rows_op() if row_major else None  # row-major on AVX-512: litllm's own rows
         y = own(x, w) if own is not None else torch.ops.litllm_cpu.row_split_linear(x, w)  # else MKL's GEMV per thread
         return y if self.bias is None else y + self.bias
 

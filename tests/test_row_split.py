@@ -122,6 +122,11 @@ def test_fp32_rows_op_equals_linear(op, threads):
                 mkl = linear(row)
         assert not torch.equal(got, mkl)  # two kernels (another summation order)...
         assert (got - mkl).abs().max() <= 1e-5 * mkl.abs().max()  # ... the same product
+        single = RowSplitLinear(768, 1, bias=False)  # one output, column-major: strides (1, 1), MKL's GEMV
+        single.weight = torch.nn.Parameter(torch.randn(768, 1).t(), requires_grad=False)
+        with torch.inference_mode():
+            expected = F.linear(row, single.weight)
+            assert (single(row) - expected).abs().max() <= 1e-5 * expected.abs().max()
     finally:
         torch.set_num_threads(previous)
     with pytest.raises(RuntimeError, match="fp32_rows_linear"):
