@@ -6,9 +6,10 @@
     python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
     python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
 
-Times (1) a training step, forward -> cross-entropy -> backward -> AdamW step -> zero_grad, on one random batch,
-and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as `litllm generate`
-runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
+Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
+`--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
+on one random batch, and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as
+`litllm generate` runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
 `litllm convert_to_litllm`. Repeats alternate between the two so that load from other users of the machine hits
 both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
 that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
@@ -41,7 +42,8 @@ def build_checkpoint(folder: Path, args) -> None:
         vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.n_layer, num_attention_heads=8,
         num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=2 * args.hidden,
         moe_intermediate_size=args.expert_size, num_experts=args.n_expert, num_experts_per_tok=args.top_k,
-        norm_topk_prob=True, max_position_embeddings=4096, router_aux_loss_coef=0.0, bos_token_id=0, eos_token_id=None,
+        norm_topk_prob=True, max_position_embeddings=4096, bos_token_id=0, eos_token_id=None,
+        router_aux_loss_coef=args.router_aux_loss_coef,
     )
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(config)
@@ -134,6 +136,9 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--router_aux_loss_coef", type=float, default=0.001,
+                        help="the load-balancing loss's weight in both sides' training loss (default: Qwen3-MoE's, "
+                             "which `litllm finetune` uses by default; 0: the LM loss alone)")
     parser.add_argument("--compile", action="store_true",
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -178,13 +183,18 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # the load-balancing loss in both sides' training loss, as a finetune of a Qwen3-MoE checkpoint has it: litllm adds
+    # it wherever the checkpoint has a weight, transformers where the call asks for the router logits
+    router_logits = args.router_aux_loss_coef > 0
+
     def hf_step():
-        hf_train(idx, labels=idx).loss.backward()
+        hf_train(idx, labels=idx, output_router_logits=router_logits).loss.backward()
         opts["transformers"].step()
         opts["transformers"].zero_grad(set_to_none=True)
 
     with torch.no_grad():  # same weights, same loss
-        same_loss = abs(lit_train(idx, targets=targets).item() - hf_train(idx, labels=idx).loss.item())
+        same_loss = abs(lit_train(idx, targets=targets).item()
+                        - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
     train_share = expert_flops_share(lit_train, lambda: lit_train(idx, targets=targets))
 
     # ---------------------------------------------------------------- greedy decoding
