@@ -5,6 +5,7 @@
     python benchmarks/moe.py --compile             # also litllm's training step with each block compiled
     python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
     python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
+    python benchmarks/moe.py --cpu_time --floor    # also each step's shared kernels (CPU time) and the rest
 
 Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
 `--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
@@ -17,7 +18,10 @@ hooks on the experts) in the training forward, the prefill and one decode step. 
 the most self time in either side's train step (torch.profiler, steps alternating, medians), side by side, the
 share of each step that the kernels both sides run on the same shapes take (matmuls, the attention kernel,
 log_softmax + NLL, fused AdamW), and the ratio a litllm step of those kernels alone would reach: the most any
-saving elsewhere in litllm can give.
+saving elsewhere in litllm can give. The profiler times ops in wall-clock time, which a loaded machine stretches;
+`--floor` measures that ceiling in CPU time instead: every matmul (grouped ones included), attention-kernel and
+fused-AdamW call of one step of each side is recorded with its arguments and replayed alone, alternating with the
+whole steps, so each step splits into those kernels and the rest.
 """
 
 from __future__ import annotations
@@ -77,6 +81,68 @@ SHARED_KERNELS = {
     "AdamW": lambda op: op.startswith("aten::_fused_adam"),
 }
 """The kernels both sides run on the same shapes (the same FLOPs and memory traffic), by profiler op name."""
+
+
+FLOOR_KERNELS = {
+    "matmuls": ("mm", "addmm", "bmm", "addmv", "_grouped_mm"),
+    "attention kernel": ("_scaled_dot_product_flash_attention_for_cpu",
+                         "_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "AdamW": ("_fused_adamw_",),
+}
+"""`--floor`'s kernels by aten op name: both sides run them on the same shapes (transformers' CPU `_grouped_mm` is a
+loop of mm over the same blocks litllm's experts multiply)."""
+
+
+def record_kernels(step) -> list:
+    """(kind, op, args, kwargs) of each `FLOOR_KERNELS` call one run of `step()` makes, its tensors copied."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kinds = {name: kind for kind, names in FLOOR_KERNELS.items() for name in names}
+
+    def copy(a):
+        if isinstance(a, torch.Tensor):
+            return a.detach().clone()
+        return type(a)(copy(x) for x in a) if isinstance(a, (list, tuple)) else a
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            kind = kinds.get(func.overloadpacket.__name__)
+            if kind is not None:
+                calls.append((kind, func, copy(args), {k: copy(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    calls = []
+    with Recorder():
+        step()
+    return calls
+
+
+def floor_steps(steps: dict, repeats: int) -> None:
+    """Print each side's step (CPU time, median of `repeats`, alternating) split into the `FLOOR_KERNELS` replayed
+    alone and the rest, and the ratio a litllm step of nothing but those kernels would reach."""
+    calls = {name: record_kernels(step) for name, step in steps.items()}
+    times = {name: collections.defaultdict(list) for name in steps}
+    for i in range(repeats):
+        for name in (list(steps) if i % 2 else list(steps)[::-1]):
+            times[name]["step"].append(timed(steps[name], time.process_time))
+            for kind in FLOOR_KERNELS:
+                replay = [(op, a, kw) for k, op, a, kw in calls[name] if k == kind]
+                times[name][kind].append(timed(lambda: [op(*a, **kw) for op, a, kw in replay], time.process_time))
+    print(f"train step in CPU time (ms, median of {repeats}), split into the kernels both sides run on the same "
+          f"shapes, replayed alone, and the rest:")
+    kernels = {}
+    for name in steps:
+        med = {k: statistics.median(v) * 1e3 for k, v in times[name].items()}
+        kernels[name] = sum(med[k] for k in FLOOR_KERNELS)
+        print(f"{name:14s} step {med['step']:6.1f} = " + " + ".join(f"{k} {med[k]:.1f}" for k in FLOOR_KERNELS)
+              + f" + the rest {med['step'] - kernels[name]:.1f}")
+    names = list(steps)
+    if len(names) == 2:
+        hf_step = statistics.median(times[names[1]]["step"]) * 1e3
+        print(f"ceiling of {names[0]} / {names[1]} (a step of nothing but those kernels): "
+              f"{hf_step / kernels[names[0]]:.2f}x; 1.3x leaves {names[0]} {hf_step / 1.3 - kernels[names[0]]:.1f} ms "
+              f"for the rest")
 
 
 def profile_steps(steps: dict, repeats: int, top: int) -> None:
@@ -143,6 +209,9 @@ def main() -> None:
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N ops that take most of either side's train step (torch.profiler)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also split each side's train step (CPU time) into the kernels both run on the same "
+                             "shapes, replayed alone, and the rest")
     parser.add_argument("--cpu_time", action="store_true",
                         help="one thread, timed in this process's CPU time, which load from other jobs hardly changes")
     args = parser.parse_args()
@@ -192,9 +261,9 @@ def main() -> None:
         opts["transformers"].step()
         opts["transformers"].zero_grad(set_to_none=True)
 
-    with torch.no_grad():  # same weights, same loss
-        same_loss = abs(lit_train(idx, targets=targets).item()
-                        - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
+    # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
+    same_loss = abs(lit_train(idx, targets=targets).item()
+                    - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
     train_share = expert_flops_share(lit_train, lambda: lit_train(idx, targets=targets))
 
     # ---------------------------------------------------------------- greedy decoding
@@ -264,6 +333,8 @@ def main() -> None:
           f"decode step {decode_share:.0%} (k / n_expert = {args.top_k / args.n_expert:.0%})")
     if args.profile:
         profile_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats, args.profile)
+    if args.floor:
+        floor_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats)
 
 
 if __name__ == "__main__":
