@@ -209,14 +209,14 @@ class GPT(nn.Module):
         return chunked_cross_entropy(self.head, x, targets, ignore_index)
 
     def _fused_loss_applies(self, x: torch.Tensor) -> bool:
-        """Whether the training loss takes `linear_cross_entropy` (the same loss in 1.4x less CPU time for head + loss
-        in `benchmarks/moe.py`, no (B, T, V) tensor made) instead of `head` + `chunked_cross_entropy`: fp32 on the
-        CPU (where it was measured), with gradients to make; a plain Linear head with no logit divisor or softcap,
-        its weight an ordinary tensor (not a DTensor, quantized or fake) and no hooks on it (FSDP, LoRA wrappers
-        and adapters keep the module call); no autocast, not under torch.compile (fake CPU tensors take it as real
-        ones do: `litllm estimate` measures the path the step runs). And only where it keeps no
-        more memory than the head path: it holds the head's weight gradient (V, C) from the forward on, where the
-        head path keeps the (N, V) log-probabilities, so a trainable head takes it for N >= C tokens only.
+        """Whether the training loss takes `linear_cross_entropy` (the same loss in 1.45x less CPU time for head +
+        loss in `benchmarks/moe.py`, no (B, T, V) tensor made) instead of `head` + `chunked_cross_entropy`: fp32 on
+        the CPU (where it was measured), with gradients to make; a plain Linear head with no logit divisor or
+        softcap, its weight an ordinary tensor (not a DTensor or quantized; fake CPU tensors take it as real ones
+        do, so `litllm estimate` measures the path the step runs) and no hooks on it (FSDP, LoRA wrappers and
+        adapters keep the module call); no autocast, not under torch.compile. And only where it keeps no more
+        memory than the head path: it holds the head's weight gradient (V, C) from the forward on, where the head
+        path keeps the (N, V) log-probabilities, so a trainable head takes it for N >= C tokens only.
         x: (B, T, C) final hidden states."""
         c, head = self.config, self.lm_head
         if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
