@@ -6,6 +6,7 @@
     python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
     python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
     python benchmarks/moe.py --cpu_time --floor    # also each step's shared kernels (CPU time) and the rest
+    python benchmarks/moe.py --unfused_loss        # also litllm's step without the fused head + loss
 
 Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
 `--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
@@ -32,6 +33,7 @@ import os
 import statistics
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -209,6 +211,9 @@ def main() -> None:
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N ops that take most of either side's train step (torch.profiler)")
+    parser.add_argument("--unfused_loss", action="store_true",
+                        help="also time litllm's step with the head and the chunked loss unfused (no "
+                             "`linear_cross_entropy`), alternating with the others")
     parser.add_argument("--floor", action="store_true",
                         help="also split each side's train step (CPU time) into the kernels both run on the same "
                              "shapes, replayed alone, and the rest")
@@ -261,6 +266,10 @@ def main() -> None:
         opts["transformers"].step()
         opts["transformers"].zero_grad(set_to_none=True)
 
+    def lit_step_unfused():  # the head, then the chunked loss, as before `linear_cross_entropy`
+        with unittest.mock.patch.object(GPT, "_fused_loss_applies", lambda self, x: False):
+            lit_step()
+
     # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
     same_loss = abs(lit_train(idx, targets=targets).item()
                     - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
@@ -302,12 +311,16 @@ def main() -> None:
         lit_step(lit_compiled, compiled_opt)  # compiles
         print(f"compiling litllm's blocks took {time.perf_counter() - start:.0f} s")
         runs["litllm train compiled"] = []
+    if args.unfused_loss:
+        runs["litllm train unfused"] = []
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
         runs["transformers train"].append(timed(hf_step, clock))
         runs["litllm train"].append(timed(lit_step, clock))
         if lit_compiled is not None:
             runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
+        if args.unfused_loss:
+            runs["litllm train unfused"].append(timed(lit_step_unfused, clock))
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 
