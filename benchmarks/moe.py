@@ -5,10 +5,13 @@
     python benchmarks/moe.py --compile             # also litllm's training step with each block compiled
     python benchmarks/moe.py --cpu_time            # one thread, CPU time: steadier on a loaded machine
     python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
+    python benchmarks/moe.py --cpu_time --floor    # also each step's shared kernels (CPU time) and the rest
+    python benchmarks/moe.py --unfused_loss        # also litllm's step without the fused head + loss
 
-Times (1) a training step, forward -> cross-entropy -> backward -> AdamW step -> zero_grad, on one random batch,
-and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as `litllm generate`
-runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
+Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
+`--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
+on one random batch, and (2) greedy decoding at batch 1 (a prompt, then `--new_tokens` tokens: litllm's engine as
+`litllm generate` runs it against `transformers.generate`). The weights are a random transformers checkpoint converted with
 `litllm convert_to_litllm`. Repeats alternate between the two so that load from other users of the machine hits
 both alike; the best run of each is compared (also the median). Also prints the share of the experts' FLOPs
 that were useful: the routed tokens' expert FLOPs over the expert FLOPs litllm actually computed (counted by
@@ -16,7 +19,10 @@ hooks on the experts) in the training forward, the prefill and one decode step. 
 the most self time in either side's train step (torch.profiler, steps alternating, medians), side by side, the
 share of each step that the kernels both sides run on the same shapes take (matmuls, the attention kernel,
 log_softmax + NLL, fused AdamW), and the ratio a litllm step of those kernels alone would reach: the most any
-saving elsewhere in litllm can give.
+saving elsewhere in litllm can give. The profiler times ops in wall-clock time, which a loaded machine stretches;
+`--floor` measures that ceiling in CPU time instead: every matmul (grouped ones included), attention-kernel and
+fused-AdamW call of one step of each side is recorded with its arguments and replayed alone, alternating with the
+whole steps, so each step splits into those kernels and the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import statistics
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -41,7 +48,8 @@ def build_checkpoint(folder: Path, args) -> None:
         vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.n_layer, num_attention_heads=8,
         num_key_value_heads=4, head_dim=args.hidden // 8, intermediate_size=2 * args.hidden,
         moe_intermediate_size=args.expert_size, num_experts=args.n_expert, num_experts_per_tok=args.top_k,
-        norm_topk_prob=True, max_position_embeddings=4096, router_aux_loss_coef=0.0, bos_token_id=0, eos_token_id=None,
+        norm_topk_prob=True, max_position_embeddings=4096, bos_token_id=0, eos_token_id=None,
+        router_aux_loss_coef=args.router_aux_loss_coef,
     )
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(config)
@@ -75,6 +83,68 @@ SHARED_KERNELS = {
     "AdamW": lambda op: op.startswith("aten::_fused_adam"),
 }
 """The kernels both sides run on the same shapes (the same FLOPs and memory traffic), by profiler op name."""
+
+
+FLOOR_KERNELS = {
+    "matmuls": ("mm", "addmm", "bmm", "addmv", "_grouped_mm"),
+    "attention kernel": ("_scaled_dot_product_flash_attention_for_cpu",
+                         "_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "AdamW": ("_fused_adamw_",),
+}
+"""`--floor`'s kernels by aten op name: both sides run them on the same shapes (transformers' CPU `_grouped_mm` is a
+loop of mm over the same blocks litllm's experts multiply)."""
+
+
+def record_kernels(step) -> list:
+    """(kind, op, args, kwargs) of each `FLOOR_KERNELS` call one run of `step()` makes, its tensors copied."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kinds = {name: kind for kind, names in FLOOR_KERNELS.items() for name in names}
+
+    def copy(a):
+        if isinstance(a, torch.Tensor):
+            return a.detach().clone()
+        return type(a)(copy(x) for x in a) if isinstance(a, (list, tuple)) else a
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            kind = kinds.get(func.overloadpacket.__name__)
+            if kind is not None:
+                calls.append((kind, func, copy(args), {k: copy(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    calls = []
+    with Recorder():
+        step()
+    return calls
+
+
+def floor_steps(steps: dict, repeats: int) -> None:
+    """Print each side's step (CPU time, median of `repeats`, alternating) split into the `FLOOR_KERNELS` replayed
+    alone and the rest, and the ratio a litllm step of nothing but those kernels would reach."""
+    calls = {name: record_kernels(step) for name, step in steps.items()}
+    times = {name: collections.defaultdict(list) for name in steps}
+    for i in range(repeats):
+        for name in (list(steps) if i % 2 else list(steps)[::-1]):
+            times[name]["step"].append(timed(steps[name], time.process_time))
+            for kind in FLOOR_KERNELS:
+                replay = [(op, a, kw) for k, op, a, kw in calls[name] if k == kind]
+                times[name][kind].append(timed(lambda: [op(*a, **kw) for op, a, kw in replay], time.process_time))
+    print(f"train step in CPU time (ms, median of {repeats}), split into the kernels both sides run on the same "
+          f"shapes, replayed alone, and the rest:")
+    kernels = {}
+    for name in steps:
+        med = {k: statistics.median(v) * 1e3 for k, v in times[name].items()}
+        kernels[name] = sum(med[k] for k in FLOOR_KERNELS)
+        print(f"{name:14s} step {med['step']:6.1f} = " + " + ".join(f"{k} {med[k]:.1f}" for k in FLOOR_KERNELS)
+              + f" + the rest {med['step'] - kernels[name]:.1f}")
+    names = list(steps)
+    if len(names) == 2:
+        hf_step = statistics.median(times[names[1]]["step"]) * 1e3
+        print(f"ceiling of {names[0]} / {names[1]} (a step of nothing but those kernels): "
+              f"{hf_step / kernels[names[0]]:.2f}x; 1.3x leaves {names[0]} {hf_step / 1.3 - kernels[names[0]]:.1f} ms "
+              f"for the rest")
 
 
 def profile_steps(steps: dict, repeats: int, top: int) -> None:
@@ -134,10 +204,19 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--router_aux_loss_coef", type=float, default=0.001,
+                        help="the load-balancing loss's weight in both sides' training loss (default: Qwen3-MoE's, "
+                             "which `litllm finetune` uses by default; 0: the LM loss alone)")
     parser.add_argument("--compile", action="store_true",
                         help="also time litllm's step with each block torch.compile'd (what `--compile` does)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N ops that take most of either side's train step (torch.profiler)")
+    parser.add_argument("--unfused_loss", action="store_true",
+                        help="also time litllm's step with the head and the chunked loss unfused (no "
+                             "`linear_cross_entropy`), alternating with the others")
+    parser.add_argument("--floor", action="store_true",
+                        help="also split each side's train step (CPU time) into the kernels both run on the same "
+                             "shapes, replayed alone, and the rest")
     parser.add_argument("--cpu_time", action="store_true",
                         help="one thread, timed in this process's CPU time, which load from other jobs hardly changes")
     args = parser.parse_args()
@@ -178,13 +257,22 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # the load-balancing loss in both sides' training loss, as a finetune of a Qwen3-MoE checkpoint has it: litllm adds
+    # it wherever the checkpoint has a weight, transformers where the call asks for the router logits
+    router_logits = args.router_aux_loss_coef > 0
+
     def hf_step():
-        hf_train(idx, labels=idx).loss.backward()
+        hf_train(idx, labels=idx, output_router_logits=router_logits).loss.backward()
         opts["transformers"].step()
         opts["transformers"].zero_grad(set_to_none=True)
 
-    with torch.no_grad():  # same weights, same loss
-        same_loss = abs(lit_train(idx, targets=targets).item() - hf_train(idx, labels=idx).loss.item())
+    def lit_step_unfused():  # the head, then the chunked loss, as before `linear_cross_entropy`
+        with unittest.mock.patch.object(GPT, "_fused_loss_applies", lambda self, x: False):
+            lit_step()
+
+    # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
+    same_loss = abs(lit_train(idx, targets=targets).item()
+                    - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
     train_share = expert_flops_share(lit_train, lambda: lit_train(idx, targets=targets))
 
     # ---------------------------------------------------------------- greedy decoding
@@ -223,12 +311,16 @@ def main() -> None:
         lit_step(lit_compiled, compiled_opt)  # compiles
         print(f"compiling litllm's blocks took {time.perf_counter() - start:.0f} s")
         runs["litllm train compiled"] = []
+    if args.unfused_loss:
+        runs["litllm train unfused"] = []
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
         runs["transformers train"].append(timed(hf_step, clock))
         runs["litllm train"].append(timed(lit_step, clock))
         if lit_compiled is not None:
             runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
+        if args.unfused_loss:
+            runs["litllm train unfused"].append(timed(lit_step_unfused, clock))
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 
@@ -254,6 +346,8 @@ def main() -> None:
           f"decode step {decode_share:.0%} (k / n_expert = {args.top_k / args.n_expert:.0%})")
     if args.profile:
         profile_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats, args.profile)
+    if args.floor:
+        floor_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats)
 
 
 if __name__ == "__main__":

@@ -286,11 +286,11 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
             train_step(fabric, model, optimizer, batches, plan.max_norm, -100, loss_fn)
         parts = tracker_breakdown(tracker.get_tracker_snapshot("peak"))
 
-        # logits + loss: the head and chunked cross-entropy alone, on the last hidden state
+        # logits + loss: the head and the loss alone, on the last hidden state
         head_tracker = mem_tracker()
         dtype = compute_dtype if plan.precision.endswith("mixed") else param_dtype
         hidden = torch.empty(B, T, plan.config.n_embd, dtype=dtype, requires_grad=True)
-        head_loss = _HeadLoss(model.lm_head)  # a parent module: MemTracker refuses repeated top-level calls (chunks)
+        head_loss = _HeadLoss(model)  # a parent module: MemTracker refuses repeated top-level calls (chunks)
         head_tracker.track_external(head_loss, hidden)
         with head_tracker:
             with fabric.autocast():
@@ -341,16 +341,15 @@ def _swap_quantized(parts: dict[str, int], linears: list[nn.Linear], mode: str, 
 
 
 class _HeadLoss(nn.Module):
-    """The output head and the chunked cross-entropy of the loss, as GPT.forward runs them."""
+    """The output head and the loss (`GPT.head_loss`: chunked, or fused with the head), as GPT.forward runs them."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.head = head
+        self.head = model.lm_head  # (the head alone as a submodule: the tracker counts its weight, no other)
+        self.head_loss = model.head_loss
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from litllm.losses import chunked_cross_entropy
-
-        return chunked_cross_entropy(self.head, hidden, targets, ignore_index=-100)
+        return self.head_loss(hidden, targets, ignore_index=-100)
 
 
 def _default_dtype(dtype: torch.dtype):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
 from litllm.config import Config
-from litllm.losses import chunked_cross_entropy
+from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
 
 
@@ -97,7 +97,7 @@ class GPT(nn.Module):
         if targets is None:
             return self._logits(x, logits_to_keep)
         c = self.config
-        loss = chunked_cross_entropy(self.head, self.norm_f(x), targets, ignore_index)
+        loss = self.head_loss(self.norm_f(x), targets, ignore_index)
         if self.training and c.router_aux_loss_coef and c.is_moe_model:
             # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
             routers = [m for m in self.modules() if isinstance(m, MoE)]
@@ -201,6 +201,32 @@ class GPT(nn.Module):
         if c.rope_local_base is not None:
             rope_local = (ready(self.rope_cos_local[positions]), ready(self.rope_sin_local[positions]), *rope[2:])
         return rope, rope_local
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """The mean next-token loss of the final hidden states after `norm_f`, x (B, T, C), against targets (B, T)."""
+        if self._fused_loss_applies(x):
+            return linear_cross_entropy(x, self.lm_head.weight, self.lm_head.bias, targets, ignore_index)
+        return chunked_cross_entropy(self.head, x, targets, ignore_index)
+
+    def _fused_loss_applies(self, x: torch.Tensor) -> bool:
+        """Whether the training loss takes `linear_cross_entropy` (the same loss in 1.45x less CPU time for head +
+        loss in `benchmarks/moe.py`, no (B, T, V) tensor made) instead of `head` + `chunked_cross_entropy`: fp32 on
+        the CPU (where it was measured), with gradients to make; a plain Linear head with no logit divisor or
+        softcap, its weight an ordinary tensor (not a DTensor or quantized; fake CPU tensors take it as real ones
+        do, so `litllm estimate` measures the path the step runs) and no hooks on it (FSDP, LoRA wrappers and
+        adapters keep the module call); no autocast, not under torch.compile. And only where it keeps no more
+        memory than the head path: it holds the head's weight gradient (V, C) from the forward on, where the head
+        path keeps the (N, V) log-probabilities, so a trainable head takes it for N >= C tokens only.
+        x: (B, T, C) final hidden states."""
+        c, head = self.config, self.lm_head
+        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+            return False
+        weight = head.weight
+        return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and (type(weight.data) is torch.Tensor or is_fake(weight)) and c.logits_divisor == 1.0
+                and c.final_logit_softcapping is None
+                and (not weight.requires_grad or x.numel() // x.size(-1) >= x.size(-1)))  # (tokens >= C)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)

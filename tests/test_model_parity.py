@@ -400,6 +400,29 @@ def test_each_family_quirk_is_needed_to_match(family, field, neutral, converted)
         assert (plain(idx)[..., :VOCAB] - hf(idx).logits).abs().max() > 5e-4
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama"])
+def test_training_loss_and_gradients_match_transformers(family, converted):
+    """A training forward + backward (the CPU fp32 step's fused head + loss, `linear_cross_entropy`) gives
+    transformers' loss (the router load-balancing loss included) and gradients: the output head's, which the
+    fused loss makes itself, and the embedding's, which its hidden-state gradient reaches through every layer."""
+    hf, model = converted(family)
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))  # 80 tokens >= hidden 64
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)
+    assert model._fused_loss_applies(torch.zeros(2, 40, model.config.n_embd))
+    try:
+        hf.train(), model.train()
+        expected = hf(idx, labels=idx, output_router_logits=family == "qwen3_moe").loss
+        expected.backward()
+        loss = model(idx, targets=targets)
+        loss.backward()
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+        for got, want in ((model.lm_head.weight.grad, hf.lm_head.weight.grad),
+                          (model.wte.weight.grad, hf.model.embed_tokens.weight.grad)):
+            torch.testing.assert_close(got[:VOCAB], want, atol=1e-6, rtol=1e-4)
+    finally:
+        hf.eval().zero_grad(set_to_none=True), model.eval().zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral", "gpt_oss"])
 def test_router_aux_loss_equals_transformers(family, converted):
     """Training with targets adds router_aux_loss_coef x the load-balancing loss, the same term and the same

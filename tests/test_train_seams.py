@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from litllm.losses import chunked_cross_entropy, token_logprobs
+import litllm.losses
+from litllm.losses import chunked_cross_entropy, linear_cross_entropy, token_logprobs
 from litllm.model import GPT
 from litllm.train.loop import Method, build_train_model, token_cross_entropy, train_step
 from test_train_loop import FixedTokens, fresh_model, single_fabric, tiny_config, train_once
@@ -41,6 +42,78 @@ def test_token_logprobs_match_log_softmax_and_chunked_cross_entropy():
     torch.testing.assert_close(mean, reference)
     # logits that are already computed: the identity head
     torch.testing.assert_close(token_logprobs(torch.nn.Identity(), head(x), targets, ignore_index=-1), got)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_is_the_chunked_loss_with_its_backward_done_in_the_forward(bias, monkeypatch):
+    monkeypatch.setattr(litllm.losses, "LINEAR_CE_ROWS", 8)  # 111 rows: 14 chunks, the last one short
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    x = torch.randn(3, 37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 37))
+    targets[0, :5] = -1
+    targets[2, 30:] = -1  # ignored rows, inside and at the end of a chunk
+
+    def loss_and_grads(loss_fn, incoming=3.0):
+        x.grad = None
+        head.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        (incoming * loss).backward()
+        return loss, [t.grad for t in (x, head.weight, head.bias) if t is not None]
+
+    def check(ignore_index, targets, incoming):
+        expected, expected_grads = loss_and_grads(
+            lambda: chunked_cross_entropy(head, x, targets, ignore_index, chunk_size=8), incoming)
+        got, grads = loss_and_grads(
+            lambda: linear_cross_entropy(x, head.weight, head.bias, targets, ignore_index), incoming)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+        for g, e in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+        return got
+
+    no_grad_loss = check(-1, targets, incoming=3.0)  # an incoming gradient other than 1
+    check(-1, targets, incoming=1.0)  # 1: the saved gradients as they are
+    check(50, torch.where(targets == -1, 50, targets), incoming=1.0)  # an ignore_index outside the vocabulary
+    assert linear_cross_entropy(x, head.weight, head.bias, torch.full_like(targets, -1), -1).item() == 0.0
+    with torch.no_grad():
+        assert torch.equal(linear_cross_entropy(x, head.weight, head.bias, targets, -1), no_grad_loss)
+    head.weight.requires_grad_(False)  # a frozen head (LoRA): no weight gradient is made
+    loss_and_grads(lambda: linear_cross_entropy(x, head.weight, None, targets, -1))
+    assert head.weight.grad is None and x.grad is not None
+    # what the backward keeps: no (B, T, V) tensor (the head path keeps the log-probabilities)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        linear_cross_entropy(x, head.weight, None, targets, -1)
+    assert sum(saved) < targets.numel() * 50
+
+
+def test_training_loss_takes_the_fused_head_where_it_applies(monkeypatch):
+    model = fresh_model(tiny_config())  # n_embd 32
+    idx = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))  # 48 tokens >= n_embd
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    x = torch.zeros(2, 24, 32)
+    assert model._fused_loss_applies(x)
+    with torch.no_grad():
+        assert not model._fused_loss_applies(x)  # scoring: nothing to differentiate
+    assert not model._fused_loss_applies(x[:, :8])  # 16 tokens < n_embd: the (V, C) gradient would outweigh (N, V)
+    fused = model(idx, targets=targets)
+    fused.backward()
+    fused_grads = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(GPT, "_fused_loss_applies", lambda self, x: False)
+    unfused = model(idx, targets=targets)
+    unfused.backward()
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=0)
+    for got, expected in zip(fused_grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+    model.lm_head.weight.requires_grad_(False)
+    assert model._fused_loss_applies(x[:, :8])  # a frozen head makes no (V, C) gradient: any length
+    assert not model._fused_loss_applies(x.bfloat16())
+    assert not fresh_model(tiny_config(final_logit_softcapping=30.0))._fused_loss_applies(x)
+    model.lm_head.register_forward_pre_hook(lambda m, a: None)  # e.g. FSDP's: the module call must happen
+    assert not model._fused_loss_applies(x)
 
 
 def test_default_loss_is_a_token_sum_and_passes_extra_batch_keys():
