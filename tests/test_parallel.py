@@ -190,6 +190,20 @@ def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
     assert torch.equal(compiled, eager)
 
 
+def test_a_shards_linears_say_their_own_sizes(one_rank):
+    """After `parallelize`, each Linear's in/out features are its shard's (rank 1 of 2 here), not the full model's:
+    the CPU layouts a compiled step takes build from them (a bf16 `BlockedBf16Linear` of the full size failed)."""
+    from litllm.model import GPT
+    from litllm.parallel.plan import parallelize
+
+    with torch.device("meta"):
+        model = GPT(one_rank.config)
+    parallelize(model, 1, 2)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all((m.out_features, m.in_features) == tuple(m.weight.shape) for m in linears)
+    assert model.blocks[0].attn.qkv.out_features == one_rank.blocks[0].attn.qkv.out_features // 2
+
+
 def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
     from litllm.errors import LitLLMError
     from litllm.parallel.plan import layer_placement
