@@ -194,11 +194,16 @@ def test_a_shards_linears_say_their_own_sizes(one_rank):
     """After `parallelize`, each Linear's in/out features are its shard's (rank 1 of 2 here), not the full model's:
     the CPU layouts a compiled step takes build from them (a bf16 `BlockedBf16Linear` of the full size failed)."""
     from litllm.model import GPT
+    from litllm.parallel.layers import _group
     from litllm.parallel.plan import parallelize
 
     with torch.device("meta"):
         model = GPT(one_rank.config)
-    parallelize(model, 1, 2)
+    ranks_group = dict(_group)
+    try:
+        parallelize(model, 1, 2)
+    finally:
+        _group.update(ranks_group)  # (the process's collectives stay one_rank's)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all((m.out_features, m.in_features) == tuple(m.weight.shape) for m in linears)
     assert model.blocks[0].attn.qkv.out_features == one_rank.blocks[0].attn.qkv.out_features // 2

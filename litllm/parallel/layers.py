@@ -16,7 +16,8 @@ host sync of its own: on CUDA (NCCL) the collectives are queued on the stream li
 The collectives are c10d's functional ops (`torch.ops._c10d_functional`, what
 `torch.distributed._functional_collectives` issues): eager, each is the process group's collective and its wait;
 traced (`torch.export`, dynamo), they are graph nodes, so a rank's compiled decode step
-(`litllm.compile_decode`) issues them from inside its graph, in the same order.
+(`litllm.compile_decode`) issues them from inside its graph, in the same order (on gloo in a process group of
+their own, `step_group`).
 """
 
 from __future__ import annotations
