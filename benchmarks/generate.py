@@ -180,11 +180,13 @@ STARTUP_RUNS = (  # (row, --compile, remove the saved compiled steps first)
 )
 
 
-def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) seconds from starting `litllm generate` (1 new token) to its exit, per run, in a fresh compile
-    cache: compiled with it empty (the step compiles and is saved, `litllm.compile_decode`), with the default
-    `--compile` and the saved step there (loaded by default), eager, and compiled with inductor's kernels cached
-    but no saved step (compiled again). Rows that compile run once; the others alternate, `repeats` rounds."""
+def startup_latency(folder: Path, repeats: int,
+                    extra: tuple[str, ...] = ()) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds from starting `litllm generate` (1 new token; `extra`: more flags, e.g. `--devices 2`) to
+    its exit, per run, in a fresh compile cache: compiled with it empty (the step compiles and is saved,
+    `litllm.compile_decode`), with the default `--compile` and the saved step there (loaded by default), eager, and
+    compiled with inductor's kernels cached but no saved step (compiled again). Rows that compile run once; the
+    others alternate, `repeats` rounds."""
     import resource
     import shutil
     import subprocess
@@ -207,7 +209,8 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, f
             flag = [] if compile is None else ["--compile", compile]
             t0, c0 = time.perf_counter(), children_cpu()
             proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(folder), "--prompt", "Hello",
-                                   "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag],
+                                   "--max_new_tokens", "1", "--temperature", "0", "--precision", "32-true", *flag,
+                                   *extra],
                                   env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"the run '{name}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -226,11 +229,11 @@ def startup_latency(folder: Path, repeats: int) -> dict[str, list[tuple[float, f
     return times
 
 
-def print_startup(folder: Path, repeats: int) -> None:
+def print_startup(folder: Path, repeats: int, extra: tuple[str, ...] = ()) -> None:
     medians = {}
-    for name, runs in startup_latency(folder, repeats).items():
+    for name, runs in startup_latency(folder, repeats, extra).items():
         medians[name] = wall, cpu = tuple(statistics.median(r[i] for r in runs) for i in (0, 1))
-        print(f"litllm generate, 1 token, fresh process, {name}: {wall:.1f} s ({cpu:.1f} CPU-s), "
+        print(f"litllm generate {' '.join(extra)}, 1 token, fresh process, {name}: {wall:.1f} s ({cpu:.1f} CPU-s), "
               f"median of {len(runs)}")
     (loaded_wall, loaded_cpu), (eager_wall, eager_cpu) = medians[STARTUP_RUNS[1][0]], medians[STARTUP_RUNS[2][0]]
     print(f"saved step loaded by default vs eager: {loaded_wall - eager_wall:+.2f} s "

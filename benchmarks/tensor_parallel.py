@@ -19,6 +19,14 @@ medians and best, their ratio, and whether both gave the same tokens.
     python benchmarks/tensor_parallel.py --device cpu --devices 2 --n_layer 4 --n_embd 512 --n_head 8 \
         --intermediate_size 1536 --vocab_size 8000 --new_tokens 64 --repeats 5 --compiled
 
+`--startup` times instead the first token of `litllm generate --devices N` in fresh processes (32-bit weights, the
+`--startup` rows of benchmarks/generate.py): `--compile true` with an empty compile cache (each rank compiles its
+step ahead of time and saves it), the default `--compile` with the saved steps there (each rank loads its own),
+`--compile false`, and `--compile true` with inductor's kernels cached but the steps removed (compiled again).
+
+    python benchmarks/tensor_parallel.py --device cpu --devices 2 --n_layer 4 --n_embd 512 --n_head 8 \
+        --intermediate_size 1536 --vocab_size 8000 --startup
+
 `--profile` then decodes once more under torch.profiler and once traced and splits rank 0's milliseconds per
 token into the collectives (the gloo/NCCL operations' own spans), the math (aten ops' self time) and the rest
 (Python: the model's, the engine's, DTensor's where it is used; waiting), and says how much of the wall was spent
@@ -44,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import train_bpe_tokenizer  # noqa: E402  (a small BPE tokenizer trained on the spot)
-from generate import add_model_args, build_checkpoint  # noqa: E402
+from generate import add_model_args, build_checkpoint, print_startup  # noqa: E402
 
 
 def decode_rate(llm, prompt: str, new_tokens: int) -> tuple[float, str]:
@@ -164,12 +172,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also split rank 0's time per token (see above)")
     parser.add_argument("--compiled", action="store_true", help="also time the ranks' compiled decode (see above)")
+    parser.add_argument("--startup", action="store_true", help="time `generate --devices N`'s first token instead")
     add_model_args(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "llama"
         build_checkpoint(folder, args)
         train_bpe_tokenizer(folder)
+        if args.startup:
+            print_startup(folder, args.repeats, ("--device", args.device, "--devices", str(args.devices)))
+            return
         one = LLM.load(folder, device=args.device, precision=args.precision)
         sharded = LLM.load(folder, device=args.device, precision=args.precision, devices=args.devices)
         prompt = "The quick brown fox jumps over the lazy dog. " * 4

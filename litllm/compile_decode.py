@@ -271,15 +271,15 @@ def decode_choices_key(model) -> str:
 
 
 def _tp_tag(model) -> str:
-    """A tensor-parallel rank's place (`litllm.parallel`): its rank, the world size and the process group's name,
-    which its compiled step's collectives carry (and the vocabulary rows its embedding holds start at its rank's);
-    "" for a model on one device."""
+    """A tensor-parallel rank's place (`litllm.parallel`): its rank, the world size and the name of the process group
+    its compiled step's collectives run in (`litllm.parallel.layers.step_group`), which the step carries (and the
+    vocabulary rows its embedding holds start at its rank's); "" for a model on one device."""
     n = getattr(model, "tp_size", 1)
     if n == 1:
         return ""
     import torch.distributed as dist
 
-    return f"|tensor parallel rank {dist.get_rank()} of {n}, group {dist.group.WORLD.group_name}"
+    return f"|tensor parallel rank {dist.get_rank()} of {n}, group {getattr(model, 'tp_step_group', '')}"
 
 
 def _omp_wait() -> str:
@@ -843,7 +843,9 @@ def step_engine(make: Callable, model, rows: int, length: int, compile: Optional
         return make(rows, length, False)
     unpack_weights(model)  # the compiled step takes the weights as plain Linears (saved steps are keyed so)
     rows, t0 = max(rows, min_rows), clock()
-    if compile is None:
+    # a tensor-parallel rank 0 loads through `make(..., True)`: what it makes every rank makes, so each loads its own
+    # (`load_saved_step` here would load rank 0's alone, whose collectives the eager ranks would never meet)
+    if compile is None and getattr(model, "tp_size", 1) == 1:
         engine = make(rows, saved, False)
         if load_saved_step(engine):
             engine.compile_seconds = clock() - t0
@@ -897,12 +899,11 @@ def compile_engine_step(engine) -> Callable:
     if torch.device(device).type != "cpu":
         return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
     path = steps_folder(model) / _step_file(engine.max_batch_size, engine.max_seq_length)
-    # a tensor-parallel rank's step holds its collectives: AOTInductor's, with the engine's broadcasts between steps,
-    # deadlocked on gloo (torch 2.13; alone they ran), torch.compile's run as eager's do: that path, unsaved
-    tensor_parallel = getattr(model, "tp_size", 1) > 1
-    step = _load_step(path, engine) if path.exists() and not tensor_parallel else None
+    # (a tensor-parallel rank's step holds its collectives, in a process group of their own:
+    # `litllm.parallel.layers.step_group`)
+    step = _load_step(path, engine) if path.exists() else None
     engine.step_source = "loaded"
-    if step is None and not tensor_parallel:
+    if step is None:
         enable_compile_cache()  # the kernels inductor generates are cached: a rebuild of the same step is faster
         # at torch's thread budget (Engine.__init__): its kernels take step()'s count when they run
         step, engine.step_source = _compile_and_save(path, engine), "compiled"

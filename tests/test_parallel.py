@@ -190,6 +190,49 @@ def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
     assert torch.equal(compiled, eager)
 
 
+def test_a_shards_linears_say_their_own_sizes(one_rank):
+    """After `parallelize`, each Linear's in/out features are its shard's (rank 1 of 2 here), not the full model's:
+    the CPU layouts a compiled step takes build from them (a bf16 `BlockedBf16Linear` of the full size failed)."""
+    from litllm.model import GPT
+    from litllm.parallel.layers import _group
+    from litllm.parallel.plan import parallelize
+
+    with torch.device("meta"):
+        model = GPT(one_rank.config)
+    ranks_group = dict(_group)
+    try:
+        parallelize(model, 1, 2)
+    finally:
+        _group.update(ranks_group)  # (the process's collectives stay one_rank's)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all((m.out_features, m.in_features) == tuple(m.weight.shape) for m in linears)
+    assert model.blocks[0].attn.qkv.out_features == one_rank.blocks[0].attn.qkv.out_features // 2
+
+
+def test_a_compiled_step_issues_its_collectives_in_its_own_group(one_rank):
+    """A rank's traced step (what AOTInductor saves) runs its collectives in the step's own process group, eager
+    forwards (and the engine's broadcasts) in the run's: on gloo a saved step sharing the run's group deadlocked
+    (`litllm.parallel.layers.step_group`)."""
+    import torch.distributed as dist
+
+    from litllm.parallel.layers import _group
+
+    model = one_rank
+    model.set_kv_cache(1, 32)
+    groups = []
+
+    def backend(gm, example_inputs):
+        groups.extend(node.args[-1] for node in gm.graph.nodes
+                      if "_c10d_functional" in str(node.target) and "wait" not in str(node.target))
+        return gm.forward
+
+    with torch.inference_mode():
+        torch.compile(lambda t, p: model.decode(t, input_pos=p), backend=backend)(torch.tensor([[7]]),
+                                                                                     torch.tensor([[3]]))
+    assert _group["name"] == dist.group.WORLD.group_name != _group["step"] == model.tp_step_group
+    assert groups and set(groups) == {_group["step"]}
+
+
 def test_sequential_placement_puts_consecutive_blocks_on_consecutive_devices():
     from litllm.errors import LitLLMError
     from litllm.parallel.plan import layer_placement
@@ -355,20 +398,30 @@ def test_generate_on_two_ranks(folder):
 
 
 def test_compiled_decode_on_two_ranks_gives_the_unsharded_eager_tokens(tiny_checkpoint, tmp_path):
-    """`--compile true` with `--devices 2` (refused before): each rank compiles its own decode step, collectives
-    inside, and the greedy tokens are one device's eager ones."""
-    args = ["--prompt", "Tell me about llamas", "--max_new_tokens", "12", "--temperature", "0", "--device", "cpu"]
-    env = dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(tiny_checkpoint), *args, "--devices", "2",
-                           "--compile", "true"], capture_output=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    assert "Compiled the decode step" in proc.stderr.decode()
-    assert proc.stdout.decode() == reference_generate(tiny_checkpoint, "Tell me about llamas", 12, temperature=0,
-                                                      compile=False)
-    # each rank laid its shard out and recorded it under its own place (world size and rank in the key)
+    """`--compile true` with `--devices 2`: each rank compiles its own decode step (collectives inside) ahead of time
+    and saves it, and the greedy tokens are one device's eager ones; a second run loads the saved steps (no
+    compile) and gives them again, decoding long enough that the deadlock the saved steps once hit on gloo
+    (`litllm.parallel.layers.step_group`: after a few tokens) would show."""
+    n = 40
+    args = ["--prompt", "Tell me about llamas", "--max_new_tokens", str(n), "--temperature", "0", "--device", "cpu"]
+    # each rank compiles its own step at once: under load one may finish minutes after the other, which waits
+    env = dict(ENV, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), LITLLM_TP_TIMEOUT="600")
+    expected = reference_generate(tiny_checkpoint, "Tell me about llamas", n, temperature=0, compile=False)
+    for says in ("Compiled the decode step", "Loaded the saved compiled decode step"):
+        proc = subprocess.run([sys.executable, "-m", "litllm", "generate", str(tiny_checkpoint), *args, "--devices",
+                               "2", "--compile", "true"], capture_output=True, timeout=400, env=env)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        assert says in proc.stderr.decode()
+        assert proc.stdout.decode() == expected
+        saved = sorted((tmp_path / "cache" / "decode_steps").glob("*/*.pt2"))
+        assert len(saved) == 2  # one step per rank (its place is in the folder's key), saved by the first run
+        if says.startswith("Compiled"):
+            written = [path.stat().st_mtime_ns for path in saved]
+    assert [path.stat().st_mtime_ns for path in saved] == written  # the second run loaded them, wrote nothing
+    # each rank laid its shard out and recorded it under its own place (world size, rank, its step's group)
     choices = json.loads((tmp_path / "cache" / "decode_choices.json").read_text())
-    assert sorted(part for key in choices for part in key.split("|") if part.startswith("tensor parallel")) == ["tensor parallel rank 0 of 2, group 0",
-                                                            "tensor parallel rank 1 of 2, group 0"]
+    assert sorted(part for key in choices for part in key.split("|") if part.startswith("tensor parallel")) == [
+        "tensor parallel rank 0 of 2, group 1", "tensor parallel rank 1 of 2, group 1"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ host sync of its own: on CUDA (NCCL) the collectives are queued on the stream li
 The collectives are c10d's functional ops (`torch.ops._c10d_functional`, what
 `torch.distributed._functional_collectives` issues): eager, each is the process group's collective and its wait;
 traced (`torch.export`, dynamo), they are graph nodes, so a rank's compiled decode step
-(`litllm.compile_decode`) issues them from inside its graph, in the same order.
+(`litllm.compile_decode`) issues them from inside its graph, in the same order (on gloo in a process group of
+their own, `step_group`).
 """
 
 from __future__ import annotations
@@ -27,21 +28,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-_group = {"name": "", "size": 1}
-"""The process group the collectives run in (the run's one group, `localize` notes it): its name, which the ops
-take (and a compiled step keeps), and its size."""
+_group = {"name": "", "step": "", "size": 1}
+"""The process groups the collectives run in (`localize` notes them), by name, which the ops take (and a compiled
+step keeps): "name" the run's group (eager forwards, the engine's broadcasts), "step" the one a compiled step's
+collectives run in (`step_group`), and their size."""
+
+
+def step_group() -> str:
+    """The name of the process group a compiled step's collectives run in: on gloo a group of their own (every rank
+    calls this at the same point: making one is a collective). A saved AOTInductor step runs holding Python's GIL,
+    and gloo's worker thread, under the group's queue lock, releases each finished collective's tensors, which
+    takes the GIL where a tensor is one Python made (the engine's broadcasts, an eager forward's all-reduces): in one
+    group the step's next collective then waited for that lock, the worker for the GIL (a deadlock after a few
+    tokens, torch 2.13). The step's own group only ever holds the step's buffers. NCCL: the run's group (the step
+    is `torch.compile`'s there, which drops the GIL at each op)."""
+    if dist.get_backend() != "gloo":
+        return dist.group.WORLD.group_name
+    return dist.new_group(backend="gloo").group_name
+
+
+def _group_name() -> str:
+    """The group of a collective issued now: the compiled step's while tracing it (`torch.export`, dynamo)."""
+    return _group["step"] if torch.compiler.is_compiling() else _group["name"]
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """The sum of every rank's `x` (a new tensor)."""
     ops = torch.ops._c10d_functional
-    return ops.wait_tensor(ops.all_reduce(x, "sum", _group["name"]))
+    return ops.wait_tensor(ops.all_reduce(x, "sum", _group_name()))
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's `x` concatenated along dim 0, in rank order: (N * x.size(0), ...)."""
     ops = torch.ops._c10d_functional
-    return ops.wait_tensor(ops.all_gather_into_tensor(x.contiguous(), _group["size"], _group["name"]))
+    return ops.wait_tensor(ops.all_gather_into_tensor(x.contiguous(), _group["size"], _group_name()))
 
 
 def reduce_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -67,12 +87,15 @@ class VocabShardHead(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(x, self.weight, self.bias)  # (..., V / N)
         parts = all_gather(local[None]).view(-1, *local.shape)  # (N, ..., V / N): one collective
-        return parts.movedim(0, -2).reshape(*local.shape[:-1], -1)  # (..., V)
+        # a copy, never a view of the gathered buffer: a saved step's output is no tensor its collective holds
+        # (`step_group`)
+        return torch.cat(parts.unbind(0), dim=-1)  # (..., V)
 
 
 def localize(model: nn.Module, rank: int, n: int, split_vocab: bool) -> None:
     """Install the communication above on `model`, whose parameters already hold rank `rank`'s shares (of n)."""
-    _group.update(name=dist.group.WORLD.group_name, size=n)
+    _group.update(name=dist.group.WORLD.group_name, step=step_group(), size=n)
+    model.tp_step_group = _group["step"]
     if split_vocab:
         model.wte.__class__ = VocabShardEmbedding
         model.wte.vocab_start = rank * (model.config.padded_vocab_size // n)

@@ -168,7 +168,10 @@ def parallelize(model: nn.Module, rank: int, n: int) -> nn.Module:
         shape[dim] = sum(sizes) // n
         owner, _, leaf = name.rpartition(".")
         local = torch.empty(shape, device=p.device, dtype=p.dtype)
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(local, requires_grad=p.requires_grad))
+        module = model.get_submodule(owner)
+        setattr(module, leaf, nn.Parameter(local, requires_grad=p.requires_grad))
+        if isinstance(module, nn.Linear) and leaf == "weight":  # what layouts made from it read (not the full sizes)
+            module.out_features, module.in_features = shape
     if c.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     localize(model, rank, n, split_vocab(c, n))
