@@ -303,6 +303,25 @@ static void int8_prompt_part(const uint8_t* qu, const float* lane_d, const float
     }
   }
 }
+// round_row_q8<uint8_t, 128> (the same values: one scale per block from its absmax, the products by x * (1 / d)
+// rounded half to even) 16 values a vector, for blocks of whole vectors: the prompt's rows are rounded by the calling
+// thread before the others start, so the scalar loop's ~4 ms a 32-token prompt (12 layers) kept one thread waiting
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void round_row_q8_u8_vectors(const float* xr, int64_t K, int64_t block, uint8_t* q, float* lane_d) {
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t b = 0; b < K; b += block) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = b; i < b + block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+    const float d = _mm512_reduce_max_ps(amax) / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+    const __m512 scale = _mm512_set1_ps(inv);
+    for (int64_t i = b; i < b + block; i += 16) {  // the conversion rounds half to even (MXCSR's default, as nearbyint)
+      const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), scale)), offset);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
+    }
+    std::fill(lane_d + b / 4, lane_d + (b + block) / 4, d);
+  }
+}
+
 // From kPackMinRows x rows on, a thread packs each group of kPackRows weight rows once (into memory of its own that
 // stays in L2) so that one vector holds 16 outputs: then the products need no horizontal sums, and int8dq's
 // conversion to fp32 and multiply by the block scale come once per block of 32 values instead of once per 4 (about
@@ -505,8 +524,10 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
   uint8_t* const q = qu.data();  // (the OpenMP threads see the calling thread's buffers through these pointers)
   float* const d = lane_d.data();
   const float* xp = xc.const_data_ptr<float>();
-  for (int64_t n = 0; int8_act && n < N; ++n)  // q8_0's rounding, as int8_rows_linear's (stored + 128: u8 for vpdpbusd)
-    round_row_q8<uint8_t, 128>(xp + n * K, K, block, q + n * K, d + n * (K / 4));
+  for (int64_t n = 0; int8_act && n < N; ++n) {  // q8_0's rounding, as int8_rows_linear's (+ 128: u8 for vpdpbusd)
+    if (block % 16 == 0) round_row_q8_u8_vectors(xp + n * K, K, block, q + n * K, d + n * (K / 4));
+    else round_row_q8<uint8_t, 128>(xp + n * K, K, block, q + n * K, d + n * (K / 4));
+  }
   const int threads = op_threads();
   float* yp = y.mutable_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
