@@ -198,7 +198,7 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
 // it, int8 x int8 products by vpdpbusd; block == 0 (int8wo): x unrounded, the weights converted to fp32 in registers
 // (exact), fp32 FMAs. Each weight tile (kPromptMR rows) is read once for a chunk of kPromptRows x rows (kept in L2),
 // the products kPromptMR x NR at a time in registers; a thread's weight rows one contiguous range, as
-// int8_rows_linear's. From kPackMinRows x rows on (a prompt), groups of 32 weight rows packed 16 outputs a vector
+// int8_rows_linear's. From 8 (int8wo: 16) x rows on (a prompt), groups of 32 weight rows packed 16 outputs a vector
 // instead (`int8_packed_part`, below), handed out in several chunks a thread.
 #if defined(__x86_64__)
 constexpr int kPromptMR = 4;             // weight rows a tile
@@ -322,13 +322,14 @@ static void round_row_q8_u8_vectors(const float* xr, int64_t K, int64_t block, u
   }
 }
 
-// From kPackMinRows x rows on, a thread packs each group of kPackRows weight rows once (into memory of its own that
-// stays in L2) so that one vector holds 16 outputs: then the products need no horizontal sums, and int8dq's
-// conversion to fp32 and multiply by the block scale come once per block of 32 values instead of once per 4 (about
-// half the vector instructions); int8wo's products become one FMA per 16 products, the weights converted once per
-// group, not once per tile of x rows. Fewer rows (the head's one row): the tiles above.
+// From kPackMinRows (int8wo: kPackMinRows32) x rows on, a thread packs each group of kPackRows weight rows once (into
+// memory of its own that stays in L2) so that one vector holds 16 outputs: then the products need no horizontal sums,
+// and int8dq's conversion to fp32 and multiply by the block scale come once per block of 32 values instead of once per
+// 4 (about half the vector instructions); int8wo's products become one FMA per 16 products, the weights converted once
+// per group, not once per tile of x rows. Fewer rows (the head's one row): the tiles above.
 constexpr int64_t kPackRows = 32;     // weight rows a packed group: two vectors of 16 outputs
-constexpr int64_t kPackMinRows = 8;   // x rows from which packing a group pays
+constexpr int64_t kPackMinRows = 8;     // x rows from which packing a group pays: int8dq (equal at 8 rows)
+constexpr int64_t kPackMinRows32 = 16;  // int8wo (the fp32 weights written and read again: 1.5x slower at 8 rows)
 constexpr int kPackNR = 6;            // x rows a packed int8 tile: 12 int32 and 12 fp32 sums in registers
 constexpr int kPackNR32 = 12;         // x rows a packed fp32 tile: 24 fp32 sums
 constexpr int64_t kChunksPerThread = 4;  // groups handed out in 4 chunks a thread: a late thread's share is taken
@@ -531,7 +532,8 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
   const int threads = op_threads();
   float* yp = y.mutable_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
-  if (N >= kPackMinRows && K % 4 == 0) {  // packed groups of weight rows, kChunksPerThread chunks a thread, all N rows
+  // packed groups of weight rows, kChunksPerThread chunks a thread, all N rows each
+  if (N >= (int8_act ? kPackMinRows : kPackMinRows32) && K % 4 == 0) {
     const int64_t groups = (R + kPackRows - 1) / kPackRows;
     const int64_t per = threads == 1 ? groups : std::max<int64_t>(1, groups / (threads * kChunksPerThread));
     auto part = [&](int64_t c) {

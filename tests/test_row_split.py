@@ -178,9 +178,10 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     int8 weights (-128 included) and a scale per row, int8dq's rows rounded per block as q8_0 rounds them (`block`),
     int8wo's unrounded (block 0), within fp32 rounding of that arithmetic in float64: from the int8 weights or their
     fp32-typed words, for widths with a ragged 64-byte (and 16-value) tail, output widths no multiple of 4 (weight rows
-    4 at a time, then one) or of the packed groups (32 weight rows, 16 a vector: from 8 rows on), more groups than the
-    threads' chunks, row counts that leave tiles (4 and 6 rows; packed: 6, 3, 1 and 12, 4, 1) and passes (64 rows)
-    ragged, on 1 and 2 threads; an int8 width no multiple of 4 (no words) takes the unpacked tiles at any row count."""
+    4 at a time, then one) or of the packed groups (32 weight rows, 16 a vector: from 8 rows on, int8wo's from 16),
+    more groups than the threads' chunks, row counts that leave tiles (4 and 6 rows; packed: 6, 3, 1 and 12, 4, 1) and
+    passes (64 rows) ragged, on 1 and 2 threads; an int8 width no multiple of 4 (no words) takes the unpacked tiles at
+    any row count."""
     from litllm.quantize import _block_quantized
     from litllm.row_split import int8_prompt_op
 
