@@ -518,11 +518,9 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
   if (N == 0 || R == 0) return y;
 #if defined(__x86_64__)
   const bool int8_act = block > 0;
-  // the rounded rows (u8: q + 128) and their lane scales: the calling thread's memory, kept between calls
-  thread_local std::vector<uint8_t> qu;
-  thread_local std::vector<float> lane_d;
-  if (int8_act && static_cast<int64_t>(qu.size()) < N * K) qu.resize(N * K), lane_d.resize(N * K / 4);
-  uint8_t* const q = qu.data();  // (the OpenMP threads see the calling thread's buffers through these pointers)
+  std::vector<uint8_t> qu(int8_act ? N * K : 0);  // the rounded rows (u8: q + 128) and their lane scales
+  std::vector<float> lane_d(int8_act ? N * K / 4 : 0);
+  uint8_t* const q = qu.data();
   float* const d = lane_d.data();
   const float* xp = xc.const_data_ptr<float>();
   for (int64_t n = 0; int8_act && n < N; ++n) {  // q8_0's rounding, as int8_rows_linear's (+ 128: u8 for vpdpbusd)
