@@ -8,6 +8,7 @@
 #endif
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -197,7 +198,8 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
 // it, int8 x int8 products by vpdpbusd; block == 0 (int8wo): x unrounded, the weights converted to fp32 in registers
 // (exact), fp32 FMAs. Each weight tile (kPromptMR rows) is read once for a chunk of kPromptRows x rows (kept in L2),
 // the products kPromptMR x NR at a time in registers; a thread's weight rows one contiguous range, as
-// int8_rows_linear's.
+// int8_rows_linear's. From 8 (int8wo: 16) x rows on (a prompt), groups of 32 weight rows packed 16 outputs a vector
+// instead (`int8_packed_part`, below), handed out in several chunks a thread.
 #if defined(__x86_64__)
 constexpr int kPromptMR = 4;             // weight rows a tile
 constexpr int kPromptNR = 4;             // x rows a tile (int8 products: 16 accumulators, 8 weight registers)
@@ -301,6 +303,198 @@ static void int8_prompt_part(const uint8_t* qu, const float* lane_d, const float
     }
   }
 }
+// round_row_q8<uint8_t, 128> (the same values: one scale per block from its absmax, the products by x * (1 / d)
+// rounded half to even) 16 values a vector, for blocks of whole vectors: the prompt's rows are rounded by the calling
+// thread before the others start, so the scalar loop's ~4 ms a 32-token prompt (12 layers) kept one thread waiting
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void round_row_q8_u8_vectors(const float* xr, int64_t K, int64_t block, uint8_t* q, float* lane_d) {
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t b = 0; b < K; b += block) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = b; i < b + block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+    const float d = _mm512_reduce_max_ps(amax) / 127.f, inv = d == 0.f ? 0.f : 1.f / d;
+    const __m512 scale = _mm512_set1_ps(inv);
+    for (int64_t i = b; i < b + block; i += 16) {  // the conversion rounds half to even (MXCSR's default, as nearbyint)
+      const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), scale)), offset);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
+    }
+    std::fill(lane_d + b / 4, lane_d + (b + block) / 4, d);
+  }
+}
+
+// From kPackMinRows (int8wo: kPackMinRows32) x rows on, a thread packs each group of kPackRows weight rows once (into
+// memory of its own that stays in L2) so that one vector holds 16 outputs: then the products need no horizontal sums,
+// and int8dq's conversion to fp32 and multiply by the block scale come once per block of 32 values instead of once per
+// 4 (about half the vector instructions); int8wo's products become one FMA per 16 products, the weights converted once
+// per group, not once per tile of x rows. Fewer rows (the head's one row): the tiles above.
+constexpr int64_t kPackRows = 32;     // weight rows a packed group: two vectors of 16 outputs
+constexpr int64_t kPackMinRows = 8;     // x rows from which packing a group pays: int8dq (equal at 8 rows)
+constexpr int64_t kPackMinRows32 = 16;  // int8wo (the fp32 weights written and read again: 1.5x slower at 8 rows)
+constexpr int kPackNR = 6;            // x rows a packed int8 tile: 12 int32 and 12 fp32 sums in registers
+constexpr int kPackNR32 = 12;         // x rows a packed fp32 tile: 24 fp32 sums
+constexpr int64_t kChunksPerThread = 4;  // groups handed out in 4 chunks a thread: a late thread's share is taken
+
+// The memory a thread packs its groups into: kept between calls (no allocation, no fresh pages per call)
+static std::vector<int32_t>& pack_buffer(int64_t ints) {
+  thread_local std::vector<int32_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < ints) buffer.resize(ints);
+  return buffer;
+}
+
+// The `v` (<= 32) weight rows at w (row-major, K a row), as (K / 4, 2, 16) int32 words: for each 4 values of K, the 4
+// int8 weights of rows 0..15, then of rows 16..31 (zeros past v): vpdpbusd's layout for 16 outputs a vector
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void pack_group_words(const int8_t* w, int64_t v, int64_t K, int32_t* words) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(K)));
+  for (int h = 0; h < 2; ++h) {
+    const int64_t left = std::clamp<int64_t>(v - 16 * h, 0, 16);
+    const __mmask16 m = static_cast<__mmask16>((1U << left) - 1);
+    const int8_t* wh = w + 16 * h * K;
+    for (int64_t k = 0; k < K; k += 4)
+      _mm512_storeu_si512(words + (k / 2 + h) * 16,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, wh + k, 1));
+  }
+}
+
+// int8dq: the packed group (`pack_group_words`) times NR rows of x rounded per block (u8: q + 128, `lane_d` their block
+// scales a lane of 4, as the tiles take them) into y (NR rows of R; the outputs of mask m0, m1). Each block's int32
+// sums start at -128 times its weights' sums (`start`: (K / block, 2, 16)), so that they end at sum(q * w) exactly
+// (kBlock: the block size known when compiling, q8_0's 32: the block's loop unrolled; 0: `block`)
+template <int NR, int kBlock>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8_packed_tile(const uint8_t* qu, const float* lane_d, const int32_t* words, const int32_t* start,
+                             const float* s, float* y, int64_t K, int64_t runtime_block, int64_t R, __mmask16 m0,
+                             __mmask16 m1) {
+  const int64_t block = kBlock > 0 ? kBlock : runtime_block;
+  __m512 f0[NR], f1[NR];
+  #pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) f0[j] = f1[j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K; b += block) {
+    __m512i a0[NR], a1[NR];
+    #pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j)
+      a0[j] = _mm512_loadu_si512(start + b / block * 32), a1[j] = _mm512_loadu_si512(start + b / block * 32 + 16);
+    #pragma GCC unroll 8
+    for (int64_t k = b; k < b + block; k += 4) {
+      const __m512i w0 = _mm512_loadu_si512(words + k / 2 * 16), w1 = _mm512_loadu_si512(words + (k / 2 + 1) * 16);
+      #pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) {
+        int32_t q4;
+        std::memcpy(&q4, qu + j * K + k, 4);
+        const __m512i qv = _mm512_set1_epi32(q4);
+        a0[j] = _mm512_dpbusd_epi32(a0[j], qv, w0);
+        a1[j] = _mm512_dpbusd_epi32(a1[j], qv, w1);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      const __m512 d = _mm512_set1_ps(lane_d[j * (K / 4) + b / 4]);
+      f0[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[j]), d, f0[j]);
+      f1[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[j]), d, f1[j]);
+    }
+  }
+  const __m512 s0 = _mm512_maskz_loadu_ps(m0, s), s1 = _mm512_maskz_loadu_ps(m1, s + 16);
+  #pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) {
+    _mm512_mask_storeu_ps(y + j * R, m0, _mm512_mul_ps(f0[j], s0));
+    _mm512_mask_storeu_ps(y + j * R + 16, m1, _mm512_mul_ps(f1[j], s1));
+  }
+}
+
+// all N rows of x times the packed group: tiles of kPackNR rows, then 3, then 1
+template <int kBlock>
+static void int8_packed_rows(const uint8_t* qu, const float* lane_d, const int32_t* words, const int32_t* start,
+                             const float* s, float* y, int64_t N, int64_t K, int64_t block, int64_t R, __mmask16 m0,
+                             __mmask16 m1) {
+  int64_t n = 0;
+  for (; n + kPackNR <= N; n += kPackNR)
+    int8_packed_tile<kPackNR, kBlock>(qu + n * K, lane_d + n * (K / 4), words, start, s, y + n * R, K, block, R, m0,
+                                      m1);
+  for (; n + 3 <= N; n += 3)
+    int8_packed_tile<3, kBlock>(qu + n * K, lane_d + n * (K / 4), words, start, s, y + n * R, K, block, R, m0, m1);
+  for (; n < N; ++n)
+    int8_packed_tile<1, kBlock>(qu + n * K, lane_d + n * (K / 4), words, start, s, y + n * R, K, block, R, m0, m1);
+}
+
+// -128 times the sums of each block's weights, per output row of the packed group: (K / block, 2, 16) int32
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void pack_group_starts(const int32_t* words, int64_t K, int64_t block, int32_t* start) {
+  const __m512i zero = _mm512_setzero_si512(), u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < K; b += block)
+    for (int h = 0; h < 2; ++h) {
+      __m512i sum = zero;
+      for (int64_t k = b; k < b + block; k += 4)
+        sum = _mm512_dpbusd_epi32(sum, u128, _mm512_loadu_si512(words + (k / 2 + h) * 16));
+      _mm512_storeu_si512(start + (b / block * 2 + h) * 16, _mm512_sub_epi32(zero, sum));
+    }
+}
+
+// int8wo: the packed group's weights as fp32 (K, 2, 16) (exact), from its words
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void pack_group_floats(const int32_t* words, int64_t K, float* floats) {
+  for (int64_t k = 0; k < K; k += 4)
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_loadu_si512(words + (k / 2 + h) * 16);
+      for (int t = 0; t < 4; ++t)  // byte t of each word, sign-extended
+        _mm512_storeu_ps(floats + ((k + t) * 2 + h) * 16,
+                         _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * t), 24)));
+    }
+}
+
+// int8wo: the packed group's fp32 weights times NR rows of x (unrounded) into y, one FMA per 16 products
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8_fp32_packed_tile(const float* x, const float* floats, const float* s, float* y, int64_t K, int64_t R,
+                                  __mmask16 m0, __mmask16 m1) {
+  __m512 f0[NR], f1[NR];
+  #pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) f0[j] = f1[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(floats + k * 32), w1 = _mm512_loadu_ps(floats + k * 32 + 16);
+    #pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      const __m512 xv = _mm512_set1_ps(x[j * K + k]);
+      f0[j] = _mm512_fmadd_ps(w0, xv, f0[j]);
+      f1[j] = _mm512_fmadd_ps(w1, xv, f1[j]);
+    }
+  }
+  const __m512 s0 = _mm512_maskz_loadu_ps(m0, s), s1 = _mm512_maskz_loadu_ps(m1, s + 16);
+  #pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) {
+    _mm512_mask_storeu_ps(y + j * R, m0, _mm512_mul_ps(f0[j], s0));
+    _mm512_mask_storeu_ps(y + j * R + 16, m1, _mm512_mul_ps(f1[j], s1));
+  }
+}
+
+static __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1U << std::clamp<int64_t>(n, 0, 16)) - 1); }
+
+// the packed groups g0..g1 of w (kPackRows weight rows each) times all N rows of x: tiles of NR rows, then fewer
+static void int8_packed_part(const uint8_t* qu, const float* lane_d, const float* x, const int8_t* w, const float* s,
+                             float* y, int64_t N, int64_t g0, int64_t g1, int64_t K, int64_t R, int64_t block) {
+  const int64_t words_ints = K / 4 * 32;
+  int32_t* words = pack_buffer(words_ints + (block > 0 ? K / block * 32 : K * 32)).data();
+  int32_t* more = words + words_ints;  // int8dq: the blocks' starts; int8wo: the fp32 weights
+  float* floats = reinterpret_cast<float*>(more);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t r = g * kPackRows, v = std::min(kPackRows, R - r);
+    const __mmask16 m0 = first_lanes(v), m1 = first_lanes(v - 16);
+    pack_group_words(w + r * K, v, K, words);
+    float* yr = y + r;
+    if (block > 0) {
+      pack_group_starts(words, K, block, more);
+      if (block == 32) int8_packed_rows<32>(qu, lane_d, words, more, s + r, yr, N, K, block, R, m0, m1);
+      else int8_packed_rows<0>(qu, lane_d, words, more, s + r, yr, N, K, block, R, m0, m1);
+    } else {
+      pack_group_floats(words, K, floats);
+      int64_t n = 0;
+      for (; n + kPackNR32 <= N; n += kPackNR32)
+        int8_fp32_packed_tile<kPackNR32>(x + n * K, floats, s + r, yr + n * R, K, R, m0, m1);
+      for (; n + 4 <= N; n += 4) int8_fp32_packed_tile<4>(x + n * K, floats, s + r, yr + n * R, K, R, m0, m1);
+      for (; n < N; ++n) int8_fp32_packed_tile<1>(x + n * K, floats, s + r, yr + n * R, K, R, m0, m1);
+    }
+  }
+}
 #endif
 
 at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
@@ -322,27 +516,40 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
   const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({N, R}, x.options());
   if (N == 0 || R == 0) return y;
+#if defined(__x86_64__)
   const bool int8_act = block > 0;
-  std::vector<uint8_t> qu(int8_act ? N * K : 0);
+  std::vector<uint8_t> qu(int8_act ? N * K : 0);  // the rounded rows (u8: q + 128) and their lane scales
   std::vector<float> lane_d(int8_act ? N * K / 4 : 0);
+  uint8_t* const q = qu.data();
+  float* const d = lane_d.data();
   const float* xp = xc.const_data_ptr<float>();
-  for (int64_t n = 0; int8_act && n < N; ++n)  // q8_0's rounding, as int8_rows_linear's (stored + 128: u8 for vpdpbusd)
-    round_row_q8<uint8_t, 128>(xp + n * K, K, block, qu.data() + n * K, lane_d.data() + n * (K / 4));
+  for (int64_t n = 0; int8_act && n < N; ++n) {  // q8_0's rounding, as int8_rows_linear's (+ 128: u8 for vpdpbusd)
+    if (block % 16 == 0) round_row_q8_u8_vectors(xp + n * K, K, block, q + n * K, d + n * (K / 4));
+    else round_row_q8<uint8_t, 128>(xp + n * K, K, block, q + n * K, d + n * (K / 4));
+  }
   const int threads = op_threads();
-  const int64_t rows = rows_per_thread(R, threads);
-  const int64_t chunks = (R + rows - 1) / rows;
   float* yp = y.mutable_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
+  // packed groups of weight rows, kChunksPerThread chunks a thread, all N rows each
+  if (N >= (int8_act ? kPackMinRows : kPackMinRows32) && K % 4 == 0) {
+    const int64_t groups = (R + kPackRows - 1) / kPackRows;
+    const int64_t per = threads == 1 ? groups : std::max<int64_t>(1, groups / (threads * kChunksPerThread));
+    auto part = [&](int64_t c) {
+      int8_packed_part(q, d, xp, wp, sp, yp, N, c * per, std::min(groups, (c + 1) * per), K, R, block);
+    };
+    run_chunks((groups + per - 1) / per, threads, part);
+    return y;
+  }
+  const int64_t rows = rows_per_thread(R, threads);
+  const int64_t chunks = (R + rows - 1) / rows;
   for (int64_t n0 = 0; n0 < N; n0 += kPromptRows) {
     const int64_t n1 = std::min(N, n0 + kPromptRows);
     auto part = [&](int64_t c) {
-#if defined(__x86_64__)
-      int8_prompt_part(qu.data(), lane_d.data(), xp, wp, sp, yp, n0, n1, c * rows, std::min(R, (c + 1) * rows), K, R,
-                       int8_act);
-#endif
+      int8_prompt_part(q, d, xp, wp, sp, yp, n0, n1, c * rows, std::min(R, (c + 1) * rows), K, R, int8_act);
     };
     run_chunks(chunks, threads, part);
   }
+#endif
   return y;
 }
 // ---- end of int8 prompt rows ----

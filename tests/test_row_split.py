@@ -229,8 +229,10 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     int8 weights (-128 included) and a scale per row, int8dq's rows rounded per block as q8_0 rounds them (`block`),
     int8wo's unrounded (block 0), within fp32 rounding of that arithmetic in float64: from the int8 weights or their
     fp32-typed words, for widths with a ragged 64-byte (and 16-value) tail, output widths no multiple of 4 (weight rows
-    4 at a time, then one), row counts that leave tiles (4 and 6 rows) and passes (64 rows) ragged, on 1 and 2
-    threads."""
+    4 at a time, then one) or of the packed groups (32 weight rows, 16 a vector: from 8 rows on, int8wo's from 16),
+    more groups than the threads' chunks, row counts that leave tiles (4 and 6 rows; packed: 6, 3, 1 and 12, 4, 1) and
+    passes (64 rows) ragged, on 1 and 2 threads; an int8 width no multiple of 4 (no words) takes the unpacked tiles at
+    any row count."""
     from litllm.quantize import _block_quantized
     from litllm.row_split import int8_prompt_op
 
@@ -240,17 +242,18 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (50, 36, 4), (33, 96, 32), (3, 64, 32)):
+        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (50, 36, 4), (33, 96, 32), (3, 64, 32),
+                                   (293, 64, 32), (16, 64, 32), (48, 160, 16), (5, 99, 0)):
             w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
             w[0] = -128
             scales = torch.rand(n_out)
-            for n_rows in (1, 5, 13, 70):
+            for n_rows in (1, 5, 7, 8, 10, 13, 17, 70):
                 x = torch.randn(n_rows, n_in) * torch.linspace(0.05, 3, n_in)
                 x[0, :block] = 0  # an all-zero block stays zero
-                for rounded_block in (block, 0):
+                for rounded_block in dict.fromkeys((block, 0)):
                     rows = _block_quantized(x, rounded_block) if rounded_block else x
                     expected = (rows.double() @ w.double().t()) * scales.double()
-                    for weights in (w, w.view(torch.int32).view(torch.float32)):
+                    for weights in (w, w.view(torch.int32).view(torch.float32)) if n_in % 4 == 0 else (w,):
                         got = prompt_op(x, weights, scales, rounded_block)
                         assert got.shape == (n_rows, n_out)
                         assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
