@@ -10,7 +10,6 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
     python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
-    python benchmarks/decode_threads.py --quantize none --no_fp32_rows --layout row-major  # AVX-512 rows vs MKL's
     python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
     python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
     python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
@@ -96,15 +95,6 @@ def no_row_split(off: bool):
     return patched(compile_decode, "wants_row_split", (lambda: False) if off else None)
 
 
-def no_fp32_rows(off: bool):
-    """With `off`: compiled fp32 steps' `RowSplitLinear`s call MKL's GEMV per thread on row-major weights too, not
-    litllm's AVX-512 rows (`litllm.row_split.fp32_rows_op`, `$LITLLM_FP32_ROWS`; saved under their own key), for
-    comparison."""
-    from litllm.row_split import FP32_ROWS_ENV
-
-    return env_off(FP32_ROWS_ENV, off)
-
-
 def no_int8_rows(off: bool):
     """With `off`: compiled int8 steps keep inductor's int8 reduction instead of litllm's C++ ops (int8dq's VNNI one,
     `litllm.row_split.int8_rows_op`; int8wo's, `int8wo_rows_op`; `$LITLLM_INT8_ROWS`; saved under their own key), for
@@ -152,9 +142,6 @@ def main() -> None:
                         "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
     parser.add_argument("--no_row_split", action="store_true", help="also rows '<format> F.linear': fp32 steps "
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
-    parser.add_argument("--no_fp32_rows", action="store_true", help="also rows '<format> MKL rows' for fp32: steps "
-                        "whose row-split Linears call MKL's GEMV per thread on row-major weights, not litllm's AVX-512 "
-                        "rows (`litllm.row_split.fp32_rows_op`)")
     parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq and "
                         "int8wo: steps with inductor's int8 reduction, not litllm's C++ ops (`litllm.row_split`)")
     parser.add_argument("--fp32_head", action="store_true", help="also rows '<format> fp32 head' for int8wo: its "
@@ -191,9 +178,7 @@ def main() -> None:
             + ([(f"{spec} inductor", lambda n: {}, None, False, True, False)]
                if args.no_int8_rows and "int8" in mode else []) \
             + ([(f"{spec} mv", lambda n: {}, None, False, False, True)] if args.no_packed_bf16 and "bf16" in precision
-               else []) \
-            + ([(f"{spec} MKL rows", lambda n: {}, None, False, False, False)]
-               if args.no_fp32_rows and precision in ("", "32-true") else [])
+               else [])
         if args.one_row_kernel and "16" in precision:
             variants.append((f"{spec} {args.one_row_kernel}", lambda n: {}, args.one_row_kernel, False, False, False))
         if args.fp32_head and mode == "torchao.int8wo":  # the head unquantized, as int8wo loaded before
@@ -209,7 +194,7 @@ def main() -> None:
             for n in args.threads:
                 t0 = time.perf_counter()
                 with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor), \
-                        no_packed_bf16(row_major), no_fp32_rows(label.endswith(" MKL rows")):
+                        no_packed_bf16(row_major):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)

@@ -73,8 +73,8 @@ from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fa
                                one_row_linears, optimize_for_decoding, prompt_linears, thread_candidates)
 from litllm.errors import LitLLMError
 from litllm.row_split import (BF16_BLOCK, BlockedBf16Linear, RowSplitLinear, becomes_blocked_bf16, becomes_row_split,
-                              blocked_bf16_linears, fp32_rows_op, int8_rows_op, int8wo_rows_op, packed_bf16_op,
-                              row_split_linears, shared_parameters, wants_row_split)
+                              blocked_bf16_linears, int8_rows_op, int8wo_rows_op, packed_bf16_op, row_split_linears,
+                              shared_parameters, wants_row_split)
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 COMPILE_ENV = "LITLLM_COMPILE"
@@ -134,12 +134,6 @@ def _row_split_modules(model) -> list[str]:
         return module.packed_weight.dtype == torch.float32 if _is_packed(module) else becomes_row_split(module)
 
     return [name for name, module in model.named_modules() if split(module)]
-
-
-def _fp32_rows_tag(model) -> str:
-    """' fp32-rows' where `model`'s compiled step multiplies row-major fp32 weights through `RowSplitLinear`s by
-    `litllm_cpu::fp32_rows_linear` (`litllm.row_split.fp32_rows_op`), not MKL's GEMV per thread; else ''."""
-    return " fp32-rows" if _row_split_modules(model) and fp32_rows_op() is not None else ""
 
 
 def _int8_rows_tag(model) -> str:
@@ -643,7 +637,7 @@ def steps_folder(model) -> Path:
     budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
-           f"|row-split {_row_split_modules(model)}{_fp32_rows_tag(model)}{_int8_rows_tag(model)}"
+           f"|row-split {_row_split_modules(model)}{_int8_rows_tag(model)}"
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 

@@ -736,89 +736,12 @@ at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at
 }
 // ---- end of int8 weight-only rows
 
-// ---- fp32 rows (litllm.row_split.RowSplitLinear's decode rows on AVX-512 CPUs, row-major weights; column-major ones
-// stay on row_split_linear's MKL GEMV, which read them faster than an FMA loop over columns): y (N, out) = x (N, K) @
-// w (out, K)^T. 8 weight rows at a time (8 independent sums, the activations' loads shared), each 16 floats one FMA;
-// the next 8 rows prefetched one line a row a step (a block's rows are 8 short streams that the hardware prefetcher
-// picks up late). Each row of x per 8 weight rows (read from memory once, then from L1). The output rows in one
-// contiguous range of whole 16-row groups per thread, handed out as row_split_linear's.
-#if defined(__x86_64__)
-template <int ROWS>
-__attribute__((target("avx512f")))
-static inline void fp32_rows_block(const float* x, const float* w, int64_t ld, float* y, int64_t K, bool prefetch) {
-  const int64_t K16 = K / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1U << (K - K16)) - 1);
-  __m512 a[ROWS];
-  for (int j = 0; j < ROWS; ++j) a[j] = _mm512_setzero_ps();
-  const float* next = w + ROWS * ld;
-  for (int64_t k = 0; k < K16; k += 16) {
-    if (prefetch)
-      for (int j = 0; j < ROWS; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ld + k), _MM_HINT_T0);
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int j = 0; j < ROWS; ++j) a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k), xv, a[j]);
-  }
-  if (tail) {
-    const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
-    for (int j = 0; j < ROWS; ++j) a[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + j * ld + K16), xv, a[j]);
-  }
-  for (int j = 0; j < ROWS; ++j) y[j] = _mm512_reduce_add_ps(a[j]);
-}
-
-// row-major w: the output rows r0..r1 for every row of x
-__attribute__((target("avx512f")))
-static void fp32_rows_range(const float* x, const float* w, int64_t ld, float* y, int64_t N, int64_t R, int64_t K,
-                            int64_t r0, int64_t r1) {
-  constexpr int kRows = 8;
-  int64_t r = r0;
-  for (; r + kRows <= r1; r += kRows)
-    for (int64_t n = 0; n < N; ++n)
-      fp32_rows_block<kRows>(x + n * K, w + r * ld, ld, y + n * R + r, K, n == 0 && r + 2 * kRows <= r1);
-  for (; r < r1; ++r)
-    for (int64_t n = 0; n < N; ++n) fp32_rows_block<1>(x + n * K, w + r * ld, ld, y + n * R + r, K, false);
-}
-
-#endif
-
-at::Tensor fp32_rows_linear(const at::Tensor& x, const at::Tensor& w) {
-#if defined(__x86_64__)
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "fp32_rows_linear: this CPU has no AVX-512");
-#else
-  TORCH_CHECK(false, "fp32_rows_linear: this CPU has no AVX-512");
-#endif
-  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.stride(0) >= w.size(1) && x.dim() >= 1 &&
-              x.size(-1) == w.size(1) && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-              w.size(0) > 0 && w.size(1) > 0,
-              "fp32_rows_linear: x ", x.sizes(), " ", x.scalar_type(), ", w ", w.sizes(), " ", w.scalar_type(),
-              " strides ", w.strides(), " (expected fp32, w (out, in) row-major, in = x's last size)");
-  const int64_t R = w.size(0), K = w.size(1), N = x.numel() / K, ld = w.stride(0);
-  auto shape = x.sizes().vec();
-  shape.back() = R;
-  at::Tensor y = at::empty(shape, x.options());
-  if (N == 0) return y;
-  const at::Tensor xc = x.contiguous();
-  const float* xp = xc.const_data_ptr<float>();
-  const float* wp = w.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  const int threads = op_threads();
-  const int64_t rows = rows_per_thread(R, threads);
-  const int64_t chunks = (R + rows - 1) / rows;
-  auto part = [&](int64_t c) {
-#if defined(__x86_64__)
-    fp32_rows_range(xp, wp, ld, yp, N, R, K, c * rows, std::min(R, c * rows + rows));
-#endif
-  };
-  run_chunks(chunks, threads, part);
-  return y;
-}
-// ---- end of fp32 rows
-
 TORCH_LIBRARY(litllm_cpu, m) {
   m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("packed_bf16_linear(Tensor x, Tensor w, int out_features) -> Tensor");
   m.def("int8wo_rows_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");  // int8 weight-only rows
-  m.def("fp32_rows_linear(Tensor x, Tensor w) -> Tensor");  // fp32 rows, AVX-512
 }
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("row_split_linear", &row_split_linear);
@@ -826,5 +749,4 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("int8_prompt_linear", &int8_prompt_linear);
   m.impl("packed_bf16_linear", &packed_bf16_linear);
   m.impl("int8wo_rows_linear", &int8wo_rows_linear);  // int8 weight-only rows
-  m.impl("fp32_rows_linear", &fp32_rows_linear);  // fp32 rows, AVX-512
 }

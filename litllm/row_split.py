@@ -112,10 +112,6 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
-    @torch.library.register_fake("litllm_cpu::fp32_rows_linear")
-    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(*x.shape[:-1], w.size(0))
-
     @torch.library.register_fake("litllm_cpu::int8wo_rows_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.size(0))
@@ -213,23 +209,6 @@ def _onednn_packs_bf16_blocks() -> bool:
         return False
 
 
-FP32_ROWS_ENV = "LITLLM_FP32_ROWS"
-"""`0`/`false`: compiled fp32 steps' `RowSplitLinear`s call MKL's GEMV per thread (`row_split_linear`) on AVX-512
-CPUs too, not `fp32_rows_linear`, e.g. to compare."""
-
-
-def fp32_rows_op() -> Optional[object]:
-    """`torch.ops.litllm_cpu.fp32_rows_linear(x, w)` (the same library as `row_split_op`'s) where this CPU has
-    AVX-512, the library builds or loads and `$LITLLM_FP32_ROWS` is not `0`; else None. A `RowSplitLinear` on a
-    row-major weight calls it instead of `row_split_linear` (MKL's GEMV per thread): AVX-512 FMAs on 8 weight rows at
-    a time, the next 8 prefetched (the compiled 134M fp32 step at 2 threads: on par with MKL's, 0.97-1.03x, measured
-    under load only: tutorials/inference.md#fp32-rows-op). Column-major weights stay on MKL's GEMV (an FMA loop over
-    columns read them 0.96x as fast)."""
-    if os.environ.get(FP32_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not _has_avx512():
-        return None
-    return None if row_split_op() is None else torch.ops.litllm_cpu.fp32_rows_linear
-
-
 class RowSplitLinear(PromptLinear):
     """An fp32 CPU Linear whose one-row calls (decoding) run `litllm_cpu::row_split_linear` (every thread streams its
     own block of the weight's rows); more rows go through `litllm.cpu_layout.prompt_linear` (`F.linear`, or oneDNN's
@@ -241,10 +220,7 @@ class RowSplitLinear(PromptLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features or torch.is_grad_enabled():  # the op has no backward: training's F.linear
             return super().forward(x)  # a prompt: `prompt_linear`
-        w = self.weight
-        row_major = w.stride(1) == 1 and w.stride(0) >= w.size(1)
-        own = fp32_rows_op() if row_major else None  # row-major on AVX-512: litllm's own rows
-        y = own(x, w) if own is not None else torch.ops.litllm_cpu.row_split_linear(x, w)  # else MKL's GEMV per thread
+        y = torch.ops.litllm_cpu.row_split_linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 

@@ -80,59 +80,8 @@ def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op,
             got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
     finally:
         torch.set_num_threads(previous)
-    from litllm.row_split import fp32_rows_op
-
-    # row-major weights: litllm's AVX-512 rows where this CPU has them, else MKL's GEMV per thread
-    called = "fp32_rows_linear" if fp32_rows_op() is not None else "row_split_linear"
-    assert (called in "".join(code)) == (threads > 1)
+    assert ("row_split_linear" in "".join(code)) == (threads > 1)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fp32_rows_op_equals_linear(op, threads):
-    """`litllm_cpu::fp32_rows_linear` (AVX-512; a compiled fp32 step's row-major `RowSplitLinear`s): within fp32
-    rounding of the product in float64, for output widths that leave the 8-row blocks and 16-row thread chunks ragged,
-    input widths with a ragged 16-value tail (and shorter than one vector), several input rows, a non-contiguous input
-    and a weight whose rows are a slice of wider ones (a row stride > its width); the same `RowSplitLinear` on the op
-    and on MKL's GEMV (`LITLLM_FP32_ROWS=0`) agree; a column-major weight is refused (it stays on MKL's GEMV)."""
-    from litllm.row_split import fp32_rows_op
-
-    rows_op = fp32_rows_op()
-    if rows_op is None:
-        pytest.skip("no AVX-512 here: row-major fp32 rows stay on MKL's GEMV per thread")
-    torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in in ((200, 768), (37, 100), (1000, 772), (3, 5), (17, 16), (9, 1), (2304, 768)):
-            wide = torch.randn(n_out, n_in + 7)
-            for w in (wide[:, :n_in].contiguous(), wide[:, 3:n_in + 3]):  # row stride n_in, then n_in + 7
-                for x in (torch.randn(1, 1, n_in), torch.randn(3, n_in), torch.randn(n_in, 2).t()):  # last: strided
-                    expected = F.linear(x.double(), w.double())
-                    got = rows_op(x, w)
-                    assert got.shape == (*x.shape[:-1], n_out)
-                    assert float((got.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
-        linear = RowSplitLinear(768, 2304, bias=True)
-        linear.weight = torch.nn.Parameter(wide[:, :768].contiguous(), requires_grad=False)
-        row = torch.randn(1, 1, 768)
-        with torch.inference_mode():
-            got = linear(row)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("LITLLM_FP32_ROWS", "0")
-                mkl = linear(row)
-        assert not torch.equal(got, mkl)  # two kernels (another summation order)...
-        assert (got - mkl).abs().max() <= 1e-5 * mkl.abs().max()  # ... the same product
-        single = RowSplitLinear(768, 1, bias=False)  # one output, column-major: strides (1, 1), MKL's GEMV
-        single.weight = torch.nn.Parameter(torch.randn(768, 1).t(), requires_grad=False)
-        with torch.inference_mode():
-            expected = F.linear(row, single.weight)
-            assert (single(row) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    finally:
-        torch.set_num_threads(previous)
-    with pytest.raises(RuntimeError, match="fp32_rows_linear"):
-        rows_op(torch.randn(1, 96), torch.randn(96, 8).t())  # column-major: MKL's GEMV (`row_split_linear`)
-    with pytest.raises(RuntimeError, match="fp32_rows_linear"):
-        rows_op(torch.randn(1, 95), torch.randn(8, 96))  # widths differ
 
 
 def test_row_split_can_be_turned_off(monkeypatch):
