@@ -265,6 +265,32 @@ def show_warnings_as_a_fresh_interpreter_does() -> None:
         warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _run_main(main, args: list[str]) -> int:
+    """`main(args)`'s exit status, as `litllm_in_process` runs it: inside a context of its own (contextvars), whose
+    garbage is collected before it is left, as a process of its own would end. jsonargparse keeps its parse state in
+    context variables set and reset by generator context managers; one left suspended by a command and finalized by
+    the garbage collector in the middle of a later command's parse, in the same context, deletes that parse's
+    variable: the likely cause of one CI run's `LookupError: <ContextVar name='parent_parser'>` in every in-process
+    parse after test_estimate/test_evaluate (not reproduced when rerun)."""
+    import gc
+    import traceback
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # as the interpreter does with `raise SystemExit("message")`
+            print(e.code, file=sys.stderr)
+            code = 1
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    gc.collect()  # here, in this command's context: what it left suspended is finalized where it was set
+    return code
+
+
 def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict | None = None
                       ) -> subprocess.CompletedProcess:
     """`litllm ARGS` run in this process as the console script runs it (`litllm.__main__.main`), without paying
@@ -278,8 +304,8 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
     a process of its own, an exit status seen by a shell: tests of those run the real `python -m litllm`
     (tests/test_cli.py, tests/test_errors.py' unreachable Hub, test_chat_subprocess...)."""
     import contextlib
+    import contextvars
     import io
-    import traceback
     import warnings
 
     from litllm.__main__ import main
@@ -297,17 +323,7 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
         sys.stdin = io.StringIO(stdin)
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             show_warnings_as_a_fresh_interpreter_does()
-            try:
-                main([str(a) for a in args])
-            except SystemExit as e:
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:  # as the interpreter does with `raise SystemExit("message")`
-                    print(e.code, file=sys.stderr)
-                    code = 1
-            except Exception:
-                traceback.print_exc()
-                code = 1
+            code = contextvars.copy_context().run(_run_main, main, [str(a) for a in args])
     finally:
         sys.stdin = old_stdin
         os.chdir(old_cwd)
