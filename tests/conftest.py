@@ -312,7 +312,6 @@ def litllm_in_process(args, cwd: Path | None = None, stdin: str = "", env: dict 
 
     out, err = io.StringIO(), io.StringIO()
     env, old_cwd, threads, old_stdin = dict(os.environ), os.getcwd(), torch.get_num_threads(), sys.stdin
-    code = 0
     try:
         torch.set_num_threads(1)
         if cwd is not None:
