@@ -260,7 +260,7 @@ class ShardedEngine(Engine):
                     self.channel.wait_for_peers(f"engine {self.key} compiled")
         choices = getattr(model, "decode_choices", None)
         if self._compiled and choices is not None:  # this rank's layout, so that its next load finds the saved step
-            from litllm.compile_decode import record_decode_choices
+            from litllm.compile_ledger import record_decode_choices
 
             record_decode_choices(choices["key"], choices["layout"], choices["threads"])
         if self.channel.is_driver and not getattr(model, "tp_kv_said", False):  # said once: LLM makes one per call
@@ -465,7 +465,7 @@ def size_text(n: int) -> str:
 
 
 def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: int):
-    from litllm.compile_decode import choose_decode_layout
+    from litllm.compile_ledger import choose_decode_layout
     from litllm.parallel.loading import load_shard
 
     ranks = channel.ranks
