@@ -23,7 +23,7 @@ less disturbed by other load on a shared machine) and its error against the fp32
   as one function, as in the step (compiling it takes a minute or two; `--no_compiled` leaves it out);
 - `inductor words, fp32 act.`: the same reduction on unrounded fp32 activations, what litllm's compiled fp32
   `torchao.int8wo` step runs where the CPU has no AVX-512 VNNI;
-- `VNNI op, int8 act.`: litllm's C++ op (`litllm.row_split.int8_rows_op`, AVX-512 VNNI CPUs only), what the
+- `VNNI op, int8 act.`: litllm's C++ op (`litllm.cpu_ops.int8_rows_op`, AVX-512 VNNI CPUs only), what the
   compiled int8dq step calls there instead: the same arithmetic, int8 x int8 products by vpdpbusd. Tried and slower here: inductor's reduction
   over the int8 weights as int8 (`x @ w.float()`, ~10x slower than fbgemm: its int8 and int32 vector loads go
   through a stack copy) or as int32 words (~4x), and oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`,
@@ -122,7 +122,7 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor], compiled: bool) -> 
         found["fbgemm W8A8 dynamic"] = lambda: [L["packed"](xs[L["w"].shape[1]]) for L in layers]
     if all(L["ao"] is not None for L in layers):
         found["torchao int8dq layer"] = lambda: [L["ao"](xs[L["w"].shape[1]]) for L in layers]
-    from litllm.row_split import int8_rows_op
+    from litllm.cpu_ops import int8_rows_op
 
     op = int8_rows_op()
     if op is not None:  # AVX-512 VNNI: the op litllm's compiled int8 steps call here (row-major words)

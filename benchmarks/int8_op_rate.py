@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from litllm.row_split import int8_rows_op, int8wo_rows_op
+    from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 
     wo, dq = int8wo_rows_op(), int8_rows_op()
     if wo is None or dq is None:

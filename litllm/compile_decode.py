@@ -57,9 +57,10 @@ import torch
 
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
                                one_row_linears, prompt_linears, thread_candidates)
-from litllm.row_split import (BF16_BLOCK, BlockedBf16Linear, RowSplitLinear, becomes_blocked_bf16, becomes_row_split,
-                              blocked_bf16_linears, int8_rows_op, int8wo_rows_op, packed_bf16_op, row_split_linears,
-                              shared_parameters, wants_row_split)
+from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
+from litllm.packed_bf16 import (BF16_BLOCK, BlockedBf16Linear, becomes_blocked_bf16, blocked_bf16_linears,
+                                packed_bf16_op, shared_parameters)
+from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 MIN_COMPILED_LENGTH = 256
@@ -78,7 +79,7 @@ failed store-to-load forwarding per load): the 134M bf16 step 1.7x slower (tutor
 def _one_row_modules(model) -> list[str]:
     """The names of the Linears `model`'s compiled CPU step multiplies by through `litllm.cpu_layout.OneRowLinear`
     (`unpack_weights` makes them so: 16-bit oneDNN-packed and plain Linears), or bf16 ones through
-    `litllm.row_split.BlockedBf16Linear`, before or after it did."""
+    `litllm.packed_bf16.BlockedBf16Linear`, before or after it did."""
     def one_row(module) -> bool:
         if isinstance(module, BlockedBf16Linear):
             return True
@@ -106,7 +107,7 @@ def _row_split_modules(model) -> list[str]:
 def _int8_rows_tag(model) -> str:
     """Whether `model`'s int8 layers (`litllm.quantize.Int8Words`) multiply in its compiled step by litllm's C++ ops
     (on row-major `words`) or by inductor's reduction: ' int8-rows <op?>' for int8dq layers
-    (`litllm.row_split.int8_rows_op`), ' int8wo-rows' for int8wo ones where they call `int8wo_rows_op` (steps saved
+    (`litllm.cpu_ops.int8_rows_op`), ' int8wo-rows' for int8wo ones where they call `int8wo_rows_op` (steps saved
     before it had no such part: theirs multiply by inductor's reduction, as they still do where the op is not here);
     '' for a model without any."""
     layers = [module for module in model.modules() if hasattr(module, "prepare_compiled") and module.compiled_tensors()]
@@ -181,7 +182,7 @@ def _machine() -> str:
 def _weights_digest(model, strides: bool = False) -> str:
     """A digest of the model's parameters and buffers as they are now (names, shapes, dtypes, tensor types, and
     with `strides` their strides, a oneDNN-packed Linear as the plain one `unpack_weights` makes of it, a bf16 one
-    that becomes a `litllm.row_split.BlockedBf16Linear` as its blocks, and an
+    that becomes a `litllm.packed_bf16.BlockedBf16Linear` as its blocks, and an
     int8 CPU layer with the plain copy of its weights `unpack_weights` gives it, which is what a compiled step takes),
     the KV cache left out."""
     entries = []
@@ -213,7 +214,7 @@ def _weights_digest(model, strides: bool = False) -> str:
 
 
 def _blocked_modules(model) -> dict[str, tuple]:
-    """The bf16 Linears `unpack_weights` makes (or made) `litllm.row_split.BlockedBf16Linear`s, by name, with the
+    """The bf16 Linears `unpack_weights` makes (or made) `litllm.packed_bf16.BlockedBf16Linear`s, by name, with the
     shape of their blocks; none where the op is not built yet or does not run here (`packed_bf16_op`)."""
     if packed_bf16_op(build=False) is None:
         return {}
@@ -449,7 +450,7 @@ def unpack_weights(model) -> None:
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
     oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). On AVX512-BF16 CPUs the bf16
-    ones of whole 64 x 64 blocks (not a head tied to the embedding) then become `litllm.row_split.BlockedBf16Linear`s
+    ones of whole 64 x 64 blocks (not a head tied to the embedding) then become `litllm.packed_bf16.BlockedBf16Linear`s
     (`blocked_bf16_linears`): their weight packed by oneDNN once more, held in that layout only, which a prompt's
     oneDNN GEMM reads without reordering it per call (the prefill of a compiled run) and the step's AVX512-BF16 op
     too. With more than one thread,
