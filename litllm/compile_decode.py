@@ -606,7 +606,7 @@ def verify_engine(make: Callable, model, length: int, width: int, compile: Optio
     verify step saved for this shape if one fits and loads; True: loaded, else compiled ahead by AOTInductor and
     saved as `steps_folder(model)/1x<length>-verify<width>.pt2`, or `torch.compile`'s where the model does not
     export as one graph and on CUDA). `engine.verify_tokens` / `engine.verify_pos` are its input buffers;
-    `engine.compile_seconds` what building the compiled one took."""
+    `engine.compile_seconds` what building the compiled one took, through its first check."""
     kind = _verify_kind(width)
     saved = None if compile is False else saved_step_length(model, 1, length, kind=kind)
     if compile is False or (compile is None and saved is None):
@@ -635,6 +635,9 @@ def verify_engine(make: Callable, model, length: int, width: int, compile: Optio
         step = compile_step(_VerifyStep(model), device, static, options)
     engine.verify = None if step is None else _bind_verify(step, engine.vocab_size)
     if step is not None:
+        with torch.inference_mode():  # its first check, timed with the build as the decode step's warm-up is
+            engine.verify(engine.verify_tokens, engine.verify_pos)  # (`litllm.generate.decode_engine`): a
+            # torch.compile'd step compiles here; it writes cache positions 0..k, which a prefill overwrites first
         engine.compile_seconds = clock() - t0
     return engine
 

@@ -234,6 +234,17 @@ def record_compile_seconds(model, seconds: float, kind: str = "") -> None:
         _update_ledger("compile", _model_key(model, kind), lambda _: entry)
 
 
+def record_step_compile(model, engine, kind: str = "") -> None:
+    """Record what building `engine`'s compiled step of `model` took (`kind`: "" the decode step, else
+    `_verify_kind`'s) as that step's compile here (`record_compile_seconds`), where this process compiled it
+    (`engine.step_source` "compiled", or "torch.compile": compiled at its first run, which `engine.compile_seconds`
+    covers: `litllm.generate.decode_engine`'s warm-up, `litllm.compile_decode.verify_engine`'s first check); a step
+    loaded from the cache took a load, not a compile. The one way every engine's step records its compile."""
+    seconds = getattr(engine, "compile_seconds", None)
+    if getattr(engine, "step_source", None) in ("compiled", "torch.compile") and seconds is not None:
+        record_compile_seconds(model, seconds, kind)
+
+
 def expected_compile_seconds(model, compiles: dict, kind: str = "") -> tuple[float, str]:
     """What compiling `model`'s step (`kind`: "" the decode step, else `_verify_kind`'s) is expected to take here,
     and whence: that step's last compile measured here (`compiles`, `SECONDS_FILE`'s "compile" part); for a verify

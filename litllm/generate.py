@@ -19,7 +19,7 @@ import torch
 from litllm import compile_decode
 from litllm.compile_decode import compile_cache_dir, pick_compiled_threads, step_engine
 from litllm.compile_ledger import (PROBE_STEPS, compile_choice, eager_account, env_compile, expected_tokens_per_round,
-                                   record_compile_seconds, record_decode_choices, record_tokens_per_round, time_decode)
+                                   record_decode_choices, record_step_compile, record_tokens_per_round, time_decode)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -72,8 +72,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     while engine.has_unfinished:
         engine.step()
     engine.compile_seconds += compile_decode.clock() - t0
-    if engine.step_source != "loaded":  # the price of its next compile, and of other models' first (scaled)
-        record_compile_seconds(model, engine.compile_seconds)
+    record_step_compile(model, engine)  # the price of its next compile, and of other models' first (scaled)
     if account is not None:
         account.settle(saved=engine.step_source != "torch.compile")
     compiled_threads(engine, threads)
@@ -190,8 +189,7 @@ def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Op
     except BaseException:
         drafting.close()
         raise
-    if getattr(checking, "step_source", None) == "compiled":  # measured: the price of its next compile
-        record_compile_seconds(model, checking.compile_seconds, _verify_kind(k + 1))
+    record_step_compile(model, checking, _verify_kind(k + 1))  # as the draft's step (decode_engine) records its own
     engine = SpeculativeEngine(model, draft, tokenizer, max_seq_length, num_speculative_tokens=k,
                                threads=threads, draft_engine=drafting, target_engine=checking)
     if account is not None:

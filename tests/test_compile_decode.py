@@ -648,6 +648,43 @@ def test_speculative_rounds_follow_the_measured_tokens_per_round(tiny_checkpoint
     assert compile_ledger.expected_tokens_per_round(model, draft, 3) == round(11 / 3, 4)
 
 
+@pytest.mark.parametrize("exported", [True, False], ids=["aot-inductor", "torch.compile"])
+def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint, fake_compile, monkeypatch, exported):
+    """The draft's decode step and the model's verify step record what compiling them took in one way
+    (`record_step_compile`: the build through the step's first run), ahead of time (AOTInductor) or lazily where the
+    model does not export as one graph (torch.compile: it compiles at its first run); a loaded step records nothing.
+    Before, the verify step recorded only an AOTInductor compile, and its seconds did not cover a first run."""
+    from litllm import compile_decode, compile_ledger
+    from litllm.compile_decode import _verify_kind
+    from litllm.compile_ledger import _model_key
+    from litllm.generate import speculative_engine
+
+    ledger, clock = fake_compile
+    clock.step, clock.compile = 0.0, 40.0  # (the fake AOTInductor compile: 40 s)
+    if not exported:
+        def lazily_compiled(step, device, static, options):  # compiles at its first call: 40 s
+            calls = []
+
+            def call(*args):
+                clock.now += 0.0 if calls else 40.0
+                calls.append(args)
+                return step(*args)
+
+            return call
+
+        monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
+        monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+    model, draft, threads = _speculative_pair(tiny_checkpoint)
+    for run in range(2):
+        with speculative_engine(model, draft, None, 20, threads, 3, compile=True, tokens=12) as engine:
+            drafting, checking = engine.engines[1], engine.engines[0]
+            expected = "torch.compile" if not exported else "compiled" if run == 0 else "loaded"
+            assert drafting.step_source == checking.step_source == expected
+        compiles = compile_ledger._ledger()["compile"]
+        assert {key: entry["seconds"] for key, entry in compiles.items()} == {
+            _model_key(draft): 40.0, _model_key(model, _verify_kind(4)): 40.0}
+
+
 @pytest.mark.parametrize("eager_pick, compiled, picked", [(1, {1: 2.0, 2: 0.5}, 2), (2, {1: 0.5, 2: 2.0}, 1),
                                                           (1, {1: 0.5, 2: 0.5}, 2)],
                          ids=["second-thread-pays", "second-thread-does-not-pay", "a-tie-keeps-the-budget"])
