@@ -254,10 +254,12 @@ class ShardedEngine(Engine):
             if self.channel.is_driver:
                 with self.channel.fatal_on_lost_rank():
                     self.channel.send(("engine", self.key, args, kwargs))
-            super().__init__(model, tokenizer, *args, **kwargs)  # compile=True: each rank compiles (or loads) its step
-            if self._compiled:  # ranks that compile finish minutes apart under load: the first ones wait here
-                with self.channel.fatal_on_lost_rank():
-                    self.channel.wait_for_peers(f"engine {self.key} compiled")
+            try:  # compile=True: each rank compiles (or loads) its own step
+                super().__init__(model, tokenizer, *args, **kwargs)
+            finally:  # ranks that compile finish minutes apart under load: the first ones wait here (one whose build
+                if kwargs.get("compile"):  # failed too: then the others go on to hear rank 0 end the run)
+                    with self.channel.fatal_on_lost_rank():
+                        self.channel.wait_for_peers(f"engine {self.key} compiled")
         choices = getattr(model, "decode_choices", None)
         if self._compiled and choices is not None:  # this rank's layout, so that its next load finds the saved step
             from litllm.compile_ledger import record_decode_choices
