@@ -3,21 +3,21 @@ decode seconds, compile seconds and speculative rounds (`SECONDS_FILE`), and the
 compiled run picked (`CHOICES_FILE`), both JSON files beside the compile caches (`litllm.compile_decode`, which
 compiles, saves and loads the steps).
 
-- When (`compile_choice`, `step_engine`, `litllm.generate.decode_engine`): `--compile true/false`
-  (`LLM(..., compile=...)`) decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment variable
-  (`0`/`false`, `1`/`true`) if set; else a saved step that fits (below) is loaded (a few ms), a long-lived engine
-  (chat, serve: no token count) compiles, and otherwise it is rent or buy, in seconds. On the CPU
-  (`EagerAccount`), the rent is the eager decode seconds that default runs of a model and shape spent, measured
+- When (`compile_choice`, `litllm.compile_decode.step_engine`, `litllm.generate.decode_engine`): `--compile
+  true/false` (`LLM(..., compile=...)`) decides; by default (`--compile` unset) the `LITLLM_COMPILE` environment
+  variable (`0`/`false`, `1`/`true`) if set; else a saved step that fits (`litllm.compile_decode`) is loaded (a few
+  ms), a long-lived engine (chat, serve: no token count) compiles, and otherwise it is rent or buy, in seconds. On the
+  CPU (`EagerAccount`), the rent is the eager decode seconds that default runs of a model and shape spent, measured
   and added to `SECONDS_FILE`, and the price the seconds a compile is expected to take (its last compile measured
-  here, `expected_compile_seconds`): the run whose expected eager seconds (its steps x the last measured eager
-  step) bring the rent to the price compiles (a one-line note) and saves the step, which every later run loads.
-  Whatever the speed-up and the number of runs to come, this costs at most about twice the time of the better
-  choice in hindsight (compile at once, or never), as far as the estimates hold: the rent paid before the compile
-  is about the price, and the runs after it only gain where the compiled step is the faster. Speculative
-  decoding's two steps, the draft's decode step and the model's verify step, are priced apart, each by its own
-  account (`litllm.generate.speculative_engine`: a run's steps of each from its tokens and the tokens a round
-  yielded last time, `record_tokens_per_round`). On
-  CUDA (no step saved, nothing measured) an engine compiles when it decodes at least `PAYS_AFTER_TOKENS` tokens.
+  here, `expected_compile_seconds`): the run whose expected eager seconds (its steps x the last measured eager step)
+  bring the rent to the price compiles (a one-line note) and saves the step, which every later run loads. Whatever the
+  speed-up and the number of runs to come, this costs at most about twice the time of the better choice in hindsight
+  (compile at once, or never), as far as the estimates hold: the rent paid before the compile is about the price, and
+  the runs after it only gain where the compiled step is the faster. Speculative decoding's two steps, the draft's
+  decode step and the model's verify step, are priced apart, each by its own account
+  (`litllm.generate.speculative_engine`: a run's steps of each from its tokens and the tokens a round yielded last
+  time, `record_tokens_per_round`). On CUDA (no step saved, nothing measured) an engine compiles when it decodes at
+  least `PAYS_AFTER_TOKENS` tokens.
 """
 
 from __future__ import annotations
