@@ -97,17 +97,17 @@ def no_row_split(off: bool):
 
 def no_int8_rows(off: bool):
     """With `off`: compiled int8 steps keep inductor's int8 reduction instead of litllm's C++ ops (int8dq's VNNI one,
-    `litllm.row_split.int8_rows_op`; int8wo's, `int8wo_rows_op`; `$LITLLM_INT8_ROWS`; saved under their own key), for
+    `litllm.cpu_ops.int8_rows_op`; int8wo's, `int8wo_rows_op`; `$LITLLM_INT8_ROWS`; saved under their own key), for
     comparison."""
-    from litllm.row_split import INT8_ROWS_ENV
+    from litllm.cpu_ops import INT8_ROWS_ENV
 
     return env_off(INT8_ROWS_ENV, off)
 
 
 def no_packed_bf16(off: bool):
     """With `off`: compiled bf16 steps keep row-major weights and inductor's `mv` (`OneRowLinear`) instead of oneDNN's
-    packed bytes and the AVX512-BF16 op (`litllm.row_split.packed_bf16_op`, `$LITLLM_PACKED_BF16`), for comparison."""
-    from litllm.row_split import PACKED_BF16_ENV
+    packed bytes and the AVX512-BF16 op (`litllm.packed_bf16.packed_bf16_op`, `$LITLLM_PACKED_BF16`), for comparison."""
+    from litllm.packed_bf16 import PACKED_BF16_ENV
 
     return env_off(PACKED_BF16_ENV, off)
 
@@ -149,7 +149,7 @@ def main() -> None:
                         "'inductor fp32 head' too, int8wo's step before)")
     parser.add_argument("--no_packed_bf16", action="store_true", help="also rows '<format> mv' for bf16: steps on "
                         "row-major weights through inductor's mv, not oneDNN's packed ones "
-                        "(`litllm.row_split.packed_bf16_op`)")
+                        "(`litllm.packed_bf16.packed_bf16_op`)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "

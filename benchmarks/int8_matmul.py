@@ -23,7 +23,7 @@ less disturbed by other load on a shared machine) and its error against the fp32
   as one function, as in the step (compiling it takes a minute or two; `--no_compiled` leaves it out);
 - `inductor words, fp32 act.`: the same reduction on unrounded fp32 activations, what litllm's compiled fp32
   `torchao.int8wo` step runs where the CPU has no AVX-512 VNNI;
-- `VNNI op, int8 act.`: litllm's C++ op (`litllm.row_split.int8_rows_op`, AVX-512 VNNI CPUs only), what the
+- `VNNI op, int8 act.`: litllm's C++ op (`litllm.cpu_ops.int8_rows_op`, AVX-512 VNNI CPUs only), what the
   compiled int8dq step calls there instead: the same arithmetic, int8 x int8 products by vpdpbusd. Tried and slower here: inductor's reduction
   over the int8 weights as int8 (`x @ w.float()`, ~10x slower than fbgemm: its int8 and int32 vector loads go
   through a stack copy) or as int32 words (~4x), and oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`,
@@ -44,14 +44,10 @@ import time
 
 import torch
 
+from _int8_weights import int8_rows, random_weight, row_words
+
 BLOCK_SHAPES = [(768, 768)] * 4 + [(2048, 768)] * 2 + [(768, 2048)]  # (out, in) of one Llama block
 HEAD_SHAPE = (32000, 768)
-
-
-def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row (torchao's int8 weight-only values): (int8 (out, in), fp32 scales (out,))."""
-    scale = w.abs().amax(1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def fbgemm_packed(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
@@ -100,7 +96,7 @@ def compiled_words(layers: list[dict], int8dq: bool):
 def make_layers(shapes: list[tuple[int, int]]) -> list[dict]:
     layers = []
     for out_f, in_f in shapes:
-        w = torch.randn(out_f, in_f) * 0.02
+        w = random_weight(out_f, in_f)
         q, scale = int8_rows(w)
         layers.append(dict(w=w, wb=w.bfloat16(), q=q, scale=scale, scale_bf16=scale.bfloat16(),
                            packed=fbgemm_packed(w, q, scale), ao=torchao_int8dq(w)))
@@ -122,12 +118,12 @@ def kernels(layers: list[dict], xs: dict[int, torch.Tensor], compiled: bool) -> 
         found["fbgemm W8A8 dynamic"] = lambda: [L["packed"](xs[L["w"].shape[1]]) for L in layers]
     if all(L["ao"] is not None for L in layers):
         found["torchao int8dq layer"] = lambda: [L["ao"](xs[L["w"].shape[1]]) for L in layers]
-    from litllm.row_split import int8_rows_op
+    from litllm.cpu_ops import int8_rows_op
 
     op = int8_rows_op()
     if op is not None:  # AVX-512 VNNI: the op litllm's compiled int8 steps call here (row-major words)
         for L in layers:
-            L["rows"] = L["q"].view(torch.int32).view(torch.float32)
+            L["rows"] = row_words(L["q"])
         found["VNNI op, int8 act."] = lambda: [op(xs[L["q"].shape[1]], L["rows"], L["scale"], 32) for L in layers]
     for name, int8dq in (("inductor int8 words", True), ("inductor words, fp32 act.", False)):
         step = compiled_words(layers, int8dq) if compiled else None

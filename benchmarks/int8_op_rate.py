@@ -20,14 +20,14 @@ import time
 import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
 
+from _int8_weights import int8_rows, random_weight, row_words
 from generate import read_bandwidth
 
 
 def int8_weights(count: int, rows: int, cols: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`count` random (int8 weights in the layers' fp32-typed carrier, 4 to a word; a scale per row)."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=g).view(torch.int32)
-             .view(torch.float32), torch.rand(rows, generator=g)) for _ in range(count)]
+    return [(row_words(q), scales) for q, scales in (int8_rows(random_weight(rows, cols, g)) for _ in range(count))]
 
 
 def rate(op, weights, passes: int) -> tuple[float, float]:
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from litllm.row_split import int8_rows_op, int8wo_rows_op
+    from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 
     wo, dq = int8wo_rows_op(), int8_rows_op()
     if wo is None or dq is None:

@@ -7,7 +7,7 @@ On benchmarks/generate.py's random Llama (~134M parameters, fp32), for `torchao.
   the compiled step rounds them (`Int8Words._eager_step`), an fp32 GEMM on the int8 weights converted per call
   (`LITLLM_INT8_PROMPT=0`, and where the op's library is not there);
 - `step` (now): the same arithmetic through litllm's multi-row op on AVX-512 VNNI CPUs
-  (`litllm.row_split.int8_prompt_op`: the weights read once for many rows, int8dq's products by vpdpbusd); its
+  (`litllm.cpu_ops.int8_prompt_op`: the weights read once for many rows, int8dq's products by vpdpbusd); its
   library is built first where it is not there yet.
 It prints the relative L2 error of the last prompt row's logits against fp32's, that of 32 decode steps
 teacher-forced on fp32's greedy tokens (eager kernels vs the step's rounding, `step_rounding`) and how often their
@@ -43,7 +43,7 @@ MODES = ("torchao.int8dq", "torchao.int8wo")
 @contextmanager
 def fp32_gemm_step():
     """The engine's prefill with the step's rounding through an fp32 GEMM on weights converted per call."""
-    from litllm.row_split import INT8_PROMPT_ENV
+    from litllm.cpu_ops import INT8_PROMPT_ENV
 
     before = os.environ.get(INT8_PROMPT_ENV)
     os.environ[INT8_PROMPT_ENV] = "0"
@@ -123,7 +123,7 @@ def run(folder: Path, args) -> None:
     from litllm.engine import Engine
     from litllm.inference import load_for_inference
     from litllm.quantize import step_rounding
-    from litllm.row_split import int8_prompt_op, row_split_op
+    from litllm.cpu_ops import int8_prompt_op, row_split_op
 
     build_checkpoint(folder, args)
     add_tokenizer(folder)

@@ -252,7 +252,7 @@ def build(name: str, shapes: list[tuple[int, int]]) -> Optional[tuple[Callable, 
     """(one pass over all weights, bytes read), or None where this candidate does not run (or is wrong) here."""
     g = torch.Generator().manual_seed(0)
     if "row-split" in name:
-        from litllm.row_split import row_split_op
+        from litllm.cpu_ops import row_split_op
 
         if row_split_op() is None:
             return None

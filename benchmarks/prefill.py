@@ -63,7 +63,7 @@ def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: O
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine
     from litllm.inference import load_for_inference
-    from litllm.row_split import PACKED_BF16_ENV
+    from litllm.packed_bf16 import PACKED_BF16_ENV
 
     mode, precision, _ = FORMATS[fmt]
     rows = {}
@@ -74,7 +74,7 @@ def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: O
         eager_layout = optimize_for_decoding(model, layout=eager_layout or forced_layout)  # timed once per format
         if layout == "compiled":
             unpack_weights(model)
-        elif layout == "compiled, row-major":  # as before litllm.row_split.BlockedBf16Linear: OneRowLinears
+        elif layout == "compiled, row-major":  # as before litllm.packed_bf16.BlockedBf16Linear: OneRowLinears
             os.environ[PACKED_BF16_ENV] = "0"
             try:
                 unpack_weights(model)
@@ -86,7 +86,7 @@ def litllm_rows(folder: Path, fmt: str, length: int, threads: int, other_gemm: O
         if other_gemm:
             rows[f"{name[:-1]}, {other_gemm})"] = with_prompt_gemm(other_gemm, rows[name])
         if int8_gemm and mode.startswith("torchao.int8"):
-            from litllm.row_split import INT8_PROMPT_ENV
+            from litllm.cpu_ops import INT8_PROMPT_ENV
 
             rows[f"{name[:-1]}, fp32 GEMM)"] = with_env(INT8_PROMPT_ENV, "0", rows[name])
     return rows
@@ -135,7 +135,7 @@ def main() -> None:
     gemm = prompt_gemm()
     other = {"onednn": "blas", "blas": "onednn"}[gemm] if args.compare_gemm else None
     if any(fmt.startswith("int8") for fmt in args.formats):
-        from litllm.row_split import row_split_op
+        from litllm.cpu_ops import row_split_op
 
         row_split_op()  # the op library (int8 prompts' op, `int8_prompt_op`) built first where it is not there yet
     calls = {}

@@ -1,5 +1,5 @@
 """Repeated short `litllm generate`s of one model, each a fresh process, in a fresh compile cache: the default
-`--compile` (compiling amortised over runs, `litllm.compile_decode.EagerAccount`: eager while the eager decode
+`--compile` (compiling amortised over runs, `litllm.compile_ledger.EagerAccount`: eager while the eager decode
 seconds earlier runs spent plus those this one would spend are below the expected compile seconds, then that run
 compiles and saves the step, and later runs load it) against `--compile false`, alternating run by run.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import add_model_args, add_tokenizer, build_checkpoint  # noqa: E402
 
-from litllm.compile_decode import COMPILE_SECONDS_FIXED, COMPILE_SECONDS_PER_LAYER  # noqa: E402
+from litllm.compile_ledger import COMPILE_SECONDS_FIXED, COMPILE_SECONDS_PER_LAYER  # noqa: E402
 
 SIDES = {"default --compile": [], "eager (--compile false)": ["--compile", "false"]}
 

@@ -165,7 +165,7 @@ class PromptLinear(torch.nn.Linear):
 def plain_cpu_weight(module) -> Optional[torch.Tensor]:
     """`module.weight` where it is a plain Parameter on the CPU (not a quantized tensor subclass: torchao's kernels
     decide for those), else None: the weights the CPU layouts put other Linears on. (Read from the registered
-    parameters: a module's computed `weight` property, `litllm.row_split.BlockedBf16Linear`'s, is not evaluated.)"""
+    parameters: a module's computed `weight` property, `litllm.packed_bf16.BlockedBf16Linear`'s, is not evaluated.)"""
     weight = getattr(module, "_parameters", {}).get("weight")
     return weight if type(weight) is torch.nn.Parameter and weight.device.type == "cpu" else None
 

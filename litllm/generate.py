@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 
 from litllm import compile_decode
-from litllm.compile_decode import (PROBE_STEPS, compile_cache_dir, compile_choice, eager_account, env_compile,
-                                   pick_compiled_threads, record_compile_seconds, record_decode_choices,
-                                   record_tokens_per_round, step_engine, time_decode)
+from litllm.compile_decode import compile_cache_dir, pick_compiled_threads, step_engine
+from litllm.compile_ledger import (PROBE_STEPS, compile_choice, eager_account, env_compile, expected_tokens_per_round,
+                                   record_decode_choices, record_step_compile, record_tokens_per_round, time_decode)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -29,7 +29,7 @@ from litllm.inference import LoadArgs, load_decoder, load_for_decoding
 def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Optional[int],
                   compile: Optional[bool] = None, tokens: Optional[int] = None, *, exact_length: bool = False,
                   **engine_args) -> Engine:
-    """An `Engine` whose decode step is compiled as `compile` says (None: `litllm.compile_decode.compile_choice`,
+    """An `Engine` whose decode step is compiled as `compile` says (None: `litllm.compile_ledger.compile_choice`,
     for `tokens` decoded tokens, None: long-lived; a saved compiled step that fits is loaded, `step_engine`, which
     also says the KV-cache length of a compiled step; on the CPU, a run of `tokens` tokens compiles where the eager
     decode seconds it and earlier such runs spend reach the expected compile seconds, `EagerAccount`, else it
@@ -37,7 +37,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     `PROBE_STEPS` eager steps first). Compiled, the step compiles (or loads) now, with a 2-token warm-up; what a
     compile took is recorded, and the engine takes the thread count timed on its compiled step (`compiled_threads`),
     recorded with the loader's weight layout, so that the next load of the model picks the same and finds its
-    saved step (`litllm.compile_decode.record_decode_choices`)."""
+    saved step (`litllm.compile_ledger.record_decode_choices`)."""
     if compile is None and hasattr(model, "block_devices"):  # --strategy sequential: eager unless asked
         return Engine(model, tokenizer, rows, max_seq_length, threads=threads, **engine_args)
 
@@ -72,8 +72,7 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
     while engine.has_unfinished:
         engine.step()
     engine.compile_seconds += compile_decode.clock() - t0
-    if engine.step_source != "loaded":  # the price of its next compile, and of other models' first (scaled)
-        record_compile_seconds(model, engine.compile_seconds)
+    record_step_compile(model, engine)  # the price of its next compile, and of other models' first (scaled)
     if account is not None:
         account.settle(saved=engine.step_source != "torch.compile")
     compiled_threads(engine, threads)
@@ -162,7 +161,7 @@ def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Op
     check a round (`probe_verify` times one in the first run) and earlier runs' reach the target's verify compile
     (its last here, else its decode step's); a step that fits a saved one loads it. `compile_seconds`: what building
     the compiled steps took (None: both eager)."""
-    from litllm.compile_decode import _verify_kind, expected_tokens_per_round, verify_engine
+    from litllm.compile_decode import _verify_kind, verify_engine
     from litllm.speculative import SpeculativeEngine
 
     k = num_speculative_tokens
@@ -190,8 +189,7 @@ def speculative_engine(model, draft, tokenizer, max_seq_length: int, threads: Op
     except BaseException:
         drafting.close()
         raise
-    if getattr(checking, "step_source", None) == "compiled":  # measured: the price of its next compile
-        record_compile_seconds(model, checking.compile_seconds, _verify_kind(k + 1))
+    record_step_compile(model, checking, _verify_kind(k + 1))  # as the draft's step (decode_engine) records its own
     engine = SpeculativeEngine(model, draft, tokenizer, max_seq_length, num_speculative_tokens=k,
                                threads=threads, draft_engine=drafting, target_engine=checking)
     if account is not None:

@@ -164,9 +164,9 @@ def load_for_decoding(
 ):
     """The loader of every generating command: `load_for_inference`, then the CPU weight layout and
     thread count that decode fastest here, or those a compiled run recorded for this model on this machine
-    (`litllm.compile_decode.recorded_decode_choices`: the same compiled kernels). Returns (model, threads for the
+    (`litllm.compile_ledger.recorded_decode_choices`: the same compiled kernels). Returns (model, threads for the
     Engine); `model.decode_choices` says what was chosen, and under which key, for `record_decode_choices`."""
-    from litllm.compile_decode import choose_decode_layout
+    from litllm.compile_ledger import choose_decode_layout
 
     model = load_for_inference(checkpoint_dir, device, precision, quantize)
     return model, choose_decode_layout(model, pick_decode_threads)

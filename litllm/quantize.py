@@ -9,7 +9,7 @@ Modes (`--quantize`):
                     CUDA: torchao's `Int8WeightOnlyConfig`; CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm`
                     kernel (gpt-fast's CPU int8) eager; a compiled fp32 step: inductor's own int8 reduction on fp32
                     activations (`Int8Words`), on AVX-512 CPUs litllm's C++ op instead (the weights converted to fp32
-                    16 at a time, times the unrounded activations: `litllm.row_split.int8wo_rows_op`), which eager
+                    16 at a time, times the unrounded activations: `litllm.cpu_ops.int8wo_rows_op`), which eager
                     fp32 decode rows take too (exact, and faster than the bf16 kernel; `quantize_model` builds its
                     library where it is not built yet; without it, AVX2 CPUs, an fp32 model's head stays fp32).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
@@ -26,7 +26,7 @@ Modes (`--quantize`):
                     slower: benchmarks/int8_matmul.py); compiled, inductor's own int8 reduction (`Int8Words`,
                     `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
                     does, finer than fbgemm's one scale per call (on AVX-512 VNNI CPUs the same arithmetic in
-                    litllm's C++ op, int8 dot products by vpdpbusd: `litllm.row_split.int8_rows_op`). Faster than
+                    litllm's C++ op, int8 dot products by vpdpbusd: `litllm.cpu_ops.int8_rows_op`). Faster than
                     int8wo, a little less exact (eager logits ~2% off vs ~1%).
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
@@ -227,7 +227,7 @@ class Int8Words(nn.Module):
         """litllm's C++ op this layer's step multiplies by where it builds or loads here, else None (inductor's
         reduction): int8dq's `int8_rows_op` (AVX-512 VNNI: vpdpbusd on the rounded activations), int8wo's
         `int8wo_rows_op` (AVX-512: the weights converted to fp32 16 at a time, times the unrounded activations)."""
-        from litllm.row_split import int8_rows_op, int8wo_rows_op
+        from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 
         return int8wo_rows_op(build) if self.words_block is None else int8_rows_op(build)
 
@@ -276,7 +276,7 @@ class Int8Words(nn.Module):
 
     def _prompt_weights(self) -> Optional[torch.Tensor]:
         """The int8 weights row-major ((out, in) int8, or `words` laid out so: `words_in_rows`) for the prompt op
-        (`litllm.row_split.int8_prompt_op`); None where the layer holds none so."""
+        (`litllm.cpu_ops.int8_prompt_op`); None where the layer holds none so."""
         raise NotImplementedError
 
     def _eager_step(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ class Int8Words(nn.Module):
         rows (int8dq: int8 dot products on the rows rounded per block; int8wo: fp32 products on the weights converted
         in registers); elsewhere an fp32 GEMM on the weights converted a few rows at a time (`EAGER_STEP_CHUNK`), never
         kept."""
-        from litllm.row_split import int8_prompt_op
+        from litllm.cpu_ops import int8_prompt_op
 
         op = int8_prompt_op()
         weights = None if op is None else self._prompt_weights()
@@ -762,7 +762,7 @@ def _fast_exact_int8wo_head(device: DeviceLike, dtype: torch.dtype) -> bool:
     `Int8Words._eager_step` (2.2x the fp32 head's CPU time; the eager token 1.6x), so the head stays fp32 there."""
     if torch.device(device).type != "cpu" or dtype != torch.float32:
         return True
-    from litllm.row_split import int8wo_rows_op
+    from litllm.cpu_ops import int8wo_rows_op
 
     return int8wo_rows_op(build=True) is not None
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from litllm.compile_decode import (CHOICES_FILE, COMPILE_ENV, STEPS_FOLDER, compile_cache_dir, compiled_length,
-                                   decode_choices_key, record_decode_choices, should_compile)
+from litllm.compile_decode import STEPS_FOLDER, compile_cache_dir, compiled_length, decode_choices_key
+from litllm.compile_ledger import CHOICES_FILE, COMPILE_ENV, record_decode_choices, should_compile
 from litllm.engine import Request
 from litllm.errors import LitLLMError
 
@@ -394,7 +394,7 @@ def fake_compile(monkeypatch, tmp_path):
     replaced by the eager step (a file saved as the step, so that later runs find and "load" it) that takes
     `clock.compile` seconds: the policy without a 1-minute compile nor a real timing. Returns (the ledger's path,
     the clock)."""
-    from litllm import compile_decode
+    from litllm import compile_decode, compile_ledger
 
     clock = FakeClock()
 
@@ -417,12 +417,12 @@ def fake_compile(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(COMPILE_ENV, raising=False)
-    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_FIXED", 0.0)
-    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_PER_LAYER", 15.0)
+    monkeypatch.setattr(compile_ledger, "COMPILE_SECONDS_FIXED", 0.0)
+    monkeypatch.setattr(compile_ledger, "COMPILE_SECONDS_PER_LAYER", 15.0)
     monkeypatch.setattr(compile_decode, "clock", clock)
     monkeypatch.setattr(compile_decode, "_load_step", load)
     monkeypatch.setattr(compile_decode, "_compile_and_save", compile_and_save)
-    return tmp_path / compile_decode.SECONDS_FILE, clock
+    return tmp_path / compile_ledger.SECONDS_FILE, clock
 
 
 def runs(model, threads, n: int, compile=None, tokens: int = 12, rows: int = 1) -> list[str]:
@@ -497,20 +497,20 @@ def test_the_generate_that_brings_the_seconds_to_the_price_compiles(tiny_checkpo
 
 def test_the_price_is_the_last_compile_here_else_another_scaled_by_layers(tiny_checkpoint, fake_compile,
                                                                            monkeypatch):
-    from litllm import compile_decode
+    from litllm import compile_ledger
     from litllm.model import GPT
 
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
-    assert model.config.n_layer == 2 and compile_decode.expected_compile_seconds(model, {})[0] == 30.0  # none here
-    compile_decode.record_compile_seconds(model, 12.0)
-    compiles = compile_decode._ledger()["compile"]
-    assert compile_decode.expected_compile_seconds(model, compiles) == (12.0, "its last compile here")
+    assert model.config.n_layer == 2 and compile_ledger.expected_compile_seconds(model, {})[0] == 30.0  # none here
+    compile_ledger.record_compile_seconds(model, 12.0)
+    compiles = compile_ledger._ledger()["compile"]
+    assert compile_ledger.expected_compile_seconds(model, compiles) == (12.0, "its last compile here")
     model.config.n_layer = 6  # another model (its config is in the key): the 2-layer one's compile, x 6/2
-    assert compile_decode.expected_compile_seconds(model, compiles)[0] == 36.0
-    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_FIXED", 30.0)  # 30 + 15 x layers: x (30 + 90) / (30 + 30)
-    assert compile_decode.expected_compile_seconds(model, compiles)[0] == 24.0
+    assert compile_ledger.expected_compile_seconds(model, compiles)[0] == 36.0
+    monkeypatch.setattr(compile_ledger, "COMPILE_SECONDS_FIXED", 30.0)  # 30 + 15 x layers: x (30 + 90) / (30 + 30)
+    assert compile_ledger.expected_compile_seconds(model, compiles)[0] == 24.0
     compiles = {key: {**entry, "machine": "another CPU"} for key, entry in compiles.items()}
-    assert compile_decode.expected_compile_seconds(model, compiles)[0] == 120.0  # measured on another machine
+    assert compile_ledger.expected_compile_seconds(model, compiles)[0] == 120.0  # measured on another machine
 
 
 def test_opted_out_runs_never_compile_nor_count(tiny_checkpoint, fake_compile, monkeypatch):
@@ -551,7 +551,7 @@ def test_a_step_that_could_not_be_saved_compiles_only_where_one_run_pays(tiny_ch
                                                                          monkeypatch):
     # a model that does not export as one graph compiles lazily with torch.compile, unsaved: the next run would pay
     # the compile again, so later runs compile only where their own eager seconds reach its price
-    from litllm import compile_decode
+    from litllm import compile_decode, compile_ledger
     from litllm.inference import load_for_decoding
 
     ledger, clock = fake_compile
@@ -559,7 +559,7 @@ def test_a_step_that_could_not_be_saved_compiles_only_where_one_run_pays(tiny_ch
     monkeypatch.setattr(compile_decode, "_compile_and_save", lambda path, engine: None)
     monkeypatch.setattr(compile_decode, "compile_step", lambda step, device, static, options: step)  # (no compile)
     model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-    monkeypatch.setattr(compile_decode, "COMPILE_SECONDS_PER_LAYER", 7.5)  # 2 layers: 15 s
+    monkeypatch.setattr(compile_ledger, "COMPILE_SECONDS_PER_LAYER", 7.5)  # 2 layers: 15 s
     assert runs(model, threads, 3, tokens=5) == ["eager", "eager", "torch.compile"]  # 4 + 4, 8 + 4, 12 + 5 >= 15
     assert eager_ledger(ledger) == [{"unsaved": True, "seconds": 0.0, "step_seconds": 1.0}]
     compiles = list(json.loads(ledger.read_text())["compile"].values())
@@ -611,15 +611,16 @@ def test_speculative_decoding_prices_the_draft_and_the_verify_step_apart(tiny_ch
     (30 s each for the 2-layer models here): the draft's k = 3 steps a round at its step's cost, and the model's one
     check a round at its check's cost (both injected as measured before); before, the verify step followed the
     draft's (a dear check never compiled while the draft's did not, a cheap one always did where the draft's did)."""
-    from litllm import compile_decode
-    from litllm.compile_decode import _eager_key, _verify_kind
+    from litllm import compile_decode, compile_ledger
+    from litllm.compile_decode import _verify_kind
+    from litllm.compile_ledger import _eager_key
 
     ledger, clock = fake_compile
     clock.step = 0.0  # what this run measures: nothing (the injected costs decide)
     model, draft, threads = _speculative_pair(tiny_checkpoint)
     for m, kind, seconds in ((draft, "", draft_step), (model, _verify_kind(4), verify_step)):
         key = _eager_key(m, 1, compile_decode._step_length(m, 20, False), kind)
-        compile_decode._update_ledger("eager", key, lambda _, s=seconds: {"seconds": 0.0, "step_seconds": s})
+        compile_ledger._update_ledger("eager", key, lambda _, s=seconds: {"seconds": 0.0, "step_seconds": s})
     assert speculative_runs(model, draft, threads, 1) == [sources]
 
 
@@ -630,8 +631,9 @@ def test_speculative_rounds_follow_the_measured_tokens_per_round(tiny_checkpoint
     at 1 s, 20 s of them spent before and a 30 s verify compile, 12 tokens by rounds of one token (none measured)
     add 12 s and compile; by rounds of 4 tokens they add 3 s and stay eager. A run records what its rounds yielded
     (this draft keeps every proposal: 11 tokens after the prefill's in rounds of 4, 4 and 3)."""
-    from litllm import compile_decode
-    from litllm.compile_decode import _eager_key, _verify_kind
+    from litllm import compile_decode, compile_ledger
+    from litllm.compile_decode import _verify_kind
+    from litllm.compile_ledger import _eager_key
 
     ledger, clock = fake_compile
     clock.step = 0.0
@@ -639,11 +641,48 @@ def test_speculative_rounds_follow_the_measured_tokens_per_round(tiny_checkpoint
     for m, kind, entry in ((draft, "", {"seconds": 0.0, "step_seconds": 0.0}),
                            (model, _verify_kind(4), {"seconds": 20.0, "step_seconds": 1.0})):
         key = _eager_key(m, 1, compile_decode._step_length(m, 20, False), kind)
-        compile_decode._update_ledger("eager", key, lambda _, e=entry: e)
+        compile_ledger._update_ledger("eager", key, lambda _, e=entry: e)
     if tokens_per_round is not None:
-        compile_decode.record_tokens_per_round(model, draft, 3, tokens_per_round)
+        compile_ledger.record_tokens_per_round(model, draft, 3, tokens_per_round)
     assert speculative_runs(model, draft, threads, 1) == [("eager", verify_step)]
-    assert compile_decode.expected_tokens_per_round(model, draft, 3) == round(11 / 3, 4)
+    assert compile_ledger.expected_tokens_per_round(model, draft, 3) == round(11 / 3, 4)
+
+
+@pytest.mark.parametrize("exported", [True, False], ids=["aot-inductor", "torch.compile"])
+def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint, fake_compile, monkeypatch, exported):
+    """The draft's decode step and the model's verify step record what compiling them took in one way
+    (`record_step_compile`: the build through the step's first run), ahead of time (AOTInductor) or lazily where the
+    model does not export as one graph (torch.compile: it compiles at its first run); a loaded step records nothing.
+    Before, the verify step recorded only an AOTInductor compile, and its seconds did not cover a first run."""
+    from litllm import compile_decode, compile_ledger
+    from litllm.compile_decode import _verify_kind
+    from litllm.compile_ledger import _model_key
+    from litllm.generate import speculative_engine
+
+    ledger, clock = fake_compile
+    clock.step, clock.compile = 0.0, 40.0  # (the fake AOTInductor compile: 40 s)
+    if not exported:
+        def lazily_compiled(step, device, static, options):  # compiles at its first call: 40 s
+            calls = []
+
+            def call(*args):
+                clock.now += 0.0 if calls else 40.0
+                calls.append(args)
+                return step(*args)
+
+            return call
+
+        monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
+        monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+    model, draft, threads = _speculative_pair(tiny_checkpoint)
+    for run in range(2):
+        with speculative_engine(model, draft, None, 20, threads, 3, compile=True, tokens=12) as engine:
+            drafting, checking = engine.engines[1], engine.engines[0]
+            expected = "torch.compile" if not exported else "compiled" if run == 0 else "loaded"
+            assert drafting.step_source == checking.step_source == expected
+        compiles = compile_ledger._ledger()["compile"]
+        assert {key: entry["seconds"] for key, entry in compiles.items()} == {
+            _model_key(draft): 40.0, _model_key(model, _verify_kind(4)): 40.0}
 
 
 @pytest.mark.parametrize("eager_pick, compiled, picked", [(1, {1: 2.0, 2: 0.5}, 2), (2, {1: 0.5, 2: 2.0}, 1),
@@ -654,8 +693,9 @@ def test_a_compiled_run_picks_its_threads_by_the_compiled_step(tiny_checkpoint, 
     """Whatever the eager step's pick, a compiled run decodes with the thread count its compiled step was fastest at
     (1 only where it is `min_gain` faster than torch's 2), records it, and a later load takes it from the record,
     its steps then timed no more."""
-    from litllm import compile_decode, inference
-    from litllm.compile_decode import PICK_ROUNDS, decode_choices_key, recorded_decode_choices
+    from litllm import compile_ledger, inference
+    from litllm.compile_decode import PICK_ROUNDS, decode_choices_key
+    from litllm.compile_ledger import recorded_decode_choices
 
     ledger, clock = fake_compile
     clock.step, clock.compiled = 0.0, compiled  # a compiled step takes `compiled[threads]` seconds
@@ -696,7 +736,7 @@ def test_a_compiled_run_picks_its_threads_by_the_compiled_step(tiny_checkpoint, 
         assert threads == picked and model.decode_choices["threads_by"] == "record"
         assert runs(model, threads, 1, tokens=3) == ["loaded"]
         # a record from before (threads picked on the eager step, no "threads_by") is no record: picked again
-        path = ledger.parent / compile_decode.CHOICES_FILE
+        path = ledger.parent / compile_ledger.CHOICES_FILE
         key = decode_choices_key(model)
         path.write_text(json.dumps({key: {"layout": "row-major", "threads": 1}}))
         assert recorded_decode_choices(key) is None

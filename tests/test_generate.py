@@ -168,7 +168,7 @@ def test_a_compiled_16_bit_step_loads_whole_weight_vectors(monkeypatch):
     take it instead, `tests/test_packed_bf16.py`: turned off here, this is the kernel everywhere else.)"""
     import re
 
-    from litllm.row_split import PACKED_BF16_ENV
+    from litllm.packed_bf16 import PACKED_BF16_ENV
 
     monkeypatch.setenv(PACKED_BF16_ENV, "0")
 
@@ -251,7 +251,8 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
     packed ones too (each layout where it runs here: oneDNN packs bf16 only with AVX-512)."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
     from litllm.cpu_layout import _layout_works, OneRowLinear, optimize_for_decoding
-    from litllm.row_split import RowSplitLinear, row_split_op, wants_row_split
+    from litllm.cpu_ops import row_split_op
+    from litllm.row_split import RowSplitLinear, wants_row_split
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     folders, kernels = {}, {}
@@ -687,7 +688,7 @@ def test_a_compiled_step_runs_over_onednn_packed_weights(tiny_checkpoint, dtype,
     `serve` or a long `generate` compiled the step; compiled, it multiplies by the same weights unpacked."""
     from litllm.generate import decode_engine
     from litllm.cpu_layout import OneRowLinear, PackedLinear, optimize_for_decoding
-    from litllm.row_split import BlockedBf16Linear
+    from litllm.packed_bf16 import BlockedBf16Linear
 
     skip_unless_layout_runs(layout, dtype)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

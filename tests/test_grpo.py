@@ -289,7 +289,7 @@ def test_rollouts_compile_where_it_pays_on_one_cpu_process_else_decode_eagerly(m
     compiling was asked for."""
     from types import SimpleNamespace
 
-    from litllm.compile_decode import COMPILE_ENV, PAYS_AFTER_TOKENS
+    from litllm.compile_ledger import COMPILE_ENV, PAYS_AFTER_TOKENS
     from litllm.grpo.method import rollout_compile
 
     notes = []

@@ -1,4 +1,4 @@
-"""bf16 weights held once, in oneDNN's packed layout, for a compiled CPU run (`litllm.row_split.BlockedBf16Linear`):
+"""bf16 weights held once, in oneDNN's packed layout, for a compiled CPU run (`litllm.packed_bf16.BlockedBf16Linear`):
 the one-row op on those bytes equals the bf16 matmul, a prompt's GEMM is the eager `PackedLinear`'s, and a compiled
 step over them decodes the eager engine's greedy tokens and is saved under the key it is looked up by."""
 
@@ -13,7 +13,7 @@ from test_compile_decode import greedy_tokens
 from litllm.cpu_layout import PackedLinear
 from litllm.engine import Engine
 from litllm.model import GPT
-from litllm.row_split import BlockedBf16Linear, onednn_bf16_blocks, packed_bf16_op
+from litllm.packed_bf16 import BlockedBf16Linear, onednn_bf16_blocks, packed_bf16_op
 
 
 @pytest.fixture(scope="module")

@@ -424,6 +424,36 @@ def test_compiled_decode_on_two_ranks_gives_the_unsharded_eager_tokens(tiny_chec
         "tensor parallel rank 0 of 2, group 1", "tensor parallel rank 1 of 2, group 1"]
 
 
+@pytest.mark.parametrize("slow_rank", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_a_rank_that_compiles_longer_than_the_timeout_is_waited_for(tiny_checkpoint, tmp_path, slow_rank):
+    """Each rank builds its own compiled step, and under load one may finish minutes after the other: the first waits
+    at the group's store, not in a collective whose `LITLLM_TP_TIMEOUT` (here 10 s) it would pass (before, the run
+    stopped: "lost a peer"). Under torchrun every rank runs this script, whose step "compiles" (the eager step,
+    collectives inside) 25 s longer on `slow_rank`; the greedy tokens are one device's eager ones."""
+    script = (
+        "import os, time\n"
+        "from litllm import LLM, compile_decode\n"
+        "def slow_compile(engine):\n"
+        f"    if int(os.environ['RANK']) == {slow_rank}:\n"
+        "        time.sleep(25)\n"
+        "    engine.step_source = 'compiled'\n"
+        "    return engine._decode_logits\n"
+        "compile_decode.compile_engine_step = slow_compile\n"
+        f"llm = LLM.load({str(tiny_checkpoint)!r}, device='cpu', devices=2)\n"
+        "llm.compile = True\n"
+        "print(llm.generate('Tell me about llamas', max_new_tokens=12), flush=True)\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    env = dict(ENV, LITLLM_TP_TIMEOUT="10", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "run.py")], capture_output=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    from litllm import LLM
+
+    expected = LLM.load(tiny_checkpoint, device="cpu").generate("Tell me about llamas", max_new_tokens=12)
+    assert proc.stdout.decode().strip() == expected.strip()
+
+
 @pytest.mark.slow
 def test_chat_on_two_ranks(folder):
     turns = b"Hi!\nTell me more\n/exit\n"

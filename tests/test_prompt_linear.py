@@ -91,7 +91,8 @@ def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, th
     from litllm.engine import Engine, Request
     from litllm.model import GPT
     from litllm.quantize import quantize_model
-    from litllm.row_split import INT8_PROMPT_ENV, RowSplitLinear, row_split_op
+    from litllm.cpu_ops import INT8_PROMPT_ENV, row_split_op
+    from litllm.row_split import RowSplitLinear
 
     if mode != "none":
         pytest.importorskip("torchao")

@@ -233,7 +233,7 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
 
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
     originals = {n: m.weight.detach().clone() for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
-    from litllm.row_split import int8wo_rows_op
+    from litllm.cpu_ops import int8wo_rows_op
 
     int4, dynamic = mode == "torchao.int4wo", mode == "torchao.int8dq"
     # int8wo's head is int8 where its AVX-512 op runs (fp32 logits fast eagerly too), fp32 elsewhere
@@ -376,7 +376,7 @@ def _q8_0_rounded(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
 def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, op, monkeypatch):
     """The compiled step multiplies by a plain copy of the int8 weights: with `op` through litllm's C++ op (int8dq on
-    AVX-512 VNNI CPUs: `litllm.row_split.int8_rows_op`, int8 dot products; int8wo on AVX-512 ones: `int8wo_rows_op`,
+    AVX-512 VNNI CPUs: `litllm.cpu_ops.int8_rows_op`, int8 dot products; int8wo on AVX-512 ones: `int8wo_rows_op`,
     fp32 products), elsewhere (and with `LITLLM_INT8_ROWS=0`) in torch ops (`int8_words_linear`, inductor's own int8
     reduction): int8dq rounds the activations as llama.cpp's q8_0 does (int8 per block of 32), int8wo keeps them in
     fp32. Each equals that arithmetic in plain torch on the eager layer's own int8 values up to fp32 summation order,
@@ -385,7 +385,7 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     (the step's arithmetic); eager is the same before and after the step's copy is made, which survives model.half()."""
     from torch._inductor.utils import run_and_get_code
 
-    from litllm.row_split import int8_rows_op, int8wo_rows_op
+    from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 
     dynamic = mode == "torchao.int8dq"
     if not op:
@@ -609,7 +609,7 @@ def test_an_eager_int8dq_prefill_asks_no_op_build_and_a_compile_lays_the_words_o
     (a first build takes ~1 min: `int8_rows_op(build=False)`); a compiled step's `prepare_compiled()` then lays the
     words out for the op where it is there, and the eager step computes the same values from either layout."""
     pytest.importorskip("torchao")
-    import litllm.row_split as row_split
+    import litllm.cpu_ops as cpu_ops
     from litllm.quantize import Int8DynamicLinear, step_rounding
 
     asked = []
@@ -618,7 +618,7 @@ def test_an_eager_int8dq_prefill_asks_no_op_build_and_a_compile_lays_the_words_o
         asked.append(build)
         return object() if build else None
 
-    monkeypatch.setattr(row_split, "int8_rows_op", int8_rows_op)
+    monkeypatch.setattr(cpu_ops, "int8_rows_op", int8_rows_op)
     model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int8dq", "cpu")
     prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), step_rounding():
@@ -643,24 +643,24 @@ def test_int8_first_token_is_rounded_as_the_step(tiny_checkpoint, mode, prompt_o
     (q8_0's blocks for int8dq, none for int8wo), as every later token, not the eager kernels' coarser one (fbgemm's
     7-bit rows; bf16): its logits equal a plain-torch reference of that arithmetic to float precision, and err
     against fp32 less than the kernels did; computed by litllm's multi-row op on AVX-512 VNNI CPUs (`prompt_op`:
-    `litllm.row_split.int8_prompt_op`), else (and with `LITLLM_INT8_PROMPT=0`) by an fp32 GEMM on converted weights."""
+    `litllm.cpu_ops.int8_prompt_op`), else (and with `LITLLM_INT8_PROMPT=0`) by an fp32 GEMM on converted weights."""
     pytest.importorskip("torchao")
-    import litllm.row_split as row_split
+    import litllm.cpu_ops as cpu_ops
     from litllm.quantize import Int8Words, _reduce_range
 
     calls = []
     if not prompt_op:
-        monkeypatch.setenv(row_split.INT8_PROMPT_ENV, "0")
-    elif row_split.int8_rows_op() is None:  # builds the library where it is not there yet
+        monkeypatch.setenv(cpu_ops.INT8_PROMPT_ENV, "0")
+    elif cpu_ops.int8_rows_op() is None:  # builds the library where it is not there yet
         pytest.skip("no AVX-512 VNNI here (or the op does not build)")
     else:
-        found = row_split.int8_prompt_op
+        found = cpu_ops.int8_prompt_op
 
         def counted():
             op = found()
             return lambda *args: calls.append(args[0].shape[0]) or op(*args)
 
-        monkeypatch.setattr(row_split, "int8_prompt_op", counted)
+        monkeypatch.setattr(cpu_ops, "int8_prompt_op", counted)
 
     dynamic = mode == "torchao.int8dq"
     ref = GPT.from_checkpoint(tiny_checkpoint).eval()
@@ -699,19 +699,19 @@ def test_an_int8_engine_prefilled_by_the_prompt_op_decodes_the_fp32_gemm_ones_to
     arithmetic as the fp32 GEMM on converted weights (`LITLLM_INT8_PROMPT=0`) up to summation order, so the engine
     decodes the same greedy tokens either way (eager and within `step_rounding`, as a compiled step does)."""
     pytest.importorskip("torchao")
-    import litllm.row_split as row_split
+    import litllm.cpu_ops as cpu_ops
     from litllm.engine import Engine, Request
     from litllm.quantize import step_rounding
 
-    if row_split.int8_rows_op() is None:  # builds the library where it is not there yet
+    if cpu_ops.int8_rows_op() is None:  # builds the library where it is not there yet
         pytest.skip("no AVX-512 VNNI here (or the op does not build)")
-    calls, found = [], row_split.int8_prompt_op
+    calls, found = [], cpu_ops.int8_prompt_op
 
     def counted():
         op = found()
         return None if op is None else (lambda *args: calls.append(args[0].shape[0]) or op(*args))
 
-    monkeypatch.setattr(row_split, "int8_prompt_op", counted)
+    monkeypatch.setattr(cpu_ops, "int8_prompt_op", counted)
     model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
     prompt = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(2)).tolist()
 
@@ -725,10 +725,10 @@ def test_an_int8_engine_prefilled_by_the_prompt_op_decodes_the_fp32_gemm_ones_to
 
     for rounding in (torch.no_grad, step_rounding):
         with rounding():
-            monkeypatch.setenv(row_split.INT8_PROMPT_ENV, "0")
+            monkeypatch.setenv(cpu_ops.INT8_PROMPT_ENV, "0")
             gemm = greedy()
             assert 20 not in calls
-            monkeypatch.delenv(row_split.INT8_PROMPT_ENV)
+            monkeypatch.delenv(cpu_ops.INT8_PROMPT_ENV)
             assert greedy() == gemm and len(gemm) == 12
             assert 20 in calls  # the prompt's rows went through the op
             calls.clear()

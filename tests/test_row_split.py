@@ -10,7 +10,8 @@ from conftest import tiny_config
 
 from litllm.cpu_layout import prompt_linear
 from litllm.model import GPT
-from litllm.row_split import RowSplitLinear, row_split_op
+from litllm.cpu_ops import row_split_op
+from litllm.row_split import RowSplitLinear
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_a_row_split_linear_trains_as_a_linear(op):
 
 @pytest.fixture(scope="module")
 def int8_op():
-    from litllm.row_split import int8_rows_op
+    from litllm.cpu_ops import int8_rows_op
 
     found = int8_rows_op()
     if found is None:
@@ -183,7 +184,7 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     passes (64 rows) ragged, on 1 and 2 threads; an int8 width no multiple of 4 (no words) takes the unpacked tiles at
     any row count."""
     from litllm.quantize import _block_quantized
-    from litllm.row_split import int8_prompt_op
+    from litllm.cpu_ops import int8_prompt_op
 
     prompt_op = int8_prompt_op()
     assert prompt_op is not None  # the same library as the decode op's, loaded by the fixture
@@ -237,7 +238,7 @@ def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
     included) and a scale per row, within fp32 rounding of that arithmetic in float64, for widths with a ragged
     16-weight tail, output widths no multiple of 4 (rows 4 at a time, then one) and several input rows, on 1 and 2
     threads; a width no multiple of 4 is refused."""
-    from litllm.row_split import int8wo_rows_op
+    from litllm.cpu_ops import int8wo_rows_op
 
     op = int8wo_rows_op()
     if op is None:

@@ -384,7 +384,8 @@ def test_compiled_speculative_decoding_equals_plain_decoding_and_loads_its_saved
     padded in the rounds that propose fewer) compile to saved steps, and greedy output is token for token the
     draftless one, compiled or eager (kept and rejected proposals, fully accepted rounds, the last rounds' padding);
     a later default engine loads both saved steps; `generate --compile true --draft_model` prints the plain output."""
-    from litllm.compile_decode import COMPILE_ENV, STEPS_FOLDER
+    from litllm.compile_decode import STEPS_FOLDER
+    from litllm.compile_ledger import COMPILE_ENV
     from litllm.generate import decode_engine, generate, speculative_engine
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))

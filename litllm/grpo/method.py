@@ -236,7 +236,7 @@ def rollout_compile(asked: Optional[bool], fabric, quantized: bool, steps: Optio
     each step, so what compiling saves scales with steps, not tokens) on the CPU in one process with unquantized
     weights; else eager, with a one-line note when compiling was asked for. None: where it does not pay, a saved
     step that fits is still used (loading one costs milliseconds: `rollout_engine`)."""
-    from litllm.compile_decode import compile_choice, env_compile
+    from litllm.compile_ledger import compile_choice, env_compile
 
     if fabric.world_size > 1:
         why = "with more than one process (DDP/FSDP)"

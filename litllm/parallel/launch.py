@@ -9,7 +9,9 @@
 
 A rank that dies takes the job down: rank 0 watches the ranks it started and exits with one line when one
 does; the workers exit with one line when rank 0 goes (a broken connection or, at the latest, the process
-group's timeout, `LITLLM_TP_TIMEOUT` seconds, default 120; rank 0 sends a heartbeat while idle).
+group's timeout, `LITLLM_TP_TIMEOUT` seconds, default 120; rank 0 sends a heartbeat while idle). Compiling a decode
+step is not bound by that timeout: the ranks that finish first wait for the others at the group's store
+(`COMPILE_WAIT_S`), rank 0 sending no heartbeat meanwhile.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def free_port() -> int:
 
 def timeout_s() -> float:
     return float(os.environ.get("LITLLM_TP_TIMEOUT", "120"))
+
+
+COMPILE_WAIT_S = 3600.0
+"""How long a rank that has built its compiled decode step waits for the others to build theirs
+(`litllm.parallel.runtime.Channel.wait_for_peers`): each compiles its own, and under load they finish minutes apart.
+A rank that dies meanwhile still ends the run at once (rank 0's watch; the workers lose the store rank 0 holds)."""
 
 
 def start(devices: int, num_nodes: int, device_type: str) -> Ranks:

@@ -11,7 +11,8 @@ broadcast one forward at a time. A decode step with no request added or aborted 
 logit gather (`litllm.parallel.layers`). An engine made with `compile=True` is made so on every rank (its arguments
 are broadcast): each rank compiles its own decode step, collectives inside (`litllm.compile_decode`), after laying
 its shard's weights out as one device's are (`_load_rank`); on the CPU it is saved, and a later run's ranks each
-load theirs in milliseconds.
+load theirs in milliseconds. The ranks done first wait for the others at the process group's store
+(`Channel.wait_for_peers`): compiles finish minutes apart under load, longer than a collective waits.
 """
 
 from __future__ import annotations
@@ -108,6 +109,21 @@ class Channel:
             r, child = dead[0]
             fatal(self.ranks, f"tensor-parallel rank {r} (pid {child.pid}) exited with code {child.returncode}")
         fatal(self.ranks, f"tensor-parallel rank 0 lost a peer ({_first_line(error)})")
+
+    def wait_for_peers(self, name: str) -> None:
+        """Wait (up to `litllm.parallel.launch.COMPILE_WAIT_S`) until every rank has reached the point called `name`:
+        at the process group's store, not in a collective, whose timeout (`LITLLM_TP_TIMEOUT`) a rank still compiling
+        its step would pass. The ranks then leave together, so the next broadcast or collective finds them all."""
+        import torch.distributed as dist
+        from datetime import timedelta
+
+        from litllm.parallel.launch import COMPILE_WAIT_S
+
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"litllm/{name}/"
+        store.set(f"{prefix}{self.ranks.rank}", "1")
+        store.wait([f"{prefix}{r}" for r in range(self.ranks.world_size)], timedelta(seconds=COMPILE_WAIT_S))
+        self.last = time.monotonic()  # (rank 0: the heartbeat counts its idle time from here)
 
     def start_heartbeat(self) -> None:
         def beat():
@@ -233,13 +249,20 @@ class ShardedEngine(Engine):
                  **kwargs) -> None:
         self.channel = channel or model.tp_channel
         self.key = next(self._keys) if key is None else key
-        if self.channel.is_driver:
-            with self.channel.lock, self.channel.fatal_on_lost_rank():
-                self.channel.send(("engine", self.key, args, kwargs))
-        super().__init__(model, tokenizer, *args, **kwargs)  # compile=True: each rank compiles (or loads) its own step
+        # rank 0 holds the lock until every rank has its step: no heartbeat reaches a rank still compiling
+        with self.channel.lock if self.channel.is_driver else contextlib.nullcontext():
+            if self.channel.is_driver:
+                with self.channel.fatal_on_lost_rank():
+                    self.channel.send(("engine", self.key, args, kwargs))
+            try:  # compile=True: each rank compiles (or loads) its own step
+                super().__init__(model, tokenizer, *args, **kwargs)
+            finally:  # ranks that compile finish minutes apart under load: the first ones wait here (one whose build
+                if kwargs.get("compile"):  # failed too: then the others go on to hear rank 0 end the run)
+                    with self.channel.fatal_on_lost_rank():
+                        self.channel.wait_for_peers(f"engine {self.key} compiled")
         choices = getattr(model, "decode_choices", None)
         if self._compiled and choices is not None:  # this rank's layout, so that its next load finds the saved step
-            from litllm.compile_decode import record_decode_choices
+            from litllm.compile_ledger import record_decode_choices
 
             record_decode_choices(choices["key"], choices["layout"], choices["threads"])
         if self.channel.is_driver and not getattr(model, "tp_kv_said", False):  # said once: LLM makes one per call
@@ -444,7 +467,7 @@ def size_text(n: int) -> str:
 
 
 def _load_rank(channel: Channel, checkpoint_dir: Path, dtype: torch.dtype, n: int):
-    from litllm.compile_decode import choose_decode_layout
+    from litllm.compile_ledger import choose_decode_layout
     from litllm.parallel.loading import load_shard
 
     ranks = channel.ranks

@@ -148,7 +148,7 @@ def _start_engine(loaded, draft_model: Optional[Path], precision, max_batch_size
     if draft:
         from litllm.speculative import SpeculativeBatchEngine
 
-        from litllm.compile_decode import should_compile
+        from litllm.compile_ledger import should_compile
 
         # compiled as the draftless server's step is (by default: a long-lived engine): the batched step, and the
         # rounds' draft and verify steps per slot

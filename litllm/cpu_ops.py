@@ -1,0 +1,169 @@
+"""litllm's C++ CPU ops (litllm/cpu_ops.cpp), one library: the fp32 row split (`litllm.row_split`), int8dq's
+and int8wo's decode rows and int8 prompt rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`); how it
+is built and loaded, the ops' shapes for tracing, and which ops run here.
+
+The library is compiled from its C++ source on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
+inductor needs anyway) into `library_folder()` (`$XDG_CACHE_HOME/litllm/extensions`, else `~/.cache/...`; one build
+per machine: not inductor's cache, which tests and users point elsewhere), named by the source, torch's version and
+the CPU, and loaded from there by later processes (`torch.ops.load_library`, only a library this user owns and no
+one else can write). AOTInductor's saved step calls its ops through torch's dispatcher. The row split calls the
+Fortran `sgemv_` libtorch exports (with a torch that has none, the library does not load: a one-line note, compiled
+steps keep `F.linear`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp").read_text()
+"""The ops' C++ (litllm/cpu_ops.cpp): the fp32 row split, int8dq's and int8wo's decode rows, int8 prompt rows, packed
+bf16 rows."""
+NAME = "litllm_cpu_ops"
+FLAGS = ["-O2", "-fopenmp"]
+"""The compiler's flags (`-fopenmp`: the op's loop is an OpenMP one, in torch's OpenMP runtime)."""
+
+
+def _library_name() -> str:
+    """The library's file name: the source, the flags, torch's version and the CPU."""
+    key = f"{SOURCE}|{FLAGS}|{torch.__version__}|{platform.machine()}|{cpu_model_name()}"
+    return f"{NAME}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
+
+
+def library_folder() -> Path:
+    """Where the op's library is built and kept: `$XDG_CACHE_HOME/litllm/extensions`, else under `~/.cache`."""
+    return litllm_cache_home() / "extensions"
+
+
+@lru_cache(maxsize=None)
+def row_split_op() -> Optional[object]:
+    """`torch.ops.litllm_cpu.row_split_linear`, its library loaded from `library_folder()` or built there first; None
+    (with a one-line note) where it cannot be built or loaded here (no compiler, a foreign file...)."""
+    if not hasattr(torch.ops.litllm_cpu, "row_split_linear"):
+        path = library_folder() / _library_name()
+        try:
+            if not path.exists():
+                _build(path)  # loads it too
+            elif not owned_and_private(path):
+                raise RuntimeError(f"{path} is not owned by this user, or is writable by others")
+            else:
+                torch.ops.load_library(str(path))
+        except Exception as e:  # no compiler, a failed build, a foreign file: plain F.linear
+            print(f"note: the row-split fp32 matmul is unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                  "the compiled step calls F.linear", file=sys.stderr)
+            return None
+    _register_fake()
+    return torch.ops.litllm_cpu.row_split_linear
+
+
+def _build(path: Path) -> None:
+    """Compile `SOURCE` into the shared library at `path` (atomically: another process may build it too) and load it
+    (`load_inline` does: loading the copy at `path` again would register the op twice)."""
+    import tempfile
+
+    from torch.utils.cpp_extension import load_inline
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"note: building litllm's CPU ops in {path.parent} (once per machine and torch version, about a minute)",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as build:
+        load_inline(NAME, cpp_sources=[SOURCE], is_python_module=False,
+                    extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes((Path(build) / f"{NAME}.so").read_bytes())
+            tmp.chmod(0o755)
+
+
+@lru_cache(maxsize=None)
+def _register_fake() -> None:
+    """The op's shapes for tracing (`torch.export`, `torch.compile`)."""
+    @torch.library.register_fake("litllm_cpu::row_split_linear")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], w.size(0))
+
+    @torch.library.register_fake("litllm_cpu::int8_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.size(0))
+
+    @torch.library.register_fake("litllm_cpu::int8_prompt_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.size(0))
+
+    @torch.library.register_fake("litllm_cpu::packed_bf16_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("litllm_cpu::int8wo_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.size(0))
+
+
+INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
+"""`0`/`false`: compiled int8 steps keep inductor's own int8 reduction (int8dq on AVX-512 VNNI CPUs, int8wo on AVX-512
+ones too) and eager int8wo calls torch's kernel, e.g. to compare."""
+
+
+def _has_avx512_vnni() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
+
+
+def _has_avx512() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
+
+
+def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
+    """`torch.ops.litllm_cpu.<name>` where `cpu_has` the op's instructions, `$LITLLM_INT8_ROWS` is not `0` and the
+    library builds or loads (`row_split_op`); else None. `build=False`: None where the library is neither loaded nor
+    built yet (an eager call does not wait ~1 min for a first build)."""
+    if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not cpu_has:
+        return None
+    if not build and not _library_there():
+        return None
+    return None if row_split_op() is None else getattr(torch.ops.litllm_cpu, name)
+
+
+def int8_rows_op(build: bool = True) -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
+    this CPU has AVX-512 VNNI (`_int8_library_op`). int8dq's compiled steps call it instead of inductor's int8 reduction
+    (`litllm.quantize.Int8Words`)."""
+    return _int8_library_op("int8_rows_linear", _has_avx512_vnni(), build)
+
+
+def int8wo_rows_op(build: bool = True) -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8wo_rows_linear(x, words, scales)` (the same library as `row_split_op`'s) where this CPU
+    has AVX-512 (`_int8_library_op`): fp32 activations, unrounded, times int8 weights (row-major, 4 to an fp32-typed
+    word), an fp32 scale per row. fp32 int8wo layers (`litllm.quantize.Int8PackedLinear`) call it in compiled steps
+    instead of inductor's int8 reduction, and eagerly for one row instead of torch's bf16 kernel (where the library is
+    there already)."""
+    return _int8_library_op("int8wo_rows_linear", _has_avx512(), build)
+
+
+def _library_there() -> bool:
+    """Is the op library loaded in this process or built in `library_folder()` already?"""
+    return hasattr(torch.ops.litllm_cpu, "row_split_linear") or (library_folder() / _library_name()).exists()
+
+
+INT8_PROMPT_ENV = "LITLLM_INT8_PROMPT"
+"""`0`/`false`: int8 prompts (`litllm.quantize.Int8Words._eager_step`) keep the fp32 GEMM on weights converted per
+call, e.g. to compare (benchmarks/int8_prefill.py)."""
+
+
+def int8_prompt_op() -> Optional[object]:
+    """`torch.ops.litllm_cpu.int8_prompt_linear(x, w, scales, block)` (the same library as `row_split_op`'s) where
+    this CPU has AVX-512 VNNI, the library is loaded or built already (a prefill never waits for a first build, as
+    `int8_rows_op(build=False)`) and `$LITLLM_INT8_PROMPT` is not `0`; else None. The eager prefill of int8 layers
+    (`litllm.quantize.Int8Words._eager_step`) calls it: many rows times int8 weights read once, int8dq's rows rounded
+    per block (int8 dot products by vpdpbusd), int8wo's unrounded (the weights converted to fp32 in registers)."""
+    if os.environ.get(INT8_PROMPT_ENV, "").strip().lower() in ("0", "false", "no", "off") \
+            or not _has_avx512_vnni() or not _library_there() or row_split_op() is None:
+        return None
+    return torch.ops.litllm_cpu.int8_prompt_linear
