@@ -139,3 +139,14 @@ def test_fused_ops_stay_out_of_inference_and_bf16():
             fused_norms.ops_ready.cache_clear()
     norm = RMSNorm(16)
     assert norm(x).grad_fn.name() == "FusedRMSNormBackward"
+
+
+def test_rms_norm_with_a_frozen_weight():
+    """A frozen norm (LoRA finetuning): the input's gradient only, as the unfused code gives it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    w = torch.rand(48) + 0.5
+    fused_norms.rms_norm(x, w, 1e-5).pow(2).sum().backward()
+    d = x.detach().double().requires_grad_()
+    reference_rms_norm(d, w.double(), 1e-5).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.double(), d.grad, rtol=2e-5, atol=2e-5)
