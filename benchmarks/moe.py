@@ -7,6 +7,7 @@
     python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
     python benchmarks/moe.py --cpu_time --floor    # also each step's shared kernels (CPU time) and the rest
     python benchmarks/moe.py --unfused_loss        # also litllm's step without the fused head + loss
+    python benchmarks/moe.py --unfused_norms       # also litllm's step without the fused norms, qk-norm and RoPE
 
 Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
 `--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
@@ -140,7 +141,7 @@ def floor_steps(steps: dict, repeats: int) -> None:
         print(f"{name:14s} step {med['step']:6.1f} = " + " + ".join(f"{k} {med[k]:.1f}" for k in FLOOR_KERNELS)
               + f" + the rest {med['step'] - kernels[name]:.1f}")
     names = list(steps)
-    if len(names) == 2:
+    if len(names) >= 2:  # (a third: a variant of the first, split alike)
         hf_step = statistics.median(times[names[1]]["step"]) * 1e3
         print(f"ceiling of {names[0]} / {names[1]} (a step of nothing but those kernels): "
               f"{hf_step / kernels[names[0]]:.2f}x; 1.3x leaves {names[0]} {hf_step / 1.3 - kernels[names[0]]:.1f} ms "
@@ -214,6 +215,9 @@ def main() -> None:
     parser.add_argument("--unfused_loss", action="store_true",
                         help="also time litllm's step with the head and the chunked loss unfused (no "
                              "`linear_cross_entropy`), alternating with the others")
+    parser.add_argument("--unfused_norms", action="store_true",
+                        help="also time litllm's step with the norms, qk-norm and RoPE unfused (no `litllm.fused_norms` "
+                             "kernels), alternating with the others")
     parser.add_argument("--floor", action="store_true",
                         help="also split each side's train step (CPU time) into the kernels both run on the same "
                              "shapes, replayed alone, and the rest")
@@ -270,6 +274,12 @@ def main() -> None:
         with unittest.mock.patch.object(GPT, "_fused_loss_applies", lambda self, x: False):
             lit_step()
 
+    def lit_step_unfused_norms():  # the model's own norm and RoPE code, as before `litllm.fused_norms`
+        from litllm import fused_norms
+
+        with unittest.mock.patch.object(fused_norms, "ops_ready", lambda: False):
+            lit_step()
+
     # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
     same_loss = abs(lit_train(idx, targets=targets).item()
                     - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
@@ -313,6 +323,8 @@ def main() -> None:
         runs["litllm train compiled"] = []
     if args.unfused_loss:
         runs["litllm train unfused"] = []
+    if args.unfused_norms:
+        runs["litllm train unfused_norms"] = []
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
         runs["transformers train"].append(timed(hf_step, clock))
@@ -321,6 +333,8 @@ def main() -> None:
             runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
         if args.unfused_loss:
             runs["litllm train unfused"].append(timed(lit_step_unfused, clock))
+        if args.unfused_norms:
+            runs["litllm train unfused_norms"].append(timed(lit_step_unfused_norms, clock))
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 
@@ -347,7 +361,8 @@ def main() -> None:
     if args.profile:
         profile_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats, args.profile)
     if args.floor:
-        floor_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats)
+        unfused_norms = {"litllm unfused norms": lit_step_unfused_norms} if args.unfused_norms else {}
+        floor_steps({"litllm": lit_step, "transformers": hf_step, **unfused_norms}, args.repeats)
 
 
 if __name__ == "__main__":

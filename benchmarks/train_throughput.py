@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                  # the default 6-layer Llama, fp32, CPU
     python benchmarks/train_throughput.py --compile        # litllm's blocks under torch.compile too
+    python benchmarks/train_throughput.py --unfused_norms  # also litllm without its fused norms and RoPE
     python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --n_layer 12 --n_embd 768
 
 Each side runs `forward -> cross-entropy -> backward -> AdamW step -> zero_grad` on the same random
@@ -14,8 +15,10 @@ matmul peak, measured here with a large GEMM.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+import unittest.mock
 
 import torch
 
@@ -102,6 +105,14 @@ def litllm_loss(model, x, y):
     return model(x, targets=y)
 
 
+def unfused_norms_loss(model, x, y):
+    """litllm's loss with the model's own norm and RoPE code (no `litllm.fused_norms` kernels)."""
+    from litllm import fused_norms
+
+    with unittest.mock.patch.object(fused_norms, "ops_ready", lambda: False):
+        return model(x, targets=y)
+
+
 def hf_loss(model, x, y):
     # labels already shifted: plain token-mean cross-entropy over the logits, as litllm computes it
     logits = model(input_ids=x).logits
@@ -124,6 +135,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile litllm's blocks (as --compile does)")
     parser.add_argument("--compile_hf", action="store_true", help="torch.compile transformers' decoder layers too")
     parser.add_argument("--peak_n", type=int, default=2048, help="matrix size of the peak-FLOP/s GEMM")
+    parser.add_argument("--unfused_norms", action="store_true",
+                        help="also time litllm's step without `litllm.fused_norms` (a copy of the model, alternating)")
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -143,6 +156,8 @@ def main() -> None:
     with torch.no_grad():  # same weights -> same loss (a check that the comparison is like for like)
         l_lit, l_hf = litllm_loss(lit, x, y).item(), hf_loss(hf, x, y).item()
     sides = {"litllm": make_step(lit, litllm_loss), "transformers": make_step(hf, hf_loss)}
+    if args.unfused_norms:
+        sides["litllm unfused"] = make_step(copy.deepcopy(lit), unfused_norms_loss)
     times: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(args.steps + 2):
         for name, step in sides.items():
@@ -175,6 +190,8 @@ def main() -> None:
             f"({achieved / peak:.0%} of peak){'  [compiled]' if (name == 'litllm' and args.compile) or (name == 'transformers' and args.compile_hf) else ''}"
         )
     print(f"litllm / transformers: {result['litllm'] / result['transformers']:.2f}x")
+    if args.unfused_norms:
+        print(f"litllm unfused norms / transformers: {result['litllm unfused'] / result['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

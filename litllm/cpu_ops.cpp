@@ -750,3 +750,336 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("packed_bf16_linear", &packed_bf16_linear);
   m.impl("int8wo_rows_linear", &int8wo_rows_linear);  // int8 weight-only rows
 }
+
+// ---- training: norms and RoPE (litllm.fused_norms: RMSNorm, residual add + RMSNorm, qk-norm + RoPE, forward and
+// backward, fp32). Each op is one pass over its rows where autograd through aten's ops makes 5-10 (each a fresh
+// tensor), and a weight's gradient is summed over rows per thread, then over threads. Plain loops that the compiler
+// vectorizes (`omp simd`) for AVX-512; litllm.fused_norms calls them on CPUs that have it only.
+#if defined(__x86_64__)
+#define NORM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+#else
+#define NORM_TARGET
+#endif
+
+static void check_avx512(const char* op) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), op, ": this CPU has no AVX-512");
+#else
+  TORCH_CHECK(false, op, ": this CPU has no AVX-512");
+#endif
+}
+
+static void check_fp32(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", name, " must be a CPU fp32 tensor, got ",
+              t.scalar_type(), " on ", t.device());
+}
+
+// Rows [0, n) in `chunks` contiguous ranges, part(chunk, begin, end) for each, on torch's threads (inline for one).
+template <typename Part>
+static int64_t row_chunks(int64_t n, int64_t min_rows, const Part& part) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(op_threads(), n / std::max<int64_t>(1, min_rows)));
+  const int64_t rows = (n + chunks - 1) / chunks;
+  run_chunks(chunks, static_cast<int>(chunks), [&](int64_t c) { part(c, c * rows, std::min(n, c * rows + rows)); });
+  return chunks;
+}
+
+// 1 / sqrt(mean(x^2) + eps) of one row of n values.
+NORM_TARGET static inline float row_rstd(const float* x, int64_t n, float eps) {
+  float ss = 0.f;
+  #pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+}
+
+// The backward of y = x * rstd * w for one row, given dy: dx = rstd * (dy w - xhat mean(dy w xhat)) (+ add, the
+// gradient that reaches x along another path), xhat = x * rstd; gw += dy * xhat (gw null: none).
+NORM_TARGET static inline void row_norm_backward(const float* dy, const float* x, float rstd, const float* w,
+                                                 const float* add, float* dx, float* gw, int64_t n) {
+  float dot = 0.f;
+  #pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < n; ++i) dot += dy[i] * w[i] * x[i];
+  const float c = dot * rstd / static_cast<float>(n);  // mean(dy w xhat)
+  if (add) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = add[i] + rstd * (dy[i] * w[i] - x[i] * rstd * c);
+  } else {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = rstd * (dy[i] * w[i] - x[i] * rstd * c);
+  }
+  if (gw) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) gw[i] += dy[i] * x[i] * rstd;
+  }
+}
+
+// Rows [r0, r1) of rms_norm_forward.
+NORM_TARGET static void rms_norm_rows(const float* xp, const float* rp, const float* wp, float* yp, float* sp,
+                                      float* rsp, int64_t C, float e, int64_t r0, int64_t r1) {
+  const bool add = rp != nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * C;
+      if (add) {
+        float* srow = sp + r * C;
+        const float* hr = rp + r * C;
+        #pragma omp simd
+        for (int64_t i = 0; i < C; ++i) srow[i] = xr[i] + hr[i];
+        xr = srow;
+      }
+      const float inv = row_rstd(xr, C, e);
+      rsp[r] = inv;
+      float* yr = yp + r * C;
+      #pragma omp simd
+      for (int64_t i = 0; i < C; ++i) yr[i] = xr[i] * inv * wp[i];
+    }
+}
+
+// (y, s, rstd): s = x + residual (residual given; else s is x, not returned: an empty tensor), y = s * rstd * w,
+// rstd = 1 / sqrt(mean(s^2) + eps) per row. x, residual: (N, C) contiguous; w: (C,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                                const at::Tensor& w, double eps) {
+  check_avx512("rms_norm_forward");
+  check_fp32(x, "rms_norm_forward", "x");
+  check_fp32(w, "rms_norm_forward", "weight");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && w.numel() == x.size(1),
+              "rms_norm_forward: x must be (N, C) contiguous and weight (C,), got ", x.sizes(), " and ", w.sizes());
+  const bool add = residual.has_value();
+  if (add) {
+    check_fp32(*residual, "rms_norm_forward", "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous(), "rms_norm_forward: residual ",
+                residual->sizes(), " must be contiguous and of x's shape ", x.sizes());
+  }
+  const int64_t N = x.size(0), C = x.size(1);
+  at::Tensor y = at::empty_like(x), rstd = at::empty({N}, x.options());
+  at::Tensor s = add ? at::empty_like(x) : at::empty({0}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const float* rp = add ? residual->const_data_ptr<float>() : nullptr;
+  const float* wp = w.const_data_ptr<float>();
+  float *yp = y.mutable_data_ptr<float>(), *sp = add ? s.mutable_data_ptr<float>() : nullptr;
+  float* rsp = rstd.mutable_data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  row_chunks(N, 16, [&](int64_t, int64_t r0, int64_t r1) { rms_norm_rows(xp, rp, wp, yp, sp, rsp, C, e, r0, r1); });
+  return {y, s, rstd};
+}
+
+// Rows [r0, r1) of rms_norm_backward; gw: this chunk's weight gradient (null: none).
+NORM_TARGET static void rms_norm_backward_rows(const float* dyp, const float* xp, const float* rp, const float* wp,
+                                               const float* ap, float* dxp, float* gw, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    row_norm_backward(dyp + r * C, xp + r * C, rp[r], wp, ap ? ap + r * C : nullptr, dxp + r * C, gw, C);
+}
+
+// (dx, dw) of rms_norm_forward: dy, x (N, C) (x: the normalized input, s where a residual was added), rstd (N,);
+// dx gets `add` (N, C) added when given (the residual sum's own gradient); dw: (C,), empty unless weight_grad.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+                                                     const at::Tensor& w, const c10::optional<at::Tensor>& add,
+                                                     bool weight_grad) {
+  check_avx512("rms_norm_backward");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && x.is_contiguous() && x.dim() == 2 &&
+              rstd.numel() == x.size(0) && w.numel() == x.size(1), "rms_norm_backward: shapes ", dy.sizes(), " ",
+              x.sizes(), " ", rstd.sizes(), " ", w.sizes());
+  if (add) TORCH_CHECK(add->sizes() == x.sizes() && add->is_contiguous(), "rms_norm_backward: add ", add->sizes());
+  const int64_t N = x.size(0), C = x.size(1);
+  at::Tensor dx = at::empty_like(x);
+  const int threads = op_threads();
+  at::Tensor partial = weight_grad ? at::zeros({threads, C}, x.options()) : at::Tensor();
+  const float *dyp = dy.const_data_ptr<float>(), *xp = x.const_data_ptr<float>();
+  const float *rp = rstd.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
+  const float* ap = add ? add->const_data_ptr<float>() : nullptr;
+  float* dxp = dx.mutable_data_ptr<float>();
+  float* pp = weight_grad ? partial.mutable_data_ptr<float>() : nullptr;
+  const int64_t chunks = row_chunks(N, 16, [&](int64_t c, int64_t r0, int64_t r1) {
+    rms_norm_backward_rows(dyp, xp, rp, wp, ap, dxp, pp ? pp + c * C : nullptr, C, r0, r1);
+  });
+  at::Tensor dw = weight_grad ? (chunks == 1 ? partial[0] : partial.narrow(0, 0, chunks).sum(0)) : at::Tensor();
+  return {dx, dw};
+}
+
+// One head of RoPE on xn (n values, n even): out[i] = xn[i] cos[i] + xn[(i + n/2) % n] sin[i] (sin's first half
+// negated, as litllm.model.rope_cache makes it).
+NORM_TARGET static inline void row_rope(const float* xn, const float* cos, const float* sin, float* out, int64_t n) {
+  // (both halves in one loop: each element of xn, cos and sin read once, before the step's two stores)
+  const int64_t h = n / 2;
+  #pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = xn[i], b = xn[i + h];
+    out[i] = a * cos[i] + b * sin[i];
+    out[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+// Its backward: dxn[j] = g[j] cos[j] + g[(j + n/2) % n] sin[(j + n/2) % n].
+NORM_TARGET static inline void row_rope_backward(const float* g, const float* cos, const float* sin, float* dxn,
+                                                 int64_t n) {
+  const int64_t h = n / 2;
+  #pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = g[i], b = g[i + h];
+    dxn[i] = a * cos[i] + b * sin[i + h];
+    dxn[i + h] = b * cos[i + h] + a * sin[i];
+  }
+}
+
+constexpr int64_t kMaxHeadSize = 1024;
+
+// Rows [r0, r1) (of B * T) of qk_norm_rope_forward.
+NORM_TARGET static void qk_forward_rows(const float* src, int64_t sb, int64_t st, const float* cp,
+    const float* sp, int64_t cb, int64_t ct, const float* qw, const float* kw, float* qp, float* kp, float* vp,
+    float* rp, int64_t T, int64_t nh, int64_t nkv, int64_t hs, float e, int64_t r0, int64_t r1) {
+  const bool norm = qw != nullptr;
+    float xn[kMaxHeadSize];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const float* row = src + b * sb + t * st;
+      const float *cr = cp + b * cb + t * ct, *sr = sp + b * cb + t * ct;
+      for (int64_t hd = 0; hd < nh + nkv; ++hd) {
+        const float* x = row + hd * hs;
+        float* out = hd < nh ? qp + (r * nh + hd) * hs : kp + (r * nkv + hd - nh) * hs;
+        const float* x_in = x;
+        if (norm) {
+          const float inv = row_rstd(x, hs, e);
+          rp[r * (nh + nkv) + hd] = inv;
+          const float* wr = hd < nh ? qw : kw;
+          #pragma omp simd
+          for (int64_t i = 0; i < hs; ++i) xn[i] = x[i] * inv * wr[i];
+          x_in = xn;
+        }
+        row_rope(x_in, cr, sr, out, hs);
+      }
+      std::memcpy(vp + r * nkv * hs, row + (nh + nkv) * hs, sizeof(float) * nkv * hs);
+    }
+}
+
+// (q, k, v, rstd) from the fused projection's output qkv (B, T, (nh + 2 nkv) hs), last dim contiguous: each query and
+// key head RMS-normalized with its weight (q_w, k_w (hs,); none given: no norm) and rotated by RoPE over the whole
+// head, cos/sin (B, T, hs) (any strides, the last 1); q (B, T, nh, hs), k and v (B, T, nkv, hs) contiguous (v a copy);
+// rstd (B, T, nh + nkv) (empty without norm).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_forward(
+    const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
+    const at::Tensor& cos, const at::Tensor& sin, int64_t nh, int64_t nkv, double eps) {
+  check_avx512("qk_norm_rope_forward");
+  check_fp32(qkv, "qk_norm_rope_forward", "qkv");
+  check_fp32(cos, "qk_norm_rope_forward", "cos");
+  check_fp32(sin, "qk_norm_rope_forward", "sin");
+  const bool norm = q_w.has_value();
+  TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && qkv.size(2) % (nh + 2 * nkv) == 0,
+              "qk_norm_rope_forward: qkv must be (B, T, (nh + 2 nkv) hs) with its last dim contiguous, got ",
+              qkv.sizes());
+  const int64_t B = qkv.size(0), T = qkv.size(1), hs = qkv.size(2) / (nh + 2 * nkv);
+  TORCH_CHECK(hs % 2 == 0 && hs <= kMaxHeadSize && cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T &&
+              cos.size(2) == hs && sin.sizes() == cos.sizes() && sin.strides() == cos.strides() && cos.stride(2) == 1,
+              "qk_norm_rope_forward: cos/sin must be (B, T, hs) = (", B, ", ", T, ", ", hs, "), got ", cos.sizes());
+  if (norm) TORCH_CHECK(k_w.has_value() && q_w->numel() == hs && k_w->numel() == hs && q_w->is_contiguous() &&
+                        k_w->is_contiguous(), "qk_norm_rope_forward: q and k norm weights must be (hs,)");
+  at::Tensor q = at::empty({B, T, nh, hs}, qkv.options()), k = at::empty({B, T, nkv, hs}, qkv.options());
+  at::Tensor v = at::empty({B, T, nkv, hs}, qkv.options());
+  at::Tensor rstd = at::empty({norm ? B : 0, T, nh + nkv}, qkv.options());
+  const float* src = qkv.const_data_ptr<float>();
+  const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
+  const float* qw = norm ? q_w->const_data_ptr<float>() : nullptr;
+  const float* kw = norm ? k_w->const_data_ptr<float>() : nullptr;
+  float *qp = q.mutable_data_ptr<float>(), *kp = k.mutable_data_ptr<float>(), *vp = v.mutable_data_ptr<float>();
+  float* rp = norm ? rstd.mutable_data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps);
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1), cb = cos.stride(0), ct = cos.stride(1);
+  row_chunks(B * T, 16, [&](int64_t, int64_t r0, int64_t r1) {
+    qk_forward_rows(src, sb, st, cp, sp, cb, ct, qw, kw, qp, kp, vp, rp, T, nh, nkv, hs, e, r0, r1);
+  });
+  return {q, k, v, rstd};
+}
+
+// Strides of a (B, T, heads, hs) gradient over its first three dims.
+struct Strides4 {
+  int64_t b, t, h;
+};
+
+// Rows [r0, r1) (of B * T) of qk_norm_rope_backward; pw: this chunk's (2, hs) norm weight gradients (null: no norm).
+NORM_TARGET static void qk_backward_rows(const float* gq, const Strides4& sq, const float* gk, const Strides4& sk,
+    const float* gv, const Strides4& sv, const float* src, int64_t sb, int64_t st, const float* cp, const float* sp,
+    int64_t cb, int64_t ct, const float* qw, const float* kw, const float* rp, float* out, float* pw, int64_t T,
+    int64_t nh, int64_t nkv, int64_t hs, int64_t r0, int64_t r1) {
+  const bool norm = qw != nullptr;
+  const int64_t width = (nh + 2 * nkv) * hs;
+    float dxn[kMaxHeadSize];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const float* row = src + b * sb + t * st;
+      const float *cr = cp + b * cb + t * ct, *sr = sp + b * cb + t * ct;
+      float* drow = out + r * width;
+      for (int64_t hd = 0; hd < nh + nkv; ++hd) {
+        const bool is_q = hd < nh;
+        const int64_t j = is_q ? hd : hd - nh;
+        const Strides4& g = is_q ? sq : sk;
+        const float* gr = (is_q ? gq : gk) + b * g.b + t * g.t + j * g.h;
+        float* dx = drow + hd * hs;
+        if (!norm) {
+          row_rope_backward(gr, cr, sr, dx, hs);
+          continue;
+        }
+        row_rope_backward(gr, cr, sr, dxn, hs);
+        row_norm_backward(dxn, row + hd * hs, rp[r * (nh + nkv) + hd], is_q ? qw : kw, nullptr, dx,
+                          pw + (is_q ? 0 : hs), hs);
+      }
+      for (int64_t j = 0; j < nkv; ++j)
+        std::memcpy(drow + (nh + nkv + j) * hs, gv + b * sv.b + t * sv.t + j * sv.h,
+                    sizeof(float) * hs);
+    }
+}
+
+// (dqkv, dq_w, dk_w) of qk_norm_rope_forward: dq (B, T, nh, hs), dk and dv (B, T, nkv, hs), any strides with the last
+// dim contiguous (SDPA's gradients come transposed); dqkv (B, T, (nh + 2 nkv) hs) contiguous; the norm weights'
+// gradients empty without norm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
+    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& qkv,
+    const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& rstd) {
+  check_avx512("qk_norm_rope_backward");
+  const bool norm = q_w.has_value();
+  const int64_t B = qkv.size(0), T = qkv.size(1), nh = dq.size(2), nkv = dk.size(2), hs = dq.size(3);
+  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4 && dv.dim() == 4 && dq.stride(3) == 1 && dk.stride(3) == 1 &&
+              dv.stride(3) == 1 && dq.size(0) == B && dq.size(1) == T && dk.sizes() == dv.sizes() &&
+              dk.size(0) == B && dk.size(1) == T && dk.size(3) == hs && qkv.size(2) == (nh + 2 * nkv) * hs &&
+              qkv.stride(2) == 1 && hs <= kMaxHeadSize, "qk_norm_rope_backward: shapes ", dq.sizes(), " ",
+              dk.sizes(), " ", dv.sizes(), " ", qkv.sizes());
+  at::Tensor dqkv = at::empty({B, T, (nh + 2 * nkv) * hs}, qkv.options());
+  const int threads = op_threads();
+  at::Tensor partial = norm ? at::zeros({threads, 2, hs}, qkv.options()) : at::Tensor();
+  const float *src = qkv.const_data_ptr<float>(), *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
+  const float *gq = dq.const_data_ptr<float>(), *gk = dk.const_data_ptr<float>(), *gv = dv.const_data_ptr<float>();
+  const float* qw = norm ? q_w->const_data_ptr<float>() : nullptr;
+  const float* kw = norm ? k_w->const_data_ptr<float>() : nullptr;
+  const float* rp = norm ? rstd.const_data_ptr<float>() : nullptr;
+  float* out = dqkv.mutable_data_ptr<float>();
+  float* pp = norm ? partial.mutable_data_ptr<float>() : nullptr;
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1), cb = cos.stride(0), ct = cos.stride(1);
+  const Strides4 sq{dq.stride(0), dq.stride(1), dq.stride(2)}, sk{dk.stride(0), dk.stride(1), dk.stride(2)};
+  const Strides4 sv{dv.stride(0), dv.stride(1), dv.stride(2)};
+  const int64_t chunks = row_chunks(B * T, 16, [&](int64_t c, int64_t r0, int64_t r1) {
+    qk_backward_rows(gq, sq, gk, sk, gv, sv, src, sb, st, cp, sp, cb, ct, qw, kw, rp, out, pp ? pp + c * 2 * hs : nullptr,
+                     T, nh, nkv, hs, r0, r1);
+  });
+  at::Tensor dq_w, dk_w;
+  if (norm) {
+    at::Tensor total = chunks == 1 ? partial[0] : partial.narrow(0, 0, chunks).sum(0);  // (2, hs)
+    dq_w = total[0];
+    dk_w = total[1];
+  }
+  return {dqkv, dq_w, dk_w};
+}
+
+TORCH_LIBRARY_FRAGMENT(litllm_cpu, m) {
+  m.def("rms_norm_forward(Tensor x, Tensor? residual, Tensor w, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor rstd, Tensor w, Tensor? add, bool weight_grad) -> "
+        "(Tensor, Tensor)");
+  m.def("qk_norm_rope_forward(Tensor qkv, Tensor? q_w, Tensor? k_w, Tensor cos, Tensor sin, int nh, int nkv, "
+        "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("qk_norm_rope_backward(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor? q_w, Tensor? k_w, Tensor cos, "
+        "Tensor sin, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("rms_norm_forward", &rms_norm_forward);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("qk_norm_rope_forward", &qk_norm_rope_forward);
+  m.impl("qk_norm_rope_backward", &qk_norm_rope_backward);
+}
+// ---- end of training: norms and RoPE

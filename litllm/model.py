@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
+from litllm import fused_norms
 from litllm.config import Config
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
@@ -375,8 +376,12 @@ class Block(nn.Module):
             mlp_in = x_normed if c.shared_attention_norm else self.norm_2(x)
             h = h + self._post_mlp(self.mlp(mlp_in))
             return x + (h * m if m != 1.0 else h)
-        x = x + (h * m if m != 1.0 else h)
-        h = self._post_mlp(self.mlp(self.norm_2(x)))
+        if m == 1.0 and type(self.norm_2) is RMSNorm:
+            x, x_normed = self.norm_2.residual_forward(x, h)  # (one kernel each way where fused norms apply)
+        else:
+            x = x + (h * m if m != 1.0 else h)
+            x_normed = self.norm_2(x)
+        h = self._post_mlp(self.mlp(x_normed))
         return x + (h * m if m != 1.0 else h)
 
     def _post_mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -415,6 +420,11 @@ class CausalSelfAttention(nn.Module):
             heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
             qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
             q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
+        elif self._fused_qk_applies(qkv, rope):
+            # training: qk-norm and RoPE in one kernel each way, straight from the projection's rows
+            weights = (self.q_norm.weight, self.k_norm.weight) if c.norm_qk else (None, None)
+            q, k, v = fused_norms.qk_norm_rope(qkv, *weights, *rope, c.n_head, c.n_query_groups, c.norm_eps)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs) views
         else:
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)
             if c.norm_qk == "full":
@@ -453,6 +463,21 @@ class CausalSelfAttention(nn.Module):
             return self.proj(y.view(B, T, c.n_head * c.head_size))
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
+
+    def _fused_qk_applies(self, qkv: torch.Tensor, rope: Optional[tuple]) -> bool:
+        """Whether `fused_norms.qk_norm_rope` computes this layer's q, k, v: training (no KV cache; `fused_norms.applies`)
+        with RoPE over whole heads in halves (cos, sin only), and no qk-norm or per-head RMSNorms (qwen3's) with the
+        model's eps, plain weights and no hooks."""
+        c = self.config
+        if rope is None or len(rope) != 2 or c.rope_interleaved or c.rope_n_elem != c.head_size \
+                or self.kv_cache is not None or c.norm_qk not in (None, "head"):
+            return False
+        if c.norm_qk is None:
+            return fused_norms.applies(qkv)
+        q_norm, k_norm = self.q_norm, self.k_norm
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (q_norm, k_norm))  # (the module calls run them)
+        return (type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and not q_norm.unit_offset and not hooked
+                and q_norm.eps == k_norm.eps == c.norm_eps and fused_norms.applies(qkv, q_norm.weight, k_norm.weight))
 
 
 MLA_ABSORB_MAX_QUERIES = 16
@@ -1091,7 +1116,10 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and weight.dtype == torch.float32 and not self.unit_offset:
             if not torch.compiler.is_compiling() and x.is_cpu:
                 if torch.is_grad_enabled() and type(weight.data) is torch.Tensor:
-                    # training, eager: the same forward, a cheaper backward than autograd through F.rms_norm's ops
+                    # training, eager: one kernel each way where it builds, else the same forward with a cheaper
+                    # backward than autograd through F.rms_norm's ops
+                    if fused_norms.applies(x, weight):
+                        return fused_norms.rms_norm(x, weight, self.eps)
                     return RMSNormFunction.apply(x, weight, self.eps)
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
@@ -1103,6 +1131,16 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = (1 + self.weight.float()) if self.unit_offset else self.weight.float()
         return (x * weight).to(dtype)
+
+    def residual_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, this norm of it): a block's residual add and the next norm, one kernel each way in training where
+        `fused_norms` applies."""
+        if not self.unit_offset and not self._forward_hooks and not self._forward_pre_hooks \
+                and fused_norms.applies(x, self.weight) and type(h) is torch.Tensor and h.dtype == torch.float32 \
+                and x.shape == h.shape:  # (hooks on the norm: the module call below runs them)
+            return fused_norms.add_rms_norm(x, h, self.weight, self.eps)
+        x = x + h
+        return x, self(x)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
