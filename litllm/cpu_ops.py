@@ -1,5 +1,6 @@
 """litllm's C++ CPU ops (litllm/cpu_ops.cpp), one library: the fp32 row split (`litllm.row_split`), int8dq's
-and int8wo's decode rows and int8 prompt rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`); how it
+and int8wo's decode rows and int8 prompt rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`), fused
+training norms and RoPE (`litllm.fused_norms`); how it
 is built and loaded, the ops' shapes for tracing, and which ops run here.
 
 The library is compiled from its C++ source on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
@@ -27,7 +28,7 @@ from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_ho
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp").read_text()
 """The ops' C++ (litllm/cpu_ops.cpp): the fp32 row split, int8dq's and int8wo's decode rows, int8 prompt rows, packed
-bf16 rows."""
+bf16 rows, and training's fused norms and RoPE (`litllm.fused_norms`)."""
 NAME = "litllm_cpu_ops"
 FLAGS = ["-O2", "-fopenmp"]
 """The compiler's flags (`-fopenmp`: the op's loop is an OpenMP one, in torch's OpenMP runtime)."""
@@ -58,8 +59,8 @@ def row_split_op() -> Optional[object]:
             else:
                 torch.ops.load_library(str(path))
         except Exception as e:  # no compiler, a failed build, a foreign file: plain F.linear
-            print(f"note: the row-split fp32 matmul is unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                  "the compiled step calls F.linear", file=sys.stderr)
+            print(f"note: litllm's CPU ops are unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                  "torch's own ops run in their place", file=sys.stderr)
             return None
     _register_fake()
     return torch.ops.litllm_cpu.row_split_linear

@@ -1,7 +1,7 @@
 """Fused training ops for the elementwise work around attention: RMSNorm, a residual add + RMSNorm, and qwen3's
 per-head qk-norm + RoPE straight from the fused qkv projection. Each forward and each backward is ONE pass of a C++
 kernel over its rows (litllm/cpu_ops.cpp, section "training: norms and RoPE"; built and loaded with litllm's other CPU
-ops by `litllm.row_split.row_split_op`), where autograd through aten's ops runs 5-10 ops a direction, each writing a
+ops by `litllm.cpu_ops.row_split_op`), where autograd through aten's ops runs 5-10 ops a direction, each writing a
 fresh tensor, plus the roll (a cat) and its backward of RoPE. The values are the unfused ones up to rounding (sums
 taken in another order).
 
@@ -28,7 +28,7 @@ def ops_ready() -> bool:
     builds or loads (a first training step on a machine builds it, about a minute, once)."""
     if os.environ.get(FUSED_NORMS_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    from litllm.row_split import _has_avx512, row_split_op
+    from litllm.cpu_ops import _has_avx512, row_split_op
 
     return _has_avx512() and row_split_op() is not None and hasattr(torch.ops.litllm_cpu, "rms_norm_forward")
 
