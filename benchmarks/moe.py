@@ -7,6 +7,7 @@
     python benchmarks/moe.py --profile 25          # also where each side's train step spends its time, op by op
     python benchmarks/moe.py --cpu_time --floor    # also each step's shared kernels (CPU time) and the rest
     python benchmarks/moe.py --unfused_loss        # also litllm's step without the fused head + loss
+    python benchmarks/moe.py --unfused_experts     # also litllm's step with the experts' module calls (no fused path)
 
 Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
 `--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
@@ -112,6 +113,9 @@ def record_kernels(step) -> list:
             kind = kinds.get(func.overloadpacket.__name__)
             if kind is not None:
                 calls.append((kind, func, copy(args), {k: copy(v) for k, v in kwargs.items()}))
+            if func.namespace == "litllm_cpu":  # litllm's C++ ops (the fused experts) call matmuls inside: record them
+                with self:
+                    return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             return func(*args, **kwargs)
 
     calls = []
@@ -214,6 +218,9 @@ def main() -> None:
     parser.add_argument("--unfused_loss", action="store_true",
                         help="also time litllm's step with the head and the chunked loss unfused (no "
                              "`linear_cross_entropy`), alternating with the others")
+    parser.add_argument("--unfused_experts", action="store_true",
+                        help="also time litllm's step with each expert a module call (no `fused_sparse_experts`), "
+                             "alternating with the others")
     parser.add_argument("--floor", action="store_true",
                         help="also split each side's train step (CPU time) into the kernels both run on the same "
                              "shapes, replayed alone, and the rest")
@@ -270,6 +277,12 @@ def main() -> None:
         with unittest.mock.patch.object(GPT, "_fused_loss_applies", lambda self, x: False):
             lit_step()
 
+    def lit_step_unfused_experts():  # each expert a module call, as before `fused_sparse_experts`
+        from litllm.model import MoE
+
+        with unittest.mock.patch.object(MoE, "_fused_experts_apply", lambda self, x: False):
+            lit_step()
+
     # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
     same_loss = abs(lit_train(idx, targets=targets).item()
                     - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
@@ -313,6 +326,8 @@ def main() -> None:
         runs["litllm train compiled"] = []
     if args.unfused_loss:
         runs["litllm train unfused"] = []
+    if args.unfused_experts:
+        runs["litllm train unfused_experts"] = []
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
         runs["transformers train"].append(timed(hf_step, clock))
@@ -321,6 +336,8 @@ def main() -> None:
             runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
         if args.unfused_loss:
             runs["litllm train unfused"].append(timed(lit_step_unfused, clock))
+        if args.unfused_experts:
+            runs["litllm train unfused_experts"].append(timed(lit_step_unfused_experts, clock))
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 

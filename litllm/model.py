@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
 from litllm.config import Config
+from litllm.fused_experts import fused_experts_available, fused_sparse_experts
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
 
@@ -878,6 +879,8 @@ class MoE(nn.Module):
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""
+        if self._fused_experts_apply(x):
+            return fused_sparse_experts(self, x, weights, chosen)
         k = chosen.size(1)
         flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
@@ -886,6 +889,25 @@ class MoE(nn.Module):
         xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
         out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
         return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
+
+    def _fused_experts_apply(self, x: torch.Tensor) -> bool:
+        """Whether `sparse_experts` takes `litllm.fused_experts.fused_sparse_experts` (the experts' path as one
+        autograd Function, its elementwise steps one C++ kernel each over every expert's rows): fp32 CPU training
+        (gradients to make; not under torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
+        bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
+        on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
+        if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and not self.scale_inputs and type(x) is torch.Tensor and type(self.experts) is nn.ModuleList):
+            return False
+
+        def plain(linear: nn.Module) -> bool:
+            return (type(linear) is nn.Linear and linear.bias is None and not linear._forward_hooks
+                    and not linear._forward_pre_hooks and type(linear.weight.data) is torch.Tensor
+                    and linear.weight.dtype == torch.float32)
+
+        return all(type(e) is GatedMLP and e.act is F.silu and not e._forward_hooks and not e._forward_pre_hooks
+                   and plain(e.fc) and plain(e.proj) for e in self.experts) and fused_experts_available()
 
     def token_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """One token, x (1, C), weights/chosen (1, k): the sparse path's sum, bit for bit (its k experts in expert
