@@ -144,9 +144,9 @@ def floor_steps(steps: dict, repeats: int) -> None:
         print(f"{name:14s} step {med['step']:6.1f} = " + " + ".join(f"{k} {med[k]:.1f}" for k in FLOOR_KERNELS)
               + f" + the rest {med['step'] - kernels[name]:.1f}")
     names = list(steps)
-    if len(names) == 2:
-        hf_step = statistics.median(times[names[1]]["step"]) * 1e3
-        print(f"ceiling of {names[0]} / {names[1]} (a step of nothing but those kernels): "
+    if len(names) >= 2:  # the first side against the last (transformers)
+        hf_step = statistics.median(times[names[-1]]["step"]) * 1e3
+        print(f"ceiling of {names[0]} / {names[-1]} (a step of nothing but those kernels): "
               f"{hf_step / kernels[names[0]]:.2f}x; 1.3x leaves {names[0]} {hf_step / 1.3 - kernels[names[0]]:.1f} ms "
               f"for the rest")
 
@@ -364,7 +364,8 @@ def main() -> None:
     if args.profile:
         profile_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats, args.profile)
     if args.floor:
-        floor_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats)
+        unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
+        floor_steps({"litllm": lit_step, **unfused_experts, "transformers": hf_step}, args.repeats)
 
 
 if __name__ == "__main__":

@@ -791,7 +791,8 @@ class MoE(nn.Module):
       tokens sorted by expert, each expert runs once on its contiguous block of routed tokens, `index_add_` back
       into place -- k / n_expert of the dense FLOPs and expert-weight reads. The block sizes are read back from
       the device once per layer (one host sync, not one per expert); under torch.compile this dispatch runs
-      eagerly (one graph break per MoE layer, the rest compiled).
+      eagerly (one graph break per MoE layer, the rest compiled). CPU fp32 training of plain SiLU experts runs this
+      path as one autograd Function with one C++ op each way (`litllm.fused_experts`; `_fused_experts_apply`).
     - dense (decode-sized inputs, at most n_expert tokens, when compiled or off the CPU): every expert on every
       token, weighted 0 where not chosen. No shape depends on the routing: no host sync, static shapes for
       torch.compile and CUDA graphs, FakeTensorMode (`litllm estimate` of decoding). It reads every expert's
@@ -892,7 +893,7 @@ class MoE(nn.Module):
 
     def _fused_experts_apply(self, x: torch.Tensor) -> bool:
         """Whether `sparse_experts` takes `litllm.fused_experts.fused_sparse_experts` (the experts' path as one
-        autograd Function, its elementwise steps one C++ kernel each over every expert's rows): fp32 CPU training
+        autograd Function, forward and backward each one C++ op over every expert's rows): fp32 CPU training
         (gradients to make; not under torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
         bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
         on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
