@@ -894,10 +894,11 @@ class MoE(nn.Module):
     def _fused_experts_apply(self, x: torch.Tensor) -> bool:
         """Whether `sparse_experts` takes `litllm.fused_experts.fused_sparse_experts` (the experts' path as one
         autograd Function, forward and backward each one C++ op over every expert's rows): fp32 CPU training
-        (gradients to make; not under torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
+        (train mode with gradients to make, so an eval forward stays the module path's bit for bit; not under
+        torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
         bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
         on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
-        if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+        if not (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
                 and not self.scale_inputs and type(x) is torch.Tensor and type(self.experts) is nn.ModuleList):
             return False

@@ -72,6 +72,8 @@ def test_fused_experts_apply_only_to_cpu_fp32_training_of_plain_silu_experts():
     assert moe._fused_experts_apply(x)
     with torch.no_grad():  # inference: the module path
         assert not moe._fused_experts_apply(x)
+    assert not moe.eval()._fused_experts_apply(x)  # eval with gradients too (its outputs as inference's, bit for bit)
+    moe.train()
     assert not moe._fused_experts_apply(x.bfloat16())
     hook = moe.experts[1].fc.register_forward_hook(lambda *a: None)  # e.g. an adapter's
     assert not moe._fused_experts_apply(x)
