@@ -8,6 +8,7 @@
     python benchmarks/moe.py --cpu_time --floor    # also each step's shared kernels (CPU time) and the rest
     python benchmarks/moe.py --unfused_loss        # also litllm's step without the fused head + loss
     python benchmarks/moe.py --unfused_norms       # also litllm's step without the fused norms, qk-norm and RoPE
+    python benchmarks/moe.py --unfused_experts     # also litllm's step with the experts' module calls (no fused path)
 
 Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
 `--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
@@ -113,6 +114,9 @@ def record_kernels(step) -> list:
             kind = kinds.get(func.overloadpacket.__name__)
             if kind is not None:
                 calls.append((kind, func, copy(args), {k: copy(v) for k, v in kwargs.items()}))
+            if func.namespace == "litllm_cpu":  # litllm's C++ ops (the fused experts) call matmuls inside: record them
+                with self:
+                    return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             return func(*args, **kwargs)
 
     calls = []
@@ -141,9 +145,9 @@ def floor_steps(steps: dict, repeats: int) -> None:
         print(f"{name:14s} step {med['step']:6.1f} = " + " + ".join(f"{k} {med[k]:.1f}" for k in FLOOR_KERNELS)
               + f" + the rest {med['step'] - kernels[name]:.1f}")
     names = list(steps)
-    if len(names) >= 2:  # (a third: a variant of the first, split alike)
-        hf_step = statistics.median(times[names[1]]["step"]) * 1e3
-        print(f"ceiling of {names[0]} / {names[1]} (a step of nothing but those kernels): "
+    if len(names) >= 2:  # the first side against the last (transformers)
+        hf_step = statistics.median(times[names[-1]]["step"]) * 1e3
+        print(f"ceiling of {names[0]} / {names[-1]} (a step of nothing but those kernels): "
               f"{hf_step / kernels[names[0]]:.2f}x; 1.3x leaves {names[0]} {hf_step / 1.3 - kernels[names[0]]:.1f} ms "
               f"for the rest")
 
@@ -218,6 +222,9 @@ def main() -> None:
     parser.add_argument("--unfused_norms", action="store_true",
                         help="also time litllm's step with the norms, qk-norm and RoPE unfused (no `litllm.fused_norms` "
                              "kernels), alternating with the others")
+    parser.add_argument("--unfused_experts", action="store_true",
+                        help="also time litllm's step with each expert a module call (no `fused_sparse_experts`), "
+                             "alternating with the others")
     parser.add_argument("--floor", action="store_true",
                         help="also split each side's train step (CPU time) into the kernels both run on the same "
                              "shapes, replayed alone, and the rest")
@@ -280,6 +287,12 @@ def main() -> None:
         with unittest.mock.patch.object(fused_norms, "ops_ready", lambda: False):
             lit_step()
 
+    def lit_step_unfused_experts():  # each expert a module call, as before `fused_sparse_experts`
+        from litllm.model import MoE
+
+        with unittest.mock.patch.object(MoE, "_fused_experts_apply", lambda self, x: False):
+            lit_step()
+
     # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
     same_loss = abs(lit_train(idx, targets=targets).item()
                     - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
@@ -325,6 +338,8 @@ def main() -> None:
         runs["litllm train unfused"] = []
     if args.unfused_norms:
         runs["litllm train unfused_norms"] = []
+    if args.unfused_experts:
+        runs["litllm train unfused_experts"] = []
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
         runs["transformers train"].append(timed(hf_step, clock))
@@ -333,8 +348,9 @@ def main() -> None:
             runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
         if args.unfused_loss:
             runs["litllm train unfused"].append(timed(lit_step_unfused, clock))
-        if args.unfused_norms:
-            runs["litllm train unfused_norms"].append(timed(lit_step_unfused_norms, clock))
+        unfused_norms = {"litllm unfused norms": lit_step_unfused_norms} if args.unfused_norms else {}
+        unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
+        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, "transformers": hf_step}, args.repeats)
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 
@@ -363,6 +379,8 @@ def main() -> None:
     if args.floor:
         unfused_norms = {"litllm unfused norms": lit_step_unfused_norms} if args.unfused_norms else {}
         floor_steps({"litllm": lit_step, "transformers": hf_step, **unfused_norms}, args.repeats)
+        unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
+        floor_steps({"litllm": lit_step, **unfused_experts, "transformers": hf_step}, args.repeats)
 
 
 if __name__ == "__main__":

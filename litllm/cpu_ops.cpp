@@ -1083,3 +1083,258 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("qk_norm_rope_backward", &qk_norm_rope_backward);
 }
 // ---- end of training: norms and RoPE
+
+// ---- training: the MoE experts' path (litllm/fused_experts.py)
+// Elementwise passes of the sparse MoE dispatch in training, each one kernel over every routed row of every expert
+// at once (the rows sorted by expert, as `MoE.sparse_experts` sorts them): SwiGLU times the routing weight forward,
+// its backward with the routing weights' gradient, and the sum of each token's k expert outputs (or input
+// gradients) back into token order. fp32, contiguous; AVX-512 where the CPU has it (checked in Python).
+#if defined(__x86_64__)
+// e^x for fp32 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r, times 2^n (scalef). Within 2 ulp of
+// expf on [-87, 88]; beyond, clamped (a sigmoid of such x is 0 or 1 to fp32 either way).
+__attribute__((target("avx512f")))
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// sigmoid(g) = 1 / (1 + e^-g)
+__attribute__((target("avx512f")))
+static inline __m512 sigmoid512(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+// Rows [r0, r1) of a = w * silu(gate) * up, h's row = [gate (I) | up (I)].
+__attribute__((target("avx512f")))
+static void swiglu_forward_rows(const float* h, const float* w, float* a, int64_t I, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* g = h + r * 2 * I;
+    const float* u = g + I;
+    float* ar = a + r * I;
+    const __m512 wr = _mm512_set1_ps(w[r]);
+    for (int64_t i = 0; i < I; i += 16) {
+      const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << (I - i)) - 1);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+      const __m512 silu = _mm512_mul_ps(gv, sigmoid512(gv));
+      _mm512_mask_storeu_ps(ar + i, m, _mm512_mul_ps(_mm512_mul_ps(silu, uv), wr));
+    }
+  }
+}
+
+// Rows [r0, r1) of the backward of a = w * silu(gate) * up given da (the gradient of the unweighted expert output
+// times proj's weight, i.e. d(loss)/d(a) / w): dh = w * da * [up * silu'(gate) | silu(gate)], dw = sum(da * silu *
+// up) over the row, and da overwritten by w * silu * up (the forward's a, which proj's weight gradient needs).
+// silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+__attribute__((target("avx512f")))
+static void swiglu_backward_rows(const float* h, const float* w, float* da, float* dh, float* dw, int64_t I,
+                                 int64_t r0, int64_t r1) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* g = h + r * 2 * I;
+    const float* u = g + I;
+    float* dar = da + r * I;
+    float* dg = dh + r * 2 * I;
+    float* du = dg + I;
+    const __m512 wr = _mm512_set1_ps(w[r]);
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t i = 0; i < I; i += 16) {
+      const __mmask16 m = I - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << (I - i)) - 1);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+      const __m512 dv = _mm512_maskz_loadu_ps(m, dar + i);
+      const __m512 s = sigmoid512(gv);
+      const __m512 silu = _mm512_mul_ps(gv, s);
+      const __m512 a = _mm512_mul_ps(silu, uv);
+      dot = _mm512_fmadd_ps(dv, a, dot);
+      const __m512 dvw = _mm512_mul_ps(dv, wr);
+      const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
+      _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(dvw, uv), dsilu));
+      _mm512_mask_storeu_ps(du + i, m, _mm512_mul_ps(dvw, silu));
+      _mm512_mask_storeu_ps(dar + i, m, _mm512_mul_ps(a, wr));
+    }
+    dw[r] = _mm512_reduce_add_ps(dot);
+  }
+}
+
+// Rows [t0, t1) of y[t] = sum of rows o[pos[t k + j]], j < k, in ascending pos (expert index) order, as
+// `index_add_` of the sorted rows into zeros sums them.
+__attribute__((target("avx512f")))
+static void combine_rows(const float* o, const int64_t* pos, float* y, int64_t C, int64_t k, int64_t t0, int64_t t1) {
+  std::vector<int64_t> p(k);
+  for (int64_t t = t0; t < t1; ++t) {
+    std::copy(pos + t * k, pos + t * k + k, p.begin());
+    std::sort(p.begin(), p.end());
+    float* yr = y + t * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 m = C - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1U << (C - c)) - 1);
+      __m512 acc = _mm512_maskz_loadu_ps(m, o + p[0] * C + c);
+      for (int64_t j = 1; j < k; ++j) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, o + p[j] * C + c));
+      _mm512_mask_storeu_ps(yr + c, m, acc);
+    }
+  }
+}
+#endif
+
+static void check_rows(const char* op, const at::Tensor& t, int64_t dim, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim, op,
+              ": ", what, " must be a contiguous fp32 CPU tensor of ", dim, " dimensions, got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+// a (M, I) = w (M,) * silu(h[:, :I]) * h[:, I:], h (M, 2I).
+at::Tensor moe_swiglu_forward(const at::Tensor& h, const at::Tensor& w) {
+  check_rows("moe_swiglu_forward", h, 2, "h");
+  check_rows("moe_swiglu_forward", w, 1, "w");
+  TORCH_CHECK(h.size(1) % 2 == 0 && w.size(0) == h.size(0), "moe_swiglu_forward: h ", h.sizes(), ", w ", w.sizes());
+  const int64_t M = h.size(0), I = h.size(1) / 2;
+  at::Tensor a = at::empty({M, I}, h.options());
+#if defined(__x86_64__)
+  const float* hp = h.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { swiglu_forward_rows(hp, wp, ap, I, r0, r1); });
+#endif
+  return a;
+}
+
+// The backward of moe_swiglu_forward: (dh (M, 2I), dw (M,)) from da (M, I) = d(loss)/d(a) / w, which it overwrites
+// with a (see swiglu_backward_rows).
+std::tuple<at::Tensor, at::Tensor> moe_swiglu_backward(const at::Tensor& h, const at::Tensor& w, at::Tensor& da) {
+  check_rows("moe_swiglu_backward", h, 2, "h");
+  check_rows("moe_swiglu_backward", w, 1, "w");
+  check_rows("moe_swiglu_backward", da, 2, "da");
+  const int64_t M = h.size(0), I = h.size(1) / 2;
+  TORCH_CHECK(w.size(0) == M && da.size(0) == M && da.size(1) == I, "moe_swiglu_backward: h ", h.sizes(), ", w ",
+              w.sizes(), ", da ", da.sizes());
+  at::Tensor dh = at::empty_like(h), dw = at::empty_like(w);
+#if defined(__x86_64__)
+  const float* hp = h.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* dap = da.data_ptr<float>();
+  float* dhp = dh.data_ptr<float>();
+  float* dwp = dw.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { swiglu_backward_rows(hp, wp, dap, dhp, dwp, I, r0, r1); });
+#endif
+  return {dh, dw};
+}
+
+// y (N, C): y[t] = the sum of o's rows pos[t k .. t k + k) (o (N k, C), the rows sorted by expert), in expert order.
+at::Tensor moe_combine(const at::Tensor& o, const at::Tensor& pos, int64_t k) {
+  check_rows("moe_combine", o, 2, "o");
+  TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.dim() == 1 &&
+              k > 0 && pos.size(0) == o.size(0) && pos.size(0) % k == 0, "moe_combine: o ", o.sizes(), ", pos ",
+              pos.sizes(), " ", pos.scalar_type(), ", k ", k);
+  const int64_t N = pos.size(0) / k, C = o.size(1);
+  at::Tensor y = at::empty({N, C}, o.options());
+#if defined(__x86_64__)
+  const float* op = o.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t t0, int64_t t1) { combine_rows(op, pp, yp, C, k, t0, t1); });
+#endif
+  return y;
+}
+
+// out = a @ b, out a view (rows of a larger buffer)
+static void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// The experts' blocks of rows: [start, start + counts[e]) for each expert e with routed rows.
+static std::vector<std::pair<int64_t, int64_t>> expert_rows(at::IntArrayRef counts) {
+  std::vector<std::pair<int64_t, int64_t>> rows;
+  int64_t start = 0;
+  for (int64_t n : counts) {
+    rows.emplace_back(start, start + n);
+    start += n;
+  }
+  return rows;
+}
+
+// The forward of SwiGLU experts over tokens sorted by expert (litllm/fused_experts.py): xs (M, C) = x's rows
+// `token` (each routed (token, slot), expert by expert), h (M, 2I) = each block times its expert's fc weight (2I, C),
+// a = w * silu(gate) * up, o (M, C) = each block of a times its expert's proj weight (C, I), and y (N, C) the sum of
+// each token's k rows of o (`pos`: each (token, slot)'s row). Returns (y, xs, h): the backward's inputs. The
+// matmuls are at::mm's (MKL's), the same as the experts' module calls run.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_experts_forward(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& token, const at::Tensor& pos, int64_t k,
+    at::TensorList fc, at::TensorList proj, at::IntArrayRef counts) {
+  check_rows("moe_experts_forward", x, 2, "x");
+  TORCH_CHECK(fc.size() == counts.size() && proj.size() == counts.size() && !fc.empty(),
+              "moe_experts_forward: ", fc.size(), " fc and ", proj.size(), " proj weights for ", counts.size(),
+              " experts");
+  const int64_t M = token.size(0), I = fc[0].size(0) / 2, C = x.size(1);
+  at::Tensor xs = x.index_select(0, token);
+  at::Tensor h = at::empty({M, 2 * I}, x.options());
+  at::Tensor o = at::empty({M, C}, x.options());
+  const auto rows = expert_rows(counts);
+  for (size_t e = 0; e < rows.size(); ++e) {
+    const auto [r0, r1] = rows[e];
+    if (r1 > r0) mm_into(h.slice(0, r0, r1), xs.slice(0, r0, r1), fc[e].t());
+  }
+  at::Tensor a = moe_swiglu_forward(h, w);
+  for (size_t e = 0; e < rows.size(); ++e) {
+    const auto [r0, r1] = rows[e];
+    if (r1 > r0) mm_into(o.slice(0, r0, r1), a.slice(0, r0, r1), proj[e].t());
+  }
+  return {moe_combine(o, pos, k), xs, h};
+}
+
+// The backward of moe_experts_forward from grad_y (N, C): (grad_x (N, C) (empty unless need_x), grad_w (M,) in the
+// sorted order, each expert's fc and proj weight gradients (empty lists unless need_weights; an expert without
+// rows gets an empty one)).
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> moe_experts_backward(
+    const at::Tensor& grad_y, const at::Tensor& xs, const at::Tensor& h, const at::Tensor& w,
+    const at::Tensor& token, const at::Tensor& pos, int64_t k, at::TensorList fc, at::TensorList proj,
+    at::IntArrayRef counts, bool need_x, bool need_weights) {
+  const int64_t M = token.size(0), I = h.size(1) / 2, C = xs.size(1);
+  at::Tensor grad_o = grad_y.contiguous().index_select(0, token);  // (M, C) unweighted
+  at::Tensor grad_a = at::empty({M, I}, xs.options());
+  const auto rows = expert_rows(counts);
+  for (size_t e = 0; e < rows.size(); ++e) {
+    const auto [r0, r1] = rows[e];
+    if (r1 > r0) mm_into(grad_a.slice(0, r0, r1), grad_o.slice(0, r0, r1), proj[e]);
+  }
+  auto [grad_h, grad_w] = moe_swiglu_backward(h, w, grad_a);  // grad_a holds a from here on
+  std::vector<at::Tensor> grad_fc, grad_proj;
+  const at::Tensor empty = at::empty({0}, xs.options());
+  at::Tensor grad_xs = need_x ? at::empty({M, C}, xs.options()) : at::Tensor();
+  for (size_t e = 0; e < rows.size(); ++e) {
+    const auto [r0, r1] = rows[e];
+    if (need_weights) {
+      const bool rows_here = r1 > r0;
+      grad_proj.push_back(rows_here ? at::mm(grad_o.slice(0, r0, r1).t(), grad_a.slice(0, r0, r1)) : empty);
+      grad_fc.push_back(rows_here ? at::mm(grad_h.slice(0, r0, r1).t(), xs.slice(0, r0, r1)) : empty);
+    }
+    if (need_x && r1 > r0) mm_into(grad_xs.slice(0, r0, r1), grad_h.slice(0, r0, r1), fc[e]);
+  }
+  at::Tensor grad_x = need_x ? moe_combine(grad_xs, pos, k) : at::Tensor();
+  return {grad_x, grad_w, grad_fc, grad_proj};
+}
+
+TORCH_LIBRARY_FRAGMENT(litllm_cpu, m) {
+  m.def("moe_swiglu_forward(Tensor h, Tensor w) -> Tensor");
+  m.def("moe_swiglu_backward(Tensor h, Tensor w, Tensor(a!) da) -> (Tensor, Tensor)");
+  m.def("moe_combine(Tensor o, Tensor pos, int k) -> Tensor");
+  m.def("moe_experts_forward(Tensor x, Tensor w, Tensor token, Tensor pos, int k, Tensor[] fc, Tensor[] proj, "
+        "int[] counts) -> (Tensor, Tensor, Tensor)");
+  m.def("moe_experts_backward(Tensor grad_y, Tensor xs, Tensor h, Tensor w, Tensor token, Tensor pos, int k, "
+        "Tensor[] fc, Tensor[] proj, int[] counts, bool need_x, bool need_weights) -> "
+        "(Tensor, Tensor, Tensor[], Tensor[])");
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("moe_swiglu_forward", &moe_swiglu_forward);
+  m.impl("moe_swiglu_backward", &moe_swiglu_backward);
+  m.impl("moe_combine", &moe_combine);
+  m.impl("moe_experts_forward", &moe_experts_forward);
+  m.impl("moe_experts_backward", &moe_experts_backward);
+}
+// ---- end of training: the MoE experts' path

@@ -121,6 +121,14 @@ def _has_avx512() -> bool:
     return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
 
 
+def training_ops_ready(switch_env: str) -> bool:
+    """Whether a fused training op of this library can run here: `$<switch_env>` is not `0`/`false`/`no`/`off`, the
+    CPU has AVX-512 and the library loads (built first, once per machine, where it is not yet)."""
+    if os.environ.get(switch_env, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _has_avx512() and row_split_op() is not None
+
+
 def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
     """`torch.ops.litllm_cpu.<name>` where `cpu_has` the op's instructions, `$LITLLM_INT8_ROWS` is not `0` and the
     library builds or loads (`row_split_op`); else None. `build=False`: None where the library is neither loaded nor

@@ -12,7 +12,6 @@ code everywhere else (GPU, bf16, compiled steps, inference, fake tensors of `lit
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Optional
 
@@ -26,11 +25,9 @@ FUSED_NORMS_ENV = "LITLLM_FUSED_NORMS"
 def ops_ready() -> bool:
     """Whether the fused ops can run here: `$LITLLM_FUSED_NORMS` is not `0`, the CPU has AVX-512 and the op library
     builds or loads (a first training step on a machine builds it, about a minute, once)."""
-    if os.environ.get(FUSED_NORMS_ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    from litllm.cpu_ops import _has_avx512, row_split_op
+    from litllm.cpu_ops import training_ops_ready
 
-    return _has_avx512() and row_split_op() is not None and hasattr(torch.ops.litllm_cpu, "rms_norm_forward")
+    return training_ops_ready(FUSED_NORMS_ENV) and hasattr(torch.ops.litllm_cpu, "rms_norm_forward")
 
 
 def applies(x: torch.Tensor, *weights: Optional[torch.Tensor]) -> bool:

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` an
 
 from litllm import fused_norms
 from litllm.config import Config
+from litllm.fused_experts import fused_experts_available, fused_sparse_experts
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
 
@@ -815,7 +816,8 @@ class MoE(nn.Module):
       tokens sorted by expert, each expert runs once on its contiguous block of routed tokens, `index_add_` back
       into place -- k / n_expert of the dense FLOPs and expert-weight reads. The block sizes are read back from
       the device once per layer (one host sync, not one per expert); under torch.compile this dispatch runs
-      eagerly (one graph break per MoE layer, the rest compiled).
+      eagerly (one graph break per MoE layer, the rest compiled). CPU fp32 training of plain SiLU experts runs this
+      path as one autograd Function with one C++ op each way (`litllm.fused_experts`; `_fused_experts_apply`).
     - dense (decode-sized inputs, at most n_expert tokens, when compiled or off the CPU): every expert on every
       token, weighted 0 where not chosen. No shape depends on the routing: no host sync, static shapes for
       torch.compile and CUDA graphs, FakeTensorMode (`litllm estimate` of decoding). It reads every expert's
@@ -903,6 +905,8 @@ class MoE(nn.Module):
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""
+        if self._fused_experts_apply(x):
+            return fused_sparse_experts(self, x, weights, chosen)
         k = chosen.size(1)
         flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
@@ -911,6 +915,26 @@ class MoE(nn.Module):
         xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
         out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
         return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
+
+    def _fused_experts_apply(self, x: torch.Tensor) -> bool:
+        """Whether `sparse_experts` takes `litllm.fused_experts.fused_sparse_experts` (the experts' path as one
+        autograd Function, forward and backward each one C++ op over every expert's rows): fp32 CPU training
+        (train mode with gradients to make, so an eval forward stays the module path's bit for bit; not under
+        torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
+        bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
+        on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
+        if not (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and not self.scale_inputs and type(x) is torch.Tensor and type(self.experts) is nn.ModuleList):
+            return False
+
+        def plain(linear: nn.Module) -> bool:
+            return (type(linear) is nn.Linear and linear.bias is None and not linear._forward_hooks
+                    and not linear._forward_pre_hooks and type(linear.weight.data) is torch.Tensor
+                    and linear.weight.dtype == torch.float32)
+
+        return all(type(e) is GatedMLP and e.act is F.silu and not e._forward_hooks and not e._forward_pre_hooks
+                   and plain(e.fc) and plain(e.proj) for e in self.experts) and fused_experts_available()
 
     def token_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """One token, x (1, C), weights/chosen (1, k): the sparse path's sum, bit for bit (its k experts in expert

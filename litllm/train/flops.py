@@ -124,6 +124,9 @@ def measured_flops(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from litllm.fused_experts import fused_experts_available
+
+    fused_experts_available()  # loads the fused MoE experts' ops, whose FLOP formulas the counter copies when made
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(input_ids, targets=labels).backward()
