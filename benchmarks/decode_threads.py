@@ -13,6 +13,8 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
     python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
     python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
+    python benchmarks/decode_threads.py --quantize none --inductor cpp.min_chunk_size=512  # litllm's inductor
+        # settings with these on top (here inductor's default, before litllm's SERIAL_KERNEL_OPTIONS), beside them
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
