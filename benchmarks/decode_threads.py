@@ -13,6 +13,8 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
     python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
     python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
+    python benchmarks/decode_threads.py --quantize none --inductor cpp.min_chunk_size=512  # litllm's inductor
+        # settings with these on top (here inductor's default, before litllm's SERIAL_KERNEL_OPTIONS), beside them
 
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`);
 set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` to run under another policy. Steps compile once per format and thread
@@ -78,6 +80,22 @@ DYNAMIC = {"cpp.dynamic_threads": True}
 1-thread budget before it baked the count in, and still compiles under other budgets below the core count)."""
 
 
+def inductor_settings(pairs: list[str]) -> dict:
+    """`--inductor`'s KEY=VALUE pairs as inductor settings (values read as Python literals where they are)."""
+    import ast
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor: expected KEY=VALUE, got {pair!r}")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return settings
+
+
 def one_row_kernel(kernel):
     """With `kernel` ("mv", "fp32-row"): compiled 16-bit steps built with that one-row kernel
     (`litllm.cpu_layout.one_row_kernel`, what this CPU's capability picks otherwise; saved under its own key)."""
@@ -137,6 +155,9 @@ def main() -> None:
                         "thread count baked in (inductor's `cpp.threads`: `num_threads(n)` on every region), one per count")
     parser.add_argument("--dynamic", action="store_true", help="also rows '<format> dynamic': steps compiled with "
                         "`cpp.dynamic_threads` (one step for every count)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE", help="also rows '<format> "
+                        "KEY=VALUE...': steps compiled with these inductor settings on top of litllm's, e.g. "
+                        "cpp.min_chunk_size=4096 (saved under their own key)")
     parser.add_argument("--one_row_kernel", choices=["mv", "fp32-row"], default=None,
                         help="also rows '<format> <kernel>' for 16-bit formats: steps whose one-row matmuls take that "
                         "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
@@ -174,6 +195,8 @@ def main() -> None:
         variants = [(spec, lambda n: {}, None, False, False, False)] \
             + ([(f"{spec} baked", baked, None, False, False, False)] if args.baked else []) \
             + ([(f"{spec} dynamic", lambda n: DYNAMIC, None, False, False, False)] if args.dynamic else []) \
+            + ([(f"{spec} {' '.join(args.inductor)}", lambda n: {**inductor_settings(args.inductor)}, None, False,
+                 False, False)] if args.inductor else []) \
             + ([(f"{spec} F.linear", lambda n: {}, None, True, False, False)] if args.no_row_split else []) \
             + ([(f"{spec} inductor", lambda n: {}, None, False, True, False)]
                if args.no_int8_rows and "int8" in mode else []) \

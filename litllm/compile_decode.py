@@ -64,11 +64,21 @@ from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linear
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 MIN_COMPILED_LENGTH = 256
-CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4}
+SERIAL_KERNEL_OPTIONS = {"cpp.min_chunk_size": 4096}
+"""inductor settings of every CPU step (in `CPU_COMPILE_OPTIONS` and `ONE_ROW_COMPILE_OPTIONS`): a kernel gets an
+OpenMP region of its own only where each thread has >= 4096 values to work on (inductor's default: 512). A decode
+step's SwiGLU product (2048-5632 values) and the attention kernel's cache-write loop took a region, and so a fork and
+a barrier, per layer for a microsecond of work, while the step's other thread waited; now they run on the calling
+thread (the 134M fp32 step: 61 regions a token instead of 73, and one barrier less inside each layer's attention
+kernel; tutorials/inference.md#fp32-two-threads). The matmuls (the row-split and int8 ops, inductor's own one-row
+reductions) and the attention's reductions keep theirs. Under `cpp.dynamic_threads` (another thread budget)
+inductor keeps a region for each kernel whatever this says."""
+CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4, **SERIAL_KERNEL_OPTIONS}
 """inductor settings of the CPU step: a one-row matmul reads its input row from a buffer instead of recomputing the
 RMSNorm before it once per weight row (fp32 steps 0.99-1.04x, the int8dq step's own reduction needs it: 1.9x slower
-at 10; tutorials/inference.md section 6c). Steps over `OneRowLinear`s take `ONE_ROW_COMPILE_OPTIONS`."""
-ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10}
+at 10; tutorials/inference.md section 6c); small kernels serial (`SERIAL_KERNEL_OPTIONS`). Steps over `OneRowLinear`s
+take `ONE_ROW_COMPILE_OPTIONS`."""
+ONE_ROW_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 10, **SERIAL_KERNEL_OPTIONS}
 """inductor settings of a CPU step whose 16-bit weights are `litllm.cpu_layout.OneRowLinear`s: the norm still in a
 buffer, and the mv's own product (weight, row, their fp32 conversions, at most the norm's final multiply: 4-10 ops)
 inside its reduction. Realized (at 4), it became an fp32 loop body beside the bf16 one, inductor then tiled the

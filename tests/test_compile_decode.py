@@ -744,6 +744,37 @@ def test_a_compiled_run_picks_its_threads_by_the_compiled_step(tiny_checkpoint, 
         torch.set_num_threads(threads_before)
 
 
+def test_a_steps_small_kernels_run_on_the_calling_thread():
+    """`SERIAL_KERNEL_OPTIONS`: in a 2-thread CPU step, a decode step's SwiGLU product (2048 values) is a serial
+    kernel, no OpenMP region (inductor's default gives it one: a fork and a barrier for a microsecond of work), while
+    an attention-sized reduction (12 heads x 256 positions x 64) keeps its region; both compute what eager does."""
+    from torch._inductor.utils import run_and_get_code
+
+    from litllm.compile_decode import CPU_COMPILE_OPTIONS, ONE_ROW_COMPILE_OPTIONS, SERIAL_KERNEL_OPTIONS
+
+    assert CPU_COMPILE_OPTIONS.items() >= SERIAL_KERNEL_OPTIONS.items() <= ONE_ROW_COMPILE_OPTIONS.items()
+
+    def swiglu(x: torch.Tensor) -> torch.Tensor:  # (1, 1, 2 * 2048) -> (1, 1, 2048)
+        gate, up = x.split(x.shape[-1] // 2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # (12, 1, 64), (12, 256, 64) -> (12, 1, 256)
+        return (q * k).sum(-1, keepdim=True).transpose(1, 2)
+
+    def regions(fn, options: dict, *args) -> int:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, dynamic=False, options={**options, "cpp.threads": 2, "fx_graph_cache": False})
+        got, code = run_and_get_code(compiled, *args)
+        torch.testing.assert_close(got, fn(*args))
+        return "".join(code).count("#pragma omp parallel")
+
+    torch.manual_seed(0)
+    x, q, k = torch.randn(1, 1, 4096), torch.randn(12, 1, 64), torch.randn(12, 256, 64)
+    assert regions(swiglu, CPU_COMPILE_OPTIONS, x) == 0
+    assert regions(swiglu, {}, x) == 1  # inductor's default
+    assert regions(scores, CPU_COMPILE_OPTIONS, q, k) == 1
+
+
 def test_import_bounds_openmp_spin():
     """`import litllm` before torch sets GNU OpenMP's spin count (`litllm.bound_omp_spin`: by default an idle thread
     of a CPU decode step spins ~10 ms at each barrier, which under load slows a 2-thread step 5x), unless the user
