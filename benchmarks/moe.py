@@ -348,9 +348,10 @@ def main() -> None:
             runs["litllm train compiled"].append(timed(lambda: lit_step(lit_compiled, compiled_opt), clock))
         if args.unfused_loss:
             runs["litllm train unfused"].append(timed(lit_step_unfused, clock))
-        unfused_norms = {"litllm unfused norms": lit_step_unfused_norms} if args.unfused_norms else {}
-        unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
-        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, "transformers": hf_step}, args.repeats)
+        if args.unfused_norms:
+            runs["litllm train unfused_norms"].append(timed(lit_step_unfused_norms, clock))
+        if args.unfused_experts:
+            runs["litllm train unfused_experts"].append(timed(lit_step_unfused_experts, clock))
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 
@@ -377,10 +378,9 @@ def main() -> None:
     if args.profile:
         profile_steps({"litllm": lit_step, "transformers": hf_step}, args.repeats, args.profile)
     if args.floor:
-        unfused_norms = {"litllm unfused norms": lit_step_unfused_norms} if args.unfused_norms else {}
-        floor_steps({"litllm": lit_step, "transformers": hf_step, **unfused_norms}, args.repeats)
+        unfused_norms = {"litllm unfused_norms": lit_step_unfused_norms} if args.unfused_norms else {}
         unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
-        floor_steps({"litllm": lit_step, **unfused_experts, "transformers": hf_step}, args.repeats)
+        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, "transformers": hf_step}, args.repeats)
 
 
 if __name__ == "__main__":
