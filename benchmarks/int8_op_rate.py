@@ -1,9 +1,11 @@
 """How fast litllm's one-row int8 decode ops multiply weights, held in cache and read from DRAM (issue #27).
 
 A decode step is at the bandwidth bound only where its kernel multiplies weights faster than DRAM delivers them.
-This times `litllm_cpu::int8wo_rows_linear` (int8wo: each int8 weight converted to fp32 for an fp32 FMA, the
-activations unrounded) and `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot
-products by vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 48 weights of 2048 x 5632
+This times `litllm_cpu::int8wo_rows_linear` (int8wo, the activations unrounded: on AVX-512 VNNI CPUs each activation
+row as a 31-bit integer in 4 signed 8-bit digits, int8 dot products by vpdpbusd, exact), its fp32 kernel
+`int8wo_rows_linear_fma` ("int8wo-fma": each int8 weight converted to fp32 for an fp32 FMA, what it runs without
+VNNI) and `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot products by
+vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 48 weights of 2048 x 5632
 (553 MB, twice a 260 MiB L3: "cold", read from DRAM as a decode step of benchmarks/generate.py's `--model_size large`
 reads them), alternating within each of `--rounds` rounds, and prints GB of weights per CPU-second (less disturbed by
 other jobs on a shared machine) and per wall second, best rounds, beside `read_bandwidth`'s DRAM read rate per
@@ -52,7 +54,9 @@ def main() -> None:
     if wo is None or dq is None:
         raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq): not on this CPU")
     x = torch.randn(1, 2048)
-    ops = {"int8wo": lambda w, s: wo(x, w, s), "int8dq": lambda w, s: dq(x, w, s, 32)}
+    wo_fma = torch.ops.litllm_cpu.int8wo_rows_linear_fma
+    ops = {"int8wo": lambda w, s: wo(x, w, s), "int8wo-fma": lambda w, s: wo_fma(x, w, s),
+           "int8dq": lambda w, s: dq(x, w, s, 32)}
     regimes = {"hot": (int8_weights(1, 1024, 2048), 200), "cold": (int8_weights(48, 5632, 2048), 2)}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -67,7 +71,7 @@ def main() -> None:
         print(f"{threads} thread(s): DRAM read (a 512 MiB sum) {dram:.1f} GB per CPU-second")
         for name in ops:
             (hot, hot_wall), (cold, cold_wall) = best[name, "hot"], best[name, "cold"]
-            print(f"  {name}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
+            print(f"  {name:10s}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
                   f"cold {cold:5.1f} ({cold_wall:5.1f}); "
                   f"hot / DRAM {hot / dram:.2f}x, cold / DRAM {cold / dram:.0%}")
 
