@@ -10,6 +10,8 @@ vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 
 reads them), alternating within each of `--rounds` rounds, and prints GB of weights per CPU-second (less disturbed by
 other jobs on a shared machine) and per wall second, best rounds, beside `read_bandwidth`'s DRAM read rate per
 CPU-second on the same threads. An op whose hot rate is not well above DRAM's can't hide the reads behind its work.
+First it prints how far int8wo's two kernels and an fp32 GEMM on the dequantized weights (`F.linear`) are from the
+exact product (float64) on activation rows with outlier features and with one massive feature (`accuracy`).
 
     python benchmarks/int8_op_rate.py --threads 1 2 --rounds 3
 """
@@ -30,6 +32,36 @@ def int8_weights(count: int, rows: int, cols: int) -> list[tuple[torch.Tensor, t
     g = torch.Generator().manual_seed(0)
     return [(torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=g).view(torch.int32)
              .view(torch.float32), torch.rand(rows, generator=g)) for _ in range(count)]
+
+
+def activation_rows(kind: str, n_in: int, g: torch.Generator) -> torch.Tensor:
+    """8 activation rows: "plain" Gaussian; "outliers": every 100th feature 50x (as LLM.int8()'s outlier features);
+    "massive": one feature 1000x the rest (as some models' massive activations)."""
+    x = torch.randn(8, n_in, generator=g)
+    if kind == "outliers":
+        x[:, ::100] *= 50
+    elif kind == "massive":
+        x[:, 7] = 1000.0
+    return x
+
+
+def accuracy(ops: dict, n_out: int = 1024, n_in: int = 5632) -> None:
+    """Print each op's error against the exact product x @ (w * s)^T (float64) over (8, n_in) activation rows of each
+    `activation_rows` kind: relative L2 over the outputs, and the largest error of one output relative to
+    |x| @ |w * s|^T (the scale fp32 rounding errs in)."""
+    g = torch.Generator().manual_seed(1)
+    w8 = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8, generator=g)
+    scales = torch.rand(n_out, generator=g) / 100
+    words, w = w8.view(torch.int32).view(torch.float32), w8.double() * scales.double()[:, None]
+    print(f"error against the exact product ({n_out} x {n_in} int8 weights): relative L2 / worst output")
+    for kind in ("plain", "outliers", "massive"):
+        x = activation_rows(kind, n_in, g)
+        exact, magnitude = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+        cells = []
+        for name, op in (*ops.items(), ("fp32 GEMM", lambda x, words, s: torch.nn.functional.linear(x, w.float()))):
+            err = op(x, words, scales).double() - exact
+            cells.append(f"{name} {float(err.norm() / exact.norm()):.1e} / {float((err.abs() / magnitude).max()):.1e}")
+        print(f"  {kind:8s}: " + ", ".join(cells))
 
 
 def rate(op, weights, passes: int) -> tuple[float, float]:
@@ -53,6 +85,7 @@ def main() -> None:
     wo, dq = int8wo_rows_op(), int8_rows_op()
     if wo is None or dq is None:
         raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq): not on this CPU")
+    accuracy({"int8wo": wo, "int8wo-fma": torch.ops.litllm_cpu.int8wo_rows_linear_fma})
     x = torch.randn(1, 2048)
     wo_fma = torch.ops.litllm_cpu.int8wo_rows_linear_fma
     ops = {"int8wo": lambda w, s: wo(x, w, s), "int8wo-fma": lambda w, s: wo_fma(x, w, s),
