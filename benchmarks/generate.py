@@ -260,7 +260,7 @@ def linear_bytes(model) -> int:
 
 def greedy_tokens(engine, prompt: list[int], n: int, marks: Optional[list] = None) -> list[int]:
     """The `n` tokens an engine (`litllm.engine.Engine`, greedy) generates after `prompt`. `marks`: gets (the clock
-    once the first token is out, the decode steps that follow) appended (`timed`)."""
+    once the first token is out, the decode steps that follow, the CPU clock) appended (`timed_split`)."""
     from litllm.engine import Request
 
     engine.add(Request(prompt, n))
@@ -273,7 +273,7 @@ def greedy_tokens(engine, prompt: list[int], n: int, marks: Optional[list] = Non
         def marked(outputs: list) -> None:
             prefill(outputs)
             if not marks and any(out.token_ids for out in outputs):
-                marks.append((time.perf_counter(), n - 1))
+                marks.append((time.perf_counter(), n - 1, time.process_time()))
 
         engine._prefill = marked
     tokens = []
@@ -293,17 +293,19 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def timed_split(fn) -> tuple[float, float, Optional[float], Optional[float]]:
-    """`timed` of one call `fn(marks)`, then the seconds to its first token and the seconds a decode step after it,
-    both None where `fn` marks nothing (transformers' `generate`). The first token takes the prompt's prefill: a
-    decode step's time is what to set beside the step alone (benchmarks/decode_threads.py)."""
-    marks: list[tuple[float, int]] = []
+def timed_split(fn) -> tuple[float, float, Optional[float], Optional[float], Optional[float]]:
+    """`timed` of one call `fn(marks)`, then the seconds to its first token, the seconds a decode step after it and
+    the CPU seconds of this process a decode step after it, all three None where `fn` marks nothing (transformers'
+    `generate`). The first token takes the prompt's prefill: a decode step's time is what to set beside the step alone
+    (benchmarks/decode_threads.py)."""
+    marks: list[tuple[float, int, float]] = []
     w0 = time.perf_counter()
     wall, cpu = timed(lambda: fn(marks))
+    cpu_end = time.process_time()
     if not marks or marks[0][1] < 1:
-        return wall, cpu, None, None
-    (first, steps), = marks
-    return wall, cpu, first - w0, (w0 + wall - first) / steps
+        return wall, cpu, None, None, None
+    (first, steps, first_cpu), = marks
+    return wall, cpu, first - w0, (w0 + wall - first) / steps, (cpu_end - first_cpu) / steps
 
 
 MODEL_SIZES = {
@@ -426,19 +428,23 @@ def print_table(runs: dict, row_bytes: dict, bandwidth: float, n: int, cpu_bandw
     return best
 
 
-def print_decode_split(runs: dict, row_bytes: dict, bandwidth: float) -> dict[str, float]:
+def print_decode_split(runs: dict, row_bytes: dict, bandwidth: float, cpu_bandwidth: float = None) -> dict[str, float]:
     """Each row's time to its first token (the prompt's prefill; included in the table's tokens/s) and its decode steps
-    alone (tokens/s of the steps after the first token: what compares with the step alone, decode_threads.py);
-    returns each row's best decode tokens/s."""
+    alone (tokens/s of the steps after the first token: what compares with the step alone, decode_threads.py; with
+    `cpu_bandwidth`, also their fraction of the bound per CPU-second, as `print_table`'s); returns each row's best
+    decode tokens/s."""
     width = max(14, *(len(name) + 2 for name in runs))
     best = {}
-    print(f"{'':{width}s}{'first token ms':>15s}{'decode tok/s best':>18s}{'median':>8s}{'of bound':>10s}")
+    print(f"{'':{width}s}{'first token ms':>15s}{'decode tok/s best':>18s}{'median':>8s}{'of bound':>10s}"
+          + (f"{'of bound/CPU-s':>16s}" if cpu_bandwidth else ""))
     for name, times in runs.items():
         steps = [t[3] for t in times if t[3] is not None]
         if steps:
             best[name] = decode = 1 / min(steps)
+            per_cpu = 1 / min(t[4] for t in times if t[4] is not None)
             print(f"{name:{width}s}{1e3 * statistics.median(t[2] for t in times):15.1f}{decode:18.1f}"
-                  f"{1 / statistics.median(steps):8.1f}{decode / (bandwidth / row_bytes[name]):10.0%}")
+                  f"{1 / statistics.median(steps):8.1f}{decode / (bandwidth / row_bytes[name]):10.0%}"
+                  + (f"{per_cpu * row_bytes[name] / cpu_bandwidth:16.0%}" if cpu_bandwidth else ""))
     return best
 
 
@@ -552,7 +558,7 @@ def run_all(folder: Path, args) -> None:
         print(f"read bandwidth per CPU-second ({lit_threads} thread(s)): {cpu_bandwidth / 1e9:.1f} GB -> bound "
               f"{cpu_bandwidth / weight_bytes:.1f} fp32 tokens per CPU-second")
     best = print_table(runs, row_bytes, bandwidth, n, cpu_bandwidth)
-    print_ratios(best, row_bytes, bandwidth, print_decode_split(runs, row_bytes, bandwidth))
+    print_ratios(best, row_bytes, bandwidth, print_decode_split(runs, row_bytes, bandwidth, cpu_bandwidth))
     if args.startup:
         print_startup(folder, args.repeats)
     if args.speculative:

@@ -125,14 +125,14 @@ def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False):
 def llama_cpp_greedy(llm, prompt: list[int], n: int, one_row: bool = False, marks: Optional[list] = None) -> list[int]:
     """n greedy tokens after `prompt`, one `eval` per new token (as litllm's engine decodes), from an empty
     context; `one_row`: the prompt one token per `eval` too (a repacked model, see `llama_cpp_model`). `marks`: gets
-    (the clock once the prompt is in, the evals that follow) appended (benchmarks/generate.py's `timed`)."""
+    (the clock once the prompt is in, the evals that follow, the CPU clock) appended (benchmarks/generate.py's `timed`)."""
     import numpy as np
 
     llm.reset()
     for chunk in ([[t] for t in prompt] if one_row else [prompt]):
         llm.eval(chunk)
     if marks is not None:
-        marks.append((time.perf_counter(), n))
+        marks.append((time.perf_counter(), n, time.process_time()))
     tokens = []
     for _ in range(n):
         # the last token's logits (without logits_all, llama-cpp-python 0.3 no longer copies them into `scores`)

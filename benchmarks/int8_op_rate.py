@@ -1,13 +1,17 @@
 """How fast litllm's one-row int8 decode ops multiply weights, held in cache and read from DRAM (issue #27).
 
 A decode step is at the bandwidth bound only where its kernel multiplies weights faster than DRAM delivers them.
-This times `litllm_cpu::int8wo_rows_linear` (int8wo: each int8 weight converted to fp32 for an fp32 FMA, the
-activations unrounded) and `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot
-products by vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 48 weights of 2048 x 5632
+This times `litllm_cpu::int8wo_rows_linear` (int8wo, the activations unrounded: on AVX-512 VNNI CPUs each activation
+row as a 31-bit integer in 4 signed 8-bit digits, int8 dot products by vpdpbusd, exact), its fp32 kernel
+`int8wo_rows_linear_fma` ("int8wo-fma": each int8 weight converted to fp32 for an fp32 FMA, what it runs without
+VNNI) and `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot products by
+vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 48 weights of 2048 x 5632
 (553 MB, twice a 260 MiB L3: "cold", read from DRAM as a decode step of benchmarks/generate.py's `--model_size large`
 reads them), alternating within each of `--rounds` rounds, and prints GB of weights per CPU-second (less disturbed by
 other jobs on a shared machine) and per wall second, best rounds, beside `read_bandwidth`'s DRAM read rate per
 CPU-second on the same threads. An op whose hot rate is not well above DRAM's can't hide the reads behind its work.
+First it prints how far int8wo's two kernels and an fp32 GEMM on the dequantized weights (`F.linear`) are from the
+exact product (float64) on activation rows with outlier features and with one massive feature (`accuracy`).
 
     python benchmarks/int8_op_rate.py --threads 1 2 --rounds 3
 """
@@ -28,6 +32,36 @@ def int8_weights(count: int, rows: int, cols: int) -> list[tuple[torch.Tensor, t
     """`count` random (int8 weights in the layers' fp32-typed carrier, 4 to a word; a scale per row)."""
     g = torch.Generator().manual_seed(0)
     return [(row_words(q), scales) for q, scales in (int8_rows(random_weight(rows, cols, g)) for _ in range(count))]
+
+
+def activation_rows(kind: str, n_in: int, g: torch.Generator) -> torch.Tensor:
+    """8 activation rows: "plain" Gaussian; "outliers": every 100th feature 50x (as LLM.int8()'s outlier features);
+    "massive": one feature 1000x the rest (as some models' massive activations)."""
+    x = torch.randn(8, n_in, generator=g)
+    if kind == "outliers":
+        x[:, ::100] *= 50
+    elif kind == "massive":
+        x[:, 7] = 1000.0
+    return x
+
+
+def accuracy(ops: dict, n_out: int = 1024, n_in: int = 5632) -> None:
+    """Print each op's error against the exact product x @ (w * s)^T (float64) over (8, n_in) activation rows of each
+    `activation_rows` kind: relative L2 over the outputs, and the largest error of one output relative to
+    |x| @ |w * s|^T (the scale fp32 rounding errs in)."""
+    g = torch.Generator().manual_seed(1)
+    w8 = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8, generator=g)
+    scales = torch.rand(n_out, generator=g) / 100
+    words, w = w8.view(torch.int32).view(torch.float32), w8.double() * scales.double()[:, None]
+    print(f"error against the exact product ({n_out} x {n_in} int8 weights): relative L2 / worst output")
+    for kind in ("plain", "outliers", "massive"):
+        x = activation_rows(kind, n_in, g)
+        exact, magnitude = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+        cells = []
+        for name, op in (*ops.items(), ("fp32 GEMM", lambda x, words, s: torch.nn.functional.linear(x, w.float()))):
+            err = op(x, words, scales).double() - exact
+            cells.append(f"{name} {float(err.norm() / exact.norm()):.1e} / {float((err.abs() / magnitude).max()):.1e}")
+        print(f"  {kind:8s}: " + ", ".join(cells))
 
 
 def rate(op, weights, passes: int) -> tuple[float, float]:
@@ -51,8 +85,11 @@ def main() -> None:
     wo, dq = int8wo_rows_op(), int8_rows_op()
     if wo is None or dq is None:
         raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq): not on this CPU")
+    accuracy({"int8wo": wo, "int8wo-fma": torch.ops.litllm_cpu.int8wo_rows_linear_fma})
     x = torch.randn(1, 2048)
-    ops = {"int8wo": lambda w, s: wo(x, w, s), "int8dq": lambda w, s: dq(x, w, s, 32)}
+    wo_fma = torch.ops.litllm_cpu.int8wo_rows_linear_fma
+    ops = {"int8wo": lambda w, s: wo(x, w, s), "int8wo-fma": lambda w, s: wo_fma(x, w, s),
+           "int8dq": lambda w, s: dq(x, w, s, 32)}
     regimes = {"hot": (int8_weights(1, 1024, 2048), 200), "cold": (int8_weights(48, 5632, 2048), 2)}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -67,7 +104,7 @@ def main() -> None:
         print(f"{threads} thread(s): DRAM read (a 512 MiB sum) {dram:.1f} GB per CPU-second")
         for name in ops:
             (hot, hot_wall), (cold, cold_wall) = best[name, "hot"], best[name, "cold"]
-            print(f"  {name}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
+            print(f"  {name:10s}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
                   f"cold {cold:5.1f} ({cold_wall:5.1f}); "
                   f"hot / DRAM {hot / dram:.2f}x, cold / DRAM {cold / dram:.0%}")
 

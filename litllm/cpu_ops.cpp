@@ -660,11 +660,19 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
   return y.to(at::kBFloat16).view(shape);
 }
 // ---- int8 weight-only rows (litllm.quantize.Int8PackedLinear, torchao.int8wo with fp32 activations): y (N, out) fp32
-// = x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row. Each
-// 16 weights sign-extended to int32 (vpmovsxbd), converted to fp32 (exact) and multiplied into 16 fp32 lanes (FMA): the
-// eager kernel's arithmetic without its bf16 rounding of the activations and outputs. 4 rows at a time (the
-// activations' loads shared, 4 independent sums), the next 4 prefetched; every row of x per 4 weight rows (read from
-// memory once, then from L1). The rows in one contiguous range per thread, handed out as row_split_linear's.
+// = x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row: within
+// fp32 rounding of the exact product. Two kernels, 4 weight rows at a time (the activations' loads shared, 4
+// independent sums), the next 4 prefetched; every row of x per 4 weight rows (read from memory once, then from L1); the
+// rows in one contiguous range per thread, handed out as row_split_linear's.
+// - VNNI (int8wo_rows_linear on AVX-512 VNNI CPUs): each x row as an integer X = x * 2^e (|X| <= 2^30: exact for the
+//   row's values within 2^-7 of its absmax, the rest to 2^-31 of it, finer than fp32's own rounding of the sums) in 4
+//   signed 8-bit digits; w + 128 (u8) times each digit by vpdpbusd, 64 products an instruction, exact int32 sums, and
+//   w . X = sum over the digits of 256^i (w + 128) . digit_i - 128 sum(X). 4 instructions per 64 weights where
+//   converting them to fp32 takes 12: the fp32 kernel ran below one core's DRAM rate (benchmarks/int8_op_rate.py).
+// Every loop over the rows is unrolled (GCC at -O2 kept the fp32 kernel's 4 sums in memory, not registers: a store and
+// a load per FMA, 11 GB/CPU-s on cached weights).
+// - fp32 (int8wo_rows_linear_fma; int8wo_rows_linear elsewhere): each 16 weights sign-extended to int32, converted to
+//   fp32 (exact) and multiplied into 16 fp32 lanes (FMA): the eager kernel's arithmetic without its bf16 rounding.
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static inline __m512 int8wo_fma16(__m512 acc, __m128i w16, __m512 x) {
@@ -677,19 +685,24 @@ static inline void int8wo_block(const float* x, const int8_t* w, const float* s,
   const int64_t K16 = K / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1U << (K - K16)) - 1);
   __m512 a[ROWS];
+  #pragma GCC unroll 4
   for (int j = 0; j < ROWS; ++j) a[j] = _mm512_setzero_ps();
   const char* next = reinterpret_cast<const char*>(w + ROWS * K);
   for (int64_t k = 0; k < K16; k += 16) {
     if (prefetch && k % 64 == 0)
+      #pragma GCC unroll 4
       for (int j = 0; j < ROWS; ++j) _mm_prefetch(next + j * K + k, _MM_HINT_T0);
     const __m512 xv = _mm512_loadu_ps(x + k);
+    #pragma GCC unroll 4
     for (int j = 0; j < ROWS; ++j)
       a[j] = int8wo_fma16(a[j], _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)), xv);
   }
   if (tail) {
     const __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
+    #pragma GCC unroll 4
     for (int j = 0; j < ROWS; ++j) a[j] = int8wo_fma16(a[j], _mm_maskz_loadu_epi8(tail, w + j * K + K16), xv);
   }
+  #pragma GCC unroll 4
   for (int j = 0; j < ROWS; ++j) y[j] = _mm512_reduce_add_ps(a[j]) * s[j];
 }
 
@@ -703,19 +716,135 @@ static void int8wo_range(const float* x, const int8_t* w, const float* s, float*
   for (; r < r1; ++r)
     for (int64_t n = 0; n < N; ++n) int8wo_block<1>(x + n * K, w + r * K, s + r, y + n * R + r, K, false);
 }
+
+// One x row as the VNNI kernel takes it: digits (4, KP) int8 (digit i of X_k at i * KP + k, zero from K to KP, a whole
+// number of 64), X = sum_i 256^i digit_i = x * 2^e, and 128 sum(X) (the digits' product with w + 128 counts it).
+struct Int8woDigits {
+  const int8_t* digits;
+  int64_t offset_sum;  // 128 sum_k X_k
+  double unscale;      // 2^-e
+};
+
+// The row's digits into `digits` (4 * KP bytes, zeroed); false where x has a non-finite value (the fp32 kernel's sums
+// carry it) or K is too wide for exact int32 sums
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static bool int8wo_digits(const float* x, int64_t K, int64_t KP, int8_t* digits, Int8woDigits& out) {
+  if (K > (int64_t{1} << 20)) return false;  // int32 lanes: up to K / 64 sums of 4 * 255 * 128
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 nan = 0;  // max_ps drops a NaN operand: counted apart
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m16 = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1U << (K - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m16, x + k);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  const float m = _mm512_reduce_max_ps(amax);
+  if (nan || !std::isfinite(m)) return false;
+  int exponent = 0;
+  std::frexp(m, &exponent);  // m < 2^exponent, so |x| 2^(30 - exponent) <= 2^30 (rounded to the nearest X)
+  const int e = m == 0.f ? 0 : 30 - exponent;
+  const __m512 scale_e = _mm512_set1_ps(static_cast<float>(e));  // scalef: x 2^e exactly, whatever e
+  // signed digits: byte i of X + 0x80808080 is digit_i + 128 (no carry out: |X| <= 2^30)
+  const __m512i bias = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  __m512i sum_lo = _mm512_setzero_si512(), sum_hi = sum_lo;  // sum(X) in int64 lanes
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m16 = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1U << (K - k)) - 1);
+    const __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_maskz_loadu_ps(m16, x + k), scale_e));
+    sum_lo = _mm512_add_epi64(sum_lo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(X)));
+    sum_hi = _mm512_add_epi64(sum_hi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(X, 1)));
+    const __m512i biased = _mm512_xor_si512(_mm512_add_epi32(X, bias), bias);  // each byte: digit_i as int8
+    for (int i = 0; i < 4; ++i)
+      _mm_mask_storeu_epi8(digits + i * KP + k, m16, _mm512_cvtepi32_epi8(_mm512_srli_epi32(biased, 8 * i)));
+  }
+  out = {digits, 128 * _mm512_reduce_add_epi64(_mm512_add_epi64(sum_lo, sum_hi)), std::ldexp(1.0, -e)};
+  return true;
+}
+
+// int32 lanes summed in int64 (16 lanes of up to 2^31 each)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline int64_t int8wo_lanes_sum(__m512i v) {
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+
+// ROWS weight rows times one x row's digits: per 64 weights and row, one xor (w + 128 as u8) and 4 vpdpbusd
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static inline void int8wo_vnni_step(__m512i (&a)[ROWS][4], const __m512i* wv, const int8_t* d, int64_t KP,
+                                    __m512i flip) {
+  const __m512i d0 = _mm512_loadu_si512(d), d1 = _mm512_loadu_si512(d + KP), d2 = _mm512_loadu_si512(d + 2 * KP),
+                d3 = _mm512_loadu_si512(d + 3 * KP);
+  #pragma GCC unroll 4
+  for (int j = 0; j < ROWS; ++j) {
+    const __m512i u = _mm512_xor_si512(wv[j], flip);  // w + 128, as u8
+    a[j][0] = _mm512_dpbusd_epi32(a[j][0], u, d0);
+    a[j][1] = _mm512_dpbusd_epi32(a[j][1], u, d1);
+    a[j][2] = _mm512_dpbusd_epi32(a[j][2], u, d2);
+    a[j][3] = _mm512_dpbusd_epi32(a[j][3], u, d3);
+  }
+}
+
+// ROWS weight rows (the next ROWS prefetched, a line each per 64 weights) times one x row's digits
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static inline void int8wo_vnni_block(const Int8woDigits& xd, int64_t KP, const int8_t* w, const float* s, float* y,
+                                     int64_t K, bool prefetch) {
+  const int64_t K64 = K / 64 * 64;
+  const __mmask64 tail = K - K64 == 0 ? 0 : (~0ULL >> (64 - (K - K64)));  // the last K % 64 weights
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i a[ROWS][4];
+  #pragma GCC unroll 4
+  for (int j = 0; j < ROWS; ++j)
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) a[j][i] = _mm512_setzero_si512();
+  const char* next = reinterpret_cast<const char*>(w + ROWS * K);
+  __m512i wv[ROWS];
+  for (int64_t k = 0; k < K64; k += 64) {
+    if (prefetch)
+      #pragma GCC unroll 4
+      for (int j = 0; j < ROWS; ++j) _mm_prefetch(next + j * K + k, _MM_HINT_T0);
+    #pragma GCC unroll 4
+    for (int j = 0; j < ROWS; ++j) wv[j] = _mm512_loadu_si512(w + j * K + k);
+    int8wo_vnni_step<ROWS>(a, wv, xd.digits + k, KP, flip);
+  }
+  if (tail) {  // the digits past K are zero: the tail's masked-off weights (128 as u8) add nothing
+    #pragma GCC unroll 4
+    for (int j = 0; j < ROWS; ++j) wv[j] = _mm512_maskz_loadu_epi8(tail, w + j * K + K64);
+    int8wo_vnni_step<ROWS>(a, wv, xd.digits + K64, KP, flip);
+  }
+  #pragma GCC unroll 4
+  for (int j = 0; j < ROWS; ++j) {  // exact in int64: |w . X| <= 2^37 K
+    const int64_t dot = int8wo_lanes_sum(a[j][0]) + (int8wo_lanes_sum(a[j][1]) << 8) +
+                        (int8wo_lanes_sum(a[j][2]) << 16) + (int8wo_lanes_sum(a[j][3]) << 24) - xd.offset_sum;
+    y[j] = static_cast<float>(static_cast<double>(dot) * xd.unscale * s[j]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8wo_vnni_range(const Int8woDigits* xd, int64_t KP, const int8_t* w, const float* s, float* y, int64_t N,
+                              int64_t R, int64_t K, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4)
+    for (int64_t n = 0; n < N; ++n)
+      int8wo_vnni_block<4>(xd[n], KP, w + r * K, s + r, y + n * R + r, K, n == 0 && r + 8 <= r1);
+  for (; r < r1; ++r)
+    for (int64_t n = 0; n < N; ++n) int8wo_vnni_block<1>(xd[n], KP, w + r * K, s + r, y + n * R + r, K, false);
+}
 #endif
 
-at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+// y = x @ (w * scales)^T by the VNNI kernel where `vnni` and every x row takes it (finite, K <= 2^20), else the fp32 one
+static at::Tensor int8wo_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, bool vnni,
+                                const char* name) {
 #if defined(__x86_64__)
   TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl"), "int8wo_rows_linear: this CPU has no AVX-512");
+              __builtin_cpu_supports("avx512vl"), name, ": this CPU has no AVX-512");
 #else
-  TORCH_CHECK(false, "int8wo_rows_linear: this CPU has no AVX-512");
+  TORCH_CHECK(false, name, ": this CPU has no AVX-512");
 #endif
   // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
               w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
-              w.is_contiguous(), "int8wo_rows_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type());
+              w.is_contiguous(), name, ": x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type());
   const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
   const int8_t* wp = reinterpret_cast<const int8_t*>(w.const_data_ptr<float>());
   const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
@@ -723,16 +852,41 @@ at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at
   const float* xp = xc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
+#if defined(__x86_64__)
+  const int64_t KP = (K + 63) / 64 * 64;  // the digits' row, whole 64s
+  std::vector<int8_t> digits(vnni ? N * 4 * KP : 0, 0);
+  std::vector<Int8woDigits> xd(vnni ? N : 0);
+  for (int64_t n = 0; vnni && n < N; ++n) vnni = int8wo_digits(xp + n * K, K, KP, digits.data() + n * 4 * KP, xd[n]);
+#endif
   const int threads = op_threads();
   const int64_t rows = rows_per_thread(R, threads);
   const int64_t chunks = (R + rows - 1) / rows;
   auto part = [&](int64_t c) {
 #if defined(__x86_64__)
-    int8wo_range(xp, wp, sp, yp, N, R, K, c * rows, std::min(R, c * rows + rows));
+    const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows);
+    if (vnni)
+      int8wo_vnni_range(xd.data(), KP, wp, sp, yp, N, R, K, r0, r1);
+    else
+      int8wo_range(xp, wp, sp, yp, N, R, K, r0, r1);
 #endif
   };
   run_chunks(chunks, threads, part);
   return y;
+}
+
+at::Tensor int8wo_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+#if defined(__x86_64__)
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+#else
+  static const bool vnni = false;
+#endif
+  return int8wo_linear(x, w, scales, vnni, "int8wo_rows_linear");
+}
+
+// the fp32 kernel alone (what int8wo_rows_linear runs on AVX-512 CPUs without VNNI): for tests and
+// benchmarks/int8_op_rate.py to compare
+at::Tensor int8wo_rows_linear_fma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  return int8wo_linear(x, w, scales, false, "int8wo_rows_linear_fma");
 }
 // ---- end of int8 weight-only rows
 
@@ -741,6 +895,7 @@ TORCH_LIBRARY(litllm_cpu, m) {
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("packed_bf16_linear(Tensor x, Tensor w, int out_features) -> Tensor");
+  m.def("int8wo_rows_linear_fma(Tensor x, Tensor w, Tensor scales) -> Tensor");  // int8wo's kernel without VNNI
   m.def("int8wo_rows_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");  // int8 weight-only rows
 }
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
@@ -748,6 +903,7 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("int8_rows_linear", &int8_rows_linear);
   m.impl("int8_prompt_linear", &int8_prompt_linear);
   m.impl("packed_bf16_linear", &packed_bf16_linear);
+  m.impl("int8wo_rows_linear_fma", &int8wo_rows_linear_fma);  // int8wo's kernel without VNNI
   m.impl("int8wo_rows_linear", &int8wo_rows_linear);  // int8 weight-only rows
 }
 

@@ -150,7 +150,10 @@ def int8_rows_op(build: bool = True) -> Optional[object]:
 def int8wo_rows_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.int8wo_rows_linear(x, words, scales)` (the same library as `row_split_op`'s) where this CPU
     has AVX-512 (`_int8_library_op`): fp32 activations, unrounded, times int8 weights (row-major, 4 to an fp32-typed
-    word), an fp32 scale per row. fp32 int8wo layers (`litllm.quantize.Int8PackedLinear`) call it in compiled steps
+    word), an fp32 scale per row, within fp32 rounding of the exact product: with VNNI each activation row as a 31-bit
+    integer in 4 signed 8-bit digits by vpdpbusd (exact integer sums), else the weights converted to fp32 for FMAs
+    (`torch.ops.litllm_cpu.int8wo_rows_linear_fma`, that kernel alone everywhere, to compare). fp32 int8wo layers
+    (`litllm.quantize.Int8PackedLinear`) call it in compiled steps
     instead of inductor's int8 reduction, and eagerly for one row instead of torch's bf16 kernel (where the library is
     there already)."""
     return _int8_library_op("int8wo_rows_linear", _has_avx512(), build)

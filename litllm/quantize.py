@@ -8,8 +8,8 @@ Modes (`--quantize`):
 - `torchao.int8wo`  int8 weight-only: symmetric int8 per output row; the output head too (its output stays fp32).
                     CUDA: torchao's `Int8WeightOnlyConfig`; CPU: `Int8PackedLinear`, torch's `_weight_int8pack_mm`
                     kernel (gpt-fast's CPU int8) eager; a compiled fp32 step: inductor's own int8 reduction on fp32
-                    activations (`Int8Words`), on AVX-512 CPUs litllm's C++ op instead (the weights converted to fp32
-                    16 at a time, times the unrounded activations: `litllm.cpu_ops.int8wo_rows_op`), which eager
+                    activations (`Int8Words`), on AVX-512 CPUs litllm's C++ op instead (the unrounded activations
+                    times the int8 weights, with VNNI as exact integers: `litllm.cpu_ops.int8wo_rows_op`), which eager
                     fp32 decode rows take too (exact, and faster than the bf16 kernel; `quantize_model` builds its
                     library where it is not built yet; without it, AVX2 CPUs, an fp32 model's head stays fp32).
 - `torchao.int4wo`  torchao int4 weight-only: asymmetric uint4 per group of 128 (64, 32) input features,
@@ -226,7 +226,8 @@ class Int8Words(nn.Module):
     def _rows_op(self, build: bool = True):
         """litllm's C++ op this layer's step multiplies by where it builds or loads here, else None (inductor's
         reduction): int8dq's `int8_rows_op` (AVX-512 VNNI: vpdpbusd on the rounded activations), int8wo's
-        `int8wo_rows_op` (AVX-512: the weights converted to fp32 16 at a time, times the unrounded activations)."""
+        `int8wo_rows_op` (AVX-512: the unrounded activations times the int8 weights; with VNNI by vpdpbusd on the
+        activations as 31-bit integers, else the weights converted to fp32 16 at a time)."""
         from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 
         return int8wo_rows_op(build) if self.words_block is None else int8_rows_op(build)

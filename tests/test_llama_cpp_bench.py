@@ -97,8 +97,8 @@ def test_benchmark_llama_cpp_prefills_on_the_threads_it_decodes_with(exports):
 
 def test_first_token_mark_is_the_prefill_alone(tiny_checkpoint):
     """generate.py's first-token time ends once the prefill has sampled the first token, before the decode step
-    the engine runs in the same `step()` for the second (which counts among the n - 1 decode steps); the engine is
-    left as it was."""
+    the engine runs in the same `step()` for the second (which counts among the n - 1 decode steps), with the CPU
+    clock then (the decode steps' CPU time); the engine is left as it was."""
     import time
 
     from litllm.engine import Engine
@@ -114,9 +114,9 @@ def test_first_token_mark_is_the_prefill_alone(tiny_checkpoint):
         marks = []
         assert generate.greedy_tokens(engine, prompt, n, marks) == want
         assert "_prefill" not in vars(engine)
-    (first, steps), = marks
+    (first, steps, first_cpu), = marks
     assert steps == n - 1 == len(decodes)  # tokens 2..n, one decode step each
-    assert first < decodes[0]
+    assert first < decodes[0] and 0 < first_cpu <= time.process_time()  # the CPU clock marked too
 
 
 def test_large_model_size_outgrows_the_cache_and_yields_to_explicit_sizes(monkeypatch):

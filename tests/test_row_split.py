@@ -232,30 +232,64 @@ def test_an_int8_step_is_saved_under_its_kernel(mode, int8_op, tiny_checkpoint, 
     assert steps_folder(model) != folder
 
 
+def int8wo_activations(n_rows: int, n_in: int) -> dict[str, torch.Tensor]:
+    """(n_rows, n_in) activation rows of the kinds an int8wo layer sees, by name: a ramp of scales across the
+    features; outlier features (every 37th, 50x, as LLM.int8()'s); one massive feature (3000, as some models' first
+    layers have); an all-zero row among ordinary ones; denormal values (the VNNI kernel's scale 2^e far above fp32's
+    largest power of two)."""
+    x = torch.randn(n_rows, n_in) * torch.linspace(0.05, 3, n_in)
+    outliers, massive, zero = x.clone(), x.clone(), x.clone()
+    outliers[:, ::37] *= 50
+    massive[:, n_in // 2] = 3000.0
+    zero[n_rows // 2] = 0
+    return {"ramp": x, "outliers": outliers, "massive": massive, "zero row": zero, "denormal": x * 1e-39}
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
-    """`litllm_cpu::int8wo_rows_linear` (AVX-512): unrounded fp32 activations times row-major int8 weights (-128
-    included) and a scale per row, within fp32 rounding of that arithmetic in float64, for widths with a ragged
-    16-weight tail, output widths no multiple of 4 (rows 4 at a time, then one) and several input rows, on 1 and 2
-    threads; a width no multiple of 4 is refused."""
-    from litllm.cpu_ops import int8wo_rows_op
+    """`litllm_cpu::int8wo_rows_linear` (AVX-512) and its fp32 kernel alone (`int8wo_rows_linear_fma`, what it runs
+    without VNNI): unrounded fp32 activations times row-major int8 weights (-128 and 127 included) and a scale per row,
+    within fp32 rounding of the exact product (float64), for widths with a ragged 64-weight (and 16-weight) tail,
+    output widths no multiple of 4 (rows 4 at a time, then one), several input rows, activations with outliers, a
+    massive feature, a zero row and denormals (`int8wo_activations`), on 1 and 2 threads. On VNNI CPUs the op's error
+    per output is at most the rounding of its fp32 result plus the activations' as 31-bit integers (2^-30 of the row's
+    absmax each: `int8wo_digits`), far inside the fp32 kernel's. A non-finite activation gives the fp32 kernel's
+    output (NaN where it has NaN); a width no multiple of 4 is refused."""
+    from litllm.cpu_ops import _has_avx512_vnni, int8wo_rows_op
 
     op = int8wo_rows_op()
     if op is None:
         pytest.skip("no AVX-512 here (or the op does not build): int8wo steps keep inductor's reduction")
+    fma = torch.ops.litllm_cpu.int8wo_rows_linear_fma
     torch.manual_seed(0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n_out, n_in in ((200, 768), (37, 100), (64, 2048), (50, 36), (3, 4), (1000, 772)):
+        for n_out, n_in in ((200, 768), (37, 100), (64, 2048), (50, 36), (3, 4), (1000, 772), (9, 5640)):
             w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
-            w[0] = -128
-            scales, x = torch.rand(n_out), torch.randn(3, n_in) * torch.linspace(0.05, 3, n_in)
-            expected = (x.double() @ w.double().t()) * scales.double()
-            got = op(x, w.view(torch.int32).view(torch.float32), scales)  # the layers' fp32-typed carrier
-            assert got.shape == (3, n_out)
-            assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
+            w[0], w[-1] = -128, 127
+            scales, words = torch.rand(n_out), w.view(torch.int32).view(torch.float32)  # the layers' carrier
+            for n_rows in (1, 3):
+                for kind, x in int8wo_activations(n_rows, n_in).items():
+                    expected = (x.double() @ w.double().t()) * scales.double()
+                    for kernel in (op, fma):
+                        got = kernel(x, words, scales)
+                        assert got.shape == (n_rows, n_out)
+                        error = (got.double() - expected).norm() / expected.norm().clamp_min(1e-300)
+                        assert float(error) < 1e-6, (kernel, n_out, n_in, kind)
+                    if _has_avx512_vnni():  # each output: its fp32 rounding (denormal too), 2^-30 absmax per x
+                        bound = (2.0**-23 * expected.abs() + 2.0**-149 + 2.0**-30
+                                 * x.double().abs().amax(-1, keepdim=True) * w.double().abs().sum(-1) * scales.double())
+                        assert ((op(x, words, scales).double() - expected).abs() <= bound).all(), (n_out, n_in, kind)
+        x = torch.randn(3, 100)
+        x[0, 7], x[1, 50] = float("nan"), float("inf")
+        w = torch.randint(-128, 128, (37, 100), dtype=torch.int8).view(torch.int32).view(torch.float32)
+        scales = torch.rand(37)
+        got = op(x, w, scales)  # NaN and inf rows: the fp32 kernel's sums, which carry them
+        torch.testing.assert_close(got, fma(x, w, scales), rtol=0, atol=0, equal_nan=True)
+        assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
     finally:
         torch.set_num_threads(previous)
-    with pytest.raises(RuntimeError, match="int8wo_rows_linear"):
-        op(torch.randn(1, 98), torch.zeros(8, 24), torch.ones(8))  # 98 activations for 96 weights a row
+    for kernel in (op, fma):
+        with pytest.raises(RuntimeError, match="int8wo_rows_linear"):
+            kernel(torch.randn(1, 98), torch.zeros(8, 24), torch.ones(8))  # 98 activations for 96 weights a row
