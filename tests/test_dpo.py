@@ -213,8 +213,10 @@ def test_every_variant_learns_the_preference(runs, name):
             "logps/rejected", "loss"} <= set(rows[0])
     losses = [float(r["loss"]) for r in rows]
     if not name.startswith(("ipo", "simpo")):
-        assert losses[0] == torch.tensor(math.log(2), dtype=torch.float32).item()  # policy == reference at step 0
-        assert float(rows[0]["rewards/margins"]) == 0
+        # policy == reference at step 0, up to fp32 rounding: on the CPU the policy's forward (gradients on) runs
+        # litllm's fused training kernels (`litllm.fused_norms`), the reference's (no gradients) the inference ones
+        assert abs(losses[0] - math.log(2)) <= 1e-6
+        assert abs(float(rows[0]["rewards/margins"])) <= 1e-5
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     assert float(rows[-1]["rewards/margins"]) > float(rows[0]["rewards/margins"])
     val = [r for r in _metrics(out) if r.get("val_rewards/accuracies")]
@@ -328,8 +330,9 @@ def test_dpo_on_two_fsdp_processes(base, pairs_file, tmp_path, method):
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_csv_rows(out / "logs" / "csv" / "metrics.csv") if r.get("loss")]
-    # precomputed log-probs were scored in other batches (other padding): equal up to rounding, not bit for bit
-    assert abs(float(rows[0]["loss"]) - math.log(2)) <= (1e-5 if method == "full" else 1e-7)
+    # precomputed log-probs were scored in other batches (other padding), and the policy's forward runs the fused CPU
+    # training kernels (`litllm.fused_norms`), the reference's the inference ones: equal up to rounding
+    assert abs(float(rows[0]["loss"]) - math.log(2)) <= (1e-5 if method == "full" else 1e-6)
     assert float(rows[-1]["rewards/margins"]) > 0
     # the final folder is whole (gathered from the shards) and differs from the base
     x = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))

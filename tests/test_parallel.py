@@ -164,7 +164,8 @@ def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
     """What torch.compile hands inductor for a rank's decode step (after the CPU weight layout and a compiled step's
     Linears: bf16 ones become `OneRowLinear`s, new modules) is one graph, without breaks, issuing the eager step's
     collectives in the same order; run, it gives the eager step's logits."""
-    from litllm.compile_decode import choose_decode_layout, unpack_weights
+    from litllm.compile_decode import unpack_weights
+    from litllm.compile_ledger import choose_decode_layout
 
     model = one_rank.to(torch.bfloat16)
     choose_decode_layout(model, None)
