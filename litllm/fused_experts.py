@@ -106,13 +106,11 @@ class SparseExperts(torch.autograd.Function):
         return (grad_x if need_x else None, grad_w, None, None, None, *grad_fc, *grad_proj)
 
 
-def fused_sparse_experts(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """`MoE.sparse_experts` (x (N, C), weights/chosen (N, k)) through `SparseExperts`: the same sum, each token's
-    experts in expert index order, up to rounding (the routing weight multiplies proj's input, not its output)."""
-    flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
-    order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
+def fused_sparse_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                         counts: list[int]) -> torch.Tensor:
+    """`MoE.sparse_experts` (x (N, C), weights (N, k)) through `SparseExperts`, from its sort: order (N*k,) the
+    (token, slot)s grouped by expert, counts the slots of each expert. The same sum, each token's experts in expert
+    index order, up to rounding (the routing weight multiplies proj's input, not its output)."""
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))  # (N*k,) each slot's place
-    counts = torch.bincount(flat, minlength=len(moe.experts)).tolist()  # the one host sync
-    experts = list(moe.experts)
     return SparseExperts.apply(x.contiguous(), weights.reshape(-1).contiguous(), order, pos, counts,
                                *(m.fc.weight for m in experts), *(m.proj.weight for m in experts))

@@ -905,13 +905,12 @@ class MoE(nn.Module):
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks."""
-        if self._fused_experts_apply(x):
-            return fused_sparse_experts(self, x, weights, chosen)
-        k = chosen.size(1)
         flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
-        token = order // k  # (N*k,) token of each sorted slot
         counts = torch.bincount(flat, minlength=self.config.n_expert).tolist()  # the one host sync
+        if self._fused_experts_apply(x):
+            return fused_sparse_experts(self.experts, x, weights, order, counts)
+        token = order // chosen.size(1)  # (N*k,) token of each sorted slot
         xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
         out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
         return torch.zeros_like(x).index_add_(0, token, torch.cat(out))
