@@ -32,6 +32,16 @@ static void run_chunks(int64_t chunks, int threads, const Part& part) {
   for (int64_t c = 0; c < chunks; ++c) part(c);
 }
 
+// An op of AVX-512 kernels refuses, in one line, a CPU without it (rather than die on an illegal instruction).
+static void check_avx512(const char* op) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), op, ": this CPU has no AVX-512");
+#else
+  TORCH_CHECK(false, op, ": this CPU has no AVX-512");
+#endif
+}
+
 // q8_0's rounding of one row of K values, per block: q = round(x / d) + offset, d = max |x| / 127 over the block
 // (nearbyint: half to even, as torch.round); lane_d holds each group of 4 values' d (one int32 lane of vpdpbusd's
 // sums).
@@ -835,12 +845,7 @@ static void int8wo_vnni_range(const Int8woDigits* xd, int64_t KP, const int8_t* 
 // y = x @ (w * scales)^T by the VNNI kernel where `vnni` and every x row takes it (finite, K <= 2^20), else the fp32 one
 static at::Tensor int8wo_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, bool vnni,
                                 const char* name) {
-#if defined(__x86_64__)
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl"), name, ": this CPU has no AVX-512");
-#else
-  TORCH_CHECK(false, name, ": this CPU has no AVX-512");
-#endif
+  check_avx512(name);
   // w: (out, K / 4) fp32-typed words, each the bits of 4 consecutive int8 weights of its row (inductor's carrier)
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 4 * w.size(1) && scales.numel() == w.size(0) &&
               w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
@@ -916,15 +921,6 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 #else
 #define NORM_TARGET
 #endif
-
-static void check_avx512(const char* op) {
-#if defined(__x86_64__)
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl"), op, ": this CPU has no AVX-512");
-#else
-  TORCH_CHECK(false, op, ": this CPU has no AVX-512");
-#endif
-}
 
 static void check_fp32(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", name, " must be a CPU fp32 tensor, got ",
@@ -1244,7 +1240,7 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 // Elementwise passes of the sparse MoE dispatch in training, each one kernel over every routed row of every expert
 // at once (the rows sorted by expert, as `MoE.sparse_experts` sorts them): SwiGLU times the routing weight forward,
 // its backward with the routing weights' gradient, and the sum of each token's k expert outputs (or input
-// gradients) back into token order. fp32, contiguous; AVX-512 where the CPU has it (checked in Python).
+// gradients) back into token order. fp32, contiguous; AVX-512 (checked in Python before use, and by each op).
 #if defined(__x86_64__)
 // e^x for fp32 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r, times 2^n (scalef). Within 2 ulp of
 // expf on [-87, 88]; beyond, clamped (a sigmoid of such x is 0 or 1 to fp32 either way).
@@ -1349,6 +1345,7 @@ static void check_rows(const char* op, const at::Tensor& t, int64_t dim, const c
 
 // a (M, I) = w (M,) * silu(h[:, :I]) * h[:, I:], h (M, 2I).
 at::Tensor moe_swiglu_forward(const at::Tensor& h, const at::Tensor& w) {
+  check_avx512("moe_swiglu_forward");
   check_rows("moe_swiglu_forward", h, 2, "h");
   check_rows("moe_swiglu_forward", w, 1, "w");
   TORCH_CHECK(h.size(1) % 2 == 0 && w.size(0) == h.size(0), "moe_swiglu_forward: h ", h.sizes(), ", w ", w.sizes());
@@ -1366,6 +1363,7 @@ at::Tensor moe_swiglu_forward(const at::Tensor& h, const at::Tensor& w) {
 // The backward of moe_swiglu_forward: (dh (M, 2I), dw (M,)) from da (M, I) = d(loss)/d(a) / w, which it overwrites
 // with a (see swiglu_backward_rows).
 std::tuple<at::Tensor, at::Tensor> moe_swiglu_backward(const at::Tensor& h, const at::Tensor& w, at::Tensor& da) {
+  check_avx512("moe_swiglu_backward");
   check_rows("moe_swiglu_backward", h, 2, "h");
   check_rows("moe_swiglu_backward", w, 1, "w");
   check_rows("moe_swiglu_backward", da, 2, "da");
@@ -1386,6 +1384,7 @@ std::tuple<at::Tensor, at::Tensor> moe_swiglu_backward(const at::Tensor& h, cons
 
 // y (N, C): y[t] = the sum of o's rows pos[t k .. t k + k) (o (N k, C), the rows sorted by expert), in expert order.
 at::Tensor moe_combine(const at::Tensor& o, const at::Tensor& pos, int64_t k) {
+  check_avx512("moe_combine");
   check_rows("moe_combine", o, 2, "o");
   TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.dim() == 1 &&
               k > 0 && pos.size(0) == o.size(0) && pos.size(0) % k == 0, "moe_combine: o ", o.sizes(), ", pos ",
