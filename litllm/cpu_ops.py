@@ -121,6 +121,13 @@ def _has_avx512() -> bool:
     return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
 
 
+def eager_fp32_training(x: torch.Tensor) -> bool:
+    """Whether `x` flows through an eager CPU fp32 training forward, where litllm's fused training ops may take it:
+    a plain fp32 CPU tensor (not fake, DTensor or a torch.compile trace), gradients on, no autocast."""
+    return (type(x) is torch.Tensor and x.is_cpu and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+
+
 def training_ops_ready(switch_env: str) -> bool:
     """Whether a fused training op of this library can run here: `$<switch_env>` is not `0`/`false`/`no`/`off`, the
     CPU has AVX-512 and the library loads (built first, once per machine, where it is not yet)."""

@@ -33,8 +33,9 @@ def ops_ready() -> bool:
 def applies(x: torch.Tensor, *weights: Optional[torch.Tensor]) -> bool:
     """Whether the fused ops take `x` (and the norm `weights`): plain fp32 CPU tensors (not fake, DTensor or a
     torch.compile trace), gradients on, no autocast, and `ops_ready`."""
-    return (type(x) is torch.Tensor and x.is_cpu and x.dtype == torch.float32 and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+    from litllm.cpu_ops import eager_fp32_training
+
+    return (eager_fp32_training(x)
             and all(w is None or (type(w.data) is torch.Tensor and w.dtype == torch.float32 and w.is_cpu)
                     for w in weights)
             and ops_ready())

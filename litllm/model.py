@@ -922,9 +922,10 @@ class MoE(nn.Module):
         torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
         bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
         on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
-        if not (self.training and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-                and not self.scale_inputs and type(x) is torch.Tensor and type(self.experts) is nn.ModuleList):
+        from litllm.cpu_ops import eager_fp32_training
+
+        if not (self.training and eager_fp32_training(x) and not self.scale_inputs
+                and type(self.experts) is nn.ModuleList):
             return False
 
         def plain(linear: nn.Module) -> bool:
