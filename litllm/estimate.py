@@ -12,7 +12,8 @@ How: the run's own training step (`litllm.train.loop.build_train_model` + `train
 transform, activation checkpointing, the optimizer) runs on fake tensors (`torch._subclasses.FakeTensorMode`:
 shapes and dtypes, no storage), and torch's `MemTracker` records what is alive at the step's peak, by
 category (this is how torchtitan estimates memory). Nothing is loaded and no GPU is needed. The step runs
-after a first optimizer step, so the optimizer state is there: it is the peak of every later step.
+after a first optimizer step, so the optimizer state is there: it is the peak of every later step. The fake step
+of a CPU fp32 run takes litllm's fused training ops where the real step would (`fused_cpu_ops`).
 
 Formulas are used only where fake tensors can't reach:
 - bitsandbytes weights (QLoRA's frozen base): `quantized_linear_bytes`, the packed weight plus its
