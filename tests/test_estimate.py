@@ -173,6 +173,34 @@ def test_a_cpu_fp32_moe_step_is_estimated_on_the_fused_ops(micro_batch_size, seq
     assert peak_memory(replace(plan, device="cuda"))["activations"] > estimated["activations"]
 
 
+def test_the_run_s_device_decides_whether_the_fused_ops_are_followed(tmp_path, monkeypatch):
+    """A job's plan is a CPU run where it trains on the CPU (`--accelerator cpu`, or no GPU here and none named) and a
+    GPU run otherwise; a CPU run on a machine where litllm's op library is not built yet is estimated on the unfused
+    ops (as a GPU run), with a note, and nothing is built."""
+    from dataclasses import replace
+
+    import litllm.finetune as finetune
+    from litllm import cpu_ops
+    from litllm.estimate import plan_from_job
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    job = _lora_job(folder, micro_batch_size=2)
+    assert plan_from_job("finetune_lora", job, for_gpu=False).device == "cpu"
+    assert plan_from_job("finetune_lora", job, for_gpu=True).device == "cuda"
+    on_cpu = finetune.finetune_lora.bind(folder, precision="32-true", accelerator="cpu",
+                                         train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32))
+    assert plan_from_job("finetune_lora", on_cpu, for_gpu=True).device == "cpu"
+    if not cpu_ops._has_avx512():
+        pytest.skip("no AVX-512: the fused training ops never run here")
+    plan = plan_for("llama", "full", None, 2, False)
+    gpu = peak_memory(replace(plan, device="cuda"))
+    monkeypatch.setattr(cpu_ops, "_library_there", lambda: False)
+    monkeypatch.setattr(cpu_ops, "_build", lambda path: pytest.fail("estimate built the op library"))
+    assert peak_memory(plan) == gpu and "not built here yet" in plan.notes[-1]
+
+
 def test_the_estimate_follows_the_knobs():
     """More tokens, more memory; checkpointing and QLoRA, less (the fixes' direction is right)."""
     base = plan_for("llama", "lora", None, 4, False, seq_length=64)
