@@ -648,13 +648,32 @@ def test_speculative_rounds_follow_the_measured_tokens_per_round(tiny_checkpoint
     assert compile_ledger.expected_tokens_per_round(model, draft, 3) == round(11 / 3, 4)
 
 
+def compile_lazily(monkeypatch, clock: FakeClock, seconds: float) -> None:
+    """No step exports as one graph: every compiled step is `torch.compile`'s, which compiles at its first call
+    (`seconds` on the fake clock)."""
+    from litllm import compile_decode
+
+    def lazily_compiled(step, device, static, options):
+        calls = []
+
+        def call(*args):
+            clock.now += 0.0 if calls else seconds
+            calls.append(args)
+            return step(*args)
+
+        return call
+
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
+    monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+
+
 @pytest.mark.parametrize("exported", [True, False], ids=["aot-inductor", "torch.compile"])
 def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint, fake_compile, monkeypatch, exported):
     """The draft's decode step and the model's verify step record what compiling them took in one way
     (`record_step_compile`: the build through the step's first run), ahead of time (AOTInductor) or lazily where the
     model does not export as one graph (torch.compile: it compiles at its first run); a loaded step records nothing.
     Before, the verify step recorded only an AOTInductor compile, and its seconds did not cover a first run."""
-    from litllm import compile_decode, compile_ledger
+    from litllm import compile_ledger
     from litllm.compile_decode import _verify_kind
     from litllm.compile_ledger import _model_key
     from litllm.generate import speculative_engine
@@ -662,18 +681,7 @@ def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint,
     ledger, clock = fake_compile
     clock.step, clock.compile = 0.0, 40.0  # (the fake AOTInductor compile: 40 s)
     if not exported:
-        def lazily_compiled(step, device, static, options):  # compiles at its first call: 40 s
-            calls = []
-
-            def call(*args):
-                clock.now += 0.0 if calls else 40.0
-                calls.append(args)
-                return step(*args)
-
-            return call
-
-        monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
-        monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+        compile_lazily(monkeypatch, clock, 40.0)
     model, draft, threads = _speculative_pair(tiny_checkpoint)
     for run in range(2):
         with speculative_engine(model, draft, None, 20, threads, 3, compile=True, tokens=12) as engine:
@@ -693,7 +701,7 @@ def test_a_served_draft_engine_records_what_it_compiled_under_each_step(tiny_che
     each record what compiling them took (the batched one's first run included where torch.compile makes it), under
     their model and step, as `generate --draft_model` records its own; an engine that loads them records nothing.
     Before, none of them was recorded (the slot steps did not say whether they were compiled or loaded)."""
-    from litllm import compile_decode, compile_ledger
+    from litllm import compile_ledger
     from litllm.compile_decode import _verify_kind
     from litllm.compile_ledger import _model_key
     from litllm.speculative import SpeculativeBatchEngine
@@ -701,18 +709,7 @@ def test_a_served_draft_engine_records_what_it_compiled_under_each_step(tiny_che
     ledger, clock = fake_compile
     clock.step, clock.compile = 0.0, 40.0  # (the fake AOTInductor compile: 40 s)
     if not exported:  # the batched step: torch.compile's, compiled at its first run (the slot steps stay eager)
-        def lazily_compiled(step, device, static, options):
-            calls = []
-
-            def call(*args):
-                clock.now += 0.0 if calls else 30.0
-                calls.append(args)
-                return step(*args)
-
-            return call
-
-        monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
-        monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+        compile_lazily(monkeypatch, clock, 30.0)
     model, draft, threads = _speculative_pair(tiny_checkpoint)
     verify = _verify_kind(4)
     expected = {_model_key(model): 40.0, _model_key(draft): 40.0, _model_key(model, verify): 40.0,

@@ -16,11 +16,11 @@ def ops():
         pytest.skip("litllm's fused training ops do not build here (no C++ compiler or no AVX-512)")
 
 
+GENERATOR = torch.Generator().manual_seed(0)
+
+
 def randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=GENERATOR)
-
-
-GENERATOR = torch.Generator().manual_seed(0)
 
 
 def check(op, *args) -> None:
