@@ -659,15 +659,24 @@ def _bind_verify(step: Callable, vocab_size: int) -> Callable:
     return verify
 
 
+class SlotSteps(list):
+    """`slot_steps`' steps, one per slot, and how they were made, as an engine says its own step's
+    (`litllm.compile_ledger.record_step_compile` reads both): `step_source` "compiled" (by this process, ahead of
+    time) or "loaded" (from the cache), `compile_seconds` what the compile, or the load, of the first slot's took."""
+
+    step_source: str
+    compile_seconds: float
+
+
 def slot_steps(model, slots: list[list], step: torch.nn.Module, inputs: dict[str, torch.Tensor],
-               kind: str = "") -> Optional[list[Callable]]:
+               kind: str = "") -> Optional[SlotSteps]:
     """`step` (a module over `model` taking `inputs`, by name: `_DecodeStep` or `_VerifyStep`) compiled ahead once
     for one row of a batched engine's KV cache and loaded once per slot, bound to that slot's cache (`slots[i]`: the
     blocks' `KVCache.rows` views of slot i, laid out as a one-row cache's): the rounds of `serve --draft_model`
     (`litllm.speculative.SpeculativeBatchEngine`), which decode one slot at a time. Saved as
     `steps_folder(model)/1x<length><kind>.pt2`, the file a one-row engine of that cache length uses (each further
     slot loads it: a few ms). None off the CPU or where the model does not export as one graph (the rounds stay
-    eager)."""
+    eager). The steps say whether this process compiled them (`SlotSteps`)."""
     from types import SimpleNamespace
 
     if model.wte.weight.device.type != "cpu":
@@ -675,11 +684,14 @@ def slot_steps(model, slots: list[list], step: torch.nn.Module, inputs: dict[str
     unpack_weights(model)
     views = [SimpleNamespace(model=model, _caches=caches) for caches in slots]  # what `_step_tensors` reads
     path = steps_folder(model) / _step_file(1, slots[0][0].k.size(2), kind)
+    t0, source = clock(), "loaded"
     first = _load_step(path, views[0], inputs) if path.exists() else None
     if first is None:
         enable_compile_cache()
-        first = _compile_and_save(path, views[0], step, inputs)
+        first, source = _compile_and_save(path, views[0], step, inputs), "compiled"
     if first is None:
         return None
-    steps = [first] + [_load_step(path, view, inputs) for view in views[1:]]
+    seconds = clock() - t0
+    steps = SlotSteps([first] + [_load_step(path, view, inputs) for view in views[1:]])
+    steps.step_source, steps.compile_seconds = source, seconds
     return None if any(s is None for s in steps) else steps

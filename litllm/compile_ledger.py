@@ -239,7 +239,10 @@ def record_step_compile(model, engine, kind: str = "") -> None:
     `_verify_kind`'s) as that step's compile here (`record_compile_seconds`), where this process compiled it
     (`engine.step_source` "compiled", or "torch.compile": compiled at its first run, which `engine.compile_seconds`
     covers: `litllm.generate.decode_engine`'s warm-up, `litllm.compile_decode.verify_engine`'s first check); a step
-    loaded from the cache took a load, not a compile. The one way every engine's step records its compile."""
+    loaded from the cache took a load, not a compile. The one way every engine's step records its compile:
+    `generate`'s and `chat`'s (with a draft, the draft's decode step and the model's verify step), `serve`'s
+    (`litllm.speculative.SpeculativeBatchEngine`: its batched step and, `engine` the `litllm.compile_decode.SlotSteps`
+    of its rounds, the draft's steps and the verify step) and GRPO's rollouts' (`litllm.grpo.rollout.rollout_engine`)."""
     seconds = getattr(engine, "compile_seconds", None)
     if getattr(engine, "step_source", None) in ("compiled", "torch.compile") and seconds is not None:
         record_compile_seconds(model, seconds, kind)

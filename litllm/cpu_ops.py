@@ -18,11 +18,13 @@ import hashlib
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
 from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private
 
@@ -107,6 +109,64 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.size(0))
 
+    _register_training_fakes()
+
+
+def _register_training_fakes() -> None:
+    """The fused training ops' outputs (`litllm.fused_norms`, `litllm.fused_experts`) for fake tensors: the shapes,
+    dtypes and strides the C++ returns (contiguous, new tensors; None where it returns an undefined one), so that
+    `litllm estimate`'s fake step of a CPU run keeps what the real step keeps (`fake_cpu_training`). A new op of
+    cpu_ops.cpp gets its function here too, checked against the op by `tests/test_fused_norms.py`'s opcheck."""
+    @torch.library.register_fake("litllm_cpu::rms_norm_forward")
+    def _(x, residual, w, eps):
+        N = x.size(0)  # x (N, C): (y, s (empty without a residual), rstd (N,))
+        return torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0), x.new_empty(N)
+
+    @torch.library.register_fake("litllm_cpu::rms_norm_backward")
+    def _(dy, x, rstd, w, add, weight_grad):
+        return torch.empty_like(x), x.new_empty(x.size(1)) if weight_grad else None  # (dx (N, C), dw (C,))
+
+    @torch.library.register_fake("litllm_cpu::qk_norm_rope_forward")
+    def _(qkv, q_w, k_w, cos, sin, nh, nkv, eps):
+        B, T = qkv.shape[:2]
+        hs = qkv.size(2) // (nh + 2 * nkv)
+        q, k, v = qkv.new_empty(B, T, nh, hs), qkv.new_empty(B, T, nkv, hs), qkv.new_empty(B, T, nkv, hs)
+        return q, k, v, qkv.new_empty(B if q_w is not None else 0, T, nh + nkv)  # rstd: empty without qk-norm
+
+    @torch.library.register_fake("litllm_cpu::qk_norm_rope_backward")
+    def _(dq, dk, dv, qkv, q_w, k_w, cos, sin, rstd):
+        if q_w is None:
+            return qkv.new_empty(qkv.shape), None, None
+        hs = dq.size(3)  # the norm weights' gradients: rows of one (2, hs) sum
+        both = qkv.new_empty(2, hs)
+        return qkv.new_empty(qkv.shape), both[0], both[1]
+
+    @torch.library.register_fake("litllm_cpu::moe_swiglu_forward")
+    def _(h, w):
+        return h.new_empty(h.size(0), h.size(1) // 2)  # (M, I)
+
+    @torch.library.register_fake("litllm_cpu::moe_swiglu_backward")
+    def _(h, w, da):
+        return torch.empty_like(h), torch.empty_like(w)  # (dh (M, 2I), dw (M,)); da is written in place
+
+    @torch.library.register_fake("litllm_cpu::moe_combine")
+    def _(o, pos, k):
+        return o.new_empty(pos.size(0) // k, o.size(1))  # (N, C)
+
+    @torch.library.register_fake("litllm_cpu::moe_experts_forward")
+    def _(x, w, token, pos, k, fc, proj, counts):
+        M, C, I = token.size(0), x.size(1), fc[0].size(0) // 2  # (y (N, C), xs (M, C), h (M, 2I))
+        return x.new_empty(pos.size(0) // k, C), x.new_empty(M, C), x.new_empty(M, 2 * I)
+
+    @torch.library.register_fake("litllm_cpu::moe_experts_backward")
+    def _(grad_y, xs, h, w, token, pos, k, fc, proj, counts, need_x, need_weights):
+        M, C = xs.shape
+        grad_x = xs.new_empty(pos.size(0) // k, C) if need_x else None
+        empty = xs.new_empty(0)  # an expert without rows: this one tensor, in both lists (as the C++ returns it)
+        grad_fc = [torch.empty_like(f) if n else empty for f, n in zip(fc, counts)] if need_weights else []
+        grad_proj = [torch.empty_like(p) if n else empty for p, n in zip(proj, counts)] if need_weights else []
+        return grad_x, w.new_empty(M), grad_fc, grad_proj
+
 
 INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
 """`0`/`false`: compiled int8 steps keep inductor's own int8 reduction (int8dq on AVX-512 VNNI CPUs, int8wo on AVX-512
@@ -121,10 +181,34 @@ def _has_avx512() -> bool:
     return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
 
 
+_fake_cpu_training = False  # inside `fake_cpu_training`
+
+
+@contextmanager
+def fake_cpu_training() -> Iterator[None]:
+    """Inside the block, fake tensors count as plain ones (`plain_tensor`), so that the fused training ops' paths take
+    them as they take real CPU tensors: `litllm estimate`'s fake step of a CPU fp32 run (`litllm.estimate`) keeps
+    what the real step keeps (the ops' outputs: their fake registrations, `_register_training_fakes`). Elsewhere a
+    fake tensor keeps the model's own code (the fake CPU step of a GPU run)."""
+    global _fake_cpu_training
+    before, _fake_cpu_training = _fake_cpu_training, True
+    try:
+        yield
+    finally:
+        _fake_cpu_training = before
+
+
+def plain_tensor(t: torch.Tensor) -> bool:
+    """Whether `t` (a tensor, or a Parameter's `.data`) is an ordinary tensor, not a subclass (DTensor, quantized,
+    fake); inside `fake_cpu_training`, a fake one counts as ordinary too."""
+    return type(t) is torch.Tensor or (_fake_cpu_training and is_fake(t))
+
+
 def eager_fp32_training(x: torch.Tensor) -> bool:
     """Whether `x` flows through an eager CPU fp32 training forward, where litllm's fused training ops may take it:
-    a plain fp32 CPU tensor (not fake, DTensor or a torch.compile trace), gradients on, no autocast."""
-    return (type(x) is torch.Tensor and x.is_cpu and x.dtype == torch.float32 and torch.is_grad_enabled()
+    a plain fp32 CPU tensor (`plain_tensor`: not DTensor, nor fake outside `fake_cpu_training`, nor a torch.compile
+    trace), gradients on, no autocast."""
+    return (plain_tensor(x) and x.is_cpu and x.dtype == torch.float32 and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
 

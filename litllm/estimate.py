@@ -12,7 +12,8 @@ How: the run's own training step (`litllm.train.loop.build_train_model` + `train
 transform, activation checkpointing, the optimizer) runs on fake tensors (`torch._subclasses.FakeTensorMode`:
 shapes and dtypes, no storage), and torch's `MemTracker` records what is alive at the step's peak, by
 category (this is how torchtitan estimates memory). Nothing is loaded and no GPU is needed. The step runs
-after a first optimizer step, so the optimizer state is there: it is the peak of every later step.
+after a first optimizer step, so the optimizer state is there: it is the peak of every later step. The fake step
+of a CPU fp32 run takes litllm's fused training ops where the real step would (`fused_cpu_ops`).
 
 Formulas are used only where fake tensors can't reach:
 - bitsandbytes weights (QLoRA's frozen base): `quantized_linear_bytes`, the packed weight plus its
@@ -76,6 +77,8 @@ class TrainPlan:
     """A frozen copy of the initial model beside the policy (full DPO/GRPO with a reference model)."""
     rollout_tokens: int = 0
     """GRPO: positions per row of the KV cache its rollout holds (prompt + max_new_tokens); 0: no rollout."""
+    device: str = "cuda"
+    """The device type the run trains on: "cpu" runs the fake step as a CPU step here runs (`fused_cpu_ops`)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -241,6 +244,27 @@ def _method(plan: TrainPlan):
     raise LitLLMError(f"estimate: no memory model for the method {plan.method!r}")
 
 
+def fused_cpu_ops(plan: TrainPlan):
+    """The context the fake step runs in: for a CPU run (`plan.device`), litllm's fused training ops
+    (`litllm.fused_norms`, `litllm.fused_experts`) take the fake tensors where they would take the real step's
+    (fp32, an AVX-512 CPU: `litllm.cpu_ops.fake_cpu_training`), so that the estimate keeps what those ops keep (their
+    outputs as registered for fake tensors, `litllm.cpu_ops._register_training_fakes`) and not what the unfused ops
+    would. Only where their library is built here already (the estimate does not wait a minute for a build; the
+    run's first step builds it): else the model's own code, with a note. A GPU run's fake step: the model's code."""
+    from litllm import cpu_ops
+
+    if plan.device != "cpu" or dtypes(plan.precision)[1] != torch.float32 or not cpu_ops._has_avx512():
+        return nullcontext()
+    if not cpu_ops._library_there():
+        note = ("litllm's fused CPU training ops are not built here yet: estimated for the unfused ops (the run "
+                "builds them at its first step)")
+        if note not in plan.notes:
+            plan.notes.append(note)
+        return nullcontext()
+    cpu_ops.row_split_op()  # loads the library (and registers the ops' fake functions)
+    return cpu_ops.fake_cpu_training()
+
+
 def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
                     activation_checkpointing: Optional[bool] = None) -> dict[str, int]:
     """Peak bytes of one steady-state training step on one device without sharding, by category."""
@@ -262,7 +286,7 @@ def fake_train_step(plan: TrainPlan, micro_batch_size: Optional[int] = None,
         with fabric.autocast():
             return token_cross_entropy(model, batch, ignore_index)
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with fused_cpu_ops(plan), FakeTensorMode(allow_non_fake_inputs=True):
         # as Fabric's init_module: "-true" precisions build the weights in their dtype
         with _default_dtype(torch.float32 if plan.precision.endswith("mixed") else param_dtype):
             model = build_train_model(plan.config, _method(plan), activation_checkpointing=ac)
@@ -742,6 +766,7 @@ def plan_from_job(command: str, job: Any, config=None, for_gpu: bool = True) -> 
     if strategy == "auto":
         strategy = "single" if world_size == 1 else "fsdp"
     precision = run.precision or _default_precision(run.accelerator, for_gpu, notes)
+    device = "cpu" if run.accelerator == "cpu" or (run.accelerator == "auto" and not for_gpu) else "cuda"
     seq_length = train.max_seq_length or config.block_size
     grpo = getattr(job, "grpo", None) if command == "finetune_grpo" else None
     if grpo is not None and train.max_seq_length is None:
@@ -766,7 +791,8 @@ def plan_from_job(command: str, job: Any, config=None, for_gpu: bool = True) -> 
         micro_batch_size=train.micro_batch_size, seq_length=seq_length,
         global_batch_size=train.per_device_batch_size(world_size) * world_size, world_size=world_size, strategy=strategy,
         activation_checkpointing=bool(run.activation_checkpointing), optimizer=job.optimizer,
-        max_norm=train.max_norm, total_steps=total_steps, notes=notes, **_reference_and_rows(command, job, seq_length),
+        max_norm=train.max_norm, total_steps=total_steps, device=device, notes=notes,
+        **_reference_and_rows(command, job, seq_length),
     )
 
 

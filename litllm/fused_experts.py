@@ -23,7 +23,9 @@ medians of 21).
 (`GatedMLP` with SiLU) with plain bias-free fp32 Linears and no hooks on them (LoRA, FSDP, quantized experts keep the
 module calls), fp32 CPU tensors with gradients to make, not under torch.compile or autocast, the routing weight on
 the experts' outputs, on an AVX-512 CPU where litllm's op library builds or loads (`litllm.cpu_ops.row_split_op`,
-built once per machine); elsewhere the module path runs. `$LITLLM_FUSED_EXPERTS=0` turns it off.
+built once per machine); elsewhere the module path runs. `$LITLLM_FUSED_EXPERTS=0` turns it off. `litllm estimate`'s
+fake step of a CPU run takes it too (`litllm.cpu_ops.fake_cpu_training`; `MoE.balanced_experts`), the ops' outputs
+from their fake functions (`litllm.cpu_ops._register_training_fakes`).
 """
 
 from __future__ import annotations

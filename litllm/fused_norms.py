@@ -7,7 +7,8 @@ taken in another order).
 
 They apply (`applies`) to eager CPU fp32 training with gradients, on CPUs with AVX-512 where the op library builds or
 loads, outside torch.compile and autocast, and not where `$LITLLM_FUSED_NORMS` is `0`; `litllm.model` keeps its own
-code everywhere else (GPU, bf16, compiled steps, inference, fake tensors of `litllm estimate`).
+code everywhere else (GPU, bf16, compiled steps, inference, the fake tensors of `litllm estimate` but for a CPU
+run's, `litllm.cpu_ops.fake_cpu_training`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ def ops_ready() -> bool:
 
 
 def applies(x: torch.Tensor, *weights: Optional[torch.Tensor]) -> bool:
-    """Whether the fused ops take `x` (and the norm `weights`): plain fp32 CPU tensors (not fake, DTensor or a
-    torch.compile trace), gradients on, no autocast, and `ops_ready`."""
-    from litllm.cpu_ops import eager_fp32_training
+    """Whether the fused ops take `x` (and the norm `weights`): plain fp32 CPU tensors (not DTensor or a
+    torch.compile trace; fake ones only in `litllm.cpu_ops.fake_cpu_training`), gradients on, no autocast, and
+    `ops_ready`."""
+    from litllm.cpu_ops import eager_fp32_training, plain_tensor
 
     return (eager_fp32_training(x)
-            and all(w is None or (type(w.data) is torch.Tensor and w.dtype == torch.float32 and w.is_cpu)
-                    for w in weights)
+            and all(w is None or (plain_tensor(w.data) and w.dtype == torch.float32 and w.is_cpu) for w in weights)
             and ops_ready())
 
 

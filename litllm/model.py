@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` an
 
 from litllm import fused_norms
 from litllm.config import Config
+from litllm.cpu_ops import plain_tensor
 from litllm.fused_experts import fused_experts_available, fused_sparse_experts
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
@@ -889,7 +890,14 @@ class MoE(nn.Module):
     def balanced_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Fake tensors (`litllm estimate` of training/prefill): the sparse path's shapes under perfectly balanced
         routing, each expert on N * k / n_expert tokens, so the estimate counts the activations sparse dispatch
-        keeps, not every expert's on every token. Fake tensors hold no routing to follow."""
+        keeps, not every expert's on every token. Fake tensors hold no routing to follow. Where the fused experts'
+        path would take the real step (a CPU run's fake step, `litllm.cpu_ops.fake_cpu_training`), that path, with
+        the N * k routed rows spread over the experts as evenly as they go."""
+        if self._fused_experts_apply(x):
+            k, E = self.config.n_expert_per_token, self.config.n_expert
+            counts = [x.size(0) * k // E + (e < x.size(0) * k % E) for e in range(E)]
+            order = torch.arange(x.size(0) * k, device=x.device)  # (N*k,) any order: fake tensors hold no values
+            return fused_sparse_experts(self.experts, x, weights, order, counts)
         n = math.ceil(x.size(0) * self.config.n_expert_per_token / self.config.n_expert)
         rows = torch.arange(n, device=x.device)
         y = torch.zeros_like(x)
@@ -922,7 +930,7 @@ class MoE(nn.Module):
         torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
         bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
         on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
-        from litllm.cpu_ops import eager_fp32_training
+        from litllm.cpu_ops import eager_fp32_training  # (fake tensors: only in `litllm.cpu_ops.fake_cpu_training`)
 
         if not (self.training and eager_fp32_training(x) and not self.scale_inputs
                 and type(self.experts) is nn.ModuleList):
@@ -930,7 +938,7 @@ class MoE(nn.Module):
 
         def plain(linear: nn.Module) -> bool:
             return (type(linear) is nn.Linear and linear.bias is None and not linear._forward_hooks
-                    and not linear._forward_pre_hooks and type(linear.weight.data) is torch.Tensor
+                    and not linear._forward_pre_hooks and plain_tensor(linear.weight.data)
                     and linear.weight.dtype == torch.float32)
 
         return all(type(e) is GatedMLP and e.act is F.silu and not e._forward_hooks and not e._forward_pre_hooks
@@ -1139,7 +1147,7 @@ class RMSNorm(nn.Module):
         weight = self.weight  # (once: each module attribute read goes through nn.Module.__getattr__)
         if x.dtype == torch.float32 and weight.dtype == torch.float32 and not self.unit_offset:
             if not torch.compiler.is_compiling() and x.is_cpu:
-                if torch.is_grad_enabled() and type(weight.data) is torch.Tensor:
+                if torch.is_grad_enabled() and plain_tensor(weight.data):
                     # training, eager: one kernel each way where it builds, else the same forward with a cheaper
                     # backward than autograd through F.rms_norm's ops
                     if fused_norms.applies(x, weight):
@@ -1160,7 +1168,7 @@ class RMSNorm(nn.Module):
         """(x + h, this norm of it): a block's residual add and the next norm, one kernel each way in training where
         `fused_norms` applies."""
         if not self.unit_offset and not self._forward_hooks and not self._forward_pre_hooks \
-                and fused_norms.applies(x, self.weight) and type(h) is torch.Tensor and h.dtype == torch.float32 \
+                and fused_norms.applies(x, self.weight) and plain_tensor(h) and h.dtype == torch.float32 \
                 and x.shape == h.shape:  # (hooks on the norm: the module call below runs them)
             return fused_norms.add_rms_norm(x, h, self.weight, self.eps)
         x = x + h

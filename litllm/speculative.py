@@ -385,7 +385,13 @@ class SpeculativeBatchEngine(Engine):
         if draft.config.vocab_size != model.config.vocab_size:
             raise LitLLMError(f"the draft model has {draft.config.vocab_size} logits, the model {model.config.vocab_size}:"
                               " a draft must use the same tokenizer")
+        from litllm import compile_decode
+
+        t0 = compile_decode.clock()
         super().__init__(model, tokenizer, max_batch_size, max_seq_length, **engine_args)
+        if self._compiled:
+            self._warm_up()
+            self.compile_seconds = compile_decode.clock() - t0  # what building the batched step took
         if self.max_seq_length > draft.max_seq_length:
             raise LitLLMError(f"max_seq_length {self.max_seq_length} exceeds the draft model's context window of "
                               f"{draft.max_seq_length}")
@@ -402,12 +408,23 @@ class SpeculativeBatchEngine(Engine):
         if self._compiled:
             self._compile_rounds()
 
+    def _warm_up(self) -> None:
+        """A batched CPU step that `torch.compile` makes (the model does not export as one graph) compiles at its
+        first run: run it once now (every slot's dummy token at its parking position, as a step's free slots
+        decode), so that `compile_seconds` covers that compile as `litllm.generate.decode_engine`'s warm-up does."""
+        if getattr(self, "step_source", None) == "torch.compile" and self.device.type == "cpu":
+            with torch.inference_mode(), threads_for(self.threads):
+                self._decode(self._tokens, self._pos, None)
+
     def _compile_rounds(self) -> None:
         """With `compile` (the engine's own batched step compiled): the draft's one-token step, its step of k + 1
         tokens (its catch-ups) and the model's verify step of k + 1 tokens compiled once for one slot and loaded per
         slot (`litllm.compile_decode.slot_steps`); where they can't be (off the CPU, no single graph), the rounds
-        stay eager."""
+        stay eager. What this process compiled, the batched step included, is recorded in the compile ledger under
+        its model and step (`litllm.compile_ledger.record_step_compile`: the decode step's kind for the batched step
+        and the draft's one-token step, the verify step's for the steps of k + 1 tokens); a loaded step, nothing."""
         from litllm.compile_decode import _DecodeStep, _verify_kind, _VerifyStep, slot_steps
+        from litllm.compile_ledger import record_step_compile
 
         row = dict(dtype=torch.long, device=self.device)
         self._draft_tokens, self._draft_pos = torch.zeros(1, 1, **row), torch.zeros(1, 1, **row)
@@ -420,6 +437,10 @@ class SpeculativeBatchEngine(Engine):
                                         _verify_kind(width))
         self._draft_wide_steps = slot_steps(self.draft, self._draft_slots, _VerifyStep(self.draft), wide,
                                             _verify_kind(width))
+        for model, steps, kind in ((self.model, self, ""), (self.draft, self._draft_steps, ""),
+                                   (self.model, self._verify_steps, _verify_kind(width)),
+                                   (self.draft, self._draft_wide_steps, _verify_kind(width))):
+            record_step_compile(model, steps, kind)
 
     @property
     def acceptance_rate(self) -> Optional[float]:

@@ -648,13 +648,32 @@ def test_speculative_rounds_follow_the_measured_tokens_per_round(tiny_checkpoint
     assert compile_ledger.expected_tokens_per_round(model, draft, 3) == round(11 / 3, 4)
 
 
+def compile_lazily(monkeypatch, clock: FakeClock, seconds: float) -> None:
+    """No step exports as one graph: every compiled step is `torch.compile`'s, which compiles at its first call
+    (`seconds` on the fake clock)."""
+    from litllm import compile_decode
+
+    def lazily_compiled(step, device, static, options):
+        calls = []
+
+        def call(*args):
+            clock.now += 0.0 if calls else seconds
+            calls.append(args)
+            return step(*args)
+
+        return call
+
+    monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
+    monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+
+
 @pytest.mark.parametrize("exported", [True, False], ids=["aot-inductor", "torch.compile"])
 def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint, fake_compile, monkeypatch, exported):
     """The draft's decode step and the model's verify step record what compiling them took in one way
     (`record_step_compile`: the build through the step's first run), ahead of time (AOTInductor) or lazily where the
     model does not export as one graph (torch.compile: it compiles at its first run); a loaded step records nothing.
     Before, the verify step recorded only an AOTInductor compile, and its seconds did not cover a first run."""
-    from litllm import compile_decode, compile_ledger
+    from litllm import compile_ledger
     from litllm.compile_decode import _verify_kind
     from litllm.compile_ledger import _model_key
     from litllm.generate import speculative_engine
@@ -662,18 +681,7 @@ def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint,
     ledger, clock = fake_compile
     clock.step, clock.compile = 0.0, 40.0  # (the fake AOTInductor compile: 40 s)
     if not exported:
-        def lazily_compiled(step, device, static, options):  # compiles at its first call: 40 s
-            calls = []
-
-            def call(*args):
-                clock.now += 0.0 if calls else 40.0
-                calls.append(args)
-                return step(*args)
-
-            return call
-
-        monkeypatch.setattr(compile_decode, "_compile_and_save", lambda *args: None)
-        monkeypatch.setattr(compile_decode, "compile_step", lazily_compiled)
+        compile_lazily(monkeypatch, clock, 40.0)
     model, draft, threads = _speculative_pair(tiny_checkpoint)
     for run in range(2):
         with speculative_engine(model, draft, None, 20, threads, 3, compile=True, tokens=12) as engine:
@@ -683,6 +691,58 @@ def test_every_compiled_step_records_its_compile_under_its_kind(tiny_checkpoint,
         compiles = compile_ledger._ledger()["compile"]
         assert {key: entry["seconds"] for key, entry in compiles.items()} == {
             _model_key(draft): 40.0, _model_key(model, _verify_kind(4)): 40.0}
+
+
+@pytest.mark.parametrize("exported", [True, False], ids=["aot-inductor", "torch.compile"])
+def test_a_served_draft_engine_records_what_it_compiled_under_each_step(tiny_checkpoint, fake_compile, monkeypatch,
+                                                                        exported):
+    """`serve --draft_model` (`SpeculativeBatchEngine` with `compile`, as `litllm.serve.server._start_engine` makes
+    it): its batched step, the draft's one-token step, the model's verify step and the draft's step of k + 1 tokens
+    each record what compiling them took (the batched one's first run included where torch.compile makes it), under
+    their model and step, as `generate --draft_model` records its own; an engine that loads them records nothing.
+    Before, none of them was recorded (the slot steps did not say whether they were compiled or loaded)."""
+    from litllm import compile_ledger
+    from litllm.compile_decode import _verify_kind
+    from litllm.compile_ledger import _model_key
+    from litllm.speculative import SpeculativeBatchEngine
+
+    ledger, clock = fake_compile
+    clock.step, clock.compile = 0.0, 40.0  # (the fake AOTInductor compile: 40 s)
+    if not exported:  # the batched step: torch.compile's, compiled at its first run (the slot steps stay eager)
+        compile_lazily(monkeypatch, clock, 30.0)
+    model, draft, threads = _speculative_pair(tiny_checkpoint)
+    verify = _verify_kind(4)
+    expected = {_model_key(model): 40.0, _model_key(draft): 40.0, _model_key(model, verify): 40.0,
+                _model_key(draft, verify): 40.0} if exported else {_model_key(model): 30.0}
+    for run in range(2):
+        ledger.unlink(missing_ok=True)
+        with SpeculativeBatchEngine(model, draft, None, 2, 20, num_speculative_tokens=3, threads=threads,
+                                    compile=True) as engine:
+            assert engine.step_source == ("torch.compile" if not exported else "compiled" if run == 0 else "loaded")
+        compiles = compile_ledger._ledger()["compile"]
+        assert {key: entry["seconds"] for key, entry in compiles.items()} == (
+            expected if run == 0 or not exported else {})
+
+
+def test_a_compiled_rollout_records_its_compile_and_a_loaded_one_nothing(tiny_checkpoint, fake_compile):
+    """GRPO's rollouts (`litllm.grpo.rollout.rollout_engine`): the policy's decode step that a rollout compiled
+    records its seconds as that model's decode step; the next rollout loads it and records nothing. Before, a
+    rollout's compile was not recorded."""
+    from litllm import compile_ledger
+    from litllm.compile_ledger import _model_key
+    from litllm.grpo.rollout import rollout_engine
+    from litllm.model import GPT
+
+    ledger, clock = fake_compile
+    clock.step, clock.compile = 0.0, 40.0
+    policy = GPT.from_checkpoint(tiny_checkpoint)
+    for run in range(2):
+        ledger.unlink(missing_ok=True)
+        with rollout_engine(policy, 4, 20, True) as engine:
+            assert engine.step_source == ("compiled" if run == 0 else "loaded")
+            key = _model_key(policy)
+        compiles = compile_ledger._ledger()["compile"]
+        assert {k: entry["seconds"] for k, entry in compiles.items()} == ({key: 40.0} if run == 0 else {})
 
 
 @pytest.mark.parametrize("eager_pick, compiled, picked", [(1, {1: 2.0, 2: 0.5}, 2), (2, {1: 0.5, 2: 2.0}, 1),

@@ -129,8 +129,9 @@ def plan_for(family, method, quantize, micro_batch_size, checkpointing, **overri
         lora=lora_settings() if method == "lora" else None,
         adapter=AdapterSettings(2, 0, 4) if method.startswith("adapter") else None,
         micro_batch_size=micro_batch_size, seq_length=64, global_batch_size=2 * micro_batch_size,
-        activation_checkpointing=checkpointing, optimizer="AdamW",
-    )  # fp32; the widest tensors (embedding 384 x 64) are above bitsandbytes' 4096-element 8-bit threshold
+        activation_checkpointing=checkpointing, optimizer="AdamW", device="cpu",
+    )  # fp32 CPU runs (as measured); the widest tensors (embedding 384 x 64) are above bitsandbytes' 4096-element
+    # 8-bit threshold
     values.update(overrides)
     return TrainPlan(**values)
 
@@ -147,6 +148,57 @@ def test_estimate_is_within_10_percent_of_the_measured_peak(config):
     assert abs(estimated["total"] - measured["total"]) <= 0.10 * measured["total"], (estimated, measured)
     if method in ("lora", "adapter_v2"):
         assert estimated["gradients"] < estimated["weights"] / 4  # only the adapters train
+
+
+@pytest.mark.parametrize("micro_batch_size, seq_length", [(4, 64), (3, 37)])
+def test_a_cpu_fp32_moe_step_is_estimated_on_the_fused_ops(micro_batch_size, seq_length):
+    """A CPU fp32 run of a tiny qwen3_moe (MoE, per-head qk-norm): the fake step takes the fused training ops
+    (`litllm.fused_norms`, `litllm.fused_experts`: their fake functions) as the real step does, so the estimate's
+    peak and its activations (with the logits' share) are the measured step's within the 10% of the test above; the
+    same plan for a GPU keeps the model's own code and more. Before, the fake step followed the unfused ops and
+    estimated 14-23% more than was measured."""
+    from litllm import fused_norms
+
+    if not fused_norms.ops_ready():
+        pytest.skip("litllm's fused training ops do not build here (no C++ compiler or no AVX-512)")
+    config = Config(name="tiny-qwen3-moe", block_size=64, vocab_size=320, padding_multiple=64, n_layer=2, n_embd=64,
+                    n_head=4, n_query_groups=2, norm_class_name="RMSNorm", mlp_class_name="MoE", activation="silu",
+                    norm_qk="head", n_expert=4, n_expert_per_token=2, moe_intermediate_size=48, intermediate_size=128)
+    plan = TrainPlan(config=config, method="full", precision="32-true", micro_batch_size=micro_batch_size,
+                     seq_length=seq_length, global_batch_size=2 * micro_batch_size, optimizer="AdamW", device="cpu")
+    estimated, measured = peak_memory(plan), measured_peak(plan)
+    assert abs(estimated["total"] - measured["total"]) <= 0.10 * measured["total"], (estimated, measured)
+    saved = estimated["activations"] + estimated["logits_and_loss"]  # (the estimate counts the logits apart)
+    assert abs(saved - measured["activations"]) <= 0.10 * measured["activations"], (estimated, measured)
+    assert peak_memory(replace(plan, device="cuda"))["activations"] > estimated["activations"]
+
+
+def test_the_run_s_device_decides_whether_the_fused_ops_are_followed(tmp_path, monkeypatch):
+    """A job's plan is a CPU run where it trains on the CPU (`--accelerator cpu`, or no GPU here and none named) and a
+    GPU run otherwise; a CPU run on a machine where litllm's op library is not built yet is estimated on the unfused
+    ops (as a GPU run), with a note, and nothing is built."""
+    from dataclasses import replace
+
+    import litllm.finetune as finetune
+    from litllm import cpu_ops
+    from litllm.estimate import plan_from_job
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    family_config("llama").save(folder / "model_config.yaml")
+    job = _lora_job(folder, micro_batch_size=2)
+    assert plan_from_job("finetune_lora", job, for_gpu=False).device == "cpu"
+    assert plan_from_job("finetune_lora", job, for_gpu=True).device == "cuda"
+    on_cpu = finetune.finetune_lora.bind(folder, precision="32-true", accelerator="cpu",
+                                         train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32))
+    assert plan_from_job("finetune_lora", on_cpu, for_gpu=True).device == "cpu"
+    if not cpu_ops._has_avx512():
+        pytest.skip("no AVX-512: the fused training ops never run here")
+    plan = plan_for("llama", "full", None, 2, False)
+    gpu = peak_memory(replace(plan, device="cuda"))
+    monkeypatch.setattr(cpu_ops, "_library_there", lambda: False)
+    monkeypatch.setattr(cpu_ops, "_build", lambda path: pytest.fail("estimate built the op library"))
+    assert peak_memory(plan) == gpu and "not built here yet" in plan.notes[-1]
 
 
 def test_the_estimate_follows_the_knobs():
@@ -361,7 +413,8 @@ def test_pre_launch_warning_names_a_fix(tmp_path, monkeypatch):
     folder.mkdir()
     family_config("llama").save(folder / "model_config.yaml")
     job = _lora_job(folder, micro_batch_size=4)
-    plan_peak = peak_memory(plan_for("llama", "lora", None, 4, False, seq_length=32, lora=LoRASettings()))["total"]
+    plan_peak = peak_memory(plan_for("llama", "lora", None, 4, False, seq_length=32, lora=LoRASettings(),
+                                     device="cuda"))["total"]  # (a GPU's run: the model's own code)
 
     class Props:
         total_memory = int(plan_peak * 0.8)

@@ -198,8 +198,12 @@ def rollout_engine(module, rows: int, length: int, compile: Optional[bool], min_
     on the module's tensors as they are now (its weights, the merged LoRA buffers of `merged_lora`), handed to the
     step when the engine is built, so each rollout decodes with the current policy. A policy whose step does not
     export as one graph decodes eagerly for the rest of the run (one note).
-    `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager."""
+    `engine.compile_seconds`: what building the compiled step took (load or compile); None when eager. A step this
+    process compiled records its seconds in the compile ledger as the policy's decode step
+    (`litllm.compile_ledger.record_step_compile`: the price later compiles of it, and of other models, are expected
+    to take); a loaded one records nothing."""
     from litllm.compile_decode import step_engine
+    from litllm.compile_ledger import record_step_compile
 
     def make(rows: int, length: int, compiled: bool) -> RolloutEngine:
         return RolloutEngine(module, None, max_batch_size=rows, max_seq_length=length, compile=compiled)
@@ -212,6 +216,7 @@ def rollout_engine(module, rows: int, length: int, compile: Optional[bool], min_
         print("note: the policy's decode step does not export as one graph: the rollouts decode eagerly",
               file=sys.stderr)
         return make(rows, length, False)
+    record_step_compile(module, engine)
     return engine
 
 
