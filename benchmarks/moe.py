@@ -28,9 +28,9 @@ whole steps, so each step splits into those kernels and the rest. `--floor` then
 (attention, router, experts forward / input gradient / weight gradient, head + loss) side by side, each call timed
 where the step runs it (`timed_matmuls`): a replayed call runs on copies of its operands in whatever cache state the
 replay leaves, which for litllm's fused head + loss (four chunks through one reused buffer, `out=`) costs ~6 ms
-more than in the step, and for transformers' one (N, V) matmul ~5 ms less. Each timed call pays one Python dispatch
-(~4 us): litllm's experts make 320 matmul calls a step, transformers' 24 grouped ones, so litllm's experts' rows
-read ~1 ms high.
+more than in the step, and for transformers' one (N, V) matmul ~5 ms less. Timed one by one, litllm's experts'
+matmuls (320 calls a step, transformers' 24 grouped ones) read high: this timing runs Python between them, which the
+op does not, so the table also prints litllm's experts' ops timed whole, matmuls and all, in steps of their own.
 """
 
 from __future__ import annotations
@@ -177,9 +177,11 @@ def matmul_role(op, args, inside: str, dims: dict) -> tuple:
     return role, operands
 
 
-def timed_matmuls(step, dims: dict) -> dict:
+def timed_matmuls(step, dims: dict, whole_ops: bool = False) -> dict:
     """{(role, operands): [CPU seconds of each call]} of the matmuls one run of `step()` makes, each timed where the
-    step runs it (its operands in whatever cache state the step leaves them), grouped by `matmul_role`."""
+    step runs it (its operands in whatever cache state the step leaves them), grouped by `matmul_role`. whole_ops:
+    time each of litllm's experts' ops whole instead (its matmuls with its gathers and elementwise passes, no Python
+    between its matmuls), under the role "experts op whole"."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     matmuls = set(FLOOR_KERNELS["matmuls"])
@@ -187,6 +189,11 @@ def timed_matmuls(step, dims: dict) -> dict:
     class Timer(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            if whole_ops and func.namespace == "litllm_cpu" and func.overloadpacket.__name__.startswith("moe_experts"):
+                start = time.process_time()
+                out = func(*args, **kwargs)
+                seconds[("experts op whole", func.overloadpacket.__name__)].append(time.process_time() - start)
+                return out
             if func.namespace == "litllm_cpu":  # time the matmuls inside litllm's C++ ops too
                 inside.append(func.overloadpacket.__name__)
                 try:
@@ -212,11 +219,15 @@ def matmul_breakdown(steps: dict, repeats: int, dims: dict) -> None:
     (`timed_matmuls`; CPU time, the median over `repeats` steps, sides alternating), side by side."""
     times = {name: collections.defaultdict(list) for name in steps}  # key -> each step's seconds in that group
     calls = {name: {} for name in steps}
+    whole = collections.defaultdict(list)  # litllm's experts' ops timed whole, in steps of their own
     for i in range(repeats):
         for name in (list(steps) if i % 2 else list(steps)[::-1]):
             for key, seconds in timed_matmuls(steps[name], dims).items():
                 times[name][key].append(sum(seconds))
                 calls[name][key] = len(seconds)
+        for key, seconds in timed_matmuls(steps[list(steps)[0]], dims, whole_ops=True).items():
+            if key[0] == "experts op whole":
+                whole[key[1]].append(sum(seconds))
     med = {n: {k: statistics.median(v) * 1e3 for k, v in t.items()} for n, t in times.items()}
     names = list(steps)
     print(f"matmuls by role (CPU time, ms per step, each call timed in the step, median of {repeats}; N {dims['N']} "
@@ -229,6 +240,14 @@ def matmul_breakdown(steps: dict, repeats: int, dims: dict) -> None:
     for role in roles + ["all"]:
         print(f"{'  total ' + role:66s}" + "".join(
             f"{sum(v for k, v in med[n].items() if role in ('all', k[0])):14.1f}{'':6s}" for n in names))
+    if whole:
+        # the Python this timing runs between two of the op's matmuls (320 a step) costs them cache and time that the
+        # op alone does not pay: the op timed whole bounds its matmuls' true time from above
+        ops = " + ".join(f"{op.removeprefix('moe_experts_')} {statistics.median(v) * 1e3:.1f}" for op, v in whole.items())
+        inner = sum(v for k, v in med[names[0]].items() if k[0].startswith("experts"))
+        print(f"{names[0]}'s experts' ops timed whole (matmuls, gathers, SwiGLU, combine; no Python between their "
+              f"matmuls): {ops} = {sum(statistics.median(v) for v in whole.values()) * 1e3:.1f} ms, against "
+              f"{inner:.1f} for their matmuls timed one by one above")
 
 
 def floor_steps(steps: dict, repeats: int, dims: Optional[dict] = None) -> None:
