@@ -105,8 +105,7 @@ loop of mm over the same blocks litllm's experts multiply)."""
 
 
 def record_kernels(step) -> list:
-    """(kind, op, args, kwargs, inside) of each `FLOOR_KERNELS` call one run of `step()` makes, its tensors copied;
-    inside: the litllm C++ op that made the call, or ""."""
+    """(kind, op, args, kwargs) of each `FLOOR_KERNELS` call one run of `step()` makes, its tensors copied."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     kinds = {name: kind for kind, names in FLOOR_KERNELS.items() for name in names}
@@ -121,24 +120,20 @@ def record_kernels(step) -> list:
             kwargs = kwargs or {}
             kind = kinds.get(func.overloadpacket.__name__)
             if kind is not None:
-                calls.append((kind, func, copy(args), {k: copy(v) for k, v in kwargs.items()}, inside[-1]))
+                calls.append((kind, func, copy(args), {k: copy(v) for k, v in kwargs.items()}))
             if func.namespace == "litllm_cpu":  # litllm's C++ ops (the fused experts) call matmuls inside: record them
-                inside.append(func.overloadpacket.__name__)
-                try:
-                    with self:
-                        return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
-                finally:
-                    inside.pop()
+                with self:
+                    return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             return func(*args, **kwargs)
 
-    calls, inside = [], [""]
+    calls = []
     with Recorder():
         step()
     return calls
 
 
 def matmul_role(op, args, inside: str, dims: dict) -> tuple:
-    """(role, operands) of one recorded matmul: what it computes in the step, from the op that made it and its shapes
+    """(role, operands) of one matmul call: what it computes in the step, from the op that made it and its shapes
     (dims: "N" the step's tokens, "V" the vocabulary, "E" the experts, "widths" the model's other matmul widths; a
     dimension that is none of them is an expert's block of routed rows, "m"), and its operands' shapes, "t" marking
     a transposed (column-major) one, the layout MKL is handed."""
@@ -259,7 +254,7 @@ def floor_steps(steps: dict, repeats: int, dims: Optional[dict] = None) -> None:
         for name in (list(steps) if i % 2 else list(steps)[::-1]):
             times[name]["step"].append(timed(steps[name], time.process_time))
             for kind in FLOOR_KERNELS:
-                replay = [(op, a, kw) for k, op, a, kw, _ in calls[name] if k == kind]
+                replay = [(op, a, kw) for k, op, a, kw in calls[name] if k == kind]
                 times[name][kind].append(timed(lambda: [op(*a, **kw) for op, a, kw in replay], time.process_time))
     print(f"train step in CPU time (ms, median of {repeats}), split into the kernels both sides run on the same "
           f"shapes, replayed alone, and the rest:")
