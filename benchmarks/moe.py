@@ -24,7 +24,13 @@ log_softmax + NLL, fused AdamW), and the ratio a litllm step of those kernels al
 saving elsewhere in litllm can give. The profiler times ops in wall-clock time, which a loaded machine stretches;
 `--floor` measures that ceiling in CPU time instead: every matmul (grouped ones included), attention-kernel and
 fused-AdamW call of one step of each side is recorded with its arguments and replayed alone, alternating with the
-whole steps, so each step splits into those kernels and the rest.
+whole steps, so each step splits into those kernels and the rest. `--floor` then prints the matmuls grouped by role
+(attention, router, experts forward / input gradient / weight gradient, head + loss) side by side, each call timed
+where the step runs it (`timed_matmuls`): a replayed call runs on copies of its operands in whatever cache state the
+replay leaves, which for litllm's fused head + loss (four chunks through one reused buffer, `out=`) costs ~6 ms
+more than in the step, and for transformers' one (N, V) matmul ~5 ms less. Timed one by one, litllm's experts'
+matmuls (320 calls a step, transformers' 24 grouped ones) read high: this timing runs Python between them, which the
+op does not, so the table also prints litllm's experts' ops timed whole, matmuls and all, in steps of their own.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import tempfile
 import time
 import unittest.mock
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -125,7 +132,120 @@ def record_kernels(step) -> list:
     return calls
 
 
-def floor_steps(steps: dict, repeats: int) -> None:
+def matmul_role(op, args, inside: str, dims: dict) -> tuple:
+    """(role, operands) of one matmul call: what it computes in the step, from the op that made it and its shapes
+    (dims: "N" the step's tokens, "V" the vocabulary, "E" the experts, "widths" the model's other matmul widths; a
+    dimension that is none of them is an expert's block of routed rows, "m"), and its operands' shapes, "t" marking
+    a transposed (column-major) one, the layout MKL is handed."""
+    name = op.overloadpacket.__name__
+    mats = [a for a in args[name in ("addmm", "addmv"):] if isinstance(a, torch.Tensor) and a.dim() >= 2][:2]
+
+    def is_transposed(t) -> bool:
+        return t.dim() == 2 and t.stride(-2) == 1 and t.stride(-1) != 1 and t.size(-1) > 1
+
+    # in litllm's experts' op the first operand's rows (its columns when transposed: a weight gradient) and what they
+    # meet in the second are an expert's block, whatever their number
+    experts_op = inside.startswith("moe_experts")
+    block = {(0, 1), (1, 0)} if experts_op and is_transposed(mats[0]) else {(0, 0)} if experts_op else set()
+
+    def dim(d: int, where=None) -> str:
+        if where in block:
+            return "m"
+        return next((k for k in ("N", "V", "E") if d == dims[k]), str(d) if d in dims["widths"] else "m")
+
+    def shape(i: int, t) -> str:
+        return "x".join(dim(d, (i, j)) for j, d in enumerate(t.shape)) + ("t" if is_transposed(t) else "")
+
+    operands = f"{name} " + " @ ".join(shape(i, t) for i, t in enumerate(mats))
+    inner = dim(mats[0].size(-1), (0, 1))
+    # (a weight's gradient contracts over the tokens, and autograd and litllm hand MKL the gradient transposed)
+    grad = "weight grad" if inner in ("N", "m") or is_transposed(mats[0]) else ""
+    if name == "_grouped_mm":
+        role = "experts (grouped_mm)"
+    elif experts_op:
+        role = "experts " + ("fwd" if inside.endswith("forward") else "bwd " + (grad or "input grad"))
+    else:
+        shapes = [dim(d) for t in mats for d in t.shape]
+        where = ("head + loss" if "V" in shapes else "router" if "E" in shapes else
+                 "experts (module calls)" if "m" in shapes else "attention")
+        role = where + (" " + grad if grad else "")
+    return role, operands
+
+
+def timed_matmuls(step, dims: dict, whole_ops: bool = False) -> dict:
+    """{(role, operands): [CPU seconds of each call]} of the matmuls one run of `step()` makes, each timed where the
+    step runs it (its operands in whatever cache state the step leaves them), grouped by `matmul_role`. whole_ops:
+    time each of litllm's experts' ops whole instead (its matmuls with its gathers and elementwise passes, no Python
+    between its matmuls), under the role "experts op whole"."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = set(FLOOR_KERNELS["matmuls"])
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if whole_ops and func.namespace == "litllm_cpu" and func.overloadpacket.__name__.startswith("moe_experts"):
+                start = time.process_time()
+                out = func(*args, **kwargs)
+                seconds[("experts op whole", func.overloadpacket.__name__)].append(time.process_time() - start)
+                return out
+            if func.namespace == "litllm_cpu":  # time the matmuls inside litllm's C++ ops too
+                inside.append(func.overloadpacket.__name__)
+                try:
+                    with self:
+                        return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+                finally:
+                    inside.pop()
+            if func.overloadpacket.__name__ not in matmuls:
+                return func(*args, **kwargs)
+            start = time.process_time()
+            out = func(*args, **kwargs)
+            seconds[matmul_role(func, args, inside[-1], dims)].append(time.process_time() - start)
+            return out
+
+    seconds, inside = collections.defaultdict(list), [""]
+    with Timer():
+        step()
+    return seconds
+
+
+def matmul_breakdown(steps: dict, repeats: int, dims: dict) -> None:
+    """Print each side's matmuls (`steps`: name -> step function) grouped by `matmul_role`, timed in the step
+    (`timed_matmuls`; CPU time, the median over `repeats` steps, sides alternating), side by side."""
+    times = {name: collections.defaultdict(list) for name in steps}  # key -> each step's seconds in that group
+    calls = {name: {} for name in steps}
+    whole = collections.defaultdict(list)  # litllm's experts' ops timed whole, in steps of their own
+    for i in range(repeats):
+        for name in (list(steps) if i % 2 else list(steps)[::-1]):
+            for key, seconds in timed_matmuls(steps[name], dims).items():
+                times[name][key].append(sum(seconds))
+                calls[name][key] = len(seconds)
+        for key, seconds in timed_matmuls(steps[list(steps)[0]], dims, whole_ops=True).items():
+            if key[0] == "experts op whole":
+                whole[key[1]].append(sum(seconds))
+    med = {n: {k: statistics.median(v) * 1e3 for k, v in t.items()} for n, t in times.items()}
+    names = list(steps)
+    print(f"matmuls by role (CPU time, ms per step, each call timed in the step, median of {repeats}; N {dims['N']} "
+          f"tokens, m an expert's rows, t a transposed operand):")
+    print(f"{'role':30s}{'operands':36s}" + "".join(f"{n:>14s}{'calls':>6s}" for n in names))
+    for key in sorted(set().union(*times.values())):
+        print(f"{key[0]:30s}{key[1][:36]:36s}" + "".join(
+            f"{med[n][key]:14.1f}{calls[n][key]:6d}" if key in med[n] else f"{'':20s}" for n in names))
+    roles = sorted({key[0] for t in times.values() for key in t})
+    for role in roles + ["all"]:
+        print(f"{'  total ' + role:66s}" + "".join(
+            f"{sum(v for k, v in med[n].items() if role in ('all', k[0])):14.1f}{'':6s}" for n in names))
+    if whole:
+        # the Python this timing runs between two of the op's matmuls (320 a step) costs them cache and time that the
+        # op alone does not pay: the op timed whole bounds its matmuls' true time from above
+        ops = " + ".join(f"{op.removeprefix('moe_experts_')} {statistics.median(v) * 1e3:.1f}" for op, v in whole.items())
+        inner = sum(v for k, v in med[names[0]].items() if k[0].startswith("experts"))
+        print(f"{names[0]}'s experts' ops timed whole (matmuls, gathers, SwiGLU, combine; no Python between their "
+              f"matmuls): {ops} = {sum(statistics.median(v) for v in whole.values()) * 1e3:.1f} ms, against "
+              f"{inner:.1f} for their matmuls timed one by one above")
+
+
+def floor_steps(steps: dict, repeats: int, dims: Optional[dict] = None) -> None:
     """Print each side's step (CPU time, median of `repeats`, alternating) split into the `FLOOR_KERNELS` replayed
     alone and the rest, and the ratio a litllm step of nothing but those kernels would reach."""
     calls = {name: record_kernels(step) for name, step in steps.items()}
@@ -150,6 +270,8 @@ def floor_steps(steps: dict, repeats: int) -> None:
         print(f"ceiling of {names[0]} / {names[-1]} (a step of nothing but those kernels): "
               f"{hf_step / kernels[names[0]]:.2f}x; 1.3x leaves {names[0]} {hf_step / 1.3 - kernels[names[0]]:.1f} ms "
               f"for the rest")
+    if dims is not None:
+        matmul_breakdown({name: steps[name] for name in (names[0], names[-1])}, repeats, dims)
 
 
 def profile_steps(steps: dict, repeats: int, top: int) -> None:
@@ -380,7 +502,12 @@ def main() -> None:
     if args.floor:
         unfused_norms = {"litllm unfused_norms": lit_step_unfused_norms} if args.unfused_norms else {}
         unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
-        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, "transformers": hf_step}, args.repeats)
+        cfg = lit_train.config
+        dims = {"N": args.batch * args.seq, "V": args.vocab_size, "E": args.n_expert,
+                "widths": {args.hidden, args.expert_size, 2 * args.expert_size, cfg.n_head * cfg.head_size,
+                           cfg.n_query_groups * cfg.head_size, (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size}}
+        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, "transformers": hf_step}, args.repeats,
+                    dims)
 
 
 if __name__ == "__main__":

@@ -40,14 +40,17 @@ LINEAR_CE_ROWS = 256
 """Rows of logits `linear_cross_entropy` makes at once: (256, V) fp32 stays in cache between the head's matmul, the
 log-softmax and the two gradient matmuls at small vocabularies (4 MiB at V 4096), and keeps each matmul large
 enough for MKL's full rate. Head + loss, one thread, N 1024, C 256: 1.1x less CPU time than 1024 rows at V 4096,
-1.5x less than 32 rows at V 32k; 128 rows took the same as 256."""
+1.5x less than 32 rows at V 32k; 128 rows took the same as 256. Session 31 (the same host, load ~2): 128, 256, 512
+and 1024 rows within 2% of one another (46.1-46.9 ms best of 25, head + loss with gradients at V 4096), and the three
+matmuls in the step cost no more than transformers' unchunked ones (`benchmarks/moe.py --floor`'s table by role)."""
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight.T + bias, `LINEAR_CE_ROWS` rows at a time, with each chunk's
     gradients computed in the forward while its logits are in cache (Liger's fused linear cross-entropy): the
     gradient of a row's loss with respect to its logits is softmax - one_hot(target), exp(log_softmax) with 1
-    taken off at the target, made in place in the one reused chunk buffer. Backward only scales the saved
+    taken off at the target, made in place in the one reused chunk buffer. The weight's gradient is written by the
+    first chunk's matmul and accumulated by the others' (no zero-filled (V, C) buffer). Backward only scales the saved
     gradients by the incoming one, in place. Against autograd through the head and `F.cross_entropy`, no (N, V)
     tensor is allocated, kept or zero-filled (the log-probabilities kept for the backward, cross-entropy's
     scattered gradient, log-softmax's backward output): 1.45x less CPU time for head + loss at
@@ -69,7 +72,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         minus_one = x.new_full((min(N, LINEAR_CE_ROWS), 1), -1.0)
         total = x.new_zeros(())
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        # the first chunk's mm writes grad_w (no zero fill); zeros where there is no chunk (N = 0)
+        grad_w = (torch.empty_like(weight) if N else torch.zeros_like(weight)) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
         buffer = x.new_empty(min(N, LINEAR_CE_ROWS), V)  # one chunk's logits, reused: no allocation per chunk
         for start in range(0, N, LINEAR_CE_ROWS):
@@ -89,7 +93,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             # the mean's scale, 0 on an ignored row, goes on the matmuls' (n, C) sides: one pass less over (n, V)
             if need_x:
                 torch.mm(grad, weight, out=grad_x[rows]).mul_(scale)
-            if need_w:
+            if need_w and start == 0:
+                torch.mm(grad.t(), x_rows * scale, out=grad_w)
+            elif need_w:
                 torch.addmm(grad_w, grad.t(), x_rows * scale, out=grad_w)  # (out=: FlopCounterMode counts it)
             if need_b:
                 grad_b.addmv_(grad.t(), scale[:, 0])

@@ -77,6 +77,10 @@ def test_linear_cross_entropy_is_the_chunked_loss_with_its_backward_done_in_the_
     assert linear_cross_entropy(x, head.weight, head.bias, torch.full_like(targets, -1), -1).item() == 0.0
     with torch.no_grad():
         assert torch.equal(linear_cross_entropy(x, head.weight, head.bias, targets, -1), no_grad_loss)
+    # no rows at all: zero gradients (the first chunk's matmul writes the weight's gradient; here there is none)
+    head.zero_grad(set_to_none=True)
+    linear_cross_entropy(x[:, :0], head.weight, head.bias, targets[:, :0], -1).backward()
+    assert head.weight.grad is not None and not head.weight.grad.any()
     head.weight.requires_grad_(False)  # a frozen head (LoRA): no weight gradient is made
     loss_and_grads(lambda: linear_cross_entropy(x, head.weight, None, targets, -1))
     assert head.weight.grad is None and x.grad is not None
