@@ -11,7 +11,10 @@ one C++ op each way (litllm/cpu_ops.cpp, section "training: MoE routing"), one p
   that `sparse_experts` takes (`order`, `pos`, `counts`: a stable argsort's order).
 - backward: the logits' gradient from the weights' and the summed probabilities' in one pass per row (the
   renormalisation's and softmax's backward).
-The values are the unfused ones up to rounding (another exp, sums in another order).
+The values are the unfused ones up to rounding (another exp, sums in another order). At `benchmarks/moe.py`'s shapes
+(1024 tokens, 16 experts, top-2) one layer's routing, sort and loss terms, forward + backward, one thread, take
+~0.17 CPU-ms beyond the loss's own plumbing against ~0.84 unfused (medians of 301 alternating, load 3.6-4.7; the
+forward op alone 75 us, the backward 27): ~2.7 ms of a ~260 ms step over its 4 MoE layers.
 
 `MoE._fused_routing` says where it runs: `MoE`'s own softmax top-k `route` (subclasses with their own routers,
 Llama 4's and the grouped ones, keep theirs), in train mode, on logits of an eager CPU fp32 training forward

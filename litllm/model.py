@@ -194,8 +194,9 @@ class GPT(nn.Module):
     def _carries_residuals(self, x: torch.Tensor) -> bool:
         """Whether each block leaves its last residual add to the next block's first norm, and the last block's to
         `norm_f` (`Block.forward`'s `defer`): pre-norm RMSNorm blocks with plain residuals, where the fused norms
-        apply (eager CPU fp32 training). One add forward and one gradient sum backward less per block: 0.x ms of
-        a step in `benchmarks/moe.py`. x: (B, T, C) embeddings."""
+        apply (eager CPU fp32 training). One add forward and one gradient sum backward less per block: at
+        `benchmarks/moe.py`'s shapes (1024 x 256) ~0.13 CPU-ms each (0.92 against 1.07 ms for an add + norm forward
+        and backward, medians of 301), ~0.5 ms of a ~260 ms step. x: (B, T, C) embeddings."""
         c = self.config
         return (c.pre_norm and c.norm_class_name == "RMSNorm" and not c.parallel_residual
                 and c.residual_multiplier == 1.0 and fused_norms.applies(x, self.norm_f.weight))
