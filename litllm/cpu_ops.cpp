@@ -1493,3 +1493,223 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("moe_experts_backward", &moe_experts_backward);
 }
 // ---- end of training: the MoE experts' path
+
+// ---- training: MoE routing (litllm/fused_routing.py)
+// Softmax top-k routing of a training step (Qwen3-MoE, Mixtral, OLMoE, gpt-oss), one pass over the router's logits
+// (N, E) each way, where autograd through aten's ops runs softmax, topk, the renormalisation's sum and division, the
+// sort of the slots by expert (argsort, bincount, the scatter of their places) and the load-balancing loss's second
+// softmax and top-k, each a fresh tensor. fp32, contiguous; exp by exp512 (the experts' path's, above).
+#if defined(__x86_64__)
+using RouteElem = std::pair<float, int64_t>;
+
+// torch.topk's (largest, sorted) own algorithm on one row p (E) (aten's topk_impl_loop: partial_sort where
+// k * 64 <= E, else nth_element then a sort of the first k - 1, with its comparator: NaN largest), whose order among
+// equal values is that algorithm's.
+static void row_topk_as_aten(const float* p, int64_t E, int64_t k, std::vector<RouteElem>& queue, float* val,
+                             int64_t* idx) {
+  for (int64_t e = 0; e < E; ++e) queue[e] = {p[e], e};
+  const auto greater = [](const RouteElem& x, const RouteElem& y) {
+    return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
+  };
+  if (k * 64 <= E) {
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.begin() + E, greater);
+  } else {
+    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.begin() + E, greater);
+    std::sort(queue.begin(), queue.begin() + k - 1, greater);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    val[j] = queue[j].first;
+    idx[j] = queue[j].second;
+  }
+}
+
+// The k largest of one row of probabilities p (E, >= 0), as torch.topk(k, largest=True, sorted=True) on the CPU picks
+// and orders them, ties and NaNs included: k + 1 rounds of a vector max, each taking the largest value not yet taken
+// (`taken`: a lane mask per 16 values, so that no scalar store feeds a vector load). Where none of those k + 1 values
+// is there twice (and the row holds no NaN), that is torch's answer whatever its algorithm; else `row_topk_as_aten`.
+__attribute__((target("avx512f,avx512bw")))
+static void row_topk(const float* p, int64_t E, int64_t k, __mmask16* taken, std::vector<RouteElem>& queue,
+                     float* val, int64_t* idx) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const int64_t blocks = (E + 15) / 16;
+  bool ties = false;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 v = _mm512_maskz_loadu_ps(first_lanes(E - 16 * b), p + 16 * b);
+    ties |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;  // a NaN
+    taken[b] = static_cast<__mmask16>(~first_lanes(E - 16 * b));  // the lanes past E: out
+  }
+  for (int64_t j = 0; j <= k && j < E && !ties; ++j) {  // (k == E: no (k + 1)-th value to tie with)
+    __m512 m = minus_inf;
+    for (int64_t b = 0; b < blocks; ++b) m = _mm512_mask_max_ps(m, static_cast<__mmask16>(~taken[b]), m,
+                                                                _mm512_loadu_ps(p + 16 * b));
+    const float largest = _mm512_reduce_max_ps(m);
+    const __m512 wanted = _mm512_set1_ps(largest);
+    int count = 0;
+    int64_t first = -1;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __mmask16 same = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(~taken[b]), _mm512_loadu_ps(p + 16 * b),
+                                                     wanted, _CMP_EQ_OQ);
+      count += __builtin_popcount(same);
+      if (first < 0 && same) first = 16 * b + __builtin_ctz(same);
+    }
+    ties = count > 1;
+    if (j < k) {
+      val[j] = largest;
+      idx[j] = first;
+      taken[first / 16] |= static_cast<__mmask16>(1U << (first % 16));
+    }
+  }
+  if (ties) row_topk_as_aten(p, E, k, queue, val, idx);
+}
+
+// p = softmax(z) of one row of E logits (a NaN among them: a row of NaNs, as torch's softmax gives); sums += p.
+__attribute__((target("avx512f")))
+static void row_softmax(const float* z, float* p, float* sums, int64_t E) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = minus_inf;
+  bool nan = false;
+  for (int64_t c = 0; c < E; c += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(minus_inf, first_lanes(E - c), z + c);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+    m = _mm512_max_ps(m, v);
+  }
+  if (nan) {
+    std::fill(p, p + E, std::numeric_limits<float>::quiet_NaN());
+    for (int64_t e = 0; e < E; ++e) sums[e] += p[e];
+    return;
+  }
+  const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < E; c += 16) {
+    const __mmask16 mask = first_lanes(E - c);
+    const __m512 ex = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, z + c), largest)));
+    _mm512_mask_storeu_ps(p + c, mask, ex);
+    sum = _mm512_add_ps(sum, ex);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t c = 0; c < E; c += 16) {
+    const __mmask16 mask = first_lanes(E - c);
+    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + c), inv);
+    _mm512_mask_storeu_ps(p + c, mask, pv);
+    _mm512_mask_storeu_ps(sums + c, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums + c), pv));
+  }
+}
+#endif
+
+static void check_route_rows(const char* op, const at::Tensor& t, at::ScalarType type, at::IntArrayRef shape,
+                             const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() && t.sizes() == shape, op, ": ",
+              what, " must be a contiguous ", type, " CPU tensor of shape ", shape, ", got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+// Softmax top-k routing of logits (N, E): (weights (N, k) the chosen experts' probabilities, divided by their sum
+// where `normalize`; chosen (N, k) as torch.topk picks them; probs (N, E), the backward's input; prob_sum (E,) each
+// expert's probabilities summed over the rows and assigned (E,) its (token, slot)s, the load-balancing loss's two
+// terms; order (N k,) the (token, slot)s (slot-major per token) sorted by expert, tokens in order within an expert,
+// as a stable argsort of chosen gives them; pos (N k,) each (token, slot)'s place in that order).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_forward(
+    const at::Tensor& logits, int64_t k, bool normalize) {
+  check_avx512("moe_route_forward");
+  check_rows("moe_route_forward", logits, 2, "logits");
+  const int64_t N = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "moe_route_forward: k must be in [1, ", E, "] (the experts), got ", k);
+  const auto longs = logits.options().dtype(at::kLong);
+  at::Tensor weights = at::empty({N, k}, logits.options()), chosen = at::empty({N, k}, longs);
+  at::Tensor probs = at::empty({N, E}, logits.options());
+  at::Tensor order = at::empty({N * k}, longs), pos = at::empty({N * k}, longs);
+  at::Tensor assigned = at::zeros({E}, longs);
+  at::Tensor prob_sum = at::zeros({E}, logits.options());
+#if defined(__x86_64__)
+  const float* zp = logits.data_ptr<float>();
+  float* pp = probs.data_ptr<float>();
+  float* wp = weights.data_ptr<float>();
+  int64_t* cp = chosen.data_ptr<int64_t>();
+  std::vector<float> partial_sums(static_cast<size_t>(std::max(1, op_threads())) * E, 0.f);
+  const int64_t chunks = row_chunks(N, 64, [&](int64_t c, int64_t r0, int64_t r1) {
+    std::vector<RouteElem> queue(E);
+    std::vector<__mmask16> taken((E + 15) / 16);
+    float* sums = partial_sums.data() + c * E;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* p = pp + r * E;
+      row_softmax(zp + r * E, p, sums, E);
+      float* w = wp + r * k;
+      row_topk(p, E, k, taken.data(), queue, w, cp + r * k);
+      if (normalize) {
+        float s = 0.f;
+        for (int64_t j = 0; j < k; ++j) s += w[j];
+        for (int64_t j = 0; j < k; ++j) w[j] /= s;
+      }
+    }
+  });
+  float* sp = prob_sum.data_ptr<float>();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t e = 0; e < E; ++e) sp[e] += partial_sums[c * E + e];
+  // a counting sort of the (token, slot)s by expert: stable, as argsort(stable=True)
+  int64_t* ap = assigned.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * k; ++i) ++ap[cp[i]];
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + ap[e - 1];
+  int64_t* op = order.data_ptr<int64_t>();
+  int64_t* posp = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * k; ++i) {
+    const int64_t place = next[cp[i]]++;
+    op[place] = i;
+    posp[i] = place;
+  }
+#endif
+  return {weights, chosen, probs, prob_sum, assigned, order, pos};
+}
+
+// The backward of moe_route_forward: the logits' gradient (N, E) from the weights' (N, k) and prob_sum's (E,). Per
+// row: the probabilities' gradient gp (prob_sum's, plus each chosen expert's through the weights: with `normalize`,
+// w_j = p_j / S, S the chosen probabilities' sum, so dp_j = (g_j - sum_i g_i w_i) / S), then softmax's backward,
+// dz = p (gp - sum_e p_e gp_e).
+at::Tensor moe_route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_prob_sum, const at::Tensor& probs,
+                              const at::Tensor& chosen, bool normalize) {
+  check_avx512("moe_route_backward");
+  check_rows("moe_route_backward", probs, 2, "probs");
+  const int64_t N = probs.size(0), E = probs.size(1), k = chosen.size(-1);
+  check_route_rows("moe_route_backward", chosen, at::kLong, {N, k}, "chosen");
+  check_route_rows("moe_route_backward", grad_weights, at::kFloat, {N, k}, "grad_weights");
+  check_route_rows("moe_route_backward", grad_prob_sum, at::kFloat, {E}, "grad_prob_sum");
+  at::Tensor grad = at::empty({N, E}, probs.options());
+  const float* pp = probs.data_ptr<float>();
+  const float* gwp = grad_weights.data_ptr<float>();
+  const float* gsp = grad_prob_sum.data_ptr<float>();
+  const int64_t* cp = chosen.data_ptr<int64_t>();
+  float* gp = grad.data_ptr<float>();
+  row_chunks(N, 64, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* p = pp + r * E;
+      const float* g = gwp + r * k;
+      const int64_t* c = cp + r * k;
+      float* dz = gp + r * E;  // the probabilities' gradient first, then the logits'
+      std::copy(gsp, gsp + E, dz);
+      if (normalize) {
+        float s = 0.f, dot = 0.f;
+        for (int64_t j = 0; j < k; ++j) s += p[c[j]];
+        for (int64_t j = 0; j < k; ++j) dot += g[j] * (p[c[j]] / s);
+        for (int64_t j = 0; j < k; ++j) dz[c[j]] += (g[j] - dot) / s;
+      } else {
+        for (int64_t j = 0; j < k; ++j) dz[c[j]] += g[j];
+      }
+      float dot = 0.f;
+      for (int64_t e = 0; e < E; ++e) dot += p[e] * dz[e];
+      for (int64_t e = 0; e < E; ++e) dz[e] = p[e] * (dz[e] - dot);
+    }
+  });
+  return grad;
+}
+
+TORCH_LIBRARY_FRAGMENT(litllm_cpu, m) {
+  m.def("moe_route_forward(Tensor logits, int k, bool normalize) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("moe_route_backward(Tensor grad_weights, Tensor grad_prob_sum, Tensor probs, Tensor chosen, bool normalize) "
+        "-> Tensor");
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("moe_route_forward", &moe_route_forward);
+  m.impl("moe_route_backward", &moe_route_backward);
+}
+// ---- end of training: MoE routing
