@@ -10,7 +10,6 @@
     python benchmarks/moe.py --unfused_norms       # also litllm's step without the fused norms, qk-norm and RoPE
     python benchmarks/moe.py --unfused_experts     # also litllm's step with the experts' module calls (no fused path)
     python benchmarks/moe.py --unfused_routing     # also litllm's step with the routing's aten ops (no fused routing)
-    python benchmarks/moe.py --unfused_residuals   # also litllm's step with each block's last residual add on its own
 
 Times (1) a training step, forward -> cross-entropy (+ the router load-balancing loss, weight
 `--router_aux_loss_coef`, default Qwen3-MoE's 0.001, as a finetune has it) -> backward -> AdamW step -> zero_grad,
@@ -352,9 +351,6 @@ def main() -> None:
     parser.add_argument("--unfused_routing", action="store_true",
                         help="also time litllm's step with the routing, the experts' sort and the load-balancing "
                              "loss's terms as aten ops (no `litllm.fused_routing`), alternating with the others")
-    parser.add_argument("--unfused_residuals", action="store_true",
-                        help="also time litllm's step with each block's last residual add an add of its own (not "
-                             "fused with the next block's first norm), alternating with the others")
     parser.add_argument("--floor", action="store_true",
                         help="also split each side's train step (CPU time) into the kernels both run on the same "
                              "shapes, replayed alone, and the rest")
@@ -429,10 +425,6 @@ def main() -> None:
         with unittest.mock.patch.object(fused_routing, "ops_ready", lambda: False):
             lit_step()
 
-    def lit_step_unfused_residuals():  # each block's last residual add on its own, then the next block's norm
-        with unittest.mock.patch.object(GPT, "_carries_residuals", lambda self, x: False):
-            lit_step()
-
     # same weights, same loss, on the path the step takes (with gradients: litllm's fused head + loss on the CPU)
     same_loss = abs(lit_train(idx, targets=targets).item()
                     - hf_train(idx, labels=idx, output_router_logits=router_logits).loss.item())
@@ -482,8 +474,6 @@ def main() -> None:
         runs["litllm train unfused_experts"] = []
     if args.unfused_routing:
         runs["litllm train unfused_routing"] = []
-    if args.unfused_residuals:
-        runs["litllm train unfused_residuals"] = []
     clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):  # alternate, so that other processes' load hits both alike
         runs["transformers train"].append(timed(hf_step, clock))
@@ -498,8 +488,6 @@ def main() -> None:
             runs["litllm train unfused_experts"].append(timed(lit_step_unfused_experts, clock))
         if args.unfused_routing:
             runs["litllm train unfused_routing"].append(timed(lit_step_unfused_routing, clock))
-        if args.unfused_residuals:
-            runs["litllm train unfused_residuals"].append(timed(lit_step_unfused_residuals, clock))
         runs["transformers decode"].append(timed(hf_decode, clock))
         runs["litllm decode"].append(timed(lit_decode, clock))
 
@@ -529,13 +517,11 @@ def main() -> None:
         unfused_norms = {"litllm unfused_norms": lit_step_unfused_norms} if args.unfused_norms else {}
         unfused_experts = {"litllm unfused_experts": lit_step_unfused_experts} if args.unfused_experts else {}
         unfused_routing = {"litllm unfused_routing": lit_step_unfused_routing} if args.unfused_routing else {}
-        unfused_residuals = {"litllm unfused_residuals": lit_step_unfused_residuals} if args.unfused_residuals else {}
         cfg = lit_train.config
         dims = {"N": args.batch * args.seq, "V": args.vocab_size, "E": args.n_expert,
                 "widths": {args.hidden, args.expert_size, 2 * args.expert_size, cfg.n_head * cfg.head_size,
                            cfg.n_query_groups * cfg.head_size, (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size}}
-        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, **unfused_routing, **unfused_residuals,
-                     "transformers": hf_step}, args.repeats, dims)
+        floor_steps({"litllm": lit_step, **unfused_norms, **unfused_experts, **unfused_routing, "transformers": hf_step}, args.repeats, dims)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,6 @@ class FusedRMSNorm(torch.autograd.Function):
         normed_input = rows if res is None else s
         ctx.save_for_backward(normed_input, rstd, weight)
         ctx.has_residual = res is not None
-        # an output no one reads gets None, not a zero-filled gradient: the last block's sum s where only the final
-        # norm of it is used (`GPT._carries_residuals`)
-        ctx.set_materialize_grads(False)
         if res is None:
             return y.view(shape)
         return s.view(shape), y.view(shape)
@@ -68,8 +65,6 @@ class FusedRMSNorm(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         normed_input, rstd, weight = ctx.saved_tensors
         grad_sum, grad_y = grads if ctx.has_residual else (None, grads[0])
-        if grad_y is None:  # only s's gradient: it passes to x and residual as it is
-            return grad_sum, grad_sum, None, None
         C = normed_input.size(1)
         add = None if grad_sum is None else grad_sum.reshape(-1, C).contiguous()
         grad_x, grad_w = torch.ops.litllm_cpu.rms_norm_backward(

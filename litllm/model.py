@@ -96,13 +96,11 @@ class GPT(nn.Module):
         attention_masks: {is a local layer: (B, 1, T, T) bool, True = attend} in place of the masks the arguments
             above make, for layouts they can't say (GRPO's prompt shared by its completions: `litllm.grpo.prefix`).
         """
+        x = self._hidden_states(idx, input_pos, key_padding_mask, document_ids, kv_len=None, masks=attention_masks)
         if targets is None:
-            x = self._hidden_states(idx, input_pos, key_padding_mask, document_ids, kv_len=None, masks=attention_masks)
             return self._logits(x, logits_to_keep)
-        x = self._hidden_states(idx, input_pos, key_padding_mask, document_ids, kv_len=None, masks=attention_masks,
-                                final_norm=True)
         c = self.config
-        loss = self.head_loss(x, targets, ignore_index)
+        loss = self.head_loss(self.norm_f(x), targets, ignore_index)
         if self.training and c.router_aux_loss_coef and c.is_moe_model:
             # transformers' `loss + router_aux_loss_coef * aux_loss`; the term alone is kept for logging
             routers = [m for m in self.modules() if isinstance(m, MoE)]
@@ -153,10 +151,8 @@ class GPT(nn.Module):
         document_ids: Optional[torch.Tensor],
         kv_len: Optional[int],
         masks: Optional[dict[bool, Optional[torch.Tensor]]] = None,
-        final_norm: bool = False,
     ) -> torch.Tensor:
-        """Embed `idx` and run every block: the last hidden states (B, T, C), before the final norm (after it with
-        `final_norm`)."""
+        """Embed `idx` and run every block: the last hidden states (B, T, C), before the final norm."""
         B, T = idx.shape
         c = self.config
         cached = self.blocks[0].attn.kv_cache is not None
@@ -177,30 +173,11 @@ class GPT(nn.Module):
             x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
         if c.embedding_multiplier != 1.0:
             x = x * c.embedding_multiplier
-        carry = self._carries_residuals(x)
-        h = None  # with `carry`: the last block's output not yet added to x
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
             layer_rope = (rope_local if sliding else rope) if c.uses_rope(i) else None
-            if carry:
-                x, h = block(x, layer_rope, masks[sliding or c.is_chunked(i)], input_pos, kv_len, carry=h, defer=True)
-            else:
-                x = block(x, layer_rope, masks[sliding or c.is_chunked(i)], input_pos, kv_len)
-        if h is not None and final_norm:
-            return self.norm_f.residual_forward(x, h)[1]
-        if h is not None:
-            x = x + h
-        return self.norm_f(x) if final_norm else x
-
-    def _carries_residuals(self, x: torch.Tensor) -> bool:
-        """Whether each block leaves its last residual add to the next block's first norm, and the last block's to
-        `norm_f` (`Block.forward`'s `defer`): pre-norm RMSNorm blocks with plain residuals, where the fused norms
-        apply (eager CPU fp32 training). One add forward and one gradient sum backward less per block: at
-        `benchmarks/moe.py`'s shapes (1024 x 256) ~0.13 CPU-ms each (0.92 against 1.07 ms for an add + norm forward
-        and backward, medians of 301), ~0.5 ms of a ~260 ms step. x: (B, T, C) embeddings."""
-        c = self.config
-        return (c.pre_norm and c.norm_class_name == "RMSNorm" and not c.parallel_residual
-                and c.residual_multiplier == 1.0 and fused_norms.applies(x, self.norm_f.weight))
+            x = block(x, layer_rope, masks[sliding or c.is_chunked(i)], input_pos, kv_len)
+        return x
 
     def _rope(self, positions: torch.Tensor) -> tuple[tuple, tuple]:
         """`(rope, rope_local)`: (cos, sin[, query scale]) at `positions` (T,) or (B, T), for global and local layers;
@@ -389,16 +366,10 @@ class Block(nn.Module):
         self.mlp = build_mlp(c, layer_idx)
         self.post_mlp_norm = build_norm(c, c.n_embd) if c.post_mlp_norm else nn.Identity()
 
-    def forward(self, x, rope, mask, input_pos, kv_len=None, carry=None, defer=False):
-        """rope: (cos, sin) for this layer, or None for a layer without positional encoding. Returns x + h, h the
-        output of the block's last branch, or with `defer` (`GPT._carries_residuals`) the pair (x, h) not yet summed:
-        the next block takes it as `carry` and adds it together with its first norm (`RMSNorm.residual_forward`: one
-        kernel each way where the fused norms apply, in place of an add and its backward's gradient sum)."""
+    def forward(self, x, rope, mask, input_pos, kv_len=None):
+        """rope: (cos, sin) for this layer, or None for a layer without positional encoding."""
         c = self.config
-        if carry is None:
-            x_normed = self.norm_1(x)
-        else:
-            x, x_normed = self.norm_1.residual_forward(x, carry)
+        x_normed = self.norm_1(x)
         h = self.attn(x_normed, rope, mask, input_pos, kv_len)
         if c.post_attention_norm:  # (an Identity module otherwise: its call is skipped, as each one counts when decoding)
             h = self.post_attn_norm(h)
@@ -413,8 +384,6 @@ class Block(nn.Module):
             x = x + (h * m if m != 1.0 else h)
             x_normed = self.norm_2(x)
         h = self._post_mlp(self.mlp(x_normed))
-        if defer:
-            return x, h
         return x + (h * m if m != 1.0 else h)
 
     def _post_mlp(self, h: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,7 @@
 computes what `MoE.route`, the sort in `MoE.sparse_experts` and `router_stats` compute: the same experts as torch.topk
 (ties too), the weights, the sort and the load-balancing loss's terms, and the logits' gradient against float64 as
 the oracle, on odd shapes; MoE layers and whole training steps of the MoE families (Qwen3-MoE, OLMoE, Mixtral,
-gpt-oss) take it with the unfused path's loss and gradients. Also each block's last residual add handed to the next
-block's norm (`GPT._carries_residuals`): the same loss and gradients as the plain adds."""
+gpt-oss) take it with the unfused path's loss and gradients."""
 
 from __future__ import annotations
 
@@ -167,18 +166,3 @@ def test_training_step_with_ties_takes_the_unfused_experts(k):
     with unfused_routing():
         plain = loss_and_grads(model, idx)
     assert_same_step(fused, plain)
-
-
-def test_residual_carried_to_the_next_norm_gives_the_plain_adds_loss_and_gradients():
-    torch.manual_seed(0)
-    model = GPT(moe_config(n_layer=3)).train()
-    idx = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(1))
-    assert model._carries_residuals(model.wte(idx))
-    carried = loss_and_grads(model, idx)
-    with unittest.mock.patch.object(GPT, "_carries_residuals", lambda self, x: False):
-        plain = loss_and_grads(model, idx)
-    assert_same_step(carried, plain)
-    with torch.no_grad():
-        assert not model._carries_residuals(model.wte(idx))  # inference: the plain adds, as before
-    parallel = GPT(moe_config(parallel_residual=True, shared_attention_norm=True))
-    assert not parallel._carries_residuals(parallel.wte(idx))
