@@ -42,10 +42,12 @@ def ops_ready() -> bool:
 
 
 def applies(logits: torch.Tensor) -> bool:
-    """Whether `softmax_topk` takes the router's logits (N, E): an eager CPU fp32 training forward, and `ops_ready`."""
+    """Whether `softmax_topk` takes the router's logits (N, E): an eager CPU fp32 training forward of real tensors,
+    and `ops_ready`. Not `litllm estimate`'s fake step (`litllm.cpu_ops.fake_cpu_training`): the sort's counts are
+    data, and the unfused routing keeps what this one keeps, the (N, E) probabilities."""
     from litllm.cpu_ops import eager_fp32_training
 
-    return eager_fp32_training(logits) and ops_ready()
+    return type(logits) is torch.Tensor and eager_fp32_training(logits) and ops_ready()
 
 
 class Routing(NamedTuple):
