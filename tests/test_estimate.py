@@ -328,7 +328,8 @@ def fsdp_peaks(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("micro_batch_size,seq_length", FSDP_CASES)
 def test_fsdp_two_processes_within_10_percent(fsdp_peaks, micro_batch_size, seq_length):
     """Each of 2 FSDP processes (gloo) measured by torch's FSDPMemTracker; (1, 16) is dominated by
-    weights, gradients and optimizer state, where the unsharded estimate would be over 10% too high."""
+    weights, gradients and optimizer state, where the sharded estimate must be nearer each process's peak than the
+    unsharded one (17% above it: an estimate that ignored the sharding fails)."""
     measured = fsdp_peaks[micro_batch_size, seq_length]
     plan = plan_for("llama", "pretrain", None, micro_batch_size, False, world_size=2, strategy="fsdp",
                     global_batch_size=4 * micro_batch_size, seq_length=seq_length)
@@ -336,7 +337,9 @@ def test_fsdp_two_processes_within_10_percent(fsdp_peaks, micro_batch_size, seq_
     for m in measured:
         assert abs(estimated - m) <= 0.10 * m, (estimated, measured)
     if seq_length == 16:
-        assert peak_memory(plan, world_size=1, strategy="single")["total"] > 1.1 * max(measured)
+        unsharded = peak_memory(plan, world_size=1, strategy="single")["total"]
+        assert unsharded > 1.1 * estimated
+        assert all(abs(estimated - m) < abs(unsharded - m) for m in measured), (estimated, unsharded, measured)
 
 
 # ---------------------------------------------------------------------- the CLI
