@@ -31,6 +31,7 @@ from their fake functions (`litllm.cpu_ops._register_training_fakes`).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 from torch import nn
@@ -109,10 +110,12 @@ class SparseExperts(torch.autograd.Function):
 
 
 def fused_sparse_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
-                         counts: list[int]) -> torch.Tensor:
+                         counts: list[int], pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`MoE.sparse_experts` (x (N, C), weights (N, k)) through `SparseExperts`, from its sort: order (N*k,) the
-    (token, slot)s grouped by expert, counts the slots of each expert. The same sum, each token's experts in expert
-    index order, up to rounding (the routing weight multiplies proj's input, not its output)."""
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))  # (N*k,) each slot's place
+    (token, slot)s grouped by expert, counts the slots of each expert, pos (N*k,) each slot's place in order (made
+    here where the caller has none: the fused routing makes it). The same sum, each token's experts in expert index
+    order, up to rounding (the routing weight multiplies proj's input, not its output)."""
+    if pos is None:
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))  # (N*k,)
     return SparseExperts.apply(x.contiguous(), weights.reshape(-1).contiguous(), order, pos, counts,
                                *(m.fc.weight for m in experts), *(m.proj.weight for m in experts))

@@ -868,7 +868,7 @@ class MoE(nn.Module):
         keep_stats = self.training and self.config.router_aux_loss_coef
         routing = self._fused_routing(x)
         if routing is not None:  # the routing, the experts' sort and the loss's terms from one C++ op
-            weights, chosen, sort = routing.weights, routing.chosen, (routing.order, routing.counts)
+            weights, chosen, sort = routing.weights, routing.chosen, (routing.order, routing.counts, routing.pos)
             if keep_stats:
                 self.router_stats = routing.stats
         else:
@@ -933,17 +933,18 @@ class MoE(nn.Module):
         return x.size(0) <= self.config.n_expert and (x.device.type != "cpu" or torch.compiler.is_compiling())
 
     def sparse_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor,
-                       sort: Optional[tuple[torch.Tensor, list[int]]] = None) -> torch.Tensor:
+                       sort: Optional[tuple[torch.Tensor, list[int], torch.Tensor]] = None) -> torch.Tensor:
         """x (N, C), weights/chosen (N, k): each expert once, on the tokens routed to it, sorted into blocks. sort:
-        (order, counts) as made below, where the fused routing made them already."""
+        (order, counts) as made below and each slot's place in that order, where the fused routing made them."""
         if sort is None:
             flat = chosen.reshape(-1)  # (N*k,) expert of each (token, slot)
             order = torch.argsort(flat, stable=True)  # slots grouped by expert, tokens in order within a group
             counts = torch.bincount(flat, minlength=self.config.n_expert).tolist()  # the one host sync
+            pos = None
         else:
-            order, counts = sort
+            order, counts, pos = sort
         if self._fused_experts_apply(x):
-            return fused_sparse_experts(self.experts, x, weights, order, counts)
+            return fused_sparse_experts(self.experts, x, weights, order, counts, pos)
         token = order // chosen.size(1)  # (N*k,) token of each sorted slot
         xs, ws = x.index_select(0, token).split(counts), weights.reshape(-1)[order, None].split(counts)
         out = [self.run_expert(expert, xs[e], ws[e]) for e, expert in enumerate(self.experts) if counts[e]]
