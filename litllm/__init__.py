@@ -29,8 +29,8 @@ def bound_omp_spin() -> None:
     the other. When other processes keep the cores busy, the thread it waits for has been descheduled, and the
     spinning one holds the core it needs: a 2-layer 768-wide compiled bf16 step at 2 threads and load average 6
     on 2 cores took 6x the CPU time of 1 thread (51 vs 8 ms a token) and ran 5x slower; bounded, 9.5 vs 8 ms, at
-    0.9x 1 thread's speed (tutorials/inference.md). Barriers on an idle machine end within the bound. After torch is
-    imported it is too late: nothing is changed."""
+    0.9x 1 thread's speed (tutorials/inference_measurements.md#per-step-notes). Barriers on an idle machine end
+    within the bound. After torch is imported it is too late: nothing is changed."""
     if "torch" in sys.modules or os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
         return
     os.environ["GOMP_SPINCOUNT"] = OMP_SPIN_COUNT

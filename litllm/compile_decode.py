@@ -70,8 +70,8 @@ OpenMP region of its own only where each thread has >= 4096 values to work on (i
 step's SwiGLU product (2048-5632 values) and the attention kernel's cache-write loop took a region, and so a fork and
 a barrier, per layer for a microsecond of work, while the step's other thread waited; now they run on the calling
 thread (the 134M fp32 step: 61 regions a token instead of 73, and one barrier less inside each layer's attention
-kernel; tutorials/inference.md#fp32-two-threads). The matmuls (the row-split and int8 ops, inductor's own one-row
-reductions) and the attention's reductions keep theirs. Under `cpp.dynamic_threads` (another thread budget)
+kernel; tutorials/inference_measurements.md#fp32-two-threads). The matmuls (the row-split and int8 ops, inductor's
+own one-row reductions) and the attention's reductions keep theirs. Under `cpp.dynamic_threads` (another thread budget)
 inductor keeps a region for each kernel whatever this says."""
 CPU_COMPILE_OPTIONS = {"realize_cpu_opcount_threshold": 4, **SERIAL_KERNEL_OPTIONS}
 """inductor settings of the CPU step: a one-row matmul reads its input row from a buffer instead of recomputing the

@@ -53,8 +53,8 @@ COMPILE_SECONDS_FIXED, COMPILE_SECONDS_PER_LAYER = 20.0, 8.0
 """What compiling a CPU step takes, in seconds, fixed and per layer (`expected_compile_seconds`: the shape by which
 a compile measured here is scaled to another layer count, and the guess where none was): 36, 68 and 116 s for 2, 6
 and 12 layers, against 39/28, 95/87 and 111/113 s measured (empty/filled inductor cache; 768 wide; a 2-core AVX2
-EPYC at load average 5-9, tutorials/inference.md section 6b); a measured compile scaled by it to another of these
-layer counts gave 0.6-1.8x the measured time."""
+EPYC at load average 5-9, tutorials/inference_measurements.md#compiled-notes); a measured compile scaled by it to
+another of these layer counts gave 0.6-1.8x the measured time."""
 PROBE_STEPS = 4
 """Eager decode steps that time one (`EagerAccount.step_seconds`) in the first default run of a model and shape."""
 

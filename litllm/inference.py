@@ -102,7 +102,8 @@ def default_decode_precision(device: str, quantize: Optional[str] = None) -> str
     bf16 on such CPUs: on a 2-core AVX-512-BF16 AMD EPYC (Zen 4) the 134M Llama's compiled bf16 step took 2.0-2.8x less
     CPU time a token than fp32's at 1 thread, 2.2-2.3x at 2 (`benchmarks/decode_threads.py`, three runs at load 7-12),
     its eager step (oneDNN-packed) 1.19-1.45x less; its weights take half the memory, and its greedy agreement with
-    fp32 is a GPU's bf16's (the same rounding: `benchmarks/bf16_agreement.py`, tutorials/inference.md section 6c).
+    fp32 is a GPU's bf16's (the same rounding: `benchmarks/bf16_agreement.py`,
+    tutorials/inference_measurements.md#bf16-default).
     Not on CPUs without them (AVX2): there oneDNN has no bf16 GEMM (a prompt's matmuls convert the weights to fp32,
     `litllm.cpu_layout.upcast_16_bit_gemm`), and the default was not measured there. `--precision 32-true` keeps fp32."""
     from litllm.precision import PRECISION_ENV
