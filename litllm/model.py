@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` an
 
 from litllm import fused_norms, fused_routing
 from litllm.config import Config
-from litllm.cpu_ops import plain_tensor
+from litllm.cpu_ops import eager_fp32_training, plain_tensor
 from litllm.fused_experts import fused_experts_available, fused_sparse_experts
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
@@ -222,7 +222,7 @@ class GPT(nn.Module):
         path keeps the (N, V) log-probabilities, so a trainable head takes it for N >= C tokens only.
         x: (B, T, C) final hidden states."""
         c, head = self.config, self.lm_head
-        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        if type(head) is not nn.Linear or has_hooks(head):
             return False
         weight = head.weight
         return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled()
@@ -272,8 +272,11 @@ class GPT(nn.Module):
             q_pos = cache_pos
             L = kv_len or self.blocks[0].attn.kv_cache.k.size(2)
         k_pos = torch.arange(L, device=device)
-        distance = q_pos[..., None] - k_pos  # (T, L) or (B, T, L)
-        distance = distance[:, None] if distance.dim() == 3 else distance[None, None]  # (B|1, 1, T, L)
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # (T, L) or (B, T, L) -> (B|1, 1, T, L)
+            return t[:, None] if t.dim() == 3 else t[None, None]
+
+        distance = per_head(q_pos[..., None] - k_pos)  # (B|1, 1, T, L)
         causal = distance >= 0
         if key_padding_mask is not None:
             causal = causal & key_padding_mask[:, None, None, :L]
@@ -283,8 +286,7 @@ class GPT(nn.Module):
         if window is not None:
             masks[True] = causal & (distance < window)
         if chunk is not None:  # (a model has a window or chunks, not both)
-            same_chunk = (q_pos[..., None] // chunk) == (k_pos // chunk)  # (T, L) or (B, T, L)
-            masks[True] = causal & (same_chunk[:, None] if same_chunk.dim() == 3 else same_chunk[None, None])
+            masks[True] = causal & per_head((q_pos[..., None] // chunk) == (k_pos // chunk))
         return masks
 
     # ------------------------------------------------------------------ KV cache
@@ -450,8 +452,7 @@ class CausalSelfAttention(nn.Module):
         if c.nope_attn_scale is not None and rope is None:
             q = q * nope_temperature(c, input_pos, T, q.device).to(q.dtype)
         if rope is not None and len(rope) == 3:  # position-dependent query scale (see Config.query_scale_beta)
-            scale_q = rope[2]
-            q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
+            q = q * rope[2][..., None, :, None].to(q.dtype)  # (T,) -> (1, T, 1), (B, T) -> (B, 1, T, 1)
 
         cache = self.kv_cache
         if cache is not None:
@@ -477,8 +478,8 @@ class CausalSelfAttention(nn.Module):
         if c.norm_qk is None:
             return fused_norms.applies(qkv)
         q_norm, k_norm = self.q_norm, self.k_norm
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (q_norm, k_norm))  # (the module calls run them)
-        return (type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and not q_norm.unit_offset and not hooked
+        return (type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and not q_norm.unit_offset
+                and not has_hooks(q_norm) and not has_hooks(k_norm)
                 and q_norm.eps == k_norm.eps == c.norm_eps and fused_norms.applies(qkv, q_norm.weight, k_norm.weight))
 
 
@@ -596,7 +597,7 @@ def nope_temperature(c: Config, input_pos: Optional[torch.Tensor], T: int, devic
     over (B, nh, T, hs). Positions: input_pos ((T,) or (B, T)), or 0..T-1."""
     pos = input_pos if input_pos is not None else torch.arange(T, device=device)
     scale = 1 + c.nope_attn_scale * torch.log1p(torch.floor((pos.float() + 1.0) / c.nope_floor_scale))
-    return scale[None, None, :, None] if scale.dim() == 1 else scale[:, None, :, None]
+    return scale[..., None, :, None]  # (T,) -> (1, T, 1), (B, T) -> (B, 1, T, 1)
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float],
@@ -740,6 +741,12 @@ ONE_THREAD_ATTENTION_MAX = 1 << 17
 """Single-query attention runs on one thread in an eager CPU step while a row's cached keys of one layer are at most
 this many values (a 134M Llama: 170 positions; 512 KB of fp32 keys, which one core reads in tens of microseconds);
 longer caches read enough memory that a second core's bandwidth pays for the parallel region."""
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks sit on `module` (FSDP, LoRA wrappers, adapters): a fused path that skips the module's call
+    would skip them, so it keeps the call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def is_eager_cpu(x: torch.Tensor) -> bool:
@@ -957,19 +964,16 @@ class MoE(nn.Module):
         torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
         bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
         on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
-        from litllm.cpu_ops import eager_fp32_training  # (fake tensors: only in `litllm.cpu_ops.fake_cpu_training`)
-
         if not (self.training and eager_fp32_training(x) and not self.scale_inputs
                 and type(self.experts) is nn.ModuleList):
             return False
 
         def plain(linear: nn.Module) -> bool:
-            return (type(linear) is nn.Linear and linear.bias is None and not linear._forward_hooks
-                    and not linear._forward_pre_hooks and plain_tensor(linear.weight.data)
-                    and linear.weight.dtype == torch.float32)
+            return (type(linear) is nn.Linear and linear.bias is None and not has_hooks(linear)
+                    and plain_tensor(linear.weight.data) and linear.weight.dtype == torch.float32)
 
-        return all(type(e) is GatedMLP and e.act is F.silu and not e._forward_hooks and not e._forward_pre_hooks
-                   and plain(e.fc) and plain(e.proj) for e in self.experts) and fused_experts_available()
+        return all(type(e) is GatedMLP and e.act is F.silu and not has_hooks(e) and plain(e.fc) and plain(e.proj)
+                   for e in self.experts) and fused_experts_available()
 
     def token_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """One token, x (1, C), weights/chosen (1, k): the sparse path's sum, bit for bit (its k experts in expert
@@ -1199,9 +1203,8 @@ class RMSNorm(nn.Module):
     def residual_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + h, this norm of it): a block's residual add and the next norm, one kernel each way in training where
         `fused_norms` applies."""
-        if not self.unit_offset and not self._forward_hooks and not self._forward_pre_hooks \
-                and fused_norms.applies(x, self.weight) and plain_tensor(h) and h.dtype == torch.float32 \
-                and x.shape == h.shape:  # (hooks on the norm: the module call below runs them)
+        if not self.unit_offset and not has_hooks(self) and fused_norms.applies(x, self.weight) \
+                and plain_tensor(h) and h.dtype == torch.float32 and x.shape == h.shape:
             return fused_norms.add_rms_norm(x, h, self.weight, self.eps)
         x = x + h
         return x, self(x)
