@@ -1142,33 +1142,6 @@ def load_balancing_loss(stats: list[tuple[torch.Tensor, torch.Tensor, int]], n_e
 
 
 # ---------------------------------------------------------------------- norms
-class RMSNormFunction(torch.autograd.Function):
-    """fp32 RMSNorm, x * rsqrt(mean(x^2) + eps) * weight over the last dim, with its backward written out.
-    `F.rms_norm`'s forward on the CPU is this one (the same values) but autograd differentiates its ops one by
-    one; written out, forward + backward take 1.4-1.6x less CPU time (Qwen3-MoE's norms at `benchmarks/moe.py`'s
-    shapes)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        normed = x * rstd
-        ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
-        normed, rstd, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_normed = grad * weight
-            # d/dx of normed = rstd * (g - normed * mean(g * normed)) along the normed dim
-            grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1)
-            grad_x = grad_x.mul_(rstd)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).reshape(-1, weight.numel()).sum(0)
-        return grad_x, grad_weight, None
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32; `unit_offset` scales by (1 + weight) as Gemma does."""
 
@@ -1184,11 +1157,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and weight.dtype == torch.float32 and not self.unit_offset:
             if not torch.compiler.is_compiling() and x.is_cpu:
                 if torch.is_grad_enabled() and plain_tensor(weight.data):
-                    # training, eager: one kernel each way where it builds, else the same forward with a cheaper
-                    # backward than autograd through F.rms_norm's ops
-                    if fused_norms.applies(x, weight):
-                        return fused_norms.rms_norm(x, weight, self.eps)
-                    return RMSNormFunction.apply(x, weight, self.eps)
+                    return fused_norms.training_rms_norm(x, weight, self.eps)  # training, eager
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
                     # one-token decode step each op after a weight-streaming matmul runs with cold caches
