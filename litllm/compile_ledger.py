@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -352,11 +353,12 @@ def expected_tokens_per_round(model, draft, k: int) -> float:
     return min(max(measured or 1.0, 1.0), k + 1.0)
 
 
+@dataclass
 class DecodeTally:
     """The seconds and number of an engine's decode steps (`time_decode`)."""
 
-    def __init__(self) -> None:
-        self.seconds, self.steps = 0.0, 0
+    seconds: float = 0.0
+    steps: int = 0
 
 
 def time_decode(engine, method: str = "_decode") -> DecodeTally:
