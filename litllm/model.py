@@ -417,36 +417,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope, mask, input_pos, kv_len=None):
         c = self.config
         B, T, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) * hs)
-        if T == 1 and c.norm_qk is None and not c.rope_interleaved and c.rope_n_elem > 0 and rope is not None:
-            # one token (decoding): rotate the query and key heads together, straight from the projection's output
-            nh, nkv = c.n_head, c.n_query_groups
-            heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
-            qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
-            q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
-        elif self._fused_qk_applies(qkv, rope):
-            # training: qk-norm and RoPE in one kernel each way, straight from the projection's rows
-            weights = (self.q_norm.weight, self.k_norm.weight) if c.norm_qk else (None, None)
-            q, k, v = fused_norms.qk_norm_rope(qkv, *weights, *rope, c.n_head, c.n_query_groups, c.norm_eps)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs) views
-        else:
-            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-            if c.norm_qk == "full":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = q.view(B, T, c.n_head, c.head_size)  # (B, T, nh, hs)
-            k = k.view(B, T, c.n_query_groups, c.head_size)  # (B, T, nkv, hs)
-            if c.norm_qk == "head":
-                # before the transpose, on the projection's rows, so that the norm's ops walk memory in order (the
-                # same values; at `benchmarks/moe.py`'s shapes forward + backward took 1.9-2.1 CPU-ms in place of
-                # 2.6-2.8 on the transposed views, in two of three runs)
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
-            v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-            if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
-                q, k = deinterleave(q), deinterleave(k)
-            if c.rope_n_elem > 0 and rope is not None:
-                cos, sin = rope[:2]
-                q, k = apply_rope_qk(q, k, cos, sin)
+        q, k, v = self.heads(self.qkv(x), rope)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
         if c.norm_qk == "l2" and rope is not None:  # Llama 4: weightless RMSNorm, RoPE layers only
             q, k = l2_norm(q, c.norm_eps), l2_norm(k, c.norm_eps)
         if c.nope_attn_scale is not None and rope is None:
@@ -466,6 +437,43 @@ class CausalSelfAttention(nn.Module):
             return self.proj(y.view(B, T, c.n_head * c.head_size))
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
+
+    def heads(self, qkv: torch.Tensor, rope: Optional[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output qkv (B, T, (nh + 2 nkv) hs) as query, key and value heads, q (B, nh, T, hs) and
+        k, v (B, nkv, T, hs), q and k normed (`norm_qk` "full" or "head") and rotated (`rope`: (cos, sin[, scale]) or
+        None)."""
+        c = self.config
+        B, T, _ = qkv.shape
+        if T == 1 and c.norm_qk is None and not c.rope_interleaved and c.rope_n_elem > 0 and rope is not None:
+            # one token (decoding): rotate the query and key heads together, straight from the projection's output
+            nh, nkv = c.n_head, c.n_query_groups
+            heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
+            qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
+            q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
+            return q, k, v
+        if self._fused_qk_applies(qkv, rope):
+            # training: qk-norm and RoPE in one kernel each way, straight from the projection's rows
+            weights = (self.q_norm.weight, self.k_norm.weight) if c.norm_qk else (None, None)
+            q, k, v = fused_norms.qk_norm_rope(qkv, *weights, *rope, c.n_head, c.n_query_groups, c.norm_eps)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs) views
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        if c.norm_qk == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, c.n_head, c.head_size)  # (B, T, nh, hs)
+        k = k.view(B, T, c.n_query_groups, c.head_size)  # (B, T, nkv, hs)
+        if c.norm_qk == "head":
+            # before the transpose, on the projection's rows, so that the norm's ops walk memory in order (the
+            # same values; at `benchmarks/moe.py`'s shapes forward + backward took 1.9-2.1 CPU-ms in place of
+            # 2.6-2.8 on the transposed views, in two of three runs)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
+            q, k = deinterleave(q), deinterleave(k)
+        if c.rope_n_elem > 0 and rope is not None:
+            cos, sin = rope[:2]
+            q, k = apply_rope_qk(q, k, cos, sin)
+        return q, k, v
 
     def _fused_qk_applies(self, qkv: torch.Tensor, rope: Optional[tuple]) -> bool:
         """Whether `fused_norms.qk_norm_rope` computes this layer's q, k, v: training (no KV cache; `fused_norms.applies`)
@@ -1109,7 +1117,7 @@ def uses_grouped_router(config: Config) -> bool:
             or config.routed_scaling_factor != 1.0 or config.n_shared_expert > 0)
 
 
-def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
+def build_mlp(config: Config, layer_idx: int) -> nn.Module:
     if config.is_moe_model and not config.is_moe(layer_idx):
         return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers, Llama 4 moe_layers)
     if config.mlp_class_name == "MoE" and config.swiglu_limit is not None:
