@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from litllm.cpu_ops import eager_fp32_training, plain_tensor, training_ops_ready
+
 FUSED_NORMS_ENV = "LITLLM_FUSED_NORMS"
 """`0`/`false`: training keeps the unfused norms and RoPE (e.g. to compare; `benchmarks/moe.py --unfused_norms`)."""
 
@@ -27,8 +29,6 @@ FUSED_NORMS_ENV = "LITLLM_FUSED_NORMS"
 def ops_ready() -> bool:
     """Whether the fused ops can run here: `$LITLLM_FUSED_NORMS` is not `0`, the CPU has AVX-512 and the op library
     builds or loads (a first training step on a machine builds it, about a minute, once)."""
-    from litllm.cpu_ops import training_ops_ready
-
     return training_ops_ready(FUSED_NORMS_ENV)
 
 
@@ -36,8 +36,6 @@ def applies(x: torch.Tensor, *weights: Optional[torch.Tensor]) -> bool:
     """Whether the fused ops take `x` (and the norm `weights`): plain fp32 CPU tensors (not DTensor or a
     torch.compile trace; fake ones only in `litllm.cpu_ops.fake_cpu_training`), gradients on, no autocast, and
     `ops_ready`."""
-    from litllm.cpu_ops import eager_fp32_training, plain_tensor
-
     return (eager_fp32_training(x)
             and all(w is None or (plain_tensor(w.data) and w.dtype == torch.float32 and w.is_cpu) for w in weights)
             and ops_ready())
