@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -176,6 +177,11 @@ def compile_choice(compile: Optional[bool], device, tokens: Optional[int]) -> Op
     return None if compile is None and env_compile() is None else False
 
 
+def _digest(text: str) -> str:
+    """A ledger key: 20 hex digits of `text`'s SHA-1."""
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
 def _model_key(model, kind: str = "") -> str:
     """What a compile's seconds are recorded under (`record_compile_seconds`): the model as loaded
     (`decode_choices_key`: this CPU, torch, the thread budget, the weights' names/shapes/dtypes; not the layout and
@@ -183,13 +189,13 @@ def _model_key(model, kind: str = "") -> str:
     its config and the step (`kind`: "" the decode step, else `_verify_kind`'s)."""
     choices = getattr(model, "decode_choices", None)  # as `load_for_decoding` keyed them, before the layout
     loaded = choices["key"] if choices else decode_choices_key(model)
-    return hashlib.sha1(f"{loaded}|{_config_repr(model)}{kind}".encode()).hexdigest()[:20]
+    return _digest(f"{loaded}|{_config_repr(model)}{kind}")
 
 
 def _eager_key(model, rows: int, length: int, kind: str = "") -> str:
     """What the eager seconds of default runs count toward: the model (`_model_key`), the step (`kind`) and the
     shape a compiled step would have (rows x KV-cache length)."""
-    return hashlib.sha1(f"{_model_key(model)}|{rows}x{length}{kind}".encode()).hexdigest()[:20]
+    return _digest(f"{_model_key(model)}|{rows}x{length}{kind}")
 
 
 def _seconds(value) -> Optional[float]:
@@ -332,7 +338,7 @@ def eager_account(model, rows: int, length: int, exact: bool = False, kind: str 
 
 
 def _pair_key(model, draft, k: int) -> str:
-    return hashlib.sha1(f"{_model_key(model)}|{_model_key(draft)}|{k}".encode()).hexdigest()[:20]
+    return _digest(f"{_model_key(model)}|{_model_key(draft)}|{k}")
 
 
 def record_tokens_per_round(model, draft, k: int, tokens_per_round: float) -> None:
@@ -352,11 +358,12 @@ def expected_tokens_per_round(model, draft, k: int) -> float:
     return min(max(measured or 1.0, 1.0), k + 1.0)
 
 
+@dataclass
 class DecodeTally:
     """The seconds and number of an engine's decode steps (`time_decode`)."""
 
-    def __init__(self) -> None:
-        self.seconds, self.steps = 0.0, 0
+    seconds: float = 0.0
+    steps: int = 0
 
 
 def time_decode(engine, method: str = "_decode") -> DecodeTally:

@@ -214,7 +214,8 @@ def eager_fp32_training(x: torch.Tensor) -> bool:
 
 def training_ops_ready(switch_env: str) -> bool:
     """Whether a fused training op of this library can run here: `$<switch_env>` is not `0`/`false`/`no`/`off`, the
-    CPU has AVX-512 and the library loads (built first, once per machine, where it is not yet)."""
+    CPU has AVX-512 and the library loads (built first, once per machine, where it is not yet; one source, so every
+    op of it is there)."""
     if os.environ.get(switch_env, "").strip().lower() in ("0", "false", "no", "off"):
         return False
     return _has_avx512() and row_split_op() is not None

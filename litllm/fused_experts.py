@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from litllm.cpu_ops import training_ops_ready
+
 FUSED_EXPERTS_ENV = "LITLLM_FUSED_EXPERTS"
 """`0`/`false`: MoE training keeps the experts' module calls (`MoE.sparse_experts`), e.g. to compare."""
 
@@ -43,8 +45,6 @@ FUSED_EXPERTS_ENV = "LITLLM_FUSED_EXPERTS"
 def fused_experts_available() -> bool:
     """Whether this process can run `SparseExperts`: `$LITLLM_FUSED_EXPERTS` not off, an AVX-512 CPU, and litllm's op
     library loaded, or built (once per machine) and loaded now."""
-    from litllm.cpu_ops import training_ops_ready
-
     if not training_ops_ready(FUSED_EXPERTS_ENV):
         return False
     _register_flop_formulas()

@@ -8,7 +8,8 @@ taken in another order).
 They apply (`applies`) to eager CPU fp32 training with gradients, on CPUs with AVX-512 where the op library builds or
 loads, outside torch.compile and autocast, and not where `$LITLLM_FUSED_NORMS` is `0`; `litllm.model` keeps its own
 code everywhere else (GPU, bf16, compiled steps, inference, the fake tensors of `litllm estimate` but for a CPU
-run's, `litllm.cpu_ops.fake_cpu_training`).
+run's, `litllm.cpu_ops.fake_cpu_training`). A CPU training norm calls `training_rms_norm`: the fused kernel where it
+applies, else `RMSNormFunction` (aten ops with the backward written out).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from litllm.cpu_ops import eager_fp32_training, plain_tensor, training_ops_ready
+
 FUSED_NORMS_ENV = "LITLLM_FUSED_NORMS"
 """`0`/`false`: training keeps the unfused norms and RoPE (e.g. to compare; `benchmarks/moe.py --unfused_norms`)."""
 
@@ -26,17 +29,13 @@ FUSED_NORMS_ENV = "LITLLM_FUSED_NORMS"
 def ops_ready() -> bool:
     """Whether the fused ops can run here: `$LITLLM_FUSED_NORMS` is not `0`, the CPU has AVX-512 and the op library
     builds or loads (a first training step on a machine builds it, about a minute, once)."""
-    from litllm.cpu_ops import training_ops_ready
-
-    return training_ops_ready(FUSED_NORMS_ENV) and hasattr(torch.ops.litllm_cpu, "rms_norm_forward")
+    return training_ops_ready(FUSED_NORMS_ENV)
 
 
 def applies(x: torch.Tensor, *weights: Optional[torch.Tensor]) -> bool:
     """Whether the fused ops take `x` (and the norm `weights`): plain fp32 CPU tensors (not DTensor or a
     torch.compile trace; fake ones only in `litllm.cpu_ops.fake_cpu_training`), gradients on, no autocast, and
     `ops_ready`."""
-    from litllm.cpu_ops import eager_fp32_training, plain_tensor
-
     return (eager_fp32_training(x)
             and all(w is None or (plain_tensor(w.data) and w.dtype == torch.float32 and w.is_cpu) for w in weights)
             and ops_ready())
@@ -83,6 +82,42 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, RMSNorm(s)) with s = x + residual, both (..., C), in one kernel each way (callers check `applies`)."""
     return FusedRMSNorm.apply(x, residual, weight, eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """fp32 RMSNorm, x * rsqrt(mean(x^2) + eps) * weight over the last dim, with its backward written out.
+    `F.rms_norm`'s forward on the CPU is this one (the same values) but autograd differentiates its ops one by
+    one; written out, forward + backward take 1.4-1.6x less CPU time (Qwen3-MoE's norms at `benchmarks/moe.py`'s
+    shapes). What CPU training runs where the fused kernel does not (no AVX-512, `$LITLLM_FUSED_NORMS` 0)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        normed = x * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
+        normed, rstd, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad * weight
+            # d/dx of normed = rstd * (g - normed * mean(g * normed)) along the normed dim
+            grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1)
+            grad_x = grad_x.mul_(rstd)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, weight.numel()).sum(0)
+        return grad_x, grad_weight, None
+
+
+def training_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of an eager CPU fp32 training forward, x (..., C), weight (C,) a plain tensor: the fused kernel where it
+    applies (`applies`), else `RMSNormFunction` (the same forward as F.rms_norm, a cheaper backward than autograd
+    through its ops)."""
+    if applies(x, weight):
+        return rms_norm(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
 
 
 class FusedQKNormRope(torch.autograd.Function):

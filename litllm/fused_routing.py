@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from litllm.cpu_ops import eager_fp32_training, training_ops_ready
+
 FUSED_ROUTING_ENV = "LITLLM_FUSED_ROUTING"
 """`0`/`false`: MoE training keeps the unfused routing (`MoE.route`, the sort in `MoE.sparse_experts`), e.g. to
 compare (`benchmarks/moe.py --unfused_routing`)."""
@@ -36,17 +38,13 @@ compare (`benchmarks/moe.py --unfused_routing`)."""
 def ops_ready() -> bool:
     """Whether the fused routing can run here: `$LITLLM_FUSED_ROUTING` not off, an AVX-512 CPU, and litllm's op library
     loaded, or built (once per machine) and loaded now."""
-    from litllm.cpu_ops import training_ops_ready
-
-    return training_ops_ready(FUSED_ROUTING_ENV) and hasattr(torch.ops.litllm_cpu, "moe_route_forward")
+    return training_ops_ready(FUSED_ROUTING_ENV)
 
 
 def applies(logits: torch.Tensor) -> bool:
     """Whether `softmax_topk` takes the router's logits (N, E): an eager CPU fp32 training forward of real tensors,
     and `ops_ready`. Not `litllm estimate`'s fake step (`litllm.cpu_ops.fake_cpu_training`): the sort's counts are
     data, and the unfused routing keeps what this one keeps, the (N, E) probabilities."""
-    from litllm.cpu_ops import eager_fp32_training
-
     return type(logits) is torch.Tensor and eager_fp32_training(logits) and ops_ready()
 
 

@@ -40,7 +40,7 @@ LINEAR_CE_ROWS = 256
 """Rows of logits `linear_cross_entropy` makes at once: (256, V) fp32 stays in cache between the head's matmul, the
 log-softmax and the two gradient matmuls at small vocabularies (4 MiB at V 4096), and keeps each matmul large
 enough for MKL's full rate. Head + loss, one thread, N 1024, C 256: 1.1x less CPU time than 1024 rows at V 4096,
-1.5x less than 32 rows at V 32k; 128 rows took the same as 256. Session 31 (the same host, load ~2): 128, 256, 512
+1.5x less than 32 rows at V 32k; 128 rows took the same as 256. Repeated on that host (load ~2): 128, 256, 512
 and 1024 rows within 2% of one another (46.1-46.9 ms best of 25, head + loss with gradients at V 4096), and the three
 matmuls in the step cost no more than transformers' unchunked ones (`benchmarks/moe.py --floor`'s table by role)."""
 

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` an
 
 from litllm import fused_norms, fused_routing
 from litllm.config import Config
-from litllm.cpu_ops import plain_tensor
+from litllm.cpu_ops import eager_fp32_training, plain_tensor
 from litllm.fused_experts import fused_experts_available, fused_sparse_experts
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
@@ -222,7 +222,7 @@ class GPT(nn.Module):
         path keeps the (N, V) log-probabilities, so a trainable head takes it for N >= C tokens only.
         x: (B, T, C) final hidden states."""
         c, head = self.config, self.lm_head
-        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        if type(head) is not nn.Linear or has_hooks(head):
             return False
         weight = head.weight
         return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled()
@@ -272,8 +272,11 @@ class GPT(nn.Module):
             q_pos = cache_pos
             L = kv_len or self.blocks[0].attn.kv_cache.k.size(2)
         k_pos = torch.arange(L, device=device)
-        distance = q_pos[..., None] - k_pos  # (T, L) or (B, T, L)
-        distance = distance[:, None] if distance.dim() == 3 else distance[None, None]  # (B|1, 1, T, L)
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # (T, L) or (B, T, L) -> (B|1, 1, T, L)
+            return t[:, None] if t.dim() == 3 else t[None, None]
+
+        distance = per_head(q_pos[..., None] - k_pos)  # (B|1, 1, T, L)
         causal = distance >= 0
         if key_padding_mask is not None:
             causal = causal & key_padding_mask[:, None, None, :L]
@@ -283,8 +286,7 @@ class GPT(nn.Module):
         if window is not None:
             masks[True] = causal & (distance < window)
         if chunk is not None:  # (a model has a window or chunks, not both)
-            same_chunk = (q_pos[..., None] // chunk) == (k_pos // chunk)  # (T, L) or (B, T, L)
-            masks[True] = causal & (same_chunk[:, None] if same_chunk.dim() == 3 else same_chunk[None, None])
+            masks[True] = causal & per_head((q_pos[..., None] // chunk) == (k_pos // chunk))
         return masks
 
     # ------------------------------------------------------------------ KV cache
@@ -415,43 +417,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope, mask, input_pos, kv_len=None):
         c = self.config
         B, T, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) * hs)
-        if T == 1 and c.norm_qk is None and not c.rope_interleaved and c.rope_n_elem > 0 and rope is not None:
-            # one token (decoding): rotate the query and key heads together, straight from the projection's output
-            nh, nkv = c.n_head, c.n_query_groups
-            heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
-            qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
-            q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
-        elif self._fused_qk_applies(qkv, rope):
-            # training: qk-norm and RoPE in one kernel each way, straight from the projection's rows
-            weights = (self.q_norm.weight, self.k_norm.weight) if c.norm_qk else (None, None)
-            q, k, v = fused_norms.qk_norm_rope(qkv, *weights, *rope, c.n_head, c.n_query_groups, c.norm_eps)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs) views
-        else:
-            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-            if c.norm_qk == "full":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q = q.view(B, T, c.n_head, c.head_size)  # (B, T, nh, hs)
-            k = k.view(B, T, c.n_query_groups, c.head_size)  # (B, T, nkv, hs)
-            if c.norm_qk == "head":
-                # before the transpose, on the projection's rows, so that the norm's ops walk memory in order (the
-                # same values; at `benchmarks/moe.py`'s shapes forward + backward took 1.9-2.1 CPU-ms in place of
-                # 2.6-2.8 on the transposed views, in two of three runs)
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
-            v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-            if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
-                q, k = deinterleave(q), deinterleave(k)
-            if c.rope_n_elem > 0 and rope is not None:
-                cos, sin = rope[:2]
-                q, k = apply_rope_qk(q, k, cos, sin)
+        q, k, v = self.heads(self.qkv(x), rope)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
         if c.norm_qk == "l2" and rope is not None:  # Llama 4: weightless RMSNorm, RoPE layers only
             q, k = l2_norm(q, c.norm_eps), l2_norm(k, c.norm_eps)
         if c.nope_attn_scale is not None and rope is None:
             q = q * nope_temperature(c, input_pos, T, q.device).to(q.dtype)
         if rope is not None and len(rope) == 3:  # position-dependent query scale (see Config.query_scale_beta)
-            scale_q = rope[2]
-            q = q * (scale_q[None, None, :, None] if scale_q.dim() == 1 else scale_q[:, None, :, None]).to(q.dtype)
+            q = q * rope[2][..., None, :, None].to(q.dtype)  # (T,) -> (1, T, 1), (B, T) -> (B, 1, T, 1)
 
         cache = self.kv_cache
         if cache is not None:
@@ -466,6 +438,43 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
 
+    def heads(self, qkv: torch.Tensor, rope: Optional[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output qkv (B, T, (nh + 2 nkv) hs) as query, key and value heads, q (B, nh, T, hs) and
+        k, v (B, nkv, T, hs), q and k normed (`norm_qk` "full" or "head") and rotated (`rope`: (cos, sin[, scale]) or
+        None)."""
+        c = self.config
+        B, T, _ = qkv.shape
+        if T == 1 and c.norm_qk is None and not c.rope_interleaved and c.rope_n_elem > 0 and rope is not None:
+            # one token (decoding): rotate the query and key heads together, straight from the projection's output
+            nh, nkv = c.n_head, c.n_query_groups
+            heads = qkv.view(B, nh + 2 * nkv, 1, c.head_size)  # (B, nh + 2 nkv, 1, hs)
+            qk, v = heads.split_with_sizes((nh + nkv, nkv), dim=1)  # (one op where two slices are two)
+            q, k = apply_rope(qk, *rope[:2]).split_with_sizes((nh, nkv), dim=1)
+            return q, k, v
+        if self._fused_qk_applies(qkv, rope):
+            # training: qk-norm and RoPE in one kernel each way, straight from the projection's rows
+            weights = (self.q_norm.weight, self.k_norm.weight) if c.norm_qk else (None, None)
+            q, k, v = fused_norms.qk_norm_rope(qkv, *weights, *rope, c.n_head, c.n_query_groups, c.norm_eps)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs) views
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        if c.norm_qk == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, c.n_head, c.head_size)  # (B, T, nh, hs)
+        k = k.view(B, T, c.n_query_groups, c.head_size)  # (B, T, nkv, hs)
+        if c.norm_qk == "head":
+            # before the transpose, on the projection's rows, so that the norm's ops walk memory in order (the
+            # same values; at `benchmarks/moe.py`'s shapes forward + backward took 1.9-2.1 CPU-ms in place of
+            # 2.6-2.8 on the transposed views, in two of three runs)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        if c.rope_interleaved:  # pairs -> halves, the same for q and k: their dot products are unchanged
+            q, k = deinterleave(q), deinterleave(k)
+        if c.rope_n_elem > 0 and rope is not None:
+            cos, sin = rope[:2]
+            q, k = apply_rope_qk(q, k, cos, sin)
+        return q, k, v
+
     def _fused_qk_applies(self, qkv: torch.Tensor, rope: Optional[tuple]) -> bool:
         """Whether `fused_norms.qk_norm_rope` computes this layer's q, k, v: training (no KV cache; `fused_norms.applies`)
         with RoPE over whole heads in halves (cos, sin only), and no qk-norm or per-head RMSNorms (qwen3's) with the
@@ -477,8 +486,8 @@ class CausalSelfAttention(nn.Module):
         if c.norm_qk is None:
             return fused_norms.applies(qkv)
         q_norm, k_norm = self.q_norm, self.k_norm
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (q_norm, k_norm))  # (the module calls run them)
-        return (type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and not q_norm.unit_offset and not hooked
+        return (type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and not q_norm.unit_offset
+                and not has_hooks(q_norm) and not has_hooks(k_norm)
                 and q_norm.eps == k_norm.eps == c.norm_eps and fused_norms.applies(qkv, q_norm.weight, k_norm.weight))
 
 
@@ -596,7 +605,7 @@ def nope_temperature(c: Config, input_pos: Optional[torch.Tensor], T: int, devic
     over (B, nh, T, hs). Positions: input_pos ((T,) or (B, T)), or 0..T-1."""
     pos = input_pos if input_pos is not None else torch.arange(T, device=device)
     scale = 1 + c.nope_attn_scale * torch.log1p(torch.floor((pos.float() + 1.0) / c.nope_floor_scale))
-    return scale[None, None, :, None] if scale.dim() == 1 else scale[:, None, :, None]
+    return scale[..., None, :, None]  # (T,) -> (1, T, 1), (B, T) -> (B, 1, T, 1)
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor], scale: float, logit_softcap: Optional[float],
@@ -740,6 +749,12 @@ ONE_THREAD_ATTENTION_MAX = 1 << 17
 """Single-query attention runs on one thread in an eager CPU step while a row's cached keys of one layer are at most
 this many values (a 134M Llama: 170 positions; 512 KB of fp32 keys, which one core reads in tens of microseconds);
 longer caches read enough memory that a second core's bandwidth pays for the parallel region."""
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks sit on `module` (FSDP, LoRA wrappers, adapters): a fused path that skips the module's call
+    would skip them, so it keeps the call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def is_eager_cpu(x: torch.Tensor) -> bool:
@@ -957,19 +972,16 @@ class MoE(nn.Module):
         torch.compile or autocast) of SiLU `GatedMLP` experts whose Linears are plain
         bias-free fp32 ones with no hooks (LoRA, FSDP, quantized experts keep the module calls), the routing weight
         on the output (not Llama 4's), where litllm's op library runs (AVX-512). x: (N, C)."""
-        from litllm.cpu_ops import eager_fp32_training  # (fake tensors: only in `litllm.cpu_ops.fake_cpu_training`)
-
         if not (self.training and eager_fp32_training(x) and not self.scale_inputs
                 and type(self.experts) is nn.ModuleList):
             return False
 
         def plain(linear: nn.Module) -> bool:
-            return (type(linear) is nn.Linear and linear.bias is None and not linear._forward_hooks
-                    and not linear._forward_pre_hooks and plain_tensor(linear.weight.data)
-                    and linear.weight.dtype == torch.float32)
+            return (type(linear) is nn.Linear and linear.bias is None and not has_hooks(linear)
+                    and plain_tensor(linear.weight.data) and linear.weight.dtype == torch.float32)
 
-        return all(type(e) is GatedMLP and e.act is F.silu and not e._forward_hooks and not e._forward_pre_hooks
-                   and plain(e.fc) and plain(e.proj) for e in self.experts) and fused_experts_available()
+        return all(type(e) is GatedMLP and e.act is F.silu and not has_hooks(e) and plain(e.fc) and plain(e.proj)
+                   for e in self.experts) and fused_experts_available()
 
     def token_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """One token, x (1, C), weights/chosen (1, k): the sparse path's sum, bit for bit (its k experts in expert
@@ -1105,7 +1117,7 @@ def uses_grouped_router(config: Config) -> bool:
             or config.routed_scaling_factor != 1.0 or config.n_shared_expert > 0)
 
 
-def build_mlp(config: Config, layer_idx: int = 0) -> nn.Module:
+def build_mlp(config: Config, layer_idx: int) -> nn.Module:
     if config.is_moe_model and not config.is_moe(layer_idx):
         return GatedMLP(config)  # a dense layer of an MoE model (Qwen3-MoE mlp_only_layers, Llama 4 moe_layers)
     if config.mlp_class_name == "MoE" and config.swiglu_limit is not None:
@@ -1138,33 +1150,6 @@ def load_balancing_loss(stats: list[tuple[torch.Tensor, torch.Tensor, int]], n_e
 
 
 # ---------------------------------------------------------------------- norms
-class RMSNormFunction(torch.autograd.Function):
-    """fp32 RMSNorm, x * rsqrt(mean(x^2) + eps) * weight over the last dim, with its backward written out.
-    `F.rms_norm`'s forward on the CPU is this one (the same values) but autograd differentiates its ops one by
-    one; written out, forward + backward take 1.4-1.6x less CPU time (Qwen3-MoE's norms at `benchmarks/moe.py`'s
-    shapes)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        normed = x * rstd
-        ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
-        normed, rstd, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_normed = grad * weight
-            # d/dx of normed = rstd * (g - normed * mean(g * normed)) along the normed dim
-            grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1)
-            grad_x = grad_x.mul_(rstd)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).reshape(-1, weight.numel()).sum(0)
-        return grad_x, grad_weight, None
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32; `unit_offset` scales by (1 + weight) as Gemma does."""
 
@@ -1180,11 +1165,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and weight.dtype == torch.float32 and not self.unit_offset:
             if not torch.compiler.is_compiling() and x.is_cpu:
                 if torch.is_grad_enabled() and plain_tensor(weight.data):
-                    # training, eager: one kernel each way where it builds, else the same forward with a cheaper
-                    # backward than autograd through F.rms_norm's ops
-                    if fused_norms.applies(x, weight):
-                        return fused_norms.rms_norm(x, weight, self.eps)
-                    return RMSNormFunction.apply(x, weight, self.eps)
+                    return fused_norms.training_rms_norm(x, weight, self.eps)  # training, eager
                 if not torch.is_grad_enabled():
                     # what F.rms_norm computes (bit for bit) in fewer kernels: its CPU composite runs ~15 ops, and in a
                     # one-token decode step each op after a weight-streaming matmul runs with cold caches
@@ -1199,9 +1180,8 @@ class RMSNorm(nn.Module):
     def residual_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + h, this norm of it): a block's residual add and the next norm, one kernel each way in training where
         `fused_norms` applies."""
-        if not self.unit_offset and not self._forward_hooks and not self._forward_pre_hooks \
-                and fused_norms.applies(x, self.weight) and plain_tensor(h) and h.dtype == torch.float32 \
-                and x.shape == h.shape:  # (hooks on the norm: the module call below runs them)
+        if not self.unit_offset and not has_hooks(self) and fused_norms.applies(x, self.weight) \
+                and plain_tensor(h) and h.dtype == torch.float32 and x.shape == h.shape:
             return fused_norms.add_rms_norm(x, h, self.weight, self.eps)
         x = x + h
         return x, self(x)

@@ -123,7 +123,7 @@ def test_loss_equals_cross_entropy_of_logits(converted):
 def test_training_rms_norm_backward_is_the_derivative(converted, monkeypatch):
     """The written-out RMSNorm backward (training) against finite differences, and a model's gradients with it
     against autograd through `F.rms_norm` (what inference runs); its forward is `F.rms_norm`'s, bit for bit."""
-    from litllm.model import RMSNormFunction
+    from litllm.fused_norms import RMSNormFunction
 
     x = torch.randn(3, 2, 5, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()  # non-contiguous, as q_norm's
     weight = torch.randn(8, dtype=torch.float64, requires_grad=True)

@@ -201,11 +201,6 @@ def rank_config(config, n: int):
     return dataclasses.replace(c, **changes)
 
 
-def local_kv_heads(model: nn.Module) -> int:
-    """The key/value heads this rank's KV cache holds."""
-    return model.blocks[0].attn.config.n_query_groups
-
-
 # ---------------------------------------------------------------------- bytes per rank
 def local_bytes(model: nn.Module) -> dict[str, int]:
     """What this rank holds: {"weights": bytes of its parameter shards (a tied head once), "replicated": the
