@@ -63,10 +63,13 @@ extern "C" void sgemv_(const char* trans, const int* m, const int* n, const floa
                        const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
 
 // ---- fp32 one-row kernel (AVX-512): y[r] = w[r] . x for the rows r0..r1 of a row-major w (ld floats apart), what
-// row_split_linear runs on a row-major weight in place of MKL's GEMV (11.6 against 10.8 GB/s of weight read per
-// CPU-second at 1 thread here, benchmarks/one_row_matmul.py). 4 rows at a time, two independent sums each (8
+// row_split_linear runs on a row-major weight in place of MKL's GEMV. 4 rows at a time, two independent sums each (8
 // dependency chains: FMA latency 4, 2 a cycle), x loaded once per 32 values for the 4; the next 4 rows (the next 12 KB
-// of a 768-wide weight) prefetched a line per 16 values, so that each short row (3 KB) starts in cache.
+// of a 768-wide weight) prefetched a line per 16 values, so that each short row (3 KB) starts in cache (8 rows, or
+// prefetching to L2, two blocks ahead, or non-temporally: no faster, NTA 2.4x slower). On a shared AMX Xeon the 134M
+// fp32 step took 2-5% less CPU a token than on MKL's GEMV at 1 and 2 threads in 5 of 5 alternating runs
+// (benchmarks/decode_threads.py --row_split_blas); a pass of the matmuls alone read on par (~11.1 GB per CPU-second,
+// benchmarks/one_row_matmul.py): both at one core's read rate.
 #if defined(__x86_64__)
 template <int ROWS>
 __attribute__((target("avx512f")))
