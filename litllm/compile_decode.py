@@ -309,9 +309,9 @@ def steps_folder(model) -> Path:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, a
     tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights'
     names/shapes/strides/dtypes/types, which Linears the step multiplies by through `OneRowLinear` and how
-    (`litllm.cpu_layout.one_row_kernel`) and which through `RowSplitLinear` (`litllm.row_split`) and its kernel, and its inductor
-    settings (`cpu_compile_options`); not the thread count, which its kernels take when they run, but under a 1-thread
-    budget (`BUDGET_STEP_OPTIONS`: another folder)."""
+    (`litllm.cpu_layout.one_row_kernel`) and which through `RowSplitLinear` (`litllm.row_split`) and by what kernel,
+    and its inductor settings (`cpu_compile_options`); not the thread count, which its kernels take when they run, but
+    under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
            f"|row-split {_row_split_modules(model)} {row_split_kernel()}{_int8_rows_tag(model)}"
