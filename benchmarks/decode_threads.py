@@ -10,6 +10,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     OMP_NUM_THREADS=1 python benchmarks/decode_threads.py --threads 1 --dynamic   # the 1-thread budget's step
         # (litllm's, its count baked in) against the one that reads the count when it runs (cpp.dynamic_threads)
     python benchmarks/decode_threads.py --quantize none --no_row_split   # fp32: row-split op vs F.linear (MKL GEMV)
+    python benchmarks/decode_threads.py --quantize none --row_split_blas  # fp32: the op's AVX-512 kernel vs MKL's GEMV
     python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
     python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
     python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
@@ -113,6 +114,14 @@ def no_row_split(off: bool):
     return patched(compile_decode, "wants_row_split", (lambda: False) if off else None)
 
 
+def row_split_blas(on: bool):
+    """With `on`: compiled fp32 steps' row-split op multiplies every chunk by MKL's GEMV, not litllm's AVX-512 kernel
+    (`litllm.row_split.row_split_kernel`, `$LITLLM_ROW_SPLIT=blas`; saved under their own key), for comparison."""
+    from litllm.row_split import ENV
+
+    return env_set(ENV, "blas" if on else None)
+
+
 def no_int8_rows(off: bool):
     """With `off`: compiled int8 steps keep inductor's int8 reduction instead of litllm's C++ ops (int8dq's VNNI one,
     `litllm.cpu_ops.int8_rows_op`; int8wo's, `int8wo_rows_op`; `$LITLLM_INT8_ROWS`; saved under their own key), for
@@ -130,12 +139,17 @@ def no_packed_bf16(off: bool):
     return env_off(PACKED_BF16_ENV, off)
 
 
-@contextlib.contextmanager
 def env_off(variable: str, off: bool):
     """`$variable` set to 0 for a block where `off`, as it was afterwards."""
+    return env_set(variable, "0" if off else None)
+
+
+@contextlib.contextmanager
+def env_set(variable: str, value):
+    """`$variable` set to `value` for a block (None: left as it is), as it was afterwards."""
     before = os.environ.get(variable)
-    if off:
-        os.environ[variable] = "0"
+    if value is not None:
+        os.environ[variable] = value
     try:
         yield
     finally:
@@ -163,6 +177,8 @@ def main() -> None:
                         "kernel (litllm.cpu_layout.one_row_kernel), beside the one this CPU picks")
     parser.add_argument("--no_row_split", action="store_true", help="also rows '<format> F.linear': fp32 steps "
                         "compiled without the row-split op (`litllm.row_split`), on a model loaded again")
+    parser.add_argument("--row_split_blas", action="store_true", help="also rows '<format> blas': fp32 steps whose "
+                        "row-split op runs MKL's GEMV on every chunk, not litllm's AVX-512 kernel")
     parser.add_argument("--no_int8_rows", action="store_true", help="also rows '<format> inductor' for int8dq and "
                         "int8wo: steps with inductor's int8 reduction, not litllm's C++ ops (`litllm.row_split`)")
     parser.add_argument("--fp32_head", action="store_true", help="also rows '<format> fp32 head' for int8wo: its "
@@ -198,6 +214,8 @@ def main() -> None:
             + ([(f"{spec} {' '.join(args.inductor)}", lambda n: {**inductor_settings(args.inductor)}, None, False,
                  False, False)] if args.inductor else []) \
             + ([(f"{spec} F.linear", lambda n: {}, None, True, False, False)] if args.no_row_split else []) \
+            + ([(f"{spec} blas", lambda n: {}, None, False, False, False)] if args.row_split_blas and mode == "none"
+               and precision in ("", "32-true") else []) \
             + ([(f"{spec} inductor", lambda n: {}, None, False, True, False)]
                if args.no_int8_rows and "int8" in mode else []) \
             + ([(f"{spec} mv", lambda n: {}, None, False, False, True)] if args.no_packed_bf16 and "bf16" in precision
@@ -217,7 +235,7 @@ def main() -> None:
             for n in args.threads:
                 t0 = time.perf_counter()
                 with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor), \
-                        no_packed_bf16(row_major):
+                        no_packed_bf16(row_major), row_split_blas(label == f"{spec} blas"):
                     engine = Engine(model, None, 1, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)
@@ -225,8 +243,10 @@ def main() -> None:
     runs = {key: [] for key in engines}
     ticks = {key: [0, 0] for key in engines}
     with torch.inference_mode():
-        for _ in range(args.rounds):  # alternating: the machine's load hits every row alike
-            for (spec, n), engine in engines.items():
+        for r in range(args.rounds):  # alternating: the machine's load hits every row alike
+            # each round starts at the next row (the row timed first in a round came out ahead more often than not)
+            order = list(engines.items())[r % len(engines):] + list(engines.items())[: r % len(engines)]
+            for (spec, n), engine in order:
                 with threads_for(n):
                     engine._decode(engine._tokens, engine._pos, None)  # warm-up
                     before, t0, c0 = thread_ticks(), time.perf_counter(), time.process_time()

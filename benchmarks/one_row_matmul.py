@@ -19,8 +19,11 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
                                   decode step takes them (inductor calls the same oneDNN/BLAS matmul as eager)
   fp32 compiled column-major      the same on column-major weights
   fp32 row-split (column-major)   litllm's `litllm_cpu::row_split_linear` (`litllm.row_split`: the weight's rows in
-                                  one block per thread, each block MKL's GEMV; built on first use), eager and in the
-                                  compiled pass (`RowSplitLinear`), on row- or column-major weights
+                                  one block per thread, each block litllm's AVX-512 kernel where the weight is
+                                  row-major and the CPU has AVX-512, else MKL's GEMV; built on first use), eager and in
+                                  the compiled pass (`RowSplitLinear`), on row- or column-major weights
+  fp32 row-split blas             the same split, each block MKL's GEMV (`row_split_linear_blas`: the op before its
+                                  AVX-512 kernel)
   fp32 mkl-packed                 `torch.ops.mkl._mkl_reorder_linear_weight` + `_mkl_linear` (MKL's packed sgemm)
   fp32 / bf16 / fp16 compiled mv  the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
                                   its own vectorized reduction, accumulating in fp32; on AVX2 16-bit ones convert the
@@ -41,6 +44,7 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
 
     python benchmarks/one_row_matmul.py                       # 134M shapes, threads 1 and torch's count (~2-4 min)
     python benchmarks/one_row_matmul.py --threads 1 --inductor --rounds 9
+    python benchmarks/one_row_matmul.py --threads 1 2 --rounds 15 --candidates "fp32 row-split" "fp32 row-split blas"
     python benchmarks/one_row_matmul.py --chain --threads 1 2 --rounds 15 --candidates \
         "bf16 compiled torch.mv" "bf16 compiled mv, fp32 row" "bf16 compiled blocked" "fp16 compiled mv"  # issue #27
 
@@ -91,6 +95,10 @@ def _mkl_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> t
 
 def _row_split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.litllm_cpu.row_split_linear(x, w)
+
+
+def _row_split_blas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.litllm_cpu.row_split_linear_blas(x, w)
 
 
 def _column_major(w: torch.Tensor) -> torch.Tensor:
@@ -219,6 +227,7 @@ CANDIDATES: dict[str, tuple] = {
     "fp32 mkl-packed": (torch.float32, torch.float32, _mkl_packed, _mkl_linear),
     "fp32 row-split": (torch.float32, torch.float32, None, _row_split),
     "fp32 row-split column-major": (torch.float32, torch.float32, _column_major, _row_split),
+    "fp32 row-split blas": (torch.float32, torch.float32, None, _row_split_blas),
     "fp32 compiled row-split": (torch.float32, torch.float32, None, "row-split"),
     "fp32 compiled row-split column-major": (torch.float32, torch.float32, _column_major, "row-split"),
     "fp32 compiled mv": (torch.float32, torch.float32, None, "mv"),

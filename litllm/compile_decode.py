@@ -60,7 +60,7 @@ from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fa
 from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 from litllm.packed_bf16 import (BF16_BLOCK, BlockedBf16Linear, becomes_blocked_bf16, blocked_bf16_linears,
                                 packed_bf16_op, shared_parameters)
-from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_linears, wants_row_split
+from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_kernel, row_split_linears, wants_row_split
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 MIN_COMPILED_LENGTH = 256
@@ -102,8 +102,8 @@ def _one_row_modules(model) -> list[str]:
 
 def _row_split_modules(model) -> list[str]:
     """The names of the fp32 Linears `model`'s compiled CPU step multiplies by through
-    `litllm.row_split.RowSplitLinear` (`unpack_weights` makes them so where torch has more than one thread: fp32
-    oneDNN-packed and plain Linears), before or after it did."""
+    `litllm.row_split.RowSplitLinear` (`unpack_weights` makes them so where torch has more than one thread or litllm's
+    AVX-512 kernel is there, `wants_row_split`: fp32 oneDNN-packed and plain Linears), before or after it did."""
     def split(module) -> bool:
         if isinstance(module, RowSplitLinear):
             return True
@@ -309,12 +309,12 @@ def steps_folder(model) -> Path:
     `compile_cache_dir()/decode_steps/<digest>`, the digest of this CPU, torch's version, the device type, a
     tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights'
     names/shapes/strides/dtypes/types, which Linears the step multiplies by through `OneRowLinear` and how
-    (`litllm.cpu_layout.one_row_kernel`) and which through `RowSplitLinear` (`litllm.row_split`), and its inductor
-    settings (`cpu_compile_options`); not the thread count, which its kernels take when they run, but under a 1-thread
-    budget (`BUDGET_STEP_OPTIONS`: another folder)."""
+    (`litllm.cpu_layout.one_row_kernel`) and which through `RowSplitLinear` (`litllm.row_split`) and by what kernel,
+    and its inductor settings (`cpu_compile_options`); not the thread count, which its kernels take when they run, but
+    under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
-           f"|row-split {_row_split_modules(model)}{_int8_rows_tag(model)}"
+           f"|row-split {_row_split_modules(model)} {row_split_kernel()}{_int8_rows_tag(model)}"
            f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
@@ -463,9 +463,10 @@ def unpack_weights(model) -> None:
     ones of whole 64 x 64 blocks (not a head tied to the embedding) then become `litllm.packed_bf16.BlockedBf16Linear`s
     (`blocked_bf16_linears`): their weight packed by oneDNN once more, held in that layout only, which a prompt's
     oneDNN GEMM reads without reordering it per call (the prefill of a compiled run) and the step's AVX512-BF16 op
-    too. With more than one thread,
+    too. With more than one thread or on AVX-512 CPUs (`wants_row_split`),
     fp32 CPU Linears become `litllm.row_split.RowSplitLinear`s (their one-row matmul on every thread: MKL's fp32 GEMV
-    runs on one), where its op builds here; the others `PromptLinear`s where a prompt's GEMM is oneDNN's."""
+    runs on one; litllm's AVX-512 kernel), where its op builds here; the others `PromptLinear`s where a prompt's GEMM is
+    oneDNN's."""
     prepare_int8_for_compile(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -62,10 +62,69 @@ static void round_row_q8(const float* xr, int64_t K, int64_t block, Q* q, float*
 extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
                        const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
 
-// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in chunks of
-// whole 16-row groups, kChunks a thread, handed out dynamically (a thread the scheduler holds back leaves its chunk
-// to another), each chunk one GEMV. Anything else: at::linear.
-at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
+// ---- fp32 one-row kernel (AVX-512): y[r] = w[r] . x for the rows r0..r1 of a row-major w (ld floats apart), what
+// row_split_linear runs on a row-major weight in place of MKL's GEMV. 4 rows at a time, two independent sums each (8
+// dependency chains: FMA latency 4, 2 a cycle), x loaded once per 32 values for the 4; the next 4 rows (the next 12 KB
+// of a 768-wide weight) prefetched a line per 16 values, so that each short row (3 KB) starts in cache (8 rows, or
+// prefetching to L2, two blocks ahead, or non-temporally: no faster, NTA 2.4x slower). On a shared AMX Xeon the 134M
+// fp32 step took 2-5% less CPU a token than on MKL's GEMV at 1 and 2 threads in 5 of 5 alternating runs
+// (benchmarks/decode_threads.py --row_split_blas); a pass of the matmuls alone read on par (~11.1 GB per CPU-second,
+// benchmarks/one_row_matmul.py): both at one core's read rate.
+#if defined(__x86_64__)
+template <int ROWS>
+__attribute__((target("avx512f")))
+static inline void fp32_rows_block(const float* x, const float* w, int64_t ld, int64_t K, float* y, bool prefetch) {
+  __m512 a[ROWS][2];
+  #pragma GCC unroll 4
+  for (int j = 0; j < ROWS; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(w + ROWS * ld);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    if (prefetch)
+      #pragma GCC unroll 4
+      for (int j = 0; j < ROWS; ++j) {
+        _mm_prefetch(next + 4 * (j * ld + k), _MM_HINT_T0);
+        _mm_prefetch(next + 4 * (j * ld + k + 16), _MM_HINT_T0);
+      }
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    #pragma GCC unroll 4
+    for (int j = 0; j < ROWS; ++j) {
+      a[j][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k), x0, a[j][0]);
+      a[j][1] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k + 16), x1, a[j][1]);
+    }
+  }
+  for (; k < K; k += 16) {  // the last 1-31 values: whole and masked vectors
+    const __mmask16 m = static_cast<__mmask16>((1U << std::min<int64_t>(16, K - k)) - 1);
+    const __m512 x0 = _mm512_maskz_loadu_ps(m, x + k);
+    #pragma GCC unroll 4
+    for (int j = 0; j < ROWS; ++j) a[j][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + j * ld + k), x0, a[j][0]);
+  }
+  #pragma GCC unroll 4
+  for (int j = 0; j < ROWS; ++j) y[j] = _mm512_reduce_add_ps(_mm512_add_ps(a[j][0], a[j][1]));
+}
+
+__attribute__((target("avx512f")))
+static void fp32_rows_range(const float* x, const float* w, int64_t ld, int64_t K, float* y, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) fp32_rows_block<4>(x, w + r * ld, ld, K, y + r, r + 8 <= r1);
+  for (; r < r1; ++r) fp32_rows_block<1>(x, w + r * ld, ld, K, y + r, false);
+}
+#endif
+
+static bool has_avx512f() {
+#if defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in one
+// contiguous chunk of whole 16-row groups a thread, handed out dynamically (a thread the scheduler holds back leaves
+// its chunk to another); each chunk litllm's AVX-512 kernel above (row-major w on an AVX-512 CPU, unless `blas`) or
+// one GEMV. Anything else: at::linear.
+static at::Tensor row_split(const at::Tensor& x, const at::Tensor& w, bool blas) {
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "row_split_linear: x has ", x.size(-1),
               " features, w is ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1);
@@ -82,15 +141,22 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = row.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  // 1: each thread's rows one GEMV on one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a
-  // thread (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
+  const bool own = row_major && !blas && has_avx512f();  // litllm's kernel, else BLAS's GEMV
+  // 1: each thread's rows one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a thread
+  // (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
   constexpr int64_t kChunks = 1;
   const int threads = op_threads();
-  const int64_t rows = threads == 1 ? N  // one GEMV, as F.linear
+  const int64_t rows = threads == 1 ? N  // one chunk
       : std::max<int64_t>(16, ((N + threads * kChunks - 1) / (threads * kChunks) + 15) / 16 * 16);
   const int64_t chunks = (N + rows - 1) / rows;
-  auto gemv = [&](int64_t c) {
+  auto part = [&](int64_t c) {
     const int64_t n0 = c * rows, n = std::min(N, n0 + rows) - n0;
+#if defined(__x86_64__)
+    if (own) {
+      fp32_rows_range(xp, wp, w.stride(0), K, yp, n0, n0 + n);
+      return;
+    }
+#endif
     const float one = 1.0f, zero = 0.0f;
     const int inc = 1, lda = static_cast<int>(ld), k = static_cast<int>(K), m = static_cast<int>(n);
     if (column_major)  // BLAS sees the rows n0.. as an (n, K) column-major matrix
@@ -98,9 +164,15 @@ at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) {
     else  // and as a (K, n) column-major matrix to transpose
       sgemv_("T", &k, &m, &one, wp + n0 * ld, &lda, xp, &inc, &zero, yp + n0, &inc);
   };
-  run_chunks(chunks, threads, gemv);
+  run_chunks(chunks, threads, part);
   return y;
 }
+
+at::Tensor row_split_linear(const at::Tensor& x, const at::Tensor& w) { return row_split(x, w, false); }
+
+// the same split, every chunk MKL's GEMV (what row_split_linear ran before its AVX-512 kernel): for tests and
+// benchmarks to compare
+at::Tensor row_split_linear_blas(const at::Tensor& x, const at::Tensor& w) { return row_split(x, w, true); }
 
 // int8 rows (litllm.quantize.Int8DynamicLinear's compiled step on AVX-512 VNNI CPUs): y (N, out) fp32 = x (N, K) fp32,
 // each row rounded to int8 per block of `block` values with one symmetric scale d each (absmax / 127, as
@@ -897,6 +969,7 @@ at::Tensor int8wo_rows_linear_fma(const at::Tensor& x, const at::Tensor& w, cons
 
 TORCH_LIBRARY(litllm_cpu, m) {
   m.def("row_split_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("row_split_linear_blas(Tensor x, Tensor w) -> Tensor");  // every chunk MKL's GEMV
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("int8_prompt_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
   m.def("packed_bf16_linear(Tensor x, Tensor w, int out_features) -> Tensor");
@@ -905,6 +978,7 @@ TORCH_LIBRARY(litllm_cpu, m) {
 }
 TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("row_split_linear", &row_split_linear);
+  m.impl("row_split_linear_blas", &row_split_linear_blas);  // every chunk MKL's GEMV
   m.impl("int8_rows_linear", &int8_rows_linear);
   m.impl("int8_prompt_linear", &int8_prompt_linear);
   m.impl("packed_bf16_linear", &packed_bf16_linear);

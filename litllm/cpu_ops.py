@@ -93,6 +93,10 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], w.size(0))
 
+    @torch.library.register_fake("litllm_cpu::row_split_linear_blas")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], w.size(0))
+
     @torch.library.register_fake("litllm_cpu::int8_rows_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.size(0))

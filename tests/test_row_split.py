@@ -1,5 +1,6 @@
-"""The fp32 one-row matmul on every thread (`litllm.row_split`): the op equals `F.linear`, and a compiled CPU step
-multiplies its fp32 weights by it exactly when torch has more than one thread."""
+"""The fp32 one-row matmul on every thread (`litllm.row_split`): the op equals `F.linear` (its AVX-512 kernel and MKL's
+GEMV alike), and a compiled CPU step multiplies its fp32 weights by it exactly when torch has more than one thread or
+the CPU has the op's AVX-512 kernel, decoding the eager step's greedy tokens."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from test_compile_decode import greedy_tokens
 
 from litllm.cpu_layout import prompt_linear
+from litllm.engine import Engine
 from litllm.model import GPT
 from litllm.cpu_ops import row_split_op
-from litllm.row_split import RowSplitLinear
+from litllm.row_split import RowSplitLinear, row_split_kernel
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +59,43 @@ def test_row_split_linear_equals_linear(op, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op, threads):
-    """With a thread budget > 1 every fp32 Linear of a compiled CPU step (the tied head too) becomes a
-    `RowSplitLinear` whose compiled code calls the op, and the step's logits stay within fp32 rounding of the eager
-    step's; with one thread the step keeps `F.linear` (nothing to split between)."""
+def test_the_avx512_kernel_equals_float64_on_odd_shapes(op, threads):
+    """The op's AVX-512 kernel (a row-major weight: 4 rows at a time, then one; 32 values a step, then whole and
+    masked vectors of 16) within fp32 rounding of the float64 product for widths that leave every tail ragged (K and N
+    no multiple of 16 or 4), rows further apart than their width (a slice of a wider weight), more rows than one
+    thread's chunk, on 1 and 2 threads; the MKL-GEMV op (`row_split_linear_blas`, what it ran before) likewise."""
+    if row_split_kernel() != "avx512":
+        pytest.skip("no AVX-512 here: the op's chunks are MKL's GEMV")
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out, n_in in ((1, 1), (3, 5), (5, 17), (37, 31), (9, 33), (1000, 100), (203, 772), (70, 2053)):
+            for w in (torch.randn(n_out, n_in), torch.randn(n_out, n_in + 11)[:, :n_in]):
+                row = torch.randn(1, n_in)
+                expected = row.double() @ w.double().t()
+                bound = 1e-6 * (row.double().abs() @ w.double().abs().t())  # fp32 sums of n_in products: ~n_in * 2^-24
+                for kernel in (op, torch.ops.litllm_cpu.row_split_linear_blas):
+                    got = kernel(row, w)
+                    assert got.shape == (1, n_out)
+                    assert ((got.double() - expected).abs() <= bound * max(1, n_in / 64)).all(), (kernel, n_out, n_in)
+            if n_in >= 100:  # the two sum in other orders: some of the last bits differ (the kernel ran, not MKL's)
+                assert not torch.equal(op(row, w), torch.ops.litllm_cpu.row_split_linear_blas(row, w))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_compiled_fp32_step_multiplies_by_the_row_split_op(op, threads):
+    """With a thread budget > 1, or on an AVX-512 CPU (the op's own kernel) at 1 too, every fp32 Linear of a compiled
+    CPU step (the tied head too) becomes a `RowSplitLinear` whose compiled code calls the op, and the step's logits
+    stay within fp32 rounding of the eager step's; otherwise (1 thread, no AVX-512) the step keeps `F.linear` (one
+    GEMV: nothing to split between)."""
     from torch._inductor.utils import run_and_get_code
 
     from litllm.compile_decode import cpu_compile_options, steps_folder, unpack_weights
 
+    split = threads > 1 or row_split_kernel() == "avx512"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -77,12 +109,37 @@ def test_a_compiled_fp32_step_multiplies_by_the_row_split_op_on_more_threads(op,
             unpack_weights(model)  # as a compiled step does
             assert steps_folder(model) == folder  # the saved step's key, before and after
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-            assert linears and all((type(m) is RowSplitLinear) == (threads > 1) for m in linears)
+            assert linears and all((type(m) is RowSplitLinear) == split for m in linears)
             got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
     finally:
         torch.set_num_threads(previous)
-    assert ("row_split_linear" in "".join(code)) == (threads > 1)
+    assert ("row_split_linear" in "".join(code)) == split
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_compiled_fp32_engine_decodes_the_eager_greedy_tokens_and_saves_its_kernel(op, monkeypatch, tmp_path):
+    """The compiled 1-thread fp32 engine (the op's AVX-512 kernel where the CPU has it) decodes the eager engine's
+    greedy tokens from the same prompt; a step whose op runs MKL's GEMV (`LITLLM_ROW_SPLIT=blas`) is saved under
+    another key, so neither loads the other's."""
+    from litllm.compile_decode import steps_folder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    state = GPT(tiny_config()).state_dict()
+
+    def model():
+        fresh = GPT(tiny_config()).eval()
+        fresh.load_state_dict(state)
+        return fresh
+
+    prompt = list(range(1, 9))
+    eager = greedy_tokens(Engine(model(), None, 1, 32, threads=1), prompt)
+    compiled = Engine(model(), None, 1, 32, threads=1, compile=True)
+    assert compiled.step_source == "compiled"
+    assert greedy_tokens(compiled, prompt) == eager
+    folder = steps_folder(model())
+    monkeypatch.setenv("LITLLM_ROW_SPLIT", "blas")
+    assert steps_folder(model()) != folder
 
 
 def test_row_split_can_be_turned_off(monkeypatch):
