@@ -167,7 +167,8 @@ def _fail(line: str, code: int = 1) -> None:
 
 def _subclasses(typehint) -> dict[str, type]:
     """Every class a class-typed flag accepts (the classes in `typehint` and their subclasses, the return class of a
-    `Callable[..., cls]` such as `--optimizer`'s), by name. `str` in a Union accepts any text, not its subclasses."""
+    `Callable[..., cls]` such as `--optimizer`'s), by name. `str` in a Union accepts any text, not its subclasses;
+    `None` (an Optional's) is no class to choose."""
     import collections.abc
     import inspect
     import typing
@@ -175,7 +176,7 @@ def _subclasses(typehint) -> dict[str, type]:
     found: dict[str, type] = {}
     args = typing.get_args(typehint) or (typehint,)
     args = [typing.get_args(t)[-1] if typing.get_origin(t) is collections.abc.Callable else t for t in args]
-    todo = [t for t in args if inspect.isclass(t) and t is not str]
+    todo = [t for t in args if inspect.isclass(t) and t not in (str, type(None))]
     while todo:
         cls = todo.pop()
         if cls.__name__ not in found and not cls.__name__.startswith("_"):
@@ -223,6 +224,8 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
     key = re.search(r'Parser key "([\w.]+)"', message)
     if key is None:
         return None
+    action = next((a for a in sub._actions if a.dest == key.group(1)), None)
+    classes = _subclasses(getattr(action, "_typehint", None))
     option = (re.search(r"class_path '([\w.]+)': Option '(\w+)' is not accepted", message)
               or re.search(r"Option '(\w+)' is not accepted.*?class_path='([\w.]+)'", message))
     if option:
@@ -230,11 +233,15 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
         cls = _import_class(path)
         if cls is None:
             return None
-        fields = {f"--{key.group(1)}.{name}": name for name in inspect.signature(cls).parameters}
-        return f"--{key.group(1)}.{bad}: {cls.__name__} has no option {bad!r} ({_closest(bad, fields, 'one of')})"
+        flag = f"--{key.group(1)}"
+        fields = {f"{flag}.{name}": name for name in inspect.signature(cls).parameters}
+        hint = _closest(bad, fields, "one of") if fields else f"name a class first: {flag} CLASS"
+        # `--data.json_path FILE` with no `--data JSON` before it: the option belongs to a class not chosen yet
+        owners = sorted(name for name, c in classes.items() if bad in inspect.signature(c).parameters)
+        if not hint.startswith("did you mean") and owners:
+            hint = f"it is an option of {flag} {' or '.join(owners)}: name the class before it"
+        return f"{flag}.{bad}: {cls.__name__} has no option {bad!r} ({hint})"
     name = re.search(r"Expected a dot import path string: (\S+)", message)
-    action = next((a for a in sub._actions if a.dest == key.group(1)), None)
-    classes = _subclasses(getattr(action, "_typehint", None))
     if name and classes:
         found = {c: c for c in classes}
         return f"--{key.group(1)} {name.group(1)}: no such class ({_closest(name.group(1), found, 'one of')})"

@@ -114,8 +114,11 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--optimizer", "AdamWW", "--optimizer.lr", "1"], "--optimizer AdamWW: no such class (did "
                                                                               "you mean AdamW?)"),
     (["pretrian"], "did you mean pretrain?"),
+    (["finetune_lora", "x", "--data.json_path", "d.json"], "it is an option of --data JSON or Preference or Prompts: "
+                                                            "name the class before it"),
+    (["pretrain", "--data.zzz", "1"], "DataModule has no option 'zzz' (name a class first: --data CLASS)"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
-        "command"])
+        "command", "option-before-its-class", "option-of-no-class"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
