@@ -254,6 +254,9 @@ def _quiet_libraries() -> None:
 
     # Lightning on any machine with Slurm installed, for every single-node run (multi-node runs use srun)
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+    # torch 2.13's own export machinery rebuilding its LeafSpec (copyreg), once per decode-step compile
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def _check_config_files(argv: list[str]) -> None:

@@ -333,3 +333,20 @@ def test_first_pretrain_output_is_quiet(tmp_path):
     assert f"BPE tokenizer on 6 file(s): {out / 'tokenizer'}\n" in output
     assert "Step 2: validation loss" in output and "Step 4: validation loss" in output
     assert "Done: 4 steps" in output
+
+
+def test_torch_export_deprecation_noise_is_quiet():
+    """Each decode-step compile (a first `chat` or `serve`) made torch's export rebuild its own deprecated LeafSpec,
+    printing a FutureWarning a litllm user can do nothing about; the CLI silences that one message only."""
+    import warnings
+
+    from torch.utils import _pytree
+
+    from litllm.__main__ import _quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_libraries()
+        _pytree.LeafSpec()
+        warnings.warn("another FutureWarning", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another FutureWarning"]
