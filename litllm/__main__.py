@@ -221,6 +221,12 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
         if not flags:
             return None
         return f"unknown flag {flags[0]} ({_closest(flags[0].removeprefix('--'), options, 'a flag')})"
+    missing = re.search(r"Parser key \"config\": File does not exist: '(.+)'", message)
+    if missing:  # a misspelled recipe name: `debug.yml` for `debug.yaml`
+        path = Path(missing.group(1))
+        recipes = {p.name: p.name for p in path.parent.glob("*.y*ml")} if path.parent.is_dir() else {}
+        hint = _closest(path.name, recipes, "a recipe")
+        return f"--config {path}: file not found" + (f" ({hint})" if hint.startswith("did you mean") else "")
     key = re.search(r'Parser key "([\w.]+)"', message)
     if key is None:
         return None

@@ -327,7 +327,8 @@ def test_broken_recipes(tiny_checkpoint, tmp_path):
     (tmp_path / "unknown.yaml").write_text("out_dir: out\ntrain:\n  micro_batch_sise: 2\n")
     (tmp_path / "bytes.yaml").write_bytes(b"\xff\xfe\x00binary")
     cases = [
-        (["pretrain", "--config", tmp_path / "missing.yaml"], "missing.yaml", 2),
+        (["pretrain", "--config", tmp_path / "missing.yaml"], "missing.yaml: file not found", 2),
+        (["pretrain", "--config", tmp_path / "unknown.yml"], "unknown.yml: file not found (did you mean unknown.yaml?)", 2),
         (["finetune_lora", tiny_checkpoint, "--config", tmp_path / "bad.yaml"], "line 1", 2),
         (["finetune_full", tiny_checkpoint, "--config", tmp_path / "unknown.yaml"], "train.micro_batch_sise", 2),
         (["generate", tiny_checkpoint, "--config", tmp_path / "bytes.yaml"], "bytes.yaml", 1),
