@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     from litllm.errors import LitLLMError
 
     argv = sys.argv[1:] if argv is None else argv
+    argv = argv or ["--help"]  # a bare `litllm` lists the commands rather than erring that none was given
     if argv[:1] == ["--version"]:
         from importlib.metadata import PackageNotFoundError, version
 

@@ -36,6 +36,11 @@ def test_help_lists_every_command():
         assert name in result.stdout, name
 
 
+def test_a_bare_litllm_lists_the_commands():
+    bare, helped = in_process(), in_process("--help")
+    assert bare.returncode == 0 and bare.stdout == helped.stdout and "generate" in bare.stdout, bare.stderr
+
+
 def test_help_lists_the_commands_as_their_parsers_do():
     """`litllm --help` lists the commands from stand-ins (names, docstrings read from source) and must print what
     jsonargparse prints from the real functions and their parsers, which it builds only without that shortcut."""
