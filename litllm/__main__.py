@@ -221,6 +221,11 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
         if not flags:
             return None
         return f"unknown flag {flags[0]} ({_closest(flags[0].removeprefix('--'), options, 'a flag')})"
+    required = re.search(r"the following arguments are required: (.+)", message)
+    if required and chosen:  # `litllm generate` with no folder: its positional names, not `generate.checkpoint_dir`
+        names = [name.strip().removeprefix(f"{chosen}.") for name in required.group(1).split(",")]
+        usage = " ".join(a.dest.upper() for a in sub._actions if not a.option_strings and a.dest != "help")
+        return f"missing {', '.join(names)}: litllm {chosen} {usage} [flags]"
     missing = re.search(r"Parser key \"config\": File does not exist: '(.+)'", message)
     if missing:  # a misspelled recipe name: `debug.yml` for `debug.yaml`
         path = Path(missing.group(1))

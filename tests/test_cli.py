@@ -122,8 +122,9 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--data.json_path", "d.json"], "it is an option of --data JSON or Preference or Prompts: "
                                                             "name the class before it"),
     (["pretrain", "--data.zzz", "1"], "DataModule has no option 'zzz' (name a class first: --data CLASS)"),
+    (["convert_to_gguf", "x"], "missing out_file: litllm convert_to_gguf CHECKPOINT_DIR OUT_FILE [flags]"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
-        "command", "option-before-its-class", "option-of-no-class"])
+        "command", "option-before-its-class", "option-of-no-class", "missing-positional"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
