@@ -341,6 +341,16 @@ def test_broken_recipes(tiny_checkpoint, tmp_path):
     assert tree(work) == {}
 
 
+def test_a_finetuning_step_names_how_to_get_its_model(tmp_path):
+    """A LoRA run's `step-*` holds only the trained weights: `convert_pretrained_checkpoint` names `merge_lora`."""
+    step = tmp_path / "run" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "trainable.safetensors").write_bytes(b"")
+    line = fails_cleanly(["convert_pretrained_checkpoint", step, tmp_path / "model"], tmp_path, str(step))
+    assert "use the run's final/ folder" in line and f"litllm merge_lora {step} --out_dir {tmp_path / 'model'}" in line
+    assert not (tmp_path / "model").exists()
+
+
 # ---------------------------------------------------------------------- the helpers, in-process
 def test_atomic_path_on_a_failing_writer(tmp_path, monkeypatch):
     """A write that fails for the file system names the final path and leaves nothing, parents included."""
