@@ -207,8 +207,14 @@ def _import_class(path: str) -> Optional[type]:
         return None
 
 
+VALUE_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "Path": "a path",
+               "NoneType": "null"}
+"""How a mistyped value's error names the types a flag takes."""
+
+
 def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
-    """One line for a misspelled flag, nested option or class name (instead of jsonargparse's dump), or None."""
+    """One line for a misspelled flag, nested option, class name, choice or recipe file, a mistyped value or a
+    missing positional (instead of jsonargparse's dump), or None."""
     import inspect
     import re
 
@@ -226,6 +232,19 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
         names = [name.strip().removeprefix(f"{chosen}.") for name in required.group(1).split(",")]
         usage = " ".join(a.dest.upper() for a in sub._actions if not a.option_strings and a.dest != "help")
         return f"missing {', '.join(names)}: litllm {chosen} {usage} [flags]"
+    mistyped = (re.search(r'Parser key "([\w.]+)": Expected a (<class [^>]+>)\. Got value: (.*)$', message)
+                or re.search(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes '
+                             r'Subtypes: \[(.*?)\] Errors: .* Given value: (.*)$', message))
+    if mistyped:  # `--train.max_steps abc`: the flag and the type it takes, not jsonargparse's Union dump
+        class_re = r"<class '(?:[\w.]+\.)?(\w+)'>"
+        types = [VALUE_TYPES.get(name) for name in re.findall(class_re, mistyped.group(2))]
+        plain = not re.sub(class_re, "", mistyped.group(2)).strip(", ")  # no class-typed or generic member
+        if types and all(types) and plain and not mistyped.group(3).startswith("NestedArg("):
+            return f"--{mistyped.group(1)}: expected {' or '.join(types)}, got {mistyped.group(3)!r}"
+    literal = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$', message)
+    if literal:  # `--strategy fdsp`
+        choices = {choice: choice for choice in re.findall(r"'([^']*)'", literal.group(2))}
+        return f"--{literal.group(1)} {literal.group(3)}: {_closest(literal.group(3), choices, 'one of', limit=None)}"
     missing = re.search(r"Parser key \"config\": File does not exist: '(.+)'", message)
     if missing:  # a misspelled recipe name: `debug.yml` for `debug.yaml`
         path = Path(missing.group(1))

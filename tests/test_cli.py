@@ -123,8 +123,13 @@ def test_unknown_command_is_an_error():
                                                             "name the class before it"),
     (["pretrain", "--data.zzz", "1"], "DataModule has no option 'zzz' (name a class first: --data CLASS)"),
     (["convert_to_gguf", "x"], "missing out_file: litllm convert_to_gguf CHECKPOINT_DIR OUT_FILE [flags]"),
+    (["finetune_lora", "x", "--lora_r", "2.5"], "--lora_r: expected an integer, got '2.5'"),
+    (["finetune_lora", "x", "--train.max_steps", "abc"], "--train.max_steps: expected an integer or null, got 'abc'"),
+    (["generate", "x", "--compile", "maybe"], "--compile: expected true or false or null, got 'maybe'"),
+    (["finetune_lora", "x", "--strategy", "fdsp"], "--strategy fdsp: did you mean fsdp?"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
-        "command", "option-before-its-class", "option-of-no-class", "missing-positional"])
+        "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
+        "optional-int-value", "optional-bool-value", "literal-value"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
