@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 # command name -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -278,6 +278,17 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
     return None
 
 
+def suggested(message: str, build: Callable, chosen: Optional[str]) -> str:
+    """`_suggestion`'s line for jsonargparse's error `message`, else `message`; `build()` builds the parser again
+    (only on this error path) for its own option names."""
+    from jsonargparse import capture_parser
+
+    try:
+        return _suggestion(message, capture_parser(build), chosen) or message
+    except Exception:  # a suggestion is a courtesy: the original message stands
+        return message
+
+
 def _quiet_libraries() -> None:
     """Silence, at their source, library messages that tell a litllm user nothing they can act on."""
     import warnings
@@ -356,13 +367,8 @@ def main(argv: list[str] | None = None) -> None:
             commands = {name: name for name in [*COMMANDS, *RAW_COMMANDS]}
             message = f"unknown command {chosen!r} ({_closest(chosen, commands, 'one of')})"
         else:
-            from jsonargparse import capture_parser
-
-            try:  # the parser's own option names: built again, only on this error path
-                parser = capture_parser(lambda: CLI(components, args=argv, as_positional=True, prog="litllm"))
-                message = _suggestion(message, parser, chosen) or message
-            except Exception:  # a suggestion is a courtesy: the original message stands
-                pass
+            message = suggested(message, lambda: CLI(components, args=argv, as_positional=True, prog="litllm"),
+                                chosen)
         _fail(f"error: {message} (see `{help_hint}`)", code=2)
     except LitLLMError as e:
         _fail(f"error: {e}")

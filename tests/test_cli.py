@@ -127,9 +127,11 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--train.max_steps", "abc"], "--train.max_steps: expected an integer or null, got 'abc'"),
     (["generate", "x", "--compile", "maybe"], "--compile: expected true or false or null, got 'maybe'"),
     (["finetune_lora", "x", "--strategy", "fdsp"], "--strategy fdsp: did you mean fsdp?"),
+    (["estimate", "finetune_lora", "x", "--lora_rr", "2"], "unknown flag --lora_rr (did you mean --lora_r?) (see "
+                                                            "`litllm estimate finetune_lora --help`)"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
         "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
-        "optional-int-value", "optional-bool-value", "literal-value"])
+        "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
