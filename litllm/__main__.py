@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 # command name -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -167,7 +167,8 @@ def _fail(line: str, code: int = 1) -> None:
 
 def _subclasses(typehint) -> dict[str, type]:
     """Every class a class-typed flag accepts (the classes in `typehint` and their subclasses, the return class of a
-    `Callable[..., cls]` such as `--optimizer`'s), by name. `str` in a Union accepts any text, not its subclasses."""
+    `Callable[..., cls]` such as `--optimizer`'s), by name. `str` in a Union accepts any text, not its subclasses;
+    `None` (an Optional's) is no class to choose."""
     import collections.abc
     import inspect
     import typing
@@ -175,7 +176,7 @@ def _subclasses(typehint) -> dict[str, type]:
     found: dict[str, type] = {}
     args = typing.get_args(typehint) or (typehint,)
     args = [typing.get_args(t)[-1] if typing.get_origin(t) is collections.abc.Callable else t for t in args]
-    todo = [t for t in args if inspect.isclass(t) and t is not str]
+    todo = [t for t in args if inspect.isclass(t) and t not in (str, type(None))]
     while todo:
         cls = todo.pop()
         if cls.__name__ not in found and not cls.__name__.startswith("_"):
@@ -206,8 +207,14 @@ def _import_class(path: str) -> Optional[type]:
         return None
 
 
+VALUE_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "Path": "a path",
+               "NoneType": "null"}
+"""How a mistyped value's error names the types a flag takes."""
+
+
 def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
-    """One line for a misspelled flag, nested option or class name (instead of jsonargparse's dump), or None."""
+    """One line for a misspelled flag, nested option, class name, choice or recipe file, a mistyped value or a
+    missing positional (instead of jsonargparse's dump), or None."""
     import inspect
     import re
 
@@ -220,9 +227,35 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
         if not flags:
             return None
         return f"unknown flag {flags[0]} ({_closest(flags[0].removeprefix('--'), options, 'a flag')})"
+    required = re.search(r"the following arguments are required: (.+)", message)
+    if required and chosen:  # `litllm generate` with no folder: its positional names, not `generate.checkpoint_dir`
+        names = [name.strip().removeprefix(f"{chosen}.") for name in required.group(1).split(",")]
+        usage = " ".join(a.dest.upper() for a in sub._actions if not a.option_strings and a.dest != "help")
+        return f"missing {', '.join(names)}: litllm {chosen} {usage} [flags]"
+    mistyped = (re.search(r'Parser key "([\w.]+)": Expected a (<class [^>]+>)\. Got value: (.*)$', message)
+                or re.search(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes '
+                             r'Subtypes: \[(.*?)\] Errors: .* Given value: (.*)$', message))
+    if mistyped:  # `--train.max_steps abc`: the flag and the type it takes, not jsonargparse's Union dump
+        class_re = r"<class '(?:[\w.]+\.)?(\w+)'>"
+        types = [VALUE_TYPES.get(name) for name in re.findall(class_re, mistyped.group(2))]
+        plain = not re.sub(class_re, "", mistyped.group(2)).strip(", ")  # no class-typed or generic member
+        if types and all(types) and plain and not mistyped.group(3).startswith("NestedArg("):
+            return f"--{mistyped.group(1)}: expected {' or '.join(types)}, got {mistyped.group(3)!r}"
+    literal = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$', message)
+    if literal:  # `--strategy fdsp`
+        choices = {choice: choice for choice in re.findall(r"'([^']*)'", literal.group(2))}
+        return f"--{literal.group(1)} {literal.group(3)}: {_closest(literal.group(3), choices, 'one of', limit=None)}"
+    missing = re.search(r"Parser key \"config\": File does not exist: '(.+)'", message)
+    if missing:  # a misspelled recipe name: `debug.yml` for `debug.yaml`
+        path = Path(missing.group(1))
+        recipes = {p.name: p.name for p in path.parent.glob("*.y*ml")} if path.parent.is_dir() else {}
+        hint = _closest(path.name, recipes, "a recipe")
+        return f"--config {path}: file not found" + (f" ({hint})" if hint.startswith("did you mean") else "")
     key = re.search(r'Parser key "([\w.]+)"', message)
     if key is None:
         return None
+    action = next((a for a in sub._actions if a.dest == key.group(1)), None)
+    classes = _subclasses(getattr(action, "_typehint", None))
     option = (re.search(r"class_path '([\w.]+)': Option '(\w+)' is not accepted", message)
               or re.search(r"Option '(\w+)' is not accepted.*?class_path='([\w.]+)'", message))
     if option:
@@ -230,15 +263,30 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
         cls = _import_class(path)
         if cls is None:
             return None
-        fields = {f"--{key.group(1)}.{name}": name for name in inspect.signature(cls).parameters}
-        return f"--{key.group(1)}.{bad}: {cls.__name__} has no option {bad!r} ({_closest(bad, fields, 'one of')})"
+        flag = f"--{key.group(1)}"
+        fields = {f"{flag}.{name}": name for name in inspect.signature(cls).parameters}
+        hint = _closest(bad, fields, "one of") if fields else f"name a class first: {flag} CLASS"
+        # `--data.json_path FILE` with no `--data JSON` before it: the option belongs to a class not chosen yet
+        owners = sorted(name for name, c in classes.items() if bad in inspect.signature(c).parameters)
+        if not hint.startswith("did you mean") and owners:
+            hint = f"it is an option of {flag} {' or '.join(owners)}: name the class before it"
+        return f"{flag}.{bad}: {cls.__name__} has no option {bad!r} ({hint})"
     name = re.search(r"Expected a dot import path string: (\S+)", message)
-    action = next((a for a in sub._actions if a.dest == key.group(1)), None)
-    classes = _subclasses(getattr(action, "_typehint", None))
     if name and classes:
         found = {c: c for c in classes}
         return f"--{key.group(1)} {name.group(1)}: no such class ({_closest(name.group(1), found, 'one of')})"
     return None
+
+
+def suggested(message: str, build: Callable, chosen: Optional[str]) -> str:
+    """`_suggestion`'s line for jsonargparse's error `message`, else `message`; `build()` builds the parser again
+    (only on this error path) for its own option names."""
+    from jsonargparse import capture_parser
+
+    try:
+        return _suggestion(message, capture_parser(build), chosen) or message
+    except Exception:  # a suggestion is a courtesy: the original message stands
+        return message
 
 
 def _quiet_libraries() -> None:
@@ -247,6 +295,9 @@ def _quiet_libraries() -> None:
 
     # Lightning on any machine with Slurm installed, for every single-node run (multi-node runs use srun)
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+    # torch 2.13's own export machinery rebuilding its LeafSpec (copyreg), once per decode-step compile
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def _check_config_files(argv: list[str]) -> None:
@@ -272,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     from litllm.errors import LitLLMError
 
     argv = sys.argv[1:] if argv is None else argv
+    argv = argv or ["--help"]  # a bare `litllm` lists the commands rather than erring that none was given
     if argv[:1] == ["--version"]:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -315,13 +367,8 @@ def main(argv: list[str] | None = None) -> None:
             commands = {name: name for name in [*COMMANDS, *RAW_COMMANDS]}
             message = f"unknown command {chosen!r} ({_closest(chosen, commands, 'one of')})"
         else:
-            from jsonargparse import capture_parser
-
-            try:  # the parser's own option names: built again, only on this error path
-                parser = capture_parser(lambda: CLI(components, args=argv, as_positional=True, prog="litllm"))
-                message = _suggestion(message, parser, chosen) or message
-            except Exception:  # a suggestion is a courtesy: the original message stands
-                pass
+            message = suggested(message, lambda: CLI(components, args=argv, as_positional=True, prog="litllm"),
+                                chosen)
         _fail(f"error: {message} (see `{help_hint}`)", code=2)
     except LitLLMError as e:
         _fail(f"error: {e}")

@@ -278,6 +278,14 @@ def expected_compile_seconds(model, compiles: dict, kind: str = "") -> tuple[flo
     return guess(layers), "a guess: none measured here"
 
 
+def note_compile(model) -> None:
+    """One line before a CPU decode step compiles that no `EagerAccount` announced (`chat`, `serve`, `--compile
+    true`: a long-lived or asked-for compile), so a start that takes a minute says why."""
+    price, priced_by = expected_compile_seconds(model, _ledger()["compile"])
+    _note(f"compiling the decode step once for this model and shape, ~{price:.0f} s ({priced_by}); later runs load "
+          f"it in milliseconds; --compile false or {COMPILE_ENV}=0 opts out")
+
+
 class EagerAccount:
     """Compiling amortised over default CPU runs of one model and engine shape while no saved step fits it (see
     the module doc: rent or buy, in seconds). `seconds`: the eager decode seconds earlier runs spent (the rent

@@ -59,9 +59,11 @@ def gpu_peak_flops(name: str, precision: str) -> float:
 def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     """(the command's arguments, estimate's own flags), parsed by jsonargparse from the command's own signature:
     a training command's arguments as its job (bound once, as the command binds them), others' as a dict."""
+    from argparse import ArgumentError
+
     from jsonargparse import CLI, set_parsing_settings
 
-    from litllm.__main__ import COMMANDS, _load, fill_bare_flags, qualify_bare_optimizer
+    from litllm.__main__ import COMMANDS, _fail, _load, fill_bare_flags, qualify_bare_optimizer, suggested
 
     if command not in COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; see `litllm --help`")
@@ -82,7 +84,14 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
         line for line in (_estimate_flags.__doc__ or "").splitlines()[3:])
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = qualify_bare_optimizer(fill_bare_flags(argv, {"--json"}, "true"))
-    values = CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}")
+    def cli(exit_on_error: bool = True):
+        return CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}",
+                   exit_on_error=exit_on_error)
+
+    try:  # a bad flag or value: one line, as the command itself prints it, not the usage text
+        values = cli(exit_on_error=False)
+    except ArgumentError as e:
+        _fail(f"error: {suggested(' '.join(str(e).split()), cli, None)} (see `litllm estimate {command} --help`)", 2)
     flags = {p.name: values.pop(p.name) for p in own}
     return (target.bind(**values) if hasattr(target, "job_class") else values), flags
 

@@ -296,10 +296,10 @@ def evaluate_perplexity(
 
 def _window(context: int, max_length: Optional[int], stride: Optional[int]) -> tuple[int, int]:
     """`(max_length, stride)` with their defaults (the model's `context`, half of it), checked."""
-    max_length = max_length or context
+    max_length = context if max_length is None else max_length  # (0 is no default: an error, as -5 is)
     if not 1 < max_length <= context:
         raise LitLLMError(f"--max_length: expected 2..{context} (the model's context), got {max_length}")
-    stride = stride or max(1, max_length // 2)
+    stride = max(1, max_length // 2) if stride is None else stride
     if not 0 < stride <= max_length:
         raise LitLLMError(f"--stride: expected 1..max_length ({max_length}), got {stride}")
     return max_length, stride

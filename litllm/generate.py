@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 
 from litllm import compile_decode
-from litllm.compile_decode import compile_cache_dir, pick_compiled_threads, step_engine
+from litllm.compile_decode import compile_cache_dir, pick_compiled_threads, saved_step_length, step_engine
 from litllm.compile_ledger import (PROBE_STEPS, compile_choice, eager_account, env_compile, expected_tokens_per_round,
-                                   record_decode_choices, record_step_compile, record_tokens_per_round, time_decode)
+                                   note_compile, record_decode_choices, record_step_compile, record_tokens_per_round,
+                                   time_decode)
 from litllm.engine import SEED_LIMIT, Engine, Request, Sampling, check_sampling_args
 from litllm.errors import LitLLMError
 from litllm.flags import with_flags
@@ -63,6 +64,9 @@ def decode_engine(model, tokenizer, rows: int, max_seq_length: int, threads: Opt
             return engine
         engine.close()
         choice = True
+    if (choice and account is None and model.wte.weight.device.type == "cpu" and getattr(model, "tp_size", 1) == 1
+            and saved_step_length(model, rows, max_seq_length, exact=exact_length) is None):
+        note_compile(model)  # nothing saved to load: this compiles now, a minute where eager runs start in seconds
     engine = step_engine(make, model, rows, max_seq_length, choice, exact=exact_length)
     if not choice:
         compiled_threads(engine, threads)  # a loaded saved step

@@ -90,7 +90,10 @@ def resolve_precision(precision: Optional[str], device: str, quantize: Optional[
     on a CPU with bf16 units, else fp32."""
     precision = precision or default_decode_precision(device, quantize)
     if precision not in DECODE_PRECISIONS:
-        raise LitLLMError(f"--precision: expected one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
+        # training's `bf16-mixed` (or a bare `bf16`): decoding keeps no fp32 copy, its name is the `-true` one
+        same = next((p for p in DECODE_PRECISIONS if p.split("-")[0] == str(precision).split("-")[0]), None)
+        hint = f" (did you mean {same}?)" if same else ""
+        raise LitLLMError(f"--precision: expected one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}{hint}")
     return DECODE_PRECISIONS[precision]
 
 

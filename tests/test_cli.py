@@ -36,6 +36,11 @@ def test_help_lists_every_command():
         assert name in result.stdout, name
 
 
+def test_a_bare_litllm_lists_the_commands():
+    bare, helped = in_process(), in_process("--help")
+    assert bare.returncode == 0 and bare.stdout == helped.stdout and "generate" in bare.stdout, bare.stderr
+
+
 def test_help_lists_the_commands_as_their_parsers_do():
     """`litllm --help` lists the commands from stand-ins (names, docstrings read from source) and must print what
     jsonargparse prints from the real functions and their parsers, which it builds only without that shortcut."""
@@ -114,8 +119,19 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--optimizer", "AdamWW", "--optimizer.lr", "1"], "--optimizer AdamWW: no such class (did "
                                                                               "you mean AdamW?)"),
     (["pretrian"], "did you mean pretrain?"),
+    (["finetune_lora", "x", "--data.json_path", "d.json"], "it is an option of --data JSON or Preference or Prompts: "
+                                                            "name the class before it"),
+    (["pretrain", "--data.zzz", "1"], "DataModule has no option 'zzz' (name a class first: --data CLASS)"),
+    (["convert_to_gguf", "x"], "missing out_file: litllm convert_to_gguf CHECKPOINT_DIR OUT_FILE [flags]"),
+    (["finetune_lora", "x", "--lora_r", "2.5"], "--lora_r: expected an integer, got '2.5'"),
+    (["finetune_lora", "x", "--train.max_steps", "abc"], "--train.max_steps: expected an integer or null, got 'abc'"),
+    (["generate", "x", "--compile", "maybe"], "--compile: expected true or false or null, got 'maybe'"),
+    (["finetune_lora", "x", "--strategy", "fdsp"], "--strategy fdsp: did you mean fsdp?"),
+    (["estimate", "finetune_lora", "x", "--lora_rr", "2"], "unknown flag --lora_rr (did you mean --lora_r?) (see "
+                                                            "`litllm estimate finetune_lora --help`)"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
-        "command"])
+        "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
+        "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
@@ -330,3 +346,20 @@ def test_first_pretrain_output_is_quiet(tmp_path):
     assert f"BPE tokenizer on 6 file(s): {out / 'tokenizer'}\n" in output
     assert "Step 2: validation loss" in output and "Step 4: validation loss" in output
     assert "Done: 4 steps" in output
+
+
+def test_torch_export_deprecation_noise_is_quiet():
+    """Each decode-step compile (a first `chat` or `serve`) made torch's export rebuild its own deprecated LeafSpec,
+    printing a FutureWarning a litllm user can do nothing about; the CLI silences that one message only."""
+    import warnings
+
+    from torch.utils import _pytree
+
+    from litllm.__main__ import _quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_libraries()
+        _pytree.LeafSpec()
+        warnings.warn("another FutureWarning", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another FutureWarning"]

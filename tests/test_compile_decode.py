@@ -470,6 +470,25 @@ def test_short_runs_compile_once_their_eager_seconds_reach_the_compile_seconds(t
     assert [e["seconds"] for e in eager_ledger(ledger)] == [26.0]
 
 
+@pytest.mark.parametrize("compile", [None, True], ids=["long-lived", "asked-for"])
+def test_a_compile_no_account_announced_says_so_once(tiny_checkpoint, fake_compile, capsys, compile):
+    """A long-lived engine (`chat`, `serve`: `tokens` None) or `--compile true` compiles without the rent-or-buy
+    account's note: it says so in one line before the minute it takes, and a later start that loads it says nothing."""
+    from litllm.generate import decode_engine
+    from litllm.inference import load_for_decoding
+
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    sources = []
+    for _ in range(2):
+        with decode_engine(model, None, 1, 20, threads, compile, None) as engine:
+            sources.append(engine.step_source)
+        sources.append(capsys.readouterr().err)
+    assert sources[0] == "compiled" and sources[2] == "loaded", sources
+    assert sources[1].count("\n") == 1 and sources[1].startswith("note: compiling the decode step once"), sources[1]
+    assert "~30 s" in sources[1] and f"{COMPILE_ENV}=0" in sources[1], sources[1]
+    assert sources[3] == "", sources[3]
+
+
 @pytest.mark.parametrize("step, sources", [(1.0, ["eager", "eager", "compiled"]), (2.0, ["eager", "compiled"]),
                                            (3.0, ["compiled"])])
 def test_a_dearer_eager_step_compiles_sooner(tiny_checkpoint, fake_compile, step, sources):

@@ -327,7 +327,8 @@ def test_broken_recipes(tiny_checkpoint, tmp_path):
     (tmp_path / "unknown.yaml").write_text("out_dir: out\ntrain:\n  micro_batch_sise: 2\n")
     (tmp_path / "bytes.yaml").write_bytes(b"\xff\xfe\x00binary")
     cases = [
-        (["pretrain", "--config", tmp_path / "missing.yaml"], "missing.yaml", 2),
+        (["pretrain", "--config", tmp_path / "missing.yaml"], "missing.yaml: file not found", 2),
+        (["pretrain", "--config", tmp_path / "unknown.yml"], "unknown.yml: file not found (did you mean unknown.yaml?)", 2),
         (["finetune_lora", tiny_checkpoint, "--config", tmp_path / "bad.yaml"], "line 1", 2),
         (["finetune_full", tiny_checkpoint, "--config", tmp_path / "unknown.yaml"], "train.micro_batch_sise", 2),
         (["generate", tiny_checkpoint, "--config", tmp_path / "bytes.yaml"], "bytes.yaml", 1),
@@ -338,6 +339,16 @@ def test_broken_recipes(tiny_checkpoint, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no usage text, one line
         assert proc.stderr.startswith("error: ") and names in proc.stderr
     assert tree(work) == {}
+
+
+def test_a_finetuning_step_names_how_to_get_its_model(tmp_path):
+    """A LoRA run's `step-*` holds only the trained weights: `convert_pretrained_checkpoint` names `merge_lora`."""
+    step = tmp_path / "run" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "trainable.safetensors").write_bytes(b"")
+    line = fails_cleanly(["convert_pretrained_checkpoint", step, tmp_path / "model"], tmp_path, str(step))
+    assert "use the run's final/ folder" in line and f"litllm merge_lora {step} --out_dir {tmp_path / 'model'}" in line
+    assert not (tmp_path / "model").exists()
 
 
 # ---------------------------------------------------------------------- the helpers, in-process

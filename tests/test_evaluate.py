@@ -495,6 +495,8 @@ def test_perplexity_rejects_bad_data(tiny_checkpoint, tmp_path):
         ("empty", {}, "no .txt, .json or .jsonl files"),
         ("ok.txt", {"stride": 500}, "--stride"),
         ("ok.txt", {"max_length": 1}, "--max_length"),
+        ("ok.txt", {"stride": 0}, r"--stride: expected 1\.\.max_length \(\d+\), got 0"),  # not the default
+        ("ok.txt", {"max_length": 0}, r"--max_length: expected 2\.\.\d+ \(the model's context\), got 0"),
         ("ok.txt", {"limit": 0}, "--limit"),
     ]:
         with pytest.raises(LitLLMError, match=message):

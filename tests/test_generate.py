@@ -587,8 +587,12 @@ def test_generate_command_sampling_seeded(tiny_checkpoint, capsys):
 def test_generate_command_precision_bf16(tiny_checkpoint, capsys):
     generate(tiny_checkpoint, "Hello", max_new_tokens=5, temperature=0.0, precision="bf16-true")
     assert capsys.readouterr().out.strip()
-    with pytest.raises(LitLLMError, match="--precision"):
+    with pytest.raises(LitLLMError, match="--precision") as error:
         generate(tiny_checkpoint, "Hello", precision="64-true")
+    assert "did you mean" not in str(error.value)
+    for training_name in ("bf16-mixed", "bf16"):  # what a training recipe says, or a bare dtype
+        with pytest.raises(LitLLMError, match=r"got '.+' \(did you mean bf16-true\?\)"):
+            generate(tiny_checkpoint, "Hello", precision=training_name)
 
 
 def test_default_precision_and_its_environment_variable(monkeypatch):

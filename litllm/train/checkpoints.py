@@ -418,7 +418,8 @@ def convert_pretrained_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Non
             raise LitLLMError(
                 f"{checkpoint_dir}: holds only the trained parameters of a finetuning method "
                 f"({TRAINABLE_WEIGHTS if not sharded else sharded_checkpoint.SHARDED_DIR + '/'}); "
-                f"use the run's final/ folder, which has the merged model"
+                f"use the run's final/ folder, which has the merged model, or for a LoRA run's step "
+                f"`litllm merge_lora {checkpoint_dir} --out_dir {output_dir}`"
             )
         if not sharded:
             raise LitLLMError(f"{checkpoint_dir}: no {WEIGHTS_FILE} (is this a litllm training checkpoint?)")
