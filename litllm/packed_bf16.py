@@ -23,8 +23,8 @@ PACKED_BF16_ENV = "LITLLM_PACKED_BF16"
 def packed_bf16_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.packed_bf16_linear(x, blocks, out_features)` (the same library as `row_split_op`'s) where
     this CPU has AVX512-BF16, oneDNN packs bf16 weights in one of `BF16_BLOCKS` (`bf16_block`), the library builds or
-    loads and `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled bf16 steps multiply by oneDNN's packed weights through it
-    (`BlockedBf16Linear`). `build=False`: None where the library is neither loaded nor built yet."""
+    loads and `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled bf16 steps multiply by oneDNN's packed weights
+    through it (`BlockedBf16Linear`). `build=False`: None where the library is neither loaded nor built yet."""
     if os.environ.get(PACKED_BF16_ENV, "").strip().lower() in ("0", "false", "no", "off") \
             or not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags():
         return None
