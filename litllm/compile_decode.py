@@ -58,7 +58,7 @@ import torch
 from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
                                one_row_linears, prompt_linears, thread_candidates)
 from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
-from litllm.packed_bf16 import (BF16_BLOCK, BlockedBf16Linear, becomes_blocked_bf16, blocked_bf16_linears,
+from litllm.packed_bf16 import (BlockedBf16Linear, becomes_blocked_bf16, bf16_block, blocked_bf16_linears, blocks_shape,
                                 packed_bf16_op, shared_parameters)
 from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_kernel, row_split_linears, wants_row_split
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
@@ -229,7 +229,7 @@ def _blocked_modules(model) -> dict[str, tuple]:
     if packed_bf16_op(build=False) is None:
         return {}
     shared = shared_parameters(model)
-    return {name: (-(-module.out_features // 64), -(-module.in_features // 64), *BF16_BLOCK)
+    return {name: blocks_shape(module.out_features, module.in_features, bf16_block())
             for name, module in model.named_modules() if becomes_blocked_bf16(module, shared)}
 
 
@@ -460,7 +460,8 @@ def unpack_weights(model) -> None:
     their int8 weights that the compiled step multiplies by instead (`litllm.quantize.Int8Words.prepare_compiled`).
     Every other row-major 16-bit CPU Linear becomes a `OneRowLinear` too (`litllm.cpu_layout.one_row_linears`: where
     oneDNN cannot pack 16-bit weights, AVX2 CPUs, the eager pick leaves them row-major). On AVX512-BF16 CPUs the bf16
-    ones of whole 64 x 64 blocks (not a head tied to the embedding) then become `litllm.packed_bf16.BlockedBf16Linear`s
+    ones of whole blocks (64 x 64; 32 x 32 where oneDNN packs for AMX; not a head tied to the embedding) then become
+    `litllm.packed_bf16.BlockedBf16Linear`s
     (`blocked_bf16_linears`): their weight packed by oneDNN once more, held in that layout only, which a prompt's
     oneDNN GEMM reads without reordering it per call (the prefill of a compiled run) and the step's AVX512-BF16 op
     too. With more than one thread or on AVX-512 CPUs (`wants_row_split`),

@@ -22,52 +22,65 @@ PACKED_BF16_ENV = "LITLLM_PACKED_BF16"
 
 def packed_bf16_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.packed_bf16_linear(x, blocks, out_features)` (the same library as `row_split_op`'s) where
-    this CPU has AVX512-BF16, oneDNN packs bf16 weights in `BF16_BLOCK`s, the library builds or loads and
-    `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled bf16 steps multiply by oneDNN's packed weights through it
-    (`BlockedBf16Linear`). `build=False`: None where the library is neither loaded nor built yet."""
+    this CPU has AVX512-BF16, oneDNN packs bf16 weights in one of `BF16_BLOCKS` (`bf16_block`), the library builds or
+    loads and `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled bf16 steps multiply by oneDNN's packed weights
+    through it (`BlockedBf16Linear`). `build=False`: None where the library is neither loaded nor built yet."""
     if os.environ.get(PACKED_BF16_ENV, "").strip().lower() in ("0", "false", "no", "off") \
             or not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags():
         return None
     if not build and not _library_there():
         return None
-    if not _onednn_packs_bf16_blocks():
+    if bf16_block() is None:
         return None
     return None if row_split_op() is None else torch.ops.litllm_cpu.packed_bf16_linear
 
 
+BF16_BLOCKS = ((32, 64, 2), (16, 32, 2))
+"""oneDNN's packed bf16 Linear weights, per W x KW block of (out, in): KW / 2 pairs of input features, each holding W
+outputs x the pair's 2 values; blocks ordered (out / W, in / KW), padded with zeros. (32, 64, 2), W = KW = 64: its
+AVX512-BF16 kernels' blocking; (16, 32, 2), W = KW = 32: its AMX kernels' (`onednn_bf16_blocks` checks each weight it
+packs against the one `bf16_block` found)."""
+
+
 @lru_cache(maxsize=None)
-def _onednn_packs_bf16_blocks() -> bool:
-    """Does oneDNN pack bf16 Linear weights here as `BF16_BLOCK` says (probed once, on a 192 x 128 weight)? Where it
-    does not (another ISA's blocking, e.g. AMX's), no weight becomes a `BlockedBf16Linear` and the saved steps' keys
-    (`litllm.compile_decode._blocked_modules`) say so."""
-    try:
-        return onednn_bf16_blocks(torch.randn(192, 128).to(torch.bfloat16)) is not None
-    except (RuntimeError, AttributeError, OSError, TypeError):  # no oneDNN bf16 reorder, or no AOTInductor C shim
-        return False
+def bf16_block() -> Optional[tuple[int, int, int]]:
+    """The `BF16_BLOCKS` entry oneDNN packs bf16 Linear weights in here (probed once, on a 192 x 128 weight), or None
+    where it packs otherwise (another ISA's blocking) or not at all: then no weight becomes a `BlockedBf16Linear` and
+    the saved steps' keys (`litllm.compile_decode._blocked_modules`) say so."""
+    weight = torch.randn(192, 128).to(torch.bfloat16)
+    for block in BF16_BLOCKS:
+        try:
+            if onednn_bf16_blocks(weight, block) is not None:
+                return block
+        except (RuntimeError, AttributeError, OSError, TypeError):  # no oneDNN bf16 reorder, or no AOTInductor C shim
+            return None
+    return None
 
 
-BF16_BLOCK = (32, 64, 2)
-"""oneDNN's packed bf16 Linear weight on AVX512-BF16 CPUs, per 64 x 64 block of (out, in): 32 pairs of input
-features, each holding 64 outputs x the pair's 2 values; blocks ordered (out / 64, in / 64), padded with zeros
-(`onednn_bf16_blocks` checks each weight it packs against it)."""
+def blocks_shape(out_features: int, in_features: int, block: tuple[int, int, int]) -> tuple[int, ...]:
+    """The shape of an (out, in) weight's blocks in `block`'s layout: (out / W, in / KW, KW / 2, W, 2), rounded up."""
+    pairs, width, _ = block
+    return -(-out_features // width), -(-in_features // (2 * pairs)), *block
 
 
-def onednn_bf16_blocks(weight: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(blocks, packed) for a bf16 (out, in) CPU weight: its oneDNN-packed bytes as a plain (ceil(out / 64),
-    ceil(in / 64), 32, 64, 2) tensor that owns them, and an opaque oneDNN tensor on the same memory (what
+def onednn_bf16_blocks(weight: torch.Tensor, block: Optional[tuple[int, int, int]] = None
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(blocks, packed) for a bf16 (out, in) CPU weight: its oneDNN-packed bytes as a plain `blocks_shape` tensor
+    (`block`: default `bf16_block()`'s) that owns them, and an opaque oneDNN tensor on the same memory (what
     `torch.ops.mkldnn._linear_pointwise` multiplies a prompt by without reordering); None where oneDNN packs
     otherwise here (another blocking, no bf16 GEMM)."""
     import ctypes
 
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    block = block or bf16_block()
+    if block is None or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     out_features, in_features = weight.shape
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    blocks = torch.empty(-(-out_features // 64), -(-in_features // 64), *BF16_BLOCK, dtype=torch.bfloat16)
+    blocks = torch.empty(blocks_shape(out_features, in_features, block), dtype=torch.bfloat16)
     if torch.ops.mkldnn._nbytes(packed) != 2 * blocks.numel():
         return None
     ctypes.memmove(blocks.data_ptr(), torch.ops.mkldnn.data_ptr(packed), 2 * blocks.numel())
-    plain = blocks.permute(0, 3, 1, 2, 4).reshape(blocks.size(0) * 64, blocks.size(1) * 64)
+    plain = blocks.permute(0, 3, 1, 2, 4).reshape(blocks.size(0) * blocks.size(3), blocks.size(1) * 2 * blocks.size(2))
     if not torch.equal(plain[:out_features, :in_features], weight) or plain.count_nonzero() != weight.count_nonzero():
         return None  # not the blocking assumed (or nonzero padding)
     return blocks, _onednn_view(blocks, packed)
@@ -119,7 +132,7 @@ class BlockedBf16Linear(torch.nn.Module):
                  bias: Optional[torch.Tensor]) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("blocks", blocks, persistent=False)  # (out/64, in/64, 32, 64, 2) bf16
+        self.register_buffer("blocks", blocks, persistent=False)  # (out/W, in/KW, KW/2, W, 2) bf16: `blocks_shape`
         self.onednn = onednn  # not a buffer: opaque, and no input of the compiled step
         self._blocks_address = blocks.data_ptr()  # `onednn` reads this memory: see `forward`
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
@@ -141,7 +154,7 @@ class BlockedBf16Linear(torch.nn.Module):
 
 
 def becomes_blocked_bf16(module, shared: set[int]) -> bool:
-    """Does `blocked_bf16_linears` make `module` a `BlockedBf16Linear`: a bf16 CPU Linear of whole 64 x 64 blocks
+    """Does `blocked_bf16_linears` make `module` a `BlockedBf16Linear`: a bf16 CPU Linear of whole `bf16_block`s
     that a compiled step would multiply by through `litllm.cpu_layout.OneRowLinear` (`becomes_one_row`, or
     oneDNN-packed), whose weight no other module shares (`shared`: ids of the parameters outside Linears, e.g. a tied
     embedding)."""
@@ -149,8 +162,9 @@ def becomes_blocked_bf16(module, shared: set[int]) -> bool:
         return True
     if type(module) not in (OneRowLinear, torch.nn.Linear) and not isinstance(module, PackedLinear):
         return False
-    if module.in_features % 64 or module.out_features % 64:  # whole blocks only: oneDNN pads others its own way
-        return False
+    block = bf16_block()
+    if block is None or module.in_features % (2 * block[0]) or module.out_features % block[1]:
+        return False  # whole blocks only: oneDNN pads others its own way
     if isinstance(module, PackedLinear):
         return module.packed_weight.dtype == torch.bfloat16
     return becomes_one_row(module) and module.weight.dtype == torch.bfloat16 and id(module.weight) not in shared

@@ -13,7 +13,7 @@ from test_compile_decode import greedy_tokens
 from litllm.cpu_layout import PackedLinear
 from litllm.engine import Engine
 from litllm.model import GPT
-from litllm.packed_bf16 import BlockedBf16Linear, onednn_bf16_blocks, packed_bf16_op
+from litllm.packed_bf16 import BF16_BLOCKS, BlockedBf16Linear, blocks_shape, onednn_bf16_blocks, packed_bf16_op
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
         for n_out, n_in in ((64, 64), (192, 128), (1024, 256)):
             linear = torch.nn.Linear(n_in, n_out, bias=True, dtype=torch.bfloat16)
             blocks, onednn = onednn_bf16_blocks(linear.weight)
-            assert blocks.shape == (n_out // 64, n_in // 64, 32, 64, 2)
+            assert blocks.shape in [blocks_shape(n_out, n_in, block) for block in BF16_BLOCKS]
             module = BlockedBf16Linear(n_in, n_out, blocks, onednn, linear.bias)
             assert torch.equal(module.weight, linear.weight)  # what MLA's absorbed attention multiplies by
             with torch.inference_mode():
@@ -60,6 +60,28 @@ def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
         op(torch.randn(1, 96, dtype=torch.bfloat16), blocks, 1024)  # 96 features: not the weight's
 
 
+@pytest.mark.parametrize("block", BF16_BLOCKS)
+def test_packed_bf16_op_reads_each_blocking(op, block):
+    """Both blockings oneDNN packs bf16 weights in (AVX512-BF16's 64 x 64 and AMX's 32 x 32 blocks), whichever this
+    CPU's oneDNN uses: a weight laid out in `block` by hand, zero-padded to whole blocks (outputs and inputs that are
+    not multiples of the block), times one row and a batch of 3, within one bf16 rounding of the exact product."""
+    torch.manual_seed(0)
+    pairs, width, _ = block
+    for n_out, n_in in ((width, 2 * pairs), (3 * width + 5, 2 * pairs + 7), (200, 300)):
+        weight = torch.randn(n_out, n_in).to(torch.bfloat16)
+        shape = blocks_shape(n_out, n_in, block)
+        padded = torch.zeros(shape[0] * width, shape[1] * 2 * pairs, dtype=torch.bfloat16)
+        padded[:n_out, :n_in] = weight
+        # (out/W, W, in/KW, KW/2, 2) -> (out/W, in/KW, KW/2, W, 2)
+        blocks = padded.view(shape[0], width, shape[1], pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
+        for rows in (1, 3):
+            x = torch.randn(rows, n_in).to(torch.bfloat16)
+            exact = F.linear(x.double(), weight.double())
+            got = op(x, blocks, n_out)
+            assert got.shape == (rows, n_out)
+            assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+
+
 def test_only_whole_blocks_of_untied_bf16_weights_are_packed(op):
     """A tied head keeps the embedding's row-major weight (`OneRowLinear`), fp32 weights and Linears of partial blocks
     stay as they are."""
@@ -70,7 +92,7 @@ def test_only_whole_blocks_of_untied_bf16_weights_are_packed(op):
     unpack_weights(model)
     assert type(model.lm_head) is OneRowLinear and model.lm_head.weight is model.wte.weight
     assert all(type(m) is BlockedBf16Linear for m in model.blocks.modules() if hasattr(m, "in_features"))
-    odd = GPT(_bf16_config(intermediate_size=96)).to(torch.bfloat16).eval()
+    odd = GPT(_bf16_config(intermediate_size=80)).to(torch.bfloat16).eval()
     unpack_weights(odd)
     assert type(odd.blocks[0].mlp.proj) is OneRowLinear and type(odd.blocks[0].attn.qkv) is BlockedBf16Linear
 
