@@ -76,8 +76,10 @@ def _build(path: Path) -> None:
     from torch.utils.cpp_extension import load_inline
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"note: building litllm's CPU ops in {path.parent} (once per machine and torch version, about a minute)",
-          file=sys.stderr, flush=True)
+    from tqdm import tqdm  # its write() puts the note on a line of its own while a progress bar is drawn
+
+    tqdm.write(f"note: building litllm's CPU ops in {path.parent} (once per machine and torch version, about a minute)",
+               file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=path.parent) as build:
         load_inline(NAME, cpp_sources=[SOURCE], is_python_module=False,
                     extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
