@@ -261,12 +261,12 @@ def _packed_bf16(linear: torch.nn.Linear) -> torch.nn.Module:
     return blocked_bf16_linear(linear) if becomes_blocked_bf16(linear, set()) else linear
 
 
-def _packed_bf16_runs(linear: torch.nn.Linear) -> bool:
-    """Does "packed-bf16" lay `linear` out here: litllm's packed bf16 op builds or loads (`packed_bf16_op`) and
-    `linear` is a bf16 one of whole blocks?"""
+def _packed_bf16_runs(linear: torch.nn.Linear, build: bool) -> bool:
+    """Does "packed-bf16" lay `linear` out here: litllm's packed bf16 op builds or loads (`packed_bf16_op`; `build`
+    False: is built already) and `linear` is a bf16 one of whole blocks?"""
     from litllm.packed_bf16 import becomes_blocked_bf16, packed_bf16_op
 
-    return packed_bf16_op() is not None and becomes_blocked_bf16(linear, set())
+    return packed_bf16_op(build) is not None and becomes_blocked_bf16(linear, set())
 
 
 LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
@@ -275,7 +275,8 @@ LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
 """How `optimize_for_decoding` lays Linears out. The eager step of "onednn-packed+column-major" is oneDNN's packed
 one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major.
 "packed-bf16": bf16 Linears of whole blocks held as a compiled step on AVX512-BF16 CPUs holds them (the others stay
-row-major); on the AMX Xeon oneDNN's own one-row bf16 matmul on the same bytes is slower (tutorials/inference.md 6b)."""
+row-major), one row through litllm's op: on the 2-core AMX Xeon the 134M bf16 eager step took 1.16-1.26x less CPU time
+than "onednn-packed" at 1 thread, 1.7x less than row-major (`benchmarks/eager_step.py --layouts`)."""
 TIMED_LAYOUTS = ("column-major", "onednn-packed", "packed-bf16")
 """The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by); 16-bit
 weights all but column-major (`UNTIMED_16_BIT_LAYOUTS`)."""
@@ -287,13 +288,14 @@ against 12-16 row-major), and where oneDNN has no 16-bit GEMM (AVX2) a column-ma
 `eager_upcast_linears`. On a loaded machine the timing alone picked it (tutorials/inference.md section 6c)."""
 
 
-def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
-    """Can this layout run here (oneDNN ops present) and give the same numbers?"""
+def _layout_works(name: str, linear: torch.nn.Linear, build: bool = True) -> bool:
+    """Can this layout run here (oneDNN ops present; litllm's C++ ops where it takes them, with `build` False only
+    if built already) and give the same numbers?"""
     if name.startswith("onednn-packed") and not (
         torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):
         return False
-    if name == "packed-bf16" and not _packed_bf16_runs(linear):
+    if name == "packed-bf16" and not _packed_bf16_runs(linear, build):
         return False
     probe = torch.nn.Linear(linear.in_features, 64, bias=True, dtype=linear.weight.dtype)  # 64: whole bf16 blocks
     x = torch.randn(3, 2, linear.in_features, dtype=linear.weight.dtype)
@@ -378,7 +380,7 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
     for name in TIMED_LAYOUTS:
         if w.dtype in ONE_ROW_DTYPES and name in UNTIMED_16_BIT_LAYOUTS:
             continue
-        if _layout_works(name, largest):
+        if _layout_works(name, largest, build=False):  # an eager run does not wait ~1 min for a first build
             copy = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
             copy.weight = nn.Parameter(w)
             candidates[name] = LAYOUTS[name](copy)

@@ -151,6 +151,22 @@ def test_the_eager_packed_bf16_layout_decodes_as_onednn_packed(op, monkeypatch):
         model("packed-bf16")
 
 
+def test_the_timed_layout_pick_tries_packed_bf16_only_where_the_op_is_built(op, monkeypatch):
+    """`optimize_for_decoding` times "packed-bf16" beside the other layouts where the op's library is built already;
+    where it is not, it neither builds it (an eager run does not wait for that) nor picks the layout."""
+    from litllm import cpu_layout, packed_bf16
+
+    made = []
+    layout = cpu_layout.LAYOUTS["packed-bf16"]
+    monkeypatch.setitem(cpu_layout.LAYOUTS, "packed-bf16", lambda linear: made.append(1) or layout(linear))
+    cpu_layout.optimize_for_decoding(GPT(_bf16_config()).to(torch.bfloat16).eval())
+    assert made
+    made.clear()
+    monkeypatch.setattr(packed_bf16, "_library_there", lambda: False)
+    assert cpu_layout.optimize_for_decoding(GPT(_bf16_config()).to(torch.bfloat16).eval()) != "packed-bf16"
+    assert not made
+
+
 @pytest.mark.slow
 def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op, monkeypatch, tmp_path):
     """The eager engine (oneDNN-packed `PackedLinear`s) and the compiled one (`BlockedBf16Linear`s on the same packed
