@@ -275,8 +275,9 @@ LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
 """How `optimize_for_decoding` lays Linears out. The eager step of "onednn-packed+column-major" is oneDNN's packed
 one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major.
 "packed-bf16": bf16 Linears of whole blocks held as a compiled step on AVX512-BF16 CPUs holds them (the others stay
-row-major), one row through litllm's op: on the 2-core AMX Xeon the 134M bf16 eager step took 1.16-1.26x less CPU time
-than "onednn-packed" at 1 thread, 1.7x less than row-major (`benchmarks/eager_step.py --layouts`)."""
+row-major), one row through litllm's op: on the 2-core AMX Xeon the 134M bf16 eager step took 1.13-1.26x less CPU time
+than "onednn-packed" at 1 thread (median 1.18x, five runs), 1.57-1.70x less than row-major (`benchmarks/eager_step.py
+--layouts`)."""
 TIMED_LAYOUTS = ("column-major", "onednn-packed", "packed-bf16")
 """The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by); 16-bit
 weights all but column-major (`UNTIMED_16_BIT_LAYOUTS`)."""
