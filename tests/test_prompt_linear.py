@@ -82,7 +82,7 @@ def test_prompt_linear_equals_linear(monkeypatch, threads):
     ("torchao.int8wo", "compiled", 2), ("torchao.int8dq", "compiled", 2)])
 def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, threads):
     """The layouts a run's engine holds: a compiled run's (`unpack_weights`: fp32 Linears as `RowSplitLinear`s on 2
-    threads, `PromptLinear`s on 1; int8 layers' eager step) and an eager run's (`optimize_for_decoding`: column-major
+    threads or where litllm's AVX-512 kernel multiplies a row, `PromptLinear`s otherwise; int8 layers' eager step) and an eager run's (`optimize_for_decoding`: column-major
     `PromptLinear`s, or oneDNN's packed ones): the prefill's matmuls run oneDNN's GEMM where `prompt_gemm` says so and
     `F.linear` where not, the same first tokens either way, and (fp32) the prompt's last logits within fp32 rounding of
     the uncached forward."""
@@ -92,7 +92,7 @@ def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, th
     from litllm.model import GPT
     from litllm.quantize import quantize_model
     from litllm.cpu_ops import INT8_PROMPT_ENV, row_split_op
-    from litllm.row_split import RowSplitLinear
+    from litllm.row_split import RowSplitLinear, wants_row_split
 
     if mode != "none":
         pytest.importorskip("torchao")
@@ -117,9 +117,9 @@ def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, th
         else:
             optimize_for_decoding(model, layout="onednn-packed" if layout == "eager-packed" else "column-major")
         kinds = {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+        row_split = layout == "compiled" and wants_row_split() and row_split_op() is not None
         if mode == "none":
-            assert kinds == {PackedLinear if layout == "eager-packed" else
-                             RowSplitLinear if layout == "compiled" and threads > 1 else PromptLinear}
+            assert kinds == {PackedLinear if layout == "eager-packed" else RowSplitLinear if row_split else PromptLinear}
         firsts, logits = {}, {}
         for gemm in ("onednn", "blas"):
             monkeypatch.setenv(PROMPT_GEMM_ENV, gemm)
