@@ -253,32 +253,11 @@ def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
     return linear
 
 
-def _packed_bf16(linear: torch.nn.Linear) -> torch.nn.Module:
-    """`linear` as a `litllm.packed_bf16.BlockedBf16Linear` where it is a bf16 one of whole blocks (oneDNN's packed
-    bytes; one row through litllm's AVX512-BF16 op, as the compiled step there multiplies), else as it is."""
-    from litllm.packed_bf16 import becomes_blocked_bf16, blocked_bf16_linear  # (it builds on this module)
-
-    return blocked_bf16_linear(linear) if becomes_blocked_bf16(linear, set()) else linear
-
-
-def _packed_bf16_runs(linear: torch.nn.Linear, build: bool) -> bool:
-    """Does "packed-bf16" lay `linear` out here: litllm's packed bf16 op builds or loads (`packed_bf16_op`; `build`
-    False: is built already) and `linear` is a bf16 one of whole blocks?"""
-    from litllm.packed_bf16 import becomes_blocked_bf16, packed_bf16_op
-
-    return packed_bf16_op(build) is not None and becomes_blocked_bf16(linear, set())
-
-
 LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
-           "onednn-packed+column-major": lambda linear: PackedLinear(linear, unpack_column_major=True),
-           "packed-bf16": _packed_bf16}
+           "onednn-packed+column-major": lambda linear: PackedLinear(linear, unpack_column_major=True)}
 """How `optimize_for_decoding` lays Linears out. The eager step of "onednn-packed+column-major" is oneDNN's packed
-one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major.
-"packed-bf16": bf16 Linears of whole blocks held as a compiled step on AVX512-BF16 CPUs holds them (the others stay
-row-major), one row through litllm's op: on the 2-core AMX Xeon the 134M bf16 eager step took 1.13-1.26x less CPU time
-than "onednn-packed" at 1 thread (median 1.18x, five runs), 1.57-1.70x less than row-major (`benchmarks/eager_step.py
---layouts`)."""
-TIMED_LAYOUTS = ("column-major", "onednn-packed", "packed-bf16")
+one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major."""
+TIMED_LAYOUTS = ("column-major", "onednn-packed")
 """The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by); 16-bit
 weights all but column-major (`UNTIMED_16_BIT_LAYOUTS`)."""
 UNTIMED_16_BIT_LAYOUTS = ("column-major",)
@@ -289,16 +268,13 @@ against 12-16 row-major), and where oneDNN has no 16-bit GEMM (AVX2) a column-ma
 `eager_upcast_linears`. On a loaded machine the timing alone picked it (tutorials/inference.md section 6c)."""
 
 
-def _layout_works(name: str, linear: torch.nn.Linear, build: bool = True) -> bool:
-    """Can this layout run here (oneDNN ops present; litllm's C++ ops where it takes them, with `build` False only
-    if built already) and give the same numbers?"""
+def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
+    """Can this layout run here (oneDNN ops present) and give the same numbers?"""
     if name.startswith("onednn-packed") and not (
         torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):
         return False
-    if name == "packed-bf16" and not _packed_bf16_runs(linear, build):
-        return False
-    probe = torch.nn.Linear(linear.in_features, 64, bias=True, dtype=linear.weight.dtype)  # 64: whole bf16 blocks
+    probe = torch.nn.Linear(linear.in_features, 16, bias=True, dtype=linear.weight.dtype)
     x = torch.randn(3, 2, linear.in_features, dtype=linear.weight.dtype)
     try:
         expected = probe(x)
@@ -317,8 +293,7 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     Decoding multiplies one activation row by each weight matrix, a pass over memory whose speed
     depends on the BLAS, the kernel and the CPU. Candidates: as loaded (row-major, `F.linear`),
     column-major (`F.linear` then multiplies by a contiguous transpose; 1.1-1.6x faster than
-    row-major with MKL on AMD EPYC), oneDNN's packed layout (`PackedLinear`; up to ~2x), and for bf16
-    weights where litllm's packed bf16 op runs, "packed-bf16" (`litllm.packed_bf16.BlockedBf16Linear`). Each is
+    row-major with MKL on AMD EPYC), and oneDNN's packed layout (`PackedLinear`; up to ~2x). Each is
     timed on (up to 128 MB of) the largest layer (interleaved, medians); the fastest replaces every plain
     Linear whose weight isn't shared with the embedding, one layer at a time, if it beats the
     loaded layout by `min_gain`. Values are unchanged; only the summation order differs.
@@ -331,13 +306,9 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     `OneRowLinear`s (`eager_upcast_linears`): the same one-row kernel, and a prompt's matmuls in fp32. Plain fp32
     Linears become `PromptLinear`s where a prompt's GEMM is oneDNN's (`prompt_linears`): the same one-row matmul.
     """
-    from litllm.packed_bf16 import BlockedBf16Linear  # (it builds on this module)
-
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:  # already done
         return "onednn-packed+column-major" if packed[0].unpack_column_major else "onednn-packed"
-    if any(isinstance(m, BlockedBf16Linear) for m in model.modules()):
-        return "packed-bf16"  # already done (or the compiled step's `unpack_weights`)
     if layout in (None, "row-major") and any(type(m) is OneRowLinear for m in model.modules()):
         return "row-major"  # already done (`eager_upcast_linears`)
     layout_in_use = _pick_layout(model, min_gain, layout)
@@ -381,7 +352,7 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
     for name in TIMED_LAYOUTS:
         if w.dtype in ONE_ROW_DTYPES and name in UNTIMED_16_BIT_LAYOUTS:
             continue
-        if _layout_works(name, largest, build=False):  # an eager run does not wait ~1 min for a first build
+        if _layout_works(name, largest):
             copy = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
             copy.weight = nn.Parameter(w)
             candidates[name] = LAYOUTS[name](copy)

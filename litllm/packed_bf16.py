@@ -186,15 +186,10 @@ def blocked_bf16_linears(model) -> None:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) in (OneRowLinear, torch.nn.Linear) and becomes_blocked_bf16(child, shared):
-                setattr(module, name, blocked_bf16_linear(child))
+                made = onednn_bf16_blocks(child.weight)
+                if made is not None:
+                    setattr(module, name, BlockedBf16Linear(child.in_features, child.out_features, *made, child.bias))
     _release_freed_memory()
-
-
-def blocked_bf16_linear(linear: torch.nn.Linear) -> torch.nn.Module:
-    """`linear` (bf16, whole `bf16_block`s) as a `BlockedBf16Linear` on its weight packed by oneDNN; `linear` itself
-    where oneDNN packs it otherwise."""
-    made = onednn_bf16_blocks(linear.weight)
-    return linear if made is None else BlockedBf16Linear(linear.in_features, linear.out_features, *made, linear.bias)
 
 
 def _release_freed_memory() -> None:
