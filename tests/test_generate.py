@@ -248,10 +248,12 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
     it, and tell apart steps whose Linears have other strides or kernels. fp32: packed weights unpack row-major, or
     column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` (or, with more than one thread, the
     row-split op, `RowSplitLinear`) then reads; 16-bit: every row-major Linear becomes a `OneRowLinear` (`torch.mv`),
-    packed ones too (each layout where it runs here: oneDNN packs bf16 only with AVX-512)."""
+    packed ones too, or a `BlockedBf16Linear` where litllm's packed bf16 op runs (each layout where it runs here:
+    oneDNN packs bf16 only with AVX-512)."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
     from litllm.cpu_layout import _layout_works, OneRowLinear, optimize_for_decoding
     from litllm.cpu_ops import row_split_op
+    from litllm.packed_bf16 import BlockedBf16Linear, becomes_blocked_bf16, packed_bf16_op
     from litllm.row_split import RowSplitLinear, wants_row_split
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -268,12 +270,14 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
         qkv = model.blocks[0].attn.qkv
         kernels[layout] = (type(qkv), qkv.weight.stride(), options.items() >= ONE_ROW_COMPILE_OPTIONS.items())
     n_in, n_out = qkv.in_features, qkv.out_features
+    blocked = packed_bf16_op() is not None and becomes_blocked_bf16(torch.nn.Linear(n_in, n_out, dtype=dtype), set())
+    one_row_cls = BlockedBf16Linear if blocked else OneRowLinear
     column_major = {"column-major"} if dtype == torch.bfloat16 else {"column-major", "onednn-packed+column-major"}
     for layout, (cls, strides, one_row) in kernels.items():
         # 16-bit row-major weights through OneRowLinear; column-major ones keep F.linear; fp32 ones the row-split op
         # where there are threads to split between (and it builds here)
         fp32 = RowSplitLinear if wants_row_split() and row_split_op() is not None else torch.nn.Linear
-        assert cls is (fp32 if dtype == torch.float32 else OneRowLinear if layout not in column_major
+        assert cls is (fp32 if dtype == torch.float32 else one_row_cls if layout not in column_major
                        else torch.nn.Linear)
         assert strides == ((1, n_out) if layout in column_major else (n_in, 1))
         assert one_row == (dtype == torch.bfloat16 and (layout not in column_major or model.config.tie_embeddings))
