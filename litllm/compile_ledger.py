@@ -38,7 +38,7 @@ from litllm.compile_decode import (_config_repr, _machine, _note, _step_length, 
                                    saved_step_length)
 from litllm.cpu_layout import optimize_for_decoding
 from litllm.errors import LitLLMError
-from litllm.utils import atomic_path, owned_and_private
+from litllm.utils import OFF_VALUES, atomic_path, owned_and_private
 
 COMPILE_ENV = "LITLLM_COMPILE"
 CHOICES_FILE = "decode_choices.json"
@@ -151,7 +151,7 @@ def env_compile() -> Optional[bool]:
         return None
     if value in ("1", "true", "yes", "on"):
         return True
-    if value in ("0", "false", "no", "off"):
+    if value in OFF_VALUES:
         return False
     raise LitLLMError(f"${COMPILE_ENV}: expected 0/false or 1/true, got {value!r}")
 

@@ -15,7 +15,6 @@ steps keep `F.linear`).
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import sys
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from typing import Iterator, Optional
 import torch
 from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` anyway
 
-from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private
+from litllm.utils import atomic_path, cpu_flags, cpu_model_name, litllm_cache_home, owned_and_private, switched_off
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp").read_text()
 """The ops' C++ (litllm/cpu_ops.cpp): the fp32 row split, int8dq's and int8wo's decode rows, int8 prompt rows, packed
@@ -222,7 +221,7 @@ def training_ops_ready(switch_env: str) -> bool:
     """Whether a fused training op of this library can run here: `$<switch_env>` is not `0`/`false`/`no`/`off`, the
     CPU has AVX-512 and the library loads (built first, once per machine, where it is not yet; one source, so every
     op of it is there)."""
-    if os.environ.get(switch_env, "").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(switch_env):
         return False
     return _has_avx512() and row_split_op() is not None
 
@@ -231,7 +230,7 @@ def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
     """`torch.ops.litllm_cpu.<name>` where `cpu_has` the op's instructions, `$LITLLM_INT8_ROWS` is not `0` and the
     library builds or loads (`row_split_op`); else None. `build=False`: None where the library is neither loaded nor
     built yet (an eager call does not wait ~1 min for a first build)."""
-    if os.environ.get(INT8_ROWS_ENV, "").strip().lower() in ("0", "false", "no", "off") or not cpu_has:
+    if switched_off(INT8_ROWS_ENV) or not cpu_has:
         return None
     if not build and not _library_there():
         return None
@@ -273,7 +272,7 @@ def int8_prompt_op() -> Optional[object]:
     `int8_rows_op(build=False)`) and `$LITLLM_INT8_PROMPT` is not `0`; else None. The eager prefill of int8 layers
     (`litllm.quantize.Int8Words._eager_step`) calls it: many rows times int8 weights read once, int8dq's rows rounded
     per block (int8 dot products by vpdpbusd), int8wo's unrounded (the weights converted to fp32 in registers)."""
-    if os.environ.get(INT8_PROMPT_ENV, "").strip().lower() in ("0", "false", "no", "off") \
+    if switched_off(INT8_PROMPT_ENV) \
             or not _has_avx512_vnni() or not _library_there() or row_split_op() is None:
         return None
     return torch.ops.litllm_cpu.int8_prompt_linear

@@ -5,7 +5,6 @@ through oneDNN's GEMM on the packed weight, one row through litllm's AVX512-BF16
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -14,7 +13,7 @@ import torch
 
 from litllm.cpu_layout import OneRowLinear, PackedLinear, becomes_one_row
 from litllm.cpu_ops import _library_there, row_split_op
-from litllm.utils import cpu_flags
+from litllm.utils import cpu_flags, switched_off
 
 PACKED_BF16_ENV = "LITLLM_PACKED_BF16"
 """`0`/`false`: compiled bf16 steps keep row-major weights and inductor's `mv` (`OneRowLinear`), e.g. to compare."""
@@ -25,7 +24,7 @@ def packed_bf16_op(build: bool = True) -> Optional[object]:
     this CPU has AVX512-BF16, oneDNN packs bf16 weights in one of `BF16_BLOCKS` (`bf16_block`), the library builds or
     loads and `$LITLLM_PACKED_BF16` is not `0`; else None. Compiled bf16 steps multiply by oneDNN's packed weights
     through it (`BlockedBf16Linear`). `build=False`: None where the library is neither loaded nor built yet."""
-    if os.environ.get(PACKED_BF16_ENV, "").strip().lower() in ("0", "false", "no", "off") \
+    if switched_off(PACKED_BF16_ENV) \
             or not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags():
         return None
     if not build and not _library_there():

@@ -24,6 +24,7 @@ import torch
 
 from litllm.cpu_layout import PromptLinear, plain_cpu_weight, swap_linears
 from litllm.cpu_ops import _has_avx512, row_split_op
+from litllm.utils import switched_off
 
 
 class RowSplitLinear(PromptLinear):
@@ -70,7 +71,7 @@ def wants_row_split() -> bool:
     """Do fp32 compiled steps here take `RowSplitLinear`s: more than one thread to split the rows between (torch's
     thread budget), or litllm's own kernel to multiply by (`row_split_kernel`), unless `$LITLLM_ROW_SPLIT` is
     `0`/`false`."""
-    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(ENV):
         return False
     return torch.get_num_threads() > 1 or row_split_kernel() == "avx512"
 

@@ -272,6 +272,15 @@ def litllm_cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "litllm"
 
 
+OFF_VALUES = ("0", "false", "no", "off")
+"""What an on/off environment switch reads as off."""
+
+
+def switched_off(name: str) -> bool:
+    """Is the environment switch `$name` set to off (`0`/`false`/`no`/`off`, any case, spaces ignored)?"""
+    return os.environ.get(name, "").strip().lower() in OFF_VALUES
+
+
 def cpu_model_name(default: str = "") -> str:
     """This CPU's model name (`/proc/cpuinfo`), `default` where it can't be read."""
     try:
