@@ -178,11 +178,13 @@ INT8_ROWS_ENV = "LITLLM_INT8_ROWS"
 ones too) and eager int8wo calls torch's kernel, e.g. to compare."""
 
 
-def _has_avx512_vnni() -> bool:
+def has_avx512_vnni() -> bool:
+    """Does this CPU have what the int8 ops need (AVX-512 with VNNI)?"""
     return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
 
 
-def _has_avx512() -> bool:
+def has_avx512() -> bool:
+    """Does this CPU have what the fused training ops and the fp32 one-row kernel need (AVX-512 F/BW/VL)?"""
     return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
 
 
@@ -223,7 +225,7 @@ def training_ops_ready(switch_env: str) -> bool:
     op of it is there)."""
     if switched_off(switch_env):
         return False
-    return _has_avx512() and row_split_op() is not None
+    return has_avx512() and row_split_op() is not None
 
 
 def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
@@ -232,7 +234,7 @@ def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
     built yet (an eager call does not wait ~1 min for a first build)."""
     if switched_off(INT8_ROWS_ENV) or not cpu_has:
         return None
-    if not build and not _library_there():
+    if not build and not library_built():
         return None
     return None if row_split_op() is None else getattr(torch.ops.litllm_cpu, name)
 
@@ -241,7 +243,7 @@ def int8_rows_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.int8_rows_linear(x, words, scales, block)` (the same library as `row_split_op`'s) where
     this CPU has AVX-512 VNNI (`_int8_library_op`). int8dq's compiled steps call it instead of inductor's int8 reduction
     (`litllm.quantize.Int8Words`)."""
-    return _int8_library_op("int8_rows_linear", _has_avx512_vnni(), build)
+    return _int8_library_op("int8_rows_linear", has_avx512_vnni(), build)
 
 
 def int8wo_rows_op(build: bool = True) -> Optional[object]:
@@ -253,10 +255,10 @@ def int8wo_rows_op(build: bool = True) -> Optional[object]:
     (`litllm.quantize.Int8PackedLinear`) call it in compiled steps
     instead of inductor's int8 reduction, and eagerly for one row instead of torch's bf16 kernel (where the library is
     there already)."""
-    return _int8_library_op("int8wo_rows_linear", _has_avx512(), build)
+    return _int8_library_op("int8wo_rows_linear", has_avx512(), build)
 
 
-def _library_there() -> bool:
+def library_built() -> bool:
     """Is the op library loaded in this process or built in `library_folder()` already?"""
     return hasattr(torch.ops.litllm_cpu, "row_split_linear") or (library_folder() / _library_name()).exists()
 
@@ -273,6 +275,6 @@ def int8_prompt_op() -> Optional[object]:
     (`litllm.quantize.Int8Words._eager_step`) calls it: many rows times int8 weights read once, int8dq's rows rounded
     per block (int8 dot products by vpdpbusd), int8wo's unrounded (the weights converted to fp32 in registers)."""
     if switched_off(INT8_PROMPT_ENV) \
-            or not _has_avx512_vnni() or not _library_there() or row_split_op() is None:
+            or not has_avx512_vnni() or not library_built() or row_split_op() is None:
         return None
     return torch.ops.litllm_cpu.int8_prompt_linear

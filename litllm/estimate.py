@@ -253,9 +253,9 @@ def fused_cpu_ops(plan: TrainPlan):
     run's first step builds it): else the model's own code, with a note. A GPU run's fake step: the model's code."""
     from litllm import cpu_ops
 
-    if plan.device != "cpu" or dtypes(plan.precision)[1] != torch.float32 or not cpu_ops._has_avx512():
+    if plan.device != "cpu" or dtypes(plan.precision)[1] != torch.float32 or not cpu_ops.has_avx512():
         return nullcontext()
-    if not cpu_ops._library_there():
+    if not cpu_ops.library_built():
         note = ("litllm's fused CPU training ops are not built here yet: estimated for the unfused ops (the run "
                 "builds them at its first step)")
         if note not in plan.notes:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from litllm.cpu_layout import OneRowLinear, PackedLinear, becomes_one_row
-from litllm.cpu_ops import _library_there, row_split_op
+from litllm.cpu_ops import library_built, row_split_op
 from litllm.utils import cpu_flags, switched_off
 
 PACKED_BF16_ENV = "LITLLM_PACKED_BF16"
@@ -27,7 +27,7 @@ def packed_bf16_op(build: bool = True) -> Optional[object]:
     if switched_off(PACKED_BF16_ENV) \
             or not {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags():
         return None
-    if not build and not _library_there():
+    if not build and not library_built():
         return None
     if bf16_block() is None:
         return None

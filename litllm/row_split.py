@@ -23,7 +23,7 @@ import os
 import torch
 
 from litllm.cpu_layout import PromptLinear, plain_cpu_weight, swap_linears
-from litllm.cpu_ops import _has_avx512, row_split_op
+from litllm.cpu_ops import has_avx512, row_split_op
 from litllm.utils import switched_off
 
 
@@ -62,7 +62,7 @@ def row_split_kernel() -> str:
     """What the op multiplies a row-major weight's chunks by here: "avx512" (litllm's kernel) on an AVX-512 CPU unless
     `$LITLLM_ROW_SPLIT` is `blas`, else "blas" (`litllm_cpu::row_split_linear_blas`: MKL's GEMV, column-major weights
     always). Part of the saved step's key (`litllm.compile_decode.steps_folder`)."""
-    if os.environ.get(ENV, "").strip().lower() == "blas" or not _has_avx512():
+    if os.environ.get(ENV, "").strip().lower() == "blas" or not has_avx512():
         return "blas"
     return "avx512"
 

@@ -192,11 +192,11 @@ def test_the_run_s_device_decides_whether_the_fused_ops_are_followed(tmp_path, m
     on_cpu = finetune.finetune_lora.bind(folder, precision="32-true", accelerator="cpu",
                                          train=replace(finetune.FINETUNE_TRAIN, max_seq_length=32))
     assert plan_from_job("finetune_lora", on_cpu, for_gpu=True).device == "cpu"
-    if not cpu_ops._has_avx512():
+    if not cpu_ops.has_avx512():
         pytest.skip("no AVX-512: the fused training ops never run here")
     plan = plan_for("llama", "full", None, 2, False)
     gpu = peak_memory(replace(plan, device="cuda"))
-    monkeypatch.setattr(cpu_ops, "_library_there", lambda: False)
+    monkeypatch.setattr(cpu_ops, "library_built", lambda: False)
     monkeypatch.setattr(cpu_ops, "_build", lambda path: pytest.fail("estimate built the op library"))
     assert peak_memory(plan) == gpu and "not built here yet" in plan.notes[-1]
 

@@ -312,7 +312,7 @@ def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
     per output is at most the rounding of its fp32 result plus the activations' as 31-bit integers (2^-30 of the row's
     absmax each: `int8wo_digits`), far inside the fp32 kernel's. A non-finite activation gives the fp32 kernel's
     output (NaN where it has NaN); a width no multiple of 4 is refused."""
-    from litllm.cpu_ops import _has_avx512_vnni, int8wo_rows_op
+    from litllm.cpu_ops import has_avx512_vnni, int8wo_rows_op
 
     op = int8wo_rows_op()
     if op is None:
@@ -334,7 +334,7 @@ def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
                         assert got.shape == (n_rows, n_out)
                         error = (got.double() - expected).norm() / expected.norm().clamp_min(1e-300)
                         assert float(error) < 1e-6, (kernel, n_out, n_in, kind)
-                    if _has_avx512_vnni():  # each output: its fp32 rounding (denormal too), 2^-30 absmax per x
+                    if has_avx512_vnni():  # each output: its fp32 rounding (denormal too), 2^-30 absmax per x
                         bound = (2.0**-23 * expected.abs() + 2.0**-149 + 2.0**-30
                                  * x.double().abs().amax(-1, keepdim=True) * w.double().abs().sum(-1) * scales.double())
                         assert ((op(x, words, scales).double() - expected).abs() <= bound).all(), (n_out, n_in, kind)
