@@ -4,8 +4,8 @@ Times `litllm_cpu::int4_rows_linear` (bf16 activations, the uint4 weights repack
 AVX512-BF16 dot products; `litllm.quantize.Int4RowsLinear`) and torch's `_weight_int4pack_mm_for_cpu` (what torchao's
 CPU `Int4OpaqueTensor` calls) on the same torchao-quantized weights: one decode token's Linears of
 benchmarks/generate.py's 134M Llama (12 layers of 768 -> 2304, 768 -> 768, 768 -> 4096, 2048 -> 768; 85M weights,
-~45 MB as int4 with their scales: held in a large L3) and one layer at a prompt's 32 rows, alternating within each of
-`--rounds` rounds; prints GB of int4 weights (values, scales and zeros) per CPU-second and per wall second, best
+~45 MB as int4 with their scales: held in a large L3) and one layer at a prompt's 32 rows, each kernel called directly (no
+layer's Python around it), alternating within each of `--rounds` rounds; prints GB of int4 weights (values, scales and zeros) per CPU-second and per wall second, best
 rounds, and first how far each is from the float64 product of the dequantized weights.
 
     python benchmarks/int4_op_rate.py --threads 1 2 --rounds 5
@@ -37,6 +37,20 @@ def both_layers(out_f: int, in_f: int, g: torch.Generator):
     return theirs, _torchao_int4wo(linear, torch.device("cpu"), torch.bfloat16)
 
 
+def torch_kernel(pair):
+    """torch's CPU int4 kernel on torchao's tensors, called as torchao's layer calls it (without its Python dispatch)."""
+    weight = pair[0].weight
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.qdata, weight.block_size[1],
+                                                                weight.scale_and_zero)
+
+
+def litllm_kernel(pair):
+    """litllm's op on the layer's repacked tensors (as `Int4RowsLinear.forward` calls it)."""
+    ours = pair[1]
+    return lambda x: torch.ops.litllm_cpu.int4_rows_linear(x, ours.packed, ours.scale_zero, ours.group,
+                                                           ours.out_features)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="*", default=[1])
@@ -64,15 +78,15 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for rows in (1, 32):
-            calls = {name: [(layer[k], x[layer[k].in_features][:rows]) for layer in (layers if rows == 1 else layers[:4])]
-                     for k, name in enumerate(("torch", "litllm"))}
+            calls = {name: [(kernel(pair), x[pair[1].in_features][:rows]) for pair in (layers if rows == 1 else layers[:4])]
+                     for name, kernel in (("torch", torch_kernel), ("litllm", litllm_kernel))}
             best = {name: (float("inf"), float("inf")) for name in calls}
             with torch.no_grad():
                 for _ in range(args.rounds):
                     for name, pairs in calls.items():
                         c0, t0 = time.process_time(), time.perf_counter()
-                        for layer, xr in pairs:
-                            layer(xr)
+                        for kernel, xr in pairs:
+                            kernel(xr)
                         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
                         best[name] = (min(best[name][0], cpu), min(best[name][1], wall))
             nbytes = stored if rows == 1 else sum(ours.stored_bytes for _, ours in layers[:4])

@@ -16,7 +16,9 @@ Modes (`--quantize`):
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
                     (`PrototypeInt4WeightOnlyConfig`, the kernel `_weight_int4pack_mm_for_cpu`), any float
-                    dtype, fast in bfloat16. On the CPU a layer whose in_features is no multiple of 32
+                    dtype, fast in bfloat16; bf16 on AVX512-BF16 CPUs: `Int4RowsLinear`, torchao's values
+                    repacked for litllm's C++ op (`litllm.cpu_ops.int4_rows_op`; `LITLLM_INT4_ROWS=0`: torchao's
+                    layer). On the CPU a layer whose in_features is no multiple of 32
                     stays unquantized (with a warning); only toy models have such widths.
 - `torchao.int8dq`  int8 weights (int8wo's values) and int8 activations, quantized per token on each call (W8A8
                     dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product

@@ -787,6 +787,8 @@ def test_int4_rows_op_against_float64_and_torchao(int4_op, group, monkeypatch):
                 for out in (ours(x), theirs(x)):
                     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
                     assert ((out.double() - exact).abs() <= bound).all(), (out_f, group, rows)
+    # the op's shapes for tracing (`litllm.cpu_ops`' fake registration, what a compiled step sees) match the op's
+    torch.library.opcheck(torch.ops.litllm_cpu.int4_rows_linear, (x, ours.packed, ours.scale_zero, group, out_f))
 
 
 def test_int4_layer_holds_one_copy_and_the_switch_keeps_torchao(int4_op, monkeypatch):
