@@ -352,6 +352,8 @@ FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8":
 def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, Callable]:
     """({row: (model, threads)}, {row: bytes read per token}, fp32 layout, `load(row)`: another copy of a row's
     model, as loaded) for litllm fp32 and each --quantize."""
+    from unittest import mock
+
     from litllm.inference import load_for_inference, pick_decode_threads
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.cpu_ops import INT4_ROWS_ENV
@@ -360,15 +362,9 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, C
     def load(row: str):
         row, _, kernel = row.partition(":")  # `ROW:torch`: int4wo on torch's kernel, as `LITLLM_INT4_ROWS=0` loads it
         mode, _, precision = ("none" if row == "litllm" else row).partition("@")
-        before = os.environ.get(INT4_ROWS_ENV)
-        if kernel == "torch":
-            os.environ[INT4_ROWS_ENV] = "0"
-        try:
+        with mock.patch.dict(os.environ, {INT4_ROWS_ENV: "0"} if kernel == "torch" else {}):  # restored after
             return load_for_inference(folder, device=args.device, precision=precision or "32-true",
                                       quantize=None if mode == "none" else mode)
-        finally:
-            if kernel == "torch":
-                os.environ.pop(INT4_ROWS_ENV) if before is None else os.environ.update({INT4_ROWS_ENV: before})
 
     lit = load("litllm")
     fp32_linear_bytes = linear_bytes(lit)
