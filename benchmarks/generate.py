@@ -243,11 +243,11 @@ def print_startup(folder: Path, repeats: int, extra: tuple[str, ...] = ()) -> No
 
 def linear_bytes(model) -> int:
     """Bytes of the model's Linear weights and biases as stored (a torchao tensor subclass: its inner tensors)."""
-    from litllm.quantize import Int8DynamicLinear, Int8PackedLinear
+    from litllm.quantize import Int4RowsLinear, Int8DynamicLinear, Int8PackedLinear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, Int8DynamicLinear):  # its packed weights are opaque to Python
+        if isinstance(module, (Int8DynamicLinear, Int4RowsLinear)):  # int8dq: packed weights opaque to Python
             total += module.stored_bytes
         elif isinstance(module, (torch.nn.Linear, Int8PackedLinear)):
             for t in (module.weight, module.bias, getattr(module, "scales", None)):
@@ -327,7 +327,8 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode steps")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
-                        help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true")
+                        help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true "
+                             "(ROW:torch: int4wo on torch's kernel, loaded with LITLLM_INT4_ROWS=0)")
     parser.add_argument("--llama_cpp", nargs="*", default=None, metavar="OUTTYPE",
                         help="llama.cpp rows (GGUF outtypes, OUTTYPE+repack: with llama.cpp's AMX/repacked weight "
                              "buffers; default f32 f16 q8_0 q8_0+repack when llama_cpp is importable)")
@@ -351,14 +352,19 @@ FORMATS = {"fp32": ("litllm", "f32"), "bf16": ("none@bf16-true", "f16"), "int8":
 def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, Callable]:
     """({row: (model, threads)}, {row: bytes read per token}, fp32 layout, `load(row)`: another copy of a row's
     model, as loaded) for litllm fp32 and each --quantize."""
+    from unittest import mock
+
     from litllm.inference import load_for_inference, pick_decode_threads
     from litllm.cpu_layout import optimize_for_decoding
+    from litllm.cpu_ops import INT4_ROWS_ENV
 
     # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
     def load(row: str):
+        row, _, kernel = row.partition(":")  # `ROW:torch`: int4wo on torch's kernel, as `LITLLM_INT4_ROWS=0` loads it
         mode, _, precision = ("none" if row == "litllm" else row).partition("@")
-        return load_for_inference(folder, device=args.device, precision=precision or "32-true",
-                                  quantize=None if mode == "none" else mode)
+        with mock.patch.dict(os.environ, {INT4_ROWS_ENV: "0"} if kernel == "torch" else {}):  # restored after
+            return load_for_inference(folder, device=args.device, precision=precision or "32-true",
+                                      quantize=None if mode == "none" else mode)
 
     lit = load("litllm")
     fp32_linear_bytes = linear_bytes(lit)

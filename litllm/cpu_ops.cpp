@@ -1821,3 +1821,142 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("moe_route_backward", &moe_route_backward);
 }
 // ---- end of training: MoE routing
+
+// ---- int4 weight-only rows (litllm.quantize.Int4RowsLinear, torchao.int4wo with bf16 activations on AVX512-BF16
+// CPUs): y (M, N) bf16 = x (M, K) bf16 times torchao's asymmetric uint4 weights, w[n, k] = (q - 8) * s + z with a bf16
+// scale s and zero z per output and group of `group` inputs (tinygemm's values, unchanged), in fp32 sums.
+// Layout (`litllm.quantize.int4_rows_layout`, made once at load): w (N/32, K/2, 32) uint8, per block of 32 outputs and
+// pair of inputs (k, k+1) 32 bytes, byte 2j+t holding q[j, k+t] (low nibble) and q[16+j, k+t] (high nibble): one 32-byte
+// load widened to 16-bit lanes gives both halves' 16 outputs x 2 inputs, vdpbf16ps's pairs. A nibble q becomes the bf16
+// 128 + q by OR-ing in 128's bits (its 7 mantissa bits hold q exactly), so sum_k x_k (128 + q) needs no conversion; the
+// group's 136 * sum(x) (the 128 and q's offset 8) is folded in once per group: y += s * acc + (z - 136 s) * sum(x).
+// sz (N/32, K/group, 2, 32) bf16: each block's 32 scales, then 32 zeros, per group. 32 outputs and up to 4 rows of x a
+// tile, each block read once per 4 rows; one row: even and odd pairs in separate sums (vdpbf16ps's latency).
+#if defined(__x86_64__)
+constexpr int64_t kInt4Ahead = 4096;  // bytes of weights prefetched ahead (past a block's end: the next block's)
+
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void int4_block_rows(const uint16_t* x, int64_t K, const float* xsum, int64_t G, const uint8_t* w,
+                            const uint16_t* sz, int64_t group, float* out) {
+  constexpr int U = MR == 1 ? 2 : 1;  // independent sums per output vector
+  const __m512i nibble = _mm512_set1_epi16(0x000F), b128 = _mm512_set1_epi16(0x4300);  // bf16 128: 0x4300 | q = 128 + q
+  const int64_t steps = group / 2;
+  __m512 y[MR][2];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) y[m][0] = y[m][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MR][2][U];
+    #pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+      #pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[m][0][u] = acc[m][1][u] = _mm512_setzero_ps();
+    const uint8_t* wg = w + g * steps * 32;
+    const int32_t* xg = reinterpret_cast<const int32_t*>(x + g * group);  // bf16 pairs (k, k+1)
+    for (int64_t p = 0; p < steps; p += U) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg + p * 32) + kInt4Ahead, _MM_HINT_T0);
+      #pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + (p + u) * 32)));
+        const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, b128, 0xEA);  // (q & 15) | 128's bits
+        const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 4), b128);
+        #pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) {
+          const __m512bh xb = (__m512bh)_mm512_set1_epi32(xg[m * K / 2 + p + u]);
+          acc[m][0][u] = _mm512_dpbf16_ps(acc[m][0][u], lo, xb);
+          acc[m][1][u] = _mm512_dpbf16_ps(acc[m][1][u], hi, xb);
+        }
+      }
+    }
+    const uint16_t* sg = sz + g * 64;
+    #pragma GCC unroll 4
+    for (int h = 0; h < 2; ++h) {  // outputs 16h..16h+15: bf16 -> fp32 is a shift into the high half
+      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 16 * h))), 16));
+      const __m512 z = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 32 + 16 * h))), 16));
+      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);  // z - 136 s
+      #pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        __m512 a = acc[m][h][0];
+        if constexpr (U == 2) a = _mm512_add_ps(a, acc[m][h][1]);
+        y[m][h] = _mm512_fmadd_ps(a, s, y[m][h]);
+        y[m][h] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[m * G + g]), y[m][h]);
+      }
+    }
+  }
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    _mm512_storeu_ps(out + m * 32, y[m][0]);
+    _mm512_storeu_ps(out + m * 32 + 16, y[m][1]);
+  }
+}
+#endif
+
+at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group,
+                            int64_t N) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"),
+              "int4_rows_linear: this CPU has no AVX512-BF16");
+#else
+  TORCH_CHECK(false, "int4_rows_linear: this CPU has no AVX512-BF16");
+#endif
+  const int64_t K = x.size(-1), NB = w.size(0), G = K / std::max<int64_t>(group, 1);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16 &&
+              w.dim() == 3 && w.size(1) * 2 == K && w.size(2) == 32 && w.is_contiguous() && sz.is_contiguous() &&
+              (group == 32 || group == 64 || group == 128) && K % group == 0 && sz.dim() == 4 &&
+              sz.size(0) == NB && sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == 32 && NB * 32 >= N &&
+              NB * 32 < N + 32,
+              "int4_rows_linear: x ", x.sizes(), " ", x.scalar_type(), ", w ", w.sizes(), " ", w.scalar_type(),
+              ", scales ", sz.sizes(), " ", sz.scalar_type(), ", group ", group, ", out_features ", N);
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  const at::Tensor xc = x.contiguous();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+  std::vector<float> xsum(M * G);  // each row's sum over each group, for the zeros
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += static_cast<float>(c10::BFloat16(xp[m * K + k],
+                                                                                                  c10::BFloat16::from_bits()));
+      xsum[m * G + g] = s;
+    }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>();
+  const int threads = op_threads();
+  const int64_t per = (NB + threads - 1) / threads;  // each thread one contiguous range of blocks
+  auto part = [&](int64_t t) {
+#if defined(__x86_64__)
+    const uint8_t* wp = w.const_data_ptr<uint8_t>();
+    const uint16_t* sp = reinterpret_cast<const uint16_t*>(sz.const_data_ptr<at::BFloat16>());
+    float out[4 * 32];
+    for (int64_t b = t * per; b < std::min(NB, (t + 1) * per); ++b) {
+      const uint8_t* wb = wp + b * K * 16;
+      const uint16_t* sb = sp + b * G * 64;
+      const int64_t n = std::min<int64_t>(32, N - b * 32);
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t rows = std::min<int64_t>(4, M - m);
+        const uint16_t* xm = xp + m * K;
+        const float* sm = xsum.data() + m * G;
+        if (rows == 4) int4_block_rows<4>(xm, K, sm, G, wb, sb, group, out);
+        else if (rows == 3) int4_block_rows<3>(xm, K, sm, G, wb, sb, group, out);
+        else if (rows == 2) int4_block_rows<2>(xm, K, sm, G, wb, sb, group, out);
+        else int4_block_rows<1>(xm, K, sm, G, wb, sb, group, out);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < n; ++j) yp[(m + r) * N + b * 32 + j] = at::BFloat16(out[r * 32 + j]);
+      }
+    }
+#endif
+  };
+  run_chunks(std::min<int64_t>(threads, NB), threads, part);
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(litllm_cpu, m) {
+  m.def("int4_rows_linear(Tensor x, Tensor w, Tensor scale_zero, int group, int out_features) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("int4_rows_linear", &int4_rows_linear);
+}
+// ---- end of int4 weight-only rows

@@ -1,5 +1,5 @@
 """litllm's C++ CPU ops (litllm/cpu_ops.cpp), one library: the fp32 row split (`litllm.row_split`), int8dq's
-and int8wo's decode rows and int8 prompt rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`), fused
+and int8wo's decode rows, int8 prompt rows and bf16 int4wo's rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`), fused
 training norms and RoPE (`litllm.fused_norms`); how it
 is built and loaded, the ops' shapes for tracing, and which ops run here.
 
@@ -115,6 +115,7 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], w.size(0))
 
     _register_training_fakes()
+    _register_int4_fake()
 
 
 def _register_training_fakes() -> None:
@@ -278,3 +279,26 @@ def int8_prompt_op() -> Optional[object]:
             or not has_avx512_vnni() or not library_built() or row_split_op() is None:
         return None
     return torch.ops.litllm_cpu.int8_prompt_linear
+
+
+INT4_ROWS_ENV = "LITLLM_INT4_ROWS"
+"""`0`/`false`: `torchao.int4wo` bf16 CPU layers stay torchao's (torch's kernel `_weight_int4pack_mm_for_cpu`) instead of
+litllm's `int4_rows_linear` layout, e.g. to compare; read when a model is quantized."""
+
+
+def _register_int4_fake() -> None:
+    @torch.library.register_fake("litllm_cpu::int4_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+
+def int4_rows_op(build: bool = True) -> Optional[object]:
+    """`torch.ops.litllm_cpu.int4_rows_linear(x, w, scale_zero, group, out_features)` (the same library as
+    `row_split_op`'s) where this CPU has AVX512-BF16, torch packs int4 weights in its AVX-512 layout (the one
+    `litllm.quantize.int4_rows_layout` reads), `$LITLLM_INT4_ROWS` is not `0` and the library builds or loads; else
+    None. bf16 `torchao.int4wo` CPU layers (`litllm.quantize.Int4RowsLinear`) multiply by it, eager and compiled."""
+    if switched_off(INT4_ROWS_ENV) or not {"avx512_bf16", "avx512bw"} <= cpu_flags():
+        return None
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or (not build and not library_built()):
+        return None
+    return None if row_split_op() is None else torch.ops.litllm_cpu.int4_rows_linear

@@ -16,7 +16,9 @@ Modes (`--quantize`):
                     tinygemm's layout (gpt-fast's int4). CUDA: `Int4WeightOnlyConfig`'s tile-packed
                     format, which computes in bfloat16 only; CPU: torchao's `Int4OpaqueTensor`
                     (`PrototypeInt4WeightOnlyConfig`, the kernel `_weight_int4pack_mm_for_cpu`), any float
-                    dtype, fast in bfloat16. On the CPU a layer whose in_features is no multiple of 32
+                    dtype, fast in bfloat16; bf16 on AVX512-BF16 CPUs: `Int4RowsLinear`, torchao's values
+                    repacked for litllm's C++ op (`litllm.cpu_ops.int4_rows_op`; `LITLLM_INT4_ROWS=0`: torchao's
+                    layer). On the CPU a layer whose in_features is no multiple of 32
                     stays unquantized (with a warning); only toy models have such widths.
 - `torchao.int8dq`  int8 weights (int8wo's values) and int8 activations, quantized per token on each call (W8A8
                     dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product
@@ -564,6 +566,80 @@ def _torchao_int8dq(linear: nn.Linear, device: torch.device, compute_dtype: torc
 INT4_GROUP_SIZES = (128, 64, 32)  # the group sizes torchao's CPU int4 kernel takes, preferred first
 
 
+def _torch_int4_values(qdata: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """torch's CPU int4 packing (`_convert_weight_to_int4pack_for_cpu` on an AVX-512 CPU: (N, K/2) uint8, blocks of 64
+    output rows, per input k 32 bytes, byte d (< 16) holding rows d (low nibble) and d + 32, byte 16 + d rows 16 + d and
+    48 + d; a last block of 16, 32 or 48 rows: byte n/2 holds rows n and n + 1) -> the uint4 values, (N, K) uint8."""
+    N, K = out_features, in_features
+    flat = qdata.reshape(-1)
+    full = N // 64
+    b = flat[: full * K * 32].reshape(full, K, 2, 16)  # (block, k, half, 16 rows)
+    rows = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 3, 1).reshape(full * 64, K)  # (row, k)
+    rest = N - full * 64
+    if rest:
+        b = flat[full * K * 32:].reshape(K, rest // 2)  # byte n/2: rows n, n + 1
+        rows = torch.cat([rows, torch.stack([b & 15, b >> 4], dim=-1).reshape(K, rest).t()])
+    return rows
+
+
+def int4_rows_layout(qdata: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int, in_features: int,
+                     group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's CPU int4 tensors (`Int4OpaqueTensor`: `qdata` in torch's packing, `scale_and_zero` (K/group, N, 2))
+    -> the layout of litllm's `int4_rows_linear` op: (N/32, K/2, 32) uint8, per block of 32 outputs and pair of inputs
+    (k, k+1) 32 bytes, byte 2j+t holding output j's value at k+t (low nibble) and output 16+j's (high nibble); and
+    (N/32, K/group, 2, 32) scales then zeros per block and group (the outputs past N: zero)."""
+    N, K = out_features, in_features
+    blocks = -(-N // 32)
+    q = torch.zeros(blocks * 32, K, dtype=torch.uint8)
+    q[:N] = _torch_int4_values(qdata, N, K)
+    q = q.reshape(blocks, 2, 16, K // 2, 2)  # (block, half, j, pair, t)
+    packed = (q[:, 0] | (q[:, 1] << 4)).permute(0, 2, 1, 3).reshape(blocks, K // 2, 32)  # (block, pair, 2j+t)
+    sz = torch.zeros(blocks * 32, K // group, 2, dtype=scale_and_zero.dtype)
+    sz[:N] = scale_and_zero.transpose(0, 1)  # (N, groups, scale / zero)
+    sz = sz.reshape(blocks, 32, K // group, 2).permute(0, 2, 3, 1)  # (block, group, scale / zero, 32 outputs)
+    return packed.contiguous(), sz.contiguous()
+
+
+class Int4RowsLinear(nn.Module):
+    """A frozen Linear with torchao's int4 weight-only values (asymmetric uint4 per group of `group` inputs, bf16 scale
+    and zero: `w = (q - 8) * scale + zero`), bf16 activations, computed by litllm's AVX512-BF16 op
+    `int4_rows_linear` (`litllm.cpu_ops.int4_rows_op`) on the weights repacked once at load (`int4_rows_layout`: 32
+    outputs x 2 inputs a 32-byte line; torchao's copy is not kept), in fp32 sums, eager and in compiled steps (one op:
+    a plain-tensor module, so the step is saved as the unquantized ones are). Prompts too: each line of weights is read
+    once per 4 rows."""
+
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int,
+                 bias: Optional[nn.Parameter]):
+        super().__init__()
+        self.in_features, self.out_features, self.group = packed.shape[1] * 2, out_features, group
+        self.register_buffer("packed", packed)  # (N/32, K/2, 32) uint8
+        self.register_buffer("scale_zero", scale_zero)  # (N/32, K/group, 2, 32) bf16
+        self.bias = bias
+
+    def _apply(self, fn, recurse=True):
+        # moved with the module (device) but never converted (model.half()): the op reads bf16 scales
+        scale_zero = self._buffers.pop("scale_zero")
+        super()._apply(fn, recurse)
+        moved = fn(scale_zero)
+        self.register_buffer("scale_zero", moved if moved.dtype == torch.bfloat16 else scale_zero.to(moved.device))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        out = torch.ops.litllm_cpu.int4_rows_linear(x2d, self.packed, self.scale_zero, self.group, self.out_features)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    @property
+    def stored_bytes(self) -> int:
+        """The packed values and bf16 scales and zeros (and the bias): what a token reads."""
+        return self.packed.nbytes + self.scale_zero.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
+                f"bias={self.bias is not None}")
+
+
 def _torchao_int4wo(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     ao = _torchao_quantization()
     group = next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), INT4_GROUP_SIZES[0])
@@ -576,6 +652,14 @@ def _torchao_int4wo(linear: nn.Linear, device: torch.device, compute_dtype: torc
         config = ao.Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
                                          set_inductor_config=False)
     ao.quantize_(layer, config)
+    if device.type == "cpu" and compute_dtype == torch.bfloat16:
+        from litllm.cpu_ops import int4_rows_op
+
+        weight = layer.weight
+        if int4_rows_op() is not None and weight.scale_and_zero.dtype == torch.bfloat16:  # torchao's values repacked
+            packed, scale_zero = int4_rows_layout(weight.qdata, weight.scale_and_zero, linear.out_features,
+                                                  linear.in_features, group)
+            return Int4RowsLinear(packed, scale_zero, group, linear.out_features, layer.bias)
     return layer
 
 
@@ -770,7 +854,7 @@ def _fast_exact_int8wo_head(device: DeviceLike, dtype: torch.dtype) -> bool:
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether a layer holds bitsandbytes- or torchao-quantized weights."""
-    if isinstance(module, (Int8PackedLinear, Int8DynamicLinear)):
+    if isinstance(module, (Int8PackedLinear, Int8DynamicLinear, Int4RowsLinear)):
         return True
     weight = getattr(module, "weight", None)
     return type(weight).__name__ in ("Params4bit", "Int8Params") or type(weight).__module__.startswith("torchao.")

@@ -22,7 +22,8 @@ import torch.nn as nn
 from litllm.errors import LitLLMError
 from litllm.model import GPT
 from litllm.quantize import (
-    QUANT_BUILDERS, Int8PackedLinear, check_quantize_mode, is_quantized, quantize_linear, quantize_model,
+    INT4_GROUP_SIZES, QUANT_BUILDERS, Int8PackedLinear, check_quantize_mode, is_quantized, quantize_linear,
+    quantize_model,
 )
 
 MODES = ["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"]
@@ -547,6 +548,9 @@ def test_estimate_counts_torchao_bytes(mode, dtype):
         stored = layer.weight.nbytes + layer.scales.nbytes
         assert stored == 192 * 256 + 192 * 2 <= quantized_linear_bytes(192, 256, mode, dtype.itemsize)
         return
+    if type(layer).__name__ == "Int4RowsLinear":  # bf16 int4wo on AVX512-BF16 CPUs: torchao's values repacked
+        assert layer.stored_bytes == quantized_linear_bytes(192, 256, mode, dtype.itemsize)
+        return
     weight = layer.weight
     stored = sum(getattr(weight, name).nbytes for name in weight.__tensor_flatten__()[0])
     assert quantized_linear_bytes(192, 256, mode, dtype.itemsize) == stored
@@ -732,3 +736,99 @@ def test_an_int8_engine_prefilled_by_the_prompt_op_decodes_the_fp32_gemm_ones_to
             assert greedy() == gemm and len(gemm) == 12
             assert 20 in calls  # the prompt's rows went through the op
             calls.clear()
+
+
+# ---------------------------------------------------------------------- litllm's int4 op (bf16 torchao.int4wo, CPU)
+@pytest.fixture
+def int4_op():
+    """Skips where litllm's int4 op does not run (AVX512-BF16, torch's AVX-512 int4 packing, the op's library)."""
+    pytest.importorskip("torchao")
+    from litllm.cpu_ops import int4_rows_op
+
+    if int4_rows_op() is None:
+        pytest.skip("litllm's int4 op does not run here")
+
+
+def _int4_layers(out_f: int, in_f: int, monkeypatch, bias: bool = False) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(torchao's bf16 int4wo layer, on torch's kernel; litllm's `Int4RowsLinear` of the same weight; that layer's
+    weight as torchao's format defines it, float64: `(q - 8) * scale + zero` with q from torchao's own quantization)."""
+    from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
+
+    linear = nn.Linear(in_f, out_f, bias=bias).bfloat16()
+    group = next(g for g in INT4_GROUP_SIZES if in_f % g == 0)
+    with monkeypatch.context() as m:
+        m.setenv("LITLLM_INT4_ROWS", "0")
+        theirs = quantize_linear(linear, "torchao.int4wo", "cpu")
+    ours = quantize_linear(linear, "torchao.int4wo", "cpu")
+    scale, zero = theirs.weight.scale_and_zero.unbind(-1)  # (groups, out) each
+    q = _quantize_affine_tinygemm(linear.weight.detach(), [1, group], scale.t(), zero.t(), torch.int32, 0, 15)
+    expand = lambda t: t.t().double().repeat_interleave(group, dim=1)  # (out, in)  # noqa: E731
+    return theirs, ours, (q.double() - 8) * expand(scale) + expand(zero)
+
+
+@pytest.mark.parametrize("group", INT4_GROUP_SIZES)
+def test_int4_rows_op_against_float64_and_torchao(int4_op, group, monkeypatch):
+    """litllm's int4 op == the float64 product of torchao's int4 weights (within the bf16 output's rounding), as torch's
+    kernel is, on outputs no multiple of its 32-output block, inputs of 1-5 groups and 1-5 rows (a prompt's tiles of 4
+    and what is left)."""
+    from litllm.quantize import Int4RowsLinear
+
+    g = torch.Generator().manual_seed(group)
+    for out_f, groups in ((48, 3), (80, 1), (112, 5)):  # odd counts: no wider group divides the width
+        theirs, ours, weight = _int4_layers(out_f, group * groups, monkeypatch, bias=groups == 5)
+        assert type(ours) is Int4RowsLinear and ours.group == group
+        for rows in (1, 3, 5):
+            x = torch.randn(rows, group * groups, generator=g).bfloat16()
+            product = x.double() @ weight.t()
+            exact = product + (0 if ours.bias is None else ours.bias.double())
+            # bf16 roundings: of the product, and of its sum with the bf16 bias; fp32 sums
+            bound = 2**-8 * (product.abs() + exact.abs()) + 1e-6 * (x.double().abs() @ weight.abs().t())
+            with torch.no_grad():
+                for out in (ours(x), theirs(x)):
+                    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
+                    assert ((out.double() - exact).abs() <= bound).all(), (out_f, group, rows)
+    # the op's shapes for tracing (`litllm.cpu_ops`' fake registration, what a compiled step sees) match the op's
+    torch.library.opcheck(torch.ops.litllm_cpu.int4_rows_linear, (x, ours.packed, ours.scale_zero, group, out_f))
+
+
+def test_int4_layer_holds_one_copy_and_the_switch_keeps_torchao(int4_op, monkeypatch):
+    """The bf16 CPU layer keeps its repacked values only (the bytes `litllm estimate` counts for torchao's layer), moves
+    without converting its scales; `LITLLM_INT4_ROWS=0` leaves torchao's layer (torch's kernel)."""
+    from litllm.estimate import quantized_linear_bytes
+
+    theirs, ours, _ = _int4_layers(64, 256, monkeypatch)
+    assert type(theirs) is nn.Linear and type(theirs.weight).__name__ == "Int4OpaqueTensor"
+    assert [name for name, _ in ours.named_parameters()] == [] and is_quantized(ours)
+    assert ours.stored_bytes == quantized_linear_bytes(64, 256, "torchao.int4wo", 2)
+    ours.float()
+    assert ours.scale_zero.dtype == torch.bfloat16
+
+
+def test_int4_compiled_greedy_equals_eager_and_the_saved_step_loads(int4_op, tmp_path, monkeypatch):
+    """A bf16 int4wo model (every Linear but the head litllm's int4 op) decodes the same greedy tokens eagerly, through
+    its compiled step (one op a layer: exported and saved as unquantized models' steps are) and through that saved step
+    loaded by a second engine."""
+    from conftest import tiny_config
+    from litllm.engine import Engine, Request
+    from litllm.quantize import Int4RowsLinear
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = quantize_model(GPT(tiny_config()).to(torch.bfloat16).eval(), "torchao.int4wo", "cpu")
+    assert sum(isinstance(m, Int4RowsLinear) for m in model.modules()) == 4 * 3
+    prompt = [5, 17, 42, 9, 77, 3]
+
+    def greedy(engine) -> list[int]:
+        with engine:
+            engine.add(Request(prompt, 10))
+            tokens = []
+            while engine.has_unfinished:
+                tokens.extend(t for out in engine.step() for t in out.token_ids)
+        return tokens
+
+    eager = greedy(Engine(model, None, 1, 32, threads=1))
+    compiled = Engine(model, None, 1, 32, threads=1, compile=True)
+    assert compiled.step_source == "compiled"
+    assert greedy(compiled) == eager
+    loaded = Engine(model, None, 1, 32, threads=1, compile=True)
+    assert loaded.step_source == "loaded" and greedy(loaded) == eager
