@@ -129,9 +129,14 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--strategy", "fdsp"], "--strategy fdsp: did you mean fsdp?"),
     (["estimate", "finetune_lora", "x", "--lora_rr", "2"], "unknown flag --lora_rr (did you mean --lora_r?) (see "
                                                             "`litllm estimate finetune_lora --help`)"),
+    (["convert_to_gguf", "x", "y.gguf", "--adapter_only"], "--adapter_only takes true or false: --adapter_only true"),
+    (["finetune_lora", "x", "--data", "JSON", "--data.packing", "--data.json_path", "d.json"],
+     "--data.packing takes true or false: --data.packing true"),
+    (["generate", "x", "--max_new_tokens"], "--max_new_tokens: expected a value after it"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
         "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
-        "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag"])
+        "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag", "bare-switch",
+        "bare-class-option-switch", "no-value"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
