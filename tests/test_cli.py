@@ -270,6 +270,16 @@ def test_too_few_steps_get_a_note(base, small_data, tmp_path):
     assert "Note: this run makes only 1 optimizer step(s), too few to learn much: raise --train.epochs" in proc.stdout
 
 
+def test_a_max_steps_cut_short_by_the_epochs_gets_a_note(base, small_data, tmp_path):
+    """The smallest budget ends the run: a --train.max_steps beyond the epochs' steps says which one did."""
+    proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
+                    "--train.max_steps", "3", "--eval.final_validation", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Training 1 steps" in proc.stdout and "too few to learn much" not in proc.stdout
+    assert "Note: --train.epochs 1 ends the run after 1 step(s), before --train.max_steps 3: raise --train.epochs" \
+        in proc.stdout
+
+
 def test_fast_dev_run_points_at_nothing_it_deletes(base, small_data, tmp_path):
     proc = finetune(base, small_data, tmp_path / "out", "--fast_dev_run", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
