@@ -110,6 +110,14 @@ class FinetuneJob:
     name: ClassVar[str] = "full"
     """The method: "full", "lora", "adapter", "adapter_v2"."""
 
+    def __post_init__(self) -> None:
+        from litllm.train.optimizer import describe
+
+        # hyperparameters.yaml records it as plain data: the CLI's (jsonargparse's partial) or a class as
+        # {class_path, init_args}, a name or a mapping as given
+        if not isinstance(self.optimizer, (str, dict)):
+            self.optimizer = describe(self.optimizer)
+
     def check(self, config) -> None:
         """Fail clearly before launch on settings this model can't take."""
 

@@ -263,6 +263,25 @@ def test_finetune_output_is_quiet_and_summarised(default_run):
     assert f"Saved the final model to {out / 'final'}" in output
 
 
+def test_a_runs_hyperparameters_are_its_recipe(default_run):
+    """final/hyperparameters.yaml holds the flags as given: the optimizer as {class_path, init_args} (not the repr of
+    jsonargparse's partial), the data module's arguments (not the data sets its setup made), so it reads back as a
+    `--config`."""
+    import yaml
+
+    out, _ = default_run
+    path = out / "final" / "hyperparameters.yaml"
+    text = path.read_text()
+    assert " object at 0x" not in text and "functools" not in text, text
+    recorded = yaml.safe_load(text)
+    assert recorded["optimizer"]["class_path"] == "torch.optim.adamw.AdamW"
+    assert recorded["optimizer"]["init_args"]["lr"] == 2e-4
+    assert not {"train_dataset", "val_dataset", "_packed"} & set(recorded["data"]["init_args"])
+    printed = in_process("finetune_lora", "--config", str(path), "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["optimizer"]["init_args"]["lr"] == 2e-4
+
+
 def test_too_few_steps_get_a_note(base, small_data, tmp_path):
     proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
                     "--eval.final_validation", "false")
