@@ -252,6 +252,16 @@ class AdapterSettings:
     """Number of learned prefix tokens per adapted block."""
 
 
+def check_exportable(folder: Path, form: str) -> None:
+    """An export (`form`: a Hugging Face folder, a GGUF file) takes a plain model: an adapter model's learned prefixes
+    and gates have no place in one."""
+    if (Path(folder) / ADAPTER_SPEC).is_file():
+        raise LitLLMError(
+            f"{folder}: an adapter model ({ADAPTER_SPEC}: finetune_adapter's prefixes and gates) has no {form} form; "
+            "litllm generate, chat, serve and evaluate run it as it is (finetune with LoRA for a model that exports)"
+        )
+
+
 def read_adapter_settings(folder: str | Path) -> Optional[AdapterSettings]:
     """The `adapter.yaml` of a model folder, or None for a plain model."""
     import yaml

@@ -282,6 +282,22 @@ def test_a_runs_hyperparameters_are_its_recipe(default_run):
     assert yaml.safe_load(printed.stdout)["optimizer"]["init_args"]["lr"] == 2e-4
 
 
+def test_an_adapter_run_points_at_a_command_that_runs_it(base, small_data, tmp_path):
+    """The run's last line names `litllm generate` on its final/ (which loads the adapter model), as for LoRA."""
+    import shlex
+
+    out = tmp_path / "adapter"
+    proc = litllm_in_process(["finetune_adapter", base, "--data", "JSON", "--data.json_path", small_data,
+                              "--data.prompt_style", "default", "--out_dir", out, "--adapter_start_layer", "0",
+                              "--train.max_steps", "1", "--eval.final_validation", "false"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (hint,) = [line for line in proc.stdout.splitlines() if line.startswith("Try it: litllm ")]
+    command = [a.replace("...", "Say the number 3") for a in shlex.split(hint.removeprefix("Try it: litllm "))]
+    assert command[:2] == ["generate", str(out / "final")]
+    ran = in_process(*command, "--max_new_tokens", "2", "--compile", "false")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+
 def test_too_few_steps_get_a_note(base, small_data, tmp_path):
     proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
                     "--eval.final_validation", "false")
