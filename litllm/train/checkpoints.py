@@ -117,6 +117,10 @@ def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config
             return None
     else:
         path = Path(resume)
+        if not path.exists():  # a mistyped step number: say so, not that the folder lacks a file
+            saved = _step_dirs(path.parent)
+            steps = ", ".join([p.name for p in saved[:3]] + (["..."] if len(saved) > 3 else []))
+            raise LitLLMError(f"--resume {path}: not found" + (f" ({path.parent} holds {steps})" if saved else ""))
         if not (path / STATE_FILE).is_file():
             raise LitLLMError(f"--resume {path}: not a training checkpoint (no {STATE_FILE}); expected out_dir/step-XXXXXXXX")
         try:
