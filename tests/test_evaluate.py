@@ -246,9 +246,10 @@ def test_generation_stops_at_stop_strings_like_hflm(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------------- the command
-def test_evaluate_command_writes_results_and_prints_table(tiny_checkpoint, tasks_dir, tmp_path, capsys):
+def test_evaluate_command_writes_results_and_prints_table(tiny_checkpoint, tasks_dir, tmp_path, capfd, monkeypatch):
     from litllm.evaluate import evaluate
 
+    monkeypatch.chdir(tmp_path)  # outside a git checkout, where lm-eval's `git describe` complains
     out = tmp_path / "out"
     results = evaluate(tiny_checkpoint, tasks=f"{MC_TASK},{PPL_TASK}", include_path=tasks_dir, out_dir=out,
                        batch_size=4, limit=4, device="cpu", precision="32-true", log_samples=True)
@@ -259,8 +260,9 @@ def test_evaluate_command_writes_results_and_prints_table(tiny_checkpoint, tasks
     assert written["config"]["model"] == str(tiny_checkpoint)
     assert "samples" not in written
     assert len((out / f"samples_{MC_TASK}.jsonl").read_text().splitlines()) == 4
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
     assert "|" in printed and MC_TASK in printed and "word_perplexity" in printed
+    assert "fatal:" not in errors, errors
     assert not list(out.glob(".*tmp*"))
 
 
