@@ -298,6 +298,20 @@ def test_an_adapter_run_points_at_a_command_that_runs_it(base, small_data, tmp_p
     assert ran.returncode == 0, ran.stderr[-3000:]
 
 
+def test_resuming_another_methods_checkpoint_names_both(default_run, base, small_data, tmp_path):
+    """`finetune_full --resume` of a LoRA run's checkpoint: one line naming both methods, not the weights' names."""
+    import shutil
+
+    from test_errors import fails_cleanly
+
+    out, _ = default_run
+    step = shutil.copytree(max(out.glob("step-*")), tmp_path / "run" / "step-00000001")
+    line = fails_cleanly(["finetune_full", base, "--data", "JSON", "--data.json_path", small_data,
+                          "--data.prompt_style", "default", "--out_dir", tmp_path / "run", "--resume", step], tmp_path,
+                         f"--resume {step}: a checkpoint of a lora run, and this run trains full")
+    assert "resume it with the command that wrote it" in line
+
+
 def test_too_few_steps_get_a_note(base, small_data, tmp_path):
     proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
                     "--eval.final_validation", "false")
