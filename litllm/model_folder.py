@@ -167,6 +167,8 @@ def read_torch_file(path: str | Path) -> Any:
 def check_model_folder(folder: str | Path) -> Path:
     """Fail clearly unless `folder` holds a converted litllm model with a complete weights file."""
     folder = Path(folder)
+    if folder.is_file():
+        raise LitLLMError(f"{folder}: a file; expected a model folder ({WEIGHTS_FILE} + {CONFIG_FILE})")
     if not folder.is_dir():
         from litllm.utils import hub_name_hint
 
