@@ -45,8 +45,9 @@ def convert_to_litllm(
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        found = "a file; expected a Hugging Face model folder" if checkpoint_dir.is_file() else "checkpoint folder not found"
-        raise LitLLMError(f"{checkpoint_dir}: {found}")
+        if checkpoint_dir.is_file():
+            raise LitLLMError(f"{checkpoint_dir}: a file; expected a Hugging Face model folder")
+        raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
     check_output_dir(checkpoint_dir, "checkpoint_dir")  # the litllm files are written beside the HF ones
     target_dtype = parse_dtype(dtype)
     config = _hf_folder_config(checkpoint_dir, model_name)

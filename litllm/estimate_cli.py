@@ -91,7 +91,8 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     try:  # a bad flag or value: one line, as the command itself prints it, not the usage text
         values = cli(exit_on_error=False)
     except ArgumentError as e:
-        _fail(f"error: {suggested(' '.join(str(e).split()), cli, None, argv)} (see `litllm estimate {command} --help`)", 2)
+        message = suggested(" ".join(str(e).split()), cli, None, argv)
+        _fail(f"error: {message} (see `litllm estimate {command} --help`)", 2)
     flags = {p.name: values.pop(p.name) for p in own}
     return (target.bind(**values) if hasattr(target, "job_class") else values), flags
 
