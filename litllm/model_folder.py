@@ -58,11 +58,12 @@ _DTYPE_TO_ST = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def parse_dtype(name: Optional[str], flag: str = "--dtype") -> Optional[torch.dtype]:
+    """A weights dtype by name (None: keep the checkpoint's); a bad name is an error naming `flag`."""
     if name is None:
         return None
     if name not in DTYPES:
-        raise LitLLMError(f"--dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+        raise LitLLMError(f"{flag}: expected one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
