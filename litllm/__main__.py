@@ -87,6 +87,24 @@ def append_repeated(argv: list[str], flags) -> list[str]:
     return out
 
 
+def positionals_after_config(argv: list[str], start: int) -> list[str]:
+    """`litllm finetune_lora CKPT --config recipe.yaml`: the folder typed on the command line is the one the run
+    uses, not the recipe's `checkpoint_dir`. jsonargparse applies the arguments in order, so a recipe read after a
+    positional replaced it (silently, when the recipe's folder exists): the command's positionals move after the
+    recipes. `start`: where the command's arguments begin. Every flag here takes one value (`--flag=value` or
+    `--flag value`), except the switches below."""
+    if not any(a.partition("=")[0] == "--config" for a in argv):
+        return argv
+    flags, positionals, value_next = [], [], False
+    for a in argv[start:]:
+        if value_next or a.startswith("-"):
+            flags.append(a)
+            value_next = not value_next and "=" not in a and a not in ("--help", "-h", "--print_config")
+        else:
+            positionals.append(a)
+    return [*argv[:start], *flags, *positionals]
+
+
 def fill_bare_flags(argv: list[str], flags, value: str = "") -> list[str]:
     """`--flag` given with no value (last, or followed by another flag) -> `--flag=<value>` (default: empty).
 
@@ -383,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         components = {name: _listing(target) for name, target in listed.items()}
     if chosen in components:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
+        argv = positionals_after_config(argv, argv.index(chosen) + 1)
         argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))
         argv = qualify_bare_optimizer(argv)
         skip_optimizer_params_in_class_parsers()

@@ -95,6 +95,28 @@ def test_config_file_and_flag_override(tmp_path):
     assert "dtype: bfloat16" in result.stdout and f"checkpoint_dir: {tmp_path / 'a'}" in result.stdout
 
 
+def test_the_folder_on_the_command_line_beats_the_recipes(tmp_path):
+    """`litllm finetune_lora CKPT --config recipe.yaml` (the tutorials' form) trains CKPT, not the recipe's
+    checkpoint_dir, wherever the folder stands (`litllm estimate` too); a flag after the recipe still overrides it."""
+    import yaml
+
+    from test_pretrain import REPO
+
+    from litllm.estimate_cli import parse_command
+
+    recipe = REPO / "config_hub" / "finetune" / "tinyllama" / "lora.yaml"
+    assert "TinyLlama" in yaml.safe_load(recipe.read_text())["checkpoint_dir"]
+    mine = tmp_path / "my-model"
+    for args in ([mine, "--config", recipe], ["--config", recipe, mine], ["--lora_r", "4", mine, "--config", recipe]):
+        args = [*map(str, args), "--lora_alpha", "3"]
+        printed = in_process("finetune_lora", *args, "--print_config")
+        assert printed.returncode == 0, printed.stderr
+        printed = yaml.safe_load(printed.stdout)
+        assert (printed["checkpoint_dir"], printed["lora_alpha"]) == (str(mine), 3)
+        job, _ = parse_command("finetune_lora", args)
+        assert (job.checkpoint_dir, job.lora.alpha) == (mine, 3)
+
+
 def test_unknown_config_key_is_an_error(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"checkpoint_dir": "x", "dtpye": "float16"}))
