@@ -387,8 +387,11 @@ def read_records(path: Path) -> list[tuple[str, Union[str, dict]]]:
                     except json.JSONDecodeError as e:
                         raise LitLLMError(f"{file}: line {n} is not valid JSON ({e.msg})") from None
         elif file.suffix == ".json":
+            text = _read_text(file)
+            if not text.strip():  # as finetuning's JSON data says it, not "invalid JSON (Expecting value)"
+                raise LitLLMError(f"{file}: the file is empty (expected a list of records)")
             try:
-                content = json.loads(_read_text(file))
+                content = json.loads(text)
             except json.JSONDecodeError as e:
                 raise LitLLMError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(content, dict) and "text" in content:

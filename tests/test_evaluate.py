@@ -489,12 +489,14 @@ def test_perplexity_rejects_bad_data(tiny_checkpoint, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (tmp_path / "data.csv").write_text("text\nhello\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.json").write_text("\n")
     (tmp_path / "ok.txt").write_text("hello world")
     for data, kwargs, message in [
         ("bad.jsonl", {}, r"bad.jsonl: record 1: expected a string, a 'text' field"),
         ("broken.jsonl", {}, r"broken.jsonl: line 2 is not valid JSON"),
         ("data.csv", {}, r"expected a \.txt, \.json or \.jsonl file"),
         ("empty", {}, "no .txt, .json or .jsonl files"),
+        ("blank.json", {}, r"blank.json: the file is empty \(expected a list of records\)"),
         ("ok.txt", {"stride": 500}, "--stride"),
         ("ok.txt", {"max_length": 1}, "--max_length"),
         ("ok.txt", {"stride": 0}, r"--stride: expected 1\.\.max_length \(\d+\), got 0"),  # not the default
