@@ -87,6 +87,24 @@ def append_repeated(argv: list[str], flags) -> list[str]:
     return out
 
 
+def positionals_after_config(argv: list[str], start: int) -> list[str]:
+    """`litllm finetune_lora CKPT --config recipe.yaml`: the folder typed on the command line is the one the run
+    uses, not the recipe's `checkpoint_dir`. jsonargparse applies the arguments in order, so a recipe read after a
+    positional replaced it (silently, when the recipe's folder exists): the command's positionals move after the
+    recipes. `start`: where the command's arguments begin. Every flag here takes one value (`--flag=value` or
+    `--flag value`), except the switches below."""
+    if not any(a.partition("=")[0] == "--config" for a in argv):
+        return argv
+    flags, positionals, value_next = [], [], False
+    for a in argv[start:]:
+        if value_next or a.startswith("-"):
+            flags.append(a)
+            value_next = not value_next and "=" not in a and a not in ("--help", "-h", "--print_config")
+        else:
+            positionals.append(a)
+    return [*argv[:start], *flags, *positionals]
+
+
 def fill_bare_flags(argv: list[str], flags, value: str = "") -> list[str]:
     """`--flag` given with no value (last, or followed by another flag) -> `--flag=<value>` (default: empty).
 
@@ -212,13 +230,44 @@ VALUE_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false"
 """How a mistyped value's error names the types a flag takes."""
 
 
-def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
-    """One line for a misspelled flag, nested option, class name, choice or recipe file, a mistyped value or a
-    missing positional (instead of jsonargparse's dump), or None."""
+def _takes_bool(typehint) -> bool:
+    """Whether a flag's type is bool or Optional[bool] (a string annotation included, as `from __future__ import
+    annotations` leaves a class's signature)."""
+    import typing
+
+    return typehint in (bool, "bool", "Optional[bool]", "bool | None") or bool in typing.get_args(typehint)
+
+
+def _missing_value(flag: str, parser, argv: list[str]) -> str:
+    """One line for a flag given with no value (`--adapter_only` as a switch): the flag as typed and what it takes.
+    jsonargparse names a class's option (`--data.packing`) by its class flag (`--data`), so the flag is found in argv:
+    the one under that name followed by another flag or by nothing."""
+    import inspect
+
+    given = next((a for i, a in enumerate(argv) if (a == flag or a.startswith(f"{flag}."))
+                  and (i + 1 == len(argv) or argv[i + 1].startswith("--"))), flag)
+    action = next((a for a in parser._actions if flag in a.option_strings), None)
+    typehint = getattr(action, "_typehint", None)
+    if given != flag:  # an option of the class named after `--data`: its annotation in the class's signature
+        chosen = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag), "")
+        cls = _subclasses(typehint).get(chosen) or (_import_class(chosen) if "." in chosen else None)
+        param = inspect.signature(cls).parameters.get(given.rpartition(".")[2]) if cls else None
+        typehint = param.annotation if param else None
+    if _takes_bool(typehint):
+        return f"{given} takes true or false: {given} true"
+    return f"{given}: expected a value after it"
+
+
+def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = ()) -> Optional[str]:
+    """One line for a misspelled flag, nested option, class name, choice or recipe file, a mistyped or missing value
+    or a missing positional (instead of jsonargparse's dump), or None. `argv`: the arguments as given."""
     import inspect
     import re
 
     sub = getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {}).get(chosen, parser)
+    no_value = re.search(r"argument (--[\w.]+): expected one argument", message)
+    if no_value:  # `--adapter_only` as a switch: every flag takes a value
+        return _missing_value(no_value.group(1), sub, list(argv))
     options = {s: s.removeprefix("--") for a in sub._actions for s in a.option_strings
                if s.startswith("--") and not s.endswith(".help")}
     unknown = re.search(r"unrecognized arguments: (.*)", message)
@@ -278,13 +327,13 @@ def _suggestion(message: str, parser, chosen: Optional[str]) -> Optional[str]:
     return None
 
 
-def suggested(message: str, build: Callable, chosen: Optional[str]) -> str:
+def suggested(message: str, build: Callable, chosen: Optional[str], argv: list[str] = ()) -> str:
     """`_suggestion`'s line for jsonargparse's error `message`, else `message`; `build()` builds the parser again
     (only on this error path) for its own option names."""
     from jsonargparse import capture_parser
 
     try:
-        return _suggestion(message, capture_parser(build), chosen) or message
+        return _suggestion(message, capture_parser(build), chosen, argv) or message
     except Exception:  # a suggestion is a courtesy: the original message stands
         return message
 
@@ -352,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         components = {name: _listing(target) for name, target in listed.items()}
     if chosen in components:
         argv = fill_bare_flags(argv, getattr(components[chosen], "flags_without_value", ()))
+        argv = positionals_after_config(argv, argv.index(chosen) + 1)
         argv = append_repeated(argv, getattr(components[chosen], "repeatable_flags", ()))
         argv = qualify_bare_optimizer(argv)
         skip_optimizer_params_in_class_parsers()
@@ -368,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
             message = f"unknown command {chosen!r} ({_closest(chosen, commands, 'one of')})"
         else:
             message = suggested(message, lambda: CLI(components, args=argv, as_positional=True, prog="litllm"),
-                                chosen)
+                                chosen, argv)
         _fail(f"error: {message} (see `{help_hint}`)", code=2)
     except LitLLMError as e:
         _fail(f"error: {e}")

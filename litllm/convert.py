@@ -22,7 +22,7 @@ from litllm.hf.weights import (
     IGNORED_HF, expert_index, hf_sources, qkv_from_interleaved, qkv_to_interleaved, split_sizes, weight_map,
 )
 from litllm.model_folder import (
-    CONFIG_FILE, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_model_folder, copy_model_files,
+    CONFIG_FILE, WEIGHTS_FILE, HFWeights, SafetensorsWriter, check_exportable, check_model_folder, copy_model_files,
     model_state_dict, open_safetensors, parse_dtype, read_config, read_tensor,
 )
 from litllm.utils import atomic_path, check_output_dir, clean_stale_temporaries, read_json_object
@@ -45,6 +45,8 @@ def convert_to_litllm(
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
+        if checkpoint_dir.is_file():
+            raise LitLLMError(f"{checkpoint_dir}: a file; expected a Hugging Face model folder")
         raise LitLLMError(f"{checkpoint_dir}: checkpoint folder not found")
     check_output_dir(checkpoint_dir, "checkpoint_dir")  # the litllm files are written beside the HF ones
     target_dtype = parse_dtype(dtype)
@@ -175,6 +177,7 @@ def convert_from_litllm(
         max_shard_size: Largest shard, e.g. `5GB`, `500MB`.
     """
     checkpoint_dir, output_dir = check_model_folder(checkpoint_dir), Path(output_dir)
+    check_exportable(checkpoint_dir, "Hugging Face")
     check_output_dir(output_dir, "output_dir")
     clean_stale_temporaries(output_dir)  # what a killed conversion to the same folder left
     if output_dir.exists() and any(output_dir.iterdir()):

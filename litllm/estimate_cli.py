@@ -63,7 +63,9 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
 
     from jsonargparse import CLI, set_parsing_settings
 
-    from litllm.__main__ import COMMANDS, _fail, _load, fill_bare_flags, qualify_bare_optimizer, suggested
+    from litllm.__main__ import (
+        COMMANDS, _fail, _load, fill_bare_flags, positionals_after_config, qualify_bare_optimizer, suggested,
+    )
 
     if command not in COMMANDS:
         raise LitLLMError(f"estimate: unknown command {command!r}; see `litllm --help`")
@@ -83,7 +85,7 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     capture.__doc__ = (target.__doc__ or "").rstrip() + "\n" + "\n".join(
         line for line in (_estimate_flags.__doc__ or "").splitlines()[3:])
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    argv = qualify_bare_optimizer(fill_bare_flags(argv, {"--json"}, "true"))
+    argv = positionals_after_config(qualify_bare_optimizer(fill_bare_flags(argv, {"--json"}, "true")), 0)
     def cli(exit_on_error: bool = True):
         return CLI(capture, args=argv, as_positional=True, prog=f"litllm estimate {command}",
                    exit_on_error=exit_on_error)
@@ -91,7 +93,8 @@ def parse_command(command: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     try:  # a bad flag or value: one line, as the command itself prints it, not the usage text
         values = cli(exit_on_error=False)
     except ArgumentError as e:
-        _fail(f"error: {suggested(' '.join(str(e).split()), cli, None)} (see `litllm estimate {command} --help`)", 2)
+        message = suggested(" ".join(str(e).split()), cli, None, argv)
+        _fail(f"error: {message} (see `litllm estimate {command} --help`)", 2)
     flags = {p.name: values.pop(p.name) for p in own}
     return (target.bind(**values) if hasattr(target, "job_class") else values), flags
 

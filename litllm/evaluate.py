@@ -95,12 +95,13 @@ def evaluate(
     if apply_chat_template:
         lm.chat_template(True)  # fail now if there is no template
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=task_list, num_fewshot=num_fewshot, batch_size=batch_size, device=str(lm.device),
-            limit=limit, task_manager=task_manager(include_path), log_samples=log_samples,
-            apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _quiet_git_describe():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=task_list, num_fewshot=num_fewshot, batch_size=batch_size, device=str(lm.device),
+                limit=limit, task_manager=task_manager(include_path), log_samples=log_samples,
+                apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed,
+            )
     except OSError as e:  # the datasets library's ConnectionError / DatasetNotFoundError / FileNotFoundError
         raise task_data_error(names, e) from None
     results["config"]["model"] = str(checkpoint_dir)
@@ -110,6 +111,26 @@ def evaluate(
         print(make_table(results, "groups"))
     print(f"Wrote {out_dir / 'results.json'}")
     return results
+
+
+def _quiet_git_describe():
+    """lm-eval records the working directory's git commit by running `git describe`, whose "fatal: not a git
+    repository" reaches the terminal of everyone who evaluates outside a checkout: the same record, git's complaint
+    discarded (lm-eval's own fallback, the commit read from a `.git` folder, where git is missing)."""
+    import os
+    import subprocess
+    from unittest import mock
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_commit_hash():
+        try:
+            return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True,
+                                  ).stdout.strip()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    return mock.patch("lm_eval.evaluator.get_git_commit_hash", git_commit_hash)
 
 
 def _check_counts(batch_size: int, num_fewshot: Optional[int]) -> None:
@@ -366,8 +387,11 @@ def read_records(path: Path) -> list[tuple[str, Union[str, dict]]]:
                     except json.JSONDecodeError as e:
                         raise LitLLMError(f"{file}: line {n} is not valid JSON ({e.msg})") from None
         elif file.suffix == ".json":
+            text = _read_text(file)
+            if not text.strip():  # as finetuning's JSON data says it, not "invalid JSON (Expecting value)"
+                raise LitLLMError(f"{file}: the file is empty (expected a list of records)")
             try:
-                content = json.loads(_read_text(file))
+                content = json.loads(text)
             except json.JSONDecodeError as e:
                 raise LitLLMError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(content, dict) and "text" in content:

@@ -110,6 +110,14 @@ class FinetuneJob:
     name: ClassVar[str] = "full"
     """The method: "full", "lora", "adapter", "adapter_v2"."""
 
+    def __post_init__(self) -> None:
+        from litllm.train.optimizer import describe
+
+        # hyperparameters.yaml records it as plain data: the CLI's (jsonargparse's partial) or a class as
+        # {class_path, init_args}, a name or a mapping as given
+        if not isinstance(self.optimizer, (str, dict)):
+            self.optimizer = describe(self.optimizer)
+
     def check(self, config) -> None:
         """Fail clearly before launch on settings this model can't take."""
 
@@ -481,10 +489,9 @@ def main(fabric, job: FinetuneJob, config, out_dir: Path, resume_dir: Optional[P
     if trainer.dev_run is not None:  # a dev run's folder is gone: its report was the last word
         return result
     fabric.print(summary(result))
-    if not isinstance(job, AdapterJob):
-        fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
-    else:
-        fabric.print(f"Load it with litllm.adapter.load_adapter_model({str(result.final_dir)!r})")
+    fabric.print(f"Try it: litllm generate {result.final_dir} --prompt \"...\"")
+    if isinstance(job, AdapterJob):  # no plain GPT: GPT.from_checkpoint refuses its adapter weights
+        fabric.print(f"From Python: litllm.adapter.load_adapter_model({str(result.final_dir)!r})")
     return result
 
 

@@ -35,8 +35,8 @@ import torch
 
 from litllm.errors import LitLLMError
 from litllm.model_folder import (
-    CONFIG_FILE, LORA_WEIGHTS, WEIGHTS_FILE, check_model_folder, lora_weights_file, open_safetensors, read_config,
-    read_safetensors, read_tensor,
+    CONFIG_FILE, LORA_WEIGHTS, WEIGHTS_FILE, check_exportable, check_model_folder, lora_weights_file, open_safetensors,
+    read_config, read_safetensors, read_tensor,
 )
 from litllm.utils import atomic_path, check_output_dir, meta_device, read_json_object
 
@@ -138,7 +138,9 @@ def convert_to_gguf(
     if adapter_only:
         writer, plan = _plan_adapter(Path(checkpoint_dir), pretrained_checkpoint_dir, outtype)
     else:
-        writer, plan = _plan_model(check_model_folder(checkpoint_dir), outtype)
+        folder = check_model_folder(checkpoint_dir)
+        check_exportable(folder, "GGUF")
+        writer, plan = _plan_model(folder, outtype)
     _write(writer, plan, out_file)
     size = out_file.stat().st_size
     print(f"Wrote {out_file} ({gguf.GGUFWriter.format_n_bytes_to_str(size)}, {len(plan)} tensors, {outtype})")

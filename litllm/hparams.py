@@ -24,7 +24,9 @@ def to_plain(value: Any) -> Any:
 
     is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
     if hasattr(value, "connect") and not isinstance(value, type):  # a DataModule: as jsonargparse writes it
-        names = [f.name for f in dataclasses.fields(value)] if is_dataclass else [k for k in vars(value) if not k.startswith("_")]
+        # its arguments only, not the state `connect`/`setup` fill in (a dataclass's init=False fields: data sets)
+        names = ([f.name for f in dataclasses.fields(value) if f.init] if is_dataclass
+                 else [k for k in vars(value) if not k.startswith("_")])
         init_args = {name: to_plain(getattr(value, name)) for name in names}
         return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": init_args}
     if is_dataclass:

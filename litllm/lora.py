@@ -450,7 +450,7 @@ def merge_lora(
     from litllm.model_folder import WEIGHTS_FILE, check_model_folder, parse_dtype, save_model_folder
 
     checkpoint_dir = Path(checkpoint_dir)
-    dtype = parse_dtype(precision)
+    dtype = parse_dtype(precision, "--precision")
     hparams, _ = read_lora_checkpoint(checkpoint_dir)
     if out_dir is None and lora_weights_file(checkpoint_dir).name == STEP_WEIGHTS:
         raise LitLLMError(

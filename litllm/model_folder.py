@@ -58,11 +58,12 @@ _DTYPE_TO_ST = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def parse_dtype(name: Optional[str], flag: str = "--dtype") -> Optional[torch.dtype]:
+    """A weights dtype by name (None: keep the checkpoint's); a bad name is an error naming `flag`."""
     if name is None:
         return None
     if name not in DTYPES:
-        raise LitLLMError(f"--dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+        raise LitLLMError(f"{flag}: expected one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -167,6 +168,8 @@ def read_torch_file(path: str | Path) -> Any:
 def check_model_folder(folder: str | Path) -> Path:
     """Fail clearly unless `folder` holds a converted litllm model with a complete weights file."""
     folder = Path(folder)
+    if folder.is_file():
+        raise LitLLMError(f"{folder}: a file; expected a model folder ({WEIGHTS_FILE} + {CONFIG_FILE})")
     if not folder.is_dir():
         from litllm.utils import hub_name_hint
 
@@ -250,6 +253,16 @@ class AdapterSettings:
     """First block (0-based) whose attention gets a learned prefix."""
     prefix_length: int = 10
     """Number of learned prefix tokens per adapted block."""
+
+
+def check_exportable(folder: Path, form: str) -> None:
+    """An export (`form`: a Hugging Face folder, a GGUF file) takes a plain model: an adapter model's learned prefixes
+    and gates have no place in one."""
+    if (Path(folder) / ADAPTER_SPEC).is_file():
+        raise LitLLMError(
+            f"{folder}: an adapter model ({ADAPTER_SPEC}: finetune_adapter's prefixes and gates) has no {form} form; "
+            "litllm generate, chat, serve and evaluate run it as it is (finetune with LoRA for a model that exports)"
+        )
 
 
 def read_adapter_settings(folder: str | Path) -> Optional[AdapterSettings]:

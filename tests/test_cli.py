@@ -81,6 +81,47 @@ def test_command_modules_import_without_heavy_libraries(name, heavy_imports):
     assert heavy_imports[COMMANDS[name].split(":")[0]] == []
 
 
+def doc_commands():
+    """(doc file, command, its `--flags`) of every `litllm COMMAND ...` in README.md and tutorials/*.md: code blocks
+    (continuation lines joined) and inline code."""
+    import re
+
+    from test_pretrain import REPO
+
+    for path in [REPO / "README.md", *sorted((REPO / "tutorials").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        blocks = re.findall(r"```\w*\n(.*?)```", text, re.S)
+        inline = re.findall(r"`(litllm [^`]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+        for chunk in [*blocks, *inline]:
+            for line in re.sub(r"\\\n\s*", " ", chunk).splitlines():
+                found = re.search(r"\blitllm (\w+)([^#|&]*)", line)  # up to a comment, pipe or `&`
+                if found and found.group(1) in COMMANDS:
+                    yield path.name, found.group(1), re.findall(r"(?<!\S)(--[a-z_][\w.]*)", found.group(2))
+
+
+def test_the_docs_flags_are_the_commands_flags():
+    """Every flag a doc passes to a litllm command is one of that command's flags (a class's own options, such as
+    `--data.json_path`, are the class's to check: their prefix must be a class-typed flag)."""
+    from jsonargparse import CLI, capture_parser, set_parsing_settings
+
+    from litllm.__main__ import _load
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    options, wrong, seen = {}, [], 0
+    for doc, command, flags in doc_commands():
+        if command not in options:
+            fn = _load(COMMANDS[command])
+            parser = capture_parser(lambda: CLI({command: fn}, args=[command], as_positional=True, prog="litllm"))
+            sub = parser._subcommands_action._name_parser_map[command]
+            names = {s for a in sub._actions for s in a.option_strings}
+            options[command] = names, {n.removesuffix(".help") for n in names if n.endswith(".help")}
+        names, class_flags = options[command]
+        seen += len(flags)
+        wrong += [f"{doc}: litllm {command} ... {flag}" for flag in flags
+                  if flag not in names and flag.rpartition(".")[0] not in class_flags]
+    assert seen > 100 and not wrong, wrong
+
+
 def test_list_models():
     result = in_process("list_models")
     assert result.returncode == 0
@@ -93,6 +134,28 @@ def test_config_file_and_flag_override(tmp_path):
     result = in_process("convert_to_litllm", "--config", str(recipe), "--dtype", "bfloat16", "--print_config")
     assert result.returncode == 0, result.stderr
     assert "dtype: bfloat16" in result.stdout and f"checkpoint_dir: {tmp_path / 'a'}" in result.stdout
+
+
+def test_the_folder_on_the_command_line_beats_the_recipes(tmp_path):
+    """`litllm finetune_lora CKPT --config recipe.yaml` (the tutorials' form) trains CKPT, not the recipe's
+    checkpoint_dir, wherever the folder stands (`litllm estimate` too); a flag after the recipe still overrides it."""
+    import yaml
+
+    from test_pretrain import REPO
+
+    from litllm.estimate_cli import parse_command
+
+    recipe = REPO / "config_hub" / "finetune" / "tinyllama" / "lora.yaml"
+    assert "TinyLlama" in yaml.safe_load(recipe.read_text())["checkpoint_dir"]
+    mine = tmp_path / "my-model"
+    for args in ([mine, "--config", recipe], ["--config", recipe, mine], ["--lora_r", "4", mine, "--config", recipe]):
+        args = [*map(str, args), "--lora_alpha", "3"]
+        printed = in_process("finetune_lora", *args, "--print_config")
+        assert printed.returncode == 0, printed.stderr
+        printed = yaml.safe_load(printed.stdout)
+        assert (printed["checkpoint_dir"], printed["lora_alpha"]) == (str(mine), 3)
+        job, _ = parse_command("finetune_lora", args)
+        assert (job.checkpoint_dir, job.lora.alpha) == (mine, 3)
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
@@ -129,9 +192,14 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--strategy", "fdsp"], "--strategy fdsp: did you mean fsdp?"),
     (["estimate", "finetune_lora", "x", "--lora_rr", "2"], "unknown flag --lora_rr (did you mean --lora_r?) (see "
                                                             "`litllm estimate finetune_lora --help`)"),
+    (["convert_to_gguf", "x", "y.gguf", "--adapter_only"], "--adapter_only takes true or false: --adapter_only true"),
+    (["finetune_lora", "x", "--data", "JSON", "--data.packing", "--data.json_path", "d.json"],
+     "--data.packing takes true or false: --data.packing true"),
+    (["generate", "x", "--max_new_tokens"], "--max_new_tokens: expected a value after it"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
         "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
-        "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag"])
+        "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag", "bare-switch",
+        "bare-class-option-switch", "no-value"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
@@ -258,11 +326,70 @@ def test_finetune_output_is_quiet_and_summarised(default_run):
     assert f"Saved the final model to {out / 'final'}" in output
 
 
+def test_a_runs_hyperparameters_are_its_recipe(default_run):
+    """final/hyperparameters.yaml holds the flags as given: the optimizer as {class_path, init_args} (not the repr of
+    jsonargparse's partial), the data module's arguments (not the data sets its setup made), so it reads back as a
+    `--config`."""
+    import yaml
+
+    out, _ = default_run
+    path = out / "final" / "hyperparameters.yaml"
+    text = path.read_text()
+    assert " object at 0x" not in text and "functools" not in text, text
+    recorded = yaml.safe_load(text)
+    assert recorded["optimizer"]["class_path"] == "torch.optim.adamw.AdamW"
+    assert recorded["optimizer"]["init_args"]["lr"] == 2e-4
+    assert not {"train_dataset", "val_dataset", "_packed"} & set(recorded["data"]["init_args"])
+    printed = in_process("finetune_lora", "--config", str(path), "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["optimizer"]["init_args"]["lr"] == 2e-4
+
+
+def test_an_adapter_run_points_at_a_command_that_runs_it(base, small_data, tmp_path):
+    """The run's last line names `litllm generate` on its final/ (which loads the adapter model), as for LoRA."""
+    import shlex
+
+    out = tmp_path / "adapter"
+    proc = litllm_in_process(["finetune_adapter", base, "--data", "JSON", "--data.json_path", small_data,
+                              "--data.prompt_style", "default", "--out_dir", out, "--adapter_start_layer", "0",
+                              "--train.max_steps", "1", "--eval.final_validation", "false"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (hint,) = [line for line in proc.stdout.splitlines() if line.startswith("Try it: litllm ")]
+    command = [a.replace("...", "Say the number 3") for a in shlex.split(hint.removeprefix("Try it: litllm "))]
+    assert command[:2] == ["generate", str(out / "final")]
+    ran = in_process(*command, "--max_new_tokens", "2", "--compile", "false")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+
+def test_resuming_another_methods_checkpoint_names_both(default_run, base, small_data, tmp_path):
+    """`finetune_full --resume` of a LoRA run's checkpoint: one line naming both methods, not the weights' names."""
+    import shutil
+
+    from test_errors import fails_cleanly
+
+    out, _ = default_run
+    step = shutil.copytree(max(out.glob("step-*")), tmp_path / "run" / "step-00000001")
+    line = fails_cleanly(["finetune_full", base, "--data", "JSON", "--data.json_path", small_data,
+                          "--data.prompt_style", "default", "--out_dir", tmp_path / "run", "--resume", step], tmp_path,
+                         f"--resume {step}: a checkpoint of a lora run, and this run trains full")
+    assert "resume it with the command that wrote it" in line
+
+
 def test_too_few_steps_get_a_note(base, small_data, tmp_path):
     proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
                     "--eval.final_validation", "false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Note: this run makes only 1 optimizer step(s), too few to learn much: raise --train.epochs" in proc.stdout
+
+
+def test_a_max_steps_cut_short_by_the_epochs_gets_a_note(base, small_data, tmp_path):
+    """The smallest budget ends the run: a --train.max_steps beyond the epochs' steps says which one did."""
+    proc = finetune(base, small_data, tmp_path / "out", "--train.global_batch_size", "16", "--train.epochs", "1",
+                    "--train.max_steps", "3", "--eval.final_validation", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Training 1 steps" in proc.stdout and "too few to learn much" not in proc.stdout
+    assert "Note: --train.epochs 1 ends the run after 1 step(s), before --train.max_steps 3: raise --train.epochs" \
+        in proc.stdout
 
 
 def test_fast_dev_run_points_at_nothing_it_deletes(base, small_data, tmp_path):

@@ -151,6 +151,12 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: checkpoint folder not found"]
+    (tmp_path / "config.json").write_text("{}")  # a file of the folder given for the folder
+    result = subprocess.run([sys.executable, "-m", "litllm", "convert_to_litllm", str(tmp_path / "config.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'config.json'}: a file; expected a Hugging Face model folder"]
 
 
 def test_cli_convert_round_trip(tmp_path):

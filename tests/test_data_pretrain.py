@@ -185,6 +185,12 @@ def test_text_files_errors(tmp_path, tokenizer):
         TextFiles(train_data_path=str(tmp_path / "empty")).split_inputs()
     with pytest.raises(LitLLMError, match="missing: data folder not found"):
         TextFiles(train_data_path=str(tmp_path / "missing")).split_inputs()
+    (tmp_path / "notes" / "sub").mkdir(parents=True)  # a recipe's glob carried over to a folder of other files
+    for name in ("a.md", "sub/b.md", "c.txt"):
+        (tmp_path / "notes" / name).write_text("text")
+    with pytest.raises(LitLLMError, match=r"notes: no files match '\*\.py' \(it holds 2 \*\.md file\(s\): "
+                                          r"--data.glob '\*\*/\*\.md'\)"):
+        TextFiles(train_data_path=str(tmp_path / "notes"), glob="*.py").split_inputs()
     with pytest.raises(LitLLMError, match="val_split_fraction"):
         TextFiles(val_split_fraction=1.0)
     dm = TextFiles(train_data_path=str(tmp_path))

@@ -225,8 +225,8 @@ def test_long_records_truncate_skip_error(tmp_path, tokenizer, capsys):
         ("bad.json", '[{"instruction": "a",}]', r"bad.json: invalid JSON at line 1, column 22"),
         ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n', r"bad.jsonl: line 2 is not valid JSON"),
         ("bad.json", "", r"bad.json: the file is empty"),
-        ("bad.json", "[]", r"bad.json: no records"),
-        ("bad.jsonl", "\n\n", r"bad.jsonl: no records"),
+        ("bad.json", "[]", r"bad.json: no records \(an empty list\)"),
+        ("bad.jsonl", "\n\n", r"bad.jsonl: no records \(no JSON lines\)"),
         (
             "bad.json",
             {"instruction": "a", "output": "b"},

@@ -351,6 +351,21 @@ def test_a_finetuning_step_names_how_to_get_its_model(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("command", ["convert_from_litllm", "convert_to_gguf"])
+def test_an_adapter_model_is_refused_by_the_exports(command, tiny_checkpoint, tmp_path):
+    """An adapter model's prefixes and gates have no HF or GGUF form: one line before anything is written (before:
+    convert_from_litllm died with a KeyError, convert_to_gguf named the first adapter tensor)."""
+    if command == "convert_to_gguf":
+        pytest.importorskip("gguf")
+    folder = tmp_path / "adapter-final"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "adapter.yaml").write_text("version: 2\nstart_layer: 0\nprefix_length: 2\n")
+    out = tmp_path / "export"
+    line = fails_cleanly([command, folder, out / "model.gguf" if command == "convert_to_gguf" else out], tmp_path,
+                         f"{folder}: an adapter model")
+    assert "litllm generate, chat, serve and evaluate run it" in line and tree(out) == {}
+
+
 # ---------------------------------------------------------------------- the helpers, in-process
 def test_atomic_path_on_a_failing_writer(tmp_path, monkeypatch):
     """A write that fails for the file system names the final path and leaves nothing, parents included."""

@@ -246,9 +246,10 @@ def test_generation_stops_at_stop_strings_like_hflm(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------------- the command
-def test_evaluate_command_writes_results_and_prints_table(tiny_checkpoint, tasks_dir, tmp_path, capsys):
+def test_evaluate_command_writes_results_and_prints_table(tiny_checkpoint, tasks_dir, tmp_path, capfd, monkeypatch):
     from litllm.evaluate import evaluate
 
+    monkeypatch.chdir(tmp_path)  # outside a git checkout, where lm-eval's `git describe` complains
     out = tmp_path / "out"
     results = evaluate(tiny_checkpoint, tasks=f"{MC_TASK},{PPL_TASK}", include_path=tasks_dir, out_dir=out,
                        batch_size=4, limit=4, device="cpu", precision="32-true", log_samples=True)
@@ -259,8 +260,9 @@ def test_evaluate_command_writes_results_and_prints_table(tiny_checkpoint, tasks
     assert written["config"]["model"] == str(tiny_checkpoint)
     assert "samples" not in written
     assert len((out / f"samples_{MC_TASK}.jsonl").read_text().splitlines()) == 4
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
     assert "|" in printed and MC_TASK in printed and "word_perplexity" in printed
+    assert "fatal:" not in errors, errors
     assert not list(out.glob(".*tmp*"))
 
 
@@ -487,12 +489,14 @@ def test_perplexity_rejects_bad_data(tiny_checkpoint, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (tmp_path / "data.csv").write_text("text\nhello\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.json").write_text("\n")
     (tmp_path / "ok.txt").write_text("hello world")
     for data, kwargs, message in [
         ("bad.jsonl", {}, r"bad.jsonl: record 1: expected a string, a 'text' field"),
         ("broken.jsonl", {}, r"broken.jsonl: line 2 is not valid JSON"),
         ("data.csv", {}, r"expected a \.txt, \.json or \.jsonl file"),
         ("empty", {}, "no .txt, .json or .jsonl files"),
+        ("blank.json", {}, r"blank.json: the file is empty \(expected a list of records\)"),
         ("ok.txt", {"stride": 500}, "--stride"),
         ("ok.txt", {"max_length": 1}, "--max_length"),
         ("ok.txt", {"stride": 0}, r"--stride: expected 1\.\.max_length \(\d+\), got 0"),  # not the default

@@ -644,6 +644,7 @@ def test_generate_command_errors(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["{missing}"], "checkpoint folder not found"),
+    (["{ckpt}/model_config.yaml"], "model_config.yaml: a file; expected a model folder"),
     (["{ckpt}", "--top_p", "0"], "--top_p must be in (0, 1]"),
     (["{ckpt}", "--quantize", "bnb.nf4", "--device", "cuda"], "CUDA is not available"),
 ])

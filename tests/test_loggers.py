@@ -292,6 +292,23 @@ def _wandb_records(path):
     return records
 
 
+def test_wandb_online_without_an_api_key_fails_before_the_run(base, data_file, tmp_path):
+    """No key (no WANDB_API_KEY, no ~/.netrc, no terminal to ask on): one line naming the ways out, before
+    anything is written, rather than wandb's traceback at the first step's metrics."""
+    pytest.importorskip("wandb")
+    from test_errors import fails_cleanly, tree
+    from test_pretrain import env_with_tests
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in env_with_tests().items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / "wandb"))
+    out = tmp_path / "out"
+    fails_cleanly(["finetune_lora", base, "--data", "JSON", "--data.json_path", data_file, "--out_dir", out,
+                   "--logger_name", "wandb", "--train.max_steps", "1"], tmp_path, "WANDB_MODE=offline", env=env)
+    assert tree(out) == {} and tree(home) == {}
+
+
 @pytest.mark.slow
 def test_wandb_offline_one_run_across_a_kill_and_resume(base, data_file, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")

@@ -175,6 +175,8 @@ def test_merge_lora_errors(tiny_checkpoint, tmp_path):
     write_lora_folder(model, folder, {"checkpoint_dir": tiny_checkpoint, "lora_r": 3})
     with pytest.raises(LitLLMError, match="shape"):
         merge_lora(folder)
+    with pytest.raises(LitLLMError, match=r"^--precision: expected one of .*bfloat16, got 'bf16'"):  # its own flag
+        merge_lora(folder, out_dir=tmp_path / "merged", precision="bf16")
     with pytest.raises(LitLLMError, match="lora_r"):
         LoRASettings(r=0)
     with pytest.raises(LitLLMError, match="no layer"):

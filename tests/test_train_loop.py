@@ -193,6 +193,8 @@ def test_bad_inputs(fabric, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     with pytest.raises(LitLLMError, match="not a training checkpoint"):
         train_once(fabric, tmp_path / "x", resume=tmp_path / "final")
+    with pytest.raises(LitLLMError, match=r"step-00000009: not found \(.* holds step-00000001\)"):
+        train_once(fabric, tmp_path / "x", resume=tmp_path / "step-00000009")
 
 
 def test_train_args_budget():

@@ -62,8 +62,8 @@ def read_json_records(path: Path) -> list[tuple[Any, str]]:
         if not isinstance(data, list):
             raise LitLLMError(f"{path}: expected a list of records at the top level, got {type(data).__name__}")
         pairs = [(raw, f"{path} record {i}") for i, raw in enumerate(data)]
-    if not pairs:
-        raise LitLLMError(f"{path}: no records (the file is empty)")
+    if not pairs:  # `[]`, or a .jsonl of blank lines
+        raise LitLLMError(f"{path}: no records ({'no JSON lines' if path.suffix == '.jsonl' else 'an empty list'})")
     return pairs
 
 

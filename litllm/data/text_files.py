@@ -68,8 +68,21 @@ def list_files(path: str | Path, pattern: str, max_files: Optional[int] = None) 
         p for p in folder.glob(pattern) if p.is_file() and not skip.intersection(p.relative_to(folder).parts[:-1])
     )
     if not files:
-        raise LitLLMError(f"{folder}: no files match '{pattern}' (choose the files with --data.glob)")
+        raise LitLLMError(f"{folder}: no files match '{pattern}' ({_glob_hint(folder)})")
     return files[:max_files] if max_files else files
+
+
+def _glob_hint(folder: Path) -> str:
+    """For a folder that `--data.glob` matched nothing in: the glob of the file type it holds most of (a recipe's
+    `*.py` carried over to a folder of `.txt` files), found among its first 10,000 files."""
+    from collections import Counter
+    from itertools import islice
+
+    suffixes = Counter(p.suffix for p in islice(folder.rglob("*"), 10_000) if p.suffix and p.is_file())
+    if not suffixes:
+        return "choose the files with --data.glob"
+    suffix, count = suffixes.most_common(1)[0]
+    return f"it holds {count} *{suffix} file(s): --data.glob '**/*{suffix}'"
 
 
 class _TokenizeFiles:

@@ -117,6 +117,10 @@ def resolve_resume(resume: Union[bool, str, Path], out_dir: Path, config: Config
             return None
     else:
         path = Path(resume)
+        if not path.exists():  # a mistyped step number: say so, not that the folder lacks a file
+            saved = _step_dirs(path.parent)
+            steps = ", ".join([p.name for p in saved[:3]] + (["..."] if len(saved) > 3 else []))
+            raise LitLLMError(f"--resume {path}: not found" + (f" ({path.parent} holds {steps})" if saved else ""))
         if not (path / STATE_FILE).is_file():
             raise LitLLMError(f"--resume {path}: not a training checkpoint (no {STATE_FILE}); expected out_dir/step-XXXXXXXX")
         try:
@@ -353,6 +357,7 @@ def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, strea
     """Load a training checkpoint into the set-up model and optimizer, and restore the counters (`state`,
     in place), the data position (`stream`: the loop's `BatchStream`) and the RNG states: what `--resume`
     does (and `--fast_dev_run` checks). Returns the checkpoint's training state (e.g. its `logger_run`)."""
+    _check_same_method(resume_dir, method.name)
     restored = load_training_checkpoint(fabric, resume_dir, model, optimizer, method)
     state.update(restored["counters"])
     saved_world = restored.get("world_size", fabric.world_size)
@@ -367,6 +372,20 @@ def restore_checkpoint(fabric, resume_dir: Path, model, optimizer, method, strea
     set_rng_state(restored["rng"])
     fabric.print(f"Resuming from {resume_dir} at step {state['step']}")
     return restored
+
+
+def _check_same_method(resume_dir: Path, method: str) -> None:
+    """A checkpoint resumes the method that wrote it (its provenance.yaml names it): another command's model has
+    other trainable weights, which would fail to load with a list of missing and unexpected names."""
+    import yaml
+
+    from litllm.train.provenance import PROVENANCE_FILE
+
+    path = Path(resume_dir) / PROVENANCE_FILE
+    saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("method") if path.is_file() else None
+    if saved is not None and saved != method:
+        raise LitLLMError(f"--resume {resume_dir}: a checkpoint of a {saved} run, and this run trains {method}: "
+                          "resume it with the command that wrote it, or start this one in another --out_dir")
 
 
 def _set_full_optimizer_state(module: nn.Module, optimizer, opt_sd: dict, source: Path) -> None:

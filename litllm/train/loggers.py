@@ -270,6 +270,25 @@ def check_logger_name(name: str) -> None:
             extra = "mlflow-skinny" if name == "mlflow" else package
             raise LitLLMError(f"--logger_name {name} needs the {package} package: pip install {extra} "
                               "(or the litllm[loggers] extra)")
+    if name == "wandb":
+        check_wandb_credentials()
+
+
+def check_wandb_credentials() -> None:
+    """W&B online needs an API key: look for it before the run starts (wandb asks on a terminal), not at the first
+    step's metrics, where wandb would prompt mid-run or, with no terminal, fail with a traceback."""
+    import os
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    import wandb
+    from wandb.errors import UsageError
+
+    try:
+        wandb.login(verify=False)  # the key from WANDB_API_KEY, wandb's settings or ~/.netrc; no network call
+    except UsageError:
+        raise LitLLMError("--logger_name wandb: no W&B API key; run `wandb login` or set WANDB_API_KEY, or set "
+                          "WANDB_MODE=offline to log locally and `wandb sync` later") from None
 
 
 class TrainingLogger:

@@ -391,6 +391,8 @@ def _plan_steps(fabric, train: TrainArgs, stream: "BatchStream", seq_length: int
                                     accumulation * train.micro_batch_size * world_size)
     if note:
         _note_few_steps(fabric, train, total_steps)
+        _note_ends_before_max_steps(fabric, train, total_steps, accumulation * train.micro_batch_size * world_size,
+                                    seq_length)
     return accumulation, total_steps, train.warmup_steps(total_steps)
 
 
@@ -722,6 +724,17 @@ def _note_few_steps(fabric, train: TrainArgs, total_steps: int) -> None:
             f"Note: this run makes only {total_steps} optimizer step(s), too few to learn much: raise --train.epochs "
             "or lower --train.global_batch_size"
         )
+
+
+def _note_ends_before_max_steps(fabric, train: TrainArgs, total_steps: int, global_batch: int, seq_length: int) -> None:
+    """One line when another budget (the command's default epochs, or --train.max_tokens) ends the run before the
+    --train.max_steps the user chose: the smallest budget wins, and the run would otherwise be silently shorter."""
+    if train.max_steps is None or total_steps >= train.max_steps:
+        return
+    by_tokens = train.max_tokens is not None and train.max_tokens // (global_batch * seq_length) == total_steps
+    budget = f"--train.max_tokens {train.max_tokens}" if by_tokens else f"--train.epochs {train.epochs}"
+    fabric.print(f"Note: {budget} ends the run after {total_steps} step(s), before --train.max_steps "
+                 f"{train.max_steps}: raise {budget.split()[0]} to train longer")
 
 
 def _fit_accumulation(fabric, train: TrainArgs, batches_per_epoch: Optional[int], accumulation: int) -> int:
