@@ -1190,8 +1190,9 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
   const int threads = op_threads();
   const int64_t per = rows_per_thread(groups * 16, threads) / 16;  // groups a chunk
   const int64_t chunks = (groups + per - 1) / per;
-  // int8dq: the row's q, each block's d and -128 sum(q); int8wo: its digits
+  // int8dq: the row's q (and q + 128, as the prompt op rounds it), each block's d and -128 sum(q); int8wo: its digits
   std::vector<int8_t> q(block > 0 ? K : 0);
+  std::vector<uint8_t> qu(q.size());
   std::vector<float> lane_d(block > 0 ? K / 4 : 0), d(block > 0 ? K / block : 0);
   std::vector<int32_t> start(d.size());
   const int64_t KP = (K + 63) / 64 * 64;
@@ -1201,11 +1202,15 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
     float* yr = y.mutable_data_ptr<float>() + n * R;
     Int8woDigits xd{};
     bool finite = true;
-    if (block > 0) {
-      round_row_q8<int8_t, 0>(xr, K, block, q.data(), lane_d.data());
+    if (block > 0) {  // q8_0's rounding, 16 values a vector where the blocks are whole vectors (q + 128, then q)
+      if (block % 16 == 0) round_row_q8_u8_vectors(xr, K, block, qu.data(), lane_d.data());
+      else round_row_q8<uint8_t, 128>(xr, K, block, qu.data(), lane_d.data());
       for (int64_t b = 0; b < K; b += block) {
         int32_t sum = 0;
-        for (int64_t i = b; i < b + block; ++i) sum += q[i];
+        for (int64_t i = b; i < b + block; ++i) {
+          q[i] = static_cast<int8_t>(qu[i] ^ 0x80);
+          sum += q[i];
+        }
         d[b / block] = lane_d[b / 4];
         start[b / block] = -128 * sum;
       }
