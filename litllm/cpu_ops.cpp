@@ -1050,8 +1050,9 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 //   per 64 weights, the sums combined exactly in int64 per 16 outputs; the same result, bit for bit. A row with a
 //   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's).
 // kPackedGroups groups of 16 rows in flight (4 independent sums, 4 sequential reads), each read kPackedPrefetch bytes
-// ahead. On the AMX Xeon (1 thread, the 134M Llama's 104 MB of int8 weights held in L3) a pass read ~1.4x (int8dq) and
-// ~1.2x (int8wo) faster than the row-major kernels, and 2.2x / 1.6x from L2 (benchmarks/int8_op_rate.py).
+// ahead (4 groups and 4 KB read fastest of 2/4/8 and 0-8 KB). On the AMX Xeon, 1 thread, loaded (load average ~4), a
+// pass over the 134M Llama's int8 weights (104 MB, held in L3) read 1.27x (int8dq) and 1.23x (int8wo) the row-major
+// kernels' GB per CPU-second, a 2 MB weight in L2 1.33x / 1.25x (benchmarks/int8_op_rate.py, "model" and "hot").
 constexpr int kPackedGroups = 4;
 constexpr int64_t kPackedPrefetch = 4096;
 #if defined(__x86_64__)

@@ -1,5 +1,6 @@
 """litllm's C++ CPU ops (litllm/cpu_ops.cpp), one library: the fp32 row split (`litllm.row_split`), int8dq's
-and int8wo's decode rows, int8 prompt rows and bf16 int4wo's rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`), fused
+and int8wo's decode rows (row-major and packed), int8 prompt rows and bf16 int4wo's rows (`litllm.quantize`), packed
+bf16 rows (`litllm.packed_bf16`), fused
 training norms and RoPE (`litllm.fused_norms`); how it
 is built and loaded, the ops' shapes for tracing, and which ops run here.
 
