@@ -1050,7 +1050,9 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 //   per 64 weights, the sums combined exactly in int64 per 16 outputs; the same result, bit for bit. A row with a
 //   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's).
 // kPackedGroups groups of 16 rows in flight (4 independent sums, 4 sequential reads), each read kPackedPrefetch bytes
-// ahead (4 groups and 4 KB read fastest of 2/4/8 and 0-8 KB). On the AMX Xeon, 1 thread, loaded (load average ~4), a
+// ahead (4 groups and 4 KB read fastest of 2/4/8 and 0-8 KB), times every x row in turn (a batch's or a speculative
+// step's few rows: the groups' weights read from memory once, then from L2); the groups in one contiguous range per
+// thread, as row_split_linear's rows. On the AMX Xeon, 1 thread, loaded (load average ~4), a
 // pass over the 134M Llama's int8 weights (104 MB, held in L3) read 1.27x (int8dq) and 1.23x (int8wo) the row-major
 // kernels' GB per CPU-second, a 2 MB weight in L2 1.33x / 1.25x (benchmarks/int8_op_rate.py, "model" and "hot").
 constexpr int kPackedGroups = 4;
@@ -1187,61 +1189,69 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
 #if defined(__x86_64__)
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<float>());
   const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  const float* xp = xc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
-  const int threads = op_threads();
-  const int64_t per = rows_per_thread(groups * 16, threads) / 16;  // groups a chunk
-  const int64_t chunks = (groups + per - 1) / per;
-  // int8dq: the row's q (and q + 128, as the prompt op rounds it), each block's d and -128 sum(q); int8wo: its digits
-  std::vector<int8_t> q(block > 0 ? K : 0);
-  std::vector<uint8_t> qu(q.size());
-  std::vector<float> lane_d(block > 0 ? K / 4 : 0), d(block > 0 ? K / block : 0);
-  std::vector<int32_t> start(d.size());
-  const int64_t KP = (K + 63) / 64 * 64;
-  std::vector<int8_t> digits(block > 0 ? 0 : 4 * KP);
+  float* yp = y.mutable_data_ptr<float>();
+  // every row's activations first: int8dq's q (q + 128 as the prompt op rounds it, then q), each block's d and -128
+  // sum(q); int8wo's digits (all rows' products then read a group's weights once, from L2 after the first row)
+  const int64_t blocks = block > 0 ? K / block : 0, KP = (K + 63) / 64 * 64;
+  std::vector<int8_t> q(block > 0 ? N * K : 0);
+  std::vector<uint8_t> qu(K);
+  std::vector<float> lane_d(block > 0 ? K / 4 : 0), d(N * blocks);
+  std::vector<int32_t> start(N * blocks);
+  std::vector<int8_t> digits(block > 0 ? 0 : N * 4 * KP, 0);
+  std::vector<Int8woDigits> xd(block > 0 ? 0 : N);
+  std::vector<char> finite(N, 1);
   for (int64_t n = 0; n < N; ++n) {
-    const float* xr = xc.const_data_ptr<float>() + n * K;
-    float* yr = y.mutable_data_ptr<float>() + n * R;
-    Int8woDigits xd{};
-    bool finite = true;
-    if (block > 0) {  // q8_0's rounding, 16 values a vector where the blocks are whole vectors (q + 128, then q)
+    const float* xr = xp + n * K;
+    if (block > 0) {  // q8_0's rounding, 16 values a vector where the blocks are whole vectors
       if (block % 16 == 0) round_row_q8_u8_vectors(xr, K, block, qu.data(), lane_d.data());
       else round_row_q8<uint8_t, 128>(xr, K, block, qu.data(), lane_d.data());
+      int8_t* qn = q.data() + n * K;
       for (int64_t b = 0; b < K; b += block) {
         int32_t sum = 0;
         for (int64_t i = b; i < b + block; ++i) {
-          q[i] = static_cast<int8_t>(qu[i] ^ 0x80);
-          sum += q[i];
+          qn[i] = static_cast<int8_t>(qu[i] ^ 0x80);
+          sum += qn[i];
         }
-        d[b / block] = lane_d[b / 4];
-        start[b / block] = -128 * sum;
+        d[n * blocks + b / block] = lane_d[b / 4];
+        start[n * blocks + b / block] = -128 * sum;
       }
     } else {
-      std::fill(digits.begin(), digits.end(), 0);
-      finite = int8wo_digits(xr, K, KP, digits.data(), xd);
+      finite[n] = int8wo_digits(xr, K, KP, digits.data() + n * 4 * KP, xd[n]);
     }
-    auto part = [&](int64_t c) {
-      const int64_t g1 = std::min(groups, (c + 1) * per);
-      for (int64_t g = c * per; g < g1;) {
-        const int64_t r = 16 * g, live = R - r;
-        const uint8_t* wg = wp + r * K;
-        if (!finite) {
-          int8wo_packed_fp32_group(wg, xr, sp + r, yr + r, K, live);
-          g += 1;
-        } else if (g + kPackedGroups <= g1) {
-          if (block > 0)
-            int8_packed_dq_groups<kPackedGroups>(wg, q.data(), d.data(), start.data(), sp + r, yr + r, K, block, live);
-          else
-            int8wo_packed_groups<kPackedGroups>(wg, xd, KP, sp + r, yr + r, K, live);
-          g += kPackedGroups;
-        } else {
-          if (block > 0) int8_packed_dq_groups<1>(wg, q.data(), d.data(), start.data(), sp + r, yr + r, K, block, live);
-          else int8wo_packed_groups<1>(wg, xd, KP, sp + r, yr + r, K, live);
-          g += 1;
-        }
-      }
-    };
-    run_chunks(chunks, threads, part);
   }
+  // `count` groups from group g times row n
+  auto groups_row = [&](int64_t g, int64_t count, int64_t n) {
+    const int64_t r = 16 * g, live = R - r;
+    const uint8_t* wg = wp + r * K;
+    float* yr = yp + n * R + r;
+    if (block > 0) {
+      const int8_t* qn = q.data() + n * K;
+      const float* dn = d.data() + n * blocks;
+      const int32_t* sn = start.data() + n * blocks;
+      if (count == kPackedGroups) int8_packed_dq_groups<kPackedGroups>(wg, qn, dn, sn, sp + r, yr, K, block, live);
+      else int8_packed_dq_groups<1>(wg, qn, dn, sn, sp + r, yr, K, block, live);
+    } else if (!finite[n]) {
+      for (int64_t h = 0; h < count; ++h)
+        int8wo_packed_fp32_group(wg + 16 * h * K, xp + n * K, sp + r + 16 * h, yr + 16 * h, K, live - 16 * h);
+    } else if (count == kPackedGroups) {
+      int8wo_packed_groups<kPackedGroups>(wg, xd[n], KP, sp + r, yr, K, live);
+    } else {
+      int8wo_packed_groups<1>(wg, xd[n], KP, sp + r, yr, K, live);
+    }
+  };
+  const int threads = op_threads();
+  const int64_t per = rows_per_thread(groups * 16, threads) / 16;  // groups a chunk
+  auto part = [&](int64_t c) {
+    const int64_t g1 = std::min(groups, (c + 1) * per);
+    for (int64_t g = c * per; g < g1;) {
+      const int64_t count = g + kPackedGroups <= g1 ? kPackedGroups : 1;
+      for (int64_t n = 0; n < N; ++n) groups_row(g, count, n);
+      g += count;
+    }
+  };
+  run_chunks((groups + per - 1) / per, threads, part);
 #endif
   return y;
 }
