@@ -1143,9 +1143,8 @@ static void int8wo_packed_groups(const uint8_t* w, const Int8woDigits& xd, int64
     for (int half = 0; half < 2; ++half) {
       const int64_t n = std::clamp<int64_t>(live - 16 * g - 8 * half, 0, 8);
       const __mmask8 m = static_cast<__mmask8>((1U << n) - 1);
-      const float* sh = s + 16 * g + 8 * half;
-      const __m256 out = int8wo_packed_half(a[g], half, offset_sum, unscale, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, sh)));
-      _mm256_mask_storeu_ps(y + 16 * g + 8 * half, m, out);
+      const __m512d sh = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s + 16 * g + 8 * half));  // their scales
+      _mm256_mask_storeu_ps(y + 16 * g + 8 * half, m, int8wo_packed_half(a[g], half, offset_sum, unscale, sh));
     }
 }
 

@@ -1,7 +1,6 @@
 """litllm's C++ CPU ops (litllm/cpu_ops.cpp), one library: the fp32 row split (`litllm.row_split`), int8dq's
 and int8wo's decode rows (row-major and packed), int8 prompt rows and bf16 int4wo's rows (`litllm.quantize`), packed
-bf16 rows (`litllm.packed_bf16`), fused
-training norms and RoPE (`litllm.fused_norms`); how it
+bf16 rows (`litllm.packed_bf16`), fused training norms and RoPE (`litllm.fused_norms`); how it
 is built and loaded, the ops' shapes for tracing, and which ops run here.
 
 The library is compiled from its C++ source on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
@@ -274,7 +273,8 @@ def int8_packed_rows_wanted() -> bool:
     """Whether int8 compiled steps that call litllm's ops (`int8_rows_op`, `int8wo_rows_op`) take its packed-rows op
     instead, `torch.ops.litllm_cpu.int8_packed_rows_linear(x, words, scales, block)` on the weights laid out 16 output
     rows a vector (`litllm.quantize.pack_int8_rows`; block 0: int8wo's unrounded activations): where this CPU has
-    AVX-512 VNNI (and DQ) and `$LITLLM_INT8_PACKED` is not `0`. The library is the same, so it is there where they are."""
+    AVX-512 VNNI (and DQ) and `$LITLLM_INT8_PACKED` is not `0`. The library is the same, so it is there where they
+    are."""
     return has_avx512_vnni() and "avx512dq" in cpu_flags() and not switched_off(INT8_PACKED_ENV)
 
 

@@ -425,7 +425,7 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     reference = rounded @ weight.t() + (linear.bias.detach() if bias else 0)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(got, reference) < 1e-6
-    if op and not dynamic:  # int8wo's eager rows through the (row-major) op: the step's arithmetic, not the bf16 kernel's
+    if op and not dynamic:  # int8wo's eager rows through the row-major op: the step's arithmetic, not the bf16 kernel's
         assert rel(eager, reference) < 1e-6
     else:  # measured: int8dq 0.34-0.43x eager's error; int8wo 0.85x (the int8 weights' own error dominates both)
         assert rel(got, exact) < (0.7 if dynamic else 0.95) * rel(eager, exact)
