@@ -29,7 +29,9 @@ Modes (`--quantize`):
                     `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
                     does, finer than fbgemm's one scale per call (on AVX-512 VNNI CPUs the same arithmetic in
                     litllm's C++ op, int8 dot products by vpdpbusd: `litllm.cpu_ops.int8_rows_op`). Faster than
-                    int8wo, a little less exact (eager logits ~2% off vs ~1%).
+                    int8wo, a little less exact (eager logits ~2% off vs ~1%). On AVX-512 VNNI CPUs both modes'
+                    compiled steps take the packed-rows op (`litllm.cpu_ops.int8_packed_rows_wanted`: the weights
+                    16 output rows a vector, `pack_int8_rows`), the same arithmetic.
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
