@@ -19,7 +19,8 @@ transformers runs with torch's defaults. `litllm compiled` is the same engine wi
 `torch.compile`d (static shapes, no host sync in the step; `--no_compile` skips it).
 `--quantize MODE[@PRECISION] ...` adds a litllm row per entry, loaded as `litllm generate --quantize MODE
 --precision PRECISION` loads (`none` = unquantized, default precision 32-true); its bound counts the bytes
-its quantized weights really hold (packed values, scales, zero points).
+its quantized weights really hold (packed values, scales, zero points); `ROW:KERNEL` loads and compiles the row on
+another kernel (`kernel_environment`: `torchao.int4wo@bf16-true:torch`, `torchao.int8wo:rows`).
 litllm is imported before torch, as its commands do, so OpenMP's spin-wait is bounded (`litllm.bound_omp_spin`) for
 every row, llama.cpp's too (its ggml runs on the same libgomp); `GOMP_SPINCOUNT=300000` restores GNU OpenMP's default.
 Figures on a shared machine are noisy: the two alternate `--repeats` times; best and median runs
@@ -328,7 +329,8 @@ def parse_args():
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode steps")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true "
-                             "(ROW:torch: int4wo on torch's kernel, loaded with LITLLM_INT4_ROWS=0)")
+                             "(ROW:torch: int4wo on torch's kernel, loaded with LITLLM_INT4_ROWS=0; ROW:rows: int8's "
+                             "compiled step on the row-major ops, LITLLM_INT8_PACKED=0)")
     parser.add_argument("--llama_cpp", nargs="*", default=None, metavar="OUTTYPE",
                         help="llama.cpp rows (GGUF outtypes, OUTTYPE+repack: with llama.cpp's AMX/repacked weight "
                              "buffers; default f32 f16 q8_0 q8_0+repack when llama_cpp is importable)")
@@ -360,9 +362,9 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, C
 
     # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
     def load(row: str):
-        row, _, kernel = row.partition(":")  # `ROW:torch`: int4wo on torch's kernel, as `LITLLM_INT4_ROWS=0` loads it
+        row, _, kernel = row.partition(":")  # `ROW:KERNEL`: another kernel's environment (`kernel_environment`)
         mode, _, precision = ("none" if row == "litllm" else row).partition("@")
-        with mock.patch.dict(os.environ, {INT4_ROWS_ENV: "0"} if kernel == "torch" else {}):  # restored after
+        with mock.patch.dict(os.environ, kernel_environment(kernel)):  # restored after
             return load_for_inference(folder, device=args.device, precision=precision or "32-true",
                                       quantize=None if mode == "none" else mode)
 
@@ -385,10 +387,21 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, C
     return models, row_bytes, layout, load_optimized
 
 
+def kernel_environment(kernel: str) -> dict[str, str]:
+    """The environment a `--quantize ROW:KERNEL` row loads and compiles under: `torch`, int4wo on torch's kernel
+    (`LITLLM_INT4_ROWS=0`); `rows`, int8's compiled step on the row-major ops (`LITLLM_INT8_PACKED=0`: as before the
+    packed one), e.g. `torchao.int8wo:rows` beside `torchao.int8wo`, alternating in one run."""
+    from litllm.cpu_ops import INT4_ROWS_ENV, INT8_PACKED_ENV
+
+    return {"": {}, "torch": {INT4_ROWS_ENV: "0"}, "rows": {INT8_PACKED_ENV: "0"}}[kernel]
+
+
 def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, decode, reference, load) -> dict:
     """An engine per litllm row, and with `compile` a compiled twin ("<row> compiled", compiled here) on the thread
     count timed on its compiled step (`pick_compiled_threads`). The twin decodes its own copy of the model (`load`):
     a compiled engine swaps modules for its CPU layouts (`OneRowLinear`...), which would also change the eager row's."""
+    from unittest import mock
+
     from litllm.compile_decode import pick_compiled_threads
     from litllm.engine import Engine
 
@@ -402,7 +415,8 @@ def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, deco
             engines[name].close()
             twin = f"{name} compiled"
             t0 = time.perf_counter()
-            engines[twin] = Engine(load(name), None, 1, length, threads=threads, compile=True)  # compiles or loads
+            with mock.patch.dict(os.environ, kernel_environment(name.partition(":")[2])):  # its layout: at compile
+                engines[twin] = Engine(load(name), None, 1, length, threads=threads, compile=True)  # compiles or loads
             engines[twin].threads = pick_compiled_threads(engines[twin])  # as the commands do: timed compiled
             row_bytes[twin] = row_bytes[name]
             twin_tokens = decode(engines[twin])

@@ -4,8 +4,11 @@ A decode step is at the bandwidth bound only where its kernel multiplies weights
 This times `litllm_cpu::int8wo_rows_linear` (int8wo, the activations unrounded: on AVX-512 VNNI CPUs each activation
 row as a 31-bit integer in 4 signed 8-bit digits, int8 dot products by vpdpbusd, exact), its fp32 kernel
 `int8wo_rows_linear_fma` ("int8wo-fma": each int8 weight converted to fp32 for an fp32 FMA, what it runs without
-VNNI) and `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot products by
-vpdpbusd) on one activation row, over a 2 MB weight held in L2 ("hot") and over 48 weights of 2048 x 5632
+VNNI), `litllm_cpu::int8_rows_linear` (int8dq: activations rounded per block of 32, int8 dot products by
+vpdpbusd), all on row-major weights, and `litllm_cpu::int8_packed_rows_linear` (what the compiled steps of both call
+on AVX-512 VNNI CPUs: "-packed", the weights 16 output rows a vector) on one activation row, over a 2 MB weight held
+in L2 ("hot"), over the 61 int8 weights of benchmarks/generate.py's default Llama (104 MB: "model", a decode step's
+reads, held in a large L3) and over 48 weights of 2048 x 5632
 (553 MB, twice a 260 MiB L3: "cold", read from DRAM as a decode step of benchmarks/generate.py's `--model_size large`
 reads them), alternating within each of `--rounds` rounds, and prints GB of weights per CPU-second (less disturbed by
 other jobs on a shared machine) and per wall second, best rounds, beside `read_bandwidth`'s DRAM read rate per
@@ -28,10 +31,22 @@ from _int8_weights import int8_rows, random_weight, row_words
 from generate import read_bandwidth
 
 
-def int8_weights(count: int, rows: int, cols: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` random (int8 weights in the layers' fp32-typed carrier, 4 to a word; a scale per row)."""
+def int8_weights(shapes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A random weight of each (rows, cols) shape: (its int8 values row-major in the layers' fp32-typed carrier, 4 to a
+    word; laid out for the packed-rows op, `pack_int8_rows`; a scale per row; one activation row (1, cols))."""
+    from litllm.quantize import pack_int8_rows
+
     g = torch.Generator().manual_seed(0)
-    return [(row_words(q), scales) for q, scales in (int8_rows(random_weight(rows, cols, g)) for _ in range(count))]
+    weights = []
+    for rows, cols in shapes:
+        q, scales = int8_rows(random_weight(rows, cols, g))
+        weights.append((row_words(q), pack_int8_rows(q), scales, torch.randn(1, cols, generator=g)))
+    return weights
+
+
+LLAMA_134M = [(2304, 768), (768, 768), (2048, 768), (2048, 768), (768, 2048)] * 12 + [(32000, 768)]
+"""The int8 matrices of benchmarks/generate.py's default Llama, in a decode step's order (12 layers' qkv,
+attention projection, the MLP's two inputs and its projection; the output head): 104 MB, held in a large L3."""
 
 
 def activation_rows(kind: str, n_in: int, g: torch.Generator) -> torch.Tensor:
@@ -68,10 +83,10 @@ def rate(op, weights, passes: int) -> tuple[float, float]:
     """(GB per CPU-second, GB per wall second) of `passes` passes of `op` over `weights`."""
     c0, w0 = time.process_time(), time.perf_counter()
     for _ in range(passes):
-        for words, scales in weights:
-            op(words, scales)
+        for weight in weights:
+            op(*weight)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    n_bytes = passes * sum(words.nbytes for words, _ in weights)
+    n_bytes = passes * sum(weight[0].nbytes for weight in weights)
     return n_bytes / cpu / 1e9, n_bytes / wall / 1e9
 
 
@@ -80,17 +95,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
+    from litllm.cpu_ops import int8_packed_rows_wanted, int8_rows_op, int8wo_rows_op
 
     wo, dq = int8wo_rows_op(), int8_rows_op()
-    if wo is None or dq is None:
-        raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq): not on this CPU")
+    if wo is None or dq is None or not int8_packed_rows_wanted():
+        raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq, packed rows): not on this CPU")
     accuracy({"int8wo": wo, "int8wo-fma": torch.ops.litllm_cpu.int8wo_rows_linear_fma})
-    x = torch.randn(1, 2048)
-    wo_fma = torch.ops.litllm_cpu.int8wo_rows_linear_fma
-    ops = {"int8wo": lambda w, s: wo(x, w, s), "int8wo-fma": lambda w, s: wo_fma(x, w, s),
-           "int8dq": lambda w, s: dq(x, w, s, 32)}
-    regimes = {"hot": (int8_weights(1, 1024, 2048), 200), "cold": (int8_weights(48, 5632, 2048), 2)}
+    wo_fma, packed = torch.ops.litllm_cpu.int8wo_rows_linear_fma, torch.ops.litllm_cpu.int8_packed_rows_linear
+    ops = {"int8wo": lambda w, p, s, x: wo(x, w, s), "int8wo-fma": lambda w, p, s, x: wo_fma(x, w, s),
+           "int8wo-packed": lambda w, p, s, x: packed(x, p, s, 0),
+           "int8dq": lambda w, p, s, x: dq(x, w, s, 32), "int8dq-packed": lambda w, p, s, x: packed(x, p, s, 32)}
+    regimes = {"hot": (int8_weights([(1024, 2048)]), 200), "model": (int8_weights(LLAMA_134M), 5),
+               "cold": (int8_weights([(5632, 2048)] * 48), 2)}
     for threads in args.threads:
         torch.set_num_threads(threads)
         best: dict[tuple[str, str], tuple[float, float]] = {}
@@ -103,9 +119,9 @@ def main() -> None:
         dram = read_bandwidth(clock=time.process_time) / 1e9
         print(f"{threads} thread(s): DRAM read (a 512 MiB sum) {dram:.1f} GB per CPU-second")
         for name in ops:
-            (hot, hot_wall), (cold, cold_wall) = best[name, "hot"], best[name, "cold"]
-            print(f"  {name:10s}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
-                  f"cold {cold:5.1f} ({cold_wall:5.1f}); "
+            (hot, hot_wall), (model, model_wall), (cold, cold_wall) = (best[name, regime] for regime in regimes)
+            print(f"  {name:13s}: hot {hot:5.1f} GB/CPU-s ({hot_wall:5.1f} GB/s wall), "
+                  f"model {model:5.1f} ({model_wall:5.1f}), cold {cold:5.1f} ({cold_wall:5.1f}); "
                   f"hot / DRAM {hot / dram:.2f}x, cold / DRAM {cold / dram:.0%}")
 
 

@@ -439,6 +439,19 @@ static void pack_group_words(const int8_t* w, int64_t v, int64_t K, int32_t* wor
   }
 }
 
+// The same words from weights laid out for int8_packed_rows_linear (16 rows a group, w + 128): group g's two halves
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void group_words_from_packed(const uint8_t* packed, int64_t g, int64_t R, int64_t K, int32_t* words) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int h = 0; h < 2; ++h) {
+    const int64_t half = 2 * g + h;  // its 16-row group in `packed`
+    const uint8_t* ph = packed + half * 16 * K;
+    for (int64_t k = 0; k < K; k += 4)
+      _mm512_storeu_si512(words + (k / 2 + h) * 16, 16 * half < R
+                          ? _mm512_xor_si512(_mm512_loadu_si512(ph + k * 16), flip) : _mm512_setzero_si512());
+  }
+}
+
 // int8dq: the packed group (`pack_group_words`) times NR rows of x rounded per block (u8: q + 128, `lane_d` their block
 // scales a lane of 4, as the tiles take them) into y (NR rows of R; the outputs of mask m0, m1). Each block's int32
 // sums start at -128 times its weights' sums (`start`: (K / block, 2, 16)), so that they end at sum(q * w) exactly
@@ -552,8 +565,9 @@ static void int8_fp32_packed_tile(const float* x, const float* floats, const flo
 static __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1U << std::clamp<int64_t>(n, 0, 16)) - 1); }
 
 // the packed groups g0..g1 of w (kPackRows weight rows each) times all N rows of x: tiles of NR rows, then fewer
-static void int8_packed_part(const uint8_t* qu, const float* lane_d, const float* x, const int8_t* w, const float* s,
-                             float* y, int64_t N, int64_t g0, int64_t g1, int64_t K, int64_t R, int64_t block) {
+static void int8_packed_part(const uint8_t* qu, const float* lane_d, const float* x, const int8_t* w, bool prepacked,
+                             const float* s, float* y, int64_t N, int64_t g0, int64_t g1, int64_t K, int64_t R,
+                             int64_t block) {
   const int64_t words_ints = K / 4 * 32;
   int32_t* words = pack_buffer(words_ints + (block > 0 ? K / block * 32 : K * 32)).data();
   int32_t* more = words + words_ints;  // int8dq: the blocks' starts; int8wo: the fp32 weights
@@ -561,7 +575,8 @@ static void int8_packed_part(const uint8_t* qu, const float* lane_d, const float
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t r = g * kPackRows, v = std::min(kPackRows, R - r);
     const __mmask16 m0 = first_lanes(v), m1 = first_lanes(v - 16);
-    pack_group_words(w + r * K, v, K, words);
+    if (prepacked) group_words_from_packed(reinterpret_cast<const uint8_t*>(w), g, R, K, words);
+    else pack_group_words(w + r * K, v, K, words);
     float* yr = y + r;
     if (block > 0) {
       pack_group_starts(words, K, block, more);
@@ -586,14 +601,16 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
 #else
   TORCH_CHECK(false, "int8_prompt_linear: this CPU has no AVX-512 VNNI");
 #endif
-  // w: (out, K) int8, or (out, K / 4) fp32-typed words holding 4 consecutive int8 weights of their row each
-  const bool words = w.scalar_type() == at::kFloat;
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && (words || w.scalar_type() == at::kChar) &&
-              x.size(1) == (words ? 4 : 1) * w.size(1) && scales.numel() == w.size(0) &&
+  // w: (out, K) int8, or (out, K / 4) fp32-typed words holding 4 consecutive int8 weights of their row each, or
+  // (int8dq) (ceil(out / 16), K / 4, 16) words laid out for int8_packed_rows_linear (`prepacked`)
+  const bool words = w.scalar_type() == at::kFloat, prepacked = w.dim() == 3;
+  TORCH_CHECK(x.dim() == 2 && (w.dim() == 2 || (prepacked && words && block > 0 && w.size(2) == 16)) &&
+              (words || w.scalar_type() == at::kChar) && x.size(1) == (words ? 4 : 1) * w.size(1) &&
+              (prepacked ? w.size(0) == (scales.numel() + 15) / 16 : scales.numel() == w.size(0)) &&
               x.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat && w.is_contiguous() &&
               block >= 0 && (block == 0 || (block % 4 == 0 && x.size(1) % block == 0)),
               "int8_prompt_linear: x ", x.sizes(), " w ", w.sizes(), " ", w.scalar_type(), " block ", block);
-  const int64_t N = x.size(0), R = w.size(0), K = x.size(1);
+  const int64_t N = x.size(0), R = scales.numel(), K = x.size(1);
   const int8_t* wp = static_cast<const int8_t*>(w.const_data_ptr());
   const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({N, R}, x.options());
@@ -612,12 +629,12 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
   const int threads = op_threads();
   float* yp = y.mutable_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
-  // packed groups of weight rows, kChunksPerThread chunks a thread, all N rows each
-  if (N >= (int8_act ? kPackMinRows : kPackMinRows32) && K % 4 == 0) {
+  // packed groups of weight rows, kChunksPerThread chunks a thread, all N rows each (prepacked weights: any N)
+  if (prepacked || (N >= (int8_act ? kPackMinRows : kPackMinRows32) && K % 4 == 0)) {
     const int64_t groups = (R + kPackRows - 1) / kPackRows;
     const int64_t per = threads == 1 ? groups : std::max<int64_t>(1, groups / (threads * kChunksPerThread));
     auto part = [&](int64_t c) {
-      int8_packed_part(q, d, xp, wp, sp, yp, N, c * per, std::min(groups, (c + 1) * per), K, R, block);
+      int8_packed_part(q, d, xp, wp, prepacked, sp, yp, N, c * per, std::min(groups, (c + 1) * per), K, R, block);
     };
     run_chunks((groups + per - 1) / per, threads, part);
     return y;
@@ -1019,6 +1036,232 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
   m.impl("int8wo_rows_linear_fma", &int8wo_rows_linear_fma);  // int8wo's kernel without VNNI
   m.impl("int8wo_rows_linear", &int8wo_rows_linear);  // int8 weight-only rows
 }
+
+// ---- int8 packed rows (the compiled decode step of int8dq and int8wo layers on AVX-512 VNNI CPUs): y (N, out) fp32 =
+// x (N, K) fp32 times int8 weights laid out for one activation row (`litllm.quantize.pack_int8_rows`): w
+// (ceil(out / 16), K / 4, 16) fp32-typed words, word j of row r of group g holding the row's weights 4j..4j+3 plus 128
+// (u8), so that one vector holds 16 outputs' 4 weights and vpdpbusd sums 64 products into 16 output sums with one
+// broadcast activation word: no horizontal sums, and a group of 16 rows is one sequential read of 16 K bytes. Rows past
+// out (the last group's padding) hold 128 (weight 0). Times an fp32 scale per output row.
+// - block > 0 (int8dq): each x row rounded per block as int8_rows_linear rounds it (q8_0's), q times w + 128 in exact
+//   int32 sums per block, which start at -128 sum(q) over the block (a broadcast: the same for every row), then times
+//   the block's d into fp32 sums: one conversion and one FMA per 16 outputs and block.
+// - block == 0 (int8wo): x unrounded, as the 4 signed 8-bit digits of int8wo_rows_linear (`int8wo_digits`): 4 vpdpbusd
+//   per 64 weights, the sums combined exactly in int64 per 16 outputs; the same result, bit for bit. A row with a
+//   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's).
+// kPackedGroups groups of 16 rows in flight (4 independent sums, 4 sequential reads), each read kPackedPrefetch bytes
+// ahead (4 groups and 4 KB read fastest of 2/4/8 and 0-8 KB), times every x row in turn (a batch's or a speculative
+// step's few rows: the groups' weights read from memory once, then from L2); the groups in one contiguous range per
+// thread, as row_split_linear's rows. On the AMX Xeon, 1 thread, loaded (load average ~4), a
+// pass over the 134M Llama's int8 weights (104 MB, held in L3) read 1.27x (int8dq) and 1.23x (int8wo) the row-major
+// kernels' GB per CPU-second, a 2 MB weight in L2 1.33x / 1.25x (benchmarks/int8_op_rate.py, "model" and "hot").
+constexpr int kPackedGroups = 4;
+constexpr int64_t kPackedPrefetch = 4096;
+#if defined(__x86_64__)
+// int8dq: G groups (at w, 16 K bytes apart) times one row's q (s8), each block's d and -128 sum(q) (`start`)
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int8_packed_dq_groups(const uint8_t* w, const int8_t* q, const float* d, const int32_t* start,
+                                  const float* s, float* y, int64_t K, int64_t block, int64_t live) {
+  const int64_t stride = 16 * K;
+  __m512 f[G];
+  #pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) f[g] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K; b += block) {
+    __m512i a[G];
+    #pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) a[g] = _mm512_set1_epi32(start[b / block]);
+    #pragma GCC unroll 8
+    for (int64_t k = b; k < b + block; k += 4) {
+      int32_t q4;
+      std::memcpy(&q4, q + k, 4);
+      const __m512i qv = _mm512_set1_epi32(q4);
+      #pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* wk = w + g * stride + k * 16;
+        _mm_prefetch(reinterpret_cast<const char*>(wk) + kPackedPrefetch, _MM_HINT_T0);
+        a[g] = _mm512_dpbusd_epi32(a[g], _mm512_loadu_si512(wk), qv);
+      }
+    }
+    const __m512 dv = _mm512_set1_ps(d[b / block]);
+    #pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) f[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[g]), dv, f[g]);
+  }
+  #pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    const __mmask16 m = static_cast<__mmask16>((1U << std::clamp<int64_t>(live - 16 * g, 0, 16)) - 1);
+    _mm512_mask_storeu_ps(y + 16 * g, m, _mm512_mul_ps(f[g], _mm512_maskz_loadu_ps(m, s + 16 * g)));
+  }
+}
+
+// int8wo: 8 outputs (half of a group's 16 lanes) from their 4 digit sums, exactly: sum_i 256^i a_i - 128 sum(X) in
+// int64, then as int8wo_vnni_block: double(dot) 2^-e s, to fp32
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+static inline __m256 int8wo_packed_half(const __m512i (&a)[4], int half, __m512i offset_sum, __m512d unscale,
+                                        __m512d s) {
+  __m512i dot = _mm512_sub_epi64(_mm512_setzero_si512(), offset_sum);
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m256i lanes = half ? _mm512_extracti64x4_epi64(a[i], 1) : _mm512_castsi512_si256(a[i]);
+    dot = _mm512_add_epi64(dot, _mm512_slli_epi64(_mm512_cvtepi32_epi64(lanes), 8 * i));
+  }
+  return _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi64_pd(dot), unscale), s));
+}
+
+// int8wo: G groups times one row's digits (`int8wo_digits`)
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
+static void int8wo_packed_groups(const uint8_t* w, const Int8woDigits& xd, int64_t KP, const float* s, float* y,
+                                 int64_t K, int64_t live) {
+  const int64_t stride = 16 * K;
+  __m512i a[G][4];
+  #pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 4) {
+    __m512i dv[4];
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      int32_t d4;
+      std::memcpy(&d4, xd.digits + i * KP + k, 4);
+      dv[i] = _mm512_set1_epi32(d4);
+    }
+    #pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* wk = w + g * stride + k * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(wk) + kPackedPrefetch, _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(wk);
+      #pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_dpbusd_epi32(a[g][i], wv, dv[i]);
+    }
+  }
+  const __m512i offset_sum = _mm512_set1_epi64(xd.offset_sum);
+  const __m512d unscale = _mm512_set1_pd(xd.unscale);
+  #pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
+    for (int half = 0; half < 2; ++half) {
+      const int64_t n = std::clamp<int64_t>(live - 16 * g - 8 * half, 0, 8);
+      const __mmask8 m = static_cast<__mmask8>((1U << n) - 1);
+      const __m512d sh = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s + 16 * g + 8 * half));  // their scales
+      _mm256_mask_storeu_ps(y + 16 * g + 8 * half, m, int8wo_packed_half(a[g], half, offset_sum, unscale, sh));
+    }
+}
+
+// int8wo, a row with a non-finite value: one group's weights converted to fp32, times x unrounded (NaN and inf carried)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int8wo_packed_fp32_group(const uint8_t* w, const float* x, const float* s, float* y, int64_t K,
+                                     int64_t live) {
+  const __m512i u128 = _mm512_set1_epi32(128);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 4) {
+    const __m512i v = _mm512_loadu_si512(w + k * 16);
+    for (int t = 0; t < 4; ++t) {  // byte t of each word: the weight k + t of the 16 rows, + 128
+      const __m512i wt = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 8 * t), _mm512_set1_epi32(255)), u128);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wt), _mm512_set1_ps(x[k + t]), acc);
+    }
+  }
+  const __mmask16 m = static_cast<__mmask16>((1U << std::min<int64_t>(live, 16)) - 1);
+  _mm512_mask_storeu_ps(y, m, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(m, s)));
+}
+#endif
+
+at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
+#if defined(__x86_64__)
+  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
+              "int8_packed_rows_linear: this CPU has no AVX-512 VNNI");
+#else
+  TORCH_CHECK(false, "int8_packed_rows_linear: this CPU has no AVX-512 VNNI");
+#endif
+  // w: (ceil(out / 16), K / 4, 16) fp32-typed words; int8wo: K <= 2^16 (each int32 lane sums K / 4 products of 4
+  // digits of at most 128 times 255)
+  const int64_t R = scales.numel();
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == 16 && w.size(0) == (R + 15) / 16 &&
+              x.size(1) == 4 * w.size(1) && w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+              scales.scalar_type() == at::kFloat && w.is_contiguous() && block >= 0 &&
+              (block > 0 ? block % 4 == 0 && x.size(1) % block == 0 : x.size(1) <= (int64_t{1} << 16)),
+              "int8_packed_rows_linear: x ", x.sizes(), " w ", w.sizes(), " scales ", scales.sizes(), " block ", block);
+  const int64_t N = x.size(0), K = x.size(1), groups = w.size(0);
+  at::Tensor y = at::empty({N, R}, x.options());
+  if (N == 0 || R == 0) return y;
+#if defined(__x86_64__)
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<float>());
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  const float* xp = xc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  // every row's activations first: int8dq's q (q + 128 as the prompt op rounds it, then q), each block's d and -128
+  // sum(q); int8wo's digits (all rows' products then read a group's weights once, from L2 after the first row)
+  const int64_t blocks = block > 0 ? K / block : 0, KP = (K + 63) / 64 * 64;
+  std::vector<int8_t> q(block > 0 ? N * K : 0);
+  std::vector<uint8_t> qu(K);
+  std::vector<float> lane_d(block > 0 ? K / 4 : 0), d(N * blocks);
+  std::vector<int32_t> start(N * blocks);
+  std::vector<int8_t> digits(block > 0 ? 0 : N * 4 * KP, 0);
+  std::vector<Int8woDigits> xd(block > 0 ? 0 : N);
+  std::vector<char> finite(N, 1);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = xp + n * K;
+    if (block > 0) {  // q8_0's rounding, 16 values a vector where the blocks are whole vectors
+      if (block % 16 == 0) round_row_q8_u8_vectors(xr, K, block, qu.data(), lane_d.data());
+      else round_row_q8<uint8_t, 128>(xr, K, block, qu.data(), lane_d.data());
+      int8_t* qn = q.data() + n * K;
+      for (int64_t b = 0; b < K; b += block) {
+        int32_t sum = 0;
+        for (int64_t i = b; i < b + block; ++i) {
+          qn[i] = static_cast<int8_t>(qu[i] ^ 0x80);
+          sum += qn[i];
+        }
+        d[n * blocks + b / block] = lane_d[b / 4];
+        start[n * blocks + b / block] = -128 * sum;
+      }
+    } else {
+      finite[n] = int8wo_digits(xr, K, KP, digits.data() + n * 4 * KP, xd[n]);
+    }
+  }
+  // `count` groups from group g times row n
+  auto groups_row = [&](int64_t g, int64_t count, int64_t n) {
+    const int64_t r = 16 * g, live = R - r;
+    const uint8_t* wg = wp + r * K;
+    float* yr = yp + n * R + r;
+    if (block > 0) {
+      const int8_t* qn = q.data() + n * K;
+      const float* dn = d.data() + n * blocks;
+      const int32_t* sn = start.data() + n * blocks;
+      if (count == kPackedGroups) int8_packed_dq_groups<kPackedGroups>(wg, qn, dn, sn, sp + r, yr, K, block, live);
+      else int8_packed_dq_groups<1>(wg, qn, dn, sn, sp + r, yr, K, block, live);
+    } else if (!finite[n]) {
+      for (int64_t h = 0; h < count; ++h)
+        int8wo_packed_fp32_group(wg + 16 * h * K, xp + n * K, sp + r + 16 * h, yr + 16 * h, K, live - 16 * h);
+    } else if (count == kPackedGroups) {
+      int8wo_packed_groups<kPackedGroups>(wg, xd[n], KP, sp + r, yr, K, live);
+    } else {
+      int8wo_packed_groups<1>(wg, xd[n], KP, sp + r, yr, K, live);
+    }
+  };
+  const int threads = op_threads();
+  const int64_t per = rows_per_thread(groups * 16, threads) / 16;  // groups a chunk
+  auto part = [&](int64_t c) {
+    const int64_t g1 = std::min(groups, (c + 1) * per);
+    for (int64_t g = c * per; g < g1;) {
+      const int64_t count = g + kPackedGroups <= g1 ? kPackedGroups : 1;
+      for (int64_t n = 0; n < N; ++n) groups_row(g, count, n);
+      g += count;
+    }
+  };
+  run_chunks((groups + per - 1) / per, threads, part);
+#endif
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(litllm_cpu, m) {
+  m.def("int8_packed_rows_linear(Tensor x, Tensor w, Tensor scales, int block) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
+  m.impl("int8_packed_rows_linear", &int8_packed_rows_linear);
+}
+// ---- end of int8 packed rows
 
 // ---- training: norms and RoPE (litllm.fused_norms: RMSNorm, residual add + RMSNorm, qk-norm + RoPE, forward and
 // backward, fp32). Each op is one pass over its rows where autograd through aten's ops makes 5-10 (each a fresh

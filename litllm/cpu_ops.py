@@ -1,6 +1,6 @@
 """litllm's C++ CPU ops (litllm/cpu_ops.cpp), one library: the fp32 row split (`litllm.row_split`), int8dq's
-and int8wo's decode rows, int8 prompt rows and bf16 int4wo's rows (`litllm.quantize`), packed bf16 rows (`litllm.packed_bf16`), fused
-training norms and RoPE (`litllm.fused_norms`); how it
+and int8wo's decode rows (row-major and packed), int8 prompt rows and bf16 int4wo's rows (`litllm.quantize`), packed
+bf16 rows (`litllm.packed_bf16`), fused training norms and RoPE (`litllm.fused_norms`); how it
 is built and loaded, the ops' shapes for tracing, and which ops run here.
 
 The library is compiled from its C++ source on first use (`torch.utils.cpp_extension`, ~45 CPU-s; the compiler
@@ -104,7 +104,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("litllm_cpu::int8_prompt_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], w.size(0))
+        return x.new_empty(x.shape[0], scales.numel())
 
     @torch.library.register_fake("litllm_cpu::packed_bf16_linear")
     def _(x: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -113,6 +113,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("litllm_cpu::int8wo_rows_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.size(0))
+
+    @torch.library.register_fake("litllm_cpu::int8_packed_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], scales.numel())
 
     _register_training_fakes()
     _register_int4_fake()
@@ -257,6 +261,21 @@ def int8wo_rows_op(build: bool = True) -> Optional[object]:
     instead of inductor's int8 reduction, and eagerly for one row instead of torch's bf16 kernel (where the library is
     there already)."""
     return _int8_library_op("int8wo_rows_linear", has_avx512(), build)
+
+
+INT8_PACKED_ENV = "LITLLM_INT8_PACKED"
+"""`0`/`false`: int8 compiled steps that call litllm's ops take the row-major ones (`int8_rows_op`, `int8wo_rows_op`)
+instead of `int8_packed_rows_linear`, e.g. to compare (benchmarks/int8_op_rate.py; their steps saved under keys of
+their own)."""
+
+
+def int8_packed_rows_wanted() -> bool:
+    """Whether int8 compiled steps that call litllm's ops (`int8_rows_op`, `int8wo_rows_op`) take its packed-rows op
+    instead, `torch.ops.litllm_cpu.int8_packed_rows_linear(x, words, scales, block)` on the weights laid out 16 output
+    rows a vector (`litllm.quantize.pack_int8_rows`; block 0: int8wo's unrounded activations): where this CPU has
+    AVX-512 VNNI (and DQ) and `$LITLLM_INT8_PACKED` is not `0`. The library is the same, so it is there where they
+    are."""
+    return has_avx512_vnni() and "avx512dq" in cpu_flags() and not switched_off(INT8_PACKED_ENV)
 
 
 def library_built() -> bool:

@@ -29,7 +29,9 @@ Modes (`--quantize`):
                     `int8_words_linear`: no call out of the step) on activations rounded per block of 32 as q8_0
                     does, finer than fbgemm's one scale per call (on AVX-512 VNNI CPUs the same arithmetic in
                     litllm's C++ op, int8 dot products by vpdpbusd: `litllm.cpu_ops.int8_rows_op`). Faster than
-                    int8wo, a little less exact (eager logits ~2% off vs ~1%).
+                    int8wo, a little less exact (eager logits ~2% off vs ~1%). On AVX-512 VNNI CPUs both modes'
+                    compiled steps take the packed-rows op (`litllm.cpu_ops.int8_packed_rows_wanted`: the weights
+                    16 output rows a vector, `pack_int8_rows`), the same arithmetic.
 torchao modes are for inference (the weight becomes a torchao tensor subclass inside the same
 `nn.Linear`; `torchao.int8wo` on the CPU: an `Int8PackedLinear` holding torchao's int8 values);
 QLoRA uses the bitsandbytes modes.
@@ -120,6 +122,27 @@ def _int8_words(qdata: torch.Tensor) -> torch.Tensor:
     return words.reshape(out_f, in_f // 4).view(torch.float32)
 
 
+def pack_int8_rows(qdata: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) -> (ceil(out / 16), in / 4, 16) fp32 whose bits hold, for each group of 16 output rows and each 4
+    inputs, the 16 rows' 4 weights plus 128 (u8; rows past `out` hold 128, weight 0): litllm's packed-rows op
+    (`litllm.cpu_ops.int8_packed_rows_wanted`) sums one activation word times 16 outputs' weights a vector."""
+    out_f, in_f = qdata.shape
+    groups = -(-out_f // 16)
+    padded = qdata.new_zeros(groups * 16, in_f)
+    padded[:out_f] = qdata
+    biased = padded.view(torch.uint8) ^ 128  # w + 128 as u8
+    words = biased.reshape(groups, 16, in_f // 4, 4).transpose(1, 2).contiguous()  # (groups, in/4, 16, 4)
+    return words.view(torch.int32).view(torch.float32).reshape(groups, in_f // 4, 16)
+
+
+def unpack_int8_rows(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """int8 (stop - start, in): output rows start..stop of the weights `pack_int8_rows` laid out."""
+    g0, g1 = start // 16, -(-stop // 16)
+    groups = words[g0:g1].view(torch.uint8)  # (g, in/4, 64): 16 rows' 4 bytes a word
+    rows = groups.reshape(g1 - g0, -1, 16, 4).transpose(1, 2).reshape(16 * (g1 - g0), -1)  # (16 g, in)
+    return (rows[start - 16 * g0:stop - 16 * g0] ^ 128).view(torch.int8)
+
+
 ACTIVATION_BLOCK = 32
 """Values per activation scale in the int8dq compiled step (llama.cpp q8_0's block; narrower where a layer's width
 is no multiple of it: its greatest common divisor with the width)."""
@@ -186,7 +209,9 @@ class Int8Words(nn.Module):
         raise NotImplementedError
 
     words_in_rows = False
-    """Whether `words` holds the int8 weights row-major (the VNNI op's layout, `prepare_compiled`), not `_int8_words`'."""
+    """Whether `words` holds the int8 weights for litllm's C++ ops (`prepare_compiled`), not as `_int8_words` lays
+    them out: row-major, or packed 16 output rows a vector where `words_packed`."""
+    words_packed = False
 
     def _init_words(self) -> None:
         for name in ("words", "word_scales", "word_bias"):  # the compiled step's copy (prepare_compiled)
@@ -201,7 +226,9 @@ class Int8Words(nn.Module):
         if not self._makes_words():
             return []
         n_out, n_words = self.out_features, self.in_features // 4
-        tensors = [("words", (n_out, n_words), torch.float32, (n_words, 1)),
+        words = ((-(-n_out // 16), n_words, 16), (16 * n_words, 16, 1)) if self._packs(self._rows_op() is not None) \
+            else ((n_out, n_words), (n_words, 1))
+        tensors = [("words", words[0], torch.float32, words[1]),
                    ("word_scales", (n_out,), torch.float32, (1,))]
         return tensors + ([("word_bias", (n_out,), torch.float32, (1,))] if self.has_bias else [])
 
@@ -211,15 +238,21 @@ class Int8Words(nn.Module):
         `_eager_step`, either layout will do): the VNNI op's layout only where its library is there already."""
         if not self._makes_words():
             return
-        # on AVX-512 the step calls litllm's C++ op (`_rows_op`), which reads the weights row-major; elsewhere
-        # inductor's reduction, which reads them as `_int8_words` lays them out
+        # on AVX-512 the step calls litllm's C++ op (`_rows_op`), which reads the weights row-major, or on AVX-512
+        # VNNI its packed-rows op (`_packs`), 16 output rows a vector; elsewhere inductor's reduction, which reads
+        # them as `_int8_words` lays them out
         in_rows = self._rows_op(build) is not None
-        if self.words is not None and self.words_in_rows == in_rows:
+        packed = self._packs(in_rows)
+        if self.words is not None and (self.words_in_rows, self.words_packed) == (in_rows, packed):
             return
         qdata, scales, bias = self._int8_values()
-        self.words_in_rows = in_rows
-        words = (qdata.contiguous().clone().view(torch.int32).view(torch.float32) if self.words_in_rows
-                 else _int8_words(qdata))
+        self.words_in_rows, self.words_packed = in_rows, packed
+        if packed:  # litllm's packed-rows op: 16 output rows a vector
+            words = pack_int8_rows(qdata)
+        elif in_rows:  # its row ops: row-major
+            words = qdata.contiguous().clone().view(torch.int32).view(torch.float32)
+        else:
+            words = _int8_words(qdata)
         # non-persistent buffers: moved with the module, left out of state dicts; `words` is fp32 only as a carrier
         self.register_buffer("words", words, persistent=False)
         self.register_buffer("word_scales", scales.float().to(qdata.device), persistent=False)
@@ -233,6 +266,13 @@ class Int8Words(nn.Module):
         from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 
         return int8wo_rows_op(build) if self.words_block is None else int8_rows_op(build)
+
+    def _packs(self, in_rows: bool) -> bool:
+        """Whether a step that calls litllm's ops (`in_rows`) takes its packed-rows op (`int8_packed_rows_wanted`;
+        int8wo's exact int32 sums: up to 2^16 inputs)."""
+        from litllm.cpu_ops import int8_packed_rows_wanted
+
+        return in_rows and int8_packed_rows_wanted() and (self.words_block is not None or self.in_features <= 2**16)
 
     def _apply(self, fn, recurse=True):
         # the compiled step's copy moves with the module (device) but keeps its dtypes (model.half()): `words` holds
@@ -249,6 +289,10 @@ class Int8Words(nn.Module):
     def _words_linear(self, x2d: torch.Tensor) -> torch.Tensor:
         """(N, in) -> (N, out) fp32: the compiled step's product (the same arithmetic either way, up to fp32 summation
         order: int8dq's activations rounded per block, int32 products, fp32 sums)."""
+        if self.words_packed:  # (N, out): litllm's packed-rows op (block 0: int8wo's unrounded activations)
+            out = torch.ops.litllm_cpu.int8_packed_rows_linear(x2d.float(), self.words, self.word_scales,
+                                                              self.words_block or 0)
+            return out if self.word_bias is None else out + self.word_bias
         if self.words_in_rows:  # (N, out): litllm's C++ op, the rows split between the threads
             if self.words_block is None:  # int8wo: fp32 products of the unrounded activations
                 out = torch.ops.litllm_cpu.int8wo_rows_linear(x2d.float(), self.words, self.word_scales)
@@ -278,8 +322,8 @@ class Int8Words(nn.Module):
         return _STEP_ROUNDING.get() or (self.eager_step_rows is not None and x2d.shape[0] >= self.eager_step_rows)
 
     def _prompt_weights(self) -> Optional[torch.Tensor]:
-        """The int8 weights row-major ((out, in) int8, or `words` laid out so: `words_in_rows`) for the prompt op
-        (`litllm.cpu_ops.int8_prompt_op`); None where the layer holds none so."""
+        """The int8 weights row-major ((out, in) int8, or `words` laid out for litllm's ops: `words_in_rows`, row-major
+        or packed) for the prompt op (`litllm.cpu_ops.int8_prompt_op`); None where the layer holds none so."""
         raise NotImplementedError
 
     def _eager_step(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -516,10 +560,12 @@ class Int8DynamicLinear(Int8Words):
         # the step's words as they lie, bytes in a row: column 4j + k holds the row's weight j + k * in/4
         # (`_int8_words`; row-major where `words_in_rows`; a contiguous read, 2.5x faster than reordering the weights:
         # `_step_columns` reorders the activations instead)
+        if self.words_packed:
+            return unpack_int8_rows(self.words, start, stop).float()
         return self.words[start:stop].view(torch.int8).float()
 
     def _prompt_weights(self) -> Optional[torch.Tensor]:
-        self._step_scales()  # the words made, row-major where the op's library is there (`prepare_compiled`)
+        self._step_scales()  # the words made, for litllm's ops where their library is there (`prepare_compiled`)
         return self.words if self.words_in_rows else None
 
     def _step_columns(self, x2d: torch.Tensor) -> torch.Tensor:

@@ -372,13 +372,15 @@ def _q8_0_rounded(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (torch.round(xb * inv) * d).reshape(x.shape)
 
 
-@pytest.mark.parametrize("op", [False, True])
+@pytest.mark.parametrize("op", [False, "rows", "packed"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
 def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, op, monkeypatch):
     """The compiled step multiplies by a plain copy of the int8 weights: with `op` through litllm's C++ op (int8dq on
     AVX-512 VNNI CPUs: `litllm.cpu_ops.int8_rows_op`, int8 dot products; int8wo on AVX-512 ones: `int8wo_rows_op`,
-    fp32 products), elsewhere (and with `LITLLM_INT8_ROWS=0`) in torch ops (`int8_words_linear`, inductor's own int8
+    fp32 products; "packed": on AVX-512 VNNI CPUs both take the packed-rows op, `int8_packed_rows_linear`, on the
+    weights 16 output rows a vector, "rows" with `LITLLM_INT8_PACKED=0`), elsewhere (and with `LITLLM_INT8_ROWS=0`) in
+    torch ops (`int8_words_linear`, inductor's own int8
     reduction): int8dq rounds the activations as llama.cpp's q8_0 does (int8 per block of 32), int8wo keeps them in
     fp32. Each equals that arithmetic in plain torch on the eager layer's own int8 values up to fp32 summation order,
     and errs less against fp32 than its eager kernel (fbgemm's one activation scale per call, 7 bits without VNNI;
@@ -386,13 +388,17 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     (the step's arithmetic); eager is the same before and after the step's copy is made, which survives model.half()."""
     from torch._inductor.utils import run_and_get_code
 
-    from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
+    from litllm.cpu_ops import int8_packed_rows_wanted, int8_rows_op, int8wo_rows_op
 
     dynamic = mode == "torchao.int8dq"
     if not op:
         monkeypatch.setenv("LITLLM_INT8_ROWS", "0")
     elif (int8_rows_op() if dynamic else int8wo_rows_op()) is None:
         pytest.skip("no AVX-512 (VNNI for int8dq) here, or the op does not build")
+    elif op == "rows":
+        monkeypatch.setenv("LITLLM_INT8_PACKED", "0")
+    elif not int8_packed_rows_wanted():
+        pytest.skip("no AVX-512 VNNI here: no packed-rows op")
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=bias)  # 96: three blocks of 32
     layer = quantize_linear(linear, mode, "cpu")
@@ -408,16 +414,18 @@ def test_int8_compiled_step_kernel_equals_its_plain_torch_reference(mode, bias, 
     with torch.no_grad():
         eager = layer(x)
         layer.prepare_compiled()
-        assert layer.words.shape == (40, 24) and "words" not in layer.state_dict() and layer.words_in_rows == op
+        assert layer.words.shape == ((3, 24, 16) if op == "packed" else (40, 24))  # 40 rows: 3 groups of 16
+        assert "words" not in layer.state_dict() and layer.words_in_rows == bool(op)
         assert torch.equal(layer(x), eager)  # eager: as before the copy
         got, code = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
         exact = linear(x)
-    assert ("int8_rows_linear" in "".join(code)) == (op and dynamic)
-    assert ("int8wo_rows_linear" in "".join(code)) == (op and not dynamic)
+    assert ("int8_rows_linear" in "".join(code)) == (op == "rows" and dynamic)
+    assert ("int8wo_rows_linear" in "".join(code)) == (op == "rows" and not dynamic)
+    assert ("int8_packed_rows_linear" in "".join(code)) == (op == "packed")
     reference = rounded @ weight.t() + (linear.bias.detach() if bias else 0)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(got, reference) < 1e-6
-    if op and not dynamic:  # int8wo's eager rows through the op: the step's arithmetic, not the bf16 kernel's
+    if op and not dynamic:  # int8wo's eager rows through the row-major op: the step's arithmetic, not the bf16 kernel's
         assert rel(eager, reference) < 1e-6
     else:  # measured: int8dq 0.34-0.43x eager's error; int8wo 0.85x (the int8 weights' own error dominates both)
         assert rel(got, exact) < (0.7 if dynamic else 0.95) * rel(eager, exact)

@@ -276,15 +276,22 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
 
 @pytest.mark.parametrize("mode", ["torchao.int8dq", "torchao.int8wo"])
 def test_an_int8_step_is_saved_under_its_kernel(mode, int8_op, tiny_checkpoint, monkeypatch):
-    """A step whose int8 layers call litllm's op (int8dq's VNNI one, int8wo's) reads `words` row-major, one over
-    inductor's reduction reads them interleaved (`litllm.quantize._int8_words`): they are saved under different keys,
-    so neither loads the other's."""
+    """A step whose int8 layers call litllm's op (int8dq's VNNI one, int8wo's) reads `words` row-major (on AVX-512
+    VNNI packed 16 output rows a vector, `litllm.quantize.pack_int8_rows`; row-major with `LITLLM_INT8_PACKED=0`), one
+    over inductor's reduction reads them interleaved (`litllm.quantize._int8_words`): they are saved under different
+    keys, so none loads another's."""
     pytest.importorskip("torchao")
     from litllm.compile_decode import steps_folder
     from litllm.quantize import quantize_model
 
+    from litllm.cpu_ops import int8_packed_rows_wanted
+
     model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
     folder = steps_folder(model)
+    if int8_packed_rows_wanted():  # the packed-rows op's words, (out / 16, in / 4, 16), and the row-major op's
+        with monkeypatch.context() as env:
+            env.setenv("LITLLM_INT8_PACKED", "0")
+            assert steps_folder(model) != folder
     monkeypatch.setenv("LITLLM_INT8_ROWS", "0")
     assert steps_folder(model) != folder
 
@@ -350,3 +357,59 @@ def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
     for kernel in (op, fma):
         with pytest.raises(RuntimeError, match="int8wo_rows_linear"):
             kernel(torch.randn(1, 98), torch.zeros(8, 24), torch.ones(8))  # 98 activations for 96 weights a row
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_packed_rows_op_equals_the_row_major_ops(int8_op, threads):
+    """`litllm_cpu::int8_packed_rows_linear` (the int8 compiled steps' op on AVX-512 VNNI CPUs) on the weights laid out
+    16 output rows a vector (`litllm.quantize.pack_int8_rows`, which `unpack_int8_rows` undoes): int8dq (`block`)
+    within fp32 rounding of its arithmetic in float64 (activations rounded per block as q8_0's), int8wo (block 0) bit
+    for bit the row-major op's (`int8wo_rows_linear`: the same exact integer sums), for output widths no multiple of
+    16 or of the 4 groups in flight, inputs no multiple of 64, several input rows, the int8wo activation kinds
+    (`int8wo_activations`), on 1 and 2 threads; a row with NaN or inf gives an fp32 product's NaN and inf; the prompt
+    op takes the packed weights as they are (int8dq's prefill) with the same result; bad shapes are refused."""
+    from litllm.cpu_ops import int8_packed_rows_wanted, int8wo_rows_op
+    from litllm.quantize import _block_quantized, pack_int8_rows, unpack_int8_rows
+
+    if not int8_packed_rows_wanted():
+        pytest.skip("no AVX-512 VNNI and DQ here")
+    op, wo, prompt = (torch.ops.litllm_cpu.int8_packed_rows_linear, int8wo_rows_op(),
+                      torch.ops.litllm_cpu.int8_prompt_linear)
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (64, 2048, 32), (50, 36, 4), (3, 64, 32),
+                                   (1000, 772, 4), (9, 5640, 8)):
+            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+            w[0], w[-1] = -128, 127
+            scales, packed = torch.rand(n_out), pack_int8_rows(w)
+            assert packed.shape == ((n_out + 15) // 16, n_in // 4, 16)
+            assert torch.equal(unpack_int8_rows(packed, 1, n_out), w[1:])
+            for kind, x in int8wo_activations(3, n_in).items():
+                x[0, :block] = 0  # an all-zero block stays zero
+                words = w.view(torch.int32).view(torch.float32)
+                assert torch.equal(op(x, packed, scales, 0), wo(x, words, scales)), (n_out, n_in, kind)
+                if kind == "denormal":  # int8dq: q8_0's scale 1 / d overflows (the reference's too: NaN)
+                    continue
+                expected = (_block_quantized(x, block).double() @ w.double().t()) * scales.double()
+                got = op(x, packed, scales, block)
+                assert got.shape == (3, n_out)
+                assert float((got.double() - expected).norm() / expected.norm()) < 1e-6, (n_out, n_in, kind)
+                if kind == "ramp":
+                    from_prompt = prompt(x, packed, scales, block)
+                    assert float((from_prompt.double() - expected).norm() / expected.norm()) < 1e-6
+        x = torch.randn(3, 100)
+        x[0, 7], x[1, 50] = float("nan"), float("inf")
+        w = torch.randint(-128, 128, (37, 100), dtype=torch.int8)
+        got = op(x, pack_int8_rows(w), torch.rand(37), 0)
+        assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
+    finally:
+        torch.set_num_threads(previous)
+    packed = pack_int8_rows(torch.zeros(20, 96, dtype=torch.int8))
+    for bad in ((torch.randn(1, 96), packed, torch.ones(33), 32),  # 33 outputs for 2 groups of 16
+                (torch.randn(1, 100), packed, torch.ones(20), 4),  # 100 activations for 96 weights a row
+                (torch.randn(1, 96), packed, torch.ones(20), 6),  # a block no multiple of 4
+                (torch.randn(1, 96), packed[:, :, :8].contiguous(), torch.ones(20), 32)):  # not 16 rows a group
+        with pytest.raises(RuntimeError, match="int8_packed_rows_linear"):
+            op(*bad)
