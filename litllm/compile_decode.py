@@ -418,13 +418,18 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
                       inputs: Optional[dict] = None) -> Optional[Callable]:
     """The engine's decode step (or `step`, a module over the engine's model taking `inputs`, as `_step_spec`)
     compiled by AOTInductor (`torch.export`, then `aoti_compile_and_package` without the weights) and saved
-    atomically at `path`, then loaded from there; None when the model does not export as one graph (the caller
-    falls back to `torch.compile`)."""
+    atomically at `path`, then loaded from there; None when the model does not export as one graph or holds tensor
+    subclasses (the caller falls back to `torch.compile`)."""
     import io
 
     import torch._inductor
 
     inputs = inputs or _step_inputs(engine)
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in _step_tensors(engine).values()):
+        # a tensor subclass (torchao.int4wo's CPU weights): AOTInductor keeps its inner tensors as unnamed constants
+        # ("constant149"...) that `_load_step` cannot hand the running model's tensors, so a saved step never loaded,
+        # and every run compiled it twice (AOTInductor, then torch.compile)
+        return None
     try:
         package = io.BytesIO()
         configs = {**cpu_compile_options(engine.model), "aot_inductor.package_constants_in_so": False,  # weights: at load
