@@ -425,10 +425,7 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
     import torch._inductor
 
     inputs = inputs or _step_inputs(engine)
-    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in _step_tensors(engine).values()):
-        # a tensor subclass (torchao.int4wo's CPU weights): AOTInductor keeps its inner tensors as unnamed constants
-        # ("constant149"...) that `_load_step` cannot hand the running model's tensors, so a saved step never loaded,
-        # and every run compiled it twice (AOTInductor, then torch.compile)
+    if not steps_save(engine.model):
         return None
     try:
         package = io.BytesIO()
@@ -450,6 +447,14 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
             path.write_bytes(package.getvalue())
             return _load_step(path, engine, inputs)
     return _load_step(path, engine, inputs)
+
+
+def steps_save(model) -> bool:
+    """Can a compiled step of `model` be saved and loaded (AOTInductor, `_compile_and_save`): are its parameters and
+    buffers plain tensors? A tensor subclass's (torchao.int4wo's CPU weights) inner tensors become the package's
+    unnamed constants ("constant149"...) that `_load_step` cannot hand the running model's tensors: such a step was
+    saved, never loaded ("does not fit"), and every run compiled it twice (AOTInductor, then torch.compile)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in [*model.parameters(), *model.buffers()])
 
 
 def _is_packed(module) -> bool:

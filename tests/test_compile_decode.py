@@ -897,14 +897,15 @@ def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
     assert tokens[True] == tokens[False]
 
 
-def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_load(monkeypatch, tmp_path):
+def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_load(monkeypatch, tmp_path, capsys):
     """torchao.int4wo's CPU weights are tensor subclasses, whose inner tensors AOTInductor keeps as unnamed constants
     that no running model's tensors can be handed to: such a step is not saved (it went to torch.compile after saving
-    a step that never loaded, so every later run, short ones too, compiled it again), and the engine decodes through
-    torch.compile (`compile_engine_step`, which compiles it at its first call)."""
+    a step that never loaded, so every later run, short ones too, compiled it again), the engine decodes through
+    torch.compile (`compile_engine_step`, which compiles it at its first call), and the compile's note says so."""
     pytest.importorskip("torchao")
     from conftest import tiny_config
     from litllm.compile_decode import _load_step, _step_file, compile_engine_step, steps_folder
+    from litllm.compile_ledger import EagerAccount, note_compile
     from litllm.engine import Engine
     from litllm.model import GPT
     from litllm.quantize import quantize_model
@@ -919,3 +920,6 @@ def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_loa
     path = steps_folder(model) / _step_file(1, 64)
     assert not path.exists() or _load_step(path, engine) is not None  # a saved step loads for the model it was for
     assert engine.step_source == "torch.compile"
+    note_compile(model)
+    assert "it is not saved here: later runs compile it again" in capsys.readouterr().err
+    assert EagerAccount(model, 1, 64).unsaved  # a short run compiles only where it pays for the compile alone
