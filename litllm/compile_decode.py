@@ -55,9 +55,9 @@ from typing import Callable, Optional
 
 import torch
 
-from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_blocked_bf16, becomes_one_row, blocked_bf16_linears,
-                               fastest_threads, one_row_kernel, one_row_linears, prompt_linears, shared_parameters,
-                               thread_candidates)
+from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_blocked_bf16, becomes_one_row,
+                               blocked_bf16_linears, fastest_threads, one_row_kernel, one_row_linears, prompt_linears,
+                               shared_parameters, thread_candidates)
 from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
 from litllm.packed_bf16 import BlockedBf16Linear, bf16_block, blocks_shape, packed_bf16_op
 from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_kernel, row_split_linears, wants_row_split
