@@ -11,6 +11,7 @@ hold on a machine shared with other jobs, where separate runs differ by 20%.
     python benchmarks/eager_step.py                          # against main, fp32, torch's thread count
     python benchmarks/eager_step.py --baseline HEAD~2 --precision bf16-true --threads 1
     python benchmarks/eager_step.py --layouts onednn-packed packed-bf16 --precision bf16-true --threads 1
+    python benchmarks/eager_step.py --baseline main --precision bf16-true --threads 1 --layout packed-bf16
 
 `--layouts A B`: this checkout's model twice, in two CPU weight layouts (`optimize_for_decoding`'s `layout`), instead
 of two revisions (their logits then differ within the summation order: the script prints by how much).
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true or bf16-true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--layout", default="column-major",
+                        help="the weight layout of both revisions' models (`optimize_for_decoding`'s `layout`)")
     parser.add_argument("--layouts", nargs=2, metavar="LAYOUT", default=None,
                         help="compare this checkout's model in these two weight layouts, not two revisions")
     args = parser.parse_args()
@@ -87,7 +90,7 @@ def main() -> None:
             theirs.eval()
             models = {args.baseline: theirs, "this checkout": mine}
     for name, model in models.items():
-        optimize_for_decoding(model, layout=name if args.layouts else "column-major")
+        optimize_for_decoding(model, layout=name if args.layouts else args.layout)
     if args.threads:
         torch.set_num_threads(args.threads)
     prompt = list(range(1, 33))
