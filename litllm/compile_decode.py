@@ -327,7 +327,7 @@ def saved_step_length(model, rows: int, length: int, exact: bool = False, kind: 
     """The shortest KV-cache length >= `length` (== with `exact`), within the context window, at which a compiled
     step of `model` with `rows` rows is saved here (`steps_folder`; `kind`: which step, "" the decode step, else
     as `_verify_kind`); None when there is none."""
-    if model.wte.weight.device.type != "cpu":
+    if model.wte.weight.device.type != "cpu" or not steps_save(model):  # (a file left by a version that saved it)
         return None
     try:
         names = [p.name for p in steps_folder(model).iterdir()]
@@ -391,6 +391,8 @@ def _load_step(path: Path, engine, inputs: Optional[dict] = None) -> Optional[Ca
     """The AOTInductor step saved at `path`, bound to `engine`'s weights and KV cache (no copies: the package's
     kernels read and write the engine's tensors), if it loads and fits (`inputs`: as `_step_spec`); else None, with
     a one-line note."""
+    if not steps_save(engine.model):  # (a file left by a version that saved such steps: it never fits)
+        return None
     try:
         if not owned_and_private(path):
             _note(f"not loading {path}: not owned by this user, or writable by others")

@@ -904,7 +904,7 @@ def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_loa
     torch.compile (`compile_engine_step`, which compiles it at its first call), and the compile's note says so."""
     pytest.importorskip("torchao")
     from conftest import tiny_config
-    from litllm.compile_decode import _load_step, _step_file, compile_engine_step, steps_folder
+    from litllm.compile_decode import _load_step, _step_file, compile_engine_step, saved_step_length, steps_folder
     from litllm.compile_ledger import EagerAccount, note_compile
     from litllm.engine import Engine
     from litllm.model import GPT
@@ -921,6 +921,9 @@ def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_loa
     path = steps_folder(model) / _step_file(1, 64)
     assert not path.exists() or _load_step(path, engine) is not None  # a saved step loads for the model it was for
     assert engine.step_source == "torch.compile"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"saved by an earlier version")  # such a file never fits: not found, not loaded, no note
+    assert saved_step_length(model, 1, 64) is None and _load_step(path, engine) is None
     note_compile(model)
     assert "it is not saved here: later runs compile it again" in capsys.readouterr().err
     assert EagerAccount(model, 1, 64).unsaved  # a short run compiles only where it pays for the compile alone
