@@ -10,6 +10,11 @@ hold on a machine shared with other jobs, where separate runs differ by 20%.
 
     python benchmarks/eager_step.py                          # against main, fp32, torch's thread count
     python benchmarks/eager_step.py --baseline HEAD~2 --precision bf16-true --threads 1
+    python benchmarks/eager_step.py --layouts onednn-packed packed-bf16 --precision bf16-true --threads 1
+    python benchmarks/eager_step.py --baseline main --precision bf16-true --threads 1 --layout packed-bf16
+
+`--layouts A B`: this checkout's model twice, in two CPU weight layouts (`optimize_for_decoding`'s `layout`), instead
+of two revisions (their logits then differ within the summation order: the script prints by how much).
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true or bf16-true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--layout", default="column-major",
+                        help="the weight layout of both revisions' models (`optimize_for_decoding`'s `layout`)")
+    parser.add_argument("--layouts", nargs=2, metavar="LAYOUT", default=None,
+                        help="compare this checkout's model in these two weight layouts, not two revisions")
     args = parser.parse_args()
     from litllm.inference import load_for_inference
     from litllm.cpu_layout import optimize_for_decoding
@@ -68,21 +77,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_checkpoint(folder, args)
-        baseline = baseline_model_module(args.baseline, folder)
         mine = load_for_inference(folder, device="cpu", precision=args.precision)
-        with torch.device("meta"):
-            theirs = baseline.GPT(mine.config)
-        theirs.load_state_dict(mine.state_dict(), strict=False, assign=True)
-        theirs.build_rope_cache(torch.device("cpu"))
-        theirs.eval()
-    models = {args.baseline: theirs, "this checkout": mine}
-    for model in models.values():
-        optimize_for_decoding(model, layout="column-major")
+        if args.layouts:
+            models = {layout: load_for_inference(folder, device="cpu", precision=args.precision)
+                      for layout in args.layouts}
+        else:
+            baseline = baseline_model_module(args.baseline, folder)
+            with torch.device("meta"):
+                theirs = baseline.GPT(mine.config)
+            theirs.load_state_dict(mine.state_dict(), strict=False, assign=True)
+            theirs.build_rope_cache(torch.device("cpu"))
+            theirs.eval()
+            models = {args.baseline: theirs, "this checkout": mine}
+    for name, model in models.items():
+        optimize_for_decoding(model, layout=name if args.layouts else args.layout)
     if args.threads:
         torch.set_num_threads(args.threads)
     prompt = list(range(1, 33))
     logits = [cached_logits(model, prompt, 16) for model in models.values()]
-    print(f"cached logits bit-for-bit equal: {torch.equal(*logits)}")
+    print(f"cached logits bit-for-bit equal: {torch.equal(*logits)}; the prefill's largest difference "
+          f"{(logits[0][0].float() - logits[1][0].float()).abs().max():.3g} of {logits[0][0].float().abs().max():.3g},"
+          f" the first step's {(logits[0][1].float() - logits[1][1].float()).abs().max():.3g}; greedy tokens equal: "
+          f"{torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))}")
     times = {name: ([], []) for name in models}
     token = torch.zeros(1, 1, dtype=torch.long)
     for r in range(args.rounds):
@@ -96,7 +112,8 @@ def main() -> None:
     for name, (w, c) in median.items():
         print(f"{name:>16s}: {1e3 * w:7.2f} ms/step wall, {1e3 * c:7.2f} CPU-ms/step")
     (bw, bc), (mw, mc) = median.values()
-    print(f"this checkout / {args.baseline}: {bw / mw:.2f}x faster (wall), {bc / mc:.2f}x (CPU time); "
+    first, second = models
+    print(f"{second} / {first}: {bw / mw:.2f}x faster (wall), {bc / mc:.2f}x (CPU time); "
           f"{torch.get_num_threads()} threads, {args.precision}")
 
 

@@ -55,11 +55,11 @@ from typing import Callable, Optional
 
 import torch
 
-from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_one_row, fastest_threads, one_row_kernel,
-                               one_row_linears, prompt_linears, thread_candidates)
+from litllm.cpu_layout import (ONE_ROW_DTYPES, PackedLinear, becomes_blocked_bf16, becomes_one_row,
+                               blocked_bf16_linears, fastest_threads, one_row_kernel, one_row_linears, prompt_linears,
+                               shared_parameters, thread_candidates)
 from litllm.cpu_ops import int8_rows_op, int8wo_rows_op
-from litllm.packed_bf16 import (BlockedBf16Linear, becomes_blocked_bf16, bf16_block, blocked_bf16_linears, blocks_shape,
-                                packed_bf16_op, shared_parameters)
+from litllm.packed_bf16 import BlockedBf16Linear, bf16_block, blocks_shape, packed_bf16_op
 from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_kernel, row_split_linears, wants_row_split
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
@@ -327,7 +327,7 @@ def saved_step_length(model, rows: int, length: int, exact: bool = False, kind: 
     """The shortest KV-cache length >= `length` (== with `exact`), within the context window, at which a compiled
     step of `model` with `rows` rows is saved here (`steps_folder`; `kind`: which step, "" the decode step, else
     as `_verify_kind`); None when there is none."""
-    if model.wte.weight.device.type != "cpu":
+    if model.wte.weight.device.type != "cpu" or not steps_save(model):  # (a file left by a version that saved it)
         return None
     try:
         names = [p.name for p in steps_folder(model).iterdir()]
@@ -391,6 +391,8 @@ def _load_step(path: Path, engine, inputs: Optional[dict] = None) -> Optional[Ca
     """The AOTInductor step saved at `path`, bound to `engine`'s weights and KV cache (no copies: the package's
     kernels read and write the engine's tensors), if it loads and fits (`inputs`: as `_step_spec`); else None, with
     a one-line note."""
+    if not steps_save(engine.model):  # (a file left by a version that saved such steps: it never fits)
+        return None
     try:
         if not owned_and_private(path):
             _note(f"not loading {path}: not owned by this user, or writable by others")
@@ -418,13 +420,15 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
                       inputs: Optional[dict] = None) -> Optional[Callable]:
     """The engine's decode step (or `step`, a module over the engine's model taking `inputs`, as `_step_spec`)
     compiled by AOTInductor (`torch.export`, then `aoti_compile_and_package` without the weights) and saved
-    atomically at `path`, then loaded from there; None when the model does not export as one graph (the caller
-    falls back to `torch.compile`)."""
+    atomically at `path`, then loaded from there; None when the model does not export as one graph or holds tensor
+    subclasses (the caller falls back to `torch.compile`)."""
     import io
 
     import torch._inductor
 
     inputs = inputs or _step_inputs(engine)
+    if not steps_save(engine.model):
+        return None
     try:
         package = io.BytesIO()
         configs = {**cpu_compile_options(engine.model), "aot_inductor.package_constants_in_so": False,  # weights: at load
@@ -445,6 +449,14 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
             path.write_bytes(package.getvalue())
             return _load_step(path, engine, inputs)
     return _load_step(path, engine, inputs)
+
+
+def steps_save(model) -> bool:
+    """Can a compiled step of `model` be saved and loaded (AOTInductor, `_compile_and_save`): are its parameters and
+    buffers plain tensors? A tensor subclass's (torchao.int4wo's CPU weights) inner tensors become the package's
+    unnamed constants ("constant149"...) that `_load_step` cannot hand the running model's tensors: such a step was
+    saved, never loaded ("does not fit"), and every run compiled it twice (AOTInductor, then torch.compile)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in [*model.parameters(), *model.buffers()])
 
 
 def _is_packed(module) -> bool:

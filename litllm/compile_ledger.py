@@ -282,8 +282,12 @@ def note_compile(model) -> None:
     """One line before a CPU decode step compiles that no `EagerAccount` announced (`chat`, `serve`, `--compile
     true`: a long-lived or asked-for compile), so a start that takes a minute says why."""
     price, priced_by = expected_compile_seconds(model, _ledger()["compile"])
-    _note(f"compiling the decode step once for this model and shape, ~{price:.0f} s ({priced_by}); later runs load "
-          f"it in milliseconds; --compile false or {COMPILE_ENV}=0 opts out")
+    _note(f"compiling the decode step once for this model and shape, ~{price:.0f} s ({priced_by}); "
+          f"{_later_runs(compile_decode.steps_save(model))}; --compile false or {COMPILE_ENV}=0 opts out")
+
+
+def _later_runs(saved: bool) -> str:
+    return "later runs load it in milliseconds" if saved else "it is not saved here: later runs compile it again"
 
 
 class EagerAccount:
@@ -301,7 +305,7 @@ class EagerAccount:
         entry = entry if isinstance(entry, dict) else {}
         self.seconds = _seconds(entry.get("seconds")) or 0.0
         self.step_seconds = _seconds(entry.get("step_seconds"))
-        self.unsaved = entry.get("unsaved") is True
+        self.unsaved = entry.get("unsaved") is True or not compile_decode.steps_save(model)
         self.price, self.priced_by = expected_compile_seconds(model, ledger["compile"], kind)
 
     def pays(self, tokens: int) -> bool:
@@ -315,7 +319,7 @@ class EagerAccount:
         step, decoding = ("verify step", "eager verifying") if self.kind else ("decode step", "eager decoding")
         _note(f"compiling the {step} once for this model and shape: {decoding} took {before:.1f} s in "
               f"earlier runs and would take ~{now:.1f} s now, >= the ~{self.price:.0f} s a compile is expected to "
-              f"take ({self.priced_by}); later runs load it in milliseconds; --compile false or {COMPILE_ENV}=0 "
+              f"take ({self.priced_by}); {_later_runs(not self.unsaved)}; --compile false or {COMPILE_ENV}=0 "
               "opts out")
         return True
 

@@ -1,5 +1,6 @@
 """The CPU weight layout of decoding: which layout of a Linear's weight makes one-token matmuls fastest here
-(`optimize_for_decoding`: row-major, column-major, oneDNN's packed `PackedLinear`), and what a compiled decode step
+(`optimize_for_decoding`: row-major, column-major, oneDNN's packed `PackedLinear`, litllm's packed bf16 op's
+`litllm.packed_bf16.BlockedBf16Linear`), and what a compiled decode step
 multiplies by (`PackedLinear.unpacked`, `OneRowLinear`, `one_row_linears`), and how many threads decode fastest (`fastest_threads`).
 Used by `litllm.inference` (the loader
 picks the layout) and `litllm.compile_decode` (a compiled step's weights)."""
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from litllm.errors import LitLLMError
+from litllm.packed_bf16 import BlockedBf16Linear, bf16_block, onednn_bf16_blocks, packed_bf16_op
 
 
 class PackedLinear(torch.nn.Module):
@@ -253,11 +255,84 @@ def _column_major(linear: torch.nn.Linear) -> torch.nn.Linear:
     return linear
 
 
+def becomes_blocked_bf16(module, shared: set[int]) -> bool:
+    """Does `blocked_bf16_linears` make `module` a `BlockedBf16Linear`: a bf16 CPU Linear of whole `bf16_block`s
+    that a compiled step would multiply by through `OneRowLinear` (`becomes_one_row`, or
+    oneDNN-packed), whose weight no other module shares (`shared`: ids of the parameters outside Linears, e.g. a tied
+    embedding)."""
+    if isinstance(module, BlockedBf16Linear):
+        return True
+    if type(module) not in (OneRowLinear, torch.nn.Linear) and not isinstance(module, PackedLinear):
+        return False
+    block = bf16_block()
+    if block is None or module.in_features % (2 * block[0]) or module.out_features % block[1]:
+        return False  # whole blocks only: oneDNN pads others its own way
+    if isinstance(module, PackedLinear):
+        return module.packed_weight.dtype == torch.bfloat16
+    return becomes_one_row(module) and module.weight.dtype == torch.bfloat16 and id(module.weight) not in shared
+
+
+def shared_parameters(model) -> set[int]:
+    """The ids of `model`'s parameters that a module other than a Linear holds (a tied embedding's weight)."""
+    return {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+
+
+def blocked_bf16_linears(model) -> None:
+    """Every bf16 CPU Linear of `model` that `becomes_blocked_bf16` (a plain one or a `OneRowLinear`) as a
+    `BlockedBf16Linear` on its weight packed by oneDNN, where the op builds or loads (`packed_bf16_op`); one layer at a
+    time (at most one layer's second copy is alive), the row-major weight dropped. Layers oneDNN packs otherwise
+    stay as they are."""
+    if packed_bf16_op() is None:
+        return
+    shared = shared_parameters(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) in (OneRowLinear, torch.nn.Linear) and becomes_blocked_bf16(child, shared):
+                setattr(module, name, blocked_bf16_linear(child))
+    _release_freed_memory()
+
+
+def blocked_bf16_linear(linear: torch.nn.Linear) -> torch.nn.Module:
+    """`linear` (bf16, whole `bf16_block`s) as a `BlockedBf16Linear` on its weight packed by oneDNN; `linear` itself
+    where oneDNN packs it otherwise."""
+    made = onednn_bf16_blocks(linear.weight)
+    return linear if made is None else BlockedBf16Linear(linear.in_features, linear.out_features, *made, linear.bias)
+
+
+def _release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing where it is absent): the
+    row-major weights `blocked_bf16_linears` drops lie below later allocations in the heap, and glibc kept them
+    (the 134M bf16 model's process: 705 MB resident after the conversion, 506 MB trimmed, as before it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _packed_bf16(linear: torch.nn.Linear) -> torch.nn.Module:
+    """`linear` as a `litllm.packed_bf16.BlockedBf16Linear` where it is a bf16 one of whole blocks (oneDNN's packed
+    bytes; one row through litllm's AVX512-BF16 op, as the compiled step there multiplies), else as it is."""
+    return blocked_bf16_linear(linear) if becomes_blocked_bf16(linear, set()) else linear
+
+
+def _packed_bf16_runs(linear: torch.nn.Linear, build: bool) -> bool:
+    """Does "packed-bf16" lay `linear` out here: litllm's packed bf16 op builds or loads (`packed_bf16_op`; `build`
+    False: is built already) and `linear` is a bf16 one of whole blocks?"""
+    return packed_bf16_op(build) is not None and becomes_blocked_bf16(linear, set())
+
+
 LAYOUTS = {"column-major": _column_major, "onednn-packed": PackedLinear,
-           "onednn-packed+column-major": lambda linear: PackedLinear(linear, unpack_column_major=True)}
+           "onednn-packed+column-major": lambda linear: PackedLinear(linear, unpack_column_major=True),
+           "packed-bf16": _packed_bf16}
 """How `optimize_for_decoding` lays Linears out. The eager step of "onednn-packed+column-major" is oneDNN's packed
-one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major."""
-TIMED_LAYOUTS = ("column-major", "onednn-packed")
+one; a compiled step (which takes plain weights, `PackedLinear.unpacked`) multiplies by fp32 ones column-major.
+"packed-bf16": bf16 Linears of whole blocks held as a compiled step on AVX512-BF16 CPUs holds them (the others stay
+row-major), one row through litllm's op: on the 2-core AMX Xeon the 134M bf16 eager step took 1.13-1.26x less CPU time
+than "onednn-packed" at 1 thread (median 1.18x, five runs), 1.57-1.70x less than row-major (`benchmarks/eager_step.py
+--layouts`)."""
+TIMED_LAYOUTS = ("column-major", "onednn-packed", "packed-bf16")
 """The layouts `optimize_for_decoding` times (the others differ only in what a compiled step multiplies by); 16-bit
 weights all but column-major (`UNTIMED_16_BIT_LAYOUTS`)."""
 UNTIMED_16_BIT_LAYOUTS = ("column-major",)
@@ -268,13 +343,16 @@ against 12-16 row-major), and where oneDNN has no 16-bit GEMM (AVX2) a column-ma
 `eager_upcast_linears`. On a loaded machine the timing alone picked it (tutorials/inference.md section 6c)."""
 
 
-def _layout_works(name: str, linear: torch.nn.Linear) -> bool:
-    """Can this layout run here (oneDNN ops present) and give the same numbers?"""
+def _layout_works(name: str, linear: torch.nn.Linear, build: bool = True) -> bool:
+    """Can this layout run here (oneDNN ops present; litllm's C++ ops where it takes them, with `build` False only
+    if built already) and give the same numbers?"""
     if name.startswith("onednn-packed") and not (
         torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):
         return False
-    probe = torch.nn.Linear(linear.in_features, 16, bias=True, dtype=linear.weight.dtype)
+    if name == "packed-bf16" and not _packed_bf16_runs(linear, build):
+        return False
+    probe = torch.nn.Linear(linear.in_features, 64, bias=True, dtype=linear.weight.dtype)  # 64: whole bf16 blocks
     x = torch.randn(3, 2, linear.in_features, dtype=linear.weight.dtype)
     try:
         expected = probe(x)
@@ -293,7 +371,8 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     Decoding multiplies one activation row by each weight matrix, a pass over memory whose speed
     depends on the BLAS, the kernel and the CPU. Candidates: as loaded (row-major, `F.linear`),
     column-major (`F.linear` then multiplies by a contiguous transpose; 1.1-1.6x faster than
-    row-major with MKL on AMD EPYC), and oneDNN's packed layout (`PackedLinear`; up to ~2x). Each is
+    row-major with MKL on AMD EPYC), oneDNN's packed layout (`PackedLinear`; up to ~2x), and for bf16
+    weights where litllm's packed bf16 op runs, "packed-bf16" (`litllm.packed_bf16.BlockedBf16Linear`). Each is
     timed on (up to 128 MB of) the largest layer (interleaved, medians); the fastest replaces every plain
     Linear whose weight isn't shared with the embedding, one layer at a time, if it beats the
     loaded layout by `min_gain`. Values are unchanged; only the summation order differs.
@@ -309,6 +388,8 @@ def optimize_for_decoding(model, min_gain: float = 1.1, layout: Optional[str] = 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:  # already done
         return "onednn-packed+column-major" if packed[0].unpack_column_major else "onednn-packed"
+    if any(isinstance(m, BlockedBf16Linear) for m in model.modules()):
+        return "packed-bf16"  # already done (or the compiled step's `unpack_weights`)
     if layout in (None, "row-major") and any(type(m) is OneRowLinear for m in model.modules()):
         return "row-major"  # already done (`eager_upcast_linears`)
     layout_in_use = _pick_layout(model, min_gain, layout)
@@ -352,7 +433,7 @@ def _pick_layout(model, min_gain: float, layout: Optional[str]) -> str:
     for name in TIMED_LAYOUTS:
         if w.dtype in ONE_ROW_DTYPES and name in UNTIMED_16_BIT_LAYOUTS:
             continue
-        if _layout_works(name, largest):
+        if _layout_works(name, largest, build=False):  # an eager run does not wait ~1 min for a first build
             copy = nn.Linear(w.size(1), w.size(0), bias=False, device="meta")
             copy.weight = nn.Parameter(w)
             candidates[name] = LAYOUTS[name](copy)

@@ -278,6 +278,16 @@ def int8_packed_rows_wanted() -> bool:
     return has_avx512_vnni() and "avx512dq" in cpu_flags() and not switched_off(INT8_PACKED_ENV)
 
 
+def bf16_norm_op() -> Optional[object]:
+    """`torch.ops.litllm_cpu.bf16_rms_norm(x, residual, w, eps) -> (y, x + residual)` (no residual: the second empty)
+    where the op library is loaded or built already (an eager run never waits for a first build, as
+    `packed_bf16_op(build=False)`); else None. The eager bf16 CPU norms without autograd (`litllm.model.RMSNorm`) call
+    it: one op for their ~9-14."""
+    if not hasattr(torch.ops.litllm_cpu, "bf16_rms_norm") and not (library_built() and row_split_op() is not None):
+        return None
+    return torch.ops.litllm_cpu.bf16_rms_norm
+
+
 def library_built() -> bool:
     """Is the op library loaded in this process or built in `library_folder()` already?"""
     return hasattr(torch.ops.litllm_cpu, "row_split_linear") or (library_folder() / _library_name()).exists()

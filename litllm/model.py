@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import is_fake  # loaded by `import torch` an
 
 from litllm import fused_norms, fused_routing
 from litllm.config import Config
-from litllm.cpu_ops import eager_fp32_training, plain_tensor
+from litllm.cpu_ops import bf16_norm_op, eager_fp32_training, plain_tensor
 from litllm.fused_experts import fused_experts_available, fused_sparse_experts
 from litllm.losses import chunked_cross_entropy, linear_cross_entropy
 from litllm.utils import meta_device
@@ -1171,6 +1171,8 @@ class RMSNorm(nn.Module):
                     # one-token decode step each op after a weight-streaming matmul runs with cold caches
                     return torch.mul(x, inverse_rms(x, self.eps)).mul_(weight)
             return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused kernel on GPUs and compiled
+        if self._bf16_op_applies(x, weight):
+            return torch.ops.litllm_cpu.bf16_rms_norm(x, None, weight, self.eps)[0]  # (one op where ~9 are otherwise)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -1183,8 +1185,18 @@ class RMSNorm(nn.Module):
         if not self.unit_offset and not has_hooks(self) and fused_norms.applies(x, self.weight) \
                 and plain_tensor(h) and h.dtype == torch.float32 and x.shape == h.shape:
             return fused_norms.add_rms_norm(x, h, self.weight, self.eps)
+        if h.dtype == x.dtype and not has_hooks(self) and self._bf16_op_applies(x, self.weight):
+            y, x = torch.ops.litllm_cpu.bf16_rms_norm(x, h, self.weight, self.eps)
+            return x, y
         x = x + h
         return x, self(x)
+
+    def _bf16_op_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Does litllm's `bf16_rms_norm` op compute this norm: bf16 CPU inference (no autograd, outside torch.compile),
+        no `unit_offset`, the op library there (`litllm.cpu_ops.bf16_norm_op`)? The eager bf16 decode step's norms."""
+        return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and not self.unit_offset and x.is_cpu
+                and type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and bf16_norm_op() is not None)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 
-from litllm.cpu_layout import OneRowLinear, PackedLinear, becomes_one_row
 from litllm.cpu_ops import library_built, row_split_op
 from litllm.utils import cpu_flags, switched_off
 
@@ -146,58 +145,7 @@ class BlockedBf16Linear(torch.nn.Module):
         if x.numel() != self.in_features and not torch.compiler.is_compiling():  # a prompt
             if self.blocks.data_ptr() != self._blocks_address:  # `onednn` would read freed memory
                 raise RuntimeError("BlockedBf16Linear: its blocks moved after packing (`.to()`?); pack the model "
-                                   "again (`litllm.row_split.blocked_bf16_linears`)")
+                                   "again (`litllm.cpu_layout.blocked_bf16_linears`)")
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.onednn, self.bias, "none", [], "")
         y = torch.ops.litllm_cpu.packed_bf16_linear(x, self.blocks, self.out_features)
         return y if self.bias is None else y + self.bias
-
-
-def becomes_blocked_bf16(module, shared: set[int]) -> bool:
-    """Does `blocked_bf16_linears` make `module` a `BlockedBf16Linear`: a bf16 CPU Linear of whole `bf16_block`s
-    that a compiled step would multiply by through `litllm.cpu_layout.OneRowLinear` (`becomes_one_row`, or
-    oneDNN-packed), whose weight no other module shares (`shared`: ids of the parameters outside Linears, e.g. a tied
-    embedding)."""
-    if isinstance(module, BlockedBf16Linear):
-        return True
-    if type(module) not in (OneRowLinear, torch.nn.Linear) and not isinstance(module, PackedLinear):
-        return False
-    block = bf16_block()
-    if block is None or module.in_features % (2 * block[0]) or module.out_features % block[1]:
-        return False  # whole blocks only: oneDNN pads others its own way
-    if isinstance(module, PackedLinear):
-        return module.packed_weight.dtype == torch.bfloat16
-    return becomes_one_row(module) and module.weight.dtype == torch.bfloat16 and id(module.weight) not in shared
-
-
-def shared_parameters(model) -> set[int]:
-    """The ids of `model`'s parameters that a module other than a Linear holds (a tied embedding's weight)."""
-    return {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
-
-
-def blocked_bf16_linears(model) -> None:
-    """Every bf16 CPU Linear of `model` that `becomes_blocked_bf16` (a plain one or a `OneRowLinear`) as a
-    `BlockedBf16Linear` on its weight packed by oneDNN, where the op builds or loads (`packed_bf16_op`); one layer at a
-    time (at most one layer's second copy is alive), the row-major weight dropped. Layers oneDNN packs otherwise
-    stay as they are."""
-    if packed_bf16_op() is None:
-        return
-    shared = shared_parameters(model)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) in (OneRowLinear, torch.nn.Linear) and becomes_blocked_bf16(child, shared):
-                made = onednn_bf16_blocks(child.weight)
-                if made is not None:
-                    setattr(module, name, BlockedBf16Linear(child.in_features, child.out_features, *made, child.bias))
-    _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing where it is absent): the
-    row-major weights `blocked_bf16_linears` drops lie below later allocations in the heap, and glibc kept them
-    (the 134M bf16 model's process: 705 MB resident after the conversion, 506 MB trimmed, as before it)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

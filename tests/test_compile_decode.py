@@ -895,3 +895,35 @@ def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
             assert engine.step_source == "torch.compile" if compiled else not engine._compiled
     assert [len(t) for t in tokens[False].values()] == [24, 8, 16]
     assert tokens[True] == tokens[False]
+
+
+def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_load(monkeypatch, tmp_path, capsys):
+    """torchao.int4wo's CPU weights are tensor subclasses, whose inner tensors AOTInductor keeps as unnamed constants
+    that no running model's tensors can be handed to: such a step is not saved (it went to torch.compile after saving
+    a step that never loaded, so every later run, short ones too, compiled it again), the engine decodes through
+    torch.compile (`compile_engine_step`, which compiles it at its first call), and the compile's note says so."""
+    pytest.importorskip("torchao")
+    from conftest import tiny_config
+    from litllm.compile_decode import _load_step, _step_file, compile_engine_step, saved_step_length, steps_folder
+    from litllm.compile_ledger import EagerAccount, note_compile
+    from litllm.engine import Engine
+    from litllm.model import GPT
+    from litllm.quantize import quantize_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LITLLM_INT4_ROWS", "0")  # torchao's own layer (its subclass), not litllm's int4 op where it runs
+    torch.manual_seed(0)
+    config = tiny_config(n_embd=128, n_head=4, n_query_groups=4, intermediate_size=256, n_layer=1)
+    model = quantize_model(GPT(config).to(torch.bfloat16).eval(), "torchao.int4wo", "cpu")
+    assert type(model.blocks[0].attn.qkv.weight) not in (torch.Tensor, torch.nn.Parameter)  # a torchao subclass
+    engine = Engine(model, None, 1, 64, threads=1)
+    compile_engine_step(engine)
+    path = steps_folder(model) / _step_file(1, 64)
+    assert not path.exists() or _load_step(path, engine) is not None  # a saved step loads for the model it was for
+    assert engine.step_source == "torch.compile"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"saved by an earlier version")  # such a file never fits: not found, not loaded, no note
+    assert saved_step_length(model, 1, 64) is None and _load_step(path, engine) is None
+    note_compile(model)
+    assert "it is not saved here: later runs compile it again" in capsys.readouterr().err
+    assert EagerAccount(model, 1, 64).unsaved  # a short run compiles only where it pays for the compile alone

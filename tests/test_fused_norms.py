@@ -150,3 +150,53 @@ def test_rms_norm_with_a_frozen_weight():
     d = x.detach().double().requires_grad_()
     reference_rms_norm(d, w.double(), 1e-5).pow(2).sum().backward()
     torch.testing.assert_close(x.grad.double(), d.grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
+def test_bf16_decode_norm_op_matches_float64(residual):
+    """litllm's eager bf16 norm op (`bf16_rms_norm`, the eager bf16 decode step's norms): the residual sum is bf16's
+    own `x + h` bit for bit, the norm within bf16's rounding of the float64 norm of that sum, on odd shapes."""
+    from litllm.cpu_ops import bf16_norm_op
+
+    op = bf16_norm_op()
+    torch.manual_seed(0)
+    for shape in [(1, 1, 768), (3, 5, 96), (7, 40)]:
+        x = (torch.randn(shape) * 3).bfloat16()
+        h = torch.randn(shape).bfloat16() if residual else None
+        w = torch.randn(shape[-1]).bfloat16()
+        y, s = op(x, h, w, 1e-5)
+        assert torch.equal(s, x + h) if residual else s.numel() == 0
+        expected = reference_rms_norm((x + h if residual else x).double(), w.double(), 1e-5)
+        torch.testing.assert_close(y.double(), expected, rtol=2 ** -8, atol=1e-6)  # bf16: 8 significant bits
+        assert y.dtype == torch.bfloat16 and y.shape == x.shape
+
+
+def test_eager_bf16_decoding_through_the_norm_op_equals_the_unfused_norms(monkeypatch):
+    """A bf16 model's eager KV-cache decoding calls the op for its norms (inference only: not with autograd) and gives
+    the unfused norms' logits within bf16 rounding and their greedy tokens."""
+    import litllm.model
+    from litllm.engine import Engine
+    from test_compile_decode import greedy_tokens
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=64, intermediate_size=128)).to(torch.bfloat16).eval()
+    calls = []
+    op = litllm.model.bf16_norm_op
+    monkeypatch.setattr(litllm.model, "bf16_norm_op", lambda: calls.append(1) or op())
+    ids, pos = torch.tensor([list(range(1, 9))]), torch.arange(8)[None]
+    with torch.inference_mode():
+        model.set_kv_cache(1, 16)
+        fused = model.decode(ids, pos, kv_len=8).float()
+        assert calls
+        with monkeypatch.context() as m:
+            m.setattr(RMSNorm, "_bf16_op_applies", lambda self, x, w: False)
+            model.set_kv_cache(1, 16)
+            unfused = model.decode(ids, pos, kv_len=8).float()
+    torch.testing.assert_close(fused, unfused, atol=3e-2 * unfused.abs().max().item(), rtol=0)
+    calls.clear()
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16, requires_grad=True)
+    model.blocks[0].norm_1(x).sum().backward()  # training: the unfused norm, with autograd
+    assert not calls and x.grad is not None
+    tokens = greedy_tokens(Engine(model, None, 1, 64, threads=1), list(range(1, 9)))
+    monkeypatch.setattr(RMSNorm, "_bf16_op_applies", lambda self, x, w: False)
+    assert greedy_tokens(Engine(model, None, 1, 64, threads=1), list(range(1, 9))) == tokens

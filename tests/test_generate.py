@@ -248,17 +248,17 @@ def test_the_saved_steps_key_is_what_the_compiled_step_multiplies_by(dtype, monk
     it, and tell apart steps whose Linears have other strides or kernels. fp32: packed weights unpack row-major, or
     column-major ("onednn-packed+column-major"), the strides a compiled `F.linear` (or, with more than one thread, the
     row-split op, `RowSplitLinear`) then reads; 16-bit: every row-major Linear becomes a `OneRowLinear` (`torch.mv`),
-    packed ones too, or a `BlockedBf16Linear` where litllm's packed bf16 op runs (each layout where it runs here:
-    oneDNN packs bf16 only with AVX-512)."""
+    packed ones too, or a `BlockedBf16Linear` where litllm's packed bf16 op runs, as the eager "packed-bf16" layout
+    holds them already (each layout where it runs here: oneDNN packs bf16 only with AVX-512)."""
     from litllm.compile_decode import ONE_ROW_COMPILE_OPTIONS, cpu_compile_options, steps_folder, unpack_weights
-    from litllm.cpu_layout import _layout_works, OneRowLinear, optimize_for_decoding
+    from litllm.cpu_layout import _layout_works, OneRowLinear, becomes_blocked_bf16, optimize_for_decoding
     from litllm.cpu_ops import row_split_op
-    from litllm.packed_bf16 import BlockedBf16Linear, becomes_blocked_bf16, packed_bf16_op
+    from litllm.packed_bf16 import BlockedBf16Linear, packed_bf16_op
     from litllm.row_split import RowSplitLinear, wants_row_split
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     folders, kernels = {}, {}
-    for layout in ("row-major", "column-major", "onednn-packed", "onednn-packed+column-major"):
+    for layout in ("row-major", "column-major", "onednn-packed", "onednn-packed+column-major", "packed-bf16"):
         model = GPT(tiny_config()).to(dtype).eval()
         if layout != "row-major" and not _layout_works(layout, torch.nn.Linear(64, 64, dtype=dtype)):
             continue

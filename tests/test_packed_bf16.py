@@ -114,11 +114,65 @@ def test_a_packed_linear_whose_blocks_moved_refuses_prompts(op):
             qkv(x)
 
 
+def test_the_eager_packed_bf16_layout_decodes_as_onednn_packed(op, monkeypatch):
+    """The eager "packed-bf16" layout (`optimize_for_decoding`: `BlockedBf16Linear`s, a tied head left row-major):
+    a prompt's logits are the oneDNN-packed layout's bit for bit (the same GEMM on the same bytes), a decode step's
+    within bf16's rounding, and the KV-cache engine decodes the same greedy tokens. Where the op does not run, the
+    layout is refused by name."""
+    from litllm.cpu_layout import optimize_for_decoding
+    from litllm.errors import LitLLMError
+
+    torch.manual_seed(0)
+    state = GPT(_bf16_config()).to(torch.bfloat16).state_dict()
+
+    def model(layout):
+        fresh = GPT(_bf16_config()).to(torch.bfloat16).eval()
+        fresh.load_state_dict(state)
+        assert optimize_for_decoding(fresh, layout=layout) == layout
+        return fresh
+
+    packed, blocked = model("onednn-packed"), model("packed-bf16")
+    assert all(type(m) is BlockedBf16Linear for m in blocked.modules() if hasattr(m, "in_features"))
+    assert optimize_for_decoding(blocked) == "packed-bf16"  # already done
+    ids = torch.tensor([list(range(1, 9))])
+    with torch.inference_mode():
+        for m in (packed, blocked):
+            m.set_kv_cache(1, 16)
+        prompt = [m.decode(ids, torch.arange(8)[None], kv_len=8) for m in (packed, blocked)]
+        assert torch.equal(*prompt)
+        token, pos = prompt[0][:, -1:].argmax(-1), torch.tensor([[8]])
+        step = [m.decode(token, pos, kv_len=9).float() for m in (packed, blocked)]
+        torch.testing.assert_close(step[1], step[0], atol=2e-2 * step[0].abs().max(), rtol=0)
+    greedy = [greedy_tokens(Engine(model(layout), None, 1, 64, threads=1), list(range(1, 9)))
+              for layout in ("onednn-packed", "packed-bf16")]
+    assert greedy[0] == greedy[1]
+    monkeypatch.setenv("LITLLM_PACKED_BF16", "0")
+    with pytest.raises(LitLLMError, match="packed-bf16"):
+        model("packed-bf16")
+
+
+def test_the_timed_layout_pick_tries_packed_bf16_only_where_the_op_is_built(op, monkeypatch):
+    """`optimize_for_decoding` times "packed-bf16" beside the other layouts where the op's library is built already;
+    where it is not, it neither builds it (an eager run does not wait for that) nor picks the layout."""
+    from litllm import cpu_layout, packed_bf16
+
+    made = []
+    layout = cpu_layout.LAYOUTS["packed-bf16"]
+    monkeypatch.setitem(cpu_layout.LAYOUTS, "packed-bf16", lambda linear: made.append(1) or layout(linear))
+    cpu_layout.optimize_for_decoding(GPT(_bf16_config()).to(torch.bfloat16).eval())
+    assert made
+    made.clear()
+    monkeypatch.setattr(packed_bf16, "library_built", lambda: False)
+    assert cpu_layout.optimize_for_decoding(GPT(_bf16_config()).to(torch.bfloat16).eval()) != "packed-bf16"
+    assert not made
+
+
 @pytest.mark.slow
 def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op, monkeypatch, tmp_path):
     """The eager engine (oneDNN-packed `PackedLinear`s) and the compiled one (`BlockedBf16Linear`s on the same packed
-    bytes, AOTInductor) decode the same greedy tokens from the same prompt; the step is saved under the key a fresh
-    model looks it up by before it is unpacked, and loads."""
+    bytes, AOTInductor) decode the same greedy tokens from the same prompt, as the eager "packed-bf16" layout
+    (`BlockedBf16Linear`s eagerly) does; the step is saved under the key a fresh model looks it up by before it is
+    unpacked, in either eager layout, and loads."""
     from litllm.compile_decode import load_saved_step, saved_step_length, steps_folder, unpack_weights
     from litllm.cpu_layout import optimize_for_decoding
 
@@ -126,10 +180,10 @@ def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op
     torch.manual_seed(0)
     state = GPT(_bf16_config()).to(torch.bfloat16).state_dict()
 
-    def model():
+    def model(layout="onednn-packed"):
         fresh = GPT(_bf16_config()).to(torch.bfloat16).eval()
         fresh.load_state_dict(state)
-        optimize_for_decoding(fresh, layout="onednn-packed")
+        optimize_for_decoding(fresh, layout=layout)
         return fresh
 
     def decode(engine):
@@ -139,8 +193,10 @@ def test_a_compiled_bf16_step_on_packed_weights_decodes_as_eager_and_is_saved(op
     compiled = Engine(model(), None, 1, 64, threads=1, compile=True)
     assert isinstance(compiled.model.blocks[0].attn.qkv, BlockedBf16Linear)
     assert decode(compiled) == eager and compiled.step_source == "compiled"
+    assert decode(Engine(model("packed-bf16"), None, 1, 64, threads=1)) == eager
     fresh = model()
     folder = steps_folder(fresh)
+    assert steps_folder(model("packed-bf16")) == folder
     assert saved_step_length(fresh, 1, 64) == 64
     unpack_weights(fresh)
     assert steps_folder(fresh) == folder
