@@ -328,7 +328,8 @@ def parse_args():
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode steps")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true "
-                             "(ROW:torch: int4wo on torch's kernel, loaded with LITLLM_INT4_ROWS=0)")
+                             "(ROW:torch: int4wo on torch's kernel, loaded with LITLLM_INT4_ROWS=0; ROW:keep_head: "
+                             "the output head left unquantized, as skip=('lm_head',) leaves it)")
     parser.add_argument("--llama_cpp", nargs="*", default=None, metavar="OUTTYPE",
                         help="llama.cpp rows (GGUF outtypes, OUTTYPE+repack: with llama.cpp's AMX/repacked weight "
                              "buffers; default f32 f16 q8_0 q8_0+repack when llama_cpp is importable)")
@@ -354,15 +355,19 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, C
     model, as loaded) for litllm fp32 and each --quantize."""
     from unittest import mock
 
+    from litllm import quantize
     from litllm.inference import load_for_inference, pick_decode_threads
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.cpu_ops import INT4_ROWS_ENV
 
     # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
     def load(row: str):
-        row, _, kernel = row.partition(":")  # `ROW:torch`: int4wo on torch's kernel, as `LITLLM_INT4_ROWS=0` loads it
+        # `ROW:torch`: int4wo on torch's kernel, as `LITLLM_INT4_ROWS=0` loads it; `ROW:keep_head`: the head unquantized
+        row, _, variant = row.partition(":")
         mode, _, precision = ("none" if row == "litllm" else row).partition("@")
-        with mock.patch.dict(os.environ, {INT4_ROWS_ENV: "0"} if kernel == "torch" else {}):  # restored after
+        heads = quantize.QUANTIZES_HEAD - {mode} if variant == "keep_head" else quantize.QUANTIZES_HEAD
+        with (mock.patch.dict(os.environ, {INT4_ROWS_ENV: "0"} if variant == "torch" else {}),  # restored after
+              mock.patch.object(quantize, "QUANTIZES_HEAD", heads)):
             return load_for_inference(folder, device=args.device, precision=precision or "32-true",
                                       quantize=None if mode == "none" else mode)
 
