@@ -339,6 +339,32 @@ def test_torchao_int4wo_head_is_int8wo_unless_skipped(tiny_checkpoint):
     assert float((out.argmax(-1) == expected.argmax(-1)).float().mean()) >= TORCHAO_ARGMAX_AGREEMENT["torchao.int8wo"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_int8_head_decodes_through_the_int8wo_op(dtype, monkeypatch):
+    """A 16-bit model's int8 head (bf16 int4wo's, int8wo's) multiplies a decode row by litllm's int8wo op (fp32
+    products of the unrounded row, ~2x less CPU than torch's bf16 kernel on the 32000-row head), its logits in the
+    model's dtype: the int8 weights' exact product rounded once; other int8 layers keep torch's kernel."""
+    pytest.importorskip("torchao")
+    import litllm.cpu_ops as cpu_ops
+
+    if cpu_ops.int8wo_rows_op() is None:  # builds the library where it is not there yet
+        pytest.skip("no AVX-512 here (or the op does not build)")
+    calls, found = [], cpu_ops.int8wo_rows_op
+    monkeypatch.setattr(cpu_ops, "int8wo_rows_op",
+                        lambda build=True: (lambda *args: calls.append(args[0].dtype) or found(build)(*args)))
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(256, 320).to(dtype), "torchao.int8wo", "cpu")
+    row = torch.randn(1, 256, dtype=dtype)
+    exact = (row.double() @ (layer.weight.double() * layer.scales.double()[:, None]).t() + layer.bias.double())
+    with torch.no_grad():
+        layer(row)
+        assert calls == []  # not the head: torch's kernel
+        layer.exact_output = True
+        out = layer(row)
+    assert calls == [torch.float32] and out.dtype == dtype
+    torch.testing.assert_close(out, exact.to(dtype), rtol=2 ** -7, atol=1e-3)  # one rounding to the model's dtype
+
+
 def beside_torchao(mode: str, config: str, dtype: torch.dtype):
     """(a Linear, litllm's `mode` layer of it on the CPU, torchao's own layer of it under `config`, an input)."""
     pytest.importorskip("torchao")
