@@ -332,7 +332,8 @@ class Int8PackedLinear(Int8Words):
     eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
     exact_output = False
     """Whether eager calls of fewer rows never round to bf16 either (`_eager_rows`): the output head's
-    (`quantize_model`), whose bf16 logits would tie and flip greedy near-ties."""
+    (`quantize_model`), whose bf16 logits would tie and flip greedy near-ties. A 16-bit model's head: its decode rows
+    (eager and compiled) in fp32 through litllm's op where it is there (`_makes_words`), logits in the model's dtype."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
         super().__init__()
