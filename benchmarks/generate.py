@@ -330,7 +330,8 @@ def parse_args():
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true "
                              "(ROW:torch: int4wo on torch's kernel, loaded with LITLLM_INT4_ROWS=0; ROW:rows: int8's "
-                             "compiled step on the row-major ops, LITLLM_INT8_PACKED=0)")
+                             "compiled step on the row-major ops, LITLLM_INT8_PACKED=0; ROW:keep_head: the output head "
+                             "left unquantized, as skip=('lm_head',) leaves it)")
     parser.add_argument("--llama_cpp", nargs="*", default=None, metavar="OUTTYPE",
                         help="llama.cpp rows (GGUF outtypes, OUTTYPE+repack: with llama.cpp's AMX/repacked weight "
                              "buffers; default f32 f16 q8_0 q8_0+repack when llama_cpp is importable)")
@@ -356,15 +357,18 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, C
     model, as loaded) for litllm fp32 and each --quantize."""
     from unittest import mock
 
+    from litllm import quantize
     from litllm.inference import load_for_inference, pick_decode_threads
     from litllm.cpu_layout import optimize_for_decoding
-    from litllm.cpu_ops import INT4_ROWS_ENV
 
     # the path `litllm generate` takes: load, pick the faster CPU weight layout and thread count
     def load(row: str):
-        row, _, kernel = row.partition(":")  # `ROW:KERNEL`: another kernel's environment (`kernel_environment`)
+        # `ROW:KERNEL`: another kernel's environment (`kernel_environment`); `ROW:keep_head`: the head unquantized
+        row, _, variant = row.partition(":")
         mode, _, precision = ("none" if row == "litllm" else row).partition("@")
-        with mock.patch.dict(os.environ, kernel_environment(kernel)):  # restored after
+        heads = quantize.QUANTIZES_HEAD - {mode} if variant == "keep_head" else quantize.QUANTIZES_HEAD
+        with (mock.patch.dict(os.environ, kernel_environment(variant)),  # restored after
+              mock.patch.object(quantize, "QUANTIZES_HEAD", heads)):
             return load_for_inference(folder, device=args.device, precision=precision or "32-true",
                                       quantize=None if mode == "none" else mode)
 
@@ -390,10 +394,11 @@ def load_rows(folder: Path, args, weight_bytes: int) -> tuple[dict, dict, str, C
 def kernel_environment(kernel: str) -> dict[str, str]:
     """The environment a `--quantize ROW:KERNEL` row loads and compiles under: `torch`, int4wo on torch's kernel
     (`LITLLM_INT4_ROWS=0`); `rows`, int8's compiled step on the row-major ops (`LITLLM_INT8_PACKED=0`: as before the
-    packed one), e.g. `torchao.int8wo:rows` beside `torchao.int8wo`, alternating in one run."""
+    packed one), e.g. `torchao.int8wo:rows` beside `torchao.int8wo`, alternating in one run; `keep_head` changes no
+    environment (its head is left unquantized by `load_rows`)."""
     from litllm.cpu_ops import INT4_ROWS_ENV, INT8_PACKED_ENV
 
-    return {"": {}, "torch": {INT4_ROWS_ENV: "0"}, "rows": {INT8_PACKED_ENV: "0"}}[kernel]
+    return {"": {}, "keep_head": {}, "torch": {INT4_ROWS_ENV: "0"}, "rows": {INT8_PACKED_ENV: "0"}}[kernel]
 
 
 def make_engines(models: dict, row_bytes: dict, length: int, compile: bool, decode, reference, load) -> dict:

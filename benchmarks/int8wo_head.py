@@ -1,5 +1,6 @@
 """torchao.int8wo's output head in int8 or in fp32: greedy agreement with the fp32 model, logit error, and the head's
-CPU time per decoded token, beside torchao.int8dq's (whose int8 head shipped first).
+CPU time per decoded token, beside torchao.int8dq's (whose int8 head shipped first) and bf16 torchao.int4wo's (whose
+head is int8wo's, or bf16 with `skip=("lm_head",)`).
 
 Part 1, every family of the test suite (tests/hf_models.py: tiny random-weight models, pessimistic: their logits are
 nearly flat, so any rounding flips near-ties; see benchmarks/bf16_agreement.py): `--prompts` random prompts decode
@@ -9,12 +10,14 @@ whose tokens all equal fp32's, the mean share kept before the first difference, 
 Part 2, benchmarks/generate.py's random Llama (~134M parameters; its fp32 head is 98 of int8wo's 184 MB a token):
 per model, the first greedy token (of `--long_tokens`) that leaves fp32's path for each of `--long_prompts` prompts,
 and teacher-forced on fp32's greedy tokens the median relative L2 error of the logits and how often their argmax is
-fp32's; then one row through the head alone, best CPU-ms of `--repeats` alternating rounds: fp32 `F.linear`, the int8
-head as int8wo's eager decode runs it (litllm's C++ op where its library is built, `Int8PackedLinear._eager_rows`),
-the same without the op (`Int8Words._eager_step`) and torch's bf16 kernel (`_weight_int8pack_mm`, bf16 logits).
+fp32's (for each int8 head, the same against its model with the head unquantized too); then one row through the head
+alone, best CPU-ms of `--repeats` alternating rounds: fp32 `F.linear`, the int8 head as int8wo's eager decode runs it
+(litllm's C++ op where its library is built, `Int8PackedLinear._eager_rows`), the same without the op
+(`Int8Words._eager_step`) and torch's bf16 kernel (`_weight_int8pack_mm`, bf16 logits).
 
     python benchmarks/int8wo_head.py                       # all families, 8 prompts x 32 tokens; the Llama, 2 x 128
     python benchmarks/int8wo_head.py --families llama qwen2 --long_prompts 0
+    python benchmarks/int8wo_head.py --families --heads "int4wo@bf16, bf16 head" "int4wo@bf16, int8 head"
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import litllm  # noqa: F401  (before torch, as litllm's commands: litllm.bound_omp_spin)
 import torch
@@ -33,19 +37,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bf16_agreement import agreement, greedy  # noqa: E402
 
-HEAD_CHOICES = {  # row label -> (mode, skip)
-    "int8wo, fp32 head": ("torchao.int8wo", ("lm_head",)),
-    "int8wo, int8 head": ("torchao.int8wo", None),
-    "int8dq, fp32 head": ("torchao.int8dq", ("lm_head",)),
-    "int8dq, int8 head": ("torchao.int8dq", None),
+HEAD_CHOICES = {  # row label -> (mode, skip, the model's dtype)
+    "int8wo, fp32 head": ("torchao.int8wo", ("lm_head",), torch.float32),
+    "int8wo, int8 head": ("torchao.int8wo", None, torch.float32),
+    "int8dq, fp32 head": ("torchao.int8dq", ("lm_head",), torch.float32),
+    "int8dq, int8 head": ("torchao.int8dq", None, torch.float32),
+    "int4wo@bf16, bf16 head": ("torchao.int4wo", ("lm_head",), torch.bfloat16),
+    "int4wo@bf16, int8 head": ("torchao.int4wo", None, torch.bfloat16),
 }
 
 
-def quantized(folder: Path, mode: str, skip):
+def quantized(folder: Path, mode: str, skip, dtype: torch.dtype):
     from litllm.model import GPT
     from litllm.quantize import quantize_model
 
-    return quantize_model(GPT.from_checkpoint(folder).eval(), mode, "cpu", skip=skip)
+    return quantize_model(GPT.from_checkpoint(folder).to(dtype).eval(), mode, "cpu", skip=skip)
+
+
+def unquantized_head_twin(label: str, labels) -> Optional[str]:
+    """The row of the same model with its head unquantized, for an int8 head's row ("int8wo, int8 head" -> "int8wo,
+    fp32 head"); None for other rows or where it was not run."""
+    model, _, head = label.partition(", ")
+    return next((other for other in labels if other != label and other.startswith(f"{model}, ")), None) \
+        if head == "int8 head" else None
 
 
 def families(args) -> None:
@@ -58,19 +72,19 @@ def families(args) -> None:
     prompts = prompts.tolist()
     print(f"part 1: {args.prompts} random prompts of {args.prompt_tokens} tokens, {args.new_tokens} greedy tokens "
           "each, eager engine; rows equal / prefix kept / first token equal, against fp32")
-    print(f"{'family':16s}" + "".join(f"{label:>24s}" for label in HEAD_CHOICES))
-    totals = {label: [] for label in HEAD_CHOICES}
+    print(f"{'family':16s}" + "".join(f"{label:>24s}" for label in args.heads))
+    totals = {label: [] for label in args.heads}
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             folder = make_converted_checkpoint(Path(tmp) / family, family=family, seed=3)
             exact = greedy(GPT.from_checkpoint(folder).eval(), prompts, args.new_tokens)
             cells = []
-            for label, (mode, skip) in HEAD_CHOICES.items():
-                row = agreement(exact, greedy(quantized(folder, mode, skip), prompts, args.new_tokens))
+            for label in args.heads:
+                row = agreement(exact, greedy(quantized(folder, *HEAD_CHOICES[label]), prompts, args.new_tokens))
                 totals[label].append(row)
                 cells.append(f"{row[0]:.0%} / {row[1]:.0%} / {row[2]:.0%}")
             print(f"{family:16s}" + "".join(f"{c:>24s}" for c in cells), flush=True)
-    means = [[statistics.mean(t[i] for t in totals[label]) for i in range(3)] for label in HEAD_CHOICES]
+    means = [[statistics.mean(t[i] for t in totals[label]) for i in range(3)] for label in args.heads]
     print(f"{'mean':16s}" + "".join(f"{f'{m[0]:.0%} / {m[1]:.0%} / {m[2]:.0%}':>24s}" for m in means))
 
 
@@ -130,21 +144,32 @@ def llama(args) -> None:
         forced = [forced_logits(fp32, p, e) for p, e in zip(prompts, exact)]
         print(f"part 2: the benchmark Llama, {args.long_prompts} prompts of 32 tokens, {args.long_tokens} greedy "
               f"tokens; threads {torch.get_num_threads()}")
-        for label, (mode, skip) in HEAD_CHOICES.items():
-            model = quantized(folder, mode, skip)
-            tokens = greedy(model, prompts, args.long_tokens)
-            errors, agree = [], []
-            for p, e, f in zip(prompts, exact, forced):
-                for a, b in zip(forced_logits(model, p, e), f):
-                    errors.append(float((a - b).norm() / b.norm()))
-                    agree.append(float(a.argmax() == b.argmax()))
-            leaves = ", ".join(str(first_divergence(t, e)) for t, e in zip(tokens, exact))
-            print(f"{label}: greedy leaves fp32's path at token {leaves} of {args.long_tokens}; teacher-forced logits "
-                  f"{statistics.median(errors):.2%} off fp32's (median), argmax as fp32's {statistics.mean(agree):.1%}",
-                  flush=True)
+        rows, ms = {}, {}  # label -> (greedy tokens, teacher-forced logits per prompt)
+        for label in args.heads:
+            model = quantized(folder, *HEAD_CHOICES[label])
+            rows[label] = (greedy(model, prompts, args.long_tokens),
+                           [[row.float() for row in forced_logits(model, p, e)] for p, e in zip(prompts, exact)])
+            print(f"{label}: " + closeness(rows[label], (exact, forced), "fp32's", args.long_tokens), flush=True)
+            twin = unquantized_head_twin(label, rows)
+            if twin is not None:
+                print(f"{label}: " + closeness(rows[label], rows[twin], f"{twin}'s", args.long_tokens), flush=True)
             if label == "int8wo, int8 head":
                 ms = head_cpu_ms(model.lm_head, fp32.lm_head.weight, args.repeats)
-        print("the head, one row, best CPU-ms: " + ", ".join(f"{name} {t:.2f}" for name, t in ms.items()))
+        if ms:
+            print("the head, one row, best CPU-ms: " + ", ".join(f"{name} {t:.2f}" for name, t in ms.items()))
+
+
+def closeness(row, reference, name: str, n: int) -> str:
+    """Where a row's greedy tokens leave the reference's, and its logits teacher-forced on fp32's tokens beside the
+    reference's: median relative L2 error, share of equal argmaxes. row, reference: (tokens, logits) per prompt."""
+    errors, agree = [], []
+    for logits, expected in zip(row[1], reference[1]):
+        for a, b in zip(logits, expected):
+            errors.append(float((a - b).norm() / b.norm()))
+            agree.append(float(a.argmax() == b.argmax()))
+    leaves = ", ".join(str(first_divergence(t, e)) for t, e in zip(row[0], reference[0]))
+    return (f"greedy leaves {name} path at token {leaves} of {n}; teacher-forced logits "
+            f"{statistics.median(errors):.2%} off {name} (median), argmax as {name} {statistics.mean(agree):.1%}")
 
 
 def main() -> None:
@@ -159,6 +184,8 @@ def main() -> None:
     parser.add_argument("--long_prompts", type=int, default=2, help="part 2's prompts (0: no part 2)")
     parser.add_argument("--long_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--heads", nargs="*", default=list(HEAD_CHOICES), choices=list(HEAD_CHOICES), metavar="ROW",
+                        help=f"the rows to run (default: all): {', '.join(map(repr, HEAD_CHOICES))}")
     args = parser.parse_args()
     if args.families is None:
         from hf_models import FAMILIES

@@ -440,6 +440,7 @@ def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int
 
     from litllm.engine import PREFILL_CHUNK
     from litllm.model import GPT
+    from litllm.quantize import HEAD_MODES, QUANTIZES_HEAD
 
     chunk = min(prompt_length, prefill_chunk or PREFILL_CHUNK)
     if devices > 1:
@@ -476,6 +477,12 @@ def fake_decode(config, precision: str, quantize: Optional[str], batch_size: int
     parts["temporaries"] = peak["total"] - peak["weights"]
     if quantized:
         _swap_quantized(parts, quantized, quantize, dtype)
+    if quantize in QUANTIZES_HEAD:  # the head too, in its own mode (`litllm.quantize.quantize_model`)
+        head = model.lm_head
+        # a head tied to the embedding becomes a quantized copy beside it: the embedding's bytes stay
+        dense = 0 if config.tie_embeddings else _nbytes(head.weight)
+        parts["weights"] += quantized_linear_bytes(head.out_features, head.in_features,
+                                                   HEAD_MODES.get(quantize, quantize), dtype.itemsize) - dense
     parts["total"] = sum(parts[k] for k in CATEGORIES)
     return parts
 

@@ -19,7 +19,8 @@ Modes (`--quantize`):
                     dtype, fast in bfloat16; bf16 on AVX512-BF16 CPUs: `Int4RowsLinear`, torchao's values
                     repacked for litllm's C++ op (`litllm.cpu_ops.int4_rows_op`; `LITLLM_INT4_ROWS=0`: torchao's
                     layer). On the CPU a layer whose in_features is no multiple of 32
-                    stays unquantized (with a warning); only toy models have such widths.
+                    stays unquantized (with a warning); only toy models have such widths. The output head is
+                    int8wo's (8 bits, as llama.cpp's q4_0 files keep theirs; fp32 CPU models: where int8wo's is).
 - `torchao.int8dq`  int8 weights (int8wo's values) and int8 activations, quantized per token on each call (W8A8
                     dynamic, torchao's `Int8DynamicActivationInt8WeightConfig`; llama.cpp's q8_0 dot product
                     does the same per block of 32); the output head too (its output stays fp32). CUDA: torchao's
@@ -38,9 +39,10 @@ QLoRA uses the bitsandbytes modes.
 
 Activations and the compute stay in `compute_dtype` (the model's dtype by default); only the
 weights are stored quantized (`torchao.int8dq` quantizes activations too). The output head (`lm_head`) stays
-unquantized by default (except with `torchao.int8dq` and `torchao.int8wo`, `QUANTIZES_HEAD`, whose int8 heads keep
-greedy decoding as well: benchmarks/int8wo_head.py; fp32 int8wo on a CPU only where its AVX-512 op runs;
-`quantize_model(..., skip=("lm_head",))` keeps it): the most sensitive layer to error.
+unquantized by default (except with `torchao.int8dq`, `torchao.int8wo` and `torchao.int4wo`, `QUANTIZES_HEAD`, whose
+int8 heads keep greedy decoding as well: benchmarks/int8wo_head.py; int4wo's head is int8wo's, `HEAD_MODES`; an int8wo
+head of an fp32 model on a CPU only where its AVX-512 op runs; `quantize_model(..., skip=("lm_head",))` keeps it): the
+most sensitive layer to error.
 
 For QLoRA: `quantize_model(model, mode, device, frozen_only=True)` quantizes only frozen Linears
 (the base weights), never trainable ones (LoRA matrices), and a LoRA wrapper holding its base
@@ -374,7 +376,8 @@ class Int8PackedLinear(Int8Words):
     eager_step_rows = 16  # measured on a 2-core AVX2 EPYC, 1 thread: the GEMM is as fast as the kernel from ~16 rows
     exact_output = False
     """Whether eager calls of fewer rows never round to bf16 either (`_eager_rows`): the output head's
-    (`quantize_model`), whose bf16 logits would tie and flip greedy near-ties."""
+    (`quantize_model`), whose bf16 logits would tie and flip greedy near-ties. A 16-bit model's head: its decode rows
+    (eager and compiled) in fp32 through litllm's op where it is there (`_makes_words`), logits in the model's dtype."""
 
     def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, bias: Optional[nn.Parameter]):
         super().__init__()
@@ -391,8 +394,12 @@ class Int8PackedLinear(Int8Words):
     def has_bias(self) -> bool:
         return self.bias is not None
 
-    def _makes_words(self) -> bool:  # 16-bit activations: the kernel's bf16 path is the fast one already
-        return self.fp32_activations and super()._makes_words()
+    def _makes_words(self) -> bool:
+        # 16-bit activations: the kernel's bf16 path, except the head's (`exact_output`) where litllm's op is there:
+        # ~2x less CPU on one row (the benchmark Llama's 32000 x 768 head, 1 thread: 0.93 vs 2.0 ms)
+        if not (self.fp32_activations or (self.exact_output and self._rows_op(build=False) is not None)):
+            return False
+        return super()._makes_words()
 
     def _int8_values(self):
         return self.weight, self.scales, self.bias
@@ -407,15 +414,16 @@ class Int8PackedLinear(Int8Words):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.words is not None and x.dtype == torch.float32:
+        unrounded = x.dtype == torch.float32 or self.exact_output  # a 16-bit head's rows: fp32 products, then x's dtype
+        if torch.compiler.is_compiling() and self.words is not None and unrounded:
             out = self._words_linear(x.reshape(-1, self.in_features))  # (N, out), the bias added
-            return out.reshape(*x.shape[:-1], self.out_features)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self._uses_eager_step(x2d := x.reshape(-1, self.in_features)):  # a prefill: faster than the kernel, exact
             return self._eager_step(x2d).reshape(*x.shape[:-1], self.out_features)
-        if not torch.compiler.is_compiling() and x.dtype == torch.float32 and self._makes_words():
-            exact = self._eager_rows(x2d)  # a decode step's few rows, unrounded
+        if not torch.compiler.is_compiling() and unrounded and self._makes_words():
+            exact = self._eager_rows(x2d.float())  # a decode step's few rows, unrounded
             if exact is not None:
-                return exact.reshape(*x.shape[:-1], self.out_features)
+                return exact.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         # the kernel is vectorized for bf16 activations only (fp32 ones run ~15x slower, slower than an fp32
         # matmul): fp32 activations are rounded to bf16 for it, finer than llama.cpp's q8_0 (int8 blocks)
         act = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
@@ -754,12 +762,15 @@ QUANT_BUILDERS: dict[str, Callable[[nn.Linear, torch.device, torch.dtype], nn.Mo
 }
 
 
-# modes that quantize the output head too by default (`skip=("lm_head",)` keeps it unquantized; int8wo's fp32 CPU models
-# only where its AVX-512 op runs: `_fast_exact_int8wo_head`): their int8 heads
+# modes that quantize the output head too by default (`skip=("lm_head",)` keeps it unquantized; an int8wo head of an
+# fp32 CPU model only where its AVX-512 op runs: `_fast_exact_int8wo_head`): their int8 heads
 # compute fp32 logits (int8wo's: `Int8PackedLinear.exact_output`, never its kernel's bf16 ones, which tie and flip
 # greedy near-ties) and keep greedy decoding (benchmarks/int8wo_head.py); the head is most of what an 8-bit model reads
-# per token (the benchmark Llama's fp32 head: 98 of int8wo's 184 MB)
-QUANTIZES_HEAD = frozenset({"torchao.int8dq", "torchao.int8wo"})
+# per token (the benchmark Llama's fp32 head: 98 of int8wo's 184 MB). int4wo's head is int8wo's (`HEAD_MODES`): 8 bits
+# for the most error-sensitive layer, as llama.cpp's q4_0 files keep theirs (q6_K/q8_0); left bf16 it was 49 of the
+# 94 MB a bf16 int4wo token reads
+QUANTIZES_HEAD = frozenset({"torchao.int8dq", "torchao.int8wo", "torchao.int4wo"})
+HEAD_MODES = {"torchao.int4wo": "torchao.int8wo"}  # mode -> its head's mode, where they differ
 HEAD = "lm_head"
 
 FOUR_BIT_BLOCKSIZE = 64  # bitsandbytes' default for Params4bit
@@ -842,22 +853,27 @@ def quantize_model(
     """Replace the model's `nn.Linear` layers with quantized ones on `device`, in place; returns `model`.
 
     skip: module names (or their last component) left unquantized; by default `lm_head`, except for the
-        modes in `QUANTIZES_HEAD`.
+        modes in `QUANTIZES_HEAD` (whose head takes the mode `HEAD_MODES` names, else their own).
     frozen_only: quantize only Linears whose weight does not require grad (QLoRA's frozen base).
     compute_dtype: dtype of activations and matmuls; defaults to each layer's weight dtype.
     The rest of the model (embeddings, norms) is not moved: call `model.to(device)` afterwards.
     """
     dtype = compute_dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    quantizes_head = mode in QUANTIZES_HEAD and (mode != "torchao.int8wo" or _fast_exact_int8wo_head(device, dtype))
+    head_mode = HEAD_MODES.get(mode, mode)
+    quantizes_head = mode in QUANTIZES_HEAD and (head_mode != "torchao.int8wo"
+                                                 or _fast_exact_int8wo_head(device, dtype))
     skip = set((HEAD,) if skip is None and not quantizes_head else skip or ())
     check_quantize_mode(mode, device, dtype)
+    if head_mode != mode and HEAD not in skip:
+        check_quantize_mode(head_mode, device, dtype)
     targets = [
-        (name, module) for name, module in model.named_modules()
+        (name, module, head_mode if name.rsplit(".", 1)[-1] == HEAD else mode)
+        for name, module in model.named_modules()
         if type(module) is nn.Linear
         and name not in skip and name.rsplit(".", 1)[-1] not in skip
         and not (frozen_only and module.weight.requires_grad)
     ]
-    kept = [name for name, linear in targets if cpu_kernel_refuses(linear, mode, device)]
+    kept = [name for name, linear, layer_mode in targets if cpu_kernel_refuses(linear, layer_mode, device)]
     if kept:
         multiple, why = ((INT4_GROUP_SIZES[-1], "torchao's CPU int4 kernel can't take them") if mode == "torchao.int4wo"
                          else (FOUR_BIT_BLOCKSIZE, "bitsandbytes' CPU kernel computes them wrong"))
@@ -866,7 +882,7 @@ def quantize_model(
             f"{multiple} (e.g. {kept[0]}) stay unquantized: {why}",
             stacklevel=3,  # the caller of quantize_model (torch.no_grad adds a frame)
         )
-        targets = [(name, linear) for name, linear in targets if name not in kept]
+        targets = [target for target in targets if target[0] not in kept]
     # torchao's CPU int4 kernel is fast in bf16 only
     if torch.device(device).type == "cpu" and mode == "torchao.int4wo" and dtype != torch.bfloat16:
         warnings.warn(
@@ -876,10 +892,10 @@ def quantize_model(
         )
     from tqdm import tqdm
 
-    for name, linear in tqdm(targets, desc=f"quantize {mode}", unit="layer", disable=len(targets) < 50):
+    for name, linear, layer_mode in tqdm(targets, desc=f"quantize {mode}", unit="layer", disable=len(targets) < 50):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = quantize_linear(linear, mode, device, compute_dtype or linear.weight.dtype)
+        layer = quantize_linear(linear, layer_mode, device, compute_dtype or linear.weight.dtype)
         if child == HEAD and isinstance(layer, Int8PackedLinear):
             layer.exact_output = True  # fp32 logits eagerly too
         setattr(parent, child, layer)

@@ -653,3 +653,28 @@ def test_cli_estimates_finetune_grpo(tmp_path):
     est = json.loads(proc.stdout)
     assert est["method"] == "lora" and est["tokens_per_step"] == 2 * 4 * 32
     assert est["breakdown"]["kv_cache"] == 4 * 32 * family_config("llama").kv_cache_values_per_token() * 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])  # qwen ties the head to the embedding: a quantized copy beside it
+def test_decode_estimate_counts_the_int4wo_models_int8_head(family):
+    """`fake_decode`'s weights with --quantize torchao.int4wo move from the unquantized model's by what a bf16 model
+    quantized by `quantize_model` really stores: its Linears int4, its head int8 (int8wo's, `HEAD_MODES`); the
+    formula's int8wo rows keep an fp32 scale and a zero point (5 bytes) where the CPU layer keeps a bf16 scale (2)."""
+    pytest.importorskip("torchao")
+    from litllm.estimate import fake_decode
+    from litllm.model import GPT
+    from litllm.quantize import quantize_model
+
+    def stored_bytes(model) -> int:  # each tensor once (a tied head's weight is the embedding's); torchao's by parts
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+        return sum(sum(getattr(t, n).nbytes for n in t.__tensor_flatten__()[0])
+                   if type(t).__module__.startswith("torchao") else t.nbytes for t in tensors)
+
+    config = family_config(family)
+    model = GPT(config).to(torch.bfloat16).eval()
+    before = stored_bytes(model)
+    quantize_model(model, "torchao.int4wo", "cpu")
+    real = stored_bytes(model) - before
+    estimated = (fake_decode(config, "bf16-true", "torchao.int4wo", 1, 64, 8)["weights"]
+                 - fake_decode(config, "bf16-true", None, 1, 64, 8)["weights"])
+    assert real <= estimated <= real + 3 * config.padded_vocab_size, (real, estimated)

@@ -237,8 +237,9 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
     from litllm.cpu_ops import int8wo_rows_op
 
     int4, dynamic = mode == "torchao.int4wo", mode == "torchao.int8dq"
-    # int8wo's head is int8 where its AVX-512 op runs (fp32 logits fast eagerly too), fp32 elsewhere
-    head_kept = int4 or (mode == "torchao.int8wo" and int8wo_rows_op() is None)
+    # int8wo's head (int4wo's too: `HEAD_MODES`) is int8 where its AVX-512 op runs (fp32 logits fast eagerly too), fp32
+    # elsewhere
+    head_kept = mode != "torchao.int8dq" and int8wo_rows_op() is None
     if int4:  # the tiny model's MLP projection is 112 wide: no multiple of 32
         with pytest.warns(UserWarning, match="blocks.0.mlp.proj.*stay unquantized"):
             model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
@@ -246,19 +247,21 @@ def test_torchao_weight_only(tiny_checkpoint, mode):
         model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), mode, "cpu")
     for name, original in originals.items():
         layer = model.get_submodule(name)
-        skipped = (name == "lm_head" and head_kept) or (int4 and original.shape[1] % 32 != 0)
+        skipped = (name == "lm_head" and head_kept) or (int4 and name != "lm_head" and original.shape[1] % 32 != 0)
         assert is_quantized(layer) == (not skipped), name
         # on the CPU int8 runs torch's int8 kernels (Int8PackedLinear, Int8DynamicLinear), any width (the tiny
-        # MLP's 112 included); both quantize the head too
+        # MLP's 112 included); all three quantize the head too, int4wo's to int8wo's
+        layer_int4 = int4 and name != "lm_head"
+        layer_mode = "torchao.int8wo" if int4 and not layer_int4 else mode
         assert type(layer) is {"torchao.int8wo": Int8PackedLinear, "torchao.int8dq": Int8DynamicLinear}.get(
-            mode, nn.Linear) or skipped, name
+            layer_mode, nn.Linear) or skipped, name
         if skipped or dynamic:  # int8dq's weights: test_int8_dynamic_matches_torchao
             continue
-        group = next(g for g in INT4_GROUP_SIZES if original.shape[1] % g == 0) if int4 else original.shape[1]
+        group = next(g for g in INT4_GROUP_SIZES if original.shape[1] % g == 0) if layer_int4 else original.shape[1]
         # int8 on the CPU multiplies in bf16 (its kernel's fast path): the bf16 scale and the bf16 output each
         # move the effective weight by at most absmax * 2**-8 (one bf16 step), ~1 unit of absmax/254 each
-        bound = 1 + 1e-3 if int4 else 3 + 1e-3
-        assert _max_group_error(original, _effective_weight(layer), group, symmetric=not int4) <= bound, name
+        bound = 1 + 1e-3 if layer_int4 else 3 + 1e-3
+        assert _max_group_error(original, _effective_weight(layer), group, symmetric=not layer_int4) <= bound, name
 
     prompt = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -312,6 +315,54 @@ def test_torchao_int4wo_greedy_continuation(tiny_checkpoint):
     assert tokens == own  # the KV-cached one-row steps decode as the uncached prompt path
     agreement = sum(a == b for a, b in zip(tokens, fp32)) / len(tokens)
     assert agreement >= 0.70, agreement
+
+
+def test_torchao_int4wo_head_is_int8wo_unless_skipped(tiny_checkpoint):
+    """int4wo's output head is int8wo's by default (`HEAD_MODES`; fp32 logits, as int8wo's head) and stays unquantized
+    with `skip=("lm_head",)`; the int8 head's own error is int8's (measured 0.6% relative L2 on the logits, next to
+    int4's 10%), and the argmaxes stay the unquantized head's (measured 97-100% over 6 prompts, fp32 and bf16)."""
+    pytest.importorskip("torchao")
+    from litllm.cpu_ops import int8wo_rows_op
+
+    if int8wo_rows_op() is None:  # an fp32 model's int8wo head: only where its AVX-512 op runs
+        pytest.skip("no AVX-512 int8wo op here: the fp32 model's head stays fp32")
+    with pytest.warns(UserWarning, match="stay unquantized"):  # the tiny MLP's 112-wide projection
+        model = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int4wo", "cpu")
+        kept = quantize_model(GPT.from_checkpoint(tiny_checkpoint).eval(), "torchao.int4wo", "cpu", skip=("lm_head",))
+    assert type(model.lm_head) is Int8PackedLinear and model.lm_head.exact_output
+    assert type(kept.lm_head) is nn.Linear and not is_quantized(kept.lm_head)
+    assert all(type(a) is type(b) for (name, a), b in zip(model.named_modules(), kept.modules()) if name != "lm_head")
+    prompt = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, expected = model(prompt), kept(prompt)
+    assert 1e-3 < float((out - expected).norm() / expected.norm()) < TORCHAO_LOGIT_REL_ERROR["torchao.int8wo"]
+    assert float((out.argmax(-1) == expected.argmax(-1)).float().mean()) >= TORCHAO_ARGMAX_AGREEMENT["torchao.int8wo"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_int8_head_decodes_through_the_int8wo_op(dtype, monkeypatch):
+    """A 16-bit model's int8 head (bf16 int4wo's, int8wo's) multiplies a decode row by litllm's int8wo op (fp32
+    products of the unrounded row, ~2x less CPU than torch's bf16 kernel on the 32000-row head), its logits in the
+    model's dtype: the int8 weights' exact product rounded once; other int8 layers keep torch's kernel."""
+    pytest.importorskip("torchao")
+    import litllm.cpu_ops as cpu_ops
+
+    if cpu_ops.int8wo_rows_op() is None:  # builds the library where it is not there yet
+        pytest.skip("no AVX-512 here (or the op does not build)")
+    calls, found = [], cpu_ops.int8wo_rows_op
+    monkeypatch.setattr(cpu_ops, "int8wo_rows_op",
+                        lambda build=True: (lambda *args: calls.append(args[0].dtype) or found(build)(*args)))
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(256, 320).to(dtype), "torchao.int8wo", "cpu")
+    row = torch.randn(1, 256, dtype=dtype)
+    exact = (row.double() @ (layer.weight.double() * layer.scales.double()[:, None]).t() + layer.bias.double())
+    with torch.no_grad():
+        layer(row)
+        assert calls == []  # not the head: torch's kernel
+        layer.exact_output = True
+        out = layer(row)
+    assert calls == [torch.float32] and out.dtype == dtype
+    torch.testing.assert_close(out, exact.to(dtype), rtol=2 ** -7, atol=1e-3)  # one rounding to the model's dtype
 
 
 def beside_torchao(mode: str, config: str, dtype: torch.dtype):
