@@ -17,9 +17,12 @@ if TYPE_CHECKING:
     from litllm.config import Config
     from litllm.model import GPT
 
-OMP_SPIN_COUNT = "1000"
-"""GNU OpenMP's spin count that `bound_omp_spin` sets (`GOMP_SPINCOUNT`): what libgomp itself uses when its threads
-outnumber the CPUs; ~20-50 us of `pause` on a Zen 3 EPYC, against ~10 ms for its default 300000."""
+OMP_SPIN_COUNT = "3000"
+"""GNU OpenMP's spin count that `bound_omp_spin` sets (`GOMP_SPINCOUNT`), against ~10 ms for its default 300000.
+1000 (what libgomp uses when its threads outnumber the CPUs; ~20-50 us of `pause` on a Zen 3 EPYC) lasts only 5-10 us
+on the AMX Xeon VM: its second thread slept between the int8/int4 ops of a decode step and each wake-up cost 20-50 us;
+3000 (3x as long) decodes int8 and bf16 1.11-1.35x faster at 2 threads quiet
+(tutorials/inference_measurements.md#twothreads-s33)."""
 
 
 def bound_omp_spin() -> None:
