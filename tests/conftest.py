@@ -24,6 +24,17 @@ os.environ.setdefault("LITLLM_COMPILE", "0")
 # CPU tests use fp32, whatever default precision the inference commands pick ($LITLLM_PRECISION overrides it)
 os.environ.setdefault("LITLLM_PRECISION", "32-true")
 
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Each test starts with this process's torch thread count: an in-process tensor-parallel rank
+    (`litllm.parallel.runtime` splits the cores between the ranks) sets it and leaves it, and the thread count is
+    part of the key a saved compiled step's layout and thread pick are recorded under (`decode_choices_key`)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
