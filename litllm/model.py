@@ -706,6 +706,7 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     In an eager step over a short cache (`ONE_THREAD_ATTENTION_MAX`) the two `bmm`s and the softmax run on one
     thread: each of them opens a parallel region otherwise, whose start costs more than their work (and waits
     for a scheduler tick when another job holds a core); their results are the same on any thread count.
+    An eager 16-bit step without softcapping or sinks calls SDPA instead (in the same one-thread region).
     """
     B, nh, _, hs = q.shape
     nkv, L = k.size(1), k.size(2)
@@ -715,6 +716,12 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
     if one_thread:
         torch.set_num_threads(1)
     try:
+        if eager and q.dtype != torch.float32 and logit_softcap is None and sinks is None:
+            # 16-bit: SDPA's fused kernel (fp32 scores and sums inside, its output rounded once), where each 16-bit
+            # bmm below is a oneDNN call that copies the strided keys first: the eager bf16 step 1.07-1.15x faster
+            # at a 48-64-token cache, 1.39x at 600 (tutorials/inference_measurements.md#eager-s34). fp32 keeps the
+            # bmms, as fast as SDPA there. (Compiled steps trace the ops below: their kernels are inductor's.)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
         # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
         # costs a few more ops, which is what a one-token step spends its time on beside the weights
         q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep

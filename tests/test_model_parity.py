@@ -163,10 +163,14 @@ def test_inference_rms_norm_is_f_rms_norm_bit_for_bit(size, scale):
 
 
 def reference_single_query_attention(q, k, v, mask, scale, softcap_at, sinks):
-    """The one-token attention in plain ops (no 0-dim scalars, no single-thread region, no strided key view)."""
+    """The one-token attention in plain ops (no 0-dim scalars, no single-thread region, no strided key view); 16-bit
+    without softcapping or sinks, SDPA (the eager step's kernel there)."""
     from litllm.model import softcap, softmax_with_sinks
 
     B, nh, _, hs = q.shape
+    if q.dtype != torch.float32 and softcap_at is None and sinks is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=nh != k.size(1))
     nkv, L = k.size(1), k.size(2)
     scores = torch.bmm(q.reshape(B * nkv, nh // nkv, hs), k.reshape(B * nkv, L, hs).transpose(1, 2))
     scores = (scores * scale).view(B, nkv, nh // nkv, L)
@@ -184,7 +188,8 @@ def reference_single_query_attention(q, k, v, mask, scale, softcap_at, sinks):
 def test_single_query_attention_is_its_plain_ops_bit_for_bit(dtype, threads, monkeypatch):
     """The eager one-token attention (keys viewed straight from a cache slice, 0-dim scalars made once, one thread
     for a short cache) computes what its plain ops compute, bit for bit: grouped heads, per-row masks, a cache
-    slice or a key that is not one, softcapping and sinks; it leaves the thread count as it found it."""
+    slice or a key that is not one, softcapping and sinks; it leaves the thread count as it found it. bf16 without
+    softcap or sinks: SDPA's values bit for bit, and those of the plain ops in fp32 within bf16's rounding."""
     from litllm.model import ONE_THREAD_ATTENTION_MAX, single_query_attention
 
     torch.manual_seed(5)
@@ -215,6 +220,9 @@ def test_single_query_attention_is_its_plain_ops_bit_for_bit(dtype, threads, mon
                 assert calls == ([1, threads] if threads > 1 and name != "long cache" else []), name
                 assert torch.get_num_threads() == threads
                 assert torch.equal(got, reference_single_query_attention(*args)), (name, mask.shape, softcap_at, sinks)
+                fp32 = reference_single_query_attention(*(a.float() if isinstance(a, torch.Tensor)
+                                                          and a.is_floating_point() else a for a in args))
+                torch.testing.assert_close(got.float(), fp32, atol=2e-2, rtol=2e-2)
                 assert torch.equal(single_query_attention(*args[:3], None, *args[4:]),
                                    reference_single_query_attention(*args[:3], None, *args[4:])), name
     finally:
