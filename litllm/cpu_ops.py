@@ -98,7 +98,8 @@ def _build(path: Path) -> None:
 
 @lru_cache(maxsize=None)
 def _register_fake() -> None:
-    """The op's shapes for tracing (`torch.export`, `torch.compile`)."""
+    """The ops' shapes for tracing (`torch.export`, `torch.compile`): every op of the library, here once it loads
+    (the training ops' in `_register_training_fakes`)."""
     @torch.library.register_fake("litllm_cpu::row_split_linear")
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], w.size(0))
@@ -127,8 +128,11 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], scales.numel())
 
+    @torch.library.register_fake("litllm_cpu::int4_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
     _register_training_fakes()
-    _register_int4_fake()
 
 
 def _register_training_fakes() -> None:
@@ -333,12 +337,6 @@ def int8_prompt_op() -> Optional[object]:
 INT4_ROWS_ENV = "LITLLM_INT4_ROWS"
 """`0`/`false`: `torchao.int4wo` bf16 CPU layers stay torchao's (torch's kernel `_weight_int4pack_mm_for_cpu`) instead of
 litllm's `int4_rows_linear` layout, e.g. to compare; read when a model is quantized."""
-
-
-def _register_int4_fake() -> None:
-    @torch.library.register_fake("litllm_cpu::int4_rows_linear")
-    def _(x: torch.Tensor, w: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int) -> torch.Tensor:
-        return x.new_empty(*x.shape[:-1], out_features)
 
 
 def int4_rows_op(build: bool = True) -> Optional[object]:
