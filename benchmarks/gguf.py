@@ -97,12 +97,13 @@ REPACK = "+repack"
 """An `--llama_cpp` outtype suffix (generate.py): llama.cpp with its extra weight buffers, one row per eval."""
 
 
-def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False):
+def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False, **options):
     """A llama.cpp model, by default without its extra weight buffers (`use_extra_bufts`, llama.cpp's `--repack`:
     AMX / repacked weight layouts). In llama-cpp-python 0.3.36 built with GGML_NATIVE on this AMX CPU, the AMX
-    buffer takes q8_0 weights and its matmul of more than one row (a prompt) segfaults at the tile-config load
-    (`ldtilecfg` in `ggml_backend_amx_mul_mat`), llama.cpp's own q8_0 file too; one row at a time it runs its
-    avx512-vnni kernel, which works: `repack=True` models decode with `llama_cpp_greedy(..., one_row=True)`."""
+    buffer takes q8_0 (and q4_0) weights and its matmul of more than one row (a prompt) segfaults at the tile-config
+    load (`ldtilecfg` in `ggml_backend_amx_mul_mat`), llama.cpp's own q8_0 file too; one row at a time it runs its
+    avx512-vnni kernel, which works: `repack=True` models decode with `llama_cpp_greedy(..., one_row=True)`.
+    `options`: more of `llama_cpp.Llama`'s arguments (`logits_all`, `lora_path`, ...; tests/llama_cpp_check.py)."""
     import llama_cpp
     import llama_cpp.llama
 
@@ -117,7 +118,8 @@ def llama_cpp_model(path: Path, n_ctx: int, threads: int, repack: bool = False):
     try:
         # n_threads_batch (the prompt's threads) defaults to every core, whatever n_threads says: set both, so that
         # llama.cpp prefills on the thread count litllm gets too
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                               **options)
     finally:
         llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 

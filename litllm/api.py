@@ -21,7 +21,7 @@ import torch
 
 from litllm.engine import SEED_LIMIT, Request, Sampling, check_sampling_args, default_stops
 from litllm.errors import LitLLMError
-from litllm.generate import decode_engine, load_draft, speculative_engine
+from litllm.generate import check_draft_flags, decode_engine, load_draft, speculative_engine
 from litllm.inference import LoadArgs, load_decoder, tokens_to_generate
 
 logger = logging.getLogger(__name__)
@@ -87,15 +87,16 @@ class LLM:
             tokens of earlier short calls and runs of this model and shape, or that a saved compiled step fits
             (`litllm.compile_decode`); False: never.
         """
-        loaded = load_decoder(_resolve(model, Path(checkpoint_root), access_token), prompt_style,
-                              LoadArgs(precision, quantize, device, devices, num_nodes, strategy))
+        load = LoadArgs(precision, quantize, device, devices, num_nodes, strategy)
+        if draft_model is not None:  # before the model loads
+            draft_model = check_draft_flags(_resolve(draft_model, Path(checkpoint_root), access_token),
+                                            num_speculative_tokens, load.tensor_parallel)
+        loaded = load_decoder(_resolve(model, Path(checkpoint_root), access_token), prompt_style, load)
         net, tokenizer = loaded.model, loaded.tokenizer
         llm = cls(net, tokenizer, loaded.prompt_style, loaded.checkpoint_dir, threads=loaded.threads)
         llm.compile = compile
         if draft_model is not None:
-            if num_speculative_tokens < 1:
-                raise LitLLMError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-            llm.draft = load_draft(net, tokenizer, _resolve(draft_model, Path(checkpoint_root), access_token), precision)
+            llm.draft = load_draft(net, tokenizer, draft_model, precision)
             llm.num_speculative_tokens = num_speculative_tokens
         return llm
 

@@ -123,6 +123,7 @@ def chat(
     """
     decoding = DecodeArgs(**decode)
     check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens, decoding.seed)
+    decoding.check_draft(LoadArgs(**load))
     loaded = load_decoder(checkpoint_dir, decoding.prompt_style, LoadArgs(**load))
     checkpoint_dir, tokenizer, style, window = loaded.checkpoint_dir, loaded.tokenizer, loaded.prompt_style, loaded.window
     max_new_tokens = tokens_to_reserve(window, max_new_tokens, 512)

@@ -37,6 +37,7 @@ from litllm import compile_decode
 from litllm.compile_decode import (_config_repr, _machine, _note, _step_length, compile_cache_dir, decode_choices_key,
                                    saved_step_length)
 from litllm.cpu_layout import optimize_for_decoding
+from litllm.cpu_ops import load_built_library
 from litllm.errors import LitLLMError
 from litllm.utils import OFF_VALUES, atomic_path, owned_and_private
 
@@ -128,7 +129,10 @@ def choose_decode_layout(model, pick_threads: Optional[Callable[[torch.nn.Module
     tensor-parallel rank: its share of the cores, `litllm.parallel.runtime`). `model.decode_choices` says what was
     chosen, and under which key, for `record_decode_choices`."""
     key = decode_choices_key(model)
-    recorded = recorded_decode_choices(key) if model.wte.weight.device.type == "cpu" else None
+    on_cpu = model.wte.weight.device.type == "cpu"
+    if on_cpu:
+        load_built_library()  # where built: the eager ops' per-call lookups read what is loaded (`bf16_norm_op`)
+    recorded = recorded_decode_choices(key) if on_cpu else None
     if recorded is not None:
         try:
             forced = None if recorded["layout"] == "unchanged" else recorded["layout"]  # (no Linear to lay out)

@@ -35,8 +35,10 @@ FLAGS = ["-O2", "-fopenmp"]
 """The compiler's flags (`-fopenmp`: the op's loop is an OpenMP one, in torch's OpenMP runtime)."""
 
 
+@lru_cache(maxsize=None)
 def _library_name() -> str:
-    """The library's file name: the source, the flags, torch's version and the CPU."""
+    """The library's file name: the source, the flags, torch's version and the CPU (once: hashing the ~120 kB source
+    and reading /proc/cpuinfo take ~120 us, which `library_built` would otherwise pay on every call)."""
     key = f"{SOURCE}|{FLAGS}|{torch.__version__}|{platform.machine()}|{cpu_model_name()}"
     return f"{NAME}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
 
@@ -46,10 +48,16 @@ def library_folder() -> Path:
     return litllm_cache_home() / "extensions"
 
 
+_loaded = False
+"""Whether `row_split_op` has loaded (or built) the op library in this process: what the eager ops' per-call lookups
+read (`bf16_norm_op`), never the disk."""
+
+
 @lru_cache(maxsize=None)
 def row_split_op() -> Optional[object]:
     """`torch.ops.litllm_cpu.row_split_linear`, its library loaded from `library_folder()` or built there first; None
     (with a one-line note) where it cannot be built or loaded here (no compiler, a foreign file...)."""
+    global _loaded
     if not hasattr(torch.ops.litllm_cpu, "row_split_linear"):
         path = library_folder() / _library_name()
         try:
@@ -64,6 +72,7 @@ def row_split_op() -> Optional[object]:
                   "torch's own ops run in their place", file=sys.stderr)
             return None
     _register_fake()
+    _loaded = True
     return torch.ops.litllm_cpu.row_split_linear
 
 
@@ -89,7 +98,8 @@ def _build(path: Path) -> None:
 
 @lru_cache(maxsize=None)
 def _register_fake() -> None:
-    """The op's shapes for tracing (`torch.export`, `torch.compile`)."""
+    """The ops' shapes for tracing (`torch.export`, `torch.compile`): every op of the library, here once it loads
+    (the training ops' in `_register_training_fakes`)."""
     @torch.library.register_fake("litllm_cpu::row_split_linear")
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], w.size(0))
@@ -118,8 +128,11 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], scales.numel())
 
+    @torch.library.register_fake("litllm_cpu::int4_rows_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
     _register_training_fakes()
-    _register_int4_fake()
 
 
 def _register_training_fakes() -> None:
@@ -239,9 +252,8 @@ def _int8_library_op(name: str, cpu_has: bool, build: bool) -> Optional[object]:
     built yet (an eager call does not wait ~1 min for a first build)."""
     if switched_off(INT8_ROWS_ENV) or not cpu_has:
         return None
-    if not build and not library_built():
-        return None
-    return None if row_split_op() is None else getattr(torch.ops.litllm_cpu, name)
+    ready = row_split_op() is not None if build else load_built_library()
+    return getattr(torch.ops.litllm_cpu, name) if ready else None
 
 
 def int8_rows_op(build: bool = True) -> Optional[object]:
@@ -280,17 +292,30 @@ def int8_packed_rows_wanted() -> bool:
 
 def bf16_norm_op() -> Optional[object]:
     """`torch.ops.litllm_cpu.bf16_rms_norm(x, residual, w, eps) -> (y, x + residual)` (no residual: the second empty)
-    where the op library is loaded or built already (an eager run never waits for a first build, as
-    `packed_bf16_op(build=False)`); else None. The eager bf16 CPU norms without autograd (`litllm.model.RMSNorm`) call
-    it: one op for their ~9-14."""
-    if not hasattr(torch.ops.litllm_cpu, "bf16_rms_norm") and not (library_built() and row_split_op() is not None):
-        return None
-    return torch.ops.litllm_cpu.bf16_rms_norm
+    where the op library is loaded in this process; else None. The eager bf16 CPU norms without autograd
+    (`litllm.model.RMSNorm`) call it, one op for their ~9-14, each call (~25 a token): so it reads no file and builds
+    nothing (an eager run never waits for a first build). A model's load for decoding loads a library built already
+    (`load_built_library`); one built later in this process is used from then on."""
+    return torch.ops.litllm_cpu.bf16_rms_norm if _loaded else None
+
+
+_found = False  # `library_built`'s positive answer: a built library stays (its name changes with the source)
 
 
 def library_built() -> bool:
-    """Is the op library loaded in this process or built in `library_folder()` already?"""
-    return hasattr(torch.ops.litllm_cpu, "row_split_linear") or (library_folder() / _library_name()).exists()
+    """Is the op library loaded in this process or built in `library_folder()` already? (A yes is remembered; a no is
+    asked again: a library built later, here or by another process, counts from then on.)"""
+    global _found
+    _found = _found or _loaded or (library_folder() / _library_name()).exists()
+    return _found
+
+
+def load_built_library() -> bool:
+    """Load the op library where it is built already, never building it (an eager run does not wait ~1 min for a
+    first build), and say whether it is loaded in this process: once per model load for decoding
+    (`litllm.compile_ledger.choose_decode_layout`), so that the eager ops' per-call lookups (`bf16_norm_op`) need not
+    look at the disk."""
+    return library_built() and row_split_op() is not None
 
 
 INT8_PROMPT_ENV = "LITLLM_INT8_PROMPT"
@@ -304,8 +329,7 @@ def int8_prompt_op() -> Optional[object]:
     `int8_rows_op(build=False)`) and `$LITLLM_INT8_PROMPT` is not `0`; else None. The eager prefill of int8 layers
     (`litllm.quantize.Int8Words._eager_step`) calls it: many rows times int8 weights read once, int8dq's rows rounded
     per block (int8 dot products by vpdpbusd), int8wo's unrounded (the weights converted to fp32 in registers)."""
-    if switched_off(INT8_PROMPT_ENV) \
-            or not has_avx512_vnni() or not library_built() or row_split_op() is None:
+    if switched_off(INT8_PROMPT_ENV) or not has_avx512_vnni() or not load_built_library():
         return None
     return torch.ops.litllm_cpu.int8_prompt_linear
 
@@ -313,12 +337,6 @@ def int8_prompt_op() -> Optional[object]:
 INT4_ROWS_ENV = "LITLLM_INT4_ROWS"
 """`0`/`false`: `torchao.int4wo` bf16 CPU layers stay torchao's (torch's kernel `_weight_int4pack_mm_for_cpu`) instead of
 litllm's `int4_rows_linear` layout, e.g. to compare; read when a model is quantized."""
-
-
-def _register_int4_fake() -> None:
-    @torch.library.register_fake("litllm_cpu::int4_rows_linear")
-    def _(x: torch.Tensor, w: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int) -> torch.Tensor:
-        return x.new_empty(*x.shape[:-1], out_features)
 
 
 def int4_rows_op(build: bool = True) -> Optional[object]:

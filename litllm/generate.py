@@ -133,6 +133,11 @@ class DecodeArgs:
     num_speculative_tokens: int = 4
     """Tokens the draft model proposes per step (with --draft_model)."""
 
+    def check_draft(self, load: "LoadArgs") -> None:
+        """`--draft_model`'s flags, before the model loads (`check_draft_flags`; tensor parallelism: `load`'s)."""
+        if self.draft_model is not None:
+            self.draft_model = check_draft_flags(self.draft_model, self.num_speculative_tokens, load.tensor_parallel)
+
     def sampling(self, i: int = 0) -> Sampling:
         """The sampling of the i-th answer (seed + i: each sample or turn replays the same way)."""
         return Sampling(self.temperature, self.top_k, self.top_p, (self.seed + i) % SEED_LIMIT)
@@ -144,8 +149,6 @@ class DecodeArgs:
         `tokens`: how many it will decode (None: unknown, a chat), for `--compile`'s default."""
         if self.draft_model is None:
             return decode_engine(model, tokenizer, 1, max_seq_length, threads, self.compile, tokens)
-        if self.num_speculative_tokens < 1:
-            raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         draft = load_draft(model, tokenizer, self.draft_model, load.precision)
         return speculative_engine(model, draft, tokenizer, max_seq_length, threads, self.num_speculative_tokens,
                                   self.compile, tokens)
@@ -242,20 +245,29 @@ def acceptance_line(accepted: int, proposed: int, num_speculative_tokens: int, w
             f"{num_speculative_tokens} per step)")
 
 
-def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
-    """The draft model of speculative decoding from its folder: on `model`'s device, in `precision`, for
-    decoding; refused with one line unless it has `tokenizer`'s vocabulary."""
+def check_draft_flags(draft_dir: Path, num_speculative_tokens: int, tensor_parallel: bool) -> Path:
+    """`--draft_model` and `--num_speculative_tokens`, checked before the model loads (a large one loads for
+    minutes): a converted model folder, at least one token, not with tensor parallelism (`tensor_parallel`); returns
+    the folder."""
     from litllm.model_folder import check_model_folder
+
+    if tensor_parallel:
+        raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a model over several devices is "
+                          "not supported yet; drop one of them")
+    if num_speculative_tokens < 1:
+        raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    try:
+        return check_model_folder(draft_dir)
+    except LitLLMError as e:
+        raise LitLLMError(f"--draft_model: {e}") from None
+
+
+def load_draft(model, tokenizer, draft_dir: Path, precision: Optional[str]):
+    """The draft model of speculative decoding from its folder (`check_draft_flags` checked it): on `model`'s
+    device, in `precision`, for decoding; refused with one line unless it has `tokenizer`'s vocabulary."""
     from litllm.speculative import check_same_vocabulary
     from litllm.tokenizer import Tokenizer
 
-    if getattr(model, "tp_channel", None) is not None:
-        raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a tensor-parallel model is not "
-                          "supported yet; drop one of them")
-    try:
-        draft_dir = check_model_folder(draft_dir)
-    except LitLLMError as e:
-        raise LitLLMError(f"--draft_model: {e}") from None
     draft, _ = load_for_decoding(draft_dir, str(model.wte.weight.device), precision)
     check_same_vocabulary(tokenizer, Tokenizer(draft_dir), model, draft, draft_dir)
     return draft
@@ -285,6 +297,7 @@ def generate(
     check_sampling_args(decoding.temperature, decoding.top_k, decoding.top_p, max_new_tokens, decoding.seed)
     if num_samples < 1:
         raise LitLLMError(f"--num_samples must be >= 1, got {num_samples}")
+    decoding.check_draft(LoadArgs(**load))
     t0 = time.perf_counter()
     loaded = load_decoder(checkpoint_dir, decoding.prompt_style, LoadArgs(**load))
     model, tokenizer = loaded.model, loaded.tokenizer

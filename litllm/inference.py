@@ -194,6 +194,13 @@ class LoadArgs:
     strategy: str = "tensor"
     """With --devices > 1: `tensor` (tensor parallelism, one process per device) or `sequential` (consecutive blocks on consecutive GPUs of one process, no collectives)."""
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """Do these flags shard the model over several devices (processes)?"""
+        from litllm.parallel import uses_devices
+
+        return uses_devices(self.devices, self.num_nodes) and self.strategy == "tensor"
+
     def for_decoding(self, checkpoint_dir: Path):
         """`load_for_decoding` with these flags: (model, threads for the Engine)."""
         from litllm.parallel import load_on_devices, uses_devices

@@ -273,11 +273,17 @@ class PromptStyle:
 
     # ---------------------------------------------------------------- builders
     @classmethod
-    def from_name(cls, name: str) -> "PromptStyle":
-        """A built-in style by name (`litllm.prompts.style_names()` lists them)."""
+    def from_name(cls, name: str, flag: Optional[str] = None) -> "PromptStyle":
+        """A built-in style by name (`litllm.prompts.style_names()` lists them); an unknown one fails naming `flag`
+        (where the name came from: `--prompt_style`, `--data.prompt_style`, a file's field) and the closest style."""
         key = name.lower().replace("_", "-")
         if key not in BUILTIN_TEMPLATES:
-            raise LitLLMError(f"unknown prompt style {name!r}; expected one of {', '.join(style_names())}")
+            from difflib import get_close_matches
+
+            close = get_close_matches(key, style_names(), n=1, cutoff=0.6)
+            raise LitLLMError(f"{flag + ': ' if flag else ''}unknown prompt style {name!r}"
+                              f"{f' (did you mean {close[0]}?)' if close else ''}; "
+                              f"expected one of {', '.join(style_names())}")
         return cls(key, BUILTIN_TEMPLATES[key], BUILTIN_STOP_STRINGS.get(key, ()))
 
     @classmethod
@@ -290,13 +296,13 @@ class PromptStyle:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Union[str, Path, None], name: Optional[str] = None,
-                        fallback: str = "default") -> "PromptStyle":
-        """The style of a model folder: the built-in style `name` when given (a `--prompt_style` flag), else
+                        fallback: str = "default", flag: str = "--prompt_style") -> "PromptStyle":
+        """The style of a model folder: the built-in style `name` when given (the flag `flag`), else
         `prompt_style.yaml` if present, else the tokenizer's chat template, else a family default guessed
         from `model_config.yaml`'s name, else `fallback` (`default`, plain text, for decoding; training on
         instructions falls back to `alpaca`). No folder (None): `fallback`."""
         if name:
-            return cls.from_name(name)
+            return cls.from_name(name, flag)
         if checkpoint_dir is None:
             return cls.from_name(fallback)
         checkpoint_dir = Path(checkpoint_dir)
@@ -439,7 +445,7 @@ def _style_from_yaml(path: Path, checkpoint_dir: Path) -> PromptStyle:
         if template is None:
             raise LitLLMError(f"{path}: style `chat_template` but {checkpoint_dir} has no chat template")
         return _checkpoint_style(checkpoint_dir, template, stops)
-    style = PromptStyle.from_name(data["name"])
+    style = PromptStyle.from_name(data["name"], f"{path}: name")
     return PromptStyle(style.name, style.template, style.stop_strings + stops) if stops else style
 
 

@@ -23,10 +23,16 @@ STRINGS = [
 
 
 def llama_cpp_model(path: Path, lora: Path | None = None, n_ctx: int = 64):
-    import llama_cpp
+    """llama.cpp on the file as benchmarks/gguf.py loads it: without its extra weight buffers (llama.cpp's AMX
+    repack of q8_0/q4_0 weights segfaults on a prompt in llama-cpp-python 0.3.36 on AMX CPUs; the check is of the
+    file, which its plain CPU kernels read as well)."""
+    import importlib.util
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False, seed=0,
-                           lora_path=str(lora) if lora else None)
+    # by path: benchmarks/gguf.py would shadow the `gguf` package on sys.path
+    spec = importlib.util.spec_from_file_location("gguf_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gguf.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.llama_cpp_model(path, n_ctx, 2, logits_all=True, seed=0, lora_path=str(lora) if lora else None)
 
 
 def litllm_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int]:

@@ -82,8 +82,9 @@ def test_command_modules_import_without_heavy_libraries(name, heavy_imports):
 
 
 def doc_commands():
-    """(doc file, command, its `--flags`) of every `litllm COMMAND ...` in README.md and tutorials/*.md: code blocks
-    (continuation lines joined) and inline code."""
+    """(doc file, command, its `--flags`, those of them written without a value: followed by another flag or last) of
+    every `litllm COMMAND ...` in README.md and tutorials/*.md: code blocks (continuation lines joined) and inline
+    code."""
     import re
 
     from test_pretrain import REPO
@@ -91,35 +92,44 @@ def doc_commands():
     for path in [REPO / "README.md", *sorted((REPO / "tutorials").glob("*.md"))]:
         text = path.read_text(encoding="utf-8")
         blocks = re.findall(r"```\w*\n(.*?)```", text, re.S)
-        inline = re.findall(r"`(litllm [^`]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+        inline = [" ".join(code.split())  # one command, wherever the prose wraps it
+                  for code in re.findall(r"`(litllm [^`]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))]
         for chunk in [*blocks, *inline]:
             for line in re.sub(r"\\\n\s*", " ", chunk).splitlines():
                 found = re.search(r"\blitllm (\w+)([^#|&]*)", line)  # up to a comment, pipe or `&`
                 if found and found.group(1) in COMMANDS:
-                    yield path.name, found.group(1), re.findall(r"(?<!\S)(--[a-z_][\w.]*)", found.group(2))
+                    given = re.findall(r"(?<!\S)(--[a-z_][\w.]*)(=|\s+(?!--)\S)?", found.group(2))
+                    yield (path.name, found.group(1), [flag for flag, _ in given],
+                           [flag for flag, value in given if not value])
 
 
 def test_the_docs_flags_are_the_commands_flags():
     """Every flag a doc passes to a litllm command is one of that command's flags (a class's own options, such as
-    `--data.json_path`, are the class's to check: their prefix must be a class-typed flag)."""
+    `--data.json_path`, are the class's to check: their prefix must be a class-typed flag), and one written without a
+    value is one that takes none (`--help`, a command's `flags_without_value`: `litllm evaluate --tasks`); every
+    other flag needs one (`--adapter_only true`, not `--adapter_only`)."""
     from jsonargparse import CLI, capture_parser, set_parsing_settings
 
     from litllm.__main__ import _load
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    options, wrong, seen = {}, [], 0
-    for doc, command, flags in doc_commands():
+    options, wrong, seen, bare_seen = {}, [], 0, 0
+    for doc, command, flags, bare in doc_commands():
         if command not in options:
             fn = _load(COMMANDS[command])
             parser = capture_parser(lambda: CLI({command: fn}, args=[command], as_positional=True, prog="litllm"))
             sub = parser._subcommands_action._name_parser_map[command]
             names = {s for a in sub._actions for s in a.option_strings}
-            options[command] = names, {n.removesuffix(".help") for n in names if n.endswith(".help")}
-        names, class_flags = options[command]
-        seen += len(flags)
+            switches = {s for a in sub._actions if a.nargs in (0, "?") for s in a.option_strings} | {"--print_config"}
+            options[command] = names, {n.removesuffix(".help") for n in names if n.endswith(".help")}, \
+                switches | set(getattr(fn, "flags_without_value", ()))
+        names, class_flags, switches = options[command]
+        seen, bare_seen = seen + len(flags), bare_seen + len(bare)
         wrong += [f"{doc}: litllm {command} ... {flag}" for flag in flags
                   if flag not in names and flag.rpartition(".")[0] not in class_flags]
-    assert seen > 100 and not wrong, wrong
+        wrong += [f"{doc}: litllm {command} ... {flag} without a value" for flag in bare
+                  if flag not in switches and flag.rpartition(".")[0] not in class_flags]
+    assert seen > 100 and bare_seen and not wrong, wrong
 
 
 def test_list_models():

@@ -274,6 +274,8 @@ def test_path_errors(tmp_path, tokenizer):
         setup_json(tokenizer, tmp_path / "one.json", val_split_fraction=0, long_records="cut")
     with pytest.raises(LitLLMError, match="unknown prompt style 'nope'"):
         setup_json(tokenizer, tmp_path / "one.json", val_split_fraction=0, prompt_style="nope")
+    with pytest.raises(LitLLMError, match=r"--data.prompt_style: unknown prompt style 'alpca' \(did you mean alpaca\?\)"):
+        setup_json(tokenizer, tmp_path / "one.json", val_split_fraction=0, prompt_style="alpca")
     with pytest.raises(LitLLMError, match="a tokenizer is needed"):
         JSON(json_path=tmp_path / "one.json").setup()
 

@@ -200,3 +200,29 @@ def test_eager_bf16_decoding_through_the_norm_op_equals_the_unfused_norms(monkey
     tokens = greedy_tokens(Engine(model, None, 1, 64, threads=1), list(range(1, 9)))
     monkeypatch.setattr(RMSNorm, "_bf16_op_applies", lambda self, x, w: False)
     assert greedy_tokens(Engine(model, None, 1, 64, threads=1), list(range(1, 9))) == tokens
+
+
+def test_the_eager_norm_op_lookup_reads_no_file_and_a_load_for_decoding_loads_the_built_library(monkeypatch):
+    """`bf16_norm_op`, asked by each eager bf16 CPU norm (~25 a token), reads nothing from disk in a process that has
+    not loaded the op library (it used to look for the file, hashing the 120 kB source for its name: ~170 us a call);
+    a model's load for decoding (`choose_decode_layout`) loads the library built already, and so does a build later
+    in the process (`row_split_op`): the norms take the op from then on."""
+    from litllm import cpu_ops
+    from litllm.compile_ledger import choose_decode_layout
+
+    monkeypatch.setattr(cpu_ops, "_loaded", False)  # a process that has not loaded the library yet
+    monkeypatch.setattr(cpu_ops, "_found", False)
+    cpu_ops.row_split_op.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_ops, "library_folder", lambda: pytest.fail("the per-call lookup looked at the disk"))
+        assert cpu_ops.bf16_norm_op() is None
+    model = GPT(tiny_config()).to(torch.bfloat16).eval()
+    choose_decode_layout(model, None)
+    assert cpu_ops.bf16_norm_op() is torch.ops.litllm_cpu.bf16_rms_norm
+    with torch.inference_mode():
+        x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+        assert model.blocks[0].norm_1._bf16_op_applies(x, model.blocks[0].norm_1.weight)
+    monkeypatch.setattr(cpu_ops, "_loaded", False)
+    cpu_ops.row_split_op.cache_clear()
+    assert cpu_ops.bf16_norm_op() is None and cpu_ops.row_split_op() is not None  # a build (or load) later
+    assert cpu_ops.bf16_norm_op() is torch.ops.litllm_cpu.bf16_rms_norm

@@ -580,6 +580,7 @@ def test_bad_arguments_fail_clearly_and_write_nothing(base, prompts_file, reward
     broken = _kwargs(prompts_file, reward_file, reward=[f"{reward_file}:broken"], reward_weights=None)
     with pytest.raises(LitLLMError, match=f"--reward {reward_file}:broken: raised ValueError"):
         finetune_grpo(base, out_dir=out, **broken)
+    assert not out.exists()  # the reward failed in the first step: no logs left behind
 
 
 def test_cli_error_is_one_line(base, prompts_file, tmp_path):

@@ -11,6 +11,7 @@ import yaml
 from conftest import train_bpe_tokenizer
 
 from litllm.errors import LitLLMError
+from litllm.model_folder import PROMPT_STYLE_FILE
 from litllm.prompts import PromptStyle, default_style_name, save_prompt_style, style_names
 from litllm.tokenizer import Tokenizer
 
@@ -169,6 +170,18 @@ def test_apply_is_a_single_turn_chat():
 def test_unknown_style():
     with pytest.raises(LitLLMError, match="unknown prompt style 'nope'"):
         PromptStyle.from_name("nope")
+
+
+def test_a_misspelt_style_names_its_flag_and_the_closest_style(tmp_path):
+    """One line naming where the name came from (the flag, or prompt_style.yaml's field) and the nearest style."""
+    with pytest.raises(LitLLMError, match=r"^--prompt_style: unknown prompt style 'Llama-3' \(did you mean llama3\?\); "
+                                          r"expected one of alpaca,") as e:
+        PromptStyle.from_checkpoint(None, "Llama-3")
+    assert "\n" not in str(e.value)
+    (tmp_path / PROMPT_STYLE_FILE).write_text("name: alpca\n")
+    with pytest.raises(LitLLMError, match=rf"{PROMPT_STYLE_FILE}: name: unknown prompt style 'alpca' \(did you mean "
+                                          r"alpaca\?\)"):
+        PromptStyle.from_checkpoint(tmp_path)
 
 
 def test_from_checkpoint_precedence(tmp_path):

@@ -194,6 +194,28 @@ def test_errors(tiny_checkpoint, tmp_path):
     assert model.blocks[0].attn.kv_cache is None
 
 
+def test_draft_flags_fail_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    """A missing draft folder, no proposed tokens or a tensor-parallel model are refused before the (large) model
+    loads, by generate, chat and LLM alike."""
+    import litllm.api
+    import litllm.chat
+    import litllm.generate
+    from litllm import LLM
+
+    for module in (litllm.generate, litllm.chat, litllm.api):
+        monkeypatch.setattr(module, "load_decoder", lambda *a, **k: pytest.fail("the model loaded first"))
+    missing = tmp_path / "missing"
+    for flags, message in ((dict(draft_model=missing), "missing"),  # (LLM: not a folder nor a Hub id)
+                           (dict(draft_model=tiny_checkpoint, num_speculative_tokens=0), "--num_speculative_tokens"),
+                           (dict(draft_model=tiny_checkpoint, devices=2), "--draft_model with --devices > 1")):
+        with pytest.raises(LitLLMError, match=message):
+            litllm.generate.generate(tiny_checkpoint, "Hi", max_new_tokens=2, device="cpu", **flags)
+        with pytest.raises(LitLLMError, match=message):
+            litllm.chat.chat(tiny_checkpoint, device="cpu", **flags)
+        with pytest.raises(LitLLMError, match=message):
+            LLM.load(tiny_checkpoint, device="cpu", **flags)
+
+
 def test_abort_and_the_engine_interface(tiny_checkpoint, one_thread):
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
     draft = _noisy_copy(tiny_checkpoint, 0.05)

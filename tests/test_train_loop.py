@@ -197,6 +197,30 @@ def test_bad_inputs(fabric, tmp_path):
         train_once(fabric, tmp_path / "x", resume=tmp_path / "step-00000009")
 
 
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_output(fabric, tmp_path):
+    """A fresh run whose first step raises (a GRPO reward function that fails) leaves nothing behind: the logs it
+    started are removed, and its out_dir where the run made it; what the folder held before stays."""
+    from litllm.train.loggers import build_logger
+
+    def failing_loss(model, batch, ignore_index):
+        raise ValueError("no loss today")
+
+    kept = tmp_path / "mine" / "notes.txt"
+    kept.parent.mkdir()
+    kept.write_text("mine")
+    for out_dir in (tmp_path / "new", kept.parent):
+        trainer = setup(
+            fabric, fresh_model(tiny_config()), Method(loss=failing_loss), FixedTokens(), None,
+            TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=2), EvalArgs(interval=100, max_iters=1),
+            "AdamW", out_dir, RunArgs(seed=7), logger=build_logger("csv", out_dir),
+        )
+        assert (out_dir / "logs" / "csv" / "hparams.json").is_file()  # the run had started writing
+        with pytest.raises(ValueError, match="no loss today"):
+            fit(trainer)
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in kept.parent.iterdir()] == ["notes.txt"] and kept.read_text() == "mine"
+
 def test_train_args_budget():
     args = TrainArgs(global_batch_size=8, micro_batch_size=2, max_tokens=8 * 16 * 10, lr_warmup_fraction=0.2, lr_warmup_steps=None)
     assert args.gradient_accumulation_iters(world_size=2) == 2

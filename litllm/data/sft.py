@@ -389,7 +389,8 @@ def resolve_prompt_style(name: Optional[str], tokenizer):
     (`PromptStyle.from_checkpoint`), with Alpaca where that has none (instructions need a template)."""
     from litllm.prompts import PromptStyle
 
-    return PromptStyle.from_checkpoint(getattr(tokenizer, "checkpoint_dir", None), name, fallback="alpaca")
+    return PromptStyle.from_checkpoint(getattr(tokenizer, "checkpoint_dir", None), name, fallback="alpaca",
+                                       flag="--data.prompt_style")
 
 
 @dataclass(kw_only=True)

@@ -86,8 +86,10 @@ def serve(
     _check_flags(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk, max_queue=max_queue,
                  max_seq_length=max_seq_length, max_request_bytes=max_request_bytes, read_timeout=read_timeout,
                  shutdown_timeout=shutdown_timeout, model_name=model_name)
-    if draft_model is not None:
-        _check_draft_flags(load, num_speculative_tokens)
+    if draft_model is not None:  # (any several devices: the batched draft runs on one)
+        from litllm.generate import check_draft_flags
+
+        draft_model = check_draft_flags(draft_model, num_speculative_tokens, load["devices"] * load["num_nodes"] > 1)
     checkpoint_dir = check_model_folder(checkpoint_dir)
     _check_installed()
     _follow_rank_0_if_worker(checkpoint_dir, prompt_style, load)
@@ -108,14 +110,6 @@ def _follow_rank_0_if_worker(checkpoint_dir: Path, prompt_style: Optional[str], 
 
     if is_launched_worker() and load["devices"] * load["num_nodes"] > 1:
         load_decoder(checkpoint_dir, prompt_style, LoadArgs(**load))
-
-
-def _check_draft_flags(load: dict, num_speculative_tokens: int) -> None:
-    if load["devices"] * load["num_nodes"] > 1:
-        raise LitLLMError("--draft_model with --devices > 1: speculative decoding of a model over several devices "
-                          "is not supported yet; drop one of them")
-    if num_speculative_tokens < 1:
-        raise LitLLMError(f"--num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
 
 
 def _serve_engine(engine, loaded, sock, host: str, name: str, max_seq_length: int, *, capacity: int,

@@ -225,6 +225,9 @@ class Trainer:
     logger: Any = None
     dev_run: Any = None
     """A `litllm.train.fast_dev_run.DevRun` with `--fast_dev_run` (None: a normal run)."""
+    out_dir_held: Optional[frozenset[str]] = None
+    """The names out_dir held before setup wrote anything (None: it did not exist): what a run that fails before its
+    first step keeps (`_remove_unfinished_output`)."""
 
 
 RESOLVE_HERE = object()
@@ -289,6 +292,7 @@ def setup(
     accumulation = train.gradient_accumulation_iters(fabric.world_size)
     seq_length = train.max_seq_length or config.block_size
     resume_dir = _check_run(config, tokenizer, seq_length, out_dir, run, resume_dir)  # before anything is written
+    out_dir_held = frozenset(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else None
     seq_length = _connect_data(fabric, data, tokenizer, train, seq_length)
     stream = BatchStream(fabric, data.train_dataloader(), run.seed)
     val_loader = _distribute(fabric, data.val_dataloader())
@@ -309,7 +313,7 @@ def setup(
         writer=writer, train=train, eval=eval, out_dir=out_dir, seq_length=seq_length, accumulation=accumulation,
         total_steps=total_steps, warmup_steps=warmup_steps, ignore_index=data.ignore_index,
         batch_unit="packed rows" if getattr(data, "packing", False) else "samples", state=state,
-        base_lrs=base_lrs, logger=logger, dev_run=dev_run,
+        base_lrs=base_lrs, logger=logger, dev_run=dev_run, out_dir_held=out_dir_held,
     )
 
 
@@ -466,7 +470,26 @@ def fit(t: Trainer) -> TrainResult:
         # (SystemExit) or a kill leaves it running, for the resumed job to continue
         if t.logger is not None and t.fabric.global_rank == 0:
             t.logger.finalize("failed")
+        if t.state["step"] == 0 and t.fabric.global_rank == 0:
+            _remove_unfinished_output(t)
         raise
+
+
+def _remove_unfinished_output(t: Trainer) -> None:
+    """A fresh run that fails before its first step ends (a GRPO reward function that raises, out of memory at once)
+    leaves no partial output: what it added to out_dir (its logs: only the hyperparameters so far) is removed, and
+    out_dir too where the run made it. What out_dir held before stays. (Best effort: the run's own error is the one
+    raised.)"""
+    import contextlib
+    import shutil
+
+    held = t.out_dir_held or frozenset()
+    with contextlib.suppress(OSError):
+        for path in t.out_dir.iterdir():
+            if path.name not in held:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if t.out_dir_held is None:
+            t.out_dir.rmdir()
 
 
 @dataclass
