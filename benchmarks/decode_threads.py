@@ -156,6 +156,18 @@ def env_set(variable: str, value):
         os.environ.pop(variable, None) if before is None else os.environ.__setitem__(variable, before)
 
 
+def checkpoint_folder(args) -> Path:
+    """The random checkpoint of `args`' size (`add_model_args`) in `args.folder`, else in a folder per size under the
+    system's temp dir; built there the first time, reused afterwards."""
+    import tempfile
+
+    folder = args.folder or Path(tempfile.gettempdir()) / f"litllm_decode_threads_{args.n_layer}x{args.n_embd}"
+    if not any(folder.glob("lit_model.*")):
+        folder.mkdir(parents=True, exist_ok=True)
+        build_checkpoint(folder, args)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
@@ -199,12 +211,7 @@ def main() -> None:
     from litllm.engine import Engine, threads_for
     from litllm.inference import load_for_inference
 
-    import tempfile
-
-    folder = args.folder or Path(tempfile.gettempdir()) / f"litllm_decode_threads_{args.n_layer}x{args.n_embd}"
-    if not any(folder.glob("lit_model.*")):
-        folder.mkdir(parents=True, exist_ok=True)
-        build_checkpoint(folder, args)
+    folder = checkpoint_folder(args)
     engines, layouts = {}, {}
     for spec in args.quantize:
         mode, _, precision = spec.partition("@")

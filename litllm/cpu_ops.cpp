@@ -1058,6 +1058,26 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 constexpr int kPackedGroups = 4;
 constexpr int64_t kPackedPrefetch = 4096;
 #if defined(__x86_64__)
+// int8dq: one x row rounded as round_row_q8_u8_vectors rounds it (blocks of whole vectors), as s8 q, with each
+// block's d and -128 sum(q) (`start`): no scalar pass over the row (the calling thread rounds it while the others wait)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void round_row_q8_s8_sums(const float* xr, int64_t K, int64_t block, int8_t* q, float* d, int32_t* start) {
+  for (int64_t b = 0; b < K; b += block) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = b; i < b + block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+    const float db = _mm512_reduce_max_ps(amax) / 127.f, inv = db == 0.f ? 0.f : 1.f / db;
+    const __m512 scale = _mm512_set1_ps(inv);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = b; i < b + block; i += 16) {  // half to even (MXCSR's default), as round_row_q8_u8_vectors
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), scale));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
+      sum = _mm512_add_epi32(sum, v);
+    }
+    d[b / block] = db;
+    start[b / block] = -128 * _mm512_reduce_add_epi32(sum);
+  }
+}
+
 // int8dq: G groups (at w, 16 K bytes apart) times one row's q (s8), each block's d and -128 sum(q) (`start`)
 template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -1191,8 +1211,9 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
   const float* xp = xc.const_data_ptr<float>();
   const float* sp = sc.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  // every row's activations first: int8dq's q (q + 128 as the prompt op rounds it, then q), each block's d and -128
-  // sum(q); int8wo's digits (all rows' products then read a group's weights once, from L2 after the first row)
+  // every row's activations first: int8dq's q (as the prompt op rounds it: blocks of whole vectors in one vector pass,
+  // else q + 128 by the scalar loop, then q), each block's d and -128 sum(q); int8wo's digits (all rows' products then
+  // read a group's weights once, from L2 after the first row)
   const int64_t blocks = block > 0 ? K / block : 0, KP = (K + 63) / 64 * 64;
   std::vector<int8_t> q(block > 0 ? N * K : 0);
   std::vector<uint8_t> qu(K);
@@ -1203,9 +1224,10 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
   std::vector<char> finite(N, 1);
   for (int64_t n = 0; n < N; ++n) {
     const float* xr = xp + n * K;
-    if (block > 0) {  // q8_0's rounding, 16 values a vector where the blocks are whole vectors
-      if (block % 16 == 0) round_row_q8_u8_vectors(xr, K, block, qu.data(), lane_d.data());
-      else round_row_q8<uint8_t, 128>(xr, K, block, qu.data(), lane_d.data());
+    if (block > 0 && block % 16 == 0) {  // q8_0's rounding, 16 values a vector (int8dq's 32)
+      round_row_q8_s8_sums(xr, K, block, q.data() + n * K, d.data() + n * blocks, start.data() + n * blocks);
+    } else if (block > 0) {
+      round_row_q8<uint8_t, 128>(xr, K, block, qu.data(), lane_d.data());
       int8_t* qn = q.data() + n * K;
       for (int64_t b = 0; b < K; b += block) {
         int32_t sum = 0;
@@ -2134,6 +2156,30 @@ static void int4_block_rows(const uint16_t* x, int64_t K, const float* xsum, int
     _mm512_storeu_ps(out + m * 32 + 16, y[m][1]);
   }
 }
+
+// each of the M rows' sums over each group of `group` (a multiple of 16) bf16 inputs: 16 lanes a step
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int4_group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t group, float* xsum) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k0 + group; k += 16)  // bf16 -> fp32: a shift into the high half
+        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k))), 16)));
+      xsum[m * (K / group) + k0 / group] = _mm512_reduce_add_ps(s);
+    }
+}
+
+// `rows` rows of a block's 32 fp32 outputs (`out`, 32 a row) to bf16 (round to nearest even), the first n of each
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void int4_store_rows(const float* out, int64_t rows, int64_t n, uint16_t* y, int64_t N) {
+  const __mmask32 live = static_cast<__mmask32>((uint64_t{1} << n) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512i both = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out + r * 32)));
+    const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out + r * 32 + 16));
+    _mm512_mask_storeu_epi16(y + r * N, live, _mm512_inserti64x4(both, hi, 1));
+  }
+}
 #endif
 
 at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group,
@@ -2156,13 +2202,9 @@ at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   const at::Tensor xc = x.contiguous();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
   std::vector<float> xsum(M * G);  // each row's sum over each group, for the zeros
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += static_cast<float>(c10::BFloat16(xp[m * K + k],
-                                                                                                  c10::BFloat16::from_bits()));
-      xsum[m * G + g] = s;
-    }
+#if defined(__x86_64__)
+  int4_group_sums(xp, M, K, group, xsum.data());
+#endif
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
@@ -2186,8 +2228,7 @@ at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
         else if (rows == 3) int4_block_rows<3>(xm, K, sm, G, wb, sb, group, out);
         else if (rows == 2) int4_block_rows<2>(xm, K, sm, G, wb, sb, group, out);
         else int4_block_rows<1>(xm, K, sm, G, wb, sb, group, out);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < n; ++j) yp[(m + r) * N + b * 32 + j] = at::BFloat16(out[r * 32 + j]);
+        int4_store_rows(out, rows, n, reinterpret_cast<uint16_t*>(yp) + m * N + b * 32, N);
       }
     }
 #endif
