@@ -1054,7 +1054,8 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 //   the block's d into fp32 sums: one conversion and one FMA per 16 outputs and block.
 // - block == 0 (int8wo): x unrounded, as the 4 signed 8-bit digits of int8wo_rows_linear (`int8wo_digits`): 4 vpdpbusd
 //   per 64 weights, the sums combined exactly in int64 per 16 outputs; the same result, bit for bit. A row with a
-//   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's).
+//   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's). From 2 x
+//   rows, on CPUs with AMX-INT8, through AMX tiles instead (`int8wo_amx_range`, below): the same sums.
 // kPackedGroups groups of 16 rows in flight (4 independent sums, 4 sequential reads), each read kPackedPrefetch bytes
 // ahead (4 groups and 4 KB read fastest of 2/4/8 and 0-8 KB), times every x row in turn (a batch's or a speculative
 // step's few rows: the groups' weights read from memory once, then from L2); the groups in one contiguous range per
@@ -1197,7 +1198,7 @@ static void int8wo_packed_fp32_group(const uint8_t* w, const float* x, const flo
 // weights read once). The inputs past the last whole 64 (K % 64, a multiple of 4: a tile there would need a shape of
 // its own) go through the VNNI kernel's loop on the stored sums; a row with a non-finite value through the fp32 group
 // kernel, as on the VNNI path. The tiles' work does not depend on their rows: on the AMX Xeon (L3-resident weights,
-// `benchmarks/int8_op_rate.py --amx`) one row ran 0.94x the VNNI kernel's speed, 2 rows 1.14x, 4 rows 1.39x, so
+// `benchmarks/int8_op_rate.py --amx`, loaded) one row ran 0.95x the VNNI kernel's speed, 2 rows 1.12x, 4 rows 1.43x, so
 // one row keeps the VNNI kernel (`$LITLLM_INT8_AMX`: 1 takes the tiles from one row, 0 never).
 #if defined(__x86_64__)
 constexpr int kAmxGroups = 3;
@@ -1229,7 +1230,8 @@ static int64_t int8wo_amx_min_rows() {
   const char* env = std::getenv("LITLLM_INT8_AMX");
   std::string v;
   for (const char* p = env ? env : ""; *p; ++p)
-    if (!std::isspace(static_cast<unsigned char>(*p))) v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
+    if (!std::isspace(static_cast<unsigned char>(*p)))
+      v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
   if (v == "0" || v == "false" || v == "no" || v == "off" || !amx_int8_granted())
     return std::numeric_limits<int64_t>::max();
   return v == "1" || v == "true" || v == "yes" || v == "on" ? 1 : kAmxMinRows;
