@@ -1223,17 +1223,16 @@ static bool amx_int8_granted() {
   return granted;
 }
 
-// From how many x rows int8wo's packed rows take the tiles: kAmxMinRows, `$LITLLM_INT8_AMX` 1/true/yes/on from one
-// row, 0/false/no/off never (as litllm.utils.switched_off reads a switch; read each call, so that a benchmark
-// alternates the kernels in one process); never where AMX-INT8 is not granted
+// From how many x rows int8wo's packed rows take the tiles where AMX-INT8 is granted: kAmxMinRows, `$LITLLM_INT8_AMX`
+// 1/true/yes/on from one row, 0/false/no/off never (as litllm.utils.switched_off reads a switch; read each call, so
+// that a benchmark alternates the kernels in one process)
 static int64_t int8wo_amx_min_rows() {
   const char* env = std::getenv("LITLLM_INT8_AMX");
   std::string v;
   for (const char* p = env ? env : ""; *p; ++p)
     if (!std::isspace(static_cast<unsigned char>(*p)))
       v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
-  if (v == "0" || v == "false" || v == "no" || v == "off" || !amx_int8_granted())
-    return std::numeric_limits<int64_t>::max();
+  if (v == "0" || v == "false" || v == "no" || v == "off") return std::numeric_limits<int64_t>::max();
   return v == "1" || v == "true" || v == "yes" || v == "on" ? 1 : kAmxMinRows;
 }
 
@@ -1352,7 +1351,8 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
   std::vector<uint8_t> qu(K);
   std::vector<float> lane_d(block > 0 ? K / 4 : 0), d(N * blocks);
   std::vector<int32_t> start(N * blocks);
-  const bool amx = block == 0 && N >= int8wo_amx_min_rows();
+  // (permission for tile data asked only where they would run: a process of one-row steps never asks)
+  const bool amx = block == 0 && N >= int8wo_amx_min_rows() && amx_int8_granted();
   std::vector<int8_t> digits(block > 0 ? 0 : (amx ? (N + 3) / 4 * 4 : N) * 4 * KP, 0);  // AMX: whole tiles of 4 rows
   std::vector<Int8woDigits> xd(block > 0 ? 0 : N);
   std::vector<char> finite(N, 1);
