@@ -14,6 +14,7 @@ one work, or spin?), and the machine's read bandwidth at each thread count (does
     python benchmarks/decode_threads.py --quantize torchao.int8dq torchao.int8wo --no_int8_rows  # C++ ops vs inductor
     python benchmarks/decode_threads.py --quantize torchao.int8wo --no_int8_rows --fp32_head  # int8wo now and before
     python benchmarks/decode_threads.py --quantize none@bf16-true --no_packed_bf16  # packed bf16 op vs inductor's mv
+    python benchmarks/decode_threads.py --quantize torchao.int8wo --batch 4 --int8_amx  # int8wo's AMX vs VNNI kernel
     python benchmarks/decode_threads.py --quantize none --inductor cpp.min_chunk_size=512  # litllm's inductor
         # settings with these on top (here inductor's default, before litllm's SERIAL_KERNEL_OPTIONS), beside them
 
@@ -199,6 +200,11 @@ def main() -> None:
     parser.add_argument("--no_packed_bf16", action="store_true", help="also rows '<format> mv' for bf16: steps on "
                         "row-major weights through inductor's mv, not oneDNN's packed ones "
                         "(`litllm.packed_bf16.packed_bf16_op`)")
+    parser.add_argument("--batch", type=int, default=1, help="KV-cache rows every step decodes (a batched server's "
+                        "step: each matmul multiplies this many activation rows)")
+    parser.add_argument("--int8_amx", action="store_true", help="also rows '<format> amx' and '<format> vnni' for "
+                        "int8wo: its step with LITLLM_INT8_AMX=1 (AMX tiles from one row) and =0 (VNNI) while it runs "
+                        "(the op reads it each call: the same compiled step)")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused)")
     parser.add_argument("--layout", default=None, help="force this CPU weight layout (`optimize_for_decoding`'s "
@@ -207,6 +213,7 @@ def main() -> None:
 
     from litllm import quantize
     from litllm.compile_decode import pick_compiled_threads
+    from litllm.cpu_ops import INT8_AMX_ENV
     from litllm.cpu_layout import optimize_for_decoding
     from litllm.engine import Engine, threads_for
     from litllm.inference import load_for_inference
@@ -243,10 +250,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 with step_options(extra(n)), one_row_kernel(kernel), no_row_split(off), no_int8_rows(inductor), \
                         no_packed_bf16(row_major), row_split_blas(label == f"{spec} blas"):
-                    engine = Engine(model, None, 1, args.length, threads=n, compile=True)
+                    engine = Engine(model, None, args.batch, args.length, threads=n, compile=True)
                 print(f"{label} {n} thread(s): step {engine.step_source} in {time.perf_counter() - t0:.1f} s "
                       f"(layout {layout})", flush=True)
                 engines[(label, n)] = engine
+                if args.int8_amx and label == spec and mode == "torchao.int8wo":
+                    engines[(f"{spec} amx", n)] = engines[(f"{spec} vnni", n)] = engine
     runs = {key: [] for key in engines}
     ticks = {key: [0, 0] for key in engines}
     with torch.inference_mode():
@@ -254,7 +263,8 @@ def main() -> None:
             # each round starts at the next row (the row timed first in a round came out ahead more often than not)
             order = list(engines.items())[r % len(engines):] + list(engines.items())[: r % len(engines)]
             for (spec, n), engine in order:
-                with threads_for(n):
+                amx = {"amx": "1", "vnni": "0"}.get(spec.rpartition(" ")[2]) if args.int8_amx else None
+                with threads_for(n), env_set(INT8_AMX_ENV, amx):
                     engine._decode(engine._tokens, engine._pos, None)  # warm-up
                     before, t0, c0 = thread_ticks(), time.perf_counter(), time.process_time()
                     for _ in range(args.steps):

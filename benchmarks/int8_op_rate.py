@@ -16,13 +16,22 @@ CPU-second on the same threads. An op whose hot rate is not well above DRAM's ca
 First it prints how far int8wo's two kernels and an fp32 GEMM on the dequantized weights (`F.linear`) are from the
 exact product (float64) on activation rows with outlier features and with one massive feature (`accuracy`).
 
+`--amx` times instead int8wo's packed op through AMX tiles (`LITLLM_INT8_AMX=1`: from one activation row; by default
+the op takes them from 2 rows) against its VNNI kernel (`LITLLM_INT8_AMX=0`), alternating, on CPUs with AMX-INT8: CPU
+ms a pass over the Llama's 104 MB at 1 to 8 activation rows (a speculative or batched decode step's), and at one row
+on each of its weight shapes (copies of it that add up to >= 16 MB, held in L3 as a decode step's weights are): GB per
+CPU-second and wall microseconds a call.
+
     python benchmarks/int8_op_rate.py --threads 1 2 --rounds 3
+    python benchmarks/int8_op_rate.py --threads 1 2 --rounds 5 --amx
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from contextlib import contextmanager
 
 import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
@@ -90,16 +99,85 @@ def rate(op, weights, passes: int) -> tuple[float, float]:
     return n_bytes / cpu / 1e9, n_bytes / wall / 1e9
 
 
+@contextmanager
+def amx_setting(value: str):
+    """`$LITLLM_INT8_AMX` (read by the op each call) set to `value` inside the block, as it was afterwards."""
+    from litllm.cpu_ops import INT8_AMX_ENV
+
+    before = os.environ.get(INT8_AMX_ENV)
+    os.environ[INT8_AMX_ENV] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(INT8_AMX_ENV) if before is None else os.environ.__setitem__(INT8_AMX_ENV, before)
+
+
+KERNELS = {"AMX": "1", "VNNI": "0"}
+"""int8wo's packed-rows kernels by their `$LITLLM_INT8_AMX` setting."""
+
+
+def amx_rows(packed, rounds: int, row_counts=(1, 2, 4, 5, 8)) -> None:
+    """CPU ms a pass of int8wo's packed op over the Llama's 104 MB, AMX and VNNI kernels alternating, at each count of
+    activation rows; best of `rounds`."""
+    g = torch.Generator().manual_seed(2)
+    weights = [(p, s) for _, p, s, _ in int8_weights(LLAMA_134M)]
+    best = {}
+    for _ in range(rounds):
+        for n in row_counts:
+            xs = [torch.randn(n, p.size(1) * 4, generator=g) for p, _ in weights]
+            for kernel, value in KERNELS.items():
+                with amx_setting(value):
+                    c0 = time.process_time()
+                    for (p, s), x in zip(weights, xs):
+                        packed(x, p, s, 0)
+                    cpu = time.process_time() - c0
+                best[n, kernel] = min(best.get((n, kernel), float("inf")), cpu)
+    for n in row_counts:
+        print(f"  {n} row(s): AMX {best[n, 'AMX'] * 1e3:5.1f} ms, VNNI {best[n, 'VNNI'] * 1e3:5.1f} ms CPU a pass "
+              f"(AMX {best[n, 'VNNI'] / best[n, 'AMX']:.2f}x)")
+
+
+def amx_shapes(packed, rounds: int) -> None:
+    """One activation row times each weight shape of the Llama, AMX and VNNI kernels alternating, over copies of it
+    that add up to >= 16 MB: GB per CPU-second and wall microseconds a call, best of `rounds`."""
+    for rows, cols in dict.fromkeys(LLAMA_134M):
+        copies = -(-16 * 2**20 // (rows * cols))
+        weights = [(p, s, x) for _, p, s, x in int8_weights([(rows, cols)] * copies)]
+        best = {}
+        for _ in range(rounds):
+            for kernel, value in KERNELS.items():
+                with amx_setting(value):
+                    cpu, wall = rate(lambda p, s, x: packed(x, p, s, 0), weights, max(2, 100 // copies))
+                old = best.get(kernel, (0.0, 0.0))
+                best[kernel] = (max(old[0], cpu), max(old[1], wall))
+        us = {kernel: rows * cols / wall / 1e3 for kernel, (_, wall) in best.items()}
+        print(f"  {rows:5d} x {cols:4d} ({copies:2d} copies): AMX {best['AMX'][0]:5.1f}, VNNI {best['VNNI'][0]:5.1f} "
+              f"GB/CPU-s ({best['AMX'][0] / best['VNNI'][0]:.2f}x); {us['AMX']:6.1f} / {us['VNNI']:6.1f} us a call")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--amx", action="store_true", help="int8wo's packed op, AMX tiles against VNNI (see above)")
     args = parser.parse_args()
     from litllm.cpu_ops import int8_packed_rows_wanted, int8_rows_op, int8wo_rows_op
 
     wo, dq = int8wo_rows_op(), int8_rows_op()
     if wo is None or dq is None or not int8_packed_rows_wanted():
         raise SystemExit("the int8 ops need AVX-512 (int8wo) and AVX-512 VNNI (int8dq, packed rows): not on this CPU")
+    if args.amx:
+        from litllm.utils import cpu_flags
+
+        if not {"amx_tile", "amx_int8"} <= cpu_flags():
+            raise SystemExit("--amx: this CPU has no AMX-INT8")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            print(f"{threads} thread(s), int8wo's packed op, AMX / VNNI, over the Llama's weights:")
+            amx_rows(torch.ops.litllm_cpu.int8_packed_rows_linear, args.rounds)
+            print(f"{threads} thread(s), one row, on each shape:")
+            amx_shapes(torch.ops.litllm_cpu.int8_packed_rows_linear, args.rounds)
+        return
     accuracy({"int8wo": wo, "int8wo-fma": torch.ops.litllm_cpu.int8wo_rows_linear_fma})
     wo_fma, packed = torch.ops.litllm_cpu.int8wo_rows_linear_fma, torch.ops.litllm_cpu.int8_packed_rows_linear
     ops = {"int8wo": lambda w, p, s, x: wo(x, w, s), "int8wo-fma": lambda w, p, s, x: wo_fma(x, w, s),

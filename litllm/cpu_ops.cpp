@@ -4,11 +4,17 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -1048,7 +1054,8 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 //   the block's d into fp32 sums: one conversion and one FMA per 16 outputs and block.
 // - block == 0 (int8wo): x unrounded, as the 4 signed 8-bit digits of int8wo_rows_linear (`int8wo_digits`): 4 vpdpbusd
 //   per 64 weights, the sums combined exactly in int64 per 16 outputs; the same result, bit for bit. A row with a
-//   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's).
+//   non-finite value: fp32 products of the weights converted (its NaN and inf carried, as an fp32 GEMM's). From 2 x
+//   rows, on CPUs with AMX-INT8, through AMX tiles instead (`int8wo_amx_range`, below): the same sums.
 // kPackedGroups groups of 16 rows in flight (4 independent sums, 4 sequential reads), each read kPackedPrefetch bytes
 // ahead (4 groups and 4 KB read fastest of 2/4/8 and 0-8 KB), times every x row in turn (a batch's or a speculative
 // step's few rows: the groups' weights read from memory once, then from L2); the groups in one contiguous range per
@@ -1128,18 +1135,14 @@ static inline __m256 int8wo_packed_half(const __m512i (&a)[4], int half, __m512i
   return _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi64_pd(dot), unscale), s));
 }
 
-// int8wo: G groups times one row's digits (`int8wo_digits`)
+// int8wo: one row's digits times inputs k0..K of G groups added to their 4 digit sums (a[g][i]: int32 lanes, the
+// group's 16 outputs)
 template <int G>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
-static void int8wo_packed_groups(const uint8_t* w, const Int8woDigits& xd, int64_t KP, const float* s, float* y,
-                                 int64_t K, int64_t live) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+static inline void int8wo_packed_sums(const uint8_t* w, const Int8woDigits& xd, int64_t KP, int64_t K, int64_t k0,
+                                      __m512i (&a)[G][4]) {
   const int64_t stride = 16 * K;
-  __m512i a[G][4];
-  #pragma GCC unroll 4
-  for (int g = 0; g < G; ++g)
-    #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K; k += 4) {
+  for (int64_t k = k0; k < K; k += 4) {
     __m512i dv[4];
     #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
@@ -1156,16 +1159,35 @@ static void int8wo_packed_groups(const uint8_t* w, const Int8woDigits& xd, int64
       for (int i = 0; i < 4; ++i) a[g][i] = _mm512_dpbusd_epi32(a[g][i], wv, dv[i]);
     }
   }
+}
+
+// int8wo: a group's outputs (the first `live` of its 16) from its 4 digit sums
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline))
+static inline void int8wo_packed_store(const __m512i (&a)[4], const Int8woDigits& xd, const float* s, float* y,
+                                       int64_t live) {
   const __m512i offset_sum = _mm512_set1_epi64(xd.offset_sum);
   const __m512d unscale = _mm512_set1_pd(xd.unscale);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t n = std::clamp<int64_t>(live - 8 * half, 0, 8);
+    const __mmask8 m = static_cast<__mmask8>((1U << n) - 1);
+    const __m512d sh = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s + 8 * half));  // their scales
+    _mm256_mask_storeu_ps(y + 8 * half, m, int8wo_packed_half(a, half, offset_sum, unscale, sh));
+  }
+}
+
+// int8wo: G groups times one row's digits (`int8wo_digits`)
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
+static void int8wo_packed_groups(const uint8_t* w, const Int8woDigits& xd, int64_t KP, const float* s, float* y,
+                                 int64_t K, int64_t live) {
+  __m512i a[G][4];
   #pragma GCC unroll 4
   for (int g = 0; g < G; ++g)
-    for (int half = 0; half < 2; ++half) {
-      const int64_t n = std::clamp<int64_t>(live - 16 * g - 8 * half, 0, 8);
-      const __mmask8 m = static_cast<__mmask8>((1U << n) - 1);
-      const __m512d sh = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s + 16 * g + 8 * half));  // their scales
-      _mm256_mask_storeu_ps(y + 16 * g + 8 * half, m, int8wo_packed_half(a[g], half, offset_sum, unscale, sh));
-    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm512_setzero_si512();
+  int8wo_packed_sums<G>(w, xd, KP, K, 0, a);
+  #pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) int8wo_packed_store(a[g], xd, s + 16 * g, y + 16 * g, live - 16 * g);
 }
 
 // int8wo, a row with a non-finite value: one group's weights converted to fp32, times x unrounded (NaN and inf carried)
@@ -1185,6 +1207,137 @@ static void int8wo_packed_fp32_group(const uint8_t* w, const float* x, const flo
   _mm512_mask_storeu_ps(y, m, _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(m, s)));
 }
 #endif
+
+// ---- int8wo packed rows by AMX tiles (int8_packed_rows_linear, block 0, from `int8wo_amx_min_rows` x rows, 2
+// by default): the packed layout is AMX-INT8's B operand as it is: a group's inputs k..k+63 are 16 rows of 64
+// bytes (row k / 4 + t: the 16 outputs' inputs k + 4t..k + 4t + 3, w + 128 as u8), 1 KB contiguous at stride 64; 4
+// x rows' digits (`int8wo_digits`: digit i of row n at (4n + i) KP) are the 16 rows of an A tile (s8) at stride KP.
+// One tdpbsud adds sum_k digit_i[k] (w_jk + 128) into C[4n + i][j] for the 16 outputs j and the 4 rows: what the VNNI
+// kernel adds with 64 vpdpbusd per row, the same int32 sums, so the outputs are bit for bit its. kAmxGroups groups in
+// flight (C tiles 0-2, B tiles 3-5, the A tile 6), every row tile of x times a group set before the next set (its
+// weights read once). The inputs past the last whole 64 (K % 64, a multiple of 4: a tile there would need a shape of
+// its own) go through the VNNI kernel's loop on the stored sums; a row with a non-finite value through the fp32 group
+// kernel, as on the VNNI path. The tiles' work does not depend on their rows: on the AMX Xeon (L3-resident weights,
+// `benchmarks/int8_op_rate.py --amx`, loaded) one row ran 0.95x the VNNI kernel's speed, 2 rows 1.12x, 4 rows 1.43x, so
+// one row keeps the VNNI kernel (`$LITLLM_INT8_AMX`: 1 takes the tiles from one row, 0 never).
+#if defined(__x86_64__)
+constexpr int kAmxGroups = 3;
+constexpr int64_t kAmxMinRows = 2;
+
+// ldtilecfg's 64 bytes (palette 1): each tile's rows and bytes a row
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this CPU has AMX-TILE and AMX-INT8 (cpuid leaf 7: edx bits 24, 25) and Linux lets this process use tile
+// data (asked once: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA)
+static bool amx_int8_granted() {
+  static const bool granted = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+// From how many x rows int8wo's packed rows take the tiles where AMX-INT8 is granted: kAmxMinRows, `$LITLLM_INT8_AMX`
+// 1/true/yes/on from one row, 0/false/no/off never (as litllm.utils.switched_off reads a switch; read each call, so
+// that a benchmark alternates the kernels in one process)
+static int64_t int8wo_amx_min_rows() {
+  const char* env = std::getenv("LITLLM_INT8_AMX");
+  std::string v;
+  for (const char* p = env ? env : ""; *p; ++p)
+    if (!std::isspace(static_cast<unsigned char>(*p)))
+      v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
+  if (v == "0" || v == "false" || v == "no" || v == "off") return std::numeric_limits<int64_t>::max();
+  return v == "1" || v == "true" || v == "yes" || v == "on" ? 1 : kAmxMinRows;
+}
+
+// This thread's tiles (tile config is per thread) for `rows` digit rows, 4 per x row: C (rows x 16 int32), B (16 x
+// 64 bytes), A (rows x 64)
+__attribute__((target("amx-tile")))
+static void int8wo_amx_configure(int rows) {
+  AmxTileConfig config;
+  for (int t = 0; t < kAmxGroups; ++t) {
+    config.rows[t] = static_cast<uint8_t>(rows), config.colsb[t] = 64;
+    config.rows[kAmxGroups + t] = 16, config.colsb[kAmxGroups + t] = 64;
+  }
+  config.rows[2 * kAmxGroups] = static_cast<uint8_t>(rows), config.colsb[2 * kAmxGroups] = 64;
+  // gcc's _tile_loadconfig tells the compiler it reads 8 bytes of `config`: without this it may drop the other stores
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+// G groups' (at w, 16 K bytes apart) digit sums over inputs 0..K64 (whole 64s) for the digit rows at `digits`
+// (stride KP, as many as configured): group g's C into c[g] (rows x 16 int32)
+template <int G>
+__attribute__((target("amx-tile,amx-int8")))
+static void int8wo_amx_sums(const uint8_t* w, const int8_t* digits, int64_t KP, int64_t K, int64_t K64,
+                            int32_t (*c)[16][16]) {
+  static_assert(G >= 1 && G <= kAmxGroups, "C tiles 0-2, B tiles 3-5");
+  const int64_t stride = 16 * K;
+  _tile_zero(0);
+  if constexpr (G > 1) _tile_zero(1);
+  if constexpr (G > 2) _tile_zero(2);
+  for (int64_t k = 0; k < K64; k += 64) {
+    _tile_loadd(6, digits + k, KP);
+    _tile_loadd(3, w + k * 16, 64);
+    if constexpr (G > 1) _tile_loadd(4, w + stride + k * 16, 64);
+    if constexpr (G > 2) _tile_loadd(5, w + 2 * stride + k * 16, 64);
+    _tile_dpbsud(0, 6, 3);
+    if constexpr (G > 1) _tile_dpbsud(1, 6, 4);
+    if constexpr (G > 2) _tile_dpbsud(2, 6, 5);
+  }
+  _tile_stored(0, c[0], 64);
+  if constexpr (G > 1) _tile_stored(1, c[1], 64);
+  if constexpr (G > 2) _tile_stored(2, c[2], 64);
+}
+
+// Groups g0..g1 times every x row (`digits`: 4 KP bytes a row, whole tiles of 4 rows where N > 4): per group set,
+// each tile of up to 4 rows' sums, then per row and group the inputs past K64 by vpdpbusd and the outputs as the VNNI
+// kernel's (`int8wo_packed_store`)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,amx-tile,amx-int8")))
+static void int8wo_amx_range(const uint8_t* w, const int8_t* digits, const Int8woDigits* xd, const char* finite,
+                             const float* x, int64_t KP, const float* s, float* y, int64_t N, int64_t R, int64_t K,
+                             int64_t g0, int64_t g1) {
+  const int64_t K64 = K / 64 * 64, tile_rows = std::min<int64_t>(N, 4);
+  alignas(64) int32_t c[kAmxGroups][16][16] = {};  // the C tiles stored: (groups, 4 digits x 4 rows, 16 outputs)
+  int8wo_amx_configure(4 * static_cast<int>(tile_rows));
+  for (int64_t g = g0; g < g1;) {
+    const int64_t count = std::min<int64_t>(kAmxGroups, g1 - g);
+    const uint8_t* wg = w + 16 * g * K;
+    for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
+      const int8_t* dn = digits + n0 * 4 * KP;
+      if (K64 > 0) {
+        if (count == 3) int8wo_amx_sums<3>(wg, dn, KP, K, K64, c);
+        else if (count == 2) int8wo_amx_sums<2>(wg, dn, KP, K, K64, c);
+        else int8wo_amx_sums<1>(wg, dn, KP, K, K64, c);
+      }
+      for (int64_t h = 0; h < count; ++h) {
+        const int64_t r = 16 * (g + h);
+        for (int64_t n = n0; n < std::min(N, n0 + tile_rows); ++n) {
+          float* yr = y + n * R + r;
+          if (!finite[n]) {
+            int8wo_packed_fp32_group(w + r * K, x + n * K, s + r, yr, K, R - r);
+            continue;
+          }
+          __m512i a[1][4];
+          #pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) a[0][i] = _mm512_load_si512(c[h][4 * (n - n0) + i]);
+          int8wo_packed_sums<1>(w + r * K, xd[n], KP, K, K64, a);
+          int8wo_packed_store(a[0], xd[n], s + r, yr, R - r);
+        }
+      }
+    }
+    g += count;
+  }
+  _tile_release();
+}
+#endif
+// ---- end of int8wo packed rows by AMX tiles
 
 at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t block) {
 #if defined(__x86_64__)
@@ -1219,7 +1372,9 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
   std::vector<uint8_t> qu(K);
   std::vector<float> lane_d(block > 0 ? K / 4 : 0), d(N * blocks);
   std::vector<int32_t> start(N * blocks);
-  std::vector<int8_t> digits(block > 0 ? 0 : N * 4 * KP, 0);
+  // (permission for tile data asked only where they would run: a process of one-row steps never asks)
+  const bool amx = block == 0 && N >= int8wo_amx_min_rows() && amx_int8_granted();
+  std::vector<int8_t> digits(block > 0 ? 0 : (amx ? (N + 3) / 4 * 4 : N) * 4 * KP, 0);  // AMX: whole tiles of 4 rows
   std::vector<Int8woDigits> xd(block > 0 ? 0 : N);
   std::vector<char> finite(N, 1);
   for (int64_t n = 0; n < N; ++n) {
@@ -1266,6 +1421,10 @@ at::Tensor int8_packed_rows_linear(const at::Tensor& x, const at::Tensor& w, con
   const int64_t per = rows_per_thread(groups * 16, threads) / 16;  // groups a chunk
   auto part = [&](int64_t c) {
     const int64_t g1 = std::min(groups, (c + 1) * per);
+    if (amx) {
+      int8wo_amx_range(wp, digits.data(), xd.data(), finite.data(), xp, KP, sp, yp, N, R, K, c * per, g1);
+      return;
+    }
     for (int64_t g = c * per; g < g1;) {
       const int64_t count = g + kPackedGroups <= g1 ? kPackedGroups : 1;
       for (int64_t n = 0; n < N; ++n) groups_row(g, count, n);

@@ -281,6 +281,13 @@ instead of `int8_packed_rows_linear`, e.g. to compare (benchmarks/int8_op_rate.p
 their own)."""
 
 
+INT8_AMX_ENV = "LITLLM_INT8_AMX"
+"""When `int8_packed_rows_linear` multiplies int8wo through AMX tiles (on CPUs with AMX-INT8, where Linux grants them):
+unset, from 2 activation rows (a batched or speculative step; one row keeps its VNNI kernel, faster there); `1`, from
+one row; `0`/`false`, never. The op reads it each call (not part of a saved step's key: the step and its weights are
+the same either way), so benchmarks alternate the kernels in one process."""
+
+
 def int8_packed_rows_wanted() -> bool:
     """Whether int8 compiled steps that call litllm's ops (`int8_rows_op`, `int8wo_rows_op`) take its packed-rows op
     instead, `torch.ops.litllm_cpu.int8_packed_rows_linear(x, words, scales, block)` on the weights laid out 16 output

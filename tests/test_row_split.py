@@ -413,3 +413,44 @@ def test_int8_packed_rows_op_equals_the_row_major_ops(int8_op, threads):
                 (torch.randn(1, 96), packed[:, :, :8].contiguous(), torch.ones(20), 32)):  # not 16 rows a group
         with pytest.raises(RuntimeError, match="int8_packed_rows_linear"):
             op(*bad)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8wo_packed_rows_amx_equals_vnni(int8_op, threads, monkeypatch):
+    """On CPUs with AMX-INT8, int8wo's packed-rows op (block 0) sums through AMX tiles (up to 4 activation rows' digits
+    a tile; from 2 rows, and from one with `LITLLM_INT8_AMX=1`) and its VNNI kernel (`LITLLM_INT8_AMX=0`) through
+    vpdpbusd: the same int32 sums, so the outputs are bit for bit equal, for inputs no multiple of 64 (the tail past
+    the tiles) and fewer than 64 (no tile at all), outputs no multiple of 16 or of the 3 groups in flight, the 134M
+    Llama's head (32000 x 768), 1 to 9 rows (more than one tile of 4), a row with NaN among them (the fp32 kernel's
+    output for it), on 1 and 2 threads; the default (2 rows up) is one of the two."""
+    from litllm.cpu_ops import INT8_AMX_ENV, int8_packed_rows_wanted
+    from litllm.quantize import pack_int8_rows
+    from litllm.utils import cpu_flags
+
+    if not int8_packed_rows_wanted() or not {"amx_tile", "amx_int8"} <= cpu_flags():
+        pytest.skip("no AMX-INT8 here: int8wo's packed rows run the VNNI kernel only")
+    op = torch.ops.litllm_cpu.int8_packed_rows_linear
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out, n_in in ((200, 768), (37, 100), (50, 36), (33, 196), (1000, 772), (9, 5640), (32000, 768)):
+            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+            w[0], w[-1] = -128, 127
+            packed, scales = pack_int8_rows(w), torch.rand(n_out)
+            for n_rows in (1, 2, 5, 9):
+                for kind, x in int8wo_activations(n_rows, n_in).items():
+                    if n_rows == 5 and kind == "ramp":
+                        x[3, n_in // 3] = float("nan")
+                    monkeypatch.setenv(INT8_AMX_ENV, "0")
+                    vnni = op(x, packed, scales, 0)
+                    monkeypatch.setenv(INT8_AMX_ENV, "1")
+                    amx = op(x, packed, scales, 0)
+                    torch.testing.assert_close(amx, vnni, rtol=0, atol=0, equal_nan=True,
+                                               msg=f"{n_out} x {n_in}, {n_rows} rows, {kind}")
+                    monkeypatch.delenv(INT8_AMX_ENV)
+                    torch.testing.assert_close(op(x, packed, scales, 0), vnni, rtol=0, atol=0, equal_nan=True)
+                    if n_out > 1000:  # the head: one row kind is enough (the others cost ~1 s)
+                        break
+    finally:
+        torch.set_num_threads(previous)
