@@ -200,7 +200,8 @@ def test_bad_inputs(fabric, tmp_path):
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_output(fabric, tmp_path):
     """A fresh run whose first step raises (a GRPO reward function that fails) leaves nothing behind: the logs it
-    started are removed, and its out_dir where the run made it; what the folder held before stays."""
+    started are removed, and its out_dir where the run made it; what the folder held before stays, and so does what
+    another program wrote there meanwhile (out_dir may be `.`)."""
     from litllm.train.loggers import build_logger
 
     def failing_loss(model, batch, ignore_index):
@@ -216,10 +217,12 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_output(fabric, tmp_pat
             "AdamW", out_dir, RunArgs(seed=7), logger=build_logger("csv", out_dir),
         )
         assert (out_dir / "logs" / "csv" / "hparams.json").is_file()  # the run had started writing
+        if out_dir == kept.parent:
+            (out_dir / "meanwhile.txt").write_text("not the run's")
         with pytest.raises(ValueError, match="no loss today"):
             fit(trainer)
     assert not (tmp_path / "new").exists()
-    assert [p.name for p in kept.parent.iterdir()] == ["notes.txt"] and kept.read_text() == "mine"
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["meanwhile.txt", "notes.txt"] and kept.read_text() == "mine"
 
 def test_train_args_budget():
     args = TrainArgs(global_batch_size=8, micro_batch_size=2, max_tokens=8 * 16 * 10, lr_warmup_fraction=0.2, lr_warmup_steps=None)

@@ -226,8 +226,8 @@ class Trainer:
     dev_run: Any = None
     """A `litllm.train.fast_dev_run.DevRun` with `--fast_dev_run` (None: a normal run)."""
     out_dir_held: Optional[frozenset[str]] = None
-    """The names out_dir held before setup wrote anything (None: it did not exist): what a run that fails before its
-    first step keeps (`_remove_unfinished_output`)."""
+    """The names out_dir held before setup wrote anything (None: it did not exist): a run that fails before its first
+    step removes its `logs` only where they were not there before (`_remove_unfinished_output`)."""
 
 
 RESOLVE_HERE = object()
@@ -477,19 +477,18 @@ def fit(t: Trainer) -> TrainResult:
 
 def _remove_unfinished_output(t: Trainer) -> None:
     """A fresh run that fails before its first step ends (a GRPO reward function that raises, out of memory at once)
-    leaves no partial output: what it added to out_dir (its logs: only the hyperparameters so far) is removed, and
-    out_dir too where the run made it. What out_dir held before stays. (Best effort: the run's own error is the one
-    raised.)"""
+    leaves no partial output: the logs setup started are removed where out_dir did not hold them before, and out_dir
+    too where the run made it and nothing else is in it. Only the run's own `logs` is touched: out_dir may be a folder
+    other programs write to (`--out_dir .`). (Best effort: the run's own error is the one raised.)"""
     import contextlib
     import shutil
 
-    held = t.out_dir_held or frozenset()
+    logs = t.out_dir / "logs"
     with contextlib.suppress(OSError):
-        for path in t.out_dir.iterdir():
-            if path.name not in held:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if "logs" not in (t.out_dir_held or frozenset()) and logs.is_dir() and not logs.is_symlink():
+            shutil.rmtree(logs)
         if t.out_dir_held is None:
-            t.out_dir.rmdir()
+            t.out_dir.rmdir()  # only where empty
 
 
 @dataclass
