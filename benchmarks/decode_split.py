@@ -45,9 +45,9 @@ from decode_threads import checkpoint_folder, patched  # noqa: E402
 from generate import add_model_args, linear_bytes, read_bandwidth  # noqa: E402
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm")
+MATMULS = ("aoti_torch_cpu_mm_out", "aoti_torch_cpu_addmm_out", "aten::mm", "aten::addmm")
 """aten's matmuls a step may call (through AOTInductor's fallback): counted with litllm's ops (an fp32 step's several
-rows multiply by `aten::mm`, its one row by litllm's row-split op)."""
+rows multiply by aten's mm through AOTInductor's C shim, its one row by litllm's row-split op)."""
 
 
 def split(step, steps: int) -> tuple[float, float, float, float, int]:
