@@ -138,7 +138,8 @@ def main() -> None:
                 ("best", min(rows)), ("median", [statistics.median(col) for col in zip(*rows)])):
             print(f"{spec} {n} thread(s) {label:6s}: step {1e6 * wall:.0f} us (CPU {1e6 * cpu:.0f}; profiled "
                   f"{1e6 * profiled:.0f}); ops {calls:.0f} calls {1e6 * ops:.0f} us "
-                  f"({weights[spec] / ops / 1e9 if ops else 0:.1f} GB/s of weights); rest {1e6 * (profiled - ops):.0f} us "
+                  f"({weights[spec] / ops / 1e9 if ops else 0:.1f} GB/s of weights); "
+                  f"rest {1e6 * (profiled - ops):.0f} us "
                   f"(KV cache {cache[spec] / 1e6:.1f} MB)")
 
 

@@ -1355,7 +1355,7 @@ class KVCache(nn.Module):
         else:
             # per-row positions: index_put_ on (B, L, nkv, hs) views at (row, position) pairs, not scatter_ along dim 2:
             # inductor writes an index_put_ in place, but a scatter_ into a clone of the layer's whole cache, copied
-            # back after (four copies of the cache a layer a step: a 4-row int8wo step at 256 positions 2x the CPU time;
+            # back after (each layer's K and V copied twice a step: a 4-row int8wo step at 256 positions 1.75x the CPU;
             # tutorials/inference_measurements.md#batchstep-s34)
             rows = torch.arange(B, device=input_pos.device)[:, None]  # (B, 1), against input_pos (B, T)
             cache_k.transpose(1, 2).index_put_((rows, input_pos), k.transpose(1, 2).to(all_k.dtype))  # (B, T, nkv, hs)

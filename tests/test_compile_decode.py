@@ -895,7 +895,8 @@ def _rows_joining_apart(model, source: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_compiled_cpu_step_decodes_the_eager_tokens_of_rows_at_their_own_positions(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_compiled_cpu_step_decodes_the_eager_tokens_of_rows_at_own_positions(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
     """The CPU's compiled step (AOTInductor) over rows at their own positions writes each row's keys and values at
     its position (`KVCache.update`'s index_put_, which inductor writes in place) and decodes eager decoding's tokens."""
     from litllm.model import GPT
