@@ -302,6 +302,9 @@ def compile_step(step: Callable, device: torch.device, static_tensors, options: 
 
 # ---------------------------------------------------------------------- the saved compiled step (CPU)
 STEPS_FOLDER = "decode_steps"
+STEP_CODE = "kv-write index_put"
+"""What changed last in the model code a saved step traces (part of `steps_folder`'s key): steps saved before it are
+compiled again rather than loaded with the old code (per-row KV-cache writes as scatter_: `KVCache.update`)."""
 
 
 def steps_folder(model) -> Path:
@@ -310,12 +313,12 @@ def steps_folder(model) -> Path:
     tensor-parallel rank's place (`_tp_tag`), the model's config (less its name), its weights'
     names/shapes/strides/dtypes/types, which Linears the step multiplies by through `OneRowLinear` and how
     (`litllm.cpu_layout.one_row_kernel`) and which through `RowSplitLinear` (`litllm.row_split`) and by what kernel,
-    and its inductor settings (`cpu_compile_options`); not the thread count, which its kernels take when they run, but
-    under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
+    its inductor settings (`cpu_compile_options`) and `STEP_CODE`; not the thread count, which its kernels take when
+    they run, but under a 1-thread budget (`BUDGET_STEP_OPTIONS`: another folder)."""
     key = (f"{_machine()}|{model.wte.weight.device.type}{_tp_tag(model)}|{_config_repr(model)}|"
            f"{_weights_digest(model, True)}|one-row {_one_row_modules(model)} {one_row_kernel()}"  # Linears' kernel
            f"|row-split {_row_split_modules(model)} {row_split_kernel()}{_int8_rows_tag(model)}"
-           f"|{cpu_compile_options(model)}")  # steps saved with other settings are compiled again
+           f"|{cpu_compile_options(model)}|{STEP_CODE}")  # steps saved with other settings are compiled again
     return compile_cache_dir() / STEPS_FOLDER / hashlib.sha1(key.encode()).hexdigest()[:20]
 
 

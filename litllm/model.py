@@ -1353,11 +1353,13 @@ class KVCache(nn.Module):
             cache_k.index_copy_(2, input_pos, k if k.dtype == all_k.dtype else k.to(all_k.dtype))
             cache_v.index_copy_(2, input_pos, v if v.dtype == all_v.dtype else v.to(all_v.dtype))
         else:
-            index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, nkv, T, hs)
-            cache_k.scatter_(2, index, k.to(all_k.dtype))
-            if v.size(3) != k.size(3):  # MLA: the latent and the rotary key differ in size
-                index = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))
-            cache_v.scatter_(2, index, v.to(all_v.dtype))
+            # per-row positions: index_put_ on (B, L, nkv, hs) views at (row, position) pairs, not scatter_ along dim 2:
+            # inductor writes an index_put_ in place, but a scatter_ into a clone of the layer's whole cache, copied
+            # back after (each layer's K and V copied twice a step: a 4-row int8wo step at 256 positions 1.75x the CPU;
+            # tutorials/inference_measurements.md#batchstep-s34)
+            rows = torch.arange(B, device=input_pos.device)[:, None]  # (B, 1), against input_pos (B, T)
+            cache_k.transpose(1, 2).index_put_((rows, input_pos), k.transpose(1, 2).to(all_k.dtype))  # (B, T, nkv, hs)
+            cache_v.transpose(1, 2).index_put_((rows, input_pos), v.transpose(1, 2).to(all_v.dtype))
         if kv_len is None or kv_len >= all_k.size(2):
             return cache_k, cache_v
         return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]

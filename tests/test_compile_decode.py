@@ -874,16 +874,13 @@ def test_import_bounds_openmp_spin():
     assert spin_count({}, first="import torch; ") == "None"  # libgomp read its settings when torch loaded it
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # benchmarks/gpu_check.sh runs it
-def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
-    """On CUDA the compiled step is captured in a CUDA graph (`compile_step`: `mode="reduce-overhead"`, the KV cache
-    and the step's input buffers at fixed addresses): rows that join at different steps, one of them into a row freed
-    mid-run, get eager decoding's greedy tokens."""
+def _rows_joining_apart(model, source: str) -> None:
+    """Rows that join a 2-row engine at different steps, one of them into a row freed mid-run, get the same greedy
+    tokens from its compiled step (made by `source`) as from eager decoding, whose batched rows equal one row at a
+    time (tests/test_generate.py)."""
     from litllm.engine import Engine
-    from litllm.model import GPT
     from test_generate import _run
 
-    model = GPT.from_checkpoint(tiny_checkpoint, device="cuda").eval()  # fp32
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 3)]
     tokens = {}
@@ -892,9 +889,30 @@ def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
         joins = {0: [Request(prompts[0], 24)], 3: [Request(prompts[1], 8)], 5: [Request(prompts[2], 16)]}
         with Engine(model, None, 2, 64, compile=compiled) as engine:
             tokens[compiled] = _run(engine, joins)
-            assert engine.step_source == "torch.compile" if compiled else not engine._compiled
+            assert engine.step_source == source if compiled else not engine._compiled
     assert [len(t) for t in tokens[False].values()] == [24, 8, 16]
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.slow
+def test_the_compiled_cpu_step_decodes_the_eager_tokens_of_rows_at_own_positions(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """The CPU's compiled step (AOTInductor) over rows at their own positions writes each row's keys and values at
+    its position (`KVCache.update`'s index_put_, which inductor writes in place) and decodes eager decoding's tokens."""
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    _rows_joining_apart(GPT.from_checkpoint(tiny_checkpoint).eval(), "compiled")  # fp32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # benchmarks/gpu_check.sh runs it
+def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
+    """On CUDA the compiled step is captured in a CUDA graph (`compile_step`: `mode="reduce-overhead"`, the KV cache
+    and the step's input buffers at fixed addresses): rows that join at different steps, one of them into a row freed
+    mid-run, get eager decoding's greedy tokens."""
+    from litllm.model import GPT
+
+    _rows_joining_apart(GPT.from_checkpoint(tiny_checkpoint, device="cuda").eval(), "torch.compile")  # fp32
 
 
 def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_load(monkeypatch, tmp_path, capsys):
