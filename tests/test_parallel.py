@@ -163,7 +163,8 @@ def test_a_rank_decodes_on_plain_tensors_with_two_all_reduces_per_layer(one_rank
 def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
     """What torch.compile hands inductor for a rank's decode step (after the CPU weight layout and a compiled step's
     Linears: bf16 ones become `OneRowLinear`s, new modules) is one graph, without breaks, issuing the eager step's
-    collectives in the same order; run, it gives the eager step's logits."""
+    collectives in the same order; run, it gives the eager step's logits within bf16 rounding (an eager 16-bit step
+    attends through SDPA's kernel, a traced one through its bmms: `single_query_attention`)."""
     from litllm.compile_decode import unpack_weights
     from litllm.compile_ledger import choose_decode_layout
 
@@ -188,7 +189,7 @@ def test_a_compiled_rank_step_is_one_graph_with_the_same_collectives(one_rank):
         compiled = torch.compile(step, backend=backend, dynamic=False)(tokens, pos)
     assert len(graphs) == 1 and graphs[0] == eager_calls
     assert eager_calls == ["all_reduce"] * (1 + 2 * model.config.n_layer) + ["all_gather_into_tensor"]
-    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_a_shards_linears_say_their_own_sizes(one_rank):
