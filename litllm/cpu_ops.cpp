@@ -2072,15 +2072,17 @@ static void row_topk(const float* p, int64_t E, int64_t k, __mmask16* taken, std
   }
   for (int64_t j = 0; j <= k && j < E && !ties; ++j) {  // (k == E: no (k + 1)-th value to tie with)
     __m512 m = minus_inf;
-    for (int64_t b = 0; b < blocks; ++b) m = _mm512_mask_max_ps(m, static_cast<__mmask16>(~taken[b]), m,
-                                                                _mm512_loadu_ps(p + 16 * b));
+    for (int64_t b = 0; b < blocks; ++b) {  // (masked loads: the last block's lanes past E are not read)
+      const __mmask16 open = static_cast<__mmask16>(~taken[b]);
+      m = _mm512_mask_max_ps(m, open, m, _mm512_maskz_loadu_ps(open, p + 16 * b));
+    }
     const float largest = _mm512_reduce_max_ps(m);
     const __m512 wanted = _mm512_set1_ps(largest);
     int count = 0;
     int64_t first = -1;
     for (int64_t b = 0; b < blocks; ++b) {
-      const __mmask16 same = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(~taken[b]), _mm512_loadu_ps(p + 16 * b),
-                                                     wanted, _CMP_EQ_OQ);
+      const __mmask16 open = static_cast<__mmask16>(~taken[b]);
+      const __mmask16 same = _mm512_mask_cmp_ps_mask(open, _mm512_maskz_loadu_ps(open, p + 16 * b), wanted, _CMP_EQ_OQ);
       count += __builtin_popcount(same);
       if (first < 0 && same) first = 16 * b + __builtin_ctz(same);
     }

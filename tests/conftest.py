@@ -23,6 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LITLLM_COMPILE", "0")
 # CPU tests use fp32, whatever default precision the inference commands pick ($LITLLM_PRECISION overrides it)
 os.environ.setdefault("LITLLM_PRECISION", "32-true")
+# a subprocess that dies on a signal (a crash in native code) prints every thread's Python stack: a rare CI failure
+# then says where it happened
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -462,7 +462,8 @@ def test_chat_on_two_ranks(folder):
     flags = ["--prompt_style", "default", "--temperature", "0", "--max_new_tokens", "6", "--device", "cpu"]
     one = litllm_in_process(["chat", str(folder), *flags], stdin=turns.decode())  # the oracle: 1 process
     two = litllm("chat", str(folder), *flags, "--devices", "2", stdin=turns)
-    assert one.returncode == two.returncode == 0, two.stderr.decode()[-2000:]
+    said = f"{two.stderr.decode()[-3000:]}\nstdout:\n{two.stdout.decode()[-1000:]}"
+    assert one.returncode == two.returncode == 0, said
     assert two.stdout.count(b">> Model: ") == 2
     assert two.stdout.decode() == one.stdout
 
