@@ -35,6 +35,15 @@ def _restore_torch_threads():
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request) -> int:
+    """The test runs on 1 torch thread, then on 2 (the C++ ops split their rows between threads); the autouse
+    `_restore_torch_threads` sets the count back after it."""
+    torch.set_num_threads(request.param)
+    return request.param
+
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
