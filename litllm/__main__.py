@@ -276,6 +276,13 @@ def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = (
         if not flags:
             return None
         return f"unknown flag {flags[0]} ({_closest(flags[0].removeprefix('--'), options, 'a flag')})"
+    class_required = re.search(r'Parser key "([\w.]+)":.*? class_path \'(?:[\w.]+\.)?(\w+)\': the following arguments '
+                               r'are required: ([\w, ]+)', message)
+    if class_required:  # `--data JSON` without `--data.json_path`: the class's option, not jsonargparse's Union dump
+        flag = f"--{class_required.group(1)}"
+        names = [f"{flag}.{name.strip()}" for name in class_required.group(3).split(",")]
+        them = "it" if len(names) == 1 else "them"
+        return f"missing {', '.join(names)}: {flag} {class_required.group(2)} needs {them}"
     required = re.search(r"the following arguments are required: (.+)", message)
     if required and chosen:  # `litllm generate` with no folder: its positional names, not `generate.checkpoint_dir`
         names = [name.strip().removeprefix(f"{chosen}.") for name in required.group(1).split(",")]

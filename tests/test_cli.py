@@ -206,10 +206,11 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--data", "JSON", "--data.packing", "--data.json_path", "d.json"],
      "--data.packing takes true or false: --data.packing true"),
     (["generate", "x", "--max_new_tokens"], "--max_new_tokens: expected a value after it"),
+    (["finetune_lora", "x", "--data", "JSON"], "missing --data.json_path: --data JSON needs it"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
         "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
         "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag", "bare-switch",
-        "bare-class-option-switch", "no-value"])
+        "bare-class-option-switch", "no-value", "class-option-missing"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
