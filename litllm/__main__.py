@@ -258,6 +258,15 @@ def _missing_value(flag: str, parser, argv: list[str]) -> str:
     return f"{given}: expected a value after it"
 
 
+def _recipe_in_checkout(path: Path) -> str:
+    """" (litllm's recipe is <checkout>/config_hub/...)" where `path` is a `config_hub/...` recipe path as the docs
+    write it (run from the root of litllm's checkout) and the command ran elsewhere; else ""."""
+    if "config_hub" not in path.parts:
+        return ""
+    recipe = Path(__file__).resolve().parents[1].joinpath(*path.parts[path.parts.index("config_hub"):])
+    return f" (litllm's recipe is {recipe})" if recipe.is_file() else ""
+
+
 def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = ()) -> Optional[str]:
     """One line for a misspelled flag, nested option, class name, choice or recipe file, a mistyped or missing value
     or a missing positional (instead of jsonargparse's dump), or None. `argv`: the arguments as given."""
@@ -306,7 +315,9 @@ def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = (
         path = Path(missing.group(1))
         recipes = {p.name: p.name for p in path.parent.glob("*.y*ml")} if path.parent.is_dir() else {}
         hint = _closest(path.name, recipes, "a recipe")
-        return f"--config {path}: file not found" + (f" ({hint})" if hint.startswith("did you mean") else "")
+        if hint.startswith("did you mean"):
+            return f"--config {path}: file not found ({hint})"
+        return f"--config {path}: file not found{_recipe_in_checkout(path)}"
     key = re.search(r'Parser key "([\w.]+)"', message)
     if key is None:
         return None

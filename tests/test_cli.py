@@ -220,6 +220,17 @@ def test_misspelling_names_the_closest_valid_key(args, hint):
     assert "Subtypes" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_recipe_path_run_outside_the_checkout_names_the_checkouts_recipe(tmp_path):
+    """The docs' `--config config_hub/...`, run from another folder: the one-line error names litllm's own recipe."""
+    from test_pretrain import REPO
+
+    result = litllm_in_process(["pretrain", "--config", "config_hub/pretrain/debug.yaml"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --config ") and "file not found" in line, line
+    assert f"(litllm's recipe is {REPO / 'config_hub' / 'pretrain' / 'debug.yaml'})" in line, line
+
+
 @pytest.mark.parametrize("args, class_path", [
     (["--optimizer", "AdamW", "--optimizer.lr", "0.5"], "torch.optim.AdamW"),
     (["--optimizer=SGD", "--optimizer.lr=0.5"], "torch.optim.SGD"),
