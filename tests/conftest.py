@@ -38,8 +38,8 @@ def _restore_torch_threads():
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request) -> int:
-    """The test runs on 1 torch thread, then on 2 (the C++ ops split their rows between threads); the autouse
-    `_restore_torch_threads` sets the count back after it."""
+    """The test runs on 1 torch thread, then on 2 (ops that split their work between threads, litllm's C++ ops and
+    the one-token attention, run other code on each); the autouse `_restore_torch_threads` sets the count back."""
     torch.set_num_threads(request.param)
     return request.param
 
