@@ -258,6 +258,15 @@ def _missing_value(flag: str, parser, argv: list[str]) -> str:
     return f"{given}: expected a value after it"
 
 
+def _recipe_in_checkout(path: Path) -> str:
+    """" (litllm's recipe is <checkout>/config_hub/...)" where `path` is a `config_hub/...` recipe path as the docs
+    write it (run from the root of litllm's checkout) and the command ran elsewhere; else ""."""
+    if "config_hub" not in path.parts:
+        return ""
+    recipe = Path(__file__).resolve().parents[1].joinpath(*path.parts[path.parts.index("config_hub"):])
+    return f" (litllm's recipe is {recipe})" if recipe.is_file() else ""
+
+
 def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = ()) -> Optional[str]:
     """One line for a misspelled flag, nested option, class name, choice or recipe file, a mistyped or missing value
     or a missing positional (instead of jsonargparse's dump), or None. `argv`: the arguments as given."""
@@ -276,6 +285,13 @@ def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = (
         if not flags:
             return None
         return f"unknown flag {flags[0]} ({_closest(flags[0].removeprefix('--'), options, 'a flag')})"
+    class_required = re.search(r'Parser key "([\w.]+)":.*? class_path \'(?:[\w.]+\.)?(\w+)\': the following arguments '
+                               r'are required: ([\w, ]+)', message)
+    if class_required:  # `--data JSON` without `--data.json_path`: the class's option, not jsonargparse's Union dump
+        flag = f"--{class_required.group(1)}"
+        names = [f"{flag}.{name.strip()}" for name in class_required.group(3).split(",")]
+        them = "it" if len(names) == 1 else "them"
+        return f"missing {', '.join(names)}: {flag} {class_required.group(2)} needs {them}"
     required = re.search(r"the following arguments are required: (.+)", message)
     if required and chosen:  # `litllm generate` with no folder: its positional names, not `generate.checkpoint_dir`
         names = [name.strip().removeprefix(f"{chosen}.") for name in required.group(1).split(",")]
@@ -299,7 +315,9 @@ def _suggestion(message: str, parser, chosen: Optional[str], argv: list[str] = (
         path = Path(missing.group(1))
         recipes = {p.name: p.name for p in path.parent.glob("*.y*ml")} if path.parent.is_dir() else {}
         hint = _closest(path.name, recipes, "a recipe")
-        return f"--config {path}: file not found" + (f" ({hint})" if hint.startswith("did you mean") else "")
+        if hint.startswith("did you mean"):
+            return f"--config {path}: file not found ({hint})"
+        return f"--config {path}: file not found{_recipe_in_checkout(path)}"
     key = re.search(r'Parser key "([\w.]+)"', message)
     if key is None:
         return None

@@ -49,8 +49,8 @@ def library_folder() -> Path:
 
 
 _loaded = False
-"""Whether `row_split_op` has loaded (or built) the op library in this process: what the eager ops' per-call lookups
-read (`bf16_norm_op`), never the disk."""
+"""Whether `row_split_op` has loaded (or built) the op library in this process: the one thing the per-call lookups
+read once it has (`bf16_norm_op`, `library_built`, `load_built_library`), never the disk."""
 
 
 @lru_cache(maxsize=None)
@@ -306,23 +306,18 @@ def bf16_norm_op() -> Optional[object]:
     return torch.ops.litllm_cpu.bf16_rms_norm if _loaded else None
 
 
-_found = False  # `library_built`'s positive answer: a built library stays (its name changes with the source)
-
-
 def library_built() -> bool:
-    """Is the op library loaded in this process or built in `library_folder()` already? (A yes is remembered; a no is
-    asked again: a library built later, here or by another process, counts from then on.)"""
-    global _found
-    _found = _found or _loaded or (library_folder() / _library_name()).exists()
-    return _found
+    """Is the op library loaded in this process (`_loaded`) or built in `library_folder()` already? (Not loaded: the
+    disk is asked each time, so a library built later, here or by another process, counts from then on.)"""
+    return _loaded or (library_folder() / _library_name()).exists()
 
 
 def load_built_library() -> bool:
     """Load the op library where it is built already, never building it (an eager run does not wait ~1 min for a
     first build), and say whether it is loaded in this process: once per model load for decoding
     (`litllm.compile_ledger.choose_decode_layout`), so that the eager ops' per-call lookups (`bf16_norm_op`) need not
-    look at the disk."""
-    return library_built() and row_split_op() is not None
+    look at the disk; once loaded, a read of `_loaded`."""
+    return _loaded or (library_built() and row_split_op() is not None)
 
 
 INT8_PROMPT_ENV = "LITLLM_INT8_PROMPT"

@@ -38,6 +38,15 @@ def _restore_torch_threads():
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request) -> int:
+    """The test runs on 1 torch thread, then on 2 (ops that split their work between threads, litllm's C++ ops and
+    the one-token attention, run other code on each); the autouse `_restore_torch_threads` sets the count back."""
+    torch.set_num_threads(request.param)
+    return request.param
+
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -139,6 +148,29 @@ def assert_final_folder_generates_and_matches_hf(final: Path, hf_folder: Path) -
     x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    """The safetensors files `a` and `b` hold the same tensors under the same names, bit for bit."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys(), (a, b)
+    differ = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not differ, f"{a} and {b} differ in {differ[:3]}"
+
+
+def assert_resumed_run_is_uninterrupted(resumed_out: Path, resumed, straight_out: Path, straight, first_step: int
+                                        ) -> None:
+    """A training run resumed in `resumed_out` ends as the uninterrupted one in `straight_out` did: as many steps, the
+    same loss at each step from `first_step` on, and bit for bit the same final weights (the LoRA's and the model's,
+    where the uninterrupted run saved them)."""
+    assert resumed.step == straight.step
+    for step in range(first_step, straight.step + 1):
+        assert resumed.losses[step] == straight.losses[step], step
+    for name in ("lit_lora.safetensors", "lit_model.safetensors"):
+        if (straight_out / "final" / name).is_file():
+            assert_same_tensors(resumed_out / "final" / name, straight_out / "final" / name)
 
 
 NUMBER_RECORDS = [{"instruction": f"Say the number {i}", "output": f"The number is {i}."} for i in range(16)]

@@ -206,10 +206,11 @@ def test_unknown_command_is_an_error():
     (["finetune_lora", "x", "--data", "JSON", "--data.packing", "--data.json_path", "d.json"],
      "--data.packing takes true or false: --data.packing true"),
     (["generate", "x", "--max_new_tokens"], "--max_new_tokens: expected a value after it"),
+    (["finetune_lora", "x", "--data", "JSON"], "missing --data.json_path: --data JSON needs it"),
 ], ids=["nested-option", "data-class", "top-level-flag", "dataclass-field", "optimizer-option", "optimizer-class",
         "command", "option-before-its-class", "option-of-no-class", "missing-positional", "int-value",
         "optional-int-value", "optional-bool-value", "literal-value", "estimate-flag", "bare-switch",
-        "bare-class-option-switch", "no-value"])
+        "bare-class-option-switch", "no-value", "class-option-missing"])
 def test_misspelling_names_the_closest_valid_key(args, hint):
     """One line naming the bad key and the closest valid one, instead of jsonargparse's dump of Union subtypes."""
     result = in_process(*args)
@@ -217,6 +218,17 @@ def test_misspelling_names_the_closest_valid_key(args, hint):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and hint in lines[0], result.stderr
     assert "Subtypes" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_recipe_path_run_outside_the_checkout_names_the_checkouts_recipe(tmp_path):
+    """The docs' `--config config_hub/...`, run from another folder: the one-line error names litllm's own recipe."""
+    from test_pretrain import REPO
+
+    result = litllm_in_process(["pretrain", "--config", "config_hub/pretrain/debug.yaml"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --config ") and "file not found" in line, line
+    assert f"(litllm's recipe is {REPO / 'config_hub' / 'pretrain' / 'debug.yaml'})" in line, line
 
 
 @pytest.mark.parametrize("args, class_path", [

@@ -282,24 +282,20 @@ def test_a_one_thread_budget_compiles_its_own_step_with_the_count_baked_in(tiny_
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(COMPILE_ENV, raising=False)
     monkeypatch.setattr("litllm.compile_decode.fastest_threads", timed)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-        prompt = [2, 40, 41, 42]
-        eager = greedy_tokens(Engine(model, None, 1, 20, threads=threads), prompt)
-        engine = decode_engine(model, None, 1, 20, threads, True, 12)
-        assert engine.step_source == "compiled" and engine.threads == 1
-        (path,) = steps_folder(model).glob("*.pt2")
-        with zipfile.ZipFile(path) as package:
-            kernels = [package.read(n).decode() for n in package.namelist() if n.endswith("kernel.cpp")]
-        assert kernels and not any(re.search(r"#pragma omp (parallel|for|single)", k) for k in kernels)
-        assert greedy_tokens(engine, prompt) == eager
-        assert decode_engine(model, None, 1, 20, threads, True, 12).step_source == "loaded"
-        torch.set_num_threads(os.cpu_count())  # the core budget's step is another (not saved yet)
-        assert saved_step_length(model, 1, 20) is None
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    model, threads = load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    prompt = [2, 40, 41, 42]
+    eager = greedy_tokens(Engine(model, None, 1, 20, threads=threads), prompt)
+    engine = decode_engine(model, None, 1, 20, threads, True, 12)
+    assert engine.step_source == "compiled" and engine.threads == 1
+    (path,) = steps_folder(model).glob("*.pt2")
+    with zipfile.ZipFile(path) as package:
+        kernels = [package.read(n).decode() for n in package.namelist() if n.endswith("kernel.cpp")]
+    assert kernels and not any(re.search(r"#pragma omp (parallel|for|single)", k) for k in kernels)
+    assert greedy_tokens(engine, prompt) == eager
+    assert decode_engine(model, None, 1, 20, threads, True, 12).step_source == "loaded"
+    torch.set_num_threads(os.cpu_count())  # the core budget's step is another (not saved yet)
+    assert saved_step_length(model, 1, 20) is None
 
 
 @pytest.mark.slow
@@ -778,49 +774,45 @@ def test_a_compiled_run_picks_its_threads_by_the_compiled_step(tiny_checkpoint, 
 
     ledger, clock = fake_compile
     clock.step, clock.compiled = 0.0, compiled  # a compiled step takes `compiled[threads]` seconds
-    threads_before = torch.get_num_threads()
     torch.set_num_threads(2)  # the budget: candidates 2 and 1
-    try:
-        monkeypatch.setattr(inference, "pick_decode_threads", lambda model: eager_pick)
-        model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-        assert threads == eager_pick and model.decode_choices["threads_by"] == "eager"
-        assert recorded_decode_choices(model.decode_choices["key"]) is None
-        from litllm.generate import decode_engine
+    monkeypatch.setattr(inference, "pick_decode_threads", lambda model: eager_pick)
+    model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert threads == eager_pick and model.decode_choices["threads_by"] == "eager"
+    assert recorded_decode_choices(model.decode_choices["key"]) is None
+    from litllm.generate import decode_engine
 
-        with decode_engine(model, None, 1, 20, threads, True, 12) as engine:
-            assert engine.step_source == "compiled" and engine.threads == picked
-            # the warm-up's step at the loader's count, then one more and PICK_ROUNDS x each count timed
-            assert clock.compiled_at[0] == eager_pick
-            assert sorted(clock.compiled_at[1:]) == sorted([2, 1] * PICK_ROUNDS + [2])
-            clock.compiled_at.clear()
-            engine.add(Request([1, 2, 3], 4))
-            while engine.has_unfinished:
-                engine.step()
-            assert clock.compiled_at == [picked] * 3  # it decodes at the pick
-        assert model.decode_choices["threads"] == picked and model.decode_choices["threads_by"] == "compiled"
-        assert recorded_decode_choices(model.decode_choices["key"]) == {"layout": model.decode_choices["layout"],
-                                                                        "threads": picked}
-        # a later engine of this model, given the loader's (eager) count, takes the pick without timing again
+    with decode_engine(model, None, 1, 20, threads, True, 12) as engine:
+        assert engine.step_source == "compiled" and engine.threads == picked
+        # the warm-up's step at the loader's count, then one more and PICK_ROUNDS x each count timed
+        assert clock.compiled_at[0] == eager_pick
+        assert sorted(clock.compiled_at[1:]) == sorted([2, 1] * PICK_ROUNDS + [2])
         clock.compiled_at.clear()
-        assert runs(model, threads, 1, compile=True, tokens=3) == ["loaded"]
-        assert clock.compiled_at == [picked] * 3  # its warm-up, then 2 steps
+        engine.add(Request([1, 2, 3], 4))
+        while engine.has_unfinished:
+            engine.step()
+        assert clock.compiled_at == [picked] * 3  # it decodes at the pick
+    assert model.decode_choices["threads"] == picked and model.decode_choices["threads_by"] == "compiled"
+    assert recorded_decode_choices(model.decode_choices["key"]) == {"layout": model.decode_choices["layout"],
+                                                                    "threads": picked}
+    # a later engine of this model, given the loader's (eager) count, takes the pick without timing again
+    clock.compiled_at.clear()
+    assert runs(model, threads, 1, compile=True, tokens=3) == ["loaded"]
+    assert clock.compiled_at == [picked] * 3  # its warm-up, then 2 steps
 
-        def timed_again(*args, **kwargs):
-            raise AssertionError("timed again")
+    def timed_again(*args, **kwargs):
+        raise AssertionError("timed again")
 
-        # a later process: the record, no timing of either step
-        monkeypatch.setattr(inference, "pick_decode_threads", timed_again)
-        monkeypatch.setattr("litllm.generate.pick_compiled_threads", timed_again)
-        model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
-        assert threads == picked and model.decode_choices["threads_by"] == "record"
-        assert runs(model, threads, 1, tokens=3) == ["loaded"]
-        # a record from before (threads picked on the eager step, no "threads_by") is no record: picked again
-        path = ledger.parent / compile_ledger.CHOICES_FILE
-        key = decode_choices_key(model)
-        path.write_text(json.dumps({key: {"layout": "row-major", "threads": 1}}))
-        assert recorded_decode_choices(key) is None
-    finally:
-        torch.set_num_threads(threads_before)
+    # a later process: the record, no timing of either step
+    monkeypatch.setattr(inference, "pick_decode_threads", timed_again)
+    monkeypatch.setattr("litllm.generate.pick_compiled_threads", timed_again)
+    model, threads = inference.load_for_decoding(tiny_checkpoint, "cpu", "32-true")
+    assert threads == picked and model.decode_choices["threads_by"] == "record"
+    assert runs(model, threads, 1, tokens=3) == ["loaded"]
+    # a record from before (threads picked on the eager step, no "threads_by") is no record: picked again
+    path = ledger.parent / compile_ledger.CHOICES_FILE
+    key = decode_choices_key(model)
+    path.write_text(json.dumps({key: {"layout": "row-major", "threads": 1}}))
+    assert recorded_decode_choices(key) is None
 
 
 def test_a_steps_small_kernels_run_on_the_calling_thread():

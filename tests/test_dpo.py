@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_final_folder_generates_and_matches_hf, json_file
+from conftest import assert_final_folder_generates_and_matches_hf, assert_resumed_run_is_uninterrupted, json_file
 from litllm.data.preference import Preference, PreferenceRecord, parse_preference_record, tokenize_pairs
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_dpo
@@ -255,13 +255,7 @@ def test_resume_is_bit_exact(runs, base, pairs_file, tmp_path, capsys, name):
     if cache.is_file():
         assert "Reusing the reference log-probs" in capsys.readouterr().out
         assert load_file(str(resumed_out / cache.name)).keys() == load_file(str(cache)).keys()
-    assert resumed.step == straight.step
-    for step in range(5, straight.step + 1):
-        assert resumed.losses[step] == straight.losses[step], step
-    for file in ("lit_model.safetensors", "lit_lora.safetensors"):
-        if (straight_out / "final" / file).is_file():
-            a, b = load_file(str(resumed_out / "final" / file)), load_file(str(straight_out / "final" / file))
-            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), file
+    assert_resumed_run_is_uninterrupted(resumed_out, resumed, straight_out, straight, first_step=5)
 
 
 def test_bad_arguments_fail_clearly_and_write_nothing(base, pairs_file, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import json_file, make_converted_checkpoint
+from conftest import assert_resumed_run_is_uninterrupted, assert_same_tensors, json_file, make_converted_checkpoint
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_adapter, finetune_adapter_v2, finetune_full, finetune_lora
 from litllm.model import GPT
@@ -122,9 +122,7 @@ def test_merge_lora_takes_a_training_checkpoint(runs, tmp_path):
         merge_lora(out / "step-00000008")
     assert not (out / "step-00000008" / "lit_model.safetensors").exists()
     merge_lora(out / "step-00000008", out_dir=tmp_path / "merged")
-    a = load_file(str(tmp_path / "merged" / "lit_model.safetensors"))
-    b = load_file(str(result.final_dir / "lit_model.safetensors"))
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(tmp_path / "merged" / "lit_model.safetensors", result.final_dir / "lit_model.safetensors")
 
 
 def test_full_and_adapter_final_folders(runs, base):
@@ -202,18 +200,6 @@ def straight(base, data_file, tmp_path_factory):
     return out, _straight_run("lora", base, data_file, out)
 
 
-def _assert_same_run(resumed_out: Path, resumed, straight_out: Path, straight_result, first_step: int) -> None:
-    assert resumed.step == straight_result.step
-    for step in range(first_step, straight_result.step + 1):
-        assert resumed.losses[step] == straight_result.losses[step], step
-    for name in ("lit_lora.safetensors", "lit_model.safetensors"):
-        if not (straight_out / "final" / name).is_file():
-            continue
-        a = load_file(str(resumed_out / "final" / name))
-        b = load_file(str(straight_out / "final" / name))
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
-
-
 @pytest.mark.parametrize("name", list(RESUMABLE))
 def test_resume_is_bit_exact(straight, base, data_file, tmp_path, name):
     straight_out, straight_result = straight if name == "lora" else (
@@ -224,7 +210,7 @@ def test_resume_is_bit_exact(straight, base, data_file, tmp_path, name):
     shutil.copytree(straight_out / "step-00000002", resumed_out / "step-00000002")
     method, extra = RESUMABLE[name]
     resumed = COMMANDS[method](base, out_dir=resumed_out, resume="auto", **_kwargs(data_file, method, **extra))
-    _assert_same_run(resumed_out, resumed, straight_out, straight_result, first_step=3)
+    assert_resumed_run_is_uninterrupted(resumed_out, resumed, straight_out, straight_result, first_step=3)
 
 
 KILLER = """
@@ -259,7 +245,7 @@ def test_sigkill_during_a_save_leaves_a_usable_checkpoint(straight, base, data_f
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert "step-00000002" in visible and "step-00000004" not in visible and "final" not in visible
     resumed = finetune_lora(base, out_dir=out, resume="auto", **_kwargs(data_file, **STRAIGHT))
-    _assert_same_run(out, resumed, straight_out, straight_result, first_step=3)
+    assert_resumed_run_is_uninterrupted(out, resumed, straight_out, straight_result, first_step=3)
     assert not any(p.name.startswith(".step-") for p in out.iterdir())  # the half-written save was cleaned up
 
 

@@ -19,14 +19,6 @@ def ops():
         pytest.skip("the fused norm ops do not build here (no C++ compiler or no AVX-512)")
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def reference_rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -211,7 +203,6 @@ def test_the_eager_norm_op_lookup_reads_no_file_and_a_load_for_decoding_loads_th
     from litllm.compile_ledger import choose_decode_layout
 
     monkeypatch.setattr(cpu_ops, "_loaded", False)  # a process that has not loaded the library yet
-    monkeypatch.setattr(cpu_ops, "_found", False)
     cpu_ops.row_split_op.cache_clear()
     with monkeypatch.context() as m:
         m.setattr(cpu_ops, "library_folder", lambda: pytest.fail("the per-call lookup looked at the disk"))
@@ -219,6 +210,9 @@ def test_the_eager_norm_op_lookup_reads_no_file_and_a_load_for_decoding_loads_th
     model = GPT(tiny_config()).to(torch.bfloat16).eval()
     choose_decode_layout(model, None)
     assert cpu_ops.bf16_norm_op() is torch.ops.litllm_cpu.bf16_rms_norm
+    with monkeypatch.context() as m:  # loaded: the other lookups (per call in int8 layers) read no file either
+        m.setattr(cpu_ops, "library_folder", lambda: pytest.fail("a lookup of the loaded library looked at the disk"))
+        assert cpu_ops.library_built() and cpu_ops.load_built_library()
     with torch.inference_mode():
         x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
         assert model.blocks[0].norm_1._bf16_op_applies(x, model.blocks[0].norm_1.weight)

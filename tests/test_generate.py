@@ -672,20 +672,16 @@ def test_decode_threads(tiny_checkpoint):
     from litllm.inference import pick_decode_threads
 
     model = GPT.from_checkpoint(tiny_checkpoint).eval()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert pick_decode_threads(model, min_gain=float("inf")) == 2  # fewer threads never good enough
-        assert pick_decode_threads(model, min_gain=0.0) == 1  # fewer threads always good enough
-        assert torch.get_num_threads() == 2  # timing leaves the setting alone
-        assert all(b.attn.kv_cache is None for b in model.blocks)
-        with threads_for(1):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        assert pick_decode_threads(model) == 1
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    assert pick_decode_threads(model, min_gain=float("inf")) == 2  # fewer threads never good enough
+    assert pick_decode_threads(model, min_gain=0.0) == 1  # fewer threads always good enough
+    assert torch.get_num_threads() == 2  # timing leaves the setting alone
+    assert all(b.attn.kv_cache is None for b in model.blocks)
+    with threads_for(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    assert pick_decode_threads(model) == 1
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_final_folder_generates_and_matches_hf, json_file
+from conftest import (assert_final_folder_generates_and_matches_hf, assert_resumed_run_is_uninterrupted,
+                      assert_same_tensors, json_file)
 from litllm.data.prompts import Prompts
 from litllm.errors import LitLLMError
 from litllm.finetune import finetune_grpo
@@ -508,13 +509,7 @@ def test_resume_between_iterations_is_bit_exact(runs, base, prompts_file, reward
     shutil.copytree(straight_out / "step-00000003", resumed_out / "step-00000003")
     resumed = finetune_grpo(base, out_dir=resumed_out, resume="auto", **_kwargs(prompts_file, reward_file, name,
                                                                                 **RUNS[name]))
-    assert resumed.step == straight.step
-    for step in range(4, straight.step + 1):
-        assert resumed.losses[step] == straight.losses[step], step
-    for file in ("lit_model.safetensors", "lit_lora.safetensors"):
-        if (straight_out / "final" / file).is_file():
-            a, b = load_file(str(resumed_out / "final" / file)), load_file(str(straight_out / "final" / file))
-            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), file
+    assert_resumed_run_is_uninterrupted(resumed_out, resumed, straight_out, straight, first_step=4)
 
 
 @pytest.mark.slow  # compiles the tiny model's decode step for the train and validation rollouts: ~1-2 min here
@@ -538,9 +533,7 @@ def test_a_run_on_compiled_rollouts_equals_the_eager_run_and_resumes_bit_exact(r
         assert list(cache.glob(f"{STEPS_FOLDER}/*/*.pt2"))  # it decoded on a saved compiled step
         assert result.step == straight.step
         assert all(result.losses[step] == straight.losses[step] for step in range(4 if resume else 1, 7))
-        a = load_file(str(out / "final" / "lit_model.safetensors"))
-        b = load_file(str(straight_out / "final" / "lit_model.safetensors"))
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_tensors(out / "final" / "lit_model.safetensors", straight_out / "final" / "lit_model.safetensors")
 
 
 def test_qlora_samples_through_the_quantized_base(base, prompts_file, reward_file, tmp_path):

@@ -184,7 +184,6 @@ def reference_single_query_attention(q, k, v, mask, scale, softcap_at, sinks):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("threads", [1, 2])
 def test_single_query_attention_is_its_plain_ops_bit_for_bit(dtype, threads, monkeypatch):
     """The eager one-token attention (keys viewed straight from a cache slice, 0-dim scalars made once, one thread
     for a short cache) computes what its plain ops compute, bit for bit: grouped heads, per-row masks, a cache
@@ -201,32 +200,28 @@ def test_single_query_attention_is_its_plain_ops_bit_for_bit(dtype, threads, mon
              "not a cache": (torch.randn(B, L, nkv, hs, dtype=dtype).transpose(1, 2),) * 2,
              "long cache": tuple(torch.randn(1, nkv, ONE_THREAD_ATTENTION_MAX // (nkv * hs) + 1, hs, dtype=dtype)
                                  for _ in range(2))}
-    before, set_threads = torch.get_num_threads(), torch.set_num_threads
-    set_threads(threads)
+    set_threads = torch.set_num_threads
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_threads(n)))
-    try:
-        for name, (k, v) in cases.items():
-            rows = k.size(0)
-            mask = torch.rand(rows, 1, 1, k.size(2)) < 0.7
-            mask[..., 0] = True
-            settings = [(m, cap, sinks) for m in (mask, mask[:1]) for cap, sinks in
-                        ((None, None), (5.0, None), (None, torch.randn(nh)))]  # per-row and shared masks
-            for mask, softcap_at, sinks in settings:
-                args = (q[:rows], k, v, mask, 0.3, softcap_at, sinks)
-                calls.clear()
-                with torch.inference_mode():
-                    got = single_query_attention(*args)
-                assert calls == ([1, threads] if threads > 1 and name != "long cache" else []), name
-                assert torch.get_num_threads() == threads
-                assert torch.equal(got, reference_single_query_attention(*args)), (name, mask.shape, softcap_at, sinks)
-                fp32 = reference_single_query_attention(*(a.float() if isinstance(a, torch.Tensor)
-                                                          and a.is_floating_point() else a for a in args))
-                torch.testing.assert_close(got.float(), fp32, atol=2e-2, rtol=2e-2)
-                assert torch.equal(single_query_attention(*args[:3], None, *args[4:]),
-                                   reference_single_query_attention(*args[:3], None, *args[4:])), name
-    finally:
-        set_threads(before)
+    for name, (k, v) in cases.items():
+        rows = k.size(0)
+        mask = torch.rand(rows, 1, 1, k.size(2)) < 0.7
+        mask[..., 0] = True
+        settings = [(m, cap, sinks) for m in (mask, mask[:1]) for cap, sinks in
+                    ((None, None), (5.0, None), (None, torch.randn(nh)))]  # per-row and shared masks
+        for mask, softcap_at, sinks in settings:
+            args = (q[:rows], k, v, mask, 0.3, softcap_at, sinks)
+            calls.clear()
+            with torch.inference_mode():
+                got = single_query_attention(*args)
+            assert calls == ([1, threads] if threads > 1 and name != "long cache" else []), name
+            assert torch.get_num_threads() == threads
+            assert torch.equal(got, reference_single_query_attention(*args)), (name, mask.shape, softcap_at, sinks)
+            fp32 = reference_single_query_attention(*(a.float() if isinstance(a, torch.Tensor)
+                                                      and a.is_floating_point() else a for a in args))
+            torch.testing.assert_close(got.float(), fp32, atol=2e-2, rtol=2e-2)
+            assert torch.equal(single_query_attention(*args[:3], None, *args[4:]),
+                               reference_single_query_attention(*args[:3], None, *args[4:])), name
 
 
 def test_tied_embeddings_share_storage(converted):

@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from litllm.errors import LitLLMError
 from litllm.train.preemption import REQUEUE_EXIT_CODE, StopOnSignal
-from conftest import slow_save_cli
+from conftest import assert_same_tensors, slow_save_cli
 from test_pretrain import env_with_tests, fixed_tokens_args, initial_model, read_losses  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,9 +119,7 @@ def test_sigterm_to_rank_zero_checkpoints_every_rank_and_resumes_bit_identical(i
     proc = subprocess.run([sys.executable, "-m", "litllm", *args, "--resume", "auto"], capture_output=True,
                           text=True, timeout=300, env=env_with_tests(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(str(straight / "final" / "lit_model.safetensors"))
-    b = load_file(str(stopped / "final" / "lit_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert_same_tensors(straight / "final" / "lit_model.safetensors", stopped / "final" / "lit_model.safetensors")
     assert read_losses(stopped) == read_losses(straight)
 
 

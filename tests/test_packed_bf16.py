@@ -28,34 +28,28 @@ def _bf16_config(**overrides):  # whole 64 x 64 blocks in every Linear
     return tiny_config(**{"n_embd": 64, "n_head": 4, "n_query_groups": 4, "intermediate_size": 128, **overrides})
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
     """One row and a batch of decode rows (2, 3 and 7: tiles of 4 and 2 rows and a last single one) on oneDNN's
     packed bytes: the fp32 sums of the bf16 products, rounded once to bf16 (within one bf16 rounding of the exact
     product); a prompt through the module is the eager `PackedLinear`'s oneDNN GEMM on the same packed weight, bit for
     bit."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        for n_out, n_in in ((64, 64), (192, 128), (1024, 256)):
-            linear = torch.nn.Linear(n_in, n_out, bias=True, dtype=torch.bfloat16)
-            blocks, onednn = onednn_bf16_blocks(linear.weight)
-            assert blocks.shape in [blocks_shape(n_out, n_in, block) for block in BF16_BLOCKS]
-            module = BlockedBf16Linear(n_in, n_out, blocks, onednn, linear.bias)
-            assert torch.equal(module.weight, linear.weight)  # what MLA's absorbed attention multiplies by
-            with torch.inference_mode():
-                for shape in ((1, 1, n_in), (2, 1, n_in), (3, 1, n_in), (7, 1, n_in)):
-                    x = torch.randn(shape, dtype=torch.bfloat16)
-                    exact = F.linear(x.double(), linear.weight.double())
-                    got = op(x, blocks, n_out)
-                    assert got.shape == (*shape[:-1], n_out) and got.dtype == torch.bfloat16
-                    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
-                    assert torch.equal(module(x), (got + linear.bias) if x.numel() == n_in else module(x))
-                prompt = torch.randn(1, 7, n_in, dtype=torch.bfloat16)
-                assert torch.equal(module(prompt), PackedLinear(linear)(prompt))
-    finally:
-        torch.set_num_threads(previous)
+    torch.manual_seed(0)
+    for n_out, n_in in ((64, 64), (192, 128), (1024, 256)):
+        linear = torch.nn.Linear(n_in, n_out, bias=True, dtype=torch.bfloat16)
+        blocks, onednn = onednn_bf16_blocks(linear.weight)
+        assert blocks.shape in [blocks_shape(n_out, n_in, block) for block in BF16_BLOCKS]
+        module = BlockedBf16Linear(n_in, n_out, blocks, onednn, linear.bias)
+        assert torch.equal(module.weight, linear.weight)  # what MLA's absorbed attention multiplies by
+        with torch.inference_mode():
+            for shape in ((1, 1, n_in), (2, 1, n_in), (3, 1, n_in), (7, 1, n_in)):
+                x = torch.randn(shape, dtype=torch.bfloat16)
+                exact = F.linear(x.double(), linear.weight.double())
+                got = op(x, blocks, n_out)
+                assert got.shape == (*shape[:-1], n_out) and got.dtype == torch.bfloat16
+                assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+                assert torch.equal(module(x), (got + linear.bias) if x.numel() == n_in else module(x))
+            prompt = torch.randn(1, 7, n_in, dtype=torch.bfloat16)
+            assert torch.equal(module(prompt), PackedLinear(linear)(prompt))
     with pytest.raises(RuntimeError, match="packed_bf16_linear"):
         op(torch.randn(1, 96, dtype=torch.bfloat16), blocks, 1024)  # 96 features: not the weight's
 

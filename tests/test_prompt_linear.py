@@ -42,35 +42,29 @@ def test_the_prompt_gemm_is_onednn_on_avx512_and_blas_on_avx2(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("threads", [1, 2])
 def test_prompt_linear_equals_linear(monkeypatch, threads):
     """Row- and column-major weights (the eager layout pick leaves fp32 ones either way), with and without a bias, 2 to
     33 rows: within fp32 rounding of a float64 product, on oneDNN; one row, recorded gradients and other dtypes are
     `F.linear` itself."""
     monkeypatch.setenv(PROMPT_GEMM_ENV, "onednn")
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for n_out, n_in in ((8, 96), (200, 64), (1000, 96)):
-                weight, bias = torch.randn(n_out, n_in), torch.randn(n_out)
-                for w in (weight, weight.t().contiguous().t()):
-                    for b in (None, bias):
-                        for rows in (2, 7, 33):
-                            x = torch.randn(1, rows, n_in)
-                            expected = F.linear(x.double(), w.double(), None if b is None else b.double())
-                            assert ran_onednn(lambda: prompt_linear(x, w, b))
-                            got = prompt_linear(x, w, b)
-                            assert got.shape == (1, rows, n_out) and got.dtype == torch.float32
-                            assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
-                    one = torch.randn(1, 1, n_in)
-                    assert not ran_onednn(lambda: prompt_linear(one, w, bias))
-                    assert torch.equal(prompt_linear(one, w, bias), F.linear(one, w, bias))
-                    x16 = torch.randn(3, n_in, dtype=torch.bfloat16)
-                    assert torch.equal(prompt_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))
-    finally:
-        torch.set_num_threads(previous)
+    with torch.inference_mode():
+        for n_out, n_in in ((8, 96), (200, 64), (1000, 96)):
+            weight, bias = torch.randn(n_out, n_in), torch.randn(n_out)
+            for w in (weight, weight.t().contiguous().t()):
+                for b in (None, bias):
+                    for rows in (2, 7, 33):
+                        x = torch.randn(1, rows, n_in)
+                        expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+                        assert ran_onednn(lambda: prompt_linear(x, w, b))
+                        got = prompt_linear(x, w, b)
+                        assert got.shape == (1, rows, n_out) and got.dtype == torch.float32
+                        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+                one = torch.randn(1, 1, n_in)
+                assert not ran_onednn(lambda: prompt_linear(one, w, bias))
+                assert torch.equal(prompt_linear(one, w, bias), F.linear(one, w, bias))
+                x16 = torch.randn(3, n_in, dtype=torch.bfloat16)
+                assert torch.equal(prompt_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))
     x, w = torch.randn(4, 8), torch.randn(6, 8, requires_grad=True)
     prompt_linear(x, w).sum().backward()  # training: F.linear, with its backward
     assert torch.equal(w.grad, x.sum(0).expand(6, 8))
@@ -109,34 +103,30 @@ def test_the_engines_prefill_takes_the_prompt_gemm(monkeypatch, mode, layout, th
         uncached = model(torch.tensor([prompt]))[0, -1]
     if mode != "none":
         quantize_model(model, mode, "cpu")
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        if layout == "compiled":
-            unpack_weights(model)
-        else:
-            optimize_for_decoding(model, layout="onednn-packed" if layout == "eager-packed" else "column-major")
-        kinds = {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
-        row_split = layout == "compiled" and wants_row_split() and row_split_op() is not None
-        if mode == "none":
-            assert kinds == {PackedLinear if layout == "eager-packed" else RowSplitLinear if row_split else PromptLinear}
-        firsts, logits = {}, {}
-        for gemm in ("onednn", "blas"):
-            monkeypatch.setenv(PROMPT_GEMM_ENV, gemm)
-            engine = Engine(model, None, 1, 32, threads=threads)
-            engine.add(Request(prompt, 3))
-            with torch.inference_mode():
-                prefill = engine._prefill_logits
-                engine._prefill_logits = lambda *a, p=prefill, g=gemm: logits.setdefault(g, p(*a))
-                outputs = []
-                onednn = ran_onednn(lambda: outputs.extend(engine.step()))  # the first step: the prefill
-                assert onednn == (gemm == "onednn" or layout == "eager-packed")
-                while engine.has_unfinished:
-                    outputs += engine.step()
-            firsts[gemm] = [t for out in outputs for t in out.token_ids]
-            engine.close()
-    finally:
-        torch.set_num_threads(previous)
+    if layout == "compiled":
+        unpack_weights(model)
+    else:
+        optimize_for_decoding(model, layout="onednn-packed" if layout == "eager-packed" else "column-major")
+    kinds = {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+    row_split = layout == "compiled" and wants_row_split() and row_split_op() is not None
+    if mode == "none":
+        assert kinds == {PackedLinear if layout == "eager-packed" else RowSplitLinear if row_split else PromptLinear}
+    firsts, logits = {}, {}
+    for gemm in ("onednn", "blas"):
+        monkeypatch.setenv(PROMPT_GEMM_ENV, gemm)
+        engine = Engine(model, None, 1, 32, threads=threads)
+        engine.add(Request(prompt, 3))
+        with torch.inference_mode():
+            prefill = engine._prefill_logits
+            engine._prefill_logits = lambda *a, p=prefill, g=gemm: logits.setdefault(g, p(*a))
+            outputs = []
+            onednn = ran_onednn(lambda: outputs.extend(engine.step()))  # the first step: the prefill
+            assert onednn == (gemm == "onednn" or layout == "eager-packed")
+            while engine.has_unfinished:
+                outputs += engine.step()
+        firsts[gemm] = [t for out in outputs for t in out.token_ids]
+        engine.close()
     assert firsts["onednn"] == firsts["blas"] and len(firsts["blas"]) == 3
     if mode == "none":
         for got in logits.values():

@@ -25,40 +25,33 @@ def op():
     return found
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_row_split_linear_equals_linear(op, threads):
     """One row, any output width (blocks of 64 rows and a ragged last one) and layout (row- or column-major, as the
     eager layout pick leaves fp32 weights): within fp32 rounding of `F.linear`, eager and (the widest, column-major)
     compiled; more rows go through `prompt_linear` (a prompt's GEMM) itself."""
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out in (8, 64, 200, 1000):
-            weight = torch.randn(n_out, 96)
-            for w in (weight, weight.t().contiguous().t()):
-                row = torch.randn(1, 1, 96)
-                expected = F.linear(row.double(), w.double()).float()
-                got = op(row, w)
-                assert got.shape == (1, 1, n_out)
-                assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-                linear = RowSplitLinear(96, n_out, bias=True)
-                linear.weight = torch.nn.Parameter(w, requires_grad=False)
-                rows = torch.randn(2, 3, 96)
-                with torch.inference_mode():
-                    assert torch.equal(linear(rows), prompt_linear(rows, w, linear.bias))
-                    got = linear(row)
-                    assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
-        with torch.inference_mode():  # the last one: (1000, 96), column-major
-            got = torch.compile(linear, fullgraph=True)(row)
-        assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
-    finally:
-        torch.set_num_threads(previous)
+    for n_out in (8, 64, 200, 1000):
+        weight = torch.randn(n_out, 96)
+        for w in (weight, weight.t().contiguous().t()):
+            row = torch.randn(1, 1, 96)
+            expected = F.linear(row.double(), w.double()).float()
+            got = op(row, w)
+            assert got.shape == (1, 1, n_out)
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+            linear = RowSplitLinear(96, n_out, bias=True)
+            linear.weight = torch.nn.Parameter(w, requires_grad=False)
+            rows = torch.randn(2, 3, 96)
+            with torch.inference_mode():
+                assert torch.equal(linear(rows), prompt_linear(rows, w, linear.bias))
+                got = linear(row)
+                assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
+    with torch.inference_mode():  # the last one: (1000, 96), column-major
+        got = torch.compile(linear, fullgraph=True)(row)
+    assert (got - F.linear(row, w, linear.bias)).abs().max() <= 1e-5 * expected.abs().max()
     with pytest.raises(RuntimeError, match="features"):
         op(torch.randn(1, 95), torch.randn(8, 96))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_the_avx512_kernel_equals_float64_on_odd_shapes(op, threads):
     """The op's AVX-512 kernel (a row-major weight: 4 rows at a time, then one; 32 values a step, then whole and
     masked vectors of 16) within fp32 rounding of the float64 product for widths that leave every tail ragged (K and N
@@ -67,25 +60,19 @@ def test_the_avx512_kernel_equals_float64_on_odd_shapes(op, threads):
     if row_split_kernel() != "avx512":
         pytest.skip("no AVX-512 here: the op's chunks are MKL's GEMV")
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in in ((1, 1), (3, 5), (5, 17), (37, 31), (9, 33), (1000, 100), (203, 772), (70, 2053)):
-            for w in (torch.randn(n_out, n_in), torch.randn(n_out, n_in + 11)[:, :n_in]):
-                row = torch.randn(1, n_in)
-                expected = row.double() @ w.double().t()
-                bound = 1e-6 * (row.double().abs() @ w.double().abs().t())  # fp32 sums of n_in products: ~n_in * 2^-24
-                for kernel in (op, torch.ops.litllm_cpu.row_split_linear_blas):
-                    got = kernel(row, w)
-                    assert got.shape == (1, n_out)
-                    assert ((got.double() - expected).abs() <= bound * max(1, n_in / 64)).all(), (kernel, n_out, n_in)
-            if n_in >= 100:  # the two sum in other orders: some of the last bits differ (the kernel ran, not MKL's)
-                assert not torch.equal(op(row, w), torch.ops.litllm_cpu.row_split_linear_blas(row, w))
-    finally:
-        torch.set_num_threads(previous)
+    for n_out, n_in in ((1, 1), (3, 5), (5, 17), (37, 31), (9, 33), (1000, 100), (203, 772), (70, 2053)):
+        for w in (torch.randn(n_out, n_in), torch.randn(n_out, n_in + 11)[:, :n_in]):
+            row = torch.randn(1, n_in)
+            expected = row.double() @ w.double().t()
+            bound = 1e-6 * (row.double().abs() @ w.double().abs().t())  # fp32 sums of n_in products: ~n_in * 2^-24
+            for kernel in (op, torch.ops.litllm_cpu.row_split_linear_blas):
+                got = kernel(row, w)
+                assert got.shape == (1, n_out)
+                assert ((got.double() - expected).abs() <= bound * max(1, n_in / 64)).all(), (kernel, n_out, n_in)
+        if n_in >= 100:  # the two sum in other orders: some of the last bits differ (the kernel ran, not MKL's)
+            assert not torch.equal(op(row, w), torch.ops.litllm_cpu.row_split_linear_blas(row, w))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_a_compiled_fp32_step_multiplies_by_the_row_split_op(op, threads):
     """With a thread budget > 1, or on an AVX-512 CPU (the op's own kernel) at 1 too, every fp32 Linear of a compiled
     CPU step (the tied head too) becomes a `RowSplitLinear` whose compiled code calls the op, and the step's logits
@@ -96,23 +83,18 @@ def test_a_compiled_fp32_step_multiplies_by_the_row_split_op(op, threads):
     from litllm.compile_decode import cpu_compile_options, steps_folder, unpack_weights
 
     split = threads > 1 or row_split_kernel() == "avx512"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        model = GPT(tiny_config()).eval()
-        model.set_kv_cache(1, 32)
-        step = lambda: model.decode(torch.tensor([[3]]), input_pos=torch.tensor([[0]]))  # noqa: E731
-        with torch.no_grad():
-            expected = step()
-            folder = steps_folder(model)
-            unpack_weights(model)  # as a compiled step does
-            assert steps_folder(model) == folder  # the saved step's key, before and after
-            linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-            assert linears and all((type(m) is RowSplitLinear) == split for m in linears)
-            got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
-    finally:
-        torch.set_num_threads(previous)
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    model.set_kv_cache(1, 32)
+    step = lambda: model.decode(torch.tensor([[3]]), input_pos=torch.tensor([[0]]))  # noqa: E731
+    with torch.no_grad():
+        expected = step()
+        folder = steps_folder(model)
+        unpack_weights(model)  # as a compiled step does
+        assert steps_folder(model) == folder  # the saved step's key, before and after
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all((type(m) is RowSplitLinear) == split for m in linears)
+        got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
     assert ("row_split_linear" in "".join(code)) == split
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
@@ -147,28 +129,20 @@ def test_row_split_can_be_turned_off(monkeypatch):
     from litllm.compile_decode import unpack_weights
 
     monkeypatch.setenv("LITLLM_ROW_SPLIT", "0")
-    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        model = GPT(tiny_config()).eval()
-        unpack_weights(model)
-    finally:
-        torch.set_num_threads(previous)
+    model = GPT(tiny_config()).eval()
+    unpack_weights(model)
     assert not any(isinstance(m, RowSplitLinear) for m in model.modules())
 
 
 def test_row_split_linear_runs_under_inference_mode_on_every_thread(op):
     """The engine decodes under `torch.inference_mode()`: the op's worker threads write the inference tensor it
     returns (they failed when they did not take the caller's thread-local state)."""
-    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        w, row = torch.randn(512, 64), torch.randn(1, 64)
-        with torch.inference_mode():
-            got = op(row, w)
-        assert (got - F.linear(row, w)).abs().max() <= 1e-5 * got.abs().max()
-    finally:
-        torch.set_num_threads(previous)
+    w, row = torch.randn(512, 64), torch.randn(1, 64)
+    with torch.inference_mode():
+        got = op(row, w)
+    assert (got - F.linear(row, w)).abs().max() <= 1e-5 * got.abs().max()
 
 
 def test_a_row_split_linear_trains_as_a_linear(op):
@@ -196,7 +170,6 @@ def int8_op():
     return found
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_int8_rows_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     """`litllm_cpu::int8_rows_linear` (AVX-512 VNNI): activations rounded per block as llama.cpp's q8_0 rounds them
     (`litllm.quantize._block_quantized`) times row-major int8 weights (-128 included: vpdpbusd takes |w| unsigned) and
@@ -206,31 +179,25 @@ def test_int8_rows_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     from litllm.quantize import _block_quantized
 
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (64, 2048, 32), (50, 36, 4), (33, 96, 32), (3, 64, 32)):
-            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
-            w[0] = -128
-            scales, x = torch.rand(n_out), torch.randn(3, n_in) * torch.linspace(0.05, 3, n_in)
-            x[0, :block or 8] = 0  # an all-zero block stays zero
-            words = w.view(torch.int32).view(torch.float32)  # the layers' fp32-typed carrier, 4 weights a word
-            rounded = _block_quantized(x, block)
-            expected = (rounded.double() @ w.double().t()) * scales.double()
-            got = int8_op(x, words, scales, block)
-            assert got.shape == (3, n_out)
-            assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
-            unrounded = (x.double() @ w.double().t()) * scales.double()  # the rounding is checked: it changes the product
-            assert float((unrounded - expected).norm() / expected.norm()) > 1e-4
-    finally:
-        torch.set_num_threads(previous)
+    for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (64, 2048, 32), (50, 36, 4), (33, 96, 32), (3, 64, 32)):
+        w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+        w[0] = -128
+        scales, x = torch.rand(n_out), torch.randn(3, n_in) * torch.linspace(0.05, 3, n_in)
+        x[0, :block or 8] = 0  # an all-zero block stays zero
+        words = w.view(torch.int32).view(torch.float32)  # the layers' fp32-typed carrier, 4 weights a word
+        rounded = _block_quantized(x, block)
+        expected = (rounded.double() @ w.double().t()) * scales.double()
+        got = int8_op(x, words, scales, block)
+        assert got.shape == (3, n_out)
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
+        unrounded = (x.double() @ w.double().t()) * scales.double()  # the rounding is checked: it changes the product
+        assert float((unrounded - expected).norm() / expected.norm()) > 1e-4
     with pytest.raises(RuntimeError, match="int8_rows_linear"):
         int8_op(torch.randn(1, 96), torch.zeros(8, 24), torch.ones(8), 6)  # a block no multiple of 4
     with pytest.raises(RuntimeError, match="int8_rows_linear"):
         int8_op(torch.randn(1, 96), torch.zeros(8, 24), torch.ones(8), 0)  # no block: not int8 activations
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     """`litllm_cpu::int8_prompt_linear` (the int8 layers' eager prefill on AVX-512 VNNI CPUs): many rows times row-major
     int8 weights (-128 included) and a scale per row, int8dq's rows rounded per block as q8_0 rounds them (`block`),
@@ -246,26 +213,21 @@ def test_int8_prompt_op_equals_its_plain_torch_arithmetic(int8_op, threads):
     prompt_op = int8_prompt_op()
     assert prompt_op is not None  # the same library as the decode op's, loaded by the fixture
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (50, 36, 4), (33, 96, 32), (3, 64, 32),
-                                   (293, 64, 32), (16, 64, 32), (48, 160, 16), (5, 99, 0)):
-            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
-            w[0] = -128
-            scales = torch.rand(n_out)
-            for n_rows in (1, 5, 7, 8, 10, 13, 17, 70):
-                x = torch.randn(n_rows, n_in) * torch.linspace(0.05, 3, n_in)
-                x[0, :block] = 0  # an all-zero block stays zero
-                for rounded_block in dict.fromkeys((block, 0)):
-                    rows = _block_quantized(x, rounded_block) if rounded_block else x
-                    expected = (rows.double() @ w.double().t()) * scales.double()
-                    for weights in (w, w.view(torch.int32).view(torch.float32)) if n_in % 4 == 0 else (w,):
-                        got = prompt_op(x, weights, scales, rounded_block)
-                        assert got.shape == (n_rows, n_out)
-                        assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
-    finally:
-        torch.set_num_threads(previous)
+    for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (50, 36, 4), (33, 96, 32), (3, 64, 32),
+                               (293, 64, 32), (16, 64, 32), (48, 160, 16), (5, 99, 0)):
+        w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+        w[0] = -128
+        scales = torch.rand(n_out)
+        for n_rows in (1, 5, 7, 8, 10, 13, 17, 70):
+            x = torch.randn(n_rows, n_in) * torch.linspace(0.05, 3, n_in)
+            x[0, :block] = 0  # an all-zero block stays zero
+            for rounded_block in dict.fromkeys((block, 0)):
+                rows = _block_quantized(x, rounded_block) if rounded_block else x
+                expected = (rows.double() @ w.double().t()) * scales.double()
+                for weights in (w, w.view(torch.int32).view(torch.float32)) if n_in % 4 == 0 else (w,):
+                    got = prompt_op(x, weights, scales, rounded_block)
+                    assert got.shape == (n_rows, n_out)
+                    assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
     with pytest.raises(RuntimeError, match="int8_prompt_linear"):
         prompt_op(torch.randn(2, 96), torch.zeros(8, 96, dtype=torch.int8), torch.ones(8), 6)  # no multiple of 4
     with pytest.raises(RuntimeError, match="int8_prompt_linear"):
@@ -309,7 +271,6 @@ def int8wo_activations(n_rows: int, n_in: int) -> dict[str, torch.Tensor]:
     return {"ramp": x, "outliers": outliers, "massive": massive, "zero row": zero, "denormal": x * 1e-39}
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
     """`litllm_cpu::int8wo_rows_linear` (AVX-512) and its fp32 kernel alone (`int8wo_rows_linear_fma`, what it runs
     without VNNI): unrounded fp32 activations times row-major int8 weights (-128 and 127 included) and a scale per row,
@@ -326,40 +287,34 @@ def test_int8wo_rows_op_equals_its_plain_torch_arithmetic(threads):
         pytest.skip("no AVX-512 here (or the op does not build): int8wo steps keep inductor's reduction")
     fma = torch.ops.litllm_cpu.int8wo_rows_linear_fma
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in in ((200, 768), (37, 100), (64, 2048), (50, 36), (3, 4), (1000, 772), (9, 5640)):
-            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
-            w[0], w[-1] = -128, 127
-            scales, words = torch.rand(n_out), w.view(torch.int32).view(torch.float32)  # the layers' carrier
-            for n_rows in (1, 3):
-                for kind, x in int8wo_activations(n_rows, n_in).items():
-                    expected = (x.double() @ w.double().t()) * scales.double()
-                    for kernel in (op, fma):
-                        got = kernel(x, words, scales)
-                        assert got.shape == (n_rows, n_out)
-                        error = (got.double() - expected).norm() / expected.norm().clamp_min(1e-300)
-                        assert float(error) < 1e-6, (kernel, n_out, n_in, kind)
-                    if has_avx512_vnni():  # each output: its fp32 rounding (denormal too), 2^-30 absmax per x
-                        bound = (2.0**-23 * expected.abs() + 2.0**-149 + 2.0**-30
-                                 * x.double().abs().amax(-1, keepdim=True) * w.double().abs().sum(-1) * scales.double())
-                        assert ((op(x, words, scales).double() - expected).abs() <= bound).all(), (n_out, n_in, kind)
-        x = torch.randn(3, 100)
-        x[0, 7], x[1, 50] = float("nan"), float("inf")
-        w = torch.randint(-128, 128, (37, 100), dtype=torch.int8).view(torch.int32).view(torch.float32)
-        scales = torch.rand(37)
-        got = op(x, w, scales)  # NaN and inf rows: the fp32 kernel's sums, which carry them
-        torch.testing.assert_close(got, fma(x, w, scales), rtol=0, atol=0, equal_nan=True)
-        assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
-    finally:
-        torch.set_num_threads(previous)
+    for n_out, n_in in ((200, 768), (37, 100), (64, 2048), (50, 36), (3, 4), (1000, 772), (9, 5640)):
+        w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+        w[0], w[-1] = -128, 127
+        scales, words = torch.rand(n_out), w.view(torch.int32).view(torch.float32)  # the layers' carrier
+        for n_rows in (1, 3):
+            for kind, x in int8wo_activations(n_rows, n_in).items():
+                expected = (x.double() @ w.double().t()) * scales.double()
+                for kernel in (op, fma):
+                    got = kernel(x, words, scales)
+                    assert got.shape == (n_rows, n_out)
+                    error = (got.double() - expected).norm() / expected.norm().clamp_min(1e-300)
+                    assert float(error) < 1e-6, (kernel, n_out, n_in, kind)
+                if has_avx512_vnni():  # each output: its fp32 rounding (denormal too), 2^-30 absmax per x
+                    bound = (2.0**-23 * expected.abs() + 2.0**-149 + 2.0**-30
+                             * x.double().abs().amax(-1, keepdim=True) * w.double().abs().sum(-1) * scales.double())
+                    assert ((op(x, words, scales).double() - expected).abs() <= bound).all(), (n_out, n_in, kind)
+    x = torch.randn(3, 100)
+    x[0, 7], x[1, 50] = float("nan"), float("inf")
+    w = torch.randint(-128, 128, (37, 100), dtype=torch.int8).view(torch.int32).view(torch.float32)
+    scales = torch.rand(37)
+    got = op(x, w, scales)  # NaN and inf rows: the fp32 kernel's sums, which carry them
+    torch.testing.assert_close(got, fma(x, w, scales), rtol=0, atol=0, equal_nan=True)
+    assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
     for kernel in (op, fma):
         with pytest.raises(RuntimeError, match="int8wo_rows_linear"):
             kernel(torch.randn(1, 98), torch.zeros(8, 24), torch.ones(8))  # 98 activations for 96 weights a row
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_int8_packed_rows_op_equals_the_row_major_ops(int8_op, threads):
     """`litllm_cpu::int8_packed_rows_linear` (the int8 compiled steps' op on AVX-512 VNNI CPUs) on the weights laid out
     16 output rows a vector (`litllm.quantize.pack_int8_rows`, which `unpack_int8_rows` undoes): int8dq (`block`)
@@ -376,36 +331,31 @@ def test_int8_packed_rows_op_equals_the_row_major_ops(int8_op, threads):
     op, wo, prompt = (torch.ops.litllm_cpu.int8_packed_rows_linear, int8wo_rows_op(),
                       torch.ops.litllm_cpu.int8_prompt_linear)
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (64, 2048, 32), (50, 36, 4), (3, 64, 32),
-                                   (1000, 772, 4), (9, 5640, 8)):
-            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
-            w[0], w[-1] = -128, 127
-            scales, packed = torch.rand(n_out), pack_int8_rows(w)
-            assert packed.shape == ((n_out + 15) // 16, n_in // 4, 16)
-            assert torch.equal(unpack_int8_rows(packed, 1, n_out), w[1:])
-            for kind, x in int8wo_activations(3, n_in).items():
-                x[0, :block] = 0  # an all-zero block stays zero
-                words = w.view(torch.int32).view(torch.float32)
-                assert torch.equal(op(x, packed, scales, 0), wo(x, words, scales)), (n_out, n_in, kind)
-                if kind == "denormal":  # int8dq: q8_0's scale 1 / d overflows (the reference's too: NaN)
-                    continue
-                expected = (_block_quantized(x, block).double() @ w.double().t()) * scales.double()
-                got = op(x, packed, scales, block)
-                assert got.shape == (3, n_out)
-                assert float((got.double() - expected).norm() / expected.norm()) < 1e-6, (n_out, n_in, kind)
-                if kind == "ramp":
-                    from_prompt = prompt(x, packed, scales, block)
-                    assert float((from_prompt.double() - expected).norm() / expected.norm()) < 1e-6
-        x = torch.randn(3, 100)
-        x[0, 7], x[1, 50] = float("nan"), float("inf")
-        w = torch.randint(-128, 128, (37, 100), dtype=torch.int8)
-        got = op(x, pack_int8_rows(w), torch.rand(37), 0)
-        assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
-    finally:
-        torch.set_num_threads(previous)
+    for n_out, n_in, block in ((200, 768, 32), (37, 100, 4), (64, 2048, 32), (50, 36, 4), (3, 64, 32),
+                               (1000, 772, 4), (9, 5640, 8)):
+        w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+        w[0], w[-1] = -128, 127
+        scales, packed = torch.rand(n_out), pack_int8_rows(w)
+        assert packed.shape == ((n_out + 15) // 16, n_in // 4, 16)
+        assert torch.equal(unpack_int8_rows(packed, 1, n_out), w[1:])
+        for kind, x in int8wo_activations(3, n_in).items():
+            x[0, :block] = 0  # an all-zero block stays zero
+            words = w.view(torch.int32).view(torch.float32)
+            assert torch.equal(op(x, packed, scales, 0), wo(x, words, scales)), (n_out, n_in, kind)
+            if kind == "denormal":  # int8dq: q8_0's scale 1 / d overflows (the reference's too: NaN)
+                continue
+            expected = (_block_quantized(x, block).double() @ w.double().t()) * scales.double()
+            got = op(x, packed, scales, block)
+            assert got.shape == (3, n_out)
+            assert float((got.double() - expected).norm() / expected.norm()) < 1e-6, (n_out, n_in, kind)
+            if kind == "ramp":
+                from_prompt = prompt(x, packed, scales, block)
+                assert float((from_prompt.double() - expected).norm() / expected.norm()) < 1e-6
+    x = torch.randn(3, 100)
+    x[0, 7], x[1, 50] = float("nan"), float("inf")
+    w = torch.randint(-128, 128, (37, 100), dtype=torch.int8)
+    got = op(x, pack_int8_rows(w), torch.rand(37), 0)
+    assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
     packed = pack_int8_rows(torch.zeros(20, 96, dtype=torch.int8))
     for bad in ((torch.randn(1, 96), packed, torch.ones(33), 32),  # 33 outputs for 2 groups of 16
                 (torch.randn(1, 100), packed, torch.ones(20), 4),  # 100 activations for 96 weights a row
@@ -415,7 +365,6 @@ def test_int8_packed_rows_op_equals_the_row_major_ops(int8_op, threads):
             op(*bad)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_int8wo_packed_rows_amx_equals_vnni(int8_op, threads, monkeypatch):
     """On CPUs with AMX-INT8, int8wo's packed-rows op (block 0) sums through AMX tiles (up to 4 activation rows' digits
     a tile; from 2 rows, and from one with `LITLLM_INT8_AMX=1`) and its VNNI kernel (`LITLLM_INT8_AMX=0`) through
@@ -431,26 +380,21 @@ def test_int8wo_packed_rows_amx_equals_vnni(int8_op, threads, monkeypatch):
         pytest.skip("no AMX-INT8 here: int8wo's packed rows run the VNNI kernel only")
     op = torch.ops.litllm_cpu.int8_packed_rows_linear
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n_out, n_in in ((200, 768), (37, 100), (50, 36), (33, 196), (1000, 772), (9, 5640), (32000, 768)):
-            w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
-            w[0], w[-1] = -128, 127
-            packed, scales = pack_int8_rows(w), torch.rand(n_out)
-            for n_rows in (1, 2, 5, 9):
-                for kind, x in int8wo_activations(n_rows, n_in).items():
-                    if n_rows == 5 and kind == "ramp":
-                        x[3, n_in // 3] = float("nan")
-                    monkeypatch.setenv(INT8_AMX_ENV, "0")
-                    vnni = op(x, packed, scales, 0)
-                    monkeypatch.setenv(INT8_AMX_ENV, "1")
-                    amx = op(x, packed, scales, 0)
-                    torch.testing.assert_close(amx, vnni, rtol=0, atol=0, equal_nan=True,
-                                               msg=f"{n_out} x {n_in}, {n_rows} rows, {kind}")
-                    monkeypatch.delenv(INT8_AMX_ENV)
-                    torch.testing.assert_close(op(x, packed, scales, 0), vnni, rtol=0, atol=0, equal_nan=True)
-                    if n_out > 1000:  # the head: one row kind is enough (the others cost ~1 s)
-                        break
-    finally:
-        torch.set_num_threads(previous)
+    for n_out, n_in in ((200, 768), (37, 100), (50, 36), (33, 196), (1000, 772), (9, 5640), (32000, 768)):
+        w = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8)
+        w[0], w[-1] = -128, 127
+        packed, scales = pack_int8_rows(w), torch.rand(n_out)
+        for n_rows in (1, 2, 5, 9):
+            for kind, x in int8wo_activations(n_rows, n_in).items():
+                if n_rows == 5 and kind == "ramp":
+                    x[3, n_in // 3] = float("nan")
+                monkeypatch.setenv(INT8_AMX_ENV, "0")
+                vnni = op(x, packed, scales, 0)
+                monkeypatch.setenv(INT8_AMX_ENV, "1")
+                amx = op(x, packed, scales, 0)
+                torch.testing.assert_close(amx, vnni, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{n_out} x {n_in}, {n_rows} rows, {kind}")
+                monkeypatch.delenv(INT8_AMX_ENV)
+                torch.testing.assert_close(op(x, packed, scales, 0), vnni, rtol=0, atol=0, equal_nan=True)
+                if n_out > 1000:  # the head: one row kind is enough (the others cost ~1 s)
+                    break

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from conftest import make_converted_checkpoint
+from conftest import assert_same_tensors, make_converted_checkpoint
 from litllm.__main__ import main as cli
 from litllm.train.preemption import REQUEUE_EXIT_CODE
 from test_pretrain import env_with_tests, fixed_tokens_args, initial_model, read_losses  # noqa: F401 (fixture)
@@ -132,9 +131,7 @@ def test_preempted_job_is_requeued_and_ends_bit_identical(two_node_run, slurm, i
     assert f"Resuming from {out / f'step-{int(stopped[0]):08d}'}" in log
     assert log.count("Saved the final model") == 1
     uninterrupted, _ = two_node_run
-    a = load_file(str(uninterrupted / "final" / "lit_model.safetensors"))
-    b = load_file(str(out / "final" / "lit_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert_same_tensors(uninterrupted / "final" / "lit_model.safetensors", out / "final" / "lit_model.safetensors")
     assert read_losses(out) == read_losses(uninterrupted)
 
 
