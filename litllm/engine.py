@@ -769,19 +769,26 @@ class Engine:
         return int(sample(logits, s.temperature, s.top_k, s.top_p, row.generator)[0])
 
     def _pick(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> list[int]:
-        """Next token of every slot (B,): one argmax for all rows, then each sampling row on its own, on the
-        device; one read back to the host for all of them. Rows with a grammar pick from their masked logits."""
+        """Next token of every slot (B,): one argmax for all rows, then the sampling rows: the distribution of all the
+        rows of one sampling setting at once (those rows only), each row drawn with its own generator, on the device;
+        one read back to the host for all of them. Rows with a grammar pick from their masked logits."""
         logits = self._masked(logits, running)
         picked = greedy(logits)  # (B,)
-        probs: dict[tuple, torch.Tensor] = {}  # the distribution of every row, once per sampling setting (B, vocab)
+        settings: dict[tuple, list[tuple[int, _Row]]] = {}  # the sampling rows of each (temperature, top_k, top_p)
         for slot, row in running:
             s = row.request.sampling
             if s.temperature > 0:
+                settings.setdefault((s.temperature, s.top_k, s.top_p), []).append((slot, row))
+        for setting, rows in settings.items():
+            try:
+                probs = sampling_probs(logits[[slot for slot, _ in rows]], *setting)  # (len(rows), vocab)
+            except Exception as e:
+                for slot, row in rows:
+                    self._fail(slot, row, e)
+                continue
+            for i, (slot, row) in enumerate(rows):
                 try:
-                    key = (s.temperature, s.top_k, s.top_p)
-                    if key not in probs:
-                        probs[key] = sampling_probs(logits, *key)
-                    picked[slot] = torch.multinomial(probs[key][slot: slot + 1], 1, generator=row.generator)[0, 0]
+                    picked[slot] = torch.multinomial(probs[i: i + 1], 1, generator=row.generator)[0, 0]
                 except Exception as e:
                     self._fail(slot, row, e)
         self._tokens.copy_(picked[:, None])
