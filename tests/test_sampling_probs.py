@@ -165,3 +165,14 @@ def test_a_rows_distribution_does_not_depend_on_its_batch():
         together = sampling_probs(batch, 0.7, top_k, top_p)
         for i, row in enumerate(batch):
             assert torch.equal(together[i], sampling_probs(row[None], 0.7, top_k, top_p)[0]), (i, top_k, top_p)
+
+
+def test_rows_without_a_distribution_stay_nan():
+    """A row with a NaN or +inf logit, or all -inf, gives NaN probabilities as before (the engine's draw then fails
+    that request alone), whatever the settings, and leaves the other rows of its batch as they are alone."""
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(5))
+    logits[0, 5], logits[1, 7], logits[2] = float("nan"), float("inf"), float("-inf")
+    for top_k, top_p in ((50, 0.9), (None, 0.9), (50, 1.0), (None, 1.0)):
+        probs = sampling_probs(logits, 0.7, top_k, top_p)
+        assert probs[:3].isnan().all() and sort_nucleus_probs(logits[:3], 0.7, top_k, top_p).isnan().all()
+        assert torch.equal(probs[3], sampling_probs(logits[3:], 0.7, top_k, top_p)[0]), (top_k, top_p)
