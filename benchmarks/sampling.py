@@ -6,9 +6,9 @@ probabilities) against the one it replaced, which sorted the whole vocabulary of
 (`torch.multinomial` of one row with its own generator, as `Engine._pick` does: not changed).
 
 The logits are N(0, spread^2) rows of `--vocab` tokens: spread 1 leaves a wide nucleus at temperature 0.7 (~14000 of
-32000 tokens for top_p 0.9: the whole row must be ranked), 3 a few dozen to hundreds, 6 a handful (a trained model's
-usual case); the nucleus sizes are printed. CPU ms per call (the process's CPU time), best and median over rounds, and
-old / new.
+32000 tokens for top_p 0.9: the whole row must be ranked), 3 a few dozen to hundreds, 6 a handful (peaked rows, as a
+trained model's often are); the nucleus sizes are printed. CPU ms per call (the process's CPU time), best and median
+over rounds, and old / new.
 
 `--engine`: instead, whole `Engine.step()`s of a small random Llama (vocab 32000, 2 layers of 128, eager) decoding
 `--rows` seeded requests at once with top_k 50 / top_p 0.9 / both, `sampling_probs` as now or the sort's, alternating:
