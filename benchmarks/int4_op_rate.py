@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
-from contextlib import contextmanager
+from pathlib import Path
 
 import litllm  # noqa: F401  (before torch, as litllm's commands: bounds OpenMP's spin-wait, litllm.bound_omp_spin)
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_threads import env_set  # noqa: E402
 
 SHAPES = [(2304, 768), (768, 768), (4096, 768), (768, 2048)]  # (out, in) of one layer of the benchmark Llama
 
@@ -53,18 +57,6 @@ def litllm_kernel(pair):
     ours = pair[1]
     return lambda x: torch.ops.litllm_cpu.int4_rows_linear(x, ours.packed, ours.scale_zero, ours.group,
                                                            ours.out_features)
-
-
-@contextmanager
-def env_set(name: str, value: str | None):
-    """`$name` set to `value` (None: left as it is) inside the block, as it was afterwards."""
-    before = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None) if before is None else os.environ.__setitem__(name, before)
 
 
 def main() -> None:
