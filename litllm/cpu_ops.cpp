@@ -2356,7 +2356,7 @@ static void int4_store_rows(const float* out, int64_t rows, int64_t n, uint16_t*
 // Each bf16 pair's products are exact in fp32 and summed in fp32, as by vdpbf16ps, in another order: the outputs differ
 // from the AVX-512 kernel's by fp32 rounding (tests: the float64 bound both are held to). Measured
 // (`benchmarks/int4_op_rate.py`, the host loaded): 2 rows 1.5x, 4 rows 2.2x, 16 rows 4.7x the AVX-512 kernel's speed;
-// one row (weights from L3) 0.86-1.00x and its compiled step 0.91-0.96x, so one row keeps the AVX-512 kernel.
+// one row (weights from L3) 0.86-1.00x and its compiled step 0.86-0.96x, so one row keeps the AVX-512 kernel.
 constexpr int kInt4AmxAhead = 4;  // chunks of 32 inputs unpacked ahead of their tiles, in a ring of 2 * kInt4AmxAhead
 constexpr int64_t kInt4AmxMinRows = 2;  // x rows from which the tiles run (`$LITLLM_INT4_AMX=1`: from one)
 
