@@ -1243,17 +1243,23 @@ static bool amx_int8_granted() {
   return granted;
 }
 
-// From how many x rows int8wo's packed rows take the tiles where AMX-INT8 is granted: kAmxMinRows, `$LITLLM_INT8_AMX`
-// 1/true/yes/on from one row, 0/false/no/off never (as litllm.utils.switched_off reads a switch; read each call, so
-// that a benchmark alternates the kernels in one process)
-static int64_t int8wo_amx_min_rows() {
-  const char* env = std::getenv("LITLLM_INT8_AMX");
+// A switch in the environment as litllm.utils.switched_off reads one: 0 for 0/false/no/off, 1 for 1/true/yes/on, -1
+// unset or else (read each call, so that a benchmark alternates kernels in one process)
+static int env_switch(const char* name) {
+  const char* env = std::getenv(name);
   std::string v;
   for (const char* p = env ? env : ""; *p; ++p)
     if (!std::isspace(static_cast<unsigned char>(*p)))
       v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
-  if (v == "0" || v == "false" || v == "no" || v == "off") return std::numeric_limits<int64_t>::max();
-  return v == "1" || v == "true" || v == "yes" || v == "on" ? 1 : kAmxMinRows;
+  if (v == "0" || v == "false" || v == "no" || v == "off") return 0;
+  return v == "1" || v == "true" || v == "yes" || v == "on" ? 1 : -1;
+}
+
+// From how many x rows int8wo's packed rows take the tiles where AMX-INT8 is granted: kAmxMinRows, `$LITLLM_INT8_AMX`
+// on from one row, off never
+static int64_t int8wo_amx_min_rows() {
+  const int on = env_switch("LITLLM_INT8_AMX");
+  return on == 0 ? std::numeric_limits<int64_t>::max() : on == 1 ? 1 : kAmxMinRows;
 }
 
 // This thread's tiles (tile config is per thread) for `rows` digit rows, 4 per x row: C (rows x 16 int32), B (16 x
@@ -2341,6 +2347,112 @@ static void int4_store_rows(const float* out, int64_t rows, int64_t n, uint16_t*
     _mm512_mask_storeu_epi16(y + r * N, live, _mm512_inserti64x4(both, hi, 1));
   }
 }
+
+// The same sums by AMX-BF16 tiles, from kInt4AmxMinRows x rows where AMX is granted (`$LITLLM_INT4_AMX`: 1 from one
+// row, 0 never). vdpbf16ps is the AVX-512 kernel's limit on the AMX Xeon (~3 cycles each; the nibbles' unpacking is
+// free beside it), and it runs once per row. A tile multiply does 16 such instructions' work for up to 16 rows at
+// once: a block's 16 input pairs x 32 outputs (512 bytes of weights) are two B tiles as the unpacking already makes
+// them (low nibbles: outputs 0-15, high: 16-31; 16 rows of 32 bf16 128 + q), stored to a ring in L1 kInt4AmxAhead
+// chunks ahead of the tiles that read them (a tile load right after its stores waits for them); x's rows at the same 32
+// inputs are the A tile (read in place, stride K); C the 2 x 16 outputs' fp32 sums over a group, then scaled as above.
+// Each bf16 pair's products are exact in fp32 and summed in fp32, as by vdpbf16ps, in another order: the outputs differ
+// from the AVX-512 kernel's by fp32 rounding (tests: the float64 bound both are held to). Measured
+// (`benchmarks/int4_op_rate.py`, the host loaded): 2 rows 1.5x, 4 rows 2.2x, 16 rows 4.7x the AVX-512 kernel's speed;
+// one row (weights from L3) 0.86-1.00x and its compiled step 0.86-0.96x, so one row keeps the AVX-512 kernel.
+constexpr int kInt4AmxAhead = 4;  // chunks of 32 inputs unpacked ahead of their tiles, in a ring of 2 * kInt4AmxAhead
+constexpr int64_t kInt4AmxMinRows = 2;  // x rows from which the tiles run (`$LITLLM_INT4_AMX=1`: from one)
+
+// Whether this CPU has AMX-BF16 (cpuid leaf 7: edx bit 22) beside AMX-INT8 and tile data is granted
+static bool amx_bf16_granted() {
+  static const bool granted = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && amx_int8_granted();
+  }();
+  return granted;
+}
+
+// This thread's tiles for `rows` x rows: A 0 (rows x 32 bf16), B 1-2 (16 pairs x 16 outputs x 2 bf16), C 3-4 (rows x
+// 16 fp32)
+__attribute__((target("amx-tile")))
+static void int4_amx_configure(int rows) {
+  AmxTileConfig config;
+  for (int t = 0; t < 5; ++t) config.rows[t] = static_cast<uint8_t>(t == 1 || t == 2 ? 16 : rows), config.colsb[t] = 64;
+  asm volatile("" : : "r"(&config) : "memory");  // as int8wo_amx_configure: the compiler must keep all 64 bytes
+  _tile_loadconfig(&config);
+}
+
+// one chunk (16 input pairs of a block, 512 bytes) as the two B tiles: (2, 16 pairs, 32 bf16)
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline void int4_amx_unpack(const uint8_t* w, uint16_t (*b)[16][32]) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F), b128 = _mm512_set1_epi16(0x4300);
+  #pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    if (r % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + r * 32) + kInt4Ahead, _MM_HINT_T0);
+    const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * 32)));
+    _mm512_store_si512(b[0][r], _mm512_ternarylogic_epi32(q, nibble, b128, 0xEA));
+    _mm512_store_si512(b[1][r], _mm512_or_si512(_mm512_srli_epi16(q, 4), b128));
+  }
+}
+
+// one block's 32 outputs for `rows` rows of x (as configured, <= 16): out (rows, 32) fp32
+__attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+static void int4_amx_block_rows(const uint16_t* x, int64_t K, int rows, const float* xsum, int64_t G,
+                                const uint8_t* w, const uint16_t* sz, int64_t group, float* out) {
+  alignas(64) uint16_t ring[2 * kInt4AmxAhead][2][16][32];
+  alignas(64) float c[2][16][16];  // the C tiles stored: (halves, rows, 16 outputs)
+  const int64_t chunks = K / 32, per_group = group / 32;
+  for (int m = 0; m < rows; ++m)
+    for (int h = 0; h < 2; ++h) _mm512_storeu_ps(out + m * 32 + 16 * h, _mm512_setzero_ps());
+  for (int64_t i = 0; i < std::min<int64_t>(kInt4AmxAhead, chunks); ++i)
+    int4_amx_unpack(w + i * 512, ring[i % (2 * kInt4AmxAhead)]);
+  for (int64_t i = 0; i < chunks; ++i) {
+    if (i % per_group == 0) {
+      _tile_zero(3);
+      _tile_zero(4);
+    }
+    const auto& b = ring[i % (2 * kInt4AmxAhead)];
+    _tile_loadd(0, x + i * 32, K * 2);
+    _tile_loadd(1, b[0], 64);
+    _tile_loadd(2, b[1], 64);
+    _tile_dpbf16ps(3, 0, 1);
+    _tile_dpbf16ps(4, 0, 2);
+    if (i + kInt4AmxAhead < chunks)
+      int4_amx_unpack(w + (i + kInt4AmxAhead) * 512, ring[(i + kInt4AmxAhead) % (2 * kInt4AmxAhead)]);
+    if (i % per_group < per_group - 1) continue;
+    const int64_t g = i / per_group;
+    _tile_stored(3, c[0], 64);
+    _tile_stored(4, c[1], 64);
+    const uint16_t* sg = sz + g * 64;
+    for (int h = 0; h < 2; ++h) {  // as int4_block_rows: y += s * sum + (z - 136 s) * sum(x)
+      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 16 * h))), 16));
+      const __m512 z = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 32 + 16 * h))), 16));
+      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+      for (int m = 0; m < rows; ++m) {
+        float* o = out + m * 32 + 16 * h;
+        const __m512 y = _mm512_fmadd_ps(_mm512_load_ps(c[h][m]), s, _mm512_loadu_ps(o));
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[m * G + g]), y));
+      }
+    }
+  }
+}
+
+// blocks b0..b1 times all M rows of x by tiles of up to 16 rows, into y (M, N) bf16
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+static void int4_amx_blocks(const uint16_t* x, int64_t M, int64_t K, const float* xsum, int64_t G, const uint8_t* w,
+                            const uint16_t* sz, int64_t group, int64_t N, int64_t b0, int64_t b1, uint16_t* y) {
+  alignas(64) float out[16 * 32];
+  int configured = 0;
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t m = 0; m < M; m += 16) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, M - m));
+      if (rows != configured) int4_amx_configure(configured = rows);
+      int4_amx_block_rows(x + m * K, K, rows, xsum + m * G, G, w + b * K * 16, sz + b * G * 64, group, out);
+      int4_store_rows(out, rows, std::min<int64_t>(32, N - b * 32), y + m * N + b * 32, N);
+    }
+  if (configured) _tile_release();
+}
 #endif
 
 at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group,
@@ -2372,10 +2484,20 @@ at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   at::BFloat16* yp = y.mutable_data_ptr<at::BFloat16>();
   const int threads = op_threads();
   const int64_t per = (NB + threads - 1) / threads;  // each thread one contiguous range of blocks
+#if defined(__x86_64__)
+  // (permission for tile data asked only where they would run: a process of one-row steps never asks)
+  const int amx_switch = env_switch("LITLLM_INT4_AMX");
+  const bool amx = amx_switch != 0 && M >= (amx_switch == 1 ? 1 : kInt4AmxMinRows) && amx_bf16_granted();
+#endif
   auto part = [&](int64_t t) {
 #if defined(__x86_64__)
     const uint8_t* wp = w.const_data_ptr<uint8_t>();
     const uint16_t* sp = reinterpret_cast<const uint16_t*>(sz.const_data_ptr<at::BFloat16>());
+    if (amx) {
+      int4_amx_blocks(xp, M, K, xsum.data(), G, wp, sp, group, N, t * per, std::min(NB, (t + 1) * per),
+                      reinterpret_cast<uint16_t*>(yp));
+      return;
+    }
     float out[4 * 32];
     for (int64_t b = t * per; b < std::min(NB, (t + 1) * per); ++b) {
       const uint8_t* wb = wp + b * K * 16;

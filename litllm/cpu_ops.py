@@ -341,6 +341,11 @@ INT4_ROWS_ENV = "LITLLM_INT4_ROWS"
 litllm's `int4_rows_linear` layout, e.g. to compare; read when a model is quantized."""
 
 
+INT4_AMX_ENV = "LITLLM_INT4_AMX"
+"""`0`/`false`: `int4_rows_linear` multiplies by its AVX-512 kernel (vdpbf16ps) where AMX-BF16 tiles would run (read by
+the op each call)."""
+
+
 def int4_rows_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.int4_rows_linear(x, w, scale_zero, group, out_features)` (the same library as
     `row_split_op`'s) where this CPU has AVX512-BF16, torch packs int4 weights in its AVX-512 layout (the one

@@ -825,6 +825,14 @@ def _int4_layers(out_f: int, in_f: int, monkeypatch, bias: bool = False) -> tupl
     return theirs, ours, (q.double() - 8) * expand(scale) + expand(zero)
 
 
+def _int4_exact_and_bound(x: torch.Tensor, ours: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 product of bf16 rows `x` and an int4 layer's weights (`_int4_layers`' third) with its bias, and how
+    far a bf16 output may be from it: roundings of the product and of its sum with the bf16 bias, fp32 sums."""
+    product = x.double() @ weight.t()
+    exact = product + (0 if ours.bias is None else ours.bias.double())
+    return exact, 2**-8 * (product.abs() + exact.abs()) + 1e-6 * (x.double().abs() @ weight.abs().t())
+
+
 @pytest.mark.parametrize("group", INT4_GROUP_SIZES)
 def test_int4_rows_op_against_float64_and_torchao(int4_op, group, monkeypatch):
     """litllm's int4 op == the float64 product of torchao's int4 weights (within the bf16 output's rounding), as torch's
@@ -838,16 +846,52 @@ def test_int4_rows_op_against_float64_and_torchao(int4_op, group, monkeypatch):
         assert type(ours) is Int4RowsLinear and ours.group == group
         for rows in (1, 3, 5):
             x = torch.randn(rows, group * groups, generator=g).bfloat16()
-            product = x.double() @ weight.t()
-            exact = product + (0 if ours.bias is None else ours.bias.double())
-            # bf16 roundings: of the product, and of its sum with the bf16 bias; fp32 sums
-            bound = 2**-8 * (product.abs() + exact.abs()) + 1e-6 * (x.double().abs() @ weight.abs().t())
+            exact, bound = _int4_exact_and_bound(x, ours, weight)
             with torch.no_grad():
                 for out in (ours(x), theirs(x)):
                     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
                     assert ((out.double() - exact).abs() <= bound).all(), (out_f, group, rows)
     # the op's shapes for tracing (`litllm.cpu_ops`' fake registration, what a compiled step sees) match the op's
     torch.library.opcheck(torch.ops.litllm_cpu.int4_rows_linear, (x, ours.packed, ours.scale_zero, group, out_f))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_rows_op_amx_tiles_against_float64(int4_op, threads, monkeypatch):
+    """On CPUs with AMX-BF16 the int4 op sums through tiles (up to 16 rows a tile; from 2 rows, from one with
+    `LITLLM_INT4_AMX=1`) or through its vdpbf16ps kernel (`LITLLM_INT4_AMX=0`): both within the float64 bound above,
+    on outputs no multiple of the 32-output block, 1-5 groups of each size, 1 to 33 rows (tiles of 16 and what is
+    left), 1 and 2 threads; the default is the kernel for its row count; a NaN in one row leaves the others' outputs."""
+    from litllm.cpu_ops import INT4_AMX_ENV
+    from litllm.utils import cpu_flags
+
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        pytest.skip("no AMX-BF16 here: the int4 op runs its vdpbf16ps kernel only")
+    g = torch.Generator().manual_seed(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for group, out_f, groups in ((128, 80, 1), (64, 112, 5), (32, 48, 3)):
+            _, ours, weight = _int4_layers(out_f, group * groups, monkeypatch, bias=groups == 5)
+            for rows in (1, 2, 5, 16, 17, 33):
+                x = torch.randn(rows, group * groups, generator=g).bfloat16()
+                exact, bound = _int4_exact_and_bound(x, ours, weight)
+                out = {}
+                with torch.no_grad():
+                    for kernel, value in (("avx512", "0"), ("amx", "1"), ("default", None)):
+                        with monkeypatch.context() as m:
+                            m.setenv(INT4_AMX_ENV, value) if value else m.delenv(INT4_AMX_ENV, raising=False)
+                            out[kernel] = ours(x)
+                        assert ((out[kernel].double() - exact).abs() <= bound).all(), (group, out_f, rows, kernel)
+                    assert torch.equal(out["default"], out["amx" if rows > 1 else "avx512"])
+                    if rows >= 5:
+                        x[3, 7] = float("nan")
+                        with monkeypatch.context() as m:
+                            m.setenv(INT4_AMX_ENV, "1")
+                            nan_row = ours(x)
+                        assert nan_row[3].isnan().all() and torch.equal(nan_row[4:], out["amx"][4:])
+                        assert torch.equal(nan_row[:3], out["amx"][:3])
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_int4_layer_holds_one_copy_and_the_switch_keeps_torchao(int4_op, monkeypatch):
