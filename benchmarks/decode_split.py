@@ -98,6 +98,9 @@ def main() -> None:
                         "per-row KV-cache writes are scatter_ along the positions, as before (saved apart)")
     parser.add_argument("--fp32_mm_rows", action="store_true", help="also rows '<format> mm': steps whose several "
                         "fp32 rows multiply by aten's mm, as before the row-split op took up to 8 (saved apart)")
+    parser.add_argument("--layout", default=None, help="the fp32 weights' layout (`optimize_for_decoding`'s, e.g. "
+                        "row-major: what `--fp32_mm_rows` compares on); default: the timed pick, which may differ "
+                        "between the rows of one run")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused; benchmarks/decode_threads.py's)")
     args = parser.parse_args()
@@ -117,7 +120,7 @@ def main() -> None:
         mode, _, precision = label.split()[0].partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
         weights[label] = linear_bytes(model)
-        optimize_for_decoding(model)
+        optimize_for_decoding(model, layout=args.layout)
         with patched(KVCache, "update", scatter_kv_write(KVCache.update) if old == "scatter" else None), \
                 patched(RowSplitLinear, "max_rows", 1 if old == "mm" else None), \
                 patched(compile_decode, "STEP_CODE", f"{compile_decode.STEP_CODE} {old}" if old else None):

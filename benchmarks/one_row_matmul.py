@@ -123,7 +123,8 @@ def _linears(weights: list[torch.Tensor], cls=torch.nn.Linear) -> torch.nn.Modul
 
 
 ROWS = 1
-"""`--rows`: activation rows every matmul multiplies (a batched decode step's: one pass still reads each weight once)."""
+"""`--rows`: activation rows every matmul multiplies (a batched decode step's: a pass still reads each weight
+once)."""
 CHAIN = False
 """`--chain`: each matmul of a pass multiplies the normalized output of the one before (`_one_pass`)."""
 

@@ -11,7 +11,11 @@ faster at 2 threads than MKL's GEMV at 1 (one 8-lane accumulator per row; tutori
 a GEMV of its own, on its own core. On AVX-512 CPUs a row-major weight's chunks go through litllm's kernel (4 rows at a
 time, 8 independent sums, the next rows prefetched: the 134M fp32 step 2-5% less CPU a token than on MKL's GEMV, at 1
 thread too), so there the op serves 1-thread steps as well; elsewhere at one thread the op would be one GEMV over all
-rows, as `F.linear`, and is not used. Anything but one fp32 row on a row- or column-major weight goes to `F.linear`.
+rows, as `F.linear`, and is not used. Where the kernel runs, 2-8 rows (a batched decode step, a speculative verify)
+go through it too: each block of 4 weight rows read once for all of them, each row's sums in a one-row call's order
+(bit for bit its result), where aten's `mm` read the weights at about half the rate (the 134M fp32 step of 4-8 rows
+1.4-1.6x less CPU at 1 thread, 1.1-1.4x at 2; tutorials/inference_measurements.md#fp32rows-s35). Anything else goes
+to `F.linear`.
 
 The op is litllm's C++ (`litllm.cpu_ops` builds and loads it).
 """
