@@ -23,7 +23,9 @@ makes through AOTInductor's proxy executor or fallbacks) with its wall time on t
 `--batch B`: the step decodes B KV-cache rows, each at its own position (a batched server's or a speculative verify's
 step; the benchmark's rows sit at staggered positions); `--scatter_kv_write` adds rows '<format> scatter', steps whose
 per-row KV-cache writes are `scatter_` as before `KVCache.update` took `index_put_` (inductor copied each layer's cache
-twice around a scatter_; tutorials/inference_measurements.md#batchstep-s34).
+twice around a scatter_; tutorials/inference_measurements.md#batchstep-s34); `--fp32_mm_rows` adds rows '<format> mm',
+steps whose several fp32 rows multiply by aten's mm as before the row-split op took up to 8
+(tutorials/inference_measurements.md#fp32rows-s35).
 
 The profiler adds ~1-2 us a recorded call: the profiled step's wall is printed beside the plain one.
 """
@@ -94,6 +96,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="KV-cache rows every step decodes")
     parser.add_argument("--scatter_kv_write", action="store_true", help="also rows '<format> scatter': steps whose "
                         "per-row KV-cache writes are scatter_ along the positions, as before (saved apart)")
+    parser.add_argument("--fp32_mm_rows", action="store_true", help="also rows '<format> mm': steps whose several "
+                        "fp32 rows multiply by aten's mm, as before the row-split op took up to 8 (saved apart)")
+    parser.add_argument("--layout", default=None, help="the fp32 weights' layout (`optimize_for_decoding`'s, e.g. "
+                        "row-major: what `--fp32_mm_rows` compares on); default: the timed pick, which may differ "
+                        "between the rows of one run")
     parser.add_argument("--folder", type=Path, default=None, help="where the random checkpoint is kept (default: a "
                         "folder per size under the system's temp dir, reused; benchmarks/decode_threads.py's)")
     args = parser.parse_args()
@@ -103,17 +110,20 @@ def main() -> None:
     from litllm.engine import Engine, threads_for
     from litllm.inference import load_for_inference
     from litllm.model import KVCache
+    from litllm.row_split import RowSplitLinear
 
     folder, steps, weights, cache = checkpoint_folder(args), {}, {}, {}
-    labels = [(spec, False) for spec in args.quantize] + [(f"{spec} scatter", True) for spec in args.quantize
-                                                          if args.scatter_kv_write and args.batch > 1]
-    for label, scatter in labels:
+    labels = [(spec, "") for spec in args.quantize] + [
+        (f"{spec} {old}", old) for spec in args.quantize for old, wanted in
+        (("scatter", args.scatter_kv_write), ("mm", args.fp32_mm_rows)) if wanted and args.batch > 1]
+    for label, old in labels:
         mode, _, precision = label.split()[0].partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
         weights[label] = linear_bytes(model)
-        optimize_for_decoding(model)
-        with patched(KVCache, "update", scatter_kv_write(KVCache.update) if scatter else None), \
-                patched(compile_decode, "STEP_CODE", "kv-write scatter" if scatter else None):
+        optimize_for_decoding(model, layout=args.layout)
+        with patched(KVCache, "update", scatter_kv_write(KVCache.update) if old == "scatter" else None), \
+                patched(RowSplitLinear, "max_rows", 1 if old == "mm" else None), \
+                patched(compile_decode, "STEP_CODE", f"{compile_decode.STEP_CODE} {old}" if old else None):
             engine = Engine(model, None, args.batch, args.length, threads=max(args.threads), compile=True)
         print(f"{label}: step {engine.step_source}", flush=True)
         engine._pos.copy_(torch.arange(args.batch)[:, None] * (args.length // (2 * args.batch)))  # staggered rows

@@ -24,6 +24,8 @@ Candidates (those this torch build or CPU cannot run are listed as unavailable):
                                   the compiled pass (`RowSplitLinear`), on row- or column-major weights
   fp32 row-split blas             the same split, each block MKL's GEMV (`row_split_linear_blas`: the op before its
                                   AVX-512 kernel)
+  fp32 prompt_linear              `litllm.cpu_layout.prompt_linear` (`--rows` > 1: a prompt's GEMM, oneDNN's where
+                                  it is the faster here; what `RowSplitLinear` ran for several rows before session 35)
   fp32 mkl-packed                 `torch.ops.mkl._mkl_reorder_linear_weight` + `_mkl_linear` (MKL's packed sgemm)
   fp32 / bf16 / fp16 compiled mv  the same with litllm's `OneRowLinear` (`torch.mv`: inductor decomposes it into
                                   its own vectorized reduction, accumulating in fp32; on AVX2 16-bit ones convert the
@@ -101,6 +103,12 @@ def _row_split_blas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.litllm_cpu.row_split_linear_blas(x, w)
 
 
+def _prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from litllm.cpu_layout import prompt_linear
+
+    return prompt_linear(x, w)
+
+
 def _column_major(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
 
@@ -114,6 +122,9 @@ def _linears(weights: list[torch.Tensor], cls=torch.nn.Linear) -> torch.nn.Modul
     return linears
 
 
+ROWS = 1
+"""`--rows`: activation rows every matmul multiplies (a batched decode step's: a pass still reads each weight
+once)."""
 CHAIN = False
 """`--chain`: each matmul of a pass multiplies the normalized output of the one before (`_one_pass`)."""
 
@@ -125,7 +136,7 @@ def _one_pass(linears, xs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         return [linear(xs[linear.in_features]) for linear in linears]
     x, out = xs[linears[0].in_features], []
     for linear in linears:
-        y = linear(x[..., : linear.in_features])  # (1, out)
+        y = linear(x[..., : linear.in_features])  # (ROWS, out)
         yf = y.float()
         x = (yf * torch.rsqrt(yf.pow(2).mean() + 1e-6)).to(y.dtype)
         out.append(y)
@@ -228,6 +239,7 @@ CANDIDATES: dict[str, tuple] = {
     "fp32 row-split": (torch.float32, torch.float32, None, _row_split),
     "fp32 row-split column-major": (torch.float32, torch.float32, _column_major, _row_split),
     "fp32 row-split blas": (torch.float32, torch.float32, None, _row_split_blas),
+    "fp32 prompt_linear": (torch.float32, torch.float32, None, _prompt_linear),
     "fp32 compiled row-split": (torch.float32, torch.float32, None, "row-split"),
     "fp32 compiled row-split column-major": (torch.float32, torch.float32, _column_major, "row-split"),
     "fp32 compiled mv": (torch.float32, torch.float32, None, "mv"),
@@ -267,7 +279,7 @@ def build(name: str, shapes: list[tuple[int, int]]) -> Optional[tuple[Callable, 
             return None
     wdtype, xdtype, prepare, matmul = {**CANDIDATES, **AUTOTUNED}[name]
     weights = [torch.randn(shape, generator=g).to(wdtype) for shape in shapes]
-    xs = {k: torch.randn(1, k, generator=g).to(xdtype) for k in {s[1] for s in shapes}}
+    xs = {k: torch.randn(ROWS, k, generator=g).to(xdtype) for k in {s[1] for s in shapes}}
     n_bytes = sum(w.numel() * w.element_size() for w in weights)
     expected = _one_pass([_Matmul(F.linear, w.float(), w.size(1)) for w in weights],
                          {k: x.float() for k, x in xs.items()})[-1]
@@ -300,11 +312,13 @@ def main() -> None:
     parser.add_argument("--inductor", action="store_true",
                         help="the inductor max_autotune pass instead of the other compiled ones (slow build)")
     parser.add_argument("--candidates", nargs="*", default=None, help=f"only these (and {REFERENCE!r})")
+    parser.add_argument("--rows", type=int, default=1, help="activation rows each matmul multiplies (a batched "
+                        "step's; fp32 row-split: litllm's kernel up to 8, a GEMM beyond)")
     parser.add_argument("--chain", action="store_true",
                         help="each matmul multiplies the normalized output of the one before, as in a decode step")
     args = parser.parse_args()
-    global CHAIN
-    CHAIN = args.chain
+    global CHAIN, ROWS
+    CHAIN, ROWS = args.chain, args.rows
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a compile per candidate

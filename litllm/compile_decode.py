@@ -302,9 +302,10 @@ def compile_step(step: Callable, device: torch.device, static_tensors, options: 
 
 # ---------------------------------------------------------------------- the saved compiled step (CPU)
 STEPS_FOLDER = "decode_steps"
-STEP_CODE = "kv-write index_put"
+STEP_CODE = "fp32 rows op"
 """What changed last in the model code a saved step traces (part of `steps_folder`'s key): steps saved before it are
-compiled again rather than loaded with the old code (per-row KV-cache writes as scatter_: `KVCache.update`)."""
+compiled again rather than loaded with the old code (an fp32 step's several rows multiplied by aten's mm, not the
+row-split op: `litllm.row_split.MAX_ROWS`)."""
 
 
 def steps_folder(model) -> Path:

@@ -68,21 +68,26 @@ static void round_row_q8(const float* xr, int64_t K, int64_t block, Q* q, float*
 extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
                        const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
 
-// ---- fp32 one-row kernel (AVX-512): y[r] = w[r] . x for the rows r0..r1 of a row-major w (ld floats apart), what
-// row_split_linear runs on a row-major weight in place of MKL's GEMV. 4 rows at a time, two independent sums each (8
-// dependency chains: FMA latency 4, 2 a cycle), x loaded once per 32 values for the 4; the next 4 rows (the next 12 KB
-// of a 768-wide weight) prefetched a line per 16 values, so that each short row (3 KB) starts in cache (8 rows, or
-// prefetching to L2, two blocks ahead, or non-temporally: no faster, NTA 2.4x slower). On a shared AMX Xeon the 134M
-// fp32 step took 2-5% less CPU a token than on MKL's GEMV at 1 and 2 threads in 5 of 5 alternating runs
+// ---- fp32 rows kernel (AVX-512): y[b][r] = w[r] . x[b] for the rows r0..r1 of a row-major w (ld floats apart) and
+// XROWS rows of x (ldx floats apart; y's ldy apart), what row_split_linear runs on a row-major weight in place of
+// MKL's GEMV (one x row) or aten's mm (2-8: a batched decode step). 4 rows at a time, two independent sums each (8
+// dependency chains a row of x: FMA latency 4, 2 a cycle), x loaded once per 32 values for the 4; the next 4 rows (the
+// next 12 KB of a 768-wide weight) prefetched a line per 16 values, so that each short row (3 KB) starts in cache (8
+// rows, or prefetching to L2, two blocks ahead, or non-temporally: no faster, NTA 2.4x slower). On a shared AMX Xeon
+// the 134M fp32 step took 2-5% less CPU a token than on MKL's GEMV at 1 and 2 threads in 5 of 5 alternating runs
 // (benchmarks/decode_threads.py --row_split_blas); a pass of the matmuls alone read on par (~11.1 GB per CPU-second,
-// benchmarks/one_row_matmul.py): both at one core's read rate.
+// benchmarks/one_row_matmul.py): both at one core's read rate. Each x row's sums are a one-row call's, in its order:
+// a batched row's result is the one-row op's bit for bit.
 #if defined(__x86_64__)
-template <int ROWS>
+template <int ROWS, int XROWS>
 __attribute__((target("avx512f")))
-static inline void fp32_rows_block(const float* x, const float* w, int64_t ld, int64_t K, float* y, bool prefetch) {
-  __m512 a[ROWS][2];
+static inline void fp32_rows_block(const float* x, int64_t ldx, const float* w, int64_t ld, int64_t K, float* y,
+                                   int64_t ldy, bool prefetch) {
+  __m512 a[XROWS][ROWS][2];
   #pragma GCC unroll 4
-  for (int j = 0; j < ROWS; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
+  for (int b = 0; b < XROWS; ++b)
+    #pragma GCC unroll 4
+    for (int j = 0; j < ROWS; ++j) a[b][j][0] = a[b][j][1] = _mm512_setzero_ps();
   const char* next = reinterpret_cast<const char*>(w + ROWS * ld);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -92,30 +97,58 @@ static inline void fp32_rows_block(const float* x, const float* w, int64_t ld, i
         _mm_prefetch(next + 4 * (j * ld + k), _MM_HINT_T0);
         _mm_prefetch(next + 4 * (j * ld + k + 16), _MM_HINT_T0);
       }
-    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
     #pragma GCC unroll 4
-    for (int j = 0; j < ROWS; ++j) {
-      a[j][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k), x0, a[j][0]);
-      a[j][1] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k + 16), x1, a[j][1]);
+    for (int b = 0; b < XROWS; ++b) {
+      const __m512 x0 = _mm512_loadu_ps(x + b * ldx + k), x1 = _mm512_loadu_ps(x + b * ldx + k + 16);
+      #pragma GCC unroll 4
+      for (int j = 0; j < ROWS; ++j) {
+        a[b][j][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k), x0, a[b][j][0]);
+        a[b][j][1] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j * ld + k + 16), x1, a[b][j][1]);
+      }
     }
   }
   for (; k < K; k += 16) {  // the last 1-31 values: whole and masked vectors
     const __mmask16 m = static_cast<__mmask16>((1U << std::min<int64_t>(16, K - k)) - 1);
-    const __m512 x0 = _mm512_maskz_loadu_ps(m, x + k);
     #pragma GCC unroll 4
-    for (int j = 0; j < ROWS; ++j) a[j][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + j * ld + k), x0, a[j][0]);
+    for (int b = 0; b < XROWS; ++b) {
+      const __m512 x0 = _mm512_maskz_loadu_ps(m, x + b * ldx + k);
+      #pragma GCC unroll 4
+      for (int j = 0; j < ROWS; ++j)
+        a[b][j][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + j * ld + k), x0, a[b][j][0]);
+    }
   }
   #pragma GCC unroll 4
-  for (int j = 0; j < ROWS; ++j) y[j] = _mm512_reduce_add_ps(_mm512_add_ps(a[j][0], a[j][1]));
+  for (int b = 0; b < XROWS; ++b)
+    #pragma GCC unroll 4
+    for (int j = 0; j < ROWS; ++j) y[b * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(a[b][j][0], a[b][j][1]));
+}
+
+// y (M, N) rows r0..r1 = x (M, K) @ w^T, M in 1..kMaxXRows. One row: 4 weight rows at a time, the next 4
+// prefetched. More: each block of 4 weight rows is read from memory once, by the first group of x rows (which
+// prefetches the next block), and from L1 (12-32 KB) by the others; groups of 2 (16 sums and 8 weight vectors in
+// registers) and a last odd row.
+template <int XROWS>
+__attribute__((target("avx512f")))
+static void fp32_rows_group(const float* x, int64_t K, const float* w, int64_t ld, float* y, int64_t N, int64_t r,
+                            int64_t r1, bool first) {
+  if (r + 4 <= r1) fp32_rows_block<4, XROWS>(x, K, w + r * ld, ld, K, y + r, N, first && r + 8 <= r1);
+  else for (; r < r1; ++r) fp32_rows_block<1, XROWS>(x, K, w + r * ld, ld, K, y + r, N, false);
 }
 
 __attribute__((target("avx512f")))
-static void fp32_rows_range(const float* x, const float* w, int64_t ld, int64_t K, float* y, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) fp32_rows_block<4>(x, w + r * ld, ld, K, y + r, r + 8 <= r1);
-  for (; r < r1; ++r) fp32_rows_block<1>(x, w + r * ld, ld, K, y + r, false);
+static void fp32_rows_range(const float* x, int64_t M, int64_t K, const float* w, int64_t ld, float* y, int64_t N,
+                            int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r += 4) {
+    int64_t b = 0;
+    for (; b + 2 <= M; b += 2) fp32_rows_group<2>(x + b * K, K, w, ld, y + b * N, N, r, r1, b == 0);
+    if (b < M) fp32_rows_group<1>(x + b * K, K, w, ld, y + b * N, N, r, r1, b == 0);
+  }
 }
 #endif
+
+// The most x rows row_split_linear multiplies by its kernel (a batched decode step's; a speculative verify's): more
+// go to at::linear, a prompt's GEMM
+constexpr int64_t kMaxXRows = 8;
 
 static bool has_avx512f() {
 #if defined(__x86_64__)
@@ -126,28 +159,29 @@ static bool has_avx512f() {
 #endif
 }
 
-// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w: the N output rows in one
-// contiguous chunk of whole 16-row groups a thread, handed out dynamically (a thread the scheduler holds back leaves
-// its chunk to another); each chunk litllm's AVX-512 kernel above (row-major w on an AVX-512 CPU, unless `blas`) or
-// one GEMV. Anything else: at::linear.
+// y (..., N) = x (..., K) @ w (N, K)^T. One row of fp32 on a row- or column-major w, or up to kMaxXRows rows on a
+// row-major w where litllm's kernel runs: the N output rows in one contiguous chunk of whole 16-row groups a thread,
+// handed out dynamically (a thread the scheduler holds back leaves its chunk to another); each chunk litllm's AVX-512
+// kernel above (row-major w on an AVX-512 CPU, unless `blas`) or one GEMV. Anything else: at::linear.
 static at::Tensor row_split(const at::Tensor& x, const at::Tensor& w, bool blas) {
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "row_split_linear: x has ", x.size(-1),
               " features, w is ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1);
   const bool column_major = w.stride(0) == 1 && w.stride(1) >= N, row_major = w.stride(1) == 1 && w.stride(0) >= K;
   const int64_t ld = column_major ? w.stride(1) : w.stride(0);
-  if (x.numel() != K || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || N == 0 || K == 0 ||
-      !(column_major || row_major) || ld > std::numeric_limits<int>::max() || x.device() != w.device() ||
-      !w.device().is_cpu())
+  const bool own = row_major && !blas && has_avx512f();  // litllm's kernel, else BLAS's GEMV
+  const int64_t M = K == 0 ? 0 : x.numel() / K;  // rows of x
+  if (!(M == 1 || (own && M > 1 && M <= kMaxXRows)) || x.scalar_type() != at::kFloat ||
+      w.scalar_type() != at::kFloat || N == 0 || K == 0 || !(column_major || row_major) ||
+      ld > std::numeric_limits<int>::max() || x.device() != w.device() || !w.device().is_cpu())
     return at::linear(x, w);
   auto shape = x.sizes().vec();
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
-  const at::Tensor row = x.contiguous();
-  const float* xp = row.const_data_ptr<float>();
+  const at::Tensor rows_x = x.contiguous();  // (M, K)
+  const float* xp = rows_x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  const bool own = row_major && !blas && has_avx512f();  // litllm's kernel, else BLAS's GEMV
+  float* yp = y.mutable_data_ptr<float>();  // (M, N)
   // 1: each thread's rows one contiguous range (column-major: runs of N/threads weights a row). 4 chunks a thread
   // (shorter runs) read 12% slower (benchmarks/one_row_matmul.py, a shared machine)
   constexpr int64_t kChunks = 1;
@@ -159,7 +193,7 @@ static at::Tensor row_split(const at::Tensor& x, const at::Tensor& w, bool blas)
     const int64_t n0 = c * rows, n = std::min(N, n0 + rows) - n0;
 #if defined(__x86_64__)
     if (own) {
-      fp32_rows_range(xp, wp, w.stride(0), K, yp, n0, n0 + n);
+      fp32_rows_range(xp, M, K, wp, w.stride(0), yp, N, n0, n0 + n);
       return;
     }
 #endif

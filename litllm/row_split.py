@@ -11,7 +11,11 @@ faster at 2 threads than MKL's GEMV at 1 (one 8-lane accumulator per row; tutori
 a GEMV of its own, on its own core. On AVX-512 CPUs a row-major weight's chunks go through litllm's kernel (4 rows at a
 time, 8 independent sums, the next rows prefetched: the 134M fp32 step 2-5% less CPU a token than on MKL's GEMV, at 1
 thread too), so there the op serves 1-thread steps as well; elsewhere at one thread the op would be one GEMV over all
-rows, as `F.linear`, and is not used. Anything but one fp32 row on a row- or column-major weight goes to `F.linear`.
+rows, as `F.linear`, and is not used. Where the kernel runs, 2-8 rows (a batched decode step, a speculative verify)
+go through it too: each block of 4 weight rows read once for all of them, each row's sums in a one-row call's order
+(bit for bit its result), where aten's `mm` read the weights at about half the rate (the 134M fp32 step of 4-8 rows
+1.4-1.6x less CPU at 1 thread, 1.1-1.4x at 2; tutorials/inference_measurements.md#fp32rows-s35). Anything else goes
+to `F.linear`.
 
 The op is litllm's C++ (`litllm.cpu_ops` builds and loads it).
 """
@@ -27,21 +31,34 @@ from litllm.cpu_ops import has_avx512, row_split_op
 from litllm.utils import switched_off
 
 
+MAX_ROWS = 8
+"""The most activation rows `RowSplitLinear` multiplies through the op (a batched decode step's, a speculative
+verify's: the op's kernel reads each weight block once for all of them, `kMaxXRows` in litllm/cpu_ops.cpp); more go
+through `prompt_linear`, a prompt's GEMM."""
+
+
 class RowSplitLinear(PromptLinear):
     """An fp32 CPU Linear whose one-row calls (decoding) run `litllm_cpu::row_split_linear` (every thread streams its
-    own block of the weight's rows); more rows go through `litllm.cpu_layout.prompt_linear` (`F.linear`, or oneDNN's
-    GEMM where that is faster). The weight is used as it is laid out (row- or column-major); for a compiled step
+    own block of the weight's rows), and on a row-major weight where litllm's kernel runs calls of up to `MAX_ROWS`
+    rows too (a batched step); more rows go through `litllm.cpu_layout.prompt_linear` (`F.linear`, or oneDNN's GEMM
+    where that is faster). The weight is used as it is laid out (row- or column-major); for a compiled step
     (`row_split_linears`)."""
 
     multiplies_by_weight = True  # `.weight` is the matrix it applies (MLA's absorbed attention reads it: model.py)
     blas = False  # every chunk MKL's GEMV (`row_split_linears` under `$LITLLM_ROW_SPLIT=blas`), read when traced
+    max_rows = MAX_ROWS  # the most rows a call multiplies through the op (1: only one; read when traced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or torch.is_grad_enabled():  # the op has no backward: training's F.linear
+        if x.numel() > self.in_features * self.op_rows() or torch.is_grad_enabled():  # no backward: training's F.linear
             return super().forward(x)  # a prompt: `prompt_linear`
         split = torch.ops.litllm_cpu.row_split_linear_blas if self.blas else torch.ops.litllm_cpu.row_split_linear
         y = split(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+    def op_rows(self) -> int:
+        """The most rows a call multiplies through the op: `max_rows` where litllm's kernel multiplies them (a
+        row-major weight, not `blas`), else one (the op's GEMV)."""
+        return 1 if self.blas or self.weight.stride(1) != 1 else self.max_rows
 
 
 def becomes_row_split(module) -> bool:

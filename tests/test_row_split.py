@@ -14,7 +14,7 @@ from litllm.cpu_layout import prompt_linear
 from litllm.engine import Engine
 from litllm.model import GPT
 from litllm.cpu_ops import row_split_op
-from litllm.row_split import RowSplitLinear, row_split_kernel
+from litllm.row_split import MAX_ROWS, RowSplitLinear, row_split_kernel
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,18 @@ def op():
     return found
 
 
+@pytest.fixture
+def avx512_threads(threads, op):
+    """The shared `threads` fixture (1, then 2) for a test of the op's AVX-512 kernel; skipped without AVX-512."""
+    if row_split_kernel() != "avx512":
+        pytest.skip("no AVX-512 here: the op's chunks are MKL's GEMV, several rows F.linear")
+    return threads
+
+
 def test_row_split_linear_equals_linear(op, threads):
     """One row, any output width (blocks of 64 rows and a ragged last one) and layout (row- or column-major, as the
     eager layout pick leaves fp32 weights): within fp32 rounding of `F.linear`, eager and (the widest, column-major)
-    compiled; more rows go through `prompt_linear` (a prompt's GEMM) itself."""
+    compiled; more rows than the op takes (`MAX_ROWS`) go through `prompt_linear` (a prompt's GEMM) itself."""
     torch.manual_seed(0)
     for n_out in (8, 64, 200, 1000):
         weight = torch.randn(n_out, 96)
@@ -40,7 +48,7 @@ def test_row_split_linear_equals_linear(op, threads):
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
             linear = RowSplitLinear(96, n_out, bias=True)
             linear.weight = torch.nn.Parameter(w, requires_grad=False)
-            rows = torch.randn(2, 3, 96)
+            rows = torch.randn(3, 4, 96)  # 12 rows: more than MAX_ROWS
             with torch.inference_mode():
                 assert torch.equal(linear(rows), prompt_linear(rows, w, linear.bias))
                 got = linear(row)
@@ -52,13 +60,11 @@ def test_row_split_linear_equals_linear(op, threads):
         op(torch.randn(1, 95), torch.randn(8, 96))
 
 
-def test_the_avx512_kernel_equals_float64_on_odd_shapes(op, threads):
+def test_the_avx512_kernel_equals_float64_on_odd_shapes(op, avx512_threads):
     """The op's AVX-512 kernel (a row-major weight: 4 rows at a time, then one; 32 values a step, then whole and
     masked vectors of 16) within fp32 rounding of the float64 product for widths that leave every tail ragged (K and N
     no multiple of 16 or 4), rows further apart than their width (a slice of a wider weight), more rows than one
     thread's chunk, on 1 and 2 threads; the MKL-GEMV op (`row_split_linear_blas`, what it ran before) likewise."""
-    if row_split_kernel() != "avx512":
-        pytest.skip("no AVX-512 here: the op's chunks are MKL's GEMV")
     torch.manual_seed(0)
     for n_out, n_in in ((1, 1), (3, 5), (5, 17), (37, 31), (9, 33), (1000, 100), (203, 772), (70, 2053)):
         for w in (torch.randn(n_out, n_in), torch.randn(n_out, n_in + 11)[:, :n_in]):
@@ -71,6 +77,57 @@ def test_the_avx512_kernel_equals_float64_on_odd_shapes(op, threads):
                 assert ((got.double() - expected).abs() <= bound * max(1, n_in / 64)).all(), (kernel, n_out, n_in)
         if n_in >= 100:  # the two sum in other orders: some of the last bits differ (the kernel ran, not MKL's)
             assert not torch.equal(op(row, w), torch.ops.litllm_cpu.row_split_linear_blas(row, w))
+
+
+def test_the_avx512_kernel_multiplies_up_to_8_rows_as_one_row_calls(op, avx512_threads):
+    """Up to 8 rows of x (a batched decode step's) through the op's AVX-512 kernel (each block of 4 weight rows read
+    once for every x row, 2 x rows at a time and an odd last one): each row's result is the one-row call's bit for bit
+    (the same sums in the same order), so within fp32 rounding of the float64 product, for ragged K and N, a weight
+    slice, rows of x further apart than their width, a NaN row (NaN in its own row only), 1 and 2 threads; 9 rows go
+    to `F.linear` (a GEMM), within fp32 rounding too."""
+    torch.manual_seed(0)
+    for n_out, n_in in ((1, 1), (5, 17), (37, 31), (9, 33), (203, 772), (70, 2053)):
+        for w in (torch.randn(n_out, n_in), torch.randn(n_out, n_in + 11)[:, :n_in]):
+            for m in range(1, 10):
+                x = torch.randn(m, n_in + 3)[:, 1:n_in + 1]  # not contiguous
+                if m == 5:
+                    x[2, n_in // 2] = float("nan")
+                got = op(x, w)
+                assert got.shape == (m, n_out)
+                if m <= MAX_ROWS:
+                    one_row_calls = torch.cat([op(row[None], w) for row in x])
+                    assert torch.equal(got.view(torch.int32), one_row_calls.view(torch.int32)), (n_out, n_in, m)
+                expected = x.double() @ w.double().t()
+                bound = 1e-6 * max(1, n_in / 64) * (x.double().abs() @ w.double().abs().t())
+                close = (got.double() - expected).abs() <= bound
+                if m == 5:  # the NaN row is NaN throughout, the others are untouched
+                    assert got[2].isnan().all() and close[[0, 1, 3, 4]].all()
+                else:
+                    assert close.all(), (n_out, n_in, m)
+
+
+def test_a_row_split_linear_takes_several_rows_through_the_op_on_row_major_weights(op):
+    """`RowSplitLinear` multiplies 2..`MAX_ROWS` rows through the op where its kernel runs them (a row-major weight,
+    not `blas`): the same rows as one-row calls, bias added; more rows, a column-major weight or the BLAS op's
+    Linear: `prompt_linear`."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 300), torch.randn(40)
+    linear = RowSplitLinear(300, 40, device="meta")
+    linear.weight, linear.bias = (torch.nn.Parameter(t, requires_grad=False) for t in (weight, bias))
+    with torch.inference_mode():
+        for shape in ((2, 1, 300), (1, 5, 300), (4, 2, 300)):
+            rows = torch.randn(shape)
+            expected = prompt_linear(rows, weight, bias)
+            got = linear(rows)
+            if row_split_kernel() == "avx512":
+                one_row_calls = torch.stack([linear(row) for row in rows.view(-1, 1, 300)]).view_as(got)
+                assert torch.equal(got, one_row_calls)
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+        rows = torch.randn(3, 3, 300)  # 9 rows
+        assert torch.equal(linear(rows), prompt_linear(rows, weight, bias))
+        linear.weight = torch.nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
+        rows = torch.randn(2, 1, 300)
+        assert torch.equal(linear(rows), prompt_linear(rows, linear.weight, bias))
 
 
 def test_a_compiled_fp32_step_multiplies_by_the_row_split_op(op, threads):
@@ -97,6 +154,30 @@ def test_a_compiled_fp32_step_multiplies_by_the_row_split_op(op, threads):
         got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
     assert ("row_split_linear" in "".join(code)) == split
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_compiled_batched_fp32_step_multiplies_its_rows_by_the_row_split_op(op):
+    """A compiled step of 3 KV-cache rows at their own positions (a batched server's) multiplies every fp32 Linear's
+    3 rows by the op where its kernel takes several (no aten `mm` left in the code: before, `mm` multiplied them), and
+    its logits stay within fp32 rounding of the eager step's, the same greedy tokens."""
+    from torch._inductor.utils import run_and_get_code
+
+    from litllm.compile_decode import cpu_compile_options, unpack_weights
+
+    if row_split_kernel() != "avx512":
+        pytest.skip("no AVX-512 here: several rows go to F.linear")
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    model.set_kv_cache(3, 32)
+    tokens, positions = torch.tensor([[3], [7], [11]]), torch.tensor([[0], [4], [9]])
+    step = lambda: model.decode(tokens, input_pos=positions)  # noqa: E731
+    with torch.no_grad():
+        expected = step()
+        unpack_weights(model)
+        got, code = run_and_get_code(torch.compile(step, dynamic=False, options=cpu_compile_options(model)))
+    assert "row_split_linear" in "".join(code) and "extern_kernels.mm(" not in "".join(code)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 def test_a_compiled_fp32_engine_decodes_the_eager_greedy_tokens_and_saves_its_kernel(op, monkeypatch, tmp_path):
