@@ -89,7 +89,7 @@ def build_checkpoint(folder: Path, args) -> int:
     config = transformers.LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.n_embd, num_hidden_layers=args.n_layer,
         num_attention_heads=args.n_head, num_key_value_heads=args.n_head, intermediate_size=args.intermediate_size,
-        max_position_embeddings=2048, tie_word_embeddings=False,
+        max_position_embeddings=getattr(args, "context_window", 2048), tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)

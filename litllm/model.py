@@ -127,7 +127,8 @@ class GPT(nn.Module):
             positions <= its own.
         kv_len: attend only to the cache's first `kv_len` positions: a bound on every row's
             newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
-            tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
+            tail; a compiled step's is symbolic: `litllm.compile_decode.attended_length`). None: the whole
+            cache, a static shape for torch.compile. No host sync either way.
         logits_to_keep: return the logits of the last this many positions only, (B, logits_to_keep, padded_vocab):
             a prefill needs only the last one, and the head over a long prompt costs as much as several layers.
         """
@@ -745,11 +746,17 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             probs = probs.to(q.dtype)
         if probs.dim() != 3:
             probs = probs.view(B * nkv, nh // nkv, L)
-        y = torch.bmm(probs, v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+        hs_v = v.size(-1)
+        if v.stride(-1) == 1 and (B == 1 or v.stride(0) == nkv * v.stride(1)):  # a cache slice: as the keys
+            # (a reshape asks whether the slice is contiguous, which a compiled step's symbolic length cannot answer)
+            values = v.as_strided((B * nkv, L, hs_v), (v.stride(1), v.stride(2), 1))
+        else:
+            values = v.reshape(B * nkv, L, hs_v)
+        y = torch.bmm(probs, values)  # (B*nkv, n_rep, hs_v)
     finally:
         if one_thread:
             torch.set_num_threads(threads)
-    return y.view(B, nh, 1, v.size(-1))
+    return y.view(B, nh, 1, hs_v)
 
 
 ONE_THREAD_ATTENTION_MAX = 1 << 17
@@ -1360,6 +1367,7 @@ class KVCache(nn.Module):
             rows = torch.arange(B, device=input_pos.device)[:, None]  # (B, 1), against input_pos (B, T)
             cache_k.transpose(1, 2).index_put_((rows, input_pos), k.transpose(1, 2).to(all_k.dtype))  # (B, T, nkv, hs)
             cache_v.transpose(1, 2).index_put_((rows, input_pos), v.transpose(1, 2).to(all_v.dtype))
-        if kv_len is None or kv_len >= all_k.size(2):
+        # (a compiled step's `kv_len` is symbolic, at most the cache's length: sliced, no guard on its value)
+        if kv_len is None or (isinstance(kv_len, int) and kv_len >= all_k.size(2)):
             return cache_k, cache_v
         return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
