@@ -725,12 +725,19 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
         # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
         # costs a few more ops, which is what a one-token step spends its time on beside the weights
-        q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
-        if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
-            keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
+        # Compiled, one query row per key head (no grouped queries): both products as elementwise products and
+        # sums over the cache slice itself, which is what inductor lowers a one-row bmm to, but through views of the
+        # slice that pin a compiled step's symbolic length (`litllm.compile_decode.attended_length`) to its value
+        rowwise = not eager and nkv == nh
+        if rowwise:
+            scores = (q * k).sum(-1).view(B * nkv, 1, L).mul_(scale)  # (B, nh, 1, hs) x (B, nh, L, hs) -> (B*nh, 1, L)
         else:
-            keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
-        scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale) if eager else scale)  # (B*nkv, n_rep, L)
+            q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
+            if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
+                keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
+            else:
+                keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
+            scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale) if eager else scale)  # (B*nkv, n_rep, L)
         if sinks is not None or (mask is not None and mask.size(0) > 1):  # per-row masks, per-head sinks
             scores = scores.view(B, nkv, nh // nkv, L)
         if logit_softcap is not None:
@@ -747,12 +754,13 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
         if probs.dim() != 3:
             probs = probs.view(B * nkv, nh // nkv, L)
         hs_v = v.size(-1)
-        if v.stride(-1) == 1 and (B == 1 or v.stride(0) == nkv * v.stride(1)):  # a cache slice: as the keys
+        if rowwise:
+            y = (probs.view(B, nh, L, 1) * v).sum(2)  # (B, nh, L, 1) x (B, nh, L, hs_v) -> (B, nh, hs_v)
+        elif v.stride(-1) == 1 and (B == 1 or v.stride(0) == nkv * v.stride(1)):  # a cache slice: as the keys
             # (a reshape asks whether the slice is contiguous, which a compiled step's symbolic length cannot answer)
-            values = v.as_strided((B * nkv, L, hs_v), (v.stride(1), v.stride(2), 1))
+            y = torch.bmm(probs, v.as_strided((B * nkv, L, hs_v), (v.stride(1), v.stride(2), 1)))  # (B*nkv, n_rep, hs_v)
         else:
-            values = v.reshape(B * nkv, L, hs_v)
-        y = torch.bmm(probs, values)  # (B*nkv, n_rep, hs_v)
+            y = torch.bmm(probs, v.reshape(B * nkv, L, hs_v))
     finally:
         if one_thread:
             torch.set_num_threads(threads)

@@ -941,6 +941,7 @@ def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_loa
 
 FAMILIES = {
     "gqa": {},
+    "mha": dict(n_query_groups=4),  # one query head per key head: compiled attention as products and sums
     "window_softcap": dict(sliding_window_size=6, sliding_window_period=2, attention_logit_softcapping=5.0),
     "mla": dict(n_embd=64, n_head=4, n_query_groups=4, head_size=24, kv_lora_rank=16, qk_rope_head_dim=8,
                 v_head_dim=12, intermediate_size=96),
@@ -965,7 +966,8 @@ def test_a_saved_step_attends_over_the_filled_positions_of_rows_at_own_positions
     computes eager decoding's logits over the first `kv_len` positions, and reads no position past
     `attended_length(kv_len)`: there the cache holds NaN, which the whole-cache step (kv_len None) does read. A second
     engine loads the saved step and serves other lengths (crossing `KV_BUCKET` boundaries) alike. Families: grouped
-    queries, sliding windows with softcapped scores (their own mask), MLA (a latent cache)."""
+    queries, one query head per key head, sliding windows with softcapped scores (their own mask), MLA (a latent
+    cache)."""
     from conftest import tiny_config
 
     from litllm.compile_decode import KV_BUCKET, attended_length
