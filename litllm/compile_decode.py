@@ -591,14 +591,15 @@ def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
     compiled bf16 and int8dq steps are one parallel region whose matmuls split by rows (1.8x from a second thread
     on a quiet 2-core EPYC) where the eager step, dozens of short regions, gained little. Its kernels take the count
     when they run (`cpu_compile_options`), so one compile is timed at every count. The timed steps decode the
-    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it). Under a
+    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it) over the cache's
+    first `KV_BUCKET` positions (what a step reads at the start of a run, however long its cache). Under a
     1-thread budget there is nothing to time (and its step runs on 1 thread whatever the count: `BUDGET_STEP_OPTIONS`)."""
     candidates = thread_candidates()
     if len(candidates) == 1:
         return candidates[0]
     with torch.inference_mode():
-        engine._decode(engine._tokens, engine._pos, None)  # warm-up, not timed
-        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), candidates,
+        engine._decode(engine._tokens, engine._pos, KV_BUCKET)  # warm-up, not timed
+        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, KV_BUCKET), candidates,
                                rounds=PICK_ROUNDS, min_gain=min_gain, clock=clock)
 
 
@@ -674,8 +675,9 @@ def _verify_kind(width: int) -> str:
 
 def verify_engine(make: Callable, model, length: int, width: int, compile: Optional[bool]):
     """The one-row `Engine` that `make(length)` builds (eager, it holds the KV cache and prefills) for speculative
-    decoding's target, with `engine.verify(tokens, pos)`: logits (width, vocab) of one forward over `width` tokens
-    (1, width) at positions (1, width) (the newest token and the k proposals) over the whole cache, compiled as
+    decoding's target, with `engine.verify(tokens, pos, kv_len)`: logits (width, vocab) of one forward over `width`
+    tokens (1, width) at positions (1, width) (the newest token and the k proposals) over the cache's first
+    `attended_length(kv_len)` positions (None: all; `torch.compile`'s step: all), compiled as
     `compile` says (as `step_engine`'s decode step: False or a default with nothing saved, None: eager; None: the
     verify step saved for this shape if one fits and loads; True: loaded, else compiled ahead by AOTInductor and
     saved as `steps_folder(model)/1x<length>-verify<width>.pt2`, or `torch.compile`'s where the model does not
