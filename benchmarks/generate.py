@@ -329,8 +329,8 @@ def parse_args():
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache_length", type=int, default=None,
-                        help="KV-cache positions of litllm's engines and llama.cpp's n_ctx (default: the prompt and new "
-                             "tokens; e.g. 4096, `litllm chat`'s whole window: what a long cache costs each)")
+                        help="KV-cache positions of litllm's engines and llama.cpp's n_ctx (default: the prompt and "
+                             "new tokens; e.g. 4096, `litllm chat`'s whole window: what a long cache costs each)")
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode steps")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true "

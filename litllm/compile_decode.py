@@ -623,8 +623,9 @@ def _whole_cache(step: Callable) -> Callable:
 
 def compile_engine_step(engine) -> Callable:
     """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled for the engine's rows and
-    cache. On the CPU, attending over the cache's first `attended_length(kv_len, ...)` positions: loaded from `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace,
-    no compile: a few ms), else compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
+    cache. On the CPU, attending over the cache's first `attended_length(kv_len, ...)` positions: loaded from
+    `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace, no compile: a few ms), else
+    compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
     which ("loaded", "compiled"; "torch.compile" when the model does not export as one graph, or on CUDA:
     `compile_step`)."""
     model, device = engine.model, engine.device

@@ -723,15 +723,14 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             # at a 48-64-token cache, 1.39x at 600 (tutorials/inference_measurements.md#eager-s34). fp32 keeps the
             # bmms, as fast as SDPA there. (Compiled steps trace the ops below: their kernels are inductor's.)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
-        # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
-        # costs a few more ops, which is what a one-token step spends its time on beside the weights
         # Compiled, one query row per key head (no grouped queries): both products as elementwise products and
         # sums over the cache slice itself, which is what inductor lowers a one-row bmm to, but through views of the
         # slice that pin a compiled step's symbolic length (`litllm.compile_decode.attended_length`) to its value
         rowwise = not eager and nkv == nh
         if rowwise:
             scores = (q * k).sum(-1).view(B * nkv, 1, L).mul_(scale)  # (B, nh, 1, hs) x (B, nh, L, hs) -> (B*nh, 1, L)
-        else:
+        else:  # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D
+            # broadcasting costs a few more ops, which is what a one-token step spends its time on beside the weights
             q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
             if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
                 keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
@@ -758,7 +757,8 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             y = (probs.view(B, nh, L, 1) * v).sum(2)  # (B, nh, L, 1) x (B, nh, L, hs_v) -> (B, nh, hs_v)
         elif v.stride(-1) == 1 and (B == 1 or v.stride(0) == nkv * v.stride(1)):  # a cache slice: as the keys
             # (a reshape asks whether the slice is contiguous, which a compiled step's symbolic length cannot answer)
-            y = torch.bmm(probs, v.as_strided((B * nkv, L, hs_v), (v.stride(1), v.stride(2), 1)))  # (B*nkv, n_rep, hs_v)
+            values = v.as_strided((B * nkv, L, hs_v), (v.stride(1), v.stride(2), 1))  # (B*nkv, L, hs_v)
+            y = torch.bmm(probs, values)  # (B*nkv, n_rep, hs_v)
         else:
             y = torch.bmm(probs, v.reshape(B * nkv, L, hs_v))
     finally:

@@ -490,7 +490,8 @@ class SpeculativeBatchEngine(Engine):
                 logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos, start + i + 1)
             return logits[0, : self.vocab_size]
         if self._draft_wide_steps is not None and self._fill_wide(ids, start):
-            logits = self._draft_wide_steps[slot](self._verify_tokens, self._verify_pos, start + self.k + 1)  # (1, k + 1, V)
+            width = self.k + 1
+            logits = self._draft_wide_steps[slot](self._verify_tokens, self._verify_pos, start + width)  # (1, width, V)
             return logits[0, len(ids) - 1, : self.vocab_size]
         for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
             block.attn.kv_cache = cache
@@ -544,7 +545,7 @@ class SpeculativeBatchEngine(Engine):
         start.. of the slot's cache: its compiled verify step (padded as `SpeculativeEngine._verify` pads) where
         there is one and the padding fits, else an eager forward over the slot's cache rows."""
         if self._verify_steps is not None and self._fill_wide(ids, start):
-            logits = self._verify_steps[slot](self._verify_tokens, self._verify_pos, start + self.k + 1)  # (1, k + 1, V)
+            logits = self._verify_steps[slot](self._verify_tokens, self._verify_pos, start + self.k + 1)  # (1, k+1, V)
             return logits[0, : len(ids), : self.vocab_size]
         stop = start + len(ids)
         self._set_caches(self._slot_caches[slot])
