@@ -7,8 +7,10 @@ median of the rounds) and CPU ms a token.
     python benchmarks/kv_length.py                                  # 134M Llama, bf16 and int8wo, 1 and 2 threads
     python benchmarks/kv_length.py --quantize none --threads 2      # fp32
     python benchmarks/kv_length.py --n_layer 2 --positions 100      # a quick look
+    python benchmarks/kv_length.py --batch 4 --quantize none@bf16-true   # a server's batched step, rows spread out
 
-Rows per format and thread count, at each of `--positions` (the row's newest position):
+Rows per format and thread count, at each of `--positions` (the newest position; with `--batch` B rows, row i at
+position * (i + 1) // B, as a server's rows sit at their own lengths):
 - `filled`: litllm's step, over the first `attended_length(position + 1)` positions of the `--cache` cache;
 - `whole`: the step over the whole cache, compiled at static shapes (as every step was before; saved in a
   compile cache of its own, `--static_cache`), which reads `--cache` positions at every position;
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=4096, help="KV-cache positions of the engine")
     parser.add_argument("--positions", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--short", type=int, default=256, help="the attended length of the kernel-speed check")
+    parser.add_argument("--batch", type=int, default=1, help="KV-cache rows every step decodes")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no_eager", action="store_true", help="skip the eager rows")
@@ -84,7 +87,7 @@ def main() -> None:
     args.context_window = max(args.cache, 2048)  # (`build_checkpoint`'s model, its window long enough)
     folder = kept_checkpoint(args, args.folder or Path(tempfile.gettempdir())
                              / f"litllm_kv_length_{args.n_layer}x{args.n_embd}x{args.context_window}")
-    rows = {}  # (label, format, threads) -> (engine, kv_len, position)
+    rows = {}  # (label, format, threads, position) -> (engine, kv_len, position)
     for spec in args.quantize:
         mode, _, precision = spec.partition("@")
         model = load_for_inference(folder, "cpu", precision or "32-true", None if mode == "none" else mode)
@@ -95,10 +98,10 @@ def main() -> None:
                                          (f"whole@{args.short}", args.short, True)):
                 t0 = time.perf_counter()
                 with static_steps(args.static_cache) if static else contextlib.nullcontext():
-                    built[name] = engine = Engine(model, None, 1, length, threads=n, compile=True)
+                    built[name] = engine = Engine(model, None, args.batch, length, threads=n, compile=True)
                 print(f"{spec} {n} thread(s) {name}: step {engine.step_source} in {time.perf_counter() - t0:.1f} s",
                       flush=True)
-            eager = None if args.no_eager else Engine(model, None, 1, args.cache, threads=n)
+            eager = None if args.no_eager else Engine(model, None, args.batch, args.cache, threads=n)
             for p in args.positions:
                 rows[("filled", spec, n, p)] = (built["filled"], p + 1, p)
                 rows[("whole", spec, n, p)] = (built["whole"], None, p)
@@ -113,7 +116,8 @@ def main() -> None:
             order = list(rows.items())[r % len(rows):] + list(rows.items())[: r % len(rows)]
             for key, (engine, kv_len, position) in order:
                 engine._set_caches(engine._caches)  # (engines of one model: each step on its own cache)
-                engine._pos.fill_(position)
+                spread = torch.arange(1, args.batch + 1)[:, None]  # (B, 1): the last row at `position`
+                engine._pos.copy_(position * spread // args.batch)
                 with threads_for(key[2]):
                     engine._decode(engine._tokens, engine._pos, kv_len)  # warm-up
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -121,7 +125,7 @@ def main() -> None:
                         engine._decode(engine._tokens, engine._pos, kv_len)
                     runs[key].append(((time.perf_counter() - t0) / args.steps, (time.process_time() - c0) / args.steps))
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores; cache "
-          f"{args.cache} positions, {args.rounds} rounds of {args.steps} steps")
+          f"{args.cache} positions, {args.batch} row(s), {args.rounds} rounds of {args.steps} steps")
     print(f"{'format':<18}{'threads':>8}{'position':>10}{'step':>14}{'best tok/s':>12}{'median':>10}"
           f"{'CPU ms/tok':>12}{'filled/whole':>14}")
     for (label, spec, n, p), times in runs.items():
