@@ -12,6 +12,8 @@ the script measures this machine's read bandwidth itself and prints each side's 
     python benchmarks/generate.py --model_size large --no_transformers --quantize none@bf16-true torchao.int8wo
         # ~594M parameters: every format's weights (int8 ~530 MB) outgrow a 260 MiB L3, so each reads from DRAM
     python benchmarks/generate.py --no_compile --quantize torchao.int8wo torchao.int4wo@bf16-true none@bf16-true
+    python benchmarks/generate.py --cache_length 4096 --quantize none@bf16-true torchao.int8wo --llama_cpp f16 q8_0
+        # litllm's engines and llama.cpp's context at `litllm chat`'s 4096-position window
 
 litllm runs as `litllm generate` does: on its decode engine (`litllm.engine.Engine`, one row), with the
 faster CPU weight layout and thread count for decoding (`optimize_for_decoding`, `pick_decode_threads`);
@@ -89,7 +91,7 @@ def build_checkpoint(folder: Path, args) -> int:
     config = transformers.LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.n_embd, num_hidden_layers=args.n_layer,
         num_attention_heads=args.n_head, num_key_value_heads=args.n_head, intermediate_size=args.intermediate_size,
-        max_position_embeddings=2048, tie_word_embeddings=False,
+        max_position_embeddings=getattr(args, "context_window", 2048), tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -326,6 +328,9 @@ def parse_args():
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache_length", type=int, default=None,
+                        help="KV-cache positions of litllm's engines and llama.cpp's n_ctx (default: the prompt and "
+                             "new tokens; e.g. 4096, `litllm chat`'s whole window: what a long cache costs each)")
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled decode steps")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="MODE[@PRECISION]",
                         help="extra litllm rows, e.g. torchao.int8wo torchao.int4wo@bf16-true none@bf16-true "
@@ -522,6 +527,7 @@ def main() -> None:
 def run_all(folder: Path, args) -> None:
     import transformers
 
+    args.context_window = max(2048, args.cache_length or 0)  # (`build_checkpoint`'s window)
     weight_bytes = build_checkpoint(folder, args)
     add_tokenizer(folder)
     if args.startup_only:
@@ -551,12 +557,13 @@ def run_all(folder: Path, args) -> None:
         reference = decode(engine)
     if hf is not None:
         print(f"litllm fp32 and transformers: same tokens: {run_hf() == reference}")
-    engines = make_engines(models, row_bytes, len(prompt) + n, not args.no_compile, decode, reference, load)
+    length = args.cache_length or len(prompt) + n
+    engines = make_engines(models, row_bytes, length, not args.no_compile, decode, reference, load)
     calls = {name: (lambda marks, e=engine: greedy_tokens(e, prompt, n, marks)) for name, engine in engines.items()}
     if hf is not None:
         calls = {"transformers": lambda marks: run_hf(), **calls}
-    for name, (greedy, per_token) in gguf_rows(folder, folder / "gguf", args.llama_cpp, len(prompt) + n + 8,
-                                               lit_threads).items():
+    for name, (greedy, per_token) in gguf_rows(folder, folder / "gguf", args.llama_cpp,
+                                               args.cache_length or len(prompt) + n + 8, lit_threads).items():
         row_bytes[name] = per_token
         tokens = greedy(prompt, n)  # warm-up
         agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), n)
@@ -575,7 +582,7 @@ def run_all(folder: Path, args) -> None:
         with threads_for(lit_threads):
             cpu_bandwidth = read_bandwidth(clock=time.process_time)
     print(f"device: {args.device}; threads: litllm {lit_threads} (picked), llama.cpp {lit_threads}, transformers {torch.get_num_threads()};"
-          f" prompt {args.prompt_tokens} tokens, {n} new tokens, greedy, batch 1,"
+          f" prompt {args.prompt_tokens} tokens, {n} new tokens, greedy, batch 1, KV cache {length} positions,"
           f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; litllm fp32 layout: {layout}")
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; fp32 weights read per token: {weight_bytes / 1e6:.0f} MB"
           f" -> bound {bandwidth / weight_bytes:.1f} tokens/s")

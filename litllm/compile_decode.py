@@ -32,9 +32,15 @@ priced by: `litllm.compile_ledger`.
   version, thread budget, OpenMP wait policy and model shape (`litllm.compile_ledger.record_decode_choices`);
   later loads of that model take them from there without timing (`recorded_decode_choices`), so they find the saved
   step (and start faster).
-- Shapes: the step is compiled for static shapes (batch rows x KV-cache length). `compiled_length` rounds
-  a cache length up to a power of two (>= 256, at most the context window), so that commands with
-  different prompt and answer lengths share a handful of compiled shapes; a saved longer one serves a shorter run.
+- Shapes: the step is compiled for its engine's batch rows and KV cache (rows x cache length), and attends over
+  the cache's filled part only: the length it attends over is a dynamic dimension of the exported graph (the
+  size of a third input, `span`), which the engine sets at each call to its rows' longest length rounded up to a
+  multiple of `KV_BUCKET` (`attended_length`; no host sync: the engine knows it). One package serves every length up
+  to its cache's, so a chat in a 4096-position window decodes at position 100 reading 128 positions of the cache,
+  not 4096. `compiled_length` rounds a cache length up to a power of two (>= 256, at most the context window), so
+  that commands with different prompt and answer lengths share a handful of compiled shapes; a saved longer one
+  serves a shorter run (at no cost but the cache's memory). `torch.compile`'s steps (CUDA graphs, models that do
+  not export as one graph) keep static shapes: the whole cache.
 - CUDA: `mode="reduce-overhead"` captures the step in a CUDA graph (one launch per token); the engine's
   inputs (token and position tensors, KV cache) stay at fixed addresses. Written for, not yet run on, a GPU;
   steps are not saved there.
@@ -64,6 +70,10 @@ from litllm.row_split import RowSplitLinear, becomes_row_split, row_split_kernel
 from litllm.utils import atomic_path, cpu_model_name, litllm_cache_home, owned_and_private
 
 MIN_COMPILED_LENGTH = 256
+KV_BUCKET = 64
+"""A saved step attends over the cache's first `attended_length` positions: the rows' longest length rounded up to a
+multiple of this (at most 64 positions read beyond it, ~1% of the 134M bf16 step's bytes; the dynamic dimension's
+values stay multiples of 16 lanes, where inductor's attention loops run whole vectors)."""
 SERIAL_KERNEL_OPTIONS = {"cpp.min_chunk_size": 4096}
 """inductor settings of every CPU step (in `CPU_COMPILE_OPTIONS` and `ONE_ROW_COMPILE_OPTIONS`): a kernel gets an
 OpenMP region of its own only where each thread has >= 4096 values to work on (inductor's default: 512). A decode
@@ -270,6 +280,12 @@ clock = time.perf_counter
 fake clock here)."""
 
 
+def attended_length(kv_len: Optional[int], length: int) -> int:
+    """How many of a `length`-position cache's positions a saved step attends over for rows whose longest length is
+    `kv_len` (None: all): `kv_len` rounded up to a multiple of `KV_BUCKET`, at most `length`."""
+    return length if kv_len is None else min(-(-kv_len // KV_BUCKET) * KV_BUCKET, length)
+
+
 def compiled_length(length: int, window: int) -> int:
     """The KV-cache length to compile for: `length` rounded up to a power of two (>= 256), at most `window`."""
     rounded = max(MIN_COMPILED_LENGTH, 1 << max(0, length - 1).bit_length())
@@ -302,10 +318,10 @@ def compile_step(step: Callable, device: torch.device, static_tensors, options: 
 
 # ---------------------------------------------------------------------- the saved compiled step (CPU)
 STEPS_FOLDER = "decode_steps"
-STEP_CODE = "fp32 rows op"
+STEP_CODE = "attended length"
 """What changed last in the model code a saved step traces (part of `steps_folder`'s key): steps saved before it are
-compiled again rather than loaded with the old code (an fp32 step's several rows multiplied by aten's mm, not the
-row-split op: `litllm.row_split.MAX_ROWS`)."""
+compiled again rather than loaded with the old code (a step over the whole cache, without the `span` input of the
+attended length: `attended_length`)."""
 
 
 def steps_folder(model) -> Path:
@@ -351,7 +367,8 @@ def _note(text: str) -> None:
 
 
 class _DecodeStep(torch.nn.Module):
-    """What AOTInductor compiles: one decode step of `model` (logits of the last position, (B, padded_vocab)).
+    """What AOTInductor compiles: one decode step of `model` (logits of the last position, (B, padded_vocab)),
+    attending over the cache's first `span.size(0)` positions (a dynamic dimension: `_compile_and_save`).
     Exported, the model's weights and KV cache are the graph's constants, left out of the package and handed at
     load time (the running model's own tensors): the same saved step serves every checkpoint of these shapes."""
 
@@ -359,8 +376,8 @@ class _DecodeStep(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(tokens, input_pos=pos)[:, -1]  # (B, padded_vocab)
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, input_pos=pos, kv_len=span.size(0))[:, -1]  # (B, padded_vocab)
 
 
 def _step_tensors(engine) -> dict[str, torch.Tensor]:
@@ -377,6 +394,13 @@ def _step_tensors(engine) -> dict[str, torch.Tensor]:
 def _step_inputs(engine) -> dict[str, torch.Tensor]:
     """The decode step's inputs, by name: the engine's token and position buffers, (B, 1) each."""
     return {"tokens": engine._tokens, "pos": engine._pos}
+
+
+def _with_span(engine, inputs: Optional[dict]) -> dict[str, torch.Tensor]:
+    """A saved step's inputs (`inputs`, by default the decode step's) and last `span`, (cache length,) uint8: a
+    slice of it, `span[:n]`, has the step attend over the cache's first n positions (only its size is read)."""
+    span = torch.empty(engine._caches[0].k.size(2), dtype=torch.uint8, device=engine._caches[0].k.device)
+    return {**(inputs or _step_inputs(engine)), "span": span}
 
 
 def _step_spec(engine, inputs: Optional[dict] = None) -> str:
@@ -397,6 +421,7 @@ def _load_step(path: Path, engine, inputs: Optional[dict] = None) -> Optional[Ca
     a one-line note."""
     if not steps_save(engine.model):  # (a file left by a version that saved such steps: it never fits)
         return None
+    inputs = _with_span(engine, inputs)
     try:
         if not owned_and_private(path):
             _note(f"not loading {path}: not owned by this user, or writable by others")
@@ -413,9 +438,13 @@ def _load_step(path: Path, engine, inputs: Optional[dict] = None) -> Optional[Ca
     except Exception as e:  # stale (another torch), torn or foreign: a cache, so it is built again
         _note(f"could not load the saved decode step {path} ({type(e).__name__}: {str(e)[:200]})")
         return None
+    span = inputs["span"]
+    length = span.size(0)
 
-    def step(tokens: torch.Tensor, pos: torch.Tensor, _constants=constants) -> torch.Tensor:  # keeps them alive
-        return loader.run([tokens, pos])[0]
+    def step(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int] = None,
+             _constants=constants) -> torch.Tensor:  # (keeps them alive)
+        """The step over the cache's first `attended_length(kv_len, ...)` positions (None: all of them)."""
+        return loader.run([tokens, pos, span[:attended_length(kv_len, length)]])[0]
 
     return step
 
@@ -429,16 +458,22 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
     import io
 
     import torch._inductor
+    import torch.fx.experimental._config as fx_config
 
-    inputs = inputs or _step_inputs(engine)
     if not steps_save(engine.model):
         return None
+    given, inputs = inputs, _with_span(engine, inputs)
+    # the attended length (span's size) is a dynamic dimension, up to the whole cache: one package for all. Size-
+    # oblivious: a slice of the cache is contiguous at the whole length only, and asking (the traced tensors' metadata
+    # does) would otherwise guard the length to one side of that
+    lengths = [None] * (len(inputs) - 1) + [{0: torch.export.Dim("attended", min=1, max=inputs["span"].size(0))}]
     try:
         package = io.BytesIO()
         configs = {**cpu_compile_options(engine.model), "aot_inductor.package_constants_in_so": False,  # weights: at load
                    "aot_inductor.metadata": {SPEC_KEY: _step_spec(engine, inputs)}}
-        with torch.no_grad():  # an inference step: no autograd graph to trace
-            program = torch.export.export(step or _DecodeStep(engine.model), tuple(inputs.values()), strict=False)
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):  # (no autograd graph)
+            program = torch.export.export(step or _DecodeStep(engine.model), tuple(inputs.values()),
+                                          dynamic_shapes=tuple(lengths), strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs)
     except Exception:  # a graph break, a tensor subclass (quantized weights)...: the plain torch.compile path
         return None
@@ -451,8 +486,8 @@ def _compile_and_save(path: Path, engine, step: Optional[torch.nn.Module] = None
         with tempfile.TemporaryDirectory() as folder:  # the loader extracts the library: the copy may go
             path = Path(folder) / path.name
             path.write_bytes(package.getvalue())
-            return _load_step(path, engine, inputs)
-    return _load_step(path, engine, inputs)
+            return _load_step(path, engine, given)
+    return _load_step(path, engine, given)
 
 
 def steps_save(model) -> bool:
@@ -556,14 +591,15 @@ def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
     compiled bf16 and int8dq steps are one parallel region whose matmuls split by rows (1.8x from a second thread
     on a quiet 2-core EPYC) where the eager step, dozens of short regions, gained little. Its kernels take the count
     when they run (`cpu_compile_options`), so one compile is timed at every count. The timed steps decode the
-    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it). Under a
+    engine's idle rows (a dummy token at the parking position, overwritten before anything reads it) over the cache's
+    first `KV_BUCKET` positions (what a step reads at the start of a run, however long its cache). Under a
     1-thread budget there is nothing to time (and its step runs on 1 thread whatever the count: `BUDGET_STEP_OPTIONS`)."""
     candidates = thread_candidates()
     if len(candidates) == 1:
         return candidates[0]
     with torch.inference_mode():
-        engine._decode(engine._tokens, engine._pos, None)  # warm-up, not timed
-        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, None), candidates,
+        engine._decode(engine._tokens, engine._pos, KV_BUCKET)  # warm-up, not timed
+        return fastest_threads(lambda rep: engine._decode(engine._tokens, engine._pos, KV_BUCKET), candidates,
                                rounds=PICK_ROUNDS, min_gain=min_gain, clock=clock)
 
 
@@ -571,15 +607,25 @@ def _bind(step: Callable, engine) -> Callable:
     vocab_size = engine.vocab_size
 
     def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
-        return step(tokens, pos)[:, :vocab_size]  # kv_len is None: the whole cache, the compiled shape
+        return step(tokens, pos, kv_len)[:, :vocab_size]  # over the cache's first `attended_length` positions
+
+    return decode
+
+
+def _whole_cache(step: Callable) -> Callable:
+    """`torch.compile`'s decode step (static shapes) called as the engine calls its step: over the whole cache
+    (`kv_len` None: an int would be a constant of its graph, one compile per value)."""
+    def decode(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
+        return step(tokens, pos, None)
 
     return decode
 
 
 def compile_engine_step(engine) -> Callable:
-    """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled at the engine's static
-    shapes. On the CPU: loaded from `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace,
-    no compile: a few ms), else compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
+    """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled for the engine's rows and
+    cache. On the CPU, attending over the cache's first `attended_length(kv_len, ...)` positions: loaded from
+    `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace, no compile: a few ms), else
+    compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
     which ("loaded", "compiled"; "torch.compile" when the model does not export as one graph, or on CUDA:
     `compile_step`)."""
     model, device = engine.model, engine.device
@@ -587,7 +633,7 @@ def compile_engine_step(engine) -> Callable:
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":
-        return compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model))
+        return _whole_cache(compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model)))
     path = steps_folder(model) / _step_file(engine.max_batch_size, engine.max_seq_length)
     # (a tensor-parallel rank's step holds its collectives, in a process group of their own:
     # `litllm.parallel.layers.step_group`)
@@ -603,7 +649,7 @@ def compile_engine_step(engine) -> Callable:
         # for a 1-thread budget's step: 1 baked in, `cpu_compile_options`)
         options = cpu_compile_options(engine.model)
         options = options if "cpp.threads" in options else {**options, "cpp.dynamic_threads": True}
-        return compile_step(engine._decode_logits, device, static, options)
+        return _whole_cache(compile_step(engine._decode_logits, device, static, options))
     return _bind(step, engine)
 
 
@@ -611,14 +657,16 @@ def compile_engine_step(engine) -> Callable:
 class _VerifyStep(torch.nn.Module):
     """What AOTInductor compiles for speculative decoding's check (`litllm.speculative`): `model.decode` of one row's
     newest token and the draft's k proposals at once, the logits at every position ((1, k + 1, padded_vocab)), over
-    the whole KV cache (a static shape: `kv_len` None)."""
+    the cache's first `span.size(0)` positions (as `_DecodeStep`)."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(tokens, input_pos=pos)  # (1, k + 1, padded_vocab)
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, span: Optional[torch.Tensor]) -> torch.Tensor:
+        # (span None: the whole cache, `torch.compile`'s static step, `_whole_cache`)
+        kv_len = None if span is None else span.size(0)
+        return self.model.decode(tokens, input_pos=pos, kv_len=kv_len)  # (1, k + 1, padded_vocab)
 
 
 def _verify_kind(width: int) -> str:
@@ -628,8 +676,9 @@ def _verify_kind(width: int) -> str:
 
 def verify_engine(make: Callable, model, length: int, width: int, compile: Optional[bool]):
     """The one-row `Engine` that `make(length)` builds (eager, it holds the KV cache and prefills) for speculative
-    decoding's target, with `engine.verify(tokens, pos)`: logits (width, vocab) of one forward over `width` tokens
-    (1, width) at positions (1, width) (the newest token and the k proposals) over the whole cache, compiled as
+    decoding's target, with `engine.verify(tokens, pos, kv_len)`: logits (width, vocab) of one forward over `width`
+    tokens (1, width) at positions (1, width) (the newest token and the k proposals) over the cache's first
+    `attended_length(kv_len)` positions (None: all; `torch.compile`'s step: all), compiled as
     `compile` says (as `step_engine`'s decode step: False or a default with nothing saved, None: eager; None: the
     verify step saved for this shape if one fits and loads; True: loaded, else compiled ahead by AOTInductor and
     saved as `steps_folder(model)/1x<length>-verify<width>.pt2`, or `torch.compile`'s where the model does not
@@ -660,7 +709,7 @@ def verify_engine(make: Callable, model, length: int, width: int, compile: Optio
         static = [t for c in engine._caches for t in (c.k, c.v)] + list(inputs.values())
         options = cpu_compile_options(model)
         options = options if "cpp.threads" in options else {**options, "cpp.dynamic_threads": True}
-        step = compile_step(_VerifyStep(model), device, static, options)
+        step = _whole_cache(compile_step(_VerifyStep(model), device, static, options))
     engine.verify = None if step is None else _bind_verify(step, engine.vocab_size)
     if step is not None:
         with torch.inference_mode():  # its first check, timed with the build as the decode step's warm-up is
@@ -671,8 +720,8 @@ def verify_engine(make: Callable, model, length: int, width: int, compile: Optio
 
 
 def _bind_verify(step: Callable, vocab_size: int) -> Callable:
-    def verify(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return step(tokens, pos)[0, :, :vocab_size]  # (width, vocab)
+    def verify(tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+        return step(tokens, pos, kv_len)[0, :, :vocab_size]  # (width, vocab)
 
     return verify
 

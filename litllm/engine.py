@@ -18,9 +18,10 @@ the server) runs here.
   token is sampled as soon as its own last chunk is in. A prompt that fits one chunk (any prompt of
   `litllm generate`, unless long) is one forward, as without chunking.
 - The decode step (`model.decode(tokens, input_pos=positions)` for all rows) reads no value back from the
-  device; with `compile=True` it is `torch.compile`d at static shapes (the whole cache, `kv_len=None`).
-  In eager mode the engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips
-  the unwritten tail of the cache.
+  device. The engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips the unwritten
+  tail of the cache: eager, and in a compiled CPU step (`litllm.compile_decode`: the attended length is a dynamic
+  dimension of the saved step, rounded up to a bucket); a `torch.compile`d step (CUDA graphs) has static shapes
+  and attends over the whole cache.
 - Logprobs: a request with `logprobs` (and/or `prompt_logprobs`) gets each token's log-probability and its
   k most likely alternatives; only the rows that ask are scored (one gather + topk over their logits, read
   back with the sampled tokens), the others' decode step is unchanged.
@@ -585,7 +586,7 @@ class Engine:
             self._prefill(outputs)
             running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
             if running:
-                kv_len = None if self._compiled else max(row.pos for _, row in running) + 1
+                kv_len = max(row.pos for _, row in running) + 1  # (a static torch.compile'd step: ignored)
                 logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
                 tokens = self._pick(logits, running)
                 logprobs = self._decode_logprobs(logits, running)

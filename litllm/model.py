@@ -127,7 +127,8 @@ class GPT(nn.Module):
             positions <= its own.
         kv_len: attend only to the cache's first `kv_len` positions: a bound on every row's
             newest position + 1 that the caller knows on the host (eager decoding skips the unwritten
-            tail). None: the whole cache, a static shape for torch.compile. No host sync either way.
+            tail; a compiled step's is symbolic: `litllm.compile_decode.attended_length`). None: the whole
+            cache, a static shape for torch.compile. No host sync either way.
         logits_to_keep: return the logits of the last this many positions only, (B, logits_to_keep, padded_vocab):
             a prefill needs only the last one, and the head over a long prompt costs as much as several layers.
         """
@@ -722,14 +723,20 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             # at a 48-64-token cache, 1.39x at 600 (tutorials/inference_measurements.md#eager-s34). fp32 keeps the
             # bmms, as fast as SDPA there. (Compiled steps trace the ops below: their kernels are inductor's.)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
-        # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D broadcasting
-        # costs a few more ops, which is what a one-token step spends its time on beside the weights
-        q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
-        if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
-            keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
-        else:
-            keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
-        scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale) if eager else scale)  # (B*nkv, n_rep, L)
+        # Compiled, one query row per key head (no grouped queries): both products as elementwise products and
+        # sums over the cache slice itself, which is what inductor lowers a one-row bmm to, but through views of the
+        # slice that pin a compiled step's symbolic length (`litllm.compile_decode.attended_length`) to its value
+        rowwise = not eager and nkv == nh
+        if rowwise:
+            scores = (q * k).sum(-1).view(B * nkv, 1, L).mul_(scale)  # (B, nh, 1, hs) x (B, nh, L, hs) -> (B*nh, 1, L)
+        else:  # bmm on 3-D views (a cache slice's batch and head dims merge without a copy): matmul's 4-D
+            # broadcasting costs a few more ops, which is what a one-token step spends its time on beside the weights
+            q = q.reshape(B * nkv, nh // nkv, hs)  # (B*nkv, n_rep, hs): head h reads kv head h // n_rep
+            if k.stride(-1) == 1 and (B == 1 or k.stride(0) == nkv * k.stride(1)):  # a cache slice: one view op
+                keys_t = k.as_strided((B * nkv, hs, L), (k.stride(1), 1, k.stride(2)))  # (B*nkv, hs, L)
+            else:
+                keys_t = k.reshape(B * nkv, L, hs).transpose(1, 2)
+            scores = torch.bmm(q, keys_t).mul_(eager_scalar(scale) if eager else scale)  # (B*nkv, n_rep, L)
         if sinks is not None or (mask is not None and mask.size(0) > 1):  # per-row masks, per-head sinks
             scores = scores.view(B, nkv, nh // nkv, L)
         if logit_softcap is not None:
@@ -745,11 +752,19 @@ def single_query_attention(q, k, v, mask: Optional[torch.Tensor], scale: float, 
             probs = probs.to(q.dtype)
         if probs.dim() != 3:
             probs = probs.view(B * nkv, nh // nkv, L)
-        y = torch.bmm(probs, v.reshape(B * nkv, L, v.size(-1)))  # (B*nkv, n_rep, hs_v)
+        hs_v = v.size(-1)
+        if rowwise:
+            y = (probs.view(B, nh, L, 1) * v).sum(2)  # (B, nh, L, 1) x (B, nh, L, hs_v) -> (B, nh, hs_v)
+        elif v.stride(-1) == 1 and (B == 1 or v.stride(0) == nkv * v.stride(1)):  # a cache slice: as the keys
+            # (a reshape asks whether the slice is contiguous, which a compiled step's symbolic length cannot answer)
+            values = v.as_strided((B * nkv, L, hs_v), (v.stride(1), v.stride(2), 1))  # (B*nkv, L, hs_v)
+            y = torch.bmm(probs, values)  # (B*nkv, n_rep, hs_v)
+        else:
+            y = torch.bmm(probs, v.reshape(B * nkv, L, hs_v))
     finally:
         if one_thread:
             torch.set_num_threads(threads)
-    return y.view(B, nh, 1, v.size(-1))
+    return y.view(B, nh, 1, hs_v)
 
 
 ONE_THREAD_ATTENTION_MAX = 1 << 17
@@ -1360,6 +1375,7 @@ class KVCache(nn.Module):
             rows = torch.arange(B, device=input_pos.device)[:, None]  # (B, 1), against input_pos (B, T)
             cache_k.transpose(1, 2).index_put_((rows, input_pos), k.transpose(1, 2).to(all_k.dtype))  # (B, T, nkv, hs)
             cache_v.transpose(1, 2).index_put_((rows, input_pos), v.transpose(1, 2).to(all_v.dtype))
-        if kv_len is None or kv_len >= all_k.size(2):
+        # (a compiled step's `kv_len` is symbolic, at most the cache's length: sliced, no guard on its value)
+        if kv_len is None or (isinstance(kv_len, int) and kv_len >= all_k.size(2)):
             return cache_k, cache_v
         return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]

@@ -314,7 +314,7 @@ class SpeculativeEngine:
             return self._forward(1, ids, start)[-1]
         for i, token in enumerate(ids):
             engine._tokens[0, 0], engine._pos[0, 0] = token, start + i
-            logits = engine._decode(engine._tokens, engine._pos, None if engine._compiled else start + i + 1)
+            logits = engine._decode(engine._tokens, engine._pos, start + i + 1)
         return logits[0]
 
     def _verify(self, ids: list[int], start: int) -> torch.Tensor:
@@ -329,7 +329,7 @@ class SpeculativeEngine:
         padded = ids + ids[-1:] * (width - len(ids))
         engine.verify_tokens.copy_(torch.tensor(padded, dtype=torch.long)[None])
         engine.verify_pos.copy_(torch.arange(start, start + width)[None])
-        return engine.verify(engine.verify_tokens, engine.verify_pos)[: len(ids)]
+        return engine.verify(engine.verify_tokens, engine.verify_pos, start + width)[: len(ids)]
 
     def _emit(self, new: list[int]) -> Output:
         """Append the new tokens to the row (up to a stop or max_new_tokens) and say what they produced."""
@@ -487,10 +487,11 @@ class SpeculativeBatchEngine(Engine):
         if self._draft_steps is not None and len(ids) <= 2:  # the compiled step, one token at a time
             for i, token in enumerate(ids):
                 self._draft_tokens[0, 0], self._draft_pos[0, 0] = token, start + i
-                logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos)
+                logits = self._draft_steps[slot](self._draft_tokens, self._draft_pos, start + i + 1)
             return logits[0, : self.vocab_size]
         if self._draft_wide_steps is not None and self._fill_wide(ids, start):
-            logits = self._draft_wide_steps[slot](self._verify_tokens, self._verify_pos)  # (1, k + 1, padded vocab)
+            width = self.k + 1
+            logits = self._draft_wide_steps[slot](self._verify_tokens, self._verify_pos, start + width)  # (1, width, V)
             return logits[0, len(ids) - 1, : self.vocab_size]
         for block, cache in zip(self.draft.blocks, self._draft_slots[slot]):
             block.attn.kv_cache = cache
@@ -544,7 +545,8 @@ class SpeculativeBatchEngine(Engine):
         start.. of the slot's cache: its compiled verify step (padded as `SpeculativeEngine._verify` pads) where
         there is one and the padding fits, else an eager forward over the slot's cache rows."""
         if self._verify_steps is not None and self._fill_wide(ids, start):
-            return self._verify_steps[slot](self._verify_tokens, self._verify_pos)[0, : len(ids), : self.vocab_size]
+            logits = self._verify_steps[slot](self._verify_tokens, self._verify_pos, start + self.k + 1)  # (1, k+1, V)
+            return logits[0, : len(ids), : self.vocab_size]
         stop = start + len(ids)
         self._set_caches(self._slot_caches[slot])
         try:

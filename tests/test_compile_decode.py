@@ -397,10 +397,10 @@ def fake_compile(monkeypatch, tmp_path):
     def load(path, engine, inputs=None):
         verify = "-verify" in path.name  # speculative decoding's check: logits at every position
 
-        def step(tokens, pos):
+        def step(tokens, pos, kv_len=None):  # (a saved step attends over the first `kv_len` positions, rounded up)
             clock.compiled_at.append(torch.get_num_threads())
             clock.now += clock.compiled.get(torch.get_num_threads(), 0.0)
-            logits = engine.model.decode(tokens, input_pos=pos)
+            logits = engine.model.decode(tokens, input_pos=pos, kv_len=kv_len)
             return logits if verify else logits[:, -1]  # (B, padded_vocab)
 
         return step
@@ -937,3 +937,76 @@ def test_a_step_over_tensor_subclass_weights_is_not_saved_where_it_could_not_loa
     note_compile(model)
     assert "it is not saved here: later runs compile it again" in capsys.readouterr().err
     assert EagerAccount(model, 1, 64).unsaved  # a short run compiles only where it pays for the compile alone
+
+
+FAMILIES = {
+    "gqa": {},
+    "mha": dict(n_query_groups=4),  # one query head per key head: compiled attention as products and sums
+    "window_softcap": dict(sliding_window_size=6, sliding_window_period=2, attention_logit_softcapping=5.0),
+    "mla": dict(n_embd=64, n_head=4, n_query_groups=4, head_size=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                v_head_dim=12, intermediate_size=96),
+}
+
+
+def _stale_then_nan(engine, attended: int) -> None:
+    """Fill `engine`'s KV cache with finite values (what earlier requests leave) up to position `attended` and NaN from
+    there: a step that reads a position past `attended` returns NaN logits (a masked NaN value still meets its zero
+    probability: 0 * NaN)."""
+    g = torch.Generator().manual_seed(1)
+    for cache in engine._caches:
+        for t in (cache.k, cache.v):
+            t[:, :, :attended] = torch.randn(t[:, :, :attended].shape, generator=g)
+            t[:, :, attended:] = float("nan")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_saved_step_attends_over_the_filled_positions_of_rows_at_own_positions(family, tmp_path, monkeypatch):
+    """The saved step (AOTInductor, the attended length a dynamic dimension) of two rows at their own positions
+    computes eager decoding's logits over the first `kv_len` positions, and reads no position past
+    `attended_length(kv_len)`: there the cache holds NaN, which the whole-cache step (kv_len None) does read. A second
+    engine loads the saved step and serves other lengths (crossing `KV_BUCKET` boundaries) alike. Families: grouped
+    queries, one query head per key head, sliding windows with softcapped scores (their own mask), MLA (a latent
+    cache)."""
+    from conftest import tiny_config
+
+    from litllm.compile_decode import KV_BUCKET, attended_length
+    from litllm.engine import Engine
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=256, **FAMILIES[family])).eval()
+    compiled = Engine(model, None, 2, 256, compile=True)
+    assert compiled.step_source == "compiled"
+    loaded = Engine(model, None, 2, 256, compile=True)
+    assert loaded.step_source == "loaded"
+    tokens = torch.tensor([[5], [7]])
+    for engine, positions in ((compiled, (70, 130)), (loaded, (3, 20)), (loaded, (KV_BUCKET - 1, 190))):
+        kv_len = max(positions) + 1
+        attended = attended_length(kv_len, 256)
+        assert attended % KV_BUCKET == 0 and kv_len <= attended < 256
+        _stale_then_nan(engine, attended)
+        pos = torch.tensor(positions)[:, None]  # (2, 1)
+        with torch.inference_mode():
+            logits = engine._decode(tokens, pos, kv_len)
+            engine._set_caches(engine._caches)
+            expected = model.decode(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : engine.vocab_size]
+            assert logits.isfinite().all()
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+            assert engine._decode(tokens, pos, None).isnan().all()  # the whole cache: the NaN is read
+
+
+@pytest.mark.slow
+def test_compiled_greedy_tokens_cross_attended_length_buckets_as_eager(tiny_checkpoint, tmp_path, monkeypatch):
+    """Greedy decoding with the compiled step from a prompt of 40 tokens to position 100 of the tiny model's
+    128-position window (the attended length grows from 64 to 128 on the way) gives eager decoding's tokens."""
+    from litllm.engine import Engine
+    from litllm.model import GPT
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    prompt = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = {compile: greedy_tokens(Engine(model, None, 1, 128, compile=compile), prompt, 60)
+              for compile in (False, True)}
+    assert len(tokens[False]) == 60 and tokens[True] == tokens[False]

@@ -491,9 +491,9 @@ def test_compiled_batch_engine_greedy_equals_the_engine(tiny_checkpoint, monkeyp
     catch_ups = []  # the draft's catch-ups of 3 or 4 tokens (the start of each)
 
     def counted(step):
-        def run(tokens, pos):
+        def run(tokens, pos, kv_len):  # (a saved step takes the length it attends over)
             catch_ups.append(int(pos[0, 0]))
-            return step(tokens, pos)
+            return step(tokens, pos, kv_len)
 
         return run
 
