@@ -54,6 +54,16 @@ def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
         op(torch.randn(1, 96, dtype=torch.bfloat16), blocks, 1024)  # 96 features: not the weight's
 
 
+def _blocks_by_hand(weight: torch.Tensor, block: tuple[int, int, int]) -> torch.Tensor:
+    """A bf16 (out, in) weight laid out in `block`'s layout by hand, zero-padded to whole blocks."""
+    (n_out, n_in), (pairs, width, _) = weight.shape, block
+    shape = blocks_shape(n_out, n_in, block)
+    padded = torch.zeros(shape[0] * width, shape[1] * 2 * pairs, dtype=torch.bfloat16)
+    padded[:n_out, :n_in] = weight
+    # (out/W, W, in/KW, KW/2, 2) -> (out/W, in/KW, KW/2, W, 2)
+    return padded.view(shape[0], width, shape[1], pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
 @pytest.mark.parametrize("block", BF16_BLOCKS)
 def test_packed_bf16_op_reads_each_blocking(op, block):
     """Both blockings oneDNN packs bf16 weights in (AVX512-BF16's 64 x 64 and AMX's 32 x 32 blocks), whichever this
@@ -63,11 +73,7 @@ def test_packed_bf16_op_reads_each_blocking(op, block):
     pairs, width, _ = block
     for n_out, n_in in ((width, 2 * pairs), (3 * width + 5, 2 * pairs + 7), (200, 300)):
         weight = torch.randn(n_out, n_in).to(torch.bfloat16)
-        shape = blocks_shape(n_out, n_in, block)
-        padded = torch.zeros(shape[0] * width, shape[1] * 2 * pairs, dtype=torch.bfloat16)
-        padded[:n_out, :n_in] = weight
-        # (out/W, W, in/KW, KW/2, 2) -> (out/W, in/KW, KW/2, W, 2)
-        blocks = padded.view(shape[0], width, shape[1], pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
+        blocks = _blocks_by_hand(weight, block)
         for rows in (1, 3):
             x = torch.randn(rows, n_in).to(torch.bfloat16)
             exact = F.linear(x.double(), weight.double())
@@ -86,10 +92,7 @@ def test_packed_bf16_op_rounds_exact_sums_to_nearest_even(op, block, threads):
     pairs, width, _ = block
     for n_out, n_in in ((width + 3, 2 * pairs), (5 * width + 17, 4 * pairs), (3 * width - 1, 2 * pairs + 7)):
         weight = torch.randint(-8, 9, (n_out, n_in)).to(torch.bfloat16)
-        shape = blocks_shape(n_out, n_in, block)
-        padded = torch.zeros(shape[0] * width, shape[1] * 2 * pairs, dtype=torch.bfloat16)
-        padded[:n_out, :n_in] = weight
-        blocks = padded.view(shape[0], width, shape[1], pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
+        blocks = _blocks_by_hand(weight, block)
         for rows in (1, 3):
             x = torch.randint(-8, 9, (rows, 1, n_in)).to(torch.bfloat16)
             exact = F.linear(x.double(), weight.double())  # integers below 2^24: exact in fp32 too
