@@ -699,10 +699,22 @@ at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at
 // group holds its W outputs x 2 consecutive k (W/16 vectors of 16 outputs x 2 k), and vdpbf16ps multiplies a vector by
 // the broadcast pair of x into the 16 outputs' fp32 sums: no horizontal sums, one contiguous stream per W outputs.
 #if defined(__x86_64__)
+// The first n of V vectors of 16 fp32 sums, rounded to bf16 (vcvtneps2bf16: to nearest even, as at::BFloat16) and
+// stored to y: each thread writes its own outputs in bf16, no fp32 output for the calling thread to convert after
+template <int V>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static inline void bf16_store_sums(const __m512 (&sums)[V], uint16_t* y, int64_t n) {
+  #pragma GCC unroll 16
+  for (int v = 0; v < V && 16 * v < n; ++v) {
+    const __mmask16 live = n >= 16 * (v + 1) ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - 16 * v)) - 1);
+    _mm256_mask_storeu_epi16(y + 16 * v, live, (__m256i)_mm512_cvtneps_pbh(sums[v]));
+  }
+}
+
 // R rows of x (a batch of decode rows) times one group of W = 16 L outputs: the weight's loads shared by the R rows
 template <int R, int L>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t N, int64_t n) {
+static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, uint16_t* y, int64_t N, int64_t n) {
   __m512 acc[R][L];
   #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -720,13 +732,8 @@ static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, flo
       for (int j = 0; j < L; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xr);
     }
   }
-  alignas(64) float tmp[16 * L];
   #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    #pragma GCC unroll 8
-    for (int j = 0; j < L; ++j) _mm512_store_ps(tmp + 16 * j, acc[r][j]);
-    std::copy(tmp, tmp + n, y + r * N);
-  }
+  for (int r = 0; r < R; ++r) bf16_store_sums(acc[r], y + r * N, n);
 }
 
 // one row (decoding) times NG consecutive groups of W = 16 L outputs: 2 pairs a step into separate sums (2 NG L
@@ -735,7 +742,7 @@ static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, flo
 // weights in a standalone loop, 1 thread; 2 streams 10.7, 8 11.8). P, a multiple of KW / 2 >= 16, is even.
 template <int L, int NG>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void bf16_groups_row(const int32_t* x, int64_t P, const uint16_t* wg, float* y, int64_t n) {
+static void bf16_groups_row(const int32_t* x, int64_t P, const uint16_t* wg, uint16_t* y, int64_t n) {
   __m512 acc[NG][2][L];
   #pragma GCC unroll 16
   for (int g = 0; g < NG; ++g)
@@ -760,18 +767,18 @@ static void bf16_groups_row(const int32_t* x, int64_t P, const uint16_t* wg, flo
       }
     }
   }
-  alignas(64) float tmp[NG * 16 * L];
+  __m512 sums[NG * L];
   #pragma GCC unroll 16
   for (int g = 0; g < NG; ++g)
     #pragma GCC unroll 8
-    for (int j = 0; j < L; ++j) _mm512_store_ps(tmp + 16 * (g * L + j), _mm512_add_ps(acc[g][0][j], acc[g][1][j]));
-  std::copy(tmp, tmp + n, y);
+    for (int j = 0; j < L; ++j) sums[g * L + j] = _mm512_add_ps(acc[g][0][j], acc[g][1][j]);
+  bf16_store_sums(sums, y, n);
 }
 
 // the groups g0..g1 of W = 16 L outputs for M rows (x: each row zero-padded to P pairs): pairs of rows a group at a
 // time, a last odd row NG groups at a time
 template <int L, int NG>
-static void bf16_blocks(const int32_t* x, int64_t M, int64_t P, const uint16_t* w, float* y, int64_t N, int64_t g0,
+static void bf16_blocks(const int32_t* x, int64_t M, int64_t P, const uint16_t* w, uint16_t* y, int64_t N, int64_t g0,
                         int64_t g1) {
   constexpr int64_t W = 16 * L;
   const int64_t paired = M - M % 2;
@@ -784,7 +791,7 @@ static void bf16_blocks(const int32_t* x, int64_t M, int64_t P, const uint16_t* 
   }
   if (paired == M) return;
   const int32_t* xr = x + paired * P;
-  float* yr = y + paired * N;
+  uint16_t* yr = y + paired * N;
   int64_t g = g0;
   for (; g + NG <= g1; g += NG)
     bf16_groups_row<L, NG>(xr, P, w + g * P * 2 * W, yr + g * W, std::min(NG * W, N - g * W));
@@ -808,29 +815,30 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
               "packed_bf16_linear: x ", x.sizes(), " ", x.scalar_type(), ", w ", w.sizes(), " ", w.scalar_type(),
               ", out_features ", N);
   const int64_t G = w.size(0), P = w.size(1) * KW / 2, M = x.numel() / std::max<int64_t>(K, 1);
-  // the rows zero-padded to whole blocks (the weights' padding is zero too), as pairs
-  std::vector<uint16_t> xpad(M * P * 2, 0);
   const at::Tensor xc = x.contiguous();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < M; ++m) std::copy(xp + m * K, xp + (m + 1) * K, xpad.data() + m * P * 2);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // the rows as pairs, zero-padded to whole blocks where K is not a multiple of KW (the weights' padding is zero too)
+  std::vector<uint16_t> xpad(K == 2 * P ? 0 : M * P * 2, 0);
+  for (int64_t m = 0; m < M && !xpad.empty(); ++m) std::copy(xp + m * K, xp + (m + 1) * K, xpad.data() + m * P * 2);
+  const auto* xs = reinterpret_cast<const int32_t*>(xpad.empty() ? xp : xpad.data());
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());  // (..., N) bf16: each thread rounds and stores its own outputs
   const int threads = op_threads();
   const int64_t per = (G + threads - 1) / threads;  // each thread one contiguous range of groups
   auto part = [&](int64_t t) {
 #if defined(__x86_64__)
-    const auto* xs = reinterpret_cast<const int32_t*>(xpad.data());
     const auto* ws = reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>());
+    auto* ys = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
     const int64_t g0 = std::min(G, t * per), g1 = std::min(G, (t + 1) * per);
     if (blocking_64)
-      bf16_blocks<4, 1>(xs, M, P, ws, y.mutable_data_ptr<float>(), N, g0, g1);
+      bf16_blocks<4, 1>(xs, M, P, ws, ys, N, g0, g1);
     else
-      bf16_blocks<2, 4>(xs, M, P, ws, y.mutable_data_ptr<float>(), N, g0, g1);
+      bf16_blocks<2, 4>(xs, M, P, ws, ys, N, g0, g1);
 #endif
   };
   run_chunks(threads, threads, part);
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  return y.to(at::kBFloat16).view(shape);
+  return y;
 }
 // ---- int8 weight-only rows (litllm.quantize.Int8PackedLinear, torchao.int8wo with fp32 activations): y (N, out) fp32
 // = x (N, K) fp32, unrounded, times the int8 weights in w (out, K) row-major, times an fp32 scale per output row: within

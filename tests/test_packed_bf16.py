@@ -54,6 +54,16 @@ def test_packed_bf16_op_equals_the_bf16_matmul(op, threads):
         op(torch.randn(1, 96, dtype=torch.bfloat16), blocks, 1024)  # 96 features: not the weight's
 
 
+def _blocks_by_hand(weight: torch.Tensor, block: tuple[int, int, int]) -> torch.Tensor:
+    """A bf16 (out, in) weight laid out in `block`'s layout by hand, zero-padded to whole blocks."""
+    (n_out, n_in), (pairs, width, _) = weight.shape, block
+    shape = blocks_shape(n_out, n_in, block)
+    padded = torch.zeros(shape[0] * width, shape[1] * 2 * pairs, dtype=torch.bfloat16)
+    padded[:n_out, :n_in] = weight
+    # (out/W, W, in/KW, KW/2, 2) -> (out/W, in/KW, KW/2, W, 2)
+    return padded.view(shape[0], width, shape[1], pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
 @pytest.mark.parametrize("block", BF16_BLOCKS)
 def test_packed_bf16_op_reads_each_blocking(op, block):
     """Both blockings oneDNN packs bf16 weights in (AVX512-BF16's 64 x 64 and AMX's 32 x 32 blocks), whichever this
@@ -63,17 +73,30 @@ def test_packed_bf16_op_reads_each_blocking(op, block):
     pairs, width, _ = block
     for n_out, n_in in ((width, 2 * pairs), (3 * width + 5, 2 * pairs + 7), (200, 300)):
         weight = torch.randn(n_out, n_in).to(torch.bfloat16)
-        shape = blocks_shape(n_out, n_in, block)
-        padded = torch.zeros(shape[0] * width, shape[1] * 2 * pairs, dtype=torch.bfloat16)
-        padded[:n_out, :n_in] = weight
-        # (out/W, W, in/KW, KW/2, 2) -> (out/W, in/KW, KW/2, W, 2)
-        blocks = padded.view(shape[0], width, shape[1], pairs, 2).permute(0, 2, 3, 1, 4).contiguous()
+        blocks = _blocks_by_hand(weight, block)
         for rows in (1, 3):
             x = torch.randn(rows, n_in).to(torch.bfloat16)
             exact = F.linear(x.double(), weight.double())
             got = op(x, blocks, n_out)
             assert got.shape == (rows, n_out)
             assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("block", BF16_BLOCKS)
+def test_packed_bf16_op_rounds_exact_sums_to_nearest_even(op, block, threads):
+    """Each thread rounds its own outputs to bf16: on small integers, whose products and sums fp32 holds exactly, the
+    op's output is the exact product rounded once to nearest even (sums above 256 need rounding), bit for bit, for
+    one row and a batch (pairs of rows and a last single one), output counts that end inside a group (masked stores)
+    and inputs that end inside a block (zero-padded rows) or not (read in place)."""
+    torch.manual_seed(0)
+    pairs, width, _ = block
+    for n_out, n_in in ((width + 3, 2 * pairs), (5 * width + 17, 4 * pairs), (3 * width - 1, 2 * pairs + 7)):
+        weight = torch.randint(-8, 9, (n_out, n_in)).to(torch.bfloat16)
+        blocks = _blocks_by_hand(weight, block)
+        for rows in (1, 3):
+            x = torch.randint(-8, 9, (rows, 1, n_in)).to(torch.bfloat16)
+            exact = F.linear(x.double(), weight.double())  # integers below 2^24: exact in fp32 too
+            assert torch.equal(op(x, blocks, n_out), exact.float().to(torch.bfloat16))
 
 
 def test_only_whole_blocks_of_untied_bf16_weights_are_packed(op):
