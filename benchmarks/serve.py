@@ -19,6 +19,29 @@ that system prompt (as a chat UI's earlier turns leave it); the batched server r
 true`, then `false`, and the TTFT and tokens/s ratios are printed. With `--response_format`, the batched server
 answers the same requests with and without a `json_schema` response_format (a string property longer than the
 answer, so both produce exactly `--new_tokens` tokens): the cost of grammar-constrained decoding.
+
+Beside llama.cpp's own server (`--llama_server PATH` to its `llama-server` binary; skipped with a note where absent):
+for each `--formats` pair (litllm's format = llama.cpp's GGUF type: `fp32=f32 bf16=f16 int8wo=q8_0`), the same model,
+exported by `litllm convert_to_gguf`, is served by both at once, litllm with `--max_batch_size --batch` and
+llama.cpp with as many slots (`-np`, continuous batching `-cb`, `-c` = slots x `--max_seq_length`), both on
+`--threads` threads (litllm: OMP_NUM_THREADS, from which it may still pick fewer; llama.cpp: `-t` and `-tb`). The
+same streaming clients send the same token-id prompts to `/v1/completions` (greedy, `max_tokens`; llama.cpp with
+`ignore_eos` and without its prompt cache, so both decode exactly `--new_tokens` tokens from a full prefill: the
+token counts are checked), `--client_counts` clients at once, the two servers alternating over `--rounds` rounds.
+Printed per format and client count: aggregate completion tokens/s, tokens per CPU-second of the server process
+(what its cores did, less sensitive to other load), p50/p99 time to first token, the median client's decode
+tokens/s (after its first token), and litllm / llama.cpp ratios (best and median of the rounds).
+
+    python benchmarks/serve.py --llama_server /tmp/llama-build/bin/llama-server --max_seq_length 512 \
+        --formats fp32=f32 bf16=f16 --client_counts 1 4 16 --rounds 3 --threads 1
+
+llama-server, built from the llama.cpp vendored in llama-cpp-python's source distribution (the version whose
+Python binding benchmarks/generate.py compares; ~10 min on 2 cores):
+
+    pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d sdist && tar xzf sdist/*.tar.gz -C sdist
+    cmake -G Ninja -S sdist/llama_cpp_python-0.3.36/vendor/llama.cpp -B llama-build -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF
+    ninja -C llama-build -j2 llama-server      # -> llama-build/bin/llama-server
 """
 
 from __future__ import annotations
@@ -63,14 +86,15 @@ def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
 JSON_WORDS = ["{", "}", '"', ":", " ", ",", "t", "e", "x", ": ", "text", '{"text": "', "</s>"]
 
 
-def start_server(folder: Path, batch: int, args, log, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, batch: int, args, log, *flags: str, env=None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "litllm", "serve", str(folder), "--port", "0", "--max_batch_size", str(batch),
-           "--max_queue", str(args.clients), "--max_seq_length", str(args.max_seq_length), *flags]
+           "--max_queue", str(max(args.clients, *args.client_counts)), "--max_seq_length", str(args.max_seq_length),
+           *flags]
     if args.device:
         cmd += ["--device", args.device]
-    if args.precision:
+    if args.precision and "--precision" not in flags:
         cmd += ["--precision", args.precision]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("Serving "):
             return proc, line.split(" at ")[1].split()[0]
@@ -97,22 +121,36 @@ def stream_one(url: str, prompt: list[int], new_tokens: int, result: dict, extra
             if chunk.get("usage"):
                 result["tokens"] = chunk["usage"]["completion_tokens"]
     result["end"] = time.perf_counter()
+    # after the first token: this client's own decode rate (what a streaming user sees)
+    result["decode_rate"] = (result["tokens"] - 1) / max(result["end"] - result["first"], 1e-9)
 
 
-def run_clients(url: str, prompts: list[list[int]], new_tokens: int, warm_up: int = 8, extra=None) -> dict:
+def run_clients(url: str, prompts: list[list[int]], new_tokens: int, warm_up: int = 8, extra=None,
+                pid: Optional[int] = None) -> dict:
+    """All `prompts` streamed at once, one client thread each; `pid`: the server process whose CPU seconds to count."""
     stream_one(url, prompts[0][:warm_up], 4, {}, extra)  # warm-up (first-call allocations; the shared prefix)
     results = [{} for _ in prompts]
     threads = [threading.Thread(target=stream_one, args=(url, p, new_tokens, r, extra))
                for p, r in zip(prompts, results)]
+    cpu_start = pid and process_cpu_seconds(pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    cpu = pid and process_cpu_seconds(pid) - cpu_start
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
     ttft = sorted(r["first"] - r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)
-    return {"tokens": tokens, "seconds": end - start, "tokens_per_s": tokens / (end - start),
-            "ttft_p50": _percentile(ttft, 50), "ttft_p99": _percentile(ttft, 99)}
+    return {"tokens": tokens, "per_client": [r["tokens"] for r in results], "seconds": end - start,
+            "tokens_per_s": tokens / (end - start), "tokens_per_cpu_s": pid and tokens / cpu,
+            "ttft_p50": _percentile(ttft, 50), "ttft_p99": _percentile(ttft, 99),
+            "decode_rate": statistics.median(r["decode_rate"] for r in results)}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (/proc/PID/stat, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: the 14th and 15th
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -121,6 +159,131 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+# litllm's formats (`--formats`' left sides) as serve flags; each is paired with a GGUF type for llama.cpp
+LITLLM_FORMATS = {"fp32": ("--precision", "32-true"), "bf16": ("--precision", "bf16-true"),
+                  "int8wo": ("--quantize", "torchao.int8wo")}
+# what llama.cpp's requests add: exactly max_tokens tokens (no EOS stop; litllm's word tokenizer has none), and a full
+# prefill each time (its default reuses a slot's earlier prompt, and every round sends the same prompts)
+LLAMA_SERVER_BODY = {"ignore_eos": True, "cache_prompt": False}
+
+
+def start_llama_server(binary: Path, gguf: Path, args, log) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's server on `gguf` with litllm's slots, positions per slot and threads: (process, base URL) once its
+    /health answers 200 (the model loaded)."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:  # a free port (llama-server takes no port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(args.batch), "-cb",
+           "-c", str(args.batch * args.max_seq_length), "-t", str(args.threads), "-tb", str(args.threads),
+           "--cache-ram", "0", "--no-webui", *args.llama_server_flags]  # no prompt cache in host memory either
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited with {proc.returncode} (see {log.name})")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url + "/v1"
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"llama-server did not answer /health in 600 s (see {log.name})")
+
+
+def gguf_source(folder: Path, tmp: Path) -> Path:
+    """`folder`'s model with a SentencePiece-style tokenizer (the GGUF export needs one; llama.cpp pads its vocabulary up
+    to the model's embedding rows): the same weight files, linked."""
+    source = tmp / "gguf-source"
+    source.mkdir()
+    for file in folder.iterdir():
+        if not file.name.startswith("tokenizer"):
+            (source / file.name).symlink_to(file)
+    _generate_benchmark().add_tokenizer(source)
+    return source
+
+
+def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
+    """litllm serve and llama-server on the same model in each `--formats` pair, the same clients, alternating."""
+    binary = Path(args.llama_server)
+    if not binary.is_file():
+        print(f"note: no llama-server at {binary}: the comparison with llama.cpp's server is skipped (its docstring "
+              "says how to build it)")
+        return
+    from litllm.gguf_export import convert_to_gguf
+
+    # the `gguf` package, not benchmarks/gguf.py beside this script (on sys.path as the script's folder)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS]
+    source = gguf_source(folder, tmp)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # litllm's candidates: this count and fewer
+    figures: dict[tuple[str, int, str], list[dict]] = {}  # (format pair, clients, server) -> one dict per round
+    bounds = {}
+    for pair in args.formats:
+        ours, theirs = pair.split("=")
+        gguf = tmp / f"model-{theirs}.gguf"
+        convert_to_gguf(source, gguf, outtype=theirs)
+        bounds[pair] = gguf_weight_bytes(gguf)
+        with open(tmp / f"litllm-{ours}.log", "w") as log, open(tmp / f"llama-{theirs}.log", "w") as llama_log:
+            litllm, litllm_url = start_server(folder, args.batch, args, log, *LITLLM_FORMATS[ours], env=env)
+            llama, llama_url = None, None
+            try:
+                llama, llama_url = start_llama_server(binary, gguf, args, llama_log)
+                servers = {f"litllm {ours}": (litllm_url, litllm.pid, None),
+                           f"llama.cpp {theirs}": (llama_url, llama.pid, LLAMA_SERVER_BODY)}
+                for _ in range(args.rounds):
+                    for clients in args.client_counts:
+                        for name, (url, pid, extra) in servers.items():
+                            f = run_clients(url, prompts_for(clients), args.new_tokens, extra=extra, pid=pid)
+                            if f["per_client"] != [args.new_tokens] * clients:
+                                raise SystemExit(f"{name}: completion tokens {f['per_client']}, expected "
+                                                 f"{args.new_tokens} each")
+                            figures.setdefault((pair, clients, name), []).append(f)
+            finally:
+                for proc in (litllm, llama):
+                    if proc is not None:
+                        proc.terminate()
+                        proc.wait(60)
+    load = os.getloadavg()
+    bandwidth = _generate_benchmark().read_bandwidth()
+    print(f"litllm serve vs llama-server, --max_batch_size / -np {args.batch}, {args.max_seq_length} positions per "
+          f"slot, {args.threads} thread(s), {args.new_tokens} new tokens per client, greedy, prompts of 8-128 tokens; "
+          f"{args.rounds} rounds alternating; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
+          f"{os.cpu_count()} cores")
+    print(f"{'format':14s}{'clients':>8s} {'server':18s}{'tok/s best':>11s}{'median':>8s}{'tok/CPU-s':>10s}"
+          f"{'TTFT p50':>9s}{'TTFT p99':>9s}{'client tok/s':>13s}")
+    for pair in args.formats:
+        ours, theirs = pair.split("=")
+        for clients in args.client_counts:
+            medians = {}
+            for name in (f"litllm {ours}", f"llama.cpp {theirs}"):
+                runs = figures[(pair, clients, name)]
+                medians[name] = m = {key: statistics.median(r[key] for r in runs)
+                                     for key in ("tokens_per_s", "tokens_per_cpu_s", "ttft_p50", "ttft_p99",
+                                                 "decode_rate")}
+                m["best"] = max(r["tokens_per_s"] for r in runs)
+                print(f"{pair:14s}{clients:8d} {name:18s}{m['best']:11.1f}{m['tokens_per_s']:8.1f}"
+                      f"{m['tokens_per_cpu_s']:10.1f}{m['ttft_p50']:9.2f}{m['ttft_p99']:9.2f}{m['decode_rate']:13.1f}")
+            a, b = medians.values()
+            print(f"{'':23s}litllm / llama.cpp: tok/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x (best "
+                  f"{a['best'] / b['best']:.2f}x), tok/CPU-s {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x, "
+                  f"client tok/s {a['decode_rate'] / b['decode_rate']:.2f}x, TTFT p50 "
+                  f"{a['ttft_p50'] / b['ttft_p50']:.2f}x (lower: litllm's first token sooner)")
+        print(f"{'':23s}batch-1 bandwidth bound of {theirs}: {bandwidth / bounds[pair]:.1f} tok/s "
+              f"({bounds[pair] / 1e6:.0f} MB of weights per token, read at {bandwidth / 1e9:.1f} GB/s)")
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes a decode step reads from a GGUF file's weights (all but the embedding, of which it reads one row)."""
+    import gguf
+
+    return sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
 
 
 def main() -> None:
@@ -137,6 +300,15 @@ def main() -> None:
                         help="measure the prefix cache: prompts share a system prompt of this many tokens")
     parser.add_argument("--response_format", action="store_true",
                         help="measure constrained decoding: the same requests with and without a json_schema")
+    parser.add_argument("--llama_server", default=None,
+                        help="compare with llama.cpp's server: the path of its llama-server binary")
+    parser.add_argument("--formats", nargs="+", default=["fp32=f32", "bf16=f16"],
+                        help="LITLLM=GGUF pairs for --llama_server (litllm: fp32, bf16, int8wo; GGUF: f32, f16, q8_0, ...)")
+    parser.add_argument("--client_counts", type=int, nargs="+", default=[1, 4, 16],
+                        help="clients at once, each count in turn (--llama_server)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the alternation (--llama_server)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each server (--llama_server)")
+    parser.add_argument("--llama_server_flags", nargs="*", default=[], help="more llama-server flags (--llama_server)")
     args = parser.parse_args()
     if args.shared_prefix:
         args.max_seq_length = max(args.max_seq_length, args.shared_prefix + 24 + args.new_tokens)
@@ -148,6 +320,14 @@ def main() -> None:
         folder = Path(tmp) / "llama"
         weight_bytes = bench.build_checkpoint(folder, args)
         write_word_tokenizer(folder, args.vocab_size)
+        if args.llama_server:
+            def prompts_for(clients: int) -> list[list[int]]:  # 8 to 128 tokens, the same each round
+                g = torch.Generator().manual_seed(clients)
+                return [torch.randint(0, args.vocab_size, (8 + round(i * 120 / max(1, clients - 1)),),
+                                      generator=g).tolist() for i in range(clients)]
+
+            compare_llama_server(args, folder, Path(tmp), prompts_for)
+            return
         # prompts of different lengths, 8 to 128 tokens, as token ids (no tokenizer in the way)
         lengths = [8 + round(i * 120 / max(1, args.clients - 1)) for i in range(args.clients)]
         runs = {f"--max_batch_size {b}": (b,) for b in (args.batch, 1)}  # label -> (batch, extra serve flags)
