@@ -144,10 +144,9 @@ def gguf_bench():
     return module
 
 
-def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads: int) -> dict:
-    """{"llama.cpp q8_0": (greedy(prompt, n) -> tokens, bytes of weights read per token), ...} for each
-    `--llama_cpp` entry; `OUTTYPE+repack`: llama.cpp with its extra weight buffers (AMX on this CPU), which crash
-    a multi-row eval here, so it evaluates the prompt one token at a time (see gguf.py's `llama_cpp_model`)."""
+def gguf_package():
+    """The `gguf` package (imported once, so `litllm.gguf_export` finds it too), not benchmarks/gguf.py, which a
+    script of this folder has on sys.path under the same name."""
     import sys
 
     here = Path(__file__).resolve().parent
@@ -157,6 +156,19 @@ def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads:
         import gguf
     finally:
         sys.path[:] = saved
+    return gguf
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes a decode step reads from a GGUF file's weights (all but the embedding, of which it reads one row)."""
+    return sum(t.n_bytes for t in gguf_package().GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
+def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads: int) -> dict:
+    """{"llama.cpp q8_0": (greedy(prompt, n) -> tokens, bytes of weights read per token), ...} for each
+    `--llama_cpp` entry; `OUTTYPE+repack`: llama.cpp with its extra weight buffers (AMX on this CPU), which crash
+    a multi-row eval here, so it evaluates the prompt one token at a time (see gguf.py's `llama_cpp_model`)."""
+    gguf_package()
     bench = gguf_bench()
 
     from litllm.gguf_export import convert_to_gguf
@@ -167,7 +179,7 @@ def gguf_rows(folder: Path, out: Path, outtypes: list[str], n_ctx: int, threads:
         path = out / f"model-{outtype}.gguf"
         if not path.is_file():
             convert_to_gguf(folder, path, outtype=outtype)
-        per_token = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+        per_token = gguf_weight_bytes(path)
         llm = bench.llama_cpp_model(path, n_ctx, threads, repack=repack)
         greedy = (lambda prompt, n, marks=None, llm=llm, repack=repack:
                   bench.llama_cpp_greedy(llm, prompt, n, one_row=repack, marks=marks))

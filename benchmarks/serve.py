@@ -153,6 +153,11 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: the 14th and 15th
 
 
+def spread_lengths(count: int, shortest: int, longest: int) -> list[int]:
+    """`count` prompt lengths spread evenly from `shortest` to `longest` tokens (one client: `shortest`)."""
+    return [shortest + round(i * (longest - shortest) / max(1, count - 1)) for i in range(count)]
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     k = (len(sorted_values) - 1) * q / 100
@@ -219,8 +224,8 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
         return
     from litllm.gguf_export import convert_to_gguf
 
-    # the `gguf` package, not benchmarks/gguf.py beside this script (on sys.path as the script's folder)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS]
+    bench = _generate_benchmark()
+    bench.gguf_package()  # (imported before convert_to_gguf imports it: not benchmarks/gguf.py)
     source = gguf_source(folder, tmp)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # litllm's candidates: this count and fewer
     figures: dict[tuple[str, int, str], list[dict]] = {}  # (format pair, clients, server) -> one dict per round
@@ -229,7 +234,7 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
         ours, theirs = pair.split("=")
         gguf = tmp / f"model-{theirs}.gguf"
         convert_to_gguf(source, gguf, outtype=theirs)
-        bounds[pair] = gguf_weight_bytes(gguf)
+        bounds[pair] = bench.gguf_weight_bytes(gguf)
         with open(tmp / f"litllm-{ours}.log", "w") as log, open(tmp / f"llama-{theirs}.log", "w") as llama_log:
             litllm, litllm_url = start_server(folder, args.batch, args, log, *LITLLM_FORMATS[ours], env=env)
             llama, llama_url = None, None
@@ -251,7 +256,7 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
                         proc.terminate()
                         proc.wait(60)
     load = os.getloadavg()
-    bandwidth = _generate_benchmark().read_bandwidth()
+    bandwidth = bench.read_bandwidth()
     print(f"litllm serve vs llama-server, --max_batch_size / -np {args.batch}, {args.max_seq_length} positions per "
           f"slot, {args.threads} thread(s), {args.new_tokens} new tokens per client, greedy, prompts of 8-128 tokens; "
           f"{args.rounds} rounds alternating; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
@@ -277,13 +282,6 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
                   f"{a['ttft_p50'] / b['ttft_p50']:.2f}x (lower: litllm's first token sooner)")
         print(f"{'':23s}batch-1 bandwidth bound of {theirs}: {bandwidth / bounds[pair]:.1f} tok/s "
               f"({bounds[pair] / 1e6:.0f} MB of weights per token, read at {bandwidth / 1e9:.1f} GB/s)")
-
-
-def gguf_weight_bytes(path: Path) -> int:
-    """Bytes a decode step reads from a GGUF file's weights (all but the embedding, of which it reads one row)."""
-    import gguf
-
-    return sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
 
 
 def main() -> None:
@@ -323,17 +321,17 @@ def main() -> None:
         if args.llama_server:
             def prompts_for(clients: int) -> list[list[int]]:  # 8 to 128 tokens, the same each round
                 g = torch.Generator().manual_seed(clients)
-                return [torch.randint(0, args.vocab_size, (8 + round(i * 120 / max(1, clients - 1)),),
-                                      generator=g).tolist() for i in range(clients)]
+                return [torch.randint(0, args.vocab_size, (n,), generator=g).tolist()
+                        for n in spread_lengths(clients, 8, 128)]
 
             compare_llama_server(args, folder, Path(tmp), prompts_for)
             return
         # prompts of different lengths, 8 to 128 tokens, as token ids (no tokenizer in the way)
-        lengths = [8 + round(i * 120 / max(1, args.clients - 1)) for i in range(args.clients)]
+        lengths = spread_lengths(args.clients, 8, 128)
         runs = {f"--max_batch_size {b}": (b,) for b in (args.batch, 1)}  # label -> (batch, extra serve flags)
         warm_up = 8
         if args.shared_prefix:
-            lengths = [8 + round(i * 16 / max(1, args.clients - 1)) for i in range(args.clients)]
+            lengths = spread_lengths(args.clients, 8, 24)
             runs = {f"--prefix_caching {on}": (args.batch, "--prefix_caching", on) for on in ("true", "false")}
             warm_up = args.shared_prefix + 4
         formats = {}
