@@ -8,7 +8,7 @@ large L3) and one layer at a prompt's 32 rows, each kernel called directly (no l
 within each of `--rounds` rounds; prints GB of int4 weights (values, scales and zeros) per CPU-second and per wall
 second, best rounds, and first how far each is from the float64 product of the dequantized weights. Where AMX-BF16
 tiles run, litllm's op is timed by each kernel: `litllm avx512` (the inputs as int16, vpdpwssd; `LITLLM_INT4_AMX=0`)
-and `litllm amx` (tiles from one row, `LITLLM_INT4_AMX=1`; by default the op takes them from 2 rows).
+and `litllm amx` (tiles from one row, `LITLLM_INT4_AMX=1`; by default the op takes them from 3 rows).
 
     python benchmarks/int4_op_rate.py --threads 1 2 --rounds 5
     python benchmarks/int4_op_rate.py --rows 1 2 4 16 --threads 1   # batched steps' and a prompt's row counts

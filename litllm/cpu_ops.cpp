@@ -2437,9 +2437,11 @@ static void int4_store_rows(const float* out, int64_t rows, int64_t n, uint16_t*
 // pair's products are exact in fp32 and summed in fp32: the outputs differ from the AVX-512 kernel's by its int16
 // inputs and fp32 rounding (tests: the float64 bounds each is held to). Measured (`benchmarks/int4_op_rate.py`, the
 // host loaded) against the AVX-512 kernel as it was in session 35 (vdpbf16ps on bf16 x): 2 rows 1.5x, 4 rows 2.2x, 16
-// rows 4.7x its speed; one row 0.86-1.00x, and the int16 kernel is faster than that one, so one row keeps it.
+// rows 4.7x its speed; one row 0.86-1.00x. Against the int16 kernel (session 37): 2 rows 0.72-0.82x at 1 thread
+// (a 2-row compiled step 0.96x, the tiles less CPU in 0 of 9 rounds), 3 rows 0.83-1.20x, 8 rows 1.55x, a 32-token
+// prompt 1.31x; so one and two rows keep the int16 kernel.
 constexpr int kInt4AmxAhead = 4;  // chunks of 32 inputs unpacked ahead of their tiles, in a ring of 2 * kInt4AmxAhead
-constexpr int64_t kInt4AmxMinRows = 2;  // x rows from which the tiles run (`$LITLLM_INT4_AMX=1`: from one)
+constexpr int64_t kInt4AmxMinRows = 3;  // x rows from which the tiles run (`$LITLLM_INT4_AMX=1`: from one)
 
 // Whether this CPU has AMX-BF16 (cpuid leaf 7: edx bit 22) beside AMX-INT8 and tile data is granted
 static bool amx_bf16_granted() {
