@@ -1,14 +1,14 @@
 """How fast litllm's int4 decode op multiplies `torchao.int4wo` weights against torch's CPU int4 kernel (issue #27).
 
-Times `litllm_cpu::int4_rows_linear` (bf16 activations, the uint4 weights repacked 32 outputs x 2 inputs a line,
-AVX512-BF16 dot products; `litllm.quantize.Int4RowsLinear`) and torch's `_weight_int4pack_mm_for_cpu` (what torchao's
-CPU `Int4OpaqueTensor` calls) on the same torchao-quantized weights: one decode token's Linears of
-benchmarks/generate.py's 134M Llama (12 layers of 768 -> 2304, 768 -> 768, 768 -> 4096, 2048 -> 768; 85M weights,
-~45 MB as int4 with their scales: held in a large L3) and one layer at a prompt's 32 rows, each kernel called directly (no
-layer's Python around it), alternating within each of `--rounds` rounds; prints GB of int4 weights (values, scales and zeros) per CPU-second and per wall second, best
-rounds, and first how far each is from the float64 product of the dequantized weights. Where AMX-BF16 tiles run,
-litllm's op is timed by each kernel: `litllm avx512` (vdpbf16ps, `LITLLM_INT4_AMX=0`) and `litllm amx` (tiles from one
-row, `LITLLM_INT4_AMX=1`; by default the op takes them from 2 rows).
+Times `litllm_cpu::int4_rows_linear` (bf16 activations, the uint4 weights repacked 32 outputs x 2 inputs a line;
+`litllm.quantize.Int4RowsLinear`) and torch's `_weight_int4pack_mm_for_cpu` (what torchao's CPU `Int4OpaqueTensor`
+calls) on the same torchao-quantized weights: one decode token's Linears of benchmarks/generate.py's 134M Llama (12
+layers of 768 -> 2304, 768 -> 768, 768 -> 4096, 2048 -> 768; 85M weights, ~45 MB as int4 with their scales: held in a
+large L3) and one layer at a prompt's 32 rows, each kernel called directly (no layer's Python around it), alternating
+within each of `--rounds` rounds; prints GB of int4 weights (values, scales and zeros) per CPU-second and per wall
+second, best rounds, and first how far each is from the float64 product of the dequantized weights. Where AMX-BF16
+tiles run, litllm's op is timed by each kernel: `litllm avx512` (the inputs as int16, vpdpwssd; `LITLLM_INT4_AMX=0`)
+and `litllm amx` (tiles from one row, `LITLLM_INT4_AMX=1`; by default the op takes them from 3 rows).
 
     python benchmarks/int4_op_rate.py --threads 1 2 --rounds 5
     python benchmarks/int4_op_rate.py --rows 1 2 4 16 --threads 1   # batched steps' and a prompt's row counts

@@ -2298,47 +2298,81 @@ TORCH_LIBRARY_IMPL(litllm_cpu, CPU, m) {
 
 // ---- int4 weight-only rows (litllm.quantize.Int4RowsLinear, torchao.int4wo with bf16 activations on AVX512-BF16
 // CPUs): y (M, N) bf16 = x (M, K) bf16 times torchao's asymmetric uint4 weights, w[n, k] = (q - 8) * s + z with a bf16
-// scale s and zero z per output and group of `group` inputs (tinygemm's values, unchanged), in fp32 sums.
+// scale s and zero z per output and group of `group` inputs (tinygemm's values, unchanged).
 // Layout (`litllm.quantize.int4_rows_layout`, made once at load): w (N/32, K/2, 32) uint8, per block of 32 outputs and
 // pair of inputs (k, k+1) 32 bytes, byte 2j+t holding q[j, k+t] (low nibble) and q[16+j, k+t] (high nibble): one 32-byte
-// load widened to 16-bit lanes gives both halves' 16 outputs x 2 inputs, vdpbf16ps's pairs. A nibble q becomes the bf16
-// 128 + q by OR-ing in 128's bits (its 7 mantissa bits hold q exactly), so sum_k x_k (128 + q) needs no conversion; the
-// group's 136 * sum(x) (the 128 and q's offset 8) is folded in once per group: y += s * acc + (z - 136 s) * sum(x).
-// sz (N/32, K/group, 2, 32) bf16: each block's 32 scales, then 32 zeros, per group. 32 outputs and up to 4 rows of x a
-// tile, each block read once per 4 rows; one row: even and odd pairs in separate sums (vdpbf16ps's latency).
+// load widened to 16-bit lanes gives both halves' 16 outputs x 2 inputs, the pairs of vpdpwssd (and of vdpbf16ps, the
+// AMX tiles' kernel below). sz (N/32, K/group, 2, 32) bf16: each block's 32 scales, then 32 zeros, per group.
+//
+// One row's kernel (and up to 4 rows' where AMX does not run) multiplies in integers: each row's group of inputs as
+// int16 in a power-of-two scale (`int4_round_x16`: |x| < 2^15 units), summed by vpdpwssd against the nibbles (q & 15,
+// and q & 0xF0 = 16 times the high nibble, unshifted) into int32 sums, exact; then per group y += s * 2^e * sum +
+// (z - 8 s) * sum(x), sum(x) the bf16 inputs' own fp32 sum. vpdpwssd does 32 products an instruction at 1.5-2x
+// vdpbf16ps's rate on the AMX Xeon (12 independent sums), and its nibbles need no bf16 bits: a 32-byte chunk in ~3.0
+// TSC ticks against ~4.9 by vdpbf16ps on bf16 x (weights in L2; tutorials/inference_measurements.md#int4-s37). The
+// int16 inputs are bf16's exactly where |x| >= 2^-7 of the group's largest |x| (8 significant bits fit in 15), else
+// within 2^-15 of that largest |x|: an output's error <= 2^-15 max|x| sum|s q| over each group, beside the bf16
+// output's own rounding (2^-9 of it).
 #if defined(__x86_64__)
 constexpr int64_t kInt4Ahead = 4096;  // bytes of weights prefetched ahead (past a block's end: the next block's)
 
+// Each row's groups of bf16 x as int16 units of 2^e (xi, (M, K)) and 2^e (xunit, (M, K/group)): e from the group's
+// largest exponent, so that its largest |x| < 2^15 units; bf16's 8 significant bits are exact from 2^-7 of it down.
+// A group of zeros or subnormals has unit 2^-126; NaN and inf come out as any int16 (their rows' sum(x) is NaN or inf).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void int4_round_x16(const uint16_t* x, int64_t M, int64_t K, int64_t group, int16_t* xi, float* xunit) {
+  const int64_t G = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* xg = x + m * K + g * group;
+      __m512i top = _mm512_setzero_si512();  // the largest biased exponent, as bf16 bits with the sign cleared
+      for (int64_t k = 0; k < group; k += 32)
+        top = _mm512_max_epu16(top, _mm512_and_si512(_mm512_loadu_si512(xg + k), _mm512_set1_epi16(0x7F80)));
+      const int exponent = _mm512_reduce_max_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(
+          _mm512_max_epu16(top, _mm512_shuffle_i64x2(top, top, 0x4E)), 0))) >> 7;
+      // |x| < 2^(exponent - 126): units of 2^(exponent - 141), kept a normal float (exponent - 141 >= -126)
+      const int unit_exponent = std::min(std::max(exponent, 15), 254) - 141;
+      const __m512 inverse = _mm512_set1_ps(std::ldexp(1.f, -unit_exponent));
+      xunit[m * G + g] = std::ldexp(1.f, unit_exponent);
+      for (int64_t k = 0; k < group; k += 16) {  // bf16 -> fp32 (a shift), times 2^-e (exact), to int16 (nearest even)
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xi + m * K + g * group + k),
+                            _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse))));
+      }
+    }
+}
+
 template <int MR>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void int4_block_rows(const uint16_t* x, int64_t K, const float* xsum, int64_t G, const uint8_t* w,
-                            const uint16_t* sz, int64_t group, float* out) {
-  constexpr int U = MR == 1 ? 2 : 1;  // independent sums per output vector
-  const __m512i nibble = _mm512_set1_epi16(0x000F), b128 = _mm512_set1_epi16(0x4300);  // bf16 128: 0x4300 | q = 128 + q
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void int4_block_rows(const int16_t* xi, int64_t K, const float* xunit, const float* xsum, int64_t G,
+                            const uint8_t* w, const uint16_t* sz, int64_t group, float* out) {
+  // int32 sums stay exact: |x| < 2^15, a product < 2^15 * 240 (a high nibble unshifted), 128 inputs a group: < 2^30
+  constexpr int U = MR == 1 ? 2 : 1;  // independent sums per output vector (vpdpwssd's latency)
+  const __m512i low = _mm512_set1_epi16(0x000F), high = _mm512_set1_epi16(0x00F0);
   const int64_t steps = group / 2;
   __m512 y[MR][2];
   #pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) y[m][0] = y[m][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MR][2][U];
+    __m512i acc[MR][2][U];
     #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m)
       #pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) acc[m][0][u] = acc[m][1][u] = _mm512_setzero_ps();
+      for (int u = 0; u < U; ++u) acc[m][0][u] = acc[m][1][u] = _mm512_setzero_si512();
     const uint8_t* wg = w + g * steps * 32;
-    const int32_t* xg = reinterpret_cast<const int32_t*>(x + g * group);  // bf16 pairs (k, k+1)
+    const int32_t* xg = reinterpret_cast<const int32_t*>(xi + g * group);  // int16 pairs (k, k+1)
     for (int64_t p = 0; p < steps; p += U) {
       _mm_prefetch(reinterpret_cast<const char*>(wg + p * 32) + kInt4Ahead, _MM_HINT_T0);
       #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
         const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + (p + u) * 32)));
-        const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, b128, 0xEA);  // (q & 15) | 128's bits
-        const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 4), b128);
+        const __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(q, high);
         #pragma GCC unroll 4
         for (int m = 0; m < MR; ++m) {
-          const __m512bh xb = (__m512bh)_mm512_set1_epi32(xg[m * K / 2 + p + u]);
-          acc[m][0][u] = _mm512_dpbf16_ps(acc[m][0][u], lo, xb);
-          acc[m][1][u] = _mm512_dpbf16_ps(acc[m][1][u], hi, xb);
+          const __m512i xb = _mm512_set1_epi32(xg[m * K / 2 + p + u]);
+          acc[m][0][u] = _mm512_dpwssd_epi32(acc[m][0][u], lo, xb);
+          acc[m][1][u] = _mm512_dpwssd_epi32(acc[m][1][u], hi, xb);
         }
       }
     }
@@ -2349,12 +2383,14 @@ static void int4_block_rows(const uint16_t* x, int64_t K, const float* xsum, int
           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 16 * h))), 16));
       const __m512 z = _mm512_castsi512_ps(_mm512_slli_epi32(
           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 32 + 16 * h))), 16));
-      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);  // z - 136 s
+      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);  // z - 8 s
+      const __m512 s_high = h ? _mm512_mul_ps(s, _mm512_set1_ps(1.f / 16)) : s;  // the high nibbles' sums are 16 q's
       #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
-        __m512 a = acc[m][h][0];
-        if constexpr (U == 2) a = _mm512_add_ps(a, acc[m][h][1]);
-        y[m][h] = _mm512_fmadd_ps(a, s, y[m][h]);
+        __m512i a = acc[m][h][0];
+        if constexpr (U == 2) a = _mm512_add_epi32(a, acc[m][h][1]);
+        const __m512 unit_s = _mm512_mul_ps(s_high, _mm512_set1_ps(xunit[m * G + g]));
+        y[m][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), unit_s, y[m][h]);
         y[m][h] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xsum[m * G + g]), y[m][h]);
       }
     }
@@ -2391,18 +2427,21 @@ static void int4_store_rows(const float* out, int64_t rows, int64_t n, uint16_t*
 }
 
 // The same sums by AMX-BF16 tiles, from kInt4AmxMinRows x rows where AMX is granted (`$LITLLM_INT4_AMX`: 1 from one
-// row, 0 never). vdpbf16ps is the AVX-512 kernel's limit on the AMX Xeon (~3 cycles each; the nibbles' unpacking is
-// free beside it), and it runs once per row. A tile multiply does 16 such instructions' work for up to 16 rows at
-// once: a block's 16 input pairs x 32 outputs (512 bytes of weights) are two B tiles as the unpacking already makes
-// them (low nibbles: outputs 0-15, high: 16-31; 16 rows of 32 bf16 128 + q), stored to a ring in L1 kInt4AmxAhead
+// row, 0 never), on x's bf16 values as they are (no int16 rounding). A nibble q becomes the bf16 128 + q by OR-ing in
+// 128's bits (its 7 mantissa bits hold q exactly), so sum_k x_k (128 + q) needs no conversion; the group's 136 * sum(x)
+// (the 128 and q's offset 8) is folded in once per group: y += s * acc + (z - 136 s) * sum(x). A tile multiply does
+// 16 vdpbf16ps' work for up to 16 rows at once: a block's 16 input pairs x 32 outputs (512 bytes of weights) are two B
+// tiles (low nibbles: outputs 0-15, high: 16-31; 16 rows of 32 bf16 128 + q), stored to a ring in L1 kInt4AmxAhead
 // chunks ahead of the tiles that read them (a tile load right after its stores waits for them); x's rows at the same 32
-// inputs are the A tile (read in place, stride K); C the 2 x 16 outputs' fp32 sums over a group, then scaled as above.
-// Each bf16 pair's products are exact in fp32 and summed in fp32, as by vdpbf16ps, in another order: the outputs differ
-// from the AVX-512 kernel's by fp32 rounding (tests: the float64 bound both are held to). Measured
-// (`benchmarks/int4_op_rate.py`, the host loaded): 2 rows 1.5x, 4 rows 2.2x, 16 rows 4.7x the AVX-512 kernel's speed;
-// one row (weights from L3) 0.86-1.00x and its compiled step 0.86-0.96x, so one row keeps the AVX-512 kernel.
+// inputs are the A tile (read in place, stride K); C the 2 x 16 outputs' fp32 sums over a group, then scaled. Each bf16
+// pair's products are exact in fp32 and summed in fp32: the outputs differ from the AVX-512 kernel's by its int16
+// inputs and fp32 rounding (tests: the float64 bounds each is held to). Measured (`benchmarks/int4_op_rate.py`, the
+// host loaded) against the AVX-512 kernel as it was in session 35 (vdpbf16ps on bf16 x): 2 rows 1.5x, 4 rows 2.2x, 16
+// rows 4.7x its speed; one row 0.86-1.00x. Against the int16 kernel (session 37): 2 rows 0.72-0.82x at 1 thread
+// (a 2-row compiled step 0.96x, the tiles less CPU in 0 of 9 rounds), 3 rows 0.83-1.20x, 8 rows 1.55x, a 32-token
+// prompt 1.31x; so one and two rows keep the int16 kernel.
 constexpr int kInt4AmxAhead = 4;  // chunks of 32 inputs unpacked ahead of their tiles, in a ring of 2 * kInt4AmxAhead
-constexpr int64_t kInt4AmxMinRows = 2;  // x rows from which the tiles run (`$LITLLM_INT4_AMX=1`: from one)
+constexpr int64_t kInt4AmxMinRows = 3;  // x rows from which the tiles run (`$LITLLM_INT4_AMX=1`: from one)
 
 // Whether this CPU has AMX-BF16 (cpuid leaf 7: edx bit 22) beside AMX-INT8 and tile data is granted
 static bool amx_bf16_granted() {
@@ -2465,7 +2504,7 @@ static void int4_amx_block_rows(const uint16_t* x, int64_t K, int rows, const fl
     _tile_stored(3, c[0], 64);
     _tile_stored(4, c[1], 64);
     const uint16_t* sg = sz + g * 64;
-    for (int h = 0; h < 2; ++h) {  // as int4_block_rows: y += s * sum + (z - 136 s) * sum(x)
+    for (int h = 0; h < 2; ++h) {  // y += s * sum + (z - 136 s) * sum(x)
       const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + 16 * h))), 16));
       const __m512 z = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -2500,10 +2539,10 @@ static void int4_amx_blocks(const uint16_t* x, int64_t M, int64_t K, const float
 at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group,
                             int64_t N) {
 #if defined(__x86_64__)
-  TORCH_CHECK(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"),
-              "int4_rows_linear: this CPU has no AVX512-BF16");
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vnni"), "int4_rows_linear: this CPU has no AVX512-BF16 and VNNI");
 #else
-  TORCH_CHECK(false, "int4_rows_linear: this CPU has no AVX512-BF16");
+  TORCH_CHECK(false, "int4_rows_linear: this CPU has no AVX512-BF16 and VNNI");
 #endif
   const int64_t K = x.size(-1), NB = w.size(0), G = K / std::max<int64_t>(group, 1);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16 &&
@@ -2530,6 +2569,10 @@ at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
   // (permission for tile data asked only where they would run: a process of one-row steps never asks)
   const int amx_switch = env_switch("LITLLM_INT4_AMX");
   const bool amx = amx_switch != 0 && M >= (amx_switch == 1 ? 1 : kInt4AmxMinRows) && amx_bf16_granted();
+  // the AVX-512 kernel's int16 inputs (the AMX tiles read x's bf16 in place)
+  std::vector<int16_t> xi(amx ? 0 : M * K);
+  std::vector<float> xunit(amx ? 0 : M * G);
+  if (!amx) int4_round_x16(xp, M, K, group, xi.data(), xunit.data());
 #endif
   auto part = [&](int64_t t) {
 #if defined(__x86_64__)
@@ -2547,12 +2590,13 @@ at::Tensor int4_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::
       const int64_t n = std::min<int64_t>(32, N - b * 32);
       for (int64_t m = 0; m < M; m += 4) {
         const int64_t rows = std::min<int64_t>(4, M - m);
-        const uint16_t* xm = xp + m * K;
+        const int16_t* xm = xi.data() + m * K;
+        const float* um = xunit.data() + m * G;
         const float* sm = xsum.data() + m * G;
-        if (rows == 4) int4_block_rows<4>(xm, K, sm, G, wb, sb, group, out);
-        else if (rows == 3) int4_block_rows<3>(xm, K, sm, G, wb, sb, group, out);
-        else if (rows == 2) int4_block_rows<2>(xm, K, sm, G, wb, sb, group, out);
-        else int4_block_rows<1>(xm, K, sm, G, wb, sb, group, out);
+        if (rows == 4) int4_block_rows<4>(xm, K, um, sm, G, wb, sb, group, out);
+        else if (rows == 3) int4_block_rows<3>(xm, K, um, sm, G, wb, sb, group, out);
+        else if (rows == 2) int4_block_rows<2>(xm, K, um, sm, G, wb, sb, group, out);
+        else int4_block_rows<1>(xm, K, um, sm, G, wb, sb, group, out);
         int4_store_rows(out, rows, n, reinterpret_cast<uint16_t*>(yp) + m * N + b * 32, N);
       }
     }

@@ -342,16 +342,16 @@ litllm's `int4_rows_linear` layout, e.g. to compare; read when a model is quanti
 
 
 INT4_AMX_ENV = "LITLLM_INT4_AMX"
-"""`0`/`false`: `int4_rows_linear` multiplies by its AVX-512 kernel (vdpbf16ps) where AMX-BF16 tiles would run (read by
-the op each call)."""
+"""`0`/`false`: `int4_rows_linear` multiplies by its AVX-512 kernel (int16 inputs, vpdpwssd) where AMX-BF16 tiles would
+run (read by the op each call)."""
 
 
 def int4_rows_op(build: bool = True) -> Optional[object]:
     """`torch.ops.litllm_cpu.int4_rows_linear(x, w, scale_zero, group, out_features)` (the same library as
-    `row_split_op`'s) where this CPU has AVX512-BF16, torch packs int4 weights in its AVX-512 layout (the one
+    `row_split_op`'s) where this CPU has AVX512-BF16 and VNNI, torch packs int4 weights in its AVX-512 layout (the one
     `litllm.quantize.int4_rows_layout` reads), `$LITLLM_INT4_ROWS` is not `0` and the library builds or loads; else
     None. bf16 `torchao.int4wo` CPU layers (`litllm.quantize.Int4RowsLinear`) multiply by it, eager and compiled."""
-    if switched_off(INT4_ROWS_ENV) or not {"avx512_bf16", "avx512bw"} <= cpu_flags():
+    if switched_off(INT4_ROWS_ENV) or not {"avx512_bf16", "avx512bw", "avx512_vnni"} <= cpu_flags():
         return None
     if torch.backends.cpu.get_cpu_capability() != "AVX512" or (not build and not library_built()):
         return None

@@ -656,11 +656,12 @@ def int4_rows_layout(qdata: torch.Tensor, scale_and_zero: torch.Tensor, out_feat
 
 class Int4RowsLinear(nn.Module):
     """A frozen Linear with torchao's int4 weight-only values (asymmetric uint4 per group of `group` inputs, bf16 scale
-    and zero: `w = (q - 8) * scale + zero`), bf16 activations, computed by litllm's AVX512-BF16 op
-    `int4_rows_linear` (`litllm.cpu_ops.int4_rows_op`) on the weights repacked once at load (`int4_rows_layout`: 32
-    outputs x 2 inputs a 32-byte line; torchao's copy is not kept), in fp32 sums, eager and in compiled steps (one op:
-    a plain-tensor module, so the step is saved as the unquantized ones are). Prompts too: each line of weights is read
-    once per 4 rows."""
+    and zero: `w = (q - 8) * scale + zero`), bf16 activations, computed by litllm's AVX-512 op `int4_rows_linear`
+    (`litllm.cpu_ops.int4_rows_op`) on the weights repacked once at load (`int4_rows_layout`: 32 outputs x 2 inputs a
+    32-byte line; torchao's copy is not kept): a decode row's inputs as int16 per group of `group` (exact within 2^7 of
+    the group's largest |x|, else within 2^-15 of it) in int32 sums, 3 or more rows by AMX-BF16 tiles in fp32 sums
+    where AMX runs; eager and in compiled steps (one op: a plain-tensor module, so the step is saved as the unquantized
+    ones are). Prompts too: each line of weights is read once per 4 rows."""
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group: int, out_features: int,
                  bias: Optional[nn.Parameter]):

@@ -808,9 +808,11 @@ def int4_op():
         pytest.skip("litllm's int4 op does not run here")
 
 
-def _int4_layers(out_f: int, in_f: int, monkeypatch, bias: bool = False) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def _int4_layers(out_f: int, in_f: int, monkeypatch,
+                 bias: bool = False) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     """(torchao's bf16 int4wo layer, on torch's kernel; litllm's `Int4RowsLinear` of the same weight; that layer's
-    weight as torchao's format defines it, float64: `(q - 8) * scale + zero` with q from torchao's own quantization)."""
+    weight as torchao's format defines it, float64: `(q - 8) * scale + zero` with q from torchao's own quantization;
+    `q * scale`, float64: the part of it that the AVX-512 kernel multiplies by its int16 inputs)."""
     from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
 
     linear = nn.Linear(in_f, out_f, bias=bias).bfloat16()
@@ -822,15 +824,22 @@ def _int4_layers(out_f: int, in_f: int, monkeypatch, bias: bool = False) -> tupl
     scale, zero = theirs.weight.scale_and_zero.unbind(-1)  # (groups, out) each
     q = _quantize_affine_tinygemm(linear.weight.detach(), [1, group], scale.t(), zero.t(), torch.int32, 0, 15)
     expand = lambda t: t.t().double().repeat_interleave(group, dim=1)  # (out, in)  # noqa: E731
-    return theirs, ours, (q.double() - 8) * expand(scale) + expand(zero)
+    return theirs, ours, (q.double() - 8) * expand(scale) + expand(zero), q.double() * expand(scale)
 
 
-def _int4_exact_and_bound(x: torch.Tensor, ours: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_exact_and_bound(x: torch.Tensor, ours: nn.Module, weight: torch.Tensor,
+                          scaled_q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 product of bf16 rows `x` and an int4 layer's weights (`_int4_layers`' third) with its bias, and how
-    far a bf16 output may be from it: roundings of the product and of its sum with the bf16 bias, fp32 sums."""
+    far a bf16 output may be from it: roundings of the product and of its sum with the bf16 bias, fp32 sums; with
+    `scaled_q` (`_int4_layers`' fourth), also the AVX-512 kernel's int16 inputs: each x within 2^-15 of its group's
+    largest |x| (litllm/cpu_ops.cpp, `int4_round_x16`), times the weight's `q * scale` it multiplies."""
     product = x.double() @ weight.t()
     exact = product + (0 if ours.bias is None else ours.bias.double())
-    return exact, 2**-8 * (product.abs() + exact.abs()) + 1e-6 * (x.double().abs() @ weight.abs().t())
+    bound = 2**-8 * (product.abs() + exact.abs()) + 1e-6 * (x.double().abs() @ weight.abs().t())
+    if scaled_q is not None:  # (rows, K): each input's group's largest |x|
+        group_max = x.double().abs().unflatten(-1, (-1, ours.group)).amax(-1).repeat_interleave(ours.group, -1)
+        bound = bound + 2**-15 * (group_max @ scaled_q.abs().t())
+    return exact, bound
 
 
 @pytest.mark.parametrize("group", INT4_GROUP_SIZES)
@@ -842,25 +851,27 @@ def test_int4_rows_op_against_float64_and_torchao(int4_op, group, monkeypatch):
 
     g = torch.Generator().manual_seed(group)
     for out_f, groups in ((48, 3), (80, 1), (112, 5)):  # odd counts: no wider group divides the width
-        theirs, ours, weight = _int4_layers(out_f, group * groups, monkeypatch, bias=groups == 5)
+        theirs, ours, weight, scaled_q = _int4_layers(out_f, group * groups, monkeypatch, bias=groups == 5)
         assert type(ours) is Int4RowsLinear and ours.group == group
         for rows in (1, 3, 5):
             x = torch.randn(rows, group * groups, generator=g).bfloat16()
             exact, bound = _int4_exact_and_bound(x, ours, weight)
+            _, int16_bound = _int4_exact_and_bound(x, ours, weight, scaled_q)
             with torch.no_grad():
-                for out in (ours(x), theirs(x)):
+                for out, within in ((ours(x), int16_bound), (theirs(x), bound)):
                     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_f)
-                    assert ((out.double() - exact).abs() <= bound).all(), (out_f, group, rows)
+                    assert ((out.double() - exact).abs() <= within).all(), (out_f, group, rows)
     # the op's shapes for tracing (`litllm.cpu_ops`' fake registration, what a compiled step sees) match the op's
     torch.library.opcheck(torch.ops.litllm_cpu.int4_rows_linear, (x, ours.packed, ours.scale_zero, group, out_f))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int4_rows_op_amx_tiles_against_float64(int4_op, threads, monkeypatch):
-    """On CPUs with AMX-BF16 the int4 op sums through tiles (up to 16 rows a tile; from 2 rows, from one with
-    `LITLLM_INT4_AMX=1`) or through its vdpbf16ps kernel (`LITLLM_INT4_AMX=0`): both within the float64 bound above,
-    on outputs no multiple of the 32-output block, 1-5 groups of each size, 1 to 33 rows (tiles of 16 and what is
-    left), 1 and 2 threads; the default is the kernel for its row count; a NaN in one row leaves the others' outputs."""
+    """On CPUs with AMX-BF16 the int4 op sums through tiles (up to 16 rows a tile; from 3 rows, from one with
+    `LITLLM_INT4_AMX=1`) or through its int16 kernel (`LITLLM_INT4_AMX=0`): both within the float64 bound above (the
+    int16 kernel's with its int16 term), on outputs no multiple of the 32-output block, 1-5 groups of each size, 1 to 33
+    rows (tiles of 16 and what is left), 1 and 2 threads; the default is the kernel for its row count; a NaN in one row
+    leaves the others' outputs."""
     from litllm.cpu_ops import INT4_AMX_ENV
     from litllm.utils import cpu_flags
 
@@ -871,18 +882,20 @@ def test_int4_rows_op_amx_tiles_against_float64(int4_op, threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         for group, out_f, groups in ((128, 80, 1), (64, 112, 5), (32, 48, 3)):
-            _, ours, weight = _int4_layers(out_f, group * groups, monkeypatch, bias=groups == 5)
+            _, ours, weight, scaled_q = _int4_layers(out_f, group * groups, monkeypatch, bias=groups == 5)
             for rows in (1, 2, 5, 16, 17, 33):
                 x = torch.randn(rows, group * groups, generator=g).bfloat16()
                 exact, bound = _int4_exact_and_bound(x, ours, weight)
+                _, int16_bound = _int4_exact_and_bound(x, ours, weight, scaled_q)
                 out = {}
                 with torch.no_grad():
                     for kernel, value in (("avx512", "0"), ("amx", "1"), ("default", None)):
                         with monkeypatch.context() as m:
                             m.setenv(INT4_AMX_ENV, value) if value else m.delenv(INT4_AMX_ENV, raising=False)
                             out[kernel] = ours(x)
-                        assert ((out[kernel].double() - exact).abs() <= bound).all(), (group, out_f, rows, kernel)
-                    assert torch.equal(out["default"], out["amx" if rows > 1 else "avx512"])
+                        within = bound if kernel == "amx" else int16_bound  # the default: the tiles from 3 rows
+                        assert ((out[kernel].double() - exact).abs() <= within).all(), (group, out_f, rows, kernel)
+                    assert torch.equal(out["default"], out["amx" if rows > 2 else "avx512"])
                     if rows >= 5:
                         x[3, 7] = float("nan")
                         with monkeypatch.context() as m:
@@ -894,12 +907,47 @@ def test_int4_rows_op_amx_tiles_against_float64(int4_op, threads, monkeypatch):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_rows_op_int16_inputs(int4_op, threads, monkeypatch):
+    """The AVX-512 kernel (one row; up to 4 rows where AMX does not run) multiplies each group of inputs as int16 in a
+    power-of-two scale: exact where a group's |x| lie within 2^7 of its largest (the float64 bound without the int16
+    term), within 2^-15 of the largest otherwise (a group with an outlier 2^12 times its other inputs), on outputs no
+    multiple of the 32-output block, 1-3 rows, 1 and 2 threads; a NaN in one row's input makes that row's outputs NaN
+    and leaves the others'."""
+    from litllm.cpu_ops import INT4_AMX_ENV
+
+    monkeypatch.setenv(INT4_AMX_ENV, "0")
+    g = torch.Generator().manual_seed(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for group, out_f, groups in ((128, 80, 2), (64, 48, 3), (32, 112, 1)):
+            _, ours, weight, scaled_q = _int4_layers(out_f, group * groups, monkeypatch)
+            for rows in (1, 3):
+                sign = torch.randint(0, 2, (rows, group * groups), generator=g) * 2 - 1
+                within_2_7 = (sign * torch.empty(rows, group * groups).uniform_(1, 128, generator=g)).bfloat16()
+                outlier = torch.randn(rows, group * groups, generator=g)
+                outlier[:, ::group] = 4096.0
+                for x, int16 in ((within_2_7, False), (outlier.bfloat16(), True)):
+                    exact, bound = _int4_exact_and_bound(x, ours, weight, scaled_q if int16 else None)
+                    with torch.no_grad():
+                        out = ours(x)
+                    assert ((out.double() - exact).abs() <= bound).all(), (group, out_f, rows, int16)
+                x = outlier.bfloat16()
+                x[-1, 5] = float("nan")
+                with torch.no_grad():
+                    nan_row = ours(x)
+                assert nan_row[-1].isnan().all() and torch.equal(nan_row[:-1], out[:-1])
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_int4_layer_holds_one_copy_and_the_switch_keeps_torchao(int4_op, monkeypatch):
     """The bf16 CPU layer keeps its repacked values only (the bytes `litllm estimate` counts for torchao's layer), moves
     without converting its scales; `LITLLM_INT4_ROWS=0` leaves torchao's layer (torch's kernel)."""
     from litllm.estimate import quantized_linear_bytes
 
-    theirs, ours, _ = _int4_layers(64, 256, monkeypatch)
+    theirs, ours, _, _ = _int4_layers(64, 256, monkeypatch)
     assert type(theirs) is nn.Linear and type(theirs.weight).__name__ == "Int4OpaqueTensor"
     assert [name for name, _ in ours.named_parameters()] == [] and is_quantized(ours)
     assert ours.stored_bytes == quantized_linear_bytes(64, 256, "torchao.int4wo", 2)
