@@ -96,9 +96,9 @@ def test_benchmark_llama_cpp_prefills_on_the_threads_it_decodes_with(exports):
 
 
 def test_first_token_mark_is_the_prefill_alone(tiny_checkpoint):
-    """generate.py's first-token time ends once the prefill has sampled the first token, before the decode step
-    the engine runs in the same `step()` for the second (which counts among the n - 1 decode steps), with the CPU
-    clock then (the decode steps' CPU time); the engine is left as it was."""
+    """generate.py's first-token time ends once the prefill has sampled the first token, before the decode step for
+    the second (which counts among the n - 1 decode steps), with the CPU clock then (the decode steps' CPU time); the
+    engine is left as it was."""
     import time
 
     from litllm.engine import Engine
