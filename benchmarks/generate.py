@@ -279,25 +279,14 @@ def greedy_tokens(engine, prompt: list[int], n: int, marks: Optional[list] = Non
     from litllm.engine import Request
 
     engine.add(Request(prompt, n))
-    if marks is not None:
-        # the first step prefills, samples the first token and then runs a decode step for the second: mark the
-        # clock once the prefill is in (as llama.cpp's row marks it), so the n - 1 decode steps that follow are timed
-        # as steps, not as part of the first token
-        prefill = engine._prefill
-
-        def marked(outputs: list) -> None:
-            prefill(outputs)
-            if not marks and any(out.token_ids for out in outputs):
-                marks.append((time.perf_counter(), n - 1, time.process_time()))
-
-        engine._prefill = marked
     tokens = []
-    try:
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens += out.token_ids
-    finally:
-        engine.__dict__.pop("_prefill", None)
+    while engine.has_unfinished:
+        for out in engine.step():
+            # the first step on an idle engine ends with the prefill's first token (as llama.cpp's row marks it), so
+            # the n - 1 steps that follow are the decode steps, not part of the first token
+            if marks is not None and not marks and out.token_ids:
+                marks.append((time.perf_counter(), n - 1, time.process_time()))
+            tokens += out.token_ids
     return tokens
 
 

@@ -15,8 +15,10 @@ the server) runs here.
   long prompt goes on over several steps), then decodes one token for every row whose prompt is in.
   So a long prompt stalls the running rows for one chunk's forward at a time, and a short prompt
   behind a long one gets its first token without waiting for the whole queue. A request's first
-  token is sampled as soon as its own last chunk is in. A prompt that fits one chunk (any prompt of
-  `litllm generate`, unless long) is one forward, as without chunking.
+  token is sampled as soon as its own last chunk is in; a step that finds no row decoding returns the first
+  tokens it sampled before any decode step (the next step decodes them), so on an idle engine the time to the
+  first token is the prefill's. A prompt that fits one chunk (any prompt of `litllm generate`, unless long) is
+  one forward, as without chunking.
 - The decode step (`model.decode(tokens, input_pos=positions)` for all rows) reads no value back from the
   device. The engine passes `kv_len`, a host-side bound on the rows' lengths, so attention skips the unwritten
   tail of the cache: eager, and in a compiled CPU step (`litllm.compile_decode`: the attended length is a dynamic
@@ -571,7 +573,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Output]:
         """Admit waiting requests into free rows, prefill up to `prefill_chunk` of their prompt tokens,
-        then one decode step for every row whose prompt is in.
+        then one decode step for every row whose prompt is in, where some row was decoding when the step began
+        (else the step ends with the first tokens its prefill sampled).
 
         What fails for one request only (admitting it, its prefill, sampling or detokenizing its token)
         drops that request and raises `RequestError` once the step is done, holding the others' Outputs;
@@ -582,10 +585,14 @@ class Engine:
             self._set_caches(self._caches)
         with threads_for(self.threads):
             self._handle_aborts(outputs)
+            # a step that brings the first rows in returns their first tokens at once (no running row waits on it)
+            # and the next one decodes them: a request that finds the engine idle has its first token out at its
+            # prefill's end, not a decode step later (issue #27); rows joining running ones decode with them
+            was_decoding = any(row is not None and row.decoding for row in self._rows)
             self._admit(outputs)
             self._prefill(outputs)
             running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
-            if running:
+            if running and was_decoding:
                 kv_len = max(row.pos for _, row in running) + 1  # (a static torch.compile'd step: ignored)
                 logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
                 tokens = self._pick(logits, running)

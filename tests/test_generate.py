@@ -374,11 +374,33 @@ def test_chunked_prefill_joins_mid_decode(family_checkpoints, family):
     produced = [{o.request_id: len(o.token_ids) for o in outs} for outs in steps]
     joined = next(n for n, p in enumerate(produced) if ids[1] in p)  # the long prompt's first tokens
     assert joined == 2 + len(long_prompt) // chunk  # ceil(len / chunk) steps of prefill
-    assert produced[0] == {ids[0]: 2}  # prefilled, then decoded, in one step
+    assert produced[0] == {ids[0]: 1}  # it found the engine idle: its first token at its prefill's end
+    assert produced[joined][ids[1]] == 2  # it joined a running row: prefilled, then decoded with it, in one step
     assert all(p.get(ids[0]) == 1 for p in produced[1:joined])  # the running row never waited
     assert all(ids[2] not in p for p in produced[:joined]) and ids[2] in produced[joined]
     with pytest.raises(LitLLMError, match="prefill_chunk"):
         Engine(model, tok, prefill_chunk=0)
+
+
+def test_idle_engine_returns_first_tokens_at_the_prefill_end(tiny_checkpoint):
+    """A step that finds no row decoding returns the first token of each prompt it prefills without a decode step (a
+    streaming client's first token comes at its prefill's end, issue #27); the next step decodes them. Each request
+    still gets exactly the tokens it gets alone."""
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    prompts, n = [[5, 17, 42, 99], [7, 3, 11]], 6
+    singles = [generate_ids(model, p, n) for p in prompts]
+    with Engine(model, None, max_batch_size=2, max_seq_length=32) as engine:
+        decodes = []
+        decode = engine._decode
+        engine._decode = lambda *args: decodes.append(1) or decode(*args)
+        ids = [engine.add(Request(p, n)) for p in prompts]
+        steps = [engine.step()]
+        assert {o.request_id: o.token_ids for o in steps[0]} == {i: [s[0]] for i, s in zip(ids, singles)}
+        assert not decodes
+        while engine.has_unfinished:
+            steps.append(engine.step())
+    assert len(decodes) == len(steps) - 1 == n - 1  # tokens 2..n, one batched decode step each
+    assert [[t for outs in steps for o in outs if o.request_id == i for t in o.token_ids] for i in ids] == singles
 
 
 def test_engine_abort_and_errors(tiny_checkpoint):

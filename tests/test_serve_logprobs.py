@@ -307,7 +307,9 @@ def test_kv_cache_usage_gauge(tiny_checkpoint, tok):
         for k in range(1, chunks):
             engine.step()  # one chunk of the prompt
             assert engine.kv_cache_usage == 4 * k / (2 * 64)
-        engine.step()  # the last chunk, the first token sampled, then decoded (written) with the second sampled
+        engine.step()  # the last chunk, the first token sampled (no row was decoding: out before any decode step)
+        assert engine.kv_cache_usage == len(prompt) / (2 * 64)
+        engine.step()  # the first token decoded (written), the second sampled
         assert engine.kv_cache_usage == (len(prompt) + 1) / (2 * 64)
         while engine.has_unfinished:
             engine.step()
