@@ -711,9 +711,10 @@ static inline void bf16_store_sums(const __m512 (&sums)[V], uint16_t* y, int64_t
   }
 }
 
-// R rows of x (a batch of decode rows) times NG consecutive groups of W = 16 L outputs: the weight's loads shared by the
-// R rows, R NG L = 16 sums, each group's stream prefetched 1 KB ahead as in bf16_groups_row. One stream without the
-// prefetch waited on L3: 2 rows of the 134M model's weights took 1.55x the CPU time of one row's kernel (4 streams).
+// R rows of x (a batch of decode rows) times NG consecutive groups of W = 16 L outputs: the weight's loads shared by
+// the R rows, R NG L = 16 sums, each group's stream prefetched 1 KB ahead as in bf16_groups_row. One stream without
+// the prefetch waited on L3: 2 rows of the 134M model's weights took 1.55x the CPU time of one row's kernel (4
+// streams).
 template <int R, int L, int NG>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void bf16_group_rows(const int32_t* x, int64_t P, const uint16_t* wg, uint16_t* y, int64_t N, int64_t n) {

@@ -474,7 +474,7 @@ class Engine:
         self._decode = self._decode_logits
         self.row_steps = row_steps
         self._row_steps: dict[int, Callable] = {}  # rows -> the compiled step over the first `rows` rows, ascending
-        self.decode_steps: dict[int, int] = {}  # rows decoded -> decode steps that ran over that many (serve's /metrics)
+        self.decode_steps: dict[int, int] = {}  # rows decoded -> decode steps run over that many (serve's /metrics)
         self.on_close: list[Callable[[], None]] = []  # run once by close() (e.g. recording its eager decode seconds)
         if compile:  # at static shapes, saved/cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
             from litllm.compile_decode import compile_engine_step

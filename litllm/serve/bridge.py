@@ -9,9 +9,10 @@
 
 The engine thread loops `engine.step()` while any request is in flight and sleeps on an Event
 otherwise. Each Output goes to its request's queue through `loop.call_soon_threadsafe` (asyncio
-queues are not thread-safe); the engine thread waits (at most `DELIVERY_WAIT_S`) for the loop to take them
-before its next step, which may hold the GIL throughout. A request's queue is dropped when its final Output (finished,
-including "abort") has been dispatched, so `num_in_flight` returning to 0 means nothing leaked.
+queues are not thread-safe); the engine thread waits (at most `DELIVERY_WAIT_S`) for the loop to take
+them before its next step, which may hold the GIL throughout. A request's queue is dropped when its
+final Output (finished, including "abort") has been dispatched, so `num_in_flight` returning to 0
+means nothing leaked.
 
 A step that fails for some requests only (`engine.RequestError`) fails those with a 500 and goes on
 with the others; any other failure of a step (the batched forward: out of memory, a bug) fails all.
