@@ -30,7 +30,9 @@ same streaming clients send the same token-id prompts to `/v1/completions` (gree
 token counts are checked), `--client_counts` clients at once, the two servers alternating over `--rounds` rounds.
 Printed per format and client count: aggregate completion tokens/s, tokens per CPU-second of the server process
 (what its cores did, less sensitive to other load), p50/p99 time to first token, the median client's decode
-tokens/s (after its first token), and litllm / llama.cpp ratios (best and median of the rounds).
+tokens/s (after its first token), and litllm / llama.cpp ratios (best and median of the rounds), and how many decode
+steps litllm ran over how many KV-cache rows (its /metrics). `--baseline PATH`: a third server, `litllm serve` of the
+litllm source tree at PATH (a checkout of main), in the same alternation, and litllm / baseline ratios.
 
     python benchmarks/serve.py --llama_server /tmp/llama-build/bin/llama-server --max_seq_length 512 \
         --formats fp32=f32 bf16=f16 --client_counts 1 4 16 --rounds 3 --threads 1
@@ -58,6 +60,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -86,7 +89,10 @@ def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
 JSON_WORDS = ["{", "}", '"', ":", " ", ",", "t", "e", "x", ": ", "text", '{"text": "', "</s>"]
 
 
-def start_server(folder: Path, batch: int, args, log, *flags: str, env=None) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, batch: int, args, log, *flags: str, env=None,
+                 checkout: Optional[Path] = None) -> tuple[subprocess.Popen, str]:
+    """`litllm serve` on `folder` (of the litllm in `checkout`, another source tree, where given: run from there, as
+    `python -m` puts the working directory first on sys.path): (process, base URL) once it serves."""
     cmd = [sys.executable, "-m", "litllm", "serve", str(folder), "--port", "0", "--max_batch_size", str(batch),
            "--max_queue", str(max(args.clients, *args.client_counts)), "--max_seq_length", str(args.max_seq_length),
            *flags]
@@ -94,7 +100,9 @@ def start_server(folder: Path, batch: int, args, log, *flags: str, env=None) -> 
         cmd += ["--device", args.device]
     if args.precision and "--precision" not in flags:
         cmd += ["--precision", args.precision]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    if checkout is not None:
+        env = {**(env or os.environ), "PYTHONPATH": str(checkout)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=checkout)
     for line in proc.stdout:
         if line.startswith("Serving "):
             return proc, line.split(" at ")[1].split()[0]
@@ -203,6 +211,16 @@ def start_llama_server(binary: Path, gguf: Path, args, log) -> tuple[subprocess.
     raise SystemExit(f"llama-server did not answer /health in 600 s (see {log.name})")
 
 
+def decode_steps(url: str) -> dict[str, float]:
+    """The server's decode steps by the KV-cache rows they decoded (`litllm_decode_steps` in /metrics): which compiled
+    steps ran."""
+    import httpx
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    return {line.split('rows="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith("litllm_decode_steps{")}
+
+
 def gguf_source(folder: Path, tmp: Path) -> Path:
     """`folder`'s model with a SentencePiece-style tokenizer (the GGUF export needs one; llama.cpp pads its vocabulary up
     to the model's embedding rows): the same weight files, linked."""
@@ -211,7 +229,11 @@ def gguf_source(folder: Path, tmp: Path) -> Path:
     for file in folder.iterdir():
         if not file.name.startswith("tokenizer"):
             (source / file.name).symlink_to(file)
-    _generate_benchmark().add_tokenizer(source)
+    # the tokenizer trainer's module, tests/conftest.py, sets the test suite's LITLLM_COMPILE=0 and
+    # LITLLM_PRECISION=32-true in this process's environment, which the servers started after it inherited: session
+    # 36's litllm servers here all decoded eagerly
+    with mock.patch.dict(os.environ):
+        _generate_benchmark().add_tokenizer(source)
     return source
 
 
@@ -229,6 +251,7 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
     source = gguf_source(folder, tmp)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # litllm's candidates: this count and fewer
     figures: dict[tuple[str, int, str], list[dict]] = {}  # (format pair, clients, server) -> one dict per round
+    steps: dict[str, dict[str, float]] = {}  # format pair -> litllm's decode steps by rows, over all rounds
     bounds = {}
     for pair in args.formats:
         ours, theirs = pair.split("=")
@@ -237,11 +260,15 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
         bounds[pair] = bench.gguf_weight_bytes(gguf)
         with open(tmp / f"litllm-{ours}.log", "w") as log, open(tmp / f"llama-{theirs}.log", "w") as llama_log:
             litllm, litllm_url = start_server(folder, args.batch, args, log, *LITLLM_FORMATS[ours], env=env)
-            llama, llama_url = None, None
+            llama, llama_url, baseline = None, None, None
             try:
                 llama, llama_url = start_llama_server(binary, gguf, args, llama_log)
                 servers = {f"litllm {ours}": (litllm_url, litllm.pid, None),
                            f"llama.cpp {theirs}": (llama_url, llama.pid, LLAMA_SERVER_BODY)}
+                if args.baseline:
+                    baseline, url = start_server(folder, args.batch, args, log, *LITLLM_FORMATS[ours], env=env,
+                                                 checkout=Path(args.baseline).resolve())
+                    servers[f"baseline {ours}"] = (url, baseline.pid, None)
                 for _ in range(args.rounds):
                     for clients in args.client_counts:
                         for name, (url, pid, extra) in servers.items():
@@ -250,8 +277,9 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
                                 raise SystemExit(f"{name}: completion tokens {f['per_client']}, expected "
                                                  f"{args.new_tokens} each")
                             figures.setdefault((pair, clients, name), []).append(f)
+                steps[pair] = decode_steps(litllm_url)
             finally:
-                for proc in (litllm, llama):
+                for proc in (litllm, llama, baseline):
                     if proc is not None:
                         proc.terminate()
                         proc.wait(60)
@@ -267,7 +295,8 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
         ours, theirs = pair.split("=")
         for clients in args.client_counts:
             medians = {}
-            for name in (f"litllm {ours}", f"llama.cpp {theirs}"):
+            names = [f"litllm {ours}", f"llama.cpp {theirs}"] + ([f"baseline {ours}"] if args.baseline else [])
+            for name in names:
                 runs = figures[(pair, clients, name)]
                 medians[name] = m = {key: statistics.median(r[key] for r in runs)
                                      for key in ("tokens_per_s", "tokens_per_cpu_s", "ttft_p50", "ttft_p99",
@@ -275,11 +304,16 @@ def compare_llama_server(args, folder: Path, tmp: Path, prompts_for) -> None:
                 m["best"] = max(r["tokens_per_s"] for r in runs)
                 print(f"{pair:14s}{clients:8d} {name:18s}{m['best']:11.1f}{m['tokens_per_s']:8.1f}"
                       f"{m['tokens_per_cpu_s']:10.1f}{m['ttft_p50']:9.2f}{m['ttft_p99']:9.2f}{m['decode_rate']:13.1f}")
-            a, b = medians.values()
+            a, b, *base = medians.values()
             print(f"{'':23s}litllm / llama.cpp: tok/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x (best "
                   f"{a['best'] / b['best']:.2f}x), tok/CPU-s {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x, "
                   f"client tok/s {a['decode_rate'] / b['decode_rate']:.2f}x, TTFT p50 "
                   f"{a['ttft_p50'] / b['ttft_p50']:.2f}x (lower: litllm's first token sooner)")
+            for c in base:
+                print(f"{'':23s}litllm / baseline: tok/s {a['tokens_per_s'] / c['tokens_per_s']:.2f}x (best "
+                      f"{a['best'] / c['best']:.2f}x), tok/CPU-s {a['tokens_per_cpu_s'] / c['tokens_per_cpu_s']:.2f}x, "
+                      f"TTFT p50 {a['ttft_p50'] / c['ttft_p50']:.2f}x")
+        print(f"{'':23s}litllm's decode steps by rows decoded (all rounds): {steps[pair]}")
         print(f"{'':23s}batch-1 bandwidth bound of {theirs}: {bandwidth / bounds[pair]:.1f} tok/s "
               f"({bounds[pair] / 1e6:.0f} MB of weights per token, read at {bandwidth / 1e9:.1f} GB/s)")
 
@@ -307,6 +341,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the alternation (--llama_server)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each server (--llama_server)")
     parser.add_argument("--llama_server_flags", nargs="*", default=[], help="more llama-server flags (--llama_server)")
+    parser.add_argument("--baseline", default=None,
+                        help="a third server beside them (--llama_server): `litllm serve` of the litllm source tree at "
+                             "this path (e.g. a checkout of main), for a before/after ratio")
     args = parser.parse_args()
     if args.shared_prefix:
         args.max_seq_length = max(args.max_seq_length, args.shared_prefix + 24 + args.new_tokens)

@@ -278,6 +278,8 @@ def _config_repr(model) -> str:
 clock = time.perf_counter
 """What decode steps (`litllm.compile_ledger.time_decode`) and compiles (`step_engine`) are timed with (tests put a
 fake clock here)."""
+cpu_clock = time.process_time
+"""What `faster_row_steps` times a server's steps with: the CPU seconds of the process (all its threads)."""
 
 
 def attended_length(kv_len: Optional[int], length: int) -> int:
@@ -549,6 +551,7 @@ def load_saved_step(engine) -> bool:
     step = _load_step(path, engine) if found else None
     if step is not None:
         engine._decode, engine._compiled, engine.step_source = _bind(step, engine), True, "loaded"
+        engine.compile_row_steps()
     return step is not None
 
 
@@ -603,6 +606,38 @@ def pick_compiled_threads(engine, min_gain: float = 1.1) -> int:
                                rounds=PICK_ROUNDS, min_gain=min_gain, clock=clock)
 
 
+ROW_STEP_GAIN = 1.1
+"""How much faster than every larger step a step over the first rows must decode to be kept (`faster_row_steps`)."""
+
+
+def faster_row_steps(engine, steps: dict[int, Callable]) -> dict[int, Callable]:
+    """Of `steps` (rows -> the engine's compiled step over its first `rows` rows, ascending, fewer than all), those
+    that decode faster here than every larger one, the engine's own step over all its rows included (`kept_row_counts`
+    on the least CPU time of `PICK_ROUNDS` interleaved rounds, each step over the cache's first `KV_BUCKET` positions
+    on the engine's idle rows, as `pick_compiled_threads` times). CPU time (the process's), not wall time: timed by the
+    clock under load average 4 on 2 cores, a server kept none of them (a 1-row step of 21 CPU-ms against 60 for 16)."""
+    timed = {**steps, engine.max_batch_size: engine._decode}
+    times: dict[int, list[float]] = {rows: [] for rows in timed}
+    with torch.inference_mode():
+        for rep in range(PICK_ROUNDS + 1):
+            for rows, step in timed.items():
+                t0 = cpu_clock()
+                step(engine._tokens[:rows], engine._pos[:rows], KV_BUCKET)
+                if rep:  # the first round warms up
+                    times[rows].append(cpu_clock() - t0)
+    kept = kept_row_counts({rows: min(t) for rows, t in times.items()})
+    return {rows: steps[rows] for rows in kept}
+
+
+def kept_row_counts(seconds: dict[int, float], min_gain: float = ROW_STEP_GAIN) -> list[int]:
+    """The row counts of `seconds` (rows -> a step's time; the largest: the step over all rows) whose step beats
+    every larger one by `min_gain`, less the largest: a running set of rows takes the smallest kept step that holds
+    it, never one slower than a larger step would be."""
+    largest = max(seconds)
+    return [rows for rows in sorted(seconds) if rows < largest
+            and all(seconds[rows] * min_gain < t for more, t in seconds.items() if more > rows)]
+
+
 def _bind(step: Callable, engine) -> Callable:
     vocab_size = engine.vocab_size
 
@@ -621,20 +656,35 @@ def _whole_cache(step: Callable) -> Callable:
     return decode
 
 
-def compile_engine_step(engine) -> Callable:
+def compile_engine_step(engine, rows: Optional[int] = None) -> Optional[Callable]:
     """The `Engine`'s decode step (`tokens, pos, kv_len -> logits (B, vocab)`), compiled for the engine's rows and
     cache. On the CPU, attending over the cache's first `attended_length(kv_len, ...)` positions: loaded from
     `steps_folder(...)/<rows>x<length>.pt2` when a run before saved it (no trace, no compile: a few ms), else
     compiled ahead of time by AOTInductor and saved there; `engine.step_source` says
     which ("loaded", "compiled"; "torch.compile" when the model does not export as one graph, or on CUDA:
-    `compile_step`)."""
+    `compile_step`).
+
+    `rows` (fewer than the engine's, CPU only): a step over the engine's first `rows` rows alone (it takes
+    `tokens[:rows], pos[:rows]` and writes those rows of the same KV cache, `KVCache.update`), saved as
+    `<rows>x<length>-of<B>.pt2`; None where it would not be AOTInductor's (`engine.step_source` is left alone)."""
     model, device = engine.model, engine.device
     unpack_weights(model)
+    slots = engine.max_batch_size
+    if rows is not None and rows < slots:
+        if torch.device(device).type != "cpu":
+            return None
+        inputs = {"tokens": engine._tokens[:rows], "pos": engine._pos[:rows]}  # (rows, 1) each
+        path = steps_folder(model) / _step_file(rows, engine.max_seq_length, kind=f"-of{slots}")
+        step = _load_step(path, engine, inputs) if path.exists() else None
+        if step is None:
+            enable_compile_cache()
+            step = _compile_and_save(path, engine, inputs=inputs)
+        return step and _bind(step, engine)
     static = [t for c in engine._caches for t in (c.k, c.v)] + [engine._tokens, engine._pos]
     engine.step_source = "torch.compile"
     if torch.device(device).type != "cpu":
         return _whole_cache(compile_step(engine._decode_logits, device, static, cpu_compile_options(engine.model)))
-    path = steps_folder(model) / _step_file(engine.max_batch_size, engine.max_seq_length)
+    path = steps_folder(model) / _step_file(slots, engine.max_seq_length)
     # (a tensor-parallel rank's step holds its collectives, in a process group of their own:
     # `litllm.parallel.layers.step_group`)
     step = _load_step(path, engine) if path.exists() else None

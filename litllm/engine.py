@@ -434,6 +434,7 @@ class Engine:
         compile: bool = False,
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_caching: bool = False,
+        row_steps: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise LitLLMError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -471,6 +472,9 @@ class Engine:
         self._prefilling: deque[int] = deque()  # slots whose prompt is not all in the cache, in admission order
         self._compiled = compile
         self._decode = self._decode_logits
+        self.row_steps = row_steps
+        self._row_steps: dict[int, Callable] = {}  # rows -> the compiled step over the first `rows` rows, ascending
+        self.decode_steps: dict[int, int] = {}  # rows decoded -> decode steps run over that many (serve's /metrics)
         self.on_close: list[Callable[[], None]] = []  # run once by close() (e.g. recording its eager decode seconds)
         if compile:  # at static shapes, saved/cached on disk; a CUDA graph on CUDA (litllm.compile_decode)
             from litllm.compile_decode import compile_engine_step
@@ -479,6 +483,7 @@ class Engine:
             # when they run (`litllm.compile_decode.cpu_compile_options`)
             with threads_for(self.threads if self.device.type != "cpu" else None):
                 self._decode = compile_engine_step(self)
+            self.compile_row_steps()
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, Request]] = deque()
         self._leader_of: dict[int, int] = {}  # a request -> the one of the same add_many whose prefill it copies
@@ -553,6 +558,12 @@ class Engine:
         return held / (self.max_batch_size * self.max_seq_length)
 
     @property
+    def step_rows(self) -> list[int]:
+        """The row counts a decode step runs over (`decode_steps`' keys): the kept row steps' (`compile_row_steps`),
+        ascending, and all the rows."""
+        return [*self._row_steps, self.max_batch_size]
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self._waiting) or self.num_running > 0 or bool(self._aborts)
 
@@ -594,7 +605,7 @@ class Engine:
             running = [(slot, row) for slot, row in enumerate(self._rows) if row is not None and row.decoding]
             if running and was_decoding:
                 kv_len = max(row.pos for _, row in running) + 1  # (a static torch.compile'd step: ignored)
-                logits = self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
+                logits = self._decode_running(running, kv_len)  # (R, vocab), R <= B: the slots up to the last running
                 tokens = self._pick(logits, running)
                 logprobs = self._decode_logprobs(logits, running)
                 for slot, row in running:
@@ -612,9 +623,36 @@ class Engine:
             raise RequestError(failed, [out for out in outputs if out.request_id not in failed])
         return outputs
 
+    def compile_row_steps(self) -> None:
+        """With `row_steps` (serve's engine) and a compiled CPU step (AOTInductor's: compiled, or a saved one loaded),
+        steps over the first 1, 2, 4, ... rows too, loaded or compiled and saved as the step is, which a step whose
+        running rows all lie there takes (slots are taken lowest first): one client of a 16-slot server decodes one
+        row, not 16. Only those timed faster here than every larger step are kept (`faster_row_steps`): a compiled
+        step's cost grows with its rows, but not evenly (the 134M bf16 model on the AMX Xeon, 1 thread: 1 row 21 CPU-ms,
+        4 rows 54, 8 rows 88, all 16 72)."""
+        from litllm.compile_decode import compile_engine_step, faster_row_steps
+
+        aoti = getattr(self, "step_source", None) in ("loaded", "compiled")  # not torch.compile's, nor eager
+        rows, steps = 1 if self.row_steps and aoti else self.max_batch_size, {}
+        while rows < self.max_batch_size and (step := compile_engine_step(self, rows)) is not None:
+            steps[rows] = step
+            rows *= 2
+        if steps:
+            self._row_steps = faster_row_steps(self, steps)
+
     # ------------------------------------------------------------------ internals
     def _decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: Optional[int]) -> torch.Tensor:
         return self.model.decode(tokens, input_pos=pos, kv_len=kv_len)[:, -1, : self.vocab_size]
+
+    def _decode_running(self, running: list[tuple[int, _Row]], kv_len: Optional[int]) -> torch.Tensor:
+        """Logits of the first R slots, R the fewest rows of a step (`row_steps`, else all B) that hold every running
+        slot (`running`: ascending slots); slots beyond R (free, or prefilling) are not decoded."""
+        last = running[-1][0] + 1
+        rows = next((n for n in self._row_steps if n >= last), self.max_batch_size)
+        self.decode_steps[rows] = self.decode_steps.get(rows, 0) + 1
+        if rows == self.max_batch_size:
+            return self._decode(self._tokens, self._pos, kv_len)  # (B, vocab)
+        return self._row_steps[rows](self._tokens[:rows], self._pos[:rows], kv_len)  # (rows, vocab)
 
     def _admit(self, outputs: list[Output]) -> None:
         """Move waiting requests into free rows (their prompts are prefilled from the next `_prefill`, or copied
@@ -799,7 +837,7 @@ class Engine:
                     picked[slot] = torch.multinomial(probs[i: i + 1], 1, generator=row.generator)[0, 0]
                 except Exception as e:
                     self._fail(slot, row, e)
-        self._tokens.copy_(picked[:, None])
+        self._tokens[: len(picked)].copy_(picked[:, None])
         return picked.tolist()
 
     def _masked(self, logits: torch.Tensor, running: list[tuple[int, _Row]]) -> torch.Tensor:

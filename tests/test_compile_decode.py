@@ -899,6 +899,49 @@ def test_the_compiled_cpu_step_decodes_the_eager_tokens_of_rows_at_own_positions
     _rows_joining_apart(GPT.from_checkpoint(tiny_checkpoint).eval(), "compiled")  # fp32
 
 
+def test_kept_row_counts_are_faster_than_every_larger_step():
+    """A step over the first rows is kept only if it beats every larger one (the step over all rows included) by
+    the margin: the 134M bf16 step's CPU-ms on the AMX Xeon keep 1, 2 and 4 of 16 rows, not 8 (slower than 16)."""
+    from litllm.compile_decode import kept_row_counts
+
+    assert kept_row_counts({1: 21.0, 2: 37.0, 4: 54.0, 8: 88.0, 16: 72.0}) == [1, 2, 4]
+    assert kept_row_counts({1: 10.0, 2: 10.5, 4: 30.0}) == [2]  # 1 row barely faster than 2: the 2-row step serves it
+    assert kept_row_counts({1: 10.0, 2: 10.0}) == []
+    assert kept_row_counts({8: 1.0}) == []
+
+
+@pytest.mark.slow
+def test_steps_over_the_first_rows_decode_the_eager_tokens(tiny_checkpoint, tmp_path, monkeypatch):
+    """`row_steps` (serve's engine): compiled steps over the first 1 and 2 of 4 rows, which a step takes while every
+    running row lies there, decode eager decoding's tokens for rows that join and leave at different steps (a row
+    beyond them joining while one is there; one taking a freed row), and both are taken."""
+    from litllm import compile_decode
+    from litllm.compile_decode import load_saved_step
+    from litllm.engine import Engine
+    from litllm.model import GPT
+    from test_generate import _run
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compile_decode, "kept_row_counts", lambda seconds: sorted(seconds)[:-1])  # all, untimed
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    tokens, steps = {}, {}
+    for compiled in (False, True):
+        # slot 0 alone (1 row), then slots 0-1 (2 rows), then 0-2 (all 4); the 4th request takes slot 1 once it is free
+        joins = {0: [Request(prompts[0], 20)], 3: [Request(prompts[1], 6)], 6: [Request(prompts[2], 12)],
+                 12: [Request(prompts[3], 10)]}
+        with Engine(model, None, 4, 64, compile=compiled, row_steps=True) as engine:
+            tokens[compiled] = _run(engine, joins)
+            steps[compiled] = set(engine.decode_steps)
+    assert [len(t) for t in tokens[False].values()] == [20, 6, 12, 10]
+    assert tokens[True] == tokens[False]
+    assert steps == {False: {4}, True: {1, 2, 4}}  # eager: no row steps
+    # a default run that loads the saved step (`step_engine`'s `load_saved_step`) loads the saved row steps with it
+    with Engine(model, None, 4, 64, row_steps=True) as engine:
+        assert load_saved_step(engine) and list(engine._row_steps) == [1, 2]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # benchmarks/gpu_check.sh runs it
 def test_the_cuda_graph_step_decodes_the_eager_tokens_on_gpu(tiny_checkpoint):
     """On CUDA the compiled step is captured in a CUDA graph (`compile_step`: `mode="reduce-overhead"`, the KV cache

@@ -349,6 +349,25 @@ def test_continuous_batch_equals_one_by_one(family_checkpoints, family):
     assert len(singles[1]) <= 5
 
 
+def test_steps_over_the_first_rows_keep_each_row_its_tokens(tiny_checkpoint):
+    """Steps over the first 1 or 2 of 4 rows (`Engine.row_steps`: serve's compiled ones; here the eager step on the
+    sliced rows stands in), taken while every running row lies there, give each request exactly its tokens alone,
+    greedy and seeded sampling, as rows join and leave (one into a freed lower row); and each of them ran."""
+    model = GPT.from_checkpoint(tiny_checkpoint).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    requests = [Request(prompts[0], 20), Request(prompts[1], 6, Sampling(temperature=1.0, top_k=20, seed=1)),
+                Request(prompts[2], 12), Request(prompts[3], 10, Sampling(temperature=0.8, seed=2))]
+    singles = [generate_ids(model, r.prompt_ids, r.max_new_tokens, r.sampling) for r in requests]
+    with Engine(model, None, max_batch_size=4, max_seq_length=64) as engine:
+        engine._row_steps = {1: engine._decode_logits, 2: engine._decode_logits}
+        # row 0 alone (1-row step), rows 0-1 (2), rows 0-2 (all 4); the 4th request takes row 1 once it is free,
+        # and decodes there last, alone (2)
+        got = _run(engine, {0: requests[:1], 3: requests[1:2], 6: requests[2:3], 12: requests[3:]})
+        assert set(engine.decode_steps) == {1, 2, 4}
+    assert [got[i] for i in range(len(requests))] == singles
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
 def test_chunked_prefill_joins_mid_decode(family_checkpoints, family):
     """A prompt longer than the prefill chunk, joining mid-decode, is prefilled over several steps

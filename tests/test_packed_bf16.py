@@ -86,14 +86,14 @@ def test_packed_bf16_op_reads_each_blocking(op, block):
 def test_packed_bf16_op_rounds_exact_sums_to_nearest_even(op, block, threads):
     """Each thread rounds its own outputs to bf16: on small integers, whose products and sums fp32 holds exactly, the
     op's output is the exact product rounded once to nearest even (sums above 256 need rounding), bit for bit, for
-    one row and a batch (pairs of rows and a last single one), output counts that end inside a group (masked stores)
-    and inputs that end inside a block (zero-padded rows) or not (read in place)."""
+    one row and batches (tiles of 4 and 2 rows, a last single one), output counts that end inside a group (masked
+    stores) and inputs that end inside a block (zero-padded rows) or not (read in place)."""
     torch.manual_seed(0)
     pairs, width, _ = block
     for n_out, n_in in ((width + 3, 2 * pairs), (5 * width + 17, 4 * pairs), (3 * width - 1, 2 * pairs + 7)):
         weight = torch.randint(-8, 9, (n_out, n_in)).to(torch.bfloat16)
         blocks = _blocks_by_hand(weight, block)
-        for rows in (1, 3):
+        for rows in (1, 3, 6):  # 6: a tile of 4 rows, then of 2
             x = torch.randint(-8, 9, (rows, 1, n_in)).to(torch.bfloat16)
             exact = F.linear(x.double(), weight.double())  # integers below 2^24: exact in fp32 too
             assert torch.equal(op(x, blocks, n_out), exact.float().to(torch.bfloat16))

@@ -293,6 +293,8 @@ def test_metrics_count_what_was_served(server, tok):
         "litllm_time_per_output_token_seconds_count"] == 3
     assert after["litllm_time_to_first_token_seconds_sum"] > before["litllm_time_to_first_token_seconds_sum"]
     assert after["litllm_requests_running"] == 0 and after["litllm_kv_cache_usage_ratio"] == 0
+    # every decode step ran over all 4 rows (no compiled steps over fewer here): the stream's 19 after its first token
+    assert after["litllm_decode_steps{rows=4}"] - before["litllm_decode_steps{rows=4}"] >= 19
 
 
 def test_kv_cache_usage_gauge(tiny_checkpoint, tok):

@@ -8,6 +8,7 @@
     litllm_time_to_first_token_seconds                     histogram: submit -> first token
     litllm_time_per_output_token_seconds                   histogram: per request, (last - first token) / (n - 1)
     litllm_spec_decode_draft_tokens / _acceptance_ratio    gauges (--draft_model): draft tokens proposed / accepted share
+    litllm_decode_steps{rows}                              gauge: decode steps run over the first `rows` KV-cache rows
 
 The bridge calls `submitted` on the event loop and `dispatched` from the engine thread (under its lock);
 the gauges are read from the engine when scraped.
@@ -46,6 +47,10 @@ class ServerMetrics:
                   registry=registry).set_function(lambda: engine.proposed)
             Gauge("litllm_spec_decode_acceptance_ratio", "Fraction of the draft model's proposed tokens the model "
                   "accepted", registry=registry).set_function(lambda: engine.accepted / max(engine.proposed, 1))
+        decode_steps = Gauge("litllm_decode_steps", "Decode steps run, by the KV-cache rows each decoded (a step over "
+                             "the first rows, where every running request lies)", ["rows"], registry=registry)
+        for rows in engine.step_rows:
+            decode_steps.labels(rows=str(rows)).set_function(lambda rows=rows: engine.decode_steps.get(rows, 0))
         self.prompt_tokens = Counter("litllm_prompt_tokens", "Prompt tokens of the requests accepted (each prompt "
                                      "once, whatever n)", registry=registry)
         self.generation_tokens = Counter("litllm_generation_tokens", "Tokens generated", registry=registry)

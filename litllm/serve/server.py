@@ -150,8 +150,9 @@ def _start_engine(loaded, draft_model: Optional[Path], precision, max_batch_size
                                         num_speculative_tokens=num_speculative_tokens,
                                         compile=should_compile(compile, model.wte.weight.device, None), **engine_args)
     else:
+        # compiled steps of fewer rows too: a few clients decode on a step of their rows, not of every slot
         engine = decode_engine(model, tokenizer, max_batch_size, max_seq_length, threads, compile, exact_length=True,
-                               **engine_args)
+                               row_steps=True, **engine_args)
     _print_kv_cache_size(model, max_batch_size, max_seq_length)
     return engine, max_seq_length
 
