@@ -44,7 +44,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float, flo
 
 
 def main() -> None:
-    from conftest import make_converted_checkpoint
+    from tiny_checkpoints import make_converted_checkpoint
     from hf_models import FAMILIES, VOCAB
 
     from litllm.inference import load_for_inference

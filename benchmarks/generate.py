@@ -123,12 +123,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tokenizer(folder: Path) -> None:
-    """A small trained SentencePiece-style tokenizer in the folder (tests/conftest.py's), for `litllm generate` and
-    the GGUF export (llama.cpp pads the vocabulary up to the model's embedding rows)."""
+    """A small trained SentencePiece-style tokenizer in the folder (tests/tiny_checkpoints.py's), for `litllm
+    generate` and the GGUF export (llama.cpp pads the vocabulary up to the model's embedding rows)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import train_bpe_tokenizer
+    from tiny_checkpoints import train_bpe_tokenizer
 
     train_bpe_tokenizer(folder, vocab_size=2000, byte_fallback=True)
 

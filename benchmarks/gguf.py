@@ -2,7 +2,7 @@
 on the same model, then decode tokens/s of the exported files in llama.cpp beside litllm's engine.
 
 The model is a random Llama (~90M parameters by default, fp32 safetensors) with a small trained
-SentencePiece-style tokenizer (tests/conftest.py), saved as a HF folder and converted to litllm. Each
+SentencePiece-style tokenizer (tests/tiny_checkpoints.py), saved as a HF folder and converted to litllm. Each
 export runs in a fresh process that prints its own peak RSS; llama.cpp's converter is the script
 vendored in llama-cpp-python's source distribution:
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAKE = """
 import sys, torch, transformers
 sys.path.insert(0, {tests!r})
-from conftest import train_bpe_tokenizer
+from tiny_checkpoints import train_bpe_tokenizer
 from litllm.convert import convert_to_litllm
 from tokenizers import Tokenizer
 folder, layers, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

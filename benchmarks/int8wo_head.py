@@ -63,7 +63,7 @@ def unquantized_head_twin(label: str, labels) -> Optional[str]:
 
 
 def families(args) -> None:
-    from conftest import make_converted_checkpoint
+    from tiny_checkpoints import make_converted_checkpoint
     from hf_models import VOCAB
 
     from litllm.model import GPT

@@ -60,7 +60,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
-from unittest import mock
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -229,11 +228,7 @@ def gguf_source(folder: Path, tmp: Path) -> Path:
     for file in folder.iterdir():
         if not file.name.startswith("tokenizer"):
             (source / file.name).symlink_to(file)
-    # the tokenizer trainer's module, tests/conftest.py, sets the test suite's LITLLM_COMPILE=0 and
-    # LITLLM_PRECISION=32-true in this process's environment, which the servers started after it inherited: session
-    # 36's litllm servers here all decoded eagerly
-    with mock.patch.dict(os.environ):
-        _generate_benchmark().add_tokenizer(source)
+    _generate_benchmark().add_tokenizer(source)
     return source
 
 

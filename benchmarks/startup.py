@@ -110,7 +110,7 @@ def heavy_imports(cmd: list[str], env: dict[str, str]) -> list[str]:
 
 def tiny_checkpoint(folder: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_converted_checkpoint
+    from tiny_checkpoints import make_converted_checkpoint
 
     return make_converted_checkpoint(folder / "tiny")
 

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from conftest import train_bpe_tokenizer  # noqa: E402  (a small BPE tokenizer trained on the spot)
+from tiny_checkpoints import train_bpe_tokenizer  # noqa: E402  (a small BPE tokenizer trained on the spot)
 from generate import add_model_args, build_checkpoint, print_startup  # noqa: E402
 
 
