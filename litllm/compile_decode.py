@@ -676,7 +676,9 @@ def compile_engine_step(engine, rows: Optional[int] = None) -> Optional[Callable
         inputs = {"tokens": engine._tokens[:rows], "pos": engine._pos[:rows]}  # (rows, 1) each
         path = steps_folder(model) / _step_file(rows, engine.max_seq_length, kind=f"-of{slots}")
         step = _load_step(path, engine, inputs) if path.exists() else None
-        if step is None:
+        if step is None and steps_save(model):  # serve's first start: a line a step, as the whole step's note
+            _note(f"compiling the decode step over the first {rows} of {slots} rows once (a few clients decode on "
+                  f"it); later starts load it")
             enable_compile_cache()
             step = _compile_and_save(path, engine, inputs=inputs)
         return step and _bind(step, engine)

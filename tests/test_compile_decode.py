@@ -911,10 +911,11 @@ def test_kept_row_counts_are_faster_than_every_larger_step():
 
 
 @pytest.mark.slow
-def test_steps_over_the_first_rows_decode_the_eager_tokens(tiny_checkpoint, tmp_path, monkeypatch):
+def test_steps_over_the_first_rows_decode_the_eager_tokens(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """`row_steps` (serve's engine): compiled steps over the first 1 and 2 of 4 rows, which a step takes while every
     running row lies there, decode eager decoding's tokens for rows that join and leave at different steps (a row
-    beyond them joining while one is there; one taking a freed row), and both are taken."""
+    beyond them joining while one is there; one taking a freed row), and both are taken. Each compile says so in a
+    line; a start that loads them says nothing."""
     from litllm import compile_decode
     from litllm.compile_decode import load_saved_step
     from litllm.engine import Engine
@@ -937,9 +938,12 @@ def test_steps_over_the_first_rows_decode_the_eager_tokens(tiny_checkpoint, tmp_
     assert [len(t) for t in tokens[False].values()] == [20, 6, 12, 10]
     assert tokens[True] == tokens[False]
     assert steps == {False: {4}, True: {1, 2, 4}}  # eager: no row steps
+    notes = [line for line in capsys.readouterr().err.splitlines() if "rows once" in line]
+    assert [line.split(" rows once")[0].split("the first ")[1] for line in notes] == ["1 of 4", "2 of 4"]
     # a default run that loads the saved step (`step_engine`'s `load_saved_step`) loads the saved row steps with it
     with Engine(model, None, 4, 64, row_steps=True) as engine:
         assert load_saved_step(engine) and list(engine._row_steps) == [1, 2]
+    assert "rows once" not in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # benchmarks/gpu_check.sh runs it
