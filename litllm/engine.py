@@ -632,8 +632,9 @@ class Engine:
         4 rows 54, 8 rows 88, all 16 72)."""
         from litllm.compile_decode import compile_engine_step, faster_row_steps
 
-        aoti = getattr(self, "step_source", None) in ("loaded", "compiled")  # not torch.compile's, nor eager
-        rows, steps = 1 if self.row_steps and aoti else self.max_batch_size, {}
+        if not self.row_steps or getattr(self, "step_source", None) not in ("loaded", "compiled"):
+            return  # (torch.compile's step, or eager)
+        rows, steps = 1, {}
         while rows < self.max_batch_size and (step := compile_engine_step(self, rows)) is not None:
             steps[rows] = step
             rows *= 2
